@@ -1,0 +1,406 @@
+//! Configuration of the log store and of topics: every limit has a name, a default and a
+//! validation rule, and a bad value is reported with the key that holds it.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// A configuration value that cannot be used, with the dotted key that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { key: key.into(), reason: reason.into() }
+    }
+}
+
+/// Compression codec of batches the store builds itself (records appended one by one).
+/// Batches that clients send ready-made are stored as sent, in their own codec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    None,
+    Gzip,
+    Snappy,
+    #[default]
+    Lz4,
+    Zstd,
+}
+
+impl Codec {
+    /// The codec id in the low three bits of a RecordBatch's attributes.
+    pub fn attribute_bits(self) -> i16 {
+        match self {
+            Codec::None => 0,
+            Codec::Gzip => 1,
+            Codec::Snappy => 2,
+            Codec::Lz4 => 3,
+            Codec::Zstd => 4,
+        }
+    }
+
+    pub fn from_attribute_bits(bits: i16) -> Option<Self> {
+        Some(match bits & 0x07 {
+            0 => Codec::None,
+            1 => Codec::Gzip,
+            2 => Codec::Snappy,
+            3 => Codec::Lz4,
+            4 => Codec::Zstd,
+            _ => return None,
+        })
+    }
+
+    /// Kafka's `compression.type` spelling.
+    pub fn kafka_name(self) -> &'static str {
+        match self {
+            Codec::None => "uncompressed",
+            Codec::Gzip => "gzip",
+            Codec::Snappy => "snappy",
+            Codec::Lz4 => "lz4",
+            Codec::Zstd => "zstd",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "none" | "uncompressed" => Codec::None,
+            "gzip" => Codec::Gzip,
+            "snappy" => Codec::Snappy,
+            "lz4" => Codec::Lz4,
+            "zstd" => Codec::Zstd,
+            _ => return None,
+        })
+    }
+}
+
+/// When an append to a topic is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledged after the commit that holds it was fsynced: survives a power cut.
+    #[default]
+    Fsync,
+    /// Acknowledged after a commit without fsync. A power cut (not a process crash) can lose up to
+    /// `storage.relaxed_flush_interval_ms` of acknowledged appends to such topics.
+    Relaxed,
+}
+
+impl Durability {
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Fsync => "fsync",
+            Durability::Relaxed => "relaxed",
+        }
+    }
+}
+
+/// Which timestamp a topic's records carry (Kafka's `message.timestamp.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum TimestampKind {
+    #[default]
+    CreateTime,
+    LogAppendTime,
+}
+
+/// Per-topic settings, named as Kafka names them where Kafka has the setting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicConfig {
+    /// Codec of batches the store builds (`compression.type`).
+    pub compression: Codec,
+    /// `fsync` (default) or `relaxed`.
+    pub durability: Durability,
+    /// Per-partition size limit (`retention.bytes`); `None` = only the global budget applies.
+    pub retention_bytes: Option<u64>,
+    /// Age limit (`retention.ms`) against each batch's max timestamp; `None` = no age limit.
+    pub retention_ms: Option<u64>,
+    /// `message.timestamp.type`.
+    pub timestamp_type: TimestampKind,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        Self {
+            compression: Codec::Lz4,
+            durability: Durability::Fsync,
+            retention_bytes: None,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            timestamp_type: TimestampKind::CreateTime,
+        }
+    }
+}
+
+impl TopicConfig {
+    /// The Kafka config names this store supports, in the order they are described.
+    pub const KEYS: [&'static str; 5] = [
+        "compression.type",
+        "durability",
+        "retention.bytes",
+        "retention.ms",
+        "message.timestamp.type",
+    ];
+
+    /// Sets one setting by its Kafka name; `None` restores the default.
+    pub fn set(&mut self, key: &str, value: Option<&str>) -> Result<(), ConfigError> {
+        let default = TopicConfig::default();
+        let bad = |reason: &str| ConfigError::new(key, format!("{reason} (got {value:?})"));
+        match (key, value) {
+            ("compression.type", None) => self.compression = default.compression,
+            ("compression.type", Some(v)) => {
+                self.compression = match v {
+                    // Client batches are always stored as sent; "producer" means the store's
+                    // own batches use the default codec.
+                    "producer" => default.compression,
+                    other => Codec::parse(other)
+                        .ok_or_else(|| bad("expected uncompressed, gzip, snappy, lz4, zstd or producer"))?,
+                }
+            }
+            ("durability", None) => self.durability = default.durability,
+            ("durability", Some("fsync")) => self.durability = Durability::Fsync,
+            ("durability", Some("relaxed")) => self.durability = Durability::Relaxed,
+            ("durability", Some(_)) => return Err(bad("expected fsync or relaxed")),
+            ("retention.bytes", None) => self.retention_bytes = default.retention_bytes,
+            ("retention.bytes", Some(v)) => {
+                let n: i64 = v.trim().parse().map_err(|_| bad("expected an integer"))?;
+                self.retention_bytes = match n {
+                    -1 => None,
+                    n if n > 0 => Some(n as u64),
+                    _ => return Err(bad("expected -1 (unlimited) or a positive byte count")),
+                };
+            }
+            ("retention.ms", None) => self.retention_ms = default.retention_ms,
+            ("retention.ms", Some(v)) => {
+                let n: i64 = v.trim().parse().map_err(|_| bad("expected an integer"))?;
+                self.retention_ms = match n {
+                    -1 => None,
+                    n if n > 0 => Some(n as u64),
+                    _ => return Err(bad("expected -1 (unlimited) or a positive millisecond count")),
+                };
+            }
+            ("message.timestamp.type", None) => self.timestamp_type = default.timestamp_type,
+            ("message.timestamp.type", Some("CreateTime")) => self.timestamp_type = TimestampKind::CreateTime,
+            ("message.timestamp.type", Some("LogAppendTime")) => {
+                self.timestamp_type = TimestampKind::LogAppendTime
+            }
+            ("message.timestamp.type", Some(_)) => return Err(bad("expected CreateTime or LogAppendTime")),
+            _ => return Err(ConfigError::new(key, "unknown or unsupported topic configuration")),
+        }
+        Ok(())
+    }
+
+    /// Current value of a setting by its Kafka name.
+    pub fn get(&self, key: &str) -> Option<String> {
+        Some(match key {
+            "compression.type" => self.compression.kafka_name().to_string(),
+            "durability" => self.durability.name().to_string(),
+            "retention.bytes" => self.retention_bytes.map_or(-1, |v| v as i64).to_string(),
+            "retention.ms" => self.retention_ms.map_or(-1, |v| v as i64).to_string(),
+            "message.timestamp.type" => match self.timestamp_type {
+                TimestampKind::CreateTime => "CreateTime".to_string(),
+                TimestampKind::LogAppendTime => "LogAppendTime".to_string(),
+            },
+            _ => return None,
+        })
+    }
+
+    /// `key=value` lines, the format topic settings are stored in.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for key in Self::KEYS {
+            if let Some(v) = self.get(key) {
+                out.push_str(key);
+                out.push('=');
+                out.push_str(&v);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    pub fn from_text(text: &str) -> Result<Self, ConfigError> {
+        let mut cfg = TopicConfig::default();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| ConfigError::new("topic config", format!("malformed line {line:?}")))?;
+            cfg.set(k, Some(v))?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// The log store's settings (`[storage]` in the gateway's TOML).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory holding `tributary.redb`; created if missing.
+    pub data_dir: PathBuf,
+    /// redb page cache. redb's own default is 1 GiB, far too much for a gateway.
+    pub cache_size_bytes: u64,
+    /// The disk budget: retention keeps the database file's real disk use within this plus a
+    /// slack of `max(4 MiB, 5%)` (copy-on-write pages, b-tree branches, file growth).
+    pub max_bytes: u64,
+    /// Retention starts deleting when the stored footprint passes this share of `max_bytes`...
+    pub retention_high_watermark_percent: u8,
+    /// ...and deletes the oldest batches until the footprint is at this share (hysteresis).
+    pub retention_low_watermark_percent: u8,
+    /// At most this much is deleted by retention in one commit, so a large clean-up cannot stall
+    /// appends; the rest follows in the next commits.
+    pub retention_delete_bytes_per_commit_max: u64,
+    /// How often age-based retention (`retention.ms`) is checked.
+    pub retention_check_interval_ms: u64,
+    /// Upper size of a batch the store builds from single records; chosen so that a stored batch
+    /// fills a 16 KiB redb page instead of spilling into the next power-of-two page size.
+    pub batch_size_bytes_max: u32,
+    /// Largest single append (a client's batch, or one record), checked before it is queued.
+    pub append_size_bytes_max: u32,
+    /// A compressed batch is refused if its records decompress to more than this.
+    pub decompressed_size_bytes_max: u64,
+    /// Appends waiting for the writer; a full queue makes appenders wait (backpressure).
+    pub write_queue_ops_max: u32,
+    /// One group commit takes at most this many bytes of appends.
+    pub commit_size_bytes_max: u64,
+    /// Appends are refused with a disk-full error while the data volume has less free space.
+    pub disk_free_bytes_min: u64,
+    /// Longest time acknowledged appends to `relaxed` topics stay unsynced.
+    pub relaxed_flush_interval_ms: u64,
+    /// redb quick-repair: instant recovery after a crash, but every commit also writes the
+    /// allocator state (about 64 KiB per GiB of file). Off by default: SD cards wear.
+    pub quick_repair: bool,
+    /// Limits on topics and partitions, so metadata held in memory is bounded.
+    pub topics_max: u32,
+    pub partitions_per_topic_max: u32,
+    pub partitions_total_max: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./tributary-data"),
+            cache_size_bytes: 32 * MIB,
+            max_bytes: GIB,
+            retention_high_watermark_percent: 90,
+            retention_low_watermark_percent: 80,
+            retention_delete_bytes_per_commit_max: 16 * MIB,
+            retention_check_interval_ms: 10_000,
+            batch_size_bytes_max: crate::storage::tables::DEFAULT_BATCH_SIZE_BYTES_MAX,
+            append_size_bytes_max: MIB as u32,
+            decompressed_size_bytes_max: 16 * MIB,
+            write_queue_ops_max: 4096,
+            commit_size_bytes_max: 8 * MIB,
+            disk_free_bytes_min: 64 * MIB,
+            relaxed_flush_interval_ms: 1000,
+            quick_repair: false,
+            topics_max: 1000,
+            partitions_per_topic_max: 256,
+            partitions_total_max: 4096,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// Checks every value; `prefix` is the TOML table the keys live in (e.g. `storage`).
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        let range = |k: &str, v: u64, lo: u64, hi: u64| -> Result<(), ConfigError> {
+            if v < lo || v > hi {
+                Err(ConfigError::new(key(k), format!("must be between {lo} and {hi} (got {v})")))
+            } else {
+                Ok(())
+            }
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new(key("data_dir"), "must not be empty"));
+        }
+        range("cache_size_bytes", self.cache_size_bytes, MIB, 64 * GIB)?;
+        range("max_bytes", self.max_bytes, 16 * MIB, 1 << 50)?;
+        range("retention_high_watermark_percent", self.retention_high_watermark_percent.into(), 10, 99)?;
+        range(
+            "retention_low_watermark_percent",
+            self.retention_low_watermark_percent.into(),
+            5,
+            u64::from(self.retention_high_watermark_percent).saturating_sub(1),
+        )?;
+        range("retention_delete_bytes_per_commit_max", self.retention_delete_bytes_per_commit_max, MIB, 4 * GIB)?;
+        range("retention_check_interval_ms", self.retention_check_interval_ms, 10, 3_600_000)?;
+        range("batch_size_bytes_max", self.batch_size_bytes_max.into(), 1024, MIB)?;
+        range("append_size_bytes_max", self.append_size_bytes_max.into(), 1024, 64 * MIB)?;
+        range(
+            "decompressed_size_bytes_max",
+            self.decompressed_size_bytes_max,
+            self.append_size_bytes_max.into(),
+            GIB,
+        )?;
+        range("write_queue_ops_max", self.write_queue_ops_max.into(), 1, 1 << 20)?;
+        range("commit_size_bytes_max", self.commit_size_bytes_max, self.append_size_bytes_max.into(), GIB)?;
+        range("disk_free_bytes_min", self.disk_free_bytes_min, 0, 1 << 50)?;
+        range("relaxed_flush_interval_ms", self.relaxed_flush_interval_ms, 1, 3_600_000)?;
+        range("topics_max", self.topics_max.into(), 1, 1_000_000)?;
+        range("partitions_per_topic_max", self.partitions_per_topic_max.into(), 1, 100_000)?;
+        range("partitions_total_max", self.partitions_total_max.into(), 1, 1_000_000)?;
+        Ok(())
+    }
+
+    /// Footprint at which retention starts deleting.
+    pub fn retention_high_bytes(&self) -> u64 {
+        self.max_bytes / 100 * u64::from(self.retention_high_watermark_percent)
+    }
+
+    /// Footprint retention deletes down to.
+    pub fn retention_low_bytes(&self) -> u64 {
+        self.max_bytes / 100 * u64::from(self.retention_low_watermark_percent)
+    }
+
+    /// The documented tolerance of real disk use over `max_bytes`.
+    pub fn disk_slack_bytes(&self) -> u64 {
+        (self.max_bytes / 20).max(4 * MIB)
+    }
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kafka_name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        StorageConfig::default().validate("storage").expect("defaults are valid");
+    }
+
+    #[test]
+    fn bad_value_names_its_key() {
+        let cfg = StorageConfig { cache_size_bytes: 5, ..StorageConfig::default() };
+        let err = cfg.validate("storage").expect_err("too small");
+        assert_eq!(err.key, "storage.cache_size_bytes");
+        let cfg = StorageConfig { retention_low_watermark_percent: 95, ..StorageConfig::default() };
+        assert_eq!(cfg.validate("storage").expect_err("low > high").key, "storage.retention_low_watermark_percent");
+    }
+
+    #[test]
+    fn topic_config_round_trips_through_text() {
+        let mut cfg = TopicConfig::default();
+        cfg.set("compression.type", Some("zstd")).expect("valid");
+        cfg.set("retention.bytes", Some("1048576")).expect("valid");
+        cfg.set("retention.ms", Some("-1")).expect("valid");
+        cfg.set("durability", Some("relaxed")).expect("valid");
+        cfg.set("message.timestamp.type", Some("LogAppendTime")).expect("valid");
+        assert_eq!(TopicConfig::from_text(&cfg.to_text()).expect("parses"), cfg);
+        assert_eq!(cfg.set("retention.ms", Some("soon")).expect_err("bad").key, "retention.ms");
+        assert!(cfg.set("cleanup.policy", Some("compact")).is_err());
+    }
+}

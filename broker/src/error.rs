@@ -1,0 +1,74 @@
+//! Typed errors of the log store, shared by every front end so each can map them to its own
+//! protocol's error codes (Kafka error codes, MQTT reason codes).
+
+use std::sync::Arc;
+
+use crate::storage::batch::BatchError;
+
+/// Everything that can go wrong in a store operation.
+///
+/// Clone is needed because one failed group commit answers many waiters with the same error;
+/// sources that are not `Clone` are kept behind an `Arc`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    #[error("topic {topic:?} has no partition {partition}")]
+    UnknownPartition { topic: String, partition: i32 },
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    #[error("invalid topic name {name:?}: {reason}")]
+    InvalidTopicName { name: String, reason: &'static str },
+    #[error("invalid partition count for topic {topic:?}: {reason}")]
+    InvalidPartitions { topic: String, reason: String },
+    #[error("invalid topic configuration: {0}")]
+    InvalidTopicConfig(String),
+    #[error("limit reached: {key} = {limit}")]
+    LimitReached { key: &'static str, limit: u64 },
+    #[error("invalid record batch: {0}")]
+    InvalidBatch(#[from] BatchError),
+    #[error("append of {size} bytes exceeds storage.append_size_bytes_max = {max}")]
+    AppendTooLarge { size: u64, max: u64 },
+    #[error("offset {offset} is out of range [{log_start_offset}, {high_watermark}]")]
+    OffsetOutOfRange { offset: i64, log_start_offset: i64, high_watermark: i64 },
+    #[error("disk full: {free_bytes} bytes free on the data volume, storage.disk_free_bytes_min = {min_bytes}")]
+    DiskFull { free_bytes: u64, min_bytes: u64 },
+    #[error("the store is closed")]
+    Closed,
+    #[error("storage engine error: {0}")]
+    Storage(Arc<redb::Error>),
+    #[error("I/O error: {context}: {source}")]
+    Io { context: &'static str, source: Arc<std::io::Error> },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub(crate) fn io(context: &'static str, source: std::io::Error) -> Self {
+        StoreError::Io { context, source: Arc::new(source) }
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Storage(Arc::new(redb::Error::from(e)))
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Storage(Arc::new(e))
+    }
+}

@@ -1,0 +1,647 @@
+//! Kafka RecordBatch v2, the storage and wire format: header parsing, validation of untrusted
+//! batches (lengths, magic, CRC-32C, record count, every record's framing), the encoder for batches
+//! the store builds from single records, and record decoding for readers.
+//!
+//! Why not the `kafka-protocol` crate's `RecordBatchEncoder/Decoder` here: its `Record` keeps
+//! headers in an `IndexMap` (Kafka and MQTT v5 allow repeated header keys, which it would merge)
+//! and its decoder reserves memory from the untrusted `recordCount`. This codec walks records
+//! without allocating from client-supplied counts and decompresses within a byte limit.
+
+use bytes::Bytes;
+
+use crate::config::{Codec, TimestampKind};
+use crate::storage::compression::{self, CompressionError};
+
+/// Length of the RecordBatch v2 header, up to and including `recordCount`.
+pub const HEADER_LEN: usize = 61;
+const OFF_BATCH_LENGTH: usize = 8;
+const OFF_LEADER_EPOCH: usize = 12;
+const OFF_MAGIC: usize = 16;
+const OFF_CRC: usize = 17;
+const OFF_ATTRIBUTES: usize = 21;
+const OFF_LAST_OFFSET_DELTA: usize = 23;
+const OFF_BASE_TIMESTAMP: usize = 27;
+const OFF_MAX_TIMESTAMP: usize = 35;
+const OFF_PRODUCER_ID: usize = 43;
+const OFF_PRODUCER_EPOCH: usize = 51;
+const OFF_BASE_SEQUENCE: usize = 53;
+const OFF_RECORD_COUNT: usize = 57;
+
+const ATTR_TIMESTAMP_TYPE: i16 = 0x08;
+const ATTR_TRANSACTIONAL: i16 = 0x10;
+const ATTR_CONTROL: i16 = 0x20;
+
+/// The smallest possible encoded record (length, attributes, deltas, null key/value, 0 headers).
+const MIN_RECORD_LEN: usize = 7;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("batch of {0} bytes is shorter than the {HEADER_LEN}-byte RecordBatch header")]
+    TooShort(usize),
+    #[error("batchLength says {declared} bytes follow it but {actual} do")]
+    LengthMismatch { declared: i64, actual: usize },
+    #[error("magic byte {0} is not supported (only RecordBatch v2, magic 2)")]
+    Magic(i8),
+    #[error("CRC-32C mismatch: header says {expected:#010x}, the batch gives {actual:#010x}")]
+    Crc { expected: u32, actual: u32 },
+    #[error("unknown compression codec id {0}")]
+    UnknownCodec(i16),
+    #[error("control batches may only be written by the broker")]
+    Control,
+    #[error("transactional batches are not supported")]
+    Transactional,
+    #[error("recordCount {0} is not positive")]
+    Empty(i32),
+    #[error("lastOffsetDelta {last_offset_delta} does not match recordCount {record_count}")]
+    LastOffsetDelta { last_offset_delta: i32, record_count: i32 },
+    #[error("recordCount says {header} records but the batch holds {found}")]
+    RecordCount { header: i32, found: u64 },
+    #[error("record {index}: {reason}")]
+    Record { index: u64, reason: &'static str },
+    #[error(transparent)]
+    Compression(#[from] CompressionError),
+}
+
+/// The fixed header of a RecordBatch v2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub base_offset: i64,
+    pub batch_length: i32,
+    pub partition_leader_epoch: i32,
+    pub magic: i8,
+    pub crc: u32,
+    pub attributes: i16,
+    pub last_offset_delta: i32,
+    pub base_timestamp: i64,
+    pub max_timestamp: i64,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+    pub record_count: i32,
+}
+
+fn be_i64(b: &[u8], at: usize) -> i64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    i64::from_be_bytes(a)
+}
+fn be_i32(b: &[u8], at: usize) -> i32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    i32::from_be_bytes(a)
+}
+fn be_i16(b: &[u8], at: usize) -> i16 {
+    i16::from_be_bytes([b[at], b[at + 1]])
+}
+
+impl BatchHeader {
+    /// Reads the header fields; checks only that the header is there.
+    pub fn parse(b: &[u8]) -> Result<Self, BatchError> {
+        if b.len() < HEADER_LEN {
+            return Err(BatchError::TooShort(b.len()));
+        }
+        Ok(Self {
+            base_offset: be_i64(b, 0),
+            batch_length: be_i32(b, OFF_BATCH_LENGTH),
+            partition_leader_epoch: be_i32(b, OFF_LEADER_EPOCH),
+            magic: b[OFF_MAGIC] as i8,
+            crc: be_i32(b, OFF_CRC) as u32,
+            attributes: be_i16(b, OFF_ATTRIBUTES),
+            last_offset_delta: be_i32(b, OFF_LAST_OFFSET_DELTA),
+            base_timestamp: be_i64(b, OFF_BASE_TIMESTAMP),
+            max_timestamp: be_i64(b, OFF_MAX_TIMESTAMP),
+            producer_id: be_i64(b, OFF_PRODUCER_ID),
+            producer_epoch: be_i16(b, OFF_PRODUCER_EPOCH),
+            base_sequence: be_i32(b, OFF_BASE_SEQUENCE),
+            record_count: be_i32(b, OFF_RECORD_COUNT),
+        })
+    }
+
+    pub fn codec(&self) -> Result<Codec, BatchError> {
+        Codec::from_attribute_bits(self.attributes).ok_or(BatchError::UnknownCodec(self.attributes & 0x07))
+    }
+    pub fn is_transactional(&self) -> bool {
+        self.attributes & ATTR_TRANSACTIONAL != 0
+    }
+    pub fn is_control(&self) -> bool {
+        self.attributes & ATTR_CONTROL != 0
+    }
+    pub fn timestamp_kind(&self) -> TimestampKind {
+        if self.attributes & ATTR_TIMESTAMP_TYPE != 0 {
+            TimestampKind::LogAppendTime
+        } else {
+            TimestampKind::CreateTime
+        }
+    }
+    /// Offset of the batch's last record.
+    pub fn last_offset(&self) -> i64 {
+        self.base_offset + i64::from(self.last_offset_delta)
+    }
+    /// Offset after the batch.
+    pub fn next_offset(&self) -> i64 {
+        self.last_offset() + 1
+    }
+    /// Whole batch length including the offset and length fields.
+    pub fn total_len(&self) -> usize {
+        self.batch_length.max(0) as usize + 12
+    }
+}
+
+/// Checks an untrusted batch completely and returns its header. The batch must be exactly one
+/// RecordBatch (`bytes.len()` equals its declared length).
+pub fn validate(bytes: &[u8], decompressed_limit: u64) -> Result<BatchHeader, BatchError> {
+    let h = BatchHeader::parse(bytes)?;
+    if h.magic != 2 {
+        return Err(BatchError::Magic(h.magic));
+    }
+    if i64::from(h.batch_length) + 12 != bytes.len() as i64 {
+        return Err(BatchError::LengthMismatch { declared: i64::from(h.batch_length), actual: bytes.len().saturating_sub(12) });
+    }
+    let actual = crc32c::crc32c(&bytes[OFF_ATTRIBUTES..]);
+    if actual != h.crc {
+        return Err(BatchError::Crc { expected: h.crc, actual });
+    }
+    let codec = h.codec()?;
+    if h.is_control() {
+        return Err(BatchError::Control);
+    }
+    if h.is_transactional() {
+        return Err(BatchError::Transactional);
+    }
+    if h.record_count <= 0 {
+        return Err(BatchError::Empty(h.record_count));
+    }
+    if i64::from(h.last_offset_delta) != i64::from(h.record_count) - 1 {
+        return Err(BatchError::LastOffsetDelta { last_offset_delta: h.last_offset_delta, record_count: h.record_count });
+    }
+    let payload = &bytes[HEADER_LEN..];
+    let found = if codec == Codec::None {
+        count_records(payload, h.record_count)?
+    } else {
+        // A count that cannot fit in the decompression limit is refused before inflating.
+        if h.record_count as u64 > decompressed_limit / MIN_RECORD_LEN as u64 {
+            return Err(BatchError::RecordCount { header: h.record_count, found: 0 });
+        }
+        let data = compression::decompress(codec, payload, decompressed_limit)?;
+        count_records(&data, h.record_count)?
+    };
+    if found != h.record_count as u64 {
+        return Err(BatchError::RecordCount { header: h.record_count, found });
+    }
+    Ok(h)
+}
+
+/// Walks every record, checking framing and that offset deltas run 0, 1, 2, ...
+fn count_records(data: &[u8], header_count: i32) -> Result<u64, BatchError> {
+    let mut n = 0u64;
+    for r in RecordIter::new(data) {
+        let r = r?;
+        if i64::from(r.offset_delta) != n as i64 {
+            return Err(BatchError::Record { index: n, reason: "offset delta out of sequence" });
+        }
+        n += 1;
+        if n > header_count as u64 {
+            // Stop walking: the count already disagrees.
+            return Ok(n);
+        }
+    }
+    Ok(n)
+}
+
+/// Rewrites the base offset (not covered by the CRC).
+pub fn set_base_offset(bytes: &mut [u8], base_offset: i64) {
+    bytes[0..8].copy_from_slice(&base_offset.to_be_bytes());
+}
+
+/// Rewrites the partition leader epoch (not covered by the CRC).
+pub fn set_leader_epoch(bytes: &mut [u8], epoch: i32) {
+    bytes[OFF_LEADER_EPOCH..OFF_LEADER_EPOCH + 4].copy_from_slice(&epoch.to_be_bytes());
+}
+
+/// Marks a batch as LogAppendTime with `now_ms` as its max timestamp and recomputes the CRC;
+/// the (possibly compressed) records are untouched.
+pub fn stamp_log_append_time(bytes: &mut [u8], now_ms: i64) {
+    let attrs = be_i16(bytes, OFF_ATTRIBUTES) | ATTR_TIMESTAMP_TYPE;
+    bytes[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attrs.to_be_bytes());
+    bytes[OFF_MAX_TIMESTAMP..OFF_MAX_TIMESTAMP + 8].copy_from_slice(&now_ms.to_be_bytes());
+    let crc = crc32c::crc32c(&bytes[OFF_ATTRIBUTES..]);
+    bytes[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
+// ---- varints (Kafka uses zigzag-encoded LEB128) ----
+
+fn read_uvarint(data: &[u8], pos: &mut usize, max_bytes: usize) -> Option<u64> {
+    let mut result = 0u64;
+    for i in 0..max_bytes {
+        let b = *data.get(*pos)?;
+        *pos += 1;
+        result |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(result);
+        }
+    }
+    None
+}
+
+fn read_varint(data: &[u8], pos: &mut usize) -> Option<i32> {
+    let u = read_uvarint(data, pos, 5)? as u32;
+    Some(((u >> 1) as i32) ^ -((u & 1) as i32))
+}
+
+fn read_varlong(data: &[u8], pos: &mut usize) -> Option<i64> {
+    let u = read_uvarint(data, pos, 10)?;
+    Some(((u >> 1) as i64) ^ -((u & 1) as i64))
+}
+
+fn write_varint(out: &mut Vec<u8>, v: i32) {
+    write_uvarint(out, ((v << 1) ^ (v >> 31)) as u32 as u64);
+}
+
+fn write_varlong(out: &mut Vec<u8>, v: i64) {
+    write_uvarint(out, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+fn write_uvarint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn varint_len(v: i64) -> usize {
+    let mut u = ((v << 1) ^ (v >> 63)) as u64;
+    let mut n = 1;
+    while u >= 0x80 {
+        u >>= 7;
+        n += 1;
+    }
+    n
+}
+
+/// One record inside a (decompressed) batch, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub offset_delta: i32,
+    pub timestamp_delta: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    headers: &'a [u8],
+    header_count: u32,
+}
+
+impl<'a> RecordView<'a> {
+    /// Headers in order, repeated keys kept.
+    pub fn headers(&self) -> impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a {
+        let data = self.headers;
+        let mut pos = 0usize;
+        (0..self.header_count).map_while(move |_| {
+            let k = read_bytes(data, &mut pos)??;
+            let v = read_bytes(data, &mut pos)?;
+            Some((k, v))
+        })
+    }
+}
+
+/// Reads a varint-length-prefixed byte string; `Some(None)` is a null (-1) value.
+fn read_bytes<'a>(data: &'a [u8], pos: &mut usize) -> Option<Option<&'a [u8]>> {
+    let len = read_varint(data, pos)?;
+    if len < 0 {
+        return if len == -1 { Some(None) } else { None };
+    }
+    let end = pos.checked_add(len as usize)?;
+    let s = data.get(*pos..end)?;
+    *pos = end;
+    Some(Some(s))
+}
+
+/// Iterates the records of a decompressed batch payload, checking framing as it goes.
+#[derive(Debug)]
+pub struct RecordIter<'a> {
+    data: &'a [u8],
+    pos: usize,
+    index: u64,
+    failed: bool,
+}
+
+impl<'a> RecordIter<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        Self { data, pos: 0, index: 0, failed: false }
+    }
+
+    fn parse_one(&mut self) -> Result<RecordView<'a>, &'static str> {
+        let len = read_varint(self.data, &mut self.pos).ok_or("bad record length")?;
+        if len < 0 {
+            return Err("negative record length");
+        }
+        let end = self.pos.checked_add(len as usize).ok_or("record length overflow")?;
+        let rec = self.data.get(self.pos..end).ok_or("record runs past the batch")?;
+        self.pos = end;
+        let mut p = 1usize; // attributes byte (unused in v2)
+        if rec.is_empty() {
+            return Err("empty record");
+        }
+        let timestamp_delta = read_varlong(rec, &mut p).ok_or("bad timestamp delta")?;
+        let offset_delta = read_varint(rec, &mut p).ok_or("bad offset delta")?;
+        let key = read_bytes(rec, &mut p).ok_or("bad key")?;
+        let value = read_bytes(rec, &mut p).ok_or("bad value")?;
+        let header_count = read_varint(rec, &mut p).ok_or("bad header count")?;
+        if header_count < 0 {
+            return Err("negative header count");
+        }
+        let headers_start = p;
+        for _ in 0..header_count {
+            match read_bytes(rec, &mut p).ok_or("bad header key")? {
+                Some(_) => {}
+                None => return Err("null header key"),
+            }
+            read_bytes(rec, &mut p).ok_or("bad header value")?;
+        }
+        if p != rec.len() {
+            return Err("record length does not match its fields");
+        }
+        Ok(RecordView {
+            offset_delta,
+            timestamp_delta,
+            key,
+            value,
+            headers: &rec[headers_start..],
+            header_count: header_count as u32,
+        })
+    }
+}
+
+impl<'a> Iterator for RecordIter<'a> {
+    type Item = Result<RecordView<'a>, BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.pos >= self.data.len() {
+            return None;
+        }
+        let index = self.index;
+        self.index += 1;
+        match self.parse_one() {
+            Ok(r) => Some(Ok(r)),
+            Err(reason) => {
+                self.failed = true;
+                Some(Err(BatchError::Record { index, reason }))
+            }
+        }
+    }
+}
+
+/// A record to append: the store assigns its offset and packs it into a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewRecord {
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    /// Headers in order; repeated keys are allowed, as in Kafka.
+    pub headers: Vec<(String, Option<Bytes>)>,
+    /// Create time in ms since the epoch; `None` = the append time.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl NewRecord {
+    pub fn new(key: Option<impl Into<Bytes>>, value: impl Into<Bytes>) -> Self {
+        Self { key: key.map(Into::into), value: Some(value.into()), headers: Vec::new(), timestamp_ms: None }
+    }
+
+    /// Upper bound of the encoded size inside a batch.
+    pub fn encoded_len_max(&self) -> usize {
+        let opt = |b: &Option<Bytes>| 5 + b.as_ref().map_or(0, Bytes::len);
+        5 + 1 + 10 + 5 + opt(&self.key) + opt(&self.value) + 5
+            + self.headers.iter().map(|(k, v)| 5 + k.len() + opt(v)).sum::<usize>()
+    }
+}
+
+/// A record read back from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    pub offset: i64,
+    pub timestamp: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(String, Option<Bytes>)>,
+}
+
+/// Encodes `records` (timestamps already resolved) as one RecordBatch v2 into `out`.
+pub fn encode_batch(
+    records: &[(&NewRecord, i64)],
+    base_offset: i64,
+    codec: Codec,
+    timestamp_kind: TimestampKind,
+    append_time_ms: i64,
+    out: &mut Vec<u8>,
+) -> Result<BatchHeader, BatchError> {
+    let count = records.len();
+    if count == 0 {
+        return Err(BatchError::Empty(0));
+    }
+    let base_ts = records[0].1;
+    let mut max_ts = i64::MIN;
+    let mut raw = Vec::with_capacity(records.iter().map(|(r, _)| r.encoded_len_max()).sum());
+    let mut body = Vec::with_capacity(256);
+    for (i, (r, ts)) in records.iter().enumerate() {
+        max_ts = max_ts.max(*ts);
+        body.clear();
+        body.push(0); // record attributes
+        write_varlong(&mut body, ts - base_ts);
+        write_varint(&mut body, i as i32);
+        for b in [&r.key, &r.value] {
+            match b {
+                Some(b) => {
+                    write_varint(&mut body, b.len() as i32);
+                    body.extend_from_slice(b);
+                }
+                None => write_varint(&mut body, -1),
+            }
+        }
+        write_varint(&mut body, r.headers.len() as i32);
+        for (k, v) in &r.headers {
+            write_varint(&mut body, k.len() as i32);
+            body.extend_from_slice(k.as_bytes());
+            match v {
+                Some(v) => {
+                    write_varint(&mut body, v.len() as i32);
+                    body.extend_from_slice(v);
+                }
+                None => write_varint(&mut body, -1),
+            }
+        }
+        write_varint(&mut raw, body.len() as i32);
+        raw.extend_from_slice(&body);
+    }
+    let mut attributes = codec.attribute_bits();
+    if timestamp_kind == TimestampKind::LogAppendTime {
+        attributes |= ATTR_TIMESTAMP_TYPE;
+        max_ts = append_time_ms;
+    }
+    let start = out.len();
+    out.resize(start + HEADER_LEN, 0);
+    compression::compress(codec, &raw, out)?;
+    let total = out.len() - start;
+    let b = &mut out[start..];
+    b[0..8].copy_from_slice(&base_offset.to_be_bytes());
+    b[OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4].copy_from_slice(&((total - 12) as i32).to_be_bytes());
+    b[OFF_LEADER_EPOCH..OFF_LEADER_EPOCH + 4].copy_from_slice(&0i32.to_be_bytes());
+    b[OFF_MAGIC] = 2;
+    b[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
+    b[OFF_LAST_OFFSET_DELTA..OFF_LAST_OFFSET_DELTA + 4].copy_from_slice(&((count - 1) as i32).to_be_bytes());
+    b[OFF_BASE_TIMESTAMP..OFF_BASE_TIMESTAMP + 8].copy_from_slice(&base_ts.to_be_bytes());
+    b[OFF_MAX_TIMESTAMP..OFF_MAX_TIMESTAMP + 8].copy_from_slice(&max_ts.to_be_bytes());
+    b[OFF_PRODUCER_ID..OFF_PRODUCER_ID + 8].copy_from_slice(&(-1i64).to_be_bytes());
+    b[OFF_PRODUCER_EPOCH..OFF_PRODUCER_EPOCH + 2].copy_from_slice(&(-1i16).to_be_bytes());
+    b[OFF_BASE_SEQUENCE..OFF_BASE_SEQUENCE + 4].copy_from_slice(&(-1i32).to_be_bytes());
+    b[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4].copy_from_slice(&(count as i32).to_be_bytes());
+    let crc = crc32c::crc32c(&b[OFF_ATTRIBUTES..]);
+    b[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    BatchHeader::parse(b)
+}
+
+/// Decodes every record of a stored batch (trusted: validated when it was appended, but still
+/// decoded defensively and within `decompressed_limit`).
+pub fn decode_records(batch: &[u8], decompressed_limit: u64) -> Result<Vec<StoredRecord>, BatchError> {
+    let h = BatchHeader::parse(batch)?;
+    let end = h.total_len().min(batch.len());
+    let payload = &batch[HEADER_LEN.min(end)..end];
+    let codec = h.codec()?;
+    let data = if codec == Codec::None {
+        Bytes::copy_from_slice(payload)
+    } else {
+        Bytes::from(compression::decompress(codec, payload, decompressed_limit)?)
+    };
+    let log_append = h.timestamp_kind() == TimestampKind::LogAppendTime;
+    let mut out = Vec::new();
+    for r in RecordIter::new(&data) {
+        let r = r?;
+        let slice = |s: &[u8]| data.slice_ref(s);
+        out.push(StoredRecord {
+            offset: h.base_offset + i64::from(r.offset_delta),
+            timestamp: if log_append { h.max_timestamp } else { h.base_timestamp + r.timestamp_delta },
+            key: r.key.map(slice),
+            value: r.value.map(slice),
+            headers: r
+                .headers()
+                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.map(slice)))
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// Size of a varint-encoded value (exposed for size estimates elsewhere).
+pub fn varint_size(v: i64) -> usize {
+    varint_len(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(n: usize) -> Vec<NewRecord> {
+        (0..n)
+            .map(|i| NewRecord {
+                key: if i % 3 == 0 { None } else { Some(Bytes::from(format!("key-{i}"))) },
+                value: Some(Bytes::from(vec![b'v'; i % 50])),
+                headers: vec![
+                    ("h".to_string(), Some(Bytes::from_static(b"1"))),
+                    ("h".to_string(), None),
+                ],
+                timestamp_ms: Some(1_700_000_000_000 + i as i64),
+            })
+            .collect()
+    }
+
+    fn encode(records: &[NewRecord], codec: Codec) -> Vec<u8> {
+        let with_ts: Vec<_> = records.iter().map(|r| (r, r.timestamp_ms.unwrap_or(0))).collect();
+        let mut out = Vec::new();
+        encode_batch(&with_ts, 100, codec, TimestampKind::CreateTime, 0, &mut out).expect("encode");
+        out
+    }
+
+    #[test]
+    fn encode_validate_decode_round_trip_every_codec() {
+        let records = sample(40);
+        for codec in [Codec::None, Codec::Gzip, Codec::Snappy, Codec::Lz4, Codec::Zstd] {
+            let bytes = encode(&records, codec);
+            let h = validate(&bytes, 1 << 20).expect("valid");
+            assert_eq!((h.base_offset, h.record_count, h.codec().ok()), (100, 40, Some(codec)));
+            let back = decode_records(&bytes, 1 << 20).expect("decode");
+            assert_eq!(back.len(), 40);
+            for (i, (r, orig)) in back.iter().zip(&records).enumerate() {
+                assert_eq!(r.offset, 100 + i as i64);
+                assert_eq!(r.key, orig.key);
+                assert_eq!(r.value, orig.value);
+                assert_eq!(r.headers, orig.headers, "repeated header keys are kept");
+                assert_eq!(Some(r.timestamp), orig.timestamp_ms);
+            }
+        }
+    }
+
+    #[test]
+    fn corrupt_batches_are_refused_with_a_reason() {
+        let good = encode(&sample(5), Codec::None);
+        let mut bad_crc = good.clone();
+        let last = bad_crc.len() - 1;
+        bad_crc[last] ^= 0xff;
+        assert!(matches!(validate(&bad_crc, 1 << 20), Err(BatchError::Crc { .. })));
+        assert!(matches!(validate(&good[..good.len() - 3], 1 << 20), Err(BatchError::LengthMismatch { .. })));
+        assert!(matches!(validate(&good[..20], 1 << 20), Err(BatchError::TooShort(20))));
+
+        let recrc = |b: &mut Vec<u8>| {
+            let crc = crc32c::crc32c(&b[OFF_ATTRIBUTES..]);
+            b[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        };
+        let mut wrong_count = good.clone();
+        wrong_count[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4].copy_from_slice(&6i32.to_be_bytes());
+        wrong_count[OFF_LAST_OFFSET_DELTA..OFF_LAST_OFFSET_DELTA + 4].copy_from_slice(&5i32.to_be_bytes());
+        recrc(&mut wrong_count);
+        assert!(matches!(validate(&wrong_count, 1 << 20), Err(BatchError::RecordCount { header: 6, found: 5 })));
+
+        let mut wrong_delta = good.clone();
+        wrong_delta[OFF_LAST_OFFSET_DELTA..OFF_LAST_OFFSET_DELTA + 4].copy_from_slice(&9i32.to_be_bytes());
+        recrc(&mut wrong_delta);
+        assert!(matches!(validate(&wrong_delta, 1 << 20), Err(BatchError::LastOffsetDelta { .. })));
+
+        let mut control = good.clone();
+        control[OFF_ATTRIBUTES + 1] |= 0x20;
+        recrc(&mut control);
+        assert_eq!(validate(&control, 1 << 20), Err(BatchError::Control));
+
+        let mut magic = good.clone();
+        magic[OFF_MAGIC] = 1;
+        assert_eq!(validate(&magic, 1 << 20), Err(BatchError::Magic(1)));
+
+        let mut huge_count = good;
+        huge_count[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4].copy_from_slice(&i32::MAX.to_be_bytes());
+        huge_count[OFF_LAST_OFFSET_DELTA..OFF_LAST_OFFSET_DELTA + 4].copy_from_slice(&(i32::MAX - 1).to_be_bytes());
+        recrc(&mut huge_count);
+        assert!(matches!(validate(&huge_count, 1 << 20), Err(BatchError::RecordCount { .. })));
+    }
+
+    #[test]
+    fn log_append_time_restamp_keeps_crc_valid() {
+        let mut b = encode(&sample(3), Codec::Lz4);
+        stamp_log_append_time(&mut b, 42);
+        set_base_offset(&mut b, 7);
+        set_leader_epoch(&mut b, 0);
+        let h = validate(&b, 1 << 20).expect("still valid");
+        assert_eq!((h.base_offset, h.max_timestamp, h.timestamp_kind()), (7, 42, TimestampKind::LogAppendTime));
+        assert!(decode_records(&b, 1 << 20).expect("decode").iter().all(|r| r.timestamp == 42));
+    }
+
+    #[test]
+    fn varints_match_kafka_zigzag() {
+        let mut out = Vec::new();
+        for v in [0i32, -1, 1, 63, -64, 64, 300, i32::MAX, i32::MIN] {
+            out.clear();
+            write_varint(&mut out, v);
+            assert_eq!(out.len(), varint_size(i64::from(v)));
+            let mut pos = 0;
+            assert_eq!(read_varint(&out, &mut pos), Some(v));
+        }
+        out.clear();
+        write_varint(&mut out, -1);
+        assert_eq!(out, [1]);
+    }
+}

@@ -1,0 +1,655 @@
+//! The durable log store: topics with partitions whose logs are RecordBatch v2 batches in one redb
+//! database. Appends go through a single writer thread that commits in groups and acknowledges
+//! only after the commit returned; reads open their own short read transaction.
+
+pub mod batch;
+pub mod compression;
+pub mod disk;
+pub mod tables;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use redb::{Database, ReadableDatabase};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{ConfigError, StorageConfig, TopicConfig};
+use crate::error::StoreError;
+use batch::{BatchHeader, NewRecord, StoredRecord};
+use tables::{split_value, LOG, TIME_INDEX};
+use writer::{AdminCmd, AppendData, Op};
+
+/// File name of the database inside `storage.data_dir`.
+pub const DB_FILE_NAME: &str = "tributary.redb";
+
+/// A partition's offset bounds: readable offsets are `[log_start_offset, high_watermark)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Watermarks {
+    pub log_start_offset: i64,
+    pub high_watermark: i64,
+}
+
+/// What the writer publishes to readers after each commit.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PartitionSignal {
+    pub watermarks: Watermarks,
+    pub deleted: bool,
+}
+
+/// In-memory state of one partition shared with readers.
+#[derive(Debug)]
+pub(crate) struct PartitionState {
+    pub key: u64,
+    pub signal: watch::Sender<PartitionSignal>,
+    pub logical_bytes: AtomicU64,
+    pub footprint_bytes: AtomicU64,
+}
+
+impl PartitionState {
+    fn new(key: u64, meta: &tables::PartitionMeta) -> Arc<Self> {
+        let (signal, _) = watch::channel(PartitionSignal {
+            watermarks: Watermarks {
+                log_start_offset: meta.log_start_offset as i64,
+                high_watermark: meta.next_offset as i64,
+            },
+            deleted: false,
+        });
+        Arc::new(Self {
+            key,
+            signal,
+            logical_bytes: AtomicU64::new(meta.logical_bytes),
+            footprint_bytes: AtomicU64::new(meta.footprint_bytes),
+        })
+    }
+}
+
+/// In-memory state of one topic; replaced as a whole when its settings or partitions change.
+#[derive(Debug)]
+pub(crate) struct TopicState {
+    pub id: u32,
+    pub name: String,
+    pub config: TopicConfig,
+    pub partitions: Vec<Arc<PartitionState>>,
+}
+
+/// Result of an acknowledged (durable) append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub base_offset: i64,
+    pub last_offset: i64,
+    /// The broker's timestamp for LogAppendTime topics, `None` for CreateTime topics.
+    pub log_append_time_ms: Option<i64>,
+    pub log_start_offset: i64,
+}
+
+/// Whole batches read from a partition.
+#[derive(Debug, Clone)]
+pub struct FetchedBatches {
+    /// Concatenated RecordBatch v2 bytes, base offsets as stored.
+    pub data: Bytes,
+    pub batches: usize,
+    /// Offset after the last returned record (where the next fetch continues).
+    pub next_offset: i64,
+    pub watermarks: Watermarks,
+}
+
+/// Description of a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    pub name: String,
+    pub id: u32,
+    pub partitions: u32,
+    pub config: TopicConfig,
+}
+
+/// Description of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub watermarks: Watermarks,
+    pub logical_bytes: u64,
+    pub footprint_bytes: u64,
+}
+
+/// Named key-value spaces kept in the same database and written through the same writer, for
+/// state other parts of the broker must keep durably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvSpace {
+    GroupOffsets,
+    Producers,
+    MqttSessions,
+    MqttRetained,
+    Mirror,
+}
+
+impl KvSpace {
+    pub const ALL: [KvSpace; 5] =
+        [KvSpace::GroupOffsets, KvSpace::Producers, KvSpace::MqttSessions, KvSpace::MqttRetained, KvSpace::Mirror];
+
+    pub(crate) fn table(self) -> redb::TableDefinition<'static, &'static [u8], &'static [u8]> {
+        redb::TableDefinition::new(match self {
+            KvSpace::GroupOffsets => "kv.group_offsets",
+            KvSpace::Producers => "kv.producers",
+            KvSpace::MqttSessions => "kv.mqtt_sessions",
+            KvSpace::MqttRetained => "kv.mqtt_retained",
+            KvSpace::Mirror => "kv.mirror",
+        })
+    }
+}
+
+/// Counters of the store's work since it was opened.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub commits: AtomicU64,
+    pub durable_commits: AtomicU64,
+    pub commit_micros_total: AtomicU64,
+    pub appended_records: AtomicU64,
+    pub appended_batches: AtomicU64,
+    pub appended_bytes: AtomicU64,
+    pub retention_deleted_batches: AtomicU64,
+    pub retention_deleted_bytes: AtomicU64,
+    pub footprint_bytes: AtomicU64,
+    pub logical_bytes: AtomicU64,
+    pub failed_commits: AtomicU64,
+}
+
+/// A snapshot of the store's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    pub commits: u64,
+    pub durable_commits: u64,
+    pub commit_micros_total: u64,
+    pub appended_records: u64,
+    pub appended_batches: u64,
+    pub appended_bytes: u64,
+    pub retention_deleted_batches: u64,
+    pub retention_deleted_bytes: u64,
+    pub footprint_bytes: u64,
+    pub logical_bytes: u64,
+    pub failed_commits: u64,
+}
+
+pub(crate) struct Shared {
+    pub config: StorageConfig,
+    pub db_path: PathBuf,
+    pub db: RwLock<Option<Arc<Database>>>,
+    pub topics: RwLock<HashMap<String, Arc<TopicState>>>,
+    pub counters: Counters,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("db_path", &self.db_path).finish_non_exhaustive()
+    }
+}
+
+/// Handle to the store; cheap to clone. Dropping the last handle (or `close`) commits what is
+/// queued and closes the database cleanly.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shared: Arc<Shared>,
+    queue: mpsc::Sender<Op>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    ticker: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Stop the ticker; the writer sees the queue close when our sender drops, commits what
+        // is queued and closes the database.
+        if let Ok(mut t) = self.ticker.lock() {
+            if let Some((stop, handle)) = t.take() {
+                drop(stop);
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+/// What happened while opening the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenReport {
+    pub duration: Duration,
+    pub repaired: bool,
+    pub topics: usize,
+    pub partitions: usize,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `config.data_dir`, recovering after a crash if needed.
+    pub fn open(config: StorageConfig) -> Result<(Store, OpenReport), StoreError> {
+        config.validate("storage").map_err(|e: ConfigError| StoreError::InvalidTopicConfig(e.to_string()))?;
+        let started = Instant::now();
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::io("create data directory", e))?;
+        let db_path = config.data_dir.join(DB_FILE_NAME);
+        let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let repaired_flag = repaired.clone();
+        let mut builder = Database::builder();
+        builder
+            .set_cache_size(config.cache_size_bytes as usize)
+            .set_repair_callback(move |session| {
+                if !repaired_flag.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("database was not closed cleanly: repairing");
+                }
+                tracing::info!(progress = session.progress(), "repair progress");
+            });
+        let db = builder.create(&db_path)?;
+        let db = Arc::new(db);
+        let loaded = writer::load(&db, &config)?;
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            db_path,
+            db: RwLock::new(Some(db.clone())),
+            topics: RwLock::new(loaded.topics.clone()),
+            counters: Counters::default(),
+        });
+        let report = OpenReport {
+            duration: started.elapsed(),
+            repaired: repaired.load(Ordering::Relaxed),
+            topics: loaded.topics.len(),
+            partitions: loaded.metas.len(),
+        };
+        let (tx, rx) = mpsc::channel(config.write_queue_ops_max as usize);
+        let writer = writer::Writer::new(shared.clone(), db, loaded);
+        let handle = std::thread::Builder::new()
+            .name("tributary-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::io("spawn writer thread", e))?;
+        let ticker = spawn_ticker(&tx, &config)?;
+        tracing::info!(
+            duration_ms = report.duration.as_millis() as u64,
+            repaired = report.repaired,
+            topics = report.topics,
+            partitions = report.partitions,
+            path = %shared.db_path.display(),
+            "store opened"
+        );
+        Ok((
+            Store {
+                inner: Arc::new(Inner {
+                    shared,
+                    queue: tx,
+                    writer: Mutex::new(Some(handle)),
+                    ticker: Mutex::new(Some(ticker)),
+                }),
+            },
+            report,
+        ))
+    }
+
+    pub fn config(&self) -> &StorageConfig {
+        &self.inner.shared.config
+    }
+
+    /// Path of the database file.
+    pub fn db_path(&self) -> &Path {
+        &self.inner.shared.db_path
+    }
+
+    /// Commits everything queued, stops the writer and closes the database so that the next
+    /// open needs no repair. Later calls on any handle fail with `Closed`.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let _ = self.inner.queue.send(Op::Shutdown).await;
+        let handle = self.inner.writer.lock().map_err(|_| StoreError::Closed)?.take();
+        if let Some(h) = handle {
+            tokio::task::spawn_blocking(move || h.join())
+                .await
+                .map_err(|_| StoreError::Closed)?
+                .map_err(|_| StoreError::Corrupt("writer thread panicked".into()))?;
+        }
+        Ok(())
+    }
+
+    /// `close` for callers without a runtime.
+    pub fn close_blocking(&self) -> Result<(), StoreError> {
+        let _ = self.inner.queue.blocking_send(Op::Shutdown);
+        let handle = self.inner.writer.lock().map_err(|_| StoreError::Closed)?.take();
+        if let Some(h) = handle {
+            h.join().map_err(|_| StoreError::Corrupt("writer thread panicked".into()))?;
+        }
+        Ok(())
+    }
+
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.inner.shared.db.read().map_err(|_| StoreError::Closed)?.clone().ok_or(StoreError::Closed)
+    }
+
+    fn topic_state(&self, topic: &str) -> Result<Arc<TopicState>, StoreError> {
+        self.inner
+            .shared
+            .topics
+            .read()
+            .map_err(|_| StoreError::Closed)?
+            .get(topic)
+            .cloned()
+            .ok_or_else(|| StoreError::UnknownTopic(topic.to_string()))
+    }
+
+    fn partition_state(&self, topic: &str, partition: i32) -> Result<(Arc<TopicState>, Arc<PartitionState>), StoreError> {
+        let t = self.topic_state(topic)?;
+        let p = usize::try_from(partition)
+            .ok()
+            .and_then(|i| t.partitions.get(i).cloned())
+            .ok_or_else(|| StoreError::UnknownPartition { topic: topic.to_string(), partition })?;
+        Ok((t, p))
+    }
+
+    async fn submit<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.queue.send(make(tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    // ---- topics ----
+
+    pub async fn create_topic(&self, name: &str, partitions: u32, config: TopicConfig) -> Result<(), StoreError> {
+        writer::validate_topic_name(name)?;
+        self.submit(|reply| Op::Admin { cmd: AdminCmd::CreateTopic { name: name.to_string(), partitions, config }, reply })
+            .await
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<(), StoreError> {
+        self.submit(|reply| Op::Admin { cmd: AdminCmd::DeleteTopic { name: name.to_string() }, reply }).await
+    }
+
+    /// Grows a topic to `total` partitions (Kafka's CreatePartitions).
+    pub async fn create_partitions(&self, name: &str, total: u32) -> Result<(), StoreError> {
+        self.submit(|reply| Op::Admin { cmd: AdminCmd::CreatePartitions { name: name.to_string(), total }, reply })
+            .await
+    }
+
+    pub async fn alter_topic_config(&self, name: &str, config: TopicConfig) -> Result<(), StoreError> {
+        self.submit(|reply| Op::Admin { cmd: AdminCmd::AlterConfig { name: name.to_string(), config }, reply }).await
+    }
+
+    pub fn topic(&self, name: &str) -> Option<TopicInfo> {
+        self.topic_state(name).ok().map(|t| topic_info(&t))
+    }
+
+    /// All topics, sorted by name.
+    pub fn topics(&self) -> Vec<TopicInfo> {
+        let mut v: Vec<TopicInfo> = match self.inner.shared.topics.read() {
+            Ok(m) => m.values().map(|t| topic_info(t)).collect(),
+            Err(_) => Vec::new(),
+        };
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn partition_info(&self, topic: &str, partition: i32) -> Result<PartitionInfo, StoreError> {
+        let (_, p) = self.partition_state(topic, partition)?;
+        let watermarks = p.signal.borrow().watermarks;
+        Ok(PartitionInfo {
+            watermarks,
+            logical_bytes: p.logical_bytes.load(Ordering::Relaxed),
+            footprint_bytes: p.footprint_bytes.load(Ordering::Relaxed),
+        })
+    }
+
+    pub fn watermarks(&self, topic: &str, partition: i32) -> Result<Watermarks, StoreError> {
+        let (_, p) = self.partition_state(topic, partition)?;
+        let wm = p.signal.borrow().watermarks;
+        Ok(wm)
+    }
+
+    // ---- appends ----
+
+    /// Appends a client's ready RecordBatch v2: validated, stored as sent (base offset and leader
+    /// epoch rewritten; LogAppendTime topics get the broker's timestamp). Returns once durable.
+    pub async fn append_batch(&self, topic: &str, partition: i32, batch: Bytes) -> Result<AppendOutcome, StoreError> {
+        let cfg = &self.inner.shared.config;
+        if batch.len() as u64 > u64::from(cfg.append_size_bytes_max) {
+            return Err(StoreError::AppendTooLarge { size: batch.len() as u64, max: cfg.append_size_bytes_max.into() });
+        }
+        let (t, p) = self.partition_state(topic, partition)?;
+        let header: BatchHeader = batch::validate(&batch, cfg.decompressed_size_bytes_max)?;
+        let bytes = BytesMut::from(&batch[..]);
+        self.submit(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Batch { bytes, header }, reply })
+            .await
+    }
+
+    /// Appends records; the writer packs the records waiting for one partition into batches
+    /// compressed with the topic's codec. Returns once durable, with the records' offsets.
+    pub async fn append_records(&self, topic: &str, partition: i32, records: Vec<NewRecord>) -> Result<AppendOutcome, StoreError> {
+        let cfg = &self.inner.shared.config;
+        if records.is_empty() {
+            return Err(StoreError::InvalidBatch(batch::BatchError::Empty(0)));
+        }
+        let size: usize = records.iter().map(NewRecord::encoded_len_max).sum();
+        if size as u64 > u64::from(cfg.append_size_bytes_max) {
+            return Err(StoreError::AppendTooLarge { size: size as u64, max: cfg.append_size_bytes_max.into() });
+        }
+        let (t, p) = self.partition_state(topic, partition)?;
+        self.submit(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Records(records), reply }).await
+    }
+
+    // ---- reads ----
+
+    /// Whole batches starting with the one containing `offset`, until `max_bytes` is reached
+    /// (soft: the first batch is returned even if larger). An offset equal to the high watermark
+    /// gives an empty result; outside `[log_start, high_watermark]` gives `OffsetOutOfRange`.
+    pub fn fetch(&self, topic: &str, partition: i32, offset: i64, max_bytes: usize) -> Result<FetchedBatches, StoreError> {
+        let (_, p) = self.partition_state(topic, partition)?;
+        // Watermarks are read before the snapshot: every batch below them was committed first.
+        let wm = p.signal.borrow().watermarks;
+        let db = self.db()?;
+        let rtx = db.begin_read()?;
+        if offset < wm.log_start_offset || offset > wm.high_watermark {
+            return Err(StoreError::OffsetOutOfRange {
+                offset,
+                log_start_offset: wm.log_start_offset,
+                high_watermark: wm.high_watermark,
+            });
+        }
+        let mut out = BytesMut::new();
+        let mut batches = 0usize;
+        let mut next_offset = offset;
+        if offset < wm.high_watermark {
+            let log = rtx.open_table(LOG)?;
+            let target = offset as u64;
+            let start = match log.range((p.key, 0u64)..=(p.key, target))?.next_back() {
+                Some(entry) => entry?.0.value().1,
+                None => wm.log_start_offset as u64,
+            };
+            for entry in log.range((p.key, start)..=(p.key, u64::MAX))? {
+                let (k, v) = entry?;
+                if k.value().0 != p.key || k.value().1 >= wm.high_watermark as u64 {
+                    break;
+                }
+                let (_, batch) = split_value(v.value())?;
+                let h = BatchHeader::parse(batch).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                if h.next_offset() <= offset {
+                    continue;
+                }
+                if batches == 0 && h.base_offset > offset {
+                    // Retention removed the batch between our watermark read and the snapshot.
+                    let now = p.signal.borrow().watermarks;
+                    return Err(StoreError::OffsetOutOfRange {
+                        offset,
+                        log_start_offset: now.log_start_offset,
+                        high_watermark: now.high_watermark,
+                    });
+                }
+                if batches > 0 && out.len() + batch.len() > max_bytes {
+                    break;
+                }
+                out.extend_from_slice(batch);
+                batches += 1;
+                next_offset = h.next_offset();
+                if out.len() >= max_bytes {
+                    break;
+                }
+            }
+        }
+        Ok(FetchedBatches { data: out.freeze(), batches, next_offset, watermarks: wm })
+    }
+
+    /// Decoded records from `offset` on (a convenience over `fetch` for tests and tools).
+    pub fn read_records(&self, topic: &str, partition: i32, offset: i64, max_bytes: usize) -> Result<Vec<StoredRecord>, StoreError> {
+        let f = self.fetch(topic, partition, offset, max_bytes)?;
+        let limit = self.inner.shared.config.decompressed_size_bytes_max;
+        let mut out = Vec::new();
+        let mut rest = &f.data[..];
+        while !rest.is_empty() {
+            let h = BatchHeader::parse(rest).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let len = h.total_len().min(rest.len());
+            let records = batch::decode_records(&rest[..len], limit).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.extend(records.into_iter().filter(|r| r.offset >= offset));
+            rest = &rest[len..];
+        }
+        Ok(out)
+    }
+
+    /// Waits until the partition's high watermark passes `offset`, or `timeout`. Returns the
+    /// watermarks then (no spinning: woken by the writer after each commit).
+    pub async fn wait_for_data(&self, topic: &str, partition: i32, offset: i64, timeout: Duration) -> Result<Watermarks, StoreError> {
+        let (_, p) = self.partition_state(topic, partition)?;
+        let mut rx = p.signal.subscribe();
+        drop(p);
+        let waited = {
+            let wait = rx.wait_for(|s| s.deleted || s.watermarks.high_watermark > offset);
+            match tokio::time::timeout(timeout, wait).await {
+                Ok(Ok(s)) => Some(*s),
+                Ok(Err(_)) => return Err(StoreError::UnknownTopic(topic.to_string())),
+                Err(_) => None,
+            }
+        };
+        let signal = match waited {
+            Some(s) => s,
+            None => *rx.borrow(),
+        };
+        if signal.deleted {
+            return Err(StoreError::UnknownTopic(topic.to_string()));
+        }
+        Ok(signal.watermarks)
+    }
+
+    /// First offset whose record timestamp is >= `timestamp_ms`, with that record's timestamp;
+    /// `None` if no such record (Kafka answers -1 then).
+    pub fn offset_for_timestamp(&self, topic: &str, partition: i32, timestamp_ms: i64) -> Result<Option<(i64, i64)>, StoreError> {
+        let (_, p) = self.partition_state(topic, partition)?;
+        let wm = p.signal.borrow().watermarks;
+        let db = self.db()?;
+        let rtx = db.begin_read()?;
+        let index = rtx.open_table(TIME_INDEX)?;
+        let Some(entry) = index.range((p.key, timestamp_ms)..=(p.key, i64::MAX))?.next() else {
+            return Ok(None);
+        };
+        let start = (entry?.1.value() as i64).max(wm.log_start_offset);
+        let log = rtx.open_table(LOG)?;
+        let limit = self.inner.shared.config.decompressed_size_bytes_max;
+        let first = match log.range((p.key, 0u64)..=(p.key, start as u64))?.next_back() {
+            Some(e) => e?.0.value().1,
+            None => start as u64,
+        };
+        for e in log.range((p.key, first)..=(p.key, u64::MAX))? {
+            let (k, v) = e?;
+            if k.value().1 >= wm.high_watermark as u64 {
+                break;
+            }
+            let (_, b) = split_value(v.value())?;
+            let h = BatchHeader::parse(b).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if h.max_timestamp < timestamp_ms {
+                continue;
+            }
+            for r in batch::decode_records(b, limit).map_err(|e| StoreError::Corrupt(e.to_string()))? {
+                if r.offset >= start && r.timestamp >= timestamp_ms {
+                    return Ok(Some((r.offset, r.timestamp)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    // ---- key-value spaces ----
+
+    /// Durably sets (`Some`) or removes (`None`) a key; returns after the commit.
+    pub async fn kv_put(&self, space: KvSpace, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+        self.submit(|reply| Op::Kv { space, key, value, reply }).await
+    }
+
+    pub fn kv_get(&self, space: KvSpace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let db = self.db()?;
+        let rtx = db.begin_read()?;
+        let t = rtx.open_table(space.table())?;
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Entries whose key starts with `prefix`, at most `limit` of them.
+    pub fn kv_scan(&self, space: KvSpace, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let db = self.db()?;
+        let rtx = db.begin_read()?;
+        let t = rtx.open_table(space.table())?;
+        let mut out = Vec::new();
+        for e in t.range::<&[u8]>(prefix..)? {
+            let (k, v) = e?;
+            if !k.value().starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    // ---- observation ----
+
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.inner.shared.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StoreStats {
+            commits: l(&c.commits),
+            durable_commits: l(&c.durable_commits),
+            commit_micros_total: l(&c.commit_micros_total),
+            appended_records: l(&c.appended_records),
+            appended_batches: l(&c.appended_batches),
+            appended_bytes: l(&c.appended_bytes),
+            retention_deleted_batches: l(&c.retention_deleted_batches),
+            retention_deleted_bytes: l(&c.retention_deleted_bytes),
+            footprint_bytes: l(&c.footprint_bytes),
+            logical_bytes: l(&c.logical_bytes),
+            failed_commits: l(&c.failed_commits),
+        }
+    }
+
+    /// Real disk use of the database file (`st_blocks * 512`).
+    pub fn disk_usage_bytes(&self) -> Result<u64, StoreError> {
+        disk::file_disk_bytes(&self.inner.shared.db_path)
+    }
+}
+
+fn topic_info(t: &TopicState) -> TopicInfo {
+    TopicInfo { name: t.name.clone(), id: t.id, partitions: t.partitions.len() as u32, config: t.config.clone() }
+}
+
+/// Wakes the writer periodically for age-based retention and relaxed-durability flushes.
+fn spawn_ticker(
+    queue: &mpsc::Sender<Op>,
+    config: &StorageConfig,
+) -> Result<(std::sync::mpsc::Sender<()>, JoinHandle<()>), StoreError> {
+    let weak = queue.downgrade();
+    let period = Duration::from_millis(config.retention_check_interval_ms.min(config.relaxed_flush_interval_ms));
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("tributary-ticker".into())
+        .spawn(move || loop {
+            match stop_rx.recv_timeout(period) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            let Some(q) = weak.upgrade() else { return };
+            // A full queue means the writer is busy and will run retention on its own.
+            let _ = q.try_send(Op::Tick);
+        })
+        .map_err(|e| StoreError::io("spawn ticker thread", e))?;
+    Ok((stop_tx, handle))
+}

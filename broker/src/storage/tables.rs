@@ -1,0 +1,167 @@
+//! The redb tables of the store, their key layouts and value encodings, and the page-footprint
+//! model that retention uses (redb rounds large values up to power-of-two page runs and leaves
+//! sequentially filled leaves about half full).
+
+use redb::TableDefinition;
+
+use crate::error::StoreError;
+
+/// Topic name -> `TopicRecord` (id, partition count, `key=value` settings).
+pub const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
+/// Partition key -> `PartitionMeta`; updated in the same transaction as every append and delete.
+pub const PARTITIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("partitions");
+/// (partition key, base offset) -> append time (i64 BE, 8 bytes) followed by the RecordBatch v2.
+pub const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
+/// (partition key, timestamp) -> base offset of the batch where the partition's running max
+/// timestamp first reached that timestamp. Only inserted when the running max grows.
+pub const TIME_INDEX: TableDefinition<(u64, i64), u64> = TableDefinition::new("time_index");
+/// Counters (next topic id).
+pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+pub const META_NEXT_TOPIC_ID: &str = "next_topic_id";
+
+/// Bytes in front of each stored batch: the append time in ms (big-endian i64).
+pub const VALUE_PREFIX_LEN: usize = 8;
+
+const PAGE_BYTES: u64 = 4096;
+/// A LOG entry's overhead inside a redb leaf: 16-byte fixed-width key, 4-byte value length.
+const LOG_ENTRY_OVERHEAD: u64 = 16 + 4;
+/// Leaf page header (page type, pair count).
+const LEAF_HEADER: u64 = 4;
+
+/// Default cap of batches the store builds: a stored value (prefix + batch) plus its entry
+/// overhead fills a 16 KiB page exactly.
+pub const DEFAULT_BATCH_SIZE_BYTES_MAX: u32 =
+    (4 * PAGE_BYTES - LEAF_HEADER - LOG_ENTRY_OVERHEAD) as u32 - VALUE_PREFIX_LEN as u32;
+
+/// Disk bytes one LOG value of `value_len` bytes costs, as an upper bound:
+/// - a value that does not fit one page gets its own run of 2^k pages;
+/// - smaller values share leaves, which sequential appends leave at least half full.
+pub fn footprint(value_len: usize) -> u64 {
+    let entry = value_len as u64 + LOG_ENTRY_OVERHEAD;
+    if entry + LEAF_HEADER > PAGE_BYTES {
+        let pages = (entry + LEAF_HEADER).div_ceil(PAGE_BYTES).next_power_of_two();
+        pages * PAGE_BYTES
+    } else {
+        2 * entry
+    }
+}
+
+/// Internal partition key: topic id in the high half, partition number in the low half.
+/// Topic ids are never reused, so a re-created topic never sees an old topic's data.
+pub fn partition_key(topic_id: u32, partition: u32) -> u64 {
+    (u64::from(topic_id) << 32) | u64::from(partition)
+}
+
+/// Persistent state of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartitionMeta {
+    pub log_start_offset: u64,
+    pub next_offset: u64,
+    /// Sum of stored batch lengths.
+    pub logical_bytes: u64,
+    /// Sum of `footprint()` of stored values: what retention budgets.
+    pub footprint_bytes: u64,
+    pub batches: u64,
+    /// Running max timestamp (drives the time index).
+    pub max_timestamp: i64,
+}
+
+const META_VERSION: u8 = 1;
+const META_LEN: usize = 1 + 8 * 6;
+
+impl PartitionMeta {
+    pub fn encode(&self) -> [u8; META_LEN] {
+        let mut b = [0u8; META_LEN];
+        b[0] = META_VERSION;
+        let fields = [
+            self.log_start_offset,
+            self.next_offset,
+            self.logical_bytes,
+            self.footprint_bytes,
+            self.batches,
+            self.max_timestamp as u64,
+        ];
+        for (i, f) in fields.iter().enumerate() {
+            b[1 + i * 8..9 + i * 8].copy_from_slice(&f.to_be_bytes());
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() != META_LEN || b[0] != META_VERSION {
+            return Err(StoreError::Corrupt(format!("partition metadata of {} bytes, version {:?}", b.len(), b.first())));
+        }
+        let f = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[1 + i * 8..9 + i * 8]);
+            u64::from_be_bytes(a)
+        };
+        Ok(Self {
+            log_start_offset: f(0),
+            next_offset: f(1),
+            logical_bytes: f(2),
+            footprint_bytes: f(3),
+            batches: f(4),
+            max_timestamp: f(5) as i64,
+        })
+    }
+}
+
+/// Persistent record of one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicRecord {
+    pub id: u32,
+    pub partitions: u32,
+    pub config_text: String,
+}
+
+impl TopicRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(9 + self.config_text.len());
+        b.push(1);
+        b.extend_from_slice(&self.id.to_be_bytes());
+        b.extend_from_slice(&self.partitions.to_be_bytes());
+        b.extend_from_slice(self.config_text.as_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() < 9 || b[0] != 1 {
+            return Err(StoreError::Corrupt("topic record".into()));
+        }
+        let id = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
+        let partitions = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
+        let config_text = String::from_utf8(b[9..].to_vec()).map_err(|_| StoreError::Corrupt("topic config text".into()))?;
+        Ok(Self { id, partitions, config_text })
+    }
+}
+
+/// Splits a stored LOG value into (append time, batch bytes).
+pub fn split_value(v: &[u8]) -> Result<(i64, &[u8]), StoreError> {
+    if v.len() < VALUE_PREFIX_LEN {
+        return Err(StoreError::Corrupt("stored batch shorter than its prefix".into()));
+    }
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&v[..8]);
+    Ok((i64::from_be_bytes(a), &v[VALUE_PREFIX_LEN..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn footprint_rounds_large_values_to_power_of_two_pages() {
+        assert_eq!(footprint(100), 240);
+        assert_eq!(footprint(DEFAULT_BATCH_SIZE_BYTES_MAX as usize + VALUE_PREFIX_LEN), 16384);
+        assert_eq!(footprint(DEFAULT_BATCH_SIZE_BYTES_MAX as usize + VALUE_PREFIX_LEN + 1), 32768);
+        assert_eq!(footprint(5000), 8192);
+    }
+
+    #[test]
+    fn meta_round_trips() {
+        let m = PartitionMeta { log_start_offset: 5, next_offset: 9, logical_bytes: 3, footprint_bytes: 4, batches: 2, max_timestamp: -1 };
+        assert_eq!(PartitionMeta::decode(&m.encode()).expect("decodes"), m);
+    }
+}

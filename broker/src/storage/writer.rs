@@ -1,0 +1,1000 @@
+//! The single writer thread that owns every write to the database: it drains the bounded queue
+//! into one transaction per round (group commit), commits once, and only then publishes new
+//! watermarks and answers the waiters. Retention runs inside the same rounds.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use redb::{Database, Durability as RedbDurability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+
+use super::batch::{self, BatchHeader, NewRecord, HEADER_LEN};
+use super::tables::{
+    footprint, partition_key, split_value, PartitionMeta, TopicRecord, LOG, META, META_NEXT_TOPIC_ID, PARTITIONS,
+    TIME_INDEX, TOPICS, VALUE_PREFIX_LEN,
+};
+use super::{disk, AppendOutcome, KvSpace, PartitionState, Shared, TopicState};
+use crate::config::{Codec, Durability, StorageConfig, TimestampKind, TopicConfig};
+use crate::error::StoreError;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub(crate) enum AppendData {
+    /// A validated client batch.
+    Batch { bytes: BytesMut, header: BatchHeader },
+    /// Records to pack.
+    Records(Vec<NewRecord>),
+}
+
+pub(crate) enum AdminCmd {
+    CreateTopic { name: String, partitions: u32, config: TopicConfig },
+    DeleteTopic { name: String },
+    CreatePartitions { name: String, total: u32 },
+    AlterConfig { name: String, config: TopicConfig },
+}
+
+pub(crate) enum Op {
+    Append { topic: Arc<TopicState>, pkey: u64, data: AppendData, reply: Reply<AppendOutcome> },
+    Admin { cmd: AdminCmd, reply: Reply<()> },
+    Kv { space: KvSpace, key: Vec<u8>, value: Option<Vec<u8>>, reply: Reply<()> },
+    Tick,
+    Shutdown,
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Append { .. } => "Append",
+            Op::Admin { .. } => "Admin",
+            Op::Kv { .. } => "Kv",
+            Op::Tick => "Tick",
+            Op::Shutdown => "Shutdown",
+        })
+    }
+}
+
+impl Op {
+    fn size(&self) -> u64 {
+        match self {
+            Op::Append { data: AppendData::Batch { bytes, .. }, .. } => bytes.len() as u64,
+            Op::Append { data: AppendData::Records(r), .. } => r.iter().map(|r| r.encoded_len_max() as u64).sum(),
+            Op::Kv { key, value, .. } => (key.len() + value.as_ref().map_or(0, Vec::len)) as u64,
+            _ => 64,
+        }
+    }
+
+    fn needs_fsync(&self) -> bool {
+        match self {
+            Op::Append { topic, .. } => topic.config.durability == Durability::Fsync,
+            Op::Admin { .. } | Op::Kv { .. } => true,
+            Op::Tick | Op::Shutdown => false,
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Kafka's topic name rules.
+pub(crate) fn validate_topic_name(name: &str) -> Result<(), StoreError> {
+    let bad = |reason| Err(StoreError::InvalidTopicName { name: name.to_string(), reason });
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > 249 {
+        return bad("longer than 249 characters");
+    }
+    if name == "." || name == ".." {
+        return bad("'.' and '..' are not allowed");
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+        return bad("only ASCII letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// State read from the database at open.
+pub(crate) struct Loaded {
+    pub topics: HashMap<String, Arc<TopicState>>,
+    pub metas: HashMap<u64, PartitionMeta>,
+}
+
+/// Creates missing tables and reads topics and partition metadata, checking that each
+/// partition's metadata agrees with its last stored batch.
+pub(crate) fn load(db: &Database, _config: &StorageConfig) -> Result<Loaded, StoreError> {
+    let tx = db.begin_write()?;
+    {
+        tx.open_table(TOPICS)?;
+        tx.open_table(PARTITIONS)?;
+        tx.open_table(LOG)?;
+        tx.open_table(TIME_INDEX)?;
+        tx.open_table(META)?;
+        for s in KvSpace::ALL {
+            tx.open_table(s.table())?;
+        }
+    }
+    tx.commit()?;
+    let rtx = db.begin_read()?;
+    let topics_t = rtx.open_table(TOPICS)?;
+    let parts_t = rtx.open_table(PARTITIONS)?;
+    let log_t = rtx.open_table(LOG)?;
+    let mut topics = HashMap::new();
+    let mut metas = HashMap::new();
+    for e in topics_t.iter()? {
+        let (name, rec) = e?;
+        let rec = TopicRecord::decode(rec.value())?;
+        let config = TopicConfig::from_text(&rec.config_text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut partitions = Vec::with_capacity(rec.partitions as usize);
+        for p in 0..rec.partitions {
+            let key = partition_key(rec.id, p);
+            let meta = match parts_t.get(key)? {
+                Some(v) => PartitionMeta::decode(v.value())?,
+                None => return Err(StoreError::Corrupt(format!("topic {} lacks partition {p}", name.value()))),
+            };
+            if let Some(last) = log_t.range((key, 0u64)..=(key, u64::MAX))?.next_back() {
+                let (k, v) = last?;
+                let (_, b) = split_value(v.value())?;
+                let h = BatchHeader::parse(b).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                if h.next_offset() as u64 != meta.next_offset || k.value().1 as i64 != h.base_offset {
+                    return Err(StoreError::Corrupt(format!(
+                        "{}-{p}: metadata says next offset {}, last batch ends at {}",
+                        name.value(),
+                        meta.next_offset,
+                        h.next_offset()
+                    )));
+                }
+            }
+            partitions.push(PartitionState::new(key, &meta));
+            metas.insert(key, meta);
+        }
+        let name = name.value().to_string();
+        topics.insert(name.clone(), Arc::new(TopicState { id: rec.id, name, config, partitions }));
+    }
+    Ok(Loaded { topics, metas })
+}
+
+/// Records waiting in one round for one partition, packed into batches at flush time.
+struct Pack {
+    topic: Arc<TopicState>,
+    records: Vec<NewRecord>,
+    waiters: Vec<(Reply<AppendOutcome>, usize)>,
+}
+
+enum Done {
+    Append(Reply<AppendOutcome>, AppendOutcome),
+    Unit(Reply<()>),
+}
+
+enum TopicChange {
+    Upsert(Arc<TopicState>),
+    Remove(String),
+}
+
+/// Everything one round changes, applied to memory only after its commit.
+#[derive(Default)]
+struct Round {
+    /// Partition metadata as of this round; `None` = deleted.
+    metas: HashMap<u64, Option<PartitionMeta>>,
+    topic_changes: Vec<TopicChange>,
+    done: Vec<Done>,
+    appended_records: u64,
+    appended_batches: u64,
+    appended_bytes: u64,
+    deleted_batches: u64,
+    deleted_bytes: u64,
+    /// Front (oldest batch) append times learned or changed this round; `None` = empty.
+    fronts: HashMap<u64, Option<i64>>,
+}
+
+struct Tables<'t> {
+    log: Table<'t, (u64, u64), &'static [u8]>,
+    parts: Table<'t, u64, &'static [u8]>,
+    time: Table<'t, (u64, i64), u64>,
+    topics: Table<'t, &'static str, &'static [u8]>,
+    meta: Table<'t, &'static str, u64>,
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    db: Arc<Database>,
+    cfg: StorageConfig,
+    metas: HashMap<u64, PartitionMeta>,
+    pstates: HashMap<u64, Arc<PartitionState>>,
+    /// Append time of each partition's oldest batch (for global retention); absent = unknown.
+    fronts: HashMap<u64, Option<i64>>,
+    /// Compressed/uncompressed ratio seen per partition, to size packed batches.
+    ratios: HashMap<u64, f64>,
+    footprint_total: u64,
+    logical_total: u64,
+    /// Global retention is deleting (between the high and low marks).
+    retention_active: bool,
+    /// A non-durable commit happened since the last durable one.
+    unsynced_since: Option<Instant>,
+    last_time_retention: Instant,
+}
+
+impl Writer {
+    pub(crate) fn new(shared: Arc<Shared>, db: Arc<Database>, loaded: Loaded) -> Self {
+        let cfg = shared.config.clone();
+        let mut pstates = HashMap::new();
+        for t in loaded.topics.values() {
+            for p in &t.partitions {
+                pstates.insert(p.key, p.clone());
+            }
+        }
+        let footprint_total = loaded.metas.values().map(|m| m.footprint_bytes).sum();
+        let logical_total = loaded.metas.values().map(|m| m.logical_bytes).sum();
+        shared.counters.footprint_bytes.store(footprint_total, Ordering::Relaxed);
+        shared.counters.logical_bytes.store(logical_total, Ordering::Relaxed);
+        Self {
+            shared,
+            db,
+            cfg,
+            metas: loaded.metas,
+            pstates,
+            fronts: HashMap::new(),
+            ratios: HashMap::new(),
+            footprint_total,
+            logical_total,
+            retention_active: false,
+            unsynced_since: None,
+            last_time_retention: Instant::now(),
+        }
+    }
+
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut shutdown = false;
+        while !shutdown {
+            let Some(first) = rx.blocking_recv() else { break };
+            let mut ops = Vec::with_capacity(64);
+            let mut bytes = 0u64;
+            match first {
+                Op::Shutdown => shutdown = true,
+                op => {
+                    bytes += op.size();
+                    ops.push(op);
+                }
+            }
+            while !shutdown && bytes < self.cfg.commit_size_bytes_max {
+                match rx.try_recv() {
+                    Ok(Op::Shutdown) => shutdown = true,
+                    Ok(op) => {
+                        bytes += op.size();
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !ops.is_empty() {
+                self.round(ops);
+            }
+        }
+        // Refuse new work, then commit everything already queued.
+        rx.close();
+        let mut rest = Vec::new();
+        let mut bytes = 0u64;
+        while let Ok(op) = rx.try_recv() {
+            if matches!(op, Op::Shutdown) {
+                continue;
+            }
+            bytes += op.size();
+            rest.push(op);
+            if bytes >= self.cfg.commit_size_bytes_max {
+                self.round(std::mem::take(&mut rest));
+                bytes = 0;
+            }
+        }
+        if !rest.is_empty() {
+            self.round(rest);
+        }
+        if self.unsynced_since.is_some() {
+            self.round(vec![Op::Tick]);
+        }
+        self.close_db();
+    }
+
+    fn close_db(self) {
+        let Writer { shared, db, .. } = self;
+        if let Ok(mut slot) = shared.db.write() {
+            slot.take();
+        }
+        // Readers hold the database only for the length of one read; wait for them (bounded).
+        let mut db = db;
+        for _ in 0..500 {
+            match Arc::try_unwrap(db) {
+                Ok(owned) => {
+                    match owned.close() {
+                        Ok(()) => tracing::info!("store closed cleanly"),
+                        Err(e) => tracing::error!(error = %e, "closing the database failed"),
+                    }
+                    return;
+                }
+                Err(still_shared) => {
+                    db = still_shared;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+        tracing::warn!("readers still hold the database after 5 s; it closes when they finish");
+    }
+
+    fn round(&mut self, ops: Vec<Op>) {
+        let started = Instant::now();
+        let now = now_ms();
+        let mut r = Round::default();
+        let relaxed_due = self.unsynced_since.is_some_and(|t| {
+            t.elapsed().as_millis() as u64 >= self.cfg.relaxed_flush_interval_ms
+        });
+        let durable = relaxed_due || ops.iter().any(Op::needs_fsync);
+        let has_appends = ops.iter().any(|o| matches!(o, Op::Append { .. }));
+        let disk_full = if has_appends { self.disk_full() } else { None };
+
+        let mut txn = match self.db.begin_write() {
+            Ok(t) => t,
+            Err(e) => {
+                fail_ops(ops, &StoreError::from(e));
+                return;
+            }
+        };
+        txn.set_quick_repair(self.cfg.quick_repair);
+        if !durable {
+            if let Err(e) = txn.set_durability(RedbDurability::None) {
+                fail_ops(ops, &StoreError::from(e));
+                return;
+            }
+        }
+        let applied = self.apply(&txn, ops, now, disk_full, &mut r);
+        let result = applied.and_then(|()| txn.commit().map_err(StoreError::from));
+        let micros = started.elapsed().as_micros() as u64;
+        let c = &self.shared.counters;
+        match result {
+            Ok(()) => {
+                c.commits.fetch_add(1, Ordering::Relaxed);
+                c.commit_micros_total.fetch_add(micros, Ordering::Relaxed);
+                if durable {
+                    c.durable_commits.fetch_add(1, Ordering::Relaxed);
+                    self.unsynced_since = None;
+                } else if self.unsynced_since.is_none() {
+                    self.unsynced_since = Some(Instant::now());
+                }
+                self.publish(r);
+            }
+            Err(e) => {
+                c.failed_commits.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "commit failed; every waiter of this round gets the error");
+                self.fronts.clear();
+                for d in r.done {
+                    match d {
+                        Done::Append(tx, _) => {
+                            let _ = tx.send(Err(e.clone()));
+                        }
+                        Done::Unit(tx) => {
+                            let _ = tx.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn disk_full(&self) -> Option<StoreError> {
+        match disk::volume_free_bytes(&self.cfg.data_dir) {
+            Ok(free) if free < self.cfg.disk_free_bytes_min => {
+                Some(StoreError::DiskFull { free_bytes: free, min_bytes: self.cfg.disk_free_bytes_min })
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read free space of the data volume");
+                None
+            }
+        }
+    }
+
+    /// Applies a round's operations to the transaction. Validation failures answer their op at
+    /// once (nothing was written for it); successes are answered after the commit.
+    fn apply(
+        &mut self,
+        txn: &WriteTransaction,
+        ops: Vec<Op>,
+        now: i64,
+        disk_full: Option<StoreError>,
+        r: &mut Round,
+    ) -> Result<(), StoreError> {
+        let mut t = Tables {
+            log: txn.open_table(LOG)?,
+            parts: txn.open_table(PARTITIONS)?,
+            time: txn.open_table(TIME_INDEX)?,
+            topics: txn.open_table(TOPICS)?,
+            meta: txn.open_table(META)?,
+        };
+        let mut packs: Vec<(u64, Pack)> = Vec::new();
+        let mut tick = false;
+        for op in ops {
+            match op {
+                Op::Append { reply, .. } if disk_full.is_some() => {
+                    let _ = reply.send(Err(disk_full.clone().unwrap_or(StoreError::Closed)));
+                }
+                Op::Append { topic, pkey, data, reply } => {
+                    if self.meta(r, pkey).is_none() {
+                        let _ = reply.send(Err(StoreError::UnknownTopic(topic.name.clone())));
+                        continue;
+                    }
+                    match data {
+                        AppendData::Records(records) => {
+                            let n = records.len();
+                            match packs.iter_mut().find(|(k, _)| *k == pkey) {
+                                Some((_, p)) => {
+                                    p.records.extend(records);
+                                    p.waiters.push((reply, n));
+                                }
+                                None => packs.push((pkey, Pack { topic, records, waiters: vec![(reply, n)] })),
+                            }
+                        }
+                        AppendData::Batch { bytes, header } => {
+                            // Keep order within the partition: records queued before this batch
+                            // are written first.
+                            if let Some(i) = packs.iter().position(|(k, _)| *k == pkey) {
+                                let (k, p) = packs.remove(i);
+                                self.flush_pack(&mut t, r, k, p, now)?;
+                            }
+                            let outcome = self.append_client_batch(&mut t, r, pkey, &topic, bytes, header, now)?;
+                            r.done.push(Done::Append(reply, outcome));
+                        }
+                    }
+                }
+                Op::Admin { cmd, reply } => {
+                    for (k, p) in packs.drain(..) {
+                        self.flush_pack(&mut t, r, k, p, now)?;
+                    }
+                    match self.admin(&mut t, r, cmd) {
+                        Ok(()) => r.done.push(Done::Unit(reply)),
+                        Err(e @ StoreError::Storage(_)) | Err(e @ StoreError::Io { .. }) => {
+                            let _ = reply.send(Err(e.clone()));
+                            return Err(e);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Op::Kv { space, key, value, reply } => {
+                    let mut table = txn.open_table(space.table())?;
+                    match value {
+                        Some(v) => table.insert(key.as_slice(), v.as_slice())?,
+                        None => table.remove(key.as_slice())?,
+                    };
+                    r.done.push(Done::Unit(reply));
+                }
+                Op::Tick => tick = true,
+                Op::Shutdown => {}
+            }
+        }
+        for (k, p) in packs {
+            self.flush_pack(&mut t, r, k, p, now)?;
+        }
+        self.size_retention(&mut t, r)?;
+        if tick && self.last_time_retention.elapsed().as_millis() as u64 >= self.cfg.retention_check_interval_ms {
+            self.last_time_retention = Instant::now();
+            self.time_retention(&mut t, r, now)?;
+        }
+        Ok(())
+    }
+
+    /// Partition metadata as of the current round; `None` if the partition does not exist.
+    fn meta(&self, r: &Round, pkey: u64) -> Option<PartitionMeta> {
+        match r.metas.get(&pkey) {
+            Some(m) => *m,
+            None => self.metas.get(&pkey).copied(),
+        }
+    }
+
+    fn put_meta(&self, t: &mut Tables<'_>, r: &mut Round, pkey: u64, m: PartitionMeta) -> Result<(), StoreError> {
+        t.parts.insert(pkey, m.encode().as_slice())?;
+        r.metas.insert(pkey, Some(m));
+        Ok(())
+    }
+
+    fn front(&self, r: &Round, pkey: u64) -> Option<Option<i64>> {
+        r.fronts.get(&pkey).copied().or_else(|| self.fronts.get(&pkey).copied())
+    }
+
+    /// Stores one batch (already carrying its base offset) and updates metadata and time index.
+    #[allow(clippy::too_many_arguments)]
+    fn store_batch(
+        &self,
+        t: &mut Tables<'_>,
+        r: &mut Round,
+        pkey: u64,
+        m: &mut PartitionMeta,
+        batch: &[u8],
+        h: &BatchHeader,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(VALUE_PREFIX_LEN + batch.len());
+        value.extend_from_slice(&now.to_be_bytes());
+        value.extend_from_slice(batch);
+        t.log.insert((pkey, m.next_offset), value.as_slice())?;
+        if m.batches == 0 {
+            r.fronts.insert(pkey, Some(now));
+        }
+        if h.max_timestamp > m.max_timestamp {
+            t.time.insert((pkey, h.max_timestamp), m.next_offset)?;
+            m.max_timestamp = h.max_timestamp;
+        }
+        let fp = footprint(value.len());
+        m.next_offset += h.record_count as u64;
+        m.logical_bytes += batch.len() as u64;
+        m.footprint_bytes += fp;
+        m.batches += 1;
+        r.appended_records += h.record_count as u64;
+        r.appended_batches += 1;
+        r.appended_bytes += batch.len() as u64;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_client_batch(
+        &mut self,
+        t: &mut Tables<'_>,
+        r: &mut Round,
+        pkey: u64,
+        topic: &TopicState,
+        mut bytes: BytesMut,
+        header: BatchHeader,
+        now: i64,
+    ) -> Result<AppendOutcome, StoreError> {
+        let mut m = self.meta(r, pkey).ok_or_else(|| StoreError::UnknownTopic(topic.name.clone()))?;
+        let base = m.next_offset as i64;
+        batch::set_base_offset(&mut bytes, base);
+        batch::set_leader_epoch(&mut bytes, 0);
+        let log_append = topic.config.timestamp_type == TimestampKind::LogAppendTime;
+        if log_append {
+            batch::stamp_log_append_time(&mut bytes, now);
+        }
+        let h = BatchHeader { base_offset: base, max_timestamp: if log_append { now } else { header.max_timestamp }, ..header };
+        self.store_batch(t, r, pkey, &mut m, &bytes, &h, now)?;
+        self.put_meta(t, r, pkey, m)?;
+        Ok(AppendOutcome {
+            base_offset: base,
+            last_offset: h.last_offset(),
+            log_append_time_ms: log_append.then_some(now),
+            log_start_offset: m.log_start_offset as i64,
+        })
+    }
+
+    /// Encodes a partition's waiting records into batches under `batch_size_bytes_max`.
+    fn flush_pack(&mut self, t: &mut Tables<'_>, r: &mut Round, pkey: u64, pack: Pack, now: i64) -> Result<(), StoreError> {
+        let Some(mut m) = self.meta(r, pkey) else {
+            for (tx, _) in pack.waiters {
+                let _ = tx.send(Err(StoreError::UnknownTopic(pack.topic.name.clone())));
+            }
+            return Ok(());
+        };
+        let cfg = &pack.topic.config;
+        let first_offset = m.next_offset;
+        let stamped: Vec<(&NewRecord, i64)> = pack.records.iter().map(|rec| (rec, rec.timestamp_ms.unwrap_or(now))).collect();
+        let cap = self.cfg.batch_size_bytes_max as usize;
+        let mut ratio = *self.ratios.get(&pkey).unwrap_or(&1.0);
+        let mut out = Vec::with_capacity(cap + HEADER_LEN);
+        let mut i = 0;
+        while i < stamped.len() {
+            // Take as many records as the expected compressed size allows (at least one).
+            let budget = ((cap - HEADER_LEN) as f64 * 0.95 / ratio) as usize;
+            let mut raw = 0usize;
+            let mut j = i;
+            while j < stamped.len() && (j == i || raw + stamped[j].0.encoded_len_max() <= budget) {
+                raw += stamped[j].0.encoded_len_max();
+                j += 1;
+            }
+            loop {
+                out.clear();
+                let h = batch::encode_batch(&stamped[i..j], m.next_offset as i64, cfg.compression, cfg.timestamp_type, now, &mut out)?;
+                if out.len() > cap && j - i > 1 {
+                    // Compressed worse than expected: halve and retry.
+                    j = i + (j - i) / 2;
+                    ratio = (ratio * 1.5).min(1.2);
+                    continue;
+                }
+                let observed = (out.len() - HEADER_LEN) as f64 / raw.max(1) as f64;
+                if cfg.compression != Codec::None {
+                    ratio = (ratio * 0.7 + observed * 0.3).clamp(0.02, 1.2);
+                }
+                self.store_batch(t, r, pkey, &mut m, &out, &h, now)?;
+                break;
+            }
+            i = j;
+        }
+        self.ratios.insert(pkey, ratio);
+        self.put_meta(t, r, pkey, m)?;
+        let log_append = cfg.timestamp_type == TimestampKind::LogAppendTime;
+        let mut next = first_offset as i64;
+        for (tx, n) in pack.waiters {
+            let outcome = AppendOutcome {
+                base_offset: next,
+                last_offset: next + n as i64 - 1,
+                log_append_time_ms: log_append.then_some(now),
+                log_start_offset: m.log_start_offset as i64,
+            };
+            next += n as i64;
+            r.done.push(Done::Append(tx, outcome));
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest batch of a partition. Returns the footprint freed (0 if empty).
+    fn delete_front(&mut self, t: &mut Tables<'_>, r: &mut Round, pkey: u64) -> Result<u64, StoreError> {
+        let Some(mut m) = self.meta(r, pkey) else { return Ok(0) };
+        let first = match t.log.range((pkey, 0u64)..=(pkey, u64::MAX))?.next() {
+            Some(e) => {
+                let (k, v) = e?;
+                let (_, b) = split_value(v.value())?;
+                let h = BatchHeader::parse(b).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Some((k.value().1, v.value().len(), b.len() as u64, h.next_offset() as u64))
+            }
+            None => None,
+        };
+        let Some((base, value_len, batch_len, next)) = first else {
+            r.fronts.insert(pkey, None);
+            return Ok(0);
+        };
+        t.log.remove((pkey, base))?;
+        let fp = footprint(value_len);
+        m.log_start_offset = next;
+        m.logical_bytes = m.logical_bytes.saturating_sub(batch_len);
+        m.footprint_bytes = m.footprint_bytes.saturating_sub(fp);
+        m.batches = m.batches.saturating_sub(1);
+        // Time index: entries pointing below the new log start move to it (see tables.rs).
+        let mut stale = Vec::new();
+        for e in t.time.range((pkey, i64::MIN)..=(pkey, i64::MAX))? {
+            let (k, v) = e?;
+            if v.value() >= next {
+                break;
+            }
+            stale.push(k.value().1);
+        }
+        if let Some(&last_ts) = stale.last() {
+            for ts in &stale {
+                t.time.remove((pkey, *ts))?;
+            }
+            t.time.insert((pkey, last_ts), next)?;
+        }
+        let new_front = match t.log.range((pkey, next)..=(pkey, u64::MAX))?.next() {
+            Some(e) => Some(split_value(e?.1.value())?.0),
+            None => None,
+        };
+        r.fronts.insert(pkey, new_front);
+        self.put_meta(t, r, pkey, m)?;
+        r.deleted_batches += 1;
+        r.deleted_bytes += batch_len;
+        Ok(fp)
+    }
+
+    fn footprint_now(&self, r: &Round) -> u64 {
+        let mut total = self.footprint_total;
+        for (k, m) in &r.metas {
+            let before = self.metas.get(k).map_or(0, |m| m.footprint_bytes);
+            let after = m.map_or(0, |m| m.footprint_bytes);
+            total = total + after - before.min(total + after);
+        }
+        total
+    }
+
+    /// Per-topic `retention.bytes` (Kafka semantics: delete while the partition stays at or
+    /// above the limit without the batch) and the global disk budget (oldest batches first,
+    /// from the high mark down to the low mark).
+    fn size_retention(&mut self, t: &mut Tables<'_>, r: &mut Round) -> Result<(), StoreError> {
+        let mut freed = 0u64;
+        let cap = self.cfg.retention_delete_bytes_per_commit_max;
+        let touched: Vec<u64> = r.metas.iter().filter(|(_, m)| m.is_some()).map(|(k, _)| *k).collect();
+        for pkey in touched {
+            let Some(limit) = self.topic_of(pkey).and_then(|t| t.config.retention_bytes) else { continue };
+            while freed < cap {
+                let Some(m) = self.meta(r, pkey) else { break };
+                let front_len = match t.log.range((pkey, 0u64)..=(pkey, u64::MAX))?.next() {
+                    Some(e) => e?.1.value().len().saturating_sub(VALUE_PREFIX_LEN) as u64,
+                    None => break,
+                };
+                if m.logical_bytes.saturating_sub(front_len) < limit || m.logical_bytes <= limit {
+                    break;
+                }
+                freed += self.delete_front(t, r, pkey)?;
+            }
+        }
+        let high = self.cfg.retention_high_bytes();
+        let low = self.cfg.retention_low_bytes();
+        let mut total = self.footprint_now(r);
+        if total > high {
+            self.retention_active = true;
+        }
+        if !self.retention_active {
+            return Ok(());
+        }
+        // Oldest front first across partitions.
+        let mut heap = BinaryHeap::new();
+        let keys: Vec<u64> = self.metas.keys().chain(r.metas.keys()).copied().collect();
+        let mut seen = std::collections::HashSet::new();
+        for pkey in keys {
+            if !seen.insert(pkey) {
+                continue;
+            }
+            let Some(m) = self.meta(r, pkey) else { continue };
+            if m.batches == 0 {
+                continue;
+            }
+            let front = match self.front(r, pkey) {
+                Some(f) => f,
+                None => {
+                    let f = match t.log.range((pkey, 0u64)..=(pkey, u64::MAX))?.next() {
+                        Some(e) => Some(split_value(e?.1.value())?.0),
+                        None => None,
+                    };
+                    r.fronts.insert(pkey, f);
+                    f
+                }
+            };
+            if let Some(at) = front {
+                heap.push(Reverse((at, pkey)));
+            }
+        }
+        while total > low && freed < cap {
+            let Some(Reverse((_, pkey))) = heap.pop() else { break };
+            let fp = self.delete_front(t, r, pkey)?;
+            freed += fp;
+            total = total.saturating_sub(fp);
+            if let Some(Some(at)) = r.fronts.get(&pkey) {
+                heap.push(Reverse((*at, pkey)));
+            }
+        }
+        if total <= low {
+            self.retention_active = false;
+        }
+        Ok(())
+    }
+
+    /// `retention.ms`: delete front batches whose max timestamp is older than the limit.
+    fn time_retention(&mut self, t: &mut Tables<'_>, r: &mut Round, now: i64) -> Result<(), StoreError> {
+        let cap = self.cfg.retention_delete_bytes_per_commit_max;
+        let mut freed = 0u64;
+        let topics: Vec<Arc<TopicState>> = match self.shared.topics.read() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => return Ok(()),
+        };
+        for topic in topics {
+            let Some(ms) = topic.config.retention_ms else { continue };
+            let cutoff = now.saturating_sub(ms as i64);
+            for p in &topic.partitions {
+                while freed < cap {
+                    let expired = match t.log.range((p.key, 0u64)..=(p.key, u64::MAX))?.next() {
+                        Some(e) => {
+                            let (_, v) = e?;
+                            let (_, b) = split_value(v.value())?;
+                            let h = BatchHeader::parse(b).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                            h.max_timestamp < cutoff
+                        }
+                        None => false,
+                    };
+                    if !expired {
+                        break;
+                    }
+                    freed += self.delete_front(t, r, p.key)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn topic_of(&self, pkey: u64) -> Option<Arc<TopicState>> {
+        let id = (pkey >> 32) as u32;
+        self.shared.topics.read().ok()?.values().find(|t| t.id == id).cloned()
+    }
+
+    fn admin(&mut self, t: &mut Tables<'_>, r: &mut Round, cmd: AdminCmd) -> Result<(), StoreError> {
+        match cmd {
+            AdminCmd::CreateTopic { name, partitions, config } => {
+                validate_topic_name(&name)?;
+                if t.topics.get(name.as_str())?.is_some() {
+                    return Err(StoreError::TopicExists(name));
+                }
+                self.check_partitions(&name, partitions, partitions)?;
+                let topic_count = t.topics.len()?;
+                if topic_count >= u64::from(self.cfg.topics_max) {
+                    return Err(StoreError::LimitReached { key: "storage.topics_max", limit: self.cfg.topics_max.into() });
+                }
+                let id = t.meta.get(META_NEXT_TOPIC_ID)?.map_or(1, |v| v.value()) as u32;
+                t.meta.insert(META_NEXT_TOPIC_ID, u64::from(id) + 1)?;
+                let rec = TopicRecord { id, partitions, config_text: config.to_text() };
+                t.topics.insert(name.as_str(), rec.encode().as_slice())?;
+                let mut states = Vec::with_capacity(partitions as usize);
+                for p in 0..partitions {
+                    let key = partition_key(id, p);
+                    let m = PartitionMeta { max_timestamp: i64::MIN, ..PartitionMeta::default() };
+                    self.put_meta(t, r, key, m)?;
+                    states.push(PartitionState::new(key, &m));
+                }
+                r.topic_changes.push(TopicChange::Upsert(Arc::new(TopicState { id, name, config, partitions: states })));
+            }
+            AdminCmd::DeleteTopic { name } => {
+                let rec = match t.topics.get(name.as_str())? {
+                    Some(v) => TopicRecord::decode(v.value())?,
+                    None => return Err(StoreError::UnknownTopic(name)),
+                };
+                for p in 0..rec.partitions {
+                    let key = partition_key(rec.id, p);
+                    t.log.retain_in((key, 0u64)..=(key, u64::MAX), |_, _| false)?;
+                    t.time.retain_in((key, i64::MIN)..=(key, i64::MAX), |_, _| false)?;
+                    t.parts.remove(key)?;
+                    r.metas.insert(key, None);
+                    r.fronts.insert(key, None);
+                }
+                t.topics.remove(name.as_str())?;
+                r.topic_changes.push(TopicChange::Remove(name));
+            }
+            AdminCmd::CreatePartitions { name, total } => {
+                let mut rec = match t.topics.get(name.as_str())? {
+                    Some(v) => TopicRecord::decode(v.value())?,
+                    None => return Err(StoreError::UnknownTopic(name)),
+                };
+                if total <= rec.partitions {
+                    return Err(StoreError::InvalidPartitions {
+                        topic: name,
+                        reason: format!("topic has {} partitions; the new count must be larger (got {total})", rec.partitions),
+                    });
+                }
+                self.check_partitions(&name, total, total - rec.partitions)?;
+                let current = self.current_topic(r, &name)?;
+                let mut states = current.partitions.clone();
+                for p in rec.partitions..total {
+                    let key = partition_key(rec.id, p);
+                    let m = PartitionMeta { max_timestamp: i64::MIN, ..PartitionMeta::default() };
+                    self.put_meta(t, r, key, m)?;
+                    states.push(PartitionState::new(key, &m));
+                }
+                rec.partitions = total;
+                t.topics.insert(name.as_str(), rec.encode().as_slice())?;
+                r.topic_changes.push(TopicChange::Upsert(Arc::new(TopicState {
+                    id: rec.id,
+                    name,
+                    config: current.config.clone(),
+                    partitions: states,
+                })));
+            }
+            AdminCmd::AlterConfig { name, config } => {
+                let mut rec = match t.topics.get(name.as_str())? {
+                    Some(v) => TopicRecord::decode(v.value())?,
+                    None => return Err(StoreError::UnknownTopic(name)),
+                };
+                rec.config_text = config.to_text();
+                t.topics.insert(name.as_str(), rec.encode().as_slice())?;
+                let current = self.current_topic(r, &name)?;
+                r.topic_changes.push(TopicChange::Upsert(Arc::new(TopicState {
+                    id: rec.id,
+                    name,
+                    config,
+                    partitions: current.partitions.clone(),
+                })));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_partitions(&self, name: &str, total: u32, added: u32) -> Result<(), StoreError> {
+        if total == 0 || total > self.cfg.partitions_per_topic_max {
+            return Err(StoreError::InvalidPartitions {
+                topic: name.to_string(),
+                reason: format!("must be between 1 and storage.partitions_per_topic_max = {} (got {total})", self.cfg.partitions_per_topic_max),
+            });
+        }
+        let existing = self.metas.len() as u64;
+        if existing + u64::from(added) > u64::from(self.cfg.partitions_total_max) {
+            return Err(StoreError::LimitReached { key: "storage.partitions_total_max", limit: self.cfg.partitions_total_max.into() });
+        }
+        Ok(())
+    }
+
+    /// The topic as of this round (including changes staged earlier in it).
+    fn current_topic(&self, r: &Round, name: &str) -> Result<Arc<TopicState>, StoreError> {
+        for c in r.topic_changes.iter().rev() {
+            match c {
+                TopicChange::Upsert(t) if t.name == name => return Ok(t.clone()),
+                TopicChange::Remove(n) if n == name => return Err(StoreError::UnknownTopic(name.to_string())),
+                _ => {}
+            }
+        }
+        self.shared
+            .topics
+            .read()
+            .map_err(|_| StoreError::Closed)?
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::UnknownTopic(name.to_string()))
+    }
+
+    /// After a successful commit: memory catches up with the database, readers are woken and
+    /// waiters answered - in that order, so an acknowledged offset is already readable.
+    fn publish(&mut self, r: Round) {
+        if let Ok(mut topics) = self.shared.topics.write() {
+            for change in r.topic_changes {
+                match change {
+                    TopicChange::Upsert(t) => {
+                        for p in &t.partitions {
+                            self.pstates.insert(p.key, p.clone());
+                        }
+                        topics.insert(t.name.clone(), t);
+                    }
+                    TopicChange::Remove(name) => {
+                        topics.remove(&name);
+                    }
+                }
+            }
+        }
+        for (k, f) in r.fronts {
+            self.fronts.insert(k, f);
+        }
+        for (pkey, m) in r.metas {
+            match m {
+                Some(m) => {
+                    let before = self.metas.insert(pkey, m);
+                    let (bf, bl) = before.map_or((0, 0), |b| (b.footprint_bytes, b.logical_bytes));
+                    self.footprint_total = self.footprint_total + m.footprint_bytes - bf.min(self.footprint_total + m.footprint_bytes);
+                    self.logical_total = self.logical_total + m.logical_bytes - bl.min(self.logical_total + m.logical_bytes);
+                    if let Some(p) = self.pstates.get(&pkey) {
+                        p.logical_bytes.store(m.logical_bytes, Ordering::Relaxed);
+                        p.footprint_bytes.store(m.footprint_bytes, Ordering::Relaxed);
+                        p.signal.send_modify(|s| {
+                            s.watermarks.log_start_offset = m.log_start_offset as i64;
+                            s.watermarks.high_watermark = m.next_offset as i64;
+                        });
+                    }
+                }
+                None => {
+                    if let Some(b) = self.metas.remove(&pkey) {
+                        self.footprint_total = self.footprint_total.saturating_sub(b.footprint_bytes);
+                        self.logical_total = self.logical_total.saturating_sub(b.logical_bytes);
+                    }
+                    self.fronts.remove(&pkey);
+                    self.ratios.remove(&pkey);
+                    if let Some(p) = self.pstates.remove(&pkey) {
+                        p.signal.send_modify(|s| s.deleted = true);
+                    }
+                }
+            }
+        }
+        let c = &self.shared.counters;
+        c.appended_records.fetch_add(r.appended_records, Ordering::Relaxed);
+        c.appended_batches.fetch_add(r.appended_batches, Ordering::Relaxed);
+        c.appended_bytes.fetch_add(r.appended_bytes, Ordering::Relaxed);
+        c.retention_deleted_batches.fetch_add(r.deleted_batches, Ordering::Relaxed);
+        c.retention_deleted_bytes.fetch_add(r.deleted_bytes, Ordering::Relaxed);
+        c.footprint_bytes.store(self.footprint_total, Ordering::Relaxed);
+        c.logical_bytes.store(self.logical_total, Ordering::Relaxed);
+        for d in r.done {
+            match d {
+                Done::Append(tx, outcome) => {
+                    let _ = tx.send(Ok(outcome));
+                }
+                Done::Unit(tx) => {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+fn fail_ops(ops: Vec<Op>, e: &StoreError) {
+    for op in ops {
+        match op {
+            Op::Append { reply, .. } => {
+                let _ = reply.send(Err(e.clone()));
+            }
+            Op::Admin { reply, .. } | Op::Kv { reply, .. } => {
+                let _ = reply.send(Err(e.clone()));
+            }
+            Op::Tick | Op::Shutdown => {}
+        }
+    }
+}
