@@ -653,3 +653,6 @@ fn spawn_ticker(
         .map_err(|e| StoreError::io("spawn ticker thread", e))?;
     Ok((stop_tx, handle))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+//! The gateway's configuration file (TOML): one section per subsystem, every key optional with a
+//! documented default, unknown keys refused, and every value validated before anything starts.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tributary_broker::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig};
+
+/// The whole `gateway.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub storage: StorageConfig,
+    /// Settings of topics created without explicit settings.
+    pub topic_defaults: TopicDefaults,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicDefaults {
+    /// Partition count of automatically created topics.
+    pub partitions: u32,
+    pub compression: Codec,
+    pub durability: Durability,
+    pub retention_bytes: Option<u64>,
+    pub retention_ms: Option<u64>,
+    pub timestamp_type: TimestampKind,
+}
+
+impl Default for TopicDefaults {
+    fn default() -> Self {
+        let t = TopicConfig::default();
+        Self {
+            partitions: 1,
+            compression: t.compression,
+            durability: t.durability,
+            retention_bytes: t.retention_bytes,
+            retention_ms: t.retention_ms,
+            timestamp_type: t.timestamp_type,
+        }
+    }
+}
+
+impl TopicDefaults {
+    /// The settings a new topic gets (used by topic auto-creation in the front ends).
+    #[allow(dead_code)]
+    pub fn topic_config(&self) -> TopicConfig {
+        TopicConfig {
+            compression: self.compression,
+            durability: self.durability,
+            retention_bytes: self.retention_bytes,
+            retention_ms: self.retention_ms,
+            timestamp_type: self.timestamp_type,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter (e.g. `info`, `tributary_broker=debug`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into() }
+    }
+}
+
+impl GatewayConfig {
+    /// Parses and validates a config text; errors name the key.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: GatewayConfig = toml::from_str(text).map_err(|e| {
+            let key = e.span().map(|s| text[..s.start].lines().count()).map_or_else(
+                || "config".to_string(),
+                |line| format!("line {}", line.max(1)),
+            );
+            ConfigError::new(key, e.message().to_string())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
+        Self::parse(&text).map_err(|e| ConfigError::new(format!("{}: {}", path.display(), e.key), e.reason))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.storage.validate("storage")?;
+        if self.topic_defaults.partitions == 0 || self.topic_defaults.partitions > self.storage.partitions_per_topic_max {
+            return Err(ConfigError::new(
+                "topic_defaults.partitions",
+                format!("must be between 1 and storage.partitions_per_topic_max = {} (got {})",
+                    self.storage.partitions_per_topic_max, self.topic_defaults.partitions),
+            ));
+        }
+        if let Some(0) = self.topic_defaults.retention_bytes {
+            return Err(ConfigError::new("topic_defaults.retention_bytes", "must be positive or absent"));
+        }
+        if let Some(0) = self.topic_defaults.retention_ms {
+            return Err(ConfigError::new("topic_defaults.retention_ms", "must be positive or absent"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::new("log.level", format!("not a valid filter: {:?}", self.log.level)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../../config/gateway.toml");
+
+    fn keys(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(t) = v {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                match v {
+                    toml::Value::Table(_) => keys(v, &key, out),
+                    _ => out.push(key),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shipped_config_parses_and_documents_every_default() {
+        let cfg = GatewayConfig::parse(SHIPPED).expect("config/gateway.toml is valid");
+        assert_eq!(cfg, GatewayConfig::default(), "config/gateway.toml states the built-in defaults");
+        // Every key the program knows appears in the file (commented or not).
+        let default = toml::Value::try_from(GatewayConfig::default()).expect("serializes");
+        let mut all = Vec::new();
+        keys(&default, "", &mut all);
+        for key in all {
+            let leaf = key.rsplit('.').next().unwrap_or(&key);
+            assert!(
+                SHIPPED.lines().any(|l| l.trim_start_matches('#').trim_start().starts_with(&format!("{leaf} "))),
+                "config/gateway.toml does not document {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_config_is_the_defaults() {
+        assert_eq!(GatewayConfig::parse("").expect("empty is fine"), GatewayConfig::default());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = GatewayConfig::parse("[storage]\ncache_size_bytes = 3\n").expect_err("too small");
+        assert_eq!(e.key, "storage.cache_size_bytes");
+        let e = GatewayConfig::parse("[storage]\ncache_sise_bytes = 3\n").expect_err("typo");
+        assert!(e.reason.contains("cache_sise_bytes"), "{e}");
+        let e = GatewayConfig::parse("[topic_defaults]\npartitions = 0\n").expect_err("zero");
+        assert_eq!(e.key, "topic_defaults.partitions");
+        let e = GatewayConfig::parse("[storage]\nmax_bytes = \"lots\"\n").expect_err("type");
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+}
