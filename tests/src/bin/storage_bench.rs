@@ -26,6 +26,10 @@ struct Args {
     /// Concurrent appenders in phase (a).
     #[arg(long, default_value_t = 256)]
     appenders: usize,
+    /// Concurrent appenders in phase (b) (a Kafka producer keeps up to 5 batches in flight per
+    /// connection, so 32 is a handful of producers).
+    #[arg(long, default_value_t = 32)]
+    batch_appenders: usize,
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -122,13 +126,14 @@ async fn main() -> anyhow::Result<()> {
     let before = store.stats();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for i in 0..8 {
+    for i in 0..args.batch_appenders {
         let s = store.clone();
         let b = batch.clone();
+        let i = (i % 4) as i32;
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while start.elapsed() < phase {
-                s.append_batch("batches", i % 4, b.clone()).await?;
+                s.append_batch("batches", i, b.clone()).await?;
                 n += 1;
             }
             anyhow::Ok(n)
@@ -181,8 +186,9 @@ async fn main() -> anyhow::Result<()> {
         a_commits as f64 / a_secs / fsyncs * 100.0
     );
     println!(
-        "| (b) ready batches 1,000 x 100 B (uncompressed, {} B each), 8 appenders | **{:.0} MiB/s = {:.0}% of sequential bandwidth**; {:.0} records/s; {:.1} batches/commit |",
+        "| (b) ready batches 1,000 x 100 B (uncompressed, {} B each), {} appenders | **{:.0} MiB/s = {:.0}% of sequential bandwidth**; {:.0} records/s; {:.1} batches/commit |",
         batch.len(),
+        args.batch_appenders,
         b_bytes as f64 / b_secs / MIB,
         b_bytes as f64 / b_secs / seq_bw * 100.0,
         b_batches as f64 * 1000.0 / b_secs,
