@@ -142,13 +142,8 @@ impl Default for TopicConfig {
 
 impl TopicConfig {
     /// The Kafka config names this store supports, in the order they are described.
-    pub const KEYS: [&'static str; 5] = [
-        "compression.type",
-        "durability",
-        "retention.bytes",
-        "retention.ms",
-        "message.timestamp.type",
-    ];
+    pub const KEYS: [&'static str; 5] =
+        ["compression.type", "durability", "retention.bytes", "retention.ms", "message.timestamp.type"];
 
     /// Sets one setting by its Kafka name; `None` restores the default.
     pub fn set(&mut self, key: &str, value: Option<&str>) -> Result<(), ConfigError> {
@@ -189,9 +184,7 @@ impl TopicConfig {
             }
             ("message.timestamp.type", None) => self.timestamp_type = default.timestamp_type,
             ("message.timestamp.type", Some("CreateTime")) => self.timestamp_type = TimestampKind::CreateTime,
-            ("message.timestamp.type", Some("LogAppendTime")) => {
-                self.timestamp_type = TimestampKind::LogAppendTime
-            }
+            ("message.timestamp.type", Some("LogAppendTime")) => self.timestamp_type = TimestampKind::LogAppendTime,
             ("message.timestamp.type", Some(_)) => return Err(bad("expected CreateTime or LogAppendTime")),
             _ => return Err(ConfigError::new(key, "unknown or unsupported topic configuration")),
         }
@@ -335,12 +328,7 @@ impl StorageConfig {
         range("retention_check_interval_ms", self.retention_check_interval_ms, 10, 3_600_000)?;
         range("batch_size_bytes_max", self.batch_size_bytes_max.into(), 1024, MIB)?;
         range("append_size_bytes_max", self.append_size_bytes_max.into(), 1024, 64 * MIB)?;
-        range(
-            "decompressed_size_bytes_max",
-            self.decompressed_size_bytes_max,
-            self.append_size_bytes_max.into(),
-            GIB,
-        )?;
+        range("decompressed_size_bytes_max", self.decompressed_size_bytes_max, self.append_size_bytes_max.into(), GIB)?;
         range("write_queue_ops_max", self.write_queue_ops_max.into(), 1, 1 << 20)?;
         range("commit_size_bytes_max", self.commit_size_bytes_max, self.append_size_bytes_max.into(), GIB)?;
         range("disk_free_bytes_min", self.disk_free_bytes_min, 0, 1 << 50)?;

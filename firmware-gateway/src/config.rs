@@ -73,10 +73,10 @@ impl GatewayConfig {
     /// Parses and validates a config text; errors name the key.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let cfg: GatewayConfig = toml::from_str(text).map_err(|e| {
-            let key = e.span().map(|s| text[..s.start].lines().count()).map_or_else(
-                || "config".to_string(),
-                |line| format!("line {}", line.max(1)),
-            );
+            let key = e
+                .span()
+                .map(|s| text[..s.start].lines().count())
+                .map_or_else(|| "config".to_string(), |line| format!("line {}", line.max(1)));
             ConfigError::new(key, e.message().to_string())
         })?;
         cfg.validate()?;
@@ -91,11 +91,14 @@ impl GatewayConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.storage.validate("storage")?;
-        if self.topic_defaults.partitions == 0 || self.topic_defaults.partitions > self.storage.partitions_per_topic_max {
+        if self.topic_defaults.partitions == 0 || self.topic_defaults.partitions > self.storage.partitions_per_topic_max
+        {
             return Err(ConfigError::new(
                 "topic_defaults.partitions",
-                format!("must be between 1 and storage.partitions_per_topic_max = {} (got {})",
-                    self.storage.partitions_per_topic_max, self.topic_defaults.partitions),
+                format!(
+                    "must be between 1 and storage.partitions_per_topic_max = {} (got {})",
+                    self.storage.partitions_per_topic_max, self.topic_defaults.partitions
+                ),
             ));
         }
         if let Some(0) = self.topic_defaults.retention_bytes {

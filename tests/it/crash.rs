@@ -38,33 +38,36 @@ fn every_acknowledged_append_survives_sigkill() {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             let mut parts = line.split(' ');
-            match parts.next() {
-                Some("ack") => {
-                    let (Some(p), Some(base), Some(last), Some(values)) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-                        continue; // a line cut by the kill
-                    };
-                    let (Ok(p), Ok(base), Ok(last)) = (p.parse::<i32>(), base.parse::<i64>(), last.parse::<i64>()) else { continue };
-                    let values: Vec<&str> = values.split(',').collect();
-                    if values.len() as i64 != last - base + 1 {
-                        continue; // cut line
-                    }
-                    for (i, v) in values.into_iter().enumerate() {
-                        assert!(acked.insert(v.to_string(), (p, base + i as i64)).is_none(), "{v} acknowledged twice");
-                    }
-                    acks_seen += 1;
-                    if acks_seen == kill_after && !killed {
-                        child.kill().expect("SIGKILL");
-                        killed = true;
-                    }
-                }
-                _ => {}
+            if parts.next() != Some("ack") {
+                continue;
+            }
+            let (Some(p), Some(base), Some(last), Some(values)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                continue; // a line cut by the kill
+            };
+            let (Ok(p), Ok(base), Ok(last)) = (p.parse::<i32>(), base.parse::<i64>(), last.parse::<i64>()) else {
+                continue;
+            };
+            let values: Vec<&str> = values.split(',').collect();
+            if values.len() as i64 != last - base + 1 {
+                continue; // cut line
+            }
+            for (i, v) in values.into_iter().enumerate() {
+                assert!(acked.insert(v.to_string(), (p, base + i as i64)).is_none(), "{v} acknowledged twice");
+            }
+            acks_seen += 1;
+            if acks_seen == kill_after && !killed {
+                child.kill().expect("SIGKILL");
+                killed = true;
             }
         }
         assert!(killed, "round {round}: child exited before {kill_after} acks");
         child.wait().expect("reap child");
 
         // Reopen (recovering from the kill) and check every acknowledged record.
-        let cfg = StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
+        let cfg =
+            StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
         let (store, report) = Store::open(cfg).expect("reopen after SIGKILL");
         repairs += u32::from(report.repaired);
         max_recovery = max_recovery.max(report.duration);

@@ -54,8 +54,9 @@ fn starts_on_defaults_and_stops_cleanly_on_sigterm_and_sigint() {
     }
     let data = dir.path().join("tributary-data");
     assert!(data.join("tributary.redb").exists(), "data lives in ./tributary-data by default");
-    let (store, report) = Store::open(StorageConfig { data_dir: data, disk_free_bytes_min: 0, ..StorageConfig::default() })
-        .expect("open after clean shutdown");
+    let (store, report) =
+        Store::open(StorageConfig { data_dir: data, disk_free_bytes_min: 0, ..StorageConfig::default() })
+            .expect("open after clean shutdown");
     assert!(!report.repaired, "a clean shutdown leaves nothing to repair");
     store.close_blocking().expect("close");
 }

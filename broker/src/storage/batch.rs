@@ -155,7 +155,10 @@ pub fn validate(bytes: &[u8], decompressed_limit: u64) -> Result<BatchHeader, Ba
         return Err(BatchError::Magic(h.magic));
     }
     if i64::from(h.batch_length) + 12 != bytes.len() as i64 {
-        return Err(BatchError::LengthMismatch { declared: i64::from(h.batch_length), actual: bytes.len().saturating_sub(12) });
+        return Err(BatchError::LengthMismatch {
+            declared: i64::from(h.batch_length),
+            actual: bytes.len().saturating_sub(12),
+        });
     }
     let actual = crc32c::crc32c(&bytes[OFF_ATTRIBUTES..]);
     if actual != h.crc {
@@ -172,7 +175,10 @@ pub fn validate(bytes: &[u8], decompressed_limit: u64) -> Result<BatchHeader, Ba
         return Err(BatchError::Empty(h.record_count));
     }
     if i64::from(h.last_offset_delta) != i64::from(h.record_count) - 1 {
-        return Err(BatchError::LastOffsetDelta { last_offset_delta: h.last_offset_delta, record_count: h.record_count });
+        return Err(BatchError::LastOffsetDelta {
+            last_offset_delta: h.last_offset_delta,
+            record_count: h.record_count,
+        });
     }
     let payload = &bytes[HEADER_LEN..];
     let found = if codec == Codec::None {
@@ -409,7 +415,12 @@ impl NewRecord {
     /// Upper bound of the encoded size inside a batch.
     pub fn encoded_len_max(&self) -> usize {
         let opt = |b: &Option<Bytes>| 5 + b.as_ref().map_or(0, Bytes::len);
-        5 + 1 + 10 + 5 + opt(&self.key) + opt(&self.value) + 5
+        5 + 1
+            + 10
+            + 5
+            + opt(&self.key)
+            + opt(&self.value)
+            + 5
             + self.headers.iter().map(|(k, v)| 5 + k.len() + opt(v)).sum::<usize>()
     }
 }
@@ -520,10 +531,7 @@ pub fn decode_records(batch: &[u8], decompressed_limit: u64) -> Result<Vec<Store
             timestamp: if log_append { h.max_timestamp } else { h.base_timestamp + r.timestamp_delta },
             key: r.key.map(slice),
             value: r.value.map(slice),
-            headers: r
-                .headers()
-                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.map(slice)))
-                .collect(),
+            headers: r.headers().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.map(slice))).collect(),
         });
     }
     Ok(out)
@@ -543,10 +551,7 @@ mod tests {
             .map(|i| NewRecord {
                 key: if i % 3 == 0 { None } else { Some(Bytes::from(format!("key-{i}"))) },
                 value: Some(Bytes::from(vec![b'v'; i % 50])),
-                headers: vec![
-                    ("h".to_string(), Some(Bytes::from_static(b"1"))),
-                    ("h".to_string(), None),
-                ],
+                headers: vec![("h".to_string(), Some(Bytes::from_static(b"1"))), ("h".to_string(), None)],
                 timestamp_ms: Some(1_700_000_000_000 + i as i64),
             })
             .collect()

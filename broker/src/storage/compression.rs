@@ -47,8 +47,7 @@ pub fn compress(codec: Codec, input: &[u8], out: &mut Vec<u8>) -> Result<(), Com
             w.finish().map_err(|e| enc(&e))?;
         }
         Codec::Zstd => {
-            let compressed =
-                ruzstd::encoding::compress_to_vec(input, ruzstd::encoding::CompressionLevel::Fastest);
+            let compressed = ruzstd::encoding::compress_to_vec(input, ruzstd::encoding::CompressionLevel::Fastest);
             out.extend_from_slice(&compressed);
         }
     }
@@ -98,7 +97,8 @@ pub fn decompress(codec: Codec, input: &[u8], limit: u64) -> Result<Vec<u8>, Com
 }
 
 fn snappy_raw(input: &[u8], limit: u64, out: &mut Vec<u8>) -> Result<(), CompressionError> {
-    let corrupt = |e: &dyn std::fmt::Display| CompressionError::Corrupt { codec: Codec::Snappy, message: e.to_string() };
+    let corrupt =
+        |e: &dyn std::fmt::Display| CompressionError::Corrupt { codec: Codec::Snappy, message: e.to_string() };
     let n = snap::raw::decompress_len(input).map_err(|e| corrupt(&e))?;
     if (out.len() + n) as u64 > limit {
         return Err(CompressionError::TooLarge { limit });

@@ -142,6 +142,9 @@ impl KvSpace {
     }
 }
 
+/// A key and its value from a key-value space.
+pub type KvEntry = (Vec<u8>, Vec<u8>);
+
 /// Counters of the store's work since it was opened.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -235,14 +238,12 @@ impl Store {
         let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let repaired_flag = repaired.clone();
         let mut builder = Database::builder();
-        builder
-            .set_cache_size(config.cache_size_bytes as usize)
-            .set_repair_callback(move |session| {
-                if !repaired_flag.swap(true, Ordering::Relaxed) {
-                    tracing::warn!("database was not closed cleanly: repairing");
-                }
-                tracing::info!(progress = session.progress(), "repair progress");
-            });
+        builder.set_cache_size(config.cache_size_bytes as usize).set_repair_callback(move |session| {
+            if !repaired_flag.swap(true, Ordering::Relaxed) {
+                tracing::warn!("database was not closed cleanly: repairing");
+            }
+            tracing::info!(progress = session.progress(), "repair progress");
+        });
         let db = builder.create(&db_path)?;
         let db = Arc::new(db);
         let loaded = writer::load(&db, &config)?;
@@ -335,7 +336,11 @@ impl Store {
             .ok_or_else(|| StoreError::UnknownTopic(topic.to_string()))
     }
 
-    fn partition_state(&self, topic: &str, partition: i32) -> Result<(Arc<TopicState>, Arc<PartitionState>), StoreError> {
+    fn partition_state(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(Arc<TopicState>, Arc<PartitionState>), StoreError> {
         let t = self.topic_state(topic)?;
         let p = usize::try_from(partition)
             .ok()
@@ -344,7 +349,10 @@ impl Store {
         Ok((t, p))
     }
 
-    async fn submit<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
+    async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.inner.queue.send(make(tx)).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -354,8 +362,11 @@ impl Store {
 
     pub async fn create_topic(&self, name: &str, partitions: u32, config: TopicConfig) -> Result<(), StoreError> {
         writer::validate_topic_name(name)?;
-        self.submit(|reply| Op::Admin { cmd: AdminCmd::CreateTopic { name: name.to_string(), partitions, config }, reply })
-            .await
+        self.submit(|reply| Op::Admin {
+            cmd: AdminCmd::CreateTopic { name: name.to_string(), partitions, config },
+            reply,
+        })
+        .await
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<(), StoreError> {
@@ -420,7 +431,12 @@ impl Store {
 
     /// Appends records; the writer packs the records waiting for one partition into batches
     /// compressed with the topic's codec. Returns once durable, with the records' offsets.
-    pub async fn append_records(&self, topic: &str, partition: i32, records: Vec<NewRecord>) -> Result<AppendOutcome, StoreError> {
+    pub async fn append_records(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: Vec<NewRecord>,
+    ) -> Result<AppendOutcome, StoreError> {
         let cfg = &self.inner.shared.config;
         if records.is_empty() {
             return Err(StoreError::InvalidBatch(batch::BatchError::Empty(0)));
@@ -438,7 +454,13 @@ impl Store {
     /// Whole batches starting with the one containing `offset`, until `max_bytes` is reached
     /// (soft: the first batch is returned even if larger). An offset equal to the high watermark
     /// gives an empty result; outside `[log_start, high_watermark]` gives `OffsetOutOfRange`.
-    pub fn fetch(&self, topic: &str, partition: i32, offset: i64, max_bytes: usize) -> Result<FetchedBatches, StoreError> {
+    pub fn fetch(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<FetchedBatches, StoreError> {
         let (_, p) = self.partition_state(topic, partition)?;
         // Watermarks are read before the snapshot: every batch below them was committed first.
         let wm = p.signal.borrow().watermarks;
@@ -495,7 +517,13 @@ impl Store {
     }
 
     /// Decoded records from `offset` on (a convenience over `fetch` for tests and tools).
-    pub fn read_records(&self, topic: &str, partition: i32, offset: i64, max_bytes: usize) -> Result<Vec<StoredRecord>, StoreError> {
+    pub fn read_records(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
         let f = self.fetch(topic, partition, offset, max_bytes)?;
         let limit = self.inner.shared.config.decompressed_size_bytes_max;
         let mut out = Vec::new();
@@ -512,7 +540,13 @@ impl Store {
 
     /// Waits until the partition's high watermark passes `offset`, or `timeout`. Returns the
     /// watermarks then (no spinning: woken by the writer after each commit).
-    pub async fn wait_for_data(&self, topic: &str, partition: i32, offset: i64, timeout: Duration) -> Result<Watermarks, StoreError> {
+    pub async fn wait_for_data(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        timeout: Duration,
+    ) -> Result<Watermarks, StoreError> {
         let (_, p) = self.partition_state(topic, partition)?;
         let mut rx = p.signal.subscribe();
         drop(p);
@@ -536,7 +570,12 @@ impl Store {
 
     /// First offset whose record timestamp is >= `timestamp_ms`, with that record's timestamp;
     /// `None` if no such record (Kafka answers -1 then).
-    pub fn offset_for_timestamp(&self, topic: &str, partition: i32, timestamp_ms: i64) -> Result<Option<(i64, i64)>, StoreError> {
+    pub fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        partition: i32,
+        timestamp_ms: i64,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
         let (_, p) = self.partition_state(topic, partition)?;
         let wm = p.signal.borrow().watermarks;
         let db = self.db()?;
@@ -586,7 +625,7 @@ impl Store {
     }
 
     /// Entries whose key starts with `prefix`, at most `limit` of them.
-    pub fn kv_scan(&self, space: KvSpace, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn kv_scan(&self, space: KvSpace, prefix: &[u8], limit: usize) -> Result<Vec<KvEntry>, StoreError> {
         let db = self.db()?;
         let rtx = db.begin_read()?;
         let t = rtx.open_table(space.table())?;

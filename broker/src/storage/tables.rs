@@ -90,7 +90,11 @@ impl PartitionMeta {
 
     pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
         if b.len() != META_LEN || b[0] != META_VERSION {
-            return Err(StoreError::Corrupt(format!("partition metadata of {} bytes, version {:?}", b.len(), b.first())));
+            return Err(StoreError::Corrupt(format!(
+                "partition metadata of {} bytes, version {:?}",
+                b.len(),
+                b.first()
+            )));
         }
         let f = |i: usize| {
             let mut a = [0u8; 8];
@@ -132,7 +136,8 @@ impl TopicRecord {
         }
         let id = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
         let partitions = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
-        let config_text = String::from_utf8(b[9..].to_vec()).map_err(|_| StoreError::Corrupt("topic config text".into()))?;
+        let config_text =
+            String::from_utf8(b[9..].to_vec()).map_err(|_| StoreError::Corrupt("topic config text".into()))?;
         Ok(Self { id, partitions, config_text })
     }
 }
@@ -161,7 +166,14 @@ mod tests {
 
     #[test]
     fn meta_round_trips() {
-        let m = PartitionMeta { log_start_offset: 5, next_offset: 9, logical_bytes: 3, footprint_bytes: 4, batches: 2, max_timestamp: -1 };
+        let m = PartitionMeta {
+            log_start_offset: 5,
+            next_offset: 9,
+            logical_bytes: 3,
+            footprint_bytes: 4,
+            batches: 2,
+            max_timestamp: -1,
+        };
         assert_eq!(PartitionMeta::decode(&m.encode()).expect("decodes"), m);
     }
 }

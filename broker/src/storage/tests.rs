@@ -152,7 +152,10 @@ async fn fetch_returns_whole_batches_from_the_one_containing_the_offset() {
     assert_eq!((f.batches, f.next_offset), (3, 50));
     let empty = store.fetch("t", 0, 50, 1 << 20).expect("at the high watermark");
     assert_eq!(empty.batches, 0);
-    assert!(matches!(store.fetch("t", 0, 51, 100), Err(StoreError::OffsetOutOfRange { offset: 51, high_watermark: 50, .. })));
+    assert!(matches!(
+        store.fetch("t", 0, 51, 100),
+        Err(StoreError::OffsetOutOfRange { offset: 51, high_watermark: 50, .. })
+    ));
     assert!(matches!(store.fetch("t", 0, -1, 100), Err(StoreError::OffsetOutOfRange { .. })));
     assert!(matches!(store.fetch("t", 1, 0, 100), Err(StoreError::UnknownPartition { .. })));
     assert!(matches!(store.fetch("nope", 0, 0, 100), Err(StoreError::UnknownTopic(_))));
@@ -225,7 +228,10 @@ async fn per_topic_retention_bytes_deletes_oldest_and_advances_log_start() {
     assert_eq!(first[0].offset, info.watermarks.log_start_offset);
     assert_eq!(first.last().map(|r| r.offset), Some(49));
     // Time lookups below the new log start land on it.
-    assert_eq!(store.offset_for_timestamp("t", 0, 0).expect("lookup").map(|x| x.0), Some(info.watermarks.log_start_offset));
+    assert_eq!(
+        store.offset_for_timestamp("t", 0, 0).expect("lookup").map(|x| x.0),
+        Some(info.watermarks.log_start_offset)
+    );
 }
 
 #[tokio::test]
@@ -234,8 +240,14 @@ async fn topics_are_created_grown_altered_and_deleted() {
     let store = open(dir.path());
     store.create_topic("t", 2, TopicConfig::default()).await.expect("create");
     assert!(matches!(store.create_topic("t", 2, TopicConfig::default()).await, Err(StoreError::TopicExists(_))));
-    assert!(matches!(store.create_topic("bad name", 1, TopicConfig::default()).await, Err(StoreError::InvalidTopicName { .. })));
-    assert!(matches!(store.create_topic("z", 0, TopicConfig::default()).await, Err(StoreError::InvalidPartitions { .. })));
+    assert!(matches!(
+        store.create_topic("bad name", 1, TopicConfig::default()).await,
+        Err(StoreError::InvalidTopicName { .. })
+    ));
+    assert!(matches!(
+        store.create_topic("z", 0, TopicConfig::default()).await,
+        Err(StoreError::InvalidPartitions { .. })
+    ));
     store.append_records("t", 1, vec![rec(1)]).await.expect("append");
     store.create_partitions("t", 4).await.expect("grow");
     assert!(matches!(store.create_partitions("t", 3).await, Err(StoreError::InvalidPartitions { .. })));
@@ -277,7 +289,8 @@ async fn writer_packs_batches_under_the_page_cap() {
     let store = open(dir.path());
     let cfg = TopicConfig { compression: Codec::None, ..TopicConfig::default() };
     store.create_topic("t", 1, cfg).await.expect("create");
-    let records: Vec<NewRecord> = (0..2000).map(|i| NewRecord::new(None::<Bytes>, Bytes::from(vec![i as u8; 100]))).collect();
+    let records: Vec<NewRecord> =
+        (0..2000).map(|i| NewRecord::new(None::<Bytes>, Bytes::from(vec![i as u8; 100]))).collect();
     store.append_records("t", 0, records).await.expect("append");
     let f = store.fetch("t", 0, 0, 1 << 30).expect("fetch");
     let mut rest = &f.data[..];

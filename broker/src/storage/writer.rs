@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use redb::{Database, Durability as RedbDurability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use redb::{
+    Database, Durability as RedbDurability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    WriteTransaction,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::batch::{self, BatchHeader, NewRecord, HEADER_LEN};
@@ -327,9 +330,8 @@ impl Writer {
         let started = Instant::now();
         let now = now_ms();
         let mut r = Round::default();
-        let relaxed_due = self.unsynced_since.is_some_and(|t| {
-            t.elapsed().as_millis() as u64 >= self.cfg.relaxed_flush_interval_ms
-        });
+        let relaxed_due =
+            self.unsynced_since.is_some_and(|t| t.elapsed().as_millis() as u64 >= self.cfg.relaxed_flush_interval_ms);
         let durable = relaxed_due || ops.iter().any(Op::needs_fsync);
         let has_appends = ops.iter().any(|o| matches!(o, Op::Append { .. }));
         let disk_full = if has_appends { self.disk_full() } else { None };
@@ -556,7 +558,11 @@ impl Writer {
         if log_append {
             batch::stamp_log_append_time(&mut bytes, now);
         }
-        let h = BatchHeader { base_offset: base, max_timestamp: if log_append { now } else { header.max_timestamp }, ..header };
+        let h = BatchHeader {
+            base_offset: base,
+            max_timestamp: if log_append { now } else { header.max_timestamp },
+            ..header
+        };
         self.store_batch(t, r, pkey, &mut m, &bytes, &h, now)?;
         self.put_meta(t, r, pkey, m)?;
         Ok(AppendOutcome {
@@ -568,7 +574,14 @@ impl Writer {
     }
 
     /// Encodes a partition's waiting records into batches under `batch_size_bytes_max`.
-    fn flush_pack(&mut self, t: &mut Tables<'_>, r: &mut Round, pkey: u64, pack: Pack, now: i64) -> Result<(), StoreError> {
+    fn flush_pack(
+        &mut self,
+        t: &mut Tables<'_>,
+        r: &mut Round,
+        pkey: u64,
+        pack: Pack,
+        now: i64,
+    ) -> Result<(), StoreError> {
         let Some(mut m) = self.meta(r, pkey) else {
             for (tx, _) in pack.waiters {
                 let _ = tx.send(Err(StoreError::UnknownTopic(pack.topic.name.clone())));
@@ -577,7 +590,8 @@ impl Writer {
         };
         let cfg = &pack.topic.config;
         let first_offset = m.next_offset;
-        let stamped: Vec<(&NewRecord, i64)> = pack.records.iter().map(|rec| (rec, rec.timestamp_ms.unwrap_or(now))).collect();
+        let stamped: Vec<(&NewRecord, i64)> =
+            pack.records.iter().map(|rec| (rec, rec.timestamp_ms.unwrap_or(now))).collect();
         let cap = self.cfg.batch_size_bytes_max as usize;
         let mut ratio = *self.ratios.get(&pkey).unwrap_or(&1.0);
         let mut out = Vec::with_capacity(cap + HEADER_LEN);
@@ -593,7 +607,14 @@ impl Writer {
             }
             loop {
                 out.clear();
-                let h = batch::encode_batch(&stamped[i..j], m.next_offset as i64, cfg.compression, cfg.timestamp_type, now, &mut out)?;
+                let h = batch::encode_batch(
+                    &stamped[i..j],
+                    m.next_offset as i64,
+                    cfg.compression,
+                    cfg.timestamp_type,
+                    now,
+                    &mut out,
+                )?;
                 if out.len() > cap && j - i > 1 {
                     // Compressed worse than expected: halve and retry.
                     j = i + (j - i) / 2;
@@ -803,7 +824,10 @@ impl Writer {
                 self.check_partitions(&name, partitions, partitions)?;
                 let topic_count = t.topics.len()?;
                 if topic_count >= u64::from(self.cfg.topics_max) {
-                    return Err(StoreError::LimitReached { key: "storage.topics_max", limit: self.cfg.topics_max.into() });
+                    return Err(StoreError::LimitReached {
+                        key: "storage.topics_max",
+                        limit: self.cfg.topics_max.into(),
+                    });
                 }
                 let id = t.meta.get(META_NEXT_TOPIC_ID)?.map_or(1, |v| v.value()) as u32;
                 t.meta.insert(META_NEXT_TOPIC_ID, u64::from(id) + 1)?;
@@ -816,7 +840,12 @@ impl Writer {
                     self.put_meta(t, r, key, m)?;
                     states.push(PartitionState::new(key, &m));
                 }
-                r.topic_changes.push(TopicChange::Upsert(Arc::new(TopicState { id, name, config, partitions: states })));
+                r.topic_changes.push(TopicChange::Upsert(Arc::new(TopicState {
+                    id,
+                    name,
+                    config,
+                    partitions: states,
+                })));
             }
             AdminCmd::DeleteTopic { name } => {
                 let rec = match t.topics.get(name.as_str())? {
@@ -842,7 +871,10 @@ impl Writer {
                 if total <= rec.partitions {
                     return Err(StoreError::InvalidPartitions {
                         topic: name,
-                        reason: format!("topic has {} partitions; the new count must be larger (got {total})", rec.partitions),
+                        reason: format!(
+                            "topic has {} partitions; the new count must be larger (got {total})",
+                            rec.partitions
+                        ),
                     });
                 }
                 self.check_partitions(&name, total, total - rec.partitions)?;
@@ -886,12 +918,18 @@ impl Writer {
         if total == 0 || total > self.cfg.partitions_per_topic_max {
             return Err(StoreError::InvalidPartitions {
                 topic: name.to_string(),
-                reason: format!("must be between 1 and storage.partitions_per_topic_max = {} (got {total})", self.cfg.partitions_per_topic_max),
+                reason: format!(
+                    "must be between 1 and storage.partitions_per_topic_max = {} (got {total})",
+                    self.cfg.partitions_per_topic_max
+                ),
             });
         }
         let existing = self.metas.len() as u64;
         if existing + u64::from(added) > u64::from(self.cfg.partitions_total_max) {
-            return Err(StoreError::LimitReached { key: "storage.partitions_total_max", limit: self.cfg.partitions_total_max.into() });
+            return Err(StoreError::LimitReached {
+                key: "storage.partitions_total_max",
+                limit: self.cfg.partitions_total_max.into(),
+            });
         }
         Ok(())
     }
@@ -940,8 +978,10 @@ impl Writer {
                 Some(m) => {
                     let before = self.metas.insert(pkey, m);
                     let (bf, bl) = before.map_or((0, 0), |b| (b.footprint_bytes, b.logical_bytes));
-                    self.footprint_total = self.footprint_total + m.footprint_bytes - bf.min(self.footprint_total + m.footprint_bytes);
-                    self.logical_total = self.logical_total + m.logical_bytes - bl.min(self.logical_total + m.logical_bytes);
+                    self.footprint_total =
+                        self.footprint_total + m.footprint_bytes - bf.min(self.footprint_total + m.footprint_bytes);
+                    self.logical_total =
+                        self.logical_total + m.logical_bytes - bl.min(self.logical_total + m.logical_bytes);
                     if let Some(p) = self.pstates.get(&pkey) {
                         p.logical_bytes.store(m.logical_bytes, Ordering::Relaxed);
                         p.footprint_bytes.store(m.footprint_bytes, Ordering::Relaxed);

@@ -81,11 +81,7 @@ async fn main() -> anyhow::Result<()> {
     let seq_bw = sequential_write(tmp.path(), 512 << 20)?;
     eprintln!("machine: {fsyncs:.0} fsync/s, sequential write {:.0} MiB/s", seq_bw / MIB);
 
-    let cfg = StorageConfig {
-        data_dir: tmp.path().join("store"),
-        max_bytes: 64 << 30,
-        ..StorageConfig::default()
-    };
+    let cfg = StorageConfig { data_dir: tmp.path().join("store"), max_bytes: 64 << 30, ..StorageConfig::default() };
     let (store, _) = Store::open(cfg).context("open store")?;
     let topic = TopicConfig { retention_ms: None, ..TopicConfig::default() };
     store.create_topic("single", 4, topic.clone()).await?;
@@ -118,7 +114,8 @@ async fn main() -> anyhow::Result<()> {
     let a_commit_ms = (after.commit_micros_total - before.commit_micros_total) as f64 / a_commits as f64 / 1000.0;
 
     // (b) ready client batches of 1,000 x 100-byte records (uncompressed), 8 appenders.
-    let records: Vec<NewRecord> = (0..1000).map(|_| NewRecord::new(None::<Bytes>, Bytes::from(vec![b'y'; 100]))).collect();
+    let records: Vec<NewRecord> =
+        (0..1000).map(|_| NewRecord::new(None::<Bytes>, Bytes::from(vec![b'y'; 100]))).collect();
     let stamped: Vec<_> = records.iter().map(|r| (r, 1_700_000_000_000)).collect();
     let mut one = Vec::new();
     encode_batch(&stamped, 0, Codec::None, TimestampKind::CreateTime, 0, &mut one)?;
@@ -199,7 +196,11 @@ async fn main() -> anyhow::Result<()> {
         c_records as f64 / c_secs,
         c_bytes as f64 / c_secs / MIB
     );
-    println!("| database file real disk use after the run | {:.0} MiB for {:.0} MiB appended |", disk as f64 / MIB, (after.appended_bytes) as f64 / MIB);
+    println!(
+        "| database file real disk use after the run | {:.0} MiB for {:.0} MiB appended |",
+        disk as f64 / MIB,
+        (after.appended_bytes) as f64 / MIB
+    );
     println!("| peak RSS of the benchmark process | {:.1} MiB |", peak_rss_kib() as f64 / 1024.0);
     Ok(())
 }
