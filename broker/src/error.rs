@@ -21,6 +21,8 @@ pub enum StoreError {
     InvalidTopicName { name: String, reason: &'static str },
     #[error("invalid partition count for topic {topic:?}: {reason}")]
     InvalidPartitions { topic: String, reason: String },
+    #[error("invalid storage configuration: {0}")]
+    InvalidConfig(#[from] crate::config::ConfigError),
     #[error("invalid topic configuration: {0}")]
     InvalidTopicConfig(String),
     #[error("limit reached: {key} = {limit}")]

@@ -275,6 +275,7 @@ fn write_uvarint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+#[cfg(test)]
 fn varint_len(v: i64) -> usize {
     let mut u = ((v << 1) ^ (v >> 63)) as u64;
     let mut n = 1;
@@ -537,11 +538,6 @@ pub fn decode_records(batch: &[u8], decompressed_limit: u64) -> Result<Vec<Store
     Ok(out)
 }
 
-/// Size of a varint-encoded value (exposed for size estimates elsewhere).
-pub fn varint_size(v: i64) -> usize {
-    varint_len(v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -641,7 +637,7 @@ mod tests {
         for v in [0i32, -1, 1, 63, -64, 64, 300, i32::MAX, i32::MIN] {
             out.clear();
             write_varint(&mut out, v);
-            assert_eq!(out.len(), varint_size(i64::from(v)));
+            assert_eq!(out.len(), varint_len(i64::from(v)));
             let mut pos = 0;
             assert_eq!(read_varint(&out, &mut pos), Some(v));
         }

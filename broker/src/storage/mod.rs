@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use redb::{Database, ReadableDatabase};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{ConfigError, StorageConfig, TopicConfig};
+use crate::config::{StorageConfig, TopicConfig};
 use crate::error::StoreError;
 use batch::{BatchHeader, NewRecord, StoredRecord};
 use tables::{split_value, LOG, TIME_INDEX};
@@ -231,7 +231,7 @@ pub struct OpenReport {
 impl Store {
     /// Opens (or creates) the store in `config.data_dir`, recovering after a crash if needed.
     pub fn open(config: StorageConfig) -> Result<(Store, OpenReport), StoreError> {
-        config.validate("storage").map_err(|e: ConfigError| StoreError::InvalidTopicConfig(e.to_string()))?;
+        config.validate("storage")?;
         let started = Instant::now();
         std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::io("create data directory", e))?;
         let db_path = config.data_dir.join(DB_FILE_NAME);

@@ -192,6 +192,8 @@ struct Round {
     deleted_bytes: u64,
     /// Front (oldest batch) append times learned or changed this round; `None` = empty.
     fronts: HashMap<u64, Option<i64>>,
+    /// Partitions appended to this round whose topic has `retention.bytes`, with that limit.
+    retention_bytes: HashMap<u64, u64>,
 }
 
 struct Tables<'t> {
@@ -418,10 +420,11 @@ impl Writer {
         let mut tick = false;
         for op in ops {
             match op {
-                Op::Append { reply, .. } if disk_full.is_some() => {
-                    let _ = reply.send(Err(disk_full.clone().unwrap_or(StoreError::Closed)));
-                }
                 Op::Append { topic, pkey, data, reply } => {
+                    if let Some(e) = &disk_full {
+                        let _ = reply.send(Err(e.clone()));
+                        continue;
+                    }
                     if self.meta(r, pkey).is_none() {
                         let _ = reply.send(Err(StoreError::UnknownTopic(topic.name.clone())));
                         continue;
@@ -515,6 +518,7 @@ impl Writer {
         m: &mut PartitionMeta,
         batch: &[u8],
         h: &BatchHeader,
+        limit_bytes: Option<u64>,
         now: i64,
     ) -> Result<(), StoreError> {
         let mut value = Vec::with_capacity(VALUE_PREFIX_LEN + batch.len());
@@ -523,6 +527,9 @@ impl Writer {
         t.log.insert((pkey, m.next_offset), value.as_slice())?;
         if m.batches == 0 {
             r.fronts.insert(pkey, Some(now));
+        }
+        if let Some(limit) = limit_bytes {
+            r.retention_bytes.insert(pkey, limit);
         }
         if h.max_timestamp > m.max_timestamp {
             t.time.insert((pkey, h.max_timestamp), m.next_offset)?;
@@ -563,7 +570,7 @@ impl Writer {
             max_timestamp: if log_append { now } else { header.max_timestamp },
             ..header
         };
-        self.store_batch(t, r, pkey, &mut m, &bytes, &h, now)?;
+        self.store_batch(t, r, pkey, &mut m, &bytes, &h, topic.config.retention_bytes, now)?;
         self.put_meta(t, r, pkey, m)?;
         Ok(AppendOutcome {
             base_offset: base,
@@ -625,7 +632,7 @@ impl Writer {
                 if cfg.compression != Codec::None {
                     ratio = (ratio * 0.7 + observed * 0.3).clamp(0.02, 1.2);
                 }
-                self.store_batch(t, r, pkey, &mut m, &out, &h, now)?;
+                self.store_batch(t, r, pkey, &mut m, &out, &h, cfg.retention_bytes, now)?;
                 break;
             }
             i = j;
@@ -647,21 +654,31 @@ impl Writer {
         Ok(())
     }
 
-    /// Deletes the oldest batch of a partition. Returns the footprint freed (0 if empty).
-    fn delete_front(&mut self, t: &mut Tables<'_>, r: &mut Round, pkey: u64) -> Result<u64, StoreError> {
-        let Some(mut m) = self.meta(r, pkey) else { return Ok(0) };
+    /// Deletes the oldest batch of a partition if `condition(its header, its length, the
+    /// partition's metadata)` holds. Returns the footprint freed, `None` if nothing was deleted.
+    fn delete_front_if(
+        &mut self,
+        t: &mut Tables<'_>,
+        r: &mut Round,
+        pkey: u64,
+        condition: impl FnOnce(&BatchHeader, u64, &PartitionMeta) -> bool,
+    ) -> Result<Option<u64>, StoreError> {
+        let Some(mut m) = self.meta(r, pkey) else { return Ok(None) };
         let first = match t.log.range((pkey, 0u64)..=(pkey, u64::MAX))?.next() {
             Some(e) => {
                 let (k, v) = e?;
                 let (_, b) = split_value(v.value())?;
                 let h = BatchHeader::parse(b).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                if !condition(&h, b.len() as u64, &m) {
+                    return Ok(None);
+                }
                 Some((k.value().1, v.value().len(), b.len() as u64, h.next_offset() as u64))
             }
             None => None,
         };
         let Some((base, value_len, batch_len, next)) = first else {
             r.fronts.insert(pkey, None);
-            return Ok(0);
+            return Ok(None);
         };
         t.log.remove((pkey, base))?;
         let fp = footprint(value_len);
@@ -692,7 +709,7 @@ impl Writer {
         self.put_meta(t, r, pkey, m)?;
         r.deleted_batches += 1;
         r.deleted_bytes += batch_len;
-        Ok(fp)
+        Ok(Some(fp))
     }
 
     fn footprint_now(&self, r: &Round) -> u64 {
@@ -711,19 +728,14 @@ impl Writer {
     fn size_retention(&mut self, t: &mut Tables<'_>, r: &mut Round) -> Result<(), StoreError> {
         let mut freed = 0u64;
         let cap = self.cfg.retention_delete_bytes_per_commit_max;
-        let touched: Vec<u64> = r.metas.iter().filter(|(_, m)| m.is_some()).map(|(k, _)| *k).collect();
-        for pkey in touched {
-            let Some(limit) = self.topic_of(pkey).and_then(|t| t.config.retention_bytes) else { continue };
+        let limited: Vec<(u64, u64)> = r.retention_bytes.iter().map(|(k, l)| (*k, *l)).collect();
+        for (pkey, limit) in limited {
             while freed < cap {
-                let Some(m) = self.meta(r, pkey) else { break };
-                let front_len = match t.log.range((pkey, 0u64)..=(pkey, u64::MAX))?.next() {
-                    Some(e) => e?.1.value().len().saturating_sub(VALUE_PREFIX_LEN) as u64,
+                let over = |_: &BatchHeader, len: u64, m: &PartitionMeta| m.logical_bytes.saturating_sub(len) >= limit;
+                match self.delete_front_if(t, r, pkey, over)? {
+                    Some(fp) => freed += fp,
                     None => break,
-                };
-                if m.logical_bytes.saturating_sub(front_len) < limit || m.logical_bytes <= limit {
-                    break;
                 }
-                freed += self.delete_front(t, r, pkey)?;
             }
         }
         let high = self.cfg.retention_high_bytes();
@@ -764,7 +776,7 @@ impl Writer {
         }
         while total > low && freed < cap {
             let Some(Reverse((_, pkey))) = heap.pop() else { break };
-            let fp = self.delete_front(t, r, pkey)?;
+            let fp = self.delete_front_if(t, r, pkey, |_, _, _| true)?.unwrap_or(0);
             freed += fp;
             total = total.saturating_sub(fp);
             if let Some(Some(at)) = r.fronts.get(&pkey) {
@@ -790,28 +802,14 @@ impl Writer {
             let cutoff = now.saturating_sub(ms as i64);
             for p in &topic.partitions {
                 while freed < cap {
-                    let expired = match t.log.range((p.key, 0u64)..=(p.key, u64::MAX))?.next() {
-                        Some(e) => {
-                            let (_, v) = e?;
-                            let (_, b) = split_value(v.value())?;
-                            let h = BatchHeader::parse(b).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                            h.max_timestamp < cutoff
-                        }
-                        None => false,
-                    };
-                    if !expired {
-                        break;
+                    match self.delete_front_if(t, r, p.key, |h, _, _| h.max_timestamp < cutoff)? {
+                        Some(fp) => freed += fp,
+                        None => break,
                     }
-                    freed += self.delete_front(t, r, p.key)?;
                 }
             }
         }
         Ok(())
-    }
-
-    fn topic_of(&self, pkey: u64) -> Option<Arc<TopicState>> {
-        let id = (pkey >> 32) as u32;
-        self.shared.topics.read().ok()?.values().find(|t| t.id == id).cloned()
     }
 
     fn admin(&mut self, t: &mut Tables<'_>, r: &mut Round, cmd: AdminCmd) -> Result<(), StoreError> {
