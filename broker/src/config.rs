@@ -18,6 +18,15 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// Checks that `value` lies in `[lo, hi]`, naming `key` if not.
+pub fn check_range(key: &str, value: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+    if value < lo || value > hi {
+        Err(ConfigError::new(key, format!("must be between {lo} and {hi} (got {value})")))
+    } else {
+        Ok(())
+    }
+}
+
 impl ConfigError {
     pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
         Self { key: key.into(), reason: reason.into() }
@@ -274,6 +283,9 @@ pub struct StorageConfig {
     pub topics_max: u32,
     pub partitions_per_topic_max: u32,
     pub partitions_total_max: u32,
+    /// Idempotent producers whose last sequence numbers are remembered per partition (for
+    /// deduplicating retries); the least recently used is forgotten first.
+    pub producer_states_max: u32,
 }
 
 impl Default for StorageConfig {
@@ -297,6 +309,7 @@ impl Default for StorageConfig {
             topics_max: 1000,
             partitions_per_topic_max: 256,
             partitions_total_max: 4096,
+            producer_states_max: 4096,
         }
     }
 }
@@ -305,13 +318,7 @@ impl StorageConfig {
     /// Checks every value; `prefix` is the TOML table the keys live in (e.g. `storage`).
     pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
         let key = |k: &str| format!("{prefix}.{k}");
-        let range = |k: &str, v: u64, lo: u64, hi: u64| -> Result<(), ConfigError> {
-            if v < lo || v > hi {
-                Err(ConfigError::new(key(k), format!("must be between {lo} and {hi} (got {v})")))
-            } else {
-                Ok(())
-            }
-        };
+        let range = |k: &str, v: u64, lo: u64, hi: u64| check_range(&key(k), v, lo, hi);
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new(key("data_dir"), "must not be empty"));
         }
@@ -336,6 +343,7 @@ impl StorageConfig {
         range("topics_max", self.topics_max.into(), 1, 1_000_000)?;
         range("partitions_per_topic_max", self.partitions_per_topic_max.into(), 1, 100_000)?;
         range("partitions_total_max", self.partitions_total_max.into(), 1, 1_000_000)?;
+        range("producer_states_max", self.producer_states_max.into(), 1, 10_000_000)?;
         Ok(())
     }
 

@@ -35,6 +35,10 @@ pub enum StoreError {
     OffsetOutOfRange { offset: i64, log_start_offset: i64, high_watermark: i64 },
     #[error("disk full: {free_bytes} bytes free on the data volume, storage.disk_free_bytes_min = {min_bytes}")]
     DiskFull { free_bytes: u64, min_bytes: u64 },
+    #[error("out of order sequence number: expected {expected}, got {got}")]
+    OutOfOrderSequence { expected: i32, got: i32 },
+    #[error("producer epoch {got} is older than the current epoch {current}")]
+    InvalidProducerEpoch { current: i16, got: i16 },
     #[error("the store is closed")]
     Closed,
     #[error("storage engine error: {0}")]

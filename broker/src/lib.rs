@@ -1,11 +1,12 @@
 //! Tributary's broker library: the durable partitioned log store (redb), topic configuration,
-//! the Kafka-compatible partitioner and, in later modules, the Kafka and MQTT front ends.
+//! the Kafka-compatible partitioner and the Kafka front end (the MQTT front end follows).
 //!
 //! The library knows nothing of QUIC, systemd or command-line parsing: those belong to
 //! `tributary-sync` and `tributary-gateway`, which depend on this crate and never the reverse.
 
 pub mod config;
 pub mod error;
+pub mod kafka;
 pub mod partitioner;
 pub mod storage;
 
@@ -13,5 +14,6 @@ pub use config::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, T
 pub use error::StoreError;
 pub use storage::{
     batch::{BatchError, BatchHeader, NewRecord, RecordView},
-    AppendOutcome, FetchedBatches, KvSpace, PartitionInfo, Store, StoreStats, TopicInfo, Watermarks,
+    AppendOutcome, FetchedBatches, KvSpace, PartitionInfo, PartitionWatch, PendingAppend, Store, StoreStats, TopicInfo,
+    Watermarks,
 };

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use tributary_broker::kafka::{KafkaConfig, TopicTemplate};
 use tributary_broker::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig};
 
 /// The whole `gateway.toml`.
@@ -13,6 +14,8 @@ pub struct GatewayConfig {
     pub storage: StorageConfig,
     /// Settings of topics created without explicit settings.
     pub topic_defaults: TopicDefaults,
+    /// The Kafka protocol listener.
+    pub kafka: KafkaConfig,
     pub log: LogConfig,
 }
 
@@ -43,8 +46,12 @@ impl Default for TopicDefaults {
 }
 
 impl TopicDefaults {
-    /// The settings a new topic gets (used by topic auto-creation in the front ends).
-    #[allow(dead_code)]
+    /// What a topic created by a front end gets.
+    pub fn template(&self) -> TopicTemplate {
+        TopicTemplate { partitions: self.partitions, config: self.topic_config() }
+    }
+
+    /// The settings a new topic gets.
     pub fn topic_config(&self) -> TopicConfig {
         TopicConfig {
             compression: self.compression,
@@ -91,6 +98,7 @@ impl GatewayConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.storage.validate("storage")?;
+        self.kafka.validate("kafka")?;
         if self.topic_defaults.partitions == 0 || self.topic_defaults.partitions > self.storage.partitions_per_topic_max
         {
             return Err(ConfigError::new(
@@ -162,6 +170,8 @@ mod tests {
         assert!(e.reason.contains("cache_sise_bytes"), "{e}");
         let e = GatewayConfig::parse("[topic_defaults]\npartitions = 0\n").expect_err("zero");
         assert_eq!(e.key, "topic_defaults.partitions");
+        let e = GatewayConfig::parse("[kafka]\nlisten = \"localhost\"\n").expect_err("no port");
+        assert_eq!(e.key, "kafka.listen");
         let e = GatewayConfig::parse("[storage]\nmax_bytes = \"lots\"\n").expect_err("type");
         assert!(e.to_string().contains("line 2"), "{e}");
     }

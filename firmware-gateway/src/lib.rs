@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tributary_broker::kafka::KafkaServer;
 use tributary_broker::Store;
 
 use crate::config::GatewayConfig;
@@ -99,11 +100,28 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         .await
         .context("storage open task")?
         .context("open the log store")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut kafka_addr = String::from("off");
+    let mut kafka_task = None;
+    if cfg.kafka.enabled {
+        let server = KafkaServer::bind(cfg.kafka.clone(), store.clone(), cfg.topic_defaults.template())
+            .await
+            .context("start the Kafka listener")?;
+        let local = server.local_addr().context("Kafka listener address")?;
+        let (host, port) = server.advertised();
+        tracing::info!(listen = %local, advertised = %format!("{host}:{port}"), "kafka listener bound");
+        kafka_addr = local.to_string();
+        let mut stop = stop_rx.clone();
+        kafka_task = Some(tokio::spawn(server.run(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })));
+    }
     tracing::info!(
         config = %path.as_ref().map_or_else(|| "built-in defaults".to_string(), |p| p.display().to_string()),
         data_dir = %cfg.storage.data_dir.display(),
         recovery_ms = report.duration.as_millis() as u64,
         repaired = report.repaired,
+        kafka = %kafka_addr,
         version = env!("CARGO_PKG_VERSION"),
         "tributary gateway ready"
     );
@@ -112,6 +130,10 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         _ = sigint.recv() => "SIGINT",
     };
     tracing::info!(signal = which, "shutting down: committing pending appends");
+    let _ = stop_tx.send(true);
+    if let Some(t) = kafka_task {
+        let _ = t.await;
+    }
     store.close().await.context("close the log store")?;
     tracing::info!("shutdown complete");
     Ok(())

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod compression;
 pub mod disk;
+mod producers;
 pub mod tables;
 mod writer;
 
@@ -23,6 +24,7 @@ use crate::config::{StorageConfig, TopicConfig};
 use crate::error::StoreError;
 use batch::{BatchHeader, NewRecord, StoredRecord};
 use tables::{split_value, LOG, TIME_INDEX};
+pub(crate) use writer::validate_topic_name;
 use writer::{AdminCmd, AppendData, Op};
 
 /// File name of the database inside `storage.data_dir`.
@@ -88,6 +90,27 @@ pub struct AppendOutcome {
     pub log_start_offset: i64,
 }
 
+/// An append in the writer's queue; resolves once it is durable (or refused).
+#[derive(Debug)]
+pub struct PendingAppend(oneshot::Receiver<Result<AppendOutcome, StoreError>>);
+
+impl PendingAppend {
+    pub async fn wait(self) -> Result<AppendOutcome, StoreError> {
+        self.0.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Wakes on changes of one partition's watermarks; see [`Store::watch`].
+#[derive(Debug)]
+pub struct PartitionWatch(watch::Receiver<PartitionSignal>);
+
+impl PartitionWatch {
+    /// Waits for the next change; returns false if the partition is gone (deleted or store closed).
+    pub async fn changed(&mut self) -> bool {
+        self.0.changed().await.is_ok() && !self.0.borrow().deleted
+    }
+}
+
 /// Whole batches read from a partition.
 #[derive(Debug, Clone)]
 pub struct FetchedBatches {
@@ -125,11 +148,19 @@ pub enum KvSpace {
     MqttSessions,
     MqttRetained,
     Mirror,
+    /// Broker identity and counters (cluster id, producer id blocks).
+    Broker,
 }
 
 impl KvSpace {
-    pub const ALL: [KvSpace; 5] =
-        [KvSpace::GroupOffsets, KvSpace::Producers, KvSpace::MqttSessions, KvSpace::MqttRetained, KvSpace::Mirror];
+    pub const ALL: [KvSpace; 6] = [
+        KvSpace::GroupOffsets,
+        KvSpace::Producers,
+        KvSpace::MqttSessions,
+        KvSpace::MqttRetained,
+        KvSpace::Mirror,
+        KvSpace::Broker,
+    ];
 
     pub(crate) fn table(self) -> redb::TableDefinition<'static, &'static [u8], &'static [u8]> {
         redb::TableDefinition::new(match self {
@@ -138,6 +169,7 @@ impl KvSpace {
             KvSpace::MqttSessions => "kv.mqtt_sessions",
             KvSpace::MqttRetained => "kv.mqtt_retained",
             KvSpace::Mirror => "kv.mirror",
+            KvSpace::Broker => "kv.broker",
         })
     }
 }
@@ -353,9 +385,18 @@ impl Store {
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
     ) -> Result<T, StoreError> {
+        self.enqueue(make).await?.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues an operation for the writer (waiting while the queue is full) without waiting for
+    /// its commit.
+    async fn enqueue<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.inner.queue.send(make(tx)).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        Ok(rx)
     }
 
     // ---- topics ----
@@ -418,6 +459,14 @@ impl Store {
     /// Appends a client's ready RecordBatch v2: validated, stored as sent (base offset and leader
     /// epoch rewritten; LogAppendTime topics get the broker's timestamp). Returns once durable.
     pub async fn append_batch(&self, topic: &str, partition: i32, batch: Bytes) -> Result<AppendOutcome, StoreError> {
+        self.enqueue_batch(topic, partition, batch).await?.wait().await
+    }
+
+    /// Validates and queues a client batch like [`Store::append_batch`], returning once it is
+    /// queued; the returned [`PendingAppend`] resolves when it is durable. Appends queued one
+    /// after the other from one task are stored in that order, so a connection can pipeline
+    /// requests and still keep their order.
+    pub async fn enqueue_batch(&self, topic: &str, partition: i32, batch: Bytes) -> Result<PendingAppend, StoreError> {
         let cfg = &self.inner.shared.config;
         if batch.len() as u64 > u64::from(cfg.append_size_bytes_max) {
             return Err(StoreError::AppendTooLarge { size: batch.len() as u64, max: cfg.append_size_bytes_max.into() });
@@ -425,8 +474,10 @@ impl Store {
         let (t, p) = self.partition_state(topic, partition)?;
         let header: BatchHeader = batch::validate(&batch, cfg.decompressed_size_bytes_max)?;
         let bytes = BytesMut::from(&batch[..]);
-        self.submit(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Batch { bytes, header }, reply })
-            .await
+        let rx = self
+            .enqueue(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Batch { bytes, header }, reply })
+            .await?;
+        Ok(PendingAppend(rx))
     }
 
     /// Appends records; the writer packs the records waiting for one partition into batches
@@ -437,6 +488,16 @@ impl Store {
         partition: i32,
         records: Vec<NewRecord>,
     ) -> Result<AppendOutcome, StoreError> {
+        self.enqueue_records(topic, partition, records).await?.wait().await
+    }
+
+    /// Queues records like [`Store::append_records`]; the [`PendingAppend`] resolves when durable.
+    pub async fn enqueue_records(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: Vec<NewRecord>,
+    ) -> Result<PendingAppend, StoreError> {
         let cfg = &self.inner.shared.config;
         if records.is_empty() {
             return Err(StoreError::InvalidBatch(batch::BatchError::Empty(0)));
@@ -446,7 +507,17 @@ impl Store {
             return Err(StoreError::AppendTooLarge { size: size as u64, max: cfg.append_size_bytes_max.into() });
         }
         let (t, p) = self.partition_state(topic, partition)?;
-        self.submit(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Records(records), reply }).await
+        let rx = self
+            .enqueue(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Records(records), reply })
+            .await?;
+        Ok(PendingAppend(rx))
+    }
+
+    /// A handle that wakes when the partition's watermarks change (appends, retention) or the
+    /// partition is deleted: for long polls over many partitions.
+    pub fn watch(&self, topic: &str, partition: i32) -> Result<PartitionWatch, StoreError> {
+        let (_, p) = self.partition_state(topic, partition)?;
+        Ok(PartitionWatch(p.signal.subscribe()))
     }
 
     // ---- reads ----

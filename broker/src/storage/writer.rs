@@ -16,6 +16,7 @@ use redb::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::batch::{self, BatchHeader, NewRecord, HEADER_LEN};
+use super::producers::{self, ProducerEntry, ProducerStates, SeqCheck};
 use super::tables::{
     footprint, partition_key, split_value, PartitionMeta, TopicRecord, LOG, META, META_NEXT_TOPIC_ID, PARTITIONS,
     TIME_INDEX, TOPICS, VALUE_PREFIX_LEN,
@@ -105,11 +106,12 @@ pub(crate) fn validate_topic_name(name: &str) -> Result<(), StoreError> {
 pub(crate) struct Loaded {
     pub topics: HashMap<String, Arc<TopicState>>,
     pub metas: HashMap<u64, PartitionMeta>,
+    pub producers: ProducerStates,
 }
 
 /// Creates missing tables and reads topics and partition metadata, checking that each
 /// partition's metadata agrees with its last stored batch.
-pub(crate) fn load(db: &Database, _config: &StorageConfig) -> Result<Loaded, StoreError> {
+pub(crate) fn load(db: &Database, config: &StorageConfig) -> Result<Loaded, StoreError> {
     let tx = db.begin_write()?;
     {
         tx.open_table(TOPICS)?;
@@ -158,7 +160,50 @@ pub(crate) fn load(db: &Database, _config: &StorageConfig) -> Result<Loaded, Sto
         let name = name.value().to_string();
         topics.insert(name.clone(), Arc::new(TopicState { id: rec.id, name, config, partitions }));
     }
-    Ok(Loaded { topics, metas })
+    let mut producers = ProducerStates::new(config.producer_states_max as usize);
+    for (&key, meta) in &metas {
+        rebuild_producers(&log_t, key, meta, &mut producers)?;
+    }
+    Ok(Loaded { topics, metas, producers })
+}
+
+/// Reads the last batches of a partition (oldest first) into the idempotent-producer state.
+fn rebuild_producers(
+    log: &redb::ReadOnlyTable<(u64, u64), &'static [u8]>,
+    key: u64,
+    meta: &PartitionMeta,
+    producers: &mut ProducerStates,
+) -> Result<(), StoreError> {
+    let mut tail = Vec::new();
+    for e in log.range((key, 0u64)..=(key, u64::MAX))?.rev().take(producers::REBUILD_BATCHES_PER_PARTITION) {
+        let (_, v) = e?;
+        let (_, b) = split_value(v.value())?;
+        let h = BatchHeader::parse(b).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if h.producer_id >= 0 {
+            tail.push(h);
+        }
+    }
+    for h in tail.into_iter().rev() {
+        let log_append = h.attributes & 0x08 != 0;
+        let outcome = AppendOutcome {
+            base_offset: h.base_offset,
+            last_offset: h.last_offset(),
+            log_append_time_ms: log_append.then_some(h.max_timestamp),
+            log_start_offset: meta.log_start_offset as i64,
+        };
+        let pk = (key, h.producer_id);
+        let mut entry = producers.get(&pk).cloned().unwrap_or_else(|| ProducerEntry::new(h.producer_epoch));
+        let clock = producers.tick();
+        entry.record(
+            h.producer_epoch,
+            h.base_sequence,
+            producers::last_seq(h.base_sequence, h.record_count),
+            outcome,
+            clock,
+        );
+        producers.insert(pk, entry);
+    }
+    Ok(())
 }
 
 /// Records waiting in one round for one partition, packed into batches at flush time.
@@ -194,6 +239,8 @@ struct Round {
     fronts: HashMap<u64, Option<i64>>,
     /// Partitions appended to this round whose topic has `retention.bytes`, with that limit.
     retention_bytes: HashMap<u64, u64>,
+    /// Idempotent-producer entries changed this round.
+    producers: HashMap<(u64, i64), ProducerEntry>,
 }
 
 struct Tables<'t> {
@@ -221,6 +268,7 @@ pub(crate) struct Writer {
     /// A non-durable commit happened since the last durable one.
     unsynced_since: Option<Instant>,
     last_time_retention: Instant,
+    producers: ProducerStates,
 }
 
 impl Writer {
@@ -249,6 +297,7 @@ impl Writer {
             retention_active: false,
             unsynced_since: None,
             last_time_retention: Instant::now(),
+            producers: loaded.producers,
         }
     }
 
@@ -447,8 +496,17 @@ impl Writer {
                                 let (k, p) = packs.remove(i);
                                 self.flush_pack(&mut t, r, k, p, now)?;
                             }
-                            let outcome = self.append_client_batch(&mut t, r, pkey, &topic, bytes, header, now)?;
-                            r.done.push(Done::Append(reply, outcome));
+                            match self.append_client_batch(&mut t, r, pkey, &topic, bytes, header, now) {
+                                Ok(outcome) => r.done.push(Done::Append(reply, outcome)),
+                                // Refused by the idempotence check: nothing was written for it.
+                                Err(
+                                    e @ (StoreError::OutOfOrderSequence { .. }
+                                    | StoreError::InvalidProducerEpoch { .. }),
+                                ) => {
+                                    let _ = reply.send(Err(e));
+                                }
+                                Err(e) => return Err(e),
+                            }
                         }
                     }
                 }
@@ -558,6 +616,18 @@ impl Writer {
         now: i64,
     ) -> Result<AppendOutcome, StoreError> {
         let mut m = self.meta(r, pkey).ok_or_else(|| StoreError::UnknownTopic(topic.name.clone()))?;
+        let idempotent = header.producer_id >= 0;
+        let (first_seq, last_seq) =
+            (header.base_sequence, producers::last_seq(header.base_sequence, header.record_count));
+        let pk = (pkey, header.producer_id);
+        if idempotent {
+            let entry = r.producers.get(&pk).or_else(|| self.producers.get(&pk));
+            if let Some(e) = entry {
+                if let SeqCheck::Duplicate(original) = e.check(header.producer_epoch, first_seq, last_seq)? {
+                    return Ok(original);
+                }
+            }
+        }
         let base = m.next_offset as i64;
         batch::set_base_offset(&mut bytes, base);
         batch::set_leader_epoch(&mut bytes, 0);
@@ -572,12 +642,22 @@ impl Writer {
         };
         self.store_batch(t, r, pkey, &mut m, &bytes, &h, topic.config.retention_bytes, now)?;
         self.put_meta(t, r, pkey, m)?;
-        Ok(AppendOutcome {
+        let outcome = AppendOutcome {
             base_offset: base,
             last_offset: h.last_offset(),
             log_append_time_ms: log_append.then_some(now),
             log_start_offset: m.log_start_offset as i64,
-        })
+        };
+        if idempotent {
+            let mut entry = match r.producers.remove(&pk) {
+                Some(e) => e,
+                None => self.producers.get(&pk).cloned().unwrap_or_else(|| ProducerEntry::new(header.producer_epoch)),
+            };
+            let clock = self.producers.tick();
+            entry.record(header.producer_epoch, first_seq, last_seq, outcome, clock);
+            r.producers.insert(pk, entry);
+        }
+        Ok(outcome)
     }
 
     /// Encodes a partition's waiting records into batches under `batch_size_bytes_max`.
@@ -970,6 +1050,9 @@ impl Writer {
         }
         for (k, f) in r.fronts {
             self.fronts.insert(k, f);
+        }
+        for (k, e) in r.producers {
+            self.producers.insert(k, e);
         }
         for (pkey, m) in r.metas {
             match m {

@@ -1,0 +1,105 @@
+//! Settings of the Kafka listener (`[kafka]` in the gateway's TOML): address, what clients are
+//! told to connect to, and the limits that bound each connection's and the listener's memory.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{check_range, ConfigError};
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Serve the Kafka protocol at all.
+    pub enabled: bool,
+    /// Address and port to listen on (`127.0.0.1:9092` by default: local clients only).
+    pub listen: String,
+    /// Host clients are told to connect to (in Metadata); empty = the listen address, or this
+    /// machine's hostname when listening on all interfaces. Set it behind NAT or in containers.
+    pub advertised_host: String,
+    /// Port clients are told to connect to; 0 = the port actually listened on.
+    pub advertised_port: u16,
+    /// This broker's node id in Metadata.
+    pub node_id: i32,
+    /// Open connections; more are accepted and closed at once with a warning.
+    pub connections_max: u32,
+    /// Largest request accepted (the size prefix is checked before anything is buffered).
+    pub frame_bytes_max: u32,
+    /// Requests of one connection being processed at once (pipelining); further requests wait in
+    /// the socket (TCP backpressure).
+    pub inflight_requests_max: u32,
+    /// Bytes of requests being processed plus fetch responses being built, over all connections.
+    pub buffer_memory_bytes_max: u64,
+    /// Upper bound of one fetch response whatever the client asks for.
+    pub fetch_response_bytes_max: u32,
+    /// Longest long-poll of a fetch whatever the client asks for.
+    pub fetch_wait_max_ms: u32,
+    /// Connections without a request for this long are closed.
+    pub idle_timeout_ms: u64,
+    /// Create a topic (with `[topic_defaults]`) when a client asks for metadata of a missing one.
+    pub auto_create_topics: bool,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:9092".into(),
+            advertised_host: String::new(),
+            advertised_port: 0,
+            node_id: 1,
+            connections_max: 256,
+            frame_bytes_max: 8 * MIB as u32,
+            inflight_requests_max: 32,
+            buffer_memory_bytes_max: 64 * MIB,
+            fetch_response_bytes_max: 8 * MIB as u32,
+            fetch_wait_max_ms: 30_000,
+            idle_timeout_ms: 600_000,
+            auto_create_topics: true,
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// Checks every value; `prefix` is the TOML table (e.g. `kafka`).
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        let range = |k: &str, v: u64, lo: u64, hi: u64| check_range(&key(k), v, lo, hi);
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::new(
+                key("listen"),
+                format!("must be an IP address and port such as 127.0.0.1:9092 (got {:?})", self.listen),
+            ));
+        }
+        if self.advertised_host.chars().any(|c| c.is_whitespace() || c == '/') {
+            return Err(ConfigError::new(key("advertised_host"), "must be a host name or IP address"));
+        }
+        if self.node_id < 0 {
+            return Err(ConfigError::new(key("node_id"), format!("must not be negative (got {})", self.node_id)));
+        }
+        range("connections_max", self.connections_max.into(), 1, 100_000)?;
+        range("frame_bytes_max", self.frame_bytes_max.into(), 64 * 1024, 1024 * MIB)?;
+        range("inflight_requests_max", self.inflight_requests_max.into(), 1, 1024)?;
+        range("buffer_memory_bytes_max", self.buffer_memory_bytes_max, self.frame_bytes_max.into(), 64 * 1024 * MIB)?;
+        range("fetch_response_bytes_max", self.fetch_response_bytes_max.into(), 64 * 1024, 1024 * MIB)?;
+        range("fetch_wait_max_ms", self.fetch_wait_max_ms.into(), 0, 600_000)?;
+        range("idle_timeout_ms", self.idle_timeout_ms, 1000, 7 * 24 * 3_600_000)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_errors_name_the_key() {
+        KafkaConfig::default().validate("kafka").unwrap();
+        let c = KafkaConfig { listen: "nowhere".into(), ..Default::default() };
+        assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.listen");
+        let c = KafkaConfig { buffer_memory_bytes_max: 1, ..Default::default() };
+        assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.buffer_memory_bytes_max");
+        let c = KafkaConfig { inflight_requests_max: 0, ..Default::default() };
+        assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.inflight_requests_max");
+    }
+}

@@ -1,0 +1,50 @@
+//! Kafka error codes used by this broker, and the mapping of store errors onto them.
+
+use crate::error::StoreError;
+use crate::storage::batch::BatchError;
+
+pub(crate) const NONE: i16 = 0;
+pub(crate) const UNKNOWN_SERVER_ERROR: i16 = -1;
+pub(crate) const OFFSET_OUT_OF_RANGE: i16 = 1;
+pub(crate) const CORRUPT_MESSAGE: i16 = 2;
+pub(crate) const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+pub(crate) const MESSAGE_TOO_LARGE: i16 = 10;
+pub(crate) const INVALID_TOPIC_EXCEPTION: i16 = 17;
+pub(crate) const INVALID_REQUIRED_ACKS: i16 = 21;
+pub(crate) const UNSUPPORTED_VERSION: i16 = 35;
+pub(crate) const TOPIC_ALREADY_EXISTS: i16 = 36;
+pub(crate) const INVALID_PARTITIONS: i16 = 37;
+pub(crate) const INVALID_REPLICATION_FACTOR: i16 = 38;
+pub(crate) const INVALID_REPLICA_ASSIGNMENT: i16 = 39;
+pub(crate) const INVALID_CONFIG: i16 = 40;
+pub(crate) const INVALID_REQUEST: i16 = 42;
+pub(crate) const POLICY_VIOLATION: i16 = 44;
+pub(crate) const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+pub(crate) const INVALID_PRODUCER_EPOCH: i16 = 47;
+pub(crate) const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
+pub(crate) const KAFKA_STORAGE_ERROR: i16 = 56;
+pub(crate) const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
+pub(crate) const INVALID_RECORD: i16 = 87;
+
+/// The Kafka error code for a store error.
+pub(crate) fn code(e: &StoreError) -> i16 {
+    match e {
+        StoreError::UnknownTopic(_) | StoreError::UnknownPartition { .. } => UNKNOWN_TOPIC_OR_PARTITION,
+        StoreError::TopicExists(_) => TOPIC_ALREADY_EXISTS,
+        StoreError::InvalidTopicName { .. } => INVALID_TOPIC_EXCEPTION,
+        StoreError::InvalidPartitions { .. } => INVALID_PARTITIONS,
+        StoreError::InvalidTopicConfig(_) | StoreError::InvalidConfig(_) => INVALID_CONFIG,
+        StoreError::LimitReached { .. } => POLICY_VIOLATION,
+        StoreError::InvalidBatch(BatchError::Crc { .. }) => CORRUPT_MESSAGE,
+        StoreError::InvalidBatch(_) => INVALID_RECORD,
+        StoreError::AppendTooLarge { .. } => MESSAGE_TOO_LARGE,
+        StoreError::OffsetOutOfRange { .. } => OFFSET_OUT_OF_RANGE,
+        StoreError::OutOfOrderSequence { .. } => OUT_OF_ORDER_SEQUENCE_NUMBER,
+        StoreError::InvalidProducerEpoch { .. } => INVALID_PRODUCER_EPOCH,
+        StoreError::DiskFull { .. }
+        | StoreError::Closed
+        | StoreError::Storage(_)
+        | StoreError::Io { .. }
+        | StoreError::Corrupt(_) => KAFKA_STORAGE_ERROR,
+    }
+}

@@ -1,0 +1,15 @@
+//! The Kafka wire-protocol front end: unmodified Kafka clients (librdkafka, kafka-python, Java,
+//! franz-go) produce, fetch and administer topics on this one-node cluster, whose log is the
+//! store's. See `versions` for the APIs served and ARCHITECTURE.md for the design.
+
+mod codec;
+mod config;
+mod errors;
+mod handlers;
+mod requests;
+mod server;
+mod versions;
+
+pub use codec::DecodeError;
+pub use config::KafkaConfig;
+pub use server::{KafkaError, KafkaServer, KafkaStats, TopicTemplate};

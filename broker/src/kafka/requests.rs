@@ -1,0 +1,379 @@
+//! Request bodies of the served APIs, decoded by hand from the Kafka schemas with the bounded
+//! [`Reader`]: the protocol crate's decoders size vectors from client-supplied counts, so only
+//! its response types are used (see ARCHITECTURE.md).
+
+use bytes::Bytes;
+
+use super::codec::{min_array, min_str, DecodeError, Reader};
+use super::versions::key;
+
+#[derive(Debug, Clone)]
+pub(crate) struct ProduceRequest {
+    pub transactional_id: Option<String>,
+    pub acks: i16,
+    pub topics: Vec<(String, Vec<(i32, Option<Bytes>)>)>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct FetchPartition {
+    pub partition: i32,
+    pub fetch_offset: i64,
+    pub partition_max_bytes: i32,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct FetchRequest {
+    pub max_wait_ms: i32,
+    pub min_bytes: i32,
+    pub max_bytes: i32,
+    pub topics: Vec<(String, Vec<FetchPartition>)>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ListOffsetsRequest {
+    pub topics: Vec<(String, Vec<(i32, i64)>)>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct MetadataRequest {
+    /// `None` = all topics.
+    pub topics: Option<Vec<String>>,
+    pub allow_auto_topic_creation: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CreatableTopic {
+    pub name: String,
+    pub num_partitions: i32,
+    pub replication_factor: i16,
+    pub assignments: usize,
+    pub configs: Vec<(String, Option<String>)>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CreateTopicsRequest {
+    pub topics: Vec<CreatableTopic>,
+    pub validate_only: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct InitProducerIdRequest {
+    pub transactional_id: Option<String>,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ConfigResource {
+    pub resource_type: i8,
+    pub resource_name: String,
+    /// Describe: keys asked for (`None` = all). Alter: (name, operation, value).
+    pub keys: Option<Vec<String>>,
+    pub changes: Vec<(String, i8, Option<String>)>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ConfigsRequest {
+    pub resources: Vec<ConfigResource>,
+    pub validate_only: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CreatePartitionsRequest {
+    pub topics: Vec<(String, i32, bool)>,
+    pub validate_only: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Request {
+    ApiVersions,
+    Produce(ProduceRequest),
+    Fetch(FetchRequest),
+    ListOffsets(ListOffsetsRequest),
+    Metadata(MetadataRequest),
+    CreateTopics(CreateTopicsRequest),
+    DeleteTopics(Vec<String>),
+    InitProducerId(InitProducerIdRequest),
+    DescribeConfigs(ConfigsRequest),
+    AlterConfigs(ConfigsRequest),
+    IncrementalAlterConfigs(ConfigsRequest),
+    CreatePartitions(CreatePartitionsRequest),
+    DescribeCluster,
+}
+
+/// Decodes the body of a served API at a served version (checked by the caller).
+pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, DecodeError> {
+    let f = r.flex;
+    let req = match api_key {
+        key::API_VERSIONS => {
+            if v >= 3 {
+                r.string()?; // client_software_name
+                r.string()?; // client_software_version
+            }
+            Request::ApiVersions
+        }
+        key::PRODUCE => {
+            let transactional_id = if v >= 3 { r.nullable_string()? } else { None };
+            let acks = r.i16()?;
+            r.i32()?; // timeout_ms: appends take one commit; there is no replication to wait for
+            let topics = r.array(min_str(f) + min_array(f), |r| {
+                let name = r.string()?;
+                let parts = r.array(4 + min_array(f), |r| {
+                    let index = r.i32()?;
+                    let records = r.nullable_bytes()?;
+                    r.tagged_fields()?;
+                    Ok((index, records))
+                })?;
+                r.tagged_fields()?;
+                Ok((name, parts))
+            })?;
+            Request::Produce(ProduceRequest { transactional_id, acks, topics })
+        }
+        key::FETCH => {
+            r.i32()?; // replica_id
+            let max_wait_ms = r.i32()?;
+            let min_bytes = r.i32()?;
+            let max_bytes = if v >= 3 { r.i32()? } else { i32::MAX };
+            if v >= 4 {
+                r.i8()?; // isolation_level: without transactions everything is committed
+            }
+            if v >= 7 {
+                r.i32()?; // session_id: sessions are not kept, every fetch is a full fetch
+                r.i32()?; // session_epoch
+            }
+            let topics = r.array(min_str(f) + min_array(f), |r| {
+                let name = r.string()?;
+                let parts = r.array(16, |r| {
+                    let partition = r.i32()?;
+                    if v >= 9 {
+                        r.i32()?; // current_leader_epoch
+                    }
+                    let fetch_offset = r.i64()?;
+                    if v >= 12 {
+                        r.i32()?; // last_fetched_epoch
+                    }
+                    if v >= 5 {
+                        r.i64()?; // log_start_offset (followers only)
+                    }
+                    let partition_max_bytes = r.i32()?;
+                    r.tagged_fields()?;
+                    Ok(FetchPartition { partition, fetch_offset, partition_max_bytes })
+                })?;
+                r.tagged_fields()?;
+                Ok((name, parts))
+            })?;
+            if v >= 7 {
+                r.array(min_str(f) + min_array(f), |r| {
+                    r.string()?;
+                    r.array(4, |r| r.i32())?;
+                    r.tagged_fields()
+                })?;
+            }
+            if v >= 11 {
+                r.string()?; // rack_id
+            }
+            Request::Fetch(FetchRequest { max_wait_ms, min_bytes, max_bytes, topics })
+        }
+        key::LIST_OFFSETS => {
+            r.i32()?; // replica_id
+            if v >= 2 {
+                r.i8()?; // isolation_level
+            }
+            let topics = r.array(min_str(f) + min_array(f), |r| {
+                let name = r.string()?;
+                let parts = r.array(12, |r| {
+                    let partition = r.i32()?;
+                    if v >= 4 {
+                        r.i32()?; // current_leader_epoch
+                    }
+                    let timestamp = r.i64()?;
+                    r.tagged_fields()?;
+                    Ok((partition, timestamp))
+                })?;
+                r.tagged_fields()?;
+                Ok((name, parts))
+            })?;
+            Request::ListOffsets(ListOffsetsRequest { topics })
+        }
+        key::METADATA => {
+            let topics = r.nullable_array(min_str(f), |r| {
+                if v >= 10 {
+                    r.uuid()?;
+                }
+                let name = r.string()?;
+                r.tagged_fields()?;
+                Ok(name)
+            })?;
+            // v0: an empty list means all topics; v1+: null means all, empty means none.
+            let topics = match topics {
+                Some(t) if v == 0 && t.is_empty() => None,
+                other => other,
+            };
+            let allow_auto_topic_creation = if v >= 4 { r.bool()? } else { true };
+            if (8..=10).contains(&v) {
+                r.bool()?; // include_cluster_authorized_operations
+            }
+            if v >= 8 {
+                r.bool()?; // include_topic_authorized_operations
+            }
+            Request::Metadata(MetadataRequest { topics, allow_auto_topic_creation })
+        }
+        key::CREATE_TOPICS => {
+            let topics = r.array(min_str(f) + 6 + 2 * min_array(f), |r| {
+                let name = r.string()?;
+                let num_partitions = r.i32()?;
+                let replication_factor = r.i16()?;
+                let assignments = r.array(4 + min_array(f), |r| {
+                    r.i32()?;
+                    r.array(4, |r| r.i32())?;
+                    r.tagged_fields()
+                })?;
+                let configs = r.array(2 * min_str(f), |r| {
+                    let name = r.string()?;
+                    let value = r.nullable_string()?;
+                    r.tagged_fields()?;
+                    Ok((name, value))
+                })?;
+                r.tagged_fields()?;
+                Ok(CreatableTopic { name, num_partitions, replication_factor, assignments: assignments.len(), configs })
+            })?;
+            r.i32()?; // timeout_ms
+            let validate_only = if v >= 1 { r.bool()? } else { false };
+            Request::CreateTopics(CreateTopicsRequest { topics, validate_only })
+        }
+        key::DELETE_TOPICS => {
+            let names = r.array(min_str(f), |r| r.string())?;
+            r.i32()?; // timeout_ms
+            Request::DeleteTopics(names)
+        }
+        key::INIT_PRODUCER_ID => {
+            let transactional_id = r.nullable_string()?;
+            r.i32()?; // transaction_timeout_ms
+            let (producer_id, producer_epoch) = if v >= 3 { (r.i64()?, r.i16()?) } else { (-1, -1) };
+            Request::InitProducerId(InitProducerIdRequest { transactional_id, producer_id, producer_epoch })
+        }
+        key::DESCRIBE_CONFIGS => {
+            let resources = r.array(1 + min_str(f) + min_array(f), |r| {
+                let resource_type = r.i8()?;
+                let resource_name = r.string()?;
+                let keys = r.nullable_array(min_str(f), |r| r.string())?;
+                r.tagged_fields()?;
+                Ok(ConfigResource { resource_type, resource_name, keys, changes: Vec::new() })
+            })?;
+            if v >= 1 {
+                r.bool()?; // include_synonyms
+            }
+            if v >= 3 {
+                r.bool()?; // include_documentation
+            }
+            Request::DescribeConfigs(ConfigsRequest { resources, validate_only: false })
+        }
+        key::ALTER_CONFIGS | key::INCREMENTAL_ALTER_CONFIGS => {
+            let incremental = api_key == key::INCREMENTAL_ALTER_CONFIGS;
+            let resources = r.array(1 + min_str(f) + min_array(f), |r| {
+                let resource_type = r.i8()?;
+                let resource_name = r.string()?;
+                let changes = r.array(2 * min_str(f), |r| {
+                    let name = r.string()?;
+                    let op = if incremental { r.i8()? } else { 0 };
+                    let value = r.nullable_string()?;
+                    r.tagged_fields()?;
+                    Ok((name, op, value))
+                })?;
+                r.tagged_fields()?;
+                Ok(ConfigResource { resource_type, resource_name, keys: None, changes })
+            })?;
+            let validate_only = r.bool()?;
+            let req = ConfigsRequest { resources, validate_only };
+            if incremental {
+                Request::IncrementalAlterConfigs(req)
+            } else {
+                Request::AlterConfigs(req)
+            }
+        }
+        key::CREATE_PARTITIONS => {
+            let topics = r.array(min_str(f) + 4 + min_array(f), |r| {
+                let name = r.string()?;
+                let count = r.i32()?;
+                let assignments = r.nullable_array(min_array(f), |r| {
+                    r.array(4, |r| r.i32())?;
+                    r.tagged_fields()
+                })?;
+                r.tagged_fields()?;
+                Ok((name, count, assignments.is_some_and(|a| !a.is_empty())))
+            })?;
+            r.i32()?; // timeout_ms
+            let validate_only = r.bool()?;
+            Request::CreatePartitions(CreatePartitionsRequest { topics, validate_only })
+        }
+        key::DESCRIBE_CLUSTER => {
+            r.bool()?; // include_cluster_authorized_operations
+            if v >= 1 {
+                r.i8()?; // endpoint_type
+            }
+            Request::DescribeCluster
+        }
+        _ => return Err(DecodeError::Invalid("api key")),
+    };
+    r.tagged_fields()?;
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{BufMut, BytesMut};
+
+    fn produce_v3(records: &[u8]) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_i16(-1); // transactional_id
+        b.put_i16(-1); // acks
+        b.put_i32(1000);
+        b.put_i32(1);
+        b.put_i16(1);
+        b.put_slice(b"t");
+        b.put_i32(1);
+        b.put_i32(0);
+        b.put_i32(records.len() as i32);
+        b.put_slice(records);
+        b.freeze()
+    }
+
+    #[test]
+    fn produce_decodes_and_truncation_is_an_error() {
+        let body = produce_v3(b"abc");
+        let mut r = Reader::new(body.clone(), false);
+        let Request::Produce(p) = decode(key::PRODUCE, 3, &mut r).unwrap() else { panic!() };
+        assert_eq!(p.acks, -1);
+        assert_eq!(p.topics[0].0, "t");
+        assert_eq!(p.topics[0].1[0].1.as_deref(), Some(&b"abc"[..]));
+        for cut in 0..body.len() {
+            let mut r = Reader::new(body.slice(..cut), false);
+            assert!(decode(key::PRODUCE, 3, &mut r).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn metadata_all_topics_forms() {
+        let mut b = BytesMut::new();
+        b.put_i32(0);
+        let mut r = Reader::new(b.freeze(), false);
+        let Request::Metadata(m) = decode(key::METADATA, 0, &mut r).unwrap() else { panic!() };
+        assert!(m.topics.is_none(), "v0 empty list = all");
+
+        let mut b = BytesMut::new();
+        b.put_i32(0);
+        b.put_u8(1);
+        let mut r = Reader::new(b.freeze(), false);
+        let Request::Metadata(m) = decode(key::METADATA, 4, &mut r).unwrap() else { panic!() };
+        assert_eq!(m.topics, Some(vec![]), "v1+ empty list = none");
+
+        let mut b = BytesMut::new();
+        b.put_i32(-1);
+        b.put_u8(0);
+        let mut r = Reader::new(b.freeze(), false);
+        let Request::Metadata(m) = decode(key::METADATA, 4, &mut r).unwrap() else { panic!() };
+        assert!(m.topics.is_none());
+        assert!(!m.allow_auto_topic_creation);
+    }
+}

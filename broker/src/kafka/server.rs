@@ -1,0 +1,358 @@
+//! The Kafka listener and its connections: accepting within `connections_max`, reading frames
+//! within `frame_bytes_max` and the shared memory budget, pipelining up to
+//! `inflight_requests_max` requests per connection and writing the responses back in request
+//! order; idle connections are closed.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
+
+use super::codec::{self, Reader};
+use super::config::KafkaConfig;
+use super::handlers;
+use super::requests;
+use super::versions::{self, key};
+use crate::config::TopicConfig;
+use crate::error::StoreError;
+use crate::storage::{KvSpace, Store};
+
+/// What a topic created by this front end gets (from `[topic_defaults]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    pub partitions: u32,
+    pub config: TopicConfig,
+}
+
+/// Why the Kafka listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("invalid Kafka configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Counters of the Kafka front end.
+#[derive(Debug, Default)]
+pub struct KafkaStats {
+    pub connections_accepted: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub requests: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+/// Producer ids are handed out from blocks reserved durably, so an id is never given twice, even
+/// across restarts.
+#[derive(Debug)]
+pub(crate) struct ProducerIds {
+    next: i64,
+    limit: i64,
+}
+
+const PRODUCER_ID_BLOCK: i64 = 1000;
+const KV_PRODUCER_ID_LIMIT: &[u8] = b"producer_id_limit";
+const KV_CLUSTER_ID: &[u8] = b"cluster_id";
+
+/// State shared by all connections.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub store: Store,
+    pub cfg: KafkaConfig,
+    pub defaults: TopicTemplate,
+    pub advertised_host: String,
+    pub advertised_port: i32,
+    pub cluster_id: String,
+    pub memory: Arc<Semaphore>,
+    pub producer_ids: Mutex<ProducerIds>,
+    pub stats: Arc<KafkaStats>,
+}
+
+impl Ctx {
+    pub(crate) async fn next_producer_id(&self) -> Result<i64, StoreError> {
+        let mut ids = self.producer_ids.lock().await;
+        if ids.next >= ids.limit {
+            let limit = ids.limit + PRODUCER_ID_BLOCK;
+            self.store
+                .kv_put(KvSpace::Broker, KV_PRODUCER_ID_LIMIT.to_vec(), Some(limit.to_be_bytes().to_vec()))
+                .await?;
+            ids.limit = limit;
+        }
+        let id = ids.next;
+        ids.next += 1;
+        Ok(id)
+    }
+
+    /// Takes `bytes` of the shared buffer budget (capped at the whole budget), waiting if needed.
+    pub(crate) async fn reserve(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let n = bytes.clamp(1, self.cfg.buffer_memory_bytes_max).min(u64::from(u32::MAX)) as u32;
+        self.memory.clone().acquire_many_owned(n).await.ok()
+    }
+}
+
+/// A response on its way: the frame bytes and the budget they hold until written.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub bytes: Bytes,
+    pub permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// The rest of a request's work after it was read (and, for produce, queued in order).
+/// `None` = no response (produce with acks=0).
+pub(crate) type PendingReply = Pin<Box<dyn Future<Output = Result<Option<Reply>, String>> + Send>>;
+
+/// A bound Kafka listener.
+#[derive(Debug)]
+pub struct KafkaServer {
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+}
+
+impl KafkaServer {
+    /// Validates the config, reads (or creates) the cluster id and binds the listener.
+    pub async fn bind(cfg: KafkaConfig, store: Store, defaults: TopicTemplate) -> Result<Self, KafkaError> {
+        cfg.validate("kafka")?;
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|source| KafkaError::Bind { addr: cfg.listen.clone(), source })?;
+        let local = listener.local_addr().map_err(|source| KafkaError::Bind { addr: cfg.listen.clone(), source })?;
+        let advertised_host = if !cfg.advertised_host.is_empty() {
+            cfg.advertised_host.clone()
+        } else if local.ip().is_unspecified() {
+            hostname().unwrap_or_else(|| "localhost".to_string())
+        } else {
+            local.ip().to_string()
+        };
+        let advertised_port = if cfg.advertised_port != 0 { cfg.advertised_port } else { local.port() };
+        let cluster_id = match store.kv_get(KvSpace::Broker, KV_CLUSTER_ID)? {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => {
+                let id = new_cluster_id();
+                store.kv_put(KvSpace::Broker, KV_CLUSTER_ID.to_vec(), Some(id.clone().into_bytes())).await?;
+                id
+            }
+        };
+        let limit = match store.kv_get(KvSpace::Broker, KV_PRODUCER_ID_LIMIT)? {
+            Some(v) if v.len() == 8 => {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&v);
+                i64::from_be_bytes(a)
+            }
+            _ => 0,
+        };
+        let memory = Arc::new(Semaphore::new(cfg.buffer_memory_bytes_max.min(u64::from(u32::MAX)) as usize));
+        let ctx = Arc::new(Ctx {
+            store,
+            advertised_host,
+            advertised_port: i32::from(advertised_port),
+            cluster_id,
+            memory,
+            producer_ids: Mutex::new(ProducerIds { next: limit, limit }),
+            stats: Arc::new(KafkaStats::default()),
+            defaults,
+            cfg,
+        });
+        Ok(Self { listener, ctx })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The host and port clients are told to connect to.
+    pub fn advertised(&self) -> (String, u16) {
+        (self.ctx.advertised_host.clone(), self.ctx.advertised_port as u16)
+    }
+
+    pub fn stats(&self) -> Arc<KafkaStats> {
+        self.ctx.stats.clone()
+    }
+
+    /// Accepts connections until `shutdown` completes; then stops accepting (open connections
+    /// end with the runtime).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let connections = Arc::new(Semaphore::new(self.ctx.cfg.connections_max as usize));
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                a = self.listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "kafka accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                self.ctx.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, limit = self.ctx.cfg.connections_max, "kafka.connections_max reached: closing new connection");
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            self.ctx.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+            let ctx = self.ctx.clone();
+            tokio::spawn(async move {
+                ctx.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+                let result = connection(&ctx, stream).await;
+                ctx.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+                match result {
+                    Ok(()) => tracing::debug!(%peer, "kafka connection closed"),
+                    Err(reason) => {
+                        ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, %reason, "kafka connection closed");
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Serves one connection. `Ok` = the client closed it (or was idle); `Err` names a protocol
+/// violation or an I/O failure.
+async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let (tx, mut rx) = mpsc::channel::<PendingReply>(ctx.cfg.inflight_requests_max as usize);
+    let idle = Duration::from_millis(ctx.cfg.idle_timeout_ms);
+    // Responses are written by their own task, in the order the requests arrived.
+    let writer = tokio::spawn(async move {
+        while let Some(pending) = rx.recv().await {
+            if let Some(reply) = pending.await? {
+                match tokio::time::timeout(idle, wr.write_all(&reply.bytes)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(format!("write failed: {e}")),
+                    Err(_) => return Err("client did not read its responses within kafka.idle_timeout_ms".into()),
+                }
+                drop(reply.permits);
+            }
+        }
+        let _ = wr.shutdown().await;
+        Ok::<(), String>(())
+    });
+    let read_result = read_loop(ctx, &mut rd, &tx, idle).await;
+    drop(tx);
+    let write_result = writer.await.map_err(|e| format!("writer task failed: {e}"))?;
+    read_result.and(write_result)
+}
+
+async fn read_loop(
+    ctx: &Arc<Ctx>,
+    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tx: &mpsc::Sender<PendingReply>,
+    idle: Duration,
+) -> Result<(), String> {
+    loop {
+        let mut size = [0u8; 4];
+        match tokio::time::timeout(idle, rd.read_exact(&mut size)).await {
+            Err(_) => {
+                tracing::debug!("closing idle kafka connection");
+                return Ok(());
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(format!("read failed: {e}")),
+            Ok(Ok(_)) => {}
+        }
+        let size = i32::from_be_bytes(size);
+        if size < 8 || size as u32 > ctx.cfg.frame_bytes_max {
+            return Err(format!(
+                "request size {size} outside [8, kafka.frame_bytes_max = {}]: not a Kafka client, or a request too large",
+                ctx.cfg.frame_bytes_max
+            ));
+        }
+        let permit = ctx.reserve(size as u64).await.ok_or("broker shutting down")?;
+        let mut frame = BytesMut::zeroed(size as usize);
+        match tokio::time::timeout(idle, rd.read_exact(&mut frame)).await {
+            Err(_) => return Err("request body did not arrive within kafka.idle_timeout_ms".into()),
+            Ok(Err(e)) => return Err(format!("truncated request ({size} bytes announced): {e}")),
+            Ok(Ok(_)) => {}
+        }
+        ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let pending = request(ctx, frame.freeze(), permit).await?;
+        if tx.send(pending).await.is_err() {
+            // The writer stopped (write error): its result says why.
+            return Ok(());
+        }
+    }
+}
+
+/// Decodes one request and starts its work; ordering-sensitive work (queueing appends) is done
+/// before returning so pipelined requests keep their order.
+async fn request(ctx: &Arc<Ctx>, frame: Bytes, permit: OwnedSemaphorePermit) -> Result<PendingReply, String> {
+    let (api_key, version, correlation_id) = codec::peek_header(&frame).ok_or("request shorter than its header")?;
+    let Some(api) = versions::lookup(api_key) else {
+        return Err(format!(
+            "unsupported API key {api_key} ({}) v{version}: it is not advertised in ApiVersions",
+            versions::api_name(api_key)
+        ));
+    };
+    if !api.supports(version) {
+        if api_key == key::API_VERSIONS {
+            // KIP-511: answer a v0 body with UNSUPPORTED_VERSION and our ranges, so the client
+            // can retry with a version we know.
+            let bytes = handlers::api_versions_unsupported(correlation_id)?;
+            return Ok(ready(Reply { bytes, permits: vec![permit] }));
+        }
+        return Err(format!(
+            "{} v{version} is not supported (this broker serves v{}..v{}, as advertised)",
+            api.name, api.min, api.max
+        ));
+    }
+    let mut r = Reader::new(frame, false);
+    let header = codec::read_header(&mut r, api.request_header_flexible(version))
+        .map_err(|e| format!("{} v{version}: bad request header: {e}", api.name))?;
+    r.flex = api.flexible(version);
+    let body = requests::decode(api_key, version, &mut r)
+        .map_err(|e| format!("{} v{version} (correlation id {correlation_id}): {e}", api.name))?;
+    let call =
+        handlers::Call { api, version, correlation_id: header.correlation_id, client_id: header.client_id, permit };
+    Ok(handlers::dispatch(ctx.clone(), call, body).await)
+}
+
+pub(crate) fn ready(reply: Reply) -> PendingReply {
+    Box::pin(async move { Ok(Some(reply)) })
+}
+
+fn new_cluster_id() -> String {
+    // 16 random bytes in URL-safe base64 without padding, like Kafka's cluster ids.
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes: [u8; 16] = rand::random();
+    let mut bits = 0u32;
+    let mut nbits = 0;
+    let mut out = String::with_capacity(22);
+    for b in bytes {
+        bits = (bits << 8) | u32::from(b);
+        nbits += 8;
+        while nbits >= 6 {
+            nbits -= 6;
+            out.push(ALPHABET[((bits >> nbits) & 0x3f) as usize] as char);
+        }
+    }
+    if nbits > 0 {
+        out.push(ALPHABET[((bits << (6 - nbits)) & 0x3f) as usize] as char);
+    }
+    out
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
