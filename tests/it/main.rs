@@ -3,5 +3,8 @@
 
 mod crash;
 mod gateway;
+mod kafka;
+mod kafka_crash;
+mod kafka_faults;
 mod retention;
 mod support;

@@ -10,6 +10,7 @@ pub(crate) const CORRUPT_MESSAGE: i16 = 2;
 pub(crate) const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
 pub(crate) const MESSAGE_TOO_LARGE: i16 = 10;
 pub(crate) const INVALID_TOPIC_EXCEPTION: i16 = 17;
+pub(crate) const COORDINATOR_NOT_AVAILABLE: i16 = 15;
 pub(crate) const INVALID_REQUIRED_ACKS: i16 = 21;
 pub(crate) const UNSUPPORTED_VERSION: i16 = 35;
 pub(crate) const TOPIC_ALREADY_EXISTS: i16 = 36;

@@ -10,11 +10,11 @@ use futures_util::future::select_all;
 use kafka_protocol::messages::{
     alter_configs_response, api_versions_response, create_partitions_response, create_topics_response,
     delete_topics_response, describe_cluster_response, describe_configs_response, fetch_response,
-    incremental_alter_configs_response, list_offsets_response, metadata_response, produce_response,
-    AlterConfigsResponse, ApiVersionsResponse, BrokerId, CreatePartitionsResponse, CreateTopicsResponse,
-    DeleteTopicsResponse, DescribeClusterResponse, DescribeConfigsResponse, FetchResponse,
-    IncrementalAlterConfigsResponse, InitProducerIdResponse, ListOffsetsResponse, MetadataResponse, ProduceResponse,
-    ProducerId, TopicName,
+    find_coordinator_response, incremental_alter_configs_response, list_offsets_response, metadata_response,
+    produce_response, AlterConfigsResponse, ApiVersionsResponse, BrokerId, CreatePartitionsResponse,
+    CreateTopicsResponse, DeleteTopicsResponse, DescribeClusterResponse, DescribeConfigsResponse, FetchResponse,
+    FindCoordinatorResponse, IncrementalAlterConfigsResponse, InitProducerIdResponse, ListOffsetsResponse,
+    MetadataResponse, ProduceResponse, ProducerId, TopicName,
 };
 use kafka_protocol::protocol::{Encodable, StrBytes};
 use tokio::sync::OwnedSemaphorePermit;
@@ -156,6 +156,10 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
             let resp = create_partitions(&ctx, req).await;
             Ok(Some(Reply { bytes: encode(&call, &resp)?, permits: vec![call.permit] }))
         }),
+        Request::FindCoordinator(key_type, keys) => {
+            let resp = find_coordinator(&ctx, &call, key_type, keys);
+            reply(call, &resp)
+        }
         Request::DescribeCluster => {
             let resp = DescribeClusterResponse::default()
                 .with_cluster_id(sb(ctx.cluster_id.clone()))
@@ -794,6 +798,49 @@ async fn alter_configs(ctx: &Arc<Ctx>, req: requests::ConfigsRequest, incrementa
         }
     }
     out
+}
+
+// ---- Coordinator ----
+
+const COORDINATOR_NOT_AVAILABLE_MSG: &str = "transactions are not supported";
+
+fn find_coordinator(ctx: &Ctx, call: &Call, key_type: i8, keys: Vec<String>) -> FindCoordinatorResponse {
+    // This node coordinates every group; transactions have no coordinator.
+    let (error, msg) = if key_type == 0 {
+        (errors::NONE, None)
+    } else {
+        (errors::COORDINATOR_NOT_AVAILABLE, Some(sb(COORDINATOR_NOT_AVAILABLE_MSG)))
+    };
+    let (node, host, port) = if error == errors::NONE {
+        (ctx.cfg.node_id, sb(ctx.advertised_host.clone()), ctx.advertised_port)
+    } else {
+        (-1, sb(""), -1)
+    };
+    if call.version >= 4 {
+        FindCoordinatorResponse::default().with_coordinators(
+            keys.into_iter()
+                .map(|k| {
+                    find_coordinator_response::Coordinator::default()
+                        .with_key(sb(k))
+                        .with_node_id(BrokerId(node))
+                        .with_host(host.clone())
+                        .with_port(port)
+                        .with_error_code(error)
+                        .with_error_message(msg.clone())
+                })
+                .collect(),
+        )
+    } else {
+        let mut r = FindCoordinatorResponse::default()
+            .with_error_code(error)
+            .with_node_id(BrokerId(node))
+            .with_host(host)
+            .with_port(port);
+        if call.version >= 1 {
+            r = r.with_error_message(msg);
+        }
+        r
+    }
 }
 
 // ---- Idempotent producers ----

@@ -99,6 +99,8 @@ pub(crate) enum Request {
     IncrementalAlterConfigs(ConfigsRequest),
     CreatePartitions(CreatePartitionsRequest),
     DescribeCluster,
+    /// (key type, keys): 0 = group, 1 = transaction.
+    FindCoordinator(i8, Vec<String>),
 }
 
 /// Decodes the body of a served API at a served version (checked by the caller).
@@ -305,6 +307,17 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
             r.i32()?; // timeout_ms
             let validate_only = r.bool()?;
             Request::CreatePartitions(CreatePartitionsRequest { topics, validate_only })
+        }
+        key::FIND_COORDINATOR => {
+            if v >= 4 {
+                let key_type = r.i8()?;
+                let keys = r.array(min_str(f), |r| r.string())?;
+                Request::FindCoordinator(key_type, keys)
+            } else {
+                let k = r.string()?;
+                let key_type = if v >= 1 { r.i8()? } else { 0 };
+                Request::FindCoordinator(key_type, vec![k])
+            }
         }
         key::DESCRIBE_CLUSTER => {
             r.bool()?; // include_cluster_authorized_operations

@@ -4,7 +4,7 @@
 //! Every range here is exercised by a real client in the test suite. Some minimums are kept low
 //! on purpose because librdkafka enables features only when a specific old version is inside the
 //! advertised range (see ARCHITECTURE.md): Produce 0 (else it never compresses), Produce 3 and 7,
-//! Fetch 4 and 10, ListOffsets 1, InitProducerId 0.
+//! Fetch 4 and 10, ListOffsets 1, InitProducerId 0, FindCoordinator 0 (else no LZ4).
 
 /// API keys, as numbered by Kafka.
 pub(crate) mod key {
@@ -12,6 +12,7 @@ pub(crate) mod key {
     pub const FETCH: i16 = 1;
     pub const LIST_OFFSETS: i16 = 2;
     pub const METADATA: i16 = 3;
+    pub const FIND_COORDINATOR: i16 = 10;
     pub const API_VERSIONS: i16 = 18;
     pub const CREATE_TOPICS: i16 = 19;
     pub const DELETE_TOPICS: i16 = 20;
@@ -41,6 +42,9 @@ pub(crate) const SUPPORTED: &[ApiSupport] = &[
     ApiSupport { key: key::FETCH, name: "Fetch", min: 4, max: 11, flex_from: 12 },
     ApiSupport { key: key::LIST_OFFSETS, name: "ListOffsets", min: 1, max: 6, flex_from: 6 },
     ApiSupport { key: key::METADATA, name: "Metadata", min: 0, max: 9, flex_from: 9 },
+    // The node is every group's coordinator. librdkafka also enables LZ4 only when FindCoordinator
+    // v0 is advertised.
+    ApiSupport { key: key::FIND_COORDINATOR, name: "FindCoordinator", min: 0, max: 4, flex_from: 3 },
     ApiSupport { key: key::API_VERSIONS, name: "ApiVersions", min: 0, max: 3, flex_from: 3 },
     ApiSupport { key: key::CREATE_TOPICS, name: "CreateTopics", min: 2, max: 5, flex_from: 5 },
     ApiSupport { key: key::DELETE_TOPICS, name: "DeleteTopics", min: 1, max: 4, flex_from: 4 },
@@ -85,7 +89,6 @@ pub(crate) fn api_name(api_key: i16) -> &'static str {
     match api_key {
         8 => "OffsetCommit",
         9 => "OffsetFetch",
-        10 => "FindCoordinator",
         11 => "JoinGroup",
         12 => "Heartbeat",
         13 => "LeaveGroup",
@@ -116,6 +119,7 @@ mod tests {
                 key::FETCH => FetchResponse::VERSIONS,
                 key::LIST_OFFSETS => ListOffsetsResponse::VERSIONS,
                 key::METADATA => MetadataResponse::VERSIONS,
+                key::FIND_COORDINATOR => FindCoordinatorResponse::VERSIONS,
                 key::API_VERSIONS => ApiVersionsResponse::VERSIONS,
                 key::CREATE_TOPICS => CreateTopicsResponse::VERSIONS,
                 key::DELETE_TOPICS => DeleteTopicsResponse::VERSIONS,
@@ -142,6 +146,7 @@ mod tests {
         for (k, v) in [(key::PRODUCE, 0), (key::PRODUCE, 3), (key::PRODUCE, 7), (key::FETCH, 4), (key::FETCH, 10)]
             .into_iter()
             .chain([(key::LIST_OFFSETS, 1), (key::INIT_PRODUCER_ID, 0), (key::API_VERSIONS, 0)])
+            .chain([(key::FIND_COORDINATOR, 0)])
         {
             assert!(lookup(k).is_some_and(|a| a.supports(v)), "api {k} v{v}");
         }

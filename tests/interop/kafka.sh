@@ -1,0 +1,332 @@
+#!/usr/bin/env bash
+# Kafka interop test: unmodified third-party Kafka clients against a real tributary gateway.
+#   - kcat (librdkafka), Debian's package
+#   - kafka-python 2.0.2, Debian's python3-kafka, under DEBIAN_PYTHON (default /usr/bin/python3)
+#   - kafka-python from PyPI, in the venv KAFKA_PYTHON_VENV (.ci/run makes it)
+# Starts the gateway (TRIBUTARY_BIN) on a free loopback port with a temporary data directory,
+# prints one PASS/FAIL line per check, and exits non-zero if any check failed (after printing
+# the gateway log's tail). Consumer groups are not served yet, so every consumer here assigns
+# partitions itself (kcat -C without -G; KafkaConsumer with group_id=None and assign()).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+bin=${TRIBUTARY_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/tributary-target}/debug/tributary}
+venv=${KAFKA_PYTHON_VENV:-$HOME/.cache/tributary-kafka-python}
+deb_py=${DEBIAN_PYTHON:-/usr/bin/python3}
+pypi_py=$venv/bin/python
+client=$here/kafka_client.py
+
+for need in kcat timeout "$bin" "$deb_py"; do
+    if ! command -v "$need" >/dev/null 2>&1; then
+        echo "kafka interop: $need not found (see .ci/run for what to install)" >&2
+        exit 2
+    fi
+done
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/tributary-kafka-interop.XXXXXX")
+gw_pid=
+cleanup() {
+    if [ -n "$gw_pid" ] && kill -0 "$gw_pid" 2>/dev/null; then
+        kill -TERM "$gw_pid" 2>/dev/null || true
+        wait "$gw_pid" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# --- gateway -------------------------------------------------------------------------------
+port=$("$deb_py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+broker=127.0.0.1:$port
+log=$work/gateway.log
+cat >"$work/gateway.toml" <<EOF
+[storage]
+data_dir = "$work/data"
+max_bytes = 268435456
+disk_free_bytes_min = 0
+[kafka]
+listen = "$broker"
+[log]
+level = "info,tributary_broker=debug"
+EOF
+
+"$bin" serve --config "$work/gateway.toml" 2>"$log" &
+gw_pid=$!
+for _ in $(seq 100); do
+    grep -q "tributary gateway ready" "$log" && break
+    if ! kill -0 "$gw_pid" 2>/dev/null; then break; fi
+    sleep 0.1
+done
+if ! grep -q "tributary gateway ready" "$log"; then
+    echo "FAIL gateway did not become ready; its log:"
+    cat "$log"
+    exit 1
+fi
+echo "gateway ready on $broker ($bin)"
+
+# --- helpers -------------------------------------------------------------------------------
+passed=0
+failed=0
+
+# run_check NAME FUNCTION ARGS...: runs the function in a subshell with errexit, so any failing
+# command fails the check; its output is shown only on failure.
+run_check() {
+    local name=$1
+    shift
+    local out=$work/check.out start
+    start=$(date +%s%N)
+    set +e
+    (set -e; "$@") >"$out" 2>&1
+    local rc=$?
+    set -e
+    local ms=$((($(date +%s%N) - start) / 1000000))
+    if [ "$rc" -eq 0 ]; then
+        echo "PASS $name (${ms} ms)"
+        passed=$((passed + 1))
+    else
+        echo "FAIL $name (exit $rc, ${ms} ms)"
+        tail -n 40 "$out" | sed 's/^/    /'
+        failed=$((failed + 1))
+    fi
+}
+
+kc() { timeout 30 kcat -b "$broker" -q "$@"; }
+# Consumer: a short fetch long-poll, so -e (exit at the end of the partition) comes quickly.
+kcc() { kc -C -X fetch.wait.max.ms=20 "$@"; }
+
+# same WHAT EXPECTED_FILE ACTUAL_FILE: byte-for-byte comparison, order included. An empty
+# expectation is refused so no check can pass by reading nothing when nothing was written.
+same() {
+    if [ ! -s "$2" ]; then
+        echo "$1: empty expectation $2"
+        return 1
+    fi
+    if ! cmp -s "$2" "$3"; then
+        echo "$1: differs ($(wc -l <"$2") lines expected, $(wc -l <"$3") read):"
+        diff -u "$2" "$3" | head -n 20
+        return 1
+    fi
+}
+
+# lines PREFIX COUNT: COUNT distinct "key:value" lines; values vary in length and repeat words,
+# so every codec has something to compress.
+lines() {
+    awk -v p="$1" -v n="$2" 'BEGIN {
+        s = "the quick brown fox jumps over the lazy dog, ";
+        for (i = 0; i < n; i++) printf "%s-k%03d:%s value %03d %s\n", p, i, p, i, substr(s s s, 1, (i * 7) % 120);
+    }'
+}
+
+# as_consumed FIRST_OFFSET < key:value lines  >  "offset key=value" lines (kcat -f '%o %k=%s\n')
+as_consumed() {
+    awk -v o="$1" '{ k = index($0, ":"); printf "%d %s=%s\n", o + NR - 1, substr($0, 1, k - 1), substr($0, k + 1) }'
+}
+
+# metadata_assert WHAT [TOPIC]: kcat -L -J (for TOPIC, or all) must list this gateway as broker 1
+# and controller, and either no topics (WHAT=no-topics) or just TOPIC with WHAT partitions, each
+# led by broker 1 with replicas and ISR [1]. Prints the JSON.
+metadata_assert() {
+    local topic_args=()
+    [ -n "${2:-}" ] && topic_args=(-t "$2")
+    kc -L -J "${topic_args[@]}" >"$work/meta.json"
+    "$deb_py" - "$work/meta.json" "$port" "${2:-}" "$1" <<'EOF'
+import json, sys
+meta = json.load(open(sys.argv[1]))
+port, topic, what = sys.argv[2], sys.argv[3], sys.argv[4]
+brokers = [(b["id"], b["name"]) for b in meta["brokers"]]
+assert brokers == [(1, "127.0.0.1:" + port)], "brokers: %s" % brokers
+assert meta["controllerid"] == 1, meta
+topics = {t["topic"]: t for t in meta["topics"]}
+if what == "no-topics":
+    assert topics == {}, "fresh gateway lists topics: %s" % sorted(topics)
+else:
+    want = int(what)
+    assert list(topics) == [topic], "asked for %s, got %s" % (topic, sorted(topics))
+    t = topics[topic]
+    assert "error" not in t, t
+    parts = sorted((p["partition"], p["leader"], [r["id"] for r in p["replicas"]], [r["id"] for r in p["isrs"]])
+                   for p in t["partitions"])
+    assert parts == [(i, 1, [1], [1]) for i in range(want)], "partitions of %s: %s" % (topic, parts)
+print(json.dumps(meta))
+EOF
+}
+
+# --- 1. metadata (kcat -L) -----------------------------------------------------------------
+check_metadata_fresh() { metadata_assert no-topics; }
+run_check "kcat -L: broker listed, no topics yet" check_metadata_fresh
+
+# --- 2. kcat produce / consume round trip per codec ----------------------------------------
+N=200
+kcat_roundtrip() {
+    local codec=$1 topic=$2
+    shift 2
+    lines "$topic" "$N" >"$work/$topic.in"
+    # Two producer runs: the read-back crosses batches produced by different connections.
+    # linger.ms makes each run one batch rather than a first single record and the rest.
+    head -n 120 "$work/$topic.in" | kc -P -t "$topic" -K: -z "$codec" -X linger.ms=100 "$@"
+    tail -n +121 "$work/$topic.in" | kc -P -t "$topic" -K: -z "$codec" -X linger.ms=100 "$@"
+    as_consumed 0 <"$work/$topic.in" >"$work/$topic.expected"
+    kcc -t "$topic" -p 0 -o beginning -e -f '%o %k=%s\n' >"$work/$topic.out"
+    same "kcat -C $topic" "$work/$topic.expected" "$work/$topic.out"
+}
+# The batches as stored (fetched raw by kafka_client.py): in the codec the producer was told to
+# use, so the broker really took batches in that codec; covering every offset once; carrying a
+# producer id exactly when the producer was idempotent.
+stored_batches() {
+    "$deb_py" "$client" --bootstrap "$broker" batches --topic "$1" --count "$2" --codec "$3" "${@:4}"
+}
+for codec in none gzip snappy lz4 zstd; do
+    run_check "kcat -P/-C round trip, $N keyed records, -z $codec" kcat_roundtrip "$codec" "kcat-$codec"
+    run_check "kcat -P -z $codec: batches stored in $codec" stored_batches "kcat-$codec" "$N" "$codec"
+done
+run_check "kcat -P/-C round trip, idempotent producer, -z zstd" \
+    kcat_roundtrip zstd kcat-idempotent -X enable.idempotence=true
+run_check "kcat -P idempotent: batches carry a producer id" \
+    stored_batches kcat-idempotent "$N" zstd --idempotent
+
+check_metadata_topic() {
+    metadata_assert 1 kcat-none
+    # The full listing has every topic made so far.
+    kc -L >"$work/meta.txt"
+    for t in kcat-none kcat-gzip kcat-snappy kcat-lz4 kcat-zstd kcat-idempotent; do
+        grep -q "topic \"$t\" with 1 partitions" "$work/meta.txt" || { cat "$work/meta.txt"; return 1; }
+    done
+}
+run_check "kcat -L: produced topics listed with their partition" check_metadata_topic
+
+# --- 3. consuming from an offset, and offset queries -----------------------------------------
+check_offsets() {
+    local t
+    for t in kcat-none kcat-zstd; do
+        # From the middle: of a batch (57, compressed batches are sent whole), of the second run.
+        for o in 57 120 150; do
+            sed -n "$((o + 1)),\$p" "$work/$t.expected" >"$work/want"
+            kcc -t "$t" -p 0 -o "$o" -e -f '%o %k=%s\n' >"$work/got"
+            same "kcat -C -o $o $t" "$work/want" "$work/got"
+        done
+        # Relative to the end: the last two records.
+        tail -n 2 "$work/$t.expected" >"$work/want"
+        kcc -t "$t" -p 0 -o -2 -e -f '%o %k=%s\n' >"$work/got"
+        same "kcat -C -o -2 $t" "$work/want" "$work/got"
+        # From the end: nothing.
+        kcc -t "$t" -p 0 -o end -e -f '%o %k=%s\n' >"$work/got"
+        if [ -s "$work/got" ]; then echo "kcat -C -o end $t read:"; cat "$work/got"; return 1; fi
+        # ListOffsets: latest and earliest.
+        [ "$(kc -Q -t "$t:0:-1")" = "$t [0] offset $N" ] || { kc -Q -t "$t:0:-1"; return 1; }
+        [ "$(kc -Q -t "$t:0:-2")" = "$t [0] offset 0" ] || { kc -Q -t "$t:0:-2"; return 1; }
+    done
+}
+run_check "kcat -C -o <n>/-2/end and -Q offsets (uncompressed and zstd)" check_offsets
+
+# --- 4. several partitions ---------------------------------------------------------------
+check_partitions() {
+    local t=kcat-parts p
+    "$deb_py" "$client" --bootstrap "$broker" create --topic "$t" --partitions 3
+    metadata_assert 3 "$t" >/dev/null
+    : >"$work/parts.all"
+    for p in 0 1 2; do
+        lines "$t-p$p" $((20 + p * 5)) >"$work/parts.$p.in"
+        kc -P -t "$t" -p "$p" -K: -z gzip <"$work/parts.$p.in"
+        as_consumed 0 <"$work/parts.$p.in" | sed "s/^/$p /" >"$work/parts.$p.expected"
+        cat "$work/parts.$p.expected" >>"$work/parts.all"
+    done
+    for p in 0 1 2; do
+        kcc -t "$t" -p "$p" -o beginning -e -f '%p %o %k=%s\n' >"$work/got"
+        same "kcat -C -p $p $t" "$work/parts.$p.expected" "$work/got"
+        [ "$(kc -Q -t "$t:$p:-1")" = "$t [$p] offset $((20 + p * 5))" ] || { kc -Q -t "$t:$p:-1"; return 1; }
+    done
+    # All partitions at once: per-partition order is fixed, interleaving is not.
+    kcc -t "$t" -o beginning -e -f '%p %o %k=%s\n' | sort >"$work/got"
+    sort "$work/parts.all" >"$work/want"
+    same "kcat -C $t (all partitions)" "$work/want" "$work/got"
+}
+run_check "3-partition topic: kcat -P -p <n> / kcat -C -p <n>" check_partitions
+
+# --- 5. kafka-python (Debian 2.0.2 and PyPI) ------------------------------------------------
+# kcat writes the topic kafka-python reads, with headers, gzip (kafka-python needs extra
+# modules for the other codecs).
+kcat_for_kp=kcat-to-kafka-python
+check_kcat_for_kafka_python() {
+    lines "$kcat_for_kp" 40 | kc -P -t "$kcat_for_kp" -K: -z gzip -H src=kcat -H run=1
+    lines "$kcat_for_kp" 40 | as_consumed 0 | sed 's/^/0 /; s/$/ [src=kcat,run=1]/' >"$work/$kcat_for_kp.expected"
+    kcc -t "$kcat_for_kp" -p 0 -o beginning -e -f '%p %o %k=%s [%h]\n' >"$work/got"
+    same "kcat -C $kcat_for_kp" "$work/$kcat_for_kp.expected" "$work/got"
+}
+run_check "kcat -P with headers (-H) read back by kcat" check_kcat_for_kafka_python
+
+# kafka_python PY TAG COMPRESSION [--idempotent]: produce + read back with kafka-python, then
+# kcat reads the same topic and must see the same records, headers included.
+kafka_python() {
+    local py=$1 tag=$2 compression=$3
+    shift 3
+    local t=kp-$tag-$compression${1:+-idempotent}
+    "$py" "$client" --bootstrap "$broker" produce --topic "$t" --compression "$compression" \
+        --count 60 --label "$t" --out "$work/$t.expected" "$@"
+    kcc -t "$t" -p 0 -o beginning -e -f '%p %o %k=%s [%h]\n' >"$work/got"
+    same "kcat -C $t (written by kafka-python)" "$work/$t.expected" "$work/got"
+    stored_batches "$t" 60 "$compression" "$@"
+}
+kafka_python_reads_kcat() {
+    "$1" "$client" --bootstrap "$broker" consume --topic "$kcat_for_kp" --expect "$work/$kcat_for_kp.expected"
+}
+kafka_python_admin() {
+    "$1" "$client" --bootstrap "$broker" admin --topic "admin-$2"
+}
+
+deb_version=$("$deb_py" "$client" --bootstrap - version 2>/dev/null || echo missing)
+pypi_version=$("$pypi_py" "$client" --bootstrap - version 2>/dev/null || echo missing)
+check_versions() {
+    echo "Debian kafka-python: $deb_version ($deb_py); PyPI kafka-python: $pypi_version ($pypi_py)"
+    [ "$deb_version" != missing ] || { echo "no kafka-python under $deb_py (apt-get install python3-kafka)"; return 1; }
+    [ "$pypi_version" != missing ] || { echo "no kafka-python in $venv (KAFKA_PYTHON_VENV; see .ci/run)"; return 1; }
+    # The venv must really hold the PyPI release, not see Debian's through system site-packages.
+    local newest
+    newest=$(printf '%s\n%s\n' "$deb_version" "$pypi_version" | sort -V | tail -n 1)
+    if [ "$newest" != "$pypi_version" ] || [ "$pypi_version" = "$deb_version" ]; then
+        echo "PyPI kafka-python is not newer than Debian's"
+        return 1
+    fi
+}
+run_check "kafka-python versions: Debian $deb_version, PyPI $pypi_version" check_versions
+
+for side in debian pypi; do
+    if [ "$side" = debian ]; then py=$deb_py v=$deb_version; else py=$pypi_py v=$pypi_version; fi
+    run_check "kafka-python $v: produce+consume, headers, acks=all, no compression; kcat reads it" \
+        kafka_python "$py" "$side" none
+    run_check "kafka-python $v: produce+consume, headers, acks=all, gzip; kcat reads it" \
+        kafka_python "$py" "$side" gzip
+    if [ "$side" = pypi ]; then
+        run_check "kafka-python $v: idempotent producer (enable_idempotence=True), gzip; kcat reads it" \
+            kafka_python "$py" "$side" gzip --idempotent
+    fi
+    run_check "kafka-python $v: reads what kcat produced (keys, values, headers, offsets)" \
+        kafka_python_reads_kcat "$py"
+    # --- 6. admin ---
+    run_check "kafka-python $v admin: create_topics, duplicate -> TopicAlreadyExistsError, describe_configs, delete_topics" \
+        kafka_python_admin "$py" "$side"
+done
+
+# --- shutdown --------------------------------------------------------------------------------
+# In this shell, not run_check's subshell: only the parent can wait for the gateway's status.
+kill -TERM "$gw_pid"
+for _ in $(seq 150); do
+    kill -0 "$gw_pid" 2>/dev/null || break
+    sleep 0.1
+done
+if kill -0 "$gw_pid" 2>/dev/null; then kill -KILL "$gw_pid"; fi
+gw_status=0
+wait "$gw_pid" || gw_status=$?
+gw_pid=
+if [ "$gw_status" -eq 0 ] && grep -q "shutdown complete" "$log"; then
+    echo "PASS gateway stops on SIGTERM: exit status 0, 'shutdown complete' logged"
+    passed=$((passed + 1))
+else
+    echo "FAIL gateway stop on SIGTERM: exit status $gw_status (137: killed after 15 s), 'shutdown complete' $(grep -c "shutdown complete" "$log") times in the log"
+    failed=$((failed + 1))
+fi
+
+if [ "$failed" -ne 0 ]; then
+    echo "--- gateway log (last 60 lines) ---"
+    tail -n 60 "$log"
+fi
+echo "kafka-interop: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
