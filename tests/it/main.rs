@@ -6,5 +6,6 @@ mod gateway;
 mod kafka;
 mod kafka_crash;
 mod kafka_faults;
+mod kafka_protocol;
 mod retention;
 mod support;

@@ -3,22 +3,19 @@
 //! protocol crate's types and encoded at the request's version.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::future::select_all;
 use kafka_protocol::messages::{
     alter_configs_response, api_versions_response, create_partitions_response, create_topics_response,
-    delete_topics_response, describe_cluster_response, describe_configs_response, fetch_response,
-    find_coordinator_response, incremental_alter_configs_response, list_offsets_response, metadata_response,
-    produce_response, AlterConfigsResponse, ApiVersionsResponse, BrokerId, CreatePartitionsResponse,
-    CreateTopicsResponse, DeleteTopicsResponse, DescribeClusterResponse, DescribeConfigsResponse, FetchResponse,
-    FindCoordinatorResponse, IncrementalAlterConfigsResponse, InitProducerIdResponse, ListOffsetsResponse,
-    MetadataResponse, ProduceResponse, ProducerId, TopicName,
+    delete_topics_response, describe_cluster_response, describe_configs_response, find_coordinator_response,
+    incremental_alter_configs_response, list_offsets_response, metadata_response, produce_response,
+    AlterConfigsResponse, ApiVersionsResponse, BrokerId, CreatePartitionsResponse, CreateTopicsResponse,
+    DeleteTopicsResponse, DescribeClusterResponse, DescribeConfigsResponse, FindCoordinatorResponse,
+    IncrementalAlterConfigsResponse, InitProducerIdResponse, ListOffsetsResponse, MetadataResponse, ProduceResponse,
+    ProducerId, TopicName,
 };
 use kafka_protocol::protocol::{Encodable, StrBytes};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::Instant;
 
 use super::codec::frame_response;
 use super::errors::{self, code};
@@ -27,7 +24,7 @@ use super::server::{ready, Ctx, PendingReply, Reply};
 use super::versions::{ApiSupport, SUPPORTED};
 use crate::config::TopicConfig;
 use crate::error::StoreError;
-use crate::storage::{PendingAppend, Watermarks};
+use crate::storage::PendingAppend;
 
 /// One decoded request's envelope.
 #[derive(Debug)]
@@ -68,7 +65,7 @@ fn encode<T: Encodable>(call: &Call, body: &T) -> Result<Bytes, String> {
 
 fn reply<T: Encodable>(call: Call, body: &T) -> PendingReply {
     match encode(&call, body) {
-        Ok(bytes) => ready(Reply { bytes, permits: vec![call.permit] }),
+        Ok(bytes) => ready(Reply::one(bytes, vec![call.permit])),
         Err(e) => Box::pin(async move { Err(e) }),
     }
 }
@@ -81,10 +78,9 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
         Request::ApiVersions => reply_api_versions(call),
         Request::Produce(req) => produce(ctx, call, req).await,
         Request::Fetch(req) => Box::pin(async move {
-            let resp = fetch(&ctx, &call, req).await;
-            let (resp, permit) = resp;
-            let bytes = encode(&call, &resp)?;
-            Ok(Some(Reply { bytes, permits: [Some(call.permit), permit].into_iter().flatten().collect() }))
+            let (partitions, permit) = super::fetch::fetch(&ctx, req).await;
+            let chunks = super::fetch::encode_response(call.correlation_id, call.version, &partitions);
+            Ok(Some(Reply { chunks, permits: [Some(call.permit), permit].into_iter().flatten().collect() }))
         }),
         Request::ListOffsets(req) => {
             let resp = list_offsets(&ctx, &call, req);
@@ -92,11 +88,11 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
         }
         Request::Metadata(req) => Box::pin(async move {
             let resp = metadata(&ctx, &call, req).await;
-            Ok(Some(Reply { bytes: encode(&call, &resp)?, permits: vec![call.permit] }))
+            Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::CreateTopics(req) => Box::pin(async move {
             let resp = create_topics(&ctx, &call, req).await;
-            Ok(Some(Reply { bytes: encode(&call, &resp)?, permits: vec![call.permit] }))
+            Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::DeleteTopics(names) => Box::pin(async move {
             let mut resp = DeleteTopicsResponse::default();
@@ -114,11 +110,11 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
                         .with_error_code(error_code),
                 );
             }
-            Ok(Some(Reply { bytes: encode(&call, &resp)?, permits: vec![call.permit] }))
+            Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::InitProducerId(req) => Box::pin(async move {
             let resp = init_producer_id(&ctx, req).await;
-            Ok(Some(Reply { bytes: encode(&call, &resp)?, permits: vec![call.permit] }))
+            Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::DescribeConfigs(req) => {
             let resp = describe_configs(&ctx, &call, req);
@@ -136,7 +132,7 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
                         .with_error_message(msg.map(sb)),
                 );
             }
-            Ok(Some(Reply { bytes: encode(&call, &resp)?, permits: vec![call.permit] }))
+            Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::IncrementalAlterConfigs(req) => Box::pin(async move {
             let results = alter_configs(&ctx, req, true).await;
@@ -150,11 +146,11 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
                         .with_error_message(msg.map(sb)),
                 );
             }
-            Ok(Some(Reply { bytes: encode(&call, &resp)?, permits: vec![call.permit] }))
+            Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::CreatePartitions(req) => Box::pin(async move {
             let resp = create_partitions(&ctx, req).await;
-            Ok(Some(Reply { bytes: encode(&call, &resp)?, permits: vec![call.permit] }))
+            Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::FindCoordinator(key_type, keys) => {
             let resp = find_coordinator(&ctx, &call, key_type, keys);
@@ -292,7 +288,7 @@ async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceRequest) -> Pe
             }
             encode(&call, &resp)?
         };
-        Ok(Some(Reply { bytes, permits: vec![call.permit] }))
+        Ok(Some(Reply::one(bytes, vec![call.permit])))
     })
 }
 
@@ -323,125 +319,6 @@ fn produce_response_v0_v2(correlation_id: i32, v: i16, topics: &[ProducedTopic])
     let size = (b.len() - 4) as i32;
     b[..4].copy_from_slice(&size.to_be_bytes());
     b.freeze()
-}
-
-// ---- Fetch ----
-
-struct FetchSlot {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    max_bytes: usize,
-    result: Option<Result<(Bytes, Watermarks), StoreError>>,
-}
-
-async fn fetch(
-    ctx: &Arc<Ctx>,
-    call: &Call,
-    req: requests::FetchRequest,
-) -> (FetchResponse, Option<OwnedSemaphorePermit>) {
-    let wait = Duration::from_millis(req.max_wait_ms.clamp(0, ctx.cfg.fetch_wait_max_ms as i32) as u64);
-    let deadline = Instant::now() + wait;
-    let limit = (req.max_bytes.max(0) as u64).clamp(1, u64::from(ctx.cfg.fetch_response_bytes_max)) as usize;
-    let permit = ctx.reserve(limit as u64).await;
-    let mut slots: Vec<FetchSlot> = req
-        .topics
-        .into_iter()
-        .flat_map(|(topic, parts)| {
-            parts.into_iter().map(move |p| FetchSlot {
-                topic: topic.clone(),
-                partition: p.partition,
-                offset: p.fetch_offset,
-                max_bytes: p.partition_max_bytes.max(0) as usize,
-                result: None,
-            })
-        })
-        .collect();
-    // Watches first, then reads: an append between the read and the wait still wakes us.
-    let mut watches: Vec<_> = slots.iter().filter_map(|s| ctx.store.watch(&s.topic, s.partition).ok()).collect();
-    loop {
-        let mut remaining = limit;
-        let mut total = 0usize;
-        let mut any_error = false;
-        for s in &mut slots {
-            let res = ctx.store.fetch(&s.topic, s.partition, s.offset, s.max_bytes.min(remaining).max(1));
-            s.result = Some(match res {
-                Ok(f) => {
-                    let data = if total > 0 && f.data.len() > remaining {
-                        // Only the first non-empty partition may exceed the limit (KIP-74).
-                        Bytes::new()
-                    } else {
-                        f.data
-                    };
-                    total += data.len();
-                    remaining = remaining.saturating_sub(data.len());
-                    Ok((data, f.watermarks))
-                }
-                Err(e) => {
-                    any_error = true;
-                    Err(e)
-                }
-            });
-        }
-        let enough = total >= req.min_bytes.max(0) as usize && (total > 0 || req.min_bytes <= 0);
-        if enough || any_error || Instant::now() >= deadline || watches.is_empty() {
-            break;
-        }
-        let changed = select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            // Deadline: read once more (cheap) so the answer is as fresh as possible.
-            for s in &mut slots {
-                s.result = None;
-            }
-            watches.clear();
-        }
-    }
-    let mut resp = FetchResponse::default();
-    let mut current: Option<fetch_response::FetchableTopicResponse> = None;
-    for s in slots {
-        let mut p = fetch_response::PartitionData::default()
-            .with_partition_index(s.partition)
-            .with_aborted_transactions(Some(Vec::new()))
-            .with_preferred_read_replica(BrokerId(-1))
-            // Never null: librdkafka rejects a records length of -1.
-            .with_records(Some(Bytes::new()));
-        match s.result {
-            Some(Ok((data, wm))) => {
-                p = p
-                    .with_high_watermark(wm.high_watermark)
-                    .with_last_stable_offset(wm.high_watermark)
-                    .with_log_start_offset(wm.log_start_offset)
-                    .with_records(Some(data));
-            }
-            Some(Err(e)) => {
-                let wm = ctx.store.watermarks(&s.topic, s.partition).ok();
-                p = p
-                    .with_error_code(code(&e))
-                    .with_high_watermark(wm.map_or(-1, |w| w.high_watermark))
-                    .with_last_stable_offset(wm.map_or(-1, |w| w.high_watermark))
-                    .with_log_start_offset(wm.map_or(-1, |w| w.log_start_offset));
-            }
-            None => p = p.with_error_code(errors::UNKNOWN_SERVER_ERROR),
-        }
-        match &mut current {
-            Some(t) if t.topic.0.as_str() == s.topic => t.partitions.push(p),
-            _ => {
-                if let Some(t) = current.take() {
-                    resp.responses.push(t);
-                }
-                current = Some(
-                    fetch_response::FetchableTopicResponse::default()
-                        .with_topic(topic_name(&s.topic))
-                        .with_partitions(vec![p]),
-                );
-            }
-        }
-    }
-    if let Some(t) = current {
-        resp.responses.push(t);
-    }
-    let _ = call;
-    (resp, permit)
 }
 
 // ---- ListOffsets ----

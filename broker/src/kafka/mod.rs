@@ -5,6 +5,7 @@
 mod codec;
 mod config;
 mod errors;
+mod fetch;
 mod handlers;
 mod requests;
 mod server;

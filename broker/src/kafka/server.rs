@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 
@@ -100,11 +100,18 @@ impl Ctx {
     }
 }
 
-/// A response on its way: the frame bytes and the budget they hold until written.
+/// A response on its way: the frame in one or more chunks (record data is not copied into the
+/// frame) and the share of the memory budget it holds until written.
 #[derive(Debug)]
 pub(crate) struct Reply {
-    pub bytes: Bytes,
+    pub chunks: Vec<Bytes>,
     pub permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Reply {
+    pub(crate) fn one(bytes: Bytes, permits: Vec<OwnedSemaphorePermit>) -> Self {
+        Self { chunks: vec![bytes], permits }
+    }
 }
 
 /// The rest of a request's work after it was read (and, for produce, queued in order).
@@ -226,15 +233,27 @@ impl KafkaServer {
 /// Serves one connection. `Ok` = the client closed it (or was idle); `Err` names a protocol
 /// violation or an I/O failure.
 async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
-    let (rd, mut wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let (tx, mut rx) = mpsc::channel::<PendingReply>(ctx.cfg.inflight_requests_max as usize);
     let idle = Duration::from_millis(ctx.cfg.idle_timeout_ms);
     // Responses are written by their own task, in the order the requests arrived.
     let writer = tokio::spawn(async move {
+        // Small responses and frame headers are gathered; record data (large chunks) goes
+        // straight from the store's buffers to the socket. Flushed whenever no response waits.
+        let mut wr = BufWriter::with_capacity(64 * 1024, wr);
         while let Some(pending) = rx.recv().await {
             if let Some(reply) = pending.await? {
-                match tokio::time::timeout(idle, wr.write_all(&reply.bytes)).await {
+                let write = async {
+                    for chunk in &reply.chunks {
+                        wr.write_all(chunk).await?;
+                    }
+                    if rx.is_empty() {
+                        wr.flush().await?;
+                    }
+                    Ok::<(), std::io::Error>(())
+                };
+                match tokio::time::timeout(idle, write).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return Err(format!("write failed: {e}")),
                     Err(_) => return Err("client did not read its responses within kafka.idle_timeout_ms".into()),
@@ -306,7 +325,7 @@ async fn request(ctx: &Arc<Ctx>, frame: Bytes, permit: OwnedSemaphorePermit) -> 
             // KIP-511: answer a v0 body with UNSUPPORTED_VERSION and our ranges, so the client
             // can retry with a version we know.
             let bytes = handlers::api_versions_unsupported(correlation_id)?;
-            return Ok(ready(Reply { bytes, permits: vec![permit] }));
+            return Ok(ready(Reply::one(bytes, vec![permit])));
         }
         return Err(format!(
             "{} v{version} is not supported (this broker serves v{}..v{}, as advertised)",

@@ -473,7 +473,10 @@ impl Store {
         }
         let (t, p) = self.partition_state(topic, partition)?;
         let header: BatchHeader = batch::validate(&batch, cfg.decompressed_size_bytes_max)?;
-        let bytes = BytesMut::from(&batch[..]);
+        // One copy, with room in front for the stored value's append-time prefix.
+        let mut bytes = BytesMut::with_capacity(tables::VALUE_PREFIX_LEN + batch.len());
+        bytes.extend_from_slice(&[0u8; tables::VALUE_PREFIX_LEN]);
+        bytes.extend_from_slice(&batch);
         let rx = self
             .enqueue(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Batch { bytes, header }, reply })
             .await?;

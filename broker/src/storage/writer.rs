@@ -28,7 +28,7 @@ use crate::error::StoreError;
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 pub(crate) enum AppendData {
-    /// A validated client batch.
+    /// A validated client batch, after `VALUE_PREFIX_LEN` bytes of room for the append time.
     Batch { bytes: BytesMut, header: BatchHeader },
     /// Records to pack.
     Records(Vec<NewRecord>),
@@ -567,6 +567,8 @@ impl Writer {
     }
 
     /// Stores one batch (already carrying its base offset) and updates metadata and time index.
+    /// `value` is the stored value: `VALUE_PREFIX_LEN` bytes of room for the append time, then
+    /// the batch, so the batch is not copied again on its way into the table.
     #[allow(clippy::too_many_arguments)]
     fn store_batch(
         &self,
@@ -574,15 +576,14 @@ impl Writer {
         r: &mut Round,
         pkey: u64,
         m: &mut PartitionMeta,
-        batch: &[u8],
+        value: &mut [u8],
         h: &BatchHeader,
         limit_bytes: Option<u64>,
         now: i64,
     ) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(VALUE_PREFIX_LEN + batch.len());
-        value.extend_from_slice(&now.to_be_bytes());
-        value.extend_from_slice(batch);
-        t.log.insert((pkey, m.next_offset), value.as_slice())?;
+        value[..VALUE_PREFIX_LEN].copy_from_slice(&now.to_be_bytes());
+        let batch_len = value.len() - VALUE_PREFIX_LEN;
+        t.log.insert((pkey, m.next_offset), &*value)?;
         if m.batches == 0 {
             r.fronts.insert(pkey, Some(now));
         }
@@ -595,12 +596,12 @@ impl Writer {
         }
         let fp = footprint(value.len());
         m.next_offset += h.record_count as u64;
-        m.logical_bytes += batch.len() as u64;
+        m.logical_bytes += batch_len as u64;
         m.footprint_bytes += fp;
         m.batches += 1;
         r.appended_records += h.record_count as u64;
         r.appended_batches += 1;
-        r.appended_bytes += batch.len() as u64;
+        r.appended_bytes += batch_len as u64;
         Ok(())
     }
 
@@ -629,18 +630,19 @@ impl Writer {
             }
         }
         let base = m.next_offset as i64;
-        batch::set_base_offset(&mut bytes, base);
-        batch::set_leader_epoch(&mut bytes, 0);
+        let b = &mut bytes[VALUE_PREFIX_LEN..];
+        batch::set_base_offset(b, base);
+        batch::set_leader_epoch(b, 0);
         let log_append = topic.config.timestamp_type == TimestampKind::LogAppendTime;
         if log_append {
-            batch::stamp_log_append_time(&mut bytes, now);
+            batch::stamp_log_append_time(b, now);
         }
         let h = BatchHeader {
             base_offset: base,
             max_timestamp: if log_append { now } else { header.max_timestamp },
             ..header
         };
-        self.store_batch(t, r, pkey, &mut m, &bytes, &h, topic.config.retention_bytes, now)?;
+        self.store_batch(t, r, pkey, &mut m, &mut bytes, &h, topic.config.retention_bytes, now)?;
         self.put_meta(t, r, pkey, m)?;
         let outcome = AppendOutcome {
             base_offset: base,
@@ -681,7 +683,7 @@ impl Writer {
             pack.records.iter().map(|rec| (rec, rec.timestamp_ms.unwrap_or(now))).collect();
         let cap = self.cfg.batch_size_bytes_max as usize;
         let mut ratio = *self.ratios.get(&pkey).unwrap_or(&1.0);
-        let mut out = Vec::with_capacity(cap + HEADER_LEN);
+        let mut out = Vec::with_capacity(VALUE_PREFIX_LEN + cap + HEADER_LEN);
         let mut i = 0;
         while i < stamped.len() {
             // Take as many records as the expected compressed size allows (at least one).
@@ -694,6 +696,7 @@ impl Writer {
             }
             loop {
                 out.clear();
+                out.extend_from_slice(&[0u8; VALUE_PREFIX_LEN]);
                 let h = batch::encode_batch(
                     &stamped[i..j],
                     m.next_offset as i64,
@@ -702,17 +705,18 @@ impl Writer {
                     now,
                     &mut out,
                 )?;
-                if out.len() > cap && j - i > 1 {
+                let encoded = out.len() - VALUE_PREFIX_LEN;
+                if encoded > cap && j - i > 1 {
                     // Compressed worse than expected: halve and retry.
                     j = i + (j - i) / 2;
                     ratio = (ratio * 1.5).min(1.2);
                     continue;
                 }
-                let observed = (out.len() - HEADER_LEN) as f64 / raw.max(1) as f64;
+                let observed = (encoded - HEADER_LEN) as f64 / raw.max(1) as f64;
                 if cfg.compression != Codec::None {
                     ratio = (ratio * 0.7 + observed * 0.3).clamp(0.02, 1.2);
                 }
-                self.store_batch(t, r, pkey, &mut m, &out, &h, cfg.retention_bytes, now)?;
+                self.store_batch(t, r, pkey, &mut m, &mut out, &h, cfg.retention_bytes, now)?;
                 break;
             }
             i = j;

@@ -4,9 +4,7 @@
 //!
 //! `cargo run --release -p tributary-tests --bin storage-bench -- [--dir DIR] [--seconds N]`
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,6 +12,7 @@ use bytes::Bytes;
 use clap::Parser;
 use tributary_broker::storage::batch::{encode_batch, BatchHeader, NewRecord};
 use tributary_broker::{Codec, StorageConfig, Store, TimestampKind, TopicConfig};
+use tributary_tests::{fsync_rate, sequential_write, status_kib, MIB};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -30,45 +29,6 @@ struct Args {
     /// connection, so 32 is a handful of producers).
     #[arg(long, default_value_t = 32)]
     batch_appenders: usize,
-}
-
-const MIB: f64 = 1024.0 * 1024.0;
-
-fn fsync_rate(dir: &Path, for_time: Duration) -> anyhow::Result<f64> {
-    let path = dir.join("fsync-probe");
-    let mut f = OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
-    let block = [0x5au8; 4096];
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < for_time {
-        f.write_all(&block)?;
-        f.sync_data()?;
-        n += 1;
-    }
-    std::fs::remove_file(&path)?;
-    Ok(n as f64 / start.elapsed().as_secs_f64())
-}
-
-fn sequential_write(dir: &Path, bytes: usize) -> anyhow::Result<f64> {
-    let path = dir.join("seq-probe");
-    let mut f = OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
-    let chunk = vec![0xa5u8; 1 << 20];
-    let start = Instant::now();
-    for _ in 0..bytes / chunk.len() {
-        f.write_all(&chunk)?;
-    }
-    f.sync_all()?;
-    let rate = bytes as f64 / start.elapsed().as_secs_f64();
-    std::fs::remove_file(&path)?;
-    Ok(rate)
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -201,6 +161,6 @@ async fn main() -> anyhow::Result<()> {
         disk as f64 / MIB,
         (after.appended_bytes) as f64 / MIB
     );
-    println!("| peak RSS of the benchmark process | {:.1} MiB |", peak_rss_kib() as f64 / 1024.0);
+    println!("| peak RSS of the benchmark process | {:.1} MiB |", status_kib("self", "VmHWM:") as f64 / 1024.0);
     Ok(())
 }

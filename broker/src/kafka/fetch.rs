@@ -1,0 +1,217 @@
+//! Fetch: reading many partitions within the response and partition byte limits (soft for the
+//! first non-empty partition, KIP-74), long-polling on the partitions' watermarks until enough
+//! bytes arrived or the wait is over, and encoding the response without copying record data.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::future::select_all;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use super::errors::{self, code};
+use super::requests::FetchRequest;
+use super::server::Ctx;
+use crate::error::StoreError;
+use crate::storage::Watermarks;
+
+/// One partition of a fetch and what was read for it.
+#[derive(Debug)]
+pub(crate) struct FetchedPartition {
+    pub topic: String,
+    pub partition: i32,
+    offset: i64,
+    max_bytes: usize,
+    /// `None` until read; `Err` carries the error and the watermarks if the partition exists.
+    pub result: Option<Result<(Bytes, Watermarks), (i16, Option<Watermarks>)>>,
+}
+
+/// Reads the asked partitions, waiting (up to the request's `max_wait_ms`, capped by
+/// `kafka.fetch_wait_max_ms`) until `min_bytes` are there. Returns the partitions in request
+/// order and the memory reserved for the response.
+pub(crate) async fn fetch(ctx: &Arc<Ctx>, req: FetchRequest) -> (Vec<FetchedPartition>, Option<OwnedSemaphorePermit>) {
+    let wait = Duration::from_millis(req.max_wait_ms.clamp(0, ctx.cfg.fetch_wait_max_ms as i32) as u64);
+    let deadline = Instant::now() + wait;
+    let limit = (req.max_bytes.max(0) as u64).clamp(1, u64::from(ctx.cfg.fetch_response_bytes_max)) as usize;
+    let permit = ctx.reserve(limit as u64).await;
+    let mut parts: Vec<FetchedPartition> = req
+        .topics
+        .into_iter()
+        .flat_map(|(topic, ps)| {
+            ps.into_iter().map(move |p| FetchedPartition {
+                topic: topic.clone(),
+                partition: p.partition,
+                offset: p.fetch_offset,
+                max_bytes: p.partition_max_bytes.max(0) as usize,
+                result: None,
+            })
+        })
+        .collect();
+    // Watches first, then reads: an append between the read and the wait still wakes us.
+    let mut watches: Vec<_> = parts.iter().filter_map(|s| ctx.store.watch(&s.topic, s.partition).ok()).collect();
+    loop {
+        let mut remaining = limit;
+        let mut total = 0usize;
+        let mut any_error = false;
+        for s in &mut parts {
+            let res = ctx.store.fetch(&s.topic, s.partition, s.offset, s.max_bytes.min(remaining).max(1));
+            s.result = Some(match res {
+                Ok(f) => {
+                    let data = if total > 0 && f.data.len() > remaining {
+                        // Only the first non-empty partition may exceed the limit (KIP-74).
+                        Bytes::new()
+                    } else {
+                        f.data
+                    };
+                    total += data.len();
+                    remaining = remaining.saturating_sub(data.len());
+                    Ok((data, f.watermarks))
+                }
+                Err(e) => {
+                    any_error = true;
+                    Err(error_of(ctx, s, &e))
+                }
+            });
+        }
+        let enough = total >= req.min_bytes.max(0) as usize && (total > 0 || req.min_bytes <= 0);
+        if enough || any_error || Instant::now() >= deadline || watches.is_empty() {
+            break;
+        }
+        let changed = select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            // The wait is over: one more read so the answer is as fresh as possible.
+            watches.clear();
+        }
+    }
+    (parts, permit)
+}
+
+fn error_of(ctx: &Ctx, s: &FetchedPartition, e: &StoreError) -> (i16, Option<Watermarks>) {
+    (code(e), ctx.store.watermarks(&s.topic, s.partition).ok())
+}
+
+fn put_str(b: &mut BytesMut, s: &str) {
+    b.put_i16(s.len() as i16);
+    b.put_slice(s.as_bytes());
+}
+
+/// Encodes a Fetch response (v4-v11, the versions served): the frame header and every
+/// partition's fields go into small buffers, each partition's record data is a chunk of its own.
+pub(crate) fn encode_response(correlation_id: i32, v: i16, parts: &[FetchedPartition]) -> Vec<Bytes> {
+    let mut chunks = Vec::with_capacity(2 * parts.len() + 1);
+    let mut buf = BytesMut::with_capacity(256);
+    buf.put_i32(0); // size, patched below
+    buf.put_i32(correlation_id);
+    buf.put_i32(0); // throttle_time_ms
+    if v >= 7 {
+        buf.put_i16(errors::NONE);
+        buf.put_i32(0); // session_id: no fetch sessions
+    }
+    // Topics are consecutive runs of partitions with the same name, in request order.
+    let mut runs: Vec<(&str, usize)> = Vec::new();
+    for p in parts {
+        match runs.last_mut() {
+            Some((t, n)) if *t == p.topic => *n += 1,
+            _ => runs.push((&p.topic, 1)),
+        }
+    }
+    buf.put_i32(runs.len() as i32);
+    let mut parts = parts.iter();
+    for (topic, n) in runs {
+        put_str(&mut buf, topic);
+        buf.put_i32(n as i32);
+        for p in parts.by_ref().take(n) {
+            let (error, wm, records) = match &p.result {
+                Some(Ok((data, wm))) => (errors::NONE, Some(*wm), data.clone()),
+                Some(Err((e, wm))) => (*e, *wm, Bytes::new()),
+                None => (errors::UNKNOWN_SERVER_ERROR, None, Bytes::new()),
+            };
+            buf.put_i32(p.partition);
+            buf.put_i16(error);
+            buf.put_i64(wm.map_or(-1, |w| w.high_watermark));
+            buf.put_i64(wm.map_or(-1, |w| w.high_watermark)); // last stable offset
+            if v >= 5 {
+                buf.put_i64(wm.map_or(-1, |w| w.log_start_offset));
+            }
+            buf.put_i32(0); // aborted transactions: none (an empty array, not null)
+            if v >= 11 {
+                buf.put_i32(-1); // preferred read replica
+            }
+            // Never null: librdkafka rejects a records length of -1.
+            buf.put_i32(records.len() as i32);
+            if !records.is_empty() {
+                chunks.push(std::mem::replace(&mut buf, BytesMut::with_capacity(64)).freeze());
+                chunks.push(records);
+            }
+        }
+    }
+    if !buf.is_empty() {
+        chunks.push(buf.freeze());
+    }
+    let size: usize = chunks.iter().map(Bytes::len).sum::<usize>() - 4;
+    let mut first = BytesMut::from(&chunks[0][..]);
+    first[..4].copy_from_slice(&(size as i32).to_be_bytes());
+    chunks[0] = first.freeze();
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::{fetch_response, BrokerId, FetchResponse, TopicName};
+    use kafka_protocol::protocol::{Encodable, StrBytes};
+
+    /// The hand encoding is byte-identical to the protocol crate's at every served version.
+    #[test]
+    fn matches_the_protocol_crate_at_every_version() {
+        let wm = Watermarks { log_start_offset: 3, high_watermark: 40 };
+        let part = |topic: &str, partition, result| FetchedPartition {
+            topic: topic.into(),
+            partition,
+            offset: 0,
+            max_bytes: 0,
+            result,
+        };
+        let parts = vec![
+            part("a", 0, Some(Ok((Bytes::from_static(b"batch-bytes"), wm)))),
+            part("a", 1, Some(Ok((Bytes::new(), wm)))),
+            part("b", 0, Some(Err((errors::OFFSET_OUT_OF_RANGE, Some(wm))))),
+            part("b", 7, Some(Err((errors::UNKNOWN_TOPIC_OR_PARTITION, None)))),
+        ];
+        for v in 4..=11 {
+            let ours: Vec<u8> = encode_response(42, v, &parts).concat();
+            let mut resp = FetchResponse::default();
+            for (topic, range) in [("a", 0..2), ("b", 2..4)] {
+                let mut t = fetch_response::FetchableTopicResponse::default()
+                    .with_topic(TopicName(StrBytes::from_static_str(topic)));
+                for p in &parts[range] {
+                    let (e, wm, rec) = match &p.result {
+                        Some(Ok((d, wm))) => (0, Some(*wm), d.clone()),
+                        Some(Err((e, wm))) => (*e, *wm, Bytes::new()),
+                        None => unreachable!(),
+                    };
+                    t.partitions.push(
+                        fetch_response::PartitionData::default()
+                            .with_partition_index(p.partition)
+                            .with_error_code(e)
+                            .with_high_watermark(wm.map_or(-1, |w| w.high_watermark))
+                            .with_last_stable_offset(wm.map_or(-1, |w| w.high_watermark))
+                            .with_log_start_offset(wm.map_or(-1, |w| w.log_start_offset))
+                            .with_aborted_transactions(Some(Vec::new()))
+                            .with_preferred_read_replica(BrokerId(-1))
+                            .with_records(Some(rec)),
+                    );
+                }
+                resp.responses.push(t);
+            }
+            let mut theirs = BytesMut::new();
+            theirs.put_i32(0);
+            theirs.put_i32(42);
+            resp.encode(&mut theirs, v).expect("encode");
+            let size = (theirs.len() - 4) as i32;
+            theirs[..4].copy_from_slice(&size.to_be_bytes());
+            assert_eq!(ours, theirs.to_vec(), "Fetch v{v}");
+        }
+    }
+}

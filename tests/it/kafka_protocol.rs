@@ -1,0 +1,474 @@
+//! The Kafka front end at the message level: every served API at every advertised version
+//! (requests encoded and responses decoded by the `kafka-protocol` crate, so our hand-written
+//! decoders are checked against an independent encoder), and the behaviours clients rely on:
+//! OFFSET_OUT_OF_RANGE, soft fetch limits, long polls that wake on append, acks=0, sequence
+//! errors, Produce v0-v2 refusal, connection and idle limits.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::StrBytes;
+use tributary_broker::kafka::KafkaConfig;
+use tributary_broker::storage::batch::{encode_batch, NewRecord};
+use tributary_broker::{Codec, TimestampKind};
+
+use crate::support::{KafkaBroker, RawKafka};
+
+fn s(v: &str) -> StrBytes {
+    StrBytes::from_string(v.to_string())
+}
+
+fn tn(v: &str) -> TopicName {
+    TopicName(s(v))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// A RecordBatch of `n` records; with `producer` = (id, epoch, base sequence) an idempotent one.
+fn batch(n: usize, producer: Option<(i64, i16, i32)>) -> Bytes {
+    let records: Vec<NewRecord> = (0..n).map(|i| NewRecord::new(Some(format!("k{i}")), format!("value-{i}"))).collect();
+    let stamped: Vec<_> = records.iter().map(|r| (r, 1_700_000_000_000)).collect();
+    let mut out = Vec::new();
+    encode_batch(&stamped, 0, Codec::None, TimestampKind::CreateTime, 0, &mut out).expect("encode");
+    if let Some((id, epoch, seq)) = producer {
+        out[43..51].copy_from_slice(&id.to_be_bytes());
+        out[51..53].copy_from_slice(&epoch.to_be_bytes());
+        out[53..57].copy_from_slice(&seq.to_be_bytes());
+        let crc = crc32c::crc32c(&out[21..]);
+        out[17..21].copy_from_slice(&crc.to_be_bytes());
+    }
+    Bytes::from(out)
+}
+
+fn produce_req(topic: &str, partition: i32, records: Bytes, acks: i16) -> ProduceRequest {
+    ProduceRequest::default().with_acks(acks).with_timeout_ms(5000).with_topic_data(vec![
+        produce_request::TopicProduceData::default().with_name(tn(topic)).with_partition_data(vec![
+            produce_request::PartitionProduceData::default().with_index(partition).with_records(Some(records)),
+        ]),
+    ])
+}
+
+fn produce_result(r: &ProduceResponse) -> (i16, i64) {
+    let p = &r.responses[0].partition_responses[0];
+    (p.error_code, p.base_offset)
+}
+
+fn fetch_req(
+    parts: &[(&str, i32, i64)],
+    max_wait_ms: i32,
+    min_bytes: i32,
+    max_bytes: i32,
+    part_max: i32,
+) -> FetchRequest {
+    let mut topics: Vec<fetch_request::FetchTopic> = Vec::new();
+    for (t, p, off) in parts {
+        let part = fetch_request::FetchPartition::default()
+            .with_partition(*p)
+            .with_fetch_offset(*off)
+            .with_partition_max_bytes(part_max);
+        match topics.last_mut() {
+            Some(last) if last.topic.0.as_str() == *t => last.partitions.push(part),
+            _ => topics.push(fetch_request::FetchTopic::default().with_topic(tn(t)).with_partitions(vec![part])),
+        }
+    }
+    FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(max_wait_ms)
+        .with_min_bytes(min_bytes)
+        .with_max_bytes(max_bytes)
+        .with_session_epoch(-1)
+        .with_topics(topics)
+}
+
+#[test]
+fn every_api_answers_at_every_advertised_version() {
+    let rt = runtime();
+    let broker = rt.block_on(KafkaBroker::start());
+    let mut c = RawKafka::connect(broker.addr);
+
+    // ApiVersions: the table itself.
+    let mut advertised = std::collections::HashMap::new();
+    for v in 0..=3 {
+        let req = ApiVersionsRequest::default();
+        let req =
+            if v >= 3 { req.with_client_software_name(s("raw")).with_client_software_version(s("1")) } else { req };
+        let r = c.call(&req, v);
+        assert_eq!(r.error_code, 0);
+        for k in &r.api_keys {
+            advertised.insert(k.api_key, (k.min_version, k.max_version));
+        }
+    }
+    let range = |k: i16| advertised.get(&k).copied().unwrap_or_else(|| panic!("api {k} advertised"));
+    assert!(!advertised.contains_key(&68), "ConsumerGroupHeartbeat must not be advertised");
+
+    // Metadata at every version auto-creates and describes a topic.
+    let (lo, hi) = range(3);
+    for v in lo..=hi {
+        let name = format!("md-v{v}");
+        let req = MetadataRequest::default()
+            .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default().with_name(Some(tn(&name)))]))
+            .with_allow_auto_topic_creation(true);
+        let r = c.call(&req, v);
+        assert_eq!(r.brokers.len(), 1, "v{v}");
+        assert_eq!(r.brokers[0].port, broker.addr.port() as i32, "v{v}");
+        assert_eq!(r.topics[0].error_code, 0, "v{v}");
+        assert_eq!(r.topics[0].partitions.len(), 1, "v{v}");
+    }
+    // Without auto-creation (v4+), an unknown topic is reported and not created.
+    let req = MetadataRequest::default()
+        .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default().with_name(Some(tn("md-nope")))]))
+        .with_allow_auto_topic_creation(false);
+    assert_eq!(c.call(&req, 4).topics[0].error_code, 3, "UNKNOWN_TOPIC_OR_PARTITION");
+    assert!(broker.store.topic("md-nope").is_none());
+    // v0: an empty list means every topic; v1+: null means every topic.
+    assert!(c.call(&MetadataRequest::default().with_topics(Some(vec![])), 0).topics.len() >= hi as usize);
+    assert!(c.call(&MetadataRequest::default().with_topics(None), 1).topics.len() >= hi as usize);
+    assert_eq!(c.call(&MetadataRequest::default().with_topics(Some(vec![])), 1).topics.len(), 0);
+
+    // Produce v3.. and Fetch at every version.
+    let (lo, hi) = range(0);
+    assert_eq!(lo, 0, "Produce v0 advertised (librdkafka compresses only then)");
+    let mut next = 0;
+    for v in 3..=hi {
+        let (err, base) = produce_result(&c.call(&produce_req("md-v1", 0, batch(3, None), -1), v));
+        assert_eq!((err, base), (0, next), "Produce v{v}");
+        next += 3;
+    }
+    let (lo, hi) = range(1);
+    for v in lo..=hi {
+        let r = c.call(&fetch_req(&[("md-v1", 0, 4)], 0, 0, 1 << 20, 1 << 20), v);
+        let p = &r.responses[0].partitions[0];
+        assert_eq!((p.error_code, p.high_watermark), (0, next), "Fetch v{v}");
+        let records = p.records.as_ref().expect("records");
+        assert_eq!(
+            i64::from_be_bytes(records[..8].try_into().expect("8 bytes")),
+            3,
+            "Fetch v{v}: the batch holding offset 4"
+        );
+    }
+
+    // ListOffsets: latest and earliest.
+    let (lo, hi) = range(2);
+    for v in lo..=hi {
+        for (ts, want) in [(-1, next), (-2, 0)] {
+            let req = ListOffsetsRequest::default().with_replica_id(BrokerId(-1)).with_topics(vec![
+                list_offsets_request::ListOffsetsTopic::default().with_name(tn("md-v1")).with_partitions(vec![
+                    list_offsets_request::ListOffsetsPartition::default().with_partition_index(0).with_timestamp(ts),
+                ]),
+            ]);
+            let r = c.call(&req, v);
+            let p = &r.topics[0].partitions[0];
+            assert_eq!((p.error_code, p.offset), (0, want), "ListOffsets v{v} ts {ts}");
+        }
+    }
+
+    // FindCoordinator: this node for groups, none for transactions.
+    let (lo, hi) = range(10);
+    for v in lo..=hi {
+        let req = if v >= 4 {
+            FindCoordinatorRequest::default().with_coordinator_keys(vec![s("g")])
+        } else {
+            FindCoordinatorRequest::default().with_key(s("g"))
+        };
+        let r = c.call(&req, v);
+        let (err, node, port) = if v >= 4 {
+            (r.coordinators[0].error_code, r.coordinators[0].node_id.0, r.coordinators[0].port)
+        } else {
+            (r.error_code, r.node_id.0, r.port)
+        };
+        assert_eq!((err, node, port), (0, 1, broker.addr.port() as i32), "FindCoordinator v{v}");
+    }
+
+    // InitProducerId: distinct ids at every version.
+    let (lo, hi) = range(22);
+    let mut ids = std::collections::HashSet::new();
+    for v in lo..=hi {
+        let r = c.call(
+            &InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+            v,
+        );
+        assert_eq!((r.error_code, r.producer_epoch), (0, 0), "InitProducerId v{v}");
+        assert!(ids.insert(r.producer_id.0), "InitProducerId v{v}: ids are never reused");
+    }
+    let r = c.call(&InitProducerIdRequest::default().with_transactional_id(Some(TransactionalId(s("tx")))), 1);
+    assert_eq!(r.error_code, 53, "transactions are refused");
+
+    // CreateTopics, CreatePartitions, DescribeConfigs, AlterConfigs, IncrementalAlterConfigs,
+    // DeleteTopics at every version.
+    let (lo, hi) = range(19);
+    for v in lo..=hi {
+        let name = format!("ct-v{v}");
+        let req = CreateTopicsRequest::default().with_timeout_ms(5000).with_topics(vec![
+            create_topics_request::CreatableTopic::default()
+                .with_name(tn(&name))
+                .with_num_partitions(2)
+                .with_replication_factor(1)
+                .with_configs(vec![create_topics_request::CreatableTopicConfig::default()
+                    .with_name(s("retention.ms"))
+                    .with_value(Some(s("60000")))]),
+        ]);
+        let r = c.call(&req, v);
+        assert_eq!(r.topics[0].error_code, 0, "CreateTopics v{v}: {:?}", r.topics[0].error_message);
+        let info = broker.store.topic(&name).expect("created");
+        assert_eq!((info.partitions, info.config.retention_ms), (2, Some(60_000)), "CreateTopics v{v}");
+        if v >= 5 {
+            assert_eq!(r.topics[0].num_partitions, 2);
+        }
+    }
+    let (lo, hi) = range(37);
+    for v in lo..=hi {
+        let req = CreatePartitionsRequest::default().with_timeout_ms(5000).with_topics(vec![
+            create_partitions_request::CreatePartitionsTopic::default().with_name(tn("ct-v2")).with_count(3 + v as i32),
+        ]);
+        assert_eq!(c.call(&req, v).results[0].error_code, 0, "CreatePartitions v{v}");
+        assert_eq!(broker.store.topic("ct-v2").expect("topic").partitions, 3 + v as u32);
+    }
+    let (lo, hi) = range(32);
+    for v in lo..=hi {
+        let req = DescribeConfigsRequest::default().with_resources(vec![
+            describe_configs_request::DescribeConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(s("ct-v2"))
+                .with_configuration_keys(None),
+            describe_configs_request::DescribeConfigsResource::default()
+                .with_resource_type(4)
+                .with_resource_name(s("1"))
+                .with_configuration_keys(Some(vec![s("num.partitions")])),
+        ]);
+        let r = c.call(&req, v);
+        let topic = &r.results[0];
+        assert_eq!(topic.error_code, 0, "DescribeConfigs v{v}");
+        let get = |k: &str| {
+            topic.configs.iter().find(|e| e.name.as_str() == k).and_then(|e| e.value.as_ref()).map(|v| v.to_string())
+        };
+        assert_eq!(get("retention.ms").as_deref(), Some("60000"), "DescribeConfigs v{v}");
+        assert_eq!(r.results[1].configs.len(), 1, "only the asked broker key");
+        assert_eq!(r.results[1].configs[0].value.as_ref().map(|v| v.to_string()).as_deref(), Some("1"));
+    }
+    let (lo, hi) = range(33);
+    for v in lo..=hi {
+        let req =
+            AlterConfigsRequest::default().with_resources(vec![alter_configs_request::AlterConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(s("ct-v3"))
+                .with_configs(vec![alter_configs_request::AlterableConfig::default()
+                    .with_name(s("retention.bytes"))
+                    .with_value(Some(s(&format!("{}", 1_000_000 + v as i64))))])]);
+        assert_eq!(c.call(&req, v).responses[0].error_code, 0, "AlterConfigs v{v}");
+        let cfg = broker.store.topic("ct-v3").expect("topic").config;
+        assert_eq!(cfg.retention_bytes, Some(1_000_000 + v as u64));
+        assert_eq!(cfg.retention_ms, Some(7 * 24 * 3600 * 1000), "AlterConfigs v{v} resets what it does not name");
+    }
+    let (lo, hi) = range(44);
+    for v in lo..=hi {
+        let change = |name: &str, op: i8, value: Option<&str>| {
+            incremental_alter_configs_request::AlterableConfig::default()
+                .with_name(s(name))
+                .with_config_operation(op)
+                .with_value(value.map(s))
+        };
+        let req = IncrementalAlterConfigsRequest::default().with_resources(vec![
+            incremental_alter_configs_request::AlterConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(s("ct-v4"))
+                .with_configs(vec![change("durability", 0, Some("relaxed")), change("retention.ms", 1, None)]),
+        ]);
+        assert_eq!(c.call(&req, v).responses[0].error_code, 0, "IncrementalAlterConfigs v{v}");
+        let cfg = broker.store.topic("ct-v4").expect("topic").config;
+        assert_eq!(cfg.durability, tributary_broker::Durability::Relaxed);
+        assert_eq!(cfg.retention_ms, Some(7 * 24 * 3600 * 1000), "DELETE restores the default");
+        let bad = IncrementalAlterConfigsRequest::default().with_resources(vec![
+            incremental_alter_configs_request::AlterConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(s("ct-v4"))
+                .with_configs(vec![change("cleanup.policy", 0, Some("compact"))]),
+        ]);
+        assert_eq!(c.call(&bad, v).responses[0].error_code, 40, "INVALID_CONFIG for an unsupported setting");
+    }
+    let (lo, hi) = range(20);
+    for v in lo..=hi {
+        let name = format!("ct-v{}", v + 1);
+        let req = DeleteTopicsRequest::default().with_timeout_ms(5000).with_topic_names(vec![tn(&name)]);
+        assert_eq!(c.call(&req, v).responses[0].error_code, 0, "DeleteTopics v{v}");
+        assert!(broker.store.topic(&name).is_none());
+    }
+
+    // DescribeCluster: the one node and a cluster id that survives a restart.
+    let (lo, hi) = range(60);
+    let mut cluster_id = String::new();
+    for v in lo..=hi {
+        let r = c.call(&DescribeClusterRequest::default(), v);
+        assert_eq!((r.error_code, r.brokers.len(), r.controller_id.0), (0, 1, 1), "DescribeCluster v{v}");
+        cluster_id = r.cluster_id.to_string();
+    }
+    drop(c);
+    let broker = rt.block_on(broker.restart());
+    let mut c = RawKafka::connect(broker.addr);
+    assert_eq!(c.call(&DescribeClusterRequest::default(), 0).cluster_id.to_string(), cluster_id);
+    let r = c.call(
+        &InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1),
+        0,
+    );
+    assert!(ids.iter().all(|id| r.producer_id.0 > *id), "producer ids are not reused after a restart");
+}
+
+#[test]
+fn fetch_semantics_out_of_range_soft_limits_and_long_poll() {
+    let rt = runtime();
+    let broker = rt.block_on(KafkaBroker::start());
+    rt.block_on(broker.store.create_topic("f", 3, Default::default())).expect("topic");
+    let mut c = RawKafka::connect(broker.addr);
+    for p in 0..2 {
+        for _ in 0..4 {
+            assert_eq!(produce_result(&c.call(&produce_req("f", p, batch(100, None), -1), 7)).0, 0);
+        }
+    }
+    let one_batch = batch(100, None).len();
+
+    // Offsets beyond the high watermark (and below the log start) are OFFSET_OUT_OF_RANGE.
+    for off in [401, -5] {
+        let r = c.call(&fetch_req(&[("f", 0, off)], 0, 0, 1 << 20, 1 << 20), 11);
+        let p = &r.responses[0].partitions[0];
+        assert_eq!((p.error_code, p.high_watermark, p.log_start_offset), (1, 400, 0), "offset {off}");
+        assert_eq!(p.records.as_ref().map(Bytes::len), Some(0), "records are empty, never null");
+    }
+    // Unknown partition, next to a good one.
+    let r = c.call(&fetch_req(&[("f", 0, 0), ("f", 9, 0)], 0, 0, 1 << 20, 1 << 20), 11);
+    assert_eq!(r.responses[0].partitions[1].error_code, 3);
+
+    // Soft limits (KIP-74): a limit smaller than one batch still returns that whole batch from
+    // the first partition, and nothing from the next.
+    let r = c.call(&fetch_req(&[("f", 0, 0), ("f", 1, 0)], 0, 1, 10, 10), 11);
+    let parts = &r.responses[0].partitions;
+    assert_eq!(parts[0].records.as_ref().map(Bytes::len), Some(one_batch), "one whole batch");
+    assert_eq!(parts[1].records.as_ref().map(Bytes::len), Some(0));
+    // A partition limit of two batches, a response limit of three.
+    let r = c.call(&fetch_req(&[("f", 0, 0), ("f", 1, 0)], 0, 1, (3 * one_batch) as i32, (2 * one_batch) as i32), 11);
+    let parts = &r.responses[0].partitions;
+    assert_eq!(parts[0].records.as_ref().map(Bytes::len), Some(2 * one_batch));
+    assert_eq!(parts[1].records.as_ref().map(Bytes::len), Some(one_batch));
+
+    // Long poll: a fetch at the high watermark of two partitions returns when either gets data.
+    let corr = c.send(&fetch_req(&[("f", 2, 0), ("f", 1, 400)], 20_000, 1, 1 << 20, 1 << 20), 11);
+    let started = Instant::now();
+    let mut other = RawKafka::connect(broker.addr);
+    assert_eq!(produce_result(&other.call(&produce_req("f", 2, batch(5, None), -1), 7)), (0, 0));
+    let r = c.recv::<FetchRequest>(11, corr);
+    assert!(started.elapsed() < Duration::from_secs(10), "woken by the append, not the 20 s timeout");
+    assert_eq!(r.responses[0].partitions[0].records.as_ref().map(Bytes::len), Some(batch(5, None).len()));
+    // With nothing arriving, it returns empty after max_wait.
+    let started = Instant::now();
+    let r = c.call(&fetch_req(&[("f", 2, 5)], 300, 1, 1 << 20, 1 << 20), 11);
+    assert!(started.elapsed() >= Duration::from_millis(290));
+    assert_eq!(r.responses[0].partitions[0].records.as_ref().map(Bytes::len), Some(0));
+}
+
+#[test]
+fn produce_acks_versions_and_sequence_errors() {
+    let rt = runtime();
+    let broker = rt.block_on(KafkaBroker::start());
+    rt.block_on(broker.store.create_topic("p", 1, Default::default())).expect("topic");
+    let mut c = RawKafka::connect(broker.addr);
+
+    // acks=0: no response at all; the next response on the connection is the next request's.
+    let corr0 = c.send(&produce_req("p", 0, batch(2, None), 0), 7);
+    let r = c.call(&produce_req("p", 0, batch(2, None), 1), 7);
+    assert_eq!(produce_result(&r), (0, 2), "the acks=0 batch was stored first");
+    assert!(corr0 < c.send(&ApiVersionsRequest::default(), 0));
+    let _ = c.recv_frame();
+    // acks=2 is not a thing on one node.
+    assert_eq!(produce_result(&c.call(&produce_req("p", 0, batch(1, None), 2), 7)).0, 21, "INVALID_REQUIRED_ACKS");
+    // zstd needs Produce v7.
+    let mut zstd = batch(1, None).to_vec();
+    zstd[22] |= 4;
+    let crc = crc32c::crc32c(&zstd[21..]);
+    zstd[17..21].copy_from_slice(&crc.to_be_bytes());
+    assert_eq!(produce_result(&c.call(&produce_req("p", 0, Bytes::from(zstd), -1), 6)).0, 76);
+
+    // Produce v2 (message format v0/v1): refused with UNSUPPORTED_VERSION, in a v2 response.
+    let mut body = Vec::new();
+    body.extend_from_slice(&(-1i16).to_be_bytes()); // acks
+    body.extend_from_slice(&1000i32.to_be_bytes());
+    body.extend_from_slice(&1i32.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(b"p");
+    body.extend_from_slice(&1i32.to_be_bytes());
+    body.extend_from_slice(&0i32.to_be_bytes());
+    body.extend_from_slice(&0i32.to_be_bytes()); // empty message set
+    let mut frame = Vec::new();
+    for part in [&0i16.to_be_bytes()[..], &2i16.to_be_bytes(), &77i32.to_be_bytes(), &(-1i16).to_be_bytes(), &body] {
+        frame.extend_from_slice(part);
+    }
+    let mut raw = std::net::TcpStream::connect(broker.addr).expect("connect");
+    std::io::Write::write_all(&mut raw, &[&(frame.len() as i32).to_be_bytes()[..], &frame].concat()).expect("send");
+    let mut resp = vec![0u8; 4 + 4 + 4 + 2 + 1 + 4 + 4 + 2 + 8 + 8 + 4];
+    std::io::Read::read_exact(&mut raw, &mut resp).expect("v2 response");
+    assert_eq!(i32::from_be_bytes(resp[4..8].try_into().expect("4")), 77);
+    assert_eq!(i16::from_be_bytes(resp[23..25].try_into().expect("2")), 35, "UNSUPPORTED_VERSION");
+
+    // Idempotence: in order, a duplicate (original offset), a gap, an old epoch.
+    let pid = c.call(
+        &InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1),
+        4,
+    );
+    let id = pid.producer_id.0;
+    let hw = broker.store.watermarks("p", 0).expect("wm").high_watermark;
+    assert_eq!(produce_result(&c.call(&produce_req("p", 0, batch(5, Some((id, 0, 0))), -1), 7)), (0, hw));
+    assert_eq!(produce_result(&c.call(&produce_req("p", 0, batch(5, Some((id, 0, 5))), -1), 7)), (0, hw + 5));
+    assert_eq!(produce_result(&c.call(&produce_req("p", 0, batch(5, Some((id, 0, 0))), -1), 7)), (0, hw), "duplicate");
+    assert_eq!(produce_result(&c.call(&produce_req("p", 0, batch(5, Some((id, 0, 20))), -1), 7)).0, 45, "gap");
+    let bumped = c.call(
+        &InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_producer_id(ProducerId(id))
+            .with_producer_epoch(0),
+        4,
+    );
+    assert_eq!((bumped.producer_id.0, bumped.producer_epoch), (id, 1), "KIP-360 epoch bump");
+    assert_eq!(produce_result(&c.call(&produce_req("p", 0, batch(1, Some((id, 1, 0))), -1), 7)), (0, hw + 10));
+    assert_eq!(produce_result(&c.call(&produce_req("p", 0, batch(1, Some((id, 0, 10))), -1), 7)).0, 47, "old epoch");
+    assert_eq!(broker.store.watermarks("p", 0).expect("wm").high_watermark, hw + 11, "refused batches are not stored");
+
+    // Pipelining: many requests in flight on one connection, answered in order.
+    let corrs: Vec<i32> = (0..50).map(|_| c.send(&produce_req("p", 0, batch(1, None), -1), 7)).collect();
+    let mut last = hw + 10;
+    for corr in corrs {
+        let (err, base) = produce_result(&c.recv::<ProduceRequest>(7, corr));
+        assert_eq!((err, base), (0, last + 1), "request order is offset order");
+        last = base;
+    }
+}
+
+#[test]
+fn connection_limit_and_idle_timeout() {
+    let rt = runtime();
+    let cfg = KafkaConfig { connections_max: 2, idle_timeout_ms: 1000, ..KafkaConfig::default() };
+    let broker = rt.block_on(KafkaBroker::start_with(cfg));
+    let mut a = RawKafka::connect(broker.addr);
+    let mut b = RawKafka::connect(broker.addr);
+    assert_eq!(a.call(&ApiVersionsRequest::default(), 0).error_code, 0);
+    assert_eq!(b.call(&ApiVersionsRequest::default(), 0).error_code, 0);
+    let mut third = RawKafka::connect(broker.addr);
+    third.send(&ApiVersionsRequest::default(), 0);
+    assert!(third.recv_frame().is_none(), "over kafka.connections_max: closed");
+    assert_eq!(a.call(&ApiVersionsRequest::default(), 0).error_code, 0, "the others keep working");
+    // Silent for longer than kafka.idle_timeout_ms: closed by the broker.
+    let started = Instant::now();
+    assert!(b.recv_frame().is_none(), "idle connection closed");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Its slot is free again.
+    let mut d = RawKafka::connect(broker.addr);
+    assert_eq!(d.call(&ApiVersionsRequest::default(), 0).error_code, 0);
+}
