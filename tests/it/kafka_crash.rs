@@ -19,7 +19,9 @@ use crate::support::{client_config, read_all, storage_config};
 const ROUNDS: u32 = 5;
 const TOPIC: &str = "meters";
 
-/// Starts the gateway on a free port; returns the child and its Kafka address.
+/// Starts the gateway on a free port; returns the child and its Kafka address. The caller kills
+/// and waits for it; a start that fails panics after the child has exited.
+#[allow(clippy::zombie_processes)]
 fn start_gateway(dir: &std::path::Path) -> (Child, String) {
     let data = dir.join("data");
     let config = dir.join("gateway.toml");

@@ -16,6 +16,10 @@ use super::server::Ctx;
 use crate::error::StoreError;
 use crate::storage::Watermarks;
 
+/// What was read for a partition: its record data and watermarks, or an error code and the
+/// watermarks if the partition exists.
+pub(crate) type PartitionRead = Result<(Bytes, Watermarks), (i16, Option<Watermarks>)>;
+
 /// One partition of a fetch and what was read for it.
 #[derive(Debug)]
 pub(crate) struct FetchedPartition {
@@ -23,8 +27,8 @@ pub(crate) struct FetchedPartition {
     pub partition: i32,
     offset: i64,
     max_bytes: usize,
-    /// `None` until read; `Err` carries the error and the watermarks if the partition exists.
-    pub result: Option<Result<(Bytes, Watermarks), (i16, Option<Watermarks>)>>,
+    /// `None` until read.
+    pub result: Option<PartitionRead>,
 }
 
 /// Reads the asked partitions, waiting (up to the request's `max_wait_ms`, capped by

@@ -209,7 +209,7 @@ async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceRequest) -> Pe
         Some((errors::UNSUPPORTED_VERSION, "Produce v0-v2 (message formats v0/v1) are not supported".to_string()))
     } else if req.transactional_id.is_some() {
         Some((errors::TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "transactions are not supported".to_string()))
-    } else if !matches!(req.acks, -1 | 0 | 1) {
+    } else if !(-1..=1).contains(&req.acks) {
         Some((errors::INVALID_REQUIRED_ACKS, format!("acks must be -1, 0 or 1 (got {})", req.acks)))
     } else {
         None

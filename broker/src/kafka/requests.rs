@@ -7,11 +7,14 @@ use bytes::Bytes;
 use super::codec::{min_array, min_str, DecodeError, Reader};
 use super::versions::key;
 
+/// A topic's partitions and their record batches in a produce request.
+pub(crate) type ProduceTopic = (String, Vec<(i32, Option<Bytes>)>);
+
 #[derive(Debug, Clone)]
 pub(crate) struct ProduceRequest {
     pub transactional_id: Option<String>,
     pub acks: i16,
-    pub topics: Vec<(String, Vec<(i32, Option<Bytes>)>)>,
+    pub topics: Vec<ProduceTopic>,
 }
 
 #[derive(Debug, Clone)]
