@@ -37,9 +37,9 @@ fn admin(bootstrap: &str) -> AdminClient<DefaultClientContext> {
 
 /// A record's key, value and headers derived from its index, with binary bytes and repeated
 /// header keys.
-type Headers = Vec<(String, Vec<u8>)>;
+type HeaderList = Vec<(String, Vec<u8>)>;
 
-fn record_parts(i: usize) -> (Vec<u8>, Vec<u8>, Headers) {
+fn record_parts(i: usize) -> (Vec<u8>, Vec<u8>, HeaderList) {
     let key = format!("key-{i}").into_bytes();
     // Binary bytes (every byte value occurs) followed by compressible text.
     let mut value: Vec<u8> = (0..(i % 64 + 1)).map(|j| ((i * 31 + j * 7) % 256) as u8).collect();
@@ -82,7 +82,7 @@ fn check_record(m: &rdkafka::message::OwnedMessage, i: usize) {
     assert_eq!(m.key(), Some(&key[..]), "key of record {i}");
     assert_eq!(m.payload(), Some(&value[..]), "value of record {i}");
     assert_eq!(m.timestamp(), Timestamp::CreateTime(T0 + i as i64 * 1000), "timestamp of record {i}");
-    let got: Headers = m
+    let got: HeaderList = m
         .headers()
         .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
         .unwrap_or_default();
