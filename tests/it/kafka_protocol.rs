@@ -472,3 +472,26 @@ fn connection_limit_and_idle_timeout() {
     let mut d = RawKafka::connect(broker.addr);
     assert_eq!(d.call(&ApiVersionsRequest::default(), 0).error_code, 0);
 }
+
+#[test]
+fn auto_creation_follows_the_config_switch() {
+    let rt = runtime();
+    let cfg = KafkaConfig { auto_create_topics: false, ..KafkaConfig::default() };
+    let broker = rt.block_on(KafkaBroker::start_with(cfg));
+    let mut c = RawKafka::connect(broker.addr);
+    let req = MetadataRequest::default()
+        .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default().with_name(Some(tn("wanted")))]))
+        .with_allow_auto_topic_creation(true);
+    assert_eq!(c.call(&req, 4).topics[0].error_code, 3, "kafka.auto_create_topics = false: UNKNOWN_TOPIC_OR_PARTITION");
+    assert!(broker.store.topic("wanted").is_none());
+    // Producing to it is refused the same way, and creating it explicitly still works.
+    assert_eq!(produce_result(&c.call(&produce_req("wanted", 0, batch(1, None), -1), 7)).0, 3);
+    let create = CreateTopicsRequest::default().with_timeout_ms(5000).with_topics(vec![
+        create_topics_request::CreatableTopic::default()
+            .with_name(tn("wanted"))
+            .with_num_partitions(-1)
+            .with_replication_factor(-1),
+    ]);
+    assert_eq!(c.call(&create, 4).topics[0].error_code, 0);
+    assert_eq!(broker.store.topic("wanted").expect("created").partitions, 1, "default partition count");
+}
