@@ -38,6 +38,15 @@ pub struct KafkaConfig {
     pub idle_timeout_ms: u64,
     /// Create a topic (with `[topic_defaults]`) when a client asks for metadata of a missing one.
     pub auto_create_topics: bool,
+    /// Consumer groups held in memory (with members, or with committed offsets).
+    pub groups_max: u32,
+    /// Members of one group.
+    pub group_members_max: u32,
+    /// Session timeouts clients may ask for (Kafka's group.min/max.session.timeout.ms).
+    pub group_session_timeout_min_ms: u32,
+    pub group_session_timeout_max_ms: u32,
+    /// Longest metadata string stored with a committed offset (Kafka's offset.metadata.max.bytes).
+    pub offset_metadata_bytes_max: u32,
 }
 
 impl Default for KafkaConfig {
@@ -56,6 +65,11 @@ impl Default for KafkaConfig {
             fetch_wait_max_ms: 30_000,
             idle_timeout_ms: 600_000,
             auto_create_topics: true,
+            groups_max: 1000,
+            group_members_max: 100,
+            group_session_timeout_min_ms: 6000,
+            group_session_timeout_max_ms: 1_800_000,
+            offset_metadata_bytes_max: 4096,
         }
     }
 }
@@ -84,6 +98,16 @@ impl KafkaConfig {
         range("fetch_response_bytes_max", self.fetch_response_bytes_max.into(), 64 * 1024, 1024 * MIB)?;
         range("fetch_wait_max_ms", self.fetch_wait_max_ms.into(), 0, 600_000)?;
         range("idle_timeout_ms", self.idle_timeout_ms, 1000, 7 * 24 * 3_600_000)?;
+        range("groups_max", self.groups_max.into(), 1, 1_000_000)?;
+        range("group_members_max", self.group_members_max.into(), 1, 100_000)?;
+        range("group_session_timeout_min_ms", self.group_session_timeout_min_ms.into(), 100, 3_600_000)?;
+        range(
+            "group_session_timeout_max_ms",
+            self.group_session_timeout_max_ms.into(),
+            self.group_session_timeout_min_ms.into(),
+            3_600_000,
+        )?;
+        range("offset_metadata_bytes_max", self.offset_metadata_bytes_max.into(), 0, 1024 * 1024)?;
         Ok(())
     }
 }
