@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod error;
+pub mod groups;
 pub mod kafka;
 pub mod partitioner;
 pub mod storage;

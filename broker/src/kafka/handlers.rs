@@ -30,6 +30,7 @@ use crate::storage::PendingAppend;
 #[derive(Debug)]
 pub(crate) struct Call {
     pub api: &'static ApiSupport,
+    pub peer: std::net::SocketAddr,
     pub version: i16,
     pub correlation_id: i32,
     pub client_id: Option<String>,
@@ -55,7 +56,7 @@ fn topic_name(s: &str) -> TopicName {
     TopicName(sb(s))
 }
 
-fn encode<T: Encodable>(call: &Call, body: &T) -> Result<Bytes, String> {
+pub(crate) fn encode<T: Encodable>(call: &Call, body: &T) -> Result<Bytes, String> {
     let v = call.version;
     let size = body.compute_size(v).map_err(|e| format!("{} v{v}: cannot size response: {e}", call.api.name))?;
     frame_response(call.correlation_id, call.api.response_header_flexible(v), size, |buf| {
@@ -74,6 +75,10 @@ fn reply<T: Encodable>(call: Call, body: &T) -> PendingReply {
 /// append order); the rest happens in the returned future.
 pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> PendingReply {
     tracing::trace!(api = call.api.name, version = call.version, client = ?call.client_id, "kafka request");
+    let (call, body) = match super::group_api::handle(ctx.clone(), call, body) {
+        Ok(pending) => return pending,
+        Err(not_a_group_api) => not_a_group_api,
+    };
     match body {
         Request::ApiVersions => reply_api_versions(call),
         Request::Produce(req) => produce(ctx, call, req).await,
@@ -155,6 +160,18 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
         Request::FindCoordinator(key_type, keys) => {
             let resp = find_coordinator(&ctx, &call, key_type, keys);
             reply(call, &resp)
+        }
+        Request::JoinGroup(_)
+        | Request::SyncGroup(_)
+        | Request::Heartbeat(_)
+        | Request::LeaveGroup(..)
+        | Request::OffsetCommit(_)
+        | Request::OffsetFetch(..)
+        | Request::ListGroups
+        | Request::DescribeGroups(_)
+        | Request::DeleteGroups(_)
+        | Request::OffsetDelete(..) => {
+            Box::pin(async { Err("group request not routed to the coordinator".to_string()) })
         }
         Request::DescribeCluster => {
             let resp = DescribeClusterResponse::default()

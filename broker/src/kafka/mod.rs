@@ -4,8 +4,9 @@
 
 mod codec;
 mod config;
-mod errors;
+pub(crate) mod errors;
 mod fetch;
+mod group_api;
 mod handlers;
 mod requests;
 mod server;

@@ -88,6 +88,39 @@ pub(crate) struct CreatePartitionsRequest {
 }
 
 #[derive(Debug, Clone)]
+pub(crate) struct JoinGroupRequest {
+    pub group_id: String,
+    pub session_timeout_ms: i32,
+    pub rebalance_timeout_ms: i32,
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub protocol_type: String,
+    pub protocols: Vec<(String, Bytes)>,
+}
+
+/// SyncGroup and Heartbeat: the member's identity in a generation (and the leader's assignments).
+#[derive(Debug, Clone)]
+pub(crate) struct MemberRequest {
+    pub group_id: String,
+    pub generation: i32,
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub assignments: Vec<(String, Bytes)>,
+}
+
+/// (topic, partition, offset, leader epoch, metadata)
+pub(crate) type OffsetToCommit = (String, i32, i64, i32, Option<String>);
+
+#[derive(Debug, Clone)]
+pub(crate) struct OffsetCommitRequest {
+    pub group_id: String,
+    pub generation: i32,
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub offsets: Vec<OffsetToCommit>,
+}
+
+#[derive(Debug, Clone)]
 pub(crate) enum Request {
     ApiVersions,
     Produce(ProduceRequest),
@@ -104,6 +137,18 @@ pub(crate) enum Request {
     DescribeCluster,
     /// (key type, keys): 0 = group, 1 = transaction.
     FindCoordinator(i8, Vec<String>),
+    JoinGroup(JoinGroupRequest),
+    SyncGroup(MemberRequest),
+    Heartbeat(MemberRequest),
+    /// Group and (member id, instance id) pairs.
+    LeaveGroup(String, Vec<(String, Option<String>)>),
+    OffsetCommit(OffsetCommitRequest),
+    /// Group and the asked partitions (`None` = all).
+    OffsetFetch(String, Option<Vec<(String, Vec<i32>)>>),
+    ListGroups,
+    DescribeGroups(Vec<String>),
+    DeleteGroups(Vec<String>),
+    OffsetDelete(String, Vec<(String, Vec<i32>)>),
 }
 
 /// Decodes the body of a served API at a served version (checked by the caller).
@@ -321,6 +366,130 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                 let key_type = if v >= 1 { r.i8()? } else { 0 };
                 Request::FindCoordinator(key_type, vec![k])
             }
+        }
+        key::JOIN_GROUP => {
+            let group_id = r.string()?;
+            let session_timeout_ms = r.i32()?;
+            let rebalance_timeout_ms = if v >= 1 { r.i32()? } else { session_timeout_ms };
+            let member_id = r.string()?;
+            let instance_id = if v >= 5 { r.nullable_string()? } else { None };
+            let protocol_type = r.string()?;
+            let protocols = r.array(min_str(f) + 4, |r| {
+                let name = r.string()?;
+                let metadata = r.nullable_bytes()?.unwrap_or_default();
+                r.tagged_fields()?;
+                Ok((name, metadata))
+            })?;
+            Request::JoinGroup(JoinGroupRequest {
+                group_id,
+                session_timeout_ms,
+                rebalance_timeout_ms,
+                member_id,
+                instance_id,
+                protocol_type,
+                protocols,
+            })
+        }
+        key::SYNC_GROUP | key::HEARTBEAT => {
+            let group_id = r.string()?;
+            let generation = r.i32()?;
+            let member_id = r.string()?;
+            let instance_id = if v >= 3 { r.nullable_string()? } else { None };
+            let mut req = MemberRequest { group_id, generation, member_id, instance_id, assignments: Vec::new() };
+            if api_key == key::SYNC_GROUP {
+                req.assignments = r.array(min_str(f) + 4, |r| {
+                    let m = r.string()?;
+                    let a = r.nullable_bytes()?.unwrap_or_default();
+                    r.tagged_fields()?;
+                    Ok((m, a))
+                })?;
+                Request::SyncGroup(req)
+            } else {
+                Request::Heartbeat(req)
+            }
+        }
+        key::LEAVE_GROUP => {
+            let group_id = r.string()?;
+            let members = if v >= 3 {
+                r.array(2 * min_str(f), |r| {
+                    let m = r.string()?;
+                    let i = r.nullable_string()?;
+                    r.tagged_fields()?;
+                    Ok((m, i))
+                })?
+            } else {
+                vec![(r.string()?, None)]
+            };
+            Request::LeaveGroup(group_id, members)
+        }
+        key::OFFSET_COMMIT => {
+            let group_id = r.string()?;
+            let generation = if v >= 1 { r.i32()? } else { -1 };
+            let member_id = if v >= 1 { r.string()? } else { String::new() };
+            if (2..=4).contains(&v) {
+                r.i64()?; // retention_time_ms: offsets are kept until the group is deleted
+            }
+            let instance_id = if v >= 7 { r.nullable_string()? } else { None };
+            let mut offsets = Vec::new();
+            let topics = r.array(min_str(f) + min_array(f), |r| {
+                let name = r.string()?;
+                let parts = r.array(4 + 8 + min_str(f), |r| {
+                    let p = r.i32()?;
+                    let offset = r.i64()?;
+                    let epoch = if v >= 6 { r.i32()? } else { -1 };
+                    if v == 1 {
+                        r.i64()?; // commit_timestamp
+                    }
+                    let metadata = r.nullable_string()?;
+                    r.tagged_fields()?;
+                    Ok((p, offset, epoch, metadata))
+                })?;
+                r.tagged_fields()?;
+                Ok((name, parts))
+            })?;
+            for (name, parts) in topics {
+                for (p, offset, epoch, metadata) in parts {
+                    offsets.push((name.clone(), p, offset, epoch, metadata));
+                }
+            }
+            Request::OffsetCommit(OffsetCommitRequest { group_id, generation, member_id, instance_id, offsets })
+        }
+        key::OFFSET_FETCH => {
+            let group_id = r.string()?;
+            let topics = r.nullable_array(min_str(f) + min_array(f), |r| {
+                let name = r.string()?;
+                let parts = r.array(4, |r| r.i32())?;
+                r.tagged_fields()?;
+                Ok((name, parts))
+            })?;
+            if v >= 7 {
+                r.bool()?; // require_stable: there are no pending transactional offsets
+            }
+            Request::OffsetFetch(group_id, topics)
+        }
+        key::LIST_GROUPS => {
+            if v >= 4 {
+                r.array(min_str(f), |r| r.string())?; // states filter
+            }
+            Request::ListGroups
+        }
+        key::DESCRIBE_GROUPS => {
+            let groups = r.array(min_str(f), |r| r.string())?;
+            if v >= 3 {
+                r.bool()?; // include_authorized_operations
+            }
+            Request::DescribeGroups(groups)
+        }
+        key::DELETE_GROUPS => Request::DeleteGroups(r.array(min_str(f), |r| r.string())?),
+        key::OFFSET_DELETE => {
+            let group_id = r.string()?;
+            let topics = r.array(min_str(f) + min_array(f), |r| {
+                let name = r.string()?;
+                let parts = r.array(4, |r| r.i32())?;
+                r.tagged_fields()?;
+                Ok((name, parts))
+            })?;
+            Request::OffsetDelete(group_id, topics)
         }
         key::DESCRIBE_CLUSTER => {
             r.bool()?; // include_cluster_authorized_operations

@@ -22,6 +22,7 @@ use super::requests;
 use super::versions::{self, key};
 use crate::config::TopicConfig;
 use crate::error::StoreError;
+use crate::groups::{Coordinator, GroupLimits};
 use crate::storage::{KvSpace, Store};
 
 /// What a topic created by this front end gets (from `[topic_defaults]`).
@@ -76,6 +77,7 @@ pub(crate) struct Ctx {
     pub memory: Arc<Semaphore>,
     pub producer_ids: Mutex<ProducerIds>,
     pub stats: Arc<KafkaStats>,
+    pub groups: Arc<Coordinator>,
 }
 
 impl Ctx {
@@ -158,6 +160,16 @@ impl KafkaServer {
             _ => 0,
         };
         let memory = Arc::new(Semaphore::new(cfg.buffer_memory_bytes_max.min(u64::from(u32::MAX)) as usize));
+        let groups = Coordinator::new(
+            store.clone(),
+            GroupLimits {
+                groups_max: cfg.groups_max,
+                members_max: cfg.group_members_max,
+                session_timeout_min_ms: cfg.group_session_timeout_min_ms,
+                session_timeout_max_ms: cfg.group_session_timeout_max_ms,
+                offset_metadata_bytes_max: cfg.offset_metadata_bytes_max,
+            },
+        )?;
         let ctx = Arc::new(Ctx {
             store,
             advertised_host,
@@ -166,6 +178,7 @@ impl KafkaServer {
             memory,
             producer_ids: Mutex::new(ProducerIds { next: limit, limit }),
             stats: Arc::new(KafkaStats::default()),
+            groups,
             defaults,
             cfg,
         });
@@ -185,10 +198,16 @@ impl KafkaServer {
         self.ctx.stats.clone()
     }
 
+    /// The group coordinator (committed offsets and lag for the CLI and metrics).
+    pub fn groups(&self) -> Arc<Coordinator> {
+        self.ctx.groups.clone()
+    }
+
     /// Accepts connections until `shutdown` completes; then stops accepting (open connections
     /// end with the runtime).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let connections = Arc::new(Semaphore::new(self.ctx.cfg.connections_max as usize));
+        let timers = tokio::spawn(self.ctx.groups.clone().run_timers());
         tokio::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
@@ -227,12 +246,14 @@ impl KafkaServer {
                 drop(permit);
             });
         }
+        timers.abort();
     }
 }
 
 /// Serves one connection. `Ok` = the client closed it (or was idle); `Err` names a protocol
 /// violation or an I/O failure.
 async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
+    let peer = stream.peer_addr().map_err(|e| format!("peer address: {e}"))?;
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let (tx, mut rx) = mpsc::channel::<PendingReply>(ctx.cfg.inflight_requests_max as usize);
@@ -264,7 +285,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         let _ = wr.shutdown().await;
         Ok::<(), String>(())
     });
-    let read_result = read_loop(ctx, &mut rd, &tx, idle).await;
+    let read_result = read_loop(ctx, &mut rd, &tx, idle, peer).await;
     drop(tx);
     let write_result = writer.await.map_err(|e| format!("writer task failed: {e}"))?;
     read_result.and(write_result)
@@ -275,6 +296,7 @@ async fn read_loop(
     rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
     tx: &mpsc::Sender<PendingReply>,
     idle: Duration,
+    peer: SocketAddr,
 ) -> Result<(), String> {
     loop {
         let mut size = [0u8; 4];
@@ -302,7 +324,7 @@ async fn read_loop(
             Ok(Ok(_)) => {}
         }
         ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let pending = request(ctx, frame.freeze(), permit).await?;
+        let pending = request(ctx, frame.freeze(), permit, peer).await?;
         if tx.send(pending).await.is_err() {
             // The writer stopped (write error): its result says why.
             return Ok(());
@@ -312,7 +334,12 @@ async fn read_loop(
 
 /// Decodes one request and starts its work; ordering-sensitive work (queueing appends) is done
 /// before returning so pipelined requests keep their order.
-async fn request(ctx: &Arc<Ctx>, frame: Bytes, permit: OwnedSemaphorePermit) -> Result<PendingReply, String> {
+async fn request(
+    ctx: &Arc<Ctx>,
+    frame: Bytes,
+    permit: OwnedSemaphorePermit,
+    peer: SocketAddr,
+) -> Result<PendingReply, String> {
     let (api_key, version, correlation_id) = codec::peek_header(&frame).ok_or("request shorter than its header")?;
     let Some(api) = versions::lookup(api_key) else {
         return Err(format!(
@@ -338,8 +365,14 @@ async fn request(ctx: &Arc<Ctx>, frame: Bytes, permit: OwnedSemaphorePermit) -> 
     r.flex = api.flexible(version);
     let body = requests::decode(api_key, version, &mut r)
         .map_err(|e| format!("{} v{version} (correlation id {correlation_id}): {e}", api.name))?;
-    let call =
-        handlers::Call { api, version, correlation_id: header.correlation_id, client_id: header.client_id, permit };
+    let call = handlers::Call {
+        api,
+        peer,
+        version,
+        correlation_id: header.correlation_id,
+        client_id: header.client_id,
+        permit,
+    };
     Ok(handlers::dispatch(ctx.clone(), call, body).await)
 }
 

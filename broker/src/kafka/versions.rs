@@ -12,7 +12,17 @@ pub(crate) mod key {
     pub const FETCH: i16 = 1;
     pub const LIST_OFFSETS: i16 = 2;
     pub const METADATA: i16 = 3;
+    pub const OFFSET_COMMIT: i16 = 8;
+    pub const OFFSET_FETCH: i16 = 9;
     pub const FIND_COORDINATOR: i16 = 10;
+    pub const JOIN_GROUP: i16 = 11;
+    pub const HEARTBEAT: i16 = 12;
+    pub const LEAVE_GROUP: i16 = 13;
+    pub const SYNC_GROUP: i16 = 14;
+    pub const DESCRIBE_GROUPS: i16 = 15;
+    pub const LIST_GROUPS: i16 = 16;
+    pub const DELETE_GROUPS: i16 = 42;
+    pub const OFFSET_DELETE: i16 = 47;
     pub const API_VERSIONS: i16 = 18;
     pub const CREATE_TOPICS: i16 = 19;
     pub const DELETE_TOPICS: i16 = 20;
@@ -46,6 +56,18 @@ pub(crate) const SUPPORTED: &[ApiSupport] = &[
     // v0 is advertised.
     ApiSupport { key: key::FIND_COORDINATOR, name: "FindCoordinator", min: 0, max: 4, flex_from: 3 },
     ApiSupport { key: key::API_VERSIONS, name: "ApiVersions", min: 0, max: 3, flex_from: 3 },
+    // Consumer groups (classic protocol). librdkafka needs OffsetCommit 1-2, OffsetFetch 1 and
+    // Join/Sync/Heartbeat/Leave 0 inside the ranges before it uses groups at all.
+    ApiSupport { key: key::OFFSET_COMMIT, name: "OffsetCommit", min: 2, max: 7, flex_from: 8 },
+    ApiSupport { key: key::OFFSET_FETCH, name: "OffsetFetch", min: 1, max: 5, flex_from: 6 },
+    ApiSupport { key: key::JOIN_GROUP, name: "JoinGroup", min: 0, max: 5, flex_from: 6 },
+    ApiSupport { key: key::HEARTBEAT, name: "Heartbeat", min: 0, max: 3, flex_from: 4 },
+    ApiSupport { key: key::LEAVE_GROUP, name: "LeaveGroup", min: 0, max: 3, flex_from: 4 },
+    ApiSupport { key: key::SYNC_GROUP, name: "SyncGroup", min: 0, max: 3, flex_from: 4 },
+    ApiSupport { key: key::DESCRIBE_GROUPS, name: "DescribeGroups", min: 0, max: 4, flex_from: 5 },
+    ApiSupport { key: key::LIST_GROUPS, name: "ListGroups", min: 0, max: 2, flex_from: 3 },
+    ApiSupport { key: key::DELETE_GROUPS, name: "DeleteGroups", min: 0, max: 1, flex_from: 2 },
+    ApiSupport { key: key::OFFSET_DELETE, name: "OffsetDelete", min: 0, max: 0, flex_from: i16::MAX },
     ApiSupport { key: key::CREATE_TOPICS, name: "CreateTopics", min: 2, max: 5, flex_from: 5 },
     ApiSupport { key: key::DELETE_TOPICS, name: "DeleteTopics", min: 1, max: 4, flex_from: 4 },
     ApiSupport { key: key::INIT_PRODUCER_ID, name: "InitProducerId", min: 0, max: 4, flex_from: 2 },
@@ -87,14 +109,6 @@ pub(crate) fn api_name(api_key: i16) -> &'static str {
         return a.name;
     }
     match api_key {
-        8 => "OffsetCommit",
-        9 => "OffsetFetch",
-        11 => "JoinGroup",
-        12 => "Heartbeat",
-        13 => "LeaveGroup",
-        14 => "SyncGroup",
-        15 => "DescribeGroups",
-        16 => "ListGroups",
         17 => "SaslHandshake",
         21 => "DeleteRecords",
         24..=28 => "a transaction API",
@@ -120,6 +134,16 @@ mod tests {
                 key::LIST_OFFSETS => ListOffsetsResponse::VERSIONS,
                 key::METADATA => MetadataResponse::VERSIONS,
                 key::FIND_COORDINATOR => FindCoordinatorResponse::VERSIONS,
+                key::OFFSET_COMMIT => OffsetCommitResponse::VERSIONS,
+                key::OFFSET_FETCH => OffsetFetchResponse::VERSIONS,
+                key::JOIN_GROUP => JoinGroupResponse::VERSIONS,
+                key::HEARTBEAT => HeartbeatResponse::VERSIONS,
+                key::LEAVE_GROUP => LeaveGroupResponse::VERSIONS,
+                key::SYNC_GROUP => SyncGroupResponse::VERSIONS,
+                key::DESCRIBE_GROUPS => DescribeGroupsResponse::VERSIONS,
+                key::LIST_GROUPS => ListGroupsResponse::VERSIONS,
+                key::DELETE_GROUPS => DeleteGroupsResponse::VERSIONS,
+                key::OFFSET_DELETE => OffsetDeleteResponse::VERSIONS,
                 key::API_VERSIONS => ApiVersionsResponse::VERSIONS,
                 key::CREATE_TOPICS => CreateTopicsResponse::VERSIONS,
                 key::DELETE_TOPICS => DeleteTopicsResponse::VERSIONS,
@@ -146,7 +170,8 @@ mod tests {
         for (k, v) in [(key::PRODUCE, 0), (key::PRODUCE, 3), (key::PRODUCE, 7), (key::FETCH, 4), (key::FETCH, 10)]
             .into_iter()
             .chain([(key::LIST_OFFSETS, 1), (key::INIT_PRODUCER_ID, 0), (key::API_VERSIONS, 0)])
-            .chain([(key::FIND_COORDINATOR, 0)])
+            .chain([(key::FIND_COORDINATOR, 0), (key::OFFSET_COMMIT, 2), (key::OFFSET_FETCH, 1)])
+            .chain([(key::JOIN_GROUP, 0), (key::SYNC_GROUP, 0), (key::HEARTBEAT, 0), (key::LEAVE_GROUP, 0)])
         {
             assert!(lookup(k).is_some_and(|a| a.supports(v)), "api {k} v{v}");
         }

@@ -688,7 +688,13 @@ impl Store {
 
     /// Durably sets (`Some`) or removes (`None`) a key; returns after the commit.
     pub async fn kv_put(&self, space: KvSpace, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), StoreError> {
-        self.submit(|reply| Op::Kv { space, key, value, reply }).await
+        self.kv_write(space, vec![(key, value)]).await
+    }
+
+    /// Writes (`Some`) or removes (`None`) several keys in one commit, all or none; returns once
+    /// durable.
+    pub async fn kv_write(&self, space: KvSpace, entries: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+        self.submit(|reply| Op::Kv { space, entries, reply }).await
     }
 
     pub fn kv_get(&self, space: KvSpace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -696,6 +702,19 @@ impl Store {
         let rtx = db.begin_read()?;
         let t = rtx.open_table(space.table())?;
         Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Entries whose key is `from` or after it, at most `limit` of them.
+    pub fn kv_scan_from(&self, space: KvSpace, from: &[u8], limit: usize) -> Result<Vec<KvEntry>, StoreError> {
+        let db = self.db()?;
+        let rtx = db.begin_read()?;
+        let t = rtx.open_table(space.table())?;
+        let mut out = Vec::new();
+        for e in t.range::<&[u8]>(from..)?.take(limit) {
+            let (k, v) = e?;
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// Entries whose key starts with `prefix`, at most `limit` of them.

@@ -44,7 +44,7 @@ pub(crate) enum AdminCmd {
 pub(crate) enum Op {
     Append { topic: Arc<TopicState>, pkey: u64, data: AppendData, reply: Reply<AppendOutcome> },
     Admin { cmd: AdminCmd, reply: Reply<()> },
-    Kv { space: KvSpace, key: Vec<u8>, value: Option<Vec<u8>>, reply: Reply<()> },
+    Kv { space: KvSpace, entries: Vec<(Vec<u8>, Option<Vec<u8>>)>, reply: Reply<()> },
     Tick,
     Shutdown,
 }
@@ -66,7 +66,9 @@ impl Op {
         match self {
             Op::Append { data: AppendData::Batch { bytes, .. }, .. } => bytes.len() as u64,
             Op::Append { data: AppendData::Records(r), .. } => r.iter().map(|r| r.encoded_len_max() as u64).sum(),
-            Op::Kv { key, value, .. } => (key.len() + value.as_ref().map_or(0, Vec::len)) as u64,
+            Op::Kv { entries, .. } => {
+                entries.iter().map(|(k, v)| (k.len() + v.as_ref().map_or(0, Vec::len)) as u64).sum()
+            }
             _ => 64,
         }
     }
@@ -525,12 +527,14 @@ impl Writer {
                         }
                     }
                 }
-                Op::Kv { space, key, value, reply } => {
+                Op::Kv { space, entries, reply } => {
                     let mut table = txn.open_table(space.table())?;
-                    match value {
-                        Some(v) => table.insert(key.as_slice(), v.as_slice())?,
-                        None => table.remove(key.as_slice())?,
-                    };
+                    for (key, value) in entries {
+                        match value {
+                            Some(v) => table.insert(key.as_slice(), v.as_slice())?,
+                            None => table.remove(key.as_slice())?,
+                        };
+                    }
                     r.done.push(Done::Unit(reply));
                 }
                 Op::Tick => tick = true,

@@ -1,0 +1,1029 @@
+//! Consumer groups with this node as coordinator (Kafka's classic group protocol): membership,
+//! generations and rebalances (Empty -> PreparingRebalance -> CompletingRebalance -> Stable),
+//! session and rebalance timeouts, static membership, and committed offsets kept durably in the
+//! store's `GroupOffsets` space. Membership lives in memory only (bounded by `groups_max` and
+//! `group_members_max`); committed offsets survive restarts.
+//!
+//! The coordinator speaks in Kafka error codes (`i16`) because its only client is the Kafka
+//! front end; it knows nothing of the wire encoding.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use crate::kafka::errors as ec;
+use crate::storage::{KvSpace, Store};
+
+/// Limits of the coordinator (from `[kafka]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimits {
+    pub groups_max: u32,
+    pub members_max: u32,
+    pub session_timeout_min_ms: u32,
+    pub session_timeout_max_ms: u32,
+    pub offset_metadata_bytes_max: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupState {
+    Empty,
+    PreparingRebalance,
+    CompletingRebalance,
+    Stable,
+}
+
+impl GroupState {
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupState::Empty => "Empty",
+            GroupState::PreparingRebalance => "PreparingRebalance",
+            GroupState::CompletingRebalance => "CompletingRebalance",
+            GroupState::Stable => "Stable",
+        }
+    }
+}
+
+/// A JoinGroup request.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    pub group_id: String,
+    pub session_timeout_ms: i32,
+    pub rebalance_timeout_ms: i32,
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub protocol_type: String,
+    pub protocols: Vec<(String, Bytes)>,
+    pub client_id: String,
+    pub client_host: String,
+    /// JoinGroup v4+: a new member first gets MEMBER_ID_REQUIRED with its id.
+    pub require_known_member_id: bool,
+}
+
+/// A member as the leader sees it in the JoinGroup response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinedMember {
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub metadata: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinResponse {
+    pub error: i16,
+    pub generation: i32,
+    pub protocol_type: Option<String>,
+    pub protocol: Option<String>,
+    pub leader: String,
+    pub member_id: String,
+    /// All members for the leader, empty for the others.
+    pub members: Vec<JoinedMember>,
+}
+
+impl JoinResponse {
+    fn error(error: i16, member_id: &str) -> Self {
+        Self {
+            error,
+            generation: -1,
+            protocol_type: None,
+            protocol: None,
+            leader: String::new(),
+            member_id: member_id.to_string(),
+            members: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncResponse {
+    pub error: i16,
+    pub protocol_type: Option<String>,
+    pub protocol: Option<String>,
+    pub assignment: Bytes,
+}
+
+impl SyncResponse {
+    fn error(error: i16) -> Self {
+        Self { error, protocol_type: None, protocol: None, assignment: Bytes::new() }
+    }
+}
+
+/// A committed offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedOffset {
+    pub offset: i64,
+    pub leader_epoch: i32,
+    pub metadata: String,
+    pub commit_time_ms: i64,
+}
+
+/// One partition's consumer lag: committed offset vs high watermark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    pub committed: i64,
+    pub high_watermark: i64,
+    pub lag: i64,
+}
+
+/// A group as DescribeGroups shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupDescription {
+    pub error: i16,
+    pub group_id: String,
+    pub state: String,
+    pub protocol_type: String,
+    pub protocol: String,
+    pub members: Vec<MemberDescription>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberDescription {
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    pub metadata: Bytes,
+    pub assignment: Bytes,
+}
+
+#[derive(Debug)]
+struct Member {
+    id: String,
+    instance_id: Option<String>,
+    client_id: String,
+    client_host: String,
+    session_timeout: Duration,
+    rebalance_timeout: Duration,
+    protocols: Vec<(String, Bytes)>,
+    last_seen: Instant,
+    join_waiter: Option<oneshot::Sender<JoinResponse>>,
+    sync_waiter: Option<oneshot::Sender<SyncResponse>>,
+    assignment: Bytes,
+}
+
+#[derive(Debug)]
+struct Group {
+    state: GroupState,
+    generation: i32,
+    protocol_type: Option<String>,
+    protocol: Option<String>,
+    leader: Option<String>,
+    /// In join order.
+    members: Vec<Member>,
+    /// Member ids handed out with MEMBER_ID_REQUIRED, valid until their session timeout.
+    pending: HashMap<String, Instant>,
+    rebalance_deadline: Option<Instant>,
+    has_offsets: bool,
+}
+
+impl Group {
+    fn new() -> Self {
+        Self {
+            state: GroupState::Empty,
+            generation: 0,
+            protocol_type: None,
+            protocol: None,
+            leader: None,
+            members: Vec::new(),
+            pending: HashMap::new(),
+            rebalance_deadline: None,
+            has_offsets: false,
+        }
+    }
+
+    fn member(&mut self, id: &str) -> Option<&mut Member> {
+        self.members.iter_mut().find(|m| m.id == id)
+    }
+
+    /// Protocols every member supports, in the first member's order of preference.
+    fn common_protocols(&self) -> Vec<String> {
+        let Some(first) = self.members.first() else { return Vec::new() };
+        first
+            .protocols
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| self.members.iter().all(|m| m.protocols.iter().any(|(p, _)| p == n)))
+            .collect()
+    }
+
+    fn max_rebalance_timeout(&self) -> Duration {
+        self.members.iter().map(|m| m.rebalance_timeout).max().unwrap_or_default()
+    }
+
+    /// Enters PreparingRebalance: members must rejoin before the largest rebalance timeout.
+    fn prepare_rebalance(&mut self, now: Instant) {
+        if self.state == GroupState::PreparingRebalance {
+            return;
+        }
+        for m in &mut self.members {
+            if let Some(w) = m.sync_waiter.take() {
+                let _ = w.send(SyncResponse::error(ec::REBALANCE_IN_PROGRESS));
+            }
+        }
+        self.state = GroupState::PreparingRebalance;
+        self.rebalance_deadline = Some(now + self.max_rebalance_timeout());
+    }
+
+    /// Completes the join phase once every member rejoined, or at the deadline (dropping the
+    /// members that did not).
+    fn maybe_complete_join(&mut self, now: Instant, group_id: &str) {
+        if self.state != GroupState::PreparingRebalance {
+            return;
+        }
+        let all_joined = self.members.iter().all(|m| m.join_waiter.is_some());
+        let due = self.rebalance_deadline.is_some_and(|d| now >= d);
+        if !all_joined && !due {
+            return;
+        }
+        let before = self.members.len();
+        self.members.retain(|m| m.join_waiter.is_some());
+        if self.members.len() < before {
+            tracing::info!(group = group_id, removed = before - self.members.len(), "members did not rejoin in time");
+        }
+        self.generation += 1;
+        self.rebalance_deadline = None;
+        if self.members.is_empty() {
+            self.state = GroupState::Empty;
+            self.protocol = None;
+            self.leader = None;
+            return;
+        }
+        let protocol = self.common_protocols().into_iter().next();
+        if self.leader.as_ref().is_none_or(|l| !self.members.iter().any(|m| &m.id == l)) {
+            self.leader = self.members.first().map(|m| m.id.clone());
+        }
+        self.protocol = protocol.clone();
+        self.state = GroupState::CompletingRebalance;
+        let leader = self.leader.clone().unwrap_or_default();
+        let all: Vec<JoinedMember> = self
+            .members
+            .iter()
+            .map(|m| JoinedMember {
+                member_id: m.id.clone(),
+                instance_id: m.instance_id.clone(),
+                metadata: m
+                    .protocols
+                    .iter()
+                    .find(|(n, _)| Some(n) == protocol.as_ref())
+                    .map(|(_, md)| md.clone())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        tracing::debug!(
+            group = group_id,
+            generation = self.generation,
+            members = all.len(),
+            "rebalance: join complete"
+        );
+        for m in &mut self.members {
+            m.assignment = Bytes::new();
+            m.last_seen = now;
+            if let Some(w) = m.join_waiter.take() {
+                let _ = w.send(JoinResponse {
+                    error: ec::NONE,
+                    generation: self.generation,
+                    protocol_type: self.protocol_type.clone(),
+                    protocol: protocol.clone(),
+                    leader: leader.clone(),
+                    member_id: m.id.clone(),
+                    members: if m.id == leader { all.clone() } else { Vec::new() },
+                });
+            }
+        }
+    }
+
+    /// Removes a member and rebalances the rest.
+    fn remove_member(&mut self, id: &str, now: Instant, group_id: &str) {
+        self.members.retain(|m| m.id != id);
+        if self.leader.as_deref() == Some(id) {
+            self.leader = None;
+        }
+        match self.state {
+            GroupState::Empty => {}
+            _ if self.members.is_empty() => {
+                self.state = GroupState::Empty;
+                self.generation += 1;
+                self.protocol = None;
+                self.leader = None;
+                self.rebalance_deadline = None;
+            }
+            GroupState::PreparingRebalance => self.maybe_complete_join(now, group_id),
+            GroupState::CompletingRebalance | GroupState::Stable => self.prepare_rebalance(now),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let sessions = self
+            .members
+            .iter()
+            .filter(|m| m.join_waiter.is_none() && m.sync_waiter.is_none())
+            .map(|m| m.last_seen + m.session_timeout);
+        let pending = self.pending.values().copied();
+        sessions.chain(pending).chain(self.rebalance_deadline).min()
+    }
+}
+
+/// The group coordinator. Cheap to share behind an `Arc`; `run_timers` must run for session
+/// expiry and rebalance deadlines to take effect.
+#[derive(Debug)]
+pub struct Coordinator {
+    store: Store,
+    limits: GroupLimits,
+    groups: Mutex<HashMap<String, Group>>,
+    wake: Notify,
+}
+
+fn offset_key_prefix(group: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + group.len());
+    k.extend_from_slice(&(group.len() as u16).to_be_bytes());
+    k.extend_from_slice(group.as_bytes());
+    k
+}
+
+fn offset_key(group: &str, topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = offset_key_prefix(group);
+    k.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    k.extend_from_slice(topic.as_bytes());
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// (group, topic, partition) of an offset key.
+fn parse_offset_key(k: &[u8]) -> Option<(String, String, i32)> {
+    let glen = u16::from_be_bytes([*k.first()?, *k.get(1)?]) as usize;
+    let group = std::str::from_utf8(k.get(2..2 + glen)?).ok()?.to_string();
+    let rest = k.get(2 + glen..)?;
+    let tlen = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+    let topic = std::str::from_utf8(rest.get(2..2 + tlen)?).ok()?.to_string();
+    let p = rest.get(2 + tlen..2 + tlen + 4)?;
+    Some((group, topic, i32::from_be_bytes([p[0], p[1], p[2], p[3]])))
+}
+
+fn encode_offset(o: &CommittedOffset) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20 + o.metadata.len());
+    v.extend_from_slice(&o.offset.to_be_bytes());
+    v.extend_from_slice(&o.leader_epoch.to_be_bytes());
+    v.extend_from_slice(&o.commit_time_ms.to_be_bytes());
+    v.extend_from_slice(o.metadata.as_bytes());
+    v
+}
+
+fn decode_offset(v: &[u8]) -> Option<CommittedOffset> {
+    let offset = i64::from_be_bytes(v.get(0..8)?.try_into().ok()?);
+    let leader_epoch = i32::from_be_bytes(v.get(8..12)?.try_into().ok()?);
+    let commit_time_ms = i64::from_be_bytes(v.get(12..20)?.try_into().ok()?);
+    let metadata = String::from_utf8_lossy(v.get(20..)?).into_owned();
+    Some(CommittedOffset { offset, leader_epoch, metadata, commit_time_ms })
+}
+
+/// Topics of a consumer-protocol subscription (`version, [topic], user_data, ...`), read with
+/// bounds checks; empty if it is not one.
+fn subscribed_topics(metadata: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(count) = metadata.get(2..6).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]])) else { return out };
+    let mut at = 6;
+    for _ in 0..count.clamp(0, 10_000) {
+        let Some(len) = metadata.get(at..at + 2).map(|b| i16::from_be_bytes([b[0], b[1]])) else { break };
+        let Some(name) = metadata.get(at + 2..at + 2 + len.max(0) as usize) else { break };
+        out.push(String::from_utf8_lossy(name).into_owned());
+        at += 2 + len.max(0) as usize;
+    }
+    out
+}
+
+fn new_member_id(prefix: &str) -> String {
+    let r: u128 = rand::random();
+    let prefix: String = prefix.chars().take(64).collect();
+    format!("{}-{:032x}", if prefix.is_empty() { "member" } else { &prefix }, r)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+enum Joined {
+    Now(JoinResponse),
+    Wait(oneshot::Receiver<JoinResponse>),
+}
+
+impl Coordinator {
+    /// Creates the coordinator; groups with committed offsets are known from the start.
+    pub fn new(store: Store, limits: GroupLimits) -> Result<Arc<Self>, crate::error::StoreError> {
+        let mut groups = HashMap::new();
+        let mut prefix_from: Vec<u8> = Vec::new();
+        // One key per group is enough: after each group, continue past its prefix.
+        while groups.len() < limits.groups_max as usize {
+            let Some((k, _)) = store.kv_scan_from(KvSpace::GroupOffsets, &prefix_from, 1)?.into_iter().next() else {
+                break;
+            };
+            let Some((group, _, _)) = parse_offset_key(&k) else { break };
+            let mut next = offset_key_prefix(&group);
+            next.push(0xff);
+            next.push(0xff);
+            prefix_from = next;
+            let mut g = Group::new();
+            g.has_offsets = true;
+            groups.insert(group, g);
+        }
+        Ok(Arc::new(Self { store, limits, groups: Mutex::new(groups), wake: Notify::new() }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
+        // A panic while holding the lock would be a bug; the state is still usable.
+        self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Session expiry and rebalance deadlines; runs until the process ends.
+    pub async fn run_timers(self: Arc<Self>) {
+        loop {
+            let next = {
+                let mut groups = self.lock();
+                let now = Instant::now();
+                let mut next: Option<Instant> = None;
+                groups.retain(|id, g| {
+                    expire(g, id, now);
+                    g.maybe_complete_join(now, id);
+                    if let Some(d) = g.next_deadline() {
+                        next = Some(next.map_or(d, |n| n.min(d)));
+                    }
+                    // Forget groups with neither members nor offsets.
+                    !(g.state == GroupState::Empty && g.members.is_empty() && g.pending.is_empty() && !g.has_offsets)
+                });
+                next
+            };
+            let sleep_until = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                () = tokio::time::sleep_until(sleep_until) => {}
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+
+    pub async fn join(&self, req: JoinRequest) -> JoinResponse {
+        let member_id = req.member_id.clone();
+        let joined = self.join_locked(req);
+        self.wake.notify_one();
+        match joined {
+            Joined::Now(r) => r,
+            Joined::Wait(rx) => rx.await.unwrap_or_else(|_| JoinResponse::error(ec::REBALANCE_IN_PROGRESS, &member_id)),
+        }
+    }
+
+    fn join_locked(&self, req: JoinRequest) -> Joined {
+        let err = |e| Joined::Now(JoinResponse::error(e, &req.member_id));
+        if req.group_id.is_empty() {
+            return err(ec::INVALID_GROUP_ID);
+        }
+        let l = &self.limits;
+        if req.session_timeout_ms < l.session_timeout_min_ms as i32
+            || req.session_timeout_ms > l.session_timeout_max_ms as i32
+        {
+            return err(ec::INVALID_SESSION_TIMEOUT);
+        }
+        if req.protocol_type.is_empty() || req.protocols.is_empty() {
+            return err(ec::INCONSISTENT_GROUP_PROTOCOL);
+        }
+        let now = Instant::now();
+        let mut groups = self.lock();
+        if !groups.contains_key(&req.group_id) && groups.len() >= l.groups_max as usize {
+            tracing::warn!(group = %req.group_id, limit = l.groups_max, "kafka.groups_max reached: join refused");
+            return err(ec::GROUP_MAX_SIZE_REACHED);
+        }
+        let g = groups.entry(req.group_id.clone()).or_insert_with(Group::new);
+        // The protocol type must match and the protocols must overlap with the current members'.
+        if !g.members.is_empty() {
+            let common = g.common_protocols();
+            if g.protocol_type.as_deref() != Some(req.protocol_type.as_str())
+                || !req.protocols.iter().any(|(n, _)| common.contains(n))
+            {
+                return err(ec::INCONSISTENT_GROUP_PROTOCOL);
+            }
+        }
+        let session_timeout = Duration::from_millis(req.session_timeout_ms.max(0) as u64);
+        let rebalance_timeout =
+            Duration::from_millis(req.rebalance_timeout_ms.max(req.session_timeout_ms).max(0) as u64);
+        let mut member_id = req.member_id.clone();
+        let by_instance = req
+            .instance_id
+            .as_ref()
+            .and_then(|i| g.members.iter().find(|m| m.instance_id.as_ref() == Some(i)).map(|m| m.id.clone()));
+
+        if member_id.is_empty() {
+            if let (Some(old), Some(instance)) = (&by_instance, &req.instance_id) {
+                // A static member came back: it takes over its old membership under a new id; the
+                // old id is fenced from now on.
+                let new_id = new_member_id(instance);
+                let was_leader = g.leader.as_deref() == Some(old.as_str());
+                let same = g.member(old).is_some_and(|m| m.protocols == req.protocols);
+                if let Some(m) = g.member(old) {
+                    m.id = new_id.clone();
+                    m.last_seen = now;
+                    m.session_timeout = session_timeout;
+                    m.rebalance_timeout = rebalance_timeout;
+                    m.protocols = req.protocols.clone();
+                    m.client_id = req.client_id.clone();
+                    m.client_host = req.client_host.clone();
+                }
+                if was_leader {
+                    g.leader = Some(new_id.clone());
+                }
+                if g.state == GroupState::Stable && same && !was_leader {
+                    return Joined::Now(JoinResponse {
+                        error: ec::NONE,
+                        generation: g.generation,
+                        protocol_type: g.protocol_type.clone(),
+                        protocol: g.protocol.clone(),
+                        leader: g.leader.clone().unwrap_or_default(),
+                        member_id: new_id,
+                        members: Vec::new(),
+                    });
+                }
+                member_id = new_id;
+            } else {
+                member_id = new_member_id(req.instance_id.as_deref().unwrap_or(&req.client_id));
+                if req.require_known_member_id && req.instance_id.is_none() {
+                    if g.pending.len() >= l.members_max as usize {
+                        return err(ec::GROUP_MAX_SIZE_REACHED);
+                    }
+                    g.pending.insert(member_id.clone(), now + session_timeout);
+                    return Joined::Now(JoinResponse::error(ec::MEMBER_ID_REQUIRED, &member_id));
+                }
+            }
+        } else if g.pending.remove(&member_id).is_none() && g.member(&member_id).is_none() {
+            return err(if by_instance.is_some() { ec::FENCED_INSTANCE_ID } else { ec::UNKNOWN_MEMBER_ID });
+        } else if let (Some(old), Some(_)) = (&by_instance, &req.instance_id) {
+            if *old != member_id {
+                return err(ec::FENCED_INSTANCE_ID);
+            }
+        }
+
+        let (tx, rx) = oneshot::channel();
+        match g.member(&member_id) {
+            Some(m) => {
+                let unchanged = m.protocols == req.protocols;
+                m.last_seen = now;
+                m.session_timeout = session_timeout;
+                m.rebalance_timeout = rebalance_timeout;
+                m.protocols = req.protocols.clone();
+                let is_leader = g.leader.as_deref() == Some(member_id.as_str());
+                if matches!(g.state, GroupState::Stable | GroupState::CompletingRebalance) && unchanged && !is_leader {
+                    // A follower asking again: nothing changed, same generation.
+                    return Joined::Now(JoinResponse {
+                        error: ec::NONE,
+                        generation: g.generation,
+                        protocol_type: g.protocol_type.clone(),
+                        protocol: g.protocol.clone(),
+                        leader: g.leader.clone().unwrap_or_default(),
+                        member_id,
+                        members: Vec::new(),
+                    });
+                }
+                if let Some(m) = g.member(&member_id) {
+                    m.join_waiter = Some(tx);
+                }
+            }
+            None => {
+                if g.members.len() >= l.members_max as usize {
+                    tracing::warn!(group = %req.group_id, limit = l.members_max, "kafka.group_members_max reached: join refused");
+                    return err(ec::GROUP_MAX_SIZE_REACHED);
+                }
+                if g.members.is_empty() {
+                    g.protocol_type = Some(req.protocol_type.clone());
+                }
+                g.members.push(Member {
+                    id: member_id.clone(),
+                    instance_id: req.instance_id.clone(),
+                    client_id: req.client_id.clone(),
+                    client_host: req.client_host.clone(),
+                    session_timeout,
+                    rebalance_timeout,
+                    protocols: req.protocols.clone(),
+                    last_seen: now,
+                    join_waiter: Some(tx),
+                    sync_waiter: None,
+                    assignment: Bytes::new(),
+                });
+            }
+        }
+        g.prepare_rebalance(now);
+        g.maybe_complete_join(now, &req.group_id);
+        Joined::Wait(rx)
+    }
+
+    pub async fn sync(
+        &self,
+        group_id: &str,
+        generation: i32,
+        member_id: &str,
+        instance_id: Option<&str>,
+        assignments: Vec<(String, Bytes)>,
+    ) -> SyncResponse {
+        let rx = {
+            let mut groups = self.lock();
+            let Some(g) = groups.get_mut(group_id) else { return SyncResponse::error(ec::UNKNOWN_MEMBER_ID) };
+            if let Some(e) = check_member(g, member_id, instance_id) {
+                return SyncResponse::error(e);
+            }
+            if generation != g.generation {
+                return SyncResponse::error(ec::ILLEGAL_GENERATION);
+            }
+            let reply = |g: &Group, assignment: Bytes| SyncResponse {
+                error: ec::NONE,
+                protocol_type: g.protocol_type.clone(),
+                protocol: g.protocol.clone(),
+                assignment,
+            };
+            match g.state {
+                GroupState::Empty => return SyncResponse::error(ec::UNKNOWN_MEMBER_ID),
+                GroupState::PreparingRebalance => return SyncResponse::error(ec::REBALANCE_IN_PROGRESS),
+                GroupState::Stable => {
+                    let a = g.member(member_id).map(|m| m.assignment.clone()).unwrap_or_default();
+                    return reply(g, a);
+                }
+                GroupState::CompletingRebalance => {}
+            }
+            let now = Instant::now();
+            if g.leader.as_deref() == Some(member_id) {
+                let mut assignments: HashMap<String, Bytes> = assignments.into_iter().collect();
+                for m in &mut g.members {
+                    m.assignment = assignments.remove(&m.id).unwrap_or_default();
+                    m.last_seen = now;
+                }
+                g.state = GroupState::Stable;
+                let (pt, p) = (g.protocol_type.clone(), g.protocol.clone());
+                for m in &mut g.members {
+                    if let Some(w) = m.sync_waiter.take() {
+                        let _ = w.send(SyncResponse {
+                            error: ec::NONE,
+                            protocol_type: pt.clone(),
+                            protocol: p.clone(),
+                            assignment: m.assignment.clone(),
+                        });
+                    }
+                }
+                tracing::debug!(group = group_id, generation = g.generation, "rebalance: stable");
+                let a = g.member(member_id).map(|m| m.assignment.clone()).unwrap_or_default();
+                return reply(g, a);
+            }
+            let (tx, rx) = oneshot::channel();
+            if let Some(m) = g.member(member_id) {
+                m.sync_waiter = Some(tx);
+                m.last_seen = now;
+            }
+            rx
+        };
+        self.wake.notify_one();
+        rx.await.unwrap_or_else(|_| SyncResponse::error(ec::REBALANCE_IN_PROGRESS))
+    }
+
+    pub fn heartbeat(&self, group_id: &str, generation: i32, member_id: &str, instance_id: Option<&str>) -> i16 {
+        let mut groups = self.lock();
+        let Some(g) = groups.get_mut(group_id) else { return ec::UNKNOWN_MEMBER_ID };
+        if let Some(e) = check_member(g, member_id, instance_id) {
+            return e;
+        }
+        if let Some(m) = g.member(member_id) {
+            m.last_seen = Instant::now();
+        }
+        match g.state {
+            GroupState::Empty => ec::UNKNOWN_MEMBER_ID,
+            GroupState::PreparingRebalance => ec::REBALANCE_IN_PROGRESS,
+            _ if generation != g.generation => ec::ILLEGAL_GENERATION,
+            _ => ec::NONE,
+        }
+    }
+
+    /// Removes members (by member id, or by instance id when the member id is empty); one error
+    /// code per member, and the group-level one.
+    pub fn leave(&self, group_id: &str, members: &[(String, Option<String>)]) -> (i16, Vec<i16>) {
+        let mut groups = self.lock();
+        let Some(g) = groups.get_mut(group_id) else {
+            return (ec::UNKNOWN_MEMBER_ID, vec![ec::UNKNOWN_MEMBER_ID; members.len()]);
+        };
+        let now = Instant::now();
+        let mut errors = Vec::with_capacity(members.len());
+        for (member_id, instance_id) in members {
+            let id = if member_id.is_empty() {
+                instance_id
+                    .as_ref()
+                    .and_then(|i| g.members.iter().find(|m| m.instance_id.as_ref() == Some(i)).map(|m| m.id.clone()))
+            } else {
+                Some(member_id.clone())
+            };
+            match id {
+                Some(id) if g.members.iter().any(|m| m.id == id) => {
+                    if let Some(e) = check_member(g, &id, instance_id.as_deref()) {
+                        errors.push(e);
+                        continue;
+                    }
+                    g.remove_member(&id, now, group_id);
+                    tracing::debug!(group = group_id, member = %id, "member left");
+                    errors.push(ec::NONE);
+                }
+                _ => errors.push(ec::UNKNOWN_MEMBER_ID),
+            }
+        }
+        drop(groups);
+        self.wake.notify_one();
+        let top = if members.len() == 1 { errors[0] } else { ec::NONE };
+        (top, errors)
+    }
+
+    /// Validates an offset commit's membership; `None` = allowed.
+    fn commit_allowed(
+        &self,
+        group_id: &str,
+        generation: i32,
+        member_id: &str,
+        instance_id: Option<&str>,
+    ) -> Option<i16> {
+        let mut groups = self.lock();
+        if !groups.contains_key(group_id) && groups.len() >= self.limits.groups_max as usize {
+            return Some(ec::GROUP_MAX_SIZE_REACHED);
+        }
+        let g = groups.entry(group_id.to_string()).or_insert_with(Group::new);
+        if generation < 0 && g.members.is_empty() {
+            return None;
+        }
+        if g.state == GroupState::CompletingRebalance {
+            return Some(ec::REBALANCE_IN_PROGRESS);
+        }
+        if let Some(e) = check_member(g, member_id, instance_id) {
+            return Some(e);
+        }
+        if generation != g.generation {
+            return Some(ec::ILLEGAL_GENERATION);
+        }
+        if let Some(m) = g.member(member_id) {
+            m.last_seen = Instant::now();
+        }
+        None
+    }
+
+    /// Commits offsets durably (one store commit for the whole request); one error code per
+    /// `(topic, partition)` in request order.
+    pub async fn commit(
+        &self,
+        group_id: &str,
+        generation: i32,
+        member_id: &str,
+        instance_id: Option<&str>,
+        offsets: Vec<(String, i32, i64, i32, Option<String>)>,
+    ) -> Vec<i16> {
+        if group_id.is_empty() {
+            return vec![ec::INVALID_GROUP_ID; offsets.len()];
+        }
+        if let Some(e) = self.commit_allowed(group_id, generation, member_id, instance_id) {
+            return vec![e; offsets.len()];
+        }
+        let now = now_ms();
+        let mut errors = Vec::with_capacity(offsets.len());
+        let mut entries = Vec::with_capacity(offsets.len());
+        for (topic, partition, offset, leader_epoch, metadata) in offsets {
+            let metadata = metadata.unwrap_or_default();
+            if self.store.partition_info(&topic, partition).is_err() {
+                errors.push(ec::UNKNOWN_TOPIC_OR_PARTITION);
+            } else if metadata.len() > self.limits.offset_metadata_bytes_max as usize {
+                errors.push(ec::OFFSET_METADATA_TOO_LARGE);
+            } else {
+                let value = encode_offset(&CommittedOffset { offset, leader_epoch, metadata, commit_time_ms: now });
+                entries.push((offset_key(group_id, &topic, partition), Some(value)));
+                errors.push(ec::NONE);
+            }
+        }
+        if !entries.is_empty() {
+            if let Err(e) = self.store.kv_write(KvSpace::GroupOffsets, entries).await {
+                tracing::warn!(group = group_id, error = %e, "offset commit failed");
+                let c = ec::code(&e);
+                return errors.into_iter().map(|x| if x == ec::NONE { c } else { x }).collect();
+            }
+            if let Some(g) = self.lock().get_mut(group_id) {
+                g.has_offsets = true;
+            }
+        }
+        errors
+    }
+
+    /// A group's committed offsets: of the asked partitions (unknown ones are `None`), or all.
+    pub fn committed(
+        &self,
+        group_id: &str,
+        partitions: Option<&[(String, i32)]>,
+    ) -> Result<Vec<(String, i32, Option<CommittedOffset>)>, crate::error::StoreError> {
+        match partitions {
+            Some(ps) => ps
+                .iter()
+                .map(|(t, p)| {
+                    let v = self.store.kv_get(KvSpace::GroupOffsets, &offset_key(group_id, t, *p))?;
+                    Ok((t.clone(), *p, v.as_deref().and_then(decode_offset)))
+                })
+                .collect(),
+            None => Ok(self
+                .store
+                .kv_scan(KvSpace::GroupOffsets, &offset_key_prefix(group_id), usize::MAX)?
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    let (_, t, p) = parse_offset_key(&k)?;
+                    Some((t, p, decode_offset(&v)))
+                })
+                .collect()),
+        }
+    }
+
+    /// Consumer lag of a group: each committed partition's offset against its high watermark.
+    pub fn lag(&self, group_id: &str) -> Result<Vec<PartitionLag>, crate::error::StoreError> {
+        Ok(self
+            .committed(group_id, None)?
+            .into_iter()
+            .filter_map(|(topic, partition, c)| {
+                let c = c?;
+                let hw = self.store.watermarks(&topic, partition).ok()?.high_watermark;
+                Some(PartitionLag {
+                    topic,
+                    partition,
+                    committed: c.offset,
+                    high_watermark: hw,
+                    lag: (hw - c.offset).max(0),
+                })
+            })
+            .collect())
+    }
+
+    /// (group id, protocol type, state) of every known group.
+    pub fn list(&self) -> Vec<(String, String, GroupState)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(id, g)| (id.clone(), g.protocol_type.clone().unwrap_or_default(), g.state))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn describe(&self, group_id: &str) -> GroupDescription {
+        let groups = self.lock();
+        let Some(g) = groups.get(group_id) else {
+            return GroupDescription {
+                error: ec::NONE,
+                group_id: group_id.to_string(),
+                state: "Dead".into(),
+                protocol_type: String::new(),
+                protocol: String::new(),
+                members: Vec::new(),
+            };
+        };
+        let stable = g.state == GroupState::Stable;
+        GroupDescription {
+            error: ec::NONE,
+            group_id: group_id.to_string(),
+            state: g.state.name().into(),
+            protocol_type: g.protocol_type.clone().unwrap_or_default(),
+            protocol: if stable { g.protocol.clone().unwrap_or_default() } else { String::new() },
+            members: g
+                .members
+                .iter()
+                .map(|m| MemberDescription {
+                    member_id: m.id.clone(),
+                    instance_id: m.instance_id.clone(),
+                    client_id: m.client_id.clone(),
+                    client_host: m.client_host.clone(),
+                    metadata: if stable {
+                        m.protocols
+                            .iter()
+                            .find(|(n, _)| Some(n) == g.protocol.as_ref())
+                            .map(|(_, b)| b.clone())
+                            .unwrap_or_default()
+                    } else {
+                        Bytes::new()
+                    },
+                    assignment: if stable { m.assignment.clone() } else { Bytes::new() },
+                })
+                .collect(),
+        }
+    }
+
+    /// Deletes empty groups and their offsets.
+    pub async fn delete_group(&self, group_id: &str) -> i16 {
+        {
+            let groups = self.lock();
+            match groups.get(group_id) {
+                None => return ec::GROUP_ID_NOT_FOUND,
+                Some(g) if !g.members.is_empty() => return ec::NON_EMPTY_GROUP,
+                Some(_) => {}
+            }
+        }
+        match self.delete_offsets(group_id, |_, _| true).await {
+            Ok(_) => {
+                self.lock().remove(group_id);
+                tracing::info!(group = group_id, "group deleted");
+                ec::NONE
+            }
+            Err(e) => ec::code(&e),
+        }
+    }
+
+    async fn delete_offsets(
+        &self,
+        group_id: &str,
+        which: impl Fn(&str, i32) -> bool,
+    ) -> Result<usize, crate::error::StoreError> {
+        let keys: Vec<_> = self
+            .store
+            .kv_scan(KvSpace::GroupOffsets, &offset_key_prefix(group_id), usize::MAX)?
+            .into_iter()
+            .filter(|(k, _)| parse_offset_key(k).is_some_and(|(_, t, p)| which(&t, p)))
+            .map(|(k, _)| (k, None))
+            .collect();
+        let n = keys.len();
+        if n > 0 {
+            self.store.kv_write(KvSpace::GroupOffsets, keys).await?;
+        }
+        Ok(n)
+    }
+
+    /// OffsetDelete: removes committed offsets of partitions the group does not consume.
+    /// Returns the group-level error and one code per partition.
+    pub async fn offset_delete(&self, group_id: &str, partitions: &[(String, i32)]) -> (i16, Vec<i16>) {
+        let subscribed: Vec<String> = {
+            let groups = self.lock();
+            let Some(g) = groups.get(group_id) else { return (ec::GROUP_ID_NOT_FOUND, Vec::new()) };
+            g.members
+                .iter()
+                .flat_map(|m| m.protocols.iter().filter(|(n, _)| Some(n) == g.protocol.as_ref()))
+                .flat_map(|(_, md)| subscribed_topics(md))
+                .collect()
+        };
+        let codes: Vec<i16> = partitions
+            .iter()
+            .map(|(t, _)| if subscribed.contains(t) { ec::GROUP_SUBSCRIBED_TO_TOPIC } else { ec::NONE })
+            .collect();
+        let delete: Vec<(String, i32)> =
+            partitions.iter().zip(&codes).filter(|(_, c)| **c == ec::NONE).map(|(p, _)| p.clone()).collect();
+        match self.delete_offsets(group_id, |t, p| delete.iter().any(|(dt, dp)| dt == t && *dp == p)).await {
+            Ok(_) => (ec::NONE, codes),
+            Err(e) => (ec::code(&e), codes),
+        }
+    }
+}
+
+/// Membership check shared by sync, heartbeat, leave and commit; `None` = a known member.
+fn check_member(g: &Group, member_id: &str, instance_id: Option<&str>) -> Option<i16> {
+    if let Some(i) = instance_id {
+        if let Some(m) = g.members.iter().find(|m| m.instance_id.as_deref() == Some(i)) {
+            if m.id != member_id {
+                return Some(ec::FENCED_INSTANCE_ID);
+            }
+        }
+    }
+    if g.members.iter().any(|m| m.id == member_id) {
+        None
+    } else {
+        Some(ec::UNKNOWN_MEMBER_ID)
+    }
+}
+
+/// Removes members whose session expired and member ids that were never used.
+fn expire(g: &mut Group, group_id: &str, now: Instant) {
+    g.pending.retain(|_, deadline| *deadline > now);
+    let expired: Vec<String> = g
+        .members
+        .iter()
+        .filter(|m| m.join_waiter.is_none() && m.sync_waiter.is_none() && now >= m.last_seen + m.session_timeout)
+        .map(|m| m.id.clone())
+        .collect();
+    for id in expired {
+        tracing::info!(group = group_id, member = %id, "session timed out: member removed");
+        g.remove_member(&id, now, group_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offset_keys_round_trip_and_do_not_collide() {
+        let k = offset_key("g\0x", "t", 7);
+        assert_eq!(parse_offset_key(&k), Some(("g\0x".into(), "t".into(), 7)));
+        assert!(!offset_key("ab", "c", 0).starts_with(&offset_key_prefix("a")));
+        let o = CommittedOffset { offset: 42, leader_epoch: -1, metadata: "m".into(), commit_time_ms: 5 };
+        assert_eq!(decode_offset(&encode_offset(&o)), Some(o));
+    }
+
+    #[test]
+    fn subscription_topics_are_read_with_bounds() {
+        let mut md = vec![0, 1, 0, 0, 0, 2];
+        for t in ["alpha", "b"] {
+            md.extend_from_slice(&(t.len() as i16).to_be_bytes());
+            md.extend_from_slice(t.as_bytes());
+        }
+        assert_eq!(subscribed_topics(&md), vec!["alpha".to_string(), "b".to_string()]);
+        assert!(subscribed_topics(&[0, 1, 0x7f, 0xff, 0xff, 0xff]).is_empty());
+        assert!(subscribed_topics(&[]).is_empty());
+    }
+}
