@@ -1005,6 +1005,215 @@ fn expire(g: &mut Group, group_id: &str, now: Instant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::StorageConfig;
+
+    fn store(dir: &std::path::Path) -> Store {
+        let cfg = StorageConfig { data_dir: dir.to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
+        Store::open(cfg).expect("open").0
+    }
+
+    fn limits() -> GroupLimits {
+        GroupLimits {
+            groups_max: 10,
+            members_max: 3,
+            session_timeout_min_ms: 100,
+            session_timeout_max_ms: 60_000,
+            offset_metadata_bytes_max: 16,
+        }
+    }
+
+    fn join_req(member_id: &str, instance: Option<&str>, session_ms: i32) -> JoinRequest {
+        JoinRequest {
+            group_id: "g".into(),
+            session_timeout_ms: session_ms,
+            rebalance_timeout_ms: session_ms,
+            member_id: member_id.into(),
+            instance_id: instance.map(str::to_string),
+            protocol_type: "consumer".into(),
+            protocols: vec![("range".into(), Bytes::from_static(b"meta"))],
+            client_id: "c".into(),
+            client_host: "/127.0.0.1".into(),
+            require_known_member_id: true,
+        }
+    }
+
+    /// Joins with an empty id (MEMBER_ID_REQUIRED), then with the id; returns the member id.
+    async fn first_join(c: &Arc<Coordinator>) -> String {
+        let r = c.join(join_req("", None, 1000)).await;
+        assert_eq!(r.error, ec::MEMBER_ID_REQUIRED);
+        r.member_id
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rebalance_two_members_and_expire_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Coordinator::new(store(dir.path()), limits()).expect("coordinator");
+        tokio::spawn(c.clone().run_timers());
+        let a = first_join(&c).await;
+        let r = c.join(join_req(&a, None, 1000)).await;
+        assert_eq!((r.error, r.generation, r.leader.as_str(), r.members.len()), (ec::NONE, 1, a.as_str(), 1));
+        let s = c.sync("g", 1, &a, None, vec![(a.clone(), Bytes::from_static(b"all"))]).await;
+        assert_eq!((s.error, &s.assignment[..]), (ec::NONE, &b"all"[..]));
+        assert_eq!(c.describe("g").state, "Stable");
+
+        // B joins: the group rebalances; A learns it from its heartbeat and rejoins.
+        let b = first_join(&c).await;
+        let (c2, b2) = (c.clone(), b.clone());
+        let b_join = tokio::spawn(async move { c2.join(join_req(&b2, None, 1000)).await });
+        tokio::task::yield_now().await;
+        assert_eq!(c.heartbeat("g", 1, &a, None), ec::REBALANCE_IN_PROGRESS);
+        assert_eq!(c.sync("g", 1, &a, None, vec![]).await.error, ec::REBALANCE_IN_PROGRESS);
+        let ra = c.join(join_req(&a, None, 1000)).await;
+        let rb = b_join.await.expect("join task");
+        assert_eq!((ra.generation, rb.generation), (2, 2));
+        assert_eq!((ra.members.len(), rb.members.len()), (2, 0), "only the leader sees the members");
+        assert_eq!(rb.leader, a);
+        assert_eq!(c.sync("g", 1, &a, None, vec![]).await.error, ec::ILLEGAL_GENERATION, "old generation");
+        let (c3, b3) = (c.clone(), b.clone());
+        let b_sync = tokio::spawn(async move { c3.sync("g", 2, &b3, None, vec![]).await });
+        tokio::task::yield_now().await;
+        let assignments = vec![(a.clone(), Bytes::from_static(b"p0")), (b.clone(), Bytes::from_static(b"p1"))];
+        assert_eq!(&c.sync("g", 2, &a, None, assignments).await.assignment[..], b"p0");
+        assert_eq!(&b_sync.await.expect("sync task").assignment[..], b"p1", "followers wait for the leader");
+
+        // B goes silent: after its session timeout it is removed and A rebalances alone.
+        let mut beats = 0;
+        while c.heartbeat("g", 2, &a, None) == ec::NONE {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            beats += 1;
+            assert!(beats < 100, "B never expired");
+        }
+        assert!(beats >= 9, "B was removed only after its 1 s session timeout ({beats} beats)");
+        let r = c.join(join_req(&a, None, 1000)).await;
+        assert_eq!((r.generation, r.members.len()), (3, 1));
+        assert_eq!(c.heartbeat("g", 2, &b, None), ec::UNKNOWN_MEMBER_ID);
+        let (top, _) = c.leave("g", &[(a.clone(), None)]);
+        assert_eq!(top, ec::NONE);
+        assert_eq!(c.describe("g").state, "Empty");
+    }
+
+    #[tokio::test]
+    async fn refusals_carry_the_right_codes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Coordinator::new(store(dir.path()), limits()).expect("coordinator");
+        assert_eq!(c.join(join_req("", None, 50)).await.error, ec::INVALID_SESSION_TIMEOUT);
+        assert_eq!(c.join(join_req("nobody", None, 1000)).await.error, ec::UNKNOWN_MEMBER_ID);
+        let mut bad = join_req("", None, 1000);
+        bad.group_id = String::new();
+        assert_eq!(c.join(bad).await.error, ec::INVALID_GROUP_ID);
+        let a = first_join(&c).await;
+        assert_eq!(c.join(join_req(&a, None, 1000)).await.error, ec::NONE);
+        let mut other = join_req("", None, 1000);
+        other.protocol_type = "connect".into();
+        other.require_known_member_id = false;
+        assert_eq!(c.join(other).await.error, ec::INCONSISTENT_GROUP_PROTOCOL);
+        assert_eq!(c.heartbeat("g", 1, "stranger", None), ec::UNKNOWN_MEMBER_ID);
+        assert_eq!(c.heartbeat("g", 7, &a, None), ec::ILLEGAL_GENERATION);
+        // Members are bounded: the limit is 3 and A is one.
+        for _ in 0..3 {
+            let _ = c.join(join_req("", None, 1000)).await;
+        }
+        assert_eq!(c.join(join_req("", None, 1000)).await.error, ec::GROUP_MAX_SIZE_REACHED, "pending ids count too");
+    }
+
+    #[tokio::test]
+    async fn static_member_rejoins_without_rebalance_and_fences_its_old_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Coordinator::new(store(dir.path()), limits()).expect("coordinator");
+        let a = c.join(join_req("", Some("meter-a"), 1000));
+        let a = a.await;
+        assert_eq!(a.error, ec::NONE, "static members get their id at once");
+        let mut breq = join_req("", Some("meter-b"), 1000);
+        breq.require_known_member_id = false;
+        let (c2, b_join) = (c.clone(), breq.clone());
+        let b = tokio::spawn(async move { c2.join(b_join).await });
+        tokio::task::yield_now().await;
+        let a2 = c.join(join_req(&a.member_id, Some("meter-a"), 1000)).await;
+        let b = b.await.expect("join");
+        assert_eq!((a2.generation, b.generation), (2, 2));
+        let leader = a2.leader.clone();
+        let (follower_id, follower_instance) =
+            if leader == a.member_id { (b.member_id.clone(), "meter-b") } else { (a.member_id.clone(), "meter-a") };
+        let (c3, f) = (c.clone(), follower_id.clone());
+        let inst = follower_instance.to_string();
+        let fsync = tokio::spawn(async move { c3.sync("g", 2, &f, Some(&inst), vec![]).await });
+        tokio::task::yield_now().await;
+        let leader_instance = if leader == a.member_id { "meter-a" } else { "meter-b" };
+        let s = c
+            .sync("g", 2, &leader, Some(leader_instance), vec![(follower_id.clone(), Bytes::from_static(b"mine"))])
+            .await;
+        assert_eq!(s.error, ec::NONE);
+        assert_eq!(&fsync.await.expect("sync").assignment[..], b"mine");
+        // The follower restarts: same instance, empty member id -> same generation, same assignment.
+        let mut again = join_req("", Some(follower_instance), 1000);
+        again.require_known_member_id = false;
+        let r = c.join(again).await;
+        assert_eq!((r.error, r.generation), (ec::NONE, 2), "no rebalance for a returning static member");
+        assert_ne!(r.member_id, follower_id);
+        assert_eq!(&c.sync("g", 2, &r.member_id, Some(follower_instance), vec![]).await.assignment[..], b"mine");
+        assert_eq!(c.heartbeat("g", 2, &follower_id, Some(follower_instance)), ec::FENCED_INSTANCE_ID);
+    }
+
+    #[tokio::test]
+    async fn offsets_are_durable_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = store(dir.path());
+        st.create_topic("t", 2, Default::default()).await.expect("topic");
+        let records = (0..10).map(|i| crate::NewRecord::new(None::<Bytes>, format!("v{i}"))).collect();
+        st.append_records("t", 0, records).await.expect("append");
+        let c = Coordinator::new(st.clone(), limits()).expect("coordinator");
+        // A simple consumer (no membership, generation -1) commits to an empty group.
+        let codes = c
+            .commit(
+                "simple",
+                -1,
+                "",
+                None,
+                vec![
+                    ("t".into(), 0, 4, -1, Some("m".into())),
+                    ("t".into(), 9, 1, -1, None),
+                    ("t".into(), 1, 0, -1, Some("x".repeat(17))),
+                ],
+            )
+            .await;
+        assert_eq!(codes, vec![ec::NONE, ec::UNKNOWN_TOPIC_OR_PARTITION, ec::OFFSET_METADATA_TOO_LARGE]);
+        let lag = c.lag("simple").expect("lag");
+        assert_eq!(
+            lag,
+            vec![PartitionLag { topic: "t".into(), partition: 0, committed: 4, high_watermark: 10, lag: 6 }]
+        );
+        // Members commit only in their generation.
+        let a = first_join(&c).await;
+        let mut req = join_req(&a, None, 1000);
+        req.group_id = "busy".into();
+        let mut first = join_req("", None, 1000);
+        first.group_id = "busy".into();
+        let id = c.join(first).await.member_id;
+        req.member_id = id.clone();
+        assert_eq!(c.join(req).await.generation, 1);
+        let _ = c.sync("busy", 1, &id, None, vec![]).await;
+        let one = vec![("t".into(), 0, 1, -1, None)];
+        assert_eq!(c.commit("busy", -1, "", None, one.clone()).await, vec![ec::UNKNOWN_MEMBER_ID]);
+        assert_eq!(c.commit("busy", 5, &id, None, one.clone()).await, vec![ec::ILLEGAL_GENERATION]);
+        assert_eq!(c.commit("busy", 1, &id, None, one).await, vec![ec::NONE]);
+        assert_eq!(c.delete_group("busy").await, ec::NON_EMPTY_GROUP);
+        let _ = a;
+
+        // After a restart the offsets (and the groups that have them) are still there.
+        drop(c);
+        st.close().await.expect("close");
+        let st = store(dir.path());
+        let c = Coordinator::new(st.clone(), limits()).expect("coordinator");
+        let names: Vec<String> = c.list().into_iter().map(|g| g.0).collect();
+        assert_eq!(names, vec!["busy".to_string(), "simple".to_string()]);
+        let got = c.committed("simple", Some(&[("t".into(), 0), ("t".into(), 1)])).expect("committed");
+        assert_eq!(got[0].2.as_ref().map(|o| (o.offset, o.metadata.as_str())), Some((4, "m")));
+        assert_eq!(got[1].2, None);
+        assert_eq!(c.delete_group("simple").await, ec::NONE);
+        assert_eq!(c.delete_group("simple").await, ec::GROUP_ID_NOT_FOUND);
+        assert!(c.committed("simple", None).expect("committed").is_empty());
+        st.close().await.expect("close");
+    }
 
     #[test]
     fn offset_keys_round_trip_and_do_not_collide() {

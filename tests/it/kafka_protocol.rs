@@ -495,3 +495,130 @@ fn auto_creation_follows_the_config_switch() {
     assert_eq!(c.call(&create, 4).topics[0].error_code, 0);
     assert_eq!(broker.store.topic("wanted").expect("created").partitions, 1, "default partition count");
 }
+
+#[test]
+fn group_apis_answer_at_every_advertised_version() {
+    let rt = runtime();
+    let broker = rt.block_on(KafkaBroker::start());
+    rt.block_on(broker.store.create_topic("gt", 2, Default::default())).expect("topic");
+    let mut c = RawKafka::connect(broker.addr);
+    let protocols = || {
+        vec![join_group_request::JoinGroupRequestProtocol::default()
+            .with_name(s("range"))
+            .with_metadata(Bytes::from_static(&[0, 0, 0, 0, 0, 1, 0, 2, b'g', b't', 0xff, 0xff, 0xff, 0xff]))]
+    };
+    for v in 0..=5i16 {
+        let group = format!("g-v{v}");
+        let join = |member: &str| {
+            let mut j = JoinGroupRequest::default()
+                .with_group_id(GroupId(s(&group)))
+                .with_session_timeout_ms(10_000)
+                .with_member_id(s(member))
+                .with_protocol_type(s("consumer"))
+                .with_protocols(protocols());
+            if v >= 1 {
+                j = j.with_rebalance_timeout_ms(10_000);
+            }
+            j
+        };
+        let mut r = c.call(&join(""), v);
+        if v >= 4 {
+            assert_eq!(r.error_code, 79, "JoinGroup v{v}: MEMBER_ID_REQUIRED first");
+            let id = r.member_id.to_string();
+            r = c.call(&join(&id), v);
+        }
+        assert_eq!((r.error_code, r.generation_id), (0, 1), "JoinGroup v{v}");
+        assert_eq!(r.leader, r.member_id, "JoinGroup v{v}: the only member leads");
+        assert_eq!(r.members.len(), 1);
+        let member = r.member_id.clone();
+        let sv = v.min(3);
+        let sync = SyncGroupRequest::default()
+            .with_group_id(GroupId(s(&group)))
+            .with_generation_id(1)
+            .with_member_id(member.clone())
+            .with_assignments(vec![sync_group_request::SyncGroupRequestAssignment::default()
+                .with_member_id(member.clone())
+                .with_assignment(Bytes::from_static(b"assigned"))]);
+        let sr = c.call(&sync, sv);
+        assert_eq!((sr.error_code, &sr.assignment[..]), (0, &b"assigned"[..]), "SyncGroup v{sv}");
+        let hb = HeartbeatRequest::default()
+            .with_group_id(GroupId(s(&group)))
+            .with_generation_id(1)
+            .with_member_id(member.clone());
+        assert_eq!(c.call(&hb, sv).error_code, 0, "Heartbeat v{sv}");
+        assert_eq!(c.call(&hb.clone().with_generation_id(9), sv).error_code, 22, "Heartbeat v{sv}: ILLEGAL_GENERATION");
+
+        // Offsets at every OffsetCommit and OffsetFetch version.
+        for cv in 2..=7i16 {
+            let commit = OffsetCommitRequest::default()
+                .with_group_id(GroupId(s(&group)))
+                .with_generation_id_or_member_epoch(1)
+                .with_member_id(member.clone())
+                .with_topics(vec![offset_commit_request::OffsetCommitRequestTopic::default()
+                    .with_name(tn("gt"))
+                    .with_partitions(vec![offset_commit_request::OffsetCommitRequestPartition::default()
+                        .with_partition_index(1)
+                        .with_committed_offset(100 + cv as i64)
+                        .with_committed_metadata(Some(s("meta")))])]);
+            let r = c.call(&commit, cv);
+            assert_eq!(r.topics[0].partitions[0].error_code, 0, "OffsetCommit v{cv}");
+        }
+        for fv in 1..=5i16 {
+            let fetch = OffsetFetchRequest::default().with_group_id(GroupId(s(&group))).with_topics(Some(vec![
+                offset_fetch_request::OffsetFetchRequestTopic::default()
+                    .with_name(tn("gt"))
+                    .with_partition_indexes(vec![0, 1]),
+            ]));
+            let r = c.call(&fetch, fv);
+            let parts = &r.topics[0].partitions;
+            assert_eq!((parts[0].committed_offset, parts[1].committed_offset), (-1, 107), "OffsetFetch v{fv}");
+            assert_eq!(parts[1].metadata.as_ref().map(|m| m.to_string()).as_deref(), Some("meta"));
+            if fv >= 2 {
+                let all =
+                    c.call(&OffsetFetchRequest::default().with_group_id(GroupId(s(&group))).with_topics(None), fv);
+                assert_eq!(all.topics[0].partitions.len(), 1, "OffsetFetch v{fv}: null topics = all committed");
+            }
+        }
+        // Admin views.
+        for lv in 0..=2i16 {
+            let groups = c.call(&ListGroupsRequest::default(), lv).groups;
+            assert!(groups.iter().any(|g| g.group_id.0.as_str() == group), "ListGroups v{lv}");
+        }
+        for dv in 0..=4i16 {
+            let d = c.call(&DescribeGroupsRequest::default().with_groups(vec![GroupId(s(&group))]), dv);
+            let g = &d.groups[0];
+            assert_eq!(
+                (g.group_state.as_str(), g.protocol_data.as_str(), g.members.len()),
+                ("Stable", "range", 1),
+                "DescribeGroups v{dv}"
+            );
+            assert_eq!(&g.members[0].member_assignment[..], b"assigned");
+        }
+        // OffsetDelete refuses a topic the members consume, DeleteGroups a group with members.
+        let od = OffsetDeleteRequest::default().with_group_id(GroupId(s(&group))).with_topics(vec![
+            offset_delete_request::OffsetDeleteRequestTopic::default().with_name(tn("gt")).with_partitions(vec![
+                offset_delete_request::OffsetDeleteRequestPartition::default().with_partition_index(1),
+            ]),
+        ]);
+        assert_eq!(c.call(&od, 0).topics[0].partitions[0].error_code, 86, "GROUP_SUBSCRIBED_TO_TOPIC");
+        let del = DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s(&group))]);
+        assert_eq!(c.call(&del, v.min(1)).results[0].error_code, 68, "NON_EMPTY_GROUP");
+
+        // Leave, then the group is empty and can lose its offsets and itself.
+        let lv = v.min(3);
+        let leave = if lv >= 3 {
+            LeaveGroupRequest::default()
+                .with_group_id(GroupId(s(&group)))
+                .with_members(vec![leave_group_request::MemberIdentity::default().with_member_id(member.clone())])
+        } else {
+            LeaveGroupRequest::default().with_group_id(GroupId(s(&group))).with_member_id(member.clone())
+        };
+        let lr = c.call(&leave, lv);
+        let err = if lv >= 3 { lr.members[0].error_code } else { lr.error_code };
+        assert_eq!(err, 0, "LeaveGroup v{lv}");
+        assert_eq!(c.call(&hb, sv).error_code, 25, "UNKNOWN_MEMBER_ID after leaving");
+        assert_eq!(c.call(&od, 0).topics[0].partitions[0].error_code, 0, "OffsetDelete on an empty group");
+        assert_eq!(c.call(&del, v.min(1)).results[0].error_code, 0, "DeleteGroups v{}", v.min(1));
+        assert_eq!(c.call(&del, v.min(1)).results[0].error_code, 69, "GROUP_ID_NOT_FOUND");
+    }
+}
