@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod groups;
 pub mod kafka;
+pub mod mqtt;
 pub mod partitioner;
 pub mod storage;
 

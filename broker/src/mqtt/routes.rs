@@ -1,0 +1,209 @@
+//! Routes from MQTT topics to log topics: the first route whose filter matches a publish's topic
+//! names the log topic, the record key (from a template, so each device keeps its order in one
+//! partition) and the headers that carry what MQTT knows about the message.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// One `[[mqtt.routes]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// MQTT topic filter (`+` and `#` allowed), e.g. `meters/+/reading`.
+    pub filter: String,
+    /// Log topic the matching publishes are stored in (created on first use).
+    pub topic: String,
+    /// Record key template: `{client_id}`, `{username}`, `{topic}` (the MQTT topic), `{1}`..`{9}`
+    /// (the level matched by the first.. ninth `+`), and literal text. Empty = no key.
+    #[serde(default = "default_key")]
+    pub key: String,
+}
+
+pub(crate) fn default_key() -> String {
+    "{client_id}".to_string()
+}
+
+/// Header names written on records that came from MQTT.
+pub const HEADER_TOPIC: &str = "mqtt.topic";
+pub const HEADER_CONTENT_TYPE: &str = "content-type";
+pub const HEADER_CORRELATION_DATA: &str = "mqtt.correlation-data";
+pub const HEADER_RESPONSE_TOPIC: &str = "mqtt.response-topic";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    ClientId,
+    Username,
+    Topic,
+    Level(usize),
+}
+
+#[derive(Debug, Clone)]
+struct Compiled {
+    filter: String,
+    topic: String,
+    key: Vec<Piece>,
+    /// Level indexes of the filter's `+` wildcards, in order.
+    plus_levels: Vec<usize>,
+}
+
+/// The routing table, checked at start-up.
+#[derive(Debug, Clone)]
+pub struct Router {
+    routes: Vec<Compiled>,
+}
+
+/// Where one publish goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub topic: String,
+    pub key: Option<String>,
+}
+
+fn parse_template(key_name: &str, template: &str, plus_count: usize) -> Result<Vec<Piece>, ConfigError> {
+    let mut pieces = Vec::new();
+    let mut rest = template;
+    while !rest.is_empty() {
+        match rest.find('{') {
+            None => {
+                pieces.push(Piece::Text(rest.to_string()));
+                break;
+            }
+            Some(start) => {
+                if start > 0 {
+                    pieces.push(Piece::Text(rest[..start].to_string()));
+                }
+                let end = rest[start..]
+                    .find('}')
+                    .map(|e| start + e)
+                    .ok_or_else(|| ConfigError::new(key_name, format!("unclosed '{{' in {template:?}")))?;
+                let name = &rest[start + 1..end];
+                pieces.push(match name {
+                    "client_id" => Piece::ClientId,
+                    "username" => Piece::Username,
+                    "topic" => Piece::Topic,
+                    n => match n.parse::<usize>() {
+                        Ok(i) if i >= 1 && i <= plus_count => Piece::Level(i - 1),
+                        Ok(i) => {
+                            return Err(ConfigError::new(
+                                key_name,
+                                format!("{{{i}}} in {template:?}: the filter has {plus_count} '+' level(s)"),
+                            ))
+                        }
+                        Err(_) => {
+                            return Err(ConfigError::new(
+                                key_name,
+                                format!("unknown {{{n}}} in {template:?} (use client_id, username, topic or 1-9)"),
+                            ))
+                        }
+                    },
+                });
+                rest = &rest[end + 1..];
+            }
+        }
+    }
+    Ok(pieces)
+}
+
+impl Router {
+    /// Checks and compiles the routes; the last one catches everything (`#`) unless a route
+    /// already does. `prefix` names the config table in errors.
+    pub fn new(routes: &[Route], default_topic: &str, default_key: &str, prefix: &str) -> Result<Self, ConfigError> {
+        let mut compiled = Vec::with_capacity(routes.len() + 1);
+        let default = Route { filter: "#".into(), topic: default_topic.into(), key: default_key.into() };
+        for (i, r) in routes.iter().chain(std::iter::once(&default)).enumerate() {
+            let at = if i < routes.len() { format!("{prefix}.routes[{i}]") } else { prefix.to_string() };
+            if !super::topic::valid_filter(&r.filter) {
+                return Err(ConfigError::new(
+                    format!("{at}.filter"),
+                    format!("not a valid MQTT topic filter: {:?}", r.filter),
+                ));
+            }
+            let topic_key = if i < routes.len() { format!("{at}.topic") } else { format!("{at}.default_topic") };
+            crate::storage::validate_topic_name(&r.topic).map_err(|e| ConfigError::new(topic_key, e.to_string()))?;
+            let levels: Vec<&str> = r.filter.split('/').collect();
+            let plus_levels: Vec<usize> =
+                levels.iter().enumerate().filter(|(_, l)| **l == "+").map(|(i, _)| i).collect();
+            let key_name = if i < routes.len() { format!("{at}.key") } else { format!("{at}.default_key") };
+            let key = parse_template(&key_name, &r.key, plus_levels.len())?;
+            compiled.push(Compiled { filter: r.filter.clone(), topic: r.topic.clone(), key, plus_levels });
+        }
+        Ok(Self { routes: compiled })
+    }
+
+    /// The destination of a publish on `topic` (a valid topic name, no wildcards).
+    pub fn route(&self, topic: &str, client_id: &str, username: Option<&str>) -> Destination {
+        let r = self
+            .routes
+            .iter()
+            .find(|r| super::topic::matches(topic, &r.filter))
+            .unwrap_or_else(|| &self.routes[self.routes.len() - 1]);
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut key = String::new();
+        for p in &r.key {
+            match p {
+                Piece::Text(t) => key.push_str(t),
+                Piece::ClientId => key.push_str(client_id),
+                Piece::Username => key.push_str(username.unwrap_or("")),
+                Piece::Topic => key.push_str(topic),
+                Piece::Level(i) => {
+                    key.push_str(r.plus_levels.get(*i).and_then(|l| levels.get(*l)).copied().unwrap_or(""))
+                }
+            }
+        }
+        Destination { topic: r.topic.clone(), key: if r.key.is_empty() { None } else { Some(key) } }
+    }
+
+    /// Log topics MQTT publishes may land in (every route's).
+    pub fn topics(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.routes.iter().map(|r| r.topic.clone()).collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+
+    /// The route filters, in order (the last is the default route's `#`).
+    pub fn filters(&self) -> Vec<(&str, &str)> {
+        self.routes.iter().map(|r| (r.filter.as_str(), r.topic.as_str())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_matching_route_with_key_from_a_level() {
+        let routes = vec![
+            Route { filter: "meters/+/reading".into(), topic: "readings".into(), key: "meter-{1}".into() },
+            Route { filter: "sensors/#".into(), topic: "sensors".into(), key: "{client_id}".into() },
+            Route { filter: "raw/+/+".into(), topic: "raw".into(), key: String::new() },
+        ];
+        let r = Router::new(&routes, "mqtt", "{topic}", "mqtt").expect("valid");
+        assert_eq!(
+            r.route("meters/42/reading", "c1", None),
+            Destination { topic: "readings".into(), key: Some("meter-42".into()) }
+        );
+        assert_eq!(r.route("sensors/a/b", "c1", None), Destination { topic: "sensors".into(), key: Some("c1".into()) });
+        assert_eq!(r.route("raw/x/y", "c1", None), Destination { topic: "raw".into(), key: None });
+        assert_eq!(r.route("other", "c1", None), Destination { topic: "mqtt".into(), key: Some("other".into()) });
+        assert_eq!(r.topics(), vec!["mqtt", "raw", "readings", "sensors"]);
+    }
+
+    #[test]
+    fn bad_routes_name_the_key() {
+        let bad = |route: Route| Router::new(&[route], "mqtt", "{client_id}", "mqtt").expect_err("refused").key;
+        assert_eq!(
+            bad(Route { filter: "a/#/b".into(), topic: "t".into(), key: String::new() }),
+            "mqtt.routes[0].filter"
+        );
+        assert_eq!(
+            bad(Route { filter: "a/+".into(), topic: "bad topic".into(), key: String::new() }),
+            "mqtt.routes[0].topic"
+        );
+        assert_eq!(bad(Route { filter: "a/+".into(), topic: "t".into(), key: "{2}".into() }), "mqtt.routes[0].key");
+        assert_eq!(bad(Route { filter: "a/+".into(), topic: "t".into(), key: "{who}".into() }), "mqtt.routes[0].key");
+        assert_eq!(Router::new(&[], "no good", "", "mqtt").expect_err("refused").key, "mqtt.default_topic");
+    }
+}
