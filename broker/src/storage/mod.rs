@@ -478,7 +478,13 @@ impl Store {
         bytes.extend_from_slice(&[0u8; tables::VALUE_PREFIX_LEN]);
         bytes.extend_from_slice(&batch);
         let rx = self
-            .enqueue(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Batch { bytes, header }, reply })
+            .enqueue(|reply| Op::Append {
+                topic: t,
+                pkey: p.key,
+                data: AppendData::Batch { bytes, header },
+                kv: None,
+                reply,
+            })
             .await?;
         Ok(PendingAppend(rx))
     }
@@ -501,6 +507,18 @@ impl Store {
         partition: i32,
         records: Vec<NewRecord>,
     ) -> Result<PendingAppend, StoreError> {
+        self.enqueue_records_with(topic, partition, records, None).await
+    }
+
+    /// Like [`Store::enqueue_records`], and writes `kv` (space, key, value or removal) in the
+    /// same commit: both are durable, or neither (e.g. an MQTT QoS 2 packet id with its message).
+    pub async fn enqueue_records_with(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: Vec<NewRecord>,
+        kv: Option<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<PendingAppend, StoreError> {
         let cfg = &self.inner.shared.config;
         if records.is_empty() {
             return Err(StoreError::InvalidBatch(batch::BatchError::Empty(0)));
@@ -511,7 +529,7 @@ impl Store {
         }
         let (t, p) = self.partition_state(topic, partition)?;
         let rx = self
-            .enqueue(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Records(records), reply })
+            .enqueue(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Records(records), kv, reply })
             .await?;
         Ok(PendingAppend(rx))
     }

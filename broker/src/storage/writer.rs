@@ -34,6 +34,9 @@ pub(crate) enum AppendData {
     Records(Vec<NewRecord>),
 }
 
+/// One key-value write: space, key, value (`None` = remove).
+pub(crate) type KvWrite = (KvSpace, Vec<u8>, Option<Vec<u8>>);
+
 pub(crate) enum AdminCmd {
     CreateTopic { name: String, partitions: u32, config: TopicConfig },
     DeleteTopic { name: String },
@@ -42,9 +45,23 @@ pub(crate) enum AdminCmd {
 }
 
 pub(crate) enum Op {
-    Append { topic: Arc<TopicState>, pkey: u64, data: AppendData, reply: Reply<AppendOutcome> },
-    Admin { cmd: AdminCmd, reply: Reply<()> },
-    Kv { space: KvSpace, entries: Vec<(Vec<u8>, Option<Vec<u8>>)>, reply: Reply<()> },
+    Append {
+        topic: Arc<TopicState>,
+        pkey: u64,
+        data: AppendData,
+        /// A key-value write committed in the same transaction as the append (or not at all).
+        kv: Option<KvWrite>,
+        reply: Reply<AppendOutcome>,
+    },
+    Admin {
+        cmd: AdminCmd,
+        reply: Reply<()>,
+    },
+    Kv {
+        space: KvSpace,
+        entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        reply: Reply<()>,
+    },
     Tick,
     Shutdown,
 }
@@ -471,7 +488,7 @@ impl Writer {
         let mut tick = false;
         for op in ops {
             match op {
-                Op::Append { topic, pkey, data, reply } => {
+                Op::Append { topic, pkey, data, kv, reply } => {
                     if let Some(e) = &disk_full {
                         let _ = reply.send(Err(e.clone()));
                         continue;
@@ -479,6 +496,13 @@ impl Writer {
                     if self.meta(r, pkey).is_none() {
                         let _ = reply.send(Err(StoreError::UnknownTopic(topic.name.clone())));
                         continue;
+                    }
+                    if let Some((space, key, value)) = kv {
+                        let mut table = txn.open_table(space.table())?;
+                        match value {
+                            Some(v) => table.insert(key.as_slice(), v.as_slice())?,
+                            None => table.remove(key.as_slice())?,
+                        };
                     }
                     match data {
                         AppendData::Records(records) => {
