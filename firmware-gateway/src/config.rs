@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tributary_broker::kafka::{KafkaConfig, TopicTemplate};
+use tributary_broker::mqtt::MqttConfig;
 use tributary_broker::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig};
 
 /// The whole `gateway.toml`.
@@ -16,6 +17,8 @@ pub struct GatewayConfig {
     pub topic_defaults: TopicDefaults,
     /// The Kafka protocol listener.
     pub kafka: KafkaConfig,
+    /// The MQTT listener and its routes.
+    pub mqtt: MqttConfig,
     pub log: LogConfig,
 }
 
@@ -99,6 +102,7 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.storage.validate("storage")?;
         self.kafka.validate("kafka")?;
+        self.mqtt.validate("mqtt")?;
         if self.topic_defaults.partitions == 0 || self.topic_defaults.partitions > self.storage.partitions_per_topic_max
         {
             return Err(ConfigError::new(

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tributary_broker::kafka::KafkaServer;
+use tributary_broker::mqtt::MqttServer;
 use tributary_broker::Store;
 
 use crate::config::GatewayConfig;
@@ -116,12 +117,27 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
             let _ = stop.wait_for(|s| *s).await;
         })));
     }
+    let mut mqtt_addr = String::from("off");
+    let mut mqtt_task = None;
+    if cfg.mqtt.enabled {
+        let server = MqttServer::bind(cfg.mqtt.clone(), store.clone(), cfg.topic_defaults.template())
+            .await
+            .context("start the MQTT listener")?;
+        let local = server.local_addr().context("MQTT listener address")?;
+        tracing::info!(listen = %local, "mqtt listener bound");
+        mqtt_addr = local.to_string();
+        let mut stop = stop_rx.clone();
+        mqtt_task = Some(tokio::spawn(server.run(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })));
+    }
     tracing::info!(
         config = %path.as_ref().map_or_else(|| "built-in defaults".to_string(), |p| p.display().to_string()),
         data_dir = %cfg.storage.data_dir.display(),
         recovery_ms = report.duration.as_millis() as u64,
         repaired = report.repaired,
         kafka = %kafka_addr,
+        mqtt = %mqtt_addr,
         version = env!("CARGO_PKG_VERSION"),
         "tributary gateway ready"
     );
@@ -131,7 +147,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     };
     tracing::info!(signal = which, "shutting down: committing pending appends");
     let _ = stop_tx.send(true);
-    if let Some(t) = kafka_task {
+    for t in [kafka_task, mqtt_task].into_iter().flatten() {
         let _ = t.await;
     }
     store.close().await.context("close the log store")?;

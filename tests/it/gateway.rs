@@ -87,11 +87,13 @@ fn shipped_config_file_starts_the_gateway() {
         .output()
         .expect("run config check");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // The shipped file as is, but on a free port so parallel tests do not collide on 9092.
+    // The shipped file as is, but on free ports so parallel tests do not collide on 9092 and 1883.
     let text = std::fs::read_to_string(shipped).expect("read shipped config");
     assert!(text.contains("listen = \"127.0.0.1:9092\""), "the shipped config listens on 9092");
+    assert!(text.contains("listen = \"127.0.0.1:1883\""), "the shipped config listens on 1883");
     let copy = dir.path().join("gateway.toml");
-    std::fs::write(&copy, text.replace("listen = \"127.0.0.1:9092\"", "listen = \"127.0.0.1:0\"")).expect("write");
+    let text = text.replace("listen = \"127.0.0.1:9092\"", "listen = \"127.0.0.1:0\"");
+    std::fs::write(&copy, text.replace("listen = \"127.0.0.1:1883\"", "listen = \"127.0.0.1:0\"")).expect("write");
     let mut child = gateway(dir.path(), &["serve", "--config", copy.to_str().expect("utf-8")]);
     stop(&mut child, Signal::TERM);
 }

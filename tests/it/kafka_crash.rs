@@ -28,7 +28,7 @@ fn start_gateway(dir: &std::path::Path) -> (Child, String) {
     std::fs::write(
         &config,
         format!(
-            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[topic_defaults]\npartitions = 3\n",
+            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[topic_defaults]\npartitions = 3\n",
             data.to_str().expect("utf-8")
         ),
     )

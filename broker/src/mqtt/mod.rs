@@ -1,7 +1,14 @@
 //! The MQTT front end (3.1.1 and 5): topics and filters, and routes from MQTT topics to log
-//! topics. The session layer (connections, QoS flows, persistent sessions) builds on these.
+//! topics, and the session layer (connections, QoS flows, retained and will messages,
+//! subscriptions served from the log).
 
+mod config;
 pub mod routes;
+mod server;
 pub mod topic;
+mod wire;
+
+pub use config::MqttConfig;
+pub use server::{MqttError, MqttServer, MqttStats, HEADER_QOS};
 
 pub use routes::{Destination, Route, Router};

@@ -482,7 +482,7 @@ impl Store {
                 topic: t,
                 pkey: p.key,
                 data: AppendData::Batch { bytes, header },
-                kv: None,
+                kv: Vec::new(),
                 reply,
             })
             .await?;
@@ -507,17 +507,18 @@ impl Store {
         partition: i32,
         records: Vec<NewRecord>,
     ) -> Result<PendingAppend, StoreError> {
-        self.enqueue_records_with(topic, partition, records, None).await
+        self.enqueue_records_with(topic, partition, records, Vec::new()).await
     }
 
     /// Like [`Store::enqueue_records`], and writes `kv` (space, key, value or removal) in the
-    /// same commit: both are durable, or neither (e.g. an MQTT QoS 2 packet id with its message).
+    /// same commit: all are durable, or none (e.g. an MQTT QoS 2 packet id or a retained message
+    /// with the published record).
     pub async fn enqueue_records_with(
         &self,
         topic: &str,
         partition: i32,
         records: Vec<NewRecord>,
-        kv: Option<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
+        kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
     ) -> Result<PendingAppend, StoreError> {
         let cfg = &self.inner.shared.config;
         if records.is_empty() {

@@ -309,11 +309,11 @@ async fn a_key_value_write_commits_with_its_append() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
     store.create_topic("t", 1, TopicConfig::default()).await.expect("topic");
-    let kv = Some((KvSpace::MqttSessions, b"c1/pkid/7".to_vec(), Some(b"stored".to_vec())));
+    let kv = vec![(KvSpace::MqttSessions, b"c1/pkid/7".to_vec(), Some(b"stored".to_vec()))];
     let o = store.enqueue_records_with("t", 0, vec![rec(0)], kv).await.expect("queued").wait().await.expect("durable");
     assert_eq!(o.base_offset, 0);
     // Refused before queueing (unknown partition): neither the record nor the key is written.
-    let kv = Some((KvSpace::MqttSessions, b"c1/pkid/8".to_vec(), Some(b"x".to_vec())));
+    let kv = vec![(KvSpace::MqttSessions, b"c1/pkid/8".to_vec(), Some(b"x".to_vec()))];
     assert!(store.enqueue_records_with("t", 5, vec![rec(1)], kv).await.is_err());
     store.close().await.expect("close");
     let store = open(dir.path());

@@ -49,8 +49,8 @@ pub(crate) enum Op {
         topic: Arc<TopicState>,
         pkey: u64,
         data: AppendData,
-        /// A key-value write committed in the same transaction as the append (or not at all).
-        kv: Option<KvWrite>,
+        /// Key-value writes committed in the same transaction as the append (or not at all).
+        kv: Vec<KvWrite>,
         reply: Reply<AppendOutcome>,
     },
     Admin {
@@ -497,7 +497,7 @@ impl Writer {
                         let _ = reply.send(Err(StoreError::UnknownTopic(topic.name.clone())));
                         continue;
                     }
-                    if let Some((space, key, value)) = kv {
+                    for (space, key, value) in kv {
                         let mut table = txn.open_table(space.table())?;
                         match value {
                             Some(v) => table.insert(key.as_slice(), v.as_slice())?,

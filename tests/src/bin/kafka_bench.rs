@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{}[kafka]\nlisten = \"127.0.0.1:0\"\n[topic_defaults]\npartitions = {}\nretention_ms = 86400000\n[log]\nlevel = \"warn,tributary_gateway=info\"\n",
+            "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{}[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[topic_defaults]\npartitions = {}\nretention_ms = 86400000\n[log]\nlevel = \"warn,tributary_gateway=info\"\n",
             tmp.path().join("data").to_str().context("utf-8 path")?,
             16u64 << 30,
             args.cache_mib.map_or_else(String::new, |m| format!("cache_size_bytes = {}\n", m << 20)),

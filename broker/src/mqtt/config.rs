@@ -1,0 +1,104 @@
+//! Settings of the MQTT listener (`[mqtt]` in the gateway's TOML): address, limits that bound
+//! each connection, and the routes from MQTT topics to log topics.
+
+use serde::{Deserialize, Serialize};
+
+use super::routes::{default_key, Route, Router};
+use crate::config::{check_range, ConfigError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Serve MQTT 3.1.1 and 5 at all.
+    pub enabled: bool,
+    /// Address and port (`127.0.0.1:1883` by default: local clients only).
+    pub listen: String,
+    /// Open connections; more are refused (CONNACK "server unavailable") and closed.
+    pub connections_max: u32,
+    /// Largest packet accepted (checked on the fixed header, before the packet is read).
+    pub packet_bytes_max: u32,
+    /// QoS 1/2 messages a client may have unacknowledged towards us (MQTT 5 Receive Maximum) and
+    /// we towards it.
+    pub inflight_messages_max: u16,
+    /// Subscriptions one client may hold.
+    pub subscriptions_per_client_max: u32,
+    /// Longest topic name or filter, in bytes, and most levels in one.
+    pub topic_bytes_max: u32,
+    pub topic_levels_max: u32,
+    /// Longest client identifier.
+    pub client_id_bytes_max: u32,
+    /// A connection must send CONNECT within this time.
+    pub connect_timeout_ms: u64,
+    /// Log topic of publishes no route matches.
+    pub default_topic: String,
+    /// Key template of those publishes (see `routes`).
+    pub default_key: String,
+    /// `[[mqtt.routes]]`: the first route whose filter matches a publish's topic decides where it
+    /// is stored.
+    pub routes: Vec<Route>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:1883".into(),
+            connections_max: 1024,
+            packet_bytes_max: 1024 * 1024,
+            inflight_messages_max: 64,
+            subscriptions_per_client_max: 64,
+            topic_bytes_max: 256,
+            topic_levels_max: 16,
+            client_id_bytes_max: 128,
+            connect_timeout_ms: 10_000,
+            default_topic: "mqtt".into(),
+            default_key: default_key(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+impl MqttConfig {
+    /// Checks every value; `prefix` is the TOML table (e.g. `mqtt`).
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        let range = |k: &str, v: u64, lo: u64, hi: u64| check_range(&key(k), v, lo, hi);
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::new(
+                key("listen"),
+                format!("must be an IP address and port such as 127.0.0.1:1883 (got {:?})", self.listen),
+            ));
+        }
+        range("connections_max", self.connections_max.into(), 1, 1_000_000)?;
+        range("packet_bytes_max", self.packet_bytes_max.into(), 1024, 256 * 1024 * 1024 - 1)?;
+        range("inflight_messages_max", self.inflight_messages_max.into(), 1, 65_535)?;
+        range("subscriptions_per_client_max", self.subscriptions_per_client_max.into(), 1, 100_000)?;
+        range("topic_bytes_max", self.topic_bytes_max.into(), 16, 65_535)?;
+        range("topic_levels_max", self.topic_levels_max.into(), 1, 1024)?;
+        range("client_id_bytes_max", self.client_id_bytes_max.into(), 23, 65_535)?;
+        range("connect_timeout_ms", self.connect_timeout_ms, 100, 600_000)?;
+        self.router(prefix)?;
+        Ok(())
+    }
+
+    /// The compiled routing table.
+    pub fn router(&self, prefix: &str) -> Result<Router, ConfigError> {
+        Router::new(&self.routes, &self.default_topic, &self.default_key, prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_errors_name_the_key() {
+        MqttConfig::default().validate("mqtt").expect("defaults");
+        let c = MqttConfig { listen: "anywhere".into(), ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.listen");
+        let c = MqttConfig { inflight_messages_max: 0, ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.inflight_messages_max");
+        let c = MqttConfig { default_topic: "a b".into(), ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.default_topic");
+    }
+}

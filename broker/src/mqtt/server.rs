@@ -1,0 +1,860 @@
+//! The MQTT listener and its sessions: CONNECT (3.1.1 or 5, chosen by the protocol level),
+//! keep-alive, session takeover, inbound QoS 0/1/2 with every acknowledgement sent only once the
+//! message is durable (QoS 2 packet ids are stored in the same commit as the message), retained
+//! messages, will messages, and subscriptions served from the log through per-partition cursors.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::select_all;
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::config::MqttConfig;
+use super::routes::{Router, HEADER_CONTENT_TYPE, HEADER_CORRELATION_DATA, HEADER_RESPONSE_TOPIC, HEADER_TOPIC};
+use super::topic;
+use super::wire::{self, In, PublishProps, Version, WireError};
+use crate::error::StoreError;
+use crate::kafka::TopicTemplate;
+use crate::partitioner::Partitioner;
+use crate::storage::batch::NewRecord;
+use crate::storage::{KvSpace, PendingAppend, Store};
+
+/// Header carrying the QoS a message was published with.
+pub const HEADER_QOS: &str = "mqtt.qos";
+
+/// Why the MQTT listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("invalid MQTT configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// Counters of the MQTT front end.
+#[derive(Debug, Default)]
+pub struct MqttStats {
+    pub connections_accepted: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub publishes_in: AtomicU64,
+    pub publishes_out: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Ctx {
+    store: Store,
+    cfg: MqttConfig,
+    router: Router,
+    defaults: TopicTemplate,
+    partitioner: Partitioner,
+    stats: Arc<MqttStats>,
+    /// Connected client ids, with the way to close that connection (session takeover).
+    clients: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
+    next_conn: AtomicU64,
+}
+
+/// A bound MQTT listener.
+#[derive(Debug)]
+pub struct MqttServer {
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+}
+
+impl MqttServer {
+    pub async fn bind(cfg: MqttConfig, store: Store, defaults: TopicTemplate) -> Result<Self, MqttError> {
+        cfg.validate("mqtt")?;
+        let router = cfg.router("mqtt")?;
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|source| MqttError::Bind { addr: cfg.listen.clone(), source })?;
+        let ctx = Arc::new(Ctx {
+            store,
+            router,
+            defaults,
+            partitioner: Partitioner::default(),
+            stats: Arc::new(MqttStats::default()),
+            clients: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            cfg,
+        });
+        Ok(Self { listener, ctx })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn stats(&self) -> Arc<MqttStats> {
+        self.ctx.stats.clone()
+    }
+
+    /// Accepts connections until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let connections = Arc::new(Semaphore::new(self.ctx.cfg.connections_max as usize));
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                a = self.listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "mqtt accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let ctx = self.ctx.clone();
+            let permit = connections.clone().try_acquire_owned().ok();
+            tokio::spawn(async move {
+                let Some(permit) = permit else {
+                    ctx.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, limit = ctx.cfg.connections_max, "mqtt.connections_max reached: refusing");
+                    refuse_busy(&ctx, stream).await;
+                    return;
+                };
+                ctx.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                ctx.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+                let result = connection(&ctx, stream).await;
+                ctx.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+                match result {
+                    Ok(()) => tracing::debug!(%peer, "mqtt connection closed"),
+                    Err(reason) => {
+                        ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, %reason, "mqtt connection closed");
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Over the connection limit: read the CONNECT (briefly) to answer in its version, then close.
+async fn refuse_busy(ctx: &Ctx, stream: TcpStream) {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let read =
+        tokio::time::timeout(Duration::from_secs(2), wire::read_frame(&mut rd, ctx.cfg.packet_bytes_max as usize));
+    if let Ok(Ok(frame)) = read.await {
+        let version = if wire::connect_level(&frame) == Ok(5) { Version::V5 } else { Version::V4 };
+        let _ = wr.write_all(&wire::connack(version, false, 0x89, &wire::ConnAckProps::default())).await;
+    }
+}
+
+/// A message to publish into the log (a PUBLISH or a will).
+struct Message {
+    topic: String,
+    qos: u8,
+    retain: bool,
+    payload: Bytes,
+    props: PublishProps,
+}
+
+/// Work whose answer goes out once it completes, in order with the others.
+type Pending = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
+
+struct Session {
+    version: Version,
+    client_id: String,
+    username: Option<String>,
+    will: Option<wire::Will>,
+    subs: Vec<wire::Subscription>,
+    /// Inbound QoS 2 packet ids stored and waiting for PUBREL.
+    qos2: HashSet<u16>,
+    /// v5 topic aliases set by the client.
+    aliases: HashMap<u16, String>,
+    /// Outbound delivery: next offset per (log topic, partition).
+    cursors: HashMap<(String, i32), i64>,
+    /// Outbound QoS 1 packet ids waiting for PUBACK.
+    inflight: HashSet<u16>,
+    next_pkid: u16,
+    window: usize,
+}
+
+fn qos2_key(client_id: &str, pkid: u16) -> Vec<u8> {
+    let mut k = b"q2\0".to_vec();
+    k.extend_from_slice(client_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&pkid.to_be_bytes());
+    k
+}
+
+fn qos2_prefix(client_id: &str) -> Vec<u8> {
+    let mut k = b"q2\0".to_vec();
+    k.extend_from_slice(client_id.as_bytes());
+    k.push(0);
+    k
+}
+
+/// Retained message value: qos (1 byte), then the payload.
+fn retained_value(qos: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + payload.len());
+    v.push(qos);
+    v.extend_from_slice(payload);
+    v
+}
+
+async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(16 * 1024, rd);
+    let mut wr = BufWriter::with_capacity(16 * 1024, wr);
+    let max = ctx.cfg.packet_bytes_max as usize;
+    // CONNECT first, within the connect timeout.
+    let first = tokio::time::timeout(Duration::from_millis(ctx.cfg.connect_timeout_ms), wire::read_frame(&mut rd, max))
+        .await
+        .map_err(|_| "no CONNECT within mqtt.connect_timeout_ms".to_string())?;
+    let frame = match first {
+        Ok(f) => f,
+        Err(WireError::Closed) => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let version = match wire::connect_level(&frame) {
+        Ok(4) => Version::V4,
+        Ok(5) => Version::V5,
+        Ok(level) | Err(WireError::UnsupportedProtocol(level)) => {
+            let _ = wr.write_all(&wire::connack(Version::V4, false, 0x84, &wire::ConnAckProps::default())).await;
+            let _ = wr.flush().await;
+            return Err(format!("unsupported MQTT protocol level {level}"));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let connect = wire::decode(version, frame, max).map_err(|e| format!("bad CONNECT: {e}"))?;
+    let In::Connect { client_id, clean, keep_alive, username, will, receive_max, .. } = connect else {
+        return Err("the first packet must be CONNECT".into());
+    };
+    let refuse = |code: u8| wire::connack(version, false, code, &wire::ConnAckProps::default());
+    let (client_id, assigned) = if client_id.is_empty() {
+        if !clean && version == Version::V4 {
+            let _ = wr.write_all(&refuse(0x85)).await;
+            let _ = wr.flush().await;
+            return Err("empty client id with clean session 0".into());
+        }
+        (format!("auto-{:016x}", rand::random::<u64>()), true)
+    } else {
+        (client_id, false)
+    };
+    if client_id.len() > ctx.cfg.client_id_bytes_max as usize {
+        let _ = wr.write_all(&refuse(0x85)).await;
+        let _ = wr.flush().await;
+        return Err(format!("client id longer than mqtt.client_id_bytes_max = {}", ctx.cfg.client_id_bytes_max));
+    }
+    if let Some(w) = &will {
+        if let Err(reason) = check_topic(ctx, &w.topic) {
+            let _ = wr.write_all(&refuse(0x90)).await;
+            let _ = wr.flush().await;
+            return Err(format!("will topic: {reason}"));
+        }
+    }
+    // Session takeover: the previous connection with this client id is closed.
+    let conn_id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (kill_tx, mut kill_rx) = oneshot::channel();
+    let previous = ctx.clients.lock().map_err(|_| "poisoned")?.insert(client_id.clone(), (conn_id, kill_tx));
+    if let Some((_, kill)) = previous {
+        tracing::info!(client = %client_id, "session taken over by a new connection");
+        let _ = kill.send(());
+    }
+    // Clean start: forget stored QoS 2 packet ids of an earlier session.
+    let mut qos2 = HashSet::new();
+    let stored =
+        ctx.store.kv_scan(KvSpace::MqttSessions, &qos2_prefix(&client_id), 65_536).map_err(|e| e.to_string())?;
+    if clean {
+        let removals = stored.into_iter().map(|(k, _)| (k, None)).collect::<Vec<_>>();
+        if !removals.is_empty() {
+            ctx.store.kv_write(KvSpace::MqttSessions, removals).await.map_err(|e| e.to_string())?;
+        }
+    } else {
+        for (k, _) in stored {
+            if let [.., a, b] = k[..] {
+                qos2.insert(u16::from_be_bytes([a, b]));
+            }
+        }
+    }
+    let props = wire::ConnAckProps {
+        receive_max: ctx.cfg.inflight_messages_max,
+        max_packet: ctx.cfg.packet_bytes_max,
+        topic_alias_max: 64,
+        assigned_client_id: assigned.then(|| client_id.clone()),
+        reason: None,
+    };
+    wr.write_all(&wire::connack(version, !clean && !qos2.is_empty(), 0, &props)).await.map_err(|e| e.to_string())?;
+    wr.flush().await.map_err(|e| e.to_string())?;
+    tracing::debug!(client = %client_id, ?version, clean, keep_alive, "mqtt client connected");
+
+    let mut s = Session {
+        version,
+        client_id: client_id.clone(),
+        username,
+        will,
+        subs: Vec::new(),
+        qos2,
+        aliases: HashMap::new(),
+        cursors: HashMap::new(),
+        inflight: HashSet::new(),
+        next_pkid: 1,
+        window: usize::from(receive_max.min(ctx.cfg.inflight_messages_max)).max(1),
+    };
+    // Answers leave through one writer task, in the order their work was started.
+    let (tx, mut rx) = mpsc::channel::<Pending>(usize::from(ctx.cfg.inflight_messages_max) + 16);
+    let writer = tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            if let Some(bytes) = p.await {
+                if wr.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            if rx.is_empty() && wr.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = wr.flush().await;
+        let _ = wr.shutdown().await;
+    });
+    let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    let result = session_loop(ctx, &mut s, &mut rd, &tx, keep_alive, &mut kill_rx).await;
+    // A will is published unless the client said goodbye normally.
+    let graceful = matches!(result, Ok(true));
+    if let (false, Some(w)) = (graceful, s.will.take()) {
+        let msg = Message {
+            topic: w.topic,
+            qos: w.qos,
+            retain: w.retain,
+            payload: w.payload,
+            props: PublishProps::default(),
+        };
+        match publish_into_log(ctx, &s, &msg, Vec::new()).await {
+            Ok(p) => {
+                if let Err(e) = p.wait().await {
+                    tracing::warn!(client = %client_id, error = %e, "will message not stored");
+                } else {
+                    tracing::debug!(client = %client_id, "will message published");
+                }
+            }
+            Err(e) => tracing::warn!(client = %client_id, error = %e, "will message not stored"),
+        }
+    }
+    if let Ok(mut clients) = ctx.clients.lock() {
+        if clients.get(&client_id).is_some_and(|(id, _)| *id == conn_id) {
+            clients.remove(&client_id);
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+    result.map(|_| ())
+}
+
+fn check_topic(ctx: &Ctx, t: &str) -> Result<(), String> {
+    if !topic::valid_topic(t) {
+        return Err(format!("{t:?} is not a valid topic name"));
+    }
+    if t.len() > ctx.cfg.topic_bytes_max as usize {
+        return Err(format!("topic longer than mqtt.topic_bytes_max = {}", ctx.cfg.topic_bytes_max));
+    }
+    if t.split('/').count() > ctx.cfg.topic_levels_max as usize {
+        return Err(format!("topic has more than mqtt.topic_levels_max = {} levels", ctx.cfg.topic_levels_max));
+    }
+    Ok(())
+}
+
+/// Appends one message to its routed log topic (creating the topic on first use); `kv` is
+/// committed with it.
+async fn publish_into_log(
+    ctx: &Ctx,
+    s: &Session,
+    m: &Message,
+    mut kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
+) -> Result<PendingAppend, StoreError> {
+    let dest = ctx.router.route(&m.topic, &s.client_id, s.username.as_deref());
+    let partitions = match ctx.store.topic(&dest.topic) {
+        Some(t) => t.partitions,
+        None => {
+            match ctx.store.create_topic(&dest.topic, ctx.defaults.partitions, ctx.defaults.config.clone()).await {
+                Ok(()) | Err(StoreError::TopicExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+            ctx.store.topic(&dest.topic).map_or(1, |t| t.partitions)
+        }
+    };
+    let partition = ctx.partitioner.partition(dest.key.as_deref().map(str::as_bytes), partitions) as i32;
+    let mut headers = vec![
+        (HEADER_TOPIC.to_string(), Some(Bytes::from(m.topic.clone().into_bytes()))),
+        (HEADER_QOS.to_string(), Some(Bytes::from(m.qos.to_string().into_bytes()))),
+    ];
+    if let Some(ct) = &m.props.content_type {
+        headers.push((HEADER_CONTENT_TYPE.to_string(), Some(Bytes::from(ct.clone().into_bytes()))));
+    }
+    if let Some(cd) = &m.props.correlation_data {
+        headers.push((HEADER_CORRELATION_DATA.to_string(), Some(cd.clone())));
+    }
+    if let Some(rt) = &m.props.response_topic {
+        headers.push((HEADER_RESPONSE_TOPIC.to_string(), Some(Bytes::from(rt.clone().into_bytes()))));
+    }
+    for (k, v) in &m.props.user_properties {
+        headers.push((k.clone(), Some(Bytes::from(v.clone().into_bytes()))));
+    }
+    if m.retain {
+        let value = (!m.payload.is_empty()).then(|| retained_value(m.qos, &m.payload));
+        kv.push((KvSpace::MqttRetained, m.topic.clone().into_bytes(), value));
+    }
+    let record = NewRecord {
+        key: dest.key.map(|k| Bytes::from(k.into_bytes())),
+        value: Some(m.payload.clone()),
+        headers,
+        timestamp_ms: None,
+    };
+    ctx.stats.publishes_in.fetch_add(1, Ordering::Relaxed);
+    ctx.store.enqueue_records_with(&dest.topic, partition, vec![record], kv).await
+}
+
+/// v5 reason code for a refused publish.
+fn publish_reason(e: &StoreError) -> u8 {
+    match e {
+        StoreError::DiskFull { .. } | StoreError::LimitReached { .. } => 0x97,
+        StoreError::AppendTooLarge { .. } => 0x95,
+        StoreError::InvalidTopicName { .. } => 0x90,
+        _ => 0x80,
+    }
+}
+
+/// Reads packets until the client leaves; `Ok(true)` = a normal DISCONNECT (no will).
+async fn session_loop(
+    ctx: &Arc<Ctx>,
+    s: &mut Session,
+    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tx: &mpsc::Sender<Pending>,
+    keep_alive: Option<Duration>,
+    kill: &mut oneshot::Receiver<()>,
+) -> Result<bool, String> {
+    let max = ctx.cfg.packet_bytes_max as usize;
+    let v = s.version;
+    let send = |bytes: Bytes| -> Pending { Box::pin(async move { Some(bytes) }) };
+    loop {
+        deliver(ctx, s, tx).await?;
+        let watches = subscription_watches(ctx, s);
+        let wait_for_data = async {
+            if watches.is_empty() {
+                std::future::pending::<()>().await;
+            } else {
+                let mut watches = watches;
+                let _ = select_all(watches.iter_mut().map(|w| Box::pin(w.changed()))).await;
+            }
+        };
+        let read = async {
+            match keep_alive {
+                Some(k) => tokio::time::timeout(k, wire::read_frame(rd, max))
+                    .await
+                    .map_err(|_| "keep-alive expired".to_string()),
+                None => Ok(wire::read_frame(rd, max).await),
+            }
+        };
+        let frame = tokio::select! {
+            _ = &mut *kill => {
+                if v == Version::V5 {
+                    let _ = tx.send(send(wire::disconnect(0x8E))).await;
+                }
+                return Err("session taken over".into());
+            }
+            () = wait_for_data => continue,
+            // New topics or partitions appear: look again at least every second.
+            () = tokio::time::sleep(Duration::from_secs(1)), if !s.subs.is_empty() => continue,
+            f = read => f?,
+        };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(WireError::Closed) => return Ok(false),
+            Err(WireError::TooLarge { size, max }) => {
+                if v == Version::V5 {
+                    let _ = tx.send(send(wire::disconnect(0x95))).await;
+                }
+                return Err(format!("packet of {size} bytes over mqtt.packet_bytes_max = {max}"));
+            }
+            Err(e) => {
+                if v == Version::V5 {
+                    let _ = tx.send(send(wire::disconnect(0x81))).await;
+                }
+                return Err(e.to_string());
+            }
+        };
+        let packet = match wire::decode(v, frame, max) {
+            Ok(p) => p,
+            Err(e) => {
+                if v == Version::V5 {
+                    let _ = tx.send(send(wire::disconnect(0x81))).await;
+                }
+                return Err(e.to_string());
+            }
+        };
+        match packet {
+            In::Connect { .. } => {
+                if v == Version::V5 {
+                    let _ = tx.send(send(wire::disconnect(0x82))).await;
+                }
+                return Err("a second CONNECT".into());
+            }
+            In::PingReq => {
+                let _ = tx.send(send(wire::pingresp())).await;
+            }
+            In::Disconnect(reason) => return Ok(reason != 0x04),
+            In::Publish { topic: t, qos, retain, dup: _, pkid, payload, props } => {
+                let topic_name = match (std::str::from_utf8(&t), props.topic_alias) {
+                    (Ok(""), Some(alias)) => match s.aliases.get(&alias) {
+                        Some(known) => known.clone(),
+                        None => {
+                            let _ = tx.send(send(wire::disconnect(0x82))).await;
+                            return Err(format!("unknown topic alias {alias}"));
+                        }
+                    },
+                    (Ok(name), alias) => {
+                        if let Some(a) = alias {
+                            if a == 0 || a > 64 {
+                                let _ = tx.send(send(wire::disconnect(0x94))).await;
+                                return Err(format!("topic alias {a} outside 1..=64"));
+                            }
+                            s.aliases.insert(a, name.to_string());
+                        }
+                        name.to_string()
+                    }
+                    (Err(_), _) => {
+                        if v == Version::V5 {
+                            let _ = tx.send(send(wire::disconnect(0x81))).await;
+                        }
+                        return Err("topic is not valid UTF-8".into());
+                    }
+                };
+                if qos > 2 {
+                    return Err("QoS 3".into());
+                }
+                if let Err(reason) = check_topic(ctx, &topic_name) {
+                    if v == Version::V5 {
+                        let _ = tx.send(send(wire::disconnect(0x90))).await;
+                    }
+                    return Err(reason);
+                }
+                let msg = Message { topic: topic_name, qos, retain, payload, props };
+                if qos == 2 && s.qos2.contains(&pkid) {
+                    // A retransmission of a message already stored: acknowledge again, store nothing.
+                    let _ = tx.send(send(wire::ack(v, 5, pkid, 0))).await;
+                    continue;
+                }
+                let kv = if qos == 2 {
+                    vec![(KvSpace::MqttSessions, qos2_key(&s.client_id, pkid), Some(Vec::new()))]
+                } else {
+                    Vec::new()
+                };
+                let appended = publish_into_log(ctx, s, &msg, kv).await;
+                match (qos, appended) {
+                    (0, Ok(_)) => {}
+                    (0, Err(e)) => tracing::debug!(client = %s.client_id, error = %e, "QoS 0 publish dropped"),
+                    (q, Ok(pending)) => {
+                        if q == 2 {
+                            s.qos2.insert(pkid);
+                        }
+                        let kind = if q == 1 { 4 } else { 5 };
+                        let disconnect_v4 = v == Version::V4;
+                        let _ = tx
+                            .send(Box::pin(async move {
+                                match pending.wait().await {
+                                    Ok(_) => Some(wire::ack(v, kind, pkid, 0)),
+                                    Err(e) if disconnect_v4 => {
+                                        tracing::warn!(error = %e, "publish refused; 3.1.1 has no negative ack: closing");
+                                        None
+                                    }
+                                    Err(e) => Some(wire::ack(v, kind, pkid, publish_reason(&e))),
+                                }
+                            }))
+                            .await;
+                    }
+                    (q, Err(e)) => {
+                        tracing::debug!(client = %s.client_id, error = %e, "publish refused");
+                        if v == Version::V4 {
+                            return Err(format!("publish refused ({e}); 3.1.1 has no negative acknowledgement"));
+                        }
+                        let kind = if q == 1 { 4 } else { 5 };
+                        let _ = tx.send(send(wire::ack(v, kind, pkid, publish_reason(&e)))).await;
+                    }
+                }
+            }
+            In::PubRel(pkid) => {
+                let known = s.qos2.remove(&pkid);
+                let store = ctx.store.clone();
+                let key = qos2_key(&s.client_id, pkid);
+                let _ = tx
+                    .send(Box::pin(async move {
+                        if known && store.kv_write(KvSpace::MqttSessions, vec![(key, None)]).await.is_err() {
+                            return Some(wire::ack(v, 7, pkid, 0x80));
+                        }
+                        Some(wire::ack(v, 7, pkid, if known || v == Version::V4 { 0 } else { 0x92 }))
+                    }))
+                    .await;
+            }
+            In::PubAck(pkid) => {
+                s.inflight.remove(&pkid);
+            }
+            In::PubRec(pkid) | In::PubComp(pkid) => {
+                // Outbound QoS 2 is not offered (subscriptions are granted at most QoS 1).
+                s.inflight.remove(&pkid);
+            }
+            In::Subscribe { pkid, subs } => {
+                let mut codes = Vec::with_capacity(subs.len());
+                let mut retained = Vec::new();
+                for sub in subs {
+                    if !topic::valid_filter(&sub.filter) || sub.filter.len() > ctx.cfg.topic_bytes_max as usize {
+                        codes.push(0x8F); // topic filter invalid
+                        continue;
+                    }
+                    let exists = s.subs.iter().position(|x| x.filter == sub.filter);
+                    if exists.is_none() && s.subs.len() >= ctx.cfg.subscriptions_per_client_max as usize {
+                        codes.push(0x97); // quota exceeded
+                        continue;
+                    }
+                    let granted = sub.qos.min(1);
+                    // New messages from now on: cursors of the log topics this filter can reach
+                    // start at their current ends.
+                    for (route_filter, log_topic) in ctx.router.filters() {
+                        if filters_overlap(route_filter, &sub.filter) {
+                            start_cursors(ctx, s, log_topic);
+                        }
+                    }
+                    retained.push((sub.filter.clone(), granted));
+                    let new = wire::Subscription { qos: granted, ..sub };
+                    match exists {
+                        Some(i) => s.subs[i] = new,
+                        None => s.subs.push(new),
+                    }
+                    codes.push(granted);
+                }
+                let _ = tx.send(send(wire::suback(v, pkid, &codes))).await;
+                for (filter, qos) in retained {
+                    send_retained(ctx, s, tx, &filter, qos).await?;
+                }
+            }
+            In::Unsubscribe { pkid, filters } => {
+                let codes: Vec<u8> = filters
+                    .iter()
+                    .map(|f| match s.subs.iter().position(|x| &x.filter == f) {
+                        Some(i) => {
+                            s.subs.remove(i);
+                            0
+                        }
+                        None => 0x11,
+                    })
+                    .collect();
+                let _ = tx.send(send(wire::unsuback(v, pkid, &codes))).await;
+            }
+        }
+    }
+}
+
+/// Whether some topic name could match both filters.
+pub(crate) fn filters_overlap(a: &str, b: &str) -> bool {
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            (Some(p), Some(q)) if p == "+" || q == "+" || p == q => {}
+            _ => return false,
+        }
+    }
+}
+
+fn start_cursors(ctx: &Ctx, s: &mut Session, log_topic: &str) {
+    let Some(info) = ctx.store.topic(log_topic) else {
+        // Not created yet: everything it will hold is new (picked up by `refresh_cursors`).
+        return;
+    };
+    for p in 0..info.partitions as i32 {
+        if let Ok(wm) = ctx.store.watermarks(log_topic, p) {
+            s.cursors.entry((log_topic.to_string(), p)).or_insert(wm.high_watermark);
+        }
+    }
+}
+
+/// Cursors for partitions (and topics) that appeared after the subscription: from their start.
+fn refresh_cursors(ctx: &Ctx, s: &mut Session) {
+    for (route_filter, log_topic) in ctx.router.filters() {
+        if !s.subs.iter().any(|sub| filters_overlap(route_filter, &sub.filter)) {
+            continue;
+        }
+        if let Some(info) = ctx.store.topic(log_topic) {
+            for p in 0..info.partitions as i32 {
+                if let Ok(wm) = ctx.store.watermarks(log_topic, p) {
+                    s.cursors.entry((log_topic.to_string(), p)).or_insert(wm.log_start_offset);
+                }
+            }
+        }
+    }
+}
+
+fn subscription_watches(ctx: &Ctx, s: &Session) -> Vec<crate::storage::PartitionWatch> {
+    s.cursors.keys().filter_map(|(t, p)| ctx.store.watch(t, *p).ok()).collect()
+}
+
+/// Sends subscribers what arrived since their cursors, within the in-flight window.
+async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Result<(), String> {
+    if s.subs.is_empty() {
+        return Ok(());
+    }
+    refresh_cursors(ctx, s);
+    let keys: Vec<(String, i32)> = s.cursors.keys().cloned().collect();
+    for (log_topic, p) in keys {
+        loop {
+            if s.inflight.len() >= s.window {
+                return Ok(());
+            }
+            let Some(&offset) = s.cursors.get(&(log_topic.clone(), p)) else { break };
+            let wm = match ctx.store.watermarks(&log_topic, p) {
+                Ok(wm) => wm,
+                Err(_) => {
+                    s.cursors.remove(&(log_topic.clone(), p));
+                    break;
+                }
+            };
+            if offset >= wm.high_watermark {
+                break;
+            }
+            let from = if offset < wm.log_start_offset {
+                tracing::warn!(client = %s.client_id, topic = %log_topic, partition = p, lost = wm.log_start_offset - offset,
+                    "subscriber fell behind retention: messages skipped");
+                wm.log_start_offset
+            } else {
+                offset
+            };
+            let records = ctx.store.read_records(&log_topic, p, from, 256 * 1024).map_err(|e| e.to_string())?;
+            let mut next = from;
+            for r in records {
+                if r.offset < from {
+                    continue;
+                }
+                next = r.offset + 1;
+                let mqtt_topic = r
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == HEADER_TOPIC)
+                    .and_then(|(_, v)| v.as_ref())
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .map_or_else(|| log_topic.clone(), str::to_string);
+                let stored_qos = r
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == HEADER_QOS)
+                    .and_then(|(_, v)| v.as_ref())
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u8>().ok())
+                    .unwrap_or(1);
+                let Some(qos) = s
+                    .subs
+                    .iter()
+                    .filter(|sub| topic::matches(&mqtt_topic, &sub.filter))
+                    .map(|sub| sub.qos.min(stored_qos))
+                    .max()
+                else {
+                    continue;
+                };
+                let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+                let payload = r.value.clone().unwrap_or_default();
+                let pkid = if qos > 0 {
+                    let id = next_pkid(s);
+                    s.inflight.insert(id);
+                    id
+                } else {
+                    0
+                };
+                let bytes = wire::publish(s.version, &mqtt_topic, qos, false, false, pkid, &payload, &props);
+                ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
+                if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
+                    return Err("writer closed".into());
+                }
+                if s.inflight.len() >= s.window {
+                    break;
+                }
+            }
+            if next == from {
+                break;
+            }
+            s.cursors.insert((log_topic.clone(), p), next);
+        }
+    }
+    Ok(())
+}
+
+fn next_pkid(s: &mut Session) -> u16 {
+    loop {
+        let id = s.next_pkid;
+        s.next_pkid = s.next_pkid.checked_add(1).unwrap_or(1);
+        if !s.inflight.contains(&id) {
+            return id;
+        }
+    }
+}
+
+fn props_of(headers: &[(String, Option<Bytes>)]) -> PublishProps {
+    let mut p = PublishProps::default();
+    for (k, v) in headers {
+        let text = || v.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+        match k.as_str() {
+            HEADER_TOPIC | HEADER_QOS => {}
+            HEADER_CONTENT_TYPE => p.content_type = text(),
+            HEADER_CORRELATION_DATA => p.correlation_data = v.clone(),
+            HEADER_RESPONSE_TOPIC => p.response_topic = text(),
+            _ => p.user_properties.push((k.clone(), text().unwrap_or_default())),
+        }
+    }
+    p
+}
+
+/// Retained messages matching a new subscription, sent with the retain flag.
+async fn send_retained(
+    ctx: &Ctx,
+    s: &mut Session,
+    tx: &mpsc::Sender<Pending>,
+    filter: &str,
+    granted: u8,
+) -> Result<(), String> {
+    let all = ctx.store.kv_scan(KvSpace::MqttRetained, b"", 100_000).map_err(|e| e.to_string())?;
+    for (k, v) in all {
+        let Ok(t) = std::str::from_utf8(&k) else { continue };
+        if !topic::matches(t, filter) || v.is_empty() {
+            continue;
+        }
+        let qos = v[0].min(granted);
+        let pkid = if qos > 0 {
+            let id = next_pkid(s);
+            s.inflight.insert(id);
+            id
+        } else {
+            0
+        };
+        let bytes = wire::publish(s.version, t, qos, true, false, pkid, &v[1..], &PublishProps::default());
+        if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
+            return Err("writer closed".into());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_overlap() {
+        assert!(filters_overlap("#", "a/b"));
+        assert!(filters_overlap("meters/+/reading", "meters/#"));
+        assert!(filters_overlap("meters/+/reading", "+/7/+"));
+        assert!(!filters_overlap("meters/+/reading", "sensors/#"));
+        assert!(!filters_overlap("a/b", "a/b/c"));
+    }
+}
