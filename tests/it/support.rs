@@ -22,8 +22,11 @@ pub struct KafkaBroker {
     pub dir: tempfile::TempDir,
     pub store: Store,
     pub addr: std::net::SocketAddr,
+    /// The MQTT listener on the same store.
+    pub mqtt: std::net::SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    mqtt_task: tokio::task::JoinHandle<()>,
 }
 
 pub fn storage_config(dir: &std::path::Path) -> tributary_broker::StorageConfig {
@@ -44,7 +47,23 @@ impl KafkaBroker {
         Self::start_in(tempfile::tempdir().expect("tempdir"), cfg, 0).await
     }
 
-    async fn start_in(dir: tempfile::TempDir, mut cfg: tributary_broker::kafka::KafkaConfig, port: u16) -> Self {
+    async fn start_in(dir: tempfile::TempDir, cfg: tributary_broker::kafka::KafkaConfig, port: u16) -> Self {
+        Self::start_full(dir, cfg, tributary_broker::mqtt::MqttConfig::default(), port, 0).await
+    }
+
+    /// Both listeners with the given settings (MQTT routes, limits).
+    pub async fn start_with_mqtt(mqtt: tributary_broker::mqtt::MqttConfig) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_full(dir, tributary_broker::kafka::KafkaConfig::default(), mqtt, 0, 0).await
+    }
+
+    async fn start_full(
+        dir: tempfile::TempDir,
+        mut cfg: tributary_broker::kafka::KafkaConfig,
+        mut mqtt_cfg: tributary_broker::mqtt::MqttConfig,
+        port: u16,
+        mqtt_port: u16,
+    ) -> Self {
         // RUST_LOG=tributary_broker=debug shows the broker's log in a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -62,7 +81,16 @@ impl KafkaBroker {
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));
-        Self { dir, store, addr, stop, task }
+        mqtt_cfg.listen = format!("127.0.0.1:{mqtt_port}");
+        let template = TopicTemplate { partitions: 1, config: tributary_broker::TopicConfig::default() };
+        let mqtt_server =
+            tributary_broker::mqtt::MqttServer::bind(mqtt_cfg, store.clone(), template).await.expect("bind mqtt listener");
+        let mqtt = mqtt_server.local_addr().expect("mqtt addr");
+        let mut stopped = stop.subscribe();
+        let mqtt_task = tokio::spawn(mqtt_server.run(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        Self { dir, store, addr, mqtt, stop, task, mqtt_task }
     }
 
     pub fn bootstrap(&self) -> String {
@@ -71,11 +99,19 @@ impl KafkaBroker {
 
     /// Stops the listener, closes the store cleanly and starts again on the same data and port.
     pub async fn restart(self) -> Self {
-        let KafkaBroker { dir, store, addr, stop, task } = self;
+        let KafkaBroker { dir, store, addr, mqtt, stop, task, mqtt_task } = self;
         let _ = stop.send(true);
         task.await.expect("listener task");
+        mqtt_task.await.expect("mqtt listener task");
         store.close().await.expect("close store");
-        Self::start_in(dir, tributary_broker::kafka::KafkaConfig::default(), addr.port()).await
+        Self::start_full(
+            dir,
+            tributary_broker::kafka::KafkaConfig::default(),
+            tributary_broker::mqtt::MqttConfig::default(),
+            addr.port(),
+            mqtt.port(),
+        )
+        .await
     }
 }
 

@@ -1,0 +1,206 @@
+//! The MQTT front end with rumqttc (v4 and v5) as the client: QoS 0/1/2 round trips, routes
+//! (log topic, key from a `+` level, headers) read back by an rdkafka consumer, Kafka records
+//! delivered to MQTT subscribers, retained messages and wills.
+
+use std::time::Duration;
+
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tributary_broker::mqtt::{MqttConfig, Route};
+
+use crate::support::{client_config, consume, KafkaBroker};
+
+/// Polls an event loop in the background and forwards incoming packets.
+fn pump(mut eventloop: EventLoop) -> mpsc::UnboundedReceiver<Packet> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = eventloop.poll().await {
+            if let Event::Incoming(p) = ev {
+                if tx.send(p).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx
+}
+
+fn pump5(mut eventloop: rumqttc::v5::EventLoop) -> mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = eventloop.poll().await {
+            if let rumqttc::v5::Event::Incoming(p) = ev {
+                if tx.send(p).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx
+}
+
+fn client(broker: &KafkaBroker, id: &str) -> (AsyncClient, EventLoop) {
+    let mut o = MqttOptions::new(id, "127.0.0.1", broker.mqtt.port());
+    o.set_keep_alive(Duration::from_secs(10));
+    AsyncClient::new(o, 100)
+}
+
+/// Waits for the next packet matching `want` (others are skipped), with a deadline.
+async fn next<P: std::fmt::Debug>(rx: &mut mpsc::UnboundedReceiver<P>, what: &str, want: impl Fn(&P) -> bool) -> P {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(p)) if want(&p) => return p,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("connection ended while waiting for {what}"),
+            Err(_) => panic!("no {what} within 20 s"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_1_2_round_trip_with_3_1_1_clients() {
+    let broker = KafkaBroker::start().await;
+    let (sub, ev) = client(&broker, "sub");
+    let mut sub_rx = pump(ev);
+    sub.subscribe("plant/#", QoS::ExactlyOnce).await.expect("subscribe");
+    let ack = next(&mut sub_rx, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+    let Packet::SubAck(ack) = ack else { unreachable!() };
+    assert_eq!(ack.return_codes, vec![rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)], "QoS 2 granted as 1");
+
+    let (publ, ev) = client(&broker, "pub");
+    let mut pub_rx = pump(ev);
+    publ.publish("plant/line1/temp", QoS::AtMostOnce, false, "q0").await.expect("publish");
+    publ.publish("plant/line1/temp", QoS::AtLeastOnce, false, "q1").await.expect("publish");
+    publ.publish("plant/line1/temp", QoS::ExactlyOnce, false, "q2").await.expect("publish");
+    next(&mut pub_rx, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    next(&mut pub_rx, "PUBCOMP", |p| matches!(p, Packet::PubComp(_))).await;
+
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        if let Packet::Publish(p) = next(&mut sub_rx, "PUBLISH", |p| matches!(p, Packet::Publish(_))).await {
+            assert_eq!(p.topic, "plant/line1/temp");
+            got.push((String::from_utf8_lossy(&p.payload).into_owned(), p.qos));
+        }
+    }
+    assert_eq!(
+        got,
+        vec![("q0".into(), QoS::AtMostOnce), ("q1".into(), QoS::AtLeastOnce), ("q2".into(), QoS::AtLeastOnce)],
+        "in order, at the lower of publish and subscription QoS"
+    );
+    // Acknowledged means stored: all three are in the default log topic.
+    let wm = broker.store.watermarks("mqtt", 0).expect("default topic");
+    assert_eq!(wm.high_watermark, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_v5_publishes_reach_kafka_with_key_and_headers_and_kafka_reaches_mqtt() {
+    let cfg = MqttConfig {
+        routes: vec![Route { filter: "meters/+/reading".into(), topic: "readings".into(), key: "meter-{1}".into() }],
+        ..MqttConfig::default()
+    };
+    let broker = KafkaBroker::start_with_mqtt(cfg).await;
+    let mut o = rumqttc::v5::MqttOptions::new("meter-gw", "127.0.0.1", broker.mqtt.port());
+    o.set_keep_alive(Duration::from_secs(10));
+    let (c, ev) = rumqttc::v5::AsyncClient::new(o, 100);
+    let mut rx = pump5(ev);
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    c.subscribe("cmd/+", Q5::AtLeastOnce).await.expect("subscribe");
+    next(&mut rx, "SUBACK", |p| matches!(p, P5::SubAck(_))).await;
+    for (meter, value) in [("42", "1.5"), ("7", "2.5"), ("42", "3.5")] {
+        let props = PublishProperties {
+            content_type: Some("text/plain".into()),
+            user_properties: vec![("unit".into(), "kWh".into())],
+            ..Default::default()
+        };
+        c.publish_with_properties(format!("meters/{meter}/reading"), Q5::AtLeastOnce, false, value, props)
+            .await
+            .expect("publish");
+        next(&mut rx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+    }
+    // Read back with librdkafka: key from the '+' level, headers with the MQTT topic and properties.
+    let bs = broker.bootstrap();
+    let msgs = tokio::task::spawn_blocking(move || consume(&bs, "readings", 0, Offset::Beginning, 3)).await.expect("consume");
+    let keys: Vec<&[u8]> = msgs.iter().map(|m| m.key().expect("key")).collect();
+    assert_eq!(keys, vec![&b"meter-42"[..], b"meter-7", b"meter-42"]);
+    let h = msgs[1].headers().expect("headers");
+    let header = |name: &str| h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned());
+    assert_eq!(header("mqtt.topic").as_deref(), Some("meters/7/reading"));
+    assert_eq!(header("content-type").as_deref(), Some("text/plain"));
+    assert_eq!(header("unit").as_deref(), Some("kWh"));
+    assert_eq!(msgs[2].payload(), Some(&b"3.5"[..]));
+
+    // A Kafka record with an mqtt.topic header reaches the MQTT subscriber, properties included.
+    let p: FutureProducer = client_config(&broker.bootstrap()).set("acks", "all").create().expect("producer");
+    let headers = rdkafka::message::OwnedHeaders::new()
+        .insert(rdkafka::message::Header { key: "mqtt.topic", value: Some("cmd/meter-42") })
+        .insert(rdkafka::message::Header { key: "reason", value: Some("recalibrate") });
+    p.send(FutureRecord::to("mqtt").key("k").payload("reset").headers(headers), Duration::from_secs(30))
+        .await
+        .expect("produced");
+    let P5::Publish(got) = next(&mut rx, "PUBLISH", |p| matches!(p, P5::Publish(_))).await else { unreachable!() };
+    assert_eq!((&got.topic[..], &got.payload[..]), (&b"cmd/meter-42"[..], &b"reset"[..]));
+    let user = got.properties.map(|p| p.user_properties).unwrap_or_default();
+    assert!(user.contains(&("reason".to_string(), "recalibrate".to_string())), "{user:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_and_wills() {
+    let broker = KafkaBroker::start().await;
+    let (p, ev) = client(&broker, "retainer");
+    let mut prx = pump(ev);
+    p.publish("status/boiler", QoS::AtLeastOnce, true, "on").await.expect("publish");
+    next(&mut prx, "PUBACK", |x| matches!(x, Packet::PubAck(_))).await;
+    p.publish("status/pump", QoS::AtLeastOnce, true, "off").await.expect("publish");
+    next(&mut prx, "PUBACK", |x| matches!(x, Packet::PubAck(_))).await;
+    // An empty retained payload clears the topic's retained message.
+    p.publish("status/pump", QoS::AtLeastOnce, true, "").await.expect("publish");
+    next(&mut prx, "PUBACK", |x| matches!(x, Packet::PubAck(_))).await;
+
+    let (s, ev) = client(&broker, "late-subscriber");
+    let mut srx = pump(ev);
+    s.subscribe("status/+", QoS::AtLeastOnce).await.expect("subscribe");
+    let Packet::Publish(r) = next(&mut srx, "retained PUBLISH", |x| matches!(x, Packet::Publish(_))).await else {
+        unreachable!()
+    };
+    assert!(r.retain, "delivered with the retain flag");
+    assert_eq!((r.topic.as_str(), &r.payload[..]), ("status/boiler", &b"on"[..]));
+
+    // A will is published when its client vanishes without DISCONNECT.
+    s.subscribe("wills/#", QoS::AtLeastOnce).await.expect("subscribe");
+    next(&mut srx, "SUBACK", |x| matches!(x, Packet::SubAck(_))).await;
+    let mut o = MqttOptions::new("doomed", "127.0.0.1", broker.mqtt.port());
+    o.set_keep_alive(Duration::from_secs(10));
+    o.set_last_will(LastWill::new("wills/doomed", "gone", QoS::AtLeastOnce, false));
+    let (d, mut dev) = AsyncClient::new(o, 10);
+    loop {
+        if let Ok(Event::Incoming(Packet::ConnAck(_))) = dev.poll().await {
+            break;
+        }
+    }
+    drop(d);
+    drop(dev); // the socket closes without DISCONNECT
+    let Packet::Publish(w) = next(&mut srx, "will PUBLISH", |x| matches!(x, Packet::Publish(p) if p.topic.starts_with("wills/"))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(&w.payload[..], b"gone");
+
+    // A clean DISCONNECT does not publish the will.
+    let mut o = MqttOptions::new("polite", "127.0.0.1", broker.mqtt.port());
+    o.set_last_will(LastWill::new("wills/polite", "gone", QoS::AtLeastOnce, false));
+    let (pc, pev) = AsyncClient::new(o, 10);
+    let mut prx2 = pump(pev);
+    next(&mut prx2, "CONNACK", |x| matches!(x, Packet::ConnAck(_))).await;
+    pc.disconnect().await.expect("disconnect");
+    p.publish("wills/marker", QoS::AtLeastOnce, false, "after").await.expect("publish");
+    let Packet::Publish(m) = next(&mut srx, "marker", |x| matches!(x, Packet::Publish(p) if p.topic.starts_with("wills/"))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(m.topic, "wills/marker", "no will from the client that disconnected cleanly");
+}
