@@ -213,9 +213,10 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
     let mut wr = BufWriter::with_capacity(16 * 1024, wr);
     let max = ctx.cfg.packet_bytes_max as usize;
     // CONNECT first, within the connect timeout.
-    let first = tokio::time::timeout(Duration::from_millis(ctx.cfg.connect_timeout_ms), wire::read_frame(&mut rd, max))
-        .await
-        .map_err(|_| "no CONNECT within mqtt.connect_timeout_ms".to_string())?;
+    let first =
+        tokio::time::timeout(Duration::from_millis(ctx.cfg.connect_timeout_ms), wire::read_connect_frame(&mut rd, max))
+            .await
+            .map_err(|_| "no CONNECT within mqtt.connect_timeout_ms".to_string())?;
     let frame = match first {
         Ok(f) => f,
         Err(WireError::Closed) => return Ok(()),

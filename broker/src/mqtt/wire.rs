@@ -33,11 +33,28 @@ pub(crate) enum WireError {
 /// Reads one packet's bytes (fixed header included), refusing it before buffering when its
 /// remaining length exceeds `max`.
 pub(crate) async fn read_frame(r: &mut (impl AsyncRead + Unpin), max: usize) -> Result<BytesMut, WireError> {
+    read_frame_where(r, max, |_| true).await
+}
+
+/// The first packet of a connection: anything but CONNECT is refused on its first byte, before
+/// waiting for a length that garbage may claim.
+pub(crate) async fn read_connect_frame(r: &mut (impl AsyncRead + Unpin), max: usize) -> Result<BytesMut, WireError> {
+    read_frame_where(r, max, |first| first == 0x10).await
+}
+
+async fn read_frame_where(
+    r: &mut (impl AsyncRead + Unpin),
+    max: usize,
+    accept: impl Fn(u8) -> bool,
+) -> Result<BytesMut, WireError> {
     let first = match r.read_u8().await {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
         Err(e) => return Err(WireError::Io(e.to_string())),
     };
+    if !accept(first) {
+        return Err(WireError::Malformed(format!("unexpected first byte {first:#04x}: not an MQTT CONNECT")));
+    }
     let mut len = 0usize;
     let mut header = vec![first];
     for i in 0..4 {
