@@ -124,11 +124,14 @@ async fn routed_v5_publishes_reach_kafka_with_key_and_headers_and_kafka_reaches_
     }
     // Read back with librdkafka: key from the '+' level, headers with the MQTT topic and properties.
     let bs = broker.bootstrap();
-    let msgs = tokio::task::spawn_blocking(move || consume(&bs, "readings", 0, Offset::Beginning, 3)).await.expect("consume");
+    let msgs =
+        tokio::task::spawn_blocking(move || consume(&bs, "readings", 0, Offset::Beginning, 3)).await.expect("consume");
     let keys: Vec<&[u8]> = msgs.iter().map(|m| m.key().expect("key")).collect();
     assert_eq!(keys, vec![&b"meter-42"[..], b"meter-7", b"meter-42"]);
     let h = msgs[1].headers().expect("headers");
-    let header = |name: &str| h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned());
+    let header = |name: &str| {
+        h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned())
+    };
     assert_eq!(header("mqtt.topic").as_deref(), Some("meters/7/reading"));
     assert_eq!(header("content-type").as_deref(), Some("text/plain"));
     assert_eq!(header("unit").as_deref(), Some("kWh"));
@@ -184,7 +187,8 @@ async fn retained_messages_and_wills() {
     }
     drop(d);
     drop(dev); // the socket closes without DISCONNECT
-    let Packet::Publish(w) = next(&mut srx, "will PUBLISH", |x| matches!(x, Packet::Publish(p) if p.topic.starts_with("wills/"))).await
+    let Packet::Publish(w) =
+        next(&mut srx, "will PUBLISH", |x| matches!(x, Packet::Publish(p) if p.topic.starts_with("wills/"))).await
     else {
         unreachable!()
     };
@@ -198,9 +202,62 @@ async fn retained_messages_and_wills() {
     next(&mut prx2, "CONNACK", |x| matches!(x, Packet::ConnAck(_))).await;
     pc.disconnect().await.expect("disconnect");
     p.publish("wills/marker", QoS::AtLeastOnce, false, "after").await.expect("publish");
-    let Packet::Publish(m) = next(&mut srx, "marker", |x| matches!(x, Packet::Publish(p) if p.topic.starts_with("wills/"))).await
+    let Packet::Publish(m) =
+        next(&mut srx, "marker", |x| matches!(x, Packet::Publish(p) if p.topic.starts_with("wills/"))).await
     else {
         unreachable!()
     };
     assert_eq!(m.topic, "wills/marker", "no will from the client that disconnected cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_sessions_get_their_backlog_once_across_disconnects_and_a_restart() {
+    let broker = KafkaBroker::start().await;
+    let connect = |broker: &KafkaBroker| {
+        let mut o = MqttOptions::new("keeper", "127.0.0.1", broker.mqtt.port());
+        o.set_keep_alive(Duration::from_secs(10));
+        o.set_clean_session(false);
+        let (c, ev) = AsyncClient::new(o, 100);
+        (c, pump(ev))
+    };
+    let (sub, mut rx) = connect(&broker);
+    let Packet::ConnAck(ack) = next(&mut rx, "CONNACK", |p| matches!(p, Packet::ConnAck(_))).await else {
+        unreachable!()
+    };
+    assert!(!ack.session_present, "a new session");
+    sub.subscribe("backlog/#", QoS::AtLeastOnce).await.expect("subscribe");
+    next(&mut rx, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+    sub.disconnect().await.expect("disconnect");
+    while rx.recv().await.is_some() {}
+
+    // Published while the subscriber is away, then the broker restarts.
+    let (publ, ev) = client(&broker, "publisher");
+    let mut prx = pump(ev);
+    for i in 0..10 {
+        publ.publish("backlog/x", QoS::AtLeastOnce, false, format!("m{i}")).await.expect("publish");
+        next(&mut prx, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    }
+    drop(publ);
+    let broker = broker.restart().await;
+
+    let (sub, mut rx) = connect(&broker);
+    let Packet::ConnAck(ack) = next(&mut rx, "CONNACK", |p| matches!(p, Packet::ConnAck(_))).await else {
+        unreachable!()
+    };
+    assert!(ack.session_present, "the session survived the restart");
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        if let Packet::Publish(p) = next(&mut rx, "backlog", |p| matches!(p, Packet::Publish(_))).await {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    assert_eq!(got, (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>(), "every message once, in order");
+    // Nothing more arrives before a fresh message: no duplicates of the backlog.
+    let (publ, ev) = client(&broker, "publisher2");
+    let mut prx = pump(ev);
+    publ.publish("backlog/x", QoS::AtLeastOnce, false, "fresh").await.expect("publish");
+    next(&mut prx, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    let Packet::Publish(p) = next(&mut rx, "fresh", |p| matches!(p, Packet::Publish(_))).await else { unreachable!() };
+    assert_eq!(&p.payload[..], b"fresh");
+    drop(sub);
 }

@@ -61,6 +61,8 @@ struct Ctx {
     /// Connected client ids, with the way to close that connection (session takeover).
     clients: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
     next_conn: AtomicU64,
+    /// Set when the server stops: sessions store their state and end.
+    shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 /// A bound MQTT listener.
@@ -85,6 +87,7 @@ impl MqttServer {
             stats: Arc::new(MqttStats::default()),
             clients: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            shutdown: tokio::sync::watch::channel(false).0,
             cfg,
         });
         Ok(Self { listener, ctx })
@@ -98,7 +101,8 @@ impl MqttServer {
         self.ctx.stats.clone()
     }
 
-    /// Accepts connections until `shutdown` completes.
+    /// Accepts connections until `shutdown` completes; then asks every session to store its
+    /// state and end, and waits (up to 5 s) until they have.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let connections = Arc::new(Semaphore::new(self.ctx.cfg.connections_max as usize));
         tokio::pin!(shutdown);
@@ -139,6 +143,11 @@ impl MqttServer {
                 drop(permit);
             });
         }
+        let _ = self.ctx.shutdown.send(true);
+        let all = self.ctx.cfg.connections_max;
+        if tokio::time::timeout(Duration::from_secs(5), connections.acquire_many(all)).await.is_err() {
+            tracing::warn!("mqtt sessions still open 5 s after shutdown began");
+        }
     }
 }
 
@@ -178,10 +187,115 @@ struct Session {
     aliases: HashMap<u16, String>,
     /// Outbound delivery: next offset per (log topic, partition).
     cursors: HashMap<(String, i32), i64>,
-    /// Outbound QoS 1 packet ids waiting for PUBACK.
-    inflight: HashSet<u16>,
+    /// Outbound QoS 1 packet ids waiting for PUBACK, with the (log topic, partition, offset) of
+    /// the record (none for retained messages).
+    inflight: HashMap<u16, Option<(String, i32, i64)>>,
     next_pkid: u16,
     window: usize,
+    /// Kept after the connection (clean session 0, or an MQTT 5 session expiry): subscriptions
+    /// and cursors are stored, so the offline backlog is read from the log on reconnect.
+    persistent: bool,
+    session_expiry_s: u32,
+    /// Subscriptions or cursors changed since the session was last stored.
+    dirty: bool,
+}
+
+fn session_key(client_id: &str) -> Vec<u8> {
+    let mut k = b"s\0".to_vec();
+    k.extend_from_slice(client_id.as_bytes());
+    k
+}
+
+fn put_str16(v: &mut Vec<u8>, s: &str) {
+    v.extend_from_slice(&(s.len().min(u16::MAX as usize) as u16).to_be_bytes());
+    v.extend_from_slice(&s.as_bytes()[..s.len().min(u16::MAX as usize)]);
+}
+
+fn get_str16(v: &[u8], at: &mut usize) -> Option<String> {
+    let len = u16::from_be_bytes(v.get(*at..*at + 2)?.try_into().ok()?) as usize;
+    let s = std::str::from_utf8(v.get(*at + 2..*at + 2 + len)?).ok()?.to_string();
+    *at += 2 + len;
+    Some(s)
+}
+
+/// Stored session: format 1, expiry deadline (ms since the epoch, 0 = none), subscriptions
+/// (filter, QoS, no-local), cursors (log topic, partition, next offset to deliver).
+fn encode_session(s: &Session) -> Vec<u8> {
+    let mut v = vec![1u8];
+    let deadline = if s.session_expiry_s == u32::MAX { 0 } else { now_ms() + i64::from(s.session_expiry_s) * 1000 };
+    v.extend_from_slice(&deadline.to_be_bytes());
+    v.extend_from_slice(&(s.subs.len() as u16).to_be_bytes());
+    for sub in &s.subs {
+        put_str16(&mut v, &sub.filter);
+        v.push(sub.qos);
+        v.push(u8::from(sub.no_local));
+    }
+    let cursors = delivered_cursors(s);
+    v.extend_from_slice(&(cursors.len() as u16).to_be_bytes());
+    for ((t, p), off) in cursors {
+        put_str16(&mut v, &t);
+        v.extend_from_slice(&p.to_be_bytes());
+        v.extend_from_slice(&off.to_be_bytes());
+    }
+    v
+}
+
+/// Subscriptions and cursors of a stored session, unless it expired or cannot be read.
+fn decode_session(v: &[u8]) -> Option<(Vec<wire::Subscription>, HashMap<(String, i32), i64>)> {
+    if v.first() != Some(&1) {
+        return None;
+    }
+    let deadline = i64::from_be_bytes(v.get(1..9)?.try_into().ok()?);
+    if deadline != 0 && deadline < now_ms() {
+        return None;
+    }
+    let mut at = 9;
+    let n = u16::from_be_bytes(v.get(at..at + 2)?.try_into().ok()?);
+    at += 2;
+    let mut subs = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let filter = get_str16(v, &mut at)?;
+        let qos = *v.get(at)?;
+        let no_local = *v.get(at + 1)? != 0;
+        at += 2;
+        subs.push(wire::Subscription { filter, qos, no_local });
+    }
+    let n = u16::from_be_bytes(v.get(at..at + 2)?.try_into().ok()?);
+    at += 2;
+    let mut cursors = HashMap::new();
+    for _ in 0..n {
+        let t = get_str16(v, &mut at)?;
+        let p = i32::from_be_bytes(v.get(at..at + 4)?.try_into().ok()?);
+        let off = i64::from_be_bytes(v.get(at + 4..at + 12)?.try_into().ok()?);
+        at += 12;
+        cursors.insert((t, p), off);
+    }
+    Some((subs, cursors))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Per partition, the first offset not yet acknowledged by the client: in-flight messages are
+/// delivered again after a reconnect.
+fn delivered_cursors(s: &Session) -> HashMap<(String, i32), i64> {
+    let mut c = s.cursors.clone();
+    for (t, p, off) in s.inflight.values().flatten() {
+        if let Some(cur) = c.get_mut(&(t.clone(), *p)) {
+            *cur = (*cur).min(*off);
+        }
+    }
+    c
+}
+
+async fn save_session(ctx: &Ctx, s: &mut Session) -> Result<(), StoreError> {
+    if !s.persistent {
+        return Ok(());
+    }
+    ctx.store.kv_write(KvSpace::MqttSessions, vec![(session_key(&s.client_id), Some(encode_session(s)))]).await?;
+    s.dirty = false;
+    Ok(())
 }
 
 fn qos2_key(client_id: &str, pkid: u16) -> Vec<u8> {
@@ -233,7 +347,8 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         Err(e) => return Err(e.to_string()),
     };
     let connect = wire::decode(version, frame, max).map_err(|e| format!("bad CONNECT: {e}"))?;
-    let In::Connect { client_id, clean, keep_alive, username, will, receive_max, .. } = connect else {
+    let In::Connect { client_id, clean, keep_alive, username, will, receive_max, session_expiry_s, .. } = connect
+    else {
         return Err("the first packet must be CONNECT".into());
     };
     let refuse = |code: u8| wire::connack(version, false, code, &wire::ConnAckProps::default());
@@ -267,12 +382,18 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         tracing::info!(client = %client_id, "session taken over by a new connection");
         let _ = kill.send(());
     }
-    // Clean start: forget stored QoS 2 packet ids of an earlier session.
+    // Clean start: forget an earlier session (its subscriptions, cursors and QoS 2 packet ids).
     let mut qos2 = HashSet::new();
     let stored =
         ctx.store.kv_scan(KvSpace::MqttSessions, &qos2_prefix(&client_id), 65_536).map_err(|e| e.to_string())?;
+    let previous_session =
+        ctx.store.kv_get(KvSpace::MqttSessions, &session_key(&client_id)).map_err(|e| e.to_string())?;
+    let mut resumed = None;
     if clean {
-        let removals = stored.into_iter().map(|(k, _)| (k, None)).collect::<Vec<_>>();
+        let mut removals = stored.into_iter().map(|(k, _)| (k, None)).collect::<Vec<_>>();
+        if previous_session.is_some() {
+            removals.push((session_key(&client_id), None));
+        }
         if !removals.is_empty() {
             ctx.store.kv_write(KvSpace::MqttSessions, removals).await.map_err(|e| e.to_string())?;
         }
@@ -282,7 +403,9 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
                 qos2.insert(u16::from_be_bytes([a, b]));
             }
         }
+        resumed = previous_session.as_deref().and_then(decode_session);
     }
+    let session_present = resumed.is_some() || (!clean && !qos2.is_empty());
     let props = wire::ConnAckProps {
         receive_max: ctx.cfg.inflight_messages_max,
         max_packet: ctx.cfg.packet_bytes_max,
@@ -290,22 +413,30 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         assigned_client_id: assigned.then(|| client_id.clone()),
         reason: None,
     };
-    wr.write_all(&wire::connack(version, !clean && !qos2.is_empty(), 0, &props)).await.map_err(|e| e.to_string())?;
+    wr.write_all(&wire::connack(version, session_present, 0, &props)).await.map_err(|e| e.to_string())?;
     wr.flush().await.map_err(|e| e.to_string())?;
     tracing::debug!(client = %client_id, ?version, clean, keep_alive, "mqtt client connected");
 
+    let (subs, cursors) = resumed.unwrap_or_default();
+    let persistent = match version {
+        Version::V4 => !clean,
+        Version::V5 => session_expiry_s > 0,
+    };
     let mut s = Session {
         version,
         client_id: client_id.clone(),
         username,
         will,
-        subs: Vec::new(),
+        subs,
         qos2,
         aliases: HashMap::new(),
-        cursors: HashMap::new(),
-        inflight: HashSet::new(),
+        cursors,
+        inflight: HashMap::new(),
         next_pkid: 1,
         window: usize::from(receive_max.min(ctx.cfg.inflight_messages_max)).max(1),
+        persistent,
+        session_expiry_s,
+        dirty: false,
     };
     // Answers leave through one writer task, in the order their work was started.
     let (tx, mut rx) = mpsc::channel::<Pending>(usize::from(ctx.cfg.inflight_messages_max) + 16);
@@ -325,6 +456,9 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
     });
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let result = session_loop(ctx, &mut s, &mut rd, &tx, keep_alive, &mut kill_rx).await;
+    if let Err(e) = save_session(ctx, &mut s).await {
+        tracing::warn!(client = %client_id, error = %e, "session not stored");
+    }
     // A will is published unless the client said goodbye normally.
     let graceful = matches!(result, Ok(true));
     if let (false, Some(w)) = (graceful, s.will.take()) {
@@ -438,6 +572,7 @@ async fn session_loop(
     keep_alive: Option<Duration>,
     kill: &mut oneshot::Receiver<()>,
 ) -> Result<bool, String> {
+    let mut shutdown = ctx.shutdown.subscribe();
     let max = ctx.cfg.packet_bytes_max as usize;
     let v = s.version;
     let send = |bytes: Bytes| -> Pending { Box::pin(async move { Some(bytes) }) };
@@ -468,8 +603,20 @@ async fn session_loop(
                 return Err("session taken over".into());
             }
             () = wait_for_data => continue,
-            // New topics or partitions appear: look again at least every second.
-            () = tokio::time::sleep(Duration::from_secs(1)), if !s.subs.is_empty() => continue,
+            // New topics or partitions appear: look again at least every second, and store the
+            // delivery progress of persistent sessions.
+            () = tokio::time::sleep(Duration::from_secs(1)), if !s.subs.is_empty() => {
+                if s.dirty {
+                    save_session(ctx, s).await.map_err(|e| format!("session not stored: {e}"))?;
+                }
+                continue;
+            }
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                if v == Version::V5 {
+                    let _ = tx.send(send(wire::disconnect(0x8B))).await;
+                }
+                return Err("server shutting down".into());
+            }
             f = read => f?,
         };
         let frame = match frame {
@@ -601,7 +748,9 @@ async fn session_loop(
                     .await;
             }
             In::PubAck(pkid) => {
-                s.inflight.remove(&pkid);
+                if s.inflight.remove(&pkid).is_some_and(|m| m.is_some()) {
+                    s.dirty = s.persistent;
+                }
             }
             In::PubRec(pkid) | In::PubComp(pkid) => {
                 // Outbound QoS 2 is not offered (subscriptions are granted at most QoS 1).
@@ -636,6 +785,10 @@ async fn session_loop(
                     }
                     codes.push(granted);
                 }
+                if let Err(e) = save_session(ctx, s).await {
+                    tracing::warn!(client = %s.client_id, error = %e, "subscriptions not stored");
+                    codes.iter_mut().for_each(|c| *c = 0x80);
+                }
                 let _ = tx.send(send(wire::suback(v, pkid, &codes))).await;
                 for (filter, qos) in retained {
                     send_retained(ctx, s, tx, &filter, qos).await?;
@@ -652,6 +805,9 @@ async fn session_loop(
                         None => 0x11,
                     })
                     .collect();
+                if let Err(e) = save_session(ctx, s).await {
+                    tracing::warn!(client = %s.client_id, error = %e, "subscriptions not stored");
+                }
                 let _ = tx.send(send(wire::unsuback(v, pkid, &codes))).await;
             }
         }
@@ -768,7 +924,7 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
                 let payload = r.value.clone().unwrap_or_default();
                 let pkid = if qos > 0 {
                     let id = next_pkid(s);
-                    s.inflight.insert(id);
+                    s.inflight.insert(id, Some((log_topic.clone(), p, r.offset)));
                     id
                 } else {
                     0
@@ -786,6 +942,7 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
                 break;
             }
             s.cursors.insert((log_topic.clone(), p), next);
+            s.dirty = s.persistent;
         }
     }
     Ok(())
@@ -795,7 +952,7 @@ fn next_pkid(s: &mut Session) -> u16 {
     loop {
         let id = s.next_pkid;
         s.next_pkid = s.next_pkid.checked_add(1).unwrap_or(1);
-        if !s.inflight.contains(&id) {
+        if !s.inflight.contains_key(&id) {
             return id;
         }
     }
@@ -833,7 +990,7 @@ async fn send_retained(
         let qos = v[0].min(granted);
         let pkid = if qos > 0 {
             let id = next_pkid(s);
-            s.inflight.insert(id);
+            s.inflight.insert(id, None);
             id
         } else {
             0
