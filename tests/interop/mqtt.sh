@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# MQTT interop test: third-party MQTT clients against a real tributary gateway.
+#   - mosquitto_pub / mosquitto_sub (Debian's mosquitto-clients), MQTT 3.1.1 and 5
+#   - paho-mqtt (PyPI) in the venv KAFKA_PYTHON_VENV (.ci/run makes it)
+#   - kcat, to read what MQTT clients published and to produce records MQTT clients receive
+# Starts the gateway (TRIBUTARY_BIN) on free loopback ports with a route, prints one PASS/FAIL
+# line per check and exits non-zero if any failed (after printing the gateway log's tail).
+set -euo pipefail
+
+bin=${TRIBUTARY_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/tributary-target}/debug/tributary}
+venv=${KAFKA_PYTHON_VENV:-$HOME/.cache/tributary-kafka-python}
+py=/usr/bin/python3
+
+for need in mosquitto_pub mosquitto_sub kcat timeout "$bin" "$venv/bin/python"; do
+    if ! command -v "$need" >/dev/null 2>&1; then
+        echo "mqtt interop: $need not found (see .ci/run for what to install)" >&2
+        exit 2
+    fi
+done
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/tributary-mqtt-interop.XXXXXX")
+gw_pid=
+cleanup() {
+    if [ -n "$gw_pid" ] && kill -0 "$gw_pid" 2>/dev/null; then
+        kill -TERM "$gw_pid" 2>/dev/null || true
+        wait "$gw_pid" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+mport=$(free_port)
+kport=$(free_port)
+kafka=127.0.0.1:$kport
+log=$work/gateway.log
+cat >"$work/gateway.toml" <<EOF
+[storage]
+data_dir = "$work/data"
+max_bytes = 268435456
+disk_free_bytes_min = 0
+[kafka]
+listen = "$kafka"
+[mqtt]
+listen = "127.0.0.1:$mport"
+[[mqtt.routes]]
+filter = "meters/+/reading"
+topic = "meter-readings"
+key = "{1}"
+EOF
+"$bin" serve --config "$work/gateway.toml" 2>"$log" &
+gw_pid=$!
+for _ in $(seq 100); do
+    grep -q "tributary gateway ready" "$log" && break
+    kill -0 "$gw_pid" 2>/dev/null || break
+    sleep 0.1
+done
+grep -q "tributary gateway ready" "$log" || { echo "FAIL gateway did not start"; cat "$log"; exit 1; }
+echo "gateway ready: mqtt 127.0.0.1:$mport, kafka $kafka"
+
+passed=0
+failed=0
+run_check() {
+    local name=$1
+    shift
+    local out=$work/check.out
+    set +e
+    (set -e; "$@") >"$out" 2>&1
+    local rc=$?
+    set -e
+    if [ "$rc" -eq 0 ]; then
+        echo "PASS $name"
+        passed=$((passed + 1))
+    else
+        echo "FAIL $name"
+        sed 's/^/    /' "$out"
+        failed=$((failed + 1))
+    fi
+}
+
+# Waits until a background mosquitto_sub printed its SUBACK (-d debug output), so publishes
+# that follow are not missed.
+sub_ready() {
+    for _ in $(seq 100); do
+        grep -q "received SUBACK" "$1" && return 0
+        sleep 0.05
+    done
+    echo "subscriber never got its SUBACK"; cat "$1"; return 1
+}
+
+qos_round_trip() {
+    local v=$1 out=$work/sub-$1.out err=$work/sub-$1.err
+    timeout 20 stdbuf -oL mosquitto_sub -p "$mport" -V "$v" -i "sub-$v" -t "meters/#" -q 2 -C 3 -F '%t %p %q' -d >"$out.d" 2>"$err" &
+    local sub=$!
+    sub_ready "$out.d"
+    for q in 0 1 2; do
+        mosquitto_pub -p "$mport" -V "$v" -i "pub-$v" -t "meters/$v-$q/reading" -m "value-$q" -q "$q"
+    done
+    wait "$sub"
+    grep -v -E "^Client|received|sending|^Subscribed" "$out.d" >"$out"
+    printf 'meters/%s-0/reading value-0 0\nmeters/%s-1/reading value-1 1\nmeters/%s-2/reading value-2 1\n' "$v" "$v" "$v" >"$work/want"
+    diff "$work/want" "$out"
+    # The log holds them with the meter id from the '+' level as key.
+    kcat -b "$kafka" -C -t meter-readings -e -q -f '%k %s %h\n' | grep "^$v-2 value-2 mqtt.topic=meters/$v-2/reading,mqtt.qos=2"
+}
+run_check "mosquitto 3.1.1: QoS 0/1/2 publish, subscribe (QoS 2 granted 1), routed key and headers" qos_round_trip mqttv311
+run_check "mosquitto 5: QoS 0/1/2 publish, subscribe, routed key and headers" qos_round_trip mqttv5
+
+user_properties() {
+    timeout 20 stdbuf -oL mosquitto_sub -p "$mport" -V mqttv5 -t "props/#" -q 1 -C 1 -F '%t %p %P' -d >"$work/p.d" 2>&1 &
+    local sub=$!
+    sub_ready "$work/p.d"
+    mosquitto_pub -p "$mport" -V mqttv5 -t props/a -m hello -q 1 -D publish user-property unit kWh -D publish content-type text/plain
+    wait "$sub"
+    grep -q "^props/a hello unit:kWh" "$work/p.d"
+    kcat -b "$kafka" -C -t mqtt -e -q -f '%s %h\n' | grep -q "^hello .*content-type=text/plain.*unit=kWh"
+}
+run_check "mosquitto 5: user properties and content type kept as headers and delivered back" user_properties
+
+retained() {
+    mosquitto_pub -p "$mport" -t status/boiler -m on -q 1 -r
+    timeout 10 mosquitto_sub -p "$mport" -t 'status/#' -C 1 -F '%t %p %r' >"$work/r.out"
+    [ "$(cat "$work/r.out")" = "status/boiler on 1" ]
+    mosquitto_pub -p "$mport" -t status/boiler -n -q 1 -r
+    timeout 10 mosquitto_sub -p "$mport" -t 'status/#' -C 1 -W 1 >"$work/r2.out" 2>/dev/null || true
+    [ ! -s "$work/r2.out" ] || { echo "retained message not cleared:"; cat "$work/r2.out"; return 1; }
+}
+run_check "mosquitto: retained message delivered on subscribe (retain flag), cleared by an empty payload" retained
+
+kafka_to_mqtt() {
+    timeout 20 stdbuf -oL mosquitto_sub -p "$mport" -t 'cmd/#' -q 1 -C 1 -F '%t %p' -d >"$work/k.d" 2>&1 &
+    local sub=$!
+    sub_ready "$work/k.d"
+    echo "reboot" | kcat -b "$kafka" -P -t mqtt -H mqtt.topic=cmd/meter-7
+    wait "$sub"
+    grep -q "^cmd/meter-7 reboot" "$work/k.d"
+}
+run_check "kcat produce with an mqtt.topic header reaches a mosquitto subscriber" kafka_to_mqtt
+
+paho() {
+    "$venv/bin/python" - "$mport" <<'PY'
+import sys, threading
+import paho.mqtt.client as mqtt
+port = int(sys.argv[1])
+got, done, subscribed = [], threading.Event(), threading.Event()
+def on_message(c, u, m):
+    got.append((m.topic, m.payload.decode(), m.qos))
+    if len(got) == 5:
+        done.set()
+def on_subscribe(*a, **k):
+    subscribed.set()
+sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-sub", protocol=mqtt.MQTTv5)
+sub.on_message, sub.on_subscribe = on_message, on_subscribe
+sub.connect("127.0.0.1", port)
+sub.loop_start()
+sub.subscribe("paho/#", qos=1)
+assert subscribed.wait(10), "no SUBACK"
+pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-pub", protocol=mqtt.MQTTv311)
+pub.connect("127.0.0.1", port)
+pub.loop_start()
+for i in range(5):
+    pub.publish(f"paho/{i}", f"m{i}", qos=1).wait_for_publish(10)
+assert done.wait(10), f"only {got}"
+assert got == [(f"paho/{i}", f"m{i}", 1) for i in range(5)], got
+print("paho ok", got)
+PY
+}
+run_check "paho-mqtt: 3.1.1 publisher (QoS 1, acknowledged) to a 5 subscriber, in order" paho
+
+echo "mqtt-interop: $passed passed, $failed failed"
+if [ "$failed" -gt 0 ]; then
+    echo "--- gateway log (tail) ---"
+    tail -40 "$log"
+    exit 1
+fi
