@@ -24,7 +24,7 @@ fn sb(s: impl Into<String>) -> StrBytes {
 }
 
 /// Serves one group request; `Err(body)` hands back requests that are not group APIs.
-pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<PendingReply, (Call, Request)> {
+pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<PendingReply, Box<(Call, Request)>> {
     let v = call.version;
     let groups = ctx.groups.clone();
     let pending: PendingReply = match body {
@@ -185,7 +185,7 @@ pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<Pending
             }
             Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
-        other => return Err((call, other)),
+        other => return Err(Box::new((call, other))),
     };
     Ok(pending)
 }

@@ -77,7 +77,7 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
     tracing::trace!(api = call.api.name, version = call.version, client = ?call.client_id, "kafka request");
     let (call, body) = match super::group_api::handle(ctx.clone(), call, body) {
         Ok(pending) => return pending,
-        Err(not_a_group_api) => not_a_group_api,
+        Err(not_a_group_api) => *not_a_group_api,
     };
     match body {
         Request::ApiVersions => reply_api_versions(call),

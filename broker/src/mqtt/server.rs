@@ -240,8 +240,11 @@ fn encode_session(s: &Session) -> Vec<u8> {
     v
 }
 
+/// Next offset to deliver per (log topic, partition).
+type Cursors = HashMap<(String, i32), i64>;
+
 /// Subscriptions and cursors of a stored session, unless it expired or cannot be read.
-fn decode_session(v: &[u8]) -> Option<(Vec<wire::Subscription>, HashMap<(String, i32), i64>)> {
+fn decode_session(v: &[u8]) -> Option<(Vec<wire::Subscription>, Cursors)> {
     if v.first() != Some(&1) {
         return None;
     }

@@ -417,6 +417,7 @@ pub(crate) fn disconnect(reason: u8) -> Bytes {
 }
 
 /// An outgoing PUBLISH.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn publish(
     version: Version,
     topic: &str,
