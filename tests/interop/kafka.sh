@@ -45,6 +45,8 @@ max_bytes = 268435456
 disk_free_bytes_min = 0
 [kafka]
 listen = "$broker"
+[mqtt]
+listen = "127.0.0.1:0"
 [log]
 level = "info,tributary_broker=debug"
 EOF
@@ -304,6 +306,58 @@ for side in debian pypi; do
     run_check "kafka-python $v admin: create_topics, duplicate -> TopicAlreadyExistsError, describe_configs, delete_topics" \
         kafka_python_admin "$py" "$side"
 done
+
+# --- 7. consumer groups ---------------------------------------------------------------------
+# Added with the group coordinator (the note at the top about assign-only consumers predates
+# it). kcat writes a 4-partition topic by key; kcat's balanced consumer (-G) and kafka-python
+# KafkaConsumers with group_id + subscribe() read it in groups: every record once per group,
+# and the group's committed offsets are the partitions' ends afterwards.
+groups=$here/kafka_groups.py
+grp_topic=grp-shared
+check_group_topic() {
+    "$deb_py" "$client" --bootstrap "$broker" create --topic "$grp_topic" --partitions 4
+    lines "$grp_topic" 400 | kc -P -t "$grp_topic" -K: -z gzip -H grp=1
+    # The truth: the whole topic as kcat reads it without a group.
+    kcc -t "$grp_topic" -o beginning -e -f '%p %o %k=%s [%h]\n' | sort >"$work/$grp_topic.expected"
+    [ "$(wc -l <"$work/$grp_topic.expected")" -eq 400 ] || { wc -l "$work/$grp_topic.expected"; return 1; }
+    # The keys spread over all four partitions.
+    [ "$(cut -d' ' -f1 "$work/$grp_topic.expected" | sort -u | tr -d '\n')" = 0123 ] ||
+        { cut -d' ' -f1 "$work/$grp_topic.expected" | sort | uniq -c; return 1; }
+}
+run_check "groups: 400 keyed records over 4 partitions (kcat -P), read back by kcat -C" check_group_topic
+
+# kcat_group GROUP OUT: kcat's balanced consumer from the group's offsets (earliest when it has
+# none), exiting once it reached the end of every assigned partition (-e).
+kcat_group() {
+    timeout 30 kcat -b "$broker" -q -G "$1" -X auto.offset.reset=earliest -X fetch.wait.max.ms=20 \
+        -X session.timeout.ms=10000 -e -f '%p %o %k=%s [%h]\n' "$grp_topic" | sort >"$2"
+}
+check_kcat_group() {
+    kcat_group kcat-g "$work/got"
+    same "kcat -G kcat-g $grp_topic" "$work/$grp_topic.expected" "$work/got"
+    # It committed on the way out: the group's offsets are the ends, and it reads nothing more.
+    "$deb_py" "$groups" --bootstrap "$broker" committed --topic "$grp_topic" --group kcat-g --expect-end
+    kcat_group kcat-g "$work/got"
+    if [ -s "$work/got" ]; then echo "kcat -G kcat-g read again:"; head "$work/got"; return 1; fi
+}
+run_check "kcat -G (balanced consumer): every record once, offsets committed, a rerun reads nothing" check_kcat_group
+
+kafka_python_group() { # PY GROUP MEMBERS
+    "$1" "$groups" --bootstrap "$broker" group-consume --topic "$grp_topic" --group "$2" --members "$3" \
+        --expect "$work/$grp_topic.expected"
+}
+for side in debian pypi; do
+    if [ "$side" = debian ]; then py=$deb_py v=$deb_version; else py=$pypi_py v=$pypi_version; fi
+    run_check "kafka-python $v: group of 2 (subscribe) reads every record once; committed() shows the commits" \
+        kafka_python_group "$py" "kp-$side-a" 2
+    run_check "kafka-python $v: a second group on the same topic reads every record too" \
+        kafka_python_group "$py" "kp-$side-b" 1
+done
+check_groups_independent() {
+    # A group that never consumed has no offsets, whatever the others committed.
+    "$deb_py" "$groups" --bootstrap "$broker" committed --topic "$grp_topic" --group never-consumed --expect-none
+}
+run_check "groups: a group that never consumed has no committed offsets" check_groups_independent
 
 # --- shutdown --------------------------------------------------------------------------------
 # In this shell, not run_check's subshell: only the parent can wait for the gateway's status.

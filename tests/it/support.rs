@@ -83,8 +83,9 @@ impl KafkaBroker {
         }));
         mqtt_cfg.listen = format!("127.0.0.1:{mqtt_port}");
         let template = TopicTemplate { partitions: 1, config: tributary_broker::TopicConfig::default() };
-        let mqtt_server =
-            tributary_broker::mqtt::MqttServer::bind(mqtt_cfg, store.clone(), template).await.expect("bind mqtt listener");
+        let mqtt_server = tributary_broker::mqtt::MqttServer::bind(mqtt_cfg, store.clone(), template)
+            .await
+            .expect("bind mqtt listener");
         let mqtt = mqtt_server.local_addr().expect("mqtt addr");
         let mut stopped = stop.subscribe();
         let mqtt_task = tokio::spawn(mqtt_server.run(async move {
