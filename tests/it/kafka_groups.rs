@@ -347,6 +347,14 @@ fn run_member(consumer: BaseConsumer<Tracker>, st: &MemberState, commits: Commit
     if let Commits::Every(_) = commits {
         consumer.context().commit(&consumer, "when stopping");
     }
+    // Leave the group here, serving the revoke in this loop: librdkafka can hang for ever in
+    // close() (run by Drop) when a rebalance callback fires inside it (librdkafka #4884,
+    // rust-rdkafka #509). The hang is in the client; the group has already moved on by then.
+    consumer.unsubscribe();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline && consumer.assignment().is_ok_and(|a| a.count() > 0) {
+        let _ = consumer.poll(Duration::from_millis(20));
+    }
 }
 
 /// The members' assignments cover partitions 0..`partitions` once, and are as even as can be.

@@ -261,3 +261,94 @@ async fn persistent_sessions_get_their_backlog_once_across_disconnects_and_a_res
     assert_eq!(&p.payload[..], b"fresh");
     drop(sub);
 }
+
+fn v5_client(broker: &KafkaBroker, id: &str, expiry: Option<u32>) -> rumqttc::v5::MqttOptions {
+    let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", broker.mqtt.port());
+    o.set_keep_alive(Duration::from_secs(10));
+    o.set_session_expiry_interval(expiry);
+    if expiry.is_some() {
+        o.set_clean_start(false);
+    }
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_no_local_message_expiry_and_will_delay() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, LastWillProperties, Packet as P5, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    let broker = KafkaBroker::start().await;
+
+    // No Local: a client does not get its own messages back; others do.
+    let (me, ev) = rumqttc::v5::AsyncClient::new(v5_client(&broker, "chatty", None), 100);
+    let mut me_rx = pump5(ev);
+    let mut f = Filter::new("chat/#", Q5::AtLeastOnce);
+    f.nolocal = true;
+    me.subscribe_many(vec![f]).await.expect("subscribe");
+    next(&mut me_rx, "SUBACK", |p| matches!(p, P5::SubAck(_))).await;
+    let (other, ev) = rumqttc::v5::AsyncClient::new(v5_client(&broker, "other", None), 100);
+    let mut other_rx = pump5(ev);
+    me.publish("chat/room", Q5::AtLeastOnce, false, "mine").await.expect("publish");
+    next(&mut me_rx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+    other.publish("chat/room", Q5::AtLeastOnce, false, "theirs").await.expect("publish");
+    next(&mut other_rx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+    let P5::Publish(p) = next(&mut me_rx, "PUBLISH", |p| matches!(p, P5::Publish(_))).await else { unreachable!() };
+    assert_eq!(&p.payload[..], b"theirs", "its own message was not delivered back");
+
+    // Message expiry: a message that expires while its subscriber is offline is not delivered.
+    let (keeper, ev) = rumqttc::v5::AsyncClient::new(v5_client(&broker, "keeper5", Some(3600)), 100);
+    let mut k_rx = pump5(ev);
+    keeper.subscribe("exp/#", Q5::AtLeastOnce).await.expect("subscribe");
+    next(&mut k_rx, "SUBACK", |p| matches!(p, P5::SubAck(_))).await;
+    keeper.disconnect().await.expect("disconnect");
+    while k_rx.recv().await.is_some() {}
+    let short = PublishProperties { message_expiry_interval: Some(1), ..Default::default() };
+    other.publish_with_properties("exp/a", Q5::AtLeastOnce, false, "short-lived", short).await.expect("publish");
+    next(&mut other_rx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+    // The expiry is the feature under test: let one second pass.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    other.publish("exp/a", Q5::AtLeastOnce, false, "lasting").await.expect("publish");
+    next(&mut other_rx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+    let (keeper, ev) = rumqttc::v5::AsyncClient::new(v5_client(&broker, "keeper5", Some(3600)), 100);
+    let mut k_rx = pump5(ev);
+    let P5::Publish(p) = next(&mut k_rx, "PUBLISH", |p| matches!(p, P5::Publish(_))).await else { unreachable!() };
+    assert_eq!(&p.payload[..], b"lasting", "the expired message was skipped");
+    drop(keeper);
+
+    // Will delay: a client back within the delay cancels its will; one that stays away does not.
+    me.subscribe("wills5/#", Q5::AtLeastOnce).await.expect("subscribe");
+    next(&mut me_rx, "SUBACK", |p| matches!(p, P5::SubAck(_))).await;
+    let with_will = |id: &str| {
+        let mut o = v5_client(&broker, id, Some(60));
+        let props = LastWillProperties {
+            delay_interval: Some(1),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        };
+        o.set_last_will(LastWill::new(format!("wills5/{id}"), "gone", Q5::AtLeastOnce, false, Some(props)));
+        o
+    };
+    for id in ["returns", "vanishes"] {
+        let (c, mut ev) = rumqttc::v5::AsyncClient::new(with_will(id), 10);
+        loop {
+            if let Ok(rumqttc::v5::Event::Incoming(P5::ConnAck(_))) = ev.poll().await {
+                break;
+            }
+        }
+        drop(c);
+        drop(ev); // gone without DISCONNECT
+    }
+    let (back, ev) = rumqttc::v5::AsyncClient::new(with_will("returns"), 10);
+    let mut back_rx = pump5(ev);
+    next(&mut back_rx, "CONNACK", |p| matches!(p, P5::ConnAck(_))).await;
+    let P5::Publish(w) =
+        next(&mut me_rx, "will", |p| matches!(p, P5::Publish(x) if x.topic.starts_with(b"wills5/"))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(&w.topic[..], b"wills5/vanishes", "only the client that stayed away has its will published");
+    back.disconnect().await.expect("disconnect");
+}

@@ -232,6 +232,7 @@ fn offset_fetch(ctx: &Ctx, v: i16, group: &str, topics: Option<Vec<(String, Vec<
             return resp;
         }
     };
+    tracing::debug!(group, offsets = ?found.iter().map(|(t, p, c)| (t.as_str(), *p, c.as_ref().map(|c| c.offset))).collect::<Vec<_>>(), "offset fetch");
     for (topic, partition, committed) in found {
         let mut p = offset_fetch_response::OffsetFetchResponsePartition::default()
             .with_partition_index(partition)

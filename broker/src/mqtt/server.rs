@@ -29,6 +29,10 @@ use crate::storage::{KvSpace, PendingAppend, Store};
 
 /// Header carrying the QoS a message was published with.
 pub const HEADER_QOS: &str = "mqtt.qos";
+/// Header carrying the publishing client's id (for MQTT 5 No Local subscriptions).
+pub const HEADER_CLIENT: &str = "mqtt.client";
+/// Header carrying an MQTT 5 message's expiry (ms since the epoch).
+pub const HEADER_EXPIRES: &str = "mqtt.expires-ms";
 
 /// Why the MQTT listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,10 @@ pub struct MqttStats {
     pub publishes_in: AtomicU64,
     pub publishes_out: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Messages a subscriber never got because retention deleted them first.
+    pub retention_skipped_messages: AtomicU64,
+    /// Messages not delivered because their MQTT 5 expiry passed.
+    pub expired_messages: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -172,8 +180,11 @@ struct Message {
     props: PublishProps,
 }
 
-/// Work whose answer goes out once it completes, in order with the others.
+/// Work whose answer goes out once it completes, in order with the others. An empty answer
+/// (`CLOSE`) closes the connection instead.
 type Pending = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
+
+static CLOSE: Bytes = Bytes::from_static(&[]);
 
 struct Session {
     version: Version,
@@ -446,6 +457,11 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
     let writer = tokio::spawn(async move {
         while let Some(p) = rx.recv().await {
             if let Some(bytes) = p.await {
+                if bytes.is_empty() {
+                    let _ = wr.flush().await;
+                    let _ = wr.shutdown().await;
+                    return;
+                }
                 if wr.write_all(&bytes).await.is_err() {
                     return;
                 }
@@ -462,7 +478,8 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
     if let Err(e) = save_session(ctx, &mut s).await {
         tracing::warn!(client = %client_id, error = %e, "session not stored");
     }
-    // A will is published unless the client said goodbye normally.
+    // A will is published unless the client said goodbye normally; an MQTT 5 will delay holds
+    // it back, and a reconnect of the same client within the delay cancels it.
     let graceful = matches!(result, Ok(true));
     if let (false, Some(w)) = (graceful, s.will.take()) {
         let msg = Message {
@@ -472,15 +489,29 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
             payload: w.payload,
             props: PublishProps::default(),
         };
-        match publish_into_log(ctx, &s, &msg, Vec::new()).await {
-            Ok(p) => {
-                if let Err(e) = p.wait().await {
-                    tracing::warn!(client = %client_id, error = %e, "will message not stored");
-                } else {
-                    tracing::debug!(client = %client_id, "will message published");
+        let delay = Duration::from_secs(u64::from(w.delay_s.min(s.session_expiry_s)));
+        let (ctx2, client, user) = (ctx.clone(), client_id.clone(), s.username.clone());
+        let publish_will = async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+                if ctx2.clients.lock().map(|c| c.contains_key(&client)).unwrap_or(true) {
+                    tracing::debug!(client = %client, "client back before its will delay: will dropped");
+                    return;
                 }
             }
-            Err(e) => tracing::warn!(client = %client_id, error = %e, "will message not stored"),
+            let origin = Origin { client_id: client.clone(), username: user };
+            match publish_message(&ctx2, &origin, &msg, Vec::new()).await {
+                Ok(p) => match p.wait().await {
+                    Ok(_) => tracing::debug!(client = %client, "will message published"),
+                    Err(e) => tracing::warn!(client = %client, error = %e, "will message not stored"),
+                },
+                Err(e) => tracing::warn!(client = %client, error = %e, "will message not stored"),
+            }
+        };
+        if delay.is_zero() {
+            publish_will.await;
+        } else {
+            tokio::spawn(publish_will);
         }
     }
     if let Ok(mut clients) = ctx.clients.lock() {
@@ -506,11 +537,27 @@ fn check_topic(ctx: &Ctx, t: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Appends one message to its routed log topic (creating the topic on first use); `kv` is
-/// committed with it.
+/// Who published a message (a session, or the client a will message belongs to).
+struct Origin {
+    client_id: String,
+    username: Option<String>,
+}
+
 async fn publish_into_log(
     ctx: &Ctx,
     s: &Session,
+    m: &Message,
+    kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
+) -> Result<PendingAppend, StoreError> {
+    let origin = Origin { client_id: s.client_id.clone(), username: s.username.clone() };
+    publish_message(ctx, &origin, m, kv).await
+}
+
+/// Appends one message to its routed log topic (creating the topic on first use); `kv` is
+/// committed with it.
+async fn publish_message(
+    ctx: &Ctx,
+    s: &Origin,
     m: &Message,
     mut kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
 ) -> Result<PendingAppend, StoreError> {
@@ -529,7 +576,12 @@ async fn publish_into_log(
     let mut headers = vec![
         (HEADER_TOPIC.to_string(), Some(Bytes::from(m.topic.clone().into_bytes()))),
         (HEADER_QOS.to_string(), Some(Bytes::from(m.qos.to_string().into_bytes()))),
+        (HEADER_CLIENT.to_string(), Some(Bytes::from(s.client_id.clone().into_bytes()))),
     ];
+    if let Some(secs) = m.props.message_expiry_s {
+        let deadline = now_ms() + i64::from(secs) * 1000;
+        headers.push((HEADER_EXPIRES.to_string(), Some(Bytes::from(deadline.to_string().into_bytes()))));
+    }
     if let Some(ct) = &m.props.content_type {
         headers.push((HEADER_CONTENT_TYPE.to_string(), Some(Bytes::from(ct.clone().into_bytes()))));
     }
@@ -576,6 +628,8 @@ async fn session_loop(
     kill: &mut oneshot::Receiver<()>,
 ) -> Result<bool, String> {
     let mut shutdown = ctx.shutdown.subscribe();
+    // Inbound QoS 1/2 publishes whose acknowledgement is still waiting for the commit.
+    let unacked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let max = ctx.cfg.packet_bytes_max as usize;
     let v = s.version;
     let send = |bytes: Bytes| -> Pending { Box::pin(async move { Some(bytes) }) };
@@ -714,13 +768,21 @@ async fn session_loop(
                         }
                         let kind = if q == 1 { 4 } else { 5 };
                         let disconnect_v4 = v == Version::V4;
+                        let waiting = unacked.fetch_add(1, Ordering::Relaxed) + 1;
+                        if v == Version::V5 && waiting > usize::from(ctx.cfg.inflight_messages_max) {
+                            let _ = tx.send(send(wire::disconnect(0x93))).await;
+                            return Err("more unacknowledged QoS 1/2 publishes than the Receive Maximum".into());
+                        }
+                        let unacked = unacked.clone();
                         let _ = tx
                             .send(Box::pin(async move {
-                                match pending.wait().await {
+                                let result = pending.wait().await;
+                                unacked.fetch_sub(1, Ordering::Relaxed);
+                                match result {
                                     Ok(_) => Some(wire::ack(v, kind, pkid, 0)),
                                     Err(e) if disconnect_v4 => {
                                         tracing::warn!(error = %e, "publish refused; 3.1.1 has no negative ack: closing");
-                                        None
+                                        Some(CLOSE.clone())
                                     }
                                     Err(e) => Some(wire::ack(v, kind, pkid, publish_reason(&e))),
                                 }
@@ -889,6 +951,9 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
             let from = if offset < wm.log_start_offset {
                 tracing::warn!(client = %s.client_id, topic = %log_topic, partition = p, lost = wm.log_start_offset - offset,
                     "subscriber fell behind retention: messages skipped");
+                ctx.stats
+                    .retention_skipped_messages
+                    .fetch_add((wm.log_start_offset - offset) as u64, Ordering::Relaxed);
                 wm.log_start_offset
             } else {
                 offset
@@ -914,15 +979,27 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
                     .and_then(|(_, v)| v.as_ref())
                     .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u8>().ok())
                     .unwrap_or(1);
+                let header = |name: &str| {
+                    r.headers
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .and_then(|(_, v)| v.as_ref())
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                };
+                let own = header(HEADER_CLIENT) == Some(s.client_id.as_str());
                 let Some(qos) = s
                     .subs
                     .iter()
-                    .filter(|sub| topic::matches(&mqtt_topic, &sub.filter))
+                    .filter(|sub| topic::matches(&mqtt_topic, &sub.filter) && !(sub.no_local && own))
                     .map(|sub| sub.qos.min(stored_qos))
                     .max()
                 else {
                     continue;
                 };
+                if header(HEADER_EXPIRES).and_then(|d| d.parse::<i64>().ok()).is_some_and(|d| d <= now_ms()) {
+                    ctx.stats.expired_messages.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
                 let payload = r.value.clone().unwrap_or_default();
                 let pkid = if qos > 0 {
@@ -966,7 +1043,11 @@ fn props_of(headers: &[(String, Option<Bytes>)]) -> PublishProps {
     for (k, v) in headers {
         let text = || v.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
         match k.as_str() {
-            HEADER_TOPIC | HEADER_QOS => {}
+            HEADER_TOPIC | HEADER_QOS | HEADER_CLIENT => {}
+            HEADER_EXPIRES => {
+                let left = text().and_then(|t| t.parse::<i64>().ok()).map(|d| (d - now_ms()).max(0) / 1000);
+                p.message_expiry_s = left.map(|l| l.min(i64::from(u32::MAX)) as u32);
+            }
             HEADER_CONTENT_TYPE => p.content_type = text(),
             HEADER_CORRELATION_DATA => p.correlation_data = v.clone(),
             HEADER_RESPONSE_TOPIC => p.response_topic = text(),

@@ -435,6 +435,10 @@ pub(crate) fn publish(
     }
     if version == Version::V5 {
         let mut p = BytesMut::new();
+        if let Some(expiry) = props.message_expiry_s {
+            p.put_u8(0x02);
+            p.put_u32(expiry);
+        }
         if let Some(ct) = &props.content_type {
             p.put_u8(0x03);
             put_str(&mut p, ct.as_bytes());
