@@ -352,3 +352,52 @@ async fn mqtt5_no_local_message_expiry_and_will_delay() {
     assert_eq!(&w.topic[..], b"wills5/vanishes", "only the client that stayed away has its will published");
     back.disconnect().await.expect("disconnect");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscriptions_split_the_load_and_plain_ones_see_everything() {
+    let broker = KafkaBroker::start().await;
+    let mut workers = Vec::new();
+    for id in ["worker-a", "worker-b"] {
+        let (c, ev) = client(&broker, id);
+        let mut rx = pump(ev);
+        c.subscribe("$share/workers/jobs/#", QoS::AtLeastOnce).await.expect("subscribe");
+        next(&mut rx, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+        workers.push((c, rx));
+    }
+    let (watcher, ev) = client(&broker, "watcher");
+    let mut wrx = pump(ev);
+    watcher.subscribe("jobs/#", QoS::AtLeastOnce).await.expect("subscribe");
+    next(&mut wrx, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+
+    const N: usize = 200;
+    let (publ, ev) = client(&broker, "dispatcher");
+    let mut prx = pump(ev);
+    for i in 0..N {
+        publ.publish(format!("jobs/{}", i % 5), QoS::AtLeastOnce, false, format!("job-{i}")).await.expect("publish");
+    }
+    for _ in 0..N {
+        next(&mut prx, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    }
+    // Every job reaches exactly one worker; both workers get some.
+    let mut seen = std::collections::HashMap::new();
+    let mut per_worker = [0usize; 2];
+    let (first, second) = workers.split_at_mut(1);
+    let (rx_a, rx_b) = (&mut first[0].1, &mut second[0].1);
+    while seen.len() < N {
+        let (w, p) = tokio::select! {
+            p = next(rx_a, "job", |p| matches!(p, Packet::Publish(_))) => (0, p),
+            p = next(rx_b, "job", |p| matches!(p, Packet::Publish(_))) => (1, p),
+        };
+        let Packet::Publish(p) = p else { unreachable!() };
+        let job = String::from_utf8_lossy(&p.payload).into_owned();
+        assert!(seen.insert(job.clone(), w).is_none(), "{job} delivered to two workers");
+        per_worker[w] += 1;
+    }
+    assert!(per_worker.iter().all(|n| *n > 0), "the load was split: {per_worker:?}");
+    // The plain subscription sees every job.
+    let mut all = 0;
+    while all < N {
+        next(&mut wrx, "job", |p| matches!(p, Packet::Publish(_))).await;
+        all += 1;
+    }
+}

@@ -71,7 +71,20 @@ struct Ctx {
     next_conn: AtomicU64,
     /// Set when the server stops: sessions store their state and end.
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Shared subscriptions (`$share/{group}/{filter}`) by their full filter.
+    shared: Mutex<HashMap<String, Arc<SharedGroup>>>,
 }
+
+/// One shared subscription: its members take messages from common cursors, so each message
+/// goes to one of them.
+#[derive(Debug)]
+struct SharedGroup {
+    filter: String,
+    cursors: Mutex<Cursors>,
+}
+
+/// Messages one session takes from a shared group in one go, so active members share the load.
+const SHARED_BATCH: usize = 16;
 
 /// A bound MQTT listener.
 #[derive(Debug)]
@@ -96,6 +109,7 @@ impl MqttServer {
             clients: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             shutdown: tokio::sync::watch::channel(false).0,
+            shared: Mutex::new(HashMap::new()),
             cfg,
         });
         Ok(Self { listener, ctx })
@@ -209,6 +223,8 @@ struct Session {
     session_expiry_s: u32,
     /// Subscriptions or cursors changed since the session was last stored.
     dirty: bool,
+    /// Shared subscriptions: (full `$share/...` filter, granted QoS, the group).
+    shared: Vec<(String, u8, Arc<SharedGroup>)>,
 }
 
 fn session_key(client_id: &str) -> Vec<u8> {
@@ -451,6 +467,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         persistent,
         session_expiry_s,
         dirty: false,
+        shared: Vec::new(),
     };
     // Answers leave through one writer task, in the order their work was started.
     let (tx, mut rx) = mpsc::channel::<Pending>(usize::from(ctx.cfg.inflight_messages_max) + 16);
@@ -662,7 +679,7 @@ async fn session_loop(
             () = wait_for_data => continue,
             // New topics or partitions appear: look again at least every second, and store the
             // delivery progress of persistent sessions.
-            () = tokio::time::sleep(Duration::from_secs(1)), if !s.subs.is_empty() => {
+            () = tokio::time::sleep(Duration::from_secs(1)), if !s.subs.is_empty() || !s.shared.is_empty() => {
                 if s.dirty {
                     save_session(ctx, s).await.map_err(|e| format!("session not stored: {e}"))?;
                 }
@@ -825,6 +842,28 @@ async fn session_loop(
                 let mut codes = Vec::with_capacity(subs.len());
                 let mut retained = Vec::new();
                 for sub in subs {
+                    if let Some(rest) = sub.filter.strip_prefix("$share/") {
+                        // Shared subscription: `$share/{group}/{filter}`.
+                        let valid = rest
+                            .split_once('/')
+                            .filter(|(g, f)| !g.is_empty() && !g.contains(['+', '#']) && topic::valid_filter(f));
+                        let Some((_, inner)) = valid else {
+                            codes.push(0x8F);
+                            continue;
+                        };
+                        if s.subs.len() + s.shared.len() >= ctx.cfg.subscriptions_per_client_max as usize
+                            && !s.shared.iter().any(|(f, _, _)| *f == sub.filter)
+                        {
+                            codes.push(0x97);
+                            continue;
+                        }
+                        let group = shared_group(ctx, &sub.filter, inner);
+                        let granted = sub.qos.min(1);
+                        s.shared.retain(|(f, _, _)| *f != sub.filter);
+                        s.shared.push((sub.filter.clone(), granted, group));
+                        codes.push(granted);
+                        continue;
+                    }
                     if !topic::valid_filter(&sub.filter) || sub.filter.len() > ctx.cfg.topic_bytes_max as usize {
                         codes.push(0x8F); // topic filter invalid
                         continue;
@@ -867,7 +906,13 @@ async fn session_loop(
                             s.subs.remove(i);
                             0
                         }
-                        None => 0x11,
+                        None => match s.shared.iter().position(|(x, _, _)| x == f) {
+                            Some(i) => {
+                                s.shared.remove(i);
+                                0
+                            }
+                            None => 0x11,
+                        },
                     })
                     .collect();
                 if let Err(e) = save_session(ctx, s).await {
@@ -922,11 +967,125 @@ fn refresh_cursors(ctx: &Ctx, s: &mut Session) {
 }
 
 fn subscription_watches(ctx: &Ctx, s: &Session) -> Vec<crate::storage::PartitionWatch> {
-    s.cursors.keys().filter_map(|(t, p)| ctx.store.watch(t, *p).ok()).collect()
+    let mut keys: Vec<(String, i32)> = s.cursors.keys().cloned().collect();
+    for (_, _, g) in &s.shared {
+        if let Ok(c) = g.cursors.lock() {
+            keys.extend(c.keys().cloned());
+        }
+    }
+    keys.iter().filter_map(|(t, p)| ctx.store.watch(t, *p).ok()).collect()
+}
+
+/// The shared group of a `$share/...` filter, created with cursors at the current log ends.
+fn shared_group(ctx: &Ctx, full: &str, inner: &str) -> Arc<SharedGroup> {
+    let mut groups = ctx.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(g) = groups.get(full) {
+        return g.clone();
+    }
+    let g = Arc::new(SharedGroup { filter: inner.to_string(), cursors: Mutex::new(HashMap::new()) });
+    if let Ok(mut c) = g.cursors.lock() {
+        for (route_filter, log_topic) in ctx.router.filters() {
+            if filters_overlap(route_filter, inner) {
+                if let Some(info) = ctx.store.topic(log_topic) {
+                    for p in 0..info.partitions as i32 {
+                        if let Ok(wm) = ctx.store.watermarks(log_topic, p) {
+                            c.insert((log_topic.to_string(), p), wm.high_watermark);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    groups.insert(full.to_string(), g.clone());
+    g
+}
+
+/// A message taken for delivery: MQTT topic, QoS, payload, properties.
+type Outgoing = (String, u8, Bytes, PublishProps);
+
+/// Takes up to `budget` messages of a shared group from its common cursors (new partitions
+/// start at their log start).
+fn take_shared(ctx: &Ctx, g: &SharedGroup, granted: u8, budget: usize, with_props: bool) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    let Ok(mut cursors) = g.cursors.lock() else { return out };
+    for (route_filter, log_topic) in ctx.router.filters() {
+        if !filters_overlap(route_filter, &g.filter) {
+            continue;
+        }
+        if let Some(info) = ctx.store.topic(log_topic) {
+            for p in 0..info.partitions as i32 {
+                if let Ok(wm) = ctx.store.watermarks(log_topic, p) {
+                    cursors.entry((log_topic.to_string(), p)).or_insert(wm.log_start_offset);
+                }
+            }
+        }
+    }
+    let keys: Vec<(String, i32)> = cursors.keys().cloned().collect();
+    for (t, p) in keys {
+        while out.len() < budget {
+            let Some(&offset) = cursors.get(&(t.clone(), p)) else { break };
+            let Ok(wm) = ctx.store.watermarks(&t, p) else { break };
+            if offset >= wm.high_watermark {
+                break;
+            }
+            let from = offset.max(wm.log_start_offset);
+            let Ok(records) = ctx.store.read_records(&t, p, from, 64 * 1024) else { break };
+            let mut next = from;
+            for r in records {
+                if r.offset < from {
+                    continue;
+                }
+                if out.len() >= budget {
+                    break;
+                }
+                next = r.offset + 1;
+                let header = |name: &str| {
+                    r.headers
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .and_then(|(_, v)| v.as_ref())
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                };
+                let mqtt_topic = header(HEADER_TOPIC).map_or_else(|| t.clone(), str::to_string);
+                if !topic::matches(&mqtt_topic, &g.filter) {
+                    continue;
+                }
+                if header(HEADER_EXPIRES).and_then(|d| d.parse::<i64>().ok()).is_some_and(|d| d <= now_ms()) {
+                    continue;
+                }
+                let stored_qos = header(HEADER_QOS).and_then(|q| q.parse::<u8>().ok()).unwrap_or(1);
+                let props = if with_props { props_of(&r.headers) } else { PublishProps::default() };
+                out.push((mqtt_topic, granted.min(stored_qos), r.value.clone().unwrap_or_default(), props));
+            }
+            if next == from {
+                break;
+            }
+            cursors.insert((t.clone(), p), next);
+        }
+    }
+    out
 }
 
 /// Sends subscribers what arrived since their cursors, within the in-flight window.
 async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Result<(), String> {
+    let shared: Vec<(u8, Arc<SharedGroup>)> = s.shared.iter().map(|(_, q, g)| (*q, g.clone())).collect();
+    for (granted, g) in shared {
+        let budget = s.window.saturating_sub(s.inflight.len()).min(SHARED_BATCH);
+        for (t, qos, payload, props) in take_shared(ctx, &g, granted, budget, s.version == Version::V5) {
+            let pkid = if qos > 0 {
+                let id = next_pkid(s);
+                s.inflight.insert(id, None);
+                id
+            } else {
+                0
+            };
+            let bytes = wire::publish(s.version, &t, qos, false, false, pkid, &payload, &props);
+            ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
+            if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
+                return Err("writer closed".into());
+            }
+        }
+    }
     if s.subs.is_empty() {
         return Ok(());
     }
