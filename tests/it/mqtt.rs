@@ -401,3 +401,33 @@ async fn shared_subscriptions_split_the_load_and_plain_ones_see_everything() {
         all += 1;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_bounded() {
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig { retained_messages_max: 2, ..MqttConfig::default() }).await;
+    let (c, ev) = rumqttc::v5::AsyncClient::new(v5_client(&broker, "retainer5", None), 100);
+    let mut rx = pump5(ev);
+    let publish = |topic: &'static str, payload: &'static str| {
+        let c = c.clone();
+        async move { c.publish(topic, Q5::AtLeastOnce, true, payload).await.expect("publish") }
+    };
+    let mut reasons = Vec::new();
+    for (topic, payload) in [("r/1", "a"), ("r/2", "b"), ("r/3", "c"), ("r/1", "a2"), ("r/2", ""), ("r/3", "c")] {
+        publish(topic, payload).await;
+        let P5::PubAck(a) = next(&mut rx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await else { unreachable!() };
+        reasons.push(a.reason);
+    }
+    assert_eq!(
+        reasons,
+        vec![
+            PubAckReason::Success,
+            PubAckReason::Success,
+            PubAckReason::QuotaExceeded, // a third retained topic
+            PubAckReason::Success,       // replacing one is fine
+            PubAckReason::Success,       // clearing one frees a slot...
+            PubAckReason::Success,       // ...for the third
+        ]
+    );
+}

@@ -29,6 +29,8 @@ pub struct MqttConfig {
     pub client_id_bytes_max: u32,
     /// A connection must send CONNECT within this time.
     pub connect_timeout_ms: u64,
+    /// Retained messages kept (one per topic); a new retained topic beyond it is refused.
+    pub retained_messages_max: u32,
     /// Log topic of publishes no route matches.
     pub default_topic: String,
     /// Key template of those publishes (see `routes`).
@@ -51,6 +53,7 @@ impl Default for MqttConfig {
             topic_levels_max: 16,
             client_id_bytes_max: 128,
             connect_timeout_ms: 10_000,
+            retained_messages_max: 10_000,
             default_topic: "mqtt".into(),
             default_key: default_key(),
             routes: Vec::new(),
@@ -77,6 +80,7 @@ impl MqttConfig {
         range("topic_levels_max", self.topic_levels_max.into(), 1, 1024)?;
         range("client_id_bytes_max", self.client_id_bytes_max.into(), 23, 65_535)?;
         range("connect_timeout_ms", self.connect_timeout_ms, 100, 600_000)?;
+        range("retained_messages_max", self.retained_messages_max.into(), 0, 10_000_000)?;
         self.router(prefix)?;
         Ok(())
     }

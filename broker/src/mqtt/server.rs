@@ -56,6 +56,10 @@ pub struct MqttStats {
     pub retention_skipped_messages: AtomicU64,
     /// Messages not delivered because their MQTT 5 expiry passed.
     pub expired_messages: AtomicU64,
+    /// Messages not delivered because they exceed the client's Maximum Packet Size.
+    pub oversized_messages: AtomicU64,
+    /// Retained messages refused because `mqtt.retained_messages_max` was reached.
+    pub retained_refused: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -73,6 +77,8 @@ struct Ctx {
     shutdown: tokio::sync::watch::Sender<bool>,
     /// Shared subscriptions (`$share/{group}/{filter}`) by their full filter.
     shared: Mutex<HashMap<String, Arc<SharedGroup>>>,
+    /// Retained messages stored (bounded by `mqtt.retained_messages_max`).
+    retained: AtomicU64,
 }
 
 /// One shared subscription: its members take messages from common cursors, so each message
@@ -100,7 +106,12 @@ impl MqttServer {
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .map_err(|source| MqttError::Bind { addr: cfg.listen.clone(), source })?;
+        let retained = store
+            .kv_scan(KvSpace::MqttRetained, b"", cfg.retained_messages_max as usize + 1)
+            .map(|v| v.len() as u64)
+            .unwrap_or(0);
         let ctx = Arc::new(Ctx {
+            retained: AtomicU64::new(retained),
             store,
             router,
             defaults,
@@ -225,6 +236,8 @@ struct Session {
     dirty: bool,
     /// Shared subscriptions: (full `$share/...` filter, granted QoS, the group).
     shared: Vec<(String, u8, Arc<SharedGroup>)>,
+    /// The client's Maximum Packet Size (MQTT 5): larger messages are not sent to it.
+    max_packet_out: usize,
 }
 
 fn session_key(client_id: &str) -> Vec<u8> {
@@ -377,7 +390,8 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         Err(e) => return Err(e.to_string()),
     };
     let connect = wire::decode(version, frame, max).map_err(|e| format!("bad CONNECT: {e}"))?;
-    let In::Connect { client_id, clean, keep_alive, username, will, receive_max, session_expiry_s, .. } = connect
+    let In::Connect { client_id, clean, keep_alive, username, will, receive_max, session_expiry_s, max_packet, .. } =
+        connect
     else {
         return Err("the first packet must be CONNECT".into());
     };
@@ -468,6 +482,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         session_expiry_s,
         dirty: false,
         shared: Vec::new(),
+        max_packet_out: max_packet.map_or(usize::MAX, |m| m as usize),
     };
     // Answers leave through one writer task, in the order their work was started.
     let (tx, mut rx) = mpsc::channel::<Pending>(usize::from(ctx.cfg.inflight_messages_max) + 16);
@@ -612,8 +627,25 @@ async fn publish_message(
         headers.push((k.clone(), Some(Bytes::from(v.clone().into_bytes()))));
     }
     if m.retain {
-        let value = (!m.payload.is_empty()).then(|| retained_value(m.qos, &m.payload));
-        kv.push((KvSpace::MqttRetained, m.topic.clone().into_bytes(), value));
+        let key = m.topic.clone().into_bytes();
+        let existed = ctx.store.kv_get(KvSpace::MqttRetained, &key)?.is_some();
+        if m.payload.is_empty() {
+            if existed {
+                ctx.retained.fetch_sub(1, Ordering::Relaxed);
+            }
+            kv.push((KvSpace::MqttRetained, key, None));
+        } else if existed || ctx.retained.load(Ordering::Relaxed) < u64::from(ctx.cfg.retained_messages_max) {
+            if !existed {
+                ctx.retained.fetch_add(1, Ordering::Relaxed);
+            }
+            kv.push((KvSpace::MqttRetained, key, Some(retained_value(m.qos, &m.payload))));
+        } else {
+            ctx.stats.retained_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::LimitReached {
+                key: "mqtt.retained_messages_max",
+                limit: ctx.cfg.retained_messages_max.into(),
+            });
+        }
     }
     let record = NewRecord {
         key: dest.key.map(|k| Bytes::from(k.into_bytes())),
@@ -1080,6 +1112,11 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
                 0
             };
             let bytes = wire::publish(s.version, &t, qos, false, false, pkid, &payload, &props);
+            if bytes.len() > s.max_packet_out {
+                s.inflight.remove(&pkid);
+                ctx.stats.oversized_messages.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
             if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
                 return Err("writer closed".into());
@@ -1169,6 +1206,12 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
                     0
                 };
                 let bytes = wire::publish(s.version, &mqtt_topic, qos, false, false, pkid, &payload, &props);
+                if bytes.len() > s.max_packet_out {
+                    // MQTT 5: a message larger than the client's Maximum Packet Size is dropped.
+                    s.inflight.remove(&pkid);
+                    ctx.stats.oversized_messages.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
                 if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
                     return Err("writer closed".into());
