@@ -866,9 +866,18 @@ async fn session_loop(
                     s.dirty = s.persistent;
                 }
             }
-            In::PubRec(pkid) | In::PubComp(pkid) => {
-                // Outbound QoS 2 is not offered (subscriptions are granted at most QoS 1).
-                s.inflight.remove(&pkid);
+            In::PubRec(pkid) => {
+                // Outbound QoS 2, step 2: the client has the message; release the packet id.
+                if s.inflight.contains_key(&pkid) {
+                    let _ = tx.send(send(wire::ack(v, 6, pkid, 0))).await;
+                } else if v == Version::V5 {
+                    let _ = tx.send(send(wire::ack(v, 6, pkid, 0x92))).await;
+                }
+            }
+            In::PubComp(pkid) => {
+                if s.inflight.remove(&pkid).is_some_and(|m| m.is_some()) {
+                    s.dirty = s.persistent;
+                }
             }
             In::Subscribe { pkid, subs } => {
                 let mut codes = Vec::with_capacity(subs.len());
@@ -890,7 +899,7 @@ async fn session_loop(
                             continue;
                         }
                         let group = shared_group(ctx, &sub.filter, inner);
-                        let granted = sub.qos.min(1);
+                        let granted = sub.qos.min(2);
                         s.shared.retain(|(f, _, _)| *f != sub.filter);
                         s.shared.push((sub.filter.clone(), granted, group));
                         codes.push(granted);
@@ -905,7 +914,7 @@ async fn session_loop(
                         codes.push(0x97); // quota exceeded
                         continue;
                     }
-                    let granted = sub.qos.min(1);
+                    let granted = sub.qos.min(2);
                     // New messages from now on: cursors of the log topics this filter can reach
                     // start at their current ends.
                     for (route_filter, log_topic) in ctx.router.filters() {
