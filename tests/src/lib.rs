@@ -59,3 +59,76 @@ pub fn cpu_seconds(pid: &str) -> f64 {
         + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
     ticks / 100.0
 }
+
+/// The gateway started as a child process for a benchmark: its own data directory, free ports,
+/// warnings-only logging. Killed when dropped.
+#[derive(Debug)]
+pub struct BenchGateway {
+    child: std::process::Child,
+    /// The child's pid, for `/proc` readings.
+    pub pid: String,
+    /// `host:port` of the Kafka and MQTT listeners.
+    pub kafka: String,
+    pub mqtt: String,
+}
+
+impl BenchGateway {
+    /// Starts `binary` (default: `tributary-under-test` next to the running program) on a config
+    /// with data in `dir`, `storage_extra` lines added to `[storage]` and `tables` (further TOML
+    /// tables such as `[topic_defaults]`) appended.
+    pub fn start(binary: Option<&Path>, dir: &Path, storage_extra: &str, tables: &str) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        use std::io::BufRead;
+        let binary = match binary {
+            Some(b) => b.to_path_buf(),
+            None => std::env::current_exe()?.with_file_name("tributary-under-test"),
+        };
+        let config = dir.join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{storage_extra}[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n{tables}[log]\nlevel = \"warn,tributary_gateway=info\"\n",
+                dir.join("data").to_str().context("utf-8 path")?,
+                16u64 << 30,
+            ),
+        )?;
+        let mut child = std::process::Command::new(&binary)
+            .args(["serve", "--config", config.to_str().context("utf-8 path")?])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))?;
+        let pid = child.id().to_string();
+        let mut lines = std::io::BufReader::new(child.stderr.take().context("stderr")?).lines();
+        let ready = loop {
+            let Some(line) = lines.next() else { anyhow::bail!("gateway exited before it was ready") };
+            let line = line?;
+            if line.contains("tributary gateway ready") {
+                break line;
+            }
+        };
+        let field = |name: &str| -> anyhow::Result<String> {
+            ready
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_string)
+                .with_context(|| format!("no {name} in the ready line"))
+        };
+        let (kafka, mqtt) = (field("kafka=")?, field("mqtt=")?);
+        // Keep draining its log so it never blocks on a full pipe; show what it says.
+        std::thread::spawn(move || lines.for_each(|l| eprintln!("gateway: {}", l.unwrap_or_default())));
+        Ok(Self { child, pid, kafka, mqtt })
+    }
+
+    /// Peak resident memory so far (KiB).
+    pub fn peak_rss_kib(&self) -> u64 {
+        status_kib(&self.pid, "VmHWM:")
+    }
+}
+
+impl Drop for BenchGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -14,9 +14,7 @@
 //! `cargo build --release -p tributary-tests --bin group-bench && target/release/group-bench [--dir DIR]`
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +27,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, Message};
-use tributary_tests::{cpu_seconds, status_kib};
+use tributary_tests::{cpu_seconds, status_kib, BenchGateway};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -66,39 +64,16 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let tmp = tempfile::tempdir_in(&args.dir).context("temporary directory")?;
-    let gateway = match &args.gateway {
-        Some(g) => g.clone(),
-        None => std::env::current_exe()?.with_file_name("tributary-under-test"),
-    };
-    let config = tmp.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[topic_defaults]\nretention_ms = 86400000\n[log]\nlevel = \"warn,tributary_gateway=info\"\n",
-            tmp.path().join("data").to_str().context("utf-8 path")?,
-            16u64 << 30,
-        ),
+    let gw = BenchGateway::start(
+        args.gateway.as_deref(),
+        tmp.path(),
+        "",
+        "[topic_defaults]\nretention_ms = 86400000\n",
     )?;
-    let mut child = Command::new(&gateway)
-        .args(["serve", "--config", config.to_str().context("utf-8 path")?])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("start {}", gateway.display()))?;
-    let pid = child.id().to_string();
-    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-    let addr = loop {
-        let Some(line) = lines.next() else { bail!("gateway exited before it was ready") };
-        let line = line?;
-        if line.contains("tributary gateway ready") {
-            break line.split_whitespace().find_map(|w| w.strip_prefix("kafka=")).context("kafka address")?.to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(|l| eprintln!("gateway: {}", l.unwrap_or_default())));
+    let (addr, pid) = (gw.kafka.clone(), gw.pid.clone());
     let result = run(&args, &addr, &pid);
-    let peak_kib = status_kib(&pid, "VmHWM:");
-    let _ = child.kill();
-    let _ = child.wait();
+    let peak_kib = gw.peak_rss_kib();
+    drop(gw);
     let r = result?;
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;

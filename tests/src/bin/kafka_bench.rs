@@ -6,9 +6,7 @@
 //!
 //! `cargo build --release -p tributary-tests && target/release/kafka-bench [--dir DIR]`
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,7 +17,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
-use tributary_tests::{cpu_seconds, fsync_rate, sequential_write, status_kib, MIB};
+use tributary_tests::{cpu_seconds, fsync_rate, sequential_write, status_kib, BenchGateway, MIB};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -68,41 +66,16 @@ fn main() -> anyhow::Result<()> {
     let seq_bw = sequential_write(tmp.path(), 512 << 20)?;
     eprintln!("machine: {fsyncs:.0} fsync/s, sequential write {:.0} MiB/s", seq_bw / MIB);
 
-    let gateway = match &args.gateway {
-        Some(g) => g.clone(),
-        None => std::env::current_exe()?.with_file_name("tributary-under-test"),
-    };
-    let config = tmp.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{}[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[topic_defaults]\npartitions = {}\nretention_ms = 86400000\n[log]\nlevel = \"warn,tributary_gateway=info\"\n",
-            tmp.path().join("data").to_str().context("utf-8 path")?,
-            16u64 << 30,
-            args.cache_mib.map_or_else(String::new, |m| format!("cache_size_bytes = {}\n", m << 20)),
-            args.partitions
-        ),
+    let gw = BenchGateway::start(
+        args.gateway.as_deref(),
+        tmp.path(),
+        &args.cache_mib.map_or_else(String::new, |m| format!("cache_size_bytes = {}\n", m << 20)),
+        &format!("[topic_defaults]\npartitions = {}\nretention_ms = 86400000\n", args.partitions),
     )?;
-    let mut child = Command::new(&gateway)
-        .args(["serve", "--config", config.to_str().context("utf-8 path")?])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("start {}", gateway.display()))?;
-    let pid = child.id().to_string();
-    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-    let addr = loop {
-        let Some(line) = lines.next() else { bail!("gateway exited before it was ready") };
-        let line = line?;
-        if line.contains("tributary gateway ready") {
-            break line.split_whitespace().find_map(|w| w.strip_prefix("kafka=")).context("kafka address")?.to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let (addr, pid) = (gw.kafka.clone(), gw.pid.clone());
     let result = run(&args, &addr, &pid);
-    let peak_kib = status_kib(&pid, "VmHWM:");
-    let _ = child.kill();
-    let _ = child.wait();
+    let peak_kib = gw.peak_rss_kib();
+    drop(gw);
     let Phases { produce_secs, consume_secs, consumed_bytes, produce_note, consume_note } = result?;
 
     let n = args.records as f64;
