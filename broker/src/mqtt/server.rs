@@ -1135,6 +1135,13 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
     if s.subs.is_empty() {
         return Ok(());
     }
+    // Read again only once half the in-flight window is free, and only about what fits in it:
+    // reading (and decoding) a large chunk to send one message per PUBACK costs a core.
+    let free = s.window.saturating_sub(s.inflight.len());
+    if free == 0 || (!s.inflight.is_empty() && free < s.window.div_ceil(2)) {
+        return Ok(());
+    }
+    let read_bytes = (free * 1024).clamp(16 * 1024, 256 * 1024);
     refresh_cursors(ctx, s);
     let keys: Vec<(String, i32)> = s.cursors.keys().cloned().collect();
     for (log_topic, p) in keys {
@@ -1163,7 +1170,7 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
             } else {
                 offset
             };
-            let records = ctx.store.read_records(&log_topic, p, from, 256 * 1024).map_err(|e| e.to_string())?;
+            let records = ctx.store.read_records(&log_topic, p, from, read_bytes).map_err(|e| e.to_string())?;
             let mut next = from;
             for r in records {
                 if r.offset < from {
