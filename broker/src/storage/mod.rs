@@ -353,6 +353,13 @@ impl Store {
         Ok(())
     }
 
+    /// Liveness probe: sends a no-op through the writer's queue and returns once the writer
+    /// took it, i.e. finished every commit queued before it. Writes nothing; a writer stuck in a
+    /// commit never answers, so callers bound the wait (the systemd watchdog does).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.submit(|reply| Op::Probe { reply }).await
+    }
+
     fn db(&self) -> Result<Arc<Database>, StoreError> {
         self.inner.shared.db.read().map_err(|_| StoreError::Closed)?.clone().ok_or(StoreError::Closed)
     }

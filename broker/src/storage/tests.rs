@@ -322,3 +322,25 @@ async fn a_key_value_write_commits_with_its_append() {
     assert_eq!(store.watermarks("t", 0).expect("wm").high_watermark, 1);
     store.close().await.expect("close");
 }
+
+#[tokio::test]
+async fn probe_is_answered_by_a_live_writer_and_fails_once_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No ticks during the test, so the commit count below moves only with our own operations.
+    let cfg = StorageConfig {
+        retention_check_interval_ms: 3_600_000,
+        relaxed_flush_interval_ms: 3_600_000,
+        ..config(dir.path())
+    };
+    let store = Store::open(cfg).expect("open").0;
+    store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
+    // Queued behind an append, the probe is answered once the writer reached it.
+    let pending = store.enqueue_records("t", 0, vec![rec(0)]).await.expect("enqueue");
+    tokio::time::timeout(Duration::from_secs(10), store.probe()).await.expect("answered in time").expect("probe");
+    pending.wait().await.expect("append");
+    let commits = store.stats().commits;
+    store.probe().await.expect("probe");
+    assert_eq!(store.stats().commits, commits, "a probe commits nothing");
+    store.close().await.expect("close");
+    assert!(matches!(store.probe().await, Err(StoreError::Closed)));
+}

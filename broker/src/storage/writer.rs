@@ -64,6 +64,11 @@ pub(crate) enum Op {
     },
     Tick,
     Shutdown,
+    /// Writes nothing: answered as soon as the writer takes it from the queue, which proves the
+    /// writer finished every round queued before it (the service watchdog's liveness probe).
+    Probe {
+        reply: Reply<()>,
+    },
 }
 
 impl std::fmt::Debug for Op {
@@ -74,6 +79,7 @@ impl std::fmt::Debug for Op {
             Op::Kv { .. } => "Kv",
             Op::Tick => "Tick",
             Op::Shutdown => "Shutdown",
+            Op::Probe { .. } => "Probe",
         })
     }
 }
@@ -94,7 +100,7 @@ impl Op {
         match self {
             Op::Append { topic, .. } => topic.config.durability == Durability::Fsync,
             Op::Admin { .. } | Op::Kv { .. } => true,
-            Op::Tick | Op::Shutdown => false,
+            Op::Tick | Op::Shutdown | Op::Probe { .. } => false,
         }
     }
 }
@@ -328,6 +334,9 @@ impl Writer {
             let mut bytes = 0u64;
             match first {
                 Op::Shutdown => shutdown = true,
+                Op::Probe { reply } => {
+                    let _ = reply.send(Ok(()));
+                }
                 op => {
                     bytes += op.size();
                     ops.push(op);
@@ -336,6 +345,9 @@ impl Writer {
             while !shutdown && bytes < self.cfg.commit_size_bytes_max {
                 match rx.try_recv() {
                     Ok(Op::Shutdown) => shutdown = true,
+                    Ok(Op::Probe { reply }) => {
+                        let _ = reply.send(Ok(()));
+                    }
                     Ok(op) => {
                         bytes += op.size();
                         ops.push(op);
@@ -563,6 +575,9 @@ impl Writer {
                 }
                 Op::Tick => tick = true,
                 Op::Shutdown => {}
+                Op::Probe { reply } => {
+                    let _ = reply.send(Ok(()));
+                }
             }
         }
         for (k, p) in packs {
@@ -1144,7 +1159,7 @@ fn fail_ops(ops: Vec<Op>, e: &StoreError) {
             Op::Append { reply, .. } => {
                 let _ = reply.send(Err(e.clone()));
             }
-            Op::Admin { reply, .. } | Op::Kv { reply, .. } => {
+            Op::Admin { reply, .. } | Op::Kv { reply, .. } | Op::Probe { reply } => {
                 let _ = reply.send(Err(e.clone()));
             }
             Op::Tick | Op::Shutdown => {}
