@@ -2,6 +2,7 @@
 //! target is a one-line `main` over this library so the end-to-end suite can run the same code.
 
 pub mod config;
+pub mod systemd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -96,6 +97,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let service = systemd::Service::from_env();
     let storage = cfg.storage.clone();
     let (store, report) = tokio::task::spawn_blocking(move || Store::open(storage))
         .await
@@ -141,11 +143,21 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         version = env!("CARGO_PKG_VERSION"),
         "tributary gateway ready"
     );
+    // Type=notify: READY only now, with the store open and both listeners bound.
+    service.ready(&format!("serving: kafka={kafka_addr} mqtt={mqtt_addr}"));
+    let watchdog = service.spawn_watchdog(store.clone());
     let which = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",
         _ = sigint.recv() => "SIGINT",
     };
     tracing::info!(signal = which, "shutting down: committing pending appends");
+    // systemd does not watch a stopping service (TimeoutStopSec bounds the stop instead); the
+    // pinger is gone before STOPPING so no ping follows it.
+    if let Some(w) = watchdog {
+        w.abort();
+        let _ = w.await;
+    }
+    service.stopping("shutting down: committing pending appends");
     let _ = stop_tx.send(true);
     for t in [kafka_task, mqtt_task].into_iter().flatten() {
         let _ = t.await;

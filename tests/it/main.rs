@@ -13,3 +13,4 @@ mod mqtt_crash;
 mod mqtt_faults;
 mod retention;
 mod support;
+mod systemd;
