@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds the tributary .deb: `packaging/deb.sh` for amd64 (the build machine), or
+# `packaging/deb.sh --target aarch64-unknown-linux-gnu` (arm64) / `armv7-unknown-linux-gnueabihf`
+# (armhf). Prints the path of the package on its last line. The package layout is configured in
+# firmware-gateway/Cargo.toml ([package.metadata.deb]), the maintainer scripts are in
+# firmware-gateway/debian/.
+#
+# The binary is built once with the release profile (`cargo build --release`, the same command
+# and target directory a release build uses anyway), then packed with `cargo deb --no-build`.
+# For ARM targets the cross linker comes from the environment (cross/env.sh sets it up).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tributary-target}"
+CARGO_DEB_VERSION=3.8.0
+
+target=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --target) target="$2"; shift 2 ;;
+        --target=*) target="${1#--target=}"; shift ;;
+        *) echo "usage: $0 [--target aarch64-unknown-linux-gnu|armv7-unknown-linux-gnueabihf]" >&2; exit 2 ;;
+    esac
+done
+
+# cargo-deb, installed once into ~/.cargo/bin and reused (a pinned version, built from crates.io).
+if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+    cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
+fi
+# dpkg-shlibdeps computes the package's Depends on shared libraries (libc6).
+command -v dpkg-shlibdeps >/dev/null 2>&1 || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpkg-dev
+}
+
+target_args=()
+if [ -n "$target" ]; then
+    source cross/env.sh "$target"
+    target_args=(--target "$target")
+fi
+
+start=$(date +%s)
+cargo build --release --locked -p tributary-gateway --bin tributary "${target_args[@]}"
+echo "deb: release build $(( $(date +%s) - start )) s" >&2
+# The release profile already strips symbols (Cargo.toml); no target strip tool is needed.
+out_dir="$CARGO_TARGET_DIR/debian"
+mkdir -p "$out_dir"
+cargo deb --no-build --no-strip --locked -p tributary-gateway "${target_args[@]}" --output "$out_dir" >&2
+case "$target" in
+    "") arch=$(dpkg --print-architecture) ;;
+    aarch64-unknown-linux-gnu) arch=arm64 ;;
+    armv7-unknown-linux-gnueabihf) arch=armhf ;;
+    *) arch='*' ;;
+esac
+ls -t "$out_dir"/tributary_*_$arch.deb | head -1
