@@ -11,6 +11,7 @@ mod kafka_protocol;
 mod mqtt;
 mod mqtt_crash;
 mod mqtt_faults;
+mod mqtt_sessions;
 mod retention;
 mod support;
 mod systemd;

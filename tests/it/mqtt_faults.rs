@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::support::KafkaBroker;
 
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn packet(first: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first];
     let mut len = body.len();
     loop {
@@ -29,7 +29,12 @@ fn packet(first: u8, body: &[u8]) -> Vec<u8> {
 }
 
 fn connect(level: u8, id: &str) -> Vec<u8> {
-    let mut b = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 60];
+    connect_flags(level, id, 0x02)
+}
+
+/// CONNECT with the given flags (0x02 = clean session; 0x00 keeps the session).
+pub(crate) fn connect_flags(level: u8, id: &str, flags: u8) -> Vec<u8> {
+    let mut b = vec![0, 4, b'M', b'Q', b'T', b'T', level, flags, 0, 60];
     if level == 5 {
         b.push(0); // no properties
     }
@@ -38,7 +43,7 @@ fn connect(level: u8, id: &str) -> Vec<u8> {
     packet(0x10, &b)
 }
 
-fn publish(qos: u8, topic: &[u8], pkid: u16, payload: &[u8], v5: bool) -> Vec<u8> {
+pub(crate) fn publish(qos: u8, topic: &[u8], pkid: u16, payload: &[u8], v5: bool) -> Vec<u8> {
     let mut b = (topic.len() as u16).to_be_bytes().to_vec();
     b.extend_from_slice(topic);
     if qos > 0 {
@@ -51,14 +56,14 @@ fn publish(qos: u8, topic: &[u8], pkid: u16, payload: &[u8], v5: bool) -> Vec<u8
     packet(0x30 | (qos << 1), &b)
 }
 
-fn open(addr: SocketAddr) -> TcpStream {
+pub(crate) fn open(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
     s
 }
 
 /// Reads one packet; `None` when the server closed the connection.
-fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+pub(crate) fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     let mut first = [0u8; 1];
     match s.read(&mut first) {
         Ok(0) => return None,
@@ -80,7 +85,7 @@ fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     Some((first[0], body))
 }
 
-fn connected(addr: SocketAddr, level: u8, id: &str) -> TcpStream {
+pub(crate) fn connected(addr: SocketAddr, level: u8, id: &str) -> TcpStream {
     let mut s = open(addr);
     s.write_all(&connect(level, id)).expect("send");
     let (kind, body) = read_packet(&mut s).expect("CONNACK");

@@ -4,7 +4,9 @@
 
 mod config;
 pub mod routes;
+mod persist;
 mod server;
+mod shared;
 pub mod topic;
 mod wire;
 

@@ -18,13 +18,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::config::MqttConfig;
+use super::persist::{
+    decode_session, decode_shared, encode_session, encode_shared, qos2_key, qos2_prefix, session_key, shared_key,
+    Position, StoredInflight, StoredSession,
+};
+use super::shared::SharedGroup;
 use super::routes::{Router, HEADER_CONTENT_TYPE, HEADER_CORRELATION_DATA, HEADER_RESPONSE_TOPIC, HEADER_TOPIC};
 use super::topic;
 use super::wire::{self, In, PublishProps, Version, WireError};
 use crate::error::StoreError;
 use crate::kafka::TopicTemplate;
 use crate::partitioner::Partitioner;
-use crate::storage::batch::NewRecord;
+use crate::storage::batch::{NewRecord, StoredRecord};
 use crate::storage::{KvSpace, PendingAppend, Store};
 
 /// Header carrying the QoS a message was published with.
@@ -71,7 +76,7 @@ struct Ctx {
     partitioner: Partitioner,
     stats: Arc<MqttStats>,
     /// Connected client ids, with the way to close that connection (session takeover).
-    clients: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
+    clients: Mutex<HashMap<String, (u64, Takeover)>>,
     next_conn: AtomicU64,
     /// Set when the server stops: sessions store their state and end.
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -79,14 +84,6 @@ struct Ctx {
     shared: Mutex<HashMap<String, Arc<SharedGroup>>>,
     /// Retained messages stored (bounded by `mqtt.retained_messages_max`).
     retained: AtomicU64,
-}
-
-/// One shared subscription: its members take messages from common cursors, so each message
-/// goes to one of them.
-#[derive(Debug)]
-struct SharedGroup {
-    filter: String,
-    cursors: Mutex<Cursors>,
 }
 
 /// Messages one session takes from a shared group in one go, so active members share the load.
@@ -211,6 +208,13 @@ type Pending = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
 
 static CLOSE: Bytes = Bytes::from_static(&[]);
 
+/// Closes a connection whose session a new connection takes over; the new one is told once the
+/// old one has stored the session.
+type Takeover = oneshot::Sender<oneshot::Sender<()>>;
+
+/// How long a taking-over connection waits for the old one to store the session.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
 struct Session {
     version: Version,
     client_id: String,
@@ -223,9 +227,8 @@ struct Session {
     aliases: HashMap<u16, String>,
     /// Outbound delivery: next offset per (log topic, partition).
     cursors: HashMap<(String, i32), i64>,
-    /// Outbound QoS 1 packet ids waiting for PUBACK, with the (log topic, partition, offset) of
-    /// the record (none for retained messages).
-    inflight: HashMap<u16, Option<(String, i32, i64)>>,
+    /// Outbound QoS 1/2 messages waiting for the client, by packet id.
+    inflight: HashMap<u16, Inflight>,
     next_pkid: u16,
     window: usize,
     /// Kept after the connection (clean session 0, or an MQTT 5 session expiry): subscriptions
@@ -234,126 +237,79 @@ struct Session {
     session_expiry_s: u32,
     /// Subscriptions or cursors changed since the session was last stored.
     dirty: bool,
-    /// Shared subscriptions: (full `$share/...` filter, granted QoS, the group).
-    shared: Vec<(String, u8, Arc<SharedGroup>)>,
+    /// Shared subscriptions: granted QoS and the group.
+    shared: Vec<(u8, Arc<SharedGroup>)>,
     /// The client's Maximum Packet Size (MQTT 5): larger messages are not sent to it.
     max_packet_out: usize,
+    /// Set when a new connection takes the session over: told once this one has stored it.
+    taken_over: Option<oneshot::Sender<()>>,
 }
 
-fn session_key(client_id: &str) -> Vec<u8> {
-    let mut k = b"s\0".to_vec();
-    k.extend_from_slice(client_id.as_bytes());
-    k
+/// An outbound QoS 1/2 message waiting for PUBACK, or for PUBREC then PUBCOMP.
+struct Inflight {
+    qos: u8,
+    /// QoS 2 after PUBREC: the client has the message; PUBREL sent, PUBCOMP awaited.
+    released: bool,
+    source: Source,
 }
 
-fn put_str16(v: &mut Vec<u8>, s: &str) {
-    v.extend_from_slice(&(s.len().min(u16::MAX as usize) as u16).to_be_bytes());
-    v.extend_from_slice(&s.as_bytes()[..s.len().min(u16::MAX as usize)]);
+/// Where an outbound message came from.
+enum Source {
+    /// A retained message sent on subscribe (not tracked in the log).
+    Retained,
+    /// The session's own subscriptions.
+    Log(Position),
+    /// A shared subscription: given back to the group if the session ends before the client
+    /// has the message.
+    Shared(Arc<SharedGroup>, Position),
 }
 
-fn get_str16(v: &[u8], at: &mut usize) -> Option<String> {
-    let len = u16::from_be_bytes(v.get(*at..*at + 2)?.try_into().ok()?) as usize;
-    let s = std::str::from_utf8(v.get(*at + 2..*at + 2 + len)?).ok()?.to_string();
-    *at += 2 + len;
-    Some(s)
-}
-
-/// Stored session: format 1, expiry deadline (ms since the epoch, 0 = none), subscriptions
-/// (filter, QoS, no-local), cursors (log topic, partition, next offset to deliver).
-fn encode_session(s: &Session) -> Vec<u8> {
-    let mut v = vec![1u8];
-    let deadline = if s.session_expiry_s == u32::MAX { 0 } else { now_ms() + i64::from(s.session_expiry_s) * 1000 };
-    v.extend_from_slice(&deadline.to_be_bytes());
-    v.extend_from_slice(&(s.subs.len() as u16).to_be_bytes());
-    for sub in &s.subs {
-        put_str16(&mut v, &sub.filter);
-        v.push(sub.qos);
-        v.push(u8::from(sub.no_local));
+impl Inflight {
+    fn new(qos: u8, source: Source) -> Self {
+        Self { qos, released: false, source }
     }
-    let cursors = delivered_cursors(s);
-    v.extend_from_slice(&(cursors.len() as u16).to_be_bytes());
-    for ((t, p), off) in cursors {
-        put_str16(&mut v, &t);
-        v.extend_from_slice(&p.to_be_bytes());
-        v.extend_from_slice(&off.to_be_bytes());
-    }
-    v
-}
-
-/// Next offset to deliver per (log topic, partition).
-type Cursors = HashMap<(String, i32), i64>;
-
-/// Subscriptions and cursors of a stored session, unless it expired or cannot be read.
-fn decode_session(v: &[u8]) -> Option<(Vec<wire::Subscription>, Cursors)> {
-    if v.first() != Some(&1) {
-        return None;
-    }
-    let deadline = i64::from_be_bytes(v.get(1..9)?.try_into().ok()?);
-    if deadline != 0 && deadline < now_ms() {
-        return None;
-    }
-    let mut at = 9;
-    let n = u16::from_be_bytes(v.get(at..at + 2)?.try_into().ok()?);
-    at += 2;
-    let mut subs = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        let filter = get_str16(v, &mut at)?;
-        let qos = *v.get(at)?;
-        let no_local = *v.get(at + 1)? != 0;
-        at += 2;
-        subs.push(wire::Subscription { filter, qos, no_local });
-    }
-    let n = u16::from_be_bytes(v.get(at..at + 2)?.try_into().ok()?);
-    at += 2;
-    let mut cursors = HashMap::new();
-    for _ in 0..n {
-        let t = get_str16(v, &mut at)?;
-        let p = i32::from_be_bytes(v.get(at..at + 4)?.try_into().ok()?);
-        let off = i64::from_be_bytes(v.get(at + 4..at + 12)?.try_into().ok()?);
-        at += 12;
-        cursors.insert((t, p), off);
-    }
-    Some((subs, cursors))
 }
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Per partition, the first offset not yet acknowledged by the client: in-flight messages are
-/// delivered again after a reconnect.
-fn delivered_cursors(s: &Session) -> HashMap<(String, i32), i64> {
-    let mut c = s.cursors.clone();
-    for (t, p, off) in s.inflight.values().flatten() {
-        if let Some(cur) = c.get_mut(&(t.clone(), *p)) {
-            *cur = (*cur).min(*off);
-        }
+/// The store writes that save a persistent session: the session (with its own messages in
+/// flight) and the restart positions of its shared subscriptions, in one commit.
+fn session_entries(s: &Session) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let deadline = if s.session_expiry_s == u32::MAX { 0 } else { now_ms() + i64::from(s.session_expiry_s) * 1000 };
+    let mut inflight: Vec<StoredInflight> = s
+        .inflight
+        .iter()
+        .filter_map(|(&pkid, m)| match &m.source {
+            Source::Log(position) => Some((pkid, m, position)),
+            // The client has it: only the PUBREL is left to repeat after a reconnect.
+            Source::Shared(_, position) if m.released => Some((pkid, m, position)),
+            _ => None,
+        })
+        .map(|(pkid, m, position)| StoredInflight { pkid, qos: m.qos, released: m.released, position: position.clone() })
+        .collect();
+    inflight.sort_by(|a, b| a.position.cmp(&b.position));
+    let stored = StoredSession {
+        subs: s.subs.clone(),
+        cursors: s.cursors.clone(),
+        shared: s.shared.iter().map(|(q, g)| (g.name.clone(), *q)).collect(),
+        inflight,
+    };
+    let mut entries = vec![(session_key(&s.client_id), Some(encode_session(deadline, &stored)))];
+    for (_, g) in &s.shared {
+        entries.push((shared_key(&g.name), Some(encode_shared(&g.restart_cursors()))));
     }
-    c
+    entries
 }
 
 async fn save_session(ctx: &Ctx, s: &mut Session) -> Result<(), StoreError> {
     if !s.persistent {
         return Ok(());
     }
-    ctx.store.kv_write(KvSpace::MqttSessions, vec![(session_key(&s.client_id), Some(encode_session(s)))]).await?;
+    ctx.store.kv_write(KvSpace::MqttSessions, session_entries(s)).await?;
     s.dirty = false;
     Ok(())
-}
-
-fn qos2_key(client_id: &str, pkid: u16) -> Vec<u8> {
-    let mut k = b"q2\0".to_vec();
-    k.extend_from_slice(client_id.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&pkid.to_be_bytes());
-    k
-}
-
-fn qos2_prefix(client_id: &str) -> Vec<u8> {
-    let mut k = b"q2\0".to_vec();
-    k.extend_from_slice(client_id.as_bytes());
-    k.push(0);
-    k
 }
 
 /// Retained message value: qos (1 byte), then the payload.
@@ -424,7 +380,11 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
     let previous = ctx.clients.lock().map_err(|_| "poisoned")?.insert(client_id.clone(), (conn_id, kill_tx));
     if let Some((_, kill)) = previous {
         tracing::info!(client = %client_id, "session taken over by a new connection");
-        let _ = kill.send(());
+        // Resume from what the old connection stores as it ends, not from an older save.
+        let (done_tx, done_rx) = oneshot::channel();
+        if kill.send(done_tx).is_ok() {
+            let _ = tokio::time::timeout(TAKEOVER_WAIT, done_rx).await;
+        }
     }
     // Clean start: forget an earlier session (its subscriptions, cursors and QoS 2 packet ids).
     let mut qos2 = HashSet::new();
@@ -447,7 +407,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
                 qos2.insert(u16::from_be_bytes([a, b]));
             }
         }
-        resumed = previous_session.as_deref().and_then(decode_session);
+        resumed = previous_session.as_deref().and_then(|v| decode_session(v, now_ms()));
     }
     let session_present = resumed.is_some() || (!clean && !qos2.is_empty());
     let props = wire::ConnAckProps {
@@ -461,7 +421,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
     wr.flush().await.map_err(|e| e.to_string())?;
     tracing::debug!(client = %client_id, ?version, clean, keep_alive, "mqtt client connected");
 
-    let (subs, cursors) = resumed.unwrap_or_default();
+    let resumed = resumed.unwrap_or_default();
     let persistent = match version {
         Version::V4 => !clean,
         Version::V5 => session_expiry_s > 0,
@@ -471,10 +431,10 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         client_id: client_id.clone(),
         username,
         will,
-        subs,
+        subs: resumed.subs,
         qos2,
         aliases: HashMap::new(),
-        cursors,
+        cursors: resumed.cursors,
         inflight: HashMap::new(),
         next_pkid: 1,
         window: usize::from(receive_max.min(ctx.cfg.inflight_messages_max)).max(1),
@@ -483,7 +443,14 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         dirty: false,
         shared: Vec::new(),
         max_packet_out: max_packet.map_or(usize::MAX, |m| m as usize),
+        taken_over: None,
     };
+    for (name, qos) in resumed.shared {
+        if let Some((_, inner)) = name.strip_prefix("$share/").and_then(|r| r.split_once('/')) {
+            let g = shared_group(ctx, &name, inner);
+            s.shared.push((qos, g));
+        }
+    }
     // Answers leave through one writer task, in the order their work was started.
     let (tx, mut rx) = mpsc::channel::<Pending>(usize::from(ctx.cfg.inflight_messages_max) + 16);
     let writer = tokio::spawn(async move {
@@ -506,10 +473,25 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         let _ = wr.shutdown().await;
     });
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-    let result = session_loop(ctx, &mut s, &mut rd, &tx, keep_alive, &mut kill_rx).await;
+    let result = match resume_inflight(ctx, &mut s, &tx, resumed.inflight).await {
+        Ok(()) => session_loop(ctx, &mut s, &mut rd, &tx, keep_alive, &mut kill_rx).await,
+        Err(e) => Err(e),
+    };
+    // Shared-subscription messages the client does not have yet go to the other members.
+    s.inflight.retain(|_, m| match &m.source {
+        Source::Shared(g, position) if !m.released => {
+            g.give_back(position.clone());
+            false
+        }
+        _ => true,
+    });
     if let Err(e) = save_session(ctx, &mut s).await {
         tracing::warn!(client = %client_id, error = %e, "session not stored");
     }
+    if let Some(done) = s.taken_over.take() {
+        let _ = done.send(());
+    }
+    release_groups(ctx, std::mem::take(&mut s.shared));
     // A will is published unless the client said goodbye normally; an MQTT 5 will delay holds
     // it back, and a reconnect of the same client within the delay cancels it.
     let graceful = matches!(result, Ok(true));
@@ -674,7 +656,7 @@ async fn session_loop(
     rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
     tx: &mpsc::Sender<Pending>,
     keep_alive: Option<Duration>,
-    kill: &mut oneshot::Receiver<()>,
+    kill: &mut oneshot::Receiver<oneshot::Sender<()>>,
 ) -> Result<bool, String> {
     let mut shutdown = ctx.shutdown.subscribe();
     // Inbound QoS 1/2 publishes whose acknowledgement is still waiting for the commit.
@@ -702,7 +684,8 @@ async fn session_loop(
             }
         };
         let frame = tokio::select! {
-            _ = &mut *kill => {
+            done = &mut *kill => {
+                s.taken_over = done.ok();
                 if v == Version::V5 {
                     let _ = tx.send(send(wire::disconnect(0x8E))).await;
                 }
@@ -861,22 +844,46 @@ async fn session_loop(
                     }))
                     .await;
             }
-            In::PubAck(pkid) => {
-                if s.inflight.remove(&pkid).is_some_and(|m| m.is_some()) {
+            In::PubAck(pkid) | In::PubComp(pkid) => {
+                if let Some(m) = s.inflight.remove(&pkid) {
+                    if let Source::Shared(g, position) = &m.source {
+                        g.settle(position);
+                    }
                     s.dirty = s.persistent;
                 }
             }
             In::PubRec(pkid) => {
-                // Outbound QoS 2, step 2: the client has the message; release the packet id.
-                if s.inflight.contains_key(&pkid) {
-                    let _ = tx.send(send(wire::ack(v, 6, pkid, 0))).await;
-                } else if v == Version::V5 {
-                    let _ = tx.send(send(wire::ack(v, 6, pkid, 0x92))).await;
-                }
-            }
-            In::PubComp(pkid) => {
-                if s.inflight.remove(&pkid).is_some_and(|m| m.is_some()) {
-                    s.dirty = s.persistent;
+                // Outbound QoS 2, step 2: the client has the message. A persistent session
+                // stores that before the PUBREL, so neither a reconnect nor a crash sends the
+                // message again: only the PUBREL is repeated.
+                let pubrel = wire::ack(v, 6, pkid, 0);
+                match s.inflight.get_mut(&pkid) {
+                    Some(m) if m.qos == 2 => {
+                        if !m.released {
+                            m.released = true;
+                            if let Source::Shared(g, position) = &m.source {
+                                g.settle(position);
+                            }
+                        }
+                        if s.persistent {
+                            let (store, entries) = (ctx.store.clone(), session_entries(s));
+                            s.dirty = false;
+                            let _ = tx
+                                .send(Box::pin(async move {
+                                    match store.kv_write(KvSpace::MqttSessions, entries).await {
+                                        Ok(()) => Some(pubrel),
+                                        Err(_) => Some(CLOSE.clone()),
+                                    }
+                                }))
+                                .await;
+                        } else {
+                            let _ = tx.send(send(pubrel)).await;
+                        }
+                    }
+                    _ if v == Version::V5 => {
+                        let _ = tx.send(send(wire::ack(v, 6, pkid, 0x92))).await;
+                    }
+                    _ => {}
                 }
             }
             In::Subscribe { pkid, subs } => {
@@ -893,15 +900,15 @@ async fn session_loop(
                             continue;
                         };
                         if s.subs.len() + s.shared.len() >= ctx.cfg.subscriptions_per_client_max as usize
-                            && !s.shared.iter().any(|(f, _, _)| *f == sub.filter)
+                            && !s.shared.iter().any(|(_, g)| g.name == sub.filter)
                         {
                             codes.push(0x97);
                             continue;
                         }
                         let group = shared_group(ctx, &sub.filter, inner);
                         let granted = sub.qos.min(2);
-                        s.shared.retain(|(f, _, _)| *f != sub.filter);
-                        s.shared.push((sub.filter.clone(), granted, group));
+                        s.shared.retain(|(_, g)| g.name != sub.filter);
+                        s.shared.push((granted, group));
                         codes.push(granted);
                         continue;
                     }
@@ -947,9 +954,10 @@ async fn session_loop(
                             s.subs.remove(i);
                             0
                         }
-                        None => match s.shared.iter().position(|(x, _, _)| x == f) {
+                        None => match s.shared.iter().position(|(_, g)| &g.name == f) {
                             Some(i) => {
-                                s.shared.remove(i);
+                                let (_, g) = s.shared.remove(i);
+                                release_groups(ctx, vec![(0, g)]);
                                 0
                             }
                             None => 0x11,
@@ -966,7 +974,7 @@ async fn session_loop(
 }
 
 /// Whether some topic name could match both filters.
-pub(crate) fn filters_overlap(a: &str, b: &str) -> bool {
+pub(super) fn filters_overlap(a: &str, b: &str) -> bool {
     let mut x = a.split('/');
     let mut y = b.split('/');
     loop {
@@ -1009,118 +1017,140 @@ fn refresh_cursors(ctx: &Ctx, s: &mut Session) {
 
 fn subscription_watches(ctx: &Ctx, s: &Session) -> Vec<crate::storage::PartitionWatch> {
     let mut keys: Vec<(String, i32)> = s.cursors.keys().cloned().collect();
-    for (_, _, g) in &s.shared {
-        if let Ok(c) = g.cursors.lock() {
-            keys.extend(c.keys().cloned());
-        }
+    for (_, g) in &s.shared {
+        keys.extend(g.partitions());
     }
     keys.iter().filter_map(|(t, p)| ctx.store.watch(t, *p).ok()).collect()
 }
 
-/// The shared group of a `$share/...` filter, created with cursors at the current log ends.
-fn shared_group(ctx: &Ctx, full: &str, inner: &str) -> Arc<SharedGroup> {
+/// The shared group of a `$share/...` filter: the one in use, or the stored one (a persistent
+/// member subscribed before a restart), or a new one starting at the current log ends.
+fn shared_group(ctx: &Ctx, name: &str, inner: &str) -> Arc<SharedGroup> {
     let mut groups = ctx.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(g) = groups.get(full) {
+    if let Some(g) = groups.get(name) {
         return g.clone();
     }
-    let g = Arc::new(SharedGroup { filter: inner.to_string(), cursors: Mutex::new(HashMap::new()) });
-    if let Ok(mut c) = g.cursors.lock() {
+    let stored = ctx.store.kv_get(KvSpace::MqttSessions, &shared_key(name)).ok().flatten();
+    let cursors = stored.as_deref().and_then(decode_shared).unwrap_or_else(|| {
+        let mut c = HashMap::new();
         for (route_filter, log_topic) in ctx.router.filters() {
-            if filters_overlap(route_filter, inner) {
-                if let Some(info) = ctx.store.topic(log_topic) {
-                    for p in 0..info.partitions as i32 {
-                        if let Ok(wm) = ctx.store.watermarks(log_topic, p) {
-                            c.insert((log_topic.to_string(), p), wm.high_watermark);
-                        }
-                    }
+            if !filters_overlap(route_filter, inner) {
+                continue;
+            }
+            let Some(info) = ctx.store.topic(log_topic) else { continue };
+            for p in 0..info.partitions as i32 {
+                if let Ok(wm) = ctx.store.watermarks(log_topic, p) {
+                    c.insert((log_topic.to_string(), p), wm.high_watermark);
                 }
             }
         }
-    }
-    groups.insert(full.to_string(), g.clone());
+        c
+    });
+    let g = Arc::new(SharedGroup::new(name, inner, cursors));
+    groups.insert(name.to_string(), g.clone());
     g
 }
 
-/// A message taken for delivery: MQTT topic, QoS, payload, properties.
-type Outgoing = (String, u8, Bytes, PublishProps);
+/// A session leaves these groups: a group no session uses any more leaves memory (its position
+/// stays stored for persistent members that come back).
+fn release_groups(ctx: &Ctx, groups: Vec<(u8, Arc<SharedGroup>)>) {
+    let mut map = ctx.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (_, g) in groups {
+        let name = g.name.clone();
+        drop(g);
+        if map.get(&name).is_some_and(|g| Arc::strong_count(g) == 1) {
+            map.remove(&name);
+        }
+    }
+}
 
-/// Takes up to `budget` messages of a shared group from its common cursors (new partitions
-/// start at their log start).
-fn take_shared(ctx: &Ctx, g: &SharedGroup, granted: u8, budget: usize, with_props: bool) -> Vec<Outgoing> {
-    let mut out = Vec::new();
-    let Ok(mut cursors) = g.cursors.lock() else { return out };
-    for (route_filter, log_topic) in ctx.router.filters() {
-        if !filters_overlap(route_filter, &g.filter) {
-            continue;
-        }
-        if let Some(info) = ctx.store.topic(log_topic) {
-            for p in 0..info.partitions as i32 {
-                if let Ok(wm) = ctx.store.watermarks(log_topic, p) {
-                    cursors.entry((log_topic.to_string(), p)).or_insert(wm.log_start_offset);
-                }
-            }
-        }
-    }
-    let keys: Vec<(String, i32)> = cursors.keys().cloned().collect();
-    for (t, p) in keys {
-        while out.len() < budget {
-            let Some(&offset) = cursors.get(&(t.clone(), p)) else { break };
-            let Ok(wm) = ctx.store.watermarks(&t, p) else { break };
-            if offset >= wm.high_watermark {
-                break;
-            }
-            let from = offset.max(wm.log_start_offset);
-            let Ok(records) = ctx.store.read_records(&t, p, from, 64 * 1024) else { break };
-            let mut next = from;
-            for r in records {
-                if r.offset < from {
-                    continue;
-                }
-                if out.len() >= budget {
-                    break;
-                }
-                next = r.offset + 1;
-                let header = |name: &str| {
-                    r.headers
-                        .iter()
-                        .find(|(k, _)| k == name)
-                        .and_then(|(_, v)| v.as_ref())
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                };
-                let mqtt_topic = header(HEADER_TOPIC).map_or_else(|| t.clone(), str::to_string);
-                if !topic::matches(&mqtt_topic, &g.filter) {
-                    continue;
-                }
-                if header(HEADER_EXPIRES).and_then(|d| d.parse::<i64>().ok()).is_some_and(|d| d <= now_ms()) {
-                    continue;
-                }
-                let stored_qos = header(HEADER_QOS).and_then(|q| q.parse::<u8>().ok()).unwrap_or(1);
-                let props = if with_props { props_of(&r.headers) } else { PublishProps::default() };
-                out.push((mqtt_topic, granted.min(stored_qos), r.value.clone().unwrap_or_default(), props));
-            }
-            if next == from {
-                break;
-            }
-            cursors.insert((t.clone(), p), next);
+/// The header `name` of a stored record, as text.
+fn header<'a>(r: &'a StoredRecord, name: &str) -> Option<&'a str> {
+    r.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_ref()).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// The MQTT topic a stored record is delivered under (its `mqtt.topic` header, or the log topic
+/// for records produced through Kafka) and the QoS it was published with.
+fn mqtt_view(r: &StoredRecord, log_topic: &str) -> (String, u8) {
+    let topic = header(r, HEADER_TOPIC).map_or_else(|| log_topic.to_string(), str::to_string);
+    let qos = header(r, HEADER_QOS).and_then(|q| q.parse::<u8>().ok()).unwrap_or(1);
+    (topic, qos)
+}
+
+fn expired(r: &StoredRecord) -> bool {
+    header(r, HEADER_EXPIRES).and_then(|d| d.parse::<i64>().ok()).is_some_and(|d| d <= now_ms())
+}
+
+/// A persistent session's messages that were in flight when it was stored: a PUBREL again for
+/// those the client has (QoS 2 after PUBREC), the message again (same packet id, DUP set) for the
+/// others. Messages gone to retention meanwhile are counted and skipped.
+async fn resume_inflight(
+    ctx: &Ctx,
+    s: &mut Session,
+    tx: &mpsc::Sender<Pending>,
+    stored: Vec<StoredInflight>,
+) -> Result<(), String> {
+    for m in stored {
+        s.next_pkid = s.next_pkid.max(m.pkid.checked_add(1).unwrap_or(1));
+        let bytes = if m.released {
+            wire::ack(s.version, 6, m.pkid, 0)
+        } else {
+            let (t, p, off) = &m.position;
+            let record = ctx
+                .store
+                .read_records(t, *p, *off, 1)
+                .ok()
+                .and_then(|rs| rs.into_iter().find(|r| r.offset == *off));
+            let Some(r) = record else {
+                tracing::warn!(client = %s.client_id, topic = %t, partition = p, offset = off,
+                    "message in flight fell behind retention: skipped");
+                ctx.stats.retention_skipped_messages.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let (topic, _) = mqtt_view(&r, t);
+            let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+            let payload = r.value.clone().unwrap_or_default();
+            wire::publish(s.version, &topic, m.qos, false, true, m.pkid, &payload, &props)
+        };
+        s.inflight.insert(m.pkid, Inflight { qos: m.qos, released: m.released, source: Source::Log(m.position) });
+        if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
+            return Err("writer closed".into());
         }
     }
-    out
+    Ok(())
 }
 
 /// Sends subscribers what arrived since their cursors, within the in-flight window.
 async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Result<(), String> {
-    let shared: Vec<(u8, Arc<SharedGroup>)> = s.shared.iter().map(|(_, q, g)| (*q, g.clone())).collect();
+    let shared = s.shared.clone();
     for (granted, g) in shared {
         let budget = s.window.saturating_sub(s.inflight.len()).min(SHARED_BATCH);
-        for (t, qos, payload, props) in take_shared(ctx, &g, granted, budget, s.version == Version::V5) {
-            let pkid = if qos > 0 {
-                let id = next_pkid(s);
-                s.inflight.insert(id, None);
-                id
-            } else {
-                0
-            };
+        if budget == 0 {
+            break;
+        }
+        let log_topics: Vec<&str> = ctx
+            .router
+            .filters()
+            .into_iter()
+            .filter(|(route_filter, _)| filters_overlap(route_filter, &g.filter))
+            .map(|(_, t)| t)
+            .collect();
+        let taken = g.take(&ctx.store, &log_topics, budget, |log_topic, r| {
+            topic::matches(&mqtt_view(r, log_topic).0, &g.filter) && !expired(r)
+        });
+        for (position, r) in taken {
+            let (t, stored_qos) = mqtt_view(&r, &position.0);
+            let qos = granted.min(stored_qos);
+            let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+            let payload = r.value.clone().unwrap_or_default();
+            let pkid = if qos > 0 { next_pkid(s) } else { 0 };
             let bytes = wire::publish(s.version, &t, qos, false, false, pkid, &payload, &props);
+            if bytes.len() > s.max_packet_out || qos == 0 {
+                g.settle(&position);
+            } else {
+                s.inflight.insert(pkid, Inflight::new(qos, Source::Shared(g.clone(), position)));
+                s.dirty = s.persistent;
+            }
             if bytes.len() > s.max_packet_out {
                 s.inflight.remove(&pkid);
                 ctx.stats.oversized_messages.fetch_add(1, Ordering::Relaxed);
@@ -1177,28 +1207,8 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
                     continue;
                 }
                 next = r.offset + 1;
-                let mqtt_topic = r
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == HEADER_TOPIC)
-                    .and_then(|(_, v)| v.as_ref())
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .map_or_else(|| log_topic.clone(), str::to_string);
-                let stored_qos = r
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == HEADER_QOS)
-                    .and_then(|(_, v)| v.as_ref())
-                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u8>().ok())
-                    .unwrap_or(1);
-                let header = |name: &str| {
-                    r.headers
-                        .iter()
-                        .find(|(k, _)| k == name)
-                        .and_then(|(_, v)| v.as_ref())
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                };
-                let own = header(HEADER_CLIENT) == Some(s.client_id.as_str());
+                let (mqtt_topic, stored_qos) = mqtt_view(&r, &log_topic);
+                let own = header(&r, HEADER_CLIENT) == Some(s.client_id.as_str());
                 let Some(qos) = s
                     .subs
                     .iter()
@@ -1208,7 +1218,7 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
                 else {
                     continue;
                 };
-                if header(HEADER_EXPIRES).and_then(|d| d.parse::<i64>().ok()).is_some_and(|d| d <= now_ms()) {
+                if expired(&r) {
                     ctx.stats.expired_messages.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -1216,7 +1226,7 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
                 let payload = r.value.clone().unwrap_or_default();
                 let pkid = if qos > 0 {
                     let id = next_pkid(s);
-                    s.inflight.insert(id, Some((log_topic.clone(), p, r.offset)));
+                    s.inflight.insert(id, Inflight::new(qos, Source::Log((log_topic.clone(), p, r.offset))));
                     id
                 } else {
                     0
@@ -1292,7 +1302,7 @@ async fn send_retained(
         let qos = v[0].min(granted);
         let pkid = if qos > 0 {
             let id = next_pkid(s);
-            s.inflight.insert(id, None);
+            s.inflight.insert(id, Inflight::new(qos, Source::Retained));
             id
         } else {
             0
