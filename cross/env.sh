@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced, not run: `source cross/env.sh TRIPLE` prepares cargo to build and run for an ARM
 # target on this x86-64 Debian machine. Installs what is missing (Debian's cross gcc, used only
 # as the linker, and qemu-user-static; the Rust standard library with rustup) and exports

@@ -27,10 +27,10 @@ done
 if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
     cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
 fi
-# dpkg-shlibdeps computes the package's Depends on shared libraries (libc6).
-command -v dpkg-shlibdeps >/dev/null 2>&1 || {
+# readelf (binutils) checks the binary's shared libraries below.
+command -v readelf >/dev/null 2>&1 || {
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpkg-dev
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binutils
 }
 
 target_args=()
@@ -42,14 +42,22 @@ fi
 start=$(date +%s)
 cargo build --release --locked -p tributary-gateway --bin tributary "${target_args[@]}"
 echo "deb: release build $(( $(date +%s) - start )) s" >&2
+# Depends: in firmware-gateway/Cargo.toml states libc6 (>= 2.34) and nothing else: check it.
+bin="$CARGO_TARGET_DIR/${target:+$target/}release/tributary"
+needed=$(readelf -d "$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | sort | tr '\n' ' ')
+for lib in $needed; do
+    case "$lib" in
+        libc.so.6 | libm.so.6 | libgcc_s.so.1 | ld-linux*) ;;
+        *) echo "deb.sh: $bin needs $lib: add its package to depends in firmware-gateway/Cargo.toml" >&2; exit 1 ;;
+    esac
+done
+glibc=$(readelf -V --wide "$bin" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
+if [ "$(printf '%s\n2.34\n' "$glibc" | sort -V | tail -1)" != 2.34 ]; then
+    echo "deb.sh: $bin needs glibc $glibc: raise libc6 (>= 2.34) in firmware-gateway/Cargo.toml" >&2
+    exit 1
+fi
 # The release profile already strips symbols (Cargo.toml); no target strip tool is needed.
 out_dir="$CARGO_TARGET_DIR/debian"
 mkdir -p "$out_dir"
-cargo deb --no-build --no-strip --locked -p tributary-gateway "${target_args[@]}" --output "$out_dir" >&2
-case "$target" in
-    "") arch=$(dpkg --print-architecture) ;;
-    aarch64-unknown-linux-gnu) arch=arm64 ;;
-    armv7-unknown-linux-gnueabihf) arch=armhf ;;
-    *) arch='*' ;;
-esac
-ls -t "$out_dir"/tributary_*_$arch.deb | head -1
+# cargo deb prints the package's path on stdout: this script's last line.
+cargo deb --no-build --no-strip --locked -p tributary-gateway "${target_args[@]}" --output "$out_dir"

@@ -55,7 +55,7 @@ chmod 755 "$work"
 ( cd /var/lib/tributary && umask 0077 && exec setpriv --reuid=tributary --regid=tributary --init-groups \
     /usr/bin/tributary serve --config "$work/gateway.toml" ) 2> "$work/gateway.log" &
 gateway_pid=$!
-timeout 60 grep -q -m1 "tributary gateway ready" <(tail -F "$work/gateway.log" 2>/dev/null) \
+timeout 60 grep -q -m1 "tributary gateway ready" <(tail -F --pid="$gateway_pid" "$work/gateway.log" 2>/dev/null) \
     || { cat "$work/gateway.log" >&2; fail "the packaged gateway did not become ready"; }
 check "database in /var/lib/tributary/tributary-data, owned by tributary" \
     [ "$(stat -c %U /var/lib/tributary/tributary-data/tributary.redb)" = tributary ]
