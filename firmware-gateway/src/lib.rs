@@ -98,6 +98,8 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let service = systemd::Service::from_env();
+    // Shown by `systemctl status` while a database left by a power cut is repaired.
+    service.status("opening the log store");
     let storage = cfg.storage.clone();
     let (store, report) = tokio::task::spawn_blocking(move || Store::open(storage))
         .await

@@ -136,6 +136,13 @@ impl Service {
         Service { notifier, watchdog }
     }
 
+    /// Updates the status line `systemctl status` shows.
+    pub fn status(&self, status: &str) {
+        if let Some(n) = &self.notifier {
+            n.notify_or_warn(&[("STATUS", status)]);
+        }
+    }
+
     /// Tells systemd the gateway is serving (store open, listeners bound), with a status line.
     pub fn ready(&self, status: &str) {
         if let Some(n) = &self.notifier {

@@ -74,7 +74,8 @@ fn gateway_notifies_ready_after_binding_feeds_the_watchdog_and_notifies_stopping
         .expect("spawn gateway");
     let (stderr, reader) = collect_stderr(&mut child);
 
-    // The first message is READY, and the listeners it names already accept connections.
+    // A status line while the store opens, then READY; the listeners it names accept connections.
+    assert_eq!(next_message(&socket, &stderr), "STATUS=opening the log store");
     let ready = next_message(&socket, &stderr);
     let mut lines = ready.lines();
     assert_eq!(lines.next(), Some("READY=1"), "{ready:?}");
