@@ -11,7 +11,7 @@ mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,6 +51,9 @@ pub(crate) struct PartitionState {
     pub signal: watch::Sender<PartitionSignal>,
     pub logical_bytes: AtomicU64,
     pub footprint_bytes: AtomicU64,
+    /// Offset below which the partition is mirrored to the central cluster (-1: nothing known).
+    /// Global retention deletes mirrored batches first.
+    pub mirrored: AtomicI64,
 }
 
 impl PartitionState {
@@ -67,6 +70,7 @@ impl PartitionState {
             signal,
             logical_bytes: AtomicU64::new(meta.logical_bytes),
             footprint_bytes: AtomicU64::new(meta.footprint_bytes),
+            mirrored: AtomicI64::new(-1),
         })
     }
 }
@@ -188,6 +192,8 @@ pub(crate) struct Counters {
     pub appended_bytes: AtomicU64,
     pub retention_deleted_batches: AtomicU64,
     pub retention_deleted_bytes: AtomicU64,
+    /// Batches retention deleted before the mirror had them.
+    pub retention_deleted_unmirrored_batches: AtomicU64,
     pub footprint_bytes: AtomicU64,
     pub logical_bytes: AtomicU64,
     pub failed_commits: AtomicU64,
@@ -204,6 +210,7 @@ pub struct StoreStats {
     pub appended_bytes: u64,
     pub retention_deleted_batches: u64,
     pub retention_deleted_bytes: u64,
+    pub retention_deleted_unmirrored_batches: u64,
     pub footprint_bytes: u64,
     pub logical_bytes: u64,
     pub failed_commits: u64,
@@ -221,6 +228,34 @@ impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared").field("db_path", &self.db_path).finish_non_exhaustive()
     }
+}
+
+fn mirror_key(pkey: u64) -> Vec<u8> {
+    let mut k = b"m\0".to_vec();
+    k.extend_from_slice(&pkey.to_be_bytes());
+    k
+}
+
+/// Mirror progress stored by `Store::set_mirrored`, back into the partitions at open.
+fn load_mirror_marks(db: &Database, shared: &Shared) -> Result<(), StoreError> {
+    let rtx = db.begin_read()?;
+    let table = match rtx.open_table(KvSpace::Mirror.table()) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let topics = shared.topics.read().map_err(|_| StoreError::Corrupt("topic map lock poisoned".into()))?;
+    let by_key: HashMap<u64, &Arc<PartitionState>> =
+        topics.values().flat_map(|t| t.partitions.iter()).map(|p| (p.key, p)).collect();
+    for e in table.range(&b"m\0"[..]..&b"m\x01"[..])? {
+        let (k, v) = e?;
+        let (Some(key), Ok(off)) = (k.value().get(2..10), <[u8; 8]>::try_from(v.value())) else { continue };
+        let pkey = u64::from_be_bytes(key.try_into().unwrap_or_default());
+        if let Some(p) = by_key.get(&pkey) {
+            p.mirrored.store(i64::from_be_bytes(off), Ordering::Relaxed);
+        }
+    }
+    Ok(())
 }
 
 /// Handle to the store; cheap to clone. Dropping the last handle (or `close`) commits what is
@@ -286,6 +321,7 @@ impl Store {
             topics: RwLock::new(loaded.topics.clone()),
             counters: Counters::default(),
         });
+        load_mirror_marks(&db, &shared)?;
         let report = OpenReport {
             duration: started.elapsed(),
             repaired: repaired.load(Ordering::Relaxed),
@@ -710,6 +746,25 @@ impl Store {
         Ok(None)
     }
 
+    // ---- mirror progress ----
+
+    /// Records that everything below `offset` of a partition is stored in the central cluster:
+    /// durable when this returns, and global retention deletes those batches first.
+    pub async fn set_mirrored(&self, topic: &str, partition: i32, offset: i64) -> Result<(), StoreError> {
+        let (_, p) = self.partition_state(topic, partition)?;
+        self.kv_put(KvSpace::Mirror, mirror_key(p.key), Some(offset.to_be_bytes().to_vec())).await?;
+        p.mirrored.fetch_max(offset, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The offset below which a partition is mirrored (`None`: nothing mirrored yet). Kept
+    /// per partition, so a topic deleted and created again starts unmirrored.
+    pub fn mirrored(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let (_, p) = self.partition_state(topic, partition)?;
+        let m = p.mirrored.load(Ordering::Relaxed);
+        Ok((m >= 0).then_some(m))
+    }
+
     // ---- key-value spaces ----
 
     /// Durably sets (`Some`) or removes (`None`) a key; returns after the commit.
@@ -772,6 +827,7 @@ impl Store {
             appended_batches: l(&c.appended_batches),
             appended_bytes: l(&c.appended_bytes),
             retention_deleted_batches: l(&c.retention_deleted_batches),
+            retention_deleted_unmirrored_batches: l(&c.retention_deleted_unmirrored_batches),
             retention_deleted_bytes: l(&c.retention_deleted_bytes),
             footprint_bytes: l(&c.footprint_bytes),
             logical_bytes: l(&c.logical_bytes),

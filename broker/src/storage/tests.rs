@@ -344,3 +344,56 @@ async fn probe_is_answered_by_a_live_writer_and_fails_once_closed() {
     store.close().await.expect("close");
     assert!(matches!(store.probe().await, Err(StoreError::Closed)));
 }
+
+#[tokio::test]
+async fn global_retention_deletes_mirrored_batches_before_older_unmirrored_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StorageConfig { max_bytes: 16 << 20, ..config(dir.path()) };
+    let store = Store::open(cfg).expect("open").0;
+    let plain = TopicConfig { compression: Codec::None, ..TopicConfig::default() };
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut noise = |n: usize| {
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            v.extend_from_slice(&seed.to_le_bytes());
+        }
+        Bytes::from(v)
+    };
+    let mut fill = |topic: &'static str, mib: usize| {
+        let batches: Vec<Vec<NewRecord>> =
+            (0..mib * 16).map(|_| (0..16).map(|_| NewRecord::new(None::<Bytes>, noise(4096))).collect()).collect();
+        (topic, batches)
+    };
+    // The oldest data is not mirrored; newer data is, fully.
+    // 3 + 3 MiB stay under the 90% high mark of 16 MiB (with page overhead); 6 more go past it.
+    for (topic, mib) in [("unmirrored", 3), ("mirrored", 3), ("fresh", 0)] {
+        store.create_topic(topic, 1, plain.clone()).await.expect("create");
+        let (_, batches) = fill(topic, mib);
+        for b in batches {
+            store.append_records(topic, 0, b).await.expect("append");
+        }
+    }
+    let hw = store.watermarks("mirrored", 0).expect("wm").high_watermark;
+    store.set_mirrored("mirrored", 0, hw).await.expect("mark");
+    assert_eq!(store.mirrored("mirrored", 0).expect("mark"), Some(hw));
+    assert_eq!(store.mirrored("unmirrored", 0).expect("mark"), None);
+    assert_eq!(store.stats().retention_deleted_batches, 0, "{:?}", store.stats());
+    // Past the high mark: retention frees space.
+    let (_, batches) = fill("fresh", 6);
+    for b in batches {
+        store.append_records("fresh", 0, b).await.expect("append");
+    }
+    let unmirrored = store.watermarks("unmirrored", 0).expect("wm");
+    let mirrored = store.watermarks("mirrored", 0).expect("wm");
+    assert!(mirrored.log_start_offset > 0, "mirrored data deleted: {mirrored:?} {:?}", store.stats());
+    assert_eq!(unmirrored.log_start_offset, 0, "older unmirrored data kept while mirrored data remained");
+    assert!(store.stats().retention_deleted_batches > 0);
+    assert_eq!(store.stats().retention_deleted_unmirrored_batches, 0);
+    // The mark survives a restart.
+    store.close().await.expect("close");
+    let store = open(dir.path());
+    assert_eq!(store.mirrored("mirrored", 0).expect("mark"), Some(hw));
+}

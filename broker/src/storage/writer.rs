@@ -259,6 +259,8 @@ struct Round {
     appended_batches: u64,
     appended_bytes: u64,
     deleted_batches: u64,
+    /// Of those, batches the mirror did not have yet.
+    deleted_unmirrored_batches: u64,
     deleted_bytes: u64,
     /// Front (oldest batch) append times learned or changed this round; `None` = empty.
     fronts: HashMap<u64, Option<i64>>,
@@ -836,7 +838,15 @@ impl Writer {
         self.put_meta(t, r, pkey, m)?;
         r.deleted_batches += 1;
         r.deleted_bytes += batch_len;
+        if (next as i64) > self.mirrored(pkey) {
+            r.deleted_unmirrored_batches += 1;
+        }
         Ok(Some(fp))
+    }
+
+    /// The partition's mirror mark (-1: none).
+    fn mirrored(&self, pkey: u64) -> i64 {
+        self.pstates.get(&pkey).map_or(-1, |p| p.mirrored.load(Ordering::Relaxed))
     }
 
     fn footprint_now(&self, r: &Round) -> u64 {
@@ -874,7 +884,18 @@ impl Writer {
         if !self.retention_active {
             return Ok(());
         }
-        // Oldest front first across partitions.
+        // Batches the central cluster already has go first (a mirrored partition's front), then
+        // the oldest front across partitions.
+        let mirrored: Vec<(u64, i64)> =
+            self.pstates.iter().map(|(k, p)| (*k, p.mirrored.load(Ordering::Relaxed))).filter(|(_, m)| *m > 0).collect();
+        for (pkey, mark) in mirrored {
+            while total > low && freed < cap {
+                let below = |h: &BatchHeader, _: u64, _: &PartitionMeta| h.next_offset() <= mark;
+                let Some(fp) = self.delete_front_if(t, r, pkey, below)? else { break };
+                freed += fp;
+                total = total.saturating_sub(fp);
+            }
+        }
         let mut heap = BinaryHeap::new();
         let keys: Vec<u64> = self.metas.keys().chain(r.metas.keys()).copied().collect();
         let mut seen = std::collections::HashSet::new();
@@ -1137,6 +1158,7 @@ impl Writer {
         c.appended_batches.fetch_add(r.appended_batches, Ordering::Relaxed);
         c.appended_bytes.fetch_add(r.appended_bytes, Ordering::Relaxed);
         c.retention_deleted_batches.fetch_add(r.deleted_batches, Ordering::Relaxed);
+        c.retention_deleted_unmirrored_batches.fetch_add(r.deleted_unmirrored_batches, Ordering::Relaxed);
         c.retention_deleted_bytes.fetch_add(r.deleted_bytes, Ordering::Relaxed);
         c.footprint_bytes.store(self.footprint_total, Ordering::Relaxed);
         c.logical_bytes.store(self.logical_total, Ordering::Relaxed);
