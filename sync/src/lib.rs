@@ -1,5 +1,16 @@
-//! Tributary's mirror of gateway topics to a central Kafka cluster over QUIC. Empty until the
-//! mirroring issue lands; it exists now so the dependency direction
-//! `firmware-gateway -> sync -> broker` is fixed from the start.
+//! Tributary's mirror of gateway topics to a central Kafka cluster over QUIC: the wire protocol
+//! and flow control (sans-I/O), TLS and certificates, the gateway side, and (feature `cloud`) the
+//! `tributary-cloud` receiver that writes into Kafka.
 
+pub mod certs;
+pub mod config;
+pub mod core;
+pub mod gateway;
+pub mod protocol;
+pub mod tls;
+
+#[cfg(feature = "cloud")]
+pub mod cloud;
+
+pub use config::{CloudConfig, MirrorConfig};
 pub use tributary_broker as broker;

@@ -1,0 +1,742 @@
+//! The cloud receiver (`tributary-cloud`): accepts gateways over QUIC (mutual TLS, the claimed
+//! site checked against the certificate), decides where each partition resumes from the central
+//! cluster's own last record (its provenance headers), pulls batches with per-partition credit,
+//! writes every record with librdkafka's idempotent producer into `{site}.{topic}`, records gaps,
+//! and tells the gateway what is safely stored. A second connection of a site replaces the first
+//! only after the first's writes are all acknowledged, so resuming never duplicates.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+use tributary_broker::storage::batch::{decode_records, BatchHeader};
+
+use crate::config::CloudConfig;
+use crate::core::{Flow, Progress};
+use crate::protocol::{Control, Data, Decoder, PartitionReport, ProtocolError};
+use crate::tls::{self, TlsError};
+
+/// Provenance headers added to every mirrored record.
+pub const HEADER_SITE: &str = "tributary.site";
+pub const HEADER_TOPIC: &str = "tributary.topic";
+pub const HEADER_PARTITION: &str = "tributary.partition";
+pub const HEADER_OFFSET: &str = "tributary.offset";
+
+/// Why the receiver, or one site's session, stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] tributary_broker::ConfigError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("{0}")]
+    Credit(#[from] crate::core::CreditExceeded),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("kafka: {0}")]
+    KafkaCode(RDKafkaErrorCode),
+    #[error("bad batch from the gateway: {0}")]
+    Batch(String),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+}
+
+/// Counters of the receiver.
+#[derive(Debug, Default)]
+pub struct CloudStats {
+    pub sites_connected: AtomicU64,
+    pub sessions: AtomicU64,
+    pub sessions_refused: AtomicU64,
+    pub records_written: AtomicU64,
+    pub batch_bytes_received: AtomicU64,
+    pub duplicates_skipped: AtomicU64,
+    pub gaps_recorded: AtomicU64,
+}
+
+struct SiteEntry {
+    id: u64,
+    stop: watch::Sender<bool>,
+    done: watch::Receiver<bool>,
+}
+
+struct Shared {
+    cfg: CloudConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    sites: Mutex<HashMap<String, SiteEntry>>,
+    next_id: AtomicU64,
+    stats: Arc<CloudStats>,
+}
+
+/// A bound receiver.
+pub struct CloudServer {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CloudServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudServer").field("listen", &self.endpoint.local_addr().ok()).finish_non_exhaustive()
+    }
+}
+
+fn kafka_config(cfg: &CloudConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.bootstrap_servers);
+    for (k, v) in &cfg.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+impl CloudServer {
+    /// Checks the configuration, loads the certificates, binds the UDP port and creates the
+    /// Kafka clients.
+    pub fn bind(cfg: CloudConfig) -> Result<Self, CloudError> {
+        cfg.validate()?;
+        let transport = tls::transport(
+            Duration::from_millis(cfg.keep_alive_ms),
+            Duration::from_millis(cfg.idle_timeout_ms),
+            cfg.partitions_per_site_max + 4,
+        )?;
+        let server = tls::server_config(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport)?;
+        let endpoint = quinn::Endpoint::server(server, cfg.listen).map_err(CloudError::Endpoint)?;
+        let producer: FutureProducer = kafka_config(&cfg)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            // Never give up on a record: a record that failed after later ones were written
+            // would break order. A session that cannot write ends instead.
+            .set("message.timeout.ms", "0")
+            .create()?;
+        let admin: AdminClient<DefaultClientContext> = kafka_config(&cfg).create()?;
+        let shared = Arc::new(Shared {
+            cfg,
+            producer,
+            admin,
+            sites: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            stats: Arc::new(CloudStats::default()),
+        });
+        Ok(Self { endpoint, shared })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn stats(&self) -> Arc<CloudStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Serves gateways until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut sessions = JoinSet::new();
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let shared = self.shared.clone();
+                    sessions.spawn(async move {
+                        let remote = incoming.remote_address();
+                        match incoming.await {
+                            Ok(conn) => {
+                                if let Err(e) = serve_site(&shared, &conn).await {
+                                    tracing::warn!(%remote, error = %e, "gateway session ended");
+                                    conn.close(1u32.into(), e.to_string().as_bytes());
+                                }
+                            }
+                            Err(e) => tracing::info!(%remote, error = %e, "gateway handshake failed"),
+                        }
+                    });
+                }
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            }
+        }
+        // Stop every site and let their writes finish.
+        let stops: Vec<watch::Sender<bool>> = self
+            .shared
+            .sites
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|s| s.stop.clone())
+            .collect();
+        for s in stops {
+            let _ = s.send(true);
+        }
+        while sessions.join_next().await.is_some() {}
+        self.endpoint.close(0u32.into(), b"receiver stopping");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+async fn read_control(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut Decoder,
+    buf: &mut [u8],
+) -> Result<Option<Control>, CloudError> {
+    loop {
+        if let Some(c) = decoder.next_control()? {
+            return Ok(Some(c));
+        }
+        match recv.read(buf).await? {
+            Some(n) => decoder.feed(&buf[..n]),
+            None => return Ok(None),
+        }
+    }
+}
+
+/// One gateway connection: identify, take over the site, stream.
+async fn serve_site(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<(), CloudError> {
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let mut decoder = Decoder::new(1 << 20);
+    let mut buf = vec![0u8; 16 * 1024];
+    let hello = tokio::time::timeout(Duration::from_secs(10), read_control(&mut recv, &mut decoder, &mut buf))
+        .await
+        .map_err(|_| CloudError::Timeout("hello"))??;
+    let Some(Control::Hello { site }) = hello else { return Err(ProtocolError::Unexpected("first").into()) };
+    if let Err(e) = tls::check_site(conn, &site) {
+        shared.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+        let _ = send.write_all(&Control::Refused { reason: e.to_string() }.encode()).await;
+        let _ = send.finish();
+        return Err(e.into());
+    }
+    // One session per site: a new connection replaces the old one once the old one's writes
+    // are acknowledged (it resumes from what the central cluster then holds).
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, done_rx) = watch::channel(false);
+    let previous = {
+        let mut sites = shared.sites.lock().unwrap_or_else(PoisonError::into_inner);
+        if !sites.contains_key(&site) && sites.len() >= shared.cfg.sites_max as usize {
+            Err(format!("sites_max = {} reached", shared.cfg.sites_max))
+        } else {
+            Ok(sites.insert(site.clone(), SiteEntry { id, stop: stop_tx, done: done_rx }))
+        }
+    };
+    let previous = match previous {
+        Ok(p) => p,
+        Err(reason) => {
+            let _ = send.write_all(&Control::Refused { reason: reason.clone() }.encode()).await;
+            return Err(CloudError::Refused(reason));
+        }
+    };
+    if let Some(old) = previous {
+        tracing::info!(%site, "a new connection replaces the site's session");
+        let _ = old.stop.send(true);
+        let mut done = old.done;
+        let wait = Duration::from_millis(shared.cfg.kafka.request_timeout_ms);
+        if tokio::time::timeout(wait, done.wait_for(|d| *d)).await.is_err() {
+            tracing::error!(%site, "the replaced session's writes are not acknowledged yet: resuming anyway");
+        }
+    }
+    shared.stats.sessions.fetch_add(1, Ordering::Relaxed);
+    shared.stats.sites_connected.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%site, remote = %conn.remote_address(), "gateway connected");
+    let result = Session::new(shared.clone(), site.clone(), conn.clone()).run(send, recv, decoder, stop_rx).await;
+    shared.stats.sites_connected.fetch_sub(1, Ordering::Relaxed);
+    let _ = done_tx.send(true);
+    let mut sites = shared.sites.lock().unwrap_or_else(PoisonError::into_inner);
+    if sites.get(&site).is_some_and(|e| e.id == id) {
+        sites.remove(&site);
+    }
+    result
+}
+
+/// One partition of a session: where it stands, its credit, its remote topic.
+struct Link {
+    remote: String,
+    start: i64,
+    flow: Mutex<Flow>,
+    progress: Mutex<Progress>,
+}
+
+type Links = Arc<Mutex<HashMap<(String, i32), Arc<Link>>>>;
+
+struct Session {
+    shared: Arc<Shared>,
+    site: String,
+    conn: quinn::Connection,
+    links: Links,
+    /// Remote topics known to exist with enough partitions.
+    ready_topics: HashMap<String, i32>,
+    /// A partition has a quarter window of credit to give back.
+    credit_due: Arc<Notify>,
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, site: String, conn: quinn::Connection) -> Self {
+        Self {
+            shared,
+            site,
+            conn,
+            links: Arc::new(Mutex::new(HashMap::new())),
+            ready_topics: HashMap::new(),
+            credit_due: Arc::new(Notify::new()),
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        mut decoder: Decoder,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), CloudError> {
+        let mut streams: JoinSet<Result<(), CloudError>> = JoinSet::new();
+        let interval = Duration::from_millis(self.shared.cfg.mirrored_report_interval_ms);
+        let mut tick = tokio::time::interval(interval);
+        let mut buf = vec![0u8; 16 * 1024];
+        let result = loop {
+            tokio::select! {
+                _ = stop.changed() => break Ok(()),
+                frame = read_control(&mut recv, &mut decoder, &mut buf) => {
+                    match frame {
+                        Ok(Some(Control::Partitions(list))) => {
+                            if let Err(e) = self.start_partitions(&mut send, list).await {
+                                break Err(e);
+                            }
+                        }
+                        Ok(Some(other)) => {
+                            tracing::debug!(?other, "unexpected control frame");
+                            break Err(ProtocolError::Unexpected("cloud-side").into());
+                        }
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+                uni = self.conn.accept_uni() => {
+                    match uni {
+                        Ok(stream) => {
+                            let task = StreamTask {
+                                shared: self.shared.clone(),
+                                site: self.site.clone(),
+                                links: self.links.clone(),
+                                credit_due: self.credit_due.clone(),
+                            };
+                            streams.spawn(task.run(stream));
+                        }
+                        Err(e) => break Err(e.into()),
+                    }
+                }
+                Some(done) = streams.join_next(), if !streams.is_empty() => {
+                    match done {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Err(e),
+                        Err(e) => break Err(CloudError::Refused(format!("stream task failed: {e}"))),
+                    }
+                }
+                () = self.credit_due.notified() => {
+                    if let Err(e) = self.send_updates(&mut send, false).await {
+                        break Err(e);
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.send_updates(&mut send, true).await {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        // Writes already handed to librdkafka finish (each stream task waits for its records)
+        // before this session counts as done; then the last progress goes to the gateway.
+        self.conn.close(0u32.into(), b"session ended");
+        while streams.join_next().await.is_some() {}
+        let _ = self.send_updates(&mut send, true).await;
+        result
+    }
+
+    /// Credit due and progress to report.
+    async fn send_updates(&self, send: &mut quinn::SendStream, tick: bool) -> Result<(), CloudError> {
+        let links: Vec<((String, i32), Arc<Link>)> =
+            self.links.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for ((topic, partition), link) in links {
+            if let Some(bytes) = link.flow.lock().unwrap_or_else(PoisonError::into_inner).take_credit(tick) {
+                out.extend_from_slice(&Control::Credit { topic: topic.clone(), partition, bytes }.encode());
+            }
+            if tick {
+                if let Some(offset) = link.progress.lock().unwrap_or_else(PoisonError::into_inner).take_report(now) {
+                    out.extend_from_slice(&Control::Mirrored { topic, partition, offset }.encode());
+                }
+            }
+        }
+        if !out.is_empty() {
+            send.write_all(&out).await?;
+        }
+        Ok(())
+    }
+
+    /// New partitions: remote topic ready, resume point from the central cluster, Start and
+    /// the first credit.
+    async fn start_partitions(&mut self, send: &mut quinn::SendStream, list: Vec<PartitionReport>) -> Result<(), CloudError> {
+        for p in list {
+            let key = (p.topic.clone(), p.partition);
+            if self.links.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&key) {
+                continue;
+            }
+            if self.links.lock().unwrap_or_else(PoisonError::into_inner).len()
+                >= self.shared.cfg.partitions_per_site_max as usize
+            {
+                tracing::warn!(site = %self.site, topic = %p.topic, partition = p.partition,
+                    "partitions_per_site_max reached: partition not mirrored");
+                continue;
+            }
+            let remote = self.shared.cfg.remote_topic(&self.site, &p.topic);
+            self.ensure_topic(&remote, p.partitions).await?;
+            let resume = self.resume_point(&remote, &p).await?;
+            // Nothing of this partition in the central cluster: from the beginning (a gateway
+            // whose log no longer starts at 0 reports the missing part as a gap).
+            let start = resume.unwrap_or(0);
+            tracing::info!(site = %self.site, topic = %p.topic, partition = p.partition, %remote, start,
+                "partition mirror starts");
+            let flow = Flow::new(self.shared.cfg.partition_credit_bytes, self.shared.cfg.frame_bytes_max);
+            let credit = flow.initial_credit();
+            let interval = Duration::from_millis(self.shared.cfg.mirrored_report_interval_ms);
+            let link = Link {
+                remote,
+                start,
+                flow: Mutex::new(flow),
+                progress: Mutex::new(Progress::new(start, interval)),
+            };
+            self.links.lock().unwrap_or_else(PoisonError::into_inner).insert(key, Arc::new(link));
+            let mut frames = Control::Start { topic: p.topic.clone(), partition: p.partition, offset: start }.encode().to_vec();
+            frames.extend_from_slice(&Control::Credit { topic: p.topic, partition: p.partition, bytes: credit }.encode());
+            send.write_all(&frames).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates the remote topic with at least `partitions` partitions.
+    async fn ensure_topic(&mut self, remote: &str, partitions: i32) -> Result<(), CloudError> {
+        if self.ready_topics.get(remote).is_some_and(|n| *n >= partitions) {
+            return Ok(());
+        }
+        let timeout = Duration::from_millis(self.shared.cfg.kafka.request_timeout_ms);
+        let opts = AdminOptions::new().request_timeout(Some(timeout)).operation_timeout(Some(timeout));
+        let rf = TopicReplication::Fixed(self.shared.cfg.kafka.replication_factor);
+        let created = self.shared.admin.create_topics([&NewTopic::new(remote, partitions, rf)], &opts).await?;
+        for r in created {
+            match r {
+                Ok(_) => tracing::info!(topic = %remote, partitions, "remote topic created"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(CloudError::KafkaCode(code)),
+            }
+        }
+        let have = self.remote_partitions(remote).await?;
+        if have < partitions {
+            let grown =
+                self.shared.admin.create_partitions([&NewPartitions::new(remote, partitions as usize)], &opts).await?;
+            for r in grown {
+                if let Err((_, code)) = r {
+                    return Err(CloudError::KafkaCode(code));
+                }
+            }
+            tracing::info!(topic = %remote, from = have, to = partitions, "remote topic grown");
+        }
+        self.ready_topics.insert(remote.to_string(), partitions);
+        Ok(())
+    }
+
+    async fn remote_partitions(&self, remote: &str) -> Result<i32, CloudError> {
+        let cfg = self.shared.cfg.clone();
+        let remote = remote.to_string();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = kafka_config(&cfg).set("group.id", "tributary-cloud").create()?;
+            let md = consumer.fetch_metadata(Some(&remote), Duration::from_millis(cfg.kafka.request_timeout_ms))?;
+            Ok(md.topics().iter().find(|t| t.name() == remote).map_or(0, |t| t.partitions().len() as i32))
+        })
+        .await
+        .map_err(|e| CloudError::Refused(format!("metadata task: {e}")))?
+    }
+
+    /// Where a partition resumes: after the last record this site wrote for it, read from the
+    /// central cluster (the only source of truth). `None`: nothing of it there yet.
+    async fn resume_point(&self, remote: &str, p: &PartitionReport) -> Result<Option<i64>, CloudError> {
+        let cfg = self.shared.cfg.clone();
+        let (remote, site, topic, partition) = (remote.to_string(), self.site.clone(), p.topic.clone(), p.partition);
+        tokio::task::spawn_blocking(move || last_mirrored(&cfg, &remote, partition, &site, &topic))
+            .await
+            .map_err(|e| CloudError::Refused(format!("resume task: {e}")))?
+    }
+}
+
+fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
+    m.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Reads the tail of a remote partition for the last record of (site, topic, partition).
+fn last_mirrored(cfg: &CloudConfig, remote: &str, partition: i32, site: &str, topic: &str) -> Result<Option<i64>, CloudError> {
+    const TAIL: i64 = 256;
+    let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
+    let consumer: BaseConsumer = kafka_config(cfg)
+        .set("group.id", "tributary-cloud")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    let (low, high) = consumer.fetch_watermarks(remote, partition, timeout)?;
+    if high <= low {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(remote, partition, Offset::Offset((high - TAIL).max(low)))?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    let wanted_partition = partition.to_string();
+    loop {
+        if Instant::now() > deadline {
+            return Err(CloudError::Timeout("reading the remote partition's tail"));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let ours = header(&m, HEADER_SITE) == Some(site)
+                    && header(&m, HEADER_TOPIC) == Some(topic)
+                    && header(&m, HEADER_PARTITION) == Some(wanted_partition.as_str());
+                if ours {
+                    if let Some(off) = header(&m, HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()) {
+                        last = Some(off + 1);
+                    }
+                }
+                if m.offset() >= high - 1 {
+                    break;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    if last.is_none() {
+        tracing::warn!(%remote, partition, "remote partition has records but none from this site in its tail: starting from 0");
+    }
+    Ok(last)
+}
+
+/// What the delivery tracker of a partition waits for, in order.
+enum Pending {
+    /// A record (or gap marker) written: everything below `next` is stored once it is acked.
+    Write { next: i64, delivery: DeliveryFuture },
+    /// A received batch is fully handled: its bytes of credit go back.
+    Credit(u64),
+}
+
+/// Reads one partition's data stream and writes its records into Kafka.
+struct StreamTask {
+    shared: Arc<Shared>,
+    site: String,
+    links: Links,
+    credit_due: Arc<Notify>,
+}
+
+impl StreamTask {
+    async fn run(self, mut stream: quinn::RecvStream) -> Result<(), CloudError> {
+        let mut decoder = Decoder::new(self.shared.cfg.frame_bytes_max as usize);
+        let mut buf = vec![0u8; 64 * 1024];
+        let open = loop {
+            if let Some(d) = decoder.next_data()? {
+                break d;
+            }
+            match stream.read(&mut buf).await? {
+                Some(n) => decoder.feed(&buf[..n]),
+                None => return Ok(()),
+            }
+        };
+        let Data::Open { topic, partition } = open else { return Err(ProtocolError::Unexpected("data before open").into()) };
+        let link = self
+            .links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(topic.clone(), partition))
+            .cloned()
+            .ok_or(ProtocolError::Unexpected("stream of a partition not started"))?;
+        // Deliveries are awaited in order by a tracker; its queue is bounded by the credit
+        // (bytes) and by this count (records).
+        let (tx, rx) = mpsc::channel::<Pending>(65_536);
+        let tracker = tokio::spawn(track(rx, link.clone(), self.credit_due.clone()));
+        let result = self.pump(&mut stream, &mut decoder, &mut buf, &topic, partition, &link, &tx).await;
+        drop(tx);
+        let tracked = tracker.await.map_err(|e| CloudError::Refused(format!("delivery tracker: {e}")))?;
+        result.and(tracked)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pump(
+        &self,
+        stream: &mut quinn::RecvStream,
+        decoder: &mut Decoder,
+        buf: &mut [u8],
+        topic: &str,
+        partition: i32,
+        link: &Link,
+        tx: &mpsc::Sender<Pending>,
+    ) -> Result<(), CloudError> {
+        let mut expected = link.start;
+        let limit = self.shared.cfg.decompressed_batch_bytes_max;
+        let stats = &self.shared.stats;
+        loop {
+            let frame = match decoder.next_data()? {
+                Some(f) => f,
+                None => match stream.read(buf).await? {
+                    Some(n) => {
+                        decoder.feed(&buf[..n]);
+                        continue;
+                    }
+                    None => return Ok(()),
+                },
+            };
+            match frame {
+                Data::Batch(batch) => {
+                    let len = batch.len() as u64;
+                    link.flow.lock().unwrap_or_else(PoisonError::into_inner).on_received(topic, partition, len)?;
+                    stats.batch_bytes_received.fetch_add(len, Ordering::Relaxed);
+                    let h = BatchHeader::parse(&batch).map_err(|e| CloudError::Batch(e.to_string()))?;
+                    let records = decode_records(&batch, limit).map_err(|e| CloudError::Batch(e.to_string()))?;
+                    for r in records {
+                        if r.offset < expected {
+                            stats.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 4);
+                        for (k, v) in &r.headers {
+                            headers = headers.insert(Header { key: k, value: v.as_deref() });
+                        }
+                        let (p, o) = (partition.to_string(), r.offset.to_string());
+                        headers = headers
+                            .insert(Header { key: HEADER_SITE, value: Some(self.site.as_bytes()) })
+                            .insert(Header { key: HEADER_TOPIC, value: Some(topic.as_bytes()) })
+                            .insert(Header { key: HEADER_PARTITION, value: Some(p.as_bytes()) })
+                            .insert(Header { key: HEADER_OFFSET, value: Some(o.as_bytes()) });
+                        let mut record: FutureRecord<'_, [u8], [u8]> =
+                            FutureRecord::to(&link.remote).partition(partition).timestamp(r.timestamp).headers(headers);
+                        if let Some(k) = &r.key {
+                            record = record.key(&k[..]);
+                        }
+                        if let Some(v) = &r.value {
+                            record = record.payload(&v[..]);
+                        }
+                        let delivery = self.enqueue(record).await?;
+                        if tx.send(Pending::Write { next: r.offset + 1, delivery }).await.is_err() {
+                            return Err(CloudError::Refused("delivery tracker stopped".into()));
+                        }
+                        stats.records_written.fetch_add(1, Ordering::Relaxed);
+                        expected = r.offset + 1;
+                    }
+                    expected = expected.max(h.next_offset());
+                    if tx.send(Pending::Credit(len)).await.is_err() {
+                        return Err(CloudError::Refused("delivery tracker stopped".into()));
+                    }
+                }
+                Data::Gap { from, to } => {
+                    if to <= expected {
+                        continue;
+                    }
+                    let from = from.max(expected);
+                    tracing::warn!(site = %self.site, %topic, partition, from, to,
+                        "gateway dropped records before they were mirrored: recording the gap");
+                    let value = format!(
+                        "{{\"site\":\"{}\",\"topic\":\"{}\",\"partition\":{},\"from_offset\":{},\"to_offset\":{},\"remote_topic\":\"{}\",\"recorded_ms\":{}}}",
+                        json_escape(&self.site), json_escape(topic), partition, from, to, json_escape(&link.remote), now_ms()
+                    );
+                    let key = format!("{}/{}/{}", self.site, topic, partition);
+                    let record: FutureRecord<'_, str, str> =
+                        FutureRecord::to(&self.shared.cfg.gaps_topic).key(key.as_str()).payload(value.as_str());
+                    let delivery = self.enqueue(record).await?;
+                    if tx.send(Pending::Write { next: to, delivery }).await.is_err() {
+                        return Err(CloudError::Refused("delivery tracker stopped".into()));
+                    }
+                    stats.gaps_recorded.fetch_add(1, Ordering::Relaxed);
+                    expected = to;
+                }
+                Data::Open { .. } => return Err(ProtocolError::Unexpected("second open").into()),
+            }
+        }
+    }
+
+    /// Hands a record to librdkafka, waiting while its queue is full.
+    async fn enqueue<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+        &self,
+        mut record: FutureRecord<'_, K, P>,
+    ) -> Result<DeliveryFuture, CloudError> {
+        loop {
+            match self.shared.producer.send_result(record) {
+                Ok(d) => return Ok(d),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    // librdkafka's queue drains as the cluster acknowledges: poll it shortly.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Awaits deliveries in order: progress moves only over acknowledged records, and credit goes
+/// back once a batch's records are all acknowledged.
+async fn track(mut rx: mpsc::Receiver<Pending>, link: Arc<Link>, credit_due: Arc<Notify>) -> Result<(), CloudError> {
+    while let Some(p) = rx.recv().await {
+        match p {
+            Pending::Write { next, delivery } => match delivery.await {
+                Ok(Ok(_)) => link.progress.lock().unwrap_or_else(PoisonError::into_inner).on_stored(next),
+                Ok(Err((e, _))) => return Err(e.into()),
+                Err(_) => return Err(CloudError::Refused("delivery cancelled".into())),
+            },
+            Pending::Credit(len) => {
+                let due = {
+                    let mut flow = link.flow.lock().unwrap_or_else(PoisonError::into_inner);
+                    flow.on_stored(len);
+                    flow.credit_due()
+                };
+                if due {
+                    credit_due.notify_one();
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn json_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,279 @@
+//! The mirror's settings: `[mirror]` in the gateway's config, and the whole `cloud.toml` of
+//! `tributary-cloud`. Every key has a documented default and is validated with an error naming it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tributary_broker::config::check_range;
+use tributary_broker::ConfigError;
+
+const MIB: u64 = 1 << 20;
+
+/// `[mirror]` of gateway.toml: where the cloud is, who this site is, what to mirror.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorConfig {
+    /// Mirror at all.
+    pub enabled: bool,
+    /// The cloud receiver, `host:port` (UDP, QUIC).
+    pub cloud: String,
+    /// Name in the cloud's certificate; empty = the host part of `cloud`.
+    pub server_name: String,
+    /// This gateway's site id: a DNS label (letters, digits, `-`), also named in its certificate.
+    pub site: String,
+    /// CA that signed the cloud's certificate (and this site's).
+    pub ca_file: PathBuf,
+    /// This site's certificate and private key (PEM).
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Log topics to mirror; `*` = every topic.
+    pub topics: Vec<String>,
+    /// Topics whose streams get priority on the link.
+    pub urgent_topics: Vec<String>,
+    /// Cap on mirrored bytes per second, for metered links; 0 = no cap.
+    pub bandwidth_bytes_per_s_max: u64,
+    /// Bytes read from the log per send on one partition.
+    pub read_bytes_max: u64,
+    /// Partitions mirrored at most (more are left out, with a warning).
+    pub partitions_max: u32,
+    /// QUIC keep-alive (keeps NAT bindings open) and idle timeout.
+    pub keep_alive_ms: u64,
+    pub idle_timeout_ms: u64,
+    /// Reconnect delay: doubles from the minimum to the maximum, with jitter.
+    pub reconnect_backoff_min_ms: u64,
+    pub reconnect_backoff_max_ms: u64,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            cloud: String::new(),
+            server_name: String::new(),
+            site: String::new(),
+            ca_file: PathBuf::from("/etc/tributary/mirror/ca.pem"),
+            cert_file: PathBuf::from("/etc/tributary/mirror/site.pem"),
+            key_file: PathBuf::from("/etc/tributary/mirror/site.key"),
+            topics: vec!["*".to_string()],
+            urgent_topics: Vec::new(),
+            bandwidth_bytes_per_s_max: 0,
+            read_bytes_max: MIB,
+            partitions_max: 1024,
+            keep_alive_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            reconnect_backoff_min_ms: 500,
+            reconnect_backoff_max_ms: 60_000,
+        }
+    }
+}
+
+/// A site id: a DNS label, so it can be named in a certificate and prefix a Kafka topic.
+pub fn valid_site(site: &str) -> bool {
+    !site.is_empty()
+        && site.len() <= 63
+        && site.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !site.starts_with('-')
+        && !site.ends_with('-')
+}
+
+impl MirrorConfig {
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.cloud.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(ConfigError::new(key("cloud"), format!("must be host:port (got {:?})", self.cloud)));
+        }
+        if !valid_site(&self.site) {
+            return Err(ConfigError::new(
+                key("site"),
+                format!("must be a DNS label: letters, digits and '-', at most 63 (got {:?})", self.site),
+            ));
+        }
+        if self.topics.is_empty() {
+            return Err(ConfigError::new(key("topics"), "must name at least one topic (or \"*\")"));
+        }
+        check_range(&key("read_bytes_max"), self.read_bytes_max, 16 * 1024, 64 * MIB)?;
+        check_range(&key("partitions_max"), self.partitions_max.into(), 1, 65_536)?;
+        check_range(&key("keep_alive_ms"), self.keep_alive_ms, 1_000, 600_000)?;
+        check_range(&key("idle_timeout_ms"), self.idle_timeout_ms, self.keep_alive_ms + 1, 3_600_000)?;
+        check_range(&key("reconnect_backoff_min_ms"), self.reconnect_backoff_min_ms, 10, 600_000)?;
+        check_range(
+            &key("reconnect_backoff_max_ms"),
+            self.reconnect_backoff_max_ms,
+            self.reconnect_backoff_min_ms,
+            3_600_000,
+        )?;
+        if self.bandwidth_bytes_per_s_max != 0 {
+            check_range(&key("bandwidth_bytes_per_s_max"), self.bandwidth_bytes_per_s_max, 1024, u64::MAX)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a log topic is mirrored.
+    pub fn mirrors(&self, topic: &str) -> bool {
+        !topic.starts_with("__") && self.topics.iter().any(|t| t == "*" || t == topic)
+    }
+
+    /// The TLS name expected in the cloud's certificate.
+    pub fn server_name(&self) -> &str {
+        if self.server_name.is_empty() {
+            self.cloud.rsplit_once(':').map_or(self.cloud.as_str(), |(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        } else {
+            &self.server_name
+        }
+    }
+}
+
+/// `cloud.toml`: the receiver next to the central Kafka cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// UDP address the QUIC endpoint listens on.
+    pub listen: SocketAddr,
+    /// CA that signs site certificates (clients must present one).
+    pub ca_file: PathBuf,
+    /// The receiver's own certificate and key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Remote topic name; `{site}` and `{topic}` are replaced.
+    pub remote_topic_format: String,
+    /// Topic where gaps (data a gateway had to drop before mirroring it) are recorded.
+    pub gaps_topic: String,
+    /// Bytes of one partition in transit (sent by the gateway, not yet stored in Kafka).
+    pub partition_credit_bytes: u64,
+    /// Largest frame accepted from a gateway (a stored batch plus its header).
+    pub frame_bytes_max: u64,
+    /// Connected sites at most; partitions of one site at most.
+    pub sites_max: u32,
+    pub partitions_per_site_max: u32,
+    /// How often progress is reported back to gateways.
+    pub mirrored_report_interval_ms: u64,
+    /// QUIC keep-alive and idle timeout.
+    pub keep_alive_ms: u64,
+    pub idle_timeout_ms: u64,
+    /// Decompressed size of one batch at most.
+    pub decompressed_batch_bytes_max: u64,
+    pub kafka: KafkaTarget,
+    pub log: LogLevel,
+}
+
+/// The central cluster, reached with librdkafka.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaTarget {
+    pub bootstrap_servers: String,
+    /// Replication factor of remote topics this receiver creates.
+    pub replication_factor: i32,
+    /// Timeout of metadata, admin and resume-point requests.
+    pub request_timeout_ms: u64,
+    /// Further librdkafka properties (security.protocol, sasl.*, compression.type, ...).
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogLevel {
+    pub level: String,
+}
+
+impl Default for LogLevel {
+    fn default() -> Self {
+        Self { level: "info".into() }
+    }
+}
+
+impl Default for KafkaTarget {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            replication_factor: 1,
+            request_timeout_ms: 30_000,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            ca_file: PathBuf::from("/etc/tributary/cloud/ca.pem"),
+            cert_file: PathBuf::from("/etc/tributary/cloud/cloud.pem"),
+            key_file: PathBuf::from("/etc/tributary/cloud/cloud.key"),
+            remote_topic_format: "{site}.{topic}".into(),
+            gaps_topic: "tributary.mirror.gaps".into(),
+            partition_credit_bytes: 4 * MIB,
+            frame_bytes_max: 16 * MIB,
+            sites_max: 1_000,
+            partitions_per_site_max: 4_096,
+            mirrored_report_interval_ms: 200,
+            keep_alive_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            decompressed_batch_bytes_max: 64 * MIB,
+            kafka: KafkaTarget::default(),
+            log: LogLevel::default(),
+        }
+    }
+}
+
+impl CloudConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.remote_topic_format.contains("{topic}") {
+            return Err(ConfigError::new("remote_topic_format", "must contain {topic}"));
+        }
+        if self.gaps_topic.is_empty() {
+            return Err(ConfigError::new("gaps_topic", "must not be empty"));
+        }
+        check_range("partition_credit_bytes", self.partition_credit_bytes, 64 * 1024, 1024 * MIB)?;
+        check_range("frame_bytes_max", self.frame_bytes_max, 64 * 1024, 256 * MIB)?;
+        check_range("sites_max", self.sites_max.into(), 1, 1_000_000)?;
+        check_range("partitions_per_site_max", self.partitions_per_site_max.into(), 1, 1_000_000)?;
+        check_range("mirrored_report_interval_ms", self.mirrored_report_interval_ms, 1, 60_000)?;
+        check_range("keep_alive_ms", self.keep_alive_ms, 1_000, 600_000)?;
+        check_range("idle_timeout_ms", self.idle_timeout_ms, self.keep_alive_ms + 1, 3_600_000)?;
+        check_range("decompressed_batch_bytes_max", self.decompressed_batch_bytes_max, MIB, 1024 * MIB)?;
+        if self.kafka.bootstrap_servers.is_empty() {
+            return Err(ConfigError::new("kafka.bootstrap_servers", "must not be empty"));
+        }
+        check_range("kafka.replication_factor", self.kafka.replication_factor.max(0) as u64, 1, 32)?;
+        check_range("kafka.request_timeout_ms", self.kafka.request_timeout_ms, 100, 600_000)?;
+        Ok(())
+    }
+
+    /// The remote topic of a site's log topic.
+    pub fn remote_topic(&self, site: &str, topic: &str) -> String {
+        self.remote_topic_format.replace("{site}", site).replace("{topic}", topic)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_errors_name_the_key() {
+        assert!(CloudConfig::default().validate().is_ok());
+        assert!(MirrorConfig::default().validate("mirror").is_ok(), "disabled by default");
+        let on = MirrorConfig { enabled: true, cloud: "cloud.example:7443".into(), site: "plant-7".into(), ..Default::default() };
+        assert!(on.validate("mirror").is_ok());
+        assert_eq!(on.server_name(), "cloud.example");
+        let bad = MirrorConfig { site: "plant_7".into(), ..on.clone() };
+        assert_eq!(bad.validate("mirror").map_err(|e| e.key), Err("mirror.site".to_string()));
+        let bad = MirrorConfig { cloud: "nowhere".into(), ..on };
+        assert_eq!(bad.validate("mirror").map_err(|e| e.key), Err("mirror.cloud".to_string()));
+        let bad = CloudConfig { partition_credit_bytes: 1, ..CloudConfig::default() };
+        assert_eq!(bad.validate().map_err(|e| e.key), Err("partition_credit_bytes".to_string()));
+    }
+
+    #[test]
+    fn topic_selection_and_naming() {
+        let m = MirrorConfig { topics: vec!["meters".into()], ..Default::default() };
+        assert!(m.mirrors("meters") && !m.mirrors("other"));
+        assert!(MirrorConfig::default().mirrors("anything") && !MirrorConfig::default().mirrors("__internal"));
+        assert_eq!(CloudConfig::default().remote_topic("plant-7", "meters"), "plant-7.meters");
+    }
+}

@@ -1,0 +1,409 @@
+//! The gateway side of the mirror: dials the cloud over QUIC (mutual TLS), reports its
+//! partitions, streams stored batches from where the cloud says (one stream per partition,
+//! within the credit the cloud grants and the bandwidth cap), marks gaps left by retention, and
+//! stores what the cloud confirms as mirrored. Reconnects with backoff and jitter.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tributary_broker::storage::batch::BatchHeader;
+use tributary_broker::{Store, StoreError};
+
+use crate::config::MirrorConfig;
+use crate::core::{Backoff, TokenBucket};
+use crate::protocol::{Control, Data, Decoder, PartitionReport, ProtocolError};
+use crate::tls::{self, TlsError};
+
+/// Why a mirror session ended (it is retried, except for configuration errors).
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("the cloud refused: {0}")]
+    Refused(String),
+    #[error("the cloud closed the control stream")]
+    Closed,
+}
+
+/// What the mirror reports for metrics and `tributary mirror status`.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    pub link_up: AtomicBool,
+    pub connects: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// Stored batch bytes sent (as stored: compressed).
+    pub batch_bytes_sent: AtomicU64,
+    /// UDP bytes sent over all connections (QUIC and TLS overhead, retransmissions included).
+    pub wire_bytes_sent: AtomicU64,
+    pub gaps: AtomicU64,
+    pub gap_records: AtomicU64,
+    pub last_error: Mutex<String>,
+    partitions: Mutex<BTreeMap<(String, i32), Arc<PartitionProgress>>>,
+}
+
+/// One partition's mirror progress.
+#[derive(Debug, Default)]
+pub struct PartitionProgress {
+    /// Next offset to send.
+    pub sent: AtomicI64,
+    /// Everything below is in the central cluster.
+    pub mirrored: AtomicI64,
+}
+
+/// A partition's mirror lag at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    pub high_watermark: i64,
+    pub mirrored: i64,
+    pub lag_records: i64,
+    /// Stored bytes not yet mirrored (estimated from the partition's average record size).
+    pub lag_bytes: u64,
+    /// Age of the oldest unmirrored record, by its timestamp (0 when nothing is behind).
+    pub oldest_unmirrored_age_ms: i64,
+}
+
+impl MirrorStats {
+    fn progress(&self, topic: &str, partition: i32) -> Arc<PartitionProgress> {
+        let mut map = self.partitions.lock().unwrap_or_else(PoisonError::into_inner);
+        map.entry((topic.to_string(), partition)).or_default().clone()
+    }
+
+    /// Lag per mirrored partition, read from the store now.
+    pub fn lag(&self, store: &Store) -> Vec<PartitionLag> {
+        let keys: Vec<(String, i32)> =
+            self.partitions.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect();
+        let now = now_ms();
+        keys.into_iter()
+            .filter_map(|(topic, partition)| {
+                let info = store.partition_info(&topic, partition).ok()?;
+                let wm = info.watermarks;
+                let mirrored = store.mirrored(&topic, partition).ok().flatten().unwrap_or(0).max(wm.log_start_offset);
+                let lag_records = (wm.high_watermark - mirrored).max(0);
+                let stored = (wm.high_watermark - wm.log_start_offset).max(1) as u64;
+                let lag_bytes = info.logical_bytes.saturating_mul(lag_records as u64) / stored;
+                let oldest_unmirrored_age_ms = if lag_records == 0 {
+                    0
+                } else {
+                    store
+                        .read_records(&topic, partition, mirrored, 1)
+                        .ok()
+                        .and_then(|r| r.into_iter().find(|r| r.offset >= mirrored))
+                        .map_or(0, |r| (now - r.timestamp).max(0))
+                };
+                Some(PartitionLag {
+                    topic,
+                    partition,
+                    high_watermark: wm.high_watermark,
+                    mirrored,
+                    lag_records,
+                    lag_bytes,
+                    oldest_unmirrored_age_ms,
+                })
+            })
+            .collect()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Runs the mirror until `shutdown` resolves: connects, streams, reconnects.
+pub async fn run(
+    cfg: MirrorConfig,
+    store: Store,
+    stats: Arc<MirrorStats>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), MirrorError> {
+    let transport = tls::transport(
+        Duration::from_millis(cfg.keep_alive_ms),
+        Duration::from_millis(cfg.idle_timeout_ms),
+        cfg.partitions_max + 4,
+    )?;
+    let client = tls::client_config(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport)?;
+    let mut backoff = Backoff::new(
+        Duration::from_millis(cfg.reconnect_backoff_min_ms),
+        Duration::from_millis(cfg.reconnect_backoff_max_ms),
+    );
+    let bucket = Arc::new(Mutex::new(TokenBucket::new(
+        cfg.bandwidth_bytes_per_s_max,
+        cfg.bandwidth_bytes_per_s_max.max(cfg.read_bytes_max),
+        Instant::now(),
+    )));
+    tokio::pin!(shutdown);
+    loop {
+        let started = Instant::now();
+        let session = connect_and_stream(&cfg, &client, &store, &stats, &bucket);
+        let outcome = tokio::select! {
+            () = &mut shutdown => {
+                stats.link_up.store(false, Ordering::Relaxed);
+                return Ok(());
+            }
+            r = session => r,
+        };
+        stats.link_up.store(false, Ordering::Relaxed);
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, cloud = %cfg.cloud, "mirror link down");
+            *stats.last_error.lock().unwrap_or_else(PoisonError::into_inner) = e.to_string();
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff.reset();
+        }
+        stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        let delay = backoff.next_delay(rand::random::<f64>());
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn resolve(cloud: &str) -> Result<SocketAddr, MirrorError> {
+    tokio::net::lookup_host(cloud)
+        .await
+        .map_err(|_| MirrorError::Resolve(cloud.to_string()))?
+        .next()
+        .ok_or_else(|| MirrorError::Resolve(cloud.to_string()))
+}
+
+/// Credit the cloud granted for one partition, and the wake-up of its sender.
+#[derive(Debug, Default)]
+struct Credit {
+    bytes: AtomicI64,
+    more: Notify,
+}
+
+async fn connect_and_stream(
+    cfg: &MirrorConfig,
+    client: &quinn::ClientConfig,
+    store: &Store,
+    stats: &Arc<MirrorStats>,
+    bucket: &Arc<Mutex<TokenBucket>>,
+) -> Result<(), MirrorError> {
+    let addr = resolve(&cfg.cloud).await?;
+    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(|_| {
+        MirrorError::Resolve("bind address".into())
+    })?;
+    let endpoint = quinn::Endpoint::client(bind).map_err(MirrorError::Endpoint)?;
+    let conn = endpoint.connect_with(client.clone(), addr, cfg.server_name())?.await?;
+    stats.connects.fetch_add(1, Ordering::Relaxed);
+    stats.link_up.store(true, Ordering::Relaxed);
+    tracing::info!(cloud = %cfg.cloud, site = %cfg.site, "mirror link up");
+    let result = stream_session(cfg, &conn, store, stats, bucket).await;
+    stats.wire_bytes_sent.fetch_add(conn.stats().udp_tx.bytes, Ordering::Relaxed);
+    conn.close(0u32.into(), b"gateway session ended");
+    endpoint.wait_idle().await;
+    result
+}
+
+/// The partitions this gateway mirrors, with their extents.
+fn report(cfg: &MirrorConfig, store: &Store) -> Vec<PartitionReport> {
+    let mut out = Vec::new();
+    for t in store.topics() {
+        if !cfg.mirrors(&t.name) {
+            continue;
+        }
+        for p in 0..t.partitions as i32 {
+            if out.len() >= cfg.partitions_max as usize {
+                tracing::warn!(topic = %t.name, partition = p, "mirror.partitions_max reached: partition not mirrored");
+                return out;
+            }
+            if let Ok(wm) = store.watermarks(&t.name, p) {
+                out.push(PartitionReport {
+                    topic: t.name.clone(),
+                    partition: p,
+                    partitions: t.partitions as i32,
+                    log_start: wm.log_start_offset,
+                    high_watermark: wm.high_watermark,
+                });
+            }
+        }
+    }
+    out
+}
+
+async fn stream_session(
+    cfg: &MirrorConfig,
+    conn: &quinn::Connection,
+    store: &Store,
+    stats: &Arc<MirrorStats>,
+    bucket: &Arc<Mutex<TokenBucket>>,
+) -> Result<(), MirrorError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&Control::Hello { site: cfg.site.clone() }.encode()).await?;
+    let mut reported = report(cfg, store);
+    send.write_all(&Control::Partitions(reported.clone()).encode()).await?;
+    let mut credits: HashMap<(String, i32), Arc<Credit>> = HashMap::new();
+    let mut senders = JoinSet::new();
+    let mut decoder = Decoder::new(1 << 20);
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            n = recv.read(&mut buf) => {
+                let Some(n) = n? else { return Err(MirrorError::Closed) };
+                decoder.feed(&buf[..n]);
+                while let Some(frame) = decoder.next_control()? {
+                    match frame {
+                        Control::Start { topic, partition, offset } => {
+                            let credit = Arc::new(Credit::default());
+                            credits.insert((topic.clone(), partition), credit.clone());
+                            let progress = stats.progress(&topic, partition);
+                            progress.sent.store(offset, Ordering::Relaxed);
+                            let task = PartitionSender {
+                                conn: conn.clone(),
+                                store: store.clone(),
+                                urgent: cfg.urgent_topics.contains(&topic),
+                                topic,
+                                partition,
+                                credit,
+                                read_bytes_max: cfg.read_bytes_max,
+                                stats: stats.clone(),
+                                progress,
+                                bucket: bucket.clone(),
+                            };
+                            senders.spawn(task.run(offset));
+                        }
+                        Control::Credit { topic, partition, bytes } => {
+                            if let Some(c) = credits.get(&(topic, partition)) {
+                                c.bytes.fetch_add(bytes.min(i64::MAX as u64) as i64, Ordering::Relaxed);
+                                c.more.notify_one();
+                            }
+                        }
+                        Control::Mirrored { topic, partition, offset } => {
+                            store.set_mirrored(&topic, partition, offset).await?;
+                            stats.progress(&topic, partition).mirrored.store(offset, Ordering::Relaxed);
+                        }
+                        Control::Refused { reason } => return Err(MirrorError::Refused(reason)),
+                        Control::Hello { .. } | Control::Partitions(_) => {
+                            return Err(ProtocolError::Unexpected("gateway-side").into());
+                        }
+                    }
+                }
+            }
+            Some(done) = senders.join_next() => {
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(e) => return Err(MirrorError::Refused(format!("partition sender failed: {e}"))),
+                }
+            }
+            _ = tick.tick() => {
+                // New topics or partitions (and moved extents, for the cloud's lag view).
+                let now = report(cfg, store);
+                if now != reported {
+                    send.write_all(&Control::Partitions(now.clone()).encode()).await?;
+                    reported = now;
+                }
+            }
+        }
+    }
+}
+
+/// Streams one partition from the offset the cloud asked for.
+struct PartitionSender {
+    conn: quinn::Connection,
+    store: Store,
+    topic: String,
+    partition: i32,
+    urgent: bool,
+    credit: Arc<Credit>,
+    read_bytes_max: u64,
+    stats: Arc<MirrorStats>,
+    progress: Arc<PartitionProgress>,
+    bucket: Arc<Mutex<TokenBucket>>,
+}
+
+impl PartitionSender {
+    async fn run(self, from: i64) -> Result<(), MirrorError> {
+        let mut stream = self.conn.open_uni().await?;
+        // Urgent topics go first when the link is the bottleneck.
+        let _ = stream.set_priority(if self.urgent { 1 } else { 0 });
+        stream.write_all(&Data::Open { topic: self.topic.clone(), partition: self.partition }.encode_header()).await?;
+        let mut watch = self.store.watch(&self.topic, self.partition)?;
+        let mut next = from;
+        loop {
+            // Within the credit the cloud granted.
+            let credit = loop {
+                let notified = self.credit.more.notified();
+                let c = self.credit.bytes.load(Ordering::Relaxed);
+                if c > 0 {
+                    break c as u64;
+                }
+                notified.await;
+            };
+            let wm = self.store.watermarks(&self.topic, self.partition)?;
+            if next < wm.log_start_offset {
+                // Retention deleted records the cloud does not have: say so, then go on.
+                self.send_gap(&mut stream, next, wm.log_start_offset).await?;
+                next = wm.log_start_offset;
+                continue;
+            }
+            if next >= wm.high_watermark {
+                if !watch.changed().await {
+                    return Err(StoreError::UnknownTopic(self.topic.clone()).into());
+                }
+                continue;
+            }
+            let fetched = match self.store.fetch(&self.topic, self.partition, next, credit.min(self.read_bytes_max) as usize)
+            {
+                Ok(f) => f,
+                Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) if log_start_offset > next => {
+                    self.send_gap(&mut stream, next, log_start_offset).await?;
+                    next = log_start_offset;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let mut rest: Bytes = fetched.data;
+            while !rest.is_empty() {
+                let h = BatchHeader::parse(&rest).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let batch = rest.split_to(h.total_len().min(rest.len()));
+                let len = batch.len() as u64;
+                let wait = self.bucket.lock().unwrap_or_else(PoisonError::into_inner).take(len, Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                stream.write_all(&Data::Batch(batch.clone()).encode_header()).await?;
+                stream.write_chunk(batch).await?;
+                self.credit.bytes.fetch_sub(len as i64, Ordering::Relaxed);
+                self.stats.batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
+                next = h.next_offset();
+                self.progress.sent.store(next, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn send_gap(&self, stream: &mut quinn::SendStream, from: i64, to: i64) -> Result<(), MirrorError> {
+        tracing::warn!(topic = %self.topic, partition = self.partition, from, to,
+            "retention deleted records before they were mirrored: sending a gap marker");
+        self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+        self.stats.gap_records.fetch_add((to - from) as u64, Ordering::Relaxed);
+        stream.write_all(&Data::Gap { from, to }.encode_header()).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,367 @@
+//! The mirror wire protocol, sans-I/O: frames on the control stream and on the per-partition
+//! data streams, their encoding, and an incremental decoder fed with whatever bytes arrived.
+//!
+//! Every frame is `u32 length | u8 type | body`; the length covers type and body and is checked
+//! against a limit before anything is buffered. Strings are `u16 length | UTF-8`.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// ALPN of this protocol version: a gateway and a cloud speaking different versions do not
+/// complete the handshake.
+pub const ALPN: &[u8] = b"tributary-mirror/1";
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("frame of {size} bytes over the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("malformed {0} frame")]
+    Malformed(&'static str),
+    #[error("unexpected {0} frame")]
+    Unexpected(&'static str),
+}
+
+/// A partition as the gateway has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionReport {
+    pub topic: String,
+    pub partition: i32,
+    /// Partitions of the topic (the remote topic is created with as many).
+    pub partitions: i32,
+    pub log_start: i64,
+    pub high_watermark: i64,
+}
+
+/// A frame of the control stream, either direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Gateway, first frame: who it is.
+    Hello { site: String },
+    /// Gateway: the mirrored partitions and their extents (at start and whenever they change).
+    Partitions(Vec<PartitionReport>),
+    /// Cloud: send this partition from `offset` on (the central cluster's resume point).
+    Start { topic: String, partition: i32, offset: i64 },
+    /// Cloud: the gateway may send `bytes` more of this partition.
+    Credit { topic: String, partition: i32, bytes: u64 },
+    /// Cloud: everything below `offset` is stored in the central cluster.
+    Mirrored { topic: String, partition: i32, offset: i64 },
+    /// Either side, before closing: why.
+    Refused { reason: String },
+}
+
+/// A frame of a data stream (gateway to cloud, one stream per partition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    /// First frame: which partition the stream carries.
+    Open { topic: String, partition: i32 },
+    /// One RecordBatch v2 exactly as stored (compressed as stored, offsets as in the gateway).
+    Batch(Bytes),
+    /// Offsets `[from, to)` were deleted by retention before they were mirrored.
+    Gap { from: i64, to: i64 },
+}
+
+const HELLO: u8 = 1;
+const PARTITIONS: u8 = 2;
+const START: u8 = 3;
+const CREDIT: u8 = 4;
+const MIRRORED: u8 = 5;
+const REFUSED: u8 = 6;
+const OPEN: u8 = 16;
+const BATCH: u8 = 17;
+const GAP: u8 = 18;
+
+fn put_str(b: &mut BytesMut, s: &str) {
+    let n = s.len().min(u16::MAX as usize);
+    b.put_u16(n as u16);
+    b.put_slice(&s.as_bytes()[..n]);
+}
+
+fn frame(kind: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut b = BytesMut::with_capacity(64);
+    b.put_u32(0);
+    b.put_u8(kind);
+    body(&mut b);
+    let len = (b.len() - 4) as u32;
+    b[..4].copy_from_slice(&len.to_be_bytes());
+    b.freeze()
+}
+
+impl Control {
+    pub fn encode(&self) -> Bytes {
+        match self {
+            Control::Hello { site } => frame(HELLO, |b| put_str(b, site)),
+            Control::Partitions(list) => frame(PARTITIONS, |b| {
+                b.put_u32(list.len() as u32);
+                for p in list {
+                    put_str(b, &p.topic);
+                    b.put_i32(p.partition);
+                    b.put_i32(p.partitions);
+                    b.put_i64(p.log_start);
+                    b.put_i64(p.high_watermark);
+                }
+            }),
+            Control::Start { topic, partition, offset } => frame(START, |b| {
+                put_str(b, topic);
+                b.put_i32(*partition);
+                b.put_i64(*offset);
+            }),
+            Control::Credit { topic, partition, bytes } => frame(CREDIT, |b| {
+                put_str(b, topic);
+                b.put_i32(*partition);
+                b.put_u64(*bytes);
+            }),
+            Control::Mirrored { topic, partition, offset } => frame(MIRRORED, |b| {
+                put_str(b, topic);
+                b.put_i32(*partition);
+                b.put_i64(*offset);
+            }),
+            Control::Refused { reason } => frame(REFUSED, |b| put_str(b, reason)),
+        }
+    }
+
+    fn decode(kind: u8, mut body: Bytes) -> Result<Self, ProtocolError> {
+        let b = &mut body;
+        let out = match kind {
+            HELLO => Control::Hello { site: get_str(b, "hello")? },
+            PARTITIONS => {
+                let n = get_u32(b, "partitions")? as usize;
+                // Each entry takes at least 26 bytes: a count beyond what arrived is malformed,
+                // and nothing is allocated from it.
+                if n > b.remaining() / 26 {
+                    return Err(ProtocolError::Malformed("partitions"));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    list.push(PartitionReport {
+                        topic: get_str(b, "partitions")?,
+                        partition: get_i32(b, "partitions")?,
+                        partitions: get_i32(b, "partitions")?,
+                        log_start: get_i64(b, "partitions")?,
+                        high_watermark: get_i64(b, "partitions")?,
+                    });
+                }
+                Control::Partitions(list)
+            }
+            START => Control::Start {
+                topic: get_str(b, "start")?,
+                partition: get_i32(b, "start")?,
+                offset: get_i64(b, "start")?,
+            },
+            CREDIT => Control::Credit {
+                topic: get_str(b, "credit")?,
+                partition: get_i32(b, "credit")?,
+                bytes: get_u64(b, "credit")?,
+            },
+            MIRRORED => Control::Mirrored {
+                topic: get_str(b, "mirrored")?,
+                partition: get_i32(b, "mirrored")?,
+                offset: get_i64(b, "mirrored")?,
+            },
+            REFUSED => Control::Refused { reason: get_str(b, "refused")? },
+            OPEN | BATCH | GAP => return Err(ProtocolError::Unexpected("data")),
+            other => return Err(ProtocolError::UnknownType(other)),
+        };
+        if b.has_remaining() {
+            return Err(ProtocolError::Malformed("control"));
+        }
+        Ok(out)
+    }
+}
+
+impl Data {
+    /// Encodes the frame. A batch is written as a header only: send `batch_body` after it, so
+    /// the stored bytes are never copied.
+    pub fn encode_header(&self) -> Bytes {
+        match self {
+            Data::Open { topic, partition } => frame(OPEN, |b| {
+                put_str(b, topic);
+                b.put_i32(*partition);
+            }),
+            Data::Batch(batch) => {
+                let mut b = BytesMut::with_capacity(5);
+                b.put_u32(batch.len() as u32 + 1);
+                b.put_u8(BATCH);
+                b.freeze()
+            }
+            Data::Gap { from, to } => frame(GAP, |b| {
+                b.put_i64(*from);
+                b.put_i64(*to);
+            }),
+        }
+    }
+
+    fn decode(kind: u8, mut body: Bytes) -> Result<Self, ProtocolError> {
+        let b = &mut body;
+        let out = match kind {
+            OPEN => Data::Open { topic: get_str(b, "open")?, partition: get_i32(b, "open")? },
+            BATCH => return Ok(Data::Batch(body)),
+            GAP => Data::Gap { from: get_i64(b, "gap")?, to: get_i64(b, "gap")? },
+            HELLO..=REFUSED => return Err(ProtocolError::Unexpected("control")),
+            other => return Err(ProtocolError::UnknownType(other)),
+        };
+        if b.has_remaining() {
+            return Err(ProtocolError::Malformed("data"));
+        }
+        Ok(out)
+    }
+}
+
+fn get_str(b: &mut Bytes, what: &'static str) -> Result<String, ProtocolError> {
+    let n = get_u16(b, what)? as usize;
+    if b.remaining() < n {
+        return Err(ProtocolError::Malformed(what));
+    }
+    let s = b.split_to(n);
+    String::from_utf8(s.to_vec()).map_err(|_| ProtocolError::Malformed(what))
+}
+
+macro_rules! getter {
+    ($name:ident, $t:ty, $get:ident) => {
+        fn $name(b: &mut Bytes, what: &'static str) -> Result<$t, ProtocolError> {
+            if b.remaining() < std::mem::size_of::<$t>() {
+                return Err(ProtocolError::Malformed(what));
+            }
+            Ok(b.$get())
+        }
+    };
+}
+getter!(get_u16, u16, get_u16);
+getter!(get_u32, u32, get_u32);
+getter!(get_i32, i32, get_i32);
+getter!(get_i64, i64, get_i64);
+getter!(get_u64, u64, get_u64);
+
+/// Splits a byte stream into frames. Feed it what arrived; take frames while there are any.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: BytesMut,
+    max: usize,
+}
+
+impl Decoder {
+    /// `max`: the largest frame accepted (a batch's size limit plus a little).
+    pub fn new(max: usize) -> Self {
+        Self { buf: BytesMut::new(), max }
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame as (type, body), `None` until one has arrived.
+    fn next_raw(&mut self) -> Result<Option<(u8, Bytes)>, ProtocolError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > self.max {
+            return Err(ProtocolError::TooLarge { size: len, max: self.max });
+        }
+        if len == 0 {
+            return Err(ProtocolError::Malformed("empty"));
+        }
+        if self.buf.len() < 4 + len {
+            self.buf.reserve(4 + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(4);
+        let mut body = self.buf.split_to(len).freeze();
+        let kind = body.get_u8();
+        Ok(Some((kind, body)))
+    }
+
+    pub fn next_control(&mut self) -> Result<Option<Control>, ProtocolError> {
+        self.next_raw()?.map(|(k, b)| Control::decode(k, b)).transpose()
+    }
+
+    pub fn next_data(&mut self) -> Result<Option<Data>, ProtocolError> {
+        self.next_raw()?.map(|(k, b)| Data::decode(k, b)).transpose()
+    }
+
+    /// Bytes received but not yet part of a whole frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controls() -> Vec<Control> {
+        vec![
+            Control::Hello { site: "plant-7".into() },
+            Control::Partitions(vec![PartitionReport {
+                topic: "meters".into(),
+                partition: 2,
+                partitions: 3,
+                log_start: 10,
+                high_watermark: 99,
+            }]),
+            Control::Start { topic: "meters".into(), partition: 2, offset: 50 },
+            Control::Credit { topic: "meters".into(), partition: 2, bytes: 1 << 22 },
+            Control::Mirrored { topic: "meters".into(), partition: 2, offset: 60 },
+            Control::Refused { reason: "site id does not match".into() },
+        ]
+    }
+
+    #[test]
+    fn control_frames_round_trip_byte_by_byte() {
+        let mut d = Decoder::new(1 << 20);
+        let mut got = Vec::new();
+        for c in controls() {
+            for byte in c.encode().iter() {
+                d.feed(&[*byte]);
+                if let Some(f) = d.next_control().expect("valid") {
+                    got.push(f);
+                }
+            }
+        }
+        assert_eq!(got, controls());
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn data_frames_round_trip_and_batches_are_not_copied_into_the_header() {
+        let batch = Bytes::from_static(b"stored batch bytes");
+        let mut d = Decoder::new(1 << 20);
+        d.feed(&Data::Open { topic: "t".into(), partition: 1 }.encode_header());
+        let header = Data::Batch(batch.clone()).encode_header();
+        assert_eq!(header.len(), 5);
+        d.feed(&header);
+        d.feed(&batch);
+        d.feed(&Data::Gap { from: 3, to: 9 }.encode_header());
+        assert_eq!(d.next_data().expect("ok"), Some(Data::Open { topic: "t".into(), partition: 1 }));
+        assert_eq!(d.next_data().expect("ok"), Some(Data::Batch(batch)));
+        assert_eq!(d.next_data().expect("ok"), Some(Data::Gap { from: 3, to: 9 }));
+        assert_eq!(d.next_data().expect("ok"), None);
+    }
+
+    #[test]
+    fn bad_frames_are_refused_before_buffering() {
+        let mut d = Decoder::new(100);
+        d.feed(&1000u32.to_be_bytes());
+        assert_eq!(d.next_control(), Err(ProtocolError::TooLarge { size: 1000, max: 100 }));
+        let mut d = Decoder::new(100);
+        d.feed(&[0, 0, 0, 1, 99]);
+        assert_eq!(d.next_control(), Err(ProtocolError::UnknownType(99)));
+        let mut d = Decoder::new(100);
+        // A partitions frame claiming a million entries in 4 bytes.
+        d.feed(&[0, 0, 0, 5, PARTITIONS, 0, 0x0f, 0x42, 0x40]);
+        assert_eq!(d.next_control(), Err(ProtocolError::Malformed("partitions")));
+        let mut d = Decoder::new(100);
+        d.feed(&Control::Hello { site: "x".into() }.encode());
+        assert_eq!(d.next_data(), Err(ProtocolError::Unexpected("control")));
+        // Every truncation of a valid frame is incomplete, not an error.
+        for c in controls() {
+            let bytes = c.encode();
+            for cut in 0..bytes.len() {
+                let mut d = Decoder::new(1 << 20);
+                d.feed(&bytes[..cut]);
+                assert_eq!(d.next_control(), Ok(None));
+            }
+        }
+    }
+}

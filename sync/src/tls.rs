@@ -1,0 +1,132 @@
+//! TLS for the mirror link: mutual TLS 1.3 over QUIC with rustls (ring), certificates and keys
+//! from PEM files, the site id a gateway claims checked against its certificate, and the QUIC
+//! transport settings (keep-alive and idle timeout for NAT, windows for the link). No 0-RTT:
+//! mirror data is never sent replayable.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::protocol::ALPN;
+
+/// Why TLS could not be set up, or a peer was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    #[error("the peer presented no certificate")]
+    NoPeerCertificate,
+    #[error("certificate is not valid for site {site:?}: {reason}")]
+    SiteMismatch { site: String, reason: String },
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
+    TlsError::File { path: path.display().to_string(), reason: e.to_string() }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
+}
+
+fn roots(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).map_err(|e| file_err(ca, e))?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// QUIC transport settings shared by both ends.
+pub fn transport(keep_alive: Duration, idle: Duration, streams: u32) -> Result<quinn::TransportConfig, TlsError> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(keep_alive));
+    t.max_idle_timeout(Some(idle.try_into().map_err(|e| TlsError::Config(format!("idle timeout: {e}")))?));
+    t.max_concurrent_uni_streams(streams.into());
+    t.max_concurrent_bidi_streams(4u32.into());
+    // Per-stream and connection windows sized for a link of tens of Mbit/s at a few hundred ms.
+    t.stream_receive_window((8u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    Ok(t)
+}
+
+/// The gateway's side: trusts `ca`, presents `cert`/`key`.
+pub fn client_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    transport: quinn::TransportConfig,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.enable_early_data = false;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut c = quinn::ClientConfig::new(Arc::new(quic));
+    c.transport_config(Arc::new(transport));
+    Ok(c)
+}
+
+/// The cloud's side: presents `cert`/`key`, requires a client certificate signed by `ca`.
+pub fn server_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    transport: quinn::TransportConfig,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.max_early_data_size = 0;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut s = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    s.transport_config(Arc::new(transport));
+    Ok(s)
+}
+
+/// Checks that the peer's (already CA-verified) certificate names `site` (as a DNS name).
+pub fn check_site(conn: &quinn::Connection, site: &str) -> Result<(), TlsError> {
+    let identity = conn.peer_identity().ok_or(TlsError::NoPeerCertificate)?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| TlsError::NoPeerCertificate)?;
+    let leaf = certs.first().ok_or(TlsError::NoPeerCertificate)?;
+    check_cert_site(leaf, site)
+}
+
+/// Whether a certificate names `site`.
+pub fn check_cert_site(cert: &CertificateDer<'_>, site: &str) -> Result<(), TlsError> {
+    let mismatch = |reason: String| TlsError::SiteMismatch { site: site.to_string(), reason };
+    let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| mismatch(e.to_string()))?;
+    let name = ServerName::try_from(site).map_err(|e| mismatch(e.to_string()))?;
+    ee.verify_is_valid_for_subject_name(&name).map_err(|e| mismatch(e.to_string()))
+}
