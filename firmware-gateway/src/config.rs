@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tributary_broker::kafka::{KafkaConfig, TopicTemplate};
 use tributary_broker::mqtt::MqttConfig;
 use tributary_broker::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig};
+use tributary_sync::MirrorConfig;
 
 /// The whole `gateway.toml`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +20,8 @@ pub struct GatewayConfig {
     pub kafka: KafkaConfig,
     /// The MQTT listener and its routes.
     pub mqtt: MqttConfig,
+    /// Mirroring to the central Kafka cluster over QUIC.
+    pub mirror: MirrorConfig,
     pub log: LogConfig,
 }
 
@@ -103,6 +106,7 @@ impl GatewayConfig {
         self.storage.validate("storage")?;
         self.kafka.validate("kafka")?;
         self.mqtt.validate("mqtt")?;
+        self.mirror.validate("mirror")?;
         if self.topic_defaults.partitions == 0 || self.topic_defaults.partitions > self.storage.partitions_per_topic_max
         {
             return Err(ConfigError::new(

@@ -135,6 +135,21 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
             let _ = stop.wait_for(|s| *s).await;
         })));
     }
+    let mut mirror_task = None;
+    if cfg.mirror.enabled {
+        let stats = std::sync::Arc::new(tributary_sync::gateway::MirrorStats::default());
+        let mut stop = stop_rx.clone();
+        let (mirror, store) = (cfg.mirror.clone(), store.clone());
+        tracing::info!(cloud = %mirror.cloud, site = %mirror.site, "mirror enabled");
+        mirror_task = Some(tokio::spawn(async move {
+            let run = tributary_sync::gateway::run(mirror, store, stats, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+            if let Err(e) = run.await {
+                tracing::error!(error = %e, "mirror stopped");
+            }
+        }));
+    }
     tracing::info!(
         config = %path.as_ref().map_or_else(|| "built-in defaults".to_string(), |p| p.display().to_string()),
         data_dir = %cfg.storage.data_dir.display(),
@@ -161,7 +176,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     }
     service.stopping("shutting down: committing pending appends");
     let _ = stop_tx.send(true);
-    for t in [kafka_task, mqtt_task].into_iter().flatten() {
+    for t in [kafka_task, mqtt_task, mirror_task].into_iter().flatten() {
         let _ = t.await;
     }
     store.close().await.context("close the log store")?;

@@ -61,6 +61,8 @@ pub struct MirrorStats {
     pub gap_records: AtomicU64,
     pub last_error: Mutex<String>,
     partitions: Mutex<BTreeMap<(String, i32), Arc<PartitionProgress>>>,
+    /// Bumped on every link change and confirmed progress: watch it instead of polling.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// One partition's mirror progress.
@@ -87,6 +89,23 @@ pub struct PartitionLag {
 }
 
 impl MirrorStats {
+    /// Wakes on link changes, errors and confirmed progress.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn set_link(&self, up: bool, error: Option<String>) {
+        self.link_up.store(up, Ordering::Relaxed);
+        if let Some(e) = error {
+            *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = e;
+        }
+        self.changed();
+    }
+
     fn progress(&self, topic: &str, partition: i32) -> Arc<PartitionProgress> {
         let mut map = self.partitions.lock().unwrap_or_else(PoisonError::into_inner);
         map.entry((topic.to_string(), partition)).or_default().clone()
@@ -160,16 +179,15 @@ pub async fn run(
         let session = connect_and_stream(&cfg, &client, &store, &stats, &bucket);
         let outcome = tokio::select! {
             () = &mut shutdown => {
-                stats.link_up.store(false, Ordering::Relaxed);
+                stats.set_link(false, None);
                 return Ok(());
             }
             r = session => r,
         };
-        stats.link_up.store(false, Ordering::Relaxed);
         if let Err(e) = &outcome {
             tracing::warn!(error = %e, cloud = %cfg.cloud, "mirror link down");
-            *stats.last_error.lock().unwrap_or_else(PoisonError::into_inner) = e.to_string();
         }
+        stats.set_link(false, outcome.err().map(|e| e.to_string()));
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
         }
@@ -211,7 +229,7 @@ async fn connect_and_stream(
     let endpoint = quinn::Endpoint::client(bind).map_err(MirrorError::Endpoint)?;
     let conn = endpoint.connect_with(client.clone(), addr, cfg.server_name())?.await?;
     stats.connects.fetch_add(1, Ordering::Relaxed);
-    stats.link_up.store(true, Ordering::Relaxed);
+    stats.set_link(true, None);
     tracing::info!(cloud = %cfg.cloud, site = %cfg.site, "mirror link up");
     let result = stream_session(cfg, &conn, store, stats, bucket).await;
     stats.wire_bytes_sent.fetch_add(conn.stats().udp_tx.bytes, Ordering::Relaxed);
@@ -297,6 +315,7 @@ async fn stream_session(
                         Control::Mirrored { topic, partition, offset } => {
                             store.set_mirrored(&topic, partition, offset).await?;
                             stats.progress(&topic, partition).mirrored.store(offset, Ordering::Relaxed);
+                            stats.changed();
                         }
                         Control::Refused { reason } => return Err(MirrorError::Refused(reason)),
                         Control::Hello { .. } | Control::Partitions(_) => {
