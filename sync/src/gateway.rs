@@ -231,7 +231,14 @@ async fn connect_and_stream(
     stats.connects.fetch_add(1, Ordering::Relaxed);
     stats.set_link(true, None);
     tracing::info!(cloud = %cfg.cloud, site = %cfg.site, "mirror link up");
-    let result = stream_session(cfg, &conn, store, stats, bucket).await;
+    // A lost stream says little: the connection's close reason says why (a TLS alert when the
+    // cloud refused the certificate, the cloud's own reason otherwise).
+    let result = match stream_session(cfg, &conn, store, stats, bucket).await {
+        Err(MirrorError::Read(_) | MirrorError::Write(_) | MirrorError::Closed) if conn.close_reason().is_some() => {
+            Err(conn.close_reason().map_or(MirrorError::Closed, MirrorError::Connection))
+        }
+        other => other,
+    };
     stats.wire_bytes_sent.fetch_add(conn.stats().udp_tx.bytes, Ordering::Relaxed);
     conn.close(0u32.into(), b"gateway session ended");
     endpoint.wait_idle().await;

@@ -8,6 +8,7 @@ mod kafka_crash;
 mod kafka_faults;
 mod kafka_groups;
 mod kafka_protocol;
+mod mirror;
 mod mqtt;
 mod mqtt_crash;
 mod mqtt_faults;

@@ -1,0 +1,407 @@
+//! Mirroring over QUIC, end to end: a gateway store, the real mirror over a UDP path this test
+//! can cut, slow and make lossy, the `tributary-cloud` receiver, and a second Tributary instance
+//! standing in as the central Kafka cluster (written only through its Kafka listener by
+//! librdkafka). Every source record must appear there exactly once, in order, with its key,
+//! value, headers and timestamp and provenance headers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tributary_broker::storage::batch::NewRecord;
+use tributary_broker::{Store, TopicConfig};
+use tributary_sync::certs;
+use tributary_sync::cloud::{CloudServer, CloudStats};
+use tributary_sync::gateway::MirrorStats;
+use tributary_sync::{CloudConfig, MirrorConfig};
+
+use crate::support::{read_all, KafkaBroker};
+
+const SITE: &str = "plant-7";
+
+/// A CA with a receiver certificate for `localhost` and site certificates, in a temp dir.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: certs::Pem,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = certs::new_ca("test mirror CA", 2).expect("ca");
+        ca.write(dir.path(), "ca").expect("write ca");
+        certs::server_cert(&ca, &["localhost".to_string()], 2).expect("server").write(dir.path(), "cloud").expect("write");
+        Self { dir, ca }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// A site certificate for `site`, signed by this CA (or by `other` when given).
+    fn site(&self, name: &str, site: &str, other: Option<&certs::Pem>) -> (PathBuf, PathBuf) {
+        certs::site_cert(other.unwrap_or(&self.ca), site, 2).expect("site cert").write(self.dir.path(), name).expect("write");
+        (self.path(&format!("{name}.pem")), self.path(&format!("{name}.key")))
+    }
+}
+
+/// Forwards UDP between the gateway and the receiver, with a switchable blackout, random loss
+/// and added one-way delay (both directions).
+#[derive(Clone, Default)]
+struct Impairment {
+    blackout: Arc<AtomicBool>,
+    loss_percent: Arc<AtomicU32>,
+    delay_ms: Arc<AtomicU32>,
+}
+
+impl Impairment {
+    fn drops(&self) -> bool {
+        self.blackout.load(Ordering::Relaxed) || rand::random::<u32>() % 100 < self.loss_percent.load(Ordering::Relaxed)
+    }
+
+    fn forward(&self, socket: Arc<UdpSocket>, data: Vec<u8>, to: SocketAddr) {
+        if self.drops() {
+            return;
+        }
+        let delay = Duration::from_millis(u64::from(self.delay_ms.load(Ordering::Relaxed)));
+        if delay.is_zero() {
+            let _ = socket.try_send_to(&data, to);
+        } else {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = socket.send_to(&data, to).await;
+            });
+        }
+    }
+}
+
+/// The proxy's address (what the gateway dials); each gateway source address gets its own
+/// upstream socket, so a reconnecting gateway (new port) is a new path.
+async fn udp_proxy(target: SocketAddr, imp: Impairment) -> SocketAddr {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind proxy"));
+    let addr = front.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut paths: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = front.recv_from(&mut buf).await {
+            let up = match paths.get(&from) {
+                Some(up) => up.clone(),
+                None => {
+                    let Ok(up) = UdpSocket::bind("127.0.0.1:0").await else { continue };
+                    let up = Arc::new(up);
+                    let (back, front2, imp2) = (up.clone(), front.clone(), imp.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65_536];
+                        while let Ok(n) = back.recv(&mut buf).await {
+                            imp2.forward(front2.clone(), buf[..n].to_vec(), from);
+                        }
+                    });
+                    let _ = up.connect(target).await;
+                    paths.insert(from, up.clone());
+                    up
+                }
+            };
+            if !imp.drops() {
+                let delay = Duration::from_millis(u64::from(imp.delay_ms.load(Ordering::Relaxed)));
+                let data = buf[..n].to_vec();
+                if delay.is_zero() {
+                    let _ = up.try_send(&data);
+                } else {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = up.send(&data).await;
+                    });
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// A running receiver writing into `central`.
+struct Cloud {
+    addr: SocketAddr,
+    stats: Arc<CloudStats>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn cloud_config(pki: &Pki, central: &KafkaBroker, listen: SocketAddr) -> CloudConfig {
+    let mut cfg = CloudConfig {
+        listen,
+        ca_file: pki.path("ca.pem"),
+        cert_file: pki.path("cloud.pem"),
+        key_file: pki.path("cloud.key"),
+        mirrored_report_interval_ms: 20,
+        partition_credit_bytes: 256 * 1024,
+        ..CloudConfig::default()
+    };
+    cfg.kafka.bootstrap_servers = central.addr.to_string();
+    cfg.kafka.request_timeout_ms = 20_000;
+    cfg.kafka.properties.insert("broker.address.family".into(), "v4".into());
+    cfg
+}
+
+impl Cloud {
+    fn start(cfg: CloudConfig) -> Self {
+        let server = CloudServer::bind(cfg).expect("receiver starts");
+        let addr = server.local_addr().expect("addr");
+        let stats = server.stats();
+        let (stop, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        Self { addr, stats, stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("receiver task");
+    }
+}
+
+/// A running gateway-side mirror.
+struct Mirror {
+    stats: Arc<MirrorStats>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tributary_sync::gateway::MirrorError>>,
+}
+
+fn mirror_config(pki: &Pki, cloud: SocketAddr, cert: (PathBuf, PathBuf)) -> MirrorConfig {
+    MirrorConfig {
+        enabled: true,
+        cloud: cloud.to_string(),
+        server_name: "localhost".into(),
+        site: SITE.into(),
+        ca_file: pki.path("ca.pem"),
+        cert_file: cert.0,
+        key_file: cert.1,
+        topics: vec!["meters".into(), "alarms".into()],
+        urgent_topics: vec!["alarms".into()],
+        keep_alive_ms: 1_000,
+        idle_timeout_ms: 3_000,
+        reconnect_backoff_min_ms: 50,
+        reconnect_backoff_max_ms: 500,
+        read_bytes_max: 64 * 1024,
+        ..MirrorConfig::default()
+    }
+}
+
+impl Mirror {
+    fn start(cfg: MirrorConfig, store: &Store) -> Self {
+        cfg.validate("mirror").expect("valid mirror config");
+        let stats = Arc::new(MirrorStats::default());
+        let (stop, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(tributary_sync::gateway::run(cfg, store.clone(), stats.clone(), async move {
+            let _ = rx.await;
+        }));
+        Self { stats, stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("mirror task").expect("mirror ends cleanly");
+    }
+
+    /// Waits (on the mirror's change watch, no polling) until `cond` holds.
+    async fn until(&self, what: &str, secs: u64, cond: impl Fn(&MirrorStats) -> bool) {
+        let mut rx = self.stats.subscribe();
+        let wait = rx.wait_for(|_| cond(&self.stats));
+        if tokio::time::timeout(Duration::from_secs(secs), wait).await.is_err() {
+            panic!("{what} not reached in {secs} s; last error: {:?}", self.stats.last_error.lock().map(|e| e.clone()));
+        }
+    }
+}
+
+/// Every partition of `topics` confirmed mirrored up to its high watermark.
+fn caught_up(store: &Store, topics: &[&str]) -> bool {
+    topics.iter().all(|t| {
+        let n = store.topic(t).map_or(0, |i| i.partitions as i32);
+        (0..n).all(|p| {
+            let hw = store.watermarks(t, p).map_or(0, |w| w.high_watermark);
+            store.mirrored(t, p).ok().flatten().unwrap_or(0) >= hw
+        })
+    })
+}
+
+fn record(topic: &str, p: i32, i: usize) -> NewRecord {
+    let mut r = NewRecord::new(
+        Some(Bytes::from(format!("meter-{}", i % 17))),
+        Bytes::from(format!("{{\"topic\":\"{topic}\",\"p\":{p},\"i\":{i},\"kwh\":{}.{}}}", i % 1000, i % 7)),
+    );
+    r.headers = vec![("unit".into(), Some(Bytes::from_static(b"kWh"))), ("none".into(), None)];
+    r.timestamp_ms = Some(1_700_000_000_000 + i as i64);
+    r
+}
+
+/// Appends `n` records (batches of 10) to every partition of `topic`, numbered from `from`.
+async fn produce(store: &Store, topic: &str, from: usize, n: usize) {
+    let parts = store.topic(topic).expect("topic").partitions as i32;
+    for p in 0..parts {
+        for chunk in (from..from + n).collect::<Vec<_>>().chunks(10) {
+            let batch = chunk.iter().map(|i| record(topic, p, *i)).collect();
+            store.append_records(topic, p, batch).await.expect("append");
+        }
+    }
+}
+
+/// The central cluster holds every source record of `topic` exactly once, in order, with key,
+/// value, headers, timestamp and provenance.
+fn assert_mirrored(gateway: &Store, central: &Store, topic: &str) {
+    let parts = gateway.topic(topic).expect("topic").partitions as i32;
+    let remote = format!("{SITE}.{topic}");
+    assert_eq!(central.topic(&remote).map(|t| t.partitions as i32), Some(parts), "remote topic with as many partitions");
+    for p in 0..parts {
+        let src = read_all(gateway, topic, p);
+        let dst = read_all(central, &remote, p);
+        assert_eq!(dst.len(), src.len(), "{remote}-{p}: every record once (source log start {})", src[0].offset);
+        for (s, d) in src.iter().zip(&dst) {
+            assert_eq!((&d.key, &d.value, d.timestamp), (&s.key, &s.value, s.timestamp), "{remote}-{p} at {}", s.offset);
+            let h = |k: &str| d.headers.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.clone());
+            assert_eq!(h("unit").as_deref(), Some(&b"kWh"[..]));
+            assert!(d.headers.iter().any(|(n, v)| n == "none" && v.is_none()), "null header kept");
+            assert_eq!(h("tributary.site").as_deref(), Some(SITE.as_bytes()));
+            assert_eq!(h("tributary.topic").as_deref(), Some(topic.as_bytes()));
+            assert_eq!(h("tributary.partition").as_deref(), Some(p.to_string().as_bytes()));
+            assert_eq!(h("tributary.offset").as_deref(), Some(s.offset.to_string().as_bytes()), "in order");
+        }
+    }
+}
+
+async fn topics(store: &Store) {
+    let cfg = TopicConfig { compression: tributary_broker::Codec::Lz4, ..TopicConfig::default() };
+    store.create_topic("meters", 3, cfg.clone()).await.expect("meters");
+    store.create_topic("alarms", 1, cfg.clone()).await.expect("alarms");
+    store.create_topic("local-only", 1, cfg).await.expect("local");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_reaches_the_central_cluster_once_through_cuts_loss_and_restarts() {
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let gateway = KafkaBroker::start().await;
+    topics(&gateway.store).await;
+    produce(&gateway.store, "meters", 0, 300).await;
+    produce(&gateway.store, "alarms", 0, 50).await;
+    produce(&gateway.store, "local-only", 0, 10).await;
+
+    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+    let cloud_addr = cloud.addr;
+    let imp = Impairment::default();
+    let via = udp_proxy(cloud_addr, imp.clone()).await;
+    let cert = pki.site("site", SITE, None);
+    let mirror = Mirror::start(mirror_config(&pki, via, cert.clone()), &gateway.store);
+    mirror.until("the initial backlog mirrored", 60, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;
+    assert_mirrored(&gateway.store, &central.store, "meters");
+    assert_mirrored(&gateway.store, &central.store, "alarms");
+    assert!(central.store.topic(&format!("{SITE}.local-only")).is_none(), "unlisted topics stay local");
+    // A Kafka consumer of the central cluster reads the mirrored records.
+    let msgs = crate::support::consume(&central.addr.to_string(), "plant-7.alarms", 0, rdkafka::Offset::Beginning, 50);
+    assert_eq!(rdkafka::Message::offset(&msgs[49]), 49);
+
+    // The link goes dark while data keeps arriving; the mirror notices, then catches up.
+    imp.blackout.store(true, Ordering::Relaxed);
+    produce(&gateway.store, "meters", 300, 200).await;
+    mirror.until("the link seen down", 30, |s| !s.link_up.load(Ordering::Relaxed)).await;
+    produce(&gateway.store, "meters", 500, 100).await;
+    imp.blackout.store(false, Ordering::Relaxed);
+    mirror.until("the outage backlog mirrored", 60, |_| caught_up(&gateway.store, &["meters"])).await;
+
+    // 10% loss and 100 ms of delay each way, under load.
+    imp.loss_percent.store(10, Ordering::Relaxed);
+    imp.delay_ms.store(100, Ordering::Relaxed);
+    produce(&gateway.store, "meters", 600, 300).await;
+    produce(&gateway.store, "alarms", 50, 50).await;
+    mirror.until("mirrored over a lossy, slow path", 120, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;
+    imp.loss_percent.store(0, Ordering::Relaxed);
+    imp.delay_ms.store(0, Ordering::Relaxed);
+
+    // The receiver restarts mid-stream, on the same port: it resumes from the central cluster.
+    produce(&gateway.store, "meters", 900, 200).await;
+    let cfg = cloud_config(&pki, &central, cloud_addr);
+    cloud.stop().await;
+    produce(&gateway.store, "meters", 1100, 100).await;
+    let cloud = Cloud::start(cfg);
+    mirror.until("mirrored after the receiver restarted", 60, |_| caught_up(&gateway.store, &["meters"])).await;
+
+    // The gateway restarts mid-stream: its mirror resumes without duplicates.
+    produce(&gateway.store, "meters", 1200, 100).await;
+    mirror.stop().await;
+    let gateway = gateway.restart().await;
+    produce(&gateway.store, "meters", 1300, 100).await;
+    let mirror = Mirror::start(mirror_config(&pki, via, cert), &gateway.store);
+    mirror.until("mirrored after the gateway restarted", 60, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;
+
+    assert_mirrored(&gateway.store, &central.store, "meters");
+    assert_mirrored(&gateway.store, &central.store, "alarms");
+    assert!(cloud.stats.records_written.load(Ordering::Relaxed) > 0);
+    assert!(mirror.stats.lag(&gateway.store).iter().all(|l| l.lag_records == 0), "no lag left");
+    mirror.stop().await;
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_ca_and_a_site_that_is_not_in_the_certificate_are_refused() {
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let gateway = KafkaBroker::start().await;
+    topics(&gateway.store).await;
+    produce(&gateway.store, "meters", 0, 10).await;
+    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+
+    // A certificate from another CA: the handshake fails.
+    let rogue = certs::new_ca("rogue CA", 1).expect("rogue ca");
+    let cert = pki.site("rogue", SITE, Some(&rogue));
+    let mirror = Mirror::start(mirror_config(&pki, cloud.addr, cert), &gateway.store);
+    // TLS 1.3: the client's certificate is checked after the client finished its side of the
+    // handshake, so the refusal arrives as the connection's close reason.
+    mirror.until("a refused handshake", 30, |s| s.reconnects.load(Ordering::Relaxed) >= 1).await;
+    let error = mirror.stats.last_error.lock().map(|e| e.clone()).unwrap_or_default();
+    assert!(error.contains("handshake") || error.contains("certificate"), "{error}");
+    assert_eq!(cloud.stats.sessions.load(Ordering::Relaxed), 0, "no session for an unknown CA");
+    mirror.stop().await;
+
+    // A valid certificate for another site, claiming to be plant-7: refused by the receiver.
+    let cert = pki.site("other", "plant-8", None);
+    let mirror = Mirror::start(mirror_config(&pki, cloud.addr, cert), &gateway.store);
+    mirror.until("a refused site", 30, |s| s.last_error.lock().is_ok_and(|e| e.contains("plant-7"))).await;
+    assert!(cloud.stats.sessions_refused.load(Ordering::Relaxed) >= 1);
+    mirror.stop().await;
+    assert!(central.store.topic(&format!("{SITE}.meters")).is_none(), "nothing was written");
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dropped_by_retention_before_it_was_mirrored_is_recorded_as_a_gap() {
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let gateway = KafkaBroker::start().await;
+    // A small partition budget: most of what arrives while the link is down is deleted.
+    let cfg = TopicConfig { retention_bytes: Some(8_000), compression: tributary_broker::Codec::None, ..TopicConfig::default() };
+    gateway.store.create_topic("meters", 1, cfg).await.expect("topic");
+    produce(&gateway.store, "meters", 0, 400).await;
+    let start = gateway.store.watermarks("meters", 0).expect("wm").log_start_offset;
+    assert!(start > 0, "retention deleted the oldest records");
+
+    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+    let mut mcfg = mirror_config(&pki, cloud.addr, pki.site("site", SITE, None));
+    mcfg.topics = vec!["meters".into()];
+    let mirror = Mirror::start(mcfg, &gateway.store);
+    mirror.until("mirrored after the gap", 60, |_| caught_up(&gateway.store, &["meters"])).await;
+    assert_eq!(mirror.stats.gaps.load(Ordering::Relaxed), 1);
+    assert_eq!(mirror.stats.gap_records.load(Ordering::Relaxed), start as u64);
+    // The gap is where the data team can see it, and the rest is there once.
+    let gaps = read_all(&central.store, "tributary.mirror.gaps", 0);
+    assert_eq!(gaps.len(), 1);
+    let text = String::from_utf8_lossy(gaps[0].value.as_deref().unwrap_or_default()).into_owned();
+    assert!(text.contains("\"site\":\"plant-7\"") && text.contains(&format!("\"to_offset\":{start}")), "{text}");
+    assert!(text.contains("\"from_offset\":0"), "{text}");
+    assert_mirrored(&gateway.store, &central.store, "meters");
+    mirror.stop().await;
+    cloud.stop().await;
+}
