@@ -55,8 +55,10 @@ pub struct MirrorStats {
     pub reconnects: AtomicU64,
     /// Stored batch bytes sent (as stored: compressed).
     pub batch_bytes_sent: AtomicU64,
-    /// UDP bytes sent over all connections (QUIC and TLS overhead, retransmissions included).
-    pub wire_bytes_sent: AtomicU64,
+    /// UDP bytes sent over connections that ended (see `wire_bytes_sent()` for the total).
+    wire_bytes_closed: AtomicU64,
+    /// The connection up now, for its live counters.
+    current: Mutex<Option<quinn::Connection>>,
     pub gaps: AtomicU64,
     pub gap_records: AtomicU64,
     pub last_error: Mutex<String>,
@@ -92,6 +94,13 @@ impl MirrorStats {
     /// Wakes on link changes, errors and confirmed progress.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// UDP bytes sent over all connections so far: QUIC and TLS overhead and retransmissions
+    /// included, so this is what a metered link is billed for.
+    pub fn wire_bytes_sent(&self) -> u64 {
+        let live = self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map_or(0, |c| c.stats().udp_tx.bytes);
+        self.wire_bytes_closed.load(Ordering::Relaxed) + live
     }
 
     fn changed(&self) {
@@ -229,6 +238,7 @@ async fn connect_and_stream(
     let endpoint = quinn::Endpoint::client(bind).map_err(MirrorError::Endpoint)?;
     let conn = endpoint.connect_with(client.clone(), addr, cfg.server_name())?.await?;
     stats.connects.fetch_add(1, Ordering::Relaxed);
+    *stats.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
     stats.set_link(true, None);
     tracing::info!(cloud = %cfg.cloud, site = %cfg.site, "mirror link up");
     // A lost stream says little: the connection's close reason says why (a TLS alert when the
@@ -239,7 +249,8 @@ async fn connect_and_stream(
         }
         other => other,
     };
-    stats.wire_bytes_sent.fetch_add(conn.stats().udp_tx.bytes, Ordering::Relaxed);
+    *stats.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    stats.wire_bytes_closed.fetch_add(conn.stats().udp_tx.bytes, Ordering::Relaxed);
     conn.close(0u32.into(), b"gateway session ended");
     endpoint.wait_idle().await;
     result
