@@ -1,6 +1,7 @@
 //! The `tributary` program: the gateway daemon (`serve`) and its command-line tools. The binary
 //! target is a one-line `main` over this library so the end-to-end suite can run the same code.
 
+mod cert;
 pub mod config;
 pub mod systemd;
 
@@ -35,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Certificates for the mirror link (a deployment CA, per-site and cloud certificates).
+    Cert {
+        #[command(subcommand)]
+        command: cert::CertCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,6 +65,7 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Cert { command } => cert::run(command),
         Command::Serve { config } => {
             let cfg = match &config {
                 Some(path) => GatewayConfig::load(path).context("invalid configuration")?,

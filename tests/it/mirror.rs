@@ -405,3 +405,94 @@ async fn data_dropped_by_retention_before_it_was_mirrored_is_recorded_as_a_gap()
     mirror.stop().await;
     cloud.stop().await;
 }
+
+/// Runs `tributary` (the gateway binary) with `args`; returns its exit status and stderr.
+fn tributary(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tributary-under-test")).args(args).output().expect("run");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_daemon_mirrors_with_certificates_from_tributary_cert() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = |s: &str| dir.path().join(s).display().to_string();
+    let (ca, site, cloud_dir) = (p("ca"), p("site"), p("cloud"));
+    for args in [
+        vec!["cert", "ca", "--dir", &ca],
+        vec!["cert", "cloud", "--ca-dir", &ca, "--name", "localhost", "--out", &cloud_dir],
+        vec!["cert", "site", "--ca-dir", &ca, "--site", SITE, "--out", &site],
+    ] {
+        let (ok, err) = tributary(&args);
+        assert!(ok, "tributary {args:?}: {err}");
+    }
+    let (ok, err) = tributary(&["cert", "ca", "--dir", &ca]);
+    assert!(!ok && err.contains("refusing to replace a CA"), "{err}");
+    let (ok, err) = tributary(&["cert", "site", "--ca-dir", &ca, "--site", "bad_site", "--out", &site]);
+    assert!(!ok && err.contains("invalid site id"), "{err}");
+
+    let central = KafkaBroker::start().await;
+    let mut ccfg = CloudConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ca_file: dir.path().join("cloud/ca.pem"),
+        cert_file: dir.path().join("cloud/cloud.pem"),
+        key_file: dir.path().join("cloud/cloud.key"),
+        ..CloudConfig::default()
+    };
+    ccfg.kafka.bootstrap_servers = central.addr.to_string();
+    ccfg.kafka.properties.insert("broker.address.family".into(), "v4".into());
+    let cloud = Cloud::start(ccfg);
+
+    let config = format!(
+        "[storage]\ndata_dir = \"{data}\"\ndisk_free_bytes_min = 0\n\n[kafka]\nlisten = \"127.0.0.1:0\"\n\n\
+         [mqtt]\nlisten = \"127.0.0.1:0\"\n\n[mirror]\nenabled = true\ncloud = \"{cloud}\"\nserver_name = \"localhost\"\n\
+         site = \"{SITE}\"\nca_file = \"{site}/ca.pem\"\ncert_file = \"{site}/site.pem\"\nkey_file = \"{site}/site.key\"\n\
+         topics = [\"meters\"]\n",
+        data = p("data"),
+        cloud = cloud.addr,
+    );
+    std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
+    let (ok, err) = tributary(&["config", "check", &p("gateway.toml")]);
+    assert!(ok, "{err}");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
+        .args(["serve", "--config", &p("gateway.toml")])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn gateway");
+    let mut reader = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let kafka = loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut reader, &mut line).expect("read stderr");
+        assert!(n > 0, "gateway exited before it was ready");
+        if line.contains("tributary gateway ready") {
+            let addr = line.split("kafka=").nth(1).and_then(|r| r.split_whitespace().next()).expect("kafka address");
+            break addr.to_string();
+        }
+    };
+    // Keep draining the gateway's log so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+
+    // An application produces to the gateway with librdkafka; the data team reads the central copy.
+    let producer: rdkafka::producer::FutureProducer =
+        crate::support::client_config(&kafka).set("acks", "all").create().expect("producer");
+    for i in 0..100 {
+        let value = format!("reading-{i}");
+        let rec = rdkafka::producer::FutureRecord::to("meters").key("meter-1").payload(&value);
+        producer.send(rec, Duration::from_secs(10)).await.expect("produced");
+    }
+    let central_addr = central.addr.to_string();
+    let got = tokio::task::spawn_blocking(move || {
+        crate::support::consume(&central_addr, "plant-7.meters", 0, rdkafka::Offset::Beginning, 100)
+    })
+    .await
+    .expect("consume");
+    let values: Vec<String> =
+        got.iter().map(|m| String::from_utf8_lossy(rdkafka::Message::payload(m).unwrap_or_default()).into_owned()).collect();
+    assert_eq!(values, (0..100).map(|i| format!("reading-{i}")).collect::<Vec<_>>());
+
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    assert!(child.wait().expect("wait").success(), "clean shutdown with the mirror running");
+    cloud.stop().await;
+}
