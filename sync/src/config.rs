@@ -277,3 +277,33 @@ mod tests {
         assert_eq!(CloudConfig::default().remote_topic("plant-7", "meters"), "plant-7.meters");
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../../config/cloud.toml");
+
+    #[test]
+    fn shipped_cloud_config_states_and_documents_the_defaults() {
+        let cfg: CloudConfig = toml::from_str(SHIPPED).expect("config/cloud.toml parses");
+        assert_eq!(cfg, CloudConfig::default(), "config/cloud.toml states the built-in defaults");
+        cfg.validate().expect("valid");
+        let toml::Value::Table(all) = toml::Value::try_from(CloudConfig::default()).expect("serializes") else {
+            panic!("a table")
+        };
+        let mut keys: Vec<String> = Vec::new();
+        for (k, v) in all {
+            match v {
+                toml::Value::Table(t) => keys.extend(t.keys().cloned()),
+                _ => keys.push(k),
+            }
+        }
+        for key in keys {
+            assert!(
+                SHIPPED.lines().any(|l| l.starts_with(&format!("{key} ")) || l.starts_with(&format!("[kafka.{key}]"))),
+                "config/cloud.toml does not document {key}"
+            );
+        }
+    }
+}
