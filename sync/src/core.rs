@@ -86,8 +86,10 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// `start`: where the partition resumes; everything below it is already stored, which is
+    /// the first report (a gateway whose marks were behind learns it at once).
     pub fn new(start: i64, interval: Duration) -> Self {
-        Self { stored: start, reported: start, interval, last: None }
+        Self { stored: start, reported: i64::MIN, interval, last: None }
     }
 
     /// Everything below `next` is stored.
@@ -197,12 +199,13 @@ mod tests {
     fn progress_is_reported_when_it_moves_at_most_once_per_interval() {
         let t0 = Instant::now();
         let mut p = Progress::new(10, Duration::from_millis(100));
-        assert_eq!(p.take_report(t0), None);
+        assert_eq!(p.take_report(t0), Some(10), "the resume point is stored already");
+        assert_eq!(p.take_report(t0 + Duration::from_millis(100)), None, "nothing new");
         p.on_stored(15);
-        assert_eq!(p.take_report(t0), Some(15));
+        assert_eq!(p.take_report(t0 + Duration::from_millis(200)), Some(15));
         p.on_stored(20);
-        assert_eq!(p.take_report(t0 + Duration::from_millis(50)), None);
-        assert_eq!(p.take_report(t0 + Duration::from_millis(100)), Some(20));
+        assert_eq!(p.take_report(t0 + Duration::from_millis(250)), None);
+        assert_eq!(p.take_report(t0 + Duration::from_millis(300)), Some(20));
         p.on_stored(5);
         assert_eq!(p.stored(), 20, "never backwards");
     }

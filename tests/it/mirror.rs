@@ -496,3 +496,30 @@ async fn the_gateway_daemon_mirrors_with_certificates_from_tributary_cert() {
     assert!(child.wait().expect("wait").success(), "clean shutdown with the mirror running");
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_of_a_site_replaces_the_first_without_duplicates() {
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let gateway = KafkaBroker::start().await;
+    topics(&gateway.store).await;
+    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+    let cert = pki.site("site", SITE, None);
+    let first = Mirror::start(mirror_config(&pki, cloud.addr, cert.clone()), &gateway.store);
+    produce(&gateway.store, "meters", 0, 200).await;
+    first.until("the first connection streaming", 30, |s| s.link_up.load(Ordering::Relaxed)).await;
+    // A second gateway process for the same site (a restarted gateway whose old connection the
+    // receiver still holds, or a misconfigured twin): the two keep replacing each other while
+    // data flows, and the central cluster still gets every record once.
+    let second = Mirror::start(mirror_config(&pki, cloud.addr, cert), &gateway.store);
+    for round in 0..5 {
+        produce(&gateway.store, "meters", 200 + round * 100, 100).await;
+    }
+    second.until("the second connection up", 30, |s| s.connects.load(Ordering::Relaxed) >= 1).await;
+    first.stop().await;
+    second.until("all mirrored", 60, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;
+    assert!(cloud.stats.sessions.load(Ordering::Relaxed) >= 2, "the site connected more than once");
+    assert_mirrored(&gateway.store, &central.store, "meters");
+    second.stop().await;
+    cloud.stop().await;
+}
