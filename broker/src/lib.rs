@@ -7,6 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod groups;
+pub mod histogram;
 pub mod kafka;
 pub mod mqtt;
 pub mod partitioner;

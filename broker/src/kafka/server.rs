@@ -51,6 +51,9 @@ pub struct KafkaStats {
     pub connections_open: AtomicU64,
     pub requests: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Request and response bytes on the wire (frames with their size prefix).
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
 }
 
 /// Producer ids are handed out from blocks reserved durably, so an id is never given twice, even
@@ -259,6 +262,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
     let (tx, mut rx) = mpsc::channel::<PendingReply>(ctx.cfg.inflight_requests_max as usize);
     let idle = Duration::from_millis(ctx.cfg.idle_timeout_ms);
     // Responses are written by their own task, in the order the requests arrived.
+    let stats = ctx.stats.clone();
     let writer = tokio::spawn(async move {
         // Small responses and frame headers are gathered; record data (large chunks) goes
         // straight from the store's buffers to the socket. Flushed whenever no response waits.
@@ -268,6 +272,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
                 let write = async {
                     for chunk in &reply.chunks {
                         wr.write_all(chunk).await?;
+                        stats.bytes_out.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     }
                     if rx.is_empty() {
                         wr.flush().await?;
@@ -324,6 +329,7 @@ async fn read_loop(
             Ok(Ok(_)) => {}
         }
         ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+        ctx.stats.bytes_in.fetch_add(size as u64 + 4, Ordering::Relaxed);
         let pending = request(ctx, frame.freeze(), permit, peer).await?;
         if tx.send(pending).await.is_err() {
             // The writer stopped (write error): its result says why.

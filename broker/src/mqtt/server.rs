@@ -65,6 +65,9 @@ pub struct MqttStats {
     pub oversized_messages: AtomicU64,
     /// Retained messages refused because `mqtt.retained_messages_max` was reached.
     pub retained_refused: AtomicU64,
+    /// Packet bytes received and sent.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -453,6 +456,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
     }
     // Answers leave through one writer task, in the order their work was started.
     let (tx, mut rx) = mpsc::channel::<Pending>(usize::from(ctx.cfg.inflight_messages_max) + 16);
+    let stats = ctx.stats.clone();
     let writer = tokio::spawn(async move {
         while let Some(p) = rx.recv().await {
             if let Some(bytes) = p.await {
@@ -461,6 +465,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
                     let _ = wr.shutdown().await;
                     return;
                 }
+                stats.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 if wr.write_all(&bytes).await.is_err() {
                     return;
                 }
@@ -709,7 +714,10 @@ async fn session_loop(
             f = read => f?,
         };
         let frame = match frame {
-            Ok(f) => f,
+            Ok(f) => {
+                ctx.stats.bytes_in.fetch_add(f.len() as u64, Ordering::Relaxed);
+                f
+            }
             Err(WireError::Closed) => return Ok(false),
             Err(WireError::TooLarge { size, max }) => {
                 if v == Version::V5 {

@@ -182,8 +182,10 @@ impl KvSpace {
 pub type KvEntry = (Vec<u8>, Vec<u8>);
 
 /// Counters of the store's work since it was opened.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Counters {
+    pub commit_latency_micros: crate::histogram::Histogram,
+    pub records_per_commit: crate::histogram::Histogram,
     pub commits: AtomicU64,
     pub durable_commits: AtomicU64,
     pub commit_micros_total: AtomicU64,
@@ -197,6 +199,28 @@ pub(crate) struct Counters {
     pub footprint_bytes: AtomicU64,
     pub logical_bytes: AtomicU64,
     pub failed_commits: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        use crate::histogram::{Histogram, COMMIT_MICROS, RECORDS_PER_COMMIT};
+        Self {
+            commit_latency_micros: Histogram::new(COMMIT_MICROS),
+            records_per_commit: Histogram::new(RECORDS_PER_COMMIT),
+            commits: AtomicU64::default(),
+            durable_commits: AtomicU64::default(),
+            commit_micros_total: AtomicU64::default(),
+            appended_records: AtomicU64::default(),
+            appended_batches: AtomicU64::default(),
+            appended_bytes: AtomicU64::default(),
+            retention_deleted_batches: AtomicU64::default(),
+            retention_deleted_bytes: AtomicU64::default(),
+            retention_deleted_unmirrored_batches: AtomicU64::default(),
+            footprint_bytes: AtomicU64::default(),
+            logical_bytes: AtomicU64::default(),
+            failed_commits: AtomicU64::default(),
+        }
+    }
 }
 
 /// A snapshot of the store's counters.
@@ -836,6 +860,12 @@ impl Store {
     }
 
     /// Real disk use of the database file (`st_blocks * 512`).
+    /// Commit latency (microseconds) and records per commit, as histograms.
+    pub fn commit_histograms(&self) -> (crate::histogram::HistogramSnapshot, crate::histogram::HistogramSnapshot) {
+        let c = &self.inner.shared.counters;
+        (c.commit_latency_micros.snapshot(), c.records_per_commit.snapshot())
+    }
+
     pub fn disk_usage_bytes(&self) -> Result<u64, StoreError> {
         disk::file_disk_bytes(&self.inner.shared.db_path)
     }

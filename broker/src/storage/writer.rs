@@ -442,6 +442,10 @@ impl Writer {
             Ok(()) => {
                 c.commits.fetch_add(1, Ordering::Relaxed);
                 c.commit_micros_total.fetch_add(micros, Ordering::Relaxed);
+                c.commit_latency_micros.observe(micros);
+                if r.appended_records > 0 {
+                    c.records_per_commit.observe(r.appended_records);
+                }
                 if durable {
                     c.durable_commits.fetch_add(1, Ordering::Relaxed);
                     self.unsynced_since = None;
