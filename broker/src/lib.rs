@@ -11,6 +11,7 @@ pub mod histogram;
 pub mod kafka;
 pub mod mqtt;
 pub mod partitioner;
+pub mod security;
 pub mod storage;
 
 pub use config::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig};
