@@ -9,6 +9,8 @@ use tributary_broker::mqtt::MqttConfig;
 use tributary_broker::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig};
 use tributary_sync::MirrorConfig;
 
+use crate::metrics::MetricsConfig;
+
 /// The whole `gateway.toml`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -22,6 +24,8 @@ pub struct GatewayConfig {
     pub mqtt: MqttConfig,
     /// Mirroring to the central Kafka cluster over QUIC.
     pub mirror: MirrorConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 
@@ -107,6 +111,7 @@ impl GatewayConfig {
         self.kafka.validate("kafka")?;
         self.mqtt.validate("mqtt")?;
         self.mirror.validate("mirror")?;
+        self.metrics.validate("metrics")?;
         if self.topic_defaults.partitions == 0 || self.topic_defaults.partitions > self.storage.partitions_per_topic_max
         {
             return Err(ConfigError::new(

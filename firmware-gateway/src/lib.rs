@@ -3,6 +3,7 @@
 
 mod cert;
 pub mod config;
+pub mod metrics;
 pub mod systemd;
 
 use std::path::PathBuf;
@@ -114,6 +115,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         .context("open the log store")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut kafka_addr = String::from("off");
+    let mut kafka_sources = None;
     let mut kafka_task = None;
     if cfg.kafka.enabled {
         let server = KafkaServer::bind(cfg.kafka.clone(), store.clone(), cfg.topic_defaults.template())
@@ -123,12 +125,14 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         let (host, port) = server.advertised();
         tracing::info!(listen = %local, advertised = %format!("{host}:{port}"), "kafka listener bound");
         kafka_addr = local.to_string();
+        kafka_sources = Some((server.stats(), server.groups()));
         let mut stop = stop_rx.clone();
         kafka_task = Some(tokio::spawn(server.run(async move {
             let _ = stop.wait_for(|s| *s).await;
         })));
     }
     let mut mqtt_addr = String::from("off");
+    let mut mqtt_stats = None;
     let mut mqtt_task = None;
     if cfg.mqtt.enabled {
         let server = MqttServer::bind(cfg.mqtt.clone(), store.clone(), cfg.topic_defaults.template())
@@ -137,14 +141,17 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         let local = server.local_addr().context("MQTT listener address")?;
         tracing::info!(listen = %local, "mqtt listener bound");
         mqtt_addr = local.to_string();
+        mqtt_stats = Some(server.stats());
         let mut stop = stop_rx.clone();
         mqtt_task = Some(tokio::spawn(server.run(async move {
             let _ = stop.wait_for(|s| *s).await;
         })));
     }
     let mut mirror_task = None;
+    let mut mirror_stats = None;
     if cfg.mirror.enabled {
         let stats = std::sync::Arc::new(tributary_sync::gateway::MirrorStats::default());
+        mirror_stats = Some(stats.clone());
         let mut stop = stop_rx.clone();
         let (mirror, store) = (cfg.mirror.clone(), store.clone());
         tracing::info!(cloud = %mirror.cloud, site = %mirror.site, "mirror enabled");
@@ -157,6 +164,29 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
             }
         }));
     }
+    let mut metrics_addr = String::from("off");
+    let mut metrics_task = None;
+    if cfg.metrics.enabled {
+        // Metrics are not worth refusing to serve devices for: a busy port is logged, naming the
+        // key, and the gateway runs without the endpoint.
+        match tokio::net::TcpListener::bind(&cfg.metrics.listen).await {
+            Ok(listener) => {
+                metrics_addr = listener.local_addr().context("metrics address")?.to_string();
+                let sources = metrics::Sources {
+                    store: store.clone(),
+                    kafka: kafka_sources,
+                    mqtt: mqtt_stats,
+                    mirror: mirror_stats,
+                };
+                let mut stop = stop_rx.clone();
+                metrics_task = Some(tokio::spawn(metrics::serve(listener, cfg.metrics.clone(), sources, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })));
+            }
+            Err(e) => tracing::error!(error = %e, listen = %cfg.metrics.listen,
+                "metrics.listen: cannot bind the metrics endpoint; running without it"),
+        }
+    }
     tracing::info!(
         config = %path.as_ref().map_or_else(|| "built-in defaults".to_string(), |p| p.display().to_string()),
         data_dir = %cfg.storage.data_dir.display(),
@@ -164,6 +194,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         repaired = report.repaired,
         kafka = %kafka_addr,
         mqtt = %mqtt_addr,
+        metrics = %metrics_addr,
         version = env!("CARGO_PKG_VERSION"),
         "tributary gateway ready"
     );
@@ -183,7 +214,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     }
     service.stopping("shutting down: committing pending appends");
     let _ = stop_tx.send(true);
-    for t in [kafka_task, mqtt_task, mirror_task].into_iter().flatten() {
+    for t in [kafka_task, mqtt_task, mirror_task, metrics_task].into_iter().flatten() {
         let _ = t.await;
     }
     store.close().await.context("close the log store")?;

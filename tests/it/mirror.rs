@@ -440,13 +440,14 @@ async fn the_gateway_daemon_mirrors_with_certificates_from_tributary_cert() {
     };
     ccfg.kafka.bootstrap_servers = central.addr.to_string();
     ccfg.kafka.properties.insert("broker.address.family".into(), "v4".into());
+    ccfg.mirrored_report_interval_ms = 1;
     let cloud = Cloud::start(ccfg);
 
     let config = format!(
         "[storage]\ndata_dir = \"{data}\"\ndisk_free_bytes_min = 0\n\n[kafka]\nlisten = \"127.0.0.1:0\"\n\n\
          [mqtt]\nlisten = \"127.0.0.1:0\"\n\n[mirror]\nenabled = true\ncloud = \"{cloud}\"\nserver_name = \"localhost\"\n\
          site = \"{SITE}\"\nca_file = \"{site}/ca.pem\"\ncert_file = \"{site}/site.pem\"\nkey_file = \"{site}/site.key\"\n\
-         topics = [\"meters\"]\n",
+         topics = [\"meters\"]\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
         data = p("data"),
         cloud = cloud.addr,
     );
@@ -461,13 +462,16 @@ async fn the_gateway_daemon_mirrors_with_certificates_from_tributary_cert() {
         .spawn()
         .expect("spawn gateway");
     let mut reader = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let kafka = loop {
+    let (kafka, metrics) = loop {
         let mut line = String::new();
         let n = std::io::BufRead::read_line(&mut reader, &mut line).expect("read stderr");
         assert!(n > 0, "gateway exited before it was ready");
         if line.contains("tributary gateway ready") {
-            let addr = line.split("kafka=").nth(1).and_then(|r| r.split_whitespace().next()).expect("kafka address");
-            break addr.to_string();
+            let field = |name: &str| {
+                let addr = line.split(&format!("{name}=")).nth(1).and_then(|r| r.split_whitespace().next());
+                addr.unwrap_or_else(|| panic!("{name} address in {line}")).to_string()
+            };
+            break (field("kafka"), field("metrics"));
         }
     };
     // Keep draining the gateway's log so it never blocks on a full pipe.
@@ -490,6 +494,29 @@ async fn the_gateway_daemon_mirrors_with_certificates_from_tributary_cert() {
     let values: Vec<String> =
         got.iter().map(|m| String::from_utf8_lossy(rdkafka::Message::payload(m).unwrap_or_default()).into_owned()).collect();
     assert_eq!(values, (0..100).map(|i| format!("reading-{i}")).collect::<Vec<_>>());
+
+    // The operator's view: the mirror is up and nothing is behind (the mark arrives with the
+    // next progress report, so wait for it on the scrape).
+    // The child has no push interface: scrape again (each scrape is a real round trip) until the
+    // report is in, within a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut text = crate::support::http_get(&metrics, "/metrics");
+    while !text.contains("tributary_mirror_lag_records{topic=\"meters\",partition=\"0\"} 0")
+        && std::time::Instant::now() < deadline
+    {
+        text = crate::support::http_get(&metrics, "/metrics");
+    }
+    for expected in [
+        "tributary_mirror_link_up 1",
+        "tributary_mirror_lag_records{topic=\"meters\",partition=\"0\"} 0",
+        "tributary_mirror_mirrored_offset{topic=\"meters\",partition=\"0\"} 100",
+        "tributary_partition_high_watermark{topic=\"meters\",partition=\"0\"} 100",
+        "tributary_store_appended_records_total 100",
+        "tributary_connections_open{protocol=\"kafka\"} 1",
+    ] {
+        assert!(text.contains(expected), "metrics lack {expected:?}:\n{text}");
+    }
+    assert!(text.contains("tributary_mirror_wire_bytes_sent_total "), "{text}");
 
     let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");

@@ -1,0 +1,266 @@
+//! The metrics endpoint: Prometheus text format on `[metrics] listen` (GET /metrics), built on
+//! request from the store's, the listeners', the group coordinator's and the mirror's counters.
+//! A bounded number of scrapes at a time, each with a deadline.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tributary_broker::groups::Coordinator;
+use tributary_broker::histogram::HistogramSnapshot;
+use tributary_broker::kafka::KafkaStats;
+use tributary_broker::mqtt::MqttStats;
+use tributary_broker::{ConfigError, Store};
+use tributary_sync::gateway::MirrorStats;
+
+/// `[metrics]` of gateway.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Address of the Prometheus endpoint (GET /metrics).
+    pub listen: String,
+    /// Scrapes served at once; more wait.
+    pub connections_max: u32,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true, listen: "127.0.0.1:9464".into(), connections_max: 4 }
+    }
+}
+
+impl MetricsConfig {
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        if self.enabled && self.listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::new(format!("{prefix}.listen"), format!("must be ip:port (got {:?})", self.listen)));
+        }
+        tributary_broker::config::check_range(&format!("{prefix}.connections_max"), self.connections_max.into(), 1, 1024)
+    }
+}
+
+/// What the endpoint reads from.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub store: Store,
+    pub kafka: Option<(Arc<KafkaStats>, Arc<Coordinator>)>,
+    pub mqtt: Option<Arc<MqttStats>>,
+    pub mirror: Option<Arc<MirrorStats>>,
+}
+
+/// A metric family being written: `# HELP`/`# TYPE` once, then samples.
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", escape(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+
+    /// A histogram whose bounds are divided by `scale` (microseconds to seconds: 1e6).
+    fn histogram(&mut self, name: &str, help: &str, h: &HistogramSnapshot, scale: f64) {
+        self.family(name, "histogram", help);
+        for (i, b) in h.bounds.iter().enumerate() {
+            let le = format!("{}", *b as f64 / scale);
+            self.sample(&format!("{name}_bucket"), &[("le", &le)], h.cumulative[i]);
+        }
+        let count = h.cumulative.last().copied().unwrap_or(0);
+        self.sample(&format!("{name}_bucket"), &[("le", "+Inf")], count);
+        self.sample(&format!("{name}_sum"), &[], h.sum as f64 / scale);
+        self.sample(&format!("{name}_count"), &[], count);
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The whole exposition, now.
+pub fn render(src: &Sources) -> String {
+    let mut o = Out(String::with_capacity(8 * 1024));
+    o.family("tributary_build_info", "gauge", "Version of the running gateway.");
+    o.sample("tributary_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
+    let store = &src.store;
+    let s = store.stats();
+    o.one("tributary_store_commits_total", "counter", "Store commits.", s.commits);
+    o.one("tributary_store_durable_commits_total", "counter", "Store commits with fsync.", s.durable_commits);
+    o.one("tributary_store_failed_commits_total", "counter", "Store commits that failed.", s.failed_commits);
+    o.one("tributary_store_appended_records_total", "counter", "Records appended.", s.appended_records);
+    o.one("tributary_store_appended_bytes_total", "counter", "Batch bytes appended (as stored).", s.appended_bytes);
+    let (latency, per_commit) = store.commit_histograms();
+    o.histogram("tributary_store_commit_latency_seconds", "Time from a commit's start to its return.", &latency, 1e6);
+    o.histogram("tributary_store_records_per_commit", "Records appended by one commit.", &per_commit, 1.0);
+    o.one("tributary_store_logical_bytes", "gauge", "Bytes of stored batches.", s.logical_bytes);
+    o.one("tributary_store_footprint_bytes", "gauge", "Estimated database bytes the stored data takes.", s.footprint_bytes);
+    if let Ok(disk) = store.disk_usage_bytes() {
+        o.one("tributary_store_disk_bytes", "gauge", "Real disk use of the database file.", disk);
+    }
+    o.one("tributary_store_budget_bytes", "gauge", "storage.max_bytes.", store.config().max_bytes);
+    o.family("tributary_retention_deleted_batches_total", "counter", "Batches deleted by retention, by whether the mirror had them.");
+    let unmirrored = s.retention_deleted_unmirrored_batches;
+    o.sample("tributary_retention_deleted_batches_total", &[("mirrored", "true")], s.retention_deleted_batches - unmirrored.min(s.retention_deleted_batches));
+    o.sample("tributary_retention_deleted_batches_total", &[("mirrored", "false")], unmirrored);
+    o.one("tributary_retention_deleted_bytes_total", "counter", "Batch bytes deleted by retention.", s.retention_deleted_bytes);
+
+    o.family("tributary_partition_high_watermark", "gauge", "Offset after the last stored record.");
+    let mut starts = Vec::new();
+    for t in store.topics() {
+        for p in 0..t.partitions as i32 {
+            if let Ok(wm) = store.watermarks(&t.name, p) {
+                let ps = p.to_string();
+                o.sample("tributary_partition_high_watermark", &[("topic", &t.name), ("partition", &ps)], wm.high_watermark);
+                starts.push((t.name.clone(), ps, wm.log_start_offset));
+            }
+        }
+    }
+    o.family("tributary_partition_log_start_offset", "gauge", "First offset still stored.");
+    for (t, p, start) in &starts {
+        o.sample("tributary_partition_log_start_offset", &[("topic", t), ("partition", p)], start);
+    }
+
+    o.family("tributary_connections_open", "gauge", "Open client connections.");
+    if let Some((k, _)) = &src.kafka {
+        o.sample("tributary_connections_open", &[("protocol", "kafka")], k.connections_open.load(Ordering::Relaxed));
+    }
+    if let Some(m) = &src.mqtt {
+        o.sample("tributary_connections_open", &[("protocol", "mqtt")], m.connections_open.load(Ordering::Relaxed));
+    }
+    let counters: [(&str, &str); 5] = [
+        ("tributary_connections_accepted_total", "Connections accepted."),
+        ("tributary_connections_refused_total", "Connections refused at a limit."),
+        ("tributary_protocol_errors_total", "Connections ended by malformed input."),
+        ("tributary_bytes_received_total", "Bytes of requests or packets received."),
+        ("tributary_bytes_sent_total", "Bytes of responses or packets sent."),
+    ];
+    for (i, (name, help)) in counters.iter().enumerate() {
+        o.family(name, "counter", help);
+        if let Some((k, _)) = &src.kafka {
+            let v = [&k.connections_accepted, &k.connections_refused, &k.protocol_errors, &k.bytes_in, &k.bytes_out][i];
+            o.sample(name, &[("protocol", "kafka")], v.load(Ordering::Relaxed));
+        }
+        if let Some(m) = &src.mqtt {
+            let v = [&m.connections_accepted, &m.connections_refused, &m.protocol_errors, &m.bytes_in, &m.bytes_out][i];
+            o.sample(name, &[("protocol", "mqtt")], v.load(Ordering::Relaxed));
+        }
+    }
+    if let Some((k, groups)) = &src.kafka {
+        o.one("tributary_kafka_requests_total", "counter", "Kafka requests handled.", k.requests.load(Ordering::Relaxed));
+        o.family("tributary_group_lag", "gauge", "Records between a group's committed offset and the high watermark.");
+        for (group, _, _) in groups.list() {
+            for l in groups.lag(&group).unwrap_or_default() {
+                let p = l.partition.to_string();
+                o.sample("tributary_group_lag", &[("group", &group), ("topic", &l.topic), ("partition", &p)], l.lag);
+            }
+        }
+    }
+    if let Some(m) = &src.mqtt {
+        o.family("tributary_mqtt_messages_total", "counter", "MQTT PUBLISH packets, by direction.");
+        o.sample("tributary_mqtt_messages_total", &[("direction", "in")], m.publishes_in.load(Ordering::Relaxed));
+        o.sample("tributary_mqtt_messages_total", &[("direction", "out")], m.publishes_out.load(Ordering::Relaxed));
+        o.one(
+            "tributary_mqtt_retention_skipped_messages_total",
+            "counter",
+            "Messages a subscriber never got because retention deleted them first.",
+            m.retention_skipped_messages.load(Ordering::Relaxed),
+        );
+    }
+    if let Some(m) = &src.mirror {
+        o.one("tributary_mirror_link_up", "gauge", "1 while the link to the cloud receiver is up.", u8::from(m.link_up.load(Ordering::Relaxed)));
+        o.one("tributary_mirror_reconnects_total", "counter", "Mirror link losses.", m.reconnects.load(Ordering::Relaxed));
+        o.one("tributary_mirror_batch_bytes_sent_total", "counter", "Stored batch bytes sent (compressed as stored).", m.batch_bytes_sent.load(Ordering::Relaxed));
+        o.one("tributary_mirror_wire_bytes_sent_total", "counter", "UDP bytes sent by the mirror (QUIC, TLS, retransmissions).", m.wire_bytes_sent());
+        o.one("tributary_mirror_gaps_total", "counter", "Gaps: unmirrored ranges deleted by retention.", m.gaps.load(Ordering::Relaxed));
+        let lag = m.lag(store);
+        let fams = [
+            ("tributary_mirror_lag_records", "Records not yet in the central cluster."),
+            ("tributary_mirror_lag_bytes", "Stored bytes not yet in the central cluster (estimated)."),
+            ("tributary_mirror_oldest_unmirrored_age_seconds", "Age of the oldest record not yet mirrored."),
+            ("tributary_mirror_mirrored_offset", "Offset below which a partition is in the central cluster."),
+        ];
+        for (i, (name, help)) in fams.iter().enumerate() {
+            o.family(name, "gauge", help);
+            for l in &lag {
+                let p = l.partition.to_string();
+                let v = [l.lag_records as f64, l.lag_bytes as f64, l.oldest_unmirrored_age_ms as f64 / 1000.0, l.mirrored as f64][i];
+                o.sample(name, &[("topic", &l.topic), ("partition", &p)], v);
+            }
+        }
+    }
+    o.0
+}
+
+/// Serves GET /metrics until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, cfg: MetricsConfig, src: Sources, shutdown: impl std::future::Future<Output = ()>) {
+    let slots = Arc::new(Semaphore::new(cfg.connections_max as usize));
+    tokio::pin!(shutdown);
+    loop {
+        let (mut stream, _) = tokio::select! {
+            () = &mut shutdown => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let src = src.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(&mut stream, &src)).await;
+        });
+    }
+}
+
+async fn answer(stream: &mut tokio::net::TcpStream, src: &Sources) -> std::io::Result<()> {
+    // The request head, at most 8 KiB.
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() + n > 8192 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+    let (status, kind, body) = match std::str::from_utf8(line).unwrap_or("").split(' ').collect::<Vec<_>>()[..] {
+        ["GET", "/metrics", _] => {
+            let src = src.clone();
+            let body = tokio::task::spawn_blocking(move || render(&src)).await.unwrap_or_default();
+            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
+        }
+        ["GET", _, _] => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+    };
+    let resp = format!("HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    stream.write_all(resp.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
