@@ -133,6 +133,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     }
     let mut mqtt_addr = String::from("off");
     let mut mqtt_stats = None;
+    let mut sys_publisher = None;
     let mut mqtt_task = None;
     if cfg.mqtt.enabled {
         let server = MqttServer::bind(cfg.mqtt.clone(), store.clone(), cfg.topic_defaults.template())
@@ -142,6 +143,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         tracing::info!(listen = %local, "mqtt listener bound");
         mqtt_addr = local.to_string();
         mqtt_stats = Some(server.stats());
+        sys_publisher = Some(server.sys_publisher());
         let mut stop = stop_rx.clone();
         mqtt_task = Some(tokio::spawn(server.run(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -178,6 +180,13 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
                     mqtt: mqtt_stats,
                     mirror: mirror_stats,
                 };
+                if let (Some(sys), true) = (sys_publisher.take(), cfg.metrics.sys_interval_ms > 0) {
+                    let mut stop = stop_rx.clone();
+                    let every = std::time::Duration::from_millis(cfg.metrics.sys_interval_ms);
+                    tokio::spawn(metrics::publish_sys(sys, sources.clone(), every, async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    }));
+                }
                 let mut stop = stop_rx.clone();
                 metrics_task = Some(tokio::spawn(metrics::serve(listener, cfg.metrics.clone(), sources, async move {
                     let _ = stop.wait_for(|s| *s).await;

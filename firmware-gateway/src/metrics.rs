@@ -28,11 +28,13 @@ pub struct MetricsConfig {
     pub listen: String,
     /// Scrapes served at once; more wait.
     pub connections_max: u32,
+    /// How often a subset goes out as retained MQTT `$SYS/broker/...` messages; 0 = never.
+    pub sys_interval_ms: u64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { enabled: true, listen: "127.0.0.1:9464".into(), connections_max: 4 }
+        Self { enabled: true, listen: "127.0.0.1:9464".into(), connections_max: 4, sys_interval_ms: 10_000 }
     }
 }
 
@@ -40,6 +42,9 @@ impl MetricsConfig {
     pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
         if self.enabled && self.listen.parse::<SocketAddr>().is_err() {
             return Err(ConfigError::new(format!("{prefix}.listen"), format!("must be ip:port (got {:?})", self.listen)));
+        }
+        if self.sys_interval_ms != 0 {
+            tributary_broker::config::check_range(&format!("{prefix}.sys_interval_ms"), self.sys_interval_ms, 100, 86_400_000)?;
         }
         tributary_broker::config::check_range(&format!("{prefix}.connections_max"), self.connections_max.into(), 1, 1024)
     }
@@ -263,4 +268,59 @@ async fn answer(stream: &mut tokio::net::TcpStream, src: &Sources) -> std::io::R
     stream.write_all(resp.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// The `$SYS/broker/...` subset: (topic, value) pairs, the way mosquitto names them where it has
+/// the same figure.
+pub fn sys_values(src: &Sources, uptime: Duration) -> Vec<(&'static str, String)> {
+    let s = src.store.stats();
+    let mut v = vec![
+        ("$SYS/broker/version", format!("tributary {}", env!("CARGO_PKG_VERSION"))),
+        ("$SYS/broker/uptime", format!("{} seconds", uptime.as_secs())),
+        ("$SYS/broker/store/records", s.appended_records.to_string()),
+        ("$SYS/broker/store/bytes", s.footprint_bytes.to_string()),
+        ("$SYS/broker/store/budget", src.store.config().max_bytes.to_string()),
+    ];
+    if let Some(m) = &src.mqtt {
+        v.push(("$SYS/broker/clients/connected", m.connections_open.load(Ordering::Relaxed).to_string()));
+        v.push(("$SYS/broker/messages/received", m.publishes_in.load(Ordering::Relaxed).to_string()));
+        v.push(("$SYS/broker/messages/sent", m.publishes_out.load(Ordering::Relaxed).to_string()));
+        v.push(("$SYS/broker/bytes/received", m.bytes_in.load(Ordering::Relaxed).to_string()));
+        v.push(("$SYS/broker/bytes/sent", m.bytes_out.load(Ordering::Relaxed).to_string()));
+    }
+    if let Some(m) = &src.mirror {
+        let lag: i64 = m.lag(&src.store).iter().map(|l| l.lag_records).sum();
+        v.push(("$SYS/broker/mirror/link", if m.link_up.load(Ordering::Relaxed) { "up" } else { "down" }.into()));
+        v.push(("$SYS/broker/mirror/lag/records", lag.to_string()));
+    }
+    v
+}
+
+/// Publishes the `$SYS` subset every `interval` until `shutdown` resolves.
+pub async fn publish_sys(
+    sys: tributary_broker::mqtt::SysPublisher,
+    src: Sources,
+    interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(interval);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = tick.tick() => {}
+        }
+        let src2 = src.clone();
+        let values = match tokio::task::spawn_blocking(move || sys_values(&src2, started.elapsed())).await {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        for (topic, value) in values {
+            if let Err(e) = sys.publish(topic, value.into_bytes()).await {
+                tracing::warn!(error = %e, topic, "$SYS message not stored");
+                break;
+            }
+        }
+    }
 }

@@ -15,4 +15,5 @@ mod mqtt_faults;
 mod mqtt_sessions;
 mod retention;
 mod support;
+mod sys;
 mod systemd;

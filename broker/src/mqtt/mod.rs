@@ -11,6 +11,6 @@ pub mod topic;
 mod wire;
 
 pub use config::MqttConfig;
-pub use server::{MqttError, MqttServer, MqttStats, HEADER_QOS};
+pub use server::{MqttError, MqttServer, MqttStats, SysPublisher, HEADER_QOS};
 
 pub use routes::{Destination, Route, Router};

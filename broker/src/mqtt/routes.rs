@@ -26,6 +26,8 @@ pub(crate) fn default_key() -> String {
 
 /// Header names written on records that came from MQTT.
 pub const HEADER_TOPIC: &str = "mqtt.topic";
+/// Log topic of the broker's own `$SYS/...` messages (a built-in first route).
+pub const SYS_TOPIC: &str = "__sys";
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
 pub const HEADER_CORRELATION_DATA: &str = "mqtt.correlation-data";
 pub const HEADER_RESPONSE_TOPIC: &str = "mqtt.response-topic";
@@ -110,7 +112,14 @@ impl Router {
     /// Checks and compiles the routes; the last one catches everything (`#`) unless a route
     /// already does. `prefix` names the config table in errors.
     pub fn new(routes: &[Route], default_topic: &str, default_key: &str, prefix: &str) -> Result<Self, ConfigError> {
-        let mut compiled = Vec::with_capacity(routes.len() + 1);
+        let mut compiled = Vec::with_capacity(routes.len() + 2);
+        // `$SYS/...` (published by the broker only) has a log topic of its own.
+        compiled.push(Compiled {
+            filter: "$SYS/#".into(),
+            topic: SYS_TOPIC.into(),
+            key: vec![Piece::Topic],
+            plus_levels: Vec::new(),
+        });
         let default = Route { filter: "#".into(), topic: default_topic.into(), key: default_key.into() };
         for (i, r) in routes.iter().chain(std::iter::once(&default)).enumerate() {
             let at = if i < routes.len() { format!("{prefix}.routes[{i}]") } else { prefix.to_string() };
@@ -188,7 +197,8 @@ mod tests {
         assert_eq!(r.route("sensors/a/b", "c1", None), Destination { topic: "sensors".into(), key: Some("c1".into()) });
         assert_eq!(r.route("raw/x/y", "c1", None), Destination { topic: "raw".into(), key: None });
         assert_eq!(r.route("other", "c1", None), Destination { topic: "mqtt".into(), key: Some("other".into()) });
-        assert_eq!(r.topics(), vec!["mqtt", "raw", "readings", "sensors"]);
+        assert_eq!(r.route("$SYS/broker/uptime", "c1", None).topic, SYS_TOPIC, "the broker's own topic");
+        assert_eq!(r.topics(), vec!["__sys", "mqtt", "raw", "readings", "sensors"]);
     }
 
     #[test]

@@ -126,6 +126,11 @@ impl MqttServer {
         Ok(Self { listener, ctx })
     }
 
+    /// A handle for the broker's own `$SYS/...` messages (metrics for MQTT clients).
+    pub fn sys_publisher(&self) -> SysPublisher {
+        SysPublisher { ctx: self.ctx.clone() }
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
@@ -193,6 +198,34 @@ async fn refuse_busy(ctx: &Ctx, stream: TcpStream) {
     if let Ok(Ok(frame)) = read.await {
         let version = if wire::connect_level(&frame) == Ok(5) { Version::V5 } else { Version::V4 };
         let _ = wr.write_all(&wire::connack(version, false, 0x89, &wire::ConnAckProps::default())).await;
+    }
+}
+
+/// Publishes the broker's own `$SYS/...` messages: retained (a new subscriber gets the latest
+/// values at once), into the log topic `__sys`, which keeps at most 1 MiB and one hour.
+#[derive(Debug, Clone)]
+pub struct SysPublisher {
+    ctx: Arc<Ctx>,
+}
+
+impl SysPublisher {
+    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<(), StoreError> {
+        let ctx = &self.ctx;
+        if ctx.store.topic(super::routes::SYS_TOPIC).is_none() {
+            let cfg = crate::TopicConfig {
+                retention_bytes: Some(1 << 20),
+                retention_ms: Some(3_600_000),
+                durability: crate::Durability::Relaxed,
+                ..ctx.defaults.config.clone()
+            };
+            match ctx.store.create_topic(super::routes::SYS_TOPIC, 1, cfg).await {
+                Ok(()) | Err(StoreError::TopicExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let origin = Origin { client_id: "$SYS".into(), username: None };
+        let msg = Message { topic: topic.to_string(), qos: 0, retain: true, payload: payload.into(), props: PublishProps::default() };
+        publish_message(ctx, &origin, &msg, Vec::new()).await?.wait().await.map(|_| ())
     }
 }
 
@@ -546,6 +579,9 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
 fn check_topic(ctx: &Ctx, t: &str) -> Result<(), String> {
     if !topic::valid_topic(t) {
         return Err(format!("{t:?} is not a valid topic name"));
+    }
+    if t.starts_with('$') {
+        return Err(format!("{t:?}: topics starting with '$' are the broker's"));
     }
     if t.len() > ctx.cfg.topic_bytes_max as usize {
         return Err(format!("topic longer than mqtt.topic_bytes_max = {}", ctx.cfg.topic_bytes_max));
