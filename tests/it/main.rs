@@ -15,5 +15,6 @@ mod mqtt_faults;
 mod mqtt_sessions;
 mod retention;
 mod support;
+mod security;
 mod sys;
 mod systemd;

@@ -47,6 +47,33 @@ pub struct KafkaConfig {
     pub group_session_timeout_max_ms: u32,
     /// Longest metadata string stored with a committed offset (Kafka's offset.metadata.max.bytes).
     pub offset_metadata_bytes_max: u32,
+    /// New connections one source address may open per second (a burst of one second's worth);
+    /// more are closed at once. 0 = no limit.
+    pub connections_per_ip_per_s_max: u32,
+    /// Source addresses the rate limit tracks at once (the least recently seen is forgotten).
+    pub connection_rate_addresses_max: u32,
+    /// `[kafka.tls]`: the listener speaks TLS (clients use SSL, or SASL_SSL with `[auth]`).
+    pub tls: KafkaTlsConfig,
+}
+
+/// `[kafka.tls]`: TLS on the Kafka listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaTlsConfig {
+    pub enabled: bool,
+    /// The server's certificate chain and private key (PEM).
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+impl Default for KafkaTlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            cert_file: "/etc/tributary/tls/server.pem".into(),
+            key_file: "/etc/tributary/tls/server.key".into(),
+        }
+    }
 }
 
 impl Default for KafkaConfig {
@@ -70,6 +97,9 @@ impl Default for KafkaConfig {
             group_session_timeout_min_ms: 6000,
             group_session_timeout_max_ms: 1_800_000,
             offset_metadata_bytes_max: 4096,
+            connections_per_ip_per_s_max: 0,
+            connection_rate_addresses_max: 4096,
+            tls: KafkaTlsConfig::default(),
         }
     }
 }
@@ -108,6 +138,15 @@ impl KafkaConfig {
             3_600_000,
         )?;
         range("offset_metadata_bytes_max", self.offset_metadata_bytes_max.into(), 0, 1024 * 1024)?;
+        range("connections_per_ip_per_s_max", self.connections_per_ip_per_s_max.into(), 0, 1_000_000)?;
+        range("connection_rate_addresses_max", self.connection_rate_addresses_max.into(), 1, 1_000_000)?;
+        if self.tls.enabled {
+            for (k, v) in [("tls.cert_file", &self.tls.cert_file), ("tls.key_file", &self.tls.key_file)] {
+                if v.is_empty() {
+                    return Err(ConfigError::new(key(k), "must name a PEM file when TLS is enabled"));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -125,5 +164,8 @@ mod tests {
         assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.buffer_memory_bytes_max");
         let c = KafkaConfig { inflight_requests_max: 0, ..Default::default() };
         assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.inflight_requests_max");
+        let tls = KafkaTlsConfig { enabled: true, cert_file: String::new(), ..Default::default() };
+        let c = KafkaConfig { tls, ..Default::default() };
+        assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.tls.cert_file");
     }
 }

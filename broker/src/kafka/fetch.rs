@@ -91,6 +91,13 @@ pub(crate) async fn fetch(ctx: &Arc<Ctx>, req: FetchRequest) -> (Vec<FetchedPart
     (parts, permit)
 }
 
+impl FetchedPartition {
+    /// A partition answered with an error without being read (not authorized).
+    pub(crate) fn refused(topic: String, partition: i32, error: i16) -> Self {
+        Self { topic, partition, offset: 0, max_bytes: 0, result: Some(Err((error, None))) }
+    }
+}
+
 fn error_of(ctx: &Ctx, s: &FetchedPartition, e: &StoreError) -> (i16, Option<Watermarks>) {
     (code(e), ctx.store.watermarks(&s.topic, s.partition).ok())
 }

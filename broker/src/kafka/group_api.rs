@@ -18,6 +18,7 @@ use super::handlers::{encode, Call};
 use super::requests::{OffsetCommitRequest, Request};
 use super::server::{Ctx, PendingReply, Reply};
 use crate::groups::JoinRequest;
+use crate::security::{Access, TopicOp};
 
 fn sb(s: impl Into<String>) -> StrBytes {
     StrBytes::from_string(s.into())
@@ -27,6 +28,10 @@ fn sb(s: impl Into<String>) -> StrBytes {
 pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<PendingReply, Box<(Call, Request)>> {
     let v = call.version;
     let groups = ctx.groups.clone();
+    if !authorized(&call, &body) {
+        tracing::debug!(peer = %call.peer, user = ?call.access.user(), api = call.api.name, "group not authorized");
+        return Ok(refuse(call, body));
+    }
     let pending: PendingReply = match body {
         Request::JoinGroup(req) => Box::pin(async move {
             let r = groups
@@ -94,11 +99,11 @@ pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<Pending
             reply(call, &resp)
         }
         Request::OffsetCommit(req) => Box::pin(async move {
-            let resp = offset_commit(&ctx, req).await;
+            let resp = offset_commit(&ctx, &call.access, req).await;
             Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::OffsetFetch(group, topics) => {
-            let resp = offset_fetch(&ctx, v, &group, topics);
+            let resp = offset_fetch(&ctx, &call, &group, topics);
             reply(call, &resp)
         }
         Request::ListGroups => {
@@ -106,6 +111,7 @@ pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<Pending
                 groups
                     .list()
                     .into_iter()
+                    .filter(|(id, _, _)| call.access.group(id))
                     .map(|(id, pt, _)| {
                         list_groups_response::ListedGroup::default()
                             .with_group_id(GroupId(sb(id)))
@@ -119,6 +125,11 @@ pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<Pending
             let resp = DescribeGroupsResponse::default().with_groups(
                 ids.iter()
                     .map(|id| {
+                        if !call.access.group(id) {
+                            return describe_groups_response::DescribedGroup::default()
+                                .with_error_code(errors::GROUP_AUTHORIZATION_FAILED)
+                                .with_group_id(GroupId(sb(id.clone())));
+                        }
                         let d = groups.describe(id);
                         describe_groups_response::DescribedGroup::default()
                             .with_error_code(d.error)
@@ -151,7 +162,8 @@ pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<Pending
         Request::DeleteGroups(ids) => Box::pin(async move {
             let mut resp = DeleteGroupsResponse::default();
             for id in ids {
-                let e = groups.delete_group(&id).await;
+                // Deleting a group (and its committed offsets) is an admin operation.
+                let e = if call.access.admin() { groups.delete_group(&id).await } else { errors::GROUP_AUTHORIZATION_FAILED };
                 resp.results.push(
                     delete_groups_response::DeletableGroupResult::default()
                         .with_group_id(GroupId(sb(id)))
@@ -190,6 +202,70 @@ pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<Pending
     Ok(pending)
 }
 
+/// Whether the user may use the group a group request names (OffsetDelete is an admin
+/// operation, as deleting offsets is).
+fn authorized(call: &Call, body: &Request) -> bool {
+    match body {
+        Request::JoinGroup(r) => call.access.group(&r.group_id),
+        Request::SyncGroup(r) | Request::Heartbeat(r) => call.access.group(&r.group_id),
+        Request::LeaveGroup(g, _) | Request::OffsetFetch(g, _) => call.access.group(g),
+        Request::OffsetCommit(r) => call.access.group(&r.group_id),
+        Request::OffsetDelete(..) => call.access.admin(),
+        _ => true,
+    }
+}
+
+/// The API's answer with GROUP_AUTHORIZATION_FAILED.
+fn refuse(call: Call, body: Request) -> PendingReply {
+    let e = errors::GROUP_AUTHORIZATION_FAILED;
+    match body {
+        Request::JoinGroup(_) => {
+            reply(call, &JoinGroupResponse::default().with_error_code(e).with_generation_id(-1).with_protocol_name(Some(sb(""))))
+        }
+        Request::SyncGroup(_) => reply(call, &SyncGroupResponse::default().with_error_code(e)),
+        Request::Heartbeat(_) => reply(call, &HeartbeatResponse::default().with_error_code(e)),
+        Request::LeaveGroup(..) => reply(call, &LeaveGroupResponse::default().with_error_code(e)),
+        Request::OffsetDelete(..) => reply(call, &OffsetDeleteResponse::default().with_error_code(e)),
+        Request::OffsetFetch(_, topics) => {
+            // v0-v1 have no top-level error: each asked partition carries it.
+            let mut resp = OffsetFetchResponse::default().with_error_code(e);
+            for (t, ps) in topics.unwrap_or_default() {
+                resp.topics.push(
+                    offset_fetch_response::OffsetFetchResponseTopic::default().with_name(TopicName(sb(t))).with_partitions(
+                        ps.into_iter()
+                            .map(|p| {
+                                offset_fetch_response::OffsetFetchResponsePartition::default()
+                                    .with_partition_index(p)
+                                    .with_committed_offset(-1)
+                                    .with_error_code(e)
+                            })
+                            .collect(),
+                    ),
+                );
+            }
+            reply(call, &resp)
+        }
+        Request::OffsetCommit(req) => {
+            let mut resp = OffsetCommitResponse::default();
+            for (topic, partition, ..) in req.offsets {
+                let p = offset_commit_response::OffsetCommitResponsePartition::default()
+                    .with_partition_index(partition)
+                    .with_error_code(e);
+                match resp.topics.last_mut() {
+                    Some(t) if t.name.0.as_str() == topic => t.partitions.push(p),
+                    _ => resp.topics.push(
+                        offset_commit_response::OffsetCommitResponseTopic::default()
+                            .with_name(TopicName(sb(topic)))
+                            .with_partitions(vec![p]),
+                    ),
+                }
+            }
+            reply(call, &resp)
+        }
+        _ => Box::pin(async { Err("group authorization refused a request that names no group".to_string()) }),
+    }
+}
+
 fn reply<T: kafka_protocol::protocol::Encodable>(call: Call, body: &T) -> PendingReply {
     match encode(&call, body) {
         Ok(bytes) => super::server::ready(Reply::one(bytes, vec![call.permit])),
@@ -197,10 +273,17 @@ fn reply<T: kafka_protocol::protocol::Encodable>(call: Call, body: &T) -> Pendin
     }
 }
 
-async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest) -> OffsetCommitResponse {
+async fn offset_commit(ctx: &Ctx, access: &Access, mut req: OffsetCommitRequest) -> OffsetCommitResponse {
     let keys: Vec<(String, i32)> = req.offsets.iter().map(|o| (o.0.clone(), o.1)).collect();
-    let codes =
-        ctx.groups.commit(&req.group_id, req.generation, &req.member_id, req.instance_id.as_deref(), req.offsets).await;
+    // Offsets of topics the user may not read are refused; the rest are committed together.
+    let readable: Vec<bool> = keys.iter().map(|(t, _)| access.topic(TopicOp::Read, t)).collect();
+    req.offsets.retain(|o| access.topic(TopicOp::Read, &o.0));
+    let mut committed =
+        ctx.groups.commit(&req.group_id, req.generation, &req.member_id, req.instance_id.as_deref(), req.offsets).await.into_iter();
+    let codes: Vec<i16> = readable
+        .into_iter()
+        .map(|ok| if ok { committed.next().unwrap_or(errors::UNKNOWN_SERVER_ERROR) } else { errors::TOPIC_AUTHORIZATION_FAILED })
+        .collect();
     let mut resp = OffsetCommitResponse::default();
     for ((topic, partition), code) in keys.into_iter().zip(codes) {
         let p = offset_commit_response::OffsetCommitResponsePartition::default()
@@ -218,9 +301,12 @@ async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest) -> OffsetCommitRespo
     resp
 }
 
-fn offset_fetch(ctx: &Ctx, v: i16, group: &str, topics: Option<Vec<(String, Vec<i32>)>>) -> OffsetFetchResponse {
+fn offset_fetch(ctx: &Ctx, call: &Call, group: &str, topics: Option<Vec<(String, Vec<i32>)>>) -> OffsetFetchResponse {
+    let v = call.version;
+    // As Kafka: offsets of topics the user may not see are left out.
     let asked: Option<Vec<(String, i32)>> =
         topics.map(|ts| ts.into_iter().flat_map(|(t, ps)| ps.into_iter().map(move |p| (t.clone(), p))).collect());
+    let asked = asked.map(|a| a.into_iter().filter(|(t, _)| call.access.topic(TopicOp::Describe, t)).collect::<Vec<_>>());
     let mut resp = OffsetFetchResponse::default();
     let found = match ctx.groups.committed(group, asked.as_deref()) {
         Ok(f) => f,
@@ -233,7 +319,7 @@ fn offset_fetch(ctx: &Ctx, v: i16, group: &str, topics: Option<Vec<(String, Vec<
         }
     };
     tracing::debug!(group, offsets = ?found.iter().map(|(t, p, c)| (t.as_str(), *p, c.as_ref().map(|c| c.offset))).collect::<Vec<_>>(), "offset fetch");
-    for (topic, partition, committed) in found {
+    for (topic, partition, committed) in found.into_iter().filter(|(t, _, _)| call.access.topic(TopicOp::Describe, t)) {
         let mut p = offset_fetch_response::OffsetFetchResponsePartition::default()
             .with_partition_index(partition)
             .with_committed_offset(committed.as_ref().map_or(-1, |c| c.offset))

@@ -24,6 +24,7 @@ use super::server::{ready, Ctx, PendingReply, Reply};
 use super::versions::{ApiSupport, SUPPORTED};
 use crate::config::TopicConfig;
 use crate::error::StoreError;
+use crate::security::{Access, TopicOp};
 use crate::storage::PendingAppend;
 
 /// One decoded request's envelope.
@@ -35,7 +36,11 @@ pub(crate) struct Call {
     pub correlation_id: i32,
     pub client_id: Option<String>,
     pub permit: OwnedSemaphorePermit,
+    /// What the connection's user may do.
+    pub access: Access,
 }
+
+const NOT_AUTHORIZED: &str = "not authorized by the user's ACL";
 
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
@@ -80,10 +85,25 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
         Err(not_a_group_api) => *not_a_group_api,
     };
     match body {
-        Request::ApiVersions => reply_api_versions(call),
+        Request::ApiVersions => reply_api_versions(call, ctx.auth.enabled()),
         Request::Produce(req) => produce(ctx, call, req).await,
-        Request::Fetch(req) => Box::pin(async move {
-            let (partitions, permit) = super::fetch::fetch(&ctx, req).await;
+        Request::Fetch(mut req) => Box::pin(async move {
+            let mut refused = Vec::new();
+            req.topics.retain(|(topic, parts)| {
+                let ok = call.access.topic(TopicOp::Read, topic);
+                if !ok {
+                    refused.extend(parts.iter().map(|p| {
+                        super::fetch::FetchedPartition::refused(
+                            topic.clone(),
+                            p.partition,
+                            errors::TOPIC_AUTHORIZATION_FAILED,
+                        )
+                    }));
+                }
+                ok
+            });
+            let (mut partitions, permit) = super::fetch::fetch(&ctx, req).await;
+            partitions.extend(refused);
             let chunks = super::fetch::encode_response(call.correlation_id, call.version, &partitions);
             Ok(Some(Reply { chunks, permits: [Some(call.permit), permit].into_iter().flatten().collect() }))
         }),
@@ -102,12 +122,16 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
         Request::DeleteTopics(names) => Box::pin(async move {
             let mut resp = DeleteTopicsResponse::default();
             for name in names {
-                let error_code = match ctx.store.delete_topic(&name).await {
-                    Ok(()) => {
-                        tracing::info!(topic = %name, "topic deleted by a Kafka client");
-                        errors::NONE
+                let error_code = if !call.access.topic(TopicOp::Delete, &name) {
+                    errors::TOPIC_AUTHORIZATION_FAILED
+                } else {
+                    match ctx.store.delete_topic(&name).await {
+                        Ok(()) => {
+                            tracing::info!(topic = %name, user = ?call.access.user(), "topic deleted by a Kafka client");
+                            errors::NONE
+                        }
+                        Err(e) => code(&e),
                     }
-                    Err(e) => code(&e),
                 };
                 resp.responses.push(
                     delete_topics_response::DeletableTopicResult::default()
@@ -118,7 +142,14 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
             Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::InitProducerId(req) => Box::pin(async move {
-            let resp = init_producer_id(&ctx, req).await;
+            let resp = if call.access.any_write() {
+                init_producer_id(&ctx, req).await
+            } else {
+                InitProducerIdResponse::default()
+                    .with_producer_id(ProducerId(-1))
+                    .with_producer_epoch(-1)
+                    .with_error_code(errors::CLUSTER_AUTHORIZATION_FAILED)
+            };
             Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::DescribeConfigs(req) => {
@@ -126,7 +157,7 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
             reply(call, &resp)
         }
         Request::AlterConfigs(req) => Box::pin(async move {
-            let results = alter_configs(&ctx, req, false).await;
+            let results = alter_configs(&ctx, &call.access, req, false).await;
             let mut resp = AlterConfigsResponse::default();
             for (t, name, err, msg) in results {
                 resp.responses.push(
@@ -140,7 +171,7 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
             Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::IncrementalAlterConfigs(req) => Box::pin(async move {
-            let results = alter_configs(&ctx, req, true).await;
+            let results = alter_configs(&ctx, &call.access, req, true).await;
             let mut resp = IncrementalAlterConfigsResponse::default();
             for (t, name, err, msg) in results {
                 resp.responses.push(
@@ -154,7 +185,7 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
             Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::CreatePartitions(req) => Box::pin(async move {
-            let resp = create_partitions(&ctx, req).await;
+            let resp = create_partitions(&ctx, &call.access, req).await;
             Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::FindCoordinator(key_type, keys) => {
@@ -173,6 +204,9 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
         | Request::OffsetDelete(..) => {
             Box::pin(async { Err("group request not routed to the coordinator".to_string()) })
         }
+        Request::SaslHandshake(_) | Request::SaslAuthenticate(_) => {
+            Box::pin(async { Err("SASL request not routed to the connection's authentication".to_string()) })
+        }
         Request::DescribeCluster => {
             let resp = DescribeClusterResponse::default()
                 .with_cluster_id(sb(ctx.cluster_id.clone()))
@@ -188,10 +222,13 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
 
 // ---- ApiVersions ----
 
-fn api_versions_body(error_code: i16) -> ApiVersionsResponse {
+/// The APIs served; the SASL ones only with authentication on (a client that sees them
+/// advertised may try to use them).
+fn api_versions_body(error_code: i16, auth: bool) -> ApiVersionsResponse {
     ApiVersionsResponse::default().with_error_code(error_code).with_api_keys(
         SUPPORTED
             .iter()
+            .filter(|a| auth || !a.is_sasl())
             .map(|a| {
                 api_versions_response::ApiVersion::default()
                     .with_api_key(a.key)
@@ -202,13 +239,13 @@ fn api_versions_body(error_code: i16) -> ApiVersionsResponse {
     )
 }
 
-fn reply_api_versions(call: Call) -> PendingReply {
-    reply(call, &api_versions_body(errors::NONE))
+fn reply_api_versions(call: Call, auth: bool) -> PendingReply {
+    reply(call, &api_versions_body(errors::NONE, auth))
 }
 
 /// KIP-511: the answer to an ApiVersions request at a version we do not know.
-pub(crate) fn api_versions_unsupported(correlation_id: i32) -> Result<Bytes, String> {
-    let body = api_versions_body(errors::UNSUPPORTED_VERSION);
+pub(crate) fn api_versions_unsupported(correlation_id: i32, auth: bool) -> Result<Bytes, String> {
+    let body = api_versions_body(errors::UNSUPPORTED_VERSION, auth);
     let size = body.compute_size(0).map_err(|e| e.to_string())?;
     frame_response(correlation_id, false, size, |buf| body.encode(buf, 0).map_err(|e| e.to_string()))
 }
@@ -234,9 +271,13 @@ async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceRequest) -> Pe
     let mut results: Vec<(String, Vec<(i32, PartitionProduce)>)> = Vec::with_capacity(req.topics.len());
     for (topic, parts) in req.topics {
         let mut out = Vec::with_capacity(parts.len());
+        let allowed = call.access.topic(TopicOp::Write, &topic);
         for (partition, records) in parts {
             let r = match (&refuse_all, records) {
                 (Some((c, m)), _) => PartitionProduce::Failed(*c, m.clone()),
+                (None, _) if !allowed => {
+                    PartitionProduce::Failed(errors::TOPIC_AUTHORIZATION_FAILED, NOT_AUTHORIZED.into())
+                }
                 (None, None) => PartitionProduce::Failed(errors::INVALID_RECORD, "records are null".into()),
                 (None, Some(batch)) if v < 7 && batch.len() > 22 && batch[22] & 0x07 == 4 => PartitionProduce::Failed(
                     errors::UNSUPPORTED_COMPRESSION_TYPE,
@@ -344,6 +385,7 @@ fn list_offsets(ctx: &Ctx, call: &Call, req: requests::ListOffsetsRequest) -> Li
     let mut resp = ListOffsetsResponse::default();
     for (topic, parts) in req.topics {
         let mut t = list_offsets_response::ListOffsetsTopicResponse::default().with_name(topic_name(&topic));
+        let allowed = call.access.topic(TopicOp::Describe, &topic);
         for (partition, timestamp) in parts {
             let mut p = list_offsets_response::ListOffsetsPartitionResponse::default()
                 .with_partition_index(partition)
@@ -351,6 +393,10 @@ fn list_offsets(ctx: &Ctx, call: &Call, req: requests::ListOffsetsRequest) -> Li
                 .with_offset(-1);
             if call.version >= 4 {
                 p = p.with_leader_epoch(0);
+            }
+            if !allowed {
+                t.partitions.push(p.with_error_code(errors::TOPIC_AUTHORIZATION_FAILED));
+                continue;
             }
             let result = match timestamp {
                 -1 => ctx.store.watermarks(&topic, partition).map(|w| Some((w.high_watermark, -1))),
@@ -391,14 +437,25 @@ async fn metadata(ctx: &Arc<Ctx>, call: &Call, req: requests::MetadataRequest) -
     if call.version >= 1 {
         resp = resp.with_controller_id(node);
     }
+    // As Kafka: a listing shows only the topics the user may see; a topic asked for by name that
+    // the user may neither see nor create is answered TOPIC_AUTHORIZATION_FAILED.
     let names: Vec<String> = match req.topics {
-        None => ctx.store.topics().into_iter().map(|t| t.name).collect(),
+        None => ctx.store.topics().into_iter().map(|t| t.name).filter(|t| call.access.topic(TopicOp::Describe, t)).collect(),
         Some(names) => names,
     };
     for name in names {
+        let may_create = call.access.topic(TopicOp::Create, &name);
+        if !call.access.topic(TopicOp::Describe, &name) && !may_create {
+            resp.topics.push(
+                metadata_response::MetadataResponseTopic::default()
+                    .with_name(Some(topic_name(&name)))
+                    .with_error_code(errors::TOPIC_AUTHORIZATION_FAILED),
+            );
+            continue;
+        }
         let mut info = ctx.store.topic(&name);
         let mut error = errors::UNKNOWN_TOPIC_OR_PARTITION;
-        if info.is_none() && ctx.cfg.auto_create_topics && req.allow_auto_topic_creation {
+        if info.is_none() && ctx.cfg.auto_create_topics && req.allow_auto_topic_creation && may_create {
             match ctx.store.create_topic(&name, ctx.defaults.partitions, ctx.defaults.config.clone()).await {
                 Ok(()) => tracing::info!(topic = %name, partitions = ctx.defaults.partitions, "topic auto-created"),
                 Err(StoreError::TopicExists(_)) => {}
@@ -454,7 +511,9 @@ async fn create_topics(ctx: &Arc<Ctx>, call: &Call, req: requests::CreateTopicsR
             t.num_partitions
         };
         let settings = topic_settings(ctx, &t.configs);
-        let result: Result<(), (i16, String)> = if !seen.insert(t.name.clone()) {
+        let result: Result<(), (i16, String)> = if !call.access.topic(TopicOp::Create, &t.name) {
+            Err((errors::TOPIC_AUTHORIZATION_FAILED, NOT_AUTHORIZED.into()))
+        } else if !seen.insert(t.name.clone()) {
             Err((errors::INVALID_REQUEST, "topic named twice in one request".into()))
         } else if !matches!(t.replication_factor, -1 | 1) {
             Err((
@@ -512,10 +571,16 @@ async fn create_topics(ctx: &Arc<Ctx>, call: &Call, req: requests::CreateTopicsR
     resp
 }
 
-async fn create_partitions(ctx: &Arc<Ctx>, req: requests::CreatePartitionsRequest) -> CreatePartitionsResponse {
+async fn create_partitions(
+    ctx: &Arc<Ctx>,
+    access: &Access,
+    req: requests::CreatePartitionsRequest,
+) -> CreatePartitionsResponse {
     let mut resp = CreatePartitionsResponse::default();
     for (name, count, assigned) in req.topics {
-        let result = if count <= 0 {
+        let result = if !access.admin() {
+            Err((errors::TOPIC_AUTHORIZATION_FAILED, format!("{NOT_AUTHORIZED} (adding partitions is an admin operation)")))
+        } else if count <= 0 {
             Err((errors::INVALID_PARTITIONS, format!("partition count must be positive (got {count})")))
         } else if assigned {
             Err((errors::INVALID_REPLICA_ASSIGNMENT, "this gateway is a one-node cluster: omit assignments".into()))
@@ -587,6 +652,16 @@ fn describe_configs(ctx: &Ctx, call: &Call, req: requests::ConfigsRequest) -> De
             e
         };
         match res.resource_type {
+            RESOURCE_TOPIC if !call.access.topic(TopicOp::Describe, &res.resource_name) => {
+                r = r
+                    .with_error_code(errors::TOPIC_AUTHORIZATION_FAILED)
+                    .with_error_message(Some(sb(NOT_AUTHORIZED)));
+            }
+            RESOURCE_BROKER if !call.access.admin() => {
+                r = r
+                    .with_error_code(errors::CLUSTER_AUTHORIZATION_FAILED)
+                    .with_error_message(Some(sb(NOT_AUTHORIZED)));
+            }
             RESOURCE_TOPIC => match ctx.store.topic(&res.resource_name) {
                 None => {
                     r = r
@@ -648,10 +723,20 @@ fn describe_configs(ctx: &Ctx, call: &Call, req: requests::ConfigsRequest) -> De
 /// (resource type, resource name, error code, error message) per resource.
 type AlterResult = (i8, String, i16, Option<String>);
 
-async fn alter_configs(ctx: &Arc<Ctx>, req: requests::ConfigsRequest, incremental: bool) -> Vec<AlterResult> {
+async fn alter_configs(
+    ctx: &Arc<Ctx>,
+    access: &Access,
+    req: requests::ConfigsRequest,
+    incremental: bool,
+) -> Vec<AlterResult> {
     let mut out = Vec::with_capacity(req.resources.len());
     for ConfigResource { resource_type, resource_name, changes, .. } in req.resources {
         let result: Result<(), (i16, String)> = match resource_type {
+            RESOURCE_TOPIC if !access.admin() => Err((
+                errors::TOPIC_AUTHORIZATION_FAILED,
+                format!("{NOT_AUTHORIZED} (altering topic settings is an admin operation)"),
+            )),
+            RESOURCE_BROKER if !access.admin() => Err((errors::CLUSTER_AUTHORIZATION_FAILED, NOT_AUTHORIZED.into())),
             RESOURCE_TOPIC => match ctx.store.topic(&resource_name) {
                 None => Err((errors::UNKNOWN_TOPIC_OR_PARTITION, format!("unknown topic {resource_name:?}"))),
                 Some(info) => {
@@ -700,7 +785,10 @@ const COORDINATOR_NOT_AVAILABLE_MSG: &str = "transactions are not supported";
 
 fn find_coordinator(ctx: &Ctx, call: &Call, key_type: i8, keys: Vec<String>) -> FindCoordinatorResponse {
     // This node coordinates every group; transactions have no coordinator.
-    let (error, msg) = if key_type == 0 {
+    let allowed = keys.iter().all(|k| call.access.group(k));
+    let (error, msg) = if key_type == 0 && !allowed {
+        (errors::GROUP_AUTHORIZATION_FAILED, Some(sb(NOT_AUTHORIZED)))
+    } else if key_type == 0 {
         (errors::NONE, None)
     } else {
         (errors::COORDINATOR_NOT_AVAILABLE, Some(sb(COORDINATOR_NOT_AVAILABLE_MSG)))
@@ -760,7 +848,7 @@ mod tests {
 
     #[test]
     fn api_versions_fallback_is_a_v0_body() {
-        let b = api_versions_unsupported(7).unwrap();
+        let b = api_versions_unsupported(7, true).unwrap();
         let size = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
         assert_eq!(size as usize, b.len() - 4);
         assert_eq!(i32::from_be_bytes([b[4], b[5], b[6], b[7]]), 7);

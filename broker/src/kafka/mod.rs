@@ -9,9 +9,10 @@ mod fetch;
 mod group_api;
 mod handlers;
 mod requests;
+mod sasl;
 mod server;
 mod versions;
 
 pub use codec::DecodeError;
-pub use config::KafkaConfig;
+pub use config::{KafkaConfig, KafkaTlsConfig};
 pub use server::{KafkaError, KafkaServer, KafkaStats, TopicTemplate};

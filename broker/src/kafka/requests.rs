@@ -149,6 +149,10 @@ pub(crate) enum Request {
     DescribeGroups(Vec<String>),
     DeleteGroups(Vec<String>),
     OffsetDelete(String, Vec<(String, Vec<i32>)>),
+    /// The mechanism asked for.
+    SaslHandshake(String),
+    /// A SASL token.
+    SaslAuthenticate(Bytes),
 }
 
 /// Decodes the body of a served API at a served version (checked by the caller).
@@ -498,6 +502,8 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
             }
             Request::DescribeCluster
         }
+        key::SASL_HANDSHAKE => Request::SaslHandshake(r.string()?),
+        key::SASL_AUTHENTICATE => Request::SaslAuthenticate(r.nullable_bytes()?.unwrap_or_default()),
         _ => return Err(DecodeError::Invalid("api key")),
     };
     r.tagged_fields()?;

@@ -8,21 +8,24 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 
 use super::codec::{self, Reader};
 use super::config::KafkaConfig;
 use super::handlers;
 use super::requests;
+use super::sasl::{self, ConnAuth};
 use super::versions::{self, key};
 use crate::config::TopicConfig;
 use crate::error::StoreError;
 use crate::groups::{Coordinator, GroupLimits};
+use crate::security::ratelimit::ConnectionRateLimit;
+use crate::security::{tls, Access, Auth};
 use crate::storage::{KvSpace, Store};
 
 /// What a topic created by this front end gets (from `[topic_defaults]`).
@@ -41,6 +44,8 @@ pub enum KafkaError {
     Bind { addr: String, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Counters of the Kafka front end.
@@ -54,6 +59,12 @@ pub struct KafkaStats {
     /// Request and response bytes on the wire (frames with their size prefix).
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// SASL authentications that failed (wrong password, unknown user, bad messages).
+    pub auth_failures: AtomicU64,
+    /// Connections closed at once by `kafka.connections_per_ip_per_s_max`.
+    pub connections_rate_limited: AtomicU64,
+    /// TLS handshakes that failed.
+    pub tls_handshake_failures: AtomicU64,
 }
 
 /// Producer ids are handed out from blocks reserved durably, so an id is never given twice, even
@@ -81,6 +92,8 @@ pub(crate) struct Ctx {
     pub producer_ids: Mutex<ProducerIds>,
     pub stats: Arc<KafkaStats>,
     pub groups: Arc<Coordinator>,
+    pub auth: Arc<Auth>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Ctx {
@@ -131,9 +144,31 @@ pub struct KafkaServer {
 }
 
 impl KafkaServer {
-    /// Validates the config, reads (or creates) the cluster id and binds the listener.
+    /// Validates the config, reads (or creates) the cluster id and binds the listener, with
+    /// authentication off.
     pub async fn bind(cfg: KafkaConfig, store: Store, defaults: TopicTemplate) -> Result<Self, KafkaError> {
+        Self::bind_with(cfg, store, defaults, Auth::disabled()).await
+    }
+
+    /// As `bind`; with `auth` enabled clients authenticate with SASL before anything else and
+    /// every operation is checked against their user's rules.
+    pub async fn bind_with(
+        cfg: KafkaConfig,
+        store: Store,
+        defaults: TopicTemplate,
+        auth: Arc<Auth>,
+    ) -> Result<Self, KafkaError> {
         cfg.validate("kafka")?;
+        let tls = if cfg.tls.enabled {
+            Some(tls::server_config(tls::TlsFiles {
+                prefix: "kafka.tls",
+                cert_file: &cfg.tls.cert_file,
+                key_file: &cfg.tls.key_file,
+                client_ca_file: "",
+            })?)
+        } else {
+            None
+        };
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .map_err(|source| KafkaError::Bind { addr: cfg.listen.clone(), source })?;
@@ -184,6 +219,8 @@ impl KafkaServer {
             groups,
             defaults,
             cfg,
+            auth,
+            tls,
         });
         Ok(Self { listener, ctx })
     }
@@ -210,6 +247,11 @@ impl KafkaServer {
     /// end with the runtime).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let connections = Arc::new(Semaphore::new(self.ctx.cfg.connections_max as usize));
+        let mut rate =
+            ConnectionRateLimit::new(self.ctx.cfg.connections_per_ip_per_s_max, self.ctx.cfg.connection_rate_addresses_max);
+        if self.ctx.auth.enabled() && self.ctx.auth.user_count() == 0 {
+            tracing::warn!("auth.enabled with no [[auth.users]]: every Kafka client will be refused");
+        }
         let timers = tokio::spawn(self.ctx.groups.clone().run_timers());
         tokio::pin!(shutdown);
         loop {
@@ -226,6 +268,12 @@ impl KafkaServer {
                     continue;
                 }
             };
+            if !rate.allow(peer.ip(), Instant::now()) {
+                // Cheap on purpose: no read, no answer, no log line per connection.
+                self.ctx.stats.connections_rate_limited.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+                continue;
+            }
             let Ok(permit) = connections.clone().try_acquire_owned() else {
                 self.ctx.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, limit = self.ctx.cfg.connections_max, "kafka.connections_max reached: closing new connection");
@@ -237,7 +285,29 @@ impl KafkaServer {
             let ctx = self.ctx.clone();
             tokio::spawn(async move {
                 ctx.stats.connections_open.fetch_add(1, Ordering::Relaxed);
-                let result = connection(&ctx, stream).await;
+                let result = match ctx.tls.clone() {
+                    None => {
+                        let (rd, wr) = stream.into_split();
+                        connection(&ctx, Box::new(rd), Box::new(wr), peer).await
+                    }
+                    Some(server) => {
+                        let idle = Duration::from_millis(ctx.cfg.idle_timeout_ms.min(30_000));
+                        match tokio::time::timeout(idle, tokio_rustls::TlsAcceptor::from(server).accept(stream)).await {
+                            Ok(Ok(s)) => {
+                                let (rd, wr) = tokio::io::split(s);
+                                connection(&ctx, Box::new(rd), Box::new(wr), peer).await
+                            }
+                            Ok(Err(e)) => {
+                                ctx.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                                Err(format!("TLS handshake failed: {e}"))
+                            }
+                            Err(_) => {
+                                ctx.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                                Err("TLS handshake did not complete".into())
+                            }
+                        }
+                    }
+                };
                 ctx.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
                 match result {
                     Ok(()) => tracing::debug!(%peer, "kafka connection closed"),
@@ -255,9 +325,12 @@ impl KafkaServer {
 
 /// Serves one connection. `Ok` = the client closed it (or was idle); `Err` names a protocol
 /// violation or an I/O failure.
-async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
-    let peer = stream.peer_addr().map_err(|e| format!("peer address: {e}"))?;
-    let (rd, wr) = stream.into_split();
+async fn connection(
+    ctx: &Arc<Ctx>,
+    rd: Box<dyn AsyncRead + Unpin + Send>,
+    wr: Box<dyn AsyncWrite + Unpin + Send>,
+    peer: SocketAddr,
+) -> Result<(), String> {
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let (tx, mut rx) = mpsc::channel::<PendingReply>(ctx.cfg.inflight_requests_max as usize);
     let idle = Duration::from_millis(ctx.cfg.idle_timeout_ms);
@@ -298,11 +371,12 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
 
 async fn read_loop(
     ctx: &Arc<Ctx>,
-    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    rd: &mut BufReader<Box<dyn AsyncRead + Unpin + Send>>,
     tx: &mpsc::Sender<PendingReply>,
     idle: Duration,
     peer: SocketAddr,
 ) -> Result<(), String> {
+    let mut auth = ConnAuth::new(ctx);
     loop {
         let mut size = [0u8; 4];
         match tokio::time::timeout(idle, rd.read_exact(&mut size)).await {
@@ -315,7 +389,9 @@ async fn read_loop(
             Ok(Ok(_)) => {}
         }
         let size = i32::from_be_bytes(size);
-        if size < 8 || size as u32 > ctx.cfg.frame_bytes_max {
+        // A bare SASL token (after a v0 handshake) may be short; a request has a header.
+        let min = if auth.raw() { 0 } else { 8 };
+        if size < min || size as u32 > ctx.cfg.frame_bytes_max {
             return Err(format!(
                 "request size {size} outside [8, kafka.frame_bytes_max = {}]: not a Kafka client, or a request too large",
                 ctx.cfg.frame_bytes_max
@@ -330,9 +406,17 @@ async fn read_loop(
         }
         ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
         ctx.stats.bytes_in.fetch_add(size as u64 + 4, Ordering::Relaxed);
-        let pending = request(ctx, frame.freeze(), permit, peer).await?;
+        let pending = if auth.raw() {
+            sasl::authenticate_raw(ctx, &mut auth, frame.freeze(), permit, peer).await
+        } else {
+            request(ctx, &mut auth, frame.freeze(), permit, peer).await?
+        };
         if tx.send(pending).await.is_err() {
             // The writer stopped (write error): its result says why.
+            return Ok(());
+        }
+        if auth.close {
+            // Refused authentication: the answer is written, then the connection closes.
             return Ok(());
         }
     }
@@ -342,12 +426,13 @@ async fn read_loop(
 /// before returning so pipelined requests keep their order.
 async fn request(
     ctx: &Arc<Ctx>,
+    auth: &mut ConnAuth,
     frame: Bytes,
     permit: OwnedSemaphorePermit,
     peer: SocketAddr,
 ) -> Result<PendingReply, String> {
     let (api_key, version, correlation_id) = codec::peek_header(&frame).ok_or("request shorter than its header")?;
-    let Some(api) = versions::lookup(api_key) else {
+    let Some(api) = versions::lookup(api_key).filter(|a| ctx.auth.enabled() || !a.is_sasl()) else {
         return Err(format!(
             "unsupported API key {api_key} ({}) v{version}: it is not advertised in ApiVersions",
             versions::api_name(api_key)
@@ -357,12 +442,19 @@ async fn request(
         if api_key == key::API_VERSIONS {
             // KIP-511: answer a v0 body with UNSUPPORTED_VERSION and our ranges, so the client
             // can retry with a version we know.
-            let bytes = handlers::api_versions_unsupported(correlation_id)?;
+            let bytes = handlers::api_versions_unsupported(correlation_id, ctx.auth.enabled())?;
             return Ok(ready(Reply::one(bytes, vec![permit])));
         }
         return Err(format!(
             "{} v{version} is not supported (this broker serves v{}..v{}, as advertised)",
             api.name, api.min, api.max
+        ));
+    }
+    if auth.access.is_none() && !matches!(api_key, key::API_VERSIONS | key::SASL_HANDSHAKE | key::SASL_AUTHENTICATE) {
+        // As Kafka: anything else before authentication closes the connection.
+        return Err(format!(
+            "{} before SASL authentication (only ApiVersions, SaslHandshake and SaslAuthenticate are served then)",
+            api.name
         ));
     }
     let mut r = Reader::new(frame, false);
@@ -378,8 +470,13 @@ async fn request(
         correlation_id: header.correlation_id,
         client_id: header.client_id,
         permit,
+        access: auth.access.clone().unwrap_or(Access::Denied),
     };
-    Ok(handlers::dispatch(ctx.clone(), call, body).await)
+    Ok(match body {
+        requests::Request::SaslHandshake(mechanism) => sasl::handshake(auth, call, mechanism),
+        requests::Request::SaslAuthenticate(token) => sasl::authenticate_request(ctx, auth, call, token).await,
+        body => handlers::dispatch(ctx.clone(), call, body).await,
+    })
 }
 
 pub(crate) fn ready(reply: Reply) -> PendingReply {

@@ -32,6 +32,8 @@ pub(crate) mod key {
     pub const CREATE_PARTITIONS: i16 = 37;
     pub const INCREMENTAL_ALTER_CONFIGS: i16 = 44;
     pub const DESCRIBE_CLUSTER: i16 = 60;
+    pub const SASL_HANDSHAKE: i16 = 17;
+    pub const SASL_AUTHENTICATE: i16 = 36;
 }
 
 /// One served API.
@@ -76,6 +78,10 @@ pub(crate) const SUPPORTED: &[ApiSupport] = &[
     ApiSupport { key: key::CREATE_PARTITIONS, name: "CreatePartitions", min: 0, max: 2, flex_from: 2 },
     ApiSupport { key: key::INCREMENTAL_ALTER_CONFIGS, name: "IncrementalAlterConfigs", min: 0, max: 1, flex_from: 1 },
     ApiSupport { key: key::DESCRIBE_CLUSTER, name: "DescribeCluster", min: 0, max: 1, flex_from: 0 },
+    // Served (and advertised) only with `[auth] enabled`. SaslHandshake v0 is followed by bare
+    // SASL tokens (kafka-python 2.0), v1 by SaslAuthenticate requests (librdkafka, Java).
+    ApiSupport { key: key::SASL_HANDSHAKE, name: "SaslHandshake", min: 0, max: 1, flex_from: i16::MAX },
+    ApiSupport { key: key::SASL_AUTHENTICATE, name: "SaslAuthenticate", min: 0, max: 2, flex_from: 2 },
 ];
 
 pub(crate) fn lookup(api_key: i16) -> Option<&'static ApiSupport> {
@@ -85,6 +91,11 @@ pub(crate) fn lookup(api_key: i16) -> Option<&'static ApiSupport> {
 impl ApiSupport {
     pub(crate) fn supports(&self, version: i16) -> bool {
         (self.min..=self.max).contains(&version)
+    }
+
+    /// SaslHandshake and SaslAuthenticate: only served with authentication on.
+    pub(crate) fn is_sasl(&self) -> bool {
+        matches!(self.key, key::SASL_HANDSHAKE | key::SASL_AUTHENTICATE)
     }
 
     pub(crate) fn flexible(&self, version: i16) -> bool {
@@ -109,10 +120,8 @@ pub(crate) fn api_name(api_key: i16) -> &'static str {
         return a.name;
     }
     match api_key {
-        17 => "SaslHandshake",
         21 => "DeleteRecords",
         24..=28 => "a transaction API",
-        36 => "SaslAuthenticate",
         _ => "an unknown API",
     }
 }
@@ -153,6 +162,8 @@ mod tests {
                 key::CREATE_PARTITIONS => CreatePartitionsResponse::VERSIONS,
                 key::INCREMENTAL_ALTER_CONFIGS => IncrementalAlterConfigsResponse::VERSIONS,
                 key::DESCRIBE_CLUSTER => DescribeClusterResponse::VERSIONS,
+                key::SASL_HANDSHAKE => SaslHandshakeResponse::VERSIONS,
+                key::SASL_AUTHENTICATE => SaslAuthenticateResponse::VERSIONS,
                 _ => unreachable!(),
             };
             (v.min, v.max)

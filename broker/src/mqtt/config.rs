@@ -38,6 +38,39 @@ pub struct MqttConfig {
     /// `[[mqtt.routes]]`: the first route whose filter matches a publish's topic decides where it
     /// is stored.
     pub routes: Vec<Route>,
+    /// New connections one source address may open per second (a burst of one second's worth);
+    /// more are closed at once. 0 = no limit.
+    pub connections_per_ip_per_s_max: u32,
+    /// Source addresses the rate limit tracks at once (the least recently seen is forgotten).
+    pub connection_rate_addresses_max: u32,
+    /// `[mqtt.tls]`: a second listener speaking MQTT over TLS.
+    pub tls: MqttTlsConfig,
+}
+
+/// `[mqtt.tls]`: MQTT over TLS (port 8883), beside the plain listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttTlsConfig {
+    pub enabled: bool,
+    pub listen: String,
+    /// The server's certificate chain and private key (PEM).
+    pub cert_file: String,
+    pub key_file: String,
+    /// CA of device certificates (PEM); empty = no client certificates. A device with a valid
+    /// certificate is the user its certificate names (common name, else first DNS name).
+    pub client_ca_file: String,
+}
+
+impl Default for MqttTlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: "127.0.0.1:8883".into(),
+            cert_file: "/etc/tributary/tls/server.pem".into(),
+            key_file: "/etc/tributary/tls/server.key".into(),
+            client_ca_file: String::new(),
+        }
+    }
 }
 
 impl Default for MqttConfig {
@@ -57,6 +90,9 @@ impl Default for MqttConfig {
             default_topic: "mqtt".into(),
             default_key: default_key(),
             routes: Vec::new(),
+            connections_per_ip_per_s_max: 0,
+            connection_rate_addresses_max: 4096,
+            tls: MqttTlsConfig::default(),
         }
     }
 }
@@ -81,6 +117,21 @@ impl MqttConfig {
         range("client_id_bytes_max", self.client_id_bytes_max.into(), 23, 65_535)?;
         range("connect_timeout_ms", self.connect_timeout_ms, 100, 600_000)?;
         range("retained_messages_max", self.retained_messages_max.into(), 0, 10_000_000)?;
+        range("connections_per_ip_per_s_max", self.connections_per_ip_per_s_max.into(), 0, 1_000_000)?;
+        range("connection_rate_addresses_max", self.connection_rate_addresses_max.into(), 1, 1_000_000)?;
+        if self.tls.enabled {
+            if self.tls.listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::new(
+                    key("tls.listen"),
+                    format!("must be an IP address and port such as 0.0.0.0:8883 (got {:?})", self.tls.listen),
+                ));
+            }
+            for (k, v) in [("tls.cert_file", &self.tls.cert_file), ("tls.key_file", &self.tls.key_file)] {
+                if v.is_empty() {
+                    return Err(ConfigError::new(key(k), "must name a PEM file when TLS is enabled"));
+                }
+            }
+        }
         self.router(prefix)?;
         Ok(())
     }
@@ -104,5 +155,10 @@ mod tests {
         assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.inflight_messages_max");
         let c = MqttConfig { default_topic: "a b".into(), ..Default::default() };
         assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.default_topic");
+        let tls = MqttTlsConfig { enabled: true, listen: "8883".into(), ..Default::default() };
+        let c = MqttConfig { tls, ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.tls.listen");
+        let c = MqttConfig { connection_rate_addresses_max: 0, ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.connection_rate_addresses_max");
     }
 }

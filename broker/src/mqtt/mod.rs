@@ -10,7 +10,7 @@ mod shared;
 pub mod topic;
 mod wire;
 
-pub use config::MqttConfig;
+pub use config::{MqttConfig, MqttTlsConfig};
 pub use server::{MqttError, MqttServer, MqttStats, SysPublisher, HEADER_QOS};
 
 pub use routes::{Destination, Route, Router};

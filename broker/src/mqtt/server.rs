@@ -9,11 +9,11 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::select_all;
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -29,6 +29,8 @@ use super::wire::{self, In, PublishProps, Version, WireError};
 use crate::error::StoreError;
 use crate::kafka::TopicTemplate;
 use crate::partitioner::Partitioner;
+use crate::security::ratelimit::ConnectionRateLimit;
+use crate::security::{tls, Auth, LoginError, User};
 use crate::storage::batch::{NewRecord, StoredRecord};
 use crate::storage::{KvSpace, PendingAppend, Store};
 
@@ -46,6 +48,8 @@ pub enum MqttError {
     Config(#[from] crate::config::ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Counters of the MQTT front end.
@@ -68,6 +72,15 @@ pub struct MqttStats {
     /// Packet bytes received and sent.
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// CONNECTs refused for bad or missing credentials or an unknown certificate user.
+    pub auth_failures: AtomicU64,
+    /// Publishes and subscriptions the user's ACL does not allow.
+    pub publishes_denied: AtomicU64,
+    pub subscriptions_denied: AtomicU64,
+    /// Connections closed at once by `mqtt.connections_per_ip_per_s_max`.
+    pub connections_rate_limited: AtomicU64,
+    /// TLS handshakes that failed (bad or unknown client certificate, not TLS, timeout).
+    pub tls_handshake_failures: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -87,25 +100,70 @@ struct Ctx {
     shared: Mutex<HashMap<String, Arc<SharedGroup>>>,
     /// Retained messages stored (bounded by `mqtt.retained_messages_max`).
     retained: AtomicU64,
+    auth: Arc<Auth>,
 }
 
 /// Messages one session takes from a shared group in one go, so active members share the load.
 const SHARED_BATCH: usize = 16;
 
-/// A bound MQTT listener.
+/// A bound MQTT listener (plain, and TLS when `[mqtt.tls]` is enabled).
 #[derive(Debug)]
 pub struct MqttServer {
     listener: TcpListener,
+    tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     ctx: Arc<Ctx>,
 }
 
+/// The two halves of a client connection, plain or TLS.
+type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+fn split_io<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S) -> (Reader, Writer) {
+    let (rd, wr) = tokio::io::split(stream);
+    (BufReader::with_capacity(16 * 1024, Box::new(rd)), Box::new(wr))
+}
+
+/// Accepts on an optional listener (never completes without one).
+async fn accept_on(l: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl MqttServer {
+    /// Binds with authentication off.
     pub async fn bind(cfg: MqttConfig, store: Store, defaults: TopicTemplate) -> Result<Self, MqttError> {
+        Self::bind_with(cfg, store, defaults, Auth::disabled()).await
+    }
+
+    /// Binds the listeners; with `auth` enabled every client logs in and every publish and
+    /// subscription is checked against its user's rules.
+    pub async fn bind_with(
+        cfg: MqttConfig,
+        store: Store,
+        defaults: TopicTemplate,
+        auth: Arc<Auth>,
+    ) -> Result<Self, MqttError> {
         cfg.validate("mqtt")?;
         let router = cfg.router("mqtt")?;
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .map_err(|source| MqttError::Bind { addr: cfg.listen.clone(), source })?;
+        let tls = if cfg.tls.enabled {
+            let server = tls::server_config(tls::TlsFiles {
+                prefix: "mqtt.tls",
+                cert_file: &cfg.tls.cert_file,
+                key_file: &cfg.tls.key_file,
+                client_ca_file: &cfg.tls.client_ca_file,
+            })?;
+            let l = TcpListener::bind(&cfg.tls.listen)
+                .await
+                .map_err(|source| MqttError::Bind { addr: cfg.tls.listen.clone(), source })?;
+            Some((l, server))
+        } else {
+            None
+        };
         let retained = store
             .kv_scan(KvSpace::MqttRetained, b"", cfg.retained_messages_max as usize + 1)
             .map(|v| v.len() as u64)
@@ -122,8 +180,9 @@ impl MqttServer {
             shutdown: tokio::sync::watch::channel(false).0,
             shared: Mutex::new(HashMap::new()),
             cfg,
+            auth,
         });
-        Ok(Self { listener, ctx })
+        Ok(Self { listener, tls, ctx })
     }
 
     /// A handle for the broker's own `$SYS/...` messages (metrics for MQTT clients).
@@ -135,6 +194,11 @@ impl MqttServer {
         self.listener.local_addr()
     }
 
+    /// The TLS listener's address, if `[mqtt.tls]` is enabled.
+    pub fn tls_local_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.tls.as_ref().map(|(l, _)| l.local_addr())
+    }
+
     pub fn stats(&self) -> Arc<MqttStats> {
         self.ctx.stats.clone()
     }
@@ -143,11 +207,17 @@ impl MqttServer {
     /// state and end, and waits (up to 5 s) until they have.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let connections = Arc::new(Semaphore::new(self.ctx.cfg.connections_max as usize));
+        let mut rate =
+            ConnectionRateLimit::new(self.ctx.cfg.connections_per_ip_per_s_max, self.ctx.cfg.connection_rate_addresses_max);
+        if self.ctx.auth.enabled() && self.ctx.auth.user_count() == 0 {
+            tracing::warn!("auth.enabled with no [[auth.users]]: every MQTT client will be refused");
+        }
         tokio::pin!(shutdown);
         loop {
-            let accepted = tokio::select! {
+            let (accepted, tls) = tokio::select! {
                 () = &mut shutdown => break,
-                a = self.listener.accept() => a,
+                a = self.listener.accept() => (a, None),
+                a = accept_on(self.tls.as_ref().map(|(l, _)| l)) => (a, self.tls.as_ref().map(|(_, t)| t.clone())),
             };
             let (stream, peer) = match accepted {
                 Ok(a) => a,
@@ -157,19 +227,51 @@ impl MqttServer {
                     continue;
                 }
             };
+            if !rate.allow(peer.ip(), Instant::now()) {
+                // Cheap on purpose: no read, no answer, no log line per connection.
+                self.ctx.stats.connections_rate_limited.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+                continue;
+            }
             let _ = stream.set_nodelay(true);
             let ctx = self.ctx.clone();
             let permit = connections.clone().try_acquire_owned().ok();
             tokio::spawn(async move {
+                let ((mut rd, wr), cert_name) = match tls {
+                    None => {
+                        let (rd, wr) = stream.into_split();
+                        let io: (Reader, Writer) = (BufReader::with_capacity(16 * 1024, Box::new(rd)), Box::new(wr));
+                        (io, None)
+                    }
+                    Some(acceptor) => {
+                        let limit = Duration::from_millis(ctx.cfg.connect_timeout_ms);
+                        match tokio::time::timeout(limit, tokio_rustls::TlsAcceptor::from(acceptor).accept(stream)).await {
+                            Ok(Ok(s)) => {
+                                let name = tls::peer_name(s.get_ref().1);
+                                (split_io(s), name)
+                            }
+                            Ok(Err(e)) => {
+                                ctx.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(%peer, error = %e, "mqtt TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                ctx.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(%peer, "mqtt TLS handshake not done within mqtt.connect_timeout_ms");
+                                return;
+                            }
+                        }
+                    }
+                };
                 let Some(permit) = permit else {
                     ctx.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%peer, limit = ctx.cfg.connections_max, "mqtt.connections_max reached: refusing");
-                    refuse_busy(&ctx, stream).await;
+                    refuse_busy(&ctx, &mut rd, wr).await;
                     return;
                 };
                 ctx.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 ctx.stats.connections_open.fetch_add(1, Ordering::Relaxed);
-                let result = connection(&ctx, stream).await;
+                let result = connection(&ctx, rd, wr, peer, cert_name).await;
                 ctx.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
                 match result {
                     Ok(()) => tracing::debug!(%peer, "mqtt connection closed"),
@@ -190,11 +292,8 @@ impl MqttServer {
 }
 
 /// Over the connection limit: read the CONNECT (briefly) to answer in its version, then close.
-async fn refuse_busy(ctx: &Ctx, stream: TcpStream) {
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::new(rd);
-    let read =
-        tokio::time::timeout(Duration::from_secs(2), wire::read_frame(&mut rd, ctx.cfg.packet_bytes_max as usize));
+async fn refuse_busy(ctx: &Ctx, rd: &mut Reader, mut wr: Writer) {
+    let read = tokio::time::timeout(Duration::from_secs(2), wire::read_frame(rd, ctx.cfg.packet_bytes_max as usize));
     if let Ok(Ok(frame)) = read.await {
         let version = if wire::connect_level(&frame) == Ok(5) { Version::V5 } else { Version::V4 };
         let _ = wr.write_all(&wire::connack(version, false, 0x89, &wire::ConnAckProps::default())).await;
@@ -255,6 +354,9 @@ struct Session {
     version: Version,
     client_id: String,
     username: Option<String>,
+    /// The logged-in user (authentication on): its rules decide what may be published and
+    /// subscribed.
+    user: Option<Arc<User>>,
     will: Option<wire::Will>,
     subs: Vec<wire::Subscription>,
     /// Inbound QoS 2 packet ids stored and waiting for PUBREL.
@@ -356,9 +458,13 @@ fn retained_value(qos: u8, payload: &[u8]) -> Vec<u8> {
     v
 }
 
-async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
-    let (rd, wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(16 * 1024, rd);
+async fn connection(
+    ctx: &Arc<Ctx>,
+    mut rd: Reader,
+    wr: Writer,
+    peer: SocketAddr,
+    cert_name: Option<String>,
+) -> Result<(), String> {
     let mut wr = BufWriter::with_capacity(16 * 1024, wr);
     let max = ctx.cfg.packet_bytes_max as usize;
     // CONNECT first, within the connect timeout.
@@ -382,8 +488,9 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         Err(e) => return Err(e.to_string()),
     };
     let connect = wire::decode(version, frame, max).map_err(|e| format!("bad CONNECT: {e}"))?;
-    let In::Connect { client_id, clean, keep_alive, username, will, receive_max, session_expiry_s, max_packet, .. } =
-        connect
+    let In::Connect {
+        client_id, clean, keep_alive, username, password, will, receive_max, session_expiry_s, max_packet, ..
+    } = connect
     else {
         return Err("the first packet must be CONNECT".into());
     };
@@ -410,6 +517,32 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
             return Err(format!("will topic: {reason}"));
         }
     }
+    // Who the client is: its certificate's user, or its username and password.
+    let user = if ctx.auth.enabled() {
+        let started = Instant::now();
+        let login = login(ctx, cert_name.as_deref(), username.as_deref(), password.as_deref()).await;
+        let login = match (login, &will) {
+            (Ok(u), Some(w)) if !u.may_publish(&client_id, &w.topic) => {
+                Err((0x87, LoginError::Protocol(format!("may not publish its will to {:?}", w.topic))))
+            }
+            (other, _) => other,
+        };
+        match login {
+            Ok(u) => Some(u),
+            Err((code, e)) => {
+                ctx.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, client = %client_id, user = ?cert_name.as_ref().or(username.as_ref()),
+                    reason = %e, "mqtt login refused");
+                ctx.auth.delay_failure(started).await;
+                let _ = wr.write_all(&refuse(code)).await;
+                let _ = wr.flush().await;
+                return Ok(());
+            }
+        }
+    } else {
+        None
+    };
+    let username = user.as_ref().map(|u| u.name.clone()).or(username);
     // Session takeover: the previous connection with this client id is closed.
     let conn_id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     let (kill_tx, mut kill_rx) = oneshot::channel();
@@ -466,6 +599,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         version,
         client_id: client_id.clone(),
         username,
+        user,
         will,
         subs: resumed.subs,
         qos2,
@@ -481,8 +615,15 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
         max_packet_out: max_packet.map_or(usize::MAX, |m| m as usize),
         taken_over: None,
     };
+    // A stored session keeps only what the user's rules (perhaps changed since) still allow.
+    if let Some(u) = s.user.clone() {
+        s.subs.retain(|sub| u.may_subscribe(&client_id, &sub.filter));
+    }
     for (name, qos) in resumed.shared {
         if let Some((_, inner)) = name.strip_prefix("$share/").and_then(|r| r.split_once('/')) {
+            if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&client_id, inner)) {
+                continue;
+            }
             let g = shared_group(ctx, &name, inner);
             s.shared.push((qos, g));
         }
@@ -574,6 +715,27 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) -> Result<(), String> {
     drop(tx);
     let _ = writer.await;
     result.map(|_| ())
+}
+
+/// Authenticates a CONNECT; the error carries the v5 reason code (mapped to 3.1.1 return codes
+/// 4 and 5 by `wire::connack`).
+async fn login(
+    ctx: &Ctx,
+    cert_name: Option<&str>,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Result<Arc<User>, (u8, LoginError)> {
+    if let Some(name) = cert_name {
+        if username.is_some_and(|u| u != name) {
+            return Err((0x87, LoginError::Protocol(format!("username differs from the certificate's name {name:?}"))));
+        }
+        return ctx.auth.user(name).ok_or((0x87, LoginError::UnknownUser));
+    }
+    match (username, password) {
+        (None, _) => Err((0x87, LoginError::NoCredentials)),
+        (Some(_), None) => Err((0x86, LoginError::Protocol("username without a password".into()))),
+        (Some(u), Some(p)) => ctx.auth.check_password(u, p.as_bytes()).await.map_err(|e| (0x86, e)),
+    }
 }
 
 fn check_topic(ctx: &Ctx, t: &str) -> Result<(), String> {
@@ -694,7 +856,7 @@ fn publish_reason(e: &StoreError) -> u8 {
 async fn session_loop(
     ctx: &Arc<Ctx>,
     s: &mut Session,
-    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    rd: &mut Reader,
     tx: &mpsc::Sender<Pending>,
     keep_alive: Option<Duration>,
     kill: &mut oneshot::Receiver<oneshot::Sender<()>>,
@@ -823,6 +985,20 @@ async fn session_loop(
                     }
                     return Err(reason);
                 }
+                if s.user.as_ref().is_some_and(|u| !u.may_publish(&s.client_id, &topic_name)) {
+                    // Refused by the ACL. MQTT 5: PUBACK/PUBREC "not authorized". 3.1.1 has no
+                    // negative acknowledgement: the message is acknowledged and dropped (as
+                    // mosquitto does), counted and logged, so a device retrying it does not loop
+                    // through reconnects.
+                    ctx.stats.publishes_denied.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(client = %s.client_id, user = ?s.username, topic = %topic_name,
+                        "publish not allowed by the user's ACL: dropped");
+                    if qos > 0 {
+                        let reason = if v == Version::V5 { 0x87 } else { 0 };
+                        let _ = tx.send(send(wire::ack(v, if qos == 1 { 4 } else { 5 }, pkid, reason))).await;
+                    }
+                    continue;
+                }
                 let msg = Message { topic: topic_name, qos, retain, payload, props };
                 if qos == 2 && s.qos2.contains(&pkid) {
                     // A retransmission of a message already stored: acknowledge again, store nothing.
@@ -943,6 +1119,13 @@ async fn session_loop(
                             codes.push(0x8F);
                             continue;
                         };
+                        if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&s.client_id, inner)) {
+                            ctx.stats.subscriptions_denied.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(client = %s.client_id, user = ?s.username, filter = %sub.filter,
+                                "subscription not allowed by the user's ACL");
+                            codes.push(0x87); // not authorized (3.1.1: 0x80 failure)
+                            continue;
+                        }
                         if s.subs.len() + s.shared.len() >= ctx.cfg.subscriptions_per_client_max as usize
                             && !s.shared.iter().any(|(_, g)| g.name == sub.filter)
                         {
@@ -958,6 +1141,13 @@ async fn session_loop(
                     }
                     if !topic::valid_filter(&sub.filter) || sub.filter.len() > ctx.cfg.topic_bytes_max as usize {
                         codes.push(0x8F); // topic filter invalid
+                        continue;
+                    }
+                    if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&s.client_id, &sub.filter)) {
+                        ctx.stats.subscriptions_denied.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(client = %s.client_id, user = ?s.username, filter = %sub.filter,
+                            "subscription not allowed by the user's ACL");
+                        codes.push(0x87); // not authorized (3.1.1: 0x80 failure)
                         continue;
                     }
                     let exists = s.subs.iter().position(|x| x.filter == sub.filter);

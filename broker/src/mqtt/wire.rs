@@ -137,6 +137,7 @@ pub(crate) enum In {
         clean: bool,
         keep_alive: u16,
         username: Option<String>,
+        password: Option<String>,
         will: Option<Will>,
         session_expiry_s: u32,
         receive_max: u16,
@@ -205,7 +206,8 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                 client_id: c.client_id,
                 clean: c.clean_session,
                 keep_alive: c.keep_alive,
-                username: c.login.map(|l| l.username),
+                username: c.login.as_ref().map(|l| l.username.clone()),
+                password: c.login.map(|l| l.password).filter(|p| !p.is_empty()),
                 will: c.last_will.map(|w| Will {
                     topic: w.topic,
                     payload: w.message,
@@ -244,7 +246,8 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                     client_id: c.client_id,
                     clean: c.clean_start,
                     keep_alive: c.keep_alive,
-                    username: login.map(|l| l.username),
+                    username: login.as_ref().map(|l| l.username.clone()),
+                    password: login.map(|l| l.password).filter(|p| !p.is_empty()),
                     will: will.map(|w| Will {
                         topic: String::from_utf8_lossy(&w.topic).into_owned(),
                         payload: w.message,

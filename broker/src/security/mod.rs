@@ -140,16 +140,22 @@ pub enum TopicOp {
     Describe,
 }
 
-/// What a connection may do: everything (authentication off) or what its user may.
+/// What a connection may do: everything (authentication off), what its user may, or nothing
+/// (not authenticated yet).
 #[derive(Debug, Clone)]
 pub enum Access {
     All,
     User(Arc<User>),
+    Denied,
 }
 
 impl Access {
     pub fn topic(&self, op: TopicOp, topic: &str) -> bool {
-        let Access::User(u) = self else { return true };
+        let u = match self {
+            Access::All => return true,
+            Access::Denied => return false,
+            Access::User(u) => u,
+        };
         let k = &u.kafka;
         let m = |p: &[String]| acl::pattern_matches(p, topic);
         match op {
@@ -165,6 +171,7 @@ impl Access {
         match self {
             Access::All => true,
             Access::User(u) => acl::pattern_matches(&u.kafka.groups, group),
+            Access::Denied => false,
         }
     }
 
@@ -172,6 +179,7 @@ impl Access {
         match self {
             Access::All => true,
             Access::User(u) => u.kafka.admin,
+            Access::Denied => false,
         }
     }
 
@@ -180,12 +188,13 @@ impl Access {
         match self {
             Access::All => true,
             Access::User(u) => u.kafka.admin || !u.kafka.write.is_empty(),
+            Access::Denied => false,
         }
     }
 
     pub fn user(&self) -> Option<&str> {
         match self {
-            Access::All => None,
+            Access::All | Access::Denied => None,
             Access::User(u) => Some(&u.name),
         }
     }

@@ -1,0 +1,589 @@
+//! Security with real clients: MQTT logins (rumqttc v4 and v5) refused with the right CONNACK
+//! codes and delayed without holding up other clients, MQTT ACL denials (PUBACK 0x87, SUBACK
+//! failure), Kafka SASL PLAIN and SCRAM-SHA-256/512 with librdkafka, Kafka ACL denials for
+//! produce, fetch, group join and topic creation, TLS (MQTT with rustls, client certificates;
+//! Kafka SASL_SSL) and the per-address connection rate limit.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS};
+use tributary_broker::kafka::{KafkaConfig, KafkaServer, KafkaStats, TopicTemplate};
+use tributary_broker::mqtt::{MqttConfig, MqttServer, MqttStats, MqttTlsConfig};
+use tributary_broker::security::{Auth, AuthConfig, PasswordHash, UserConfig};
+use tributary_broker::Store;
+
+use crate::support::{client_config, storage_config};
+
+/// A broker with both listeners and `[auth]` on.
+struct Secure {
+    _dir: tempfile::TempDir,
+    store: Store,
+    kafka: SocketAddr,
+    mqtt: SocketAddr,
+    mqtt_tls: Option<SocketAddr>,
+    kafka_stats: Arc<KafkaStats>,
+    mqtt_stats: Arc<MqttStats>,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn user(name: &str, password: &str, rules: impl FnOnce(&mut UserConfig)) -> UserConfig {
+    let mut u = UserConfig {
+        name: name.into(),
+        password_hash: PasswordHash::new(password.as_bytes(), 4096).expect("hash").encode(),
+        ..Default::default()
+    };
+    rules(&mut u);
+    u
+}
+
+fn auth(users: Vec<UserConfig>, failure_delay_ms: u64) -> AuthConfig {
+    AuthConfig { enabled: true, failure_delay_ms, users }
+}
+
+async fn start(auth_cfg: AuthConfig, mut mqtt: MqttConfig, mut kafka: KafkaConfig) -> Secure {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = storage_config(dir.path());
+    let (store, _) = tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("task").expect("store");
+    let auth = Auth::new(&auth_cfg, "auth").expect("auth config");
+    kafka.listen = "127.0.0.1:0".into();
+    mqtt.listen = "127.0.0.1:0".into();
+    if mqtt.tls.enabled {
+        mqtt.tls.listen = "127.0.0.1:0".into();
+    }
+    let template = TopicTemplate { partitions: 1, config: tributary_broker::TopicConfig::default() };
+    let k = KafkaServer::bind_with(kafka, store.clone(), template.clone(), auth.clone()).await.expect("kafka");
+    let m = MqttServer::bind_with(mqtt, store.clone(), template, auth).await.expect("mqtt");
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let s = Secure {
+        kafka: k.local_addr().expect("addr"),
+        mqtt: m.local_addr().expect("addr"),
+        mqtt_tls: m.tls_local_addr().map(|a| a.expect("tls addr")),
+        kafka_stats: k.stats(),
+        mqtt_stats: m.stats(),
+        _dir: dir,
+        store,
+        _stop: stop.clone(),
+    };
+    let mut stopped = stop.subscribe();
+    tokio::spawn(k.run(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    let mut stopped = stop.subscribe();
+    tokio::spawn(m.run(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    s
+}
+
+// ---- MQTT ----
+
+/// Connects a 3.1.1 client; `Ok` with its event loop running, or the CONNACK refusal.
+async fn mqtt4(
+    addr: SocketAddr,
+    id: &str,
+    login: Option<(&str, &str)>,
+) -> Result<(AsyncClient, tokio::sync::mpsc::UnboundedReceiver<Packet>), ConnectionError> {
+    let mut o = MqttOptions::new(id, "127.0.0.1", addr.port());
+    o.set_keep_alive(Duration::from_secs(10));
+    if let Some((u, p)) = login {
+        o.set_credentials(u, p);
+    }
+    let (client, mut ev) = AsyncClient::new(o, 100);
+    loop {
+        match ev.poll().await? {
+            Event::Incoming(Packet::ConnAck(_)) => break,
+            _ => continue,
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            if let Event::Incoming(p) = e {
+                if tx.send(p).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+type Packet5 = rumqttc::v5::mqttbytes::v5::Packet;
+
+async fn mqtt5(
+    addr: SocketAddr,
+    id: &str,
+    login: Option<(&str, &str)>,
+) -> Result<(rumqttc::v5::AsyncClient, tokio::sync::mpsc::UnboundedReceiver<Packet5>), rumqttc::v5::ConnectionError> {
+    let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", addr.port());
+    o.set_keep_alive(Duration::from_secs(10));
+    if let Some((u, p)) = login {
+        o.set_credentials(u, p);
+    }
+    let (client, mut ev) = rumqttc::v5::AsyncClient::new(o, 100);
+    loop {
+        if let rumqttc::v5::Event::Incoming(Packet5::ConnAck(_)) = ev.poll().await? {
+            break;
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            if let rumqttc::v5::Event::Incoming(p) = e {
+                if tx.send(p).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+async fn next<P: std::fmt::Debug>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<P>, what: &str, want: impl Fn(&P) -> bool) -> P {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(p)) if want(&p) => return p,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("connection ended while waiting for {what}"),
+            Err(_) => panic!("no {what} within 20 s"),
+        }
+    }
+}
+
+fn device(name: &str) -> UserConfig {
+    user(name, "device-pw", |u| {
+        u.mqtt.publish = vec!["devices/%c/#".into()];
+        u.mqtt.subscribe = vec!["commands/%u/#".into()];
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_wrong_password_unknown_user_and_no_credentials_are_refused_with_their_codes() {
+    let b = start(auth(vec![device("meter-1")], 300), MqttConfig::default(), KafkaConfig::default()).await;
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code5;
+    let refused4 = |r: Result<_, ConnectionError>| match r {
+        Err(ConnectionError::ConnectionRefused(code)) => code,
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("expected a refusal, got a connection"),
+    };
+    let started = Instant::now();
+    assert_eq!(refused4(mqtt4(b.mqtt, "c1", Some(("meter-1", "wrong"))).await), ConnectReturnCode::BadUserNamePassword);
+    assert!(started.elapsed() >= Duration::from_millis(300), "failed logins are answered after auth.failure_delay_ms");
+    assert_eq!(refused4(mqtt4(b.mqtt, "c1", Some(("nobody", "device-pw"))).await), ConnectReturnCode::BadUserNamePassword);
+    assert_eq!(refused4(mqtt4(b.mqtt, "c1", None).await), ConnectReturnCode::NotAuthorized);
+    let refused5 = |r: Result<_, rumqttc::v5::ConnectionError>| match r {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => code,
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("expected a refusal, got a connection"),
+    };
+    assert_eq!(refused5(mqtt5(b.mqtt, "c1", Some(("meter-1", "wrong"))).await), Code5::BadUserNamePassword);
+    assert_eq!(refused5(mqtt5(b.mqtt, "c1", Some(("nobody", "x"))).await), Code5::BadUserNamePassword);
+    assert_eq!(refused5(mqtt5(b.mqtt, "c1", None).await), Code5::NotAuthorized);
+    assert_eq!(b.mqtt_stats.auth_failures.load(Ordering::Relaxed), 6);
+    mqtt4(b.mqtt, "c1", Some(("meter-1", "device-pw"))).await.expect("right password (3.1.1)");
+    mqtt5(b.mqtt, "c2", Some(("meter-1", "device-pw"))).await.expect("right password (5)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_failed_login_does_not_hold_up_other_clients() {
+    let b = start(auth(vec![device("meter-1")], 5000), MqttConfig::default(), KafkaConfig::default()).await;
+    let addr = b.mqtt;
+    let bad = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = mqtt4(addr, "bad", Some(("meter-1", "wrong"))).await;
+        (r.is_err(), t.elapsed())
+    });
+    // The failing login is under way (counted once its CONNECT was read) before the good one starts.
+    while b.mqtt_stats.connections_accepted.load(Ordering::Relaxed) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let t = Instant::now();
+    mqtt4(b.mqtt, "good", Some(("meter-1", "device-pw"))).await.expect("good login");
+    let good = t.elapsed();
+    let (refused, slow) = bad.await.expect("task");
+    assert!(refused);
+    assert!(slow >= Duration::from_secs(5), "refusal after the delay ({slow:?})");
+    assert!(good < Duration::from_secs(3), "a good login meanwhile took {good:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_acl_denies_publish_and_subscribe_outside_the_users_filters() {
+    let b = start(auth(vec![device("meter-1")], 0), MqttConfig::default(), KafkaConfig::default()).await;
+    use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode as Sub5};
+    let (c5, mut rx5) = mqtt5(b.mqtt, "dev-a", Some(("meter-1", "device-pw"))).await.expect("v5 login");
+    c5.publish("devices/dev-a/temp", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "21.5").await.expect("pub");
+    let ack = next(&mut rx5, "PUBACK", |p| matches!(p, Packet5::PubAck(_))).await;
+    assert!(matches!(&ack, Packet5::PubAck(a) if a.reason == PubAckReason::Success), "own topic (%c) allowed: {ack:?}");
+    c5.publish("devices/dev-b/temp", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "x").await.expect("pub");
+    let ack = next(&mut rx5, "PUBACK", |p| matches!(p, Packet5::PubAck(_))).await;
+    assert!(matches!(&ack, Packet5::PubAck(a) if a.reason == PubAckReason::NotAuthorized), "{ack:?}");
+    c5.subscribe("commands/meter-1/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.expect("sub");
+    let ack = next(&mut rx5, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
+    assert!(matches!(&ack, Packet5::SubAck(a) if a.return_codes == vec![Sub5::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce)]));
+    c5.subscribe("commands/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.expect("sub");
+    let ack = next(&mut rx5, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
+    assert!(matches!(&ack, Packet5::SubAck(a) if a.return_codes == vec![Sub5::NotAuthorized]), "{ack:?}");
+    c5.subscribe("$share/g/commands/other/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.expect("sub");
+    let ack = next(&mut rx5, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
+    assert!(matches!(&ack, Packet5::SubAck(a) if a.return_codes == vec![Sub5::NotAuthorized]), "{ack:?}");
+
+    // 3.1.1 has no negative PUBACK: the denied message is acknowledged and dropped.
+    let (c4, mut rx4) = mqtt4(b.mqtt, "dev-c", Some(("meter-1", "device-pw"))).await.expect("v4 login");
+    c4.publish("devices/dev-x/temp", QoS::AtLeastOnce, false, "x").await.expect("pub");
+    next(&mut rx4, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    c4.subscribe("#", QoS::AtMostOnce).await.expect("sub");
+    let ack = next(&mut rx4, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+    assert!(matches!(&ack, Packet::SubAck(a) if a.return_codes == vec![rumqttc::SubscribeReasonCode::Failure]), "{ack:?}");
+    c4.publish("devices/dev-c/temp", QoS::AtLeastOnce, false, "22").await.expect("pub");
+    next(&mut rx4, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+
+    let stored: Vec<String> = crate::support::read_all(&b.store, "mqtt", 0)
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(stored, vec!["21.5", "22"], "only the allowed publishes were stored");
+    assert_eq!(b.mqtt_stats.publishes_denied.load(Ordering::Relaxed), 2);
+    assert_eq!(b.mqtt_stats.subscriptions_denied.load(Ordering::Relaxed), 3);
+}
+
+// ---- Kafka ----
+
+fn sasl(addr: SocketAddr, mechanism: &str, user: &str, password: &str) -> rdkafka::ClientConfig {
+    let mut c = client_config(&addr.to_string());
+    c.set("security.protocol", "SASL_PLAINTEXT")
+        .set("sasl.mechanism", mechanism)
+        .set("sasl.username", user)
+        .set("sasl.password", password);
+    c
+}
+
+fn app_user() -> UserConfig {
+    user("app", "app-pw", |u| {
+        u.kafka.read = vec!["readings".into()];
+        u.kafka.write = vec!["readings".into(), "write-only".into()];
+        u.kafka.create = vec!["readings".into()];
+        u.kafka.groups = vec!["dashboard-*".into()];
+    })
+}
+
+#[test]
+fn kafka_sasl_plain_and_scram_accept_the_right_password_and_refuse_others() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let b = rt.block_on(start(auth(vec![app_user()], 100), MqttConfig::default(), KafkaConfig::default()));
+    for mechanism in ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] {
+        let p: BaseProducer = sasl(b.kafka, mechanism, "app", "app-pw").create().expect("producer");
+        p.send(BaseRecord::to("readings").key("k").payload(mechanism)).expect("queue");
+        p.flush(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{mechanism}: produce: {e}"));
+        for (u, pw) in [("app", "wrong"), ("nobody", "app-pw")] {
+            let failures = b.kafka_stats.auth_failures.load(Ordering::Relaxed);
+            let p: BaseProducer = sasl(b.kafka, mechanism, u, pw).create().expect("producer");
+            let r = p.client().fetch_metadata(None, Duration::from_secs(5));
+            assert!(r.is_err(), "{mechanism} {u}/{pw}: metadata without authentication");
+            assert!(b.kafka_stats.auth_failures.load(Ordering::Relaxed) > failures, "{mechanism} {u}: counted");
+        }
+    }
+    let stored: Vec<String> = crate::support::read_all(&b.store, "readings", 0)
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(stored, vec!["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]);
+}
+
+#[test]
+fn kafka_acl_denies_produce_fetch_group_join_and_topic_creation() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let b = rt.block_on(start(auth(vec![app_user()], 0), MqttConfig::default(), KafkaConfig::default()));
+    rt.block_on(async {
+        for t in ["readings", "write-only", "secret"] {
+            b.store.create_topic(t, 1, tributary_broker::TopicConfig::default()).await.expect("topic");
+        }
+    });
+    let cfg = || sasl(b.kafka, "SCRAM-SHA-256", "app", "app-pw");
+
+    // Metadata shows only what the user may see.
+    let p: BaseProducer = cfg().create().expect("producer");
+    let md = p.client().fetch_metadata(None, Duration::from_secs(10)).expect("metadata");
+    let mut names: Vec<&str> = md.topics().iter().map(|t| t.name()).collect();
+    names.sort_unstable();
+    assert_eq!(names, vec!["readings", "write-only"], "secret is hidden");
+
+    // Produce: allowed topic stored, the other refused.
+    p.send(BaseRecord::to("readings").key("k").payload("ok")).expect("queue");
+    p.flush(Duration::from_secs(30)).expect("allowed produce");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let denied: rdkafka::producer::ThreadedProducer<Report> =
+        cfg().set("message.timeout.ms", "10000").create_with_context(Report(std::sync::Mutex::new(tx))).expect("producer");
+    denied.send(BaseRecord::<(), str>::to("secret").payload("no")).map_err(|(e, _)| e).expect("queue");
+    let err = rx.recv_timeout(Duration::from_secs(30)).expect("delivery report");
+    assert_eq!(err, Some(RDKafkaErrorCode::TopicAuthorizationFailed), "produce to a topic without write");
+
+    // Fetch: a topic the user may write but not read.
+    let c: BaseConsumer = cfg().set("group.id", "dashboard-1").create().expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset("write-only", 0, rdkafka::Offset::Beginning).expect("tpl");
+    c.assign(&tpl).expect("assign");
+    assert_eq!(poll_error(&c), RDKafkaErrorCode::TopicAuthorizationFailed, "fetch without read");
+
+    // Group join: a group outside the user's patterns.
+    let c: BaseConsumer = cfg().set("group.id", "other-group").create().expect("consumer");
+    c.subscribe(&["readings"]).expect("subscribe");
+    assert_eq!(poll_error(&c), RDKafkaErrorCode::GroupAuthorizationFailed, "join without group rights");
+    // ...and one inside them reads the allowed topic.
+    let c: BaseConsumer =
+        cfg().set("group.id", "dashboard-2").set("auto.offset.reset", "earliest").create().expect("consumer");
+    c.subscribe(&["readings"]).expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "no message in the allowed group");
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                assert_eq!(rdkafka::Message::payload(&m), Some(&b"ok"[..]));
+                break;
+            }
+            Some(Err(e)) => panic!("allowed group: {e}"),
+            None => {}
+        }
+    }
+
+    // Topic creation.
+    let admin: AdminClient<DefaultClientContext> = cfg().create().expect("admin");
+    let created = rt
+        .block_on(admin.create_topics(
+            &[NewTopic::new("not-mine", 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ))
+        .expect("create topics");
+    assert_eq!(created, vec![Err(("not-mine".to_string(), RDKafkaErrorCode::TopicAuthorizationFailed))]);
+    assert!(b.store.topic("not-mine").is_none());
+    assert!(b.store.topic("secret").is_some_and(|_| b.store.watermarks("secret", 0).expect("wm").high_watermark == 0));
+}
+
+/// Reports each delivery's error code (`None` = delivered).
+struct Report(std::sync::Mutex<std::sync::mpsc::Sender<Option<RDKafkaErrorCode>>>);
+
+impl rdkafka::ClientContext for Report {}
+
+impl rdkafka::producer::ProducerContext for Report {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        let code = match r {
+            Ok(_) => None,
+            Err((KafkaError::MessageProduction(c), _)) => Some(*c),
+            Err((e, _)) => panic!("unexpected delivery error {e}"),
+        };
+        if let Ok(tx) = self.0.lock() {
+            let _ = tx.send(code);
+        }
+    }
+}
+
+fn poll_error(c: &BaseConsumer) -> RDKafkaErrorCode {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "no error within 30 s");
+        match c.poll(Duration::from_millis(200)) {
+            Some(Err(e)) => return e.rdkafka_error_code().unwrap_or_else(|| panic!("error without a code: {e}")),
+            Some(Ok(_)) => panic!("a message where an error was expected"),
+            None => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_requests_before_authentication_close_the_connection() {
+    use kafka_protocol::messages::{ApiVersionsRequest, MetadataRequest};
+    let b = start(auth(vec![app_user()], 0), MqttConfig::default(), KafkaConfig::default()).await;
+    let addr = b.kafka;
+    tokio::task::spawn_blocking(move || {
+        let mut raw = crate::support::RawKafka::connect(addr);
+        let versions = raw.call(&ApiVersionsRequest::default(), 3);
+        assert!(versions.api_keys.iter().any(|k| k.api_key == 36), "SaslAuthenticate advertised with auth on");
+        raw.send(&MetadataRequest::default(), 4);
+        assert!(raw.recv_frame().is_none(), "metadata before SASL closes the connection");
+    })
+    .await
+    .expect("raw client");
+}
+
+// ---- connection rate limit ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_from_one_address_does_not_stop_another_client() {
+    // The flood comes from 127.0.0.2, the patient client from 127.0.0.1 (both loopback).
+    let mqtt = MqttConfig { connections_per_ip_per_s_max: 5, ..Default::default() };
+    let b = start(auth(vec![device("meter-1")], 0), mqtt, KafkaConfig::default()).await;
+    let flood = futures_util::future::join_all((0..200).map(|_| async {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind("127.0.0.2:0".parse().expect("addr")).expect("bind 127.0.0.2");
+        sock.connect(b.mqtt).await.ok()
+    }));
+    let (_flood, good) = tokio::join!(flood, mqtt4(b.mqtt, "patient", Some(("meter-1", "device-pw"))));
+    good.expect("another address still connects during the flood");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.mqtt_stats.connections_rate_limited.load(Ordering::Relaxed) < 190 {
+        assert!(Instant::now() < deadline, "the flood was not held off");
+        tokio::task::yield_now().await;
+    }
+    assert!(b.mqtt_stats.connections_accepted.load(Ordering::Relaxed) <= 11, "a burst of 5, refilled at 5/s");
+}
+
+// ---- TLS ----
+
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: tributary_sync::certs::Pem,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = tributary_sync::certs::new_ca("test devices CA", 1).expect("ca");
+        ca.write(dir.path(), "ca").expect("write ca");
+        let server = tributary_sync::certs::server_cert(&ca, &["localhost".into(), "127.0.0.1".into()], 1).expect("server");
+        server.write(dir.path(), "server").expect("write server");
+        Self { dir, ca }
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.path().join(f).to_str().expect("utf-8").to_string()
+    }
+
+    fn tls(&self, client_ca: bool) -> MqttTlsConfig {
+        MqttTlsConfig {
+            enabled: true,
+            listen: "127.0.0.1:0".into(),
+            cert_file: self.path("server.pem"),
+            key_file: self.path("server.key"),
+            client_ca_file: if client_ca { self.path("ca.pem") } else { String::new() },
+        }
+    }
+}
+
+fn rustls_client(ca_pem: &str, client: Option<&tributary_sync::certs::Pem>) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("ca pem")).expect("root");
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    Arc::new(match client {
+        None => b.with_no_client_auth(),
+        Some(p) => b
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(p.cert.as_bytes()).expect("cert")],
+                PrivateKeyDer::from_pem_slice(p.key.as_bytes()).expect("key"),
+            )
+            .expect("client auth"),
+    })
+}
+
+async fn mqtt_tls(
+    addr: SocketAddr,
+    id: &str,
+    login: Option<(&str, &str)>,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(), ConnectionError> {
+    let mut o = MqttOptions::new(id, "localhost", addr.port());
+    o.set_keep_alive(Duration::from_secs(10));
+    o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+    if let Some((u, p)) = login {
+        o.set_credentials(u, p);
+    }
+    let (_client, mut ev) = AsyncClient::new(o, 10);
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = ev.poll().await? {
+            return Ok(());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_passwords_and_client_certificates() {
+    let pki = Pki::new();
+    let mut cert_user = device("sensor-9");
+    cert_user.password_hash = String::new(); // certificate only
+    let mqtt = MqttConfig { tls: pki.tls(true), ..Default::default() };
+    let b = start(auth(vec![device("meter-1"), cert_user], 0), mqtt, KafkaConfig::default()).await;
+    let tls_addr = b.mqtt_tls.expect("tls listener");
+    let plain_tls = rustls_client(&pki.ca.cert, None);
+
+    // Password over TLS: right and wrong.
+    mqtt_tls(tls_addr, "m1", Some(("meter-1", "device-pw")), plain_tls.clone()).await.expect("good password over TLS");
+    let e = mqtt_tls(tls_addr, "m1", Some(("meter-1", "nope")), plain_tls.clone()).await.expect_err("bad password");
+    assert!(matches!(e, ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)), "{e}");
+
+    // A device certificate from the CA: its name is the user, no password needed.
+    let good = tributary_sync::certs::site_cert(&pki.ca, "sensor-9", 1).expect("client cert");
+    mqtt_tls(tls_addr, "s9", None, rustls_client(&pki.ca.cert, Some(&good))).await.expect("certificate login");
+    // A valid certificate naming no configured user is not authorized.
+    let stranger = tributary_sync::certs::site_cert(&pki.ca, "stranger", 1).expect("client cert");
+    let e = mqtt_tls(tls_addr, "x", None, rustls_client(&pki.ca.cert, Some(&stranger))).await.expect_err("unknown user");
+    assert!(matches!(e, ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)), "{e}");
+    // A certificate from another CA, and an expired one, fail the handshake.
+    let other_ca = tributary_sync::certs::new_ca("other CA", 1).expect("ca");
+    let foreign = tributary_sync::certs::site_cert(&other_ca, "sensor-9", 1).expect("cert");
+    assert!(mqtt_tls(tls_addr, "f", None, rustls_client(&pki.ca.cert, Some(&foreign))).await.is_err());
+    let expired = expired_cert(&pki.ca, "sensor-9");
+    assert!(mqtt_tls(tls_addr, "e", None, rustls_client(&pki.ca.cert, Some(&expired))).await.is_err());
+    assert!(b.mqtt_stats.tls_handshake_failures.load(Ordering::Relaxed) >= 2);
+    // A client that does not trust the server's CA gives up itself.
+    let wrong_trust = rustls_client(&other_ca.cert, None);
+    assert!(mqtt_tls(tls_addr, "w", Some(("meter-1", "device-pw")), wrong_trust).await.is_err());
+}
+
+/// A client certificate for `name` whose validity ended yesterday.
+fn expired_cert(ca: &tributary_sync::certs::Pem, name: &str) -> tributary_sync::certs::Pem {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+    let ca_key = KeyPair::from_pem(&ca.key).expect("ca key");
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).expect("issuer");
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec![name.to_string()]).expect("params");
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(3);
+    params.not_after = now - time::Duration::days(1);
+    let cert = params.signed_by(&key, &issuer).expect("sign");
+    tributary_sync::certs::Pem { cert: cert.pem(), key: key.serialize_pem() }
+}
+
+#[test]
+fn kafka_sasl_ssl_with_librdkafka() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pki = Pki::new();
+    let kafka = KafkaConfig {
+        tls: tributary_broker::kafka::KafkaTlsConfig {
+            enabled: true,
+            cert_file: pki.path("server.pem"),
+            key_file: pki.path("server.key"),
+        },
+        ..Default::default()
+    };
+    let b = rt.block_on(start(auth(vec![app_user()], 0), MqttConfig::default(), kafka));
+    let ssl = |password: &str| {
+        let mut c = sasl(b.kafka, "SCRAM-SHA-512", "app", password);
+        c.set("security.protocol", "SASL_SSL")
+            .set("ssl.ca.location", pki.path("ca.pem"))
+            .set("ssl.endpoint.identification.algorithm", "none");
+        c
+    };
+    let p: BaseProducer = ssl("app-pw").create().expect("producer");
+    p.send(BaseRecord::<(), str>::to("readings").payload("over tls")).expect("queue");
+    p.flush(Duration::from_secs(30)).expect("produce over SASL_SSL");
+    let bad: BaseProducer = ssl("wrong").create().expect("producer");
+    assert!(bad.client().fetch_metadata(None, Duration::from_secs(5)).is_err());
+    let plain: BaseProducer = sasl(b.kafka, "PLAIN", "app", "app-pw").create().expect("producer");
+    assert!(plain.client().fetch_metadata(None, Duration::from_secs(3)).is_err(), "plaintext to a TLS listener fails");
+    assert_eq!(crate::support::read_all(&b.store, "readings", 0).len(), 1);
+}
