@@ -235,7 +235,9 @@ fn record(topic: &str, p: i32, i: usize) -> NewRecord {
         Bytes::from(format!("{{\"topic\":\"{topic}\",\"p\":{p},\"i\":{i},\"kwh\":{}.{}}}", i % 1000, i % 7)),
     );
     r.headers = vec![("unit".into(), Some(Bytes::from_static(b"kWh"))), ("none".into(), None)];
-    r.timestamp_ms = Some(1_700_000_000_000 + i as i64);
+    // Recent timestamps: the default retention.ms (7 days) must not delete test data.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    r.timestamp_ms = Some(now - 3_600_000 + i as i64);
     r
 }
 
