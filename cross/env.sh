@@ -5,6 +5,7 @@
 #   CARGO_TARGET_<TRIPLE>_LINKER  the cross gcc
 #   CARGO_TARGET_<TRIPLE>_RUNNER  qemu-<arch>-static -L /usr/<gnu triple> (for cargo test/run)
 #   CROSS_QEMU                    the same runner, for scripts that start a binary themselves
+#   CC_<triple>, AR_<triple>      the cross gcc and ar, for build scripts using the cc crate
 # Used by cross/build-and-test.sh and packaging/deb.sh.
 
 case "${1:-}" in
@@ -30,4 +31,8 @@ _var=$(echo "$1" | tr 'a-z-' 'A-Z_')
 export "CARGO_TARGET_${_var}_LINKER=$_gnu-gcc"
 export "CARGO_TARGET_${_var}_RUNNER=$_qemu -L /usr/$_gnu"
 export CROSS_QEMU="$_qemu -L /usr/$_gnu"
+# For crates that compile C or assembly with the cc crate (ring, for the mirror's QUIC/TLS).
+_cc_var=$(echo "$1" | tr '-' '_')
+export "CC_${_cc_var}=$_gnu-gcc" "AR_${_cc_var}=$_gnu-ar"
+unset _cc_var
 unset _gnu _gcc_pkg _qemu _need _var
