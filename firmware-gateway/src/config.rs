@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tributary_broker::kafka::{KafkaConfig, TopicTemplate};
 use tributary_broker::mqtt::MqttConfig;
+use tributary_broker::security::AuthConfig;
 use tributary_broker::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig};
 use tributary_sync::MirrorConfig;
 
@@ -22,6 +23,8 @@ pub struct GatewayConfig {
     pub kafka: KafkaConfig,
     /// The MQTT listener and its routes.
     pub mqtt: MqttConfig,
+    /// Users, passwords and ACLs of both listeners.
+    pub auth: AuthConfig,
     /// Mirroring to the central Kafka cluster over QUIC.
     pub mirror: MirrorConfig,
     /// The Prometheus endpoint.
@@ -110,6 +113,7 @@ impl GatewayConfig {
         self.storage.validate("storage")?;
         self.kafka.validate("kafka")?;
         self.mqtt.validate("mqtt")?;
+        self.auth.validate("auth")?;
         self.mirror.validate("mirror")?;
         self.metrics.validate("metrics")?;
         if self.topic_defaults.partitions == 0 || self.topic_defaults.partitions > self.storage.partitions_per_topic_max
@@ -156,7 +160,12 @@ mod tests {
     #[test]
     fn shipped_config_parses_and_documents_every_default() {
         let cfg = GatewayConfig::parse(SHIPPED).expect("config/gateway.toml is valid");
-        assert_eq!(cfg, GatewayConfig::default(), "config/gateway.toml states the built-in defaults");
+        // The one deliberate difference: the shipped file (installed by the package) turns
+        // authentication on, while `tributary serve` without a file keeps it off so it runs with
+        // no setup (its listeners are on 127.0.0.1 only). Everything else is the defaults.
+        let mut expected = GatewayConfig::default();
+        expected.auth.enabled = true;
+        assert_eq!(cfg, expected, "config/gateway.toml states the built-in defaults (with [auth] enabled = true)");
         // Every key the program knows appears in the file (commented or not).
         let default = toml::Value::try_from(GatewayConfig::default()).expect("serializes");
         let mut all = Vec::new();
@@ -167,6 +176,30 @@ mod tests {
                 SHIPPED.lines().any(|l| l.trim_start_matches('#').trim_start().starts_with(&format!("{leaf} "))),
                 "config/gateway.toml does not document {key}"
             );
+        }
+    }
+
+    /// The commented `[[auth.users]]` example in the shipped file is valid and shows every key
+    /// a user entry has.
+    #[test]
+    fn shipped_user_example_is_valid_and_shows_every_user_key() {
+        let example: Vec<&str> = SHIPPED
+            .lines()
+            .skip_while(|l| l.trim() != "# [[auth.users]]")
+            .take_while(|l| l.starts_with('#') && !l.trim_start_matches('#').trim().is_empty())
+            .map(|l| l.trim_start_matches('#').trim_start())
+            .collect();
+        assert!(!example.is_empty(), "config/gateway.toml has a commented [[auth.users]] example");
+        let text = format!("[auth]\nenabled = true\n{}\n", example.join("\n"));
+        let cfg = GatewayConfig::parse(&text).expect("the example parses and validates");
+        assert_eq!(cfg.auth.users.len(), 1);
+        let mut full = tributary_broker::security::UserConfig::default();
+        full.mqtt.publish = vec!["x".into()];
+        full.kafka.admin = true;
+        let mut all = Vec::new();
+        keys(&toml::Value::try_from(full).expect("serializes"), "", &mut all);
+        for key in all {
+            assert!(example.iter().any(|l| l.starts_with(&format!("{key} "))), "the user example does not show {key}");
         }
     }
 

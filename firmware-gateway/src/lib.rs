@@ -4,6 +4,7 @@
 mod cert;
 pub mod config;
 pub mod metrics;
+mod passwd;
 pub mod systemd;
 
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ enum Command {
         #[command(subcommand)]
         command: cert::CertCommand,
     },
+    /// Print an [[auth.users]] entry for USER (the password is read from standard input).
+    Passwd(passwd::PasswdArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,6 +70,7 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Cert { command } => cert::run(command),
+        Command::Passwd(args) => passwd::run(args),
         Command::Serve { config } => {
             let cfg = match &config {
                 Some(path) => GatewayConfig::load(path).context("invalid configuration")?,
@@ -114,16 +118,22 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         .context("storage open task")?
         .context("open the log store")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // One user database for both listeners ([auth]).
+    let auth = tributary_broker::security::Auth::new(&cfg.auth, "auth").context("invalid configuration")?;
+    if auth.enabled() {
+        tracing::info!(users = auth.user_count(), "authentication on: clients log in, ACLs apply");
+    }
     let mut kafka_addr = String::from("off");
     let mut kafka_sources = None;
     let mut kafka_task = None;
     if cfg.kafka.enabled {
-        let server = KafkaServer::bind(cfg.kafka.clone(), store.clone(), cfg.topic_defaults.template())
+        let server = KafkaServer::bind_with(cfg.kafka.clone(), store.clone(), cfg.topic_defaults.template(), auth.clone())
             .await
             .context("start the Kafka listener")?;
         let local = server.local_addr().context("Kafka listener address")?;
         let (host, port) = server.advertised();
-        tracing::info!(listen = %local, advertised = %format!("{host}:{port}"), "kafka listener bound");
+        tracing::info!(listen = %local, advertised = %format!("{host}:{port}"), tls = cfg.kafka.tls.enabled,
+            "kafka listener bound");
         kafka_addr = local.to_string();
         kafka_sources = Some((server.stats(), server.groups()));
         let mut stop = stop_rx.clone();
@@ -136,11 +146,14 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     let mut sys_publisher = None;
     let mut mqtt_task = None;
     if cfg.mqtt.enabled {
-        let server = MqttServer::bind(cfg.mqtt.clone(), store.clone(), cfg.topic_defaults.template())
+        let server = MqttServer::bind_with(cfg.mqtt.clone(), store.clone(), cfg.topic_defaults.template(), auth.clone())
             .await
             .context("start the MQTT listener")?;
         let local = server.local_addr().context("MQTT listener address")?;
         tracing::info!(listen = %local, "mqtt listener bound");
+        if let Some(tls) = server.tls_local_addr() {
+            tracing::info!(listen = %tls.context("MQTT TLS listener address")?, "mqtt TLS listener bound");
+        }
         mqtt_addr = local.to_string();
         mqtt_stats = Some(server.stats());
         sys_publisher = Some(server.sys_publisher());
