@@ -2,6 +2,7 @@
 //! target is a one-line `main` over this library so the end-to-end suite can run the same code.
 
 mod cert;
+mod cli;
 pub mod config;
 pub mod metrics;
 mod passwd;
@@ -33,6 +34,9 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    // topics, groups, produce, consume, status: a running gateway's administration (src/cli/).
+    #[command(flatten)]
+    Admin(cli::Command),
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -89,6 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok", file.display());
             Ok(())
         }
+        Command::Admin(command) => cli::run(command),
         Command::Config { command: ConfigCommand::Defaults } => {
             print!("{}", toml::to_string(&GatewayConfig::default()).context("serialize defaults")?);
             Ok(())
