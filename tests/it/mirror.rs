@@ -522,6 +522,22 @@ async fn the_gateway_daemon_mirrors_with_certificates_from_tributary_cert() {
         assert!(text.contains(expected), "metrics lack {expected:?}:\n{text}");
     }
     assert!(text.contains("tributary_mirror_wire_bytes_sent_total "), "{text}");
+    // The same through the CLI.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
+        .args(["mirror", "status", "--json", "--metrics", &metrics])
+        .output()
+        .expect("run mirror status");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["link_up"], true, "{status}");
+    assert_eq!(status["partitions"][0]["topic"], "meters", "{status}");
+    assert_eq!(status["partitions"][0]["lag_records"], 0, "{status}");
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
+        .args(["mirror", "status", "--metrics", &metrics])
+        .output()
+        .expect("run mirror status");
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(table.starts_with("link up") && table.contains("meters"), "{table}");
 
     let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");

@@ -4,6 +4,7 @@
 
 mod client;
 mod groups;
+mod mirror;
 mod records;
 mod table;
 mod topics;
@@ -82,6 +83,11 @@ pub enum Command {
         #[command(flatten)]
         conn: Connection,
     },
+    /// The mirror to the central cluster, from the gateway's metrics endpoint.
+    Mirror {
+        #[command(subcommand)]
+        command: mirror::MirrorCommand,
+    },
 }
 
 /// Runs one administration command on a small single-threaded runtime.
@@ -94,6 +100,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             Command::Produce { conn, args } => records::produce(&conn, args).await,
             Command::Consume { conn, args } => records::consume(&conn, args).await,
             Command::Status { conn } => status(&conn).await,
+            Command::Mirror { command } => mirror::run(command).await,
         }
     })
 }

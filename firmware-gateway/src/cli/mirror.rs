@@ -1,0 +1,165 @@
+//! `tributary mirror status`: the mirror's link and per-partition lag, read from the running
+//! gateway's metrics endpoint (the mirror's state lives in the daemon, not in the log).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::table::{emit, Format, Table};
+
+#[derive(Debug, Subcommand)]
+pub enum MirrorCommand {
+    /// Link state, reconnects, bytes on the wire and lag per partition.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The gateway's metrics endpoint ([metrics] listen), HOST:PORT.
+    #[arg(long, env = "TRIBUTARY_METRICS", default_value = "127.0.0.1:9464")]
+    metrics: String,
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// JSON output for scripts instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct MirrorStatus {
+    link_up: bool,
+    reconnects: u64,
+    batch_bytes_sent: u64,
+    wire_bytes_sent: u64,
+    gaps: u64,
+    partitions: Vec<PartitionStatus>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct PartitionStatus {
+    topic: String,
+    partition: i32,
+    mirrored_offset: i64,
+    lag_records: i64,
+    lag_bytes: u64,
+    oldest_unmirrored_age_s: f64,
+}
+
+/// One Prometheus sample line: name, labels, value.
+fn parse_line(line: &str) -> Option<(&str, BTreeMap<&str, &str>, f64)> {
+    if line.starts_with('#') || line.is_empty() {
+        return None;
+    }
+    let (series, value) = line.rsplit_once(' ')?;
+    let value = value.parse().ok()?;
+    let Some((name, labels)) = series.split_once('{') else { return Some((series, BTreeMap::new(), value)) };
+    let labels = labels.trim_end_matches('}').split("\",").filter_map(|kv| {
+        let (k, v) = kv.split_once("=\"")?;
+        Some((k, v.trim_end_matches('"')))
+    });
+    Some((name, labels.collect(), value))
+}
+
+fn parse(text: &str) -> Option<MirrorStatus> {
+    let mut s = MirrorStatus::default();
+    let mut found = false;
+    let mut parts: BTreeMap<(String, i32), PartitionStatus> = BTreeMap::new();
+    for (name, labels, v) in text.lines().filter_map(parse_line) {
+        let Some(metric) = name.strip_prefix("tributary_mirror_") else { continue };
+        found = true;
+        let key = || {
+            let topic = labels.get("topic").copied().unwrap_or_default().to_string();
+            let p = labels.get("partition").and_then(|p| p.parse().ok()).unwrap_or(0);
+            (topic, p)
+        };
+        match metric {
+            "link_up" => s.link_up = v > 0.0,
+            "reconnects_total" => s.reconnects = v as u64,
+            "batch_bytes_sent_total" => s.batch_bytes_sent = v as u64,
+            "wire_bytes_sent_total" => s.wire_bytes_sent = v as u64,
+            "gaps_total" => s.gaps = v as u64,
+            "lag_records" => parts.entry(key()).or_default().lag_records = v as i64,
+            "lag_bytes" => parts.entry(key()).or_default().lag_bytes = v as u64,
+            "oldest_unmirrored_age_seconds" => parts.entry(key()).or_default().oldest_unmirrored_age_s = v,
+            "mirrored_offset" => parts.entry(key()).or_default().mirrored_offset = v as i64,
+            _ => {}
+        }
+    }
+    s.partitions = parts
+        .into_iter()
+        .map(|((topic, partition), p)| PartitionStatus { topic, partition, ..p })
+        .collect();
+    found.then_some(s)
+}
+
+async fn scrape(addr: &str, timeout: Duration) -> anyhow::Result<String> {
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).into_owned())
+    };
+    let text = tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| anyhow::anyhow!("the gateway's metrics endpoint at {addr} did not answer in time"))?
+        .with_context(|| {
+            format!("cannot reach the gateway's metrics endpoint at {addr} — is `tributary serve` running with [metrics] enabled?")
+        })?;
+    let (head, body) = text.split_once("\r\n\r\n").context("not an HTTP answer")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "metrics endpoint answered: {}", head.lines().next().unwrap_or(""));
+    Ok(body.to_string())
+}
+
+pub async fn run(command: MirrorCommand) -> anyhow::Result<()> {
+    let MirrorCommand::Status(args) = command;
+    let body = scrape(&args.metrics, Duration::from_millis(args.timeout_ms)).await?;
+    let status = parse(&body).context("mirroring is not enabled on this gateway ([mirror] enabled = false)")?;
+    let format = if args.json { Format::Json } else { Format::Table };
+    emit(format, &status, |s| {
+        let mut out = format!(
+            "link {}   reconnects {}   sent {} bytes (wire {} bytes)   gaps {}\n\n",
+            if s.link_up { "up" } else { "DOWN" },
+            s.reconnects,
+            s.batch_bytes_sent,
+            s.wire_bytes_sent,
+            s.gaps
+        );
+        let mut t = Table::new(&["TOPIC", "PARTITION", "MIRRORED", "LAG", "LAG BYTES", "OLDEST UNMIRRORED"]);
+        for p in &s.partitions {
+            t.row(vec![
+                p.topic.clone(),
+                p.partition.to_string(),
+                p.mirrored_offset.to_string(),
+                p.lag_records.to_string(),
+                p.lag_bytes.to_string(),
+                format!("{:.0} s", p.oldest_unmirrored_age_s),
+            ]);
+        }
+        out.push_str(&t.render());
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_mirror_families_of_an_exposition() {
+        let text = "# HELP x\ntributary_mirror_link_up 1\ntributary_mirror_reconnects_total 3\n\
+                    tributary_mirror_lag_records{topic=\"meters\",partition=\"2\"} 17\n\
+                    tributary_mirror_mirrored_offset{topic=\"meters\",partition=\"2\"} 100\n\
+                    tributary_store_commits_total 5\n";
+        let s = parse(text).expect("mirror metrics");
+        assert!(s.link_up);
+        assert_eq!(s.reconnects, 3);
+        assert_eq!((s.partitions[0].topic.as_str(), s.partitions[0].partition), ("meters", 2));
+        assert_eq!((s.partitions[0].lag_records, s.partitions[0].mirrored_offset), (17, 100));
+        assert!(parse("tributary_store_commits_total 5\n").is_none(), "no mirror: none");
+    }
+}
