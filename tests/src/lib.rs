@@ -132,3 +132,216 @@ impl Drop for BenchGateway {
         let _ = self.child.wait();
     }
 }
+
+/// A Kafka listener on `store`, on a free loopback port, running in this process (the central
+/// cluster of the mirror benchmark). Serves until [`KafkaListener::stop`].
+#[derive(Debug)]
+pub struct KafkaListener {
+    pub addr: std::net::SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KafkaListener {
+    /// Binds `127.0.0.1:0`; topics created by clients get `topic_defaults` (one partition when
+    /// auto-created).
+    pub async fn start(store: tributary_broker::Store, topic_defaults: tributary_broker::TopicConfig) -> anyhow::Result<Self> {
+        use tributary_broker::kafka::{KafkaConfig, KafkaServer, TopicTemplate};
+        let cfg = KafkaConfig { listen: "127.0.0.1:0".into(), ..KafkaConfig::default() };
+        let template = TopicTemplate { partitions: 1, config: topic_defaults };
+        let server = KafkaServer::bind(cfg, store, template).await?;
+        let addr = server.local_addr()?;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        Ok(Self { addr, stop, task })
+    }
+
+    /// Stops accepting and waits for the listener's task.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await?;
+        Ok(())
+    }
+}
+
+/// A fleet of smart meters reporting JSON readings, the workload of the mirror benchmark: each
+/// reading is 150-250 bytes (meter id, ISO timestamp, increasing import/export kWh counters,
+/// voltage and current per phase with noise, power factor, frequency, a status), keyed by the
+/// meter id. Deterministic for a seed, so two runs (or two phases) get the same data.
+#[derive(Debug, Clone)]
+pub struct SmartMeters {
+    meters: Vec<Meter>,
+    /// The next meter to read, and the time of the current round.
+    next: usize,
+    round_ms: i64,
+    interval_ms: i64,
+    rng: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Meter {
+    id: String,
+    phases: usize,
+    import_wh: f64,
+    export_wh: f64,
+    /// Typical current per phase (A) and rooftop solar (exports around midday).
+    load_a: f64,
+    solar: bool,
+    seq: u64,
+}
+
+impl SmartMeters {
+    /// Meters with ids `first..first + count`; one reading each per `interval_ms` from `start_ms`.
+    pub fn new(first: usize, count: usize, seed: u64, start_ms: i64, interval_ms: i64) -> Self {
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let meters = (first..first + count)
+            .map(|i| {
+                let r = xorshift(&mut rng);
+                Meter {
+                    id: format!("SM-{i:07}"),
+                    // A fifth are three-phase (commercial); the rest single-phase homes.
+                    phases: if r % 5 == 0 { 3 } else { 1 },
+                    import_wh: ((r >> 8) % 40_000_000) as f64,
+                    export_wh: 0.0,
+                    load_a: 0.5 + (r >> 40) as f64 % 120.0 / 10.0,
+                    solar: r % 3 == 0,
+                    seq: 0,
+                }
+            })
+            .collect();
+        Self { meters, next: 0, round_ms: start_ms, interval_ms, rng }
+    }
+
+    pub fn len(&self) -> usize {
+        self.meters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meters.is_empty()
+    }
+
+    /// The next reading: meters in turn, the clock advancing one interval per round.
+    pub fn next_reading(&mut self) -> tributary_broker::storage::batch::NewRecord {
+        use std::fmt::Write as _;
+        let ts = self.round_ms;
+        let noise = |rng: &mut u64, spread: f64| (xorshift(rng) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 * spread - spread;
+        let rng = &mut self.rng;
+        let m = &mut self.meters[self.next];
+        let mut voltage = [0.0; 3];
+        let mut current = [0.0; 3];
+        let pf = (0.96 + noise(rng, 0.03)).min(1.0);
+        let mut power_w = 0.0;
+        for ph in 0..m.phases {
+            voltage[ph] = 230.0 + noise(rng, 4.0);
+            current[ph] = (m.load_a * (1.0 + noise(rng, 0.3))).max(0.0);
+            power_w += voltage[ph] * current[ph] * pf;
+        }
+        let hours = self.interval_ms as f64 / 3_600_000.0;
+        if m.solar && (xorshift(rng) % 4 == 0) {
+            m.export_wh += 1500.0 * hours;
+        } else {
+            m.import_wh += power_w * hours;
+        }
+        m.seq += 1;
+        let status = match xorshift(rng) % 1000 {
+            0 => "tamper_check",
+            1..=4 => "clock_drift",
+            _ if voltage[0] < 226.5 => "low_voltage",
+            _ => "ok",
+        };
+        let mut v = String::with_capacity(256);
+        let list = |out: &mut String, xs: &[f64], decimals: usize| {
+            out.push('[');
+            for (i, x) in xs.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let _ = write!(out, "{x:.decimals$}");
+            }
+            out.push(']');
+        };
+        let _ = write!(
+            v,
+            "{{\"meter\":\"{}\",\"ts\":\"{}\",\"seq\":{},\"import_kwh\":{:.3},\"export_kwh\":{:.3},\"voltage_v\":",
+            m.id,
+            iso_time(ts),
+            m.seq,
+            m.import_wh / 1000.0,
+            m.export_wh / 1000.0
+        );
+        list(&mut v, &voltage[..m.phases], 1);
+        v.push_str(",\"current_a\":");
+        list(&mut v, &current[..m.phases], 2);
+        let _ = write!(v, ",\"power_factor\":{pf:.3},\"freq_hz\":{:.2},\"status\":\"{status}\"}}", 50.0 + noise(rng, 0.05));
+        let mut record = tributary_broker::storage::batch::NewRecord::new(Some(m.id.clone()), v);
+        record.timestamp_ms = Some(ts);
+        self.next += 1;
+        if self.next == self.meters.len() {
+            self.next = 0;
+            self.round_ms += self.interval_ms;
+        }
+        record
+    }
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// `2026-11-22T10:15:03.250Z` for milliseconds since the epoch (proleptic Gregorian, UTC).
+pub fn iso_time(ms: i64) -> String {
+    let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let s = ms_of_day / 1000;
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z", s / 3600, s / 60 % 60, s % 60, ms_of_day % 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_time_of_known_instants() {
+        assert_eq!(iso_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso_time(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(iso_time(1_795_343_703_250), "2026-11-22T10:35:03.250Z");
+    }
+
+    #[test]
+    fn meter_readings_are_json_of_the_promised_size_with_rising_counters() {
+        let mut fleet = SmartMeters::new(0, 50, 7, 1_795_343_703_000, 1000);
+        let mut sizes = Vec::new();
+        let mut first = None;
+        for _ in 0..500 {
+            let r = fleet.next_reading();
+            let v = r.value.clone().expect("value");
+            let text = std::str::from_utf8(&v).expect("utf-8");
+            assert!(text.starts_with("{\"meter\":\"SM-") && text.ends_with("\"}"), "{text}");
+            sizes.push(v.len());
+            if r.key.as_deref() == Some(&b"SM-0000003"[..]) {
+                let kwh = |t: &str| t.split("\"import_kwh\":").nth(1).and_then(|s| s.split(',').next()).map(str::to_string);
+                let now = kwh(text).expect("import_kwh").parse::<f64>().expect("number");
+                if let Some(before) = first {
+                    assert!(now >= before, "counters never go back");
+                }
+                first = Some(now);
+            }
+        }
+        let (min, max) = (sizes.iter().min().copied().unwrap_or(0), sizes.iter().max().copied().unwrap_or(0));
+        assert!(min >= 150 && max <= 250, "readings of {min}-{max} bytes");
+    }
+}
