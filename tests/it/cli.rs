@@ -1,7 +1,8 @@
 //! The administration CLI (`tributary topics|groups|produce|consume|status`) run as the real
 //! program against a broker in this process: topic administration, produce and consume, a
-//! consumer group made by librdkafka described with its lag and reset, status, and the errors an
-//! operator sees (gateway not running or not answering, topic or group missing).
+//! consumer group made by librdkafka described with its lag and reset, status, a gateway with
+//! `[auth]` on (SASL PLAIN and SCRAM), and the errors an operator sees (gateway not running or
+//! not answering, authentication missing or wrong, topic or group missing).
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -11,16 +12,26 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
-use tributary_broker::kafka::KafkaConfig;
+use tributary_broker::kafka::{KafkaConfig, KafkaServer, TopicTemplate};
+use tributary_broker::security::{Auth, AuthConfig, KafkaAcl, PasswordHash, UserConfig};
+use tributary_broker::Store;
 
-use crate::support::{client_config, read_all, KafkaBroker};
+use crate::support::{client_config, read_all, storage_config, KafkaBroker};
 
 /// Runs `tributary ARGS --bootstrap-server BOOTSTRAP` with `stdin`.
 fn run(bootstrap: &str, args: &[&str], stdin: &str) -> Output {
+    run_env(bootstrap, args, stdin, &[])
+}
+
+/// As `run`, with environment variables set.
+fn run_env(bootstrap: &str, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
         .args(args)
         .args(["--bootstrap-server", bootstrap])
         .env_remove("TRIBUTARY_BOOTSTRAP")
+        .env_remove("TRIBUTARY_USER")
+        .env_remove("TRIBUTARY_PASSWORD")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -393,4 +404,84 @@ async fn errors_name_the_cause_and_exit_non_zero() {
     assert!(broker.store.topic("nope").is_none(), "the CLI never creates a topic by asking about it");
     let err = fails(&bs, &["groups", "describe", "nope"]);
     assert_eq!(err, "tributary: group 'nope' does not exist\n");
+}
+
+fn user(name: &str, password: &str, kafka: KafkaAcl) -> UserConfig {
+    let password_hash = PasswordHash::new(password.as_bytes(), 4096).expect("hash").encode();
+    UserConfig { name: name.into(), password_hash, kafka, ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_auth_is_administered_as_a_user() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = storage_config(dir.path());
+    let (store, _) = tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("task").expect("store");
+    let all = vec!["*".to_string()];
+    let admin = KafkaAcl {
+        read: all.clone(),
+        write: all.clone(),
+        create: all.clone(),
+        delete: all.clone(),
+        groups: all,
+        admin: true,
+    };
+    let reader = KafkaAcl { read: vec!["t-PLAIN".into()], ..Default::default() };
+    let users = vec![user("admin", "admin-pw", admin), user("reader", "reader-pw", reader)];
+    let auth = Auth::new(&AuthConfig { enabled: true, failure_delay_ms: 0, users }, "auth").expect("auth");
+    let cfg = KafkaConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+    let template = TopicTemplate { partitions: 1, config: Default::default() };
+    let server = KafkaServer::bind_with(cfg, store.clone(), template, auth).await.expect("kafka listener");
+    let bs = server.local_addr().expect("addr").to_string();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+
+    assert_eq!(
+        fails(&bs, &["status"]),
+        format!(
+            "tributary: the gateway at {bs} requires authentication ([auth] is on): give --user NAME and the \
+             password in TRIBUTARY_PASSWORD or --password-file\n"
+        )
+    );
+    let admin_pw = [("TRIBUTARY_PASSWORD", "admin-pw")];
+    for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] {
+        let topic = format!("t-{mechanism}");
+        let args = ["topics", "create", &topic, "--partitions", "1", "--user", "admin", "--sasl-mechanism", mechanism];
+        let out = run_env(&bs, &args, "", &admin_pw);
+        assert!(out.status.success(), "{mechanism}: {}", text(&out.stderr));
+        assert!(store.topic(&topic).is_some(), "{mechanism}");
+    }
+    // The user from the environment, the password from a file.
+    let file = dir.path().join("password");
+    std::fs::write(&file, "admin-pw\n").expect("write password file");
+    let out = run_env(
+        &bs,
+        &["status", "--json", "--password-file", file.to_str().expect("utf-8")],
+        "",
+        &[("TRIBUTARY_USER", "admin")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["topics"], 3);
+
+    let out = run_env(&bs, &["status", "--user", "admin"], "", &[("TRIBUTARY_PASSWORD", "wrong")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.starts_with(&format!("tributary: authentication to the gateway at {bs} as 'admin' failed: ")), "{err}");
+    assert!(err.contains("[SaslAuthenticationFailed]"), "{err}");
+    let err = fails(&bs, &["status", "--user", "admin"]);
+    assert_eq!(err, "tributary: --user admin: no password (set TRIBUTARY_PASSWORD or give --password-file)\n");
+
+    // A user's rules apply: the reader may read its topic and nothing more.
+    let reader_pw = [("TRIBUTARY_PASSWORD", "reader-pw")];
+    let out =
+        run_env(&bs, &["consume", "t-PLAIN", "--from-beginning", "--exit-at-end", "--user", "reader"], "", &reader_pw);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run_env(&bs, &["topics", "create", "x", "--partitions", "1", "--user", "reader"], "", &reader_pw);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("cannot create topic 'x'") && err.contains("[TopicAuthorizationFailed]"), "{err}");
+    let _ = stop.send(true);
+    task.await.expect("listener task");
 }

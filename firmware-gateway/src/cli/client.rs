@@ -1,6 +1,7 @@
 //! The CLI's connection to a running gateway through its Kafka listener: framing, version
-//! negotiation (ApiVersions first, then the highest version both sides speak per API), a timeout
-//! on every request, typed errors, and the queries several commands share (metadata, offsets).
+//! negotiation (ApiVersions first, then the highest version both sides speak per API), SASL
+//! authentication when the gateway asks for it, a timeout on every request, typed errors, and the
+//! queries several commands share (metadata, offsets, commits).
 
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -11,11 +12,13 @@ use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::{
     list_offsets_request, metadata_request, offset_commit_request, offset_fetch_request, ApiKey, ApiVersionsRequest,
     ApiVersionsResponse, GroupId, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest, OffsetFetchRequest,
-    RequestHeader, ResponseHeader, TopicName,
+    RequestHeader, ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, Request, StrBytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use super::sasl::{Mechanism, SaslClient, Step};
 
 /// Largest response frame accepted (fetches ask for at most a few MiB).
 const FRAME_BYTES_MAX: usize = 64 << 20;
@@ -24,6 +27,14 @@ const API_VERSIONS_MAX: i16 = 3;
 
 pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
 const UNSUPPORTED_VERSION: i16 = 35;
+
+/// Who to authenticate as when the gateway has `[auth]` on.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+    pub mechanism: Mechanism,
+}
 
 /// Why talking to the gateway failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +58,13 @@ pub enum ClientError {
     Unsupported { addr: String, api: String, gateway: String, tool: String },
     #[error("{api}: {reason}")]
     Protocol { api: String, reason: String },
+    #[error(
+        "the gateway at {addr} requires authentication ([auth] is on): give --user NAME and the password in \
+         TRIBUTARY_PASSWORD or --password-file"
+    )]
+    AuthRequired { addr: String },
+    #[error("authentication to the gateway at {addr} as '{user}' failed: {reason}")]
+    AuthFailed { addr: String, user: String, reason: String },
     #[error("topic '{0}' does not exist")]
     UnknownTopic(String),
     #[error("{context}: {error}")]
@@ -132,8 +150,13 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and negotiates versions; every step is bounded by `timeout`.
-    pub async fn connect(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
+    /// Connects, negotiates versions and, if the gateway asks for it, authenticates; every step
+    /// is bounded by `timeout`.
+    pub async fn connect(
+        addr: &str,
+        timeout: Duration,
+        credentials: Option<&Credentials>,
+    ) -> Result<Self, ClientError> {
         let unreachable = |reason: String| ClientError::Unreachable { addr: addr.to_string(), reason };
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
@@ -144,7 +167,45 @@ impl Client {
         let mut client =
             Self { stream, addr: addr.to_string(), timeout, correlation: 0, apis: Vec::new(), api_versions_version: 0 };
         client.negotiate().await?;
+        // SaslHandshake is advertised only when the gateway requires authentication.
+        let required = client.apis.iter().any(|a| a.0 == SaslHandshakeRequest::KEY);
+        match (required, credentials) {
+            (true, Some(c)) => client.authenticate(c).await?,
+            (true, None) => return Err(ClientError::AuthRequired { addr: addr.to_string() }),
+            // Credentials for a gateway without [auth] are not needed: go on.
+            (false, _) => {}
+        }
         Ok(client)
+    }
+
+    /// SaslHandshake v1, then the mechanism's messages in SaslAuthenticate requests.
+    async fn authenticate(&mut self, c: &Credentials) -> Result<(), ClientError> {
+        let addr = self.addr.clone();
+        let failed = |reason: String| ClientError::AuthFailed { addr: addr.clone(), user: c.user.clone(), reason };
+        let req = SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str(c.mechanism.name()));
+        let resp = self.call(&req, 1..=1).await?;
+        if resp.error_code != 0 {
+            let offered: Vec<String> = resp.mechanisms.iter().map(|m| m.to_string()).collect();
+            return Err(failed(format!(
+                "{} is not offered (the gateway offers {}; --sasl-mechanism)",
+                c.mechanism.name(),
+                offered.join(", ")
+            )));
+        }
+        let mut sasl = SaslClient::new(c.mechanism, &c.user, &c.password);
+        let mut msg = sasl.start().map_err(&failed)?;
+        loop {
+            let req = SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(msg));
+            let resp = self.call(&req, 0..=2).await?;
+            if resp.error_code != 0 {
+                let error = BrokerError { code: resp.error_code, message: resp.error_message.map(|m| m.to_string()) };
+                return Err(failed(error.to_string()));
+            }
+            match sasl.step(&resp.auth_bytes).map_err(&failed)? {
+                Step::Send(next) => msg = next,
+                Step::Done => return Ok(()),
+            }
+        }
     }
 
     pub fn addr(&self) -> &str {

@@ -6,16 +6,18 @@ mod client;
 mod groups;
 mod mirror;
 mod records;
+mod sasl;
 mod table;
 mod topics;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use self::client::{partition_keys, Client};
+use self::client::{partition_keys, Client, Credentials};
 use self::table::{emit, Format, Table};
 
 /// Options every administration command takes (before or after its subcommand).
@@ -31,11 +33,38 @@ pub struct Connection {
     /// JSON output for scripts instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// User to log in as when the gateway has [auth] on; the password comes from the
+    /// TRIBUTARY_PASSWORD environment variable or --password-file.
+    #[arg(long, global = true, env = "TRIBUTARY_USER")]
+    user: Option<String>,
+    /// File whose first line is the password of --user.
+    #[arg(long, global = true, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// SASL mechanism for --user (SCRAM keeps the password off the wire).
+    #[arg(long, global = true, value_enum, default_value = "SCRAM-SHA-256")]
+    sasl_mechanism: sasl::Mechanism,
 }
 
 impl Connection {
     async fn connect(&self) -> anyhow::Result<Client> {
-        Ok(Client::connect(&self.bootstrap_server, Duration::from_millis(self.timeout_ms)).await?)
+        let credentials = self.credentials()?;
+        let timeout = Duration::from_millis(self.timeout_ms);
+        Ok(Client::connect(&self.bootstrap_server, timeout, credentials.as_ref()).await?)
+    }
+
+    fn credentials(&self) -> anyhow::Result<Option<Credentials>> {
+        let Some(user) = &self.user else { return Ok(None) };
+        let password = match &self.password_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read the password of '{user}' from {}", path.display()))?;
+                text.lines().next().unwrap_or_default().to_string()
+            }
+            None => std::env::var("TRIBUTARY_PASSWORD").map_err(|_| {
+                anyhow::anyhow!("--user {user}: no password (set TRIBUTARY_PASSWORD or give --password-file)")
+            })?,
+        };
+        Ok(Some(Credentials { user: user.clone(), password, mechanism: self.sasl_mechanism }))
     }
 
     fn format(&self) -> Format {
