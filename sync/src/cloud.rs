@@ -128,6 +128,7 @@ impl CloudServer {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string())
             // Never give up on a record: a record that failed after later ones were written
             // would break order. A session that cannot write ends instead.
             .set("message.timeout.ms", "0")

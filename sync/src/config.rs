@@ -41,6 +41,9 @@ pub struct MirrorConfig {
     /// QUIC keep-alive (keeps NAT bindings open) and idle timeout.
     pub keep_alive_ms: u64,
     pub idle_timeout_ms: u64,
+    /// A handshake not finished within this is abandoned (the backoff then decides when to
+    /// try again; QUIC alone would keep resending until the idle timeout).
+    pub connect_timeout_ms: u64,
     /// Reconnect delay: doubles from the minimum to the maximum, with jitter.
     pub reconnect_backoff_min_ms: u64,
     pub reconnect_backoff_max_ms: u64,
@@ -63,6 +66,7 @@ impl Default for MirrorConfig {
             partitions_max: 1024,
             keep_alive_ms: 10_000,
             idle_timeout_ms: 60_000,
+            connect_timeout_ms: 5_000,
             reconnect_backoff_min_ms: 500,
             reconnect_backoff_max_ms: 60_000,
         }
@@ -100,6 +104,7 @@ impl MirrorConfig {
         check_range(&key("partitions_max"), self.partitions_max.into(), 1, 65_536)?;
         check_range(&key("keep_alive_ms"), self.keep_alive_ms, 1_000, 600_000)?;
         check_range(&key("idle_timeout_ms"), self.idle_timeout_ms, self.keep_alive_ms + 1, 3_600_000)?;
+        check_range(&key("connect_timeout_ms"), self.connect_timeout_ms, 100, 600_000)?;
         check_range(&key("reconnect_backoff_min_ms"), self.reconnect_backoff_min_ms, 10, 600_000)?;
         check_range(
             &key("reconnect_backoff_max_ms"),
@@ -170,6 +175,9 @@ pub struct KafkaTarget {
     pub replication_factor: i32,
     /// Timeout of metadata, admin and resume-point requests.
     pub request_timeout_ms: u64,
+    /// Records waiting in librdkafka's queue at most (decompressed: this bounds the receiver's
+    /// memory, where the credit counts compressed bytes).
+    pub queue_messages_max: u32,
     /// Further librdkafka properties (security.protocol, sasl.*, compression.type, ...).
     pub properties: BTreeMap<String, String>,
 }
@@ -192,6 +200,7 @@ impl Default for KafkaTarget {
             bootstrap_servers: "127.0.0.1:9092".into(),
             replication_factor: 1,
             request_timeout_ms: 30_000,
+            queue_messages_max: 50_000,
             properties: BTreeMap::new(),
         }
     }
@@ -241,6 +250,7 @@ impl CloudConfig {
         }
         check_range("kafka.replication_factor", self.kafka.replication_factor.max(0) as u64, 1, 32)?;
         check_range("kafka.request_timeout_ms", self.kafka.request_timeout_ms, 100, 600_000)?;
+        check_range("kafka.queue_messages_max", self.kafka.queue_messages_max.into(), 1_000, 10_000_000)?;
         Ok(())
     }
 

@@ -45,6 +45,8 @@ pub enum MirrorError {
     Refused(String),
     #[error("the cloud closed the control stream")]
     Closed,
+    #[error("no QUIC handshake within mirror.connect_timeout_ms = {0}")]
+    HandshakeTimeout(u64),
 }
 
 /// What the mirror reports for metrics and `tributary mirror status`.
@@ -236,7 +238,12 @@ async fn connect_and_stream(
         MirrorError::Resolve("bind address".into())
     })?;
     let endpoint = quinn::Endpoint::client(bind).map_err(MirrorError::Endpoint)?;
-    let conn = endpoint.connect_with(client.clone(), addr, cfg.server_name())?.await?;
+    // A handshake to a receiver that is down resends at 1, 3, 7, 15, 31 s until the idle
+    // timeout: bound it, so the reconnect backoff decides when to try again.
+    let connecting = endpoint.connect_with(client.clone(), addr, cfg.server_name())?;
+    let conn = tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), connecting)
+        .await
+        .map_err(|_| MirrorError::HandshakeTimeout(cfg.connect_timeout_ms))??;
     stats.connects.fetch_add(1, Ordering::Relaxed);
     *stats.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
     stats.set_link(true, None);
