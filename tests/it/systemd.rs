@@ -13,6 +13,18 @@ use std::time::Duration;
 
 use rustix::process::{kill_process, Pid, Signal};
 
+/// Kills the gateway if the test fails before it stopped it (no orphan keeps running).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The gateway's stderr, collected by a thread so the child never blocks on a full pipe.
 fn collect_stderr(child: &mut Child) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
     let mut stderr = child.stderr.take().expect("piped stderr");
@@ -61,18 +73,20 @@ fn gateway_notifies_ready_after_binding_feeds_the_watchdog_and_notifies_stopping
         "[storage]\ndata_dir = \"data\"\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n",
     )
     .expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
-        .args(["serve", "--config", config.to_str().expect("utf-8 path")])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "info")
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env("WATCHDOG_USEC", "200000")
-        .env_remove("WATCHDOG_PID")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn gateway");
-    let (stderr, reader) = collect_stderr(&mut child);
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
+            .args(["serve", "--config", config.to_str().expect("utf-8 path")])
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "200000")
+            .env_remove("WATCHDOG_PID")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn gateway"),
+    );
+    let (stderr, reader) = collect_stderr(&mut child.0);
 
     // A status line while the store opens, then READY; the listeners it names accept connections.
     assert_eq!(next_message(&socket, &stderr), "STATUS=opening the log store");
@@ -91,7 +105,7 @@ fn gateway_notifies_ready_after_binding_feeds_the_watchdog_and_notifies_stopping
         assert_eq!(next_message(&socket, &stderr), "WATCHDOG=1");
     }
 
-    let pid = Pid::from_raw(child.id() as i32).expect("pid");
+    let pid = Pid::from_raw(child.0.id() as i32).expect("pid");
     kill_process(pid, Signal::TERM).expect("SIGTERM");
     // Pings sent before the signal may still be queued; then STOPPING, and nothing after it.
     let stopping = loop {
@@ -101,7 +115,7 @@ fn gateway_notifies_ready_after_binding_feeds_the_watchdog_and_notifies_stopping
         }
     };
     assert!(stopping.starts_with("STOPPING=1\nSTATUS="), "{stopping:?}");
-    let status = child.wait().expect("wait");
+    let status = child.0.wait().expect("wait");
     reader.join().expect("stderr reader");
     let out = stderr.lock().expect("lock").clone();
     assert!(status.success(), "gateway exit status {status:?}; output:\n{out}");
