@@ -341,14 +341,18 @@ pub(crate) fn connack(version: Version, session_present: bool, code: u8, props: 
         Version::V5 => {
             b.put_u8(code);
             let mut p = BytesMut::new();
-            p.put_u8(0x21); // receive maximum
-            p.put_u16(props.receive_max);
-            p.put_u8(0x27); // maximum packet size
-            p.put_u32(props.max_packet);
-            p.put_u8(0x22); // topic alias maximum
-            p.put_u16(props.topic_alias_max);
-            p.put_u8(0x2A); // shared subscriptions available
-            p.put_u8(0);
+            // A refusal carries no session limits: a Receive Maximum or Maximum Packet Size of 0
+            // is a protocol error for the client (mosquitto reports that instead of the reason).
+            if code == 0 {
+                p.put_u8(0x21); // receive maximum
+                p.put_u16(props.receive_max);
+                p.put_u8(0x27); // maximum packet size
+                p.put_u32(props.max_packet);
+                p.put_u8(0x22); // topic alias maximum
+                p.put_u16(props.topic_alias_max);
+                p.put_u8(0x2A); // shared subscriptions available
+                p.put_u8(0);
+            }
             if let Some(id) = &props.assigned_client_id {
                 p.put_u8(0x12);
                 put_str(&mut p, id.as_bytes());
@@ -489,6 +493,14 @@ mod tests {
         let props = ConnAckProps { receive_max: 10, max_packet: 1000, topic_alias_max: 5, ..Default::default() };
         let mut b = BytesMut::from(&connack(Version::V5, false, 0, &props)[..]);
         assert!(matches!(v5::Packet::read(&mut b, None).expect("connack"), v5::Packet::ConnAck(_)));
+        let mut b = BytesMut::from(&connack(Version::V5, false, 0x86, &ConnAckProps::default())[..]);
+        match v5::Packet::read(&mut b, None).expect("refusal") {
+            v5::Packet::ConnAck(c) => {
+                assert_eq!(c.code, v5::ConnectReturnCode::BadUserNamePassword);
+                assert!(c.properties.is_none_or(|p| p.receive_max.is_none() && p.max_packet_size.is_none()));
+            }
+            other => panic!("{other:?}"),
+        }
         let mut b = BytesMut::from(&suback(Version::V4, 3, &[1, 0x80])[..]);
         assert!(matches!(v4::Packet::read(&mut b, 1024).expect("suback"), v4::Packet::SubAck(s) if s.pkid == 3));
     }
