@@ -49,7 +49,7 @@ fn client(broker: &KafkaBroker, id: &str) -> (AsyncClient, EventLoop) {
 }
 
 /// Waits for the next packet matching `want` (others are skipped), with a deadline.
-async fn next<P: std::fmt::Debug>(rx: &mut mpsc::UnboundedReceiver<P>, what: &str, want: impl Fn(&P) -> bool) -> P {
+pub(crate) async fn next<P: std::fmt::Debug>(rx: &mut mpsc::UnboundedReceiver<P>, what: &str, want: impl Fn(&P) -> bool) -> P {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {

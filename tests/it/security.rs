@@ -20,6 +20,7 @@ use tributary_broker::mqtt::{MqttConfig, MqttServer, MqttStats, MqttTlsConfig};
 use tributary_broker::security::{Auth, AuthConfig, PasswordHash, UserConfig};
 use tributary_broker::Store;
 
+use crate::mqtt::next;
 use crate::support::{client_config, storage_config};
 
 /// A broker with both listeners and `[auth]` on.
@@ -145,18 +146,6 @@ async fn mqtt5(
         }
     });
     Ok((client, rx))
-}
-
-async fn next<P: std::fmt::Debug>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<P>, what: &str, want: impl Fn(&P) -> bool) -> P {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(p)) if want(&p) => return p,
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("connection ended while waiting for {what}"),
-            Err(_) => panic!("no {what} within 20 s"),
-        }
-    }
 }
 
 fn device(name: &str) -> UserConfig {

@@ -246,20 +246,7 @@ fn refuse(call: Call, body: Request) -> PendingReply {
             reply(call, &resp)
         }
         Request::OffsetCommit(req) => {
-            let mut resp = OffsetCommitResponse::default();
-            for (topic, partition, ..) in req.offsets {
-                let p = offset_commit_response::OffsetCommitResponsePartition::default()
-                    .with_partition_index(partition)
-                    .with_error_code(e);
-                match resp.topics.last_mut() {
-                    Some(t) if t.name.0.as_str() == topic => t.partitions.push(p),
-                    _ => resp.topics.push(
-                        offset_commit_response::OffsetCommitResponseTopic::default()
-                            .with_name(TopicName(sb(topic)))
-                            .with_partitions(vec![p]),
-                    ),
-                }
-            }
+            let resp = commit_response(req.offsets.into_iter().map(|(topic, partition, ..)| ((topic, partition), e)));
             reply(call, &resp)
         }
         _ => Box::pin(async { Err("group authorization refused a request that names no group".to_string()) }),
@@ -284,8 +271,13 @@ async fn offset_commit(ctx: &Ctx, access: &Access, mut req: OffsetCommitRequest)
         .into_iter()
         .map(|ok| if ok { committed.next().unwrap_or(errors::UNKNOWN_SERVER_ERROR) } else { errors::TOPIC_AUTHORIZATION_FAILED })
         .collect();
+    commit_response(keys.into_iter().zip(codes))
+}
+
+/// An OffsetCommit answer: each partition's code, consecutive partitions of a topic together.
+fn commit_response(codes: impl Iterator<Item = ((String, i32), i16)>) -> OffsetCommitResponse {
     let mut resp = OffsetCommitResponse::default();
-    for ((topic, partition), code) in keys.into_iter().zip(codes) {
+    for ((topic, partition), code) in codes {
         let p = offset_commit_response::OffsetCommitResponsePartition::default()
             .with_partition_index(partition)
             .with_error_code(code);

@@ -22,7 +22,7 @@ pub(crate) enum SaslState {
     /// Waiting for SaslHandshake.
     Start,
     /// Mechanism chosen; `raw` = tokens come bare (handshake v0).
-    Mechanism { mechanism: Mechanism, scram: Option<ScramServer>, raw: bool, started: Instant },
+    Mechanism { mechanism: Mechanism, scram: Option<Box<ScramServer>>, raw: bool, started: Instant },
     /// Authenticated (or authentication is off).
     Done,
 }
@@ -69,7 +69,7 @@ pub(crate) fn handshake(conn: &mut ConnAuth, call: Call, mechanism: String) -> P
         (SaslState::Start, Some(m)) => {
             let scram = match m {
                 Mechanism::Plain => None,
-                Mechanism::Scram(alg) => Some(ScramServer::new(alg)),
+                Mechanism::Scram(alg) => Some(Box::new(ScramServer::new(alg))),
             };
             conn.state = SaslState::Mechanism { mechanism: m, scram, raw: call.version == 0, started: Instant::now() };
         }
