@@ -104,17 +104,7 @@ async fn mqtt4(
             _ => continue,
         }
     }
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(e) = ev.poll().await {
-            if let Event::Incoming(p) = e {
-                if tx.send(p).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    Ok((client, rx))
+    Ok((client, pump_events(ev)))
 }
 
 type Packet5 = rumqttc::v5::mqttbytes::v5::Packet;
@@ -575,4 +565,54 @@ fn kafka_sasl_ssl_with_librdkafka() {
     let plain: BaseProducer = sasl(b.kafka, "PLAIN", "app", "app-pw").create().expect("producer");
     assert!(plain.client().fetch_metadata(None, Duration::from_secs(3)).is_err(), "plaintext to a TLS listener fails");
     assert_eq!(crate::support::read_all(&b.store, "readings", 0).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_keeps_only_what_the_new_login_may_subscribe() {
+    let wide = user("wide", "pw", |u| {
+        u.mqtt.subscribe = vec!["x/#".into(), "y/#".into()];
+        u.mqtt.publish = vec!["#".into()];
+    });
+    let narrow = user("narrow", "pw", |u| u.mqtt.subscribe = vec!["y/#".into()]);
+    let b = start(auth(vec![wide, narrow], 0), MqttConfig::default(), KafkaConfig::default()).await;
+    let connect = |user: &'static str| {
+        let mut o = MqttOptions::new("shared-id", "127.0.0.1", b.mqtt.port());
+        o.set_keep_alive(Duration::from_secs(10)).set_clean_session(false).set_credentials(user, "pw");
+        AsyncClient::new(o, 100)
+    };
+    // "wide" subscribes to x/# and y/# in a persistent session, then leaves.
+    let (c, mut ev) = connect("wide");
+    c.subscribe("x/#", QoS::AtLeastOnce).await.expect("sub");
+    c.subscribe("y/#", QoS::AtLeastOnce).await.expect("sub");
+    let mut subacks = 0;
+    while subacks < 2 {
+        if let Event::Incoming(Packet::SubAck(_)) = ev.poll().await.expect("poll") {
+            subacks += 1;
+        }
+    }
+    c.disconnect().await.expect("disconnect");
+    while ev.poll().await.is_ok() {}
+    // "narrow" takes the same client id: the stored x/# is dropped, y/# kept.
+    let (_c, ev) = connect("narrow");
+    let mut rx = pump_events(ev);
+    next(&mut rx, "CONNACK", |p| matches!(p, Packet::ConnAck(_))).await;
+    let (p, _rx2) = mqtt4(b.mqtt, "publisher", Some(("wide", "pw"))).await.expect("publisher");
+    p.publish("x/1", QoS::AtLeastOnce, false, "secret").await.expect("pub");
+    p.publish("y/1", QoS::AtLeastOnce, false, "visible").await.expect("pub");
+    let got = next(&mut rx, "PUBLISH", |p| matches!(p, Packet::Publish(_))).await;
+    assert!(matches!(&got, Packet::Publish(m) if m.topic == "y/1"), "only y/1 arrives: {got:?}");
+}
+
+fn pump_events(mut ev: rumqttc::EventLoop) -> tokio::sync::mpsc::UnboundedReceiver<Packet> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            if let Event::Incoming(p) = e {
+                if tx.send(p).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx
 }

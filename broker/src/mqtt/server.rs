@@ -1342,6 +1342,10 @@ async fn resume_inflight(
                 continue;
             };
             let (topic, _) = mqtt_view(&r, t);
+            if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&s.client_id, &topic)) {
+                // The session was stored under rules (or a user) that allowed more.
+                continue;
+            }
             let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
             let payload = r.value.clone().unwrap_or_default();
             wire::publish(s.version, &topic, m.qos, false, true, m.pkid, &payload, &props)

@@ -233,6 +233,22 @@ mod tests {
         assert!(PasswordHash::parse(only512).expect("512 only").verify(b"s3cret"));
     }
 
+    /// What one login costs (PLAIN/MQTT: one PBKDF2 run; SCRAM: the client runs PBKDF2, the
+    /// server two HMACs and a hash). `cargo test --release -p tributary-broker login_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn login_cost() {
+        for alg in Algorithm::ALL {
+            let k = ScramKeys::derive_with_salt(alg, b"pw", b"saltsaltsalt", DEFAULT_ITERATIONS);
+            let n = 50;
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                assert!(k.verify(b"pw"));
+            }
+            println!("{}: {:.2} ms per password check ({} iterations)", alg.tag(), t.elapsed().as_secs_f64() * 1e3 / f64::from(n), DEFAULT_ITERATIONS);
+        }
+    }
+
     #[test]
     fn bad_entries_say_why() {
         for (text, why) in [
