@@ -15,7 +15,7 @@ mod mqtt_crash;
 mod mqtt_faults;
 mod mqtt_sessions;
 mod retention;
-mod support;
 mod security;
+mod support;
 mod sys;
 mod systemd;
