@@ -89,10 +89,7 @@ fn parse(text: &str) -> Option<MirrorStatus> {
             _ => {}
         }
     }
-    s.partitions = parts
-        .into_iter()
-        .map(|((topic, partition), p)| PartitionStatus { topic, partition, ..p })
-        .collect();
+    s.partitions = parts.into_iter().map(|((topic, partition), p)| PartitionStatus { topic, partition, ..p }).collect();
     found.then_some(s)
 }
 
@@ -111,7 +108,11 @@ async fn scrape(addr: &str, timeout: Duration) -> anyhow::Result<String> {
             format!("cannot reach the gateway's metrics endpoint at {addr} — is `tributary serve` running with [metrics] enabled?")
         })?;
     let (head, body) = text.split_once("\r\n\r\n").context("not an HTTP answer")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "metrics endpoint answered: {}", head.lines().next().unwrap_or(""));
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "metrics endpoint answered: {}",
+        head.lines().next().unwrap_or("")
+    );
     Ok(body.to_string())
 }
 
