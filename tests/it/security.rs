@@ -616,3 +616,42 @@ fn pump_events(mut ev: rumqttc::EventLoop) -> tokio::sync::mpsc::UnboundedReceiv
     });
     rx
 }
+
+/// Every advertised SaslAuthenticate version with PLAIN, and the protocol errors: a token without
+/// a handshake (ILLEGAL_SASL_STATE), an unknown mechanism (UNSUPPORTED_SASL_MECHANISM), a wrong
+/// password (SASL_AUTHENTICATION_FAILED with a message); each refusal closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_apis_at_every_version_and_their_errors() {
+    use kafka_protocol::messages::{MetadataRequest, SaslAuthenticateRequest, SaslHandshakeRequest};
+    use kafka_protocol::protocol::StrBytes;
+    let b = start(auth(vec![app_user()], 0), MqttConfig::default(), KafkaConfig::default()).await;
+    let addr = b.kafka;
+    tokio::task::spawn_blocking(move || {
+        let handshake = |m: &'static str| SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str(m));
+        let token = |t: &'static [u8]| SaslAuthenticateRequest::default().with_auth_bytes(bytes::Bytes::from_static(t));
+        for v in 0..=2 {
+            let mut raw = crate::support::RawKafka::connect(addr);
+            assert_eq!(raw.call(&handshake("PLAIN"), 1).error_code, 0);
+            let r = raw.call(&token(b"\0app\0app-pw"), v);
+            assert_eq!(r.error_code, 0, "SaslAuthenticate v{v}");
+            let md = raw.call(&MetadataRequest::default(), 4);
+            assert!(md.brokers.len() == 1, "served after login (v{v})");
+        }
+        let mut raw = crate::support::RawKafka::connect(addr);
+        assert_eq!(raw.call(&token(b"\0app\0app-pw"), 1).error_code, 34, "token before handshake");
+        assert!(raw.recv_frame().is_none(), "closed");
+        let mut raw = crate::support::RawKafka::connect(addr);
+        let r = raw.call(&handshake("GSSAPI"), 1);
+        assert_eq!(r.error_code, 33, "unknown mechanism");
+        assert_eq!(r.mechanisms.len(), 3, "the served mechanisms are listed");
+        assert!(raw.recv_frame().is_none(), "closed");
+        let mut raw = crate::support::RawKafka::connect(addr);
+        raw.call(&handshake("PLAIN"), 1);
+        let r = raw.call(&token(b"\0app\0wrong"), 2);
+        assert_eq!(r.error_code, 58);
+        assert!(r.error_message.is_some_and(|m| m.contains("invalid credentials")));
+        assert!(raw.recv_frame().is_none(), "closed");
+    })
+    .await
+    .expect("raw client");
+}
