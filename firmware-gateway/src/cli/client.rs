@@ -4,7 +4,9 @@
 //! queries several commands share (metadata, offsets, commits).
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::ops::RangeInclusive;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -276,14 +278,12 @@ impl Client {
 
     /// One request/response round trip within the timeout; returns the response body.
     async fn exchange<R: Request>(&mut self, req: &R, version: i16) -> Result<Bytes, ClientError> {
-        let api = || api_name(R::KEY);
-        let protocol = |reason: String| ClientError::Protocol { api: api(), reason };
+        let protocol = |reason: String| ClientError::Protocol { api: api_name(R::KEY), reason };
         self.correlation = self.correlation.wrapping_add(1);
-        let correlation = self.correlation;
         let header = RequestHeader::default()
             .with_request_api_key(R::KEY)
             .with_request_api_version(version)
-            .with_correlation_id(correlation)
+            .with_correlation_id(self.correlation)
             .with_client_id(Some(StrBytes::from_static_str("tributary-cli")));
         let mut frame = BytesMut::new();
         frame.extend_from_slice(&[0; 4]);
@@ -291,39 +291,54 @@ impl Client {
         req.encode(&mut frame, version).map_err(|e| protocol(format!("encode v{version} request: {e}")))?;
         let size = i32::try_from(frame.len() - 4).map_err(|_| protocol("request too large".into()))?;
         frame[..4].copy_from_slice(&size.to_be_bytes());
+        self.round_trip(frame.freeze(), R::KEY, R::Response::header_version(version)).await
+    }
 
-        let timeout = self.timeout;
-        let round_trip = async {
-            self.stream.write_all(&frame).await?;
-            let mut size = [0u8; 4];
-            self.stream.read_exact(&mut size).await?;
-            let size = i32::from_be_bytes(size);
-            let len = usize::try_from(size).ok().filter(|n| (4..=FRAME_BYTES_MAX).contains(n)).ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("response frame of {size} bytes"))
-            })?;
-            let mut body = vec![0u8; len];
-            self.stream.read_exact(&mut body).await?;
-            Ok::<_, std::io::Error>(Bytes::from(body))
-        };
-        let mut body = match tokio::time::timeout(timeout, round_trip).await {
-            Err(_) => {
-                return Err(ClientError::Timeout { addr: self.addr.clone(), api: api(), ms: timeout.as_millis() })
+    /// The network half of every request, the same for all APIs. Boxed, so the binary holds one
+    /// copy of it instead of one inlined into every request type's future.
+    fn round_trip(
+        &mut self,
+        frame: Bytes,
+        api_key: i16,
+        response_header_version: i16,
+    ) -> Pin<Box<dyn Future<Output = Result<Bytes, ClientError>> + Send + '_>> {
+        Box::pin(async move {
+            let api = || api_name(api_key);
+            let timeout = self.timeout;
+            let io = async {
+                self.stream.write_all(&frame).await?;
+                let mut size = [0u8; 4];
+                self.stream.read_exact(&mut size).await?;
+                let size = i32::from_be_bytes(size);
+                let len =
+                    usize::try_from(size).ok().filter(|n| (4..=FRAME_BYTES_MAX).contains(n)).ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("response frame of {size} bytes"))
+                    })?;
+                let mut body = vec![0u8; len];
+                self.stream.read_exact(&mut body).await?;
+                Ok::<_, std::io::Error>(Bytes::from(body))
+            };
+            let mut body = match tokio::time::timeout(timeout, io).await {
+                Err(_) => {
+                    return Err(ClientError::Timeout { addr: self.addr.clone(), api: api(), ms: timeout.as_millis() })
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(ClientError::Closed { addr: self.addr.clone(), api: api() })
+                }
+                Ok(Err(e)) => return Err(ClientError::Io { addr: self.addr.clone(), api: api(), source: e }),
+                Ok(Ok(body)) => body,
+            };
+            let protocol = |reason: String| ClientError::Protocol { api: api(), reason };
+            let header = ResponseHeader::decode(&mut body, response_header_version)
+                .map_err(|e| protocol(format!("response header: {e}")))?;
+            if header.correlation_id != self.correlation {
+                return Err(protocol(format!(
+                    "response carries correlation id {} instead of {}",
+                    header.correlation_id, self.correlation
+                )));
             }
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(ClientError::Closed { addr: self.addr.clone(), api: api() })
-            }
-            Ok(Err(e)) => return Err(ClientError::Io { addr: self.addr.clone(), api: api(), source: e }),
-            Ok(Ok(body)) => body,
-        };
-        let header = ResponseHeader::decode(&mut body, R::Response::header_version(version))
-            .map_err(|e| protocol(format!("response header: {e}")))?;
-        if header.correlation_id != correlation {
-            return Err(protocol(format!(
-                "response carries correlation id {} instead of {correlation}",
-                header.correlation_id
-            )));
-        }
-        Ok(body)
+            Ok(body)
+        })
     }
 
     // ---- queries shared by several commands ----

@@ -49,7 +49,8 @@ impl Connection {
     async fn connect(&self) -> anyhow::Result<Client> {
         let credentials = self.credentials()?;
         let timeout = Duration::from_millis(self.timeout_ms);
-        Ok(Client::connect(&self.bootstrap_server, timeout, credentials.as_ref()).await?)
+        // Boxed: one copy of the connection's future, not one inside every command's.
+        Ok(Box::pin(Client::connect(&self.bootstrap_server, timeout, credentials.as_ref())).await?)
     }
 
     fn credentials(&self) -> anyhow::Result<Option<Credentials>> {
