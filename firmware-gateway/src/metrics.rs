@@ -173,6 +173,22 @@ pub fn render(src: &Sources) -> String {
             o.sample(name, &[("protocol", "mqtt")], v.load(Ordering::Relaxed));
         }
     }
+    let refusals: [(&str, &str); 3] = [
+        ("tributary_auth_failures_total", "Failed logins (wrong or missing credentials)."),
+        ("tributary_connections_rate_limited_total", "Connections refused by the per-address rate limit."),
+        ("tributary_tls_handshake_failures_total", "TLS handshakes that failed (unknown or expired certificates included)."),
+    ];
+    for (i, (name, help)) in refusals.iter().enumerate() {
+        o.family(name, "counter", help);
+        if let Some((k, _)) = &src.kafka {
+            let v = [&k.auth_failures, &k.connections_rate_limited, &k.tls_handshake_failures][i];
+            o.sample(name, &[("protocol", "kafka")], v.load(Ordering::Relaxed));
+        }
+        if let Some(m) = &src.mqtt {
+            let v = [&m.auth_failures, &m.connections_rate_limited, &m.tls_handshake_failures][i];
+            o.sample(name, &[("protocol", "mqtt")], v.load(Ordering::Relaxed));
+        }
+    }
     if let Some((k, groups)) = &src.kafka {
         o.one("tributary_kafka_requests_total", "counter", "Kafka requests handled.", k.requests.load(Ordering::Relaxed));
         o.family("tributary_group_lag", "gauge", "Records between a group's committed offset and the high watermark.");
@@ -187,6 +203,9 @@ pub fn render(src: &Sources) -> String {
         o.family("tributary_mqtt_messages_total", "counter", "MQTT PUBLISH packets, by direction.");
         o.sample("tributary_mqtt_messages_total", &[("direction", "in")], m.publishes_in.load(Ordering::Relaxed));
         o.sample("tributary_mqtt_messages_total", &[("direction", "out")], m.publishes_out.load(Ordering::Relaxed));
+        o.family("tributary_mqtt_acl_denials_total", "counter", "MQTT publishes and subscriptions refused by the user's rules.");
+        o.sample("tributary_mqtt_acl_denials_total", &[("operation", "publish")], m.publishes_denied.load(Ordering::Relaxed));
+        o.sample("tributary_mqtt_acl_denials_total", &[("operation", "subscribe")], m.subscriptions_denied.load(Ordering::Relaxed));
         o.one(
             "tributary_mqtt_retention_skipped_messages_total",
             "counter",

@@ -466,7 +466,10 @@ async fn metadata(ctx: &Arc<Ctx>, call: &Call, req: requests::MetadataRequest) -
             }
             info = ctx.store.topic(&name);
         }
-        let mut t = metadata_response::MetadataResponseTopic::default().with_name(Some(topic_name(&name)));
+        // Topics of the broker's own (`__sys`: the MQTT `$SYS` messages) are internal, as in Kafka.
+        let mut t = metadata_response::MetadataResponseTopic::default()
+            .with_name(Some(topic_name(&name)))
+            .with_is_internal(name.starts_with("__"));
         match info {
             None => t = t.with_error_code(error),
             Some(info) => {
