@@ -459,28 +459,8 @@ async fn the_gateway_daemon_mirrors_with_certificates_from_tributary_cert() {
     std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
     let (ok, err) = tributary(&["config", "check", &p("gateway.toml")]);
     assert!(ok, "{err}");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
-        .args(["serve", "--config", &p("gateway.toml")])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn gateway");
-    let mut reader = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let (kafka, metrics) = loop {
-        let mut line = String::new();
-        let n = std::io::BufRead::read_line(&mut reader, &mut line).expect("read stderr");
-        assert!(n > 0, "gateway exited before it was ready");
-        if line.contains("tributary gateway ready") {
-            let field = |name: &str| {
-                let addr = line.split(&format!("{name}=")).nth(1).and_then(|r| r.split_whitespace().next());
-                addr.unwrap_or_else(|| panic!("{name} address in {line}")).to_string()
-            };
-            break (field("kafka"), field("metrics"));
-        }
-    };
-    // Keep draining the gateway's log so it never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let daemon = crate::support::Daemon::start(&dir.path().join("gateway.toml"));
+    let (kafka, metrics) = (daemon.addr("kafka"), daemon.addr("metrics"));
 
     // An application produces to the gateway with librdkafka; the data team reads the central copy.
     let producer: rdkafka::producer::FutureProducer =
@@ -539,9 +519,7 @@ async fn the_gateway_daemon_mirrors_with_certificates_from_tributary_cert() {
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(table.starts_with("link up") && table.contains("meters"), "{table}");
 
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-    assert!(child.wait().expect("wait").success(), "clean shutdown with the mirror running");
+    daemon.stop();
     cloud.stop().await;
 }
 

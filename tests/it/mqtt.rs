@@ -28,7 +28,7 @@ fn pump(mut eventloop: EventLoop) -> mpsc::UnboundedReceiver<Packet> {
     rx
 }
 
-fn pump5(mut eventloop: rumqttc::v5::EventLoop) -> mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet> {
+pub(crate) fn pump5(mut eventloop: rumqttc::v5::EventLoop) -> mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(ev) = eventloop.poll().await {

@@ -124,39 +124,13 @@ async fn outbound_qos2_is_exactly_once_across_a_reconnect_and_a_restart() {
     .await;
 }
 
-fn pump5(mut eventloop: rumqttc::v5::EventLoop) -> mpsc::UnboundedReceiver<Packet5> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(ev) = eventloop.poll().await {
-            if let rumqttc::v5::Event::Incoming(p) = ev {
-                if tx.send(p).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    rx
-}
-
-async fn next5(rx: &mut mpsc::UnboundedReceiver<Packet5>, what: &str, want: impl Fn(&Packet5) -> bool) -> Packet5 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(p)) if want(&p) => return p,
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("connection ended while waiting for {what}"),
-            Err(_) => panic!("no {what} within 20 s"),
-        }
-    }
-}
-
 fn member(broker: &KafkaBroker, id: &str) -> (rumqttc::v5::AsyncClient, mpsc::UnboundedReceiver<Packet5>) {
     let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", broker.mqtt.port());
     o.set_keep_alive(Duration::from_secs(10));
     o.set_clean_start(false);
     o.set_session_expiry_interval(Some(3600));
     let (c, ev) = rumqttc::v5::AsyncClient::new(o, 100);
-    (c, pump5(ev))
+    (c, crate::mqtt::pump5(ev))
 }
 
 async fn publish_qos1(broker: &KafkaBroker, topic: &str, payloads: impl IntoIterator<Item = String>) {
@@ -183,7 +157,7 @@ async fn publish_qos1(broker: &KafkaBroker, topic: &str, payloads: impl IntoIter
 async fn collect(rx: &mut mpsc::UnboundedReceiver<Packet5>, n: usize) -> Vec<String> {
     let mut got = Vec::new();
     while got.len() < n {
-        if let Packet5::Publish(p) = next5(rx, "shared message", |p| matches!(p, Packet5::Publish(_))).await {
+        if let Packet5::Publish(p) = crate::mqtt::next(rx, "shared message", |p| matches!(p, Packet5::Publish(_))).await {
             let s = String::from_utf8_lossy(&p.payload).into_owned();
             assert!(!got.contains(&s), "{s} delivered twice");
             got.push(s);
@@ -197,15 +171,15 @@ async fn shared_subscriptions_survive_a_restart_and_a_departed_members_messages_
     let broker = KafkaBroker::start().await;
     // A persistent member subscribes, goes away; messages arrive; the broker restarts.
     let (c, mut rx) = member(&broker, "shared-keeper");
-    next5(&mut rx, "CONNACK", |p| matches!(p, Packet5::ConnAck(_))).await;
+    crate::mqtt::next(&mut rx, "CONNACK", |p| matches!(p, Packet5::ConnAck(_))).await;
     c.subscribe("$share/keepers/work/#", QoS5::AtLeastOnce).await.expect("subscribe");
-    next5(&mut rx, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
+    crate::mqtt::next(&mut rx, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
     c.disconnect().await.expect("disconnect");
     while rx.recv().await.is_some() {}
     publish_qos1(&broker, "work/a", (0..20).map(|i| format!("w{i}"))).await;
     let broker = broker.restart().await;
     let (c, mut rx) = member(&broker, "shared-keeper");
-    let Packet5::ConnAck(ack) = next5(&mut rx, "CONNACK", |p| matches!(p, Packet5::ConnAck(_))).await else {
+    let Packet5::ConnAck(ack) = crate::mqtt::next(&mut rx, "CONNACK", |p| matches!(p, Packet5::ConnAck(_))).await else {
         unreachable!()
     };
     assert!(ack.session_present, "the session with its shared subscription survived");
@@ -229,9 +203,9 @@ async fn shared_subscriptions_survive_a_restart_and_a_departed_members_messages_
     .await;
     publish_qos1(&broker, "task/x", (0..10).map(|i| format!("t{i}"))).await;
     let (other, mut orx) = member(&broker, "other");
-    next5(&mut orx, "CONNACK", |p| matches!(p, Packet5::ConnAck(_))).await;
+    crate::mqtt::next(&mut orx, "CONNACK", |p| matches!(p, Packet5::ConnAck(_))).await;
     other.subscribe("$share/crew/task/#", QoS5::AtLeastOnce).await.expect("subscribe");
-    next5(&mut orx, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
+    crate::mqtt::next(&mut orx, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
     blocking(move || {
         // The taker holds at least one message, unacknowledged, then its connection drops.
         read_publish(&mut taker);
@@ -244,7 +218,7 @@ async fn shared_subscriptions_survive_a_restart_and_a_departed_members_messages_
     assert_eq!(got, (0..20).map(|i| format!("t{i}")).collect::<Vec<_>>(), "every task reached the remaining member");
     // No duplicate follows: the next message is a fresh one.
     publish_qos1(&broker, "task/x", ["fresh".to_string()]).await;
-    let Packet5::Publish(p) = next5(&mut orx, "fresh", |p| matches!(p, Packet5::Publish(_))).await else {
+    let Packet5::Publish(p) = crate::mqtt::next(&mut orx, "fresh", |p| matches!(p, Packet5::Publish(_))).await else {
         unreachable!()
     };
     assert_eq!(&p.payload[..], b"fresh");

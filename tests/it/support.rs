@@ -239,3 +239,50 @@ pub fn http_get(addr: &str, path: &str) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_string()
 }
+
+/// The gateway daemon (the real binary) serving a config file, started and ready.
+pub struct Daemon {
+    child: std::process::Child,
+    ready: String,
+}
+
+impl Daemon {
+    /// Starts `tributary serve --config FILE` and waits for its ready line; its log is drained
+    /// from then on so it never blocks on a full pipe.
+    pub fn start(config: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn gateway");
+        let mut reader = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let ready = loop {
+            let mut line = String::new();
+            let n = reader.read_line(&mut line).expect("read stderr");
+            assert!(n > 0, "gateway exited before it was ready");
+            if line.contains("tributary gateway ready") {
+                break line;
+            }
+        };
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        Self { child, ready }
+    }
+
+    /// An address from the ready line: `kafka`, `mqtt` or `metrics`.
+    pub fn addr(&self, name: &str) -> String {
+        let addr = self.ready.split(&format!("{name}=")).nth(1).and_then(|r| r.split_whitespace().next());
+        addr.unwrap_or_else(|| panic!("{name} address in {}", self.ready)).to_string()
+    }
+
+    /// SIGTERM; the gateway must exit cleanly.
+    pub fn stop(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        assert!(self.child.wait().expect("wait").success(), "clean shutdown");
+    }
+}

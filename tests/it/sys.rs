@@ -44,25 +44,8 @@ async fn sys_topics_carry_broker_figures_to_mqtt_clients_and_only_from_the_broke
     );
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).expect("write config");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn gateway");
-    let mut reader = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let mqtt_port = loop {
-        let mut line = String::new();
-        let n = std::io::BufRead::read_line(&mut reader, &mut line).expect("read stderr");
-        assert!(n > 0, "gateway exited before it was ready");
-        if line.contains("tributary gateway ready") {
-            let addr = line.split("mqtt=").nth(1).and_then(|r| r.split_whitespace().next()).expect("mqtt address");
-            break addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("port");
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let daemon = crate::support::Daemon::start(&path);
+    let mqtt_port = daemon.addr("mqtt").rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("port");
 
     // A wildcard subscriber: `#` must not see `$SYS`.
     let (all, mut all_rx) = client(mqtt_port, "everything");
@@ -103,7 +86,5 @@ async fn sys_topics_carry_broker_figures_to_mqtt_clients_and_only_from_the_broke
         }
     }
 
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-    assert!(child.wait().expect("wait").success());
+    daemon.stop();
 }
