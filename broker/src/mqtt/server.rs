@@ -1381,22 +1381,12 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
             let qos = granted.min(stored_qos);
             let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
             let payload = r.value.clone().unwrap_or_default();
-            let pkid = if qos > 0 { next_pkid(s) } else { 0 };
-            let bytes = wire::publish(s.version, &t, qos, false, false, pkid, &payload, &props);
-            if bytes.len() > s.max_packet_out || qos == 0 {
-                g.settle(&position);
-            } else {
-                s.inflight.insert(pkid, Inflight::new(qos, Source::Shared(g.clone(), position)));
+            let source = Source::Shared(g.clone(), position.clone());
+            let sent = send_message(ctx, s, tx, &t, qos, &payload, &props, source).await?;
+            if sent && qos > 0 {
                 s.dirty = s.persistent;
-            }
-            if bytes.len() > s.max_packet_out {
-                s.inflight.remove(&pkid);
-                ctx.stats.oversized_messages.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
-            if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
-                return Err("writer closed".into());
+            } else {
+                g.settle(&position);
             }
         }
     }
@@ -1462,23 +1452,9 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
                 }
                 let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
                 let payload = r.value.clone().unwrap_or_default();
-                let pkid = if qos > 0 {
-                    let id = next_pkid(s);
-                    s.inflight.insert(id, Inflight::new(qos, Source::Log((log_topic.clone(), p, r.offset))));
-                    id
-                } else {
-                    0
-                };
-                let bytes = wire::publish(s.version, &mqtt_topic, qos, false, false, pkid, &payload, &props);
-                if bytes.len() > s.max_packet_out {
-                    // MQTT 5: a message larger than the client's Maximum Packet Size is dropped.
-                    s.inflight.remove(&pkid);
-                    ctx.stats.oversized_messages.fetch_add(1, Ordering::Relaxed);
+                let source = Source::Log((log_topic.clone(), p, r.offset));
+                if !send_message(ctx, s, tx, &mqtt_topic, qos, &payload, &props, source).await? {
                     continue;
-                }
-                ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
-                if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
-                    return Err("writer closed".into());
                 }
                 if s.inflight.len() >= s.window {
                     break;
@@ -1492,6 +1468,36 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
         }
     }
     Ok(())
+}
+
+/// Sends one message from the log to the client: a packet id and an in-flight entry (from
+/// `source`) at QoS 1/2. MQTT 5: a message larger than the client's Maximum Packet Size is
+/// dropped and counted. Returns whether it went out.
+#[allow(clippy::too_many_arguments)]
+async fn send_message(
+    ctx: &Ctx,
+    s: &mut Session,
+    tx: &mpsc::Sender<Pending>,
+    topic: &str,
+    qos: u8,
+    payload: &[u8],
+    props: &PublishProps,
+    source: Source,
+) -> Result<bool, String> {
+    let pkid = if qos > 0 { next_pkid(s) } else { 0 };
+    let bytes = wire::publish(s.version, topic, qos, false, false, pkid, payload, props);
+    if bytes.len() > s.max_packet_out {
+        ctx.stats.oversized_messages.fetch_add(1, Ordering::Relaxed);
+        return Ok(false);
+    }
+    if qos > 0 {
+        s.inflight.insert(pkid, Inflight::new(qos, source));
+    }
+    ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
+    if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
+        return Err("writer closed".into());
+    }
+    Ok(true)
 }
 
 fn next_pkid(s: &mut Session) -> u16 {
