@@ -132,9 +132,10 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     let mut kafka_sources = None;
     let mut kafka_task = None;
     if cfg.kafka.enabled {
-        let server = KafkaServer::bind_with(cfg.kafka.clone(), store.clone(), cfg.topic_defaults.template(), auth.clone())
-            .await
-            .context("start the Kafka listener")?;
+        let server =
+            KafkaServer::bind_with(cfg.kafka.clone(), store.clone(), cfg.topic_defaults.template(), auth.clone())
+                .await
+                .context("start the Kafka listener")?;
         let local = server.local_addr().context("Kafka listener address")?;
         let (host, port) = server.advertised();
         tracing::info!(listen = %local, advertised = %format!("{host}:{port}"), tls = cfg.kafka.tls.enabled,
@@ -151,9 +152,10 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     let mut sys_publisher = None;
     let mut mqtt_task = None;
     if cfg.mqtt.enabled {
-        let server = MqttServer::bind_with(cfg.mqtt.clone(), store.clone(), cfg.topic_defaults.template(), auth.clone())
-            .await
-            .context("start the MQTT listener")?;
+        let server =
+            MqttServer::bind_with(cfg.mqtt.clone(), store.clone(), cfg.topic_defaults.template(), auth.clone())
+                .await
+                .context("start the MQTT listener")?;
         let local = server.local_addr().context("MQTT listener address")?;
         tracing::info!(listen = %local, "mqtt listener bound");
         if let Some(tls) = server.tls_local_addr() {

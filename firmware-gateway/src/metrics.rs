@@ -41,12 +41,25 @@ impl Default for MetricsConfig {
 impl MetricsConfig {
     pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
         if self.enabled && self.listen.parse::<SocketAddr>().is_err() {
-            return Err(ConfigError::new(format!("{prefix}.listen"), format!("must be ip:port (got {:?})", self.listen)));
+            return Err(ConfigError::new(
+                format!("{prefix}.listen"),
+                format!("must be ip:port (got {:?})", self.listen),
+            ));
         }
         if self.sys_interval_ms != 0 {
-            tributary_broker::config::check_range(&format!("{prefix}.sys_interval_ms"), self.sys_interval_ms, 100, 86_400_000)?;
+            tributary_broker::config::check_range(
+                &format!("{prefix}.sys_interval_ms"),
+                self.sys_interval_ms,
+                100,
+                86_400_000,
+            )?;
         }
-        tributary_broker::config::check_range(&format!("{prefix}.connections_max"), self.connections_max.into(), 1, 1024)
+        tributary_broker::config::check_range(
+            &format!("{prefix}.connections_max"),
+            self.connections_max.into(),
+            1,
+            1024,
+        )
     }
 }
 
@@ -121,16 +134,34 @@ pub fn render(src: &Sources) -> String {
     o.histogram("tributary_store_commit_latency_seconds", "Time from a commit's start to its return.", &latency, 1e6);
     o.histogram("tributary_store_records_per_commit", "Records appended by one commit.", &per_commit, 1.0);
     o.one("tributary_store_logical_bytes", "gauge", "Bytes of stored batches.", s.logical_bytes);
-    o.one("tributary_store_footprint_bytes", "gauge", "Estimated database bytes the stored data takes.", s.footprint_bytes);
+    o.one(
+        "tributary_store_footprint_bytes",
+        "gauge",
+        "Estimated database bytes the stored data takes.",
+        s.footprint_bytes,
+    );
     if let Ok(disk) = store.disk_usage_bytes() {
         o.one("tributary_store_disk_bytes", "gauge", "Real disk use of the database file.", disk);
     }
     o.one("tributary_store_budget_bytes", "gauge", "storage.max_bytes.", store.config().max_bytes);
-    o.family("tributary_retention_deleted_batches_total", "counter", "Batches deleted by retention, by whether the mirror had them.");
+    o.family(
+        "tributary_retention_deleted_batches_total",
+        "counter",
+        "Batches deleted by retention, by whether the mirror had them.",
+    );
     let unmirrored = s.retention_deleted_unmirrored_batches;
-    o.sample("tributary_retention_deleted_batches_total", &[("mirrored", "true")], s.retention_deleted_batches - unmirrored.min(s.retention_deleted_batches));
+    o.sample(
+        "tributary_retention_deleted_batches_total",
+        &[("mirrored", "true")],
+        s.retention_deleted_batches - unmirrored.min(s.retention_deleted_batches),
+    );
     o.sample("tributary_retention_deleted_batches_total", &[("mirrored", "false")], unmirrored);
-    o.one("tributary_retention_deleted_bytes_total", "counter", "Batch bytes deleted by retention.", s.retention_deleted_bytes);
+    o.one(
+        "tributary_retention_deleted_bytes_total",
+        "counter",
+        "Batch bytes deleted by retention.",
+        s.retention_deleted_bytes,
+    );
 
     o.family("tributary_partition_high_watermark", "gauge", "Offset after the last stored record.");
     let mut starts = Vec::new();
@@ -138,7 +169,11 @@ pub fn render(src: &Sources) -> String {
         for p in 0..t.partitions as i32 {
             if let Ok(wm) = store.watermarks(&t.name, p) {
                 let ps = p.to_string();
-                o.sample("tributary_partition_high_watermark", &[("topic", &t.name), ("partition", &ps)], wm.high_watermark);
+                o.sample(
+                    "tributary_partition_high_watermark",
+                    &[("topic", &t.name), ("partition", &ps)],
+                    wm.high_watermark,
+                );
                 starts.push((t.name.clone(), ps, wm.log_start_offset));
             }
         }
@@ -176,7 +211,10 @@ pub fn render(src: &Sources) -> String {
     let refusals: [(&str, &str); 3] = [
         ("tributary_auth_failures_total", "Failed logins (wrong or missing credentials)."),
         ("tributary_connections_rate_limited_total", "Connections refused by the per-address rate limit."),
-        ("tributary_tls_handshake_failures_total", "TLS handshakes that failed (unknown or expired certificates included)."),
+        (
+            "tributary_tls_handshake_failures_total",
+            "TLS handshakes that failed (unknown or expired certificates included).",
+        ),
     ];
     for (i, (name, help)) in refusals.iter().enumerate() {
         o.family(name, "counter", help);
@@ -190,7 +228,12 @@ pub fn render(src: &Sources) -> String {
         }
     }
     if let Some((k, groups)) = &src.kafka {
-        o.one("tributary_kafka_requests_total", "counter", "Kafka requests handled.", k.requests.load(Ordering::Relaxed));
+        o.one(
+            "tributary_kafka_requests_total",
+            "counter",
+            "Kafka requests handled.",
+            k.requests.load(Ordering::Relaxed),
+        );
         o.family("tributary_group_lag", "gauge", "Records between a group's committed offset and the high watermark.");
         for (group, _, _) in groups.list() {
             for l in groups.lag(&group).unwrap_or_default() {
@@ -203,9 +246,21 @@ pub fn render(src: &Sources) -> String {
         o.family("tributary_mqtt_messages_total", "counter", "MQTT PUBLISH packets, by direction.");
         o.sample("tributary_mqtt_messages_total", &[("direction", "in")], m.publishes_in.load(Ordering::Relaxed));
         o.sample("tributary_mqtt_messages_total", &[("direction", "out")], m.publishes_out.load(Ordering::Relaxed));
-        o.family("tributary_mqtt_acl_denials_total", "counter", "MQTT publishes and subscriptions refused by the user's rules.");
-        o.sample("tributary_mqtt_acl_denials_total", &[("operation", "publish")], m.publishes_denied.load(Ordering::Relaxed));
-        o.sample("tributary_mqtt_acl_denials_total", &[("operation", "subscribe")], m.subscriptions_denied.load(Ordering::Relaxed));
+        o.family(
+            "tributary_mqtt_acl_denials_total",
+            "counter",
+            "MQTT publishes and subscriptions refused by the user's rules.",
+        );
+        o.sample(
+            "tributary_mqtt_acl_denials_total",
+            &[("operation", "publish")],
+            m.publishes_denied.load(Ordering::Relaxed),
+        );
+        o.sample(
+            "tributary_mqtt_acl_denials_total",
+            &[("operation", "subscribe")],
+            m.subscriptions_denied.load(Ordering::Relaxed),
+        );
         o.one(
             "tributary_mqtt_retention_skipped_messages_total",
             "counter",
@@ -214,11 +269,36 @@ pub fn render(src: &Sources) -> String {
         );
     }
     if let Some(m) = &src.mirror {
-        o.one("tributary_mirror_link_up", "gauge", "1 while the link to the cloud receiver is up.", u8::from(m.link_up.load(Ordering::Relaxed)));
-        o.one("tributary_mirror_reconnects_total", "counter", "Mirror link losses.", m.reconnects.load(Ordering::Relaxed));
-        o.one("tributary_mirror_batch_bytes_sent_total", "counter", "Stored batch bytes sent (compressed as stored).", m.batch_bytes_sent.load(Ordering::Relaxed));
-        o.one("tributary_mirror_wire_bytes_sent_total", "counter", "UDP bytes sent by the mirror (QUIC, TLS, retransmissions).", m.wire_bytes_sent());
-        o.one("tributary_mirror_gaps_total", "counter", "Gaps: unmirrored ranges deleted by retention.", m.gaps.load(Ordering::Relaxed));
+        o.one(
+            "tributary_mirror_link_up",
+            "gauge",
+            "1 while the link to the cloud receiver is up.",
+            u8::from(m.link_up.load(Ordering::Relaxed)),
+        );
+        o.one(
+            "tributary_mirror_reconnects_total",
+            "counter",
+            "Mirror link losses.",
+            m.reconnects.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_batch_bytes_sent_total",
+            "counter",
+            "Stored batch bytes sent (compressed as stored).",
+            m.batch_bytes_sent.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_wire_bytes_sent_total",
+            "counter",
+            "UDP bytes sent by the mirror (QUIC, TLS, retransmissions).",
+            m.wire_bytes_sent(),
+        );
+        o.one(
+            "tributary_mirror_gaps_total",
+            "counter",
+            "Gaps: unmirrored ranges deleted by retention.",
+            m.gaps.load(Ordering::Relaxed),
+        );
         let lag = m.lag(store);
         let fams = [
             ("tributary_mirror_lag_records", "Records not yet in the central cluster."),
@@ -230,7 +310,12 @@ pub fn render(src: &Sources) -> String {
             o.family(name, "gauge", help);
             for l in &lag {
                 let p = l.partition.to_string();
-                let v = [l.lag_records as f64, l.lag_bytes as f64, l.oldest_unmirrored_age_ms as f64 / 1000.0, l.mirrored as f64][i];
+                let v = [
+                    l.lag_records as f64,
+                    l.lag_bytes as f64,
+                    l.oldest_unmirrored_age_ms as f64 / 1000.0,
+                    l.mirrored as f64,
+                ][i];
                 o.sample(name, &[("topic", &l.topic), ("partition", &p)], v);
             }
         }
@@ -239,7 +324,12 @@ pub fn render(src: &Sources) -> String {
 }
 
 /// Serves GET /metrics until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, cfg: MetricsConfig, src: Sources, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    cfg: MetricsConfig,
+    src: Sources,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let slots = Arc::new(Semaphore::new(cfg.connections_max as usize));
     tokio::pin!(shutdown);
     loop {
@@ -283,7 +373,10 @@ async fn answer(stream: &mut tokio::net::TcpStream, src: &Sources) -> std::io::R
         ["GET", _, _] => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
     };
-    let resp = format!("HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     stream.write_all(resp.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await

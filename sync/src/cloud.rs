@@ -180,14 +180,8 @@ impl CloudServer {
             }
         }
         // Stop every site and let their writes finish.
-        let stops: Vec<watch::Sender<bool>> = self
-            .shared
-            .sites
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .map(|s| s.stop.clone())
-            .collect();
+        let stops: Vec<watch::Sender<bool>> =
+            self.shared.sites.lock().unwrap_or_else(PoisonError::into_inner).values().map(|s| s.stop.clone()).collect();
         for s in stops {
             let _ = s.send(true);
         }
@@ -375,8 +369,13 @@ impl Session {
 
     /// Credit due and progress to report.
     async fn send_updates(&self, send: &mut quinn::SendStream, tick: bool) -> Result<(), CloudError> {
-        let links: Vec<((String, i32), Arc<Link>)> =
-            self.links.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let links: Vec<((String, i32), Arc<Link>)> = self
+            .links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let now = Instant::now();
         let mut out = Vec::new();
         for ((topic, partition), link) in links {
@@ -397,7 +396,11 @@ impl Session {
 
     /// New partitions: remote topic ready, resume point from the central cluster, Start and
     /// the first credit.
-    async fn start_partitions(&mut self, send: &mut quinn::SendStream, list: Vec<PartitionReport>) -> Result<(), CloudError> {
+    async fn start_partitions(
+        &mut self,
+        send: &mut quinn::SendStream,
+        list: Vec<PartitionReport>,
+    ) -> Result<(), CloudError> {
         for p in list {
             let key = (p.topic.clone(), p.partition);
             if self.links.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&key) {
@@ -421,15 +424,13 @@ impl Session {
             let flow = Flow::new(self.shared.cfg.partition_credit_bytes, self.shared.cfg.frame_bytes_max);
             let credit = flow.initial_credit();
             let interval = Duration::from_millis(self.shared.cfg.mirrored_report_interval_ms);
-            let link = Link {
-                remote,
-                start,
-                flow: Mutex::new(flow),
-                progress: Mutex::new(Progress::new(start, interval)),
-            };
+            let link =
+                Link { remote, start, flow: Mutex::new(flow), progress: Mutex::new(Progress::new(start, interval)) };
             self.links.lock().unwrap_or_else(PoisonError::into_inner).insert(key, Arc::new(link));
-            let mut frames = Control::Start { topic: p.topic.clone(), partition: p.partition, offset: start }.encode().to_vec();
-            frames.extend_from_slice(&Control::Credit { topic: p.topic, partition: p.partition, bytes: credit }.encode());
+            let mut frames =
+                Control::Start { topic: p.topic.clone(), partition: p.partition, offset: start }.encode().to_vec();
+            frames
+                .extend_from_slice(&Control::Credit { topic: p.topic, partition: p.partition, bytes: credit }.encode());
             send.write_all(&frames).await?;
         }
         Ok(())
@@ -494,7 +495,13 @@ fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, name: &str) -> Optio
 }
 
 /// Reads the tail of a remote partition for the last record of (site, topic, partition).
-fn last_mirrored(cfg: &CloudConfig, remote: &str, partition: i32, site: &str, topic: &str) -> Result<Option<i64>, CloudError> {
+fn last_mirrored(
+    cfg: &CloudConfig,
+    remote: &str,
+    partition: i32,
+    site: &str,
+    topic: &str,
+) -> Result<Option<i64>, CloudError> {
     const TAIL: i64 = 256;
     let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
     let consumer: BaseConsumer = kafka_config(cfg)
@@ -570,7 +577,9 @@ impl StreamTask {
                 None => return Ok(()),
             }
         };
-        let Data::Open { topic, partition } = open else { return Err(ProtocolError::Unexpected("data before open").into()) };
+        let Data::Open { topic, partition } = open else {
+            return Err(ProtocolError::Unexpected("data before open").into());
+        };
         let link = self
             .links
             .lock()

@@ -126,7 +126,9 @@ impl MirrorConfig {
     /// The TLS name expected in the cloud's certificate.
     pub fn server_name(&self) -> &str {
         if self.server_name.is_empty() {
-            self.cloud.rsplit_once(':').map_or(self.cloud.as_str(), |(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+            self.cloud
+                .rsplit_once(':')
+                .map_or(self.cloud.as_str(), |(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
         } else {
             &self.server_name
         }
@@ -268,7 +270,12 @@ mod tests {
     fn defaults_validate_and_errors_name_the_key() {
         assert!(CloudConfig::default().validate().is_ok());
         assert!(MirrorConfig::default().validate("mirror").is_ok(), "disabled by default");
-        let on = MirrorConfig { enabled: true, cloud: "cloud.example:7443".into(), site: "plant-7".into(), ..Default::default() };
+        let on = MirrorConfig {
+            enabled: true,
+            cloud: "cloud.example:7443".into(),
+            site: "plant-7".into(),
+            ..Default::default()
+        };
         assert!(on.validate("mirror").is_ok());
         assert_eq!(on.server_name(), "cloud.example");
         let bad = MirrorConfig { site: "plant_7".into(), ..on.clone() };

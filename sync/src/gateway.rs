@@ -101,7 +101,8 @@ impl MirrorStats {
     /// UDP bytes sent over all connections so far: QUIC and TLS overhead and retransmissions
     /// included, so this is what a metered link is billed for.
     pub fn wire_bytes_sent(&self) -> u64 {
-        let live = self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map_or(0, |c| c.stats().udp_tx.bytes);
+        let live =
+            self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map_or(0, |c| c.stats().udp_tx.bytes);
         self.wire_bytes_closed.load(Ordering::Relaxed) + live
     }
 
@@ -234,9 +235,9 @@ async fn connect_and_stream(
     bucket: &Arc<Mutex<TokenBucket>>,
 ) -> Result<(), MirrorError> {
     let addr = resolve(&cfg.cloud).await?;
-    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(|_| {
-        MirrorError::Resolve("bind address".into())
-    })?;
+    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .map_err(|_| MirrorError::Resolve("bind address".into()))?;
     let endpoint = quinn::Endpoint::client(bind).map_err(MirrorError::Endpoint)?;
     // A handshake to a receiver that is down resends at 1, 3, 7, 15, 31 s until the idle
     // timeout: bound it, so the reconnect backoff decides when to try again.
@@ -413,16 +414,16 @@ impl PartitionSender {
                 }
                 continue;
             }
-            let fetched = match self.store.fetch(&self.topic, self.partition, next, credit.min(self.read_bytes_max) as usize)
-            {
-                Ok(f) => f,
-                Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) if log_start_offset > next => {
-                    self.send_gap(&mut stream, next, log_start_offset).await?;
-                    next = log_start_offset;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
+            let fetched =
+                match self.store.fetch(&self.topic, self.partition, next, credit.min(self.read_bytes_max) as usize) {
+                    Ok(f) => f,
+                    Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) if log_start_offset > next => {
+                        self.send_gap(&mut stream, next, log_start_offset).await?;
+                        next = log_start_offset;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
             let mut rest: Bytes = fetched.data;
             while !rest.is_empty() {
                 let h = BatchHeader::parse(&rest).map_err(|e| StoreError::Corrupt(e.to_string()))?;

@@ -35,7 +35,10 @@ impl Pki {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = certs::new_ca("test mirror CA", 2).expect("ca");
         ca.write(dir.path(), "ca").expect("write ca");
-        certs::server_cert(&ca, &["localhost".to_string()], 2).expect("server").write(dir.path(), "cloud").expect("write");
+        certs::server_cert(&ca, &["localhost".to_string()], 2)
+            .expect("server")
+            .write(dir.path(), "cloud")
+            .expect("write");
         Self { dir, ca }
     }
 
@@ -45,7 +48,10 @@ impl Pki {
 
     /// A site certificate for `site`, signed by this CA (or by `other` when given).
     fn site(&self, name: &str, site: &str, other: Option<&certs::Pem>) -> (PathBuf, PathBuf) {
-        certs::site_cert(other.unwrap_or(&self.ca), site, 2).expect("site cert").write(self.dir.path(), name).expect("write");
+        certs::site_cert(other.unwrap_or(&self.ca), site, 2)
+            .expect("site cert")
+            .write(self.dir.path(), name)
+            .expect("write");
         (self.path(&format!("{name}.pem")), self.path(&format!("{name}.key")))
     }
 }
@@ -257,13 +263,22 @@ async fn produce(store: &Store, topic: &str, from: usize, n: usize) {
 fn assert_mirrored(gateway: &Store, central: &Store, topic: &str) {
     let parts = gateway.topic(topic).expect("topic").partitions as i32;
     let remote = format!("{SITE}.{topic}");
-    assert_eq!(central.topic(&remote).map(|t| t.partitions as i32), Some(parts), "remote topic with as many partitions");
+    assert_eq!(
+        central.topic(&remote).map(|t| t.partitions as i32),
+        Some(parts),
+        "remote topic with as many partitions"
+    );
     for p in 0..parts {
         let src = read_all(gateway, topic, p);
         let dst = read_all(central, &remote, p);
         assert_eq!(dst.len(), src.len(), "{remote}-{p}: every record once (source log start {})", src[0].offset);
         for (s, d) in src.iter().zip(&dst) {
-            assert_eq!((&d.key, &d.value, d.timestamp), (&s.key, &s.value, s.timestamp), "{remote}-{p} at {}", s.offset);
+            assert_eq!(
+                (&d.key, &d.value, d.timestamp),
+                (&s.key, &s.value, s.timestamp),
+                "{remote}-{p} at {}",
+                s.offset
+            );
             let h = |k: &str| d.headers.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.clone());
             let source_headers: Vec<_> = d.headers.iter().filter(|(n, _)| !n.starts_with("tributary.")).collect();
             assert_eq!(source_headers.len(), s.headers.len(), "headers kept, null values included");
@@ -340,7 +355,9 @@ async fn every_record_reaches_the_central_cluster_once_through_cuts_loss_and_res
     let gateway = gateway.restart().await;
     produce(&gateway.store, "meters", 1300, 100).await;
     let mirror = Mirror::start(mirror_config(&pki, via, cert), &gateway.store);
-    mirror.until("mirrored after the gateway restarted", 60, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;
+    mirror
+        .until("mirrored after the gateway restarted", 60, |_| caught_up(&gateway.store, &["meters", "alarms"]))
+        .await;
 
     assert_mirrored(&gateway.store, &central.store, "meters");
     assert_mirrored(&gateway.store, &central.store, "alarms");
@@ -387,7 +404,11 @@ async fn data_dropped_by_retention_before_it_was_mirrored_is_recorded_as_a_gap()
     let central = KafkaBroker::start().await;
     let gateway = KafkaBroker::start().await;
     // A small partition budget: most of what arrives while the link is down is deleted.
-    let cfg = TopicConfig { retention_bytes: Some(8_000), compression: tributary_broker::Codec::None, ..TopicConfig::default() };
+    let cfg = TopicConfig {
+        retention_bytes: Some(8_000),
+        compression: tributary_broker::Codec::None,
+        ..TopicConfig::default()
+    };
     gateway.store.create_topic("meters", 1, cfg).await.expect("topic");
     produce(&gateway.store, "meters", 0, 400).await;
     let start = gateway.store.watermarks("meters", 0).expect("wm").log_start_offset;
@@ -476,8 +497,10 @@ async fn the_gateway_daemon_mirrors_with_certificates_from_tributary_cert() {
     })
     .await
     .expect("consume");
-    let values: Vec<String> =
-        got.iter().map(|m| String::from_utf8_lossy(rdkafka::Message::payload(m).unwrap_or_default()).into_owned()).collect();
+    let values: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(rdkafka::Message::payload(m).unwrap_or_default()).into_owned())
+        .collect();
     assert_eq!(values, (0..100).map(|i| format!("reading-{i}")).collect::<Vec<_>>());
 
     // The operator's view: the mirror is up and nothing is behind (the mark arrives with the

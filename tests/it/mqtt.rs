@@ -28,7 +28,9 @@ fn pump(mut eventloop: EventLoop) -> mpsc::UnboundedReceiver<Packet> {
     rx
 }
 
-pub(crate) fn pump5(mut eventloop: rumqttc::v5::EventLoop) -> mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet> {
+pub(crate) fn pump5(
+    mut eventloop: rumqttc::v5::EventLoop,
+) -> mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(ev) = eventloop.poll().await {
@@ -49,7 +51,11 @@ fn client(broker: &KafkaBroker, id: &str) -> (AsyncClient, EventLoop) {
 }
 
 /// Waits for the next packet matching `want` (others are skipped), with a deadline.
-pub(crate) async fn next<P: std::fmt::Debug>(rx: &mut mpsc::UnboundedReceiver<P>, what: &str, want: impl Fn(&P) -> bool) -> P {
+pub(crate) async fn next<P: std::fmt::Debug>(
+    rx: &mut mpsc::UnboundedReceiver<P>,
+    what: &str,
+    want: impl Fn(&P) -> bool,
+) -> P {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {

@@ -157,7 +157,8 @@ async fn publish_qos1(broker: &KafkaBroker, topic: &str, payloads: impl IntoIter
 async fn collect(rx: &mut mpsc::UnboundedReceiver<Packet5>, n: usize) -> Vec<String> {
     let mut got = Vec::new();
     while got.len() < n {
-        if let Packet5::Publish(p) = crate::mqtt::next(rx, "shared message", |p| matches!(p, Packet5::Publish(_))).await {
+        if let Packet5::Publish(p) = crate::mqtt::next(rx, "shared message", |p| matches!(p, Packet5::Publish(_))).await
+        {
             let s = String::from_utf8_lossy(&p.payload).into_owned();
             assert!(!got.contains(&s), "{s} delivered twice");
             got.push(s);
@@ -179,7 +180,8 @@ async fn shared_subscriptions_survive_a_restart_and_a_departed_members_messages_
     publish_qos1(&broker, "work/a", (0..20).map(|i| format!("w{i}"))).await;
     let broker = broker.restart().await;
     let (c, mut rx) = member(&broker, "shared-keeper");
-    let Packet5::ConnAck(ack) = crate::mqtt::next(&mut rx, "CONNACK", |p| matches!(p, Packet5::ConnAck(_))).await else {
+    let Packet5::ConnAck(ack) = crate::mqtt::next(&mut rx, "CONNACK", |p| matches!(p, Packet5::ConnAck(_))).await
+    else {
         unreachable!()
     };
     assert!(ack.session_present, "the session with its shared subscription survived");

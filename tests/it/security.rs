@@ -157,7 +157,10 @@ async fn mqtt_wrong_password_unknown_user_and_no_credentials_are_refused_with_th
     let started = Instant::now();
     assert_eq!(refused4(mqtt4(b.mqtt, "c1", Some(("meter-1", "wrong"))).await), ConnectReturnCode::BadUserNamePassword);
     assert!(started.elapsed() >= Duration::from_millis(300), "failed logins are answered after auth.failure_delay_ms");
-    assert_eq!(refused4(mqtt4(b.mqtt, "c1", Some(("nobody", "device-pw"))).await), ConnectReturnCode::BadUserNamePassword);
+    assert_eq!(
+        refused4(mqtt4(b.mqtt, "c1", Some(("nobody", "device-pw"))).await),
+        ConnectReturnCode::BadUserNamePassword
+    );
     assert_eq!(refused4(mqtt4(b.mqtt, "c1", None).await), ConnectReturnCode::NotAuthorized);
     let refused5 = |r: Result<_, rumqttc::v5::ConnectionError>| match r {
         Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => code,
@@ -207,7 +210,9 @@ async fn mqtt_acl_denies_publish_and_subscribe_outside_the_users_filters() {
     assert!(matches!(&ack, Packet5::PubAck(a) if a.reason == PubAckReason::NotAuthorized), "{ack:?}");
     c5.subscribe("commands/meter-1/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.expect("sub");
     let ack = next(&mut rx5, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
-    assert!(matches!(&ack, Packet5::SubAck(a) if a.return_codes == vec![Sub5::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce)]));
+    assert!(
+        matches!(&ack, Packet5::SubAck(a) if a.return_codes == vec![Sub5::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce)])
+    );
     c5.subscribe("commands/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.expect("sub");
     let ack = next(&mut rx5, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
     assert!(matches!(&ack, Packet5::SubAck(a) if a.return_codes == vec![Sub5::NotAuthorized]), "{ack:?}");
@@ -221,7 +226,10 @@ async fn mqtt_acl_denies_publish_and_subscribe_outside_the_users_filters() {
     next(&mut rx4, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
     c4.subscribe("#", QoS::AtMostOnce).await.expect("sub");
     let ack = next(&mut rx4, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
-    assert!(matches!(&ack, Packet::SubAck(a) if a.return_codes == vec![rumqttc::SubscribeReasonCode::Failure]), "{ack:?}");
+    assert!(
+        matches!(&ack, Packet::SubAck(a) if a.return_codes == vec![rumqttc::SubscribeReasonCode::Failure]),
+        "{ack:?}"
+    );
     c4.publish("devices/dev-c/temp", QoS::AtLeastOnce, false, "22").await.expect("pub");
     next(&mut rx4, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
 
@@ -299,8 +307,10 @@ fn kafka_acl_denies_produce_fetch_group_join_and_topic_creation() {
     p.send(BaseRecord::to("readings").key("k").payload("ok")).expect("queue");
     p.flush(Duration::from_secs(30)).expect("allowed produce");
     let (tx, rx) = std::sync::mpsc::channel();
-    let denied: rdkafka::producer::ThreadedProducer<Report> =
-        cfg().set("message.timeout.ms", "10000").create_with_context(Report(std::sync::Mutex::new(tx))).expect("producer");
+    let denied: rdkafka::producer::ThreadedProducer<Report> = cfg()
+        .set("message.timeout.ms", "10000")
+        .create_with_context(Report(std::sync::Mutex::new(tx)))
+        .expect("producer");
     denied.send(BaseRecord::<(), str>::to("secret").payload("no")).map_err(|(e, _)| e).expect("queue");
     let err = rx.recv_timeout(Duration::from_secs(30)).expect("delivery report");
     assert_eq!(err, Some(RDKafkaErrorCode::TopicAuthorizationFailed), "produce to a topic without write");
@@ -427,7 +437,8 @@ impl Pki {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = tributary_sync::certs::new_ca("test devices CA", 1).expect("ca");
         ca.write(dir.path(), "ca").expect("write ca");
-        let server = tributary_sync::certs::server_cert(&ca, &["localhost".into(), "127.0.0.1".into()], 1).expect("server");
+        let server =
+            tributary_sync::certs::server_cert(&ca, &["localhost".into(), "127.0.0.1".into()], 1).expect("server");
         server.write(dir.path(), "server").expect("write server");
         Self { dir, ca }
     }
@@ -507,7 +518,8 @@ async fn mqtt_over_tls_with_passwords_and_client_certificates() {
     mqtt_tls(tls_addr, "s9", None, rustls_client(&pki.ca.cert, Some(&good))).await.expect("certificate login");
     // A valid certificate naming no configured user is not authorized.
     let stranger = tributary_sync::certs::site_cert(&pki.ca, "stranger", 1).expect("client cert");
-    let e = mqtt_tls(tls_addr, "x", None, rustls_client(&pki.ca.cert, Some(&stranger))).await.expect_err("unknown user");
+    let e =
+        mqtt_tls(tls_addr, "x", None, rustls_client(&pki.ca.cert, Some(&stranger))).await.expect_err("unknown user");
     assert!(matches!(e, ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)), "{e}");
     // A certificate from another CA, and an expired one, fail the handshake.
     let other_ca = tributary_sync::certs::new_ca("other CA", 1).expect("ca");

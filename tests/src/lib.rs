@@ -145,7 +145,10 @@ pub struct KafkaListener {
 impl KafkaListener {
     /// Binds `127.0.0.1:0`; topics created by clients get `topic_defaults` (one partition when
     /// auto-created).
-    pub async fn start(store: tributary_broker::Store, topic_defaults: tributary_broker::TopicConfig) -> anyhow::Result<Self> {
+    pub async fn start(
+        store: tributary_broker::Store,
+        topic_defaults: tributary_broker::TopicConfig,
+    ) -> anyhow::Result<Self> {
         use tributary_broker::kafka::{KafkaConfig, KafkaServer, TopicTemplate};
         let cfg = KafkaConfig { listen: "127.0.0.1:0".into(), ..KafkaConfig::default() };
         let template = TopicTemplate { partitions: 1, config: topic_defaults };
@@ -226,7 +229,8 @@ impl SmartMeters {
     pub fn next_reading(&mut self) -> tributary_broker::storage::batch::NewRecord {
         use std::fmt::Write as _;
         let ts = self.round_ms;
-        let noise = |rng: &mut u64, spread: f64| (xorshift(rng) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 * spread - spread;
+        let noise =
+            |rng: &mut u64, spread: f64| (xorshift(rng) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 * spread - spread;
         let rng = &mut self.rng;
         let m = &mut self.meters[self.next];
         let mut voltage = [0.0; 3];
@@ -274,7 +278,8 @@ impl SmartMeters {
         list(&mut v, &voltage[..m.phases], 1);
         v.push_str(",\"current_a\":");
         list(&mut v, &current[..m.phases], 2);
-        let _ = write!(v, ",\"power_factor\":{pf:.3},\"freq_hz\":{:.2},\"status\":\"{status}\"}}", 50.0 + noise(rng, 0.05));
+        let _ =
+            write!(v, ",\"power_factor\":{pf:.3},\"freq_hz\":{:.2},\"status\":\"{status}\"}}", 50.0 + noise(rng, 0.05));
         let mut record = tributary_broker::storage::batch::NewRecord::new(Some(m.id.clone()), v);
         record.timestamp_ms = Some(ts);
         self.next += 1;
@@ -333,7 +338,8 @@ mod tests {
             assert!(text.starts_with("{\"meter\":\"SM-") && text.ends_with("\"}"), "{text}");
             sizes.push(v.len());
             if r.key.as_deref() == Some(&b"SM-0000003"[..]) {
-                let kwh = |t: &str| t.split("\"import_kwh\":").nth(1).and_then(|s| s.split(',').next()).map(str::to_string);
+                let kwh =
+                    |t: &str| t.split("\"import_kwh\":").nth(1).and_then(|s| s.split(',').next()).map(str::to_string);
                 let now = kwh(text).expect("import_kwh").parse::<f64>().expect("number");
                 if let Some(before) = first {
                     assert!(now >= before, "counters never go back");

@@ -163,7 +163,11 @@ pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<Pending
             let mut resp = DeleteGroupsResponse::default();
             for id in ids {
                 // Deleting a group (and its committed offsets) is an admin operation.
-                let e = if call.access.admin() { groups.delete_group(&id).await } else { errors::GROUP_AUTHORIZATION_FAILED };
+                let e = if call.access.admin() {
+                    groups.delete_group(&id).await
+                } else {
+                    errors::GROUP_AUTHORIZATION_FAILED
+                };
                 resp.results.push(
                     delete_groups_response::DeletableGroupResult::default()
                         .with_group_id(GroupId(sb(id)))
@@ -219,9 +223,10 @@ fn authorized(call: &Call, body: &Request) -> bool {
 fn refuse(call: Call, body: Request) -> PendingReply {
     let e = errors::GROUP_AUTHORIZATION_FAILED;
     match body {
-        Request::JoinGroup(_) => {
-            reply(call, &JoinGroupResponse::default().with_error_code(e).with_generation_id(-1).with_protocol_name(Some(sb(""))))
-        }
+        Request::JoinGroup(_) => reply(
+            call,
+            &JoinGroupResponse::default().with_error_code(e).with_generation_id(-1).with_protocol_name(Some(sb(""))),
+        ),
         Request::SyncGroup(_) => reply(call, &SyncGroupResponse::default().with_error_code(e)),
         Request::Heartbeat(_) => reply(call, &HeartbeatResponse::default().with_error_code(e)),
         Request::LeaveGroup(..) => reply(call, &LeaveGroupResponse::default().with_error_code(e)),
@@ -231,16 +236,18 @@ fn refuse(call: Call, body: Request) -> PendingReply {
             let mut resp = OffsetFetchResponse::default().with_error_code(e);
             for (t, ps) in topics.unwrap_or_default() {
                 resp.topics.push(
-                    offset_fetch_response::OffsetFetchResponseTopic::default().with_name(TopicName(sb(t))).with_partitions(
-                        ps.into_iter()
-                            .map(|p| {
-                                offset_fetch_response::OffsetFetchResponsePartition::default()
-                                    .with_partition_index(p)
-                                    .with_committed_offset(-1)
-                                    .with_error_code(e)
-                            })
-                            .collect(),
-                    ),
+                    offset_fetch_response::OffsetFetchResponseTopic::default()
+                        .with_name(TopicName(sb(t)))
+                        .with_partitions(
+                            ps.into_iter()
+                                .map(|p| {
+                                    offset_fetch_response::OffsetFetchResponsePartition::default()
+                                        .with_partition_index(p)
+                                        .with_committed_offset(-1)
+                                        .with_error_code(e)
+                                })
+                                .collect(),
+                        ),
                 );
             }
             reply(call, &resp)
@@ -265,11 +272,20 @@ async fn offset_commit(ctx: &Ctx, access: &Access, mut req: OffsetCommitRequest)
     // Offsets of topics the user may not read are refused; the rest are committed together.
     let readable: Vec<bool> = keys.iter().map(|(t, _)| access.topic(TopicOp::Read, t)).collect();
     req.offsets.retain(|o| access.topic(TopicOp::Read, &o.0));
-    let mut committed =
-        ctx.groups.commit(&req.group_id, req.generation, &req.member_id, req.instance_id.as_deref(), req.offsets).await.into_iter();
+    let mut committed = ctx
+        .groups
+        .commit(&req.group_id, req.generation, &req.member_id, req.instance_id.as_deref(), req.offsets)
+        .await
+        .into_iter();
     let codes: Vec<i16> = readable
         .into_iter()
-        .map(|ok| if ok { committed.next().unwrap_or(errors::UNKNOWN_SERVER_ERROR) } else { errors::TOPIC_AUTHORIZATION_FAILED })
+        .map(|ok| {
+            if ok {
+                committed.next().unwrap_or(errors::UNKNOWN_SERVER_ERROR)
+            } else {
+                errors::TOPIC_AUTHORIZATION_FAILED
+            }
+        })
         .collect();
     commit_response(keys.into_iter().zip(codes))
 }
@@ -298,7 +314,8 @@ fn offset_fetch(ctx: &Ctx, call: &Call, group: &str, topics: Option<Vec<(String,
     // As Kafka: offsets of topics the user may not see are left out.
     let asked: Option<Vec<(String, i32)>> =
         topics.map(|ts| ts.into_iter().flat_map(|(t, ps)| ps.into_iter().map(move |p| (t.clone(), p))).collect());
-    let asked = asked.map(|a| a.into_iter().filter(|(t, _)| call.access.topic(TopicOp::Describe, t)).collect::<Vec<_>>());
+    let asked =
+        asked.map(|a| a.into_iter().filter(|(t, _)| call.access.topic(TopicOp::Describe, t)).collect::<Vec<_>>());
     let mut resp = OffsetFetchResponse::default();
     let found = match ctx.groups.committed(group, asked.as_deref()) {
         Ok(f) => f,

@@ -440,7 +440,9 @@ async fn metadata(ctx: &Arc<Ctx>, call: &Call, req: requests::MetadataRequest) -
     // As Kafka: a listing shows only the topics the user may see; a topic asked for by name that
     // the user may neither see nor create is answered TOPIC_AUTHORIZATION_FAILED.
     let names: Vec<String> = match req.topics {
-        None => ctx.store.topics().into_iter().map(|t| t.name).filter(|t| call.access.topic(TopicOp::Describe, t)).collect(),
+        None => {
+            ctx.store.topics().into_iter().map(|t| t.name).filter(|t| call.access.topic(TopicOp::Describe, t)).collect()
+        }
         Some(names) => names,
     };
     for name in names {
@@ -582,7 +584,10 @@ async fn create_partitions(
     let mut resp = CreatePartitionsResponse::default();
     for (name, count, assigned) in req.topics {
         let result = if !access.admin() {
-            Err((errors::TOPIC_AUTHORIZATION_FAILED, format!("{NOT_AUTHORIZED} (adding partitions is an admin operation)")))
+            Err((
+                errors::TOPIC_AUTHORIZATION_FAILED,
+                format!("{NOT_AUTHORIZED} (adding partitions is an admin operation)"),
+            ))
         } else if count <= 0 {
             Err((errors::INVALID_PARTITIONS, format!("partition count must be positive (got {count})")))
         } else if assigned {
@@ -656,9 +661,7 @@ fn describe_configs(ctx: &Ctx, call: &Call, req: requests::ConfigsRequest) -> De
         };
         match res.resource_type {
             RESOURCE_TOPIC if !call.access.topic(TopicOp::Describe, &res.resource_name) => {
-                r = r
-                    .with_error_code(errors::TOPIC_AUTHORIZATION_FAILED)
-                    .with_error_message(Some(sb(NOT_AUTHORIZED)));
+                r = r.with_error_code(errors::TOPIC_AUTHORIZATION_FAILED).with_error_message(Some(sb(NOT_AUTHORIZED)));
             }
             RESOURCE_BROKER if !call.access.admin() => {
                 r = r

@@ -247,8 +247,10 @@ impl KafkaServer {
     /// end with the runtime).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let connections = Arc::new(Semaphore::new(self.ctx.cfg.connections_max as usize));
-        let mut rate =
-            ConnectionRateLimit::new(self.ctx.cfg.connections_per_ip_per_s_max, self.ctx.cfg.connection_rate_addresses_max);
+        let mut rate = ConnectionRateLimit::new(
+            self.ctx.cfg.connections_per_ip_per_s_max,
+            self.ctx.cfg.connection_rate_addresses_max,
+        );
         if self.ctx.auth.enabled() && self.ctx.auth.user_count() == 0 {
             tracing::warn!("auth.enabled with no [[auth.users]]: every Kafka client will be refused");
         }

@@ -3,8 +3,8 @@
 //! subscriptions served from the log).
 
 mod config;
-pub mod routes;
 mod persist;
+pub mod routes;
 mod server;
 mod shared;
 pub mod topic;

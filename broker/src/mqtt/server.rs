@@ -22,8 +22,8 @@ use super::persist::{
     decode_session, decode_shared, encode_session, encode_shared, qos2_key, qos2_prefix, session_key, shared_key,
     Position, StoredInflight, StoredSession,
 };
-use super::shared::SharedGroup;
 use super::routes::{Router, HEADER_CONTENT_TYPE, HEADER_CORRELATION_DATA, HEADER_RESPONSE_TOPIC, HEADER_TOPIC};
+use super::shared::SharedGroup;
 use super::topic;
 use super::wire::{self, In, PublishProps, Version, WireError};
 use crate::error::StoreError;
@@ -207,8 +207,10 @@ impl MqttServer {
     /// state and end, and waits (up to 5 s) until they have.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let connections = Arc::new(Semaphore::new(self.ctx.cfg.connections_max as usize));
-        let mut rate =
-            ConnectionRateLimit::new(self.ctx.cfg.connections_per_ip_per_s_max, self.ctx.cfg.connection_rate_addresses_max);
+        let mut rate = ConnectionRateLimit::new(
+            self.ctx.cfg.connections_per_ip_per_s_max,
+            self.ctx.cfg.connection_rate_addresses_max,
+        );
         if self.ctx.auth.enabled() && self.ctx.auth.user_count() == 0 {
             tracing::warn!("auth.enabled with no [[auth.users]]: every MQTT client will be refused");
         }
@@ -245,7 +247,9 @@ impl MqttServer {
                     }
                     Some(acceptor) => {
                         let limit = Duration::from_millis(ctx.cfg.connect_timeout_ms);
-                        match tokio::time::timeout(limit, tokio_rustls::TlsAcceptor::from(acceptor).accept(stream)).await {
+                        match tokio::time::timeout(limit, tokio_rustls::TlsAcceptor::from(acceptor).accept(stream))
+                            .await
+                        {
                             Ok(Ok(s)) => {
                                 let name = tls::peer_name(s.get_ref().1);
                                 (split_io(s), name)
@@ -323,7 +327,13 @@ impl SysPublisher {
             }
         }
         let origin = Origin { client_id: "$SYS".into(), username: None };
-        let msg = Message { topic: topic.to_string(), qos: 0, retain: true, payload: payload.into(), props: PublishProps::default() };
+        let msg = Message {
+            topic: topic.to_string(),
+            qos: 0,
+            retain: true,
+            payload: payload.into(),
+            props: PublishProps::default(),
+        };
         publish_message(ctx, &origin, &msg, Vec::new()).await?.wait().await.map(|_| ())
     }
 }
@@ -425,7 +435,12 @@ fn session_entries(s: &Session) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
             Source::Shared(_, position) if m.released => Some((pkid, m, position)),
             _ => None,
         })
-        .map(|(pkid, m, position)| StoredInflight { pkid, qos: m.qos, released: m.released, position: position.clone() })
+        .map(|(pkid, m, position)| StoredInflight {
+            pkid,
+            qos: m.qos,
+            released: m.released,
+            position: position.clone(),
+        })
         .collect();
     inflight.sort_by(|a, b| a.position.cmp(&b.position));
     let stored = StoredSession {
@@ -489,7 +504,16 @@ async fn connection(
     };
     let connect = wire::decode(version, frame, max).map_err(|e| format!("bad CONNECT: {e}"))?;
     let In::Connect {
-        client_id, clean, keep_alive, username, password, will, receive_max, session_expiry_s, max_packet, ..
+        client_id,
+        clean,
+        keep_alive,
+        username,
+        password,
+        will,
+        receive_max,
+        session_expiry_s,
+        max_packet,
+        ..
     } = connect
     else {
         return Err("the first packet must be CONNECT".into());
@@ -1330,11 +1354,8 @@ async fn resume_inflight(
             wire::ack(s.version, 6, m.pkid, 0)
         } else {
             let (t, p, off) = &m.position;
-            let record = ctx
-                .store
-                .read_records(t, *p, *off, 1)
-                .ok()
-                .and_then(|rs| rs.into_iter().find(|r| r.offset == *off));
+            let record =
+                ctx.store.read_records(t, *p, *off, 1).ok().and_then(|rs| rs.into_iter().find(|r| r.offset == *off));
             let Some(r) = record else {
                 tracing::warn!(client = %s.client_id, topic = %t, partition = p, offset = off,
                     "message in flight fell behind retention: skipped");

@@ -62,10 +62,7 @@ impl SharedGroup {
         while out.len() < budget {
             let Some((t, p, off)) = st.returned.pop_front() else { break };
             // Gone to retention meanwhile: nothing to hand out, and nothing outstanding.
-            let record = store
-                .read_records(&t, p, off, 1)
-                .ok()
-                .and_then(|rs| rs.into_iter().find(|r| r.offset == off));
+            let record = store.read_records(&t, p, off, 1).ok().and_then(|rs| rs.into_iter().find(|r| r.offset == off));
             match record {
                 Some(r) => out.push(((t, p, off), r)),
                 None => remove_outstanding(&mut st, &(t, p, off)),

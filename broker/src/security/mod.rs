@@ -336,7 +336,8 @@ mod tests {
     async fn passwords_and_access() {
         let mut u = user("alice");
         u.kafka.read = vec!["meters*".into()];
-        let auth = Auth::new(&AuthConfig { enabled: true, users: vec![u], ..Default::default() }, "auth").expect("auth");
+        let auth =
+            Auth::new(&AuthConfig { enabled: true, users: vec![u], ..Default::default() }, "auth").expect("auth");
         let alice = auth.check_password("alice", b"pw").await.expect("right password");
         assert_eq!(auth.check_password("alice", b"px").await.expect_err("wrong"), LoginError::WrongPassword);
         assert_eq!(auth.check_password("bob", b"pw").await.expect_err("unknown"), LoginError::UnknownUser);

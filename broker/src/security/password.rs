@@ -147,7 +147,8 @@ impl PasswordHash {
         if !(ITERATIONS_MIN..=ITERATIONS_MAX).contains(&iterations) {
             return Err(format!("iterations must be between {ITERATIONS_MIN} and {ITERATIONS_MAX}"));
         }
-        let keys = Algorithm::ALL.iter().map(|&a| ScramKeys::derive(a, password, iterations)).collect::<Result<_, _>>()?;
+        let keys =
+            Algorithm::ALL.iter().map(|&a| ScramKeys::derive(a, password, iterations)).collect::<Result<_, _>>()?;
         Ok(Self { keys })
     }
 
@@ -245,7 +246,12 @@ mod tests {
             for _ in 0..n {
                 assert!(k.verify(b"pw"));
             }
-            println!("{}: {:.2} ms per password check ({} iterations)", alg.tag(), t.elapsed().as_secs_f64() * 1e3 / f64::from(n), DEFAULT_ITERATIONS);
+            println!(
+                "{}: {:.2} ms per password check ({} iterations)",
+                alg.tag(),
+                t.elapsed().as_secs_f64() * 1e3 / f64::from(n),
+                DEFAULT_ITERATIONS
+            );
         }
     }
 

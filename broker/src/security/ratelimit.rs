@@ -22,7 +22,11 @@ pub struct ConnectionRateLimit {
 
 impl ConnectionRateLimit {
     pub fn new(rate_per_s: u32, addresses_max: u32) -> Self {
-        Self { rate_per_s: f64::from(rate_per_s), addresses_max: addresses_max.max(1) as usize, buckets: HashMap::new() }
+        Self {
+            rate_per_s: f64::from(rate_per_s),
+            addresses_max: addresses_max.max(1) as usize,
+            buckets: HashMap::new(),
+        }
     }
 
     /// Whether a new connection from `ip` may proceed (and takes its token).

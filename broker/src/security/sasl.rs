@@ -64,13 +64,7 @@ pub enum ScramStep {
 #[derive(Debug)]
 enum State {
     ClientFirst,
-    ClientFinal {
-        user: String,
-        keys: Option<ScramKeys>,
-        gs2_header: String,
-        nonce: String,
-        auth_prefix: String,
-    },
+    ClientFinal { user: String, keys: Option<ScramKeys>, gs2_header: String, nonce: String, auth_prefix: String },
     Finished,
 }
 

@@ -890,8 +890,12 @@ impl Writer {
         }
         // Batches the central cluster already has go first (a mirrored partition's front), then
         // the oldest front across partitions.
-        let mirrored: Vec<(u64, i64)> =
-            self.pstates.iter().map(|(k, p)| (*k, p.mirrored.load(Ordering::Relaxed))).filter(|(_, m)| *m > 0).collect();
+        let mirrored: Vec<(u64, i64)> = self
+            .pstates
+            .iter()
+            .map(|(k, p)| (*k, p.mirrored.load(Ordering::Relaxed)))
+            .filter(|(_, m)| *m > 0)
+            .collect();
         for (pkey, mark) in mirrored {
             while total > low && freed < cap {
                 let below = |h: &BatchHeader, _: u64, _: &PartitionMeta| h.next_offset() <= mark;

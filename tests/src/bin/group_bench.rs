@@ -64,12 +64,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let tmp = tempfile::tempdir_in(&args.dir).context("temporary directory")?;
-    let gw = BenchGateway::start(
-        args.gateway.as_deref(),
-        tmp.path(),
-        "",
-        "[topic_defaults]\nretention_ms = 86400000\n",
-    )?;
+    let gw =
+        BenchGateway::start(args.gateway.as_deref(), tmp.path(), "", "[topic_defaults]\nretention_ms = 86400000\n")?;
     let (addr, pid) = (gw.kafka.clone(), gw.pid.clone());
     let result = run(&args, &addr, &pid);
     let peak_kib = gw.peak_rss_kib();

@@ -107,7 +107,13 @@ fn commits(n: u64, micros: u64, records: u64) -> String {
 
 /// Appends `total` readings from the fleets (one appender task per fleet), `per_append` records
 /// of one partition per append, each appender waiting for its append to be durable.
-async fn ingest(store: &Store, fleets: &mut Vec<SmartMeters>, total: u64, per_append: usize, partitions: u32) -> anyhow::Result<Ingest> {
+async fn ingest(
+    store: &Store,
+    fleets: &mut Vec<SmartMeters>,
+    total: u64,
+    per_append: usize,
+    partitions: u32,
+) -> anyhow::Result<Ingest> {
     let n = fleets.len() as u64;
     let cpu = cpu_seconds("self");
     let stats = store.stats();
@@ -169,7 +175,9 @@ async fn open_store(dir: &Path, partitions: u32, topic: bool) -> anyhow::Result<
     let cfg = StorageConfig { data_dir: dir.to_path_buf(), max_bytes: 16 << 30, ..StorageConfig::default() };
     let (store, _) = tokio::task::spawn_blocking(move || Store::open(cfg)).await?.context("open store")?;
     if topic {
-        store.create_topic(TOPIC, partitions, TopicConfig { compression: Codec::Lz4, ..TopicConfig::default() }).await?;
+        store
+            .create_topic(TOPIC, partitions, TopicConfig { compression: Codec::Lz4, ..TopicConfig::default() })
+            .await?;
     }
     Ok(store)
 }
@@ -210,7 +218,12 @@ fn caught_up(store: &Store, partitions: u32) -> bool {
 }
 
 /// Waits on the mirror's change watch (no polling) until `cond` holds; the time it held.
-async fn until(stats: &MirrorStats, what: &str, secs: u64, cond: impl Fn(&MirrorStats) -> bool) -> anyhow::Result<Instant> {
+async fn until(
+    stats: &MirrorStats,
+    what: &str,
+    secs: u64,
+    cond: impl Fn(&MirrorStats) -> bool,
+) -> anyhow::Result<Instant> {
     let mut rx = stats.subscribe();
     if tokio::time::timeout(Duration::from_secs(secs), rx.wait_for(|_| cond(stats))).await.is_err() {
         bail!("{what} not reached in {secs} s; last mirror error: {:?}", stats.last_error.lock().map(|e| e.clone()));
@@ -281,7 +294,11 @@ struct Snap {
 }
 
 fn snap(stats: &MirrorStats) -> Snap {
-    Snap { wire: stats.wire_bytes_sent(), batch: stats.batch_bytes_sent.load(Ordering::Relaxed), cpu: cpu_seconds("self") }
+    Snap {
+        wire: stats.wire_bytes_sent(),
+        batch: stats.batch_bytes_sent.load(Ordering::Relaxed),
+        cpu: cpu_seconds("self"),
+    }
 }
 
 /// The threads of this process (ids and names).
@@ -313,14 +330,18 @@ fn thread_cpu(central_writers: &BTreeSet<String>) -> BTreeMap<String, f64> {
 
 /// `name N%` per kind of thread, busiest first, as a share of one core over `secs`.
 fn cpu_breakdown(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, secs: f64) -> String {
-    let mut d: Vec<(String, f64)> =
-        after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0))).filter(|(_, v)| *v > 0.0).collect();
+    let mut d: Vec<(String, f64)> = after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
     d.sort_by(|a, b| b.1.total_cmp(&a.1));
     d.iter().map(|(k, v)| format!("{k} {:.0}%", pct(*v, secs))).collect::<Vec<_>>().join(", ")
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(|_| "?".into(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+    std::fs::read_to_string("/proc/loadavg")
+        .map_or_else(|_| "?".into(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }
 
 fn peak_mib() -> f64 {
@@ -440,9 +461,10 @@ async fn main() -> anyhow::Result<()> {
     let gateway = open_store(&tmp.path().join("gateway"), parts, true).await?;
     let stats = Arc::new(MirrorStats::default());
     let (mirror_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mirror = tokio::spawn(tributary_sync::gateway::run(mirror_cfg.clone(), gateway.clone(), stats.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let mirror =
+        tokio::spawn(tributary_sync::gateway::run(mirror_cfg.clone(), gateway.clone(), stats.clone(), async move {
+            let _ = stop_rx.await;
+        }));
 
     // Warm-up (one reading per meter): link up, remote topic created, streams open.
     let mut fl = fleets(args.meters, args.appenders, start_ms, interval_ms);
