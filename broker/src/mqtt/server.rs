@@ -1233,6 +1233,11 @@ async fn session_loop(
 
 /// Whether some topic name could match both filters.
 pub(super) fn filters_overlap(a: &str, b: &str) -> bool {
+    // A leading wildcard never matches a `$` topic: `#` and `+/...` reach nothing of `$SYS/...`.
+    let wild_first = |f: &str| f.starts_with('#') || f.starts_with('+');
+    if (a.starts_with('$') && wild_first(b)) || (b.starts_with('$') && wild_first(a)) {
+        return false;
+    }
     let mut x = a.split('/');
     let mut y = b.split('/');
     loop {
@@ -1591,5 +1596,7 @@ mod tests {
         assert!(filters_overlap("meters/+/reading", "+/7/+"));
         assert!(!filters_overlap("meters/+/reading", "sensors/#"));
         assert!(!filters_overlap("a/b", "a/b/c"));
+        assert!(!filters_overlap("$SYS/#", "#") && !filters_overlap("+/broker/#", "$SYS/#"));
+        assert!(filters_overlap("$SYS/#", "$SYS/broker/+"));
     }
 }
