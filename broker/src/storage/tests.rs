@@ -324,7 +324,7 @@ async fn a_key_value_write_commits_with_its_append() {
 }
 
 #[tokio::test]
-async fn probe_is_answered_by_a_live_writer_and_fails_once_closed() {
+async fn probe_writes_through_the_writer_and_fails_once_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
     // No ticks during the test, so the commit count below moves only with our own operations.
     let cfg = StorageConfig {
@@ -336,11 +336,14 @@ async fn probe_is_answered_by_a_live_writer_and_fails_once_closed() {
     store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
     // Queued behind an append, the probe is answered once the writer reached it.
     let pending = store.enqueue_records("t", 0, vec![rec(0)]).await.expect("enqueue");
-    tokio::time::timeout(Duration::from_secs(10), store.probe()).await.expect("answered in time").expect("probe");
+    let fault = tokio::time::timeout(Duration::from_secs(10), store.probe()).await.expect("answered in time");
+    assert!(fault.expect("probe").is_none());
     pending.wait().await.expect("append");
-    let commits = store.stats().commits;
-    store.probe().await.expect("probe");
-    assert_eq!(store.stats().commits, commits, "a probe commits nothing");
+    let before = store.stats();
+    assert!(store.probe().await.expect("probe").is_none(), "a healthy writer writes");
+    let after = store.stats();
+    assert_eq!(after.commits, before.commits + 1, "a probe is a real write transaction");
+    assert_eq!(after.durable_commits, before.durable_commits + 1, "committed durably (one fsync)");
     store.close().await.expect("close");
     assert!(matches!(store.probe().await, Err(StoreError::Closed)));
 }
