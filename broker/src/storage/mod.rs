@@ -7,6 +7,8 @@ pub mod batch;
 pub mod compression;
 pub mod disk;
 mod producers;
+#[cfg(any(test, feature = "sim-disk"))]
+pub mod simdisk;
 pub mod tables;
 mod writer;
 

@@ -346,6 +346,11 @@ impl Pack {
             let _ = tx.send(Err(e.clone()));
         }
     }
+
+    /// Its waiters, to be answered with the error of the failing round.
+    fn doom(self, r: &mut Round) {
+        r.done.extend(self.waiters.into_iter().map(|(tx, _)| Done::Doomed(tx)));
+    }
 }
 
 /// An answer sent only after the round's commit returned (and memory was updated).
@@ -358,6 +363,9 @@ enum Done {
     Refused(Reply<()>, StoreError),
     /// The watchdog probe: `None` if its write committed, or the fault that kept it from writing.
     Probe(Reply<Option<StoreError>>, Option<StoreError>),
+    /// An append of a round that is failing: answered with the round's error once the writer
+    /// recovered (so the caller can read again when it gets it).
+    Doomed(Reply<AppendOutcome>),
 }
 
 impl Done {
@@ -376,13 +384,16 @@ impl Done {
             Done::Probe(tx, fault) => {
                 let _ = tx.send(Ok(fault));
             }
+            Done::Doomed(tx) => {
+                let _ = tx.send(Err(StoreError::Corrupt("an append of a failed round was not answered".into())));
+            }
         }
     }
 
     /// Answers after a commit that failed with `e`: nothing of the round was written.
     fn fail(self, e: &StoreError) {
         match self {
-            Done::Append(tx, _) => {
+            Done::Append(tx, _) | Done::Doomed(tx) => {
                 let _ = tx.send(Err(e.clone()));
             }
             Done::Unit(tx) | Done::Refused(tx, _) => {
@@ -424,6 +435,8 @@ struct Round {
     kv_delta: i64,
     /// Partitions of `relaxed` topics appended to this round (reservations checked at its end).
     relaxed: HashSet<u64>,
+    /// Ops a failing round did not get to: answered with its error once the writer recovered.
+    unanswered: Vec<Op>,
 }
 
 struct Tables<'t> {
@@ -647,9 +660,10 @@ impl Writer {
         let mut txn = match db.begin_write() {
             Ok(t) => t,
             Err(e) => {
+                // Reopened first, so whoever gets the error can read again at once.
                 let e = StoreError::from(e);
-                fail_ops(ops, &e);
                 self.write_failed(&e);
+                fail_ops(ops, &e);
                 return;
             }
         };
@@ -686,13 +700,15 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "commit failed; every waiter of this round gets the error");
                 self.fronts.clear();
-                for d in r.done {
-                    d.fail(&e);
-                }
+                // Reopened first, so whoever gets the error can read again at once.
                 if is_storage_fault(&e) {
                     self.write_failed(&e);
                 } else {
                     c.failed_commits.fetch_add(1, Ordering::Relaxed);
+                }
+                fail_ops(std::mem::take(&mut r.unanswered), &e);
+                for d in r.done {
+                    d.fail(&e);
                 }
             }
         }
@@ -851,7 +867,7 @@ impl Writer {
 
     /// Applies a round's operations to the transaction. Refusals answer their op at once
     /// (nothing was written for it); successes are answered after the commit. If applying
-    /// fails, every op of the round is answered with the error.
+    /// fails, every op of the round is left in `r` to be answered with the error.
     fn apply(
         &mut self,
         txn: &WriteTransaction,
@@ -864,7 +880,7 @@ impl Writer {
         let mut t = match Tables::open(txn) {
             Ok(t) => t,
             Err(e) => {
-                fail_ops(ops, &e);
+                r.unanswered = ops;
                 return Err(e);
             }
         };
@@ -895,16 +911,16 @@ impl Writer {
             }
             Ok(())
         };
-        if let Err(e) = &result {
-            fail_ops(ops.collect(), e);
+        if result.is_err() {
+            r.unanswered = ops.collect();
             for (_, p) in packs {
-                p.fail(e);
+                p.doom(r);
             }
         }
         result
     }
 
-    /// Applies one op (see `apply`). On an error the op is already answered or in `r.done`.
+    /// Applies one op (see `apply`). On an error the op is in `r.done`, to be answered with it.
     #[allow(clippy::too_many_arguments)]
     fn apply_op(
         &mut self,
@@ -947,7 +963,7 @@ impl Writer {
                         if let Some(i) = packs.iter().position(|(k, _)| *k == pkey) {
                             let (k, p) = packs.remove(i);
                             if let Err(e) = self.flush_pack(t, r, k, p, now) {
-                                let _ = reply.send(Err(e.clone()));
+                                r.done.push(Done::Doomed(reply));
                                 return Err(e);
                             }
                         }
@@ -961,7 +977,7 @@ impl Writer {
                                 return Ok(());
                             }
                             Err(e) => {
-                                let _ = reply.send(Err(e.clone()));
+                                r.done.push(Done::Doomed(reply));
                                 return Err(e);
                             }
                         }
@@ -973,7 +989,7 @@ impl Writer {
             }
             Op::Admin { cmd, reply } => {
                 if let Err(e) = self.flush_packs(t, r, packs, now) {
-                    let _ = reply.send(Err(e.clone()));
+                    r.done.push(Done::Refused(reply, e.clone()));
                     return Err(e);
                 }
                 match self.admin(t, r, cmd) {
@@ -1179,7 +1195,7 @@ impl Writer {
     }
 
     /// Encodes a partition's waiting records into batches under `batch_size_bytes_max`.
-    /// On an error its waiters are answered with it.
+    /// On an error its waiters are left in `r.done` to be answered with it.
     fn flush_pack(
         &mut self,
         t: &mut Tables<'_>,
@@ -1210,7 +1226,7 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                pack.fail(&e);
+                pack.doom(r);
                 Err(e)
             }
         }
