@@ -14,6 +14,7 @@ mod mqtt;
 mod mqtt_crash;
 mod mqtt_faults;
 mod mqtt_sessions;
+mod powercut;
 mod retention;
 mod security;
 mod support;
