@@ -3,6 +3,7 @@
 
 mod cli;
 mod crash;
+mod disk_fault;
 mod gateway;
 mod kafka;
 mod kafka_crash;

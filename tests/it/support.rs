@@ -291,6 +291,16 @@ impl Daemon {
         Self { child, ready }
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the gateway is still running (the same process, never restarted).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// An address from the ready line: `kafka`, `mqtt` or `metrics`.
     pub fn addr(&self, name: &str) -> String {
         let addr = self.ready.split(&format!("{name}=")).nth(1).and_then(|r| r.split_whitespace().next());
