@@ -656,3 +656,67 @@ async fn key_value_bytes_count_against_the_disk_budget() {
     assert_eq!(store.stats().kv_bytes, kv, "recomputed at open");
     store.close().await.expect("close");
 }
+
+/// Item 4: what one watchdog probe costs (it runs every `WATCHDOG_USEC / 2`, 15 s with the
+/// shipped unit, on an SD card): syncs and bytes written (exact, on the simulated disk) and its
+/// latency on this machine's file system. Measurement only:
+/// `cargo test -p tributary-broker probe_cost -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn probe_cost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = simdisk::SimDisk::recording();
+    let (store, _) = open_on(&disk, dir.path());
+    store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
+    store.probe().await.expect("probe");
+    const N: usize = 100;
+    let before = disk.trace().len();
+    for _ in 0..N {
+        assert!(store.probe().await.expect("probe").is_none());
+    }
+    let trace = disk.trace();
+    let (mut writes, mut bytes, mut syncs) = (0usize, 0usize, 0usize);
+    for e in &trace[before..] {
+        match e {
+            simdisk::Event::Write { data, .. } => {
+                writes += 1;
+                bytes += data.len();
+            }
+            simdisk::Event::Sync => syncs += 1,
+            _ => {}
+        }
+    }
+    eprintln!(
+        "probe on the simulated disk, idle: {:.1} syncs, {:.1} writes, {} bytes written per probe",
+        syncs as f64 / N as f64,
+        writes as f64 / N as f64,
+        bytes / N
+    );
+    // Under traffic the probe joins the round of the appends queued with it: no sync of its own.
+    let syncs_of = |from: usize| disk.trace()[from..].iter().filter(|e| **e == simdisk::Event::Sync).count();
+    let mut alone = 0;
+    let mut joined = 0;
+    for i in 0..N {
+        let mark = disk.trace().len();
+        store.append_records("t", 0, vec![rec(i)]).await.expect("append");
+        alone += syncs_of(mark);
+        let mark = disk.trace().len();
+        let pending = store.enqueue_records("t", 0, vec![rec(i)]).await.expect("enqueue");
+        assert!(store.probe().await.expect("probe").is_none());
+        pending.wait().await.expect("append");
+        joined += syncs_of(mark);
+    }
+    eprintln!("an append alone: {alone} syncs per {N}; an append with a probe queued behind it: {joined} syncs per {N}");
+    store.close().await.expect("close");
+    let store = open(dir.path());
+    store.probe().await.expect("probe");
+    let mut micros: Vec<u128> = Vec::new();
+    for _ in 0..N {
+        let t = std::time::Instant::now();
+        store.probe().await.expect("probe");
+        micros.push(t.elapsed().as_micros());
+    }
+    micros.sort_unstable();
+    eprintln!("probe on a real file here: median {} us, p99 {} us", micros[N / 2], micros[N * 99 / 100]);
+    store.close().await.expect("close");
+}
