@@ -207,7 +207,10 @@ fn relaxed_appends_lose_only_a_suffix_and_never_reuse_an_offset_across_sigkill()
         }
         store.close_blocking().expect("close");
     }
-    assert!(lost > 0 && gaps > 0, "no acknowledged relaxed record was lost ({lost}, {gaps} gaps): the test proved nothing");
+    assert!(
+        lost > 0 && gaps > 0,
+        "no acknowledged relaxed record was lost ({lost}, {gaps} gaps): the test proved nothing"
+    );
 
     // A real Kafka consumer reads each partition from 0 across the gaps to the newest records.
     let (store, _) = reopen(dir.path());

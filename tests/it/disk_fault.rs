@@ -125,7 +125,10 @@ fn a_disk_fault_refuses_writes_clearly_keeps_reads_and_clears_without_a_restart(
     let metrics = daemon.addr("metrics");
     let mut k = RawKafka::connect(kafka);
     let create = CreateTopicsRequest::default().with_timeout_ms(10_000).with_topics(vec![
-        create_topics_request::CreatableTopic::default().with_name(tn(TOPIC)).with_num_partitions(1).with_replication_factor(1),
+        create_topics_request::CreatableTopic::default()
+            .with_name(tn(TOPIC))
+            .with_num_partitions(1)
+            .with_replication_factor(1),
     ]);
     assert_eq!(k.call(&create, 4).topics[0].error_code, 0, "topic created");
 

@@ -34,8 +34,18 @@ const CUTS_PER_WORKLOAD: usize = 250;
 #[derive(Debug, Clone)]
 enum Effect {
     /// Records at consecutive offsets from `base`, and a retained message written with them.
-    Append { topic: &'static str, partition: i32, base: i64, values: Vec<Bytes>, retained: Option<(Vec<u8>, Vec<u8>)> },
-    Kv { space: KvSpace, key: Vec<u8>, value: Vec<u8> },
+    Append {
+        topic: &'static str,
+        partition: i32,
+        base: i64,
+        values: Vec<Bytes>,
+        retained: Option<(Vec<u8>, Vec<u8>)>,
+    },
+    Kv {
+        space: KvSpace,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
 }
 
 /// An operation of the workload, before the store answered it.
@@ -133,7 +143,8 @@ fn check(store: &Store, acked: &[Effect], in_flight: Option<&Effect>, what: &str
         for p in 0..PARTITIONS {
             let stored: Vec<(i64, Bytes)> =
                 read_all(store, topic, p).into_iter().map(|r| (r.offset, r.value.unwrap_or_default())).collect();
-            let appends = |e: &&Effect| matches!(e, Effect::Append { topic: t, partition, .. } if *t == topic && *partition == p);
+            let appends =
+                |e: &&Effect| matches!(e, Effect::Append { topic: t, partition, .. } if *t == topic && *partition == p);
             let expected: Vec<(i64, Bytes)> = acked
                 .iter()
                 .filter(appends)
@@ -171,7 +182,11 @@ fn check(store: &Store, acked: &[Effect], in_flight: Option<&Effect>, what: &str
     }
     // Retained messages go with their record.
     let present = |topic: &str, partition: i32, base: i64, value: &Bytes| {
-        store.read_records(topic, partition, base, 1).ok().and_then(|r| r.into_iter().find(|r| r.offset == base)).and_then(|r| r.value)
+        store
+            .read_records(topic, partition, base, 1)
+            .ok()
+            .and_then(|r| r.into_iter().find(|r| r.offset == base))
+            .and_then(|r| r.value)
             == Some(value.clone())
     };
     for (e, flying) in acked.iter().map(|e| (e, false)).chain(in_flight.map(|e| (e, true))) {
@@ -181,7 +196,11 @@ fn check(store: &Store, acked: &[Effect], in_flight: Option<&Effect>, what: &str
             if *topic == "f" && !flying {
                 assert!(record, "{what}: acknowledged fsync record with a retained message lost");
             }
-            assert_eq!(stored.as_ref() == Some(value), record, "{what}: retained {key:?} without its record (or the reverse)");
+            assert_eq!(
+                stored.as_ref() == Some(value),
+                record,
+                "{what}: retained {key:?} without its record (or the reverse)"
+            );
         }
     }
     // Committed offsets and sessions: the last acknowledged value, or the in-flight one.
@@ -214,8 +233,7 @@ fn check(store: &Store, acked: &[Effect], in_flight: Option<&Effect>, what: &str
 
 #[test]
 fn every_acknowledged_write_survives_a_power_cut_at_any_moment() {
-    let cuts_wanted: usize =
-        std::env::var("TRIBUTARY_POWER_CUTS").ok().and_then(|s| s.parse().ok()).unwrap_or(2_000);
+    let cuts_wanted: usize = std::env::var("TRIBUTARY_POWER_CUTS").ok().and_then(|s| s.parse().ok()).unwrap_or(2_000);
     let mut rng = seeded_rng("every_acknowledged_write_survives_a_power_cut_at_any_moment");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -270,7 +288,11 @@ fn every_acknowledged_write_survives_a_power_cut_at_any_moment() {
                 let o = rt
                     .block_on(store.append_records("r", p, vec![NewRecord::new(None::<Bytes>, "after the cut")]))
                     .unwrap_or_else(|e| panic!("{what}: append after the cut: {e}"));
-                assert!(o.base_offset > top, "{what}: r-{p} handed out offset {} again (acknowledged up to {top})", o.base_offset);
+                assert!(
+                    o.base_offset > top,
+                    "{what}: r-{p} handed out offset {} again (acknowledged up to {top})",
+                    o.base_offset
+                );
             }
             store.close_blocking().expect("close");
             cuts += 1;

@@ -30,7 +30,8 @@ pub fn read_all(store: &Store, topic: &str, partition: i32) -> Vec<StoredRecord>
 /// when the test fails.
 pub fn seeded_rng(test: &str) -> rand::rngs::StdRng {
     use rand::SeedableRng;
-    let seed = std::env::var("TRIBUTARY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    let seed =
+        std::env::var("TRIBUTARY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
     eprintln!("{test}: seed {seed} (replay with TRIBUTARY_TEST_SEED={seed})");
     rand::rngs::StdRng::seed_from_u64(seed)
 }

@@ -25,7 +25,10 @@ pub const SECTOR_BYTES: usize = 512;
 /// One step of a recorded trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Write { offset: u64, data: Vec<u8> },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
     SetLen(u64),
     /// `sync_data` returned: everything before it is durable.
     Sync,

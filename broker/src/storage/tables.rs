@@ -122,7 +122,8 @@ impl PartitionMeta {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
-        let known = matches!((b.first(), b.len()), (Some(&META_VERSION), META_LEN) | (Some(&META_VERSION_1), META_LEN_1));
+        let known =
+            matches!((b.first(), b.len()), (Some(&META_VERSION), META_LEN) | (Some(&META_VERSION_1), META_LEN_1));
         if !known {
             return Err(StoreError::Corrupt(format!(
                 "partition metadata of {} bytes, version {:?}",

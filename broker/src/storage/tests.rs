@@ -633,7 +633,10 @@ async fn key_value_bytes_count_against_the_disk_budget() {
     let plain = TopicConfig { compression: Codec::None, ..TopicConfig::default() };
     store.create_topic("t", 1, plain).await.expect("create");
     for i in 0..6 * 64 {
-        store.append_records("t", 0, vec![NewRecord::new(None::<Bytes>, Bytes::from(vec![i as u8; 16 << 10]))]).await.expect("append");
+        store
+            .append_records("t", 0, vec![NewRecord::new(None::<Bytes>, Bytes::from(vec![i as u8; 16 << 10]))])
+            .await
+            .expect("append");
     }
     assert_eq!(store.watermarks("t", 0).expect("wm").log_start_offset, 0, "12 MiB of log pages fit the budget");
     assert_eq!(store.stats().kv_bytes, 0);
@@ -706,7 +709,9 @@ async fn probe_cost() {
         pending.wait().await.expect("append");
         joined += syncs_of(mark);
     }
-    eprintln!("an append alone: {alone} syncs per {N}; an append with a probe queued behind it: {joined} syncs per {N}");
+    eprintln!(
+        "an append alone: {alone} syncs per {N}; an append with a probe queued behind it: {joined} syncs per {N}"
+    );
     store.close().await.expect("close");
     let store = open(dir.path());
     store.probe().await.expect("probe");

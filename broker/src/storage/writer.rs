@@ -266,7 +266,11 @@ pub(crate) fn load(db: &Database, config: &StorageConfig) -> Result<Loaded, Stor
 /// to it: `[next, reserved)` gets gap batches (`batch::encode_gap_batch`) in one durable commit,
 /// so those offsets are never handed out again and consumers move past them. The reservation is
 /// released (reserved = next). Returns how many partitions got a gap.
-fn fill_gaps(db: &Database, metas: &mut HashMap<u64, PartitionMeta>, held: &[(u64, String, u32)]) -> Result<usize, StoreError> {
+fn fill_gaps(
+    db: &Database,
+    metas: &mut HashMap<u64, PartitionMeta>,
+    held: &[(u64, String, u32)],
+) -> Result<usize, StoreError> {
     if held.is_empty() {
         return Ok(0);
     }
@@ -796,11 +800,7 @@ impl Writer {
             }
             Err(e) => {
                 self.shared.counters.failed_reopens.fetch_add(1, Ordering::Relaxed);
-                let f = self.fault.get_or_insert(Fault {
-                    cause: String::new(),
-                    failures: 0,
-                    retry_at: Instant::now(),
-                });
+                let f = self.fault.get_or_insert(Fault { cause: String::new(), failures: 0, retry_at: Instant::now() });
                 f.failures += 1;
                 f.retry_at = Instant::now() + write_backoff(f.failures);
                 f.cause = format!("reopening the database failed: {e}");
@@ -902,8 +902,7 @@ impl Writer {
             if let Err(e) = self.size_retention(&mut t, r) {
                 break 'apply Err(e);
             }
-            if tick && self.last_time_retention.elapsed().as_millis() as u64 >= self.cfg.retention_check_interval_ms
-            {
+            if tick && self.last_time_retention.elapsed().as_millis() as u64 >= self.cfg.retention_check_interval_ms {
                 self.last_time_retention = Instant::now();
                 if let Err(e) = self.time_retention(&mut t, r, now) {
                     break 'apply Err(e);
