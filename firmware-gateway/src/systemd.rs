@@ -275,9 +275,15 @@ mod tests {
         assert_eq!(watchdog_period(None, Some("7"), 7), None);
     }
 
-    /// A probe that never answers costs its ping; the next one that answers is followed by a ping.
-    #[tokio::test(start_paused = true)]
-    async fn a_stuck_probe_is_not_followed_by_a_ping() {
+    /// A notification socket and `feed_watchdog` (period 15 s, status `serving`) on it, with a
+    /// probe made by `probe(call number)`; returns the socket, the feeder and the call count.
+    fn feeder<Fut>(
+        serving: &'static str,
+        probe: impl Fn(usize) -> Fut + Send + 'static,
+    ) -> (tempfile::TempDir, tokio::net::UnixDatagram, JoinHandle<()>, Arc<AtomicUsize>)
+    where
+        Fut: Future<Output = Result<Option<String>, io::Error>> + Send + 'static,
+    {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("notify.sock");
         let server = tokio::net::UnixDatagram::bind(&path).expect("bind");
@@ -285,16 +291,20 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
         let feeder = tokio::spawn(async move {
-            feed_watchdog(&n, Duration::from_secs(15), "serving", move || {
-                let call = counted.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    if call < 2 {
-                        std::future::pending::<()>().await;
-                    }
-                    Ok::<_, io::Error>(None)
-                }
-            })
-            .await
+            feed_watchdog(&n, Duration::from_secs(15), serving, move || probe(counted.fetch_add(1, Ordering::SeqCst)))
+                .await
+        });
+        (dir, server, feeder, calls)
+    }
+
+    /// A probe that never answers costs its ping; the next one that answers is followed by a ping.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_probe_is_not_followed_by_a_ping() {
+        let (_dir, server, feeder, calls) = feeder("serving", |call| async move {
+            if call < 2 {
+                std::future::pending::<()>().await;
+            }
+            Ok(None)
         });
         let mut buf = [0u8; 64];
         let len = server.recv(&mut buf).await.expect("recv");
@@ -307,19 +317,9 @@ mod tests {
     /// goes to the STATUS line once, and the status returns to serving when writes work again.
     #[tokio::test(start_paused = true)]
     async fn a_write_fault_feeds_the_watchdog_and_shows_in_the_status() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("notify.sock");
-        let server = tokio::net::UnixDatagram::bind(&path).expect("bind");
-        let n = Notifier::new(path.as_os_str()).expect("notifier");
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = calls.clone();
-        let feeder = tokio::spawn(async move {
-            feed_watchdog(&n, Duration::from_secs(15), "serving: kafka=k", move || {
-                let call = counted.fetch_add(1, Ordering::SeqCst);
-                let fault = (1..=2).contains(&call).then(|| "disk full".to_string());
-                async move { Ok::<_, io::Error>(fault) }
-            })
-            .await
+        let (_dir, server, feeder, _) = feeder("serving: kafka=k", |call| {
+            let fault = (1..=2).contains(&call).then(|| "disk full".to_string());
+            async move { Ok(fault) }
         });
         let mut buf = [0u8; 256];
         let mut next = async || {

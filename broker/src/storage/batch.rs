@@ -491,23 +491,36 @@ pub fn encode_batch(
     let start = out.len();
     out.resize(start + HEADER_LEN, 0);
     compression::compress(codec, &raw, out)?;
-    let total = out.len() - start;
     let b = &mut out[start..];
+    write_header(b, base_offset, attributes, (count - 1) as i32, (base_ts, max_ts), count as i32);
+    BatchHeader::parse(b)
+}
+
+/// Fills the header of the batch `b` (its records already after `HEADER_LEN` bytes of room) for
+/// a batch without a producer (id, epoch and base sequence -1), CRC included.
+fn write_header(
+    b: &mut [u8],
+    base_offset: i64,
+    attributes: i16,
+    last_offset_delta: i32,
+    (base_ts, max_ts): (i64, i64),
+    record_count: i32,
+) {
+    let total = b.len();
     b[0..8].copy_from_slice(&base_offset.to_be_bytes());
     b[OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4].copy_from_slice(&((total - 12) as i32).to_be_bytes());
     b[OFF_LEADER_EPOCH..OFF_LEADER_EPOCH + 4].copy_from_slice(&0i32.to_be_bytes());
     b[OFF_MAGIC] = 2;
     b[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
-    b[OFF_LAST_OFFSET_DELTA..OFF_LAST_OFFSET_DELTA + 4].copy_from_slice(&((count - 1) as i32).to_be_bytes());
+    b[OFF_LAST_OFFSET_DELTA..OFF_LAST_OFFSET_DELTA + 4].copy_from_slice(&last_offset_delta.to_be_bytes());
     b[OFF_BASE_TIMESTAMP..OFF_BASE_TIMESTAMP + 8].copy_from_slice(&base_ts.to_be_bytes());
     b[OFF_MAX_TIMESTAMP..OFF_MAX_TIMESTAMP + 8].copy_from_slice(&max_ts.to_be_bytes());
     b[OFF_PRODUCER_ID..OFF_PRODUCER_ID + 8].copy_from_slice(&(-1i64).to_be_bytes());
     b[OFF_PRODUCER_EPOCH..OFF_PRODUCER_EPOCH + 2].copy_from_slice(&(-1i16).to_be_bytes());
     b[OFF_BASE_SEQUENCE..OFF_BASE_SEQUENCE + 4].copy_from_slice(&(-1i32).to_be_bytes());
-    b[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4].copy_from_slice(&(count as i32).to_be_bytes());
+    b[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4].copy_from_slice(&record_count.to_be_bytes());
     let crc = crc32c::crc32c(&b[OFF_ATTRIBUTES..]);
     b[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
-    BatchHeader::parse(b)
 }
 
 /// Most offsets one gap batch can span (`lastOffsetDelta` is an i32).
@@ -540,21 +553,7 @@ pub fn encode_gap_batch(base_offset: i64, count: i64, timestamp_ms: i64) -> Vec<
     let mut out = vec![0u8; HEADER_LEN];
     write_varint(&mut out, body.len() as i32);
     out.extend_from_slice(&body);
-    let total = out.len();
-    let b = &mut out[..];
-    b[0..8].copy_from_slice(&base_offset.to_be_bytes());
-    b[OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4].copy_from_slice(&((total - 12) as i32).to_be_bytes());
-    b[OFF_MAGIC] = 2;
-    b[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&ATTR_CONTROL.to_be_bytes());
-    b[OFF_LAST_OFFSET_DELTA..OFF_LAST_OFFSET_DELTA + 4].copy_from_slice(&((count - 1) as i32).to_be_bytes());
-    b[OFF_BASE_TIMESTAMP..OFF_BASE_TIMESTAMP + 8].copy_from_slice(&timestamp_ms.to_be_bytes());
-    b[OFF_MAX_TIMESTAMP..OFF_MAX_TIMESTAMP + 8].copy_from_slice(&timestamp_ms.to_be_bytes());
-    b[OFF_PRODUCER_ID..OFF_PRODUCER_ID + 8].copy_from_slice(&(-1i64).to_be_bytes());
-    b[OFF_PRODUCER_EPOCH..OFF_PRODUCER_EPOCH + 2].copy_from_slice(&(-1i16).to_be_bytes());
-    b[OFF_BASE_SEQUENCE..OFF_BASE_SEQUENCE + 4].copy_from_slice(&(-1i32).to_be_bytes());
-    b[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4].copy_from_slice(&1i32.to_be_bytes());
-    let crc = crc32c::crc32c(&b[OFF_ATTRIBUTES..]);
-    b[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    write_header(&mut out, base_offset, ATTR_CONTROL, (count - 1) as i32, (timestamp_ms, timestamp_ms), 1);
     out
 }
 
