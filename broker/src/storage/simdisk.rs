@@ -9,7 +9,7 @@
 //!   granularity, as real disks do.
 //!
 //! Built for the broker's own tests and, with the `sim-disk` feature, for the end-to-end suite;
-//! the gateway binary does not contain it.
+//! the gateway as built for release and packages (`-p tributary-gateway`) does not contain it.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -109,11 +109,6 @@ impl Op {
         }
     }
 
-    /// Whether a successful commit of this op shows the write path works again after a fault.
-    fn writes(&self) -> bool {
-        !matches!(self, Op::Tick | Op::Shutdown)
-    }
-
     /// Whether the op would add bytes to the database (refused while the disk is full).
     fn inserts(&self) -> bool {
         match self {
@@ -441,6 +436,9 @@ struct Round {
     relaxed: HashSet<u64>,
     /// Ops a failing round did not get to: answered with its error once the writer recovered.
     unanswered: Vec<Op>,
+    /// Something was written for a client (a batch, a key, a topic change, the probe's
+    /// counter): its commit shows the write path works again after a fault.
+    wrote: bool,
 }
 
 struct Tables<'t> {
@@ -658,7 +656,6 @@ impl Writer {
         let relaxed_due =
             self.unsynced_since.is_some_and(|t| t.elapsed().as_millis() as u64 >= self.cfg.relaxed_flush_interval_ms);
         let mut durable = relaxed_due || ops.iter().any(Op::needs_fsync);
-        let writes = ops.iter().any(Op::writes);
         let disk_full = if ops.iter().any(Op::inserts) { self.disk_full() } else { None };
 
         let mut txn = match db.begin_write() {
@@ -696,7 +693,7 @@ impl Writer {
                 } else if self.unsynced_since.is_none() {
                     self.unsynced_since = Some(Instant::now());
                 }
-                if writes {
+                if r.wrote {
                     self.write_succeeded();
                 }
                 self.publish(r);
@@ -992,7 +989,10 @@ impl Writer {
                     return Err(e);
                 }
                 match self.admin(t, r, cmd) {
-                    Ok(()) => r.done.push(Done::Unit(reply)),
+                    Ok(()) => {
+                        r.wrote = true;
+                        r.done.push(Done::Unit(reply));
+                    }
                     Err(e) if is_storage_fault(&e) => {
                         r.done.push(Done::Refused(reply, e.clone()));
                         return Err(e);
@@ -1019,6 +1019,7 @@ impl Writer {
                     r.done.push(Done::Probe(reply, None));
                     let count = t.meta.get(META_PROBE)?.map_or(0, |v| v.value());
                     t.meta.insert(META_PROBE, count.wrapping_add(1))?;
+                    r.wrote = true;
                 }
             },
         }
@@ -1056,6 +1057,7 @@ impl Writer {
         let added = value.map_or(0, |v| kv_footprint(key.len(), v.len()));
         let freed = old.map_or(0, |len| kv_footprint(key.len(), len));
         r.kv_delta += added as i64 - freed as i64;
+        r.wrote = true;
         Ok(())
     }
 
@@ -1130,6 +1132,7 @@ impl Writer {
             m.max_timestamp = h.max_timestamp;
         }
         m.account_batch(h.next_offset() as u64, value.len());
+        r.wrote = true;
         r.appended_records += h.record_count as u64;
         r.appended_batches += 1;
         r.appended_bytes += batch_len as u64;
