@@ -99,8 +99,11 @@ pub enum Durability {
     /// Acknowledged after the commit that holds it was fsynced: survives a power cut.
     #[default]
     Fsync,
-    /// Acknowledged after a commit without fsync. A power cut (not a process crash) can lose up to
-    /// `storage.relaxed_flush_interval_ms` of acknowledged appends to such topics.
+    /// Acknowledged after a commit without fsync. A process crash or a power cut loses the
+    /// acknowledged appends since the last durable commit (at most about twice
+    /// `storage.relaxed_flush_interval_ms` of them; in each partition the newest), and the
+    /// key-value writes committed with them. Their offsets are never handed out again: the next
+    /// open covers them with a gap batch that consumers skip.
     Relaxed,
 }
 
@@ -250,7 +253,8 @@ pub struct StorageConfig {
     /// redb page cache. redb's own default is 1 GiB, far too much for a gateway.
     pub cache_size_bytes: u64,
     /// The disk budget: retention keeps the database file's real disk use within this plus a
-    /// slack of `max(4 MiB, 5%)` (copy-on-write pages, b-tree branches, file growth).
+    /// slack of `max(4 MiB, 5%)` (copy-on-write pages, b-tree branches, file growth). Key-value
+    /// state (sessions, committed offsets, retained messages) counts against it with the log.
     pub max_bytes: u64,
     /// Retention starts deleting when the stored footprint passes this share of `max_bytes`...
     pub retention_high_watermark_percent: u8,
@@ -272,9 +276,12 @@ pub struct StorageConfig {
     pub write_queue_ops_max: u32,
     /// One group commit takes at most this many bytes of appends.
     pub commit_size_bytes_max: u64,
-    /// Appends are refused with a disk-full error while the data volume has less free space.
+    /// Appends and key-value inserts (sessions, offsets, retained messages) are refused with a
+    /// disk-full error while the data volume has less free space; removals still go through.
     pub disk_free_bytes_min: u64,
-    /// Longest time acknowledged appends to `relaxed` topics stay unsynced.
+    /// How long acknowledged appends to `relaxed` topics may stay unsynced: the next write round
+    /// after this long commits durably (a tick comes at least this often, so at most about
+    /// twice this is at risk).
     pub relaxed_flush_interval_ms: u64,
     /// redb quick-repair: instant recovery after a crash, but every commit also writes the
     /// allocator state (about 64 KiB per GiB of file). Off by default: SD cards wear.

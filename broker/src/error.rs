@@ -41,6 +41,11 @@ pub enum StoreError {
     InvalidProducerEpoch { current: i16, got: i16 },
     #[error("the store is closed")]
     Closed,
+    /// The database failed a write (a disk error, a full file system, a file-size limit): writes
+    /// are refused until the store has reopened it and a retry succeeds; reads work again as soon
+    /// as it is reopened. The store retries on its own; nothing needs a restart.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     #[error("storage engine error: {0}")]
     Storage(Arc<redb::Error>),
     #[error("I/O error: {context}: {source}")]

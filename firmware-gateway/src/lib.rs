@@ -114,6 +114,15 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    // A write past a file-size limit (RLIMIT_FSIZE) raises SIGXFSZ, whose default action kills
+    // the process. Handled, the write fails with EFBIG instead, and the store recovers from that
+    // as from any failed write (writes refused, reads served, retried until it works).
+    let mut sigxfsz = signal(SignalKind::from_raw(libc::SIGXFSZ)).context("install SIGXFSZ handler")?;
+    tokio::spawn(async move {
+        while sigxfsz.recv().await.is_some() {
+            tracing::warn!("SIGXFSZ: a write went past the file-size limit; it fails and the store retries");
+        }
+    });
     let service = systemd::Service::from_env();
     // Shown by `systemctl status` while a database left by a power cut is repaired.
     service.status("opening the log store");
@@ -228,8 +237,9 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         "tributary gateway ready"
     );
     // Type=notify: READY only now, with the store open and both listeners bound.
-    service.ready(&format!("serving: kafka={kafka_addr} mqtt={mqtt_addr}"));
-    let watchdog = service.spawn_watchdog(store.clone());
+    let serving = format!("serving: kafka={kafka_addr} mqtt={mqtt_addr}");
+    service.ready(&serving);
+    let watchdog = service.spawn_watchdog(store.clone(), serving);
     let which = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",
         _ = sigint.recv() => "SIGINT",

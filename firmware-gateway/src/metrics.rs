@@ -128,6 +128,18 @@ pub fn render(src: &Sources) -> String {
     o.one("tributary_store_commits_total", "counter", "Store commits.", s.commits);
     o.one("tributary_store_durable_commits_total", "counter", "Store commits with fsync.", s.durable_commits);
     o.one("tributary_store_failed_commits_total", "counter", "Store commits that failed.", s.failed_commits);
+    o.one(
+        "tributary_store_reopens_total",
+        "counter",
+        "In-process reopens of the database after a failed write.",
+        s.reopens,
+    );
+    o.one(
+        "tributary_store_write_fault",
+        "gauge",
+        "1 while writes fail (after a disk error, until one succeeds).",
+        u64::from(store.write_fault().is_some()),
+    );
     o.one("tributary_store_appended_records_total", "counter", "Records appended.", s.appended_records);
     o.one("tributary_store_appended_bytes_total", "counter", "Batch bytes appended (as stored).", s.appended_bytes);
     let (latency, per_commit) = store.commit_histograms();
@@ -143,6 +155,12 @@ pub fn render(src: &Sources) -> String {
     if let Ok(disk) = store.disk_usage_bytes() {
         o.one("tributary_store_disk_bytes", "gauge", "Real disk use of the database file.", disk);
     }
+    o.one(
+        "tributary_store_kv_bytes",
+        "gauge",
+        "Estimated database bytes of sessions, offsets, retained messages and other state (in the budget).",
+        s.kv_bytes,
+    );
     o.one("tributary_store_budget_bytes", "gauge", "storage.max_bytes.", store.config().max_bytes);
     o.family(
         "tributary_retention_deleted_batches_total",

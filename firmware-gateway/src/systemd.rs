@@ -1,6 +1,9 @@
 //! systemd integration without libsystemd: `sd_notify` messages (READY, STATUS, STOPPING,
 //! WATCHDOG) sent as datagrams to `$NOTIFY_SOCKET`, and a watchdog that is fed only while the
-//! storage writer proves it is making progress.
+//! storage writer proves it is making progress (a real write through it, `Store::probe`). A
+//! writer that answers but cannot write (a full disk, a disk error it is recovering from) still
+//! feeds the watchdog: a restart would come back to the same disk and stop reads meanwhile; the
+//! fault is shown in the STATUS line instead.
 //!
 //! The protocol is the one `sd_notify(3)` documents: one datagram of newline-separated
 //! `KEY=VALUE` assignments to the Unix socket named by `$NOTIFY_SOCKET` (a path, or an abstract
@@ -158,35 +161,56 @@ impl Service {
     }
 
     /// Starts feeding the watchdog (if systemd asked for one): a ping every period, each only
-    /// after the storage writer answered a [`Store::probe`] within that period.
-    pub fn spawn_watchdog(&self, store: Store) -> Option<JoinHandle<()>> {
+    /// after the storage writer answered a [`Store::probe`] within that period. `serving` is the
+    /// status line shown while writes work (READY's).
+    pub fn spawn_watchdog(&self, store: Store, serving: String) -> Option<JoinHandle<()>> {
         let (notifier, period) = (self.notifier.clone()?, self.watchdog?);
         tracing::info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
         Some(tokio::spawn(async move {
-            feed_watchdog(&notifier, period, move || {
+            feed_watchdog(&notifier, period, &serving, move || {
                 let store = store.clone();
-                async move { store.probe().await }
+                async move { store.probe().await.map(|fault| fault.map(|e| e.to_string())) }
             })
             .await
         }))
     }
 }
 
-/// Every `period`: runs `probe` and sends `WATCHDOG=1` only if it succeeded within `period`.
+/// The STATUS line while the storage writer answers but cannot write.
+pub fn fault_status(serving: &str, fault: &str) -> String {
+    format!("{serving}; WRITES FAILING: {fault}")
+}
+
+/// Every `period`: runs `probe` and sends `WATCHDOG=1` only if it answered within `period`.
 /// A stuck writer thus stops the pings and systemd restarts the gateway after `WATCHDOG_USEC`.
+/// An answer naming a write fault (`Ok(Some(..))`) is fed too, and the STATUS line shows the
+/// fault (see [`fault_status`]) until a probe writes again, when it is `serving` again.
 /// Runs until the task is aborted.
-pub async fn feed_watchdog<F, Fut, E>(notifier: &Notifier, period: Duration, mut probe: F)
+pub async fn feed_watchdog<F, Fut, E>(notifier: &Notifier, period: Duration, serving: &str, mut probe: F)
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), E>>,
+    Fut: Future<Output = Result<Option<String>, E>>,
     E: std::fmt::Display,
 {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The fault the STATUS line shows now.
+    let mut shown: Option<String> = None;
     loop {
         ticks.tick().await;
         match tokio::time::timeout(period, probe()).await {
-            Ok(Ok(())) => notifier.notify_or_warn(&[("WATCHDOG", "1")]),
+            Ok(Ok(fault)) if fault == shown => notifier.notify_or_warn(&[("WATCHDOG", "1")]),
+            Ok(Ok(fault)) => {
+                let status = match &fault {
+                    Some(f) => {
+                        tracing::warn!(fault = %f, "storage writes fail: shown in the service status");
+                        fault_status(serving, f)
+                    }
+                    None => serving.to_string(),
+                };
+                notifier.notify_or_warn(&[("WATCHDOG", "1"), ("STATUS", &status)]);
+                shown = fault;
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "storage liveness probe failed: watchdog not fed"),
             Err(_) => tracing::warn!(
                 timeout_ms = period.as_millis() as u64,
@@ -251,9 +275,15 @@ mod tests {
         assert_eq!(watchdog_period(None, Some("7"), 7), None);
     }
 
-    /// A probe that never answers costs its ping; the next one that answers is followed by a ping.
-    #[tokio::test(start_paused = true)]
-    async fn a_stuck_probe_is_not_followed_by_a_ping() {
+    /// A notification socket and `feed_watchdog` (period 15 s, status `serving`) on it, with a
+    /// probe made by `probe(call number)`; returns the socket, the feeder and the call count.
+    fn feeder<Fut>(
+        serving: &'static str,
+        probe: impl Fn(usize) -> Fut + Send + 'static,
+    ) -> (tempfile::TempDir, tokio::net::UnixDatagram, JoinHandle<()>, Arc<AtomicUsize>)
+    where
+        Fut: Future<Output = Result<Option<String>, io::Error>> + Send + 'static,
+    {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("notify.sock");
         let server = tokio::net::UnixDatagram::bind(&path).expect("bind");
@@ -261,21 +291,46 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
         let feeder = tokio::spawn(async move {
-            feed_watchdog(&n, Duration::from_secs(15), move || {
-                let call = counted.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    if call < 2 {
-                        std::future::pending::<()>().await;
-                    }
-                    Ok::<(), io::Error>(())
-                }
-            })
-            .await
+            feed_watchdog(&n, Duration::from_secs(15), serving, move || probe(counted.fetch_add(1, Ordering::SeqCst)))
+                .await
+        });
+        (dir, server, feeder, calls)
+    }
+
+    /// A probe that never answers costs its ping; the next one that answers is followed by a ping.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_probe_is_not_followed_by_a_ping() {
+        let (_dir, server, feeder, calls) = feeder("serving", |call| async move {
+            if call < 2 {
+                std::future::pending::<()>().await;
+            }
+            Ok(None)
         });
         let mut buf = [0u8; 64];
         let len = server.recv(&mut buf).await.expect("recv");
         assert_eq!(&buf[..len], b"WATCHDOG=1");
         assert_eq!(calls.load(Ordering::SeqCst), 3, "the first ping follows the first probe that answered");
+        feeder.abort();
+    }
+
+    /// A writer that answers with a write fault (a full disk) keeps the watchdog fed: the fault
+    /// goes to the STATUS line once, and the status returns to serving when writes work again.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_fault_feeds_the_watchdog_and_shows_in_the_status() {
+        let (_dir, server, feeder, _) = feeder("serving: kafka=k", |call| {
+            let fault = (1..=2).contains(&call).then(|| "disk full".to_string());
+            async move { Ok(fault) }
+        });
+        let mut buf = [0u8; 256];
+        let mut next = async || {
+            let len = server.recv(&mut buf).await.expect("recv");
+            String::from_utf8_lossy(&buf[..len]).into_owned()
+        };
+        assert_eq!(next().await, "WATCHDOG=1");
+        assert_eq!(next().await, "WATCHDOG=1\nSTATUS=serving: kafka=k; WRITES FAILING: disk full");
+        assert_eq!(next().await, "WATCHDOG=1", "the same fault is not repeated");
+        assert_eq!(next().await, "WATCHDOG=1\nSTATUS=serving: kafka=k");
+        assert_eq!(next().await, "WATCHDOG=1");
         feeder.abort();
     }
 }

@@ -87,13 +87,16 @@ fn shipped_config_file_starts_the_gateway() {
         .output()
         .expect("run config check");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // The shipped file as is, but on free ports so parallel tests do not collide on 9092 and 1883.
-    let text = std::fs::read_to_string(shipped).expect("read shipped config");
-    assert!(text.contains("listen = \"127.0.0.1:9092\""), "the shipped config listens on 9092");
-    assert!(text.contains("listen = \"127.0.0.1:1883\""), "the shipped config listens on 1883");
+    // The shipped file as is, but on free ports so parallel tests do not collide on 9092, 1883
+    // and the metrics endpoint's 9464.
+    let mut text = std::fs::read_to_string(shipped).expect("read shipped config");
+    for port in [9092, 1883, 9464] {
+        let listen = format!("listen = \"127.0.0.1:{port}\"");
+        assert!(text.contains(&listen), "the shipped config listens on {port}");
+        text = text.replace(&listen, "listen = \"127.0.0.1:0\"");
+    }
     let copy = dir.path().join("gateway.toml");
-    let text = text.replace("listen = \"127.0.0.1:9092\"", "listen = \"127.0.0.1:0\"");
-    std::fs::write(&copy, text.replace("listen = \"127.0.0.1:1883\"", "listen = \"127.0.0.1:0\"")).expect("write");
+    std::fs::write(&copy, text).expect("write");
     let mut child = gateway(dir.path(), &["serve", "--config", copy.to_str().expect("utf-8")]);
     stop(&mut child, Signal::TERM);
 }

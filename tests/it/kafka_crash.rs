@@ -28,7 +28,7 @@ fn start_gateway(dir: &std::path::Path) -> (Child, String) {
     std::fs::write(
         &config,
         format!(
-            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[topic_defaults]\npartitions = 3\n",
+            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[topic_defaults]\npartitions = 3\n",
             data.to_str().expect("utf-8")
         ),
     )
@@ -65,7 +65,7 @@ async fn every_acknowledged_produce_survives_sigkill() {
     let dir = tempfile::tempdir().expect("tempdir");
     // payload -> (partition, offset) of every acknowledged record.
     let mut acked: HashMap<String, (i32, i64)> = HashMap::new();
-    let mut rng = rand::rng();
+    let mut rng = crate::support::seeded_rng("every_acknowledged_produce_survives_sigkill");
     for round in 0..ROUNDS {
         let (mut child, addr) = start_gateway(dir.path());
         let kill_after = rng.random_range(200..4000);

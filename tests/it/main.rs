@@ -1,8 +1,10 @@
 //! Tributary's end-to-end suite: one test binary, one module per area. Every test uses its own
 //! temporary directory and (later) free ports, and synchronises on output, never on sleeps.
 
+mod autocreate;
 mod cli;
 mod crash;
+mod disk_fault;
 mod gateway;
 mod kafka;
 mod kafka_crash;
@@ -14,6 +16,7 @@ mod mqtt;
 mod mqtt_crash;
 mod mqtt_faults;
 mod mqtt_sessions;
+mod powercut;
 mod retention;
 mod security;
 mod support;

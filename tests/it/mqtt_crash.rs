@@ -26,7 +26,7 @@ fn start_gateway(dir: &std::path::Path) -> (Child, u16) {
     std::fs::write(
         &config,
         format!(
-            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n",
+            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             dir.join("data").to_str().expect("utf-8")
         ),
     )
@@ -58,7 +58,7 @@ fn start_gateway(dir: &std::path::Path) -> (Child, u16) {
 async fn every_puback_survives_sigkill() {
     let dir = tempfile::tempdir().expect("tempdir");
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let mut rng = rand::rng();
+    let mut rng = crate::support::seeded_rng("every_puback_survives_sigkill");
     for round in 0..ROUNDS {
         let (mut child, port) = start_gateway(dir.path());
         let kill_after = rng.random_range(20..1500);

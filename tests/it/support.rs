@@ -3,18 +3,37 @@
 use tributary_broker::storage::batch::StoredRecord;
 use tributary_broker::Store;
 
-/// Every record of a partition, from its log start to its high watermark.
+/// Every record of a partition, from its log start to its high watermark (gap batches, which
+/// hold none, are passed over).
 pub fn read_all(store: &Store, topic: &str, partition: i32) -> Vec<StoredRecord> {
+    use tributary_broker::storage::batch::{decode_records, BatchHeader};
     let wm = store.watermarks(topic, partition).expect("partition exists");
     let mut out = Vec::new();
     let mut offset = wm.log_start_offset;
     while offset < wm.high_watermark {
-        let records = store.read_records(topic, partition, offset, 1 << 20).expect("read");
-        let last = records.last().map(|r| r.offset).unwrap_or_else(|| panic!("no progress at offset {offset}"));
-        out.extend(records);
-        offset = last + 1;
+        let f = store.fetch(topic, partition, offset, 1 << 20).expect("fetch");
+        assert!(f.next_offset > offset, "no progress at offset {offset}");
+        let mut rest = &f.data[..];
+        while !rest.is_empty() {
+            let len = BatchHeader::parse(rest).expect("batch header").total_len();
+            let records = decode_records(&rest[..len], 1 << 30).expect("decode");
+            out.extend(records.into_iter().filter(|r| r.offset >= offset));
+            rest = &rest[len..];
+        }
+        offset = f.next_offset;
     }
     out
+}
+
+/// The random generator of a randomized test: seeded from `TRIBUTARY_TEST_SEED` when set (to
+/// replay a failure), else from a fresh seed. The seed is printed, and the test harness shows it
+/// when the test fails.
+pub fn seeded_rng(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed =
+        std::env::var("TRIBUTARY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    eprintln!("{test}: seed {seed} (replay with TRIBUTARY_TEST_SEED={seed})");
+    rand::rngs::StdRng::seed_from_u64(seed)
 }
 
 /// A broker with its Kafka listener running in this process, on a free port and a temp dir.
@@ -271,6 +290,16 @@ impl Daemon {
         };
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         Self { child, ready }
+    }
+
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the gateway is still running (the same process, never restarted).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// An address from the ready line: `kafka`, `mqtt` or `metrics`.

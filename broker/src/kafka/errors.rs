@@ -63,6 +63,7 @@ pub(crate) fn code(e: &StoreError) -> i16 {
         StoreError::InvalidProducerEpoch { .. } => INVALID_PRODUCER_EPOCH,
         StoreError::DiskFull { .. }
         | StoreError::Closed
+        | StoreError::Unavailable(_)
         | StoreError::Storage(_)
         | StoreError::Io { .. }
         | StoreError::Corrupt(_) => KAFKA_STORAGE_ERROR,

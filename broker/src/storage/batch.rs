@@ -491,29 +491,80 @@ pub fn encode_batch(
     let start = out.len();
     out.resize(start + HEADER_LEN, 0);
     compression::compress(codec, &raw, out)?;
-    let total = out.len() - start;
     let b = &mut out[start..];
+    write_header(b, base_offset, attributes, (count - 1) as i32, (base_ts, max_ts), count as i32);
+    BatchHeader::parse(b)
+}
+
+/// Fills the header of the batch `b` (its records already after `HEADER_LEN` bytes of room) for
+/// a batch without a producer (id, epoch and base sequence -1), CRC included.
+fn write_header(
+    b: &mut [u8],
+    base_offset: i64,
+    attributes: i16,
+    last_offset_delta: i32,
+    (base_ts, max_ts): (i64, i64),
+    record_count: i32,
+) {
+    let total = b.len();
     b[0..8].copy_from_slice(&base_offset.to_be_bytes());
     b[OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4].copy_from_slice(&((total - 12) as i32).to_be_bytes());
     b[OFF_LEADER_EPOCH..OFF_LEADER_EPOCH + 4].copy_from_slice(&0i32.to_be_bytes());
     b[OFF_MAGIC] = 2;
     b[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
-    b[OFF_LAST_OFFSET_DELTA..OFF_LAST_OFFSET_DELTA + 4].copy_from_slice(&((count - 1) as i32).to_be_bytes());
+    b[OFF_LAST_OFFSET_DELTA..OFF_LAST_OFFSET_DELTA + 4].copy_from_slice(&last_offset_delta.to_be_bytes());
     b[OFF_BASE_TIMESTAMP..OFF_BASE_TIMESTAMP + 8].copy_from_slice(&base_ts.to_be_bytes());
     b[OFF_MAX_TIMESTAMP..OFF_MAX_TIMESTAMP + 8].copy_from_slice(&max_ts.to_be_bytes());
     b[OFF_PRODUCER_ID..OFF_PRODUCER_ID + 8].copy_from_slice(&(-1i64).to_be_bytes());
     b[OFF_PRODUCER_EPOCH..OFF_PRODUCER_EPOCH + 2].copy_from_slice(&(-1i16).to_be_bytes());
     b[OFF_BASE_SEQUENCE..OFF_BASE_SEQUENCE + 4].copy_from_slice(&(-1i32).to_be_bytes());
-    b[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4].copy_from_slice(&(count as i32).to_be_bytes());
+    b[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4].copy_from_slice(&record_count.to_be_bytes());
     let crc = crc32c::crc32c(&b[OFF_ATTRIBUTES..]);
     b[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
-    BatchHeader::parse(b)
+}
+
+/// Most offsets one gap batch can span (`lastOffsetDelta` is an i32).
+pub const GAP_OFFSETS_MAX: i64 = i32::MAX as i64 + 1;
+
+/// The control record type Kafka calls COMMIT: every consumer skips it without looking further
+/// (librdkafka ignores it "always"; Java skips control records outside transactions).
+const CONTROL_TYPE_COMMIT: i16 = 1;
+
+/// A *gap batch*: a control batch the store writes over offsets `[base_offset, base_offset +
+/// count)` that were handed out by commits a crash undid (`durability = "relaxed"`), so they are
+/// never handed out again. Its `lastOffsetDelta` spans the whole range; it holds one control
+/// record (COMMIT marker key and value, at delta 0) and no producer id. Consumers move past it:
+/// librdkafka continues at `lastOffset + 1` after any batch (KAFKA-5443), Java's consumer at the
+/// batch's `nextOffset()`, and neither returns control records to the application. Clients cannot
+/// write such batches (`validate` refuses control batches). `count` is in `1..=GAP_OFFSETS_MAX`.
+pub fn encode_gap_batch(base_offset: i64, count: i64, timestamp_ms: i64) -> Vec<u8> {
+    assert!((1..=GAP_OFFSETS_MAX).contains(&count), "gap of {count} offsets");
+    let mut body = vec![0u8]; // record attributes
+    write_varlong(&mut body, 0); // timestamp delta
+    write_varint(&mut body, 0); // offset delta
+    let mut key = 0i16.to_be_bytes().to_vec(); // control record key: version 0, type
+    key.extend_from_slice(&CONTROL_TYPE_COMMIT.to_be_bytes());
+    write_varint(&mut body, key.len() as i32);
+    body.extend_from_slice(&key);
+    let value = [0u8; 6]; // end-transaction marker value: version 0, coordinator epoch 0
+    write_varint(&mut body, value.len() as i32);
+    body.extend_from_slice(&value);
+    write_varint(&mut body, 0); // headers
+    let mut out = vec![0u8; HEADER_LEN];
+    write_varint(&mut out, body.len() as i32);
+    out.extend_from_slice(&body);
+    write_header(&mut out, base_offset, ATTR_CONTROL, (count - 1) as i32, (timestamp_ms, timestamp_ms), 1);
+    out
 }
 
 /// Decodes every record of a stored batch (trusted: validated when it was appended, but still
-/// decoded defensively and within `decompressed_limit`).
+/// decoded defensively and within `decompressed_limit`). A control batch (a gap the store wrote)
+/// holds no records for readers: it yields none; readers continue at its `next_offset()`.
 pub fn decode_records(batch: &[u8], decompressed_limit: u64) -> Result<Vec<StoredRecord>, BatchError> {
     let h = BatchHeader::parse(batch)?;
+    if h.is_control() {
+        return Ok(Vec::new());
+    }
     let end = h.total_len().min(batch.len());
     let payload = &batch[HEADER_LEN.min(end)..end];
     let codec = h.codec()?;
@@ -629,6 +680,24 @@ mod tests {
         let h = validate(&b, 1 << 20).expect("still valid");
         assert_eq!((h.base_offset, h.max_timestamp, h.timestamp_kind()), (7, 42, TimestampKind::LogAppendTime));
         assert!(decode_records(&b, 1 << 20).expect("decode").iter().all(|r| r.timestamp == 42));
+    }
+
+    #[test]
+    fn gap_batches_span_their_range_and_hold_no_records_for_readers() {
+        let b = encode_gap_batch(100, 5000, 42);
+        let h = BatchHeader::parse(&b).expect("header");
+        assert_eq!((h.base_offset, h.next_offset(), h.record_count), (100, 5100, 1));
+        assert!(h.is_control() && !h.is_transactional());
+        assert_eq!((h.producer_id, h.max_timestamp, h.total_len()), (-1, 42, b.len()));
+        assert_eq!(crc32c::crc32c(&b[OFF_ATTRIBUTES..]), h.crc);
+        assert!(decode_records(&b, 1 << 20).expect("decodes").is_empty());
+        // The one control record: key = version 0, type COMMIT, as librdkafka requires (size 4).
+        let r = RecordIter::new(&b[HEADER_LEN..]).next().expect("a record").expect("framed");
+        assert_eq!((r.offset_delta, r.key), (0, Some(&[0u8, 0, 0, 1][..])));
+        // Clients cannot write one.
+        assert_eq!(validate(&b, 1 << 20), Err(BatchError::Control));
+        let widest = BatchHeader::parse(&encode_gap_batch(0, GAP_OFFSETS_MAX, 0)).expect("header");
+        assert_eq!(widest.next_offset(), GAP_OFFSETS_MAX);
     }
 
     #[test]

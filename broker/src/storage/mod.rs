@@ -1,23 +1,27 @@
 //! The durable log store: topics with partitions whose logs are RecordBatch v2 batches in one redb
 //! database. Appends go through a single writer thread that commits in groups and acknowledges
-//! only after the commit returned; reads open their own short read transaction.
+//! only after the commit returned; reads open their own short read transaction. A failed write
+//! does not latch: the writer reopens the database in-process (see `writer.rs`).
 
 pub mod batch;
 pub mod compression;
 pub mod disk;
 mod producers;
+#[cfg(any(test, feature = "sim-disk"))]
+pub mod simdisk;
 pub mod tables;
 mod writer;
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use redb::{Database, ReadableDatabase};
+use redb::{Database, ReadableDatabase, StorageBackend};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{StorageConfig, TopicConfig};
@@ -198,7 +202,12 @@ pub(crate) struct Counters {
     pub retention_deleted_unmirrored_batches: AtomicU64,
     pub footprint_bytes: AtomicU64,
     pub logical_bytes: AtomicU64,
+    pub kv_bytes: AtomicU64,
+    /// Every failed commit (each failed write of a storage fault counts, not only the first).
     pub failed_commits: AtomicU64,
+    /// In-process reopens of the database after a failed write, and reopen attempts that failed.
+    pub reopens: AtomicU64,
+    pub failed_reopens: AtomicU64,
 }
 
 impl Default for Counters {
@@ -218,7 +227,10 @@ impl Default for Counters {
             retention_deleted_unmirrored_batches: AtomicU64::default(),
             footprint_bytes: AtomicU64::default(),
             logical_bytes: AtomicU64::default(),
+            kv_bytes: AtomicU64::default(),
             failed_commits: AtomicU64::default(),
+            reopens: AtomicU64::default(),
+            failed_reopens: AtomicU64::default(),
         }
     }
 }
@@ -237,13 +249,100 @@ pub struct StoreStats {
     pub retention_deleted_unmirrored_batches: u64,
     pub footprint_bytes: u64,
     pub logical_bytes: u64,
+    /// Footprint of key-value state (sessions, committed offsets, retained messages, ...),
+    /// counted against `storage.max_bytes` with the log's `footprint_bytes`.
+    pub kv_bytes: u64,
     pub failed_commits: u64,
+    pub reopens: u64,
+    pub failed_reopens: u64,
+}
+
+/// Opens the redb storage a store runs on (see [`Store::open_with_backend`]); called at open and
+/// again at every in-process reopen after a failed write, so it must give the same data each time.
+pub type BackendOpener = Arc<dyn Fn() -> std::io::Result<Box<dyn StorageBackend>> + Send + Sync>;
+
+/// Where the database lives.
+#[derive(Clone)]
+pub(crate) enum Location {
+    /// `tributary.redb` in `storage.data_dir` (the gateway).
+    File(PathBuf),
+    /// A backend the caller supplies (tests: fault injection, simulated power cuts).
+    Backend(BackendOpener),
+}
+
+/// A boxed backend as redb takes it (every method forwarded, locks included).
+#[derive(Debug)]
+struct DynBackend(Box<dyn StorageBackend>);
+
+impl StorageBackend for DynBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.0.close()
+    }
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.0.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.0.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.0.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.0.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.0.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.0.query_lock_range(start, end)
+    }
+}
+
+/// Opens the database with the configured cache; returns it and whether redb had to repair it
+/// (it was not closed cleanly).
+pub(crate) fn open_database(config: &StorageConfig, location: &Location) -> Result<(Database, bool), StoreError> {
+    let repaired = Arc::new(AtomicBool::new(false));
+    let repaired_flag = repaired.clone();
+    let mut builder = Database::builder();
+    builder.set_cache_size(config.cache_size_bytes as usize).set_repair_callback(move |session| {
+        if !repaired_flag.swap(true, Ordering::Relaxed) {
+            tracing::warn!("database was not closed cleanly: repairing");
+        }
+        tracing::info!(progress = session.progress(), "repair progress");
+    });
+    let db = match location {
+        Location::File(path) => builder.create(path)?,
+        Location::Backend(open) => {
+            let backend = open().map_err(|e| StoreError::io("open the storage backend", e))?;
+            builder.create_with_backend(DynBackend(backend))?
+        }
+    };
+    Ok((db, repaired.load(Ordering::Relaxed)))
 }
 
 pub(crate) struct Shared {
     pub config: StorageConfig,
     pub db_path: PathBuf,
+    pub location: Location,
+    /// `None` while closed, or after a failed write until the writer reopened the database.
     pub db: RwLock<Option<Arc<Database>>>,
+    /// What keeps writes from working (after a failed write), until one works again.
+    pub fault: Mutex<Option<String>>,
     pub topics: RwLock<HashMap<String, Arc<TopicState>>>,
     pub counters: Counters,
 }
@@ -260,8 +359,9 @@ fn mirror_key(pkey: u64) -> Vec<u8> {
     k
 }
 
-/// Mirror progress stored by `Store::set_mirrored`, back into the partitions at open.
-fn load_mirror_marks(db: &Database, shared: &Shared) -> Result<(), StoreError> {
+/// Mirror progress stored by `Store::set_mirrored`, back into the partitions at open (and after
+/// a reopen: marks only move forward).
+pub(crate) fn load_mirror_marks(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     let rtx = db.begin_read()?;
     let table = match rtx.open_table(KvSpace::Mirror.table()) {
         Ok(t) => t,
@@ -276,7 +376,7 @@ fn load_mirror_marks(db: &Database, shared: &Shared) -> Result<(), StoreError> {
         let (Some(key), Ok(off)) = (k.value().get(2..10), <[u8; 8]>::try_from(v.value())) else { continue };
         let pkey = u64::from_be_bytes(key.try_into().unwrap_or_default());
         if let Some(p) = by_key.get(&pkey) {
-            p.mirrored.store(i64::from_be_bytes(off), Ordering::Relaxed);
+            p.mirrored.fetch_max(i64::from_be_bytes(off), Ordering::Relaxed);
         }
     }
     Ok(())
@@ -317,40 +417,50 @@ pub struct OpenReport {
     pub repaired: bool,
     pub topics: usize,
     pub partitions: usize,
+    /// Partitions of `relaxed` topics that lost acknowledged appends in a crash: each got a gap
+    /// batch over the offsets those appends had, so no offset is handed out twice.
+    pub gaps: usize,
 }
 
 impl Store {
     /// Opens (or creates) the store in `config.data_dir`, recovering after a crash if needed.
     pub fn open(config: StorageConfig) -> Result<(Store, OpenReport), StoreError> {
+        let location = Location::File(config.data_dir.join(DB_FILE_NAME));
+        Self::open_at(config, location)
+    }
+
+    /// Opens the store on a redb backend that `open` supplies instead of the file in
+    /// `data_dir` (which still holds nothing else, and is where free space is checked). `open` is
+    /// called again each time the store reopens the database after a failed write. For tests:
+    /// a backend that fails writes on demand, or one that simulates power cuts.
+    pub fn open_with_backend(config: StorageConfig, open: BackendOpener) -> Result<(Store, OpenReport), StoreError> {
+        Self::open_at(config, Location::Backend(open))
+    }
+
+    fn open_at(config: StorageConfig, location: Location) -> Result<(Store, OpenReport), StoreError> {
         config.validate("storage")?;
         let started = Instant::now();
         std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::io("create data directory", e))?;
         let db_path = config.data_dir.join(DB_FILE_NAME);
-        let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let repaired_flag = repaired.clone();
-        let mut builder = Database::builder();
-        builder.set_cache_size(config.cache_size_bytes as usize).set_repair_callback(move |session| {
-            if !repaired_flag.swap(true, Ordering::Relaxed) {
-                tracing::warn!("database was not closed cleanly: repairing");
-            }
-            tracing::info!(progress = session.progress(), "repair progress");
-        });
-        let db = builder.create(&db_path)?;
+        let (db, repaired) = open_database(&config, &location)?;
         let db = Arc::new(db);
         let loaded = writer::load(&db, &config)?;
         let shared = Arc::new(Shared {
             config: config.clone(),
             db_path,
+            location,
             db: RwLock::new(Some(db.clone())),
+            fault: Mutex::new(None),
             topics: RwLock::new(loaded.topics.clone()),
             counters: Counters::default(),
         });
         load_mirror_marks(&db, &shared)?;
         let report = OpenReport {
             duration: started.elapsed(),
-            repaired: repaired.load(Ordering::Relaxed),
+            repaired,
             topics: loaded.topics.len(),
             partitions: loaded.metas.len(),
+            gaps: loaded.gaps,
         };
         let (tx, rx) = mpsc::channel(config.write_queue_ops_max as usize);
         let writer = writer::Writer::new(shared.clone(), db, loaded);
@@ -364,6 +474,7 @@ impl Store {
             repaired = report.repaired,
             topics = report.topics,
             partitions = report.partitions,
+            gaps = report.gaps,
             path = %shared.db_path.display(),
             "store opened"
         );
@@ -413,15 +524,30 @@ impl Store {
         Ok(())
     }
 
-    /// Liveness probe: sends a no-op through the writer's queue and returns once the writer
-    /// took it, i.e. finished every commit queued before it. Writes nothing; a writer stuck in a
+    /// Liveness probe through the write path: the writer writes a counter in its next round
+    /// and commits it durably (one small fsync), then answers. `Ok(None)`: written. `Ok(Some(e))`:
+    /// the writer is alive but cannot write (`e`: disk full, a failed commit, writes paused while
+    /// it recovers); that is no reason to restart the process, which would come back to the same
+    /// disk without serving reads meanwhile. `Err`: the store is closed. A writer stuck in a
     /// commit never answers, so callers bound the wait (the systemd watchdog does).
-    pub async fn probe(&self) -> Result<(), StoreError> {
+    pub async fn probe(&self) -> Result<Option<StoreError>, StoreError> {
         self.submit(|reply| Op::Probe { reply }).await
     }
 
+    /// Why writes are failing, while they are (after a failed write, until one succeeds).
+    pub fn write_fault(&self) -> Option<String> {
+        self.inner.shared.fault.lock().ok().and_then(|f| f.clone())
+    }
+
     fn db(&self) -> Result<Arc<Database>, StoreError> {
-        self.inner.shared.db.read().map_err(|_| StoreError::Closed)?.clone().ok_or(StoreError::Closed)
+        let slot = self.inner.shared.db.read().map_err(|_| StoreError::Closed)?.clone();
+        match slot {
+            Some(db) => Ok(db),
+            None => match self.write_fault() {
+                Some(cause) => Err(StoreError::Unavailable(format!("the database is being reopened after: {cause}"))),
+                None => Err(StoreError::Closed),
+            },
+        }
     }
 
     fn topic_state(&self, topic: &str) -> Result<Arc<TopicState>, StoreError> {
@@ -612,8 +738,11 @@ impl Store {
     // ---- reads ----
 
     /// Whole batches starting with the one containing `offset`, until `max_bytes` is reached
-    /// (soft: the first batch is returned even if larger). An offset equal to the high watermark
-    /// gives an empty result; outside `[log_start, high_watermark]` gives `OffsetOutOfRange`.
+    /// (soft: the first batch with records is returned even if larger, with any gap batches
+    /// before it). An offset equal to the high watermark gives an empty result; outside
+    /// `[log_start, high_watermark]` gives `OffsetOutOfRange`. Gap batches (control batches over
+    /// offsets a crash took back, see `batch::encode_gap_batch`) are returned as stored: Kafka
+    /// clients skip them; `read_records` yields nothing for them.
     pub fn fetch(
         &self,
         topic: &str,
@@ -635,6 +764,7 @@ impl Store {
         }
         let mut out = BytesMut::new();
         let mut batches = 0usize;
+        let mut has_records = false;
         let mut next_offset = offset;
         if offset < wm.high_watermark {
             let log = rtx.open_table(LOG)?;
@@ -654,21 +784,29 @@ impl Store {
                     continue;
                 }
                 if batches == 0 && h.base_offset > offset {
-                    // Retention removed the batch between our watermark read and the snapshot.
+                    // No batch holds `offset`: either retention removed it between our watermark
+                    // read and the snapshot, or the offset lies in a hole above the log start
+                    // (offsets no record has): serve from the next batch then.
                     let now = p.signal.borrow().watermarks;
-                    return Err(StoreError::OffsetOutOfRange {
-                        offset,
-                        log_start_offset: now.log_start_offset,
-                        high_watermark: now.high_watermark,
-                    });
+                    if offset < now.log_start_offset {
+                        return Err(StoreError::OffsetOutOfRange {
+                            offset,
+                            log_start_offset: now.log_start_offset,
+                            high_watermark: now.high_watermark,
+                        });
+                    }
                 }
-                if batches > 0 && out.len() + batch.len() > max_bytes {
+                // `max_bytes` is soft for the first batch with records: gap batches (control
+                // batches the store wrote) before it do not count, so a reader always gets
+                // past a gap to the records after it.
+                if has_records && out.len() + batch.len() > max_bytes {
                     break;
                 }
                 out.extend_from_slice(batch);
                 batches += 1;
+                has_records |= !h.is_control();
                 next_offset = h.next_offset();
-                if out.len() >= max_bytes {
+                if has_records && out.len() >= max_bytes {
                     break;
                 }
             }
@@ -855,7 +993,10 @@ impl Store {
             retention_deleted_bytes: l(&c.retention_deleted_bytes),
             footprint_bytes: l(&c.footprint_bytes),
             logical_bytes: l(&c.logical_bytes),
+            kv_bytes: l(&c.kv_bytes),
             failed_commits: l(&c.failed_commits),
+            reopens: l(&c.reopens),
+            failed_reopens: l(&c.failed_reopens),
         }
     }
 

@@ -15,10 +15,12 @@ pub const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
 /// (partition key, timestamp) -> base offset of the batch where the partition's running max
 /// timestamp first reached that timestamp. Only inserted when the running max grows.
 pub const TIME_INDEX: TableDefinition<(u64, i64), u64> = TableDefinition::new("time_index");
-/// Counters (next topic id).
+/// Counters (next topic id, the watchdog probe's count).
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 pub const META_NEXT_TOPIC_ID: &str = "next_topic_id";
+/// Counter the watchdog's probe writes (a real write through the writer, see `Store::probe`).
+pub const META_PROBE: &str = "probe";
 
 /// Bytes in front of each stored batch: the append time in ms (big-endian i64).
 pub const VALUE_PREFIX_LEN: usize = 8;
@@ -38,13 +40,26 @@ pub const DEFAULT_BATCH_SIZE_BYTES_MAX: u32 =
 /// - a value that does not fit one page gets its own run of 2^k pages;
 /// - smaller values share leaves, which sequential appends leave at least half full.
 pub fn footprint(value_len: usize) -> u64 {
-    let entry = value_len as u64 + LOG_ENTRY_OVERHEAD;
+    entry_footprint(value_len as u64 + LOG_ENTRY_OVERHEAD)
+}
+
+/// Disk bytes of one leaf entry of `entry` bytes (key, value and their overhead).
+fn entry_footprint(entry: u64) -> u64 {
     if entry + LEAF_HEADER > PAGE_BYTES {
         let pages = (entry + LEAF_HEADER).div_ceil(PAGE_BYTES).next_power_of_two();
         pages * PAGE_BYTES
     } else {
         2 * entry
     }
+}
+
+/// A key-value entry's overhead inside a redb leaf: key and value end offsets (4 bytes each).
+const KV_ENTRY_OVERHEAD: u64 = 4 + 4;
+
+/// Disk bytes one key-value entry costs, as an upper bound (the same model as [`footprint`]):
+/// what `storage.max_bytes` charges for sessions, offsets, retained messages and other state.
+pub fn kv_footprint(key_len: usize, value_len: usize) -> u64 {
+    entry_footprint((key_len + value_len) as u64 + KV_ENTRY_OVERHEAD)
 }
 
 /// Internal partition key: topic id in the high half, partition number in the low half.
@@ -65,12 +80,29 @@ pub struct PartitionMeta {
     pub batches: u64,
     /// Running max timestamp (drives the time index).
     pub max_timestamp: i64,
+    /// Offsets below this may have been handed out by commits that were not made durable
+    /// (`durability = "relaxed"`). It is only ever changed by durable commits, so its value in
+    /// memory is the durable one. After a crash, `[next_offset, reserved_offset)` is filled with
+    /// a gap batch so those offsets are never handed out again. `<= next_offset`: nothing reserved.
+    pub reserved_offset: u64,
 }
 
-const META_VERSION: u8 = 1;
-const META_LEN: usize = 1 + 8 * 6;
+/// Version 1 lacked `reserved_offset` (read as 0: nothing reserved).
+const META_VERSION_1: u8 = 1;
+const META_LEN_1: usize = 1 + 8 * 6;
+const META_VERSION: u8 = 2;
+const META_LEN: usize = 1 + 8 * 7;
 
 impl PartitionMeta {
+    /// Counts a batch just stored at `next_offset` (its base) as a value of `value_len` bytes
+    /// (prefix included); the partition continues at `batch_next_offset`.
+    pub fn account_batch(&mut self, batch_next_offset: u64, value_len: usize) {
+        self.next_offset = batch_next_offset;
+        self.logical_bytes += value_len.saturating_sub(VALUE_PREFIX_LEN) as u64;
+        self.footprint_bytes += footprint(value_len);
+        self.batches += 1;
+    }
+
     pub fn encode(&self) -> [u8; META_LEN] {
         let mut b = [0u8; META_LEN];
         b[0] = META_VERSION;
@@ -81,6 +113,7 @@ impl PartitionMeta {
             self.footprint_bytes,
             self.batches,
             self.max_timestamp as u64,
+            self.reserved_offset,
         ];
         for (i, f) in fields.iter().enumerate() {
             b[1 + i * 8..9 + i * 8].copy_from_slice(&f.to_be_bytes());
@@ -89,7 +122,9 @@ impl PartitionMeta {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
-        if b.len() != META_LEN || b[0] != META_VERSION {
+        let known =
+            matches!((b.first(), b.len()), (Some(&META_VERSION), META_LEN) | (Some(&META_VERSION_1), META_LEN_1));
+        if !known {
             return Err(StoreError::Corrupt(format!(
                 "partition metadata of {} bytes, version {:?}",
                 b.len(),
@@ -108,6 +143,7 @@ impl PartitionMeta {
             footprint_bytes: f(3),
             batches: f(4),
             max_timestamp: f(5) as i64,
+            reserved_offset: if b[0] == META_VERSION { f(6) } else { 0 },
         })
     }
 }
@@ -173,7 +209,20 @@ mod tests {
             footprint_bytes: 4,
             batches: 2,
             max_timestamp: -1,
+            reserved_offset: 70_000,
         };
         assert_eq!(PartitionMeta::decode(&m.encode()).expect("decodes"), m);
+        // A version-1 meta (before reservations) reads as reserving nothing.
+        let mut v1 = m.encode()[..META_LEN_1].to_vec();
+        v1[0] = META_VERSION_1;
+        assert_eq!(PartitionMeta::decode(&v1).expect("decodes v1"), PartitionMeta { reserved_offset: 0, ..m });
+        assert!(PartitionMeta::decode(&m.encode()[..META_LEN_1]).is_err(), "a v2 tag with a v1 length");
+    }
+
+    #[test]
+    fn kv_footprint_counts_small_entries_twice_and_large_ones_in_page_runs() {
+        assert_eq!(kv_footprint(10, 100), 2 * 118);
+        assert_eq!(kv_footprint(10, 5000), 8192);
+        assert_eq!(kv_footprint(10, 1 << 20), 2 << 20);
     }
 }

@@ -166,15 +166,34 @@ async fn long_poll_wakes_on_append_and_times_out_otherwise() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
     store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
+    let started = std::time::Instant::now();
     let wm = store.wait_for_data("t", 0, 0, Duration::from_millis(20)).await.expect("timeout is not an error");
     assert_eq!(wm.high_watermark, 0);
+    assert!(started.elapsed() >= Duration::from_millis(20), "nothing to wake it: it waited out its timeout");
+    // A waiter with a timeout far longer than the test may take: woken by the append, it
+    // returns at once; a broken wake-up would only return after the timeout.
+    let timeout = Duration::from_secs(10);
     let waiter = {
         let s = store.clone();
-        tokio::spawn(async move { s.wait_for_data("t", 0, 0, Duration::from_secs(60)).await })
+        tokio::spawn(async move {
+            let wm = s.wait_for_data("t", 0, 0, timeout).await;
+            (wm, std::time::Instant::now())
+        })
     };
+    // Append only once the waiter is parked on the partition's watch (else it would find the
+    // record without waiting and prove nothing).
+    let (_, p) = store.partition_state("t", 0).expect("partition");
+    let parked = std::time::Instant::now();
+    while p.signal.receiver_count() == 0 {
+        assert!(parked.elapsed() < Duration::from_secs(10), "the waiter never parked");
+        tokio::task::yield_now().await;
+    }
     store.append_records("t", 0, vec![rec(0)]).await.expect("append");
-    let wm = waiter.await.expect("join").expect("woken");
-    assert_eq!(wm.high_watermark, 1);
+    let appended = std::time::Instant::now();
+    let (wm, woke) = waiter.await.expect("join");
+    assert_eq!(wm.expect("woken").high_watermark, 1);
+    let after = woke.saturating_duration_since(appended);
+    assert!(after < timeout / 2, "woken {after:?} after the append: not by it (timeout {timeout:?})");
 }
 
 #[tokio::test]
@@ -324,7 +343,7 @@ async fn a_key_value_write_commits_with_its_append() {
 }
 
 #[tokio::test]
-async fn probe_is_answered_by_a_live_writer_and_fails_once_closed() {
+async fn probe_writes_through_the_writer_and_fails_once_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
     // No ticks during the test, so the commit count below moves only with our own operations.
     let cfg = StorageConfig {
@@ -336,11 +355,14 @@ async fn probe_is_answered_by_a_live_writer_and_fails_once_closed() {
     store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
     // Queued behind an append, the probe is answered once the writer reached it.
     let pending = store.enqueue_records("t", 0, vec![rec(0)]).await.expect("enqueue");
-    tokio::time::timeout(Duration::from_secs(10), store.probe()).await.expect("answered in time").expect("probe");
+    let fault = tokio::time::timeout(Duration::from_secs(10), store.probe()).await.expect("answered in time");
+    assert!(fault.expect("probe").is_none());
     pending.wait().await.expect("append");
-    let commits = store.stats().commits;
-    store.probe().await.expect("probe");
-    assert_eq!(store.stats().commits, commits, "a probe commits nothing");
+    let before = store.stats();
+    assert!(store.probe().await.expect("probe").is_none(), "a healthy writer writes");
+    let after = store.stats();
+    assert_eq!(after.commits, before.commits + 1, "a probe is a real write transaction");
+    assert_eq!(after.durable_commits, before.durable_commits + 1, "committed durably (one fsync)");
     store.close().await.expect("close");
     assert!(matches!(store.probe().await, Err(StoreError::Closed)));
 }
@@ -396,4 +418,310 @@ async fn global_retention_deletes_mirrored_batches_before_older_unmirrored_ones(
     store.close().await.expect("close");
     let store = open(dir.path());
     assert_eq!(store.mirrored("mirrored", 0).expect("mark"), Some(hw));
+}
+
+// ---- issue 13: auto-creation under a crowd, relaxed offsets, disk faults, the disk budget ----
+
+/// Item 13: many callers create the same new topic at once. Each answer (success or
+/// TopicExists) comes only after the round that created the topic was committed and published,
+/// so every caller finds the topic the moment it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_topic_answers_only_once_the_topic_is_visible() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    for round in 0..20 {
+        let name = format!("crowd-{round}");
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let (s, name) = (store.clone(), name.clone());
+            tasks.push(tokio::spawn(async move {
+                let answer = s.create_topic(&name, 1, TopicConfig::default()).await;
+                let visible = s.topic(&name).is_some();
+                (answer, visible)
+            }));
+        }
+        let mut created = 0;
+        for t in tasks {
+            let (answer, visible) = t.await.expect("join");
+            match answer {
+                Ok(()) => created += 1,
+                Err(StoreError::TopicExists(_)) => {}
+                Err(e) => panic!("{name}: {e}"),
+            }
+            assert!(visible, "{name}: answered before the topic was visible");
+        }
+        assert_eq!(created, 1, "{name}: exactly one creation");
+    }
+}
+
+/// A store on a simulated disk with no time-driven rounds (no ticks, no relaxed flush), so
+/// only the test's operations write.
+fn open_on(disk: &simdisk::SimDisk, dir: &std::path::Path) -> (Store, OpenReport) {
+    let cfg =
+        StorageConfig { retention_check_interval_ms: 3_600_000, relaxed_flush_interval_ms: 3_600_000, ..config(dir) };
+    Store::open_with_backend(cfg, disk.opener()).expect("open on the simulated disk")
+}
+
+/// Item 5: acknowledged relaxed appends that a crash loses leave a gap; their offsets are never
+/// handed out again, readers and Kafka-style fetches move past the gap, and a clean close leaves
+/// no gap.
+#[tokio::test]
+async fn relaxed_appends_lost_in_a_crash_leave_a_gap_and_no_offset_is_reused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = simdisk::SimDisk::new();
+    let (store, _) = open_on(&disk, dir.path());
+    let relaxed = TopicConfig { durability: crate::config::Durability::Relaxed, ..TopicConfig::default() };
+    store.create_topic("r", 1, relaxed).await.expect("create");
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        acked.push(store.append_records("r", 0, vec![rec(i)]).await.expect("append").base_offset);
+    }
+    assert_eq!(acked, (0..20).collect::<Vec<i64>>());
+    // A process crash: the file as it is now, the process gone without closing.
+    let crashed = simdisk::SimDisk::from_image(disk.image());
+    let (after, report) = open_on(&crashed, dir.path());
+    assert!(report.repaired, "an unclean shutdown");
+    assert_eq!(report.gaps, 1, "the relaxed partition lost appends: one gap");
+    let wm = after.watermarks("r", 0).expect("wm");
+    let kept = after.read_records("r", 0, 0, 1 << 20).expect("read");
+    // The first append raised the reservation durably; the later ones were not durable.
+    assert!(!kept.is_empty() && kept.len() < 20, "kept {} of 20", kept.len());
+    for (i, r) in kept.iter().enumerate() {
+        assert_eq!((r.offset, r.value.as_deref()), (i as i64, Some(format!("value-{i}").as_bytes())));
+    }
+    assert!(wm.high_watermark >= 20, "offsets up to the reservation are skipped: {wm:?}");
+    let next = after.append_records("r", 0, vec![rec(99)]).await.expect("append after the crash");
+    assert_eq!(next.base_offset, wm.high_watermark, "new records go after the gap");
+    assert!(next.base_offset > *acked.last().expect("acked"), "an acknowledged offset is never reused");
+    // Inside the gap, a fetch serves the gap batch and then the next records, whatever max_bytes.
+    let lost = kept.len() as i64;
+    let f = after.fetch("r", 0, lost + 1, 1).expect("fetch inside the gap");
+    let h = batch::BatchHeader::parse(&f.data).expect("header");
+    assert!(h.is_control() && h.base_offset == lost && h.next_offset() == wm.high_watermark, "{h:?}");
+    assert_eq!(f.batches, 2, "the gap batch and the first batch after it");
+    assert_eq!(f.next_offset, next.last_offset + 1);
+    let read = after.read_records("r", 0, lost + 1, 1).expect("read past the gap");
+    assert_eq!(read.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![next.base_offset]);
+    // A clean close releases the reservation: the next open adds no gap.
+    after.close().await.expect("close");
+    let (reopened, report) = open_on(&crashed, dir.path());
+    assert_eq!((report.repaired, report.gaps), (false, 0));
+    assert_eq!(reopened.watermarks("r", 0).expect("wm").high_watermark, next.last_offset + 1);
+    store.close().await.expect("close the crashed store's leftover handle");
+}
+
+/// Item 4: a disk that refuses to grow the file (a full file system, RLIMIT_FSIZE) makes
+/// writes fail with a clear error while reads go on; every failure is counted; once the disk
+/// works again writes succeed without anyone reopening anything, and nothing acknowledged
+/// before the fault is lost.
+#[tokio::test]
+async fn a_failed_write_is_not_forever() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = simdisk::SimDisk::new();
+    let (store, _) = open_on(&disk, dir.path());
+    let plain = TopicConfig { compression: Codec::None, ..TopicConfig::default() };
+    store.create_topic("t", 1, plain).await.expect("create");
+    let big = |i: usize| NewRecord::new(None::<Bytes>, Bytes::from(vec![i as u8; 64 << 10]));
+    let mut acked = Vec::new();
+    for i in 0..8 {
+        acked.push(store.append_records("t", 0, vec![big(i)]).await.expect("append").base_offset);
+    }
+    disk.set_fault(Some(simdisk::WriteFault::Beyond(disk.len_bytes())));
+    // Until three writes have failed (each answered once the database is reopened); between
+    // failures, writes are refused without trying (paused: `Unavailable`) for a growing pause.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (mut failed, mut paused) = (0, 0);
+    while failed < 3 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", store.stats());
+        match store.append_records("t", 0, vec![big(acked.len())]).await {
+            Ok(o) => acked.push(o.base_offset),
+            Err(StoreError::Storage(_)) => failed += 1,
+            Err(StoreError::Unavailable(_)) => paused += 1,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(paused > 0, "writes are paused between attempts");
+    let stats = store.stats();
+    assert_eq!(stats.failed_commits, 3, "every failed write is counted, not only the first: {stats:?}");
+    assert_eq!(stats.reopens, 3, "{stats:?}");
+    assert!(store.write_fault().is_some());
+    // Reads work: the database was reopened.
+    let read = store.read_records("t", 0, 0, 1 << 30).expect("reads work during the fault");
+    assert_eq!(read.iter().map(|r| r.offset).collect::<Vec<_>>(), acked);
+    // The watchdog's probe: the writer answers, naming the fault.
+    assert!(store.probe().await.expect("the writer answers").is_some());
+    // The fault clears: writes work again, nobody reopened anything.
+    disk.set_fault(None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let o = loop {
+        match store.append_records("t", 0, vec![big(1000)]).await {
+            Ok(o) => break o,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "writes never resumed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    acked.push(o.base_offset);
+    assert!(store.write_fault().is_none());
+    assert!(store.probe().await.expect("probe").is_none(), "the probe writes again");
+    let read = store.read_records("t", 0, 0, 1 << 30).expect("read");
+    assert_eq!(read.iter().map(|r| r.offset).collect::<Vec<_>>(), acked, "nothing acknowledged was lost");
+    store.close().await.expect("close");
+}
+
+/// Item 4: a disk that refuses every write (reads may be unavailable meanwhile, with a clear
+/// error, if the database cannot be reopened without writing): once it works again, everything
+/// comes back on its own.
+#[tokio::test]
+async fn a_disk_refusing_every_write_recovers_once_it_works_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = simdisk::SimDisk::new();
+    let (store, _) = open_on(&disk, dir.path());
+    store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
+    store.append_records("t", 0, vec![rec(0)]).await.expect("append");
+    disk.set_fault(Some(simdisk::WriteFault::All));
+    assert!(store.append_records("t", 0, vec![rec(1)]).await.is_err());
+    // Reopening may or may not work without writing: reads work, or fail with a clear error.
+    match store.fetch("t", 0, 0, 1 << 20) {
+        Ok(f) => assert_eq!(f.batches, 1),
+        Err(e) => assert!(matches!(e, StoreError::Unavailable(_)), "{e}"),
+    }
+    assert!(matches!(store.probe().await, Ok(Some(_))), "the writer still answers");
+    disk.set_fault(None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.append_records("t", 0, vec![rec(2)]).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let values: Vec<_> = store.read_records("t", 0, 0, 1 << 20).expect("read").into_iter().map(|r| r.value).collect();
+    assert_eq!(values, vec![rec(0).value, rec(2).value]);
+    store.close().await.expect("close");
+}
+
+/// Item 4: key-value inserts (sessions, offsets, retained messages) are refused on a full disk
+/// as appends are; removals, which free space, go through; the probe reports the full disk.
+#[tokio::test]
+async fn key_value_inserts_are_refused_on_a_full_disk_and_removals_allowed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    store.kv_put(KvSpace::MqttRetained, b"a".to_vec(), Some(b"1".to_vec())).await.expect("room: stored");
+    store.close().await.expect("close");
+    // No volume has 2^50 bytes free: the disk counts as full.
+    let full = StorageConfig { disk_free_bytes_min: 1 << 50, ..config(dir.path()) };
+    let store = Store::open(full).expect("open").0;
+    for space in [KvSpace::MqttSessions, KvSpace::GroupOffsets, KvSpace::MqttRetained] {
+        let e = store.kv_put(space, b"k".to_vec(), Some(b"v".to_vec())).await.expect_err("insert refused");
+        assert!(matches!(e, StoreError::DiskFull { .. }), "{space:?}: {e}");
+    }
+    let mixed = vec![(b"a".to_vec(), None), (b"b".to_vec(), Some(b"2".to_vec()))];
+    assert!(matches!(store.kv_write(KvSpace::MqttRetained, mixed).await, Err(StoreError::DiskFull { .. })));
+    assert_eq!(store.kv_get(KvSpace::MqttRetained, b"a").expect("get"), Some(b"1".to_vec()), "all or nothing");
+    store.kv_put(KvSpace::MqttRetained, b"a".to_vec(), None).await.expect("a removal frees space: allowed");
+    assert_eq!(store.kv_get(KvSpace::MqttRetained, b"a").expect("get"), None);
+    assert!(matches!(store.probe().await, Ok(Some(StoreError::DiskFull { .. }))));
+    store.close().await.expect("close");
+}
+
+/// Item 9 (the store's part): key-value bytes count against `storage.max_bytes`: writing them
+/// makes retention delete log batches, `kv_bytes` follows every write and removal, and is
+/// recomputed at open.
+#[tokio::test]
+async fn key_value_bytes_count_against_the_disk_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StorageConfig { max_bytes: 16 << 20, ..config(dir.path()) };
+    let store = Store::open(cfg.clone()).expect("open").0;
+    let plain = TopicConfig { compression: Codec::None, ..TopicConfig::default() };
+    store.create_topic("t", 1, plain).await.expect("create");
+    for i in 0..6 * 64 {
+        store
+            .append_records("t", 0, vec![NewRecord::new(None::<Bytes>, Bytes::from(vec![i as u8; 16 << 10]))])
+            .await
+            .expect("append");
+    }
+    assert_eq!(store.watermarks("t", 0).expect("wm").log_start_offset, 0, "12 MiB of log pages fit the budget");
+    assert_eq!(store.stats().kv_bytes, 0);
+    // 10 retained messages of 500 KiB (5 MiB of pages) and 12 MiB of log pages: past the 90%
+    // high mark of 16 MiB.
+    let value = 500 << 10;
+    for i in 0..10u8 {
+        store.kv_put(KvSpace::MqttRetained, vec![b'r', i], Some(vec![i; value])).await.expect("put");
+    }
+    let stats = store.stats();
+    assert_eq!(stats.kv_bytes, 10 * tables::kv_footprint(2, value), "{stats:?}");
+    assert!(store.watermarks("t", 0).expect("wm").log_start_offset > 0, "log batches deleted to make room: {stats:?}");
+    assert!(stats.footprint_bytes + stats.kv_bytes <= cfg.retention_high_bytes(), "{stats:?}");
+    store.kv_put(KvSpace::MqttRetained, vec![b'r', 0], None).await.expect("remove");
+    store.kv_put(KvSpace::MqttRetained, vec![b'r', 1], Some(vec![1; 100])).await.expect("shrink");
+    let kv = store.stats().kv_bytes;
+    assert_eq!(kv, 8 * tables::kv_footprint(2, value) + tables::kv_footprint(2, 100));
+    store.close().await.expect("close");
+    let store = Store::open(cfg).expect("reopen").0;
+    assert_eq!(store.stats().kv_bytes, kv, "recomputed at open");
+    store.close().await.expect("close");
+}
+
+/// Item 4: what one watchdog probe costs (it runs every `WATCHDOG_USEC / 2`, 15 s with the
+/// shipped unit, on an SD card): syncs and bytes written (exact, on the simulated disk) and its
+/// latency on this machine's file system. Measurement only:
+/// `cargo test -p tributary-broker probe_cost -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn probe_cost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = simdisk::SimDisk::recording();
+    let (store, _) = open_on(&disk, dir.path());
+    store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
+    store.probe().await.expect("probe");
+    const N: usize = 100;
+    let before = disk.trace().len();
+    for _ in 0..N {
+        assert!(store.probe().await.expect("probe").is_none());
+    }
+    let trace = disk.trace();
+    let (mut writes, mut bytes, mut syncs) = (0usize, 0usize, 0usize);
+    for e in &trace[before..] {
+        match e {
+            simdisk::Event::Write { data, .. } => {
+                writes += 1;
+                bytes += data.len();
+            }
+            simdisk::Event::Sync => syncs += 1,
+            _ => {}
+        }
+    }
+    eprintln!(
+        "probe on the simulated disk, idle: {:.1} syncs, {:.1} writes, {} bytes written per probe",
+        syncs as f64 / N as f64,
+        writes as f64 / N as f64,
+        bytes / N
+    );
+    // Under traffic the probe joins the round of the appends queued with it: no sync of its own.
+    let syncs_of = |from: usize| disk.trace()[from..].iter().filter(|e| **e == simdisk::Event::Sync).count();
+    let mut alone = 0;
+    let mut joined = 0;
+    for i in 0..N {
+        let mark = disk.trace().len();
+        store.append_records("t", 0, vec![rec(i)]).await.expect("append");
+        alone += syncs_of(mark);
+        let mark = disk.trace().len();
+        let pending = store.enqueue_records("t", 0, vec![rec(i)]).await.expect("enqueue");
+        assert!(store.probe().await.expect("probe").is_none());
+        pending.wait().await.expect("append");
+        joined += syncs_of(mark);
+    }
+    eprintln!(
+        "an append alone: {alone} syncs per {N}; an append with a probe queued behind it: {joined} syncs per {N}"
+    );
+    store.close().await.expect("close");
+    let store = open(dir.path());
+    store.probe().await.expect("probe");
+    let mut micros: Vec<u128> = Vec::new();
+    for _ in 0..N {
+        let t = std::time::Instant::now();
+        store.probe().await.expect("probe");
+        micros.push(t.elapsed().as_micros());
+    }
+    micros.sort_unstable();
+    eprintln!("probe on a real file here: median {} us, p99 {} us", micros[N / 2], micros[N * 99 / 100]);
+    store.close().await.expect("close");
 }

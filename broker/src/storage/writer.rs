@@ -1,12 +1,14 @@
 //! The single writer thread that owns every write to the database: it drains the bounded queue
 //! into one transaction per round (group commit), commits once, and only then publishes new
-//! watermarks and answers the waiters. Retention runs inside the same rounds.
+//! watermarks and answers the waiters. Retention runs inside the same rounds. It also owns the
+//! two recoveries: offsets reserved for `relaxed` commits (gap batches after a crash), and the
+//! in-process reopen of the database after a failed write (see `Writer::write_failed`).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use redb::{
@@ -18,8 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::batch::{self, BatchHeader, NewRecord, HEADER_LEN};
 use super::producers::{self, ProducerEntry, ProducerStates, SeqCheck};
 use super::tables::{
-    footprint, partition_key, split_value, PartitionMeta, TopicRecord, LOG, META, META_NEXT_TOPIC_ID, PARTITIONS,
-    TIME_INDEX, TOPICS, VALUE_PREFIX_LEN,
+    footprint, kv_footprint, partition_key, split_value, PartitionMeta, TopicRecord, LOG, META, META_NEXT_TOPIC_ID,
+    META_PROBE, PARTITIONS, TIME_INDEX, TOPICS, VALUE_PREFIX_LEN,
 };
 use super::{disk, AppendOutcome, KvSpace, PartitionState, Shared, TopicState};
 use crate::config::{Codec, Durability, StorageConfig, TimestampKind, TopicConfig};
@@ -64,10 +66,13 @@ pub(crate) enum Op {
     },
     Tick,
     Shutdown,
-    /// Writes nothing: answered as soon as the writer takes it from the queue, which proves the
-    /// writer finished every round queued before it (the service watchdog's liveness probe).
+    /// The service watchdog's probe: a real write (a counter in `meta`) committed durably in the
+    /// next round, so it proves the writer finished every round queued before it and that the
+    /// write path (pages, commit, fsync) works. Answered `None` after the commit, or with the
+    /// write fault that kept it from writing (disk full, a failed commit, writes paused): a fault
+    /// is not a reason to restart the process (see `Store::probe`).
     Probe {
-        reply: Reply<()>,
+        reply: Reply<Option<StoreError>>,
     },
 }
 
@@ -99,10 +104,46 @@ impl Op {
     fn needs_fsync(&self) -> bool {
         match self {
             Op::Append { topic, .. } => topic.config.durability == Durability::Fsync,
-            Op::Admin { .. } | Op::Kv { .. } => true,
-            Op::Tick | Op::Shutdown | Op::Probe { .. } => false,
+            Op::Admin { .. } | Op::Kv { .. } | Op::Probe { .. } => true,
+            Op::Tick | Op::Shutdown => false,
         }
     }
+
+    /// Whether the op would add bytes to the database (refused while the disk is full).
+    fn inserts(&self) -> bool {
+        match self {
+            Op::Append { .. } | Op::Probe { .. } => true,
+            Op::Kv { entries, .. } => entries.iter().any(|(_, v)| v.is_some()),
+            Op::Admin { .. } | Op::Tick | Op::Shutdown => false,
+        }
+    }
+}
+
+/// How far a `relaxed` partition's reservation is raised past its next offset (see
+/// `PartitionMeta::reserved_offset`): the most offsets a crash can turn into a gap, and how many
+/// records a relaxed partition takes between the durable commits that raise it (a durable round
+/// raises it for free once less than half of it is left). 65,536 offsets cost nothing to skip (a
+/// gap is one small control batch) and, below 65,536 records per second and partition, no more
+/// fsyncs than `storage.relaxed_flush_interval_ms` already makes.
+pub(crate) const RELAXED_RESERVE_OFFSETS: u64 = 65_536;
+
+/// First pause of writes after a failed write; doubled after each further failure...
+const WRITE_RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// ...up to this. Reads go on meanwhile (the database is reopened at once).
+const WRITE_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+fn write_backoff(failures: u32) -> Duration {
+    let shift = failures.saturating_sub(1).min(16);
+    (WRITE_RETRY_BACKOFF_MIN * (1u32 << shift)).min(WRITE_RETRY_BACKOFF_MAX)
+}
+
+/// The writer's state after a failed write: writes are refused until `retry_at`; the database is
+/// reopened at once (and again at each round after `retry_at` while reopening fails).
+struct Fault {
+    cause: String,
+    /// Consecutive failures (writes or reopens) since the last successful write.
+    failures: u32,
+    retry_at: Instant,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -132,10 +173,15 @@ pub(crate) struct Loaded {
     pub topics: HashMap<String, Arc<TopicState>>,
     pub metas: HashMap<u64, PartitionMeta>,
     pub producers: ProducerStates,
+    /// Footprint of every key-value entry (`tables::kv_footprint`), charged to `storage.max_bytes`.
+    pub kv_bytes: u64,
+    /// Partitions that got a gap batch at this open (see `fill_gaps`).
+    pub gaps: usize,
 }
 
 /// Creates missing tables and reads topics and partition metadata, checking that each
-/// partition's metadata agrees with its last stored batch.
+/// partition's metadata agrees with its last stored batch; fills the gaps a crash left in
+/// `relaxed` partitions (`fill_gaps`).
 pub(crate) fn load(db: &Database, config: &StorageConfig) -> Result<Loaded, StoreError> {
     let tx = db.begin_write()?;
     {
@@ -155,6 +201,9 @@ pub(crate) fn load(db: &Database, config: &StorageConfig) -> Result<Loaded, Stor
     let log_t = rtx.open_table(LOG)?;
     let mut topics = HashMap::new();
     let mut metas = HashMap::new();
+    // (name, id, settings, partition keys), and the partitions holding a reservation.
+    let mut listed = Vec::new();
+    let mut held = Vec::new();
     for e in topics_t.iter()? {
         let (name, rec) = e?;
         let rec = TopicRecord::decode(rec.value())?;
@@ -179,17 +228,69 @@ pub(crate) fn load(db: &Database, config: &StorageConfig) -> Result<Loaded, Stor
                     )));
                 }
             }
-            partitions.push(PartitionState::new(key, &meta));
+            if meta.reserved_offset > meta.next_offset {
+                held.push((key, name.value().to_string(), p));
+            }
+            partitions.push(key);
             metas.insert(key, meta);
         }
-        let name = name.value().to_string();
-        topics.insert(name.clone(), Arc::new(TopicState { id: rec.id, name, config, partitions }));
+        listed.push((name.value().to_string(), rec.id, config, partitions));
     }
     let mut producers = ProducerStates::new(config.producer_states_max as usize);
     for (&key, meta) in &metas {
         rebuild_producers(&log_t, key, meta, &mut producers)?;
     }
-    Ok(Loaded { topics, metas, producers })
+    let mut kv_bytes = 0u64;
+    for space in KvSpace::ALL {
+        for e in rtx.open_table(space.table())?.iter()? {
+            let (k, v) = e?;
+            kv_bytes += kv_footprint(k.value().len(), v.value().len());
+        }
+    }
+    drop((topics_t, parts_t, log_t, rtx));
+    let gaps = fill_gaps(db, &mut metas, &held)?;
+    for (name, id, config, keys) in listed {
+        let partitions = keys.iter().filter_map(|k| metas.get(k).map(|m| PartitionState::new(*k, m))).collect();
+        topics.insert(name.clone(), Arc::new(TopicState { id, name, config, partitions }));
+    }
+    Ok(Loaded { topics, metas, producers, kv_bytes, gaps })
+}
+
+/// After a crash (or an in-process reopen after a failed write), a partition whose durable
+/// reservation is above its next offset lost non-durable commits that had handed out offsets up
+/// to it: `[next, reserved)` gets gap batches (`batch::encode_gap_batch`) in one durable commit,
+/// so those offsets are never handed out again and consumers move past them. The reservation is
+/// released (reserved = next). Returns how many partitions got a gap.
+fn fill_gaps(
+    db: &Database,
+    metas: &mut HashMap<u64, PartitionMeta>,
+    held: &[(u64, String, u32)],
+) -> Result<usize, StoreError> {
+    if held.is_empty() {
+        return Ok(0);
+    }
+    let now = now_ms();
+    let tx = db.begin_write()?;
+    {
+        let mut log = tx.open_table(LOG)?;
+        let mut parts = tx.open_table(PARTITIONS)?;
+        for (key, topic, partition) in held {
+            let Some(m) = metas.get_mut(key) else { continue };
+            let from = m.next_offset;
+            while m.next_offset < m.reserved_offset {
+                let count = (m.reserved_offset - m.next_offset).min(batch::GAP_OFFSETS_MAX as u64);
+                let mut value = now.to_be_bytes().to_vec();
+                value.extend_from_slice(&batch::encode_gap_batch(m.next_offset as i64, count as i64, now));
+                log.insert((*key, m.next_offset), value.as_slice())?;
+                m.account_batch(m.next_offset + count, value.len());
+            }
+            parts.insert(*key, m.encode().as_slice())?;
+            tracing::warn!(%topic, partition, from, to = m.next_offset,
+                "offsets handed out by relaxed commits a crash undid are skipped (a gap batch); they are never reused");
+        }
+    }
+    tx.commit()?;
+    Ok(held.len())
 }
 
 /// Reads the last batches of a partition (oldest first) into the idempotent-producer state.
@@ -238,9 +339,70 @@ struct Pack {
     waiters: Vec<(Reply<AppendOutcome>, usize)>,
 }
 
+impl Pack {
+    fn fail(self, e: &StoreError) {
+        for (tx, _) in self.waiters {
+            let _ = tx.send(Err(e.clone()));
+        }
+    }
+
+    /// Its waiters, to be answered with the error of the failing round.
+    fn doom(self, r: &mut Round) {
+        r.done.extend(self.waiters.into_iter().map(|(tx, _)| Done::Doomed(tx)));
+    }
+}
+
+/// An answer sent only after the round's commit returned (and memory was updated).
 enum Done {
     Append(Reply<AppendOutcome>, AppendOutcome),
     Unit(Reply<()>),
+    /// A refusal that may depend on what this round did: a CreateTopic is answered TopicExists
+    /// when an earlier op of the same round created the topic, and the answer must not arrive
+    /// before the topic is visible.
+    Refused(Reply<()>, StoreError),
+    /// The watchdog probe: `None` if its write committed, or the fault that kept it from writing.
+    Probe(Reply<Option<StoreError>>, Option<StoreError>),
+    /// An append of a round that is failing: answered with the round's error once the writer
+    /// recovered (so the caller can read again when it gets it).
+    Doomed(Reply<AppendOutcome>),
+}
+
+impl Done {
+    /// Answers after the commit.
+    fn send(self) {
+        match self {
+            Done::Append(tx, outcome) => {
+                let _ = tx.send(Ok(outcome));
+            }
+            Done::Unit(tx) => {
+                let _ = tx.send(Ok(()));
+            }
+            Done::Refused(tx, e) => {
+                let _ = tx.send(Err(e));
+            }
+            Done::Probe(tx, fault) => {
+                let _ = tx.send(Ok(fault));
+            }
+            Done::Doomed(tx) => {
+                let _ = tx.send(Err(StoreError::Corrupt("an append of a failed round was not answered".into())));
+            }
+        }
+    }
+
+    /// Answers after a commit that failed with `e`: nothing of the round was written.
+    fn fail(self, e: &StoreError) {
+        match self {
+            Done::Append(tx, _) | Done::Doomed(tx) => {
+                let _ = tx.send(Err(e.clone()));
+            }
+            Done::Unit(tx) | Done::Refused(tx, _) => {
+                let _ = tx.send(Err(e.clone()));
+            }
+            Done::Probe(tx, _) => {
+                let _ = tx.send(Ok(Some(e.clone())));
+            }
+        }
+    }
 }
 
 enum TopicChange {
@@ -268,6 +430,15 @@ struct Round {
     retention_bytes: HashMap<u64, u64>,
     /// Idempotent-producer entries changed this round.
     producers: HashMap<(u64, i64), ProducerEntry>,
+    /// Change of the key-value footprint this round.
+    kv_delta: i64,
+    /// Partitions of `relaxed` topics appended to this round (reservations checked at its end).
+    relaxed: HashSet<u64>,
+    /// Ops a failing round did not get to: answered with its error once the writer recovered.
+    unanswered: Vec<Op>,
+    /// Something was written for a client (a batch, a key, a topic change, the probe's
+    /// counter): its commit shows the write path works again after a fault.
+    wrote: bool,
 }
 
 struct Tables<'t> {
@@ -278,9 +449,22 @@ struct Tables<'t> {
     meta: Table<'t, &'static str, u64>,
 }
 
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            log: txn.open_table(LOG)?,
+            parts: txn.open_table(PARTITIONS)?,
+            time: txn.open_table(TIME_INDEX)?,
+            topics: txn.open_table(TOPICS)?,
+            meta: txn.open_table(META)?,
+        })
+    }
+}
+
 pub(crate) struct Writer {
     shared: Arc<Shared>,
-    db: Arc<Database>,
+    /// `None` after a failed write until the database is open again.
+    db: Option<Arc<Database>>,
     cfg: StorageConfig,
     metas: HashMap<u64, PartitionMeta>,
     pstates: HashMap<u64, Arc<PartitionState>>,
@@ -290,42 +474,71 @@ pub(crate) struct Writer {
     ratios: HashMap<u64, f64>,
     footprint_total: u64,
     logical_total: u64,
+    /// Footprint of every key-value entry: counted against the disk budget with the log's.
+    kv_total: u64,
     /// Global retention is deleting (between the high and low marks).
     retention_active: bool,
     /// A non-durable commit happened since the last durable one.
     unsynced_since: Option<Instant>,
     last_time_retention: Instant,
     producers: ProducerStates,
+    /// Set by a failed write, cleared by the next successful one.
+    fault: Option<Fault>,
+}
+
+/// Whether a failed round means the database must be reopened: redb latches an I/O failure
+/// ("Previous I/O error occurred") until the `Database` is dropped.
+fn is_storage_fault(e: &StoreError) -> bool {
+    matches!(e, StoreError::Storage(_) | StoreError::Io { .. })
 }
 
 impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, db: Arc<Database>, loaded: Loaded) -> Self {
         let cfg = shared.config.clone();
-        let mut pstates = HashMap::new();
-        for t in loaded.topics.values() {
-            for p in &t.partitions {
-                pstates.insert(p.key, p.clone());
-            }
-        }
-        let footprint_total = loaded.metas.values().map(|m| m.footprint_bytes).sum();
-        let logical_total = loaded.metas.values().map(|m| m.logical_bytes).sum();
-        shared.counters.footprint_bytes.store(footprint_total, Ordering::Relaxed);
-        shared.counters.logical_bytes.store(logical_total, Ordering::Relaxed);
-        Self {
+        let mut w = Self {
             shared,
-            db,
+            db: Some(db),
             cfg,
-            metas: loaded.metas,
-            pstates,
+            metas: HashMap::new(),
+            pstates: HashMap::new(),
             fronts: HashMap::new(),
             ratios: HashMap::new(),
-            footprint_total,
-            logical_total,
+            footprint_total: 0,
+            logical_total: 0,
+            kv_total: 0,
             retention_active: false,
             unsynced_since: None,
             last_time_retention: Instant::now(),
-            producers: loaded.producers,
+            producers: ProducerStates::new(1),
+            fault: None,
+        };
+        w.adopt(loaded);
+        w
+    }
+
+    /// Takes over the state read from the database (at open and after a reopen); the topic map
+    /// in `Shared` must already hold the partition states.
+    fn adopt(&mut self, loaded: Loaded) {
+        self.pstates.clear();
+        if let Ok(topics) = self.shared.topics.read() {
+            for t in topics.values() {
+                for p in &t.partitions {
+                    self.pstates.insert(p.key, p.clone());
+                }
+            }
         }
+        self.footprint_total = loaded.metas.values().map(|m| m.footprint_bytes).sum();
+        self.logical_total = loaded.metas.values().map(|m| m.logical_bytes).sum();
+        self.kv_total = loaded.kv_bytes;
+        let c = &self.shared.counters;
+        c.footprint_bytes.store(self.footprint_total, Ordering::Relaxed);
+        c.logical_bytes.store(self.logical_total, Ordering::Relaxed);
+        c.kv_bytes.store(self.kv_total, Ordering::Relaxed);
+        self.metas = loaded.metas;
+        self.producers = loaded.producers;
+        self.fronts.clear();
+        self.retention_active = false;
+        self.unsynced_since = None;
     }
 
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Op>) {
@@ -336,9 +549,6 @@ impl Writer {
             let mut bytes = 0u64;
             match first {
                 Op::Shutdown => shutdown = true,
-                Op::Probe { reply } => {
-                    let _ = reply.send(Ok(()));
-                }
                 op => {
                     bytes += op.size();
                     ops.push(op);
@@ -347,9 +557,6 @@ impl Writer {
             while !shutdown && bytes < self.cfg.commit_size_bytes_max {
                 match rx.try_recv() {
                     Ok(Op::Shutdown) => shutdown = true,
-                    Ok(Op::Probe { reply }) => {
-                        let _ = reply.send(Ok(()));
-                    }
                     Ok(op) => {
                         bytes += op.size();
                         ops.push(op);
@@ -379,63 +586,97 @@ impl Writer {
         if !rest.is_empty() {
             self.round(rest);
         }
-        if self.unsynced_since.is_some() {
-            self.round(vec![Op::Tick]);
-        }
+        self.release_reservations();
         self.close_db();
     }
 
-    fn close_db(self) {
-        let Writer { shared, db, .. } = self;
-        if let Ok(mut slot) = shared.db.write() {
-            slot.take();
+    /// The last commit of a clean close: durable, and every reservation released (reserved =
+    /// next), so a clean restart leaves no gap.
+    fn release_reservations(&mut self) {
+        let Some(db) = self.db.clone() else { return };
+        let held: Vec<(u64, PartitionMeta)> =
+            self.metas.iter().filter(|(_, m)| m.reserved_offset > m.next_offset).map(|(k, m)| (*k, *m)).collect();
+        if held.is_empty() && self.unsynced_since.is_none() {
+            return;
         }
-        // Readers hold the database only for the length of one read; wait for them (bounded).
-        let mut db = db;
-        for _ in 0..500 {
-            match Arc::try_unwrap(db) {
-                Ok(owned) => {
-                    match owned.close() {
-                        Ok(()) => tracing::info!("store closed cleanly"),
-                        Err(e) => tracing::error!(error = %e, "closing the database failed"),
-                    }
-                    return;
-                }
-                Err(still_shared) => {
-                    db = still_shared;
-                    std::thread::sleep(std::time::Duration::from_millis(10));
+        let released = (|| -> Result<(), StoreError> {
+            let txn = db.begin_write()?;
+            {
+                let mut parts = txn.open_table(PARTITIONS)?;
+                for (pkey, m) in &held {
+                    let m = PartitionMeta { reserved_offset: m.next_offset, ..*m };
+                    parts.insert(*pkey, m.encode().as_slice())?;
                 }
             }
+            txn.commit()?;
+            Ok(())
+        })();
+        match released {
+            Ok(()) => {
+                for (pkey, m) in held {
+                    self.metas.insert(pkey, PartitionMeta { reserved_offset: m.next_offset, ..m });
+                }
+                self.unsynced_since = None;
+            }
+            Err(e) => tracing::warn!(error = %e, "releasing offset reservations failed; the next open skips them"),
         }
-        tracing::warn!("readers still hold the database after 5 s; it closes when they finish");
+    }
+
+    /// Stops readers from taking the database (they get `Unavailable` or `Closed`).
+    fn detach_db(&self) {
+        if let Ok(mut slot) = self.shared.db.write() {
+            slot.take();
+        }
+    }
+
+    fn close_db(mut self) {
+        self.detach_db();
+        let Some(db) = self.db.take() else { return };
+        match wait_unshared(db) {
+            Some(owned) => match owned.close() {
+                Ok(()) => tracing::info!("store closed cleanly"),
+                Err(e) => tracing::error!(error = %e, "closing the database failed"),
+            },
+            None => tracing::warn!("readers still hold the database after 5 s; it closes when they finish"),
+        }
     }
 
     fn round(&mut self, ops: Vec<Op>) {
+        if let Some(e) = self.fault_gate() {
+            fail_ops(ops, &e);
+            return;
+        }
+        let Some(db) = self.db.clone() else {
+            fail_ops(ops, &StoreError::Closed);
+            return;
+        };
         let started = Instant::now();
         let now = now_ms();
         let mut r = Round::default();
         let relaxed_due =
             self.unsynced_since.is_some_and(|t| t.elapsed().as_millis() as u64 >= self.cfg.relaxed_flush_interval_ms);
-        let durable = relaxed_due || ops.iter().any(Op::needs_fsync);
-        let has_appends = ops.iter().any(|o| matches!(o, Op::Append { .. }));
-        let disk_full = if has_appends { self.disk_full() } else { None };
+        let mut durable = relaxed_due || ops.iter().any(Op::needs_fsync);
+        let disk_full = if ops.iter().any(Op::inserts) { self.disk_full() } else { None };
 
-        let mut txn = match self.db.begin_write() {
+        let mut txn = match db.begin_write() {
             Ok(t) => t,
             Err(e) => {
-                fail_ops(ops, &StoreError::from(e));
+                // Reopened first, so whoever gets the error can read again at once.
+                let e = StoreError::from(e);
+                self.write_failed(&e);
+                fail_ops(ops, &e);
                 return;
             }
         };
         txn.set_quick_repair(self.cfg.quick_repair);
-        if !durable {
-            if let Err(e) = txn.set_durability(RedbDurability::None) {
-                fail_ops(ops, &StoreError::from(e));
-                return;
+        let applied = self.apply(&txn, ops, now, disk_full, &mut durable, &mut r);
+        let result = applied.and_then(|()| {
+            if !durable {
+                txn.set_durability(RedbDurability::None)?;
             }
-        }
-        let applied = self.apply(&txn, ops, now, disk_full, &mut r);
-        let result = applied.and_then(|()| txn.commit().map_err(StoreError::from));
+            txn.commit().map_err(StoreError::from)
+        });
+        drop(db);
         let micros = started.elapsed().as_micros() as u64;
         let c = &self.shared.counters;
         match result {
@@ -452,24 +693,160 @@ impl Writer {
                 } else if self.unsynced_since.is_none() {
                     self.unsynced_since = Some(Instant::now());
                 }
+                if r.wrote {
+                    self.write_succeeded();
+                }
                 self.publish(r);
             }
             Err(e) => {
-                c.failed_commits.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "commit failed; every waiter of this round gets the error");
                 self.fronts.clear();
+                // Reopened first, so whoever gets the error can read again at once.
+                if is_storage_fault(&e) {
+                    self.write_failed(&e);
+                } else {
+                    c.failed_commits.fetch_add(1, Ordering::Relaxed);
+                }
+                fail_ops(std::mem::take(&mut r.unanswered), &e);
                 for d in r.done {
-                    match d {
-                        Done::Append(tx, _) => {
-                            let _ = tx.send(Err(e.clone()));
-                        }
-                        Done::Unit(tx) => {
-                            let _ = tx.send(Err(e.clone()));
-                        }
-                    }
+                    d.fail(&e);
                 }
             }
         }
+    }
+
+    // ---- faults: a failed write pauses writes and reopens the database in-process ----
+
+    /// Why in-process and not `exit` for systemd to restart us: a restart gives up the
+    /// connections and sessions of every client and, with a full disk or a file-size limit,
+    /// comes back to the same fault with reads gone meanwhile; the reopen is what a restart
+    /// would do to the store (drop the database, open and repair it, reload the state), without
+    /// the rest. Counts the failure, pauses writes for `write_backoff` and reopens at once so
+    /// reads work again.
+    fn write_failed(&mut self, e: &StoreError) {
+        self.shared.counters.failed_commits.fetch_add(1, Ordering::Relaxed);
+        let failures = self.fault.as_ref().map_or(0, |f| f.failures) + 1;
+        let pause = write_backoff(failures);
+        tracing::error!(error = %e, failures, pause_ms = pause.as_millis() as u64,
+            "write failed: reopening the database; writes are refused until the pause ends");
+        self.fault = Some(Fault { cause: e.to_string(), failures, retry_at: Instant::now() + pause });
+        self.publish_fault();
+        self.reopen();
+    }
+
+    fn write_succeeded(&mut self) {
+        if let Some(f) = self.fault.take() {
+            tracing::info!(failures = f.failures, "writes succeed again after a storage fault");
+            self.publish_fault();
+        }
+    }
+
+    /// The fault as readers and the watchdog see it.
+    fn publish_fault(&self) {
+        if let Ok(mut slot) = self.shared.fault.lock() {
+            *slot = self.fault.as_ref().map(|f| f.cause.clone());
+        }
+    }
+
+    /// `None`: the round may write. `Some(e)`: refuse its ops with `e` (writes paused after a
+    /// fault, or the database could not be reopened yet).
+    fn fault_gate(&mut self) -> Option<StoreError> {
+        let f = self.fault.as_ref()?;
+        let now = Instant::now();
+        if now < f.retry_at {
+            let wait = f.retry_at - now;
+            return Some(StoreError::Unavailable(format!(
+                "writes paused after a storage fault ({}); next attempt in {} ms",
+                f.cause,
+                wait.as_millis()
+            )));
+        }
+        if self.db.is_none() && !self.reopen() {
+            let cause = self.fault.as_ref().map_or_else(String::new, |f| f.cause.clone());
+            return Some(StoreError::Unavailable(format!("the database could not be reopened: {cause}")));
+        }
+        None
+    }
+
+    /// Drops the database (waiting for readers, bounded) and opens it again, reloads the state
+    /// and fills the gaps of offsets the lost non-durable commits had handed out (`load`). On
+    /// failure the next attempt comes after a longer pause. Returns whether it is open.
+    fn reopen(&mut self) -> bool {
+        self.detach_db();
+        if let Some(old) = self.db.take() {
+            drop(wait_unshared(old));
+        }
+        let opened = super::open_database(&self.shared.config, &self.shared.location).and_then(|(db, repaired)| {
+            let loaded = load(&db, &self.cfg)?;
+            Ok((Arc::new(db), loaded, repaired))
+        });
+        match opened {
+            Ok((db, loaded, repaired)) => {
+                let gaps = loaded.gaps;
+                self.reconcile(loaded);
+                if let Err(e) = super::load_mirror_marks(&db, &self.shared) {
+                    tracing::warn!(error = %e, "mirror marks not reloaded");
+                }
+                self.db = Some(db.clone());
+                if let Ok(mut slot) = self.shared.db.write() {
+                    *slot = Some(db);
+                }
+                self.shared.counters.reopens.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(repaired, gaps, "database reopened after a storage fault: reads work again");
+                true
+            }
+            Err(e) => {
+                self.shared.counters.failed_reopens.fetch_add(1, Ordering::Relaxed);
+                let f = self.fault.get_or_insert(Fault { cause: String::new(), failures: 0, retry_at: Instant::now() });
+                f.failures += 1;
+                f.retry_at = Instant::now() + write_backoff(f.failures);
+                f.cause = format!("reopening the database failed: {e}");
+                tracing::error!(error = %e, failures = f.failures, "reopening the database failed; retrying later");
+                self.publish_fault();
+                false
+            }
+        }
+    }
+
+    /// After a reopen: the topic map keeps the partition states readers and watchers hold
+    /// (same topic id and partition count) and moves them to what the database holds now.
+    fn reconcile(&mut self, loaded: Loaded) {
+        if let Ok(mut topics) = self.shared.topics.write() {
+            let mut next: HashMap<String, Arc<TopicState>> = HashMap::new();
+            for (name, fresh) in &loaded.topics {
+                let t = match topics.get(name) {
+                    Some(old) if old.id == fresh.id && old.partitions.len() == fresh.partitions.len() => {
+                        Arc::new(TopicState {
+                            id: old.id,
+                            name: name.clone(),
+                            config: fresh.config.clone(),
+                            partitions: old.partitions.clone(),
+                        })
+                    }
+                    _ => fresh.clone(),
+                };
+                next.insert(name.clone(), t);
+            }
+            let live: HashSet<*const PartitionState> =
+                next.values().flat_map(|t| t.partitions.iter().map(Arc::as_ptr)).collect();
+            for old in topics.values() {
+                for p in old.partitions.iter().filter(|p| !live.contains(&Arc::as_ptr(p))) {
+                    p.signal.send_modify(|s| s.deleted = true);
+                }
+            }
+            for p in next.values().flat_map(|t| t.partitions.iter()) {
+                if let Some(m) = loaded.metas.get(&p.key) {
+                    p.logical_bytes.store(m.logical_bytes, Ordering::Relaxed);
+                    p.footprint_bytes.store(m.footprint_bytes, Ordering::Relaxed);
+                    p.signal.send_modify(|s| {
+                        s.watermarks.log_start_offset = m.log_start_offset as i64;
+                        s.watermarks.high_watermark = m.next_offset as i64;
+                    });
+                }
+            }
+            *topics = next;
+        }
+        self.adopt(loaded);
     }
 
     fn disk_full(&self) -> Option<StoreError> {
@@ -485,114 +862,225 @@ impl Writer {
         }
     }
 
-    /// Applies a round's operations to the transaction. Validation failures answer their op at
-    /// once (nothing was written for it); successes are answered after the commit.
+    /// Applies a round's operations to the transaction. Refusals answer their op at once
+    /// (nothing was written for it); successes are answered after the commit. If applying
+    /// fails, every op of the round is left in `r` to be answered with the error.
     fn apply(
         &mut self,
         txn: &WriteTransaction,
         ops: Vec<Op>,
         now: i64,
         disk_full: Option<StoreError>,
+        durable: &mut bool,
         r: &mut Round,
     ) -> Result<(), StoreError> {
-        let mut t = Tables {
-            log: txn.open_table(LOG)?,
-            parts: txn.open_table(PARTITIONS)?,
-            time: txn.open_table(TIME_INDEX)?,
-            topics: txn.open_table(TOPICS)?,
-            meta: txn.open_table(META)?,
+        let mut t = match Tables::open(txn) {
+            Ok(t) => t,
+            Err(e) => {
+                r.unanswered = ops;
+                return Err(e);
+            }
         };
         let mut packs: Vec<(u64, Pack)> = Vec::new();
         let mut tick = false;
-        for op in ops {
-            match op {
-                Op::Append { topic, pkey, data, kv, reply } => {
-                    if let Some(e) = &disk_full {
-                        let _ = reply.send(Err(e.clone()));
-                        continue;
-                    }
-                    if self.meta(r, pkey).is_none() {
-                        let _ = reply.send(Err(StoreError::UnknownTopic(topic.name.clone())));
-                        continue;
-                    }
-                    for (space, key, value) in kv {
-                        let mut table = txn.open_table(space.table())?;
-                        match value {
-                            Some(v) => table.insert(key.as_slice(), v.as_slice())?,
-                            None => table.remove(key.as_slice())?,
-                        };
-                    }
-                    match data {
-                        AppendData::Records(records) => {
-                            let n = records.len();
-                            match packs.iter_mut().find(|(k, _)| *k == pkey) {
-                                Some((_, p)) => {
-                                    p.records.extend(records);
-                                    p.waiters.push((reply, n));
-                                }
-                                None => packs.push((pkey, Pack { topic, records, waiters: vec![(reply, n)] })),
-                            }
-                        }
-                        AppendData::Batch { bytes, header } => {
-                            // Keep order within the partition: records queued before this batch
-                            // are written first.
-                            if let Some(i) = packs.iter().position(|(k, _)| *k == pkey) {
-                                let (k, p) = packs.remove(i);
-                                self.flush_pack(&mut t, r, k, p, now)?;
-                            }
-                            match self.append_client_batch(&mut t, r, pkey, &topic, bytes, header, now) {
-                                Ok(outcome) => r.done.push(Done::Append(reply, outcome)),
-                                // Refused by the idempotence check: nothing was written for it.
-                                Err(
-                                    e @ (StoreError::OutOfOrderSequence { .. }
-                                    | StoreError::InvalidProducerEpoch { .. }),
-                                ) => {
-                                    let _ = reply.send(Err(e));
-                                }
-                                Err(e) => return Err(e),
-                            }
-                        }
-                    }
-                }
-                Op::Admin { cmd, reply } => {
-                    for (k, p) in packs.drain(..) {
-                        self.flush_pack(&mut t, r, k, p, now)?;
-                    }
-                    match self.admin(&mut t, r, cmd) {
-                        Ok(()) => r.done.push(Done::Unit(reply)),
-                        Err(e @ StoreError::Storage(_)) | Err(e @ StoreError::Io { .. }) => {
-                            let _ = reply.send(Err(e.clone()));
-                            return Err(e);
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
-                }
-                Op::Kv { space, entries, reply } => {
-                    let mut table = txn.open_table(space.table())?;
-                    for (key, value) in entries {
-                        match value {
-                            Some(v) => table.insert(key.as_slice(), v.as_slice())?,
-                            None => table.remove(key.as_slice())?,
-                        };
-                    }
-                    r.done.push(Done::Unit(reply));
-                }
-                Op::Tick => tick = true,
-                Op::Shutdown => {}
-                Op::Probe { reply } => {
-                    let _ = reply.send(Ok(()));
+        let mut ops = ops.into_iter();
+        let result = 'apply: {
+            for op in ops.by_ref() {
+                if let Err(e) = self.apply_op(txn, &mut t, &mut packs, &mut tick, op, now, disk_full.as_ref(), r) {
+                    break 'apply Err(e);
                 }
             }
+            if let Err(e) = self.flush_packs(&mut t, r, &mut packs, now) {
+                break 'apply Err(e);
+            }
+            if let Err(e) = self.reserve_relaxed_offsets(&mut t, r, durable) {
+                break 'apply Err(e);
+            }
+            if let Err(e) = self.size_retention(&mut t, r) {
+                break 'apply Err(e);
+            }
+            if tick && self.last_time_retention.elapsed().as_millis() as u64 >= self.cfg.retention_check_interval_ms {
+                self.last_time_retention = Instant::now();
+                if let Err(e) = self.time_retention(&mut t, r, now) {
+                    break 'apply Err(e);
+                }
+            }
+            Ok(())
+        };
+        if result.is_err() {
+            r.unanswered = ops.collect();
+            for (_, p) in packs {
+                p.doom(r);
+            }
         }
-        for (k, p) in packs {
-            self.flush_pack(&mut t, r, k, p, now)?;
+        result
+    }
+
+    /// Applies one op (see `apply`). On an error the op is in `r.done`, to be answered with it.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_op(
+        &mut self,
+        txn: &WriteTransaction,
+        t: &mut Tables<'_>,
+        packs: &mut Vec<(u64, Pack)>,
+        tick: &mut bool,
+        op: Op,
+        now: i64,
+        disk_full: Option<&StoreError>,
+        r: &mut Round,
+    ) -> Result<(), StoreError> {
+        match op {
+            Op::Append { topic, pkey, data, kv, reply } => {
+                if let Some(e) = disk_full {
+                    let _ = reply.send(Err(e.clone()));
+                    return Ok(());
+                }
+                if self.meta(r, pkey).is_none() {
+                    let _ = reply.send(Err(StoreError::UnknownTopic(topic.name.clone())));
+                    return Ok(());
+                }
+                if topic.config.durability == Durability::Relaxed {
+                    r.relaxed.insert(pkey);
+                }
+                match data {
+                    AppendData::Records(records) => {
+                        let n = records.len();
+                        match packs.iter_mut().find(|(k, _)| *k == pkey) {
+                            Some((_, p)) => {
+                                p.records.extend(records);
+                                p.waiters.push((reply, n));
+                            }
+                            None => packs.push((pkey, Pack { topic, records, waiters: vec![(reply, n)] })),
+                        }
+                    }
+                    AppendData::Batch { bytes, header } => {
+                        // Keep order within the partition: records queued before this batch
+                        // are written first.
+                        if let Some(i) = packs.iter().position(|(k, _)| *k == pkey) {
+                            let (k, p) = packs.remove(i);
+                            if let Err(e) = self.flush_pack(t, r, k, p, now) {
+                                r.done.push(Done::Doomed(reply));
+                                return Err(e);
+                            }
+                        }
+                        match self.append_client_batch(t, r, pkey, &topic, bytes, header, now) {
+                            Ok(outcome) => r.done.push(Done::Append(reply, outcome)),
+                            // Refused by the idempotence check: nothing was written for it.
+                            Err(
+                                e @ (StoreError::OutOfOrderSequence { .. } | StoreError::InvalidProducerEpoch { .. }),
+                            ) => {
+                                let _ = reply.send(Err(e));
+                                return Ok(());
+                            }
+                            Err(e) => {
+                                r.done.push(Done::Doomed(reply));
+                                return Err(e);
+                            }
+                        }
+                    }
+                }
+                for (space, key, value) in kv {
+                    Self::kv_apply(txn, r, space, &key, value.as_deref())?;
+                }
+            }
+            Op::Admin { cmd, reply } => {
+                if let Err(e) = self.flush_packs(t, r, packs, now) {
+                    r.done.push(Done::Refused(reply, e.clone()));
+                    return Err(e);
+                }
+                match self.admin(t, r, cmd) {
+                    Ok(()) => {
+                        r.wrote = true;
+                        r.done.push(Done::Unit(reply));
+                    }
+                    Err(e) if is_storage_fault(&e) => {
+                        r.done.push(Done::Refused(reply, e.clone()));
+                        return Err(e);
+                    }
+                    Err(e) => r.done.push(Done::Refused(reply, e)),
+                }
+            }
+            Op::Kv { space, entries, reply } => {
+                // Removals free space, so they go through on a full disk; inserts do not.
+                if let Some(e) = disk_full.filter(|_| entries.iter().any(|(_, v)| v.is_some())) {
+                    let _ = reply.send(Err(e.clone()));
+                    return Ok(());
+                }
+                r.done.push(Done::Unit(reply));
+                for (key, value) in entries {
+                    Self::kv_apply(txn, r, space, &key, value.as_deref())?;
+                }
+            }
+            Op::Tick => *tick = true,
+            Op::Shutdown => {}
+            Op::Probe { reply } => match disk_full {
+                Some(e) => r.done.push(Done::Probe(reply, Some(e.clone()))),
+                None => {
+                    r.done.push(Done::Probe(reply, None));
+                    let count = t.meta.get(META_PROBE)?.map_or(0, |v| v.value());
+                    t.meta.insert(META_PROBE, count.wrapping_add(1))?;
+                    r.wrote = true;
+                }
+            },
         }
-        self.size_retention(&mut t, r)?;
-        if tick && self.last_time_retention.elapsed().as_millis() as u64 >= self.cfg.retention_check_interval_ms {
-            self.last_time_retention = Instant::now();
-            self.time_retention(&mut t, r, now)?;
+        Ok(())
+    }
+
+    fn flush_packs(
+        &mut self,
+        t: &mut Tables<'_>,
+        r: &mut Round,
+        packs: &mut Vec<(u64, Pack)>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        while !packs.is_empty() {
+            let (k, p) = packs.remove(0);
+            self.flush_pack(t, r, k, p, now)?;
+        }
+        Ok(())
+    }
+
+    /// Writes (`Some`) or removes (`None`) one key-value entry, tracking the footprint it adds
+    /// or frees (charged to `storage.max_bytes` with the log).
+    fn kv_apply(
+        txn: &WriteTransaction,
+        r: &mut Round,
+        space: KvSpace,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let mut table = txn.open_table(space.table())?;
+        let old = match value {
+            Some(v) => table.insert(key, v)?.map(|g| g.value().len()),
+            None => table.remove(key)?.map(|g| g.value().len()),
+        };
+        let added = value.map_or(0, |v| kv_footprint(key.len(), v.len()));
+        let freed = old.map_or(0, |len| kv_footprint(key.len(), len));
+        r.kv_delta += added as i64 - freed as i64;
+        r.wrote = true;
+        Ok(())
+    }
+
+    /// Keeps every offset a non-durable commit hands out below its partition's durable
+    /// reservation (`PartitionMeta::reserved_offset`): a relaxed round that would go past it
+    /// raises the reservation by `RELAXED_RESERVE_OFFSETS` and becomes durable; a round that is
+    /// durable anyway tops up reservations that are less than half full.
+    fn reserve_relaxed_offsets(
+        &mut self,
+        t: &mut Tables<'_>,
+        r: &mut Round,
+        durable: &mut bool,
+    ) -> Result<(), StoreError> {
+        let relaxed: Vec<u64> = r.relaxed.iter().copied().collect();
+        for pkey in relaxed {
+            let Some(mut m) = self.meta(r, pkey) else { continue };
+            let beyond = m.next_offset > m.reserved_offset;
+            let low = m.reserved_offset.saturating_sub(m.next_offset) < RELAXED_RESERVE_OFFSETS / 2;
+            if beyond || (*durable && low) {
+                m.reserved_offset = m.next_offset + RELAXED_RESERVE_OFFSETS;
+                self.put_meta(t, r, pkey, m)?;
+                *durable = true;
+            }
         }
         Ok(())
     }
@@ -643,11 +1131,8 @@ impl Writer {
             t.time.insert((pkey, h.max_timestamp), m.next_offset)?;
             m.max_timestamp = h.max_timestamp;
         }
-        let fp = footprint(value.len());
-        m.next_offset += h.record_count as u64;
-        m.logical_bytes += batch_len as u64;
-        m.footprint_bytes += fp;
-        m.batches += 1;
+        m.account_batch(h.next_offset() as u64, value.len());
+        r.wrote = true;
         r.appended_records += h.record_count as u64;
         r.appended_batches += 1;
         r.appended_bytes += batch_len as u64;
@@ -712,6 +1197,7 @@ impl Writer {
     }
 
     /// Encodes a partition's waiting records into batches under `batch_size_bytes_max`.
+    /// On an error its waiters are left in `r.done` to be answered with it.
     fn flush_pack(
         &mut self,
         t: &mut Tables<'_>,
@@ -720,14 +1206,45 @@ impl Writer {
         pack: Pack,
         now: i64,
     ) -> Result<(), StoreError> {
-        let Some(mut m) = self.meta(r, pkey) else {
-            for (tx, _) in pack.waiters {
-                let _ = tx.send(Err(StoreError::UnknownTopic(pack.topic.name.clone())));
-            }
+        let Some(m) = self.meta(r, pkey) else {
+            let e = StoreError::UnknownTopic(pack.topic.name.clone());
+            pack.fail(&e);
             return Ok(());
         };
+        match self.pack_records(t, r, pkey, &pack, m, now) {
+            Ok(m) => {
+                let log_append = pack.topic.config.timestamp_type == TimestampKind::LogAppendTime;
+                let mut next = m.next_offset as i64 - pack.records.len() as i64;
+                for (tx, n) in pack.waiters {
+                    let outcome = AppendOutcome {
+                        base_offset: next,
+                        last_offset: next + n as i64 - 1,
+                        log_append_time_ms: log_append.then_some(now),
+                        log_start_offset: m.log_start_offset as i64,
+                    };
+                    next += n as i64;
+                    r.done.push(Done::Append(tx, outcome));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                pack.doom(r);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores a pack's records as batches; returns the partition's metadata after them.
+    fn pack_records(
+        &mut self,
+        t: &mut Tables<'_>,
+        r: &mut Round,
+        pkey: u64,
+        pack: &Pack,
+        mut m: PartitionMeta,
+        now: i64,
+    ) -> Result<PartitionMeta, StoreError> {
         let cfg = &pack.topic.config;
-        let first_offset = m.next_offset;
         let stamped: Vec<(&NewRecord, i64)> =
             pack.records.iter().map(|rec| (rec, rec.timestamp_ms.unwrap_or(now))).collect();
         let cap = self.cfg.batch_size_bytes_max as usize;
@@ -772,19 +1289,7 @@ impl Writer {
         }
         self.ratios.insert(pkey, ratio);
         self.put_meta(t, r, pkey, m)?;
-        let log_append = cfg.timestamp_type == TimestampKind::LogAppendTime;
-        let mut next = first_offset as i64;
-        for (tx, n) in pack.waiters {
-            let outcome = AppendOutcome {
-                base_offset: next,
-                last_offset: next + n as i64 - 1,
-                log_append_time_ms: log_append.then_some(now),
-                log_start_offset: m.log_start_offset as i64,
-            };
-            next += n as i64;
-            r.done.push(Done::Append(tx, outcome));
-        }
-        Ok(())
+        Ok(m)
     }
 
     /// Deletes the oldest batch of a partition if `condition(its header, its length, the
@@ -881,7 +1386,10 @@ impl Writer {
         }
         let high = self.cfg.retention_high_bytes();
         let low = self.cfg.retention_low_bytes();
-        let mut total = self.footprint_now(r);
+        // Key-value state (sessions, offsets, retained messages) counts against the budget too:
+        // log batches are deleted to make room for it.
+        let kv = self.kv_total.saturating_add_signed(r.kv_delta);
+        let mut total = self.footprint_now(r).saturating_add(kv);
         if total > high {
             self.retention_active = true;
         }
@@ -1057,6 +1565,14 @@ impl Writer {
                 rec.config_text = config.to_text();
                 t.topics.insert(name.as_str(), rec.encode().as_slice())?;
                 let current = self.current_topic(r, &name)?;
+                if config.durability == Durability::Fsync {
+                    // This commit is durable: nothing relaxed is left to reserve offsets for.
+                    for p in &current.partitions {
+                        if let Some(m) = self.meta(r, p.key).filter(|m| m.reserved_offset > m.next_offset) {
+                            self.put_meta(t, r, p.key, PartitionMeta { reserved_offset: m.next_offset, ..m })?;
+                        }
+                    }
+                }
                 r.topic_changes.push(TopicChange::Upsert(Arc::new(TopicState {
                     id: rec.id,
                     name,
@@ -1168,31 +1684,45 @@ impl Writer {
         c.retention_deleted_batches.fetch_add(r.deleted_batches, Ordering::Relaxed);
         c.retention_deleted_unmirrored_batches.fetch_add(r.deleted_unmirrored_batches, Ordering::Relaxed);
         c.retention_deleted_bytes.fetch_add(r.deleted_bytes, Ordering::Relaxed);
+        self.kv_total = self.kv_total.saturating_add_signed(r.kv_delta);
         c.footprint_bytes.store(self.footprint_total, Ordering::Relaxed);
         c.logical_bytes.store(self.logical_total, Ordering::Relaxed);
+        c.kv_bytes.store(self.kv_total, Ordering::Relaxed);
         for d in r.done {
-            match d {
-                Done::Append(tx, outcome) => {
-                    let _ = tx.send(Ok(outcome));
-                }
-                Done::Unit(tx) => {
-                    let _ = tx.send(Ok(()));
-                }
-            }
+            d.send();
         }
     }
 }
 
+/// Answers ops that were not applied with `e` (the probe: its writer is alive, the write is not).
 fn fail_ops(ops: Vec<Op>, e: &StoreError) {
     for op in ops {
         match op {
             Op::Append { reply, .. } => {
                 let _ = reply.send(Err(e.clone()));
             }
-            Op::Admin { reply, .. } | Op::Kv { reply, .. } | Op::Probe { reply } => {
+            Op::Admin { reply, .. } | Op::Kv { reply, .. } => {
                 let _ = reply.send(Err(e.clone()));
+            }
+            Op::Probe { reply } => {
+                let _ = reply.send(Ok(Some(e.clone())));
             }
             Op::Tick | Op::Shutdown => {}
         }
     }
+}
+
+/// The database once no reader holds it any more (readers hold it for one read each); `None`
+/// after 5 s (it is dropped, and closes, when the last reader finishes).
+fn wait_unshared(mut db: Arc<Database>) -> Option<Database> {
+    for _ in 0..500 {
+        match Arc::try_unwrap(db) {
+            Ok(owned) => return Some(owned),
+            Err(still_shared) => {
+                db = still_shared;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    None
 }
