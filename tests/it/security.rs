@@ -24,18 +24,18 @@ use crate::mqtt::next;
 use crate::support::{client_config, storage_config};
 
 /// A broker with both listeners and `[auth]` on.
-struct Secure {
+pub(crate) struct Secure {
     _dir: tempfile::TempDir,
-    store: Store,
-    kafka: SocketAddr,
-    mqtt: SocketAddr,
+    pub(crate) store: Store,
+    pub(crate) kafka: SocketAddr,
+    pub(crate) mqtt: SocketAddr,
     mqtt_tls: Option<SocketAddr>,
-    kafka_stats: Arc<KafkaStats>,
+    pub(crate) kafka_stats: Arc<KafkaStats>,
     mqtt_stats: Arc<MqttStats>,
     _stop: tokio::sync::watch::Sender<bool>,
 }
 
-fn user(name: &str, password: &str, rules: impl FnOnce(&mut UserConfig)) -> UserConfig {
+pub(crate) fn user(name: &str, password: &str, rules: impl FnOnce(&mut UserConfig)) -> UserConfig {
     let mut u = UserConfig {
         name: name.into(),
         password_hash: PasswordHash::new(password.as_bytes(), 4096).expect("hash").encode(),
@@ -45,11 +45,12 @@ fn user(name: &str, password: &str, rules: impl FnOnce(&mut UserConfig)) -> User
     u
 }
 
-fn auth(users: Vec<UserConfig>, failure_delay_ms: u64) -> AuthConfig {
+pub(crate) fn auth(users: Vec<UserConfig>, failure_delay_ms: u64) -> AuthConfig {
     AuthConfig { enabled: true, failure_delay_ms, users }
 }
 
-async fn start(auth_cfg: AuthConfig, mut mqtt: MqttConfig, mut kafka: KafkaConfig) -> Secure {
+/// Both listeners on free ports with `auth_cfg` (`enabled = false` for a broker without logins).
+pub(crate) async fn start(auth_cfg: AuthConfig, mut mqtt: MqttConfig, mut kafka: KafkaConfig) -> Secure {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = storage_config(dir.path());
     let (store, _) = tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("task").expect("store");
@@ -87,7 +88,7 @@ async fn start(auth_cfg: AuthConfig, mut mqtt: MqttConfig, mut kafka: KafkaConfi
 // ---- MQTT ----
 
 /// Connects a 3.1.1 client; `Ok` with its event loop running, or the CONNACK refusal.
-async fn mqtt4(
+pub(crate) async fn mqtt4(
     addr: SocketAddr,
     id: &str,
     login: Option<(&str, &str)>,
@@ -244,7 +245,7 @@ async fn mqtt_acl_denies_publish_and_subscribe_outside_the_users_filters() {
 
 // ---- Kafka ----
 
-fn sasl(addr: SocketAddr, mechanism: &str, user: &str, password: &str) -> rdkafka::ClientConfig {
+pub(crate) fn sasl(addr: SocketAddr, mechanism: &str, user: &str, password: &str) -> rdkafka::ClientConfig {
     let mut c = client_config(&addr.to_string());
     c.set("security.protocol", "SASL_PLAINTEXT")
         .set("sasl.mechanism", mechanism)
@@ -357,7 +358,7 @@ fn kafka_acl_denies_produce_fetch_group_join_and_topic_creation() {
 }
 
 /// Reports each delivery's error code (`None` = delivered).
-struct Report(std::sync::Mutex<std::sync::mpsc::Sender<Option<RDKafkaErrorCode>>>);
+pub(crate) struct Report(std::sync::Mutex<std::sync::mpsc::Sender<Option<RDKafkaErrorCode>>>);
 
 impl rdkafka::ClientContext for Report {}
 

@@ -173,6 +173,11 @@ impl RawKafka {
         Self { stream, corr: 0 }
     }
 
+    /// The socket, for writing what no client would (half requests, bare SASL tokens).
+    pub fn into_stream(self) -> std::net::TcpStream {
+        self.stream
+    }
+
     /// Sends a request without waiting; returns its correlation id.
     pub fn send<R: kafka_protocol::protocol::Request>(&mut self, req: &R, version: i16) -> i32 {
         use kafka_protocol::protocol::{Encodable, StrBytes};
