@@ -28,7 +28,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// A RecordBatch of `n` records; with `producer` = (id, epoch, base sequence) an idempotent one.
-fn batch(n: usize, producer: Option<(i64, i16, i32)>) -> Bytes {
+pub(crate) fn batch(n: usize, producer: Option<(i64, i16, i32)>) -> Bytes {
     let records: Vec<NewRecord> = (0..n).map(|i| NewRecord::new(Some(format!("k{i}")), format!("value-{i}"))).collect();
     let stamped: Vec<_> = records.iter().map(|r| (r, 1_700_000_000_000)).collect();
     let mut out = Vec::new();
@@ -43,7 +43,7 @@ fn batch(n: usize, producer: Option<(i64, i16, i32)>) -> Bytes {
     Bytes::from(out)
 }
 
-fn produce_req(topic: &str, partition: i32, records: Bytes, acks: i16) -> ProduceRequest {
+pub(crate) fn produce_req(topic: &str, partition: i32, records: Bytes, acks: i16) -> ProduceRequest {
     ProduceRequest::default().with_acks(acks).with_timeout_ms(5000).with_topic_data(vec![
         produce_request::TopicProduceData::default().with_name(tn(topic)).with_partition_data(vec![
             produce_request::PartitionProduceData::default().with_index(partition).with_records(Some(records)),
@@ -51,7 +51,7 @@ fn produce_req(topic: &str, partition: i32, records: Bytes, acks: i16) -> Produc
     ])
 }
 
-fn produce_result(r: &ProduceResponse) -> (i16, i64) {
+pub(crate) fn produce_result(r: &ProduceResponse) -> (i16, i64) {
     let p = &r.responses[0].partition_responses[0];
     (p.error_code, p.base_offset)
 }
