@@ -573,11 +573,62 @@ fn kafka_sasl_ssl_with_librdkafka() {
     let p: BaseProducer = ssl("app-pw").create().expect("producer");
     p.send(BaseRecord::<(), str>::to("readings").payload("over tls")).expect("queue");
     p.flush(Duration::from_secs(30)).expect("produce over SASL_SSL");
-    let bad: BaseProducer = ssl("wrong").create().expect("producer");
+    // A wrong password over TLS: the TLS session is up, and the SASL exchange inside it fails
+    // with the broker's answer (not a TLS or connection error).
+    let errors = ClientErrors::default();
+    let bad: BaseProducer<ClientErrors> = ssl("wrong").create_with_context(errors.clone()).expect("producer");
+    let tls_failures = b.kafka_stats.tls_handshake_failures.load(Ordering::Relaxed);
     assert!(bad.client().fetch_metadata(None, Duration::from_secs(5)).is_err());
+    let seen = errors.wait_for(&bad, |(code, _)| *code == Some(RDKafkaErrorCode::Authentication));
+    drop(bad);
+    assert!(seen.1.contains("invalid credentials with SASL mechanism SCRAM-SHA-512"), "{}", seen.1);
+    assert!(b.kafka_stats.auth_failures.load(Ordering::Relaxed) >= 1, "the broker counted the failed login");
+    assert_eq!(b.kafka_stats.tls_handshake_failures.load(Ordering::Relaxed), tls_failures, "TLS itself succeeded");
+    // Plaintext to the TLS listener: the TLS handshake fails (counted by the broker).
     let plain: BaseProducer = sasl(b.kafka, "PLAIN", "app", "app-pw").create().expect("producer");
     assert!(plain.client().fetch_metadata(None, Duration::from_secs(3)).is_err(), "plaintext to a TLS listener fails");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.kafka_stats.tls_handshake_failures.load(Ordering::Relaxed) == tls_failures {
+        assert!(Instant::now() < deadline, "the broker never saw a failed TLS handshake");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(crate::support::read_all(&b.store, "readings", 0).len(), 1);
+}
+
+/// A librdkafka client context that keeps the errors the client reports (code and reason).
+#[derive(Clone, Default)]
+struct ClientErrors(Arc<std::sync::Mutex<Vec<(Option<RDKafkaErrorCode>, String)>>>);
+
+impl rdkafka::ClientContext for ClientErrors {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push((error.rdkafka_error_code(), reason.to_string()));
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for ClientErrors {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+impl ClientErrors {
+    /// The first error `client` reports that `want` accepts, serving its events for up to 20 s.
+    fn wait_for(
+        &self,
+        client: &BaseProducer<ClientErrors>,
+        want: impl Fn(&(Option<RDKafkaErrorCode>, String)) -> bool,
+    ) -> (Option<RDKafkaErrorCode>, String) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(e) = self.0.lock().ok().and_then(|v| v.iter().find(|e| want(e)).cloned()) {
+                return e;
+            }
+            let seen = self.0.lock().map(|v| v.clone()).unwrap_or_default();
+            assert!(Instant::now() < deadline, "not reported within 20 s; the client reported {seen:?}");
+            client.poll(Duration::from_millis(50));
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,8 @@ pub struct KafkaBroker {
     pub addr: std::net::SocketAddr,
     /// The MQTT listener on the same store.
     pub mqtt: std::net::SocketAddr,
+    /// The Kafka listener's counters.
+    pub kafka_stats: std::sync::Arc<tributary_broker::kafka::KafkaStats>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     mqtt_task: tokio::task::JoinHandle<()>,
@@ -77,6 +79,7 @@ impl KafkaBroker {
         let template = TopicTemplate { partitions: 1, config: tributary_broker::TopicConfig::default() };
         let server = KafkaServer::bind(cfg, store.clone(), template).await.expect("bind kafka listener");
         let addr = server.local_addr().expect("local addr");
+        let kafka_stats = server.stats();
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
@@ -91,7 +94,7 @@ impl KafkaBroker {
         let mqtt_task = tokio::spawn(mqtt_server.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));
-        Self { dir, store, addr, mqtt, stop, task, mqtt_task }
+        Self { dir, store, addr, mqtt, kafka_stats, stop, task, mqtt_task }
     }
 
     pub fn bootstrap(&self) -> String {
@@ -100,7 +103,7 @@ impl KafkaBroker {
 
     /// Stops the listener, closes the store cleanly and starts again on the same data and port.
     pub async fn restart(self) -> Self {
-        let KafkaBroker { dir, store, addr, mqtt, stop, task, mqtt_task } = self;
+        let KafkaBroker { dir, store, addr, mqtt, stop, task, mqtt_task, .. } = self;
         let _ = stop.send(true);
         task.await.expect("listener task");
         mqtt_task.await.expect("mqtt listener task");

@@ -125,7 +125,10 @@ pub(crate) async fn fetch(
             p.result = None;
         }
         let changed = select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+        ctx.stats.fetches_waiting.fetch_add(1, Ordering::Relaxed);
+        let timed_out = tokio::time::timeout_at(deadline, changed).await.is_err();
+        ctx.stats.fetches_waiting.fetch_sub(1, Ordering::Relaxed);
+        if timed_out {
             // The wait is over: one more read so the answer is as fresh as possible.
             watches.clear();
         }

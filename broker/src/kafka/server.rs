@@ -67,6 +67,8 @@ pub struct KafkaStats {
     pub tls_handshake_failures: AtomicU64,
     /// Requests whose size was read and whose bytes have not all arrived yet (a gauge).
     pub frames_reading: AtomicU64,
+    /// Fetches parked in a long poll, waiting for data (a gauge).
+    pub fetches_waiting: AtomicU64,
     /// Partitions fetches read from the store (partitions past a response's byte limit, named
     /// twice, or not readable by the user are answered without a read).
     pub fetch_partition_reads: AtomicU64,
