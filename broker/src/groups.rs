@@ -117,6 +117,13 @@ impl SyncResponse {
     }
 }
 
+/// An offset to commit: (topic, partition, offset, leader epoch, metadata). A topic's name is
+/// shared by its partitions, not copied for each.
+pub type OffsetToCommit = (Arc<str>, i32, i64, i32, Option<String>);
+
+/// A partition's committed offset as read: (topic, partition, the offset if there is one).
+pub type CommittedPartition = (Arc<str>, i32, Option<CommittedOffset>);
+
 /// A committed offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommittedOffset {
@@ -873,7 +880,7 @@ impl Coordinator {
         generation: i32,
         member_id: &str,
         instance_id: Option<&str>,
-        offsets: Vec<(Arc<str>, i32, i64, i32, Option<String>)>,
+        offsets: Vec<OffsetToCommit>,
     ) -> Vec<i16> {
         if group_id.is_empty() {
             return vec![ec::INVALID_GROUP_ID; offsets.len()];
@@ -914,7 +921,7 @@ impl Coordinator {
         self: &Arc<Self>,
         group_id: String,
         partitions: Option<Vec<(Arc<str>, i32)>>,
-    ) -> Result<Vec<(Arc<str>, i32, Option<CommittedOffset>)>, crate::error::StoreError> {
+    ) -> Result<Vec<CommittedPartition>, crate::error::StoreError> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.committed(&group_id, partitions.as_deref()))
             .await
@@ -926,7 +933,7 @@ impl Coordinator {
         &self,
         group_id: &str,
         partitions: Option<&[(Arc<str>, i32)]>,
-    ) -> Result<Vec<(Arc<str>, i32, Option<CommittedOffset>)>, crate::error::StoreError> {
+    ) -> Result<Vec<CommittedPartition>, crate::error::StoreError> {
         match partitions {
             Some(ps) => ps
                 .iter()

@@ -157,7 +157,6 @@ async fn every_acknowledged_produce_survives_sigkill() {
     while let Some(delivery) = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await.expect("deliveries end") {
         record(delivery);
     }
-    drop(record);
     eprintln!("{} acknowledged in all", acked.len());
     sigkill(&mut child);
     // Recovery and the check, on the store itself.

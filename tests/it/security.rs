@@ -597,7 +597,10 @@ fn kafka_sasl_ssl_with_librdkafka() {
 
 /// A librdkafka client context that keeps the errors the client reports (code and reason).
 #[derive(Clone, Default)]
-struct ClientErrors(Arc<std::sync::Mutex<Vec<(Option<RDKafkaErrorCode>, String)>>>);
+struct ClientErrors(Arc<std::sync::Mutex<Vec<ReportedError>>>);
+
+/// An error a librdkafka client reported: its code and reason.
+type ReportedError = (Option<RDKafkaErrorCode>, String);
 
 impl rdkafka::ClientContext for ClientErrors {
     fn error(&self, error: KafkaError, reason: &str) {
@@ -614,11 +617,7 @@ impl rdkafka::producer::ProducerContext for ClientErrors {
 
 impl ClientErrors {
     /// The first error `client` reports that `want` accepts, serving its events for up to 20 s.
-    fn wait_for(
-        &self,
-        client: &BaseProducer<ClientErrors>,
-        want: impl Fn(&(Option<RDKafkaErrorCode>, String)) -> bool,
-    ) -> (Option<RDKafkaErrorCode>, String) {
+    fn wait_for(&self, client: &BaseProducer<ClientErrors>, want: impl Fn(&ReportedError) -> bool) -> ReportedError {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(e) = self.0.lock().ok().and_then(|v| v.iter().find(|e| want(e)).cloned()) {

@@ -108,8 +108,7 @@ pub(crate) struct MemberRequest {
     pub assignments: Vec<(String, Bytes)>,
 }
 
-/// (topic, partition, offset, leader epoch, metadata); a topic's name is shared by its partitions.
-pub(crate) type OffsetToCommit = (std::sync::Arc<str>, i32, i64, i32, Option<String>);
+pub(crate) use crate::groups::OffsetToCommit;
 
 #[derive(Debug, Clone)]
 pub(crate) struct OffsetCommitRequest {
