@@ -7,77 +7,43 @@
 //! A raw client also resends a batch after a kill and must get its original offsets back.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rustix::process::{kill_process, Pid, Signal};
 use tributary_broker::Store;
 
-use crate::support::{client_config, read_all, storage_config};
+use crate::support::{client_config, read_all, storage_config, Daemon};
 
 const ROUNDS: u32 = 5;
 const TOPIC: &str = "meters";
 
-/// Starts the gateway on `port` (0: a free one); returns the child and its Kafka address. The
-/// caller kills and waits for it. A port still held by the killed gateway's sockets (or taken
-/// meanwhile by another test) makes the start fail; it is tried again for up to 20 s.
-#[allow(clippy::zombie_processes)]
-fn start_gateway(dir: &std::path::Path, port: u16) -> (Child, String) {
-    let data = dir.join("data");
+/// Starts the gateway on `port` (0: a free one). A port still held by the killed gateway's sockets
+/// (or taken meanwhile by another test) makes the start fail; it is tried again for up to 20 s.
+fn start_gateway(dir: &std::path::Path, port: u16) -> (Daemon, String) {
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
         format!(
             "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:{port}\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nenabled = false\n[topic_defaults]\npartitions = 3\n",
-            data.to_str().expect("utf-8")
+            dir.join("data").to_str().expect("utf-8")
         ),
     )
     .expect("write config");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
-            .args(["serve", "--config", config.to_str().expect("utf-8")])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn gateway");
-        let mut reader = BufReader::new(child.stderr.take().expect("stderr"));
-        let mut seen = String::new();
-        loop {
-            let mut line = String::new();
-            let n = reader.read_line(&mut line).expect("read stderr");
-            if n == 0 {
-                child.wait().expect("wait");
-                assert!(
-                    seen.contains("cannot listen") && std::time::Instant::now() < deadline,
-                    "gateway exited before it was ready:\n{seen}"
-                );
+        match Daemon::try_start(&config) {
+            Ok(d) => {
+                let addr = d.addr("kafka");
+                return (d, addr);
+            }
+            Err(log) if log.contains("cannot listen") && std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(100));
-                break;
             }
-            seen.push_str(&line);
-            if line.contains("tributary gateway ready") {
-                let addr = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("kafka="))
-                    .unwrap_or_else(|| panic!("no kafka address in {line}"))
-                    .to_string();
-                // Keep draining stderr so the child never blocks on a full pipe.
-                std::thread::spawn(move || for _ in reader.lines() {});
-                return (child, addr);
-            }
+            Err(log) => panic!("gateway exited before it was ready:\n{log}"),
         }
     }
-}
-
-fn sigkill(child: &mut Child) {
-    kill_process(Pid::from_raw(child.id() as i32).expect("pid"), Signal::KILL).expect("kill");
-    child.wait().expect("wait");
 }
 
 fn port_of(addr: &str) -> u16 {
@@ -87,7 +53,8 @@ fn port_of(addr: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_produce_survives_sigkill() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut child, addr) = start_gateway(dir.path(), 0);
+    let (first, addr) = start_gateway(dir.path(), 0);
+    let mut first = Some(first);
     let port = port_of(&addr);
     // One producer for every round: after a kill it reconnects to the restarted gateway and sends
     // what was in flight again, with the same producer id and sequence numbers.
@@ -133,11 +100,11 @@ async fn every_acknowledged_produce_survives_sigkill() {
     };
     let mut rng = rand::rng();
     for round in 0..ROUNDS {
-        if round > 0 {
+        let child = first.take().unwrap_or_else(|| {
             let (c, a) = start_gateway(dir.path(), port);
             assert_eq!(a, addr, "restarted on the same address");
-            child = c;
-        }
+            c
+        });
         let kill_after = rng.random_range(200..4000);
         let mut this_round = 0;
         while this_round < kill_after {
@@ -145,11 +112,11 @@ async fn every_acknowledged_produce_survives_sigkill() {
             record(next.expect("acks keep coming").expect("the producer is running"));
             this_round += 1;
         }
-        sigkill(&mut child);
+        child.kill();
         eprintln!("round {round}: killed after {this_round} acks");
     }
     // A last start: everything still in flight is delivered, then the producer is done.
-    let (mut child, _) = start_gateway(dir.path(), port);
+    let (child, _) = start_gateway(dir.path(), port);
     sender.abort();
     let p = producer.clone();
     tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(60))).await.expect("flush task").expect("flush");
@@ -158,7 +125,7 @@ async fn every_acknowledged_produce_survives_sigkill() {
         record(delivery);
     }
     eprintln!("{} acknowledged in all", acked.len());
-    sigkill(&mut child);
+    child.kill();
     // Recovery and the check, on the store itself.
     let path = dir.path().to_path_buf();
     tokio::task::spawn_blocking(move || {
@@ -201,7 +168,7 @@ async fn an_idempotent_batch_resent_after_sigkill_gets_its_original_offsets() {
     use crate::support::RawKafka;
     use kafka_protocol::messages::{metadata_request, InitProducerIdRequest, MetadataRequest, ProducerId, TopicName};
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut child, addr) = start_gateway(dir.path(), 0);
+    let (child, addr) = start_gateway(dir.path(), 0);
     let a: std::net::SocketAddr = addr.parse().expect("address");
     let first = tokio::task::spawn_blocking(move || {
         let mut c = RawKafka::connect(a);
@@ -234,9 +201,9 @@ async fn an_idempotent_batch_resent_after_sigkill_gets_its_original_offsets() {
     .expect("first life");
     let (id, sent) = first;
     assert_eq!(sent, vec![(0, 0), (5, 5), (10, 10)]);
-    sigkill(&mut child);
+    child.kill();
 
-    let (mut child, again) = start_gateway(dir.path(), port_of(&addr));
+    let (child, again) = start_gateway(dir.path(), port_of(&addr));
     assert_eq!(again, addr, "the same address");
     tokio::task::spawn_blocking(move || {
         let mut c = RawKafka::connect(a);
@@ -251,7 +218,7 @@ async fn an_idempotent_batch_resent_after_sigkill_gets_its_original_offsets() {
     })
     .await
     .expect("second life");
-    sigkill(&mut child);
+    child.kill();
     let path = dir.path().to_path_buf();
     tokio::task::spawn_blocking(move || {
         let (store, _) = Store::open(storage_config(&path)).expect("reopen");

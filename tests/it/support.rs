@@ -258,6 +258,11 @@ impl Daemon {
     /// Starts `tributary serve --config FILE` and waits for its ready line; its log is drained
     /// from then on so it never blocks on a full pipe.
     pub fn start(config: &std::path::Path) -> Self {
+        Self::try_start(config).unwrap_or_else(|log| panic!("gateway exited before it was ready:\n{log}"))
+    }
+
+    /// As `start`; if the gateway exits before it is ready, its log.
+    pub fn try_start(config: &std::path::Path) -> Result<Self, String> {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
             .arg("serve")
@@ -269,22 +274,34 @@ impl Daemon {
             .spawn()
             .expect("spawn gateway");
         let mut reader = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let mut seen = String::new();
         let ready = loop {
             let mut line = String::new();
             let n = reader.read_line(&mut line).expect("read stderr");
-            assert!(n > 0, "gateway exited before it was ready");
+            if n == 0 {
+                child.wait().expect("wait for the gateway");
+                return Err(seen);
+            }
+            seen.push_str(&line);
             if line.contains("tributary gateway ready") {
                 break line;
             }
         };
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        Self { child, ready }
+        Ok(Self { child, ready })
     }
 
     /// An address from the ready line: `kafka`, `mqtt` or `metrics`.
     pub fn addr(&self, name: &str) -> String {
         let addr = self.ready.split(&format!("{name}=")).nth(1).and_then(|r| r.split_whitespace().next());
         addr.unwrap_or_else(|| panic!("{name} address in {}", self.ready)).to_string()
+    }
+
+    /// SIGKILL, as a crash or a power cut would end it (no shutdown at all).
+    pub fn kill(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("SIGKILL");
+        self.child.wait().expect("wait");
     }
 
     /// SIGTERM; the gateway must exit cleanly.
