@@ -10,6 +10,7 @@
 //! front end; it knows nothing of the wire encoding.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -212,6 +213,8 @@ struct Group {
     pending: HashMap<String, Instant>,
     rebalance_deadline: Option<Instant>,
     has_offsets: bool,
+    /// `held_bytes()` at the last `Coordinator::refresh`: this group's share of the total.
+    held: u64,
 }
 
 impl Group {
@@ -226,6 +229,7 @@ impl Group {
             pending: HashMap::new(),
             rebalance_deadline: None,
             has_offsets: false,
+            held: 0,
         }
     }
 
@@ -373,6 +377,8 @@ pub struct Coordinator {
     store: Store,
     limits: GroupLimits,
     groups: Mutex<HashMap<String, Group>>,
+    /// Bytes all members hold (the sum of the groups' `held`); changed only under `groups`' lock.
+    held: AtomicU64,
     wake: Notify,
 }
 
@@ -468,12 +474,24 @@ impl Coordinator {
             g.has_offsets = true;
             groups.insert(group, g);
         }
-        Ok(Arc::new(Self { store, limits, groups: Mutex::new(groups), wake: Notify::new() }))
+        Ok(Arc::new(Self { store, limits, groups: Mutex::new(groups), held: AtomicU64::new(0), wake: Notify::new() }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
         // A panic while holding the lock would be a bug; the state is still usable.
         self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Brings a group's share of the bytes members hold up to date after it changed (called with
+    /// the groups locked, so the total is never read half-updated).
+    fn refresh(&self, g: &mut Group) {
+        let now = g.held_bytes();
+        if now >= g.held {
+            self.held.fetch_add(now - g.held, Ordering::Relaxed);
+        } else {
+            self.held.fetch_sub(g.held - now, Ordering::Relaxed);
+        }
+        g.held = now;
     }
 
     /// Session expiry and rebalance deadlines; runs until the process ends.
@@ -486,6 +504,7 @@ impl Coordinator {
                 groups.retain(|id, g| {
                     expire(g, id, now);
                     g.maybe_complete_join(now, id);
+                    self.refresh(g);
                     if let Some(d) = g.next_deadline() {
                         next = Some(next.map_or(d, |n| n.min(d)));
                     }
@@ -503,9 +522,33 @@ impl Coordinator {
     }
 
     pub async fn join(&self, mut req: JoinRequest) -> JoinResponse {
+        // What the member will make us hold (a new member's id is at most ~100 bytes), checked
+        // before anything is copied.
+        let wanted = (protocols_bytes(&req.protocols)
+            + req.member_id.len().max(100)
+            + req.instance_id.as_ref().map_or(0, String::len)
+            + req.client_id.len()
+            + req.client_host.len()) as u64;
+        if wanted > u64::from(self.limits.member_metadata_bytes_max) {
+            tracing::warn!(
+                group = %req.group_id,
+                bytes = wanted,
+                limit = self.limits.member_metadata_bytes_max,
+                "kafka.group_member_metadata_bytes_max: join refused (protocol metadata too large)"
+            );
+            return JoinResponse::error(ec::GROUP_MAX_SIZE_REACHED, &req.member_id);
+        }
         req.protocols = owned(req.protocols);
         let member_id = req.member_id.clone();
-        let joined = self.join_locked(req);
+        let joined = {
+            let mut groups = self.lock();
+            let group_id = req.group_id.clone();
+            let joined = self.join_locked(&mut groups, req, wanted);
+            if let Some(g) = groups.get_mut(&group_id) {
+                self.refresh(g);
+            }
+            joined
+        };
         self.wake.notify_one();
         match joined {
             Joined::Now(r) => r,
@@ -513,7 +556,8 @@ impl Coordinator {
         }
     }
 
-    fn join_locked(&self, req: JoinRequest) -> Joined {
+    /// A join, with the groups locked; `wanted` = the bytes the member will hold.
+    fn join_locked(&self, groups: &mut HashMap<String, Group>, req: JoinRequest, wanted: u64) -> Joined {
         let err = |e| Joined::Now(JoinResponse::error(e, &req.member_id));
         if req.group_id.is_empty() {
             return err(ec::INVALID_GROUP_ID);
@@ -527,23 +571,7 @@ impl Coordinator {
         if req.protocol_type.is_empty() || req.protocols.is_empty() {
             return err(ec::INCONSISTENT_GROUP_PROTOCOL);
         }
-        // What the member will make us hold (its id is at most ~100 bytes more).
-        let wanted = (protocols_bytes(&req.protocols)
-            + req.member_id.len().max(100)
-            + req.instance_id.as_ref().map_or(0, String::len)
-            + req.client_id.len()
-            + req.client_host.len()) as u64;
-        if wanted > u64::from(l.member_metadata_bytes_max) {
-            tracing::warn!(
-                group = %req.group_id,
-                bytes = wanted,
-                limit = l.member_metadata_bytes_max,
-                "kafka.group_member_metadata_bytes_max: join refused (protocol metadata too large)"
-            );
-            return err(ec::GROUP_MAX_SIZE_REACHED);
-        }
         let now = Instant::now();
-        let mut groups = self.lock();
         // The member's old metadata (if it is one) is replaced, not added to.
         let replaced = groups
             .get(&req.group_id)
@@ -557,7 +585,7 @@ impl Coordinator {
                     .sum::<u64>()
             })
             .unwrap_or(0);
-        let held: u64 = groups.values().map(Group::held_bytes).sum();
+        let held = self.held.load(Ordering::Relaxed);
         if held.saturating_sub(replaced) + wanted > l.metadata_bytes_max {
             tracing::warn!(
                 group = %req.group_id,
@@ -746,7 +774,7 @@ impl Coordinator {
                     }
                     grown += new.saturating_sub(m.assignment.len() as u64);
                 }
-                let held: u64 = groups.values().map(Group::held_bytes).sum();
+                let held = self.held.load(Ordering::Relaxed);
                 if held + grown > l.metadata_bytes_max {
                     tracing::warn!(
                         group = group_id,
@@ -756,7 +784,6 @@ impl Coordinator {
                     );
                     return SyncResponse::error(ec::INVALID_REQUEST);
                 }
-                let Some(g) = groups.get_mut(group_id) else { return SyncResponse::error(ec::UNKNOWN_MEMBER_ID) };
                 for m in &mut g.members {
                     m.assignment = assignments.remove(&m.id).unwrap_or_default();
                     m.last_seen = now;
@@ -774,6 +801,7 @@ impl Coordinator {
                     }
                 }
                 tracing::debug!(group = group_id, generation = g.generation, "rebalance: stable");
+                self.refresh(g);
                 let a = g.member(member_id).map(|m| m.assignment.clone()).unwrap_or_default();
                 return reply(g, a);
             }
@@ -835,6 +863,7 @@ impl Coordinator {
                 _ => errors.push(ec::UNKNOWN_MEMBER_ID),
             }
         }
+        self.refresh(g);
         drop(groups);
         self.wake.notify_one();
         let top = if members.len() == 1 { errors[0] } else { ec::NONE };
@@ -1038,7 +1067,10 @@ impl Coordinator {
         }
         match self.delete_offsets(group_id, |_, _| true).await {
             Ok(_) => {
-                self.lock().remove(group_id);
+                if let Some(g) = self.lock().remove(group_id) {
+                    // Empty when checked above; a member that joined meanwhile is gone with it.
+                    self.held.fetch_sub(g.held, Ordering::Relaxed);
+                }
                 tracing::info!(group = group_id, "group deleted");
                 ec::NONE
             }
@@ -1247,6 +1279,14 @@ mod tests {
         // Once a member leaves, its bytes are free again.
         assert_eq!(c.leave("g1", &[(a.member_id.clone(), None)]).0, ec::NONE);
         assert_eq!(c.join(join("g3", "", &big)).await.error, ec::NONE);
+        // The running total is what the members hold.
+        let held: u64 = c.lock().values().map(Group::held_bytes).sum();
+        assert_eq!(c.held.load(Ordering::Relaxed), held);
+        assert_eq!(
+            held,
+            2 * 950 + 20,
+            "two members with 900 bytes of metadata, 34-byte ids and host names, one assignment"
+        );
     }
 
     #[tokio::test]
