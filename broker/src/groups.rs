@@ -2,12 +2,15 @@
 //! generations and rebalances (Empty -> PreparingRebalance -> CompletingRebalance -> Stable),
 //! session and rebalance timeouts, static membership, and committed offsets kept durably in the
 //! store's `GroupOffsets` space. Membership lives in memory only (bounded by `groups_max` and
-//! `group_members_max`); committed offsets survive restarts.
+//! `group_members_max`, and what members make it hold, their protocol metadata and assignments,
+//! by `group_member_metadata_bytes_max` each and `groups_metadata_bytes_max` in all); committed
+//! offsets survive restarts. Store reads run on the blocking pool, not on an async worker.
 //!
 //! The coordinator speaks in Kafka error codes (`i16`) because its only client is the Kafka
 //! front end; it knows nothing of the wire encoding.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +29,10 @@ pub struct GroupLimits {
     pub session_timeout_min_ms: u32,
     pub session_timeout_max_ms: u32,
     pub offset_metadata_bytes_max: u32,
+    /// What one member may make the coordinator hold: protocol metadata, assignment and ids.
+    pub member_metadata_bytes_max: u32,
+    /// The same for all members of all groups together.
+    pub metadata_bytes_max: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +118,13 @@ impl SyncResponse {
     }
 }
 
+/// An offset to commit: (topic, partition, offset, leader epoch, metadata). A topic's name is
+/// shared by its partitions, not copied for each.
+pub type OffsetToCommit = (Arc<str>, i32, i64, i32, Option<String>);
+
+/// A partition's committed offset as read: (topic, partition, the offset if there is one).
+pub type CommittedPartition = (Arc<str>, i32, Option<CommittedOffset>);
+
 /// A committed offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommittedOffset {
@@ -166,6 +180,26 @@ struct Member {
     assignment: Bytes,
 }
 
+impl Member {
+    /// Bytes this member makes the coordinator hold beyond its fixed size.
+    fn held_bytes(&self) -> u64 {
+        let ids = self.id.len() + self.instance_id.as_ref().map_or(0, String::len);
+        let ids = ids + self.client_id.len() + self.client_host.len();
+        (ids + protocols_bytes(&self.protocols) + self.assignment.len()) as u64
+    }
+}
+
+/// Bytes of a member's protocols (names and metadata).
+fn protocols_bytes(protocols: &[(String, Bytes)]) -> usize {
+    protocols.iter().map(|(n, m)| n.len() + m.len()).sum()
+}
+
+/// Owned copies of a request's byte fields: a slice would keep the whole request frame alive for
+/// as long as the member lives.
+fn owned(protocols: Vec<(String, Bytes)>) -> Vec<(String, Bytes)> {
+    protocols.into_iter().map(|(n, m)| (n, Bytes::copy_from_slice(&m))).collect()
+}
+
 #[derive(Debug)]
 struct Group {
     state: GroupState,
@@ -179,6 +213,8 @@ struct Group {
     pending: HashMap<String, Instant>,
     rebalance_deadline: Option<Instant>,
     has_offsets: bool,
+    /// `held_bytes()` at the last `Coordinator::refresh`: this group's share of the total.
+    held: u64,
 }
 
 impl Group {
@@ -193,7 +229,13 @@ impl Group {
             pending: HashMap::new(),
             rebalance_deadline: None,
             has_offsets: false,
+            held: 0,
         }
+    }
+
+    /// Bytes the group's members make the coordinator hold.
+    fn held_bytes(&self) -> u64 {
+        self.members.iter().map(Member::held_bytes).sum()
     }
 
     fn member(&mut self, id: &str) -> Option<&mut Member> {
@@ -335,6 +377,8 @@ pub struct Coordinator {
     store: Store,
     limits: GroupLimits,
     groups: Mutex<HashMap<String, Group>>,
+    /// Bytes all members hold (the sum of the groups' `held`); changed only under `groups`' lock.
+    held: AtomicU64,
     wake: Notify,
 }
 
@@ -430,12 +474,24 @@ impl Coordinator {
             g.has_offsets = true;
             groups.insert(group, g);
         }
-        Ok(Arc::new(Self { store, limits, groups: Mutex::new(groups), wake: Notify::new() }))
+        Ok(Arc::new(Self { store, limits, groups: Mutex::new(groups), held: AtomicU64::new(0), wake: Notify::new() }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
         // A panic while holding the lock would be a bug; the state is still usable.
         self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Brings a group's share of the bytes members hold up to date after it changed (called with
+    /// the groups locked, so the total is never read half-updated).
+    fn refresh(&self, g: &mut Group) {
+        let now = g.held_bytes();
+        if now >= g.held {
+            self.held.fetch_add(now - g.held, Ordering::Relaxed);
+        } else {
+            self.held.fetch_sub(g.held - now, Ordering::Relaxed);
+        }
+        g.held = now;
     }
 
     /// Session expiry and rebalance deadlines; runs until the process ends.
@@ -448,6 +504,7 @@ impl Coordinator {
                 groups.retain(|id, g| {
                     expire(g, id, now);
                     g.maybe_complete_join(now, id);
+                    self.refresh(g);
                     if let Some(d) = g.next_deadline() {
                         next = Some(next.map_or(d, |n| n.min(d)));
                     }
@@ -464,9 +521,34 @@ impl Coordinator {
         }
     }
 
-    pub async fn join(&self, req: JoinRequest) -> JoinResponse {
+    pub async fn join(&self, mut req: JoinRequest) -> JoinResponse {
+        // What the member will make us hold (a new member's id is at most ~100 bytes), checked
+        // before anything is copied.
+        let wanted = (protocols_bytes(&req.protocols)
+            + req.member_id.len().max(100)
+            + req.instance_id.as_ref().map_or(0, String::len)
+            + req.client_id.len()
+            + req.client_host.len()) as u64;
+        if wanted > u64::from(self.limits.member_metadata_bytes_max) {
+            tracing::warn!(
+                group = %req.group_id,
+                bytes = wanted,
+                limit = self.limits.member_metadata_bytes_max,
+                "kafka.group_member_metadata_bytes_max: join refused (protocol metadata too large)"
+            );
+            return JoinResponse::error(ec::GROUP_MAX_SIZE_REACHED, &req.member_id);
+        }
+        req.protocols = owned(req.protocols);
         let member_id = req.member_id.clone();
-        let joined = self.join_locked(req);
+        let joined = {
+            let mut groups = self.lock();
+            let group_id = req.group_id.clone();
+            let joined = self.join_locked(&mut groups, req, wanted);
+            if let Some(g) = groups.get_mut(&group_id) {
+                self.refresh(g);
+            }
+            joined
+        };
         self.wake.notify_one();
         match joined {
             Joined::Now(r) => r,
@@ -474,7 +556,8 @@ impl Coordinator {
         }
     }
 
-    fn join_locked(&self, req: JoinRequest) -> Joined {
+    /// A join, with the groups locked; `wanted` = the bytes the member will hold.
+    fn join_locked(&self, groups: &mut HashMap<String, Group>, req: JoinRequest, wanted: u64) -> Joined {
         let err = |e| Joined::Now(JoinResponse::error(e, &req.member_id));
         if req.group_id.is_empty() {
             return err(ec::INVALID_GROUP_ID);
@@ -489,7 +572,30 @@ impl Coordinator {
             return err(ec::INCONSISTENT_GROUP_PROTOCOL);
         }
         let now = Instant::now();
-        let mut groups = self.lock();
+        // The member's old metadata (if it is one) is replaced, not added to.
+        let replaced = groups
+            .get(&req.group_id)
+            .map(|g| {
+                g.members
+                    .iter()
+                    .filter(|m| {
+                        m.id == req.member_id || (req.instance_id.is_some() && m.instance_id == req.instance_id)
+                    })
+                    .map(Member::held_bytes)
+                    .sum::<u64>()
+            })
+            .unwrap_or(0);
+        let held = self.held.load(Ordering::Relaxed);
+        if held.saturating_sub(replaced) + wanted > l.metadata_bytes_max {
+            tracing::warn!(
+                group = %req.group_id,
+                held,
+                limit = l.metadata_bytes_max,
+                "kafka.groups_metadata_bytes_max reached: join refused"
+            );
+            return err(ec::GROUP_MAX_SIZE_REACHED);
+        }
+
         if !groups.contains_key(&req.group_id) && groups.len() >= l.groups_max as usize {
             tracing::warn!(group = %req.group_id, limit = l.groups_max, "kafka.groups_max reached: join refused");
             return err(ec::GROUP_MAX_SIZE_REACHED);
@@ -649,7 +755,35 @@ impl Coordinator {
             }
             let now = Instant::now();
             if g.leader.as_deref() == Some(member_id) {
-                let mut assignments: HashMap<String, Bytes> = assignments.into_iter().collect();
+                let mut assignments: HashMap<String, Bytes> =
+                    assignments.into_iter().map(|(m, a)| (m, Bytes::copy_from_slice(&a))).collect();
+                // Every member's assignment must fit its share, and all of them the total.
+                let l = &self.limits;
+                let mut grown = 0u64;
+                for m in &g.members {
+                    let new = assignments.get(&m.id).map_or(0, Bytes::len) as u64;
+                    if m.held_bytes() - m.assignment.len() as u64 + new > u64::from(l.member_metadata_bytes_max) {
+                        tracing::warn!(
+                            group = group_id,
+                            member = %m.id,
+                            bytes = new,
+                            limit = l.member_metadata_bytes_max,
+                            "kafka.group_member_metadata_bytes_max: assignment refused"
+                        );
+                        return SyncResponse::error(ec::INVALID_REQUEST);
+                    }
+                    grown += new.saturating_sub(m.assignment.len() as u64);
+                }
+                let held = self.held.load(Ordering::Relaxed);
+                if held + grown > l.metadata_bytes_max {
+                    tracing::warn!(
+                        group = group_id,
+                        held,
+                        limit = l.metadata_bytes_max,
+                        "kafka.groups_metadata_bytes_max reached: assignment refused"
+                    );
+                    return SyncResponse::error(ec::INVALID_REQUEST);
+                }
                 for m in &mut g.members {
                     m.assignment = assignments.remove(&m.id).unwrap_or_default();
                     m.last_seen = now;
@@ -667,6 +801,7 @@ impl Coordinator {
                     }
                 }
                 tracing::debug!(group = group_id, generation = g.generation, "rebalance: stable");
+                self.refresh(g);
                 let a = g.member(member_id).map(|m| m.assignment.clone()).unwrap_or_default();
                 return reply(g, a);
             }
@@ -728,6 +863,7 @@ impl Coordinator {
                 _ => errors.push(ec::UNKNOWN_MEMBER_ID),
             }
         }
+        self.refresh(g);
         drop(groups);
         self.wake.notify_one();
         let top = if members.len() == 1 { errors[0] } else { ec::NONE };
@@ -773,7 +909,7 @@ impl Coordinator {
         generation: i32,
         member_id: &str,
         instance_id: Option<&str>,
-        offsets: Vec<(String, i32, i64, i32, Option<String>)>,
+        offsets: Vec<OffsetToCommit>,
     ) -> Vec<i16> {
         if group_id.is_empty() {
             return vec![ec::INVALID_GROUP_ID; offsets.len()];
@@ -809,12 +945,24 @@ impl Coordinator {
         errors
     }
 
+    /// [`Coordinator::committed`] on the blocking pool (it reads the store).
+    pub async fn committed_async(
+        self: &Arc<Self>,
+        group_id: String,
+        partitions: Option<Vec<(Arc<str>, i32)>>,
+    ) -> Result<Vec<CommittedPartition>, crate::error::StoreError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.committed(&group_id, partitions.as_deref()))
+            .await
+            .map_err(|e| crate::error::StoreError::io("offset read task", std::io::Error::other(e)))?
+    }
+
     /// A group's committed offsets: of the asked partitions (unknown ones are `None`), or all.
     pub fn committed(
         &self,
         group_id: &str,
-        partitions: Option<&[(String, i32)]>,
-    ) -> Result<Vec<(String, i32, Option<CommittedOffset>)>, crate::error::StoreError> {
+        partitions: Option<&[(Arc<str>, i32)]>,
+    ) -> Result<Vec<CommittedPartition>, crate::error::StoreError> {
         match partitions {
             Some(ps) => ps
                 .iter()
@@ -829,7 +977,7 @@ impl Coordinator {
                 .into_iter()
                 .filter_map(|(k, v)| {
                     let (_, t, p) = parse_offset_key(&k)?;
-                    Some((t, p, decode_offset(&v)))
+                    Some((t.into(), p, decode_offset(&v)))
                 })
                 .collect()),
         }
@@ -844,7 +992,7 @@ impl Coordinator {
                 let c = c?;
                 let hw = self.store.watermarks(&topic, partition).ok()?.high_watermark;
                 Some(PartitionLag {
-                    topic,
+                    topic: topic.to_string(),
                     partition,
                     committed: c.offset,
                     high_watermark: hw,
@@ -919,7 +1067,10 @@ impl Coordinator {
         }
         match self.delete_offsets(group_id, |_, _| true).await {
             Ok(_) => {
-                self.lock().remove(group_id);
+                if let Some(g) = self.lock().remove(group_id) {
+                    // Empty when checked above; a member that joined meanwhile is gone with it.
+                    self.held.fetch_sub(g.held, Ordering::Relaxed);
+                }
                 tracing::info!(group = group_id, "group deleted");
                 ec::NONE
             }
@@ -932,9 +1083,11 @@ impl Coordinator {
         group_id: &str,
         which: impl Fn(&str, i32) -> bool,
     ) -> Result<usize, crate::error::StoreError> {
-        let keys: Vec<_> = self
-            .store
-            .kv_scan(KvSpace::GroupOffsets, &offset_key_prefix(group_id), usize::MAX)?
+        let (store, prefix) = (self.store.clone(), offset_key_prefix(group_id));
+        let found = tokio::task::spawn_blocking(move || store.kv_scan(KvSpace::GroupOffsets, &prefix, usize::MAX))
+            .await
+            .map_err(|e| crate::error::StoreError::io("offset scan task", std::io::Error::other(e)))??;
+        let keys: Vec<_> = found
             .into_iter()
             .filter(|(k, _)| parse_offset_key(k).is_some_and(|(_, t, p)| which(&t, p)))
             .map(|(k, _)| (k, None))
@@ -948,8 +1101,8 @@ impl Coordinator {
 
     /// OffsetDelete: removes committed offsets of partitions the group does not consume.
     /// Returns the group-level error and one code per partition.
-    pub async fn offset_delete(&self, group_id: &str, partitions: &[(String, i32)]) -> (i16, Vec<i16>) {
-        let subscribed: Vec<String> = {
+    pub async fn offset_delete(&self, group_id: &str, partitions: &[(Arc<str>, i32)]) -> (i16, Vec<i16>) {
+        let subscribed: std::collections::HashSet<String> = {
             let groups = self.lock();
             let Some(g) = groups.get(group_id) else { return (ec::GROUP_ID_NOT_FOUND, Vec::new()) };
             g.members
@@ -960,11 +1113,11 @@ impl Coordinator {
         };
         let codes: Vec<i16> = partitions
             .iter()
-            .map(|(t, _)| if subscribed.contains(t) { ec::GROUP_SUBSCRIBED_TO_TOPIC } else { ec::NONE })
+            .map(|(t, _)| if subscribed.contains(&**t) { ec::GROUP_SUBSCRIBED_TO_TOPIC } else { ec::NONE })
             .collect();
-        let delete: Vec<(String, i32)> =
-            partitions.iter().zip(&codes).filter(|(_, c)| **c == ec::NONE).map(|(p, _)| p.clone()).collect();
-        match self.delete_offsets(group_id, |t, p| delete.iter().any(|(dt, dp)| dt == t && *dp == p)).await {
+        let delete: std::collections::HashSet<(&str, i32)> =
+            partitions.iter().zip(&codes).filter(|(_, c)| **c == ec::NONE).map(|((t, p), _)| (&**t, *p)).collect();
+        match self.delete_offsets(group_id, |t, p| delete.contains(&(t, p))).await {
             Ok(_) => (ec::NONE, codes),
             Err(e) => (ec::code(&e), codes),
         }
@@ -1019,6 +1172,8 @@ mod tests {
             session_timeout_min_ms: 100,
             session_timeout_max_ms: 60_000,
             offset_metadata_bytes_max: 16,
+            member_metadata_bytes_max: 1024,
+            metadata_bytes_max: 2048,
         }
     }
 
@@ -1090,6 +1245,48 @@ mod tests {
         let (top, _) = c.leave("g", &[(a.clone(), None)]);
         assert_eq!(top, ec::NONE);
         assert_eq!(c.describe("g").state, "Empty");
+    }
+
+    #[tokio::test]
+    async fn protocol_metadata_is_copied_and_bounded_per_member_and_in_total() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Coordinator::new(store(dir.path()), limits()).expect("coordinator");
+        let join = |group: &str, member: &str, metadata: &Bytes| JoinRequest {
+            group_id: group.into(),
+            protocols: vec![("range".into(), metadata.clone())],
+            require_known_member_id: false,
+            ..join_req(member, None, 1000)
+        };
+        // Over one member's bound (1024 bytes with its ids).
+        let r = c.join(join("g0", "", &Bytes::from(vec![0u8; 1000]))).await;
+        assert_eq!(r.error, ec::GROUP_MAX_SIZE_REACHED);
+        // 900 bytes each: two members fit the 2048-byte total, a third does not.
+        let big = Bytes::from(vec![7u8; 900]);
+        let a = c.join(join("g1", "", &big)).await;
+        assert_eq!(a.error, ec::NONE);
+        assert_eq!(a.members[0].metadata, big);
+        assert_ne!(a.members[0].metadata.as_ptr(), big.as_ptr(), "a copy, not a slice of the request");
+        let b = c.join(join("g2", "", &big)).await;
+        assert_eq!(b.error, ec::NONE);
+        assert_eq!(c.join(join("g3", "", &big)).await.error, ec::GROUP_MAX_SIZE_REACHED, "total reached");
+        // A member joining again replaces its metadata: it is not counted twice.
+        assert_eq!(c.join(join("g1", &a.member_id, &big)).await.error, ec::NONE);
+        // An assignment counts against the member's bound too.
+        let too_big = vec![(b.member_id.clone(), Bytes::from(vec![1u8; 200]))];
+        assert_eq!(c.sync("g2", b.generation, &b.member_id, None, too_big).await.error, ec::INVALID_REQUEST);
+        let fits = vec![(b.member_id.clone(), Bytes::from(vec![1u8; 20]))];
+        assert_eq!(c.sync("g2", b.generation, &b.member_id, None, fits).await.error, ec::NONE);
+        // Once a member leaves, its bytes are free again.
+        assert_eq!(c.leave("g1", &[(a.member_id.clone(), None)]).0, ec::NONE);
+        assert_eq!(c.join(join("g3", "", &big)).await.error, ec::NONE);
+        // The running total is what the members hold.
+        let held: u64 = c.lock().values().map(Group::held_bytes).sum();
+        assert_eq!(c.held.load(Ordering::Relaxed), held);
+        assert_eq!(
+            held,
+            2 * 950 + 20,
+            "two members with 900 bytes of metadata, 34-byte ids and host names, one assignment"
+        );
     }
 
     #[tokio::test]

@@ -365,8 +365,8 @@ run_check "groups: a group that never consumed has no committed offsets" check_g
 # `tributary cert`). User "app" may write, read and create topic "secured"; kcat with the right
 # password produces and consumes, with a wrong one it gets nothing.
 sec_pids=()
-start_secure() { # NAME TLS(true|false) PORT
-    local name=$1 tls=$2 p=$3
+start_secure() { # NAME TLS(true|false) PORT METRICS_PORT
+    local name=$1 tls=$2 p=$3 m=$4
     cat >"$work/$name.toml" <<EOF
 [storage]
 data_dir = "$work/$name-data"
@@ -380,6 +380,8 @@ cert_file = "$work/pki/server/cloud.pem"
 key_file = "$work/pki/server/cloud.key"
 [mqtt]
 listen = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:$m"
 [auth]
 enabled = true
 failure_delay_ms = 200
@@ -400,9 +402,10 @@ free_port() { "$deb_py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1
 "$bin" cert ca --dir "$work/pki/ca" --name "interop CA" >/dev/null
 "$bin" cert cloud --ca-dir "$work/pki/ca" --name 127.0.0.1 --name localhost --out "$work/pki/server" >/dev/null
 sasl_plain=127.0.0.1:$(free_port)
-start_secure sasl-plaintext false "${sasl_plain#*:}"
+sasl_plain_metrics=127.0.0.1:$(free_port)
+start_secure sasl-plaintext false "${sasl_plain#*:}" "${sasl_plain_metrics#*:}"
 sasl_ssl=127.0.0.1:$(free_port)
-start_secure sasl-ssl true "${sasl_ssl#*:}"
+start_secure sasl-ssl true "${sasl_ssl#*:}" "$(free_port)"
 echo "secured gateways: SASL_PLAINTEXT $sasl_plain, SASL_SSL $sasl_ssl"
 
 # ksec ADDR PROTOCOL MECHANISM PASSWORD kcat-args...
@@ -447,28 +450,86 @@ check_unauthenticated() {
 }
 run_check "kcat without SASL gets nothing from a gateway with [auth] on" check_unauthenticated
 check_kafka_python_sasl() { # PYTHON
-    "$1" - "$sasl_plain" <<'PY'
+    "$1" - "$sasl_plain" "$sasl_plain_metrics" <<'PY'
+import logging
 import sys
+import urllib.request
+
 import kafka
+import kafka.errors as Errors
 from kafka import KafkaProducer
-addr = sys.argv[1]
+
+addr, metrics = sys.argv[1], sys.argv[2]
+
+
+class Keep(logging.Handler):
+    """Keeps kafka-python's log records: where it reports why a connection failed."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def auth_failures():
+    """The gateway's count of failed Kafka logins (its metrics endpoint)."""
+    body = urllib.request.urlopen("http://%s/metrics" % metrics, timeout=10).read().decode()
+    for line in body.splitlines():
+        if line.startswith('tributary_auth_failures_total{protocol="kafka"}'):
+            return int(line.split()[-1])
+    raise SystemExit("no Kafka login failure counter in the gateway's metrics")
+
+
+def refused_by_authentication(records):
+    """The broker's refusal of the password as this kafka-python sees it, or None. 3.x sends
+    SaslAuthenticate and gets SaslAuthenticationFailedError with the broker's message. 2.0.2 sends
+    bare tokens (handshake v0), which a broker refuses by closing the connection (as Kafka does):
+    it logs the connection ending while it waited for the answer to its token."""
+    for r in records:
+        excs = [a for a in (r.args if isinstance(r.args, tuple) else ()) if isinstance(a, BaseException)]
+        if r.exc_info:
+            excs.append(r.exc_info[1])
+        for e in excs:
+            if isinstance(e, getattr(Errors, "SaslAuthenticationFailedError", ())) and "invalid credentials" in str(e):
+                return "%s: %s" % (type(e).__name__, e)
+            if (kafka.__version__.startswith("2.") and isinstance(e, ConnectionError)
+                    and r.funcName.startswith("_try_authenticate_")):
+                return "the broker closed the connection after the SASL token (%s, in %s)" % (e, r.funcName)
+    return None
+
+
+# What a producer that cannot bootstrap raises (2.x: NoBrokersAvailable, 3.x: KafkaTimeoutError).
+# Anything else (a bad option name, say) is not a refusal and fails the check.
+no_bootstrap = tuple(getattr(Errors, n) for n in ("NoBrokersAvailable", "KafkaTimeoutError") if hasattr(Errors, n))
+keep = Keep()
+logging.getLogger("kafka").addHandler(keep)
+logging.getLogger("kafka").setLevel(logging.DEBUG)
 for mech in ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]:
     p = KafkaProducer(bootstrap_servers=addr, security_protocol="SASL_PLAINTEXT", sasl_mechanism=mech,
                       sasl_plain_username="app", sasl_plain_password="app-secret")
     p.send("secured", b"kafka-python " + mech.encode()).get(timeout=30)
     p.close()
+    before = auth_failures()
+    keep.records.clear()
     try:
         # Give up after 5 s (the option's name differs between kafka-python 2 and 3).
         quick = {"api_version_auto_timeout_ms": 5000} if kafka.__version__.startswith("2.") else {"bootstrap_timeout_ms": 5000}
         bad = KafkaProducer(bootstrap_servers=addr, security_protocol="SASL_PLAINTEXT", sasl_mechanism=mech,
                             sasl_plain_username="app", sasl_plain_password="wrong", max_block_ms=5000, **quick)
         bad.send("secured", b"must not arrive").get(timeout=10)
-    except ValueError:
-        raise
-    except Exception as e:
-        print(mech, "wrong password refused:", type(e).__name__, e)
+    except no_bootstrap as e:
+        outcome = "%s: %s" % (type(e).__name__, e)
     else:
         raise SystemExit(mech + ": a producer with a wrong password connected")
+    why = refused_by_authentication(keep.records)
+    if why is None:
+        raise SystemExit("%s: %s, but kafka-python saw no authentication refusal" % (mech, outcome))
+    after = auth_failures()
+    if after <= before:
+        raise SystemExit("%s: the gateway counted no failed login (%d before, %d after)" % (mech, before, after))
+    print(mech, "wrong password refused:", why, "- the gateway counted", after - before, "failed logins")
 PY
 }
 run_check "kafka-python $deb_version: SASL PLAIN/SCRAM-SHA-256/512 (handshake v0, bare tokens), right and wrong password" \

@@ -473,11 +473,15 @@ async fn a_gateway_with_auth_is_administered_as_a_user() {
     let err = fails(&bs, &["status", "--user", "admin"]);
     assert_eq!(err, "tributary: --user admin: no password (set TRIBUTARY_PASSWORD or give --password-file)\n");
 
-    // A user's rules apply: the reader may read its topic and nothing more.
+    // A user's rules apply: the reader may read its topic (a record the admin wrote is printed)
+    // and nothing more.
+    let out = run_env(&bs, &["produce", "t-PLAIN", "--user", "admin"], "written by admin\n", &admin_pw);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let reader_pw = [("TRIBUTARY_PASSWORD", "reader-pw")];
     let out =
         run_env(&bs, &["consume", "t-PLAIN", "--from-beginning", "--exit-at-end", "--user", "reader"], "", &reader_pw);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "written by admin\n", "the reader fetched and printed the record");
     let out = run_env(&bs, &["topics", "create", "x", "--partitions", "1", "--user", "reader"], "", &reader_pw);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);

@@ -28,7 +28,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// A RecordBatch of `n` records; with `producer` = (id, epoch, base sequence) an idempotent one.
-fn batch(n: usize, producer: Option<(i64, i16, i32)>) -> Bytes {
+pub(crate) fn batch(n: usize, producer: Option<(i64, i16, i32)>) -> Bytes {
     let records: Vec<NewRecord> = (0..n).map(|i| NewRecord::new(Some(format!("k{i}")), format!("value-{i}"))).collect();
     let stamped: Vec<_> = records.iter().map(|r| (r, 1_700_000_000_000)).collect();
     let mut out = Vec::new();
@@ -43,7 +43,7 @@ fn batch(n: usize, producer: Option<(i64, i16, i32)>) -> Bytes {
     Bytes::from(out)
 }
 
-fn produce_req(topic: &str, partition: i32, records: Bytes, acks: i16) -> ProduceRequest {
+pub(crate) fn produce_req(topic: &str, partition: i32, records: Bytes, acks: i16) -> ProduceRequest {
     ProduceRequest::default().with_acks(acks).with_timeout_ms(5000).with_topic_data(vec![
         produce_request::TopicProduceData::default().with_name(tn(topic)).with_partition_data(vec![
             produce_request::PartitionProduceData::default().with_index(partition).with_records(Some(records)),
@@ -51,7 +51,7 @@ fn produce_req(topic: &str, partition: i32, records: Bytes, acks: i16) -> Produc
     ])
 }
 
-fn produce_result(r: &ProduceResponse) -> (i16, i64) {
+pub(crate) fn produce_result(r: &ProduceResponse) -> (i16, i64) {
     let p = &r.responses[0].partition_responses[0];
     (p.error_code, p.base_offset)
 }
@@ -358,12 +358,20 @@ fn fetch_semantics_out_of_range_soft_limits_and_long_poll() {
     assert_eq!(parts[1].records.as_ref().map(Bytes::len), Some(one_batch));
 
     // Long poll: a fetch at the high watermark of two partitions returns when either gets data.
+    // The append comes only once the fetch is parked, so it is the wake-up that answers it.
     let corr = c.send(&fetch_req(&[("f", 2, 0), ("f", 1, 400)], 20_000, 1, 1 << 20, 1 << 20), 11);
+    let waiting = || broker.kafka_stats.fetches_waiting.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiting() == 0 {
+        assert!(Instant::now() < deadline, "the fetch never parked");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let started = Instant::now();
     let mut other = RawKafka::connect(broker.addr);
     assert_eq!(produce_result(&other.call(&produce_req("f", 2, batch(5, None), -1), 7)), (0, 0));
     let r = c.recv::<FetchRequest>(11, corr);
     assert!(started.elapsed() < Duration::from_secs(10), "woken by the append, not the 20 s timeout");
+    assert_eq!(waiting(), 0);
     assert_eq!(r.responses[0].partitions[0].records.as_ref().map(Bytes::len), Some(batch(5, None).len()));
     // With nothing arriving, it returns empty after max_wait.
     let started = Instant::now();
@@ -379,12 +387,13 @@ fn produce_acks_versions_and_sequence_errors() {
     rt.block_on(broker.store.create_topic("p", 1, Default::default())).expect("topic");
     let mut c = RawKafka::connect(broker.addr);
 
-    // acks=0: no response at all; the next response on the connection is the next request's.
-    let corr0 = c.send(&produce_req("p", 0, batch(2, None), 0), 7);
+    // acks=0: no response at all; the next response on the connection is the next request's
+    // (`recv` checks each response's correlation id: an answer to the acks=0 request, before or
+    // after the others, fails it).
+    c.send(&produce_req("p", 0, batch(2, None), 0), 7);
     let r = c.call(&produce_req("p", 0, batch(2, None), 1), 7);
     assert_eq!(produce_result(&r), (0, 2), "the acks=0 batch was stored first");
-    assert!(corr0 < c.send(&ApiVersionsRequest::default(), 0));
-    let _ = c.recv_frame();
+    assert_eq!(c.call(&ApiVersionsRequest::default(), 0).error_code, 0, "the next frame answers ApiVersions");
     // acks=2 is not a thing on one node.
     assert_eq!(produce_result(&c.call(&produce_req("p", 0, batch(1, None), 2), 7)).0, 21, "INVALID_REQUIRED_ACKS");
     // zstd needs Produce v7.

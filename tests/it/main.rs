@@ -10,6 +10,7 @@ mod kafka;
 mod kafka_crash;
 mod kafka_faults;
 mod kafka_groups;
+mod kafka_hardening;
 mod kafka_protocol;
 mod mirror;
 mod mqtt;

@@ -24,18 +24,18 @@ use crate::mqtt::next;
 use crate::support::{client_config, storage_config};
 
 /// A broker with both listeners and `[auth]` on.
-struct Secure {
+pub(crate) struct Secure {
     _dir: tempfile::TempDir,
-    store: Store,
-    kafka: SocketAddr,
-    mqtt: SocketAddr,
+    pub(crate) store: Store,
+    pub(crate) kafka: SocketAddr,
+    pub(crate) mqtt: SocketAddr,
     mqtt_tls: Option<SocketAddr>,
-    kafka_stats: Arc<KafkaStats>,
+    pub(crate) kafka_stats: Arc<KafkaStats>,
     mqtt_stats: Arc<MqttStats>,
     _stop: tokio::sync::watch::Sender<bool>,
 }
 
-fn user(name: &str, password: &str, rules: impl FnOnce(&mut UserConfig)) -> UserConfig {
+pub(crate) fn user(name: &str, password: &str, rules: impl FnOnce(&mut UserConfig)) -> UserConfig {
     let mut u = UserConfig {
         name: name.into(),
         password_hash: PasswordHash::new(password.as_bytes(), 4096).expect("hash").encode(),
@@ -45,11 +45,12 @@ fn user(name: &str, password: &str, rules: impl FnOnce(&mut UserConfig)) -> User
     u
 }
 
-fn auth(users: Vec<UserConfig>, failure_delay_ms: u64) -> AuthConfig {
+pub(crate) fn auth(users: Vec<UserConfig>, failure_delay_ms: u64) -> AuthConfig {
     AuthConfig { enabled: true, failure_delay_ms, users }
 }
 
-async fn start(auth_cfg: AuthConfig, mut mqtt: MqttConfig, mut kafka: KafkaConfig) -> Secure {
+/// Both listeners on free ports with `auth_cfg` (`enabled = false` for a broker without logins).
+pub(crate) async fn start(auth_cfg: AuthConfig, mut mqtt: MqttConfig, mut kafka: KafkaConfig) -> Secure {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = storage_config(dir.path());
     let (store, _) = tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("task").expect("store");
@@ -87,7 +88,7 @@ async fn start(auth_cfg: AuthConfig, mut mqtt: MqttConfig, mut kafka: KafkaConfi
 // ---- MQTT ----
 
 /// Connects a 3.1.1 client; `Ok` with its event loop running, or the CONNACK refusal.
-async fn mqtt4(
+pub(crate) async fn mqtt4(
     addr: SocketAddr,
     id: &str,
     login: Option<(&str, &str)>,
@@ -244,7 +245,7 @@ async fn mqtt_acl_denies_publish_and_subscribe_outside_the_users_filters() {
 
 // ---- Kafka ----
 
-fn sasl(addr: SocketAddr, mechanism: &str, user: &str, password: &str) -> rdkafka::ClientConfig {
+pub(crate) fn sasl(addr: SocketAddr, mechanism: &str, user: &str, password: &str) -> rdkafka::ClientConfig {
     let mut c = client_config(&addr.to_string());
     c.set("security.protocol", "SASL_PLAINTEXT")
         .set("sasl.mechanism", mechanism)
@@ -357,7 +358,7 @@ fn kafka_acl_denies_produce_fetch_group_join_and_topic_creation() {
 }
 
 /// Reports each delivery's error code (`None` = delivered).
-struct Report(std::sync::Mutex<std::sync::mpsc::Sender<Option<RDKafkaErrorCode>>>);
+pub(crate) struct Report(std::sync::Mutex<std::sync::mpsc::Sender<Option<RDKafkaErrorCode>>>);
 
 impl rdkafka::ClientContext for Report {}
 
@@ -572,11 +573,61 @@ fn kafka_sasl_ssl_with_librdkafka() {
     let p: BaseProducer = ssl("app-pw").create().expect("producer");
     p.send(BaseRecord::<(), str>::to("readings").payload("over tls")).expect("queue");
     p.flush(Duration::from_secs(30)).expect("produce over SASL_SSL");
-    let bad: BaseProducer = ssl("wrong").create().expect("producer");
+    // A wrong password over TLS: the TLS session is up, and the SASL exchange inside it fails
+    // with the broker's answer (not a TLS or connection error).
+    let errors = ClientErrors::default();
+    let bad: BaseProducer<ClientErrors> = ssl("wrong").create_with_context(errors.clone()).expect("producer");
+    let tls_failures = b.kafka_stats.tls_handshake_failures.load(Ordering::Relaxed);
     assert!(bad.client().fetch_metadata(None, Duration::from_secs(5)).is_err());
+    let seen = errors.wait_for(&bad, |(code, _)| *code == Some(RDKafkaErrorCode::Authentication));
+    drop(bad);
+    assert!(seen.1.contains("invalid credentials with SASL mechanism SCRAM-SHA-512"), "{}", seen.1);
+    assert!(b.kafka_stats.auth_failures.load(Ordering::Relaxed) >= 1, "the broker counted the failed login");
+    assert_eq!(b.kafka_stats.tls_handshake_failures.load(Ordering::Relaxed), tls_failures, "TLS itself succeeded");
+    // Plaintext to the TLS listener: the TLS handshake fails (counted by the broker).
     let plain: BaseProducer = sasl(b.kafka, "PLAIN", "app", "app-pw").create().expect("producer");
     assert!(plain.client().fetch_metadata(None, Duration::from_secs(3)).is_err(), "plaintext to a TLS listener fails");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.kafka_stats.tls_handshake_failures.load(Ordering::Relaxed) == tls_failures {
+        assert!(Instant::now() < deadline, "the broker never saw a failed TLS handshake");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(crate::support::read_all(&b.store, "readings", 0).len(), 1);
+}
+
+/// A librdkafka client context that keeps the errors the client reports (code and reason).
+#[derive(Clone, Default)]
+struct ClientErrors(Arc<std::sync::Mutex<Vec<ReportedError>>>);
+
+/// An error a librdkafka client reported: its code and reason.
+type ReportedError = (Option<RDKafkaErrorCode>, String);
+
+impl rdkafka::ClientContext for ClientErrors {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push((error.rdkafka_error_code(), reason.to_string()));
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for ClientErrors {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+impl ClientErrors {
+    /// The first error `client` reports that `want` accepts, serving its events for up to 20 s.
+    fn wait_for(&self, client: &BaseProducer<ClientErrors>, want: impl Fn(&ReportedError) -> bool) -> ReportedError {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(e) = self.0.lock().ok().and_then(|v| v.iter().find(|e| want(e)).cloned()) {
+                return e;
+            }
+            let seen = self.0.lock().map(|v| v.clone()).unwrap_or_default();
+            assert!(Instant::now() < deadline, "not reported within 20 s; the client reported {seen:?}");
+            client.poll(Duration::from_millis(50));
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

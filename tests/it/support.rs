@@ -43,6 +43,8 @@ pub struct KafkaBroker {
     pub addr: std::net::SocketAddr,
     /// The MQTT listener on the same store.
     pub mqtt: std::net::SocketAddr,
+    /// The Kafka listener's counters.
+    pub kafka_stats: std::sync::Arc<tributary_broker::kafka::KafkaStats>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     mqtt_task: tokio::task::JoinHandle<()>,
@@ -96,6 +98,7 @@ impl KafkaBroker {
         let template = TopicTemplate { partitions: 1, config: tributary_broker::TopicConfig::default() };
         let server = KafkaServer::bind(cfg, store.clone(), template).await.expect("bind kafka listener");
         let addr = server.local_addr().expect("local addr");
+        let kafka_stats = server.stats();
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
@@ -110,7 +113,7 @@ impl KafkaBroker {
         let mqtt_task = tokio::spawn(mqtt_server.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));
-        Self { dir, store, addr, mqtt, stop, task, mqtt_task }
+        Self { dir, store, addr, mqtt, kafka_stats, stop, task, mqtt_task }
     }
 
     pub fn bootstrap(&self) -> String {
@@ -119,7 +122,7 @@ impl KafkaBroker {
 
     /// Stops the listener, closes the store cleanly and starts again on the same data and port.
     pub async fn restart(self) -> Self {
-        let KafkaBroker { dir, store, addr, mqtt, stop, task, mqtt_task } = self;
+        let KafkaBroker { dir, store, addr, mqtt, stop, task, mqtt_task, .. } = self;
         let _ = stop.send(true);
         task.await.expect("listener task");
         mqtt_task.await.expect("mqtt listener task");
@@ -190,6 +193,11 @@ impl RawKafka {
         let stream = std::net::TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).expect("timeout");
         Self { stream, corr: 0 }
+    }
+
+    /// The socket, for writing what no client would (half requests, bare SASL tokens).
+    pub fn into_stream(self) -> std::net::TcpStream {
+        self.stream
     }
 
     /// Sends a request without waiting; returns its correlation id.
@@ -269,6 +277,11 @@ impl Daemon {
     /// Starts `tributary serve --config FILE` and waits for its ready line; its log is drained
     /// from then on so it never blocks on a full pipe.
     pub fn start(config: &std::path::Path) -> Self {
+        Self::try_start(config).unwrap_or_else(|log| panic!("gateway exited before it was ready:\n{log}"))
+    }
+
+    /// As `start`; if the gateway exits before it is ready, its log.
+    pub fn try_start(config: &std::path::Path) -> Result<Self, String> {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
             .arg("serve")
@@ -280,16 +293,21 @@ impl Daemon {
             .spawn()
             .expect("spawn gateway");
         let mut reader = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let mut seen = String::new();
         let ready = loop {
             let mut line = String::new();
             let n = reader.read_line(&mut line).expect("read stderr");
-            assert!(n > 0, "gateway exited before it was ready");
+            if n == 0 {
+                child.wait().expect("wait for the gateway");
+                return Err(seen);
+            }
+            seen.push_str(&line);
             if line.contains("tributary gateway ready") {
                 break line;
             }
         };
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        Self { child, ready }
+        Ok(Self { child, ready })
     }
 
     /// The gateway's process id.
@@ -306,6 +324,13 @@ impl Daemon {
     pub fn addr(&self, name: &str) -> String {
         let addr = self.ready.split(&format!("{name}=")).nth(1).and_then(|r| r.split_whitespace().next());
         addr.unwrap_or_else(|| panic!("{name} address in {}", self.ready)).to_string()
+    }
+
+    /// SIGKILL, as a crash or a power cut would end it (no shutdown at all).
+    pub fn kill(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("SIGKILL");
+        self.child.wait().expect("wait");
     }
 
     /// SIGTERM; the gateway must exit cleanly.

@@ -1,7 +1,9 @@
 //! Bounded decoding of Kafka request bytes: primitives, classic and compact (flexible-version)
 //! strings, bytes and arrays, and tagged fields. Every length and count read from the client is
 //! checked against the bytes actually left in the frame before anything is allocated, so a
-//! request claiming two billion array elements costs nothing.
+//! request claiming two billion array elements costs nothing; and the array elements of one
+//! request together are capped (`kafka.request_elements_max`), because a two-byte element on the
+//! wire is a 24-byte `String` or a larger struct once decoded, and an answer of its own.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -16,6 +18,8 @@ pub enum DecodeError {
     Invalid(&'static str),
     #[error("string is not valid UTF-8")]
     Utf8,
+    #[error("more than kafka.request_elements_max = {limit} array elements in one request")]
+    TooManyElements { limit: u64 },
 }
 
 /// Reads one request body. `flex` selects the compact encodings of flexible versions.
@@ -24,11 +28,21 @@ pub(crate) struct Reader {
     buf: Bytes,
     pos: usize,
     pub flex: bool,
+    /// Array elements this request may still decode.
+    elements_left: u64,
+    elements_max: u64,
 }
 
 impl Reader {
+    /// A reader without an element cap (unit tests); requests use [`Reader::with_elements_max`].
+    #[cfg(test)]
     pub(crate) fn new(buf: Bytes, flex: bool) -> Self {
-        Self { buf, pos: 0, flex }
+        Self::with_elements_max(buf, flex, u64::MAX)
+    }
+
+    /// A reader that decodes at most `max` array elements in all (`kafka.request_elements_max`).
+    pub(crate) fn with_elements_max(buf: Bytes, flex: bool, max: u64) -> Self {
+        Self { buf, pos: 0, flex, elements_left: max, elements_max: max }
     }
 
     pub(crate) fn remaining(&self) -> usize {
@@ -159,6 +173,10 @@ impl Reader {
         if count.saturating_mul(min_element_bytes.max(1) as u64) > self.remaining() as u64 {
             return Err(DecodeError::TooLong { what: "array", len: count, remaining: self.remaining() });
         }
+        if count > self.elements_left {
+            return Err(DecodeError::TooManyElements { limit: self.elements_max });
+        }
+        self.elements_left -= count;
         let mut v = Vec::with_capacity(count as usize);
         for _ in 0..count {
             v.push(element(self)?);
@@ -290,6 +308,23 @@ mod tests {
         b.put_i32(1 << 30);
         let mut r = Reader::new(b.freeze(), false);
         assert!(matches!(r.nullable_bytes(), Err(DecodeError::TooLong { .. })));
+    }
+
+    #[test]
+    fn elements_are_capped_over_all_arrays_of_a_request() {
+        // Two arrays of 3 and 2 elements: 5 pass a cap of 5, not a cap of 4.
+        let mut b = BytesMut::new();
+        b.put_i32(3);
+        b.put_slice(&[1, 2, 3]);
+        b.put_i32(2);
+        b.put_slice(&[4, 5]);
+        let two = |max| {
+            let mut r = Reader::with_elements_max(b.clone().freeze(), false, max);
+            r.array(1, |r| r.i8())?;
+            r.array(1, |r| r.i8())
+        };
+        assert_eq!(two(5).unwrap(), vec![4, 5]);
+        assert_eq!(two(4).unwrap_err(), DecodeError::TooManyElements { limit: 4 });
     }
 
     #[test]

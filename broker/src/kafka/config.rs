@@ -25,6 +25,21 @@ pub struct KafkaConfig {
     pub connections_max: u32,
     /// Largest request accepted (the size prefix is checked before anything is buffered).
     pub frame_bytes_max: u32,
+    /// Largest request before a connection has logged in (with `[auth]` on): ApiVersions,
+    /// SaslHandshake, SaslAuthenticate and bare SASL tokens are a few hundred bytes, so a client
+    /// that has not logged in cannot make the gateway buffer more than this.
+    pub login_frame_bytes_max: u32,
+    /// With `[auth]` on, a connection must have logged in this long after it was accepted (its
+    /// TLS handshake, requests and half-sent frames included); otherwise it is closed.
+    pub login_timeout_ms: u64,
+    /// A request must arrive whole this long after its size prefix. Its buffer (and its share of
+    /// `buffer_memory_bytes_max`) grows only as its bytes arrive, so a request stalled half-way
+    /// holds at most about twice what it sent, and for at most this long.
+    pub frame_read_timeout_ms: u64,
+    /// Array elements (topics, partitions, groups, members, configs...) in one request, all
+    /// arrays together. Counts are otherwise only checked against the frame's bytes, and the
+    /// decoded form (and the response) of a tiny element is many times its wire size.
+    pub request_elements_max: u32,
     /// Requests of one connection being processed at once (pipelining); further requests wait in
     /// the socket (TCP backpressure).
     pub inflight_requests_max: u32,
@@ -42,6 +57,11 @@ pub struct KafkaConfig {
     pub groups_max: u32,
     /// Members of one group.
     pub group_members_max: u32,
+    /// Protocol metadata (JoinGroup, all protocols together) plus assignment (SyncGroup) one
+    /// member may have the coordinator hold for its whole membership; larger joins are refused.
+    pub group_member_metadata_bytes_max: u32,
+    /// The same, over all members of all groups together; joins beyond are refused.
+    pub groups_metadata_bytes_max: u64,
     /// Session timeouts clients may ask for (Kafka's group.min/max.session.timeout.ms).
     pub group_session_timeout_min_ms: u32,
     pub group_session_timeout_max_ms: u32,
@@ -86,6 +106,10 @@ impl Default for KafkaConfig {
             node_id: 1,
             connections_max: 256,
             frame_bytes_max: 8 * MIB as u32,
+            login_frame_bytes_max: 8 * 1024,
+            login_timeout_ms: 10_000,
+            frame_read_timeout_ms: 30_000,
+            request_elements_max: 10_000,
             inflight_requests_max: 32,
             buffer_memory_bytes_max: 64 * MIB,
             fetch_response_bytes_max: 8 * MIB as u32,
@@ -94,6 +118,8 @@ impl Default for KafkaConfig {
             auto_create_topics: true,
             groups_max: 1000,
             group_members_max: 100,
+            group_member_metadata_bytes_max: 256 * 1024,
+            groups_metadata_bytes_max: 16 * MIB,
             group_session_timeout_min_ms: 6000,
             group_session_timeout_max_ms: 1_800_000,
             offset_metadata_bytes_max: 4096,
@@ -123,6 +149,10 @@ impl KafkaConfig {
         }
         range("connections_max", self.connections_max.into(), 1, 100_000)?;
         range("frame_bytes_max", self.frame_bytes_max.into(), 64 * 1024, 1024 * MIB)?;
+        range("login_frame_bytes_max", self.login_frame_bytes_max.into(), 512, self.frame_bytes_max.into())?;
+        range("login_timeout_ms", self.login_timeout_ms, 100, 3_600_000)?;
+        range("frame_read_timeout_ms", self.frame_read_timeout_ms, 100, 3_600_000)?;
+        range("request_elements_max", self.request_elements_max.into(), 16, 10_000_000)?;
         range("inflight_requests_max", self.inflight_requests_max.into(), 1, 1024)?;
         range("buffer_memory_bytes_max", self.buffer_memory_bytes_max, self.frame_bytes_max.into(), 64 * 1024 * MIB)?;
         range("fetch_response_bytes_max", self.fetch_response_bytes_max.into(), 64 * 1024, 1024 * MIB)?;
@@ -130,6 +160,13 @@ impl KafkaConfig {
         range("idle_timeout_ms", self.idle_timeout_ms, 1000, 7 * 24 * 3_600_000)?;
         range("groups_max", self.groups_max.into(), 1, 1_000_000)?;
         range("group_members_max", self.group_members_max.into(), 1, 100_000)?;
+        range("group_member_metadata_bytes_max", self.group_member_metadata_bytes_max.into(), 1024, 1024 * MIB)?;
+        range(
+            "groups_metadata_bytes_max",
+            self.groups_metadata_bytes_max,
+            self.group_member_metadata_bytes_max.into(),
+            64 * 1024 * MIB,
+        )?;
         range("group_session_timeout_min_ms", self.group_session_timeout_min_ms.into(), 100, 3_600_000)?;
         range(
             "group_session_timeout_max_ms",
@@ -164,6 +201,12 @@ mod tests {
         assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.buffer_memory_bytes_max");
         let c = KafkaConfig { inflight_requests_max: 0, ..Default::default() };
         assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.inflight_requests_max");
+        let c = KafkaConfig { login_frame_bytes_max: 10, ..Default::default() };
+        assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.login_frame_bytes_max");
+        let c = KafkaConfig { request_elements_max: 0, ..Default::default() };
+        assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.request_elements_max");
+        let c = KafkaConfig { groups_metadata_bytes_max: 1024, ..Default::default() };
+        assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.groups_metadata_bytes_max");
         let tls = KafkaTlsConfig { enabled: true, cert_file: String::new(), ..Default::default() };
         let c = KafkaConfig { tls, ..Default::default() };
         assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.tls.cert_file");

@@ -1,7 +1,15 @@
 //! Fetch: reading many partitions within the response and partition byte limits (soft for the
 //! first non-empty partition, KIP-74), long-polling on the partitions' watermarks until enough
 //! bytes arrived or the wait is over, and encoding the response without copying record data.
+//!
+//! A partition named twice counts once (at its first position, with its last offset and limit),
+//! as in the Java broker's request map. Once the response's byte limit is reached, the remaining
+//! partitions are answered from their in-memory watermarks without a read. Reads run on the
+//! blocking pool, not on an async worker, and the response's share of the memory budget is held
+//! only while reading and answering, never while parked in a long poll.
 
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,10 +19,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::errors::{self, code};
-use super::requests::FetchRequest;
+use super::requests::{FetchPartition, FetchRequest};
 use super::server::Ctx;
 use crate::error::StoreError;
-use crate::storage::Watermarks;
+use crate::security::{Access, TopicOp};
+use crate::storage::{Store, Watermarks};
 
 /// What was read for a partition: its record data and watermarks, or an error code and the
 /// watermarks if the partition exists.
@@ -23,83 +32,159 @@ pub(crate) type PartitionRead = Result<(Bytes, Watermarks), (i16, Option<Waterma
 /// One partition of a fetch and what was read for it.
 #[derive(Debug)]
 pub(crate) struct FetchedPartition {
-    pub topic: String,
+    /// Shared by the topic's partitions: a long name is held once, not once per partition.
+    pub topic: Arc<str>,
     pub partition: i32,
     offset: i64,
     max_bytes: usize,
+    /// The user may not read the topic: answered TOPIC_AUTHORIZATION_FAILED, never read.
+    denied: bool,
     /// `None` until read.
     pub result: Option<PartitionRead>,
 }
 
-/// Reads the asked partitions, waiting (up to the request's `max_wait_ms`, capped by
-/// `kafka.fetch_wait_max_ms`) until `min_bytes` are there. Returns the partitions in request
-/// order and the memory reserved for the response.
-pub(crate) async fn fetch(ctx: &Arc<Ctx>, req: FetchRequest) -> (Vec<FetchedPartition>, Option<OwnedSemaphorePermit>) {
-    let wait = Duration::from_millis(req.max_wait_ms.clamp(0, ctx.cfg.fetch_wait_max_ms as i32) as u64);
-    let deadline = Instant::now() + wait;
-    let limit = (req.max_bytes.max(0) as u64).clamp(1, u64::from(ctx.cfg.fetch_response_bytes_max)) as usize;
-    let permit = ctx.reserve(limit as u64).await;
-    let mut parts: Vec<FetchedPartition> = req
-        .topics
-        .into_iter()
-        .flat_map(|(topic, ps)| {
-            ps.into_iter().map(move |p| FetchedPartition {
+/// The asked partitions in request order, each (topic, partition) once: at its first position,
+/// with the offset and limit of its last mention (the Java broker keeps them in a map).
+fn partitions(topics: Vec<(String, Vec<FetchPartition>)>, access: &Access) -> Vec<FetchedPartition> {
+    let mut parts: Vec<FetchedPartition> = Vec::new();
+    let mut seen: HashMap<(Arc<str>, i32), usize> = HashMap::new();
+    for (topic, ps) in topics {
+        let denied = !access.topic(TopicOp::Read, &topic);
+        let topic: Arc<str> = Arc::from(topic);
+        for p in ps {
+            let part = FetchedPartition {
                 topic: topic.clone(),
                 partition: p.partition,
                 offset: p.fetch_offset,
                 max_bytes: p.partition_max_bytes.max(0) as usize,
+                denied,
                 result: None,
-            })
-        })
-        .collect();
-    // Watches first, then reads: an append between the read and the wait still wakes us.
-    let mut watches: Vec<_> = parts.iter().filter_map(|s| ctx.store.watch(&s.topic, s.partition).ok()).collect();
-    loop {
-        let mut remaining = limit;
-        let mut total = 0usize;
-        let mut any_error = false;
-        for s in &mut parts {
-            let res = ctx.store.fetch(&s.topic, s.partition, s.offset, s.max_bytes.min(remaining).max(1));
-            s.result = Some(match res {
-                Ok(f) => {
-                    let data = if total > 0 && f.data.len() > remaining {
-                        // Only the first non-empty partition may exceed the limit (KIP-74).
-                        Bytes::new()
-                    } else {
-                        f.data
-                    };
-                    total += data.len();
-                    remaining = remaining.saturating_sub(data.len());
-                    Ok((data, f.watermarks))
+            };
+            match seen.entry((topic.clone(), p.partition)) {
+                std::collections::hash_map::Entry::Occupied(at) => parts[*at.get()] = part,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(parts.len());
+                    parts.push(part);
                 }
-                Err(e) => {
-                    any_error = true;
-                    Err(error_of(ctx, s, &e))
-                }
-            });
+            }
         }
-        let enough = total >= req.min_bytes.max(0) as usize && (total > 0 || req.min_bytes <= 0);
+    }
+    parts
+}
+
+/// Reads the asked partitions the user may read, waiting (up to the request's `max_wait_ms`,
+/// capped by `kafka.fetch_wait_max_ms`) until `min_bytes` are there. Returns the partitions in
+/// request order and the memory reserved for the response (what was read, at least one byte).
+pub(crate) async fn fetch(
+    ctx: &Arc<Ctx>,
+    req: FetchRequest,
+    access: &Access,
+) -> (Vec<FetchedPartition>, Option<OwnedSemaphorePermit>) {
+    let wait = Duration::from_millis(req.max_wait_ms.clamp(0, ctx.cfg.fetch_wait_max_ms as i32) as u64);
+    let deadline = Instant::now() + wait;
+    let limit = (req.max_bytes.max(0) as u64).clamp(1, u64::from(ctx.cfg.fetch_response_bytes_max)) as usize;
+    // The first batch may exceed the limit (KIP-74): reserve room for one whole batch too.
+    let reserve = limit.max(ctx.store.config().append_size_bytes_max as usize);
+    let min_bytes = req.min_bytes;
+    let mut parts = partitions(req.topics, access);
+    // Watches first, then reads: an append between the read and the wait still wakes us.
+    let mut watches: Vec<_> =
+        parts.iter().filter(|s| !s.denied).filter_map(|s| ctx.store.watch(&s.topic, s.partition).ok()).collect();
+    loop {
+        let mut permit = ctx.reserve(reserve as u64).await;
+        let store = ctx.store.clone();
+        let stats = ctx.stats.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let (total, any_error) = read_round(&store, &mut parts, limit, &stats.fetch_partition_reads);
+            (parts, total, any_error)
+        })
+        .await;
+        let (back, total, any_error) = match read {
+            Ok(r) => r,
+            // The read panicked (a bug): answer nothing rather than take the connection down.
+            Err(e) => {
+                tracing::error!(error = %e, "fetch read task failed");
+                return (Vec::new(), permit);
+            }
+        };
+        parts = back;
+        // Keep only what the answer holds.
+        if let Some(p) = permit.as_mut() {
+            let keep = total.max(1);
+            if p.num_permits() > keep {
+                drop(p.split(p.num_permits() - keep));
+            }
+        }
+        let enough = total >= min_bytes.max(0) as usize && (total > 0 || min_bytes <= 0);
         if enough || any_error || Instant::now() >= deadline || watches.is_empty() {
-            break;
+            return (parts, permit);
+        }
+        // Parked: nothing read is kept, no memory is held.
+        drop(permit);
+        for p in &mut parts {
+            p.result = None;
         }
         let changed = select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+        ctx.stats.fetches_waiting.fetch_add(1, Ordering::Relaxed);
+        let timed_out = tokio::time::timeout_at(deadline, changed).await.is_err();
+        ctx.stats.fetches_waiting.fetch_sub(1, Ordering::Relaxed);
+        if timed_out {
             // The wait is over: one more read so the answer is as fresh as possible.
             watches.clear();
         }
     }
-    (parts, permit)
 }
 
-impl FetchedPartition {
-    /// A partition answered with an error without being read (not authorized).
-    pub(crate) fn refused(topic: String, partition: i32, error: i16) -> Self {
-        Self { topic, partition, offset: 0, max_bytes: 0, result: Some(Err((error, None))) }
+/// One pass over the partitions, in order, within `limit` bytes (the first non-empty partition
+/// may exceed it, KIP-74). Once the limit is reached the rest are answered from their watermarks
+/// alone. Returns the bytes read and whether a partition failed.
+fn read_round(
+    store: &Store,
+    parts: &mut [FetchedPartition],
+    limit: usize,
+    reads: &std::sync::atomic::AtomicU64,
+) -> (usize, bool) {
+    let mut remaining = limit;
+    let mut total = 0usize;
+    let mut any_error = false;
+    for s in parts.iter_mut() {
+        if s.denied {
+            s.result = Some(Err((errors::TOPIC_AUTHORIZATION_FAILED, None)));
+            continue;
+        }
+        let res = if total > 0 && remaining == 0 {
+            store.watermarks(&s.topic, s.partition).and_then(|wm| {
+                if s.offset < wm.log_start_offset || s.offset > wm.high_watermark {
+                    Err(StoreError::OffsetOutOfRange {
+                        offset: s.offset,
+                        log_start_offset: wm.log_start_offset,
+                        high_watermark: wm.high_watermark,
+                    })
+                } else {
+                    Ok((Bytes::new(), wm))
+                }
+            })
+        } else {
+            reads.fetch_add(1, Ordering::Relaxed);
+            store.fetch(&s.topic, s.partition, s.offset, s.max_bytes.min(remaining).max(1)).map(|f| {
+                // Only the first non-empty partition may exceed the limit (KIP-74).
+                let data = if total > 0 && f.data.len() > remaining { Bytes::new() } else { f.data };
+                (data, f.watermarks)
+            })
+        };
+        s.result = Some(match res {
+            Ok((data, wm)) => {
+                total += data.len();
+                remaining = remaining.saturating_sub(data.len());
+                Ok((data, wm))
+            }
+            Err(e) => {
+                any_error = true;
+                Err((code(&e), store.watermarks(&s.topic, s.partition).ok()))
+            }
+        });
     }
-}
-
-fn error_of(ctx: &Ctx, s: &FetchedPartition, e: &StoreError) -> (i16, Option<Watermarks>) {
-    (code(e), ctx.store.watermarks(&s.topic, s.partition).ok())
+    (total, any_error)
 }
 
 fn put_str(b: &mut BytesMut, s: &str) {
@@ -123,7 +208,7 @@ pub(crate) fn encode_response(correlation_id: i32, v: i16, parts: &[FetchedParti
     let mut runs: Vec<(&str, usize)> = Vec::new();
     for p in parts {
         match runs.last_mut() {
-            Some((t, n)) if *t == p.topic => *n += 1,
+            Some((t, n)) if *t == &*p.topic => *n += 1,
             _ => runs.push((&p.topic, 1)),
         }
     }
@@ -182,6 +267,7 @@ mod tests {
             partition,
             offset: 0,
             max_bytes: 0,
+            denied: false,
             result,
         };
         let parts = vec![

@@ -102,10 +102,10 @@ pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<Pending
             let resp = offset_commit(&ctx, &call.access, req).await;
             Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
-        Request::OffsetFetch(group, topics) => {
-            let resp = offset_fetch(&ctx, &call, &group, topics);
-            reply(call, &resp)
-        }
+        Request::OffsetFetch(group, topics) => Box::pin(async move {
+            let resp = offset_fetch(&ctx, &call, group, topics).await;
+            Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
+        }),
         Request::ListGroups => {
             let resp = ListGroupsResponse::default().with_groups(
                 groups
@@ -121,7 +121,10 @@ pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<Pending
             );
             reply(call, &resp)
         }
-        Request::DescribeGroups(ids) => {
+        Request::DescribeGroups(mut ids) => {
+            // Each group once: a group's metadata named 10,000 times would be answered 10,000 times.
+            let mut seen = std::collections::HashSet::new();
+            ids.retain(|id| seen.insert(id.clone()));
             let resp = DescribeGroupsResponse::default().with_groups(
                 ids.iter()
                     .map(|id| {
@@ -177,8 +180,13 @@ pub(crate) fn handle(ctx: Arc<Ctx>, call: Call, body: Request) -> Result<Pending
             Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
         }),
         Request::OffsetDelete(group, topics) => Box::pin(async move {
-            let partitions: Vec<(String, i32)> =
-                topics.iter().flat_map(|(t, ps)| ps.iter().map(move |p| (t.clone(), *p))).collect();
+            let partitions: Vec<(std::sync::Arc<str>, i32)> = topics
+                .iter()
+                .flat_map(|(t, ps)| {
+                    let t: std::sync::Arc<str> = t.as_str().into();
+                    ps.iter().map(move |p| (t.clone(), *p))
+                })
+                .collect();
             let (top, codes) = groups.offset_delete(&group, &partitions).await;
             let mut resp = OffsetDeleteResponse::default().with_error_code(top);
             if top == errors::NONE {
@@ -268,7 +276,7 @@ fn reply<T: kafka_protocol::protocol::Encodable>(call: Call, body: &T) -> Pendin
 }
 
 async fn offset_commit(ctx: &Ctx, access: &Access, mut req: OffsetCommitRequest) -> OffsetCommitResponse {
-    let keys: Vec<(String, i32)> = req.offsets.iter().map(|o| (o.0.clone(), o.1)).collect();
+    let keys: Vec<(Arc<str>, i32)> = req.offsets.iter().map(|o| (o.0.clone(), o.1)).collect();
     // Offsets of topics the user may not read are refused; the rest are committed together.
     let readable: Vec<bool> = keys.iter().map(|(t, _)| access.topic(TopicOp::Read, t)).collect();
     req.offsets.retain(|o| access.topic(TopicOp::Read, &o.0));
@@ -291,17 +299,17 @@ async fn offset_commit(ctx: &Ctx, access: &Access, mut req: OffsetCommitRequest)
 }
 
 /// An OffsetCommit answer: each partition's code, consecutive partitions of a topic together.
-fn commit_response(codes: impl Iterator<Item = ((String, i32), i16)>) -> OffsetCommitResponse {
+fn commit_response(codes: impl Iterator<Item = ((Arc<str>, i32), i16)>) -> OffsetCommitResponse {
     let mut resp = OffsetCommitResponse::default();
     for ((topic, partition), code) in codes {
         let p = offset_commit_response::OffsetCommitResponsePartition::default()
             .with_partition_index(partition)
             .with_error_code(code);
         match resp.topics.last_mut() {
-            Some(t) if t.name.0.as_str() == topic => t.partitions.push(p),
+            Some(t) if t.name.0.as_str() == &*topic => t.partitions.push(p),
             _ => resp.topics.push(
                 offset_commit_response::OffsetCommitResponseTopic::default()
-                    .with_name(TopicName(sb(topic)))
+                    .with_name(TopicName(sb(&*topic)))
                     .with_partitions(vec![p]),
             ),
         }
@@ -309,15 +317,27 @@ fn commit_response(codes: impl Iterator<Item = ((String, i32), i16)>) -> OffsetC
     resp
 }
 
-fn offset_fetch(ctx: &Ctx, call: &Call, group: &str, topics: Option<Vec<(String, Vec<i32>)>>) -> OffsetFetchResponse {
+async fn offset_fetch(
+    ctx: &Ctx,
+    call: &Call,
+    group: String,
+    topics: Option<Vec<(String, Vec<i32>)>>,
+) -> OffsetFetchResponse {
     let v = call.version;
     // As Kafka: offsets of topics the user may not see are left out.
-    let asked: Option<Vec<(String, i32)>> =
-        topics.map(|ts| ts.into_iter().flat_map(|(t, ps)| ps.into_iter().map(move |p| (t.clone(), p))).collect());
+    // A topic's name is shared by its partitions, not copied for each.
+    let asked: Option<Vec<(Arc<str>, i32)>> = topics.map(|ts| {
+        ts.into_iter()
+            .flat_map(|(t, ps)| {
+                let t: Arc<str> = t.into();
+                ps.into_iter().map(move |p| (t.clone(), p))
+            })
+            .collect()
+    });
     let asked =
         asked.map(|a| a.into_iter().filter(|(t, _)| call.access.topic(TopicOp::Describe, t)).collect::<Vec<_>>());
     let mut resp = OffsetFetchResponse::default();
-    let found = match ctx.groups.committed(group, asked.as_deref()) {
+    let found = match ctx.groups.committed_async(group.clone(), asked).await {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(group, error = %e, "offset fetch failed");
@@ -327,7 +347,7 @@ fn offset_fetch(ctx: &Ctx, call: &Call, group: &str, topics: Option<Vec<(String,
             return resp;
         }
     };
-    tracing::debug!(group, offsets = ?found.iter().map(|(t, p, c)| (t.as_str(), *p, c.as_ref().map(|c| c.offset))).collect::<Vec<_>>(), "offset fetch");
+    tracing::debug!(group, offsets = ?found.iter().map(|(t, p, c)| (&**t, *p, c.as_ref().map(|c| c.offset))).collect::<Vec<_>>(), "offset fetch");
     for (topic, partition, committed) in found.into_iter().filter(|(t, _, _)| call.access.topic(TopicOp::Describe, t)) {
         let mut p = offset_fetch_response::OffsetFetchResponsePartition::default()
             .with_partition_index(partition)
@@ -337,10 +357,10 @@ fn offset_fetch(ctx: &Ctx, call: &Call, group: &str, topics: Option<Vec<(String,
             p = p.with_committed_leader_epoch(committed.as_ref().map_or(-1, |c| c.leader_epoch));
         }
         match resp.topics.last_mut() {
-            Some(t) if t.name.0.as_str() == topic => t.partitions.push(p),
+            Some(t) if t.name.0.as_str() == &*topic => t.partitions.push(p),
             _ => resp.topics.push(
                 offset_fetch_response::OffsetFetchResponseTopic::default()
-                    .with_name(TopicName(sb(topic)))
+                    .with_name(TopicName(sb(&*topic)))
                     .with_partitions(vec![p]),
             ),
         }

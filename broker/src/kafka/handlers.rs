@@ -25,7 +25,7 @@ use super::versions::{ApiSupport, SUPPORTED};
 use crate::config::TopicConfig;
 use crate::error::StoreError;
 use crate::security::{Access, TopicOp};
-use crate::storage::PendingAppend;
+use crate::storage::{PendingAppend, Store};
 
 /// One decoded request's envelope.
 #[derive(Debug)]
@@ -87,30 +87,19 @@ pub(crate) async fn dispatch(ctx: Arc<Ctx>, call: Call, body: Request) -> Pendin
     match body {
         Request::ApiVersions => reply_api_versions(call, ctx.auth.enabled()),
         Request::Produce(req) => produce(ctx, call, req).await,
-        Request::Fetch(mut req) => Box::pin(async move {
-            let mut refused = Vec::new();
-            req.topics.retain(|(topic, parts)| {
-                let ok = call.access.topic(TopicOp::Read, topic);
-                if !ok {
-                    refused.extend(parts.iter().map(|p| {
-                        super::fetch::FetchedPartition::refused(
-                            topic.clone(),
-                            p.partition,
-                            errors::TOPIC_AUTHORIZATION_FAILED,
-                        )
-                    }));
-                }
-                ok
-            });
-            let (mut partitions, permit) = super::fetch::fetch(&ctx, req).await;
-            partitions.extend(refused);
+        Request::Fetch(req) => Box::pin(async move {
+            let (partitions, permit) = super::fetch::fetch(&ctx, req, &call.access).await;
             let chunks = super::fetch::encode_response(call.correlation_id, call.version, &partitions);
             Ok(Some(Reply { chunks, permits: [Some(call.permit), permit].into_iter().flatten().collect() }))
         }),
-        Request::ListOffsets(req) => {
-            let resp = list_offsets(&ctx, &call, req);
-            reply(call, &resp)
-        }
+        Request::ListOffsets(req) => Box::pin(async move {
+            // Timestamp lookups read the log: on the blocking pool, not an async worker.
+            let (store, access, v) = (ctx.store.clone(), call.access.clone(), call.version);
+            let resp = tokio::task::spawn_blocking(move || list_offsets(&store, &access, v, req))
+                .await
+                .map_err(|e| format!("ListOffsets task failed: {e}"))?;
+            Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
+        }),
         Request::Metadata(req) => Box::pin(async move {
             let resp = metadata(&ctx, &call, req).await;
             Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
@@ -255,6 +244,8 @@ pub(crate) fn api_versions_unsupported(correlation_id: i32, auth: bool) -> Resul
 enum PartitionProduce {
     Queued(PendingAppend),
     Failed(i16, String),
+    /// INVALID_RECORD for one record of the batch: its index and why.
+    RecordRefused(i32, String),
 }
 
 async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceRequest) -> PendingReply {
@@ -272,6 +263,12 @@ async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceRequest) -> Pe
     for (topic, parts) in req.topics {
         let mut out = Vec::with_capacity(parts.len());
         let allowed = call.access.topic(TopicOp::Write, &topic);
+        // MQTT publish rules apply to the records' `mqtt.topic` headers (decoded only if needed).
+        let mqtt_user = match &call.access {
+            Access::User(u) if allowed && super::mqtt_rules::needs_check(u, &topic) => Some(u.clone()),
+            _ => None,
+        };
+        let decompressed_limit = ctx.store.config().decompressed_size_bytes_max;
         for (partition, records) in parts {
             let r = match (&refuse_all, records) {
                 (Some((c, m)), _) => PartitionProduce::Failed(*c, m.clone()),
@@ -283,13 +280,21 @@ async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceRequest) -> Pe
                     errors::UNSUPPORTED_COMPRESSION_TYPE,
                     "zstd needs Produce v7 or later".into(),
                 ),
-                (None, Some(batch)) => match ctx.store.enqueue_batch(&topic, partition, batch).await {
-                    Ok(p) => PartitionProduce::Queued(p),
-                    Err(e) => {
-                        tracing::debug!(%topic, partition, error = %e, "produce refused");
-                        PartitionProduce::Failed(code(&e), e.to_string())
+                (None, Some(batch)) => {
+                    match mqtt_user.as_ref().map(|u| super::mqtt_rules::check_batch(u, &batch, decompressed_limit)) {
+                        Some(Err((index, why))) => {
+                            tracing::warn!(peer = %call.peer, %topic, partition, %why, "produce refused by the MQTT publish rules");
+                            PartitionProduce::RecordRefused(index, why)
+                        }
+                        _ => match ctx.store.enqueue_batch(&topic, partition, batch).await {
+                            Ok(p) => PartitionProduce::Queued(p),
+                            Err(e) => {
+                                tracing::debug!(%topic, partition, error = %e, "produce refused");
+                                PartitionProduce::Failed(code(&e), e.to_string())
+                            }
+                        },
                     }
-                },
+                }
             };
             out.push((partition, r));
         }
@@ -304,17 +309,18 @@ async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceRequest) -> Pe
         for (topic, parts) in results {
             let mut out = Vec::with_capacity(parts.len());
             for (partition, r) in parts {
-                let (error_code, msg, outcome) = match r {
-                    PartitionProduce::Failed(c, m) => (c, Some(m), None),
+                let (error_code, msg, outcome, record) = match r {
+                    PartitionProduce::Failed(c, m) => (c, Some(m), None, None),
+                    PartitionProduce::RecordRefused(i, m) => (errors::INVALID_RECORD, Some(m), None, Some(i)),
                     PartitionProduce::Queued(p) => match p.wait().await {
-                        Ok(o) => (errors::NONE, None, Some(o)),
+                        Ok(o) => (errors::NONE, None, Some(o), None),
                         Err(e) => {
                             tracing::debug!(%topic, partition, error = %e, "produce failed");
-                            (code(&e), Some(e.to_string()), None)
+                            (code(&e), Some(e.to_string()), None, None)
                         }
                     },
                 };
-                out.push((partition, error_code, msg, outcome));
+                out.push((partition, error_code, msg, outcome, record));
             }
             topics.push((topic, out));
         }
@@ -324,7 +330,7 @@ async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceRequest) -> Pe
             let mut resp = ProduceResponse::default();
             for (topic, parts) in topics {
                 let mut t = produce_response::TopicProduceResponse::default().with_name(topic_name(&topic));
-                for (partition, error_code, msg, outcome) in parts {
+                for (partition, error_code, msg, outcome, record) in parts {
                     let mut p = produce_response::PartitionProduceResponse::default()
                         .with_index(partition)
                         .with_error_code(error_code)
@@ -338,6 +344,11 @@ async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceRequest) -> Pe
                             .with_log_start_offset(o.log_start_offset);
                     }
                     if v >= 8 {
+                        if let Some(index) = record.filter(|i| *i >= 0) {
+                            p = p.with_record_errors(vec![produce_response::BatchIndexAndErrorMessage::default()
+                                .with_batch_index(index)
+                                .with_batch_index_error_message(msg.clone().map(sb))]);
+                        }
                         p = p.with_error_message(msg.map(sb));
                     }
                     t.partition_responses.push(p);
@@ -350,7 +361,8 @@ async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceRequest) -> Pe
     })
 }
 
-type ProducedTopic = (String, Vec<(i32, i16, Option<String>, Option<crate::storage::AppendOutcome>)>);
+/// Per partition: index, error code, error message, outcome, and the refused record's index.
+type ProducedTopic = (String, Vec<(i32, i16, Option<String>, Option<crate::storage::AppendOutcome>, Option<i32>)>);
 
 /// Produce v0-v2 responses, written by hand: the protocol crate no longer encodes them.
 fn produce_response_v0_v2(correlation_id: i32, v: i16, topics: &[ProducedTopic]) -> Bytes {
@@ -362,7 +374,7 @@ fn produce_response_v0_v2(correlation_id: i32, v: i16, topics: &[ProducedTopic])
         b.put_i16(name.len() as i16);
         b.put_slice(name.as_bytes());
         b.put_i32(parts.len() as i32);
-        for (partition, error_code, _, _) in parts {
+        for (partition, error_code, ..) in parts {
             b.put_i32(*partition);
             b.put_i16(*error_code);
             b.put_i64(-1);
@@ -381,17 +393,22 @@ fn produce_response_v0_v2(correlation_id: i32, v: i16, topics: &[ProducedTopic])
 
 // ---- ListOffsets ----
 
-fn list_offsets(ctx: &Ctx, call: &Call, req: requests::ListOffsetsRequest) -> ListOffsetsResponse {
+fn list_offsets(
+    store: &Store,
+    access: &Access,
+    version: i16,
+    req: requests::ListOffsetsRequest,
+) -> ListOffsetsResponse {
     let mut resp = ListOffsetsResponse::default();
     for (topic, parts) in req.topics {
         let mut t = list_offsets_response::ListOffsetsTopicResponse::default().with_name(topic_name(&topic));
-        let allowed = call.access.topic(TopicOp::Describe, &topic);
+        let allowed = access.topic(TopicOp::Describe, &topic);
         for (partition, timestamp) in parts {
             let mut p = list_offsets_response::ListOffsetsPartitionResponse::default()
                 .with_partition_index(partition)
                 .with_timestamp(-1)
                 .with_offset(-1);
-            if call.version >= 4 {
+            if version >= 4 {
                 p = p.with_leader_epoch(0);
             }
             if !allowed {
@@ -399,12 +416,12 @@ fn list_offsets(ctx: &Ctx, call: &Call, req: requests::ListOffsetsRequest) -> Li
                 continue;
             }
             let result = match timestamp {
-                -1 => ctx.store.watermarks(&topic, partition).map(|w| Some((w.high_watermark, -1))),
-                -2 => ctx.store.watermarks(&topic, partition).map(|w| Some((w.log_start_offset, -1))),
-                ts if ts >= 0 => ctx.store.offset_for_timestamp(&topic, partition, ts).and_then(|found| match found {
+                -1 => store.watermarks(&topic, partition).map(|w| Some((w.high_watermark, -1))),
+                -2 => store.watermarks(&topic, partition).map(|w| Some((w.log_start_offset, -1))),
+                ts if ts >= 0 => store.offset_for_timestamp(&topic, partition, ts).and_then(|found| match found {
                     Some(f) => Ok(Some(f)),
                     // No record at or after the timestamp: Kafka answers -1/-1.
-                    None => ctx.store.watermarks(&topic, partition).map(|_| None),
+                    None => store.watermarks(&topic, partition).map(|_| None),
                 }),
                 _ => {
                     t.partitions.push(p.with_error_code(errors::INVALID_REQUEST));

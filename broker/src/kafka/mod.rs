@@ -8,6 +8,7 @@ pub(crate) mod errors;
 mod fetch;
 mod group_api;
 mod handlers;
+mod mqtt_rules;
 mod requests;
 mod sasl;
 mod server;

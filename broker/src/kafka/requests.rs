@@ -108,8 +108,7 @@ pub(crate) struct MemberRequest {
     pub assignments: Vec<(String, Bytes)>,
 }
 
-/// (topic, partition, offset, leader epoch, metadata)
-pub(crate) type OffsetToCommit = (String, i32, i64, i32, Option<String>);
+pub(crate) use crate::groups::OffsetToCommit;
 
 #[derive(Debug, Clone)]
 pub(crate) struct OffsetCommitRequest {
@@ -452,6 +451,7 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                 Ok((name, parts))
             })?;
             for (name, parts) in topics {
+                let name: std::sync::Arc<str> = name.into();
                 for (p, offset, epoch, metadata) in parts {
                     offsets.push((name.clone(), p, offset, epoch, metadata));
                 }

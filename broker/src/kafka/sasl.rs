@@ -1,7 +1,9 @@
 //! SASL authentication of a Kafka connection: SaslHandshake picks the mechanism, then the
 //! tokens arrive in SaslAuthenticate requests (handshake v1) or bare (handshake v0), and the
-//! connection is served as its user once the mechanism succeeds. A failure is answered after
-//! `auth.failure_delay_ms`, counted, and closes the connection (as Kafka does).
+//! connection is served as its user once the mechanism succeeds. A failure is answered
+//! `auth.failure_delay_ms` after the token that failed arrived (whatever the user, known or not,
+//! and however long the client waited after its handshake), counted, and closes the connection
+//! (as Kafka does).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +24,7 @@ pub(crate) enum SaslState {
     /// Waiting for SaslHandshake.
     Start,
     /// Mechanism chosen; `raw` = tokens come bare (handshake v0).
-    Mechanism { mechanism: Mechanism, scram: Option<Box<ScramServer>>, raw: bool, started: Instant },
+    Mechanism { mechanism: Mechanism, scram: Option<Box<ScramServer>>, raw: bool },
     /// Authenticated (or authentication is off).
     Done,
 }
@@ -71,7 +73,7 @@ pub(crate) fn handshake(conn: &mut ConnAuth, call: Call, mechanism: String) -> P
                 Mechanism::Plain => None,
                 Mechanism::Scram(alg) => Some(Box::new(ScramServer::new(alg))),
             };
-            conn.state = SaslState::Mechanism { mechanism: m, scram, raw: call.version == 0, started: Instant::now() };
+            conn.state = SaslState::Mechanism { mechanism: m, scram, raw: call.version == 0 };
         }
         (SaslState::Start, None) => {
             tracing::warn!(peer = %call.peer, %mechanism, "kafka client asked for an unsupported SASL mechanism");
@@ -117,11 +119,20 @@ async fn step(ctx: &Ctx, conn: &mut ConnAuth, token: &[u8]) -> Result<Outcome, S
 }
 
 /// Runs one token through the mechanism; on success the connection is served as the user, on
-/// failure the answer waits for the failure delay.
-async fn authenticate(ctx: &Ctx, conn: &mut ConnAuth, token: &[u8], peer: std::net::SocketAddr) -> Outcome {
-    let (mechanism, started) = match &conn.state {
-        SaslState::Mechanism { mechanism, started, .. } => (*mechanism, *started),
-        _ => (Mechanism::Plain, Instant::now()),
+/// failure the answer waits for the failure delay. The delay counts from this token's arrival
+/// (`started`, taken when its frame was read), not from the handshake: a client that waits
+/// before sending its token must not see the password check's own duration (a PBKDF2 run for a
+/// known user, nothing for an unknown one) in the answer's timing.
+async fn authenticate(
+    ctx: &Ctx,
+    conn: &mut ConnAuth,
+    token: &[u8],
+    peer: std::net::SocketAddr,
+    started: Instant,
+) -> Outcome {
+    let mechanism = match &conn.state {
+        SaslState::Mechanism { mechanism, .. } => *mechanism,
+        _ => Mechanism::Plain,
     };
     let outcome = step(ctx, conn, token).await.unwrap_or_else(Outcome::Failed);
     match &outcome {
@@ -143,7 +154,13 @@ async fn authenticate(ctx: &Ctx, conn: &mut ConnAuth, token: &[u8], peer: std::n
 }
 
 /// SaslAuthenticate (handshake v1 and later).
-pub(crate) async fn authenticate_request(ctx: &Ctx, conn: &mut ConnAuth, call: Call, token: Bytes) -> PendingReply {
+pub(crate) async fn authenticate_request(
+    ctx: &Ctx,
+    conn: &mut ConnAuth,
+    call: Call,
+    token: Bytes,
+    started: Instant,
+) -> PendingReply {
     let mut resp = SaslAuthenticateResponse::default();
     if !matches!(conn.state, SaslState::Mechanism { raw: false, .. }) {
         resp.error_code = errors::ILLEGAL_SASL_STATE;
@@ -154,7 +171,7 @@ pub(crate) async fn authenticate_request(ctx: &Ctx, conn: &mut ConnAuth, call: C
             SaslState::Mechanism { mechanism, .. } => mechanism.name(),
             _ => "",
         };
-        match authenticate(ctx, conn, &token, call.peer).await {
+        match authenticate(ctx, conn, &token, call.peer, started).await {
             Outcome::Continue(b) | Outcome::Authenticated(_, b) => resp.auth_bytes = Bytes::from(b),
             Outcome::Failed(_) => {
                 resp.error_code = errors::SASL_AUTHENTICATION_FAILED;
@@ -178,8 +195,9 @@ pub(crate) async fn authenticate_raw(
     token: Bytes,
     permit: tokio::sync::OwnedSemaphorePermit,
     peer: std::net::SocketAddr,
+    started: Instant,
 ) -> PendingReply {
-    match authenticate(ctx, conn, &token, peer).await {
+    match authenticate(ctx, conn, &token, peer, started).await {
         Outcome::Continue(b) | Outcome::Authenticated(_, b) => {
             let mut out = BytesMut::with_capacity(4 + b.len());
             out.put_u32(b.len() as u32);

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
@@ -65,6 +65,13 @@ pub struct KafkaStats {
     pub connections_rate_limited: AtomicU64,
     /// TLS handshakes that failed.
     pub tls_handshake_failures: AtomicU64,
+    /// Requests whose size was read and whose bytes have not all arrived yet (a gauge).
+    pub frames_reading: AtomicU64,
+    /// Fetches parked in a long poll, waiting for data (a gauge).
+    pub fetches_waiting: AtomicU64,
+    /// Partitions fetches read from the store (partitions past a response's byte limit, named
+    /// twice, or not readable by the user are answered without a read).
+    pub fetch_partition_reads: AtomicU64,
 }
 
 /// Producer ids are handed out from blocks reserved durably, so an id is never given twice, even
@@ -206,6 +213,8 @@ impl KafkaServer {
                 session_timeout_min_ms: cfg.group_session_timeout_min_ms,
                 session_timeout_max_ms: cfg.group_session_timeout_max_ms,
                 offset_metadata_bytes_max: cfg.offset_metadata_bytes_max,
+                member_metadata_bytes_max: cfg.group_member_metadata_bytes_max,
+                metadata_bytes_max: cfg.groups_metadata_bytes_max,
             },
         )?;
         let ctx = Arc::new(Ctx {
@@ -285,19 +294,22 @@ impl KafkaServer {
             let _ = stream.set_nodelay(true);
             self.ctx.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
             let ctx = self.ctx.clone();
+            let accepted = Instant::now();
             tokio::spawn(async move {
                 ctx.stats.connections_open.fetch_add(1, Ordering::Relaxed);
                 let result = match ctx.tls.clone() {
                     None => {
                         let (rd, wr) = stream.into_split();
-                        connection(&ctx, Box::new(rd), Box::new(wr), peer).await
+                        connection(&ctx, Box::new(rd), Box::new(wr), peer, accepted).await
                     }
                     Some(server) => {
-                        let idle = Duration::from_millis(ctx.cfg.idle_timeout_ms.min(30_000));
-                        match tokio::time::timeout(idle, tokio_rustls::TlsAcceptor::from(server).accept(stream)).await {
+                        let idle = accepted + Duration::from_millis(ctx.cfg.idle_timeout_ms.min(30_000));
+                        let until = login_deadline(&ctx, accepted).map_or(idle, |l| l.min(idle));
+                        let handshake = tokio_rustls::TlsAcceptor::from(server).accept(stream);
+                        match tokio::time::timeout_at(until.into(), handshake).await {
                             Ok(Ok(s)) => {
                                 let (rd, wr) = tokio::io::split(s);
-                                connection(&ctx, Box::new(rd), Box::new(wr), peer).await
+                                connection(&ctx, Box::new(rd), Box::new(wr), peer, accepted).await
                             }
                             Ok(Err(e)) => {
                                 ctx.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
@@ -325,6 +337,15 @@ impl KafkaServer {
     }
 }
 
+/// Per-connection read and write buffers. Small on purpose: an idle connection holds only these,
+/// and a read or write larger than its buffer goes straight to the socket.
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024;
+/// A request's buffer starts at this size (or the request's, if smaller) and then at most doubles
+/// each time it is full, so it is never more than about twice what has arrived.
+const FRAME_FIRST_BYTES: usize = 4 * 1024;
+/// ...in steps of at most this much.
+const FRAME_STEP_BYTES_MAX: usize = 1024 * 1024;
+
 /// Serves one connection. `Ok` = the client closed it (or was idle); `Err` names a protocol
 /// violation or an I/O failure.
 async fn connection(
@@ -332,8 +353,9 @@ async fn connection(
     rd: Box<dyn AsyncRead + Unpin + Send>,
     wr: Box<dyn AsyncWrite + Unpin + Send>,
     peer: SocketAddr,
+    accepted: Instant,
 ) -> Result<(), String> {
-    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let mut rd = BufReader::with_capacity(SOCKET_BUFFER_BYTES, rd);
     let (tx, mut rx) = mpsc::channel::<PendingReply>(ctx.cfg.inflight_requests_max as usize);
     let idle = Duration::from_millis(ctx.cfg.idle_timeout_ms);
     // Responses are written by their own task, in the order the requests arrived.
@@ -341,7 +363,7 @@ async fn connection(
     let writer = tokio::spawn(async move {
         // Small responses and frame headers are gathered; record data (large chunks) goes
         // straight from the store's buffers to the socket. Flushed whenever no response waits.
-        let mut wr = BufWriter::with_capacity(64 * 1024, wr);
+        let mut wr = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, wr);
         while let Some(pending) = rx.recv().await {
             if let Some(reply) = pending.await? {
                 let write = async {
@@ -365,23 +387,39 @@ async fn connection(
         let _ = wr.shutdown().await;
         Ok::<(), String>(())
     });
-    let read_result = read_loop(ctx, &mut rd, &tx, idle, peer).await;
+    let read_result = read_loop(ctx, &mut rd, &tx, peer, accepted).await;
     drop(tx);
     let write_result = writer.await.map_err(|e| format!("writer task failed: {e}"))?;
     read_result.and(write_result)
+}
+
+/// When the connection must have logged in (`None`: authentication is off).
+pub(crate) fn login_deadline(ctx: &Ctx, accepted: Instant) -> Option<Instant> {
+    ctx.auth.enabled().then(|| accepted + Duration::from_millis(ctx.cfg.login_timeout_ms))
 }
 
 async fn read_loop(
     ctx: &Arc<Ctx>,
     rd: &mut BufReader<Box<dyn AsyncRead + Unpin + Send>>,
     tx: &mpsc::Sender<PendingReply>,
-    idle: Duration,
     peer: SocketAddr,
+    accepted: Instant,
 ) -> Result<(), String> {
     let mut auth = ConnAuth::new(ctx);
+    let idle = Duration::from_millis(ctx.cfg.idle_timeout_ms);
+    let frame_timeout = Duration::from_millis(ctx.cfg.frame_read_timeout_ms);
+    let login_deadline = login_deadline(ctx, accepted);
+    const NO_LOGIN: &str = "no SASL login within kafka.login_timeout_ms";
     loop {
+        // Before the login, every wait also ends at the login deadline.
+        let login = login_deadline.filter(|_| auth.access.is_none());
+        let until = |d: Duration| {
+            let t = Instant::now() + d;
+            login.map_or(t, |l| t.min(l))
+        };
         let mut size = [0u8; 4];
-        match tokio::time::timeout(idle, rd.read_exact(&mut size)).await {
+        match tokio::time::timeout_at(until(idle).into(), rd.read_exact(&mut size)).await {
+            Err(_) if login.is_some() => return Err(NO_LOGIN.into()),
             Err(_) => {
                 tracing::debug!("closing idle kafka connection");
                 return Ok(());
@@ -393,25 +431,31 @@ async fn read_loop(
         let size = i32::from_be_bytes(size);
         // A bare SASL token (after a v0 handshake) may be short; a request has a header.
         let min = if auth.raw() { 0 } else { 8 };
-        if size < min || size as u32 > ctx.cfg.frame_bytes_max {
+        let (max, key) = if auth.access.is_some() {
+            (ctx.cfg.frame_bytes_max, "kafka.frame_bytes_max")
+        } else {
+            (ctx.cfg.login_frame_bytes_max, "kafka.login_frame_bytes_max")
+        };
+        if size < min || size as u32 > max {
             return Err(format!(
-                "request size {size} outside [8, kafka.frame_bytes_max = {}]: not a Kafka client, or a request too large",
-                ctx.cfg.frame_bytes_max
+                "request size {size} outside [{min}, {key} = {max}]: not a Kafka client, or a request too large"
             ));
         }
-        let permit = ctx.reserve(size as u64).await.ok_or("broker shutting down")?;
-        let mut frame = BytesMut::zeroed(size as usize);
-        match tokio::time::timeout(idle, rd.read_exact(&mut frame)).await {
-            Err(_) => return Err("request body did not arrive within kafka.idle_timeout_ms".into()),
-            Ok(Err(e)) => return Err(format!("truncated request ({size} bytes announced): {e}")),
-            Ok(Ok(_)) => {}
-        }
+        ctx.stats.frames_reading.fetch_add(1, Ordering::Relaxed);
+        let read = tokio::time::timeout_at(until(frame_timeout).into(), read_frame(ctx, rd, size as usize)).await;
+        ctx.stats.frames_reading.fetch_sub(1, Ordering::Relaxed);
+        let (frame, permit) = match read {
+            Err(_) if login.is_some() => return Err(NO_LOGIN.into()),
+            Err(_) => return Err(format!("request of {size} bytes did not arrive within kafka.frame_read_timeout_ms")),
+            Ok(r) => r?,
+        };
+        let arrived = Instant::now();
         ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
         ctx.stats.bytes_in.fetch_add(size as u64 + 4, Ordering::Relaxed);
         let pending = if auth.raw() {
-            sasl::authenticate_raw(ctx, &mut auth, frame.freeze(), permit, peer).await
+            sasl::authenticate_raw(ctx, &mut auth, frame, permit, peer, arrived).await
         } else {
-            request(ctx, &mut auth, frame.freeze(), permit, peer).await?
+            request(ctx, &mut auth, frame, permit, peer, arrived).await?
         };
         if tx.send(pending).await.is_err() {
             // The writer stopped (write error): its result says why.
@@ -424,6 +468,34 @@ async fn read_loop(
     }
 }
 
+/// Reads a request's `size` bytes. Its buffer, and the share of `kafka.buffer_memory_bytes_max`
+/// paying for it, grow only as bytes arrive (first `FRAME_FIRST_BYTES`, then at most doubling),
+/// so a size prefix alone reserves almost nothing and a frame stalled half-way holds at most
+/// about twice what it sent (for at most `kafka.frame_read_timeout_ms`, enforced by the caller).
+async fn read_frame(
+    ctx: &Ctx,
+    rd: &mut (impl AsyncRead + Unpin),
+    size: usize,
+) -> Result<(Bytes, OwnedSemaphorePermit), String> {
+    use bytes::BufMut as _;
+    let mut permit = ctx.reserve(size.min(FRAME_FIRST_BYTES) as u64).await.ok_or("broker shutting down")?;
+    let mut frame: Vec<u8> = Vec::with_capacity(size.min(FRAME_FIRST_BYTES));
+    while frame.len() < size {
+        if frame.len() == frame.capacity() {
+            let grow = (size - frame.len()).min(frame.len().clamp(FRAME_FIRST_BYTES, FRAME_STEP_BYTES_MAX));
+            permit.merge(ctx.reserve(grow as u64).await.ok_or("broker shutting down")?);
+            frame.reserve_exact(grow);
+        }
+        let room = (frame.capacity() - frame.len()).min(size - frame.len());
+        match rd.read_buf(&mut (&mut frame).limit(room)).await {
+            Ok(0) => return Err(format!("truncated request ({size} bytes announced, {} arrived)", frame.len())),
+            Ok(_) => {}
+            Err(e) => return Err(format!("truncated request ({size} bytes announced): {e}")),
+        }
+    }
+    Ok((Bytes::from(frame), permit))
+}
+
 /// Decodes one request and starts its work; ordering-sensitive work (queueing appends) is done
 /// before returning so pipelined requests keep their order.
 async fn request(
@@ -432,6 +504,7 @@ async fn request(
     frame: Bytes,
     permit: OwnedSemaphorePermit,
     peer: SocketAddr,
+    arrived: Instant,
 ) -> Result<PendingReply, String> {
     let (api_key, version, correlation_id) = codec::peek_header(&frame).ok_or("request shorter than its header")?;
     let Some(api) = versions::lookup(api_key).filter(|a| ctx.auth.enabled() || !a.is_sasl()) else {
@@ -459,7 +532,7 @@ async fn request(
             api.name
         ));
     }
-    let mut r = Reader::new(frame, false);
+    let mut r = Reader::with_elements_max(frame, false, ctx.cfg.request_elements_max.into());
     let header = codec::read_header(&mut r, api.request_header_flexible(version))
         .map_err(|e| format!("{} v{version}: bad request header: {e}", api.name))?;
     r.flex = api.flexible(version);
@@ -476,7 +549,7 @@ async fn request(
     };
     Ok(match body {
         requests::Request::SaslHandshake(mechanism) => sasl::handshake(auth, call, mechanism),
-        requests::Request::SaslAuthenticate(token) => sasl::authenticate_request(ctx, auth, call, token).await,
+        requests::Request::SaslAuthenticate(token) => sasl::authenticate_request(ctx, auth, call, token, arrived).await,
         body => handlers::dispatch(ctx.clone(), call, body).await,
     })
 }
