@@ -20,7 +20,8 @@ pub struct MqttConfig {
     /// Memory for packets being read, all connections together: a packet's bytes are charged
     /// as they arrive (never the length a header announces), so half-sent packets cannot exhaust
     /// memory. A reader that finds it exhausted waits up to `connect_timeout_ms`, then its
-    /// connection is closed. At least `packet_bytes_max`.
+    /// connection is closed. At least twice `packet_bytes_max` (a growing buffer is copied into
+    /// its larger successor, and both are charged meanwhile).
     pub buffer_memory_bytes_max: u64,
     /// QoS 1/2 messages a client may have unacknowledged towards us (MQTT 5 Receive Maximum) and
     /// we towards it.
@@ -132,7 +133,7 @@ impl MqttConfig {
         }
         range("connections_max", self.connections_max.into(), 1, 1_000_000)?;
         range("packet_bytes_max", self.packet_bytes_max.into(), 1024, 256 * 1024 * 1024 - 1)?;
-        range("buffer_memory_bytes_max", self.buffer_memory_bytes_max, self.packet_bytes_max.into(), 1 << 32)?;
+        range("buffer_memory_bytes_max", self.buffer_memory_bytes_max, 2 * u64::from(self.packet_bytes_max), 1 << 36)?;
         range("inflight_messages_max", self.inflight_messages_max.into(), 1, 65_535)?;
         range("subscriptions_per_client_max", self.subscriptions_per_client_max.into(), 1, 100_000)?;
         range("topic_bytes_max", self.topic_bytes_max.into(), 16, 65_535)?;

@@ -767,29 +767,44 @@ mod tests {
 
     #[tokio::test]
     async fn a_packet_is_buffered_as_it_arrives_not_as_announced() {
-        let budget = ReadBudget::new(1 << 20, Duration::from_millis(50));
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncWriteExt;
+        let budget = ReadBudget::new(4 << 20, Duration::from_millis(50));
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let mut rd = FrameReader::new(server, budget.clone());
         // A CONNECT announcing 1 MiB, of which 10 bytes arrive.
-        use tokio::io::AsyncWriteExt;
         client.write_all(&[0x10, 0x80, 0x80, 0x40]).await.expect("send");
         client.write_all(&[0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60]).await.expect("send");
         let pending = tokio::time::timeout(Duration::from_millis(50), rd.next(2 << 20, |b| b == 0x10)).await;
         assert!(pending.is_err(), "incomplete");
-        assert!(budget.in_use() <= 2 * READ_CHUNK_MIN, "charged {} for 14 bytes", budget.in_use());
-        // The rest arrives in pieces: the buffer grows with it (at most twice what arrived).
-        let mut sent = 14usize;
-        let chunk = vec![0u8; 4096];
+        assert!(budget.in_use() <= READ_CHUNK_MIN, "charged {} for 14 bytes", budget.in_use());
+        // The rest arrives in pieces: the buffer grows with it, never beyond twice what arrived
+        // (three times while a buffer is copied into its larger successor).
+        let sent = std::sync::Arc::new(AtomicUsize::new(14));
+        let counter = sent.clone();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![0u8; 4096];
+            let total = (1 << 20) + 4;
+            while counter.load(Ordering::SeqCst) < total {
+                let n = chunk.len().min(total - counter.load(Ordering::SeqCst));
+                counter.fetch_add(n, Ordering::SeqCst);
+                client.write_all(&chunk[..n]).await.expect("send");
+                tokio::task::yield_now().await;
+            }
+            client
+        });
         let mut next = Box::pin(rd.next(2 << 20, |b| b == 0x10));
-        while sent < (1 << 20) + 4 {
-            let n = chunk.len().min((1 << 20) + 4 - sent);
-            client.write_all(&chunk[..n]).await.expect("send");
-            sent += n;
-            // Dropping a read half-way loses nothing (cancel safety): poll once, then go on.
-            let _ = tokio::time::timeout(Duration::from_millis(1), &mut next).await;
-            assert!(budget.in_use() <= 2 * sent + READ_CHUNK_MIN, "{} charged for {sent} bytes", budget.in_use());
-        }
-        let frame = next.await.expect("whole packet");
+        let frame = loop {
+            tokio::select! {
+                f = &mut next => break f.expect("whole packet"),
+                () = tokio::time::sleep(Duration::from_millis(1)) => {
+                    let arrived = sent.load(Ordering::SeqCst);
+                    assert!(budget.in_use() <= 3 * arrived + 2 * READ_CHUNK_MIN, "{} charged for {arrived} bytes", budget.in_use());
+                }
+            }
+        };
+        drop(next);
+        let _client = writer.await.expect("writer");
         assert_eq!(frame.bytes.len(), (1 << 20) + 4);
         assert!(budget.in_use() >= frame.bytes.len(), "the packet holds its charge");
         drop(frame);
@@ -834,13 +849,14 @@ mod tests {
         let mut ra = FrameReader::new(sa, budget.clone());
         let mut rb = FrameReader::new(sb, budget.clone());
         use tokio::io::AsyncWriteExt;
-        // `a` holds most of the budget with a half-sent packet...
+        // `a` holds half the budget with a half-sent packet...
         a.write_all(&[0x30, 0x80, 0x08]).await.expect("send");
-        a.write_all(&[0u8; 700]).await.expect("send");
+        a.write_all(&[0u8; 500]).await.expect("send");
         assert!(tokio::time::timeout(Duration::from_millis(100), ra.next(4096, |_| true)).await.is_err());
-        // ...so `b` cannot buffer its own and gives up after the wait instead of holding on.
+        assert_eq!(budget.in_use(), 512);
+        // ...so `b` cannot grow its own buffer and gives up after the wait instead of holding on.
         b.write_all(&[0x30, 0x80, 0x08]).await.expect("send");
-        b.write_all(&[0u8; 700]).await.expect("send");
+        b.write_all(&[0u8; 300]).await.expect("send");
         let r = tokio::time::timeout(Duration::from_secs(5), rb.next(4096, |_| true)).await.expect("answered");
         assert_eq!(r.map(|f| f.bytes), Err(WireError::BudgetExhausted));
         assert!(budget.in_use() <= 1024);
@@ -873,7 +889,9 @@ mod tests {
         v5::Connect::write(&c, &None, &Some(login), &mut b).expect("write");
         assert!(bad(Version::V5, b));
         let mut b = BytesMut::new();
-        v4::Publish::new("a\0b", rumqttc::mqttbytes::QoS::AtLeastOnce, "x").write(&mut b).expect("write");
+        let mut p = v4::Publish::new("a\0b", rumqttc::mqttbytes::QoS::AtLeastOnce, "x");
+        p.pkid = 1;
+        p.write(&mut b).expect("write");
         assert!(bad(Version::V4, b));
         let mut b = BytesMut::new();
         let props = v5::PublishProperties { user_properties: vec![("k".into(), "v\0".into())], ..Default::default() };
@@ -882,10 +900,14 @@ mod tests {
         p.write(&mut b).expect("write");
         assert!(bad(Version::V5, b));
         let mut b = BytesMut::new();
-        v4::Subscribe::new("a/\0", rumqttc::mqttbytes::QoS::AtMostOnce).write(&mut b).expect("write");
+        let mut sub = v4::Subscribe::new("a/\0", rumqttc::mqttbytes::QoS::AtMostOnce);
+        sub.pkid = 1;
+        sub.write(&mut b).expect("write");
         assert!(bad(Version::V4, b));
         let mut b = BytesMut::new();
-        v4::Unsubscribe::new("a\0").write(&mut b).expect("write");
+        let mut unsub = v4::Unsubscribe::new("a\0");
+        unsub.pkid = 1;
+        unsub.write(&mut b).expect("write");
         assert!(bad(Version::V4, b));
         // The same packets without NUL decode.
         assert!(decode(Version::V4, connect_v4("victim"), 1 << 20).is_ok());
