@@ -279,6 +279,11 @@ impl Daemon {
         addr.unwrap_or_else(|| panic!("{name} address in {}", self.ready)).to_string()
     }
 
+    /// The gateway's process id (for `/proc` readings).
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
     /// SIGTERM; the gateway must exit cleanly.
     pub fn stop(mut self) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");

@@ -100,7 +100,9 @@ pub struct MqttStats {
     pub tls_handshake_failures: AtomicU64,
     /// Connections closed because `mqtt.buffer_memory_bytes_max` stayed exhausted.
     pub buffer_memory_exhausted: AtomicU64,
-    /// Delayed wills published before their delay because the will queue was full.
+    /// Delayed wills waiting (`mqtt.delayed_wills_max`), and those published before their delay
+    /// because the queue was full.
+    pub delayed_wills: AtomicU64,
     pub wills_published_early: AtomicU64,
     /// Expired persistent sessions deleted by the sweep.
     pub sessions_expired: AtomicU64,
@@ -796,7 +798,13 @@ async fn connection(
         }
     }
     // Back within its will delay: the will is not published.
-    if lock(&ctx.wills).cancel(&client_id).is_some() {
+    let cancelled = {
+        let mut wills = lock(&ctx.wills);
+        let cancelled = wills.cancel(&client_id).is_some();
+        ctx.stats.delayed_wills.store(wills.len() as u64, Ordering::Relaxed);
+        cancelled
+    };
+    if cancelled {
         tracing::debug!(client = %client_id, "client back before its will delay: will dropped");
     }
     let result = accept_session(ctx, &mut wr, version, client_id.clone(), clean, session_expiry_s, user.as_ref()).await;
@@ -1055,7 +1063,12 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, a: Accept
             publish_will(ctx, will).await;
         } else {
             let bytes = will.msg.topic.len() + will.msg.payload.len();
-            let scheduled = lock(&ctx.wills).schedule(&client_id, Instant::now() + delay, bytes, will);
+            let scheduled = {
+                let mut wills = lock(&ctx.wills);
+                let scheduled = wills.schedule(&client_id, Instant::now() + delay, bytes, will);
+                ctx.stats.delayed_wills.store(wills.len() as u64, Ordering::Relaxed);
+                scheduled
+            };
             match scheduled {
                 Ok(()) => ctx.wills_changed.notify_one(),
                 Err(will) => {
@@ -1105,7 +1118,12 @@ async fn will_scheduler(ctx: Arc<Ctx>) {
             } => {}
         }
         loop {
-            let due = lock(&ctx.wills).pop_due(Instant::now());
+            let due = {
+                let mut wills = lock(&ctx.wills);
+                let due = wills.pop_due(Instant::now());
+                ctx.stats.delayed_wills.store(wills.len() as u64, Ordering::Relaxed);
+                due
+            };
             let Some((client, will)) = due else { break };
             if lock(&ctx.clients).contains_key(&client) {
                 tracing::debug!(client = %client, "client back before its will delay: will dropped");

@@ -21,7 +21,6 @@ impl<W> WillQueue<W> {
         Self { by_due: BTreeMap::new(), by_client: HashMap::new(), bytes: 0, seq: 0, count_max, bytes_max }
     }
 
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.by_due.len()
     }
