@@ -155,6 +155,9 @@ async fn never_acking_subscribers_keep_to_their_window_and_others_are_served() {
         KafkaBroker::start_with_mqtt(MqttConfig { inflight_messages_max: WINDOW as u16, ..MqttConfig::default() })
             .await;
     let (mqtt, kafka) = (broker.mqtt, broker.addr);
+    // The log topic exists before both hogs publish their first message at once (auto-creation
+    // under a crowd is issue 13 item 13, not this test's subject).
+    broker.store.create_topic("mqtt", 1, tributary_broker::TopicConfig::default()).await.expect("topic");
     let hog4 = tokio::task::spawn_blocking(move || hog(mqtt, "hog-4", false, "r/a", 1000, 70));
     let hog5 = tokio::task::spawn_blocking(move || hog(mqtt, "hog-5", true, "r/b", 1000, 70));
     let probes = tokio::task::spawn_blocking(move || {
