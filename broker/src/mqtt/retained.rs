@@ -88,9 +88,10 @@ impl RetainedIndex {
     }
 
     /// The next page of `scan`: at most `examine` topics after its cursor are looked at, and of
-    /// those matching its filter at most `take` are returned. The cursor moves past the last
-    /// topic looked at; `scan.done()` once none is left.
-    pub fn page(&self, scan: &mut RetainedScan, examine: usize, take: usize) -> Vec<String> {
+    /// those matching its filter at most `take`, and no more than `bytes_max` stored bytes (but at
+    /// least one), are returned. The cursor moves past the last topic looked at; `scan.done()`
+    /// once none is left.
+    pub fn page(&self, scan: &mut RetainedScan, examine: usize, take: usize, bytes_max: u64) -> Vec<String> {
         let mut out = Vec::new();
         if scan.done {
             return out;
@@ -99,16 +100,17 @@ impl RetainedIndex {
             Some(after) => Bound::Excluded(after.as_str()),
             None => Bound::Included(scan.prefix.as_str()),
         };
-        let mut examined = 0;
-        for t in self.topics.range::<str, _>((start, Bound::Unbounded)).map(|(t, _)| t) {
+        let (mut examined, mut bytes) = (0, 0);
+        for (t, size) in self.topics.range::<str, _>((start, Bound::Unbounded)) {
             if !t.starts_with(&scan.prefix) {
                 break;
             }
             examined += 1;
             if topic::matches(t, &scan.filter) {
                 out.push(t.clone());
+                bytes += size;
             }
-            if out.len() >= take || examined >= examine {
+            if out.len() >= take || examined >= examine || bytes >= bytes_max {
                 scan.after = Some(t.clone());
                 return out;
             }
@@ -196,7 +198,7 @@ mod tests {
             let mut got = Vec::new();
             let mut pages = 0;
             while !scan.done() {
-                got.extend(ix.page(&mut scan, examine, take));
+                got.extend(ix.page(&mut scan, examine, take, u64::MAX));
                 pages += 1;
                 assert!(pages < 100, "no progress");
             }
@@ -209,7 +211,11 @@ mod tests {
         assert_eq!(all("b/1", 100, 100), (vec!["b/1".to_string()], 1));
         // A filter matching nothing looks only at the topics under its prefix.
         let mut scan = RetainedScan::new("zz/+/y", 1);
-        assert!(ix.page(&mut scan, 1, 1).is_empty() && scan.done());
+        assert!(ix.page(&mut scan, 1, 1, u64::MAX).is_empty() && scan.done());
+        // A page stops at its byte limit (each message here is 10 bytes), but takes one at least.
+        let mut scan = RetainedScan::new("a/#", 1);
+        assert_eq!(ix.page(&mut scan, 100, 100, 25), vec!["a", "a/1", "a/2"]);
+        assert_eq!(ix.page(&mut scan, 100, 100, 1), vec!["a/2/x"]);
         assert_eq!(all("$SYS/#", 100, 100).0, vec!["$SYS/x"]);
     }
 }

@@ -165,7 +165,7 @@ const SHARED_BATCH: usize = 16;
 const RETAINED_PAGE_EXAMINE: usize = 256;
 const RETAINED_PAGE_QOS0: usize = 64;
 /// Bytes of retained payloads one page reads at most (at least one message).
-const RETAINED_PAGE_BYTES: usize = 256 * 1024;
+const RETAINED_PAGE_BYTES: u64 = 256 * 1024;
 /// Log chunks one delivery round reads at most before the session looks at its socket again.
 const DELIVERY_READS_MAX: usize = 16;
 /// Stored sessions the sweep reads per page (each is bounded by the subscription and in-flight
@@ -904,11 +904,14 @@ async fn accept_session(
     }
     let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     let mut qos2 = HashMap::new();
-    if forget {
-        writes.extend(stored_qos2.into_iter().map(|(k, _)| (k, None)));
+    if forget || !persistent {
+        // A session that ends with this connection keeps no stored copy.
         if previous_session.is_some() {
             writes.push((session_key(&client_id), None));
         }
+    }
+    if forget {
+        writes.extend(stored_qos2.into_iter().map(|(k, _)| (k, None)));
     } else {
         for (_, pkid) in stored_qos2 {
             qos2.insert(pkid, Qos2::Stored);
@@ -2156,29 +2159,24 @@ async fn send_retained(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -
     if take == 0 {
         return Ok(false);
     }
-    let topics = lock(&ctx.retained).page(scan, RETAINED_PAGE_EXAMINE, take);
+    let topics = lock(&ctx.retained).page(scan, RETAINED_PAGE_EXAMINE, take, RETAINED_PAGE_BYTES);
     let (filter, granted, done) = (scan.filter.clone(), scan.qos, scan.done());
     if done {
         s.retained.remove(0);
     }
     let store = ctx.store.clone();
-    let mut values = off_worker(move || {
-        let mut out = Vec::new();
-        let mut bytes = 0;
+    // Every topic of the page is sent (or was cleared meanwhile): the cursor is past them all.
+    let values = off_worker(move || {
+        let mut out = Vec::with_capacity(topics.len());
         for t in topics {
-            if bytes >= RETAINED_PAGE_BYTES {
-                break;
-            }
             if let Ok(Some(v)) = store.kv_get(KvSpace::MqttRetained, t.as_bytes()) {
-                bytes += v.len();
                 out.push((t, v));
             }
         }
         out
     })
     .await?;
-    let short = values.len() < take && !done;
-    for (t, v) in values.drain(..) {
+    for (t, v) in values {
         consume_budget().await;
         let Some((&stored_qos, payload)) = v.split_first() else { continue };
         if !topic::matches(&t, &filter) {
@@ -2186,10 +2184,9 @@ async fn send_retained(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -
         }
         let qos = stored_qos.min(granted);
         let pkid = if qos > 0 {
-            match s.out.insert(Inflight::new(qos, Source::Retained)) {
-                Ok(id) => id,
-                Err(_) => break,
-            }
+            // The page took no more QoS 1/2 messages than the window had room for.
+            let Ok(id) = s.out.insert(Inflight::new(qos, Source::Retained)) else { continue };
+            id
         } else {
             0
         };
@@ -2206,8 +2203,8 @@ async fn send_retained(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -
             return Err("writer closed".into());
         }
     }
-    // More pages (or a page cut short by its byte limit): come back while the window has room.
-    Ok(!s.retained.is_empty() && (!s.out.is_full() || short))
+    // More pages: come back while the window has room (a QoS 0 scan never waits for it).
+    Ok(!s.retained.is_empty() && !s.out.is_full())
 }
 
 /// Sends one message from the log to the client: a packet id and an in-flight entry (from
