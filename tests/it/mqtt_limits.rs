@@ -192,8 +192,14 @@ async fn never_acking_subscribers_keep_to_their_window_and_others_are_served() {
     let mut kafka_ms: Vec<u128> = times.iter().map(|t| t.1.as_millis()).collect();
     mqtt_ms.sort_unstable();
     kafka_ms.sort_unstable();
-    eprintln!("{} probes: CONNECT->CONNACK median {} ms, max {} ms; ApiVersions median {} ms, max {} ms",
-        times.len(), mqtt_ms[mqtt_ms.len() / 2], mqtt_ms[mqtt_ms.len() - 1], kafka_ms[kafka_ms.len() / 2], kafka_ms[kafka_ms.len() - 1]);
+    eprintln!(
+        "{} probes: CONNECT->CONNACK median {} ms, max {} ms; ApiVersions median {} ms, max {} ms",
+        times.len(),
+        mqtt_ms[mqtt_ms.len() / 2],
+        mqtt_ms[mqtt_ms.len() - 1],
+        kafka_ms[kafka_ms.len() / 2],
+        kafka_ms[kafka_ms.len() - 1]
+    );
     // Within 100 ms, as a rule; a loaded 2-core machine may stall any single answer briefly.
     for (what, ms) in [("CONNACK", &mqtt_ms), ("ApiVersions", &kafka_ms)] {
         assert!(ms[ms.len() / 2] < 100, "{what}: median {} ms", ms[ms.len() / 2]);

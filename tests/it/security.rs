@@ -66,7 +66,12 @@ async fn start(auth_cfg: AuthConfig, mqtt: MqttConfig, kafka: KafkaConfig) -> Se
     start_in(tempfile::tempdir().expect("tempdir"), auth_cfg, mqtt, kafka).await
 }
 
-async fn start_in(dir: tempfile::TempDir, auth_cfg: AuthConfig, mut mqtt: MqttConfig, mut kafka: KafkaConfig) -> Secure {
+async fn start_in(
+    dir: tempfile::TempDir,
+    auth_cfg: AuthConfig,
+    mut mqtt: MqttConfig,
+    mut kafka: KafkaConfig,
+) -> Secure {
     let storage = storage_config(dir.path());
     let (store, _) = tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("task").expect("store");
     let auth = Auth::new(&auth_cfg, "auth").expect("auth config");
@@ -81,7 +86,8 @@ async fn start_in(dir: tempfile::TempDir, auth_cfg: AuthConfig, mut mqtt: MqttCo
     let (stop, _) = tokio::sync::watch::channel(false);
     let mut stopped = stop.subscribe();
     let (kafka, kafka_stats) = (k.local_addr().expect("addr"), k.stats());
-    let (mqtt_addr, mqtt_tls, mqtt_stats) = (m.local_addr().expect("addr"), m.tls_local_addr().map(|a| a.expect("tls addr")), m.stats());
+    let (mqtt_addr, mqtt_tls, mqtt_stats) =
+        (m.local_addr().expect("addr"), m.tls_local_addr().map(|a| a.expect("tls addr")), m.stats());
     let kafka_task = tokio::spawn(k.run(async move {
         let _ = stopped.wait_for(|s| *s).await;
     }));
@@ -540,7 +546,9 @@ async fn mqtt_over_tls_with_passwords_and_client_certificates() {
     let plain_tls = rustls_client(&pki.ca.cert, None);
 
     // Password over TLS: right and wrong.
-    mqtt_tls(tls_addr, "meter-1", Some(("meter-1", "device-pw")), plain_tls.clone()).await.expect("good password over TLS");
+    mqtt_tls(tls_addr, "meter-1", Some(("meter-1", "device-pw")), plain_tls.clone())
+        .await
+        .expect("good password over TLS");
     let e = mqtt_tls(tls_addr, "m1", Some(("meter-1", "nope")), plain_tls.clone()).await.expect_err("bad password");
     assert!(matches!(e, ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)), "{e}");
 

@@ -4,6 +4,7 @@
 //! `mqtt.inflight_messages_max`), and taking a packet id never spins: it fails when the window is
 //! full and otherwise looks at no more ids than there are messages in flight.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 /// Messages in flight by packet id, at most `limit` of them.
@@ -51,8 +52,8 @@ impl<T> Window<T> {
         for _ in 0..=self.inflight.len() {
             let id = self.next;
             self.next = self.next.checked_add(1).unwrap_or(1);
-            if !self.inflight.contains_key(&id) {
-                self.inflight.insert(id, entry);
+            if let Entry::Vacant(slot) = self.inflight.entry(id) {
+                slot.insert(entry);
                 return Ok(id);
             }
         }
@@ -65,11 +66,16 @@ impl<T> Window<T> {
     /// Puts `entry` back in flight under the packet id it had (a resumed session), if that id is
     /// free and the window has room.
     pub fn insert_with_id(&mut self, id: u16, entry: T) -> Result<(), T> {
-        if id == 0 || self.is_full() || self.inflight.contains_key(&id) {
+        if id == 0 || self.is_full() {
             return Err(entry);
         }
-        self.inflight.insert(id, entry);
-        Ok(())
+        match self.inflight.entry(id) {
+            Entry::Vacant(slot) => {
+                slot.insert(entry);
+                Ok(())
+            }
+            Entry::Occupied(_) => Err(entry),
+        }
     }
 
     pub fn get_mut(&mut self, id: u16) -> Option<&mut T> {

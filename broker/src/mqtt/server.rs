@@ -25,8 +25,8 @@ use super::config::MqttConfig;
 use super::outbound::Window;
 use super::persist::{
     decode_session, decode_shared, encode_session, encode_shared, legacy_qos2_key, legacy_qos2_prefix, qos2_key,
-    qos2_pkid, qos2_prefix, session_client, session_deadline, session_key, session_prefix, shared_key,
-    shared_prefix, Position, StoredInflight, StoredSession,
+    qos2_pkid, qos2_prefix, session_client, session_deadline, session_key, session_prefix, shared_key, shared_prefix,
+    Position, StoredInflight, StoredSession,
 };
 use super::retained::{self, RetainedIndex, RetainedScan};
 use super::routes::{Router, HEADER_CONTENT_TYPE, HEADER_CORRELATION_DATA, HEADER_RESPONSE_TOPIC, HEADER_TOPIC};
@@ -1216,8 +1216,8 @@ async fn sweep_sessions(ctx: &Arc<Ctx>) -> Result<(), String> {
                 break;
             }
             let Some((Some(deadline), _)) = decode_shared(&v) else { continue };
-            let in_use = std::str::from_utf8(&k[shared_prefix().len()..])
-                .is_ok_and(|name| lock(&ctx.shared).contains_key(name));
+            let in_use =
+                std::str::from_utf8(&k[shared_prefix().len()..]).is_ok_and(|name| lock(&ctx.shared).contains_key(name));
             if expired(deadline) && !in_use {
                 removals.push((k, None));
             }
@@ -1440,9 +1440,9 @@ async fn session_loop(
         };
         let read = async {
             match keep_alive {
-                Some(k) => tokio::time::timeout(k, rd.next(max, |_| true))
-                    .await
-                    .map_err(|_| "keep-alive expired".to_string()),
+                Some(k) => {
+                    tokio::time::timeout(k, rd.next(max, |_| true)).await.map_err(|_| "keep-alive expired".to_string())
+                }
                 None => Ok(rd.next(max, |_| true).await),
             }
         };

@@ -189,8 +189,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     async fn fill(&mut self, need: usize) -> Result<(), WireError> {
         if self.buf.capacity() == self.buf.len() {
             let len = self.buf.len();
-            let grow =
-                need.max(self.read_ahead).max(READ_CHUNK_MIN).min(len.max(READ_CHUNK_MIN).max(self.read_ahead));
+            let grow = need.max(self.read_ahead).max(READ_CHUNK_MIN).min(len.max(READ_CHUNK_MIN).max(self.read_ahead));
             let charge = self.budget.charge(len + grow).await?;
             let mut bigger = BytesMut::with_capacity(len + grow);
             bigger.extend_from_slice(&self.buf);

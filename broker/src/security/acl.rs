@@ -84,7 +84,8 @@ pub fn client_id_clash(rules: &[(ClientIdRule, usize)]) -> Option<(usize, usize)
         let (rule, owner) = &rules[i];
         for &j in &order[k + 1..] {
             let (next, next_owner) = &rules[j];
-            let within = if rule.prefix { next.literal.starts_with(&rule.literal) } else { next.literal == rule.literal };
+            let within =
+                if rule.prefix { next.literal.starts_with(&rule.literal) } else { next.literal == rule.literal };
             if !within {
                 break;
             }
