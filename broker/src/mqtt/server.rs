@@ -40,7 +40,7 @@ use crate::partitioner::Partitioner;
 use crate::security::ratelimit::ConnectionRateLimit;
 use crate::security::{tls, Auth, LoginError, User};
 use crate::storage::batch::{NewRecord, StoredRecord};
-use crate::storage::{AppendOutcome, KvSpace, PendingAppend, Store};
+use crate::storage::{AppendOutcome, KvEntry, KvSpace, PendingAppend, Store};
 
 /// Header carrying the QoS a message was published with.
 pub const HEADER_QOS: &str = "mqtt.qos";
@@ -936,44 +936,30 @@ async fn accept_session(
 async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, a: Accepted) -> Result<(), String> {
     let ctx = &ctx;
     rd.set_read_ahead(READ_AHEAD_BYTES);
-    let Accepted {
-        version,
-        client_id,
-        username,
-        user,
-        will,
-        keep_alive,
-        receive_max,
-        session_expiry_s,
-        max_packet,
-        persistent,
-        resumed,
-        qos2,
-        conn_id,
-        mut kill_rx,
-    } = a;
-    let window = usize::from(receive_max.min(ctx.cfg.inflight_messages_max));
+    let (client_id, conn_id, mut kill_rx) = (a.client_id.clone(), a.conn_id, a.kill_rx);
+    let resumed = a.resumed;
     let mut s = Session {
-        version,
-        client_id: client_id.clone(),
-        username,
-        user,
-        will,
+        version: a.version,
+        client_id: a.client_id,
+        username: a.username,
+        user: a.user,
+        will: a.will,
         subs: resumed.subs,
-        qos2: Arc::new(Mutex::new(qos2)),
+        qos2: Arc::new(Mutex::new(a.qos2)),
         aliases: HashMap::new(),
         cursors: resumed.cursors,
-        out: Window::new(window),
+        out: Window::new(usize::from(a.receive_max.min(ctx.cfg.inflight_messages_max))),
         resend: resumed.inflight.into(),
         retained: Vec::new(),
-        persistent,
-        session_expiry_s,
+        persistent: a.persistent,
+        session_expiry_s: a.session_expiry_s,
         dirty: false,
         save_due: None,
         shared: Vec::new(),
-        max_packet_out: max_packet.map_or(usize::MAX, |m| m as usize),
+        max_packet_out: a.max_packet.map_or(usize::MAX, |m| m as usize),
         taken_over: None,
     };
+    let keep_alive = a.keep_alive;
     // A stored session keeps only what the user's rules (perhaps changed since) still allow.
     if let Some(u) = s.user.clone() {
         s.subs.retain(|sub| u.may_subscribe(&client_id, &sub.filter));
@@ -1150,31 +1136,35 @@ async fn session_sweeper(ctx: Arc<Ctx>) {
     }
 }
 
-/// The first possible key after `k`: `k` followed by a zero byte.
-fn after(k: &[u8]) -> Vec<u8> {
-    let mut next = k.to_vec();
-    next.push(0);
-    next
+/// One page of the stored keys under `prefix`, from `from` on (read on the blocking pool), and
+/// where the next page starts (`None`: no more).
+async fn sweep_page(
+    ctx: &Ctx,
+    prefix: &'static [u8],
+    from: Vec<u8>,
+) -> Result<(Vec<KvEntry>, Option<Vec<u8>>), String> {
+    let store = ctx.store.clone();
+    let mut page = off_worker(move || store.kv_scan_from(KvSpace::MqttSessions, &from, SWEEP_PAGE))
+        .await?
+        .map_err(|e| e.to_string())?;
+    // The first possible key after the last one: it followed by a zero byte.
+    let next = page.last().map(|(k, _)| [k.as_slice(), &[0]].concat());
+    let full = page.len() == SWEEP_PAGE;
+    let before = page.len();
+    page.retain(|(k, _)| k.starts_with(prefix));
+    let more = full && page.len() == before;
+    Ok((page, next.filter(|_| more)))
 }
 
 async fn sweep_sessions(ctx: &Arc<Ctx>) -> Result<(), String> {
     let now = now_ms();
     let expired = |deadline: i64| deadline != 0 && deadline < now;
-    let mut from = session_prefix().to_vec();
-    loop {
-        let store = ctx.store.clone();
-        let start = from.clone();
-        let page = off_worker(move || store.kv_scan_from(KvSpace::MqttSessions, &start, SWEEP_PAGE))
-            .await?
-            .map_err(|e| e.to_string())?;
-        let last = page.last().map(|(k, _)| after(k));
+    let mut from = Some(session_prefix().to_vec());
+    while let Some(start) = from.take() {
+        let (page, next) = sweep_page(ctx, session_prefix(), start).await?;
+        from = next;
         let mut doomed = Vec::new();
-        let mut ended = page.len() < SWEEP_PAGE;
         for (k, v) in page {
-            if !k.starts_with(session_prefix()) {
-                ended = true;
-                break;
-            }
             let (Some(client), Some(deadline)) = (session_client(&k), session_deadline(&v)) else { continue };
             if expired(deadline) && !lock(&ctx.clients).contains_key(client) {
                 doomed.push(client.to_string());
@@ -1194,27 +1184,14 @@ async fn sweep_sessions(ctx: &Arc<Ctx>) -> Result<(), String> {
             ctx.stats.sessions_expired.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(client = %client, "expired session deleted");
         }
-        match last {
-            Some(next) if !ended => from = next,
-            _ => break,
-        }
         tokio::task::yield_now().await;
     }
-    let mut from = shared_prefix().to_vec();
-    loop {
-        let store = ctx.store.clone();
-        let start = from.clone();
-        let page = off_worker(move || store.kv_scan_from(KvSpace::MqttSessions, &start, SWEEP_PAGE))
-            .await?
-            .map_err(|e| e.to_string())?;
-        let last = page.last().map(|(k, _)| after(k));
-        let mut ended = page.len() < SWEEP_PAGE;
+    let mut from = Some(shared_prefix().to_vec());
+    while let Some(start) = from.take() {
+        let (page, next) = sweep_page(ctx, shared_prefix(), start).await?;
+        from = next;
         let mut removals = Vec::new();
         for (k, v) in page {
-            if !k.starts_with(shared_prefix()) {
-                ended = true;
-                break;
-            }
             let Some((Some(deadline), _)) = decode_shared(&v) else { continue };
             let in_use =
                 std::str::from_utf8(&k[shared_prefix().len()..]).is_ok_and(|name| lock(&ctx.shared).contains_key(name));
@@ -1224,10 +1201,6 @@ async fn sweep_sessions(ctx: &Arc<Ctx>) -> Result<(), String> {
         }
         if !removals.is_empty() {
             ctx.store.kv_write(KvSpace::MqttSessions, removals).await.map_err(|e| e.to_string())?;
-        }
-        match last {
-            Some(next) if !ended => from = next,
-            _ => break,
         }
         tokio::task::yield_now().await;
     }
