@@ -58,6 +58,11 @@ impl ReadBudget {
 
     async fn charge(&self, n: usize) -> Result<Charge, WireError> {
         let Ok(n32) = u32::try_from(n) else { return Err(WireError::BudgetExhausted) };
+        // Without a timer when the budget has room (the common case).
+        if let Ok(permit) = self.bytes.clone().try_acquire_many_owned(n32) {
+            permit.forget();
+            return Ok(Charge { budget: self.bytes.clone(), n });
+        }
         match tokio::time::timeout(self.wait, self.bytes.clone().acquire_many_owned(n32)).await {
             Ok(Ok(permit)) => {
                 permit.forget();
