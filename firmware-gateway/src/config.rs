@@ -113,6 +113,7 @@ impl GatewayConfig {
         self.storage.validate("storage")?;
         self.kafka.validate("kafka")?;
         self.mqtt.validate("mqtt")?;
+        self.mqtt.validate_with_storage("mqtt", &self.storage)?;
         self.auth.validate("auth")?;
         self.mirror.validate("mirror")?;
         self.metrics.validate("metrics")?;

@@ -285,6 +285,35 @@ pub fn render(src: &Sources) -> String {
             "Messages a subscriber never got because retention deleted them first.",
             m.retention_skipped_messages.load(Ordering::Relaxed),
         );
+        let limits: [(&str, &str, &str, u64); 4] = [
+            (
+                "tributary_mqtt_buffer_memory_bytes",
+                "gauge",
+                "Bytes of MQTT packets being read (bounded by mqtt.buffer_memory_bytes_max).",
+                m.buffer_memory_bytes(),
+            ),
+            (
+                "tributary_mqtt_retained_bytes",
+                "gauge",
+                "Bytes of retained MQTT messages (bounded by mqtt.retained_bytes_max).",
+                m.retained_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_mqtt_delayed_wills",
+                "gauge",
+                "MQTT wills waiting for their delay (bounded by mqtt.delayed_wills_max).",
+                m.delayed_wills.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_mqtt_client_ids_refused_total",
+                "counter",
+                "CONNECTs refused because the client id belongs to another user (mqtt.client_ids).",
+                m.client_ids_refused.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in limits {
+            o.one(name, kind, help, value);
+        }
     }
     if let Some(m) = &src.mirror {
         o.one(

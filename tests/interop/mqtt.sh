@@ -122,8 +122,16 @@ retained() {
     timeout 10 mosquitto_sub -p "$mport" -t 'status/#' -C 1 -F '%t %p %r' >"$work/r.out"
     [ "$(cat "$work/r.out")" = "status/boiler on 1" ]
     mosquitto_pub -p "$mport" -t status/boiler -n -q 1 -r
-    timeout 10 mosquitto_sub -p "$mport" -t 'status/#' -C 1 -W 1 >"$work/r2.out" 2>/dev/null || true
-    [ ! -s "$work/r2.out" ] || { echo "retained message not cleared:"; cat "$work/r2.out"; return 1; }
+    # The subscriber must connect and be subscribed (its SUBACK) and then get nothing within 1 s:
+    # -W ends it with a non-zero status, which is expected; no CONNACK/SUBACK is a failure.
+    set +e
+    timeout 10 mosquitto_sub -p "$mport" -t 'status/#' -C 1 -W 1 -d >"$work/r2.out" 2>&1
+    set -e
+    grep -q "received CONNACK (0)" "$work/r2.out" || { echo "subscriber not connected:"; cat "$work/r2.out"; return 1; }
+    grep -q "received SUBACK" "$work/r2.out" || { echo "subscriber not subscribed:"; cat "$work/r2.out"; return 1; }
+    if grep -q "received PUBLISH" "$work/r2.out"; then
+        echo "retained message not cleared:"; cat "$work/r2.out"; return 1
+    fi
 }
 run_check "mosquitto: retained message delivered on subscribe (retain flag), cleared by an empty payload" retained
 
@@ -191,6 +199,7 @@ key_file = "$work/pki/server/cloud.key"
 enabled = true
 failure_delay_ms = 200
 $(echo meter-secret | "$bin" passwd meter)
+mqtt.client_ids = ["m7"]
 mqtt.publish = ["meters/%c/#"]
 mqtt.subscribe = ["commands/%u/#"]
 EOF
@@ -219,16 +228,35 @@ run_check "mosquitto 5 -u/-P: right password publishes, wrong or none refused" s
 run_check "mosquitto 5 over TLS (--cafile): right password publishes, wrong or none refused" \
     secure_pub mqttv5 "$stls" --cafile "$work/pki/server/ca.pem"
 secure_acl() {
-    # MQTT 5: a publish outside the user's filters gets PUBACK "not authorized" (0x87).
+    # MQTT 5: a publish outside the user's filters gets PUBACK "not authorized" (reason 135) on a
+    # connection that was accepted (CONNACK 0), not a refused CONNACK.
+    set +e
     mosquitto_pub -p "$sport" -V mqttv5 -i m7 -u meter -P meter-secret -t meters/other/reading -m no -q 1 -d \
-        >"$work/acl.out" 2>&1 || true
-    grep -q "PUBACK.*rc=135\|Not authorized\|not authori" "$work/acl.out" || { cat "$work/acl.out"; return 1; }
-    # A subscription outside them gets a SUBACK failure.
+        >"$work/acl.out" 2>&1
+    set -e
+    grep -q "received CONNACK (0)" "$work/acl.out" || { cat "$work/acl.out"; return 1; }
+    grep -q "received PUBACK (Mid: [0-9]*, RC:135)" "$work/acl.out" || { cat "$work/acl.out"; return 1; }
+    # A subscription outside them gets a SUBACK failure (128) on an accepted connection.
+    set +e
     timeout 10 mosquitto_sub -p "$sport" -V mqttv311 -i m7 -u meter -P meter-secret -t 'commands/#' -C 1 -W 3 -d \
-        >"$work/acl-sub.out" 2>&1 || true
+        >"$work/acl-sub.out" 2>&1
+    set -e
+    grep -q "received CONNACK (0)" "$work/acl-sub.out" || { cat "$work/acl-sub.out"; return 1; }
+    grep -q "received SUBACK" "$work/acl-sub.out" || { cat "$work/acl-sub.out"; return 1; }
     grep -q "Subscribed (mid: [0-9]*): 128" "$work/acl-sub.out" || { cat "$work/acl-sub.out"; return 1; }
 }
 run_check "ACL: publish outside meters/%c/# gets PUBACK 0x87, subscribe outside commands/%u/# gets SUBACK 0x80" secure_acl
+client_id_owner() {
+    # The user owns client id m7 only (mqtt.client_ids): any other id is refused at CONNECT.
+    for v in mqttv311 mqttv5; do
+        if mosquitto_pub -p "$sport" -V "$v" -i someone-else -u meter -P meter-secret -t meters/someone-else/x \
+            -m no -q 1 2>"$work/cid.err"; then
+            echo "$v: published with a client id the user does not own"; return 1
+        fi
+        grep -qi "identifier rejected\|client identifier not valid" "$work/cid.err" || { cat "$work/cid.err"; return 1; }
+    done
+}
+run_check "client ids belong to users: another client id is refused (CONNACK 2 / 0x85)" client_id_owner
 kill -TERM "$secure_pid" 2>/dev/null || true
 wait "$secure_pid" 2>/dev/null || true
 

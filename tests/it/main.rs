@@ -16,6 +16,7 @@ mod mirror;
 mod mqtt;
 mod mqtt_crash;
 mod mqtt_faults;
+mod mqtt_limits;
 mod mqtt_sessions;
 mod powercut;
 mod retention;

@@ -25,14 +25,27 @@ use crate::support::{client_config, storage_config};
 
 /// A broker with both listeners and `[auth]` on.
 pub(crate) struct Secure {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     pub(crate) store: Store,
     pub(crate) kafka: SocketAddr,
     pub(crate) mqtt: SocketAddr,
     mqtt_tls: Option<SocketAddr>,
     pub(crate) kafka_stats: Arc<KafkaStats>,
     mqtt_stats: Arc<MqttStats>,
-    _stop: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Secure {
+    /// Stops both listeners, closes the store and starts again on the same data with `auth_cfg`.
+    async fn restart(self, auth_cfg: AuthConfig) -> Secure {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.await.expect("listener");
+        }
+        self.store.close().await.expect("close");
+        start_in(self.dir, auth_cfg, MqttConfig::default(), KafkaConfig::default()).await
+    }
 }
 
 pub(crate) fn user(name: &str, password: &str, rules: impl FnOnce(&mut UserConfig)) -> UserConfig {
@@ -50,8 +63,16 @@ pub(crate) fn auth(users: Vec<UserConfig>, failure_delay_ms: u64) -> AuthConfig 
 }
 
 /// Both listeners on free ports with `auth_cfg` (`enabled = false` for a broker without logins).
-pub(crate) async fn start(auth_cfg: AuthConfig, mut mqtt: MqttConfig, mut kafka: KafkaConfig) -> Secure {
-    let dir = tempfile::tempdir().expect("tempdir");
+pub(crate) async fn start(auth_cfg: AuthConfig, mqtt: MqttConfig, kafka: KafkaConfig) -> Secure {
+    start_in(tempfile::tempdir().expect("tempdir"), auth_cfg, mqtt, kafka).await
+}
+
+async fn start_in(
+    dir: tempfile::TempDir,
+    auth_cfg: AuthConfig,
+    mut mqtt: MqttConfig,
+    mut kafka: KafkaConfig,
+) -> Secure {
     let storage = storage_config(dir.path());
     let (store, _) = tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("task").expect("store");
     let auth = Auth::new(&auth_cfg, "auth").expect("auth config");
@@ -64,25 +85,28 @@ pub(crate) async fn start(auth_cfg: AuthConfig, mut mqtt: MqttConfig, mut kafka:
     let k = KafkaServer::bind_with(kafka, store.clone(), template.clone(), auth.clone()).await.expect("kafka");
     let m = MqttServer::bind_with(mqtt, store.clone(), template, auth).await.expect("mqtt");
     let (stop, _) = tokio::sync::watch::channel(false);
-    let s = Secure {
-        kafka: k.local_addr().expect("addr"),
-        mqtt: m.local_addr().expect("addr"),
-        mqtt_tls: m.tls_local_addr().map(|a| a.expect("tls addr")),
-        kafka_stats: k.stats(),
-        mqtt_stats: m.stats(),
-        _dir: dir,
+    let mut stopped = stop.subscribe();
+    let (kafka, kafka_stats) = (k.local_addr().expect("addr"), k.stats());
+    let (mqtt_addr, mqtt_tls, mqtt_stats) =
+        (m.local_addr().expect("addr"), m.tls_local_addr().map(|a| a.expect("tls addr")), m.stats());
+    let kafka_task = tokio::spawn(k.run(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    let mut stopped = stop.subscribe();
+    let mqtt_task = tokio::spawn(m.run(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    Secure {
+        kafka,
+        mqtt: mqtt_addr,
+        mqtt_tls,
+        kafka_stats,
+        mqtt_stats,
+        dir,
         store,
-        _stop: stop.clone(),
-    };
-    let mut stopped = stop.subscribe();
-    tokio::spawn(k.run(async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    }));
-    let mut stopped = stop.subscribe();
-    tokio::spawn(m.run(async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    }));
-    s
+        stop,
+        tasks: vec![kafka_task, mqtt_task],
+    }
 }
 
 // ---- MQTT ----
@@ -172,8 +196,8 @@ async fn mqtt_wrong_password_unknown_user_and_no_credentials_are_refused_with_th
     assert_eq!(refused5(mqtt5(b.mqtt, "c1", Some(("nobody", "x"))).await), Code5::BadUserNamePassword);
     assert_eq!(refused5(mqtt5(b.mqtt, "c1", None).await), Code5::NotAuthorized);
     assert_eq!(b.mqtt_stats.auth_failures.load(Ordering::Relaxed), 6);
-    mqtt4(b.mqtt, "c1", Some(("meter-1", "device-pw"))).await.expect("right password (3.1.1)");
-    mqtt5(b.mqtt, "c2", Some(("meter-1", "device-pw"))).await.expect("right password (5)");
+    mqtt4(b.mqtt, "meter-1", Some(("meter-1", "device-pw"))).await.expect("right password (3.1.1)");
+    mqtt5(b.mqtt, "meter-1-b", Some(("meter-1", "device-pw"))).await.expect("right password (5)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,12 +209,13 @@ async fn a_delayed_failed_login_does_not_hold_up_other_clients() {
         let r = mqtt4(addr, "bad", Some(("meter-1", "wrong"))).await;
         (r.is_err(), t.elapsed())
     });
-    // The failing login is under way (counted once its CONNECT was read) before the good one starts.
-    while b.mqtt_stats.connections_accepted.load(Ordering::Relaxed) == 0 {
+    // The failing login is under way (its CONNECT was read, so its delay has started) before
+    // the good one starts.
+    while b.mqtt_stats.connects_read.load(Ordering::Relaxed) == 0 {
         tokio::task::yield_now().await;
     }
     let t = Instant::now();
-    mqtt4(b.mqtt, "good", Some(("meter-1", "device-pw"))).await.expect("good login");
+    mqtt4(b.mqtt, "meter-1-good", Some(("meter-1", "device-pw"))).await.expect("good login");
     let good = t.elapsed();
     let (refused, slow) = bad.await.expect("task");
     assert!(refused);
@@ -202,11 +227,11 @@ async fn a_delayed_failed_login_does_not_hold_up_other_clients() {
 async fn mqtt_acl_denies_publish_and_subscribe_outside_the_users_filters() {
     let b = start(auth(vec![device("meter-1")], 0), MqttConfig::default(), KafkaConfig::default()).await;
     use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode as Sub5};
-    let (c5, mut rx5) = mqtt5(b.mqtt, "dev-a", Some(("meter-1", "device-pw"))).await.expect("v5 login");
-    c5.publish("devices/dev-a/temp", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "21.5").await.expect("pub");
+    let (c5, mut rx5) = mqtt5(b.mqtt, "meter-1-a", Some(("meter-1", "device-pw"))).await.expect("v5 login");
+    c5.publish("devices/meter-1-a/temp", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "21.5").await.expect("pub");
     let ack = next(&mut rx5, "PUBACK", |p| matches!(p, Packet5::PubAck(_))).await;
     assert!(matches!(&ack, Packet5::PubAck(a) if a.reason == PubAckReason::Success), "own topic (%c) allowed: {ack:?}");
-    c5.publish("devices/dev-b/temp", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "x").await.expect("pub");
+    c5.publish("devices/meter-1-b/temp", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "x").await.expect("pub");
     let ack = next(&mut rx5, "PUBACK", |p| matches!(p, Packet5::PubAck(_))).await;
     assert!(matches!(&ack, Packet5::PubAck(a) if a.reason == PubAckReason::NotAuthorized), "{ack:?}");
     c5.subscribe("commands/meter-1/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.expect("sub");
@@ -222,8 +247,8 @@ async fn mqtt_acl_denies_publish_and_subscribe_outside_the_users_filters() {
     assert!(matches!(&ack, Packet5::SubAck(a) if a.return_codes == vec![Sub5::NotAuthorized]), "{ack:?}");
 
     // 3.1.1 has no negative PUBACK: the denied message is acknowledged and dropped.
-    let (c4, mut rx4) = mqtt4(b.mqtt, "dev-c", Some(("meter-1", "device-pw"))).await.expect("v4 login");
-    c4.publish("devices/dev-x/temp", QoS::AtLeastOnce, false, "x").await.expect("pub");
+    let (c4, mut rx4) = mqtt4(b.mqtt, "meter-1-c", Some(("meter-1", "device-pw"))).await.expect("v4 login");
+    c4.publish("devices/meter-1-x/temp", QoS::AtLeastOnce, false, "x").await.expect("pub");
     next(&mut rx4, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
     c4.subscribe("#", QoS::AtMostOnce).await.expect("sub");
     let ack = next(&mut rx4, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
@@ -231,7 +256,7 @@ async fn mqtt_acl_denies_publish_and_subscribe_outside_the_users_filters() {
         matches!(&ack, Packet::SubAck(a) if a.return_codes == vec![rumqttc::SubscribeReasonCode::Failure]),
         "{ack:?}"
     );
-    c4.publish("devices/dev-c/temp", QoS::AtLeastOnce, false, "22").await.expect("pub");
+    c4.publish("devices/meter-1-c/temp", QoS::AtLeastOnce, false, "22").await.expect("pub");
     next(&mut rx4, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
 
     let stored: Vec<String> = crate::support::read_all(&b.store, "mqtt", 0)
@@ -411,19 +436,31 @@ async fn a_connection_flood_from_one_address_does_not_stop_another_client() {
     // The flood comes from 127.0.0.2, the patient client from 127.0.0.1 (both loopback).
     let mqtt = MqttConfig { connections_per_ip_per_s_max: 5, ..Default::default() };
     let b = start(auth(vec![device("meter-1")], 0), mqtt, KafkaConfig::default()).await;
+    let started = Instant::now();
     let flood = futures_util::future::join_all((0..200).map(|_| async {
         let sock = tokio::net::TcpSocket::new_v4().expect("socket");
         sock.bind("127.0.0.2:0".parse().expect("addr")).expect("bind 127.0.0.2");
         sock.connect(b.mqtt).await.ok()
     }));
-    let (_flood, good) = tokio::join!(flood, mqtt4(b.mqtt, "patient", Some(("meter-1", "device-pw"))));
+    let (_flood, good) = tokio::join!(flood, mqtt4(b.mqtt, "meter-1-patient", Some(("meter-1", "device-pw"))));
     good.expect("another address still connects during the flood");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while b.mqtt_stats.connections_rate_limited.load(Ordering::Relaxed) < 190 {
-        assert!(Instant::now() < deadline, "the flood was not held off");
+    // Every flood connection is handled: accepted within the rate, or refused.
+    let handled = || {
+        b.mqtt_stats.connections_rate_limited.load(Ordering::Relaxed)
+            + b.mqtt_stats.connections_accepted.load(Ordering::Relaxed)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while handled() < 201 {
+        assert!(Instant::now() < deadline, "the flood was not handled within 60 s");
         tokio::task::yield_now().await;
     }
-    assert!(b.mqtt_stats.connections_accepted.load(Ordering::Relaxed) <= 11, "a burst of 5, refilled at 5/s");
+    // The bucket holds one second's worth (5) and refills at 5 per second for as long as the
+    // flood took to handle, however slow the machine: that, and the patient client, is all that
+    // may have been accepted.
+    let allowed = 5 + (5.0 * started.elapsed().as_secs_f64()).ceil() as u64 + 1;
+    let accepted = b.mqtt_stats.connections_accepted.load(Ordering::Relaxed);
+    assert!(accepted <= allowed, "{accepted} accepted; the rate allows {allowed} in {:?}", started.elapsed());
+    assert!(b.mqtt_stats.connections_rate_limited.load(Ordering::Relaxed) >= 200 - (allowed - 1), "the rest refused");
 }
 
 // ---- TLS ----
@@ -510,13 +547,15 @@ async fn mqtt_over_tls_with_passwords_and_client_certificates() {
     let plain_tls = rustls_client(&pki.ca.cert, None);
 
     // Password over TLS: right and wrong.
-    mqtt_tls(tls_addr, "m1", Some(("meter-1", "device-pw")), plain_tls.clone()).await.expect("good password over TLS");
+    mqtt_tls(tls_addr, "meter-1", Some(("meter-1", "device-pw")), plain_tls.clone())
+        .await
+        .expect("good password over TLS");
     let e = mqtt_tls(tls_addr, "m1", Some(("meter-1", "nope")), plain_tls.clone()).await.expect_err("bad password");
     assert!(matches!(e, ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)), "{e}");
 
     // A device certificate from the CA: its name is the user, no password needed.
     let good = tributary_sync::certs::site_cert(&pki.ca, "sensor-9", 1).expect("client cert");
-    mqtt_tls(tls_addr, "s9", None, rustls_client(&pki.ca.cert, Some(&good))).await.expect("certificate login");
+    mqtt_tls(tls_addr, "sensor-9", None, rustls_client(&pki.ca.cert, Some(&good))).await.expect("certificate login");
     // A valid certificate naming no configured user is not authorized.
     let stranger = tributary_sync::certs::site_cert(&pki.ca, "stranger", 1).expect("client cert");
     let e =
@@ -631,20 +670,22 @@ impl ClientErrors {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resumed_session_keeps_only_what_the_new_login_may_subscribe() {
-    let wide = user("wide", "pw", |u| {
-        u.mqtt.subscribe = vec!["x/#".into(), "y/#".into()];
-        u.mqtt.publish = vec!["#".into()];
-    });
-    let narrow = user("narrow", "pw", |u| u.mqtt.subscribe = vec!["y/#".into()]);
-    let b = start(auth(vec![wide, narrow], 0), MqttConfig::default(), KafkaConfig::default()).await;
-    let connect = |user: &'static str| {
-        let mut o = MqttOptions::new("shared-id", "127.0.0.1", b.mqtt.port());
-        o.set_keep_alive(Duration::from_secs(10)).set_clean_session(false).set_credentials(user, "pw");
+async fn a_resumed_session_keeps_only_what_its_users_new_rules_allow() {
+    let rules = |subscribe: &[&str]| {
+        let subscribe: Vec<String> = subscribe.iter().map(|s| s.to_string()).collect();
+        vec![
+            user("dev", "pw", |u| u.mqtt.subscribe = subscribe),
+            user("pub", "pw", |u| u.mqtt.publish = vec!["#".into()]),
+        ]
+    };
+    let b = start(auth(rules(&["x/#", "y/#"]), 0), MqttConfig::default(), KafkaConfig::default()).await;
+    let connect = |port: u16| {
+        let mut o = MqttOptions::new("dev", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(10)).set_clean_session(false).set_credentials("dev", "pw");
         AsyncClient::new(o, 100)
     };
-    // "wide" subscribes to x/# and y/# in a persistent session, then leaves.
-    let (c, mut ev) = connect("wide");
+    // "dev" subscribes to x/# and y/# in a persistent session, then leaves.
+    let (c, mut ev) = connect(b.mqtt.port());
     c.subscribe("x/#", QoS::AtLeastOnce).await.expect("sub");
     c.subscribe("y/#", QoS::AtLeastOnce).await.expect("sub");
     let mut subacks = 0;
@@ -655,15 +696,114 @@ async fn a_resumed_session_keeps_only_what_the_new_login_may_subscribe() {
     }
     c.disconnect().await.expect("disconnect");
     while ev.poll().await.is_ok() {}
-    // "narrow" takes the same client id: the stored x/# is dropped, y/# kept.
-    let (_c, ev) = connect("narrow");
+    // The gateway restarts with dev's rules narrowed to y/#: the stored x/# is dropped.
+    let b = b.restart(auth(rules(&["y/#"]), 0)).await;
+    let (_c, ev) = connect(b.mqtt.port());
     let mut rx = pump_events(ev);
-    next(&mut rx, "CONNACK", |p| matches!(p, Packet::ConnAck(_))).await;
-    let (p, _rx2) = mqtt4(b.mqtt, "publisher", Some(("wide", "pw"))).await.expect("publisher");
+    let Packet::ConnAck(ack) = next(&mut rx, "CONNACK", |p| matches!(p, Packet::ConnAck(_))).await else {
+        unreachable!()
+    };
+    assert!(ack.session_present);
+    let (p, _rx2) = mqtt4(b.mqtt, "pub", Some(("pub", "pw"))).await.expect("publisher");
     p.publish("x/1", QoS::AtLeastOnce, false, "secret").await.expect("pub");
     p.publish("y/1", QoS::AtLeastOnce, false, "visible").await.expect("pub");
     let got = next(&mut rx, "PUBLISH", |p| matches!(p, Packet::Publish(_))).await;
     assert!(matches!(&got, Packet::Publish(m) if m.topic == "y/1"), "only y/1 arrives: {got:?}");
+}
+
+/// A client id belongs to one user (`mqtt.client_ids`): another user connecting with it is
+/// refused (MQTT 5 CONNACK 0x85, 3.1.1 return code 2) before anything of the owner's session is
+/// touched: the owner stays connected, no will fires, and its queued message waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_client_id_belongs_to_its_user() {
+    let alice = user("alice", "pw", |u| {
+        u.mqtt.client_ids = vec!["meter-7".into()];
+        u.mqtt.subscribe = vec!["commands/meter-7/#".into()];
+        u.mqtt.publish = vec!["wills/#".into()];
+    });
+    let bob = user("bob", "pw", |u| {
+        u.mqtt.client_ids = vec!["meter-8".into()];
+        u.mqtt.subscribe = vec!["#".into()];
+        u.mqtt.publish = vec!["#".into()];
+    });
+    let ops = user("ops", "pw", |u| {
+        u.mqtt.publish = vec!["commands/#".into()];
+        u.mqtt.subscribe = vec!["wills/#".into()];
+    });
+    let b = start(auth(vec![alice, bob, ops], 0), MqttConfig::default(), KafkaConfig::default()).await;
+    let alice_opts = |clean: bool| {
+        let mut o = MqttOptions::new("meter-7", "127.0.0.1", b.mqtt.port());
+        o.set_keep_alive(Duration::from_secs(10)).set_clean_session(clean).set_credentials("alice", "pw");
+        o.set_last_will(rumqttc::LastWill::new("wills/meter-7", "gone", QoS::AtLeastOnce, false));
+        o
+    };
+    // Alice's persistent session subscribes to her commands and leaves; a command is queued.
+    let (a, mut ev) = AsyncClient::new(alice_opts(false), 100);
+    a.subscribe("commands/meter-7/#", QoS::AtLeastOnce).await.expect("sub");
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = ev.poll().await.expect("poll") {
+            break;
+        }
+    }
+    a.disconnect().await.expect("disconnect");
+    while ev.poll().await.is_ok() {}
+    let (ops_c, mut ops_rx) = mqtt4(b.mqtt, "ops", Some(("ops", "pw"))).await.expect("ops");
+    ops_c.subscribe("wills/#", QoS::AtLeastOnce).await.expect("sub");
+    next(&mut ops_rx, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+    ops_c.publish("commands/meter-7/valve", QoS::AtLeastOnce, false, "close").await.expect("pub");
+    next(&mut ops_rx, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+
+    // Bob with alice's id: refused in both versions, whether he asks to resume or start clean.
+    let refused4 = |r: Result<_, ConnectionError>| match r {
+        Err(ConnectionError::ConnectionRefused(code)) => code,
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("bob connected with alice's client id"),
+    };
+    assert_eq!(refused4(mqtt4(b.mqtt, "meter-7", Some(("bob", "pw"))).await), ConnectReturnCode::BadClientId);
+    match mqtt5(b.mqtt, "meter-7", Some(("bob", "pw"))).await {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::v5::mqttbytes::v5::ConnectReturnCode::ClientIdentifierNotValid)
+        }
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("bob connected with alice's client id"),
+    }
+    // Alice comes back: her session and its queued command are there.
+    let (a, ev) = AsyncClient::new(alice_opts(false), 100);
+    let mut a_rx = pump_events(ev);
+    let Packet::ConnAck(ack) = next(&mut a_rx, "CONNACK", |p| matches!(p, Packet::ConnAck(_))).await else {
+        unreachable!()
+    };
+    assert!(ack.session_present, "alice's session was not touched");
+    let Packet::Publish(m) = next(&mut a_rx, "command", |p| matches!(p, Packet::Publish(_))).await else {
+        unreachable!()
+    };
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("commands/meter-7/valve", &b"close"[..]));
+    // A clean-start takeover attempt by bob while she is connected changes nothing either.
+    let mut clean = MqttOptions::new("meter-7", "127.0.0.1", b.mqtt.port());
+    clean.set_clean_session(true).set_credentials("bob", "pw");
+    let (_bc, mut bev) = AsyncClient::new(clean, 10);
+    match bev.poll().await {
+        Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, ConnectReturnCode::BadClientId),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    a.publish("wills/ping", QoS::AtLeastOnce, false, "still here").await.expect("pub");
+    next(&mut a_rx, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    let Packet::Publish(w) = next(&mut ops_rx, "a message on wills/#", |p| matches!(p, Packet::Publish(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(w.topic, "wills/ping", "alice's connection was not closed and her will did not fire");
+    // A server-assigned id is always allowed.
+    let mut o = rumqttc::v5::MqttOptions::new("", "127.0.0.1", b.mqtt.port());
+    o.set_credentials("bob", "pw");
+    let (_c, mut ev) = rumqttc::v5::AsyncClient::new(o, 10);
+    match ev.poll().await.expect("connected") {
+        rumqttc::v5::Event::Incoming(Packet5::ConnAck(ack)) => {
+            assert!(ack.properties.and_then(|p| p.assigned_client_identifier).is_some())
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.mqtt_stats.client_ids_refused.load(Ordering::Relaxed), 3);
 }
 
 fn pump_events(mut ev: rumqttc::EventLoop) -> tokio::sync::mpsc::UnboundedReceiver<Packet> {

@@ -17,6 +17,12 @@ pub struct MqttConfig {
     pub connections_max: u32,
     /// Largest packet accepted (checked on the fixed header, before the packet is read).
     pub packet_bytes_max: u32,
+    /// Memory for packets being read, all connections together: a packet's bytes are charged
+    /// as they arrive (never the length a header announces), so half-sent packets cannot exhaust
+    /// memory. A reader that finds it exhausted waits up to `connect_timeout_ms`, then its
+    /// connection is closed. At least twice `packet_bytes_max` (a growing buffer is copied into
+    /// its larger successor, and both are charged meanwhile).
+    pub buffer_memory_bytes_max: u64,
     /// QoS 1/2 messages a client may have unacknowledged towards us (MQTT 5 Receive Maximum) and
     /// we towards it.
     pub inflight_messages_max: u16,
@@ -29,8 +35,20 @@ pub struct MqttConfig {
     pub client_id_bytes_max: u32,
     /// A connection must send CONNECT within this time.
     pub connect_timeout_ms: u64,
-    /// Retained messages kept (one per topic); a new retained topic beyond it is refused.
+    /// Retained messages kept (one per topic); a new retained topic beyond it is refused. Their
+    /// topics are indexed in memory (about topic length + 64 bytes each).
     pub retained_messages_max: u32,
+    /// Bytes of retained messages kept (topics and payloads); a retained publish that would pass
+    /// it is refused. At most a quarter of `storage.max_bytes`, so retained messages cannot crowd
+    /// out the logs.
+    pub retained_bytes_max: u64,
+    /// MQTT 5 wills waiting for their Will Delay Interval, and their bytes (topic and payload),
+    /// all clients together. A will beyond either is published at once instead of late.
+    pub delayed_wills_max: u32,
+    pub delayed_will_bytes_max: u64,
+    /// How often expired persistent sessions are deleted from the store (with their QoS 2
+    /// packet ids), and shared-subscription positions no unexpired session stored.
+    pub session_sweep_interval_ms: u64,
     /// Log topic of publishes no route matches.
     pub default_topic: String,
     /// Key template of those publishes (see `routes`).
@@ -80,6 +98,7 @@ impl Default for MqttConfig {
             listen: "127.0.0.1:1883".into(),
             connections_max: 1024,
             packet_bytes_max: 1024 * 1024,
+            buffer_memory_bytes_max: 16 * 1024 * 1024,
             inflight_messages_max: 64,
             subscriptions_per_client_max: 64,
             topic_bytes_max: 256,
@@ -87,6 +106,10 @@ impl Default for MqttConfig {
             client_id_bytes_max: 128,
             connect_timeout_ms: 10_000,
             retained_messages_max: 10_000,
+            retained_bytes_max: 64 * 1024 * 1024,
+            delayed_wills_max: 10_000,
+            delayed_will_bytes_max: 16 * 1024 * 1024,
+            session_sweep_interval_ms: 60_000,
             default_topic: "mqtt".into(),
             default_key: default_key(),
             routes: Vec::new(),
@@ -110,13 +133,18 @@ impl MqttConfig {
         }
         range("connections_max", self.connections_max.into(), 1, 1_000_000)?;
         range("packet_bytes_max", self.packet_bytes_max.into(), 1024, 256 * 1024 * 1024 - 1)?;
+        range("buffer_memory_bytes_max", self.buffer_memory_bytes_max, 2 * u64::from(self.packet_bytes_max), 1 << 36)?;
         range("inflight_messages_max", self.inflight_messages_max.into(), 1, 65_535)?;
         range("subscriptions_per_client_max", self.subscriptions_per_client_max.into(), 1, 100_000)?;
         range("topic_bytes_max", self.topic_bytes_max.into(), 16, 65_535)?;
         range("topic_levels_max", self.topic_levels_max.into(), 1, 1024)?;
         range("client_id_bytes_max", self.client_id_bytes_max.into(), 23, 65_535)?;
         range("connect_timeout_ms", self.connect_timeout_ms, 100, 600_000)?;
-        range("retained_messages_max", self.retained_messages_max.into(), 0, 10_000_000)?;
+        range("retained_messages_max", self.retained_messages_max.into(), 0, 1_000_000)?;
+        range("retained_bytes_max", self.retained_bytes_max, 0, 1 << 50)?;
+        range("delayed_wills_max", self.delayed_wills_max.into(), 0, 1_000_000)?;
+        range("delayed_will_bytes_max", self.delayed_will_bytes_max, 0, 1 << 32)?;
+        range("session_sweep_interval_ms", self.session_sweep_interval_ms, 100, 86_400_000)?;
         range("connections_per_ip_per_s_max", self.connections_per_ip_per_s_max.into(), 0, 1_000_000)?;
         range("connection_rate_addresses_max", self.connection_rate_addresses_max.into(), 1, 1_000_000)?;
         if self.tls.enabled {
@@ -133,6 +161,22 @@ impl MqttConfig {
             }
         }
         self.router(prefix)?;
+        Ok(())
+    }
+
+    /// Checks the limits that depend on the store's settings (at gateway start-up, and when
+    /// the listener binds): retained messages get at most a quarter of `storage.max_bytes`.
+    pub fn validate_with_storage(&self, prefix: &str, storage: &crate::StorageConfig) -> Result<(), ConfigError> {
+        let quarter = storage.max_bytes / 4;
+        if self.retained_bytes_max > quarter {
+            return Err(ConfigError::new(
+                format!("{prefix}.retained_bytes_max"),
+                format!(
+                    "must be at most a quarter of storage.max_bytes = {} ({quarter}) (got {})",
+                    storage.max_bytes, self.retained_bytes_max
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -160,5 +204,19 @@ mod tests {
         assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.tls.listen");
         let c = MqttConfig { connection_rate_addresses_max: 0, ..Default::default() };
         assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.connection_rate_addresses_max");
+        let c = MqttConfig { buffer_memory_bytes_max: 1000, ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.buffer_memory_bytes_max");
+        let c = MqttConfig { session_sweep_interval_ms: 1, ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.session_sweep_interval_ms");
+    }
+
+    #[test]
+    fn retained_bytes_get_at_most_a_quarter_of_the_disk_budget() {
+        let storage = crate::StorageConfig::default();
+        MqttConfig::default().validate_with_storage("mqtt", &storage).expect("defaults fit the default budget");
+        let c = MqttConfig { retained_bytes_max: storage.max_bytes / 4 + 1, ..Default::default() };
+        let e = c.validate_with_storage("mqtt", &storage).expect_err("too much");
+        assert_eq!(e.key, "mqtt.retained_bytes_max");
+        assert!(e.reason.contains("storage.max_bytes"), "{}", e.reason);
     }
 }

@@ -164,6 +164,14 @@ impl Router {
         Destination { topic: r.topic.clone(), key: if r.key.is_empty() { None } else { Some(key) } }
     }
 
+    /// The log topic a publish on `topic` is stored in (its route's, without building the key).
+    pub fn log_topic(&self, topic: &str) -> &str {
+        self.routes
+            .iter()
+            .find(|r| super::topic::matches(topic, &r.filter))
+            .map_or_else(|| self.routes[self.routes.len() - 1].topic.as_str(), |r| r.topic.as_str())
+    }
+
     /// Log topics MQTT publishes may land in (every route's).
     pub fn topics(&self) -> Vec<String> {
         let mut t: Vec<String> = self.routes.iter().map(|r| r.topic.clone()).collect();

@@ -1,38 +1,46 @@
 //! The MQTT listener and its sessions: CONNECT (3.1.1 or 5, chosen by the protocol level),
 //! keep-alive, session takeover, inbound QoS 0/1/2 with every acknowledgement sent only once the
-//! message is durable (QoS 2 packet ids are stored in the same commit as the message), retained
-//! messages, will messages, and subscriptions served from the log through per-partition cursors.
+//! message is durable (QoS 2 packet ids are stored in the same commit as the message and count as
+//! received only once that commit succeeded), retained messages, will messages (delayed ones in
+//! one bounded queue), subscriptions served from the log through per-partition cursors within the
+//! client's in-flight window, and the background sweep of expired sessions. Store reads run on
+//! the blocking pool, and every loop over a count a client controls yields.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::select_all;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::task::coop::consume_budget;
 
 use super::config::MqttConfig;
+use super::outbound::Window;
 use super::persist::{
-    decode_session, decode_shared, encode_session, encode_shared, qos2_key, qos2_prefix, session_key, shared_key,
+    decode_session, decode_shared, encode_session, encode_shared, legacy_qos2_key, legacy_qos2_prefix, qos2_key,
+    qos2_pkid, qos2_prefix, session_client, session_deadline, session_key, session_prefix, shared_key, shared_prefix,
     Position, StoredInflight, StoredSession,
 };
+use super::retained::{self, RetainedIndex, RetainedScan};
 use super::routes::{Router, HEADER_CONTENT_TYPE, HEADER_CORRELATION_DATA, HEADER_RESPONSE_TOPIC, HEADER_TOPIC};
 use super::shared::SharedGroup;
 use super::topic;
-use super::wire::{self, In, PublishProps, Version, WireError};
+use super::wills::WillQueue;
+use super::wire::{self, FrameReader, In, PublishProps, ReadBudget, Version, WireError};
 use crate::error::StoreError;
 use crate::kafka::TopicTemplate;
 use crate::partitioner::Partitioner;
 use crate::security::ratelimit::ConnectionRateLimit;
 use crate::security::{tls, Auth, LoginError, User};
 use crate::storage::batch::{NewRecord, StoredRecord};
-use crate::storage::{KvSpace, PendingAppend, Store};
+use crate::storage::{AppendOutcome, KvEntry, KvSpace, PendingAppend, Store};
 
 /// Header carrying the QoS a message was published with.
 pub const HEADER_QOS: &str = "mqtt.qos";
@@ -50,6 +58,8 @@ pub enum MqttError {
     Bind { addr: String, source: std::io::Error },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("cannot read the retained messages: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// Counters of the MQTT front end.
@@ -58,6 +68,8 @@ pub struct MqttStats {
     pub connections_accepted: AtomicU64,
     pub connections_refused: AtomicU64,
     pub connections_open: AtomicU64,
+    /// CONNECT packets read (before login is checked).
+    pub connects_read: AtomicU64,
     pub publishes_in: AtomicU64,
     pub publishes_out: AtomicU64,
     pub protocol_errors: AtomicU64,
@@ -67,13 +79,18 @@ pub struct MqttStats {
     pub expired_messages: AtomicU64,
     /// Messages not delivered because they exceed the client's Maximum Packet Size.
     pub oversized_messages: AtomicU64,
-    /// Retained messages refused because `mqtt.retained_messages_max` was reached.
+    /// Retained messages refused by `mqtt.retained_messages_max` or `mqtt.retained_bytes_max`.
     pub retained_refused: AtomicU64,
+    /// Retained messages stored, and their bytes (topics and payloads).
+    pub retained_messages: AtomicU64,
+    pub retained_bytes: AtomicU64,
     /// Packet bytes received and sent.
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// CONNECTs refused for bad or missing credentials or an unknown certificate user.
     pub auth_failures: AtomicU64,
+    /// CONNECTs refused because the client id belongs to another user (`mqtt.client_ids`).
+    pub client_ids_refused: AtomicU64,
     /// Publishes and subscriptions the user's ACL does not allow.
     pub publishes_denied: AtomicU64,
     pub subscriptions_denied: AtomicU64,
@@ -81,6 +98,29 @@ pub struct MqttStats {
     pub connections_rate_limited: AtomicU64,
     /// TLS handshakes that failed (bad or unknown client certificate, not TLS, timeout).
     pub tls_handshake_failures: AtomicU64,
+    /// Connections closed because `mqtt.buffer_memory_bytes_max` stayed exhausted.
+    pub buffer_memory_exhausted: AtomicU64,
+    /// Delayed wills waiting (`mqtt.delayed_wills_max`), and those published before their delay
+    /// because the queue was full.
+    pub delayed_wills: AtomicU64,
+    pub wills_published_early: AtomicU64,
+    /// Expired persistent sessions deleted by the sweep.
+    pub sessions_expired: AtomicU64,
+    read_budget: OnceLock<ReadBudget>,
+}
+
+impl MqttStats {
+    /// Bytes of packets being read, charged to `mqtt.buffer_memory_bytes_max`.
+    pub fn buffer_memory_bytes(&self) -> u64 {
+        self.read_budget.get().map_or(0, |b| b.in_use() as u64)
+    }
+}
+
+/// A will message waiting for its delay, with the client it belongs to.
+#[derive(Debug)]
+struct DelayedWill {
+    origin: Origin,
+    msg: Message,
 }
 
 #[derive(Debug)]
@@ -95,16 +135,44 @@ struct Ctx {
     clients: Mutex<HashMap<String, (u64, Takeover)>>,
     next_conn: AtomicU64,
     /// Set when the server stops: sessions store their state and end.
-    shutdown: tokio::sync::watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
     /// Shared subscriptions (`$share/{group}/{filter}`) by their full filter.
     shared: Mutex<HashMap<String, Arc<SharedGroup>>>,
-    /// Retained messages stored (bounded by `mqtt.retained_messages_max`).
-    retained: AtomicU64,
+    /// Retained topics and sizes (the limits are checked here, without reading the store).
+    retained: Arc<Mutex<RetainedIndex>>,
+    /// Delayed wills, published by one scheduler task.
+    wills: Mutex<WillQueue<DelayedWill>>,
+    wills_changed: Notify,
+    /// `mqtt.buffer_memory_bytes_max`: memory of packets being read, all connections together.
+    read_budget: ReadBudget,
     auth: Arc<Auth>,
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs a store read on the blocking pool, off the async workers (the runtime has two).
+async fn off_worker<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| format!("store read task failed: {e}"))
 }
 
 /// Messages one session takes from a shared group in one go, so active members share the load.
 const SHARED_BATCH: usize = 16;
+/// Retained topics one page of a subscription's retained scan looks at, and QoS 0 retained
+/// messages one page sends (QoS 1/2 ones are bounded by the free in-flight window as well).
+const RETAINED_PAGE_EXAMINE: usize = 256;
+const RETAINED_PAGE_QOS0: usize = 64;
+/// Bytes of retained payloads one page reads at most (at least one message).
+const RETAINED_PAGE_BYTES: u64 = 256 * 1024;
+/// Log chunks one delivery round reads at most before the session looks at its socket again.
+const DELIVERY_READS_MAX: usize = 16;
+/// Stored sessions the sweep reads per page (each is bounded by the subscription and in-flight
+/// limits).
+const SWEEP_PAGE: usize = 16;
+/// Read-ahead of a logged-in connection (several small packets per read).
+const READ_AHEAD_BYTES: usize = 4096;
 
 /// A bound MQTT listener (plain, and TLS when `[mqtt.tls]` is enabled).
 #[derive(Debug)]
@@ -114,13 +182,14 @@ pub struct MqttServer {
     ctx: Arc<Ctx>,
 }
 
-/// The two halves of a client connection, plain or TLS.
-type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
+/// The two halves of a client connection, plain or TLS, unbuffered (the reader buffers only what
+/// arrived, charged to the read budget; the writer is buffered once the client logged in).
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
 fn split_io<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S) -> (Reader, Writer) {
     let (rd, wr) = tokio::io::split(stream);
-    (BufReader::with_capacity(16 * 1024, Box::new(rd)), Box::new(wr))
+    (Box::new(rd), Box::new(wr))
 }
 
 /// Accepts on an optional listener (never completes without one).
@@ -128,6 +197,27 @@ async fn accept_on(l: Option<&TcpListener>) -> std::io::Result<(TcpStream, Socke
     match l {
         Some(l) => l.accept().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Reads every retained topic and its size (paged: a page holds at most a few values).
+fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreError> {
+    let mut from: Vec<u8> = Vec::new();
+    loop {
+        let page = store.kv_scan_from(KvSpace::MqttRetained, &from, 8)?;
+        let full = page.len() == 8;
+        for (k, v) in &page {
+            if let Ok(t) = std::str::from_utf8(k) {
+                index.load(t.to_string(), (k.len() + v.len()) as u64);
+            }
+        }
+        match page.last() {
+            Some((k, _)) if full => {
+                from = k.clone();
+                from.push(0);
+            }
+            _ => return Ok(()),
+        }
     }
 }
 
@@ -146,6 +236,7 @@ impl MqttServer {
         auth: Arc<Auth>,
     ) -> Result<Self, MqttError> {
         cfg.validate("mqtt")?;
+        cfg.validate_with_storage("mqtt", store.config())?;
         let router = cfg.router("mqtt")?;
         let listener = TcpListener::bind(&cfg.listen)
             .await
@@ -164,21 +255,38 @@ impl MqttServer {
         } else {
             None
         };
-        let retained = store
-            .kv_scan(KvSpace::MqttRetained, b"", cfg.retained_messages_max as usize + 1)
-            .map(|v| v.len() as u64)
-            .unwrap_or(0);
+        let mut index = RetainedIndex::new(cfg.retained_messages_max as usize, cfg.retained_bytes_max);
+        let index = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || load_retained(&store, &mut index).map(|()| index))
+                .await
+                .map_err(|e| StoreError::Corrupt(format!("retained scan task: {e}")))??
+        };
+        let stats = Arc::new(MqttStats::default());
+        stats.retained_messages.store(index.count() as u64, Ordering::Relaxed);
+        stats.retained_bytes.store(index.bytes(), Ordering::Relaxed);
+        let read_budget = ReadBudget::new(
+            usize::try_from(cfg.buffer_memory_bytes_max).unwrap_or(usize::MAX),
+            Duration::from_millis(cfg.connect_timeout_ms),
+        );
+        let _ = stats.read_budget.set(read_budget.clone());
         let ctx = Arc::new(Ctx {
-            retained: AtomicU64::new(retained),
             store,
             router,
             defaults,
             partitioner: Partitioner::default(),
-            stats: Arc::new(MqttStats::default()),
+            stats,
             clients: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
-            shutdown: tokio::sync::watch::channel(false).0,
+            shutdown: watch::channel(false).0,
             shared: Mutex::new(HashMap::new()),
+            retained: Arc::new(Mutex::new(index)),
+            wills: Mutex::new(WillQueue::new(
+                cfg.delayed_wills_max as usize,
+                usize::try_from(cfg.delayed_will_bytes_max).unwrap_or(usize::MAX),
+            )),
+            wills_changed: Notify::new(),
+            read_budget,
             cfg,
             auth,
         });
@@ -214,6 +322,8 @@ impl MqttServer {
         if self.ctx.auth.enabled() && self.ctx.auth.user_count() == 0 {
             tracing::warn!("auth.enabled with no [[auth.users]]: every MQTT client will be refused");
         }
+        let wills = tokio::spawn(will_scheduler(self.ctx.clone()));
+        let sweep = tokio::spawn(session_sweeper(self.ctx.clone()));
         tokio::pin!(shutdown);
         loop {
             let (accepted, tls) = tokio::select! {
@@ -242,7 +352,7 @@ impl MqttServer {
                 let ((mut rd, wr), cert_name) = match tls {
                     None => {
                         let (rd, wr) = stream.into_split();
-                        let io: (Reader, Writer) = (BufReader::with_capacity(16 * 1024, Box::new(rd)), Box::new(wr));
+                        let io: (Reader, Writer) = (Box::new(rd), Box::new(wr));
                         (io, None)
                     }
                     Some(acceptor) => {
@@ -270,7 +380,7 @@ impl MqttServer {
                 let Some(permit) = permit else {
                     ctx.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%peer, limit = ctx.cfg.connections_max, "mqtt.connections_max reached: refusing");
-                    refuse_busy(&ctx, &mut rd, wr).await;
+                    refuse_busy(&mut rd, wr).await;
                     return;
                 };
                 ctx.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
@@ -292,15 +402,19 @@ impl MqttServer {
         if tokio::time::timeout(Duration::from_secs(5), connections.acquire_many(all)).await.is_err() {
             tracing::warn!("mqtt sessions still open 5 s after shutdown began");
         }
+        wills.abort();
+        sweep.abort();
     }
 }
 
-/// Over the connection limit: read the CONNECT (briefly) to answer in its version, then close.
-async fn refuse_busy(ctx: &Ctx, rd: &mut Reader, mut wr: Writer) {
-    let read = tokio::time::timeout(Duration::from_secs(2), wire::read_frame(rd, ctx.cfg.packet_bytes_max as usize));
-    if let Ok(Ok(frame)) = read.await {
-        let version = if wire::connect_level(&frame) == Ok(5) { Version::V5 } else { Version::V4 };
+/// Over the connection limit: read just the CONNECT's protocol level (a dozen bytes, never the
+/// packet) to answer in its version, then close.
+async fn refuse_busy(rd: &mut Reader, mut wr: Writer) {
+    let read = tokio::time::timeout(Duration::from_secs(2), wire::read_connect_level(rd));
+    if let Ok(Ok(level)) = read.await {
+        let version = if level == 5 { Version::V5 } else { Version::V4 };
         let _ = wr.write_all(&wire::connack(version, false, 0x89, &wire::ConnAckProps::default())).await;
+        let _ = wr.flush().await;
     }
 }
 
@@ -339,6 +453,7 @@ impl SysPublisher {
 }
 
 /// A message to publish into the log (a PUBLISH or a will).
+#[derive(Debug)]
 struct Message {
     topic: String,
     qos: u8,
@@ -360,6 +475,17 @@ type Takeover = oneshot::Sender<oneshot::Sender<()>>;
 /// How long a taking-over connection waits for the old one to store the session.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
+/// An inbound QoS 2 packet id: its message is being committed (the result, once known: 0 or the
+/// v5 reason code of the refusal), or stored and waiting for PUBREL.
+#[derive(Debug, Clone)]
+enum Qos2 {
+    Pending(watch::Receiver<Option<u8>>),
+    Stored,
+}
+
+/// Inbound QoS 2 packet ids of a session, shared with the acknowledgements waiting for commits.
+type Qos2Ids = Arc<Mutex<HashMap<u16, Qos2>>>;
+
 struct Session {
     version: Version,
     client_id: String,
@@ -369,28 +495,43 @@ struct Session {
     user: Option<Arc<User>>,
     will: Option<wire::Will>,
     subs: Vec<wire::Subscription>,
-    /// Inbound QoS 2 packet ids stored and waiting for PUBREL.
-    qos2: HashSet<u16>,
+    /// Inbound QoS 2 packet ids: a packet id counts as received only once its message's commit
+    /// succeeded.
+    qos2: Qos2Ids,
     /// v5 topic aliases set by the client.
     aliases: HashMap<u16, String>,
     /// Outbound delivery: next offset per (log topic, partition).
     cursors: HashMap<(String, i32), i64>,
-    /// Outbound QoS 1/2 messages waiting for the client, by packet id.
-    inflight: HashMap<u16, Inflight>,
-    next_pkid: u16,
-    window: usize,
+    /// Outbound QoS 1/2 messages waiting for the client, by packet id, within the window.
+    out: Window<Inflight>,
+    /// Messages in flight when a persistent session was stored, sent again (within the window)
+    /// before anything new.
+    resend: VecDeque<StoredInflight>,
+    /// Retained messages still to send for new subscriptions (one scan per filter).
+    retained: Vec<RetainedScan>,
     /// Kept after the connection (clean session 0, or an MQTT 5 session expiry): subscriptions
     /// and cursors are stored, so the offline backlog is read from the log on reconnect.
     persistent: bool,
     session_expiry_s: u32,
-    /// Subscriptions or cursors changed since the session was last stored.
+    /// Subscriptions or cursors changed since the session was last stored, and when they must
+    /// be stored at the latest.
     dirty: bool,
+    save_due: Option<tokio::time::Instant>,
     /// Shared subscriptions: granted QoS and the group.
     shared: Vec<(u8, Arc<SharedGroup>)>,
     /// The client's Maximum Packet Size (MQTT 5): larger messages are not sent to it.
     max_packet_out: usize,
     /// Set when a new connection takes the session over: told once this one has stored it.
     taken_over: Option<oneshot::Sender<()>>,
+}
+
+impl Session {
+    fn mark_dirty(&mut self) {
+        if self.persistent {
+            self.dirty = true;
+            self.save_due.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(1));
+        }
+    }
 }
 
 /// An outbound QoS 1/2 message waiting for PUBACK, or for PUBREC then PUBCOMP.
@@ -422,14 +563,23 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+fn session_deadline_ms(expiry_s: u32) -> i64 {
+    if expiry_s == u32::MAX {
+        0
+    } else {
+        now_ms() + i64::from(expiry_s) * 1000
+    }
+}
+
 /// The store writes that save a persistent session: the session (with its own messages in
-/// flight) and the restart positions of its shared subscriptions, in one commit.
+/// flight, and those not yet resent) and the restart positions of its shared subscriptions, in
+/// one commit.
 fn session_entries(s: &Session) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-    let deadline = if s.session_expiry_s == u32::MAX { 0 } else { now_ms() + i64::from(s.session_expiry_s) * 1000 };
+    let deadline = session_deadline_ms(s.session_expiry_s);
     let mut inflight: Vec<StoredInflight> = s
-        .inflight
+        .out
         .iter()
-        .filter_map(|(&pkid, m)| match &m.source {
+        .filter_map(|(pkid, m)| match &m.source {
             Source::Log(position) => Some((pkid, m, position)),
             // The client has it: only the PUBREL is left to repeat after a reconnect.
             Source::Shared(_, position) if m.released => Some((pkid, m, position)),
@@ -442,8 +592,10 @@ fn session_entries(s: &Session) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
             position: position.clone(),
         })
         .collect();
+    inflight.extend(s.resend.iter().cloned());
     inflight.sort_by(|a, b| a.position.cmp(&b.position));
     let stored = StoredSession {
+        owner: s.user.as_ref().map(|u| u.name.clone()),
         subs: s.subs.clone(),
         cursors: s.cursors.clone(),
         shared: s.shared.iter().map(|(q, g)| (g.name.clone(), *q)).collect(),
@@ -451,7 +603,8 @@ fn session_entries(s: &Session) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     };
     let mut entries = vec![(session_key(&s.client_id), Some(encode_session(deadline, &stored)))];
     for (_, g) in &s.shared {
-        entries.push((shared_key(&g.name), Some(encode_shared(&g.restart_cursors()))));
+        let group_deadline = g.extend_deadline(deadline);
+        entries.push((shared_key(&g.name), Some(encode_shared(group_deadline, &g.restart_cursors()))));
     }
     entries
 }
@@ -462,6 +615,7 @@ async fn save_session(ctx: &Ctx, s: &mut Session) -> Result<(), StoreError> {
     }
     ctx.store.kv_write(KvSpace::MqttSessions, session_entries(s)).await?;
     s.dirty = false;
+    s.save_due = None;
     Ok(())
 }
 
@@ -473,36 +627,95 @@ fn retained_value(qos: u8, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// What a CONNECT left for the session, once the client is logged in and answered.
+struct Accepted {
+    version: Version,
+    client_id: String,
+    username: Option<String>,
+    user: Option<Arc<User>>,
+    will: Option<wire::Will>,
+    keep_alive: u16,
+    receive_max: u16,
+    session_expiry_s: u32,
+    max_packet: Option<u32>,
+    persistent: bool,
+    resumed: StoredSession,
+    qos2: HashMap<u16, Qos2>,
+    conn_id: u64,
+    kill_rx: oneshot::Receiver<oneshot::Sender<()>>,
+}
+
+/// Writes a CONNACK refusal and ends the connection.
+async fn refuse_connect(wr: &mut Writer, version: Version, code: u8) {
+    let _ = wr.write_all(&wire::connack(version, false, code, &wire::ConnAckProps::default())).await;
+    let _ = wr.flush().await;
+}
+
+/// The state a CONNECT finds: inbound QoS 2 packet ids stored for the client (this release's
+/// keys and the previous one's) and the stored session.
+type StoredState = (Vec<(Vec<u8>, u16)>, Option<Vec<u8>>);
+
+fn read_stored_state(store: &Store, client_id: &str) -> Result<StoredState, StoreError> {
+    let mut keys = Vec::new();
+    for prefix in [qos2_prefix(client_id), legacy_qos2_prefix(client_id)] {
+        for (k, _) in store.kv_scan(KvSpace::MqttSessions, &prefix, 2 * 65_536)? {
+            if let Some(pkid) = qos2_pkid(&prefix, &k) {
+                keys.push((k, pkid));
+            }
+        }
+    }
+    let session = store.kv_get(KvSpace::MqttSessions, &session_key(client_id))?;
+    Ok((keys, session))
+}
+
+/// A connection: the CONNECT (read into a small buffer charged to the read budget), login, the
+/// client-id check, takeover, the stored session; then the session itself, whose larger state is
+/// allocated only now.
 async fn connection(
     ctx: &Arc<Ctx>,
-    mut rd: Reader,
-    wr: Writer,
+    rd: Reader,
+    mut wr: Writer,
     peer: SocketAddr,
     cert_name: Option<String>,
 ) -> Result<(), String> {
-    let mut wr = BufWriter::with_capacity(16 * 1024, wr);
     let max = ctx.cfg.packet_bytes_max as usize;
+    let mut rd = FrameReader::new(rd, ctx.read_budget.clone());
     // CONNECT first, within the connect timeout.
-    let first =
-        tokio::time::timeout(Duration::from_millis(ctx.cfg.connect_timeout_ms), wire::read_connect_frame(&mut rd, max))
-            .await
-            .map_err(|_| "no CONNECT within mqtt.connect_timeout_ms".to_string())?;
+    let first = tokio::time::timeout(Duration::from_millis(ctx.cfg.connect_timeout_ms), rd.next(max, |b| b == 0x10))
+        .await
+        .map_err(|_| "no CONNECT within mqtt.connect_timeout_ms".to_string())?;
     let frame = match first {
         Ok(f) => f,
         Err(WireError::Closed) => return Ok(()),
+        Err(e @ WireError::BudgetExhausted) => {
+            ctx.stats.buffer_memory_exhausted.fetch_add(1, Ordering::Relaxed);
+            return Err(e.to_string());
+        }
         Err(e) => return Err(e.to_string()),
     };
-    let version = match wire::connect_level(&frame) {
+    ctx.stats.connects_read.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.bytes_in.fetch_add(frame.bytes.len() as u64, Ordering::Relaxed);
+    let version = match wire::connect_level(&frame.bytes) {
         Ok(4) => Version::V4,
         Ok(5) => Version::V5,
         Ok(level) | Err(WireError::UnsupportedProtocol(level)) => {
-            let _ = wr.write_all(&wire::connack(Version::V4, false, 0x84, &wire::ConnAckProps::default())).await;
-            let _ = wr.flush().await;
+            refuse_connect(&mut wr, Version::V4, 0x84).await;
             return Err(format!("unsupported MQTT protocol level {level}"));
         }
         Err(e) => return Err(e.to_string()),
     };
-    let connect = wire::decode(version, frame, max).map_err(|e| format!("bad CONNECT: {e}"))?;
+    let wire::Frame { bytes, charge } = frame;
+    let connect = match wire::decode(version, bytes, max) {
+        Ok(c) => c,
+        Err(e) => {
+            // MQTT 5: CONNACK "malformed packet" first (3.1.1 just closes).
+            if version == Version::V5 {
+                refuse_connect(&mut wr, version, 0x81).await;
+            }
+            return Err(format!("bad CONNECT: {e}"));
+        }
+    };
+    drop(charge);
     let In::Connect {
         client_id,
         clean,
@@ -513,16 +726,13 @@ async fn connection(
         receive_max,
         session_expiry_s,
         max_packet,
-        ..
     } = connect
     else {
         return Err("the first packet must be CONNECT".into());
     };
-    let refuse = |code: u8| wire::connack(version, false, code, &wire::ConnAckProps::default());
     let (client_id, assigned) = if client_id.is_empty() {
         if !clean && version == Version::V4 {
-            let _ = wr.write_all(&refuse(0x85)).await;
-            let _ = wr.flush().await;
+            refuse_connect(&mut wr, version, 0x85).await;
             return Err("empty client id with clean session 0".into());
         }
         (format!("auto-{:016x}", rand::random::<u64>()), true)
@@ -530,14 +740,12 @@ async fn connection(
         (client_id, false)
     };
     if client_id.len() > ctx.cfg.client_id_bytes_max as usize {
-        let _ = wr.write_all(&refuse(0x85)).await;
-        let _ = wr.flush().await;
+        refuse_connect(&mut wr, version, 0x85).await;
         return Err(format!("client id longer than mqtt.client_id_bytes_max = {}", ctx.cfg.client_id_bytes_max));
     }
     if let Some(w) = &will {
         if let Err(reason) = check_topic(ctx, &w.topic) {
-            let _ = wr.write_all(&refuse(0x90)).await;
-            let _ = wr.flush().await;
+            refuse_connect(&mut wr, version, 0x90).await;
             return Err(format!("will topic: {reason}"));
         }
     }
@@ -558,19 +766,29 @@ async fn connection(
                 tracing::warn!(%peer, client = %client_id, user = ?cert_name.as_ref().or(username.as_ref()),
                     reason = %e, "mqtt login refused");
                 ctx.auth.delay_failure(started).await;
-                let _ = wr.write_all(&refuse(code)).await;
-                let _ = wr.flush().await;
+                refuse_connect(&mut wr, version, code).await;
                 return Ok(());
             }
         }
     } else {
         None
     };
+    // A client id belongs to one user: another user's id is refused before any session is
+    // touched or taken over (MQTT 5: 0x85 "client identifier not valid"; 3.1.1: return code 2).
+    if let Some(u) = &user {
+        if !assigned && !u.may_use_client_id(&client_id) {
+            ctx.stats.client_ids_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, client = %client_id, user = %u.name,
+                "client id not among the user's mqtt.client_ids: refused");
+            refuse_connect(&mut wr, version, 0x85).await;
+            return Ok(());
+        }
+    }
     let username = user.as_ref().map(|u| u.name.clone()).or(username);
     // Session takeover: the previous connection with this client id is closed.
     let conn_id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (kill_tx, mut kill_rx) = oneshot::channel();
-    let previous = ctx.clients.lock().map_err(|_| "poisoned")?.insert(client_id.clone(), (conn_id, kill_tx));
+    let (kill_tx, kill_rx) = oneshot::channel();
+    let previous = lock(&ctx.clients).insert(client_id.clone(), (conn_id, kill_tx));
     if let Some((_, kill)) = previous {
         tracing::info!(client = %client_id, "session taken over by a new connection");
         // Resume from what the old connection stores as it ends, not from an older save.
@@ -579,30 +797,24 @@ async fn connection(
             let _ = tokio::time::timeout(TAKEOVER_WAIT, done_rx).await;
         }
     }
-    // Clean start: forget an earlier session (its subscriptions, cursors and QoS 2 packet ids).
-    let mut qos2 = HashSet::new();
-    let stored =
-        ctx.store.kv_scan(KvSpace::MqttSessions, &qos2_prefix(&client_id), 65_536).map_err(|e| e.to_string())?;
-    let previous_session =
-        ctx.store.kv_get(KvSpace::MqttSessions, &session_key(&client_id)).map_err(|e| e.to_string())?;
-    let mut resumed = None;
-    if clean {
-        let mut removals = stored.into_iter().map(|(k, _)| (k, None)).collect::<Vec<_>>();
-        if previous_session.is_some() {
-            removals.push((session_key(&client_id), None));
-        }
-        if !removals.is_empty() {
-            ctx.store.kv_write(KvSpace::MqttSessions, removals).await.map_err(|e| e.to_string())?;
-        }
-    } else {
-        for (k, _) in stored {
-            if let [.., a, b] = k[..] {
-                qos2.insert(u16::from_be_bytes([a, b]));
-            }
-        }
-        resumed = previous_session.as_deref().and_then(|v| decode_session(v, now_ms()));
+    // Back within its will delay: the will is not published.
+    let cancelled = {
+        let mut wills = lock(&ctx.wills);
+        let cancelled = wills.cancel(&client_id).is_some();
+        ctx.stats.delayed_wills.store(wills.len() as u64, Ordering::Relaxed);
+        cancelled
+    };
+    if cancelled {
+        tracing::debug!(client = %client_id, "client back before its will delay: will dropped");
     }
-    let session_present = resumed.is_some() || (!clean && !qos2.is_empty());
+    let result = accept_session(ctx, &mut wr, version, client_id.clone(), clean, session_expiry_s, user.as_ref()).await;
+    let (resumed, qos2, session_present, persistent) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            forget_client(ctx, &client_id, conn_id);
+            return Err(e);
+        }
+    };
     let props = wire::ConnAckProps {
         receive_max: ctx.cfg.inflight_messages_max,
         max_packet: ctx.cfg.packet_bytes_max,
@@ -610,51 +822,168 @@ async fn connection(
         assigned_client_id: assigned.then(|| client_id.clone()),
         reason: None,
     };
-    wr.write_all(&wire::connack(version, session_present, 0, &props)).await.map_err(|e| e.to_string())?;
-    wr.flush().await.map_err(|e| e.to_string())?;
+    let answered = async {
+        wr.write_all(&wire::connack(version, session_present, 0, &props)).await?;
+        wr.flush().await
+    };
+    if let Err(e) = answered.await {
+        forget_client(ctx, &client_id, conn_id);
+        return Err(e.to_string());
+    }
     tracing::debug!(client = %client_id, ?version, clean, keep_alive, "mqtt client connected");
+    let accepted = Accepted {
+        version,
+        client_id,
+        username,
+        user,
+        will,
+        keep_alive,
+        receive_max,
+        session_expiry_s,
+        max_packet,
+        persistent,
+        resumed,
+        qos2,
+        conn_id,
+        kill_rx,
+    };
+    // The session's state and futures are allocated only for a logged-in client.
+    Box::pin(serve(ctx.clone(), rd, wr, accepted)).await
+}
 
-    let resumed = resumed.unwrap_or_default();
+/// Removes this connection's entry from the connected clients (unless a newer one took it).
+fn forget_client(ctx: &Ctx, client_id: &str, conn_id: u64) {
+    let mut clients = lock(&ctx.clients);
+    if clients.get(client_id).is_some_and(|(id, _)| *id == conn_id) {
+        clients.remove(client_id);
+    }
+}
+
+type SessionStart = (StoredSession, HashMap<u16, Qos2>, bool, bool);
+
+/// Loads or clears the stored session of a client about to be accepted: clean start (or a
+/// session another user owned) forgets it with its QoS 2 packet ids; a new persistent session
+/// is stored at once, so it exists (session present) even if the gateway dies before the client
+/// leaves. Returns the resumed session, its QoS 2 packet ids, session present and persistence.
+async fn accept_session(
+    ctx: &Arc<Ctx>,
+    wr: &mut Writer,
+    version: Version,
+    client_id: String,
+    clean: bool,
+    session_expiry_s: u32,
+    user: Option<&Arc<User>>,
+) -> Result<SessionStart, String> {
+    let store = ctx.store.clone();
+    let id = client_id.clone();
+    let read = off_worker(move || read_stored_state(&store, &id)).await?;
+    let (stored_qos2, previous_session) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            refuse_connect(wr, version, 0x80).await;
+            return Err(format!("cannot read the stored session: {e}"));
+        }
+    };
     let persistent = match version {
         Version::V4 => !clean,
         Version::V5 => session_expiry_s > 0,
     };
+    let mut resumed = None;
+    let mut forget = clean;
+    if !clean {
+        resumed = previous_session.as_deref().and_then(|v| decode_session(v, now_ms()));
+        if let (Some(s), Some(u)) = (&resumed, user) {
+            if s.owner.as_ref().is_some_and(|o| *o != u.name) {
+                // Stored while another user owned this id (the rules changed since).
+                tracing::warn!(client = %client_id, owner = ?s.owner, user = %u.name,
+                    "stored session belongs to another user: not resumed");
+                resumed = None;
+                forget = true;
+            }
+        }
+    }
+    let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    let mut qos2 = HashMap::new();
+    if forget || !persistent {
+        // A session that ends with this connection keeps no stored copy.
+        if previous_session.is_some() {
+            writes.push((session_key(&client_id), None));
+        }
+    }
+    if forget {
+        writes.extend(stored_qos2.into_iter().map(|(k, _)| (k, None)));
+    } else {
+        for (_, pkid) in stored_qos2 {
+            qos2.insert(pkid, Qos2::Stored);
+        }
+    }
+    let session_present = resumed.is_some() || !qos2.is_empty();
+    if persistent && resumed.is_none() {
+        let fresh = StoredSession { owner: user.map(|u| u.name.clone()), ..StoredSession::default() };
+        writes.push((session_key(&client_id), Some(encode_session(session_deadline_ms(session_expiry_s), &fresh))));
+    }
+    if !writes.is_empty() {
+        if let Err(e) = ctx.store.kv_write(KvSpace::MqttSessions, writes).await {
+            refuse_connect(wr, version, 0x80).await;
+            return Err(format!("session not stored: {e}"));
+        }
+    }
+    Ok((resumed.unwrap_or_default(), qos2, session_present, persistent))
+}
+
+/// A logged-in client until it leaves; then its session is stored (or its QoS 2 packet ids
+/// removed), its shared-subscription messages given back and its will published or scheduled.
+async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, a: Accepted) -> Result<(), String> {
+    let ctx = &ctx;
+    rd.set_read_ahead(READ_AHEAD_BYTES);
+    let (client_id, conn_id, mut kill_rx) = (a.client_id.clone(), a.conn_id, a.kill_rx);
+    let resumed = a.resumed;
     let mut s = Session {
-        version,
-        client_id: client_id.clone(),
-        username,
-        user,
-        will,
+        version: a.version,
+        client_id: a.client_id,
+        username: a.username,
+        user: a.user,
+        will: a.will,
         subs: resumed.subs,
-        qos2,
+        qos2: Arc::new(Mutex::new(a.qos2)),
         aliases: HashMap::new(),
         cursors: resumed.cursors,
-        inflight: HashMap::new(),
-        next_pkid: 1,
-        window: usize::from(receive_max.min(ctx.cfg.inflight_messages_max)).max(1),
-        persistent,
-        session_expiry_s,
+        out: Window::new(usize::from(a.receive_max.min(ctx.cfg.inflight_messages_max))),
+        resend: resumed.inflight.into(),
+        retained: Vec::new(),
+        persistent: a.persistent,
+        session_expiry_s: a.session_expiry_s,
         dirty: false,
+        save_due: None,
         shared: Vec::new(),
-        max_packet_out: max_packet.map_or(usize::MAX, |m| m as usize),
+        max_packet_out: a.max_packet.map_or(usize::MAX, |m| m as usize),
         taken_over: None,
     };
+    let keep_alive = a.keep_alive;
     // A stored session keeps only what the user's rules (perhaps changed since) still allow.
     if let Some(u) = s.user.clone() {
         s.subs.retain(|sub| u.may_subscribe(&client_id, &sub.filter));
     }
+    let mut setup = Ok(());
     for (name, qos) in resumed.shared {
+        consume_budget().await;
         if let Some((_, inner)) = name.strip_prefix("$share/").and_then(|r| r.split_once('/')) {
             if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&client_id, inner)) {
                 continue;
             }
-            let g = shared_group(ctx, &name, inner);
-            s.shared.push((qos, g));
+            match shared_group(ctx, &name, inner).await {
+                Ok(g) => s.shared.push((qos, g)),
+                Err(e) => {
+                    setup = Err(e);
+                    break;
+                }
+            }
         }
     }
     // Answers leave through one writer task, in the order their work was started.
     let (tx, mut rx) = mpsc::channel::<Pending>(usize::from(ctx.cfg.inflight_messages_max) + 16);
     let stats = ctx.stats.clone();
+    let mut wr = BufWriter::with_capacity(16 * 1024, wr);
     let writer = tokio::spawn(async move {
         while let Some(p) = rx.recv().await {
             if let Some(bytes) = p.await {
@@ -676,27 +1005,37 @@ async fn connection(
         let _ = wr.shutdown().await;
     });
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-    let result = match resume_inflight(ctx, &mut s, &tx, resumed.inflight).await {
+    let result = match setup {
         Ok(()) => session_loop(ctx, &mut s, &mut rd, &tx, keep_alive, &mut kill_rx).await,
         Err(e) => Err(e),
     };
     // Shared-subscription messages the client does not have yet go to the other members.
-    s.inflight.retain(|_, m| match &m.source {
+    s.out.retain(|_, m| match &m.source {
         Source::Shared(g, position) if !m.released => {
             g.give_back(position.clone());
             false
         }
         _ => true,
     });
-    if let Err(e) = save_session(ctx, &mut s).await {
-        tracing::warn!(client = %client_id, error = %e, "session not stored");
-    }
-    if let Some(done) = s.taken_over.take() {
-        let _ = done.send(());
+    if s.persistent {
+        if let Err(e) = save_session(ctx, &mut s).await {
+            tracing::warn!(client = %client_id, error = %e, "session not stored");
+        }
+    } else {
+        // A clean session ends with the connection: its QoS 2 packet ids go too.
+        let ids: Vec<u16> = lock(&s.qos2).keys().copied().collect();
+        if !ids.is_empty() {
+            let removals =
+                ids.iter().flat_map(|&p| [(qos2_key(&client_id, p), None), (legacy_qos2_key(&client_id, p), None)]);
+            if let Err(e) = ctx.store.kv_write(KvSpace::MqttSessions, removals.collect()).await {
+                tracing::warn!(client = %client_id, error = %e, "QoS 2 packet ids of a clean session not removed");
+            }
+        }
     }
     release_groups(ctx, std::mem::take(&mut s.shared));
     // A will is published unless the client said goodbye normally; an MQTT 5 will delay holds
-    // it back, and a reconnect of the same client within the delay cancels it.
+    // it back (in the listener's will queue), and a reconnect of the same client within the
+    // delay cancels it.
     let graceful = matches!(result, Ok(true));
     if let (false, Some(w)) = (graceful, s.will.take()) {
         let msg = Message {
@@ -706,39 +1045,166 @@ async fn connection(
             payload: w.payload,
             props: PublishProps::default(),
         };
+        let origin = Origin { client_id: client_id.clone(), username: s.username.clone() };
         let delay = Duration::from_secs(u64::from(w.delay_s.min(s.session_expiry_s)));
-        let (ctx2, client, user) = (ctx.clone(), client_id.clone(), s.username.clone());
-        let publish_will = async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-                if ctx2.clients.lock().map(|c| c.contains_key(&client)).unwrap_or(true) {
-                    tracing::debug!(client = %client, "client back before its will delay: will dropped");
-                    return;
+        let will = DelayedWill { origin, msg };
+        if delay.is_zero() {
+            publish_will(ctx, will).await;
+        } else {
+            let bytes = will.msg.topic.len() + will.msg.payload.len();
+            let scheduled = {
+                let mut wills = lock(&ctx.wills);
+                let scheduled = wills.schedule(&client_id, Instant::now() + delay, bytes, will);
+                ctx.stats.delayed_wills.store(wills.len() as u64, Ordering::Relaxed);
+                scheduled
+            };
+            match scheduled {
+                Ok(()) => ctx.wills_changed.notify_one(),
+                Err(will) => {
+                    ctx.stats.wills_published_early.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(client = %client_id,
+                        "delayed will queue full (mqtt.delayed_wills_max / delayed_will_bytes_max): published now");
+                    publish_will(ctx, will).await;
                 }
             }
-            let origin = Origin { client_id: client.clone(), username: user };
-            match publish_message(&ctx2, &origin, &msg, Vec::new()).await {
-                Ok(p) => match p.wait().await {
-                    Ok(_) => tracing::debug!(client = %client, "will message published"),
-                    Err(e) => tracing::warn!(client = %client, error = %e, "will message not stored"),
-                },
-                Err(e) => tracing::warn!(client = %client, error = %e, "will message not stored"),
-            }
-        };
-        if delay.is_zero() {
-            publish_will.await;
-        } else {
-            tokio::spawn(publish_will);
         }
     }
-    if let Ok(mut clients) = ctx.clients.lock() {
-        if clients.get(&client_id).is_some_and(|(id, _)| *id == conn_id) {
-            clients.remove(&client_id);
-        }
+    // A connection taking this session over goes on now: the session is stored and the will
+    // handled (so its reconnect cancels a delayed will).
+    if let Some(done) = s.taken_over.take() {
+        let _ = done.send(());
     }
+    forget_client(ctx, &client_id, conn_id);
     drop(tx);
     let _ = writer.await;
     result.map(|_| ())
+}
+
+/// Publishes a will message and waits for its commit (logged either way).
+async fn publish_will(ctx: &Ctx, will: DelayedWill) {
+    let client = will.origin.client_id.clone();
+    match publish_message(ctx, &will.origin, &will.msg, Vec::new()).await {
+        Ok(p) => match p.wait().await {
+            Ok(_) => tracing::debug!(client = %client, "will message published"),
+            Err(e) => tracing::warn!(client = %client, error = %e, "will message not stored"),
+        },
+        Err(e) => tracing::warn!(client = %client, error = %e, "will message not stored"),
+    }
+}
+
+/// The listener's one timer for delayed wills: sleeps until the next is due (or the queue
+/// changes) and publishes what is due, unless its client is connected again.
+async fn will_scheduler(ctx: Arc<Ctx>) {
+    loop {
+        let next = lock(&ctx.wills).next_due();
+        tokio::select! {
+            () = ctx.wills_changed.notified() => continue,
+            () = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+        loop {
+            let due = {
+                let mut wills = lock(&ctx.wills);
+                let due = wills.pop_due(Instant::now());
+                ctx.stats.delayed_wills.store(wills.len() as u64, Ordering::Relaxed);
+                due
+            };
+            let Some((client, will)) = due else { break };
+            if lock(&ctx.clients).contains_key(&client) {
+                tracing::debug!(client = %client, "client back before its will delay: will dropped");
+                continue;
+            }
+            publish_will(&ctx, will).await;
+        }
+    }
+}
+
+/// Deletes, every `mqtt.session_sweep_interval_ms`, the stored sessions whose expiry passed
+/// (with their QoS 2 packet ids) and the shared-subscription positions no unexpired member
+/// session stored, a page at a time with a yield between pages.
+async fn session_sweeper(ctx: Arc<Ctx>) {
+    let period = Duration::from_millis(ctx.cfg.session_sweep_interval_ms);
+    loop {
+        tokio::time::sleep(period).await;
+        if let Err(e) = sweep_sessions(&ctx).await {
+            tracing::warn!(error = %e, "mqtt session sweep failed");
+        }
+    }
+}
+
+/// One page of the stored keys under `prefix`, from `from` on (read on the blocking pool), and
+/// where the next page starts (`None`: no more).
+async fn sweep_page(
+    ctx: &Ctx,
+    prefix: &'static [u8],
+    from: Vec<u8>,
+) -> Result<(Vec<KvEntry>, Option<Vec<u8>>), String> {
+    let store = ctx.store.clone();
+    let mut page = off_worker(move || store.kv_scan_from(KvSpace::MqttSessions, &from, SWEEP_PAGE))
+        .await?
+        .map_err(|e| e.to_string())?;
+    // The first possible key after the last one: it followed by a zero byte.
+    let next = page.last().map(|(k, _)| [k.as_slice(), &[0]].concat());
+    let full = page.len() == SWEEP_PAGE;
+    let before = page.len();
+    page.retain(|(k, _)| k.starts_with(prefix));
+    let more = full && page.len() == before;
+    Ok((page, next.filter(|_| more)))
+}
+
+async fn sweep_sessions(ctx: &Arc<Ctx>) -> Result<(), String> {
+    let now = now_ms();
+    let expired = |deadline: i64| deadline != 0 && deadline < now;
+    let mut from = Some(session_prefix().to_vec());
+    while let Some(start) = from.take() {
+        let (page, next) = sweep_page(ctx, session_prefix(), start).await?;
+        from = next;
+        let mut doomed = Vec::new();
+        for (k, v) in page {
+            let (Some(client), Some(deadline)) = (session_client(&k), session_deadline(&v)) else { continue };
+            if expired(deadline) && !lock(&ctx.clients).contains_key(client) {
+                doomed.push(client.to_string());
+            }
+        }
+        for client in doomed {
+            consume_budget().await;
+            let store = ctx.store.clone();
+            let id = client.clone();
+            let (qos2, _) = off_worker(move || read_stored_state(&store, &id)).await?.map_err(|e| e.to_string())?;
+            if lock(&ctx.clients).contains_key(&client) {
+                continue;
+            }
+            let mut removals: Vec<(Vec<u8>, Option<Vec<u8>>)> = qos2.into_iter().map(|(k, _)| (k, None)).collect();
+            removals.push((session_key(&client), None));
+            ctx.store.kv_write(KvSpace::MqttSessions, removals).await.map_err(|e| e.to_string())?;
+            ctx.stats.sessions_expired.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = %client, "expired session deleted");
+        }
+        tokio::task::yield_now().await;
+    }
+    let mut from = Some(shared_prefix().to_vec());
+    while let Some(start) = from.take() {
+        let (page, next) = sweep_page(ctx, shared_prefix(), start).await?;
+        from = next;
+        let mut removals = Vec::new();
+        for (k, v) in page {
+            let Some((Some(deadline), _)) = decode_shared(&v) else { continue };
+            let in_use =
+                std::str::from_utf8(&k[shared_prefix().len()..]).is_ok_and(|name| lock(&ctx.shared).contains_key(name));
+            if expired(deadline) && !in_use {
+                removals.push((k, None));
+            }
+        }
+        if !removals.is_empty() {
+            ctx.store.kv_write(KvSpace::MqttSessions, removals).await.map_err(|e| e.to_string())?;
+        }
+        tokio::task::yield_now().await;
+    }
+    Ok(())
 }
 
 /// Authenticates a CONNECT; the error carries the v5 reason code (mapped to 3.1.1 return codes
@@ -779,9 +1245,34 @@ fn check_topic(ctx: &Ctx, t: &str) -> Result<(), String> {
 }
 
 /// Who published a message (a session, or the client a will message belongs to).
+#[derive(Debug)]
 struct Origin {
     client_id: String,
     username: Option<String>,
+}
+
+/// A publish queued in the store; a retained message's place in the index is undone if its
+/// commit fails.
+struct Published {
+    pending: PendingAppend,
+    retained: Option<(Arc<Mutex<RetainedIndex>>, Arc<MqttStats>, retained::Update)>,
+}
+
+impl Published {
+    async fn wait(self) -> Result<AppendOutcome, StoreError> {
+        let result = self.pending.wait().await;
+        if let (Err(_), Some((index, stats, update))) = (&result, self.retained) {
+            let mut ix = lock(&index);
+            ix.undo(&update);
+            retained_gauges(&stats, &ix);
+        }
+        result
+    }
+}
+
+fn retained_gauges(stats: &MqttStats, ix: &RetainedIndex) {
+    stats.retained_messages.store(ix.count() as u64, Ordering::Relaxed);
+    stats.retained_bytes.store(ix.bytes(), Ordering::Relaxed);
 }
 
 async fn publish_into_log(
@@ -789,19 +1280,20 @@ async fn publish_into_log(
     s: &Session,
     m: &Message,
     kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
-) -> Result<PendingAppend, StoreError> {
+) -> Result<Published, StoreError> {
     let origin = Origin { client_id: s.client_id.clone(), username: s.username.clone() };
     publish_message(ctx, &origin, m, kv).await
 }
 
 /// Appends one message to its routed log topic (creating the topic on first use); `kv` is
-/// committed with it.
+/// committed with it, and so is a retained message (within `mqtt.retained_messages_max` and
+/// `mqtt.retained_bytes_max`).
 async fn publish_message(
     ctx: &Ctx,
     s: &Origin,
     m: &Message,
     mut kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
-) -> Result<PendingAppend, StoreError> {
+) -> Result<Published, StoreError> {
     let dest = ctx.router.route(&m.topic, &s.client_id, s.username.as_deref());
     let partitions = match ctx.store.topic(&dest.topic) {
         Some(t) => t.partitions,
@@ -835,26 +1327,29 @@ async fn publish_message(
     for (k, v) in &m.props.user_properties {
         headers.push((k.clone(), Some(Bytes::from(v.clone().into_bytes()))));
     }
+    let mut retained = None;
     if m.retain {
         let key = m.topic.clone().into_bytes();
-        let existed = ctx.store.kv_get(KvSpace::MqttRetained, &key)?.is_some();
-        if m.payload.is_empty() {
-            if existed {
-                ctx.retained.fetch_sub(1, Ordering::Relaxed);
+        let size = (!m.payload.is_empty()).then(|| retained::stored_size(&m.topic, m.payload.len()));
+        let update = {
+            let mut ix = lock(&ctx.retained);
+            let update = ix.update(&m.topic, size);
+            retained_gauges(&ctx.stats, &ix);
+            update
+        };
+        match update {
+            Ok(u) => retained = Some((ctx.retained.clone(), ctx.stats.clone(), u)),
+            Err(key) => {
+                ctx.stats.retained_refused.fetch_add(1, Ordering::Relaxed);
+                let limit = match key {
+                    "mqtt.retained_bytes_max" => ctx.cfg.retained_bytes_max,
+                    _ => ctx.cfg.retained_messages_max.into(),
+                };
+                return Err(StoreError::LimitReached { key, limit });
             }
-            kv.push((KvSpace::MqttRetained, key, None));
-        } else if existed || ctx.retained.load(Ordering::Relaxed) < u64::from(ctx.cfg.retained_messages_max) {
-            if !existed {
-                ctx.retained.fetch_add(1, Ordering::Relaxed);
-            }
-            kv.push((KvSpace::MqttRetained, key, Some(retained_value(m.qos, &m.payload))));
-        } else {
-            ctx.stats.retained_refused.fetch_add(1, Ordering::Relaxed);
-            return Err(StoreError::LimitReached {
-                key: "mqtt.retained_messages_max",
-                limit: ctx.cfg.retained_messages_max.into(),
-            });
         }
+        let value = size.map(|_| retained_value(m.qos, &m.payload));
+        kv.push((KvSpace::MqttRetained, key, value));
     }
     let record = NewRecord {
         key: dest.key.map(|k| Bytes::from(k.into_bytes())),
@@ -863,7 +1358,17 @@ async fn publish_message(
         timestamp_ms: None,
     };
     ctx.stats.publishes_in.fetch_add(1, Ordering::Relaxed);
-    ctx.store.enqueue_records_with(&dest.topic, partition, vec![record], kv).await
+    match ctx.store.enqueue_records_with(&dest.topic, partition, vec![record], kv).await {
+        Ok(pending) => Ok(Published { pending, retained }),
+        Err(e) => {
+            if let Some((index, stats, update)) = retained {
+                let mut ix = lock(&index);
+                ix.undo(&update);
+                retained_gauges(&stats, &ix);
+            }
+            Err(e)
+        }
+    }
 }
 
 /// v5 reason code for a refused publish.
@@ -880,19 +1385,23 @@ fn publish_reason(e: &StoreError) -> u8 {
 async fn session_loop(
     ctx: &Arc<Ctx>,
     s: &mut Session,
-    rd: &mut Reader,
+    rd: &mut FrameReader<Reader>,
     tx: &mpsc::Sender<Pending>,
     keep_alive: Option<Duration>,
     kill: &mut oneshot::Receiver<oneshot::Sender<()>>,
 ) -> Result<bool, String> {
     let mut shutdown = ctx.shutdown.subscribe();
+    let mut topics_changed = ctx.store.topics_changed();
     // Inbound QoS 1/2 publishes whose acknowledgement is still waiting for the commit.
     let unacked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let max = ctx.cfg.packet_bytes_max as usize;
     let v = s.version;
     let send = |bytes: Bytes| -> Pending { Box::pin(async move { Some(bytes) }) };
     loop {
-        deliver(ctx, s, tx).await?;
+        // Each round yields to the runtime's budget: a client that keeps the session busy
+        // (packets, deliveries) cannot keep a worker to itself.
+        consume_budget().await;
+        let more = deliver(ctx, s, tx).await?;
         let watches = subscription_watches(ctx, s);
         let wait_for_data = async {
             if watches.is_empty() {
@@ -904,12 +1413,14 @@ async fn session_loop(
         };
         let read = async {
             match keep_alive {
-                Some(k) => tokio::time::timeout(k, wire::read_frame(rd, max))
-                    .await
-                    .map_err(|_| "keep-alive expired".to_string()),
-                None => Ok(wire::read_frame(rd, max).await),
+                Some(k) => {
+                    tokio::time::timeout(k, rd.next(max, |_| true)).await.map_err(|_| "keep-alive expired".to_string())
+                }
+                None => Ok(rd.next(max, |_| true).await),
             }
         };
+        let following = !s.subs.is_empty() || !s.shared.is_empty();
+        let save_due = s.save_due;
         let frame = tokio::select! {
             done = &mut *kill => {
                 s.taken_over = done.ok();
@@ -918,13 +1429,25 @@ async fn session_loop(
                 }
                 return Err("session taken over".into());
             }
+            // Delivery stopped at a page limit with the window open: go on after a look at the
+            // socket.
+            () = std::future::ready(()), if more => continue,
             () = wait_for_data => continue,
-            // New topics or partitions appear: look again at least every second, and store the
-            // delivery progress of persistent sessions.
-            () = tokio::time::sleep(Duration::from_secs(1)), if !s.subs.is_empty() || !s.shared.is_empty() => {
-                if s.dirty {
-                    save_session(ctx, s).await.map_err(|e| format!("session not stored: {e}"))?;
+            // Topics or partitions appeared (or went): the next round starts cursors for them.
+            changed = topics_changed.changed(), if following => {
+                if changed.is_err() {
+                    return Err("store closed".into());
                 }
+                continue;
+            }
+            // The delivery progress of a persistent session is stored at most a second late.
+            () = async {
+                match save_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                save_session(ctx, s).await.map_err(|e| format!("session not stored: {e}"))?;
                 continue;
             }
             () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
@@ -937,7 +1460,7 @@ async fn session_loop(
         };
         let frame = match frame {
             Ok(f) => {
-                ctx.stats.bytes_in.fetch_add(f.len() as u64, Ordering::Relaxed);
+                ctx.stats.bytes_in.fetch_add(f.bytes.len() as u64, Ordering::Relaxed);
                 f
             }
             Err(WireError::Closed) => return Ok(false),
@@ -947,6 +1470,13 @@ async fn session_loop(
                 }
                 return Err(format!("packet of {size} bytes over mqtt.packet_bytes_max = {max}"));
             }
+            Err(e @ WireError::BudgetExhausted) => {
+                ctx.stats.buffer_memory_exhausted.fetch_add(1, Ordering::Relaxed);
+                if v == Version::V5 {
+                    let _ = tx.send(send(wire::disconnect(0x89))).await;
+                }
+                return Err(e.to_string());
+            }
             Err(e) => {
                 if v == Version::V5 {
                     let _ = tx.send(send(wire::disconnect(0x81))).await;
@@ -954,7 +1484,9 @@ async fn session_loop(
                 return Err(e.to_string());
             }
         };
-        let packet = match wire::decode(v, frame, max) {
+        // The packet's bytes stay charged to the read budget until it is handled.
+        let wire::Frame { bytes, charge: _charge } = frame;
+        let packet = match wire::decode(v, bytes, max) {
             Ok(p) => p,
             Err(e) => {
                 if v == Version::V5 {
@@ -1024,10 +1556,34 @@ async fn session_loop(
                     continue;
                 }
                 let msg = Message { topic: topic_name, qos, retain, payload, props };
-                if qos == 2 && s.qos2.contains(&pkid) {
-                    // A retransmission of a message already stored: acknowledge again, store nothing.
-                    let _ = tx.send(send(wire::ack(v, 5, pkid, 0))).await;
-                    continue;
+                if qos == 2 {
+                    let known = lock(&s.qos2).get(&pkid).cloned();
+                    match known {
+                        // A retransmission of a message already stored: acknowledge again,
+                        // store nothing.
+                        Some(Qos2::Stored) => {
+                            let _ = tx.send(send(wire::ack(v, 5, pkid, 0))).await;
+                            continue;
+                        }
+                        // Sent again while its commit is under way: answered with its outcome.
+                        Some(Qos2::Pending(mut outcome)) => {
+                            let _ = tx
+                                .send(Box::pin(async move {
+                                    let reason = match outcome.wait_for(Option::is_some).await {
+                                        Ok(r) => r.unwrap_or(0x80),
+                                        Err(_) => 0x80,
+                                    };
+                                    match (reason, v) {
+                                        (0, _) => Some(wire::ack(v, 5, pkid, 0)),
+                                        (_, Version::V4) => Some(CLOSE.clone()),
+                                        (r, Version::V5) => Some(wire::ack(v, 5, pkid, r)),
+                                    }
+                                }))
+                                .await;
+                            continue;
+                        }
+                        None => {}
+                    }
                 }
                 let kv = if qos == 2 {
                     vec![(KvSpace::MqttSessions, qos2_key(&s.client_id, pkid), Some(Vec::new()))]
@@ -1038,10 +1594,14 @@ async fn session_loop(
                 match (qos, appended) {
                     (0, Ok(_)) => {}
                     (0, Err(e)) => tracing::debug!(client = %s.client_id, error = %e, "QoS 0 publish dropped"),
-                    (q, Ok(pending)) => {
-                        if q == 2 {
-                            s.qos2.insert(pkid);
-                        }
+                    (q, Ok(published)) => {
+                        // QoS 2: the packet id counts as received once the commit succeeded;
+                        // until then a retransmission waits for this outcome.
+                        let outcome = (q == 2).then(|| {
+                            let (tell, outcome) = watch::channel(None);
+                            lock(&s.qos2).insert(pkid, Qos2::Pending(outcome));
+                            (s.qos2.clone(), tell)
+                        });
                         let kind = if q == 1 { 4 } else { 5 };
                         let disconnect_v4 = v == Version::V4;
                         let waiting = unacked.fetch_add(1, Ordering::Relaxed) + 1;
@@ -1052,15 +1612,29 @@ async fn session_loop(
                         let unacked = unacked.clone();
                         let _ = tx
                             .send(Box::pin(async move {
-                                let result = pending.wait().await;
+                                let result = published.wait().await;
                                 unacked.fetch_sub(1, Ordering::Relaxed);
+                                let reason = match &result {
+                                    Ok(_) => 0,
+                                    Err(e) => publish_reason(e),
+                                };
+                                if let Some((ids, tell)) = outcome {
+                                    let mut ids = lock(&ids);
+                                    if reason == 0 {
+                                        ids.insert(pkid, Qos2::Stored);
+                                    } else {
+                                        // Not stored: the same packet id is a new message.
+                                        ids.remove(&pkid);
+                                    }
+                                    let _ = tell.send(Some(reason));
+                                }
                                 match result {
                                     Ok(_) => Some(wire::ack(v, kind, pkid, 0)),
                                     Err(e) if disconnect_v4 => {
                                         tracing::warn!(error = %e, "publish refused; 3.1.1 has no negative ack: closing");
                                         Some(CLOSE.clone())
                                     }
-                                    Err(e) => Some(wire::ack(v, kind, pkid, publish_reason(&e))),
+                                    Err(_) => Some(wire::ack(v, kind, pkid, reason)),
                                 }
                             }))
                             .await;
@@ -1076,24 +1650,32 @@ async fn session_loop(
                 }
             }
             In::PubRel(pkid) => {
-                let known = s.qos2.remove(&pkid);
+                let known = lock(&s.qos2).remove(&pkid);
                 let store = ctx.store.clone();
-                let key = qos2_key(&s.client_id, pkid);
+                let keys = vec![(qos2_key(&s.client_id, pkid), None), (legacy_qos2_key(&s.client_id, pkid), None)];
                 let _ = tx
                     .send(Box::pin(async move {
-                        if known && store.kv_write(KvSpace::MqttSessions, vec![(key, None)]).await.is_err() {
+                        let stored = match known {
+                            Some(Qos2::Stored) => true,
+                            // PUBREL before PUBREC: once the commit is known.
+                            Some(Qos2::Pending(mut outcome)) => {
+                                matches!(outcome.wait_for(Option::is_some).await.map(|r| *r), Ok(Some(0)))
+                            }
+                            None => false,
+                        };
+                        if stored && store.kv_write(KvSpace::MqttSessions, keys).await.is_err() {
                             return Some(wire::ack(v, 7, pkid, 0x80));
                         }
-                        Some(wire::ack(v, 7, pkid, if known || v == Version::V4 { 0 } else { 0x92 }))
+                        Some(wire::ack(v, 7, pkid, if stored || v == Version::V4 { 0 } else { 0x92 }))
                     }))
                     .await;
             }
             In::PubAck(pkid) | In::PubComp(pkid) => {
-                if let Some(m) = s.inflight.remove(&pkid) {
+                if let Some(m) = s.out.remove(pkid) {
                     if let Source::Shared(g, position) = &m.source {
                         g.settle(position);
                     }
-                    s.dirty = s.persistent;
+                    s.mark_dirty();
                 }
             }
             In::PubRec(pkid) => {
@@ -1101,7 +1683,7 @@ async fn session_loop(
                 // stores that before the PUBREL, so neither a reconnect nor a crash sends the
                 // message again: only the PUBREL is repeated.
                 let pubrel = wire::ack(v, 6, pkid, 0);
-                match s.inflight.get_mut(&pkid) {
+                match s.out.get_mut(pkid) {
                     Some(m) if m.qos == 2 => {
                         if !m.released {
                             m.released = true;
@@ -1112,6 +1694,7 @@ async fn session_loop(
                         if s.persistent {
                             let (store, entries) = (ctx.store.clone(), session_entries(s));
                             s.dirty = false;
+                            s.save_due = None;
                             let _ = tx
                                 .send(Box::pin(async move {
                                     match store.kv_write(KvSpace::MqttSessions, entries).await {
@@ -1132,8 +1715,9 @@ async fn session_loop(
             }
             In::Subscribe { pkid, subs } => {
                 let mut codes = Vec::with_capacity(subs.len());
-                let mut retained = Vec::new();
                 for sub in subs {
+                    // A SUBSCRIBE may carry thousands of filters: yield between them.
+                    consume_budget().await;
                     if let Some(rest) = sub.filter.strip_prefix("$share/") {
                         // Shared subscription: `$share/{group}/{filter}`.
                         let valid = rest
@@ -1156,7 +1740,7 @@ async fn session_loop(
                             codes.push(0x97);
                             continue;
                         }
-                        let group = shared_group(ctx, &sub.filter, inner);
+                        let group = shared_group(ctx, &sub.filter, inner).await?;
                         let granted = sub.qos.min(2);
                         s.shared.retain(|(_, g)| g.name != sub.filter);
                         s.shared.push((granted, group));
@@ -1187,7 +1771,11 @@ async fn session_loop(
                             start_cursors(ctx, s, log_topic);
                         }
                     }
-                    retained.push((sub.filter.clone(), granted));
+                    // Its retained messages follow within the window, page by page; subscribing
+                    // again to the same filter starts them over ([MQTT-3.8.4-3]) instead of
+                    // queueing them twice, so at most one scan per subscription waits.
+                    s.retained.retain(|r| r.filter != sub.filter);
+                    s.retained.push(RetainedScan::new(&sub.filter, granted));
                     let new = wire::Subscription { qos: granted, ..sub };
                     match exists {
                         Some(i) => s.subs[i] = new,
@@ -1200,14 +1788,13 @@ async fn session_loop(
                     codes.iter_mut().for_each(|c| *c = 0x80);
                 }
                 let _ = tx.send(send(wire::suback(v, pkid, &codes))).await;
-                for (filter, qos) in retained {
-                    send_retained(ctx, s, tx, &filter, qos).await?;
-                }
             }
             In::Unsubscribe { pkid, filters } => {
-                let codes: Vec<u8> = filters
-                    .iter()
-                    .map(|f| match s.subs.iter().position(|x| &x.filter == f) {
+                let mut codes = Vec::with_capacity(filters.len());
+                for f in &filters {
+                    consume_budget().await;
+                    s.retained.retain(|r| &r.filter != f);
+                    codes.push(match s.subs.iter().position(|x| &x.filter == f) {
                         Some(i) => {
                             s.subs.remove(i);
                             0
@@ -1220,8 +1807,8 @@ async fn session_loop(
                             }
                             None => 0x11,
                         },
-                    })
-                    .collect();
+                    });
+                }
                 if let Err(e) = save_session(ctx, s).await {
                     tracing::warn!(client = %s.client_id, error = %e, "subscriptions not stored");
                 }
@@ -1252,7 +1839,8 @@ pub(super) fn filters_overlap(a: &str, b: &str) -> bool {
 
 fn start_cursors(ctx: &Ctx, s: &mut Session, log_topic: &str) {
     let Some(info) = ctx.store.topic(log_topic) else {
-        // Not created yet: everything it will hold is new (picked up by `refresh_cursors`).
+        // Not created yet: everything it will hold is new (picked up by `refresh_cursors` when
+        // the store says topics changed).
         return;
     };
     for p in 0..info.partitions as i32 {
@@ -1288,13 +1876,13 @@ fn subscription_watches(ctx: &Ctx, s: &Session) -> Vec<crate::storage::Partition
 
 /// The shared group of a `$share/...` filter: the one in use, or the stored one (a persistent
 /// member subscribed before a restart), or a new one starting at the current log ends.
-fn shared_group(ctx: &Ctx, name: &str, inner: &str) -> Arc<SharedGroup> {
-    let mut groups = ctx.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(g) = groups.get(name) {
-        return g.clone();
+async fn shared_group(ctx: &Arc<Ctx>, name: &str, inner: &str) -> Result<Arc<SharedGroup>, String> {
+    if let Some(g) = lock(&ctx.shared).get(name) {
+        return Ok(g.clone());
     }
-    let stored = ctx.store.kv_get(KvSpace::MqttSessions, &shared_key(name)).ok().flatten();
-    let cursors = stored.as_deref().and_then(decode_shared).unwrap_or_else(|| {
+    let (store, key) = (ctx.store.clone(), shared_key(name));
+    let stored = off_worker(move || store.kv_get(KvSpace::MqttSessions, &key)).await?.map_err(|e| e.to_string())?;
+    let (deadline, cursors) = stored.as_deref().and_then(decode_shared).unwrap_or_else(|| {
         let mut c = HashMap::new();
         for (route_filter, log_topic) in ctx.router.filters() {
             if !filters_overlap(route_filter, inner) {
@@ -1307,17 +1895,20 @@ fn shared_group(ctx: &Ctx, name: &str, inner: &str) -> Arc<SharedGroup> {
                 }
             }
         }
-        c
+        (None, c)
     });
-    let g = Arc::new(SharedGroup::new(name, inner, cursors));
-    groups.insert(name.to_string(), g.clone());
-    g
+    // Another session may have loaded it meanwhile: the first one in memory wins.
+    let g = lock(&ctx.shared)
+        .entry(name.to_string())
+        .or_insert_with(|| Arc::new(SharedGroup::new(name, inner, cursors, deadline)))
+        .clone();
+    Ok(g)
 }
 
 /// A session leaves these groups: a group no session uses any more leaves memory (its position
 /// stays stored for persistent members that come back).
 fn release_groups(ctx: &Ctx, groups: Vec<(u8, Arc<SharedGroup>)>) {
-    let mut map = ctx.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut map = lock(&ctx.shared);
     for (_, g) in groups {
         let name = g.name.clone();
         drop(g);
@@ -1332,10 +1923,15 @@ fn header<'a>(r: &'a StoredRecord, name: &str) -> Option<&'a str> {
     r.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_ref()).and_then(|v| std::str::from_utf8(v).ok())
 }
 
-/// The MQTT topic a stored record is delivered under (its `mqtt.topic` header, or the log topic
-/// for records produced through Kafka) and the QoS it was published with.
-fn mqtt_view(r: &StoredRecord, log_topic: &str) -> (String, u8) {
-    let topic = header(r, HEADER_TOPIC).map_or_else(|| log_topic.to_string(), str::to_string);
+/// The MQTT topic a stored record read from `log_topic` is delivered under, and the QoS it was
+/// published with. The `mqtt.topic` header counts only if that topic routes to `log_topic`: a
+/// record written through Kafka cannot pose as a publish to a topic routed elsewhere (say
+/// `commands/...`). Without such a header the record is delivered under the log topic's name,
+/// as any record produced through Kafka.
+fn mqtt_view(router: &Router, r: &StoredRecord, log_topic: &str) -> (String, u8) {
+    let topic = header(r, HEADER_TOPIC)
+        .filter(|t| topic::valid_topic(t) && router.log_topic(t) == log_topic)
+        .map_or_else(|| log_topic.to_string(), str::to_string);
     let qos = header(r, HEADER_QOS).and_then(|q| q.parse::<u8>().ok()).unwrap_or(1);
     (topic, qos)
 }
@@ -1344,94 +1940,76 @@ fn expired(r: &StoredRecord) -> bool {
     header(r, HEADER_EXPIRES).and_then(|d| d.parse::<i64>().ok()).is_some_and(|d| d <= now_ms())
 }
 
-/// A persistent session's messages that were in flight when it was stored: a PUBREL again for
-/// those the client has (QoS 2 after PUBREC), the message again (same packet id, DUP set) for the
-/// others. Messages gone to retention meanwhile are counted and skipped.
-async fn resume_inflight(
-    ctx: &Ctx,
-    s: &mut Session,
-    tx: &mpsc::Sender<Pending>,
-    stored: Vec<StoredInflight>,
-) -> Result<(), String> {
-    for m in stored {
-        s.next_pkid = s.next_pkid.max(m.pkid.checked_add(1).unwrap_or(1));
-        let bytes = if m.released {
-            wire::ack(s.version, 6, m.pkid, 0)
-        } else {
-            let (t, p, off) = &m.position;
-            let record =
-                ctx.store.read_records(t, *p, *off, 1).ok().and_then(|rs| rs.into_iter().find(|r| r.offset == *off));
-            let Some(r) = record else {
-                tracing::warn!(client = %s.client_id, topic = %t, partition = p, offset = off,
-                    "message in flight fell behind retention: skipped");
-                ctx.stats.retention_skipped_messages.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let (topic, _) = mqtt_view(&r, t);
-            if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&s.client_id, &topic)) {
-                // The session was stored under rules (or a user) that allowed more.
-                continue;
-            }
-            let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
-            let payload = r.value.clone().unwrap_or_default();
-            wire::publish(s.version, &topic, m.qos, false, true, m.pkid, &payload, &props)
-        };
-        s.inflight.insert(m.pkid, Inflight { qos: m.qos, released: m.released, source: Source::Log(m.position) });
-        if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
-            return Err("writer closed".into());
-        }
-    }
-    Ok(())
+/// One record of a partition, if still stored (read on the blocking pool).
+async fn read_one(ctx: &Ctx, (t, p, off): &Position) -> Result<Option<StoredRecord>, String> {
+    let (store, t, p, off) = (ctx.store.clone(), t.clone(), *p, *off);
+    let records = off_worker(move || store.read_records(&t, p, off, 1)).await?;
+    Ok(records.ok().and_then(|rs| rs.into_iter().find(|r| r.offset == off)))
 }
 
-/// Sends subscribers what arrived since their cursors, within the in-flight window.
-async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Result<(), String> {
+/// Sends subscribers what is due, within the in-flight window: first the messages a stored
+/// session had in flight (same packet id, DUP set), then retained messages of new subscriptions,
+/// then shared-subscription and log messages after their cursors. Returns whether it stopped at
+/// a page limit with work left that the window allows (the caller comes back after a look at the
+/// socket); a full window or caught-up cursors return `false`.
+async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Result<bool, String> {
+    if !resend_stored(ctx, s, tx).await? {
+        return Ok(false);
+    }
+    let mut more = send_retained(ctx, s, tx).await?;
     let shared = s.shared.clone();
     for (granted, g) in shared {
-        let budget = s.window.saturating_sub(s.inflight.len()).min(SHARED_BATCH);
+        let budget = s.out.free().min(SHARED_BATCH);
         if budget == 0 {
             break;
         }
-        let log_topics: Vec<&str> = ctx
+        let log_topics: Vec<String> = ctx
             .router
             .filters()
             .into_iter()
             .filter(|(route_filter, _)| filters_overlap(route_filter, &g.filter))
-            .map(|(_, t)| t)
+            .map(|(_, t)| t.to_string())
             .collect();
-        let taken = g.take(&ctx.store, &log_topics, budget, |log_topic, r| {
-            topic::matches(&mqtt_view(r, log_topic).0, &g.filter) && !expired(r)
-        });
+        let (c, group) = (ctx.clone(), g.clone());
+        let (taken, left) = off_worker(move || {
+            group.take(&c.store, &log_topics, budget, |log_topic, r| {
+                topic::matches(&mqtt_view(&c.router, r, log_topic).0, &group.filter) && !expired(r)
+            })
+        })
+        .await?;
+        more |= left;
         for (position, r) in taken {
-            let (t, stored_qos) = mqtt_view(&r, &position.0);
+            consume_budget().await;
+            let (t, stored_qos) = mqtt_view(&ctx.router, &r, &position.0);
             let qos = granted.min(stored_qos);
             let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
             let payload = r.value.clone().unwrap_or_default();
             let source = Source::Shared(g.clone(), position.clone());
             let sent = send_message(ctx, s, tx, &t, qos, &payload, &props, source).await?;
             if sent && qos > 0 {
-                s.dirty = s.persistent;
+                s.mark_dirty();
             } else {
                 g.settle(&position);
             }
         }
     }
     if s.subs.is_empty() {
-        return Ok(());
+        return Ok(more);
     }
     // Read again only once half the in-flight window is free, and only about what fits in it:
     // reading (and decoding) a large chunk to send one message per PUBACK costs a core.
-    let free = s.window.saturating_sub(s.inflight.len());
-    if free == 0 || (!s.inflight.is_empty() && free < s.window.div_ceil(2)) {
-        return Ok(());
+    let free = s.out.free();
+    if free == 0 || (!s.out.is_empty() && free < s.out.limit().div_ceil(2)) {
+        return Ok(more);
     }
     let read_bytes = (free * 1024).clamp(16 * 1024, 256 * 1024);
     refresh_cursors(ctx, s);
     let keys: Vec<(String, i32)> = s.cursors.keys().cloned().collect();
+    let mut reads = 0;
     for (log_topic, p) in keys {
         loop {
-            if s.inflight.len() >= s.window {
-                return Ok(());
+            if s.out.is_full() {
+                return Ok(more);
             }
             let Some(&offset) = s.cursors.get(&(log_topic.clone(), p)) else { break };
             let wm = match ctx.store.watermarks(&log_topic, p) {
@@ -1444,6 +2022,10 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
             if offset >= wm.high_watermark {
                 break;
             }
+            if reads >= DELIVERY_READS_MAX {
+                return Ok(true);
+            }
+            reads += 1;
             let from = if offset < wm.log_start_offset {
                 tracing::warn!(client = %s.client_id, topic = %log_topic, partition = p, lost = wm.log_start_offset - offset,
                     "subscriber fell behind retention: messages skipped");
@@ -1454,14 +2036,17 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
             } else {
                 offset
             };
-            let records = ctx.store.read_records(&log_topic, p, from, read_bytes).map_err(|e| e.to_string())?;
+            let (store, t) = (ctx.store.clone(), log_topic.clone());
+            let records =
+                off_worker(move || store.read_records(&t, p, from, read_bytes)).await?.map_err(|e| e.to_string())?;
             let mut next = from;
             for r in records {
+                consume_budget().await;
                 if r.offset < from {
                     continue;
                 }
                 next = r.offset + 1;
-                let (mqtt_topic, stored_qos) = mqtt_view(&r, &log_topic);
+                let (mqtt_topic, stored_qos) = mqtt_view(&ctx.router, &r, &log_topic);
                 let own = header(&r, HEADER_CLIENT) == Some(s.client_id.as_str());
                 let Some(qos) = s
                     .subs
@@ -1482,7 +2067,7 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
                 if !send_message(ctx, s, tx, &mqtt_topic, qos, &payload, &props, source).await? {
                     continue;
                 }
-                if s.inflight.len() >= s.window {
+                if s.out.is_full() {
                     break;
                 }
             }
@@ -1490,10 +2075,109 @@ async fn deliver(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Resu
                 break;
             }
             s.cursors.insert((log_topic.clone(), p), next);
-            s.dirty = s.persistent;
+            s.mark_dirty();
         }
     }
-    Ok(())
+    Ok(more)
+}
+
+/// A persistent session's messages that were in flight when it was stored, as the window
+/// allows: a PUBREL again for those the client has (QoS 2 after PUBREC), the message again (same
+/// packet id, DUP set) for the others. Messages gone to retention meanwhile are counted and
+/// skipped. Returns whether all are out (nothing new goes before them).
+async fn resend_stored(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Result<bool, String> {
+    while !s.resend.is_empty() {
+        consume_budget().await;
+        if s.out.is_full() {
+            return Ok(false);
+        }
+        let Some(m) = s.resend.pop_front() else { break };
+        let bytes = if m.released {
+            wire::ack(s.version, 6, m.pkid, 0)
+        } else {
+            let Some(r) = read_one(ctx, &m.position).await? else {
+                let (t, p, off) = &m.position;
+                tracing::warn!(client = %s.client_id, topic = %t, partition = p, offset = off,
+                    "message in flight fell behind retention: skipped");
+                ctx.stats.retention_skipped_messages.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let (topic, _) = mqtt_view(&ctx.router, &r, &m.position.0);
+            if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&s.client_id, &topic)) {
+                // The session was stored under rules (or a user) that allowed more.
+                continue;
+            }
+            let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+            let payload = r.value.clone().unwrap_or_default();
+            wire::publish(s.version, &topic, m.qos, false, true, m.pkid, &payload, &props)
+        };
+        let entry = Inflight { qos: m.qos, released: m.released, source: Source::Log(m.position) };
+        if s.out.insert_with_id(m.pkid, entry).is_err() {
+            // Its packet id is in use (a stored duplicate): nothing to resend under it.
+            continue;
+        }
+        if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
+            return Err("writer closed".into());
+        }
+    }
+    Ok(true)
+}
+
+/// The retained messages of new subscriptions, a page at a time within the window (QoS 1/2
+/// messages take a packet id each, so they wait for room). Returns whether a page limit, not the
+/// window, stopped it with messages left.
+async fn send_retained(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Result<bool, String> {
+    let Some(scan) = s.retained.first_mut() else { return Ok(false) };
+    let take = if scan.qos == 0 { RETAINED_PAGE_QOS0 } else { s.out.free().min(SHARED_BATCH) };
+    if take == 0 {
+        return Ok(false);
+    }
+    let topics = lock(&ctx.retained).page(scan, RETAINED_PAGE_EXAMINE, take, RETAINED_PAGE_BYTES);
+    let (filter, granted, done) = (scan.filter.clone(), scan.qos, scan.done());
+    if done {
+        s.retained.remove(0);
+    }
+    let store = ctx.store.clone();
+    // Every topic of the page is sent (or was cleared meanwhile): the cursor is past them all.
+    let values = off_worker(move || {
+        let mut out = Vec::with_capacity(topics.len());
+        for t in topics {
+            if let Ok(Some(v)) = store.kv_get(KvSpace::MqttRetained, t.as_bytes()) {
+                out.push((t, v));
+            }
+        }
+        out
+    })
+    .await?;
+    for (t, v) in values {
+        consume_budget().await;
+        let Some((&stored_qos, payload)) = v.split_first() else { continue };
+        if !topic::matches(&t, &filter) {
+            continue;
+        }
+        let qos = stored_qos.min(granted);
+        let pkid = if qos > 0 {
+            // The page took no more QoS 1/2 messages than the window had room for.
+            let Ok(id) = s.out.insert(Inflight::new(qos, Source::Retained)) else { continue };
+            id
+        } else {
+            0
+        };
+        let bytes = wire::publish(s.version, &t, qos, true, false, pkid, payload, &PublishProps::default());
+        if bytes.len() > s.max_packet_out {
+            ctx.stats.oversized_messages.fetch_add(1, Ordering::Relaxed);
+            if qos > 0 {
+                s.out.remove(pkid);
+            }
+            continue;
+        }
+        ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
+        if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
+            return Err("writer closed".into());
+        }
+    }
+    // More pages: come back while the window has room (a QoS 0 scan never waits for it).
+    Ok(!s.retained.is_empty() && !s.out.is_full())
 }
 
 /// Sends one message from the log to the client: a packet id and an in-flight entry (from
@@ -1510,30 +2194,25 @@ async fn send_message(
     props: &PublishProps,
     source: Source,
 ) -> Result<bool, String> {
-    let pkid = if qos > 0 { next_pkid(s) } else { 0 };
+    let pkid = if qos > 0 {
+        let Ok(pkid) = s.out.insert(Inflight::new(qos, source)) else { return Ok(false) };
+        pkid
+    } else {
+        0
+    };
     let bytes = wire::publish(s.version, topic, qos, false, false, pkid, payload, props);
     if bytes.len() > s.max_packet_out {
         ctx.stats.oversized_messages.fetch_add(1, Ordering::Relaxed);
+        if qos > 0 {
+            s.out.remove(pkid);
+        }
         return Ok(false);
-    }
-    if qos > 0 {
-        s.inflight.insert(pkid, Inflight::new(qos, source));
     }
     ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
     if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
         return Err("writer closed".into());
     }
     Ok(true)
-}
-
-fn next_pkid(s: &mut Session) -> u16 {
-    loop {
-        let id = s.next_pkid;
-        s.next_pkid = s.next_pkid.checked_add(1).unwrap_or(1);
-        if !s.inflight.contains_key(&id) {
-            return id;
-        }
-    }
 }
 
 fn props_of(headers: &[(String, Option<Bytes>)]) -> PublishProps {
@@ -1555,36 +2234,6 @@ fn props_of(headers: &[(String, Option<Bytes>)]) -> PublishProps {
     p
 }
 
-/// Retained messages matching a new subscription, sent with the retain flag.
-async fn send_retained(
-    ctx: &Ctx,
-    s: &mut Session,
-    tx: &mpsc::Sender<Pending>,
-    filter: &str,
-    granted: u8,
-) -> Result<(), String> {
-    let all = ctx.store.kv_scan(KvSpace::MqttRetained, b"", 100_000).map_err(|e| e.to_string())?;
-    for (k, v) in all {
-        let Ok(t) = std::str::from_utf8(&k) else { continue };
-        if !topic::matches(t, filter) || v.is_empty() {
-            continue;
-        }
-        let qos = v[0].min(granted);
-        let pkid = if qos > 0 {
-            let id = next_pkid(s);
-            s.inflight.insert(id, Inflight::new(qos, Source::Retained));
-            id
-        } else {
-            0
-        };
-        let bytes = wire::publish(s.version, t, qos, true, false, pkid, &v[1..], &PublishProps::default());
-        if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
-            return Err("writer closed".into());
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1598,5 +2247,33 @@ mod tests {
         assert!(!filters_overlap("a/b", "a/b/c"));
         assert!(!filters_overlap("$SYS/#", "#") && !filters_overlap("+/broker/#", "$SYS/#"));
         assert!(filters_overlap("$SYS/#", "$SYS/broker/+"));
+    }
+
+    fn record(headers: &[(&str, &str)]) -> StoredRecord {
+        StoredRecord {
+            offset: 0,
+            timestamp: 0,
+            key: None,
+            value: None,
+            headers: headers.iter().map(|(k, v)| (k.to_string(), Some(Bytes::from(v.to_string())))).collect(),
+        }
+    }
+
+    #[test]
+    fn the_mqtt_topic_header_counts_only_where_it_routes() {
+        let routes = vec![super::super::routes::Route {
+            filter: "commands/#".into(),
+            topic: "commands".into(),
+            key: String::new(),
+        }];
+        let router = Router::new(&routes, "mqtt", "{client_id}", "mqtt").expect("routes");
+        let forged = record(&[(HEADER_TOPIC, "commands/meter-7/valve"), (HEADER_QOS, "2")]);
+        assert_eq!(mqtt_view(&router, &forged, "mqtt"), ("mqtt".to_string(), 2), "not routed to mqtt: ignored");
+        assert_eq!(mqtt_view(&router, &forged, "commands").0, "commands/meter-7/valve");
+        let plain = record(&[(HEADER_TOPIC, "meters/7")]);
+        assert_eq!(mqtt_view(&router, &plain, "mqtt").0, "meters/7", "the default route");
+        assert_eq!(mqtt_view(&router, &record(&[]), "mqtt"), ("mqtt".to_string(), 1), "no header: the log topic");
+        let wild = record(&[(HEADER_TOPIC, "meters/+")]);
+        assert_eq!(mqtt_view(&router, &wild, "mqtt").0, "mqtt", "not a topic name");
     }
 }

@@ -7,7 +7,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::Semaphore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Version {
@@ -28,54 +30,227 @@ pub(crate) enum WireError {
     UnsupportedProtocol(u8),
     #[error("I/O error: {0}")]
     Io(String),
+    #[error("mqtt.buffer_memory_bytes_max exhausted: no memory to read the packet")]
+    BudgetExhausted,
 }
 
-/// Reads one packet's bytes (fixed header included), refusing it before buffering when its
-/// remaining length exceeds `max`.
-pub(crate) async fn read_frame(r: &mut (impl AsyncRead + Unpin), max: usize) -> Result<BytesMut, WireError> {
-    read_frame_where(r, max, |_| true).await
-}
-
-/// The first packet of a connection: anything but CONNECT is refused on its first byte, before
-/// waiting for a length that garbage may claim.
-pub(crate) async fn read_connect_frame(r: &mut (impl AsyncRead + Unpin), max: usize) -> Result<BytesMut, WireError> {
-    read_frame_where(r, max, |first| first == 0x10).await
-}
-
-async fn read_frame_where(
-    r: &mut (impl AsyncRead + Unpin),
+/// Memory for packet bytes being read, shared by every connection (`mqtt.buffer_memory_bytes_max`):
+/// a reader charges its buffer here before allocating it and gives it back when the packet has
+/// been handled, so half-sent packets cannot hold more than this in total.
+#[derive(Debug, Clone)]
+pub(crate) struct ReadBudget {
+    bytes: std::sync::Arc<Semaphore>,
     max: usize,
-    accept: impl Fn(u8) -> bool,
-) -> Result<BytesMut, WireError> {
-    let first = match r.read_u8().await {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
-        Err(e) => return Err(WireError::Io(e.to_string())),
-    };
-    if !accept(first) {
-        return Err(WireError::Malformed(format!("unexpected first byte {first:#04x}: not an MQTT CONNECT")));
+    /// How long a reader waits for budget before its connection is closed (no reader may hold
+    /// part of the budget forever while waiting for more).
+    wait: Duration,
+}
+
+impl ReadBudget {
+    pub(crate) fn new(max: usize, wait: Duration) -> Self {
+        Self { bytes: std::sync::Arc::new(Semaphore::new(max)), max, wait }
     }
+
+    /// Bytes charged at the moment.
+    pub(crate) fn in_use(&self) -> usize {
+        self.max.saturating_sub(self.bytes.available_permits())
+    }
+
+    async fn charge(&self, n: usize) -> Result<Charge, WireError> {
+        let Ok(n32) = u32::try_from(n) else { return Err(WireError::BudgetExhausted) };
+        // Without a timer when the budget has room (the common case).
+        if let Ok(permit) = self.bytes.clone().try_acquire_many_owned(n32) {
+            permit.forget();
+            return Ok(Charge { budget: self.bytes.clone(), n });
+        }
+        match tokio::time::timeout(self.wait, self.bytes.clone().acquire_many_owned(n32)).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                Ok(Charge { budget: self.bytes.clone(), n })
+            }
+            _ => Err(WireError::BudgetExhausted),
+        }
+    }
+}
+
+/// Bytes charged to the [`ReadBudget`]; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Charge {
+    budget: std::sync::Arc<Semaphore>,
+    n: usize,
+}
+
+impl Charge {
+    fn split_off(&mut self, n: usize) -> Charge {
+        let n = n.min(self.n);
+        self.n -= n;
+        Charge { budget: self.budget.clone(), n }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            self.budget.add_permits(self.n);
+        }
+    }
+}
+
+/// One packet's bytes (fixed header included) and the budget they hold until dropped.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub bytes: BytesMut,
+    pub charge: Charge,
+}
+
+/// What the bytes at the front of a buffer say about the next packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Header {
+    /// More bytes are needed to read the fixed header.
+    Incomplete,
+    /// A fixed header of `header_len` bytes announcing `remaining` bytes.
+    Complete { header_len: usize, remaining: usize },
+}
+
+/// Parses a fixed header, refusing a remaining length over `max` before anything is buffered.
+pub(crate) fn parse_header(buf: &[u8], max: usize) -> Result<Header, WireError> {
     let mut len = 0usize;
-    let mut header = vec![first];
     for i in 0..4 {
-        let b = r.read_u8().await.map_err(|_| WireError::Malformed("truncated fixed header".into()))?;
-        header.push(b);
+        let Some(&b) = buf.get(1 + i) else { return Ok(Header::Incomplete) };
         len |= ((b & 0x7f) as usize) << (7 * i);
         if b & 0x80 == 0 {
-            break;
-        }
-        if i == 3 {
-            return Err(WireError::Malformed("remaining length longer than 4 bytes".into()));
+            if len > max {
+                return Err(WireError::TooLarge { size: len, max });
+            }
+            return Ok(Header::Complete { header_len: 2 + i, remaining: len });
         }
     }
-    if len > max {
-        return Err(WireError::TooLarge { size: len, max });
+    Err(WireError::Malformed("remaining length longer than 4 bytes".into()))
+}
+
+/// Smallest buffer a reader allocates; it grows only with the bytes that actually arrived.
+const READ_CHUNK_MIN: usize = 256;
+
+/// Reads packets from a connection, buffering only what arrived: the announced remaining length
+/// is never allocated up front (the buffer at most doubles the bytes received so far), every
+/// buffer is charged to the shared [`ReadBudget`] before it is allocated, and `next` is
+/// cancel-safe (all progress lives in the reader, so a `select!` may drop a read half-way).
+#[derive(Debug)]
+pub(crate) struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+    /// The charge for `buf`'s capacity.
+    charge: Option<Charge>,
+    budget: ReadBudget,
+    /// Bytes read beyond the current packet when the buffer must grow anyway (several small
+    /// packets per read once logged in; none before login).
+    read_ahead: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub(crate) fn new(io: R, budget: ReadBudget) -> Self {
+        Self { io, buf: BytesMut::new(), charge: None, budget, read_ahead: 0 }
     }
-    let mut frame = BytesMut::with_capacity(header.len() + len);
-    frame.extend_from_slice(&header);
-    frame.resize(header.len() + len, 0);
-    r.read_exact(&mut frame[header.len()..]).await.map_err(|_| WireError::Malformed("truncated packet".into()))?;
-    Ok(frame)
+
+    /// Lets reads fetch up to `n` bytes beyond the current packet (after login).
+    pub(crate) fn set_read_ahead(&mut self, n: usize) {
+        self.read_ahead = n;
+    }
+
+    /// The next packet; `accept_first` may refuse it on its first byte, before a length that
+    /// garbage may claim is looked at.
+    pub(crate) async fn next(&mut self, max: usize, accept_first: impl Fn(u8) -> bool) -> Result<Frame, WireError> {
+        loop {
+            if let Some(&first) = self.buf.first() {
+                if !accept_first(first) {
+                    return Err(WireError::Malformed(format!(
+                        "unexpected first byte {first:#04x}: not an MQTT CONNECT"
+                    )));
+                }
+            }
+            let need = match parse_header(&self.buf, max)? {
+                Header::Incomplete => 1,
+                Header::Complete { header_len, remaining } => {
+                    let total = header_len + remaining;
+                    if self.buf.len() >= total {
+                        let bytes = self.buf.split_to(total);
+                        // The packet takes the charge of the capacity it took from the buffer.
+                        let charge = match self.charge.as_mut() {
+                            Some(held) => held.split_off(bytes.capacity()),
+                            None => Charge { budget: self.budget.bytes.clone(), n: 0 },
+                        };
+                        return Ok(Frame { bytes, charge });
+                    }
+                    total - self.buf.len()
+                }
+            };
+            self.fill(need).await?;
+        }
+    }
+
+    /// Reads at least one byte, growing the buffer first if it is full: by what the packet still
+    /// needs (and the read-ahead), but at most by the bytes already buffered (and at least
+    /// `READ_CHUNK_MIN`), so the buffer never exceeds twice what arrived plus a small chunk.
+    async fn fill(&mut self, need: usize) -> Result<(), WireError> {
+        if self.buf.capacity() == self.buf.len() {
+            let len = self.buf.len();
+            let grow = need.max(self.read_ahead).max(READ_CHUNK_MIN).min(len.max(READ_CHUNK_MIN).max(self.read_ahead));
+            let charge = self.budget.charge(len + grow).await?;
+            let mut bigger = BytesMut::with_capacity(len + grow);
+            bigger.extend_from_slice(&self.buf);
+            self.buf = bigger;
+            // The old allocation is freed unless a packet still shares it (that packet holds its
+            // own charge): its charge goes back as the new one takes its place.
+            self.charge = Some(charge);
+        }
+        match self.io.read_buf(&mut self.buf).await {
+            Ok(0) if self.buf.is_empty() => Err(WireError::Closed),
+            Ok(0) => Err(WireError::Malformed("truncated packet".into())),
+            Ok(_) => Ok(()),
+            Err(e) => Err(WireError::Io(e.to_string())),
+        }
+    }
+}
+
+/// Reads just enough of a first packet to know its protocol level (at most 12 bytes, nothing
+/// buffered beyond them): for refusing a connection over `mqtt.connections_max` in its version.
+pub(crate) async fn read_connect_level(r: &mut (impl AsyncRead + Unpin)) -> Result<u8, WireError> {
+    let mut head = [0u8; 12];
+    let mut n = 0;
+    loop {
+        if let Some(level) = connect_level_prefix(&head[..n])? {
+            return Ok(level);
+        }
+        if n == head.len() {
+            return Err(WireError::Malformed("not an MQTT CONNECT".into()));
+        }
+        match r.read(&mut head[n..n + 1]).await {
+            Ok(0) => return Err(WireError::Closed),
+            Ok(k) => n += k,
+            Err(e) => return Err(WireError::Io(e.to_string())),
+        }
+    }
+}
+
+/// The protocol level from the first bytes of a CONNECT (`None`: more bytes needed).
+pub(crate) fn connect_level_prefix(b: &[u8]) -> Result<Option<u8>, WireError> {
+    if let Some(&first) = b.first() {
+        if first != 0x10 {
+            return Err(WireError::Malformed("the first packet must be CONNECT".into()));
+        }
+    }
+    let Header::Complete { header_len, .. } = parse_header(b, usize::MAX)? else { return Ok(None) };
+    let body = &b[header_len..];
+    const NAME: &[u8] = &[0, 4, b'M', b'Q', b'T', b'T'];
+    const NAME_31: &[u8] = &[0, 6, b'M', b'Q', b'I', b's'];
+    let known = body.len().min(6);
+    if NAME[..known] != body[..known] && NAME_31[..known] != body[..known] {
+        return Err(WireError::Malformed("not an MQTT CONNECT".into()));
+    }
+    if body.len() >= 6 && body[..6] == *NAME_31 {
+        return Ok(Some(3));
+    }
+    Ok(body.get(6).copied())
 }
 
 fn body(frame: &[u8]) -> &[u8] {
@@ -200,97 +375,180 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
         _ => {}
     }
     let mut frame = frame;
-    match version {
+    let packet = match version {
         Version::V4 => match v4::Packet::read(&mut frame, max).map_err(malformed)? {
-            v4::Packet::Connect(c) => Ok(In::Connect {
-                client_id: c.client_id,
-                clean: c.clean_session,
-                keep_alive: c.keep_alive,
-                username: c.login.as_ref().map(|l| l.username.clone()),
-                password: c.login.map(|l| l.password).filter(|p| !p.is_empty()),
-                will: c.last_will.map(|w| Will {
-                    topic: w.topic,
-                    payload: w.message,
-                    qos: qos4(w.qos),
-                    retain: w.retain,
-                    delay_s: 0,
-                }),
-                session_expiry_s: if c.clean_session { 0 } else { u32::MAX },
-                receive_max: u16::MAX,
-                max_packet: None,
-            }),
-            v4::Packet::Publish(p) => Ok(In::Publish {
-                topic: Bytes::from(p.topic.into_bytes()),
-                qos: qos4(p.qos),
-                retain: p.retain,
-                dup: p.dup,
-                pkid: p.pkid,
-                payload: p.payload,
-                props: PublishProps::default(),
-            }),
-            v4::Packet::Subscribe(s) => Ok(In::Subscribe {
-                pkid: s.pkid,
-                subs: s
-                    .filters
-                    .into_iter()
-                    .map(|f| Subscription { filter: f.path, qos: qos4(f.qos), no_local: false })
-                    .collect(),
-            }),
-            v4::Packet::Unsubscribe(u) => Ok(In::Unsubscribe { pkid: u.pkid, filters: u.topics }),
-            other => Err(WireError::Malformed(format!("unexpected packet from a client: {other:?}"))),
+            v4::Packet::Connect(c) => {
+                text(&c.client_id)?;
+                if let Some(l) = &c.login {
+                    text(&l.username)?;
+                }
+                if let Some(w) = &c.last_will {
+                    text(&w.topic)?;
+                }
+                In::Connect {
+                    client_id: c.client_id,
+                    clean: c.clean_session,
+                    keep_alive: c.keep_alive,
+                    username: c.login.as_ref().map(|l| l.username.clone()),
+                    password: c.login.map(|l| l.password).filter(|p| !p.is_empty()),
+                    will: c.last_will.map(|w| Will {
+                        topic: w.topic,
+                        payload: w.message,
+                        qos: qos4(w.qos),
+                        retain: w.retain,
+                        delay_s: 0,
+                    }),
+                    session_expiry_s: if c.clean_session { 0 } else { u32::MAX },
+                    receive_max: u16::MAX,
+                    max_packet: None,
+                }
+            }
+            v4::Packet::Publish(p) => {
+                text(&p.topic)?;
+                In::Publish {
+                    topic: Bytes::from(p.topic.into_bytes()),
+                    qos: qos4(p.qos),
+                    retain: p.retain,
+                    dup: p.dup,
+                    pkid: p.pkid,
+                    payload: p.payload,
+                    props: PublishProps::default(),
+                }
+            }
+            v4::Packet::Subscribe(s) => {
+                s.filters.iter().try_for_each(|f| text(&f.path))?;
+                In::Subscribe {
+                    pkid: s.pkid,
+                    subs: s
+                        .filters
+                        .into_iter()
+                        .map(|f| Subscription { filter: f.path, qos: qos4(f.qos), no_local: false })
+                        .collect(),
+                }
+            }
+            v4::Packet::Unsubscribe(u) => {
+                u.topics.iter().try_for_each(|t| text(t))?;
+                In::Unsubscribe { pkid: u.pkid, filters: u.topics }
+            }
+            other => return Err(WireError::Malformed(format!("unexpected packet from a client: {other:?}"))),
         },
         Version::V5 => match v5::Packet::read(&mut frame, Some(max as u32)).map_err(malformed)? {
             v5::Packet::Connect(c, will, login) => {
+                text(&c.client_id)?;
+                if let Some(l) = &login {
+                    text(&l.username)?;
+                }
                 let p = c.properties.unwrap_or_default();
-                Ok(In::Connect {
+                pairs(&p.user_properties)?;
+                p.authentication_method.as_deref().map_or(Ok(()), text)?;
+                let will = match will {
+                    Some(w) => {
+                        let topic = std::str::from_utf8(&w.topic)
+                            .map_err(|_| WireError::Malformed("will topic is not UTF-8".into()))?;
+                        text(topic)?;
+                        if let Some(wp) = &w.properties {
+                            wp.content_type.as_deref().map_or(Ok(()), text)?;
+                            wp.response_topic.as_deref().map_or(Ok(()), text)?;
+                            pairs(&wp.user_properties)?;
+                        }
+                        Some(Will {
+                            topic: topic.to_string(),
+                            payload: w.message,
+                            qos: qos5(w.qos),
+                            retain: w.retain,
+                            delay_s: w.properties.and_then(|p| p.delay_interval).unwrap_or(0),
+                        })
+                    }
+                    None => None,
+                };
+                In::Connect {
                     client_id: c.client_id,
                     clean: c.clean_start,
                     keep_alive: c.keep_alive,
                     username: login.as_ref().map(|l| l.username.clone()),
                     password: login.map(|l| l.password).filter(|p| !p.is_empty()),
-                    will: will.map(|w| Will {
-                        topic: String::from_utf8_lossy(&w.topic).into_owned(),
-                        payload: w.message,
-                        qos: qos5(w.qos),
-                        retain: w.retain,
-                        delay_s: w.properties.and_then(|p| p.delay_interval).unwrap_or(0),
-                    }),
+                    will,
                     session_expiry_s: p.session_expiry_interval.unwrap_or(0),
                     receive_max: p.receive_maximum.unwrap_or(u16::MAX),
                     max_packet: p.max_packet_size,
-                })
+                }
             }
             v5::Packet::Publish(p) => {
-                let props = p.properties.map(|pp| PublishProps {
-                    content_type: pp.content_type,
-                    correlation_data: pp.correlation_data,
-                    response_topic: pp.response_topic,
-                    user_properties: pp.user_properties,
-                    message_expiry_s: pp.message_expiry_interval,
-                    topic_alias: pp.topic_alias,
-                });
-                Ok(In::Publish {
+                // The topic is checked as UTF-8 by the session (an alias may leave it empty).
+                if p.topic.contains(&0) {
+                    return Err(nul());
+                }
+                let props = match p.properties {
+                    Some(pp) => {
+                        pp.content_type.as_deref().map_or(Ok(()), text)?;
+                        pp.response_topic.as_deref().map_or(Ok(()), text)?;
+                        pairs(&pp.user_properties)?;
+                        PublishProps {
+                            content_type: pp.content_type,
+                            correlation_data: pp.correlation_data,
+                            response_topic: pp.response_topic,
+                            user_properties: pp.user_properties,
+                            message_expiry_s: pp.message_expiry_interval,
+                            topic_alias: pp.topic_alias,
+                        }
+                    }
+                    None => PublishProps::default(),
+                };
+                In::Publish {
                     topic: p.topic,
                     qos: qos5(p.qos),
                     retain: p.retain,
                     dup: p.dup,
                     pkid: p.pkid,
                     payload: p.payload,
-                    props: props.unwrap_or_default(),
-                })
+                    props,
+                }
             }
-            v5::Packet::Subscribe(s) => Ok(In::Subscribe {
-                pkid: s.pkid,
-                subs: s
-                    .filters
-                    .into_iter()
-                    .map(|f| Subscription { filter: f.path, qos: qos5(f.qos), no_local: f.nolocal })
-                    .collect(),
-            }),
-            v5::Packet::Unsubscribe(u) => Ok(In::Unsubscribe { pkid: u.pkid, filters: u.filters }),
-            other => Err(WireError::Malformed(format!("unexpected packet from a client: {other:?}"))),
+            v5::Packet::Subscribe(s) => {
+                s.filters.iter().try_for_each(|f| text(&f.path))?;
+                if let Some(p) = &s.properties {
+                    pairs(&p.user_properties)?;
+                }
+                In::Subscribe {
+                    pkid: s.pkid,
+                    subs: s
+                        .filters
+                        .into_iter()
+                        .map(|f| Subscription { filter: f.path, qos: qos5(f.qos), no_local: f.nolocal })
+                        .collect(),
+                }
+            }
+            v5::Packet::Unsubscribe(u) => {
+                u.filters.iter().try_for_each(|t| text(t))?;
+                if let Some(p) = &u.properties {
+                    pairs(&p.user_properties)?;
+                }
+                In::Unsubscribe { pkid: u.pkid, filters: u.filters }
+            }
+            other => return Err(WireError::Malformed(format!("unexpected packet from a client: {other:?}"))),
         },
+    };
+    Ok(packet)
+}
+
+fn nul() -> WireError {
+    WireError::Malformed("a UTF-8 string contains U+0000 (MQTT 3.1.1 1.5.3, 5.0 1.5.4)".into())
+}
+
+/// A UTF-8 Encoded String must not contain U+0000 ([MQTT-1.5.3-2] in 3.1.1, [MQTT-1.5.4-2] in
+/// 5.0): such a packet is malformed. This also keeps every key built from a client string free
+/// of the byte the stored keys' old encoding used as a separator.
+fn text(s: &str) -> Result<(), WireError> {
+    if s.contains('\0') {
+        Err(nul())
+    } else {
+        Ok(())
     }
+}
+
+/// MQTT 5 user properties (UTF-8 string pairs).
+fn pairs(p: &[(String, String)]) -> Result<(), WireError> {
+    p.iter().try_for_each(|(k, v)| text(k).and_then(|()| text(v)))
 }
 
 // ---- outgoing ----
@@ -503,6 +761,160 @@ mod tests {
         }
         let mut b = BytesMut::from(&suback(Version::V4, 3, &[1, 0x80])[..]);
         assert!(matches!(v4::Packet::read(&mut b, 1024).expect("suback"), v4::Packet::SubAck(s) if s.pkid == 3));
+    }
+
+    fn connect_v4(id: &str) -> BytesMut {
+        let mut b = BytesMut::new();
+        v4::Connect::new(id).write(&mut b).expect("write");
+        b
+    }
+
+    #[tokio::test]
+    async fn a_packet_is_buffered_as_it_arrives_not_as_announced() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncWriteExt;
+        let budget = ReadBudget::new(4 << 20, Duration::from_millis(50));
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut rd = FrameReader::new(server, budget.clone());
+        // A CONNECT announcing 1 MiB, of which 10 bytes arrive.
+        client.write_all(&[0x10, 0x80, 0x80, 0x40]).await.expect("send");
+        client.write_all(&[0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60]).await.expect("send");
+        let pending = tokio::time::timeout(Duration::from_millis(50), rd.next(2 << 20, |b| b == 0x10)).await;
+        assert!(pending.is_err(), "incomplete");
+        assert!(budget.in_use() <= READ_CHUNK_MIN, "charged {} for 14 bytes", budget.in_use());
+        // The rest arrives in pieces: the buffer grows with it, never beyond twice what arrived
+        // (three times while a buffer is copied into its larger successor).
+        let sent = std::sync::Arc::new(AtomicUsize::new(14));
+        let counter = sent.clone();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![0u8; 4096];
+            let total = (1 << 20) + 4;
+            while counter.load(Ordering::SeqCst) < total {
+                let n = chunk.len().min(total - counter.load(Ordering::SeqCst));
+                counter.fetch_add(n, Ordering::SeqCst);
+                client.write_all(&chunk[..n]).await.expect("send");
+                tokio::task::yield_now().await;
+            }
+            client
+        });
+        let mut next = Box::pin(rd.next(2 << 20, |b| b == 0x10));
+        let frame = loop {
+            tokio::select! {
+                f = &mut next => break f.expect("whole packet"),
+                () = tokio::time::sleep(Duration::from_millis(1)) => {
+                    let arrived = sent.load(Ordering::SeqCst);
+                    assert!(budget.in_use() <= 3 * arrived + 2 * READ_CHUNK_MIN, "{} charged for {arrived} bytes", budget.in_use());
+                }
+            }
+        };
+        drop(next);
+        let _client = writer.await.expect("writer");
+        assert_eq!(frame.bytes.len(), (1 << 20) + 4);
+        assert!(budget.in_use() >= frame.bytes.len(), "the packet holds its charge");
+        drop(frame);
+        assert!(budget.in_use() < 2 * READ_CHUNK_MIN, "given back with the packet: {}", budget.in_use());
+    }
+
+    #[tokio::test]
+    async fn reads_resume_after_a_cancelled_read_and_split_pipelined_packets() {
+        let budget = ReadBudget::new(1 << 20, Duration::from_millis(50));
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut rd = FrameReader::new(server, budget.clone());
+        rd.set_read_ahead(4096);
+        use tokio::io::AsyncWriteExt;
+        let c = connect_v4("abc");
+        client.write_all(&c[..5]).await.expect("send");
+        assert!(tokio::time::timeout(Duration::from_millis(20), rd.next(1024, |_| true)).await.is_err());
+        let mut rest = c[5..].to_vec();
+        rest.extend_from_slice(&[0xC0, 0, 0xE0, 0]);
+        client.write_all(&rest).await.expect("send");
+        let f = rd.next(1024, |_| true).await.expect("CONNECT");
+        assert_eq!(&f.bytes[..], &c[..], "nothing lost by the cancelled read");
+        assert_eq!(&rd.next(1024, |_| true).await.expect("PINGREQ").bytes[..], &[0xC0, 0]);
+        assert_eq!(&rd.next(1024, |_| true).await.expect("DISCONNECT").bytes[..], &[0xE0, 0]);
+        drop(client);
+        assert_eq!(rd.next(1024, |_| true).await.map(|f| f.bytes), Err(WireError::Closed));
+        // Refused before the length is looked at, and over the limit before anything is read.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut rd = FrameReader::new(server, budget.clone());
+        client.write_all(b"GET / HTTP/1.1\r\n").await.expect("send");
+        assert!(matches!(rd.next(1024, |b| b == 0x10).await, Err(WireError::Malformed(_))));
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut rd = FrameReader::new(server, budget);
+        client.write_all(&[0x30, 0xff, 0x7f]).await.expect("send");
+        assert_eq!(rd.next(1024, |_| true).await.map(|f| f.bytes), Err(WireError::TooLarge { size: 16383, max: 1024 }));
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_budget_closes_the_reader_that_waits_too_long() {
+        let budget = ReadBudget::new(1024, Duration::from_millis(50));
+        let (mut a, sa) = tokio::io::duplex(8192);
+        let (mut b, sb) = tokio::io::duplex(8192);
+        let mut ra = FrameReader::new(sa, budget.clone());
+        let mut rb = FrameReader::new(sb, budget.clone());
+        use tokio::io::AsyncWriteExt;
+        // `a` holds half the budget with a half-sent packet...
+        a.write_all(&[0x30, 0x80, 0x08]).await.expect("send");
+        a.write_all(&[0u8; 500]).await.expect("send");
+        assert!(tokio::time::timeout(Duration::from_millis(100), ra.next(4096, |_| true)).await.is_err());
+        assert_eq!(budget.in_use(), 512);
+        // ...so `b` cannot grow its own buffer and gives up after the wait instead of holding on.
+        b.write_all(&[0x30, 0x80, 0x08]).await.expect("send");
+        b.write_all(&[0u8; 300]).await.expect("send");
+        let r = tokio::time::timeout(Duration::from_secs(5), rb.next(4096, |_| true)).await.expect("answered");
+        assert_eq!(r.map(|f| f.bytes), Err(WireError::BudgetExhausted));
+        assert!(budget.in_use() <= 1024);
+    }
+
+    #[test]
+    fn the_protocol_level_is_read_from_a_dozen_bytes() {
+        let c = connect_v4("client");
+        assert_eq!(connect_level_prefix(&c[..8]), Ok(None));
+        assert_eq!(connect_level_prefix(&c[..9]), Ok(Some(4)));
+        let big = [0x10, 0x80, 0x80, 0x40, 0, 4, b'M', b'Q', b'T', b'T', 5];
+        assert_eq!(connect_level_prefix(&big), Ok(Some(5)), "a 1 MiB CONNECT, level read from 11 bytes");
+        assert!(connect_level_prefix(&[0x30, 2]).is_err());
+        assert!(connect_level_prefix(&[0x10, 10, 0, 4, b'H', b'T']).is_err());
+        assert_eq!(connect_level_prefix(&[0x10, 10, 0, 6, b'M', b'Q', b'I', b's']), Ok(Some(3)));
+    }
+
+    #[test]
+    fn nul_in_any_string_is_a_malformed_packet() {
+        // [MQTT-1.5.3-2] (3.1.1) and [MQTT-1.5.4-2] (5.0).
+        let bad = |version, frame: BytesMut| matches!(decode(version, frame, 1 << 20), Err(WireError::Malformed(m)) if m.contains("U+0000"));
+        assert!(bad(Version::V4, connect_v4("victim\0x")));
+        let mut b = BytesMut::new();
+        let mut c = v5::Connect { keep_alive: 10, client_id: "victim\0x".into(), clean_start: true, properties: None };
+        v5::Connect::write(&c, &None, &None, &mut b).expect("write");
+        assert!(bad(Version::V5, b));
+        c.client_id = "ok".into();
+        let mut b = BytesMut::new();
+        let login = v5::Login { username: "u\0".into(), password: "p".into() };
+        v5::Connect::write(&c, &None, &Some(login), &mut b).expect("write");
+        assert!(bad(Version::V5, b));
+        let mut b = BytesMut::new();
+        let mut p = v4::Publish::new("a\0b", rumqttc::mqttbytes::QoS::AtLeastOnce, "x");
+        p.pkid = 1;
+        p.write(&mut b).expect("write");
+        assert!(bad(Version::V4, b));
+        let mut b = BytesMut::new();
+        let props = v5::PublishProperties { user_properties: vec![("k".into(), "v\0".into())], ..Default::default() };
+        let mut p = v5::Publish::new("a/b", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, "x", Some(props));
+        p.pkid = 1;
+        p.write(&mut b).expect("write");
+        assert!(bad(Version::V5, b));
+        let mut b = BytesMut::new();
+        let mut sub = v4::Subscribe::new("a/\0", rumqttc::mqttbytes::QoS::AtMostOnce);
+        sub.pkid = 1;
+        sub.write(&mut b).expect("write");
+        assert!(bad(Version::V4, b));
+        let mut b = BytesMut::new();
+        let mut unsub = v4::Unsubscribe::new("a\0");
+        unsub.pkid = 1;
+        unsub.write(&mut b).expect("write");
+        assert!(bad(Version::V4, b));
+        // The same packets without NUL decode.
+        assert!(decode(Version::V4, connect_v4("victim"), 1 << 20).is_ok());
     }
 
     #[test]

@@ -1,20 +1,100 @@
-//! Access rules of one user: MQTT publish/subscribe topic filters with `%u` (user name) and `%c`
-//! (client id) substitution, and Kafka topic and group patterns (a name, `prefix*`, or `*`).
-//! Everything not allowed is denied.
+//! Access rules of one user: the MQTT client ids it owns (names or `prefix*` with `%u`), MQTT
+//! publish/subscribe topic filters with `%u` (user name) and `%c` (client id) substitution, and
+//! Kafka topic and group patterns (a name, `prefix*`, or `*`). Everything not allowed is denied.
 
 use serde::{Deserialize, Serialize};
 
 use crate::mqtt::topic;
 
-/// `mqtt` rules of a user (`[[auth.users]]` keys `mqtt.publish`, `mqtt.subscribe`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `mqtt` rules of a user (`[[auth.users]]` keys `mqtt.client_ids`, `mqtt.publish`,
+/// `mqtt.subscribe`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttAcl {
+    /// Client ids the user may connect with: exact ids or `prefix*`, `%u` = the user name. A
+    /// client id belongs to one user only (checked at start-up), so nobody can resume, take over
+    /// or end another user's session. Default `["%u", "%u-*"]`: the user name itself, or it
+    /// followed by `-` and anything. Ids the server assigns (empty client id) are always allowed.
+    pub client_ids: Vec<String>,
     /// Topic filters the user may publish to (a publish's topic must match one).
     pub publish: Vec<String>,
     /// Topic filters the user may subscribe within (every topic a subscription can match must
     /// match one of these).
     pub subscribe: Vec<String>,
+}
+
+impl Default for MqttAcl {
+    fn default() -> Self {
+        Self { client_ids: default_client_ids(), publish: Vec::new(), subscribe: Vec::new() }
+    }
+}
+
+/// `mqtt.client_ids` when a user entry does not set it.
+pub fn default_client_ids() -> Vec<String> {
+    vec!["%u".into(), "%u-*".into()]
+}
+
+/// A client-id rule after `%u` substitution: an exact id, or a prefix (the rule ended in `*`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClientIdRule {
+    pub literal: String,
+    pub prefix: bool,
+}
+
+impl ClientIdRule {
+    /// Compiles a rule for `user`; `None` if it is not a valid rule (`*` anywhere but at the end,
+    /// `%c`, NUL, or empty).
+    pub fn new(rule: &str, user: &str) -> Option<Self> {
+        let (body, prefix) = match rule.strip_suffix('*') {
+            Some(b) => (b, true),
+            None => (rule, false),
+        };
+        if body.contains(['*', '\0']) || body.contains("%c") || (body.is_empty() && !prefix) {
+            return None;
+        }
+        Some(Self { literal: body.replace("%u", user), prefix })
+    }
+
+    pub fn matches(&self, client_id: &str) -> bool {
+        if self.prefix {
+            client_id.starts_with(&self.literal)
+        } else {
+            client_id == self.literal
+        }
+    }
+
+    /// Whether some client id matches both rules.
+    pub fn overlaps(&self, other: &ClientIdRule) -> bool {
+        let (short, long) = if self.literal.len() <= other.literal.len() { (self, other) } else { (other, self) };
+        if short.literal == long.literal {
+            return true;
+        }
+        short.prefix && long.literal.starts_with(&short.literal)
+    }
+}
+
+/// Finds two rules of different owners that can match the same client id, in O(n log n) given
+/// at most `per_owner_max` rules per owner: sorted by literal, the rules a rule overlaps with
+/// follow it directly, and the scan from a rule stops at the first rule of another owner.
+/// `rules` are (rule, owner); the answer is the indexes of a clashing pair.
+pub fn client_id_clash(rules: &[(ClientIdRule, usize)]) -> Option<(usize, usize)> {
+    let mut order: Vec<usize> = (0..rules.len()).collect();
+    order.sort_by(|&a, &b| rules[a].0.cmp(&rules[b].0));
+    for (k, &i) in order.iter().enumerate() {
+        let (rule, owner) = &rules[i];
+        for &j in &order[k + 1..] {
+            let (next, next_owner) = &rules[j];
+            let within =
+                if rule.prefix { next.literal.starts_with(&rule.literal) } else { next.literal == rule.literal };
+            if !within {
+                break;
+            }
+            if next_owner != owner {
+                return Some((i, j));
+            }
+        }
+    }
+    None
 }
 
 /// `kafka` rules of a user: patterns of topic and group names.
@@ -116,6 +196,50 @@ mod tests {
         assert!(filter_covers("a/+/#", "a/b/#"));
         assert!(!filter_covers("#", "$SYS/x") && filter_covers("$SYS/#", "$SYS/x"));
         assert!(filter_covers("#", "#") && !filter_covers("+", "#"));
+    }
+
+    #[test]
+    fn client_id_rules_and_clashes() {
+        let r = |rule: &str, user: &str| ClientIdRule::new(rule, user).expect("valid rule");
+        assert!(r("%u", "alice").matches("alice") && !r("%u", "alice").matches("alice-1"));
+        assert!(r("%u-*", "alice").matches("alice-1") && !r("%u-*", "alice").matches("alice"));
+        assert!(r("*", "x").matches("anything"));
+        for bad in ["a*b", "**", "%c", "", "a\0"] {
+            assert!(ClientIdRule::new(bad, "u").is_none(), "{bad:?}");
+        }
+        let rules = |list: &[(&str, &str, usize)]| -> Vec<(ClientIdRule, usize)> {
+            list.iter().map(|(rule, user, owner)| (r(rule, user), *owner)).collect()
+        };
+        // The defaults of alice and bob do not clash...
+        let ok = rules(&[("%u", "alice", 0), ("%u-*", "alice", 0), ("%u", "bob", 1), ("%u-*", "bob", 1)]);
+        assert_eq!(client_id_clash(&ok), None);
+        // ...but those of meter and meter-7 do: "meter-*" matches "meter-7".
+        let clash = rules(&[("%u", "meter", 0), ("%u-*", "meter", 0), ("%u", "meter-7", 1), ("%u-*", "meter-7", 1)]);
+        let (a, b) = client_id_clash(&clash).expect("clash");
+        assert_ne!(clash[a].1, clash[b].1);
+        assert!(clash[a].0.overlaps(&clash[b].0));
+        // Exact ids, equal literals of an exact id and a prefix, and rules of one owner.
+        assert!(client_id_clash(&rules(&[("x", "", 0), ("x", "", 1)])).is_some());
+        assert!(client_id_clash(&rules(&[("x*", "", 0), ("x", "", 1)])).is_some());
+        assert!(client_id_clash(&rules(&[("x*", "", 0), ("x1", "", 0), ("x2*", "", 0), ("y", "", 1)])).is_none());
+        assert!(client_id_clash(&rules(&[("x*", "", 0), ("x1", "", 0), ("x2*", "", 0), ("x3", "", 1)])).is_some());
+        assert!(client_id_clash(&rules(&[("ab", "", 0), ("a", "", 1), ("abc*", "", 2)])).is_none());
+        // Against a brute-force check on small rule sets.
+        let lits = ["", "a", "ab", "abc", "b", "ba"];
+        for x in 0..lits.len() * 2 {
+            for y in 0..lits.len() * 2 {
+                let mk = |i: usize| ClientIdRule { literal: lits[i / 2].to_string(), prefix: i % 2 == 1 };
+                if mk(x).literal.is_empty() && !mk(x).prefix || mk(y).literal.is_empty() && !mk(y).prefix {
+                    continue;
+                }
+                let pair = vec![(mk(x), 0), (mk(y), 1)];
+                let brute = ["", "a", "ab", "abc", "abcd", "b", "ba", "bab", "c"]
+                    .iter()
+                    .any(|id| mk(x).matches(id) && mk(y).matches(id));
+                assert_eq!(client_id_clash(&pair).is_some(), brute, "{:?} {:?}", mk(x), mk(y));
+                assert_eq!(mk(x).overlaps(&mk(y)), brute);
+            }
+        }
     }
 
     #[test]

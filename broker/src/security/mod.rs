@@ -54,6 +54,8 @@ pub struct UserConfig {
 
 /// Users at most in `[[auth.users]]` (names are looked up in a map; this bounds its memory).
 const USERS_MAX: usize = 100_000;
+/// `mqtt.client_ids` rules at most per user (bounds the start-up overlap check).
+const CLIENT_ID_RULES_MAX: usize = 64;
 const NAME_BYTES_MAX: usize = 256;
 
 impl AuthConfig {
@@ -68,6 +70,7 @@ impl AuthConfig {
             return Err(ConfigError::new(format!("{prefix}.users"), format!("at most {USERS_MAX} users")));
         }
         let mut users = HashMap::with_capacity(self.users.len());
+        let mut client_ids = Vec::new();
         for (i, u) in self.users.iter().enumerate() {
             let key = |k: &str| format!("{prefix}.users[{i}].{k}");
             if u.name.is_empty() || u.name.len() > NAME_BYTES_MAX || u.name.chars().any(char::is_control) {
@@ -81,6 +84,20 @@ impl AuthConfig {
             } else {
                 Some(PasswordHash::parse(&u.password_hash).map_err(|e| ConfigError::new(key("password_hash"), e))?)
             };
+            if u.mqtt.client_ids.len() > CLIENT_ID_RULES_MAX {
+                return Err(ConfigError::new(key("mqtt.client_ids"), format!("at most {CLIENT_ID_RULES_MAX} rules")));
+            }
+            let mut client_id_rules = Vec::with_capacity(u.mqtt.client_ids.len());
+            for rule in &u.mqtt.client_ids {
+                let compiled = acl::ClientIdRule::new(rule, &u.name).ok_or_else(|| {
+                    ConfigError::new(
+                        key("mqtt.client_ids"),
+                        format!("{rule:?} is not a client id or a prefix ending in '*' (%u = the user name)"),
+                    )
+                })?;
+                client_ids.push((compiled.clone(), i));
+                client_id_rules.push(compiled);
+            }
             for (k, rules) in [("mqtt.publish", &u.mqtt.publish), ("mqtt.subscribe", &u.mqtt.subscribe)] {
                 if let Some(bad) = rules.iter().find(|r| !acl::valid_mqtt_rule(r)) {
                     return Err(ConfigError::new(key(k), format!("{bad:?} is not a valid MQTT topic filter")));
@@ -101,10 +118,27 @@ impl AuthConfig {
                     ));
                 }
             }
-            let user = User { name: u.name.clone(), hash, mqtt: u.mqtt.clone(), kafka: u.kafka.clone() };
+            let user =
+                User { name: u.name.clone(), hash, mqtt: u.mqtt.clone(), kafka: u.kafka.clone(), client_id_rules };
             if users.insert(u.name.clone(), Arc::new(user)).is_some() {
                 return Err(ConfigError::new(key("name"), format!("user {:?} is listed twice", u.name)));
             }
+        }
+        if let Some((a, b)) = acl::client_id_clash(&client_ids) {
+            let ((ra, ua), (rb, ub)) = (&client_ids[a], &client_ids[b]);
+            let (first, second) = if ua < ub { ((ra, *ua), (rb, *ub)) } else { ((rb, *ub), (ra, *ua)) };
+            let show = |r: &acl::ClientIdRule| format!("{}{}", r.literal, if r.prefix { "*" } else { "" });
+            return Err(ConfigError::new(
+                format!("{prefix}.users[{}].mqtt.client_ids", second.1),
+                format!(
+                    "{:?} of user {:?} and {:?} of user {:?} can match the same client id: a client id must \
+                     belong to one user (set mqtt.client_ids so that no two users' rules overlap)",
+                    show(second.0),
+                    self.users[second.1].name,
+                    show(first.0),
+                    self.users[first.1].name
+                ),
+            ));
         }
         Ok(users)
     }
@@ -117,9 +151,16 @@ pub struct User {
     hash: Option<PasswordHash>,
     pub mqtt: MqttAcl,
     pub kafka: KafkaAcl,
+    /// `mqtt.client_ids` with `%u` filled in.
+    client_id_rules: Vec<acl::ClientIdRule>,
 }
 
 impl User {
+    /// Whether the user may connect with this MQTT client id (its own, per `mqtt.client_ids`).
+    pub fn may_use_client_id(&self, client_id: &str) -> bool {
+        self.client_id_rules.iter().any(|r| r.matches(client_id))
+    }
+
     pub fn may_publish(&self, client_id: &str, topic: &str) -> bool {
         acl::mqtt_allowed(&self.mqtt.publish, &self.name, client_id, topic)
     }
@@ -328,6 +369,17 @@ mod tests {
         c.users[1].mqtt.publish.clear();
         c.users[1].kafka.groups = vec!["a*b".into()];
         assert_eq!(c.validate("auth").expect_err("pattern").key, "auth.users[1].kafka.groups");
+        c.users[1].kafka.groups.clear();
+        c.users[1].mqtt.client_ids = vec!["a*b".into()];
+        assert_eq!(c.validate("auth").expect_err("client id rule").key, "auth.users[1].mqtt.client_ids");
+        // Default rules of "a" ("a", "a-*") and "a-1" ("a-1", "a-1-*") overlap.
+        c.users[1] = user("a-1");
+        let e = c.validate("auth").expect_err("overlap");
+        assert_eq!(e.key, "auth.users[1].mqtt.client_ids");
+        assert!(e.reason.contains("\"a-1\"") && e.reason.contains("\"a\""), "{}", e.reason);
+        c.users[1].mqtt.client_ids = vec!["meter-1".into()];
+        c.users[0].mqtt.client_ids = vec!["a".into()];
+        c.validate("auth").expect("disjoint rules");
         let c = AuthConfig { failure_delay_ms: 100_000, ..Default::default() };
         assert_eq!(c.validate("auth").expect_err("delay").key, "auth.failure_delay_ms");
     }
@@ -341,6 +393,8 @@ mod tests {
         let alice = auth.check_password("alice", b"pw").await.expect("right password");
         assert_eq!(auth.check_password("alice", b"px").await.expect_err("wrong"), LoginError::WrongPassword);
         assert_eq!(auth.check_password("bob", b"pw").await.expect_err("unknown"), LoginError::UnknownUser);
+        assert!(alice.may_use_client_id("alice") && alice.may_use_client_id("alice-7"));
+        assert!(!alice.may_use_client_id("alicex") && !alice.may_use_client_id("bob"));
         let a = Access::User(alice);
         assert!(a.topic(TopicOp::Read, "meters-1") && a.topic(TopicOp::Describe, "meters-1"));
         assert!(!a.topic(TopicOp::Write, "meters-1") && !a.topic(TopicOp::Read, "other"));

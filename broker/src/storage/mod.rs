@@ -345,6 +345,8 @@ pub(crate) struct Shared {
     pub fault: Mutex<Option<String>>,
     pub topics: RwLock<HashMap<String, Arc<TopicState>>>,
     pub counters: Counters,
+    /// Bumped by the writer after a commit that created or deleted topics or partitions.
+    pub topics_changed: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -453,6 +455,7 @@ impl Store {
             fault: Mutex::new(None),
             topics: RwLock::new(loaded.topics.clone()),
             counters: Counters::default(),
+            topics_changed: watch::channel(0).0,
         });
         load_mirror_marks(&db, &shared)?;
         let report = OpenReport {
@@ -615,6 +618,12 @@ impl Store {
 
     pub async fn alter_topic_config(&self, name: &str, config: TopicConfig) -> Result<(), StoreError> {
         self.submit(|reply| Op::Admin { cmd: AdminCmd::AlterConfig { name: name.to_string(), config }, reply }).await
+    }
+
+    /// Wakes when topics or partitions were created or deleted (after the commit, once they are
+    /// visible through [`Store::topic`]): for readers that follow topics which may appear later.
+    pub fn topics_changed(&self) -> watch::Receiver<u64> {
+        self.inner.shared.topics_changed.subscribe()
     }
 
     pub fn topic(&self, name: &str) -> Option<TopicInfo> {

@@ -846,6 +846,8 @@ impl Writer {
             }
             *topics = next;
         }
+        // The reopened database may hold topics memory had not seen (or lack ones it had).
+        self.shared.topics_changed.send_modify(|n| *n = n.wrapping_add(1));
         self.adopt(loaded);
     }
 
@@ -1625,6 +1627,7 @@ impl Writer {
     /// After a successful commit: memory catches up with the database, readers are woken and
     /// waiters answered - in that order, so an acknowledged offset is already readable.
     fn publish(&mut self, r: Round) {
+        let topics_changed = !r.topic_changes.is_empty();
         if let Ok(mut topics) = self.shared.topics.write() {
             for change in r.topic_changes {
                 match change {
@@ -1676,6 +1679,10 @@ impl Writer {
                     }
                 }
             }
+        }
+        if topics_changed {
+            // After the topic map and watermarks: a woken reader sees the new topics.
+            self.shared.topics_changed.send_modify(|n| *n = n.wrapping_add(1));
         }
         let c = &self.shared.counters;
         c.appended_records.fetch_add(r.appended_records, Ordering::Relaxed);

@@ -1,0 +1,221 @@
+//! Retained messages, without I/O: an in-memory index of the retained topics and their stored
+//! sizes (the messages themselves stay in `kv.mqtt_retained`), so that the limits
+//! (`mqtt.retained_messages_max`, `mqtt.retained_bytes_max`) are checked without reading the store,
+//! and a subscription's retained messages are found page by page by a cursor that reads only the
+//! topics its filter can match. The index costs about (topic length + 64) bytes per retained
+//! message, bounded by `mqtt.retained_messages_max`.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use super::topic;
+
+/// Bytes a retained message takes in the store: its key (the topic) and its value (QoS byte and
+/// payload).
+pub(super) fn stored_size(topic: &str, payload_len: usize) -> u64 {
+    (topic.len() + 1 + payload_len) as u64
+}
+
+/// The retained topics and their stored sizes.
+#[derive(Debug)]
+pub(super) struct RetainedIndex {
+    topics: BTreeMap<String, u64>,
+    bytes: u64,
+    count_max: usize,
+    bytes_max: u64,
+}
+
+/// A change made to the index, kept to undo it if its commit fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Update {
+    topic: String,
+    previous: Option<u64>,
+    now: Option<u64>,
+}
+
+impl RetainedIndex {
+    pub fn new(count_max: usize, bytes_max: u64) -> Self {
+        Self { topics: BTreeMap::new(), bytes: 0, count_max, bytes_max }
+    }
+
+    /// A message found in the store at start-up (counted whatever the limits say now).
+    pub fn load(&mut self, topic: String, size: u64) {
+        if let Some(old) = self.topics.insert(topic, size) {
+            self.bytes -= old;
+        }
+        self.bytes += size;
+    }
+
+    pub fn count(&self) -> usize {
+        self.topics.len()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Sets (`Some(size)`) or clears (`None`) a topic's retained message if the limits allow; the
+    /// error names the limit. Replacing a message with a smaller one is always allowed.
+    pub fn update(&mut self, topic: &str, size: Option<u64>) -> Result<Update, &'static str> {
+        let previous = self.topics.get(topic).copied();
+        if let Some(size) = size {
+            if previous.is_none() && self.topics.len() >= self.count_max {
+                return Err("mqtt.retained_messages_max");
+            }
+            let after = self.bytes - previous.unwrap_or(0) + size;
+            if size > previous.unwrap_or(0) && after > self.bytes_max {
+                return Err("mqtt.retained_bytes_max");
+            }
+        }
+        self.set(topic, size);
+        Ok(Update { topic: topic.to_string(), previous, now: size })
+    }
+
+    /// Undoes an update whose commit failed, unless the topic was changed again since (then that
+    /// later change stands).
+    pub fn undo(&mut self, u: &Update) {
+        if self.topics.get(&u.topic).copied() == u.now {
+            self.set(&u.topic, u.previous);
+        }
+    }
+
+    fn set(&mut self, topic: &str, size: Option<u64>) {
+        let old = match size {
+            Some(s) => self.topics.insert(topic.to_string(), s),
+            None => self.topics.remove(topic),
+        };
+        self.bytes = self.bytes - old.unwrap_or(0) + size.unwrap_or(0);
+    }
+
+    /// The next page of `scan`: at most `examine` topics after its cursor are looked at, and of
+    /// those matching its filter at most `take`, and no more than `bytes_max` stored bytes (but at
+    /// least one), are returned. The cursor moves past the last topic looked at; `scan.done()`
+    /// once none is left.
+    pub fn page(&self, scan: &mut RetainedScan, examine: usize, take: usize, bytes_max: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        if scan.done {
+            return out;
+        }
+        let start = match &scan.after {
+            Some(after) => Bound::Excluded(after.as_str()),
+            None => Bound::Included(scan.prefix.as_str()),
+        };
+        let (mut examined, mut bytes) = (0, 0);
+        for (t, size) in self.topics.range::<str, _>((start, Bound::Unbounded)) {
+            if !t.starts_with(&scan.prefix) {
+                break;
+            }
+            examined += 1;
+            if topic::matches(t, &scan.filter) {
+                out.push(t.clone());
+                bytes += size;
+            }
+            if out.len() >= take || examined >= examine || bytes >= bytes_max {
+                scan.after = Some(t.clone());
+                return out;
+            }
+        }
+        scan.done = true;
+        out
+    }
+}
+
+/// Where a subscription's retained messages are being sent from: its filter, granted QoS, and
+/// the last topic looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RetainedScan {
+    pub filter: String,
+    pub qos: u8,
+    /// Every topic the filter matches starts with this (the filter up to its first wildcard).
+    prefix: String,
+    after: Option<String>,
+    done: bool,
+}
+
+impl RetainedScan {
+    pub fn new(filter: &str, qos: u8) -> Self {
+        let literal = filter.find(['+', '#']).map_or(filter, |i| &filter[..i]);
+        // `a/#` also matches `a`: the prefix stops before the separator.
+        let prefix = if literal.len() < filter.len() { literal.trim_end_matches('/') } else { literal };
+        Self { filter: filter.to_string(), qos, prefix: prefix.to_string(), after: None, done: false }
+    }
+
+    pub fn done(&self) -> bool {
+        self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(topics: &[&str]) -> RetainedIndex {
+        let mut ix = RetainedIndex::new(1000, 1 << 20);
+        for t in topics {
+            ix.load(t.to_string(), 10);
+        }
+        ix
+    }
+
+    #[test]
+    fn limits_on_count_and_bytes_name_their_key() {
+        let mut ix = RetainedIndex::new(2, 100);
+        ix.update("a", Some(40)).expect("room");
+        ix.update("b", Some(40)).expect("room");
+        assert_eq!(ix.update("c", Some(1)), Err("mqtt.retained_messages_max"));
+        assert_eq!(ix.update("a", Some(61)), Err("mqtt.retained_bytes_max"));
+        ix.update("a", Some(60)).expect("exactly the budget");
+        assert_eq!((ix.count(), ix.bytes()), (2, 100));
+        ix.update("b", None).expect("clearing is always allowed");
+        ix.update("c", Some(40)).expect("a freed slot");
+        assert_eq!((ix.count(), ix.bytes()), (2, 100));
+        // Over the limit after a config change: shrinking is still allowed.
+        let mut small = RetainedIndex::new(10, 10);
+        small.load("x".into(), 50);
+        small.update("x", Some(20)).expect("smaller");
+        assert_eq!(small.update("x", Some(21)), Err("mqtt.retained_bytes_max"));
+    }
+
+    #[test]
+    fn a_failed_commit_is_undone_unless_a_later_change_stands() {
+        let mut ix = RetainedIndex::new(10, 1000);
+        let first = ix.update("t", Some(10)).expect("room");
+        let second = ix.update("t", Some(30)).expect("room");
+        ix.undo(&first);
+        assert_eq!(ix.bytes(), 30, "the later change stands");
+        ix.undo(&second);
+        assert_eq!((ix.count(), ix.bytes()), (1, 10));
+        let clear = ix.update("t", None).expect("clear");
+        ix.undo(&clear);
+        assert_eq!((ix.count(), ix.bytes()), (1, 10), "the clear is undone");
+    }
+
+    #[test]
+    fn pages_cover_every_match_once_and_read_only_the_filters_prefix() {
+        let ix = index(&["a", "a/1", "a/2", "a/2/x", "ab/1", "b/1", "$SYS/x", "c/a/1"]);
+        let all = |filter: &str, examine: usize, take: usize| {
+            let mut scan = RetainedScan::new(filter, 1);
+            let mut got = Vec::new();
+            let mut pages = 0;
+            while !scan.done() {
+                got.extend(ix.page(&mut scan, examine, take, u64::MAX));
+                pages += 1;
+                assert!(pages < 100, "no progress");
+            }
+            (got, pages)
+        };
+        assert_eq!(all("a/#", 1, 1).0, vec!["a", "a/1", "a/2", "a/2/x"]);
+        assert_eq!(all("a/+", 2, 10).0, vec!["a/1", "a/2"]);
+        assert_eq!(all("#", 3, 2).0, vec!["a", "a/1", "a/2", "a/2/x", "ab/1", "b/1", "c/a/1"], "no $ topics");
+        assert_eq!(all("+/1", 100, 100).0, vec!["a/1", "ab/1", "b/1"]);
+        assert_eq!(all("b/1", 100, 100), (vec!["b/1".to_string()], 1));
+        // A filter matching nothing looks only at the topics under its prefix.
+        let mut scan = RetainedScan::new("zz/+/y", 1);
+        assert!(ix.page(&mut scan, 1, 1, u64::MAX).is_empty() && scan.done());
+        // A page stops at its byte limit (each message here is 10 bytes), but takes one at least.
+        let mut scan = RetainedScan::new("a/#", 1);
+        assert_eq!(ix.page(&mut scan, 100, 100, 25), vec!["a", "a/1", "a/2"]);
+        assert_eq!(ix.page(&mut scan, 100, 100, 1), vec!["a/2/x"]);
+        assert_eq!(all("$SYS/#", 100, 100).0, vec!["$SYS/x"]);
+    }
+}
