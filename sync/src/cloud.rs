@@ -22,9 +22,9 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tributary_broker::storage::batch::{decode_records, BatchHeader};
 
-use crate::config::CloudConfig;
+use crate::config::{valid_site, CloudConfig};
 use crate::core::{Flow, Progress};
-use crate::protocol::{Control, Data, Decoder, PartitionReport, ProtocolError};
+use crate::protocol::{Control, Data, Decoder, PartitionReport, ProtocolError, OPEN_FRAME_BYTES_MAX};
 use crate::tls::{self, TlsError};
 
 /// Provenance headers added to every mirrored record.
@@ -62,6 +62,8 @@ pub enum CloudError {
     Refused(String),
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    #[error("the site's streams would hold {held} bytes here, over site_buffer_bytes_max = {limit}")]
+    SiteBuffer { held: u64, limit: u64 },
 }
 
 /// Counters of the receiver.
@@ -74,6 +76,9 @@ pub struct CloudStats {
     pub batch_bytes_received: AtomicU64,
     pub duplicates_skipped: AtomicU64,
     pub gaps_recorded: AtomicU64,
+    /// Bytes the sites' data streams hold now (received frames and their decompressed records;
+    /// each site within `site_buffer_bytes_max`).
+    pub buffered_bytes: AtomicU64,
 }
 
 struct SiteEntry {
@@ -216,11 +221,20 @@ async fn serve_site(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<()
         .await
         .map_err(|_| CloudError::Timeout("hello"))??;
     let Some(Control::Hello { site }) = hello else { return Err(ProtocolError::Unexpected("first").into()) };
-    if let Err(e) = tls::check_site(conn, &site) {
+    // The site id keys the session and names the remote topics: only its one canonical form
+    // (the site-id rule), and only exactly as the certificate names it.
+    let checked = if valid_site(&site) {
+        tls::check_site(conn, &site).map_err(CloudError::from)
+    } else {
+        Err(CloudError::Refused(format!(
+            "site id {site:?} is not a lowercase DNS label (letters a-z, digits and '-', at most 63)"
+        )))
+    };
+    if let Err(e) = checked {
         shared.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
         let _ = send.write_all(&Control::Refused { reason: e.to_string() }.encode()).await;
         let _ = send.finish();
-        return Err(e.into());
+        return Err(e);
     }
     // One session per site: a new connection replaces the old one once the old one's writes
     // are acknowledged (it resumes from what the central cluster then holds).
@@ -283,10 +297,13 @@ struct Session {
     ready_topics: HashMap<String, i32>,
     /// A partition has a quarter window of credit to give back.
     credit_due: Arc<Notify>,
+    /// What the site's data streams hold here, within `site_buffer_bytes_max`.
+    buffer: Arc<SiteBuffer>,
 }
 
 impl Session {
     fn new(shared: Arc<Shared>, site: String, conn: quinn::Connection) -> Self {
+        let buffer = Arc::new(SiteBuffer::new(shared.cfg.site_buffer_bytes_max, shared.stats.clone()));
         Self {
             shared,
             site,
@@ -294,6 +311,7 @@ impl Session {
             links: Arc::new(Mutex::new(HashMap::new())),
             ready_topics: HashMap::new(),
             credit_due: Arc::new(Notify::new()),
+            buffer,
         }
     }
 
@@ -334,6 +352,7 @@ impl Session {
                                 site: self.site.clone(),
                                 links: self.links.clone(),
                                 credit_due: self.credit_due.clone(),
+                                buffer: self.buffer.clone(),
                             };
                             streams.spawn(task.run(stream));
                         }
@@ -361,7 +380,10 @@ impl Session {
         };
         // Writes already handed to librdkafka finish (each stream task waits for its records)
         // before this session counts as done; then the last progress goes to the gateway.
-        self.conn.close(0u32.into(), b"session ended");
+        match &result {
+            Ok(()) => self.conn.close(0u32.into(), b"session ended"),
+            Err(e) => self.conn.close(1u32.into(), e.to_string().as_bytes()),
+        }
         while streams.join_next().await.is_some() {}
         let _ = self.send_updates(&mut send, true).await;
         result
@@ -556,30 +578,156 @@ enum Pending {
     Credit(u64),
 }
 
+/// What one site's data streams hold in the receiver: frames read from QUIC and not yet handed
+/// to librdkafka (`received`), and the decompressed records of batches being handed over
+/// (`decoded`). Bytes are charged before they are buffered, never for bytes that have not
+/// arrived. A stream starts a new frame only while the site holds less than half the limit (so
+/// backpressure reaches the gateway through QUIC flow control); bytes that would take `received`
+/// over the limit end the session (only frames already started can get there: a site sending
+/// many half frames at once). Decompressing waits while `decoded` is at half the limit; it can
+/// exceed that by one batch (`decompressed_batch_bytes_max`) per worker thread decompressing.
+#[derive(Debug)]
+struct SiteBuffer {
+    limit: u64,
+    received: AtomicU64,
+    decoded: AtomicU64,
+    freed: Notify,
+    stats: Arc<CloudStats>,
+}
+
+impl SiteBuffer {
+    fn new(limit: u64, stats: Arc<CloudStats>) -> Self {
+        Self { limit, received: AtomicU64::new(0), decoded: AtomicU64::new(0), freed: Notify::new(), stats }
+    }
+
+    /// Waits until a stream may start reading a new frame.
+    async fn room_for_frame(&self) {
+        loop {
+            let freed = self.freed.notified();
+            if self.received.load(Ordering::Acquire) + self.decoded.load(Ordering::Acquire) < self.limit / 2 {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    /// Waits until a batch may be decompressed.
+    async fn room_for_decoding(&self) {
+        loop {
+            let freed = self.freed.notified();
+            if self.decoded.load(Ordering::Acquire) < self.limit / 2 {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    fn release(&self, received: u64, decoded: u64) {
+        if received + decoded == 0 {
+            return;
+        }
+        self.received.fetch_sub(received, Ordering::AcqRel);
+        self.decoded.fetch_sub(decoded, Ordering::AcqRel);
+        self.stats.buffered_bytes.fetch_sub(received + decoded, Ordering::Relaxed);
+        self.freed.notify_waiters();
+    }
+}
+
+/// One stream's share of its site's buffer; given back when the stream ends, however it ends.
+struct Held {
+    buffer: Arc<SiteBuffer>,
+    received: u64,
+    decoded: u64,
+}
+
+impl Held {
+    /// Charges `n` bytes read from the stream, before they are buffered.
+    fn charge(&mut self, n: u64) -> Result<(), CloudError> {
+        let held = self.buffer.received.fetch_add(n, Ordering::AcqRel) + n;
+        if held > self.buffer.limit {
+            self.buffer.received.fetch_sub(n, Ordering::AcqRel);
+            return Err(CloudError::SiteBuffer { held, limit: self.buffer.limit });
+        }
+        self.received += n;
+        self.buffer.stats.buffered_bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn charge_decoded(&mut self, n: u64) {
+        self.buffer.decoded.fetch_add(n, Ordering::AcqRel);
+        self.buffer.stats.buffered_bytes.fetch_add(n, Ordering::Relaxed);
+        self.decoded += n;
+    }
+
+    /// A frame of `received` bytes (and its `decoded` records) is handed over.
+    fn release(&mut self, received: u64, decoded: u64) {
+        let (r, d) = (received.min(self.received), decoded.min(self.decoded));
+        self.received -= r;
+        self.decoded -= d;
+        self.buffer.release(r, d);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.buffer.release(self.received, self.decoded);
+    }
+}
+
+/// Bytes asked of QUIC per read once a stream is open (quinn hands over its own buffers).
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
 /// Reads one partition's data stream and writes its records into Kafka.
 struct StreamTask {
     shared: Arc<Shared>,
     site: String,
     links: Links,
     credit_due: Arc<Notify>,
+    buffer: Arc<SiteBuffer>,
+}
+
+/// A data stream being read: its decoder and its share of the site's buffer.
+struct Incoming {
+    stream: quinn::RecvStream,
+    decoder: Decoder,
+    held: Held,
+    /// Bytes asked of QUIC per read.
+    chunk: usize,
+}
+
+impl Incoming {
+    /// The next frame and the bytes it took on the wire; `None` when the stream ended.
+    async fn next(&mut self) -> Result<Option<(Data, u64)>, CloudError> {
+        loop {
+            let before = self.decoder.buffered();
+            if let Some(frame) = self.decoder.next_data()? {
+                return Ok(Some((frame, (before - self.decoder.buffered()) as u64)));
+            }
+            if self.decoder.buffered() == 0 {
+                self.held.buffer.room_for_frame().await;
+            }
+            match self.stream.read_chunk(self.chunk, true).await? {
+                Some(chunk) => {
+                    self.held.charge(chunk.bytes.len() as u64)?;
+                    self.decoder.feed(&chunk.bytes);
+                }
+                None => return Ok(None),
+            }
+        }
+    }
 }
 
 impl StreamTask {
-    async fn run(self, mut stream: quinn::RecvStream) -> Result<(), CloudError> {
-        let mut decoder = Decoder::new(self.shared.cfg.frame_bytes_max as usize);
-        let mut buf = vec![0u8; 64 * 1024];
-        let open = loop {
-            if let Some(d) = decoder.next_data()? {
-                break d;
-            }
-            match stream.read(&mut buf).await? {
-                Some(n) => decoder.feed(&buf[..n]),
-                None => return Ok(()),
-            }
-        };
+    async fn run(self, stream: quinn::RecvStream) -> Result<(), CloudError> {
+        // Until its Open is checked a stream may hold one Open frame's worth, no more.
+        let held = Held { buffer: self.buffer.clone(), received: 0, decoded: 0 };
+        let mut incoming =
+            Incoming { stream, decoder: Decoder::new(OPEN_FRAME_BYTES_MAX), held, chunk: OPEN_FRAME_BYTES_MAX };
+        let Some((open, len)) = incoming.next().await? else { return Ok(()) };
         let Data::Open { topic, partition } = open else {
             return Err(ProtocolError::Unexpected("data before open").into());
         };
+        incoming.held.release(len, 0);
         let link = self
             .links
             .lock()
@@ -587,22 +735,21 @@ impl StreamTask {
             .get(&(topic.clone(), partition))
             .cloned()
             .ok_or(ProtocolError::Unexpected("stream of a partition not started"))?;
+        incoming.decoder.set_max(self.shared.cfg.frame_bytes_max as usize);
+        incoming.chunk = READ_CHUNK_BYTES;
         // Deliveries are awaited in order by a tracker; its queue is bounded by the credit
         // (bytes) and by this count (records).
         let (tx, rx) = mpsc::channel::<Pending>(65_536);
         let tracker = tokio::spawn(track(rx, link.clone(), self.credit_due.clone()));
-        let result = self.pump(&mut stream, &mut decoder, &mut buf, &topic, partition, &link, &tx).await;
+        let result = self.pump(&mut incoming, &topic, partition, &link, &tx).await;
         drop(tx);
         let tracked = tracker.await.map_err(|e| CloudError::Refused(format!("delivery tracker: {e}")))?;
         result.and(tracked)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn pump(
         &self,
-        stream: &mut quinn::RecvStream,
-        decoder: &mut Decoder,
-        buf: &mut [u8],
+        incoming: &mut Incoming,
         topic: &str,
         partition: i32,
         link: &Link,
@@ -612,23 +759,18 @@ impl StreamTask {
         let limit = self.shared.cfg.decompressed_batch_bytes_max;
         let stats = &self.shared.stats;
         loop {
-            let frame = match decoder.next_data()? {
-                Some(f) => f,
-                None => match stream.read(buf).await? {
-                    Some(n) => {
-                        decoder.feed(&buf[..n]);
-                        continue;
-                    }
-                    None => return Ok(()),
-                },
-            };
+            let Some((frame, wire_len)) = incoming.next().await? else { return Ok(()) };
             match frame {
                 Data::Batch(batch) => {
                     let len = batch.len() as u64;
                     link.flow.lock().unwrap_or_else(PoisonError::into_inner).on_received(topic, partition, len)?;
                     stats.batch_bytes_received.fetch_add(len, Ordering::Relaxed);
                     let h = BatchHeader::parse(&batch).map_err(|e| CloudError::Batch(e.to_string()))?;
+                    self.buffer.room_for_decoding().await;
                     let records = decode_records(&batch, limit).map_err(|e| CloudError::Batch(e.to_string()))?;
+                    drop(batch);
+                    let decoded: u64 = records.iter().map(record_bytes).sum();
+                    incoming.held.charge_decoded(decoded);
                     for r in records {
                         if r.offset < expected {
                             stats.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
@@ -659,12 +801,14 @@ impl StreamTask {
                         stats.records_written.fetch_add(1, Ordering::Relaxed);
                         expected = r.offset + 1;
                     }
+                    incoming.held.release(wire_len, decoded);
                     expected = expected.max(h.next_offset());
                     if tx.send(Pending::Credit(len)).await.is_err() {
                         return Err(CloudError::Refused("delivery tracker stopped".into()));
                     }
                 }
                 Data::Gap { from, to } => {
+                    incoming.held.release(wire_len, 0);
                     if to <= expected {
                         continue;
                     }
@@ -734,6 +878,12 @@ async fn track(mut rx: mpsc::Receiver<Pending>, link: Arc<Link>, credit_due: Arc
     Ok(())
 }
 
+/// The bytes a decoded record holds (key, value, header names and values).
+fn record_bytes(r: &tributary_broker::storage::batch::StoredRecord) -> u64 {
+    let field = |b: &Option<bytes::Bytes>| b.as_ref().map_or(0, |b| b.len() as u64);
+    field(&r.key) + field(&r.value) + r.headers.iter().map(|(k, v)| k.len() as u64 + field(v)).sum::<u64>()
+}
+
 fn json_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -749,4 +899,37 @@ fn json_escape(s: &str) -> String {
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    #[test]
+    fn a_site_buffer_charges_arrivals_refuses_its_limit_and_stops_new_frames_at_half() {
+        let stats = Arc::new(CloudStats::default());
+        let buffer = Arc::new(SiteBuffer::new(1000, stats.clone()));
+        let held = || Held { buffer: buffer.clone(), received: 0, decoded: 0 };
+        let (mut a, mut b) = (held(), held());
+        a.charge(400).expect("within the limit");
+        assert!(buffer.room_for_frame().now_or_never().is_some(), "below half: a new frame starts");
+        a.charge(100).expect("within the limit");
+        assert!(buffer.room_for_frame().now_or_never().is_none(), "at half: new frames wait");
+        // Frames already started may go on up to the limit, not past it.
+        b.charge(500).expect("up to the limit");
+        assert!(matches!(b.charge(1), Err(CloudError::SiteBuffer { held: 1001, limit: 1000 })));
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 1000);
+        drop(b);
+        a.release(100, 0);
+        assert!(buffer.room_for_frame().now_or_never().is_some(), "room again once frames are handed over");
+        // Decompressed records count too, and hold back further decompression at half.
+        a.charge_decoded(500);
+        assert!(buffer.room_for_decoding().now_or_never().is_none());
+        assert!(buffer.room_for_frame().now_or_never().is_none());
+        drop(a);
+        assert!(buffer.room_for_decoding().now_or_never().is_some());
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0, "a stream's share goes back when it ends");
+    }
 }
