@@ -158,7 +158,27 @@ fn cloud_config(pki: &Pki, central: &KafkaBroker, listen: SocketAddr) -> CloudCo
 
 impl Cloud {
     fn start(cfg: CloudConfig) -> Self {
-        let server = CloudServer::bind(cfg).expect("receiver starts");
+        Self::serve(CloudServer::bind(cfg).expect("receiver starts"))
+    }
+
+    /// Starts again on the address a stopped receiver had: its endpoint's driver lets go of the
+    /// UDP socket a moment after the receiver stopped, so binding waits for that (deadline 10 s).
+    async fn restart(cfg: CloudConfig) -> Self {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match CloudServer::bind(cfg.clone()) {
+                Ok(server) => return Self::serve(server),
+                Err(tributary_sync::cloud::CloudError::Endpoint(e))
+                    if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("receiver restarts: {e}"),
+            }
+        }
+    }
+
+    fn serve(server: CloudServer) -> Self {
         let addr = server.local_addr().expect("addr");
         let stats = server.stats();
         let (stop, rx) = tokio::sync::oneshot::channel();
@@ -236,6 +256,30 @@ fn caught_up(store: &Store, topics: &[&str]) -> bool {
             store.mirrored(t, p).ok().flatten().unwrap_or(0) >= hw
         })
     })
+}
+
+/// Each partition's confirmed mirror mark.
+fn marks(store: &Store, topic: &str) -> Vec<i64> {
+    let n = store.topic(topic).map_or(0, |i| i.partitions as i32);
+    (0..n).map(|p| store.mirrored(topic, p).ok().flatten().unwrap_or(0)).collect()
+}
+
+fn high_watermarks(store: &Store, topic: &str) -> Vec<i64> {
+    let n = store.topic(topic).map_or(0, |i| i.partitions as i32);
+    (0..n).map(|p| store.watermarks(topic, p).map_or(0, |w| w.high_watermark)).collect()
+}
+
+/// The last session started every partition of `topic` from the central cluster's tail: at or
+/// above what the gateway had confirmed when the link went dark, and below the high watermark
+/// it had while dark (records the central cluster could not have), so it resumed mid-stream.
+fn assert_resumed_mid_stream(stats: &MirrorStats, topic: &str, confirmed: &[i64], dark: &[i64]) {
+    for (p, (confirmed, dark)) in confirmed.iter().zip(dark).enumerate() {
+        let started = stats.partition(topic, p as i32).expect("partition started").started_at.load(Ordering::Relaxed);
+        assert!(
+            *confirmed <= started && started < *dark,
+            "{topic}-{p}: resumed at {started}, not within [{confirmed}, {dark}) (confirmed before the cut, high watermark while dark)"
+        );
+    }
 }
 
 fn record(topic: &str, p: i32, i: usize) -> NewRecord {
@@ -344,23 +388,39 @@ async fn every_record_reaches_the_central_cluster_once_through_cuts_loss_and_res
     imp.loss_percent.store(0, Ordering::Relaxed);
     imp.delay_ms.store(0, Ordering::Relaxed);
 
-    // The receiver restarts mid-stream, on the same port: it resumes from the central cluster.
+    // The receiver restarts mid-stream, on the same port. The link goes dark first, so what the
+    // receiver stores while stopping never reaches the gateway, and records keep arriving that
+    // the central cluster cannot have: the new session must resume from the central cluster's
+    // tail, below the gateway's high watermark, not hand over cleanly at it.
     produce(&gateway.store, "meters", 900, 200).await;
+    imp.blackout.store(true, Ordering::Relaxed);
+    let confirmed = marks(&gateway.store, "meters");
+    produce(&gateway.store, "meters", 1100, 100).await;
+    let dark = high_watermarks(&gateway.store, "meters");
+    mirror.until("the link seen down", 30, |s| !s.link_up.load(Ordering::Relaxed)).await;
     let cfg = cloud_config(&pki, &central, cloud_addr);
     cloud.stop().await;
-    produce(&gateway.store, "meters", 1100, 100).await;
-    let cloud = Cloud::start(cfg);
+    let cloud = Cloud::restart(cfg).await;
+    imp.blackout.store(false, Ordering::Relaxed);
     mirror.until("mirrored after the receiver restarted", 60, |_| caught_up(&gateway.store, &["meters"])).await;
+    assert_resumed_mid_stream(&mirror.stats, "meters", &confirmed, &dark);
 
-    // The gateway restarts mid-stream: its mirror resumes without duplicates.
+    // The gateway restarts mid-stream: the link goes dark, the gateway stops and starts again
+    // with more records; its mirror resumes from the central cluster without duplicates.
     produce(&gateway.store, "meters", 1200, 100).await;
+    imp.blackout.store(true, Ordering::Relaxed);
+    let confirmed = marks(&gateway.store, "meters");
+    produce(&gateway.store, "meters", 1300, 50).await;
+    let dark = high_watermarks(&gateway.store, "meters");
     mirror.stop().await;
     let gateway = gateway.restart().await;
-    produce(&gateway.store, "meters", 1300, 100).await;
+    produce(&gateway.store, "meters", 1350, 50).await;
     let mirror = Mirror::start(mirror_config(&pki, via, cert), &gateway.store);
+    imp.blackout.store(false, Ordering::Relaxed);
     mirror
         .until("mirrored after the gateway restarted", 60, |_| caught_up(&gateway.store, &["meters", "alarms"]))
         .await;
+    assert_resumed_mid_stream(&mirror.stats, "meters", &confirmed, &dark);
 
     assert_mirrored(&gateway.store, &central.store, "meters");
     assert_mirrored(&gateway.store, &central.store, "alarms");
