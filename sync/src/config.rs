@@ -312,6 +312,51 @@ mod tests {
     }
 }
 
+/// Issue 13 item 17 for cloud.toml: type errors name their key and line; sizes and durations
+/// may be written as a person writes them.
+#[cfg(test)]
+mod file {
+    use super::*;
+
+    #[test]
+    fn every_cloud_key_is_named_in_its_type_error_and_human_forms_parse() {
+        let default = toml::Value::try_from(CloudConfig::default()).expect("serializes");
+        let toml::Value::Table(top) = &default else { panic!("a table") };
+        let mut all: Vec<(String, String, toml::Value)> = Vec::new();
+        for (k, v) in top {
+            match v {
+                toml::Value::Table(t) => {
+                    all.extend(t.iter().filter(|(_, v)| !v.is_table()).map(|(l, v)| (k.clone(), l.clone(), v.clone())));
+                }
+                _ => all.push((String::new(), k.clone(), v.clone())),
+            }
+        }
+        assert!(all.len() > 15, "{} keys", all.len());
+        for (section, leaf, value) in all {
+            let key = if section.is_empty() { leaf.clone() } else { format!("{section}.{leaf}") };
+            let header = if section.is_empty() { String::new() } else { format!("[{section}]\n") };
+            let wrong: [&str; 2] = match value {
+                toml::Value::Integer(_) => ["true", "\"lots\""],
+                toml::Value::Boolean(_) => ["\"lots\"", "5"],
+                _ => ["5", "true"],
+            };
+            for w in wrong {
+                let text = format!("{header}{leaf} = {w}\n");
+                let e = crate::config_file::parse::<CloudConfig>(&text).expect_err(&text);
+                assert_eq!(e.key, key, "{text}: {e}");
+                assert!(e.reason.starts_with("line "), "{text}: {e}");
+            }
+        }
+        let cfg: CloudConfig = crate::config_file::parse(
+            "site_buffer_bytes_max = \"128 MiB\"\nidle_timeout_ms = \"2m\"\n[kafka]\nrequest_timeout_ms = \"30s\"\n",
+        )
+        .expect("human forms parse");
+        assert_eq!((cfg.site_buffer_bytes_max, cfg.idle_timeout_ms), (128 << 20, 120_000));
+        assert_eq!(cfg.kafka.request_timeout_ms, 30_000);
+        cfg.validate().expect("valid");
+    }
+}
+
 #[cfg(test)]
 mod shipped {
     use super::*;
@@ -320,7 +365,7 @@ mod shipped {
 
     #[test]
     fn shipped_cloud_config_states_and_documents_the_defaults() {
-        let cfg: CloudConfig = toml::from_str(SHIPPED).expect("config/cloud.toml parses");
+        let cfg: CloudConfig = crate::config_file::parse(SHIPPED).expect("config/cloud.toml parses");
         assert_eq!(cfg, CloudConfig::default(), "config/cloud.toml states the built-in defaults");
         cfg.validate().expect("valid");
         let toml::Value::Table(all) = toml::Value::try_from(CloudConfig::default()).expect("serializes") else {
