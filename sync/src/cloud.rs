@@ -5,20 +5,22 @@
 //! and tells the gateway what is safely stored. A second connection of a site replaces the first
 //! only after the first's writes are all acknowledged, so resuming never duplicates.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
+use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tributary_broker::storage::batch::{decode_records, BatchHeader};
 
@@ -89,7 +91,7 @@ struct SiteEntry {
 
 struct Shared {
     cfg: CloudConfig,
-    producer: FutureProducer,
+    producer: ThreadedProducer<Acknowledger>,
     admin: AdminClient<DefaultClientContext>,
     sites: Mutex<HashMap<String, SiteEntry>>,
     next_id: AtomicU64,
@@ -129,15 +131,17 @@ impl CloudServer {
         )?;
         let server = tls::server_config(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport)?;
         let endpoint = quinn::Endpoint::server(server, cfg.listen).map_err(CloudError::Endpoint)?;
-        let producer: FutureProducer = kafka_config(&cfg)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string())
-            // Never give up on a record: a record that failed after later ones were written
-            // would break order. A session that cannot write ends instead.
-            .set("message.timeout.ms", "0")
-            .create()?;
+        let producer = ThreadedProducer::from_config_and_context(
+            kafka_config(&cfg)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("linger.ms", "5")
+                .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string())
+                // Never give up on a record: a record that failed after later ones were written
+                // would break order. A session that cannot write ends instead.
+                .set("message.timeout.ms", "0"),
+            Acknowledger,
+        )?;
         let admin: AdminClient<DefaultClientContext> = kafka_config(&cfg).create()?;
         let shared = Arc::new(Shared {
             cfg,
@@ -278,12 +282,140 @@ async fn serve_site(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<()
     result
 }
 
-/// One partition of a session: where it stands, its credit, its remote topic.
+/// One partition of a session: where it stands, its credit, its remote topic, and the central
+/// cluster's acknowledgements of what was written for it.
 struct Link {
     remote: String,
     start: i64,
     flow: Mutex<Flow>,
     progress: Mutex<Progress>,
+    acks: Mutex<Acks>,
+    /// Wakes the stream task when units are settled or a write failed.
+    settled: Notify,
+    /// The session's "credit to give back" wake-up.
+    credit_due: Arc<Notify>,
+}
+
+/// Units (a received batch, or a gap marker) of one partition, numbered in the order they were
+/// handed to librdkafka and applied to progress and credit in that order, each once all its
+/// records are acknowledged. Deliveries come back in order within a remote partition, but a gap
+/// record goes to the gaps topic: the numbering keeps progress from passing it early.
+#[derive(Debug, Default)]
+struct Acks {
+    next_unit: u64,
+    applied: u64,
+    /// Acknowledged units above `applied`: (next offset, credit bytes).
+    done: BTreeMap<u64, (i64, u64)>,
+    failed: Option<String>,
+}
+
+impl Link {
+    /// A new unit whose records are about to be handed to librdkafka.
+    fn unit(self: &Arc<Self>, next: i64, credit: u64) -> Arc<Unit> {
+        let seq = {
+            let mut acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+            acks.next_unit += 1;
+            acks.next_unit - 1
+        };
+        // One count for the sender (see `Handing`): a unit cannot settle while its records are
+        // still being handed over.
+        Arc::new(Unit { link: self.clone(), seq, next, credit, waiting: AtomicU64::new(1) })
+    }
+
+    /// A unit's records are all acknowledged: apply every settled unit in order.
+    fn settle(&self, seq: u64, next: i64, credit: u64) {
+        let mut due = false;
+        {
+            let mut acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+            acks.done.insert(seq, (next, credit));
+            loop {
+                let applied = acks.applied;
+                let Some((next, credit)) = acks.done.remove(&applied) else { break };
+                acks.applied += 1;
+                self.progress.lock().unwrap_or_else(PoisonError::into_inner).on_stored(next);
+                let mut flow = self.flow.lock().unwrap_or_else(PoisonError::into_inner);
+                flow.on_stored(credit);
+                due |= flow.credit_due();
+            }
+        }
+        if due {
+            self.credit_due.notify_one();
+        }
+        self.settled.notify_waiters();
+    }
+
+    fn fail(&self, error: String) {
+        self.acks.lock().unwrap_or_else(PoisonError::into_inner).failed.get_or_insert(error);
+        self.settled.notify_waiters();
+    }
+
+    /// A write of this partition failed: the session ends (later records must not pass it).
+    fn check(&self) -> Result<(), CloudError> {
+        match &self.acks.lock().unwrap_or_else(PoisonError::into_inner).failed {
+            Some(e) => Err(CloudError::Refused(format!("write to the central cluster failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every unit handed over is acknowledged (or a write failed).
+    async fn all_settled(&self) -> Result<(), CloudError> {
+        loop {
+            let settled = self.settled.notified();
+            {
+                let acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+                if acks.failed.is_some() || acks.applied == acks.next_unit {
+                    break;
+                }
+            }
+            settled.await;
+        }
+        self.check()
+    }
+}
+
+/// What each record handed to librdkafka carries to its delivery report: its unit.
+struct Unit {
+    link: Arc<Link>,
+    seq: u64,
+    next: i64,
+    credit: u64,
+    /// Records not yet acknowledged, plus one while the sender is still handing them over.
+    waiting: AtomicU64,
+}
+
+impl Unit {
+    fn acked(&self) {
+        if self.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.link.settle(self.seq, self.next, self.credit);
+        }
+    }
+}
+
+/// The sender's count on a unit, given back when every record is handed over (or the sender
+/// stopped halfway, on an error), so the unit can settle.
+struct Handing(Arc<Unit>);
+
+impl Drop for Handing {
+    fn drop(&mut self) {
+        self.0.acked();
+    }
+}
+
+/// librdkafka's delivery reports (on its polling thread), counted against their units: no
+/// future, channel or task per record.
+struct Acknowledger;
+
+impl ClientContext for Acknowledger {}
+
+impl ProducerContext for Acknowledger {
+    type DeliveryOpaque = Arc<Unit>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, unit: Arc<Unit>) {
+        match result {
+            Ok(_) => unit.acked(),
+            Err((e, _)) => unit.link.fail(e.to_string()),
+        }
+    }
 }
 
 type Links = Arc<Mutex<HashMap<(String, i32), Arc<Link>>>>;
@@ -351,7 +483,6 @@ impl Session {
                                 shared: self.shared.clone(),
                                 site: self.site.clone(),
                                 links: self.links.clone(),
-                                credit_due: self.credit_due.clone(),
                                 buffer: self.buffer.clone(),
                             };
                             streams.spawn(task.run(stream));
@@ -446,8 +577,15 @@ impl Session {
             let flow = Flow::new(self.shared.cfg.partition_credit_bytes, self.shared.cfg.frame_bytes_max);
             let credit = flow.initial_credit();
             let interval = Duration::from_millis(self.shared.cfg.mirrored_report_interval_ms);
-            let link =
-                Link { remote, start, flow: Mutex::new(flow), progress: Mutex::new(Progress::new(start, interval)) };
+            let link = Link {
+                remote,
+                start,
+                flow: Mutex::new(flow),
+                progress: Mutex::new(Progress::new(start, interval)),
+                acks: Mutex::new(Acks::default()),
+                settled: Notify::new(),
+                credit_due: self.credit_due.clone(),
+            };
             self.links.lock().unwrap_or_else(PoisonError::into_inner).insert(key, Arc::new(link));
             let mut frames =
                 Control::Start { topic: p.topic.clone(), partition: p.partition, offset: start }.encode().to_vec();
@@ -570,14 +708,6 @@ fn last_mirrored(
     Ok(last)
 }
 
-/// What the delivery tracker of a partition waits for, in order.
-enum Pending {
-    /// A record (or gap marker) written: everything below `next` is stored once it is acked.
-    Write { next: i64, delivery: DeliveryFuture },
-    /// A received batch is fully handled: its bytes of credit go back.
-    Credit(u64),
-}
-
 /// What one site's data streams hold in the receiver: frames read from QUIC and not yet handed
 /// to librdkafka (`received`), and the decompressed records of batches being handed over
 /// (`decoded`). Bytes are charged before they are buffered, never for bytes that have not
@@ -682,7 +812,6 @@ struct StreamTask {
     shared: Arc<Shared>,
     site: String,
     links: Links,
-    credit_due: Arc<Notify>,
     buffer: Arc<SiteBuffer>,
 }
 
@@ -737,14 +866,10 @@ impl StreamTask {
             .ok_or(ProtocolError::Unexpected("stream of a partition not started"))?;
         incoming.decoder.set_max(self.shared.cfg.frame_bytes_max as usize);
         incoming.chunk = READ_CHUNK_BYTES;
-        // Deliveries are awaited in order by a tracker; its queue is bounded by the credit
-        // (bytes) and by this count (records).
-        let (tx, rx) = mpsc::channel::<Pending>(65_536);
-        let tracker = tokio::spawn(track(rx, link.clone(), self.credit_due.clone()));
-        let result = self.pump(&mut incoming, &topic, partition, &link, &tx).await;
-        drop(tx);
-        let tracked = tracker.await.map_err(|e| CloudError::Refused(format!("delivery tracker: {e}")))?;
-        result.and(tracked)
+        let result = self.pump(&mut incoming, &topic, partition, &link).await;
+        // Whatever was handed to librdkafka is acknowledged before the stream counts as done.
+        let settled = link.all_settled().await;
+        result.and(settled)
     }
 
     async fn pump(
@@ -752,10 +877,11 @@ impl StreamTask {
         incoming: &mut Incoming,
         topic: &str,
         partition: i32,
-        link: &Link,
-        tx: &mpsc::Sender<Pending>,
+        link: &Arc<Link>,
     ) -> Result<(), CloudError> {
         let mut expected = link.start;
+        let partition_text = partition.to_string();
+        let mut offset_text = [0u8; 20];
         let limit = self.shared.cfg.decompressed_batch_bytes_max;
         let stats = &self.shared.stats;
         loop {
@@ -771,6 +897,10 @@ impl StreamTask {
                     drop(batch);
                     let decoded: u64 = records.iter().map(record_bytes).sum();
                     incoming.held.charge_decoded(decoded);
+                    link.check()?;
+                    let unit = link.unit(h.next_offset(), len);
+                    let handing = Handing(unit.clone());
+                    let mut written = 0;
                     for r in records {
                         if r.offset < expected {
                             stats.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
@@ -780,32 +910,31 @@ impl StreamTask {
                         for (k, v) in &r.headers {
                             headers = headers.insert(Header { key: k, value: v.as_deref() });
                         }
-                        let (p, o) = (partition.to_string(), r.offset.to_string());
                         headers = headers
                             .insert(Header { key: HEADER_SITE, value: Some(self.site.as_bytes()) })
                             .insert(Header { key: HEADER_TOPIC, value: Some(topic.as_bytes()) })
-                            .insert(Header { key: HEADER_PARTITION, value: Some(p.as_bytes()) })
-                            .insert(Header { key: HEADER_OFFSET, value: Some(o.as_bytes()) });
-                        let mut record: FutureRecord<'_, [u8], [u8]> =
-                            FutureRecord::to(&link.remote).partition(partition).timestamp(r.timestamp).headers(headers);
+                            .insert(Header { key: HEADER_PARTITION, value: Some(partition_text.as_bytes()) })
+                            .insert(Header { key: HEADER_OFFSET, value: Some(decimal(&mut offset_text, r.offset)) });
+                        let mut record: BaseRecord<'_, [u8], [u8], Arc<Unit>> =
+                            BaseRecord::with_opaque_to(&link.remote, unit.clone())
+                                .partition(partition)
+                                .timestamp(r.timestamp)
+                                .headers(headers);
                         if let Some(k) = &r.key {
                             record = record.key(&k[..]);
                         }
                         if let Some(v) = &r.value {
                             record = record.payload(&v[..]);
                         }
-                        let delivery = self.enqueue(record).await?;
-                        if tx.send(Pending::Write { next: r.offset + 1, delivery }).await.is_err() {
-                            return Err(CloudError::Refused("delivery tracker stopped".into()));
-                        }
-                        stats.records_written.fetch_add(1, Ordering::Relaxed);
+                        unit.waiting.fetch_add(1, Ordering::AcqRel);
+                        self.enqueue(record).await?;
+                        written += 1;
                         expected = r.offset + 1;
                     }
+                    drop(handing);
+                    stats.records_written.fetch_add(written, Ordering::Relaxed);
                     incoming.held.release(wire_len, decoded);
                     expected = expected.max(h.next_offset());
-                    if tx.send(Pending::Credit(len)).await.is_err() {
-                        return Err(CloudError::Refused("delivery tracker stopped".into()));
-                    }
                 }
                 Data::Gap { from, to } => {
                     incoming.held.release(wire_len, 0);
@@ -820,12 +949,16 @@ impl StreamTask {
                         json_escape(&self.site), json_escape(topic), partition, from, to, json_escape(&link.remote), now_ms()
                     );
                     let key = format!("{}/{}/{}", self.site, topic, partition);
-                    let record: FutureRecord<'_, str, str> =
-                        FutureRecord::to(&self.shared.cfg.gaps_topic).key(key.as_str()).payload(value.as_str());
-                    let delivery = self.enqueue(record).await?;
-                    if tx.send(Pending::Write { next: to, delivery }).await.is_err() {
-                        return Err(CloudError::Refused("delivery tracker stopped".into()));
-                    }
+                    link.check()?;
+                    let unit = link.unit(to, 0);
+                    let handing = Handing(unit.clone());
+                    let record: BaseRecord<'_, str, str, Arc<Unit>> =
+                        BaseRecord::with_opaque_to(&self.shared.cfg.gaps_topic, unit.clone())
+                            .key(key.as_str())
+                            .payload(value.as_str());
+                    unit.waiting.fetch_add(1, Ordering::AcqRel);
+                    self.enqueue(record).await?;
+                    drop(handing);
                     stats.gaps_recorded.fetch_add(1, Ordering::Relaxed);
                     expected = to;
                 }
@@ -837,45 +970,40 @@ impl StreamTask {
     /// Hands a record to librdkafka, waiting while its queue is full.
     async fn enqueue<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
         &self,
-        mut record: FutureRecord<'_, K, P>,
-    ) -> Result<DeliveryFuture, CloudError> {
+        mut record: BaseRecord<'_, K, P, Arc<Unit>>,
+    ) -> Result<(), CloudError> {
         loop {
-            match self.shared.producer.send_result(record) {
-                Ok(d) => return Ok(d),
+            match self.shared.producer.send(record) {
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     // librdkafka's queue drains as the cluster acknowledges: poll it shortly.
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                Err((e, _)) => return Err(e.into()),
+                Err((e, r)) => {
+                    // Give back the count taken for this record, so its unit can still settle
+                    // (the session ends on this error anyway).
+                    r.delivery_opaque.acked();
+                    return Err(e.into());
+                }
             }
         }
     }
 }
 
-/// Awaits deliveries in order: progress moves only over acknowledged records, and credit goes
-/// back once a batch's records are all acknowledged.
-async fn track(mut rx: mpsc::Receiver<Pending>, link: Arc<Link>, credit_due: Arc<Notify>) -> Result<(), CloudError> {
-    while let Some(p) = rx.recv().await {
-        match p {
-            Pending::Write { next, delivery } => match delivery.await {
-                Ok(Ok(_)) => link.progress.lock().unwrap_or_else(PoisonError::into_inner).on_stored(next),
-                Ok(Err((e, _))) => return Err(e.into()),
-                Err(_) => return Err(CloudError::Refused("delivery cancelled".into())),
-            },
-            Pending::Credit(len) => {
-                let due = {
-                    let mut flow = link.flow.lock().unwrap_or_else(PoisonError::into_inner);
-                    flow.on_stored(len);
-                    flow.credit_due()
-                };
-                if due {
-                    credit_due.notify_one();
-                }
-            }
+/// Writes `n` (an offset, >= 0) in decimal into `buf` without allocating; the digits.
+fn decimal(buf: &mut [u8; 20], n: i64) -> &[u8] {
+    let mut n = n.max(0).unsigned_abs();
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
-    Ok(())
+    &buf[at..]
 }
 
 /// The bytes a decoded record holds (key, value, header names and values).
@@ -906,6 +1034,66 @@ mod tests {
     use futures_util::FutureExt;
 
     use super::*;
+
+    fn link(start: i64) -> Arc<Link> {
+        Arc::new(Link {
+            remote: "plant-7.meters".into(),
+            start,
+            flow: Mutex::new(Flow::new(1000, 100)),
+            progress: Mutex::new(Progress::new(start, Duration::from_millis(1))),
+            acks: Mutex::new(Acks::default()),
+            settled: Notify::new(),
+            credit_due: Arc::new(Notify::new()),
+        })
+    }
+
+    fn stored(link: &Link) -> i64 {
+        link.progress.lock().map(|p| p.stored()).unwrap_or_default()
+    }
+
+    /// Progress and credit move over acknowledged units in the order they were handed over,
+    /// whatever order librdkafka reports them in (a gap record goes to another topic).
+    #[test]
+    fn units_settle_in_order_once_all_their_records_are_acknowledged() {
+        let link = link(0);
+        let records = |unit: &Arc<Unit>, n: u64| {
+            unit.waiting.fetch_add(n, Ordering::AcqRel);
+        };
+        let (a, b, c) = (link.unit(10, 300), link.unit(20, 0), link.unit(30, 500));
+        for (u, n) in [(&a, 3), (&b, 1), (&c, 2)] {
+            records(u, n);
+            drop(Handing(u.clone()));
+        }
+        for _ in 0..2 {
+            c.acked();
+        }
+        assert_eq!(stored(&link), 0, "the last unit is in, the first is not");
+        for _ in 0..2 {
+            a.acked();
+        }
+        assert_eq!(stored(&link), 0, "one record of the first unit still out");
+        a.acked();
+        assert_eq!(stored(&link), 10);
+        assert!(link.all_settled().now_or_never().is_none(), "the gap is still out");
+        b.acked();
+        assert_eq!(stored(&link), 30, "the gap, then the unit already in");
+        assert_eq!(link.flow.lock().map(|mut f| f.take_credit(true)).ok().flatten(), Some(800));
+        assert!(matches!(link.all_settled().now_or_never(), Some(Ok(()))));
+        // A failed write ends the stream: later units are refused and waiting stops.
+        let d = link.unit(40, 10);
+        link.fail("broker down".into());
+        assert!(link.check().is_err());
+        assert!(matches!(link.all_settled().now_or_never(), Some(Err(_))));
+        drop(d);
+    }
+
+    #[test]
+    fn offsets_are_written_in_decimal_without_allocating() {
+        let mut buf = [0u8; 20];
+        for n in [0i64, 7, 10, 1234567, i64::MAX] {
+            assert_eq!(decimal(&mut buf, n), n.to_string().as_bytes());
+        }
+    }
 
     #[test]
     fn a_site_buffer_charges_arrivals_refuses_its_limit_and_stops_new_frames_at_half() {
