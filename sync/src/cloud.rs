@@ -547,28 +547,47 @@ impl Session {
         Ok(())
     }
 
-    /// New partitions: remote topic ready, resume point from the central cluster, Start and
-    /// the first credit.
+    /// New partitions: remote topics ready, resume points from the central cluster (read for
+    /// all of them at once, with one consumer), then Start and the first credit of each.
     async fn start_partitions(
         &mut self,
         send: &mut quinn::SendStream,
         list: Vec<PartitionReport>,
     ) -> Result<(), CloudError> {
-        for p in list {
-            let key = (p.topic.clone(), p.partition);
-            if self.links.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&key) {
-                continue;
+        let mut new = Vec::new();
+        {
+            let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+            for p in list {
+                if links.contains_key(&(p.topic.clone(), p.partition))
+                    || new
+                        .iter()
+                        .any(|(q, _): &(PartitionReport, String)| q.topic == p.topic && q.partition == p.partition)
+                {
+                    continue;
+                }
+                if links.len() + new.len() >= self.shared.cfg.partitions_per_site_max as usize {
+                    tracing::warn!(site = %self.site, topic = %p.topic, partition = p.partition,
+                        "partitions_per_site_max reached: partition not mirrored");
+                    continue;
+                }
+                let remote = self.shared.cfg.remote_topic(&self.site, &p.topic);
+                new.push((p, remote));
             }
-            if self.links.lock().unwrap_or_else(PoisonError::into_inner).len()
-                >= self.shared.cfg.partitions_per_site_max as usize
-            {
-                tracing::warn!(site = %self.site, topic = %p.topic, partition = p.partition,
-                    "partitions_per_site_max reached: partition not mirrored");
-                continue;
-            }
-            let remote = self.shared.cfg.remote_topic(&self.site, &p.topic);
-            self.ensure_topic(&remote, p.partitions).await?;
-            let resume = self.resume_point(&remote, &p).await?;
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        for (p, remote) in &new {
+            self.ensure_topic(remote, p.partitions).await?;
+        }
+        let wanted: Vec<(String, i32, String)> =
+            new.iter().map(|(p, remote)| (remote.clone(), p.partition, p.topic.clone())).collect();
+        let (cfg, site) = (self.shared.cfg.clone(), self.site.clone());
+        let resumes = tokio::task::spawn_blocking(move || last_mirrored(&cfg, &site, &wanted))
+            .await
+            .map_err(|e| CloudError::Refused(format!("resume task: {e}")))??;
+        let mut frames = Vec::new();
+        for ((p, remote), resume) in new.into_iter().zip(resumes) {
             // Nothing of this partition in the central cluster: from the beginning (a gateway
             // whose log no longer starts at 0 reports the missing part as a gap).
             let start = resume.unwrap_or(0);
@@ -586,13 +605,17 @@ impl Session {
                 settled: Notify::new(),
                 credit_due: self.credit_due.clone(),
             };
-            self.links.lock().unwrap_or_else(PoisonError::into_inner).insert(key, Arc::new(link));
-            let mut frames =
-                Control::Start { topic: p.topic.clone(), partition: p.partition, offset: start }.encode().to_vec();
+            self.links
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert((p.topic.clone(), p.partition), Arc::new(link));
+            frames.extend_from_slice(
+                &Control::Start { topic: p.topic.clone(), partition: p.partition, offset: start }.encode(),
+            );
             frames
                 .extend_from_slice(&Control::Credit { topic: p.topic, partition: p.partition, bytes: credit }.encode());
-            send.write_all(&frames).await?;
         }
+        send.write_all(&frames).await?;
         Ok(())
     }
 
@@ -627,26 +650,17 @@ impl Session {
         Ok(())
     }
 
+    /// The remote topic's partition count, from the admin client's metadata.
     async fn remote_partitions(&self, remote: &str) -> Result<i32, CloudError> {
-        let cfg = self.shared.cfg.clone();
+        let shared = self.shared.clone();
         let remote = remote.to_string();
         tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = kafka_config(&cfg).set("group.id", "tributary-cloud").create()?;
-            let md = consumer.fetch_metadata(Some(&remote), Duration::from_millis(cfg.kafka.request_timeout_ms))?;
+            let timeout = Duration::from_millis(shared.cfg.kafka.request_timeout_ms);
+            let md = shared.admin.inner().fetch_metadata(Some(&remote), timeout)?;
             Ok(md.topics().iter().find(|t| t.name() == remote).map_or(0, |t| t.partitions().len() as i32))
         })
         .await
         .map_err(|e| CloudError::Refused(format!("metadata task: {e}")))?
-    }
-
-    /// Where a partition resumes: after the last record this site wrote for it, read from the
-    /// central cluster (the only source of truth). `None`: nothing of it there yet.
-    async fn resume_point(&self, remote: &str, p: &PartitionReport) -> Result<Option<i64>, CloudError> {
-        let cfg = self.shared.cfg.clone();
-        let (remote, site, topic, partition) = (remote.to_string(), self.site.clone(), p.topic.clone(), p.partition);
-        tokio::task::spawn_blocking(move || last_mirrored(&cfg, &remote, partition, &site, &topic))
-            .await
-            .map_err(|e| CloudError::Refused(format!("resume task: {e}")))?
     }
 }
 
@@ -654,14 +668,14 @@ fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, name: &str) -> Optio
     m.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
 }
 
-/// Reads the tail of a remote partition for the last record of (site, topic, partition).
+/// Where each of `wanted` (remote topic, partition, source topic) resumes: after the last record
+/// of this site's (source topic, partition) in the remote partition's tail (`None`: none there).
+/// One consumer reads every tail, a remote topic at a time.
 fn last_mirrored(
     cfg: &CloudConfig,
-    remote: &str,
-    partition: i32,
     site: &str,
-    topic: &str,
-) -> Result<Option<i64>, CloudError> {
+    wanted: &[(String, i32, String)],
+) -> Result<Vec<Option<i64>>, CloudError> {
     const TAIL: i64 = 256;
     let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
     let consumer: BaseConsumer = kafka_config(cfg)
@@ -669,43 +683,65 @@ fn last_mirrored(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .create()?;
-    let (low, high) = consumer.fetch_watermarks(remote, partition, timeout)?;
-    if high <= low {
-        return Ok(None);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(remote, partition, Offset::Offset((high - TAIL).max(low)))?;
-    consumer.assign(&tpl)?;
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    let wanted_partition = partition.to_string();
-    loop {
-        if Instant::now() > deadline {
-            return Err(CloudError::Timeout("reading the remote partition's tail"));
+    let mut out = vec![None; wanted.len()];
+    let mut has_records = vec![false; wanted.len()];
+    let mut remotes: Vec<&str> = wanted.iter().map(|(r, _, _)| r.as_str()).collect();
+    remotes.sort_unstable();
+    remotes.dedup();
+    for remote in remotes {
+        // Partition -> (index in `wanted`, high watermark) of the tails still being read.
+        let mut reading: HashMap<i32, (usize, i64)> = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for (i, (r, partition, _)) in wanted.iter().enumerate() {
+            if r != remote {
+                continue;
+            }
+            let (low, high) = consumer.fetch_watermarks(remote, *partition, timeout)?;
+            if high > low {
+                tpl.add_partition_offset(remote, *partition, Offset::Offset((high - TAIL).max(low)))?;
+                reading.insert(*partition, (i, high));
+                has_records[i] = true;
+            }
         }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let ours = header(&m, HEADER_SITE) == Some(site)
-                    && header(&m, HEADER_TOPIC) == Some(topic)
-                    && header(&m, HEADER_PARTITION) == Some(wanted_partition.as_str());
-                if ours {
-                    if let Some(off) = header(&m, HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()) {
-                        last = Some(off + 1);
+        if reading.is_empty() {
+            continue;
+        }
+        consumer.assign(&tpl)?;
+        let deadline = Instant::now() + timeout;
+        while !reading.is_empty() {
+            if Instant::now() > deadline {
+                return Err(CloudError::Timeout("reading the remote partitions' tails"));
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let Some(&(i, high)) = reading.get(&m.partition()) else { continue };
+                    let (_, partition, topic) = &wanted[i];
+                    let ours = header(&m, HEADER_SITE) == Some(site)
+                        && header(&m, HEADER_TOPIC) == Some(topic.as_str())
+                        && header(&m, HEADER_PARTITION) == Some(partition.to_string().as_str());
+                    if ours {
+                        if let Some(off) = header(&m, HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()) {
+                            out[i] = Some(off + 1);
+                        }
+                    }
+                    if m.offset() >= high - 1 {
+                        reading.remove(&m.partition());
                     }
                 }
-                if m.offset() >= high - 1 {
-                    break;
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    reading.remove(&p);
                 }
+                Some(Err(e)) => return Err(e.into()),
+                None => {}
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) => return Err(e.into()),
-            None => {}
         }
     }
-    if last.is_none() {
-        tracing::warn!(%remote, partition, "remote partition has records but none from this site in its tail: starting from 0");
+    for (((remote, partition, _), last), had) in wanted.iter().zip(&out).zip(has_records) {
+        if last.is_none() && had {
+            tracing::warn!(%remote, partition, "remote partition has records but none from this site in its tail: starting from 0");
+        }
     }
-    Ok(last)
+    Ok(out)
 }
 
 /// What one site's data streams hold in the receiver: frames read from QUIC and not yet handed

@@ -79,6 +79,9 @@ struct Args {
     /// fsync per commit, closer to a Kafka cluster, whose acks=all means replicated, not synced).
     #[arg(long, default_value = "fsync")]
     central_durability: String,
+    /// The receiver's kafka.queue_messages_max (default: the receiver's default).
+    #[arg(long)]
+    queue_messages: Option<u32>,
     /// Extra librdkafka property for the receiver's producer, `key=value` (repeatable).
     #[arg(long)]
     kafka_prop: Vec<String>,
@@ -343,6 +346,9 @@ async fn cloud_side(args: Args) -> anyhow::Result<()> {
     if let Some(ms) = args.report_ms {
         cfg.mirrored_report_interval_ms = ms;
     }
+    if let Some(n) = args.queue_messages {
+        cfg.kafka.queue_messages_max = n;
+    }
     cfg.kafka.bootstrap_servers = listener.addr.to_string();
     cfg.kafka.properties.insert("broker.address.family".into(), "v4".into());
     for kv in &args.kafka_prop {
@@ -358,6 +364,7 @@ async fn cloud_side(args: Args) -> anyhow::Result<()> {
         "partition_credit_kib": cfg.partition_credit_bytes / 1024,
         "report_ms": cfg.mirrored_report_interval_ms,
         "site_buffer_mib": cfg.site_buffer_bytes_max >> 20,
+        "queue_messages": cfg.kafka.queue_messages_max,
     });
     println!("{}", json!({ "cloud": cfg.listen.to_string(), "settings": settings }));
     std::io::stdout().flush()?;
@@ -451,6 +458,9 @@ impl CloudSide {
         }
         if let Some(ms) = args.report_ms {
             cmd.arg("--report-ms").arg(ms.to_string());
+        }
+        if let Some(n) = args.queue_messages {
+            cmd.arg("--queue-messages").arg(n.to_string());
         }
         for p in &args.kafka_prop {
             cmd.arg("--kafka-prop").arg(p);
@@ -851,11 +861,12 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("| machine load average (1/5/15 min) at start / end | {load_start} / {load_end} |");
     println!(
-        "| settings | central Tributary topics: durability {}; receiver: partition_credit_bytes {} KiB, mirrored_report_interval_ms {}, site_buffer_bytes_max {} MiB, librdkafka linger.ms=5 acks=all idempotent{}; gateway: read_bytes_max {} KiB, reconnect backoff {}-{} ms |",
+        "| settings | central Tributary topics: durability {}; receiver: partition_credit_bytes {} KiB, mirrored_report_interval_ms {}, site_buffer_bytes_max {} MiB, kafka.queue_messages_max {}, librdkafka linger.ms=5 acks=all idempotent{}; gateway: read_bytes_max {} KiB, reconnect backoff {}-{} ms |",
         args.central_durability,
         settings["partition_credit_kib"],
         settings["report_ms"],
         settings["site_buffer_mib"],
+        settings["queue_messages"],
         args.kafka_prop.iter().map(|p| format!(" {p}")).collect::<String>(),
         mirror_cfg.read_bytes_max / 1024,
         mirror_cfg.reconnect_backoff_min_ms,
