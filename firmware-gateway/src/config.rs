@@ -90,15 +90,10 @@ impl Default for LogConfig {
 }
 
 impl GatewayConfig {
-    /// Parses and validates a config text; errors name the key.
+    /// Parses and validates a config text; errors name the key (sizes and durations may be
+    /// written as `"8 GiB"`, `"7d"`: see `tributary_sync::config_file`).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: GatewayConfig = toml::from_str(text).map_err(|e| {
-            let key = e
-                .span()
-                .map(|s| text[..s.start].lines().count())
-                .map_or_else(|| "config".to_string(), |line| format!("line {}", line.max(1)));
-            ConfigError::new(key, e.message().to_string())
-        })?;
+        let cfg: GatewayConfig = tributary_sync::config_file::parse(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -220,6 +215,61 @@ mod tests {
         let e = GatewayConfig::parse("[kafka]\nlisten = \"localhost\"\n").expect_err("no port");
         assert_eq!(e.key, "kafka.listen");
         let e = GatewayConfig::parse("[storage]\nmax_bytes = \"lots\"\n").expect_err("type");
-        assert!(e.to_string().contains("line 2"), "{e}");
+        assert_eq!(e.key, "storage.max_bytes");
+        assert!(e.to_string().contains("line 2") && e.reason.contains("\"8 GiB\""), "{e}");
+    }
+
+    /// Issue 13 item 17: every key of the file, given a value of the wrong type, is named in the
+    /// error (with its line); keys measured in bytes or milliseconds also name the human forms.
+    #[test]
+    fn every_key_is_named_in_its_type_error() {
+        let default = toml::Value::try_from(GatewayConfig::default()).expect("serializes");
+        let mut all = Vec::new();
+        keys(&default, "", &mut all);
+        assert!(all.len() > 60, "{} keys", all.len());
+        for key in all {
+            let (section, leaf) = key.rsplit_once('.').unwrap_or(("", &key));
+            let header = if section.is_empty() { String::new() } else { format!("[{section}]\n") };
+            let mut value = &default;
+            for part in key.split('.') {
+                value = &value[part];
+            }
+            // Two values of a type the key does not take.
+            let wrong: [&str; 2] = match value {
+                toml::Value::Integer(_) => ["true", "\"lots\""],
+                toml::Value::Boolean(_) => ["\"lots\"", "5"],
+                toml::Value::String(_) => ["5", "true"],
+                _ => ["5", "\"lots\""],
+            };
+            for value in wrong {
+                let text = format!("{header}{leaf} = {value}\n");
+                let e = GatewayConfig::parse(&text).expect_err(&text);
+                assert_eq!(e.key, key, "{text}: {e}");
+                let line = if section.is_empty() { "line 1: " } else { "line 2: " };
+                assert!(e.reason.starts_with(line), "{text}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations_may_be_written_as_a_person_writes_them() {
+        let cfg = GatewayConfig::parse(
+            "[storage]\nmax_bytes = \"8 GiB\"\ncache_size_bytes = \"32 MiB\"\nretention_check_interval_ms = \"30s\"\n\
+             [topic_defaults]\nretention_ms = \"7d\"\nretention_bytes = \"512 MiB\"\n\
+             [kafka]\nidle_timeout_ms = \"12h\"\nfetch_wait_max_ms = \"250ms\"\n\
+             [mirror]\nbandwidth_bytes_per_s_max = \"1 MiB/s\"\n",
+        )
+        .expect("human forms parse");
+        assert_eq!(cfg.storage.max_bytes, 8 << 30);
+        assert_eq!(cfg.storage.cache_size_bytes, 32 << 20);
+        assert_eq!(cfg.storage.retention_check_interval_ms, 30_000);
+        assert_eq!(cfg.topic_defaults.retention_ms, Some(7 * 24 * 3_600_000));
+        assert_eq!(cfg.topic_defaults.retention_bytes, Some(512 << 20));
+        assert_eq!(cfg.kafka.idle_timeout_ms, 12 * 3_600_000);
+        assert_eq!(cfg.kafka.fetch_wait_max_ms, 250);
+        assert_eq!(cfg.mirror.bandwidth_bytes_per_s_max, 1 << 20);
+        let e = GatewayConfig::parse("[kafka]\nidle_timeout_ms = \"forever\"\n").expect_err("not a duration");
+        assert_eq!(e.key, "kafka.idle_timeout_ms");
+        assert!(e.reason.contains("\"12h\"") && e.reason.contains("units ms, s, m or min, h, d"), "{e}");
     }
 }

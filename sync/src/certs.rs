@@ -15,7 +15,7 @@ pub enum CertError {
     Generate(#[from] rcgen::Error),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
-    #[error("invalid site id {0:?}: a DNS label of letters, digits and '-' is required")]
+    #[error("invalid site id {0:?}: a DNS label of lowercase letters, digits and '-' is required")]
     InvalidSite(String),
 }
 

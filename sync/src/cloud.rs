@@ -5,26 +5,28 @@
 //! and tells the gateway what is safely stored. A second connection of a site replaces the first
 //! only after the first's writes are all acknowledged, so resuming never duplicates.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
+use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tributary_broker::storage::batch::{decode_records, BatchHeader};
 
-use crate::config::CloudConfig;
+use crate::config::{valid_site, CloudConfig};
 use crate::core::{Flow, Progress};
-use crate::protocol::{Control, Data, Decoder, PartitionReport, ProtocolError};
+use crate::protocol::{Control, Data, Decoder, PartitionReport, ProtocolError, OPEN_FRAME_BYTES_MAX};
 use crate::tls::{self, TlsError};
 
 /// Provenance headers added to every mirrored record.
@@ -62,6 +64,8 @@ pub enum CloudError {
     Refused(String),
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    #[error("the site's streams would hold {held} bytes here, over site_buffer_bytes_max = {limit}")]
+    SiteBuffer { held: u64, limit: u64 },
 }
 
 /// Counters of the receiver.
@@ -74,6 +78,9 @@ pub struct CloudStats {
     pub batch_bytes_received: AtomicU64,
     pub duplicates_skipped: AtomicU64,
     pub gaps_recorded: AtomicU64,
+    /// Bytes the sites' data streams hold now (received frames and their decompressed records;
+    /// each site within `site_buffer_bytes_max`).
+    pub buffered_bytes: AtomicU64,
 }
 
 struct SiteEntry {
@@ -84,7 +91,7 @@ struct SiteEntry {
 
 struct Shared {
     cfg: CloudConfig,
-    producer: FutureProducer,
+    producer: ThreadedProducer<Acknowledger>,
     admin: AdminClient<DefaultClientContext>,
     sites: Mutex<HashMap<String, SiteEntry>>,
     next_id: AtomicU64,
@@ -124,15 +131,17 @@ impl CloudServer {
         )?;
         let server = tls::server_config(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport)?;
         let endpoint = quinn::Endpoint::server(server, cfg.listen).map_err(CloudError::Endpoint)?;
-        let producer: FutureProducer = kafka_config(&cfg)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string())
-            // Never give up on a record: a record that failed after later ones were written
-            // would break order. A session that cannot write ends instead.
-            .set("message.timeout.ms", "0")
-            .create()?;
+        let producer = ThreadedProducer::from_config_and_context(
+            kafka_config(&cfg)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("linger.ms", "5")
+                .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string())
+                // Never give up on a record: a record that failed after later ones were written
+                // would break order. A session that cannot write ends instead.
+                .set("message.timeout.ms", "0"),
+            Acknowledger,
+        )?;
         let admin: AdminClient<DefaultClientContext> = kafka_config(&cfg).create()?;
         let shared = Arc::new(Shared {
             cfg,
@@ -216,11 +225,20 @@ async fn serve_site(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<()
         .await
         .map_err(|_| CloudError::Timeout("hello"))??;
     let Some(Control::Hello { site }) = hello else { return Err(ProtocolError::Unexpected("first").into()) };
-    if let Err(e) = tls::check_site(conn, &site) {
+    // The site id keys the session and names the remote topics: only its one canonical form
+    // (the site-id rule), and only exactly as the certificate names it.
+    let checked = if valid_site(&site) {
+        tls::check_site(conn, &site).map_err(CloudError::from)
+    } else {
+        Err(CloudError::Refused(format!(
+            "site id {site:?} is not a lowercase DNS label (letters a-z, digits and '-', at most 63)"
+        )))
+    };
+    if let Err(e) = checked {
         shared.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
         let _ = send.write_all(&Control::Refused { reason: e.to_string() }.encode()).await;
         let _ = send.finish();
-        return Err(e.into());
+        return Err(e);
     }
     // One session per site: a new connection replaces the old one once the old one's writes
     // are acknowledged (it resumes from what the central cluster then holds).
@@ -264,12 +282,140 @@ async fn serve_site(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<()
     result
 }
 
-/// One partition of a session: where it stands, its credit, its remote topic.
+/// One partition of a session: where it stands, its credit, its remote topic, and the central
+/// cluster's acknowledgements of what was written for it.
 struct Link {
     remote: String,
     start: i64,
     flow: Mutex<Flow>,
     progress: Mutex<Progress>,
+    acks: Mutex<Acks>,
+    /// Wakes the stream task when units are settled or a write failed.
+    settled: Notify,
+    /// The session's "credit to give back" wake-up.
+    credit_due: Arc<Notify>,
+}
+
+/// Units (a received batch, or a gap marker) of one partition, numbered in the order they were
+/// handed to librdkafka and applied to progress and credit in that order, each once all its
+/// records are acknowledged. Deliveries come back in order within a remote partition, but a gap
+/// record goes to the gaps topic: the numbering keeps progress from passing it early.
+#[derive(Debug, Default)]
+struct Acks {
+    next_unit: u64,
+    applied: u64,
+    /// Acknowledged units above `applied`: (next offset, credit bytes).
+    done: BTreeMap<u64, (i64, u64)>,
+    failed: Option<String>,
+}
+
+impl Link {
+    /// A new unit whose records are about to be handed to librdkafka.
+    fn unit(self: &Arc<Self>, next: i64, credit: u64) -> Arc<Unit> {
+        let seq = {
+            let mut acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+            acks.next_unit += 1;
+            acks.next_unit - 1
+        };
+        // One count for the sender (see `Handing`): a unit cannot settle while its records are
+        // still being handed over.
+        Arc::new(Unit { link: self.clone(), seq, next, credit, waiting: AtomicU64::new(1) })
+    }
+
+    /// A unit's records are all acknowledged: apply every settled unit in order.
+    fn settle(&self, seq: u64, next: i64, credit: u64) {
+        let mut due = false;
+        {
+            let mut acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+            acks.done.insert(seq, (next, credit));
+            loop {
+                let applied = acks.applied;
+                let Some((next, credit)) = acks.done.remove(&applied) else { break };
+                acks.applied += 1;
+                self.progress.lock().unwrap_or_else(PoisonError::into_inner).on_stored(next);
+                let mut flow = self.flow.lock().unwrap_or_else(PoisonError::into_inner);
+                flow.on_stored(credit);
+                due |= flow.credit_due();
+            }
+        }
+        if due {
+            self.credit_due.notify_one();
+        }
+        self.settled.notify_waiters();
+    }
+
+    fn fail(&self, error: String) {
+        self.acks.lock().unwrap_or_else(PoisonError::into_inner).failed.get_or_insert(error);
+        self.settled.notify_waiters();
+    }
+
+    /// A write of this partition failed: the session ends (later records must not pass it).
+    fn check(&self) -> Result<(), CloudError> {
+        match &self.acks.lock().unwrap_or_else(PoisonError::into_inner).failed {
+            Some(e) => Err(CloudError::Refused(format!("write to the central cluster failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every unit handed over is acknowledged (or a write failed).
+    async fn all_settled(&self) -> Result<(), CloudError> {
+        loop {
+            let settled = self.settled.notified();
+            {
+                let acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+                if acks.failed.is_some() || acks.applied == acks.next_unit {
+                    break;
+                }
+            }
+            settled.await;
+        }
+        self.check()
+    }
+}
+
+/// What each record handed to librdkafka carries to its delivery report: its unit.
+struct Unit {
+    link: Arc<Link>,
+    seq: u64,
+    next: i64,
+    credit: u64,
+    /// Records not yet acknowledged, plus one while the sender is still handing them over.
+    waiting: AtomicU64,
+}
+
+impl Unit {
+    fn acked(&self) {
+        if self.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.link.settle(self.seq, self.next, self.credit);
+        }
+    }
+}
+
+/// The sender's count on a unit, given back when every record is handed over (or the sender
+/// stopped halfway, on an error), so the unit can settle.
+struct Handing(Arc<Unit>);
+
+impl Drop for Handing {
+    fn drop(&mut self) {
+        self.0.acked();
+    }
+}
+
+/// librdkafka's delivery reports (on its polling thread), counted against their units: no
+/// future, channel or task per record.
+struct Acknowledger;
+
+impl ClientContext for Acknowledger {}
+
+impl ProducerContext for Acknowledger {
+    type DeliveryOpaque = Arc<Unit>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, unit: Arc<Unit>) {
+        match result {
+            Ok(_) => unit.acked(),
+            Err((e, _)) => unit.link.fail(e.to_string()),
+        }
+    }
 }
 
 type Links = Arc<Mutex<HashMap<(String, i32), Arc<Link>>>>;
@@ -283,10 +429,13 @@ struct Session {
     ready_topics: HashMap<String, i32>,
     /// A partition has a quarter window of credit to give back.
     credit_due: Arc<Notify>,
+    /// What the site's data streams hold here, within `site_buffer_bytes_max`.
+    buffer: Arc<SiteBuffer>,
 }
 
 impl Session {
     fn new(shared: Arc<Shared>, site: String, conn: quinn::Connection) -> Self {
+        let buffer = Arc::new(SiteBuffer::new(shared.cfg.site_buffer_bytes_max, shared.stats.clone()));
         Self {
             shared,
             site,
@@ -294,6 +443,7 @@ impl Session {
             links: Arc::new(Mutex::new(HashMap::new())),
             ready_topics: HashMap::new(),
             credit_due: Arc::new(Notify::new()),
+            buffer,
         }
     }
 
@@ -333,7 +483,7 @@ impl Session {
                                 shared: self.shared.clone(),
                                 site: self.site.clone(),
                                 links: self.links.clone(),
-                                credit_due: self.credit_due.clone(),
+                                buffer: self.buffer.clone(),
                             };
                             streams.spawn(task.run(stream));
                         }
@@ -361,7 +511,10 @@ impl Session {
         };
         // Writes already handed to librdkafka finish (each stream task waits for its records)
         // before this session counts as done; then the last progress goes to the gateway.
-        self.conn.close(0u32.into(), b"session ended");
+        match &result {
+            Ok(()) => self.conn.close(0u32.into(), b"session ended"),
+            Err(e) => self.conn.close(1u32.into(), e.to_string().as_bytes()),
+        }
         while streams.join_next().await.is_some() {}
         let _ = self.send_updates(&mut send, true).await;
         result
@@ -394,28 +547,47 @@ impl Session {
         Ok(())
     }
 
-    /// New partitions: remote topic ready, resume point from the central cluster, Start and
-    /// the first credit.
+    /// New partitions: remote topics ready, resume points from the central cluster (read for
+    /// all of them at once, with one consumer), then Start and the first credit of each.
     async fn start_partitions(
         &mut self,
         send: &mut quinn::SendStream,
         list: Vec<PartitionReport>,
     ) -> Result<(), CloudError> {
-        for p in list {
-            let key = (p.topic.clone(), p.partition);
-            if self.links.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&key) {
-                continue;
+        let mut new = Vec::new();
+        {
+            let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+            for p in list {
+                if links.contains_key(&(p.topic.clone(), p.partition))
+                    || new
+                        .iter()
+                        .any(|(q, _): &(PartitionReport, String)| q.topic == p.topic && q.partition == p.partition)
+                {
+                    continue;
+                }
+                if links.len() + new.len() >= self.shared.cfg.partitions_per_site_max as usize {
+                    tracing::warn!(site = %self.site, topic = %p.topic, partition = p.partition,
+                        "partitions_per_site_max reached: partition not mirrored");
+                    continue;
+                }
+                let remote = self.shared.cfg.remote_topic(&self.site, &p.topic);
+                new.push((p, remote));
             }
-            if self.links.lock().unwrap_or_else(PoisonError::into_inner).len()
-                >= self.shared.cfg.partitions_per_site_max as usize
-            {
-                tracing::warn!(site = %self.site, topic = %p.topic, partition = p.partition,
-                    "partitions_per_site_max reached: partition not mirrored");
-                continue;
-            }
-            let remote = self.shared.cfg.remote_topic(&self.site, &p.topic);
-            self.ensure_topic(&remote, p.partitions).await?;
-            let resume = self.resume_point(&remote, &p).await?;
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        for (p, remote) in &new {
+            self.ensure_topic(remote, p.partitions).await?;
+        }
+        let wanted: Vec<(String, i32, String)> =
+            new.iter().map(|(p, remote)| (remote.clone(), p.partition, p.topic.clone())).collect();
+        let (cfg, site) = (self.shared.cfg.clone(), self.site.clone());
+        let resumes = tokio::task::spawn_blocking(move || last_mirrored(&cfg, &site, &wanted))
+            .await
+            .map_err(|e| CloudError::Refused(format!("resume task: {e}")))??;
+        let mut frames = Vec::new();
+        for ((p, remote), resume) in new.into_iter().zip(resumes) {
             // Nothing of this partition in the central cluster: from the beginning (a gateway
             // whose log no longer starts at 0 reports the missing part as a gap).
             let start = resume.unwrap_or(0);
@@ -424,15 +596,26 @@ impl Session {
             let flow = Flow::new(self.shared.cfg.partition_credit_bytes, self.shared.cfg.frame_bytes_max);
             let credit = flow.initial_credit();
             let interval = Duration::from_millis(self.shared.cfg.mirrored_report_interval_ms);
-            let link =
-                Link { remote, start, flow: Mutex::new(flow), progress: Mutex::new(Progress::new(start, interval)) };
-            self.links.lock().unwrap_or_else(PoisonError::into_inner).insert(key, Arc::new(link));
-            let mut frames =
-                Control::Start { topic: p.topic.clone(), partition: p.partition, offset: start }.encode().to_vec();
+            let link = Link {
+                remote,
+                start,
+                flow: Mutex::new(flow),
+                progress: Mutex::new(Progress::new(start, interval)),
+                acks: Mutex::new(Acks::default()),
+                settled: Notify::new(),
+                credit_due: self.credit_due.clone(),
+            };
+            self.links
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert((p.topic.clone(), p.partition), Arc::new(link));
+            frames.extend_from_slice(
+                &Control::Start { topic: p.topic.clone(), partition: p.partition, offset: start }.encode(),
+            );
             frames
                 .extend_from_slice(&Control::Credit { topic: p.topic, partition: p.partition, bytes: credit }.encode());
-            send.write_all(&frames).await?;
         }
+        send.write_all(&frames).await?;
         Ok(())
     }
 
@@ -467,26 +650,17 @@ impl Session {
         Ok(())
     }
 
+    /// The remote topic's partition count, from the admin client's metadata.
     async fn remote_partitions(&self, remote: &str) -> Result<i32, CloudError> {
-        let cfg = self.shared.cfg.clone();
+        let shared = self.shared.clone();
         let remote = remote.to_string();
         tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = kafka_config(&cfg).set("group.id", "tributary-cloud").create()?;
-            let md = consumer.fetch_metadata(Some(&remote), Duration::from_millis(cfg.kafka.request_timeout_ms))?;
+            let timeout = Duration::from_millis(shared.cfg.kafka.request_timeout_ms);
+            let md = shared.admin.inner().fetch_metadata(Some(&remote), timeout)?;
             Ok(md.topics().iter().find(|t| t.name() == remote).map_or(0, |t| t.partitions().len() as i32))
         })
         .await
         .map_err(|e| CloudError::Refused(format!("metadata task: {e}")))?
-    }
-
-    /// Where a partition resumes: after the last record this site wrote for it, read from the
-    /// central cluster (the only source of truth). `None`: nothing of it there yet.
-    async fn resume_point(&self, remote: &str, p: &PartitionReport) -> Result<Option<i64>, CloudError> {
-        let cfg = self.shared.cfg.clone();
-        let (remote, site, topic, partition) = (remote.to_string(), self.site.clone(), p.topic.clone(), p.partition);
-        tokio::task::spawn_blocking(move || last_mirrored(&cfg, &remote, partition, &site, &topic))
-            .await
-            .map_err(|e| CloudError::Refused(format!("resume task: {e}")))?
     }
 }
 
@@ -494,14 +668,14 @@ fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, name: &str) -> Optio
     m.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
 }
 
-/// Reads the tail of a remote partition for the last record of (site, topic, partition).
+/// Where each of `wanted` (remote topic, partition, source topic) resumes: after the last record
+/// of this site's (source topic, partition) in the remote partition's tail (`None`: none there).
+/// One consumer reads every tail, a remote topic at a time.
 fn last_mirrored(
     cfg: &CloudConfig,
-    remote: &str,
-    partition: i32,
     site: &str,
-    topic: &str,
-) -> Result<Option<i64>, CloudError> {
+    wanted: &[(String, i32, String)],
+) -> Result<Vec<Option<i64>>, CloudError> {
     const TAIL: i64 = 256;
     let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
     let consumer: BaseConsumer = kafka_config(cfg)
@@ -509,77 +683,216 @@ fn last_mirrored(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .create()?;
-    let (low, high) = consumer.fetch_watermarks(remote, partition, timeout)?;
-    if high <= low {
-        return Ok(None);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(remote, partition, Offset::Offset((high - TAIL).max(low)))?;
-    consumer.assign(&tpl)?;
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    let wanted_partition = partition.to_string();
-    loop {
-        if Instant::now() > deadline {
-            return Err(CloudError::Timeout("reading the remote partition's tail"));
+    let mut out = vec![None; wanted.len()];
+    let mut has_records = vec![false; wanted.len()];
+    let mut remotes: Vec<&str> = wanted.iter().map(|(r, _, _)| r.as_str()).collect();
+    remotes.sort_unstable();
+    remotes.dedup();
+    for remote in remotes {
+        // Partition -> (index in `wanted`, high watermark) of the tails still being read.
+        let mut reading: HashMap<i32, (usize, i64)> = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for (i, (r, partition, _)) in wanted.iter().enumerate() {
+            if r != remote {
+                continue;
+            }
+            let (low, high) = consumer.fetch_watermarks(remote, *partition, timeout)?;
+            if high > low {
+                tpl.add_partition_offset(remote, *partition, Offset::Offset((high - TAIL).max(low)))?;
+                reading.insert(*partition, (i, high));
+                has_records[i] = true;
+            }
         }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let ours = header(&m, HEADER_SITE) == Some(site)
-                    && header(&m, HEADER_TOPIC) == Some(topic)
-                    && header(&m, HEADER_PARTITION) == Some(wanted_partition.as_str());
-                if ours {
-                    if let Some(off) = header(&m, HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()) {
-                        last = Some(off + 1);
+        if reading.is_empty() {
+            continue;
+        }
+        consumer.assign(&tpl)?;
+        let deadline = Instant::now() + timeout;
+        while !reading.is_empty() {
+            if Instant::now() > deadline {
+                return Err(CloudError::Timeout("reading the remote partitions' tails"));
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let Some(&(i, high)) = reading.get(&m.partition()) else { continue };
+                    let (_, partition, topic) = &wanted[i];
+                    let ours = header(&m, HEADER_SITE) == Some(site)
+                        && header(&m, HEADER_TOPIC) == Some(topic.as_str())
+                        && header(&m, HEADER_PARTITION) == Some(partition.to_string().as_str());
+                    if ours {
+                        if let Some(off) = header(&m, HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()) {
+                            out[i] = Some(off + 1);
+                        }
+                    }
+                    if m.offset() >= high - 1 {
+                        reading.remove(&m.partition());
                     }
                 }
-                if m.offset() >= high - 1 {
-                    break;
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    reading.remove(&p);
                 }
+                Some(Err(e)) => return Err(e.into()),
+                None => {}
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) => return Err(e.into()),
-            None => {}
         }
     }
-    if last.is_none() {
-        tracing::warn!(%remote, partition, "remote partition has records but none from this site in its tail: starting from 0");
+    for (((remote, partition, _), last), had) in wanted.iter().zip(&out).zip(has_records) {
+        if last.is_none() && had {
+            tracing::warn!(%remote, partition, "remote partition has records but none from this site in its tail: starting from 0");
+        }
     }
-    Ok(last)
+    Ok(out)
 }
 
-/// What the delivery tracker of a partition waits for, in order.
-enum Pending {
-    /// A record (or gap marker) written: everything below `next` is stored once it is acked.
-    Write { next: i64, delivery: DeliveryFuture },
-    /// A received batch is fully handled: its bytes of credit go back.
-    Credit(u64),
+/// What one site's data streams hold in the receiver: frames read from QUIC and not yet handed
+/// to librdkafka (`received`), and the decompressed records of batches being handed over
+/// (`decoded`). Bytes are charged before they are buffered, never for bytes that have not
+/// arrived. A stream starts a new frame only while the site holds less than half the limit (so
+/// backpressure reaches the gateway through QUIC flow control); bytes that would take `received`
+/// over the limit end the session (only frames already started can get there: a site sending
+/// many half frames at once). Decompressing waits while `decoded` is at half the limit; it can
+/// exceed that by one batch (`decompressed_batch_bytes_max`) per worker thread decompressing.
+#[derive(Debug)]
+struct SiteBuffer {
+    limit: u64,
+    received: AtomicU64,
+    decoded: AtomicU64,
+    freed: Notify,
+    stats: Arc<CloudStats>,
 }
+
+impl SiteBuffer {
+    fn new(limit: u64, stats: Arc<CloudStats>) -> Self {
+        Self { limit, received: AtomicU64::new(0), decoded: AtomicU64::new(0), freed: Notify::new(), stats }
+    }
+
+    /// Waits until a stream may start reading a new frame.
+    async fn room_for_frame(&self) {
+        loop {
+            let freed = self.freed.notified();
+            if self.received.load(Ordering::Acquire) + self.decoded.load(Ordering::Acquire) < self.limit / 2 {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    /// Waits until a batch may be decompressed.
+    async fn room_for_decoding(&self) {
+        loop {
+            let freed = self.freed.notified();
+            if self.decoded.load(Ordering::Acquire) < self.limit / 2 {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    fn release(&self, received: u64, decoded: u64) {
+        if received + decoded == 0 {
+            return;
+        }
+        self.received.fetch_sub(received, Ordering::AcqRel);
+        self.decoded.fetch_sub(decoded, Ordering::AcqRel);
+        self.stats.buffered_bytes.fetch_sub(received + decoded, Ordering::Relaxed);
+        self.freed.notify_waiters();
+    }
+}
+
+/// One stream's share of its site's buffer; given back when the stream ends, however it ends.
+struct Held {
+    buffer: Arc<SiteBuffer>,
+    received: u64,
+    decoded: u64,
+}
+
+impl Held {
+    /// Charges `n` bytes read from the stream, before they are buffered.
+    fn charge(&mut self, n: u64) -> Result<(), CloudError> {
+        let held = self.buffer.received.fetch_add(n, Ordering::AcqRel) + n;
+        if held > self.buffer.limit {
+            self.buffer.received.fetch_sub(n, Ordering::AcqRel);
+            return Err(CloudError::SiteBuffer { held, limit: self.buffer.limit });
+        }
+        self.received += n;
+        self.buffer.stats.buffered_bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn charge_decoded(&mut self, n: u64) {
+        self.buffer.decoded.fetch_add(n, Ordering::AcqRel);
+        self.buffer.stats.buffered_bytes.fetch_add(n, Ordering::Relaxed);
+        self.decoded += n;
+    }
+
+    /// A frame of `received` bytes (and its `decoded` records) is handed over.
+    fn release(&mut self, received: u64, decoded: u64) {
+        let (r, d) = (received.min(self.received), decoded.min(self.decoded));
+        self.received -= r;
+        self.decoded -= d;
+        self.buffer.release(r, d);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.buffer.release(self.received, self.decoded);
+    }
+}
+
+/// Bytes asked of QUIC per read once a stream is open (quinn hands over its own buffers).
+const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Reads one partition's data stream and writes its records into Kafka.
 struct StreamTask {
     shared: Arc<Shared>,
     site: String,
     links: Links,
-    credit_due: Arc<Notify>,
+    buffer: Arc<SiteBuffer>,
+}
+
+/// A data stream being read: its decoder and its share of the site's buffer.
+struct Incoming {
+    stream: quinn::RecvStream,
+    decoder: Decoder,
+    held: Held,
+    /// Bytes asked of QUIC per read.
+    chunk: usize,
+}
+
+impl Incoming {
+    /// The next frame and the bytes it took on the wire; `None` when the stream ended.
+    async fn next(&mut self) -> Result<Option<(Data, u64)>, CloudError> {
+        loop {
+            let before = self.decoder.buffered();
+            if let Some(frame) = self.decoder.next_data()? {
+                return Ok(Some((frame, (before - self.decoder.buffered()) as u64)));
+            }
+            if self.decoder.buffered() == 0 {
+                self.held.buffer.room_for_frame().await;
+            }
+            match self.stream.read_chunk(self.chunk, true).await? {
+                Some(chunk) => {
+                    self.held.charge(chunk.bytes.len() as u64)?;
+                    self.decoder.feed(&chunk.bytes);
+                }
+                None => return Ok(None),
+            }
+        }
+    }
 }
 
 impl StreamTask {
-    async fn run(self, mut stream: quinn::RecvStream) -> Result<(), CloudError> {
-        let mut decoder = Decoder::new(self.shared.cfg.frame_bytes_max as usize);
-        let mut buf = vec![0u8; 64 * 1024];
-        let open = loop {
-            if let Some(d) = decoder.next_data()? {
-                break d;
-            }
-            match stream.read(&mut buf).await? {
-                Some(n) => decoder.feed(&buf[..n]),
-                None => return Ok(()),
-            }
-        };
+    async fn run(self, stream: quinn::RecvStream) -> Result<(), CloudError> {
+        // Until its Open is checked a stream may hold one Open frame's worth, no more.
+        let held = Held { buffer: self.buffer.clone(), received: 0, decoded: 0 };
+        let mut incoming =
+            Incoming { stream, decoder: Decoder::new(OPEN_FRAME_BYTES_MAX), held, chunk: OPEN_FRAME_BYTES_MAX };
+        let Some((open, len)) = incoming.next().await? else { return Ok(()) };
         let Data::Open { topic, partition } = open else {
             return Err(ProtocolError::Unexpected("data before open").into());
         };
+        incoming.held.release(len, 0);
         let link = self
             .links
             .lock()
@@ -587,48 +900,43 @@ impl StreamTask {
             .get(&(topic.clone(), partition))
             .cloned()
             .ok_or(ProtocolError::Unexpected("stream of a partition not started"))?;
-        // Deliveries are awaited in order by a tracker; its queue is bounded by the credit
-        // (bytes) and by this count (records).
-        let (tx, rx) = mpsc::channel::<Pending>(65_536);
-        let tracker = tokio::spawn(track(rx, link.clone(), self.credit_due.clone()));
-        let result = self.pump(&mut stream, &mut decoder, &mut buf, &topic, partition, &link, &tx).await;
-        drop(tx);
-        let tracked = tracker.await.map_err(|e| CloudError::Refused(format!("delivery tracker: {e}")))?;
-        result.and(tracked)
+        incoming.decoder.set_max(self.shared.cfg.frame_bytes_max as usize);
+        incoming.chunk = READ_CHUNK_BYTES;
+        let result = self.pump(&mut incoming, &topic, partition, &link).await;
+        // Whatever was handed to librdkafka is acknowledged before the stream counts as done.
+        let settled = link.all_settled().await;
+        result.and(settled)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn pump(
         &self,
-        stream: &mut quinn::RecvStream,
-        decoder: &mut Decoder,
-        buf: &mut [u8],
+        incoming: &mut Incoming,
         topic: &str,
         partition: i32,
-        link: &Link,
-        tx: &mpsc::Sender<Pending>,
+        link: &Arc<Link>,
     ) -> Result<(), CloudError> {
         let mut expected = link.start;
+        let partition_text = partition.to_string();
+        let mut offset_text = [0u8; 20];
         let limit = self.shared.cfg.decompressed_batch_bytes_max;
         let stats = &self.shared.stats;
         loop {
-            let frame = match decoder.next_data()? {
-                Some(f) => f,
-                None => match stream.read(buf).await? {
-                    Some(n) => {
-                        decoder.feed(&buf[..n]);
-                        continue;
-                    }
-                    None => return Ok(()),
-                },
-            };
+            let Some((frame, wire_len)) = incoming.next().await? else { return Ok(()) };
             match frame {
                 Data::Batch(batch) => {
                     let len = batch.len() as u64;
                     link.flow.lock().unwrap_or_else(PoisonError::into_inner).on_received(topic, partition, len)?;
                     stats.batch_bytes_received.fetch_add(len, Ordering::Relaxed);
                     let h = BatchHeader::parse(&batch).map_err(|e| CloudError::Batch(e.to_string()))?;
+                    self.buffer.room_for_decoding().await;
                     let records = decode_records(&batch, limit).map_err(|e| CloudError::Batch(e.to_string()))?;
+                    drop(batch);
+                    let decoded: u64 = records.iter().map(record_bytes).sum();
+                    incoming.held.charge_decoded(decoded);
+                    link.check()?;
+                    let unit = link.unit(h.next_offset(), len);
+                    let handing = Handing(unit.clone());
+                    let mut written = 0;
                     for r in records {
                         if r.offset < expected {
                             stats.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
@@ -638,33 +946,34 @@ impl StreamTask {
                         for (k, v) in &r.headers {
                             headers = headers.insert(Header { key: k, value: v.as_deref() });
                         }
-                        let (p, o) = (partition.to_string(), r.offset.to_string());
                         headers = headers
                             .insert(Header { key: HEADER_SITE, value: Some(self.site.as_bytes()) })
                             .insert(Header { key: HEADER_TOPIC, value: Some(topic.as_bytes()) })
-                            .insert(Header { key: HEADER_PARTITION, value: Some(p.as_bytes()) })
-                            .insert(Header { key: HEADER_OFFSET, value: Some(o.as_bytes()) });
-                        let mut record: FutureRecord<'_, [u8], [u8]> =
-                            FutureRecord::to(&link.remote).partition(partition).timestamp(r.timestamp).headers(headers);
+                            .insert(Header { key: HEADER_PARTITION, value: Some(partition_text.as_bytes()) })
+                            .insert(Header { key: HEADER_OFFSET, value: Some(decimal(&mut offset_text, r.offset)) });
+                        let mut record: BaseRecord<'_, [u8], [u8], Arc<Unit>> =
+                            BaseRecord::with_opaque_to(&link.remote, unit.clone())
+                                .partition(partition)
+                                .timestamp(r.timestamp)
+                                .headers(headers);
                         if let Some(k) = &r.key {
                             record = record.key(&k[..]);
                         }
                         if let Some(v) = &r.value {
                             record = record.payload(&v[..]);
                         }
-                        let delivery = self.enqueue(record).await?;
-                        if tx.send(Pending::Write { next: r.offset + 1, delivery }).await.is_err() {
-                            return Err(CloudError::Refused("delivery tracker stopped".into()));
-                        }
-                        stats.records_written.fetch_add(1, Ordering::Relaxed);
+                        unit.waiting.fetch_add(1, Ordering::AcqRel);
+                        self.enqueue(record).await?;
+                        written += 1;
                         expected = r.offset + 1;
                     }
+                    drop(handing);
+                    stats.records_written.fetch_add(written, Ordering::Relaxed);
+                    incoming.held.release(wire_len, decoded);
                     expected = expected.max(h.next_offset());
-                    if tx.send(Pending::Credit(len)).await.is_err() {
-                        return Err(CloudError::Refused("delivery tracker stopped".into()));
-                    }
                 }
                 Data::Gap { from, to } => {
+                    incoming.held.release(wire_len, 0);
                     if to <= expected {
                         continue;
                     }
@@ -676,12 +985,16 @@ impl StreamTask {
                         json_escape(&self.site), json_escape(topic), partition, from, to, json_escape(&link.remote), now_ms()
                     );
                     let key = format!("{}/{}/{}", self.site, topic, partition);
-                    let record: FutureRecord<'_, str, str> =
-                        FutureRecord::to(&self.shared.cfg.gaps_topic).key(key.as_str()).payload(value.as_str());
-                    let delivery = self.enqueue(record).await?;
-                    if tx.send(Pending::Write { next: to, delivery }).await.is_err() {
-                        return Err(CloudError::Refused("delivery tracker stopped".into()));
-                    }
+                    link.check()?;
+                    let unit = link.unit(to, 0);
+                    let handing = Handing(unit.clone());
+                    let record: BaseRecord<'_, str, str, Arc<Unit>> =
+                        BaseRecord::with_opaque_to(&self.shared.cfg.gaps_topic, unit.clone())
+                            .key(key.as_str())
+                            .payload(value.as_str());
+                    unit.waiting.fetch_add(1, Ordering::AcqRel);
+                    self.enqueue(record).await?;
+                    drop(handing);
                     stats.gaps_recorded.fetch_add(1, Ordering::Relaxed);
                     expected = to;
                 }
@@ -693,45 +1006,46 @@ impl StreamTask {
     /// Hands a record to librdkafka, waiting while its queue is full.
     async fn enqueue<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
         &self,
-        mut record: FutureRecord<'_, K, P>,
-    ) -> Result<DeliveryFuture, CloudError> {
+        mut record: BaseRecord<'_, K, P, Arc<Unit>>,
+    ) -> Result<(), CloudError> {
         loop {
-            match self.shared.producer.send_result(record) {
-                Ok(d) => return Ok(d),
+            match self.shared.producer.send(record) {
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     // librdkafka's queue drains as the cluster acknowledges: poll it shortly.
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                Err((e, _)) => return Err(e.into()),
+                Err((e, r)) => {
+                    // Give back the count taken for this record, so its unit can still settle
+                    // (the session ends on this error anyway).
+                    r.delivery_opaque.acked();
+                    return Err(e.into());
+                }
             }
         }
     }
 }
 
-/// Awaits deliveries in order: progress moves only over acknowledged records, and credit goes
-/// back once a batch's records are all acknowledged.
-async fn track(mut rx: mpsc::Receiver<Pending>, link: Arc<Link>, credit_due: Arc<Notify>) -> Result<(), CloudError> {
-    while let Some(p) = rx.recv().await {
-        match p {
-            Pending::Write { next, delivery } => match delivery.await {
-                Ok(Ok(_)) => link.progress.lock().unwrap_or_else(PoisonError::into_inner).on_stored(next),
-                Ok(Err((e, _))) => return Err(e.into()),
-                Err(_) => return Err(CloudError::Refused("delivery cancelled".into())),
-            },
-            Pending::Credit(len) => {
-                let due = {
-                    let mut flow = link.flow.lock().unwrap_or_else(PoisonError::into_inner);
-                    flow.on_stored(len);
-                    flow.credit_due()
-                };
-                if due {
-                    credit_due.notify_one();
-                }
-            }
+/// Writes `n` (an offset, >= 0) in decimal into `buf` without allocating; the digits.
+fn decimal(buf: &mut [u8; 20], n: i64) -> &[u8] {
+    let mut n = n.max(0).unsigned_abs();
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
-    Ok(())
+    &buf[at..]
+}
+
+/// The bytes a decoded record holds (key, value, header names and values).
+fn record_bytes(r: &tributary_broker::storage::batch::StoredRecord) -> u64 {
+    let field = |b: &Option<bytes::Bytes>| b.as_ref().map_or(0, |b| b.len() as u64);
+    field(&r.key) + field(&r.value) + r.headers.iter().map(|(k, v)| k.len() as u64 + field(v)).sum::<u64>()
 }
 
 fn json_escape(s: &str) -> String {
@@ -749,4 +1063,97 @@ fn json_escape(s: &str) -> String {
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    fn link(start: i64) -> Arc<Link> {
+        Arc::new(Link {
+            remote: "plant-7.meters".into(),
+            start,
+            flow: Mutex::new(Flow::new(1000, 100)),
+            progress: Mutex::new(Progress::new(start, Duration::from_millis(1))),
+            acks: Mutex::new(Acks::default()),
+            settled: Notify::new(),
+            credit_due: Arc::new(Notify::new()),
+        })
+    }
+
+    fn stored(link: &Link) -> i64 {
+        link.progress.lock().map(|p| p.stored()).unwrap_or_default()
+    }
+
+    /// Progress and credit move over acknowledged units in the order they were handed over,
+    /// whatever order librdkafka reports them in (a gap record goes to another topic).
+    #[test]
+    fn units_settle_in_order_once_all_their_records_are_acknowledged() {
+        let link = link(0);
+        let records = |unit: &Arc<Unit>, n: u64| {
+            unit.waiting.fetch_add(n, Ordering::AcqRel);
+        };
+        let (a, b, c) = (link.unit(10, 300), link.unit(20, 0), link.unit(30, 500));
+        for (u, n) in [(&a, 3), (&b, 1), (&c, 2)] {
+            records(u, n);
+            drop(Handing(u.clone()));
+        }
+        for _ in 0..2 {
+            c.acked();
+        }
+        assert_eq!(stored(&link), 0, "the last unit is in, the first is not");
+        for _ in 0..2 {
+            a.acked();
+        }
+        assert_eq!(stored(&link), 0, "one record of the first unit still out");
+        a.acked();
+        assert_eq!(stored(&link), 10);
+        assert!(link.all_settled().now_or_never().is_none(), "the gap is still out");
+        b.acked();
+        assert_eq!(stored(&link), 30, "the gap, then the unit already in");
+        assert_eq!(link.flow.lock().map(|mut f| f.take_credit(true)).ok().flatten(), Some(800));
+        assert!(matches!(link.all_settled().now_or_never(), Some(Ok(()))));
+        // A failed write ends the stream: later units are refused and waiting stops.
+        let d = link.unit(40, 10);
+        link.fail("broker down".into());
+        assert!(link.check().is_err());
+        assert!(matches!(link.all_settled().now_or_never(), Some(Err(_))));
+        drop(d);
+    }
+
+    #[test]
+    fn offsets_are_written_in_decimal_without_allocating() {
+        let mut buf = [0u8; 20];
+        for n in [0i64, 7, 10, 1234567, i64::MAX] {
+            assert_eq!(decimal(&mut buf, n), n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn a_site_buffer_charges_arrivals_refuses_its_limit_and_stops_new_frames_at_half() {
+        let stats = Arc::new(CloudStats::default());
+        let buffer = Arc::new(SiteBuffer::new(1000, stats.clone()));
+        let held = || Held { buffer: buffer.clone(), received: 0, decoded: 0 };
+        let (mut a, mut b) = (held(), held());
+        a.charge(400).expect("within the limit");
+        assert!(buffer.room_for_frame().now_or_never().is_some(), "below half: a new frame starts");
+        a.charge(100).expect("within the limit");
+        assert!(buffer.room_for_frame().now_or_never().is_none(), "at half: new frames wait");
+        // Frames already started may go on up to the limit, not past it.
+        b.charge(500).expect("up to the limit");
+        assert!(matches!(b.charge(1), Err(CloudError::SiteBuffer { held: 1001, limit: 1000 })));
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 1000);
+        drop(b);
+        a.release(100, 0);
+        assert!(buffer.room_for_frame().now_or_never().is_some(), "room again once frames are handed over");
+        // Decompressed records count too, and hold back further decompression at half.
+        a.charge_decoded(500);
+        assert!(buffer.room_for_decoding().now_or_never().is_none());
+        assert!(buffer.room_for_frame().now_or_never().is_none());
+        drop(a);
+        assert!(buffer.room_for_decoding().now_or_never().is_some());
+        assert_eq!(stats.buffered_bytes.load(Ordering::Relaxed), 0, "a stream's share goes back when it ends");
+    }
 }

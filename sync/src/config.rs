@@ -21,7 +21,8 @@ pub struct MirrorConfig {
     pub cloud: String,
     /// Name in the cloud's certificate; empty = the host part of `cloud`.
     pub server_name: String,
-    /// This gateway's site id: a DNS label (letters, digits, `-`), also named in its certificate.
+    /// This gateway's site id: a DNS label (lowercase letters, digits, `-`), also named in its
+    /// certificate.
     pub site: String,
     /// CA that signed the cloud's certificate (and this site's).
     pub ca_file: PathBuf,
@@ -73,11 +74,13 @@ impl Default for MirrorConfig {
     }
 }
 
-/// A site id: a DNS label, so it can be named in a certificate and prefix a Kafka topic.
+/// A site id: a DNS label in its one canonical form (lowercase letters, digits, `-`; no trailing
+/// dot), so it can be named in a certificate, prefix a Kafka topic and key the receiver's
+/// sessions without two spellings of one site getting two of each.
 pub fn valid_site(site: &str) -> bool {
     !site.is_empty()
         && site.len() <= 63
-        && site.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && site.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !site.starts_with('-')
         && !site.ends_with('-')
 }
@@ -94,7 +97,7 @@ impl MirrorConfig {
         if !valid_site(&self.site) {
             return Err(ConfigError::new(
                 key("site"),
-                format!("must be a DNS label: letters, digits and '-', at most 63 (got {:?})", self.site),
+                format!("must be a DNS label: lowercase letters, digits and '-', at most 63 (got {:?})", self.site),
             ));
         }
         if self.topics.is_empty() {
@@ -154,6 +157,12 @@ pub struct CloudConfig {
     pub partition_credit_bytes: u64,
     /// Largest frame accepted from a gateway (a stored batch plus its header).
     pub frame_bytes_max: u64,
+    /// Bytes one site's data streams may hold in this process: frames read and not yet handed to
+    /// librdkafka (a stream starts a new frame only while the site holds less than half; more
+    /// than all of it ends the session), and decompressed records (decompressing waits while they
+    /// take half). Without it one site could make the receiver hold `partitions_per_site_max`
+    /// half-sent frames of `frame_bytes_max` each.
+    pub site_buffer_bytes_max: u64,
     /// Connected sites at most; partitions of one site at most.
     pub sites_max: u32,
     pub partitions_per_site_max: u32,
@@ -219,6 +228,7 @@ impl Default for CloudConfig {
             gaps_topic: "tributary.mirror.gaps".into(),
             partition_credit_bytes: 4 * MIB,
             frame_bytes_max: 16 * MIB,
+            site_buffer_bytes_max: 64 * MIB,
             sites_max: 1_000,
             partitions_per_site_max: 4_096,
             mirrored_report_interval_ms: 200,
@@ -241,6 +251,9 @@ impl CloudConfig {
         }
         check_range("partition_credit_bytes", self.partition_credit_bytes, 64 * 1024, 1024 * MIB)?;
         check_range("frame_bytes_max", self.frame_bytes_max, 64 * 1024, 256 * MIB)?;
+        // A frame started below half the budget always fits: one stream alone never ends its
+        // session.
+        check_range("site_buffer_bytes_max", self.site_buffer_bytes_max, 2 * self.frame_bytes_max, 64 * 1024 * MIB)?;
         check_range("sites_max", self.sites_max.into(), 1, 1_000_000)?;
         check_range("partitions_per_site_max", self.partitions_per_site_max.into(), 1, 1_000_000)?;
         check_range("mirrored_report_interval_ms", self.mirrored_report_interval_ms, 1, 60_000)?;
@@ -278,12 +291,16 @@ mod tests {
         };
         assert!(on.validate("mirror").is_ok());
         assert_eq!(on.server_name(), "cloud.example");
-        let bad = MirrorConfig { site: "plant_7".into(), ..on.clone() };
-        assert_eq!(bad.validate("mirror").map_err(|e| e.key), Err("mirror.site".to_string()));
+        for site in ["plant_7", "Plant-7", "plant-7.", "-plant", ""] {
+            let bad = MirrorConfig { site: site.into(), ..on.clone() };
+            assert_eq!(bad.validate("mirror").map_err(|e| e.key), Err("mirror.site".to_string()), "{site:?}");
+        }
         let bad = MirrorConfig { cloud: "nowhere".into(), ..on };
         assert_eq!(bad.validate("mirror").map_err(|e| e.key), Err("mirror.cloud".to_string()));
         let bad = CloudConfig { partition_credit_bytes: 1, ..CloudConfig::default() };
         assert_eq!(bad.validate().map_err(|e| e.key), Err("partition_credit_bytes".to_string()));
+        let bad = CloudConfig { site_buffer_bytes_max: 16 << 20, ..CloudConfig::default() };
+        assert_eq!(bad.validate().map_err(|e| e.key), Err("site_buffer_bytes_max".to_string()), "under 2 frames");
     }
 
     #[test]
@@ -295,6 +312,51 @@ mod tests {
     }
 }
 
+/// Issue 13 item 17 for cloud.toml: type errors name their key and line; sizes and durations
+/// may be written as a person writes them.
+#[cfg(test)]
+mod file {
+    use super::*;
+
+    #[test]
+    fn every_cloud_key_is_named_in_its_type_error_and_human_forms_parse() {
+        let default = toml::Value::try_from(CloudConfig::default()).expect("serializes");
+        let toml::Value::Table(top) = &default else { panic!("a table") };
+        let mut all: Vec<(String, String, toml::Value)> = Vec::new();
+        for (k, v) in top {
+            match v {
+                toml::Value::Table(t) => {
+                    all.extend(t.iter().filter(|(_, v)| !v.is_table()).map(|(l, v)| (k.clone(), l.clone(), v.clone())));
+                }
+                _ => all.push((String::new(), k.clone(), v.clone())),
+            }
+        }
+        assert!(all.len() > 15, "{} keys", all.len());
+        for (section, leaf, value) in all {
+            let key = if section.is_empty() { leaf.clone() } else { format!("{section}.{leaf}") };
+            let header = if section.is_empty() { String::new() } else { format!("[{section}]\n") };
+            let wrong: [&str; 2] = match value {
+                toml::Value::Integer(_) => ["true", "\"lots\""],
+                toml::Value::Boolean(_) => ["\"lots\"", "5"],
+                _ => ["5", "true"],
+            };
+            for w in wrong {
+                let text = format!("{header}{leaf} = {w}\n");
+                let e = crate::config_file::parse::<CloudConfig>(&text).expect_err(&text);
+                assert_eq!(e.key, key, "{text}: {e}");
+                assert!(e.reason.starts_with("line "), "{text}: {e}");
+            }
+        }
+        let cfg: CloudConfig = crate::config_file::parse(
+            "site_buffer_bytes_max = \"128 MiB\"\nidle_timeout_ms = \"2m\"\n[kafka]\nrequest_timeout_ms = \"30s\"\n",
+        )
+        .expect("human forms parse");
+        assert_eq!((cfg.site_buffer_bytes_max, cfg.idle_timeout_ms), (128 << 20, 120_000));
+        assert_eq!(cfg.kafka.request_timeout_ms, 30_000);
+        cfg.validate().expect("valid");
+    }
+}
+
 #[cfg(test)]
 mod shipped {
     use super::*;
@@ -303,7 +365,7 @@ mod shipped {
 
     #[test]
     fn shipped_cloud_config_states_and_documents_the_defaults() {
-        let cfg: CloudConfig = toml::from_str(SHIPPED).expect("config/cloud.toml parses");
+        let cfg: CloudConfig = crate::config_file::parse(SHIPPED).expect("config/cloud.toml parses");
         assert_eq!(cfg, CloudConfig::default(), "config/cloud.toml states the built-in defaults");
         cfg.validate().expect("valid");
         let toml::Value::Table(all) = toml::Value::try_from(CloudConfig::default()).expect("serializes") else {

@@ -72,6 +72,9 @@ pub struct MirrorStats {
 /// One partition's mirror progress.
 #[derive(Debug, Default)]
 pub struct PartitionProgress {
+    /// Where the cloud last told this partition to start (its central cluster's tail when the
+    /// session began).
+    pub started_at: AtomicI64,
     /// Next offset to send.
     pub sent: AtomicI64,
     /// Everything below is in the central cluster.
@@ -116,6 +119,11 @@ impl MirrorStats {
             *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = e;
         }
         self.changed();
+    }
+
+    /// A mirrored partition's progress (`None` until the cloud started it).
+    pub fn partition(&self, topic: &str, partition: i32) -> Option<Arc<PartitionProgress>> {
+        self.partitions.lock().unwrap_or_else(PoisonError::into_inner).get(&(topic.to_string(), partition)).cloned()
     }
 
     fn progress(&self, topic: &str, partition: i32) -> Arc<PartitionProgress> {
@@ -317,7 +325,9 @@ async fn stream_session(
                             let credit = Arc::new(Credit::default());
                             credits.insert((topic.clone(), partition), credit.clone());
                             let progress = stats.progress(&topic, partition);
+                            progress.started_at.store(offset, Ordering::Relaxed);
                             progress.sent.store(offset, Ordering::Relaxed);
+                            stats.changed();
                             let task = PartitionSender {
                                 conn: conn.clone(),
                                 store: store.clone(),
@@ -404,7 +414,7 @@ impl PartitionSender {
             let wm = self.store.watermarks(&self.topic, self.partition)?;
             if next < wm.log_start_offset {
                 // Retention deleted records the cloud does not have: say so, then go on.
-                self.send_gap(&mut stream, next, wm.log_start_offset).await?;
+                self.send_gap(&mut stream, next, wm.log_start_offset, GapCause::Retention).await?;
                 next = wm.log_start_offset;
                 continue;
             }
@@ -414,41 +424,110 @@ impl PartitionSender {
                 }
                 continue;
             }
-            let fetched =
-                match self.store.fetch(&self.topic, self.partition, next, credit.min(self.read_bytes_max) as usize) {
-                    Ok(f) => f,
-                    Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) if log_start_offset > next => {
-                        self.send_gap(&mut stream, next, log_start_offset).await?;
-                        next = log_start_offset;
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
-                };
+            // The read runs on the blocking pool: a redb read can wait on the disk, and the
+            // runtime has two async workers for every connection.
+            let max = credit.min(self.read_bytes_max) as usize;
+            let (store, topic, partition) = (self.store.clone(), self.topic.clone(), self.partition);
+            let read = tokio::task::spawn_blocking(move || store.fetch(&topic, partition, next, max))
+                .await
+                .map_err(|e| MirrorError::Refused(format!("store read task: {e}")))?;
+            let fetched = match read {
+                Ok(f) => f,
+                Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) if log_start_offset > next => {
+                    self.send_gap(&mut stream, next, log_start_offset, GapCause::Retention).await?;
+                    next = log_start_offset;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let mut rest: Bytes = fetched.data;
             while !rest.is_empty() {
                 let h = BatchHeader::parse(&rest).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let batch = rest.split_to(h.total_len().min(rest.len()));
-                let len = batch.len() as u64;
-                let wait = self.bucket.lock().unwrap_or_else(PoisonError::into_inner).take(len, Instant::now());
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
+                match outgoing(batch)? {
+                    Data::Batch(batch) => {
+                        let len = batch.len() as u64;
+                        let wait = self.bucket.lock().unwrap_or_else(PoisonError::into_inner).take(len, Instant::now());
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                        stream.write_all(&Data::Batch(batch.clone()).encode_header()).await?;
+                        stream.write_chunk(batch).await?;
+                        self.credit.bytes.fetch_sub(len as i64, Ordering::Relaxed);
+                        self.stats.batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
+                    }
+                    Data::Gap { from, to } => self.send_gap(&mut stream, from, to, GapCause::Lost).await?,
+                    Data::Open { .. } => return Err(ProtocolError::Unexpected("open from the store").into()),
                 }
-                stream.write_all(&Data::Batch(batch.clone()).encode_header()).await?;
-                stream.write_chunk(batch).await?;
-                self.credit.bytes.fetch_sub(len as i64, Ordering::Relaxed);
-                self.stats.batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
                 next = h.next_offset();
                 self.progress.sent.store(next, Ordering::Relaxed);
             }
         }
     }
 
-    async fn send_gap(&self, stream: &mut quinn::SendStream, from: i64, to: i64) -> Result<(), MirrorError> {
-        tracing::warn!(topic = %self.topic, partition = self.partition, from, to,
-            "retention deleted records before they were mirrored: sending a gap marker");
+    async fn send_gap(
+        &self,
+        stream: &mut quinn::SendStream,
+        from: i64,
+        to: i64,
+        cause: GapCause,
+    ) -> Result<(), MirrorError> {
+        match cause {
+            GapCause::Retention => tracing::warn!(topic = %self.topic, partition = self.partition, from, to,
+                "retention deleted records before they were mirrored: sending a gap marker"),
+            GapCause::Lost => tracing::warn!(topic = %self.topic, partition = self.partition, from, to,
+                "records lost in a crash (relaxed durability): sending a gap marker"),
+        }
         self.stats.gaps.fetch_add(1, Ordering::Relaxed);
-        self.stats.gap_records.fetch_add((to - from) as u64, Ordering::Relaxed);
+        self.stats.gap_records.fetch_add((to - from).max(0) as u64, Ordering::Relaxed);
         stream.write_all(&Data::Gap { from, to }.encode_header()).await?;
         Ok(())
+    }
+}
+
+/// Why offsets are sent as a gap instead of records.
+#[derive(Debug, Clone, Copy)]
+enum GapCause {
+    /// Retention deleted them before they were mirrored.
+    Retention,
+    /// The store lost them (a crash on a `durability = "relaxed"` topic) and filled their offsets
+    /// with a control batch.
+    Lost,
+}
+
+/// What goes on the wire for one stored batch: the batch as stored, or for a control batch a
+/// gap marker over its offsets. Clients can never store control batches; the store writes one
+/// over offsets whose records a crash lost, so the central cluster records the loss in its gaps
+/// topic instead of receiving control records as data.
+fn outgoing(batch: Bytes) -> Result<Data, StoreError> {
+    let h = BatchHeader::parse(&batch).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(if h.is_control() { Data::Gap { from: h.base_offset, to: h.next_offset() } } else { Data::Batch(batch) })
+}
+
+#[cfg(test)]
+mod tests {
+    use tributary_broker::storage::batch::{encode_batch, NewRecord};
+    use tributary_broker::{Codec, TimestampKind};
+
+    use super::*;
+
+    fn batch(base: i64, n: usize) -> Vec<u8> {
+        let records: Vec<NewRecord> = (0..n).map(|i| NewRecord::new(None::<Bytes>, format!("r{i}"))).collect();
+        let with_ts: Vec<_> = records.iter().map(|r| (r, 1_700_000_000_000)).collect();
+        let mut out = Vec::new();
+        encode_batch(&with_ts, base, Codec::None, TimestampKind::CreateTime, 0, &mut out).expect("encode");
+        out
+    }
+
+    #[test]
+    fn a_control_batch_goes_out_as_a_gap_and_a_data_batch_as_stored() {
+        let data = Bytes::from(batch(40, 5));
+        assert_eq!(outgoing(data.clone()).expect("batch"), Data::Batch(data));
+        // The same batch with the control attribute (0x20 of the attributes at byte 21..23), as
+        // the store writes over offsets a crash lost.
+        let mut control = batch(40, 5);
+        control[22] |= 0x20;
+        assert!(BatchHeader::parse(&control).expect("header").is_control());
+        assert_eq!(outgoing(Bytes::from(control)).expect("gap"), Data::Gap { from: 40, to: 45 });
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod config;
+pub mod config_file;
 pub mod core;
 pub mod gateway;
 pub mod protocol;

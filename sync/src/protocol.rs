@@ -10,6 +10,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// complete the handshake.
 pub const ALPN: &[u8] = b"tributary-mirror/1";
 
+/// The largest `Open` frame body: its type, a topic name (at most 249 bytes, as in Kafka) and a
+/// partition. A data stream is held to this until its `Open` has been checked, so a stream that
+/// never names a partition costs the receiver a few hundred bytes, not a batch's worth.
+pub const OPEN_FRAME_BYTES_MAX: usize = 1 + 2 + 249 + 4;
+
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtocolError {
@@ -246,6 +251,12 @@ impl Decoder {
         Self { buf: BytesMut::new(), max }
     }
 
+    /// Changes the largest frame accepted from now on (a data stream accepts only a small
+    /// `Open` frame first, then batches).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     pub fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
@@ -263,7 +274,7 @@ impl Decoder {
             return Err(ProtocolError::Malformed("empty"));
         }
         if self.buf.len() < 4 + len {
-            self.buf.reserve(4 + len - self.buf.len());
+            // Nothing is reserved for bytes that have not arrived: the buffer grows as they do.
             return Ok(None);
         }
         self.buf.advance(4);
@@ -337,6 +348,27 @@ mod tests {
         assert_eq!(d.next_data().expect("ok"), Some(Data::Batch(batch)));
         assert_eq!(d.next_data().expect("ok"), Some(Data::Gap { from: 3, to: 9 }));
         assert_eq!(d.next_data().expect("ok"), None);
+    }
+
+    #[test]
+    fn an_open_frame_fits_the_pre_open_limit_and_a_batch_header_does_not() {
+        let topic = "t".repeat(249);
+        let open = Data::Open { topic: topic.clone(), partition: i32::MAX }.encode_header();
+        let mut d = Decoder::new(OPEN_FRAME_BYTES_MAX);
+        d.feed(&open);
+        assert_eq!(d.next_data(), Ok(Some(Data::Open { topic, partition: i32::MAX })));
+        // A stream that starts with a 1 MiB batch instead is refused on its 4-byte length.
+        let mut d = Decoder::new(OPEN_FRAME_BYTES_MAX);
+        d.feed(&Data::Batch(Bytes::from(vec![0u8; 1 << 20])).encode_header());
+        assert_eq!(d.next_data(), Err(ProtocolError::TooLarge { size: (1 << 20) + 1, max: OPEN_FRAME_BYTES_MAX }));
+    }
+
+    #[test]
+    fn nothing_is_reserved_for_a_frame_before_its_bytes_arrive() {
+        let mut d = Decoder::new(16 << 20);
+        d.feed(&Data::Batch(Bytes::from(vec![0u8; 8 << 20])).encode_header());
+        assert_eq!(d.next_data(), Ok(None));
+        assert!(d.buf.capacity() < 1 << 20, "capacity {} after a 5-byte header", d.buf.capacity());
     }
 
     #[test]

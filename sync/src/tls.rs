@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::protocol::ALPN;
 
@@ -115,7 +115,7 @@ pub fn server_config(
     Ok(s)
 }
 
-/// Checks that the peer's (already CA-verified) certificate names `site` (as a DNS name).
+/// Checks that the peer's (already CA-verified) certificate names `site` exactly.
 pub fn check_site(conn: &quinn::Connection, site: &str) -> Result<(), TlsError> {
     let identity = conn.peer_identity().ok_or(TlsError::NoPeerCertificate)?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| TlsError::NoPeerCertificate)?;
@@ -123,10 +123,58 @@ pub fn check_site(conn: &quinn::Connection, site: &str) -> Result<(), TlsError> 
     check_cert_site(leaf, site)
 }
 
-/// Whether a certificate names `site`.
+/// Whether a certificate names `site`: one of its DNS names (subject alternative names) is
+/// byte for byte the site id. DNS matching rules (case folding, a trailing dot, wildcards) do not
+/// apply: the site id also names the site's session and remote topics, so `PLANT-7` or
+/// `plant-7.` must not pass for `plant-7` and get topics of their own.
 pub fn check_cert_site(cert: &CertificateDer<'_>, site: &str) -> Result<(), TlsError> {
     let mismatch = |reason: String| TlsError::SiteMismatch { site: site.to_string(), reason };
-    let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| mismatch(e.to_string()))?;
-    let name = ServerName::try_from(site).map_err(|e| mismatch(e.to_string()))?;
-    ee.verify_is_valid_for_subject_name(&name).map_err(|e| mismatch(e.to_string()))
+    let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| mismatch(e.to_string()))?;
+    let san = x.subject_alternative_name().map_err(|e| mismatch(e.to_string()))?;
+    let names: Vec<&str> = san
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(*d),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if names.contains(&site) {
+        Ok(())
+    } else {
+        Err(mismatch(format!("the certificate names {names:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate for `names` from a throwaway CA (the CA check is rustls's, not this one's).
+    fn cert(names: &[&str]) -> CertificateDer<'static> {
+        let ca = crate::certs::new_ca("test CA", 1).expect("ca");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca.cert, rcgen::KeyPair::from_pem(&ca.key).expect("ca key"))
+            .expect("issuer");
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+        params.signed_by(&key, &issuer).expect("signed").der().clone()
+    }
+
+    #[test]
+    fn a_site_matches_its_certificate_byte_for_byte() {
+        let plant = cert(&["plant-7"]);
+        assert!(check_cert_site(&plant, "plant-7").is_ok());
+        for claim in ["PLANT-7", "Plant-7", "plant-7.", "plant-8", ""] {
+            assert!(check_cert_site(&plant, claim).is_err(), "{claim:?} passed for a plant-7 certificate");
+        }
+        // A certificate made for another spelling does not pass for the canonical one either.
+        assert!(check_cert_site(&cert(&["PLANT-7"]), "plant-7").is_err());
+        assert!(check_cert_site(&cert(&["plant-7."]), "plant-7").is_err());
+        assert!(check_cert_site(&cert(&["*.plant-7", "other"]), "plant-7").is_err());
+    }
 }

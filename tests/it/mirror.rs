@@ -145,6 +145,9 @@ fn cloud_config(pki: &Pki, central: &KafkaBroker, listen: SocketAddr) -> CloudCo
         key_file: pki.path("cloud.key"),
         mirrored_report_interval_ms: 20,
         partition_credit_bytes: 256 * 1024,
+        // Small, so the real gateway's streams go through the receiver's buffer gates too.
+        frame_bytes_max: 256 * 1024,
+        site_buffer_bytes_max: 512 * 1024,
         ..CloudConfig::default()
     };
     cfg.kafka.bootstrap_servers = central.addr.to_string();
@@ -155,7 +158,27 @@ fn cloud_config(pki: &Pki, central: &KafkaBroker, listen: SocketAddr) -> CloudCo
 
 impl Cloud {
     fn start(cfg: CloudConfig) -> Self {
-        let server = CloudServer::bind(cfg).expect("receiver starts");
+        Self::serve(CloudServer::bind(cfg).expect("receiver starts"))
+    }
+
+    /// Starts again on the address a stopped receiver had: its endpoint's driver lets go of the
+    /// UDP socket a moment after the receiver stopped, so binding waits for that (deadline 10 s).
+    async fn restart(cfg: CloudConfig) -> Self {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match CloudServer::bind(cfg.clone()) {
+                Ok(server) => return Self::serve(server),
+                Err(tributary_sync::cloud::CloudError::Endpoint(e))
+                    if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("receiver restarts: {e}"),
+            }
+        }
+    }
+
+    fn serve(server: CloudServer) -> Self {
         let addr = server.local_addr().expect("addr");
         let stats = server.stats();
         let (stop, rx) = tokio::sync::oneshot::channel();
@@ -233,6 +256,30 @@ fn caught_up(store: &Store, topics: &[&str]) -> bool {
             store.mirrored(t, p).ok().flatten().unwrap_or(0) >= hw
         })
     })
+}
+
+/// Each partition's confirmed mirror mark.
+fn marks(store: &Store, topic: &str) -> Vec<i64> {
+    let n = store.topic(topic).map_or(0, |i| i.partitions as i32);
+    (0..n).map(|p| store.mirrored(topic, p).ok().flatten().unwrap_or(0)).collect()
+}
+
+fn high_watermarks(store: &Store, topic: &str) -> Vec<i64> {
+    let n = store.topic(topic).map_or(0, |i| i.partitions as i32);
+    (0..n).map(|p| store.watermarks(topic, p).map_or(0, |w| w.high_watermark)).collect()
+}
+
+/// The last session started every partition of `topic` from the central cluster's tail: at or
+/// above what the gateway had confirmed when the link went dark, and below the high watermark
+/// it had while dark (records the central cluster could not have), so it resumed mid-stream.
+fn assert_resumed_mid_stream(stats: &MirrorStats, topic: &str, confirmed: &[i64], dark: &[i64]) {
+    for (p, (confirmed, dark)) in confirmed.iter().zip(dark).enumerate() {
+        let started = stats.partition(topic, p as i32).expect("partition started").started_at.load(Ordering::Relaxed);
+        assert!(
+            *confirmed <= started && started < *dark,
+            "{topic}-{p}: resumed at {started}, not within [{confirmed}, {dark}) (confirmed before the cut, high watermark while dark)"
+        );
+    }
 }
 
 fn record(topic: &str, p: i32, i: usize) -> NewRecord {
@@ -341,23 +388,39 @@ async fn every_record_reaches_the_central_cluster_once_through_cuts_loss_and_res
     imp.loss_percent.store(0, Ordering::Relaxed);
     imp.delay_ms.store(0, Ordering::Relaxed);
 
-    // The receiver restarts mid-stream, on the same port: it resumes from the central cluster.
+    // The receiver restarts mid-stream, on the same port. The link goes dark first, so what the
+    // receiver stores while stopping never reaches the gateway, and records keep arriving that
+    // the central cluster cannot have: the new session must resume from the central cluster's
+    // tail, below the gateway's high watermark, not hand over cleanly at it.
     produce(&gateway.store, "meters", 900, 200).await;
+    imp.blackout.store(true, Ordering::Relaxed);
+    let confirmed = marks(&gateway.store, "meters");
+    produce(&gateway.store, "meters", 1100, 100).await;
+    let dark = high_watermarks(&gateway.store, "meters");
+    mirror.until("the link seen down", 30, |s| !s.link_up.load(Ordering::Relaxed)).await;
     let cfg = cloud_config(&pki, &central, cloud_addr);
     cloud.stop().await;
-    produce(&gateway.store, "meters", 1100, 100).await;
-    let cloud = Cloud::start(cfg);
+    let cloud = Cloud::restart(cfg).await;
+    imp.blackout.store(false, Ordering::Relaxed);
     mirror.until("mirrored after the receiver restarted", 60, |_| caught_up(&gateway.store, &["meters"])).await;
+    assert_resumed_mid_stream(&mirror.stats, "meters", &confirmed, &dark);
 
-    // The gateway restarts mid-stream: its mirror resumes without duplicates.
+    // The gateway restarts mid-stream: the link goes dark, the gateway stops and starts again
+    // with more records; its mirror resumes from the central cluster without duplicates.
     produce(&gateway.store, "meters", 1200, 100).await;
+    imp.blackout.store(true, Ordering::Relaxed);
+    let confirmed = marks(&gateway.store, "meters");
+    produce(&gateway.store, "meters", 1300, 50).await;
+    let dark = high_watermarks(&gateway.store, "meters");
     mirror.stop().await;
     let gateway = gateway.restart().await;
-    produce(&gateway.store, "meters", 1300, 100).await;
+    produce(&gateway.store, "meters", 1350, 50).await;
     let mirror = Mirror::start(mirror_config(&pki, via, cert), &gateway.store);
+    imp.blackout.store(false, Ordering::Relaxed);
     mirror
         .until("mirrored after the gateway restarted", 60, |_| caught_up(&gateway.store, &["meters", "alarms"]))
         .await;
+    assert_resumed_mid_stream(&mirror.stats, "meters", &confirmed, &dark);
 
     assert_mirrored(&gateway.store, &central.store, "meters");
     assert_mirrored(&gateway.store, &central.store, "alarms");
@@ -616,5 +679,158 @@ async fn the_bandwidth_cap_holds_on_a_backlog() {
     assert!(sent >= backlog, "sent {sent} of {backlog}");
     assert_mirrored(&gateway.store, &central.store, "meters");
     mirror.stop().await;
+    cloud.stop().await;
+}
+
+/// A site connection driven by hand (not by the gateway's mirror), for input the real gateway
+/// never sends.
+async fn raw_site(pki: &Pki, cloud: SocketAddr, cert: &(PathBuf, PathBuf)) -> (quinn::Endpoint, quinn::Connection) {
+    let transport =
+        tributary_sync::tls::transport(Duration::from_secs(1), Duration::from_secs(20), 64).expect("transport");
+    let client = tributary_sync::tls::client_config(&pki.path("ca.pem"), &cert.0, &cert.1, transport).expect("client");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let conn = endpoint.connect_with(client, cloud, "localhost").expect("connect").await.expect("handshake");
+    (endpoint, conn)
+}
+
+/// Reads control frames until the receiver refuses: its `Refused` reason, or the reason it closed
+/// the connection with (the close may overtake the frame); `None` if the stream just ended.
+async fn refusal(conn: &quinn::Connection, recv: &mut quinn::RecvStream) -> Option<String> {
+    let mut decoder = tributary_sync::protocol::Decoder::new(1 << 20);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match decoder.next_control().expect("valid control frame") {
+            Some(tributary_sync::protocol::Control::Refused { reason }) => return Some(reason),
+            Some(_) => continue,
+            None => {}
+        }
+        match tokio::time::timeout(Duration::from_secs(20), recv.read(&mut buf)).await.expect("an answer") {
+            Ok(Some(n)) => decoder.feed(&buf[..n]),
+            Ok(None) => return None,
+            Err(_) => return Some(closed(conn).await),
+        }
+    }
+}
+
+/// Waits (up to 20 s) for the receiver to close the connection; its reason.
+async fn closed(conn: &quinn::Connection) -> String {
+    match tokio::time::timeout(Duration::from_secs(20), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => String::from_utf8_lossy(&c.reason).into_owned(),
+        Ok(other) => other.to_string(),
+        Err(_) => panic!("the receiver kept the connection open"),
+    }
+}
+
+/// Polls a receiver counter (it has no change feed) until `cond` holds, within 20 s.
+async fn counter(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{what} not reached in 20 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Issue 13 item 16: the site id keys the session and names the remote topics, so only its
+/// canonical form, exactly as the certificate names it, gets a session: `PLANT-7` and `plant-7.`
+/// (which DNS matching would accept for a `plant-7` certificate) are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_id_must_be_canonical_and_exactly_the_certificate_s_name() {
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+    let cert = pki.site("site", SITE, None);
+    let spellings = ["PLANT-7", "plant-7.", "Plant-7"];
+    for claim in spellings {
+        let (_endpoint, conn) = raw_site(&pki, cloud.addr, &cert).await;
+        let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+        send.write_all(&tributary_sync::protocol::Control::Hello { site: claim.into() }.encode()).await.expect("hello");
+        let reason = refusal(&conn, &mut recv).await.unwrap_or_else(|| panic!("{claim:?} was not refused"));
+        assert!(reason.contains(claim), "{claim:?}: {reason}");
+    }
+    assert_eq!(cloud.stats.sessions.load(Ordering::Relaxed), 0, "no session for another spelling");
+    assert_eq!(cloud.stats.sessions_refused.load(Ordering::Relaxed), spellings.len() as u64);
+    // The canonical spelling gets its session.
+    let (_endpoint, conn) = raw_site(&pki, cloud.addr, &cert).await;
+    let (mut send, _recv) = conn.open_bi().await.expect("control stream");
+    send.write_all(&tributary_sync::protocol::Control::Hello { site: SITE.into() }.encode()).await.expect("hello");
+    counter("the session", || cloud.stats.sessions.load(Ordering::Relaxed) == 1).await;
+    conn.close(0u32.into(), b"done");
+    cloud.stop().await;
+}
+
+/// Issue 13 item 16: a data stream may hold only an `Open` frame's worth before its `Open` is
+/// checked, and one site's half-sent frames together may not hold more than
+/// `site_buffer_bytes_max` in the receiver (before: a 16 MiB frame per stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_s_streams_cannot_make_the_receiver_buffer_more_than_its_limit() {
+    use tributary_sync::protocol::{Control, Data, PartitionReport, OPEN_FRAME_BYTES_MAX};
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let mut cfg = cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr"));
+    cfg.frame_bytes_max = 64 * 1024;
+    cfg.site_buffer_bytes_max = 128 * 1024;
+    let cloud = Cloud::start(cfg);
+    let cert = pki.site("site", SITE, None);
+
+    // A stream whose first frame announces a batch of a megabyte instead of its Open.
+    let (_endpoint, conn) = raw_site(&pki, cloud.addr, &cert).await;
+    let (mut send, _recv) = conn.open_bi().await.expect("control stream");
+    send.write_all(&Control::Hello { site: SITE.into() }.encode()).await.expect("hello");
+    let mut stream = conn.open_uni().await.expect("stream");
+    stream.write_all(&Data::Batch(Bytes::from(vec![0u8; 1 << 20])).encode_header()).await.expect("header");
+    stream.write_all(&[0u8; 1000]).await.expect("some of the body");
+    let reason = closed(&conn).await;
+    assert!(reason.contains(&format!("over the limit of {OPEN_FRAME_BYTES_MAX}")), "{reason}");
+    counter("buffers given back", || cloud.stats.buffered_bytes.load(Ordering::Relaxed) == 0).await;
+
+    // Eight partitions, each stream opened and a 60 KiB batch begun: headers first, so every
+    // stream is inside a frame; then the bodies (never finished). Together 480 KiB, over the
+    // site's 128 KiB.
+    let (_endpoint, conn) = raw_site(&pki, cloud.addr, &cert).await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+    send.write_all(&Control::Hello { site: SITE.into() }.encode()).await.expect("hello");
+    let reports = (0..8)
+        .map(|p| PartitionReport {
+            topic: "meters".into(),
+            partition: p,
+            partitions: 8,
+            log_start: 0,
+            high_watermark: 1000,
+        })
+        .collect();
+    send.write_all(&Control::Partitions(reports).encode()).await.expect("partitions");
+    let mut decoder = tributary_sync::protocol::Decoder::new(1 << 20);
+    let mut buf = vec![0u8; 4096];
+    let mut started = 0;
+    while started < 8 {
+        match decoder.next_control().expect("control") {
+            Some(Control::Start { .. }) => started += 1,
+            Some(_) => {}
+            None => {
+                let n = recv.read(&mut buf).await.expect("read").expect("open");
+                decoder.feed(&buf[..n]);
+            }
+        }
+    }
+    let body = 60 * 1024;
+    let header = Data::Batch(Bytes::from(vec![0u8; body])).encode_header();
+    let mut streams = Vec::new();
+    for p in 0..8 {
+        let mut s = conn.open_uni().await.expect("stream");
+        let mut first = Data::Open { topic: "meters".into(), partition: p }.encode_header().to_vec();
+        first.extend_from_slice(&header);
+        s.write_all(&first).await.expect("open and header");
+        streams.push(s);
+    }
+    counter("every stream inside its frame", || {
+        cloud.stats.buffered_bytes.load(Ordering::Relaxed) == 8 * header.len() as u64
+    })
+    .await;
+    for s in &mut streams {
+        s.write_all(&vec![7u8; body - 1]).await.expect("body");
+    }
+    let reason = closed(&conn).await;
+    assert!(reason.contains("site_buffer_bytes_max = 131072"), "{reason}");
+    counter("buffers given back", || cloud.stats.buffered_bytes.load(Ordering::Relaxed) == 0).await;
     cloud.stop().await;
 }

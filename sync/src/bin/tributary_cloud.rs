@@ -30,7 +30,7 @@ enum Command {
 
 fn load(path: &PathBuf) -> anyhow::Result<CloudConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    let cfg: CloudConfig = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let cfg: CloudConfig = tributary_sync::config_file::parse(&text).with_context(|| format!("{}", path.display()))?;
     cfg.validate().with_context(|| format!("{}", path.display()))?;
     Ok(cfg)
 }
