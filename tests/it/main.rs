@@ -16,6 +16,7 @@ mod mqtt_faults;
 mod mqtt_sessions;
 mod retention;
 mod security;
+mod soak;
 mod support;
 mod sys;
 mod systemd;
