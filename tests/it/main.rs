@@ -21,6 +21,7 @@ mod mqtt_sessions;
 mod powercut;
 mod retention;
 mod security;
+mod soak;
 mod support;
 mod sys;
 mod systemd;

@@ -2,6 +2,8 @@
 //! write bandwidth) and memory readings of a process, so every benchmark reports its figures
 //! against the same yardsticks.
 
+pub mod soak;
+
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
