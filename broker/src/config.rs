@@ -293,6 +293,11 @@ pub struct StorageConfig {
     /// Idempotent producers whose last sequence numbers are remembered per partition (for
     /// deduplicating retries); the least recently used is forgotten first.
     pub producer_states_max: u32,
+    /// Threads that run blocking work: store reads for fetches and MQTT deliveries, password
+    /// hashing, metrics scans (the async runtime's blocking pool; an idle one exits after 10 s).
+    /// Each thread that allocated keeps a malloc arena, so this also bounds that memory; work
+    /// beyond it waits in the pool's queue.
+    pub blocking_threads_max: u32,
 }
 
 impl Default for StorageConfig {
@@ -317,6 +322,7 @@ impl Default for StorageConfig {
             partitions_per_topic_max: 256,
             partitions_total_max: 4096,
             producer_states_max: 4096,
+            blocking_threads_max: 8,
         }
     }
 }
@@ -351,6 +357,7 @@ impl StorageConfig {
         range("partitions_per_topic_max", self.partitions_per_topic_max.into(), 1, 100_000)?;
         range("partitions_total_max", self.partitions_total_max.into(), 1, 1_000_000)?;
         range("producer_states_max", self.producer_states_max.into(), 1, 10_000_000)?;
+        range("blocking_threads_max", self.blocking_threads_max.into(), 1, 512)?;
         Ok(())
     }
 

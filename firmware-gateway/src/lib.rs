@@ -83,6 +83,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(&cfg.log.level);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                .max_blocking_threads(cfg.storage.blocking_threads_max as usize)
                 .enable_all()
                 .build()
                 .context("start the async runtime")?;

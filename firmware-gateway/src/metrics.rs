@@ -252,6 +252,24 @@ pub fn render(src: &Sources) -> String {
             "Kafka requests handled.",
             k.requests.load(Ordering::Relaxed),
         );
+        o.one(
+            "tributary_kafka_frames_reading",
+            "gauge",
+            "Kafka requests whose size was read and whose bytes have not all arrived yet.",
+            k.frames_reading.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_kafka_fetches_waiting",
+            "gauge",
+            "Kafka fetches parked in a long poll, waiting for data.",
+            k.fetches_waiting.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_kafka_fetch_partition_reads_total",
+            "counter",
+            "Partitions Kafka fetches read from the store (none past a response's byte limit).",
+            k.fetch_partition_reads.load(Ordering::Relaxed),
+        );
         o.family("tributary_group_lag", "gauge", "Records between a group's committed offset and the high watermark.");
         for (group, _, _) in groups.list() {
             for l in groups.lag(&group).unwrap_or_default() {

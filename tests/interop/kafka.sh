@@ -47,6 +47,8 @@ disk_free_bytes_min = 0
 listen = "$broker"
 [mqtt]
 listen = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
 [log]
 level = "info,tributary_broker=debug"
 EOF

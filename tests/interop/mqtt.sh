@@ -43,6 +43,8 @@ disk_free_bytes_min = 0
 listen = "$kafka"
 [mqtt]
 listen = "127.0.0.1:$mport"
+[metrics]
+listen = "127.0.0.1:0"
 [[mqtt.routes]]
 filter = "meters/+/reading"
 topic = "meter-readings"
@@ -188,6 +190,8 @@ max_bytes = 268435456
 disk_free_bytes_min = 0
 [kafka]
 enabled = false
+[metrics]
+listen = "127.0.0.1:0"
 [mqtt]
 listen = "127.0.0.1:$sport"
 [mqtt.tls]

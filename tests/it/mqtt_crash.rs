@@ -173,7 +173,8 @@ fn run_client(port: u16, c: usize, round: u32, st: &mut ClientState, acks: &mpsc
 
 #[test]
 fn qos2_is_exactly_once_and_in_order_across_sigkills_with_persistent_sessions() {
-    let mut rng = crate::support::seeded_rng("qos2_is_exactly_once_and_in_order_across_sigkills_with_persistent_sessions");
+    let mut rng =
+        crate::support::seeded_rng("qos2_is_exactly_once_and_in_order_across_sigkills_with_persistent_sessions");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut states: Vec<ClientState> = (0..CLIENTS).map(|_| ClientState::default()).collect();
     for round in 0..ROUNDS {

@@ -572,7 +572,7 @@ fn half_sent_connects_and_unmatched_retained_scans_cost_little_memory() {
     )
     .expect("config");
     let daemon = crate::support::Daemon::start(&config);
-    let pid = daemon.pid();
+    let pid = daemon.pid().to_string();
     let addr: SocketAddr = daemon.addr("mqtt").parse().expect("mqtt address");
     let metrics = daemon.addr("metrics");
     let gauge = |name: &str| -> u64 {

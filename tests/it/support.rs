@@ -333,11 +333,6 @@ impl Daemon {
         self.child.wait().expect("wait");
     }
 
-    /// The gateway's process id (for `/proc` readings).
-    pub fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
     /// SIGTERM; the gateway must exit cleanly.
     pub fn stop(mut self) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
