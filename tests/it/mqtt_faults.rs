@@ -10,23 +10,8 @@ use std::time::Duration;
 
 use crate::support::KafkaBroker;
 
-pub(crate) fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
+/// One MQTT packet: the first byte, the remaining length and the body.
+pub(crate) use tributary_tests::mqtt_packet as packet;
 
 fn connect(level: u8, id: &str) -> Vec<u8> {
     connect_flags(level, id, 0x02)

@@ -560,24 +560,6 @@ async fn read_packet(s: &mut TcpStream) -> anyhow::Result<(u8, Vec<u8>)> {
     Ok((first, body))
 }
 
-fn mqtt_packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut n = body.len();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
 fn put_str(v: &mut Vec<u8>, s: &[u8]) {
     v.extend_from_slice(&(s.len() as u16).to_be_bytes());
     v.extend_from_slice(s);
@@ -593,7 +575,7 @@ fn mqtt_connect(client_id: &str, clean: bool) -> Vec<u8> {
     put_str(&mut body, client_id.as_bytes());
     put_str(&mut body, USER.as_bytes());
     put_str(&mut body, PASSWORD.as_bytes());
-    mqtt_packet(0x10, &body)
+    crate::mqtt_packet(0x10, &body)
 }
 
 /// Connects and logs in; returns the stream and the session-present flag.
@@ -646,10 +628,10 @@ async fn mqtt_publisher(i: usize, qos: u8, addr: String, per_s: u32, shared: Arc
             let step = async {
                 if stage == 0 {
                     let dup = if sent { 0x08 } else { 0 };
-                    s.write_all(&mqtt_packet(0x30 | (qos << 1) | dup, &body)).await?;
+                    s.write_all(&crate::mqtt_packet(0x30 | (qos << 1) | dup, &body)).await?;
                     sent = true;
                 } else {
-                    s.write_all(&mqtt_packet(0x62, &pkid.to_be_bytes())).await?;
+                    s.write_all(&crate::mqtt_packet(0x62, &pkid.to_be_bytes())).await?;
                 }
                 loop {
                     let (kind, ack) = tokio::time::timeout(ANSWER_TIMEOUT, read_packet(s)).await??;
@@ -660,7 +642,7 @@ async fn mqtt_publisher(i: usize, qos: u8, addr: String, per_s: u32, shared: Arc
                         (0x40, 1, 0) => return Ok::<bool, anyhow::Error>(true),
                         (0x50, 2, 0) => {
                             stage = 1;
-                            s.write_all(&mqtt_packet(0x62, &pkid.to_be_bytes())).await?;
+                            s.write_all(&crate::mqtt_packet(0x62, &pkid.to_be_bytes())).await?;
                         }
                         (0x70, 2, 1) => return Ok(true),
                         _ => {}
@@ -699,7 +681,7 @@ async fn mqtt_subscriber(addr: String, shared: Arc<Shared>) {
             let mut body = 1u16.to_be_bytes().to_vec();
             put_str(&mut body, b"soak/#");
             body.push(1);
-            if s.write_all(&mqtt_packet(0x82, &body)).await.is_err() {
+            if s.write_all(&crate::mqtt_packet(0x82, &body)).await.is_err() {
                 continue;
             }
             match tokio::time::timeout(ANSWER_TIMEOUT, read_packet(&mut s)).await {
@@ -729,7 +711,7 @@ async fn mqtt_subscriber(addr: String, shared: Arc<Shared>) {
             let mut at = 2 + tlen;
             if qos > 0 {
                 let Some(pkid) = body.get(at..at + 2) else { continue };
-                let ack = mqtt_packet(0x40, pkid);
+                let ack = crate::mqtt_packet(0x40, pkid);
                 at += 2;
                 if s.write_all(&ack).await.is_err() {
                     break;
@@ -853,7 +835,7 @@ async fn never_acks(addr: String, reads: bool, shared: Arc<Shared>) {
         let mut body = 1u16.to_be_bytes().to_vec();
         put_str(&mut body, b"soak/#");
         body.push(1);
-        if s.write_all(&mqtt_packet(0x82, &body)).await.is_err() {
+        if s.write_all(&crate::mqtt_packet(0x82, &body)).await.is_err() {
             continue;
         }
         let mut buf = vec![0u8; 64 * 1024];
