@@ -11,6 +11,12 @@
 //!   timestamp is taken when the message is handed to the client); the subscriber at QoS 0.
 //! - `idle`: RSS right after start, then with `--idle-connections` connected MQTT 3.1.1 clients
 //!   that send nothing.
+//! - `fleet` (issue 14): `--fleet-publishers` rumqttc clients (1,000) each publishing QoS 1
+//!   messages of `--fleet-payload-bytes` (200) to their own topic at a steady rate, open loop: at
+//!   each offered total rate of `--fleet-rates` (20,000 and 60,000 msg/s) for `--fleet-secs`,
+//!   publishers' phases spread evenly. The timestamp is the message's scheduled send time, so a
+//!   broker that falls behind shows it in the latency (no coordinated omission); one wildcard
+//!   subscriber on `bench/#` at QoS 1.
 //!
 //! Before the clock starts, one short QoS 1 message on `bench/warmup` is acknowledged and
 //! delivered (`--no-warmup` skips it), so the route's log topic exists and the subscriber reads
@@ -71,6 +77,7 @@ enum Scenario {
     Idle,
     Qos1,
     Qos0,
+    Fleet,
 }
 
 #[derive(Debug, Parser)]
@@ -79,7 +86,7 @@ struct Args {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tributary,mosquitto,rumqttd")]
     peers: Vec<Peer>,
     /// Scenarios to run against each broker.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "qos1,qos0,idle")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "qos1,qos0,idle,fleet")]
     scenarios: Vec<Scenario>,
     /// Directory for the brokers' temporary files (Tributary's data directory is on this disk).
     #[arg(long, default_value = ".")]
@@ -106,6 +113,17 @@ struct Args {
     inflight: u16,
     #[arg(long, default_value_t = 1000)]
     idle_connections: u32,
+    /// Publishers of the fleet scenario, each on its own connection.
+    #[arg(long, default_value_t = 1000)]
+    fleet_publishers: u32,
+    /// Offered total rates of the fleet scenario (msg/s), one run each.
+    #[arg(long, value_delimiter = ',', default_value = "20000,60000")]
+    fleet_rates: Vec<u32>,
+    /// Length of each fleet run.
+    #[arg(long, default_value_t = 20)]
+    fleet_secs: u32,
+    #[arg(long, default_value_t = 200)]
+    fleet_payload_bytes: usize,
     /// A scenario ends when nothing was acknowledged or delivered for this long.
     #[arg(long, default_value_t = 10)]
     stall_secs: u64,
@@ -131,10 +149,10 @@ const HEADER: usize = 16;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.payload_bytes < HEADER {
-        bail!("--payload-bytes must be at least {HEADER}");
+    if args.payload_bytes < HEADER || args.fleet_payload_bytes < HEADER {
+        bail!("--payload-bytes and --fleet-payload-bytes must be at least {HEADER}");
     }
-    raise_fd_limit(args.idle_connections as u64 + 1024);
+    raise_fd_limit(u64::from(args.idle_connections.max(args.fleet_publishers)) + 1024);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let tmp = tempfile::tempdir_in(&args.dir).context("temporary directory")?;
     let fsyncs = fsync_rate(tmp.path(), Duration::from_secs(2))?;
@@ -146,10 +164,28 @@ fn main() -> anyhow::Result<()> {
         for &scenario in &args.scenarios {
             eprintln!("{}: {scenario:?}", peer.name());
             // A failed scenario is reported and the others still run; the broker is killed on drop.
+            if scenario == Scenario::Fleet {
+                for &offered in &args.fleet_rates {
+                    let spec = Spec::fleet(&args, offered);
+                    let outcome = Broker::start(peer, &args, tmp.path())
+                        .and_then(|broker| rt.block_on(flow(&args, &broker, &spec)))
+                        .map(|f| r.fleet.push((offered, f)));
+                    if let Err(e) = outcome {
+                        eprintln!("{} fleet at {offered} msg/s failed: {e:#}", peer.name());
+                        r.errors.push(format!("fleet at {offered} msg/s failed: {e:#}"));
+                    }
+                }
+                continue;
+            }
             let outcome = Broker::start(peer, &args, tmp.path()).and_then(|broker| match scenario {
                 Scenario::Idle => rt.block_on(idle(&args, &broker)).map(|i| r.idle = Some(i)),
-                Scenario::Qos1 => rt.block_on(flow(&args, &broker, QoS::AtLeastOnce)).map(|f| r.qos1 = Some(f)),
-                Scenario::Qos0 => rt.block_on(flow(&args, &broker, QoS::AtMostOnce)).map(|f| r.qos0 = Some(f)),
+                Scenario::Qos1 => {
+                    rt.block_on(flow(&args, &broker, &Spec::closed(&args, QoS::AtLeastOnce))).map(|f| r.qos1 = Some(f))
+                }
+                Scenario::Qos0 => {
+                    rt.block_on(flow(&args, &broker, &Spec::closed(&args, QoS::AtMostOnce))).map(|f| r.qos0 = Some(f))
+                }
+                Scenario::Fleet => unreachable!("handled above"),
             });
             if let Err(e) = outcome {
                 eprintln!("{} {scenario:?} failed: {e:#}", peer.name());
@@ -630,9 +666,44 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)] as f64 / 1e6
 }
 
-async fn flow(args: &Args, broker: &Broker, qos: QoS) -> anyhow::Result<FlowResult> {
+/// What a publish/deliver run sends.
+struct Spec {
+    qos: QoS,
+    publishers: u32,
+    /// Messages per publisher.
+    messages: u32,
+    payload_bytes: usize,
+    /// Messages per second per publisher, open loop; `None`: as fast as the window allows.
+    rate_per_publisher: Option<f64>,
+}
+
+impl Spec {
+    fn closed(args: &Args, qos: QoS) -> Self {
+        Self {
+            qos,
+            publishers: args.publishers,
+            messages: args.messages,
+            payload_bytes: args.payload_bytes,
+            rate_per_publisher: None,
+        }
+    }
+
+    fn fleet(args: &Args, offered: u32) -> Self {
+        let per = f64::from(offered) / f64::from(args.fleet_publishers.max(1));
+        Self {
+            qos: QoS::AtLeastOnce,
+            publishers: args.fleet_publishers,
+            messages: (per * f64::from(args.fleet_secs)).ceil().max(1.0) as u32,
+            payload_bytes: args.fleet_payload_bytes,
+            rate_per_publisher: Some(per),
+        }
+    }
+}
+
+async fn flow(args: &Args, broker: &Broker, spec: &Spec) -> anyhow::Result<FlowResult> {
+    let qos = spec.qos;
     let base = Instant::now();
-    let total = u64::from(args.publishers) * u64::from(args.messages);
+    let total = u64::from(spec.publishers) * u64::from(spec.messages);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // The subscriber first, subscribed before anything is published.
@@ -650,8 +721,8 @@ async fn flow(args: &Args, broker: &Broker, qos: QoS) -> anyhow::Result<FlowResu
         ev,
         client,
         sub_qos,
-        args.publishers,
-        args.messages,
+        spec.publishers,
+        spec.messages,
         base,
         delivered.clone(),
         warmups.clone(),
@@ -668,7 +739,7 @@ async fn flow(args: &Args, broker: &Broker, qos: QoS) -> anyhow::Result<FlowResu
     let (go_tx, go_rx) = watch::channel(false);
     let mut events = Vec::new();
     let mut producers = Vec::new();
-    for i in 0..args.publishers {
+    for i in 0..spec.publishers {
         // QoS 1: the window is ours, so the timestamp is taken when a slot is free and the message
         // goes straight out; rumqttc's own limit is the same and never the one that waits.
         let window = Arc::new(Semaphore::new(usize::from(args.inflight)));
@@ -678,7 +749,7 @@ async fn flow(args: &Args, broker: &Broker, qos: QoS) -> anyhow::Result<FlowResu
             ev,
             client.clone(),
             qos,
-            args.messages,
+            spec.messages,
             base,
             window.clone(),
             done.clone(),
@@ -690,16 +761,28 @@ async fn flow(args: &Args, broker: &Broker, qos: QoS) -> anyhow::Result<FlowResu
             .context("CONNACK timeout")?
             .context("publisher connection")?;
         let mut go = go_rx.clone();
-        let (messages, payload_bytes) = (args.messages, args.payload_bytes);
+        let (messages, payload_bytes, per_s) = (spec.messages, spec.payload_bytes, spec.rate_per_publisher);
+        // Open loop: publisher i starts i/n of a period late, so the fleet's sends are spread.
+        let phase = f64::from(i) / f64::from(spec.publishers.max(1));
         producers.push(tokio::spawn(async move {
             let _ = go.wait_for(|g| *g).await;
+            let go_at = Instant::now();
             let topic = format!("bench/p{i}");
             for seq in 0..messages {
+                let stamp = match per_s {
+                    Some(r) => {
+                        let at = go_at + Duration::from_secs_f64((f64::from(seq) + phase) / r);
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    None => Instant::now(),
+                };
                 if qos == QoS::AtLeastOnce {
                     window.acquire().await?.forget();
                 }
+                let stamp = if per_s.is_some() { stamp } else { Instant::now() };
                 let mut payload = vec![0u8; payload_bytes];
-                payload[0..8].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_be_bytes());
+                payload[0..8].copy_from_slice(&(stamp.duration_since(base).as_nanos() as u64).to_be_bytes());
                 payload[8..12].copy_from_slice(&i.to_be_bytes());
                 payload[12..16].copy_from_slice(&seq.to_be_bytes());
                 client.publish_bytes(topic.clone(), qos, false, Bytes::from(payload)).await?;
@@ -803,6 +886,8 @@ struct PeerResult {
     idle: Option<IdleResult>,
     qos1: Option<FlowResult>,
     qos0: Option<FlowResult>,
+    /// Fleet runs: (offered msg/s, result).
+    fleet: Vec<(u32, FlowResult)>,
 }
 
 /// A table row: per peer a display text and, when comparable, a number.
@@ -823,7 +908,7 @@ fn flow_rows(
     label: &str,
     qos1: bool,
     results: &[(Peer, PeerResult)],
-    get: fn(&PeerResult) -> Option<&FlowResult>,
+    get: impl Fn(&PeerResult) -> Option<&FlowResult>,
 ) -> Vec<Row> {
     type Cell = fn(&FlowResult) -> (String, Option<f64>);
     let acked: (&str, Cell) = if qos1 {
@@ -861,7 +946,7 @@ fn flow_rows(
         .into_iter()
         .map(|(name, cell)| Row {
             label: format!("{label}: {name}"),
-            cells: results.iter().map(|(_, r)| get(r).map_or((String::from("-"), None), cell)).collect(),
+            cells: results.iter().map(|(_, r)| get(r).map_or((String::from("-"), None), &cell)).collect(),
         })
         .collect()
 }
@@ -871,6 +956,15 @@ fn print_table(args: &Args, fsyncs: f64, results: &[(Peer, PeerResult)]) {
     let n = args.publishers as u64 * args.messages as u64;
     rows.extend(flow_rows(&format!("QoS 1, {n} msgs"), true, results, |r| r.qos1.as_ref()));
     rows.extend(flow_rows(&format!("QoS 0, {n} msgs"), false, results, |r| r.qos0.as_ref()));
+    for &offered in &args.fleet_rates {
+        let label = format!(
+            "fleet of {} QoS 1 publishers, {} B, {offered} msg/s offered for {} s",
+            args.fleet_publishers, args.fleet_payload_bytes, args.fleet_secs
+        );
+        rows.extend(flow_rows(&label, true, results, move |r| {
+            r.fleet.iter().find(|(o, _)| *o == offered).map(|(_, f)| f)
+        }));
+    }
     let idle_cell = |r: &PeerResult, f: fn(&IdleResult) -> (String, Option<f64>)| {
         r.idle.as_ref().map_or((String::from("-"), None), f)
     };
@@ -965,6 +1059,11 @@ fn print_table(args: &Args, fsyncs: f64, results: &[(Peer, PeerResult)]) {
                 for note in &f.notes {
                     println!("\n- {} {name}: {note}", p.name());
                 }
+            }
+        }
+        for (offered, f) in &r.fleet {
+            for note in &f.notes {
+                println!("\n- {} fleet at {offered} msg/s: {note}", p.name());
             }
         }
     }
