@@ -319,7 +319,7 @@ impl MqttServer {
             self.ctx.cfg.connections_per_ip_per_s_max,
             self.ctx.cfg.connection_rate_addresses_max,
         );
-        if self.ctx.auth.enabled() && self.ctx.auth.user_count() == 0 {
+        if self.ctx.auth.enabled() && self.ctx.auth.user_count() == 0 && self.ctx.auth.anonymous().is_none() {
             tracing::warn!("auth.enabled with no [[auth.users]]: every MQTT client will be refused");
         }
         let wills = tokio::spawn(will_scheduler(self.ctx.clone()));
@@ -749,7 +749,7 @@ async fn connection(
             return Err(format!("will topic: {reason}"));
         }
     }
-    // Who the client is: its certificate's user, or its username and password.
+    // Who the client is: its certificate's user, its username and password, or anonymous.
     let user = if ctx.auth.enabled() {
         let started = Instant::now();
         let login = login(ctx, cert_name.as_deref(), username.as_deref(), password.as_deref()).await;
@@ -771,7 +771,7 @@ async fn connection(
             }
         }
     } else {
-        None
+        ctx.auth.anonymous()
     };
     // A client id belongs to one user: another user's id is refused before any session is
     // touched or taken over (MQTT 5: 0x85 "client identifier not valid"; 3.1.1: return code 2).
@@ -784,7 +784,7 @@ async fn connection(
             return Ok(());
         }
     }
-    let username = user.as_ref().map(|u| u.name.clone()).or(username);
+    let username = user.as_ref().filter(|u| !u.is_anonymous()).map(|u| u.name.clone()).or(username);
     // Session takeover: the previous connection with this client id is closed.
     let conn_id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     let (kill_tx, kill_rx) = oneshot::channel();
@@ -1222,7 +1222,8 @@ async fn login(
         return ctx.auth.user(name).ok_or((0x87, LoginError::UnknownUser));
     }
     match (username, password) {
-        (None, _) => Err((0x87, LoginError::NoCredentials)),
+        (None, None) => ctx.auth.anonymous().ok_or((0x87, LoginError::NoCredentials)),
+        (None, Some(_)) => Err((0x87, LoginError::NoCredentials)),
         (Some(_), None) => Err((0x86, LoginError::Protocol("username without a password".into()))),
         (Some(u), Some(p)) => ctx.auth.check_password(u, p.as_bytes()).await.map_err(|e| (0x86, e)),
     }
@@ -1970,10 +1971,14 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, tx: &mpsc::Sender<Pending>) ->
             .filter(|(route_filter, _)| filters_overlap(route_filter, &g.filter))
             .map(|(_, t)| t.to_string())
             .collect();
-        let (c, group) = (ctx.clone(), g.clone());
+        let (c, group, user, client_id) = (ctx.clone(), g.clone(), s.user.clone(), s.client_id.clone());
         let (taken, left) = off_worker(move || {
             group.take(&c.store, &log_topics, budget, |log_topic, r| {
-                topic::matches(&mqtt_view(&c.router, r, log_topic).0, &group.filter) && !expired(r)
+                let t = mqtt_view(&c.router, r, log_topic).0;
+                // A message this member may not receive stays for the others.
+                topic::matches(&t, &group.filter)
+                    && !expired(r)
+                    && !user.as_ref().is_some_and(|u| u.delivery_denied(&client_id, &t))
             })
         })
         .await?;
@@ -2152,7 +2157,7 @@ async fn send_retained(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -
     for (t, v) in values {
         consume_budget().await;
         let Some((&stored_qos, payload)) = v.split_first() else { continue };
-        if !topic::matches(&t, &filter) {
+        if !topic::matches(&t, &filter) || s.user.as_ref().is_some_and(|u| u.delivery_denied(&s.client_id, &t)) {
             continue;
         }
         let qos = stored_qos.min(granted);
@@ -2194,6 +2199,9 @@ async fn send_message(
     props: &PublishProps,
     source: Source,
 ) -> Result<bool, String> {
+    if s.user.as_ref().is_some_and(|u| u.delivery_denied(&s.client_id, topic)) {
+        return Ok(false); // within a granted subscription but in `mqtt.subscribe_deny`
+    }
     let pkid = if qos > 0 {
         let Ok(pkid) = s.out.insert(Inflight::new(qos, source)) else { return Ok(false) };
         pkid
