@@ -1299,7 +1299,8 @@ async fn publish_message(
     let partitions = match ctx.store.topic(&dest.topic) {
         Some(t) => t.partitions,
         None => {
-            match ctx.store.create_topic(&dest.topic, ctx.defaults.partitions, ctx.defaults.config.clone()).await {
+            let config = ctx.router.topic_config(&dest.topic, &ctx.defaults.config);
+            match ctx.store.create_topic(&dest.topic, ctx.defaults.partitions, config).await {
                 Ok(()) | Err(StoreError::TopicExists(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -2273,6 +2274,7 @@ mod tests {
             filter: "commands/#".into(),
             topic: "commands".into(),
             key: String::new(),
+            compression: None,
         }];
         let router = Router::new(&routes, "mqtt", "{client_id}", "mqtt").expect("routes");
         let forged = record(&[(HEADER_TOPIC, "commands/meter-7/valve"), (HEADER_QOS, "2")]);
