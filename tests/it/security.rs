@@ -327,6 +327,15 @@ async fn anonymous_clients_may_publish_public_and_are_refused_elsewhere() {
         Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, ConnectReturnCode::BadClientId),
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
+    // A will outside the rules refuses the CONNECT, as for a user (3.1.2.5 Will Flag: the server
+    // would have to publish it).
+    let mut o = MqttOptions::new("sensor-4", "127.0.0.1", b.mqtt.port());
+    o.set_last_will(rumqttc::LastWill::new("private/gone", "x", QoS::AtLeastOnce, false));
+    let (_c, mut ev) = AsyncClient::new(o, 10);
+    match ev.poll().await {
+        Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, ConnectReturnCode::NotAuthorized),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     // Credentials are still checked: a wrong password is not taken as anonymous.
     assert!(mqtt4(b.mqtt, "sensor-3", Some(("meter-1", "wrong"))).await.is_err());
     mqtt4(b.mqtt, "meter-1", Some(("meter-1", "device-pw"))).await.expect("the user logs in as before");
@@ -391,6 +400,14 @@ async fn a_deny_entry_wins_over_allow_for_anonymous_clients() {
     }
     assert_eq!(got, vec!["retained-ok", "live-ok"], "nothing on test/nosubscribe is delivered");
 
+    // With logins off the anonymous rules hold for wills too.
+    let mut o = MqttOptions::new("will4", "127.0.0.1", b.mqtt.port());
+    o.set_last_will(rumqttc::LastWill::new("test/nopublish", "x", QoS::AtLeastOnce, false));
+    let (_c, mut ev) = AsyncClient::new(o, 10);
+    match ev.poll().await {
+        Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, ConnectReturnCode::NotAuthorized),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     let (c4, mut rx4) = mqtt4(b.mqtt, "sub4", None).await.expect("3.1.1 client");
     c4.subscribe("test/nosubscribe", QoS::AtMostOnce).await.expect("sub");
     let ack = next(&mut rx4, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;

@@ -770,8 +770,16 @@ async fn connection(
                 return Ok(());
             }
         }
+    } else if let Some(anonymous) = ctx.auth.anonymous() {
+        // Logins off, `[auth.anonymous]` set: its rules hold for the will too.
+        if will.as_ref().is_some_and(|w| !anonymous.may_publish(&client_id, &w.topic)) {
+            tracing::warn!(%peer, client = %client_id, "anonymous will topic not allowed: refused");
+            refuse_connect(&mut wr, version, 0x87).await;
+            return Ok(());
+        }
+        Some(anonymous)
     } else {
-        ctx.auth.anonymous()
+        None
     };
     // A client id belongs to one user: another user's id is refused before any session is
     // touched or taken over (MQTT 5: 0x85 "client identifier not valid"; 3.1.1: return code 2).
