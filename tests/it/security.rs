@@ -414,6 +414,7 @@ async fn a_deny_entry_wins_over_allow_for_anonymous_clients() {
     assert!(matches!(&ack, Packet::SubAck(a) if a.return_codes == vec![rumqttc::SubscribeReasonCode::Failure]));
     assert_eq!(b.mqtt_stats.subscriptions_denied.load(Ordering::Relaxed), 2);
     assert_eq!(b.mqtt_stats.publishes_denied.load(Ordering::Relaxed), 1);
+    assert_eq!(b.mqtt_stats.deliveries_denied.load(Ordering::Relaxed), 2, "one retained, one live");
 }
 
 // ---- Kafka ----

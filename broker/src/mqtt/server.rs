@@ -94,6 +94,9 @@ pub struct MqttStats {
     /// Publishes and subscriptions the user's ACL does not allow.
     pub publishes_denied: AtomicU64,
     pub subscriptions_denied: AtomicU64,
+    /// Messages a granted subscription matched that `mqtt.subscribe_deny` kept from the
+    /// subscriber (from the log and retained; a shared group's stay for its other members).
+    pub deliveries_denied: AtomicU64,
     /// Connections closed at once by `mqtt.connections_per_ip_per_s_max`.
     pub connections_rate_limited: AtomicU64,
     /// TLS handshakes that failed (bad or unknown client certificate, not TLS, timeout).
@@ -2166,7 +2169,11 @@ async fn send_retained(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -
     for (t, v) in values {
         consume_budget().await;
         let Some((&stored_qos, payload)) = v.split_first() else { continue };
-        if !topic::matches(&t, &filter) || s.user.as_ref().is_some_and(|u| u.delivery_denied(&s.client_id, &t)) {
+        if !topic::matches(&t, &filter) {
+            continue;
+        }
+        if s.user.as_ref().is_some_and(|u| u.delivery_denied(&s.client_id, &t)) {
+            ctx.stats.deliveries_denied.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let qos = stored_qos.min(granted);
@@ -2209,7 +2216,9 @@ async fn send_message(
     source: Source,
 ) -> Result<bool, String> {
     if s.user.as_ref().is_some_and(|u| u.delivery_denied(&s.client_id, topic)) {
-        return Ok(false); // within a granted subscription but in `mqtt.subscribe_deny`
+        // Within a granted subscription but in `mqtt.subscribe_deny`.
+        ctx.stats.deliveries_denied.fetch_add(1, Ordering::Relaxed);
+        return Ok(false);
     }
     let pkid = if qos > 0 {
         let Ok(pkid) = s.out.insert(Inflight::new(qos, source)) else { return Ok(false) };
