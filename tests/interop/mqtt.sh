@@ -6,8 +6,10 @@
 #   - kafkajs and kafkajs-lz4 (npm) under node, in KAFKAJS_DIR (.ci/run installs them there):
 #     the Node.js Kafka client reading what MQTT clients published, from a gzip route's topic,
 #     failing on an lz4 topic, and reading it with the kafkajs-lz4 codec registered
-# Starts the gateway (TRIBUTARY_BIN) on free loopback ports with a route, prints one PASS/FAIL
+# Starts the gateway (TRIBUTARY_BIN) on free loopback ports with routes, prints one PASS/FAIL
 # line per check and exits non-zero if any failed (after printing the gateway log's tail).
+# The gateway runs with logins off and [auth.anonymous] rules (everything but two topics), so
+# every check runs under anonymous rules and one checks their deny entries.
 set -euo pipefail
 
 bin=${TRIBUTARY_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/tributary-target}/debug/tributary}
@@ -61,6 +63,12 @@ compression = "gzip"
 [[mqtt.routes]]
 filter = "lz4/#"
 topic = "lz4-readings"
+# Logins off, so every client is under these rules: everything except two topics.
+[auth.anonymous]
+mqtt.publish = ["#"]
+mqtt.subscribe = ["#"]
+mqtt.publish_deny = ["test/nopublish"]
+mqtt.subscribe_deny = ["test/nosubscribe"]
 EOF
 "$bin" serve --config "$work/gateway.toml" 2>"$log" &
 gw_pid=$!
@@ -188,6 +196,37 @@ print("paho ok", got)
 PY
 }
 run_check "paho-mqtt: 3.1.1 publisher (QoS 1, acknowledged) to a 5 subscriber, in order" paho
+
+# --- [auth.anonymous] deny entries (the paho test suite's test/nosubscribe) ----------------
+anonymous_deny() {
+    local v code
+    for v in mqttv311 mqttv5; do
+        # Refused within the deny entry: SUBACK 128 (3.1.1) / 135 not authorized (5).
+        code=128
+        [ "$v" = mqttv5 ] && code=135
+        set +e
+        timeout 10 mosquitto_sub -p "$mport" -V "$v" -t test/nosubscribe -C 1 -W 2 -d >"$work/deny-$v.out" 2>&1
+        set -e
+        grep -q "Subscribed (mid: [0-9]*): $code" "$work/deny-$v.out" || { cat "$work/deny-$v.out"; return 1; }
+    done
+    # A subscription that only overlaps it is granted, and gets the next allowed message, not
+    # the denied one published before it.
+    timeout 20 stdbuf -oL mosquitto_sub -p "$mport" -V mqttv5 -t 'test/+' -q 1 -C 1 -F '%t %p' -d >"$work/deny.d" 2>&1 &
+    local sub=$!
+    sub_ready "$work/deny.d"
+    mosquitto_pub -p "$mport" -V mqttv5 -t test/nosubscribe -m denied -q 1
+    mosquitto_pub -p "$mport" -V mqttv5 -t test/ok -m allowed -q 1
+    wait "$sub"
+    grep -q "^test/ok allowed" "$work/deny.d" || { cat "$work/deny.d"; return 1; }
+    if grep -q "nosubscribe" "$work/deny.d"; then cat "$work/deny.d"; return 1; fi
+    # publish_deny: PUBACK 135 on an accepted connection.
+    set +e
+    mosquitto_pub -p "$mport" -V mqttv5 -t test/nopublish -m no -q 1 -d >"$work/deny-pub.out" 2>&1
+    set -e
+    grep -q "received PUBACK (Mid: [0-9]*, RC:135)" "$work/deny-pub.out" || { cat "$work/deny-pub.out"; return 1; }
+}
+run_check "mosquitto 3.1.1/5, [auth.anonymous] with deny entries: test/nosubscribe refused (SUBACK 128/135), test/+ never gets it, test/nopublish PUBACK 135" \
+    anonymous_deny
 
 # --- kafkajs: reads only uncompressed and gzip batches without a codec plugin -----------------
 kafkajs() { NODE_PATH="$kafkajs_dir/node_modules" timeout 60 node "$here/kafkajs_client.js" "$@"; }
