@@ -191,12 +191,37 @@ mod tests {
         assert_eq!(cfg.auth.users.len(), 1);
         let mut full = tributary_broker::security::UserConfig::default();
         full.mqtt.publish = vec!["x".into()];
+        full.mqtt.client_ids = Some(vec!["x".into()]);
         full.kafka.admin = true;
         let mut all = Vec::new();
         keys(&toml::Value::try_from(full).expect("serializes"), "", &mut all);
         for key in all {
             assert!(example.iter().any(|l| l.starts_with(&format!("{key} "))), "the user example does not show {key}");
         }
+    }
+
+    /// The commented `[auth.anonymous]` example in the shipped file is valid, with logins on
+    /// and off.
+    #[test]
+    fn shipped_anonymous_example_is_valid() {
+        let example: Vec<&str> = SHIPPED
+            .lines()
+            .skip_while(|l| l.trim() != "# [auth.anonymous]")
+            .take_while(|l| l.starts_with('#') && !l.trim_start_matches('#').trim().is_empty())
+            .map(|l| l.trim_start_matches('#').trim_start())
+            .collect();
+        assert!(!example.is_empty(), "config/gateway.toml has a commented [auth.anonymous] example");
+        for enabled in [true, false] {
+            let text = format!("[auth]\nenabled = {enabled}\n{}\n", example.join("\n"));
+            let cfg = GatewayConfig::parse(&text).expect("the example parses and validates");
+            let anonymous = cfg.auth.anonymous.expect("anonymous rules");
+            assert_eq!(anonymous.mqtt.publish, vec!["public/#".to_string()]);
+            assert_eq!(anonymous.mqtt.client_ids, None, "the default (any id no user owns)");
+        }
+        let e = GatewayConfig::parse("[auth.anonymous]\nmqtt.subscribe_deny = [\"a/#/b\"]\n").expect_err("bad filter");
+        assert_eq!(e.key, "auth.anonymous.mqtt.subscribe_deny");
+        let e = GatewayConfig::parse("[auth.anonymous]\nkafka.read = [\"x\"]\n").expect_err("no kafka rules");
+        assert!(e.key.starts_with("auth.anonymous") && e.reason.contains("kafka"), "{e}");
     }
 
     #[test]

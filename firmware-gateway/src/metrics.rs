@@ -285,7 +285,7 @@ pub fn render(src: &Sources) -> String {
         o.family(
             "tributary_mqtt_acl_denials_total",
             "counter",
-            "MQTT publishes and subscriptions refused by the user's rules.",
+            "MQTT publishes and subscriptions refused by the user's (or anonymous) rules, and messages a subscription matched that mqtt.subscribe_deny kept from the subscriber.",
         );
         o.sample(
             "tributary_mqtt_acl_denials_total",
@@ -296,6 +296,11 @@ pub fn render(src: &Sources) -> String {
             "tributary_mqtt_acl_denials_total",
             &[("operation", "subscribe")],
             m.subscriptions_denied.load(Ordering::Relaxed),
+        );
+        o.sample(
+            "tributary_mqtt_acl_denials_total",
+            &[("operation", "deliver")],
+            m.deliveries_denied.load(Ordering::Relaxed),
         );
         o.one(
             "tributary_mqtt_retention_skipped_messages_total",

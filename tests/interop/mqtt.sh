@@ -3,15 +3,22 @@
 #   - mosquitto_pub / mosquitto_sub (Debian's mosquitto-clients), MQTT 3.1.1 and 5
 #   - paho-mqtt (PyPI) in the venv KAFKA_PYTHON_VENV (.ci/run makes it)
 #   - kcat, to read what MQTT clients published and to produce records MQTT clients receive
-# Starts the gateway (TRIBUTARY_BIN) on free loopback ports with a route, prints one PASS/FAIL
+#   - kafkajs and kafkajs-lz4 (npm) under node, in KAFKAJS_DIR (.ci/run installs them there):
+#     the Node.js Kafka client reading what MQTT clients published, from a gzip route's topic,
+#     failing on an lz4 topic, and reading it with the kafkajs-lz4 codec registered
+# Starts the gateway (TRIBUTARY_BIN) on free loopback ports with routes, prints one PASS/FAIL
 # line per check and exits non-zero if any failed (after printing the gateway log's tail).
+# The gateway runs with logins off and [auth.anonymous] rules (everything but two topics), so
+# every check runs under anonymous rules and one checks their deny entries.
 set -euo pipefail
 
 bin=${TRIBUTARY_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/tributary-target}/debug/tributary}
 venv=${KAFKA_PYTHON_VENV:-$HOME/.cache/tributary-kafka-python}
 py=/usr/bin/python3
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+kafkajs_dir=${KAFKAJS_DIR:-$HOME/.cache/tributary-node}
 
-for need in mosquitto_pub mosquitto_sub kcat timeout "$bin" "$venv/bin/python"; do
+for need in mosquitto_pub mosquitto_sub kcat timeout node "$bin" "$venv/bin/python"; do
     if ! command -v "$need" >/dev/null 2>&1; then
         echo "mqtt interop: $need not found (see .ci/run for what to install)" >&2
         exit 2
@@ -49,6 +56,19 @@ listen = "127.0.0.1:0"
 filter = "meters/+/reading"
 topic = "meter-readings"
 key = "{1}"
+[[mqtt.routes]]
+filter = "js/#"
+topic = "js-readings"
+compression = "gzip"
+[[mqtt.routes]]
+filter = "lz4/#"
+topic = "lz4-readings"
+# Logins off, so every client is under these rules: everything except two topics.
+[auth.anonymous]
+mqtt.publish = ["#"]
+mqtt.subscribe = ["#"]
+mqtt.publish_deny = ["test/nopublish"]
+mqtt.subscribe_deny = ["test/nosubscribe"]
 EOF
 "$bin" serve --config "$work/gateway.toml" 2>"$log" &
 gw_pid=$!
@@ -176,6 +196,72 @@ print("paho ok", got)
 PY
 }
 run_check "paho-mqtt: 3.1.1 publisher (QoS 1, acknowledged) to a 5 subscriber, in order" paho
+
+# --- [auth.anonymous] deny entries (the paho test suite's test/nosubscribe) ----------------
+anonymous_deny() {
+    local v code
+    for v in mqttv311 mqttv5; do
+        # Refused within the deny entry: SUBACK 128 (3.1.1) / 135 not authorized (5).
+        code=128
+        [ "$v" = mqttv5 ] && code=135
+        set +e
+        timeout 10 mosquitto_sub -p "$mport" -V "$v" -t test/nosubscribe -C 1 -W 2 -d >"$work/deny-$v.out" 2>&1
+        set -e
+        grep -q "Subscribed (mid: [0-9]*): $code" "$work/deny-$v.out" || { cat "$work/deny-$v.out"; return 1; }
+    done
+    # A subscription that only overlaps it is granted, and gets the next allowed message, not
+    # the denied one published before it.
+    timeout 20 stdbuf -oL mosquitto_sub -p "$mport" -V mqttv5 -t 'test/+' -q 1 -C 1 -F '%t %p' -d >"$work/deny.d" 2>&1 &
+    local sub=$!
+    sub_ready "$work/deny.d"
+    mosquitto_pub -p "$mport" -V mqttv5 -t test/nosubscribe -m denied -q 1
+    mosquitto_pub -p "$mport" -V mqttv5 -t test/ok -m allowed -q 1
+    wait "$sub"
+    grep -q "^test/ok allowed" "$work/deny.d" || { cat "$work/deny.d"; return 1; }
+    if grep -q "nosubscribe" "$work/deny.d"; then cat "$work/deny.d"; return 1; fi
+    # publish_deny: PUBACK 135 on an accepted connection.
+    set +e
+    mosquitto_pub -p "$mport" -V mqttv5 -t test/nopublish -m no -q 1 -d >"$work/deny-pub.out" 2>&1
+    set -e
+    grep -q "received PUBACK (Mid: [0-9]*, RC:135)" "$work/deny-pub.out" || { cat "$work/deny-pub.out"; return 1; }
+}
+run_check "mosquitto 3.1.1/5, [auth.anonymous] with deny entries: test/nosubscribe refused (SUBACK 128/135), test/+ never gets it, test/nopublish PUBACK 135" \
+    anonymous_deny
+
+# --- kafkajs: reads only uncompressed and gzip batches without a codec plugin -----------------
+kafkajs() { NODE_PATH="$kafkajs_dir/node_modules" timeout 60 node "$here/kafkajs_client.js" "$@"; }
+kafkajs_version=$(kafkajs version 2>/dev/null || echo missing)
+kafkajs_gzip_route() {
+    [ "$kafkajs_version" != missing ] || { echo "no kafkajs in $kafkajs_dir (KAFKAJS_DIR; see .ci/run)"; return 1; }
+    : >"$work/js.want"
+    for m in 1 2; do
+        seq 1 10 | sed "s/^/reading $m-/" | mosquitto_pub -p "$mport" -V mqttv5 -i js-pub -t "js/meter-$m" -q 1 -l
+        seq 1 10 | awk -v m="$m" '{ printf "0 %d js-pub=reading %d-%d [js/meter-%d]\n", (m - 1) * 10 + NR - 1, m, $1, m }' >>"$work/js.want"
+    done
+    kafkajs consume "$kafka" js-readings 20 >"$work/js.got"
+    diff "$work/js.want" "$work/js.got"
+}
+run_check "kafkajs $kafkajs_version: reads MQTT publishes (mosquitto 5, QoS 1) from a route with compression = \"gzip\": keys, values, mqtt.topic" \
+    kafkajs_gzip_route
+kafkajs_lz4_default() {
+    [ "$kafkajs_version" != missing ] || { echo "no kafkajs in $kafkajs_dir"; return 1; }
+    mosquitto_pub -p "$mport" -V mqttv5 -i lz4-pub -t lz4/x -m lz4-batch -q 1
+    kafkajs fails "$kafka" lz4-readings >"$work/lz4.out" || { cat "$work/lz4.out"; return 1; }
+    cat "$work/lz4.out"
+    # The error README's Kafka section tells kafkajs users about, word for word.
+    local message
+    message=$(sed 's/^[A-Za-z]*: //' "$work/lz4.out")
+    [ "$message" = "LZ4 compression not implemented" ]
+    grep -qF "$message" "$here/../../README.md" || { echo "README.md does not quote: $message"; return 1; }
+}
+run_check "kafkajs $kafkajs_version: an lz4 topic (the default codec) stops the consumer with the error README quotes" \
+    kafkajs_lz4_default
+kafkajs_lz4_codec() {
+    echo "0 0 lz4-pub=lz4-batch [lz4/x]" >"$work/lz4.want"
+    KAFKAJS_LZ4=1 kafkajs consume "$kafka" lz4-readings 1 >"$work/lz4.got"
+    diff "$work/lz4.want" "$work/lz4.got"
+}
+run_check "kafkajs $kafkajs_version with kafkajs-lz4 registered (README's fix): reads the lz4 topic" kafkajs_lz4_codec
 
 # --- security: a second gateway with [auth] on and an MQTT TLS listener -----------------------
 # User "meter" may publish under meters/<its client id>/ and subscribe to commands/<its name>/.

@@ -51,7 +51,12 @@ async fn crowd<T: Send + 'static>(n: usize, each: impl Fn(usize, &Barrier) -> T 
 async fn a_crowd_of_first_publishes_and_metadata_requests_all_succeed() {
     // One log topic per round, each created by the crowd of that round.
     let routes = (0..ROUNDS)
-        .map(|r| Route { filter: format!("crowd{r}/#"), topic: format!("crowd-mqtt-{r}"), key: "{client_id}".into() })
+        .map(|r| Route {
+            filter: format!("crowd{r}/#"),
+            topic: format!("crowd-mqtt-{r}"),
+            key: "{client_id}".into(),
+            compression: None,
+        })
         .collect();
     let broker = KafkaBroker::start_with_mqtt(MqttConfig { routes, ..MqttConfig::default() }).await;
     let (mqtt, kafka) = (broker.mqtt, broker.addr);

@@ -427,7 +427,8 @@ async fn a_gateway_with_auth_is_administered_as_a_user() {
     };
     let reader = KafkaAcl { read: vec!["t-PLAIN".into()], ..Default::default() };
     let users = vec![user("admin", "admin-pw", admin), user("reader", "reader-pw", reader)];
-    let auth = Auth::new(&AuthConfig { enabled: true, failure_delay_ms: 0, users }, "auth").expect("auth");
+    let auth =
+        Auth::new(&AuthConfig { enabled: true, failure_delay_ms: 0, users, anonymous: None }, "auth").expect("auth");
     let cfg = KafkaConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
     let template = TopicTemplate { partitions: 1, config: Default::default() };
     let server = KafkaServer::bind_with(cfg, store.clone(), template, auth).await.expect("kafka listener");

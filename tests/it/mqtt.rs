@@ -105,7 +105,12 @@ async fn qos_0_1_2_round_trip_with_3_1_1_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routed_v5_publishes_reach_kafka_with_key_and_headers_and_kafka_reaches_mqtt() {
     let cfg = MqttConfig {
-        routes: vec![Route { filter: "meters/+/reading".into(), topic: "readings".into(), key: "meter-{1}".into() }],
+        routes: vec![Route {
+            filter: "meters/+/reading".into(),
+            topic: "readings".into(),
+            key: "meter-{1}".into(),
+            compression: None,
+        }],
         ..MqttConfig::default()
     };
     let broker = KafkaBroker::start_with_mqtt(cfg).await;
@@ -155,6 +160,63 @@ async fn routed_v5_publishes_reach_kafka_with_key_and_headers_and_kafka_reaches_
     assert_eq!((&got.topic[..], &got.payload[..]), (&b"cmd/meter-42"[..], &b"reset"[..]));
     let user = got.properties.map(|p| p.user_properties).unwrap_or_default();
     assert!(user.contains(&("reason".to_string(), "recalibrate".to_string())), "{user:?}");
+}
+
+/// `[[mqtt.routes]] compression = "gzip"`: the route's log topic, created by the first publish
+/// routed to it, has that codec (store and DescribeConfigs), and the batches MQTT publishes put
+/// in it are gzip batches, readable by a Kafka client; other topics keep `[topic_defaults]` (lz4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_chooses_its_log_topics_codec() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use tributary_broker::storage::batch::BatchHeader;
+    use tributary_broker::Codec;
+    let cfg = MqttConfig {
+        routes: vec![Route {
+            filter: "js/#".into(),
+            topic: "js-readings".into(),
+            key: "{client_id}".into(),
+            compression: Some(Codec::Gzip),
+        }],
+        ..MqttConfig::default()
+    };
+    let broker = KafkaBroker::start_with_mqtt(cfg).await;
+    assert!(broker.store.topic("js-readings").is_none(), "created by the first publish");
+    let (c, ev) = client(&broker, "meter-js");
+    let mut rx = pump(ev);
+    for (topic, value) in [("js/a", "1"), ("js/b", "2"), ("other/c", "3")] {
+        c.publish(topic, QoS::AtLeastOnce, false, value).await.expect("publish");
+        next(&mut rx, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    }
+    assert_eq!(broker.store.topic("js-readings").expect("created").config.compression, Codec::Gzip);
+    assert_eq!(broker.store.topic("mqtt").expect("default topic").config.compression, Codec::Lz4);
+    let codecs = |topic: &str| {
+        let fetched = broker.store.fetch(topic, 0, 0, 1 << 20).expect("fetch");
+        let mut codecs = Vec::new();
+        let mut rest = &fetched.data[..];
+        while !rest.is_empty() {
+            let h = BatchHeader::parse(rest).expect("batch");
+            codecs.push(h.codec().expect("codec"));
+            rest = &rest[h.total_len()..];
+        }
+        codecs
+    };
+    let js = codecs("js-readings");
+    assert!(!js.is_empty() && js.iter().all(|c| *c == Codec::Gzip), "{js:?}");
+    assert_eq!(codecs("mqtt"), vec![Codec::Lz4]);
+
+    let admin: AdminClient<_> = client_config(&broker.bootstrap()).create().expect("admin");
+    let d = admin
+        .describe_configs([&ResourceSpecifier::Topic("js-readings")], &AdminOptions::new())
+        .await
+        .expect("describe");
+    let res = d[0].as_ref().expect("described");
+    assert_eq!(res.get("compression.type").and_then(|e| e.value.as_deref()), Some("gzip"));
+    let bs = broker.bootstrap();
+    let msgs = tokio::task::spawn_blocking(move || consume(&bs, "js-readings", 0, Offset::Beginning, 2))
+        .await
+        .expect("consume");
+    let values: Vec<&[u8]> = msgs.iter().map(|m| m.payload().expect("value")).collect();
+    assert_eq!(values, vec![&b"1"[..], b"2"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -430,7 +430,8 @@ async fn expired_sessions_are_swept_with_their_keys() {
 /// elsewhere (`commands/...`) reaches no `commands/#` subscriber, and arrives under L's name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_records_mqtt_topic_counts_only_where_it_routes() {
-    let routes = vec![Route { filter: "commands/#".into(), topic: "commands".into(), key: String::new() }];
+    let routes =
+        vec![Route { filter: "commands/#".into(), topic: "commands".into(), key: String::new(), compression: None }];
     let gw = gateway(MqttConfig { routes, ..MqttConfig::default() }, |_| {}).await;
     let (addr, store) = (gw.mqtt, gw.store.clone());
     for t in ["mqtt", "commands"] {
@@ -531,7 +532,8 @@ async fn delayed_wills_beyond_the_queue_limit_are_published_at_once() {
 /// stored: the session is woken when the store creates the topic, not by a periodic look.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_topic_created_after_the_subscription_is_delivered_at_once() {
-    let routes = vec![Route { filter: "fresh/#".into(), topic: "fresh-log".into(), key: String::new() }];
+    let routes =
+        vec![Route { filter: "fresh/#".into(), topic: "fresh-log".into(), key: String::new(), compression: None }];
     let gw = gateway(MqttConfig { routes, ..MqttConfig::default() }, |_| {}).await;
     let addr = gw.mqtt;
     let latency = blocking(move || {

@@ -1,6 +1,7 @@
 //! Security with real clients: MQTT logins (rumqttc v4 and v5) refused with the right CONNACK
 //! codes and delayed without holding up other clients, MQTT ACL denials (PUBACK 0x87, SUBACK
-//! failure), Kafka SASL PLAIN and SCRAM-SHA-256/512 with librdkafka, Kafka ACL denials for
+//! failure), rules for anonymous MQTT clients and deny entries that win over allow rules, Kafka
+//! SASL PLAIN and SCRAM-SHA-256/512 with librdkafka, Kafka ACL denials for
 //! produce, fetch, group join and topic creation, TLS (MQTT with rustls, client certificates;
 //! Kafka SASL_SSL) and the per-address connection rate limit.
 
@@ -17,7 +18,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS};
 use tributary_broker::kafka::{KafkaConfig, KafkaServer, KafkaStats, TopicTemplate};
 use tributary_broker::mqtt::{MqttConfig, MqttServer, MqttStats, MqttTlsConfig};
-use tributary_broker::security::{Auth, AuthConfig, PasswordHash, UserConfig};
+use tributary_broker::security::{AnonymousConfig, Auth, AuthConfig, MqttAcl, PasswordHash, UserConfig};
 use tributary_broker::Store;
 
 use crate::mqtt::next;
@@ -59,7 +60,7 @@ pub(crate) fn user(name: &str, password: &str, rules: impl FnOnce(&mut UserConfi
 }
 
 pub(crate) fn auth(users: Vec<UserConfig>, failure_delay_ms: u64) -> AuthConfig {
-    AuthConfig { enabled: true, failure_delay_ms, users }
+    AuthConfig { enabled: true, failure_delay_ms, users, anonymous: None }
 }
 
 /// Both listeners on free ports with `auth_cfg` (`enabled = false` for a broker without logins).
@@ -266,6 +267,154 @@ async fn mqtt_acl_denies_publish_and_subscribe_outside_the_users_filters() {
     assert_eq!(stored, vec!["21.5", "22"], "only the allowed publishes were stored");
     assert_eq!(b.mqtt_stats.publishes_denied.load(Ordering::Relaxed), 2);
     assert_eq!(b.mqtt_stats.subscriptions_denied.load(Ordering::Relaxed), 3);
+}
+
+fn anonymous(rules: impl FnOnce(&mut MqttAcl)) -> Option<AnonymousConfig> {
+    let mut a = AnonymousConfig::default();
+    rules(&mut a.mqtt);
+    Some(a)
+}
+
+/// `[auth.anonymous]` with logins on: a CONNECT without credentials is accepted under its
+/// rules (here: `public/#` only), refused elsewhere like a user's ACL denial (MQTT 5 PUBACK and
+/// SUBACK 0x87; 3.1.1 publish acknowledged and dropped, SUBACK failure 0x80), and never gets an
+/// id a user owns (CONNACK 0x85 / 3.1.1 return code 2, identifier rejected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_clients_may_publish_public_and_are_refused_elsewhere() {
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as Code5, PubAckReason, SubscribeReasonCode as Sub5};
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    let mut cfg = auth(vec![device("meter-1")], 0);
+    cfg.anonymous = anonymous(|m| {
+        m.publish = vec!["public/#".into()];
+        m.subscribe = vec!["public/#".into()];
+    });
+    let b = start(cfg, MqttConfig::default(), KafkaConfig::default()).await;
+    let (c5, mut rx5) = mqtt5(b.mqtt, "sensor-1", None).await.expect("anonymous v5 client accepted");
+    c5.publish("public/temp", QoS5::AtLeastOnce, false, "20").await.expect("pub");
+    let ack = next(&mut rx5, "PUBACK", |p| matches!(p, Packet5::PubAck(_))).await;
+    assert!(matches!(&ack, Packet5::PubAck(a) if a.reason == PubAckReason::Success), "{ack:?}");
+    c5.publish("devices/sensor-1/temp", QoS5::AtLeastOnce, false, "x").await.expect("pub");
+    let ack = next(&mut rx5, "PUBACK", |p| matches!(p, Packet5::PubAck(_))).await;
+    assert!(matches!(&ack, Packet5::PubAck(a) if a.reason == PubAckReason::NotAuthorized), "{ack:?}");
+    c5.subscribe("public/#", QoS5::AtLeastOnce).await.expect("sub");
+    let ack = next(&mut rx5, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
+    assert!(matches!(&ack, Packet5::SubAck(a) if a.return_codes == vec![Sub5::Success(QoS5::AtLeastOnce)]), "{ack:?}");
+    c5.subscribe("#", QoS5::AtLeastOnce).await.expect("sub");
+    let ack = next(&mut rx5, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
+    assert!(matches!(&ack, Packet5::SubAck(a) if a.return_codes == vec![Sub5::NotAuthorized]), "{ack:?}");
+
+    let (c4, mut rx4) = mqtt4(b.mqtt, "sensor-2", None).await.expect("anonymous 3.1.1 client accepted");
+    c4.publish("private/x", QoS::AtLeastOnce, false, "x").await.expect("pub");
+    next(&mut rx4, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    c4.subscribe("commands/#", QoS::AtMostOnce).await.expect("sub");
+    let ack = next(&mut rx4, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+    assert!(matches!(&ack, Packet::SubAck(a) if a.return_codes == vec![rumqttc::SubscribeReasonCode::Failure]));
+    c4.publish("public/hum", QoS::AtLeastOnce, false, "55").await.expect("pub");
+    next(&mut rx4, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    // The allowed publishes reach the anonymous subscriber.
+    for want in ["public/hum"] {
+        let p = next(&mut rx5, "PUBLISH", |p| matches!(p, Packet5::Publish(_))).await;
+        assert!(matches!(&p, Packet5::Publish(m) if m.topic == want.as_bytes()), "{p:?}");
+    }
+
+    // An id a user owns ("meter-1", "meter-1-*") is not an anonymous client's.
+    let refused = match mqtt5(b.mqtt, "meter-1-x", None).await {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => code,
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    };
+    assert_eq!(refused, Code5::ClientIdentifierNotValid);
+    match mqtt4(b.mqtt, "meter-1", None).await {
+        Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, ConnectReturnCode::BadClientId),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    // A will outside the rules refuses the CONNECT, as for a user (3.1.2.5 Will Flag: the server
+    // would have to publish it).
+    let mut o = MqttOptions::new("sensor-4", "127.0.0.1", b.mqtt.port());
+    o.set_last_will(rumqttc::LastWill::new("private/gone", "x", QoS::AtLeastOnce, false));
+    let (_c, mut ev) = AsyncClient::new(o, 10);
+    match ev.poll().await {
+        Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, ConnectReturnCode::NotAuthorized),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Credentials are still checked: a wrong password is not taken as anonymous.
+    assert!(mqtt4(b.mqtt, "sensor-3", Some(("meter-1", "wrong"))).await.is_err());
+    mqtt4(b.mqtt, "meter-1", Some(("meter-1", "device-pw"))).await.expect("the user logs in as before");
+
+    let stored: Vec<String> = crate::support::read_all(&b.store, "mqtt", 0)
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(stored, vec!["20", "55"], "only the allowed publishes were stored");
+    assert_eq!(b.mqtt_stats.publishes_denied.load(Ordering::Relaxed), 2);
+    assert_eq!(b.mqtt_stats.subscriptions_denied.load(Ordering::Relaxed), 2);
+    assert_eq!(b.mqtt_stats.client_ids_refused.load(Ordering::Relaxed), 2);
+}
+
+/// "Everything except `test/nosubscribe`" (the paho interoperability suite's refused topic),
+/// which an allow-list cannot say: with logins off and `[auth.anonymous]` set, a deny entry wins
+/// over `#`. A subscription within it is refused (MQTT 5 SUBACK 0x87, 3.1.1 0x80); one that only
+/// overlaps it (`test/+`) is granted and never delivers a message (live or retained) on the
+/// denied topic; `publish_deny` refuses a publish with PUBACK 0x87.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_entry_wins_over_allow_for_anonymous_clients() {
+    use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode as Sub5};
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    let cfg = AuthConfig {
+        enabled: false,
+        anonymous: anonymous(|m| {
+            m.publish = vec!["#".into()];
+            m.subscribe = vec!["#".into()];
+            m.subscribe_deny = vec!["test/nosubscribe".into()];
+            m.publish_deny = vec!["test/nopublish".into()];
+        }),
+        ..AuthConfig::default()
+    };
+    let b = start(cfg, MqttConfig::default(), KafkaConfig::default()).await;
+    // Credentials are not checked with logins off: this client is anonymous too.
+    let (p, mut prx) = mqtt5(b.mqtt, "pub", Some(("whoever", "x"))).await.expect("publisher");
+    p.publish("test/nosubscribe", QoS5::AtLeastOnce, true, "retained-denied").await.expect("pub");
+    next(&mut prx, "PUBACK", |p| matches!(p, Packet5::PubAck(_))).await;
+    p.publish("test/retained", QoS5::AtLeastOnce, true, "retained-ok").await.expect("pub");
+    next(&mut prx, "PUBACK", |p| matches!(p, Packet5::PubAck(_))).await;
+    p.publish("test/nopublish", QoS5::AtLeastOnce, false, "x").await.expect("pub");
+    let ack = next(&mut prx, "PUBACK", |p| matches!(p, Packet5::PubAck(_))).await;
+    assert!(matches!(&ack, Packet5::PubAck(a) if a.reason == PubAckReason::NotAuthorized), "{ack:?}");
+
+    let (s, mut srx) = mqtt5(b.mqtt, "sub", None).await.expect("subscriber");
+    s.subscribe("test/nosubscribe", QoS5::AtLeastOnce).await.expect("sub");
+    let ack = next(&mut srx, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
+    assert!(matches!(&ack, Packet5::SubAck(a) if a.return_codes == vec![Sub5::NotAuthorized]), "{ack:?}");
+    s.subscribe("test/+", QoS5::AtLeastOnce).await.expect("sub");
+    let ack = next(&mut srx, "SUBACK", |p| matches!(p, Packet5::SubAck(_))).await;
+    assert!(matches!(&ack, Packet5::SubAck(a) if a.return_codes == vec![Sub5::Success(QoS5::AtLeastOnce)]), "{ack:?}");
+    // A denied live message first, then an allowed one: the allowed one is the next delivered.
+    p.publish("test/nosubscribe", QoS5::AtLeastOnce, false, "live-denied").await.expect("pub");
+    next(&mut prx, "PUBACK", |p| matches!(p, Packet5::PubAck(_))).await;
+    p.publish("test/ok", QoS5::AtLeastOnce, false, "live-ok").await.expect("pub");
+    next(&mut prx, "PUBACK", |p| matches!(p, Packet5::PubAck(_))).await;
+    let mut got = Vec::new();
+    while got.last().map(String::as_str) != Some("live-ok") {
+        if let Packet5::Publish(m) = next(&mut srx, "PUBLISH", |p| matches!(p, Packet5::Publish(_))).await {
+            got.push(String::from_utf8_lossy(&m.payload).into_owned());
+        }
+    }
+    assert_eq!(got, vec!["retained-ok", "live-ok"], "nothing on test/nosubscribe is delivered");
+
+    // With logins off the anonymous rules hold for wills too.
+    let mut o = MqttOptions::new("will4", "127.0.0.1", b.mqtt.port());
+    o.set_last_will(rumqttc::LastWill::new("test/nopublish", "x", QoS::AtLeastOnce, false));
+    let (_c, mut ev) = AsyncClient::new(o, 10);
+    match ev.poll().await {
+        Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, ConnectReturnCode::NotAuthorized),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let (c4, mut rx4) = mqtt4(b.mqtt, "sub4", None).await.expect("3.1.1 client");
+    c4.subscribe("test/nosubscribe", QoS::AtMostOnce).await.expect("sub");
+    let ack = next(&mut rx4, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+    assert!(matches!(&ack, Packet::SubAck(a) if a.return_codes == vec![rumqttc::SubscribeReasonCode::Failure]));
+    assert_eq!(b.mqtt_stats.subscriptions_denied.load(Ordering::Relaxed), 2);
+    assert_eq!(b.mqtt_stats.publishes_denied.load(Ordering::Relaxed), 1);
+    assert_eq!(b.mqtt_stats.deliveries_denied.load(Ordering::Relaxed), 2, "one retained, one live");
 }
 
 // ---- Kafka ----
@@ -717,12 +866,12 @@ async fn a_resumed_session_keeps_only_what_its_users_new_rules_allow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt_client_id_belongs_to_its_user() {
     let alice = user("alice", "pw", |u| {
-        u.mqtt.client_ids = vec!["meter-7".into()];
+        u.mqtt.client_ids = Some(vec!["meter-7".into()]);
         u.mqtt.subscribe = vec!["commands/meter-7/#".into()];
         u.mqtt.publish = vec!["wills/#".into()];
     });
     let bob = user("bob", "pw", |u| {
-        u.mqtt.client_ids = vec!["meter-8".into()];
+        u.mqtt.client_ids = Some(vec!["meter-8".into()]);
         u.mqtt.subscribe = vec!["#".into()];
         u.mqtt.publish = vec!["#".into()];
     });

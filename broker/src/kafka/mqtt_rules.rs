@@ -14,10 +14,10 @@ use crate::storage::compression;
 
 /// Whether what `user` produces to `log_topic` must have its `mqtt.topic` headers checked. Not
 /// when the user may publish every topic (`#`, checked with an empty client id, so `%c` rules
-/// count for nothing); always for the broker's own `__` log topics, where `$` topics are routed
-/// and which `#` does not cover.
+/// count for nothing) and denies none (`mqtt.publish_deny` empty); always for the broker's own
+/// `__` log topics, where `$` topics are routed and which `#` does not cover.
 pub(crate) fn needs_check(user: &User, log_topic: &str) -> bool {
-    log_topic.starts_with("__") || !user.may_publish("", "#")
+    log_topic.starts_with("__") || !user.mqtt.publish_deny.is_empty() || !user.may_publish("", "#")
 }
 
 /// Checks every record of one produced batch: `Err((index in the batch, why))` for the first
@@ -67,11 +67,18 @@ mod tests {
     use bytes::Bytes;
 
     fn user(publish: &[&str]) -> std::sync::Arc<User> {
+        user_denied(publish, &[])
+    }
+
+    fn user_denied(publish: &[&str], deny: &[&str]) -> std::sync::Arc<User> {
         let mut u = UserConfig { name: "app".into(), ..Default::default() };
         u.mqtt.publish = publish.iter().map(|s| s.to_string()).collect();
-        let auth =
-            crate::security::Auth::new(&AuthConfig { enabled: true, failure_delay_ms: 0, users: vec![u] }, "auth")
-                .expect("auth");
+        u.mqtt.publish_deny = deny.iter().map(|s| s.to_string()).collect();
+        let auth = crate::security::Auth::new(
+            &AuthConfig { enabled: true, failure_delay_ms: 0, users: vec![u], anonymous: None },
+            "auth",
+        )
+        .expect("auth");
         auth.user("app").expect("user")
     }
 
@@ -124,5 +131,15 @@ mod tests {
         assert!(needs_check(&all, "__sys"), "'#' does not cover $ topics, which route to __ topics");
         assert!(check_batch(&all, &batch(&[Some(b"$SYS/broker/x")], Codec::None), 1 << 20).is_err());
         assert!(needs_check(&user(&[]), "readings"));
+    }
+
+    #[test]
+    fn publish_deny_wins_over_hash_for_produced_headers() {
+        let u = user_denied(&["#"], &["commands/#"]);
+        assert!(needs_check(&u, "readings"), "'#' with a deny rule does not allow every header");
+        assert_eq!(check_batch(&u, &batch(&[Some(b"meters/1")], Codec::None), 1 << 20), Ok(()));
+        let (index, _) =
+            check_batch(&u, &batch(&[Some(b"meters/1"), Some(b"commands/valve")], Codec::None), 1 << 20).unwrap_err();
+        assert_eq!(index, 1);
     }
 }

@@ -1,10 +1,11 @@
 //! Routes from MQTT topics to log topics: the first route whose filter matches a publish's topic
 //! names the log topic, the record key (from a template, so each device keeps its order in one
-//! partition) and the headers that carry what MQTT knows about the message.
+//! partition) and the headers that carry what MQTT knows about the message. A route may also
+//! choose the codec of its log topic, used when a publish creates the topic.
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::{Codec, ConfigError, TopicConfig};
 
 /// One `[[mqtt.routes]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +19,11 @@ pub struct Route {
     /// (the level matched by the first.. ninth `+`), and literal text. Empty = no key.
     #[serde(default = "default_key")]
     pub key: String,
+    /// Codec of the log topic's batches (`compression.type`) when a publish creates the topic;
+    /// unset = `[topic_defaults]`. A topic that exists keeps its settings. E.g. `gzip` for
+    /// topics read by kafkajs, which reads only uncompressed and gzip batches without a plugin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Codec>,
 }
 
 pub(crate) fn default_key() -> String {
@@ -54,6 +60,8 @@ struct Compiled {
 #[derive(Debug, Clone)]
 pub struct Router {
     routes: Vec<Compiled>,
+    /// Log topics whose route names a codec, and that codec (one per topic, checked).
+    codecs: Vec<(String, Codec)>,
 }
 
 /// Where one publish goes.
@@ -120,7 +128,9 @@ impl Router {
             key: vec![Piece::Topic],
             plus_levels: Vec::new(),
         });
-        let default = Route { filter: "#".into(), topic: default_topic.into(), key: default_key.into() };
+        let default =
+            Route { filter: "#".into(), topic: default_topic.into(), key: default_key.into(), compression: None };
+        let mut codecs: Vec<(String, Codec)> = Vec::new();
         for (i, r) in routes.iter().chain(std::iter::once(&default)).enumerate() {
             let at = if i < routes.len() { format!("{prefix}.routes[{i}]") } else { prefix.to_string() };
             if !super::topic::valid_filter(&r.filter) {
@@ -136,9 +146,36 @@ impl Router {
                 levels.iter().enumerate().filter(|(_, l)| **l == "+").map(|(i, _)| i).collect();
             let key_name = if i < routes.len() { format!("{at}.key") } else { format!("{at}.default_key") };
             let key = parse_template(&key_name, &r.key, plus_levels.len())?;
+            if let Some(codec) = r.compression {
+                match codecs.iter().find(|(t, _)| *t == r.topic) {
+                    Some((_, other)) if *other != codec => {
+                        return Err(ConfigError::new(
+                            format!("{at}.compression"),
+                            format!(
+                                "log topic {:?} is given {} by an earlier route and {} here: one topic has one codec",
+                                r.topic,
+                                other.kafka_name(),
+                                codec.kafka_name()
+                            ),
+                        ))
+                    }
+                    Some(_) => {}
+                    None => codecs.push((r.topic.clone(), codec)),
+                }
+            }
             compiled.push(Compiled { filter: r.filter.clone(), topic: r.topic.clone(), key, plus_levels });
         }
-        Ok(Self { routes: compiled })
+        Ok(Self { routes: compiled, codecs })
+    }
+
+    /// The settings a log topic is created with when a publish routed to it finds it missing:
+    /// `defaults` with the codec a route names for it.
+    pub fn topic_config(&self, log_topic: &str, defaults: &TopicConfig) -> TopicConfig {
+        let mut config = defaults.clone();
+        if let Some((_, codec)) = self.codecs.iter().find(|(t, _)| t == log_topic) {
+            config.compression = *codec;
+        }
+        config
     }
 
     /// The destination of a publish on `topic` (a valid topic name, no wildcards).
@@ -193,9 +230,14 @@ mod tests {
     #[test]
     fn first_matching_route_with_key_from_a_level() {
         let routes = vec![
-            Route { filter: "meters/+/reading".into(), topic: "readings".into(), key: "meter-{1}".into() },
-            Route { filter: "sensors/#".into(), topic: "sensors".into(), key: "{client_id}".into() },
-            Route { filter: "raw/+/+".into(), topic: "raw".into(), key: String::new() },
+            Route {
+                filter: "meters/+/reading".into(),
+                topic: "readings".into(),
+                key: "meter-{1}".into(),
+                compression: None,
+            },
+            Route { filter: "sensors/#".into(), topic: "sensors".into(), key: "{client_id}".into(), compression: None },
+            Route { filter: "raw/+/+".into(), topic: "raw".into(), key: String::new(), compression: None },
         ];
         let r = Router::new(&routes, "mqtt", "{topic}", "mqtt").expect("valid");
         assert_eq!(
@@ -213,15 +255,55 @@ mod tests {
     fn bad_routes_name_the_key() {
         let bad = |route: Route| Router::new(&[route], "mqtt", "{client_id}", "mqtt").expect_err("refused").key;
         assert_eq!(
-            bad(Route { filter: "a/#/b".into(), topic: "t".into(), key: String::new() }),
+            bad(Route { filter: "a/#/b".into(), topic: "t".into(), key: String::new(), compression: None }),
             "mqtt.routes[0].filter"
         );
         assert_eq!(
-            bad(Route { filter: "a/+".into(), topic: "bad topic".into(), key: String::new() }),
+            bad(Route { filter: "a/+".into(), topic: "bad topic".into(), key: String::new(), compression: None }),
             "mqtt.routes[0].topic"
         );
-        assert_eq!(bad(Route { filter: "a/+".into(), topic: "t".into(), key: "{2}".into() }), "mqtt.routes[0].key");
-        assert_eq!(bad(Route { filter: "a/+".into(), topic: "t".into(), key: "{who}".into() }), "mqtt.routes[0].key");
+        assert_eq!(
+            bad(Route { filter: "a/+".into(), topic: "t".into(), key: "{2}".into(), compression: None }),
+            "mqtt.routes[0].key"
+        );
+        assert_eq!(
+            bad(Route { filter: "a/+".into(), topic: "t".into(), key: "{who}".into(), compression: None }),
+            "mqtt.routes[0].key"
+        );
         assert_eq!(Router::new(&[], "no good", "", "mqtt").expect_err("refused").key, "mqtt.default_topic");
+    }
+
+    #[test]
+    fn a_route_names_its_topics_codec_and_one_topic_has_one() {
+        let route = |filter: &str, topic: &str, compression| Route {
+            filter: filter.into(),
+            topic: topic.into(),
+            key: String::new(),
+            compression,
+        };
+        let defaults = TopicConfig::default();
+        let r = Router::new(
+            &[
+                route("a/#", "js", Some(Codec::Gzip)),
+                route("b/#", "js", None),
+                route("c/#", "plain", Some(Codec::None)),
+            ],
+            "mqtt",
+            "",
+            "mqtt",
+        )
+        .expect("valid");
+        assert_eq!(r.topic_config("js", &defaults).compression, Codec::Gzip);
+        assert_eq!(r.topic_config("plain", &defaults).compression, Codec::None);
+        assert_eq!(r.topic_config("mqtt", &defaults), defaults, "no route names a codec: the defaults");
+        let mut g = defaults.clone();
+        g.compression = Codec::Gzip;
+        assert_eq!(r.topic_config("js", &defaults), g, "only the codec differs");
+        let clash = [route("a/#", "js", Some(Codec::Gzip)), route("b/#", "js", Some(Codec::Zstd))];
+        let e = Router::new(&clash, "mqtt", "", "mqtt").expect_err("two codecs for one topic");
+        assert_eq!(e.key, "mqtt.routes[1].compression");
+        assert!(e.reason.contains("gzip") && e.reason.contains("zstd"), "{}", e.reason);
+        let same = [route("a/#", "js", Some(Codec::Gzip)), route("b/#", "js", Some(Codec::Gzip))];
+        Router::new(&same, "mqtt", "", "mqtt").expect("the same codec twice is fine");
     }
 }

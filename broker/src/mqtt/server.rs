@@ -94,6 +94,9 @@ pub struct MqttStats {
     /// Publishes and subscriptions the user's ACL does not allow.
     pub publishes_denied: AtomicU64,
     pub subscriptions_denied: AtomicU64,
+    /// Messages a granted subscription matched that `mqtt.subscribe_deny` kept from the
+    /// subscriber (from the log and retained; a shared group's stay for its other members).
+    pub deliveries_denied: AtomicU64,
     /// Connections closed at once by `mqtt.connections_per_ip_per_s_max`.
     pub connections_rate_limited: AtomicU64,
     /// TLS handshakes that failed (bad or unknown client certificate, not TLS, timeout).
@@ -319,7 +322,7 @@ impl MqttServer {
             self.ctx.cfg.connections_per_ip_per_s_max,
             self.ctx.cfg.connection_rate_addresses_max,
         );
-        if self.ctx.auth.enabled() && self.ctx.auth.user_count() == 0 {
+        if self.ctx.auth.enabled() && self.ctx.auth.user_count() == 0 && self.ctx.auth.anonymous().is_none() {
             tracing::warn!("auth.enabled with no [[auth.users]]: every MQTT client will be refused");
         }
         let wills = tokio::spawn(will_scheduler(self.ctx.clone()));
@@ -749,7 +752,7 @@ async fn connection(
             return Err(format!("will topic: {reason}"));
         }
     }
-    // Who the client is: its certificate's user, or its username and password.
+    // Who the client is: its certificate's user, its username and password, or anonymous.
     let user = if ctx.auth.enabled() {
         let started = Instant::now();
         let login = login(ctx, cert_name.as_deref(), username.as_deref(), password.as_deref()).await;
@@ -770,6 +773,14 @@ async fn connection(
                 return Ok(());
             }
         }
+    } else if let Some(anonymous) = ctx.auth.anonymous() {
+        // Logins off, `[auth.anonymous]` set: its rules hold for the will too.
+        if will.as_ref().is_some_and(|w| !anonymous.may_publish(&client_id, &w.topic)) {
+            tracing::warn!(%peer, client = %client_id, "anonymous will topic not allowed: refused");
+            refuse_connect(&mut wr, version, 0x87).await;
+            return Ok(());
+        }
+        Some(anonymous)
     } else {
         None
     };
@@ -784,7 +795,7 @@ async fn connection(
             return Ok(());
         }
     }
-    let username = user.as_ref().map(|u| u.name.clone()).or(username);
+    let username = user.as_ref().filter(|u| !u.is_anonymous()).map(|u| u.name.clone()).or(username);
     // Session takeover: the previous connection with this client id is closed.
     let conn_id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     let (kill_tx, kill_rx) = oneshot::channel();
@@ -1222,7 +1233,8 @@ async fn login(
         return ctx.auth.user(name).ok_or((0x87, LoginError::UnknownUser));
     }
     match (username, password) {
-        (None, _) => Err((0x87, LoginError::NoCredentials)),
+        (None, None) => ctx.auth.anonymous().ok_or((0x87, LoginError::NoCredentials)),
+        (None, Some(_)) => Err((0x87, LoginError::NoCredentials)),
         (Some(_), None) => Err((0x86, LoginError::Protocol("username without a password".into()))),
         (Some(u), Some(p)) => ctx.auth.check_password(u, p.as_bytes()).await.map_err(|e| (0x86, e)),
     }
@@ -1298,7 +1310,8 @@ async fn publish_message(
     let partitions = match ctx.store.topic(&dest.topic) {
         Some(t) => t.partitions,
         None => {
-            match ctx.store.create_topic(&dest.topic, ctx.defaults.partitions, ctx.defaults.config.clone()).await {
+            let config = ctx.router.topic_config(&dest.topic, &ctx.defaults.config);
+            match ctx.store.create_topic(&dest.topic, ctx.defaults.partitions, config).await {
                 Ok(()) | Err(StoreError::TopicExists(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -1970,10 +1983,14 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, tx: &mpsc::Sender<Pending>) ->
             .filter(|(route_filter, _)| filters_overlap(route_filter, &g.filter))
             .map(|(_, t)| t.to_string())
             .collect();
-        let (c, group) = (ctx.clone(), g.clone());
+        let (c, group, user, client_id) = (ctx.clone(), g.clone(), s.user.clone(), s.client_id.clone());
         let (taken, left) = off_worker(move || {
             group.take(&c.store, &log_topics, budget, |log_topic, r| {
-                topic::matches(&mqtt_view(&c.router, r, log_topic).0, &group.filter) && !expired(r)
+                let t = mqtt_view(&c.router, r, log_topic).0;
+                // A message this member may not receive stays for the others.
+                topic::matches(&t, &group.filter)
+                    && !expired(r)
+                    && !user.as_ref().is_some_and(|u| u.delivery_denied(&client_id, &t))
             })
         })
         .await?;
@@ -2155,6 +2172,10 @@ async fn send_retained(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -
         if !topic::matches(&t, &filter) {
             continue;
         }
+        if s.user.as_ref().is_some_and(|u| u.delivery_denied(&s.client_id, &t)) {
+            ctx.stats.deliveries_denied.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         let qos = stored_qos.min(granted);
         let pkid = if qos > 0 {
             // The page took no more QoS 1/2 messages than the window had room for.
@@ -2194,6 +2215,11 @@ async fn send_message(
     props: &PublishProps,
     source: Source,
 ) -> Result<bool, String> {
+    if s.user.as_ref().is_some_and(|u| u.delivery_denied(&s.client_id, topic)) {
+        // Within a granted subscription but in `mqtt.subscribe_deny`.
+        ctx.stats.deliveries_denied.fetch_add(1, Ordering::Relaxed);
+        return Ok(false);
+    }
     let pkid = if qos > 0 {
         let Ok(pkid) = s.out.insert(Inflight::new(qos, source)) else { return Ok(false) };
         pkid
@@ -2265,6 +2291,7 @@ mod tests {
             filter: "commands/#".into(),
             topic: "commands".into(),
             key: String::new(),
+            compression: None,
         }];
         let router = Router::new(&routes, "mqtt", "{client_id}", "mqtt").expect("routes");
         let forged = record(&[(HEADER_TOPIC, "commands/meter-7/valve"), (HEADER_QOS, "2")]);

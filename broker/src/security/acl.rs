@@ -1,37 +1,48 @@
-//! Access rules of one user: the MQTT client ids it owns (names or `prefix*` with `%u`), MQTT
-//! publish/subscribe topic filters with `%u` (user name) and `%c` (client id) substitution, and
-//! Kafka topic and group patterns (a name, `prefix*`, or `*`). Everything not allowed is denied.
+//! Access rules of one user (or of anonymous MQTT clients): the MQTT client ids it owns (names
+//! or `prefix*` with `%u`), MQTT publish/subscribe topic filters with `%u` (user name) and `%c`
+//! (client id) substitution, deny filters that win over them, and Kafka topic and group patterns
+//! (a name, `prefix*`, or `*`). Everything not allowed is denied.
+
+use std::collections::{BTreeSet, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::mqtt::topic;
 
 /// `mqtt` rules of a user (`[[auth.users]]` keys `mqtt.client_ids`, `mqtt.publish`,
-/// `mqtt.subscribe`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `mqtt.subscribe`, `mqtt.publish_deny`, `mqtt.subscribe_deny`) or of anonymous clients
+/// (`[auth.anonymous]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttAcl {
     /// Client ids the user may connect with: exact ids or `prefix*`, `%u` = the user name. A
     /// client id belongs to one user only (checked at start-up), so nobody can resume, take over
-    /// or end another user's session. Default `["%u", "%u-*"]`: the user name itself, or it
-    /// followed by `-` and anything. Ids the server assigns (empty client id) are always allowed.
-    pub client_ids: Vec<String>,
+    /// or end another user's session. Unset: `["%u", "%u-*"]` for a user (its name itself, or
+    /// it followed by `-` and anything), `["*"]` for anonymous clients, which never get an id a
+    /// user's rules match. Ids the server assigns (empty client id) are always allowed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ids: Option<Vec<String>>,
     /// Topic filters the user may publish to (a publish's topic must match one).
     pub publish: Vec<String>,
     /// Topic filters the user may subscribe within (every topic a subscription can match must
     /// match one of these).
     pub subscribe: Vec<String>,
-}
-
-impl Default for MqttAcl {
-    fn default() -> Self {
-        Self { client_ids: default_client_ids(), publish: Vec::new(), subscribe: Vec::new() }
-    }
+    /// Topic filters the user may not publish to, whatever `publish` allows.
+    pub publish_deny: Vec<String>,
+    /// Topic filters the user may not receive from, whatever `subscribe` allows: a subscription
+    /// lying within one is refused; one that only overlaps it is granted, and the messages on
+    /// denied topics are not delivered.
+    pub subscribe_deny: Vec<String>,
 }
 
 /// `mqtt.client_ids` when a user entry does not set it.
 pub fn default_client_ids() -> Vec<String> {
     vec!["%u".into(), "%u-*".into()]
+}
+
+/// `mqtt.client_ids` when `[auth.anonymous]` does not set it: any id no user owns.
+pub fn default_anonymous_client_ids() -> Vec<String> {
+    vec!["*".into()]
 }
 
 /// A client-id rule after `%u` substitution: an exact id, or a prefix (the rule ended in `*`).
@@ -70,6 +81,36 @@ impl ClientIdRule {
             return true;
         }
         short.prefix && long.literal.starts_with(&short.literal)
+    }
+}
+
+/// The client-id rules of all users, for telling whether some user owns an id: exact ids in a
+/// set, prefixes in a set with their lengths, so a look-up costs one probe per distinct prefix
+/// length (not per rule).
+#[derive(Debug, Default)]
+pub struct ClientIdIndex {
+    exact: HashSet<String>,
+    prefixes: HashSet<String>,
+    prefix_lens: BTreeSet<usize>,
+}
+
+impl ClientIdIndex {
+    pub fn insert(&mut self, rule: &ClientIdRule) {
+        if rule.prefix {
+            self.prefix_lens.insert(rule.literal.len());
+            self.prefixes.insert(rule.literal.clone());
+        } else {
+            self.exact.insert(rule.literal.clone());
+        }
+    }
+
+    /// Whether one of the rules matches `client_id`.
+    pub fn claims(&self, client_id: &str) -> bool {
+        self.exact.contains(client_id)
+            || self
+                .prefix_lens
+                .range(..=client_id.len())
+                .any(|&n| client_id.get(..n).is_some_and(|p| self.prefixes.contains(p)))
     }
 }
 
@@ -168,6 +209,30 @@ pub fn mqtt_allowed(rules: &[String], user: &str, client_id: &str, requested: &s
     rules.iter().filter_map(|r| substitute(r, user, client_id)).any(|r| filter_covers(&r, requested))
 }
 
+/// A deny rule with `%u` and `%c` filled in. Where a value cannot be used (missing, or holding a
+/// wildcard or level separator) the whole level becomes `+`: a deny rule only ever widens, so
+/// `users/%u/#` denies every user's tree to a client without a user name.
+pub fn substitute_deny(rule: &str, user: &str, client_id: &str) -> String {
+    let safe = |v: &str| !v.is_empty() && !v.contains(['/', '+', '#', '\0']);
+    let levels: Vec<String> = rule
+        .split('/')
+        .map(|level| {
+            if (level.contains("%u") && !safe(user)) || (level.contains("%c") && !safe(client_id)) {
+                "+".to_string()
+            } else {
+                level.replace("%u", user).replace("%c", client_id)
+            }
+        })
+        .collect();
+    levels.join("/")
+}
+
+/// Whether one of the deny `rules` (after substitution) covers `requested`: everything it can
+/// match is denied.
+pub fn mqtt_denied(rules: &[String], user: &str, client_id: &str, requested: &str) -> bool {
+    rules.iter().any(|r| filter_covers(&substitute_deny(r, user, client_id), requested))
+}
+
 /// Checks a rule's syntax (with placeholders filled by a plain value).
 pub fn valid_mqtt_rule(rule: &str) -> bool {
     topic::valid_filter(&rule.replace("%u", "u").replace("%c", "c"))
@@ -252,5 +317,38 @@ mod tests {
         assert!(!mqtt_allowed(&rules, "u1", "#", "devices/x"));
         assert!(!mqtt_allowed(&rules, "a/b", "c", "users/a/b/in"));
         assert!(valid_mqtt_rule("devices/%c/#") && !valid_mqtt_rule("a/#/b"));
+    }
+
+    #[test]
+    fn deny_rules_cover_what_they_name_and_only_widen() {
+        let deny = vec!["test/nosubscribe".to_string(), "devices/%c/secret".to_string(), "users/%u/#".to_string()];
+        let denied = |user: &str, cid: &str, req: &str| mqtt_denied(&deny, user, cid, req);
+        assert!(denied("u", "d1", "test/nosubscribe"));
+        // A filter that only overlaps a denied topic is not covered (it is filtered per message).
+        assert!(!denied("u", "d1", "test/+") && !denied("u", "d1", "#") && !denied("u", "d1", "test/nosubscribe/#"));
+        assert!(denied("u", "d1", "devices/d1/secret") && !denied("u", "d1", "devices/d2/secret"));
+        assert!(denied("u", "d1", "users/u/x") && !denied("u", "d1", "users/v/x"));
+        // Where a value cannot be substituted, the level denies every value.
+        assert_eq!(substitute_deny("users/%u/#", "", "c"), "users/+/#");
+        assert_eq!(substitute_deny("devices/%c/secret", "u", "a/b"), "devices/+/secret");
+        assert_eq!(substitute_deny("x%u/y", "", "c"), "+/y");
+        assert!(denied("", "d1", "users/anyone/x"), "no user name: %u denies every user's tree");
+        assert!(denied("u", "+", "devices/d9/secret"), "client id '+': %c denies every device");
+        // `#` does not reach `$` topics in deny rules either.
+        assert!(!mqtt_denied(&["#".to_string()], "u", "c", "$SYS/x"));
+    }
+
+    #[test]
+    fn client_id_index_matches_like_its_rules() {
+        let rules: Vec<ClientIdRule> = [("alice", false), ("alice-", true), ("m", true), ("meter-7", false)]
+            .iter()
+            .map(|(l, p)| ClientIdRule { literal: l.to_string(), prefix: *p })
+            .collect();
+        let mut ix = ClientIdIndex::default();
+        rules.iter().for_each(|r| ix.insert(r));
+        for id in ["alice", "alice-1", "alicex", "al", "m", "meter-7", "x", "", "äm", "bob-alice"] {
+            assert_eq!(ix.claims(id), rules.iter().any(|r| r.matches(id)), "{id:?}");
+        }
+        assert!(!ClientIdIndex::default().claims("anything"));
     }
 }

@@ -31,12 +31,28 @@ pub struct AuthConfig {
     pub failure_delay_ms: u64,
     /// `[[auth.users]]`.
     pub users: Vec<UserConfig>,
+    /// `[auth.anonymous]`: rules for MQTT clients that connect without credentials. Unset: with
+    /// `enabled` such a CONNECT is refused, without it every client may do everything. Set: with
+    /// `enabled` a CONNECT without username and password (nor certificate) is accepted under
+    /// these rules; without it every MQTT client is under them (credentials are not checked).
+    /// Kafka is not affected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<AnonymousConfig>,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { enabled: false, failure_delay_ms: 1000, users: Vec::new() }
+        Self { enabled: false, failure_delay_ms: 1000, users: Vec::new(), anonymous: None }
     }
+}
+
+/// `[auth.anonymous]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnonymousConfig {
+    /// The same MQTT rules as a user's; `%u` (no user name) matches nothing in allow rules and
+    /// any level in deny rules.
+    pub mqtt: MqttAcl,
 }
 
 /// One `[[auth.users]]` entry.
@@ -57,6 +73,9 @@ const USERS_MAX: usize = 100_000;
 /// `mqtt.client_ids` rules at most per user (bounds the start-up overlap check).
 const CLIENT_ID_RULES_MAX: usize = 64;
 const NAME_BYTES_MAX: usize = 256;
+/// Topic filters at most in each of `mqtt.publish`, `mqtt.subscribe`, `mqtt.publish_deny` and
+/// `mqtt.subscribe_deny` (each publish, subscription and delivery is checked against them).
+const MQTT_RULES_MAX: usize = 1024;
 
 impl AuthConfig {
     /// Checks every value; errors name the key (`auth.users[2].password_hash`).
@@ -64,7 +83,7 @@ impl AuthConfig {
         self.compile(prefix).map(|_| ())
     }
 
-    fn compile(&self, prefix: &str) -> Result<HashMap<String, Arc<User>>, ConfigError> {
+    fn compile(&self, prefix: &str) -> Result<Compiled, ConfigError> {
         check_range(&format!("{prefix}.failure_delay_ms"), self.failure_delay_ms, 0, 60_000)?;
         if self.users.len() > USERS_MAX {
             return Err(ConfigError::new(format!("{prefix}.users"), format!("at most {USERS_MAX} users")));
@@ -84,25 +103,8 @@ impl AuthConfig {
             } else {
                 Some(PasswordHash::parse(&u.password_hash).map_err(|e| ConfigError::new(key("password_hash"), e))?)
             };
-            if u.mqtt.client_ids.len() > CLIENT_ID_RULES_MAX {
-                return Err(ConfigError::new(key("mqtt.client_ids"), format!("at most {CLIENT_ID_RULES_MAX} rules")));
-            }
-            let mut client_id_rules = Vec::with_capacity(u.mqtt.client_ids.len());
-            for rule in &u.mqtt.client_ids {
-                let compiled = acl::ClientIdRule::new(rule, &u.name).ok_or_else(|| {
-                    ConfigError::new(
-                        key("mqtt.client_ids"),
-                        format!("{rule:?} is not a client id or a prefix ending in '*' (%u = the user name)"),
-                    )
-                })?;
-                client_ids.push((compiled.clone(), i));
-                client_id_rules.push(compiled);
-            }
-            for (k, rules) in [("mqtt.publish", &u.mqtt.publish), ("mqtt.subscribe", &u.mqtt.subscribe)] {
-                if let Some(bad) = rules.iter().find(|r| !acl::valid_mqtt_rule(r)) {
-                    return Err(ConfigError::new(key(k), format!("{bad:?} is not a valid MQTT topic filter")));
-                }
-            }
+            let client_id_rules = compile_mqtt(&u.mqtt, &u.name, acl::default_client_ids, &key)?;
+            client_ids.extend(client_id_rules.iter().map(|r| (r.clone(), i)));
             let k = &u.kafka;
             for (name, patterns) in [
                 ("kafka.read", &k.read),
@@ -118,8 +120,14 @@ impl AuthConfig {
                     ));
                 }
             }
-            let user =
-                User { name: u.name.clone(), hash, mqtt: u.mqtt.clone(), kafka: u.kafka.clone(), client_id_rules };
+            let user = User {
+                name: u.name.clone(),
+                hash,
+                mqtt: u.mqtt.clone(),
+                kafka: u.kafka.clone(),
+                client_id_rules,
+                users_ids: None,
+            };
             if users.insert(u.name.clone(), Arc::new(user)).is_some() {
                 return Err(ConfigError::new(key("name"), format!("user {:?} is listed twice", u.name)));
             }
@@ -140,11 +148,83 @@ impl AuthConfig {
                 ),
             ));
         }
-        Ok(users)
+        let anonymous = match &self.anonymous {
+            None => None,
+            Some(a) => {
+                let key = |k: &str| format!("{prefix}.anonymous.{k}");
+                if let Some(bad) = a.mqtt.client_ids.iter().flatten().find(|r| r.contains("%u")) {
+                    return Err(ConfigError::new(
+                        key("mqtt.client_ids"),
+                        format!("{bad:?}: anonymous clients have no user name for %u"),
+                    ));
+                }
+                let client_id_rules = compile_mqtt(&a.mqtt, "", acl::default_anonymous_client_ids, &key)?;
+                // With logins on, an id a user owns is never an anonymous client's (nor its
+                // session); with them off there are no users to own one.
+                let mut index = acl::ClientIdIndex::default();
+                if self.enabled {
+                    for (rule, _) in &client_ids {
+                        index.insert(rule);
+                    }
+                }
+                Some(Arc::new(User {
+                    name: String::new(),
+                    hash: None,
+                    mqtt: a.mqtt.clone(),
+                    kafka: KafkaAcl::default(),
+                    client_id_rules,
+                    users_ids: Some(index),
+                }))
+            }
+        };
+        Ok(Compiled { users, anonymous })
     }
 }
 
-/// An authenticated user and its rules.
+/// `[auth]` after validation.
+struct Compiled {
+    users: HashMap<String, Arc<User>>,
+    anonymous: Option<Arc<User>>,
+}
+
+/// Checks the `mqtt` rules of a user (or of anonymous clients, `user` empty) and compiles its
+/// client-id rules (`default_ids` when unset); `key` names a key of its entry.
+fn compile_mqtt(
+    m: &MqttAcl,
+    user: &str,
+    default_ids: fn() -> Vec<String>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<Vec<acl::ClientIdRule>, ConfigError> {
+    let ids = m.client_ids.clone().unwrap_or_else(default_ids);
+    if ids.len() > CLIENT_ID_RULES_MAX {
+        return Err(ConfigError::new(key("mqtt.client_ids"), format!("at most {CLIENT_ID_RULES_MAX} rules")));
+    }
+    let mut rules = Vec::with_capacity(ids.len());
+    for rule in &ids {
+        rules.push(acl::ClientIdRule::new(rule, user).ok_or_else(|| {
+            ConfigError::new(
+                key("mqtt.client_ids"),
+                format!("{rule:?} is not a client id or a prefix ending in '*' (%u = the user name)"),
+            )
+        })?);
+    }
+    for (k, filters) in [
+        ("mqtt.publish", &m.publish),
+        ("mqtt.subscribe", &m.subscribe),
+        ("mqtt.publish_deny", &m.publish_deny),
+        ("mqtt.subscribe_deny", &m.subscribe_deny),
+    ] {
+        if filters.len() > MQTT_RULES_MAX {
+            return Err(ConfigError::new(key(k), format!("at most {MQTT_RULES_MAX} rules")));
+        }
+        if let Some(bad) = filters.iter().find(|r| !acl::valid_mqtt_rule(r)) {
+            return Err(ConfigError::new(key(k), format!("{bad:?} is not a valid MQTT topic filter")));
+        }
+    }
+    Ok(rules)
+}
+
+/// An authenticated user and its rules, or the rules of anonymous MQTT clients (empty name).
 #[derive(Debug)]
 pub struct User {
     pub name: String,
@@ -153,20 +233,41 @@ pub struct User {
     pub kafka: KafkaAcl,
     /// `mqtt.client_ids` with `%u` filled in.
     client_id_rules: Vec<acl::ClientIdRule>,
+    /// Anonymous clients only: the client ids users own, which they may not use.
+    users_ids: Option<acl::ClientIdIndex>,
 }
 
 impl User {
-    /// Whether the user may connect with this MQTT client id (its own, per `mqtt.client_ids`).
+    /// The rules of `[auth.anonymous]`, not a user who logged in.
+    pub fn is_anonymous(&self) -> bool {
+        self.users_ids.is_some()
+    }
+
+    /// Whether the user may connect with this MQTT client id (its own, per `mqtt.client_ids`;
+    /// for anonymous clients also one no user owns).
     pub fn may_use_client_id(&self, client_id: &str) -> bool {
         self.client_id_rules.iter().any(|r| r.matches(client_id))
+            && !self.users_ids.as_ref().is_some_and(|ix| ix.claims(client_id))
     }
 
+    /// Whether `topic` is within `mqtt.publish` and not within `mqtt.publish_deny`.
     pub fn may_publish(&self, client_id: &str, topic: &str) -> bool {
         acl::mqtt_allowed(&self.mqtt.publish, &self.name, client_id, topic)
+            && !acl::mqtt_denied(&self.mqtt.publish_deny, &self.name, client_id, topic)
     }
 
+    /// Whether a subscription to `filter` (or the delivery of a message on a topic) is within
+    /// `mqtt.subscribe` and not within `mqtt.subscribe_deny`.
     pub fn may_subscribe(&self, client_id: &str, filter: &str) -> bool {
         acl::mqtt_allowed(&self.mqtt.subscribe, &self.name, client_id, filter)
+            && !acl::mqtt_denied(&self.mqtt.subscribe_deny, &self.name, client_id, filter)
+    }
+
+    /// Whether a message on `topic` that one of the client's (granted) subscriptions matches
+    /// must not be delivered: `mqtt.subscribe_deny` covers it. Free without deny rules.
+    pub fn delivery_denied(&self, client_id: &str, topic: &str) -> bool {
+        !self.mqtt.subscribe_deny.is_empty()
+            && acl::mqtt_denied(&self.mqtt.subscribe_deny, &self.name, client_id, topic)
     }
 }
 
@@ -247,6 +348,8 @@ pub struct Auth {
     enabled: bool,
     failure_delay: Duration,
     users: HashMap<String, Arc<User>>,
+    /// `[auth.anonymous]`, compiled.
+    anonymous: Option<Arc<User>>,
     /// Key of the salts made up for unknown SCRAM users (random per process).
     fake_salt_key: ring::hmac::Key,
 }
@@ -254,7 +357,7 @@ pub struct Auth {
 impl Auth {
     /// Validates and compiles `[auth]`.
     pub fn new(cfg: &AuthConfig, prefix: &str) -> Result<Arc<Self>, ConfigError> {
-        let users = cfg.compile(prefix)?;
+        let Compiled { users, anonymous } = cfg.compile(prefix)?;
         let mut secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
             .map_err(|_| ConfigError::new(prefix, "the system random number generator failed"))?;
@@ -262,6 +365,7 @@ impl Auth {
             enabled: cfg.enabled,
             failure_delay: Duration::from_millis(cfg.failure_delay_ms),
             users,
+            anonymous,
             fake_salt_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
         }))
     }
@@ -273,6 +377,7 @@ impl Auth {
                 enabled: false,
                 failure_delay: Duration::ZERO,
                 users: HashMap::new(),
+                anonymous: None,
                 fake_salt_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"unused"),
             })
         })
@@ -284,6 +389,11 @@ impl Auth {
 
     pub fn user_count(&self) -> usize {
         self.users.len()
+    }
+
+    /// The rules of MQTT clients without credentials (`[auth.anonymous]`), if any.
+    pub fn anonymous(&self) -> Option<Arc<User>> {
+        self.anonymous.clone()
     }
 
     /// The user a verified client certificate names.
@@ -370,18 +480,97 @@ mod tests {
         c.users[1].kafka.groups = vec!["a*b".into()];
         assert_eq!(c.validate("auth").expect_err("pattern").key, "auth.users[1].kafka.groups");
         c.users[1].kafka.groups.clear();
-        c.users[1].mqtt.client_ids = vec!["a*b".into()];
+        c.users[1].mqtt.client_ids = Some(vec!["a*b".into()]);
         assert_eq!(c.validate("auth").expect_err("client id rule").key, "auth.users[1].mqtt.client_ids");
         // Default rules of "a" ("a", "a-*") and "a-1" ("a-1", "a-1-*") overlap.
         c.users[1] = user("a-1");
         let e = c.validate("auth").expect_err("overlap");
         assert_eq!(e.key, "auth.users[1].mqtt.client_ids");
         assert!(e.reason.contains("\"a-1\"") && e.reason.contains("\"a\""), "{}", e.reason);
-        c.users[1].mqtt.client_ids = vec!["meter-1".into()];
-        c.users[0].mqtt.client_ids = vec!["a".into()];
+        c.users[1].mqtt.client_ids = Some(vec!["meter-1".into()]);
+        c.users[0].mqtt.client_ids = Some(vec!["a".into()]);
         c.validate("auth").expect("disjoint rules");
         let c = AuthConfig { failure_delay_ms: 100_000, ..Default::default() };
         assert_eq!(c.validate("auth").expect_err("delay").key, "auth.failure_delay_ms");
+    }
+
+    fn anonymous(publish: &[&str], subscribe: &[&str], subscribe_deny: &[&str]) -> AnonymousConfig {
+        let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        AnonymousConfig {
+            mqtt: MqttAcl {
+                publish: v(publish),
+                subscribe: v(subscribe),
+                subscribe_deny: v(subscribe_deny),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn anonymous_rules_are_checked_at_start_up() {
+        let mut c = AuthConfig { anonymous: Some(anonymous(&["a/#/b"], &[], &[])), ..Default::default() };
+        assert_eq!(c.validate("auth").expect_err("filter").key, "auth.anonymous.mqtt.publish");
+        c.anonymous = Some(anonymous(&[], &[], &["+/+#"]));
+        assert_eq!(c.validate("auth").expect_err("deny filter").key, "auth.anonymous.mqtt.subscribe_deny");
+        let mut a = anonymous(&[], &[], &[]);
+        a.mqtt.client_ids = Some(vec!["%u-*".into()]);
+        c.anonymous = Some(a);
+        let e = c.validate("auth").expect_err("%u");
+        assert_eq!(e.key, "auth.anonymous.mqtt.client_ids");
+        assert!(e.reason.contains("user name"), "{}", e.reason);
+        c.anonymous = Some(anonymous(&[], &[], &[]));
+        c.users = vec![user("a")];
+        c.users[0].mqtt.subscribe_deny = vec!["#/x".into()];
+        assert_eq!(c.validate("auth").expect_err("user deny").key, "auth.users[0].mqtt.subscribe_deny");
+        c.users[0].mqtt.subscribe_deny = vec!["x".into(); MQTT_RULES_MAX + 1];
+        assert_eq!(c.validate("auth").expect_err("too many").key, "auth.users[0].mqtt.subscribe_deny");
+        c.users[0].mqtt.subscribe_deny.clear();
+        c.validate("auth").expect("anonymous ['*'] beside users is fine: user ids are excluded at connect");
+    }
+
+    #[test]
+    fn anonymous_clients_get_their_rules_and_no_users_id() {
+        let a = anonymous(&["public/#", "devices/%c/#", "users/%u/#"], &["#"], &["test/nosubscribe"]);
+        let mut alice = user("alice");
+        alice.mqtt.client_ids = Some(vec!["alice".into(), "meter-*".into()]);
+        let on = AuthConfig { enabled: true, users: vec![alice], anonymous: Some(a.clone()), ..Default::default() };
+        let auth = Auth::new(&on, "auth").expect("auth");
+        let anon = auth.anonymous().expect("anonymous rules");
+        assert!(anon.is_anonymous() && !auth.user("alice").expect("alice").is_anonymous());
+        assert!(anon.may_use_client_id("sensor-1") && anon.may_use_client_id("alice2"));
+        assert!(!anon.may_use_client_id("alice") && !anon.may_use_client_id("meter-9"), "users' ids");
+        assert!(anon.may_publish("d1", "public/x") && anon.may_publish("d1", "devices/d1/t"));
+        assert!(!anon.may_publish("d1", "devices/d2/t") && !anon.may_publish("d1", "private/x"));
+        assert!(!anon.may_publish("d1", "users//x") && !anon.may_publish("d1", "users/alice/x"), "%u matches nothing");
+        assert!(anon.may_subscribe("d1", "#") && anon.may_subscribe("d1", "test/+"));
+        assert!(!anon.may_subscribe("d1", "test/nosubscribe"), "deny wins over '#'");
+        assert!(anon.delivery_denied("d1", "test/nosubscribe") && !anon.delivery_denied("d1", "test/other"));
+        // Logins off: every client is anonymous, and no user owns an id.
+        let off = AuthConfig { enabled: false, ..on };
+        let anon = Auth::new(&off, "auth").expect("auth").anonymous().expect("anonymous rules");
+        assert!(anon.may_use_client_id("alice"));
+        let mut only = a;
+        only.mqtt.client_ids = Some(vec!["anon-*".into()]);
+        let cfg = AuthConfig { anonymous: Some(only), ..Default::default() };
+        let anon = Auth::new(&cfg, "auth").expect("auth").anonymous().expect("anonymous rules");
+        assert!(anon.may_use_client_id("anon-1") && !anon.may_use_client_id("sensor-1"));
+        assert!(Auth::disabled().anonymous().is_none());
+    }
+
+    #[test]
+    fn a_users_deny_rule_wins_over_its_allow_rules() {
+        let mut u = user("bob");
+        u.mqtt.publish = vec!["#".into()];
+        u.mqtt.publish_deny = vec!["commands/#".into(), "devices/%c/config".into()];
+        u.mqtt.subscribe = vec!["#".into()];
+        u.mqtt.subscribe_deny = vec!["users/+/private".into(), "users/%u/secret".into()];
+        let auth = Auth::new(&AuthConfig { users: vec![u], ..Default::default() }, "auth").expect("auth");
+        let bob = auth.user("bob").expect("bob");
+        assert!(bob.may_publish("bob-1", "meters/1") && bob.may_publish("bob-1", "devices/bob-2/config"));
+        assert!(!bob.may_publish("bob-1", "commands/valve") && !bob.may_publish("bob-1", "devices/bob-1/config"));
+        assert!(!bob.may_subscribe("bob-1", "users/alice/private") && !bob.may_subscribe("bob-1", "users/bob/secret"));
+        assert!(bob.may_subscribe("bob-1", "users/alice/secret") && bob.may_subscribe("bob-1", "users/#"));
+        assert!(bob.delivery_denied("bob-1", "users/bob/secret") && !bob.delivery_denied("bob-1", "users/bob/x"));
     }
 
     #[tokio::test]
