@@ -7,9 +7,11 @@
 mod config;
 mod outbound;
 mod persist;
+mod reason;
 mod retained;
 pub mod routes;
 mod server;
+mod session;
 mod shared;
 pub mod topic;
 mod wills;

@@ -635,6 +635,12 @@ pub(crate) struct ConnAckProps {
     pub reason: Option<String>,
 }
 
+/// Packet types of the acknowledgements, for [`ack`].
+pub(crate) const PUBACK: u8 = 4;
+pub(crate) const PUBREC: u8 = 5;
+pub(crate) const PUBREL: u8 = 6;
+pub(crate) const PUBCOMP: u8 = 7;
+
 /// PUBACK (4), PUBREC (5), PUBREL (6, flags 2) and PUBCOMP (7) with an optional v5 reason.
 pub(crate) fn ack(version: Version, kind: u8, pkid: u16, reason: u8) -> Bytes {
     let first = (kind << 4) | if kind == 6 { 0x02 } else { 0 };
