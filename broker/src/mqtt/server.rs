@@ -96,6 +96,8 @@ pub struct MqttStats {
     /// Publishes and subscriptions the user's ACL does not allow.
     pub publishes_denied: AtomicU64,
     pub subscriptions_denied: AtomicU64,
+    /// Client publishes to `$` topics (the broker's), acknowledged as refused and dropped.
+    pub publishes_reserved: AtomicU64,
     /// Connections closed at once by `mqtt.connections_per_ip_per_s_max`.
     pub connections_rate_limited: AtomicU64,
     /// TLS handshakes that failed (bad or unknown client certificate, not TLS, timeout).
@@ -1411,6 +1413,9 @@ async fn perform(
             }
             Action::Count(Counter::PublishDenied) => {
                 ctx.stats.publishes_denied.fetch_add(1, Ordering::Relaxed);
+            }
+            Action::Count(Counter::PublishReserved) => {
+                ctx.stats.publishes_reserved.fetch_add(1, Ordering::Relaxed);
             }
             Action::Count(Counter::SubscriptionDenied) => {
                 ctx.stats.subscriptions_denied.fetch_add(1, Ordering::Relaxed);

@@ -53,6 +53,8 @@ pub(super) struct Message {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Counter {
     PublishDenied,
+    /// A client publish to a `$` topic, dropped.
+    PublishReserved,
     SubscriptionDenied,
 }
 
@@ -674,24 +676,22 @@ impl Session {
         if qos > 2 {
             return self.close(reason::MALFORMED_PACKET, "QoS 3".into());
         }
+        if topic_name.starts_with('$') && topic::valid_topic(&topic_name) {
+            // A valid name, but `$` topics are the broker's (4.7.2, [MQTT-4.7.2-1]: clients do
+            // not exchange messages through them): refused like an ACL denial, and the
+            // connection stays.
+            self.actions.push_back(Action::Count(Counter::PublishReserved));
+            tracing::debug!(client = %self.client_id, topic = %topic_name, "publish to a '$' topic: dropped");
+            return self.refuse_publish(qos, pkid, reason::TOPIC_NAME_INVALID);
+        }
         if let Err(detail) = self.check_topic(&topic_name) {
             return self.close(reason::TOPIC_NAME_INVALID, detail);
         }
         if self.user.as_ref().is_some_and(|u| !u.may_publish(&self.client_id, &topic_name)) {
-            // Refused by the ACL. MQTT 5: PUBACK/PUBREC "not authorized". 3.1.1 has no
-            // negative acknowledgement: the message is acknowledged and dropped (as mosquitto
-            // does), counted and logged, so a device retrying it does not loop through
-            // reconnects.
             self.actions.push_back(Action::Count(Counter::PublishDenied));
             tracing::warn!(client = %self.client_id, user = ?self.username, topic = %topic_name,
                 "publish not allowed by the user's ACL: dropped");
-            if qos > 0 {
-                let code = if self.version == Version::V5 { reason::NOT_AUTHORIZED } else { reason::SUCCESS };
-                let kind = if qos == 1 { wire::PUBACK } else { wire::PUBREC };
-                let b = self.ack(kind, pkid, code);
-                self.answer(b);
-            }
-            return;
+            return self.refuse_publish(qos, pkid, reason::NOT_AUTHORIZED);
         }
         if qos == 2 {
             match self.qos2.get(&pkid) {
@@ -733,6 +733,18 @@ impl Session {
             pkid
         });
         self.actions.push_back(Action::Append { ticket: Some(t), msg, qos2_pkid });
+    }
+
+    /// A publish the server does not take. MQTT 5: PUBACK/PUBREC with `code`. 3.1.1 has no
+    /// negative acknowledgement: the message is acknowledged and dropped (as mosquitto does),
+    /// so a device retrying it does not loop through reconnects.
+    fn refuse_publish(&mut self, qos: u8, pkid: u16, code: u8) {
+        if qos > 0 {
+            let code = if self.version == Version::V5 { code } else { reason::SUCCESS };
+            let kind = if qos == 1 { wire::PUBACK } else { wire::PUBREC };
+            let b = self.ack(kind, pkid, code);
+            self.answer(b);
+        }
     }
 
     fn on_pubrel(&mut self, pkid: u16) {
@@ -1164,6 +1176,23 @@ mod tests {
         assert_eq!(delete.len(), 1);
         s.resolve(delete[0], Ok(()));
         assert_eq!(sent(&actions(&mut s)), vec![(0x70, vec![0, 3])]);
+    }
+
+    #[test]
+    fn a_publish_to_a_dollar_topic_is_refused_and_the_connection_stays_mqtt_4_7_2_1() {
+        for (version, code) in [(Version::V5, vec![0, 1, reason::TOPIC_NAME_INVALID, 0]), (Version::V4, vec![0, 1])] {
+            let (mut s, now) = session(version);
+            s.handle(now, publish("$TopicA/B", 1, 1));
+            s.handle(now, publish("$SYS/broker/x", 0, 0));
+            let acts = actions(&mut s);
+            assert!(!acts.iter().any(|a| matches!(a, Action::Append { .. })), "nothing stored");
+            assert_eq!(sent(&acts), vec![(0x40, code)], "{version:?}: refused (3.1.1: acknowledged, dropped)");
+            let counted = acts.iter().filter(|a| matches!(a, Action::Count(Counter::PublishReserved))).count();
+            assert_eq!(counted, 2);
+            assert!(!s.closing(), "the connection stays");
+            s.handle(now, publish("TopicA/B", 1, 2));
+            assert!(actions(&mut s).iter().any(|a| matches!(a, Action::Append { .. })));
+        }
     }
 
     #[test]
