@@ -42,3 +42,139 @@ async fn a_publish_to_a_dollar_topic_is_refused_and_the_connection_stays_mqtt_4_
         .collect();
     assert_eq!(topics, ["TopicA/B"], "only the plain publish was stored");
 }
+
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet as P5, Publish, RetainForwardRule, SubscribeProperties};
+use rumqttc::v5::mqttbytes::QoS as Q5;
+use rumqttc::v5::AsyncClient as Client5;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::mqtt::{next, pump5};
+
+/// A connected rumqttc v5 client (clean start) and its incoming packets, CONNACK first.
+fn client5(broker: &KafkaBroker, id: &str) -> (Client5, UnboundedReceiver<P5>) {
+    let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", broker.mqtt.port());
+    o.set_keep_alive(std::time::Duration::from_secs(10));
+    let (c, ev) = Client5::new(o, 100);
+    (c, pump5(ev))
+}
+
+async fn next_publish(rx: &mut UnboundedReceiver<P5>, what: &str) -> Publish {
+    match next(rx, what, |p| matches!(p, P5::Publish(_))).await {
+        P5::Publish(p) => p,
+        _ => unreachable!(),
+    }
+}
+
+async fn suback(rx: &mut UnboundedReceiver<P5>, what: &str) {
+    next(rx, what, |p| matches!(p, P5::SubAck(_))).await;
+}
+
+/// Publishes at QoS 1 and waits for the PUBACK.
+async fn publish_acked(c: &Client5, rx: &mut UnboundedReceiver<P5>, topic: &str, retain: bool, payload: &str) {
+    c.publish(topic, Q5::AtLeastOnce, retain, payload.to_string()).await.expect("publish");
+    next(rx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+}
+
+fn ids(p: &Publish) -> Vec<usize> {
+    p.properties.as_ref().map(|p| p.subscription_identifiers.clone()).unwrap_or_default()
+}
+
+fn with_id(id: usize) -> SubscribeProperties {
+    SubscribeProperties { id: Some(id), user_properties: Vec::new() }
+}
+
+/// 3.2.2.3.11/12: CONNACK says shared subscriptions and subscription identifiers are available,
+/// and both are served: 3.3.4 / [MQTT-3.3.4-3/5]: a message delivered for subscriptions with
+/// identifiers carries every matching one (a retained message sent on subscribe, one matching
+/// two subscriptions, one from a shared subscription: 3.8.2.1.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connack_claims_shared_subscriptions_and_identifiers_and_both_are_served_mqtt_3_3_4_3() {
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig::default()).await;
+    let (publ, mut prx) = client5(&broker, "ids-pub");
+    publish_acked(&publ, &mut prx, "ids/r", true, "retained").await;
+    let (sub, mut rx) = client5(&broker, "ids-sub");
+    let connack = match next(&mut rx, "CONNACK", |p| matches!(p, P5::ConnAck(_))).await {
+        P5::ConnAck(c) => c,
+        _ => unreachable!(),
+    };
+    let props = connack.properties.expect("CONNACK properties");
+    assert_eq!(props.shared_subscription_available, Some(1), "3.2.2.3.15");
+    assert_ne!(props.subscription_identifiers_available, Some(0), "3.2.2.3.12: absent or 1 claims support");
+
+    sub.subscribe_with_properties("ids/#", Q5::AtLeastOnce, with_id(7)).await.expect("subscribe");
+    suback(&mut rx, "SUBACK ids/#").await;
+    let p = next_publish(&mut rx, "the retained message").await;
+    assert_eq!((&p.topic[..], p.retain, ids(&p)), (&b"ids/r"[..], true, vec![7]));
+
+    sub.subscribe_with_properties("+/live", Q5::AtLeastOnce, with_id(300)).await.expect("subscribe");
+    suback(&mut rx, "SUBACK +/live").await;
+    sub.subscribe_with_properties("$share/g/shared/#", Q5::AtLeastOnce, with_id(9)).await.expect("subscribe");
+    suback(&mut rx, "SUBACK shared").await;
+    publish_acked(&publ, &mut prx, "ids/live", false, "both").await;
+    let p = next_publish(&mut rx, "a message two subscriptions match").await;
+    assert_eq!((&p.topic[..], ids(&p)), (&b"ids/live"[..], vec![7, 300]), "one PUBLISH, both identifiers");
+    publish_acked(&publ, &mut prx, "shared/x", false, "shared").await;
+    let p = next_publish(&mut rx, "a shared subscription's message").await;
+    assert_eq!((&p.topic[..], ids(&p)), (&b"shared/x"[..], vec![9]));
+}
+
+fn filter(path: &str, rule: RetainForwardRule, retain_as_published: bool) -> Filter {
+    Filter {
+        path: path.into(),
+        qos: Q5::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: retain_as_published,
+        retain_forward_rule: rule,
+    }
+}
+
+/// [MQTT-3.3.1-9/10/11]: Retain Handling 0 sends the retained messages on every SUBSCRIBE, 1 only
+/// when the subscription is new, 2 never. [MQTT-3.3.1-12/13]: Retain As Published 0 forwards
+/// with RETAIN 0, 1 with the flag the message was published with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_handling_and_retain_as_published_mqtt_3_3_1_9_to_13() {
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig::default()).await;
+    let (publ, mut prx) = client5(&broker, "rh-pub");
+    publish_acked(&publ, &mut prx, "rh/a", true, "old").await;
+    let (sub, mut rx) = client5(&broker, "rh-sub");
+    // After each SUBACK a marker is published: it must be the next message, with no retained one
+    // in between.
+    sub.subscribe_many([filter("rh/#", RetainForwardRule::OnNewSubscribe, false)]).await.expect("subscribe");
+    suback(&mut rx, "SUBACK 1").await;
+    let p = next_publish(&mut rx, "retained, a new subscription (Retain Handling 1)").await;
+    assert_eq!((&p.topic[..], p.retain), (&b"rh/a"[..], true));
+
+    sub.subscribe_many([filter("rh/#", RetainForwardRule::OnNewSubscribe, false)]).await.expect("subscribe");
+    suback(&mut rx, "SUBACK 2").await;
+    publish_acked(&publ, &mut prx, "rh/m1", false, "marker").await;
+    let p = next_publish(&mut rx, "the marker").await;
+    assert_eq!(&p.topic[..], b"rh/m1", "Retain Handling 1 on an existing subscription resent a retained message");
+    assert!(!p.retain, "Retain As Published 0: RETAIN 0");
+
+    sub.subscribe_many([filter("rh/+", RetainForwardRule::Never, false)]).await.expect("subscribe");
+    suback(&mut rx, "SUBACK 3").await;
+    publish_acked(&publ, &mut prx, "rh/m2", false, "marker").await;
+    let p = next_publish(&mut rx, "the marker").await;
+    assert_eq!(&p.topic[..], b"rh/m2", "Retain Handling 2 sent a retained message");
+
+    sub.subscribe_many([filter("rh/#", RetainForwardRule::OnEverySubscribe, false)]).await.expect("subscribe");
+    suback(&mut rx, "SUBACK 4").await;
+    let p = next_publish(&mut rx, "retained again (Retain Handling 0)").await;
+    assert_eq!((&p.topic[..], p.retain), (&b"rh/a"[..], true));
+
+    // Retain As Published: the same retained publish, seen by two subscribers.
+    let (keep, mut krx) = client5(&broker, "rap-1");
+    keep.subscribe_many([filter("rap/#", RetainForwardRule::Never, true)]).await.expect("subscribe");
+    suback(&mut krx, "SUBACK rap 1").await;
+    let (plain, mut plrx) = client5(&broker, "rap-0");
+    plain.subscribe_many([filter("rap/#", RetainForwardRule::Never, false)]).await.expect("subscribe");
+    suback(&mut plrx, "SUBACK rap 0").await;
+    publish_acked(&publ, &mut prx, "rap/x", true, "r").await;
+    publish_acked(&publ, &mut prx, "rap/y", false, "n").await;
+    for (rx, rap) in [(&mut krx, true), (&mut plrx, false)] {
+        let p = next_publish(rx, "rap/x").await;
+        assert_eq!((&p.topic[..], p.retain), (&b"rap/x"[..], rap), "Retain As Published {rap}");
+        let p = next_publish(rx, "rap/y").await;
+        assert_eq!((&p.topic[..], p.retain), (&b"rap/y"[..], false));
+    }
+}

@@ -50,6 +50,10 @@ pub const HEADER_QOS: &str = "mqtt.qos";
 pub const HEADER_CLIENT: &str = "mqtt.client";
 /// Header carrying an MQTT 5 message's expiry (ms since the epoch).
 pub const HEADER_EXPIRES: &str = "mqtt.expires-ms";
+/// Header `1` on a message published with RETAIN set (for Retain As Published).
+pub const HEADER_RETAIN: &str = "mqtt.retain";
+/// Header carrying an MQTT 5 message's Payload Format Indicator (`0` or `1`).
+pub const HEADER_PAYLOAD_FORMAT: &str = "mqtt.payload-format";
 
 /// Why the MQTT listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -833,14 +837,14 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Ac
     };
     let mut s = Session::new(start, limits(&ctx.cfg), Instant::now());
     let mut setup = Ok(());
-    for (name, qos) in resumed_shared {
+    for (name, qos, id) in resumed_shared {
         consume_budget().await;
         if let Some((_, inner)) = name.strip_prefix("$share/").and_then(|r| r.split_once('/')) {
             if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&client_id, inner)) {
                 continue;
             }
             match shared_group(ctx, &name, inner).await {
-                Ok(g) => s.shared.push(SharedSub { name: name.clone(), qos, group: Some(g) }),
+                Ok(g) => s.shared.push(SharedSub { name: name.clone(), qos, id, group: Some(g) }),
                 Err(e) => {
                     setup = Err(e);
                     break;
@@ -1156,6 +1160,12 @@ async fn publish_message(
     if let Some(secs) = m.props.message_expiry_s {
         let deadline = now_ms() + i64::from(secs) * 1000;
         headers.push((HEADER_EXPIRES.to_string(), Some(Bytes::from(deadline.to_string().into_bytes()))));
+    }
+    if m.retain {
+        headers.push((HEADER_RETAIN.to_string(), Some(Bytes::from_static(b"1"))));
+    }
+    if let Some(format) = m.props.payload_format {
+        headers.push((HEADER_PAYLOAD_FORMAT.to_string(), Some(Bytes::from(format.to_string().into_bytes()))));
     }
     if let Some(ct) = &m.props.content_type {
         headers.push((HEADER_CONTENT_TYPE.to_string(), Some(Bytes::from(ct.clone().into_bytes()))));
@@ -1570,9 +1580,9 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session) -> Result<bool, String> {
         return Ok(false);
     }
     let mut more = send_retained(ctx, s).await?;
-    let shared: Vec<(u8, Arc<SharedGroup>)> =
-        s.shared.iter().filter_map(|x| x.group.clone().map(|g| (x.qos, g))).collect();
-    for (granted, g) in shared {
+    let shared: Vec<(u8, u32, Arc<SharedGroup>)> =
+        s.shared.iter().filter_map(|x| x.group.clone().map(|g| (x.qos, x.id, g))).collect();
+    for (granted, id, g) in shared {
         let budget = s.out.free().min(SHARED_BATCH);
         if budget == 0 {
             break;
@@ -1596,7 +1606,10 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session) -> Result<bool, String> {
             consume_budget().await;
             let (t, stored_qos) = mqtt_view(&ctx.router, &r, &position.0);
             let qos = granted.min(stored_qos);
-            let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+            let mut props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+            if id != 0 {
+                props.subscription_ids.push(id);
+            }
             let payload = r.value.clone().unwrap_or_default();
             let source = Source::Shared(g.clone(), position.clone());
             let sent = send_message(ctx, s, &t, qos, false, &payload, &props, source);
@@ -1662,23 +1675,32 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session) -> Result<bool, String> {
                 next = r.offset + 1;
                 let (mqtt_topic, stored_qos) = mqtt_view(&ctx.router, &r, &log_topic);
                 let own = header(&r, HEADER_CLIENT) == Some(s.client_id.as_str());
-                let Some(qos) = s
-                    .subs
-                    .iter()
-                    .filter(|sub| topic::matches(&mqtt_topic, &sub.filter) && !(sub.no_local && own))
-                    .map(|sub| sub.qos.min(stored_qos))
-                    .max()
-                else {
-                    continue;
-                };
+                // One PUBLISH for every matching subscription: the highest QoS, every
+                // Subscription Identifier (3.3.4, [MQTT-3.3.4-3/5]), RETAIN as published if a
+                // subscription asked for it ([MQTT-3.3.1-12/13]).
+                let (mut qos, mut ids, mut keep_retain) = (None, Vec::new(), false);
+                for sub in
+                    s.subs.iter().filter(|sub| topic::matches(&mqtt_topic, &sub.filter) && !(sub.no_local && own))
+                {
+                    qos = qos.max(Some(sub.qos.min(stored_qos)));
+                    if sub.id != 0 {
+                        ids.push(sub.id);
+                    }
+                    keep_retain |= sub.retain_as_published;
+                }
+                let Some(qos) = qos else { continue };
                 if expired(&r) {
                     ctx.stats.expired_messages.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+                let mut props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+                ids.sort_unstable();
+                ids.dedup();
+                props.subscription_ids = ids;
+                let retain = keep_retain && header(&r, HEADER_RETAIN) == Some("1");
                 let payload = r.value.clone().unwrap_or_default();
                 let source = Source::Log((log_topic.clone(), p, r.offset));
-                if !send_message(ctx, s, &mqtt_topic, qos, false, &payload, &props, source) {
+                if !send_message(ctx, s, &mqtt_topic, qos, retain, &payload, &props, source) {
                     continue;
                 }
                 if s.out.is_full() {
@@ -1762,8 +1784,12 @@ async fn send_retained(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
             continue;
         }
         let qos = stored_qos.min(granted);
+        let mut props = PublishProps::default();
+        if let Some(id) = s.subs.iter().find(|x| x.filter == filter).map(|x| x.id).filter(|&id| id != 0) {
+            props.subscription_ids.push(id);
+        }
         // The page took no more QoS 1/2 messages than the window had room for.
-        send_message(ctx, s, &t, qos, true, payload, &PublishProps::default(), Source::Retained);
+        send_message(ctx, s, &t, qos, true, payload, &props, Source::Retained);
     }
     // More pages: come back while the window has room (a QoS 0 scan never waits for it).
     Ok(!s.retained.is_empty() && !s.out.is_full())
@@ -1800,7 +1826,8 @@ fn props_of(headers: &[(String, Option<Bytes>)]) -> PublishProps {
     for (k, v) in headers {
         let text = || v.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
         match k.as_str() {
-            HEADER_TOPIC | HEADER_QOS | HEADER_CLIENT => {}
+            HEADER_TOPIC | HEADER_QOS | HEADER_CLIENT | HEADER_RETAIN => {}
+            HEADER_PAYLOAD_FORMAT => p.payload_format = text().and_then(|t| t.parse().ok()),
             HEADER_EXPIRES => {
                 let left = text().and_then(|t| t.parse::<i64>().ok()).map(|d| (d - now_ms()).max(0) / 1000);
                 p.message_expiry_s = left.map(|l| l.min(i64::from(u32::MAX)) as u32);

@@ -131,6 +131,8 @@ pub(super) enum Source {
 pub(super) struct SharedSub {
     pub name: String,
     pub qos: u8,
+    /// Its Subscription Identifier (0 = none).
+    pub id: u32,
     pub group: Option<Arc<SharedGroup>>,
 }
 
@@ -868,7 +870,7 @@ impl Session {
             }
             let granted = sub.qos.min(2);
             self.shared.retain(|g| g.name != sub.filter);
-            self.shared.push(SharedSub { name: sub.filter.clone(), qos: granted, group: None });
+            self.shared.push(SharedSub { name: sub.filter.clone(), qos: granted, id: sub.id, group: None });
             self.actions.push_back(Action::JoinShared { name: sub.filter, inner });
             return granted;
         }
@@ -888,9 +890,17 @@ impl Session {
         self.actions.push_back(Action::StartCursors { filter: sub.filter.clone() });
         // Its retained messages follow within the window, page by page; subscribing again to
         // the same filter starts them over ([MQTT-3.8.4-3]) instead of queueing them twice, so
-        // at most one scan per subscription waits.
+        // at most one scan per subscription waits. Retain Handling 1 sends them only for a new
+        // subscription, 2 never ([MQTT-3.3.1-9/10/11]).
         self.retained.retain(|r| r.filter != sub.filter);
-        self.retained.push(RetainedScan::new(&sub.filter, granted));
+        let send_retained = match sub.retain_handling {
+            0 => true,
+            1 => exists.is_none(),
+            _ => false,
+        };
+        if send_retained {
+            self.retained.push(RetainedScan::new(&sub.filter, granted));
+        }
         let new = wire::Subscription { qos: granted, ..sub };
         match exists {
             Some(i) => self.subs[i] = new,
@@ -1004,7 +1014,7 @@ impl Session {
             owner: self.user.as_ref().map(|u| u.name.clone()),
             subs: self.subs.clone(),
             cursors: self.cursors.clone(),
-            shared: groups().map(|(q, g)| (g.name.clone(), q)).collect(),
+            shared: self.shared.iter().filter(|s| s.group.is_some()).map(|s| (s.name.clone(), s.qos, s.id)).collect(),
             inflight,
         };
         let mut entries = vec![(session_key(&self.client_id), Some(encode_session(deadline_ms, &stored)))];
@@ -1313,7 +1323,7 @@ mod tests {
     #[test]
     fn a_subscribe_is_worked_through_a_filter_per_step_mqtt_3_8_4() {
         let (mut s, now) = session(Version::V5);
-        let sub = |f: &str, qos| wire::Subscription { filter: f.into(), qos, no_local: false };
+        let sub = |f: &str, qos| wire::Subscription { filter: f.into(), qos, ..Default::default() };
         let subs = vec![sub("a/+", 2), sub("a/#/b", 1), sub("c", 1), sub("d", 0), sub("a/+", 1)];
         s.handle(now, In::Subscribe { pkid: 4, subs });
         assert!(!s.wants_read(), "no packet is read before the SUBACK is queued");
@@ -1331,6 +1341,28 @@ mod tests {
         s.handle(now, In::Unsubscribe { pkid: 5, filters: vec!["c".into(), "x".into()] });
         while s.step() {}
         assert_eq!(sent(&actions(&mut s)), vec![(0xB0, vec![0, 5, 0, 0, reason::NO_SUBSCRIPTION_EXISTED])]);
+    }
+
+    #[test]
+    fn retain_handling_decides_the_retained_scan_mqtt_3_3_1_9_10_11() {
+        let (mut s, now) = session(Version::V5);
+        let sub = |f: &str, retain_handling| wire::Subscription {
+            filter: f.into(),
+            qos: 1,
+            retain_handling,
+            ..Default::default()
+        };
+        let mut subscribe = |s: &mut Session, subs| {
+            s.handle(now, In::Subscribe { pkid: 1, subs });
+            while s.step() {}
+            actions(s);
+            s.retained.iter().map(|r| r.filter.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(subscribe(&mut s, vec![sub("a/#", 1)]), ["a/#"], "1: a new subscription gets them");
+        s.retained.clear();
+        assert!(subscribe(&mut s, vec![sub("a/#", 1)]).is_empty(), "1: an existing one does not");
+        assert!(subscribe(&mut s, vec![sub("b/#", 2)]).is_empty(), "2: never");
+        assert_eq!(subscribe(&mut s, vec![sub("a/#", 0)]), ["a/#"], "0: every time");
     }
 
     #[test]

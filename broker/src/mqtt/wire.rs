@@ -295,13 +295,29 @@ pub(crate) struct PublishProps {
     pub user_properties: Vec<(String, String)>,
     pub message_expiry_s: Option<u32>,
     pub topic_alias: Option<u16>,
+    /// Payload Format Indicator (1 = UTF-8), forwarded unaltered ([MQTT-3.3.2-4]).
+    pub payload_format: Option<u8>,
+    /// Outbound only: the identifiers of the subscriptions a message is delivered for.
+    pub subscription_ids: Vec<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The largest Subscription Identifier (a Variable Byte Integer, 3.8.2.1.2).
+pub(crate) const SUBSCRIPTION_ID_MAX: u32 = 268_435_455;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Subscription {
     pub filter: String,
     pub qos: u8,
     pub no_local: bool,
+    /// MQTT 5 Retain As Published: forwarded messages keep their RETAIN flag
+    /// ([MQTT-3.3.1-12/13]).
+    pub retain_as_published: bool,
+    /// MQTT 5 Retain Handling: 0 send retained messages on subscribe, 1 only for a new
+    /// subscription, 2 never ([MQTT-3.3.1-9/10/11]).
+    pub retain_handling: u8,
+    /// MQTT 5 Subscription Identifier (1 to 268,435,455; 0 = none), put on the messages the
+    /// subscription delivers (3.3.4).
+    pub id: u32,
 }
 
 /// An incoming packet, whatever the version.
@@ -422,7 +438,7 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                     subs: s
                         .filters
                         .into_iter()
-                        .map(|f| Subscription { filter: f.path, qos: qos4(f.qos), no_local: false })
+                        .map(|f| Subscription { filter: f.path, qos: qos4(f.qos), ..Subscription::default() })
                         .collect(),
                 }
             }
@@ -483,6 +499,10 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                         pp.content_type.as_deref().map_or(Ok(()), text)?;
                         pp.response_topic.as_deref().map_or(Ok(()), text)?;
                         pairs(&pp.user_properties)?;
+                        // [MQTT-3.3.4-6]: a client's PUBLISH carries no Subscription Identifier.
+                        if !pp.subscription_identifiers.is_empty() {
+                            return Err(WireError::Malformed("a subscription identifier from a client".into()));
+                        }
                         PublishProps {
                             content_type: pp.content_type,
                             correlation_data: pp.correlation_data,
@@ -490,6 +510,8 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                             user_properties: pp.user_properties,
                             message_expiry_s: pp.message_expiry_interval,
                             topic_alias: pp.topic_alias,
+                            payload_format: pp.payload_format_indicator,
+                            subscription_ids: Vec::new(),
                         }
                     }
                     None => PublishProps::default(),
@@ -509,12 +531,32 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                 if let Some(p) = &s.properties {
                     pairs(&p.user_properties)?;
                 }
+                // 3.8.2.1.2: 1 to 268,435,455; 0 is a protocol error.
+                let id = match s.properties.as_ref().and_then(|p| p.id) {
+                    Some(0) => return Err(WireError::Malformed("subscription identifier 0".into())),
+                    Some(id) => u32::try_from(id)
+                        .ok()
+                        .filter(|&id| id <= SUBSCRIPTION_ID_MAX)
+                        .ok_or_else(|| WireError::Malformed(format!("subscription identifier {id}")))?,
+                    None => 0,
+                };
                 In::Subscribe {
                     pkid: s.pkid,
                     subs: s
                         .filters
                         .into_iter()
-                        .map(|f| Subscription { filter: f.path, qos: qos5(f.qos), no_local: f.nolocal })
+                        .map(|f| Subscription {
+                            filter: f.path,
+                            qos: qos5(f.qos),
+                            no_local: f.nolocal,
+                            retain_as_published: f.preserve_retain,
+                            retain_handling: match f.retain_forward_rule {
+                                v5::RetainForwardRule::OnEverySubscribe => 0,
+                                v5::RetainForwardRule::OnNewSubscribe => 1,
+                                v5::RetainForwardRule::Never => 2,
+                            },
+                            id,
+                        })
                         .collect(),
                 }
             }
@@ -609,7 +651,9 @@ pub(crate) fn connack(version: Version, session_present: bool, code: u8, props: 
                 p.put_u8(0x22); // topic alias maximum
                 p.put_u16(props.topic_alias_max);
                 p.put_u8(0x2A); // shared subscriptions available
-                p.put_u8(0);
+                p.put_u8(1);
+                p.put_u8(0x29); // subscription identifiers available
+                p.put_u8(1);
             }
             if let Some(id) = &props.assigned_client_id {
                 p.put_u8(0x12);
@@ -706,6 +750,10 @@ pub(crate) fn publish(
     }
     if version == Version::V5 {
         let mut p = BytesMut::new();
+        if let Some(format) = props.payload_format {
+            p.put_u8(0x01);
+            p.put_u8(format);
+        }
         if let Some(expiry) = props.message_expiry_s {
             p.put_u8(0x02);
             p.put_u32(expiry);
@@ -727,6 +775,10 @@ pub(crate) fn publish(
             put_str(&mut p, k.as_bytes());
             put_str(&mut p, v.as_bytes());
         }
+        for &id in &props.subscription_ids {
+            p.put_u8(0x0B);
+            put_len(&mut p, id as usize);
+        }
         put_len(&mut b, p.len());
         b.put_slice(&p);
     }
@@ -738,6 +790,21 @@ pub(crate) fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subscription_identifiers_and_the_payload_format_go_out_mqtt_3_3_2_4_and_3_3_4_3() {
+        let p = PublishProps { payload_format: Some(1), subscription_ids: vec![7, 300_000], ..Default::default() };
+        let mut b = BytesMut::from(&publish(Version::V5, "a/b", 1, true, false, 7, b"hi", &p)[..]);
+        match v5::Packet::read(&mut b, None).expect("v5 publish") {
+            v5::Packet::Publish(p) => {
+                let props = p.properties.expect("properties");
+                assert_eq!(props.payload_format_indicator, Some(1));
+                assert_eq!(props.subscription_identifiers, vec![7, 300_000]);
+                assert!(p.retain);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn outgoing_packets_decode_with_the_reference_codec() {
