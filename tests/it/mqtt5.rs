@@ -178,3 +178,68 @@ async fn retain_handling_and_retain_as_published_mqtt_3_3_1_9_to_13() {
         assert_eq!((&p.topic[..], p.retain), (&b"rap/y"[..], false));
     }
 }
+
+/// 3.14.2.2.2: a Session Expiry Interval in DISCONNECT replaces the CONNECT's: set to 0, the
+/// session ends with the connection (no session present on return); [MQTT-3.14.2-2]: setting
+/// one when CONNECT had 0 is a protocol error (DISCONNECT 0x82).
+#[tokio::test]
+async fn session_expiry_in_disconnect_replaces_the_connects_mqtt_3_14_2_2_2() {
+    use crate::mqtt_faults::packet;
+    use crate::mqtt_limits::connected as connected_with;
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig::default()).await;
+    let addr = broker.mqtt;
+    tokio::task::spawn_blocking(move || {
+        let expiry_60 = [0x11, 0, 0, 0, 60];
+        // Kept for 60 s, but the DISCONNECT says 0.
+        let (mut s, code, present) = connected_with(addr, 5, "expiry", 0x00, &expiry_60);
+        assert_eq!((code, present), (0, false));
+        s.write_all(&packet(0xE0, &[0, 5, 0x11, 0, 0, 0, 0])).expect("DISCONNECT");
+        assert_eq!(read_packet(&mut s), None, "closed");
+        let (mut s, code, present) = connected_with(addr, 5, "expiry", 0x00, &expiry_60);
+        assert_eq!((code, present), (0, false), "the session ended with the DISCONNECT");
+        // Kept for 60 s, and the DISCONNECT keeps it (an expiry other than 0 replaces 60).
+        s.write_all(&packet(0xE0, &[0, 5, 0x11, 0, 0, 0, 30])).expect("DISCONNECT");
+        assert_eq!(read_packet(&mut s), None, "closed");
+        let (_s, code, present) = connected_with(addr, 5, "expiry", 0x00, &expiry_60);
+        assert_eq!((code, present), (0, true), "kept");
+        // No expiry at CONNECT, one at DISCONNECT: protocol error.
+        let (mut s, code, _) = connected_with(addr, 5, "no-expiry", 0x02, &[]);
+        assert_eq!(code, 0);
+        s.write_all(&packet(0xE0, &[0, 5, 0x11, 0, 0, 0, 30])).expect("DISCONNECT");
+        assert_eq!(read_packet(&mut s), Some((0xE0, vec![0x82, 0])), "DISCONNECT 0x82");
+    })
+    .await
+    .expect("client");
+}
+
+/// [MQTT-3.3.4-9], 4.9: a client that sends more QoS 2 publishes than the server's Receive
+/// Maximum without completing them (PUBREC'd, no PUBREL yet) is disconnected with 0x93; the
+/// PUBCOMP of one frees its slot.
+#[tokio::test]
+async fn uncompleted_qos2_publishes_beyond_the_receive_maximum_are_disconnect_0x93_mqtt_3_3_4_9() {
+    use crate::mqtt_faults::packet;
+    use crate::mqtt_limits::connected as connected_with;
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig { inflight_messages_max: 4, ..MqttConfig::default() }).await;
+    let addr = broker.mqtt;
+    tokio::task::spawn_blocking(move || {
+        let (mut s, code, _) = connected_with(addr, 5, "greedy", 0x02, &[]);
+        assert_eq!(code, 0);
+        for pkid in 1..=4u16 {
+            s.write_all(&publish(2, b"q2/x", pkid, b"x", true)).expect("send");
+            let (kind, body) = read_packet(&mut s).expect("PUBREC");
+            assert_eq!((kind, &body[..2]), (0x50, &pkid.to_be_bytes()[..]));
+        }
+        // PUBREL 1 -> PUBCOMP 1 frees one slot.
+        s.write_all(&packet(0x62, &[0, 1])).expect("PUBREL");
+        assert_eq!(read_packet(&mut s), Some((0x70, vec![0, 1])));
+        s.write_all(&publish(2, b"q2/x", 5, b"x", true)).expect("send");
+        assert_eq!(read_packet(&mut s).map(|p| p.0), Some(0x50), "within the Receive Maximum");
+        s.write_all(&publish(2, b"q2/x", 6, b"x", true)).expect("send");
+        assert_eq!(read_packet(&mut s), Some((0xE0, vec![0x93, 0])), "DISCONNECT receive maximum exceeded");
+        assert_eq!(read_packet(&mut s), None, "closed");
+    })
+    .await
+    .expect("client");
+    let stored = read_all(&broker.store, "mqtt", 0).len();
+    assert_eq!(stored, 5, "the sixth was not stored");
+}

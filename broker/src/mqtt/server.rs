@@ -821,6 +821,7 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Ac
     rd.set_read_ahead(READ_AHEAD_BYTES);
     let (client_id, conn_id, mut kill_rx) = (a.client_id.clone(), a.conn_id, a.kill_rx);
     let resumed_shared = std::mem::take(&mut a.resumed.shared);
+    let stored = a.persistent;
     let start = Start {
         version: a.version,
         client_id: a.client_id,
@@ -887,12 +888,18 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Ac
             tracing::warn!(client = %client_id, error = %e, "session not stored");
         }
     } else {
-        // A clean session ends with the connection: its QoS 2 packet ids go too.
+        // A clean session ends with the connection: its QoS 2 packet ids go too, and the stored
+        // copy of a session whose DISCONNECT set its expiry to 0.
         let ids = s.qos2_ids();
-        if !ids.is_empty() {
-            let removals =
-                ids.iter().flat_map(|&p| [(qos2_key(&client_id, p), None), (legacy_qos2_key(&client_id, p), None)]);
-            if let Err(e) = ctx.store.kv_write(KvSpace::MqttSessions, removals.collect()).await {
+        if !ids.is_empty() || stored {
+            let mut removals: Vec<(Vec<u8>, Option<Vec<u8>>)> = ids
+                .iter()
+                .flat_map(|&p| [(qos2_key(&client_id, p), None), (legacy_qos2_key(&client_id, p), None)])
+                .collect();
+            if stored {
+                removals.push((session_key(&client_id), None));
+            }
+            if let Err(e) = ctx.store.kv_write(KvSpace::MqttSessions, removals).await {
                 tracing::warn!(client = %client_id, error = %e, "QoS 2 packet ids of a clean session not removed");
             }
         }

@@ -278,6 +278,9 @@ pub(super) struct Session {
     last_read: Instant,
     /// Inbound QoS 1/2 publishes whose commit is not known yet.
     unacked: usize,
+    /// Inbound QoS 2 packet ids stored and waiting for PUBREL: with `unacked`, what counts
+    /// against the server's Receive Maximum (4.9).
+    qos2_stored: usize,
     next_ticket: u64,
     tickets: HashMap<u64, Ticket>,
     answers: VecDeque<Answer>,
@@ -318,6 +321,7 @@ impl Session {
             username,
             will,
             subs,
+            qos2_stored: qos2.len(),
             qos2: qos2.into_iter().map(|p| (p, Qos2::Stored)).collect(),
             aliases: HashMap::new(),
             cursors: resumed.cursors,
@@ -562,6 +566,7 @@ impl Session {
                         }
                         (Ok(()), None) => {
                             self.qos2.insert(pkid, Qos2::Stored);
+                            self.qos2_stored += 1;
                         }
                         // Not stored: the same packet id is a new message.
                         (Err(_), Some(rel)) => {
@@ -632,7 +637,21 @@ impl Session {
         match packet {
             In::Connect { .. } => self.close(reason::PROTOCOL_ERROR, "a second CONNECT".into()),
             In::PingReq => self.answer(wire::pingresp()),
-            In::Disconnect(code) => self.finish(code != reason::DISCONNECT_WITH_WILL),
+            In::Disconnect { reason: code, session_expiry_s } => {
+                if let Some(expiry) = session_expiry_s {
+                    // 3.14.2.2.2: it replaces the CONNECT's value; setting one when CONNECT
+                    // had 0 is a protocol error ([MQTT-3.14.2-2]).
+                    if self.session_expiry_s == 0 && expiry != 0 {
+                        return self.close(
+                            reason::PROTOCOL_ERROR,
+                            "DISCONNECT sets a session expiry after CONNECT set none".into(),
+                        );
+                    }
+                    self.session_expiry_s = expiry;
+                    self.persistent = expiry > 0;
+                }
+                self.finish(code != reason::DISCONNECT_WITH_WILL);
+            }
             In::Publish { topic, qos, retain, dup: _, pkid, payload, props } => {
                 self.on_publish(&topic, qos, retain, pkid, payload, props);
             }
@@ -719,8 +738,10 @@ impl Session {
             self.actions.push_back(Action::Append { ticket: None, msg, qos2_pkid: None });
             return;
         }
-        // [MQTT-3.3.4-9]: no more QoS 1/2 publishes unacknowledged than the Receive Maximum.
-        if self.version == Version::V5 && self.unacked >= usize::from(self.limits.inflight_messages_max) {
+        // [MQTT-3.3.4-9]: no more QoS 1/2 publishes unacknowledged than the Receive Maximum; a
+        // QoS 2 one counts until its PUBCOMP (4.9), so PUBREC'd ones waiting for PUBREL too.
+        let quota_used = self.unacked + self.qos2_stored;
+        if self.version == Version::V5 && quota_used >= usize::from(self.limits.inflight_messages_max) {
             return self.close(
                 reason::RECEIVE_MAXIMUM_EXCEEDED,
                 "more unacknowledged QoS 1/2 publishes than the Receive Maximum".into(),
@@ -753,6 +774,7 @@ impl Session {
         match self.qos2.get_mut(&pkid) {
             Some(Qos2::Stored) => {
                 self.qos2.remove(&pkid);
+                self.qos2_stored -= 1;
                 let t = self.ticket(Plan::PubComp { pkid });
                 self.actions.push_back(Action::DeleteQos2 { ticket: t, pkid });
             }
@@ -1237,6 +1259,43 @@ mod tests {
     }
 
     #[test]
+    fn pubrecd_qos2_publishes_count_against_the_receive_maximum_until_pubcomp_mqtt_3_3_4_9() {
+        let (mut s, now) = session(Version::V5);
+        for pkid in 1..=4 {
+            s.handle(now, publish("a/b", 2, pkid));
+        }
+        for t in tickets(&actions(&mut s)) {
+            s.resolve(t, Ok(()));
+        }
+        assert_eq!(sent(&actions(&mut s)).len(), 4, "four PUBRECs");
+        s.handle(now, In::PubRel(1));
+        let t = tickets(&actions(&mut s));
+        s.resolve(t[0], Ok(()));
+        assert_eq!(sent(&actions(&mut s)), vec![(0x70, vec![0, 1])], "PUBCOMP 1: one slot free");
+        s.handle(now, publish("a/b", 2, 5));
+        assert!(!s.closing(), "within the Receive Maximum (3 waiting for PUBREL, 1 new)");
+        s.handle(now, publish("a/b", 1, 6));
+        assert!(s.closing(), "a fifth while four wait for PUBREL or their commit");
+    }
+
+    #[test]
+    fn session_expiry_in_disconnect_replaces_the_connects_mqtt_3_14_2_2_2() {
+        let mut start = start(Version::V5);
+        start.session_expiry_s = 60;
+        start.persistent = true;
+        let now = Instant::now();
+        let mut s = Session::new(start, limits(), now);
+        s.handle(now, In::Disconnect { reason: reason::SUCCESS, session_expiry_s: Some(0) });
+        assert_eq!(s.end(), Some(&Ok(true)));
+        assert!(!s.persistent && s.session_expiry_s == 0, "the session ends with the connection");
+        // [MQTT-3.14.2-2]: none at CONNECT, one at DISCONNECT: protocol error (the will goes out).
+        let (mut s, now) = session(Version::V5);
+        s.handle(now, In::Disconnect { reason: reason::SUCCESS, session_expiry_s: Some(30) });
+        assert_eq!(disconnect(&actions(&mut s)), Some(Some(reason::PROTOCOL_ERROR)));
+        assert!(matches!(s.end(), Some(Err(_))));
+    }
+
+    #[test]
     fn a_refused_publish_closes_a_3_1_1_connection_after_the_earlier_answers() {
         let (mut s, now) = session(Version::V4);
         s.handle(now, publish("a/b", 1, 1));
@@ -1313,10 +1372,10 @@ mod tests {
     #[test]
     fn disconnect_ends_the_session_with_or_without_the_will_mqtt_3_14_4_3() {
         let (mut s, now) = session(Version::V5);
-        s.handle(now, In::Disconnect(reason::SUCCESS));
+        s.handle(now, In::Disconnect { reason: reason::SUCCESS, session_expiry_s: None });
         assert_eq!(s.end(), Some(&Ok(true)));
         let (mut s, now) = session(Version::V5);
-        s.handle(now, In::Disconnect(reason::DISCONNECT_WITH_WILL));
+        s.handle(now, In::Disconnect { reason: reason::DISCONNECT_WITH_WILL, session_expiry_s: None });
         assert_eq!(s.end(), Some(&Ok(false)));
     }
 

@@ -356,8 +356,12 @@ pub(crate) enum In {
         filters: Vec<String>,
     },
     PingReq,
-    /// With the v5 reason code (0 = normal; 4 = disconnect with will message).
-    Disconnect(u8),
+    /// With the v5 reason code (0 = normal; 4 = disconnect with will message) and the v5
+    /// Session Expiry Interval, if the client set one (3.14.2.2.2).
+    Disconnect {
+        reason: u8,
+        session_expiry_s: Option<u32>,
+    },
 }
 
 fn malformed(e: impl std::fmt::Debug) -> WireError {
@@ -387,7 +391,8 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
         6 => return Ok(In::PubRel(pkid()?)),
         7 => return Ok(In::PubComp(pkid()?)),
         12 => return Ok(In::PingReq),
-        14 => return Ok(In::Disconnect(if version == Version::V5 { b.first().copied().unwrap_or(0) } else { 0 })),
+        14 if version == Version::V5 => return disconnect_v5(b),
+        14 => return Ok(In::Disconnect { reason: 0, session_expiry_s: None }),
         _ => {}
     }
     let mut frame = frame;
@@ -571,6 +576,60 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
         },
     };
     Ok(packet)
+}
+
+/// A v5 DISCONNECT's body: the reason code (absent = 0) and the properties (3.14.2.2), of which
+/// the Session Expiry Interval is kept; the others (reason string, user properties, server
+/// reference) are checked for their shape only.
+fn disconnect_v5(b: &[u8]) -> Result<In, WireError> {
+    let bad = |what: &str| WireError::Malformed(format!("DISCONNECT: {what}"));
+    let Some((&reason, rest)) = b.split_first() else {
+        return Ok(In::Disconnect { reason: 0, session_expiry_s: None });
+    };
+    let (len, used) = match rest.first() {
+        None => (0, 0),
+        Some(_) => {
+            let mut len = 0usize;
+            let mut used = 0;
+            loop {
+                let byte = *rest.get(used).ok_or_else(|| bad("property length"))?;
+                len |= usize::from(byte & 0x7f) << (7 * used);
+                used += 1;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+                if used == 4 {
+                    return Err(bad("property length"));
+                }
+            }
+            (len, used)
+        }
+    };
+    let mut props = rest.get(used..used + len).ok_or_else(|| bad("properties"))?;
+    let mut session_expiry_s = None;
+    let string = |p: &[u8]| -> Result<usize, WireError> {
+        let n = p.get(..2).map(|l| usize::from(u16::from_be_bytes([l[0], l[1]]))).ok_or_else(|| bad("string"))?;
+        let s = p.get(2..2 + n).ok_or_else(|| bad("string"))?;
+        text(std::str::from_utf8(s).map_err(|_| bad("string not UTF-8"))?)?;
+        Ok(2 + n)
+    };
+    while let Some((&id, rest)) = props.split_first() {
+        let used = match id {
+            0x11 if session_expiry_s.is_none() => {
+                let v = rest.get(..4).ok_or_else(|| bad("session expiry"))?;
+                session_expiry_s = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+                4
+            }
+            0x1F | 0x1C => string(rest)?,
+            0x26 => {
+                let k = string(rest)?;
+                k + string(&rest[k..])?
+            }
+            other => return Err(bad(&format!("property {other:#04x}"))),
+        };
+        props = &rest[used..];
+    }
+    Ok(In::Disconnect { reason, session_expiry_s })
 }
 
 fn nul() -> WireError {
