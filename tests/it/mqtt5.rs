@@ -243,3 +243,101 @@ async fn uncompleted_qos2_publishes_beyond_the_receive_maximum_are_disconnect_0x
     let stored = read_all(&broker.store, "mqtt", 0).len();
     assert_eq!(stored, 5, "the sixth was not stored");
 }
+
+/// A v5 CONNECT (clean start) with a QoS 0 will on `will/{id}` whose properties are `props`.
+fn connect_with_will(id: &str, props: &[u8]) -> Vec<u8> {
+    let mut b = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x06, 0, 60, 0];
+    b.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    b.extend_from_slice(id.as_bytes());
+    b.push(props.len() as u8);
+    b.extend_from_slice(props);
+    let topic = format!("will/{id}");
+    b.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    b.extend_from_slice(topic.as_bytes());
+    b.extend_from_slice(&4u16.to_be_bytes());
+    b.extend_from_slice(b"gone");
+    crate::mqtt_faults::packet(0x10, &b)
+}
+
+/// [MQTT-3.3.2-4]: the Payload Format Indicator reaches the subscriber unaltered. 3.3.1.3:
+/// a retained message keeps every property (user properties, content type, correlation data,
+/// response topic, payload format) and [MQTT-3.3.2-5] its expiry: once passed, it is no longer
+/// sent. [MQTT-3.1.3-10]: a will message keeps its properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_and_will_messages_keep_their_properties_and_expiry_mqtt_3_3_2_5() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig::default()).await;
+    let (publ, mut prx) = client5(&broker, "props-pub");
+    let props = PublishProperties {
+        payload_format_indicator: Some(1),
+        content_type: Some("text/plain".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"corr-7")),
+        response_topic: Some("replies/7".into()),
+        user_properties: vec![("site".into(), "north".into()), ("site".into(), "south".into())],
+        ..PublishProperties::default()
+    };
+    for (topic, expiry) in [("props/kept", None), ("props/short", Some(1))] {
+        let p = PublishProperties { message_expiry_interval: expiry, ..props.clone() };
+        publ.publish_with_properties(topic, Q5::AtLeastOnce, true, "retained", p).await.expect("publish");
+        next(&mut prx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+    }
+    let started = std::time::Instant::now();
+    let (sub, mut rx) = client5(&broker, "props-sub");
+    sub.subscribe("props/#", Q5::AtLeastOnce).await.expect("subscribe");
+    suback(&mut rx, "SUBACK").await;
+    let mut got = std::collections::BTreeMap::new();
+    while got.len() < 2 {
+        let p = next_publish(&mut rx, "the retained messages").await;
+        got.insert(String::from_utf8_lossy(&p.topic).into_owned(), p);
+    }
+    for (topic, p) in &got {
+        assert!(p.retain, "{topic}");
+        let mut seen = p.properties.clone().expect("properties");
+        let expiry = seen.message_expiry_interval.take();
+        assert_eq!(seen, props, "{topic}: every property kept");
+        assert_eq!(expiry.is_some(), topic == "props/short", "{topic}: expiry {expiry:?}");
+        assert!(expiry.unwrap_or(0) <= 1);
+    }
+    // Live messages carry the Payload Format Indicator too.
+    let p = PublishProperties { payload_format_indicator: Some(0), ..PublishProperties::default() };
+    publ.publish_with_properties("props/live", Q5::AtLeastOnce, false, "x", p).await.expect("publish");
+    let live = next_publish(&mut rx, "the live message").await;
+    assert_eq!(live.properties.and_then(|p| p.payload_format_indicator), Some(0));
+
+    // Past its expiry, the short-lived retained message is no longer sent.
+    tokio::time::sleep(std::time::Duration::from_millis(1100).saturating_sub(started.elapsed())).await;
+    let (late, mut lrx) = client5(&broker, "props-late");
+    late.subscribe("props/+", Q5::AtLeastOnce).await.expect("subscribe");
+    suback(&mut lrx, "SUBACK").await;
+    let p = next_publish(&mut lrx, "the retained message without expiry").await;
+    assert_eq!(&p.topic[..], b"props/kept");
+    publ.publish("props/end", Q5::AtLeastOnce, false, "end").await.expect("publish");
+    let p = next_publish(&mut lrx, "the marker").await;
+    assert_eq!(&p.topic[..], b"props/end", "an expired retained message was sent");
+
+    // A will with properties, published when its client goes away without DISCONNECT.
+    sub.subscribe("will/#", Q5::AtMostOnce).await.expect("subscribe");
+    suback(&mut rx, "SUBACK will").await;
+    let mut will_props = vec![0x01, 1, 0x03, 0, 4];
+    will_props.extend_from_slice(b"text");
+    will_props.extend_from_slice(&[0x26, 0, 1, b'k', 0, 1, b'v', 0x08, 0, 3]);
+    will_props.extend_from_slice(b"r/t");
+    will_props.extend_from_slice(&[0x09, 0, 1, b'c']);
+    let addr = broker.mqtt;
+    tokio::task::spawn_blocking(move || {
+        let mut s = crate::mqtt_faults::open(addr);
+        s.write_all(&connect_with_will("dying", &will_props)).expect("CONNECT");
+        assert_eq!(read_packet(&mut s).map(|p| p.0), Some(0x20), "CONNACK");
+        drop(s);
+    })
+    .await
+    .expect("will client");
+    let p = next_publish(&mut rx, "the will").await;
+    assert_eq!(&p.topic[..], b"will/dying");
+    let wp = p.properties.expect("will properties");
+    assert_eq!(wp.payload_format_indicator, Some(1));
+    assert_eq!(wp.content_type.as_deref(), Some("text"));
+    assert_eq!(wp.user_properties, vec![("k".to_string(), "v".to_string())]);
+    assert_eq!(wp.response_topic.as_deref(), Some("r/t"));
+    assert_eq!(wp.correlation_data.as_deref(), Some(&b"c"[..]));
+}

@@ -29,7 +29,7 @@ use super::persist::{
     StoredSession,
 };
 use super::reason;
-use super::retained::{self, RetainedIndex};
+use super::retained::{self, RetainedIndex, RetainedValue};
 use super::routes::{Router, HEADER_CONTENT_TYPE, HEADER_CORRELATION_DATA, HEADER_RESPONSE_TOPIC, HEADER_TOPIC};
 use super::session::{self, Action, Counter, Limits, Message, Sent, Session, SharedSub, Source, Start};
 use super::shared::SharedGroup;
@@ -490,14 +490,6 @@ async fn save_session(ctx: &Ctx, s: &mut Session) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Retained message value: qos (1 byte), then the payload.
-fn retained_value(qos: u8, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + payload.len());
-    v.push(qos);
-    v.extend_from_slice(payload);
-    v
-}
-
 /// What a CONNECT left for the session, once the client is logged in and answered.
 struct Accepted {
     version: Version,
@@ -910,20 +902,14 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Ac
     // delay cancels it.
     let graceful = matches!(result, Ok(true));
     if let (false, Some(w)) = (graceful, s.will.take()) {
-        let msg = Message {
-            topic: w.topic,
-            qos: w.qos,
-            retain: w.retain,
-            payload: w.payload,
-            props: PublishProps::default(),
-        };
+        let msg = Message { topic: w.topic, qos: w.qos, retain: w.retain, payload: w.payload, props: w.props };
         let origin = Origin { client_id: client_id.clone(), username: s.username.clone() };
         let delay = Duration::from_secs(u64::from(w.delay_s.min(s.session_expiry_s)));
         let will = DelayedWill { origin, msg };
         if delay.is_zero() {
             publish_will(ctx, will).await;
         } else {
-            let bytes = will.msg.topic.len() + will.msg.payload.len();
+            let bytes = will.msg.topic.len() + will.msg.payload.len() + will.msg.props.bytes();
             let scheduled = {
                 let mut wills = lock(&ctx.wills);
                 let scheduled = wills.schedule(&client_id, Instant::now() + delay, bytes, will);
@@ -1164,8 +1150,8 @@ async fn publish_message(
         (HEADER_QOS.to_string(), Some(Bytes::from(m.qos.to_string().into_bytes()))),
         (HEADER_CLIENT.to_string(), Some(Bytes::from(s.client_id.clone().into_bytes()))),
     ];
-    if let Some(secs) = m.props.message_expiry_s {
-        let deadline = now_ms() + i64::from(secs) * 1000;
+    let expires_ms = m.props.message_expiry_s.map(|secs| now_ms() + i64::from(secs) * 1000);
+    if let Some(deadline) = expires_ms {
         headers.push((HEADER_EXPIRES.to_string(), Some(Bytes::from(deadline.to_string().into_bytes()))));
     }
     if m.retain {
@@ -1189,7 +1175,17 @@ async fn publish_message(
     let mut retained = None;
     if m.retain {
         let key = m.topic.clone().into_bytes();
-        let size = (!m.payload.is_empty()).then(|| retained::stored_size(&m.topic, m.payload.len()));
+        // Every property is kept with it, and its expiry (3.3.1.3, [MQTT-3.3.2-5]).
+        let value = (!m.payload.is_empty()).then(|| {
+            let props = PublishProps {
+                message_expiry_s: None,
+                topic_alias: None,
+                subscription_ids: Vec::new(),
+                ..m.props.clone()
+            };
+            retained::encode_value(&RetainedValue { qos: m.qos, expires_ms, props, payload: m.payload.clone() })
+        });
+        let size = value.as_ref().map(|v| retained::stored_size(&m.topic, v.len()));
         let update = {
             let mut ix = lock(&ctx.retained);
             let update = ix.update(&m.topic, size);
@@ -1207,7 +1203,6 @@ async fn publish_message(
                 return Err(StoreError::LimitReached { key, limit });
             }
         }
-        let value = size.map(|_| retained_value(m.qos, &m.payload));
         kv.push((KvSpace::MqttRetained, key, value));
     }
     let record = NewRecord {
@@ -1786,17 +1781,25 @@ async fn send_retained(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
     .await?;
     for (t, v) in values {
         consume_budget().await;
-        let Some((&stored_qos, payload)) = v.split_first() else { continue };
+        let Some(value) = retained::decode_value(&v) else { continue };
         if !topic::matches(&t, &filter) {
             continue;
         }
-        let qos = stored_qos.min(granted);
-        let mut props = PublishProps::default();
+        // [MQTT-3.3.2-5]: an expired retained message is not sent; a live one carries what
+        // is left of its expiry.
+        let now = now_ms();
+        if value.expires_ms.is_some_and(|d| d <= now) {
+            ctx.stats.expired_messages.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let qos = value.qos.min(granted);
+        let mut props = if s.version == Version::V5 { value.props } else { PublishProps::default() };
+        props.message_expiry_s = value.expires_ms.map(|d| ((d - now) / 1000).clamp(0, i64::from(u32::MAX)) as u32);
         if let Some(id) = s.subs.iter().find(|x| x.filter == filter).map(|x| x.id).filter(|&id| id != 0) {
             props.subscription_ids.push(id);
         }
         // The page took no more QoS 1/2 messages than the window had room for.
-        send_message(ctx, s, &t, qos, true, payload, &props, Source::Retained);
+        send_message(ctx, s, &t, qos, true, &value.payload, &props, Source::Retained);
     }
     // More pages: come back while the window has room (a QoS 0 scan never waits for it).
     Ok(!s.retained.is_empty() && !s.out.is_full())

@@ -284,6 +284,8 @@ pub(crate) struct Will {
     pub qos: u8,
     pub retain: bool,
     pub delay_s: u32,
+    /// MQTT 5 will properties, published with it ([MQTT-3.1.3-10]).
+    pub props: PublishProps,
 }
 
 /// MQTT 5 publish properties kept with a message.
@@ -299,6 +301,17 @@ pub(crate) struct PublishProps {
     pub payload_format: Option<u8>,
     /// Outbound only: the identifiers of the subscriptions a message is delivered for.
     pub subscription_ids: Vec<u32>,
+}
+
+impl PublishProps {
+    /// Bytes its strings and data take (for memory limits).
+    pub fn bytes(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        opt(&self.content_type)
+            + opt(&self.response_topic)
+            + self.correlation_data.as_ref().map_or(0, Bytes::len)
+            + self.user_properties.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
 }
 
 /// The largest Subscription Identifier (a Variable Byte Integer, 3.8.2.1.2).
@@ -418,6 +431,7 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                         qos: qos4(w.qos),
                         retain: w.retain,
                         delay_s: 0,
+                        props: PublishProps::default(),
                     }),
                     session_expiry_s: if c.clean_session { 0 } else { u32::MAX },
                     receive_max: u16::MAX,
@@ -472,12 +486,28 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                             wp.response_topic.as_deref().map_or(Ok(()), text)?;
                             pairs(&wp.user_properties)?;
                         }
+                        let (delay_s, props) = match w.properties {
+                            Some(wp) => (
+                                wp.delay_interval.unwrap_or(0),
+                                PublishProps {
+                                    content_type: wp.content_type,
+                                    correlation_data: wp.correlation_data,
+                                    response_topic: wp.response_topic,
+                                    user_properties: wp.user_properties,
+                                    message_expiry_s: wp.message_expiry_interval,
+                                    payload_format: wp.payload_format_indicator,
+                                    ..PublishProps::default()
+                                },
+                            ),
+                            None => (0, PublishProps::default()),
+                        };
                         Some(Will {
                             topic: topic.to_string(),
                             payload: w.message,
                             qos: qos5(w.qos),
                             retain: w.retain,
-                            delay_s: w.properties.and_then(|p| p.delay_interval).unwrap_or(0),
+                            delay_s,
+                            props,
                         })
                     }
                     None => None,
