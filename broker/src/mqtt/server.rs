@@ -501,6 +501,8 @@ struct Accepted {
     receive_max: u16,
     session_expiry_s: u32,
     max_packet: Option<u32>,
+    /// Aliases the server may assign to its PUBLISHes (MQTT 5).
+    aliases_out: u16,
     persistent: bool,
     resumed: StoredSession,
     qos2: Vec<u16>,
@@ -589,6 +591,7 @@ async fn connection(
         receive_max,
         session_expiry_s,
         max_packet,
+        topic_alias_max,
     } = connect
     else {
         return Err("the first packet must be CONNECT".into());
@@ -683,6 +686,7 @@ async fn connection(
         receive_max: ctx.cfg.inflight_messages_max,
         max_packet: ctx.cfg.packet_bytes_max,
         topic_alias_max: TOPIC_ALIAS_MAX,
+        server_keep_alive: ctx.cfg.server_keep_alive_s,
         assigned_client_id: assigned.then(|| client_id.clone()),
         reason: None,
     };
@@ -695,6 +699,11 @@ async fn connection(
         return Err(e.to_string());
     }
     tracing::debug!(client = %client_id, ?version, clean, keep_alive, "mqtt client connected");
+    // MQTT 5: a Server Keep Alive in CONNACK is the one the client uses ([MQTT-3.2.2-21]).
+    let keep_alive = match (version, ctx.cfg.server_keep_alive_s) {
+        (Version::V5, k) if k > 0 => k,
+        _ => keep_alive,
+    };
     let accepted = Accepted {
         version,
         client_id,
@@ -702,6 +711,7 @@ async fn connection(
         user,
         will,
         keep_alive,
+        aliases_out: if version == Version::V5 { topic_alias_max.min(ctx.cfg.topic_aliases_out_max) } else { 0 },
         receive_max,
         session_expiry_s,
         max_packet,
@@ -821,6 +831,7 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Ac
         user: a.user,
         will: a.will,
         keep_alive_s: a.keep_alive,
+        aliases_out: a.aliases_out,
         receive_max: a.receive_max,
         session_expiry_s: a.session_expiry_s,
         max_packet: a.max_packet,
@@ -1614,7 +1625,7 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session) -> Result<bool, String> {
             }
             let payload = r.value.clone().unwrap_or_default();
             let source = Source::Shared(g.clone(), position.clone());
-            let sent = send_message(ctx, s, &t, qos, false, &payload, &props, source);
+            let sent = send_message(ctx, s, &t, qos, false, &payload, props, source);
             if sent && qos > 0 {
                 s.mark_dirty(Instant::now());
             } else {
@@ -1702,7 +1713,7 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session) -> Result<bool, String> {
                 let retain = keep_retain && header(&r, HEADER_RETAIN) == Some("1");
                 let payload = r.value.clone().unwrap_or_default();
                 let source = Source::Log((log_topic.clone(), p, r.offset));
-                if !send_message(ctx, s, &mqtt_topic, qos, retain, &payload, &props, source) {
+                if !send_message(ctx, s, &mqtt_topic, qos, retain, &payload, props, source) {
                     continue;
                 }
                 if s.out.is_full() {
@@ -1799,7 +1810,7 @@ async fn send_retained(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
             props.subscription_ids.push(id);
         }
         // The page took no more QoS 1/2 messages than the window had room for.
-        send_message(ctx, s, &t, qos, true, &value.payload, &props, Source::Retained);
+        send_message(ctx, s, &t, qos, true, &value.payload, props, Source::Retained);
     }
     // More pages: come back while the window has room (a QoS 0 scan never waits for it).
     Ok(!s.retained.is_empty() && !s.out.is_full())
@@ -1815,7 +1826,7 @@ fn send_message(
     qos: u8,
     retain: bool,
     payload: &[u8],
-    props: &PublishProps,
+    props: PublishProps,
     source: Source,
 ) -> bool {
     match s.publish_out(topic, qos, retain, payload, props, source) {

@@ -229,6 +229,9 @@ pub(super) struct Start {
     pub user: Option<Arc<User>>,
     pub will: Option<wire::Will>,
     pub keep_alive_s: u16,
+    /// Topic aliases the server may assign to its own PUBLISHes (MQTT 5: the client's Topic
+    /// Alias Maximum, at most `mqtt.topic_aliases_out_max`; 0 = none).
+    pub aliases_out: u16,
     pub receive_max: u16,
     pub session_expiry_s: u32,
     pub max_packet: Option<u32>,
@@ -253,6 +256,9 @@ pub(super) struct Session {
     qos2: HashMap<u16, Qos2>,
     /// v5 topic aliases set by the client (at most `topic_alias_max`).
     aliases: HashMap<u16, String>,
+    /// v5 topic aliases the server assigned to its PUBLISHes, and how many it may assign.
+    aliases_out: HashMap<String, u16>,
+    aliases_out_max: u16,
     /// Outbound delivery: next offset per (log topic, partition).
     pub cursors: Cursors,
     /// Outbound QoS 1/2 messages waiting for the client, by packet id, within the window.
@@ -304,6 +310,7 @@ impl Session {
             user,
             will,
             keep_alive_s,
+            aliases_out,
             receive_max,
             session_expiry_s,
             max_packet,
@@ -324,6 +331,8 @@ impl Session {
             qos2_stored: qos2.len(),
             qos2: qos2.into_iter().map(|p| (p, Qos2::Stored)).collect(),
             aliases: HashMap::new(),
+            aliases_out: HashMap::new(),
+            aliases_out_max: aliases_out,
             cursors: resumed.cursors,
             out: Window::new(usize::from(receive_max.min(limits.inflight_messages_max))),
             resend: resumed.inflight.into(),
@@ -956,15 +965,16 @@ impl Session {
     }
 
     /// Sends a message to the client: a packet id and an in-flight entry (from `source`) at
-    /// QoS 1/2. MQTT 5: a message larger than the client's Maximum Packet Size is dropped.
-    #[allow(clippy::too_many_arguments)]
+    /// QoS 1/2. MQTT 5: a message larger than the client's Maximum Packet Size is dropped; the
+    /// first `aliases_out_max` distinct topics get a topic alias (3.3.2.3.4), set with their
+    /// first message and sent as the alias alone afterwards.
     pub fn publish_out(
         &mut self,
         topic: &str,
         qos: u8,
         retain: bool,
         payload: &[u8],
-        props: &PublishProps,
+        mut props: PublishProps,
         source: Source,
     ) -> Sent {
         let pkid = if qos > 0 {
@@ -973,12 +983,28 @@ impl Session {
         } else {
             0
         };
-        let bytes = wire::publish(self.version, topic, qos, retain, false, pkid, payload, props);
+        let (name, new_alias) = match self.aliases_out.get(topic) {
+            Some(&alias) => {
+                props.topic_alias = Some(alias);
+                ("", None)
+            }
+            None if self.aliases_out.len() < usize::from(self.aliases_out_max) => {
+                let alias = self.aliases_out.len() as u16 + 1;
+                props.topic_alias = Some(alias);
+                (topic, Some(alias))
+            }
+            None => (topic, None),
+        };
+        let bytes = wire::publish(self.version, name, qos, retain, false, pkid, payload, &props);
         if bytes.len() > self.max_packet_out {
             if qos > 0 {
                 self.out.remove(pkid);
             }
             return Sent::TooLarge;
+        }
+        if let Some(alias) = new_alias {
+            // The client learns the alias from this packet.
+            self.aliases_out.insert(topic.to_string(), alias);
         }
         self.send(bytes);
         Sent::Sent
@@ -1087,6 +1113,7 @@ mod tests {
             user: None,
             will: None,
             keep_alive_s: 10,
+            aliases_out: 2,
             receive_max: 3,
             session_expiry_s: 0,
             max_packet: Some(64),
@@ -1350,6 +1377,7 @@ mod tests {
             session_expiry_s: 0,
             receive_max: 10,
             max_packet: None,
+            topic_alias_max: 0,
         };
         s.handle(now, connect);
         assert_eq!(disconnect(&actions(&mut s)), Some(Some(reason::PROTOCOL_ERROR)));
@@ -1429,19 +1457,57 @@ mod tests {
         let (mut s, now) = session(Version::V5);
         let props = PublishProps::default();
         for _ in 0..3 {
-            assert_eq!(s.publish_out("t", 1, false, b"x", &props, Source::Retained), Sent::Sent);
+            assert_eq!(s.publish_out("t", 1, false, b"x", props.clone(), Source::Retained), Sent::Sent);
         }
-        assert_eq!(s.publish_out("t", 1, false, b"x", &props, Source::Retained), Sent::WindowFull, "Receive Maximum 3");
-        assert_eq!(s.publish_out("t", 0, false, b"x", &props, Source::Retained), Sent::Sent, "QoS 0 takes no slot");
+        assert_eq!(
+            s.publish_out("t", 1, false, b"x", props.clone(), Source::Retained),
+            Sent::WindowFull,
+            "Receive Maximum 3"
+        );
+        assert_eq!(
+            s.publish_out("t", 0, false, b"x", props.clone(), Source::Retained),
+            Sent::Sent,
+            "QoS 0 takes no slot"
+        );
         s.handle(now, In::PubAck(1));
-        assert_eq!(s.publish_out("t", 1, false, b"x", &props, Source::Retained), Sent::Sent);
+        assert_eq!(s.publish_out("t", 1, false, b"x", props.clone(), Source::Retained), Sent::Sent);
+    }
+
+    #[test]
+    fn the_server_assigns_topic_aliases_up_to_its_limit_mqtt_3_3_2_3_4() {
+        let (mut s, _) = session(Version::V5);
+        let props = PublishProps::default;
+        for topic in ["a", "a", "b", "c", "c", "a"] {
+            assert_eq!(s.publish_out(topic, 0, false, b"x", props(), Source::Retained), Sent::Sent);
+        }
+        let aliases: Vec<(u8, Vec<u8>)> = sent(&actions(&mut s));
+        // Topic (u16 length, name), then the properties: 0x23 alias.
+        let expect = |name: &str, alias: Option<u8>| {
+            let mut b = (name.len() as u16).to_be_bytes().to_vec();
+            b.extend_from_slice(name.as_bytes());
+            match alias {
+                Some(a) => b.extend_from_slice(&[3, 0x23, 0, a]),
+                None => b.push(0),
+            }
+            b.push(b'x');
+            (0x30, b)
+        };
+        let want = [
+            expect("a", Some(1)),
+            expect("", Some(1)),
+            expect("b", Some(2)),
+            expect("c", None),
+            expect("c", None),
+            expect("", Some(1)),
+        ];
+        assert_eq!(aliases, want, "two aliases (the limit), then full topics");
     }
 
     #[test]
     fn a_message_over_the_clients_maximum_packet_size_is_not_sent_mqtt_3_1_2_25() {
         let (mut s, _) = session(Version::V5);
         let props = PublishProps::default();
-        assert_eq!(s.publish_out("t", 1, false, &[0; 100], &props, Source::Retained), Sent::TooLarge);
+        assert_eq!(s.publish_out("t", 1, false, &[0; 100], props.clone(), Source::Retained), Sent::TooLarge);
         assert_eq!(s.out.free(), 3, "its packet id is free again");
         assert!(sent(&actions(&mut s)).is_empty());
     }

@@ -346,6 +346,8 @@ pub(crate) enum In {
         session_expiry_s: u32,
         receive_max: u16,
         max_packet: Option<u32>,
+        /// The client's Topic Alias Maximum (MQTT 5): aliases the server may use towards it.
+        topic_alias_max: u16,
     },
     Publish {
         topic: Bytes,
@@ -436,6 +438,7 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                     session_expiry_s: if c.clean_session { 0 } else { u32::MAX },
                     receive_max: u16::MAX,
                     max_packet: None,
+                    topic_alias_max: 0,
                 }
             }
             v4::Packet::Publish(p) => {
@@ -522,6 +525,7 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                     session_expiry_s: p.session_expiry_interval.unwrap_or(0),
                     receive_max: p.receive_maximum.unwrap_or(u16::MAX),
                     max_packet: p.max_packet_size,
+                    topic_alias_max: p.topic_alias_max.unwrap_or(0),
                 }
             }
             v5::Packet::Publish(p) => {
@@ -744,6 +748,10 @@ pub(crate) fn connack(version: Version, session_present: bool, code: u8, props: 
                 p.put_u8(0x29); // subscription identifiers available
                 p.put_u8(1);
             }
+            if code == 0 && props.server_keep_alive > 0 {
+                p.put_u8(0x13); // server keep alive
+                p.put_u16(props.server_keep_alive);
+            }
             if let Some(id) = &props.assigned_client_id {
                 p.put_u8(0x12);
                 put_str(&mut p, id.as_bytes());
@@ -764,6 +772,8 @@ pub(crate) struct ConnAckProps {
     pub receive_max: u16,
     pub max_packet: u32,
     pub topic_alias_max: u16,
+    /// Server Keep Alive (0 = not sent: the client's keep-alive stands).
+    pub server_keep_alive: u16,
     pub assigned_client_id: Option<String>,
     pub reason: Option<String>,
 }
@@ -863,6 +873,10 @@ pub(crate) fn publish(
             p.put_u8(0x26);
             put_str(&mut p, k.as_bytes());
             put_str(&mut p, v.as_bytes());
+        }
+        if let Some(alias) = props.topic_alias {
+            p.put_u8(0x23);
+            p.put_u16(alias);
         }
         for &id in &props.subscription_ids {
             p.put_u8(0x0B);
