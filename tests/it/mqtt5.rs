@@ -341,3 +341,74 @@ async fn retained_and_will_messages_keep_their_properties_and_expiry_mqtt_3_3_2_
     assert_eq!(wp.response_topic.as_deref(), Some("r/t"));
     assert_eq!(wp.correlation_data.as_deref(), Some(&b"c"[..]));
 }
+
+/// 3.3.2.3.4: the server assigns topic aliases to its own PUBLISHes, within the Topic Alias
+/// Maximum the client sent (here 10) and `mqtt.topic_aliases_out_max` (here 2): a real client
+/// (rumqttc v5) resolves them, and the topics past the limit go out in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_assigns_topic_aliases_a_real_client_resolves_mqtt_3_3_2_3_4() {
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig { topic_aliases_out_max: 2, ..MqttConfig::default() }).await;
+    let (publ, mut prx) = client5(&broker, "alias-pub");
+    let mut o = rumqttc::v5::MqttOptions::new("alias-sub", "127.0.0.1", broker.mqtt.port());
+    o.set_keep_alive(std::time::Duration::from_secs(10));
+    o.set_topic_alias_max(Some(10));
+    let (sub, ev) = Client5::new(o, 100);
+    let mut rx = pump5(ev);
+    sub.subscribe("al/#", Q5::AtMostOnce).await.expect("subscribe");
+    suback(&mut rx, "SUBACK").await;
+    let topics = ["al/a", "al/a", "al/b", "al/c", "al/b", "al/c"];
+    for t in topics {
+        publish_acked(&publ, &mut prx, t, false, t).await;
+    }
+    // rumqttc checks every alias it gets (an unknown one is a protocol error that ends the
+    // connection) but hands the packet over as sent: resolved here the same way.
+    let mut aliases = std::collections::HashMap::new();
+    let mut got = Vec::new();
+    for _ in topics {
+        let p = next_publish(&mut rx, "an aliased message").await;
+        let alias = p.properties.as_ref().and_then(|p| p.topic_alias);
+        let sent = String::from_utf8_lossy(&p.topic).into_owned();
+        let topic = match (sent.as_str(), alias) {
+            ("", Some(a)) => aliases.get(&a).cloned().expect("a known alias"),
+            (t, Some(a)) => {
+                aliases.insert(a, t.to_string());
+                t.to_string()
+            }
+            (t, None) => t.to_string(),
+        };
+        assert_eq!(p.payload, topic.as_bytes(), "the alias stands for the topic published to");
+        got.push((sent, alias));
+    }
+    let want = [("al/a", Some(1)), ("", Some(1)), ("al/b", Some(2)), ("al/c", None), ("", Some(2)), ("al/c", None)];
+    let want: Vec<(String, Option<u16>)> = want.iter().map(|(t, a)| (t.to_string(), *a)).collect();
+    assert_eq!(got, want, "two aliases (mqtt.topic_aliases_out_max), the topic left out once set");
+}
+
+/// 3.2.2.3.14, [MQTT-3.2.2-21]: with `mqtt.server_keep_alive_s` set, CONNACK carries Server
+/// Keep Alive, and the server holds an MQTT 5 client to it (not to the 60 s the client asked
+/// for): silent for 1.5 times it, the client gets DISCONNECT 0x8D "keep alive timeout".
+#[tokio::test]
+async fn server_keep_alive_is_announced_and_enforced_mqtt_3_2_2_21() {
+    use crate::mqtt_limits::connect;
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig { server_keep_alive_s: 1, ..MqttConfig::default() }).await;
+    let addr = broker.mqtt;
+    tokio::task::spawn_blocking(move || {
+        let mut s = crate::mqtt_faults::open(addr);
+        s.write_all(&connect(5, b"sleepy", 0x02, &[])).expect("CONNECT (keep-alive 60 s)");
+        let started = std::time::Instant::now();
+        let (kind, body) = read_packet(&mut s).expect("CONNACK");
+        assert_eq!((kind, body[1]), (0x20, 0));
+        assert!(body.windows(3).any(|w| w == [0x13, 0, 1]), "Server Keep Alive 1 in {body:?}");
+        assert_eq!(read_packet(&mut s), Some((0xE0, vec![0x8D, 0])), "DISCONNECT keep alive timeout");
+        let waited = started.elapsed();
+        assert!(waited >= std::time::Duration::from_millis(1400) && waited < std::time::Duration::from_secs(10), "{waited:?}");
+        // A 3.1.1 client cannot be told: its own keep-alive stands.
+        let mut v4 = connected(addr, 4, "sleepy-4");
+        v4.set_read_timeout(Some(std::time::Duration::from_secs(3))).expect("timeout");
+        let mut one = [0u8; 1];
+        let r = std::io::Read::read(&mut v4, &mut one);
+        assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut), "3.1.1 client closed: {r:?}");
+    })
+    .await
+    .expect("client");
+}
