@@ -1830,7 +1830,7 @@ fn send_message(
     source: Source,
 ) -> bool {
     match s.publish_out(topic, qos, retain, payload, props, source) {
-        Sent::Sent => {
+        Sent::Out => {
             ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
             true
         }

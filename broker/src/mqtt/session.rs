@@ -213,7 +213,8 @@ enum Work {
 /// What [`Session::publish_out`] did with a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Sent {
-    Sent,
+    /// Queued for the client.
+    Out,
     /// The in-flight window is full.
     WindowFull,
     /// Larger than the client's Maximum Packet Size: dropped.
@@ -1007,7 +1008,7 @@ impl Session {
             self.aliases_out.insert(topic.to_string(), alias);
         }
         self.send(bytes);
-        Sent::Sent
+        Sent::Out
     }
 
     /// A message that was in flight when the session was stored, under its packet id: the
@@ -1439,7 +1440,7 @@ mod tests {
             retain_handling,
             ..Default::default()
         };
-        let mut subscribe = |s: &mut Session, subs| {
+        let subscribe = |s: &mut Session, subs| {
             s.handle(now, In::Subscribe { pkid: 1, subs });
             while s.step() {}
             actions(s);
@@ -1457,7 +1458,7 @@ mod tests {
         let (mut s, now) = session(Version::V5);
         let props = PublishProps::default();
         for _ in 0..3 {
-            assert_eq!(s.publish_out("t", 1, false, b"x", props.clone(), Source::Retained), Sent::Sent);
+            assert_eq!(s.publish_out("t", 1, false, b"x", props.clone(), Source::Retained), Sent::Out);
         }
         assert_eq!(
             s.publish_out("t", 1, false, b"x", props.clone(), Source::Retained),
@@ -1466,11 +1467,11 @@ mod tests {
         );
         assert_eq!(
             s.publish_out("t", 0, false, b"x", props.clone(), Source::Retained),
-            Sent::Sent,
+            Sent::Out,
             "QoS 0 takes no slot"
         );
         s.handle(now, In::PubAck(1));
-        assert_eq!(s.publish_out("t", 1, false, b"x", props.clone(), Source::Retained), Sent::Sent);
+        assert_eq!(s.publish_out("t", 1, false, b"x", props.clone(), Source::Retained), Sent::Out);
     }
 
     #[test]
@@ -1478,7 +1479,7 @@ mod tests {
         let (mut s, _) = session(Version::V5);
         let props = PublishProps::default;
         for topic in ["a", "a", "b", "c", "c", "a"] {
-            assert_eq!(s.publish_out(topic, 0, false, b"x", props(), Source::Retained), Sent::Sent);
+            assert_eq!(s.publish_out(topic, 0, false, b"x", props(), Source::Retained), Sent::Out);
         }
         let aliases: Vec<(u8, Vec<u8>)> = sent(&actions(&mut s));
         // Topic (u16 length, name), then the properties: 0x23 alias.
