@@ -114,7 +114,9 @@ fn hog(addr: SocketAddr, id: &str, v5: bool, prefix: &str, n: u16, rounds: u16) 
     let mut held = std::collections::HashSet::new();
     let mut most = 0;
     for round in 1..=rounds {
-        s.write_all(&subscribe(v5, round, "r/#", 1)).expect("SUBSCRIBE");
+        // Its own messages only: a filter both hogs match would also deliver the other's live
+        // publishes (RETAIN 0), which `note` takes for a wrong retained message.
+        s.write_all(&subscribe(v5, round, &format!("{prefix}/#"), 1)).expect("SUBSCRIBE");
         note(&mut s, v5, &mut held, 0x90);
         most = most.max(held.len());
     }
