@@ -412,3 +412,46 @@ async fn server_keep_alive_is_announced_and_enforced_mqtt_3_2_2_21() {
     .await
     .expect("client");
 }
+
+/// The properties of a QoS 1/2 PUBLISH received on a raw v5 connection (a short property
+/// length: one byte).
+fn publish_props(body: &[u8]) -> Vec<u8> {
+    let at = 2 + usize::from(u16::from_be_bytes([body[0], body[1]])) + 2;
+    let len = usize::from(body[at]);
+    body[at + 1..at + 1 + len].to_vec()
+}
+
+/// 3.3.4: a message a persistent session had in flight is sent again after a reconnect (DUP
+/// set) with the Subscription Identifier of the subscription it is delivered for.
+#[tokio::test]
+async fn a_message_resent_after_a_reconnect_keeps_its_subscription_identifier_mqtt_3_3_4() {
+    use crate::mqtt_faults::packet;
+    use crate::mqtt_limits::connected as connected_with;
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig::default()).await;
+    let addr = broker.mqtt;
+    tokio::task::spawn_blocking(move || {
+        let expiry = [0x11, 0, 0, 0, 60];
+        let (mut s, code, _) = connected_with(addr, 5, "resend-ids", 0x00, &expiry);
+        assert_eq!(code, 0);
+        // SUBSCRIBE rs/# at QoS 1 with Subscription Identifier 42.
+        let mut b = vec![0, 1, 2, 0x0B, 42, 0, 4];
+        b.extend_from_slice(b"rs/#");
+        b.push(1);
+        s.write_all(&packet(0x82, &b)).expect("SUBSCRIBE");
+        assert_eq!(read_packet(&mut s).map(|p| p.0), Some(0x90), "SUBACK");
+        let mut p = connected(addr, 5, "resend-pub");
+        p.write_all(&publish(1, b"rs/x", 1, b"hello", true)).expect("PUBLISH");
+        assert_eq!(read_packet(&mut p).map(|p| p.0), Some(0x40), "PUBACK");
+        let (kind, body) = read_packet(&mut s).expect("PUBLISH");
+        assert_eq!(kind, 0x32, "QoS 1, not DUP");
+        assert!(publish_props(&body).windows(2).any(|w| w == [0x0B, 42]), "identifier 42 in {body:?}");
+        drop(s); // never acknowledged
+        let (mut s, code, present) = connected_with(addr, 5, "resend-ids", 0x00, &expiry);
+        assert_eq!((code, present), (0, true));
+        let (kind, body) = read_packet(&mut s).expect("PUBLISH again");
+        assert_eq!(kind, 0x3A, "QoS 1 with DUP");
+        assert!(publish_props(&body).windows(2).any(|w| w == [0x0B, 42]), "identifier 42 in {body:?}");
+    })
+    .await
+    .expect("client");
+}

@@ -1757,7 +1757,12 @@ async fn resend_stored(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
             // The session was stored under rules (or a user) that allowed more.
             continue;
         }
-        let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+        let mut props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+        // The identifiers of the subscriptions that match it now (3.3.4).
+        props.subscription_ids =
+            s.subs.iter().filter(|x| x.id != 0 && topic::matches(&topic, &x.filter)).map(|x| x.id).collect();
+        props.subscription_ids.sort_unstable();
+        props.subscription_ids.dedup();
         let payload = r.value.clone().unwrap_or_default();
         s.resend_one(m, Some((&topic, &payload, &props)));
     }
