@@ -1285,7 +1285,8 @@ async fn session_loop(
         if s.working() {
             continue;
         }
-        let more = deliver(ctx, s).await?;
+        // Deliveries queue behind answers waiting for commits: not while too many wait.
+        let more = if s.backlogged() { false } else { deliver(ctx, s).await? };
         perform(ctx, s, tx, &mut outcomes).await?;
         let watches = subscription_watches(ctx, s);
         let wait_for_data = async {

@@ -380,9 +380,13 @@ impl Session {
     /// SUBSCRIBE is being worked through, nor while too many answers wait (3.1.1 clients,
     /// which cannot be told about a Receive Maximum, are slowed down instead).
     pub fn wants_read(&self) -> bool {
-        !self.closing
-            && self.work.is_none()
-            && self.answers.len() < usize::from(self.limits.inflight_messages_max) + ANSWERS_SLACK
+        !self.closing && self.work.is_none() && !self.backlogged()
+    }
+
+    /// Whether `inflight_messages_max` + 16 answers wait behind an outcome: the driver then
+    /// neither reads nor delivers until outcomes arrive (deliveries queue behind answers).
+    pub fn backlogged(&self) -> bool {
+        self.answers.len() >= usize::from(self.limits.inflight_messages_max) + ANSWERS_SLACK
     }
 
     /// Whether a SUBSCRIBE or UNSUBSCRIBE is being worked through ([`Session::step`]).
@@ -1321,6 +1325,27 @@ mod tests {
         s.handle(now, In::Disconnect { reason: reason::SUCCESS, session_expiry_s: Some(30) });
         assert_eq!(disconnect(&actions(&mut s)), Some(Some(reason::PROTOCOL_ERROR)));
         assert!(matches!(s.end(), Some(Err(_))));
+    }
+
+    #[test]
+    fn answers_waiting_for_commits_are_bounded_mqtt_4_9() {
+        let (mut s, now) = session(Version::V4);
+        for pkid in 1..=4 {
+            s.handle(now, publish("a/b", 1, pkid));
+        }
+        let t = tickets(&actions(&mut s));
+        // Deliveries queue behind the first PUBACK, up to inflight_messages_max + 16 answers.
+        let mut queued = 4;
+        while !s.backlogged() {
+            assert_eq!(s.publish_out("d", 0, false, b"x", PublishProps::default(), Source::Retained), Sent::Out);
+            queued += 1;
+        }
+        assert_eq!(queued, 4 + 16);
+        assert!(!s.wants_read(), "3.1.1: no more packets are read");
+        assert!(sent(&actions(&mut s)).is_empty());
+        s.resolve(t[0], Ok(()));
+        assert!(!s.backlogged() && s.wants_read());
+        assert_eq!(sent(&actions(&mut s)).len(), 1, "PUBACK 1; the rest wait for PUBACK 2");
     }
 
     #[test]
