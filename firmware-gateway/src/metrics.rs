@@ -303,6 +303,12 @@ pub fn render(src: &Sources) -> String {
             m.deliveries_denied.load(Ordering::Relaxed),
         );
         o.one(
+            "tributary_mqtt_reserved_topic_publishes_total",
+            "counter",
+            "MQTT publishes to '$' topics (the broker's), refused and dropped.",
+            m.publishes_reserved.load(Ordering::Relaxed),
+        );
+        o.one(
             "tributary_mqtt_retention_skipped_messages_total",
             "counter",
             "Messages a subscriber never got because retention deleted them first.",

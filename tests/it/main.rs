@@ -14,6 +14,7 @@ mod kafka_hardening;
 mod kafka_protocol;
 mod mirror;
 mod mqtt;
+mod mqtt5;
 mod mqtt_crash;
 mod mqtt_faults;
 mod mqtt_limits;

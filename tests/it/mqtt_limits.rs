@@ -21,7 +21,7 @@ use crate::mqtt_faults::{open, packet, read_packet};
 use crate::support::{storage_config, KafkaBroker};
 
 /// A CONNECT of either version: `flags` (0x02 = clean), MQTT 5 `props` (already encoded).
-fn connect(level: u8, id: &[u8], flags: u8, props: &[u8]) -> Vec<u8> {
+pub(crate) fn connect(level: u8, id: &[u8], flags: u8, props: &[u8]) -> Vec<u8> {
     let mut b = vec![0, 4, b'M', b'Q', b'T', b'T', level, flags, 0, 60];
     if level == 5 {
         b.push(props.len() as u8);
@@ -84,7 +84,7 @@ fn parse_publish(v5: bool, first: u8, body: &[u8]) -> (u8, bool, String, u16, Ve
     (qos, first & 1 == 1, topic, pkid, body[at..].to_vec())
 }
 
-fn connected(addr: SocketAddr, level: u8, id: &str, flags: u8, props: &[u8]) -> (TcpStream, u8, bool) {
+pub(crate) fn connected(addr: SocketAddr, level: u8, id: &str, flags: u8, props: &[u8]) -> (TcpStream, u8, bool) {
     let mut s = open(addr);
     s.write_all(&connect(level, id.as_bytes(), flags, props)).expect("CONNECT");
     let (kind, body) = read_packet(&mut s).expect("CONNACK");
@@ -114,7 +114,9 @@ fn hog(addr: SocketAddr, id: &str, v5: bool, prefix: &str, n: u16, rounds: u16) 
     let mut held = std::collections::HashSet::new();
     let mut most = 0;
     for round in 1..=rounds {
-        s.write_all(&subscribe(v5, round, "r/#", 1)).expect("SUBSCRIBE");
+        // Its own messages only: a filter both hogs match would also deliver the other's live
+        // publishes (RETAIN 0), which `note` takes for a wrong retained message.
+        s.write_all(&subscribe(v5, round, &format!("{prefix}/#"), 1)).expect("SUBSCRIBE");
         note(&mut s, v5, &mut held, 0x90);
         most = most.max(held.len());
     }

@@ -45,6 +45,8 @@ pub struct KafkaBroker {
     pub mqtt: std::net::SocketAddr,
     /// The Kafka listener's counters.
     pub kafka_stats: std::sync::Arc<tributary_broker::kafka::KafkaStats>,
+    /// The MQTT listener's counters.
+    pub mqtt_stats: std::sync::Arc<tributary_broker::mqtt::MqttStats>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     mqtt_task: tokio::task::JoinHandle<()>,
@@ -109,11 +111,12 @@ impl KafkaBroker {
             .await
             .expect("bind mqtt listener");
         let mqtt = mqtt_server.local_addr().expect("mqtt addr");
+        let mqtt_stats = mqtt_server.stats();
         let mut stopped = stop.subscribe();
         let mqtt_task = tokio::spawn(mqtt_server.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));
-        Self { dir, store, addr, mqtt, kafka_stats, stop, task, mqtt_task }
+        Self { dir, store, addr, mqtt, kafka_stats, mqtt_stats, stop, task, mqtt_task }
     }
 
     pub fn bootstrap(&self) -> String {

@@ -73,18 +73,32 @@ async fn sys_topics_carry_broker_figures_to_mqtt_clients_and_only_from_the_broke
     let p = next_publish(&mut all_rx, "the plain message").await;
     assert_eq!(p.topic, "plain/topic", "`#` got a $SYS message first");
 
-    // A client may not publish into $SYS (3.1.1: the connection is closed).
+    // A client may not publish into $SYS ([MQTT-4.7.2-1]): 3.1.1 acknowledges and drops it,
+    // counts it, and the connection stays.
     let (rogue, mut rogue_rx) = client(mqtt_port, "rogue");
     rogue.publish("$SYS/broker/version", QoS::AtLeastOnce, false, "fake").await.expect("queue");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match tokio::time::timeout_at(deadline, rogue_rx.recv()).await {
-            Ok(Some(Packet::PubAck(_))) => panic!("a client publish to $SYS was acknowledged"),
+    rogue.publish("plain/after", QoS::AtLeastOnce, false, "still here").await.expect("queue");
+    let mut acks = 0;
+    while acks < 2 {
+        match tokio::time::timeout(Duration::from_secs(20), rogue_rx.recv()).await {
+            Ok(Some(Packet::PubAck(_))) => acks += 1,
             Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(_) => panic!("the rogue publisher was neither refused nor closed"),
+            Ok(None) => panic!("the rogue publisher was disconnected"),
+            Err(_) => panic!("the rogue publisher was not answered"),
         }
     }
+    let p = next_publish(&mut all_rx, "the publish after the refused one").await;
+    assert_eq!(p.topic, "plain/after");
+    let mut versions = 0;
+    while versions < 2 {
+        let p = next_publish(&mut mon_rx, "$SYS rounds after the rogue publish").await;
+        if p.topic == "$SYS/broker/version" {
+            assert_ne!(&p.payload[..], b"fake", "a client publish reached $SYS");
+            versions += 1;
+        }
+    }
+    let metrics = crate::support::http_get(&daemon.addr("metrics"), "/metrics");
+    assert!(metrics.contains("tributary_mqtt_reserved_topic_publishes_total 1"), "{metrics}");
 
     daemon.stop();
 }

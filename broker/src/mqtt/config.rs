@@ -46,6 +46,12 @@ pub struct MqttConfig {
     /// all clients together. A will beyond either is published at once instead of late.
     pub delayed_wills_max: u32,
     pub delayed_will_bytes_max: u64,
+    /// MQTT 5 Server Keep Alive (seconds) announced in CONNACK: the keep-alive every MQTT 5
+    /// client then uses (and the server enforces, at 1.5 times). 0 = the client's own.
+    pub server_keep_alive_s: u16,
+    /// Topic aliases the server assigns per MQTT 5 connection to its own PUBLISHes (within the
+    /// client's Topic Alias Maximum), so a repeated topic is sent as two bytes. 0 = none.
+    pub topic_aliases_out_max: u16,
     /// How often expired persistent sessions are deleted from the store (with their QoS 2
     /// packet ids), and shared-subscription positions no unexpired session stored.
     pub session_sweep_interval_ms: u64,
@@ -110,6 +116,8 @@ impl Default for MqttConfig {
             delayed_wills_max: 10_000,
             delayed_will_bytes_max: 16 * 1024 * 1024,
             session_sweep_interval_ms: 60_000,
+            server_keep_alive_s: 0,
+            topic_aliases_out_max: 32,
             default_topic: "mqtt".into(),
             default_key: default_key(),
             routes: Vec::new(),
@@ -145,6 +153,8 @@ impl MqttConfig {
         range("delayed_wills_max", self.delayed_wills_max.into(), 0, 1_000_000)?;
         range("delayed_will_bytes_max", self.delayed_will_bytes_max, 0, 1 << 32)?;
         range("session_sweep_interval_ms", self.session_sweep_interval_ms, 100, 86_400_000)?;
+        range("server_keep_alive_s", self.server_keep_alive_s.into(), 0, 65_535)?;
+        range("topic_aliases_out_max", self.topic_aliases_out_max.into(), 0, 1024)?;
         range("connections_per_ip_per_s_max", self.connections_per_ip_per_s_max.into(), 0, 1_000_000)?;
         range("connection_rate_addresses_max", self.connection_rate_addresses_max.into(), 1, 1_000_000)?;
         if self.tls.enabled {

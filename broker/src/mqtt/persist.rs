@@ -33,8 +33,9 @@ pub(super) struct StoredSession {
     pub owner: Option<String>,
     pub subs: Vec<wire::Subscription>,
     pub cursors: Cursors,
-    /// Shared subscriptions: (full `$share/{group}/{filter}`, granted QoS).
-    pub shared: Vec<(String, u8)>,
+    /// Shared subscriptions: (full `$share/{group}/{filter}`, granted QoS, subscription
+    /// identifier or 0).
+    pub shared: Vec<(String, u8, u32)>,
     pub inflight: Vec<StoredInflight>,
 }
 
@@ -139,6 +140,9 @@ impl<'a> Cut<'a> {
     fn u16(&mut self) -> Option<u16> {
         Some(u16::from_be_bytes(self.bytes(2)?.try_into().ok()?))
     }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.bytes(4)?.try_into().ok()?))
+    }
     fn i32(&mut self) -> Option<i32> {
         Some(i32::from_be_bytes(self.bytes(4)?.try_into().ok()?))
     }
@@ -171,25 +175,29 @@ fn get_cursors(c: &mut Cut<'_>) -> Option<Cursors> {
     Some(cursors)
 }
 
-/// Stored session, format 3: expiry deadline (ms since the epoch, 0 = none), owner (user name,
-/// empty = none), subscriptions (filter, QoS, no-local), cursors, shared subscriptions (filter,
-/// QoS), messages in flight (packet id, QoS, released, position). Formats 1 (no owner, no shared
-/// subscriptions, no messages in flight) and 2 (no owner) are still read.
+/// Stored session, format 4: expiry deadline (ms since the epoch, 0 = none), owner (user name,
+/// empty = none), subscriptions (filter, QoS, options: bit 0 no-local, bit 1 retain as
+/// published, bits 2-3 retain handling; subscription identifier), cursors, shared subscriptions
+/// (filter, QoS, subscription identifier), messages in flight (packet id, QoS, released,
+/// position). Formats 1 (no owner, no shared subscriptions, no messages in flight), 2 (no
+/// owner) and 3 (options = no-local only, no subscription identifiers) are still read.
 pub(super) fn encode_session(deadline_ms: i64, s: &StoredSession) -> Vec<u8> {
-    let mut v = vec![3u8];
+    let mut v = vec![4u8];
     v.extend_from_slice(&deadline_ms.to_be_bytes());
     put_str16(&mut v, s.owner.as_deref().unwrap_or(""));
     v.extend_from_slice(&(s.subs.len() as u16).to_be_bytes());
     for sub in &s.subs {
         put_str16(&mut v, &sub.filter);
         v.push(sub.qos);
-        v.push(u8::from(sub.no_local));
+        v.push(u8::from(sub.no_local) | u8::from(sub.retain_as_published) << 1 | (sub.retain_handling & 3) << 2);
+        v.extend_from_slice(&sub.id.to_be_bytes());
     }
     put_cursors(&mut v, &s.cursors);
     v.extend_from_slice(&(s.shared.len() as u16).to_be_bytes());
-    for (filter, qos) in &s.shared {
+    for (filter, qos, id) in &s.shared {
         put_str16(&mut v, filter);
         v.push(*qos);
+        v.extend_from_slice(&id.to_be_bytes());
     }
     v.extend_from_slice(&(s.inflight.len() as u16).to_be_bytes());
     for m in &s.inflight {
@@ -206,7 +214,7 @@ pub(super) fn encode_session(deadline_ms: i64, s: &StoredSession) -> Vec<u8> {
 /// The expiry deadline of a stored session (0 = none), if the value can be read.
 pub(super) fn session_deadline(v: &[u8]) -> Option<i64> {
     let mut c = Cut { v, at: 0 };
-    matches!(c.u8()?, 1..=3).then_some(())?;
+    matches!(c.u8()?, 1..=4).then_some(())?;
     c.i64()
 }
 
@@ -214,7 +222,7 @@ pub(super) fn session_deadline(v: &[u8]) -> Option<i64> {
 pub(super) fn decode_session(v: &[u8], now_ms: i64) -> Option<StoredSession> {
     let mut c = Cut { v, at: 0 };
     let format = c.u8()?;
-    if !(1..=3).contains(&format) {
+    if !(1..=4).contains(&format) {
         return None;
     }
     let deadline = c.i64()?;
@@ -229,8 +237,16 @@ pub(super) fn decode_session(v: &[u8], now_ms: i64) -> Option<StoredSession> {
     for _ in 0..n {
         let filter = c.str16()?;
         let qos = c.u8()?;
-        let no_local = c.u8()? != 0;
-        s.subs.push(wire::Subscription { filter, qos, no_local });
+        let options = c.u8()?;
+        let id = if format >= 4 { c.u32()? } else { 0 };
+        s.subs.push(wire::Subscription {
+            filter,
+            qos,
+            no_local: options & 1 != 0,
+            retain_as_published: format >= 4 && options & 2 != 0,
+            retain_handling: if format >= 4 { (options >> 2) & 3 } else { 0 },
+            id,
+        });
     }
     s.cursors = get_cursors(&mut c)?;
     if format == 1 {
@@ -238,7 +254,9 @@ pub(super) fn decode_session(v: &[u8], now_ms: i64) -> Option<StoredSession> {
     }
     for _ in 0..c.u16()? {
         let filter = c.str16()?;
-        s.shared.push((filter, c.u8()?));
+        let qos = c.u8()?;
+        let id = if format >= 4 { c.u32()? } else { 0 };
+        s.shared.push((filter, qos, id));
     }
     for _ in 0..c.u16()? {
         let pkid = c.u16()?;
@@ -287,9 +305,19 @@ mod tests {
     fn sample() -> StoredSession {
         StoredSession {
             owner: Some("alice".into()),
-            subs: vec![wire::Subscription { filter: "meters/+/reading".into(), qos: 2, no_local: true }],
+            subs: vec![
+                wire::Subscription { filter: "meters/+/reading".into(), qos: 2, no_local: true, ..Default::default() },
+                wire::Subscription {
+                    filter: "valves/#".into(),
+                    qos: 1,
+                    retain_as_published: true,
+                    retain_handling: 2,
+                    id: wire::SUBSCRIPTION_ID_MAX,
+                    ..Default::default()
+                },
+            ],
             cursors: HashMap::from([(("mqtt".to_string(), 3), 42)]),
-            shared: vec![("$share/g/meters/#".into(), 1)],
+            shared: vec![("$share/g/meters/#".into(), 1, 7)],
             inflight: vec![
                 StoredInflight { pkid: 7, qos: 1, released: false, position: ("mqtt".into(), 3, 40) },
                 StoredInflight { pkid: 9, qos: 2, released: true, position: ("mqtt".into(), 3, 41) },
@@ -319,6 +347,25 @@ mod tests {
     }
 
     #[test]
+    fn format_3_still_reads_without_subscription_options() {
+        let mut v = vec![3u8];
+        v.extend_from_slice(&0i64.to_be_bytes());
+        put_str16(&mut v, "alice");
+        v.extend_from_slice(&1u16.to_be_bytes());
+        put_str16(&mut v, "meters/#");
+        v.extend_from_slice(&[1, 1]);
+        put_cursors(&mut v, &HashMap::new());
+        v.extend_from_slice(&1u16.to_be_bytes());
+        put_str16(&mut v, "$share/g/a");
+        v.push(2);
+        v.extend_from_slice(&0u16.to_be_bytes());
+        let s = decode_session(&v, 0).expect("format 3");
+        let sub = wire::Subscription { filter: "meters/#".into(), qos: 1, no_local: true, ..Default::default() };
+        assert_eq!(s.subs, vec![sub]);
+        assert_eq!(s.shared, vec![("$share/g/a".to_string(), 2, 0)]);
+    }
+
+    #[test]
     fn format_1_still_reads() {
         // Format 1 as written before shared subscriptions and messages in flight were stored.
         let mut v = vec![1u8];
@@ -333,10 +380,55 @@ mod tests {
         assert!(s.shared.is_empty() && s.inflight.is_empty());
     }
 
+    /// Format 3, as the previous release wrote it (no subscription options or identifiers).
+    fn encode_v3(deadline_ms: i64, s: &StoredSession) -> Vec<u8> {
+        let mut v = vec![3u8];
+        v.extend_from_slice(&deadline_ms.to_be_bytes());
+        put_str16(&mut v, s.owner.as_deref().unwrap_or(""));
+        v.extend_from_slice(&(s.subs.len() as u16).to_be_bytes());
+        for sub in &s.subs {
+            put_str16(&mut v, &sub.filter);
+            v.extend_from_slice(&[sub.qos, u8::from(sub.no_local)]);
+        }
+        put_cursors(&mut v, &s.cursors);
+        v.extend_from_slice(&(s.shared.len() as u16).to_be_bytes());
+        for (filter, qos, _) in &s.shared {
+            put_str16(&mut v, filter);
+            v.push(*qos);
+        }
+        let full = encode_session(deadline_ms, &StoredSession { inflight: s.inflight.clone(), ..Default::default() });
+        // The messages in flight are encoded as before: the tail after the empty lists.
+        v.extend_from_slice(&full[9 + 2 + 2 + 2 + 2..]);
+        v
+    }
+
+    /// The sample as format 3 could hold it.
+    fn sample_v3() -> StoredSession {
+        let mut s = sample();
+        for sub in &mut s.subs {
+            *sub = wire::Subscription {
+                filter: sub.filter.clone(),
+                qos: sub.qos,
+                no_local: sub.no_local,
+                ..Default::default()
+            };
+        }
+        for g in &mut s.shared {
+            g.2 = 0;
+        }
+        s
+    }
+
+    #[test]
+    fn format_3_of_the_sample_still_reads() {
+        let s = sample_v3();
+        assert_eq!(decode_session(&encode_v3(0, &s), 0), Some(s));
+    }
+
     #[test]
     fn format_2_still_reads_without_an_owner() {
-        let mut s = sample();
-        let v3 = encode_session(0, &s);
+        let mut s = sample_v3();
+        let v3 = encode_v3(0, &s);
         // Format 2 is format 3 without the owner field.
         let mut v2 = vec![2u8];
         v2.extend_from_slice(&v3[1..9]);

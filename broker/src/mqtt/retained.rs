@@ -8,12 +8,141 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use super::topic;
+use bytes::Bytes;
 
-/// Bytes a retained message takes in the store: its key (the topic) and its value (QoS byte and
-/// payload).
-pub(super) fn stored_size(topic: &str, payload_len: usize) -> u64 {
-    (topic.len() + 1 + payload_len) as u64
+use super::topic;
+use super::wire::PublishProps;
+
+/// Bytes a retained message takes in the store: its key (the topic) and its value.
+pub(super) fn stored_size(topic: &str, value_len: usize) -> u64 {
+    (topic.len() + value_len) as u64
+}
+
+/// First byte of a retained value in format 2. Format 1 (the previous release's, still read)
+/// starts with the QoS, 0 to 2.
+const VALUE_FORMAT_2: u8 = 0x12;
+
+/// A retained message as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RetainedValue {
+    pub qos: u8,
+    /// When its Message Expiry passes (ms since the epoch), if it has one.
+    pub expires_ms: Option<i64>,
+    /// Its MQTT 5 properties (without the expiry, kept as `expires_ms`).
+    pub props: PublishProps,
+    pub payload: Bytes,
+}
+
+fn put_bytes16(v: &mut Vec<u8>, b: &[u8]) {
+    let n = b.len().min(usize::from(u16::MAX));
+    v.extend_from_slice(&(n as u16).to_be_bytes());
+    v.extend_from_slice(&b[..n]);
+}
+
+fn put_opt16(v: &mut Vec<u8>, b: Option<&[u8]>) {
+    match b {
+        Some(b) => {
+            v.push(1);
+            put_bytes16(v, b);
+        }
+        None => v.push(0),
+    }
+}
+
+/// Format 2: tag, QoS, expiry (ms since the epoch, i64, 0 = none), payload format (0xFF = none),
+/// content type, correlation data, response topic (each: 0, or 1 and a u16-prefixed string),
+/// user properties (u16 count, u16-prefixed pairs), then the payload.
+/// A message without properties or expiry keeps format 1 (QoS, payload): one byte of overhead.
+pub(super) fn encode_value(v: &RetainedValue) -> Vec<u8> {
+    let p = &v.props;
+    if v.expires_ms.is_none() && *p == PublishProps::default() {
+        let mut out = Vec::with_capacity(1 + v.payload.len());
+        out.push(v.qos);
+        out.extend_from_slice(&v.payload);
+        return out;
+    }
+    let mut out = Vec::with_capacity(32 + v.payload.len());
+    out.extend_from_slice(&[VALUE_FORMAT_2, v.qos]);
+    out.extend_from_slice(&v.expires_ms.unwrap_or(0).to_be_bytes());
+    out.push(p.payload_format.unwrap_or(0xFF));
+    put_opt16(&mut out, p.content_type.as_deref().map(str::as_bytes));
+    put_opt16(&mut out, p.correlation_data.as_deref());
+    put_opt16(&mut out, p.response_topic.as_deref().map(str::as_bytes));
+    let n = p.user_properties.len().min(usize::from(u16::MAX));
+    out.extend_from_slice(&(n as u16).to_be_bytes());
+    for (k, val) in p.user_properties.iter().take(n) {
+        put_bytes16(&mut out, k.as_bytes());
+        put_bytes16(&mut out, val.as_bytes());
+    }
+    out.extend_from_slice(&v.payload);
+    out
+}
+
+/// A bounds-checked reader over a stored value.
+struct Cut<'a> {
+    v: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cut<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let b = self.v.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(b)
+    }
+    fn bytes16(&mut self) -> Option<&'a [u8]> {
+        let n = u16::from_be_bytes(self.take(2)?.try_into().ok()?);
+        self.take(usize::from(n))
+    }
+    fn opt(&mut self) -> Option<Option<&'a [u8]>> {
+        match self.take(1)?[0] {
+            0 => Some(None),
+            _ => Some(Some(self.bytes16()?)),
+        }
+    }
+}
+
+/// A stored retained value of either format, if it can be read.
+pub(super) fn decode_value(v: &[u8]) -> Option<RetainedValue> {
+    let (&first, rest) = v.split_first()?;
+    if first <= 2 {
+        let payload = Bytes::copy_from_slice(rest);
+        return Some(RetainedValue { qos: first, expires_ms: None, props: PublishProps::default(), payload });
+    }
+    if first != VALUE_FORMAT_2 {
+        return None;
+    }
+    let mut c = Cut { v: rest, at: 0 };
+    let qos = c.take(1)?[0];
+    let expires = i64::from_be_bytes(c.take(8)?.try_into().ok()?);
+    let format = c.take(1)?[0];
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
+    let content_type = match c.opt()? {
+        Some(b) => Some(text(b)?),
+        None => None,
+    };
+    let correlation_data = c.opt()?.map(Bytes::copy_from_slice);
+    let response_topic = match c.opt()? {
+        Some(b) => Some(text(b)?),
+        None => None,
+    };
+    let n = u16::from_be_bytes(c.take(2)?.try_into().ok()?);
+    let mut user_properties = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        let k = text(c.bytes16()?)?;
+        user_properties.push((k, text(c.bytes16()?)?));
+    }
+    let at = c.at;
+    let payload = Bytes::copy_from_slice(rest.get(at..)?);
+    let props = PublishProps {
+        content_type,
+        correlation_data,
+        response_topic,
+        user_properties,
+        payload_format: (format != 0xFF).then_some(format),
+        ..PublishProps::default()
+    };
+    Some(RetainedValue { qos, expires_ms: (expires != 0).then_some(expires), props, payload })
 }
 
 /// The retained topics and their stored sizes.
@@ -148,6 +277,37 @@ impl RetainedScan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retained_values_keep_every_property_and_format_1_still_reads_mqtt_3_3_1_3() {
+        let v = RetainedValue {
+            qos: 1,
+            expires_ms: Some(1_700_000_000_000),
+            props: PublishProps {
+                content_type: Some("text/plain".into()),
+                correlation_data: Some(Bytes::from_static(b"\x00\x01")),
+                response_topic: Some("replies/7".into()),
+                user_properties: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
+                payload_format: Some(1),
+                ..PublishProps::default()
+            },
+            payload: Bytes::from_static(b"hello"),
+        };
+        let bytes = encode_value(&v);
+        assert_eq!(decode_value(&bytes), Some(v));
+        for cut in 0..bytes.len() - 5 {
+            assert_eq!(decode_value(&bytes[..cut]), None, "cut at {cut}");
+        }
+        let plain = RetainedValue {
+            qos: 2,
+            expires_ms: None,
+            props: PublishProps::default(),
+            payload: Bytes::from_static(b"old"),
+        };
+        assert_eq!(encode_value(&plain), b"\x02old", "no properties: format 1");
+        assert_eq!(decode_value(b"\x02old"), Some(plain), "format 1: QoS, payload");
+        assert_eq!(decode_value(b"\x07"), None);
+    }
 
     fn index(topics: &[&str]) -> RetainedIndex {
         let mut ix = RetainedIndex::new(1000, 1 << 20);

@@ -6,7 +6,7 @@
 //! client's in-flight window, and the background sweep of expired sessions. Store reads run on
 //! the blocking pool, and every loop over a count a client controls yields.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,20 +16,22 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::select_all;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::task::coop::consume_budget;
 
 use super::config::MqttConfig;
-use super::outbound::Window;
 use super::persist::{
-    decode_session, decode_shared, encode_session, encode_shared, legacy_qos2_key, legacy_qos2_prefix, qos2_key,
-    qos2_pkid, qos2_prefix, session_client, session_deadline, session_key, session_prefix, shared_key, shared_prefix,
-    Position, StoredInflight, StoredSession,
+    decode_session, decode_shared, encode_session, legacy_qos2_key, legacy_qos2_prefix, qos2_key, qos2_pkid,
+    qos2_prefix, session_client, session_deadline, session_key, session_prefix, shared_key, shared_prefix, Position,
+    StoredSession,
 };
-use super::retained::{self, RetainedIndex, RetainedScan};
+use super::reason;
+use super::retained::{self, RetainedIndex, RetainedValue};
 use super::routes::{Router, HEADER_CONTENT_TYPE, HEADER_CORRELATION_DATA, HEADER_RESPONSE_TOPIC, HEADER_TOPIC};
+use super::session::{self, Action, Counter, Limits, Message, Sent, Session, SharedSub, Source, Start};
 use super::shared::SharedGroup;
 use super::topic;
 use super::wills::WillQueue;
@@ -48,6 +50,10 @@ pub const HEADER_QOS: &str = "mqtt.qos";
 pub const HEADER_CLIENT: &str = "mqtt.client";
 /// Header carrying an MQTT 5 message's expiry (ms since the epoch).
 pub const HEADER_EXPIRES: &str = "mqtt.expires-ms";
+/// Header `1` on a message published with RETAIN set (for Retain As Published).
+pub const HEADER_RETAIN: &str = "mqtt.retain";
+/// Header carrying an MQTT 5 message's Payload Format Indicator (`0` or `1`).
+pub const HEADER_PAYLOAD_FORMAT: &str = "mqtt.payload-format";
 
 /// Why the MQTT listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +103,8 @@ pub struct MqttStats {
     /// Messages a granted subscription matched that `mqtt.subscribe_deny` kept from the
     /// subscriber (from the log and retained; a shared group's stay for its other members).
     pub deliveries_denied: AtomicU64,
+    /// Client publishes to `$` topics (the broker's), acknowledged as refused and dropped.
+    pub publishes_reserved: AtomicU64,
     /// Connections closed at once by `mqtt.connections_per_ip_per_s_max`.
     pub connections_rate_limited: AtomicU64,
     /// TLS handshakes that failed (bad or unknown client certificate, not TLS, timeout).
@@ -174,6 +182,8 @@ const DELIVERY_READS_MAX: usize = 16;
 /// Stored sessions the sweep reads per page (each is bounded by the subscription and in-flight
 /// limits).
 const SWEEP_PAGE: usize = 16;
+/// Topic aliases a client may set (its Topic Alias Maximum, announced in CONNACK).
+const TOPIC_ALIAS_MAX: u16 = 64;
 /// Read-ahead of a logged-in connection (several small packets per read).
 const READ_AHEAD_BYTES: usize = 4096;
 
@@ -416,7 +426,7 @@ async fn refuse_busy(rd: &mut Reader, mut wr: Writer) {
     let read = tokio::time::timeout(Duration::from_secs(2), wire::read_connect_level(rd));
     if let Ok(Ok(level)) = read.await {
         let version = if level == 5 { Version::V5 } else { Version::V4 };
-        let _ = wr.write_all(&wire::connack(version, false, 0x89, &wire::ConnAckProps::default())).await;
+        let _ = wr.write_all(&wire::connack(version, false, reason::SERVER_BUSY, &wire::ConnAckProps::default())).await;
         let _ = wr.flush().await;
     }
 }
@@ -455,112 +465,12 @@ impl SysPublisher {
     }
 }
 
-/// A message to publish into the log (a PUBLISH or a will).
-#[derive(Debug)]
-struct Message {
-    topic: String,
-    qos: u8,
-    retain: bool,
-    payload: Bytes,
-    props: PublishProps,
-}
-
-/// Work whose answer goes out once it completes, in order with the others. An empty answer
-/// (`CLOSE`) closes the connection instead.
-type Pending = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
-
-static CLOSE: Bytes = Bytes::from_static(&[]);
-
 /// Closes a connection whose session a new connection takes over; the new one is told once the
 /// old one has stored the session.
 type Takeover = oneshot::Sender<oneshot::Sender<()>>;
 
 /// How long a taking-over connection waits for the old one to store the session.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
-
-/// An inbound QoS 2 packet id: its message is being committed (the result, once known: 0 or the
-/// v5 reason code of the refusal), or stored and waiting for PUBREL.
-#[derive(Debug, Clone)]
-enum Qos2 {
-    Pending(watch::Receiver<Option<u8>>),
-    Stored,
-}
-
-/// Inbound QoS 2 packet ids of a session, shared with the acknowledgements waiting for commits.
-type Qos2Ids = Arc<Mutex<HashMap<u16, Qos2>>>;
-
-struct Session {
-    version: Version,
-    client_id: String,
-    username: Option<String>,
-    /// The logged-in user (authentication on): its rules decide what may be published and
-    /// subscribed.
-    user: Option<Arc<User>>,
-    will: Option<wire::Will>,
-    subs: Vec<wire::Subscription>,
-    /// Inbound QoS 2 packet ids: a packet id counts as received only once its message's commit
-    /// succeeded.
-    qos2: Qos2Ids,
-    /// v5 topic aliases set by the client.
-    aliases: HashMap<u16, String>,
-    /// Outbound delivery: next offset per (log topic, partition).
-    cursors: HashMap<(String, i32), i64>,
-    /// Outbound QoS 1/2 messages waiting for the client, by packet id, within the window.
-    out: Window<Inflight>,
-    /// Messages in flight when a persistent session was stored, sent again (within the window)
-    /// before anything new.
-    resend: VecDeque<StoredInflight>,
-    /// Retained messages still to send for new subscriptions (one scan per filter).
-    retained: Vec<RetainedScan>,
-    /// Kept after the connection (clean session 0, or an MQTT 5 session expiry): subscriptions
-    /// and cursors are stored, so the offline backlog is read from the log on reconnect.
-    persistent: bool,
-    session_expiry_s: u32,
-    /// Subscriptions or cursors changed since the session was last stored, and when they must
-    /// be stored at the latest.
-    dirty: bool,
-    save_due: Option<tokio::time::Instant>,
-    /// Shared subscriptions: granted QoS and the group.
-    shared: Vec<(u8, Arc<SharedGroup>)>,
-    /// The client's Maximum Packet Size (MQTT 5): larger messages are not sent to it.
-    max_packet_out: usize,
-    /// Set when a new connection takes the session over: told once this one has stored it.
-    taken_over: Option<oneshot::Sender<()>>,
-}
-
-impl Session {
-    fn mark_dirty(&mut self) {
-        if self.persistent {
-            self.dirty = true;
-            self.save_due.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(1));
-        }
-    }
-}
-
-/// An outbound QoS 1/2 message waiting for PUBACK, or for PUBREC then PUBCOMP.
-struct Inflight {
-    qos: u8,
-    /// QoS 2 after PUBREC: the client has the message; PUBREL sent, PUBCOMP awaited.
-    released: bool,
-    source: Source,
-}
-
-/// Where an outbound message came from.
-enum Source {
-    /// A retained message sent on subscribe (not tracked in the log).
-    Retained,
-    /// The session's own subscriptions.
-    Log(Position),
-    /// A shared subscription: given back to the group if the session ends before the client
-    /// has the message.
-    Shared(Arc<SharedGroup>, Position),
-}
-
-impl Inflight {
-    fn new(qos: u8, source: Source) -> Self {
-        Self { qos, released: false, source }
-    }
-}
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -574,60 +484,13 @@ fn session_deadline_ms(expiry_s: u32) -> i64 {
     }
 }
 
-/// The store writes that save a persistent session: the session (with its own messages in
-/// flight, and those not yet resent) and the restart positions of its shared subscriptions, in
-/// one commit.
-fn session_entries(s: &Session) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-    let deadline = session_deadline_ms(s.session_expiry_s);
-    let mut inflight: Vec<StoredInflight> = s
-        .out
-        .iter()
-        .filter_map(|(pkid, m)| match &m.source {
-            Source::Log(position) => Some((pkid, m, position)),
-            // The client has it: only the PUBREL is left to repeat after a reconnect.
-            Source::Shared(_, position) if m.released => Some((pkid, m, position)),
-            _ => None,
-        })
-        .map(|(pkid, m, position)| StoredInflight {
-            pkid,
-            qos: m.qos,
-            released: m.released,
-            position: position.clone(),
-        })
-        .collect();
-    inflight.extend(s.resend.iter().cloned());
-    inflight.sort_by(|a, b| a.position.cmp(&b.position));
-    let stored = StoredSession {
-        owner: s.user.as_ref().map(|u| u.name.clone()),
-        subs: s.subs.clone(),
-        cursors: s.cursors.clone(),
-        shared: s.shared.iter().map(|(q, g)| (g.name.clone(), *q)).collect(),
-        inflight,
-    };
-    let mut entries = vec![(session_key(&s.client_id), Some(encode_session(deadline, &stored)))];
-    for (_, g) in &s.shared {
-        let group_deadline = g.extend_deadline(deadline);
-        entries.push((shared_key(&g.name), Some(encode_shared(group_deadline, &g.restart_cursors()))));
-    }
-    entries
-}
-
 async fn save_session(ctx: &Ctx, s: &mut Session) -> Result<(), StoreError> {
     if !s.persistent {
         return Ok(());
     }
-    ctx.store.kv_write(KvSpace::MqttSessions, session_entries(s)).await?;
-    s.dirty = false;
-    s.save_due = None;
+    ctx.store.kv_write(KvSpace::MqttSessions, s.stored_entries(session_deadline_ms(s.session_expiry_s))).await?;
+    s.saving();
     Ok(())
-}
-
-/// Retained message value: qos (1 byte), then the payload.
-fn retained_value(qos: u8, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + payload.len());
-    v.push(qos);
-    v.extend_from_slice(payload);
-    v
 }
 
 /// What a CONNECT left for the session, once the client is logged in and answered.
@@ -641,9 +504,11 @@ struct Accepted {
     receive_max: u16,
     session_expiry_s: u32,
     max_packet: Option<u32>,
+    /// Aliases the server may assign to its PUBLISHes (MQTT 5).
+    aliases_out: u16,
     persistent: bool,
     resumed: StoredSession,
-    qos2: HashMap<u16, Qos2>,
+    qos2: Vec<u16>,
     conn_id: u64,
     kill_rx: oneshot::Receiver<oneshot::Sender<()>>,
 }
@@ -702,7 +567,7 @@ async fn connection(
         Ok(4) => Version::V4,
         Ok(5) => Version::V5,
         Ok(level) | Err(WireError::UnsupportedProtocol(level)) => {
-            refuse_connect(&mut wr, Version::V4, 0x84).await;
+            refuse_connect(&mut wr, Version::V4, reason::UNSUPPORTED_PROTOCOL_VERSION).await;
             return Err(format!("unsupported MQTT protocol level {level}"));
         }
         Err(e) => return Err(e.to_string()),
@@ -713,7 +578,7 @@ async fn connection(
         Err(e) => {
             // MQTT 5: CONNACK "malformed packet" first (3.1.1 just closes).
             if version == Version::V5 {
-                refuse_connect(&mut wr, version, 0x81).await;
+                refuse_connect(&mut wr, version, reason::MALFORMED_PACKET).await;
             }
             return Err(format!("bad CONNECT: {e}"));
         }
@@ -729,13 +594,14 @@ async fn connection(
         receive_max,
         session_expiry_s,
         max_packet,
+        topic_alias_max,
     } = connect
     else {
         return Err("the first packet must be CONNECT".into());
     };
     let (client_id, assigned) = if client_id.is_empty() {
         if !clean && version == Version::V4 {
-            refuse_connect(&mut wr, version, 0x85).await;
+            refuse_connect(&mut wr, version, reason::CLIENT_IDENTIFIER_NOT_VALID).await;
             return Err("empty client id with clean session 0".into());
         }
         (format!("auto-{:016x}", rand::random::<u64>()), true)
@@ -743,12 +609,12 @@ async fn connection(
         (client_id, false)
     };
     if client_id.len() > ctx.cfg.client_id_bytes_max as usize {
-        refuse_connect(&mut wr, version, 0x85).await;
+        refuse_connect(&mut wr, version, reason::CLIENT_IDENTIFIER_NOT_VALID).await;
         return Err(format!("client id longer than mqtt.client_id_bytes_max = {}", ctx.cfg.client_id_bytes_max));
     }
     if let Some(w) = &will {
-        if let Err(reason) = check_topic(ctx, &w.topic) {
-            refuse_connect(&mut wr, version, 0x90).await;
+        if let Err(reason) = session::check_topic(&limits(&ctx.cfg), &w.topic) {
+            refuse_connect(&mut wr, version, reason::TOPIC_NAME_INVALID).await;
             return Err(format!("will topic: {reason}"));
         }
     }
@@ -757,9 +623,10 @@ async fn connection(
         let started = Instant::now();
         let login = login(ctx, cert_name.as_deref(), username.as_deref(), password.as_deref()).await;
         let login = match (login, &will) {
-            (Ok(u), Some(w)) if !u.may_publish(&client_id, &w.topic) => {
-                Err((0x87, LoginError::Protocol(format!("may not publish its will to {:?}", w.topic))))
-            }
+            (Ok(u), Some(w)) if !u.may_publish(&client_id, &w.topic) => Err((
+                reason::NOT_AUTHORIZED,
+                LoginError::Protocol(format!("may not publish its will to {:?}", w.topic)),
+            )),
             (other, _) => other,
         };
         match login {
@@ -791,7 +658,7 @@ async fn connection(
             ctx.stats.client_ids_refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, client = %client_id, user = %u.name,
                 "client id not among the user's mqtt.client_ids: refused");
-            refuse_connect(&mut wr, version, 0x85).await;
+            refuse_connect(&mut wr, version, reason::CLIENT_IDENTIFIER_NOT_VALID).await;
             return Ok(());
         }
     }
@@ -829,7 +696,8 @@ async fn connection(
     let props = wire::ConnAckProps {
         receive_max: ctx.cfg.inflight_messages_max,
         max_packet: ctx.cfg.packet_bytes_max,
-        topic_alias_max: 64,
+        topic_alias_max: TOPIC_ALIAS_MAX,
+        server_keep_alive: ctx.cfg.server_keep_alive_s,
         assigned_client_id: assigned.then(|| client_id.clone()),
         reason: None,
     };
@@ -842,6 +710,11 @@ async fn connection(
         return Err(e.to_string());
     }
     tracing::debug!(client = %client_id, ?version, clean, keep_alive, "mqtt client connected");
+    // MQTT 5: a Server Keep Alive in CONNACK is the one the client uses ([MQTT-3.2.2-21]).
+    let keep_alive = match (version, ctx.cfg.server_keep_alive_s) {
+        (Version::V5, k) if k > 0 => k,
+        _ => keep_alive,
+    };
     let accepted = Accepted {
         version,
         client_id,
@@ -849,6 +722,7 @@ async fn connection(
         user,
         will,
         keep_alive,
+        aliases_out: if version == Version::V5 { topic_alias_max.min(ctx.cfg.topic_aliases_out_max) } else { 0 },
         receive_max,
         session_expiry_s,
         max_packet,
@@ -870,7 +744,7 @@ fn forget_client(ctx: &Ctx, client_id: &str, conn_id: u64) {
     }
 }
 
-type SessionStart = (StoredSession, HashMap<u16, Qos2>, bool, bool);
+type SessionStart = (StoredSession, Vec<u16>, bool, bool);
 
 /// Loads or clears the stored session of a client about to be accepted: clean start (or a
 /// session another user owned) forgets it with its QoS 2 packet ids; a new persistent session
@@ -891,7 +765,7 @@ async fn accept_session(
     let (stored_qos2, previous_session) = match read {
         Ok(r) => r,
         Err(e) => {
-            refuse_connect(wr, version, 0x80).await;
+            refuse_connect(wr, version, reason::UNSPECIFIED_ERROR).await;
             return Err(format!("cannot read the stored session: {e}"));
         }
     };
@@ -914,7 +788,7 @@ async fn accept_session(
         }
     }
     let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-    let mut qos2 = HashMap::new();
+    let mut qos2 = Vec::new();
     if forget || !persistent {
         // A session that ends with this connection keeps no stored copy.
         if previous_session.is_some() {
@@ -925,7 +799,7 @@ async fn accept_session(
         writes.extend(stored_qos2.into_iter().map(|(k, _)| (k, None)));
     } else {
         for (_, pkid) in stored_qos2 {
-            qos2.insert(pkid, Qos2::Stored);
+            qos2.push(pkid);
         }
     }
     let session_present = resumed.is_some() || !qos2.is_empty();
@@ -935,55 +809,57 @@ async fn accept_session(
     }
     if !writes.is_empty() {
         if let Err(e) = ctx.store.kv_write(KvSpace::MqttSessions, writes).await {
-            refuse_connect(wr, version, 0x80).await;
+            refuse_connect(wr, version, reason::UNSPECIFIED_ERROR).await;
             return Err(format!("session not stored: {e}"));
         }
     }
     Ok((resumed.unwrap_or_default(), qos2, session_present, persistent))
 }
 
+/// The limits a session enforces, from `[mqtt]`.
+fn limits(cfg: &MqttConfig) -> Limits {
+    Limits {
+        inflight_messages_max: cfg.inflight_messages_max,
+        subscriptions_per_client_max: cfg.subscriptions_per_client_max as usize,
+        topic_bytes_max: cfg.topic_bytes_max as usize,
+        topic_levels_max: cfg.topic_levels_max as usize,
+        topic_alias_max: TOPIC_ALIAS_MAX,
+    }
+}
+
 /// A logged-in client until it leaves; then its session is stored (or its QoS 2 packet ids
 /// removed), its shared-subscription messages given back and its will published or scheduled.
-async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, a: Accepted) -> Result<(), String> {
+async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Accepted) -> Result<(), String> {
     let ctx = &ctx;
     rd.set_read_ahead(READ_AHEAD_BYTES);
     let (client_id, conn_id, mut kill_rx) = (a.client_id.clone(), a.conn_id, a.kill_rx);
-    let resumed = a.resumed;
-    let mut s = Session {
+    let resumed_shared = std::mem::take(&mut a.resumed.shared);
+    let stored = a.persistent;
+    let start = Start {
         version: a.version,
         client_id: a.client_id,
         username: a.username,
         user: a.user,
         will: a.will,
-        subs: resumed.subs,
-        qos2: Arc::new(Mutex::new(a.qos2)),
-        aliases: HashMap::new(),
-        cursors: resumed.cursors,
-        out: Window::new(usize::from(a.receive_max.min(ctx.cfg.inflight_messages_max))),
-        resend: resumed.inflight.into(),
-        retained: Vec::new(),
-        persistent: a.persistent,
+        keep_alive_s: a.keep_alive,
+        aliases_out: a.aliases_out,
+        receive_max: a.receive_max,
         session_expiry_s: a.session_expiry_s,
-        dirty: false,
-        save_due: None,
-        shared: Vec::new(),
-        max_packet_out: a.max_packet.map_or(usize::MAX, |m| m as usize),
-        taken_over: None,
+        max_packet: a.max_packet,
+        persistent: a.persistent,
+        resumed: a.resumed,
+        qos2: a.qos2,
     };
-    let keep_alive = a.keep_alive;
-    // A stored session keeps only what the user's rules (perhaps changed since) still allow.
-    if let Some(u) = s.user.clone() {
-        s.subs.retain(|sub| u.may_subscribe(&client_id, &sub.filter));
-    }
+    let mut s = Session::new(start, limits(&ctx.cfg), Instant::now());
     let mut setup = Ok(());
-    for (name, qos) in resumed.shared {
+    for (name, qos, id) in resumed_shared {
         consume_budget().await;
         if let Some((_, inner)) = name.strip_prefix("$share/").and_then(|r| r.split_once('/')) {
             if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&client_id, inner)) {
                 continue;
             }
             match shared_group(ctx, &name, inner).await {
-                Ok(g) => s.shared.push((qos, g)),
+                Ok(g) => s.shared.push(SharedSub { name: name.clone(), qos, id, group: Some(g) }),
                 Err(e) => {
                     setup = Err(e);
                     break;
@@ -991,22 +867,15 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, a: Accept
             }
         }
     }
-    // Answers leave through one writer task, in the order their work was started.
-    let (tx, mut rx) = mpsc::channel::<Pending>(usize::from(ctx.cfg.inflight_messages_max) + 16);
+    // Packets leave through one writer task, in the order the session queued them.
+    let (tx, mut rx) = mpsc::channel::<Bytes>(usize::from(ctx.cfg.inflight_messages_max) + 16);
     let stats = ctx.stats.clone();
     let mut wr = BufWriter::with_capacity(16 * 1024, wr);
     let writer = tokio::spawn(async move {
-        while let Some(p) = rx.recv().await {
-            if let Some(bytes) = p.await {
-                if bytes.is_empty() {
-                    let _ = wr.flush().await;
-                    let _ = wr.shutdown().await;
-                    return;
-                }
-                stats.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                if wr.write_all(&bytes).await.is_err() {
-                    return;
-                }
+        while let Some(bytes) = rx.recv().await {
+            stats.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            if wr.write_all(&bytes).await.is_err() {
+                return;
             }
             if rx.is_empty() && wr.flush().await.is_err() {
                 return;
@@ -1015,9 +884,9 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, a: Accept
         let _ = wr.flush().await;
         let _ = wr.shutdown().await;
     });
-    let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    let mut taken_over = None;
     let result = match setup {
-        Ok(()) => session_loop(ctx, &mut s, &mut rd, &tx, keep_alive, &mut kill_rx).await,
+        Ok(()) => session_loop(ctx, &mut s, &mut rd, &tx, &mut kill_rx, &mut taken_over).await,
         Err(e) => Err(e),
     };
     // Shared-subscription messages the client does not have yet go to the other members.
@@ -1033,36 +902,36 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, a: Accept
             tracing::warn!(client = %client_id, error = %e, "session not stored");
         }
     } else {
-        // A clean session ends with the connection: its QoS 2 packet ids go too.
-        let ids: Vec<u16> = lock(&s.qos2).keys().copied().collect();
-        if !ids.is_empty() {
-            let removals =
-                ids.iter().flat_map(|&p| [(qos2_key(&client_id, p), None), (legacy_qos2_key(&client_id, p), None)]);
-            if let Err(e) = ctx.store.kv_write(KvSpace::MqttSessions, removals.collect()).await {
+        // A clean session ends with the connection: its QoS 2 packet ids go too, and the stored
+        // copy of a session whose DISCONNECT set its expiry to 0.
+        let ids = s.qos2_ids();
+        if !ids.is_empty() || stored {
+            let mut removals: Vec<(Vec<u8>, Option<Vec<u8>>)> = ids
+                .iter()
+                .flat_map(|&p| [(qos2_key(&client_id, p), None), (legacy_qos2_key(&client_id, p), None)])
+                .collect();
+            if stored {
+                removals.push((session_key(&client_id), None));
+            }
+            if let Err(e) = ctx.store.kv_write(KvSpace::MqttSessions, removals).await {
                 tracing::warn!(client = %client_id, error = %e, "QoS 2 packet ids of a clean session not removed");
             }
         }
     }
-    release_groups(ctx, std::mem::take(&mut s.shared));
+    release_groups(ctx, std::mem::take(&mut s.shared).into_iter().filter_map(|g| g.group).collect());
     // A will is published unless the client said goodbye normally; an MQTT 5 will delay holds
     // it back (in the listener's will queue), and a reconnect of the same client within the
     // delay cancels it.
     let graceful = matches!(result, Ok(true));
     if let (false, Some(w)) = (graceful, s.will.take()) {
-        let msg = Message {
-            topic: w.topic,
-            qos: w.qos,
-            retain: w.retain,
-            payload: w.payload,
-            props: PublishProps::default(),
-        };
+        let msg = Message { topic: w.topic, qos: w.qos, retain: w.retain, payload: w.payload, props: w.props };
         let origin = Origin { client_id: client_id.clone(), username: s.username.clone() };
         let delay = Duration::from_secs(u64::from(w.delay_s.min(s.session_expiry_s)));
         let will = DelayedWill { origin, msg };
         if delay.is_zero() {
             publish_will(ctx, will).await;
         } else {
-            let bytes = will.msg.topic.len() + will.msg.payload.len();
+            let bytes = will.msg.topic.len() + will.msg.payload.len() + will.msg.props.bytes();
             let scheduled = {
                 let mut wills = lock(&ctx.wills);
                 let scheduled = wills.schedule(&client_id, Instant::now() + delay, bytes, will);
@@ -1082,7 +951,7 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, a: Accept
     }
     // A connection taking this session over goes on now: the session is stored and the will
     // handled (so its reconnect cancels a delayed will).
-    if let Some(done) = s.taken_over.take() {
+    if let Some(done) = taken_over.take() {
         let _ = done.send(());
     }
     forget_client(ctx, &client_id, conn_id);
@@ -1228,32 +1097,23 @@ async fn login(
 ) -> Result<Arc<User>, (u8, LoginError)> {
     if let Some(name) = cert_name {
         if username.is_some_and(|u| u != name) {
-            return Err((0x87, LoginError::Protocol(format!("username differs from the certificate's name {name:?}"))));
+            return Err((
+                reason::NOT_AUTHORIZED,
+                LoginError::Protocol(format!("username differs from the certificate's name {name:?}")),
+            ));
         }
-        return ctx.auth.user(name).ok_or((0x87, LoginError::UnknownUser));
+        return ctx.auth.user(name).ok_or((reason::NOT_AUTHORIZED, LoginError::UnknownUser));
     }
     match (username, password) {
-        (None, None) => ctx.auth.anonymous().ok_or((0x87, LoginError::NoCredentials)),
-        (None, Some(_)) => Err((0x87, LoginError::NoCredentials)),
-        (Some(_), None) => Err((0x86, LoginError::Protocol("username without a password".into()))),
-        (Some(u), Some(p)) => ctx.auth.check_password(u, p.as_bytes()).await.map_err(|e| (0x86, e)),
+        (None, None) => ctx.auth.anonymous().ok_or((reason::NOT_AUTHORIZED, LoginError::NoCredentials)),
+        (None, Some(_)) => Err((reason::NOT_AUTHORIZED, LoginError::NoCredentials)),
+        (Some(_), None) => {
+            Err((reason::BAD_USER_NAME_OR_PASSWORD, LoginError::Protocol("username without a password".into())))
+        }
+        (Some(u), Some(p)) => {
+            ctx.auth.check_password(u, p.as_bytes()).await.map_err(|e| (reason::BAD_USER_NAME_OR_PASSWORD, e))
+        }
     }
-}
-
-fn check_topic(ctx: &Ctx, t: &str) -> Result<(), String> {
-    if !topic::valid_topic(t) {
-        return Err(format!("{t:?} is not a valid topic name"));
-    }
-    if t.starts_with('$') {
-        return Err(format!("{t:?}: topics starting with '$' are the broker's"));
-    }
-    if t.len() > ctx.cfg.topic_bytes_max as usize {
-        return Err(format!("topic longer than mqtt.topic_bytes_max = {}", ctx.cfg.topic_bytes_max));
-    }
-    if t.split('/').count() > ctx.cfg.topic_levels_max as usize {
-        return Err(format!("topic has more than mqtt.topic_levels_max = {} levels", ctx.cfg.topic_levels_max));
-    }
-    Ok(())
 }
 
 /// Who published a message (a session, or the client a will message belongs to).
@@ -1287,16 +1147,6 @@ fn retained_gauges(stats: &MqttStats, ix: &RetainedIndex) {
     stats.retained_bytes.store(ix.bytes(), Ordering::Relaxed);
 }
 
-async fn publish_into_log(
-    ctx: &Ctx,
-    s: &Session,
-    m: &Message,
-    kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
-) -> Result<Published, StoreError> {
-    let origin = Origin { client_id: s.client_id.clone(), username: s.username.clone() };
-    publish_message(ctx, &origin, m, kv).await
-}
-
 /// Appends one message to its routed log topic (creating the topic on first use); `kv` is
 /// committed with it, and so is a retained message (within `mqtt.retained_messages_max` and
 /// `mqtt.retained_bytes_max`).
@@ -1324,9 +1174,15 @@ async fn publish_message(
         (HEADER_QOS.to_string(), Some(Bytes::from(m.qos.to_string().into_bytes()))),
         (HEADER_CLIENT.to_string(), Some(Bytes::from(s.client_id.clone().into_bytes()))),
     ];
-    if let Some(secs) = m.props.message_expiry_s {
-        let deadline = now_ms() + i64::from(secs) * 1000;
+    let expires_ms = m.props.message_expiry_s.map(|secs| now_ms() + i64::from(secs) * 1000);
+    if let Some(deadline) = expires_ms {
         headers.push((HEADER_EXPIRES.to_string(), Some(Bytes::from(deadline.to_string().into_bytes()))));
+    }
+    if m.retain {
+        headers.push((HEADER_RETAIN.to_string(), Some(Bytes::from_static(b"1"))));
+    }
+    if let Some(format) = m.props.payload_format {
+        headers.push((HEADER_PAYLOAD_FORMAT.to_string(), Some(Bytes::from(format.to_string().into_bytes()))));
     }
     if let Some(ct) = &m.props.content_type {
         headers.push((HEADER_CONTENT_TYPE.to_string(), Some(Bytes::from(ct.clone().into_bytes()))));
@@ -1343,7 +1199,17 @@ async fn publish_message(
     let mut retained = None;
     if m.retain {
         let key = m.topic.clone().into_bytes();
-        let size = (!m.payload.is_empty()).then(|| retained::stored_size(&m.topic, m.payload.len()));
+        // Every property is kept with it, and its expiry (3.3.1.3, [MQTT-3.3.2-5]).
+        let value = (!m.payload.is_empty()).then(|| {
+            let props = PublishProps {
+                message_expiry_s: None,
+                topic_alias: None,
+                subscription_ids: Vec::new(),
+                ..m.props.clone()
+            };
+            retained::encode_value(&RetainedValue { qos: m.qos, expires_ms, props, payload: m.payload.clone() })
+        });
+        let size = value.as_ref().map(|v| retained::stored_size(&m.topic, v.len()));
         let update = {
             let mut ix = lock(&ctx.retained);
             let update = ix.update(&m.topic, size);
@@ -1361,7 +1227,6 @@ async fn publish_message(
                 return Err(StoreError::LimitReached { key, limit });
             }
         }
-        let value = size.map(|_| retained_value(m.qos, &m.payload));
         kv.push((KvSpace::MqttRetained, key, value));
     }
     let record = NewRecord {
@@ -1387,34 +1252,55 @@ async fn publish_message(
 /// v5 reason code for a refused publish.
 fn publish_reason(e: &StoreError) -> u8 {
     match e {
-        StoreError::DiskFull { .. } | StoreError::LimitReached { .. } => 0x97,
-        StoreError::AppendTooLarge { .. } => 0x95,
-        StoreError::InvalidTopicName { .. } => 0x90,
-        _ => 0x80,
+        StoreError::DiskFull { .. } | StoreError::LimitReached { .. } => reason::QUOTA_EXCEEDED,
+        StoreError::AppendTooLarge { .. } => reason::PACKET_TOO_LARGE,
+        StoreError::InvalidTopicName { .. } => reason::TOPIC_NAME_INVALID,
+        _ => reason::UNSPECIFIED_ERROR,
     }
 }
 
-/// Reads packets until the client leaves; `Ok(true)` = a normal DISCONNECT (no will).
+/// Outcomes the session waits for (commits and store writes), by ticket.
+type Outcomes = FuturesUnordered<Pin<Box<dyn Future<Output = (u64, Result<(), u8>)> + Send>>>;
+
+/// Drives a session until it ends: reads packets, delivers from the log, waits for commits and
+/// timers, and performs what the session asks. `Ok(true)` = a normal DISCONNECT (no will).
 async fn session_loop(
     ctx: &Arc<Ctx>,
     s: &mut Session,
     rd: &mut FrameReader<Reader>,
-    tx: &mpsc::Sender<Pending>,
-    keep_alive: Option<Duration>,
+    tx: &mpsc::Sender<Bytes>,
     kill: &mut oneshot::Receiver<oneshot::Sender<()>>,
+    taken_over: &mut Option<oneshot::Sender<()>>,
 ) -> Result<bool, String> {
     let mut shutdown = ctx.shutdown.subscribe();
     let mut topics_changed = ctx.store.topics_changed();
-    // Inbound QoS 1/2 publishes whose acknowledgement is still waiting for the commit.
-    let unacked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut outcomes: Outcomes = FuturesUnordered::new();
     let max = ctx.cfg.packet_bytes_max as usize;
     let v = s.version;
-    let send = |bytes: Bytes| -> Pending { Box::pin(async move { Some(bytes) }) };
     loop {
         // Each round yields to the runtime's budget: a client that keeps the session busy
         // (packets, deliveries) cannot keep a worker to itself.
         consume_budget().await;
-        let more = deliver(ctx, s, tx).await?;
+        s.step();
+        perform(ctx, s, tx, &mut outcomes).await?;
+        if let Some(end) = s.end() {
+            return end.clone();
+        }
+        if s.closing() {
+            // Answers queued before the end still go out, once their outcomes are known.
+            let Some((ticket, outcome)) = outcomes.next().await else {
+                debug_assert!(false, "a closing session waits for no outcome");
+                return Err("session ended with answers waiting".into());
+            };
+            s.resolve(ticket, outcome);
+            continue;
+        }
+        if s.working() {
+            continue;
+        }
+        // Deliveries queue behind answers waiting for commits: not while too many wait.
+        let more = if s.backlogged() { false } else { deliver(ctx, s).await? };
+        perform(ctx, s, tx, &mut outcomes).await?;
         let watches = subscription_watches(ctx, s);
         let wait_for_data = async {
             if watches.is_empty() {
@@ -1424,23 +1310,15 @@ async fn session_loop(
                 let _ = select_all(watches.iter_mut().map(|w| Box::pin(w.changed()))).await;
             }
         };
-        let read = async {
-            match keep_alive {
-                Some(k) => {
-                    tokio::time::timeout(k, rd.next(max, |_| true)).await.map_err(|_| "keep-alive expired".to_string())
-                }
-                None => Ok(rd.next(max, |_| true).await),
-            }
-        };
         let following = !s.subs.is_empty() || !s.shared.is_empty();
-        let save_due = s.save_due;
+        let timeout = s.poll_timeout();
+        let reading = s.wants_read();
+        let waiting = !outcomes.is_empty();
         let frame = tokio::select! {
             done = &mut *kill => {
-                s.taken_over = done.ok();
-                if v == Version::V5 {
-                    let _ = tx.send(send(wire::disconnect(0x8E))).await;
-                }
-                return Err("session taken over".into());
+                *taken_over = done.ok();
+                s.taken_away(reason::SESSION_TAKEN_OVER, "session taken over");
+                continue;
             }
             // Delivery stopped at a page limit with the window open: go on after a look at the
             // socket.
@@ -1453,382 +1331,141 @@ async fn session_loop(
                 }
                 continue;
             }
-            // The delivery progress of a persistent session is stored at most a second late.
+            // Keep-alive, and the delivery progress of a persistent session stored at most a
+            // second late.
             () = async {
-                match save_due {
-                    Some(at) => tokio::time::sleep_until(at).await,
+                match timeout {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
                     None => std::future::pending().await,
                 }
             } => {
-                save_session(ctx, s).await.map_err(|e| format!("session not stored: {e}"))?;
+                s.handle_timeout(Instant::now());
                 continue;
             }
             () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
-                if v == Version::V5 {
-                    let _ = tx.send(send(wire::disconnect(0x8B))).await;
-                }
-                return Err("server shutting down".into());
+                s.taken_away(reason::SERVER_SHUTTING_DOWN, "server shutting down");
+                continue;
             }
-            f = read => f?,
+            Some((ticket, outcome)) = outcomes.next(), if waiting => {
+                s.resolve(ticket, outcome);
+                continue;
+            }
+            f = rd.next(max, |_| true), if reading => f,
         };
-        let frame = match frame {
+        match frame {
             Ok(f) => {
                 ctx.stats.bytes_in.fetch_add(f.bytes.len() as u64, Ordering::Relaxed);
-                f
-            }
-            Err(WireError::Closed) => return Ok(false),
-            Err(WireError::TooLarge { size, max }) => {
-                if v == Version::V5 {
-                    let _ = tx.send(send(wire::disconnect(0x95))).await;
+                // The packet's bytes stay charged to the read budget until it is handled.
+                let wire::Frame { bytes, charge } = f;
+                match wire::decode(v, bytes, max) {
+                    Ok(packet) => s.handle(Instant::now(), packet),
+                    Err(e) => s.close(reason::MALFORMED_PACKET, e.to_string()),
                 }
-                return Err(format!("packet of {size} bytes over mqtt.packet_bytes_max = {max}"));
-            }
-            Err(e @ WireError::BudgetExhausted) => {
-                ctx.stats.buffer_memory_exhausted.fetch_add(1, Ordering::Relaxed);
-                if v == Version::V5 {
-                    let _ = tx.send(send(wire::disconnect(0x89))).await;
-                }
-                return Err(e.to_string());
+                perform(ctx, s, tx, &mut outcomes).await?;
+                drop(charge);
             }
             Err(e) => {
-                if v == Version::V5 {
-                    let _ = tx.send(send(wire::disconnect(0x81))).await;
+                if matches!(e, WireError::BudgetExhausted) {
+                    ctx.stats.buffer_memory_exhausted.fetch_add(1, Ordering::Relaxed);
                 }
-                return Err(e.to_string());
-            }
-        };
-        // The packet's bytes stay charged to the read budget until it is handled.
-        let wire::Frame { bytes, charge: _charge } = frame;
-        let packet = match wire::decode(v, bytes, max) {
-            Ok(p) => p,
-            Err(e) => {
-                if v == Version::V5 {
-                    let _ = tx.send(send(wire::disconnect(0x81))).await;
-                }
-                return Err(e.to_string());
-            }
-        };
-        match packet {
-            In::Connect { .. } => {
-                if v == Version::V5 {
-                    let _ = tx.send(send(wire::disconnect(0x82))).await;
-                }
-                return Err("a second CONNECT".into());
-            }
-            In::PingReq => {
-                let _ = tx.send(send(wire::pingresp())).await;
-            }
-            In::Disconnect(reason) => return Ok(reason != 0x04),
-            In::Publish { topic: t, qos, retain, dup: _, pkid, payload, props } => {
-                let topic_name = match (std::str::from_utf8(&t), props.topic_alias) {
-                    (Ok(""), Some(alias)) => match s.aliases.get(&alias) {
-                        Some(known) => known.clone(),
-                        None => {
-                            let _ = tx.send(send(wire::disconnect(0x82))).await;
-                            return Err(format!("unknown topic alias {alias}"));
-                        }
-                    },
-                    (Ok(name), alias) => {
-                        if let Some(a) = alias {
-                            if a == 0 || a > 64 {
-                                let _ = tx.send(send(wire::disconnect(0x94))).await;
-                                return Err(format!("topic alias {a} outside 1..=64"));
-                            }
-                            s.aliases.insert(a, name.to_string());
-                        }
-                        name.to_string()
-                    }
-                    (Err(_), _) => {
-                        if v == Version::V5 {
-                            let _ = tx.send(send(wire::disconnect(0x81))).await;
-                        }
-                        return Err("topic is not valid UTF-8".into());
-                    }
-                };
-                if qos > 2 {
-                    return Err("QoS 3".into());
-                }
-                if let Err(reason) = check_topic(ctx, &topic_name) {
-                    if v == Version::V5 {
-                        let _ = tx.send(send(wire::disconnect(0x90))).await;
-                    }
-                    return Err(reason);
-                }
-                if s.user.as_ref().is_some_and(|u| !u.may_publish(&s.client_id, &topic_name)) {
-                    // Refused by the ACL. MQTT 5: PUBACK/PUBREC "not authorized". 3.1.1 has no
-                    // negative acknowledgement: the message is acknowledged and dropped (as
-                    // mosquitto does), counted and logged, so a device retrying it does not loop
-                    // through reconnects.
-                    ctx.stats.publishes_denied.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(client = %s.client_id, user = ?s.username, topic = %topic_name,
-                        "publish not allowed by the user's ACL: dropped");
-                    if qos > 0 {
-                        let reason = if v == Version::V5 { 0x87 } else { 0 };
-                        let _ = tx.send(send(wire::ack(v, if qos == 1 { 4 } else { 5 }, pkid, reason))).await;
-                    }
-                    continue;
-                }
-                let msg = Message { topic: topic_name, qos, retain, payload, props };
-                if qos == 2 {
-                    let known = lock(&s.qos2).get(&pkid).cloned();
-                    match known {
-                        // A retransmission of a message already stored: acknowledge again,
-                        // store nothing.
-                        Some(Qos2::Stored) => {
-                            let _ = tx.send(send(wire::ack(v, 5, pkid, 0))).await;
-                            continue;
-                        }
-                        // Sent again while its commit is under way: answered with its outcome.
-                        Some(Qos2::Pending(mut outcome)) => {
-                            let _ = tx
-                                .send(Box::pin(async move {
-                                    let reason = match outcome.wait_for(Option::is_some).await {
-                                        Ok(r) => r.unwrap_or(0x80),
-                                        Err(_) => 0x80,
-                                    };
-                                    match (reason, v) {
-                                        (0, _) => Some(wire::ack(v, 5, pkid, 0)),
-                                        (_, Version::V4) => Some(CLOSE.clone()),
-                                        (r, Version::V5) => Some(wire::ack(v, 5, pkid, r)),
-                                    }
-                                }))
-                                .await;
-                            continue;
-                        }
-                        None => {}
-                    }
-                }
-                let kv = if qos == 2 {
-                    vec![(KvSpace::MqttSessions, qos2_key(&s.client_id, pkid), Some(Vec::new()))]
-                } else {
-                    Vec::new()
-                };
-                let appended = publish_into_log(ctx, s, &msg, kv).await;
-                match (qos, appended) {
-                    (0, Ok(_)) => {}
-                    (0, Err(e)) => tracing::debug!(client = %s.client_id, error = %e, "QoS 0 publish dropped"),
-                    (q, Ok(published)) => {
-                        // QoS 2: the packet id counts as received once the commit succeeded;
-                        // until then a retransmission waits for this outcome.
-                        let outcome = (q == 2).then(|| {
-                            let (tell, outcome) = watch::channel(None);
-                            lock(&s.qos2).insert(pkid, Qos2::Pending(outcome));
-                            (s.qos2.clone(), tell)
-                        });
-                        let kind = if q == 1 { 4 } else { 5 };
-                        let disconnect_v4 = v == Version::V4;
-                        let waiting = unacked.fetch_add(1, Ordering::Relaxed) + 1;
-                        if v == Version::V5 && waiting > usize::from(ctx.cfg.inflight_messages_max) {
-                            let _ = tx.send(send(wire::disconnect(0x93))).await;
-                            return Err("more unacknowledged QoS 1/2 publishes than the Receive Maximum".into());
-                        }
-                        let unacked = unacked.clone();
-                        let _ = tx
-                            .send(Box::pin(async move {
-                                let result = published.wait().await;
-                                unacked.fetch_sub(1, Ordering::Relaxed);
-                                let reason = match &result {
-                                    Ok(_) => 0,
-                                    Err(e) => publish_reason(e),
-                                };
-                                if let Some((ids, tell)) = outcome {
-                                    let mut ids = lock(&ids);
-                                    if reason == 0 {
-                                        ids.insert(pkid, Qos2::Stored);
-                                    } else {
-                                        // Not stored: the same packet id is a new message.
-                                        ids.remove(&pkid);
-                                    }
-                                    let _ = tell.send(Some(reason));
-                                }
-                                match result {
-                                    Ok(_) => Some(wire::ack(v, kind, pkid, 0)),
-                                    Err(e) if disconnect_v4 => {
-                                        tracing::warn!(error = %e, "publish refused; 3.1.1 has no negative ack: closing");
-                                        Some(CLOSE.clone())
-                                    }
-                                    Err(_) => Some(wire::ack(v, kind, pkid, reason)),
-                                }
-                            }))
-                            .await;
-                    }
-                    (q, Err(e)) => {
-                        tracing::debug!(client = %s.client_id, error = %e, "publish refused");
-                        if v == Version::V4 {
-                            return Err(format!("publish refused ({e}); 3.1.1 has no negative acknowledgement"));
-                        }
-                        let kind = if q == 1 { 4 } else { 5 };
-                        let _ = tx.send(send(wire::ack(v, kind, pkid, publish_reason(&e)))).await;
-                    }
-                }
-            }
-            In::PubRel(pkid) => {
-                let known = lock(&s.qos2).remove(&pkid);
-                let store = ctx.store.clone();
-                let keys = vec![(qos2_key(&s.client_id, pkid), None), (legacy_qos2_key(&s.client_id, pkid), None)];
-                let _ = tx
-                    .send(Box::pin(async move {
-                        let stored = match known {
-                            Some(Qos2::Stored) => true,
-                            // PUBREL before PUBREC: once the commit is known.
-                            Some(Qos2::Pending(mut outcome)) => {
-                                matches!(outcome.wait_for(Option::is_some).await.map(|r| *r), Ok(Some(0)))
-                            }
-                            None => false,
-                        };
-                        if stored && store.kv_write(KvSpace::MqttSessions, keys).await.is_err() {
-                            return Some(wire::ack(v, 7, pkid, 0x80));
-                        }
-                        Some(wire::ack(v, 7, pkid, if stored || v == Version::V4 { 0 } else { 0x92 }))
-                    }))
-                    .await;
-            }
-            In::PubAck(pkid) | In::PubComp(pkid) => {
-                if let Some(m) = s.out.remove(pkid) {
-                    if let Source::Shared(g, position) = &m.source {
-                        g.settle(position);
-                    }
-                    s.mark_dirty();
-                }
-            }
-            In::PubRec(pkid) => {
-                // Outbound QoS 2, step 2: the client has the message. A persistent session
-                // stores that before the PUBREL, so neither a reconnect nor a crash sends the
-                // message again: only the PUBREL is repeated.
-                let pubrel = wire::ack(v, 6, pkid, 0);
-                match s.out.get_mut(pkid) {
-                    Some(m) if m.qos == 2 => {
-                        if !m.released {
-                            m.released = true;
-                            if let Source::Shared(g, position) = &m.source {
-                                g.settle(position);
-                            }
-                        }
-                        if s.persistent {
-                            let (store, entries) = (ctx.store.clone(), session_entries(s));
-                            s.dirty = false;
-                            s.save_due = None;
-                            let _ = tx
-                                .send(Box::pin(async move {
-                                    match store.kv_write(KvSpace::MqttSessions, entries).await {
-                                        Ok(()) => Some(pubrel),
-                                        Err(_) => Some(CLOSE.clone()),
-                                    }
-                                }))
-                                .await;
-                        } else {
-                            let _ = tx.send(send(pubrel)).await;
-                        }
-                    }
-                    _ if v == Version::V5 => {
-                        let _ = tx.send(send(wire::ack(v, 6, pkid, 0x92))).await;
-                    }
-                    _ => {}
-                }
-            }
-            In::Subscribe { pkid, subs } => {
-                let mut codes = Vec::with_capacity(subs.len());
-                for sub in subs {
-                    // A SUBSCRIBE may carry thousands of filters: yield between them.
-                    consume_budget().await;
-                    if let Some(rest) = sub.filter.strip_prefix("$share/") {
-                        // Shared subscription: `$share/{group}/{filter}`.
-                        let valid = rest
-                            .split_once('/')
-                            .filter(|(g, f)| !g.is_empty() && !g.contains(['+', '#']) && topic::valid_filter(f));
-                        let Some((_, inner)) = valid else {
-                            codes.push(0x8F);
-                            continue;
-                        };
-                        if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&s.client_id, inner)) {
-                            ctx.stats.subscriptions_denied.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(client = %s.client_id, user = ?s.username, filter = %sub.filter,
-                                "subscription not allowed by the user's ACL");
-                            codes.push(0x87); // not authorized (3.1.1: 0x80 failure)
-                            continue;
-                        }
-                        if s.subs.len() + s.shared.len() >= ctx.cfg.subscriptions_per_client_max as usize
-                            && !s.shared.iter().any(|(_, g)| g.name == sub.filter)
-                        {
-                            codes.push(0x97);
-                            continue;
-                        }
-                        let group = shared_group(ctx, &sub.filter, inner).await?;
-                        let granted = sub.qos.min(2);
-                        s.shared.retain(|(_, g)| g.name != sub.filter);
-                        s.shared.push((granted, group));
-                        codes.push(granted);
-                        continue;
-                    }
-                    if !topic::valid_filter(&sub.filter) || sub.filter.len() > ctx.cfg.topic_bytes_max as usize {
-                        codes.push(0x8F); // topic filter invalid
-                        continue;
-                    }
-                    if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&s.client_id, &sub.filter)) {
-                        ctx.stats.subscriptions_denied.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(client = %s.client_id, user = ?s.username, filter = %sub.filter,
-                            "subscription not allowed by the user's ACL");
-                        codes.push(0x87); // not authorized (3.1.1: 0x80 failure)
-                        continue;
-                    }
-                    let exists = s.subs.iter().position(|x| x.filter == sub.filter);
-                    if exists.is_none() && s.subs.len() >= ctx.cfg.subscriptions_per_client_max as usize {
-                        codes.push(0x97); // quota exceeded
-                        continue;
-                    }
-                    let granted = sub.qos.min(2);
-                    // New messages from now on: cursors of the log topics this filter can reach
-                    // start at their current ends.
-                    for (route_filter, log_topic) in ctx.router.filters() {
-                        if filters_overlap(route_filter, &sub.filter) {
-                            start_cursors(ctx, s, log_topic);
-                        }
-                    }
-                    // Its retained messages follow within the window, page by page; subscribing
-                    // again to the same filter starts them over ([MQTT-3.8.4-3]) instead of
-                    // queueing them twice, so at most one scan per subscription waits.
-                    s.retained.retain(|r| r.filter != sub.filter);
-                    s.retained.push(RetainedScan::new(&sub.filter, granted));
-                    let new = wire::Subscription { qos: granted, ..sub };
-                    match exists {
-                        Some(i) => s.subs[i] = new,
-                        None => s.subs.push(new),
-                    }
-                    codes.push(granted);
-                }
-                if let Err(e) = save_session(ctx, s).await {
-                    tracing::warn!(client = %s.client_id, error = %e, "subscriptions not stored");
-                    codes.iter_mut().for_each(|c| *c = 0x80);
-                }
-                let _ = tx.send(send(wire::suback(v, pkid, &codes))).await;
-            }
-            In::Unsubscribe { pkid, filters } => {
-                let mut codes = Vec::with_capacity(filters.len());
-                for f in &filters {
-                    consume_budget().await;
-                    s.retained.retain(|r| &r.filter != f);
-                    codes.push(match s.subs.iter().position(|x| &x.filter == f) {
-                        Some(i) => {
-                            s.subs.remove(i);
-                            0
-                        }
-                        None => match s.shared.iter().position(|(_, g)| &g.name == f) {
-                            Some(i) => {
-                                let (_, g) = s.shared.remove(i);
-                                release_groups(ctx, vec![(0, g)]);
-                                0
-                            }
-                            None => 0x11,
-                        },
-                    });
-                }
-                if let Err(e) = save_session(ctx, s).await {
-                    tracing::warn!(client = %s.client_id, error = %e, "subscriptions not stored");
-                }
-                let _ = tx.send(send(wire::unsuback(v, pkid, &codes))).await;
+                s.read_failed(&e);
             }
         }
     }
+}
+
+/// Performs what the session asked for, in order: packets to the writer, appends to the log
+/// and store writes (their outcomes go back to the session through `outcomes`), shared groups,
+/// cursors and counters.
+async fn perform(
+    ctx: &Arc<Ctx>,
+    s: &mut Session,
+    tx: &mpsc::Sender<Bytes>,
+    outcomes: &mut Outcomes,
+) -> Result<(), String> {
+    while let Some(action) = s.poll_action() {
+        match action {
+            Action::Send(bytes) => {
+                if tx.send(bytes).await.is_err() {
+                    return Err("connection closed while writing".into());
+                }
+            }
+            Action::Append { ticket, msg, qos2_pkid } => {
+                let kv = match qos2_pkid {
+                    Some(p) => vec![(KvSpace::MqttSessions, qos2_key(&s.client_id, p), Some(Vec::new()))],
+                    None => Vec::new(),
+                };
+                let origin = Origin { client_id: s.client_id.clone(), username: s.username.clone() };
+                match (publish_message(ctx, &origin, &msg, kv).await, ticket) {
+                    (Ok(published), Some(t)) => outcomes.push(Box::pin(async move {
+                        let result = published.wait().await;
+                        if let Err(e) = &result {
+                            tracing::debug!(error = %e, "publish not stored");
+                        }
+                        (t, result.map(|_| ()).map_err(|e| publish_reason(&e)))
+                    })),
+                    (Ok(_), None) => {}
+                    (Err(e), Some(t)) => {
+                        tracing::debug!(client = %s.client_id, error = %e, "publish refused");
+                        s.resolve(t, Err(publish_reason(&e)));
+                    }
+                    (Err(e), None) => tracing::debug!(client = %s.client_id, error = %e, "QoS 0 publish dropped"),
+                }
+            }
+            Action::DeleteQos2 { ticket, pkid } => {
+                let store = ctx.store.clone();
+                let keys = vec![(qos2_key(&s.client_id, pkid), None), (legacy_qos2_key(&s.client_id, pkid), None)];
+                outcomes.push(Box::pin(async move {
+                    (ticket, store.kv_write(KvSpace::MqttSessions, keys).await.map_err(|_| reason::UNSPECIFIED_ERROR))
+                }));
+            }
+            Action::SaveSession { ticket } => {
+                let entries = s.stored_entries(session_deadline_ms(s.session_expiry_s));
+                match ticket {
+                    Some(t) => {
+                        let store = ctx.store.clone();
+                        outcomes.push(Box::pin(async move {
+                            let written = store.kv_write(KvSpace::MqttSessions, entries).await;
+                            (t, written.map_err(|_| reason::UNSPECIFIED_ERROR))
+                        }));
+                    }
+                    None => ctx
+                        .store
+                        .kv_write(KvSpace::MqttSessions, entries)
+                        .await
+                        .map_err(|e| format!("session not stored: {e}"))?,
+                }
+            }
+            Action::JoinShared { name, inner } => {
+                let group = shared_group(ctx, &name, &inner).await?;
+                s.set_group(&name, group);
+            }
+            Action::LeaveShared(group) => release_groups(ctx, vec![group]),
+            Action::StartCursors { filter } => {
+                for (route_filter, log_topic) in ctx.router.filters() {
+                    if filters_overlap(route_filter, &filter) {
+                        start_cursors(ctx, s, log_topic);
+                    }
+                }
+            }
+            Action::Count(Counter::PublishDenied) => {
+                ctx.stats.publishes_denied.fetch_add(1, Ordering::Relaxed);
+            }
+            Action::Count(Counter::PublishReserved) => {
+                ctx.stats.publishes_reserved.fetch_add(1, Ordering::Relaxed);
+            }
+            Action::Count(Counter::SubscriptionDenied) => {
+                ctx.stats.subscriptions_denied.fetch_add(1, Ordering::Relaxed);
+            }
+            Action::Disconnect { reason: code, detail } => {
+                tracing::debug!(client = %s.client_id, reason = code.map(reason::meaning), %detail, "closing the connection");
+                if let Some(code) = code {
+                    let _ = tx.send(wire::disconnect(code)).await;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether some topic name could match both filters.
@@ -1881,7 +1518,7 @@ fn refresh_cursors(ctx: &Ctx, s: &mut Session) {
 
 fn subscription_watches(ctx: &Ctx, s: &Session) -> Vec<crate::storage::PartitionWatch> {
     let mut keys: Vec<(String, i32)> = s.cursors.keys().cloned().collect();
-    for (_, g) in &s.shared {
+    for g in s.shared.iter().filter_map(|x| x.group.as_ref()) {
         keys.extend(g.partitions());
     }
     keys.iter().filter_map(|(t, p)| ctx.store.watch(t, *p).ok()).collect()
@@ -1920,9 +1557,9 @@ async fn shared_group(ctx: &Arc<Ctx>, name: &str, inner: &str) -> Result<Arc<Sha
 
 /// A session leaves these groups: a group no session uses any more leaves memory (its position
 /// stays stored for persistent members that come back).
-fn release_groups(ctx: &Ctx, groups: Vec<(u8, Arc<SharedGroup>)>) {
+fn release_groups(ctx: &Ctx, groups: Vec<Arc<SharedGroup>>) {
     let mut map = lock(&ctx.shared);
-    for (_, g) in groups {
+    for g in groups {
         let name = g.name.clone();
         drop(g);
         if map.get(&name).is_some_and(|g| Arc::strong_count(g) == 1) {
@@ -1965,13 +1602,14 @@ async fn read_one(ctx: &Ctx, (t, p, off): &Position) -> Result<Option<StoredReco
 /// then shared-subscription and log messages after their cursors. Returns whether it stopped at
 /// a page limit with work left that the window allows (the caller comes back after a look at the
 /// socket); a full window or caught-up cursors return `false`.
-async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Result<bool, String> {
-    if !resend_stored(ctx, s, tx).await? {
+async fn deliver(ctx: &Arc<Ctx>, s: &mut Session) -> Result<bool, String> {
+    if !resend_stored(ctx, s).await? {
         return Ok(false);
     }
-    let mut more = send_retained(ctx, s, tx).await?;
-    let shared = s.shared.clone();
-    for (granted, g) in shared {
+    let mut more = send_retained(ctx, s).await?;
+    let shared: Vec<(u8, u32, Arc<SharedGroup>)> =
+        s.shared.iter().filter_map(|x| x.group.clone().map(|g| (x.qos, x.id, g))).collect();
+    for (granted, id, g) in shared {
         let budget = s.out.free().min(SHARED_BATCH);
         if budget == 0 {
             break;
@@ -1999,12 +1637,15 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, tx: &mpsc::Sender<Pending>) ->
             consume_budget().await;
             let (t, stored_qos) = mqtt_view(&ctx.router, &r, &position.0);
             let qos = granted.min(stored_qos);
-            let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+            let mut props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+            if id != 0 {
+                props.subscription_ids.push(id);
+            }
             let payload = r.value.clone().unwrap_or_default();
             let source = Source::Shared(g.clone(), position.clone());
-            let sent = send_message(ctx, s, tx, &t, qos, &payload, &props, source).await?;
+            let sent = send_message(ctx, s, &t, qos, false, &payload, props, source);
             if sent && qos > 0 {
-                s.mark_dirty();
+                s.mark_dirty(Instant::now());
             } else {
                 g.settle(&position);
             }
@@ -2065,23 +1706,32 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, tx: &mpsc::Sender<Pending>) ->
                 next = r.offset + 1;
                 let (mqtt_topic, stored_qos) = mqtt_view(&ctx.router, &r, &log_topic);
                 let own = header(&r, HEADER_CLIENT) == Some(s.client_id.as_str());
-                let Some(qos) = s
-                    .subs
-                    .iter()
-                    .filter(|sub| topic::matches(&mqtt_topic, &sub.filter) && !(sub.no_local && own))
-                    .map(|sub| sub.qos.min(stored_qos))
-                    .max()
-                else {
-                    continue;
-                };
+                // One PUBLISH for every matching subscription: the highest QoS, every
+                // Subscription Identifier (3.3.4, [MQTT-3.3.4-3/5]), RETAIN as published if a
+                // subscription asked for it ([MQTT-3.3.1-12/13]).
+                let (mut qos, mut ids, mut keep_retain) = (None, Vec::new(), false);
+                for sub in
+                    s.subs.iter().filter(|sub| topic::matches(&mqtt_topic, &sub.filter) && !(sub.no_local && own))
+                {
+                    qos = qos.max(Some(sub.qos.min(stored_qos)));
+                    if sub.id != 0 {
+                        ids.push(sub.id);
+                    }
+                    keep_retain |= sub.retain_as_published;
+                }
+                let Some(qos) = qos else { continue };
                 if expired(&r) {
                     ctx.stats.expired_messages.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+                let mut props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+                ids.sort_unstable();
+                ids.dedup();
+                props.subscription_ids = ids;
+                let retain = keep_retain && header(&r, HEADER_RETAIN) == Some("1");
                 let payload = r.value.clone().unwrap_or_default();
                 let source = Source::Log((log_topic.clone(), p, r.offset));
-                if !send_message(ctx, s, tx, &mqtt_topic, qos, &payload, &props, source).await? {
+                if !send_message(ctx, s, &mqtt_topic, qos, retain, &payload, props, source) {
                     continue;
                 }
                 if s.out.is_full() {
@@ -2092,7 +1742,7 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, tx: &mpsc::Sender<Pending>) ->
                 break;
             }
             s.cursors.insert((log_topic.clone(), p), next);
-            s.mark_dirty();
+            s.mark_dirty(Instant::now());
         }
     }
     Ok(more)
@@ -2102,40 +1752,37 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, tx: &mpsc::Sender<Pending>) ->
 /// allows: a PUBREL again for those the client has (QoS 2 after PUBREC), the message again (same
 /// packet id, DUP set) for the others. Messages gone to retention meanwhile are counted and
 /// skipped. Returns whether all are out (nothing new goes before them).
-async fn resend_stored(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Result<bool, String> {
+async fn resend_stored(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
     while !s.resend.is_empty() {
         consume_budget().await;
         if s.out.is_full() {
             return Ok(false);
         }
         let Some(m) = s.resend.pop_front() else { break };
-        let bytes = if m.released {
-            wire::ack(s.version, 6, m.pkid, 0)
-        } else {
-            let Some(r) = read_one(ctx, &m.position).await? else {
-                let (t, p, off) = &m.position;
-                tracing::warn!(client = %s.client_id, topic = %t, partition = p, offset = off,
-                    "message in flight fell behind retention: skipped");
-                ctx.stats.retention_skipped_messages.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let (topic, _) = mqtt_view(&ctx.router, &r, &m.position.0);
-            if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&s.client_id, &topic)) {
-                // The session was stored under rules (or a user) that allowed more.
-                continue;
-            }
-            let props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
-            let payload = r.value.clone().unwrap_or_default();
-            wire::publish(s.version, &topic, m.qos, false, true, m.pkid, &payload, &props)
-        };
-        let entry = Inflight { qos: m.qos, released: m.released, source: Source::Log(m.position) };
-        if s.out.insert_with_id(m.pkid, entry).is_err() {
-            // Its packet id is in use (a stored duplicate): nothing to resend under it.
+        if m.released {
+            s.resend_one(m, None);
             continue;
         }
-        if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
-            return Err("writer closed".into());
+        let Some(r) = read_one(ctx, &m.position).await? else {
+            let (t, p, off) = &m.position;
+            tracing::warn!(client = %s.client_id, topic = %t, partition = p, offset = off,
+                "message in flight fell behind retention: skipped");
+            ctx.stats.retention_skipped_messages.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let (topic, _) = mqtt_view(&ctx.router, &r, &m.position.0);
+        if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&s.client_id, &topic)) {
+            // The session was stored under rules (or a user) that allowed more.
+            continue;
         }
+        let mut props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+        // The identifiers of the subscriptions that match it now (3.3.4).
+        props.subscription_ids =
+            s.subs.iter().filter(|x| x.id != 0 && topic::matches(&topic, &x.filter)).map(|x| x.id).collect();
+        props.subscription_ids.sort_unstable();
+        props.subscription_ids.dedup();
+        let payload = r.value.clone().unwrap_or_default();
+        s.resend_one(m, Some((&topic, &payload, &props)));
     }
     Ok(true)
 }
@@ -2143,7 +1790,7 @@ async fn resend_stored(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -
 /// The retained messages of new subscriptions, a page at a time within the window (QoS 1/2
 /// messages take a packet id each, so they wait for room). Returns whether a page limit, not the
 /// window, stopped it with messages left.
-async fn send_retained(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -> Result<bool, String> {
+async fn send_retained(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
     let Some(scan) = s.retained.first_mut() else { return Ok(false) };
     let take = if scan.qos == 0 { RETAINED_PAGE_QOS0 } else { s.out.free().min(SHARED_BATCH) };
     if take == 0 {
@@ -2168,7 +1815,7 @@ async fn send_retained(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -
     .await?;
     for (t, v) in values {
         consume_budget().await;
-        let Some((&stored_qos, payload)) = v.split_first() else { continue };
+        let Some(value) = retained::decode_value(&v) else { continue };
         if !topic::matches(&t, &filter) {
             continue;
         }
@@ -2176,69 +1823,55 @@ async fn send_retained(ctx: &Ctx, s: &mut Session, tx: &mpsc::Sender<Pending>) -
             ctx.stats.deliveries_denied.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let qos = stored_qos.min(granted);
-        let pkid = if qos > 0 {
-            // The page took no more QoS 1/2 messages than the window had room for.
-            let Ok(id) = s.out.insert(Inflight::new(qos, Source::Retained)) else { continue };
-            id
-        } else {
-            0
-        };
-        let bytes = wire::publish(s.version, &t, qos, true, false, pkid, payload, &PublishProps::default());
-        if bytes.len() > s.max_packet_out {
-            ctx.stats.oversized_messages.fetch_add(1, Ordering::Relaxed);
-            if qos > 0 {
-                s.out.remove(pkid);
-            }
+        // [MQTT-3.3.2-5]: an expired retained message is not sent; a live one carries what
+        // is left of its expiry.
+        let now = now_ms();
+        if value.expires_ms.is_some_and(|d| d <= now) {
+            ctx.stats.expired_messages.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
-        if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
-            return Err("writer closed".into());
+        let qos = value.qos.min(granted);
+        let mut props = if s.version == Version::V5 { value.props } else { PublishProps::default() };
+        props.message_expiry_s = value.expires_ms.map(|d| ((d - now) / 1000).clamp(0, i64::from(u32::MAX)) as u32);
+        if let Some(id) = s.subs.iter().find(|x| x.filter == filter).map(|x| x.id).filter(|&id| id != 0) {
+            props.subscription_ids.push(id);
         }
+        // The page took no more QoS 1/2 messages than the window had room for.
+        send_message(ctx, s, &t, qos, true, &value.payload, props, Source::Retained);
     }
     // More pages: come back while the window has room (a QoS 0 scan never waits for it).
     Ok(!s.retained.is_empty() && !s.out.is_full())
 }
 
-/// Sends one message from the log to the client: a packet id and an in-flight entry (from
-/// `source`) at QoS 1/2. MQTT 5: a message larger than the client's Maximum Packet Size is
-/// dropped and counted. Returns whether it went out.
+/// Sends one message to the client (see [`Session::publish_out`]), counted. Returns whether it
+/// went out.
 #[allow(clippy::too_many_arguments)]
-async fn send_message(
+fn send_message(
     ctx: &Ctx,
     s: &mut Session,
-    tx: &mpsc::Sender<Pending>,
     topic: &str,
     qos: u8,
+    retain: bool,
     payload: &[u8],
-    props: &PublishProps,
+    props: PublishProps,
     source: Source,
-) -> Result<bool, String> {
+) -> bool {
     if s.user.as_ref().is_some_and(|u| u.delivery_denied(&s.client_id, topic)) {
         // Within a granted subscription but in `mqtt.subscribe_deny`.
         ctx.stats.deliveries_denied.fetch_add(1, Ordering::Relaxed);
-        return Ok(false);
+        return false;
     }
-    let pkid = if qos > 0 {
-        let Ok(pkid) = s.out.insert(Inflight::new(qos, source)) else { return Ok(false) };
-        pkid
-    } else {
-        0
-    };
-    let bytes = wire::publish(s.version, topic, qos, false, false, pkid, payload, props);
-    if bytes.len() > s.max_packet_out {
-        ctx.stats.oversized_messages.fetch_add(1, Ordering::Relaxed);
-        if qos > 0 {
-            s.out.remove(pkid);
+    match s.publish_out(topic, qos, retain, payload, props, source) {
+        Sent::Out => {
+            ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
+            true
         }
-        return Ok(false);
+        Sent::TooLarge => {
+            ctx.stats.oversized_messages.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+        Sent::WindowFull => false,
     }
-    ctx.stats.publishes_out.fetch_add(1, Ordering::Relaxed);
-    if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
-        return Err("writer closed".into());
-    }
-    Ok(true)
 }
 
 fn props_of(headers: &[(String, Option<Bytes>)]) -> PublishProps {
@@ -2246,7 +1879,8 @@ fn props_of(headers: &[(String, Option<Bytes>)]) -> PublishProps {
     for (k, v) in headers {
         let text = || v.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
         match k.as_str() {
-            HEADER_TOPIC | HEADER_QOS | HEADER_CLIENT => {}
+            HEADER_TOPIC | HEADER_QOS | HEADER_CLIENT | HEADER_RETAIN => {}
+            HEADER_PAYLOAD_FORMAT => p.payload_format = text().and_then(|t| t.parse().ok()),
             HEADER_EXPIRES => {
                 let left = text().and_then(|t| t.parse::<i64>().ok()).map(|d| (d - now_ms()).max(0) / 1000);
                 p.message_expiry_s = left.map(|l| l.min(i64::from(u32::MAX)) as u32);

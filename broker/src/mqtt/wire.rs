@@ -284,6 +284,8 @@ pub(crate) struct Will {
     pub qos: u8,
     pub retain: bool,
     pub delay_s: u32,
+    /// MQTT 5 will properties, published with it ([MQTT-3.1.3-10]).
+    pub props: PublishProps,
 }
 
 /// MQTT 5 publish properties kept with a message.
@@ -295,13 +297,40 @@ pub(crate) struct PublishProps {
     pub user_properties: Vec<(String, String)>,
     pub message_expiry_s: Option<u32>,
     pub topic_alias: Option<u16>,
+    /// Payload Format Indicator (1 = UTF-8), forwarded unaltered ([MQTT-3.3.2-4]).
+    pub payload_format: Option<u8>,
+    /// Outbound only: the identifiers of the subscriptions a message is delivered for.
+    pub subscription_ids: Vec<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl PublishProps {
+    /// Bytes its strings and data take (for memory limits).
+    pub fn bytes(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        opt(&self.content_type)
+            + opt(&self.response_topic)
+            + self.correlation_data.as_ref().map_or(0, Bytes::len)
+            + self.user_properties.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}
+
+/// The largest Subscription Identifier (a Variable Byte Integer, 3.8.2.1.2).
+pub(crate) const SUBSCRIPTION_ID_MAX: u32 = 268_435_455;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Subscription {
     pub filter: String,
     pub qos: u8,
     pub no_local: bool,
+    /// MQTT 5 Retain As Published: forwarded messages keep their RETAIN flag
+    /// ([MQTT-3.3.1-12/13]).
+    pub retain_as_published: bool,
+    /// MQTT 5 Retain Handling: 0 send retained messages on subscribe, 1 only for a new
+    /// subscription, 2 never ([MQTT-3.3.1-9/10/11]).
+    pub retain_handling: u8,
+    /// MQTT 5 Subscription Identifier (1 to 268,435,455; 0 = none), put on the messages the
+    /// subscription delivers (3.3.4).
+    pub id: u32,
 }
 
 /// An incoming packet, whatever the version.
@@ -317,6 +346,8 @@ pub(crate) enum In {
         session_expiry_s: u32,
         receive_max: u16,
         max_packet: Option<u32>,
+        /// The client's Topic Alias Maximum (MQTT 5): aliases the server may use towards it.
+        topic_alias_max: u16,
     },
     Publish {
         topic: Bytes,
@@ -340,8 +371,12 @@ pub(crate) enum In {
         filters: Vec<String>,
     },
     PingReq,
-    /// With the v5 reason code (0 = normal; 4 = disconnect with will message).
-    Disconnect(u8),
+    /// With the v5 reason code (0 = normal; 4 = disconnect with will message) and the v5
+    /// Session Expiry Interval, if the client set one (3.14.2.2.2).
+    Disconnect {
+        reason: u8,
+        session_expiry_s: Option<u32>,
+    },
 }
 
 fn malformed(e: impl std::fmt::Debug) -> WireError {
@@ -371,7 +406,8 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
         6 => return Ok(In::PubRel(pkid()?)),
         7 => return Ok(In::PubComp(pkid()?)),
         12 => return Ok(In::PingReq),
-        14 => return Ok(In::Disconnect(if version == Version::V5 { b.first().copied().unwrap_or(0) } else { 0 })),
+        14 if version == Version::V5 => return disconnect_v5(b),
+        14 => return Ok(In::Disconnect { reason: 0, session_expiry_s: None }),
         _ => {}
     }
     let mut frame = frame;
@@ -397,10 +433,12 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                         qos: qos4(w.qos),
                         retain: w.retain,
                         delay_s: 0,
+                        props: PublishProps::default(),
                     }),
                     session_expiry_s: if c.clean_session { 0 } else { u32::MAX },
                     receive_max: u16::MAX,
                     max_packet: None,
+                    topic_alias_max: 0,
                 }
             }
             v4::Packet::Publish(p) => {
@@ -422,7 +460,7 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                     subs: s
                         .filters
                         .into_iter()
-                        .map(|f| Subscription { filter: f.path, qos: qos4(f.qos), no_local: false })
+                        .map(|f| Subscription { filter: f.path, qos: qos4(f.qos), ..Subscription::default() })
                         .collect(),
                 }
             }
@@ -451,12 +489,28 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                             wp.response_topic.as_deref().map_or(Ok(()), text)?;
                             pairs(&wp.user_properties)?;
                         }
+                        let (delay_s, props) = match w.properties {
+                            Some(wp) => (
+                                wp.delay_interval.unwrap_or(0),
+                                PublishProps {
+                                    content_type: wp.content_type,
+                                    correlation_data: wp.correlation_data,
+                                    response_topic: wp.response_topic,
+                                    user_properties: wp.user_properties,
+                                    message_expiry_s: wp.message_expiry_interval,
+                                    payload_format: wp.payload_format_indicator,
+                                    ..PublishProps::default()
+                                },
+                            ),
+                            None => (0, PublishProps::default()),
+                        };
                         Some(Will {
                             topic: topic.to_string(),
                             payload: w.message,
                             qos: qos5(w.qos),
                             retain: w.retain,
-                            delay_s: w.properties.and_then(|p| p.delay_interval).unwrap_or(0),
+                            delay_s,
+                            props,
                         })
                     }
                     None => None,
@@ -471,6 +525,7 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                     session_expiry_s: p.session_expiry_interval.unwrap_or(0),
                     receive_max: p.receive_maximum.unwrap_or(u16::MAX),
                     max_packet: p.max_packet_size,
+                    topic_alias_max: p.topic_alias_max.unwrap_or(0),
                 }
             }
             v5::Packet::Publish(p) => {
@@ -483,6 +538,10 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                         pp.content_type.as_deref().map_or(Ok(()), text)?;
                         pp.response_topic.as_deref().map_or(Ok(()), text)?;
                         pairs(&pp.user_properties)?;
+                        // [MQTT-3.3.4-6]: a client's PUBLISH carries no Subscription Identifier.
+                        if !pp.subscription_identifiers.is_empty() {
+                            return Err(WireError::Malformed("a subscription identifier from a client".into()));
+                        }
                         PublishProps {
                             content_type: pp.content_type,
                             correlation_data: pp.correlation_data,
@@ -490,6 +549,8 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                             user_properties: pp.user_properties,
                             message_expiry_s: pp.message_expiry_interval,
                             topic_alias: pp.topic_alias,
+                            payload_format: pp.payload_format_indicator,
+                            subscription_ids: Vec::new(),
                         }
                     }
                     None => PublishProps::default(),
@@ -509,12 +570,32 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
                 if let Some(p) = &s.properties {
                     pairs(&p.user_properties)?;
                 }
+                // 3.8.2.1.2: 1 to 268,435,455; 0 is a protocol error.
+                let id = match s.properties.as_ref().and_then(|p| p.id) {
+                    Some(0) => return Err(WireError::Malformed("subscription identifier 0".into())),
+                    Some(id) => u32::try_from(id)
+                        .ok()
+                        .filter(|&id| id <= SUBSCRIPTION_ID_MAX)
+                        .ok_or_else(|| WireError::Malformed(format!("subscription identifier {id}")))?,
+                    None => 0,
+                };
                 In::Subscribe {
                     pkid: s.pkid,
                     subs: s
                         .filters
                         .into_iter()
-                        .map(|f| Subscription { filter: f.path, qos: qos5(f.qos), no_local: f.nolocal })
+                        .map(|f| Subscription {
+                            filter: f.path,
+                            qos: qos5(f.qos),
+                            no_local: f.nolocal,
+                            retain_as_published: f.preserve_retain,
+                            retain_handling: match f.retain_forward_rule {
+                                v5::RetainForwardRule::OnEverySubscribe => 0,
+                                v5::RetainForwardRule::OnNewSubscribe => 1,
+                                v5::RetainForwardRule::Never => 2,
+                            },
+                            id,
+                        })
                         .collect(),
                 }
             }
@@ -529,6 +610,60 @@ pub(crate) fn decode(version: Version, frame: BytesMut, max: usize) -> Result<In
         },
     };
     Ok(packet)
+}
+
+/// A v5 DISCONNECT's body: the reason code (absent = 0) and the properties (3.14.2.2), of which
+/// the Session Expiry Interval is kept; the others (reason string, user properties, server
+/// reference) are checked for their shape only.
+fn disconnect_v5(b: &[u8]) -> Result<In, WireError> {
+    let bad = |what: &str| WireError::Malformed(format!("DISCONNECT: {what}"));
+    let Some((&reason, rest)) = b.split_first() else {
+        return Ok(In::Disconnect { reason: 0, session_expiry_s: None });
+    };
+    let (len, used) = match rest.first() {
+        None => (0, 0),
+        Some(_) => {
+            let mut len = 0usize;
+            let mut used = 0;
+            loop {
+                let byte = *rest.get(used).ok_or_else(|| bad("property length"))?;
+                len |= usize::from(byte & 0x7f) << (7 * used);
+                used += 1;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+                if used == 4 {
+                    return Err(bad("property length"));
+                }
+            }
+            (len, used)
+        }
+    };
+    let mut props = rest.get(used..used + len).ok_or_else(|| bad("properties"))?;
+    let mut session_expiry_s = None;
+    let string = |p: &[u8]| -> Result<usize, WireError> {
+        let n = p.get(..2).map(|l| usize::from(u16::from_be_bytes([l[0], l[1]]))).ok_or_else(|| bad("string"))?;
+        let s = p.get(2..2 + n).ok_or_else(|| bad("string"))?;
+        text(std::str::from_utf8(s).map_err(|_| bad("string not UTF-8"))?)?;
+        Ok(2 + n)
+    };
+    while let Some((&id, rest)) = props.split_first() {
+        let used = match id {
+            0x11 if session_expiry_s.is_none() => {
+                let v = rest.get(..4).ok_or_else(|| bad("session expiry"))?;
+                session_expiry_s = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+                4
+            }
+            0x1F | 0x1C => string(rest)?,
+            0x26 => {
+                let k = string(rest)?;
+                k + string(&rest[k..])?
+            }
+            other => return Err(bad(&format!("property {other:#04x}"))),
+        };
+        props = &rest[used..];
+    }
+    Ok(In::Disconnect { reason, session_expiry_s })
 }
 
 fn nul() -> WireError {
@@ -609,7 +744,13 @@ pub(crate) fn connack(version: Version, session_present: bool, code: u8, props: 
                 p.put_u8(0x22); // topic alias maximum
                 p.put_u16(props.topic_alias_max);
                 p.put_u8(0x2A); // shared subscriptions available
-                p.put_u8(0);
+                p.put_u8(1);
+                p.put_u8(0x29); // subscription identifiers available
+                p.put_u8(1);
+            }
+            if code == 0 && props.server_keep_alive > 0 {
+                p.put_u8(0x13); // server keep alive
+                p.put_u16(props.server_keep_alive);
             }
             if let Some(id) = &props.assigned_client_id {
                 p.put_u8(0x12);
@@ -631,9 +772,17 @@ pub(crate) struct ConnAckProps {
     pub receive_max: u16,
     pub max_packet: u32,
     pub topic_alias_max: u16,
+    /// Server Keep Alive (0 = not sent: the client's keep-alive stands).
+    pub server_keep_alive: u16,
     pub assigned_client_id: Option<String>,
     pub reason: Option<String>,
 }
+
+/// Packet types of the acknowledgements, for [`ack`].
+pub(crate) const PUBACK: u8 = 4;
+pub(crate) const PUBREC: u8 = 5;
+pub(crate) const PUBREL: u8 = 6;
+pub(crate) const PUBCOMP: u8 = 7;
 
 /// PUBACK (4), PUBREC (5), PUBREL (6, flags 2) and PUBCOMP (7) with an optional v5 reason.
 pub(crate) fn ack(version: Version, kind: u8, pkid: u16, reason: u8) -> Bytes {
@@ -700,6 +849,10 @@ pub(crate) fn publish(
     }
     if version == Version::V5 {
         let mut p = BytesMut::new();
+        if let Some(format) = props.payload_format {
+            p.put_u8(0x01);
+            p.put_u8(format);
+        }
         if let Some(expiry) = props.message_expiry_s {
             p.put_u8(0x02);
             p.put_u32(expiry);
@@ -721,6 +874,14 @@ pub(crate) fn publish(
             put_str(&mut p, k.as_bytes());
             put_str(&mut p, v.as_bytes());
         }
+        if let Some(alias) = props.topic_alias {
+            p.put_u8(0x23);
+            p.put_u16(alias);
+        }
+        for &id in &props.subscription_ids {
+            p.put_u8(0x0B);
+            put_len(&mut p, id as usize);
+        }
         put_len(&mut b, p.len());
         b.put_slice(&p);
     }
@@ -732,6 +893,21 @@ pub(crate) fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subscription_identifiers_and_the_payload_format_go_out_mqtt_3_3_2_4_and_3_3_4_3() {
+        let p = PublishProps { payload_format: Some(1), subscription_ids: vec![7, 300_000], ..Default::default() };
+        let mut b = BytesMut::from(&publish(Version::V5, "a/b", 1, true, false, 7, b"hi", &p)[..]);
+        match v5::Packet::read(&mut b, None).expect("v5 publish") {
+            v5::Packet::Publish(p) => {
+                let props = p.properties.expect("properties");
+                assert_eq!(props.payload_format_indicator, Some(1));
+                assert_eq!(props.subscription_identifiers, vec![7, 300_000]);
+                assert!(p.retain);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn outgoing_packets_decode_with_the_reference_codec() {
