@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::future::select_all;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::task::coop::consume_budget;
@@ -186,6 +186,8 @@ const SWEEP_PAGE: usize = 16;
 const TOPIC_ALIAS_MAX: u16 = 64;
 /// Read-ahead of a logged-in connection (several small packets per read).
 const READ_AHEAD_BYTES: usize = 4096;
+/// Packets waiting for a connection's writer are joined into writes of about this size.
+const WRITE_BATCH_BYTES: usize = 16 * 1024;
 
 /// A bound MQTT listener (plain, and TLS when `[mqtt.tls]` is enabled).
 #[derive(Debug)]
@@ -361,7 +363,7 @@ impl MqttServer {
             let _ = stream.set_nodelay(true);
             let ctx = self.ctx.clone();
             let permit = connections.clone().try_acquire_owned().ok();
-            tokio::spawn(async move {
+            let accept_fut = async move {
                 let ((mut rd, wr), cert_name) = match tls {
                     None => {
                         let (rd, wr) = stream.into_split();
@@ -370,9 +372,8 @@ impl MqttServer {
                     }
                     Some(acceptor) => {
                         let limit = Duration::from_millis(ctx.cfg.connect_timeout_ms);
-                        match tokio::time::timeout(limit, tokio_rustls::TlsAcceptor::from(acceptor).accept(stream))
-                            .await
-                        {
+                        let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(acceptor).accept(stream));
+                        match tokio::time::timeout(limit, handshake).await {
                             Ok(Ok(s)) => {
                                 let name = tls::peer_name(s.get_ref().1);
                                 (split_io(s), name)
@@ -398,7 +399,13 @@ impl MqttServer {
                 };
                 ctx.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 ctx.stats.connections_open.fetch_add(1, Ordering::Relaxed);
-                let result = connection(&ctx, rd, wr, peer, cert_name).await;
+                // Login and session are separate boxed futures, one at a time: an idle
+                // connection's task holds only its session, not the CONNECT and login states.
+                let result = match Box::pin(connection(&ctx, rd, wr, peer, cert_name)).await {
+                    Ok(Some(l)) => Box::pin(serve(ctx.clone(), l.rd, l.wr, l.accepted)).await,
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                };
                 ctx.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
                 match result {
                     Ok(()) => tracing::debug!(%peer, "mqtt connection closed"),
@@ -408,7 +415,8 @@ impl MqttServer {
                     }
                 }
                 drop(permit);
-            });
+            };
+            tokio::spawn(accept_fut);
         }
         let _ = self.ctx.shutdown.send(true);
         let all = self.ctx.cfg.connections_max;
@@ -536,16 +544,23 @@ fn read_stored_state(store: &Store, client_id: &str) -> Result<StoredState, Stor
     Ok((keys, session))
 }
 
-/// A connection: the CONNECT (read into a small buffer charged to the read budget), login, the
-/// client-id check, takeover, the stored session; then the session itself, whose larger state is
-/// allocated only now.
+/// A client whose CONNECT was accepted and answered: what its session starts from.
+struct LoggedIn {
+    rd: FrameReader<Reader>,
+    wr: Writer,
+    accepted: Accepted,
+}
+
+/// A connection up to its session: the CONNECT (read into a small buffer charged to the read
+/// budget), login, the client-id check, takeover, the stored session, CONNACK. `None`: refused
+/// with a CONNACK. The session itself ([`serve`]) is allocated only after this is dropped.
 async fn connection(
     ctx: &Arc<Ctx>,
     rd: Reader,
     mut wr: Writer,
     peer: SocketAddr,
     cert_name: Option<String>,
-) -> Result<(), String> {
+) -> Result<Option<LoggedIn>, String> {
     let max = ctx.cfg.packet_bytes_max as usize;
     let mut rd = FrameReader::new(rd, ctx.read_budget.clone());
     // CONNECT first, within the connect timeout.
@@ -554,7 +569,7 @@ async fn connection(
         .map_err(|_| "no CONNECT within mqtt.connect_timeout_ms".to_string())?;
     let frame = match first {
         Ok(f) => f,
-        Err(WireError::Closed) => return Ok(()),
+        Err(WireError::Closed) => return Ok(None),
         Err(e @ WireError::BudgetExhausted) => {
             ctx.stats.buffer_memory_exhausted.fetch_add(1, Ordering::Relaxed);
             return Err(e.to_string());
@@ -637,15 +652,15 @@ async fn connection(
                     reason = %e, "mqtt login refused");
                 ctx.auth.delay_failure(started).await;
                 refuse_connect(&mut wr, version, code).await;
-                return Ok(());
+                return Ok(None);
             }
         }
     } else if let Some(anonymous) = ctx.auth.anonymous() {
         // Logins off, `[auth.anonymous]` set: its rules hold for the will too.
         if will.as_ref().is_some_and(|w| !anonymous.may_publish(&client_id, &w.topic)) {
             tracing::warn!(%peer, client = %client_id, "anonymous will topic not allowed: refused");
-            refuse_connect(&mut wr, version, 0x87).await;
-            return Ok(());
+            refuse_connect(&mut wr, version, reason::NOT_AUTHORIZED).await;
+            return Ok(None);
         }
         Some(anonymous)
     } else {
@@ -659,7 +674,7 @@ async fn connection(
             tracing::warn!(%peer, client = %client_id, user = %u.name,
                 "client id not among the user's mqtt.client_ids: refused");
             refuse_connect(&mut wr, version, reason::CLIENT_IDENTIFIER_NOT_VALID).await;
-            return Ok(());
+            return Ok(None);
         }
     }
     let username = user.as_ref().filter(|u| !u.is_anonymous()).map(|u| u.name.clone()).or(username);
@@ -732,8 +747,7 @@ async fn connection(
         conn_id,
         kill_rx,
     };
-    // The session's state and futures are allocated only for a logged-in client.
-    Box::pin(serve(ctx.clone(), rd, wr, accepted)).await
+    Ok(Some(LoggedIn { rd, wr, accepted }))
 }
 
 /// Removes this connection's entry from the connected clients (unless a newer one took it).
@@ -829,6 +843,8 @@ fn limits(cfg: &MqttConfig) -> Limits {
 
 /// A logged-in client until it leaves; then its session is stored (or its QoS 2 packet ids
 /// removed), its shared-subscription messages given back and its will published or scheduled.
+/// Awaits other than the session loop are boxed: a future's size is that of its largest await,
+/// and this one lives as long as the connection.
 async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Accepted) -> Result<(), String> {
     let ctx = &ctx;
     rd.set_read_ahead(READ_AHEAD_BYTES);
@@ -858,7 +874,7 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Ac
             if s.user.as_ref().is_some_and(|u| !u.may_subscribe(&client_id, inner)) {
                 continue;
             }
-            match shared_group(ctx, &name, inner).await {
+            match Box::pin(shared_group(ctx, &name, inner)).await {
                 Ok(g) => s.shared.push(SharedSub { name: name.clone(), qos, id, group: Some(g) }),
                 Err(e) => {
                     setup = Err(e);
@@ -870,14 +886,26 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Ac
     // Packets leave through one writer task, in the order the session queued them.
     let (tx, mut rx) = mpsc::channel::<Bytes>(usize::from(ctx.cfg.inflight_messages_max) + 16);
     let stats = ctx.stats.clone();
-    let mut wr = BufWriter::with_capacity(16 * 1024, wr);
+    let mut wr = wr;
     let writer = tokio::spawn(async move {
+        // Packets queued together go out in one write; the batch exists only while there is
+        // something to send, so an idle connection holds no write buffer.
         while let Some(bytes) = rx.recv().await {
             stats.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            if wr.write_all(&bytes).await.is_err() {
-                return;
-            }
-            if rx.is_empty() && wr.flush().await.is_err() {
+            let written = if rx.is_empty() {
+                wr.write_all(&bytes).await
+            } else {
+                let mut batch = Vec::with_capacity(WRITE_BATCH_BYTES);
+                batch.extend_from_slice(&bytes);
+                while batch.len() < WRITE_BATCH_BYTES {
+                    let Ok(more) = rx.try_recv() else { break };
+                    stats.bytes_out.fetch_add(more.len() as u64, Ordering::Relaxed);
+                    batch.extend_from_slice(&more);
+                }
+                wr.write_all(&batch).await
+            };
+            // TLS keeps what it encrypted until flushed.
+            if written.is_err() || (rx.is_empty() && wr.flush().await.is_err()) {
                 return;
             }
         }
@@ -898,7 +926,7 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Ac
         _ => true,
     });
     if s.persistent {
-        if let Err(e) = save_session(ctx, &mut s).await {
+        if let Err(e) = Box::pin(save_session(ctx, &mut s)).await {
             tracing::warn!(client = %client_id, error = %e, "session not stored");
         }
     } else {
@@ -913,7 +941,7 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Ac
             if stored {
                 removals.push((session_key(&client_id), None));
             }
-            if let Err(e) = ctx.store.kv_write(KvSpace::MqttSessions, removals).await {
+            if let Err(e) = Box::pin(ctx.store.kv_write(KvSpace::MqttSessions, removals)).await {
                 tracing::warn!(client = %client_id, error = %e, "QoS 2 packet ids of a clean session not removed");
             }
         }
@@ -929,7 +957,7 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Ac
         let delay = Duration::from_secs(u64::from(w.delay_s.min(s.session_expiry_s)));
         let will = DelayedWill { origin, msg };
         if delay.is_zero() {
-            publish_will(ctx, will).await;
+            Box::pin(publish_will(ctx, will)).await;
         } else {
             let bytes = will.msg.topic.len() + will.msg.payload.len() + will.msg.props.bytes();
             let scheduled = {
@@ -944,7 +972,7 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Ac
                     ctx.stats.wills_published_early.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(client = %client_id,
                         "delayed will queue full (mqtt.delayed_wills_max / delayed_will_bytes_max): published now");
-                    publish_will(ctx, will).await;
+                    Box::pin(publish_will(ctx, will)).await;
                 }
             }
         }

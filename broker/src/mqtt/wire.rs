@@ -145,11 +145,15 @@ pub(crate) struct FrameReader<R> {
     /// Bytes read beyond the current packet when the buffer must grow anyway (several small
     /// packets per read once logged in; none before login).
     read_ahead: usize,
+    /// With a read-ahead, an idle connection holds no buffer: its next bytes are read here
+    /// first, and the buffer is allocated once they came (`first_len` of them).
+    first: [u8; READ_CHUNK_MIN],
+    first_len: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn new(io: R, budget: ReadBudget) -> Self {
-        Self { io, buf: BytesMut::new(), charge: None, budget, read_ahead: 0 }
+        Self { io, buf: BytesMut::new(), charge: None, budget, read_ahead: 0, first: [0; READ_CHUNK_MIN], first_len: 0 }
     }
 
     /// Lets reads fetch up to `n` bytes beyond the current packet (after login).
@@ -192,6 +196,28 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// needs (and the read-ahead), but at most by the bytes already buffered (and at least
     /// `READ_CHUNK_MIN`), so the buffer never exceeds twice what arrived plus a small chunk.
     async fn fill(&mut self, need: usize) -> Result<(), WireError> {
+        if self.buf.is_empty() && self.read_ahead > 0 {
+            // Between packets, logged in: wait without a buffer (an idle connection then costs
+            // `first`, not a read-ahead chunk), then take a chunk for what came and what follows.
+            if self.first_len == 0 {
+                self.buf = BytesMut::new();
+                self.charge = None;
+                // Cancel-safe: a read that completes leaves its bytes in `first`.
+                self.first_len = match self.io.read(&mut self.first).await {
+                    Ok(0) => return Err(WireError::Closed),
+                    Ok(n) => n,
+                    Err(e) => return Err(WireError::Io(e.to_string())),
+                };
+            }
+            let cap = self.read_ahead.max(self.first_len);
+            let charge = self.budget.charge(cap).await?;
+            let mut chunk = BytesMut::with_capacity(cap);
+            chunk.extend_from_slice(&self.first[..self.first_len]);
+            self.first_len = 0;
+            self.buf = chunk;
+            self.charge = Some(charge);
+            return Ok(());
+        }
         if self.buf.capacity() == self.buf.len() {
             let len = self.buf.len();
             let grow = need.max(self.read_ahead).max(READ_CHUNK_MIN).min(len.max(READ_CHUNK_MIN).max(self.read_ahead));
@@ -989,6 +1015,24 @@ mod tests {
         assert!(budget.in_use() >= frame.bytes.len(), "the packet holds its charge");
         drop(frame);
         assert!(budget.in_use() < 2 * READ_CHUNK_MIN, "given back with the packet: {}", budget.in_use());
+    }
+
+    #[tokio::test]
+    async fn an_idle_logged_in_reader_holds_no_buffer() {
+        use tokio::io::AsyncWriteExt;
+        let budget = ReadBudget::new(1 << 20, Duration::from_millis(50));
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut rd = FrameReader::new(server, budget.clone());
+        rd.set_read_ahead(4096);
+        for round in 0..3 {
+            client.write_all(&[0xC0, 0]).await.expect("send");
+            let f = rd.next(1024, |_| true).await.expect("PINGREQ");
+            assert_eq!(&f.bytes[..], &[0xC0, 0]);
+            drop(f);
+            // Waiting with nothing buffered: the read-ahead chunk is not held (nor charged).
+            assert!(tokio::time::timeout(Duration::from_millis(20), rd.next(1024, |_| true)).await.is_err());
+            assert_eq!(budget.in_use(), 0, "round {round}: an idle reader holds {} bytes", budget.in_use());
+        }
     }
 
     #[tokio::test]
