@@ -35,7 +35,7 @@ use super::session::{self, Action, Counter, Limits, Message, Sent, Session, Shar
 use super::shared::SharedGroup;
 use super::topic;
 use super::wills::WillQueue;
-use super::wire::{self, FrameReader, In, PublishProps, ReadBudget, Version, WireError};
+use super::wire::{self, Charge, FrameReader, In, PublishProps, ReadBudget, Version, WireError};
 use crate::error::StoreError;
 use crate::kafka::TopicTemplate;
 use crate::partitioner::Partitioner;
@@ -1303,6 +1303,7 @@ async fn session_loop(
     let mut shutdown = ctx.shutdown.subscribe();
     let mut topics_changed = ctx.store.topics_changed();
     let mut outcomes: Outcomes = FuturesUnordered::new();
+    let mut ahead = ReadAhead::default();
     let max = ctx.cfg.packet_bytes_max as usize;
     let v = s.version;
     loop {
@@ -1327,7 +1328,7 @@ async fn session_loop(
             continue;
         }
         // Deliveries queue behind answers waiting for commits: not while too many wait.
-        let more = if s.backlogged() { false } else { deliver(ctx, s).await? };
+        let more = if s.backlogged() { false } else { deliver(ctx, s, &mut ahead).await? };
         perform(ctx, s, tx, &mut outcomes).await?;
         let watches = subscription_watches(ctx, s);
         let wait_for_data = async {
@@ -1630,7 +1631,51 @@ async fn read_one(ctx: &Ctx, (t, p, off): &Position) -> Result<Option<StoredReco
 /// then shared-subscription and log messages after their cursors. Returns whether it stopped at
 /// a page limit with work left that the window allows (the caller comes back after a look at the
 /// socket); a full window or caught-up cursors return `false`.
-async fn deliver(ctx: &Arc<Ctx>, s: &mut Session) -> Result<bool, String> {
+/// What a subscriber read from the log past what its window took: the decoded rest of one read,
+/// kept for its next round instead of reading and decoding the same batches again. Charged to
+/// `mqtt.buffer_memory_bytes_max` (kept only if the budget has room at once).
+#[derive(Default)]
+struct ReadAhead {
+    /// Log topic, partition and the cursor the records start at.
+    at: Option<(String, i32, i64)>,
+    records: std::collections::VecDeque<StoredRecord>,
+    _charge: Option<Charge>,
+}
+
+impl ReadAhead {
+    /// The kept records if they continue `(topic, p)` at `from`; anything else is dropped.
+    fn take(&mut self, topic: &str, p: i32, from: i64) -> Option<std::collections::VecDeque<StoredRecord>> {
+        let hit = matches!(&self.at, Some((t, q, o)) if t == topic && *q == p && *o == from);
+        let records = std::mem::take(&mut self.records);
+        *self = Self::default();
+        (hit && !records.is_empty()).then_some(records)
+    }
+
+    fn keep(
+        &mut self,
+        budget: &ReadBudget,
+        topic: &str,
+        p: i32,
+        from: i64,
+        records: std::collections::VecDeque<StoredRecord>,
+    ) {
+        let bytes: usize = records
+            .iter()
+            .map(|r| {
+                let headers: usize = r.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len)).sum();
+                64 + r.key.as_ref().map_or(0, Bytes::len) + r.value.as_ref().map_or(0, Bytes::len) + headers
+            })
+            .sum();
+        *self = match budget.try_charge(bytes) {
+            Some(charge) if !records.is_empty() => {
+                Self { at: Some((topic.to_string(), p, from)), records, _charge: Some(charge) }
+            }
+            _ => Self::default(),
+        };
+    }
+}
+
+async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, ahead: &mut ReadAhead) -> Result<bool, String> {
     if !resend_stored(ctx, s).await? {
         return Ok(false);
     }
@@ -1722,11 +1767,18 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session) -> Result<bool, String> {
             } else {
                 offset
             };
-            let (store, t) = (ctx.store.clone(), log_topic.clone());
-            let records =
-                off_worker(move || store.read_records(&t, p, from, read_bytes)).await?.map_err(|e| e.to_string())?;
+            let mut records = match ahead.take(&log_topic, p, from) {
+                Some(kept) => kept,
+                None => {
+                    let (store, t) = (ctx.store.clone(), log_topic.clone());
+                    let read = off_worker(move || store.read_records(&t, p, from, read_bytes))
+                        .await?
+                        .map_err(|e| e.to_string())?;
+                    read.into()
+                }
+            };
             let mut next = from;
-            for r in records {
+            while let Some(r) = records.pop_front() {
                 consume_budget().await;
                 if r.offset < from {
                     continue;
@@ -1765,6 +1817,9 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session) -> Result<bool, String> {
                 if s.out.is_full() {
                     break;
                 }
+            }
+            if !records.is_empty() {
+                ahead.keep(&ctx.read_budget, &log_topic, p, next, records);
             }
             if next == from {
                 break;
@@ -1935,6 +1990,33 @@ mod tests {
         assert!(!filters_overlap("a/b", "a/b/c"));
         assert!(!filters_overlap("$SYS/#", "#") && !filters_overlap("+/broker/#", "$SYS/#"));
         assert!(filters_overlap("$SYS/#", "$SYS/broker/+"));
+    }
+
+    #[test]
+    fn a_read_ahead_serves_only_the_exact_continuation_and_only_within_the_budget() {
+        let at = |offset: i64| StoredRecord {
+            offset,
+            timestamp: 0,
+            key: None,
+            value: Some(Bytes::from(vec![0u8; 100])),
+            headers: Vec::new(),
+        };
+        let budget = ReadBudget::new(1024, Duration::from_millis(10));
+        let mut ahead = ReadAhead::default();
+        ahead.keep(&budget, "mqtt", 0, 5, (5..8).map(at).collect());
+        assert_eq!(budget.in_use(), 3 * 164, "charged while kept");
+        assert!(ahead.take("mqtt", 1, 5).is_none(), "another partition: dropped");
+        assert_eq!(budget.in_use(), 0, "and its charge given back");
+        ahead.keep(&budget, "mqtt", 0, 5, (5..8).map(at).collect());
+        assert!(ahead.take("mqtt", 0, 6).is_none(), "the cursor moved elsewhere: dropped");
+        ahead.keep(&budget, "mqtt", 0, 5, (5..8).map(at).collect());
+        let kept = ahead.take("mqtt", 0, 5).expect("the continuation");
+        assert_eq!(kept.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![5, 6, 7]);
+        assert!(ahead.take("mqtt", 0, 5).is_none(), "taken once");
+        // Over the budget: nothing kept (the next round reads again).
+        ahead.keep(&budget, "mqtt", 0, 5, (5..15).map(at).collect());
+        assert!(ahead.take("mqtt", 0, 5).is_none());
+        assert_eq!(budget.in_use(), 0);
     }
 
     fn record(headers: &[(&str, &str)]) -> StoredRecord {

@@ -56,6 +56,14 @@ impl ReadBudget {
         self.max.saturating_sub(self.bytes.available_permits())
     }
 
+    /// A charge of `n` bytes if the budget has room now; never waits.
+    pub(crate) fn try_charge(&self, n: usize) -> Option<Charge> {
+        let n32 = u32::try_from(n).ok()?;
+        let permit = self.bytes.clone().try_acquire_many_owned(n32).ok()?;
+        permit.forget();
+        Some(Charge { budget: self.bytes.clone(), n })
+    }
+
     async fn charge(&self, n: usize) -> Result<Charge, WireError> {
         let Ok(n32) = u32::try_from(n) else { return Err(WireError::BudgetExhausted) };
         // Without a timer when the budget has room (the common case).
