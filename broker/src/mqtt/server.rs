@@ -501,22 +501,10 @@ async fn save_session(ctx: &Ctx, s: &mut Session) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// What a CONNECT left for the session, once the client is logged in and answered.
+/// What a CONNECT left for the session, once the client is logged in and answered: the
+/// session's start, and the connection's entry among the connected clients.
 struct Accepted {
-    version: Version,
-    client_id: String,
-    username: Option<String>,
-    user: Option<Arc<User>>,
-    will: Option<wire::Will>,
-    keep_alive: u16,
-    receive_max: u16,
-    session_expiry_s: u32,
-    max_packet: Option<u32>,
-    /// Aliases the server may assign to its PUBLISHes (MQTT 5).
-    aliases_out: u16,
-    persistent: bool,
-    resumed: StoredSession,
-    qos2: Vec<u16>,
+    start: Start,
     conn_id: u64,
     kill_rx: oneshot::Receiver<oneshot::Sender<()>>,
 }
@@ -730,13 +718,13 @@ async fn connection(
         (Version::V5, k) if k > 0 => k,
         _ => keep_alive,
     };
-    let accepted = Accepted {
+    let start = Start {
         version,
         client_id,
         username,
         user,
         will,
-        keep_alive,
+        keep_alive_s: keep_alive,
         aliases_out: if version == Version::V5 { topic_alias_max.min(ctx.cfg.topic_aliases_out_max) } else { 0 },
         receive_max,
         session_expiry_s,
@@ -744,9 +732,8 @@ async fn connection(
         persistent,
         resumed,
         qos2,
-        conn_id,
-        kill_rx,
     };
+    let accepted = Accepted { start, conn_id, kill_rx };
     Ok(Some(LoggedIn { rd, wr, accepted }))
 }
 
@@ -845,27 +832,13 @@ fn limits(cfg: &MqttConfig) -> Limits {
 /// removed), its shared-subscription messages given back and its will published or scheduled.
 /// Awaits other than the session loop are boxed: a future's size is that of its largest await,
 /// and this one lives as long as the connection.
-async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, mut a: Accepted) -> Result<(), String> {
+async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, a: Accepted) -> Result<(), String> {
     let ctx = &ctx;
     rd.set_read_ahead(READ_AHEAD_BYTES);
-    let (client_id, conn_id, mut kill_rx) = (a.client_id.clone(), a.conn_id, a.kill_rx);
-    let resumed_shared = std::mem::take(&mut a.resumed.shared);
-    let stored = a.persistent;
-    let start = Start {
-        version: a.version,
-        client_id: a.client_id,
-        username: a.username,
-        user: a.user,
-        will: a.will,
-        keep_alive_s: a.keep_alive,
-        aliases_out: a.aliases_out,
-        receive_max: a.receive_max,
-        session_expiry_s: a.session_expiry_s,
-        max_packet: a.max_packet,
-        persistent: a.persistent,
-        resumed: a.resumed,
-        qos2: a.qos2,
-    };
+    let Accepted { mut start, conn_id, mut kill_rx } = a;
+    let client_id = start.client_id.clone();
+    let resumed_shared = std::mem::take(&mut start.resumed.shared);
+    let stored = start.persistent;
     let mut s = Session::new(start, limits(&ctx.cfg), Instant::now());
     let mut setup = Ok(());
     for (name, qos, id) in resumed_shared {
