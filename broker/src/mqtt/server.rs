@@ -1875,10 +1875,6 @@ async fn send_retained(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
         if !topic::matches(&t, &filter) {
             continue;
         }
-        if s.user.as_ref().is_some_and(|u| u.delivery_denied(&s.client_id, &t)) {
-            ctx.stats.deliveries_denied.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
         // [MQTT-3.3.2-5]: an expired retained message is not sent; a live one carries what
         // is left of its expiry.
         let now = now_ms();
