@@ -175,16 +175,21 @@ mod tests {
         }
     }
 
+    /// The commented example in the shipped file that starts with the line `header`, uncommented.
+    fn commented_example(header: &str) -> Vec<&'static str> {
+        SHIPPED
+            .lines()
+            .skip_while(|l| l.trim() != header)
+            .take_while(|l| l.starts_with('#') && !l.trim_start_matches('#').trim().is_empty())
+            .map(|l| l.trim_start_matches('#').trim_start())
+            .collect()
+    }
+
     /// The commented `[[auth.users]]` example in the shipped file is valid and shows every key
     /// a user entry has.
     #[test]
     fn shipped_user_example_is_valid_and_shows_every_user_key() {
-        let example: Vec<&str> = SHIPPED
-            .lines()
-            .skip_while(|l| l.trim() != "# [[auth.users]]")
-            .take_while(|l| l.starts_with('#') && !l.trim_start_matches('#').trim().is_empty())
-            .map(|l| l.trim_start_matches('#').trim_start())
-            .collect();
+        let example = commented_example("# [[auth.users]]");
         assert!(!example.is_empty(), "config/gateway.toml has a commented [[auth.users]] example");
         let text = format!("[auth]\nenabled = true\n{}\n", example.join("\n"));
         let cfg = GatewayConfig::parse(&text).expect("the example parses and validates");
@@ -204,12 +209,7 @@ mod tests {
     /// and off.
     #[test]
     fn shipped_anonymous_example_is_valid() {
-        let example: Vec<&str> = SHIPPED
-            .lines()
-            .skip_while(|l| l.trim() != "# [auth.anonymous]")
-            .take_while(|l| l.starts_with('#') && !l.trim_start_matches('#').trim().is_empty())
-            .map(|l| l.trim_start_matches('#').trim_start())
-            .collect();
+        let example = commented_example("# [auth.anonymous]");
         assert!(!example.is_empty(), "config/gateway.toml has a commented [auth.anonymous] example");
         for enabled in [true, false] {
             let text = format!("[auth]\nenabled = {enabled}\n{}\n", example.join("\n"));
