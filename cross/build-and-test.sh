@@ -117,7 +117,7 @@ for target in "${targets[@]}"; do
     cargo build --release --locked -p tributary-gateway --bin tributary --target "$target" \
         || fail "$target: release build"
     t1=$(date +%s)
-    cargo test --locked -p tributary-broker --target "$target" || fail "$target: broker tests under qemu"
+    cargo test --locked -p tributary-log -p tributary-broker --target "$target" || fail "$target: store and broker tests under qemu"
     t2=$(date +%s)
     bin="$CARGO_TARGET_DIR/$target/release/tributary"
     if ! file -b "$bin" | grep -q "stripped" || file -b "$bin" | grep -q "not stripped"; then

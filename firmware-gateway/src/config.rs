@@ -4,9 +4,10 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tributary_broker::kafka::{KafkaConfig, TopicTemplate};
+use tributary_broker::kafka::KafkaConfig;
 use tributary_broker::mqtt::MqttConfig;
 use tributary_broker::security::AuthConfig;
+use tributary_broker::TopicTemplate;
 use tributary_broker::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig};
 use tributary_sync::MirrorConfig;
 

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tributary_broker::groups::Coordinator;
 use tributary_broker::histogram::HistogramSnapshot;
+use tributary_broker::kafka::groups::Coordinator;
 use tributary_broker::kafka::KafkaStats;
 use tributary_broker::mqtt::MqttStats;
 use tributary_broker::{ConfigError, Store};
@@ -167,7 +167,7 @@ pub fn render(src: &Sources) -> String {
         "counter",
         "Batches deleted by retention, by whether the mirror had them.",
     );
-    let unmirrored = s.retention_deleted_unmirrored_batches;
+    let unmirrored = s.retention_deleted_unarchived_batches;
     o.sample(
         "tributary_retention_deleted_batches_total",
         &[("mirrored", "true")],

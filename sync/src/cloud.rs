@@ -22,7 +22,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedPro
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
-use tributary_broker::storage::batch::{decode_records, BatchHeader};
+use tributary_log::batch::{decode_records, BatchHeader};
 
 use crate::config::{valid_site, CloudConfig};
 use crate::core::{Flow, Progress};
@@ -39,7 +39,7 @@ pub const HEADER_OFFSET: &str = "tributary.offset";
 #[derive(Debug, thiserror::Error)]
 pub enum CloudError {
     #[error("invalid configuration: {0}")]
-    Config(#[from] tributary_broker::ConfigError),
+    Config(#[from] tributary_log::ConfigError),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
     #[error("QUIC endpoint: {0}")]
@@ -1043,7 +1043,7 @@ fn decimal(buf: &mut [u8; 20], n: i64) -> &[u8] {
 }
 
 /// The bytes a decoded record holds (key, value, header names and values).
-fn record_bytes(r: &tributary_broker::storage::batch::StoredRecord) -> u64 {
+fn record_bytes(r: &tributary_log::batch::StoredRecord) -> u64 {
     let field = |b: &Option<bytes::Bytes>| b.as_ref().map_or(0, |b| b.len() as u64);
     field(&r.key) + field(&r.value) + r.headers.iter().map(|(k, v)| k.len() as u64 + field(v)).sum::<u64>()
 }

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use tributary_broker::config::check_range;
-use tributary_broker::ConfigError;
+use tributary_log::config::check_range;
+use tributary_log::ConfigError;
 
 const MIB: u64 = 1 << 20;
 

@@ -18,7 +18,7 @@ use std::ops::Range;
 use serde::de::DeserializeOwned;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
-use tributary_broker::ConfigError;
+use tributary_log::ConfigError;
 
 const SIZE_FORMS: &str = "an integer number of bytes, or a number and a unit such as \"512 MiB\", \"8 GiB\" \
                           or \"64 KiB\" (units B, KiB, MiB, GiB, TiB in powers of 1024; kB, MB, GB, TB in \

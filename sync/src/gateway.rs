@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
-use tributary_broker::storage::batch::BatchHeader;
-use tributary_broker::{Store, StoreError};
+use tributary_log::batch::BatchHeader;
+use tributary_log::{Store, StoreError};
 
 use crate::config::MirrorConfig;
 use crate::core::{Backoff, TokenBucket};
@@ -140,7 +140,7 @@ impl MirrorStats {
             .filter_map(|(topic, partition)| {
                 let info = store.partition_info(&topic, partition).ok()?;
                 let wm = info.watermarks;
-                let mirrored = store.mirrored(&topic, partition).ok().flatten().unwrap_or(0).max(wm.log_start_offset);
+                let mirrored = store.archived(&topic, partition).ok().flatten().unwrap_or(0).max(wm.log_start_offset);
                 let lag_records = (wm.high_watermark - mirrored).max(0);
                 let stored = (wm.high_watermark - wm.log_start_offset).max(1) as u64;
                 let lag_bytes = info.logical_bytes.saturating_mul(lag_records as u64) / stored;
@@ -349,7 +349,7 @@ async fn stream_session(
                             }
                         }
                         Control::Mirrored { topic, partition, offset } => {
-                            store.set_mirrored(&topic, partition, offset).await?;
+                            store.set_archived(&topic, partition, offset).await?;
                             stats.progress(&topic, partition).mirrored.store(offset, Ordering::Relaxed);
                             stats.changed();
                         }
@@ -506,8 +506,8 @@ fn outgoing(batch: Bytes) -> Result<Data, StoreError> {
 
 #[cfg(test)]
 mod tests {
-    use tributary_broker::storage::batch::{encode_batch, NewRecord};
-    use tributary_broker::{Codec, TimestampKind};
+    use tributary_log::batch::{encode_batch, NewRecord};
+    use tributary_log::{Codec, TimestampKind};
 
     use super::*;
 

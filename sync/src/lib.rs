@@ -14,4 +14,3 @@ pub mod tls;
 pub mod cloud;
 
 pub use config::{CloudConfig, MirrorConfig};
-pub use tributary_broker as broker;

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
-use tributary_broker::kafka::{KafkaConfig, KafkaServer, TopicTemplate};
+use tributary_broker::kafka::{KafkaConfig, KafkaServer};
 use tributary_broker::security::{Auth, AuthConfig, KafkaAcl, PasswordHash, UserConfig};
 use tributary_broker::Store;
+use tributary_broker::TopicTemplate;
 
 use crate::support::{client_config, read_all, storage_config, KafkaBroker};
 

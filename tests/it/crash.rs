@@ -223,7 +223,8 @@ fn relaxed_appends_lose_only_a_suffix_and_never_reuse_an_offset_across_sigkill()
         newest.push(o.base_offset);
     }
     let server = rt.block_on(async {
-        use tributary_broker::kafka::{KafkaConfig, KafkaServer, TopicTemplate};
+        use tributary_broker::kafka::{KafkaConfig, KafkaServer};
+        use tributary_broker::TopicTemplate;
         let cfg = KafkaConfig { listen: "127.0.0.1:0".into(), ..KafkaConfig::default() };
         let template = TopicTemplate { partitions: 1, config: tributary_broker::TopicConfig::default() };
         KafkaServer::bind(cfg, store.clone(), template).await.expect("bind kafka")

@@ -253,7 +253,7 @@ fn caught_up(store: &Store, topics: &[&str]) -> bool {
         let n = store.topic(t).map_or(0, |i| i.partitions as i32);
         (0..n).all(|p| {
             let hw = store.watermarks(t, p).map_or(0, |w| w.high_watermark);
-            store.mirrored(t, p).ok().flatten().unwrap_or(0) >= hw
+            store.archived(t, p).ok().flatten().unwrap_or(0) >= hw
         })
     })
 }
@@ -261,7 +261,7 @@ fn caught_up(store: &Store, topics: &[&str]) -> bool {
 /// Each partition's confirmed mirror mark.
 fn marks(store: &Store, topic: &str) -> Vec<i64> {
     let n = store.topic(topic).map_or(0, |i| i.partitions as i32);
-    (0..n).map(|p| store.mirrored(topic, p).ok().flatten().unwrap_or(0)).collect()
+    (0..n).map(|p| store.archived(topic, p).ok().flatten().unwrap_or(0)).collect()
 }
 
 fn high_watermarks(store: &Store, topic: &str) -> Vec<i64> {

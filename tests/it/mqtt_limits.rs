@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tributary_broker::kafka::TopicTemplate;
 use tributary_broker::mqtt::{MqttConfig, MqttServer, MqttStats, Route};
-use tributary_broker::{KvSpace, NewRecord, StorageConfig, Store};
+use tributary_broker::TopicTemplate;
+use tributary_broker::{spaces, NewRecord, StorageConfig, Store};
 
 use crate::mqtt_faults::{open, packet, read_packet};
 use crate::support::{storage_config, KafkaBroker};
@@ -289,7 +289,7 @@ async fn a_qos2_packet_id_refused_for_a_full_disk_is_not_taken_as_received() {
     })
     .await;
     assert_eq!(store.watermarks("mqtt", 0).expect("topic").high_watermark, 0, "nothing stored");
-    assert!(store.kv_scan(KvSpace::MqttSessions, b"", 10).expect("scan").is_empty(), "no packet id stored");
+    assert!(store.kv_scan(spaces::MQTT_SESSIONS, b"", 10).expect("scan").is_empty(), "no packet id stored");
 }
 
 /// [MQTT-1.5.4-2] (3.1.1: [MQTT-1.5.3-2]): a client id with U+0000 is a malformed CONNECT, and a
@@ -302,7 +302,7 @@ async fn nul_in_a_client_id_is_refused_and_old_keys_of_another_client_are_not_on
     // As the previous release stored a QoS 2 packet id 7 of client "victim\0x".
     let mut planted = b"q2\0victim\0x\0".to_vec();
     planted.extend_from_slice(&7u16.to_be_bytes());
-    store.kv_put(KvSpace::MqttSessions, planted, Some(Vec::new())).await.expect("plant");
+    store.kv_put(spaces::MQTT_SESSIONS, planted, Some(Vec::new())).await.expect("plant");
     blocking(move || {
         let mut s = open(addr);
         s.write_all(&connect(5, b"victim\0x", 0x00, &[])).expect("CONNECT");
@@ -411,7 +411,7 @@ async fn expired_sessions_are_swept_with_their_keys() {
     })
     .await;
     let keys = |store: &Store| -> Vec<Vec<u8>> {
-        store.kv_scan(KvSpace::MqttSessions, b"", 100).expect("scan").into_iter().map(|(k, _)| k).collect()
+        store.kv_scan(spaces::MQTT_SESSIONS, b"", 100).expect("scan").into_iter().map(|(k, _)| k).collect()
     };
     assert!(keys(&store).len() >= 4, "session, QoS 2 id and group of short-lived, and keeper's session");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -4,8 +4,8 @@
 //! random moments of a seeded workload the test builds what a power cut there would leave (the
 //! synced bytes plus a random subset of the later writes, the last one torn at sector
 //! granularity), reopens the store on it and checks every acknowledged record, offset, committed
-//! offset (`KvSpace::GroupOffsets`), session (`MqttSessions`) and retained message
-//! (`MqttRetained`), for `fsync` and `relaxed` topics:
+//! offset (`spaces::GROUP_OFFSETS`), session (`MQTT_SESSIONS`) and retained message
+//! (`MQTT_RETAINED`), for `fsync` and `relaxed` topics:
 //! - fsync: everything acknowledged is there; the one operation in flight at the cut is there
 //!   whole or not at all;
 //! - relaxed: each partition keeps a prefix of its acknowledged records (the lost ones are a
@@ -19,6 +19,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
+use tributary_broker::spaces;
 use tributary_broker::storage::batch::NewRecord;
 use tributary_broker::storage::simdisk::{Replay, SimDisk};
 use tributary_broker::storage::KvSpace;
@@ -88,7 +89,7 @@ fn next_op(rng: &mut impl Rng, w: u64, i: usize) -> Op {
             Op::Append { topic, partition, values: vec![value(rng, 0)], retained: Some(retained) }
         }
         7 => Op::Kv {
-            space: KvSpace::GroupOffsets,
+            space: spaces::GROUP_OFFSETS,
             key: format!("g/{}", rng.random_range(0..4)).into_bytes(),
             value: i.to_be_bytes().to_vec(),
         },
@@ -96,7 +97,7 @@ fn next_op(rng: &mut impl Rng, w: u64, i: usize) -> Op {
             let len = if rng.random_bool(0.2) { rng.random_range(4000..9000) } else { rng.random_range(1..300) };
             let mut value = i.to_be_bytes().to_vec();
             value.resize(len.max(8), b's');
-            Op::Kv { space: KvSpace::MqttSessions, key: format!("s/{}", rng.random_range(0..4)).into_bytes(), value }
+            Op::Kv { space: spaces::MQTT_SESSIONS, key: format!("s/{}", rng.random_range(0..4)).into_bytes(), value }
         }
     }
 }
@@ -119,7 +120,7 @@ async fn record(
         let effect = match next_op(&mut rng, seed, i) {
             Op::Append { topic, partition, values, retained } => {
                 let records: Vec<NewRecord> = values.iter().map(|v| NewRecord::new(None::<Bytes>, v.clone())).collect();
-                let kv = retained.iter().map(|(k, v)| (KvSpace::MqttRetained, k.clone(), Some(v.clone()))).collect();
+                let kv = retained.iter().map(|(k, v)| (spaces::MQTT_RETAINED, k.clone(), Some(v.clone()))).collect();
                 let pending = store.enqueue_records_with(topic, partition, records, kv).await.expect("queue");
                 let o = pending.wait().await.expect("append");
                 Effect::Append { topic, partition, base: o.base_offset, values, retained }
@@ -191,7 +192,7 @@ fn check(store: &Store, acked: &[Effect], in_flight: Option<&Effect>, what: &str
     };
     for (e, flying) in acked.iter().map(|e| (e, false)).chain(in_flight.map(|e| (e, true))) {
         if let Effect::Append { topic, partition, base, values, retained: Some((key, value)) } = e {
-            let stored = store.kv_get(KvSpace::MqttRetained, key).expect("kv get");
+            let stored = store.kv_get(spaces::MQTT_RETAINED, key).expect("kv get");
             let record = present(topic, *partition, *base, &values[0]);
             if *topic == "f" && !flying {
                 assert!(record, "{what}: acknowledged fsync record with a retained message lost");
@@ -210,9 +211,9 @@ fn check(store: &Store, acked: &[Effect], in_flight: Option<&Effect>, what: &str
             last.insert((*space, key.clone()), value.clone());
         }
     }
-    for space in [KvSpace::GroupOffsets, KvSpace::MqttSessions] {
+    for space in [spaces::GROUP_OFFSETS, spaces::MQTT_SESSIONS] {
         for k in 0..4 {
-            let key = format!("{}/{k}", if space == KvSpace::GroupOffsets { "g" } else { "s" }).into_bytes();
+            let key = format!("{}/{k}", if space == spaces::GROUP_OFFSETS { "g" } else { "s" }).into_bytes();
             let stored = store.kv_get(space, &key).expect("kv get");
             let acked_value = last.get(&(space, key.clone())).cloned();
             let flying = match in_flight {

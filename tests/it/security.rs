@@ -16,10 +16,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS};
-use tributary_broker::kafka::{KafkaConfig, KafkaServer, KafkaStats, TopicTemplate};
+use tributary_broker::kafka::{KafkaConfig, KafkaServer, KafkaStats};
 use tributary_broker::mqtt::{MqttConfig, MqttServer, MqttStats, MqttTlsConfig};
 use tributary_broker::security::{AnonymousConfig, Auth, AuthConfig, MqttAcl, PasswordHash, UserConfig};
 use tributary_broker::Store;
+use tributary_broker::TopicTemplate;
 
 use crate::mqtt::next;
 use crate::support::{client_config, storage_config};

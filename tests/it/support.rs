@@ -92,7 +92,8 @@ impl KafkaBroker {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        use tributary_broker::kafka::{KafkaServer, TopicTemplate};
+        use tributary_broker::kafka::KafkaServer;
+        use tributary_broker::TopicTemplate;
         let storage = storage_config(dir.path());
         let (store, _) =
             tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("open task").expect("open store");

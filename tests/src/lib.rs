@@ -151,7 +151,8 @@ impl KafkaListener {
         store: tributary_broker::Store,
         topic_defaults: tributary_broker::TopicConfig,
     ) -> anyhow::Result<Self> {
-        use tributary_broker::kafka::{KafkaConfig, KafkaServer, TopicTemplate};
+        use tributary_broker::kafka::{KafkaConfig, KafkaServer};
+        use tributary_broker::TopicTemplate;
         let cfg = KafkaConfig { listen: "127.0.0.1:0".into(), ..KafkaConfig::default() };
         let template = TopicTemplate { partitions: 1, config: topic_defaults };
         let server = KafkaServer::bind(cfg, store, template).await?;

@@ -18,9 +18,9 @@ use futures_util::future::select_all;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::context::Ctx;
 use super::errors::{self, code};
 use super::requests::{FetchPartition, FetchRequest};
-use super::server::Ctx;
 use crate::error::StoreError;
 use crate::security::{Access, TopicOp};
 use crate::storage::{Store, Watermarks};

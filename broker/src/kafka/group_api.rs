@@ -1,6 +1,6 @@
 //! The consumer-group APIs on the wire: JoinGroup, SyncGroup, Heartbeat, LeaveGroup,
 //! OffsetCommit, OffsetFetch, ListGroups, DescribeGroups, DeleteGroups and OffsetDelete, mapped
-//! onto the coordinator in `crate::groups`, with every version-dependent field set only in the
+//! onto the coordinator in `super::groups`, with every version-dependent field set only in the
 //! versions that have it.
 
 use std::sync::Arc;
@@ -13,11 +13,10 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
+use super::context::{encode, reply, Call, Ctx, PendingReply, Reply};
 use super::errors;
-use super::handlers::{encode, Call};
+use super::groups::JoinRequest;
 use super::requests::{OffsetCommitRequest, Request};
-use super::server::{Ctx, PendingReply, Reply};
-use crate::groups::JoinRequest;
 use crate::security::{Access, TopicOp};
 
 fn sb(s: impl Into<String>) -> StrBytes {
@@ -265,13 +264,6 @@ fn refuse(call: Call, body: Request) -> PendingReply {
             reply(call, &resp)
         }
         _ => Box::pin(async { Err("group authorization refused a request that names no group".to_string()) }),
-    }
-}
-
-fn reply<T: kafka_protocol::protocol::Encodable>(call: Call, body: &T) -> PendingReply {
-    match encode(&call, body) {
-        Ok(bytes) => super::server::ready(Reply::one(bytes, vec![call.permit])),
-        Err(e) => Box::pin(async move { Err(e) }),
     }
 }
 

@@ -15,30 +15,16 @@ use kafka_protocol::messages::{
     ProducerId, TopicName,
 };
 use kafka_protocol::protocol::{Encodable, StrBytes};
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::codec::frame_response;
+use super::context::{encode, reply, Call, Ctx, PendingReply, Reply};
 use super::errors::{self, code};
 use super::requests::{self, ConfigResource, Request};
-use super::server::{ready, Ctx, PendingReply, Reply};
-use super::versions::{ApiSupport, SUPPORTED};
+use super::versions::SUPPORTED;
 use crate::config::TopicConfig;
 use crate::error::StoreError;
 use crate::security::{Access, TopicOp};
 use crate::storage::{PendingAppend, Store};
-
-/// One decoded request's envelope.
-#[derive(Debug)]
-pub(crate) struct Call {
-    pub api: &'static ApiSupport,
-    pub peer: std::net::SocketAddr,
-    pub version: i16,
-    pub correlation_id: i32,
-    pub client_id: Option<String>,
-    pub permit: OwnedSemaphorePermit,
-    /// What the connection's user may do.
-    pub access: Access,
-}
 
 const NOT_AUTHORIZED: &str = "not authorized by the user's ACL";
 
@@ -59,21 +45,6 @@ fn sb(s: impl Into<String>) -> StrBytes {
 
 fn topic_name(s: &str) -> TopicName {
     TopicName(sb(s))
-}
-
-pub(crate) fn encode<T: Encodable>(call: &Call, body: &T) -> Result<Bytes, String> {
-    let v = call.version;
-    let size = body.compute_size(v).map_err(|e| format!("{} v{v}: cannot size response: {e}", call.api.name))?;
-    frame_response(call.correlation_id, call.api.response_header_flexible(v), size, |buf| {
-        body.encode(buf, v).map_err(|e| format!("{} v{v}: cannot encode response: {e}", call.api.name))
-    })
-}
-
-fn reply<T: Encodable>(call: Call, body: &T) -> PendingReply {
-    match encode(&call, body) {
-        Ok(bytes) => ready(Reply::one(bytes, vec![call.permit])),
-        Err(e) => Box::pin(async move { Err(e) }),
-    }
 }
 
 /// Starts a request's work. Produce queues its appends before returning (request order is

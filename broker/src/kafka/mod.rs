@@ -4,9 +4,11 @@
 
 mod codec;
 mod config;
+mod context;
 pub(crate) mod errors;
 mod fetch;
 mod group_api;
+pub mod groups;
 mod handlers;
 mod mqtt_rules;
 mod requests;
@@ -16,4 +18,5 @@ mod versions;
 
 pub use codec::DecodeError;
 pub use config::{KafkaConfig, KafkaTlsConfig};
-pub use server::{KafkaError, KafkaServer, KafkaStats, TopicTemplate};
+pub use context::KafkaStats;
+pub use server::{KafkaError, KafkaServer};

@@ -7,10 +7,10 @@
 use std::borrow::Cow;
 
 use crate::config::Codec;
-use crate::mqtt::routes::HEADER_TOPIC;
 use crate::security::User;
 use crate::storage::batch::{BatchHeader, RecordIter, HEADER_LEN};
 use crate::storage::compression;
+use crate::topic::HEADER_TOPIC;
 
 /// Whether what `user` produces to `log_topic` must have its `mqtt.topic` headers checked. Not
 /// when the user may publish every topic (`#`, checked with an empty client id, so `%c` rules

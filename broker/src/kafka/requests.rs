@@ -108,7 +108,7 @@ pub(crate) struct MemberRequest {
     pub assignments: Vec<(String, Bytes)>,
 }
 
-pub(crate) use crate::groups::OffsetToCommit;
+pub(crate) use super::groups::OffsetToCommit;
 
 #[derive(Debug, Clone)]
 pub(crate) struct OffsetCommitRequest {

@@ -5,8 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,23 +16,20 @@ use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 
 use super::codec::{self, Reader};
 use super::config::KafkaConfig;
+use super::context::{
+    ready, Call, Ctx, KafkaStats, PendingReply, ProducerIds, Reply, KV_CLUSTER_ID, KV_PRODUCER_ID_LIMIT,
+};
+use super::groups::{Coordinator, GroupLimits};
 use super::handlers;
 use super::requests;
 use super::sasl::{self, ConnAuth};
 use super::versions::{self, key};
-use crate::config::TopicConfig;
+use crate::config::TopicTemplate;
 use crate::error::StoreError;
-use crate::groups::{Coordinator, GroupLimits};
 use crate::security::ratelimit::ConnectionRateLimit;
 use crate::security::{tls, Access, Auth};
-use crate::storage::{KvSpace, Store};
-
-/// What a topic created by this front end gets (from `[topic_defaults]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicTemplate {
-    pub partitions: u32,
-    pub config: TopicConfig,
-}
+use crate::spaces;
+use crate::storage::Store;
 
 /// Why the Kafka listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,101 +43,6 @@ pub enum KafkaError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
-
-/// Counters of the Kafka front end.
-#[derive(Debug, Default)]
-pub struct KafkaStats {
-    pub connections_accepted: AtomicU64,
-    pub connections_refused: AtomicU64,
-    pub connections_open: AtomicU64,
-    pub requests: AtomicU64,
-    pub protocol_errors: AtomicU64,
-    /// Request and response bytes on the wire (frames with their size prefix).
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
-    /// SASL authentications that failed (wrong password, unknown user, bad messages).
-    pub auth_failures: AtomicU64,
-    /// Connections closed at once by `kafka.connections_per_ip_per_s_max`.
-    pub connections_rate_limited: AtomicU64,
-    /// TLS handshakes that failed.
-    pub tls_handshake_failures: AtomicU64,
-    /// Requests whose size was read and whose bytes have not all arrived yet (a gauge).
-    pub frames_reading: AtomicU64,
-    /// Fetches parked in a long poll, waiting for data (a gauge).
-    pub fetches_waiting: AtomicU64,
-    /// Partitions fetches read from the store (partitions past a response's byte limit, named
-    /// twice, or not readable by the user are answered without a read).
-    pub fetch_partition_reads: AtomicU64,
-}
-
-/// Producer ids are handed out from blocks reserved durably, so an id is never given twice, even
-/// across restarts.
-#[derive(Debug)]
-pub(crate) struct ProducerIds {
-    next: i64,
-    limit: i64,
-}
-
-const PRODUCER_ID_BLOCK: i64 = 1000;
-const KV_PRODUCER_ID_LIMIT: &[u8] = b"producer_id_limit";
-const KV_CLUSTER_ID: &[u8] = b"cluster_id";
-
-/// State shared by all connections.
-#[derive(Debug)]
-pub(crate) struct Ctx {
-    pub store: Store,
-    pub cfg: KafkaConfig,
-    pub defaults: TopicTemplate,
-    pub advertised_host: String,
-    pub advertised_port: i32,
-    pub cluster_id: String,
-    pub memory: Arc<Semaphore>,
-    pub producer_ids: Mutex<ProducerIds>,
-    pub stats: Arc<KafkaStats>,
-    pub groups: Arc<Coordinator>,
-    pub auth: Arc<Auth>,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-}
-
-impl Ctx {
-    pub(crate) async fn next_producer_id(&self) -> Result<i64, StoreError> {
-        let mut ids = self.producer_ids.lock().await;
-        if ids.next >= ids.limit {
-            let limit = ids.limit + PRODUCER_ID_BLOCK;
-            self.store
-                .kv_put(KvSpace::Broker, KV_PRODUCER_ID_LIMIT.to_vec(), Some(limit.to_be_bytes().to_vec()))
-                .await?;
-            ids.limit = limit;
-        }
-        let id = ids.next;
-        ids.next += 1;
-        Ok(id)
-    }
-
-    /// Takes `bytes` of the shared buffer budget (capped at the whole budget), waiting if needed.
-    pub(crate) async fn reserve(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
-        let n = bytes.clamp(1, self.cfg.buffer_memory_bytes_max).min(u64::from(u32::MAX)) as u32;
-        self.memory.clone().acquire_many_owned(n).await.ok()
-    }
-}
-
-/// A response on its way: the frame in one or more chunks (record data is not copied into the
-/// frame) and the share of the memory budget it holds until written.
-#[derive(Debug)]
-pub(crate) struct Reply {
-    pub chunks: Vec<Bytes>,
-    pub permits: Vec<OwnedSemaphorePermit>,
-}
-
-impl Reply {
-    pub(crate) fn one(bytes: Bytes, permits: Vec<OwnedSemaphorePermit>) -> Self {
-        Self { chunks: vec![bytes], permits }
-    }
-}
-
-/// The rest of a request's work after it was read (and, for produce, queued in order).
-/// `None` = no response (produce with acks=0).
-pub(crate) type PendingReply = Pin<Box<dyn Future<Output = Result<Option<Reply>, String>> + Send>>;
 
 /// A bound Kafka listener.
 #[derive(Debug)]
@@ -188,15 +89,15 @@ impl KafkaServer {
             local.ip().to_string()
         };
         let advertised_port = if cfg.advertised_port != 0 { cfg.advertised_port } else { local.port() };
-        let cluster_id = match store.kv_get(KvSpace::Broker, KV_CLUSTER_ID)? {
+        let cluster_id = match store.kv_get(spaces::BROKER, KV_CLUSTER_ID)? {
             Some(v) => String::from_utf8_lossy(&v).into_owned(),
             None => {
                 let id = new_cluster_id();
-                store.kv_put(KvSpace::Broker, KV_CLUSTER_ID.to_vec(), Some(id.clone().into_bytes())).await?;
+                store.kv_put(spaces::BROKER, KV_CLUSTER_ID.to_vec(), Some(id.clone().into_bytes())).await?;
                 id
             }
         };
-        let limit = match store.kv_get(KvSpace::Broker, KV_PRODUCER_ID_LIMIT)? {
+        let limit = match store.kv_get(spaces::BROKER, KV_PRODUCER_ID_LIMIT)? {
             Some(v) if v.len() == 8 => {
                 let mut a = [0u8; 8];
                 a.copy_from_slice(&v);
@@ -538,7 +439,7 @@ async fn request(
     r.flex = api.flexible(version);
     let body = requests::decode(api_key, version, &mut r)
         .map_err(|e| format!("{} v{version} (correlation id {correlation_id}): {e}", api.name))?;
-    let call = handlers::Call {
+    let call = Call {
         api,
         peer,
         version,
@@ -552,10 +453,6 @@ async fn request(
         requests::Request::SaslAuthenticate(token) => sasl::authenticate_request(ctx, auth, call, token, arrived).await,
         body => handlers::dispatch(ctx.clone(), call, body).await,
     })
-}
-
-pub(crate) fn ready(reply: Reply) -> PendingReply {
-    Box::pin(async move { Ok(Some(reply)) })
 }
 
 fn new_cluster_id() -> String {

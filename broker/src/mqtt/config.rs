@@ -176,7 +176,11 @@ impl MqttConfig {
 
     /// Checks the limits that depend on the store's settings (at gateway start-up, and when
     /// the listener binds): retained messages get at most a quarter of `storage.max_bytes`.
-    pub fn validate_with_storage(&self, prefix: &str, storage: &crate::StorageConfig) -> Result<(), ConfigError> {
+    pub fn validate_with_storage(
+        &self,
+        prefix: &str,
+        storage: &crate::config::StorageConfig,
+    ) -> Result<(), ConfigError> {
         let quarter = storage.max_bytes / 4;
         if self.retained_bytes_max > quarter {
             return Err(ConfigError::new(
@@ -222,7 +226,7 @@ mod tests {
 
     #[test]
     fn retained_bytes_get_at_most_a_quarter_of_the_disk_budget() {
-        let storage = crate::StorageConfig::default();
+        let storage = crate::config::StorageConfig::default();
         MqttConfig::default().validate_with_storage("mqtt", &storage).expect("defaults fit the default budget");
         let c = MqttConfig { retained_bytes_max: storage.max_bytes / 4 + 1, ..Default::default() };
         let e = c.validate_with_storage("mqtt", &storage).expect_err("too much");

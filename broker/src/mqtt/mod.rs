@@ -14,7 +14,7 @@ pub mod routes;
 mod server;
 mod session;
 mod shared;
-pub mod topic;
+pub use crate::topic;
 mod wills;
 mod wire;
 

@@ -30,8 +30,8 @@ pub(crate) fn default_key() -> String {
     "{client_id}".to_string()
 }
 
-/// Header names written on records that came from MQTT.
-pub const HEADER_TOPIC: &str = "mqtt.topic";
+/// Header names written on records that came from MQTT (the topic's is shared, in `crate::topic`).
+pub use crate::topic::HEADER_TOPIC;
 /// Log topic of the broker's own `$SYS/...` messages (a built-in first route).
 pub const SYS_TOPIC: &str = "__sys";
 pub const HEADER_CONTENT_TYPE: &str = "content-type";

@@ -36,11 +36,12 @@ use super::shared::SharedGroup;
 use super::topic;
 use super::wills::WillQueue;
 use super::wire::{self, Charge, FrameReader, In, PublishProps, ReadBudget, Version, WireError};
+use crate::config::TopicTemplate;
 use crate::error::StoreError;
-use crate::kafka::TopicTemplate;
 use crate::partitioner::Partitioner;
 use crate::security::ratelimit::ConnectionRateLimit;
 use crate::security::{tls, Auth, LoginError, User};
+use crate::spaces;
 use crate::storage::batch::{NewRecord, StoredRecord};
 use crate::storage::{AppendOutcome, KvEntry, KvSpace, PendingAppend, Store};
 
@@ -219,7 +220,7 @@ async fn accept_on(l: Option<&TcpListener>) -> std::io::Result<(TcpStream, Socke
 fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreError> {
     let mut from: Vec<u8> = Vec::new();
     loop {
-        let page = store.kv_scan_from(KvSpace::MqttRetained, &from, 8)?;
+        let page = store.kv_scan_from(spaces::MQTT_RETAINED, &from, 8)?;
         let full = page.len() == 8;
         for (k, v) in &page {
             if let Ok(t) = std::str::from_utf8(k) {
@@ -450,10 +451,10 @@ impl SysPublisher {
     pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<(), StoreError> {
         let ctx = &self.ctx;
         if ctx.store.topic(super::routes::SYS_TOPIC).is_none() {
-            let cfg = crate::TopicConfig {
+            let cfg = crate::config::TopicConfig {
                 retention_bytes: Some(1 << 20),
                 retention_ms: Some(3_600_000),
-                durability: crate::Durability::Relaxed,
+                durability: crate::config::Durability::Relaxed,
                 ..ctx.defaults.config.clone()
             };
             match ctx.store.create_topic(super::routes::SYS_TOPIC, 1, cfg).await {
@@ -496,7 +497,7 @@ async fn save_session(ctx: &Ctx, s: &mut Session) -> Result<(), StoreError> {
     if !s.persistent {
         return Ok(());
     }
-    ctx.store.kv_write(KvSpace::MqttSessions, s.stored_entries(session_deadline_ms(s.session_expiry_s))).await?;
+    ctx.store.kv_write(spaces::MQTT_SESSIONS, s.stored_entries(session_deadline_ms(s.session_expiry_s))).await?;
     s.saving();
     Ok(())
 }
@@ -522,13 +523,13 @@ type StoredState = (Vec<(Vec<u8>, u16)>, Option<Vec<u8>>);
 fn read_stored_state(store: &Store, client_id: &str) -> Result<StoredState, StoreError> {
     let mut keys = Vec::new();
     for prefix in [qos2_prefix(client_id), legacy_qos2_prefix(client_id)] {
-        for (k, _) in store.kv_scan(KvSpace::MqttSessions, &prefix, 2 * 65_536)? {
+        for (k, _) in store.kv_scan(spaces::MQTT_SESSIONS, &prefix, 2 * 65_536)? {
             if let Some(pkid) = qos2_pkid(&prefix, &k) {
                 keys.push((k, pkid));
             }
         }
     }
-    let session = store.kv_get(KvSpace::MqttSessions, &session_key(client_id))?;
+    let session = store.kv_get(spaces::MQTT_SESSIONS, &session_key(client_id))?;
     Ok((keys, session))
 }
 
@@ -809,7 +810,7 @@ async fn accept_session(
         writes.push((session_key(&client_id), Some(encode_session(session_deadline_ms(session_expiry_s), &fresh))));
     }
     if !writes.is_empty() {
-        if let Err(e) = ctx.store.kv_write(KvSpace::MqttSessions, writes).await {
+        if let Err(e) = ctx.store.kv_write(spaces::MQTT_SESSIONS, writes).await {
             refuse_connect(wr, version, reason::UNSPECIFIED_ERROR).await;
             return Err(format!("session not stored: {e}"));
         }
@@ -914,7 +915,7 @@ async fn serve(ctx: Arc<Ctx>, mut rd: FrameReader<Reader>, wr: Writer, a: Accept
             if stored {
                 removals.push((session_key(&client_id), None));
             }
-            if let Err(e) = Box::pin(ctx.store.kv_write(KvSpace::MqttSessions, removals)).await {
+            if let Err(e) = Box::pin(ctx.store.kv_write(spaces::MQTT_SESSIONS, removals)).await {
                 tracing::warn!(client = %client_id, error = %e, "QoS 2 packet ids of a clean session not removed");
             }
         }
@@ -1025,7 +1026,7 @@ async fn sweep_page(
     from: Vec<u8>,
 ) -> Result<(Vec<KvEntry>, Option<Vec<u8>>), String> {
     let store = ctx.store.clone();
-    let mut page = off_worker(move || store.kv_scan_from(KvSpace::MqttSessions, &from, SWEEP_PAGE))
+    let mut page = off_worker(move || store.kv_scan_from(spaces::MQTT_SESSIONS, &from, SWEEP_PAGE))
         .await?
         .map_err(|e| e.to_string())?;
     // The first possible key after the last one: it followed by a zero byte.
@@ -1061,7 +1062,7 @@ async fn sweep_sessions(ctx: &Arc<Ctx>) -> Result<(), String> {
             }
             let mut removals: Vec<(Vec<u8>, Option<Vec<u8>>)> = qos2.into_iter().map(|(k, _)| (k, None)).collect();
             removals.push((session_key(&client), None));
-            ctx.store.kv_write(KvSpace::MqttSessions, removals).await.map_err(|e| e.to_string())?;
+            ctx.store.kv_write(spaces::MQTT_SESSIONS, removals).await.map_err(|e| e.to_string())?;
             ctx.stats.sessions_expired.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(client = %client, "expired session deleted");
         }
@@ -1081,7 +1082,7 @@ async fn sweep_sessions(ctx: &Arc<Ctx>) -> Result<(), String> {
             }
         }
         if !removals.is_empty() {
-            ctx.store.kv_write(KvSpace::MqttSessions, removals).await.map_err(|e| e.to_string())?;
+            ctx.store.kv_write(spaces::MQTT_SESSIONS, removals).await.map_err(|e| e.to_string())?;
         }
         tokio::task::yield_now().await;
     }
@@ -1228,7 +1229,7 @@ async fn publish_message(
                 return Err(StoreError::LimitReached { key, limit });
             }
         }
-        kv.push((KvSpace::MqttRetained, key, value));
+        kv.push((spaces::MQTT_RETAINED, key, value));
     }
     let record = NewRecord {
         key: dest.key.map(|k| Bytes::from(k.into_bytes())),
@@ -1394,7 +1395,7 @@ async fn perform(
             }
             Action::Append { ticket, msg, qos2_pkid } => {
                 let kv = match qos2_pkid {
-                    Some(p) => vec![(KvSpace::MqttSessions, qos2_key(&s.client_id, p), Some(Vec::new()))],
+                    Some(p) => vec![(spaces::MQTT_SESSIONS, qos2_key(&s.client_id, p), Some(Vec::new()))],
                     None => Vec::new(),
                 };
                 let origin = Origin { client_id: s.client_id.clone(), username: s.username.clone() };
@@ -1418,7 +1419,7 @@ async fn perform(
                 let store = ctx.store.clone();
                 let keys = vec![(qos2_key(&s.client_id, pkid), None), (legacy_qos2_key(&s.client_id, pkid), None)];
                 outcomes.push(Box::pin(async move {
-                    (ticket, store.kv_write(KvSpace::MqttSessions, keys).await.map_err(|_| reason::UNSPECIFIED_ERROR))
+                    (ticket, store.kv_write(spaces::MQTT_SESSIONS, keys).await.map_err(|_| reason::UNSPECIFIED_ERROR))
                 }));
             }
             Action::SaveSession { ticket } => {
@@ -1427,13 +1428,13 @@ async fn perform(
                     Some(t) => {
                         let store = ctx.store.clone();
                         outcomes.push(Box::pin(async move {
-                            let written = store.kv_write(KvSpace::MqttSessions, entries).await;
+                            let written = store.kv_write(spaces::MQTT_SESSIONS, entries).await;
                             (t, written.map_err(|_| reason::UNSPECIFIED_ERROR))
                         }));
                     }
                     None => ctx
                         .store
-                        .kv_write(KvSpace::MqttSessions, entries)
+                        .kv_write(spaces::MQTT_SESSIONS, entries)
                         .await
                         .map_err(|e| format!("session not stored: {e}"))?,
                 }
@@ -1533,7 +1534,7 @@ async fn shared_group(ctx: &Arc<Ctx>, name: &str, inner: &str) -> Result<Arc<Sha
         return Ok(g.clone());
     }
     let (store, key) = (ctx.store.clone(), shared_key(name));
-    let stored = off_worker(move || store.kv_get(KvSpace::MqttSessions, &key)).await?.map_err(|e| e.to_string())?;
+    let stored = off_worker(move || store.kv_get(spaces::MQTT_SESSIONS, &key)).await?.map_err(|e| e.to_string())?;
     let (deadline, cursors) = stored.as_deref().and_then(decode_shared).unwrap_or_else(|| {
         let mut c = HashMap::new();
         for (route_filter, log_topic) in ctx.router.filters() {
@@ -1862,7 +1863,7 @@ async fn send_retained(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
     let values = off_worker(move || {
         let mut out = Vec::with_capacity(topics.len());
         for t in topics {
-            if let Ok(Some(v)) = store.kv_get(KvSpace::MqttRetained, t.as_bytes()) {
+            if let Ok(Some(v)) = store.kv_get(spaces::MQTT_RETAINED, t.as_bytes()) {
                 out.push((t, v));
             }
         }

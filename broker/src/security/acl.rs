@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::mqtt::topic;
+use crate::topic;
 
 /// `mqtt` rules of a user (`[[auth.users]]` keys `mqtt.client_ids`, `mqtt.publish`,
 /// `mqtt.subscribe`, `mqtt.publish_deny`, `mqtt.subscribe_deny`) or of anonymous clients

@@ -205,7 +205,7 @@ async fn open_store(dir: &Path, partitions: u32, topic: bool) -> anyhow::Result<
 fn caught_up(store: &Store, partitions: u32) -> bool {
     (0..partitions as i32).all(|p| {
         let hw = store.watermarks(TOPIC, p).map_or(0, |w| w.high_watermark);
-        store.mirrored(TOPIC, p).ok().flatten().unwrap_or(0) >= hw
+        store.archived(TOPIC, p).ok().flatten().unwrap_or(0) >= hw
     })
 }
 

@@ -1,5 +1,5 @@
 //! A simulated disk for tests, as a redb [`StorageBackend`] (open a store on it with
-//! [`Store::open_with_backend`](super::Store::open_with_backend) and [`SimDisk::opener`]):
+//! [`Store::open_with_backend`](crate::Store::open_with_backend) and [`SimDisk::opener`]):
 //! - **faults**: writes can be made to fail, all of them or those that would grow the file past a
 //!   length (what a full file system or `RLIMIT_FSIZE` does), and made to work again;
 //! - **power cuts**: with [`SimDisk::recording`] every write, length change and `sync_data` is
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rand::Rng;
 use redb::StorageBackend;
 
-use super::BackendOpener;
+use crate::BackendOpener;
 
 /// The unit a disk writes atomically: a power cut keeps or loses each sector of a write whole.
 pub const SECTOR_BYTES: usize = 512;

@@ -1,12 +1,12 @@
 //! Consumer groups with this node as coordinator (Kafka's classic group protocol): membership,
 //! generations and rebalances (Empty -> PreparingRebalance -> CompletingRebalance -> Stable),
 //! session and rebalance timeouts, static membership, and committed offsets kept durably in the
-//! store's `GroupOffsets` space. Membership lives in memory only (bounded by `groups_max` and
+//! store's `spaces::GROUP_OFFSETS` space. Membership lives in memory only (bounded by `groups_max` and
 //! `group_members_max`, and what members make it hold, their protocol metadata and assignments,
 //! by `group_member_metadata_bytes_max` each and `groups_metadata_bytes_max` in all); committed
 //! offsets survive restarts. Store reads run on the blocking pool, not on an async worker.
 //!
-//! The coordinator speaks in Kafka error codes (`i16`) because its only client is the Kafka
+//! The coordinator speaks in Kafka error codes (`i16`, from `super::errors`) because its only client is the Kafka
 //! front end; it knows nothing of the wire encoding.
 
 use std::collections::HashMap;
@@ -18,8 +18,9 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use crate::kafka::errors as ec;
-use crate::storage::{KvSpace, Store};
+use super::errors as ec;
+use crate::spaces;
+use crate::storage::Store;
 
 /// Limits of the coordinator (from `[kafka]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,7 +463,7 @@ impl Coordinator {
         let mut prefix_from: Vec<u8> = Vec::new();
         // One key per group is enough: after each group, continue past its prefix.
         while groups.len() < limits.groups_max as usize {
-            let Some((k, _)) = store.kv_scan_from(KvSpace::GroupOffsets, &prefix_from, 1)?.into_iter().next() else {
+            let Some((k, _)) = store.kv_scan_from(spaces::GROUP_OFFSETS, &prefix_from, 1)?.into_iter().next() else {
                 break;
             };
             let Some((group, _, _)) = parse_offset_key(&k) else { break };
@@ -933,7 +934,7 @@ impl Coordinator {
             }
         }
         if !entries.is_empty() {
-            if let Err(e) = self.store.kv_write(KvSpace::GroupOffsets, entries).await {
+            if let Err(e) = self.store.kv_write(spaces::GROUP_OFFSETS, entries).await {
                 tracing::warn!(group = group_id, error = %e, "offset commit failed");
                 let c = ec::code(&e);
                 return errors.into_iter().map(|x| if x == ec::NONE { c } else { x }).collect();
@@ -967,13 +968,13 @@ impl Coordinator {
             Some(ps) => ps
                 .iter()
                 .map(|(t, p)| {
-                    let v = self.store.kv_get(KvSpace::GroupOffsets, &offset_key(group_id, t, *p))?;
+                    let v = self.store.kv_get(spaces::GROUP_OFFSETS, &offset_key(group_id, t, *p))?;
                     Ok((t.clone(), *p, v.as_deref().and_then(decode_offset)))
                 })
                 .collect(),
             None => Ok(self
                 .store
-                .kv_scan(KvSpace::GroupOffsets, &offset_key_prefix(group_id), usize::MAX)?
+                .kv_scan(spaces::GROUP_OFFSETS, &offset_key_prefix(group_id), usize::MAX)?
                 .into_iter()
                 .filter_map(|(k, v)| {
                     let (_, t, p) = parse_offset_key(&k)?;
@@ -1084,7 +1085,7 @@ impl Coordinator {
         which: impl Fn(&str, i32) -> bool,
     ) -> Result<usize, crate::error::StoreError> {
         let (store, prefix) = (self.store.clone(), offset_key_prefix(group_id));
-        let found = tokio::task::spawn_blocking(move || store.kv_scan(KvSpace::GroupOffsets, &prefix, usize::MAX))
+        let found = tokio::task::spawn_blocking(move || store.kv_scan(spaces::GROUP_OFFSETS, &prefix, usize::MAX))
             .await
             .map_err(|e| crate::error::StoreError::io("offset scan task", std::io::Error::other(e)))??;
         let keys: Vec<_> = found
@@ -1094,7 +1095,7 @@ impl Coordinator {
             .collect();
         let n = keys.len();
         if n > 0 {
-            self.store.kv_write(KvSpace::GroupOffsets, keys).await?;
+            self.store.kv_write(spaces::GROUP_OFFSETS, keys).await?;
         }
         Ok(n)
     }
@@ -1356,7 +1357,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let st = store(dir.path());
         st.create_topic("t", 2, Default::default()).await.expect("topic");
-        let records = (0..10).map(|i| crate::NewRecord::new(None::<Bytes>, format!("v{i}"))).collect();
+        let records = (0..10).map(|i| crate::storage::batch::NewRecord::new(None::<Bytes>, format!("v{i}"))).collect();
         st.append_records("t", 0, records).await.expect("append");
         let c = Coordinator::new(st.clone(), limits()).expect("coordinator");
         // A simple consumer (no membership, generation -1) commits to an empty group.

@@ -12,20 +12,20 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use redb::{
-    Database, Durability as RedbDurability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    Database, Durability as RedbDurability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableHandle,
     WriteTransaction,
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::batch::{self, BatchHeader, NewRecord, HEADER_LEN};
-use super::producers::{self, ProducerEntry, ProducerStates, SeqCheck};
-use super::tables::{
+use crate::batch::{self, BatchHeader, NewRecord, HEADER_LEN};
+use crate::config::{Codec, Durability, StorageConfig, TimestampKind, TopicConfig};
+use crate::error::StoreError;
+use crate::producers::{self, ProducerEntry, ProducerStates, SeqCheck};
+use crate::tables::{
     footprint, kv_footprint, partition_key, split_value, PartitionMeta, TopicRecord, LOG, META, META_NEXT_TOPIC_ID,
     META_PROBE, PARTITIONS, TIME_INDEX, TOPICS, VALUE_PREFIX_LEN,
 };
-use super::{disk, AppendOutcome, KvSpace, PartitionState, Shared, TopicState};
-use crate::config::{Codec, Durability, StorageConfig, TimestampKind, TopicConfig};
-use crate::error::StoreError;
+use crate::{disk, AppendOutcome, KvSpace, PartitionState, Shared, TopicState};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -151,7 +151,7 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 /// Kafka's topic name rules.
-pub(crate) fn validate_topic_name(name: &str) -> Result<(), StoreError> {
+pub fn validate_topic_name(name: &str) -> Result<(), StoreError> {
     let bad = |reason| Err(StoreError::InvalidTopicName { name: name.to_string(), reason });
     if name.is_empty() {
         return bad("empty");
@@ -190,9 +190,6 @@ pub(crate) fn load(db: &Database, config: &StorageConfig) -> Result<Loaded, Stor
         tx.open_table(LOG)?;
         tx.open_table(TIME_INDEX)?;
         tx.open_table(META)?;
-        for s in KvSpace::ALL {
-            tx.open_table(s.table())?;
-        }
     }
     tx.commit()?;
     let rtx = db.begin_read()?;
@@ -241,8 +238,11 @@ pub(crate) fn load(db: &Database, config: &StorageConfig) -> Result<Loaded, Stor
         rebuild_producers(&log_t, key, meta, &mut producers)?;
     }
     let mut kv_bytes = 0u64;
-    for space in KvSpace::ALL {
-        for e in rtx.open_table(space.table())?.iter()? {
+    let spaces: Vec<String> =
+        rtx.list_tables()?.map(|t| t.name().to_string()).filter(|n| KvSpace::is_space(n)).collect();
+    for space in &spaces {
+        let def: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new(space);
+        for e in rtx.open_table(def)?.iter()? {
             let (k, v) = e?;
             kv_bytes += kv_footprint(k.value().len(), v.value().len());
         }
@@ -421,8 +421,8 @@ struct Round {
     appended_batches: u64,
     appended_bytes: u64,
     deleted_batches: u64,
-    /// Of those, batches the mirror did not have yet.
-    deleted_unmirrored_batches: u64,
+    /// Of those, batches not archived yet (`Store::set_archived`).
+    deleted_unarchived_batches: u64,
     deleted_bytes: u64,
     /// Front (oldest batch) append times learned or changed this round; `None` = empty.
     fronts: HashMap<u64, Option<i64>>,
@@ -776,7 +776,7 @@ impl Writer {
         if let Some(old) = self.db.take() {
             drop(wait_unshared(old));
         }
-        let opened = super::open_database(&self.shared.config, &self.shared.location).and_then(|(db, repaired)| {
+        let opened = crate::open_database(&self.shared.config, &self.shared.location).and_then(|(db, repaired)| {
             let loaded = load(&db, &self.cfg)?;
             Ok((Arc::new(db), loaded, repaired))
         });
@@ -784,8 +784,8 @@ impl Writer {
             Ok((db, loaded, repaired)) => {
                 let gaps = loaded.gaps;
                 self.reconcile(loaded);
-                if let Err(e) = super::load_mirror_marks(&db, &self.shared) {
-                    tracing::warn!(error = %e, "mirror marks not reloaded");
+                if let Err(e) = crate::load_archive_marks(&db, &self.shared) {
+                    tracing::warn!(error = %e, "archive marks not reloaded");
                 }
                 self.db = Some(db.clone());
                 if let Ok(mut slot) = self.shared.db.write() {
@@ -1349,15 +1349,15 @@ impl Writer {
         self.put_meta(t, r, pkey, m)?;
         r.deleted_batches += 1;
         r.deleted_bytes += batch_len;
-        if (next as i64) > self.mirrored(pkey) {
-            r.deleted_unmirrored_batches += 1;
+        if (next as i64) > self.archived(pkey) {
+            r.deleted_unarchived_batches += 1;
         }
         Ok(Some(fp))
     }
 
-    /// The partition's mirror mark (-1: none).
-    fn mirrored(&self, pkey: u64) -> i64 {
-        self.pstates.get(&pkey).map_or(-1, |p| p.mirrored.load(Ordering::Relaxed))
+    /// The partition's archive mark (-1: none).
+    fn archived(&self, pkey: u64) -> i64 {
+        self.pstates.get(&pkey).map_or(-1, |p| p.archived.load(Ordering::Relaxed))
     }
 
     fn footprint_now(&self, r: &Round) -> u64 {
@@ -1398,15 +1398,15 @@ impl Writer {
         if !self.retention_active {
             return Ok(());
         }
-        // Batches the central cluster already has go first (a mirrored partition's front), then
+        // Batches another system already has go first (an archived partition's front), then
         // the oldest front across partitions.
-        let mirrored: Vec<(u64, i64)> = self
+        let archived: Vec<(u64, i64)> = self
             .pstates
             .iter()
-            .map(|(k, p)| (*k, p.mirrored.load(Ordering::Relaxed)))
+            .map(|(k, p)| (*k, p.archived.load(Ordering::Relaxed)))
             .filter(|(_, m)| *m > 0)
             .collect();
-        for (pkey, mark) in mirrored {
+        for (pkey, mark) in archived {
             while total > low && freed < cap {
                 let below = |h: &BatchHeader, _: u64, _: &PartitionMeta| h.next_offset() <= mark;
                 let Some(fp) = self.delete_front_if(t, r, pkey, below)? else { break };
@@ -1689,7 +1689,7 @@ impl Writer {
         c.appended_batches.fetch_add(r.appended_batches, Ordering::Relaxed);
         c.appended_bytes.fetch_add(r.appended_bytes, Ordering::Relaxed);
         c.retention_deleted_batches.fetch_add(r.deleted_batches, Ordering::Relaxed);
-        c.retention_deleted_unmirrored_batches.fetch_add(r.deleted_unmirrored_batches, Ordering::Relaxed);
+        c.retention_deleted_unarchived_batches.fetch_add(r.deleted_unarchived_batches, Ordering::Relaxed);
         c.retention_deleted_bytes.fetch_add(r.deleted_bytes, Ordering::Relaxed);
         self.kv_total = self.kv_total.saturating_add_signed(r.kv_delta);
         c.footprint_bytes.store(self.footprint_total, Ordering::Relaxed);

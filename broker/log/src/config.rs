@@ -140,6 +140,14 @@ pub struct TopicConfig {
     pub timestamp_type: TimestampKind,
 }
 
+/// What a topic gets that a front end creates on its own (auto-creation on a produce, metadata
+/// request or MQTT publish; the gateway fills it from `[topic_defaults]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    pub partitions: u32,
+    pub config: TopicConfig,
+}
+
 impl Default for TopicConfig {
     fn default() -> Self {
         Self {
@@ -293,7 +301,7 @@ pub struct StorageConfig {
     /// Idempotent producers whose last sequence numbers are remembered per partition (for
     /// deduplicating retries); the least recently used is forgotten first.
     pub producer_states_max: u32,
-    /// Threads that run blocking work: store reads for fetches and MQTT deliveries, password
+    /// Threads that run blocking work: store reads for the front ends' fetches and deliveries, password
     /// hashing, metrics scans (the async runtime's blocking pool; an idle one exits after 10 s).
     /// Each thread that allocated keeps a malloc arena, so this also bounds that memory; work
     /// beyond it waits in the pool's queue.
@@ -310,7 +318,7 @@ impl Default for StorageConfig {
             retention_low_watermark_percent: 80,
             retention_delete_bytes_per_commit_max: 16 * MIB,
             retention_check_interval_ms: 10_000,
-            batch_size_bytes_max: crate::storage::tables::DEFAULT_BATCH_SIZE_BYTES_MAX,
+            batch_size_bytes_max: crate::tables::DEFAULT_BATCH_SIZE_BYTES_MAX,
             append_size_bytes_max: MIB as u32,
             decompressed_size_bytes_max: 16 * MIB,
             write_queue_ops_max: 4096,

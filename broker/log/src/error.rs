@@ -1,9 +1,9 @@
 //! Typed errors of the log store, shared by every front end so each can map them to its own
-//! protocol's error codes (Kafka error codes, MQTT reason codes).
+//! protocol's error codes (error codes, reason codes).
 
 use std::sync::Arc;
 
-use crate::storage::batch::BatchError;
+use crate::batch::BatchError;
 
 /// Everything that can go wrong in a store operation.
 ///
@@ -55,7 +55,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn io(context: &'static str, source: std::io::Error) -> Self {
+    pub fn io(context: &'static str, source: std::io::Error) -> Self {
         StoreError::Io { context, source: Arc::new(source) }
     }
 }

@@ -3,14 +3,14 @@
 //! the store builds from single records, and record decoding for readers.
 //!
 //! Why not the `kafka-protocol` crate's `RecordBatchEncoder/Decoder` here: its `Record` keeps
-//! headers in an `IndexMap` (Kafka and MQTT v5 allow repeated header keys, which it would merge)
+//! headers in an `IndexMap` (record headers may repeat a key, which it would merge)
 //! and its decoder reserves memory from the untrusted `recordCount`. This codec walks records
 //! without allocating from client-supplied counts and decompresses within a byte limit.
 
 use bytes::Bytes;
 
+use crate::compression::{self, CompressionError};
 use crate::config::{Codec, TimestampKind};
-use crate::storage::compression::{self, CompressionError};
 
 /// Length of the RecordBatch v2 header, up to and including `recordCount`.
 pub const HEADER_LEN: usize = 61;

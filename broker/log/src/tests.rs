@@ -8,6 +8,11 @@ use super::batch::{self, NewRecord};
 use super::*;
 use crate::config::{Codec, StorageConfig, TimestampKind, TopicConfig};
 
+/// Key-value spaces of these tests (users name theirs; the store knows none of them).
+const SPACE_A: KvSpace = KvSpace::named("kv.test_a");
+const SPACE_B: KvSpace = KvSpace::named("kv.test_b");
+const SPACE_C: KvSpace = KvSpace::named("kv.test_c");
+
 fn config(dir: &std::path::Path) -> StorageConfig {
     StorageConfig { data_dir: dir.to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() }
 }
@@ -291,15 +296,15 @@ async fn topics_are_created_grown_altered_and_deleted() {
 async fn kv_spaces_are_durable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
-    store.kv_put(KvSpace::GroupOffsets, b"g1/t/0".to_vec(), Some(b"42".to_vec())).await.expect("put");
-    store.kv_put(KvSpace::GroupOffsets, b"g1/t/1".to_vec(), Some(b"7".to_vec())).await.expect("put");
-    store.kv_put(KvSpace::GroupOffsets, b"g2/t/0".to_vec(), Some(b"1".to_vec())).await.expect("put");
-    store.kv_put(KvSpace::GroupOffsets, b"g1/t/1".to_vec(), None).await.expect("delete");
+    store.kv_put(SPACE_A, b"g1/t/0".to_vec(), Some(b"42".to_vec())).await.expect("put");
+    store.kv_put(SPACE_A, b"g1/t/1".to_vec(), Some(b"7".to_vec())).await.expect("put");
+    store.kv_put(SPACE_A, b"g2/t/0".to_vec(), Some(b"1".to_vec())).await.expect("put");
+    store.kv_put(SPACE_A, b"g1/t/1".to_vec(), None).await.expect("delete");
     store.close().await.expect("close");
     drop(store);
     let store = open(dir.path());
-    assert_eq!(store.kv_get(KvSpace::GroupOffsets, b"g1/t/0").expect("get"), Some(b"42".to_vec()));
-    assert_eq!(store.kv_scan(KvSpace::GroupOffsets, b"g1/", 10).expect("scan").len(), 1);
+    assert_eq!(store.kv_get(SPACE_A, b"g1/t/0").expect("get"), Some(b"42".to_vec()));
+    assert_eq!(store.kv_scan(SPACE_A, b"g1/", 10).expect("scan").len(), 1);
 }
 
 #[tokio::test]
@@ -328,16 +333,16 @@ async fn a_key_value_write_commits_with_its_append() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
     store.create_topic("t", 1, TopicConfig::default()).await.expect("topic");
-    let kv = vec![(KvSpace::MqttSessions, b"c1/pkid/7".to_vec(), Some(b"stored".to_vec()))];
+    let kv = vec![(SPACE_B, b"c1/pkid/7".to_vec(), Some(b"stored".to_vec()))];
     let o = store.enqueue_records_with("t", 0, vec![rec(0)], kv).await.expect("queued").wait().await.expect("durable");
     assert_eq!(o.base_offset, 0);
     // Refused before queueing (unknown partition): neither the record nor the key is written.
-    let kv = vec![(KvSpace::MqttSessions, b"c1/pkid/8".to_vec(), Some(b"x".to_vec()))];
+    let kv = vec![(SPACE_B, b"c1/pkid/8".to_vec(), Some(b"x".to_vec()))];
     assert!(store.enqueue_records_with("t", 5, vec![rec(1)], kv).await.is_err());
     store.close().await.expect("close");
     let store = open(dir.path());
-    assert_eq!(store.kv_get(KvSpace::MqttSessions, b"c1/pkid/7").expect("get"), Some(b"stored".to_vec()));
-    assert_eq!(store.kv_get(KvSpace::MqttSessions, b"c1/pkid/8").expect("get"), None);
+    assert_eq!(store.kv_get(SPACE_B, b"c1/pkid/7").expect("get"), Some(b"stored".to_vec()));
+    assert_eq!(store.kv_get(SPACE_B, b"c1/pkid/8").expect("get"), None);
     assert_eq!(store.watermarks("t", 0).expect("wm").high_watermark, 1);
     store.close().await.expect("close");
 }
@@ -368,7 +373,7 @@ async fn probe_writes_through_the_writer_and_fails_once_closed() {
 }
 
 #[tokio::test]
-async fn global_retention_deletes_mirrored_batches_before_older_unmirrored_ones() {
+async fn global_retention_deletes_archived_batches_before_older_unarchived_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = StorageConfig { max_bytes: 16 << 20, ..config(dir.path()) };
     let store = Store::open(cfg).expect("open").0;
@@ -389,35 +394,35 @@ async fn global_retention_deletes_mirrored_batches_before_older_unmirrored_ones(
             (0..mib * 16).map(|_| (0..16).map(|_| NewRecord::new(None::<Bytes>, noise(4096))).collect()).collect();
         (topic, batches)
     };
-    // The oldest data is not mirrored; newer data is, fully.
+    // The oldest data is not archived; newer data is, fully.
     // 3 + 3 MiB stay under the 90% high mark of 16 MiB (with page overhead); 6 more go past it.
-    for (topic, mib) in [("unmirrored", 3), ("mirrored", 3), ("fresh", 0)] {
+    for (topic, mib) in [("unarchived", 3), ("archived", 3), ("fresh", 0)] {
         store.create_topic(topic, 1, plain.clone()).await.expect("create");
         let (_, batches) = fill(topic, mib);
         for b in batches {
             store.append_records(topic, 0, b).await.expect("append");
         }
     }
-    let hw = store.watermarks("mirrored", 0).expect("wm").high_watermark;
-    store.set_mirrored("mirrored", 0, hw).await.expect("mark");
-    assert_eq!(store.mirrored("mirrored", 0).expect("mark"), Some(hw));
-    assert_eq!(store.mirrored("unmirrored", 0).expect("mark"), None);
+    let hw = store.watermarks("archived", 0).expect("wm").high_watermark;
+    store.set_archived("archived", 0, hw).await.expect("mark");
+    assert_eq!(store.archived("archived", 0).expect("mark"), Some(hw));
+    assert_eq!(store.archived("unarchived", 0).expect("mark"), None);
     assert_eq!(store.stats().retention_deleted_batches, 0, "{:?}", store.stats());
     // Past the high mark: retention frees space.
     let (_, batches) = fill("fresh", 6);
     for b in batches {
         store.append_records("fresh", 0, b).await.expect("append");
     }
-    let unmirrored = store.watermarks("unmirrored", 0).expect("wm");
-    let mirrored = store.watermarks("mirrored", 0).expect("wm");
-    assert!(mirrored.log_start_offset > 0, "mirrored data deleted: {mirrored:?} {:?}", store.stats());
-    assert_eq!(unmirrored.log_start_offset, 0, "older unmirrored data kept while mirrored data remained");
+    let unarchived = store.watermarks("unarchived", 0).expect("wm");
+    let archived = store.watermarks("archived", 0).expect("wm");
+    assert!(archived.log_start_offset > 0, "archived data deleted: {archived:?} {:?}", store.stats());
+    assert_eq!(unarchived.log_start_offset, 0, "older unarchived data kept while archived data remained");
     assert!(store.stats().retention_deleted_batches > 0);
-    assert_eq!(store.stats().retention_deleted_unmirrored_batches, 0);
+    assert_eq!(store.stats().retention_deleted_unarchived_batches, 0);
     // The mark survives a restart.
     store.close().await.expect("close");
     let store = open(dir.path());
-    assert_eq!(store.mirrored("mirrored", 0).expect("mark"), Some(hw));
+    assert_eq!(store.archived("archived", 0).expect("mark"), Some(hw));
 }
 
 // ---- issue 13: auto-creation under a crowd, relaxed offsets, disk faults, the disk budget ----
@@ -604,20 +609,20 @@ async fn a_disk_refusing_every_write_recovers_once_it_works_again() {
 async fn key_value_inserts_are_refused_on_a_full_disk_and_removals_allowed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
-    store.kv_put(KvSpace::MqttRetained, b"a".to_vec(), Some(b"1".to_vec())).await.expect("room: stored");
+    store.kv_put(SPACE_C, b"a".to_vec(), Some(b"1".to_vec())).await.expect("room: stored");
     store.close().await.expect("close");
     // No volume has 2^50 bytes free: the disk counts as full.
     let full = StorageConfig { disk_free_bytes_min: 1 << 50, ..config(dir.path()) };
     let store = Store::open(full).expect("open").0;
-    for space in [KvSpace::MqttSessions, KvSpace::GroupOffsets, KvSpace::MqttRetained] {
+    for space in [SPACE_B, SPACE_A, SPACE_C] {
         let e = store.kv_put(space, b"k".to_vec(), Some(b"v".to_vec())).await.expect_err("insert refused");
         assert!(matches!(e, StoreError::DiskFull { .. }), "{space:?}: {e}");
     }
     let mixed = vec![(b"a".to_vec(), None), (b"b".to_vec(), Some(b"2".to_vec()))];
-    assert!(matches!(store.kv_write(KvSpace::MqttRetained, mixed).await, Err(StoreError::DiskFull { .. })));
-    assert_eq!(store.kv_get(KvSpace::MqttRetained, b"a").expect("get"), Some(b"1".to_vec()), "all or nothing");
-    store.kv_put(KvSpace::MqttRetained, b"a".to_vec(), None).await.expect("a removal frees space: allowed");
-    assert_eq!(store.kv_get(KvSpace::MqttRetained, b"a").expect("get"), None);
+    assert!(matches!(store.kv_write(SPACE_C, mixed).await, Err(StoreError::DiskFull { .. })));
+    assert_eq!(store.kv_get(SPACE_C, b"a").expect("get"), Some(b"1".to_vec()), "all or nothing");
+    store.kv_put(SPACE_C, b"a".to_vec(), None).await.expect("a removal frees space: allowed");
+    assert_eq!(store.kv_get(SPACE_C, b"a").expect("get"), None);
     assert!(matches!(store.probe().await, Ok(Some(StoreError::DiskFull { .. }))));
     store.close().await.expect("close");
 }
@@ -644,14 +649,14 @@ async fn key_value_bytes_count_against_the_disk_budget() {
     // high mark of 16 MiB.
     let value = 500 << 10;
     for i in 0..10u8 {
-        store.kv_put(KvSpace::MqttRetained, vec![b'r', i], Some(vec![i; value])).await.expect("put");
+        store.kv_put(SPACE_C, vec![b'r', i], Some(vec![i; value])).await.expect("put");
     }
     let stats = store.stats();
     assert_eq!(stats.kv_bytes, 10 * tables::kv_footprint(2, value), "{stats:?}");
     assert!(store.watermarks("t", 0).expect("wm").log_start_offset > 0, "log batches deleted to make room: {stats:?}");
     assert!(stats.footprint_bytes + stats.kv_bytes <= cfg.retention_high_bytes(), "{stats:?}");
-    store.kv_put(KvSpace::MqttRetained, vec![b'r', 0], None).await.expect("remove");
-    store.kv_put(KvSpace::MqttRetained, vec![b'r', 1], Some(vec![1; 100])).await.expect("shrink");
+    store.kv_put(SPACE_C, vec![b'r', 0], None).await.expect("remove");
+    store.kv_put(SPACE_C, vec![b'r', 1], Some(vec![1; 100])).await.expect("shrink");
     let kv = store.stats().kv_bytes;
     assert_eq!(kv, 8 * tables::kv_footprint(2, value) + tables::kv_footprint(2, 100));
     store.close().await.expect("close");

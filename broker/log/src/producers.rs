@@ -9,8 +9,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::AppendOutcome;
 use crate::error::StoreError;
+use crate::AppendOutcome;
 
 /// How many batches per producer and partition are remembered (Kafka keeps five, the most a
 /// client may have in flight with idempotence on).

@@ -5,7 +5,10 @@
 
 pub mod batch;
 pub mod compression;
+pub mod config;
 pub mod disk;
+pub mod error;
+pub mod histogram;
 mod producers;
 #[cfg(any(test, feature = "sim-disk"))]
 pub mod simdisk;
@@ -24,11 +27,11 @@ use bytes::{Bytes, BytesMut};
 use redb::{Database, ReadableDatabase, StorageBackend};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{StorageConfig, TopicConfig};
-use crate::error::StoreError;
 use batch::{BatchHeader, NewRecord, StoredRecord};
+pub use config::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig, TopicTemplate};
+pub use error::StoreError;
 use tables::{split_value, LOG, TIME_INDEX};
-pub(crate) use writer::validate_topic_name;
+pub use writer::validate_topic_name;
 use writer::{AdminCmd, AppendData, Op};
 
 /// File name of the database inside `storage.data_dir`.
@@ -55,9 +58,9 @@ pub(crate) struct PartitionState {
     pub signal: watch::Sender<PartitionSignal>,
     pub logical_bytes: AtomicU64,
     pub footprint_bytes: AtomicU64,
-    /// Offset below which the partition is mirrored to the central cluster (-1: nothing known).
-    /// Global retention deletes mirrored batches first.
-    pub mirrored: AtomicI64,
+    /// Offset below which another system holds a copy of the partition (-1: nothing known).
+    /// Global retention deletes archived batches first.
+    pub archived: AtomicI64,
 }
 
 impl PartitionState {
@@ -74,7 +77,7 @@ impl PartitionState {
             signal,
             logical_bytes: AtomicU64::new(meta.logical_bytes),
             footprint_bytes: AtomicU64::new(meta.footprint_bytes),
-            mirrored: AtomicI64::new(-1),
+            archived: AtomicI64::new(-1),
         })
     }
 }
@@ -147,38 +150,39 @@ pub struct PartitionInfo {
     pub footprint_bytes: u64,
 }
 
-/// Named key-value spaces kept in the same database and written through the same writer, for
-/// state other parts of the broker must keep durably.
+/// A key-value space: a table of its own (`kv.<name>`) in the same database, written through the
+/// same writer (a space's writes commit with appends, all or nothing), for state the store's users
+/// keep durably. The store names only its own space (`ARCHIVE_MARKS`); users name theirs with
+/// [`KvSpace::named`]. A space's table is created by its first write; until then it reads empty.
+/// The name is part of the file format: a renamed space starts empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KvSpace {
-    GroupOffsets,
-    Producers,
-    MqttSessions,
-    MqttRetained,
-    Mirror,
-    /// Broker identity and counters (cluster id, producer id blocks).
-    Broker,
+pub struct KvSpace {
+    table: &'static str,
 }
 
 impl KvSpace {
-    pub const ALL: [KvSpace; 6] = [
-        KvSpace::GroupOffsets,
-        KvSpace::Producers,
-        KvSpace::MqttSessions,
-        KvSpace::MqttRetained,
-        KvSpace::Mirror,
-        KvSpace::Broker,
-    ];
+    /// The space whose table is `table`, which must start with `kv.` (checked at compile time
+    /// when used in a `const`) so no space can be one of the store's own tables.
+    pub const fn named(table: &'static str) -> Self {
+        let b = table.as_bytes();
+        assert!(
+            b.len() > 3 && b[0] == b'k' && b[1] == b'v' && b[2] == b'.',
+            "a key-value space's table starts with `kv.`"
+        );
+        KvSpace { table }
+    }
+
+    /// The store's own space: per partition, the offset below which another system holds a copy
+    /// (`Store::set_archived`). Its table name predates the crate and is kept for existing files.
+    const ARCHIVE_MARKS: KvSpace = KvSpace::named("kv.mirror");
+
+    /// Whether a table name is a key-value space's.
+    pub(crate) fn is_space(table: &str) -> bool {
+        table.starts_with("kv.")
+    }
 
     pub(crate) fn table(self) -> redb::TableDefinition<'static, &'static [u8], &'static [u8]> {
-        redb::TableDefinition::new(match self {
-            KvSpace::GroupOffsets => "kv.group_offsets",
-            KvSpace::Producers => "kv.producers",
-            KvSpace::MqttSessions => "kv.mqtt_sessions",
-            KvSpace::MqttRetained => "kv.mqtt_retained",
-            KvSpace::Mirror => "kv.mirror",
-            KvSpace::Broker => "kv.broker",
-        })
+        redb::TableDefinition::new(self.table)
     }
 }
 
@@ -198,8 +202,8 @@ pub(crate) struct Counters {
     pub appended_bytes: AtomicU64,
     pub retention_deleted_batches: AtomicU64,
     pub retention_deleted_bytes: AtomicU64,
-    /// Batches retention deleted before the mirror had them.
-    pub retention_deleted_unmirrored_batches: AtomicU64,
+    /// Batches retention deleted before they were archived (`Store::set_archived`).
+    pub retention_deleted_unarchived_batches: AtomicU64,
     pub footprint_bytes: AtomicU64,
     pub logical_bytes: AtomicU64,
     pub kv_bytes: AtomicU64,
@@ -224,7 +228,7 @@ impl Default for Counters {
             appended_bytes: AtomicU64::default(),
             retention_deleted_batches: AtomicU64::default(),
             retention_deleted_bytes: AtomicU64::default(),
-            retention_deleted_unmirrored_batches: AtomicU64::default(),
+            retention_deleted_unarchived_batches: AtomicU64::default(),
             footprint_bytes: AtomicU64::default(),
             logical_bytes: AtomicU64::default(),
             kv_bytes: AtomicU64::default(),
@@ -246,7 +250,7 @@ pub struct StoreStats {
     pub appended_bytes: u64,
     pub retention_deleted_batches: u64,
     pub retention_deleted_bytes: u64,
-    pub retention_deleted_unmirrored_batches: u64,
+    pub retention_deleted_unarchived_batches: u64,
     pub footprint_bytes: u64,
     pub logical_bytes: u64,
     /// Footprint of key-value state (sessions, committed offsets, retained messages, ...),
@@ -355,21 +359,17 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-fn mirror_key(pkey: u64) -> Vec<u8> {
+fn archive_key(pkey: u64) -> Vec<u8> {
     let mut k = b"m\0".to_vec();
     k.extend_from_slice(&pkey.to_be_bytes());
     k
 }
 
-/// Mirror progress stored by `Store::set_mirrored`, back into the partitions at open (and after
+/// Archive marks stored by `Store::set_archived`, back into the partitions at open (and after
 /// a reopen: marks only move forward).
-pub(crate) fn load_mirror_marks(db: &Database, shared: &Shared) -> Result<(), StoreError> {
+pub(crate) fn load_archive_marks(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     let rtx = db.begin_read()?;
-    let table = match rtx.open_table(KvSpace::Mirror.table()) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
+    let Some(table) = open_space(&rtx, KvSpace::ARCHIVE_MARKS)? else { return Ok(()) };
     let topics = shared.topics.read().map_err(|_| StoreError::Corrupt("topic map lock poisoned".into()))?;
     let by_key: HashMap<u64, &Arc<PartitionState>> =
         topics.values().flat_map(|t| t.partitions.iter()).map(|p| (p.key, p)).collect();
@@ -378,10 +378,22 @@ pub(crate) fn load_mirror_marks(db: &Database, shared: &Shared) -> Result<(), St
         let (Some(key), Ok(off)) = (k.value().get(2..10), <[u8; 8]>::try_from(v.value())) else { continue };
         let pkey = u64::from_be_bytes(key.try_into().unwrap_or_default());
         if let Some(p) = by_key.get(&pkey) {
-            p.mirrored.fetch_max(i64::from_be_bytes(off), Ordering::Relaxed);
+            p.archived.fetch_max(i64::from_be_bytes(off), Ordering::Relaxed);
         }
     }
     Ok(())
+}
+
+/// A key-value space's table for reading; `None` before its first write created it.
+fn open_space(
+    rtx: &redb::ReadTransaction,
+    space: KvSpace,
+) -> Result<Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>, StoreError> {
+    match rtx.open_table(space.table()) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Handle to the store; cheap to clone. Dropping the last handle (or `close`) commits what is
@@ -457,7 +469,7 @@ impl Store {
             counters: Counters::default(),
             topics_changed: watch::channel(0).0,
         });
-        load_mirror_marks(&db, &shared)?;
+        load_archive_marks(&db, &shared)?;
         let report = OpenReport {
             duration: started.elapsed(),
             repaired,
@@ -713,7 +725,7 @@ impl Store {
     }
 
     /// Like [`Store::enqueue_records`], and writes `kv` (space, key, value or removal) in the
-    /// same commit: all are durable, or none (e.g. an MQTT QoS 2 packet id or a retained message
+    /// same commit: all are durable, or none (e.g. a client's packet id or a topic's last value stored
     /// with the published record).
     pub async fn enqueue_records_with(
         &self,
@@ -917,22 +929,23 @@ impl Store {
         Ok(None)
     }
 
-    // ---- mirror progress ----
+    // ---- archive marks ----
 
-    /// Records that everything below `offset` of a partition is stored in the central cluster:
-    /// durable when this returns, and global retention deletes those batches first.
-    pub async fn set_mirrored(&self, topic: &str, partition: i32, offset: i64) -> Result<(), StoreError> {
+    /// Records that everything below `offset` of a partition is held by another system as well
+    /// (for the gateway: the central cluster): durable when this returns, and global retention
+    /// deletes those batches first.
+    pub async fn set_archived(&self, topic: &str, partition: i32, offset: i64) -> Result<(), StoreError> {
         let (_, p) = self.partition_state(topic, partition)?;
-        self.kv_put(KvSpace::Mirror, mirror_key(p.key), Some(offset.to_be_bytes().to_vec())).await?;
-        p.mirrored.fetch_max(offset, Ordering::Relaxed);
+        self.kv_put(KvSpace::ARCHIVE_MARKS, archive_key(p.key), Some(offset.to_be_bytes().to_vec())).await?;
+        p.archived.fetch_max(offset, Ordering::Relaxed);
         Ok(())
     }
 
-    /// The offset below which a partition is mirrored (`None`: nothing mirrored yet). Kept
-    /// per partition, so a topic deleted and created again starts unmirrored.
-    pub fn mirrored(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+    /// The offset below which a partition is archived (`None`: nothing yet). Kept per
+    /// partition, so a topic deleted and created again starts unarchived.
+    pub fn archived(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
         let (_, p) = self.partition_state(topic, partition)?;
-        let m = p.mirrored.load(Ordering::Relaxed);
+        let m = p.archived.load(Ordering::Relaxed);
         Ok((m >= 0).then_some(m))
     }
 
@@ -952,7 +965,7 @@ impl Store {
     pub fn kv_get(&self, space: KvSpace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let db = self.db()?;
         let rtx = db.begin_read()?;
-        let t = rtx.open_table(space.table())?;
+        let Some(t) = open_space(&rtx, space)? else { return Ok(None) };
         Ok(t.get(key)?.map(|v| v.value().to_vec()))
     }
 
@@ -960,7 +973,7 @@ impl Store {
     pub fn kv_scan_from(&self, space: KvSpace, from: &[u8], limit: usize) -> Result<Vec<KvEntry>, StoreError> {
         let db = self.db()?;
         let rtx = db.begin_read()?;
-        let t = rtx.open_table(space.table())?;
+        let Some(t) = open_space(&rtx, space)? else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for e in t.range::<&[u8]>(from..)?.take(limit) {
             let (k, v) = e?;
@@ -973,7 +986,7 @@ impl Store {
     pub fn kv_scan(&self, space: KvSpace, prefix: &[u8], limit: usize) -> Result<Vec<KvEntry>, StoreError> {
         let db = self.db()?;
         let rtx = db.begin_read()?;
-        let t = rtx.open_table(space.table())?;
+        let Some(t) = open_space(&rtx, space)? else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for e in t.range::<&[u8]>(prefix..)? {
             let (k, v) = e?;
@@ -998,7 +1011,7 @@ impl Store {
             appended_batches: l(&c.appended_batches),
             appended_bytes: l(&c.appended_bytes),
             retention_deleted_batches: l(&c.retention_deleted_batches),
-            retention_deleted_unmirrored_batches: l(&c.retention_deleted_unmirrored_batches),
+            retention_deleted_unarchived_batches: l(&c.retention_deleted_unarchived_batches),
             retention_deleted_bytes: l(&c.retention_deleted_bytes),
             footprint_bytes: l(&c.footprint_bytes),
             logical_bytes: l(&c.logical_bytes),

@@ -1,0 +1,13 @@
+//! The key-value spaces the broker keeps in the log store, by name. A name is part of the file
+//! format: renaming one loses what it held.
+
+use crate::storage::KvSpace;
+
+/// Committed consumer-group offsets (`kafka/` groups).
+pub const GROUP_OFFSETS: KvSpace = KvSpace::named("kv.group_offsets");
+/// Stored MQTT sessions, their QoS 2 packet ids and pending messages (`mqtt/persist.rs`).
+pub const MQTT_SESSIONS: KvSpace = KvSpace::named("kv.mqtt_sessions");
+/// MQTT retained messages by topic (`mqtt/retained.rs`).
+pub const MQTT_RETAINED: KvSpace = KvSpace::named("kv.mqtt_retained");
+/// Broker identity and counters (cluster id, producer id blocks).
+pub const BROKER: KvSpace = KvSpace::named("kv.broker");
