@@ -87,6 +87,17 @@ impl BenchGateway {
     /// with data in `dir`, `storage_extra` lines added to `[storage]` and `tables` (further TOML
     /// tables such as `[topic_defaults]`) appended.
     pub fn start(binary: Option<&Path>, dir: &Path, storage_extra: &str, tables: &str) -> anyhow::Result<Self> {
+        Self::start_with(binary, dir, storage_extra, "", tables)
+    }
+
+    /// [`BenchGateway::start`] with `mqtt_extra` lines added to `[mqtt]`.
+    pub fn start_with(
+        binary: Option<&Path>,
+        dir: &Path,
+        storage_extra: &str,
+        mqtt_extra: &str,
+        tables: &str,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context;
         use std::io::BufRead;
         let binary = match binary {
@@ -97,7 +108,7 @@ impl BenchGateway {
         std::fs::write(
             &config,
             format!(
-                "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{storage_extra}[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n{tables}[log]\nlevel = \"warn,tributary_gateway=info\"\n",
+                "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{storage_extra}[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n{mqtt_extra}[metrics]\nlisten = \"127.0.0.1:0\"\n{tables}[log]\nlevel = \"warn,tributary_gateway=info\"\n",
                 dir.join("data").to_str().context("utf-8 path")?,
                 16u64 << 30,
             ),
