@@ -34,7 +34,7 @@ pub(super) fn alter_configs_request(ctx: Arc<Ctx>, call: Call, req: requests::Co
     Box::pin(async move {
         let results = alter_configs(&ctx, &call.access, req, false).await;
         let mut resp = AlterConfigsResponse::default();
-        for (t, name, err, msg) in results {
+        for AlterResult { resource_type: t, resource_name: name, error_code: err, message: msg } in results {
             resp.responses.push(
                 alter_configs_response::AlterConfigsResourceResponse::default()
                     .with_resource_type(t)
@@ -55,7 +55,7 @@ pub(super) fn incremental_alter_configs_request(
     Box::pin(async move {
         let results = alter_configs(&ctx, &call.access, req, true).await;
         let mut resp = IncrementalAlterConfigsResponse::default();
-        for (t, name, err, msg) in results {
+        for AlterResult { resource_type: t, resource_name: name, error_code: err, message: msg } in results {
             resp.responses.push(
                 incremental_alter_configs_response::AlterConfigsResourceResponse::default()
                     .with_resource_type(t)
@@ -178,7 +178,13 @@ fn describe_configs(ctx: &Ctx, call: &Call, req: requests::ConfigsRequest) -> De
 }
 
 /// (resource type, resource name, error code, error message) per resource.
-type AlterResult = (i8, String, i16, Option<String>);
+/// One resource's answer to AlterConfigs or IncrementalAlterConfigs.
+struct AlterResult {
+    resource_type: i8,
+    resource_name: String,
+    error_code: i16,
+    message: Option<String>,
+}
 
 async fn alter_configs(
     ctx: &Arc<Ctx>,
@@ -199,7 +205,7 @@ async fn alter_configs(
                 Some(info) => {
                     let mut cfg = if incremental { info.config.clone() } else { ctx.defaults.config.clone() };
                     let mut bad = None;
-                    for (k, op, value) in &changes {
+                    for requests::ConfigChange { name: k, op, value } in &changes {
                         let r = match (incremental, op) {
                             (false, _) | (true, 0) => cfg.set(k, value.as_deref()).map_err(|e| e.to_string()),
                             (true, 1) => cfg.set(k, ctx.defaults.config.get(k).as_deref()).map_err(|e| e.to_string()),
@@ -229,8 +235,8 @@ async fn alter_configs(
             other => Err((errors::INVALID_REQUEST, format!("resource type {other} is not supported"))),
         };
         match result {
-            Ok(()) => out.push((resource_type, resource_name, errors::NONE, None)),
-            Err((c, m)) => out.push((resource_type, resource_name, c, Some(m))),
+            Ok(()) => out.push(AlterResult { resource_type, resource_name, error_code: errors::NONE, message: None }),
+            Err((c, m)) => out.push(AlterResult { resource_type, resource_name, error_code: c, message: Some(m) }),
         }
     }
     out

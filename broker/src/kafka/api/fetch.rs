@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::error::StoreError;
 use crate::kafka::context::{Call, Ctx, PendingReply, Reply};
 use crate::kafka::errors::{self, code};
-use crate::kafka::requests::{FetchPartition, FetchRequest};
+use crate::kafka::requests::{FetchRequest, FetchTopic};
 use crate::security::{Access, TopicOp};
 use crate::storage::{Store, Watermarks};
 
@@ -55,10 +55,10 @@ pub(super) fn fetch_request(ctx: Arc<Ctx>, call: Call, req: FetchRequest) -> Pen
     })
 }
 
-fn partitions(topics: Vec<(String, Vec<FetchPartition>)>, access: &Access) -> Vec<FetchedPartition> {
+fn partitions(topics: Vec<FetchTopic>, access: &Access) -> Vec<FetchedPartition> {
     let mut parts: Vec<FetchedPartition> = Vec::new();
     let mut seen: HashMap<(Arc<str>, i32), usize> = HashMap::new();
-    for (topic, ps) in topics {
+    for FetchTopic { name: topic, partitions: ps } in topics {
         let denied = !access.topic(TopicOp::Read, &topic);
         let topic: Arc<str> = Arc::from(topic);
         for p in ps {

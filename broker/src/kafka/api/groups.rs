@@ -86,99 +86,90 @@ pub(super) fn heartbeat(ctx: &Ctx, call: Call, req: MemberRequest) -> PendingRep
         return reply(call, &HeartbeatResponse::default().with_error_code(errors::GROUP_AUTHORIZATION_FAILED));
     }
     let groups = &ctx.groups;
-    {
-        let e = groups.heartbeat(&req.group_id, req.generation, &req.member_id, req.instance_id.as_deref());
-        reply(call, &HeartbeatResponse::default().with_error_code(e))
-    }
+    let e = groups.heartbeat(&req.group_id, req.generation, &req.member_id, req.instance_id.as_deref());
+    reply(call, &HeartbeatResponse::default().with_error_code(e))
 }
 
-pub(super) fn leave(ctx: &Ctx, call: Call, group: String, members: Vec<(String, Option<String>)>) -> PendingReply {
+pub(super) fn leave(ctx: &Ctx, call: Call, req: requests::LeaveGroupRequest) -> PendingReply {
+    let requests::LeaveGroupRequest { group_id: group, members } = req;
     if !call.access.group(&group) {
         super::refused(&call);
         return reply(call, &LeaveGroupResponse::default().with_error_code(errors::GROUP_AUTHORIZATION_FAILED));
     }
     let (v, groups) = (call.version, &ctx.groups);
-    {
-        let (top, each) = groups.leave(&group, &members);
-        let mut resp = LeaveGroupResponse::default().with_error_code(if v >= 3 { errors::NONE } else { top });
-        if v >= 3 {
-            resp.members = members
-                .into_iter()
-                .zip(each)
-                .map(|((m, i), e)| {
-                    leave_group_response::MemberResponse::default()
-                        .with_member_id(sb(m))
-                        .with_group_instance_id(i.map(sb))
-                        .with_error_code(e)
-                })
-                .collect();
-        }
-        reply(call, &resp)
+    let (top, each) = groups.leave(&group, &members);
+    let mut resp = LeaveGroupResponse::default().with_error_code(if v >= 3 { errors::NONE } else { top });
+    if v >= 3 {
+        resp.members = members
+            .into_iter()
+            .zip(each)
+            .map(|(requests::MemberIdentity { member_id: m, instance_id: i }, e)| {
+                leave_group_response::MemberResponse::default()
+                    .with_member_id(sb(m))
+                    .with_group_instance_id(i.map(sb))
+                    .with_error_code(e)
+            })
+            .collect();
     }
+    reply(call, &resp)
 }
 
 pub(super) fn list(ctx: &Ctx, call: Call) -> PendingReply {
     let groups = &ctx.groups;
-    {
-        let resp = ListGroupsResponse::default().with_groups(
-            groups
-                .list()
-                .into_iter()
-                .filter(|(id, _, _)| call.access.group(id))
-                .map(|(id, pt, _)| {
-                    list_groups_response::ListedGroup::default()
-                        .with_group_id(GroupId(sb(id)))
-                        .with_protocol_type(sb(pt))
-                })
-                .collect(),
-        );
-        reply(call, &resp)
-    }
+    let resp = ListGroupsResponse::default().with_groups(
+        groups
+            .list()
+            .into_iter()
+            .filter(|(id, _, _)| call.access.group(id))
+            .map(|(id, pt, _)| {
+                list_groups_response::ListedGroup::default().with_group_id(GroupId(sb(id))).with_protocol_type(sb(pt))
+            })
+            .collect(),
+    );
+    reply(call, &resp)
 }
 
 pub(super) fn describe(ctx: &Ctx, call: Call, mut ids: Vec<String>) -> PendingReply {
     let (v, groups) = (call.version, &ctx.groups);
-    {
-        // Each group once: a group's metadata named 10,000 times would be answered 10,000 times.
-        let mut seen = std::collections::HashSet::new();
-        ids.retain(|id| seen.insert(id.clone()));
-        let resp = DescribeGroupsResponse::default().with_groups(
-            ids.iter()
-                .map(|id| {
-                    if !call.access.group(id) {
-                        return describe_groups_response::DescribedGroup::default()
-                            .with_error_code(errors::GROUP_AUTHORIZATION_FAILED)
-                            .with_group_id(GroupId(sb(id.clone())));
-                    }
-                    let d = groups.describe(id);
-                    describe_groups_response::DescribedGroup::default()
-                        .with_error_code(d.error)
-                        .with_group_id(GroupId(sb(d.group_id)))
-                        .with_group_state(sb(d.state))
-                        .with_protocol_type(sb(d.protocol_type))
-                        .with_protocol_data(sb(d.protocol))
-                        .with_members(
-                            d.members
-                                .into_iter()
-                                .map(|m| {
-                                    let mut dm = describe_groups_response::DescribedGroupMember::default()
-                                        .with_member_id(sb(m.member_id))
-                                        .with_client_id(sb(m.client_id))
-                                        .with_client_host(sb(m.client_host))
-                                        .with_member_metadata(m.metadata)
-                                        .with_member_assignment(m.assignment);
-                                    if v >= 4 {
-                                        dm = dm.with_group_instance_id(m.instance_id.map(sb));
-                                    }
-                                    dm
-                                })
-                                .collect(),
-                        )
-                })
-                .collect(),
-        );
-        reply(call, &resp)
-    }
+    // Each group once: a group's metadata named 10,000 times would be answered 10,000 times.
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(id.clone()));
+    let resp = DescribeGroupsResponse::default().with_groups(
+        ids.iter()
+            .map(|id| {
+                if !call.access.group(id) {
+                    return describe_groups_response::DescribedGroup::default()
+                        .with_error_code(errors::GROUP_AUTHORIZATION_FAILED)
+                        .with_group_id(GroupId(sb(id.clone())));
+                }
+                let d = groups.describe(id);
+                describe_groups_response::DescribedGroup::default()
+                    .with_error_code(d.error)
+                    .with_group_id(GroupId(sb(d.group_id)))
+                    .with_group_state(sb(d.state))
+                    .with_protocol_type(sb(d.protocol_type))
+                    .with_protocol_data(sb(d.protocol))
+                    .with_members(
+                        d.members
+                            .into_iter()
+                            .map(|m| {
+                                let mut dm = describe_groups_response::DescribedGroupMember::default()
+                                    .with_member_id(sb(m.member_id))
+                                    .with_client_id(sb(m.client_id))
+                                    .with_client_host(sb(m.client_host))
+                                    .with_member_metadata(m.metadata)
+                                    .with_member_assignment(m.assignment);
+                                if v >= 4 {
+                                    dm = dm.with_group_instance_id(m.instance_id.map(sb));
+                                }
+                                dm
+                            })
+                            .collect(),
+                    )
+            })
+            .collect(),
+    );
+    reply(call, &resp)
 }
 
 pub(super) fn delete(ctx: &Ctx, call: Call, ids: Vec<String>) -> PendingReply {

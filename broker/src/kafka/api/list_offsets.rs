@@ -29,10 +29,10 @@ fn list_offsets(
     req: requests::ListOffsetsRequest,
 ) -> ListOffsetsResponse {
     let mut resp = ListOffsetsResponse::default();
-    for (topic, parts) in req.topics {
+    for requests::ListOffsetsTopic { name: topic, partitions: parts } in req.topics {
         let mut t = list_offsets_response::ListOffsetsTopicResponse::default().with_name(topic_name(&topic));
         let allowed = access.topic(TopicOp::Describe, &topic);
-        for (partition, timestamp) in parts {
+        for requests::ListOffsetsPartition { partition, timestamp } in parts {
             let mut p = list_offsets_response::ListOffsetsPartitionResponse::default()
                 .with_partition_index(partition)
                 .with_timestamp(-1)

@@ -51,17 +51,17 @@ pub(crate) async fn dispatch(
         Request::DescribeConfigs(req) => configs::describe_configs_request(ctx, call, req),
         Request::AlterConfigs(req) => configs::alter_configs_request(ctx.clone(), call, req),
         Request::IncrementalAlterConfigs(req) => configs::incremental_alter_configs_request(ctx.clone(), call, req),
-        Request::FindCoordinator(key_type, keys) => groups::find_coordinator_request(ctx, call, key_type, keys),
+        Request::FindCoordinator(req) => groups::find_coordinator_request(ctx, call, req.key_type, req.keys),
         Request::JoinGroup(req) => groups::join(ctx, call, req),
         Request::SyncGroup(req) => groups::sync(ctx, call, req),
         Request::Heartbeat(req) => groups::heartbeat(ctx, call, req),
-        Request::LeaveGroup(group, members) => groups::leave(ctx, call, group, members),
+        Request::LeaveGroup(req) => groups::leave(ctx, call, req),
         Request::ListGroups => groups::list(ctx, call),
         Request::DescribeGroups(ids) => groups::describe(ctx, call, ids),
         Request::DeleteGroups(ids) => groups::delete(ctx, call, ids),
         Request::OffsetCommit(req) => offsets::commit(ctx.clone(), call, req),
-        Request::OffsetFetch(group, topics) => offsets::fetch(ctx.clone(), call, group, topics),
-        Request::OffsetDelete(group, topics) => offsets::delete(ctx, call, group, topics),
+        Request::OffsetFetch(req) => offsets::fetch(ctx.clone(), call, req),
+        Request::OffsetDelete(req) => offsets::delete(ctx, call, req),
     }
 }
 

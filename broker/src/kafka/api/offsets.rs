@@ -10,14 +10,14 @@ use kafka_protocol::messages::{
 
 use crate::kafka::context::{encode, reply, sb, Call, Ctx, PendingReply, Reply};
 use crate::kafka::errors;
-use crate::kafka::requests::OffsetCommitRequest;
+use crate::kafka::requests::{self, OffsetCommitRequest, TopicPartitions};
 use crate::security::{Access, TopicOp};
 
 pub(super) fn commit(ctx: Arc<Ctx>, call: Call, req: OffsetCommitRequest) -> PendingReply {
     if !call.access.group(&req.group_id) {
         super::refused(&call);
         let e = errors::GROUP_AUTHORIZATION_FAILED;
-        let resp = commit_response(req.offsets.into_iter().map(|(topic, partition, ..)| ((topic, partition), e)));
+        let resp = commit_response(req.offsets.into_iter().map(|o| ((o.topic, o.partition), e)));
         return reply(call, &resp);
     }
     Box::pin(async move {
@@ -26,7 +26,8 @@ pub(super) fn commit(ctx: Arc<Ctx>, call: Call, req: OffsetCommitRequest) -> Pen
     })
 }
 
-pub(super) fn fetch(ctx: Arc<Ctx>, call: Call, group: String, topics: Option<Vec<(String, Vec<i32>)>>) -> PendingReply {
+pub(super) fn fetch(ctx: Arc<Ctx>, call: Call, req: requests::OffsetFetchRequest) -> PendingReply {
+    let requests::OffsetFetchRequest { group_id: group, topics } = req;
     if !call.access.group(&group) {
         super::refused(&call);
         return reply(call, &refused_fetch(topics.unwrap_or_default()));
@@ -38,10 +39,10 @@ pub(super) fn fetch(ctx: Arc<Ctx>, call: Call, group: String, topics: Option<Vec
 }
 
 /// OffsetFetch refused: v0-v1 have no top-level error, so each asked partition carries it.
-fn refused_fetch(topics: Vec<(String, Vec<i32>)>) -> OffsetFetchResponse {
+fn refused_fetch(topics: Vec<TopicPartitions>) -> OffsetFetchResponse {
     let e = errors::GROUP_AUTHORIZATION_FAILED;
     let mut resp = OffsetFetchResponse::default().with_error_code(e);
-    for (t, ps) in topics {
+    for TopicPartitions { name: t, partitions: ps } in topics {
         resp.topics.push(
             offset_fetch_response::OffsetFetchResponseTopic::default().with_name(TopicName(sb(t))).with_partitions(
                 ps.into_iter()
@@ -58,7 +59,8 @@ fn refused_fetch(topics: Vec<(String, Vec<i32>)>) -> OffsetFetchResponse {
     resp
 }
 
-pub(super) fn delete(ctx: &Ctx, call: Call, group: String, topics: Vec<(String, Vec<i32>)>) -> PendingReply {
+pub(super) fn delete(ctx: &Ctx, call: Call, req: requests::OffsetDeleteRequest) -> PendingReply {
+    let requests::OffsetDeleteRequest { group_id: group, topics } = req;
     // Deleting offsets is an admin operation.
     if !call.access.admin() {
         super::refused(&call);
@@ -68,7 +70,7 @@ pub(super) fn delete(ctx: &Ctx, call: Call, group: String, topics: Vec<(String, 
     Box::pin(async move {
         let partitions: Vec<(std::sync::Arc<str>, i32)> = topics
             .iter()
-            .flat_map(|(t, ps)| {
+            .flat_map(|TopicPartitions { name: t, partitions: ps }| {
                 let t: std::sync::Arc<str> = t.as_str().into();
                 ps.iter().map(move |p| (t.clone(), *p))
             })
@@ -77,7 +79,7 @@ pub(super) fn delete(ctx: &Ctx, call: Call, group: String, topics: Vec<(String, 
         let mut resp = OffsetDeleteResponse::default().with_error_code(top);
         if top == errors::NONE {
             let mut codes = codes.into_iter();
-            for (t, ps) in topics {
+            for TopicPartitions { name: t, partitions: ps } in topics {
                 resp.topics.push(
                     offset_delete_response::OffsetDeleteResponseTopic::default()
                         .with_name(TopicName(sb(t)))
@@ -98,10 +100,10 @@ pub(super) fn delete(ctx: &Ctx, call: Call, group: String, topics: Vec<(String, 
 }
 
 async fn offset_commit(ctx: &Ctx, access: &Access, mut req: OffsetCommitRequest) -> OffsetCommitResponse {
-    let keys: Vec<(Arc<str>, i32)> = req.offsets.iter().map(|o| (o.0.clone(), o.1)).collect();
+    let keys: Vec<(Arc<str>, i32)> = req.offsets.iter().map(|o| (o.topic.clone(), o.partition)).collect();
     // Offsets of topics the user may not read are refused; the rest are committed together.
     let readable: Vec<bool> = keys.iter().map(|(t, _)| access.topic(TopicOp::Read, t)).collect();
-    req.offsets.retain(|o| access.topic(TopicOp::Read, &o.0));
+    req.offsets.retain(|o| access.topic(TopicOp::Read, &o.topic));
     let mut committed = ctx
         .groups
         .commit(&req.group_id, req.generation, &req.member_id, req.instance_id.as_deref(), req.offsets)
@@ -143,14 +145,14 @@ async fn offset_fetch(
     ctx: &Ctx,
     call: &Call,
     group: String,
-    topics: Option<Vec<(String, Vec<i32>)>>,
+    topics: Option<Vec<TopicPartitions>>,
 ) -> OffsetFetchResponse {
     let v = call.version;
     // As Kafka: offsets of topics the user may not see are left out.
     // A topic's name is shared by its partitions, not copied for each.
     let asked: Option<Vec<(Arc<str>, i32)>> = topics.map(|ts| {
         ts.into_iter()
-            .flat_map(|(t, ps)| {
+            .flat_map(|TopicPartitions { name: t, partitions: ps }| {
                 let t: Arc<str> = t.into();
                 ps.into_iter().map(move |p| (t.clone(), p))
             })

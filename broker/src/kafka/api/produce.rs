@@ -31,7 +31,7 @@ pub(super) async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceReq
         None
     };
     let mut results: Vec<(String, Vec<(i32, PartitionProduce)>)> = Vec::with_capacity(req.topics.len());
-    for (topic, parts) in req.topics {
+    for requests::ProduceTopic { name: topic, partitions: parts } in req.topics {
         let mut out = Vec::with_capacity(parts.len());
         let allowed = call.access.topic(TopicOp::Write, &topic);
         // MQTT publish rules apply to the records' `mqtt.topic` headers (decoded only if needed).
@@ -40,7 +40,7 @@ pub(super) async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceReq
             _ => None,
         };
         let decompressed_limit = ctx.store.config().decompressed_size_bytes_max;
-        for (partition, records) in parts {
+        for requests::ProducePartition { index: partition, records } in parts {
             let r = match (&refuse_all, records) {
                 (Some((c, m)), _) => PartitionProduce::Failed(*c, m.clone()),
                 (None, _) if !allowed => {
@@ -94,17 +94,25 @@ pub(super) async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceReq
                         }
                     },
                 };
-                out.push((partition, error_code, msg, outcome, record));
+                out.push(ProducedPartition {
+                    index: partition,
+                    error_code,
+                    message: msg,
+                    outcome,
+                    refused_record: record,
+                });
             }
-            topics.push((topic, out));
+            topics.push(ProducedTopic { name: topic, partitions: out });
         }
         let bytes = if v < 3 {
             produce_response_v0_v2(call.correlation_id, v, &topics)
         } else {
             let mut resp = ProduceResponse::default();
-            for (topic, parts) in topics {
+            for ProducedTopic { name: topic, partitions: parts } in topics {
                 let mut t = produce_response::TopicProduceResponse::default().with_name(topic_name(&topic));
-                for (partition, error_code, msg, outcome, record) in parts {
+                for ProducedPartition { index: partition, error_code, message: msg, outcome, refused_record: record } in
+                    parts
+                {
                     let mut p = produce_response::PartitionProduceResponse::default()
                         .with_index(partition)
                         .with_error_code(error_code)
@@ -135,8 +143,21 @@ pub(super) async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceReq
     })
 }
 
-/// Per partition: index, error code, error message, outcome, and the refused record's index.
-type ProducedTopic = (String, Vec<(i32, i16, Option<String>, Option<crate::storage::AppendOutcome>, Option<i32>)>);
+/// A topic's answers in a produce response.
+struct ProducedTopic {
+    name: String,
+    partitions: Vec<ProducedPartition>,
+}
+
+/// One partition's answer: its error code and message, the append's outcome if it was stored,
+/// and the index of the record refused (INVALID_RECORD) if one was.
+struct ProducedPartition {
+    index: i32,
+    error_code: i16,
+    message: Option<String>,
+    outcome: Option<crate::storage::AppendOutcome>,
+    refused_record: Option<i32>,
+}
 
 /// Produce v0-v2 responses, written by hand: the protocol crate no longer encodes them.
 fn produce_response_v0_v2(correlation_id: i32, v: i16, topics: &[ProducedTopic]) -> Bytes {
@@ -144,13 +165,13 @@ fn produce_response_v0_v2(correlation_id: i32, v: i16, topics: &[ProducedTopic])
     b.put_i32(0);
     b.put_i32(correlation_id);
     b.put_i32(topics.len() as i32);
-    for (name, parts) in topics {
+    for ProducedTopic { name, partitions } in topics {
         b.put_i16(name.len() as i16);
         b.put_slice(name.as_bytes());
-        b.put_i32(parts.len() as i32);
-        for (partition, error_code, ..) in parts {
-            b.put_i32(*partition);
-            b.put_i16(*error_code);
+        b.put_i32(partitions.len() as i32);
+        for p in partitions {
+            b.put_i32(p.index);
+            b.put_i16(p.error_code);
             b.put_i64(-1);
             if v >= 2 {
                 b.put_i64(-1);

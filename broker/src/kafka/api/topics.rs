@@ -58,9 +58,9 @@ pub(super) fn create_partitions_request(
     })
 }
 
-pub(super) fn topic_settings(ctx: &Ctx, configs: &[(String, Option<String>)]) -> Result<TopicConfig, String> {
+pub(super) fn topic_settings(ctx: &Ctx, configs: &[requests::ConfigEntry]) -> Result<TopicConfig, String> {
     let mut cfg = ctx.defaults.config.clone();
-    for (k, v) in configs {
+    for requests::ConfigEntry { name: k, value: v } in configs {
         cfg.set(k, v.as_deref()).map_err(|e| e.to_string())?;
     }
     Ok(cfg)
@@ -146,7 +146,7 @@ async fn create_partitions(
     req: requests::CreatePartitionsRequest,
 ) -> CreatePartitionsResponse {
     let mut resp = CreatePartitionsResponse::default();
-    for (name, count, assigned) in req.topics {
+    for requests::PartitionsTopic { name, count, assignments: assigned } in req.topics {
         let result = if !access.admin() {
             Err((
                 errors::TOPIC_AUTHORIZATION_FAILED,
