@@ -4,7 +4,7 @@
 //! may use only modules declared on a lower line of its scope. The test names the file and
 //! line of each edge the order does not allow, and every module missing from the order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// One scope of the order: the module whose children are ordered (`[]` for the crate root) and
@@ -255,6 +255,13 @@ fn check(src: &Path, files: &[(PathBuf, String)], scopes: &[Scope]) -> Vec<Strin
     for scope in scopes {
         let depth = scope.path.len();
         let mut undeclared: BTreeMap<String, String> = BTreeMap::new();
+        // The scope's child modules that have files.
+        let modules: BTreeSet<String> = files
+            .iter()
+            .map(|(file, _)| file_module(src, file))
+            .filter(|m| m.len() > depth && m[..depth] == scope.path[..])
+            .map(|m| m[depth].clone())
+            .collect();
         for (file, text) in files {
             let module = file_module(src, file);
             if module.len() <= depth || module[..depth] != scope.path[..] {
@@ -271,6 +278,8 @@ fn check(src: &Path, files: &[(PathBuf, String)], scopes: &[Scope]) -> Vec<Strin
                 }
                 let to = &u.target[depth];
                 match scope.layer_of(to) {
+                    // An item of the scope's own module (a function in `mod.rs`), not a module.
+                    None if !modules.contains(to) => {}
                     None => {
                         undeclared.entry(to.clone()).or_insert_with(|| format!("{}:{}", file.display(), u.line));
                     }

@@ -1,7 +1,7 @@
 //! The durable log store: topics with partitions whose logs are RecordBatch v2 batches in one redb
 //! database. Appends go through a single writer thread that commits in groups and acknowledges
 //! only after the commit returned; reads open their own short read transaction. A failed write
-//! does not latch: the writer reopens the database in-process (see `writer.rs`).
+//! does not latch: the writer reopens the database in-process (see `writer/open.rs`).
 
 pub mod batch;
 pub mod compression;

@@ -8,7 +8,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kafka_protocol::protocol::Encodable;
+use kafka_protocol::messages::TopicName;
+use kafka_protocol::protocol::{Encodable, StrBytes};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 
 use super::codec::frame_response;
@@ -147,4 +148,16 @@ pub(crate) fn reply<T: Encodable>(call: Call, body: &T) -> PendingReply {
         Ok(bytes) => ready(Reply::one(bytes, vec![call.permit])),
         Err(e) => Box::pin(async move { Err(e) }),
     }
+}
+
+/// The refusal text of an ACL check.
+pub(crate) const NOT_AUTHORIZED: &str = "not authorized by the user's ACL";
+
+/// A response string.
+pub(crate) fn sb(s: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(s.into())
+}
+
+pub(crate) fn topic_name(s: &str) -> TopicName {
+    TopicName(sb(s))
 }

@@ -119,9 +119,23 @@ impl SyncResponse {
     }
 }
 
-/// An offset to commit: (topic, partition, offset, leader epoch, metadata). A topic's name is
+/// An offset to commit. A topic's name is
 /// shared by its partitions, not copied for each.
-pub type OffsetToCommit = (Arc<str>, i32, i64, i32, Option<String>);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetToCommit {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub leader_epoch: i32,
+    pub metadata: Option<String>,
+}
+
+/// A member as a LeaveGroup request names it: by id, or by static instance id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberIdentity {
+    pub member_id: String,
+    pub instance_id: Option<String>,
+}
 
 /// A partition's committed offset as read: (topic, partition, the offset if there is one).
 pub type CommittedPartition = (Arc<str>, i32, Option<CommittedOffset>);
@@ -836,14 +850,14 @@ impl Coordinator {
 
     /// Removes members (by member id, or by instance id when the member id is empty); one error
     /// code per member, and the group-level one.
-    pub fn leave(&self, group_id: &str, members: &[(String, Option<String>)]) -> (i16, Vec<i16>) {
+    pub fn leave(&self, group_id: &str, members: &[MemberIdentity]) -> (i16, Vec<i16>) {
         let mut groups = self.lock();
         let Some(g) = groups.get_mut(group_id) else {
             return (ec::UNKNOWN_MEMBER_ID, vec![ec::UNKNOWN_MEMBER_ID; members.len()]);
         };
         let now = Instant::now();
         let mut errors = Vec::with_capacity(members.len());
-        for (member_id, instance_id) in members {
+        for MemberIdentity { member_id, instance_id } in members {
             let id = if member_id.is_empty() {
                 instance_id
                     .as_ref()
@@ -921,7 +935,7 @@ impl Coordinator {
         let now = now_ms();
         let mut errors = Vec::with_capacity(offsets.len());
         let mut entries = Vec::with_capacity(offsets.len());
-        for (topic, partition, offset, leader_epoch, metadata) in offsets {
+        for OffsetToCommit { topic, partition, offset, leader_epoch, metadata } in offsets {
             let metadata = metadata.unwrap_or_default();
             if self.store.partition_info(&topic, partition).is_err() {
                 errors.push(ec::UNKNOWN_TOPIC_OR_PARTITION);
@@ -1161,6 +1175,11 @@ mod tests {
     use super::*;
     use crate::config::StorageConfig;
 
+    /// An offset of topic `t` to commit.
+    fn to_commit(partition: i32, offset: i64, metadata: Option<String>) -> OffsetToCommit {
+        OffsetToCommit { topic: "t".into(), partition, offset, leader_epoch: -1, metadata }
+    }
+
     fn store(dir: &std::path::Path) -> Store {
         let cfg = StorageConfig { data_dir: dir.to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
         Store::open(cfg).expect("open").0
@@ -1243,7 +1262,7 @@ mod tests {
         let r = c.join(join_req(&a, None, 1000)).await;
         assert_eq!((r.generation, r.members.len()), (3, 1));
         assert_eq!(c.heartbeat("g", 2, &b, None), ec::UNKNOWN_MEMBER_ID);
-        let (top, _) = c.leave("g", &[(a.clone(), None)]);
+        let (top, _) = c.leave("g", &[MemberIdentity { member_id: a.clone(), instance_id: None }]);
         assert_eq!(top, ec::NONE);
         assert_eq!(c.describe("g").state, "Empty");
     }
@@ -1278,7 +1297,7 @@ mod tests {
         let fits = vec![(b.member_id.clone(), Bytes::from(vec![1u8; 20]))];
         assert_eq!(c.sync("g2", b.generation, &b.member_id, None, fits).await.error, ec::NONE);
         // Once a member leaves, its bytes are free again.
-        assert_eq!(c.leave("g1", &[(a.member_id.clone(), None)]).0, ec::NONE);
+        assert_eq!(c.leave("g1", &[MemberIdentity { member_id: a.member_id.clone(), instance_id: None }]).0, ec::NONE);
         assert_eq!(c.join(join("g3", "", &big)).await.error, ec::NONE);
         // The running total is what the members hold.
         let held: u64 = c.lock().values().map(Group::held_bytes).sum();
@@ -1367,11 +1386,7 @@ mod tests {
                 -1,
                 "",
                 None,
-                vec![
-                    ("t".into(), 0, 4, -1, Some("m".into())),
-                    ("t".into(), 9, 1, -1, None),
-                    ("t".into(), 1, 0, -1, Some("x".repeat(17))),
-                ],
+                vec![to_commit(0, 4, Some("m".into())), to_commit(9, 1, None), to_commit(1, 0, Some("x".repeat(17)))],
             )
             .await;
         assert_eq!(codes, vec![ec::NONE, ec::UNKNOWN_TOPIC_OR_PARTITION, ec::OFFSET_METADATA_TOO_LARGE]);
@@ -1390,7 +1405,7 @@ mod tests {
         req.member_id = id.clone();
         assert_eq!(c.join(req).await.generation, 1);
         let _ = c.sync("busy", 1, &id, None, vec![]).await;
-        let one = vec![("t".into(), 0, 1, -1, None)];
+        let one = vec![to_commit(0, 1, None)];
         assert_eq!(c.commit("busy", -1, "", None, one.clone()).await, vec![ec::UNKNOWN_MEMBER_ID]);
         assert_eq!(c.commit("busy", 5, &id, None, one.clone()).await, vec![ec::ILLEGAL_GENERATION]);
         assert_eq!(c.commit("busy", 1, &id, None, one).await, vec![ec::NONE]);

@@ -2,17 +2,14 @@
 //! franz-go) produce, fetch and administer topics on this one-node cluster, whose log is the
 //! store's. See `versions` for the APIs served and ARCHITECTURE.md for the design.
 
+mod api;
 mod codec;
 mod config;
 mod context;
 pub(crate) mod errors;
-mod fetch;
-mod group_api;
 pub mod groups;
-mod handlers;
 mod mqtt_rules;
 mod requests;
-mod sasl;
 mod server;
 mod versions;
 

@@ -8,7 +8,25 @@ use super::codec::{min_array, min_str, DecodeError, Reader};
 use super::versions::key;
 
 /// A topic's partitions and their record batches in a produce request.
-pub(crate) type ProduceTopic = (String, Vec<(i32, Option<Bytes>)>);
+#[derive(Debug, Clone)]
+pub(crate) struct ProduceTopic {
+    pub name: String,
+    pub partitions: Vec<ProducePartition>,
+}
+
+/// One partition's records in a produce request (`None`: a null record set).
+#[derive(Debug, Clone)]
+pub(crate) struct ProducePartition {
+    pub index: i32,
+    pub records: Option<Bytes>,
+}
+
+/// A topic and the partitions a request names in it.
+#[derive(Debug, Clone)]
+pub(crate) struct TopicPartitions {
+    pub name: String,
+    pub partitions: Vec<i32>,
+}
 
 #[derive(Debug, Clone)]
 pub(crate) struct ProduceRequest {
@@ -29,12 +47,31 @@ pub(crate) struct FetchRequest {
     pub max_wait_ms: i32,
     pub min_bytes: i32,
     pub max_bytes: i32,
-    pub topics: Vec<(String, Vec<FetchPartition>)>,
+    pub topics: Vec<FetchTopic>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct FetchTopic {
+    pub name: String,
+    pub partitions: Vec<FetchPartition>,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct ListOffsetsRequest {
-    pub topics: Vec<(String, Vec<(i32, i64)>)>,
+    pub topics: Vec<ListOffsetsTopic>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ListOffsetsTopic {
+    pub name: String,
+    pub partitions: Vec<ListOffsetsPartition>,
+}
+
+/// A partition and the timestamp asked for (-2 earliest, -1 latest, -3 max timestamp).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ListOffsetsPartition {
+    pub partition: i32,
+    pub timestamp: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -50,7 +87,14 @@ pub(crate) struct CreatableTopic {
     pub num_partitions: i32,
     pub replication_factor: i16,
     pub assignments: usize,
-    pub configs: Vec<(String, Option<String>)>,
+    pub configs: Vec<ConfigEntry>,
+}
+
+/// A setting by its Kafka name (`None`: null, the default).
+#[derive(Debug, Clone)]
+pub(crate) struct ConfigEntry {
+    pub name: String,
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,7 +116,16 @@ pub(crate) struct ConfigResource {
     pub resource_name: String,
     /// Describe: keys asked for (`None` = all). Alter: (name, operation, value).
     pub keys: Option<Vec<String>>,
-    pub changes: Vec<(String, i8, Option<String>)>,
+    pub changes: Vec<ConfigChange>,
+}
+
+/// One change of AlterConfigs (`op` 0) or IncrementalAlterConfigs (`op`: 0 set, 1 delete,
+/// 2 append, 3 subtract).
+#[derive(Debug, Clone)]
+pub(crate) struct ConfigChange {
+    pub name: String,
+    pub op: i8,
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -83,7 +136,7 @@ pub(crate) struct ConfigsRequest {
 
 #[derive(Debug, Clone)]
 pub(crate) struct CreatePartitionsRequest {
-    pub topics: Vec<(String, i32, bool)>,
+    pub topics: Vec<PartitionsTopic>,
     pub validate_only: bool,
 }
 
@@ -108,7 +161,42 @@ pub(crate) struct MemberRequest {
     pub assignments: Vec<(String, Bytes)>,
 }
 
-pub(crate) use super::groups::OffsetToCommit;
+pub(crate) use super::groups::{MemberIdentity, OffsetToCommit};
+
+/// A topic's new partition count in CreatePartitions.
+#[derive(Debug, Clone)]
+pub(crate) struct PartitionsTopic {
+    pub name: String,
+    pub count: i32,
+    /// Whether the request assigns replicas (refused: this node places every partition).
+    pub assignments: bool,
+}
+
+/// FindCoordinator: key type 0 = group, 1 = transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct FindCoordinatorRequest {
+    pub key_type: i8,
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct LeaveGroupRequest {
+    pub group_id: String,
+    pub members: Vec<MemberIdentity>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct OffsetFetchRequest {
+    pub group_id: String,
+    /// `None`: all the group's partitions.
+    pub topics: Option<Vec<TopicPartitions>>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct OffsetDeleteRequest {
+    pub group_id: String,
+    pub topics: Vec<TopicPartitions>,
+}
 
 #[derive(Debug, Clone)]
 pub(crate) struct OffsetCommitRequest {
@@ -134,20 +222,17 @@ pub(crate) enum Request {
     IncrementalAlterConfigs(ConfigsRequest),
     CreatePartitions(CreatePartitionsRequest),
     DescribeCluster,
-    /// (key type, keys): 0 = group, 1 = transaction.
-    FindCoordinator(i8, Vec<String>),
+    FindCoordinator(FindCoordinatorRequest),
     JoinGroup(JoinGroupRequest),
     SyncGroup(MemberRequest),
     Heartbeat(MemberRequest),
-    /// Group and (member id, instance id) pairs.
-    LeaveGroup(String, Vec<(String, Option<String>)>),
+    LeaveGroup(LeaveGroupRequest),
     OffsetCommit(OffsetCommitRequest),
-    /// Group and the asked partitions (`None` = all).
-    OffsetFetch(String, Option<Vec<(String, Vec<i32>)>>),
+    OffsetFetch(OffsetFetchRequest),
     ListGroups,
     DescribeGroups(Vec<String>),
     DeleteGroups(Vec<String>),
-    OffsetDelete(String, Vec<(String, Vec<i32>)>),
+    OffsetDelete(OffsetDeleteRequest),
     /// The mechanism asked for.
     SaslHandshake(String),
     /// A SASL token.
@@ -175,10 +260,10 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                     let index = r.i32()?;
                     let records = r.nullable_bytes()?;
                     r.tagged_fields()?;
-                    Ok((index, records))
+                    Ok(ProducePartition { index, records })
                 })?;
                 r.tagged_fields()?;
-                Ok((name, parts))
+                Ok(ProduceTopic { name, partitions: parts })
             })?;
             Request::Produce(ProduceRequest { transactional_id, acks, topics })
         }
@@ -213,7 +298,7 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                     Ok(FetchPartition { partition, fetch_offset, partition_max_bytes })
                 })?;
                 r.tagged_fields()?;
-                Ok((name, parts))
+                Ok(FetchTopic { name, partitions: parts })
             })?;
             if v >= 7 {
                 r.array(min_str(f) + min_array(f), |r| {
@@ -241,10 +326,10 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                     }
                     let timestamp = r.i64()?;
                     r.tagged_fields()?;
-                    Ok((partition, timestamp))
+                    Ok(ListOffsetsPartition { partition, timestamp })
                 })?;
                 r.tagged_fields()?;
-                Ok((name, parts))
+                Ok(ListOffsetsTopic { name, partitions: parts })
             })?;
             Request::ListOffsets(ListOffsetsRequest { topics })
         }
@@ -285,7 +370,7 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                     let name = r.string()?;
                     let value = r.nullable_string()?;
                     r.tagged_fields()?;
-                    Ok((name, value))
+                    Ok(ConfigEntry { name, value })
                 })?;
                 r.tagged_fields()?;
                 Ok(CreatableTopic { name, num_partitions, replication_factor, assignments: assignments.len(), configs })
@@ -331,7 +416,7 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                     let op = if incremental { r.i8()? } else { 0 };
                     let value = r.nullable_string()?;
                     r.tagged_fields()?;
-                    Ok((name, op, value))
+                    Ok(ConfigChange { name, op, value })
                 })?;
                 r.tagged_fields()?;
                 Ok(ConfigResource { resource_type, resource_name, keys: None, changes })
@@ -353,7 +438,7 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                     r.tagged_fields()
                 })?;
                 r.tagged_fields()?;
-                Ok((name, count, assignments.is_some_and(|a| !a.is_empty())))
+                Ok(PartitionsTopic { name, count, assignments: assignments.is_some_and(|a| !a.is_empty()) })
             })?;
             r.i32()?; // timeout_ms
             let validate_only = r.bool()?;
@@ -363,11 +448,11 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
             if v >= 4 {
                 let key_type = r.i8()?;
                 let keys = r.array(min_str(f), |r| r.string())?;
-                Request::FindCoordinator(key_type, keys)
+                Request::FindCoordinator(FindCoordinatorRequest { key_type, keys })
             } else {
                 let k = r.string()?;
                 let key_type = if v >= 1 { r.i8()? } else { 0 };
-                Request::FindCoordinator(key_type, vec![k])
+                Request::FindCoordinator(FindCoordinatorRequest { key_type, keys: vec![k] })
             }
         }
         key::JOIN_GROUP => {
@@ -415,15 +500,15 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
             let group_id = r.string()?;
             let members = if v >= 3 {
                 r.array(2 * min_str(f), |r| {
-                    let m = r.string()?;
-                    let i = r.nullable_string()?;
+                    let member_id = r.string()?;
+                    let instance_id = r.nullable_string()?;
                     r.tagged_fields()?;
-                    Ok((m, i))
+                    Ok(MemberIdentity { member_id, instance_id })
                 })?
             } else {
-                vec![(r.string()?, None)]
+                vec![MemberIdentity { member_id: r.string()?, instance_id: None }]
             };
-            Request::LeaveGroup(group_id, members)
+            Request::LeaveGroup(LeaveGroupRequest { group_id, members })
         }
         key::OFFSET_COMMIT => {
             let group_id = r.string()?;
@@ -452,8 +537,8 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
             })?;
             for (name, parts) in topics {
                 let name: std::sync::Arc<str> = name.into();
-                for (p, offset, epoch, metadata) in parts {
-                    offsets.push((name.clone(), p, offset, epoch, metadata));
+                for (partition, offset, leader_epoch, metadata) in parts {
+                    offsets.push(OffsetToCommit { topic: name.clone(), partition, offset, leader_epoch, metadata });
                 }
             }
             Request::OffsetCommit(OffsetCommitRequest { group_id, generation, member_id, instance_id, offsets })
@@ -462,14 +547,14 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
             let group_id = r.string()?;
             let topics = r.nullable_array(min_str(f) + min_array(f), |r| {
                 let name = r.string()?;
-                let parts = r.array(4, |r| r.i32())?;
+                let partitions = r.array(4, |r| r.i32())?;
                 r.tagged_fields()?;
-                Ok((name, parts))
+                Ok(TopicPartitions { name, partitions })
             })?;
             if v >= 7 {
                 r.bool()?; // require_stable: there are no pending transactional offsets
             }
-            Request::OffsetFetch(group_id, topics)
+            Request::OffsetFetch(OffsetFetchRequest { group_id, topics })
         }
         key::LIST_GROUPS => {
             if v >= 4 {
@@ -489,11 +574,11 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
             let group_id = r.string()?;
             let topics = r.array(min_str(f) + min_array(f), |r| {
                 let name = r.string()?;
-                let parts = r.array(4, |r| r.i32())?;
+                let partitions = r.array(4, |r| r.i32())?;
                 r.tagged_fields()?;
-                Ok((name, parts))
+                Ok(TopicPartitions { name, partitions })
             })?;
-            Request::OffsetDelete(group_id, topics)
+            Request::OffsetDelete(OffsetDeleteRequest { group_id, topics })
         }
         key::DESCRIBE_CLUSTER => {
             r.bool()?; // include_cluster_authorized_operations
@@ -536,8 +621,8 @@ mod tests {
         let mut r = Reader::new(body.clone(), false);
         let Request::Produce(p) = decode(key::PRODUCE, 3, &mut r).unwrap() else { panic!() };
         assert_eq!(p.acks, -1);
-        assert_eq!(p.topics[0].0, "t");
-        assert_eq!(p.topics[0].1[0].1.as_deref(), Some(&b"abc"[..]));
+        assert_eq!(p.topics[0].name, "t");
+        assert_eq!(p.topics[0].partitions[0].records.as_deref(), Some(&b"abc"[..]));
         for cut in 0..body.len() {
             let mut r = Reader::new(body.slice(..cut), false);
             assert!(decode(key::PRODUCE, 3, &mut r).is_err(), "cut at {cut}");

@@ -14,15 +14,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 
+use super::api::{
+    self,
+    sasl::{self, ConnAuth},
+};
 use super::codec::{self, Reader};
 use super::config::KafkaConfig;
 use super::context::{
     ready, Call, Ctx, KafkaStats, PendingReply, ProducerIds, Reply, KV_CLUSTER_ID, KV_PRODUCER_ID_LIMIT,
 };
 use super::groups::{Coordinator, GroupLimits};
-use super::handlers;
 use super::requests;
-use super::sasl::{self, ConnAuth};
 use super::versions::{self, key};
 use crate::config::TopicTemplate;
 use crate::error::StoreError;
@@ -418,7 +420,7 @@ async fn request(
         if api_key == key::API_VERSIONS {
             // KIP-511: answer a v0 body with UNSUPPORTED_VERSION and our ranges, so the client
             // can retry with a version we know.
-            let bytes = handlers::api_versions_unsupported(correlation_id, ctx.auth.enabled())?;
+            let bytes = api::api_versions_unsupported(correlation_id, ctx.auth.enabled())?;
             return Ok(ready(Reply::one(bytes, vec![permit])));
         }
         return Err(format!(
@@ -448,11 +450,7 @@ async fn request(
         permit,
         access: auth.access.clone().unwrap_or(Access::Denied),
     };
-    Ok(match body {
-        requests::Request::SaslHandshake(mechanism) => sasl::handshake(auth, call, mechanism),
-        requests::Request::SaslAuthenticate(token) => sasl::authenticate_request(ctx, auth, call, token, arrived).await,
-        body => handlers::dispatch(ctx.clone(), call, body).await,
-    })
+    Ok(api::dispatch(ctx, auth, call, body, arrived).await)
 }
 
 fn new_cluster_id() -> String {

@@ -12,8 +12,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{SaslAuthenticateResponse, SaslHandshakeResponse};
 use kafka_protocol::protocol::StrBytes;
 
-use super::context::{encode, ready, Call, Ctx, PendingReply, Reply};
-use super::errors;
+use crate::kafka::context::{encode, ready, Call, Ctx, PendingReply, Reply};
+use crate::kafka::errors;
 use crate::security::sasl::{parse_plain, ScramServer, ScramStep};
 use crate::security::{nonce, Access, Mechanism, User};
 

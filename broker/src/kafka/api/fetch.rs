@@ -18,10 +18,10 @@ use futures_util::future::select_all;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::context::Ctx;
-use super::errors::{self, code};
-use super::requests::{FetchPartition, FetchRequest};
 use crate::error::StoreError;
+use crate::kafka::context::{Call, Ctx, PendingReply, Reply};
+use crate::kafka::errors::{self, code};
+use crate::kafka::requests::{FetchRequest, FetchTopic};
 use crate::security::{Access, TopicOp};
 use crate::storage::{Store, Watermarks};
 
@@ -45,10 +45,20 @@ pub(crate) struct FetchedPartition {
 
 /// The asked partitions in request order, each (topic, partition) once: at its first position,
 /// with the offset and limit of its last mention (the Java broker keeps them in a map).
-fn partitions(topics: Vec<(String, Vec<FetchPartition>)>, access: &Access) -> Vec<FetchedPartition> {
+/// Fetch: reads (and long polls) as the request asks; the response holds its share of the memory
+/// budget until written.
+pub(super) fn fetch_request(ctx: Arc<Ctx>, call: Call, req: FetchRequest) -> PendingReply {
+    Box::pin(async move {
+        let (partitions, permit) = fetch(&ctx, req, &call.access).await;
+        let chunks = encode_response(call.correlation_id, call.version, &partitions);
+        Ok(Some(Reply { chunks, permits: [Some(call.permit), permit].into_iter().flatten().collect() }))
+    })
+}
+
+fn partitions(topics: Vec<FetchTopic>, access: &Access) -> Vec<FetchedPartition> {
     let mut parts: Vec<FetchedPartition> = Vec::new();
     let mut seen: HashMap<(Arc<str>, i32), usize> = HashMap::new();
-    for (topic, ps) in topics {
+    for FetchTopic { name: topic, partitions: ps } in topics {
         let denied = !access.topic(TopicOp::Read, &topic);
         let topic: Arc<str> = Arc::from(topic);
         for p in ps {

@@ -1,0 +1,243 @@
+//! DescribeConfigs, AlterConfigs and IncrementalAlterConfigs: topic settings by their Kafka
+//! names (broker settings are read-only: they come from gateway.toml).
+
+use std::sync::Arc;
+
+use kafka_protocol::messages::{
+    alter_configs_response, describe_configs_response, incremental_alter_configs_response, AlterConfigsResponse,
+    DescribeConfigsResponse, IncrementalAlterConfigsResponse,
+};
+
+use crate::config::TopicConfig;
+use crate::kafka::context::{encode, reply, sb, Call, Ctx, PendingReply, Reply, NOT_AUTHORIZED};
+use crate::kafka::errors::{self, code};
+use crate::kafka::requests::{self, ConfigResource};
+use crate::security::{Access, TopicOp};
+
+const RESOURCE_TOPIC: i8 = 2;
+const RESOURCE_BROKER: i8 = 4;
+/// Kafka's ConfigSource values.
+const SOURCE_DYNAMIC_TOPIC: i8 = 1;
+const SOURCE_STATIC_BROKER: i8 = 4;
+/// Kafka's ConfigType values.
+const TYPE_BOOLEAN: i8 = 1;
+const TYPE_STRING: i8 = 2;
+const TYPE_INT: i8 = 3;
+const TYPE_LONG: i8 = 5;
+
+pub(super) fn describe_configs_request(ctx: &Ctx, call: Call, req: requests::ConfigsRequest) -> PendingReply {
+    let resp = describe_configs(ctx, &call, req);
+    reply(call, &resp)
+}
+
+pub(super) fn alter_configs_request(ctx: Arc<Ctx>, call: Call, req: requests::ConfigsRequest) -> PendingReply {
+    Box::pin(async move {
+        let results = alter_configs(&ctx, &call.access, req, false).await;
+        let mut resp = AlterConfigsResponse::default();
+        for AlterResult { resource_type: t, resource_name: name, error_code: err, message: msg } in results {
+            resp.responses.push(
+                alter_configs_response::AlterConfigsResourceResponse::default()
+                    .with_resource_type(t)
+                    .with_resource_name(sb(name))
+                    .with_error_code(err)
+                    .with_error_message(msg.map(sb)),
+            );
+        }
+        Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
+    })
+}
+
+pub(super) fn incremental_alter_configs_request(
+    ctx: Arc<Ctx>,
+    call: Call,
+    req: requests::ConfigsRequest,
+) -> PendingReply {
+    Box::pin(async move {
+        let results = alter_configs(&ctx, &call.access, req, true).await;
+        let mut resp = IncrementalAlterConfigsResponse::default();
+        for AlterResult { resource_type: t, resource_name: name, error_code: err, message: msg } in results {
+            resp.responses.push(
+                incremental_alter_configs_response::AlterConfigsResourceResponse::default()
+                    .with_resource_type(t)
+                    .with_resource_name(sb(name))
+                    .with_error_code(err)
+                    .with_error_message(msg.map(sb)),
+            );
+        }
+        Ok(Some(Reply::one(encode(&call, &resp)?, vec![call.permit])))
+    })
+}
+
+pub(super) fn config_source(ctx: &Ctx, cfg: &TopicConfig, key: &str) -> i8 {
+    if cfg.get(key) == ctx.defaults.config.get(key) {
+        SOURCE_STATIC_BROKER
+    } else {
+        SOURCE_DYNAMIC_TOPIC
+    }
+}
+
+fn topic_config_doc(key: &str) -> (&'static str, i8) {
+    match key {
+        "compression.type" => {
+            ("Codec of batches the gateway builds itself; client batches are stored as sent.", TYPE_STRING)
+        }
+        "durability" => (
+            "fsync: acknowledged once on disk. relaxed: flushed within storage.relaxed_flush_interval_ms.",
+            TYPE_STRING,
+        ),
+        "retention.bytes" => ("Size limit per partition; -1 = only the gateway's disk budget applies.", TYPE_LONG),
+        "retention.ms" => ("Age limit of batches; -1 = no age limit.", TYPE_LONG),
+        _ => ("CreateTime (the producer's timestamp) or LogAppendTime (the gateway's clock).", TYPE_STRING),
+    }
+}
+
+fn describe_configs(ctx: &Ctx, call: &Call, req: requests::ConfigsRequest) -> DescribeConfigsResponse {
+    let mut resp = DescribeConfigsResponse::default();
+    let v = call.version;
+    for res in req.resources {
+        let wanted = |k: &str| res.keys.as_ref().is_none_or(|keys| keys.iter().any(|w| w == k));
+        let mut r = describe_configs_response::DescribeConfigsResult::default()
+            .with_resource_type(res.resource_type)
+            .with_resource_name(sb(res.resource_name.clone()));
+        let entry = |name: &str, value: String, read_only: bool, source: i8, doc: &str, ty: i8| {
+            let mut e = describe_configs_response::DescribeConfigsResourceResult::default()
+                .with_name(sb(name))
+                .with_value(Some(sb(value)))
+                .with_read_only(read_only)
+                .with_config_source(source);
+            if v >= 3 {
+                e = e.with_config_type(ty).with_documentation(Some(sb(doc)));
+            }
+            e
+        };
+        match res.resource_type {
+            RESOURCE_TOPIC if !call.access.topic(TopicOp::Describe, &res.resource_name) => {
+                r = r.with_error_code(errors::TOPIC_AUTHORIZATION_FAILED).with_error_message(Some(sb(NOT_AUTHORIZED)));
+            }
+            RESOURCE_BROKER if !call.access.admin() => {
+                r = r
+                    .with_error_code(errors::CLUSTER_AUTHORIZATION_FAILED)
+                    .with_error_message(Some(sb(NOT_AUTHORIZED)));
+            }
+            RESOURCE_TOPIC => match ctx.store.topic(&res.resource_name) {
+                None => {
+                    r = r
+                        .with_error_code(errors::UNKNOWN_TOPIC_OR_PARTITION)
+                        .with_error_message(Some(sb(format!("unknown topic {:?}", res.resource_name))));
+                }
+                Some(info) => {
+                    for k in TopicConfig::KEYS.iter().filter(|k| wanted(k)) {
+                        let (doc, ty) = topic_config_doc(k);
+                        let value = info.config.get(k).unwrap_or_default();
+                        r.configs.push(entry(k, value, false, config_source(ctx, &info.config, k), doc, ty));
+                    }
+                }
+            },
+            RESOURCE_BROKER => {
+                let storage = ctx.store.config();
+                let broker_entries = [
+                    (
+                        "auto.create.topics.enable",
+                        ctx.cfg.auto_create_topics.to_string(),
+                        "kafka.auto_create_topics",
+                        TYPE_BOOLEAN,
+                    ),
+                    ("num.partitions", ctx.defaults.partitions.to_string(), "topic_defaults.partitions", TYPE_INT),
+                    (
+                        "message.max.bytes",
+                        storage.append_size_bytes_max.to_string(),
+                        "storage.append_size_bytes_max",
+                        TYPE_INT,
+                    ),
+                    (
+                        "socket.request.max.bytes",
+                        ctx.cfg.frame_bytes_max.to_string(),
+                        "kafka.frame_bytes_max",
+                        TYPE_INT,
+                    ),
+                    (
+                        "log.retention.bytes",
+                        storage.max_bytes.to_string(),
+                        "storage.max_bytes (all topics together)",
+                        TYPE_LONG,
+                    ),
+                ];
+                for (name, value, doc, ty) in broker_entries.into_iter().filter(|e| wanted(e.0)) {
+                    r.configs.push(entry(name, value, true, SOURCE_STATIC_BROKER, doc, ty));
+                }
+            }
+            other => {
+                r = r
+                    .with_error_code(errors::INVALID_REQUEST)
+                    .with_error_message(Some(sb(format!("resource type {other} is not supported"))));
+            }
+        }
+        resp.results.push(r);
+    }
+    resp
+}
+
+/// (resource type, resource name, error code, error message) per resource.
+/// One resource's answer to AlterConfigs or IncrementalAlterConfigs.
+struct AlterResult {
+    resource_type: i8,
+    resource_name: String,
+    error_code: i16,
+    message: Option<String>,
+}
+
+async fn alter_configs(
+    ctx: &Arc<Ctx>,
+    access: &Access,
+    req: requests::ConfigsRequest,
+    incremental: bool,
+) -> Vec<AlterResult> {
+    let mut out = Vec::with_capacity(req.resources.len());
+    for ConfigResource { resource_type, resource_name, changes, .. } in req.resources {
+        let result: Result<(), (i16, String)> = match resource_type {
+            RESOURCE_TOPIC if !access.admin() => Err((
+                errors::TOPIC_AUTHORIZATION_FAILED,
+                format!("{NOT_AUTHORIZED} (altering topic settings is an admin operation)"),
+            )),
+            RESOURCE_BROKER if !access.admin() => Err((errors::CLUSTER_AUTHORIZATION_FAILED, NOT_AUTHORIZED.into())),
+            RESOURCE_TOPIC => match ctx.store.topic(&resource_name) {
+                None => Err((errors::UNKNOWN_TOPIC_OR_PARTITION, format!("unknown topic {resource_name:?}"))),
+                Some(info) => {
+                    let mut cfg = if incremental { info.config.clone() } else { ctx.defaults.config.clone() };
+                    let mut bad = None;
+                    for requests::ConfigChange { name: k, op, value } in &changes {
+                        let r = match (incremental, op) {
+                            (false, _) | (true, 0) => cfg.set(k, value.as_deref()).map_err(|e| e.to_string()),
+                            (true, 1) => cfg.set(k, ctx.defaults.config.get(k).as_deref()).map_err(|e| e.to_string()),
+                            (true, _) => Err(format!("{k}: APPEND and SUBTRACT apply to list settings only")),
+                        };
+                        if let Err(m) = r {
+                            bad = Some(m);
+                            break;
+                        }
+                    }
+                    match bad {
+                        Some(m) => Err((errors::INVALID_CONFIG, m)),
+                        None if req.validate_only => Ok(()),
+                        None => match ctx.store.alter_topic_config(&resource_name, cfg).await {
+                            Ok(()) => {
+                                tracing::info!(topic = %resource_name, "topic settings changed by a Kafka client");
+                                Ok(())
+                            }
+                            Err(e) => Err((code(&e), e.to_string())),
+                        },
+                    }
+                }
+            },
+            RESOURCE_BROKER => {
+                Err((errors::INVALID_REQUEST, "broker settings come from gateway.toml and cannot be altered".into()))
+            }
+            other => Err((errors::INVALID_REQUEST, format!("resource type {other} is not supported"))),
+        };
+        match result {
+            Ok(()) => out.push(AlterResult { resource_type, resource_name, error_code: errors::NONE, message: None }),
+            Err((c, m)) => out.push(AlterResult { resource_type, resource_name, error_code: c, message: Some(m) }),
+        }
+    }
+    out
+}
