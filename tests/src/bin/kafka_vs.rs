@@ -75,22 +75,26 @@ fn tool(jars: &KafkaJars, heap: u32, class: &str, args: &[String]) -> anyhow::Re
     Ok(text)
 }
 
-fn run_case(
-    jars: &KafkaJars,
-    bootstrap: &str,
-    pid: &str,
-    topic: &str,
+/// One run: a new topic with `partitions` and `configs`, `records` records of `size` bytes.
+#[derive(Debug)]
+struct Case<'a> {
+    topic: String,
     partitions: u32,
     size: usize,
     records: u64,
-    topic_configs: &[&str],
-) -> anyhow::Result<Run> {
+    configs: &'a [&'a str],
+}
+
+/// Produces then consumes `case` on the broker at `bootstrap` (process `pid`).
+fn run_case(jars: &KafkaJars, bootstrap: &str, pid: &str, case: &Case<'_>) -> anyhow::Result<Run> {
+    let Case { topic, partitions, size, records, configs: topic_configs } = case;
+    let topic = topic.as_str();
     let mut create: Vec<String> = ["--bootstrap-server", bootstrap, "--create", "--topic", topic, "--partitions"]
         .iter()
         .map(|s| s.to_string())
         .collect();
     create.push(partitions.to_string());
-    for c in topic_configs {
+    for c in topic_configs.iter() {
         create.push("--config".into());
         create.push(c.to_string());
     }
@@ -151,7 +155,9 @@ fn main() -> anyhow::Result<()> {
         let gw = BenchGateway::start(Some(&args.gateway), gw_dir.path(), "", "")?;
         for (p, size) in &cases {
             let n = if *size > 100 { args.records / 4 } else { args.records };
-            let run = run_case(&jars, &gw.kafka, &gw.pid, &format!("trib-{p}-{size}"), *p, *size, n, &[])?;
+            let case =
+                Case { topic: format!("trib-{p}-{size}"), partitions: *p, size: *size, records: n, configs: &[] };
+            let run = run_case(&jars, &gw.kafka, &gw.pid, &case)?;
             rows.push(("Tributary (ack after fsync)", *p, *size, run));
         }
     }
@@ -169,7 +175,8 @@ fn main() -> anyhow::Result<()> {
         for (p, size) in &cases {
             let n = if *size > 100 { args.records / 4 } else { args.records };
             let topic = format!("kafka-{}-{p}-{size}", configs.len());
-            let run = run_case(&jars, &kafka.bootstrap(), &pid, &topic, *p, *size, n, &configs)?;
+            let case = Case { topic, partitions: *p, size: *size, records: n, configs: &configs };
+            let run = run_case(&jars, &kafka.bootstrap(), &pid, &case)?;
             rows.push((label, *p, *size, run));
         }
     }
