@@ -104,11 +104,21 @@ pub struct KafkaOptions {
     pub properties: Vec<(String, String)>,
     /// How long start and restart wait for the cluster to serve.
     pub ready_timeout: Duration,
+    /// Where the cluster's temp dir goes (default: the system's temp dir); benchmarks put it on
+    /// the disk under test.
+    pub parent_dir: Option<PathBuf>,
 }
 
 impl Default for KafkaOptions {
     fn default() -> Self {
-        Self { nodes: 1, heap_mb: 256, light_jvm: true, properties: Vec::new(), ready_timeout: Duration::from_secs(90) }
+        Self {
+            nodes: 1,
+            heap_mb: 256,
+            light_jvm: true,
+            properties: Vec::new(),
+            ready_timeout: Duration::from_secs(90),
+            parent_dir: None,
+        }
     }
 }
 
@@ -149,7 +159,12 @@ impl KafkaCluster {
     pub fn start_with(jars: KafkaJars, opts: KafkaOptions) -> anyhow::Result<Self> {
         ensure!(opts.nodes >= 1, "a cluster needs a node");
         let begin = Instant::now();
-        let dir = tempfile::Builder::new().prefix("tributary-kafka-").tempdir()?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("tributary-kafka-");
+        let dir = match &opts.parent_dir {
+            Some(parent) => builder.tempdir_in(parent)?,
+            None => builder.tempdir()?,
+        };
         let ports = crate::free_ports(2 * opts.nodes)?;
         let voters =
             (0..opts.nodes).map(|i| format!("{}@127.0.0.1:{}", i + 1, ports[2 * i + 1])).collect::<Vec<_>>().join(",");
