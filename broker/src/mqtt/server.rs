@@ -106,6 +106,9 @@ pub struct MqttStats {
     pub deliveries_denied: AtomicU64,
     /// Client publishes to `$` topics (the broker's), acknowledged as refused and dropped.
     pub publishes_reserved: AtomicU64,
+    /// MQTT 5 publishes whose Payload Format Indicator says UTF-8 and whose payload is not,
+    /// refused with 0x99 and dropped.
+    pub publishes_payload_invalid: AtomicU64,
     /// Connections closed at once by `mqtt.connections_per_ip_per_s_max`.
     pub connections_rate_limited: AtomicU64,
     /// TLS handshakes that failed (bad or unknown client certificate, not TLS, timeout).
@@ -1393,12 +1396,16 @@ async fn session_loop(
         if s.working() {
             continue;
         }
+        // Watches first, then the watermarks delivery reads: a commit in between wakes the
+        // session instead of waiting for the next one.
+        let (watched, watches) = subscription_watches(ctx, s);
         // Deliveries queue behind answers waiting for commits: not while too many wait.
         let more = if s.backlogged() { false } else { Box::pin(deliver(ctx, s, &mut ahead)).await? };
         perform(ctx, s, out, &mut outcomes).await?;
         // What this round queued goes out now, as far as the socket takes it.
         out.write_now()?;
-        let watches = subscription_watches(ctx, s);
+        // Partitions this round began to follow are watched from the next round on.
+        let more = more || watched != watched_partitions(s);
         let wait_for_data = async {
             if watches.is_empty() {
                 std::future::pending::<()>().await;
@@ -1545,6 +1552,9 @@ async fn perform(ctx: &Arc<Ctx>, s: &mut Session, out: &mut Outgoing, outcomes: 
             Action::Count(Counter::PublishReserved) => {
                 ctx.stats.publishes_reserved.fetch_add(1, Ordering::Relaxed);
             }
+            Action::Count(Counter::PayloadFormatInvalid) => {
+                ctx.stats.publishes_payload_invalid.fetch_add(1, Ordering::Relaxed);
+            }
             Action::Count(Counter::SubscriptionDenied) => {
                 ctx.stats.subscriptions_denied.fetch_add(1, Ordering::Relaxed);
             }
@@ -1607,12 +1617,21 @@ fn refresh_cursors(ctx: &Ctx, s: &mut Session) {
     }
 }
 
-fn subscription_watches(ctx: &Ctx, s: &Session) -> Vec<crate::storage::PartitionWatch> {
+/// The partitions a session follows (its cursors and its shared groups'), sorted.
+fn watched_partitions(s: &Session) -> Vec<(String, i32)> {
     let mut keys: Vec<(String, i32)> = s.cursors.keys().cloned().collect();
     for g in s.shared.iter().filter_map(|x| x.group.as_ref()) {
         keys.extend(g.partitions());
     }
-    keys.iter().filter_map(|(t, p)| ctx.store.watch(t, *p).ok()).collect()
+    keys.sort_unstable();
+    keys
+}
+
+/// Watches of the partitions a session follows, and which they are.
+fn subscription_watches(ctx: &Ctx, s: &Session) -> (Vec<(String, i32)>, Vec<crate::storage::PartitionWatch>) {
+    let keys = watched_partitions(s);
+    let watches = keys.iter().filter_map(|(t, p)| ctx.store.watch(t, *p).ok()).collect();
+    (keys, watches)
 }
 
 /// The shared group of a `$share/...` filter: the one in use, or the stored one (a persistent
