@@ -4,6 +4,7 @@
 //! does not latch: the writer reopens the database in-process (see `writer/open.rs`).
 
 pub mod batch;
+pub mod clock;
 pub mod compression;
 pub mod config;
 pub mod disk;

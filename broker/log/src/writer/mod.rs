@@ -8,7 +8,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use redb::{
@@ -18,6 +18,7 @@ use redb::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::{self, BatchHeader, NewRecord, HEADER_LEN};
+use crate::clock::now_ms;
 use crate::config::{Codec, Durability, StorageConfig, TimestampKind, TopicConfig};
 use crate::error::StoreError;
 use crate::producers::{self, ProducerEntry, ProducerStates, SeqCheck};
@@ -175,10 +176,6 @@ struct Fault {
     /// Consecutive failures (writes or reopens) since the last successful write.
     failures: u32,
     retry_at: Instant,
-}
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Records waiting in one round for one partition, packed into batches at flush time.

@@ -33,6 +33,7 @@ use tokio::time::Instant;
 
 use super::errors as ec;
 use crate::spaces;
+use crate::storage::clock::now_ms;
 use crate::storage::Store;
 
 /// Limits of the coordinator (from `[kafka]`).
@@ -176,10 +177,6 @@ fn new_member_id(prefix: &str) -> String {
     let r: u128 = rand::random();
     let prefix: String = prefix.chars().take(64).collect();
     format!("{}-{:032x}", if prefix.is_empty() { "member" } else { &prefix }, r)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 enum Joined {
