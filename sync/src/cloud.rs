@@ -23,6 +23,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tributary_log::batch::{decode_records, BatchHeader};
+use tributary_log::clock::now_ms;
 
 use crate::config::{valid_site, CloudConfig};
 use crate::core::{Flow, Progress};
@@ -1071,10 +1072,6 @@ fn json_escape(s: &str) -> String {
         }
     }
     out
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

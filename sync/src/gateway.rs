@@ -13,6 +13,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tributary_log::batch::BatchHeader;
+use tributary_log::clock::now_ms;
 use tributary_log::{Store, StoreError};
 
 use crate::config::MirrorConfig;
@@ -165,10 +166,6 @@ impl MirrorStats {
             })
             .collect()
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Runs the mirror until `shutdown` resolves: connects, streams, reconnects.

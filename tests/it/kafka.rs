@@ -13,14 +13,11 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, Timestamp};
+use tributary_broker::storage::clock::now_ms;
 
 use crate::support::{client_config, consume, KafkaBroker};
 
 const T0: i64 = 1_700_000_000_000;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 fn producer(bootstrap: &str, extra: &[(&str, &str)]) -> FutureProducer {
     let mut c = client_config(bootstrap);

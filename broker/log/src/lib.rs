@@ -4,6 +4,7 @@
 //! does not latch: the writer reopens the database in-process (see `writer/open.rs`).
 
 pub mod batch;
+pub mod clock;
 pub mod compression;
 pub mod config;
 pub mod disk;
@@ -384,11 +385,11 @@ pub(crate) fn load_archive_marks(db: &Database, shared: &Shared) -> Result<(), S
     Ok(())
 }
 
+/// A key-value space's table, opened for reading.
+type KvTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+
 /// A key-value space's table for reading; `None` before its first write created it.
-fn open_space(
-    rtx: &redb::ReadTransaction,
-    space: KvSpace,
-) -> Result<Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>, StoreError> {
+fn open_space(rtx: &redb::ReadTransaction, space: KvSpace) -> Result<Option<KvTable>, StoreError> {
     match rtx.open_table(space.table()) {
         Ok(t) => Ok(Some(t)),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),

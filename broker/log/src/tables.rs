@@ -97,6 +97,11 @@ impl PartitionMeta {
     /// Counts a batch just stored at `next_offset` (its base) as a value of `value_len` bytes
     /// (prefix included); the partition continues at `batch_next_offset`.
     pub fn account_batch(&mut self, batch_next_offset: u64, value_len: usize) {
+        debug_assert!(
+            batch_next_offset > self.next_offset,
+            "a batch ends after where it starts: {batch_next_offset} {self:?}"
+        );
+        debug_assert!(value_len > VALUE_PREFIX_LEN, "a stored value holds its prefix and a batch: {value_len}");
         self.next_offset = batch_next_offset;
         self.logical_bytes += value_len.saturating_sub(VALUE_PREFIX_LEN) as u64;
         self.footprint_bytes += footprint(value_len);

@@ -43,6 +43,7 @@ use crate::security::ratelimit::ConnectionRateLimit;
 use crate::security::{tls, Auth, LoginError, User};
 use crate::spaces;
 use crate::storage::batch::{NewRecord, StoredRecord};
+use crate::storage::clock::now_ms;
 use crate::storage::{AppendOutcome, KvEntry, KvSpace, PendingAppend, Store};
 
 /// Header carrying the QoS a message was published with.
@@ -498,10 +499,6 @@ type Takeover = oneshot::Sender<oneshot::Sender<()>>;
 
 /// How long a taking-over connection waits for the old one to store the session.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 fn session_deadline_ms(expiry_s: u32) -> i64 {
     if expiry_s == u32::MAX {

@@ -8,7 +8,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use redb::{
@@ -18,6 +18,7 @@ use redb::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::{self, BatchHeader, NewRecord, HEADER_LEN};
+use crate::clock::now_ms;
 use crate::config::{Codec, Durability, StorageConfig, TimestampKind, TopicConfig};
 use crate::error::StoreError;
 use crate::producers::{self, ProducerEntry, ProducerStates, SeqCheck};
@@ -140,6 +141,29 @@ const WRITE_RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// ...up to this. Reads go on meanwhile (the database is reopened at once).
 const WRITE_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// `total - part` in the store's byte and count accounting, where `part` was added to `total`
+/// before: a result below zero is a bookkeeping bug. Debug builds (the tests) stop at it; release
+/// builds log it and clamp at zero rather than take every client's connection down with the
+/// process.
+pub(crate) fn debit(total: u64, part: u64, what: &'static str) -> u64 {
+    debug_assert!(part <= total, "{what}: {total} - {part} goes below zero");
+    total.checked_sub(part).unwrap_or_else(|| {
+        tracing::error!(what, total, part, "store accounting went below zero (a bug): clamped at zero");
+        0
+    })
+}
+
+/// `total + delta` for a signed change of an accounted amount (see [`debit`]).
+pub(crate) fn apply_delta(total: u64, delta: i64, what: &'static str) -> u64 {
+    match u64::try_from(delta) {
+        Ok(up) => total.checked_add(up).unwrap_or_else(|| {
+            debug_assert!(false, "{what}: {total} + {up} overflows");
+            u64::MAX
+        }),
+        Err(_) => debit(total, delta.unsigned_abs(), what),
+    }
+}
+
 fn write_backoff(failures: u32) -> Duration {
     let shift = failures.saturating_sub(1).min(16);
     (WRITE_RETRY_BACKOFF_MIN * (1u32 << shift)).min(WRITE_RETRY_BACKOFF_MAX)
@@ -152,10 +176,6 @@ struct Fault {
     /// Consecutive failures (writes or reopens) since the last successful write.
     failures: u32,
     retry_at: Instant,
-}
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Records waiting in one round for one partition, packed into batches at flush time.
@@ -748,10 +768,13 @@ impl Writer {
                 Some(m) => {
                     let before = self.metas.insert(pkey, m);
                     let (bf, bl) = before.map_or((0, 0), |b| (b.footprint_bytes, b.logical_bytes));
-                    self.footprint_total =
-                        self.footprint_total + m.footprint_bytes - bf.min(self.footprint_total + m.footprint_bytes);
-                    self.logical_total =
-                        self.logical_total + m.logical_bytes - bl.min(self.logical_total + m.logical_bytes);
+                    debug_assert!(
+                        before
+                            .is_none_or(|b| m.next_offset >= b.next_offset && m.log_start_offset >= b.log_start_offset),
+                        "partition {pkey:#x}: offsets moved back ({before:?} -> {m:?})"
+                    );
+                    self.footprint_total = debit(self.footprint_total + m.footprint_bytes, bf, "footprint total");
+                    self.logical_total = debit(self.logical_total + m.logical_bytes, bl, "logical total");
                     if let Some(p) = self.pstates.get(&pkey) {
                         p.logical_bytes.store(m.logical_bytes, Ordering::Relaxed);
                         p.footprint_bytes.store(m.footprint_bytes, Ordering::Relaxed);
@@ -763,8 +786,8 @@ impl Writer {
                 }
                 None => {
                     if let Some(b) = self.metas.remove(&pkey) {
-                        self.footprint_total = self.footprint_total.saturating_sub(b.footprint_bytes);
-                        self.logical_total = self.logical_total.saturating_sub(b.logical_bytes);
+                        self.footprint_total = debit(self.footprint_total, b.footprint_bytes, "footprint total");
+                        self.logical_total = debit(self.logical_total, b.logical_bytes, "logical total");
                     }
                     self.fronts.remove(&pkey);
                     self.ratios.remove(&pkey);
@@ -785,7 +808,7 @@ impl Writer {
         c.retention_deleted_batches.fetch_add(r.deleted_batches, Ordering::Relaxed);
         c.retention_deleted_unarchived_batches.fetch_add(r.deleted_unarchived_batches, Ordering::Relaxed);
         c.retention_deleted_bytes.fetch_add(r.deleted_bytes, Ordering::Relaxed);
-        self.kv_total = self.kv_total.saturating_add_signed(r.kv_delta);
+        self.kv_total = apply_delta(self.kv_total, r.kv_delta, "key-value bytes");
         c.footprint_bytes.store(self.footprint_total, Ordering::Relaxed);
         c.logical_bytes.store(self.logical_total, Ordering::Relaxed);
         c.kv_bytes.store(self.kv_total, Ordering::Relaxed);
@@ -826,4 +849,31 @@ fn wait_unshared(mut db: Arc<Database>) -> Option<Database> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{apply_delta, debit};
+
+    #[test]
+    fn accounting_moves_by_exact_amounts() {
+        assert_eq!(debit(10, 4, "t"), 6);
+        assert_eq!(debit(4, 4, "t"), 0);
+        assert_eq!(apply_delta(10, -3, "t"), 7);
+        assert_eq!(apply_delta(10, 5, "t"), 15);
+    }
+
+    /// A debit of more than was accounted is a bookkeeping bug: tests stop at it (saturating
+    /// arithmetic, which this replaced, would have hidden it at zero).
+    #[test]
+    #[should_panic(expected = "goes below zero")]
+    fn accounting_below_zero_is_caught_in_tests() {
+        debit(3, 4, "partition logical bytes");
+    }
+
+    #[test]
+    #[should_panic(expected = "goes below zero")]
+    fn a_negative_delta_past_zero_is_caught_in_tests() {
+        apply_delta(3, -4, "key-value bytes");
+    }
 }

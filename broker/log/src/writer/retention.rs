@@ -32,10 +32,11 @@ impl Writer {
         };
         t.log.remove((pkey, base))?;
         let fp = footprint(value_len);
+        debug_assert!(next > m.log_start_offset && next <= m.next_offset, "front batch ends at {next}: {m:?}");
         m.log_start_offset = next;
-        m.logical_bytes = m.logical_bytes.saturating_sub(batch_len);
-        m.footprint_bytes = m.footprint_bytes.saturating_sub(fp);
-        m.batches = m.batches.saturating_sub(1);
+        m.logical_bytes = debit(m.logical_bytes, batch_len, "partition logical bytes");
+        m.footprint_bytes = debit(m.footprint_bytes, fp, "partition footprint bytes");
+        m.batches = debit(m.batches, 1, "partition batches");
         // Time index: entries pointing below the new log start move to it (see tables.rs).
         let mut stale = Vec::new();
         for e in t.time.range((pkey, i64::MIN)..=(pkey, i64::MAX))? {
@@ -75,7 +76,7 @@ impl Writer {
         for (k, m) in &r.metas {
             let before = self.metas.get(k).map_or(0, |m| m.footprint_bytes);
             let after = m.map_or(0, |m| m.footprint_bytes);
-            total = total + after - before.min(total + after);
+            total = debit(total + after, before, "footprint now");
         }
         total
     }
@@ -100,8 +101,8 @@ impl Writer {
         let low = self.cfg.retention_low_bytes();
         // Key-value state (sessions, offsets, retained messages) counts against the budget too:
         // log batches are deleted to make room for it.
-        let kv = self.kv_total.saturating_add_signed(r.kv_delta);
-        let mut total = self.footprint_now(r).saturating_add(kv);
+        let kv = apply_delta(self.kv_total, r.kv_delta, "key-value bytes");
+        let mut total = self.footprint_now(r) + kv;
         if total > high {
             self.retention_active = true;
         }
@@ -121,7 +122,7 @@ impl Writer {
                 let below = |h: &BatchHeader, _: u64, _: &PartitionMeta| h.next_offset() <= mark;
                 let Some(fp) = self.delete_front_if(t, r, pkey, below)? else { break };
                 freed += fp;
-                total = total.saturating_sub(fp);
+                total = debit(total, fp, "retention total");
             }
         }
         let mut heap = BinaryHeap::new();
@@ -154,7 +155,7 @@ impl Writer {
             let Some(Reverse((_, pkey))) = heap.pop() else { break };
             let fp = self.delete_front_if(t, r, pkey, |_, _, _| true)?.unwrap_or(0);
             freed += fp;
-            total = total.saturating_sub(fp);
+            total = debit(total, fp, "retention total");
             if let Some(Some(at)) = r.fronts.get(&pkey) {
                 heap.push(Reverse((*at, pkey)));
             }

@@ -1,13 +1,26 @@
 //! Consumer groups with this node as coordinator (Kafka's classic group protocol): membership,
 //! generations and rebalances (Empty -> PreparingRebalance -> CompletingRebalance -> Stable),
 //! session and rebalance timeouts, static membership, and committed offsets kept durably in the
-//! store's `spaces::GROUP_OFFSETS` space. Membership lives in memory only (bounded by `groups_max` and
-//! `group_members_max`, and what members make it hold, their protocol metadata and assignments,
-//! by `group_member_metadata_bytes_max` each and `groups_metadata_bytes_max` in all); committed
-//! offsets survive restarts. Store reads run on the blocking pool, not on an async worker.
+//! store's `spaces::GROUP_OFFSETS` space. Membership lives in memory only (bounded by
+//! `groups_max` and `group_members_max`, and what members make it hold, their protocol metadata
+//! and assignments, by `group_member_metadata_bytes_max` each and `groups_metadata_bytes_max` in
+//! all); committed offsets survive restarts. Store reads run on the blocking pool, not on an
+//! async worker.
 //!
-//! The coordinator speaks in Kafka error codes (`i16`, from `super::errors`) because its only client is the Kafka
-//! front end; it knows nothing of the wire encoding.
+//! This file is the coordinator: the group map, its lock, timers and the store I/O; `state.rs` is
+//! a group's state machine, fed with `now`; `offsets.rs` the committed offsets; `protocol.rs` the
+//! consumer protocol inside join metadata. The coordinator speaks in Kafka error codes (`i16`,
+//! from `super::errors`) because its only client is the Kafka front end; it knows nothing of the
+//! wire encoding.
+
+mod offsets;
+mod protocol;
+mod state;
+
+use offsets::{offset_key_prefix, parse_offset_key};
+pub use offsets::{CommittedOffset, CommittedPartition, OffsetToCommit, PartitionLag};
+use protocol::subscribed_topics;
+use state::{check_member, expire, owned, protocols_bytes, Group, Member};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +33,7 @@ use tokio::time::Instant;
 
 use super::errors as ec;
 use crate::spaces;
+use crate::storage::clock::now_ms;
 use crate::storage::Store;
 
 /// Limits of the coordinator (from `[kafka]`).
@@ -119,44 +133,11 @@ impl SyncResponse {
     }
 }
 
-/// An offset to commit. A topic's name is
-/// shared by its partitions, not copied for each.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OffsetToCommit {
-    pub topic: Arc<str>,
-    pub partition: i32,
-    pub offset: i64,
-    pub leader_epoch: i32,
-    pub metadata: Option<String>,
-}
-
 /// A member as a LeaveGroup request names it: by id, or by static instance id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberIdentity {
     pub member_id: String,
     pub instance_id: Option<String>,
-}
-
-/// A partition's committed offset as read: (topic, partition, the offset if there is one).
-pub type CommittedPartition = (Arc<str>, i32, Option<CommittedOffset>);
-
-/// A committed offset.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommittedOffset {
-    pub offset: i64,
-    pub leader_epoch: i32,
-    pub metadata: String,
-    pub commit_time_ms: i64,
-}
-
-/// One partition's consumer lag: committed offset vs high watermark.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionLag {
-    pub topic: String,
-    pub partition: i32,
-    pub committed: i64,
-    pub high_watermark: i64,
-    pub lag: i64,
 }
 
 /// A group as DescribeGroups shows it.
@@ -180,211 +161,6 @@ pub struct MemberDescription {
     pub assignment: Bytes,
 }
 
-#[derive(Debug)]
-struct Member {
-    id: String,
-    instance_id: Option<String>,
-    client_id: String,
-    client_host: String,
-    session_timeout: Duration,
-    rebalance_timeout: Duration,
-    protocols: Vec<(String, Bytes)>,
-    last_seen: Instant,
-    join_waiter: Option<oneshot::Sender<JoinResponse>>,
-    sync_waiter: Option<oneshot::Sender<SyncResponse>>,
-    assignment: Bytes,
-}
-
-impl Member {
-    /// Bytes this member makes the coordinator hold beyond its fixed size.
-    fn held_bytes(&self) -> u64 {
-        let ids = self.id.len() + self.instance_id.as_ref().map_or(0, String::len);
-        let ids = ids + self.client_id.len() + self.client_host.len();
-        (ids + protocols_bytes(&self.protocols) + self.assignment.len()) as u64
-    }
-}
-
-/// Bytes of a member's protocols (names and metadata).
-fn protocols_bytes(protocols: &[(String, Bytes)]) -> usize {
-    protocols.iter().map(|(n, m)| n.len() + m.len()).sum()
-}
-
-/// Owned copies of a request's byte fields: a slice would keep the whole request frame alive for
-/// as long as the member lives.
-fn owned(protocols: Vec<(String, Bytes)>) -> Vec<(String, Bytes)> {
-    protocols.into_iter().map(|(n, m)| (n, Bytes::copy_from_slice(&m))).collect()
-}
-
-#[derive(Debug)]
-struct Group {
-    state: GroupState,
-    generation: i32,
-    protocol_type: Option<String>,
-    protocol: Option<String>,
-    leader: Option<String>,
-    /// In join order.
-    members: Vec<Member>,
-    /// Member ids handed out with MEMBER_ID_REQUIRED, valid until their session timeout.
-    pending: HashMap<String, Instant>,
-    rebalance_deadline: Option<Instant>,
-    has_offsets: bool,
-    /// `held_bytes()` at the last `Coordinator::refresh`: this group's share of the total.
-    held: u64,
-}
-
-impl Group {
-    fn new() -> Self {
-        Self {
-            state: GroupState::Empty,
-            generation: 0,
-            protocol_type: None,
-            protocol: None,
-            leader: None,
-            members: Vec::new(),
-            pending: HashMap::new(),
-            rebalance_deadline: None,
-            has_offsets: false,
-            held: 0,
-        }
-    }
-
-    /// Bytes the group's members make the coordinator hold.
-    fn held_bytes(&self) -> u64 {
-        self.members.iter().map(Member::held_bytes).sum()
-    }
-
-    fn member(&mut self, id: &str) -> Option<&mut Member> {
-        self.members.iter_mut().find(|m| m.id == id)
-    }
-
-    /// Protocols every member supports, in the first member's order of preference.
-    fn common_protocols(&self) -> Vec<String> {
-        let Some(first) = self.members.first() else { return Vec::new() };
-        first
-            .protocols
-            .iter()
-            .map(|(n, _)| n.clone())
-            .filter(|n| self.members.iter().all(|m| m.protocols.iter().any(|(p, _)| p == n)))
-            .collect()
-    }
-
-    fn max_rebalance_timeout(&self) -> Duration {
-        self.members.iter().map(|m| m.rebalance_timeout).max().unwrap_or_default()
-    }
-
-    /// Enters PreparingRebalance: members must rejoin before the largest rebalance timeout.
-    fn prepare_rebalance(&mut self, now: Instant) {
-        if self.state == GroupState::PreparingRebalance {
-            return;
-        }
-        for m in &mut self.members {
-            if let Some(w) = m.sync_waiter.take() {
-                let _ = w.send(SyncResponse::error(ec::REBALANCE_IN_PROGRESS));
-            }
-        }
-        self.state = GroupState::PreparingRebalance;
-        self.rebalance_deadline = Some(now + self.max_rebalance_timeout());
-    }
-
-    /// Completes the join phase once every member rejoined, or at the deadline (dropping the
-    /// members that did not).
-    fn maybe_complete_join(&mut self, now: Instant, group_id: &str) {
-        if self.state != GroupState::PreparingRebalance {
-            return;
-        }
-        let all_joined = self.members.iter().all(|m| m.join_waiter.is_some());
-        let due = self.rebalance_deadline.is_some_and(|d| now >= d);
-        if !all_joined && !due {
-            return;
-        }
-        let before = self.members.len();
-        self.members.retain(|m| m.join_waiter.is_some());
-        if self.members.len() < before {
-            tracing::info!(group = group_id, removed = before - self.members.len(), "members did not rejoin in time");
-        }
-        self.generation += 1;
-        self.rebalance_deadline = None;
-        if self.members.is_empty() {
-            self.state = GroupState::Empty;
-            self.protocol = None;
-            self.leader = None;
-            return;
-        }
-        let protocol = self.common_protocols().into_iter().next();
-        if self.leader.as_ref().is_none_or(|l| !self.members.iter().any(|m| &m.id == l)) {
-            self.leader = self.members.first().map(|m| m.id.clone());
-        }
-        self.protocol = protocol.clone();
-        self.state = GroupState::CompletingRebalance;
-        let leader = self.leader.clone().unwrap_or_default();
-        let all: Vec<JoinedMember> = self
-            .members
-            .iter()
-            .map(|m| JoinedMember {
-                member_id: m.id.clone(),
-                instance_id: m.instance_id.clone(),
-                metadata: m
-                    .protocols
-                    .iter()
-                    .find(|(n, _)| Some(n) == protocol.as_ref())
-                    .map(|(_, md)| md.clone())
-                    .unwrap_or_default(),
-            })
-            .collect();
-        tracing::debug!(
-            group = group_id,
-            generation = self.generation,
-            members = all.len(),
-            "rebalance: join complete"
-        );
-        for m in &mut self.members {
-            m.assignment = Bytes::new();
-            m.last_seen = now;
-            if let Some(w) = m.join_waiter.take() {
-                let _ = w.send(JoinResponse {
-                    error: ec::NONE,
-                    generation: self.generation,
-                    protocol_type: self.protocol_type.clone(),
-                    protocol: protocol.clone(),
-                    leader: leader.clone(),
-                    member_id: m.id.clone(),
-                    members: if m.id == leader { all.clone() } else { Vec::new() },
-                });
-            }
-        }
-    }
-
-    /// Removes a member and rebalances the rest.
-    fn remove_member(&mut self, id: &str, now: Instant, group_id: &str) {
-        self.members.retain(|m| m.id != id);
-        if self.leader.as_deref() == Some(id) {
-            self.leader = None;
-        }
-        match self.state {
-            GroupState::Empty => {}
-            _ if self.members.is_empty() => {
-                self.state = GroupState::Empty;
-                self.generation += 1;
-                self.protocol = None;
-                self.leader = None;
-                self.rebalance_deadline = None;
-            }
-            GroupState::PreparingRebalance => self.maybe_complete_join(now, group_id),
-            GroupState::CompletingRebalance | GroupState::Stable => self.prepare_rebalance(now),
-        }
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        let sessions = self
-            .members
-            .iter()
-            .filter(|m| m.join_waiter.is_none() && m.sync_waiter.is_none())
-            .map(|m| m.last_seen + m.session_timeout);
-        let pending = self.pending.values().copied();
-        sessions.chain(pending).chain(self.rebalance_deadline).min()
-    }
-}
-
 /// The group coordinator. Cheap to share behind an `Arc`; `run_timers` must run for session
 /// expiry and rebalance deadlines to take effect.
 #[derive(Debug)]
@@ -397,72 +173,10 @@ pub struct Coordinator {
     wake: Notify,
 }
 
-fn offset_key_prefix(group: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + group.len());
-    k.extend_from_slice(&(group.len() as u16).to_be_bytes());
-    k.extend_from_slice(group.as_bytes());
-    k
-}
-
-fn offset_key(group: &str, topic: &str, partition: i32) -> Vec<u8> {
-    let mut k = offset_key_prefix(group);
-    k.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    k.extend_from_slice(topic.as_bytes());
-    k.extend_from_slice(&partition.to_be_bytes());
-    k
-}
-
-/// (group, topic, partition) of an offset key.
-fn parse_offset_key(k: &[u8]) -> Option<(String, String, i32)> {
-    let glen = u16::from_be_bytes([*k.first()?, *k.get(1)?]) as usize;
-    let group = std::str::from_utf8(k.get(2..2 + glen)?).ok()?.to_string();
-    let rest = k.get(2 + glen..)?;
-    let tlen = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
-    let topic = std::str::from_utf8(rest.get(2..2 + tlen)?).ok()?.to_string();
-    let p = rest.get(2 + tlen..2 + tlen + 4)?;
-    Some((group, topic, i32::from_be_bytes([p[0], p[1], p[2], p[3]])))
-}
-
-fn encode_offset(o: &CommittedOffset) -> Vec<u8> {
-    let mut v = Vec::with_capacity(20 + o.metadata.len());
-    v.extend_from_slice(&o.offset.to_be_bytes());
-    v.extend_from_slice(&o.leader_epoch.to_be_bytes());
-    v.extend_from_slice(&o.commit_time_ms.to_be_bytes());
-    v.extend_from_slice(o.metadata.as_bytes());
-    v
-}
-
-fn decode_offset(v: &[u8]) -> Option<CommittedOffset> {
-    let offset = i64::from_be_bytes(v.get(0..8)?.try_into().ok()?);
-    let leader_epoch = i32::from_be_bytes(v.get(8..12)?.try_into().ok()?);
-    let commit_time_ms = i64::from_be_bytes(v.get(12..20)?.try_into().ok()?);
-    let metadata = String::from_utf8_lossy(v.get(20..)?).into_owned();
-    Some(CommittedOffset { offset, leader_epoch, metadata, commit_time_ms })
-}
-
-/// Topics of a consumer-protocol subscription (`version, [topic], user_data, ...`), read with
-/// bounds checks; empty if it is not one.
-fn subscribed_topics(metadata: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    let Some(count) = metadata.get(2..6).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]])) else { return out };
-    let mut at = 6;
-    for _ in 0..count.clamp(0, 10_000) {
-        let Some(len) = metadata.get(at..at + 2).map(|b| i16::from_be_bytes([b[0], b[1]])) else { break };
-        let Some(name) = metadata.get(at + 2..at + 2 + len.max(0) as usize) else { break };
-        out.push(String::from_utf8_lossy(name).into_owned());
-        at += 2 + len.max(0) as usize;
-    }
-    out
-}
-
 fn new_member_id(prefix: &str) -> String {
     let r: u128 = rand::random();
     let prefix: String = prefix.chars().take(64).collect();
     format!("{}-{:032x}", if prefix.is_empty() { "member" } else { &prefix }, r)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 enum Joined {
@@ -916,107 +630,6 @@ impl Coordinator {
         None
     }
 
-    /// Commits offsets durably (one store commit for the whole request); one error code per
-    /// `(topic, partition)` in request order.
-    pub async fn commit(
-        &self,
-        group_id: &str,
-        generation: i32,
-        member_id: &str,
-        instance_id: Option<&str>,
-        offsets: Vec<OffsetToCommit>,
-    ) -> Vec<i16> {
-        if group_id.is_empty() {
-            return vec![ec::INVALID_GROUP_ID; offsets.len()];
-        }
-        if let Some(e) = self.commit_allowed(group_id, generation, member_id, instance_id) {
-            return vec![e; offsets.len()];
-        }
-        let now = now_ms();
-        let mut errors = Vec::with_capacity(offsets.len());
-        let mut entries = Vec::with_capacity(offsets.len());
-        for OffsetToCommit { topic, partition, offset, leader_epoch, metadata } in offsets {
-            let metadata = metadata.unwrap_or_default();
-            if self.store.partition_info(&topic, partition).is_err() {
-                errors.push(ec::UNKNOWN_TOPIC_OR_PARTITION);
-            } else if metadata.len() > self.limits.offset_metadata_bytes_max as usize {
-                errors.push(ec::OFFSET_METADATA_TOO_LARGE);
-            } else {
-                let value = encode_offset(&CommittedOffset { offset, leader_epoch, metadata, commit_time_ms: now });
-                entries.push((offset_key(group_id, &topic, partition), Some(value)));
-                errors.push(ec::NONE);
-            }
-        }
-        if !entries.is_empty() {
-            if let Err(e) = self.store.kv_write(spaces::GROUP_OFFSETS, entries).await {
-                tracing::warn!(group = group_id, error = %e, "offset commit failed");
-                let c = ec::code(&e);
-                return errors.into_iter().map(|x| if x == ec::NONE { c } else { x }).collect();
-            }
-            if let Some(g) = self.lock().get_mut(group_id) {
-                g.has_offsets = true;
-            }
-        }
-        errors
-    }
-
-    /// [`Coordinator::committed`] on the blocking pool (it reads the store).
-    pub async fn committed_async(
-        self: &Arc<Self>,
-        group_id: String,
-        partitions: Option<Vec<(Arc<str>, i32)>>,
-    ) -> Result<Vec<CommittedPartition>, crate::error::StoreError> {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.committed(&group_id, partitions.as_deref()))
-            .await
-            .map_err(|e| crate::error::StoreError::io("offset read task", std::io::Error::other(e)))?
-    }
-
-    /// A group's committed offsets: of the asked partitions (unknown ones are `None`), or all.
-    pub fn committed(
-        &self,
-        group_id: &str,
-        partitions: Option<&[(Arc<str>, i32)]>,
-    ) -> Result<Vec<CommittedPartition>, crate::error::StoreError> {
-        match partitions {
-            Some(ps) => ps
-                .iter()
-                .map(|(t, p)| {
-                    let v = self.store.kv_get(spaces::GROUP_OFFSETS, &offset_key(group_id, t, *p))?;
-                    Ok((t.clone(), *p, v.as_deref().and_then(decode_offset)))
-                })
-                .collect(),
-            None => Ok(self
-                .store
-                .kv_scan(spaces::GROUP_OFFSETS, &offset_key_prefix(group_id), usize::MAX)?
-                .into_iter()
-                .filter_map(|(k, v)| {
-                    let (_, t, p) = parse_offset_key(&k)?;
-                    Some((t.into(), p, decode_offset(&v)))
-                })
-                .collect()),
-        }
-    }
-
-    /// Consumer lag of a group: each committed partition's offset against its high watermark.
-    pub fn lag(&self, group_id: &str) -> Result<Vec<PartitionLag>, crate::error::StoreError> {
-        Ok(self
-            .committed(group_id, None)?
-            .into_iter()
-            .filter_map(|(topic, partition, c)| {
-                let c = c?;
-                let hw = self.store.watermarks(&topic, partition).ok()?.high_watermark;
-                Some(PartitionLag {
-                    topic: topic.to_string(),
-                    partition,
-                    committed: c.offset,
-                    high_watermark: hw,
-                    lag: (hw - c.offset).max(0),
-                })
-            })
-            .collect())
-    }
-
     /// (group id, protocol type, state) of every known group.
     pub fn list(&self) -> Vec<(String, String, GroupState)> {
         let mut v: Vec<_> = self
@@ -1092,86 +705,11 @@ impl Coordinator {
             Err(e) => ec::code(&e),
         }
     }
-
-    async fn delete_offsets(
-        &self,
-        group_id: &str,
-        which: impl Fn(&str, i32) -> bool,
-    ) -> Result<usize, crate::error::StoreError> {
-        let (store, prefix) = (self.store.clone(), offset_key_prefix(group_id));
-        let found = tokio::task::spawn_blocking(move || store.kv_scan(spaces::GROUP_OFFSETS, &prefix, usize::MAX))
-            .await
-            .map_err(|e| crate::error::StoreError::io("offset scan task", std::io::Error::other(e)))??;
-        let keys: Vec<_> = found
-            .into_iter()
-            .filter(|(k, _)| parse_offset_key(k).is_some_and(|(_, t, p)| which(&t, p)))
-            .map(|(k, _)| (k, None))
-            .collect();
-        let n = keys.len();
-        if n > 0 {
-            self.store.kv_write(spaces::GROUP_OFFSETS, keys).await?;
-        }
-        Ok(n)
-    }
-
-    /// OffsetDelete: removes committed offsets of partitions the group does not consume.
-    /// Returns the group-level error and one code per partition.
-    pub async fn offset_delete(&self, group_id: &str, partitions: &[(Arc<str>, i32)]) -> (i16, Vec<i16>) {
-        let subscribed: std::collections::HashSet<String> = {
-            let groups = self.lock();
-            let Some(g) = groups.get(group_id) else { return (ec::GROUP_ID_NOT_FOUND, Vec::new()) };
-            g.members
-                .iter()
-                .flat_map(|m| m.protocols.iter().filter(|(n, _)| Some(n) == g.protocol.as_ref()))
-                .flat_map(|(_, md)| subscribed_topics(md))
-                .collect()
-        };
-        let codes: Vec<i16> = partitions
-            .iter()
-            .map(|(t, _)| if subscribed.contains(&**t) { ec::GROUP_SUBSCRIBED_TO_TOPIC } else { ec::NONE })
-            .collect();
-        let delete: std::collections::HashSet<(&str, i32)> =
-            partitions.iter().zip(&codes).filter(|(_, c)| **c == ec::NONE).map(|((t, p), _)| (&**t, *p)).collect();
-        match self.delete_offsets(group_id, |t, p| delete.contains(&(t, p))).await {
-            Ok(_) => (ec::NONE, codes),
-            Err(e) => (ec::code(&e), codes),
-        }
-    }
-}
-
-/// Membership check shared by sync, heartbeat, leave and commit; `None` = a known member.
-fn check_member(g: &Group, member_id: &str, instance_id: Option<&str>) -> Option<i16> {
-    if let Some(i) = instance_id {
-        if let Some(m) = g.members.iter().find(|m| m.instance_id.as_deref() == Some(i)) {
-            if m.id != member_id {
-                return Some(ec::FENCED_INSTANCE_ID);
-            }
-        }
-    }
-    if g.members.iter().any(|m| m.id == member_id) {
-        None
-    } else {
-        Some(ec::UNKNOWN_MEMBER_ID)
-    }
-}
-
-/// Removes members whose session expired and member ids that were never used.
-fn expire(g: &mut Group, group_id: &str, now: Instant) {
-    g.pending.retain(|_, deadline| *deadline > now);
-    let expired: Vec<String> = g
-        .members
-        .iter()
-        .filter(|m| m.join_waiter.is_none() && m.sync_waiter.is_none() && now >= m.last_seen + m.session_timeout)
-        .map(|m| m.id.clone())
-        .collect();
-    for id in expired {
-        tracing::info!(group = group_id, member = %id, "session timed out: member removed");
-        g.remove_member(&id, now, group_id);
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::offsets::{decode_offset, encode_offset, offset_key};
     use super::*;
     use crate::config::StorageConfig;
 
