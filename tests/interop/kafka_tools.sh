@@ -191,7 +191,7 @@ done
 run_check "Java client $kafka_version: consumer group, RangeAssignor, 2 members then a 3rd: every record once" java_client groups range
 run_check "Java client $kafka_version: consumer group, CooperativeStickyAssignor, 2 members then a 3rd: every record once" \
     java_client groups cooperative-sticky
-run_check "Java client $kafka_version: static membership: a restarted static member keeps its partitions and generation; admin removes it" \
+run_check "Java client $kafka_version: static membership: restarted static members (follower, then leader) keep partitions and generation; admin removes one" \
     java_client static
 run_check "Java client $kafka_version: admin: topics, cluster, partitions, configs, offsets, groups" java_client admin
 check_new_group_protocol() {

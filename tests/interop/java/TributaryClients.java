@@ -207,32 +207,38 @@ public class TributaryClients {
 
     /**
      * Static membership (group.instance.id, KIP-345): a static member that restarts within its
-     * session gets its partitions back in the same generation (no rebalance), and the admin
-     * client sees and removes it by instance id. The member restarted is the second to join
-     * (not the group's leader: see README for a restarting static leader).
+     * session gets its partitions back in the same generation (no rebalance), the follower and
+     * then the leader (the first to join), and the admin client sees and removes members by
+     * instance id.
      */
     static void staticMembership() throws Exception {
-        String topic = "java-static-2", group = "java-static-2";
+        String topic = "java-static", group = "java-static";
         createTopic(topic, 2);
-        try (KafkaConsumer<String, String> a = staticMember(group, "reader-a")) {
+        KafkaConsumer<String, String> a = staticMember(group, "reader-a");
+        KafkaConsumer<String, String> b = null;
+        try {
             a.subscribe(List.of(topic));
             settle(List.of(a), "reader-a alone");
-            int generation;
-            Set<TopicPartition> held;
-            try (KafkaConsumer<String, String> b = staticMember(group, "reader-b")) {
-                b.subscribe(List.of(topic));
-                settle(List.of(a, b), "reader-a and reader-b");
-                generation = b.groupMetadata().generationId();
-                held = new HashSet<>(b.assignment());
-                // A static member's close does not leave the group (no LeaveGroup).
-            }
-            try (KafkaConsumer<String, String> b = staticMember(group, "reader-b")) {
-                b.subscribe(List.of(topic));
-                settle(List.of(a, b), "reader-b restarted");
-                check(b.assignment().equals(held), "assignment changed: " + held + " -> " + b.assignment());
-                check(b.groupMetadata().generationId() == generation && a.groupMetadata().generationId() == generation,
-                        "generation " + generation + " -> " + b.groupMetadata().generationId() + ": the restart rebalanced");
-            }
+            b = staticMember(group, "reader-b");
+            b.subscribe(List.of(topic));
+            settle(List.of(a, b), "reader-a and reader-b");
+            int generation = b.groupMetadata().generationId();
+            Set<TopicPartition> heldA = new HashSet<>(a.assignment()), heldB = new HashSet<>(b.assignment());
+            // A static member's close does not leave the group (no LeaveGroup): restart b, then a.
+            b.close();
+            b = staticMember(group, "reader-b");
+            b.subscribe(List.of(topic));
+            settle(List.of(a, b), "reader-b restarted");
+            check(b.assignment().equals(heldB), "reader-b's assignment changed: " + heldB + " -> " + b.assignment());
+            check(b.groupMetadata().generationId() == generation && a.groupMetadata().generationId() == generation,
+                    "generation " + generation + " -> " + b.groupMetadata().generationId() + ": reader-b's restart rebalanced");
+            a.close();
+            a = staticMember(group, "reader-a");
+            a.subscribe(List.of(topic));
+            settle(List.of(a, b), "reader-a (the leader) restarted");
+            check(a.assignment().equals(heldA), "reader-a's assignment changed: " + heldA + " -> " + a.assignment());
+            check(a.groupMetadata().generationId() == generation && b.groupMetadata().generationId() == generation,
+                    "generation " + generation + " -> " + a.groupMetadata().generationId() + ": the leader's restart rebalanced");
             try (Admin adm = admin(new Properties())) {
                 ConsumerGroupDescription d =
                         adm.describeConsumerGroups(List.of(group)).describedGroups().get(group).get(30, TimeUnit.SECONDS);
@@ -240,12 +246,17 @@ public class TributaryClients {
                 d.members().forEach(m -> ids.add(m.groupInstanceId()));
                 check(ids.equals(Set.of(Optional.of("reader-a"), Optional.of("reader-b"))), "members: " + d.members());
                 // What an operator does after decommissioning a static member.
+                b.close();
+                b = null;
                 adm.removeMembersFromConsumerGroup(group, new RemoveMembersFromConsumerGroupOptions(
                         List.of(new MemberToRemove("reader-b")))).all().get(30, TimeUnit.SECONDS);
                 d = adm.describeConsumerGroups(List.of(group)).describedGroups().get(group).get(30, TimeUnit.SECONDS);
                 check(d.members().stream().noneMatch(m -> m.groupInstanceId().equals(Optional.of("reader-b"))),
                         "reader-b still a member: " + d.members());
             }
+        } finally {
+            a.close();
+            if (b != null) b.close();
         }
     }
 
