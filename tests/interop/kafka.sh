@@ -16,60 +16,18 @@ deb_py=${DEBIAN_PYTHON:-/usr/bin/python3}
 pypi_py=$venv/bin/python
 client=$here/kafka_client.py
 
-for need in kcat timeout "$bin" "$deb_py"; do
-    if ! command -v "$need" >/dev/null 2>&1; then
-        echo "kafka interop: $need not found (see .ci/run for what to install)" >&2
-        exit 2
-    fi
-done
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/tributary-kafka-interop.XXXXXX")
-gw_pid=
-cleanup() {
-    if [ -n "$gw_pid" ] && kill -0 "$gw_pid" 2>/dev/null; then
-        kill -TERM "$gw_pid" 2>/dev/null || true
-        wait "$gw_pid" 2>/dev/null || true
-    fi
-    rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=tests/interop/lib.sh
+. "$here/lib.sh"
+require "kafka interop" kcat timeout "$bin" "$deb_py"
+interop_workdir kafka-interop
 
 # --- gateway -------------------------------------------------------------------------------
-port=$("$deb_py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 broker=127.0.0.1:$port
-log=$work/gateway.log
-cat >"$work/gateway.toml" <<EOF
-[storage]
-data_dir = "$work/data"
-max_bytes = 268435456
-disk_free_bytes_min = 0
-[kafka]
-listen = "$broker"
-[mqtt]
-listen = "127.0.0.1:0"
-[metrics]
-listen = "127.0.0.1:0"
-[log]
-level = "info,tributary_broker=debug"
-EOF
-
-"$bin" serve --config "$work/gateway.toml" 2>"$log" &
-gw_pid=$!
-for _ in $(seq 100); do
-    grep -q "tributary gateway ready" "$log" && break
-    if ! kill -0 "$gw_pid" 2>/dev/null; then break; fi
-    sleep 0.1
-done
-if ! grep -q "tributary gateway ready" "$log"; then
-    echo "FAIL gateway did not become ready; its log:"
-    cat "$log"
-    exit 1
-fi
+gateway_start "$broker" 127.0.0.1:0 "info,tributary_broker=debug"
 echo "gateway ready on $broker ($bin)"
 
 # --- helpers -------------------------------------------------------------------------------
-# shellcheck source=tests/interop/lib.sh
-. "$here/lib.sh"
 
 kc() { timeout 30 kcat -b "$broker" -q "$@"; }
 # Consumer: a short fetch long-poll, so -e (exit at the end of the partition) comes quickly.

@@ -13,58 +13,21 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bin=${TRIBUTARY_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/tributary-target}/debug/tributary}
-for need in java javac go timeout python3 "$bin"; do
-    if ! command -v "$need" >/dev/null 2>&1; then
-        echo "kafka tools interop: $need not found (see .ci/run for what to install)" >&2
-        exit 2
-    fi
-done
+# shellcheck source=tests/interop/lib.sh
+. "$here/lib.sh"
+require "kafka tools interop" java javac go timeout python3 "$bin"
 jars=${TRIBUTARY_KAFKA_JARS:-$(bash "$here/../kafka/fetch-jars.sh" | tail -n 1)}
 export GOMODCACHE=${GOMODCACHE:-$HOME/.cache/tributary-go/mod}
 export GOCACHE=${GOCACHE:-$HOME/.cache/tributary-go/build}
 export GOFLAGS=-mod=readonly
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tributary-kafka-tools.XXXXXX")
-gw_pid=
-cleanup() {
-    if [ -n "$gw_pid" ] && kill -0 "$gw_pid" 2>/dev/null; then
-        kill -TERM "$gw_pid" 2>/dev/null || true
-        wait "$gw_pid" 2>/dev/null || true
-    fi
-    rm -rf "$work"
-}
-trap cleanup EXIT
+interop_workdir kafka-tools
 
 # --- gateway -------------------------------------------------------------------------------
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 broker=127.0.0.1:$port
-log=$work/gateway.log
-cat >"$work/gateway.toml" <<EOF
-[storage]
-data_dir = "$work/data"
-max_bytes = 536870912
-disk_free_bytes_min = 0
-[kafka]
-listen = "$broker"
-[mqtt]
-listen = "127.0.0.1:0"
-[metrics]
-listen = "127.0.0.1:0"
-[log]
-level = "info"
-EOF
-"$bin" serve --config "$work/gateway.toml" 2>"$log" &
-gw_pid=$!
-for _ in $(seq 100); do
-    grep -q "tributary gateway ready" "$log" && break
-    kill -0 "$gw_pid" 2>/dev/null || break
-    sleep 0.1
-done
-grep -q "tributary gateway ready" "$log" || { echo "FAIL gateway did not start"; cat "$log"; exit 1; }
+gateway_start "$broker" 127.0.0.1:0 info
 echo "gateway ready on $broker ($bin); Kafka jars: $jars"
-
-# shellcheck source=tests/interop/lib.sh
-. "$here/lib.sh"
 
 # kjava CLASS ARGS...: a Kafka tool or the Java client program, small heap, fast-starting JIT.
 kjava() {

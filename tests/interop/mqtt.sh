@@ -18,40 +18,16 @@ py=/usr/bin/python3
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 kafkajs_dir=${KAFKAJS_DIR:-$HOME/.cache/tributary-node}
 
-for need in mosquitto_pub mosquitto_sub kcat timeout node "$bin" "$venv/bin/python"; do
-    if ! command -v "$need" >/dev/null 2>&1; then
-        echo "mqtt interop: $need not found (see .ci/run for what to install)" >&2
-        exit 2
-    fi
-done
+# shellcheck source=tests/interop/lib.sh
+. "$here/lib.sh"
+require "mqtt interop" mosquitto_pub mosquitto_sub kcat timeout node "$bin" "$venv/bin/python"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/tributary-mqtt-interop.XXXXXX")
-gw_pid=
-cleanup() {
-    if [ -n "$gw_pid" ] && kill -0 "$gw_pid" 2>/dev/null; then
-        kill -TERM "$gw_pid" 2>/dev/null || true
-        wait "$gw_pid" 2>/dev/null || true
-    fi
-    rm -rf "$work"
-}
-trap cleanup EXIT
+interop_workdir mqtt-interop
 
-free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 mport=$(free_port)
 kport=$(free_port)
 kafka=127.0.0.1:$kport
-log=$work/gateway.log
-cat >"$work/gateway.toml" <<EOF
-[storage]
-data_dir = "$work/data"
-max_bytes = 268435456
-disk_free_bytes_min = 0
-[kafka]
-listen = "$kafka"
-[mqtt]
-listen = "127.0.0.1:$mport"
-[metrics]
-listen = "127.0.0.1:0"
+gateway_start "$kafka" "127.0.0.1:$mport" info "$(cat <<'EOF'
 [[mqtt.routes]]
 filter = "meters/+/reading"
 topic = "meter-readings"
@@ -70,35 +46,9 @@ mqtt.subscribe = ["#"]
 mqtt.publish_deny = ["test/nopublish"]
 mqtt.subscribe_deny = ["test/nosubscribe"]
 EOF
-"$bin" serve --config "$work/gateway.toml" 2>"$log" &
-gw_pid=$!
-for _ in $(seq 100); do
-    grep -q "tributary gateway ready" "$log" && break
-    kill -0 "$gw_pid" 2>/dev/null || break
-    sleep 0.1
-done
-grep -q "tributary gateway ready" "$log" || { echo "FAIL gateway did not start"; cat "$log"; exit 1; }
+)"
 echo "gateway ready: mqtt 127.0.0.1:$mport, kafka $kafka"
 
-passed=0
-failed=0
-run_check() {
-    local name=$1
-    shift
-    local out=$work/check.out
-    set +e
-    (set -e; "$@") >"$out" 2>&1
-    local rc=$?
-    set -e
-    if [ "$rc" -eq 0 ]; then
-        echo "PASS $name"
-        passed=$((passed + 1))
-    else
-        echo "FAIL $name"
-        sed 's/^/    /' "$out"
-        failed=$((failed + 1))
-    fi
-}
 
 # Waits until a background mosquitto_sub printed its SUBACK (-d debug output), so publishes
 # that follow are not missed.
