@@ -309,6 +309,12 @@ pub fn render(src: &Sources) -> String {
             m.publishes_reserved.load(Ordering::Relaxed),
         );
         o.one(
+            "tributary_mqtt_payload_format_invalid_total",
+            "counter",
+            "MQTT 5 publishes marked UTF-8 (Payload Format Indicator 1) whose payload is not, refused and dropped.",
+            m.publishes_payload_invalid.load(Ordering::Relaxed),
+        );
+        o.one(
             "tributary_mqtt_retention_skipped_messages_total",
             "counter",
             "Messages a subscriber never got because retention deleted them first.",

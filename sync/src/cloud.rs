@@ -578,6 +578,10 @@ impl Session {
         if new.is_empty() {
             return Ok(());
         }
+        // The gaps topic too, with the same settings: a cluster's auto-creation (if it is on at
+        // all) would give it the cluster's defaults, often one replica.
+        let gaps = self.shared.cfg.gaps_topic.clone();
+        self.ensure_topic(&gaps, 1).await?;
         for (p, remote) in &new {
             self.ensure_topic(remote, p.partitions).await?;
         }
@@ -628,15 +632,23 @@ impl Session {
         let timeout = Duration::from_millis(self.shared.cfg.kafka.request_timeout_ms);
         let opts = AdminOptions::new().request_timeout(Some(timeout)).operation_timeout(Some(timeout));
         let rf = TopicReplication::Fixed(self.shared.cfg.kafka.replication_factor);
-        let created = self.shared.admin.create_topics([&NewTopic::new(remote, partitions, rf)], &opts).await?;
+        let mut topic = NewTopic::new(remote, partitions, rf);
+        for (k, v) in &self.shared.cfg.kafka.topic_config {
+            topic = topic.set(k, v);
+        }
+        let created = self.shared.admin.create_topics([&topic], &opts).await?;
+        let mut existed = false;
         for r in created {
             match r {
                 Ok(_) => tracing::info!(topic = %remote, partitions, "remote topic created"),
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => existed = true,
                 Err((_, code)) => return Err(CloudError::KafkaCode(code)),
             }
         }
-        let have = self.remote_partitions(remote).await?;
+        // Only a topic that existed may have too few partitions. A new one has `partitions`,
+        // even while metadata (which a multi-broker cluster propagates after creation) does not
+        // show it yet: asking to grow it then fails with InvalidPartitions.
+        let have = if existed { self.remote_partitions(remote).await? } else { partitions };
         if have < partitions {
             let grown =
                 self.shared.admin.create_partitions([&NewPartitions::new(remote, partitions as usize)], &opts).await?;

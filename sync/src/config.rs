@@ -191,6 +191,9 @@ pub struct KafkaTarget {
     pub queue_messages_max: u32,
     /// Further librdkafka properties (security.protocol, sasl.*, compression.type, ...).
     pub properties: BTreeMap<String, String>,
+    /// Topic configs of the remote topics (and the gaps topic) this receiver creates, e.g.
+    /// `min.insync.replicas = "2"` beside `replication_factor = 3`.
+    pub topic_config: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +216,7 @@ impl Default for KafkaTarget {
             request_timeout_ms: 30_000,
             queue_messages_max: 50_000,
             properties: BTreeMap::new(),
+            topic_config: BTreeMap::new(),
         }
     }
 }
@@ -266,6 +270,9 @@ impl CloudConfig {
         check_range("kafka.replication_factor", self.kafka.replication_factor.max(0) as u64, 1, 32)?;
         check_range("kafka.request_timeout_ms", self.kafka.request_timeout_ms, 100, 600_000)?;
         check_range("kafka.queue_messages_max", self.kafka.queue_messages_max.into(), 1_000, 10_000_000)?;
+        if let Some((k, _)) = self.kafka.topic_config.iter().find(|(k, v)| k.is_empty() || v.is_empty()) {
+            return Err(ConfigError::new("kafka.topic_config", format!("empty name or value ({k:?})")));
+        }
         Ok(())
     }
 

@@ -68,30 +68,8 @@ fi
 echo "gateway ready on $broker ($bin)"
 
 # --- helpers -------------------------------------------------------------------------------
-passed=0
-failed=0
-
-# run_check NAME FUNCTION ARGS...: runs the function in a subshell with errexit, so any failing
-# command fails the check; its output is shown only on failure.
-run_check() {
-    local name=$1
-    shift
-    local out=$work/check.out start
-    start=$(date +%s%N)
-    set +e
-    (set -e; "$@") >"$out" 2>&1
-    local rc=$?
-    set -e
-    local ms=$((($(date +%s%N) - start) / 1000000))
-    if [ "$rc" -eq 0 ]; then
-        echo "PASS $name (${ms} ms)"
-        passed=$((passed + 1))
-    else
-        echo "FAIL $name (exit $rc, ${ms} ms)"
-        tail -n 40 "$out" | sed 's/^/    /'
-        failed=$((failed + 1))
-    fi
-}
+# shellcheck source=tests/interop/lib.sh
+. "$here/lib.sh"
 
 kc() { timeout 30 kcat -b "$broker" -q "$@"; }
 # Consumer: a short fetch long-poll, so -e (exit at the end of the partition) comes quickly.

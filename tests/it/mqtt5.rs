@@ -7,8 +7,48 @@ use std::sync::atomic::Ordering;
 
 use tributary_broker::mqtt::MqttConfig;
 
-use crate::mqtt_faults::{connected, publish, read_packet};
+use crate::mqtt_faults::{connected, packet, publish, read_packet};
 use crate::support::{read_all, KafkaBroker};
+
+/// 3.3.2.3.2: a receiver may check that a payload whose Payload Format Indicator is 1 is UTF-8,
+/// and refuse it with 0x99 "payload format invalid". Tributary does (PUBACK/PUBREC 0x99; QoS 0:
+/// dropped), counts it, stores nothing, and the connection stays; UTF-8 with the indicator is
+/// stored.
+#[tokio::test]
+async fn a_payload_that_is_not_the_utf_8_it_claims_is_refused_0x99_mqtt_3_3_2_3_2() {
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig::default()).await;
+    let addr = broker.mqtt;
+    // PUBLISH with the property Payload Format Indicator (0x01) = 1.
+    let utf8_marked = |qos: u8, pkid: u16, payload: &[u8]| {
+        let mut b = vec![0, 8];
+        b.extend_from_slice(b"meters/7");
+        if qos > 0 {
+            b.extend_from_slice(&pkid.to_be_bytes());
+        }
+        b.extend_from_slice(&[2, 0x01, 1]);
+        b.extend_from_slice(payload);
+        packet(0x30 | (qos << 1), &b)
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut c = connected(addr, 5, "format-5");
+        c.write_all(&utf8_marked(1, 1, b"\xff\xfe")).expect("send");
+        assert_eq!(read_packet(&mut c), Some((0x40, vec![0, 1, 0x99, 0])), "PUBACK 0x99");
+        c.write_all(&utf8_marked(2, 2, b"caf\xc3")).expect("send");
+        assert_eq!(read_packet(&mut c), Some((0x50, vec![0, 2, 0x99, 0])), "PUBREC 0x99");
+        c.write_all(&utf8_marked(0, 0, b"\x80")).expect("send");
+        c.write_all(&utf8_marked(1, 3, "café".as_bytes())).expect("send");
+        assert_eq!(read_packet(&mut c), Some((0x40, vec![0, 3])), "still connected: UTF-8 is taken");
+    })
+    .await
+    .expect("client");
+    assert_eq!(broker.mqtt_stats.publishes_payload_invalid.load(Ordering::Relaxed), 3);
+    let payloads: Vec<Vec<u8>> = read_all(&broker.store, "mqtt", 0)
+        .iter()
+        .filter(|r| r.headers.iter().any(|(k, v)| k == "mqtt.topic" && v.as_deref() == Some(&b"meters/7"[..])))
+        .map(|r| r.value.as_deref().unwrap_or_default().to_vec())
+        .collect();
+    assert_eq!(payloads, ["café".as_bytes().to_vec()], "only the UTF-8 payload was stored");
+}
 
 /// 4.7.2, [MQTT-4.7.2-1]: `$TopicA/B` is a valid topic name, but `$` topics are the broker's. A
 /// client publish to one is refused as an ACL denial is (MQTT 5: PUBACK/PUBREC 0x90 "topic
@@ -314,6 +354,10 @@ async fn retained_and_will_messages_keep_their_properties_and_expiry_mqtt_3_3_2_
     publ.publish("props/end", Q5::AtLeastOnce, false, "end").await.expect("publish");
     let p = next_publish(&mut lrx, "the marker").await;
     assert_eq!(&p.topic[..], b"props/end", "an expired retained message was sent");
+    // The first subscriber gets the marker too (`props/#`): taken here, so the will below is
+    // the next message it sees.
+    let p = next_publish(&mut rx, "the marker on the first subscriber").await;
+    assert_eq!(&p.topic[..], b"props/end");
 
     // A will with properties, published when its client goes away without DISCONNECT.
     sub.subscribe("will/#", Q5::AtMostOnce).await.expect("subscribe");

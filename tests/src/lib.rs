@@ -2,6 +2,7 @@
 //! write bandwidth) and memory readings of a process, so every benchmark reports its figures
 //! against the same yardsticks.
 
+pub mod kafka_cluster;
 pub mod soak;
 
 use std::fs::OpenOptions;
@@ -10,6 +11,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub const MIB: f64 = 1024.0 * 1024.0;
+
+/// Free loopback ports, chosen once (so a child restarted later comes back on the same ones).
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?)
+}
 
 /// 4 KiB write + fdatasync per round, for `for_time`: the rate a durable commit cannot beat.
 pub fn fsync_rate(dir: &Path, for_time: Duration) -> std::io::Result<f64> {
@@ -79,6 +87,17 @@ impl BenchGateway {
     /// with data in `dir`, `storage_extra` lines added to `[storage]` and `tables` (further TOML
     /// tables such as `[topic_defaults]`) appended.
     pub fn start(binary: Option<&Path>, dir: &Path, storage_extra: &str, tables: &str) -> anyhow::Result<Self> {
+        Self::start_with(binary, dir, storage_extra, "", tables)
+    }
+
+    /// [`BenchGateway::start`] with `mqtt_extra` lines added to `[mqtt]`.
+    pub fn start_with(
+        binary: Option<&Path>,
+        dir: &Path,
+        storage_extra: &str,
+        mqtt_extra: &str,
+        tables: &str,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context;
         use std::io::BufRead;
         let binary = match binary {
@@ -89,7 +108,7 @@ impl BenchGateway {
         std::fs::write(
             &config,
             format!(
-                "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{storage_extra}[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n{tables}[log]\nlevel = \"warn,tributary_gateway=info\"\n",
+                "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{storage_extra}[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n{mqtt_extra}[metrics]\nlisten = \"127.0.0.1:0\"\n{tables}[log]\nlevel = \"warn,tributary_gateway=info\"\n",
                 dir.join("data").to_str().context("utf-8 path")?,
                 16u64 << 30,
             ),

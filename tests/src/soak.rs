@@ -135,13 +135,6 @@ impl std::fmt::Display for SoakReport {
     }
 }
 
-/// Free loopback ports, chosen once so the gateway comes back on the same ones after a kill.
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?)
-}
-
 /// The gateway child process.
 struct Gateway {
     binary: PathBuf,
@@ -284,7 +277,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Runs the soak; `Err` names the first broken promise.
 pub async fn run(cfg: SoakConfig) -> anyhow::Result<SoakReport> {
     std::fs::create_dir_all(&cfg.dir)?;
-    let ports = free_ports(3)?;
+    let ports = crate::free_ports(3)?;
     let (kafka, mqtt, metrics) =
         (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]), format!("127.0.0.1:{}", ports[2]));
     let data = cfg.dir.join("data");

@@ -46,6 +46,8 @@ pub(crate) const TOPIC_ALIAS_INVALID: u8 = 0x94;
 pub(crate) const PACKET_TOO_LARGE: u8 = 0x95;
 /// Quota exceeded: a configured limit (disk, retained messages, subscriptions) is reached.
 pub(crate) const QUOTA_EXCEEDED: u8 = 0x97;
+/// PUBACK/PUBREC: the payload does not match its Payload Format Indicator (1 = UTF-8).
+pub(crate) const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
 
 /// The meaning of a reason code, for logs and the conformance notes.
 pub(crate) fn meaning(code: u8) -> &'static str {
@@ -73,6 +75,7 @@ pub(crate) fn meaning(code: u8) -> &'static str {
         TOPIC_ALIAS_INVALID => "topic alias invalid",
         PACKET_TOO_LARGE => "packet too large",
         QUOTA_EXCEEDED => "quota exceeded",
+        PAYLOAD_FORMAT_INVALID => "payload format invalid",
         _ => "other",
     }
 }

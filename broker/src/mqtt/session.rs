@@ -55,6 +55,8 @@ pub(super) enum Counter {
     PublishDenied,
     /// A client publish to a `$` topic, dropped.
     PublishReserved,
+    /// A publish whose Payload Format Indicator says UTF-8 and whose payload is not, dropped.
+    PayloadFormatInvalid,
     SubscriptionDenied,
 }
 
@@ -728,6 +730,14 @@ impl Session {
                 "publish not allowed by the user's ACL: dropped");
             return self.refuse_publish(qos, pkid, reason::NOT_AUTHORIZED);
         }
+        // 3.3.2.3.2: the receiver may check that a payload marked UTF-8 (Payload Format
+        // Indicator 1) is; this one does, so no subscriber told "UTF-8" gets bytes that are not.
+        // Refused like an ACL denial (PUBACK/PUBREC 0x99; QoS 0: dropped), the connection stays.
+        if props.payload_format == Some(1) && std::str::from_utf8(&payload).is_err() {
+            self.actions.push_back(Action::Count(Counter::PayloadFormatInvalid));
+            tracing::debug!(client = %self.client_id, topic = %topic_name, "payload is not the UTF-8 it claims: dropped");
+            return self.refuse_publish(qos, pkid, reason::PAYLOAD_FORMAT_INVALID);
+        }
         if qos == 2 {
             match self.qos2.get(&pkid) {
                 // A retransmission of a message already stored: acknowledge again, store
@@ -1257,6 +1267,32 @@ mod tests {
             s.handle(now, publish("TopicA/B", 1, 2));
             assert!(actions(&mut s).iter().any(|a| matches!(a, Action::Append { .. })));
         }
+    }
+
+    #[test]
+    fn a_payload_that_is_not_the_utf_8_its_format_indicator_claims_is_refused_0x99_mqtt_3_3_2_3_2() {
+        let (mut s, now) = session(Version::V5);
+        let with = |qos: u8, pkid: u16, format: Option<u8>, payload: &'static [u8]| {
+            let In::Publish { topic, retain, dup, props, .. } = publish("meters/7", qos, pkid) else { unreachable!() };
+            let props = PublishProps { payload_format: format, ..props };
+            In::Publish { topic, qos, retain, dup, pkid, payload: Bytes::from_static(payload), props }
+        };
+        s.handle(now, with(1, 1, Some(1), b"\xff\xfe"));
+        s.handle(now, with(2, 2, Some(1), b"caf\xc3"));
+        s.handle(now, with(0, 0, Some(1), b"\x80"));
+        let acts = actions(&mut s);
+        assert!(!acts.iter().any(|a| matches!(a, Action::Append { .. })), "nothing stored");
+        let code = reason::PAYLOAD_FORMAT_INVALID;
+        assert_eq!(sent(&acts), vec![(0x40, vec![0, 1, code, 0]), (0x50, vec![0, 2, code, 0])]);
+        let counted = acts.iter().filter(|a| matches!(a, Action::Count(Counter::PayloadFormatInvalid))).count();
+        assert_eq!(counted, 3, "the QoS 0 one is dropped and counted");
+        assert!(!s.closing(), "the connection stays");
+        // UTF-8 with the indicator, and any bytes without it (or with 0), are stored.
+        s.handle(now, with(1, 3, Some(1), "café".as_bytes()));
+        s.handle(now, with(1, 4, Some(0), b"\xff"));
+        s.handle(now, with(1, 5, None, b"\xff"));
+        let appended = actions(&mut s).iter().filter(|a| matches!(a, Action::Append { .. })).count();
+        assert_eq!(appended, 3);
     }
 
     #[test]

@@ -217,7 +217,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     Err(e) => return Err(WireError::Io(e.to_string())),
                 };
             }
-            let cap = self.read_ahead.max(self.first_len);
+            // A read that did not fill `first` took all there was: the packet (or packets) and
+            // no more, as a device sending now and then does. Then the buffer is just that
+            // (a small allocation, freed with the packet); a read-ahead chunk only when more
+            // is coming.
+            let cap =
+                if self.first_len < self.first.len() { self.first_len } else { self.read_ahead.max(self.first_len) };
             let charge = self.budget.charge(cap).await?;
             let mut chunk = BytesMut::with_capacity(cap);
             chunk.extend_from_slice(&self.first[..self.first_len]);
@@ -1036,6 +1041,8 @@ mod tests {
             client.write_all(&[0xC0, 0]).await.expect("send");
             let f = rd.next(1024, |_| true).await.expect("PINGREQ");
             assert_eq!(&f.bytes[..], &[0xC0, 0]);
+            // It came alone: its buffer is its 2 bytes, not a read-ahead chunk.
+            assert_eq!(budget.in_use(), 2, "round {round}: a lone packet is charged {}", budget.in_use());
             drop(f);
             // Waiting with nothing buffered: the read-ahead chunk is not held (nor charged).
             assert!(tokio::time::timeout(Duration::from_millis(20), rd.next(1024, |_| true)).await.is_err());

@@ -255,8 +255,11 @@ impl Broker {
         let dir = tempfile::tempdir_in(base)?;
         let (mut child, port) = match peer {
             Peer::Tributary => {
-                // The gateway's defaults, except a disk budget no scenario comes near.
-                let gateway = BenchGateway::start(args.gateway.as_deref(), dir.path(), "", "")?;
+                // The gateway's defaults, except a disk budget no scenario comes near and room
+                // for every idle connection (`mqtt.connections_max` is 1,024 by default).
+                let connections = args.idle_connections.max(args.fleet_publishers) + 16;
+                let mqtt = format!("connections_max = {}\n", connections.max(1024));
+                let gateway = BenchGateway::start_with(args.gateway.as_deref(), dir.path(), "", &mqtt, "")?;
                 let port = gateway.mqtt.rsplit(':').next().and_then(|p| p.parse().ok()).context("mqtt port")?;
                 let pid = gateway.pid.clone();
                 return Ok(Self { _gateway: Some(gateway), child: None, pid, port, _dir: dir });

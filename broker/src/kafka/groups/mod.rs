@@ -353,8 +353,8 @@ impl Coordinator {
                 // A static member came back: it takes over its old membership under a new id; the
                 // old id is fenced from now on.
                 let new_id = new_member_id(instance);
+                let current_leader = g.leader.clone().unwrap_or_default();
                 let was_leader = g.leader.as_deref() == Some(old.as_str());
-                let same = g.member(old).is_some_and(|m| m.protocols == req.protocols);
                 if let Some(m) = g.member(old) {
                     m.id = new_id.clone();
                     m.last_seen = now;
@@ -367,13 +367,21 @@ impl Coordinator {
                 if was_leader {
                     g.leader = Some(new_id.clone());
                 }
-                if g.state == GroupState::Stable && same && !was_leader {
+                // As Kafka decides: a rebalance only if the protocol the group would select
+                // changes. The metadata itself may differ (a restarted consumer owns nothing
+                // yet); the member's new metadata is kept for the next rebalance.
+                let same = g.common_protocols().into_iter().next() == g.protocol;
+                if g.state == GroupState::Stable && same {
+                    // KIP-345: no rebalance, the leader included. As Kafka answers (JoinGroup up
+                    // to v8), the reply names the leader as it was, by its old id: a restarted
+                    // leader then does not take itself for the leader and compute an assignment
+                    // that a Stable group would not hand out; the group knows it by its new id.
                     return Joined::Now(JoinResponse {
                         error: ec::NONE,
                         generation: g.generation,
                         protocol_type: g.protocol_type.clone(),
                         protocol: g.protocol.clone(),
-                        leader: g.leader.clone().unwrap_or_default(),
+                        leader: current_leader,
                         member_id: new_id,
                         members: Vec::new(),
                     });
@@ -907,6 +915,25 @@ mod tests {
         assert_ne!(r.member_id, follower_id);
         assert_eq!(&c.sync("g", 2, &r.member_id, Some(follower_instance), vec![]).await.assignment[..], b"mine");
         assert_eq!(c.heartbeat("g", 2, &follower_id, Some(follower_instance)), ec::FENCED_INSTANCE_ID);
+        // The leader restarts too: no rebalance either (KIP-345). The reply names the leader by
+        // its old id, as Kafka's does, so the restarted leader runs no assignment; its sync in
+        // the Stable group gets what it had, and its old id is fenced.
+        let mut again = join_req("", Some(leader_instance), 1000);
+        again.require_known_member_id = false;
+        // Its metadata differs from before (a consumer's owned partitions are gone after a
+        // restart); the protocol is the same, and that is what counts.
+        again.protocols = vec![("range".into(), Bytes::from_static(b"meta, owning nothing"))];
+        let r = tokio::time::timeout(Duration::from_secs(5), c.join(again))
+            .await
+            .expect("the static leader's join is answered at once, not after a rebalance");
+        assert_eq!((r.error, r.generation), (ec::NONE, 2), "no rebalance for a returning static leader");
+        assert_eq!(r.leader, leader, "the leader as it was");
+        assert_ne!(r.member_id, leader);
+        assert!(r.members.is_empty(), "no member list: nothing to assign");
+        let s = c.sync("g", 2, &r.member_id, Some(leader_instance), vec![]).await;
+        assert_eq!(s.error, ec::NONE);
+        assert_eq!(c.heartbeat("g", 2, &r.member_id, Some(leader_instance)), ec::NONE);
+        assert_eq!(c.heartbeat("g", 2, &leader, Some(leader_instance)), ec::FENCED_INSTANCE_ID);
     }
 
     #[tokio::test]

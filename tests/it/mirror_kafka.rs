@@ -1,0 +1,285 @@
+//! The mirror into a real Apache Kafka cluster: three combined broker+controller nodes from the
+//! harness (`tributary_tests::kafka_cluster`), the `tributary-cloud` receiver as a child process,
+//! a gateway store with the real mirror over a UDP path the test can cut. Remote topics must be
+//! created with replication factor 3 and `min.insync.replicas=2`, and every source record must
+//! reach them once, in order, with key, value, headers, timestamp and provenance, through a
+//! receiver SIGKILL, a Kafka broker SIGKILL and restart (leader changes) and a gateway restart,
+//! read back with a Kafka consumer (librdkafka). The second-Tributary variants in `mirror.rs`
+//! keep what this cluster cannot do (loss and delay on the path, refusals, retention gaps, the
+//! bandwidth cap, the receiver's buffer limit).
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::Message;
+use tributary_broker::storage::batch::StoredRecord;
+use tributary_broker::Store;
+use tributary_sync::CloudConfig;
+use tributary_tests::kafka_cluster::{KafkaCluster, KafkaOptions};
+
+use crate::mirror::{
+    assert_resumed_mid_stream, assert_same_records, caught_up, high_watermarks, marks, mirror_config, produce, topics,
+    udp_proxy, Impairment, Mirror, Pki, SITE,
+};
+use crate::support::{client_config, KafkaBroker};
+
+/// A three-node cluster; the harness's error (naming the command that fetches the jars) fails
+/// the test when they are missing.
+fn three_brokers() -> KafkaCluster {
+    let cluster = tokio::task::block_in_place(|| KafkaCluster::start(KafkaOptions::cluster(3)))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("three-broker Apache Kafka cluster serving in {:.1} s", cluster.started_in.as_secs_f64());
+    cluster
+}
+
+/// `tributary-cloud` as a child process, on a UDP port chosen once so it comes back on it.
+struct Receiver {
+    config: PathBuf,
+    addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Receiver {
+    fn start(pki: &Pki, bootstrap: &str, dir: &Path) -> Self {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut cfg = CloudConfig {
+            listen: addr,
+            ca_file: pki.path("ca.pem"),
+            cert_file: pki.path("cloud.pem"),
+            key_file: pki.path("cloud.key"),
+            mirrored_report_interval_ms: 20,
+            partition_credit_bytes: 256 * 1024,
+            ..CloudConfig::default()
+        };
+        cfg.kafka.bootstrap_servers = bootstrap.to_string();
+        cfg.kafka.replication_factor = 3;
+        cfg.kafka.topic_config.insert("min.insync.replicas".into(), "2".into());
+        cfg.kafka.request_timeout_ms = 20_000;
+        cfg.kafka.properties.insert("broker.address.family".into(), "v4".into());
+        cfg.log.level = "info".into();
+        let config = dir.join("cloud.toml");
+        std::fs::write(&config, toml::to_string(&cfg).expect("serialize")).expect("write cloud.toml");
+        let mut r = Self { config, addr, child: None };
+        r.spawn();
+        r
+    }
+
+    /// Starts the child and waits for its ready line (its log goes on to this test's stderr).
+    fn spawn(&mut self) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cloud-under-test"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the receiver");
+        let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let mut seen = Vec::new();
+        loop {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("receiver exited before it was ready:\n{}", seen.join("\n"));
+            };
+            if line.contains("tributary-cloud ready") {
+                break;
+            }
+            seen.push(line);
+        }
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("receiver: {l}")));
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("receiver running");
+        child.kill().expect("SIGKILL the receiver");
+        child.wait().expect("reap");
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Every record of a Kafka partition, from its log start to its high watermark, read with a
+/// librdkafka consumer (read_committed, group-less), as the store's record type.
+fn read_kafka(bootstrap: &str, topic: &str, partition: i32) -> Vec<StoredRecord> {
+    let consumer: BaseConsumer = client_config(bootstrap)
+        .set("group.id", "tests-assign-only")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(20)).expect("watermarks");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(low)).expect("offset");
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut next = low;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while next < high {
+        assert!(std::time::Instant::now() < deadline, "{topic}-{partition}: stuck at {next} of {high}");
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                next = m.offset() + 1;
+                let headers = m.headers().map_or_else(Vec::new, |h| {
+                    h.iter().map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice))).collect()
+                });
+                out.push(StoredRecord {
+                    offset: m.offset(),
+                    timestamp: m.timestamp().to_millis().expect("timestamp"),
+                    key: m.key().map(Bytes::copy_from_slice),
+                    value: m.payload().map(Bytes::copy_from_slice),
+                    headers,
+                });
+            }
+            Some(Err(e)) => panic!("consume {topic}-{partition}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The central cluster holds every record of `topic` once, in order, with everything it had.
+fn assert_in_kafka(cluster: &KafkaCluster, gateway: &Store, topic: &str) {
+    let remote = format!("{SITE}.{topic}");
+    let bootstrap = cluster.bootstrap();
+    tokio::task::block_in_place(|| {
+        let md = cluster.metadata(Duration::from_secs(20)).expect("metadata");
+        let partitions = md.topics().iter().find(|t| t.name() == remote).map(|t| t.partitions().len() as i32);
+        assert_same_records(gateway, topic, partitions, |p| read_kafka(&bootstrap, &remote, p));
+    });
+}
+
+/// Replication factor 3 on every partition and `min.insync.replicas=2`, as the brokers report
+/// them (metadata and DescribeConfigs).
+async fn assert_durable_settings(cluster: &KafkaCluster, topic: &str) {
+    let md = tokio::task::block_in_place(|| cluster.metadata(Duration::from_secs(20))).expect("metadata");
+    let t = md.topics().iter().find(|t| t.name() == topic).unwrap_or_else(|| panic!("{topic} exists"));
+    assert!(!t.partitions().is_empty());
+    for p in t.partitions() {
+        assert_eq!(p.replicas().len(), 3, "{topic}-{}: replication factor 3", p.id());
+    }
+    let admin: AdminClient<DefaultClientContext> = client_config(&cluster.bootstrap()).create().expect("admin");
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+        .await
+        .expect("describe configs");
+    let resource = described.into_iter().next().expect("one resource").expect("described");
+    let min_isr = resource.get("min.insync.replicas").and_then(|e| e.value.clone());
+    assert_eq!(min_isr.as_deref(), Some("2"), "{topic}: min.insync.replicas");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_reaches_a_three_broker_kafka_once_through_receiver_broker_and_gateway_kills() {
+    let mut cluster = three_brokers();
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = KafkaBroker::start().await;
+    topics(&gateway.store).await;
+    produce(&gateway.store, "meters", 0, 300).await;
+    produce(&gateway.store, "alarms", 0, 50).await;
+
+    let mut receiver = Receiver::start(&pki, &cluster.bootstrap(), dir.path());
+    let imp = Impairment::default();
+    let via = udp_proxy(receiver.addr, imp.clone()).await;
+    let cert = pki.site("site", SITE, None);
+    let mirror = Mirror::start(mirror_config(&pki, via, cert.clone()), &gateway.store);
+    mirror.until("the initial backlog mirrored", 90, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;
+    for topic in ["plant-7.meters", "plant-7.alarms", "tributary.mirror.gaps"] {
+        assert_durable_settings(&cluster, topic).await;
+    }
+    assert_in_kafka(&cluster, &gateway.store, "meters");
+
+    // (a) The receiver is SIGKILLed while records flow: whatever librdkafka had in flight is
+    // lost with it or stored without the gateway hearing of it. The restarted receiver resumes
+    // each partition from the central cluster's tail, so nothing is missing or twice there.
+    let before: i64 = marks(&gateway.store, "meters").iter().sum();
+    produce(&gateway.store, "meters", 300, 1500).await;
+    mirror
+        .until("the receiver mid-stream", 60, |_| {
+            marks(&gateway.store, "meters").iter().sum::<i64>() > before && !caught_up(&gateway.store, &["meters"])
+        })
+        .await;
+    receiver.kill();
+    let confirmed = marks(&gateway.store, "meters");
+    produce(&gateway.store, "meters", 1800, 200).await;
+    mirror.until("the link seen down", 30, |s| !s.link_up.load(Ordering::Relaxed)).await;
+    receiver.spawn();
+    mirror.until("mirrored after the receiver's SIGKILL", 90, |_| caught_up(&gateway.store, &["meters"])).await;
+    for (p, confirmed) in confirmed.iter().enumerate() {
+        let started = mirror.stats.partition("meters", p as i32).expect("started").started_at.load(Ordering::Relaxed);
+        assert!(started >= *confirmed, "meters-{p}: resumed at {started}, below the confirmed {confirmed}");
+    }
+    assert_in_kafka(&cluster, &gateway.store, "meters");
+
+    // (b) The leader of plant-7.meters-0 (a broker and a controller) is SIGKILLed mid-stream:
+    // the partition gets a new leader, writes go on with two in-sync replicas (min.insync=2,
+    // acks=all), and the idempotent producer's retries write nothing twice. It comes back and
+    // catches up; the cluster is whole again before the next step.
+    let leader = tokio::task::block_in_place(|| cluster.leader("plant-7.meters", 0)).expect("leader");
+    assert!(leader > 0, "a leader");
+    let before: i64 = marks(&gateway.store, "meters").iter().sum();
+    produce(&gateway.store, "meters", 2000, 1500).await;
+    mirror
+        .until("the broker kill mid-stream", 60, |_| {
+            marks(&gateway.store, "meters").iter().sum::<i64>() > before && !caught_up(&gateway.store, &["meters"])
+        })
+        .await;
+    tokio::task::block_in_place(|| cluster.kill(leader)).expect("kill the leader");
+    produce(&gateway.store, "meters", 3500, 300).await;
+    produce(&gateway.store, "alarms", 50, 50).await;
+    mirror.until("mirrored with a broker down", 120, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;
+    let new_leader = tokio::task::block_in_place(|| cluster.leader("plant-7.meters", 0)).expect("leader");
+    assert!(new_leader > 0 && new_leader != leader, "the leadership moved from {leader} (now {new_leader})");
+    tokio::task::block_in_place(|| {
+        cluster.restart(leader)?;
+        for topic in ["plant-7.meters", "plant-7.alarms"] {
+            cluster.wait_in_sync(topic, 3, Duration::from_secs(90))?;
+        }
+        anyhow::Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_in_kafka(&cluster, &gateway.store, "meters");
+    assert_in_kafka(&cluster, &gateway.store, "alarms");
+
+    // (c) The gateway restarts mid-stream: the link goes dark first (so what the receiver
+    // stores meanwhile never reaches the gateway), the gateway stops and starts again with more
+    // records, and its mirror resumes from the central cluster's tail without duplicates.
+    produce(&gateway.store, "meters", 3800, 100).await;
+    imp.blackout.store(true, Ordering::Relaxed);
+    let confirmed = marks(&gateway.store, "meters");
+    produce(&gateway.store, "meters", 3900, 50).await;
+    let dark = high_watermarks(&gateway.store, "meters");
+    mirror.stop().await;
+    let gateway = gateway.restart().await;
+    produce(&gateway.store, "meters", 3950, 50).await;
+    let mirror = Mirror::start(mirror_config(&pki, via, cert), &gateway.store);
+    imp.blackout.store(false, Ordering::Relaxed);
+    mirror
+        .until("mirrored after the gateway restarted", 90, |_| caught_up(&gateway.store, &["meters", "alarms"]))
+        .await;
+    assert_resumed_mid_stream(&mirror.stats, "meters", &confirmed, &dark);
+
+    assert_in_kafka(&cluster, &gateway.store, "meters");
+    assert_in_kafka(&cluster, &gateway.store, "alarms");
+    assert!(mirror.stats.lag(&gateway.store).iter().all(|l| l.lag_records == 0), "no lag left");
+    mirror.stop().await;
+    drop(receiver);
+    tokio::task::block_in_place(|| cluster.stop()).expect("the cluster stops cleanly");
+}
