@@ -1,6 +1,6 @@
 //! The consumer-group membership APIs on the wire: FindCoordinator, JoinGroup, SyncGroup,
 //! Heartbeat, LeaveGroup, ListGroups, DescribeGroups and DeleteGroups, mapped onto the
-//! coordinator in `kafka/groups.rs`, with every version-dependent field set only in the versions
+//! coordinator in `kafka/groups/`, with every version-dependent field set only in the versions
 //! that have it. A request naming a group the user may not use is answered
 //! GROUP_AUTHORIZATION_FAILED in the API's own form.
 

@@ -1,5 +1,5 @@
 //! The group-offset APIs on the wire: OffsetCommit, OffsetFetch (reads on the blocking pool) and
-//! OffsetDelete (an admin operation), mapped onto the coordinator in `kafka/groups.rs`.
+//! OffsetDelete (an admin operation), mapped onto the coordinator in `kafka/groups/`.
 
 use std::sync::Arc;
 
