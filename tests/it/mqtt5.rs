@@ -302,7 +302,8 @@ fn connect_with_will(id: &str, props: &[u8]) -> Vec<u8> {
 /// [MQTT-3.3.2-4]: the Payload Format Indicator reaches the subscriber unaltered. 3.3.1.3:
 /// a retained message keeps every property (user properties, content type, correlation data,
 /// response topic, payload format) and [MQTT-3.3.2-5] its expiry: once passed, it is no longer
-/// sent. [MQTT-3.1.3-10]: a will message keeps its properties.
+/// sent, and the scan that finds it so deletes it. [MQTT-3.1.3-10]: a will message keeps its
+/// properties.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_and_will_messages_keep_their_properties_and_expiry_mqtt_3_3_2_5() {
     use rumqttc::v5::mqttbytes::v5::PublishProperties;
@@ -354,6 +355,17 @@ async fn retained_and_will_messages_keep_their_properties_and_expiry_mqtt_3_3_2_
     publ.publish("props/end", Q5::AtLeastOnce, false, "end").await.expect("publish");
     let p = next_publish(&mut lrx, "the marker").await;
     assert_eq!(&p.topic[..], b"props/end", "an expired retained message was sent");
+    // The scan that found it expired deleted it (before it sent on): only `props/kept` is left.
+    assert_eq!(broker.mqtt_stats.retained_expired_deleted.load(Ordering::Relaxed), 1);
+    assert_eq!(broker.mqtt_stats.retained_messages.load(Ordering::Relaxed), 1);
+    let left: Vec<Vec<u8>> = broker
+        .store
+        .kv_scan(tributary_broker::KvSpace::MqttRetained, b"props/", 10)
+        .expect("scan")
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(left, [b"props/kept".to_vec()], "the expired retained message is deleted");
     // The first subscriber gets the marker too (`props/#`): taken here, so the will below is
     // the next message it sees.
     let p = next_publish(&mut rx, "the marker on the first subscriber").await;

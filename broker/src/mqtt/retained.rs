@@ -145,21 +145,29 @@ pub(super) fn decode_value(v: &[u8]) -> Option<RetainedValue> {
     Some(RetainedValue { qos, expires_ms: (expires != 0).then_some(expires), props, payload })
 }
 
-/// The retained topics and their stored sizes.
+/// The retained topics, their stored sizes and expiry deadlines (ms since the epoch), as of
+/// the latest publish (committed or not).
 #[derive(Debug)]
 pub(super) struct RetainedIndex {
-    topics: BTreeMap<String, u64>,
+    topics: BTreeMap<String, Entry>,
     bytes: u64,
     count_max: usize,
     bytes_max: u64,
 }
 
+/// A retained message in the index: its stored size and when it expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Entry {
+    size: u64,
+    expires_ms: Option<i64>,
+}
+
 /// A change made to the index, kept to undo it if its commit fails.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Update {
-    topic: String,
-    previous: Option<u64>,
-    now: Option<u64>,
+    pub topic: String,
+    previous: Option<Entry>,
+    now: Option<Entry>,
 }
 
 impl RetainedIndex {
@@ -168,9 +176,9 @@ impl RetainedIndex {
     }
 
     /// A message found in the store at start-up (counted whatever the limits say now).
-    pub fn load(&mut self, topic: String, size: u64) {
-        if let Some(old) = self.topics.insert(topic, size) {
-            self.bytes -= old;
+    pub fn load(&mut self, topic: String, size: u64, expires_ms: Option<i64>) {
+        if let Some(old) = self.topics.insert(topic, Entry { size, expires_ms }) {
+            self.bytes -= old.size;
         }
         self.bytes += size;
     }
@@ -185,19 +193,43 @@ impl RetainedIndex {
 
     /// Sets (`Some(size)`) or clears (`None`) a topic's retained message if the limits allow; the
     /// error names the limit. Replacing a message with a smaller one is always allowed.
+    #[cfg(test)]
     pub fn update(&mut self, topic: &str, size: Option<u64>) -> Result<Update, &'static str> {
+        self.update_expiring(topic, size, None)
+    }
+
+    /// [`RetainedIndex::update`] for a message that expires at `expires_ms`.
+    pub fn update_expiring(
+        &mut self,
+        topic: &str,
+        size: Option<u64>,
+        expires_ms: Option<i64>,
+    ) -> Result<Update, &'static str> {
         let previous = self.topics.get(topic).copied();
+        let before = previous.map_or(0, |e| e.size);
         if let Some(size) = size {
             if previous.is_none() && self.topics.len() >= self.count_max {
                 return Err("mqtt.retained_messages_max");
             }
-            let after = self.bytes - previous.unwrap_or(0) + size;
-            if size > previous.unwrap_or(0) && after > self.bytes_max {
+            let after = self.bytes - before + size;
+            if size > before && after > self.bytes_max {
                 return Err("mqtt.retained_bytes_max");
             }
         }
-        self.set(topic, size);
-        Ok(Update { topic: topic.to_string(), previous, now: size })
+        let now = size.map(|size| Entry { size, expires_ms });
+        self.set(topic, now);
+        Ok(Update { topic: topic.to_string(), previous, now })
+    }
+
+    /// Clears `topic` if its latest message (committed or still being committed) expired by
+    /// `now_ms`; the update to undo if the deletion's commit fails.
+    pub fn take_expired(&mut self, topic: &str, now_ms: i64) -> Option<Update> {
+        let previous = self.topics.get(topic).copied()?;
+        if previous.expires_ms.is_none_or(|d| d > now_ms) {
+            return None;
+        }
+        self.set(topic, None);
+        Some(Update { topic: topic.to_string(), previous: Some(previous), now: None })
     }
 
     /// Undoes an update whose commit failed, unless the topic was changed again since (then that
@@ -208,12 +240,12 @@ impl RetainedIndex {
         }
     }
 
-    fn set(&mut self, topic: &str, size: Option<u64>) {
-        let old = match size {
-            Some(s) => self.topics.insert(topic.to_string(), s),
+    fn set(&mut self, topic: &str, entry: Option<Entry>) {
+        let old = match entry {
+            Some(e) => self.topics.insert(topic.to_string(), e),
             None => self.topics.remove(topic),
         };
-        self.bytes = self.bytes - old.unwrap_or(0) + size.unwrap_or(0);
+        self.bytes = self.bytes - old.map_or(0, |e| e.size) + entry.map_or(0, |e| e.size);
     }
 
     /// The next page of `scan`: at most `examine` topics after its cursor are looked at, and of
@@ -230,7 +262,7 @@ impl RetainedIndex {
             None => Bound::Included(scan.prefix.as_str()),
         };
         let (mut examined, mut bytes) = (0, 0);
-        for (t, size) in self.topics.range::<str, _>((start, Bound::Unbounded)) {
+        for (t, Entry { size, .. }) in self.topics.range::<str, _>((start, Bound::Unbounded)) {
             if !t.starts_with(&scan.prefix) {
                 break;
             }
@@ -312,7 +344,7 @@ mod tests {
     fn index(topics: &[&str]) -> RetainedIndex {
         let mut ix = RetainedIndex::new(1000, 1 << 20);
         for t in topics {
-            ix.load(t.to_string(), 10);
+            ix.load(t.to_string(), 10, None);
         }
         ix
     }
@@ -331,7 +363,7 @@ mod tests {
         assert_eq!((ix.count(), ix.bytes()), (2, 100));
         // Over the limit after a config change: shrinking is still allowed.
         let mut small = RetainedIndex::new(10, 10);
-        small.load("x".into(), 50);
+        small.load("x".into(), 50, None);
         small.update("x", Some(20)).expect("smaller");
         assert_eq!(small.update("x", Some(21)), Err("mqtt.retained_bytes_max"));
     }
@@ -348,6 +380,35 @@ mod tests {
         let clear = ix.update("t", None).expect("clear");
         ix.undo(&clear);
         assert_eq!((ix.count(), ix.bytes()), (1, 10), "the clear is undone");
+    }
+
+    /// [MQTT-3.3.2-5]: an expired retained message is deleted when a scan finds it; only if the
+    /// topic's latest message (even one still being committed) is the expired one.
+    #[test]
+    fn only_a_topic_whose_latest_message_expired_is_cleared() {
+        let mut ix = RetainedIndex::new(10, 1000);
+        ix.update_expiring("old", Some(10), Some(1_000)).expect("room");
+        ix.update_expiring("later", Some(10), Some(5_000)).expect("room");
+        ix.update_expiring("never", Some(10), None).expect("room");
+        ix.update_expiring("replaced", Some(10), Some(1_000)).expect("room");
+        ix.update_expiring("replaced", Some(20), None).expect("a newer message without expiry");
+        let cleared: Vec<String> = ["old", "later", "never", "replaced", "absent"]
+            .iter()
+            .filter_map(|t| ix.take_expired(t, 2_000))
+            .map(|u| u.topic)
+            .collect();
+        assert_eq!(cleared, ["old"]);
+        assert_eq!((ix.count(), ix.bytes()), (3, 40));
+        // A failed deletion is undone, unless the topic was published again meanwhile.
+        let mut ix = RetainedIndex::new(10, 1000);
+        ix.update_expiring("t", Some(10), Some(1_000)).expect("room");
+        let deletion = ix.take_expired("t", 2_000).expect("expired");
+        ix.undo(&deletion);
+        assert_eq!((ix.count(), ix.bytes()), (1, 10));
+        let deletion = ix.take_expired("t", 2_000).expect("expired");
+        ix.update_expiring("t", Some(30), None).expect("room");
+        ix.undo(&deletion);
+        assert_eq!((ix.count(), ix.bytes()), (1, 30), "the newer message stands");
     }
 
     #[test]

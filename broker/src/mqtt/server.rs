@@ -89,6 +89,8 @@ pub struct MqttStats {
     pub oversized_messages: AtomicU64,
     /// Retained messages refused by `mqtt.retained_messages_max` or `mqtt.retained_bytes_max`.
     pub retained_refused: AtomicU64,
+    /// Expired retained messages deleted when a subscription's scan found them.
+    pub retained_expired_deleted: AtomicU64,
     /// Retained messages stored, and their bytes (topics and payloads).
     pub retained_messages: AtomicU64,
     pub retained_bytes: AtomicU64,
@@ -156,6 +158,10 @@ struct Ctx {
     shared: Mutex<HashMap<String, Arc<SharedGroup>>>,
     /// Retained topics and sizes (the limits are checked here, without reading the store).
     retained: Arc<Mutex<RetainedIndex>>,
+    /// Held from a retained message's index update until its write is queued, and by the
+    /// deletion of expired retained messages until its commit: the store applies retained
+    /// writes in the order the index saw them, so a deletion never removes a newer message.
+    retained_order: tokio::sync::Mutex<()>,
     /// Delayed wills, published by one scheduler task.
     wills: Mutex<WillQueue<DelayedWill>>,
     wills_changed: Notify,
@@ -233,7 +239,8 @@ fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreEr
         let full = page.len() == 8;
         for (k, v) in &page {
             if let Ok(t) = std::str::from_utf8(k) {
-                index.load(t.to_string(), (k.len() + v.len()) as u64);
+                let expires_ms = retained::decode_value(v).and_then(|r| r.expires_ms);
+                index.load(t.to_string(), (k.len() + v.len()) as u64, expires_ms);
             }
         }
         match page.last() {
@@ -306,6 +313,7 @@ impl MqttServer {
             shutdown: watch::channel(false).0,
             shared: Mutex::new(HashMap::new()),
             retained: Arc::new(Mutex::new(index)),
+            retained_order: tokio::sync::Mutex::new(()),
             wills: Mutex::new(WillQueue::new(
                 cfg.delayed_wills_max as usize,
                 usize::try_from(cfg.delayed_will_bytes_max).unwrap_or(usize::MAX),
@@ -1284,6 +1292,8 @@ async fn publish_message(
         headers.push((k.clone(), Some(Bytes::from(v.clone().into_bytes()))));
     }
     let mut retained = None;
+    // Held until the write is queued (see `Ctx::retained_order`).
+    let _order = if m.retain { Some(ctx.retained_order.lock().await) } else { None };
     if m.retain {
         let key = m.topic.clone().into_bytes();
         // Every property is kept with it, and its expiry (3.3.1.3, [MQTT-3.3.2-5]).
@@ -1299,7 +1309,7 @@ async fn publish_message(
         let size = value.as_ref().map(|v| retained::stored_size(&m.topic, v.len()));
         let update = {
             let mut ix = lock(&ctx.retained);
-            let update = ix.update(&m.topic, size);
+            let update = ix.update_expiring(&m.topic, size, expires_ms);
             retained_gauges(&ctx.stats, &ix);
             update
         };
@@ -1974,6 +1984,7 @@ async fn send_retained(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
         out
     })
     .await?;
+    let mut expired = Vec::new();
     for (t, v) in values {
         consume_budget().await;
         let Some(value) = retained::decode_value(&v) else { continue };
@@ -1985,6 +1996,7 @@ async fn send_retained(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
         let now = now_ms();
         if value.expires_ms.is_some_and(|d| d <= now) {
             ctx.stats.expired_messages.fetch_add(1, Ordering::Relaxed);
+            expired.push(t);
             continue;
         }
         let qos = value.qos.min(granted);
@@ -1996,8 +2008,44 @@ async fn send_retained(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
         // The page took no more QoS 1/2 messages than the window had room for.
         send_message(ctx, s, &t, qos, true, &value.payload, props, Source::Retained);
     }
+    // At most a page of them: the scan's bound is the deletion's.
+    Box::pin(delete_expired_retained(ctx, expired)).await;
     // More pages: come back while the window has room (a QoS 0 scan never waits for it).
     Ok(!s.retained.is_empty() && !s.out.is_full())
+}
+
+/// Deletes retained messages a scan found expired ([MQTT-3.3.2-5]: they are never sent again),
+/// each only if the topic's latest message is still the expired one. Skipped while another
+/// deletion runs (a later scan finds them again).
+async fn delete_expired_retained(ctx: &Ctx, topics: Vec<String>) {
+    if topics.is_empty() {
+        return;
+    }
+    let Ok(_order) = ctx.retained_order.try_lock() else { return };
+    let now = now_ms();
+    let updates: Vec<retained::Update> = {
+        let mut ix = lock(&ctx.retained);
+        let updates = topics.iter().filter_map(|t| ix.take_expired(t, now)).collect();
+        retained_gauges(&ctx.stats, &ix);
+        updates
+    };
+    if updates.is_empty() {
+        return;
+    }
+    let keys = updates.iter().map(|u| (u.topic.clone().into_bytes(), None)).collect();
+    match ctx.store.kv_write(KvSpace::MqttRetained, keys).await {
+        Ok(()) => {
+            ctx.stats.retained_expired_deleted.fetch_add(updates.len() as u64, Ordering::Relaxed);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "expired retained messages not deleted");
+            let mut ix = lock(&ctx.retained);
+            for u in &updates {
+                ix.undo(u);
+            }
+            retained_gauges(&ctx.stats, &ix);
+        }
+    }
 }
 
 /// Sends one message to the client (see [`Session::publish_out`]), counted. Returns whether it
