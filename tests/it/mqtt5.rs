@@ -360,7 +360,7 @@ async fn retained_and_will_messages_keep_their_properties_and_expiry_mqtt_3_3_2_
     assert_eq!(broker.mqtt_stats.retained_messages.load(Ordering::Relaxed), 1);
     let left: Vec<Vec<u8>> = broker
         .store
-        .kv_scan(tributary_broker::KvSpace::MqttRetained, b"props/", 10)
+        .kv_scan(tributary_broker::spaces::MQTT_RETAINED, b"props/", 10)
         .expect("scan")
         .into_iter()
         .map(|(k, _)| k)

@@ -2033,7 +2033,7 @@ async fn delete_expired_retained(ctx: &Ctx, topics: Vec<String>) {
         return;
     }
     let keys = updates.iter().map(|u| (u.topic.clone().into_bytes(), None)).collect();
-    match ctx.store.kv_write(KvSpace::MqttRetained, keys).await {
+    match ctx.store.kv_write(spaces::MQTT_RETAINED, keys).await {
         Ok(()) => {
             ctx.stats.retained_expired_deleted.fetch_add(updates.len() as u64, Ordering::Relaxed);
         }
