@@ -53,7 +53,8 @@ struct Args {
     outage_minutes: f64,
     #[arg(long, default_value_t = 4)]
     partitions: u32,
-    /// Links to run, comma-separated: `loopback`, `constrained`.
+    /// Links to run, comma-separated: `loopback`, `constrained` (rate, delay, and loss for UDP),
+    /// `constrained-no-loss` (rate and delay for both: the like-for-like case).
     #[arg(long, default_value = "loopback,constrained")]
     links: String,
     /// Constrained link: rate per direction, bits/s.
@@ -65,6 +66,10 @@ struct Args {
     /// Constrained link: random loss of UDP datagrams, percent (a TCP proxy cannot drop segments).
     #[arg(long, default_value_t = 1)]
     loss_percent: u32,
+    /// Also a run per mirror with a SIGKILL of the central process (our receiver, MM2's JVM)
+    /// when half the backlog is in Kafka, and a restart.
+    #[arg(long)]
+    kill: bool,
     /// Also run MirrorMaker 2 with `exactly.once.source.support=enabled`.
     #[arg(long)]
     mm2_exactly_once: bool,
@@ -85,6 +90,8 @@ struct Args {
 struct Run {
     link: String,
     mirror: String,
+    /// The remote topic in Kafka.
+    topic: String,
     /// From the mirror's start to the whole backlog in Kafka.
     secs: f64,
     /// From the first record in Kafka to the whole backlog there.
@@ -123,15 +130,15 @@ impl Central {
             .sum()
     }
 
-    /// Polls (a benchmark, not a test) until `topic` holds `n` records; `alive` is asked between
-    /// polls and may end the wait with an error. When the first record arrived, and the last.
+    /// Polls (a benchmark, not a test) until `topic` holds `n` records; `alive` is told the
+    /// count between polls and may end the wait with an error. When the first record arrived, and the last.
     fn wait(
         &self,
         topic: &str,
         parts: u32,
         n: u64,
         timeout: Duration,
-        mut alive: impl FnMut() -> anyhow::Result<()>,
+        mut alive: impl FnMut(i64) -> anyhow::Result<()>,
     ) -> anyhow::Result<(Instant, Instant)> {
         let consumer = self.consumer()?;
         let deadline = Instant::now() + timeout;
@@ -145,7 +152,7 @@ impl Central {
                 let now = Instant::now();
                 return Ok((first.unwrap_or(now), now));
             }
-            alive()?;
+            alive(count)?;
             if Instant::now() > deadline {
                 bail!("{topic}: {} of {n} records after {timeout:?}", Self::count(&consumer, topic, parts));
             }
@@ -196,7 +203,8 @@ fn impairment(args: &Args, link: &str, udp: bool) -> anyhow::Result<Impairment> 
     Ok(match link {
         "loopback" => Impairment::default(),
         "constrained" => Impairment::shaped(args.link_bits_per_s, args.rtt_ms, if udp { args.loss_percent } else { 0 }),
-        other => bail!("--links: loopback or constrained, not {other:?}"),
+        "constrained-no-loss" => Impairment::shaped(args.link_bits_per_s, args.rtt_ms, 0),
+        other => bail!("--links: loopback, constrained or constrained-no-loss, not {other:?}"),
     })
 }
 
@@ -207,9 +215,10 @@ async fn run_tributary(
     store: &Store,
     n: u64,
     link: &str,
+    kill: bool,
     work: &Path,
 ) -> anyhow::Result<Run> {
-    let site = format!("trib-{link}");
+    let site = format!("trib-{link}{}", if kill { "-kill" } else { "" });
     let dir = work.join(&site);
     std::fs::create_dir_all(&dir)?;
     let ca = certs::new_ca("bench CA", 2)?;
@@ -247,7 +256,11 @@ async fn run_tributary(
     };
     mirror_cfg.validate("mirror")?;
     let stats = Arc::new(MirrorStats::default());
-    let (site_cpu0, centre_cpu0, kafka_cpu0) = (cpu_seconds("self"), cpu_seconds(&rpid), cpu_seconds(&central.pid));
+    let (site_cpu0, kafka_cpu0) = (cpu_seconds("self"), cpu_seconds(&central.pid));
+    // CPU of the receiver processes so far (a SIGKILLed one's up to its kill), and the base of
+    // the running one.
+    let (mut centre_cpu, mut rpid, mut base) = (0.0, rpid.clone(), cpu_seconds(&rpid));
+    let mut killed = false;
     let start = Instant::now();
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mirror = tokio::spawn(tributary_sync::gateway::run(mirror_cfg, store.clone(), stats.clone(), async move {
@@ -256,7 +269,15 @@ async fn run_tributary(
     let remote = cfg.remote_topic(&site, TOPIC);
     let timeout = Duration::from_secs(args.timeout_secs);
     let (first, done) = tokio::task::block_in_place(|| {
-        central.wait(&remote, args.partitions, n, timeout, || {
+        central.wait(&remote, args.partitions, n, timeout, |count| {
+            if kill && !killed && count >= n as i64 / 2 {
+                centre_cpu += cpu_seconds(&rpid) - base;
+                receiver.kill()?;
+                receiver.spawn()?;
+                rpid = receiver.pid().context("receiver pid")?.to_string();
+                base = cpu_seconds(&rpid);
+                killed = true;
+            }
             if mirror.is_finished() {
                 bail!("the mirror stopped; last error: {:?}", stats.last_error.lock().map(|e| e.clone()));
             }
@@ -265,13 +286,14 @@ async fn run_tributary(
     })?;
     let run = Run {
         link: link.into(),
-        mirror: "Tributary QUIC mirror".into(),
+        mirror: format!("Tributary QUIC mirror{}", if kill { ", receiver SIGKILLed at half, restarted" } else { "" }),
+        topic: remote.clone(),
         secs: done.duration_since(start).as_secs_f64(),
         drain_secs: done.duration_since(first).as_secs_f64(),
         up: imp.bytes().0,
         down: imp.bytes().1,
         site_cpu: cpu_seconds("self") - site_cpu0,
-        centre_cpu: cpu_seconds(&rpid) - centre_cpu0,
+        centre_cpu: centre_cpu + cpu_seconds(&rpid) - base,
         kafka_cpu: cpu_seconds(&central.pid) - kafka_cpu0,
         centre_rss_mib: peak_mib(&rpid),
         ..Run::default()
@@ -291,9 +313,10 @@ async fn run_mm2(
     n: u64,
     link: &str,
     exactly_once: bool,
+    kill: bool,
     work: &Path,
 ) -> anyhow::Result<Run> {
-    let alias = format!("mm2{}-{link}", if exactly_once { "eos" } else { "" });
+    let alias = format!("mm2{}-{link}{}", if exactly_once { "eos" } else { "" }, if kill { "-kill" } else { "" });
     let dir = work.join(&alias);
     std::fs::create_dir_all(&dir)?;
     let imp = impairment(args, link, false)?;
@@ -334,29 +357,43 @@ async fn run_mm2(
     let config = dir.join("mm2.properties");
     std::fs::write(&config, props.join("\n") + "\n")?;
     let log = dir.join("mm2.log");
-    let out = std::fs::File::create(&log)?;
-    let mut child: Child = central
-        .jars
-        .java(args.mm2_heap_mb)
-        .arg("org.apache.kafka.connect.mirror.MirrorMaker")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .context("start MirrorMaker 2")?;
-    let pid = child.id().to_string();
+    let spawn = || -> anyhow::Result<Child> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        central
+            .jars
+            .java(args.mm2_heap_mb)
+            .arg("org.apache.kafka.connect.mirror.MirrorMaker")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("start MirrorMaker 2")
+    };
+    let mut child = spawn()?;
+    let mut pid = child.id().to_string();
+    let (mut centre_cpu, mut killed) = (0.0, false);
     let (site_cpu0, kafka_cpu0) = (cpu_seconds("self"), cpu_seconds(&central.pid));
     let start = Instant::now();
     let remote = format!("{alias}.{TOPIC}");
     let timeout = Duration::from_secs(args.timeout_secs);
     let waited = tokio::task::block_in_place(|| {
-        central.wait(&remote, args.partitions, n, timeout, || match child.try_wait()? {
-            Some(status) => bail!("MirrorMaker 2 exited: {status}"),
-            None => Ok(()),
+        central.wait(&remote, args.partitions, n, timeout, |count| {
+            if kill && !killed && count >= n as i64 / 2 {
+                centre_cpu += cpu_seconds(&pid);
+                child.kill()?;
+                child.wait()?;
+                child = spawn()?;
+                pid = child.id().to_string();
+                killed = true;
+            }
+            match child.try_wait()? {
+                Some(status) => bail!("MirrorMaker 2 exited: {status}"),
+                None => Ok(()),
+            }
         })
     });
-    let centre_cpu = cpu_seconds(&pid);
+    let centre_cpu = centre_cpu + cpu_seconds(&pid);
     let centre_rss_mib = peak_mib(&pid);
     let _ = child.kill();
     let _ = child.wait();
@@ -372,7 +409,12 @@ async fn run_mm2(
     };
     Ok(Run {
         link: link.into(),
-        mirror: format!("MirrorMaker 2, {}", if exactly_once { "exactly-once" } else { "at-least-once" }),
+        mirror: format!(
+            "MirrorMaker 2, {}{}",
+            if exactly_once { "exactly-once" } else { "at-least-once" },
+            if kill { ", SIGKILLed at half, restarted" } else { "" }
+        ),
+        topic: remote.clone(),
         secs: done.duration_since(start).as_secs_f64(),
         drain_secs: done.duration_since(first).as_secs_f64(),
         up: imp.bytes().0,
@@ -427,35 +469,30 @@ async fn main() -> anyhow::Result<()> {
         raw = filled.key_bytes + filled.value_bytes;
         eprintln!("{link}: backlog of {backlog} records ({:.1} MB raw) in the site store", raw as f64 / 1e6);
         let work = tmp.path().join(link);
-        let r = run_tributary(&args, &central, &store, backlog, link, &work).await?;
-        eprintln!("{link}: Tributary mirror {:.1} s", r.secs);
-        runs.push(r);
-        let r = run_mm2(&args, &central, &store, backlog, link, false, &work).await?;
-        eprintln!("{link}: MirrorMaker 2 {:.1} s", r.secs);
-        runs.push(r);
-        if args.mm2_exactly_once {
-            match run_mm2(&args, &central, &store, backlog, link, true, &work).await {
-                Ok(r) => runs.push(r),
-                Err(e) => {
-                    eprintln!("{link}: MirrorMaker 2 exactly-once failed: {e:#}");
-                    notes.push(format!(
-                        "{link}: MirrorMaker 2 exactly-once failed: {}",
-                        format!("{e:#}").lines().next().unwrap_or("")
-                    ));
+        for kill in if args.kill { vec![false, true] } else { vec![false] } {
+            let r = run_tributary(&args, &central, &store, backlog, link, kill, &work).await?;
+            eprintln!("{link}: {} {:.1} s", r.mirror, r.secs);
+            runs.push(r);
+            let r = run_mm2(&args, &central, &store, backlog, link, false, kill, &work).await?;
+            eprintln!("{link}: {} {:.1} s", r.mirror, r.secs);
+            runs.push(r);
+            if args.mm2_exactly_once {
+                match run_mm2(&args, &central, &store, backlog, link, true, kill, &work).await {
+                    Ok(r) => runs.push(r),
+                    Err(e) => {
+                        eprintln!("{link}: MirrorMaker 2 exactly-once failed: {e:#}");
+                        notes.push(format!(
+                            "{link}: MirrorMaker 2 exactly-once failed: {}",
+                            format!("{e:#}").lines().next().unwrap_or("")
+                        ));
+                    }
                 }
             }
         }
         store.close().await?;
     }
     for r in &mut runs {
-        let topic = if r.mirror.starts_with("Tributary") {
-            format!("trib-{}.{TOPIC}", r.link)
-        } else if r.mirror.contains("exactly") {
-            format!("mm2eos-{}.{TOPIC}", r.link)
-        } else {
-            format!("mm2-{}.{TOPIC}", r.link)
-        };
-        (r.read, r.distinct) = tokio::task::block_in_place(|| central.read_back(&topic, parts))?;
+        (r.read, r.distinct) = tokio::task::block_in_place(|| central.read_back(&r.topic, parts))?;
     }
     tokio::task::block_in_place(|| central.kafka.stop())?;
 
