@@ -4,6 +4,7 @@
 //! rate limit per direction, and counters of the payload bytes each way (IP/UDP/TCP headers not
 //! counted). Used by the mirror e2e tests and the mirror benchmarks.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -120,26 +121,27 @@ pub async fn udp_proxy(target: SocketAddr, imp: Impairment) -> std::io::Result<S
         let mut buf = vec![0u8; 65_536];
         while let Ok((n, from)) = front.recv_from(&mut buf).await {
             imp.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
-            if !paths.contains_key(&from) {
-                let Ok(up) = UdpSocket::bind("127.0.0.1:0").await else { continue };
-                if up.connect(target).await.is_err() {
-                    continue;
-                }
-                let up = Arc::new(up);
-                let (back, imp2) = (up.clone(), imp.clone());
-                let mut down = Lane::new(imp.clone(), front.clone(), Some(from));
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 65_536];
-                    while let Ok(n) = back.recv(&mut buf).await {
-                        imp2.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
-                        down.forward(&buf[..n]);
+            let lane = match paths.entry(from) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(v) => {
+                    let Ok(up) = UdpSocket::bind("127.0.0.1:0").await else { continue };
+                    if up.connect(target).await.is_err() {
+                        continue;
                     }
-                });
-                paths.insert(from, Lane::new(imp.clone(), up, None));
-            }
-            if let Some(lane) = paths.get_mut(&from) {
-                lane.forward(&buf[..n]);
-            }
+                    let up = Arc::new(up);
+                    let (back, imp2) = (up.clone(), imp.clone());
+                    let mut down = Lane::new(imp.clone(), front.clone(), Some(from));
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65_536];
+                        while let Ok(n) = back.recv(&mut buf).await {
+                            imp2.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                            down.forward(&buf[..n]);
+                        }
+                    });
+                    v.insert(Lane::new(imp.clone(), up, None))
+                }
+            };
+            lane.forward(&buf[..n]);
         }
     });
     Ok(addr)

@@ -304,6 +304,14 @@ async fn run_tributary(
     Ok(run)
 }
 
+/// Which MirrorMaker 2 run.
+#[derive(Debug, Clone, Copy)]
+struct Mm2Mode {
+    exactly_once: bool,
+    /// SIGKILL at half the backlog, then restart.
+    kill: bool,
+}
+
 /// MirrorMaker 2 in dedicated mode, at the centre, reading the site's Kafka listener through
 /// the TCP proxy.
 async fn run_mm2(
@@ -312,8 +320,7 @@ async fn run_mm2(
     store: &Store,
     n: u64,
     link: &str,
-    exactly_once: bool,
-    kill: bool,
+    Mm2Mode { exactly_once, kill }: Mm2Mode,
     work: &Path,
 ) -> anyhow::Result<Run> {
     let alias = format!("mm2{}-{link}{}", if exactly_once { "eos" } else { "" }, if kill { "-kill" } else { "" });
@@ -473,11 +480,13 @@ async fn main() -> anyhow::Result<()> {
             let r = run_tributary(&args, &central, &store, backlog, link, kill, &work).await?;
             eprintln!("{link}: {} {:.1} s", r.mirror, r.secs);
             runs.push(r);
-            let r = run_mm2(&args, &central, &store, backlog, link, false, kill, &work).await?;
+            let r =
+                run_mm2(&args, &central, &store, backlog, link, Mm2Mode { exactly_once: false, kill }, &work).await?;
             eprintln!("{link}: {} {:.1} s", r.mirror, r.secs);
             runs.push(r);
             if args.mm2_exactly_once {
-                match run_mm2(&args, &central, &store, backlog, link, true, kill, &work).await {
+                match run_mm2(&args, &central, &store, backlog, link, Mm2Mode { exactly_once: true, kill }, &work).await
+                {
                     Ok(r) => runs.push(r),
                     Err(e) => {
                         eprintln!("{link}: MirrorMaker 2 exactly-once failed: {e:#}");
