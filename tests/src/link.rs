@@ -8,7 +8,7 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,6 +34,10 @@ pub struct Impairment {
     pub bytes_up: Arc<AtomicU64>,
     /// Payload bytes received from the target (towards the dialling side).
     pub bytes_down: Arc<AtomicU64>,
+    /// When the bottleneck is next free, per direction: one link shared by every connection
+    /// and path through this proxy (as a WAN link is).
+    free_up: Arc<Mutex<Option<Instant>>>,
+    free_down: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Impairment {
@@ -66,19 +70,33 @@ impl Impairment {
             rate => Duration::from_nanos((n as u64 * 8).saturating_mul(1_000_000_000) / rate),
         }
     }
+
+    /// Reserves the bottleneck of direction `up` for `n` bytes: when they are all on the link.
+    /// With `queue_max`, a reservation that would wait longer is refused (`None`: tail drop).
+    fn reserve(&self, up: bool, n: usize, queue_max: Option<Duration>) -> Option<Instant> {
+        let now = Instant::now();
+        let clock = if up { &self.free_up } else { &self.free_down };
+        let mut free = clock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let depart = free.unwrap_or(now).max(now) + self.serialisation(n);
+        if queue_max.is_some_and(|q| depart.duration_since(now) > q) {
+            return None;
+        }
+        *free = Some(depart);
+        Some(depart)
+    }
 }
 
 /// One direction of a UDP path: the bottleneck's departure clock and a FIFO of datagrams
 /// waiting for their delivery time (order kept).
 struct Lane {
     imp: Impairment,
-    next_free: Instant,
+    up: bool,
     tx: mpsc::UnboundedSender<(Instant, Vec<u8>)>,
 }
 
 impl Lane {
     /// `to`: the destination for an unconnected socket, `None` for a connected one.
-    fn new(imp: Impairment, socket: Arc<UdpSocket>, to: Option<SocketAddr>) -> Self {
+    fn new(imp: Impairment, socket: Arc<UdpSocket>, to: Option<SocketAddr>, up: bool) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
         tokio::spawn(async move {
             while let Some((at, data)) = rx.recv().await {
@@ -89,24 +107,21 @@ impl Lane {
                 };
             }
         });
-        Self { imp, next_free: Instant::now(), tx }
+        Self { imp, up, tx }
     }
 
     fn forward(&mut self, data: &[u8]) {
         if self.imp.lost() {
             return;
         }
-        let now = Instant::now();
-        let depart = self.next_free.max(now) + self.imp.serialisation(data.len());
         let queue = match self.imp.queue_ms.load(Ordering::Relaxed) {
             0 => Duration::from_millis(100),
             ms => Duration::from_millis(u64::from(ms)),
         };
-        if depart.duration_since(now) > queue {
-            return; // tail drop at the bottleneck
+        // None: tail drop at the bottleneck.
+        if let Some(depart) = self.imp.reserve(self.up, data.len(), Some(queue)) {
+            let _ = self.tx.send((depart + self.imp.delay(), data.to_vec()));
         }
-        self.next_free = depart;
-        let _ = self.tx.send((depart + self.imp.delay(), data.to_vec()));
     }
 }
 
@@ -130,7 +145,7 @@ pub async fn udp_proxy(target: SocketAddr, imp: Impairment) -> std::io::Result<S
                     }
                     let up = Arc::new(up);
                     let (back, imp2) = (up.clone(), imp.clone());
-                    let mut down = Lane::new(imp.clone(), front.clone(), Some(from));
+                    let mut down = Lane::new(imp.clone(), front.clone(), Some(from), false);
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65_536];
                         while let Ok(n) = back.recv(&mut buf).await {
@@ -138,7 +153,7 @@ pub async fn udp_proxy(target: SocketAddr, imp: Impairment) -> std::io::Result<S
                             down.forward(&buf[..n]);
                         }
                     });
-                    v.insert(Lane::new(imp.clone(), up, None))
+                    v.insert(Lane::new(imp.clone(), up, None, true))
                 }
             };
             lane.forward(&buf[..n]);
@@ -159,21 +174,22 @@ pub fn tcp_proxy(listener: TcpListener, target: SocketAddr, imp: Impairment) {
             let _ = server.set_nodelay(true);
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
-            tokio::spawn(pump(cr, sw, imp.clone(), imp.bytes_up.clone()));
-            tokio::spawn(pump(sr, cw, imp.clone(), imp.bytes_down.clone()));
+            tokio::spawn(pump(cr, sw, imp.clone(), true));
+            tokio::spawn(pump(sr, cw, imp.clone(), false));
         }
     });
 }
 
-/// One direction of a TCP connection: reads at most 16 KiB, holds it for its serialisation time
-/// at the link rate (so the sender's socket buffer is the queue), then delivers it after the
-/// delay, in order.
+/// One direction of a TCP connection: reads at most 16 KiB, holds it until the shared link has
+/// carried it (so the senders' socket buffers are the queue), then delivers it after the delay,
+/// in order.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     imp: Impairment,
-    counter: Arc<AtomicU64>,
+    up: bool,
 ) {
+    let counter = if up { imp.bytes_up.clone() } else { imp.bytes_down.clone() };
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
     let writer = tokio::spawn(async move {
         while let Some((at, data)) = rx.recv().await {
@@ -185,7 +201,6 @@ async fn pump(
         let _ = to.shutdown().await;
     });
     let mut buf = vec![0u8; 16 * 1024];
-    let mut next_free = Instant::now();
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -195,9 +210,9 @@ async fn pump(
         while imp.blackout.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        next_free = next_free.max(Instant::now()) + imp.serialisation(n);
-        tokio::time::sleep_until(next_free).await;
-        if tx.send((next_free + imp.delay(), buf[..n].to_vec())).await.is_err() {
+        let Some(depart) = imp.reserve(up, n, None) else { break };
+        tokio::time::sleep_until(depart).await;
+        if tx.send((depart + imp.delay(), buf[..n].to_vec())).await.is_err() {
             break;
         }
     }
