@@ -34,6 +34,9 @@ pub struct Impairment {
     pub bytes_up: Arc<AtomicU64>,
     /// Payload bytes received from the target (towards the dialling side).
     pub bytes_down: Arc<AtomicU64>,
+    /// UDP: datagrams received from the dialling side, and from the target.
+    pub datagrams_up: Arc<AtomicU64>,
+    pub datagrams_down: Arc<AtomicU64>,
     /// When the bottleneck is next free, per direction: one link shared by every connection
     /// and path through this proxy (as a WAN link is).
     free_up: Arc<Mutex<Option<Instant>>>,
@@ -136,6 +139,7 @@ pub async fn udp_proxy(target: SocketAddr, imp: Impairment) -> std::io::Result<S
         let mut buf = vec![0u8; 65_536];
         while let Ok((n, from)) = front.recv_from(&mut buf).await {
             imp.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+            imp.datagrams_up.fetch_add(1, Ordering::Relaxed);
             let lane = match paths.entry(from) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(v) => {
@@ -150,6 +154,7 @@ pub async fn udp_proxy(target: SocketAddr, imp: Impairment) -> std::io::Result<S
                         let mut buf = vec![0u8; 65_536];
                         while let Ok(n) = back.recv(&mut buf).await {
                             imp2.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+                            imp2.datagrams_down.fetch_add(1, Ordering::Relaxed);
                             down.forward(&buf[..n]);
                         }
                     });

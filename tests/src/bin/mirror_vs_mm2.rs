@@ -21,6 +21,7 @@ use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -96,6 +97,10 @@ struct Run {
     secs: f64,
     /// From the first record in Kafka to the whole backlog there.
     drain_secs: f64,
+    /// From the link carrying the backlog (64 KiB towards the centre) to the whole backlog in Kafka.
+    busy_secs: f64,
+    /// Estimated bytes on the wire with IPv4 and UDP or TCP headers (see [`on_wire`]).
+    on_wire: f64,
     up: u64,
     down: u64,
     read: u64,
@@ -194,6 +199,21 @@ impl Central {
     }
 }
 
+/// Bytes towards the centre after which the link counts as carrying the backlog (handshakes
+/// and metadata stay below it).
+const BUSY_BYTES: u64 = 64 * 1024;
+
+/// IPv4 (20) + UDP (8) header bytes per datagram.
+const UDP_IP_HEADERS: f64 = 28.0;
+
+/// Estimated bytes on the wire for `payload` bytes one way over TCP: IPv4 (20) + TCP with
+/// timestamps (32) per 1448-byte segment, plus a pure ACK (52) every second segment the other
+/// way (delayed ACKs). An estimate: the proxy sees the byte stream, not the segments.
+fn tcp_on_wire(payload: u64) -> f64 {
+    let segments = (payload as f64 / 1448.0).ceil();
+    payload as f64 + 52.0 * segments + 52.0 * (segments / 2.0).ceil()
+}
+
 fn peak_mib(pid: &str) -> f64 {
     status_kib(pid, "VmHWM:") as f64 / MIB * 1024.0
 }
@@ -261,6 +281,7 @@ async fn run_tributary(
     // the running one.
     let (mut centre_cpu, mut rpid, mut base) = (0.0, rpid.clone(), cpu_seconds(&rpid));
     let mut killed = false;
+    let mut busy = None;
     let start = Instant::now();
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mirror = tokio::spawn(tributary_sync::gateway::run(mirror_cfg, store.clone(), stats.clone(), async move {
@@ -270,6 +291,9 @@ async fn run_tributary(
     let timeout = Duration::from_secs(args.timeout_secs);
     let (first, done) = tokio::task::block_in_place(|| {
         central.wait(&remote, args.partitions, n, timeout, |count| {
+            if busy.is_none() && imp.bytes().0 > BUSY_BYTES {
+                busy = Some(Instant::now());
+            }
             if kill && !killed && count >= n as i64 / 2 {
                 centre_cpu += cpu_seconds(&rpid) - base;
                 receiver.kill()?;
@@ -290,8 +314,12 @@ async fn run_tributary(
         topic: remote.clone(),
         secs: done.duration_since(start).as_secs_f64(),
         drain_secs: done.duration_since(first).as_secs_f64(),
+        busy_secs: done.duration_since(busy.unwrap_or(start)).as_secs_f64(),
         up: imp.bytes().0,
         down: imp.bytes().1,
+        on_wire: (imp.bytes().0 + imp.bytes().1) as f64
+            + UDP_IP_HEADERS
+                * (imp.datagrams_up.load(Ordering::Relaxed) + imp.datagrams_down.load(Ordering::Relaxed)) as f64,
         site_cpu: cpu_seconds("self") - site_cpu0,
         centre_cpu: centre_cpu + cpu_seconds(&rpid) - base,
         kafka_cpu: cpu_seconds(&central.pid) - kafka_cpu0,
@@ -380,12 +408,16 @@ async fn run_mm2(
     let mut child = spawn()?;
     let mut pid = child.id().to_string();
     let (mut centre_cpu, mut killed) = (0.0, false);
+    let mut busy = None;
     let (site_cpu0, kafka_cpu0) = (cpu_seconds("self"), cpu_seconds(&central.pid));
     let start = Instant::now();
     let remote = format!("{alias}.{TOPIC}");
     let timeout = Duration::from_secs(args.timeout_secs);
     let waited = tokio::task::block_in_place(|| {
         central.wait(&remote, args.partitions, n, timeout, |count| {
+            if busy.is_none() && imp.bytes().1 > BUSY_BYTES {
+                busy = Some(Instant::now());
+            }
             if kill && !killed && count >= n as i64 / 2 {
                 centre_cpu += cpu_seconds(&pid);
                 child.kill()?;
@@ -424,8 +456,10 @@ async fn run_mm2(
         topic: remote.clone(),
         secs: done.duration_since(start).as_secs_f64(),
         drain_secs: done.duration_since(first).as_secs_f64(),
+        busy_secs: done.duration_since(busy.unwrap_or(start)).as_secs_f64(),
         up: imp.bytes().0,
         down: imp.bytes().1,
+        on_wire: tcp_on_wire(imp.bytes().0) + tcp_on_wire(imp.bytes().1),
         site_cpu: cpu_seconds("self") - site_cpu0,
         centre_cpu,
         kafka_cpu: cpu_seconds(&central.pid) - kafka_cpu0,
@@ -514,20 +548,22 @@ async fn main() -> anyhow::Result<()> {
         raw as f64 / 1e6
     );
     println!();
-    println!("| link | mirror | catch-up s (from start) | records/s (from start) | sustained records/s (first to last record in Kafka) | wire MB site->centre | wire MB centre->site | wire B/record | read back | duplicates | lost | site CPU s | centre mirror CPU s | Kafka broker CPU s | centre mirror peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| link | mirror | catch-up s (from start) | records/s (from start) | sustained records/s (link busy to last record in Kafka) | wire MB site->centre | wire MB centre->site | wire payload B/record | est. on wire incl. IP/UDP/TCP headers B/record | records/s first to last record in Kafka | read back | duplicates | lost | site CPU s | centre mirror CPU s | Kafka broker CPU s | centre mirror peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &runs {
         let (to_centre, to_site) = if r.mirror.starts_with("Tributary") { (r.up, r.down) } else { (r.down, r.up) };
         println!(
-            "| {} | {} | {:.1} | {:.0} | **{:.0}** | {:.1} | {:.2} | {:.1} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            "| {} | {} | {:.1} | {:.0} | **{:.0}** | {:.1} | {:.2} | {:.1} | {:.1} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} |",
             r.link,
             r.mirror,
             r.secs,
             backlog as f64 / r.secs,
-            backlog as f64 / r.drain_secs,
+            backlog as f64 / r.busy_secs,
             to_centre as f64 / 1e6,
             to_site as f64 / 1e6,
             (r.up + r.down) as f64 / backlog as f64,
+            r.on_wire / backlog as f64,
+            backlog as f64 / r.drain_secs,
             r.read,
             r.read - r.distinct,
             backlog.saturating_sub(r.distinct),
