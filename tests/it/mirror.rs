@@ -7,15 +7,13 @@
 //! `mirror_kafka.rs`; what stays here is what that cluster does not add to: a path with cuts,
 //! loss and delay, refusals, retention gaps, the bandwidth cap and the receiver's buffer limit.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::UdpSocket;
 use tributary_broker::storage::batch::NewRecord;
 use tributary_broker::{Store, TopicConfig};
 use tributary_sync::certs;
@@ -24,6 +22,7 @@ use tributary_sync::gateway::MirrorStats;
 use tributary_sync::{CloudConfig, MirrorConfig};
 
 use crate::support::{read_all, KafkaBroker};
+use tributary_tests::link::{udp_proxy, Impairment};
 
 pub(crate) const SITE: &str = "plant-7";
 
@@ -57,79 +56,6 @@ impl Pki {
             .expect("write");
         (self.path(&format!("{name}.pem")), self.path(&format!("{name}.key")))
     }
-}
-
-/// Forwards UDP between the gateway and the receiver, with a switchable blackout, random loss
-/// and added one-way delay (both directions).
-#[derive(Clone, Default)]
-pub(crate) struct Impairment {
-    pub(crate) blackout: Arc<AtomicBool>,
-    loss_percent: Arc<AtomicU32>,
-    delay_ms: Arc<AtomicU32>,
-}
-
-impl Impairment {
-    fn drops(&self) -> bool {
-        self.blackout.load(Ordering::Relaxed) || rand::random::<u32>() % 100 < self.loss_percent.load(Ordering::Relaxed)
-    }
-
-    fn forward(&self, socket: Arc<UdpSocket>, data: Vec<u8>, to: SocketAddr) {
-        if self.drops() {
-            return;
-        }
-        let delay = Duration::from_millis(u64::from(self.delay_ms.load(Ordering::Relaxed)));
-        if delay.is_zero() {
-            let _ = socket.try_send_to(&data, to);
-        } else {
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let _ = socket.send_to(&data, to).await;
-            });
-        }
-    }
-}
-
-/// The proxy's address (what the gateway dials); each gateway source address gets its own
-/// upstream socket, so a reconnecting gateway (new port) is a new path.
-pub(crate) async fn udp_proxy(target: SocketAddr, imp: Impairment) -> SocketAddr {
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind proxy"));
-    let addr = front.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let mut paths: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = front.recv_from(&mut buf).await {
-            let up = match paths.get(&from) {
-                Some(up) => up.clone(),
-                None => {
-                    let Ok(up) = UdpSocket::bind("127.0.0.1:0").await else { continue };
-                    let up = Arc::new(up);
-                    let (back, front2, imp2) = (up.clone(), front.clone(), imp.clone());
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 65_536];
-                        while let Ok(n) = back.recv(&mut buf).await {
-                            imp2.forward(front2.clone(), buf[..n].to_vec(), from);
-                        }
-                    });
-                    let _ = up.connect(target).await;
-                    paths.insert(from, up.clone());
-                    up
-                }
-            };
-            if !imp.drops() {
-                let delay = Duration::from_millis(u64::from(imp.delay_ms.load(Ordering::Relaxed)));
-                let data = buf[..n].to_vec();
-                if delay.is_zero() {
-                    let _ = up.try_send(&data);
-                } else {
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = up.send(&data).await;
-                    });
-                }
-            }
-        }
-    });
-    addr
 }
 
 /// A running receiver writing into `central`.
@@ -372,7 +298,7 @@ async fn every_record_reaches_the_central_cluster_once_through_cuts_loss_and_a_r
     let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
     let cloud_addr = cloud.addr;
     let imp = Impairment::default();
-    let via = udp_proxy(cloud_addr, imp.clone()).await;
+    let via = udp_proxy(cloud_addr, imp.clone()).await.expect("proxy");
     let cert = pki.site("site", SITE, None);
     let mirror = Mirror::start(mirror_config(&pki, via, cert), &gateway.store);
     mirror.until("the initial backlog mirrored", 60, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;

@@ -8,10 +8,8 @@
 //! keep what this cluster cannot do (loss and delay on the path, refusals, retention gaps, the
 //! bandwidth cap, the receiver's buffer limit).
 
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -25,12 +23,14 @@ use tributary_broker::storage::batch::StoredRecord;
 use tributary_broker::Store;
 use tributary_sync::CloudConfig;
 use tributary_tests::kafka_cluster::{KafkaCluster, KafkaOptions};
+use tributary_tests::CloudChild;
 
 use crate::mirror::{
     assert_resumed_mid_stream, assert_same_records, caught_up, high_watermarks, marks, mirror_config, produce, topics,
-    udp_proxy, Impairment, Mirror, Pki, SITE,
+    Mirror, Pki, SITE,
 };
 use crate::support::{client_config, KafkaBroker};
+use tributary_tests::link::{udp_proxy, Impairment};
 
 /// A three-node cluster; the harness's error (naming the command that fetches the jars) fails
 /// the test when they are missing.
@@ -43,9 +43,8 @@ fn three_brokers() -> KafkaCluster {
 
 /// `tributary-cloud` as a child process, on a UDP port chosen once so it comes back on it.
 struct Receiver {
-    config: PathBuf,
     addr: SocketAddr,
-    child: Option<Child>,
+    child: CloudChild,
 }
 
 impl Receiver {
@@ -67,52 +66,17 @@ impl Receiver {
         cfg.kafka.request_timeout_ms = 20_000;
         cfg.kafka.properties.insert("broker.address.family".into(), "v4".into());
         cfg.log.level = "info".into();
-        let config = dir.join("cloud.toml");
-        std::fs::write(&config, toml::to_string(&cfg).expect("serialize")).expect("write cloud.toml");
-        let mut r = Self { config, addr, child: None };
-        r.spawn();
-        r
+        let child = CloudChild::start(Path::new(env!("CARGO_BIN_EXE_cloud-under-test")), &cfg, dir)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        Self { addr, child }
     }
 
-    /// Starts the child and waits for its ready line (its log goes on to this test's stderr).
     fn spawn(&mut self) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cloud-under-test"))
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the receiver");
-        let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let mut seen = Vec::new();
-        loop {
-            let Some(Ok(line)) = lines.next() else {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("receiver exited before it was ready:\n{}", seen.join("\n"));
-            };
-            if line.contains("tributary-cloud ready") {
-                break;
-            }
-            seen.push(line);
-        }
-        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("receiver: {l}")));
-        self.child = Some(child);
+        self.child.spawn().unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     fn kill(&mut self) {
-        let mut child = self.child.take().expect("receiver running");
-        child.kill().expect("SIGKILL the receiver");
-        child.wait().expect("reap");
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.kill().expect("SIGKILL the receiver");
     }
 }
 
@@ -197,7 +161,7 @@ async fn every_record_reaches_a_three_broker_kafka_once_through_receiver_broker_
 
     let mut receiver = Receiver::start(&pki, &cluster.bootstrap(), dir.path());
     let imp = Impairment::default();
-    let via = udp_proxy(receiver.addr, imp.clone()).await;
+    let via = udp_proxy(receiver.addr, imp.clone()).await.expect("proxy");
     let cert = pki.site("site", SITE, None);
     let mirror = Mirror::start(mirror_config(&pki, via, cert.clone()), &gateway.store);
     mirror.until("the initial backlog mirrored", 90, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;

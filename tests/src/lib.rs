@@ -3,7 +3,9 @@
 //! against the same yardsticks.
 
 pub mod kafka_cluster;
+pub mod link;
 pub mod soak;
+pub mod workload;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -154,6 +156,78 @@ impl Drop for BenchGateway {
     }
 }
 
+/// The `tributary-cloud` receiver as a child process (`binary serve --config DIR/cloud.toml`),
+/// restartable on the same configuration (so on the same UDP port); its log goes on to this
+/// process's stderr. Killed when dropped.
+#[derive(Debug)]
+pub struct CloudChild {
+    binary: std::path::PathBuf,
+    config: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl CloudChild {
+    /// Writes `cfg` to `dir/cloud.toml` and starts the receiver (see [`CloudChild::spawn`]).
+    pub fn start(binary: &Path, cfg: &tributary_sync::CloudConfig, dir: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let config = dir.join("cloud.toml");
+        std::fs::write(&config, toml::to_string(cfg).context("serialize the receiver's config")?)
+            .context("write cloud.toml")?;
+        let mut c = Self { binary: binary.to_path_buf(), config, child: None };
+        c.spawn()?;
+        Ok(c)
+    }
+
+    /// Starts the child and waits for its ready line.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(&self.binary)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start the receiver {}", self.binary.display()))?;
+        let mut lines = std::io::BufReader::new(child.stderr.take().context("stderr")?).lines();
+        let mut seen = Vec::new();
+        loop {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("receiver exited before it was ready:\n{}", seen.join("\n"));
+            };
+            if line.contains("tributary-cloud ready") {
+                break;
+            }
+            seen.push(line);
+        }
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("receiver: {l}")));
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The running child's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CloudChild {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
 /// A Kafka listener on `store`, on a free loopback port, running in this process (the central
 /// cluster of the mirror benchmark). Serves until [`KafkaListener::stop`].
 #[derive(Debug)]
@@ -170,9 +244,19 @@ impl KafkaListener {
         store: tributary_broker::Store,
         topic_defaults: tributary_broker::TopicConfig,
     ) -> anyhow::Result<Self> {
+        Self::start_advertising(store, topic_defaults, 0).await
+    }
+
+    /// As [`KafkaListener::start`], advertising `advertised_port` (a proxy's, bound first) in
+    /// metadata, so every connection of a client goes through that proxy (0: its own port).
+    pub async fn start_advertising(
+        store: tributary_broker::Store,
+        topic_defaults: tributary_broker::TopicConfig,
+        advertised_port: u16,
+    ) -> anyhow::Result<Self> {
         use tributary_broker::kafka::{KafkaConfig, KafkaServer};
         use tributary_broker::TopicTemplate;
-        let cfg = KafkaConfig { listen: "127.0.0.1:0".into(), ..KafkaConfig::default() };
+        let cfg = KafkaConfig { listen: "127.0.0.1:0".into(), advertised_port, ..KafkaConfig::default() };
         let template = TopicTemplate { partitions: 1, config: topic_defaults };
         let server = KafkaServer::bind(cfg, store, template).await?;
         let addr = server.local_addr()?;

@@ -28,14 +28,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::{json, Value};
-use tributary_broker::partitioner::partition_for_key;
-use tributary_broker::{Codec, Durability, StorageConfig, Store, TopicConfig};
+use tributary_broker::{Durability, Store, TopicConfig};
 use tributary_sync::cloud::{CloudError, CloudServer, CloudStats};
 use tributary_sync::gateway::MirrorStats;
 use tributary_sync::{certs, CloudConfig, MirrorConfig};
+use tributary_tests::workload::{caught_up, commits, fleets, ingest, open_store, TOPIC};
 use tributary_tests::{cpu_seconds, fsync_rate, sequential_write, status_kib, KafkaListener, SmartMeters, MIB};
 
-const TOPIC: &str = "meters";
 const SITE: &str = "bench-site";
 
 #[derive(Debug, Parser)]
@@ -93,120 +92,6 @@ struct Args {
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// One ingest phase: what was appended and how long until the last append was acknowledged.
-#[derive(Debug, Default)]
-struct Ingest {
-    records: u64,
-    key_bytes: u64,
-    value_bytes: u64,
-    secs: f64,
-    cpu: f64,
-    /// The store's group commits during the phase, and their total time.
-    commits: u64,
-    commit_micros: u64,
-}
-
-impl Ingest {
-    fn rate(&self) -> f64 {
-        self.records as f64 / self.secs
-    }
-
-    /// `N commits, R records/commit, T ms/commit`.
-    fn commits(&self) -> String {
-        commits(self.commits, self.commit_micros, self.records)
-    }
-}
-
-fn commits(n: u64, micros: u64, records: u64) -> String {
-    let n1 = n.max(1) as f64;
-    format!("{n} commits, {:.0} records/commit, {:.2} ms/commit", records as f64 / n1, micros as f64 / n1 / 1000.0)
-}
-
-/// Appends `total` readings from the fleets (one appender task per fleet), `per_append` records
-/// of one partition per append, each appender waiting for its append to be durable.
-async fn ingest(
-    store: &Store,
-    fleets: &mut Vec<SmartMeters>,
-    total: u64,
-    per_append: usize,
-    partitions: u32,
-) -> anyhow::Result<Ingest> {
-    let n = fleets.len() as u64;
-    let cpu = cpu_seconds("self");
-    let stats = store.stats();
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for (i, mut fleet) in fleets.drain(..).enumerate() {
-        let quota = total / n + u64::from((i as u64) < total % n);
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut buckets: Vec<Vec<_>> = (0..partitions).map(|_| Vec::with_capacity(per_append)).collect();
-            let (mut keys, mut values) = (0u64, 0u64);
-            for _ in 0..quota {
-                let r = fleet.next_reading();
-                let key = r.key.as_deref().unwrap_or_default();
-                keys += key.len() as u64;
-                values += r.value.as_ref().map_or(0, |v| v.len() as u64);
-                let p = partition_for_key(key, partitions) as usize;
-                buckets[p].push(r);
-                if buckets[p].len() == per_append {
-                    let batch = std::mem::replace(&mut buckets[p], Vec::with_capacity(per_append));
-                    store.append_records(TOPIC, p as i32, batch).await?;
-                }
-            }
-            for (p, batch) in buckets.into_iter().enumerate() {
-                if !batch.is_empty() {
-                    store.append_records(TOPIC, p as i32, batch).await?;
-                }
-            }
-            anyhow::Ok((fleet, keys, values))
-        }));
-    }
-    let mut out = Ingest { records: total, ..Ingest::default() };
-    for t in tasks {
-        let (fleet, keys, values) = t.await??;
-        fleets.push(fleet);
-        out.key_bytes += keys;
-        out.value_bytes += values;
-    }
-    out.secs = start.elapsed().as_secs_f64();
-    out.cpu = cpu_seconds("self") - cpu;
-    let now = store.stats();
-    out.commits = now.commits - stats.commits;
-    out.commit_micros = now.commit_micros_total - stats.commit_micros_total;
-    Ok(out)
-}
-
-/// The fleet split among `appenders` (meter ids 0..meters), readings from `start_ms`.
-fn fleets(meters: usize, appenders: usize, start_ms: i64, interval_ms: i64) -> Vec<SmartMeters> {
-    let per = meters.div_ceil(appenders);
-    (0..appenders)
-        .map(|a| {
-            let first = (a * per).min(meters);
-            SmartMeters::new(first, per.min(meters - first).max(1), 42 + a as u64, start_ms, interval_ms)
-        })
-        .collect()
-}
-
-async fn open_store(dir: &Path, partitions: u32, topic: bool) -> anyhow::Result<Store> {
-    let cfg = StorageConfig { data_dir: dir.to_path_buf(), max_bytes: 16 << 30, ..StorageConfig::default() };
-    let (store, _) = tokio::task::spawn_blocking(move || Store::open(cfg)).await?.context("open store")?;
-    if topic {
-        store
-            .create_topic(TOPIC, partitions, TopicConfig { compression: Codec::Lz4, ..TopicConfig::default() })
-            .await?;
-    }
-    Ok(store)
-}
-
-/// Every partition confirmed mirrored up to its high watermark.
-fn caught_up(store: &Store, partitions: u32) -> bool {
-    (0..partitions as i32).all(|p| {
-        let hw = store.watermarks(TOPIC, p).map_or(0, |w| w.high_watermark);
-        store.archived(TOPIC, p).ok().flatten().unwrap_or(0) >= hw
-    })
 }
 
 /// Waits on the mirror's change watch (no polling) until `cond` holds; the time it held.

@@ -1,0 +1,580 @@
+//! `mirror-vs-mm2` (issue 16): Tributary's QUIC mirror beside Apache Kafka's MirrorMaker 2, in
+//! one run, moving the same smart-meter backlog (the readings of an outage of the fleet's link)
+//! from a gateway store into one real Apache Kafka broker (the central cluster, one node: a
+//! benchmark, not a replication test). Per link (loopback, then a constrained link made by the
+//! project's own shaping proxy, `tributary_tests::link`) and per mirror:
+//! - Tributary: the gateway's mirror (in this process) -> UDP shaping proxy -> `tributary-cloud`
+//!   (a child process) -> Kafka, remote topic `trib-{link}.meters`.
+//! - MirrorMaker 2, dedicated mode (a child JVM), placed at the centre as usually deployed: it
+//!   pulls from the site's Kafka listener (in this process, advertising the proxy) through the TCP
+//!   shaping proxy, and writes to Kafka, remote topic `mm2-{link}.meters` (default replication
+//!   policy, source alias `mm2-{link}`).
+//!
+//! Measures the catch-up time from the mirror's start to the whole backlog in Kafka, the payload
+//! bytes through the proxy (the WAN between site and centre) both ways, the records read back
+//! with a consumer (duplicates, losses), CPU and peak RSS of the site process and of the central
+//! mirror process. Prints a Markdown table.
+//!
+//! `cargo build --release -p tributary-tests --bins && $CARGO_TARGET_DIR/release/mirror-vs-mm2 --dir /var/tmp`
+
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tributary_broker::{Store, TopicConfig};
+use tributary_sync::gateway::MirrorStats;
+use tributary_sync::{certs, CloudConfig, MirrorConfig};
+use tributary_tests::kafka_cluster::{KafkaCluster, KafkaJars, KafkaOptions};
+use tributary_tests::link::{tcp_proxy, udp_proxy, Impairment};
+use tributary_tests::workload::{fleets, ingest, open_store, TOPIC};
+use tributary_tests::{cpu_seconds, fsync_rate, sequential_write, status_kib, CloudChild, KafkaListener, MIB};
+
+#[derive(Debug, Parser)]
+#[command(about = "Tributary's QUIC mirror vs MirrorMaker 2 into one Apache Kafka broker")]
+struct Args {
+    /// Directory on the disk to use (a temporary directory is made inside it).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Smart meters in the fleet.
+    #[arg(long, default_value_t = 2_000)]
+    meters: usize,
+    /// Readings per meter per second.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Length of the outage whose backlog each mirror moves, in minutes.
+    #[arg(long, default_value_t = 10.0)]
+    outage_minutes: f64,
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Links to run, comma-separated: `loopback`, `constrained` (rate, delay, and loss for UDP),
+    /// `constrained-no-loss` (rate and delay for both: the like-for-like case).
+    #[arg(long, default_value = "loopback,constrained")]
+    links: String,
+    /// Constrained link: rate per direction, bits/s.
+    #[arg(long, default_value_t = 10_000_000)]
+    link_bits_per_s: u64,
+    /// Constrained link: round trip, ms.
+    #[arg(long, default_value_t = 100)]
+    rtt_ms: u32,
+    /// Constrained link: random loss of UDP datagrams, percent (a TCP proxy cannot drop segments).
+    #[arg(long, default_value_t = 1)]
+    loss_percent: u32,
+    /// Also a run per mirror with a SIGKILL of the central process (our receiver, MM2's JVM)
+    /// when half the backlog is in Kafka, and a restart.
+    #[arg(long)]
+    kill: bool,
+    /// Also run MirrorMaker 2 with `exactly.once.source.support=enabled`.
+    #[arg(long)]
+    mm2_exactly_once: bool,
+    /// The `tributary-cloud` binary (default: `cloud-under-test` beside this binary).
+    #[arg(long)]
+    cloud: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    kafka_heap_mb: u32,
+    #[arg(long, default_value_t = 1024)]
+    mm2_heap_mb: u32,
+    /// Longest wait for one mirror's catch-up.
+    #[arg(long, default_value_t = 1200)]
+    timeout_secs: u64,
+}
+
+/// One mirror over one link.
+#[derive(Debug, Default)]
+struct Run {
+    link: String,
+    mirror: String,
+    /// The remote topic in Kafka.
+    topic: String,
+    /// From the mirror's start to the whole backlog in Kafka.
+    secs: f64,
+    /// From the first record in Kafka to the whole backlog there.
+    drain_secs: f64,
+    /// From the link carrying the backlog (64 KiB towards the centre) to the whole backlog in Kafka.
+    busy_secs: f64,
+    /// Estimated bytes on the wire with IPv4 and UDP or TCP headers (see [`on_wire`]).
+    on_wire: f64,
+    up: u64,
+    down: u64,
+    read: u64,
+    distinct: u64,
+    site_cpu: f64,
+    centre_cpu: f64,
+    kafka_cpu: f64,
+    centre_rss_mib: f64,
+}
+
+/// The Kafka side: one broker, a consumer for watermarks and read-back.
+struct Central {
+    kafka: KafkaCluster,
+    jars: KafkaJars,
+    pid: String,
+}
+
+impl Central {
+    fn consumer(&self) -> anyhow::Result<BaseConsumer> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", self.kafka.bootstrap())
+            .set("group.id", "mirror-vs-mm2-reader")
+            .set("enable.auto.commit", "false")
+            .set("broker.address.family", "v4")
+            .create()?)
+    }
+
+    /// Records in `topic` (sum of the high watermarks; 0 while it does not exist).
+    fn count(consumer: &BaseConsumer, topic: &str, parts: u32) -> i64 {
+        (0..parts as i32)
+            .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).map_or(0, |(_, h)| h))
+            .sum()
+    }
+
+    /// Polls (a benchmark, not a test) until `topic` holds `n` records; `alive` is told the
+    /// count between polls and may end the wait with an error. When the first record arrived, and the last.
+    fn wait(
+        &self,
+        topic: &str,
+        parts: u32,
+        n: u64,
+        timeout: Duration,
+        mut alive: impl FnMut(i64) -> anyhow::Result<()>,
+    ) -> anyhow::Result<(Instant, Instant)> {
+        let consumer = self.consumer()?;
+        let deadline = Instant::now() + timeout;
+        let mut first = None;
+        loop {
+            let count = Self::count(&consumer, topic, parts);
+            if count > 0 && first.is_none() {
+                first = Some(Instant::now());
+            }
+            if count >= n as i64 {
+                let now = Instant::now();
+                return Ok((first.unwrap_or(now), now));
+            }
+            alive(count)?;
+            if Instant::now() > deadline {
+                bail!("{topic}: {} of {n} records after {timeout:?}", Self::count(&consumer, topic, parts));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Reads `topic` from the start to its high watermarks: (records, distinct key+value pairs).
+    fn read_back(&self, topic: &str, parts: u32) -> anyhow::Result<(u64, u64)> {
+        let consumer = self.consumer()?;
+        let mut tpl = TopicPartitionList::new();
+        let mut left = 0i64;
+        for p in 0..parts as i32 {
+            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+            left += high - low;
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+        }
+        consumer.assign(&tpl)?;
+        let (mut read, mut seen) = (0u64, HashSet::new());
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while left > 0 {
+            if Instant::now() > deadline {
+                bail!("{topic}: read-back stuck with {left} records left");
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let mut h = DefaultHasher::new();
+                    m.key().hash(&mut h);
+                    m.payload().hash(&mut h);
+                    seen.insert(h.finish());
+                    read += 1;
+                    left -= 1;
+                }
+                Some(Err(e)) => bail!("read {topic}: {e}"),
+                None => {}
+            }
+        }
+        Ok((read, seen.len() as u64))
+    }
+}
+
+/// Bytes towards the centre after which the link counts as carrying the backlog (handshakes
+/// and metadata stay below it).
+const BUSY_BYTES: u64 = 64 * 1024;
+
+/// IPv4 (20) + UDP (8) header bytes per datagram.
+const UDP_IP_HEADERS: f64 = 28.0;
+
+/// Estimated bytes on the wire for `payload` bytes one way over TCP: IPv4 (20) + TCP with
+/// timestamps (32) per 1448-byte segment, plus a pure ACK (52) every second segment the other
+/// way (delayed ACKs). An estimate: the proxy sees the byte stream, not the segments.
+fn tcp_on_wire(payload: u64) -> f64 {
+    let segments = (payload as f64 / 1448.0).ceil();
+    payload as f64 + 52.0 * segments + 52.0 * (segments / 2.0).ceil()
+}
+
+fn peak_mib(pid: &str) -> f64 {
+    status_kib(pid, "VmHWM:") as f64 / MIB * 1024.0
+}
+
+/// The impairment of `link`.
+fn impairment(args: &Args, link: &str, udp: bool) -> anyhow::Result<Impairment> {
+    Ok(match link {
+        "loopback" => Impairment::default(),
+        "constrained" => Impairment::shaped(args.link_bits_per_s, args.rtt_ms, if udp { args.loss_percent } else { 0 }),
+        "constrained-no-loss" => Impairment::shaped(args.link_bits_per_s, args.rtt_ms, 0),
+        other => bail!("--links: loopback, constrained or constrained-no-loss, not {other:?}"),
+    })
+}
+
+/// Tributary's mirror: the gateway mirror here, the receiver in a child, through the UDP proxy.
+async fn run_tributary(
+    args: &Args,
+    central: &Central,
+    store: &Store,
+    n: u64,
+    link: &str,
+    kill: bool,
+    work: &Path,
+) -> anyhow::Result<Run> {
+    let site = format!("trib-{link}{}", if kill { "-kill" } else { "" });
+    let dir = work.join(&site);
+    std::fs::create_dir_all(&dir)?;
+    let ca = certs::new_ca("bench CA", 2)?;
+    ca.write(&dir, "ca")?;
+    certs::server_cert(&ca, &["localhost".to_string()], 2)?.write(&dir, "cloud")?;
+    certs::site_cert(&ca, &site, 2)?.write(&dir, "site")?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut cfg = CloudConfig {
+        listen: ([127, 0, 0, 1], port).into(),
+        ca_file: dir.join("ca.pem"),
+        cert_file: dir.join("cloud.pem"),
+        key_file: dir.join("cloud.key"),
+        ..CloudConfig::default()
+    };
+    cfg.kafka.bootstrap_servers = central.kafka.bootstrap();
+    cfg.kafka.properties.insert("broker.address.family".into(), "v4".into());
+    let binary = match &args.cloud {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("cloud-under-test"),
+    };
+    let mut receiver = CloudChild::start(&binary, &cfg, &dir)?;
+    let rpid = receiver.pid().context("receiver pid")?.to_string();
+    let imp = impairment(args, link, true)?;
+    let via = udp_proxy(cfg.listen, imp.clone()).await?;
+    let mirror_cfg = MirrorConfig {
+        enabled: true,
+        cloud: via.to_string(),
+        server_name: "localhost".into(),
+        site: site.clone(),
+        ca_file: dir.join("ca.pem"),
+        cert_file: dir.join("site.pem"),
+        key_file: dir.join("site.key"),
+        topics: vec![TOPIC.into()],
+        ..MirrorConfig::default()
+    };
+    mirror_cfg.validate("mirror")?;
+    let stats = Arc::new(MirrorStats::default());
+    let (site_cpu0, kafka_cpu0) = (cpu_seconds("self"), cpu_seconds(&central.pid));
+    // CPU of the receiver processes so far (a SIGKILLed one's up to its kill), and the base of
+    // the running one.
+    let (mut centre_cpu, mut rpid, mut base) = (0.0, rpid.clone(), cpu_seconds(&rpid));
+    let mut killed = false;
+    let mut busy = None;
+    let start = Instant::now();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mirror = tokio::spawn(tributary_sync::gateway::run(mirror_cfg, store.clone(), stats.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let remote = cfg.remote_topic(&site, TOPIC);
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let (first, done) = tokio::task::block_in_place(|| {
+        central.wait(&remote, args.partitions, n, timeout, |count| {
+            if busy.is_none() && imp.bytes().0 > BUSY_BYTES {
+                busy = Some(Instant::now());
+            }
+            if kill && !killed && count >= n as i64 / 2 {
+                centre_cpu += cpu_seconds(&rpid) - base;
+                receiver.kill()?;
+                receiver.spawn()?;
+                rpid = receiver.pid().context("receiver pid")?.to_string();
+                base = cpu_seconds(&rpid);
+                killed = true;
+            }
+            if mirror.is_finished() {
+                bail!("the mirror stopped; last error: {:?}", stats.last_error.lock().map(|e| e.clone()));
+            }
+            Ok(())
+        })
+    })?;
+    let run = Run {
+        link: link.into(),
+        mirror: format!("Tributary QUIC mirror{}", if kill { ", receiver SIGKILLed at half, restarted" } else { "" }),
+        topic: remote.clone(),
+        secs: done.duration_since(start).as_secs_f64(),
+        drain_secs: done.duration_since(first).as_secs_f64(),
+        busy_secs: done.duration_since(busy.unwrap_or(start)).as_secs_f64(),
+        up: imp.bytes().0,
+        down: imp.bytes().1,
+        on_wire: (imp.bytes().0 + imp.bytes().1) as f64
+            + UDP_IP_HEADERS
+                * (imp.datagrams_up.load(Ordering::Relaxed) + imp.datagrams_down.load(Ordering::Relaxed)) as f64,
+        site_cpu: cpu_seconds("self") - site_cpu0,
+        centre_cpu: centre_cpu + cpu_seconds(&rpid) - base,
+        kafka_cpu: cpu_seconds(&central.pid) - kafka_cpu0,
+        centre_rss_mib: peak_mib(&rpid),
+        ..Run::default()
+    };
+    let _ = stop.send(());
+    mirror.await??;
+    receiver.kill()?;
+    Ok(run)
+}
+
+/// Which MirrorMaker 2 run.
+#[derive(Debug, Clone, Copy)]
+struct Mm2Mode {
+    exactly_once: bool,
+    /// SIGKILL at half the backlog, then restart.
+    kill: bool,
+}
+
+/// MirrorMaker 2 in dedicated mode, at the centre, reading the site's Kafka listener through
+/// the TCP proxy.
+async fn run_mm2(
+    args: &Args,
+    central: &Central,
+    store: &Store,
+    n: u64,
+    link: &str,
+    Mm2Mode { exactly_once, kill }: Mm2Mode,
+    work: &Path,
+) -> anyhow::Result<Run> {
+    let alias = format!("mm2{}-{link}{}", if exactly_once { "eos" } else { "" }, if kill { "-kill" } else { "" });
+    let dir = work.join(&alias);
+    std::fs::create_dir_all(&dir)?;
+    let imp = impairment(args, link, false)?;
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let proxy = front.local_addr()?;
+    let listener = KafkaListener::start_advertising(store.clone(), TopicConfig::default(), proxy.port()).await?;
+    tcp_proxy(front, listener.addr, imp.clone());
+    let mut props = vec![
+        format!("clusters = {alias}, central"),
+        format!("{alias}.bootstrap.servers = {proxy}"),
+        format!("central.bootstrap.servers = {}", central.kafka.bootstrap()),
+        format!("{alias}->central.enabled = true"),
+        format!("{alias}->central.topics = {TOPIC}"),
+        format!("central->{alias}.enabled = false"),
+        // Tributary holds no compacted topics yet: nothing of MM2's may live on the source.
+        "offset-syncs.topic.location = target".into(),
+        "emit.heartbeats.enabled = false".into(),
+        "emit.checkpoints.enabled = false".into(),
+        "sync.group.offsets.enabled = false".into(),
+        "refresh.groups.enabled = false".into(),
+        "sync.topic.acls.enabled = false".into(),
+        "sync.topic.configs.enabled = false".into(),
+        format!("tasks.max = {}", args.partitions),
+        "replication.factor = 1".into(),
+        "offset-syncs.topic.replication.factor = 1".into(),
+        "checkpoints.topic.replication.factor = 1".into(),
+        "heartbeats.topic.replication.factor = 1".into(),
+        "config.storage.replication.factor = 1".into(),
+        "offset.storage.replication.factor = 1".into(),
+        "status.storage.replication.factor = 1".into(),
+    ];
+    if exactly_once {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        props.push("exactly.once.source.support = enabled".into());
+        props.push("dedicated.mode.enable.internal.rest = true".into());
+        props.push(format!("listeners = http://127.0.0.1:{port}"));
+    }
+    let config = dir.join("mm2.properties");
+    std::fs::write(&config, props.join("\n") + "\n")?;
+    let log = dir.join("mm2.log");
+    let spawn = || -> anyhow::Result<Child> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        central
+            .jars
+            .java(args.mm2_heap_mb)
+            .arg("org.apache.kafka.connect.mirror.MirrorMaker")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("start MirrorMaker 2")
+    };
+    let mut child = spawn()?;
+    let mut pid = child.id().to_string();
+    let (mut centre_cpu, mut killed) = (0.0, false);
+    let mut busy = None;
+    let (site_cpu0, kafka_cpu0) = (cpu_seconds("self"), cpu_seconds(&central.pid));
+    let start = Instant::now();
+    let remote = format!("{alias}.{TOPIC}");
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let waited = tokio::task::block_in_place(|| {
+        central.wait(&remote, args.partitions, n, timeout, |count| {
+            if busy.is_none() && imp.bytes().1 > BUSY_BYTES {
+                busy = Some(Instant::now());
+            }
+            if kill && !killed && count >= n as i64 / 2 {
+                centre_cpu += cpu_seconds(&pid);
+                child.kill()?;
+                child.wait()?;
+                child = spawn()?;
+                pid = child.id().to_string();
+                killed = true;
+            }
+            match child.try_wait()? {
+                Some(status) => bail!("MirrorMaker 2 exited: {status}"),
+                None => Ok(()),
+            }
+        })
+    });
+    let centre_cpu = centre_cpu + cpu_seconds(&pid);
+    let centre_rss_mib = peak_mib(&pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    listener.stop().await?;
+    let (first, done) = match waited {
+        Ok(times) => times,
+        Err(e) => {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{e:#}\nMirrorMaker 2 log ({}):\n{}", log.display(), tail.join("\n"));
+        }
+    };
+    Ok(Run {
+        link: link.into(),
+        mirror: format!(
+            "MirrorMaker 2, {}{}",
+            if exactly_once { "exactly-once" } else { "at-least-once" },
+            if kill { ", SIGKILLed at half, restarted" } else { "" }
+        ),
+        topic: remote.clone(),
+        secs: done.duration_since(start).as_secs_f64(),
+        drain_secs: done.duration_since(first).as_secs_f64(),
+        busy_secs: done.duration_since(busy.unwrap_or(start)).as_secs_f64(),
+        up: imp.bytes().0,
+        down: imp.bytes().1,
+        on_wire: tcp_on_wire(imp.bytes().0) + tcp_on_wire(imp.bytes().1),
+        site_cpu: cpu_seconds("self") - site_cpu0,
+        centre_cpu,
+        kafka_cpu: cpu_seconds(&central.pid) - kafka_cpu0,
+        centre_rss_mib,
+        ..Run::default()
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let tmp = tempfile::tempdir_in(&args.dir).context("temporary directory")?;
+    let fsyncs = fsync_rate(tmp.path(), Duration::from_secs(3))?;
+    let seq = sequential_write(tmp.path(), 512 << 20)? / MIB;
+    eprintln!("machine: {fsyncs:.0} fsync/s, sequential write {seq:.0} MiB/s");
+    let parts = args.partitions;
+    let backlog = (args.meters as f64 * args.rate * args.outage_minutes * 60.0).round() as u64;
+    let interval_ms = (1000.0 / args.rate).round() as i64;
+
+    let opts = KafkaOptions {
+        heap_mb: args.kafka_heap_mb,
+        light_jvm: false,
+        parent_dir: Some(tmp.path().to_path_buf()),
+        ..KafkaOptions::default()
+    };
+    let kafka = tokio::task::block_in_place(|| KafkaCluster::start(opts))?;
+    let jars = kafka.jars().clone();
+    let pid = kafka.pid(1).context("kafka pid")?.to_string();
+    let central = Central { kafka, jars, pid };
+
+    let mut runs = Vec::new();
+    let mut notes = Vec::new();
+    let mut raw = 0u64;
+    for link in args.links.split(',') {
+        // A fresh site store per link, holding the backlog of the outage.
+        let store = open_store(&tmp.path().join(format!("site-{link}")), parts, true).await?;
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+        let start_ms = now_ms - (args.outage_minutes * 60_000.0) as i64;
+        let mut fl = fleets(args.meters, 8, start_ms, interval_ms);
+        let filled = ingest(&store, &mut fl, backlog, 100, parts).await?;
+        raw = filled.key_bytes + filled.value_bytes;
+        eprintln!("{link}: backlog of {backlog} records ({:.1} MB raw) in the site store", raw as f64 / 1e6);
+        let work = tmp.path().join(link);
+        for kill in if args.kill { vec![false, true] } else { vec![false] } {
+            let r = run_tributary(&args, &central, &store, backlog, link, kill, &work).await?;
+            eprintln!("{link}: {} {:.1} s", r.mirror, r.secs);
+            runs.push(r);
+            let r =
+                run_mm2(&args, &central, &store, backlog, link, Mm2Mode { exactly_once: false, kill }, &work).await?;
+            eprintln!("{link}: {} {:.1} s", r.mirror, r.secs);
+            runs.push(r);
+            if args.mm2_exactly_once {
+                match run_mm2(&args, &central, &store, backlog, link, Mm2Mode { exactly_once: true, kill }, &work).await
+                {
+                    Ok(r) => runs.push(r),
+                    Err(e) => {
+                        eprintln!("{link}: MirrorMaker 2 exactly-once failed: {e:#}");
+                        notes.push(format!(
+                            "{link}: MirrorMaker 2 exactly-once failed: {}",
+                            format!("{e:#}").lines().next().unwrap_or("")
+                        ));
+                    }
+                }
+            }
+        }
+        store.close().await?;
+    }
+    for r in &mut runs {
+        (r.read, r.distinct) = tokio::task::block_in_place(|| central.read_back(&r.topic, parts))?;
+    }
+    tokio::task::block_in_place(|| central.kafka.stop())?;
+
+    println!("machine: {fsyncs:.0} fsync/s (4 KiB write + fdatasync), sequential write {seq:.0} MiB/s, {} cores; central cluster: one Apache Kafka 4.1.1 broker (KRaft, combined), heap {} MiB", std::thread::available_parallelism().map_or(1, usize::from), args.kafka_heap_mb);
+    println!(
+        "workload: backlog of a {:.0}-minute outage of {} meters x {} reading/s = {backlog} records, {:.1} MB raw (keys + JSON values), topic `{TOPIC}`, {parts} partitions, lz4 at the site",
+        args.outage_minutes,
+        args.meters,
+        args.rate,
+        raw as f64 / 1e6
+    );
+    println!();
+    println!("| link | mirror | catch-up s (from start) | records/s (from start) | sustained records/s (link busy to last record in Kafka) | wire MB site->centre | wire MB centre->site | wire payload B/record | est. on wire incl. IP/UDP/TCP headers B/record | records/s first to last record in Kafka | read back | duplicates | lost | site CPU s | centre mirror CPU s | Kafka broker CPU s | centre mirror peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &runs {
+        let (to_centre, to_site) = if r.mirror.starts_with("Tributary") { (r.up, r.down) } else { (r.down, r.up) };
+        println!(
+            "| {} | {} | {:.1} | {:.0} | **{:.0}** | {:.1} | {:.2} | {:.1} | {:.1} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            r.link,
+            r.mirror,
+            r.secs,
+            backlog as f64 / r.secs,
+            backlog as f64 / r.busy_secs,
+            to_centre as f64 / 1e6,
+            to_site as f64 / 1e6,
+            (r.up + r.down) as f64 / backlog as f64,
+            r.on_wire / backlog as f64,
+            backlog as f64 / r.drain_secs,
+            r.read,
+            r.read - r.distinct,
+            backlog.saturating_sub(r.distinct),
+            r.site_cpu,
+            r.centre_cpu,
+            r.kafka_cpu,
+            r.centre_rss_mib
+        );
+    }
+    for n in &notes {
+        println!("{n}");
+    }
+    Ok(())
+}
