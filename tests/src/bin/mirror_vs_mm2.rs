@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tributary_broker::{Store, TopicConfig};
 use tributary_sync::gateway::MirrorStats;
@@ -173,20 +174,26 @@ impl Central {
 
     /// Reads `topic` from the start to its high watermarks: (records, distinct key+value pairs).
     fn read_back(&self, topic: &str, parts: u32) -> anyhow::Result<(u64, u64)> {
-        let consumer = self.consumer()?;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.kafka.bootstrap())
+            .set("group.id", "mirror-vs-mm2-reader")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            // Transaction markers take offsets but are not delivered: the end of each partition
+            // is its EOF event, not a count.
+            .set("enable.partition.eof", "true")
+            .set("broker.address.family", "v4")
+            .create()?;
         let mut tpl = TopicPartitionList::new();
-        let mut left = 0i64;
         for p in 0..parts as i32 {
-            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-            left += high - low;
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;
-        let (mut read, mut seen) = (0u64, HashSet::new());
+        let (mut read, mut seen, mut ended) = (0u64, HashSet::new(), HashSet::new());
         let deadline = Instant::now() + Duration::from_secs(300);
-        while left > 0 {
+        while ended.len() < parts as usize {
             if Instant::now() > deadline {
-                bail!("{topic}: read-back stuck with {left} records left");
+                bail!("{topic}: read-back stuck, {} of {parts} partitions read to the end", ended.len());
             }
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
@@ -195,7 +202,9 @@ impl Central {
                     m.payload().hash(&mut h);
                     seen.insert(h.finish());
                     read += 1;
-                    left -= 1;
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    ended.insert(p);
                 }
                 Some(Err(e)) => bail!("read {topic}: {e}"),
                 None => {}
