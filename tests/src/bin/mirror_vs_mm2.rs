@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tributary_broker::{Store, TopicConfig};
 use tributary_sync::gateway::MirrorStats;
@@ -124,6 +125,8 @@ impl Central {
             .set("bootstrap.servers", self.kafka.bootstrap())
             .set("group.id", "mirror-vs-mm2-reader")
             .set("enable.auto.commit", "false")
+            // MM2's exactly-once mode writes in transactions: read what was committed.
+            .set("isolation.level", "read_committed")
             .set("broker.address.family", "v4")
             .create()?)
     }
@@ -135,7 +138,7 @@ impl Central {
             .sum()
     }
 
-    /// Polls (a benchmark, not a test) until `topic` holds `n` records; `alive` is told the
+    /// Polls (a benchmark, not a test) until `topic` holds all `n` distinct records; `alive` is told the
     /// count between polls and may end the wait with an error. When the first record arrived, and the last.
     fn wait(
         &self,
@@ -153,9 +156,13 @@ impl Central {
             if count > 0 && first.is_none() {
                 first = Some(Instant::now());
             }
+            // The watermarks count duplicates (and transaction markers) too: done when every
+            // reading is there once at least.
             if count >= n as i64 {
                 let now = Instant::now();
-                return Ok((first.unwrap_or(now), now));
+                if self.read_back(topic, parts)?.1 >= n {
+                    return Ok((first.unwrap_or(now), now));
+                }
             }
             alive(count)?;
             if Instant::now() > deadline {
@@ -167,20 +174,26 @@ impl Central {
 
     /// Reads `topic` from the start to its high watermarks: (records, distinct key+value pairs).
     fn read_back(&self, topic: &str, parts: u32) -> anyhow::Result<(u64, u64)> {
-        let consumer = self.consumer()?;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.kafka.bootstrap())
+            .set("group.id", "mirror-vs-mm2-reader")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            // Transaction markers take offsets but are not delivered: the end of each partition
+            // is its EOF event, not a count.
+            .set("enable.partition.eof", "true")
+            .set("broker.address.family", "v4")
+            .create()?;
         let mut tpl = TopicPartitionList::new();
-        let mut left = 0i64;
         for p in 0..parts as i32 {
-            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-            left += high - low;
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;
-        let (mut read, mut seen) = (0u64, HashSet::new());
+        let (mut read, mut seen, mut ended) = (0u64, HashSet::new(), HashSet::new());
         let deadline = Instant::now() + Duration::from_secs(300);
-        while left > 0 {
+        while ended.len() < parts as usize {
             if Instant::now() > deadline {
-                bail!("{topic}: read-back stuck with {left} records left");
+                bail!("{topic}: read-back stuck, {} of {parts} partitions read to the end", ended.len());
             }
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
@@ -189,7 +202,9 @@ impl Central {
                     m.payload().hash(&mut h);
                     seen.insert(h.finish());
                     read += 1;
-                    left -= 1;
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    ended.insert(p);
                 }
                 Some(Err(e)) => bail!("read {topic}: {e}"),
                 None => {}
