@@ -19,6 +19,31 @@ pub const KAFKA_VERSION: &str = "4.1.1";
 /// The command that fetches the jars, named in every error about them.
 pub const FETCH_COMMAND: &str = "bash tests/kafka/fetch-jars.sh";
 
+/// Runs the fetch script once per test process (tests that need Kafka run in parallel; the
+/// script's temporary directory is not for two at once), so `cargo test --workspace` works on a
+/// fresh machine that has Java 17 and Maven. Its output goes to stderr; a failure names it.
+fn fetch_jars(cache: &Path) -> anyhow::Result<()> {
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = FETCH.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if cache.join(KAFKA_VERSION).join("lib").join(".complete").exists() {
+        return Ok(());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kafka/fetch-jars.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("TRIBUTARY_KAFKA_CACHE", cache)
+        .stdout(Stdio::null())
+        .output()
+        .with_context(|| format!("run {}", script.display()))?;
+    ensure!(
+        out.status.success(),
+        "`{FETCH_COMMAND}` failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// A directory holding Apache Kafka's jars and the quiet log4j2 configuration beside them.
 #[derive(Debug, Clone)]
 pub struct KafkaJars {
@@ -27,8 +52,9 @@ pub struct KafkaJars {
 
 impl KafkaJars {
     /// `TRIBUTARY_KAFKA_JARS` when set, else `~/.cache/tributary-kafka-jars/<KAFKA_VERSION>/lib`
-    /// once the fetch script completed it. An error (never a silent skip) names the command
-    /// that fetches them.
+    /// (`TRIBUTARY_KAFKA_CACHE` instead of `~/.cache/tributary-kafka-jars`), running the fetch
+    /// script first if it has not completed there. An error (never a silent skip) names the
+    /// command that fetches them.
     pub fn locate() -> anyhow::Result<Self> {
         let dir = match std::env::var_os("TRIBUTARY_KAFKA_JARS") {
             Some(d) => PathBuf::from(d),
@@ -37,6 +63,9 @@ impl KafkaJars {
                 let cache = std::env::var_os("TRIBUTARY_KAFKA_CACHE")
                     .map_or_else(|| PathBuf::from(home).join(".cache/tributary-kafka-jars"), PathBuf::from);
                 let dir = cache.join(KAFKA_VERSION).join("lib");
+                if !dir.join(".complete").exists() {
+                    fetch_jars(&cache)?;
+                }
                 ensure!(
                     dir.join(".complete").exists(),
                     "Apache Kafka {KAFKA_VERSION}'s jars are not in {}: run `{FETCH_COMMAND}` once (Maven and Java 17 \
