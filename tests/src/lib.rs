@@ -441,6 +441,14 @@ pub fn mqtt_packet(first: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Logs of a benchmark binary to stderr: `RUST_LOG` when set, else warnings and errors (a second
+/// call is a no-op).
+pub fn log_to_stderr() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

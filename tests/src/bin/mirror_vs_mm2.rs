@@ -486,13 +486,7 @@ async fn run_mm2(
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    tributary_tests::log_to_stderr();
     let tmp = tempfile::tempdir_in(&args.dir).context("temporary directory")?;
     let fsyncs = fsync_rate(tmp.path(), Duration::from_secs(3))?;
     let seq = sequential_write(tmp.path(), 512 << 20)? / MIB;
