@@ -142,6 +142,19 @@ pub fn render(src: &Sources) -> String {
     );
     o.one("tributary_store_appended_records_total", "counter", "Records appended.", s.appended_records);
     o.one("tributary_store_appended_bytes_total", "counter", "Batch bytes appended (as stored).", s.appended_bytes);
+    o.one(
+        "tributary_store_tail_cache_bytes",
+        "gauge",
+        "Bytes of the newest committed batches held in memory (storage.tail_cache_bytes_max).",
+        s.tail_cache_bytes,
+    );
+    o.one("tributary_store_tail_cache_hits_total", "counter", "Reads served from the tail cache.", s.tail_cache_hits);
+    o.one(
+        "tributary_store_tail_cache_misses_total",
+        "counter",
+        "Reads of committed batches no longer in the tail cache (read from the database).",
+        s.tail_cache_misses,
+    );
     let (latency, per_commit) = store.commit_histograms();
     o.histogram("tributary_store_commit_latency_seconds", "Time from a commit's start to its return.", &latency, 1e6);
     o.histogram("tributary_store_records_per_commit", "Records appended by one commit.", &per_commit, 1.0);

@@ -28,3 +28,4 @@ mod soak;
 mod support;
 mod sys;
 mod systemd;
+mod tail_cache;

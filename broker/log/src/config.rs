@@ -306,6 +306,11 @@ pub struct StorageConfig {
     /// Each thread that allocated keeps a malloc arena, so this also bounds that memory; work
     /// beyond it waits in the pool's queue.
     pub blocking_threads_max: u32,
+    /// The newest committed batches of every partition kept in memory (as stored, compressed),
+    /// so readers at the tail (MQTT deliveries, Kafka consumers, the mirror) get them without a
+    /// database read or a blocking-pool thread. Shared by all partitions, the oldest batch
+    /// leaves first; 0 turns the cache off.
+    pub tail_cache_bytes_max: u64,
 }
 
 impl Default for StorageConfig {
@@ -331,6 +336,7 @@ impl Default for StorageConfig {
             partitions_total_max: 4096,
             producer_states_max: 4096,
             blocking_threads_max: 8,
+            tail_cache_bytes_max: 4 * MIB,
         }
     }
 }
@@ -366,6 +372,7 @@ impl StorageConfig {
         range("partitions_total_max", self.partitions_total_max.into(), 1, 1_000_000)?;
         range("producer_states_max", self.producer_states_max.into(), 1, 10_000_000)?;
         range("blocking_threads_max", self.blocking_threads_max.into(), 1, 512)?;
+        range("tail_cache_bytes_max", self.tail_cache_bytes_max, 0, GIB)?;
         Ok(())
     }
 

@@ -14,6 +14,7 @@ mod producers;
 #[cfg(any(test, feature = "sim-disk"))]
 pub mod simdisk;
 pub mod tables;
+mod tail;
 mod writer;
 
 use std::collections::HashMap;
@@ -62,6 +63,8 @@ pub(crate) struct PartitionState {
     /// Offset below which another system holds a copy of the partition (-1: nothing known).
     /// Global retention deletes archived batches first.
     pub archived: AtomicI64,
+    /// The newest committed batches (see `tail`).
+    pub tail: Arc<tail::PartitionTail>,
 }
 
 impl PartitionState {
@@ -79,6 +82,7 @@ impl PartitionState {
             logical_bytes: AtomicU64::new(meta.logical_bytes),
             footprint_bytes: AtomicU64::new(meta.footprint_bytes),
             archived: AtomicI64::new(-1),
+            tail: Arc::default(),
         })
     }
 }
@@ -213,6 +217,10 @@ pub(crate) struct Counters {
     /// In-process reopens of the database after a failed write, and reopen attempts that failed.
     pub reopens: AtomicU64,
     pub failed_reopens: AtomicU64,
+    /// The tail cache: bytes held, and reads it served or could not serve.
+    pub tail_cache_bytes: AtomicU64,
+    pub tail_cache_hits: AtomicU64,
+    pub tail_cache_misses: AtomicU64,
 }
 
 impl Default for Counters {
@@ -236,6 +244,9 @@ impl Default for Counters {
             failed_commits: AtomicU64::default(),
             reopens: AtomicU64::default(),
             failed_reopens: AtomicU64::default(),
+            tail_cache_bytes: AtomicU64::default(),
+            tail_cache_hits: AtomicU64::default(),
+            tail_cache_misses: AtomicU64::default(),
         }
     }
 }
@@ -260,6 +271,11 @@ pub struct StoreStats {
     pub failed_commits: u64,
     pub reopens: u64,
     pub failed_reopens: u64,
+    /// Bytes of committed batches held by the tail cache (`storage.tail_cache_bytes_max`).
+    pub tail_cache_bytes: u64,
+    /// Reads at or after a cached batch served from memory, and those that read the database.
+    pub tail_cache_hits: u64,
+    pub tail_cache_misses: u64,
 }
 
 /// Opens the redb storage a store runs on (see [`Store::open_with_backend`]); called at open and
@@ -775,6 +791,20 @@ impl Store {
         let (_, p) = self.partition_state(topic, partition)?;
         // Watermarks are read before the snapshot: every batch below them was committed first.
         let wm = p.signal.borrow().watermarks;
+        if let Some(cached) = self.fetch_tail(&p, wm, offset, max_bytes) {
+            return Ok(cached);
+        }
+        self.fetch_stored(&p, wm, offset, max_bytes)
+    }
+
+    /// `fetch` from the database (a snapshot taken after `wm` was read).
+    fn fetch_stored(
+        &self,
+        p: &PartitionState,
+        wm: Watermarks,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<FetchedBatches, StoreError> {
         let db = self.db()?;
         let rtx = db.begin_read()?;
         if offset < wm.log_start_offset || offset > wm.high_watermark {
@@ -836,6 +866,51 @@ impl Store {
         Ok(FetchedBatches { data: out.freeze(), batches, next_offset, watermarks: wm })
     }
 
+    /// `fetch` served from the tail cache only: `None` when the batches at `offset` are not in
+    /// memory (then `fetch` reads the database). Never blocks on I/O, so async code may call it
+    /// in place before sending a read to the blocking pool.
+    pub fn fetch_cached(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Option<Result<FetchedBatches, StoreError>> {
+        let (_, p) = match self.partition_state(topic, partition) {
+            Ok(found) => found,
+            Err(e) => return Some(Err(e)),
+        };
+        let wm = p.signal.borrow().watermarks;
+        if offset < wm.log_start_offset || offset > wm.high_watermark {
+            return Some(Err(StoreError::OffsetOutOfRange {
+                offset,
+                log_start_offset: wm.log_start_offset,
+                high_watermark: wm.high_watermark,
+            }));
+        }
+        if offset == wm.high_watermark {
+            return Some(Ok(FetchedBatches { data: Bytes::new(), batches: 0, next_offset: offset, watermarks: wm }));
+        }
+        self.fetch_tail(&p, wm, offset, max_bytes).map(Ok)
+    }
+
+    fn fetch_tail(&self, p: &PartitionState, wm: Watermarks, offset: i64, max_bytes: usize) -> Option<FetchedBatches> {
+        if offset < wm.log_start_offset || offset >= wm.high_watermark {
+            return None;
+        }
+        let c = &self.inner.shared.counters;
+        match p.tail.read(offset, wm.high_watermark, max_bytes) {
+            Some(t) => {
+                c.tail_cache_hits.fetch_add(1, Ordering::Relaxed);
+                Some(FetchedBatches { data: t.data, batches: t.batches, next_offset: t.next_offset, watermarks: wm })
+            }
+            None => {
+                c.tail_cache_misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
     /// Decoded records from `offset` on (a convenience over `fetch` for tests and tools).
     pub fn read_records(
         &self,
@@ -845,6 +920,22 @@ impl Store {
         max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, StoreError> {
         let f = self.fetch(topic, partition, offset, max_bytes)?;
+        self.decode_fetched(&f, offset)
+    }
+
+    /// `read_records` served from the tail cache only (see `fetch_cached`): `None` when the
+    /// records at `offset` are not in memory.
+    pub fn read_records_cached(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Option<Result<Vec<StoredRecord>, StoreError>> {
+        Some(self.fetch_cached(topic, partition, offset, max_bytes)?.and_then(|f| self.decode_fetched(&f, offset)))
+    }
+
+    fn decode_fetched(&self, f: &FetchedBatches, offset: i64) -> Result<Vec<StoredRecord>, StoreError> {
         let limit = self.inner.shared.config.decompressed_size_bytes_max;
         let mut out = Vec::new();
         let mut rest = &f.data[..];
@@ -1020,6 +1111,9 @@ impl Store {
             failed_commits: l(&c.failed_commits),
             reopens: l(&c.reopens),
             failed_reopens: l(&c.failed_reopens),
+            tail_cache_bytes: l(&c.tail_cache_bytes),
+            tail_cache_hits: l(&c.tail_cache_hits),
+            tail_cache_misses: l(&c.tail_cache_misses),
         }
     }
 

@@ -730,3 +730,101 @@ async fn probe_cost() {
     eprintln!("probe on a real file here: median {} us, p99 {} us", micros[N / 2], micros[N * 99 / 100]);
     store.close().await.expect("close");
 }
+
+/// Every read the tail cache serves equals what the database holds: single records packed by
+/// the writer (lz4) and client batches, at every offset, with small and large `max_bytes`.
+#[tokio::test]
+async fn the_tail_cache_serves_exactly_what_the_database_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    store
+        .create_topic("t", 1, TopicConfig { compression: Codec::Lz4, ..TopicConfig::default() })
+        .await
+        .expect("create");
+    for i in 0..40 {
+        if i % 3 == 0 {
+            store.append_batch("t", 0, Bytes::from(client_batch(7, Codec::Gzip))).await.expect("append batch");
+        } else {
+            store.append_records("t", 0, vec![rec(i), rec(i + 1000)]).await.expect("append records");
+        }
+    }
+    let (_, p) = store.partition_state("t", 0).expect("partition");
+    let wm = store.watermarks("t", 0).expect("wm");
+    let before = store.stats();
+    for offset in 0..wm.high_watermark {
+        for max_bytes in [1, 300, 1 << 20] {
+            let cached = store.fetch_cached("t", 0, offset, max_bytes).expect("held").expect("read");
+            let stored = store.fetch_stored(&p, wm, offset, max_bytes).expect("stored");
+            assert_eq!(
+                (&cached.data, cached.batches, cached.next_offset, cached.watermarks),
+                (&stored.data, stored.batches, stored.next_offset, stored.watermarks),
+                "offset {offset}, max_bytes {max_bytes}"
+            );
+        }
+    }
+    let hits = store.stats().tail_cache_hits - before.tail_cache_hits;
+    assert_eq!(hits, 3 * wm.high_watermark as u64);
+    let records = store.read_records_cached("t", 0, 5, 1 << 20).expect("held").expect("decoded");
+    assert_eq!(records.first().map(|r| r.offset), Some(5));
+    assert_eq!(records.last().map(|r| r.offset), Some(wm.high_watermark - 1));
+    // At the high watermark: an empty answer without the database; past it: out of range.
+    assert_eq!(store.fetch_cached("t", 0, wm.high_watermark, 100).expect("answer").expect("empty").batches, 0);
+    assert!(matches!(
+        store.fetch_cached("t", 0, wm.high_watermark + 1, 100),
+        Some(Err(StoreError::OffsetOutOfRange { .. }))
+    ));
+}
+
+/// The cache keeps to `storage.tail_cache_bytes_max`: older batches are read from the database,
+/// and the bytes it holds never exceed the limit.
+#[tokio::test]
+async fn the_tail_cache_keeps_to_its_budget_and_older_reads_go_to_the_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(StorageConfig { tail_cache_bytes_max: 4096, ..config(dir.path()) }).expect("open").0;
+    store
+        .create_topic("t", 2, TopicConfig { compression: Codec::None, ..TopicConfig::default() })
+        .await
+        .expect("create");
+    let big = |i: usize| NewRecord::new(None::<Bytes>, Bytes::from(vec![i as u8; 700]));
+    for i in 0..30 {
+        store.append_records("t", (i % 2) as i32, vec![big(i)]).await.expect("append");
+        assert!(store.stats().tail_cache_bytes <= 4096, "{:?}", store.stats());
+    }
+    assert!(store.fetch_cached("t", 0, 0, 1 << 20).is_none(), "the oldest batches left the cache");
+    assert_eq!(store.fetch_cached("t", 0, 14, 1 << 20).map(|r| r.map(|f| f.next_offset).ok()), Some(Some(15)));
+    let misses = store.stats().tail_cache_misses;
+    let all = store.read_records("t", 0, 0, 1 << 20).expect("from the database");
+    assert_eq!(all.len(), 15);
+    assert!(store.stats().tail_cache_misses > misses);
+    // Turned off: nothing is held, everything still reads.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let off = Store::open(StorageConfig { tail_cache_bytes_max: 0, ..config(dir2.path()) }).expect("open").0;
+    off.create_topic("t", 1, TopicConfig::default()).await.expect("create");
+    off.append_records("t", 0, vec![rec(1)]).await.expect("append");
+    assert!(off.fetch_cached("t", 0, 0, 100).is_none());
+    assert_eq!(off.read_records("t", 0, 0, 100).expect("read").len(), 1);
+    assert_eq!(off.stats().tail_cache_bytes, 0);
+}
+
+/// Retention and topic deletion: the cache never serves a batch below the log start, nor an old
+/// topic's batches to a new topic of the same name.
+#[tokio::test]
+async fn the_tail_cache_serves_nothing_below_the_log_start_or_of_a_deleted_topic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let cfg = TopicConfig { retention_bytes: Some(5_000), compression: Codec::None, ..TopicConfig::default() };
+    store.create_topic("t", 1, cfg).await.expect("create");
+    let big = |i: usize| NewRecord::new(None::<Bytes>, Bytes::from(vec![i as u8; 1000]));
+    for i in 0..30 {
+        store.append_records("t", 0, vec![big(i)]).await.expect("append");
+    }
+    let wm = store.watermarks("t", 0).expect("wm");
+    assert!(wm.log_start_offset > 0, "{wm:?}");
+    assert!(matches!(store.fetch_cached("t", 0, 0, 100), Some(Err(StoreError::OffsetOutOfRange { offset: 0, .. }))));
+    store.delete_topic("t").await.expect("delete");
+    store.create_topic("t", 1, TopicConfig::default()).await.expect("recreate");
+    store.append_records("t", 0, vec![rec(7)]).await.expect("append");
+    let back = store.read_records_cached("t", 0, 0, 1 << 20).expect("held").expect("read");
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].value.as_deref(), Some(&b"value-7"[..]));
+}

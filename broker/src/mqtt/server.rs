@@ -188,6 +188,9 @@ const RETAINED_PAGE_EXAMINE: usize = 256;
 const RETAINED_PAGE_QOS0: usize = 64;
 /// Bytes of retained payloads one page reads at most (at least one message).
 const RETAINED_PAGE_BYTES: u64 = 256 * 1024;
+/// Most bytes of stored batches a delivery decodes in place from the store's tail cache (more is
+/// read on the blocking pool), so an async worker never spends long decompressing.
+const IN_PLACE_READ_BYTES: usize = 64 * 1024;
 /// Log chunks one delivery round reads at most before the session looks at its socket again.
 const DELIVERY_READS_MAX: usize = 16;
 /// Stored sessions the sweep reads per page (each is bounded by the subscription and in-flight
@@ -1858,11 +1861,18 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, ahead: &mut ReadAhead) -> Resu
             let mut records = match ahead.take(&log_topic, p, from) {
                 Some(kept) => kept,
                 None => {
-                    let (store, t) = (ctx.store.clone(), log_topic.clone());
-                    let read = off_worker(move || store.read_records(&t, p, from, read_bytes))
-                        .await?
-                        .map_err(|e| e.to_string())?;
-                    read.into()
+                    // At the tail the store's cache has the batches: read them in place; else
+                    // read the database on the blocking pool.
+                    let cached =
+                        ctx.store.read_records_cached(&log_topic, p, from, read_bytes.min(IN_PLACE_READ_BYTES));
+                    let read = match cached {
+                        Some(read) => read,
+                        None => {
+                            let (store, t) = (ctx.store.clone(), log_topic.clone());
+                            off_worker(move || store.read_records(&t, p, from, read_bytes)).await?
+                        }
+                    };
+                    read.map_err(|e| e.to_string())?.into()
                 }
             };
             let mut next = from;

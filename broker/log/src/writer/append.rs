@@ -106,6 +106,10 @@ impl Writer {
         value[..VALUE_PREFIX_LEN].copy_from_slice(&now.to_be_bytes());
         let batch_len = value.len() - VALUE_PREFIX_LEN;
         t.log.insert((pkey, m.next_offset), &*value)?;
+        if self.tail.enabled() {
+            let batch = bytes::Bytes::copy_from_slice(&value[VALUE_PREFIX_LEN..]);
+            r.cached.push((pkey, m.next_offset as i64, h.next_offset(), batch));
+        }
         if m.batches == 0 {
             r.fronts.insert(pkey, Some(now));
         }

@@ -285,6 +285,8 @@ struct Round {
     /// Something was written for a client (a batch, a key, a topic change, the probe's
     /// counter): its commit shows the write path works again after a fault.
     wrote: bool,
+    /// Batches written this round for the tail cache: partition, base and next offset, the batch.
+    cached: Vec<(u64, i64, i64, bytes::Bytes)>,
 }
 
 struct Tables<'t> {
@@ -330,6 +332,8 @@ pub(crate) struct Writer {
     producers: ProducerStates,
     /// Set by a failed write, cleared by the next successful one.
     fault: Option<Fault>,
+    /// The tail cache's budget (`storage.tail_cache_bytes_max`).
+    tail: crate::tail::TailBudget,
 }
 
 /// Whether a failed round means the database must be reopened: redb latches an I/O failure
@@ -341,6 +345,7 @@ fn is_storage_fault(e: &StoreError) -> bool {
 impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, db: Arc<Database>, loaded: Loaded) -> Self {
         let cfg = shared.config.clone();
+        let tail = crate::tail::TailBudget::new(cfg.tail_cache_bytes_max);
         let mut w = Self {
             shared,
             db: Some(db),
@@ -357,6 +362,7 @@ impl Writer {
             last_time_retention: Instant::now(),
             producers: ProducerStates::new(1),
             fault: None,
+            tail,
         };
         w.adopt(loaded);
         w
@@ -365,6 +371,10 @@ impl Writer {
     /// Takes over the state read from the database (at open and after a reopen); the topic map
     /// in `Shared` must already hold the partition states.
     fn adopt(&mut self, loaded: Loaded) {
+        // What was cached stays true, but the partitions may be new objects: start afresh.
+        for p in self.pstates.values() {
+            self.tail.clear(&p.tail);
+        }
         self.pstates.clear();
         if let Ok(topics) = self.shared.topics.read() {
             for t in topics.values() {
@@ -763,6 +773,13 @@ impl Writer {
         for (k, e) in r.producers {
             self.producers.insert(k, e);
         }
+        // Into the cache before the watermarks move, so a woken reader finds the batches there.
+        for (pkey, base, next, bytes) in r.cached {
+            if let Some(p) = self.pstates.get(&pkey) {
+                self.tail.add(&p.tail, base, next, bytes);
+            }
+        }
+        self.shared.counters.tail_cache_bytes.store(self.tail.held_bytes() as u64, Ordering::Relaxed);
         for (pkey, m) in r.metas {
             match m {
                 Some(m) => {
@@ -792,6 +809,7 @@ impl Writer {
                     self.fronts.remove(&pkey);
                     self.ratios.remove(&pkey);
                     if let Some(p) = self.pstates.remove(&pkey) {
+                        self.tail.clear(&p.tail);
                         p.signal.send_modify(|s| s.deleted = true);
                     }
                 }

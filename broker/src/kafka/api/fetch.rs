@@ -102,13 +102,25 @@ pub(crate) async fn fetch(
         parts.iter().filter(|s| !s.denied).filter_map(|s| ctx.store.watch(&s.topic, s.partition).ok()).collect();
     loop {
         let mut permit = ctx.reserve(reserve as u64).await;
-        let store = ctx.store.clone();
-        let stats = ctx.stats.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let (total, any_error) = read_round(&store, &mut parts, limit, &stats.fetch_partition_reads);
-            (parts, total, any_error)
-        })
-        .await;
+        // Readers at the tail are served from the store's tail cache in place; anything else
+        // reads the database on the blocking pool.
+        let in_place = (parts.len() <= IN_PLACE_PARTITIONS_MAX)
+            .then(|| read_round(&ctx.store, &mut parts, limit, &ctx.stats.fetch_partition_reads, Source::Memory))
+            .flatten();
+        let read = match in_place {
+            Some((total, any_error)) => Ok((parts, total, any_error)),
+            None => {
+                let store = ctx.store.clone();
+                let stats = ctx.stats.clone();
+                tokio::task::spawn_blocking(move || {
+                    let (total, any_error) =
+                        read_round(&store, &mut parts, limit, &stats.fetch_partition_reads, Source::Database)
+                            .unwrap_or_default();
+                    (parts, total, any_error)
+                })
+                .await
+            }
+        };
         let (back, total, any_error) = match read {
             Ok(r) => r,
             // The read panicked (a bug): answer nothing rather than take the connection down.
@@ -145,15 +157,31 @@ pub(crate) async fn fetch(
     }
 }
 
+/// A fetch over more partitions than this always reads on the blocking pool, so an async worker
+/// never spends long on one request.
+const IN_PLACE_PARTITIONS_MAX: usize = 256;
+
+/// Where `read_round` may read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The store's tail cache only: the round gives up (`None`) at the first partition it
+    /// would have to read from the database. Never blocks.
+    Memory,
+    /// The database (blocking: call on the blocking pool).
+    Database,
+}
+
 /// One pass over the partitions, in order, within `limit` bytes (the first non-empty partition
 /// may exceed it, KIP-74). Once the limit is reached the rest are answered from their watermarks
-/// alone. Returns the bytes read and whether a partition failed.
+/// alone. Returns the bytes read and whether a partition failed (always `Some` from the
+/// database).
 fn read_round(
     store: &Store,
     parts: &mut [FetchedPartition],
     limit: usize,
     reads: &std::sync::atomic::AtomicU64,
-) -> (usize, bool) {
+    source: Source,
+) -> Option<(usize, bool)> {
     let mut remaining = limit;
     let mut total = 0usize;
     let mut any_error = false;
@@ -175,8 +203,13 @@ fn read_round(
                 }
             })
         } else {
+            let max_bytes = s.max_bytes.min(remaining).max(1);
+            let fetched = match source {
+                Source::Memory => store.fetch_cached(&s.topic, s.partition, s.offset, max_bytes)?,
+                Source::Database => store.fetch(&s.topic, s.partition, s.offset, max_bytes),
+            };
             reads.fetch_add(1, Ordering::Relaxed);
-            store.fetch(&s.topic, s.partition, s.offset, s.max_bytes.min(remaining).max(1)).map(|f| {
+            fetched.map(|f| {
                 // Only the first non-empty partition may exceed the limit (KIP-74).
                 let data = if total > 0 && f.data.len() > remaining { Bytes::new() } else { f.data };
                 (data, f.watermarks)
@@ -194,7 +227,7 @@ fn read_round(
             }
         });
     }
-    (total, any_error)
+    Some((total, any_error))
 }
 
 fn put_str(b: &mut BytesMut, s: &str) {
