@@ -9,7 +9,8 @@
 //! partitions, never exceed the budget.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::{Bytes, BytesMut};
 
@@ -27,6 +28,30 @@ struct Cached {
 #[derive(Debug, Default)]
 pub(crate) struct PartitionTail {
     batches: Mutex<VecDeque<Cached>>,
+    /// The budget's count of what is held, set by the first batch added: every change here (and
+    /// dropping the partition) is counted there, so the total stays exact whatever happens to
+    /// the partition.
+    held: OnceLock<Arc<Held>>,
+}
+
+/// Bytes and batches held by the cache over all partitions.
+#[derive(Debug, Default)]
+struct Held {
+    bytes: AtomicUsize,
+    batches: AtomicUsize,
+}
+
+impl Held {
+    fn add(&self, bytes: usize, batches: usize) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.batches.fetch_add(batches, Ordering::Relaxed);
+    }
+
+    fn sub(&self, bytes: usize, batches: usize) {
+        let before = self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let before_batches = self.batches.fetch_sub(batches, Ordering::Relaxed);
+        debug_assert!(bytes <= before && batches <= before_batches, "tail cache accounting went below zero");
+    }
 }
 
 /// What a read from the cache found: whole batches from the one holding the asked offset.
@@ -35,13 +60,6 @@ pub(crate) struct TailRead {
     pub data: Bytes,
     pub batches: usize,
     pub next_offset: i64,
-}
-
-/// Bytes and batches that left the cache.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Freed {
-    bytes: usize,
-    batches: usize,
 }
 
 impl PartitionTail {
@@ -83,27 +101,28 @@ impl PartitionTail {
     }
 
     /// Adds a committed batch at the end. A batch that does not continue the cached ones (the
-    /// cache was behind, or a gap) replaces them; what that dropped is returned.
-    fn push(&self, batch: Cached) -> Freed {
+    /// cache was behind, or a gap) replaces them.
+    fn push(&self, held: &Arc<Held>, batch: Cached) {
         debug_assert!(batch.next_offset > batch.base_offset, "an empty batch {batch:?}");
-        let Ok(mut batches) = self.batches.lock() else { return Freed::default() };
-        let mut freed = Freed::default();
+        let account = self.held.get_or_init(|| held.clone());
+        debug_assert!(Arc::ptr_eq(account, held), "a partition's tail belongs to one budget");
+        let Ok(mut batches) = self.batches.lock() else { return };
         if batches.back().is_some_and(|b| b.next_offset != batch.base_offset) {
-            freed = Self::drain(&mut batches);
+            Self::drain(&mut batches, account);
         }
         debug_assert!(batches.back().is_none_or(|b| b.seq < batch.seq));
+        account.add(batch.bytes.len(), 1);
         batches.push_back(batch);
-        freed
     }
 
     /// Removes the oldest batch if it is the one that entered as `seq`.
-    fn pop_front_if(&self, seq: u64) -> Freed {
-        let Ok(mut batches) = self.batches.lock() else { return Freed::default() };
-        match batches.front() {
-            Some(b) if b.seq == seq => {
-                batches.pop_front().map_or(Freed::default(), |b| Freed { bytes: b.bytes.len(), batches: 1 })
+    fn pop_front_if(&self, seq: u64) {
+        let Some(account) = self.held.get() else { return };
+        let Ok(mut batches) = self.batches.lock() else { return };
+        if batches.front().is_some_and(|b| b.seq == seq) {
+            if let Some(b) = batches.pop_front() {
+                account.sub(b.bytes.len(), 1);
             }
-            _ => Freed::default(),
         }
     }
 
@@ -113,23 +132,32 @@ impl PartitionTail {
         self.batches.lock().is_ok_and(|b| b.front().is_some_and(|f| f.seq <= seq))
     }
 
-    fn drain(batches: &mut VecDeque<Cached>) -> Freed {
-        let freed = Freed { bytes: batches.iter().map(|b| b.bytes.len()).sum(), batches: batches.len() };
+    fn drain(batches: &mut VecDeque<Cached>, account: &Held) {
+        account.sub(batches.iter().map(|b| b.bytes.len()).sum(), batches.len());
         batches.clear();
-        freed
     }
 
-    fn clear(&self) -> Freed {
-        self.batches.lock().map(|mut b| Self::drain(&mut b)).unwrap_or_default()
+    /// Drops every cached batch (the partition was deleted, or the store reopened).
+    pub fn clear(&self) {
+        let Some(account) = self.held.get() else { return };
+        if let Ok(mut batches) = self.batches.lock() {
+            Self::drain(&mut batches, account);
+        }
     }
 }
 
-/// The writer's side: which batch of which partition entered the cache when, and what is held,
-/// so the oldest batch leaves first and the total stays within the budget.
+impl Drop for PartitionTail {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// The writer's side: which batch of which partition entered the cache when, so the oldest
+/// batch leaves first and the total stays within the budget.
 #[derive(Debug)]
 pub(crate) struct TailBudget {
     limit_bytes: usize,
-    held: Freed,
+    held: Arc<Held>,
     next_seq: u64,
     /// Batches in order of entry. An entry whose batch already left (its partition was cleared,
     /// deleted or replaced its batches) is skipped when it comes up, and such entries are
@@ -141,7 +169,7 @@ impl TailBudget {
     pub fn new(limit_bytes: u64) -> Self {
         Self {
             limit_bytes: usize::try_from(limit_bytes).unwrap_or(usize::MAX),
-            held: Freed::default(),
+            held: Arc::default(),
             next_seq: 0,
             order: VecDeque::new(),
         }
@@ -152,7 +180,11 @@ impl TailBudget {
     }
 
     pub fn held_bytes(&self) -> usize {
-        self.held.bytes
+        self.held.bytes.load(Ordering::Relaxed)
+    }
+
+    fn held_batches(&self) -> usize {
+        self.held.batches.load(Ordering::Relaxed)
     }
 
     /// Adds a committed batch to `tail`, first evicting the oldest batches of all partitions
@@ -161,44 +193,24 @@ impl TailBudget {
         let len = bytes.len();
         if len > self.limit_bytes {
             // Not cached; what is cached of this partition no longer leads up to the tail.
-            self.clear(tail);
+            tail.clear();
             return;
         }
-        while self.held.bytes + len > self.limit_bytes {
+        while self.held_bytes() + len > self.limit_bytes {
             let Some((weak, seq)) = self.order.pop_front() else { break };
             if let Some(t) = weak.upgrade() {
-                let freed = t.pop_front_if(seq);
-                self.debit(freed);
+                t.pop_front_if(seq);
             }
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let dropped = tail.push(Cached { seq, base_offset, next_offset, bytes });
-        self.debit(dropped);
-        self.held.bytes += len;
-        self.held.batches += 1;
+        tail.push(&self.held, Cached { seq, base_offset, next_offset, bytes });
         self.order.push_back((Arc::downgrade(tail), seq));
-        if self.order.len() > 2 * self.held.batches + 1024 {
+        if self.order.len() > 2 * self.held_batches() + 1024 {
             self.order.retain(|(weak, seq)| weak.upgrade().is_some_and(|t| t.holds(*seq)));
         }
-        debug_assert!(self.held.bytes <= self.limit_bytes);
-        debug_assert!(self.order.len() >= self.held.batches);
-    }
-
-    /// Forgets a partition's batches (deleted, or its store was reopened).
-    pub fn clear(&mut self, tail: &PartitionTail) {
-        let freed = tail.clear();
-        self.debit(freed);
-    }
-
-    fn debit(&mut self, freed: Freed) {
-        debug_assert!(
-            freed.bytes <= self.held.bytes && freed.batches <= self.held.batches,
-            "tail cache: {:?} - {freed:?} goes below zero",
-            self.held
-        );
-        self.held.bytes = self.held.bytes.saturating_sub(freed.bytes);
-        self.held.batches = self.held.batches.saturating_sub(freed.batches);
+        debug_assert!(self.held_bytes() <= self.limit_bytes, "tail cache over its budget");
+        debug_assert!(self.order.len() >= self.held_batches());
     }
 }
 
@@ -262,7 +274,7 @@ mod tests {
         let tail = Arc::new(PartitionTail::default());
         let mut budget = TailBudget::new(1000);
         budget.add(&tail, 0, 10, batch(400));
-        budget.clear(&tail);
+        tail.clear();
         drop(tail);
         assert_eq!(budget.held_bytes(), 0);
         let other = Arc::new(PartitionTail::default());
@@ -276,11 +288,23 @@ mod tests {
         let tail = Arc::new(PartitionTail::default());
         for i in 0..20_000i64 {
             budget.add(&tail, i, i + 1, batch(10));
-            assert!(budget.order.len() <= 2 * budget.held.batches + 1024, "{} entries", budget.order.len());
+            assert!(budget.order.len() <= 2 * budget.held_batches() + 1024, "{} entries", budget.order.len());
             if i % 2 == 1 {
-                budget.clear(&tail);
+                tail.clear();
             }
         }
-        assert_eq!(budget.held, Freed { bytes: 0, batches: 0 });
+        assert_eq!((budget.held_bytes(), budget.held_batches()), (0, 0));
+    }
+
+    #[test]
+    fn a_partition_dropped_with_batches_in_it_gives_its_bytes_back() {
+        let mut budget = TailBudget::new(1000);
+        let gone = Arc::new(PartitionTail::default());
+        budget.add(&gone, 0, 3, batch(600));
+        drop(gone);
+        assert_eq!(budget.held_bytes(), 0);
+        let other = Arc::new(PartitionTail::default());
+        budget.add(&other, 0, 1, batch(1000));
+        assert_eq!((budget.held_bytes(), budget.held_batches()), (1000, 1));
     }
 }

@@ -373,7 +373,7 @@ impl Writer {
     fn adopt(&mut self, loaded: Loaded) {
         // What was cached stays true, but the partitions may be new objects: start afresh.
         for p in self.pstates.values() {
-            self.tail.clear(&p.tail);
+            p.tail.clear();
         }
         self.pstates.clear();
         if let Ok(topics) = self.shared.topics.read() {
@@ -809,7 +809,7 @@ impl Writer {
                     self.fronts.remove(&pkey);
                     self.ratios.remove(&pkey);
                     if let Some(p) = self.pstates.remove(&pkey) {
-                        self.tail.clear(&p.tail);
+                        p.tail.clear();
                         p.signal.send_modify(|s| s.deleted = true);
                     }
                 }
