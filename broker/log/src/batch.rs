@@ -557,6 +557,28 @@ pub fn encode_gap_batch(base_offset: i64, count: i64, timestamp_ms: i64) -> Vec<
     out
 }
 
+/// Index of the first record without a key in a validated batch, if any (compacted topics
+/// refuse such records). Decompresses within `decompressed_limit`.
+pub fn first_keyless(batch: &[u8], decompressed_limit: u64) -> Result<Option<u64>, BatchError> {
+    let h = BatchHeader::parse(batch)?;
+    let end = h.total_len().min(batch.len());
+    let payload = &batch[HEADER_LEN.min(end)..end];
+    let codec = h.codec()?;
+    let inflated;
+    let data = if codec == Codec::None {
+        payload
+    } else {
+        inflated = compression::decompress(codec, payload, decompressed_limit)?;
+        &inflated[..]
+    };
+    for (i, r) in RecordIter::new(data).enumerate() {
+        if r?.key.is_none() {
+            return Ok(Some(i as u64));
+        }
+    }
+    Ok(None)
+}
+
 /// Decodes every record of a stored batch (trusted: validated when it was appended, but still
 /// decoded defensively and within `decompressed_limit`). A control batch (a gap the store wrote)
 /// holds no records for readers: it yields none; readers continue at its `next_offset()`.
@@ -698,6 +720,16 @@ mod tests {
         assert_eq!(validate(&b, 1 << 20), Err(BatchError::Control));
         let widest = BatchHeader::parse(&encode_gap_batch(0, GAP_OFFSETS_MAX, 0)).expect("header");
         assert_eq!(widest.next_offset(), GAP_OFFSETS_MAX);
+    }
+
+    #[test]
+    fn first_keyless_finds_the_record_index_in_every_codec() {
+        // sample(): every third record (0, 3, ...) has no key.
+        for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
+            assert_eq!(first_keyless(&encode(&sample(5), codec), 1 << 20), Ok(Some(0)));
+            assert_eq!(first_keyless(&encode(&sample(5)[1..3], codec), 1 << 20), Ok(None));
+            assert_eq!(first_keyless(&encode(&sample(5)[1..], codec), 1 << 20), Ok(Some(2)));
+        }
     }
 
     #[test]

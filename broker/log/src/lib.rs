@@ -30,7 +30,9 @@ use redb::{Database, ReadableDatabase, StorageBackend};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use batch::{BatchHeader, NewRecord, StoredRecord};
-pub use config::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig, TopicTemplate};
+pub use config::{
+    CleanupPolicy, Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig, TopicTemplate,
+};
 pub use error::StoreError;
 use tables::{split_value, LOG, TIME_INDEX};
 pub use writer::validate_topic_name;
@@ -704,6 +706,11 @@ impl Store {
         }
         let (t, p) = self.partition_state(topic, partition)?;
         let header: BatchHeader = batch::validate(&batch, cfg.decompressed_size_bytes_max)?;
+        if t.config.compacted() {
+            if let Some(index) = batch::first_keyless(&batch, cfg.decompressed_size_bytes_max)? {
+                return Err(StoreError::KeylessRecord { topic: topic.to_string(), partition, index });
+            }
+        }
         // One copy, with room in front for the stored value's append-time prefix.
         let mut bytes = BytesMut::with_capacity(tables::VALUE_PREFIX_LEN + batch.len());
         bytes.extend_from_slice(&[0u8; tables::VALUE_PREFIX_LEN]);
@@ -760,6 +767,11 @@ impl Store {
             return Err(StoreError::AppendTooLarge { size: size as u64, max: cfg.append_size_bytes_max.into() });
         }
         let (t, p) = self.partition_state(topic, partition)?;
+        if t.config.compacted() {
+            if let Some(index) = records.iter().position(|r| r.key.is_none()) {
+                return Err(StoreError::KeylessRecord { topic: topic.to_string(), partition, index: index as u64 });
+            }
+        }
         let rx = self
             .enqueue(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Records(records), kv, reply })
             .await?;
@@ -1156,5 +1168,7 @@ fn spawn_ticker(
     Ok((stop_tx, handle))
 }
 
+#[cfg(test)]
+mod compaction_tests;
 #[cfg(test)]
 mod tests;

@@ -175,7 +175,11 @@ impl Writer {
             Err(_) => return Ok(()),
         };
         for topic in topics {
-            let Some(ms) = topic.config.retention_ms else { continue };
+            // `retention.ms` deletes only under `cleanup.policy` delete (Kafka: a compact-only
+            // topic keeps every key's latest record whatever its age).
+            let Some(ms) = topic.config.retention_ms.filter(|_| topic.config.cleanup_policy.deletes()) else {
+                continue;
+            };
             let cutoff = now.saturating_sub(ms as i64);
             for p in &topic.partitions {
                 while freed < cap {
