@@ -47,3 +47,133 @@ async fn compacted_topics_refuse_keyless_records_in_batches_and_single_records()
     store.append_batch("d", 0, Bytes::from(b)).await.expect("stored");
     store.append_records("c", 0, vec![keyed("a", Some("1"))]).await.expect("keyed is fine");
 }
+
+/// A store whose compaction looks for work every 10 ms and steps through `step_bytes` per round.
+fn open_compacting(dir: &std::path::Path, step_bytes: u64, memory_bytes: u64) -> Store {
+    let cfg = StorageConfig {
+        retention_check_interval_ms: 10,
+        compaction_bytes_per_commit_max: step_bytes,
+        compaction_memory_bytes_max: memory_bytes,
+        ..config(dir)
+    };
+    Store::open(cfg).expect("open").0
+}
+
+/// Polls the store's counters until `done` holds (a deadline, not a sleep to synchronise).
+async fn wait_stats(store: &Store, what: &str, done: impl Fn(&StoreStats) -> bool) -> StoreStats {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s = store.stats();
+        if done(&s) {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}: {s:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Every record of a partition from its log start, as (offset, key, value).
+fn read_all(store: &Store, topic: &str) -> Vec<(i64, String, Option<String>)> {
+    let wm = store.watermarks(topic, 0).expect("wm");
+    let mut out = Vec::new();
+    let mut at = wm.log_start_offset;
+    while at < wm.high_watermark {
+        let f = store.fetch(topic, 0, at, 1 << 20).expect("fetch");
+        let mut data = &f.data[..];
+        while !data.is_empty() {
+            let len = batch::BatchHeader::parse(data).expect("header").total_len();
+            for r in batch::decode_records(&data[..len], 1 << 30).expect("decode") {
+                if r.offset >= at {
+                    let s = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
+                    out.push((r.offset, r.key.as_ref().map(s).unwrap_or_default(), r.value.as_ref().map(s)));
+                }
+            }
+            data = &data[len..];
+        }
+        assert!(f.next_offset > at, "fetch moves on");
+        at = f.next_offset;
+    }
+    out
+}
+
+/// The partition's stored batches summed from the table must equal its accounted bytes.
+fn assert_accounting_exact(store: &Store, topic: &str) {
+    let info = store.partition_info(topic, 0).expect("info");
+    let db = store.inner.shared.db.read().expect("db").clone().expect("open");
+    let rtx = redb::ReadableDatabase::begin_read(&*db).expect("read");
+    let log = rtx.open_table(tables::LOG).expect("log");
+    let key = store.topic_state(topic).expect("topic").partitions[0].key;
+    let (mut logical, mut fp) = (0u64, 0u64);
+    for e in log.range((key, 0u64)..=(key, u64::MAX)).expect("range") {
+        let (_, v) = e.expect("entry");
+        logical += (v.value().len() - tables::VALUE_PREFIX_LEN) as u64;
+        fp += tables::footprint(v.value().len());
+    }
+    assert_eq!((info.logical_bytes, info.footprint_bytes), (logical, fp), "accounting matches the table");
+}
+
+/// Kafka's view after compaction: the latest record per key, at its original offset; removed
+/// records leave offset gaps; the newest batch (the active tail) is untouched; the byte
+/// accounting stays exact; the tail cache never serves a batch compaction rewrote.
+#[tokio::test]
+async fn compaction_keeps_the_latest_record_per_key_at_its_original_offset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_compacting(dir.path(), 1 << 20, 1 << 20);
+    // min.compaction.lag.ms of an hour first: nothing may be compacted yet.
+    let cfg = TopicConfig { min_cleanable_dirty_ratio_ppm: 100_000, min_compaction_lag_ms: 3_600_000, ..compacted() };
+    store.create_topic("c", 1, cfg.clone()).await.expect("create");
+    // 10 keys x 20 versions, one record per append (one batch each).
+    for v in 0..20 {
+        for k in 0..10 {
+            store.append_records("c", 0, vec![keyed(&format!("k{k}"), Some(&format!("v{v}")))]).await.expect("append");
+        }
+    }
+    // Read once so the tail cache holds batches that compaction then rewrites.
+    assert_eq!(read_all(&store, "c").len(), 200);
+    let s = wait_stats(&store, "a look at the dirty partition", |s| s.compaction_dirty_bytes > 0).await;
+    assert_eq!((s.compaction_passes, s.compaction_removed_records), (0, 0), "within min.compaction.lag.ms");
+    assert_eq!(s.compaction_dirty_ratio_max_ppm, 1_000_000);
+    assert_eq!(read_all(&store, "c").len(), 200);
+    assert!(store.stats().tail_cache_bytes > 0, "the tail cache holds the batches");
+    store.alter_topic_config("c", TopicConfig { min_compaction_lag_ms: 0, ..cfg }).await.expect("alter");
+    let s = wait_stats(&store, "a pass", |s| s.compaction_passes >= 1).await;
+    assert!(s.compaction_removed_records >= 180, "{s:?}");
+    let all = read_all(&store, "c");
+    // Offsets 190..=199 hold the latest of every key. k9's latest (199) is the active tail,
+    // which compaction neither rewrites nor maps (as Kafka's active segment), so k9's version
+    // before it (189) stays until the next pass; nothing else before 190 survives.
+    let mut expect: Vec<(i64, String, Option<String>)> = vec![(189, "k9".to_string(), Some("v18".to_string()))];
+    expect.extend((0..10).map(|k| (190 + k as i64, format!("k{k}"), Some("v19".to_string()))));
+    assert_eq!(all, expect);
+    assert_eq!(store.watermarks("c", 0).expect("wm"), Watermarks { log_start_offset: 0, high_watermark: 200 });
+    assert_accounting_exact(&store, "c");
+    assert_eq!(store.stats().logical_bytes, store.partition_info("c", 0).expect("info").logical_bytes);
+    // A reader at offset 0 (removed) is served from the next batch, as Kafka does.
+    let f = store.fetch("c", 0, 0, 1 << 20).expect("fetch at a removed offset");
+    assert_eq!(batch::decode_records(&f.data, 1 << 20).expect("decode")[0].offset, 189);
+    // Appends go on after compaction, at the next offsets.
+    let o = store.append_records("c", 0, vec![keyed("k0", Some("v20"))]).await.expect("append");
+    assert_eq!(o.base_offset, 200);
+}
+
+/// Several records per batch: a rewritten batch keeps its base offset and offset span, only the
+/// superseded records go (consumers see gaps inside it).
+#[tokio::test]
+async fn partially_superseded_batches_are_rewritten_in_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_compacting(dir.path(), 1 << 20, 1 << 20);
+    store.create_topic("c", 1, TopicConfig { min_cleanable_dirty_ratio_ppm: 0, ..compacted() }).await.expect("create");
+    let batch = |names: &[&str], v: &str| names.iter().map(|n| keyed(n, Some(v))).collect::<Vec<_>>();
+    store.append_records("c", 0, batch(&["a", "b", "c", "d"], "1")).await.expect("append"); // 0..=3
+    store.append_records("c", 0, batch(&["b", "d"], "2")).await.expect("append"); // 4..=5
+    store.append_records("c", 0, batch(&["z"], "tail")).await.expect("append"); // 6: active tail
+    wait_stats(&store, "a pass", |s| s.compaction_passes >= 1).await;
+    let all = read_all(&store, "c");
+    let got: Vec<(i64, &str, &str)> =
+        all.iter().map(|(o, k, v)| (*o, k.as_str(), v.as_deref().unwrap_or("-"))).collect();
+    assert_eq!(got, [(0, "a", "1"), (2, "c", "1"), (4, "b", "2"), (5, "d", "2"), (6, "z", "tail")]);
+    let f = store.fetch("c", 0, 0, 1 << 20).expect("fetch");
+    let h = batch::BatchHeader::parse(&f.data).expect("header");
+    assert_eq!((h.base_offset, h.last_offset(), h.record_count), (0, 3, 2), "offset span kept, 2 records left");
+    assert_accounting_exact(&store, "c");
+}

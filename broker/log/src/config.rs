@@ -505,6 +505,14 @@ pub struct StorageConfig {
     /// database read or a blocking-pool thread. Shared by all partitions, the oldest batch
     /// leaves first; 0 turns the cache off.
     pub tail_cache_bytes_max: u64,
+    /// Compaction of `cleanup.policy=compact` topics reads (and rewrites) at most this many
+    /// bytes of batches per commit, so it never holds appends up for long; a pass continues in
+    /// the next commits (Kafka's cleaner I/O throttle, per commit).
+    pub compaction_bytes_per_commit_max: u64,
+    /// Memory for compaction's map of keys to their latest offsets (Kafka's
+    /// `log.cleaner.dedupe.buffer.size`); a partition with more keys is compacted in several
+    /// passes.
+    pub compaction_memory_bytes_max: u64,
 }
 
 impl Default for StorageConfig {
@@ -531,6 +539,8 @@ impl Default for StorageConfig {
             producer_states_max: 4096,
             blocking_threads_max: 8,
             tail_cache_bytes_max: 4 * MIB,
+            compaction_bytes_per_commit_max: 4 * MIB,
+            compaction_memory_bytes_max: 8 * MIB,
         }
     }
 }
@@ -567,6 +577,8 @@ impl StorageConfig {
         range("producer_states_max", self.producer_states_max.into(), 1, 10_000_000)?;
         range("blocking_threads_max", self.blocking_threads_max.into(), 1, 512)?;
         range("tail_cache_bytes_max", self.tail_cache_bytes_max, 0, GIB)?;
+        range("compaction_bytes_per_commit_max", self.compaction_bytes_per_commit_max, 4 * KIB, 4 * GIB)?;
+        range("compaction_memory_bytes_max", self.compaction_memory_bytes_max, 4 * KIB, 16 * GIB)?;
         Ok(())
     }
 

@@ -31,6 +31,7 @@ impl Writer {
             return Ok(None);
         };
         t.log.remove((pkey, base))?;
+        self.clean_front_removed(t, r, pkey, base, batch_len)?;
         let fp = footprint(value_len);
         debug_assert!(next > m.log_start_offset && next <= m.next_offset, "front batch ends at {next}: {m:?}");
         m.log_start_offset = next;
