@@ -658,7 +658,11 @@ impl Writer {
                     break 'apply Err(e);
                 }
             }
-            let check = self.last_compaction_check.elapsed().as_millis() as u64 >= self.cfg.retention_check_interval_ms;
+            // Compaction looks for work at the ticker's period (the shorter of the retention
+            // check and relaxed flush intervals): a look is two b-tree lookups per compacted
+            // partition.
+            let period = self.cfg.retention_check_interval_ms.min(self.cfg.relaxed_flush_interval_ms);
+            let check = self.last_compaction_check.elapsed().as_millis() as u64 >= period;
             if check {
                 self.last_compaction_check = Instant::now();
             }
