@@ -142,3 +142,42 @@ async fn librdkafka_sees_kafkas_compacted_view_and_tombstones_expire() {
     // Offsets are never reused: the next record goes after the last one produced.
     assert_eq!(send(&producer, Some("meter-01"), Some("again")).await, Ok(produced as i64));
 }
+
+/// An MQTT 5 publish routed to a compacted log topic without a record key is refused like a
+/// keyless Kafka record: PUBACK with reason code 0x80 (Unspecified error, what the MQTT front
+/// end answers for a refused store write; [MQTT-3.4.2-1]: the PUBACK carries the reason), and
+/// nothing is stored; a route that gives a key is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_publishes_without_a_key_to_a_compacted_topic_are_refused() {
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use tributary_broker::mqtt::{MqttConfig, Route};
+    let route = |filter: &str, key: &str| Route {
+        filter: filter.into(),
+        topic: "device-state".into(),
+        key: key.into(),
+        compression: None,
+    };
+    let cfg = MqttConfig { routes: vec![route("keyed/+", "{1}"), route("unkeyed/+", "")], ..MqttConfig::default() };
+    let broker = KafkaBroker::start_with_mqtt(cfg).await;
+    let compact = tributary_broker::TopicConfig {
+        cleanup_policy: tributary_broker::storage::CleanupPolicy::Compact,
+        ..tributary_broker::TopicConfig::default()
+    };
+    broker.store.create_topic("device-state", 1, compact).await.expect("create");
+    let mut o = rumqttc::v5::MqttOptions::new("state-gw", "127.0.0.1", broker.mqtt.port());
+    o.set_keep_alive(Duration::from_secs(10));
+    let (c, ev) = rumqttc::v5::AsyncClient::new(o, 100);
+    let mut rx = crate::mqtt::pump5(ev);
+    c.publish("keyed/dev-1", Q5::AtLeastOnce, false, "on").await.expect("publish");
+    let P5::PubAck(ack) = crate::mqtt::next(&mut rx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await else {
+        unreachable!()
+    };
+    assert_eq!(ack.reason, PubAckReason::Success);
+    c.publish("unkeyed/dev-1", Q5::AtLeastOnce, false, "on").await.expect("publish");
+    let P5::PubAck(ack) = crate::mqtt::next(&mut rx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await else {
+        unreachable!()
+    };
+    assert_eq!(ack.reason, PubAckReason::UnspecifiedError);
+    assert_eq!(broker.store.watermarks("device-state", 0).expect("wm").high_watermark, 1, "only the keyed one");
+}
