@@ -199,7 +199,7 @@ impl Writer {
                 None => continue,
             };
             let dirty = m.logical_bytes.saturating_sub(s.clean_bytes);
-            let ratio = if m.logical_bytes == 0 { 0 } else { dirty * 1_000_000 / m.logical_bytes };
+            let ratio = dirty.saturating_mul(1_000_000).checked_div(m.logical_bytes).unwrap_or(0);
             dirty_total += dirty;
             ratio_max = ratio_max.max(ratio);
             let mut due = now >= s.tombstone_due_ms;
