@@ -336,3 +336,47 @@ async fn pages_freed_by_compaction_are_reused_and_the_file_stays_flat() {
     assert!(last <= 2 * early && last < s.appended_bytes / 5, "disk use stays flat: {sizes:?}");
     assert_accounting_exact(&store, "c");
 }
+
+/// An idempotent producer's batch that compaction shrank still tells its last sequence after a
+/// restart (the producer state is rebuilt from the batches' offset span, which compaction keeps,
+/// not from their record count): the producer's next batch is accepted, not refused as out of
+/// order.
+#[tokio::test]
+async fn a_compacted_idempotent_batch_keeps_its_last_sequence_across_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let idempotent = |keys: &[&str], seq: i32| {
+        let records: Vec<NewRecord> = keys.iter().map(|k| keyed(k, Some("v"))).collect();
+        let stamped: Vec<_> = records.iter().map(|r| (r, 1_000)).collect();
+        let mut b = Vec::new();
+        batch::encode_batch(&stamped, 0, Codec::None, TimestampKind::CreateTime, 0, &mut b).expect("encode");
+        // RecordBatch v2: producerId at 43, producerEpoch at 51, baseSequence at 53; the CRC
+        // (at 17) covers everything from the attributes (21) on.
+        b[43..51].copy_from_slice(&7i64.to_be_bytes());
+        b[51..53].copy_from_slice(&0i16.to_be_bytes());
+        b[53..57].copy_from_slice(&seq.to_be_bytes());
+        let crc = crc32c::crc32c(&b[21..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        Bytes::from(b)
+    };
+    {
+        let store = open_compacting(dir.path(), 1 << 20, 1 << 20);
+        store
+            .create_topic("c", 1, TopicConfig { min_cleanable_dirty_ratio_ppm: 0, ..compacted() })
+            .await
+            .expect("create");
+        store.append_batch("c", 0, idempotent(&["a", "b", "c"], 0)).await.expect("seq 0-2"); // offsets 0-2
+        store.append_records("c", 0, vec![keyed("a", Some("2")), keyed("b", Some("2"))]).await.expect("append");
+        store.append_records("c", 0, vec![keyed("z", Some("tail"))]).await.expect("append");
+        wait_stats(&store, "a and b superseded", |s| s.compaction_removed_records >= 2).await;
+        let f = store.fetch("c", 0, 0, 1 << 20).expect("fetch");
+        let h = batch::BatchHeader::parse(&f.data).expect("header");
+        assert_eq!((h.record_count, h.last_offset_delta, h.producer_id), (1, 2, 7), "shrunk, span kept");
+        store.close().await.expect("close");
+    }
+    let store = open_compacting(dir.path(), 1 << 20, 1 << 20);
+    let o = store.append_batch("c", 0, idempotent(&["d"], 3)).await.expect("the next sequence is accepted");
+    assert_eq!(o.base_offset, 6);
+    // A retry of the shrunk batch is still recognised as a duplicate (its original offsets).
+    let dup = store.append_batch("c", 0, idempotent(&["a", "b", "c"], 0)).await;
+    assert!(matches!(dup, Ok(AppendOutcome { base_offset: 0, last_offset: 2, .. })), "{dup:?}");
+}
