@@ -380,3 +380,30 @@ async fn a_compacted_idempotent_batch_keeps_its_last_sequence_across_a_restart()
     let dup = store.append_batch("c", 0, idempotent(&["a", "b", "c"], 0)).await;
     assert!(matches!(dup, Ok(AppendOutcome { base_offset: 0, last_offset: 2, .. })), "{dup:?}");
 }
+
+/// `max.compaction.lag.ms`: a partition whose dirty share stays under
+/// `min.cleanable.dirty.ratio` is compacted anyway once its oldest dirty batch is older than the
+/// lag, and not before.
+#[tokio::test]
+async fn max_compaction_lag_forces_a_pass_below_the_dirty_ratio() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_compacting(dir.path(), 1 << 20, 1 << 20);
+    // A ratio of 1.0 is only reached while nothing is clean: the first pass, then never again.
+    let cfg = TopicConfig { min_cleanable_dirty_ratio_ppm: 1_000_000, max_compaction_lag_ms: 400, ..compacted() };
+    store.create_topic("c", 1, cfg).await.expect("create");
+    // One batch of 20 keys, then the active tail: the first pass cleans the batch, and the tail
+    // is the oldest dirty batch from then on (its append time starts the lag).
+    let recs = (0..20).map(|k| keyed(&format!("k{k}"), Some("1"))).collect();
+    store.append_records("c", 0, recs).await.expect("append");
+    let dirty_at = std::time::Instant::now();
+    store.append_records("c", 0, vec![keyed("tail", Some("1"))]).await.expect("append");
+    let first = wait_stats(&store, "the first pass", |s| s.compaction_passes >= 1).await.compaction_passes;
+    assert!(dirty_at.elapsed() < std::time::Duration::from_millis(400), "the first pass came by the ratio");
+    store.append_records("c", 0, vec![keyed("k0", Some("2"))]).await.expect("append");
+    store.append_records("c", 0, vec![keyed("tail", Some("2"))]).await.expect("append");
+    let s = wait_stats(&store, "a pass forced by the lag", |s| s.compaction_passes > first).await;
+    assert!(dirty_at.elapsed() >= std::time::Duration::from_millis(400), "not before max.compaction.lag.ms: {s:?}");
+    assert!(s.compaction_dirty_ratio_max_ppm < 1_000_000, "below the ratio: {s:?}");
+    let view = read_all(&store, "c");
+    assert!(!view.iter().any(|(o, k, _)| k == "k0" && *o == 0), "k0's first version went: {view:?}");
+}
