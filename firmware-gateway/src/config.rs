@@ -73,6 +73,8 @@ impl TopicDefaults {
             retention_bytes: self.retention_bytes,
             retention_ms: self.retention_ms,
             timestamp_type: self.timestamp_type,
+            // Compaction settings are per topic (CreateTopics / AlterConfigs), Kafka's defaults here.
+            ..TopicConfig::default()
         }
     }
 }

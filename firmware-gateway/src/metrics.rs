@@ -155,6 +155,37 @@ pub fn render(src: &Sources) -> String {
         "Reads of committed batches no longer in the tail cache (read from the database).",
         s.tail_cache_misses,
     );
+    o.one(
+        "tributary_compaction_reclaimed_bytes_total",
+        "counter",
+        "Bytes of batches compaction removed (superseded records, expired tombstones).",
+        s.compaction_reclaimed_bytes,
+    );
+    o.one(
+        "tributary_compaction_removed_records_total",
+        "counter",
+        "Records compaction removed.",
+        s.compaction_removed_records,
+    );
+    o.one("tributary_compaction_passes_total", "counter", "Compaction passes finished.", s.compaction_passes);
+    o.one(
+        "tributary_compaction_dirty_bytes",
+        "gauge",
+        "Bytes of compacted topics appended since their partitions' last compaction.",
+        s.compaction_dirty_bytes,
+    );
+    o.one(
+        "tributary_compaction_dirty_ratio_max",
+        "gauge",
+        "Highest dirty share of one compacted partition (compare with min.cleanable.dirty.ratio).",
+        s.compaction_dirty_ratio_max_ppm as f64 / 1e6,
+    );
+    o.one(
+        "tributary_compaction_lag_seconds",
+        "gauge",
+        "Age of the oldest batch of a compacted topic not compacted yet.",
+        s.compaction_lag_ms as f64 / 1e3,
+    );
     let (latency, per_commit) = store.commit_histograms();
     o.histogram("tributary_store_commit_latency_seconds", "Time from a commit's start to its return.", &latency, 1e6);
     o.histogram("tributary_store_records_per_commit", "Records appended by one commit.", &per_commit, 1.0);

@@ -287,9 +287,15 @@ fn every_api_answers_at_every_advertised_version() {
             incremental_alter_configs_request::AlterConfigsResource::default()
                 .with_resource_type(2)
                 .with_resource_name(s("ct-v4"))
-                .with_configs(vec![change("cleanup.policy", 0, Some("compact"))]),
+                .with_configs(vec![change("cleanup.policy", 0, Some("archive"))]),
         ]);
-        assert_eq!(c.call(&bad, v).responses[0].error_code, 40, "INVALID_CONFIG for an unsupported setting");
+        let r = c.call(&bad, v);
+        assert_eq!(r.responses[0].error_code, 40, "INVALID_CONFIG for an invalid value");
+        assert!(
+            r.responses[0].error_message.as_deref().is_some_and(|m| m.contains("cleanup.policy")),
+            "the message names the config: {:?}",
+            r.responses[0].error_message
+        );
     }
     let (lo, hi) = range(20);
     for v in lo..=hi {

@@ -3,6 +3,7 @@
 
 mod autocreate;
 mod cli;
+mod compaction;
 mod crash;
 mod disk_fault;
 mod gateway;

@@ -557,6 +557,96 @@ pub fn encode_gap_batch(base_offset: i64, count: i64, timestamp_ms: i64) -> Vec<
     out
 }
 
+/// Index of the first record without a key in a validated batch, if any (compacted topics
+/// refuse such records). Decompresses within `decompressed_limit`.
+pub fn first_keyless(batch: &[u8], decompressed_limit: u64) -> Result<Option<u64>, BatchError> {
+    let h = BatchHeader::parse(batch)?;
+    let end = h.total_len().min(batch.len());
+    let payload = &batch[HEADER_LEN.min(end)..end];
+    let codec = h.codec()?;
+    let inflated;
+    let data = if codec == Codec::None {
+        payload
+    } else {
+        inflated = compression::decompress(codec, payload, decompressed_limit)?;
+        &inflated[..]
+    };
+    for (i, r) in RecordIter::new(data).enumerate() {
+        if r?.key.is_none() {
+            return Ok(Some(i as u64));
+        }
+    }
+    Ok(None)
+}
+
+/// What compaction does to one stored batch (see [`retain_records`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Retained {
+    /// Every record stays: the batch is left as it is.
+    All,
+    /// No record stays: the batch goes.
+    None,
+    /// Some stay: the batch rewritten with them (`removed` records dropped).
+    Some { batch: Vec<u8>, removed: u64 },
+}
+
+/// Compaction of one stored (trusted) batch: keeps the records for which `keep(record, its
+/// offset)` holds. A rewritten batch keeps what Kafka's cleaner keeps for RecordBatch v2
+/// (`MemoryRecords.filterTo`/`buildRetainedRecordsInto`): the base offset, the
+/// `lastOffsetDelta` of the original (so consumers step past removed records and the producer's
+/// last sequence stays), attributes, timestamps, producer id, epoch and base sequence; the
+/// surviving records are copied byte for byte (their offset and timestamp deltas are relative
+/// to the unchanged base), recompressed with the batch's codec, and the CRC recomputed. Control
+/// batches (gaps the store wrote) are always kept whole.
+pub fn retain_records(
+    batch: &[u8],
+    decompressed_limit: u64,
+    mut keep: impl FnMut(&RecordView<'_>, i64) -> bool,
+) -> Result<Retained, BatchError> {
+    let h = BatchHeader::parse(batch)?;
+    if h.is_control() {
+        return Ok(Retained::All);
+    }
+    let end = h.total_len().min(batch.len());
+    let payload = &batch[HEADER_LEN.min(end)..end];
+    let codec = h.codec()?;
+    let inflated;
+    let data = if codec == Codec::None {
+        payload
+    } else {
+        inflated = compression::decompress(codec, payload, decompressed_limit)?;
+        &inflated[..]
+    };
+    let mut kept_raw = Vec::new();
+    let (mut kept, mut removed) = (0i32, 0u64);
+    let mut it = RecordIter::new(data);
+    loop {
+        let start = it.pos;
+        let Some(r) = it.next() else { break };
+        let r = r?;
+        if keep(&r, h.base_offset + i64::from(r.offset_delta)) {
+            kept_raw.extend_from_slice(&data[start..it.pos]);
+            kept += 1;
+        } else {
+            removed += 1;
+        }
+    }
+    if removed == 0 {
+        return Ok(Retained::All);
+    }
+    if kept == 0 {
+        return Ok(Retained::None);
+    }
+    let mut out = batch[..HEADER_LEN].to_vec();
+    compression::compress(codec, &kept_raw, &mut out)?;
+    let len = (out.len() - 12) as i32;
+    out[OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4].copy_from_slice(&len.to_be_bytes());
+    out[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4].copy_from_slice(&kept.to_be_bytes());
+    let crc = crc32c::crc32c(&out[OFF_ATTRIBUTES..]);
+    out[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    Ok(Retained::Some { batch: out, removed })
+}
+
 /// Decodes every record of a stored batch (trusted: validated when it was appended, but still
 /// decoded defensively and within `decompressed_limit`). A control batch (a gap the store wrote)
 /// holds no records for readers: it yields none; readers continue at its `next_offset()`.
@@ -698,6 +788,40 @@ mod tests {
         assert_eq!(validate(&b, 1 << 20), Err(BatchError::Control));
         let widest = BatchHeader::parse(&encode_gap_batch(0, GAP_OFFSETS_MAX, 0)).expect("header");
         assert_eq!(widest.next_offset(), GAP_OFFSETS_MAX);
+    }
+
+    #[test]
+    fn first_keyless_finds_the_record_index_in_every_codec() {
+        // sample(): every third record (0, 3, ...) has no key.
+        for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
+            assert_eq!(first_keyless(&encode(&sample(5), codec), 1 << 20), Ok(Some(0)));
+            assert_eq!(first_keyless(&encode(&sample(5)[1..3], codec), 1 << 20), Ok(None));
+            assert_eq!(first_keyless(&encode(&sample(5)[1..], codec), 1 << 20), Ok(Some(2)));
+        }
+    }
+
+    #[test]
+    fn retained_records_keep_their_offsets_and_the_batch_its_offset_span() {
+        for codec in [Codec::None, Codec::Lz4, Codec::Gzip] {
+            let b = encode(&sample(10), codec);
+            let r = retain_records(&b, 1 << 20, |_, o| o % 4 == 1).expect("filter");
+            let Retained::Some { batch: out, removed } = r else { panic!("{codec:?}: {r:?}") };
+            assert_eq!(removed, 7);
+            let h = BatchHeader::parse(&out).expect("header");
+            assert_eq!((h.base_offset, h.last_offset(), h.record_count, h.total_len()), (100, 109, 3, out.len()));
+            assert_eq!(h.codec().ok(), Some(codec));
+            assert_eq!(crc32c::crc32c(&out[OFF_ATTRIBUTES..]), h.crc, "CRC recomputed");
+            let back = decode_records(&out, 1 << 20).expect("decode");
+            let all = decode_records(&b, 1 << 20).expect("decode");
+            assert_eq!(back.iter().map(|r| r.offset).collect::<Vec<_>>(), [101, 105, 109]);
+            for r in &back {
+                assert_eq!(Some(r), all.iter().find(|a| a.offset == r.offset), "a survivor is unchanged");
+            }
+            assert_eq!(retain_records(&b, 1 << 20, |_, _| true), Ok(Retained::All));
+            assert_eq!(retain_records(&b, 1 << 20, |_, _| false), Ok(Retained::None));
+        }
+        let gap = encode_gap_batch(0, 10, 0);
+        assert_eq!(retain_records(&gap, 1 << 20, |_, _| false), Ok(Retained::All), "gaps stay");
     }
 
     #[test]

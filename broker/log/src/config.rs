@@ -124,6 +124,62 @@ pub enum TimestampKind {
     LogAppendTime,
 }
 
+/// Kafka's `cleanup.policy`: what removes a topic's old records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CleanupPolicy {
+    /// `delete`: `retention.ms` and `retention.bytes` delete the oldest batches.
+    #[default]
+    Delete,
+    /// `compact`: the latest record per key is kept (compaction, see `writer/compaction.rs`);
+    /// `retention.ms`/`retention.bytes` do not apply (the global disk budget still does).
+    Compact,
+    /// `compact,delete` (either order): both.
+    CompactDelete,
+}
+
+impl CleanupPolicy {
+    pub fn compacts(self) -> bool {
+        matches!(self, CleanupPolicy::Compact | CleanupPolicy::CompactDelete)
+    }
+    pub fn deletes(self) -> bool {
+        matches!(self, CleanupPolicy::Delete | CleanupPolicy::CompactDelete)
+    }
+    /// Kafka's spelling (a list).
+    pub fn kafka_name(self) -> &'static str {
+        match self {
+            CleanupPolicy::Delete => "delete",
+            CleanupPolicy::Compact => "compact",
+            CleanupPolicy::CompactDelete => "compact,delete",
+        }
+    }
+    /// Kafka's list syntax: `delete`, `compact`, or both separated by a comma in either order
+    /// (spaces around items allowed, an item repeated is the same item).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (mut compact, mut delete) = (false, false);
+        for item in s.split(',').map(str::trim) {
+            match item {
+                "compact" => compact = true,
+                "delete" => delete = true,
+                _ => return None,
+            }
+        }
+        Some(match (compact, delete) {
+            (true, true) => CleanupPolicy::CompactDelete,
+            (true, false) => CleanupPolicy::Compact,
+            _ => CleanupPolicy::Delete,
+        })
+    }
+}
+
+/// Kafka's defaults of the compaction and segment settings.
+pub const DEFAULT_DELETE_RETENTION_MS: u64 = 86_400_000;
+pub const DEFAULT_SEGMENT_BYTES: u64 = 1 << 30;
+pub const DEFAULT_SEGMENT_MS: u64 = 604_800_000;
+pub const DEFAULT_SEGMENT_INDEX_BYTES: u64 = 10 * 1024 * 1024;
+/// `min.cleanable.dirty.ratio` is held in millionths (so the config stays `Eq`).
+const RATIO_SCALE: f64 = 1_000_000.0;
+
 /// Per-topic settings, named as Kafka names them where Kafka has the setting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -138,6 +194,27 @@ pub struct TopicConfig {
     pub retention_ms: Option<u64>,
     /// `message.timestamp.type`.
     pub timestamp_type: TimestampKind,
+    /// `cleanup.policy`.
+    pub cleanup_policy: CleanupPolicy,
+    /// `delete.retention.ms`: how long a tombstone (a record with a null value) is kept after
+    /// compaction first passed over it, so consumers reading from the start see the deletion.
+    pub delete_retention_ms: u64,
+    /// `min.compaction.lag.ms`: a batch appended less than this ago is not compacted.
+    pub min_compaction_lag_ms: u64,
+    /// `max.compaction.lag.ms`: a partition whose oldest uncompacted batch is older than this
+    /// is compacted whatever its dirty ratio.
+    pub max_compaction_lag_ms: u64,
+    /// `min.cleanable.dirty.ratio` in millionths: a partition is compacted once this share of its
+    /// bytes was appended since the last compaction.
+    pub min_cleanable_dirty_ratio_ppm: u32,
+    /// `segment.bytes`, `segment.ms`, `segment.jitter.ms`, `segment.index.bytes`: accepted and
+    /// shown because Kafka's tools send them at creation, but a redb log has no segment files:
+    /// nothing is rolled, and the *active segment* that compaction leaves alone is defined
+    /// without them (a partition's newest batch plus what `min.compaction.lag.ms` protects).
+    pub segment_bytes: u64,
+    pub segment_ms: u64,
+    pub segment_jitter_ms: u64,
+    pub segment_index_bytes: u64,
 }
 
 /// What a topic gets that a front end creates on its own (auto-creation on a produce, metadata
@@ -156,14 +233,47 @@ impl Default for TopicConfig {
             retention_bytes: None,
             retention_ms: Some(7 * 24 * 3600 * 1000),
             timestamp_type: TimestampKind::CreateTime,
+            cleanup_policy: CleanupPolicy::Delete,
+            delete_retention_ms: DEFAULT_DELETE_RETENTION_MS,
+            min_compaction_lag_ms: 0,
+            max_compaction_lag_ms: i64::MAX as u64,
+            min_cleanable_dirty_ratio_ppm: 500_000,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            segment_ms: DEFAULT_SEGMENT_MS,
+            segment_jitter_ms: 0,
+            segment_index_bytes: DEFAULT_SEGMENT_INDEX_BYTES,
         }
     }
 }
 
 impl TopicConfig {
     /// The Kafka config names this store supports, in the order they are described.
-    pub const KEYS: [&'static str; 5] =
-        ["compression.type", "durability", "retention.bytes", "retention.ms", "message.timestamp.type"];
+    pub const KEYS: [&'static str; 14] = [
+        "compression.type",
+        "durability",
+        "retention.bytes",
+        "retention.ms",
+        "message.timestamp.type",
+        "cleanup.policy",
+        "delete.retention.ms",
+        "min.compaction.lag.ms",
+        "max.compaction.lag.ms",
+        "min.cleanable.dirty.ratio",
+        "segment.bytes",
+        "segment.ms",
+        "segment.jitter.ms",
+        "segment.index.bytes",
+    ];
+
+    /// `retention.bytes` as it applies: only under `cleanup.policy` delete.
+    pub fn retention_bytes_limit(&self) -> Option<u64> {
+        self.retention_bytes.filter(|_| self.cleanup_policy.deletes())
+    }
+
+    /// Whether compaction keeps only the latest record per key (and keyless records are refused).
+    pub fn compacted(&self) -> bool {
+        self.cleanup_policy.compacts()
+    }
 
     /// Sets one setting by its Kafka name; `None` restores the default.
     pub fn set(&mut self, key: &str, value: Option<&str>) -> Result<(), ConfigError> {
@@ -206,6 +316,49 @@ impl TopicConfig {
             ("message.timestamp.type", Some("CreateTime")) => self.timestamp_type = TimestampKind::CreateTime,
             ("message.timestamp.type", Some("LogAppendTime")) => self.timestamp_type = TimestampKind::LogAppendTime,
             ("message.timestamp.type", Some(_)) => return Err(bad("expected CreateTime or LogAppendTime")),
+            ("cleanup.policy", None) => self.cleanup_policy = default.cleanup_policy,
+            ("cleanup.policy", Some(v)) => {
+                self.cleanup_policy =
+                    CleanupPolicy::parse(v).ok_or_else(|| bad("expected delete, compact or compact,delete"))?
+            }
+            ("min.cleanable.dirty.ratio", None) => {
+                self.min_cleanable_dirty_ratio_ppm = default.min_cleanable_dirty_ratio_ppm
+            }
+            ("min.cleanable.dirty.ratio", Some(v)) => {
+                // Kafka: a double in [0, 1].
+                let x: f64 = v.trim().parse().map_err(|_| bad("expected a number between 0 and 1"))?;
+                if !(0.0..=1.0).contains(&x) {
+                    return Err(bad("expected a number between 0 and 1"));
+                }
+                self.min_cleanable_dirty_ratio_ppm = (x * RATIO_SCALE).round() as u32;
+            }
+            (k, v) if Self::long_field(k).is_some() => {
+                // Kafka's ranges: segment.bytes at least 14 (a record's overhead), segment.ms
+                // and segment.index.bytes at least 1 and 4, the others at least 0.
+                let min = match k {
+                    "segment.bytes" => 14,
+                    "segment.ms" => 1,
+                    "segment.index.bytes" => 4,
+                    _ => 0,
+                };
+                let n = match v {
+                    None => Self::long_field_value(&default, k),
+                    Some(v) => {
+                        let n: i64 = v.trim().parse().map_err(|_| bad("expected an integer"))?;
+                        if n < min {
+                            return Err(bad(&format!("expected an integer of at least {min}")));
+                        }
+                        if k == "segment.bytes" || k == "segment.index.bytes" {
+                            // Kafka declares these as int.
+                            i32::try_from(n).map_err(|_| bad("expected an integer up to 2147483647"))?;
+                        }
+                        n as u64
+                    }
+                };
+                if let Some(field) = self.long_field_mut(k) {
+                    *field = n;
+                }
+            }
             _ => return Err(ConfigError::new(key, "unknown or unsupported topic configuration")),
         }
         Ok(())
@@ -222,6 +375,47 @@ impl TopicConfig {
                 TimestampKind::CreateTime => "CreateTime".to_string(),
                 TimestampKind::LogAppendTime => "LogAppendTime".to_string(),
             },
+            "cleanup.policy" => self.cleanup_policy.kafka_name().to_string(),
+            "min.cleanable.dirty.ratio" => (f64::from(self.min_cleanable_dirty_ratio_ppm) / RATIO_SCALE).to_string(),
+            k => Self::long_field_value(self, Self::long_field(k)?).to_string(),
+        })
+    }
+
+    /// The plain integer settings (`delete.retention.ms`, the compaction lags, `segment.*`).
+    fn long_field(key: &str) -> Option<&'static str> {
+        const LONGS: [&str; 7] = [
+            "delete.retention.ms",
+            "min.compaction.lag.ms",
+            "max.compaction.lag.ms",
+            "segment.bytes",
+            "segment.ms",
+            "segment.jitter.ms",
+            "segment.index.bytes",
+        ];
+        LONGS.into_iter().find(|k| *k == key)
+    }
+
+    fn long_field_value(cfg: &TopicConfig, key: &str) -> u64 {
+        match key {
+            "delete.retention.ms" => cfg.delete_retention_ms,
+            "min.compaction.lag.ms" => cfg.min_compaction_lag_ms,
+            "max.compaction.lag.ms" => cfg.max_compaction_lag_ms,
+            "segment.bytes" => cfg.segment_bytes,
+            "segment.ms" => cfg.segment_ms,
+            "segment.jitter.ms" => cfg.segment_jitter_ms,
+            _ => cfg.segment_index_bytes,
+        }
+    }
+
+    fn long_field_mut(&mut self, key: &str) -> Option<&mut u64> {
+        Some(match key {
+            "delete.retention.ms" => &mut self.delete_retention_ms,
+            "min.compaction.lag.ms" => &mut self.min_compaction_lag_ms,
+            "max.compaction.lag.ms" => &mut self.max_compaction_lag_ms,
+            "segment.bytes" => &mut self.segment_bytes,
+            "segment.ms" => &mut self.segment_ms,
+            "segment.jitter.ms" => &mut self.segment_jitter_ms,
+            "segment.index.bytes" => &mut self.segment_index_bytes,
             _ => return None,
         })
     }
@@ -311,6 +505,14 @@ pub struct StorageConfig {
     /// database read or a blocking-pool thread. Shared by all partitions, the oldest batch
     /// leaves first; 0 turns the cache off.
     pub tail_cache_bytes_max: u64,
+    /// Compaction of `cleanup.policy=compact` topics reads (and rewrites) at most this many
+    /// bytes of batches per commit, so it never holds appends up for long; a pass continues in
+    /// the next commits (Kafka's cleaner I/O throttle, per commit).
+    pub compaction_bytes_per_commit_max: u64,
+    /// Memory for compaction's map of keys to their latest offsets (Kafka's
+    /// `log.cleaner.dedupe.buffer.size`); a partition with more keys is compacted in several
+    /// passes.
+    pub compaction_memory_bytes_max: u64,
 }
 
 impl Default for StorageConfig {
@@ -337,6 +539,8 @@ impl Default for StorageConfig {
             producer_states_max: 4096,
             blocking_threads_max: 8,
             tail_cache_bytes_max: 4 * MIB,
+            compaction_bytes_per_commit_max: 4 * MIB,
+            compaction_memory_bytes_max: 8 * MIB,
         }
     }
 }
@@ -373,6 +577,8 @@ impl StorageConfig {
         range("producer_states_max", self.producer_states_max.into(), 1, 10_000_000)?;
         range("blocking_threads_max", self.blocking_threads_max.into(), 1, 512)?;
         range("tail_cache_bytes_max", self.tail_cache_bytes_max, 0, GIB)?;
+        range("compaction_bytes_per_commit_max", self.compaction_bytes_per_commit_max, 4 * KIB, 4 * GIB)?;
+        range("compaction_memory_bytes_max", self.compaction_memory_bytes_max, 4 * KIB, 16 * GIB)?;
         Ok(())
     }
 
@@ -426,6 +632,46 @@ mod tests {
         cfg.set("message.timestamp.type", Some("LogAppendTime")).expect("valid");
         assert_eq!(TopicConfig::from_text(&cfg.to_text()).expect("parses"), cfg);
         assert_eq!(cfg.set("retention.ms", Some("soon")).expect_err("bad").key, "retention.ms");
-        assert!(cfg.set("cleanup.policy", Some("compact")).is_err());
+        assert_eq!(cfg.set("cleanup.policy", Some("archive")).expect_err("bad").key, "cleanup.policy");
+    }
+
+    #[test]
+    fn compaction_settings_parse_as_kafka_spells_them() {
+        let mut cfg = TopicConfig::default();
+        assert_eq!(cfg.get("cleanup.policy").as_deref(), Some("delete"));
+        assert!(!cfg.compacted() && cfg.cleanup_policy.deletes());
+        for (text, policy) in [
+            ("compact", CleanupPolicy::Compact),
+            ("compact,delete", CleanupPolicy::CompactDelete),
+            ("delete, compact", CleanupPolicy::CompactDelete),
+            ("delete", CleanupPolicy::Delete),
+        ] {
+            cfg.set("cleanup.policy", Some(text)).expect("valid");
+            assert_eq!(cfg.cleanup_policy, policy, "{text}");
+        }
+        assert!(cfg.set("cleanup.policy", Some("compact,")).is_err(), "an empty item");
+        cfg.set("cleanup.policy", Some("compact")).expect("valid");
+        cfg.set("delete.retention.ms", Some("1000")).expect("valid");
+        cfg.set("min.compaction.lag.ms", Some("5")).expect("valid");
+        cfg.set("max.compaction.lag.ms", Some("60000")).expect("valid");
+        cfg.set("min.cleanable.dirty.ratio", Some("0.01")).expect("valid");
+        cfg.set("segment.bytes", Some("1048576")).expect("valid");
+        cfg.set("segment.ms", Some("3600000")).expect("valid");
+        assert_eq!(cfg.get("min.cleanable.dirty.ratio").as_deref(), Some("0.01"));
+        assert_eq!(cfg.get("max.compaction.lag.ms").as_deref(), Some("60000"));
+        assert_eq!(TopicConfig::default().get("max.compaction.lag.ms").as_deref(), Some("9223372036854775807"));
+        assert_eq!(TopicConfig::from_text(&cfg.to_text()).expect("parses"), cfg);
+        for (k, v) in [
+            ("min.cleanable.dirty.ratio", "1.5"),
+            ("min.cleanable.dirty.ratio", "half"),
+            ("delete.retention.ms", "-1"),
+            ("segment.bytes", "13"),
+            ("segment.bytes", "4294967296"),
+            ("segment.ms", "0"),
+        ] {
+            assert_eq!(cfg.set(k, Some(v)).expect_err(v).key, k);
+        }
+        cfg.set("segment.ms", None).expect("reset");
+        assert_eq!(cfg.segment_ms, DEFAULT_SEGMENT_MS);
     }
 }

@@ -29,6 +29,11 @@ pub enum StoreError {
     LimitReached { key: &'static str, limit: u64 },
     #[error("invalid record batch: {0}")]
     InvalidBatch(#[from] BatchError),
+    /// A record without a key for a compacted topic (`cleanup.policy` with `compact`). The
+    /// message is the Java broker's (LogValidator.validateKey): Kafka answers INVALID_RECORD
+    /// with this as the record error of the batch index.
+    #[error("Compacted topic cannot accept message without key in topic partition {topic}-{partition}.")]
+    KeylessRecord { topic: String, partition: i32, index: u64 },
     #[error("append of {size} bytes exceeds storage.append_size_bytes_max = {max}")]
     AppendTooLarge { size: u64, max: u64 },
     #[error("offset {offset} is out of range [{log_start_offset}, {high_watermark}]")]

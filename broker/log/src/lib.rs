@@ -30,7 +30,9 @@ use redb::{Database, ReadableDatabase, StorageBackend};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use batch::{BatchHeader, NewRecord, StoredRecord};
-pub use config::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig, TopicTemplate};
+pub use config::{
+    CleanupPolicy, Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig, TopicTemplate,
+};
 pub use error::StoreError;
 use tables::{split_value, LOG, TIME_INDEX};
 pub use writer::validate_topic_name;
@@ -221,6 +223,15 @@ pub(crate) struct Counters {
     pub tail_cache_bytes: AtomicU64,
     pub tail_cache_hits: AtomicU64,
     pub tail_cache_misses: AtomicU64,
+    /// Compaction: bytes of batches it removed, records it removed, passes it finished, and
+    /// (as of its last look at the compacted partitions) their dirty bytes, the highest dirty
+    /// share (millionths) and the age of the oldest dirty batch.
+    pub compaction_reclaimed_bytes: AtomicU64,
+    pub compaction_removed_records: AtomicU64,
+    pub compaction_passes: AtomicU64,
+    pub compaction_dirty_bytes: AtomicU64,
+    pub compaction_dirty_ratio_max_ppm: AtomicU64,
+    pub compaction_lag_ms: AtomicU64,
 }
 
 impl Default for Counters {
@@ -247,6 +258,12 @@ impl Default for Counters {
             tail_cache_bytes: AtomicU64::default(),
             tail_cache_hits: AtomicU64::default(),
             tail_cache_misses: AtomicU64::default(),
+            compaction_reclaimed_bytes: AtomicU64::default(),
+            compaction_removed_records: AtomicU64::default(),
+            compaction_passes: AtomicU64::default(),
+            compaction_dirty_bytes: AtomicU64::default(),
+            compaction_dirty_ratio_max_ppm: AtomicU64::default(),
+            compaction_lag_ms: AtomicU64::default(),
         }
     }
 }
@@ -276,6 +293,17 @@ pub struct StoreStats {
     /// Reads at or after a cached batch served from memory, and those that read the database.
     pub tail_cache_hits: u64,
     pub tail_cache_misses: u64,
+    /// Logical bytes compaction removed (superseded records, expired tombstones).
+    pub compaction_reclaimed_bytes: u64,
+    pub compaction_removed_records: u64,
+    /// Compaction passes finished (one partition each).
+    pub compaction_passes: u64,
+    /// Bytes of compacted topics appended since their partitions' last compaction...
+    pub compaction_dirty_bytes: u64,
+    /// ...the highest share of them in one partition, in millionths (`min.cleanable.dirty.ratio`)...
+    pub compaction_dirty_ratio_max_ppm: u64,
+    /// ...and the age of the oldest dirty batch (the compaction lag), in ms.
+    pub compaction_lag_ms: u64,
 }
 
 /// Opens the redb storage a store runs on (see [`Store::open_with_backend`]); called at open and
@@ -704,6 +732,11 @@ impl Store {
         }
         let (t, p) = self.partition_state(topic, partition)?;
         let header: BatchHeader = batch::validate(&batch, cfg.decompressed_size_bytes_max)?;
+        if t.config.compacted() {
+            if let Some(index) = batch::first_keyless(&batch, cfg.decompressed_size_bytes_max)? {
+                return Err(StoreError::KeylessRecord { topic: topic.to_string(), partition, index });
+            }
+        }
         // One copy, with room in front for the stored value's append-time prefix.
         let mut bytes = BytesMut::with_capacity(tables::VALUE_PREFIX_LEN + batch.len());
         bytes.extend_from_slice(&[0u8; tables::VALUE_PREFIX_LEN]);
@@ -760,6 +793,11 @@ impl Store {
             return Err(StoreError::AppendTooLarge { size: size as u64, max: cfg.append_size_bytes_max.into() });
         }
         let (t, p) = self.partition_state(topic, partition)?;
+        if t.config.compacted() {
+            if let Some(index) = records.iter().position(|r| r.key.is_none()) {
+                return Err(StoreError::KeylessRecord { topic: topic.to_string(), partition, index: index as u64 });
+            }
+        }
         let rx = self
             .enqueue(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Records(records), kv, reply })
             .await?;
@@ -1114,6 +1152,12 @@ impl Store {
             tail_cache_bytes: l(&c.tail_cache_bytes),
             tail_cache_hits: l(&c.tail_cache_hits),
             tail_cache_misses: l(&c.tail_cache_misses),
+            compaction_reclaimed_bytes: l(&c.compaction_reclaimed_bytes),
+            compaction_removed_records: l(&c.compaction_removed_records),
+            compaction_passes: l(&c.compaction_passes),
+            compaction_dirty_bytes: l(&c.compaction_dirty_bytes),
+            compaction_dirty_ratio_max_ppm: l(&c.compaction_dirty_ratio_max_ppm),
+            compaction_lag_ms: l(&c.compaction_lag_ms),
         }
     }
 
@@ -1156,5 +1200,7 @@ fn spawn_ticker(
     Ok((stop_tx, handle))
 }
 
+#[cfg(test)]
+mod compaction_tests;
 #[cfg(test)]
 mod tests;

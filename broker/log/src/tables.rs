@@ -15,6 +15,9 @@ pub const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
 /// (partition key, timestamp) -> base offset of the batch where the partition's running max
 /// timestamp first reached that timestamp. Only inserted when the running max grows.
 pub const TIME_INDEX: TableDefinition<(u64, i64), u64> = TableDefinition::new("time_index");
+/// Partition key -> `CleanState`: how far compaction got in a compacted partition. Written in
+/// the same transaction as the batches each compaction step rewrites.
+pub const COMPACTION: TableDefinition<u64, &[u8]> = TableDefinition::new("compaction");
 /// Counters (next topic id, the watchdog probe's count).
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -153,6 +156,88 @@ impl PartitionMeta {
     }
 }
 
+/// Most tombstone-horizon ranges a `CleanState` keeps; older neighbours merge beyond it (the
+/// later time wins, so a tombstone is never removed early).
+pub const CLEAN_RANGES_MAX: usize = 16;
+
+/// Compaction's persistent progress in one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CleanState {
+    /// Batches with a base offset below this were compacted at least once (the *clean* part);
+    /// the rest is *dirty*.
+    pub clean_offset: u64,
+    /// Logical bytes of the batches below `clean_offset` (so dirty = partition's logical - this).
+    pub clean_bytes: u64,
+    /// When the earliest tombstone kept by the last pass may go (`i64::MAX`: none kept).
+    pub tombstone_due_ms: i64,
+    /// When compaction first passed over each clean stretch: (end offset, time in ms), ends
+    /// increasing; a batch belongs to the first range whose end lies beyond its base. A
+    /// tombstone's `delete.retention.ms` counts from its range's time.
+    pub ranges: Vec<(u64, i64)>,
+}
+
+impl Default for CleanState {
+    fn default() -> Self {
+        Self { clean_offset: 0, clean_bytes: 0, tombstone_due_ms: i64::MAX, ranges: Vec::new() }
+    }
+}
+
+const CLEAN_VERSION: u8 = 1;
+
+impl CleanState {
+    /// The time compaction first passed over the clean batch at `base` (`None`: not clean).
+    pub fn cleaned_at(&self, base: u64) -> Option<i64> {
+        self.ranges.iter().find(|(end, _)| *end > base).map(|(_, at)| *at)
+    }
+
+    /// Marks `[clean_offset, end)` as first compacted at `at`.
+    pub fn extend(&mut self, end: u64, at: i64) {
+        debug_assert!(end >= self.clean_offset, "clean part shrinks: {end} < {}", self.clean_offset);
+        self.clean_offset = end;
+        match self.ranges.last_mut() {
+            Some(last) if last.1 == at => last.0 = end,
+            _ => self.ranges.push((end, at)),
+        }
+        while self.ranges.len() > CLEAN_RANGES_MAX {
+            let (first_at, (second_end, second_at)) = (self.ranges[0].1, self.ranges[1]);
+            self.ranges[1] = (second_end, first_at.max(second_at));
+            self.ranges.remove(0);
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(26 + 16 * self.ranges.len());
+        b.push(CLEAN_VERSION);
+        b.extend_from_slice(&self.clean_offset.to_be_bytes());
+        b.extend_from_slice(&self.clean_bytes.to_be_bytes());
+        b.extend_from_slice(&self.tombstone_due_ms.to_be_bytes());
+        b.push(self.ranges.len() as u8);
+        for (end, at) in &self.ranges {
+            b.extend_from_slice(&end.to_be_bytes());
+            b.extend_from_slice(&at.to_be_bytes());
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        let bad = || StoreError::Corrupt(format!("compaction state of {} bytes", b.len()));
+        if b.len() < 26 || b[0] != CLEAN_VERSION {
+            return Err(bad());
+        }
+        let u = |at: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[at..at + 8]);
+            u64::from_be_bytes(a)
+        };
+        let n = usize::from(b[25]);
+        if b.len() != 26 + 16 * n {
+            return Err(bad());
+        }
+        let ranges = (0..n).map(|i| (u(26 + 16 * i), u(34 + 16 * i) as i64)).collect();
+        Ok(Self { clean_offset: u(1), clean_bytes: u(9), tombstone_due_ms: u(17) as i64, ranges })
+    }
+}
+
 /// Persistent record of one topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicRecord {
@@ -222,6 +307,25 @@ mod tests {
         v1[0] = META_VERSION_1;
         assert_eq!(PartitionMeta::decode(&v1).expect("decodes v1"), PartitionMeta { reserved_offset: 0, ..m });
         assert!(PartitionMeta::decode(&m.encode()[..META_LEN_1]).is_err(), "a v2 tag with a v1 length");
+    }
+
+    #[test]
+    fn clean_state_round_trips_and_merges_old_ranges_keeping_the_later_time() {
+        let mut c = CleanState::default();
+        for i in 1..=20u64 {
+            c.extend(i * 10, i as i64 * 1000);
+        }
+        assert_eq!(c.ranges.len(), CLEAN_RANGES_MAX);
+        assert_eq!(c.clean_offset, 200);
+        // The merged first range covers [0, 50) with the latest of its times.
+        assert_eq!(c.ranges[0], (50, 5000));
+        assert_eq!(c.cleaned_at(0), Some(5000));
+        assert_eq!(c.cleaned_at(55), Some(6000));
+        assert_eq!(c.cleaned_at(200), None);
+        c.clean_bytes = 77;
+        c.tombstone_due_ms = 123;
+        assert_eq!(CleanState::decode(&c.encode()).expect("decodes"), c);
+        assert!(CleanState::decode(&c.encode()[..30]).is_err());
     }
 
     #[test]

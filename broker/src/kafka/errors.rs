@@ -56,7 +56,7 @@ pub(crate) fn code(e: &StoreError) -> i16 {
         StoreError::InvalidTopicConfig(_) | StoreError::InvalidConfig(_) => INVALID_CONFIG,
         StoreError::LimitReached { .. } => POLICY_VIOLATION,
         StoreError::InvalidBatch(BatchError::Crc { .. }) => CORRUPT_MESSAGE,
-        StoreError::InvalidBatch(_) => INVALID_RECORD,
+        StoreError::InvalidBatch(_) | StoreError::KeylessRecord { .. } => INVALID_RECORD,
         StoreError::AppendTooLarge { .. } => MESSAGE_TOO_LARGE,
         StoreError::OffsetOutOfRange { .. } => OFFSET_OUT_OF_RANGE,
         StoreError::OutOfOrderSequence { .. } => OUT_OF_ORDER_SEQUENCE_NUMBER,

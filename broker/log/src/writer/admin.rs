@@ -65,6 +65,8 @@ impl Writer {
                     t.log.retain_in((key, 0u64)..=(key, u64::MAX), |_, _| false)?;
                     t.time.retain_in((key, i64::MIN)..=(key, i64::MAX), |_, _| false)?;
                     t.parts.remove(key)?;
+                    t.clean.remove(key)?;
+                    r.compaction.states.insert(key, None);
                     r.metas.insert(key, None);
                     r.fronts.insert(key, None);
                 }

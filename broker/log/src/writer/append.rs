@@ -165,7 +165,7 @@ impl Writer {
             max_timestamp: if log_append { now } else { header.max_timestamp },
             ..header
         };
-        self.store_batch(t, r, pkey, &mut m, &mut bytes, &h, topic.config.retention_bytes, now)?;
+        self.store_batch(t, r, pkey, &mut m, &mut bytes, &h, topic.config.retention_bytes_limit(), now)?;
         self.put_meta(t, r, pkey, m)?;
         let outcome = AppendOutcome {
             base_offset: base,
@@ -271,7 +271,7 @@ impl Writer {
                 if cfg.compression != Codec::None {
                     ratio = (ratio * 0.7 + observed * 0.3).clamp(0.02, 1.2);
                 }
-                self.store_batch(t, r, pkey, &mut m, &mut out, &h, cfg.retention_bytes, now)?;
+                self.store_batch(t, r, pkey, &mut m, &mut out, &h, cfg.retention_bytes_limit(), now)?;
                 break;
             }
             i = j;

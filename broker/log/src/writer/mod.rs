@@ -23,13 +23,14 @@ use crate::config::{Codec, Durability, StorageConfig, TimestampKind, TopicConfig
 use crate::error::StoreError;
 use crate::producers::{self, ProducerEntry, ProducerStates, SeqCheck};
 use crate::tables::{
-    footprint, kv_footprint, partition_key, split_value, PartitionMeta, TopicRecord, LOG, META, META_NEXT_TOPIC_ID,
-    META_PROBE, PARTITIONS, TIME_INDEX, TOPICS, VALUE_PREFIX_LEN,
+    footprint, kv_footprint, partition_key, split_value, CleanState, PartitionMeta, TopicRecord, COMPACTION, LOG, META,
+    META_NEXT_TOPIC_ID, META_PROBE, PARTITIONS, TIME_INDEX, TOPICS, VALUE_PREFIX_LEN,
 };
 use crate::{disk, AppendOutcome, KvSpace, PartitionState, Shared, TopicState};
 
 mod admin;
 mod append;
+mod compaction;
 mod open;
 mod retention;
 
@@ -287,6 +288,8 @@ struct Round {
     wrote: bool,
     /// Batches written this round for the tail cache: partition, base and next offset, the batch.
     cached: Vec<(u64, i64, i64, bytes::Bytes)>,
+    /// What compaction did this round.
+    compaction: compaction::CompactionRound,
 }
 
 struct Tables<'t> {
@@ -295,6 +298,7 @@ struct Tables<'t> {
     time: Table<'t, (u64, i64), u64>,
     topics: Table<'t, &'static str, &'static [u8]>,
     meta: Table<'t, &'static str, u64>,
+    clean: Table<'t, u64, &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -305,6 +309,7 @@ impl<'t> Tables<'t> {
             time: txn.open_table(TIME_INDEX)?,
             topics: txn.open_table(TOPICS)?,
             meta: txn.open_table(META)?,
+            clean: txn.open_table(COMPACTION)?,
         })
     }
 }
@@ -334,6 +339,12 @@ pub(crate) struct Writer {
     fault: Option<Fault>,
     /// The tail cache's budget (`storage.tail_cache_bytes_max`).
     tail: crate::tail::TailBudget,
+    /// Compaction states of compacted partitions, as committed (a cache of the `compaction`
+    /// table; a partition not here is read from the table).
+    clean: HashMap<u64, CleanState>,
+    /// The compaction pass under way (its key map is in memory only).
+    pass: Option<compaction::Pass>,
+    last_compaction_check: Instant,
 }
 
 /// Whether a failed round means the database must be reopened: redb latches an I/O failure
@@ -363,6 +374,9 @@ impl Writer {
             producers: ProducerStates::new(1),
             fault: None,
             tail,
+            clean: HashMap::new(),
+            pass: None,
+            last_compaction_check: Instant::now(),
         };
         w.adopt(loaded);
         w
@@ -395,12 +409,27 @@ impl Writer {
         self.fronts.clear();
         self.retention_active = false;
         self.unsynced_since = None;
+        self.clean.clear();
+        self.pass = None;
     }
 
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Op>) {
         let mut shutdown = false;
         while !shutdown {
-            let Some(first) = rx.blocking_recv() else { break };
+            let first = if self.compaction_pending() && self.fault.is_none() {
+                // A compaction pass is under way: when idle, run rounds of it alone.
+                match rx.try_recv() {
+                    Ok(op) => op,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        self.round(Vec::new());
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                let Some(op) = rx.blocking_recv() else { break };
+                op
+            };
             let mut ops = Vec::with_capacity(64);
             let mut bytes = 0u64;
             match first {
@@ -557,6 +586,8 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "commit failed; every waiter of this round gets the error");
                 self.fronts.clear();
+                // The pass's progress of this round is undone: it starts again.
+                self.pass = None;
                 // Reopened first, so whoever gets the error can read again at once.
                 if is_storage_fault(&e) {
                     self.write_failed(&e);
@@ -626,6 +657,17 @@ impl Writer {
                 if let Err(e) = self.time_retention(&mut t, r, now) {
                     break 'apply Err(e);
                 }
+            }
+            // Compaction looks for work at the ticker's period (the shorter of the retention
+            // check and relaxed flush intervals): a look is two b-tree lookups per compacted
+            // partition.
+            let period = self.cfg.retention_check_interval_ms.min(self.cfg.relaxed_flush_interval_ms);
+            let check = self.last_compaction_check.elapsed().as_millis() as u64 >= period;
+            if check {
+                self.last_compaction_check = Instant::now();
+            }
+            if let Err(e) = self.compaction_step(&mut t, r, now, check) {
+                break 'apply Err(e);
             }
             Ok(())
         };
@@ -750,7 +792,7 @@ impl Writer {
 
     /// After a successful commit: memory catches up with the database, readers are woken and
     /// waiters answered - in that order, so an acknowledged offset is already readable.
-    fn publish(&mut self, r: Round) {
+    fn publish(&mut self, mut r: Round) {
         let topics_changed = !r.topic_changes.is_empty();
         if let Ok(mut topics) = self.shared.topics.write() {
             for change in r.topic_changes {
@@ -772,6 +814,19 @@ impl Writer {
         }
         for (k, e) in r.producers {
             self.producers.insert(k, e);
+        }
+        // Compaction rewrote or removed these partitions' batches: the cache must never serve
+        // the old ones (cleared before this round's new batches enter).
+        for pkey in &r.compaction.rewritten {
+            if let Some(p) = self.pstates.get(pkey) {
+                self.tail.clear(&p.tail);
+            }
+        }
+        for (pkey, s) in r.compaction.states.drain() {
+            match s {
+                Some(s) => self.clean.insert(pkey, s),
+                None => self.clean.remove(&pkey),
+            };
         }
         // Into the cache before the watermarks move, so a woken reader finds the batches there.
         for (pkey, base, next, bytes) in r.cached {
@@ -826,6 +881,9 @@ impl Writer {
         c.retention_deleted_batches.fetch_add(r.deleted_batches, Ordering::Relaxed);
         c.retention_deleted_unarchived_batches.fetch_add(r.deleted_unarchived_batches, Ordering::Relaxed);
         c.retention_deleted_bytes.fetch_add(r.deleted_bytes, Ordering::Relaxed);
+        c.compaction_reclaimed_bytes.fetch_add(r.compaction.reclaimed_bytes, Ordering::Relaxed);
+        c.compaction_removed_records.fetch_add(r.compaction.removed_records, Ordering::Relaxed);
+        c.compaction_passes.fetch_add(r.compaction.passes, Ordering::Relaxed);
         self.kv_total = apply_delta(self.kv_total, r.kv_delta, "key-value bytes");
         c.footprint_bytes.store(self.footprint_total, Ordering::Relaxed);
         c.logical_bytes.store(self.logical_total, Ordering::Relaxed);

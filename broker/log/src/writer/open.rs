@@ -160,7 +160,9 @@ pub(super) fn rebuild_producers(
         entry.record(
             h.producer_epoch,
             h.base_sequence,
-            producers::last_seq(h.base_sequence, h.record_count),
+            // The span, not the record count: compaction removes records from a batch but keeps
+            // its lastOffsetDelta, so the producer's last sequence stays (as Kafka's cleaner).
+            producers::last_seq(h.base_sequence, h.last_offset_delta.saturating_add(1)),
             outcome,
             clock,
         );

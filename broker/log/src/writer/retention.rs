@@ -31,6 +31,7 @@ impl Writer {
             return Ok(None);
         };
         t.log.remove((pkey, base))?;
+        self.clean_front_removed(t, r, pkey, base, batch_len)?;
         let fp = footprint(value_len);
         debug_assert!(next > m.log_start_offset && next <= m.next_offset, "front batch ends at {next}: {m:?}");
         m.log_start_offset = next;
@@ -175,7 +176,11 @@ impl Writer {
             Err(_) => return Ok(()),
         };
         for topic in topics {
-            let Some(ms) = topic.config.retention_ms else { continue };
+            // `retention.ms` deletes only under `cleanup.policy` delete (Kafka: a compact-only
+            // topic keeps every key's latest record whatever its age).
+            let Some(ms) = topic.config.retention_ms.filter(|_| topic.config.cleanup_policy.deletes()) else {
+                continue;
+            };
             let cutoff = now.saturating_sub(ms as i64);
             for p in &topic.partitions {
                 while freed < cap {

@@ -24,6 +24,8 @@ const TYPE_BOOLEAN: i8 = 1;
 const TYPE_STRING: i8 = 2;
 const TYPE_INT: i8 = 3;
 const TYPE_LONG: i8 = 5;
+const TYPE_DOUBLE: i8 = 6;
+const TYPE_LIST: i8 = 7;
 
 pub(super) fn describe_configs_request(ctx: &Ctx, call: Call, req: requests::ConfigsRequest) -> PendingReply {
     let resp = describe_configs(ctx, &call, req);
@@ -87,6 +89,27 @@ fn topic_config_doc(key: &str) -> (&'static str, i8) {
         ),
         "retention.bytes" => ("Size limit per partition; -1 = only the gateway's disk budget applies.", TYPE_LONG),
         "retention.ms" => ("Age limit of batches; -1 = no age limit.", TYPE_LONG),
+        "cleanup.policy" => (
+            "delete (retention.ms/bytes delete old batches), compact (the latest record per key is kept; \
+             keyless records are refused) or compact,delete.",
+            TYPE_LIST,
+        ),
+        "delete.retention.ms" => ("How long a tombstone stays after compaction first passed over it.", TYPE_LONG),
+        "min.compaction.lag.ms" => ("Batches appended less than this ago are not compacted.", TYPE_LONG),
+        "max.compaction.lag.ms" => {
+            ("A partition with an uncompacted batch older than this is compacted whatever its dirty ratio.", TYPE_LONG)
+        }
+        "min.cleanable.dirty.ratio" => {
+            ("Share of a partition's bytes appended since its last compaction that starts one.", TYPE_DOUBLE)
+        }
+        "segment.bytes" | "segment.index.bytes" => (
+            "Accepted for Kafka's tools; the log is a redb table without segment files, so nothing is rolled.",
+            TYPE_INT,
+        ),
+        "segment.ms" | "segment.jitter.ms" => (
+            "Accepted for Kafka's tools; the log is a redb table without segment files, so nothing is rolled.",
+            TYPE_LONG,
+        ),
         _ => ("CreateTime (the producer's timestamp) or LogAppendTime (the gateway's clock).", TYPE_STRING),
     }
 }

@@ -62,6 +62,11 @@ pub(super) async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceReq
                         }
                         _ => match ctx.store.enqueue_batch(&topic, partition, batch).await {
                             Ok(p) => PartitionProduce::Queued(p),
+                            // As the Java broker (LogValidator.validateKey): INVALID_RECORD with
+                            // a record error naming the batch index of the keyless record.
+                            Err(e @ crate::storage::StoreError::KeylessRecord { index, .. }) => {
+                                PartitionProduce::RecordRefused(i32::try_from(index).unwrap_or(i32::MAX), e.to_string())
+                            }
                             Err(e) => {
                                 tracing::debug!(%topic, partition, error = %e, "produce refused");
                                 PartitionProduce::Failed(code(&e), e.to_string())
