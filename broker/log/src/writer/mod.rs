@@ -819,7 +819,7 @@ impl Writer {
         // the old ones (cleared before this round's new batches enter).
         for pkey in &r.compaction.rewritten {
             if let Some(p) = self.pstates.get(pkey) {
-                self.tail.clear(&p.tail);
+                p.tail.clear();
             }
         }
         for (pkey, s) in r.compaction.states.drain() {
