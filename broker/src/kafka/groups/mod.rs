@@ -69,7 +69,8 @@ impl GroupState {
     }
 }
 
-/// A JoinGroup request.
+/// A JoinGroup request: its body as `kafka/requests.rs` decodes it, and the client id (from the
+/// request header) and host (the peer's address) the API adds.
 #[derive(Debug, Clone)]
 pub struct JoinRequest {
     pub group_id: String,
