@@ -194,10 +194,6 @@ const READ_AHEAD_BYTES: usize = 4096;
 /// A connection's write buffer is allocated with at least this much room (it grows with what a
 /// round of answers and deliveries adds, and is freed once written).
 const WRITE_CHUNK_BYTES: usize = 1024;
-/// Bytes waiting for a client's socket before its session stops to write them (answers and
-/// deliveries wait; what a round adds is bounded by the in-flight window and
-/// `DELIVERY_READS_MAX` reads).
-const WRITE_AHEAD_BYTES: usize = 64 * 1024;
 
 /// A bound MQTT listener (plain, and TLS when `[mqtt.tls]` is enabled).
 #[derive(Debug)]
@@ -875,7 +871,8 @@ fn open_session(ctx: &Ctx, logged_in: Box<LoggedIn>) -> Opened {
     let Accepted { mut start, conn_id, kill_rx } = accepted;
     let resumed_shared = std::mem::take(&mut start.resumed.shared);
     let s = Session::new(start, limits(&ctx.cfg), Instant::now());
-    (s, rd, Outgoing::new(wr, ctx.stats.clone()), conn_id, kill_rx, resumed_shared)
+    let ahead_max = usize::try_from(ctx.cfg.write_ahead_bytes_max).unwrap_or(usize::MAX);
+    (s, rd, Outgoing::new(wr, ctx.stats.clone(), ahead_max), conn_id, kill_rx, resumed_shared)
 }
 
 /// Packets on their way to the client, written by the session's own task (no writer task, no
@@ -889,11 +886,15 @@ struct Outgoing {
     /// Written but not flushed (TLS keeps what it encrypted until flushed).
     unflushed: bool,
     stats: Arc<MqttStats>,
+    /// `mqtt.write_ahead_bytes_max`: bytes waiting for the socket before the session stops to
+    /// write them (answers and deliveries wait; what a round adds is bounded by the in-flight
+    /// window and `DELIVERY_READS_MAX` reads).
+    ahead_max: usize,
 }
 
 impl Outgoing {
-    fn new(wr: Writer, stats: Arc<MqttStats>) -> Self {
-        Self { wr, buf: Vec::new(), sent: 0, unflushed: false, stats }
+    fn new(wr: Writer, stats: Arc<MqttStats>, ahead_max: usize) -> Self {
+        Self { wr, buf: Vec::new(), sent: 0, unflushed: false, stats, ahead_max }
     }
 
     fn push(&mut self, packet: &[u8]) {
@@ -945,10 +946,10 @@ impl Outgoing {
         Ok(())
     }
 
-    /// Waits until fewer than `WRITE_AHEAD_BYTES` wait for the socket: a client that does not
-    /// read holds up its own session, not the broker's memory.
+    /// Waits until fewer than `mqtt.write_ahead_bytes_max` wait for the socket: a client that
+    /// does not read holds up its own session, not the broker's memory.
     async fn make_room(&mut self) -> Result<(), String> {
-        while self.unsent() >= WRITE_AHEAD_BYTES {
+        while self.unsent() >= self.ahead_max {
             self.write_some().await?;
         }
         Ok(())
@@ -2036,6 +2037,30 @@ mod tests {
         let (accept_max, serve_max) = (ACCEPT_MAX, SERVE_MAX);
         assert!(accept <= accept_max, "accept task future {accept} B > {accept_max} B");
         assert!(serve <= serve_max, "session future {serve} B > {serve_max} B");
+    }
+
+    /// `mqtt.write_ahead_bytes_max` is where a session stops to write: below it `make_room`
+    /// returns at once; at it, it waits until the client has read enough.
+    #[tokio::test]
+    async fn make_room_waits_at_the_configured_write_ahead() {
+        // The client's socket takes 1 KiB, then is full until the client reads.
+        let (client, server) = tokio::io::duplex(1024);
+        let (_, wr) = tokio::io::split(server);
+        let mut out = Outgoing::new(Box::new(wr), Arc::default(), 8 * 1024);
+        out.push(&[0u8; 7 * 1024]);
+        out.make_room().await.expect("under the limit: no wait");
+        assert_eq!(out.unsent(), 7 * 1024, "nothing written yet");
+        out.push(&[0u8; 2 * 1024]);
+        let mut room = Box::pin(out.make_room());
+        assert!(
+            futures_util::FutureExt::now_or_never(room.as_mut()).is_none(),
+            "8 KiB unsent once the socket took 1 KiB: waits for the client"
+        );
+        let (mut rd, _keep) = tokio::io::split(client);
+        let mut got = vec![0u8; 1024];
+        tokio::io::AsyncReadExt::read_exact(&mut rd, &mut got).await.expect("read");
+        room.await.expect("room once the client read");
+        assert_eq!(out.unsent(), 7 * 1024);
     }
 
     #[test]
