@@ -103,13 +103,14 @@ fn shipped_config_file_starts_the_gateway() {
 
 /// Graceful shutdown of the Kafka front end (the shared listener's drain): a produce (acks=all)
 /// whose first bytes arrived before SIGTERM is still read, written to the log and answered; the
-/// connection closes only after its response, an idle connection is closed at once, the process
-/// exits cleanly, and the acknowledged records are in the log after a restart.
+/// connection closes only after its response, a fetch parked in a long poll (20 s, longer than
+/// the listener's 5 s shutdown wait) is answered at once, an idle connection is closed at once,
+/// the process exits cleanly, and the acknowledged records are in the log after a restart.
 #[test]
-fn a_kafka_produce_begun_before_sigterm_is_answered_and_kept() {
-    use crate::kafka_protocol::{batch, produce_req, produce_result};
+fn kafka_requests_begun_before_sigterm_are_answered_and_kept() {
+    use crate::kafka_protocol::{batch, fetch_req, produce_req, produce_result};
     use crate::support::RawKafka;
-    use kafka_protocol::messages::{metadata_request, MetadataRequest, ProduceRequest, TopicName};
+    use kafka_protocol::messages::{metadata_request, FetchRequest, MetadataRequest, ProduceRequest, TopicName};
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let config = dir.path().join("gateway.toml");
@@ -139,14 +140,24 @@ fn a_kafka_produce_begun_before_sigterm_is_answered_and_kept() {
     assert_eq!(c.call(&md, 4).topics[0].error_code, 0);
     assert_eq!(produce_result(&c.call(&produce_req("drain", 0, batch(3, None), -1), 7)), (0, 0));
     let mut idle = RawKafka::connect(addr);
+    // A consumer at the end of the log, long-polling.
+    let mut consumer = RawKafka::connect(addr);
+    let fetch_corr = consumer.send(&fetch_req(&[("drain", 0, 3)], 20_000, 1, 1 << 20, 1 << 20), 11);
     // Half of the next produce arrives, then the gateway is told to stop.
     let (corr, frame) = c.frame(&produce_req("drain", 0, batch(5, None), -1), 7);
     let half = frame.len() / 2;
     c.write(&frame[..half]);
-    // The gateway has read the size prefix and waits for the rest: the request has begun.
+    // The gateway has read the size prefix and waits for the rest (the request has begun), and
+    // the fetch is parked.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !crate::support::http_get(&metrics, "/metrics").contains("\ntributary_kafka_frames_reading 1\n") {
-        assert!(std::time::Instant::now() < deadline, "the half request is not being read within 20 s");
+    loop {
+        let text = crate::support::http_get(&metrics, "/metrics");
+        if text.contains("\ntributary_kafka_frames_reading 1\n")
+            && text.contains("\ntributary_kafka_fetches_waiting 1\n")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the half request and the parked fetch within 20 s:\n{text}");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let pid = Pid::from_raw(child.id() as i32).expect("pid");
@@ -159,6 +170,10 @@ fn a_kafka_produce_begun_before_sigterm_is_answered_and_kept() {
     }
     assert!(std::net::TcpStream::connect(addr).is_err(), "a stopping listener accepts nothing new");
     assert!(idle.recv_frame().is_none(), "an idle connection is closed at once");
+    let fetched = consumer.recv::<FetchRequest>(11, fetch_corr);
+    let p = &fetched.responses[0].partitions[0];
+    assert_eq!((p.error_code, p.high_watermark), (0, 3), "the parked fetch is answered, empty");
+    assert!(consumer.recv_frame().is_none(), "then its connection closes");
     c.write(&frame[half..]);
     let answer = c.recv::<ProduceRequest>(7, corr);
     assert_eq!(produce_result(&answer), (0, 3), "the produce begun before SIGTERM is answered");

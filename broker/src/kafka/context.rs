@@ -18,7 +18,7 @@ use super::groups::Coordinator;
 use super::versions::ApiSupport;
 use crate::config::TopicTemplate;
 use crate::error::StoreError;
-use crate::listener::ListenerStats;
+use crate::listener::{Draining, ListenerStats};
 use crate::security::{Access, Auth};
 use crate::spaces;
 use crate::storage::Store;
@@ -70,6 +70,8 @@ pub(crate) struct Ctx {
     pub stats: Arc<KafkaStats>,
     pub groups: Arc<Coordinator>,
     pub auth: Arc<Auth>,
+    /// Set when the listener stops: parked fetches answer at once.
+    pub draining: Draining,
 }
 
 impl Ctx {

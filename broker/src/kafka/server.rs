@@ -120,6 +120,17 @@ impl KafkaServer {
                 metadata_bytes_max: cfg.groups_metadata_bytes_max,
             },
         )?;
+        let listener = Listener::new(
+            vec![socket],
+            Limits {
+                name: "kafka",
+                connections_max: cfg.connections_max,
+                connections_per_ip_per_s_max: cfg.connections_per_ip_per_s_max,
+                connection_rate_addresses_max: cfg.connection_rate_addresses_max,
+                tls_handshake_timeout: tls_handshake_timeout(&cfg, &auth),
+                over_limit: OverLimit::Close,
+            },
+        );
         let ctx = Arc::new(Ctx {
             store,
             advertised_host,
@@ -132,18 +143,8 @@ impl KafkaServer {
             defaults,
             cfg,
             auth,
+            draining: listener.draining(),
         });
-        let listener = Listener::new(
-            vec![socket],
-            Limits {
-                name: "kafka",
-                connections_max: ctx.cfg.connections_max,
-                connections_per_ip_per_s_max: ctx.cfg.connections_per_ip_per_s_max,
-                connection_rate_addresses_max: ctx.cfg.connection_rate_addresses_max,
-                tls_handshake_timeout: tls_handshake_timeout(&ctx.cfg, &ctx.auth),
-                over_limit: OverLimit::Close,
-            },
-        );
         Ok(Self { listener, ctx })
     }
 
