@@ -246,22 +246,28 @@ pub fn render(src: &Sources) -> String {
             o.sample(name, &[("protocol", "mqtt")], v.load(Ordering::Relaxed));
         }
     }
-    let refusals: [(&str, &str); 3] = [
+    let refusals: [(&str, &str); 4] = [
         ("tributary_auth_failures_total", "Failed logins (wrong or missing credentials)."),
         ("tributary_connections_rate_limited_total", "Connections refused by the per-address rate limit."),
         (
             "tributary_tls_handshake_failures_total",
             "TLS handshakes that failed (unknown or expired certificates included).",
         ),
+        (
+            "tributary_accept_errors_total",
+            "Accepts that failed (file descriptors exhausted and the like), each followed by a pause.",
+        ),
     ];
     for (i, (name, help)) in refusals.iter().enumerate() {
         o.family(name, "counter", help);
         if let Some((k, _)) = &src.kafka {
-            let v = [&k.auth_failures, &k.listener.connections_rate_limited, &k.listener.tls_handshake_failures][i];
+            let l = &k.listener;
+            let v = [&k.auth_failures, &l.connections_rate_limited, &l.tls_handshake_failures, &l.accept_errors][i];
             o.sample(name, &[("protocol", "kafka")], v.load(Ordering::Relaxed));
         }
         if let Some(m) = &src.mqtt {
-            let v = [&m.auth_failures, &m.listener.connections_rate_limited, &m.listener.tls_handshake_failures][i];
+            let l = &m.listener;
+            let v = [&m.auth_failures, &l.connections_rate_limited, &l.tls_handshake_failures, &l.accept_errors][i];
             o.sample(name, &[("protocol", "mqtt")], v.load(Ordering::Relaxed));
         }
     }

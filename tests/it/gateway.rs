@@ -194,3 +194,68 @@ fn kafka_requests_begun_before_sigterm_are_answered_and_kept() {
     assert_eq!(values[3..], (0..5).map(|i| format!("value-{i}").into_bytes()).collect::<Vec<_>>()[..]);
     store.close_blocking().expect("close");
 }
+
+/// Accept errors are survived (the shared listener's backoff; its schedule is unit-tested in
+/// `listener.rs`): with the gateway's
+/// file-descriptor limit lowered (`prlimit RLIMIT_NOFILE`) to a few above what it holds, a burst
+/// of connections makes accepting fail with EMFILE; the failures are counted
+/// (`tributary_accept_errors_total`), and once the burst is closed and the limit restored the
+/// gateway serves new connections as before.
+#[test]
+fn accept_errors_are_counted_and_survived() {
+    use crate::support::{http_get, RawKafka};
+    use kafka_protocol::messages::ApiVersionsRequest;
+    use rustix::process::{prlimit, Resource, Rlimit};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 0\n",
+            dir.path().join("data").to_str().expect("utf-8")
+        ),
+    )
+    .expect("write config");
+    let mut child = gateway(dir.path(), &["serve", "--config", config.to_str().expect("utf-8")]);
+    let (mut log, seen) = wait_for(&mut child, "tributary gateway ready");
+    let named = |name: &str| {
+        let a = seen.split(&format!("{name}=")).nth(1).and_then(|r| r.split_whitespace().next());
+        a.unwrap_or_else(|| panic!("{name} address in {seen}")).to_string()
+    };
+    let addr: std::net::SocketAddr = named("kafka").parse().expect("address");
+    let metrics = named("metrics");
+    let pid = Pid::from_raw(child.id() as i32).expect("pid");
+    let open = std::fs::read_dir(format!("/proc/{}/fd", child.id())).expect("fds").count() as u64;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
+    let hard = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|v| v.parse::<u64>().ok());
+    let before = prlimit(Some(pid), Resource::Nofile, Rlimit { current: Some(open + 4), maximum: hard })
+        .expect("lower RLIMIT_NOFILE");
+    // More connections than descriptors are left: the kernel completes them all (the backlog),
+    // the gateway's accepts fail once its descriptors run out.
+    let burst: Vec<std::net::TcpStream> =
+        (0..16).map(|_| std::net::TcpStream::connect(addr).expect("connect")).collect();
+    let mut line = String::new();
+    while !line.contains("kafka accept failed") {
+        line.clear();
+        assert!(log.read_line(&mut line).expect("read stderr") > 0, "the gateway exited");
+    }
+    std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+    drop(burst);
+    prlimit(Some(pid), Resource::Nofile, before).expect("restore RLIMIT_NOFILE");
+    let mut probe = RawKafka::connect(addr);
+    let answer = probe.call(&ApiVersionsRequest::default(), 0);
+    assert_eq!(answer.error_code, 0, "served once descriptors are free again");
+    let text = http_get(&metrics, "/metrics");
+    let errors: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tributary_accept_errors_total{protocol=\"kafka\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Kafka accept-error counter in:\n{text}"));
+    assert!(errors > 0, "EMFILE accepts are counted");
+    kill_process(pid, Signal::TERM).expect("SIGTERM");
+    assert!(child.wait().expect("wait").success(), "clean shutdown");
+}
