@@ -2022,8 +2022,9 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
-    /// What an idle logged-in connection holds is mostly its two futures: the accept task's
-    /// (which holds the session future boxed) and the session's (`serve`). Each is as large as its
+    /// What an idle logged-in connection holds is mostly its two futures: the connection task's
+    /// (`handle`, which holds the session future boxed, inside the listener's wrapper of about
+    /// 300 B more: `listener::tests::a_connection_task_stays_small`) and the session's (`serve`). Each is as large as its
     /// largest await point, so everything a connection does only now and then (CONNECT and
     /// login, publishing, delivering, storing) is boxed and costs heap only while it runs.
     /// Bounds a little above today's sizes, so a change that makes every connection carry more
