@@ -2024,11 +2024,12 @@ mod tests {
 
     /// What an idle logged-in connection holds is mostly its two futures: the connection task's
     /// (`handle`, which holds the session future boxed, inside the listener's wrapper of about
-    /// 300 B more: `listener::tests::a_connection_task_stays_small`) and the session's (`serve`). Each is as large as its
-    /// largest await point, so everything a connection does only now and then (CONNECT and
-    /// login, publishing, delivering, storing) is boxed and costs heap only while it runs.
-    /// Bounds a little above today's sizes, so a change that makes every connection carry more
-    /// fails here (issue 14: 1,000 idle connections under 15 MiB, 10,000 under 80 MiB).
+    /// 160 B more: `listener::tests::a_connection_task_stays_small`) and the session's (`serve`).
+    /// Each is as large as its largest await point, so everything a connection does only now and
+    /// then (CONNECT and login, publishing, delivering, storing) is boxed and costs heap only
+    /// while it runs. Bounds a little above today's sizes, so a change that makes every
+    /// connection carry more fails here (issue 14: 1,000 idle connections under 15 MiB, 10,000
+    /// under 80 MiB).
     #[test]
     fn the_futures_an_idle_connection_holds_stay_small() {
         let accept = future_size2(handle);
