@@ -109,7 +109,8 @@ impl Draining {
     }
 }
 
-/// An accepted connection, handed to the front end's handler.
+/// An accepted connection, handed to the front end's handler boxed (an async fn keeps its
+/// arguments for as long as it runs, and a handler runs as long as its connection).
 pub struct Conn {
     pub rd: Reader,
     pub wr: Writer,
@@ -158,7 +159,7 @@ impl Listener {
     /// connection to finish, and waits for them up to `SHUTDOWN_WAIT`.
     pub async fn run<H, F>(self, stats: Arc<ListenerStats>, shutdown: impl Future<Output = ()>, handler: H)
     where
-        H: Fn(Conn) -> F + Send + Sync + 'static,
+        H: Fn(Box<Conn>) -> F + Send + Sync + 'static,
         F: Future<Output = Result<(), String>> + Send + 'static,
     {
         let Self { sockets, limits, draining } = self;
@@ -303,7 +304,7 @@ impl Drop for OpenGuard {
 /// then the handler's future, held in place (the task is that future and a few words more).
 async fn connection<H, F>(a: Box<Accepted>, stats: Arc<ListenerStats>, handler: Arc<H>)
 where
-    H: Fn(Conn) -> F + Send + Sync + 'static,
+    H: Fn(Box<Conn>) -> F + Send + Sync + 'static,
     F: Future<Output = Result<(), String>> + Send + 'static,
 {
     // Boxed: an async fn keeps its arguments for its whole life, and this one lives as long as
@@ -339,7 +340,7 @@ where
         }
     };
     let conn = Conn { rd, wr, peer, accepted, cert_name, admitted, draining };
-    let result = handler(conn).await;
+    let result = handler(Box::new(conn)).await;
     match result {
         Ok(()) => tracing::debug!(%peer, "{name} connection closed"),
         Err(reason) => {
@@ -380,7 +381,7 @@ mod tests {
                 Poll::Ready(if self.0.iter().all(|&b| b == 0) { Ok(()) } else { Err("not zero".into()) })
             }
         }
-        type H = fn(Conn) -> Handling;
+        type H = fn(Box<Conn>) -> Handling;
         fn size<F: Future>(_: &F) -> usize {
             std::mem::size_of::<F>()
         }
