@@ -1,6 +1,7 @@
 //! Tributary's protocol front ends over the log store (`tributary-log`, re-exported here as
 //! `storage` with its `config`, `error` and `histogram`): the Kafka front end (`kafka/`, with the
-//! consumer-group coordinator), the MQTT 3.1.1/5 front end (`mqtt/`), users, ACLs, SASL and TLS
+//! consumer-group coordinator), the MQTT 3.1.1/5 front end (`mqtt/`), the one listener both use
+//! (`listener`: accept, limits, TLS handshake, graceful shutdown), users, ACLs, SASL and TLS
 //! (`security/`), and the leaves both front ends share (`partitioner`, `spaces`, `topic`). The
 //! modules' order is declared in ARCHITECTURE.md and checked by `tests/module_dag.rs`.
 //!
@@ -8,6 +9,7 @@
 //! `tributary-sync` and `tributary-gateway`, which depend on this crate and never the reverse.
 
 pub mod kafka;
+pub mod listener;
 pub mod mqtt;
 pub mod partitioner;
 pub mod security;

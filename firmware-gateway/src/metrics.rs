@@ -247,10 +247,18 @@ pub fn render(src: &Sources) -> String {
 
     o.family("tributary_connections_open", "gauge", "Open client connections.");
     if let Some((k, _)) = &src.kafka {
-        o.sample("tributary_connections_open", &[("protocol", "kafka")], k.connections_open.load(Ordering::Relaxed));
+        o.sample(
+            "tributary_connections_open",
+            &[("protocol", "kafka")],
+            k.listener.connections_open.load(Ordering::Relaxed),
+        );
     }
     if let Some(m) = &src.mqtt {
-        o.sample("tributary_connections_open", &[("protocol", "mqtt")], m.connections_open.load(Ordering::Relaxed));
+        o.sample(
+            "tributary_connections_open",
+            &[("protocol", "mqtt")],
+            m.listener.connections_open.load(Ordering::Relaxed),
+        );
     }
     let counters: [(&str, &str); 5] = [
         ("tributary_connections_accepted_total", "Connections accepted."),
@@ -262,30 +270,48 @@ pub fn render(src: &Sources) -> String {
     for (i, (name, help)) in counters.iter().enumerate() {
         o.family(name, "counter", help);
         if let Some((k, _)) = &src.kafka {
-            let v = [&k.connections_accepted, &k.connections_refused, &k.protocol_errors, &k.bytes_in, &k.bytes_out][i];
+            let v = [
+                &k.listener.connections_accepted,
+                &k.listener.connections_refused,
+                &k.listener.protocol_errors,
+                &k.bytes_in,
+                &k.bytes_out,
+            ][i];
             o.sample(name, &[("protocol", "kafka")], v.load(Ordering::Relaxed));
         }
         if let Some(m) = &src.mqtt {
-            let v = [&m.connections_accepted, &m.connections_refused, &m.protocol_errors, &m.bytes_in, &m.bytes_out][i];
+            let v = [
+                &m.listener.connections_accepted,
+                &m.listener.connections_refused,
+                &m.listener.protocol_errors,
+                &m.bytes_in,
+                &m.bytes_out,
+            ][i];
             o.sample(name, &[("protocol", "mqtt")], v.load(Ordering::Relaxed));
         }
     }
-    let refusals: [(&str, &str); 3] = [
+    let refusals: [(&str, &str); 4] = [
         ("tributary_auth_failures_total", "Failed logins (wrong or missing credentials)."),
         ("tributary_connections_rate_limited_total", "Connections refused by the per-address rate limit."),
         (
             "tributary_tls_handshake_failures_total",
             "TLS handshakes that failed (unknown or expired certificates included).",
         ),
+        (
+            "tributary_accept_errors_total",
+            "Accepts that failed (file descriptors exhausted and the like), each followed by a pause.",
+        ),
     ];
     for (i, (name, help)) in refusals.iter().enumerate() {
         o.family(name, "counter", help);
         if let Some((k, _)) = &src.kafka {
-            let v = [&k.auth_failures, &k.connections_rate_limited, &k.tls_handshake_failures][i];
+            let l = &k.listener;
+            let v = [&k.auth_failures, &l.connections_rate_limited, &l.tls_handshake_failures, &l.accept_errors][i];
             o.sample(name, &[("protocol", "kafka")], v.load(Ordering::Relaxed));
         }
         if let Some(m) = &src.mqtt {
-            let v = [&m.auth_failures, &m.connections_rate_limited, &m.tls_handshake_failures][i];
+            let l = &m.listener;
+            let v = [&m.auth_failures, &l.connections_rate_limited, &l.tls_handshake_failures, &l.accept_errors][i];
             o.sample(name, &[("protocol", "mqtt")], v.load(Ordering::Relaxed));
         }
     }
@@ -520,7 +546,7 @@ pub fn sys_values(src: &Sources, uptime: Duration) -> Vec<(&'static str, String)
         ("$SYS/broker/store/budget", src.store.config().max_bytes.to_string()),
     ];
     if let Some(m) = &src.mqtt {
-        v.push(("$SYS/broker/clients/connected", m.connections_open.load(Ordering::Relaxed).to_string()));
+        v.push(("$SYS/broker/clients/connected", m.listener.connections_open.load(Ordering::Relaxed).to_string()));
         v.push(("$SYS/broker/messages/received", m.publishes_in.load(Ordering::Relaxed).to_string()));
         v.push(("$SYS/broker/messages/sent", m.publishes_out.load(Ordering::Relaxed).to_string()));
         v.push(("$SYS/broker/bytes/received", m.bytes_in.load(Ordering::Relaxed).to_string()));

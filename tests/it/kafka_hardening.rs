@@ -216,7 +216,7 @@ async fn a_connection_without_a_login_is_closed_at_its_deadline() {
     })
     .await
     .expect("clients");
-    until("the three closes are counted", || b.kafka_stats.protocol_errors.load(Ordering::Relaxed) >= 3).await;
+    until("the three closes are counted", || b.kafka_stats.listener.protocol_errors.load(Ordering::Relaxed) >= 3).await;
 }
 
 /// Before the login, a request may be at most kafka.login_frame_bytes_max (8 KiB): a 7.9 MB
@@ -256,7 +256,8 @@ async fn an_oversized_sasl_message_is_refused_on_its_size() {
     })
     .await
     .expect("clients");
-    until("the nine refusals are counted", || b.kafka_stats.protocol_errors.load(Ordering::Relaxed) >= 9).await;
+    until("the nine refusals are counted", || b.kafka_stats.listener.protocol_errors.load(Ordering::Relaxed) >= 9)
+        .await;
     assert_eq!(b.kafka_stats.auth_failures.load(Ordering::Relaxed), 0, "nothing reached the mechanism");
 }
 
@@ -321,7 +322,7 @@ async fn a_request_with_more_elements_than_the_cap_is_refused() {
     })
     .await
     .expect("client");
-    until("the refusal is counted", || b.kafka_stats.protocol_errors.load(Ordering::Relaxed) == 1).await;
+    until("the refusal is counted", || b.kafka_stats.listener.protocol_errors.load(Ordering::Relaxed) == 1).await;
 }
 
 /// JoinGroup protocol metadata is held for the member's whole life, so it is bounded:

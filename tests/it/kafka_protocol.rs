@@ -56,7 +56,7 @@ pub(crate) fn produce_result(r: &ProduceResponse) -> (i16, i64) {
     (p.error_code, p.base_offset)
 }
 
-fn fetch_req(
+pub(crate) fn fetch_req(
     parts: &[(&str, i32, i64)],
     max_wait_ms: i32,
     min_bytes: i32,

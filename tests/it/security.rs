@@ -596,8 +596,8 @@ async fn a_connection_flood_from_one_address_does_not_stop_another_client() {
     good.expect("another address still connects during the flood");
     // Every flood connection is handled: accepted within the rate, or refused.
     let handled = || {
-        b.mqtt_stats.connections_rate_limited.load(Ordering::Relaxed)
-            + b.mqtt_stats.connections_accepted.load(Ordering::Relaxed)
+        b.mqtt_stats.listener.connections_rate_limited.load(Ordering::Relaxed)
+            + b.mqtt_stats.listener.connections_accepted.load(Ordering::Relaxed)
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while handled() < 201 {
@@ -608,9 +608,12 @@ async fn a_connection_flood_from_one_address_does_not_stop_another_client() {
     // flood took to handle, however slow the machine: that, and the patient client, is all that
     // may have been accepted.
     let allowed = 5 + (5.0 * started.elapsed().as_secs_f64()).ceil() as u64 + 1;
-    let accepted = b.mqtt_stats.connections_accepted.load(Ordering::Relaxed);
+    let accepted = b.mqtt_stats.listener.connections_accepted.load(Ordering::Relaxed);
     assert!(accepted <= allowed, "{accepted} accepted; the rate allows {allowed} in {:?}", started.elapsed());
-    assert!(b.mqtt_stats.connections_rate_limited.load(Ordering::Relaxed) >= 200 - (allowed - 1), "the rest refused");
+    assert!(
+        b.mqtt_stats.listener.connections_rate_limited.load(Ordering::Relaxed) >= 200 - (allowed - 1),
+        "the rest refused"
+    );
 }
 
 // ---- TLS ----
@@ -717,7 +720,7 @@ async fn mqtt_over_tls_with_passwords_and_client_certificates() {
     assert!(mqtt_tls(tls_addr, "f", None, rustls_client(&pki.ca.cert, Some(&foreign))).await.is_err());
     let expired = expired_cert(&pki.ca, "sensor-9");
     assert!(mqtt_tls(tls_addr, "e", None, rustls_client(&pki.ca.cert, Some(&expired))).await.is_err());
-    assert!(b.mqtt_stats.tls_handshake_failures.load(Ordering::Relaxed) >= 2);
+    assert!(b.mqtt_stats.listener.tls_handshake_failures.load(Ordering::Relaxed) >= 2);
     // A client that does not trust the server's CA gives up itself.
     let wrong_trust = rustls_client(&other_ca.cert, None);
     assert!(mqtt_tls(tls_addr, "w", Some(("meter-1", "device-pw")), wrong_trust).await.is_err());
@@ -766,18 +769,22 @@ fn kafka_sasl_ssl_with_librdkafka() {
     // with the broker's answer (not a TLS or connection error).
     let errors = ClientErrors::default();
     let bad: BaseProducer<ClientErrors> = ssl("wrong").create_with_context(errors.clone()).expect("producer");
-    let tls_failures = b.kafka_stats.tls_handshake_failures.load(Ordering::Relaxed);
+    let tls_failures = b.kafka_stats.listener.tls_handshake_failures.load(Ordering::Relaxed);
     assert!(bad.client().fetch_metadata(None, Duration::from_secs(5)).is_err());
     let seen = errors.wait_for(&bad, |(code, _)| *code == Some(RDKafkaErrorCode::Authentication));
     drop(bad);
     assert!(seen.1.contains("invalid credentials with SASL mechanism SCRAM-SHA-512"), "{}", seen.1);
     assert!(b.kafka_stats.auth_failures.load(Ordering::Relaxed) >= 1, "the broker counted the failed login");
-    assert_eq!(b.kafka_stats.tls_handshake_failures.load(Ordering::Relaxed), tls_failures, "TLS itself succeeded");
+    assert_eq!(
+        b.kafka_stats.listener.tls_handshake_failures.load(Ordering::Relaxed),
+        tls_failures,
+        "TLS itself succeeded"
+    );
     // Plaintext to the TLS listener: the TLS handshake fails (counted by the broker).
     let plain: BaseProducer = sasl(b.kafka, "PLAIN", "app", "app-pw").create().expect("producer");
     assert!(plain.client().fetch_metadata(None, Duration::from_secs(3)).is_err(), "plaintext to a TLS listener fails");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while b.kafka_stats.tls_handshake_failures.load(Ordering::Relaxed) == tls_failures {
+    while b.kafka_stats.listener.tls_handshake_failures.load(Ordering::Relaxed) == tls_failures {
         assert!(Instant::now() < deadline, "the broker never saw a failed TLS handshake");
         std::thread::sleep(Duration::from_millis(5));
     }

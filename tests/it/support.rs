@@ -206,8 +206,16 @@ impl RawKafka {
 
     /// Sends a request without waiting; returns its correlation id.
     pub fn send<R: kafka_protocol::protocol::Request>(&mut self, req: &R, version: i16) -> i32 {
-        use kafka_protocol::protocol::{Encodable, StrBytes};
         use std::io::Write;
+        let (corr, frame) = self.frame(req, version);
+        self.stream.write_all(&frame).expect("send request");
+        corr
+    }
+
+    /// A request's frame (size prefix included) with the next correlation id, not sent: for
+    /// writing it in pieces.
+    pub fn frame<R: kafka_protocol::protocol::Request>(&mut self, req: &R, version: i16) -> (i32, Vec<u8>) {
+        use kafka_protocol::protocol::{Encodable, StrBytes};
         self.corr += 1;
         let header = kafka_protocol::messages::RequestHeader::default()
             .with_request_api_key(R::KEY)
@@ -219,8 +227,12 @@ impl RawKafka {
         req.encode(&mut body, version).unwrap_or_else(|e| panic!("encode api {} v{version}: {e}", R::KEY));
         let mut frame = (body.len() as i32).to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
-        self.stream.write_all(&frame).expect("send request");
-        self.corr
+        (self.corr, frame)
+    }
+
+    /// Writes raw bytes (part of a frame from `frame`).
+    pub fn write(&mut self, bytes: &[u8]) {
+        std::io::Write::write_all(&mut self.stream, bytes).expect("write");
     }
 
     /// Reads the next response frame; `None` if the broker closed the connection.

@@ -3,6 +3,7 @@
 //! only after the commit returned; reads open their own short read transaction. A failed write
 //! does not latch: the writer reopens the database in-process (see `writer/open.rs`).
 
+pub mod accounting;
 pub mod batch;
 pub mod clock;
 pub mod compression;

@@ -18,6 +18,7 @@ use super::groups::Coordinator;
 use super::versions::ApiSupport;
 use crate::config::TopicTemplate;
 use crate::error::StoreError;
+use crate::listener::{Draining, ListenerStats};
 use crate::security::{Access, Auth};
 use crate::spaces;
 use crate::storage::Store;
@@ -25,20 +26,15 @@ use crate::storage::Store;
 /// Counters of the Kafka front end.
 #[derive(Debug, Default)]
 pub struct KafkaStats {
-    pub connections_accepted: AtomicU64,
-    pub connections_refused: AtomicU64,
-    pub connections_open: AtomicU64,
+    /// The listener's: connections accepted, refused, open, rate-limited, TLS handshake
+    /// failures, connections ended by malformed input.
+    pub listener: Arc<ListenerStats>,
     pub requests: AtomicU64,
-    pub protocol_errors: AtomicU64,
     /// Request and response bytes on the wire (frames with their size prefix).
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// SASL authentications that failed (wrong password, unknown user, bad messages).
     pub auth_failures: AtomicU64,
-    /// Connections closed at once by `kafka.connections_per_ip_per_s_max`.
-    pub connections_rate_limited: AtomicU64,
-    /// TLS handshakes that failed.
-    pub tls_handshake_failures: AtomicU64,
     /// Requests whose size was read and whose bytes have not all arrived yet (a gauge).
     pub frames_reading: AtomicU64,
     /// Fetches parked in a long poll, waiting for data (a gauge).
@@ -74,7 +70,8 @@ pub(crate) struct Ctx {
     pub stats: Arc<KafkaStats>,
     pub groups: Arc<Coordinator>,
     pub auth: Arc<Auth>,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Set when the listener stops: parked fetches answer at once.
+    pub draining: Draining,
 }
 
 impl Ctx {

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 
 use super::codec::{min_array, min_str, DecodeError, Reader};
+use super::groups::JoinRequest;
 use super::versions::key;
 
 /// A topic's partitions and their record batches in a produce request.
@@ -140,17 +141,6 @@ pub(crate) struct CreatePartitionsRequest {
     pub validate_only: bool,
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct JoinGroupRequest {
-    pub group_id: String,
-    pub session_timeout_ms: i32,
-    pub rebalance_timeout_ms: i32,
-    pub member_id: String,
-    pub instance_id: Option<String>,
-    pub protocol_type: String,
-    pub protocols: Vec<(String, Bytes)>,
-}
-
 /// SyncGroup and Heartbeat: the member's identity in a generation (and the leader's assignments).
 #[derive(Debug, Clone)]
 pub(crate) struct MemberRequest {
@@ -223,7 +213,8 @@ pub(crate) enum Request {
     CreatePartitions(CreatePartitionsRequest),
     DescribeCluster,
     FindCoordinator(FindCoordinatorRequest),
-    JoinGroup(JoinGroupRequest),
+    /// Decoded into the coordinator's own request (client id and host are the API's to add).
+    JoinGroup(JoinRequest),
     SyncGroup(MemberRequest),
     Heartbeat(MemberRequest),
     LeaveGroup(LeaveGroupRequest),
@@ -468,7 +459,7 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                 r.tagged_fields()?;
                 Ok((name, metadata))
             })?;
-            Request::JoinGroup(JoinGroupRequest {
+            Request::JoinGroup(JoinRequest {
                 group_id,
                 session_timeout_ms,
                 rebalance_timeout_ms,
@@ -476,6 +467,9 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                 instance_id,
                 protocol_type,
                 protocols,
+                client_id: String::new(),
+                client_host: String::new(),
+                require_known_member_id: v >= 4,
             })
         }
         key::SYNC_GROUP | key::HEARTBEAT => {

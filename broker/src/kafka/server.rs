@@ -1,7 +1,8 @@
-//! The Kafka listener and its connections: accepting within `connections_max`, reading frames
-//! within `frame_bytes_max` and the shared memory budget, pipelining up to
+//! The Kafka front end's connections (accepted by `crate::listener`, within `connections_max`):
+//! reading frames within `frame_bytes_max` and the shared memory budget, pipelining up to
 //! `inflight_requests_max` requests per connection and writing the responses back in request
-//! order; idle connections are closed.
+//! order; idle connections are closed, and a stopping listener's connections read no new request,
+//! answer the ones begun, then close.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,8 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 
 use super::api::{
@@ -28,7 +28,7 @@ use super::requests;
 use super::versions::{self, key};
 use crate::config::TopicTemplate;
 use crate::error::StoreError;
-use crate::security::ratelimit::ConnectionRateLimit;
+use crate::listener::{Conn, Draining, Limits, Listener, OverLimit, Socket};
 use crate::security::{tls, Access, Auth};
 use crate::spaces;
 use crate::storage::Store;
@@ -49,7 +49,7 @@ pub enum KafkaError {
 /// A bound Kafka listener.
 #[derive(Debug)]
 pub struct KafkaServer {
-    listener: TcpListener,
+    listener: Listener,
     ctx: Arc<Ctx>,
 }
 
@@ -79,10 +79,10 @@ impl KafkaServer {
         } else {
             None
         };
-        let listener = TcpListener::bind(&cfg.listen)
+        let socket = Socket::bind(&cfg.listen, tls)
             .await
             .map_err(|source| KafkaError::Bind { addr: cfg.listen.clone(), source })?;
-        let local = listener.local_addr().map_err(|source| KafkaError::Bind { addr: cfg.listen.clone(), source })?;
+        let local = socket.local_addr().map_err(|source| KafkaError::Bind { addr: cfg.listen.clone(), source })?;
         let advertised_host = if !cfg.advertised_host.is_empty() {
             cfg.advertised_host.clone()
         } else if local.ip().is_unspecified() {
@@ -120,6 +120,17 @@ impl KafkaServer {
                 metadata_bytes_max: cfg.groups_metadata_bytes_max,
             },
         )?;
+        let listener = Listener::new(
+            vec![socket],
+            Limits {
+                name: "kafka",
+                connections_max: cfg.connections_max,
+                connections_per_ip_per_s_max: cfg.connections_per_ip_per_s_max,
+                connection_rate_addresses_max: cfg.connection_rate_addresses_max,
+                tls_handshake_timeout: tls_handshake_timeout(&cfg, &auth),
+                over_limit: OverLimit::Close,
+            },
+        );
         let ctx = Arc::new(Ctx {
             store,
             advertised_host,
@@ -132,13 +143,13 @@ impl KafkaServer {
             defaults,
             cfg,
             auth,
-            tls,
+            draining: listener.draining(),
         });
         Ok(Self { listener, ctx })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listener.local_addr(0).unwrap_or_else(|| Err(std::io::ErrorKind::NotFound.into()))
     }
 
     /// The host and port clients are told to connect to.
@@ -155,88 +166,34 @@ impl KafkaServer {
         self.ctx.groups.clone()
     }
 
-    /// Accepts connections until `shutdown` completes; then stops accepting (open connections
-    /// end with the runtime).
+    /// Accepts connections until `shutdown` completes; then stops accepting, lets every
+    /// connection finish the requests it has begun (answered, then closed) and waits for them
+    /// up to `listener::SHUTDOWN_WAIT`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let connections = Arc::new(Semaphore::new(self.ctx.cfg.connections_max as usize));
-        let mut rate = ConnectionRateLimit::new(
-            self.ctx.cfg.connections_per_ip_per_s_max,
-            self.ctx.cfg.connection_rate_addresses_max,
-        );
         if self.ctx.auth.enabled() && self.ctx.auth.user_count() == 0 {
             tracing::warn!("auth.enabled with no [[auth.users]]: every Kafka client will be refused");
         }
         let timers = tokio::spawn(self.ctx.groups.clone().run_timers());
-        tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                () = &mut shutdown => break,
-                a = self.listener.accept() => a,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "kafka accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            if !rate.allow(peer.ip(), Instant::now()) {
-                // Cheap on purpose: no read, no answer, no log line per connection.
-                self.ctx.stats.connections_rate_limited.fetch_add(1, Ordering::Relaxed);
-                drop(stream);
-                continue;
-            }
-            let Ok(permit) = connections.clone().try_acquire_owned() else {
-                self.ctx.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, limit = self.ctx.cfg.connections_max, "kafka.connections_max reached: closing new connection");
-                drop(stream);
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            self.ctx.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
-            let ctx = self.ctx.clone();
-            let accepted = Instant::now();
-            tokio::spawn(async move {
-                ctx.stats.connections_open.fetch_add(1, Ordering::Relaxed);
-                let result = match ctx.tls.clone() {
-                    None => {
-                        let (rd, wr) = stream.into_split();
-                        connection(&ctx, Box::new(rd), Box::new(wr), peer, accepted).await
-                    }
-                    Some(server) => {
-                        let idle = accepted + Duration::from_millis(ctx.cfg.idle_timeout_ms.min(30_000));
-                        let until = login_deadline(&ctx, accepted).map_or(idle, |l| l.min(idle));
-                        let handshake = tokio_rustls::TlsAcceptor::from(server).accept(stream);
-                        match tokio::time::timeout_at(until.into(), handshake).await {
-                            Ok(Ok(s)) => {
-                                let (rd, wr) = tokio::io::split(s);
-                                connection(&ctx, Box::new(rd), Box::new(wr), peer, accepted).await
-                            }
-                            Ok(Err(e)) => {
-                                ctx.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
-                                Err(format!("TLS handshake failed: {e}"))
-                            }
-                            Err(_) => {
-                                ctx.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
-                                Err("TLS handshake did not complete".into())
-                            }
-                        }
-                    }
-                };
-                ctx.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
-                match result {
-                    Ok(()) => tracing::debug!(%peer, "kafka connection closed"),
-                    Err(reason) => {
-                        ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%peer, %reason, "kafka connection closed");
-                    }
-                }
-                drop(permit);
-            });
-        }
+        let ctx = self.ctx;
+        let stats = ctx.stats.listener.clone();
+        self.listener
+            .run(stats, shutdown, move |conn| {
+                let ctx = ctx.clone();
+                async move { connection(&ctx, conn).await }
+            })
+            .await;
         timers.abort();
+    }
+}
+
+/// How long a TLS handshake may take: as long as a login (with `[auth]` on), at most the idle
+/// timeout, at most 30 s.
+fn tls_handshake_timeout(cfg: &KafkaConfig, auth: &Auth) -> Duration {
+    let idle = Duration::from_millis(cfg.idle_timeout_ms.min(30_000));
+    if auth.enabled() {
+        idle.min(Duration::from_millis(cfg.login_timeout_ms))
+    } else {
+        idle
     }
 }
 
@@ -251,13 +208,8 @@ const FRAME_STEP_BYTES_MAX: usize = 1024 * 1024;
 
 /// Serves one connection. `Ok` = the client closed it (or was idle); `Err` names a protocol
 /// violation or an I/O failure.
-async fn connection(
-    ctx: &Arc<Ctx>,
-    rd: Box<dyn AsyncRead + Unpin + Send>,
-    wr: Box<dyn AsyncWrite + Unpin + Send>,
-    peer: SocketAddr,
-    accepted: Instant,
-) -> Result<(), String> {
+async fn connection(ctx: &Arc<Ctx>, conn: Box<Conn>) -> Result<(), String> {
+    let Conn { rd, wr, peer, accepted, mut draining, .. } = *conn;
     let mut rd = BufReader::with_capacity(SOCKET_BUFFER_BYTES, rd);
     let (tx, mut rx) = mpsc::channel::<PendingReply>(ctx.cfg.inflight_requests_max as usize);
     let idle = Duration::from_millis(ctx.cfg.idle_timeout_ms);
@@ -290,7 +242,7 @@ async fn connection(
         let _ = wr.shutdown().await;
         Ok::<(), String>(())
     });
-    let read_result = read_loop(ctx, &mut rd, &tx, peer, accepted).await;
+    let read_result = read_loop(ctx, &mut rd, &tx, peer, accepted, &mut draining).await;
     drop(tx);
     let write_result = writer.await.map_err(|e| format!("writer task failed: {e}"))?;
     read_result.and(write_result)
@@ -307,6 +259,7 @@ async fn read_loop(
     tx: &mpsc::Sender<PendingReply>,
     peer: SocketAddr,
     accepted: Instant,
+    draining: &mut Draining,
 ) -> Result<(), String> {
     let mut auth = ConnAuth::new(ctx);
     let idle = Duration::from_millis(ctx.cfg.idle_timeout_ms);
@@ -321,7 +274,14 @@ async fn read_loop(
             login.map_or(t, |l| t.min(l))
         };
         let mut size = [0u8; 4];
-        match tokio::time::timeout_at(until(idle).into(), rd.read_exact(&mut size)).await {
+        // A stopping listener: no new request is read; the writer answers the ones begun, then
+        // the connection closes.
+        let next = tokio::select! {
+            biased;
+            () = draining.wait() => return Ok(()),
+            r = tokio::time::timeout_at(until(idle).into(), rd.read_exact(&mut size)) => r,
+        };
+        match next {
             Err(_) if login.is_some() => return Err(NO_LOGIN.into()),
             Err(_) => {
                 tracing::debug!("closing idle kafka connection");

@@ -23,6 +23,10 @@ pub struct MqttConfig {
     /// connection is closed. At least twice `packet_bytes_max` (a growing buffer is copied into
     /// its larger successor, and both are charged meanwhile).
     pub buffer_memory_bytes_max: u64,
+    /// Bytes waiting for one client's socket before its session stops to write them (and to
+    /// read, deliver or answer) until the client has read some: what a client that does not read
+    /// can hold of the broker's memory, per connection.
+    pub write_ahead_bytes_max: u64,
     /// QoS 1/2 messages a client may have unacknowledged towards us (MQTT 5 Receive Maximum) and
     /// we towards it.
     pub inflight_messages_max: u16,
@@ -105,6 +109,7 @@ impl Default for MqttConfig {
             connections_max: 1024,
             packet_bytes_max: 1024 * 1024,
             buffer_memory_bytes_max: 16 * 1024 * 1024,
+            write_ahead_bytes_max: 64 * 1024,
             inflight_messages_max: 64,
             subscriptions_per_client_max: 64,
             topic_bytes_max: 256,
@@ -142,6 +147,7 @@ impl MqttConfig {
         range("connections_max", self.connections_max.into(), 1, 1_000_000)?;
         range("packet_bytes_max", self.packet_bytes_max.into(), 1024, 256 * 1024 * 1024 - 1)?;
         range("buffer_memory_bytes_max", self.buffer_memory_bytes_max, 2 * u64::from(self.packet_bytes_max), 1 << 36)?;
+        range("write_ahead_bytes_max", self.write_ahead_bytes_max, 1024, 64 * 1024 * 1024)?;
         range("inflight_messages_max", self.inflight_messages_max.into(), 1, 65_535)?;
         range("subscriptions_per_client_max", self.subscriptions_per_client_max.into(), 1, 100_000)?;
         range("topic_bytes_max", self.topic_bytes_max.into(), 16, 65_535)?;
@@ -218,6 +224,8 @@ mod tests {
         assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.tls.listen");
         let c = MqttConfig { connection_rate_addresses_max: 0, ..Default::default() };
         assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.connection_rate_addresses_max");
+        let c = MqttConfig { write_ahead_bytes_max: 1000, ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.write_ahead_bytes_max");
         let c = MqttConfig { buffer_memory_bytes_max: 1000, ..Default::default() };
         assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.buffer_memory_bytes_max");
         let c = MqttConfig { session_sweep_interval_ms: 1, ..Default::default() };

@@ -11,6 +11,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Semaphore;
 
+use crate::storage::accounting::debit;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Version {
     V4,
@@ -53,7 +55,9 @@ impl ReadBudget {
 
     /// Bytes charged at the moment.
     pub(crate) fn in_use(&self) -> usize {
-        self.max.saturating_sub(self.bytes.available_permits())
+        // More available than the maximum: charges were given back twice (a bookkeeping bug).
+        let free = self.bytes.available_permits() as u64;
+        debit(self.max as u64, free, "mqtt.buffer_memory_bytes_max in use") as usize
     }
 
     /// A charge of `n` bytes if the budget has room now; never waits.
@@ -982,6 +986,20 @@ mod tests {
         let mut b = BytesMut::new();
         v4::Connect::new(id).write(&mut b).expect("write");
         b
+    }
+
+    /// The budget's use is checked accounting: more bytes given back than were charged (a
+    /// `Charge` dropped twice, or one made up) is a bookkeeping bug, and a debug build stops at
+    /// it instead of reporting 0 in use (saturating) and letting the budget grow.
+    #[test]
+    #[should_panic(expected = "goes below zero")]
+    fn a_read_budget_given_back_more_than_it_lent_stops_a_debug_build() {
+        let budget = ReadBudget::new(1024, Duration::from_millis(50));
+        let charge = budget.try_charge(100).expect("room");
+        assert_eq!(budget.in_use(), 100);
+        drop(charge);
+        drop(Charge { budget: budget.bytes.clone(), n: 10 }); // the bug: given back, never charged
+        budget.in_use();
     }
 
     #[tokio::test]

@@ -98,6 +98,7 @@ pub(crate) async fn fetch(
     let min_bytes = req.min_bytes;
     let mut parts = partitions(req.topics, access);
     // Watches first, then reads: an append between the read and the wait still wakes us.
+    let mut draining = ctx.draining.clone();
     let mut watches: Vec<_> =
         parts.iter().filter(|s| !s.denied).filter_map(|s| ctx.store.watch(&s.topic, s.partition).ok()).collect();
     loop {
@@ -148,7 +149,12 @@ pub(crate) async fn fetch(
         }
         let changed = select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
         ctx.stats.fetches_waiting.fetch_add(1, Ordering::Relaxed);
-        let timed_out = tokio::time::timeout_at(deadline, changed).await.is_err();
+        // A stopping listener ends the wait as its deadline would: the connection can then
+        // answer and close within the listener's shutdown wait.
+        let timed_out = tokio::select! {
+            r = tokio::time::timeout_at(deadline, changed) => r.is_err(),
+            () = draining.wait() => true,
+        };
         ctx.stats.fetches_waiting.fetch_sub(1, Ordering::Relaxed);
         if timed_out {
             // The wait is over: one more read so the answer is as fresh as possible.

@@ -16,7 +16,7 @@ use crate::kafka::errors;
 use crate::kafka::groups::JoinRequest;
 use crate::kafka::requests::{self, MemberRequest};
 
-pub(super) fn join(ctx: &Ctx, call: Call, req: requests::JoinGroupRequest) -> PendingReply {
+pub(super) fn join(ctx: &Ctx, call: Call, mut req: JoinRequest) -> PendingReply {
     if !call.access.group(&req.group_id) {
         super::refused(&call);
         let e = errors::GROUP_AUTHORIZATION_FAILED;
@@ -27,20 +27,9 @@ pub(super) fn join(ctx: &Ctx, call: Call, req: requests::JoinGroupRequest) -> Pe
     }
     let (v, groups) = (call.version, ctx.groups.clone());
     Box::pin(async move {
-        let r = groups
-            .join(JoinRequest {
-                group_id: req.group_id,
-                session_timeout_ms: req.session_timeout_ms,
-                rebalance_timeout_ms: req.rebalance_timeout_ms,
-                member_id: req.member_id,
-                instance_id: req.instance_id,
-                protocol_type: req.protocol_type,
-                protocols: req.protocols,
-                client_id: call.client_id.clone().unwrap_or_default(),
-                client_host: format!("/{}", call.peer.ip()),
-                require_known_member_id: v >= 4,
-            })
-            .await;
+        req.client_id = call.client_id.clone().unwrap_or_default();
+        req.client_host = format!("/{}", call.peer.ip());
+        let r = groups.join(req).await;
         let members = r
             .members
             .into_iter()

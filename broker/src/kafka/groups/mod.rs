@@ -33,8 +33,12 @@ use tokio::time::Instant;
 
 use super::errors as ec;
 use crate::spaces;
+use crate::storage::accounting::debit;
 use crate::storage::clock::now_ms;
 use crate::storage::Store;
+
+/// What the checked accounting of `Coordinator::held` names when it finds a bug.
+const HELD: &str = "group metadata bytes held (kafka.groups_metadata_bytes_max)";
 
 /// Limits of the coordinator (from `[kafka]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +73,8 @@ impl GroupState {
     }
 }
 
-/// A JoinGroup request.
+/// A JoinGroup request: its body as `kafka/requests.rs` decodes it, and the client id (from the
+/// request header) and host (the peer's address) the API adds.
 #[derive(Debug, Clone)]
 pub struct JoinRequest {
     pub group_id: String,
@@ -168,7 +173,8 @@ pub struct Coordinator {
     store: Store,
     limits: GroupLimits,
     groups: Mutex<HashMap<String, Group>>,
-    /// Bytes all members hold (the sum of the groups' `held`); changed only under `groups`' lock.
+    /// Bytes all members hold (the sum of the groups' `held`); changed only under `groups`' lock,
+    /// with checked arithmetic (`HELD`).
     held: AtomicU64,
     wake: Notify,
 }
@@ -215,11 +221,9 @@ impl Coordinator {
     /// the groups locked, so the total is never read half-updated).
     fn refresh(&self, g: &mut Group) {
         let now = g.held_bytes();
-        if now >= g.held {
-            self.held.fetch_add(now - g.held, Ordering::Relaxed);
-        } else {
-            self.held.fetch_sub(g.held - now, Ordering::Relaxed);
-        }
+        let total = self.held.load(Ordering::Relaxed);
+        let total = if now >= g.held { total + (now - g.held) } else { debit(total, g.held - now, HELD) };
+        self.held.store(total, Ordering::Relaxed);
         g.held = now;
     }
 
@@ -315,7 +319,7 @@ impl Coordinator {
             })
             .unwrap_or(0);
         let held = self.held.load(Ordering::Relaxed);
-        if held.saturating_sub(replaced) + wanted > l.metadata_bytes_max {
+        if debit(held, replaced, HELD) + wanted > l.metadata_bytes_max {
             tracing::warn!(
                 group = %req.group_id,
                 held,
@@ -705,7 +709,8 @@ impl Coordinator {
             Ok(_) => {
                 if let Some(g) = self.lock().remove(group_id) {
                     // Empty when checked above; a member that joined meanwhile is gone with it.
-                    self.held.fetch_sub(g.held, Ordering::Relaxed);
+                    let total = debit(self.held.load(Ordering::Relaxed), g.held, HELD);
+                    self.held.store(total, Ordering::Relaxed);
                 }
                 tracing::info!(group = group_id, "group deleted");
                 ec::NONE
@@ -853,6 +858,21 @@ mod tests {
             2 * 950 + 20,
             "two members with 900 bytes of metadata, 34-byte ids and host names, one assignment"
         );
+    }
+
+    /// The running total of member bytes is checked accounting: a total found below what a
+    /// group gives back is a bookkeeping bug, and a debug build stops at it (an unchecked
+    /// `fetch_sub` would wrap to ~2^64 and refuse every join; a saturating one would hide it).
+    #[tokio::test]
+    #[should_panic(expected = "goes below zero")]
+    async fn a_held_total_below_a_groups_share_stops_a_debug_build() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Coordinator::new(store(dir.path()), limits()).expect("coordinator");
+        let a = first_join(&c).await;
+        assert_eq!(c.join(join_req(&a, None, 1000)).await.error, ec::NONE);
+        assert!(c.held.load(Ordering::Relaxed) > 0);
+        c.held.store(0, Ordering::Relaxed); // the bug: the total lost the group's share
+        c.leave("g", &[MemberIdentity { member_id: a, instance_id: None }]);
     }
 
     #[tokio::test]
