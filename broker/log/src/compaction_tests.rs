@@ -167,8 +167,8 @@ async fn partially_superseded_batches_are_rewritten_in_place() {
     store.append_records("c", 0, batch(&["a", "b", "c", "d"], "1")).await.expect("append"); // 0..=3
     store.append_records("c", 0, batch(&["b", "d"], "2")).await.expect("append"); // 4..=5
     store.append_records("c", 0, batch(&["z"], "tail")).await.expect("append"); // 6: active tail
-    // A pass may run before the last append (then it finds nothing superseded): wait for the
-    // two superseded records to go, not for any pass.
+                                                                                // A pass may run before the last append (then it finds nothing superseded): wait for the
+                                                                                // two superseded records to go, not for any pass.
     wait_stats(&store, "b:1 and d:1 removed", |s| s.compaction_removed_records >= 2).await;
     let all = read_all(&store, "c");
     let got: Vec<(i64, &str, &str)> =

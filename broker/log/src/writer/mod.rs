@@ -142,28 +142,7 @@ const WRITE_RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// ...up to this. Reads go on meanwhile (the database is reopened at once).
 const WRITE_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// `total - part` in the store's byte and count accounting, where `part` was added to `total`
-/// before: a result below zero is a bookkeeping bug. Debug builds (the tests) stop at it; release
-/// builds log it and clamp at zero rather than take every client's connection down with the
-/// process.
-pub(crate) fn debit(total: u64, part: u64, what: &'static str) -> u64 {
-    debug_assert!(part <= total, "{what}: {total} - {part} goes below zero");
-    total.checked_sub(part).unwrap_or_else(|| {
-        tracing::error!(what, total, part, "store accounting went below zero (a bug): clamped at zero");
-        0
-    })
-}
-
-/// `total + delta` for a signed change of an accounted amount (see [`debit`]).
-pub(crate) fn apply_delta(total: u64, delta: i64, what: &'static str) -> u64 {
-    match u64::try_from(delta) {
-        Ok(up) => total.checked_add(up).unwrap_or_else(|| {
-            debug_assert!(false, "{what}: {total} + {up} overflows");
-            u64::MAX
-        }),
-        Err(_) => debit(total, delta.unsigned_abs(), what),
-    }
-}
+pub(crate) use crate::accounting::{apply_delta, debit};
 
 fn write_backoff(failures: u32) -> Duration {
     let shift = failures.saturating_sub(1).min(16);
