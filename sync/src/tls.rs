@@ -10,6 +10,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::config::CongestionController;
 use crate::protocol::ALPN;
 
 /// Why TLS could not be set up, or a peer was refused.
@@ -56,9 +57,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// QUIC transport settings shared by both ends.
-pub fn transport(keep_alive: Duration, idle: Duration, streams: u32) -> Result<quinn::TransportConfig, TlsError> {
+/// QUIC transport settings shared by both ends; `congestion` rules this end's sends.
+pub fn transport(
+    keep_alive: Duration,
+    idle: Duration,
+    streams: u32,
+    congestion: CongestionController,
+) -> Result<quinn::TransportConfig, TlsError> {
     let mut t = quinn::TransportConfig::default();
+    t.congestion_controller_factory(match congestion {
+        CongestionController::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+        CongestionController::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+        CongestionController::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+    });
     t.keep_alive_interval(Some(keep_alive));
     t.max_idle_timeout(Some(idle.try_into().map_err(|e| TlsError::Config(format!("idle timeout: {e}")))?));
     t.max_concurrent_uni_streams(streams.into());
@@ -113,6 +124,22 @@ pub fn server_config(
     let mut s = quinn::ServerConfig::with_crypto(Arc::new(quic));
     s.transport_config(Arc::new(transport));
     Ok(s)
+}
+
+/// The receiver's stateless-reset key, derived from its TLS private key (`key`) so it is the
+/// same in every process that serves with that key. A receiver that was SIGKILLed and started
+/// again then answers the gateway's next packet on the old connection with a stateless reset
+/// (RFC 9000 section 10.3) that the gateway accepts, and the gateway reconnects at once; with a
+/// random key per process (quinn's default) the reset does not match and the gateway waits for
+/// its idle timeout. The key file is secret, and HMAC under it with a fixed label is a PRF: the
+/// derived key reveals nothing of it.
+pub fn reset_key(key: &Path) -> Result<Arc<dyn quinn::crypto::HmacKey>, TlsError> {
+    let secret = std::fs::read(key).map_err(|e| file_err(key, e))?;
+    let derived = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+        b"tributary-mirror stateless reset key v1",
+    );
+    Ok(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())))
 }
 
 /// Checks that the peer's (already CA-verified) certificate names `site` exactly.

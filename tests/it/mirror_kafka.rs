@@ -165,6 +165,15 @@ async fn every_record_reaches_a_three_broker_kafka_once_through_receiver_broker_
     let cert = pki.site("site", SITE, None);
     let mirror = Mirror::start(mirror_config(&pki, via, cert.clone()), &gateway.store);
     mirror.until("the initial backlog mirrored", 90, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;
+    // The receiver created the remote topics in this session and read or wrote them only once
+    // their partitions had leaders: the first session was not dropped (UnknownPartition,
+    // NotLeaderForPartition) and retried.
+    assert_eq!(
+        (mirror.stats.connects.load(Ordering::Relaxed), mirror.stats.reconnects.load(Ordering::Relaxed)),
+        (1, 0),
+        "one session for fresh remote topics; last error: {:?}",
+        mirror.stats.last_error.lock().map(|e| e.clone())
+    );
     for topic in ["plant-7.meters", "plant-7.alarms", "tributary.mirror.gaps"] {
         assert_durable_settings(&cluster, topic).await;
     }
