@@ -133,11 +133,11 @@ impl CloudServer {
             CongestionController::Cubic,
         )?;
         let server = tls::server_config(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport)?;
-        // A reset key kept across restarts (see `tls::reset_key`), so a restarted receiver ends
-        // the gateways' old connections at their next packet.
+        // A reset key kept across restarts (see `tls::endpoint_config`), so a restarted receiver
+        // ends the gateways' old connections at their next packet.
         let socket = std::net::UdpSocket::bind(cfg.listen).map_err(CloudError::Endpoint)?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::new(tls::reset_key(&cfg.key_file)?),
+            tls::endpoint_config(&cfg.key_file)?,
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -728,7 +728,12 @@ impl Session {
 
 /// A partition's watermarks, asked again while its leader is not known or moving (a leader
 /// election, metadata not yet everywhere), within `timeout`.
-fn watermarks(consumer: &BaseConsumer, topic: &str, partition: i32, timeout: Duration) -> Result<(i64, i64), CloudError> {
+fn watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<(i64, i64), CloudError> {
     let deadline = Instant::now() + timeout;
     loop {
         match consumer.fetch_watermarks(topic, partition, deadline.saturating_duration_since(Instant::now())) {

@@ -347,7 +347,8 @@ mod tests {
             let cfg: MirrorConfig = crate::config_file::parse(text).expect(text);
             assert_eq!(cfg.congestion_controller, want);
         }
-        for bad in ["congestion_controller = \"vegas\"", "congestion_controller = \"BBR\"", "congestion_controller = 1"] {
+        for bad in ["congestion_controller = \"vegas\"", "congestion_controller = \"BBR\"", "congestion_controller = 1"]
+        {
             let e = crate::config_file::parse::<MirrorConfig>(bad).expect_err(bad);
             assert_eq!(e.key, "congestion_controller", "{bad}: {e}");
         }

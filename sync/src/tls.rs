@@ -126,20 +126,43 @@ pub fn server_config(
     Ok(s)
 }
 
-/// The receiver's stateless-reset key, derived from its TLS private key (`key`) so it is the
-/// same in every process that serves with that key. A receiver that was SIGKILLed and started
-/// again then answers the gateway's next packet on the old connection with a stateless reset
-/// (RFC 9000 section 10.3) that the gateway accepts, and the gateway reconnects at once; with a
-/// random key per process (quinn's default) the reset does not match and the gateway waits for
-/// its idle timeout. The key file is secret, and HMAC under it with a fixed label is a PRF: the
-/// derived key reveals nothing of it.
-pub fn reset_key(key: &Path) -> Result<Arc<dyn quinn::crypto::HmacKey>, TlsError> {
+/// The receiver's endpoint settings, the same in every process that serves with the TLS key
+/// `key`, so a receiver SIGKILLed and started again ends the gateways' old connections at their
+/// next packet (a stateless reset, RFC 9000 section 10.3) instead of leaving them to the idle
+/// timeout. quinn's defaults defeat that twice over: a random reset key per process (the
+/// gateway ignores a reset whose token it was not given) and connection ids signed with a random
+/// key per process (the new process drops the old connection's packets as invalid instead of
+/// answering them). Here the reset key is derived from the key file (secret; HMAC under it with a
+/// fixed label is a PRF, so the derived key reveals nothing of it), and connection ids are
+/// random and not signed: any short-header packet for an unknown connection gets a reset, at
+/// most one per 20 ms (quinn's `min_reset_interval`), each smaller than the packet that caused it.
+pub fn endpoint_config(key: &Path) -> Result<quinn::EndpointConfig, TlsError> {
     let secret = std::fs::read(key).map_err(|e| file_err(key, e))?;
     let derived = ring::hmac::sign(
         &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
         b"tributary-mirror stateless reset key v1",
     );
-    Ok(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())))
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())));
+    cfg.cid_generator(|| Box::new(RandomCids));
+    Ok(cfg)
+}
+
+/// Random 8-byte connection ids, valid in any process (see [`endpoint_config`]).
+#[derive(Debug)]
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Checks that the peer's (already CA-verified) certificate names `site` exactly.

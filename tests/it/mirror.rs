@@ -354,8 +354,8 @@ async fn every_record_reaches_the_central_cluster_once_through_cuts_loss_and_a_r
 
 /// A receiver SIGKILLed and started again on its port is noticed at the gateway's next packet,
 /// not at the QUIC idle timeout: the restarted receiver derives its stateless-reset key from its
-/// TLS key (`tls::reset_key`), so it answers the old connection's packets with a reset the
-/// gateway accepts. With `keep_alive_ms` = 1 s the gateway sends within a second, reconnects
+/// TLS key and does not sign its connection ids (`tls::endpoint_config`), so it answers the old
+/// connection's packets with a reset the gateway accepts. With `keep_alive_ms` = 1 s the gateway sends within a second, reconnects
 /// after its backoff (at most 0.5 s here) and a handshake: back well within the stated bound of
 /// 10 s, where the idle timeout (60 s here) alone would take six times that. Every record once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -655,7 +655,8 @@ async fn the_bandwidth_cap_holds_on_a_backlog() {
 /// never sends.
 async fn raw_site(pki: &Pki, cloud: SocketAddr, cert: &(PathBuf, PathBuf)) -> (quinn::Endpoint, quinn::Connection) {
     let transport =
-        tributary_sync::tls::transport(Duration::from_secs(1), Duration::from_secs(20), 64, Default::default()).expect("transport");
+        tributary_sync::tls::transport(Duration::from_secs(1), Duration::from_secs(20), 64, Default::default())
+            .expect("transport");
     let client = tributary_sync::tls::client_config(&pki.path("ca.pem"), &cert.0, &cert.1, transport).expect("client");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let conn = endpoint.connect_with(client, cloud, "localhost").expect("connect").await.expect("handshake");

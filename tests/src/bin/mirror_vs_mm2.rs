@@ -300,9 +300,8 @@ async fn run_tributary(
     };
     let mut mirror_cfg = mirror_cfg;
     if let Some(cc) = &args.congestion_controller {
-        mirror_cfg.congestion_controller = toml::Value::String(cc.clone())
-            .try_into()
-            .with_context(|| format!("--congestion-controller {cc:?}"))?;
+        mirror_cfg.congestion_controller =
+            toml::Value::String(cc.clone()).try_into().with_context(|| format!("--congestion-controller {cc:?}"))?;
     }
     let congestion = mirror_cfg.congestion_controller;
     mirror_cfg.validate("mirror")?;
