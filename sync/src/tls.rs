@@ -66,7 +66,7 @@ pub fn transport(
 ) -> Result<quinn::TransportConfig, TlsError> {
     let mut t = quinn::TransportConfig::default();
     t.congestion_controller_factory(match congestion {
-        CongestionController::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+        CongestionController::Bbr => Arc::new(crate::congestion::BoundedBbrConfig::default()),
         CongestionController::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
         CongestionController::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
     });
