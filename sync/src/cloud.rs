@@ -5,7 +5,7 @@
 //! and tells the gateway what is safely stored. A second connection of a site replaces the first
 //! only after the first's writes are all acknowledged, so resuming never duplicates.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tributary_log::batch::{decode_records, BatchHeader};
 use tributary_log::clock::now_ms;
 
-use crate::config::{valid_site, CloudConfig};
+use crate::config::{valid_site, CloudConfig, CongestionController};
 use crate::core::{Flow, Progress};
 use crate::protocol::{Control, Data, Decoder, PartitionReport, ProtocolError, OPEN_FRAME_BYTES_MAX};
 use crate::tls::{self, TlsError};
@@ -129,9 +129,20 @@ impl CloudServer {
             Duration::from_millis(cfg.keep_alive_ms),
             Duration::from_millis(cfg.idle_timeout_ms),
             cfg.partitions_per_site_max + 4,
+            // The receiver sends little (credit, progress, acknowledgements): quinn's default.
+            CongestionController::Cubic,
         )?;
         let server = tls::server_config(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport)?;
-        let endpoint = quinn::Endpoint::server(server, cfg.listen).map_err(CloudError::Endpoint)?;
+        // A reset key kept across restarts (see `tls::endpoint_config`), so a restarted receiver
+        // ends the gateways' old connections at their next packet.
+        let socket = std::net::UdpSocket::bind(cfg.listen).map_err(CloudError::Endpoint)?;
+        let endpoint = quinn::Endpoint::new(
+            tls::endpoint_config(&cfg.key_file)?,
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(CloudError::Endpoint)?;
         let producer = ThreadedProducer::from_config_and_context(
             kafka_config(&cfg)
                 .set("enable.idempotence", "true")
@@ -428,6 +439,8 @@ struct Session {
     links: Links,
     /// Remote topics known to exist with enough partitions.
     ready_topics: HashMap<String, i32>,
+    /// Remote topics this session created: empty, so no tail to read for a resume point.
+    created_topics: HashSet<String>,
     /// A partition has a quarter window of credit to give back.
     credit_due: Arc<Notify>,
     /// What the site's data streams hold here, within `site_buffer_bytes_max`.
@@ -443,6 +456,7 @@ impl Session {
             conn,
             links: Arc::new(Mutex::new(HashMap::new())),
             ready_topics: HashMap::new(),
+            created_topics: HashSet::new(),
             credit_due: Arc::new(Notify::new()),
             buffer,
         }
@@ -587,8 +601,8 @@ impl Session {
         }
         let wanted: Vec<(String, i32, String)> =
             new.iter().map(|(p, remote)| (remote.clone(), p.partition, p.topic.clone())).collect();
-        let (cfg, site) = (self.shared.cfg.clone(), self.site.clone());
-        let resumes = tokio::task::spawn_blocking(move || last_mirrored(&cfg, &site, &wanted))
+        let (cfg, site, created) = (self.shared.cfg.clone(), self.site.clone(), self.created_topics.clone());
+        let resumes = tokio::task::spawn_blocking(move || last_mirrored(&cfg, &site, &wanted, &created))
             .await
             .map_err(|e| CloudError::Refused(format!("resume task: {e}")))??;
         let mut frames = Vec::new();
@@ -649,6 +663,12 @@ impl Session {
         // even while metadata (which a multi-broker cluster propagates after creation) does not
         // show it yet: asking to grow it then fails with InvalidPartitions.
         let have = if existed { self.remote_partitions(remote).await? } else { partitions };
+        if !existed {
+            // Reading or writing it before its leaders are known fails (UnknownPartition,
+            // NotLeaderForPartition), which would end this session.
+            self.wait_for_leaders(remote, partitions).await?;
+            self.created_topics.insert(remote.to_string());
+        }
         if have < partitions {
             let grown =
                 self.shared.admin.create_partitions([&NewPartitions::new(remote, partitions as usize)], &opts).await?;
@@ -661,6 +681,35 @@ impl Session {
         }
         self.ready_topics.insert(remote.to_string(), partitions);
         Ok(())
+    }
+
+    /// Waits until the metadata shows a topic just created with `partitions` partitions, each
+    /// with a leader: CreateTopics returns before a cluster has elected them and spread the
+    /// news (deadline `kafka.request_timeout_ms`).
+    async fn wait_for_leaders(&self, remote: &str, partitions: i32) -> Result<(), CloudError> {
+        let shared = self.shared.clone();
+        let remote = remote.to_string();
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_millis(shared.cfg.kafka.request_timeout_ms);
+            let deadline = Instant::now() + timeout;
+            loop {
+                let md = shared.admin.inner().fetch_metadata(Some(&remote), timeout)?;
+                let ready = md.topics().iter().find(|t| t.name() == remote).is_some_and(|t| {
+                    t.error().is_none()
+                        && t.partitions().len() as i32 >= partitions
+                        && t.partitions().iter().all(|p| p.error().is_none() && p.leader() >= 0)
+                });
+                if ready {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    return Err(CloudError::Timeout("leaders of a new remote topic's partitions"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .map_err(|e| CloudError::Refused(format!("metadata task: {e}")))?
     }
 
     /// The remote topic's partition count, from the admin client's metadata.
@@ -677,17 +726,43 @@ impl Session {
     }
 }
 
+/// A partition's watermarks, asked again while its leader is not known or moving (a leader
+/// election, metadata not yet everywhere), within `timeout`.
+fn watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<(i64, i64), CloudError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match consumer.fetch_watermarks(topic, partition, deadline.saturating_duration_since(Instant::now())) {
+            Err(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable,
+            )) if Instant::now() + Duration::from_millis(50) < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
     m.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
 }
 
 /// Where each of `wanted` (remote topic, partition, source topic) resumes: after the last record
 /// of this site's (source topic, partition) in the remote partition's tail (`None`: none there).
-/// One consumer reads every tail, a remote topic at a time.
+/// One consumer reads every tail, a remote topic at a time; topics in `created` (made by this
+/// session, so empty) are not read.
 fn last_mirrored(
     cfg: &CloudConfig,
     site: &str,
     wanted: &[(String, i32, String)],
+    created: &HashSet<String>,
 ) -> Result<Vec<Option<i64>>, CloudError> {
     const TAIL: i64 = 256;
     let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
@@ -701,6 +776,7 @@ fn last_mirrored(
     let mut remotes: Vec<&str> = wanted.iter().map(|(r, _, _)| r.as_str()).collect();
     remotes.sort_unstable();
     remotes.dedup();
+    remotes.retain(|r| !created.contains(*r));
     for remote in remotes {
         // Partition -> (index in `wanted`, high watermark) of the tails still being read.
         let mut reading: HashMap<i32, (usize, i64)> = HashMap::new();
@@ -709,7 +785,7 @@ fn last_mirrored(
             if r != remote {
                 continue;
             }
-            let (low, high) = consumer.fetch_watermarks(remote, *partition, timeout)?;
+            let (low, high) = watermarks(&consumer, remote, *partition, timeout)?;
             if high > low {
                 tpl.add_partition_offset(remote, *partition, Offset::Offset((high - TAIL).max(low)))?;
                 reading.insert(*partition, (i, high));

@@ -39,7 +39,11 @@ pub struct MirrorConfig {
     pub read_bytes_max: u64,
     /// Partitions mirrored at most (more are left out, with a warning).
     pub partitions_max: u32,
-    /// QUIC keep-alive (keeps NAT bindings open) and idle timeout.
+    /// QUIC congestion controller of the gateway's sends (the direction that carries the data).
+    pub congestion_controller: CongestionController,
+    /// QUIC keep-alive (keeps NAT bindings open) and idle timeout. The keep-alive also bounds how
+    /// long a restarted receiver goes unnoticed: its first packet from the gateway is answered
+    /// with a stateless reset, so the session ends at once instead of at the idle timeout.
     pub keep_alive_ms: u64,
     pub idle_timeout_ms: u64,
     /// A handshake not finished within this is abandoned (the backoff then decides when to
@@ -65,13 +69,29 @@ impl Default for MirrorConfig {
             bandwidth_bytes_per_s_max: 0,
             read_bytes_max: MIB,
             partitions_max: 1024,
-            keep_alive_ms: 10_000,
-            idle_timeout_ms: 60_000,
+            congestion_controller: CongestionController::default(),
+            keep_alive_ms: 5_000,
+            idle_timeout_ms: 30_000,
             connect_timeout_ms: 5_000,
             reconnect_backoff_min_ms: 500,
             reconnect_backoff_max_ms: 60_000,
         }
     }
+}
+
+/// The congestion controllers quinn offers, by their config name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CongestionController {
+    /// Model-based (BBR v1 as quinn implements it): paces at the measured bottleneck rate and
+    /// does not take random loss for congestion, so a lossy WAN link stays full.
+    #[default]
+    Bbr,
+    /// Loss-based (RFC 9438), quinn's default: halves its window on loss, so 1% random loss on a
+    /// 100 ms link holds it to about a tenth of 10 Mbit/s.
+    Cubic,
+    /// Loss-based (RFC 9002's NewReno): as Cubic, with a slower recovery.
+    NewReno,
 }
 
 /// A site id: a DNS label in its one canonical form (lowercase letters, digits, `-`; no trailing
@@ -106,7 +126,8 @@ impl MirrorConfig {
         check_range(&key("read_bytes_max"), self.read_bytes_max, 16 * 1024, 64 * MIB)?;
         check_range(&key("partitions_max"), self.partitions_max.into(), 1, 65_536)?;
         check_range(&key("keep_alive_ms"), self.keep_alive_ms, 1_000, 600_000)?;
-        check_range(&key("idle_timeout_ms"), self.idle_timeout_ms, self.keep_alive_ms + 1, 3_600_000)?;
+        // Keep-alives well inside the idle timeout: one or two lost ones must not end a live link.
+        check_range(&key("idle_timeout_ms"), self.idle_timeout_ms, 3 * self.keep_alive_ms, 3_600_000)?;
         check_range(&key("connect_timeout_ms"), self.connect_timeout_ms, 100, 600_000)?;
         check_range(&key("reconnect_backoff_min_ms"), self.reconnect_backoff_min_ms, 10, 600_000)?;
         check_range(
@@ -308,6 +329,34 @@ mod tests {
         assert_eq!(bad.validate().map_err(|e| e.key), Err("partition_credit_bytes".to_string()));
         let bad = CloudConfig { site_buffer_bytes_max: 16 << 20, ..CloudConfig::default() };
         assert_eq!(bad.validate().map_err(|e| e.key), Err("site_buffer_bytes_max".to_string()), "under 2 frames");
+    }
+
+    #[test]
+    fn congestion_controller_and_liveness_keys_are_checked_by_name() {
+        let on = MirrorConfig {
+            enabled: true,
+            cloud: "cloud.example:7443".into(),
+            site: "plant-7".into(),
+            ..Default::default()
+        };
+        for (text, want) in [
+            ("congestion_controller = \"bbr\"", CongestionController::Bbr),
+            ("congestion_controller = \"cubic\"", CongestionController::Cubic),
+            ("congestion_controller = \"new_reno\"", CongestionController::NewReno),
+        ] {
+            let cfg: MirrorConfig = crate::config_file::parse(text).expect(text);
+            assert_eq!(cfg.congestion_controller, want);
+        }
+        for bad in ["congestion_controller = \"vegas\"", "congestion_controller = \"BBR\"", "congestion_controller = 1"]
+        {
+            let e = crate::config_file::parse::<MirrorConfig>(bad).expect_err(bad);
+            assert_eq!(e.key, "congestion_controller", "{bad}: {e}");
+        }
+        // Keep-alives well inside the idle timeout: at least three per idle period.
+        let bad = MirrorConfig { keep_alive_ms: 10_000, idle_timeout_ms: 29_999, ..on.clone() };
+        assert_eq!(bad.validate("mirror").map_err(|e| e.key), Err("mirror.idle_timeout_ms".to_string()));
+        let fine = MirrorConfig { keep_alive_ms: 10_000, idle_timeout_ms: 30_000, ..on };
+        assert!(fine.validate("mirror").is_ok());
     }
 
     #[test]

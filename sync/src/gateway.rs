@@ -110,6 +110,12 @@ impl MirrorStats {
         self.wire_bytes_closed.load(Ordering::Relaxed) + live
     }
 
+    /// The live connection's QUIC statistics (congestion window, RTT, lost packets, congestion
+    /// events), if a connection is up.
+    pub fn connection_stats(&self) -> Option<quinn::ConnectionStats> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(quinn::Connection::stats)
+    }
+
     fn changed(&self) {
         self.changes.send_modify(|n| *n += 1);
     }
@@ -179,6 +185,7 @@ pub async fn run(
         Duration::from_millis(cfg.keep_alive_ms),
         Duration::from_millis(cfg.idle_timeout_ms),
         cfg.partitions_max + 4,
+        cfg.congestion_controller,
     )?;
     let client = tls::client_config(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport)?;
     let mut backoff = Backoff::new(

@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod config;
 pub mod config_file;
+pub mod congestion;
 pub mod core;
 pub mod gateway;
 pub mod protocol;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::config::CongestionController;
 use crate::protocol::ALPN;
 
 /// Why TLS could not be set up, or a peer was refused.
@@ -56,9 +57,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// QUIC transport settings shared by both ends.
-pub fn transport(keep_alive: Duration, idle: Duration, streams: u32) -> Result<quinn::TransportConfig, TlsError> {
+/// QUIC transport settings shared by both ends; `congestion` rules this end's sends.
+pub fn transport(
+    keep_alive: Duration,
+    idle: Duration,
+    streams: u32,
+    congestion: CongestionController,
+) -> Result<quinn::TransportConfig, TlsError> {
     let mut t = quinn::TransportConfig::default();
+    t.congestion_controller_factory(match congestion {
+        CongestionController::Bbr => Arc::new(crate::congestion::BoundedBbrConfig::default()),
+        CongestionController::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+        CongestionController::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+    });
     t.keep_alive_interval(Some(keep_alive));
     t.max_idle_timeout(Some(idle.try_into().map_err(|e| TlsError::Config(format!("idle timeout: {e}")))?));
     t.max_concurrent_uni_streams(streams.into());
@@ -113,6 +124,45 @@ pub fn server_config(
     let mut s = quinn::ServerConfig::with_crypto(Arc::new(quic));
     s.transport_config(Arc::new(transport));
     Ok(s)
+}
+
+/// The receiver's endpoint settings, the same in every process that serves with the TLS key
+/// `key`, so a receiver SIGKILLed and started again ends the gateways' old connections at their
+/// next packet (a stateless reset, RFC 9000 section 10.3) instead of leaving them to the idle
+/// timeout. quinn's defaults defeat that twice over: a random reset key per process (the
+/// gateway ignores a reset whose token it was not given) and connection ids signed with a random
+/// key per process (the new process drops the old connection's packets as invalid instead of
+/// answering them). Here the reset key is derived from the key file (secret; HMAC under it with a
+/// fixed label is a PRF, so the derived key reveals nothing of it), and connection ids are
+/// random and not signed: any short-header packet for an unknown connection gets a reset, at
+/// most one per 20 ms (quinn's `min_reset_interval`), each smaller than the packet that caused it.
+pub fn endpoint_config(key: &Path) -> Result<quinn::EndpointConfig, TlsError> {
+    let secret = std::fs::read(key).map_err(|e| file_err(key, e))?;
+    let derived = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+        b"tributary-mirror stateless reset key v1",
+    );
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())));
+    cfg.cid_generator(|| Box::new(RandomCids));
+    Ok(cfg)
+}
+
+/// Random 8-byte connection ids, valid in any process (see [`endpoint_config`]).
+#[derive(Debug)]
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Checks that the peer's (already CA-verified) certificate names `site` exactly.

@@ -352,6 +352,53 @@ async fn every_record_reaches_the_central_cluster_once_through_cuts_loss_and_a_r
     cloud.stop().await;
 }
 
+/// A receiver SIGKILLed and started again on its port is noticed at the gateway's next packet,
+/// not at the QUIC idle timeout: the restarted receiver derives its stateless-reset key from its
+/// TLS key and does not sign its connection ids (`tls::endpoint_config`), so it answers the old
+/// connection's packets with a reset the gateway accepts. With `keep_alive_ms` = 1 s the gateway sends within a second, reconnects
+/// after its backoff (at most 0.5 s here) and a handshake: back well within the stated bound of
+/// 10 s, where the idle timeout (60 s here) alone would take six times that. Every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_and_restarted_receiver_is_noticed_at_the_next_packet_not_the_idle_timeout() {
+    const BOUND_SECS: u64 = 10;
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let gateway = KafkaBroker::start().await;
+    topics(&gateway.store).await;
+    produce(&gateway.store, "meters", 0, 300).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloud-under-test"));
+    let mut receiver = tokio::task::block_in_place(|| {
+        tributary_tests::CloudChild::start(binary, &cloud_config(&pki, &central, addr), dir.path())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let cert = pki.site("site", SITE, None);
+    let cfg = MirrorConfig { keep_alive_ms: 1_000, idle_timeout_ms: 60_000, ..mirror_config(&pki, addr, cert) };
+    assert!(BOUND_SECS * 1000 * 3 <= cfg.idle_timeout_ms, "the bound is well under the idle timeout");
+    let mirror = Mirror::start(cfg, &gateway.store);
+    mirror.until("the backlog mirrored", 60, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;
+    assert_eq!(mirror.stats.connects.load(Ordering::Relaxed), 1);
+
+    // SIGKILL while records flow: no CONNECTION_CLOSE reaches the gateway, and the restarted
+    // receiver knows nothing of the old connection.
+    produce(&gateway.store, "meters", 300, 2000).await;
+    receiver.kill().expect("SIGKILL the receiver");
+    tokio::task::block_in_place(|| receiver.spawn()).unwrap_or_else(|e| panic!("{e:#}"));
+    let restarted = std::time::Instant::now();
+    mirror
+        .until("the gateway connected to the restarted receiver", BOUND_SECS, |s| {
+            s.connects.load(Ordering::Relaxed) >= 2 && s.link_up.load(Ordering::Relaxed)
+        })
+        .await;
+    eprintln!("the gateway was back {:.2} s after the receiver restarted", restarted.elapsed().as_secs_f64());
+    assert!(mirror.stats.last_error.lock().expect("error").contains("reset"), "ended by a stateless reset");
+    mirror.until("mirrored after the restart", 60, |_| caught_up(&gateway.store, &["meters"])).await;
+    assert_mirrored(&gateway.store, &central.store, "meters");
+    mirror.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_ca_and_a_site_that_is_not_in_the_certificate_are_refused() {
     let pki = Pki::new();
@@ -608,7 +655,8 @@ async fn the_bandwidth_cap_holds_on_a_backlog() {
 /// never sends.
 async fn raw_site(pki: &Pki, cloud: SocketAddr, cert: &(PathBuf, PathBuf)) -> (quinn::Endpoint, quinn::Connection) {
     let transport =
-        tributary_sync::tls::transport(Duration::from_secs(1), Duration::from_secs(20), 64).expect("transport");
+        tributary_sync::tls::transport(Duration::from_secs(1), Duration::from_secs(20), 64, Default::default())
+            .expect("transport");
     let client = tributary_sync::tls::client_config(&pki.path("ca.pem"), &cert.0, &cert.1, transport).expect("client");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let conn = endpoint.connect_with(client, cloud, "localhost").expect("connect").await.expect("handshake");

@@ -20,7 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::Message;
 use tributary_broker::storage::batch::StoredRecord;
-use tributary_broker::Store;
+use tributary_broker::{Store, TopicConfig};
 use tributary_sync::CloudConfig;
 use tributary_tests::kafka_cluster::{KafkaCluster, KafkaOptions};
 use tributary_tests::CloudChild;
@@ -49,6 +49,11 @@ struct Receiver {
 
 impl Receiver {
     fn start(pki: &Pki, bootstrap: &str, dir: &Path) -> Self {
+        Self::start_with(pki, bootstrap, dir, 3)
+    }
+
+    /// Remote topics with `replicas` replicas (and `min.insync.replicas=2` when there are 3).
+    fn start_with(pki: &Pki, bootstrap: &str, dir: &Path, replicas: i32) -> Self {
         let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cfg = CloudConfig {
@@ -61,14 +66,21 @@ impl Receiver {
             ..CloudConfig::default()
         };
         cfg.kafka.bootstrap_servers = bootstrap.to_string();
-        cfg.kafka.replication_factor = 3;
-        cfg.kafka.topic_config.insert("min.insync.replicas".into(), "2".into());
+        cfg.kafka.replication_factor = replicas;
+        if replicas >= 3 {
+            cfg.kafka.topic_config.insert("min.insync.replicas".into(), "2".into());
+        }
         cfg.kafka.request_timeout_ms = 20_000;
         cfg.kafka.properties.insert("broker.address.family".into(), "v4".into());
         cfg.log.level = "info".into();
         let child = CloudChild::start(Path::new(env!("CARGO_BIN_EXE_cloud-under-test")), &cfg, dir)
             .unwrap_or_else(|e| panic!("{e:#}"));
         Self { addr, child }
+    }
+
+    /// For a one-broker cluster: replication factor 1, Kafka's default `min.insync.replicas`.
+    fn start_single(pki: &Pki, bootstrap: &str, dir: &Path) -> Self {
+        Self::start_with(pki, bootstrap, dir, 1)
     }
 
     fn spawn(&mut self) {
@@ -165,6 +177,15 @@ async fn every_record_reaches_a_three_broker_kafka_once_through_receiver_broker_
     let cert = pki.site("site", SITE, None);
     let mirror = Mirror::start(mirror_config(&pki, via, cert.clone()), &gateway.store);
     mirror.until("the initial backlog mirrored", 90, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;
+    // The receiver created the remote topics in this session and read or wrote them only once
+    // their partitions had leaders: the first session was not dropped (UnknownPartition,
+    // NotLeaderForPartition) and retried.
+    assert_eq!(
+        (mirror.stats.connects.load(Ordering::Relaxed), mirror.stats.reconnects.load(Ordering::Relaxed)),
+        (1, 0),
+        "one session for fresh remote topics; last error: {:?}",
+        mirror.stats.last_error.lock().map(|e| e.clone())
+    );
     for topic in ["plant-7.meters", "plant-7.alarms", "tributary.mirror.gaps"] {
         assert_durable_settings(&cluster, topic).await;
     }
@@ -243,6 +264,48 @@ async fn every_record_reaches_a_three_broker_kafka_once_through_receiver_broker_
     assert_in_kafka(&cluster, &gateway.store, "meters");
     assert_in_kafka(&cluster, &gateway.store, "alarms");
     assert!(mirror.stats.lag(&gateway.store).iter().all(|l| l.lag_records == 0), "no lag left");
+    mirror.stop().await;
+    drop(receiver);
+    tokio::task::block_in_place(|| cluster.stop()).expect("the cluster stops cleanly");
+}
+
+/// A remote topic the receiver has just created is used only once Kafka shows a leader for each
+/// of its partitions, and its (empty) tail is not read for a resume point: the session is not
+/// dropped with UnknownPartition or NotLeaderForPartition right after CreateTopics and retried
+/// after the gateway's backoff, as it was against a single KRaft broker (`mirror-vs-mm2`, where
+/// the gaps topic already existed and the remote topic was read as soon as it was created). Here
+/// the first topic's session is up (the gaps topic made), then a new topic appears at the site:
+/// one session throughout, as the gateway counts them (connections made, reconnects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_remote_topic_on_a_single_broker_does_not_drop_the_session() {
+    let cluster = tokio::task::block_in_place(|| KafkaCluster::start(KafkaOptions::default()))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = KafkaBroker::start().await;
+    let cfg = TopicConfig { compression: tributary_broker::Codec::Lz4, ..TopicConfig::default() };
+    gateway.store.create_topic("alarms", 1, cfg.clone()).await.expect("topic");
+    produce(&gateway.store, "alarms", 0, 20).await;
+    let receiver = Receiver::start_single(&pki, &cluster.bootstrap(), dir.path());
+    let mirror = Mirror::start(mirror_config(&pki, receiver.addr, pki.site("site", SITE, None)), &gateway.store);
+    mirror.until("the first topic mirrored", 90, |_| caught_up(&gateway.store, &["alarms"])).await;
+    let one_session = |what: &str| {
+        assert_eq!(
+            (mirror.stats.connects.load(Ordering::Relaxed), mirror.stats.reconnects.load(Ordering::Relaxed)),
+            (1, 0),
+            "{what}: one session; last error: {:?}",
+            mirror.stats.last_error.lock().map(|e| e.clone())
+        );
+    };
+    one_session("fresh remote topics at the start");
+    // A new topic at the site, reported within a second: its remote topic is created and used
+    // while the session runs.
+    gateway.store.create_topic("meters", 8, cfg).await.expect("topic");
+    produce(&gateway.store, "meters", 0, 100).await;
+    mirror.until("the new topic mirrored", 90, |_| caught_up(&gateway.store, &["meters", "alarms"])).await;
+    one_session("a remote topic created mid-session");
+    assert_in_kafka(&cluster, &gateway.store, "meters");
+    assert_in_kafka(&cluster, &gateway.store, "alarms");
     mirror.stop().await;
     drop(receiver);
     tokio::task::block_in_place(|| cluster.stop()).expect("the cluster stops cleanly");

@@ -152,7 +152,15 @@ pub async fn udp_proxy(target: SocketAddr, imp: Impairment) -> std::io::Result<S
                     let mut down = Lane::new(imp.clone(), front.clone(), Some(from), false);
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65_536];
-                        while let Ok(n) = back.recv(&mut buf).await {
+                        loop {
+                            let n = match back.recv(&mut buf).await {
+                                Ok(n) => n,
+                                // The target's port was closed for a while (ICMP port
+                                // unreachable, reported on this connected socket): a restarted
+                                // target may answer on it again, as a real path would carry.
+                                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                                Err(_) => break,
+                            };
                             imp2.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
                             imp2.datagrams_down.fetch_add(1, Ordering::Relaxed);
                             down.forward(&buf[..n]);

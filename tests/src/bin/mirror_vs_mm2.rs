@@ -72,6 +72,13 @@ struct Args {
     /// when half the backlog is in Kafka, and a restart.
     #[arg(long)]
     kill: bool,
+    /// Mirrors to run, comma-separated: `tributary`, `mm2` (MirrorMaker 2).
+    #[arg(long, default_value = "tributary,mm2")]
+    mirrors: String,
+    /// Our gateway's `mirror.congestion_controller` (`bbr`, `cubic`, `new_reno`); default: the
+    /// config's default.
+    #[arg(long)]
+    congestion_controller: Option<String>,
     /// Also run MirrorMaker 2 with `exactly.once.source.support=enabled`.
     #[arg(long)]
     mm2_exactly_once: bool,
@@ -110,6 +117,8 @@ struct Run {
     centre_cpu: f64,
     kafka_cpu: f64,
     centre_rss_mib: f64,
+    /// Ours: the QUIC connection's statistics at the end (the last connection's).
+    quic: Option<String>,
 }
 
 /// The Kafka side: one broker, a consumer for watermarks and read-back.
@@ -289,6 +298,12 @@ async fn run_tributary(
         topics: vec![TOPIC.into()],
         ..MirrorConfig::default()
     };
+    let mut mirror_cfg = mirror_cfg;
+    if let Some(cc) = &args.congestion_controller {
+        mirror_cfg.congestion_controller =
+            toml::Value::String(cc.clone()).try_into().with_context(|| format!("--congestion-controller {cc:?}"))?;
+    }
+    let congestion = mirror_cfg.congestion_controller;
     mirror_cfg.validate("mirror")?;
     let stats = Arc::new(MirrorStats::default());
     let (site_cpu0, kafka_cpu0) = (cpu_seconds("self"), cpu_seconds(&central.pid));
@@ -297,6 +312,7 @@ async fn run_tributary(
     let (mut centre_cpu, mut rpid, mut base) = (0.0, rpid.clone(), cpu_seconds(&rpid));
     let mut killed = false;
     let mut busy = None;
+    let mut quic = None;
     let start = Instant::now();
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mirror = tokio::spawn(tributary_sync::gateway::run(mirror_cfg, store.clone(), stats.clone(), async move {
@@ -308,6 +324,9 @@ async fn run_tributary(
         central.wait(&remote, args.partitions, n, timeout, |count| {
             if busy.is_none() && imp.bytes().0 > BUSY_BYTES {
                 busy = Some(Instant::now());
+            }
+            if let Some(s) = stats.connection_stats() {
+                quic = Some(s);
             }
             if kill && !killed && count >= n as i64 / 2 {
                 centre_cpu += cpu_seconds(&rpid) - base;
@@ -339,6 +358,21 @@ async fn run_tributary(
         centre_cpu: centre_cpu + cpu_seconds(&rpid) - base,
         kafka_cpu: cpu_seconds(&central.pid) - kafka_cpu0,
         centre_rss_mib: peak_mib(&rpid),
+        quic: quic.map(|s| {
+            format!(
+                "{congestion:?}: cwnd {} B, rtt {} ms, {} congestion events, {} of {} packets lost ({:.2}%), \
+                 {} lost bytes, {} black holes, {} connects",
+                s.path.cwnd,
+                s.path.rtt.as_millis(),
+                s.path.congestion_events,
+                s.path.lost_packets,
+                s.path.sent_packets,
+                100.0 * s.path.lost_packets as f64 / s.path.sent_packets.max(1) as f64,
+                s.path.lost_bytes,
+                s.path.black_holes_detected,
+                stats.connects.load(Ordering::Relaxed),
+            )
+        }),
         ..Run::default()
     };
     let _ = stop.send(());
@@ -519,10 +553,16 @@ async fn main() -> anyhow::Result<()> {
         raw = filled.key_bytes + filled.value_bytes;
         eprintln!("{link}: backlog of {backlog} records ({:.1} MB raw) in the site store", raw as f64 / 1e6);
         let work = tmp.path().join(link);
+        let mirrors: Vec<&str> = args.mirrors.split(',').collect();
         for kill in if args.kill { vec![false, true] } else { vec![false] } {
-            let r = run_tributary(&args, &central, &store, backlog, link, kill, &work).await?;
-            eprintln!("{link}: {} {:.1} s", r.mirror, r.secs);
-            runs.push(r);
+            if mirrors.contains(&"tributary") {
+                let r = run_tributary(&args, &central, &store, backlog, link, kill, &work).await?;
+                eprintln!("{link}: {} {:.1} s; QUIC: {}", r.mirror, r.secs, r.quic.as_deref().unwrap_or("-"));
+                runs.push(r);
+            }
+            if !mirrors.contains(&"mm2") {
+                continue;
+            }
             let r =
                 run_mm2(&args, &central, &store, backlog, link, Mm2Mode { exactly_once: false, kill }, &work).await?;
             eprintln!("{link}: {} {:.1} s", r.mirror, r.secs);
@@ -581,6 +621,10 @@ async fn main() -> anyhow::Result<()> {
             r.kafka_cpu,
             r.centre_rss_mib
         );
+    }
+    println!();
+    for r in runs.iter().filter(|r| r.quic.is_some()) {
+        println!("QUIC at the end, {} / {}: {}", r.link, r.mirror, r.quic.as_deref().unwrap_or(""));
     }
     for n in &notes {
         println!("{n}");
