@@ -19,6 +19,34 @@ fn gateway(dir: &std::path::Path, args: &[&str]) -> Child {
 }
 
 /// Reads stderr until a line contains `needle`; returns everything read.
+/// A gateway serving Kafka, MQTT and metrics on free ports, data in `dir/data`.
+struct Serving {
+    child: Child,
+    log: BufReader<std::process::ChildStderr>,
+    kafka: std::net::SocketAddr,
+    metrics: String,
+}
+
+fn serve_on_free_ports(dir: &std::path::Path) -> Serving {
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 0\n",
+            dir.join("data").to_str().expect("utf-8")
+        ),
+    )
+    .expect("write config");
+    let mut child = gateway(dir, &["serve", "--config", config.to_str().expect("utf-8")]);
+    let (log, seen) = wait_for(&mut child, "tributary gateway ready");
+    let named = |name: &str| {
+        let a = seen.split(&format!("{name}=")).nth(1).and_then(|r| r.split_whitespace().next());
+        a.unwrap_or_else(|| panic!("{name} address in {seen}")).to_string()
+    };
+    let kafka = named("kafka").parse().expect("address");
+    Serving { metrics: named("metrics"), child, log, kafka }
+}
+
 fn wait_for(child: &mut Child, needle: &str) -> (BufReader<std::process::ChildStderr>, String) {
     let mut reader = BufReader::new(child.stderr.take().expect("piped stderr"));
     let mut seen = String::new();
@@ -113,23 +141,7 @@ fn kafka_requests_begun_before_sigterm_are_answered_and_kept() {
     use kafka_protocol::messages::{metadata_request, FetchRequest, MetadataRequest, ProduceRequest, TopicName};
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 0\n",
-            data.to_str().expect("utf-8")
-        ),
-    )
-    .expect("write config");
-    let mut child = gateway(dir.path(), &["serve", "--config", config.to_str().expect("utf-8")]);
-    let (mut log, seen) = wait_for(&mut child, "tributary gateway ready");
-    let named = |name: &str| {
-        let a = seen.split(&format!("{name}=")).nth(1).and_then(|r| r.split_whitespace().next());
-        a.unwrap_or_else(|| panic!("{name} address in {seen}")).to_string()
-    };
-    let addr: std::net::SocketAddr = named("kafka").parse().expect("address");
-    let metrics = named("metrics");
+    let Serving { mut child, mut log, kafka: addr, metrics } = serve_on_free_ports(dir.path());
 
     let mut c = RawKafka::connect(addr);
     let md = MetadataRequest::default()
@@ -207,23 +219,7 @@ fn accept_errors_are_counted_and_survived() {
     use kafka_protocol::messages::ApiVersionsRequest;
     use rustix::process::{prlimit, Resource, Rlimit};
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 0\n",
-            dir.path().join("data").to_str().expect("utf-8")
-        ),
-    )
-    .expect("write config");
-    let mut child = gateway(dir.path(), &["serve", "--config", config.to_str().expect("utf-8")]);
-    let (mut log, seen) = wait_for(&mut child, "tributary gateway ready");
-    let named = |name: &str| {
-        let a = seen.split(&format!("{name}=")).nth(1).and_then(|r| r.split_whitespace().next());
-        a.unwrap_or_else(|| panic!("{name} address in {seen}")).to_string()
-    };
-    let addr: std::net::SocketAddr = named("kafka").parse().expect("address");
-    let metrics = named("metrics");
+    let Serving { mut child, mut log, kafka: addr, metrics } = serve_on_free_ports(dir.path());
     let pid = Pid::from_raw(child.id() as i32).expect("pid");
     let open = std::fs::read_dir(format!("/proc/{}/fd", child.id())).expect("fds").count() as u64;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");

@@ -557,21 +557,27 @@ pub fn encode_gap_batch(base_offset: i64, count: i64, timestamp_ms: i64) -> Vec<
     out
 }
 
+/// The records' bytes of a batch whose header is `h`: the payload as stored, or decompressed
+/// within `decompressed_limit`.
+fn records_data<'b>(
+    batch: &'b [u8],
+    h: &BatchHeader,
+    decompressed_limit: u64,
+) -> Result<std::borrow::Cow<'b, [u8]>, BatchError> {
+    let end = h.total_len().min(batch.len());
+    let payload = &batch[HEADER_LEN.min(end)..end];
+    Ok(match h.codec()? {
+        Codec::None => std::borrow::Cow::Borrowed(payload),
+        codec => std::borrow::Cow::Owned(compression::decompress(codec, payload, decompressed_limit)?),
+    })
+}
+
 /// Index of the first record without a key in a validated batch, if any (compacted topics
 /// refuse such records). Decompresses within `decompressed_limit`.
 pub fn first_keyless(batch: &[u8], decompressed_limit: u64) -> Result<Option<u64>, BatchError> {
     let h = BatchHeader::parse(batch)?;
-    let end = h.total_len().min(batch.len());
-    let payload = &batch[HEADER_LEN.min(end)..end];
-    let codec = h.codec()?;
-    let inflated;
-    let data = if codec == Codec::None {
-        payload
-    } else {
-        inflated = compression::decompress(codec, payload, decompressed_limit)?;
-        &inflated[..]
-    };
-    for (i, r) in RecordIter::new(data).enumerate() {
+    let data = records_data(batch, &h, decompressed_limit)?;
+    for (i, r) in RecordIter::new(&data).enumerate() {
         if r?.key.is_none() {
             return Ok(Some(i as u64));
         }
@@ -607,19 +613,10 @@ pub fn retain_records(
     if h.is_control() {
         return Ok(Retained::All);
     }
-    let end = h.total_len().min(batch.len());
-    let payload = &batch[HEADER_LEN.min(end)..end];
-    let codec = h.codec()?;
-    let inflated;
-    let data = if codec == Codec::None {
-        payload
-    } else {
-        inflated = compression::decompress(codec, payload, decompressed_limit)?;
-        &inflated[..]
-    };
+    let data = records_data(batch, &h, decompressed_limit)?;
     let mut kept_raw = Vec::new();
     let (mut kept, mut removed) = (0i32, 0u64);
-    let mut it = RecordIter::new(data);
+    let mut it = RecordIter::new(&data);
     loop {
         let start = it.pos;
         let Some(r) = it.next() else { break };
@@ -638,7 +635,7 @@ pub fn retain_records(
         return Ok(Retained::None);
     }
     let mut out = batch[..HEADER_LEN].to_vec();
-    compression::compress(codec, &kept_raw, &mut out)?;
+    compression::compress(h.codec()?, &kept_raw, &mut out)?;
     let len = (out.len() - 12) as i32;
     out[OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4].copy_from_slice(&len.to_be_bytes());
     out[OFF_RECORD_COUNT..OFF_RECORD_COUNT + 4].copy_from_slice(&kept.to_be_bytes());
@@ -655,14 +652,7 @@ pub fn decode_records(batch: &[u8], decompressed_limit: u64) -> Result<Vec<Store
     if h.is_control() {
         return Ok(Vec::new());
     }
-    let end = h.total_len().min(batch.len());
-    let payload = &batch[HEADER_LEN.min(end)..end];
-    let codec = h.codec()?;
-    let data = if codec == Codec::None {
-        Bytes::copy_from_slice(payload)
-    } else {
-        Bytes::from(compression::decompress(codec, payload, decompressed_limit)?)
-    };
+    let data = Bytes::from(records_data(batch, &h, decompressed_limit)?.into_owned());
     let log_append = h.timestamp_kind() == TimestampKind::LogAppendTime;
     let mut out = Vec::new();
     for r in RecordIter::new(&data) {
