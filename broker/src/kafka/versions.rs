@@ -158,6 +158,7 @@ mod tests {
                 key::API_VERSIONS => ApiVersionsResponse::VERSIONS,
                 key::CREATE_TOPICS => CreateTopicsResponse::VERSIONS,
                 key::DELETE_TOPICS => DeleteTopicsResponse::VERSIONS,
+                key::DELETE_RECORDS => DeleteRecordsResponse::VERSIONS,
                 key::INIT_PRODUCER_ID => InitProducerIdResponse::VERSIONS,
                 key::DESCRIBE_CONFIGS => DescribeConfigsResponse::VERSIONS,
                 key::ALTER_CONFIGS => AlterConfigsResponse::VERSIONS,
