@@ -299,7 +299,7 @@ fn every_api_answers_at_every_advertised_version() {
     }
     // DeleteRecords at every version (v2 flexible): the log start moves, the low watermark is
     // answered; past the high watermark OFFSET_OUT_OF_RANGE, unknown partitions
-    // UNKNOWN_TOPIC_OR_PARTITION.
+    // UNKNOWN_TOPIC_OR_PARTITION, a compact-only topic POLICY_VIOLATION.
     rt.block_on(async {
         broker.store.create_topic("dr", 1, Default::default()).await.expect("topic");
         for _ in 0..5 {
@@ -332,6 +332,18 @@ fn every_api_answers_at_every_advertised_version() {
         ]);
         assert_eq!(c.call(&past, v).topics[0].partitions[0].error_code, 1, "OFFSET_OUT_OF_RANGE v{v}");
     }
+    // A compact-only topic: POLICY_VIOLATION, as Kafka answers.
+    rt.block_on(async {
+        let mut cfg = tributary_broker::TopicConfig::default();
+        cfg.set("cleanup.policy", Some("compact")).expect("policy");
+        broker.store.create_topic("dr-compact", 1, cfg).await.expect("topic");
+    });
+    let req = DeleteRecordsRequest::default().with_timeout_ms(5000).with_topics(vec![
+        delete_records_request::DeleteRecordsTopic::default().with_name(tn("dr-compact")).with_partitions(vec![
+            delete_records_request::DeleteRecordsPartition::default().with_partition_index(0).with_offset(-1),
+        ]),
+    ]);
+    assert_eq!(c.call(&req, 2).topics[0].partitions[0].error_code, 44, "POLICY_VIOLATION");
     let r = c.call(&fetch_req(&[("dr", 0, 0)], 0, 1, 1 << 20, 1 << 20), 11);
     assert_eq!(r.responses[0].partitions[0].error_code, 1, "a fetch below the new log start is out of range");
     assert_eq!(r.responses[0].partitions[0].log_start_offset, 25);

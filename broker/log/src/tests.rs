@@ -862,6 +862,20 @@ async fn delete_records_moves_the_log_start_durably_and_deletes_the_batches_belo
     assert!(matches!(store.delete_records("t", -1, 0).await, Err(StoreError::UnknownPartition { .. })));
     assert!(matches!(store.delete_records("nope", 0, 0).await, Err(StoreError::UnknownTopic(_))));
     assert_eq!(store.watermarks("t", 1).expect("wm").log_start_offset, 0, "the other partition untouched");
+    // A compact-only topic keeps every key's latest record: refused as Kafka does; with
+    // `compact,delete` records can be deleted.
+    for (policy, deletable) in [("compact", false), ("compact,delete", true)] {
+        let mut cfg = TopicConfig::default();
+        cfg.set("cleanup.policy", Some(policy)).expect("policy");
+        store.create_topic(policy.replace(',', "-").as_str(), 1, cfg).await.expect("create");
+        store.append_records(&policy.replace(',', "-"), 0, vec![rec(1), rec(2)]).await.expect("append");
+        let r = store.delete_records(&policy.replace(',', "-"), 0, 1).await;
+        if deletable {
+            assert_eq!(r.expect("compact,delete"), 1);
+        } else {
+            assert!(matches!(r, Err(StoreError::DeleteRecordsPolicy { .. })), "{r:?}");
+        }
+    }
 
     // Durable: after a restart the log start is where it was moved.
     store.close().await.expect("close");

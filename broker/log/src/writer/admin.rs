@@ -136,6 +136,10 @@ impl Writer {
                     .and_then(|i| topic.partitions.get(i))
                     .map(|p| p.key)
                     .ok_or_else(unknown)?;
+                if !topic.config.cleanup_policy.deletes() {
+                    // Kafka: a compact-only topic keeps every key's latest record.
+                    return Err(StoreError::DeleteRecordsPolicy { topic: name, partition });
+                }
                 let mut m = self.meta(r, pkey).ok_or_else(unknown)?;
                 let high = m.next_offset as i64;
                 let to = if offset == -1 { high } else { offset };
