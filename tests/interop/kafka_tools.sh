@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Apache Kafka's own tools and client libraries against a Tributary gateway:
 #   - the CLI tools (kafka-topics, kafka-configs, kafka-consumer-groups, kafka-console-producer/
-#     -consumer, kafka-producer-perf-test, kafka-consumer-perf-test), run as their classes from
+#     -consumer, kafka-producer-perf-test, kafka-consumer-perf-test, kafka-delete-records), run as their classes from
 #     the jars of tests/kafka/fetch-jars.sh (fetched when missing; TRIBUTARY_KAFKA_JARS overrides)
 #   - the Java client (tests/interop/java/TributaryClients.java, compiled here with javac)
 #   - Go: franz-go (kgo, kadm) and sarama (tests/interop/go, built here; GOMODCACHE and GOCACHE
@@ -142,6 +142,21 @@ check_perf() {
     awk -F', *' 'NR == 2 { exit !($5 == 50000) }' "$work/o" || { cat "$work/o"; return 1; }
 }
 run_check "kafka-producer-perf-test (50000 x 100 B, acks=all) and kafka-consumer-perf-test read them all" check_perf
+
+# --- 5b. kafka-delete-records ------------------------------------------------------------------
+check_delete_records() {
+    printf '%s\n' '{"version":1,"partitions":[{"topic":"tools-perf","partition":0,"offset":100},' \
+        '{"topic":"tools-perf","partition":1,"offset":-1}]}' >"$work/delete.json"
+    kjava org.apache.kafka.tools.DeleteRecordsCommand --bootstrap-server "$broker" \
+        --offset-json-file "$work/delete.json" >"$work/o"
+    expect 'partition: tools-perf-0.*low_watermark: 100$' "$work/o"
+    expect 'partition: tools-perf-1.*low_watermark: [1-9][0-9]*$' "$work/o"
+    kjava org.apache.kafka.tools.GetOffsetShell --bootstrap-server "$broker" --topic tools-perf --time -2 >"$work/o"
+    expect '^tools-perf:0:100$' "$work/o"
+    expect_not '^tools-perf:1:0$' "$work/o"
+}
+run_check "kafka-delete-records $kafka_version: log start to an offset and to the end (-1); GetOffsetShell --time -2 sees it" \
+    check_delete_records
 
 # --- 6. the Java client ------------------------------------------------------------------------
 mkdir -p "$work/java"

@@ -1,6 +1,7 @@
 //! The Kafka front end with librdkafka (the `rdkafka` crate) as the client: produce in every
 //! codec and read back byte-identical records, the Java partitioner's placement, positions
-//! (middle, earliest, by timestamp), LogAppendTime topics, topic administration, and a restart.
+//! (middle, earliest, by timestamp), LogAppendTime topics, topic administration, DeleteRecords,
+//! and a restart.
 
 use std::time::Duration;
 
@@ -277,6 +278,62 @@ async fn topics_are_created_grown_configured_and_deleted_by_the_admin_client() {
     assert!(broker.store.topic("admin-t").is_none());
     let r = a.delete_topics(&["admin-t"], &opts).await.expect("delete again");
     assert_eq!(r[0].as_ref().unwrap_err().1, RDKafkaErrorCode::UnknownTopicOrPartition);
+}
+
+/// DeleteRecords with librdkafka's admin client: the log start moves to the asked offset (the
+/// answer is the new low watermark), a consumer from the beginning starts there, it survives a
+/// restart, END deletes everything; an offset past the high watermark is refused with Kafka's
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_deleted_up_to_an_offset_by_the_admin_client() {
+    let broker = KafkaBroker::start().await;
+    let bootstrap = broker.bootstrap();
+    let p = producer(&bootstrap, &[("batch.num.messages", "10")]);
+    produce_records(&p, "trimmed", 100).await;
+    let a = admin(&bootstrap);
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let delete = |offsets: &[(&str, i32, Offset)]| {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for (t, p, o) in offsets {
+            tpl.add_partition_offset(t, *p, *o).expect("tpl");
+        }
+        tpl
+    };
+    let r = a.delete_records(&delete(&[("trimmed", 0, Offset::Offset(43))]), &opts).await.expect("delete records");
+    let e = r.find_partition("trimmed", 0).expect("partition");
+    assert_eq!((e.error(), e.offset()), (Ok(()), Offset::Offset(43)), "the new low watermark");
+    let bs = bootstrap.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client_config(&bs).create().expect("consumer");
+        let wm = consumer.fetch_watermarks("trimmed", 0, Duration::from_secs(10)).expect("watermarks");
+        assert_eq!(wm, (43, 100));
+        let from_start = consume(&bs, "trimmed", 0, Offset::Beginning, 57);
+        assert_eq!(from_start[0].offset(), 43, "the beginning is the new log start, inside a batch");
+        check_record(&from_start[0], 43);
+    })
+    .await
+    .expect("consumer checks");
+
+    // (librdkafka refuses unknown partitions itself, from its metadata: the broker's
+    // UNKNOWN_TOPIC_OR_PARTITION is checked with the raw client in kafka_protocol.rs.)
+    let r = a.delete_records(&delete(&[("trimmed", 0, Offset::Offset(101))]), &opts).await.expect("delete records");
+    let e = r.find_partition("trimmed", 0).expect("partition");
+    assert_eq!(
+        e.error().err().and_then(|e| e.rdkafka_error_code()),
+        Some(RDKafkaErrorCode::OffsetOutOfRange),
+        "past the high watermark"
+    );
+    assert_eq!(broker.store.watermarks("trimmed", 0).expect("wm").log_start_offset, 43, "nothing moved");
+    drop((a, p));
+
+    let broker = broker.restart().await;
+    let bootstrap = broker.bootstrap();
+    assert_eq!(broker.store.watermarks("trimmed", 0).expect("wm").log_start_offset, 43, "durable");
+    let a = admin(&bootstrap);
+    let r = a.delete_records(&delete(&[("trimmed", 0, Offset::End)]), &opts).await.expect("delete all");
+    assert_eq!(r.find_partition("trimmed", 0).expect("partition").offset(), Offset::Offset(100));
+    let info = broker.store.partition_info("trimmed", 0).expect("info");
+    assert_eq!((info.watermarks.log_start_offset, info.logical_bytes), (100, 0), "every batch deleted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

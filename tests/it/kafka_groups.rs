@@ -3,7 +3,8 @@
 //! LeaveGroup (its connections cut by a proxy) loses its partitions to the survivors after its
 //! session timeout with no record lost; committed offsets survive a broker restart; two groups
 //! each read everything; the admin client lists, describes and deletes groups; a group-less
-//! (assign) consumer commits with generation -1.
+//! (assign) consumer commits with generation -1; consumers starting together in an empty group
+//! get one generation (`group.initial.rebalance.delay.ms`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -494,6 +495,39 @@ async fn three_members_share_six_partitions_and_read_every_record_once() {
     let got: BTreeMap<i32, Offset> = got.into_iter().map(|(p, (o, _))| (p, o)).collect();
     let want: BTreeMap<i32, Offset> = hw.iter().map(|(p, o)| (*p, Offset::Offset(*o))).collect();
     assert_eq!(got, want, "committed offsets are the high watermarks");
+}
+
+/// Kafka's `group.initial.rebalance.delay.ms`: three consumers subscribing to an empty group at
+/// once are held in the first join phase until none has joined for the delay, so they all get
+/// generation 1: each is assigned its partitions once and none is ever revoked (without the
+/// delay the first joiner gets all six partitions alone, and loses them in the next two
+/// rebalances).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_starting_together_get_one_generation_after_the_initial_delay() {
+    let delay_ms = 1500;
+    let broker =
+        KafkaBroker::start_with(KafkaConfig { group_initial_rebalance_delay_ms: delay_ms, ..group_broker_config() })
+            .await;
+    let bs = broker.bootstrap();
+    broker.store.create_topic("together", 6, Default::default()).await.expect("topic");
+    let started = Instant::now();
+    let members: Vec<Member> = (0..3)
+        .map(|i| Member::spawn(member_config(&bs, "g-together", &format!("together-{i}")), "together", Commits::Auto))
+        .collect();
+    let refs: Vec<&Member> = members.iter().collect();
+    wait_for("three members with two partitions each", 60, || balanced(&refs, 6)).await;
+    let settled = started.elapsed();
+    for m in &members {
+        let events = m.state.journal.events.lock().expect("lock").clone();
+        let assigned = events.iter().filter(|e| e.contains("assigned")).count();
+        let revoked = events.iter().filter(|e| e.contains("revoked")).count();
+        assert_eq!((assigned, revoked), (1, 0), "one generation, no rebalance storm\n{}", journals(&refs));
+    }
+    assert!(
+        settled >= Duration::from_millis(delay_ms.into()),
+        "the join waited for the delay (settled after {settled:?})"
+    );
+    stop_all(members).await;
 }
 
 /// Forwards Kafka connections to the broker and, on `cut`, closes every connection of one client

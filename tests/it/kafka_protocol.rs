@@ -297,6 +297,57 @@ fn every_api_answers_at_every_advertised_version() {
             r.responses[0].error_message
         );
     }
+    // DeleteRecords at every version (v2 flexible): the log start moves, the low watermark is
+    // answered; past the high watermark OFFSET_OUT_OF_RANGE, unknown partitions
+    // UNKNOWN_TOPIC_OR_PARTITION, a compact-only topic POLICY_VIOLATION.
+    rt.block_on(async {
+        broker.store.create_topic("dr", 1, Default::default()).await.expect("topic");
+        for _ in 0..5 {
+            broker.store.append_batch("dr", 0, batch(10, None)).await.expect("append");
+        }
+    });
+    let (lo, hi) = range(21);
+    assert_eq!((lo, hi), (0, 2));
+    for v in lo..=hi {
+        let to = 10 * i64::from(v) + 5;
+        let req = DeleteRecordsRequest::default().with_timeout_ms(5000).with_topics(vec![
+            delete_records_request::DeleteRecordsTopic::default().with_name(tn("dr")).with_partitions(vec![
+                delete_records_request::DeleteRecordsPartition::default().with_partition_index(0).with_offset(to),
+                delete_records_request::DeleteRecordsPartition::default().with_partition_index(1).with_offset(0),
+            ]),
+            delete_records_request::DeleteRecordsTopic::default().with_name(tn("dr-nope")).with_partitions(vec![
+                delete_records_request::DeleteRecordsPartition::default().with_partition_index(0).with_offset(0),
+            ]),
+        ]);
+        let r = c.call(&req, v);
+        let p = &r.topics[0].partitions;
+        assert_eq!((p[0].error_code, p[0].low_watermark), (0, to), "DeleteRecords v{v}");
+        assert_eq!((p[1].error_code, p[1].low_watermark), (3, -1), "DeleteRecords v{v}: unknown partition");
+        assert_eq!(r.topics[1].partitions[0].error_code, 3, "DeleteRecords v{v}: unknown topic");
+        assert_eq!(broker.store.watermarks("dr", 0).expect("wm").log_start_offset, to);
+        let past = DeleteRecordsRequest::default().with_timeout_ms(5000).with_topics(vec![
+            delete_records_request::DeleteRecordsTopic::default().with_name(tn("dr")).with_partitions(vec![
+                delete_records_request::DeleteRecordsPartition::default().with_partition_index(0).with_offset(51),
+            ]),
+        ]);
+        assert_eq!(c.call(&past, v).topics[0].partitions[0].error_code, 1, "OFFSET_OUT_OF_RANGE v{v}");
+    }
+    // A compact-only topic: POLICY_VIOLATION, as Kafka answers.
+    rt.block_on(async {
+        let mut cfg = tributary_broker::TopicConfig::default();
+        cfg.set("cleanup.policy", Some("compact")).expect("policy");
+        broker.store.create_topic("dr-compact", 1, cfg).await.expect("topic");
+    });
+    let req = DeleteRecordsRequest::default().with_timeout_ms(5000).with_topics(vec![
+        delete_records_request::DeleteRecordsTopic::default().with_name(tn("dr-compact")).with_partitions(vec![
+            delete_records_request::DeleteRecordsPartition::default().with_partition_index(0).with_offset(-1),
+        ]),
+    ]);
+    assert_eq!(c.call(&req, 2).topics[0].partitions[0].error_code, 44, "POLICY_VIOLATION");
+    let r = c.call(&fetch_req(&[("dr", 0, 0)], 0, 1, 1 << 20, 1 << 20), 11);
+    assert_eq!(r.responses[0].partitions[0].error_code, 1, "a fetch below the new log start is out of range");
+    assert_eq!(r.responses[0].partitions[0].log_start_offset, 25);
+
     let (lo, hi) = range(20);
     for v in lo..=hi {
         let name = format!("ct-v{}", v + 1);

@@ -529,6 +529,20 @@ fn kafka_acl_denies_produce_fetch_group_join_and_topic_creation() {
         .expect("create topics");
     assert_eq!(created, vec![Err(("not-mine".to_string(), RDKafkaErrorCode::TopicAuthorizationFailed))]);
     assert!(b.store.topic("not-mine").is_none());
+
+    // DeleteRecords needs DELETE on the topic (as Kafka): read, write and create are not enough.
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset("readings", 0, rdkafka::Offset::End).expect("tpl");
+    let r = rt
+        .block_on(admin.delete_records(&tpl, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))))
+        .expect("delete records");
+    let e = r.find_partition("readings", 0).expect("partition");
+    assert_eq!(
+        e.error().err().and_then(|e| e.rdkafka_error_code()),
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed),
+        "delete records without delete"
+    );
+    assert_eq!(b.store.watermarks("readings", 0).expect("wm").log_start_offset, 0);
     assert!(b.store.topic("secret").is_some_and(|_| b.store.watermarks("secret", 0).expect("wm").high_watermark == 0));
 }
 

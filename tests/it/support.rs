@@ -98,6 +98,14 @@ impl KafkaBroker {
         let (store, _) =
             tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("open task").expect("open store");
         cfg.listen = format!("127.0.0.1:{port}");
+        // Kafka's 3 s initial rebalance delay would make every test's first group join 3 s
+        // slower: the in-process broker turns it off unless a test sets another value (the tests
+        // of the delay do; the gateway binary keeps Kafka's default).
+        if cfg.group_initial_rebalance_delay_ms
+            == tributary_broker::kafka::KafkaConfig::default().group_initial_rebalance_delay_ms
+        {
+            cfg.group_initial_rebalance_delay_ms = 0;
+        }
         let template = TopicTemplate { partitions: 1, config: tributary_broker::TopicConfig::default() };
         let server = KafkaServer::bind(cfg, store.clone(), template).await.expect("bind kafka listener");
         let addr = server.local_addr().expect("local addr");

@@ -34,6 +34,10 @@ pub enum StoreError {
     /// with this as the record error of the batch index.
     #[error("Compacted topic cannot accept message without key in topic partition {topic}-{partition}.")]
     KeylessRecord { topic: String, partition: i32, index: u64 },
+    /// DeleteRecords on a topic whose `cleanup.policy` does not delete (compact only): the Java
+    /// broker's refusal (Partition.deleteRecordsOnLeader), POLICY_VIOLATION.
+    #[error("Records of partition {topic}-{partition} can not be deleted due to the configured policy")]
+    DeleteRecordsPolicy { topic: String, partition: i32 },
     #[error("append of {size} bytes exceeds storage.append_size_bytes_max = {max}")]
     AppendTooLarge { size: u64, max: u64 },
     #[error("offset {offset} is out of range [{log_start_offset}, {high_watermark}]")]

@@ -678,6 +678,20 @@ impl Store {
         self.submit(|reply| Op::Admin { cmd: AdminCmd::AlterConfig { name: name.to_string(), config }, reply }).await
     }
 
+    /// Kafka's DeleteRecords: moves the partition's log start up to `offset` (-1: the high
+    /// watermark), durably; reads below it get `OffsetOutOfRange` at once, and the batches wholly
+    /// below it are deleted in bounded steps (the batch holding it stays). An offset at or below
+    /// the log start changes nothing; one above the high watermark is `OffsetOutOfRange`. Returns
+    /// the log start after the commit (the low watermark).
+    pub async fn delete_records(&self, topic: &str, partition: i32, offset: i64) -> Result<i64, StoreError> {
+        self.submit(|reply| Op::Admin {
+            cmd: AdminCmd::DeleteRecords { name: topic.to_string(), partition, offset },
+            reply,
+        })
+        .await?;
+        Ok(self.watermarks(topic, partition)?.log_start_offset)
+    }
+
     /// Wakes when topics or partitions were created or deleted (after the commit, once they are
     /// visible through [`Store::topic`]): for readers that follow topics which may appear later.
     pub fn topics_changed(&self) -> watch::Receiver<u64> {

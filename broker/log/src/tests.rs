@@ -828,3 +828,102 @@ async fn the_tail_cache_serves_nothing_below_the_log_start_or_of_a_deleted_topic
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].value.as_deref(), Some(&b"value-7"[..]));
 }
+
+/// Kafka's DeleteRecords: the log start moves to the asked offset at once and durably (reads
+/// below get OFFSET_OUT_OF_RANGE), the batches wholly below it are deleted and the one holding
+/// it stays; -1 means the high watermark; offsets beyond it are refused; lower ones change
+/// nothing.
+#[tokio::test]
+async fn delete_records_moves_the_log_start_durably_and_deletes_the_batches_below() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    store.create_topic("t", 2, TopicConfig::default()).await.expect("create");
+    for _ in 0..5 {
+        store.append_batch("t", 0, Bytes::from(client_batch(10, Codec::None))).await.expect("append");
+    }
+    let batch_bytes = store.partition_info("t", 0).expect("info").logical_bytes / 5;
+    assert_eq!(store.delete_records("t", 0, 25).await.expect("delete"), 25, "the new low watermark");
+    let info = store.partition_info("t", 0).expect("info");
+    assert_eq!(info.watermarks, Watermarks { log_start_offset: 25, high_watermark: 50 });
+    assert_eq!(info.logical_bytes, 3 * batch_bytes, "batches 0-9 and 10-19 deleted; 20-29 holds 25 and stays");
+    assert!(matches!(store.fetch("t", 0, 24, 1 << 20), Err(StoreError::OffsetOutOfRange { offset: 24, .. })));
+    let f = store.fetch("t", 0, 25, 1 << 20).expect("fetch at the log start");
+    assert_eq!(i64::from_be_bytes(f.data[..8].try_into().expect("8")), 20, "the straddling batch, whole");
+    let read = store.read_records("t", 0, 25, 1 << 20).expect("read");
+    assert_eq!((read[0].offset, read.len()), (25, 25));
+    // Below the log start: nothing changes. Beyond the high watermark: refused.
+    assert_eq!(store.delete_records("t", 0, 10).await.expect("lower"), 25);
+    assert!(matches!(
+        store.delete_records("t", 0, 51).await,
+        Err(StoreError::OffsetOutOfRange { offset: 51, high_watermark: 50, .. })
+    ));
+    assert!(matches!(store.delete_records("t", 0, -2).await, Err(StoreError::OffsetOutOfRange { .. })));
+    assert!(matches!(store.delete_records("t", 2, 0).await, Err(StoreError::UnknownPartition { .. })));
+    assert!(matches!(store.delete_records("t", -1, 0).await, Err(StoreError::UnknownPartition { .. })));
+    assert!(matches!(store.delete_records("nope", 0, 0).await, Err(StoreError::UnknownTopic(_))));
+    assert_eq!(store.watermarks("t", 1).expect("wm").log_start_offset, 0, "the other partition untouched");
+    // A compact-only topic keeps every key's latest record: refused as Kafka does; with
+    // `compact,delete` records can be deleted.
+    for (policy, deletable) in [("compact", false), ("compact,delete", true)] {
+        let mut cfg = TopicConfig::default();
+        cfg.set("cleanup.policy", Some(policy)).expect("policy");
+        store.create_topic(policy.replace(',', "-").as_str(), 1, cfg).await.expect("create");
+        store.append_records(&policy.replace(',', "-"), 0, vec![rec(1), rec(2)]).await.expect("append");
+        let r = store.delete_records(&policy.replace(',', "-"), 0, 1).await;
+        if deletable {
+            assert_eq!(r.expect("compact,delete"), 1);
+        } else {
+            assert!(matches!(r, Err(StoreError::DeleteRecordsPolicy { .. })), "{r:?}");
+        }
+    }
+
+    // Durable: after a restart the log start is where it was moved.
+    store.close().await.expect("close");
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.watermarks("t", 0).expect("wm"), Watermarks { log_start_offset: 25, high_watermark: 50 });
+    assert!(matches!(store.fetch("t", 0, 24, 1 << 20), Err(StoreError::OffsetOutOfRange { .. })));
+    // -1: up to the high watermark; every batch is below it, and appends go on after it.
+    assert_eq!(store.delete_records("t", 0, -1).await.expect("all"), 50);
+    let info = store.partition_info("t", 0).expect("info");
+    assert_eq!((info.watermarks.log_start_offset, info.logical_bytes), (50, 0));
+    let o = store.append_records("t", 0, vec![rec(1)]).await.expect("append after");
+    assert_eq!(o.base_offset, 50, "an offset is never given twice");
+    assert_eq!(store.read_records("t", 0, 50, 1 << 20).expect("read")[0].offset, 50);
+    store.close().await.expect("close");
+}
+
+/// The batches below a moved log start are deleted in steps of at most
+/// `retention_delete_bytes_per_commit_max` per commit, not in one unbounded transaction; the
+/// log start itself moves at once.
+#[tokio::test]
+async fn delete_records_deletes_in_bounded_steps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StorageConfig { retention_delete_bytes_per_commit_max: 1 << 20, ..config(dir.path()) };
+    let store = Store::open(cfg).expect("open").0;
+    let tc = TopicConfig { compression: Codec::None, ..TopicConfig::default() };
+    store.create_topic("t", 1, tc).await.expect("create");
+    let big = |i: usize| NewRecord::new(None::<Bytes>, Bytes::from(vec![i as u8; 60_000]));
+    for i in 0..60 {
+        store.append_records("t", 0, vec![big(i)]).await.expect("append");
+    }
+    let before = store.partition_info("t", 0).expect("info").logical_bytes;
+    assert!(before > 3_500_000, "{before}");
+    assert_eq!(store.delete_records("t", 0, -1).await.expect("delete"), 60, "the log start moved at once");
+    let mut left = store.partition_info("t", 0).expect("info").logical_bytes;
+    assert!(left > 0 && left < before, "one bounded step in the DeleteRecords commit: {left} of {before}");
+    let mut rounds = 0;
+    while left > 0 {
+        // Every commit takes a further step.
+        store.kv_put(SPACE_A, b"k".to_vec(), Some(vec![rounds as u8])).await.expect("kv");
+        let now = store.partition_info("t", 0).expect("info").logical_bytes;
+        assert!(now < left || now == 0, "a step per commit: {now} after {left}");
+        assert!(left - now <= (1 << 20) + 70_000, "at most the bound (and one batch) per commit");
+        left = now;
+        rounds += 1;
+        assert!(rounds < 10, "{left} bytes left");
+    }
+    assert!(rounds >= 2, "3.6 MB in steps of 1 MiB take several commits ({rounds} after the first)");
+    assert_eq!(store.watermarks("t", 0).expect("wm").log_start_offset, 60);
+    store.close().await.expect("close");
+}

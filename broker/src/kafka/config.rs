@@ -65,6 +65,10 @@ pub struct KafkaConfig {
     /// Session timeouts clients may ask for (Kafka's group.min/max.session.timeout.ms).
     pub group_session_timeout_min_ms: u32,
     pub group_session_timeout_max_ms: u32,
+    /// Kafka's `group.initial.rebalance.delay.ms`: the first join of an empty group waits this
+    /// long for more members (again for each new one, up to the rebalance timeout), so
+    /// consumers starting together get one generation instead of a rebalance each. 0 = off.
+    pub group_initial_rebalance_delay_ms: u32,
     /// Longest metadata string stored with a committed offset (Kafka's offset.metadata.max.bytes).
     pub offset_metadata_bytes_max: u32,
     /// New connections one source address may open per second (a burst of one second's worth);
@@ -122,6 +126,7 @@ impl Default for KafkaConfig {
             groups_metadata_bytes_max: 16 * MIB,
             group_session_timeout_min_ms: 6000,
             group_session_timeout_max_ms: 1_800_000,
+            group_initial_rebalance_delay_ms: 3000,
             offset_metadata_bytes_max: 4096,
             connections_per_ip_per_s_max: 0,
             connection_rate_addresses_max: 4096,
@@ -174,6 +179,7 @@ impl KafkaConfig {
             self.group_session_timeout_min_ms.into(),
             3_600_000,
         )?;
+        range("group_initial_rebalance_delay_ms", self.group_initial_rebalance_delay_ms.into(), 0, 300_000)?;
         range("offset_metadata_bytes_max", self.offset_metadata_bytes_max.into(), 0, 1024 * 1024)?;
         range("connections_per_ip_per_s_max", self.connections_per_ip_per_s_max.into(), 0, 1_000_000)?;
         range("connection_rate_addresses_max", self.connection_rate_addresses_max.into(), 1, 1_000_000)?;
@@ -207,6 +213,9 @@ mod tests {
         assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.request_elements_max");
         let c = KafkaConfig { groups_metadata_bytes_max: 1024, ..Default::default() };
         assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.groups_metadata_bytes_max");
+        let c = KafkaConfig { group_initial_rebalance_delay_ms: 300_001, ..Default::default() };
+        assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.group_initial_rebalance_delay_ms");
+        assert_eq!(KafkaConfig::default().group_initial_rebalance_delay_ms, 3000, "Kafka's default");
         let tls = KafkaTlsConfig { enabled: true, cert_file: String::new(), ..Default::default() };
         let c = KafkaConfig { tls, ..Default::default() };
         assert_eq!(c.validate("kafka").unwrap_err().key, "kafka.tls.cert_file");

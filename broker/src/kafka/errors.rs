@@ -54,7 +54,7 @@ pub(crate) fn code(e: &StoreError) -> i16 {
         StoreError::InvalidTopicName { .. } => INVALID_TOPIC_EXCEPTION,
         StoreError::InvalidPartitions { .. } => INVALID_PARTITIONS,
         StoreError::InvalidTopicConfig(_) | StoreError::InvalidConfig(_) => INVALID_CONFIG,
-        StoreError::LimitReached { .. } => POLICY_VIOLATION,
+        StoreError::LimitReached { .. } | StoreError::DeleteRecordsPolicy { .. } => POLICY_VIOLATION,
         StoreError::InvalidBatch(BatchError::Crc { .. }) => CORRUPT_MESSAGE,
         StoreError::InvalidBatch(_) | StoreError::KeylessRecord { .. } => INVALID_RECORD,
         StoreError::AppendTooLarge { .. } => MESSAGE_TOO_LARGE,

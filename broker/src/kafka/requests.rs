@@ -197,6 +197,14 @@ pub(crate) struct OffsetCommitRequest {
     pub offsets: Vec<OffsetToCommit>,
 }
 
+/// DeleteRecords: per topic, the partitions and the offsets their log start moves up to (-1: the
+/// high watermark).
+#[derive(Debug, Clone)]
+pub(crate) struct DeleteRecordsTopic {
+    pub name: String,
+    pub partitions: Vec<(i32, i64)>,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) enum Request {
     ApiVersions,
@@ -206,6 +214,7 @@ pub(crate) enum Request {
     Metadata(MetadataRequest),
     CreateTopics(CreateTopicsRequest),
     DeleteTopics(Vec<String>),
+    DeleteRecords(Vec<DeleteRecordsTopic>),
     InitProducerId(InitProducerIdRequest),
     DescribeConfigs(ConfigsRequest),
     AlterConfigs(ConfigsRequest),
@@ -374,6 +383,21 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
             let names = r.array(min_str(f), |r| r.string())?;
             r.i32()?; // timeout_ms
             Request::DeleteTopics(names)
+        }
+        key::DELETE_RECORDS => {
+            let topics = r.array(min_str(f) + min_array(f), |r| {
+                let name = r.string()?;
+                let partitions = r.array(12, |r| {
+                    let partition = r.i32()?;
+                    let offset = r.i64()?;
+                    r.tagged_fields()?;
+                    Ok((partition, offset))
+                })?;
+                r.tagged_fields()?;
+                Ok(DeleteRecordsTopic { name, partitions })
+            })?;
+            r.i32()?; // timeout_ms: the log start moves in one commit; no replicas to wait for
+            Request::DeleteRecords(topics)
         }
         key::INIT_PRODUCER_ID => {
             let transactional_id = r.nullable_string()?;

@@ -118,6 +118,7 @@ impl KafkaServer {
                 offset_metadata_bytes_max: cfg.offset_metadata_bytes_max,
                 member_metadata_bytes_max: cfg.group_member_metadata_bytes_max,
                 metadata_bytes_max: cfg.groups_metadata_bytes_max,
+                initial_rebalance_delay_ms: cfg.group_initial_rebalance_delay_ms,
             },
         )?;
         let listener = Listener::new(

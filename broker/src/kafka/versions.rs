@@ -26,6 +26,7 @@ pub(crate) mod key {
     pub const API_VERSIONS: i16 = 18;
     pub const CREATE_TOPICS: i16 = 19;
     pub const DELETE_TOPICS: i16 = 20;
+    pub const DELETE_RECORDS: i16 = 21;
     pub const INIT_PRODUCER_ID: i16 = 22;
     pub const DESCRIBE_CONFIGS: i16 = 32;
     pub const ALTER_CONFIGS: i16 = 33;
@@ -72,6 +73,7 @@ pub(crate) const SUPPORTED: &[ApiSupport] = &[
     ApiSupport { key: key::OFFSET_DELETE, name: "OffsetDelete", min: 0, max: 0, flex_from: i16::MAX },
     ApiSupport { key: key::CREATE_TOPICS, name: "CreateTopics", min: 2, max: 5, flex_from: 5 },
     ApiSupport { key: key::DELETE_TOPICS, name: "DeleteTopics", min: 1, max: 4, flex_from: 4 },
+    ApiSupport { key: key::DELETE_RECORDS, name: "DeleteRecords", min: 0, max: 2, flex_from: 2 },
     ApiSupport { key: key::INIT_PRODUCER_ID, name: "InitProducerId", min: 0, max: 4, flex_from: 2 },
     ApiSupport { key: key::DESCRIBE_CONFIGS, name: "DescribeConfigs", min: 1, max: 4, flex_from: 4 },
     ApiSupport { key: key::ALTER_CONFIGS, name: "AlterConfigs", min: 0, max: 2, flex_from: 2 },
@@ -156,6 +158,7 @@ mod tests {
                 key::API_VERSIONS => ApiVersionsResponse::VERSIONS,
                 key::CREATE_TOPICS => CreateTopicsResponse::VERSIONS,
                 key::DELETE_TOPICS => DeleteTopicsResponse::VERSIONS,
+                key::DELETE_RECORDS => DeleteRecordsResponse::VERSIONS,
                 key::INIT_PRODUCER_ID => InitProducerIdResponse::VERSIONS,
                 key::DESCRIBE_CONFIGS => DescribeConfigsResponse::VERSIONS,
                 key::ALTER_CONFIGS => AlterConfigsResponse::VERSIONS,

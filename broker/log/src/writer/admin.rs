@@ -1,5 +1,5 @@
-//! Topic administration inside a round: create, delete, add partitions, alter settings; topic
-//! name rules.
+//! Topic administration inside a round: create, delete, add partitions, alter settings, move a
+//! partition's log start (DeleteRecords); topic name rules.
 
 use super::*;
 
@@ -127,6 +127,35 @@ impl Writer {
                     config,
                     partitions: current.partitions.clone(),
                 })));
+            }
+            AdminCmd::DeleteRecords { name, partition, offset } => {
+                let topic = self.current_topic(r, &name)?;
+                let unknown = || StoreError::UnknownPartition { topic: name.clone(), partition };
+                let pkey = usize::try_from(partition)
+                    .ok()
+                    .and_then(|i| topic.partitions.get(i))
+                    .map(|p| p.key)
+                    .ok_or_else(unknown)?;
+                if !topic.config.cleanup_policy.deletes() {
+                    // Kafka: a compact-only topic keeps every key's latest record.
+                    return Err(StoreError::DeleteRecordsPolicy { topic: name, partition });
+                }
+                let mut m = self.meta(r, pkey).ok_or_else(unknown)?;
+                let high = m.next_offset as i64;
+                let to = if offset == -1 { high } else { offset };
+                if to < 0 || to > high {
+                    return Err(StoreError::OffsetOutOfRange {
+                        offset,
+                        log_start_offset: m.log_start_offset as i64,
+                        high_watermark: high,
+                    });
+                }
+                // Kafka: an offset at or below the log start changes nothing.
+                if to as u64 > m.log_start_offset {
+                    m.log_start_offset = to as u64;
+                    self.put_meta(t, r, pkey, m)?;
+                    self.trim.insert(pkey);
+                }
             }
         }
         Ok(())

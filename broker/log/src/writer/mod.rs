@@ -50,10 +50,29 @@ pub(crate) enum AppendData {
 pub(crate) type KvWrite = (KvSpace, Vec<u8>, Option<Vec<u8>>);
 
 pub(crate) enum AdminCmd {
-    CreateTopic { name: String, partitions: u32, config: TopicConfig },
-    DeleteTopic { name: String },
-    CreatePartitions { name: String, total: u32 },
-    AlterConfig { name: String, config: TopicConfig },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        config: TopicConfig,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    CreatePartitions {
+        name: String,
+        total: u32,
+    },
+    AlterConfig {
+        name: String,
+        config: TopicConfig,
+    },
+    /// Kafka's DeleteRecords: the partition's log start moves up to `offset` (-1: the high
+    /// watermark); the batches wholly below it go in bounded steps (`trim_below_log_start`).
+    DeleteRecords {
+        name: String,
+        partition: i32,
+        offset: i64,
+    },
 }
 
 pub(crate) enum Op {
@@ -324,6 +343,9 @@ pub(crate) struct Writer {
     /// The compaction pass under way (its key map is in memory only).
     pass: Option<compaction::Pass>,
     last_compaction_check: Instant,
+    /// Partitions that may hold batches wholly below their log start (after DeleteRecords, and
+    /// every partition after an open): deleted in bounded steps by `trim_below_log_start`.
+    trim: std::collections::BTreeSet<u64>,
 }
 
 /// Whether a failed round means the database must be reopened: redb latches an I/O failure
@@ -356,6 +378,7 @@ impl Writer {
             clean: HashMap::new(),
             pass: None,
             last_compaction_check: Instant::now(),
+            trim: std::collections::BTreeSet::new(),
         };
         w.adopt(loaded);
         w
@@ -390,6 +413,8 @@ impl Writer {
         self.unsynced_since = None;
         self.clean.clear();
         self.pass = None;
+        // A DeleteRecords committed before a crash may have left batches below a log start.
+        self.trim = self.metas.keys().copied().collect();
     }
 
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Op>) {
@@ -629,6 +654,9 @@ impl Writer {
                 break 'apply Err(e);
             }
             if let Err(e) = self.size_retention(&mut t, r) {
+                break 'apply Err(e);
+            }
+            if let Err(e) = self.trim_below_log_start(&mut t, r) {
                 break 'apply Err(e);
             }
             if tick && self.last_time_retention.elapsed().as_millis() as u64 >= self.cfg.retention_check_interval_ms {

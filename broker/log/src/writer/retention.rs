@@ -1,5 +1,6 @@
 //! Retention: deleting partitions' oldest batches by the global disk budget (archived batches
-//! first), `retention.bytes` and `retention.ms`.
+//! first), `retention.bytes` and `retention.ms`, and those wholly below a log start that
+//! DeleteRecords moved.
 
 use super::*;
 
@@ -33,8 +34,9 @@ impl Writer {
         t.log.remove((pkey, base))?;
         self.clean_front_removed(t, r, pkey, base, batch_len)?;
         let fp = footprint(value_len);
-        debug_assert!(next > m.log_start_offset && next <= m.next_offset, "front batch ends at {next}: {m:?}");
-        m.log_start_offset = next;
+        debug_assert!(next <= m.next_offset, "front batch ends at {next}: {m:?}");
+        // The log start never moves back: DeleteRecords may have put it above this batch's end.
+        m.log_start_offset = m.log_start_offset.max(next);
         m.logical_bytes = debit(m.logical_bytes, batch_len, "partition logical bytes");
         m.footprint_bytes = debit(m.footprint_bytes, fp, "partition footprint bytes");
         m.batches = debit(m.batches, 1, "partition batches");
@@ -163,6 +165,25 @@ impl Writer {
         }
         if total <= low {
             self.retention_active = false;
+        }
+        Ok(())
+    }
+
+    /// Deletes batches wholly below their partition's log start (moved there by DeleteRecords),
+    /// oldest first, at most `storage.retention_delete_bytes_per_commit_max` per round; the rest
+    /// in later rounds. The batch holding the log start stays (as Kafka keeps its segment).
+    pub(super) fn trim_below_log_start(&mut self, t: &mut Tables<'_>, r: &mut Round) -> Result<(), StoreError> {
+        let cap = self.cfg.retention_delete_bytes_per_commit_max;
+        let mut freed = 0u64;
+        while freed < cap {
+            let Some(&pkey) = self.trim.first() else { break };
+            let below = |h: &BatchHeader, _: u64, m: &PartitionMeta| h.next_offset() as u64 <= m.log_start_offset;
+            match self.delete_front_if(t, r, pkey, below)? {
+                Some(fp) => freed += fp.max(1),
+                None => {
+                    self.trim.remove(&pkey);
+                }
+            }
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 
 mod api_versions;
 mod configs;
+mod delete_records;
 mod fetch;
 mod groups;
 mod list_offsets;
@@ -47,6 +48,7 @@ pub(crate) async fn dispatch(
         Request::DescribeCluster => metadata::describe_cluster(ctx, call),
         Request::CreateTopics(req) => topics::create_topics_request(ctx.clone(), call, req),
         Request::DeleteTopics(names) => topics::delete_topics(ctx.clone(), call, names),
+        Request::DeleteRecords(topics) => delete_records::delete_records_request(ctx.clone(), call, topics),
         Request::CreatePartitions(req) => topics::create_partitions_request(ctx.clone(), call, req),
         Request::DescribeConfigs(req) => configs::describe_configs_request(ctx, call, req),
         Request::AlterConfigs(req) => configs::alter_configs_request(ctx.clone(), call, req),

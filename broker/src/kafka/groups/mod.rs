@@ -52,6 +52,9 @@ pub struct GroupLimits {
     pub member_metadata_bytes_max: u32,
     /// The same for all members of all groups together.
     pub metadata_bytes_max: u64,
+    /// Kafka's `group.initial.rebalance.delay.ms`: how long the first join of an Empty group
+    /// waits for more members (extended per new member up to the rebalance timeout); 0 = off.
+    pub initial_rebalance_delay_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -455,9 +458,10 @@ impl Coordinator {
                     sync_waiter: None,
                     assignment: Bytes::new(),
                 });
+                g.new_member_joined();
             }
         }
-        g.prepare_rebalance(now);
+        g.prepare_rebalance(now, Duration::from_millis(u64::from(l.initial_rebalance_delay_ms)));
         g.maybe_complete_join(now, &req.group_id);
         Joined::Wait(rx)
     }
@@ -745,6 +749,7 @@ mod tests {
             offset_metadata_bytes_max: 16,
             member_metadata_bytes_max: 1024,
             metadata_bytes_max: 2048,
+            initial_rebalance_delay_ms: 0,
         }
     }
 
