@@ -56,5 +56,5 @@ async fn subscribers_and_consumers_at_the_tail_are_served_from_memory() {
     // Every read of this test was at the tail: all from memory, none from the database.
     assert!(s.tail_cache_hits > 0, "{s:?}");
     assert_eq!(s.tail_cache_misses, 0, "{s:?}");
-    assert!(s.tail_cache_bytes > 0 && s.tail_cache_bytes <= 4 << 20, "{s:?}");
+    assert!(s.tail_cache_bytes > 0 && s.tail_cache_bytes <= 1 << 20, "{s:?}");
 }

@@ -538,7 +538,7 @@ impl Default for StorageConfig {
             partitions_total_max: 4096,
             producer_states_max: 4096,
             blocking_threads_max: 8,
-            tail_cache_bytes_max: 4 * MIB,
+            tail_cache_bytes_max: MIB,
             compaction_bytes_per_commit_max: 4 * MIB,
             compaction_memory_bytes_max: 8 * MIB,
         }
