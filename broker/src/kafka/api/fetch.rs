@@ -191,6 +191,8 @@ fn read_round(
     let mut remaining = limit;
     let mut total = 0usize;
     let mut any_error = false;
+    // Counted once the round is complete: a round from memory that gives up is read again.
+    let mut partition_reads = 0u64;
     for s in parts.iter_mut() {
         if s.denied {
             s.result = Some(Err((errors::TOPIC_AUTHORIZATION_FAILED, None)));
@@ -214,7 +216,7 @@ fn read_round(
                 Source::Memory => store.fetch_cached(&s.topic, s.partition, s.offset, max_bytes)?,
                 Source::Database => store.fetch(&s.topic, s.partition, s.offset, max_bytes),
             };
-            reads.fetch_add(1, Ordering::Relaxed);
+            partition_reads += 1;
             fetched.map(|f| {
                 // Only the first non-empty partition may exceed the limit (KIP-74).
                 let data = if total > 0 && f.data.len() > remaining { Bytes::new() } else { f.data };
@@ -233,6 +235,7 @@ fn read_round(
             }
         });
     }
+    reads.fetch_add(partition_reads, Ordering::Relaxed);
     Some((total, any_error))
 }
 
