@@ -2,6 +2,7 @@
 //! write bandwidth) and memory readings of a process, so every benchmark reports its figures
 //! against the same yardsticks.
 
+pub mod browser;
 pub mod kafka_cluster;
 pub mod link;
 pub mod soak;
