@@ -80,6 +80,10 @@ async fn start_in(
     let auth = Auth::new(&auth_cfg, "auth").expect("auth config");
     kafka.listen = "127.0.0.1:0".into();
     mqtt.listen = "127.0.0.1:0".into();
+    mqtt.websocket_listen = "127.0.0.1:0".into();
+    if !mqtt.websocket_tls_listen.is_empty() {
+        mqtt.websocket_tls_listen = "127.0.0.1:0".into();
+    }
     if mqtt.tls.enabled {
         mqtt.tls.listen = "127.0.0.1:0".into();
     }

@@ -115,6 +115,7 @@ impl KafkaBroker {
             let _ = stopped.wait_for(|s| *s).await;
         }));
         mqtt_cfg.listen = format!("127.0.0.1:{mqtt_port}");
+        mqtt_cfg.websocket_listen = "127.0.0.1:0".into();
         let template = TopicTemplate { partitions: 1, config: tributary_broker::TopicConfig::default() };
         let mqtt_server = tributary_broker::mqtt::MqttServer::bind(mqtt_cfg, store.clone(), template)
             .await
