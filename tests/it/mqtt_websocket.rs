@@ -269,12 +269,16 @@ async fn websocket_frames_split_packed_huge_text_unmasked_affect_only_their_conn
         assert_eq!(split.recv(), Some((0x88, vec![0x03, 0xe8])), "close echoed (RFC 6455 5.5.1)");
         assert!(split.recv().is_none(), "then closed");
 
-        // A frame announcing 2^62 bytes, none sent: no memory held for it, others served.
+        // A frame announcing 2^62 bytes: its payload streams through as it comes (a PINGREQ in
+        // its first bytes is answered), no memory is held for the rest, others are served.
         let mut huge = Ws::connected(addr, 5, "huge");
         let mut h = vec![0x82, 0x80 | 127];
         h.extend_from_slice(&(1u64 << 62).to_be_bytes());
-        h.extend_from_slice(&[1, 2, 3, 4]);
+        let mask = [1, 2, 3, 4];
+        h.extend_from_slice(&mask);
+        h.extend_from_slice(&[0xC0 ^ mask[0], mask[1]]);
         huge.s.write_all(&h).expect("send");
+        assert_eq!(huge.packet().map(|p| p.0), Some(0xD0), "PINGRESP from inside the huge frame");
         good.ping();
         assert!(stats.buffer_memory_bytes() < 64 * 1024, "{} B charged", stats.buffer_memory_bytes());
 
