@@ -224,6 +224,28 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for WsWriter<W> {
 mod tests {
     use super::*;
 
+    const REQUEST: &str = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                           Sec-WebSocket-Protocol: mqtt\r\n\r\n";
+
+    /// The session ending (the handler shuts its writer down) sends a close frame with 1000
+    /// (RFC 6455 7.1.2) before the socket closes, and nothing can be written after it.
+    #[tokio::test]
+    async fn shutdown_sends_close_1000() {
+        let (client, server) = tokio::io::duplex(4096);
+        let (srd, swr) = tokio::io::split(server);
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        cwr.write_all(REQUEST.as_bytes()).await.expect("write");
+        let (_rd, mut wr) = upgrade(srd, swr, 4096).await.expect("upgrade");
+        wr.write_all(&[0xe0, 0]).await.expect("write");
+        wr.shutdown().await.expect("shutdown");
+        let mut all = Vec::new();
+        crd.read_to_end(&mut all).await.expect("read");
+        let answer_end = all.windows(4).position(|w| w == b"\r\n\r\n").expect("101") + 4;
+        assert_eq!(all[answer_end..], [0x82, 2, 0xe0, 0, 0x88, 2, 0x03, 0xe8]);
+        assert!(wr.write_all(b"x").await.is_err(), "nothing after our close");
+    }
+
     /// Over an in-memory pipe: the upgrade, a masked binary frame read as bytes, a ping answered
     /// while the session only reads, a write framed, a close answered and the stream ended.
     #[tokio::test]
@@ -231,10 +253,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (srd, swr) = tokio::io::split(server);
         let (mut crd, mut cwr) = tokio::io::split(client);
-        let req = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-                   Sec-WebSocket-Protocol: mqtt\r\n\r\n";
-        cwr.write_all(req.as_bytes()).await.expect("write");
+        cwr.write_all(REQUEST.as_bytes()).await.expect("write");
         let (mut rd, mut wr) = upgrade(srd, swr, 4096).await.expect("upgrade");
         let mut answer = vec![0u8; 4096];
         let n = crd.read(&mut answer).await.expect("read");
