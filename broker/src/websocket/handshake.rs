@@ -131,8 +131,9 @@ fn parse(head: &[u8]) -> Result<Vec<u8>, Refusal> {
     if target.is_empty() || version != "HTTP/1.1" {
         return Err(Refusal::Malformed("request line (GET <path> HTTP/1.1)"));
     }
-    let (mut host, mut upgrade, mut connection, mut ws_version) = (false, false, false, None);
-    let mut key: Option<&str> = None;
+    let (mut host, mut upgrade, mut connection) = (false, false, false);
+    // At most as many as header lines, which the request's byte limit bounds.
+    let (mut versions, mut keys): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
     let mut mqtt = false;
     for line in lines {
         if line.starts_with([' ', '\t']) {
@@ -147,16 +148,8 @@ fn parse(head: &[u8]) -> Result<Vec<u8>, Refusal> {
             "host" => host = true,
             "upgrade" => upgrade |= tokens(value).any(|t| t.eq_ignore_ascii_case("websocket")),
             "connection" => connection |= tokens(value).any(|t| t.eq_ignore_ascii_case("upgrade")),
-            "sec-websocket-version" => {
-                if ws_version.replace(value).is_some() {
-                    return Err(Refusal::Malformed("Sec-WebSocket-Version twice"));
-                }
-            }
-            "sec-websocket-key" => {
-                if key.replace(value).is_some() {
-                    return Err(Refusal::Malformed("Sec-WebSocket-Key twice"));
-                }
-            }
+            "sec-websocket-version" => versions.push(value),
+            "sec-websocket-key" => keys.push(value),
             // Subprotocol names are compared exactly (RFC 6455 4.1: case-sensitive tokens).
             "sec-websocket-protocol" => mqtt |= tokens(value).any(|t| t == SUBPROTOCOL),
             _ => {}
@@ -168,10 +161,10 @@ fn parse(head: &[u8]) -> Result<Vec<u8>, Refusal> {
     if !upgrade || !connection {
         return Err(Refusal::NotUpgrade);
     }
-    if ws_version != Some("13") {
+    if versions != ["13"] {
         return Err(Refusal::Version);
     }
-    let key = key.ok_or(Refusal::Malformed("no Sec-WebSocket-Key"))?;
+    let [key] = keys[..] else { return Err(Refusal::Malformed("not one Sec-WebSocket-Key")) };
     match B64.decode(key) {
         Ok(nonce) if nonce.len() == 16 => {}
         _ => return Err(Refusal::Malformed("Sec-WebSocket-Key is not 16 bytes in base64 (RFC 6455 4.1)")),
@@ -283,6 +276,18 @@ mod tests {
             (good.replacen("keep-alive, Upgrade", "keep-alive", 1), "426 "),
             (good.replacen("Version: 13", "Version: 8", 1), "426 "),
             (good.replacen(KEY, "c2hvcnQ=", 1), "400 "),
+            (
+                good.replacen(
+                    "Sec-WebSocket-Version",
+                    &format!("Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version"),
+                    1,
+                ),
+                "400 ",
+            ),
+            (
+                good.replacen("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 13", 1),
+                "426 ",
+            ),
             (good.replacen("Host:", " Host:", 1), "400 "),
             (good.replacen("Host:", "Host :", 1), "400 "),
             (format!("{good}\x02"), "400 "),
