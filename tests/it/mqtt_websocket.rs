@@ -306,6 +306,41 @@ async fn websocket_frames_split_packed_huge_text_unmasked_affect_only_their_conn
     assert_eq!(stored, ["one", "two", "three", "after"], "the text and unmasked frames stored nothing");
 }
 
+/// `mqtt.connections_max` counts TCP and WebSocket connections together, and a WebSocket client
+/// over it is answered in MQTT as a TCP one is (after its upgrade: CONNACK 0x89 "server busy"
+/// in MQTT 5, 3 "server unavailable" in 3.1.1), then closed; once one leaves, one gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_and_tcp_share_connections_max() {
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig { connections_max: 2, ..Default::default() }).await;
+    let (ws_addr, tcp_addr, stats) = (broker.mqtt_ws, broker.mqtt, broker.mqtt_stats.clone());
+    tokio::task::spawn_blocking(move || {
+        let tcp = crate::mqtt_faults::connected(tcp_addr, 4, "tcp");
+        let mut ws = Ws::connected(ws_addr, 5, "ws");
+        for (level, code) in [(5u8, 0x89u8), (4, 3)] {
+            let mut over = Ws::open(ws_addr);
+            over.binary(&connect_flags(level, &format!("over-{level}"), 0x02));
+            let (kind, body) = over.packet().expect("CONNACK");
+            assert_eq!((kind, body[1]), (0x20, code), "MQTT {level} over the limit");
+            assert!(closed(&mut over.s), "then closed");
+        }
+        let mut over_tcp = crate::mqtt_faults::open(tcp_addr);
+        over_tcp.write_all(&connect_flags(5, "over-tcp", 0x02)).expect("send");
+        let (kind, body) = crate::mqtt_faults::read_packet(&mut over_tcp).expect("CONNACK");
+        assert_eq!((kind, body[1]), (0x20, 0x89), "a TCP client over the limit the WebSocket one holds");
+        ws.ping();
+        drop(tcp);
+        // The TCP client's slot frees once its task ended; a WebSocket client then gets in.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stats.listener.connections_open.load(Ordering::Relaxed) > 1 {
+            assert!(Instant::now() < deadline, "the TCP client's connection did not end");
+            std::thread::yield_now();
+        }
+        Ws::connected(ws_addr, 4, "ws-2").ping();
+    })
+    .await
+    .expect("raw clients");
+}
+
 /// Runs `tests/browser/mqtt_client.js` (MQTT.js in Node) against `url`; its JSON report.
 async fn mqtt_js(url: String, version: u8, env: Vec<(&'static str, String)>) -> serde_json::Value {
     let out = tokio::task::spawn_blocking(move || {
