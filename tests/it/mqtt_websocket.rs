@@ -341,6 +341,27 @@ async fn websocket_and_tcp_share_connections_max() {
     .expect("raw clients");
 }
 
+/// Graceful shutdown reaches WebSocket sessions as TCP ones: an MQTT 5 client gets DISCONNECT
+/// 0x8B "server shutting down", then the close frame 1000 (RFC 6455 7.1.2), then the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_session_at_shutdown_gets_disconnect_then_close() {
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig::default()).await;
+    let addr = broker.mqtt_ws;
+    let (connected, ready) = tokio::sync::oneshot::channel();
+    let client = tokio::task::spawn_blocking(move || {
+        let mut ws = Ws::connected(addr, 5, "draining");
+        connected.send(()).expect("signal");
+        let (kind, body) = ws.packet().expect("DISCONNECT");
+        assert_eq!((kind, body.first().copied()), (0xE0, Some(0x8B)), "DISCONNECT server shutting down");
+        assert_eq!(ws.recv(), Some((0x88, vec![0x03, 0xe8])), "close 1000 after the session ended");
+        assert!(ws.recv().is_none(), "then closed");
+    });
+    ready.await.expect("connected");
+    let restarted = broker.restart().await;
+    client.await.expect("client");
+    drop(restarted);
+}
+
 /// Runs `tests/browser/mqtt_client.js` (MQTT.js in Node) against `url`; its JSON report.
 async fn mqtt_js(url: String, version: u8, env: Vec<(&'static str, String)>) -> serde_json::Value {
     let out = tokio::task::spawn_blocking(move || {
