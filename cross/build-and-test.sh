@@ -91,6 +91,7 @@ disk_free_bytes_min = 0
 listen = "127.0.0.1:0"
 [mqtt]
 listen = "127.0.0.1:0"
+websocket_listen = "127.0.0.1:0"
 [[mqtt.routes]]
 filter = "smoke/+/reading"
 topic = "smoke-readings"

@@ -1,7 +1,8 @@
 //! Tributary's protocol front ends over the log store (`tributary-log`, re-exported here as
 //! `storage` with its `config`, `error` and `histogram`): the Kafka front end (`kafka/`, with the
 //! consumer-group coordinator), the MQTT 3.1.1/5 front end (`mqtt/`), the one listener both use
-//! (`listener`: accept, limits, TLS handshake, graceful shutdown), users, ACLs, SASL and TLS
+//! (`listener`: accept, limits, TLS handshake, graceful shutdown) with MQTT over WebSocket
+//! (`websocket`: handshake and frames without I/O, and the byte-stream adapter), users, ACLs, SASL and TLS
 //! (`security/`), and the leaves both front ends share (`partitioner`, `spaces`, `topic`). The
 //! modules' order is declared in ARCHITECTURE.md and checked by `tests/module_dag.rs`.
 //!
@@ -15,6 +16,7 @@ pub mod partitioner;
 pub mod security;
 pub mod spaces;
 pub mod topic;
+pub mod websocket;
 
 /// The log store, its configuration and errors live in `tributary-log`; re-exported under their
 /// old paths so `crate::storage::...`, `crate::config::...` and `crate::error::...` keep naming them.

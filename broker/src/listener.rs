@@ -1,6 +1,7 @@
 //! The one listener both front ends use: bound sockets (plain or TLS), accepting with backoff
 //! when accepting fails (out of file descriptors and the like), the per-address rate limit and
-//! the connection limit, the TLS handshake under a deadline, the connection counters, and
+//! the connection limit, the TLS handshake and (on a WebSocket socket) the WebSocket upgrade
+//! under one deadline, the connection counters, and
 //! graceful shutdown: stop accepting, tell every open connection to finish (`Draining`), wait
 //! for them up to `SHUTDOWN_WAIT`, return. What a connection does is the front end's handler.
 
@@ -18,6 +19,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use crate::security::ratelimit::ConnectionRateLimit;
 use crate::security::tls;
 use crate::storage::accounting::debit;
+use crate::websocket;
 
 /// How long a stopping listener waits for its open connections to finish before it returns
 /// (the rest end with the runtime). Below systemd's default `TimeoutStopSec` (90 s) with room
@@ -49,6 +51,12 @@ pub struct ListenerStats {
     pub protocol_errors: AtomicU64,
     /// Accepts that failed (file descriptors exhausted and the like), each followed by a pause.
     pub accept_errors: AtomicU64,
+    /// WebSocket upgrades completed (admitted connections on WebSocket sockets, ws and wss).
+    pub websocket_connections_accepted: AtomicU64,
+    /// Admitted WebSocket connections not yet ended (a gauge; also in `connections_open`).
+    pub websocket_connections_open: AtomicU64,
+    /// Upgrade requests refused (bad, too large), closed, or not complete within the deadline.
+    pub websocket_handshake_failures: AtomicU64,
 }
 
 /// What happens to a connection over `connections_max`.
@@ -70,21 +78,31 @@ pub struct Limits {
     pub connections_max: u32,
     pub connections_per_ip_per_s_max: u32,
     pub connection_rate_addresses_max: u32,
-    /// How long a TLS handshake may take from the accept.
-    pub tls_handshake_timeout: Duration,
+    /// How long the TLS handshake and the WebSocket upgrade may take, together, from the accept.
+    pub handshake_timeout: Duration,
     pub over_limit: OverLimit,
+    /// Largest WebSocket upgrade request, in bytes (read on WebSocket sockets only).
+    pub websocket_request_bytes_max: usize,
 }
 
-/// One bound socket: plain, or TLS with its server settings.
+/// One bound socket: plain, or TLS with its server settings; its connections speak the front
+/// end's protocol directly, or inside WebSocket frames after an upgrade.
 #[derive(Debug)]
 pub struct Socket {
     tcp: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    websocket: bool,
 }
 
 impl Socket {
     pub async fn bind(addr: &str, tls: Option<Arc<rustls::ServerConfig>>) -> std::io::Result<Self> {
-        Ok(Self { tcp: TcpListener::bind(addr).await?, tls })
+        Ok(Self { tcp: TcpListener::bind(addr).await?, tls, websocket: false })
+    }
+
+    /// A socket whose connections upgrade to WebSocket (after TLS, if any) before the handler
+    /// sees them; the handler reads and writes the frames' data as a byte stream.
+    pub async fn bind_websocket(addr: &str, tls: Option<Arc<rustls::ServerConfig>>) -> std::io::Result<Self> {
+        Ok(Self { websocket: true, ..Self::bind(addr, tls).await? })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -210,10 +228,11 @@ impl Listener {
             }
             let _ = stream.set_nodelay(true);
             let task = Box::new(Accepted {
-                stream,
+                stream: Some(stream),
                 peer,
                 tls: sockets[i].tls.clone(),
-                handshake_timeout: limits.tls_handshake_timeout,
+                websocket: sockets[i].websocket.then_some(limits.websocket_request_bytes_max),
+                handshake_timeout: limits.handshake_timeout,
                 permit,
                 draining: Draining(draining.subscribe()),
                 name,
@@ -275,33 +294,49 @@ impl Backoff {
 
 /// What a connection's task starts from.
 struct Accepted {
-    stream: TcpStream,
+    /// Taken by the handshakes.
+    stream: Option<TcpStream>,
     peer: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// On a WebSocket socket: the upgrade request's byte limit.
+    websocket: Option<usize>,
     handshake_timeout: Duration,
     permit: Option<OwnedSemaphorePermit>,
     draining: Draining,
     name: &'static str,
 }
 
-/// Counts an admitted connection open while it lives (also if its task panics).
-struct OpenGuard(Arc<ListenerStats>);
+/// Counts an admitted connection open while it lives (also if its task panics), and as a
+/// WebSocket connection once upgraded.
+struct OpenGuard {
+    stats: Arc<ListenerStats>,
+    websocket: bool,
+}
 
 impl OpenGuard {
     fn new(stats: Arc<ListenerStats>) -> Self {
         stats.connections_open.fetch_add(1, Ordering::Relaxed);
-        Self(stats)
+        Self { stats, websocket: false }
+    }
+
+    fn upgraded(&mut self) {
+        self.stats.websocket_connections_accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats.websocket_connections_open.fetch_add(1, Ordering::Relaxed);
+        self.websocket = true;
     }
 }
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+        if self.websocket {
+            self.stats.websocket_connections_open.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
-/// One connection's task: the TLS handshake (if any, boxed: it is large and over once done),
-/// then the handler's future, held in place (the task is that future and a few words more).
+/// One connection's task: the handshakes (boxed: large and over once done), then the handler's
+/// future, held in place (the task is that future and a few words more).
 async fn connection<H, F>(a: Box<Accepted>, stats: Arc<ListenerStats>, handler: Arc<H>)
 where
     H: Fn(Box<Conn>) -> F + Send + Sync + 'static,
@@ -309,36 +344,15 @@ where
 {
     // Boxed: an async fn keeps its arguments for its whole life, and this one lives as long as
     // the connection.
-    let Accepted { stream, peer, tls, handshake_timeout, permit, draining, name } = *a;
-    let admitted = permit.is_some();
-    let _open = admitted.then(|| OpenGuard::new(stats.clone()));
+    let admitted = a.permit.is_some();
+    let mut open = admitted.then(|| OpenGuard::new(stats.clone()));
     let accepted = Instant::now();
-    let (rd, wr, cert_name): (Reader, Writer, _) = match tls {
-        None => {
-            let (rd, wr) = stream.into_split();
-            (Box::new(rd), Box::new(wr), None)
-        }
-        Some(server) => {
-            let handshake = tokio_rustls::TlsAcceptor::from(server).accept(stream);
-            match Box::pin(tokio::time::timeout(handshake_timeout, handshake)).await {
-                Ok(Ok(s)) => {
-                    let name = tls::peer_name(s.get_ref().1);
-                    let (rd, wr) = tokio::io::split(s);
-                    (Box::new(rd), Box::new(wr), name)
-                }
-                Ok(Err(e)) => {
-                    stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%peer, error = %e, "{name} TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%peer, "{name} TLS handshake did not complete in time");
-                    return;
-                }
-            }
-        }
-    };
+    let (peer, name, websocket) = (a.peer, a.name, a.websocket.is_some());
+    let Some((a, rd, wr, cert_name)) = Box::pin(handshakes(a, accepted, &stats)).await else { return };
+    if let (true, Some(open)) = (websocket, open.as_mut()) {
+        open.upgraded();
+    }
+    let Accepted { permit, draining, .. } = *a;
     let conn = Conn { rd, wr, peer, accepted, cert_name, admitted, draining };
     let result = handler(Box::new(conn)).await;
     match result {
@@ -349,6 +363,58 @@ where
         }
     }
     drop(permit);
+}
+
+/// The TLS handshake (if any) and the WebSocket upgrade (on a WebSocket socket), both within
+/// `handshake_timeout` of the accept; `None` (counted, logged) if either fails or is late.
+async fn handshakes(
+    mut a: Box<Accepted>,
+    accepted: Instant,
+    stats: &ListenerStats,
+) -> Option<(Box<Accepted>, Reader, Writer, Option<String>)> {
+    let (peer, name) = (a.peer, a.name);
+    let deadline = tokio::time::Instant::from_std(accepted + a.handshake_timeout);
+    let stream = a.stream.take()?;
+    let (rd, wr, cert_name): (Reader, Writer, _) = match a.tls.take() {
+        None => {
+            let (rd, wr) = stream.into_split();
+            (Box::new(rd), Box::new(wr), None)
+        }
+        Some(server) => {
+            let handshake = tokio_rustls::TlsAcceptor::from(server).accept(stream);
+            match tokio::time::timeout_at(deadline, handshake).await {
+                Ok(Ok(s)) => {
+                    let name = tls::peer_name(s.get_ref().1);
+                    let (rd, wr) = tokio::io::split(s);
+                    (Box::new(rd), Box::new(wr), name)
+                }
+                Ok(Err(e)) => {
+                    stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, error = %e, "{name} TLS handshake failed");
+                    return None;
+                }
+                Err(_) => {
+                    stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "{name} TLS handshake did not complete in time");
+                    return None;
+                }
+            }
+        }
+    };
+    let Some(request_bytes_max) = a.websocket else { return Some((a, rd, wr, cert_name)) };
+    match tokio::time::timeout_at(deadline, websocket::upgrade(rd, wr, request_bytes_max)).await {
+        Ok(Ok((rd, wr))) => Some((a, Box::new(rd), Box::new(wr), cert_name)),
+        Ok(Err(e)) => {
+            stats.websocket_handshake_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, error = %e, "{name} WebSocket upgrade failed");
+            None
+        }
+        Err(_) => {
+            stats.websocket_handshake_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "{name} WebSocket upgrade did not complete in time");
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -390,9 +456,10 @@ mod tests {
             let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let c = TcpStream::connect(l.local_addr().expect("addr")).await.expect("connect");
             let a = Box::new(Accepted {
-                stream: c,
+                stream: Some(c),
                 peer: l.local_addr().expect("addr"),
                 tls: None,
+                websocket: None,
                 handshake_timeout: Duration::from_secs(1),
                 permit: None,
                 draining: Draining(watch::channel(false).1),

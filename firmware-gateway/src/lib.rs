@@ -158,6 +158,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         })));
     }
     let mut mqtt_addr = String::from("off");
+    let mut mqtt_ws_addr = String::from("off");
     let mut mqtt_stats = None;
     let mut sys_publisher = None;
     let mut mqtt_task = None;
@@ -170,6 +171,14 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         tracing::info!(listen = %local, "mqtt listener bound");
         if let Some(tls) = server.tls_local_addr() {
             tracing::info!(listen = %tls.context("MQTT TLS listener address")?, "mqtt TLS listener bound");
+        }
+        if let Some(ws) = server.websocket_local_addr() {
+            mqtt_ws_addr = ws.context("MQTT WebSocket listener address")?.to_string();
+            tracing::info!(listen = %mqtt_ws_addr, "mqtt WebSocket listener bound");
+        }
+        if let Some(wss) = server.websocket_tls_local_addr() {
+            tracing::info!(listen = %wss.context("MQTT secure WebSocket listener address")?,
+                "mqtt secure WebSocket listener bound");
         }
         mqtt_addr = local.to_string();
         mqtt_stats = Some(server.stats());
@@ -233,6 +242,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         repaired = report.repaired,
         kafka = %kafka_addr,
         mqtt = %mqtt_addr,
+        mqtt_ws = %mqtt_ws_addr,
         metrics = %metrics_addr,
         version = env!("CARGO_PKG_VERSION"),
         "tributary gateway ready"

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -287,6 +287,33 @@ pub fn render(src: &Sources) -> String {
                 &m.bytes_in,
                 &m.bytes_out,
             ][i];
+            o.sample(name, &[("protocol", "mqtt")], v.load(Ordering::Relaxed));
+        }
+    }
+    if let Some(m) = &src.mqtt {
+        let l = &m.listener;
+        let websocket: [(&str, &str, &str, &AtomicU64); 3] = [
+            (
+                "tributary_websocket_connections_open",
+                "gauge",
+                "Open connections over WebSocket (ws and wss; also in tributary_connections_open).",
+                &l.websocket_connections_open,
+            ),
+            (
+                "tributary_websocket_connections_accepted_total",
+                "counter",
+                "WebSocket upgrades completed (also in tributary_connections_accepted_total).",
+                &l.websocket_connections_accepted,
+            ),
+            (
+                "tributary_websocket_handshake_failures_total",
+                "counter",
+                "WebSocket upgrade requests refused (400, 405, 426, 431), closed or late.",
+                &l.websocket_handshake_failures,
+            ),
+        ];
+        for (name, kind, help, v) in websocket {
+            o.family(name, kind, help);
             o.sample(name, &[("protocol", "mqtt")], v.load(Ordering::Relaxed));
         }
     }

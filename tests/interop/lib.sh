@@ -52,6 +52,7 @@ disk_free_bytes_min = 0
 listen = "$1"
 [mqtt]
 listen = "$2"
+websocket_listen = "127.0.0.1:0"
 [metrics]
 listen = "127.0.0.1:0"
 [log]

@@ -230,6 +230,7 @@ enabled = false
 listen = "127.0.0.1:0"
 [mqtt]
 listen = "127.0.0.1:$sport"
+websocket_listen = "127.0.0.1:0"
 [mqtt.tls]
 enabled = true
 listen = "127.0.0.1:$stls"

@@ -114,7 +114,7 @@ fn a_disk_fault_refuses_writes_clearly_keeps_reads_and_clears_without_a_restart(
         &config,
         format!(
             "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n\
-             [mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 0\n",
+             [mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 0\n",
             data.to_str().expect("utf-8")
         ),
     )

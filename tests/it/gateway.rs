@@ -32,7 +32,7 @@ fn serve_on_free_ports(dir: &std::path::Path) -> Serving {
     std::fs::write(
         &config,
         format!(
-            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 0\n",
+            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 0\n",
             dir.join("data").to_str().expect("utf-8")
         ),
     )

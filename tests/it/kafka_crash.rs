@@ -26,7 +26,7 @@ fn start_gateway(dir: &std::path::Path, port: u16) -> (Daemon, String) {
     std::fs::write(
         &config,
         format!(
-            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:{port}\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nenabled = false\n[topic_defaults]\npartitions = 3\n",
+            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:{port}\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n[metrics]\nenabled = false\n[topic_defaults]\npartitions = 3\n",
             dir.join("data").to_str().expect("utf-8")
         ),
     )

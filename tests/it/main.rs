@@ -22,6 +22,7 @@ mod mqtt_crash;
 mod mqtt_faults;
 mod mqtt_limits;
 mod mqtt_sessions;
+mod mqtt_websocket;
 mod powercut;
 mod retention;
 mod security;

@@ -503,7 +503,7 @@ async fn the_gateway_daemon_mirrors_with_certificates_from_tributary_cert() {
 
     let config = format!(
         "[storage]\ndata_dir = \"{data}\"\ndisk_free_bytes_min = 0\n\n[kafka]\nlisten = \"127.0.0.1:0\"\n\n\
-         [mqtt]\nlisten = \"127.0.0.1:0\"\n\n[mirror]\nenabled = true\ncloud = \"{cloud}\"\nserver_name = \"localhost\"\n\
+         [mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n\n[mirror]\nenabled = true\ncloud = \"{cloud}\"\nserver_name = \"localhost\"\n\
          site = \"{SITE}\"\nca_file = \"{site}/ca.pem\"\ncert_file = \"{site}/site.pem\"\nkey_file = \"{site}/site.key\"\n\
          topics = [\"meters\"]\n\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 0\n",
         data = p("data"),

@@ -31,7 +31,7 @@ fn start_gateway(dir: &std::path::Path) -> (Child, u16) {
     std::fs::write(
         &config,
         format!(
-            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nenabled = false\n",
+            "[storage]\ndata_dir = {:?}\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n[metrics]\nenabled = false\n",
             dir.join("data").to_str().expect("utf-8")
         ),
     )

@@ -251,6 +251,7 @@ async fn gateway(mut mqtt: MqttConfig, storage: impl FnOnce(&mut StorageConfig))
     storage(&mut cfg);
     let (store, _) = tokio::task::spawn_blocking(move || Store::open(cfg)).await.expect("task").expect("store");
     mqtt.listen = "127.0.0.1:0".into();
+    mqtt.websocket_listen = "127.0.0.1:0".into();
     let template = TopicTemplate { partitions: 1, config: tributary_broker::TopicConfig::default() };
     let server = MqttServer::bind(mqtt, store.clone(), template).await.expect("bind");
     let (addr, stats) = (server.local_addr().expect("addr"), server.stats());
@@ -569,7 +570,7 @@ fn half_sent_connects_and_unmatched_retained_scans_cost_little_memory() {
         &config,
         format!(
             "[storage]\ndata_dir = {:?}\nmax_bytes = 268435456\ndisk_free_bytes_min = 0\n[kafka]\nlisten = \"127.0.0.1:0\"\n\
-             [mqtt]\nlisten = \"127.0.0.1:0\"\nconnections_max = {}\nconnect_timeout_ms = 120000\n[metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n",
+             [mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\nconnections_max = {}\nconnect_timeout_ms = 120000\n[metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n",
             dir.path().join("data").to_str().expect("utf-8"),
             n + 10
         ),

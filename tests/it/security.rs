@@ -32,8 +32,11 @@ pub(crate) struct Secure {
     pub(crate) kafka: SocketAddr,
     pub(crate) mqtt: SocketAddr,
     mqtt_tls: Option<SocketAddr>,
+    /// MQTT over WebSocket, and over secure WebSocket when `websocket_tls_listen` was set.
+    pub(crate) mqtt_ws: SocketAddr,
+    pub(crate) mqtt_wss: Option<SocketAddr>,
     pub(crate) kafka_stats: Arc<KafkaStats>,
-    mqtt_stats: Arc<MqttStats>,
+    pub(crate) mqtt_stats: Arc<MqttStats>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -80,6 +83,10 @@ async fn start_in(
     let auth = Auth::new(&auth_cfg, "auth").expect("auth config");
     kafka.listen = "127.0.0.1:0".into();
     mqtt.listen = "127.0.0.1:0".into();
+    mqtt.websocket_listen = "127.0.0.1:0".into();
+    if !mqtt.websocket_tls_listen.is_empty() {
+        mqtt.websocket_tls_listen = "127.0.0.1:0".into();
+    }
     if mqtt.tls.enabled {
         mqtt.tls.listen = "127.0.0.1:0".into();
     }
@@ -91,6 +98,8 @@ async fn start_in(
     let (kafka, kafka_stats) = (k.local_addr().expect("addr"), k.stats());
     let (mqtt_addr, mqtt_tls, mqtt_stats) =
         (m.local_addr().expect("addr"), m.tls_local_addr().map(|a| a.expect("tls addr")), m.stats());
+    let mqtt_ws = m.websocket_local_addr().expect("websocket listener").expect("ws addr");
+    let mqtt_wss = m.websocket_tls_local_addr().map(|a| a.expect("wss addr"));
     let kafka_task = tokio::spawn(k.run(async move {
         let _ = stopped.wait_for(|s| *s).await;
     }));
@@ -102,6 +111,8 @@ async fn start_in(
         kafka,
         mqtt: mqtt_addr,
         mqtt_tls,
+        mqtt_ws,
+        mqtt_wss,
         kafka_stats,
         mqtt_stats,
         dir,
@@ -632,13 +643,13 @@ async fn a_connection_flood_from_one_address_does_not_stop_another_client() {
 
 // ---- TLS ----
 
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
     ca: tributary_sync::certs::Pem,
 }
 
 impl Pki {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = tributary_sync::certs::new_ca("test devices CA", 1).expect("ca");
         ca.write(dir.path(), "ca").expect("write ca");
@@ -648,11 +659,11 @@ impl Pki {
         Self { dir, ca }
     }
 
-    fn path(&self, f: &str) -> String {
+    pub(crate) fn path(&self, f: &str) -> String {
         self.dir.path().join(f).to_str().expect("utf-8").to_string()
     }
 
-    fn tls(&self, client_ca: bool) -> MqttTlsConfig {
+    pub(crate) fn tls(&self, client_ca: bool) -> MqttTlsConfig {
         MqttTlsConfig {
             enabled: true,
             listen: "127.0.0.1:0".into(),

@@ -43,6 +43,8 @@ pub struct KafkaBroker {
     pub addr: std::net::SocketAddr,
     /// The MQTT listener on the same store.
     pub mqtt: std::net::SocketAddr,
+    /// The MQTT listener's WebSocket socket.
+    pub mqtt_ws: std::net::SocketAddr,
     /// The Kafka listener's counters.
     pub kafka_stats: std::sync::Arc<tributary_broker::kafka::KafkaStats>,
     /// The MQTT listener's counters.
@@ -115,17 +117,19 @@ impl KafkaBroker {
             let _ = stopped.wait_for(|s| *s).await;
         }));
         mqtt_cfg.listen = format!("127.0.0.1:{mqtt_port}");
+        mqtt_cfg.websocket_listen = "127.0.0.1:0".into();
         let template = TopicTemplate { partitions: 1, config: tributary_broker::TopicConfig::default() };
         let mqtt_server = tributary_broker::mqtt::MqttServer::bind(mqtt_cfg, store.clone(), template)
             .await
             .expect("bind mqtt listener");
         let mqtt = mqtt_server.local_addr().expect("mqtt addr");
+        let mqtt_ws = mqtt_server.websocket_local_addr().expect("websocket listener").expect("ws addr");
         let mqtt_stats = mqtt_server.stats();
         let mut stopped = stop.subscribe();
         let mqtt_task = tokio::spawn(mqtt_server.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));
-        Self { dir, store, addr, mqtt, kafka_stats, mqtt_stats, stop, task, mqtt_task }
+        Self { dir, store, addr, mqtt, mqtt_ws, kafka_stats, mqtt_stats, stop, task, mqtt_task }
     }
 
     pub fn bootstrap(&self) -> String {

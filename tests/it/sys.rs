@@ -39,7 +39,7 @@ async fn sys_topics_carry_broker_figures_to_mqtt_clients_and_only_from_the_broke
     let dir = tempfile::tempdir().expect("tempdir");
     let config = format!(
         "[storage]\ndata_dir = \"{}\"\ndisk_free_bytes_min = 0\n\n[kafka]\nlisten = \"127.0.0.1:0\"\n\n\
-         [mqtt]\nlisten = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 100\n",
+         [mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 100\n",
         dir.path().join("data").display()
     );
     let path = dir.path().join("gateway.toml");

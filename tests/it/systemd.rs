@@ -70,7 +70,7 @@ fn gateway_notifies_ready_after_binding_feeds_the_watchdog_and_notifies_stopping
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
-        "[storage]\ndata_dir = \"data\"\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+        "[storage]\ndata_dir = \"data\"\n[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n",
     )
     .expect("write config");

@@ -49,8 +49,9 @@ check "data dir owner and mode" [ "$(stat -c '%U:%G %a' /var/lib/tributary)" = "
 
 # ---- the packaged gateway, as the unit runs it (user, working directory, umask), on free ports ----
 sed -e 's/^listen = "127.0.0.1:9092"/listen = "127.0.0.1:0"/' -e 's/^listen = "127.0.0.1:1883"/listen = "127.0.0.1:0"/' \
+    -e 's/^websocket_listen = "127.0.0.1:8083"/websocket_listen = "127.0.0.1:0"/' \
     -e 's/^listen = "127.0.0.1:9464"/listen = "127.0.0.1:0"/' /etc/tributary/gateway.toml > "$work/gateway.toml"
-for port in 9092 1883 9464; do
+for port in 9092 1883 8083 9464; do
     if grep -q "127.0.0.1:$port" "$work/gateway.toml"; then fail "the test config still listens on the fixed port $port"; fi
 done
 chmod 644 "$work/gateway.toml"

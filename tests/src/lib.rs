@@ -111,7 +111,7 @@ impl BenchGateway {
         std::fs::write(
             &config,
             format!(
-                "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{storage_extra}[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n{mqtt_extra}[metrics]\nlisten = \"127.0.0.1:0\"\n{tables}[log]\nlevel = \"warn,tributary_gateway=info\"\n",
+                "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{storage_extra}[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n{mqtt_extra}[metrics]\nlisten = \"127.0.0.1:0\"\n{tables}[log]\nlevel = \"warn,tributary_gateway=info\"\n",
                 dir.join("data").to_str().context("utf-8 path")?,
                 16u64 << 30,
             ),

@@ -292,6 +292,7 @@ data_dir = {data:?}
 listen = "{kafka}"
 [mqtt]
 listen = "{mqtt}"
+websocket_listen = "127.0.0.1:0"
 [[mqtt.routes]]
 filter = "soak/#"
 topic = "{MQTT_LOG_TOPIC}"

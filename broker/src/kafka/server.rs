@@ -128,7 +128,8 @@ impl KafkaServer {
                 connections_max: cfg.connections_max,
                 connections_per_ip_per_s_max: cfg.connections_per_ip_per_s_max,
                 connection_rate_addresses_max: cfg.connection_rate_addresses_max,
-                tls_handshake_timeout: tls_handshake_timeout(&cfg, &auth),
+                handshake_timeout: tls_handshake_timeout(&cfg, &auth),
+                websocket_request_bytes_max: 0,
                 over_limit: OverLimit::Close,
             },
         );

@@ -71,6 +71,15 @@ pub struct MqttConfig {
     pub connections_per_ip_per_s_max: u32,
     /// Source addresses the rate limit tracks at once (the least recently seen is forgotten).
     pub connection_rate_addresses_max: u32,
+    /// MQTT over WebSocket (subprotocol `mqtt`, RFC 6455), for browser dashboards and field
+    /// tools: its address (`127.0.0.1:8083` by default: local only, like `listen`); empty = none.
+    pub websocket_listen: String,
+    /// MQTT over secure WebSocket (wss) with the certificate, key and client CA of `[mqtt.tls]`
+    /// (whether or not its own listener is enabled); empty (the default) = none.
+    pub websocket_tls_listen: String,
+    /// Largest WebSocket upgrade request (request line and headers, cookies included), read
+    /// within `connect_timeout_ms` of the accept; a longer one is refused with 431.
+    pub websocket_request_bytes_max: u32,
     /// `[mqtt.tls]`: a second listener speaking MQTT over TLS.
     pub tls: MqttTlsConfig,
 }
@@ -128,6 +137,9 @@ impl Default for MqttConfig {
             routes: Vec::new(),
             connections_per_ip_per_s_max: 0,
             connection_rate_addresses_max: 4096,
+            websocket_listen: "127.0.0.1:8083".into(),
+            websocket_tls_listen: String::new(),
+            websocket_request_bytes_max: 8192,
             tls: MqttTlsConfig::default(),
         }
     }
@@ -163,6 +175,25 @@ impl MqttConfig {
         range("topic_aliases_out_max", self.topic_aliases_out_max.into(), 0, 1024)?;
         range("connections_per_ip_per_s_max", self.connections_per_ip_per_s_max.into(), 0, 1_000_000)?;
         range("connection_rate_addresses_max", self.connection_rate_addresses_max.into(), 1, 1_000_000)?;
+        range("websocket_request_bytes_max", self.websocket_request_bytes_max.into(), 1024, 1024 * 1024)?;
+        for (k, v) in
+            [("websocket_listen", &self.websocket_listen), ("websocket_tls_listen", &self.websocket_tls_listen)]
+        {
+            if !v.is_empty() && v.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::new(
+                    key(k),
+                    format!("must be empty (none) or an IP address and port such as 127.0.0.1:8083 (got {v:?})"),
+                ));
+            }
+        }
+        if !self.websocket_tls_listen.is_empty() {
+            for k in ["tls.cert_file", "tls.key_file"] {
+                let v = if k == "tls.cert_file" { &self.tls.cert_file } else { &self.tls.key_file };
+                if v.is_empty() {
+                    return Err(ConfigError::new(key(k), "must name a PEM file when websocket_tls_listen is set"));
+                }
+            }
+        }
         if self.tls.enabled {
             if self.tls.listen.parse::<std::net::SocketAddr>().is_err() {
                 return Err(ConfigError::new(
@@ -230,6 +261,16 @@ mod tests {
         assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.buffer_memory_bytes_max");
         let c = MqttConfig { session_sweep_interval_ms: 1, ..Default::default() };
         assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.session_sweep_interval_ms");
+        let c = MqttConfig { websocket_listen: "8083".into(), ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.websocket_listen");
+        MqttConfig { websocket_listen: String::new(), ..Default::default() }.validate("mqtt").expect("empty: none");
+        let c = MqttConfig { websocket_tls_listen: "localhost".into(), ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.websocket_tls_listen");
+        let tls = MqttTlsConfig { key_file: String::new(), ..Default::default() };
+        let c = MqttConfig { websocket_tls_listen: "127.0.0.1:8084".into(), tls, ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.tls.key_file");
+        let c = MqttConfig { websocket_request_bytes_max: 100, ..Default::default() };
+        assert_eq!(c.validate("mqtt").expect_err("bad").key, "mqtt.websocket_request_bytes_max");
     }
 
     #[test]

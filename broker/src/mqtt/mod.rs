@@ -3,7 +3,8 @@
 //! subscriptions served from the log). The pieces without I/O: the session's rules and state
 //! (`session`, driven by `server`), reason codes (`reason`), framing (`wire`), the in-flight
 //! window (`outbound`), the retained index and scans (`retained`), the delayed-will queue
-//! (`wills`), stored encodings (`persist`).
+//! (`wills`), stored encodings (`persist`); the listener's sockets, TCP, TLS and WebSocket
+//! (`sockets`).
 
 mod config;
 mod outbound;
@@ -14,6 +15,7 @@ pub mod routes;
 mod server;
 mod session;
 mod shared;
+mod sockets;
 pub use crate::topic;
 mod wills;
 mod wire;

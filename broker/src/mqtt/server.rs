@@ -32,12 +32,13 @@ use super::retained::{self, RetainedIndex, RetainedValue};
 use super::routes::{Router, HEADER_CONTENT_TYPE, HEADER_CORRELATION_DATA, HEADER_RESPONSE_TOPIC, HEADER_TOPIC};
 use super::session::{self, Action, Counter, Limits, Message, Sent, Session, SharedSub, Source, Start};
 use super::shared::SharedGroup;
+use super::sockets;
 use super::topic;
 use super::wills::WillQueue;
 use super::wire::{self, Charge, FrameReader, In, PublishProps, ReadBudget, Version, WireError};
 use crate::config::TopicTemplate;
 use crate::error::StoreError;
-use crate::listener::{self, Conn, Draining, Listener, ListenerStats, OverLimit, Reader, Socket, Writer};
+use crate::listener::{self, Conn, Draining, Listener, ListenerStats, OverLimit, Reader, Writer};
 use crate::partitioner::Partitioner;
 use crate::security::{tls, Auth, LoginError, User};
 use crate::spaces;
@@ -67,6 +68,15 @@ pub enum MqttError {
     Tls(#[from] tls::TlsError),
     #[error("cannot read the retained messages: {0}")]
     Store(#[from] StoreError),
+}
+
+impl From<sockets::BindError> for MqttError {
+    fn from(e: sockets::BindError) -> Self {
+        match e {
+            sockets::BindError::Bind { addr, source } => Self::Bind { addr, source },
+            sockets::BindError::Tls(e) => Self::Tls(e),
+        }
+    }
 }
 
 /// Counters of the MQTT front end.
@@ -198,11 +208,14 @@ const READ_AHEAD_BYTES: usize = 4096;
 /// round of answers and deliveries adds, and is freed once written).
 const WRITE_CHUNK_BYTES: usize = 1024;
 
-/// A bound MQTT listener (plain, and TLS when `[mqtt.tls]` is enabled).
+/// A bound MQTT listener (plain, TLS when `[mqtt.tls]` is enabled, WebSocket and secure
+/// WebSocket when configured).
 #[derive(Debug)]
 pub struct MqttServer {
-    /// The plain socket, and the TLS one second when `[mqtt.tls]` is enabled.
+    /// The sockets, in `sockets::bind`'s order.
     listener: Listener,
+    /// Which of the listener's sockets is TLS, WebSocket, secure WebSocket.
+    socket_index: [Option<usize>; 3],
     ctx: Arc<Ctx>,
 }
 
@@ -245,31 +258,18 @@ impl MqttServer {
         cfg.validate("mqtt")?;
         cfg.validate_with_storage("mqtt", store.config())?;
         let router = cfg.router("mqtt")?;
-        let mut sockets = vec![Socket::bind(&cfg.listen, None)
-            .await
-            .map_err(|source| MqttError::Bind { addr: cfg.listen.clone(), source })?];
-        if cfg.tls.enabled {
-            let server = tls::server_config(tls::TlsFiles {
-                prefix: "mqtt.tls",
-                cert_file: &cfg.tls.cert_file,
-                key_file: &cfg.tls.key_file,
-                client_ca_file: &cfg.tls.client_ca_file,
-            })?;
-            sockets.push(
-                Socket::bind(&cfg.tls.listen, Some(server))
-                    .await
-                    .map_err(|source| MqttError::Bind { addr: cfg.tls.listen.clone(), source })?,
-            );
-        }
+        let bound = sockets::bind(&cfg).await?;
+        let socket_index = [bound.tls, bound.websocket, bound.websocket_tls];
         let listener = Listener::new(
-            sockets,
+            bound.sockets,
             listener::Limits {
                 name: "mqtt",
                 connections_max: cfg.connections_max,
                 connections_per_ip_per_s_max: cfg.connections_per_ip_per_s_max,
                 connection_rate_addresses_max: cfg.connection_rate_addresses_max,
-                tls_handshake_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+                handshake_timeout: Duration::from_millis(cfg.connect_timeout_ms),
                 over_limit: OverLimit::Answer,
+                websocket_request_bytes_max: cfg.websocket_request_bytes_max as usize,
             },
         );
         let mut index = RetainedIndex::new(cfg.retained_messages_max as usize, cfg.retained_bytes_max);
@@ -308,7 +308,7 @@ impl MqttServer {
             cfg,
             auth,
         });
-        Ok(Self { listener, ctx })
+        Ok(Self { listener, socket_index, ctx })
     }
 
     /// A handle for the broker's own `$SYS/...` messages (metrics for MQTT clients).
@@ -322,7 +322,17 @@ impl MqttServer {
 
     /// The TLS listener's address, if `[mqtt.tls]` is enabled.
     pub fn tls_local_addr(&self) -> Option<std::io::Result<SocketAddr>> {
-        self.listener.local_addr(1)
+        self.listener.local_addr(self.socket_index[0]?)
+    }
+
+    /// The WebSocket listener's address, if `mqtt.websocket_listen` is set.
+    pub fn websocket_local_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.listener.local_addr(self.socket_index[1]?)
+    }
+
+    /// The secure WebSocket listener's address, if `mqtt.websocket_tls_listen` is set.
+    pub fn websocket_tls_local_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.listener.local_addr(self.socket_index[2]?)
     }
 
     pub fn stats(&self) -> Arc<MqttStats> {
