@@ -61,7 +61,9 @@
     if (!items.length) {
       const td = el('td', empty, 'empty');
       td.colSpan = table.tHead.rows[0].cells.length;
-      body.append(el('tr')).append(td);
+      const tr = el('tr');
+      tr.append(td);
+      body.append(tr);
       return;
     }
     for (const it of items) { body.append(cells(it)); }
@@ -148,7 +150,7 @@
       document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
     } catch (e) {
       $('error').hidden = false;
-      $('error').textContent = 'Cannot reach the gateway (' + e.message + '); retrying.';
+      $('error').textContent = 'No fresh figures (' + e.message + '); retrying.';
     }
     setTimeout(tick, refreshMs);
   }
