@@ -190,7 +190,9 @@ mod tests {
     async fn reading_stops_at_the_limit() {
         let (mut client, mut server) = tokio::io::duplex(64 * 1024);
         client.write_all(&vec![b'a'; 10_000]).await.expect("write");
-        let e = read_request(&mut server, 4096).await.expect_err("too large");
+        // The client stays connected: the limit, not the end of the stream, ends the read.
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), read_request(&mut server, 4096));
+        let e = read.await.expect("refused at the limit, without waiting for more").expect_err("too large");
         assert!(matches!(e, ReadError::Head(HeadError::TooLarge(4096))), "{e}");
         drop(client);
         let (mut client, mut server) = tokio::io::duplex(1024);
