@@ -1,7 +1,8 @@
 // The status page in chromium, stepping through a scenario with tests/it/status.rs over the
 // control socket CONTROL (one line per step each way). MODE:
 //   live:   the page loads (VERSION shown); after "produced", TOPIC appears without a reload.
-//   mirror: the link shows up; after "stopped" down; after "restarted" up again. With
+//   mirror: the link shows up; after "stopped" down with a backlog; after "restarted" up again
+//           with the backlog drained. With
 //           SCREENSHOTS=dir, saves status-desktop.png and status-phone.png there.
 //   auth:   nothing but the 401 without a login or with a wrong one; with USER/PASSWORD the
 //           page shows TOPIC and the wrong login among the refusals.
@@ -72,9 +73,13 @@ async function mirror(browser, ctl) {
   ctl.send('up');
   await ctl.expect('stopped');
   await link('down');
+  // The records produced while the receiver is away show as the backlog, and drain after.
+  const lag = (cond) => page.waitForFunction(cond, null, { timeout: STEP_MS });
+  await lag(() => Number(document.getElementById('mirror').dataset.lag) > 0);
   ctl.send('down');
   await ctl.expect('restarted');
   await link('up');
+  await lag(() => document.getElementById('mirror').dataset.lag === '0');
   await sameDocument(page);
   const dir = process.env.SCREENSHOTS;
   if (dir) {

@@ -1,7 +1,8 @@
 //! The status page in a real browser (Debian's chromium under playwright-core, driven by
 //! `tests/browser/status.js`) against the gateway binary: the page loads and shows a topic that
 //! appears after a produce without being reloaded; the mirror link shows down after the receiver
-//! stops and up again after it restarts; with `[auth]` on, nothing but the login prompt is
+//! stops, with the records produced meanwhile as its backlog, and up again after it restarts,
+//! the backlog drained; with `[auth]` on, nothing but the login prompt is
 //! served before a login by a user with the `status` right, and a failed login is listed among
 //! the refusals. The browser script and this test step through each scenario together over a
 //! line-based control socket (no sleeps: each side waits for the other's line).
@@ -137,6 +138,7 @@ async fn the_status_page_shows_the_mirror_link_go_down_and_come_back() {
     browser.expect("up").await;
     let addr = cloud.addr;
     cloud.stop().await;
+    produce(&daemon.addr("kafka"), "meters", 200).await;
     browser.send("stopped").await;
     browser.expect("down").await;
     let cloud = Cloud::restart(tributary_sync::CloudConfig { listen: addr, ..cloud_cfg }).await;

@@ -88,6 +88,7 @@
     const m = s.mirror, link = $('mirror-link');
     link.dataset.state = m ? (m.link_up ? 'up' : 'down') : 'off';
     link.textContent = link.dataset.state;
+    $('mirror').dataset.lag = m ? m.lag_records : '';
     figures($('mirror'), m ? [
       ['Behind', count(m.lag_records) + ' records, ' + bytes(m.lag_bytes)],
       ['Oldest unmirrored', duration(m.oldest_unmirrored_age_s)],
