@@ -15,6 +15,8 @@ pub struct Request {
     pub method: String,
     /// The path without its query string.
     pub path: String,
+    /// What follows `?` in the target (empty without one).
+    pub query: String,
     /// Header names lower-cased, in order.
     pub headers: Vec<(String, String)>,
 }
@@ -55,7 +57,8 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Request>, HeadError> 
     if !version.starts_with("HTTP/1.") || method.is_empty() || !target.starts_with('/') {
         return Err(HeadError::Malformed("request line"));
     }
-    let path = target.split('?').next().unwrap_or_default().to_string();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = (path.to_string(), query.to_string());
     let mut headers = Vec::new();
     for l in lines {
         if headers.len() == HEADERS_MAX {
@@ -67,7 +70,7 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Request>, HeadError> 
         }
         headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
     }
-    Ok(Some(Request { method: method.to_string(), path, headers }))
+    Ok(Some(Request { method: method.to_string(), path, query, headers }))
 }
 
 /// Why no request was read.
@@ -155,7 +158,7 @@ mod tests {
             assert_eq!(parse_head(&raw[..cut], 8192), Ok(None), "incomplete at {cut}");
         }
         let r = parse_head(raw, 8192).expect("valid").expect("complete");
-        assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/api/status"));
+        assert_eq!((r.method.as_str(), r.path.as_str(), r.query.as_str()), ("GET", "/api/status", "x=1"));
         assert_eq!(r.header("authorization"), Some("Basic eA=="));
         assert_eq!(r.header("host"), Some("a"));
     }

@@ -185,9 +185,11 @@ fn a_disk_fault_refuses_writes_clearly_keeps_reads_and_clears_without_a_restart(
     let status: serde_json::Value =
         serde_json::from_str(&crate::support::http_get(&metrics, "/api/status")).expect("status JSON");
     assert!(status["disk"]["write_fault"].is_string(), "{status}");
-    let listed = status["refusals"].as_array().expect("refusals").iter().any(|r| {
-        r["kind"] == "storage" && r["detail"].as_str().is_some_and(|d| d.starts_with("write failed"))
-    });
+    let listed = status["refusals"]
+        .as_array()
+        .expect("refusals")
+        .iter()
+        .any(|r| r["kind"] == "storage" && r["detail"].as_str().is_some_and(|d| d.starts_with("write failed")));
     assert!(listed, "{status}");
 
     // The fault clears: writes succeed again, nobody restarted anything.

@@ -141,6 +141,7 @@ impl Status {
                     groups_max: self.cfg.groups_max as usize,
                     refresh_ms: self.cfg.refresh_ms,
                     history_interval_ms: self.cfg.history_interval_ms,
+                    with_history: !req.query.split('&').any(|kv| kv == "history=0"),
                 };
                 let body = tokio::task::spawn_blocking(move || {
                     let h = history.lock().unwrap_or_else(PoisonError::into_inner);

@@ -20,6 +20,9 @@ pub struct Snapshot {
     pub refresh_ms: u64,
     /// Time between two history samples (`status.history_interval_ms`).
     pub history_interval_ms: u64,
+    /// Whether `rate_history` and `lag_history` are filled (`/api/status?history=0` leaves them
+    /// empty: the page asks for them once per history interval, not on every refresh).
+    pub history_included: bool,
     pub disk: Disk,
     /// At most `status.topics_max`, by name; `topics_total` counts all.
     pub topics: Vec<Topic>,
@@ -134,7 +137,9 @@ impl History {
             if let Some((last, rates)) = self.topics.get_mut(name) {
                 if let Some(s) = elapsed_s {
                     // A topic deleted and created again between samples starts lower: no negative rate.
-                    rates.push_back((total - *last).max(0) as f64 / s);
+                    // Two decimals: the sparklines need no more, and the document stays short.
+                    let rate = (total - *last).max(0) as f64 / s;
+                    rates.push_back((rate * 100.0).round() / 100.0);
                     if rates.len() > self.samples_max {
                         rates.pop_front();
                     }
@@ -183,6 +188,8 @@ pub struct Limits {
     pub groups_max: usize,
     pub refresh_ms: u64,
     pub history_interval_ms: u64,
+    /// Fill in the history series.
+    pub with_history: bool,
 }
 
 /// The document now. Reads the store (runs on the blocking pool).
@@ -212,10 +219,10 @@ pub fn snapshot(src: &Sources, history: &History, limits: Limits, uptime_s: u64)
                     records += info.watermarks.high_watermark - info.watermarks.log_start_offset;
                 }
             }
-            let rate_history = history.rates(&t.name);
+            let rates = history.rates(&t.name);
             Topic {
-                rate_per_s: rate_history.last().copied(),
-                rate_history,
+                rate_per_s: rates.last().copied(),
+                rate_history: if limits.with_history { rates } else { Vec::new() },
                 partitions: t.partitions,
                 bytes,
                 records,
@@ -252,7 +259,7 @@ pub fn snapshot(src: &Sources, history: &History, limits: Limits, uptime_s: u64)
             lag_bytes: lag.iter().map(|l| l.lag_bytes).sum(),
             oldest_unmirrored_age_s: lag.iter().map(|l| l.oldest_unmirrored_age_ms).max().unwrap_or(0) as f64 / 1e3,
             drain_eta_s: None,
-            lag_history: history.mirror_lag(),
+            lag_history: if limits.with_history { history.mirror_lag() } else { Vec::new() },
             last_error: m.last_error.lock().map(|e| e.clone()).unwrap_or_default(),
         }
     });
@@ -275,6 +282,7 @@ pub fn snapshot(src: &Sources, history: &History, limits: Limits, uptime_s: u64)
         now_ms: tributary_broker::storage::clock::now_ms(),
         refresh_ms: limits.refresh_ms,
         history_interval_ms: limits.history_interval_ms,
+        history_included: limits.with_history,
         disk,
         topics,
         topics_total,
@@ -336,7 +344,16 @@ mod tests {
         history.sample(0, &totals, lag);
         store.append_records("meters", 0, vec![rec("d")]).await.expect("append");
         history.sample(2_000, &sample_figures(&src).0, None);
-        let limits = Limits { topics_max: 1, groups_max: 10, refresh_ms: 2000, history_interval_ms: 2000 };
+        let mut limits =
+            Limits { topics_max: 1, groups_max: 10, refresh_ms: 2000, history_interval_ms: 2000, with_history: false };
+        // Without the history: the latest rate, no series.
+        let json = serde_json::to_value(snapshot(&src, &history, limits, 42)).expect("json");
+        assert_eq!(
+            (&json["topics"][0]["rate_per_s"], &json["history_included"]),
+            (&serde_json::json!(0.5), &serde_json::json!(false))
+        );
+        assert_eq!(json["topics"][0]["rate_history"], serde_json::json!([]));
+        limits.with_history = true;
         let snap = snapshot(&src, &history, limits, 42);
         let json = serde_json::to_value(&snap).expect("json");
         assert_eq!(json["version"], env!("CARGO_PKG_VERSION"));
@@ -350,6 +367,7 @@ mod tests {
         );
         assert!(t["bytes"].as_u64().expect("bytes") > 0, "{t}");
         assert_eq!(t["rate_per_s"], 0.5, "one record in 2 s");
+        assert_eq!(t["rate_history"], serde_json::json!([0.5]));
         assert_eq!(t["retention_ms"], 3_600_000);
         assert!(json["disk"]["used_bytes"].as_u64().expect("used") > 0);
         assert_eq!(json["disk"]["budget_bytes"], store.config().max_bytes);

@@ -5,6 +5,8 @@
   const SVG = 'http://www.w3.org/2000/svg';
   const $ = (id) => document.getElementById(id);
   let refreshMs = 2000;
+  // The history series, asked for once per history interval (other refreshes say history=0).
+  let history = { rates: {}, lag: [], at: 0, everyMs: 0 };
 
   function bytes(n) {
     if (n === null || n === undefined) return '—';
@@ -96,7 +98,7 @@
       ['Reconnects', count(m.reconnects)],
       ['Last error', m.last_error || '—'],
     ] : [['Mirror', 'not configured']]);
-    $('mirror-spark').replaceChildren(m ? spark(m.lag_history, 300, 40) : '');
+    $('mirror-spark').replaceChildren(m ? spark(history.lag, 300, 40) : '');
 
     const c = s.clients;
     figures($('clients'), [
@@ -111,7 +113,7 @@
       const ret = [t.retention_ms ? duration(t.retention_ms / 1000) : '', t.retention_bytes ? bytes(t.retention_bytes) : '']
         .filter(Boolean).join(', ') || 'none';
       const sp = el('td');
-      sp.append(spark(t.rate_history, 120, 22));
+      sp.append(spark(history.rates[t.name] || [], 120, 22));
       tr.append(el('td', t.name), el('td', count(t.partitions), 'num'), el('td', bytes(t.bytes), 'num'),
         el('td', count(t.records), 'num'), el('td', rate(t.rate_per_s), 'num'), sp, el('td', ret));
       return tr;
@@ -141,9 +143,14 @@
 
   async function tick() {
     try {
-      const r = await fetch('/api/status', { cache: 'no-store', credentials: 'same-origin' });
+      const due = Date.now() - history.at >= history.everyMs;
+      const r = await fetch(due ? '/api/status' : '/api/status?history=0', { cache: 'no-store', credentials: 'same-origin' });
       if (!r.ok) throw new Error('HTTP ' + r.status);
       const s = await r.json();
+      if (s.history_included) {
+        history = { rates: {}, lag: s.mirror ? s.mirror.lag_history : [], at: Date.now(), everyMs: s.history_interval_ms };
+        for (const t of s.topics) history.rates[t.name] = t.rate_history;
+      }
       render(s);
       refreshMs = s.refresh_ms;
       $('error').hidden = true;
