@@ -162,7 +162,8 @@ impl Status {
     /// configured, or no valid login with `[auth]` on (failures are counted, recorded as
     /// refusals and answered after `auth.failure_delay_ms`).
     async fn gate(&self, req: &Request, peer: SocketAddr, src: &Sources) -> Option<Response> {
-        if self.tls_configured && !peer.ip().is_loopback() {
+        // Canonical: on a dual-stack listener a local IPv4 client is ::ffff:127.0.0.1.
+        if self.tls_configured && !peer.ip().to_canonical().is_loopback() {
             self.stats.plain_http_refused.fetch_add(1, Ordering::Relaxed);
             return Some(Response::text(
                 "403 Forbidden",
@@ -243,6 +244,42 @@ mod tests {
         }
         assert!(PAGE_HTML.contains("name=\"viewport\""), "the page sets a viewport for phones");
         assert!(!PAGE_JS.contains("innerHTML"), "client strings are set as text, never as markup");
+    }
+
+    /// With TLS configured on a listener, the page's plain HTTP is for this host only: every
+    /// route answers a peer elsewhere 403 (counted), loopback peers (v4 and v6) get the page.
+    #[tokio::test]
+    async fn with_tls_configured_plain_http_is_served_to_loopback_peers_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = tributary_broker::StorageConfig {
+            data_dir: dir.path().into(),
+            disk_free_bytes_min: 0,
+            ..Default::default()
+        };
+        let (store, _) = tributary_broker::Store::open(storage).expect("open");
+        let src = Sources { store: store.clone(), kafka: None, mqtt: None, mirror: None, status: None };
+        let get = |path: &str| {
+            crate::http::parse_head(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes(), 1024)
+                .expect("valid")
+                .expect("complete")
+        };
+        for tls in [true, false] {
+            let status = Status::new(StatusConfig::default(), Auth::disabled(), tls);
+            for path in ["/", "/status.js", "/api/status"] {
+                for peer in ["192.0.2.7:40000", "[2001:db8::1]:40000"] {
+                    let r = status.answer(&get(path), peer.parse().expect("addr"), &src).await;
+                    let want = if tls { "403 Forbidden" } else { "200 OK" };
+                    assert_eq!(r.status, want, "tls {tls}, {peer} {path}");
+                }
+                for peer in ["127.0.0.1:40000", "[::1]:40000", "[::ffff:127.0.0.1]:40000"] {
+                    let r = status.answer(&get(path), peer.parse().expect("addr"), &src).await;
+                    assert_eq!(r.status, "200 OK", "tls {tls}, {peer} {path}");
+                }
+            }
+            let refused = status.stats.plain_http_refused.load(Ordering::Relaxed);
+            assert_eq!(refused, if tls { 6 } else { 0 });
+        }
+        store.close().await.expect("close");
     }
 
     #[test]
