@@ -12,6 +12,7 @@ use tributary_broker::{Codec, ConfigError, Durability, StorageConfig, TimestampK
 use tributary_sync::MirrorConfig;
 
 use crate::metrics::MetricsConfig;
+use crate::status::StatusConfig;
 
 /// The whole `gateway.toml`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +31,8 @@ pub struct GatewayConfig {
     pub mirror: MirrorConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// The status page (on the metrics listener).
+    pub status: StatusConfig,
     pub log: LogConfig,
 }
 
@@ -115,6 +118,7 @@ impl GatewayConfig {
         self.auth.validate("auth")?;
         self.mirror.validate("mirror")?;
         self.metrics.validate("metrics")?;
+        self.status.validate("status")?;
         if self.topic_defaults.partitions == 0 || self.topic_defaults.partitions > self.storage.partitions_per_topic_max
         {
             return Err(ConfigError::new(

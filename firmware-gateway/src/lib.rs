@@ -4,8 +4,10 @@
 mod cert;
 mod cli;
 pub mod config;
+pub mod http;
 pub mod metrics;
 mod passwd;
+pub mod status;
 pub mod systemd;
 
 use std::path::PathBuf;
@@ -132,6 +134,8 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         .await
         .context("storage open task")?
         .context("open the log store")?;
+    // Before the listeners start: they record refusals from their first connection on.
+    store.refusals().set_limit(cfg.status.refusals_max as usize);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // One user database for both listeners ([auth]).
     let auth = tributary_broker::security::Auth::new(&cfg.auth, "auth").context("invalid configuration")?;
@@ -213,12 +217,24 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
         match tokio::net::TcpListener::bind(&cfg.metrics.listen).await {
             Ok(listener) => {
                 metrics_addr = listener.local_addr().context("metrics address")?.to_string();
+                // The status page shares the listener; TLS on either listener keeps its plain
+                // HTTP to loopback peers.
+                let tls_configured = cfg.mqtt.tls.enabled || cfg.kafka.tls.enabled;
+                let status =
+                    cfg.status.enabled.then(|| status::Status::new(cfg.status.clone(), auth.clone(), tls_configured));
                 let sources = metrics::Sources {
                     store: store.clone(),
                     kafka: kafka_sources,
                     mqtt: mqtt_stats,
                     mirror: mirror_stats,
+                    status: status.as_ref().map(|s| s.stats.clone()),
                 };
+                if let Some(status) = &status {
+                    let mut stop = stop_rx.clone();
+                    tokio::spawn(status::sample(status.clone(), sources.clone(), async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    }));
+                }
                 if let (Some(sys), true) = (sys_publisher.take(), cfg.metrics.sys_interval_ms > 0) {
                     let mut stop = stop_rx.clone();
                     let every = std::time::Duration::from_millis(cfg.metrics.sys_interval_ms);
@@ -227,9 +243,10 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
                     }));
                 }
                 let mut stop = stop_rx.clone();
-                metrics_task = Some(tokio::spawn(metrics::serve(listener, cfg.metrics.clone(), sources, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })));
+                metrics_task =
+                    Some(tokio::spawn(metrics::serve(listener, cfg.metrics.clone(), sources, status, async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })));
             }
             Err(e) => tracing::error!(error = %e, listen = %cfg.metrics.listen,
                 "metrics.listen: cannot bind the metrics endpoint; running without it"),

@@ -1,6 +1,8 @@
-//! The metrics endpoint: Prometheus text format on `[metrics] listen` (GET /metrics), built on
-//! request from the store's, the listeners', the group coordinator's and the mirror's counters.
-//! A bounded number of scrapes at a time, each with a deadline.
+//! The metrics listener: Prometheus text format on `[metrics] listen` (GET /metrics), built on
+//! request from the store's, the listeners', the group coordinator's and the mirror's counters,
+//! and the status page's routes (`status/`) on the same listener. A bounded number of
+//! connections at a time (`metrics.connections_max`), one request each, its head read by the
+//! bounded parser of `http.rs` within `metrics.request_timeout_ms`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -9,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tributary_broker::histogram::HistogramSnapshot;
@@ -26,15 +27,26 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// Address of the Prometheus endpoint (GET /metrics).
     pub listen: String,
-    /// Scrapes served at once; more wait.
+    /// Connections served at once (scrapes and status page requests); more wait.
     pub connections_max: u32,
+    /// A connection's request must arrive and be answered within this time, or it is closed.
+    pub request_timeout_ms: u64,
+    /// Largest request head (request line and headers) read; larger is answered 431.
+    pub request_head_bytes_max: u32,
     /// How often a subset goes out as retained MQTT `$SYS/broker/...` messages; 0 = never.
     pub sys_interval_ms: u64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { enabled: true, listen: "127.0.0.1:9464".into(), connections_max: 4, sys_interval_ms: 10_000 }
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:9464".into(),
+            connections_max: 4,
+            request_timeout_ms: 10_000,
+            request_head_bytes_max: 8192,
+            sys_interval_ms: 10_000,
+        }
     }
 }
 
@@ -55,6 +67,18 @@ impl MetricsConfig {
             )?;
         }
         tributary_broker::config::check_range(
+            &format!("{prefix}.request_timeout_ms"),
+            self.request_timeout_ms,
+            100,
+            600_000,
+        )?;
+        tributary_broker::config::check_range(
+            &format!("{prefix}.request_head_bytes_max"),
+            self.request_head_bytes_max.into(),
+            256,
+            1 << 20,
+        )?;
+        tributary_broker::config::check_range(
             &format!("{prefix}.connections_max"),
             self.connections_max.into(),
             1,
@@ -70,6 +94,8 @@ pub struct Sources {
     pub kafka: Option<(Arc<KafkaStats>, Arc<Coordinator>)>,
     pub mqtt: Option<Arc<MqttStats>>,
     pub mirror: Option<Arc<MirrorStats>>,
+    /// The status page's counters, when it is served.
+    pub status: Option<Arc<crate::status::StatusStats>>,
 }
 
 /// A metric family being written: `# HELP`/`# TYPE` once, then samples.
@@ -447,6 +473,20 @@ pub fn render(src: &Sources) -> String {
             o.one(name, kind, help, value);
         }
     }
+    if let Some(st) = &src.status {
+        o.one(
+            "tributary_status_auth_failures_total",
+            "counter",
+            "Status page logins refused (wrong credentials, or a user without the status right).",
+            st.auth_failures.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_status_plain_http_refused_total",
+            "counter",
+            "Status page requests over plain HTTP from other hosts, refused because TLS is configured.",
+            st.plain_http_refused.load(Ordering::Relaxed),
+        );
+    }
     if let Some(m) = &src.mirror {
         o.one(
             "tributary_mirror_link_up",
@@ -502,17 +542,27 @@ pub fn render(src: &Sources) -> String {
     o.0
 }
 
-/// Serves GET /metrics until `shutdown` resolves.
+/// Serves GET /metrics (and the status page's routes with `status`) until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     cfg: MetricsConfig,
     src: Sources,
+    status: Option<crate::status::Status>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(cfg.connections_max as usize));
+    let status = Arc::new(status);
     tokio::pin!(shutdown);
     loop {
-        let (mut stream, _) = tokio::select! {
+        // A slot first: over `connections_max`, connections wait in the kernel's backlog.
+        let permit = tokio::select! {
+            () = &mut shutdown => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (mut stream, peer) = tokio::select! {
             () = &mut shutdown => return,
             a = listener.accept() => match a {
                 Ok(a) => a,
@@ -522,43 +572,48 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let src = src.clone();
+        let (src, status, cfg) = (src.clone(), status.clone(), cfg.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(&mut stream, &src)).await;
+            let deadline = Duration::from_millis(cfg.request_timeout_ms);
+            let _ =
+                tokio::time::timeout(deadline, answer(&mut stream, peer, &cfg, &src, status.as_ref().as_ref())).await;
         });
     }
 }
 
-async fn answer(stream: &mut tokio::net::TcpStream, src: &Sources) -> std::io::Result<()> {
-    // The request head, at most 8 KiB.
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() + n > 8192 {
-            return Ok(());
+async fn answer(
+    stream: &mut tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    cfg: &MetricsConfig,
+    src: &Sources,
+    status: Option<&crate::status::Status>,
+) -> std::io::Result<()> {
+    use crate::http::{read_request, HeadError, ReadError, Response};
+    let req = match read_request(stream, cfg.request_head_bytes_max as usize).await {
+        Ok(req) => req,
+        Err(ReadError::Head(HeadError::TooLarge(_))) => {
+            return Response::text("431 Request Header Fields Too Large", "request head too large\n").send(stream).await
         }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-    let (status, kind, body) = match std::str::from_utf8(line).unwrap_or("").split(' ').collect::<Vec<_>>()[..] {
-        ["GET", "/metrics", _] => {
+        Err(ReadError::Head(HeadError::Malformed(_))) => {
+            return Response::text("400 Bad Request", "malformed request\n").send(stream).await
+        }
+        Err(ReadError::Closed) => return Ok(()),
+        Err(ReadError::Io(e)) => return Err(e),
+    };
+    let resp = match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/metrics") => {
             let src = src.clone();
             let body = tokio::task::spawn_blocking(move || render(&src)).await.unwrap_or_default();
-            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
+            Response::new("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
         }
-        ["GET", _, _] => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+        ("GET", path) => match status {
+            Some(status) if crate::status::Status::route(path) => status.answer(&req, peer, src).await,
+            _ => Response::text("404 Not Found", "try /metrics\n"),
+        },
+        _ => Response::text("405 Method Not Allowed", "GET only\n").with("Allow", "GET"),
     };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    resp.send(stream).await
 }
 
 /// The `$SYS/broker/...` subset: (topic, value) pairs, the way mosquitto names them where it has
@@ -613,5 +668,76 @@ pub async fn publish_sys(
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A metrics listener on a free port serving an empty store, with `cfg`'s limits.
+    async fn listener(cfg: MetricsConfig) -> (std::net::SocketAddr, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = tributary_broker::StorageConfig {
+            data_dir: dir.path().into(),
+            disk_free_bytes_min: 0,
+            ..Default::default()
+        };
+        let (store, _) = Store::open(storage).expect("open");
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let src = Sources { store, kafka: None, mqtt: None, mirror: None, status: None };
+        tokio::spawn(serve(l, cfg, src, None, std::future::pending()));
+        (addr, dir)
+    }
+
+    /// Sends `bytes` on a raw socket, then reads until the server closes; the answer and how
+    /// long the server took to close.
+    fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, Duration) {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let started = std::time::Instant::now();
+        // The server may close before it read everything (an oversized head): ignore a reset.
+        let _ = s.write_all(bytes);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        (String::from_utf8_lossy(&out).into_owned(), started.elapsed())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_oversized_request_head_is_answered_431_without_reading_it_all() {
+        let cfg = MetricsConfig { request_head_bytes_max: 1024, ..MetricsConfig::default() };
+        let (addr, _dir) = listener(cfg).await;
+        // Ended past the limit, and not ended at all (the client keeps its socket open): both
+        // answered at once, long before the 10 s request deadline.
+        for end in ["\r\n\r\n", ""] {
+            let big = format!("GET /metrics HTTP/1.1\r\nX-Filler: {}{end}", "a".repeat(4096));
+            let (answer, took) = tokio::task::spawn_blocking(move || raw(addr, big.as_bytes())).await.expect("task");
+            assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+            assert!(took < Duration::from_secs(5), "answered after {took:?}");
+        }
+        // Within the limit, the same route answers.
+        let (answer, _) =
+            tokio::task::spawn_blocking(move || raw(addr, b"GET /metrics HTTP/1.1\r\n\r\n")).await.expect("task");
+        assert!(answer.starts_with("HTTP/1.1 200 ") && answer.contains("tributary_build_info"), "{answer}");
+        let (answer, _) =
+            tokio::task::spawn_blocking(move || raw(addr, b"POST /metrics HTTP/1.1\r\n\r\n")).await.expect("task");
+        assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_request_is_closed_at_the_deadline_and_frees_its_slot() {
+        let cfg = MetricsConfig { request_timeout_ms: 300, connections_max: 1, ..MetricsConfig::default() };
+        let (addr, _dir) = listener(cfg).await;
+        // Half a request line, then nothing: the only slot is taken until the deadline.
+        let slow = tokio::task::spawn_blocking(move || raw(addr, b"GET /metr"));
+        let (answer, took) = slow.await.expect("task");
+        assert_eq!(answer, "", "closed without an answer");
+        assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(10), "closed after {took:?}");
+        // The slot is free again: a whole request is answered.
+        let (answer, _) =
+            tokio::task::spawn_blocking(move || raw(addr, b"GET /metrics HTTP/1.1\r\n\r\n")).await.expect("task");
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     }
 }

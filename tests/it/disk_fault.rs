@@ -181,6 +181,16 @@ fn a_disk_fault_refuses_writes_clearly_keeps_reads_and_clears_without_a_restart(
     assert!(metric(&metrics, "tributary_store_failed_commits_total") >= 1);
     assert!(metric(&metrics, "tributary_store_reopens_total") >= 1);
     assert_eq!(metric(&metrics, "tributary_store_write_fault"), 1);
+    // The status page's document shows the fault and lists it among the refusals.
+    let status: serde_json::Value =
+        serde_json::from_str(&crate::support::http_get(&metrics, "/api/status")).expect("status JSON");
+    assert!(status["disk"]["write_fault"].is_string(), "{status}");
+    let listed = status["refusals"]
+        .as_array()
+        .expect("refusals")
+        .iter()
+        .any(|r| r["kind"] == "storage" && r["detail"].as_str().is_some_and(|d| d.starts_with("write failed")));
+    assert!(listed, "{status}");
 
     // The fault clears: writes succeed again, nobody restarted anything.
     set_file_size_limit(daemon.pid(), None);

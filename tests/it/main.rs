@@ -27,6 +27,7 @@ mod powercut;
 mod retention;
 mod security;
 mod soak;
+mod status;
 mod support;
 mod sys;
 mod systemd;

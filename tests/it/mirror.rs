@@ -59,14 +59,14 @@ impl Pki {
 }
 
 /// A running receiver writing into `central`.
-struct Cloud {
-    addr: SocketAddr,
+pub(crate) struct Cloud {
+    pub(crate) addr: SocketAddr,
     stats: Arc<CloudStats>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
-fn cloud_config(pki: &Pki, central: &KafkaBroker, listen: SocketAddr) -> CloudConfig {
+pub(crate) fn cloud_config(pki: &Pki, central: &KafkaBroker, listen: SocketAddr) -> CloudConfig {
     let mut cfg = CloudConfig {
         listen,
         ca_file: pki.path("ca.pem"),
@@ -86,13 +86,13 @@ fn cloud_config(pki: &Pki, central: &KafkaBroker, listen: SocketAddr) -> CloudCo
 }
 
 impl Cloud {
-    fn start(cfg: CloudConfig) -> Self {
+    pub(crate) fn start(cfg: CloudConfig) -> Self {
         Self::serve(CloudServer::bind(cfg).expect("receiver starts"))
     }
 
     /// Starts again on the address a stopped receiver had: its endpoint's driver lets go of the
     /// UDP socket a moment after the receiver stopped, so binding waits for that (deadline 10 s).
-    async fn restart(cfg: CloudConfig) -> Self {
+    pub(crate) async fn restart(cfg: CloudConfig) -> Self {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             match CloudServer::bind(cfg.clone()) {
@@ -117,7 +117,7 @@ impl Cloud {
         Self { addr, stats, stop, task }
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
         self.task.await.expect("receiver task");
     }

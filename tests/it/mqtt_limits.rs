@@ -291,6 +291,9 @@ async fn a_qos2_packet_id_refused_for_a_full_disk_is_not_taken_as_received() {
     .await;
     assert_eq!(store.watermarks("mqtt", 0).expect("topic").high_watermark, 0, "nothing stored");
     assert!(store.kv_scan(spaces::MQTT_SESSIONS, b"", 10).expect("scan").is_empty(), "no packet id stored");
+    // The refusals are among the recent ones (the status page's), repeats in one entry.
+    let full = crate::security::refusals(&store, tributary_broker::storage::refusals::RefusalKind::Storage, "store");
+    assert!(full.len() == 1 && full[0].count >= 2 && full[0].detail.contains("disk full"), "{full:?}");
 }
 
 /// [MQTT-1.5.4-2] (3.1.1: [MQTT-1.5.3-2]): a client id with U+0000 is a malformed CONNECT, and a

@@ -23,6 +23,12 @@ use tributary_broker::Store;
 use tributary_broker::TopicTemplate;
 
 use crate::mqtt::next;
+use tributary_broker::storage::refusals::{Refusal, RefusalKind};
+
+/// The store's recent refusals of `kind` from `protocol`.
+pub(crate) fn refusals(store: &Store, kind: RefusalKind, protocol: &str) -> Vec<Refusal> {
+    store.refusals().recent().into_iter().filter(|r| r.kind == kind && r.protocol == protocol).collect()
+}
 use crate::support::{client_config, storage_config};
 
 /// A broker with both listeners and `[auth]` on.
@@ -209,6 +215,11 @@ async fn mqtt_wrong_password_unknown_user_and_no_credentials_are_refused_with_th
     assert_eq!(refused5(mqtt5(b.mqtt, "c1", Some(("nobody", "x"))).await), Code5::BadUserNamePassword);
     assert_eq!(refused5(mqtt5(b.mqtt, "c1", None).await), Code5::NotAuthorized);
     assert_eq!(b.mqtt_stats.auth_failures.load(Ordering::Relaxed), 6);
+    // Each is also among the store's recent refusals (the status page's list), with who and why.
+    let logins = refusals(&b.store, RefusalKind::Login, "mqtt");
+    assert_eq!(logins.iter().map(|r| r.count).sum::<u64>(), 6, "{logins:?}");
+    assert!(logins.iter().any(|r| r.who.contains("\"meter-1\"") && r.detail == "wrong password"), "{logins:?}");
+    assert!(logins.iter().any(|r| r.who.contains("\"nobody\"") && r.detail == "unknown user"), "{logins:?}");
     mqtt4(b.mqtt, "meter-1", Some(("meter-1", "device-pw"))).await.expect("right password (3.1.1)");
     mqtt5(b.mqtt, "meter-1-b", Some(("meter-1", "device-pw"))).await.expect("right password (5)");
 }
@@ -278,6 +289,9 @@ async fn mqtt_acl_denies_publish_and_subscribe_outside_the_users_filters() {
         .collect();
     assert_eq!(stored, vec!["21.5", "22"], "only the allowed publishes were stored");
     assert_eq!(b.mqtt_stats.publishes_denied.load(Ordering::Relaxed), 2);
+    let denied = refusals(&b.store, RefusalKind::Publish, "mqtt");
+    assert_eq!(denied.iter().map(|r| r.count).sum::<u64>(), 2, "{denied:?}");
+    assert!(denied.iter().all(|r| r.who.starts_with("meter-1") && r.detail.contains(" denied")), "{denied:?}");
     assert_eq!(b.mqtt_stats.subscriptions_denied.load(Ordering::Relaxed), 3);
 }
 
@@ -465,6 +479,12 @@ fn kafka_sasl_plain_and_scram_accept_the_right_password_and_refuse_others() {
             assert!(b.kafka_stats.auth_failures.load(Ordering::Relaxed) > failures, "{mechanism} {u}: counted");
         }
     }
+    let logins = refusals(&b.store, RefusalKind::Login, "kafka");
+    assert_eq!(
+        logins.iter().map(|r| r.count).sum::<u64>(),
+        b.kafka_stats.auth_failures.load(Ordering::Relaxed),
+        "every failed SASL login is among the refusals: {logins:?}"
+    );
     let stored: Vec<String> = crate::support::read_all(&b.store, "readings", 0)
         .iter()
         .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned())

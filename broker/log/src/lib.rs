@@ -12,6 +12,7 @@ pub mod disk;
 pub mod error;
 pub mod histogram;
 mod producers;
+pub mod refusals;
 #[cfg(any(test, feature = "sim-disk"))]
 pub mod simdisk;
 pub mod tables;
@@ -397,6 +398,9 @@ pub(crate) struct Shared {
     pub counters: Counters,
     /// Bumped by the writer after a commit that created or deleted topics or partitions.
     pub topics_changed: watch::Sender<u64>,
+    /// Recent refusals (the writer's: disk full, write faults; the front ends' through
+    /// `Store::refusals`).
+    pub refusals: Arc<refusals::Refusals>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -514,6 +518,7 @@ impl Store {
             topics: RwLock::new(loaded.topics.clone()),
             counters: Counters::default(),
             topics_changed: watch::channel(0).0,
+            refusals: Arc::new(refusals::Refusals::default()),
         });
         load_archive_marks(&db, &shared)?;
         let report = OpenReport {
@@ -593,6 +598,12 @@ impl Store {
     /// commit never answers, so callers bound the wait (the systemd watchdog does).
     pub async fn probe(&self) -> Result<Option<StoreError>, StoreError> {
         self.submit(|reply| Op::Probe { reply }).await
+    }
+
+    /// Recent refusals, shared with the front ends (they record failed logins and denied
+    /// publishes here; the writer records disk full and write faults).
+    pub fn refusals(&self) -> &Arc<refusals::Refusals> {
+        &self.inner.shared.refusals
     }
 
     /// Why writes are failing, while they are (after a failed write, until one succeeds).

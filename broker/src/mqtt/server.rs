@@ -44,6 +44,7 @@ use crate::security::{tls, Auth, LoginError, User};
 use crate::spaces;
 use crate::storage::batch::{NewRecord, StoredRecord};
 use crate::storage::clock::now_ms;
+use crate::storage::refusals::RefusalKind;
 use crate::storage::{AppendOutcome, KvEntry, KvSpace, PendingAppend, Store};
 
 /// Header carrying the QoS a message was published with.
@@ -579,6 +580,13 @@ async fn connection(
                 ctx.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, client = %client_id, user = ?cert_name.as_ref().or(username.as_ref()),
                     reason = %e, "mqtt login refused");
+                let user = cert_name.as_deref().or(username.as_deref()).unwrap_or("-");
+                ctx.store.refusals().record(
+                    RefusalKind::Login,
+                    "mqtt",
+                    &format!("{} user {user:?} client {client_id:?}", peer.ip()),
+                    &e.to_string(),
+                );
                 ctx.auth.delay_failure(started).await;
                 refuse_connect(&mut wr, version, code).await;
                 return Ok(None);
@@ -1475,8 +1483,16 @@ async fn perform(ctx: &Arc<Ctx>, s: &mut Session, out: &mut Outgoing, outcomes: 
                     }
                 }
             }
-            Action::Count(Counter::PublishDenied) => {
+            Action::PublishDenied { topic } => {
                 ctx.stats.publishes_denied.fetch_add(1, Ordering::Relaxed);
+                let who =
+                    s.username.as_deref().map_or_else(|| s.client_id.clone(), |u| format!("{u} ({})", s.client_id));
+                ctx.store.refusals().record(
+                    RefusalKind::Publish,
+                    "mqtt",
+                    &who,
+                    &format!("publish to {topic:?} denied"),
+                );
             }
             Action::Count(Counter::PublishReserved) => {
                 ctx.stats.publishes_reserved.fetch_add(1, Ordering::Relaxed);

@@ -52,7 +52,6 @@ pub(super) struct Message {
 /// Counters the driver keeps for the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Counter {
-    PublishDenied,
     /// A client publish to a `$` topic, dropped.
     PublishReserved,
     /// A publish whose Payload Format Indicator says UTF-8 and whose payload is not, dropped.
@@ -65,6 +64,10 @@ pub(super) enum Counter {
 pub(super) enum Action {
     /// Write this packet.
     Send(Bytes),
+    /// A publish to `topic` the user's rules do not allow (counted and recorded as a refusal).
+    PublishDenied {
+        topic: String,
+    },
     /// Append a message to the log; with a ticket, report the commit's outcome through
     /// [`Session::resolve`]. `qos2_pkid`: store the QoS 2 packet id in the same commit.
     Append {
@@ -725,7 +728,7 @@ impl Session {
             return self.close(reason::TOPIC_NAME_INVALID, detail);
         }
         if self.user.as_ref().is_some_and(|u| !u.may_publish(&self.client_id, &topic_name)) {
-            self.actions.push_back(Action::Count(Counter::PublishDenied));
+            self.actions.push_back(Action::PublishDenied { topic: topic_name.clone() });
             tracing::warn!(client = %self.client_id, user = ?self.username, topic = %topic_name,
                 "publish not allowed by the user's ACL: dropped");
             return self.refuse_publish(qos, pkid, reason::NOT_AUTHORIZED);

@@ -66,6 +66,9 @@ pub struct UserConfig {
     pub password_hash: String,
     pub mqtt: MqttAcl,
     pub kafka: KafkaAcl,
+    /// May log in to the gateway's status page (HTTP Basic with this name and password) while
+    /// `[auth]` is enabled; read-only, it shows topics, clients, groups, the mirror and refusals.
+    pub status: bool,
 }
 
 /// Users at most in `[[auth.users]]` (names are looked up in a map; this bounds its memory).
@@ -125,6 +128,7 @@ impl AuthConfig {
                 hash,
                 mqtt: u.mqtt.clone(),
                 kafka: u.kafka.clone(),
+                status: u.status,
                 client_id_rules,
                 users_ids: None,
             };
@@ -172,6 +176,7 @@ impl AuthConfig {
                     hash: None,
                     mqtt: a.mqtt.clone(),
                     kafka: KafkaAcl::default(),
+                    status: false,
                     client_id_rules,
                     users_ids: Some(index),
                 }))
@@ -231,6 +236,8 @@ pub struct User {
     hash: Option<PasswordHash>,
     pub mqtt: MqttAcl,
     pub kafka: KafkaAcl,
+    /// May view the status page (`[[auth.users]] status`).
+    pub status: bool,
     /// `mqtt.client_ids` with `%u` filled in.
     client_id_rules: Vec<acl::ClientIdRule>,
     /// Anonymous clients only: the client ids users own, which they may not use.

@@ -546,6 +546,12 @@ impl Writer {
             self.unsynced_since.is_some_and(|t| t.elapsed().as_millis() as u64 >= self.cfg.relaxed_flush_interval_ms);
         let mut durable = relaxed_due || ops.iter().any(Op::needs_fsync);
         let disk_full = if ops.iter().any(Op::inserts) { self.disk_full() } else { None };
+        if disk_full.is_some() {
+            // The figure of free bytes stays out of the text, so repeats coalesce.
+            let detail =
+                format!("writes refused: disk full (storage.disk_free_bytes_min = {})", self.cfg.disk_free_bytes_min);
+            self.shared.refusals.record(crate::refusals::RefusalKind::Storage, "store", "", &detail);
+        }
 
         let mut txn = match db.begin_write() {
             Ok(t) => t,

@@ -185,6 +185,12 @@ impl Writer {
         tracing::error!(error = %e, failures, pause_ms = pause.as_millis() as u64,
             "write failed: reopening the database; writes are refused until the pause ends");
         self.fault = Some(Fault { cause: e.to_string(), failures, retry_at: Instant::now() + pause });
+        self.shared.refusals.record(
+            crate::refusals::RefusalKind::Storage,
+            "store",
+            "",
+            &format!("write failed, writes paused: {e}"),
+        );
         self.publish_fault();
         self.reopen();
     }

@@ -144,6 +144,12 @@ async fn authenticate(
         Outcome::Failed(reason) => {
             ctx.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(%peer, mechanism = mechanism.name(), %reason, "kafka SASL authentication failed");
+            ctx.store.refusals().record(
+                crate::storage::refusals::RefusalKind::Login,
+                "kafka",
+                &peer.ip().to_string(),
+                &format!("SASL {}: {reason}", mechanism.name()),
+            );
             conn.state = SaslState::Done;
             conn.close = true;
             ctx.auth.delay_failure(started).await;
