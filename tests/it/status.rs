@@ -72,7 +72,7 @@ impl Browser {
 fn config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     let text = format!(
         "[storage]\ndata_dir = \"{}\"\ndisk_free_bytes_min = 0\n\n[kafka]\nlisten = \"127.0.0.1:0\"\n\n\
-         [mqtt]\nlisten = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 0\n\n\
+         [mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\nsys_interval_ms = 0\n\n\
          [status]\nrefresh_ms = 250\nhistory_interval_ms = 500\n\n{extra}",
         dir.join("data").display()
     );
