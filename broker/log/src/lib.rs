@@ -807,21 +807,21 @@ impl Store {
     /// Appends records to one or more partitions and writes `kv` in one commit: all are durable,
     /// or none (e.g. an MQTT publish and the retained-message record it also writes). One
     /// [`PendingAppend`] per entry of `appends`, in order, each resolving after that commit.
-    /// `append_size_bytes_max` applies to the records of all entries together.
+    /// `append_size_bytes_max` applies to each entry's records (each is one append).
     pub async fn enqueue_appends(
         &self,
         appends: Vec<(&str, i32, Vec<NewRecord>)>,
         kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
     ) -> Result<Vec<PendingAppend>, StoreError> {
         let cfg = &self.inner.shared.config;
-        let size: usize = appends.iter().flat_map(|a| &a.2).map(NewRecord::encoded_len_max).sum();
-        if size as u64 > u64::from(cfg.append_size_bytes_max) {
-            return Err(StoreError::AppendTooLarge { size: size as u64, max: cfg.append_size_bytes_max.into() });
-        }
         let mut parts = Vec::with_capacity(appends.len());
         for (topic, partition, records) in appends {
             if records.is_empty() {
                 return Err(StoreError::InvalidBatch(batch::BatchError::Empty(0)));
+            }
+            let size: usize = records.iter().map(NewRecord::encoded_len_max).sum();
+            if size as u64 > u64::from(cfg.append_size_bytes_max) {
+                return Err(StoreError::AppendTooLarge { size: size as u64, max: cfg.append_size_bytes_max.into() });
             }
             let (t, p) = self.partition_state(topic, partition)?;
             if t.config.compacted() {

@@ -292,9 +292,11 @@ async fn migrate_retained(store: &Store, defaults: &TopicConfig) -> Result<u64, 
     loop {
         let page = {
             let store = store.clone();
-            tokio::task::spawn_blocking(move || store.kv_scan_from(spaces::MQTT_RETAINED, &[], RETAINED_MIGRATE_STEP_ENTRIES))
-                .await
-                .map_err(|e| StoreError::Corrupt(format!("retained migration task: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                store.kv_scan_from(spaces::MQTT_RETAINED, &[], RETAINED_MIGRATE_STEP_ENTRIES)
+            })
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("retained migration task: {e}")))??
         };
         if page.is_empty() {
             if moved > 0 {
@@ -314,7 +316,8 @@ async fn migrate_retained(store: &Store, defaults: &TopicConfig) -> Result<u64, 
                         (HEADER_QOS.to_string(), Some(Bytes::from(r.qos.to_string().into_bytes()))),
                     ];
                     if let Some(deadline) = r.expires_ms {
-                        headers.push((HEADER_EXPIRES.to_string(), Some(Bytes::from(deadline.to_string().into_bytes()))));
+                        headers
+                            .push((HEADER_EXPIRES.to_string(), Some(Bytes::from(deadline.to_string().into_bytes()))));
                     }
                     headers.push((HEADER_RETAIN.to_string(), Some(Bytes::from_static(b"1"))));
                     props_headers(&r.props, &mut headers);

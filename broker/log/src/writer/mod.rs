@@ -788,7 +788,8 @@ impl Writer {
                             p.records.extend(a.records);
                             p.waiters.push((a.reply, n));
                         }
-                        None => packs.push((a.pkey, Pack { topic: a.topic, records: a.records, waiters: vec![(a.reply, n)] })),
+                        None => packs
+                            .push((a.pkey, Pack { topic: a.topic, records: a.records, waiters: vec![(a.reply, n)] })),
                     }
                 }
                 for (space, key, value) in kv {
