@@ -23,6 +23,7 @@ mod mqtt_faults;
 mod mqtt_limits;
 mod mqtt_sessions;
 mod powercut;
+mod retained;
 mod retention;
 mod security;
 mod soak;

@@ -91,21 +91,21 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::mqtt::{next, pump5};
 
 /// A connected rumqttc v5 client (clean start) and its incoming packets, CONNACK first.
-fn client5(broker: &KafkaBroker, id: &str) -> (Client5, UnboundedReceiver<P5>) {
+pub(crate) fn client5(broker: &KafkaBroker, id: &str) -> (Client5, UnboundedReceiver<P5>) {
     let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", broker.mqtt.port());
     o.set_keep_alive(std::time::Duration::from_secs(10));
     let (c, ev) = Client5::new(o, 100);
     (c, pump5(ev))
 }
 
-async fn next_publish(rx: &mut UnboundedReceiver<P5>, what: &str) -> Publish {
+pub(crate) async fn next_publish(rx: &mut UnboundedReceiver<P5>, what: &str) -> Publish {
     match next(rx, what, |p| matches!(p, P5::Publish(_))).await {
         P5::Publish(p) => p,
         _ => unreachable!(),
     }
 }
 
-async fn suback(rx: &mut UnboundedReceiver<P5>, what: &str) {
+pub(crate) async fn suback(rx: &mut UnboundedReceiver<P5>, what: &str) {
     next(rx, what, |p| matches!(p, P5::SubAck(_))).await;
 }
 
