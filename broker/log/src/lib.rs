@@ -397,6 +397,8 @@ pub(crate) struct Shared {
     pub counters: Counters,
     /// Bumped by the writer after a commit that created or deleted topics or partitions.
     pub topics_changed: watch::Sender<u64>,
+    /// Topics the global disk budget does not delete from (`Store::keep_from_disk_budget`).
+    pub budget_kept: RwLock<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -514,6 +516,7 @@ impl Store {
             topics: RwLock::new(loaded.topics.clone()),
             counters: Counters::default(),
             topics_changed: watch::channel(0).0,
+            budget_kept: RwLock::new(std::collections::HashSet::new()),
         });
         load_archive_marks(&db, &shared)?;
         let report = OpenReport {
@@ -690,6 +693,17 @@ impl Store {
         })
         .await?;
         Ok(self.watermarks(topic, partition)?.log_start_offset)
+    }
+
+    /// Keeps the global disk budget (`storage.max_bytes`) from deleting `topic`'s batches: they
+    /// still count against it, so other topics' oldest batches go instead. For a compacted topic
+    /// whose writer bounds its size, such as the MQTT retained messages (a topic's latest
+    /// message must not go because it is old). `retention.*`, compaction and DeleteRecords
+    /// still apply. Held in memory: each start of the writer's user says it again.
+    pub fn keep_from_disk_budget(&self, topic: &str) {
+        if let Ok(mut kept) = self.inner.shared.budget_kept.write() {
+            kept.insert(topic.to_string());
+        }
     }
 
     /// Wakes when topics or partitions were created or deleted (after the commit, once they are

@@ -425,6 +425,9 @@ impl MqttServer {
                 over_limit: OverLimit::Answer,
             },
         );
+        // Counted in the disk budget, but a retained message is not deleted for being old: its
+        // size is bounded by `mqtt.retained_bytes_max` and compaction.
+        store.keep_from_disk_budget(RETAINED_TOPIC);
         migrate_retained(&store, &defaults.config).await?;
         let mut index = RetainedIndex::new(cfg.retained_messages_max as usize, cfg.retained_bytes_max);
         let index = {
