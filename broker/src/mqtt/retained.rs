@@ -253,10 +253,8 @@ impl RetainedIndex {
             }
         }
         let offset = previous.and_then(|e| e.offset);
-        let now = match size {
-            Some(size) => Some(Entry { size, expires_ms, offset, seq: self.seq() }),
-            None => None,
-        };
+        let seq = self.seq();
+        let now = size.map(|size| Entry { size, expires_ms, offset, seq });
         self.set(topic, now);
         Ok(Update { topic: topic.to_string(), previous, now })
     }

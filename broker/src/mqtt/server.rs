@@ -347,7 +347,7 @@ async fn migrate_retained(store: &Store, defaults: &TopicConfig) -> Result<u64, 
 
 /// Rebuilds the index from the retained topic: every record from its log start, in offset order,
 /// read a step at a time on the blocking pool (the topic is compacted, so about the retained
-/// messages' own size). Records without a UTF-8 topic key are skipped.
+/// messages' own size). Records whose key is not a valid MQTT topic name are skipped.
 fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreError> {
     let Ok(wm) = store.watermarks(RETAINED_TOPIC, 0) else { return Ok(()) };
     let mut at = wm.log_start_offset;
@@ -363,7 +363,10 @@ fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreEr
             Err(e) => return Err(e),
         };
         for r in &records {
-            let Some(t) = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) else { continue };
+            // A record another writer (a Kafka producer, a restore) keyed with something that is
+            // not an MQTT topic name is never sent (no wildcards, no empty topic).
+            let key = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
+            let Some(t) = key.filter(|t| topic::valid_topic(t)) else { continue };
             let size = r.value.as_ref().map(|v| retained::stored_size(t.as_bytes(), v.len(), &r.headers));
             let expires_ms = header(r, HEADER_EXPIRES).and_then(|d| d.parse().ok());
             if !index.load(t, r.offset, size, expires_ms) {
