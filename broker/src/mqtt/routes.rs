@@ -38,7 +38,7 @@ pub const SYS_TOPIC: &str = "__sys";
 /// The log topic holding the retained messages (`cleanup.policy=compact`, keyed by the MQTT
 /// topic; see `retained.rs`): an ordinary topic, so Kafka consumers and the mirror can read it.
 /// No route may write publishes into it.
-pub const RETAINED_TOPIC: &str = "mqtt.retained";
+pub const RETAINED_TOPIC: &str = crate::topic::RETAINED_LOG_TOPIC;
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
 pub const HEADER_CORRELATION_DATA: &str = "mqtt.correlation-data";
 pub const HEADER_RESPONSE_TOPIC: &str = "mqtt.response-topic";
