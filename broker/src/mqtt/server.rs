@@ -2116,9 +2116,10 @@ async fn send_retained(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
 }
 
 /// The retained topic's records at `offsets` (those still there), in as few reads as they allow:
-/// offsets in one stored batch are read once.
+/// offsets in one stored batch are read once, and only the wanted records of a batch are kept.
 fn read_retained_records(store: &Store, mut offsets: Vec<i64>) -> HashMap<i64, StoredRecord> {
     offsets.sort_unstable();
+    let wanted: std::collections::HashSet<i64> = offsets.iter().copied().collect();
     let mut out = HashMap::with_capacity(offsets.len());
     let mut read_to = i64::MIN;
     for offset in offsets {
@@ -2129,12 +2130,12 @@ fn read_retained_records(store: &Store, mut offsets: Vec<i64>) -> HashMap<i64, S
         match store.read_records_next(RETAINED_TOPIC, 0, offset, 1) {
             Ok((records, next)) => {
                 read_to = next;
-                out.extend(records.into_iter().map(|r| (r.offset, r)));
+                let found = records.into_iter().filter(|r| wanted.contains(&r.offset) && r.value.is_some());
+                out.extend(found.map(|r| (r.offset, r)));
             }
             Err(e) => tracing::debug!(error = %e, offset, "retained record not read"),
         }
     }
-    out.retain(|_, r| r.value.is_some());
     out
 }
 
