@@ -120,8 +120,9 @@ fn old_format_2(qos: u8, expires_ms: i64, content_type: &str, user: &[(&str, &st
 
 /// Retained messages of the previous releases' side table (`kv.mqtt_retained`, both formats) move
 /// into the retained topic on the first start, with their QoS, properties and expiry as headers;
-/// an expired one is dropped ([MQTT-3.3.2-5]); the side table is emptied, and a subscriber gets
-/// them from the topic. More entries than one migration step takes, so it runs in several.
+/// an expired one is dropped ([MQTT-3.3.2-5]), and so is one whose topic already has a newer
+/// record in the topic; the side table is emptied, and a subscriber gets them from the topic.
+/// More entries than one migration step takes, so it runs in several.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_messages_of_the_side_table_move_into_the_topic_on_first_start() {
     let broker = KafkaBroker::start_with_mqtt(MqttConfig::default()).await;
@@ -135,25 +136,44 @@ async fn retained_messages_of_the_side_table_move_into_the_topic_on_first_start(
         entries
             .push((format!("old/plain/{i:02}").into_bytes(), Some([&[2u8][..], format!("p{i}").as_bytes()].concat())));
     }
+    // Two more whose topics already have a newer record in the retained topic (as after a move
+    // that stopped and a publish meanwhile): a message, and a tombstone (cleared).
+    entries.push((b"old/stale".to_vec(), Some(b"\x01stale".to_vec())));
+    entries.push((b"old/cleared".to_vec(), Some(b"\x01stale".to_vec())));
     broker.store.kv_write(spaces::MQTT_RETAINED, entries).await.expect("seed the side table");
     assert!(retained_view(&broker.store).is_empty());
+    let compact = tributary_broker::TopicConfig {
+        cleanup_policy: tributary_broker::config::CleanupPolicy::Compact,
+        ..tributary_broker::TopicConfig::default()
+    };
+    broker.store.create_topic(RETAINED_TOPIC, 1, compact).await.expect("topic");
+    let newer = vec![
+        tributary_broker::storage::batch::NewRecord::new(Some("old/stale"), "newer"),
+        tributary_broker::storage::batch::NewRecord {
+            value: None,
+            ..tributary_broker::storage::batch::NewRecord::new(Some("old/cleared"), "")
+        },
+    ];
+    broker.store.append_records(RETAINED_TOPIC, 0, newer).await.expect("append");
 
     let broker = broker.restart().await;
     let kv = broker.store.kv_scan(spaces::MQTT_RETAINED, b"", 100).expect("scan");
     assert!(kv.is_empty(), "the side table is emptied: {kv:?}");
     let view = retained_view(&broker.store);
-    assert_eq!(view.len(), 21, "{:?}", view.keys());
+    assert_eq!(view.len(), 23, "{:?}", view.keys());
     assert_eq!(view.get("old/props"), Some(&Some(bytes::Bytes::from_static(b"with props"))));
     assert!(!view.contains_key("old/expired"), "an expired message is not moved");
-    assert_eq!(broker.mqtt_stats.retained_messages.load(Ordering::Relaxed), 21);
+    assert_eq!(view.get("old/stale"), Some(&Some(bytes::Bytes::from_static(b"newer"))), "the newer record stands");
+    assert_eq!(view.get("old/cleared"), Some(&None), "a cleared topic is not brought back");
+    assert_eq!(broker.mqtt_stats.retained_messages.load(Ordering::Relaxed), 22);
     let records = crate::support::read_all(&broker.store, RETAINED_TOPIC, 0);
-    assert_eq!(records.len(), 21, "each message moved once");
+    assert_eq!(records.len(), 23, "each message moved once, the stale ones not at all");
 
     let (sub, mut rx) = client5(&broker, "reader");
     sub.subscribe("old/#", Q5::ExactlyOnce).await.expect("subscribe");
     suback(&mut rx, "SUBACK").await;
     let mut got = std::collections::BTreeMap::new();
-    while got.len() < 21 {
+    while got.len() < 22 {
         let p = next_publish(&mut rx, "the migrated retained messages").await;
         got.insert(String::from_utf8_lossy(&p.topic).into_owned(), p);
     }
@@ -170,7 +190,7 @@ async fn retained_messages_of_the_side_table_move_into_the_topic_on_first_start(
     // A second start moves nothing again.
     drop((sub, rx));
     let broker = broker.restart().await;
-    assert_eq!(crate::support::read_all(&broker.store, RETAINED_TOPIC, 0).len(), 21);
+    assert_eq!(crate::support::read_all(&broker.store, RETAINED_TOPIC, 0).len(), 23);
 }
 
 /// The migration under power cuts: the store runs on the simulated disk while the MQTT listener

@@ -285,10 +285,35 @@ fn props_headers(p: &PublishProps, headers: &mut Vec<(String, Option<Bytes>)>) {
 /// Moves the previous releases' retained messages (`kv.mqtt_retained`) into the retained topic,
 /// a step at a time: each step appends a few of them as records and removes their entries in
 /// the same commit, so a crash keeps a step whole or not at all (no message lost or doubled);
-/// the next start goes on with what is left. Expired ones are only removed ([MQTT-3.3.2-5]).
-/// Returns how many messages moved.
+/// the next start goes on with what is left. Expired ones are only removed ([MQTT-3.3.2-5]),
+/// and so are those of a topic that already has a record in the topic (a message or tombstone
+/// written after an earlier, unfinished move is newer). Returns how many messages moved.
 async fn migrate_retained(store: &Store, defaults: &TopicConfig) -> Result<u64, StoreError> {
     let mut moved = 0u64;
+    let pending = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.kv_scan_from(spaces::MQTT_RETAINED, &[], 1))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("retained migration task: {e}")))??
+    };
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    // The topics the retained topic has records for (only when there is something to move).
+    let newer = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut keys = std::collections::HashSet::new();
+            scan_retained(&store, |r| {
+                if let Some(k) = &r.key {
+                    keys.insert(k.to_vec());
+                }
+            })
+            .map(|()| keys)
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("retained migration task: {e}")))??
+    };
     loop {
         let page = {
             let store = store.clone();
@@ -310,6 +335,7 @@ async fn migrate_retained(store: &Store, defaults: &TopicConfig) -> Result<u64, 
             let value = retained::decode_value(&v);
             let topic = std::str::from_utf8(&k).ok().filter(|t| topic::valid_topic(t));
             match (topic, value) {
+                (Some(_), Some(_)) if newer.contains(&k) => {}
                 (Some(t), Some(r)) if r.expires_ms.is_none_or(|d| d > now) && !r.payload.is_empty() => {
                     let mut headers = vec![
                         (HEADER_TOPIC.to_string(), Some(Bytes::from(t.to_string().into_bytes()))),
@@ -345,13 +371,12 @@ async fn migrate_retained(store: &Store, defaults: &TopicConfig) -> Result<u64, 
     }
 }
 
-/// Rebuilds the index from the retained topic: every record from its log start, in offset order,
-/// read a step at a time on the blocking pool (the topic is compacted, so about the retained
-/// messages' own size). Records whose key is not a valid MQTT topic name are skipped.
-fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreError> {
+/// Every record of the retained topic from its log start, in offset order, read 256 KiB at a
+/// time (the topic is compacted, so about the retained messages' own size). Blocking: run it on
+/// the blocking pool.
+fn scan_retained(store: &Store, mut each: impl FnMut(&StoredRecord)) -> Result<(), StoreError> {
     let Ok(wm) = store.watermarks(RETAINED_TOPIC, 0) else { return Ok(()) };
     let mut at = wm.log_start_offset;
-    let mut skipped = 0u64;
     while at < wm.high_watermark {
         let (records, next) = match store.read_records_next(RETAINED_TOPIC, 0, at, RETAINED_LOAD_STEP_BYTES) {
             Ok(read) => read,
@@ -362,22 +387,30 @@ fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreEr
             }
             Err(e) => return Err(e),
         };
-        for r in &records {
-            // A record another writer (a Kafka producer, a restore) keyed with something that is
-            // not an MQTT topic name is never sent (no wildcards, no empty topic).
-            let key = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
-            let Some(t) = key.filter(|t| topic::valid_topic(t)) else { continue };
-            let size = r.value.as_ref().map(|v| retained::stored_size(t.as_bytes(), v.len(), &r.headers));
-            let expires_ms = header(r, HEADER_EXPIRES).and_then(|d| d.parse().ok());
-            if !index.load(t, r.offset, size, expires_ms) {
-                skipped += 1;
-            }
-        }
+        records.iter().for_each(&mut each);
         if next <= at {
             break;
         }
         at = next;
     }
+    Ok(())
+}
+
+/// Rebuilds the index from the retained topic (`scan_retained`). Records whose key is not a
+/// valid MQTT topic name are skipped.
+fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreError> {
+    let mut skipped = 0u64;
+    scan_retained(store, |r| {
+        // A record another writer (a Kafka producer, a restore) keyed with something that is
+        // not an MQTT topic name is never sent (no wildcards, no empty topic).
+        let key = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
+        let Some(t) = key.filter(|t| topic::valid_topic(t)) else { return };
+        let size = r.value.as_ref().map(|v| retained::stored_size(t.as_bytes(), v.len(), &r.headers));
+        let expires_ms = header(r, HEADER_EXPIRES).and_then(|d| d.parse().ok());
+        if !index.load(t, r.offset, size, expires_ms) {
+            skipped += 1;
+        }
+    })?;
     if skipped > 0 {
         tracing::warn!(skipped, "retained messages beyond mqtt.retained_messages_max were not loaded");
     }
@@ -431,7 +464,15 @@ impl MqttServer {
         // Counted in the disk budget, but a retained message is not deleted for being old: its
         // size is bounded by `mqtt.retained_bytes_max` and compaction.
         store.keep_from_disk_budget(RETAINED_TOPIC);
-        migrate_retained(&store, &defaults.config).await?;
+        // A failed move (a full disk, a write fault) does not keep the listener from starting:
+        // what is left in the side table waits for a later start (and is not served meanwhile).
+        if let Err(e) = migrate_retained(&store, &defaults.config).await {
+            tracing::error!(
+                error = %e,
+                "moving the retained messages of kv.mqtt_retained into mqtt.retained stopped; \
+                 those not moved are served after a later start moves them"
+            );
+        }
         let mut index = RetainedIndex::new(cfg.retained_messages_max as usize, cfg.retained_bytes_max);
         let index = {
             let store = store.clone();
