@@ -278,3 +278,45 @@ fn a_power_cut_during_the_migration_neither_loses_nor_duplicates_a_retained_mess
         assert!(mixed > 0, "some cuts fell inside the move");
     }
 }
+
+/// A move that cannot write (a full disk, a failing card) does not keep the MQTT listener from
+/// starting: it binds, the side table keeps what was not moved, and a later start, once writes
+/// work again, moves every message exactly once.
+#[test]
+fn a_failed_migration_does_not_stop_the_start_and_a_later_start_finishes_it() {
+    use tributary_broker::storage::simdisk::{SimDisk, WriteFault};
+    use tributary_broker::{Store, TopicConfig, TopicTemplate};
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new();
+    // The store's ticker runs (its default intervals): it retries the reopen after the fault.
+    let (store, _) = Store::open_with_backend(crate::support::storage_config(dir.path()), disk.opener()).expect("open");
+    let template = || TopicTemplate { partitions: 1, config: TopicConfig::default() };
+    let mqtt = || MqttConfig { listen: "127.0.0.1:0".into(), ..MqttConfig::default() };
+    rt.block_on(async {
+        let entries = (0..12).map(|i| (format!("site/{i}").into_bytes(), Some(b"\x01state".to_vec()))).collect();
+        store.kv_write(spaces::MQTT_RETAINED, entries).await.expect("seed");
+        disk.set_fault(Some(WriteFault::All));
+        let server = tributary_broker::mqtt::MqttServer::bind(mqtt(), store.clone(), template())
+            .await
+            .expect("the listener starts although nothing can be written");
+        assert_eq!(server.stats().retained_messages.load(Ordering::Relaxed), 0);
+        drop(server);
+        disk.set_fault(None);
+        // Writes resume after the store's pause (100 ms after the failure): a later start moves all.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let server =
+                tributary_broker::mqtt::MqttServer::bind(mqtt(), store.clone(), template()).await.expect("bind");
+            if server.stats().retained_messages.load(Ordering::Relaxed) == 12 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the move never finished");
+            drop(server);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(store.kv_scan(spaces::MQTT_RETAINED, b"", 100).expect("scan").is_empty());
+        assert_eq!(crate::support::read_all(&store, RETAINED_TOPIC, 0).len(), 12, "each moved once");
+        store.close().await.expect("close");
+    });
+}
