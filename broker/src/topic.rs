@@ -1,10 +1,14 @@
 //! MQTT topic names and filters: validity and matching, including the rule that `#` and `+` at
 //! the first level do not match topics starting with `$` (MQTT 3.1.1 4.7.2, 5.0 4.7.2), and the
-//! record header carrying a record's MQTT topic. Shared by the MQTT front end, the ACLs and the
+//! record header carrying a record's MQTT topic, and the retained messages' log topic. Shared by the MQTT front end, the ACLs and the
 //! Kafka front end's publish rules, so none of them imports another for it.
 
 /// The record header holding the MQTT topic a record was published to (or is delivered under).
 pub const HEADER_TOPIC: &str = "mqtt.topic";
+
+/// The log topic of the retained messages, keyed by MQTT topic (see `mqtt/retained.rs`): its
+/// record keys are MQTT topics too, so the Kafka front end checks them against the publish rules.
+pub const RETAINED_LOG_TOPIC: &str = "mqtt.retained";
 
 /// A topic name clients may publish to: non-empty, no wildcards, no NUL.
 pub fn valid_topic(topic: &str) -> bool {

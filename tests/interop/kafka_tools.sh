@@ -70,6 +70,12 @@ run_check "kafka-topics $kafka_version: --create --config, --list, --describe, d
 check_configs() {
     configs --describe --entity-type topics --entity-name tools-t >"$work/o"
     expect 'retention.ms=3600000' "$work/o"
+    # --all: every config with its synonyms, the topic's own value then the log.* default.
+    configs --describe --all --entity-type topics --entity-name tools-t >"$work/o"
+    expect 'retention.ms=3600000 sensitive=false synonyms=\{DYNAMIC_TOPIC_CONFIG:retention.ms=3600000, DEFAULT_CONFIG:log.retention.ms=604800000\}' "$work/o"
+    expect 'cleanup.policy=delete sensitive=false synonyms=\{DEFAULT_CONFIG:log.cleanup.policy=delete\}' "$work/o"
+    configs --describe --all --entity-type brokers --entity-name 1 >"$work/o"
+    expect 'group.initial.rebalance.delay.ms=3000 ' "$work/o"
     configs --alter --entity-type topics --entity-name tools-t --add-config retention.ms=7200000 >"$work/o"
     expect 'Completed updating config' "$work/o"
     configs --describe --entity-type topics --entity-name tools-t >"$work/o"
@@ -80,7 +86,7 @@ check_configs() {
     configs --describe --entity-type brokers --entity-name 1 >"$work/o"
     expect 'configs for broker 1' "$work/o"
 }
-run_check "kafka-configs $kafka_version: topic describe, --add-config, --delete-config; broker describe" check_configs
+run_check "kafka-configs $kafka_version: topic describe (--all: synonyms), --add-config, --delete-config; broker describe" check_configs
 
 # --- 3. console producer and consumer ---------------------------------------------------------
 check_console() {

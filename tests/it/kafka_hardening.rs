@@ -19,7 +19,7 @@ use tributary_broker::kafka::KafkaConfig;
 use tributary_broker::mqtt::MqttConfig;
 use tributary_broker::security::{AuthConfig, UserConfig};
 use tributary_broker::storage::batch::{encode_batch, NewRecord};
-use tributary_broker::{Codec, TimestampKind};
+use tributary_broker::{Codec, TimestampKind, TopicConfig};
 
 use crate::security::{auth, start, user, Secure};
 use crate::support::{client_config, RawKafka};
@@ -582,4 +582,39 @@ async fn the_refused_record_is_named_in_the_produce_response() {
     .expect("client");
     assert_eq!(b.store.watermarks("mqtt", 1).expect("wm").high_watermark, 0, "nothing of the refused batch");
     assert_eq!(b.store.watermarks("mqtt", 0).expect("wm").high_watermark, 3);
+}
+
+/// A retained message produced through Kafka into `mqtt.retained` (a restore) is sent to MQTT
+/// subscribers under its key, so with `[auth]` on the key must be a topic its producer may
+/// publish over MQTT: a write right on the log topic does not stand in for it (INVALID_RECORD).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_produced_to_the_retained_topic_must_be_publishable_by_its_producer() {
+    use tributary_broker::mqtt::routes::RETAINED_TOPIC;
+    let restorer = user("restorer", "restore-pw", |u| {
+        u.kafka.write = vec![RETAINED_TOPIC.into()];
+        u.mqtt.publish = vec!["telemetry/#".into()];
+    });
+    let b = start(auth(vec![restorer], 0), MqttConfig::default(), KafkaConfig::default()).await;
+    let compact =
+        TopicConfig { cleanup_policy: tributary_broker::config::CleanupPolicy::Compact, ..TopicConfig::default() };
+    b.store.create_topic(RETAINED_TOPIC, 1, compact).await.expect("topic");
+    let producer: FutureProducer = crate::security::sasl(b.kafka, "SCRAM-SHA-256", "restorer", "restore-pw")
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "10000")
+        .create()
+        .expect("producer");
+    let send = |key: &'static str| {
+        let r = FutureRecord::<str, str>::to(RETAINED_TOPIC).key(key).payload("state");
+        let p = producer.send(r, Duration::from_secs(10));
+        async move { p.await.map(|d| d.offset).map_err(|(e, _)| e.rdkafka_error_code()) }
+    };
+    let refused = send("commands/meter-7/valve").await;
+    assert_eq!(refused, Err(Some(rdkafka::types::RDKafkaErrorCode::InvalidRecord)), "a forged retained command");
+    assert_eq!(send("$SYS/broker/uptime").await, Err(Some(rdkafka::types::RDKafkaErrorCode::InvalidRecord)));
+    send("telemetry/meter-7/state").await.expect("a topic the user may publish");
+    let keys: Vec<Vec<u8>> = crate::support::read_all(&b.store, RETAINED_TOPIC, 0)
+        .into_iter()
+        .map(|r| r.key.expect("key").to_vec())
+        .collect();
+    assert_eq!(keys, [b"telemetry/meter-7/state".to_vec()]);
 }

@@ -699,3 +699,103 @@ fn group_apis_answer_at_every_advertised_version() {
         assert_eq!(c.call(&del, v.min(1)).results[0].error_code, 69, "GROUP_ID_NOT_FOUND");
     }
 }
+
+/// IncrementalAlterConfigs APPEND and SUBTRACT on a list config (`cleanup.policy`) as Kafka does
+/// them, INVALID_CONFIG on a non-list config (and for an empty policy); DescribeConfigs with
+/// `include_synonyms`: a topic config's own setting (DYNAMIC_TOPIC_CONFIG) then the broker-level
+/// default it falls back to (`log.*`, DEFAULT_CONFIG), and the broker's
+/// `group.initial.rebalance.delay.ms` with its configured value.
+#[test]
+fn list_configs_append_and_subtract_and_configs_show_their_synonyms() {
+    let rt = runtime();
+    let cfg = KafkaConfig { group_initial_rebalance_delay_ms: 1234, ..KafkaConfig::default() };
+    let broker = rt.block_on(KafkaBroker::start_with(cfg));
+    rt.block_on(broker.store.create_topic("lists", 1, Default::default())).expect("topic");
+    let mut c = RawKafka::connect(broker.addr);
+    let mut alter = |name: &str, op: i8, value: Option<&str>| {
+        let req = IncrementalAlterConfigsRequest::default().with_resources(vec![
+            incremental_alter_configs_request::AlterConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(s("lists"))
+                .with_configs(vec![incremental_alter_configs_request::AlterableConfig::default()
+                    .with_name(s(name))
+                    .with_config_operation(op)
+                    .with_value(value.map(s))]),
+        ]);
+        let r = c.call(&req, 1);
+        (r.responses[0].error_code, r.responses[0].error_message.as_ref().map(|m| m.to_string()).unwrap_or_default())
+    };
+    use tributary_broker::config::CleanupPolicy;
+    let policy = |b: &KafkaBroker| b.store.topic("lists").expect("topic").config.cleanup_policy;
+    assert_eq!(alter("cleanup.policy", 2, Some("compact")).0, 0, "APPEND compact");
+    assert_eq!(policy(&broker), CleanupPolicy::CompactDelete, "delete (the default) + compact");
+    assert_eq!(alter("cleanup.policy", 2, Some("compact")).0, 0, "APPEND what is there: no change");
+    assert_eq!(policy(&broker), CleanupPolicy::CompactDelete);
+    assert_eq!(alter("cleanup.policy", 3, Some("delete")).0, 0, "SUBTRACT delete");
+    assert_eq!(policy(&broker), CleanupPolicy::Compact);
+    let (code, msg) = alter("retention.ms", 2, Some("1000"));
+    assert_eq!(code, 40, "INVALID_CONFIG: APPEND to a non-list config");
+    assert!(msg.contains("retention.ms") && msg.contains("not LIST"), "{msg}");
+    let (code, msg) = alter("cleanup.policy", 3, Some("compact"));
+    assert_eq!(code, 40, "INVALID_CONFIG: an empty policy");
+    assert!(msg.contains("cleanup.policy"), "{msg}");
+    assert_eq!(policy(&broker), CleanupPolicy::Compact, "refusals change nothing");
+
+    let describe = |c: &mut RawKafka, synonyms: bool| {
+        let req = DescribeConfigsRequest::default().with_include_synonyms(synonyms).with_resources(vec![
+            describe_configs_request::DescribeConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(s("lists"))
+                .with_configuration_keys(Some(vec![s("cleanup.policy"), s("retention.ms")])),
+            describe_configs_request::DescribeConfigsResource::default()
+                .with_resource_type(4)
+                .with_resource_name(s("1"))
+                .with_configuration_keys(Some(vec![s("group.initial.rebalance.delay.ms")])),
+        ]);
+        c.call(&req, 4)
+    };
+    let r = describe(&mut c, true);
+    let shown = |e: &describe_configs_response::DescribeConfigsResourceResult| {
+        let syn: Vec<(String, Option<String>, i8)> = e
+            .synonyms
+            .iter()
+            .map(|y| (y.name.to_string(), y.value.as_ref().map(|v| v.to_string()), y.source))
+            .collect();
+        (e.name.to_string(), e.value.as_ref().map(|v| v.to_string()), e.config_source, syn)
+    };
+    let mut topic: Vec<_> = r.results[0].configs.iter().map(shown).collect();
+    topic.sort();
+    let some = |v: &str| Some(v.to_string());
+    assert_eq!(
+        topic,
+        [
+            (
+                "cleanup.policy".to_string(),
+                some("compact"),
+                1,
+                vec![
+                    ("cleanup.policy".to_string(), some("compact"), 1),
+                    ("log.cleanup.policy".to_string(), some("delete"), 5)
+                ]
+            ),
+            (
+                "retention.ms".to_string(),
+                some("604800000"),
+                5,
+                vec![("log.retention.ms".to_string(), some("604800000"), 5)]
+            ),
+        ]
+    );
+    let brokers: Vec<_> = r.results[1].configs.iter().map(shown).collect();
+    assert_eq!(
+        brokers,
+        [(
+            "group.initial.rebalance.delay.ms".to_string(),
+            some("1234"),
+            4,
+            vec![("group.initial.rebalance.delay.ms".to_string(), some("1234"), 4)]
+        )]
+    );
+    let r = describe(&mut c, false);
+    assert!(r.results.iter().flat_map(|x| &x.configs).all(|e| e.synonyms.is_empty()), "synonyms only when asked");
+}

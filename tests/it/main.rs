@@ -24,6 +24,7 @@ mod mqtt_limits;
 mod mqtt_sessions;
 mod mqtt_websocket;
 mod powercut;
+mod retained;
 mod retention;
 mod security;
 mod soak;

@@ -335,14 +335,17 @@ async fn nul_in_a_client_id_is_refused_and_old_keys_of_another_client_are_not_on
 /// page as it acknowledges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_messages_are_bounded_in_bytes_and_streamed_within_the_window() {
-    // Six messages of 10 KiB and 500 small ones fit, a seventh large one does not.
-    const LIMIT: u64 = 68 * 1024;
+    // Six messages of 40 KiB and 500 small ones fit, a seventh large one does not. A retained
+    // message counts its record in the retained topic: topic, payload and headers (QoS, client
+    // id, ...: 55 bytes here), so a big one is 41,020 bytes (7 x = 287,140) and a small one 69
+    // (6 big + 500 small = 280,620).
+    const LIMIT: u64 = 275 * 1024;
     let cfg = MqttConfig { retained_bytes_max: LIMIT, ..MqttConfig::default() };
     let gw = gateway(cfg, |_| {}).await;
     let (addr, stats) = (gw.mqtt, gw.stats.clone());
     blocking(move || {
         let (mut p, _, _) = connected(addr, 5, "retainer", 0x02, &[]);
-        let payload = vec![b'x'; 10 * 1024];
+        let payload = vec![b'x'; 40 * 1024];
         let mut reasons = Vec::new();
         for i in 1..=8u16 {
             p.write_all(&publish(true, 1, true, &format!("big/{i}"), i, &payload)).expect("PUBLISH");
@@ -350,7 +353,7 @@ async fn retained_messages_are_bounded_in_bytes_and_streamed_within_the_window()
             assert_eq!(kind, 0x40);
             reasons.push(body.get(2).copied().unwrap_or(0));
         }
-        assert_eq!(reasons, [0, 0, 0, 0, 0, 0, 0x97, 0x97], "six of 10 KiB fit in 68 KiB, not seven");
+        assert_eq!(reasons, [0, 0, 0, 0, 0, 0, 0x97, 0x97], "six of 40 KiB fit in 275 KiB, not seven");
         // Many small ones, and a subscriber with Receive Maximum 3 that acknowledges as it goes.
         for first in (1..=500u16).step_by(20) {
             let mut burst = Vec::new();

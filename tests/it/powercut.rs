@@ -58,7 +58,7 @@ enum Op {
 
 /// `quick_repair`: redb's two-phase commit with the allocator state saved (the option the
 /// gateway offers); off (the default) is a one-phase commit whose checksums detect a torn one.
-fn config(dir: &std::path::Path, quick_repair: bool) -> StorageConfig {
+pub(crate) fn config(dir: &std::path::Path, quick_repair: bool) -> StorageConfig {
     StorageConfig {
         quick_repair,
         data_dir: dir.to_path_buf(),

@@ -25,6 +25,21 @@ pub fn read_all(store: &Store, topic: &str, partition: i32) -> Vec<StoredRecord>
     out
 }
 
+/// The retained messages as a consumer of the retained topic (`mqtt.retained`) sees them once
+/// compacted: MQTT topic -> the latest record's value (`None`: a tombstone). Empty if the topic
+/// does not exist.
+pub fn retained_view(store: &Store) -> std::collections::BTreeMap<String, Option<bytes::Bytes>> {
+    let mut view = std::collections::BTreeMap::new();
+    if store.topic(tributary_broker::mqtt::routes::RETAINED_TOPIC).is_none() {
+        return view;
+    }
+    for r in read_all(store, tributary_broker::mqtt::routes::RETAINED_TOPIC, 0) {
+        let key = r.key.expect("a retained record has a key");
+        view.insert(String::from_utf8(key.to_vec()).expect("a UTF-8 topic"), r.value);
+    }
+    view
+}
+
 /// The random generator of a randomized test: seeded from `TRIBUTARY_TEST_SEED` when set (to
 /// replay a failure), else from a fresh seed. The seed is printed, and the test harness shows it
 /// when the test fails.

@@ -401,6 +401,8 @@ pub(crate) struct Shared {
     /// Recent refusals (the writer's: disk full, write faults; the front ends' through
     /// `Store::refusals`).
     pub refusals: Arc<refusals::Refusals>,
+    /// Topics the global disk budget does not delete from (`Store::keep_from_disk_budget`).
+    pub budget_kept: RwLock<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -519,6 +521,7 @@ impl Store {
             counters: Counters::default(),
             topics_changed: watch::channel(0).0,
             refusals: Arc::new(refusals::Refusals::default()),
+            budget_kept: RwLock::new(std::collections::HashSet::new()),
         });
         load_archive_marks(&db, &shared)?;
         let report = OpenReport {
@@ -703,6 +706,17 @@ impl Store {
         Ok(self.watermarks(topic, partition)?.log_start_offset)
     }
 
+    /// Keeps the global disk budget (`storage.max_bytes`) from deleting `topic`'s batches: they
+    /// still count against it, so other topics' oldest batches go instead. For a compacted topic
+    /// whose writer bounds its size, such as the MQTT retained messages (a topic's latest
+    /// message must not go because it is old). `retention.*`, compaction and DeleteRecords
+    /// still apply. Held in memory: each start of the writer's user says it again.
+    pub fn keep_from_disk_budget(&self, topic: &str) {
+        if let Ok(mut kept) = self.inner.shared.budget_kept.write() {
+            kept.insert(topic.to_string());
+        }
+    }
+
     /// Wakes when topics or partitions were created or deleted (after the commit, once they are
     /// visible through [`Store::topic`]): for readers that follow topics which may appear later.
     pub fn topics_changed(&self) -> watch::Receiver<u64> {
@@ -773,6 +787,7 @@ impl Store {
                 pkey: p.key,
                 data: AppendData::Batch { bytes, header },
                 kv: Vec::new(),
+                also: Vec::new(),
                 reply,
             })
             .await?;
@@ -801,8 +816,8 @@ impl Store {
     }
 
     /// Like [`Store::enqueue_records`], and writes `kv` (space, key, value or removal) in the
-    /// same commit: all are durable, or none (e.g. a client's packet id or a topic's last value stored
-    /// with the published record).
+    /// same commit: all are durable, or none (e.g. a client's packet id stored with the published
+    /// record).
     pub async fn enqueue_records_with(
         &self,
         topic: &str,
@@ -810,24 +825,53 @@ impl Store {
         records: Vec<NewRecord>,
         kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
     ) -> Result<PendingAppend, StoreError> {
+        let mut pending = self.enqueue_appends(vec![(topic, partition, records)], kv).await?;
+        pending.pop().ok_or(StoreError::InvalidBatch(batch::BatchError::Empty(0)))
+    }
+
+    /// Appends records to one or more partitions and writes `kv` in one commit: all are durable,
+    /// or none (e.g. an MQTT publish and the retained-message record it also writes). One
+    /// [`PendingAppend`] per entry of `appends`, in order, each resolving after that commit.
+    /// `append_size_bytes_max` applies to each entry's records (each is one append).
+    pub async fn enqueue_appends(
+        &self,
+        appends: Vec<(&str, i32, Vec<NewRecord>)>,
+        kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<Vec<PendingAppend>, StoreError> {
         let cfg = &self.inner.shared.config;
-        if records.is_empty() {
-            return Err(StoreError::InvalidBatch(batch::BatchError::Empty(0)));
-        }
-        let size: usize = records.iter().map(NewRecord::encoded_len_max).sum();
-        if size as u64 > u64::from(cfg.append_size_bytes_max) {
-            return Err(StoreError::AppendTooLarge { size: size as u64, max: cfg.append_size_bytes_max.into() });
-        }
-        let (t, p) = self.partition_state(topic, partition)?;
-        if t.config.compacted() {
-            if let Some(index) = records.iter().position(|r| r.key.is_none()) {
-                return Err(StoreError::KeylessRecord { topic: topic.to_string(), partition, index: index as u64 });
+        let mut parts = Vec::with_capacity(appends.len());
+        for (topic, partition, records) in appends {
+            if records.is_empty() {
+                return Err(StoreError::InvalidBatch(batch::BatchError::Empty(0)));
             }
+            let size: usize = records.iter().map(NewRecord::encoded_len_max).sum();
+            if size as u64 > u64::from(cfg.append_size_bytes_max) {
+                return Err(StoreError::AppendTooLarge { size: size as u64, max: cfg.append_size_bytes_max.into() });
+            }
+            let (t, p) = self.partition_state(topic, partition)?;
+            if t.config.compacted() {
+                if let Some(index) = records.iter().position(|r| r.key.is_none()) {
+                    return Err(StoreError::KeylessRecord { topic: topic.to_string(), partition, index: index as u64 });
+                }
+            }
+            parts.push((t, p.key, records));
+        }
+        let mut parts = parts.into_iter();
+        let Some((topic, pkey, records)) = parts.next() else {
+            return Err(StoreError::InvalidBatch(batch::BatchError::Empty(0)));
+        };
+        let mut also = Vec::new();
+        let mut receivers = Vec::new();
+        for (topic, pkey, records) in parts {
+            let (reply, rx) = oneshot::channel();
+            also.push(writer::AlsoAppend { topic, pkey, records, reply });
+            receivers.push(PendingAppend(rx));
         }
         let rx = self
-            .enqueue(|reply| Op::Append { topic: t, pkey: p.key, data: AppendData::Records(records), kv, reply })
+            .enqueue(|reply| Op::Append { topic, pkey, data: AppendData::Records(records), kv, also, reply })
             .await?;
-        Ok(PendingAppend(rx))
+        receivers.insert(0, PendingAppend(rx));
+        Ok(receivers)
     }
 
     /// A handle that wakes when the partition's watermarks change (appends, retention) or the
@@ -985,6 +1029,19 @@ impl Store {
     ) -> Result<Vec<StoredRecord>, StoreError> {
         let f = self.fetch(topic, partition, offset, max_bytes)?;
         self.decode_fetched(&f, offset)
+    }
+
+    /// `read_records`, and the offset after the batches read: where the next read continues (past
+    /// offsets compaction emptied and gap batches, which hold no records).
+    pub fn read_records_next(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<(Vec<StoredRecord>, i64), StoreError> {
+        let f = self.fetch(topic, partition, offset, max_bytes)?;
+        Ok((self.decode_fetched(&f, offset)?, f.next_offset))
     }
 
     /// `read_records` served from the tail cache only (see `fetch_cached`): `None` when the

@@ -927,3 +927,78 @@ async fn delete_records_deletes_in_bounded_steps() {
     assert_eq!(store.watermarks("t", 0).expect("wm").log_start_offset, 60);
     store.close().await.expect("close");
 }
+
+/// `Store::keep_from_disk_budget`: a kept topic's batches count against `storage.max_bytes` (the
+/// budget deletes other topics' batches for them), but are never deleted by it, even when they
+/// are the oldest and archived (the MQTT retained messages' topic).
+#[tokio::test]
+async fn the_disk_budget_counts_a_kept_topic_and_deletes_other_topics_for_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StorageConfig { max_bytes: 16 << 20, ..config(dir.path()) };
+    let store = Store::open(cfg).expect("open").0;
+    let plain = TopicConfig { compression: Codec::None, ..TopicConfig::default() };
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut noise = |n: usize| {
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            v.extend_from_slice(&seed.to_le_bytes());
+        }
+        Bytes::from(v)
+    };
+    store.keep_from_disk_budget("kept");
+    // Oldest first: 3 MiB kept (and archived), 3 MiB of another topic, then 6 MiB past the mark.
+    for (topic, mib) in [("kept", 3usize), ("other", 3), ("fresh", 6)] {
+        store.create_topic(topic, 1, plain.clone()).await.expect("create");
+        for i in 0..mib * 16 {
+            let records = (0..16).map(|j| NewRecord::new(Some(format!("k{i}-{j}")), noise(4096))).collect();
+            store.append_records(topic, 0, records).await.expect("append");
+        }
+        if topic == "kept" {
+            let hw = store.watermarks("kept", 0).expect("wm").high_watermark;
+            store.set_archived("kept", 0, hw).await.expect("mark");
+        }
+    }
+    let stats = store.stats();
+    assert!(stats.retention_deleted_batches > 0, "past the budget: {stats:?}");
+    assert_eq!(store.watermarks("kept", 0).expect("wm").log_start_offset, 0, "the kept topic lost nothing");
+    assert!(store.watermarks("other", 0).expect("wm").log_start_offset > 0, "the oldest other topic paid");
+    let kept = store.partition_info("kept", 0).expect("info").footprint_bytes;
+    assert!(kept > 3 << 20 && stats.footprint_bytes > kept, "counted: {kept} of {}", stats.footprint_bytes);
+    store.close().await.expect("close");
+}
+
+/// `Store::enqueue_appends`: records for two partitions (and key-value writes) commit together,
+/// each answered with its own offsets; a keyless record for a compacted topic refuses the whole
+/// call before anything is queued.
+#[tokio::test]
+async fn appends_to_several_partitions_commit_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    const SPACE: KvSpace = KvSpace::named("kv.test");
+    store.create_topic("a", 1, TopicConfig::default()).await.expect("create");
+    let compact = TopicConfig { cleanup_policy: crate::config::CleanupPolicy::Compact, ..TopicConfig::default() };
+    store.create_topic("c", 1, compact).await.expect("create");
+    store.append_records("c", 0, vec![NewRecord::new(Some("k0"), "v0")]).await.expect("append");
+    let pending = store
+        .enqueue_appends(
+            vec![("a", 0, vec![rec(1), rec(2)]), ("c", 0, vec![NewRecord::new(Some("k1"), "v1")])],
+            vec![(SPACE, b"x".to_vec(), Some(b"1".to_vec()))],
+        )
+        .await
+        .expect("queued");
+    let mut outcomes = Vec::new();
+    for p in pending {
+        outcomes.push(p.wait().await.expect("durable"));
+    }
+    assert_eq!(outcomes.iter().map(|o| (o.base_offset, o.last_offset)).collect::<Vec<_>>(), [(0, 1), (1, 1)]);
+    assert_eq!(store.kv_get(SPACE, b"x").expect("get"), Some(b"1".to_vec()));
+    let refused = store
+        .enqueue_appends(vec![("a", 0, vec![rec(3)]), ("c", 0, vec![NewRecord::new(None::<Bytes>, "v")])], Vec::new())
+        .await;
+    assert!(matches!(refused, Err(StoreError::KeylessRecord { .. })), "{refused:?}");
+    assert_eq!(store.watermarks("a", 0).expect("wm").high_watermark, 2, "nothing of a refused call written");
+    store.close().await.expect("close");
+}

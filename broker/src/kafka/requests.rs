@@ -133,6 +133,8 @@ pub(crate) struct ConfigChange {
 pub(crate) struct ConfigsRequest {
     pub resources: Vec<ConfigResource>,
     pub validate_only: bool,
+    /// DescribeConfigs v1+: answer each config's synonyms too.
+    pub include_synonyms: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -413,13 +415,11 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                 r.tagged_fields()?;
                 Ok(ConfigResource { resource_type, resource_name, keys, changes: Vec::new() })
             })?;
-            if v >= 1 {
-                r.bool()?; // include_synonyms
-            }
+            let include_synonyms = v >= 1 && r.bool()?;
             if v >= 3 {
                 r.bool()?; // include_documentation
             }
-            Request::DescribeConfigs(ConfigsRequest { resources, validate_only: false })
+            Request::DescribeConfigs(ConfigsRequest { resources, validate_only: false, include_synonyms })
         }
         key::ALTER_CONFIGS | key::INCREMENTAL_ALTER_CONFIGS => {
             let incremental = api_key == key::INCREMENTAL_ALTER_CONFIGS;
@@ -437,7 +437,7 @@ pub(crate) fn decode(api_key: i16, v: i16, r: &mut Reader) -> Result<Request, De
                 Ok(ConfigResource { resource_type, resource_name, keys: None, changes })
             })?;
             let validate_only = r.bool()?;
-            let req = ConfigsRequest { resources, validate_only };
+            let req = ConfigsRequest { resources, validate_only, include_synonyms: false };
             if incremental {
                 Request::IncrementalAlterConfigs(req)
             } else {

@@ -40,11 +40,12 @@ pub struct MqttConfig {
     /// A connection must send CONNECT within this time.
     pub connect_timeout_ms: u64,
     /// Retained messages kept (one per topic); a new retained topic beyond it is refused. Their
-    /// topics are indexed in memory (about topic length + 64 bytes each).
+    /// topics are indexed in memory (about topic length + 80 bytes each); at start-up no more
+    /// are read back from the `mqtt.retained` topic.
     pub retained_messages_max: u32,
-    /// Bytes of retained messages kept (topics and payloads); a retained publish that would pass
-    /// it is refused. At most a quarter of `storage.max_bytes`, so retained messages cannot crowd
-    /// out the logs.
+    /// Bytes of retained messages kept (each record's topic, payload and headers); a retained
+    /// publish that would pass it is refused. At most a quarter of `storage.max_bytes`, so retained
+    /// messages (which the disk budget counts but never deletes) cannot crowd out the logs.
     pub retained_bytes_max: u64,
     /// MQTT 5 wills waiting for their Will Delay Interval, and their bytes (topic and payload),
     /// all clients together. A will beyond either is published at once instead of late.

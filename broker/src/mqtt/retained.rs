@@ -1,9 +1,11 @@
-//! Retained messages, without I/O: an in-memory index of the retained topics and their stored
-//! sizes (the messages themselves stay in `kv.mqtt_retained`), so that the limits
+//! Retained messages, without I/O: an in-memory index of the retained topics (topic -> the
+//! offset of its record in the `mqtt.retained` log topic, its size and expiry), so that the limits
 //! (`mqtt.retained_messages_max`, `mqtt.retained_bytes_max`) are checked without reading the store,
 //! and a subscription's retained messages are found page by page by a cursor that reads only the
-//! topics its filter can match. The index costs about (topic length + 64) bytes per retained
-//! message, bounded by `mqtt.retained_messages_max`.
+//! topics its filter can match. The messages themselves are records of that compacted topic
+//! (`routes::RETAINED_TOPIC`); the index is rebuilt from it at start-up. The index costs about
+//! (topic length + 80) bytes per retained message, bounded by `mqtt.retained_messages_max`.
+//! Also the decoder of the previous releases' `kv.mqtt_retained` values, read once to migrate them.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -13,16 +15,18 @@ use bytes::Bytes;
 use super::topic;
 use super::wire::PublishProps;
 
-/// Bytes a retained message takes in the store: its key (the topic) and its value.
-pub(super) fn stored_size(topic: &str, value_len: usize) -> u64 {
-    (topic.len() + value_len) as u64
+/// Bytes a retained message is counted for: its record's key (the topic), value (the payload)
+/// and headers (its QoS and properties), the same when published and when read back at start-up.
+pub(super) fn stored_size(topic: &[u8], payload_len: usize, headers: &[(String, Option<Bytes>)]) -> u64 {
+    let h: usize = headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len)).sum();
+    (topic.len() + payload_len + h) as u64
 }
 
-/// First byte of a retained value in format 2. Format 1 (the previous release's, still read)
-/// starts with the QoS, 0 to 2.
+/// First byte of a `kv.mqtt_retained` value in format 2. Format 1 starts with the QoS, 0 to 2.
+/// Both are only read now, to migrate them into the log topic.
 const VALUE_FORMAT_2: u8 = 0x12;
 
-/// A retained message as stored.
+/// A retained message as the previous releases stored it in `kv.mqtt_retained`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct RetainedValue {
     pub qos: u8,
@@ -33,12 +37,14 @@ pub(super) struct RetainedValue {
     pub payload: Bytes,
 }
 
+#[cfg(test)]
 fn put_bytes16(v: &mut Vec<u8>, b: &[u8]) {
     let n = b.len().min(usize::from(u16::MAX));
     v.extend_from_slice(&(n as u16).to_be_bytes());
     v.extend_from_slice(&b[..n]);
 }
 
+#[cfg(test)]
 fn put_opt16(v: &mut Vec<u8>, b: Option<&[u8]>) {
     match b {
         Some(b) => {
@@ -53,6 +59,8 @@ fn put_opt16(v: &mut Vec<u8>, b: Option<&[u8]>) {
 /// content type, correlation data, response topic (each: 0, or 1 and a u16-prefixed string),
 /// user properties (u16 count, u16-prefixed pairs), then the payload.
 /// A message without properties or expiry keeps format 1 (QoS, payload): one byte of overhead.
+/// (Written by the previous releases; here for the tests.)
+#[cfg(test)]
 pub(super) fn encode_value(v: &RetainedValue) -> Vec<u8> {
     let p = &v.props;
     if v.expires_ms.is_none() && *p == PublishProps::default() {
@@ -102,7 +110,7 @@ impl<'a> Cut<'a> {
     }
 }
 
-/// A stored retained value of either format, if it can be read.
+/// A `kv.mqtt_retained` value of either format, if it can be read.
 pub(super) fn decode_value(v: &[u8]) -> Option<RetainedValue> {
     let (&first, rest) = v.split_first()?;
     if first <= 2 {
@@ -145,24 +153,33 @@ pub(super) fn decode_value(v: &[u8]) -> Option<RetainedValue> {
     Some(RetainedValue { qos, expires_ms: (expires != 0).then_some(expires), props, payload })
 }
 
-/// The retained topics, their stored sizes and expiry deadlines (ms since the epoch), as of
-/// the latest publish (committed or not).
+/// The retained topics, their records' offsets, sizes and expiry deadlines (ms since the epoch),
+/// as of the latest publish (committed or not).
 #[derive(Debug)]
 pub(super) struct RetainedIndex {
     topics: BTreeMap<String, Entry>,
     bytes: u64,
     count_max: usize,
     bytes_max: u64,
+    /// Tells updates apart (two publishes of the same size and expiry are two entries).
+    next_seq: u64,
 }
 
-/// A retained message in the index: its stored size and when it expires.
+/// A retained message in the index: its size, when it expires, and the offset of the record to
+/// read for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Entry {
     size: u64,
     expires_ms: Option<i64>,
+    /// The committed record holding the topic's message: while a publish is being committed it
+    /// is still the previous one's (what a scan sends meanwhile, as before the publish); `None`
+    /// for a topic whose first message is being committed.
+    offset: Option<i64>,
+    seq: u64,
 }
 
-/// A change made to the index, kept to undo it if its commit fails.
+/// A change made to the index, kept to undo it if its commit fails, or to settle it (learn its
+/// record's offset) once committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Update {
     pub topic: String,
@@ -172,15 +189,29 @@ pub(super) struct Update {
 
 impl RetainedIndex {
     pub fn new(count_max: usize, bytes_max: u64) -> Self {
-        Self { topics: BTreeMap::new(), bytes: 0, count_max, bytes_max }
+        Self { topics: BTreeMap::new(), bytes: 0, count_max, bytes_max, next_seq: 0 }
     }
 
-    /// A message found in the store at start-up (counted whatever the limits say now).
-    pub fn load(&mut self, topic: String, size: u64, expires_ms: Option<i64>) {
-        if let Some(old) = self.topics.insert(topic, Entry { size, expires_ms }) {
-            self.bytes -= old.size;
+    /// A record of the retained topic read at start-up, in offset order: a message (`Some(size)`)
+    /// or a tombstone (`None`). Counted whatever the limits say now, except that a topic beyond
+    /// `mqtt.retained_messages_max` is not taken (returns false): the index stays bounded even
+    /// if other writers filled the topic.
+    pub fn load(&mut self, topic: &str, offset: i64, size: Option<u64>, expires_ms: Option<i64>) -> bool {
+        let Some(size) = size else {
+            self.set(topic, None);
+            return true;
+        };
+        if !self.topics.contains_key(topic) && self.topics.len() >= self.count_max {
+            return false;
         }
-        self.bytes += size;
+        let seq = self.seq();
+        self.set(topic, Some(Entry { size, expires_ms, offset: Some(offset), seq }));
+        true
+    }
+
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
     }
 
     pub fn count(&self) -> usize {
@@ -189,6 +220,11 @@ impl RetainedIndex {
 
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Whether the topic has a retained message (committed or being committed).
+    pub fn contains(&self, topic: &str) -> bool {
+        self.topics.contains_key(topic)
     }
 
     /// Sets (`Some(size)`) or clears (`None`) a topic's retained message if the limits allow; the
@@ -216,7 +252,9 @@ impl RetainedIndex {
                 return Err("mqtt.retained_bytes_max");
             }
         }
-        let now = size.map(|size| Entry { size, expires_ms });
+        let offset = previous.and_then(|e| e.offset);
+        let seq = self.seq();
+        let now = size.map(|size| Entry { size, expires_ms, offset, seq });
         self.set(topic, now);
         Ok(Update { topic: topic.to_string(), previous, now })
     }
@@ -240,6 +278,24 @@ impl RetainedIndex {
         }
     }
 
+    /// An update committed with its record at `offset`: a scan reads that record from now on,
+    /// unless the topic was changed again since (then the later change settles it).
+    pub fn settle(&mut self, u: &Update, offset: i64) {
+        if let (Some(now), Some(e)) = (u.now, self.topics.get_mut(&u.topic)) {
+            if e.seq == now.seq {
+                e.offset = Some(offset);
+            }
+        }
+    }
+
+    /// The record at `offset` is gone (retention or DeleteRecords removed it, or it is not the
+    /// topic's message): the topic is forgotten unless it has a newer message since.
+    pub fn forget(&mut self, topic: &str, offset: i64) {
+        if self.topics.get(topic).is_some_and(|e| e.offset == Some(offset)) {
+            self.set(topic, None);
+        }
+    }
+
     fn set(&mut self, topic: &str, entry: Option<Entry>) {
         let old = match entry {
             Some(e) => self.topics.insert(topic.to_string(), e),
@@ -251,8 +307,9 @@ impl RetainedIndex {
     /// The next page of `scan`: at most `examine` topics after its cursor are looked at, and of
     /// those matching its filter at most `take`, and no more than `bytes_max` stored bytes (but at
     /// least one), are returned. The cursor moves past the last topic looked at; `scan.done()`
-    /// once none is left.
-    pub fn page(&self, scan: &mut RetainedScan, examine: usize, take: usize, bytes_max: u64) -> Vec<String> {
+    /// once none is left. A topic whose first message is still being committed is not returned
+    /// (it has no record yet; a subscriber gets it from the log like any new message).
+    pub fn page(&self, scan: &mut RetainedScan, examine: usize, take: usize, bytes_max: u64) -> Vec<(String, i64)> {
         let mut out = Vec::new();
         if scan.done {
             return out;
@@ -262,13 +319,13 @@ impl RetainedIndex {
             None => Bound::Included(scan.prefix.as_str()),
         };
         let (mut examined, mut bytes) = (0, 0);
-        for (t, Entry { size, .. }) in self.topics.range::<str, _>((start, Bound::Unbounded)) {
+        for (t, Entry { size, offset, .. }) in self.topics.range::<str, _>((start, Bound::Unbounded)) {
             if !t.starts_with(&scan.prefix) {
                 break;
             }
             examined += 1;
-            if topic::matches(t, &scan.filter) {
-                out.push(t.clone());
+            if let Some(offset) = offset.filter(|_| topic::matches(t, &scan.filter)) {
+                out.push((t.clone(), offset));
                 bytes += size;
             }
             if out.len() >= take || examined >= examine || bytes >= bytes_max {
@@ -343,8 +400,8 @@ mod tests {
 
     fn index(topics: &[&str]) -> RetainedIndex {
         let mut ix = RetainedIndex::new(1000, 1 << 20);
-        for t in topics {
-            ix.load(t.to_string(), 10, None);
+        for (i, t) in topics.iter().enumerate() {
+            assert!(ix.load(t, i as i64, Some(10), None));
         }
         ix
     }
@@ -363,7 +420,7 @@ mod tests {
         assert_eq!((ix.count(), ix.bytes()), (2, 100));
         // Over the limit after a config change: shrinking is still allowed.
         let mut small = RetainedIndex::new(10, 10);
-        small.load("x".into(), 50, None);
+        assert!(small.load("x", 0, Some(50), None));
         small.update("x", Some(20)).expect("smaller");
         assert_eq!(small.update("x", Some(21)), Err("mqtt.retained_bytes_max"));
     }
@@ -419,7 +476,7 @@ mod tests {
             let mut got = Vec::new();
             let mut pages = 0;
             while !scan.done() {
-                got.extend(ix.page(&mut scan, examine, take, u64::MAX));
+                got.extend(ix.page(&mut scan, examine, take, u64::MAX).into_iter().map(|(t, _)| t));
                 pages += 1;
                 assert!(pages < 100, "no progress");
             }
@@ -435,8 +492,56 @@ mod tests {
         assert!(ix.page(&mut scan, 1, 1, u64::MAX).is_empty() && scan.done());
         // A page stops at its byte limit (each message here is 10 bytes), but takes one at least.
         let mut scan = RetainedScan::new("a/#", 1);
-        assert_eq!(ix.page(&mut scan, 100, 100, 25), vec!["a", "a/1", "a/2"]);
-        assert_eq!(ix.page(&mut scan, 100, 100, 1), vec!["a/2/x"]);
+        let names = |page: Vec<(String, i64)>| page.into_iter().map(|(t, _)| t).collect::<Vec<_>>();
+        assert_eq!(names(ix.page(&mut scan, 100, 100, 25)), vec!["a", "a/1", "a/2"]);
+        assert_eq!(ix.page(&mut scan, 100, 100, 1), vec![("a/2/x".to_string(), 3)], "with its record's offset");
         assert_eq!(all("$SYS/#", 100, 100).0, vec!["$SYS/x"]);
+    }
+
+    /// The index rebuilt from the retained topic at start-up: records in offset order, the latest
+    /// per topic wins, a tombstone (null value, [MQTT-3.3.1-6/7]) clears the topic, and no more
+    /// topics than `mqtt.retained_messages_max` are taken.
+    #[test]
+    fn rebuilt_from_the_topic_the_latest_record_per_topic_wins_and_tombstones_clear() {
+        let mut ix = RetainedIndex::new(3, 1000);
+        assert!(ix.load("a", 0, Some(10), None));
+        assert!(ix.load("b", 1, Some(20), Some(5_000)));
+        assert!(ix.load("a", 2, Some(30), None));
+        assert!(ix.load("b", 3, None, None), "a tombstone");
+        assert!(ix.load("c", 4, Some(5), None));
+        assert!(ix.load("d", 5, Some(5), None));
+        assert!(!ix.load("e", 6, Some(5), None), "over the count limit");
+        assert!(ix.load("a", 7, Some(1), None), "a known topic is always taken");
+        assert_eq!((ix.count(), ix.bytes()), (3, 11));
+        let mut scan = RetainedScan::new("#", 1);
+        let page = ix.page(&mut scan, 100, 100, u64::MAX);
+        assert_eq!(page, vec![("a".to_string(), 7), ("c".to_string(), 4), ("d".to_string(), 5)]);
+    }
+
+    /// While a publish is being committed a scan still reads the previous record (a topic's first
+    /// message not at all); once committed, its own; a failed commit leaves the previous one.
+    #[test]
+    fn a_scan_reads_the_committed_record_and_settling_moves_it() {
+        let offsets = |ix: &RetainedIndex| {
+            let mut scan = RetainedScan::new("#", 1);
+            ix.page(&mut scan, 100, 100, u64::MAX).into_iter().map(|(_, o)| o).collect::<Vec<_>>()
+        };
+        let mut ix = RetainedIndex::new(10, 1000);
+        let first = ix.update("t", Some(10)).expect("room");
+        assert!(offsets(&ix).is_empty(), "not committed yet");
+        ix.settle(&first, 4);
+        assert_eq!(offsets(&ix), [4]);
+        let second = ix.update("t", Some(10)).expect("room");
+        let third = ix.update("t", Some(10)).expect("room");
+        assert_eq!(offsets(&ix), [4], "the committed record meanwhile");
+        ix.settle(&second, 8);
+        assert_eq!(offsets(&ix), [4], "a later update of the same size is not settled by an earlier commit");
+        ix.settle(&third, 9);
+        assert_eq!(offsets(&ix), [9]);
+        // A record that is gone is forgotten, unless the topic changed since.
+        ix.forget("t", 4);
+        assert_eq!(offsets(&ix), [9]);
+        ix.forget("t", 9);
+        assert_eq!((ix.count(), ix.bytes()), (0, 0));
     }
 }

@@ -34,6 +34,11 @@ pub(crate) fn default_key() -> String {
 pub use crate::topic::HEADER_TOPIC;
 /// Log topic of the broker's own `$SYS/...` messages (a built-in first route).
 pub const SYS_TOPIC: &str = "__sys";
+
+/// The log topic holding the retained messages (`cleanup.policy=compact`, keyed by the MQTT
+/// topic; see `retained.rs`): an ordinary topic, so Kafka consumers and the mirror can read it.
+/// No route may write publishes into it.
+pub const RETAINED_TOPIC: &str = crate::topic::RETAINED_LOG_TOPIC;
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
 pub const HEADER_CORRELATION_DATA: &str = "mqtt.correlation-data";
 pub const HEADER_RESPONSE_TOPIC: &str = "mqtt.response-topic";
@@ -140,7 +145,14 @@ impl Router {
                 ));
             }
             let topic_key = if i < routes.len() { format!("{at}.topic") } else { format!("{at}.default_topic") };
-            crate::storage::validate_topic_name(&r.topic).map_err(|e| ConfigError::new(topic_key, e.to_string()))?;
+            crate::storage::validate_topic_name(&r.topic)
+                .map_err(|e| ConfigError::new(topic_key.clone(), e.to_string()))?;
+            if r.topic == RETAINED_TOPIC {
+                return Err(ConfigError::new(
+                    topic_key,
+                    format!("{RETAINED_TOPIC:?} holds the retained messages (one record per MQTT topic): route publishes elsewhere"),
+                ));
+            }
             let levels: Vec<&str> = r.filter.split('/').collect();
             let plus_levels: Vec<usize> =
                 levels.iter().enumerate().filter(|(_, l)| **l == "+").map(|(i, _)| i).collect();
@@ -271,6 +283,12 @@ mod tests {
             "mqtt.routes[0].key"
         );
         assert_eq!(Router::new(&[], "no good", "", "mqtt").expect_err("refused").key, "mqtt.default_topic");
+        // The retained messages' topic is keyed by MQTT topic: no route writes publishes into it.
+        assert_eq!(
+            bad(Route { filter: "a/+".into(), topic: RETAINED_TOPIC.into(), key: String::new(), compression: None }),
+            "mqtt.routes[0].topic"
+        );
+        assert_eq!(Router::new(&[], RETAINED_TOPIC, "", "mqtt").expect_err("refused").key, "mqtt.default_topic");
     }
 
     #[test]

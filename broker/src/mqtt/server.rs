@@ -28,15 +28,17 @@ use super::persist::{
     StoredSession,
 };
 use super::reason;
-use super::retained::{self, RetainedIndex, RetainedValue};
-use super::routes::{Router, HEADER_CONTENT_TYPE, HEADER_CORRELATION_DATA, HEADER_RESPONSE_TOPIC, HEADER_TOPIC};
+use super::retained::{self, RetainedIndex};
+use super::routes::{
+    Router, HEADER_CONTENT_TYPE, HEADER_CORRELATION_DATA, HEADER_RESPONSE_TOPIC, HEADER_TOPIC, RETAINED_TOPIC,
+};
 use super::session::{self, Action, Counter, Limits, Message, Sent, Session, SharedSub, Source, Start};
 use super::shared::SharedGroup;
 use super::sockets;
 use super::topic;
 use super::wills::WillQueue;
 use super::wire::{self, Charge, FrameReader, In, PublishProps, ReadBudget, Version, WireError};
-use crate::config::TopicTemplate;
+use crate::config::{CleanupPolicy, Durability, TopicConfig, TopicTemplate};
 use crate::error::StoreError;
 use crate::listener::{self, Conn, Draining, Listener, ListenerStats, OverLimit, Reader, Writer};
 use crate::partitioner::Partitioner;
@@ -220,26 +222,213 @@ pub struct MqttServer {
     ctx: Arc<Ctx>,
 }
 
-/// Reads every retained topic and its size (paged: a page holds at most a few values).
-fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreError> {
-    let mut from: Vec<u8> = Vec::new();
-    loop {
-        let page = store.kv_scan_from(spaces::MQTT_RETAINED, &from, 8)?;
-        let full = page.len() == 8;
-        for (k, v) in &page {
-            if let Ok(t) = std::str::from_utf8(k) {
-                let expires_ms = retained::decode_value(v).and_then(|r| r.expires_ms);
-                index.load(t.to_string(), (k.len() + v.len()) as u64, expires_ms);
-            }
-        }
-        match page.last() {
-            Some((k, _)) if full => {
-                from = k.clone();
-                from.push(0);
-            }
-            _ => return Ok(()),
-        }
+/// Bytes of the retained topic one step of the start-up scan reads (at least one batch).
+const RETAINED_LOAD_STEP_BYTES: usize = 256 * 1024;
+/// `kv.mqtt_retained` entries one migration step reads (each value at most a publish's size)
+/// and moves into the retained topic in one commit, with at most this many bytes of records.
+const RETAINED_MIGRATE_STEP_ENTRIES: usize = 8;
+const RETAINED_MIGRATE_STEP_BYTES: usize = 256 * 1024;
+
+/// The settings of the retained topic (`routes::RETAINED_TOPIC`) when the broker creates it:
+/// compacted (the latest record per MQTT topic, tombstones kept `delete.retention.ms` so a
+/// consumer reading it sees the deletion), durable, one partition (its order is the index's).
+fn retained_topic_config(defaults: &TopicConfig) -> TopicConfig {
+    TopicConfig {
+        cleanup_policy: CleanupPolicy::Compact,
+        durability: Durability::Fsync,
+        retention_ms: None,
+        retention_bytes: None,
+        ..defaults.clone()
     }
+}
+
+/// Creates the retained topic if it is missing.
+async fn ensure_retained_topic(store: &Store, defaults: &TopicConfig) -> Result<(), StoreError> {
+    if store.topic(RETAINED_TOPIC).is_some() {
+        return Ok(());
+    }
+    match store.create_topic(RETAINED_TOPIC, 1, retained_topic_config(defaults)).await {
+        Ok(()) | Err(StoreError::TopicExists(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The record of a retained message in the retained topic: key = the MQTT topic's exact bytes,
+/// value = the payload (`None`: a tombstone, the topic's retained message cleared), headers =
+/// those of the published record (QoS, properties, the expiry as an absolute time).
+fn retained_record(topic: &str, payload: Option<Bytes>, headers: Vec<(String, Option<Bytes>)>) -> NewRecord {
+    NewRecord { key: Some(Bytes::copy_from_slice(topic.as_bytes())), value: payload, headers, timestamp_ms: None }
+}
+
+/// The headers of a record (routed or retained) for a message.
+fn message_headers(m: &Message, client_id: &str, expires_ms: Option<i64>) -> Vec<(String, Option<Bytes>)> {
+    let mut headers = vec![
+        (HEADER_TOPIC.to_string(), Some(Bytes::from(m.topic.clone().into_bytes()))),
+        (HEADER_QOS.to_string(), Some(Bytes::from(m.qos.to_string().into_bytes()))),
+        (HEADER_CLIENT.to_string(), Some(Bytes::from(client_id.to_string().into_bytes()))),
+    ];
+    if let Some(deadline) = expires_ms {
+        headers.push((HEADER_EXPIRES.to_string(), Some(Bytes::from(deadline.to_string().into_bytes()))));
+    }
+    if m.retain {
+        headers.push((HEADER_RETAIN.to_string(), Some(Bytes::from_static(b"1"))));
+    }
+    props_headers(&m.props, &mut headers);
+    headers
+}
+
+/// MQTT 5 properties as record headers (read back by `props_of`).
+fn props_headers(p: &PublishProps, headers: &mut Vec<(String, Option<Bytes>)>) {
+    if let Some(format) = p.payload_format {
+        headers.push((HEADER_PAYLOAD_FORMAT.to_string(), Some(Bytes::from(format.to_string().into_bytes()))));
+    }
+    if let Some(ct) = &p.content_type {
+        headers.push((HEADER_CONTENT_TYPE.to_string(), Some(Bytes::from(ct.clone().into_bytes()))));
+    }
+    if let Some(cd) = &p.correlation_data {
+        headers.push((HEADER_CORRELATION_DATA.to_string(), Some(cd.clone())));
+    }
+    if let Some(rt) = &p.response_topic {
+        headers.push((HEADER_RESPONSE_TOPIC.to_string(), Some(Bytes::from(rt.clone().into_bytes()))));
+    }
+    for (k, v) in &p.user_properties {
+        headers.push((k.clone(), Some(Bytes::from(v.clone().into_bytes()))));
+    }
+}
+
+/// Moves the previous releases' retained messages (`kv.mqtt_retained`) into the retained topic,
+/// a step at a time: each step appends a few of them as records and removes their entries in
+/// the same commit, so a crash keeps a step whole or not at all (no message lost or doubled);
+/// the next start goes on with what is left. Expired ones are only removed ([MQTT-3.3.2-5]),
+/// and so are those of a topic that already has a record in the topic (a message or tombstone
+/// written after an earlier, unfinished move is newer). Returns how many messages moved.
+async fn migrate_retained(store: &Store, defaults: &TopicConfig) -> Result<u64, StoreError> {
+    let mut moved = 0u64;
+    let pending = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.kv_scan_from(spaces::MQTT_RETAINED, &[], 1))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("retained migration task: {e}")))??
+    };
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    // The topics the retained topic has records for (only when there is something to move).
+    let newer = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut keys = std::collections::HashSet::new();
+            scan_retained(&store, |r| {
+                if let Some(k) = &r.key {
+                    keys.insert(k.to_vec());
+                }
+            })
+            .map(|()| keys)
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("retained migration task: {e}")))??
+    };
+    loop {
+        let page = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || {
+                store.kv_scan_from(spaces::MQTT_RETAINED, &[], RETAINED_MIGRATE_STEP_ENTRIES)
+            })
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("retained migration task: {e}")))??
+        };
+        if page.is_empty() {
+            if moved > 0 {
+                tracing::info!(moved, topic = RETAINED_TOPIC, "retained messages moved into their log topic");
+            }
+            return Ok(moved);
+        }
+        let now = now_ms();
+        let (mut records, mut removals, mut bytes) = (Vec::new(), Vec::new(), 0usize);
+        for (k, v) in page {
+            let value = retained::decode_value(&v);
+            let topic = std::str::from_utf8(&k).ok().filter(|t| topic::valid_topic(t));
+            match (topic, value) {
+                (Some(_), Some(_)) if newer.contains(&k) => {}
+                (Some(t), Some(r)) if r.expires_ms.is_none_or(|d| d > now) && !r.payload.is_empty() => {
+                    let mut headers = vec![
+                        (HEADER_TOPIC.to_string(), Some(Bytes::from(t.to_string().into_bytes()))),
+                        (HEADER_QOS.to_string(), Some(Bytes::from(r.qos.to_string().into_bytes()))),
+                    ];
+                    if let Some(deadline) = r.expires_ms {
+                        headers
+                            .push((HEADER_EXPIRES.to_string(), Some(Bytes::from(deadline.to_string().into_bytes()))));
+                    }
+                    headers.push((HEADER_RETAIN.to_string(), Some(Bytes::from_static(b"1"))));
+                    props_headers(&r.props, &mut headers);
+                    let record = retained_record(t, Some(r.payload), headers);
+                    let len = record.encoded_len_max();
+                    if !records.is_empty() && bytes + len > RETAINED_MIGRATE_STEP_BYTES {
+                        break;
+                    }
+                    bytes += len;
+                    records.push(record);
+                }
+                (Some(_), Some(_)) => {}
+                _ => tracing::warn!(key = ?String::from_utf8_lossy(&k), "an unreadable retained message is dropped"),
+            }
+            removals.push((spaces::MQTT_RETAINED, k, None));
+        }
+        if records.is_empty() {
+            let keys = removals.into_iter().map(|(_, k, v)| (k, v)).collect();
+            store.kv_write(spaces::MQTT_RETAINED, keys).await?;
+            continue;
+        }
+        ensure_retained_topic(store, defaults).await?;
+        moved += records.len() as u64;
+        store.enqueue_records_with(RETAINED_TOPIC, 0, records, removals).await?.wait().await?;
+    }
+}
+
+/// Every record of the retained topic from its log start, in offset order, read 256 KiB at a
+/// time (the topic is compacted, so about the retained messages' own size). Blocking: run it on
+/// the blocking pool.
+fn scan_retained(store: &Store, mut each: impl FnMut(&StoredRecord)) -> Result<(), StoreError> {
+    let Ok(wm) = store.watermarks(RETAINED_TOPIC, 0) else { return Ok(()) };
+    let mut at = wm.log_start_offset;
+    while at < wm.high_watermark {
+        let (records, next) = match store.read_records_next(RETAINED_TOPIC, 0, at, RETAINED_LOAD_STEP_BYTES) {
+            Ok(read) => read,
+            // Retention moved the log start meanwhile: go on from it.
+            Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) if log_start_offset > at => {
+                at = log_start_offset;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        records.iter().for_each(&mut each);
+        if next <= at {
+            break;
+        }
+        at = next;
+    }
+    Ok(())
+}
+
+/// Rebuilds the index from the retained topic (`scan_retained`). Records whose key is not a
+/// valid MQTT topic name are skipped.
+fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreError> {
+    let mut skipped = 0u64;
+    scan_retained(store, |r| {
+        // A record another writer (a Kafka producer, a restore) keyed with something that is
+        // not an MQTT topic name is never sent (no wildcards, no empty topic).
+        let key = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
+        let Some(t) = key.filter(|t| topic::valid_topic(t)) else { return };
+        let size = r.value.as_ref().map(|v| retained::stored_size(t.as_bytes(), v.len(), &r.headers));
+        let expires_ms = header(r, HEADER_EXPIRES).and_then(|d| d.parse().ok());
+        if !index.load(t, r.offset, size, expires_ms) {
+            skipped += 1;
+        }
+    })?;
+    if skipped > 0 {
+        tracing::warn!(skipped, "retained messages beyond mqtt.retained_messages_max were not loaded");
+    }
+    Ok(())
 }
 
 impl MqttServer {
@@ -273,6 +462,18 @@ impl MqttServer {
                 websocket_request_bytes_max: cfg.websocket_request_bytes_max as usize,
             },
         );
+        // Counted in the disk budget, but a retained message is not deleted for being old: its
+        // size is bounded by `mqtt.retained_bytes_max` and compaction.
+        store.keep_from_disk_budget(RETAINED_TOPIC);
+        // A failed move (a full disk, a write fault) does not keep the listener from starting:
+        // what is left in the side table waits for a later start (and is not served meanwhile).
+        if let Err(e) = migrate_retained(&store, &defaults.config).await {
+            tracing::error!(
+                error = %e,
+                "moving the retained messages of kv.mqtt_retained into mqtt.retained stopped; \
+                 those not moved are served after a later start moves them"
+            );
+        }
         let mut index = RetainedIndex::new(cfg.retained_messages_max as usize, cfg.retained_bytes_max);
         let index = {
             let store = store.clone();
@@ -1148,20 +1349,50 @@ struct Origin {
     username: Option<String>,
 }
 
-/// A publish queued in the store; a retained message's place in the index is undone if its
-/// commit fails.
+/// A publish queued in the store; a retained message's place in the index is settled (its
+/// record's offset) once committed, undone if the commit fails.
 struct Published {
     pending: PendingAppend,
-    retained: Option<(Arc<Mutex<RetainedIndex>>, Arc<MqttStats>, retained::Update)>,
+    retained: Option<RetainedWrite>,
+}
+
+/// A retained message's record being committed with its publish, and its index update.
+struct RetainedWrite {
+    pending: Option<PendingAppend>,
+    index: Arc<Mutex<RetainedIndex>>,
+    stats: Arc<MqttStats>,
+    update: retained::Update,
+}
+
+impl RetainedWrite {
+    fn undo(&self) {
+        let mut ix = lock(&self.index);
+        ix.undo(&self.update);
+        retained_gauges(&self.stats, &ix);
+    }
 }
 
 impl Published {
     async fn wait(self) -> Result<AppendOutcome, StoreError> {
-        let result = self.pending.wait().await;
-        if let (Err(_), Some((index, stats, update))) = (&result, self.retained) {
-            let mut ix = lock(&index);
-            ix.undo(&update);
-            retained_gauges(&stats, &ix);
+        let mut result = self.pending.wait().await;
+        if let Some(mut w) = self.retained {
+            // Committed in the same transaction as the publish: both outcomes are the same.
+            let record = match w.pending.take() {
+                Some(p) => p.wait().await.map(|o| Some(o.base_offset)),
+                None => Ok(None),
+            };
+            match (&result, record) {
+                (Ok(_), Ok(offset)) => {
+                    if let Some(offset) = offset {
+                        lock(&w.index).settle(&w.update, offset);
+                    }
+                }
+                (Ok(_), Err(e)) => {
+                    w.undo();
+                    result = Err(e);
+                }
+                (Err(_), _) => w.undo(),
+            }
         }
         result
     }
@@ -1173,13 +1404,14 @@ fn retained_gauges(stats: &MqttStats, ix: &RetainedIndex) {
 }
 
 /// Appends one message to its routed log topic (creating the topic on first use); `kv` is
-/// committed with it, and so is a retained message (within `mqtt.retained_messages_max` and
-/// `mqtt.retained_bytes_max`).
+/// committed with it, and so is a retained message's record in the retained topic (within
+/// `mqtt.retained_messages_max` and `mqtt.retained_bytes_max`; an empty payload writes a
+/// tombstone if the topic had a retained message, [MQTT-3.3.1-6/7]).
 async fn publish_message(
     ctx: &Ctx,
     s: &Origin,
     m: &Message,
-    mut kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
+    kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
 ) -> Result<Published, StoreError> {
     let dest = ctx.router.route(&m.topic, &s.client_id, s.username.as_deref());
     let partitions = match ctx.store.topic(&dest.topic) {
@@ -1194,58 +1426,41 @@ async fn publish_message(
         }
     };
     let partition = ctx.partitioner.partition(dest.key.as_deref().map(str::as_bytes), partitions) as i32;
-    let mut headers = vec![
-        (HEADER_TOPIC.to_string(), Some(Bytes::from(m.topic.clone().into_bytes()))),
-        (HEADER_QOS.to_string(), Some(Bytes::from(m.qos.to_string().into_bytes()))),
-        (HEADER_CLIENT.to_string(), Some(Bytes::from(s.client_id.clone().into_bytes()))),
-    ];
     let expires_ms = m.props.message_expiry_s.map(|secs| now_ms() + i64::from(secs) * 1000);
-    if let Some(deadline) = expires_ms {
-        headers.push((HEADER_EXPIRES.to_string(), Some(Bytes::from(deadline.to_string().into_bytes()))));
-    }
-    if m.retain {
-        headers.push((HEADER_RETAIN.to_string(), Some(Bytes::from_static(b"1"))));
-    }
-    if let Some(format) = m.props.payload_format {
-        headers.push((HEADER_PAYLOAD_FORMAT.to_string(), Some(Bytes::from(format.to_string().into_bytes()))));
-    }
-    if let Some(ct) = &m.props.content_type {
-        headers.push((HEADER_CONTENT_TYPE.to_string(), Some(Bytes::from(ct.clone().into_bytes()))));
-    }
-    if let Some(cd) = &m.props.correlation_data {
-        headers.push((HEADER_CORRELATION_DATA.to_string(), Some(cd.clone())));
-    }
-    if let Some(rt) = &m.props.response_topic {
-        headers.push((HEADER_RESPONSE_TOPIC.to_string(), Some(Bytes::from(rt.clone().into_bytes()))));
-    }
-    for (k, v) in &m.props.user_properties {
-        headers.push((k.clone(), Some(Bytes::from(v.clone().into_bytes()))));
-    }
+    let headers = message_headers(m, &s.client_id, expires_ms);
     let mut retained = None;
+    let mut appends = Vec::with_capacity(2);
     // Held until the write is queued (see `Ctx::retained_order`).
     let _order = if m.retain { Some(ctx.retained_order.lock().await) } else { None };
     if m.retain {
-        let key = m.topic.clone().into_bytes();
-        // Every property is kept with it, and its expiry (3.3.1.3, [MQTT-3.3.2-5]).
-        let value = (!m.payload.is_empty()).then(|| {
-            let props = PublishProps {
-                message_expiry_s: None,
-                topic_alias: None,
-                subscription_ids: Vec::new(),
-                ..m.props.clone()
-            };
-            retained::encode_value(&RetainedValue { qos: m.qos, expires_ms, props, payload: m.payload.clone() })
-        });
-        let size = value.as_ref().map(|v| retained::stored_size(&m.topic, v.len()));
+        ensure_retained_topic(&ctx.store, &ctx.defaults.config).await?;
+        // Every property is kept with it, and its expiry as an absolute time (3.3.1.3,
+        // [MQTT-3.3.2-5]); an empty payload clears it with a tombstone.
+        let payload = (!m.payload.is_empty()).then(|| m.payload.clone());
+        let size = payload.as_ref().map(|p| retained::stored_size(m.topic.as_bytes(), p.len(), &headers));
         let update = {
             let mut ix = lock(&ctx.retained);
-            let update = ix.update_expiring(&m.topic, size, expires_ms);
+            // Nothing to clear: no tombstone ([MQTT-3.3.1-7]: an empty message is not retained).
+            let update = if size.is_none() && !ix.contains(&m.topic) {
+                None
+            } else {
+                Some(ix.update_expiring(&m.topic, size, expires_ms))
+            };
             retained_gauges(&ctx.stats, &ix);
             update
         };
         match update {
-            Ok(u) => retained = Some((ctx.retained.clone(), ctx.stats.clone(), u)),
-            Err(key) => {
+            None => {}
+            Some(Ok(update)) => {
+                appends.push((RETAINED_TOPIC, 0, vec![retained_record(&m.topic, payload, headers.clone())]));
+                retained = Some(RetainedWrite {
+                    pending: None,
+                    index: ctx.retained.clone(),
+                    stats: ctx.stats.clone(),
+                    update,
+                });
+            }
+            Some(Err(key)) => {
                 ctx.stats.retained_refused.fetch_add(1, Ordering::Relaxed);
                 let limit = match key {
                     "mqtt.retained_bytes_max" => ctx.cfg.retained_bytes_max,
@@ -1254,7 +1469,6 @@ async fn publish_message(
                 return Err(StoreError::LimitReached { key, limit });
             }
         }
-        kv.push((spaces::MQTT_RETAINED, key, value));
     }
     let record = NewRecord {
         key: dest.key.map(|k| Bytes::from(k.into_bytes())),
@@ -1262,14 +1476,22 @@ async fn publish_message(
         headers,
         timestamp_ms: None,
     };
+    appends.insert(0, (dest.topic.as_str(), partition, vec![record]));
     ctx.stats.publishes_in.fetch_add(1, Ordering::Relaxed);
-    match ctx.store.enqueue_records_with(&dest.topic, partition, vec![record], kv).await {
-        Ok(pending) => Ok(Published { pending, retained }),
+    match ctx.store.enqueue_appends(appends, kv).await {
+        Ok(pending) => {
+            let mut pending = pending.into_iter();
+            let Some(main) = pending.next() else {
+                return Err(StoreError::Corrupt("an append without its outcome".into()));
+            };
+            if let Some(w) = retained.as_mut() {
+                w.pending = pending.next();
+            }
+            Ok(Published { pending: main, retained })
+        }
         Err(e) => {
-            if let Some((index, stats, update)) = retained {
-                let mut ix = lock(&index);
-                ix.undo(&update);
-                retained_gauges(&stats, &ix);
+            if let Some(w) = retained {
+                w.undo();
             }
             Err(e)
         }
@@ -1919,49 +2141,74 @@ async fn send_retained(ctx: &Ctx, s: &mut Session) -> Result<bool, String> {
     }
     let store = ctx.store.clone();
     // Every topic of the page is sent (or was cleared meanwhile): the cursor is past them all.
-    let values = off_worker(move || {
-        let mut out = Vec::with_capacity(topics.len());
-        for t in topics {
-            if let Ok(Some(v)) = store.kv_get(spaces::MQTT_RETAINED, t.as_bytes()) {
-                out.push((t, v));
-            }
-        }
-        out
-    })
-    .await?;
+    let wanted: Vec<i64> = topics.iter().map(|(_, o)| *o).collect();
+    let mut records = off_worker(move || read_retained_records(&store, wanted)).await?;
     let mut expired = Vec::new();
-    for (t, v) in values {
+    for (t, offset) in topics {
         consume_budget().await;
-        let Some(value) = retained::decode_value(&v) else { continue };
-        if !topic::matches(&t, &filter) {
+        let Some(r) = records.remove(&offset) else {
+            // Gone from the topic (the disk budget, DeleteRecords): no longer retained.
+            lock(&ctx.retained).forget(&t, offset);
+            continue;
+        };
+        if r.key.as_deref() != Some(t.as_bytes()) || !topic::matches(&t, &filter) {
+            lock(&ctx.retained).forget(&t, offset);
             continue;
         }
+        let Some(payload) = r.value.clone() else { continue };
         // [MQTT-3.3.2-5]: an expired retained message is not sent; a live one carries what
         // is left of its expiry.
         let now = now_ms();
-        if value.expires_ms.is_some_and(|d| d <= now) {
+        let expires_ms: Option<i64> = header(&r, HEADER_EXPIRES).and_then(|d| d.parse().ok());
+        if expires_ms.is_some_and(|d| d <= now) {
             ctx.stats.expired_messages.fetch_add(1, Ordering::Relaxed);
             expired.push(t);
             continue;
         }
-        let qos = value.qos.min(granted);
-        let mut props = if s.version == Version::V5 { value.props } else { PublishProps::default() };
-        props.message_expiry_s = value.expires_ms.map(|d| ((d - now) / 1000).clamp(0, i64::from(u32::MAX)) as u32);
+        let stored_qos = header(&r, HEADER_QOS).and_then(|q| q.parse::<u8>().ok()).filter(|q| *q <= 2).unwrap_or(0);
+        let qos = stored_qos.min(granted);
+        let mut props = if s.version == Version::V5 { props_of(&r.headers) } else { PublishProps::default() };
+        props.message_expiry_s = expires_ms.map(|d| ((d - now) / 1000).clamp(0, i64::from(u32::MAX)) as u32);
         if let Some(id) = s.subs.iter().find(|x| x.filter == filter).map(|x| x.id).filter(|&id| id != 0) {
             props.subscription_ids.push(id);
         }
         // The page took no more QoS 1/2 messages than the window had room for.
-        send_message(ctx, s, &t, qos, true, &value.payload, props, Source::Retained);
+        send_message(ctx, s, &t, qos, true, &payload, props, Source::Retained);
     }
+    retained_gauges(&ctx.stats, &lock(&ctx.retained));
     // At most a page of them: the scan's bound is the deletion's.
     Box::pin(delete_expired_retained(ctx, expired)).await;
     // More pages: come back while the window has room (a QoS 0 scan never waits for it).
     Ok(!s.retained.is_empty() && !s.out.is_full())
 }
 
-/// Deletes retained messages a scan found expired ([MQTT-3.3.2-5]: they are never sent again),
-/// each only if the topic's latest message is still the expired one. Skipped while another
-/// deletion runs (a later scan finds them again).
+/// The retained topic's records at `offsets` (those still there), in as few reads as they allow:
+/// offsets in one stored batch are read once, and only the wanted records of a batch are kept.
+fn read_retained_records(store: &Store, mut offsets: Vec<i64>) -> HashMap<i64, StoredRecord> {
+    offsets.sort_unstable();
+    let wanted: std::collections::HashSet<i64> = offsets.iter().copied().collect();
+    let mut out = HashMap::with_capacity(offsets.len());
+    let mut read_to = i64::MIN;
+    for offset in offsets {
+        if offset < read_to {
+            continue;
+        }
+        // One batch (the first with records is returned whatever its size).
+        match store.read_records_next(RETAINED_TOPIC, 0, offset, 1) {
+            Ok((records, next)) => {
+                read_to = next;
+                let found = records.into_iter().filter(|r| wanted.contains(&r.offset) && r.value.is_some());
+                out.extend(found.map(|r| (r.offset, r)));
+            }
+            Err(e) => tracing::debug!(error = %e, offset, "retained record not read"),
+        }
+    }
+    out
+}
+
+/// Deletes retained messages a scan found expired ([MQTT-3.3.2-5]: they are never sent again)
+/// with tombstones in the retained topic, each only if the topic's latest message is still the
+/// expired one. Skipped while another deletion runs (a later scan finds them again).
 async fn delete_expired_retained(ctx: &Ctx, topics: Vec<String>) {
     if topics.is_empty() {
         return;
@@ -1977,8 +2224,18 @@ async fn delete_expired_retained(ctx: &Ctx, topics: Vec<String>) {
     if updates.is_empty() {
         return;
     }
-    let keys = updates.iter().map(|u| (u.topic.clone().into_bytes(), None)).collect();
-    match ctx.store.kv_write(spaces::MQTT_RETAINED, keys).await {
+    let tombstones = updates
+        .iter()
+        .map(|u| {
+            let headers = vec![(HEADER_TOPIC.to_string(), Some(Bytes::from(u.topic.clone().into_bytes())))];
+            retained_record(&u.topic, None, headers)
+        })
+        .collect();
+    let written = match ctx.store.enqueue_records(RETAINED_TOPIC, 0, tombstones).await {
+        Ok(pending) => pending.wait().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    match written {
         Ok(()) => {
             ctx.stats.retained_expired_deleted.fetch_add(updates.len() as u64, Ordering::Relaxed);
         }

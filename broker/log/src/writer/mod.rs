@@ -46,6 +46,15 @@ pub(crate) enum AppendData {
     Records(Vec<NewRecord>),
 }
 
+/// Records appended to another partition in the same commit as an `Op::Append` (all durable, or
+/// none), answered on their own reply after that commit.
+pub(crate) struct AlsoAppend {
+    pub topic: Arc<TopicState>,
+    pub pkey: u64,
+    pub records: Vec<NewRecord>,
+    pub reply: Reply<AppendOutcome>,
+}
+
 /// One key-value write: space, key, value (`None` = remove).
 pub(crate) type KvWrite = (KvSpace, Vec<u8>, Option<Vec<u8>>);
 
@@ -82,6 +91,8 @@ pub(crate) enum Op {
         data: AppendData,
         /// Key-value writes committed in the same transaction as the append (or not at all).
         kv: Vec<KvWrite>,
+        /// Records for other partitions committed in the same transaction (or not at all).
+        also: Vec<AlsoAppend>,
         reply: Reply<AppendOutcome>,
     },
     Admin {
@@ -121,8 +132,14 @@ impl std::fmt::Debug for Op {
 impl Op {
     fn size(&self) -> u64 {
         match self {
-            Op::Append { data: AppendData::Batch { bytes, .. }, .. } => bytes.len() as u64,
-            Op::Append { data: AppendData::Records(r), .. } => r.iter().map(|r| r.encoded_len_max() as u64).sum(),
+            Op::Append { data, also, .. } => {
+                let main = match data {
+                    AppendData::Batch { bytes, .. } => bytes.len() as u64,
+                    AppendData::Records(r) => r.iter().map(|r| r.encoded_len_max() as u64).sum(),
+                };
+                let more: u64 = also.iter().flat_map(|a| &a.records).map(|r| r.encoded_len_max() as u64).sum();
+                main + more
+            }
             Op::Kv { entries, .. } => {
                 entries.iter().map(|(k, v)| (k.len() + v.as_ref().map_or(0, Vec::len)) as u64).sum()
             }
@@ -132,7 +149,10 @@ impl Op {
 
     fn needs_fsync(&self) -> bool {
         match self {
-            Op::Append { topic, .. } => topic.config.durability == Durability::Fsync,
+            Op::Append { topic, also, .. } => {
+                topic.config.durability == Durability::Fsync
+                    || also.iter().any(|a| a.topic.config.durability == Durability::Fsync)
+            }
             Op::Admin { .. } | Op::Kv { .. } | Op::Probe { .. } => true,
             Op::Tick | Op::Shutdown => false,
         }
@@ -707,18 +727,28 @@ impl Writer {
         r: &mut Round,
     ) -> Result<(), StoreError> {
         match op {
-            Op::Append { topic, pkey, data, kv, reply } => {
-                if let Some(e) = disk_full {
+            Op::Append { topic, pkey, data, kv, also, reply } => {
+                let refused = disk_full.cloned().or_else(|| {
+                    std::iter::once((&topic, pkey))
+                        .chain(also.iter().map(|a| (&a.topic, a.pkey)))
+                        .find(|(_, k)| self.meta(r, *k).is_none())
+                        .map(|(t, _)| StoreError::UnknownTopic(t.name.clone()))
+                });
+                if let Some(e) = refused {
                     let _ = reply.send(Err(e.clone()));
+                    for a in also {
+                        let _ = a.reply.send(Err(e.clone()));
+                    }
                     return Ok(());
                 }
-                if self.meta(r, pkey).is_none() {
-                    let _ = reply.send(Err(StoreError::UnknownTopic(topic.name.clone())));
-                    return Ok(());
+                for k in std::iter::once((&topic, pkey)).chain(also.iter().map(|a| (&a.topic, a.pkey))) {
+                    if k.0.config.durability == Durability::Relaxed {
+                        r.relaxed.insert(k.1);
+                    }
                 }
-                if topic.config.durability == Durability::Relaxed {
-                    r.relaxed.insert(pkey);
-                }
+                // Only record appends carry `also` (`Store::enqueue_appends`), so nothing below
+                // returns before they are queued.
+                debug_assert!(also.is_empty() || matches!(data, AppendData::Records(_)));
                 match data {
                     AppendData::Records(records) => {
                         let n = records.len();
@@ -754,6 +784,18 @@ impl Writer {
                                 return Err(e);
                             }
                         }
+                    }
+                }
+                // They join the round's packs, so they are flushed in this transaction.
+                for a in also {
+                    let n = a.records.len();
+                    match packs.iter_mut().find(|(k, _)| *k == a.pkey) {
+                        Some((_, p)) => {
+                            p.records.extend(a.records);
+                            p.waiters.push((a.reply, n));
+                        }
+                        None => packs
+                            .push((a.pkey, Pack { topic: a.topic, records: a.records, waiters: vec![(a.reply, n)] })),
                     }
                 }
                 for (space, key, value) in kv {
@@ -911,8 +953,11 @@ impl Writer {
 fn fail_ops(ops: Vec<Op>, e: &StoreError) {
     for op in ops {
         match op {
-            Op::Append { reply, .. } => {
+            Op::Append { reply, also, .. } => {
                 let _ = reply.send(Err(e.clone()));
+                for a in also {
+                    let _ = a.reply.send(Err(e.clone()));
+                }
             }
             Op::Admin { reply, .. } | Op::Kv { reply, .. } => {
                 let _ = reply.send(Err(e.clone()));

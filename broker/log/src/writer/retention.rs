@@ -112,13 +112,18 @@ impl Writer {
         if !self.retention_active {
             return Ok(());
         }
+        // Topics kept from the budget (`Store::keep_from_disk_budget`), by topic id.
+        let kept: std::collections::HashSet<u64> = match (self.shared.budget_kept.read(), self.shared.topics.read()) {
+            (Ok(names), Ok(topics)) => names.iter().filter_map(|n| topics.get(n)).map(|t| u64::from(t.id)).collect(),
+            _ => std::collections::HashSet::new(),
+        };
         // Batches another system already has go first (an archived partition's front), then
         // the oldest front across partitions.
         let archived: Vec<(u64, i64)> = self
             .pstates
             .iter()
             .map(|(k, p)| (*k, p.archived.load(Ordering::Relaxed)))
-            .filter(|(_, m)| *m > 0)
+            .filter(|(k, m)| *m > 0 && !kept.contains(&(*k >> 32)))
             .collect();
         for (pkey, mark) in archived {
             while total > low && freed < cap {
@@ -132,7 +137,7 @@ impl Writer {
         let keys: Vec<u64> = self.metas.keys().chain(r.metas.keys()).copied().collect();
         let mut seen = std::collections::HashSet::new();
         for pkey in keys {
-            if !seen.insert(pkey) {
+            if !seen.insert(pkey) || kept.contains(&(pkey >> 32)) {
                 continue;
             }
             let Some(m) = self.meta(r, pkey) else { continue };

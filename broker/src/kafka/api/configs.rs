@@ -19,6 +19,7 @@ const RESOURCE_BROKER: i8 = 4;
 /// Kafka's ConfigSource values.
 const SOURCE_DYNAMIC_TOPIC: i8 = 1;
 const SOURCE_STATIC_BROKER: i8 = 4;
+const SOURCE_DEFAULT: i8 = 5;
 /// Kafka's ConfigType values.
 const TYPE_BOOLEAN: i8 = 1;
 const TYPE_STRING: i8 = 2;
@@ -26,6 +27,38 @@ const TYPE_INT: i8 = 3;
 const TYPE_LONG: i8 = 5;
 const TYPE_DOUBLE: i8 = 6;
 const TYPE_LIST: i8 = 7;
+/// IncrementalAlterConfigs operations.
+const OP_SET: i8 = 0;
+const OP_DELETE: i8 = 1;
+const OP_APPEND: i8 = 2;
+const OP_SUBTRACT: i8 = 3;
+
+/// The served topic configs whose type is LIST in Kafka: the ones APPEND and SUBTRACT apply to
+/// (Kafka's other list topic configs, the replication throttles, are not served).
+const LIST_CONFIGS: &[&str] = &["cleanup.policy"];
+
+/// IncrementalAlterConfigs' APPEND (adds the items not there yet, at the end) and SUBTRACT
+/// (removes every item named) on a list config's current value (`current`: the topic's, or the
+/// default), as Kafka's ConfigurationControlManager does; on any other config the error Kafka
+/// answers INVALID_CONFIG with. A value of `None` changes nothing.
+fn list_op(key: &str, op: i8, current: &str, value: Option<&str>) -> Result<String, String> {
+    let verb = if op == OP_APPEND { "APPEND" } else { "SUBTRACT" };
+    if !LIST_CONFIGS.contains(&key) {
+        return Err(format!("Can't {verb} to key {key} because its type is not LIST."));
+    }
+    let mut items: Vec<&str> = current.split(',').map(str::trim).filter(|i| !i.is_empty()).collect();
+    let given = value.into_iter().flat_map(|v| v.split(',')).map(str::trim).filter(|i| !i.is_empty());
+    for item in given {
+        if op == OP_APPEND {
+            if !items.contains(&item) {
+                items.push(item);
+            }
+        } else {
+            items.retain(|i| *i != item);
+        }
+    }
+    Ok(items.join(","))
+}
 
 pub(super) fn describe_configs_request(ctx: &Ctx, call: Call, req: requests::ConfigsRequest) -> PendingReply {
     let resp = describe_configs(ctx, &call, req);
@@ -70,12 +103,65 @@ pub(super) fn incremental_alter_configs_request(
     })
 }
 
+/// Where a topic config's value comes from, as Kafka answers it: the topic's own setting
+/// (DYNAMIC_TOPIC_CONFIG) when it differs from the gateway's `[topic_defaults]`, else the
+/// broker-level default: STATIC_BROKER_CONFIG when gateway.toml changes Kafka's default,
+/// DEFAULT_CONFIG when it does not.
 pub(super) fn config_source(ctx: &Ctx, cfg: &TopicConfig, key: &str) -> i8 {
-    if cfg.get(key) == ctx.defaults.config.get(key) {
-        SOURCE_STATIC_BROKER
-    } else {
+    if cfg.get(key) != ctx.defaults.config.get(key) {
         SOURCE_DYNAMIC_TOPIC
+    } else {
+        broker_default_source(ctx, key)
     }
+}
+
+fn broker_default_source(ctx: &Ctx, key: &str) -> i8 {
+    if ctx.defaults.config.get(key) == TopicConfig::default().get(key) {
+        SOURCE_DEFAULT
+    } else {
+        SOURCE_STATIC_BROKER
+    }
+}
+
+/// The broker config Kafka names as a topic config's synonym (the default a topic without its
+/// own setting gets), in the topic config's unit (Kafka also lists `log.retention.hours` and
+/// `log.roll.hours`, their coarser forms). `durability` is ours: no synonym.
+fn broker_synonym(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "compression.type" => "compression.type",
+        "retention.bytes" => "log.retention.bytes",
+        "retention.ms" => "log.retention.ms",
+        "message.timestamp.type" => "log.message.timestamp.type",
+        "cleanup.policy" => "log.cleanup.policy",
+        "delete.retention.ms" => "log.cleaner.delete.retention.ms",
+        "min.compaction.lag.ms" => "log.cleaner.min.compaction.lag.ms",
+        "max.compaction.lag.ms" => "log.cleaner.max.compaction.lag.ms",
+        "min.cleanable.dirty.ratio" => "log.cleaner.min.cleanable.ratio",
+        "segment.bytes" => "log.segment.bytes",
+        "segment.ms" => "log.roll.ms",
+        "segment.jitter.ms" => "log.roll.jitter.ms",
+        "segment.index.bytes" => "log.index.size.max.bytes",
+        _ => return None,
+    })
+}
+
+/// A topic config's synonyms as Kafka orders them: the topic's own setting (if it has one), then
+/// the broker-level default it would fall back to.
+fn topic_synonyms(ctx: &Ctx, cfg: &TopicConfig, key: &str) -> Vec<describe_configs_response::DescribeConfigsSynonym> {
+    let synonym = |name: &str, value: Option<String>, source: i8| {
+        describe_configs_response::DescribeConfigsSynonym::default()
+            .with_name(sb(name))
+            .with_value(value.map(sb))
+            .with_source(source)
+    };
+    let mut out = Vec::with_capacity(2);
+    if config_source(ctx, cfg, key) == SOURCE_DYNAMIC_TOPIC {
+        out.push(synonym(key, cfg.get(key), SOURCE_DYNAMIC_TOPIC));
+    }
+    if let Some(name) = broker_synonym(key) {
+        out.push(synonym(name, ctx.defaults.config.get(key), broker_default_source(ctx, key)));
+    }
+    out
 }
 
 fn topic_config_doc(key: &str) -> (&'static str, i8) {
@@ -117,6 +203,7 @@ fn topic_config_doc(key: &str) -> (&'static str, i8) {
 fn describe_configs(ctx: &Ctx, call: &Call, req: requests::ConfigsRequest) -> DescribeConfigsResponse {
     let mut resp = DescribeConfigsResponse::default();
     let v = call.version;
+    let synonyms = v >= 1 && req.include_synonyms;
     for res in req.resources {
         let wanted = |k: &str| res.keys.as_ref().is_none_or(|keys| keys.iter().any(|w| w == k));
         let mut r = describe_configs_response::DescribeConfigsResult::default()
@@ -152,7 +239,11 @@ fn describe_configs(ctx: &Ctx, call: &Call, req: requests::ConfigsRequest) -> De
                     for k in TopicConfig::KEYS.iter().filter(|k| wanted(k)) {
                         let (doc, ty) = topic_config_doc(k);
                         let value = info.config.get(k).unwrap_or_default();
-                        r.configs.push(entry(k, value, false, config_source(ctx, &info.config, k), doc, ty));
+                        let mut e = entry(k, value, false, config_source(ctx, &info.config, k), doc, ty);
+                        if synonyms {
+                            e = e.with_synonyms(topic_synonyms(ctx, &info.config, k));
+                        }
+                        r.configs.push(e);
                     }
                 }
             },
@@ -184,9 +275,23 @@ fn describe_configs(ctx: &Ctx, call: &Call, req: requests::ConfigsRequest) -> De
                         "storage.max_bytes (all topics together)",
                         TYPE_LONG,
                     ),
+                    (
+                        "group.initial.rebalance.delay.ms",
+                        ctx.cfg.group_initial_rebalance_delay_ms.to_string(),
+                        "kafka.group_initial_rebalance_delay_ms",
+                        TYPE_INT,
+                    ),
                 ];
                 for (name, value, doc, ty) in broker_entries.into_iter().filter(|e| wanted(e.0)) {
-                    r.configs.push(entry(name, value, true, SOURCE_STATIC_BROKER, doc, ty));
+                    let mut e = entry(name, value.clone(), true, SOURCE_STATIC_BROKER, doc, ty);
+                    if synonyms {
+                        // Kafka lists a broker config's own static setting as its synonym.
+                        e = e.with_synonyms(vec![describe_configs_response::DescribeConfigsSynonym::default()
+                            .with_name(sb(name))
+                            .with_value(Some(sb(value)))
+                            .with_source(SOURCE_STATIC_BROKER)]);
+                    }
+                    r.configs.push(e);
                 }
             }
             other => {
@@ -229,10 +334,19 @@ async fn alter_configs(
                     let mut cfg = if incremental { info.config.clone() } else { ctx.defaults.config.clone() };
                     let mut bad = None;
                     for requests::ConfigChange { name: k, op, value } in &changes {
-                        let r = match (incremental, op) {
-                            (false, _) | (true, 0) => cfg.set(k, value.as_deref()).map_err(|e| e.to_string()),
-                            (true, 1) => cfg.set(k, ctx.defaults.config.get(k).as_deref()).map_err(|e| e.to_string()),
-                            (true, _) => Err(format!("{k}: APPEND and SUBTRACT apply to list settings only")),
+                        let r = match (incremental, *op) {
+                            (false, _) | (true, OP_SET) => cfg.set(k, value.as_deref()).map_err(|e| e.to_string()),
+                            (true, OP_DELETE) => {
+                                cfg.set(k, ctx.defaults.config.get(k).as_deref()).map_err(|e| e.to_string())
+                            }
+                            (true, op @ (OP_APPEND | OP_SUBTRACT)) => {
+                                let current = cfg.get(k).or_else(|| ctx.defaults.config.get(k)).unwrap_or_default();
+                                list_op(k, op, &current, value.as_deref()).and_then(|list| {
+                                    // An empty list is not a policy (refused naming the key).
+                                    cfg.set(k, Some(&list)).map_err(|e| e.to_string())
+                                })
+                            }
+                            (true, op) => Err(format!("{k}: unknown config operation {op}")),
                         };
                         if let Err(m) = r {
                             bad = Some(m);
@@ -263,4 +377,32 @@ async fn alter_configs(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kafka's APPEND and SUBTRACT on a list config: items added once, at the end; every named
+    /// item removed; other configs refused with Kafka's message.
+    #[test]
+    fn append_and_subtract_work_on_list_configs_only() {
+        assert_eq!(list_op("cleanup.policy", OP_APPEND, "delete", Some("compact")), Ok("delete,compact".into()));
+        assert_eq!(
+            list_op("cleanup.policy", OP_APPEND, "compact", Some("compact,delete")),
+            Ok("compact,delete".into())
+        );
+        assert_eq!(list_op("cleanup.policy", OP_APPEND, "delete", None), Ok("delete".into()));
+        assert_eq!(list_op("cleanup.policy", OP_SUBTRACT, "compact,delete", Some("delete")), Ok("compact".into()));
+        assert_eq!(list_op("cleanup.policy", OP_SUBTRACT, "compact", Some("delete")), Ok("compact".into()));
+        assert_eq!(list_op("cleanup.policy", OP_SUBTRACT, "compact", Some("compact")), Ok(String::new()));
+        assert_eq!(
+            list_op("retention.ms", OP_APPEND, "1000", Some("2000")),
+            Err("Can't APPEND to key retention.ms because its type is not LIST.".into())
+        );
+        assert_eq!(
+            list_op("compression.type", OP_SUBTRACT, "lz4", Some("lz4")),
+            Err("Can't SUBTRACT to key compression.type because its type is not LIST.".into())
+        );
+    }
 }

@@ -54,7 +54,7 @@ pub(super) async fn produce(ctx: Arc<Ctx>, call: Call, req: requests::ProduceReq
                 (None, Some(batch)) => {
                     match mqtt_user
                         .as_ref()
-                        .map(|u| crate::kafka::mqtt_rules::check_batch(u, &batch, decompressed_limit))
+                        .map(|u| crate::kafka::mqtt_rules::check_batch(u, &topic, &batch, decompressed_limit))
                     {
                         Some(Err((index, why))) => {
                             tracing::warn!(peer = %call.peer, %topic, partition, %why, "produce refused by the MQTT publish rules");
