@@ -3,6 +3,7 @@
 //! `tributary-cloud` receiver that writes into Kafka.
 
 pub mod certs;
+pub mod checkpoint;
 pub mod config;
 pub mod config_file;
 pub mod congestion;

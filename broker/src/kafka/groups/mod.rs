@@ -18,7 +18,7 @@ mod protocol;
 mod state;
 
 use offsets::{offset_key_prefix, parse_offset_key};
-pub use offsets::{CommittedOffset, CommittedPartition, OffsetToCommit, PartitionLag};
+pub use offsets::{AllCommitted, CommitHook, CommittedOffset, CommittedPartition, OffsetToCommit, PartitionLag};
 use protocol::subscribed_topics;
 use state::{check_member, expire, owned, protocols_bytes, Group, Member};
 
@@ -180,6 +180,8 @@ pub struct Coordinator {
     /// with checked arithmetic (`HELD`).
     held: AtomicU64,
     wake: Notify,
+    /// Called after each durable commit (`set_commit_hook`).
+    commit_hook: offsets::HookSlot,
 }
 
 fn new_member_id(prefix: &str) -> String {
@@ -212,7 +214,14 @@ impl Coordinator {
             g.has_offsets = true;
             groups.insert(group, g);
         }
-        Ok(Arc::new(Self { store, limits, groups: Mutex::new(groups), held: AtomicU64::new(0), wake: Notify::new() }))
+        Ok(Arc::new(Self {
+            store,
+            limits,
+            groups: Mutex::new(groups),
+            held: AtomicU64::new(0),
+            wake: Notify::new(),
+            commit_hook: offsets::HookSlot::default(),
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
