@@ -42,8 +42,8 @@ fn three_brokers() -> KafkaCluster {
 }
 
 /// `tributary-cloud` as a child process, on a UDP port chosen once so it comes back on it.
-struct Receiver {
-    addr: SocketAddr,
+pub(crate) struct Receiver {
+    pub(crate) addr: SocketAddr,
     child: CloudChild,
 }
 
@@ -79,22 +79,22 @@ impl Receiver {
     }
 
     /// For a one-broker cluster: replication factor 1, Kafka's default `min.insync.replicas`.
-    fn start_single(pki: &Pki, bootstrap: &str, dir: &Path) -> Self {
+    pub(crate) fn start_single(pki: &Pki, bootstrap: &str, dir: &Path) -> Self {
         Self::start_with(pki, bootstrap, dir, 1)
     }
 
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         self.child.spawn().unwrap_or_else(|e| panic!("{e:#}"));
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         self.child.kill().expect("SIGKILL the receiver");
     }
 }
 
 /// Every record of a Kafka partition, from its log start to its high watermark, read with a
 /// librdkafka consumer (read_committed, group-less), as the store's record type.
-fn read_kafka(bootstrap: &str, topic: &str, partition: i32) -> Vec<StoredRecord> {
+pub(crate) fn read_kafka(bootstrap: &str, topic: &str, partition: i32) -> Vec<StoredRecord> {
     let consumer: BaseConsumer = client_config(bootstrap)
         .set("group.id", "tests-assign-only")
         .set("enable.auto.commit", "false")

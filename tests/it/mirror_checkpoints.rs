@@ -1,0 +1,334 @@
+//! Consumer-group offsets travel with the data, against Apache Kafka: a consumer group on the real
+//! gateway (the `tributary` binary) commits, the mirror carries the commits to the
+//! `tributary-cloud` receiver (a child process), which writes MirrorMaker 2 checkpoints into
+//! `{site}.checkpoints.internal`. Kafka's own `RemoteClusterUtils.translateOffsets` (a small Java
+//! program on the jar cache, `tests/interop/java/TranslateOffsets.java`) must answer exactly the
+//! remote offset of the first mirrored record at or after each edge commit, and a central
+//! consumer started there must read exactly the records after the commit: none lost, none twice.
+//! One broker: this is about the format and the translation, not about replication.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tributary_tests::kafka_cluster::{KafkaCluster, KafkaOptions};
+
+use crate::mirror::{Pki, SITE};
+use crate::mirror_kafka::{read_kafka, Receiver};
+use crate::support::{client_config, Daemon};
+
+const GROUP: &str = "billing";
+
+fn one_broker() -> KafkaCluster {
+    let cluster = KafkaCluster::start(KafkaOptions::default()).unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("one-broker Apache Kafka serving in {:.1} s", cluster.started_in.as_secs_f64());
+    cluster
+}
+
+/// The gateway's config: Kafka listener, and the mirror of `topics` to `cloud`.
+fn gateway_config(dir: &Path, pki: &Pki, cloud: std::net::SocketAddr, topics: &[&str]) -> PathBuf {
+    let (cert, key) = pki.site("site", SITE, None);
+    let config = dir.join("gateway.toml");
+    let text = format!(
+        "[storage]\ndata_dir = {data:?}\ndisk_free_bytes_min = 0\n\
+         [kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nenabled = false\n\
+         [mirror]\nenabled = true\ncloud = \"{cloud}\"\nserver_name = \"localhost\"\nsite = \"{SITE}\"\n\
+         ca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\ntopics = {topics:?}\n\
+         keep_alive_ms = 1000\nidle_timeout_ms = 3000\nreconnect_backoff_min_ms = 50\nreconnect_backoff_max_ms = 300\n",
+        data = dir.join("data"),
+        ca = pki.path("ca.pem"),
+    );
+    std::fs::write(&config, text).expect("write gateway.toml");
+    config
+}
+
+fn create_topic(bootstrap: &str, topic: &str, partitions: i32, configs: &[(&str, &str)]) {
+    let admin: AdminClient<DefaultClientContext> = client_config(bootstrap).create().expect("admin");
+    let mut t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (k, v) in configs {
+        t = t.set(k, v);
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let res = rt.block_on(admin.create_topics([&t], &opts)).expect("create topics");
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("create {t}: {e}"));
+    }
+}
+
+fn producer(bootstrap: &str) -> BaseProducer {
+    client_config(bootstrap).set("acks", "all").set("linger.ms", "5").create().expect("producer")
+}
+
+fn produce(p: &BaseProducer, topic: &str, partition: i32, n: usize) {
+    for i in 0..n {
+        let key = format!("meter-{i}");
+        let value = format!("{{\"meter\":{i},\"kwh\":{}.{:03}}}", i * 7, i % 1000);
+        loop {
+            match p.send(BaseRecord::to(topic).partition(partition).key(&key).payload(&value)) {
+                Ok(()) => break,
+                Err((_, _)) => {
+                    p.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        // Batches of 50: retention deletes whole batches.
+        if i % 50 == 49 {
+            p.flush(Duration::from_secs(30)).expect("flush");
+        }
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+fn watermarks(bootstrap: &str, topic: &str, partition: i32) -> (i64, i64) {
+    let c: BaseConsumer = client_config(bootstrap).create().expect("consumer");
+    c.fetch_watermarks(topic, partition, Duration::from_secs(10)).expect("watermarks")
+}
+
+fn header_offset(h: &[(String, Option<bytes::Bytes>)]) -> i64 {
+    let v = h.iter().find(|(k, _)| k == "tributary.offset").and_then(|(_, v)| v.clone()).expect("provenance header");
+    std::str::from_utf8(&v).expect("utf-8").parse().expect("offset")
+}
+
+/// Waits until the remote partition holds the source partition's last record.
+fn wait_mirrored(bootstrap: &str, remote: &str, partition: i32, source_high: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let c: BaseConsumer = client_config(bootstrap).create().expect("consumer");
+    loop {
+        // The remote topic appears with the gateway's first session.
+        let exists = c.fetch_watermarks(remote, partition, Duration::from_secs(5)).is_ok_and(|(l, h)| h > l);
+        if exists
+            && read_kafka(bootstrap, remote, partition)
+                .last()
+                .is_some_and(|r| header_offset(&r.headers) == source_high - 1)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{remote}-{partition} never got source offset {}", source_high - 1);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A checkpoint record decoded by the test itself (Kafka's `Struct` format, `Checkpoint.java`):
+/// (group, remote topic, partition) -> (upstream offset, downstream offset).
+type Checkpoints = BTreeMap<(String, String, i32), (i64, i64)>;
+
+fn kafka_string(b: &[u8], at: &mut usize) -> String {
+    let n = i16::from_be_bytes([b[*at], b[*at + 1]]) as usize;
+    let s = String::from_utf8(b[*at + 2..*at + 2 + n].to_vec()).expect("utf-8");
+    *at += 2 + n;
+    s
+}
+
+fn decode_checkpoint(key: &[u8], value: &[u8]) -> ((String, String, i32), (i64, i64)) {
+    let mut at = 0;
+    let group = kafka_string(key, &mut at);
+    let topic = kafka_string(key, &mut at);
+    let partition = i32::from_be_bytes(key[at..at + 4].try_into().expect("partition"));
+    assert_eq!(at + 4, key.len(), "key has nothing after the partition");
+    assert_eq!(&value[..2], &[0, 0], "version 0");
+    let up = i64::from_be_bytes(value[2..10].try_into().expect("upstream"));
+    let down = i64::from_be_bytes(value[10..18].try_into().expect("downstream"));
+    ((group, topic, partition), (up, down))
+}
+
+/// Reads the checkpoints topic from its start, handing each checkpoint to `seen` (with the time it
+/// was read) until `seen` returns true or the deadline passes.
+fn watch_checkpoints(
+    bootstrap: &str,
+    deadline: Duration,
+    mut seen: impl FnMut(&(String, String, i32), (i64, i64), Instant) -> bool,
+) -> bool {
+    let topic = format!("{SITE}.checkpoints.internal");
+    let c: BaseConsumer = client_config(bootstrap)
+        .set("group.id", "tests-checkpoint-reader")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Beginning).expect("offset");
+    c.assign(&tpl).expect("assign");
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        match c.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                let (k, v) = decode_checkpoint(m.key().expect("key"), m.payload().expect("value"));
+                if seen(&k, v, Instant::now()) {
+                    return true;
+                }
+            }
+            // The topic does not exist until the gateway's first session.
+            Some(Err(_)) | None => {}
+        }
+    }
+    false
+}
+
+/// `RemoteClusterUtils.translateOffsets(props, SITE, group, 30 s)` in a JVM: remote (topic,
+/// partition) -> offset.
+fn translate_offsets(cluster: &KafkaCluster, group: &str) -> BTreeMap<(String, i32), i64> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/java/TranslateOffsets.java");
+    let out = cluster
+        .jars()
+        .java(256)
+        .args(["-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"])
+        .arg(&source)
+        .args([cluster.bootstrap().as_str(), SITE, group])
+        .output()
+        .expect("run java");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "TranslateOffsets: {}\n{stdout}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    stdout
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            ((f[0].to_string(), f[1].parse().expect("partition")), f[2].parse().expect("offset"))
+        })
+        .collect()
+}
+
+/// A consumer group on the gateway reads part of a mirrored topic whose oldest records retention
+/// deleted before they were mirrored (so remote offsets are not the source offsets) and commits:
+/// partition 0 in the middle, partition 1 at its high watermark.
+#[test]
+fn translate_offsets_answers_exactly_where_a_central_consumer_continues_without_loss_or_duplicates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = one_broker();
+    let bootstrap = cluster.bootstrap();
+    let pki = Pki::new();
+    // The receiver is down while the gateway's retention deletes unmirrored records.
+    let mut receiver = Receiver::start_single(&pki, &bootstrap, dir.path());
+    receiver.kill();
+    let gateway = Daemon::start(&gateway_config(dir.path(), &pki, receiver.addr, &["meters"]));
+    let edge = gateway.addr("kafka");
+    create_topic(&edge, "meters", 2, &[("retention.bytes", "8000"), ("compression.type", "none")]);
+    let p = producer(&edge);
+    for partition in 0..2 {
+        produce(&p, "meters", partition, 600);
+    }
+    let mut high = Vec::new();
+    for partition in 0..2 {
+        let (low, hw) = watermarks(&edge, "meters", partition);
+        assert!(low > 0, "retention deleted the oldest records of partition {partition}");
+        high.push(hw);
+    }
+    receiver.spawn();
+    let remote = format!("{SITE}.meters");
+    for (partition, hw) in high.iter().enumerate() {
+        wait_mirrored(&bootstrap, &remote, partition as i32, *hw);
+    }
+
+    // The group reads all of partition 1 and part of partition 0, then commits.
+    let consumer: BaseConsumer = client_config(&edge)
+        .set("group.id", GROUP)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("group consumer");
+    consumer.subscribe(&["meters"]).expect("subscribe");
+    let mut next = [None::<i64>; 2];
+    let start = watermarks(&edge, "meters", 0).0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while next[0].is_none_or(|n| n < start + 100) || next[1] != Some(high[1]) {
+        assert!(Instant::now() < deadline, "the group did not read: {next:?}");
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.expect("consume");
+            let i = m.partition() as usize;
+            if i == 0 && next[0].is_some_and(|n| n >= start + 100) {
+                continue;
+            }
+            next[i] = Some(m.offset() + 1);
+        }
+    }
+    let committed = [next[0].expect("read"), high[1]];
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in committed.iter().enumerate() {
+        tpl.add_partition_offset("meters", partition as i32, Offset::Offset(*offset)).expect("tpl");
+    }
+    consumer.commit(&tpl, CommitMode::Sync).expect("commit on the gateway");
+    let committed_at = Instant::now();
+
+    // Checkpoints appear for both partitions, decoded by hand first.
+    let mut got: Checkpoints = BTreeMap::new();
+    let mut visible = None;
+    let all = watch_checkpoints(&bootstrap, Duration::from_secs(30), |k, v, at| {
+        got.insert(k.clone(), v);
+        let done = (0..2).all(|p| {
+            got.get(&(GROUP.to_string(), remote.clone(), p)).is_some_and(|(up, _)| *up == committed[p as usize])
+        });
+        if done {
+            visible = Some(at);
+        }
+        done
+    });
+    assert!(all, "checkpoints of both partitions: {got:?}");
+    let lag = visible.map(|v| v.duration_since(committed_at)).unwrap_or_default();
+    eprintln!("translation lag, idle link: edge commit to both checkpoints readable in Kafka {} ms", lag.as_millis());
+
+    // What they must say: the remote offset of the first record at or after the commit (none
+    // after partition 1's commit: the offset the next record takes).
+    let mut expected = BTreeMap::new();
+    let mut records = Vec::new();
+    for (partition, commit) in committed.iter().enumerate() {
+        let rs = read_kafka(&bootstrap, &remote, partition as i32);
+        let at = rs
+            .iter()
+            .find(|r| header_offset(&r.headers) >= *commit)
+            .map_or_else(|| rs.last().expect("records").offset + 1, |r| r.offset);
+        assert_ne!(at, *commit, "the gap makes remote offsets differ from source offsets");
+        expected.insert((remote.clone(), partition as i32), at);
+        records.push(rs);
+    }
+    for ((_, topic, partition), (_, down)) in got.iter().filter(|((g, _, _), _)| g == GROUP) {
+        assert_eq!(Some(down), expected.get(&(topic.clone(), *partition)), "checkpoint of {topic}-{partition}");
+    }
+
+    // Kafka's own translation reads the same.
+    let translated = translate_offsets(&cluster, GROUP);
+    assert_eq!(translated, expected, "RemoteClusterUtils.translateOffsets");
+
+    // A central consumer of the same group, started at the translated offsets, reads exactly the
+    // records after the edge commit.
+    let central: BaseConsumer = client_config(&bootstrap)
+        .set("group.id", GROUP)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("central consumer");
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in &translated {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)).expect("tpl");
+    }
+    central.assign(&tpl).expect("assign");
+    let mut read: [Vec<i64>; 2] = [Vec::new(), Vec::new()];
+    let want: Vec<Vec<i64>> = committed.iter().zip(&high).map(|(c, h)| (*c..*h).collect()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read[0].len() < want[0].len() {
+        assert!(Instant::now() < deadline, "central consumer stuck: {} of {}", read[0].len(), want[0].len());
+        if let Some(m) = central.poll(Duration::from_millis(100)) {
+            let m = m.expect("central consume");
+            let h: Vec<(String, Option<bytes::Bytes>)> = m.headers().map_or_else(Vec::new, |h| {
+                h.iter().map(|h| (h.key.to_string(), h.value.map(bytes::Bytes::copy_from_slice))).collect()
+            });
+            read[m.partition() as usize].push(header_offset(&h));
+        }
+    }
+    // Partition 1 was read to its end at the edge: nothing more there (polled a little longer).
+    let quiet = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < quiet {
+        if let Some(m) = central.poll(Duration::from_millis(50)) {
+            let m = m.expect("central consume");
+            panic!("record after the end: partition {} offset {}", m.partition(), m.offset());
+        }
+    }
+    assert_eq!(read[0], want[0], "partition 0: exactly the records after the edge commit");
+    assert!(read[1].is_empty(), "partition 1: committed at its high watermark");
+    drop(records);
+    drop(gateway);
+}
