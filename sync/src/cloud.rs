@@ -103,6 +103,12 @@ pub struct CloudStats {
     pub translation_lag_ms_last: AtomicU64,
     pub translation_lag_ms_max: AtomicU64,
     pub translation_lag_ms_sum: AtomicU64,
+    /// Translated offsets committed into central consumer groups (`central_commit_enabled`),
+    /// commits Kafka refused (an active group there: retried), and offsets dropped over
+    /// `central_commit_groups_max`.
+    pub central_commits: AtomicU64,
+    pub central_commits_refused: AtomicU64,
+    pub central_commits_dropped: AtomicU64,
 }
 
 struct SiteEntry {
@@ -116,6 +122,8 @@ struct Shared {
     producer: ThreadedProducer<Acknowledger>,
     /// Writes checkpoints (its own delivery reports; `None` when checkpoints are off).
     checkpoints: Option<ThreadedProducer<CheckpointAcks>>,
+    /// Translated offsets waiting to go into central consumer groups (`None`: option off).
+    central: Option<Arc<CentralCommits>>,
     admin: AdminClient<DefaultClientContext>,
     sites: Mutex<HashMap<String, SiteEntry>>,
     next_id: AtomicU64,
@@ -179,6 +187,13 @@ impl CloudServer {
         )?;
         let admin: AdminClient<DefaultClientContext> = kafka_config(&cfg).create()?;
         let stats = Arc::new(CloudStats::default());
+        let central = (cfg.checkpoints_enabled && cfg.central_commit_enabled).then(|| {
+            Arc::new(CentralCommits {
+                pending: Mutex::new(BTreeMap::new()),
+                groups_max: cfg.central_commit_groups_max as usize,
+                stats: stats.clone(),
+            })
+        });
         let checkpoints = if cfg.checkpoints_enabled {
             Some(ThreadedProducer::from_config_and_context(
                 kafka_config(&cfg)
@@ -186,7 +201,7 @@ impl CloudServer {
                     .set("acks", "all")
                     .set("linger.ms", "5")
                     .set("queue.buffering.max.messages", "100000"),
-                CheckpointAcks { stats: stats.clone() },
+                CheckpointAcks { stats: stats.clone(), central: central.clone() },
             )?)
         } else {
             None
@@ -195,6 +210,7 @@ impl CloudServer {
             cfg,
             producer,
             checkpoints,
+            central,
             admin,
             sites: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -215,6 +231,19 @@ impl CloudServer {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut sessions = JoinSet::new();
+        let committer = self.shared.central.clone().map(|central| {
+            let cfg = self.shared.cfg.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(cfg.central_commit_interval_ms));
+                loop {
+                    tick.tick().await;
+                    let (central, cfg) = (central.clone(), cfg.clone());
+                    if tokio::task::spawn_blocking(move || central.commit_round(&cfg)).await.is_err() {
+                        tracing::error!("central group commit task failed");
+                    }
+                }
+            })
+        });
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
@@ -244,6 +273,9 @@ impl CloudServer {
             let _ = s.send(true);
         }
         while sessions.join_next().await.is_some() {}
+        if let Some(c) = committer {
+            c.abort();
+        }
         self.endpoint.close(0u32.into(), b"receiver stopping");
         self.endpoint.wait_idle().await;
     }
@@ -545,12 +577,16 @@ struct CheckpointSent {
     group: String,
     offset: i64,
     commit_time_ms: i64,
+    /// Where it goes in the central cluster's groups (`central_commit_enabled`): the central
+    /// group, the remote topic and partition, the translated offset.
+    central: Option<(String, String, i32, i64)>,
 }
 
 /// The checkpoint writer's delivery reports: counted, the lag measured; a refused one is
 /// retried while no newer commit of its group came.
 struct CheckpointAcks {
     stats: Arc<CloudStats>,
+    central: Option<Arc<CentralCommits>>,
 }
 
 impl ClientContext for CheckpointAcks {}
@@ -566,6 +602,9 @@ impl ProducerContext for CheckpointAcks {
                 self.stats.translation_lag_ms_last.store(lag, Ordering::Relaxed);
                 self.stats.translation_lag_ms_max.fetch_max(lag, Ordering::Relaxed);
                 self.stats.translation_lag_ms_sum.fetch_add(lag, Ordering::Relaxed);
+                if let (Some(central), Some((group, topic, partition, offset))) = (&self.central, sent.central) {
+                    central.offer(group, topic, partition, offset);
+                }
             }
             Err((e, _)) => {
                 self.stats.checkpoint_write_errors.fetch_add(1, Ordering::Relaxed);
@@ -785,11 +824,15 @@ impl Session {
             for (group, offset, remote, at) in ready {
                 let key = checkpoint_key(&group, &link.remote, partition);
                 let value = checkpoint_value(offset, remote, "");
+                let central = self.shared.central.as_ref().map(|_| {
+                    (self.shared.cfg.central_group(&self.site, &group), link.remote.clone(), partition, remote)
+                });
                 let sent = Box::new(CheckpointSent {
                     link: Arc::downgrade(&link),
                     group: group.clone(),
                     offset,
                     commit_time_ms: at,
+                    central,
                 });
                 let mut record: BaseRecord<'_, [u8], [u8], Box<CheckpointSent>> =
                     BaseRecord::with_opaque_to(&topic, sent).partition(0).key(&key[..]).payload(&value[..]);
@@ -1143,6 +1186,66 @@ fn last_mirrored(
         }
     }
     Ok(out)
+}
+
+/// Translated offsets waiting to be committed into the central cluster's consumer groups: central
+/// group -> (remote topic, partition) -> offset, the latest of each, at most `groups_max` groups.
+/// A commit only ever follows its checkpoint's acknowledgement, so it is never ahead of the
+/// mirrored data either.
+struct CentralCommits {
+    pending: Mutex<BTreeMap<String, BTreeMap<(String, i32), i64>>>,
+    groups_max: usize,
+    stats: Arc<CloudStats>,
+}
+
+impl CentralCommits {
+    fn offer(&self, group: String, topic: String, partition: i32, offset: i64) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if !pending.contains_key(&group) && pending.len() >= self.groups_max {
+            self.stats.central_commits_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%group, "central_commit_groups_max reached: translated offset not committed");
+            return;
+        }
+        pending.entry(group).or_default().insert((topic, partition), offset);
+    }
+
+    /// Commits every waiting group's offsets (on the blocking pool: one short-lived client per
+    /// group, as a consumer that never joins). A refused group (members active there, or the
+    /// cluster unreachable) is put back unless a newer offset came meanwhile.
+    fn commit_round(&self, cfg: &CloudConfig) {
+        let round = std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        for (group, offsets) in round {
+            match commit_group(cfg, &group, &offsets) {
+                Ok(()) => {
+                    self.stats.central_commits.fetch_add(offsets.len() as u64, Ordering::Relaxed);
+                    tracing::debug!(%group, partitions = offsets.len(), "translated offsets committed");
+                }
+                Err(e) => {
+                    self.stats.central_commits_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%group, error = %e,
+                        "central group refused the translated offsets (active there?): retrying later");
+                    let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                    let newer = pending.entry(group).or_default();
+                    for (tp, offset) in offsets {
+                        newer.entry(tp).or_insert(offset);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Commits `offsets` into the central consumer group `group` from outside it (generation -1, as
+/// Kafka's admin tools do): Kafka takes it only while the group has no active member.
+fn commit_group(cfg: &CloudConfig, group: &str, offsets: &BTreeMap<(String, i32), i64>) -> Result<(), CloudError> {
+    let consumer: BaseConsumer =
+        kafka_config(cfg).set("group.id", group).set("enable.auto.commit", "false").create()?;
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in offsets {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+    }
+    consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
+    Ok(())
 }
 
 /// What one site's data streams hold in the receiver: frames read from QUIC and not yet handed

@@ -211,6 +211,15 @@ pub struct CloudConfig {
     pub checkpoint_index_runs_max: u32,
     /// Consumer groups' commits of one partition waiting for their data to be stored.
     pub checkpoint_groups_per_partition_max: u32,
+    /// Also commit the translated offsets into the central cluster's consumer groups (only
+    /// groups with no active member there: Kafka refuses the others, retried later).
+    pub central_commit_enabled: bool,
+    /// The central group of an edge group: `{group}` and `{site}` are replaced.
+    pub central_group_format: String,
+    /// How often translated offsets are committed into central groups.
+    pub central_commit_interval_ms: u64,
+    /// Central groups with offsets waiting to be committed at most (more are dropped, counted).
+    pub central_commit_groups_max: u32,
     pub kafka: KafkaTarget,
     pub log: LogLevel,
 }
@@ -280,6 +289,10 @@ impl Default for CloudConfig {
             checkpoints_enabled: true,
             checkpoint_index_runs_max: 4_096,
             checkpoint_groups_per_partition_max: 1_000,
+            central_commit_enabled: false,
+            central_group_format: "{group}".into(),
+            central_commit_interval_ms: 1_000,
+            central_commit_groups_max: 10_000,
             kafka: KafkaTarget::default(),
             log: LogLevel::default(),
         }
@@ -312,6 +325,11 @@ impl CloudConfig {
             1,
             1_000_000,
         )?;
+        if !self.central_group_format.contains("{group}") {
+            return Err(ConfigError::new("central_group_format", "must contain {group}"));
+        }
+        check_range("central_commit_interval_ms", self.central_commit_interval_ms, 10, 3_600_000)?;
+        check_range("central_commit_groups_max", self.central_commit_groups_max.into(), 1, 1_000_000)?;
         if self.kafka.bootstrap_servers.is_empty() {
             return Err(ConfigError::new("kafka.bootstrap_servers", "must not be empty"));
         }
@@ -322,6 +340,11 @@ impl CloudConfig {
             return Err(ConfigError::new("kafka.topic_config", format!("empty name or value ({k:?})")));
         }
         Ok(())
+    }
+
+    /// The central consumer group that receives an edge group's translated offsets.
+    pub fn central_group(&self, site: &str, group: &str) -> String {
+        self.central_group_format.replace("{site}", site).replace("{group}", group)
     }
 
     /// The remote topic of a site's log topic.

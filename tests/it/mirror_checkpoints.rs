@@ -204,7 +204,10 @@ fn translate_offsets_answers_exactly_where_a_central_consumer_continues_without_
     let bootstrap = cluster.bootstrap();
     let pki = Pki::new();
     // The receiver is down while the gateway's retention deletes unmirrored records.
-    let mut receiver = Receiver::start_single(&pki, &bootstrap, dir.path());
+    let mut receiver = Receiver::start_configured(&pki, &bootstrap, dir.path(), 1, |c| {
+        c.central_commit_enabled = true;
+        c.central_commit_interval_ms = 100;
+    });
     receiver.kill();
     let gateway = Daemon::start(&gateway_config(dir.path(), &pki, receiver.addr, &["meters"]));
     let edge = gateway.addr("kafka");
@@ -329,6 +332,76 @@ fn translate_offsets_answers_exactly_where_a_central_consumer_continues_without_
     }
     assert_eq!(read[0], want[0], "partition 0: exactly the records after the edge commit");
     assert!(read[1].is_empty(), "partition 1: committed at its high watermark");
+    drop(central);
+
+    // With central_commit_enabled the central group holds the translation itself, and a consumer
+    // that simply joins it there continues exactly after the edge commit.
+    wait_committed(&bootstrap, GROUP, &expected);
+    let member: BaseConsumer = client_config(&bootstrap)
+        .set("group.id", GROUP)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("central member");
+    member.subscribe(&[remote.as_str()]).expect("subscribe");
+    let mut read = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while read.len() < want[0].len() {
+        assert!(Instant::now() < deadline, "central member stuck: {} of {}", read.len(), want[0].len());
+        if let Some(m) = member.poll(Duration::from_millis(100)) {
+            let m = m.expect("member consume");
+            assert_eq!(m.partition(), 0, "partition 1 was committed at its end");
+            let h: Vec<(String, Option<bytes::Bytes>)> = m.headers().map_or_else(Vec::new, |h| {
+                h.iter().map(|h| (h.key.to_string(), h.value.map(bytes::Bytes::copy_from_slice))).collect()
+            });
+            read.push(header_offset(&h));
+        }
+    }
+    assert_eq!(read, want[0], "the central group's member: exactly the records after the edge commit");
+
+    // While that member is active Kafka refuses commits from outside; the receiver retries, and
+    // once the member left, the group holds the newer translation.
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("meters", 0, Offset::Offset(committed[0] + 50)).expect("tpl");
+    consumer.commit(&tpl, CommitMode::Sync).expect("second commit on the gateway");
+    let newer = expected[&(remote.clone(), 0)] + 50;
+    let seen = watch_checkpoints(&bootstrap, Duration::from_secs(30), |k, (up, down), _| {
+        *k == (GROUP.to_string(), remote.clone(), 0) && up == committed[0] + 50 && down == newer
+    });
+    assert!(seen, "checkpoint of the second commit");
+    drop(member);
+    let mut later = expected.clone();
+    later.insert((remote.clone(), 0), newer);
+    wait_committed(&bootstrap, GROUP, &later);
     drop(records);
     drop(gateway);
+}
+
+/// Waits until the central cluster's group `group` has exactly `want` committed.
+fn wait_committed(bootstrap: &str, group: &str, want: &BTreeMap<(String, i32), i64>) {
+    let c: BaseConsumer = client_config(bootstrap).set("group.id", group).create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in want.keys() {
+        tpl.add_partition(topic, *partition);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got: BTreeMap<(String, i32), i64> = c
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .map(|l| {
+                l.elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if &got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "central group {group}: committed {got:?}, want {want:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

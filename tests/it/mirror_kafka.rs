@@ -54,6 +54,17 @@ impl Receiver {
 
     /// Remote topics with `replicas` replicas (and `min.insync.replicas=2` when there are 3).
     fn start_with(pki: &Pki, bootstrap: &str, dir: &Path, replicas: i32) -> Self {
+        Self::start_configured(pki, bootstrap, dir, replicas, |_| {})
+    }
+
+    /// [`Receiver::start_with`], with `tweak` applied to the configuration last.
+    pub(crate) fn start_configured(
+        pki: &Pki,
+        bootstrap: &str,
+        dir: &Path,
+        replicas: i32,
+        tweak: impl FnOnce(&mut CloudConfig),
+    ) -> Self {
         let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cfg = CloudConfig {
@@ -73,6 +84,7 @@ impl Receiver {
         cfg.kafka.request_timeout_ms = 20_000;
         cfg.kafka.properties.insert("broker.address.family".into(), "v4".into());
         cfg.log.level = "info".into();
+        tweak(&mut cfg);
         let child = CloudChild::start(Path::new(env!("CARGO_BIN_EXE_cloud-under-test")), &cfg, dir)
             .unwrap_or_else(|e| panic!("{e:#}"));
         Self { addr, child }
