@@ -139,11 +139,11 @@ fn decode_checkpoint(key: &[u8], value: &[u8]) -> ((String, String, i32), (i64, 
 }
 
 /// Reads the checkpoints topic from its start, handing each checkpoint to `seen` (with the time it
-/// was read) until `seen` returns true or the deadline passes.
+/// was read; `None` when nothing came for 50 ms) until `seen` returns true or the deadline passes.
 fn watch_checkpoints(
     bootstrap: &str,
     deadline: Duration,
-    mut seen: impl FnMut(&(String, String, i32), (i64, i64), Instant) -> bool,
+    mut seen: impl FnMut(Option<(&(String, String, i32), (i64, i64), Instant)>) -> bool,
 ) -> bool {
     let topic = format!("{SITE}.checkpoints.internal");
     let c: BaseConsumer = client_config(bootstrap)
@@ -160,12 +160,16 @@ fn watch_checkpoints(
         match c.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
                 let (k, v) = decode_checkpoint(m.key().expect("key"), m.payload().expect("value"));
-                if seen(&k, v, Instant::now()) {
+                if seen(Some((&k, v, Instant::now()))) {
                     return true;
                 }
             }
             // The topic does not exist until the gateway's first session.
-            Some(Err(_)) | None => {}
+            Some(Err(_)) | None => {
+                if seen(None) {
+                    return true;
+                }
+            }
         }
     }
     false
@@ -261,7 +265,8 @@ fn translate_offsets_answers_exactly_where_a_central_consumer_continues_without_
     // Checkpoints appear for both partitions, decoded by hand first.
     let mut got: Checkpoints = BTreeMap::new();
     let mut visible = None;
-    let all = watch_checkpoints(&bootstrap, Duration::from_secs(30), |k, v, at| {
+    let all = watch_checkpoints(&bootstrap, Duration::from_secs(30), |c| {
+        let Some((k, v, at)) = c else { return false };
         got.insert(k.clone(), v);
         let done = (0..2).all(|p| {
             got.get(&(GROUP.to_string(), remote.clone(), p)).is_some_and(|(up, _)| *up == committed[p as usize])
@@ -365,8 +370,10 @@ fn translate_offsets_answers_exactly_where_a_central_consumer_continues_without_
     tpl.add_partition_offset("meters", 0, Offset::Offset(committed[0] + 50)).expect("tpl");
     consumer.commit(&tpl, CommitMode::Sync).expect("second commit on the gateway");
     let newer = expected[&(remote.clone(), 0)] + 50;
-    let seen = watch_checkpoints(&bootstrap, Duration::from_secs(30), |k, (up, down), _| {
-        *k == (GROUP.to_string(), remote.clone(), 0) && up == committed[0] + 50 && down == newer
+    let seen = watch_checkpoints(&bootstrap, Duration::from_secs(30), |c| {
+        c.is_some_and(|(k, (up, down), _)| {
+            *k == (GROUP.to_string(), remote.clone(), 0) && up == committed[0] + 50 && down == newer
+        })
     });
     assert!(seen, "checkpoint of the second commit");
     drop(member);
@@ -404,4 +411,128 @@ fn wait_committed(bootstrap: &str, group: &str, want: &BTreeMap<(String, i32), i
         assert!(Instant::now() < deadline, "central group {group}: committed {got:?}, want {want:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Translation lag under load, measured as the issue asks: from an edge commit returning to its
+/// checkpoint being readable in the central cluster, with the receiver's default report interval
+/// (`mirrored_report_interval_ms` = 200) and the gateway's (`mirror.offsets_interval_ms` = 100),
+/// while records stream through the mirror and a consumer group on the gateway commits every 200
+/// ms. Prints the figures (`cargo test -p tributary-tests --test it translation_lag -- --nocapture`).
+#[test]
+fn translation_lag_under_load_stays_within_about_a_second() {
+    // TRIBUTARY_LAG_RATE (records/s) measures at another rate.
+    let rate_per_s: u64 = std::env::var("TRIBUTARY_LAG_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(5_000);
+    const SECONDS: u64 = 10;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = one_broker();
+    let bootstrap = cluster.bootstrap();
+    let pki = Pki::new();
+    let receiver = Receiver::start_configured(&pki, &bootstrap, dir.path(), 1, |c| {
+        c.mirrored_report_interval_ms = 200;
+    });
+    let gateway = Daemon::start(&gateway_config(dir.path(), &pki, receiver.addr, &["load"]));
+    let edge = gateway.addr("kafka");
+    create_topic(&edge, "load", 1, &[]);
+    let remote = format!("{SITE}.load");
+    eprintln!("load: {rate_per_s} records/s for {SECONDS} s");
+    // The checkpoint reader runs before the load starts: its start-up is not in the figures.
+    let p = producer(&edge);
+    produce(&p, "load", 0, 1);
+    wait_mirrored(&bootstrap, &remote, 0, 1);
+
+    let commits: std::sync::Arc<std::sync::Mutex<Vec<(i64, Instant)>>> = Default::default();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (edge, done) = (edge.clone(), done.clone());
+        std::thread::spawn(move || {
+            let p = producer(&edge);
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while start.elapsed() < Duration::from_secs(SECONDS) {
+                // Paced: rate_per_s on average, in slices of 10 ms.
+                let due = start.elapsed().as_millis() as u64 * rate_per_s / 1000;
+                while sent < due {
+                    let v = format!("{{\"meter\":{sent},\"kwh\":{}}}", sent % 997);
+                    if p.send(BaseRecord::<str, str>::to("load").payload(&v)).is_err() {
+                        p.poll(Duration::from_millis(5));
+                        continue;
+                    }
+                    sent += 1;
+                }
+                p.poll(Duration::from_millis(10));
+            }
+            p.flush(Duration::from_secs(30)).expect("flush");
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            sent
+        })
+    };
+    let committer = {
+        let (edge, done, commits) = (edge.clone(), done.clone(), commits.clone());
+        std::thread::spawn(move || {
+            let c: BaseConsumer = client_config(&edge)
+                .set("group.id", "loader")
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .expect("group consumer");
+            c.subscribe(&["load"]).expect("subscribe");
+            let mut next = None;
+            let mut last_commit = Instant::now();
+            loop {
+                if let Some(m) = c.poll(Duration::from_millis(20)) {
+                    next = Some(m.expect("consume").offset() + 1);
+                }
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                if let Some(n) = next.filter(|_| last_commit.elapsed() >= Duration::from_millis(200) || finished) {
+                    if commits.lock().expect("commits").last().is_none_or(|(o, _)| *o < n) {
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition_offset("load", 0, Offset::Offset(n)).expect("tpl");
+                        c.commit(&tpl, CommitMode::Sync).expect("commit");
+                        commits.lock().expect("commits").push((n, Instant::now()));
+                    }
+                    last_commit = Instant::now();
+                    if finished && c.poll(Duration::from_millis(200)).is_none() {
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let mut lags: Vec<u128> = Vec::new();
+    let mut coalesced = 0;
+    let mut seen_upto = 0;
+    let all = watch_checkpoints(&bootstrap, Duration::from_secs(SECONDS + 60), |c| {
+        let list = commits.lock().expect("commits");
+        let Some(((g, _, _), (up, _), at)) = c else {
+            return committer.is_finished() && list.last().is_some_and(|(o, _)| *o == seen_upto);
+        };
+        if g != "loader" {
+            return false;
+        }
+        // Commits between two checkpoints were coalesced into the later one.
+        coalesced += list.iter().filter(|(o, _)| *o > seen_upto && *o < up).count();
+        if let Some((_, t)) = list.iter().find(|(o, _)| *o == up) {
+            lags.push(at.duration_since(*t).as_millis());
+        }
+        seen_upto = seen_upto.max(up);
+        committer.is_finished() && list.last().is_some_and(|(o, _)| *o == seen_upto)
+    });
+    let sent = load.join().expect("load thread");
+    assert!(all, "the last commit's checkpoint never came ({} checkpoints seen)", lags.len());
+    lags.sort_unstable();
+    let pct = |q: f64| lags[((lags.len() as f64 - 1.0) * q).round() as usize];
+    eprintln!(
+        "translation lag under load ({sent} records in {SECONDS} s, ~{rate_per_s}/s; commits every 200 ms): \
+         {} checkpoints ({coalesced} commits coalesced), median {} ms, p90 {} ms, p99 {} ms, max {} ms",
+        lags.len(),
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(1.0)
+    );
+    assert!(lags.len() >= (SECONDS * 2) as usize, "a checkpoint for most commits: {}", lags.len());
+    // The issue's target is about one second; a debug build on a shared machine gets slack.
+    assert!(pct(0.5) <= 1_000, "median translation lag {} ms", pct(0.5));
+    assert!(pct(1.0) <= 5_000, "largest translation lag {} ms", pct(1.0));
+    drop(gateway);
 }
