@@ -21,7 +21,7 @@ use tributary_tests::kafka_cluster::{KafkaCluster, KafkaOptions};
 
 use crate::mirror::{Pki, SITE};
 use crate::mirror_kafka::{read_kafka, Receiver};
-use crate::support::{client_config, Daemon};
+use crate::support::{client_config, http_get, Daemon};
 
 const GROUP: &str = "billing";
 
@@ -37,7 +37,7 @@ fn gateway_config(dir: &Path, pki: &Pki, cloud: std::net::SocketAddr, topics: &[
     let config = dir.join("gateway.toml");
     let text = format!(
         "[storage]\ndata_dir = {data:?}\ndisk_free_bytes_min = 0\n\
-         [kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nenabled = false\n\
+         [kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
          [mirror]\nenabled = true\ncloud = \"{cloud}\"\nserver_name = \"localhost\"\nsite = \"{SITE}\"\n\
          ca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\ntopics = {topics:?}\n\
          keep_alive_ms = 1000\nidle_timeout_ms = 3000\nreconnect_backoff_min_ms = 50\nreconnect_backoff_max_ms = 300\n",
@@ -278,7 +278,16 @@ fn translate_offsets_answers_exactly_where_a_central_consumer_continues_without_
     });
     assert!(all, "checkpoints of both partitions: {got:?}");
     let lag = visible.map(|v| v.duration_since(committed_at)).unwrap_or_default();
-    eprintln!("translation lag, idle link: edge commit to both checkpoints readable in Kafka {} ms", lag.as_millis());
+    // The gateway counts what it sent.
+    let metrics = http_get(&gateway.addr("metrics"), "/metrics");
+    let metric = |name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}"));
+        line[name.len() + 1..].parse().expect("a number")
+    };
+    assert!(metric("tributary_mirror_offsets_sent_total") >= 2, "{metrics}");
+    assert_eq!(metric("tributary_mirror_offsets_pending"), 0, "{metrics}");
+    assert_eq!(metric("tributary_mirror_offsets_tracked"), 2, "{metrics}");
+    eprintln!("translation lag, idle link: edge commit to both checkpoints read from Kafka by a reader started after the commit: {} ms", lag.as_millis());
 
     // What they must say: the remote offset of the first record at or after the commit (none
     // after partition 1's commit: the offset the next record takes).

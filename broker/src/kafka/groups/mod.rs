@@ -1047,4 +1047,40 @@ mod tests {
         assert!(subscribed_topics(&[0, 1, 0x7f, 0xff, 0xff, 0xff]).is_empty());
         assert!(subscribed_topics(&[]).is_empty());
     }
+
+    /// The mirror's read-only hook: called after a durable commit with exactly what was stored
+    /// (not the partitions refused), never for a refused commit; `all_committed` lists every
+    /// group's offsets.
+    #[tokio::test]
+    async fn the_commit_hook_sees_each_durable_commit_and_all_committed_lists_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = store(dir.path());
+        st.create_topic("t", 2, Default::default()).await.expect("topic");
+        let c = Coordinator::new(st, limits()).expect("coordinator");
+        let seen: Arc<Mutex<Vec<(String, String, i32, i64)>>> = Arc::default();
+        let log = seen.clone();
+        c.set_commit_hook(Arc::new(move |group, committed, _at| {
+            let mut log = log.lock().expect("log");
+            for (t, p, o) in committed {
+                log.push((group.to_string(), t.to_string(), *p, *o));
+            }
+        }));
+        let unknown =
+            OffsetToCommit { topic: "nope".into(), partition: 0, offset: 1, leader_epoch: -1, metadata: None };
+        let errors = c.commit("g1", -1, "", None, vec![to_commit(0, 5, None), unknown, to_commit(1, 9, None)]).await;
+        assert_eq!(errors, vec![ec::NONE, ec::UNKNOWN_TOPIC_OR_PARTITION, ec::NONE]);
+        // A member that does not exist: refused, nothing stored, the hook not called.
+        assert_eq!(c.commit("g1", 3, "ghost", None, vec![to_commit(0, 7, None)]).await, vec![ec::UNKNOWN_MEMBER_ID]);
+        c.commit("g2", -1, "", None, vec![to_commit(0, 2, None)]).await;
+        let want = vec![
+            ("g1".to_string(), "t".to_string(), 0, 5),
+            ("g1".to_string(), "t".to_string(), 1, 9),
+            ("g2".to_string(), "t".to_string(), 0, 2),
+        ];
+        assert_eq!(*seen.lock().expect("log"), want);
+        let all: Vec<_> =
+            c.all_committed(100).expect("scan").into_iter().map(|(g, t, p, o)| (g, t, p, o.offset)).collect();
+        assert_eq!(all, want);
+        assert_eq!(c.all_committed(1).expect("scan").len(), 1, "bounded");
+    }
 }
