@@ -200,7 +200,7 @@ impl CloudServer {
                     .set("enable.idempotence", "true")
                     .set("acks", "all")
                     .set("linger.ms", "5")
-                    .set("queue.buffering.max.messages", "100000"),
+                    .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string()),
                 CheckpointAcks { stats: stats.clone(), central: central.clone() },
             )?)
         } else {
@@ -611,8 +611,8 @@ impl ProducerContext for CheckpointAcks {
                 tracing::warn!(group = %sent.group, error = %e, "checkpoint write failed: retrying");
                 if let Some(link) = sent.link.upgrade() {
                     let mut commits = link.commits.lock().unwrap_or_else(PoisonError::into_inner);
-                    if !commits.contains_key(&sent.group) {
-                        commits.insert(sent.group, (sent.offset, sent.commit_time_ms));
+                    if let std::collections::btree_map::Entry::Vacant(e) = commits.entry(sent.group) {
+                        e.insert((sent.offset, sent.commit_time_ms));
                         self.stats.checkpoints_pending.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -1188,12 +1188,15 @@ fn last_mirrored(
     Ok(out)
 }
 
+/// (remote topic, partition) -> offset of one central group.
+type GroupOffsets = BTreeMap<(String, i32), i64>;
+
 /// Translated offsets waiting to be committed into the central cluster's consumer groups: central
 /// group -> (remote topic, partition) -> offset, the latest of each, at most `groups_max` groups.
 /// A commit only ever follows its checkpoint's acknowledgement, so it is never ahead of the
 /// mirrored data either.
 struct CentralCommits {
-    pending: Mutex<BTreeMap<String, BTreeMap<(String, i32), i64>>>,
+    pending: Mutex<BTreeMap<String, GroupOffsets>>,
     groups_max: usize,
     stats: Arc<CloudStats>,
 }
@@ -1237,7 +1240,7 @@ impl CentralCommits {
 
 /// Commits `offsets` into the central consumer group `group` from outside it (generation -1, as
 /// Kafka's admin tools do): Kafka takes it only while the group has no active member.
-fn commit_group(cfg: &CloudConfig, group: &str, offsets: &BTreeMap<(String, i32), i64>) -> Result<(), CloudError> {
+fn commit_group(cfg: &CloudConfig, group: &str, offsets: &GroupOffsets) -> Result<(), CloudError> {
     let consumer: BaseConsumer =
         kafka_config(cfg).set("group.id", group).set("enable.auto.commit", "false").create()?;
     let mut tpl = TopicPartitionList::new();

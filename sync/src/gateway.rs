@@ -190,11 +190,17 @@ impl CommitFeed {
         if st.unsent == 0 {
             return out;
         }
+        // One look-up per partition, however many groups committed on it.
+        let mut progress: HashMap<(&str, i32), Option<i64>> = HashMap::new();
         for ((group, topic, partition), e) in st.entries.iter_mut() {
             if out.len() >= max {
                 break;
             }
-            if e.sent || sent_to(topic, *partition).is_none_or(|next| next < e.offset) {
+            if e.sent {
+                continue;
+            }
+            let next = *progress.entry((topic.as_str(), *partition)).or_insert_with(|| sent_to(topic, *partition));
+            if next.is_none_or(|next| next < e.offset) {
                 continue;
             }
             e.sent = true;

@@ -1057,7 +1057,8 @@ mod tests {
         let st = store(dir.path());
         st.create_topic("t", 2, Default::default()).await.expect("topic");
         let c = Coordinator::new(st, limits()).expect("coordinator");
-        let seen: Arc<Mutex<Vec<(String, String, i32, i64)>>> = Arc::default();
+        type Seen = Vec<(String, String, i32, i64)>;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
         let log = seen.clone();
         c.set_commit_hook(Arc::new(move |group, committed, _at| {
             let mut log = log.lock().expect("log");
