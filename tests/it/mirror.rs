@@ -770,6 +770,74 @@ async fn protocol_version_2_is_negotiated_and_a_version_1_site_is_still_served()
     cloud.stop().await;
 }
 
+/// Issue 18: a checkpoint is never ahead of the mirrored data. Two groups commit on a partition
+/// whose records 0..5 are stored centrally and 5..10 not yet sent: the commit at 3 is written, the
+/// commit at 8 waits, and is written (at remote offset 8) only once 5..10 are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_beyond_the_mirrored_data_waits_for_it() {
+    use tributary_broker::storage::batch::encode_batch;
+    use tributary_sync::checkpoint::{checkpoint_key, checkpoint_value, checkpoints_topic};
+    use tributary_sync::protocol::{CommittedOffset, Control, Data, PartitionReport};
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+    let (_endpoint, conn) = raw_site(&pki, cloud.addr, &pki.site("site", SITE, None)).await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+    let report =
+        PartitionReport { topic: "meters".into(), partition: 0, partitions: 1, log_start: 0, high_watermark: 10 };
+    send.write_all(&Control::Hello { site: SITE.into() }.encode()).await.expect("hello");
+    send.write_all(&Control::Partitions(vec![report]).encode()).await.expect("partitions");
+    let mut decoder = tributary_sync::protocol::Decoder::new(1 << 20);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if let Some(Control::Start { offset, .. }) = decoder.next_control().expect("valid frame") {
+            assert_eq!(offset, 0);
+            break;
+        }
+        let n = recv.read(&mut buf).await.expect("read").expect("open");
+        decoder.feed(&buf[..n]);
+    }
+    let batch = |base: usize| {
+        let records: Vec<_> = (base..base + 5).map(|i| record("meters", 0, i)).collect();
+        let with_ts: Vec<_> = records.iter().map(|r| (r, r.timestamp_ms.unwrap_or_default())).collect();
+        let mut out = Vec::new();
+        encode_batch(&with_ts, base as i64, tributary_broker::Codec::None, Default::default(), 0, &mut out)
+            .expect("encode");
+        Bytes::from(out)
+    };
+    let mut stream = conn.open_uni().await.expect("data stream");
+    stream.write_all(&Data::Open { topic: "meters".into(), partition: 0 }.encode_header()).await.expect("open");
+    let first = batch(0);
+    stream.write_all(&Data::Batch(first.clone()).encode_header()).await.expect("header");
+    stream.write_all(&first).await.expect("batch");
+    let commit = |group: &str, offset| CommittedOffset {
+        group: group.into(),
+        topic: "meters".into(),
+        partition: 0,
+        offset,
+        commit_time_ms: 1,
+    };
+    send.write_all(&Control::Offsets(vec![commit("ahead", 8), commit("behind", 3)]).encode()).await.expect("offsets");
+    counter("the first checkpoint", || cloud.stats.checkpoints_written.load(Ordering::Relaxed) == 1).await;
+    let topic = checkpoints_topic(SITE);
+    let written = read_all(&central.store, &topic, 0);
+    assert_eq!(written.len(), 1, "only the commit whose data is stored");
+    assert_eq!(written[0].key.as_deref(), Some(&checkpoint_key("behind", "plant-7.meters", 0)[..]));
+    assert_eq!(written[0].value.as_deref(), Some(&checkpoint_value(3, 3, "")[..]));
+    assert_eq!(cloud.stats.checkpoints_pending.load(Ordering::Relaxed), 1, "the commit at 8 waits");
+    // The rest of the data: then the waiting commit.
+    let second = batch(5);
+    stream.write_all(&Data::Batch(second.clone()).encode_header()).await.expect("header");
+    stream.write_all(&second).await.expect("batch");
+    counter("the second checkpoint", || cloud.stats.checkpoints_written.load(Ordering::Relaxed) == 2).await;
+    let written = read_all(&central.store, &topic, 0);
+    assert_eq!(written[1].key.as_deref(), Some(&checkpoint_key("ahead", "plant-7.meters", 0)[..]));
+    assert_eq!(written[1].value.as_deref(), Some(&checkpoint_value(8, 8, "")[..]));
+    assert_eq!(cloud.stats.checkpoints_pending.load(Ordering::Relaxed), 0);
+    conn.close(0u32.into(), b"done");
+    cloud.stop().await;
+}
+
 /// The reason a connection was closed with, when it already is.
 fn closed_now(conn: &quinn::Connection) -> String {
     conn.close_reason().map(|r| r.to_string()).unwrap_or_default()
