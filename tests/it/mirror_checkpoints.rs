@@ -5,7 +5,8 @@
 //! program on the jar cache, `tests/interop/java/TranslateOffsets.java`) must answer exactly the
 //! remote offset of the first mirrored record at or after each edge commit, and a central
 //! consumer started there must read exactly the records after the commit: none lost, none twice.
-//! One broker: this is about the format and the translation, not about replication.
+//! One broker where this is about the format and the translation; three for the lag under load
+//! (replicated writes, `acks=all`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -423,7 +424,8 @@ fn wait_committed(bootstrap: &str, group: &str, want: &BTreeMap<(String, i32), i
 }
 
 /// Translation lag under load, measured as the issue asks: from an edge commit returning to its
-/// checkpoint being readable in the central cluster, with the receiver's default report interval
+/// checkpoint being readable in the central cluster (three brokers: remote topics and checkpoints
+/// with three replicas, `min.insync.replicas=2`, `acks=all`), with the receiver's default report interval
 /// (`mirrored_report_interval_ms` = 200) and the gateway's (`mirror.offsets_interval_ms` = 100),
 /// while records stream through the mirror and a consumer group on the gateway commits every 200
 /// ms. Prints the figures (`cargo test -p tributary-tests --test it translation_lag -- --nocapture`).
@@ -433,10 +435,11 @@ fn translation_lag_under_load_stays_within_about_a_second() {
     let rate_per_s: u64 = std::env::var("TRIBUTARY_LAG_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(5_000);
     const SECONDS: u64 = 10;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = one_broker();
+    let cluster = KafkaCluster::start(KafkaOptions::cluster(3)).unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("three-broker Apache Kafka serving in {:.1} s", cluster.started_in.as_secs_f64());
     let bootstrap = cluster.bootstrap();
     let pki = Pki::new();
-    let receiver = Receiver::start_configured(&pki, &bootstrap, dir.path(), 1, |c| {
+    let receiver = Receiver::start_configured(&pki, &bootstrap, dir.path(), 3, |c| {
         c.mirrored_report_interval_ms = 200;
     });
     let gateway = Daemon::start(&gateway_config(dir.path(), &pki, receiver.addr, &["load"]));
