@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
@@ -96,7 +96,7 @@ pub struct CloudStats {
     /// dropped (a partition not mirrored, `checkpoint_groups_per_partition_max` reached).
     pub checkpoints_untranslatable: AtomicU64,
     pub checkpoints_dropped: AtomicU64,
-    /// Checkpoint writes the central cluster refused (retried while no newer commit came).
+    /// Checkpoint writes that failed for good (a fatal producer error; not retried).
     pub checkpoint_write_errors: AtomicU64,
     /// Translation lag, edge commit (the gateway's clock) to checkpoint acknowledged (this
     /// receiver's clock): the last, the largest, and the sum for a mean over `checkpoints_written`.
@@ -200,7 +200,11 @@ impl CloudServer {
                     .set("enable.idempotence", "true")
                     .set("acks", "all")
                     .set("linger.ms", "5")
-                    .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string()),
+                    .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string())
+                    // As for records: never abandon a checkpoint, so a newer one can never be
+                    // overtaken by the retry of an older one (the topic is compacted: the last
+                    // written wins).
+                    .set("message.timeout.ms", "0"),
                 CheckpointAcks { stats: stats.clone(), central: central.clone() },
             )?)
         } else {
@@ -573,7 +577,6 @@ impl ProducerContext for Acknowledger {
 
 /// A checkpoint handed to librdkafka: what its delivery report needs.
 struct CheckpointSent {
-    link: Weak<Link>,
     group: String,
     offset: i64,
     commit_time_ms: i64,
@@ -582,8 +585,9 @@ struct CheckpointSent {
     central: Option<(String, String, i32, i64)>,
 }
 
-/// The checkpoint writer's delivery reports: counted, the lag measured; a refused one is
-/// retried while no newer commit of its group came.
+/// The checkpoint writer's delivery reports: counted, the lag measured. With no message timeout
+/// only a fatal error (authorisation, a deleted topic) fails one: counted and logged, not retried
+/// (the gateway sends the group's offset again with its next commit and at its next session).
 struct CheckpointAcks {
     stats: Arc<CloudStats>,
     central: Option<Arc<CentralCommits>>,
@@ -608,14 +612,7 @@ impl ProducerContext for CheckpointAcks {
             }
             Err((e, _)) => {
                 self.stats.checkpoint_write_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(group = %sent.group, error = %e, "checkpoint write failed: retrying");
-                if let Some(link) = sent.link.upgrade() {
-                    let mut commits = link.commits.lock().unwrap_or_else(PoisonError::into_inner);
-                    if let std::collections::btree_map::Entry::Vacant(e) = commits.entry(sent.group) {
-                        e.insert((sent.offset, sent.commit_time_ms));
-                        self.stats.checkpoints_pending.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                tracing::error!(group = %sent.group, offset = sent.offset, error = %e, "checkpoint write failed");
             }
         }
     }
@@ -827,13 +824,7 @@ impl Session {
                 let central = self.shared.central.as_ref().map(|_| {
                     (self.shared.cfg.central_group(&self.site, &group), link.remote.clone(), partition, remote)
                 });
-                let sent = Box::new(CheckpointSent {
-                    link: Arc::downgrade(&link),
-                    group: group.clone(),
-                    offset,
-                    commit_time_ms: at,
-                    central,
-                });
+                let sent = Box::new(CheckpointSent { group: group.clone(), offset, commit_time_ms: at, central });
                 let mut record: BaseRecord<'_, [u8], [u8], Box<CheckpointSent>> =
                     BaseRecord::with_opaque_to(&topic, sent).partition(0).key(&key[..]).payload(&value[..]);
                 loop {
