@@ -113,6 +113,37 @@ fn init_logging(level: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
+/// Consumer groups' committed offsets of mirrored topics go to the mirror: those stored now, then
+/// every commit as it happens (the coordinator's commit hook).
+async fn feed_commits(
+    groups: &std::sync::Arc<tributary_broker::kafka::groups::Coordinator>,
+    mirror: &tributary_sync::MirrorConfig,
+    stats: &std::sync::Arc<tributary_sync::gateway::MirrorStats>,
+) -> anyhow::Result<()> {
+    let limit = mirror.offsets_tracked_max as usize;
+    stats.commits.set_limit(limit);
+    let coordinator = groups.clone();
+    // Offsets of topics not mirrored are read too: four times the feed's limit bounds the read.
+    let stored = tokio::task::spawn_blocking(move || coordinator.all_committed(limit.saturating_mul(4)))
+        .await
+        .context("read committed offsets")?
+        .context("read committed offsets")?;
+    for (group, topic, partition, c) in stored {
+        if mirror.mirrors(&topic) {
+            stats.commits.offer(&group, &topic, partition, c.offset, c.commit_time_ms);
+        }
+    }
+    let (mirror, feed) = (mirror.clone(), stats.clone());
+    groups.set_commit_hook(std::sync::Arc::new(move |group, committed, at| {
+        for (topic, partition, offset) in committed {
+            if mirror.mirrors(topic) {
+                feed.commits.offer(group, topic, *partition, *offset, at);
+            }
+        }
+    }));
+    Ok(())
+}
+
 async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
@@ -197,6 +228,9 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     if cfg.mirror.enabled {
         let stats = std::sync::Arc::new(tributary_sync::gateway::MirrorStats::default());
         mirror_stats = Some(stats.clone());
+        if let Some((_, groups)) = &kafka_sources {
+            feed_commits(groups, &cfg.mirror, &stats).await?;
+        }
         let mut stop = stop_rx.clone();
         let (mirror, store) = (cfg.mirror.clone(), store.clone());
         tracing::info!(cloud = %mirror.cloud, site = %mirror.site, "mirror enabled");

@@ -518,6 +518,31 @@ pub fn render(src: &Sources) -> String {
             "Gaps: unmirrored ranges deleted by retention.",
             m.gaps.load(Ordering::Relaxed),
         );
+        let (tracked, unsent) = m.commits.pending();
+        o.one(
+            "tributary_mirror_offsets_sent_total",
+            "counter",
+            "Committed consumer-group offsets sent to the cloud receiver (it writes them as checkpoints).",
+            m.commits.sent.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_offsets_pending",
+            "gauge",
+            "Committed offsets not yet sent (waiting for their records to be sent, or for the link).",
+            unsent,
+        );
+        o.one(
+            "tributary_mirror_offsets_tracked",
+            "gauge",
+            "Group-partitions whose committed offset is mirrored (mirror.offsets_tracked_max).",
+            tracked,
+        );
+        o.one(
+            "tributary_mirror_offsets_dropped_total",
+            "counter",
+            "Commits not mirrored: over mirror.offsets_tracked_max, or a group id too long.",
+            m.commits.dropped.load(Ordering::Relaxed),
+        );
         let lag = m.lag(store);
         let fams = [
             ("tributary_mirror_lag_records", "Records not yet in the central cluster."),

@@ -3,11 +3,14 @@
 //! cluster's own last record (its provenance headers), pulls batches with per-partition credit,
 //! writes every record with librdkafka's idempotent producer into `{site}.{topic}`, records gaps,
 //! and tells the gateway what is safely stored. A second connection of a site replaces the first
-//! only after the first's writes are all acknowledged, so resuming never duplicates.
+//! only after the first's writes are all acknowledged, so resuming never duplicates. Gateways'
+//! committed consumer-group offsets are translated exactly (an index per partition from source to
+//! remote offsets, built from the delivery reports) and written as MirrorMaker 2 checkpoints into
+//! `{site}.checkpoints.internal` once the data below them is stored, never before.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -25,9 +28,12 @@ use tokio::task::JoinSet;
 use tributary_log::batch::{decode_records, BatchHeader};
 use tributary_log::clock::now_ms;
 
+use crate::checkpoint::{checkpoint_key, checkpoint_value, checkpoints_topic, OffsetIndex, Translation};
 use crate::config::{valid_site, CloudConfig, CongestionController};
 use crate::core::{Flow, Progress};
-use crate::protocol::{Control, Data, Decoder, PartitionReport, ProtocolError, OPEN_FRAME_BYTES_MAX};
+use crate::protocol::{
+    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, ALPN_V2, OPEN_FRAME_BYTES_MAX,
+};
 use crate::tls::{self, TlsError};
 
 /// Provenance headers added to every mirrored record.
@@ -82,6 +88,27 @@ pub struct CloudStats {
     /// Bytes the sites' data streams hold now (received frames and their decompressed records;
     /// each site within `site_buffer_bytes_max`).
     pub buffered_bytes: AtomicU64,
+    /// MirrorMaker 2 checkpoints acknowledged by the central cluster.
+    pub checkpoints_written: AtomicU64,
+    /// Edge commits waiting for the data below them to be stored (or for the writer's queue).
+    pub checkpoints_pending: AtomicU64,
+    /// Edge commits that could not be translated (below what the offset index holds) or were
+    /// dropped (a partition not mirrored, `checkpoint_groups_per_partition_max` reached).
+    pub checkpoints_untranslatable: AtomicU64,
+    pub checkpoints_dropped: AtomicU64,
+    /// Checkpoint writes that failed for good (a fatal producer error; not retried).
+    pub checkpoint_write_errors: AtomicU64,
+    /// Translation lag, edge commit (the gateway's clock) to checkpoint acknowledged (this
+    /// receiver's clock): the last, the largest, and the sum for a mean over `checkpoints_written`.
+    pub translation_lag_ms_last: AtomicU64,
+    pub translation_lag_ms_max: AtomicU64,
+    pub translation_lag_ms_sum: AtomicU64,
+    /// Translated offsets committed into central consumer groups (`central_commit_enabled`),
+    /// commits Kafka refused (an active group there: retried), and offsets dropped over
+    /// `central_commit_groups_max`.
+    pub central_commits: AtomicU64,
+    pub central_commits_refused: AtomicU64,
+    pub central_commits_dropped: AtomicU64,
 }
 
 struct SiteEntry {
@@ -93,6 +120,10 @@ struct SiteEntry {
 struct Shared {
     cfg: CloudConfig,
     producer: ThreadedProducer<Acknowledger>,
+    /// Writes checkpoints (its own delivery reports; `None` when checkpoints are off).
+    checkpoints: Option<ThreadedProducer<CheckpointAcks>>,
+    /// Translated offsets waiting to go into central consumer groups (`None`: option off).
+    central: Option<Arc<CentralCommits>>,
     admin: AdminClient<DefaultClientContext>,
     sites: Mutex<HashMap<String, SiteEntry>>,
     next_id: AtomicU64,
@@ -155,13 +186,39 @@ impl CloudServer {
             Acknowledger,
         )?;
         let admin: AdminClient<DefaultClientContext> = kafka_config(&cfg).create()?;
+        let stats = Arc::new(CloudStats::default());
+        let central = (cfg.checkpoints_enabled && cfg.central_commit_enabled).then(|| {
+            Arc::new(CentralCommits {
+                pending: Mutex::new(BTreeMap::new()),
+                groups_max: cfg.central_commit_groups_max as usize,
+                stats: stats.clone(),
+            })
+        });
+        let checkpoints = if cfg.checkpoints_enabled {
+            Some(ThreadedProducer::from_config_and_context(
+                kafka_config(&cfg)
+                    .set("enable.idempotence", "true")
+                    .set("acks", "all")
+                    .set("linger.ms", "5")
+                    .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string())
+                    // As for records: never abandon a checkpoint, so a newer one can never be
+                    // overtaken by the retry of an older one (the topic is compacted: the last
+                    // written wins).
+                    .set("message.timeout.ms", "0"),
+                CheckpointAcks { stats: stats.clone(), central: central.clone() },
+            )?)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             cfg,
             producer,
+            checkpoints,
+            central,
             admin,
             sites: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            stats: Arc::new(CloudStats::default()),
+            stats,
         });
         Ok(Self { endpoint, shared })
     }
@@ -178,6 +235,19 @@ impl CloudServer {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut sessions = JoinSet::new();
+        let committer = self.shared.central.clone().map(|central| {
+            let cfg = self.shared.cfg.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(cfg.central_commit_interval_ms));
+                loop {
+                    tick.tick().await;
+                    let (central, cfg) = (central.clone(), cfg.clone());
+                    if tokio::task::spawn_blocking(move || central.commit_round(&cfg)).await.is_err() {
+                        tracing::error!("central group commit task failed");
+                    }
+                }
+            })
+        });
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
@@ -207,6 +277,9 @@ impl CloudServer {
             let _ = s.send(true);
         }
         while sessions.join_next().await.is_some() {}
+        if let Some(c) = committer {
+            c.abort();
+        }
         self.endpoint.close(0u32.into(), b"receiver stopping");
         self.endpoint.wait_idle().await;
     }
@@ -306,6 +379,47 @@ struct Link {
     settled: Notify,
     /// The session's "credit to give back" wake-up.
     credit_due: Arc<Notify>,
+    /// Source to remote offsets of what is stored (updated with `progress`, in unit order).
+    index: Mutex<OffsetIndex>,
+    /// Edge commits waiting to be translated: group -> (offset, commit time), the latest per
+    /// group, at most `checkpoint_groups_per_partition_max`.
+    commits: Mutex<BTreeMap<String, (i64, i64)>>,
+}
+
+/// Where a unit's records landed: their source offsets (runs of consecutive offsets, in the
+/// order handed over) and the remote offsets the delivery reports gave them.
+#[derive(Debug, Clone, Default)]
+struct Landed {
+    sources: Vec<(i64, i64)>,
+    records: i64,
+    remote_min: i64,
+    remote_max: i64,
+}
+
+impl Landed {
+    /// Adds the unit's records to the index: in order, one remote offset each when the reports
+    /// say they landed next to each other (one writer per remote partition, librdkafka's
+    /// idempotent producer keeping order), else the index forgets what lies below.
+    fn apply(&self, index: &mut OffsetIndex, next_source: i64) {
+        if self.records == 0 {
+            return;
+        }
+        if self.remote_max - self.remote_min + 1 != self.records {
+            tracing::warn!(
+                remote_min = self.remote_min,
+                remote_max = self.remote_max,
+                records = self.records,
+                "records of one batch did not land next to each other: offsets below are no longer translated"
+            );
+            index.forget_below(next_source, self.remote_max + 1);
+            return;
+        }
+        let mut remote = self.remote_min;
+        for &(source, len) in &self.sources {
+            index.push_run(source, remote, len);
+            remote += len;
+        }
+    }
 }
 
 /// Units (a received batch, or a gap marker) of one partition, numbered in the order they were
@@ -316,14 +430,14 @@ struct Link {
 struct Acks {
     next_unit: u64,
     applied: u64,
-    /// Acknowledged units above `applied`: (next offset, credit bytes).
-    done: BTreeMap<u64, (i64, u64)>,
+    /// Acknowledged units above `applied`: (next offset, credit bytes, where the records landed).
+    done: BTreeMap<u64, (i64, u64, Landed)>,
     failed: Option<String>,
 }
 
 impl Link {
     /// A new unit whose records are about to be handed to librdkafka.
-    fn unit(self: &Arc<Self>, next: i64, credit: u64) -> Arc<Unit> {
+    fn unit(self: &Arc<Self>, next: i64, credit: u64, sources: Vec<(i64, i64)>) -> Arc<Unit> {
         let seq = {
             let mut acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
             acks.next_unit += 1;
@@ -331,19 +445,31 @@ impl Link {
         };
         // One count for the sender (see `Handing`): a unit cannot settle while its records are
         // still being handed over.
-        Arc::new(Unit { link: self.clone(), seq, next, credit, waiting: AtomicU64::new(1) })
+        Arc::new(Unit {
+            link: self.clone(),
+            seq,
+            next,
+            credit,
+            waiting: AtomicU64::new(1),
+            sources,
+            remote_min: AtomicI64::new(i64::MAX),
+            remote_max: AtomicI64::new(-1),
+        })
     }
 
     /// A unit's records are all acknowledged: apply every settled unit in order.
-    fn settle(&self, seq: u64, next: i64, credit: u64) {
+    fn settle(&self, seq: u64, next: i64, credit: u64, landed: Landed) {
         let mut due = false;
         {
             let mut acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
-            acks.done.insert(seq, (next, credit));
+            acks.done.insert(seq, (next, credit, landed));
             loop {
                 let applied = acks.applied;
-                let Some((next, credit)) = acks.done.remove(&applied) else { break };
+                let Some((next, credit, landed)) = acks.done.remove(&applied) else { break };
                 acks.applied += 1;
+                // The index before progress: a translation that sees the progress sees the
+                // records it covers.
+                landed.apply(&mut self.index.lock().unwrap_or_else(PoisonError::into_inner), next);
                 self.progress.lock().unwrap_or_else(PoisonError::into_inner).on_stored(next);
                 let mut flow = self.flow.lock().unwrap_or_else(PoisonError::into_inner);
                 flow.on_stored(credit);
@@ -393,12 +519,31 @@ struct Unit {
     credit: u64,
     /// Records not yet acknowledged, plus one while the sender is still handing them over.
     waiting: AtomicU64,
+    /// Source offsets of its records, runs of (first, count) in the order handed over.
+    sources: Vec<(i64, i64)>,
+    /// Remote offsets the delivery reports gave its records.
+    remote_min: AtomicI64,
+    remote_max: AtomicI64,
 }
 
 impl Unit {
+    /// One of its records is stored at remote offset `offset`.
+    fn delivered(&self, offset: i64) {
+        self.remote_min.fetch_min(offset, Ordering::AcqRel);
+        self.remote_max.fetch_max(offset, Ordering::AcqRel);
+        self.acked();
+    }
+
     fn acked(&self) {
         if self.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.link.settle(self.seq, self.next, self.credit);
+            let records = self.sources.iter().map(|(_, n)| n).sum();
+            let landed = Landed {
+                sources: self.sources.clone(),
+                records,
+                remote_min: self.remote_min.load(Ordering::Acquire),
+                remote_max: self.remote_max.load(Ordering::Acquire),
+            };
+            self.link.settle(self.seq, self.next, self.credit, landed);
         }
     }
 }
@@ -424,8 +569,51 @@ impl ProducerContext for Acknowledger {
 
     fn delivery(&self, result: &DeliveryResult<'_>, unit: Arc<Unit>) {
         match result {
-            Ok(_) => unit.acked(),
+            Ok(m) => unit.delivered(m.offset()),
             Err((e, _)) => unit.link.fail(e.to_string()),
+        }
+    }
+}
+
+/// A checkpoint handed to librdkafka: what its delivery report needs.
+struct CheckpointSent {
+    group: String,
+    offset: i64,
+    commit_time_ms: i64,
+    /// Where it goes in the central cluster's groups (`central_commit_enabled`): the central
+    /// group, the remote topic and partition, the translated offset.
+    central: Option<(String, String, i32, i64)>,
+}
+
+/// The checkpoint writer's delivery reports: counted, the lag measured. With no message timeout
+/// only a fatal error (authorisation, a deleted topic) fails one: counted and logged, not retried
+/// (the gateway sends the group's offset again with its next commit and at its next session).
+struct CheckpointAcks {
+    stats: Arc<CloudStats>,
+    central: Option<Arc<CentralCommits>>,
+}
+
+impl ClientContext for CheckpointAcks {}
+
+impl ProducerContext for CheckpointAcks {
+    type DeliveryOpaque = Box<CheckpointSent>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<CheckpointSent>) {
+        match result {
+            Ok(_) => {
+                let lag = (now_ms() - sent.commit_time_ms).max(0) as u64;
+                self.stats.checkpoints_written.fetch_add(1, Ordering::Relaxed);
+                self.stats.translation_lag_ms_last.store(lag, Ordering::Relaxed);
+                self.stats.translation_lag_ms_max.fetch_max(lag, Ordering::Relaxed);
+                self.stats.translation_lag_ms_sum.fetch_add(lag, Ordering::Relaxed);
+                if let (Some(central), Some((group, topic, partition, offset))) = (&self.central, sent.central) {
+                    central.offer(group, topic, partition, offset);
+                }
+            }
+            Err((e, _)) => {
+                self.stats.checkpoint_write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(group = %sent.group, offset = sent.offset, error = %e, "checkpoint write failed");
+            }
         }
     }
 }
@@ -445,12 +633,16 @@ struct Session {
     credit_due: Arc<Notify>,
     /// What the site's data streams hold here, within `site_buffer_bytes_max`.
     buffer: Arc<SiteBuffer>,
+    /// The gateway speaks protocol version 2 (committed offsets).
+    offsets_on: bool,
 }
 
 impl Session {
     fn new(shared: Arc<Shared>, site: String, conn: quinn::Connection) -> Self {
         let buffer = Arc::new(SiteBuffer::new(shared.cfg.site_buffer_bytes_max, shared.stats.clone()));
+        let offsets_on = tls::negotiated_alpn(&conn).as_deref() == Some(ALPN_V2);
         Self {
+            offsets_on,
             shared,
             site,
             conn,
@@ -480,6 +672,12 @@ impl Session {
                     match frame {
                         Ok(Some(Control::Partitions(list))) => {
                             if let Err(e) = self.start_partitions(&mut send, list).await {
+                                break Err(e);
+                            }
+                        }
+                        Ok(Some(Control::Offsets(list))) if self.offsets_on => {
+                            self.on_commits(list);
+                            if let Err(e) = self.flush_checkpoints().await {
                                 break Err(e);
                             }
                         }
@@ -521,6 +719,9 @@ impl Session {
                     if let Err(e) = self.send_updates(&mut send, true).await {
                         break Err(e);
                     }
+                    if let Err(e) = self.flush_checkpoints().await {
+                        break Err(e);
+                    }
                 }
             }
         };
@@ -532,7 +733,115 @@ impl Session {
         }
         while streams.join_next().await.is_some() {}
         let _ = self.send_updates(&mut send, true).await;
+        // Commits whose data is now stored are written; the rest wait for the gateway's next
+        // session (it sends every commit again).
+        let _ = self.flush_checkpoints().await;
+        let links: Vec<Arc<Link>> =
+            self.links.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        for link in links {
+            let left = std::mem::take(&mut *link.commits.lock().unwrap_or_else(PoisonError::into_inner)).len();
+            self.shared.stats.checkpoints_pending.fetch_sub(left as u64, Ordering::Relaxed);
+        }
         result
+    }
+
+    /// A gateway's committed offsets: each waits in its partition's link (the latest per group).
+    fn on_commits(&self, list: Vec<CommittedOffset>) {
+        let stats = &self.shared.stats;
+        if self.shared.checkpoints.is_none() {
+            return;
+        }
+        let max = self.shared.cfg.checkpoint_groups_per_partition_max as usize;
+        for c in list {
+            let link =
+                self.links.lock().unwrap_or_else(PoisonError::into_inner).get(&(c.topic.clone(), c.partition)).cloned();
+            let Some(link) = link else {
+                stats.checkpoints_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(site = %self.site, topic = %c.topic, partition = c.partition,
+                    "committed offset of a partition not mirrored in this session: ignored");
+                continue;
+            };
+            let mut commits = link.commits.lock().unwrap_or_else(PoisonError::into_inner);
+            let full = commits.len() >= max;
+            match commits.get_mut(&c.group) {
+                Some(v) => *v = (c.offset, c.commit_time_ms),
+                None if full => {
+                    stats.checkpoints_dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(site = %self.site, group = %c.group, topic = %c.topic, partition = c.partition,
+                        "checkpoint_groups_per_partition_max reached: commit not translated");
+                }
+                None => {
+                    commits.insert(c.group, (c.offset, c.commit_time_ms));
+                    stats.checkpoints_pending.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Writes a checkpoint for every waiting commit whose data is stored in the central cluster
+    /// (never one ahead of it: see `checkpoint.rs`).
+    async fn flush_checkpoints(&self) -> Result<(), CloudError> {
+        let Some(producer) = &self.shared.checkpoints else { return Ok(()) };
+        let stats = &self.shared.stats;
+        let topic = checkpoints_topic(&self.site);
+        let links: Vec<((String, i32), Arc<Link>)> = self
+            .links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for ((source_topic, partition), link) in links {
+            let ready: Vec<(String, i64, i64, i64)> = {
+                let mut commits = link.commits.lock().unwrap_or_else(PoisonError::into_inner);
+                if commits.is_empty() {
+                    continue;
+                }
+                // Progress is read under the index lock: `settle` updates the index first.
+                let index = link.index.lock().unwrap_or_else(PoisonError::into_inner);
+                let stored = link.progress.lock().unwrap_or_else(PoisonError::into_inner).stored();
+                let mut ready = Vec::new();
+                let before = commits.len();
+                commits.retain(|group, &mut (offset, at)| match index.translate(offset, stored) {
+                    Translation::Ready(remote) => {
+                        ready.push((group.clone(), offset, remote, at));
+                        false
+                    }
+                    Translation::Wait => true,
+                    Translation::Unknown => {
+                        stats.checkpoints_untranslatable.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(site = %self.site, %group, topic = %source_topic, partition, offset,
+                            "committed offset below what the offset index holds: no checkpoint");
+                        false
+                    }
+                });
+                stats.checkpoints_pending.fetch_sub((before - commits.len()) as u64, Ordering::Relaxed);
+                ready
+            };
+            for (group, offset, remote, at) in ready {
+                let key = checkpoint_key(&group, &link.remote, partition);
+                let value = checkpoint_value(offset, remote, "");
+                let central = self.shared.central.as_ref().map(|_| {
+                    (self.shared.cfg.central_group(&self.site, &group), link.remote.clone(), partition, remote)
+                });
+                let sent = Box::new(CheckpointSent { group: group.clone(), offset, commit_time_ms: at, central });
+                let mut record: BaseRecord<'_, [u8], [u8], Box<CheckpointSent>> =
+                    BaseRecord::with_opaque_to(&topic, sent).partition(0).key(&key[..]).payload(&value[..]);
+                loop {
+                    match producer.send(record) {
+                        Ok(()) => break,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                            record = r;
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        Err((e, _)) => return Err(e.into()),
+                    }
+                }
+                tracing::debug!(site = %self.site, %group, topic = %source_topic, partition, offset, remote,
+                    "checkpoint written");
+            }
+        }
+        Ok(())
     }
 
     /// Credit due and progress to report.
@@ -595,9 +904,14 @@ impl Session {
         // The gaps topic too, with the same settings: a cluster's auto-creation (if it is on at
         // all) would give it the cluster's defaults, often one replica.
         let gaps = self.shared.cfg.gaps_topic.clone();
-        self.ensure_topic(&gaps, 1).await?;
+        self.ensure_topic(&gaps, 1, &[]).await?;
+        if self.offsets_on && self.shared.checkpoints.is_some() {
+            // As MirrorMaker 2 creates it: one partition (MirrorClient reads partition 0),
+            // compacted (the latest checkpoint per group and partition).
+            self.ensure_topic(&checkpoints_topic(&self.site), 1, &[("cleanup.policy", "compact")]).await?;
+        }
         for (p, remote) in &new {
-            self.ensure_topic(remote, p.partitions).await?;
+            self.ensure_topic(remote, p.partitions, &[]).await?;
         }
         let wanted: Vec<(String, i32, String)> =
             new.iter().map(|(p, remote)| (remote.clone(), p.partition, p.topic.clone())).collect();
@@ -609,7 +923,17 @@ impl Session {
         for ((p, remote), resume) in new.into_iter().zip(resumes) {
             // Nothing of this partition in the central cluster: from the beginning (a gateway
             // whose log no longer starts at 0 reports the missing part as a gap).
-            let start = resume.unwrap_or(0);
+            let start = resume.next.unwrap_or(0);
+            let mut index = OffsetIndex::new(self.shared.cfg.checkpoint_index_runs_max as usize);
+            if !resume.tail.is_empty() {
+                // This site's records in the tail read: commits from the first of them on
+                // translate exactly.
+                for &(source, remote) in &resume.tail {
+                    index.push(source, remote);
+                }
+            } else if resume.empty {
+                index.seed(start, resume.high);
+            }
             tracing::info!(site = %self.site, topic = %p.topic, partition = p.partition, %remote, start,
                 "partition mirror starts");
             let flow = Flow::new(self.shared.cfg.partition_credit_bytes, self.shared.cfg.frame_bytes_max);
@@ -623,6 +947,8 @@ impl Session {
                 acks: Mutex::new(Acks::default()),
                 settled: Notify::new(),
                 credit_due: self.credit_due.clone(),
+                index: Mutex::new(index),
+                commits: Mutex::new(BTreeMap::new()),
             };
             self.links
                 .lock()
@@ -638,8 +964,9 @@ impl Session {
         Ok(())
     }
 
-    /// Creates the remote topic with at least `partitions` partitions.
-    async fn ensure_topic(&mut self, remote: &str, partitions: i32) -> Result<(), CloudError> {
+    /// Creates the remote topic with at least `partitions` partitions (`extra`: topic configs
+    /// beside `kafka.topic_config`).
+    async fn ensure_topic(&mut self, remote: &str, partitions: i32, extra: &[(&str, &str)]) -> Result<(), CloudError> {
         if self.ready_topics.get(remote).is_some_and(|n| *n >= partitions) {
             return Ok(());
         }
@@ -648,6 +975,9 @@ impl Session {
         let rf = TopicReplication::Fixed(self.shared.cfg.kafka.replication_factor);
         let mut topic = NewTopic::new(remote, partitions, rf);
         for (k, v) in &self.shared.cfg.kafka.topic_config {
+            topic = topic.set(k, v);
+        }
+        for (k, v) in extra {
             topic = topic.set(k, v);
         }
         let created = self.shared.admin.create_topics([&topic], &opts).await?;
@@ -754,16 +1084,29 @@ fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, name: &str) -> Optio
     m.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
 }
 
+/// What the tail of a remote partition says about one source partition.
+#[derive(Debug, Clone, Default)]
+struct Resume {
+    /// After the last record of this site's source partition (`None`: none in the tail).
+    next: Option<i64>,
+    /// This source partition's records in the tail: (source offset, remote offset), in order.
+    tail: Vec<(i64, i64)>,
+    /// The remote partition holds no record at all (created by this session, or empty).
+    empty: bool,
+    /// Its high watermark when read.
+    high: i64,
+}
+
 /// Where each of `wanted` (remote topic, partition, source topic) resumes: after the last record
-/// of this site's (source topic, partition) in the remote partition's tail (`None`: none there).
-/// One consumer reads every tail, a remote topic at a time; topics in `created` (made by this
-/// session, so empty) are not read.
+/// of this site's (source topic, partition) in the remote partition's tail (`None`: none there),
+/// with those records' offsets for the offset index. One consumer reads every tail, a remote
+/// topic at a time; topics in `created` (made by this session, so empty) are not read.
 fn last_mirrored(
     cfg: &CloudConfig,
     site: &str,
     wanted: &[(String, i32, String)],
     created: &HashSet<String>,
-) -> Result<Vec<Option<i64>>, CloudError> {
+) -> Result<Vec<Resume>, CloudError> {
     const TAIL: i64 = 256;
     let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
     let consumer: BaseConsumer = kafka_config(cfg)
@@ -771,7 +1114,7 @@ fn last_mirrored(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .create()?;
-    let mut out = vec![None; wanted.len()];
+    let mut out = vec![Resume { empty: true, ..Resume::default() }; wanted.len()];
     let mut has_records = vec![false; wanted.len()];
     let mut remotes: Vec<&str> = wanted.iter().map(|(r, _, _)| r.as_str()).collect();
     remotes.sort_unstable();
@@ -786,6 +1129,8 @@ fn last_mirrored(
                 continue;
             }
             let (low, high) = watermarks(&consumer, remote, *partition, timeout)?;
+            out[i].high = high;
+            out[i].empty = high <= low;
             if high > low {
                 tpl.add_partition_offset(remote, *partition, Offset::Offset((high - TAIL).max(low)))?;
                 reading.insert(*partition, (i, high));
@@ -810,7 +1155,8 @@ fn last_mirrored(
                         && header(&m, HEADER_PARTITION) == Some(partition.to_string().as_str());
                     if ours {
                         if let Some(off) = header(&m, HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()) {
-                            out[i] = Some(off + 1);
+                            out[i].next = Some(off + 1);
+                            out[i].tail.push((off, m.offset()));
                         }
                     }
                     if m.offset() >= high - 1 {
@@ -826,11 +1172,74 @@ fn last_mirrored(
         }
     }
     for (((remote, partition, _), last), had) in wanted.iter().zip(&out).zip(has_records) {
-        if last.is_none() && had {
+        if last.next.is_none() && had {
             tracing::warn!(%remote, partition, "remote partition has records but none from this site in its tail: starting from 0");
         }
     }
     Ok(out)
+}
+
+/// (remote topic, partition) -> offset of one central group.
+type GroupOffsets = BTreeMap<(String, i32), i64>;
+
+/// Translated offsets waiting to be committed into the central cluster's consumer groups: central
+/// group -> (remote topic, partition) -> offset, the latest of each, at most `groups_max` groups.
+/// A commit only ever follows its checkpoint's acknowledgement, so it is never ahead of the
+/// mirrored data either.
+struct CentralCommits {
+    pending: Mutex<BTreeMap<String, GroupOffsets>>,
+    groups_max: usize,
+    stats: Arc<CloudStats>,
+}
+
+impl CentralCommits {
+    fn offer(&self, group: String, topic: String, partition: i32, offset: i64) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if !pending.contains_key(&group) && pending.len() >= self.groups_max {
+            self.stats.central_commits_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%group, "central_commit_groups_max reached: translated offset not committed");
+            return;
+        }
+        pending.entry(group).or_default().insert((topic, partition), offset);
+    }
+
+    /// Commits every waiting group's offsets (on the blocking pool: one short-lived client per
+    /// group, as a consumer that never joins). A refused group (members active there, or the
+    /// cluster unreachable) is put back unless a newer offset came meanwhile.
+    fn commit_round(&self, cfg: &CloudConfig) {
+        let round = std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        for (group, offsets) in round {
+            match commit_group(cfg, &group, &offsets) {
+                Ok(()) => {
+                    self.stats.central_commits.fetch_add(offsets.len() as u64, Ordering::Relaxed);
+                    tracing::debug!(%group, partitions = offsets.len(), "translated offsets committed");
+                }
+                Err(e) => {
+                    self.stats.central_commits_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%group, error = %e,
+                        "central group refused the translated offsets (active there?): retrying later");
+                    let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                    let newer = pending.entry(group).or_default();
+                    for (tp, offset) in offsets {
+                        newer.entry(tp).or_insert(offset);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Commits `offsets` into the central consumer group `group` from outside it (generation -1, as
+/// Kafka's admin tools do): Kafka takes it only while the group has no active member.
+fn commit_group(cfg: &CloudConfig, group: &str, offsets: &GroupOffsets) -> Result<(), CloudError> {
+    let consumer: BaseConsumer =
+        kafka_config(cfg).set("group.id", group).set("enable.auto.commit", "false").create()?;
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in offsets {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+    }
+    consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
+    Ok(())
 }
 
 /// What one site's data streams hold in the receiver: frames read from QUIC and not yet handed
@@ -1023,14 +1432,26 @@ impl StreamTask {
                     let decoded: u64 = records.iter().map(record_bytes).sum();
                     incoming.held.charge_decoded(decoded);
                     link.check()?;
-                    let unit = link.unit(h.next_offset(), len);
+                    // Records already stored (a resend after a reconnect) are skipped; the rest,
+                    // their offsets as runs, make the unit.
+                    let mut sources: Vec<(i64, i64)> = Vec::new();
+                    let mut records = records;
+                    records.retain(|r| {
+                        if r.offset < expected {
+                            stats.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
+                            return false;
+                        }
+                        expected = r.offset + 1;
+                        match sources.last_mut() {
+                            Some((first, n)) if *first + *n == r.offset => *n += 1,
+                            _ => sources.push((r.offset, 1)),
+                        }
+                        true
+                    });
+                    let unit = link.unit(h.next_offset(), len, sources);
                     let handing = Handing(unit.clone());
                     let mut written = 0;
                     for r in records {
-                        if r.offset < expected {
-                            stats.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
                         let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 4);
                         for (k, v) in &r.headers {
                             headers = headers.insert(Header { key: k, value: v.as_deref() });
@@ -1054,7 +1475,6 @@ impl StreamTask {
                         unit.waiting.fetch_add(1, Ordering::AcqRel);
                         self.enqueue(record).await?;
                         written += 1;
-                        expected = r.offset + 1;
                     }
                     drop(handing);
                     stats.records_written.fetch_add(written, Ordering::Relaxed);
@@ -1075,7 +1495,7 @@ impl StreamTask {
                     );
                     let key = format!("{}/{}/{}", self.site, topic, partition);
                     link.check()?;
-                    let unit = link.unit(to, 0);
+                    let unit = link.unit(to, 0, Vec::new());
                     let handing = Handing(unit.clone());
                     let record: BaseRecord<'_, str, str, Arc<Unit>> =
                         BaseRecord::with_opaque_to(&self.shared.cfg.gaps_topic, unit.clone())
@@ -1165,6 +1585,8 @@ mod tests {
             acks: Mutex::new(Acks::default()),
             settled: Notify::new(),
             credit_due: Arc::new(Notify::new()),
+            index: Mutex::new(OffsetIndex::new(16)),
+            commits: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -1180,7 +1602,7 @@ mod tests {
         let records = |unit: &Arc<Unit>, n: u64| {
             unit.waiting.fetch_add(n, Ordering::AcqRel);
         };
-        let (a, b, c) = (link.unit(10, 300), link.unit(20, 0), link.unit(30, 500));
+        let (a, b, c) = (link.unit(10, 300, Vec::new()), link.unit(20, 0, Vec::new()), link.unit(30, 500, Vec::new()));
         for (u, n) in [(&a, 3), (&b, 1), (&c, 2)] {
             records(u, n);
             drop(Handing(u.clone()));
@@ -1201,7 +1623,7 @@ mod tests {
         assert_eq!(link.flow.lock().map(|mut f| f.take_credit(true)).ok().flatten(), Some(800));
         assert!(matches!(link.all_settled().now_or_never(), Some(Ok(()))));
         // A failed write ends the stream: later units are refused and waiting stops.
-        let d = link.unit(40, 10);
+        let d = link.unit(40, 10, Vec::new());
         link.fail("broker down".into());
         assert!(link.check().is_err());
         assert!(matches!(link.all_settled().now_or_never(), Some(Err(_))));

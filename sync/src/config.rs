@@ -52,6 +52,11 @@ pub struct MirrorConfig {
     /// Reconnect delay: doubles from the minimum to the maximum, with jitter.
     pub reconnect_backoff_min_ms: u64,
     pub reconnect_backoff_max_ms: u64,
+    /// Consumer groups' committed offsets of mirrored partitions kept to send to the cloud (the
+    /// latest per group and partition; more are not mirrored, with a warning).
+    pub offsets_tracked_max: u32,
+    /// How often changed committed offsets go to the cloud (commits in between are coalesced).
+    pub offsets_interval_ms: u64,
 }
 
 impl Default for MirrorConfig {
@@ -75,6 +80,8 @@ impl Default for MirrorConfig {
             connect_timeout_ms: 5_000,
             reconnect_backoff_min_ms: 500,
             reconnect_backoff_max_ms: 60_000,
+            offsets_tracked_max: 10_000,
+            offsets_interval_ms: 100,
         }
     }
 }
@@ -136,6 +143,8 @@ impl MirrorConfig {
             self.reconnect_backoff_min_ms,
             3_600_000,
         )?;
+        check_range(&key("offsets_tracked_max"), self.offsets_tracked_max.into(), 1, 1_000_000)?;
+        check_range(&key("offsets_interval_ms"), self.offsets_interval_ms, 10, 60_000)?;
         if self.bandwidth_bytes_per_s_max != 0 {
             check_range(&key("bandwidth_bytes_per_s_max"), self.bandwidth_bytes_per_s_max, 1024, u64::MAX)?;
         }
@@ -194,6 +203,23 @@ pub struct CloudConfig {
     pub idle_timeout_ms: u64,
     /// Decompressed size of one batch at most.
     pub decompressed_batch_bytes_max: u64,
+    /// Write gateways' committed consumer-group offsets, translated, as MirrorMaker 2
+    /// checkpoints into `{site}.checkpoints.internal`.
+    pub checkpoints_enabled: bool,
+    /// Runs of the source-to-remote offset index kept per partition (a run is a stretch of
+    /// consecutive offsets; commits below the oldest run are not translated).
+    pub checkpoint_index_runs_max: u32,
+    /// Consumer groups' commits of one partition waiting for their data to be stored.
+    pub checkpoint_groups_per_partition_max: u32,
+    /// Also commit the translated offsets into the central cluster's consumer groups (only
+    /// groups with no active member there: Kafka refuses the others, retried later).
+    pub central_commit_enabled: bool,
+    /// The central group of an edge group: `{group}` and `{site}` are replaced.
+    pub central_group_format: String,
+    /// How often translated offsets are committed into central groups.
+    pub central_commit_interval_ms: u64,
+    /// Central groups with offsets waiting to be committed at most (more are dropped, counted).
+    pub central_commit_groups_max: u32,
     pub kafka: KafkaTarget,
     pub log: LogLevel,
 }
@@ -260,6 +286,13 @@ impl Default for CloudConfig {
             keep_alive_ms: 10_000,
             idle_timeout_ms: 60_000,
             decompressed_batch_bytes_max: 64 * MIB,
+            checkpoints_enabled: true,
+            checkpoint_index_runs_max: 4_096,
+            checkpoint_groups_per_partition_max: 1_000,
+            central_commit_enabled: false,
+            central_group_format: "{group}".into(),
+            central_commit_interval_ms: 1_000,
+            central_commit_groups_max: 10_000,
             kafka: KafkaTarget::default(),
             log: LogLevel::default(),
         }
@@ -285,6 +318,18 @@ impl CloudConfig {
         check_range("keep_alive_ms", self.keep_alive_ms, 1_000, 600_000)?;
         check_range("idle_timeout_ms", self.idle_timeout_ms, self.keep_alive_ms + 1, 3_600_000)?;
         check_range("decompressed_batch_bytes_max", self.decompressed_batch_bytes_max, MIB, 1024 * MIB)?;
+        check_range("checkpoint_index_runs_max", self.checkpoint_index_runs_max.into(), 16, 10_000_000)?;
+        check_range(
+            "checkpoint_groups_per_partition_max",
+            self.checkpoint_groups_per_partition_max.into(),
+            1,
+            1_000_000,
+        )?;
+        if !self.central_group_format.contains("{group}") {
+            return Err(ConfigError::new("central_group_format", "must contain {group}"));
+        }
+        check_range("central_commit_interval_ms", self.central_commit_interval_ms, 10, 3_600_000)?;
+        check_range("central_commit_groups_max", self.central_commit_groups_max.into(), 1, 1_000_000)?;
         if self.kafka.bootstrap_servers.is_empty() {
             return Err(ConfigError::new("kafka.bootstrap_servers", "must not be empty"));
         }
@@ -295,6 +340,11 @@ impl CloudConfig {
             return Err(ConfigError::new("kafka.topic_config", format!("empty name or value ({k:?})")));
         }
         Ok(())
+    }
+
+    /// The central consumer group that receives an edge group's translated offsets.
+    pub fn central_group(&self, site: &str, group: &str) -> String {
+        self.central_group_format.replace("{site}", site).replace("{group}", group)
     }
 
     /// The remote topic of a site's log topic.

@@ -1,7 +1,9 @@
 //! The gateway side of the mirror: dials the cloud over QUIC (mutual TLS), reports its
 //! partitions, streams stored batches from where the cloud says (one stream per partition,
 //! within the credit the cloud grants and the bandwidth cap), marks gaps left by retention, and
-//! stores what the cloud confirms as mirrored. Reconnects with backoff and jitter.
+//! stores what the cloud confirms as mirrored; sends consumer groups' committed offsets of mirrored
+//! partitions (latest per group and partition, once the records below them are sent) when the
+//! cloud speaks protocol version 2. Reconnects with backoff and jitter.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -18,7 +20,10 @@ use tributary_log::{Store, StoreError};
 
 use crate::config::MirrorConfig;
 use crate::core::{Backoff, TokenBucket};
-use crate::protocol::{Control, Data, Decoder, PartitionReport, ProtocolError};
+use crate::protocol::{
+    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, ALPN_V2, GROUP_ID_BYTES_MAX,
+    OFFSETS_PER_FRAME_MAX, TOPIC_BYTES_MAX,
+};
 use crate::tls::{self, TlsError};
 
 /// Why a mirror session ended (it is retried, except for configuration errors).
@@ -68,6 +73,154 @@ pub struct MirrorStats {
     partitions: Mutex<BTreeMap<(String, i32), Arc<PartitionProgress>>>,
     /// Bumped on every link change and confirmed progress: watch it instead of polling.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Committed consumer-group offsets to send to the cloud.
+    pub commits: CommitFeed,
+}
+
+/// Consumer groups' committed offsets of mirrored partitions, to send to the cloud: the latest
+/// per (group, topic, partition), kept (and sent again on every new session) so a receiver that
+/// restarted learns them, at most `limit` entries (`mirror.offsets_tracked_max`). Fed by the
+/// group coordinator's commit hook; drained by the mirror session.
+#[derive(Debug)]
+pub struct CommitFeed {
+    state: Mutex<FeedState>,
+    /// Offsets sent to the cloud.
+    pub sent: AtomicU64,
+    /// Commits not tracked: over the limit, or a group id over `GROUP_ID_BYTES_MAX`.
+    pub dropped: AtomicU64,
+}
+
+#[derive(Debug)]
+struct FeedState {
+    /// (group, topic, partition) as a tuple of the client's strings: no joined key, so no two
+    /// groups or topics can collide.
+    entries: BTreeMap<(String, String, i32), FeedEntry>,
+    limit: usize,
+    /// Entries not yet sent in this session.
+    unsent: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FeedEntry {
+    offset: i64,
+    commit_time_ms: i64,
+    sent: bool,
+}
+
+impl Default for CommitFeed {
+    fn default() -> Self {
+        Self::new(MirrorConfig::default().offsets_tracked_max as usize)
+    }
+}
+
+impl CommitFeed {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            state: Mutex::new(FeedState { entries: BTreeMap::new(), limit, unsent: 0 }),
+            sent: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the number of entries kept (`mirror.offsets_tracked_max`).
+    pub fn set_limit(&self, limit: usize) {
+        self.lock().limit = limit;
+    }
+
+    /// A group committed `offset` on a mirrored partition at `commit_time_ms`. Returns whether it
+    /// is tracked.
+    pub fn offer(&self, group: &str, topic: &str, partition: i32, offset: i64, commit_time_ms: i64) -> bool {
+        if group.len() > GROUP_ID_BYTES_MAX || topic.len() > TOPIC_BYTES_MAX || offset < 0 {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let mut st = self.lock();
+        let st = &mut *st;
+        let key = (group.to_string(), topic.to_string(), partition);
+        let entry = FeedEntry { offset, commit_time_ms, sent: false };
+        let full = st.entries.len() >= st.limit;
+        match st.entries.get_mut(&key) {
+            Some(e) => {
+                if e.offset == offset && !e.sent {
+                    return true;
+                }
+                if e.sent {
+                    st.unsent += 1;
+                }
+                *e = entry;
+            }
+            None if full => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    group,
+                    topic,
+                    partition,
+                    limit = st.limit,
+                    "mirror.offsets_tracked_max reached: this committed offset is not mirrored"
+                );
+                return false;
+            }
+            None => {
+                st.entries.insert(key, entry);
+                st.unsent += 1;
+            }
+        }
+        true
+    }
+
+    /// A new session: everything goes again.
+    fn resend_all(&self) {
+        let mut st = self.lock();
+        for e in st.entries.values_mut() {
+            e.sent = false;
+        }
+        st.unsent = st.entries.len();
+    }
+
+    /// Offsets not yet sent whose partition has sent every record below them (`sent_to` gives
+    /// a partition's next offset to send, `None` while it is not streaming), at most `max`; they
+    /// count as sent.
+    fn take(&self, max: usize, sent_to: impl Fn(&str, i32) -> Option<i64>) -> Vec<CommittedOffset> {
+        let mut st = self.lock();
+        let mut out = Vec::new();
+        if st.unsent == 0 {
+            return out;
+        }
+        // One look-up per partition, however many groups committed on it.
+        let mut progress: HashMap<(&str, i32), Option<i64>> = HashMap::new();
+        for ((group, topic, partition), e) in st.entries.iter_mut() {
+            if out.len() >= max {
+                break;
+            }
+            if e.sent {
+                continue;
+            }
+            let next = *progress.entry((topic.as_str(), *partition)).or_insert_with(|| sent_to(topic, *partition));
+            if next.is_none_or(|next| next < e.offset) {
+                continue;
+            }
+            e.sent = true;
+            out.push(CommittedOffset {
+                group: group.clone(),
+                topic: topic.clone(),
+                partition: *partition,
+                offset: e.offset,
+                commit_time_ms: e.commit_time_ms,
+            });
+        }
+        st.unsent -= out.len();
+        out
+    }
+
+    /// Entries tracked, and how many of them are waiting to be sent.
+    pub fn pending(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.entries.len(), st.unsent)
+    }
 }
 
 /// One partition's mirror progress.
@@ -188,6 +341,7 @@ pub async fn run(
         cfg.congestion_controller,
     )?;
     let client = tls::client_config(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport)?;
+    stats.commits.set_limit(cfg.offsets_tracked_max as usize);
     let mut backoff = Backoff::new(
         Duration::from_millis(cfg.reconnect_backoff_min_ms),
         Duration::from_millis(cfg.reconnect_backoff_max_ms),
@@ -318,6 +472,12 @@ async fn stream_session(
     let mut decoder = Decoder::new(1 << 20);
     let mut buf = vec![0u8; 16 * 1024];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Committed offsets go only to a receiver that speaks version 2.
+    let offsets_on = tls::negotiated_alpn(conn).as_deref() == Some(ALPN_V2);
+    if offsets_on {
+        stats.commits.resend_all();
+    }
+    let mut offsets_tick = tokio::time::interval(Duration::from_millis(cfg.offsets_interval_ms));
     loop {
         tokio::select! {
             n = recv.read(&mut buf) => {
@@ -358,7 +518,7 @@ async fn stream_session(
                             stats.changed();
                         }
                         Control::Refused { reason } => return Err(MirrorError::Refused(reason)),
-                        Control::Hello { .. } | Control::Partitions(_) => {
+                        Control::Hello { .. } | Control::Partitions(_) | Control::Offsets(_) => {
                             return Err(ProtocolError::Unexpected("gateway-side").into());
                         }
                     }
@@ -369,6 +529,26 @@ async fn stream_session(
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return Err(e),
                     Err(e) => return Err(MirrorError::Refused(format!("partition sender failed: {e}"))),
+                }
+            }
+            _ = offsets_tick.tick(), if offsets_on => {
+                // A partition started in this session has its progress; an offset goes once the
+                // records below it are on their data stream (the receiver still waits until they
+                // are stored before translating it).
+                let sent_to = |topic: &str, partition: i32| {
+                    if !credits.contains_key(&(topic.to_string(), partition)) {
+                        return None;
+                    }
+                    stats.partition(topic, partition).map(|p| p.sent.load(Ordering::Relaxed))
+                };
+                loop {
+                    let batch = stats.commits.take(OFFSETS_PER_FRAME_MAX, sent_to);
+                    if batch.is_empty() {
+                        break;
+                    }
+                    let n = batch.len() as u64;
+                    send.write_all(&Control::Offsets(batch).encode()).await?;
+                    stats.commits.sent.fetch_add(n, Ordering::Relaxed);
                 }
             }
             _ = tick.tick() => {
@@ -521,6 +701,38 @@ mod tests {
         let mut out = Vec::new();
         encode_batch(&with_ts, base, Codec::None, TimestampKind::CreateTime, 0, &mut out).expect("encode");
         out
+    }
+
+    #[test]
+    fn committed_offsets_coalesce_wait_for_their_data_and_stay_within_the_limit() {
+        let feed = CommitFeed::new(3);
+        assert!(feed.offer("g1", "meters", 0, 5, 1));
+        assert!(feed.offer("g1", "meters", 0, 9, 2), "the same partition again: coalesced");
+        assert!(feed.offer("g2", "meters", 0, 20, 3));
+        assert!(feed.offer("g1", "meters", 1, 4, 4));
+        assert!(!feed.offer("g3", "meters", 0, 1, 5), "a fourth key is over the limit");
+        assert!(!feed.offer(&"g".repeat(GROUP_ID_BYTES_MAX + 1), "meters", 0, 1, 5), "group id too long");
+        assert_eq!(feed.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(feed.pending(), (3, 3));
+        // Partition 0 has sent up to 10, partition 1 is not streaming yet.
+        let sent_to = |_: &str, p: i32| (p == 0).then_some(10);
+        let got = feed.take(10, sent_to);
+        assert_eq!(got.len(), 1, "only g1's 9 has its data sent: {got:?}");
+        assert_eq!((got[0].group.as_str(), got[0].offset, got[0].commit_time_ms), ("g1", 9, 2));
+        assert_eq!(feed.take(10, sent_to), vec![], "sent once");
+        let got = feed.take(10, |_, _| Some(100));
+        assert_eq!(
+            got.iter().map(|c| (c.group.as_str(), c.partition, c.offset)).collect::<Vec<_>>(),
+            vec![("g1", 1, 4), ("g2", 0, 20)]
+        );
+        // A new commit goes again; a new session sends everything again, a frame's worth at a time.
+        feed.offer("g2", "meters", 0, 21, 6);
+        assert_eq!(feed.take(1, |_, _| Some(100)).len(), 1);
+        feed.resend_all();
+        assert_eq!(feed.pending(), (3, 3));
+        assert_eq!(feed.take(2, |_, _| Some(100)).len(), 2);
+        assert_eq!(feed.take(2, |_, _| Some(100)).len(), 1);
+        assert_eq!(feed.pending(), (3, 0));
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! Tributary's mirror of gateway topics to a central Kafka cluster over QUIC: the wire protocol
-//! and flow control (sans-I/O), TLS and certificates, the gateway side, and (feature `cloud`) the
-//! `tributary-cloud` receiver that writes into Kafka.
+//! Tributary's mirror of gateway topics to a central Kafka cluster over QUIC: the wire protocol,
+//! flow control and consumer-group offset translation (sans-I/O), TLS and certificates, the
+//! gateway side, and (feature `cloud`) the `tributary-cloud` receiver that writes into Kafka.
 
 pub mod certs;
+pub mod checkpoint;
 pub mod config;
 pub mod config_file;
 pub mod congestion;

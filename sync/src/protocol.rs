@@ -6,9 +6,27 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-/// ALPN of this protocol version: a gateway and a cloud speaking different versions do not
-/// complete the handshake.
+/// ALPN of the first protocol version (no `Offsets` frame).
 pub const ALPN: &[u8] = b"tributary-mirror/1";
+
+/// ALPN of version 2: version 1 plus the `Offsets` control frame (committed consumer-group
+/// offsets, gateway to cloud).
+pub const ALPN_V2: &[u8] = b"tributary-mirror/2";
+
+/// The versions both ends offer, newest first. TLS picks one both speak, so a new gateway and an
+/// old receiver settle on version 1 (the gateway then never sends `Offsets`), and an old gateway
+/// and a new receiver too; ends with no version in common do not complete the handshake.
+pub const ALPNS: [&[u8]; 2] = [ALPN_V2, ALPN];
+
+/// Committed offsets in one `Offsets` frame at most (the gateway sends more in several frames).
+pub const OFFSETS_PER_FRAME_MAX: usize = 512;
+
+/// The longest consumer-group id carried (bytes); a longer group's offsets are not mirrored.
+/// With `OFFSETS_PER_FRAME_MAX` this keeps an `Offsets` frame under the control stream's 1 MiB.
+pub const GROUP_ID_BYTES_MAX: usize = 1024;
+
+/// The longest topic name (Kafka's limit).
+pub const TOPIC_BYTES_MAX: usize = 249;
 
 /// The largest `Open` frame body: its type, a topic name (at most 249 bytes, as in Kafka) and a
 /// partition. A data stream is held to this until its `Open` has been checked, so a stream that
@@ -39,6 +57,20 @@ pub struct PartitionReport {
     pub high_watermark: i64,
 }
 
+/// A consumer group's committed offset of a mirrored partition, as the gateway's coordinator
+/// stored it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedOffset {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    /// The next record the group reads.
+    pub offset: i64,
+    /// When it was committed (ms since the epoch, the gateway's clock): the receiver measures
+    /// translation lag from it.
+    pub commit_time_ms: i64,
+}
+
 /// A frame of the control stream, either direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
@@ -54,6 +86,10 @@ pub enum Control {
     Mirrored { topic: String, partition: i32, offset: i64 },
     /// Either side, before closing: why.
     Refused { reason: String },
+    /// Gateway (version 2 only): consumer groups' latest committed offsets of mirrored
+    /// partitions, each sent once the records below it have been sent on its data stream; at most
+    /// `OFFSETS_PER_FRAME_MAX`, group ids at most `GROUP_ID_BYTES_MAX`.
+    Offsets(Vec<CommittedOffset>),
 }
 
 /// A frame of a data stream (gateway to cloud, one stream per partition).
@@ -73,6 +109,7 @@ const START: u8 = 3;
 const CREDIT: u8 = 4;
 const MIRRORED: u8 = 5;
 const REFUSED: u8 = 6;
+const OFFSETS: u8 = 7;
 const OPEN: u8 = 16;
 const BATCH: u8 = 17;
 const GAP: u8 = 18;
@@ -123,6 +160,16 @@ impl Control {
                 b.put_i64(*offset);
             }),
             Control::Refused { reason } => frame(REFUSED, |b| put_str(b, reason)),
+            Control::Offsets(list) => frame(OFFSETS, |b| {
+                b.put_u32(list.len() as u32);
+                for o in list {
+                    put_str(b, &o.group);
+                    put_str(b, &o.topic);
+                    b.put_i32(o.partition);
+                    b.put_i64(o.offset);
+                    b.put_i64(o.commit_time_ms);
+                }
+            }),
         }
     }
 
@@ -165,6 +212,29 @@ impl Control {
                 offset: get_i64(b, "mirrored")?,
             },
             REFUSED => Control::Refused { reason: get_str(b, "refused")? },
+            OFFSETS => {
+                let n = get_u32(b, "offsets")? as usize;
+                // Each entry takes at least 24 bytes; the count is checked against the limit and
+                // what arrived before anything is allocated from it.
+                if n > OFFSETS_PER_FRAME_MAX || n > b.remaining() / 24 {
+                    return Err(ProtocolError::Malformed("offsets"));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let o = CommittedOffset {
+                        group: get_str(b, "offsets")?,
+                        topic: get_str(b, "offsets")?,
+                        partition: get_i32(b, "offsets")?,
+                        offset: get_i64(b, "offsets")?,
+                        commit_time_ms: get_i64(b, "offsets")?,
+                    };
+                    if o.group.len() > GROUP_ID_BYTES_MAX || o.topic.len() > TOPIC_BYTES_MAX || o.offset < 0 {
+                        return Err(ProtocolError::Malformed("offsets"));
+                    }
+                    list.push(o);
+                }
+                Control::Offsets(list)
+            }
             OPEN | BATCH | GAP => return Err(ProtocolError::Unexpected("data")),
             other => return Err(ProtocolError::UnknownType(other)),
         };
@@ -203,7 +273,7 @@ impl Data {
             OPEN => Data::Open { topic: get_str(b, "open")?, partition: get_i32(b, "open")? },
             BATCH => return Ok(Data::Batch(body)),
             GAP => Data::Gap { from: get_i64(b, "gap")?, to: get_i64(b, "gap")? },
-            HELLO..=REFUSED => return Err(ProtocolError::Unexpected("control")),
+            HELLO..=OFFSETS => return Err(ProtocolError::Unexpected("control")),
             other => return Err(ProtocolError::UnknownType(other)),
         };
         if b.has_remaining() {
@@ -315,6 +385,18 @@ mod tests {
             Control::Credit { topic: "meters".into(), partition: 2, bytes: 1 << 22 },
             Control::Mirrored { topic: "meters".into(), partition: 2, offset: 60 },
             Control::Refused { reason: "site id does not match".into() },
+            Control::Offsets(vec![
+                CommittedOffset {
+                    group: "billing".into(),
+                    topic: "meters".into(),
+                    partition: 2,
+                    offset: 57,
+                    commit_time_ms: 1_700_000_000_000,
+                },
+                // Group and topic names that would run together in a joined key stay apart.
+                CommittedOffset { group: "a.b".into(), topic: "c".into(), partition: 0, offset: 0, commit_time_ms: 1 },
+                CommittedOffset { group: "a".into(), topic: "b.c".into(), partition: 0, offset: 1, commit_time_ms: 1 },
+            ]),
         ]
     }
 
@@ -369,6 +451,37 @@ mod tests {
         d.feed(&Data::Batch(Bytes::from(vec![0u8; 8 << 20])).encode_header());
         assert_eq!(d.next_data(), Ok(None));
         assert!(d.buf.capacity() < 1 << 20, "capacity {} after a 5-byte header", d.buf.capacity());
+    }
+
+    #[test]
+    fn offsets_frames_are_bounded_and_checked() {
+        let entry = |group: String, offset: i64| CommittedOffset {
+            group,
+            topic: "meters".into(),
+            partition: 0,
+            offset,
+            commit_time_ms: 0,
+        };
+        // The largest frame the sender makes fits the control stream's 1 MiB decoder.
+        let big =
+            Control::Offsets((0..OFFSETS_PER_FRAME_MAX).map(|_| entry("g".repeat(GROUP_ID_BYTES_MAX), 1)).collect());
+        let mut d = Decoder::new(1 << 20);
+        d.feed(&big.encode());
+        assert_eq!(d.next_control(), Ok(Some(big)));
+        // One entry too many, a group id too long, a negative offset: refused.
+        for bad in [
+            Control::Offsets((0..=OFFSETS_PER_FRAME_MAX).map(|_| entry("g".into(), 1)).collect()),
+            Control::Offsets(vec![entry("g".repeat(GROUP_ID_BYTES_MAX + 1), 1)]),
+            Control::Offsets(vec![entry("g".into(), -1)]),
+        ] {
+            let mut d = Decoder::new(1 << 20);
+            d.feed(&bad.encode());
+            assert_eq!(d.next_control(), Err(ProtocolError::Malformed("offsets")));
+        }
+        // A count claiming more entries than the bytes that came.
+        let mut d = Decoder::new(100);
+        d.feed(&[0, 0, 0, 5, OFFSETS, 0, 0, 0, 100]);
+        assert_eq!(d.next_control(), Err(ProtocolError::Malformed("offsets")));
     }
 
     #[test]

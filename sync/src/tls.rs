@@ -11,7 +11,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::CongestionController;
-use crate::protocol::ALPN;
+use crate::protocol::ALPNS;
 
 /// Why TLS could not be set up, or a peer was refused.
 #[derive(Debug, thiserror::Error)]
@@ -81,12 +81,24 @@ pub fn transport(
     Ok(t)
 }
 
-/// The gateway's side: trusts `ca`, presents `cert`/`key`.
+/// The gateway's side: trusts `ca`, presents `cert`/`key`, offers every protocol version.
 pub fn client_config(
     ca: &Path,
     cert: &Path,
     key: &Path,
     transport: quinn::TransportConfig,
+) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_with_versions(ca, cert, key, transport, &ALPNS)
+}
+
+/// [`client_config`] offering only `versions` (ALPNs, preferred first): a gateway of an older
+/// release, as the receiver must still serve it.
+pub fn client_config_with_versions(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    transport: quinn::TransportConfig,
+    versions: &[&[u8]],
 ) -> Result<quinn::ClientConfig, TlsError> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -94,7 +106,7 @@ pub fn client_config(
         .with_root_certificates(roots(ca)?)
         .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = versions.iter().map(|a| a.to_vec()).collect();
     cfg.enable_early_data = false;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut c = quinn::ClientConfig::new(Arc::new(quic));
@@ -118,7 +130,7 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = ALPNS.iter().map(|a| a.to_vec()).collect();
     cfg.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut s = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -163,6 +175,11 @@ impl quinn::ConnectionIdGenerator for RandomCids {
     fn cid_lifetime(&self) -> Option<Duration> {
         None
     }
+}
+
+/// The protocol version the handshake settled on (its ALPN), if any.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
 }
 
 /// Checks that the peer's (already CA-verified) certificate names `site` exactly.

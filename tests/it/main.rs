@@ -15,6 +15,7 @@ mod kafka_groups;
 mod kafka_hardening;
 mod kafka_protocol;
 mod mirror;
+mod mirror_checkpoints;
 mod mirror_kafka;
 mod mqtt;
 mod mqtt5;

@@ -654,10 +654,22 @@ async fn the_bandwidth_cap_holds_on_a_backlog() {
 /// A site connection driven by hand (not by the gateway's mirror), for input the real gateway
 /// never sends.
 async fn raw_site(pki: &Pki, cloud: SocketAddr, cert: &(PathBuf, PathBuf)) -> (quinn::Endpoint, quinn::Connection) {
+    raw_site_with(pki, cloud, cert, &tributary_sync::protocol::ALPNS).await
+}
+
+/// [`raw_site`] offering only the protocol `versions` (ALPNs).
+async fn raw_site_with(
+    pki: &Pki,
+    cloud: SocketAddr,
+    cert: &(PathBuf, PathBuf),
+    versions: &[&[u8]],
+) -> (quinn::Endpoint, quinn::Connection) {
     let transport =
         tributary_sync::tls::transport(Duration::from_secs(1), Duration::from_secs(20), 64, Default::default())
             .expect("transport");
-    let client = tributary_sync::tls::client_config(&pki.path("ca.pem"), &cert.0, &cert.1, transport).expect("client");
+    let client =
+        tributary_sync::tls::client_config_with_versions(&pki.path("ca.pem"), &cert.0, &cert.1, transport, versions)
+            .expect("client");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let conn = endpoint.connect_with(client, cloud, "localhost").expect("connect").await.expect("handshake");
     (endpoint, conn)
@@ -698,6 +710,137 @@ async fn counter(what: &str, cond: impl Fn() -> bool) {
         assert!(std::time::Instant::now() < deadline, "{what} not reached in 20 s");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Issue 18: protocol version 2 adds the `Offsets` frame (committed consumer-group offsets).
+/// Both ends offer both versions, newest first: a version-1 gateway is still served, on version 1,
+/// and the receiver takes `Offsets` only on a version-2 session; a version-2 gateway gets version
+/// 2, and its commit (here at the high watermark of an empty partition) becomes a MirrorMaker 2
+/// checkpoint in the central cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_version_2_is_negotiated_and_a_version_1_site_is_still_served() {
+    use tributary_sync::checkpoint::{checkpoint_key, checkpoint_value, checkpoints_topic};
+    use tributary_sync::protocol::{CommittedOffset, Control, PartitionReport, ALPN, ALPN_V2};
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+    let cert = pki.site("site", SITE, None);
+    for (versions, want) in [(&[ALPN][..], ALPN), (&[ALPN_V2, ALPN][..], ALPN_V2)] {
+        let (_endpoint, conn) = raw_site_with(&pki, cloud.addr, &cert, versions).await;
+        assert_eq!(tributary_sync::tls::negotiated_alpn(&conn).as_deref(), Some(want));
+        let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+        let report =
+            PartitionReport { topic: "meters".into(), partition: 0, partitions: 1, log_start: 0, high_watermark: 0 };
+        send.write_all(&Control::Hello { site: SITE.into() }.encode()).await.expect("hello");
+        send.write_all(&Control::Partitions(vec![report]).encode()).await.expect("partitions");
+        // The partition starts: the site is served.
+        let mut decoder = tributary_sync::protocol::Decoder::new(1 << 20);
+        let mut buf = vec![0u8; 4096];
+        let start = loop {
+            if let Some(c) = decoder.next_control().expect("valid frame") {
+                break c;
+            }
+            let n = recv.read(&mut buf).await.expect("read").expect("open");
+            decoder.feed(&buf[..n]);
+        };
+        assert_eq!(start, Control::Start { topic: "meters".into(), partition: 0, offset: 0 });
+        let commit = CommittedOffset {
+            group: "billing".into(),
+            topic: "meters".into(),
+            partition: 0,
+            offset: 0,
+            commit_time_ms: 1,
+        };
+        send.write_all(&Control::Offsets(vec![commit]).encode()).await.expect("offsets");
+        if want == ALPN {
+            let reason = refusal(&conn, &mut recv).await.unwrap_or_else(|| closed_now(&conn));
+            assert!(reason.contains("unexpected"), "{reason}");
+        } else {
+            counter("the checkpoint", || cloud.stats.checkpoints_written.load(Ordering::Relaxed) == 1).await;
+            let records = read_all(&central.store, &checkpoints_topic(SITE), 0);
+            assert_eq!(records.len(), 1);
+            assert_eq!(records[0].key.as_deref(), Some(&checkpoint_key("billing", "plant-7.meters", 0)[..]));
+            assert_eq!(records[0].value.as_deref(), Some(&checkpoint_value(0, 0, "")[..]));
+            let info = central.store.topic(&checkpoints_topic(SITE)).expect("checkpoints topic");
+            assert_eq!(info.partitions, 1, "one partition, as MirrorMaker 2 creates it");
+            assert_eq!(info.config.cleanup_policy, tributary_broker::storage::CleanupPolicy::Compact);
+        }
+        conn.close(0u32.into(), b"done");
+    }
+    cloud.stop().await;
+}
+
+/// Issue 18: a checkpoint is never ahead of the mirrored data. Two groups commit on a partition
+/// whose records 0..5 are stored centrally and 5..10 not yet sent: the commit at 3 is written, the
+/// commit at 8 waits, and is written (at remote offset 8) only once 5..10 are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_beyond_the_mirrored_data_waits_for_it() {
+    use tributary_broker::storage::batch::encode_batch;
+    use tributary_sync::checkpoint::{checkpoint_key, checkpoint_value, checkpoints_topic};
+    use tributary_sync::protocol::{CommittedOffset, Control, Data, PartitionReport};
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+    let (_endpoint, conn) = raw_site(&pki, cloud.addr, &pki.site("site", SITE, None)).await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+    let report =
+        PartitionReport { topic: "meters".into(), partition: 0, partitions: 1, log_start: 0, high_watermark: 10 };
+    send.write_all(&Control::Hello { site: SITE.into() }.encode()).await.expect("hello");
+    send.write_all(&Control::Partitions(vec![report]).encode()).await.expect("partitions");
+    let mut decoder = tributary_sync::protocol::Decoder::new(1 << 20);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if let Some(Control::Start { offset, .. }) = decoder.next_control().expect("valid frame") {
+            assert_eq!(offset, 0);
+            break;
+        }
+        let n = recv.read(&mut buf).await.expect("read").expect("open");
+        decoder.feed(&buf[..n]);
+    }
+    let batch = |base: usize| {
+        let records: Vec<_> = (base..base + 5).map(|i| record("meters", 0, i)).collect();
+        let with_ts: Vec<_> = records.iter().map(|r| (r, r.timestamp_ms.unwrap_or_default())).collect();
+        let mut out = Vec::new();
+        encode_batch(&with_ts, base as i64, tributary_broker::Codec::None, Default::default(), 0, &mut out)
+            .expect("encode");
+        Bytes::from(out)
+    };
+    let mut stream = conn.open_uni().await.expect("data stream");
+    stream.write_all(&Data::Open { topic: "meters".into(), partition: 0 }.encode_header()).await.expect("open");
+    let first = batch(0);
+    stream.write_all(&Data::Batch(first.clone()).encode_header()).await.expect("header");
+    stream.write_all(&first).await.expect("batch");
+    let commit = |group: &str, offset| CommittedOffset {
+        group: group.into(),
+        topic: "meters".into(),
+        partition: 0,
+        offset,
+        commit_time_ms: 1,
+    };
+    send.write_all(&Control::Offsets(vec![commit("ahead", 8), commit("behind", 3)]).encode()).await.expect("offsets");
+    counter("the first checkpoint", || cloud.stats.checkpoints_written.load(Ordering::Relaxed) == 1).await;
+    let topic = checkpoints_topic(SITE);
+    let written = read_all(&central.store, &topic, 0);
+    assert_eq!(written.len(), 1, "only the commit whose data is stored");
+    assert_eq!(written[0].key.as_deref(), Some(&checkpoint_key("behind", "plant-7.meters", 0)[..]));
+    assert_eq!(written[0].value.as_deref(), Some(&checkpoint_value(3, 3, "")[..]));
+    assert_eq!(cloud.stats.checkpoints_pending.load(Ordering::Relaxed), 1, "the commit at 8 waits");
+    // The rest of the data: then the waiting commit.
+    let second = batch(5);
+    stream.write_all(&Data::Batch(second.clone()).encode_header()).await.expect("header");
+    stream.write_all(&second).await.expect("batch");
+    counter("the second checkpoint", || cloud.stats.checkpoints_written.load(Ordering::Relaxed) == 2).await;
+    let written = read_all(&central.store, &topic, 0);
+    assert_eq!(written[1].key.as_deref(), Some(&checkpoint_key("ahead", "plant-7.meters", 0)[..]));
+    assert_eq!(written[1].value.as_deref(), Some(&checkpoint_value(8, 8, "")[..]));
+    assert_eq!(cloud.stats.checkpoints_pending.load(Ordering::Relaxed), 0);
+    conn.close(0u32.into(), b"done");
+    cloud.stop().await;
+}
+
+/// The reason a connection was closed with, when it already is.
+fn closed_now(conn: &quinn::Connection) -> String {
+    conn.close_reason().map(|r| r.to_string()).unwrap_or_default()
 }
 
 /// Issue 13 item 16: the site id keys the session and names the remote topics, so only its

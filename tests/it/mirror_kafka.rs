@@ -42,8 +42,8 @@ fn three_brokers() -> KafkaCluster {
 }
 
 /// `tributary-cloud` as a child process, on a UDP port chosen once so it comes back on it.
-struct Receiver {
-    addr: SocketAddr,
+pub(crate) struct Receiver {
+    pub(crate) addr: SocketAddr,
     child: CloudChild,
 }
 
@@ -54,6 +54,17 @@ impl Receiver {
 
     /// Remote topics with `replicas` replicas (and `min.insync.replicas=2` when there are 3).
     fn start_with(pki: &Pki, bootstrap: &str, dir: &Path, replicas: i32) -> Self {
+        Self::start_configured(pki, bootstrap, dir, replicas, |_| {})
+    }
+
+    /// [`Receiver::start_with`], with `tweak` applied to the configuration last.
+    pub(crate) fn start_configured(
+        pki: &Pki,
+        bootstrap: &str,
+        dir: &Path,
+        replicas: i32,
+        tweak: impl FnOnce(&mut CloudConfig),
+    ) -> Self {
         let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cfg = CloudConfig {
@@ -73,28 +84,29 @@ impl Receiver {
         cfg.kafka.request_timeout_ms = 20_000;
         cfg.kafka.properties.insert("broker.address.family".into(), "v4".into());
         cfg.log.level = "info".into();
+        tweak(&mut cfg);
         let child = CloudChild::start(Path::new(env!("CARGO_BIN_EXE_cloud-under-test")), &cfg, dir)
             .unwrap_or_else(|e| panic!("{e:#}"));
         Self { addr, child }
     }
 
     /// For a one-broker cluster: replication factor 1, Kafka's default `min.insync.replicas`.
-    fn start_single(pki: &Pki, bootstrap: &str, dir: &Path) -> Self {
+    pub(crate) fn start_single(pki: &Pki, bootstrap: &str, dir: &Path) -> Self {
         Self::start_with(pki, bootstrap, dir, 1)
     }
 
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         self.child.spawn().unwrap_or_else(|e| panic!("{e:#}"));
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         self.child.kill().expect("SIGKILL the receiver");
     }
 }
 
 /// Every record of a Kafka partition, from its log start to its high watermark, read with a
 /// librdkafka consumer (read_committed, group-less), as the store's record type.
-fn read_kafka(bootstrap: &str, topic: &str, partition: i32) -> Vec<StoredRecord> {
+pub(crate) fn read_kafka(bootstrap: &str, topic: &str, partition: i32) -> Vec<StoredRecord> {
     let consumer: BaseConsumer = client_config(bootstrap)
         .set("group.id", "tests-assign-only")
         .set("enable.auto.commit", "false")

@@ -18,7 +18,7 @@ mod protocol;
 mod state;
 
 use offsets::{offset_key_prefix, parse_offset_key};
-pub use offsets::{CommittedOffset, CommittedPartition, OffsetToCommit, PartitionLag};
+pub use offsets::{AllCommitted, CommitHook, CommittedOffset, CommittedPartition, OffsetToCommit, PartitionLag};
 use protocol::subscribed_topics;
 use state::{check_member, expire, owned, protocols_bytes, Group, Member};
 
@@ -180,6 +180,8 @@ pub struct Coordinator {
     /// with checked arithmetic (`HELD`).
     held: AtomicU64,
     wake: Notify,
+    /// Called after each durable commit (`set_commit_hook`).
+    commit_hook: offsets::HookSlot,
 }
 
 fn new_member_id(prefix: &str) -> String {
@@ -212,7 +214,14 @@ impl Coordinator {
             g.has_offsets = true;
             groups.insert(group, g);
         }
-        Ok(Arc::new(Self { store, limits, groups: Mutex::new(groups), held: AtomicU64::new(0), wake: Notify::new() }))
+        Ok(Arc::new(Self {
+            store,
+            limits,
+            groups: Mutex::new(groups),
+            held: AtomicU64::new(0),
+            wake: Notify::new(),
+            commit_hook: offsets::HookSlot::default(),
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
@@ -1037,5 +1046,42 @@ mod tests {
         assert_eq!(subscribed_topics(&md), vec!["alpha".to_string(), "b".to_string()]);
         assert!(subscribed_topics(&[0, 1, 0x7f, 0xff, 0xff, 0xff]).is_empty());
         assert!(subscribed_topics(&[]).is_empty());
+    }
+
+    /// The mirror's read-only hook: called after a durable commit with exactly what was stored
+    /// (not the partitions refused), never for a refused commit; `all_committed` lists every
+    /// group's offsets.
+    #[tokio::test]
+    async fn the_commit_hook_sees_each_durable_commit_and_all_committed_lists_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = store(dir.path());
+        st.create_topic("t", 2, Default::default()).await.expect("topic");
+        let c = Coordinator::new(st, limits()).expect("coordinator");
+        type Seen = Vec<(String, String, i32, i64)>;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let log = seen.clone();
+        c.set_commit_hook(Arc::new(move |group, committed, _at| {
+            let mut log = log.lock().expect("log");
+            for (t, p, o) in committed {
+                log.push((group.to_string(), t.to_string(), *p, *o));
+            }
+        }));
+        let unknown =
+            OffsetToCommit { topic: "nope".into(), partition: 0, offset: 1, leader_epoch: -1, metadata: None };
+        let errors = c.commit("g1", -1, "", None, vec![to_commit(0, 5, None), unknown, to_commit(1, 9, None)]).await;
+        assert_eq!(errors, vec![ec::NONE, ec::UNKNOWN_TOPIC_OR_PARTITION, ec::NONE]);
+        // A member that does not exist: refused, nothing stored, the hook not called.
+        assert_eq!(c.commit("g1", 3, "ghost", None, vec![to_commit(0, 7, None)]).await, vec![ec::UNKNOWN_MEMBER_ID]);
+        c.commit("g2", -1, "", None, vec![to_commit(0, 2, None)]).await;
+        let want = vec![
+            ("g1".to_string(), "t".to_string(), 0, 5),
+            ("g1".to_string(), "t".to_string(), 1, 9),
+            ("g2".to_string(), "t".to_string(), 0, 2),
+        ];
+        assert_eq!(*seen.lock().expect("log"), want);
+        let all: Vec<_> =
+            c.all_committed(100).expect("scan").into_iter().map(|(g, t, p, o)| (g, t, p, o.offset)).collect();
+        assert_eq!(all, want);
+        assert_eq!(c.all_committed(1).expect("scan").len(), 1, "bounded");
     }
 }

@@ -26,6 +26,24 @@ pub struct CommittedOffset {
     pub commit_time_ms: i64,
 }
 
+/// Called after each durable offset commit, with the group, what it committed (topic, partition,
+/// offset) and the commit time (ms since the epoch). Read-only: the mirror uses it to send
+/// committed offsets to the central cluster. It runs on the committing task: it must not block.
+pub type CommitHook = Arc<dyn Fn(&str, &[(Arc<str>, i32, i64)], i64) + Send + Sync>;
+
+/// Where the coordinator keeps its commit hook.
+#[derive(Default)]
+pub(super) struct HookSlot(std::sync::Mutex<Option<CommitHook>>);
+
+impl std::fmt::Debug for HookSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HookSlot")
+    }
+}
+
+/// Every committed offset of every group, as (group, topic, partition, offset).
+pub type AllCommitted = Vec<(String, String, i32, CommittedOffset)>;
+
 /// One partition's consumer lag: committed offset vs high watermark.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionLag {
@@ -99,6 +117,7 @@ impl Coordinator {
         let now = now_ms();
         let mut errors = Vec::with_capacity(offsets.len());
         let mut entries = Vec::with_capacity(offsets.len());
+        let mut committed = Vec::with_capacity(offsets.len());
         for OffsetToCommit { topic, partition, offset, leader_epoch, metadata } in offsets {
             let metadata = metadata.unwrap_or_default();
             if self.store.partition_info(&topic, partition).is_err() {
@@ -108,6 +127,7 @@ impl Coordinator {
             } else {
                 let value = encode_offset(&CommittedOffset { offset, leader_epoch, metadata, commit_time_ms: now });
                 entries.push((offset_key(group_id, &topic, partition), Some(value)));
+                committed.push((topic, partition, offset));
                 errors.push(ec::NONE);
             }
         }
@@ -120,8 +140,32 @@ impl Coordinator {
             if let Some(g) = self.lock().get_mut(group_id) {
                 g.has_offsets = true;
             }
+            let hook = self.commit_hook.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            if let Some(hook) = hook {
+                hook(group_id, &committed, now);
+            }
         }
         errors
+    }
+
+    /// Installs the hook called after every durable commit (one at a time; a second replaces
+    /// the first).
+    pub fn set_commit_hook(&self, hook: CommitHook) {
+        *self.commit_hook.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(hook);
+    }
+
+    /// Every group's committed offsets, at most `limit` of them (in key order: by group, then
+    /// topic, then partition).
+    pub fn all_committed(&self, limit: usize) -> Result<AllCommitted, crate::error::StoreError> {
+        Ok(self
+            .store
+            .kv_scan(spaces::GROUP_OFFSETS, &[], limit)?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let (g, t, p) = parse_offset_key(&k)?;
+                Some((g, t, p, decode_offset(&v)?))
+            })
+            .collect())
     }
 
     /// [`Coordinator::committed`] on the blocking pool (it reads the store).
