@@ -318,6 +318,7 @@ cert_file = "$work/pki/server/cloud.pem"
 key_file = "$work/pki/server/cloud.key"
 [mqtt]
 listen = "127.0.0.1:0"
+websocket_listen = "127.0.0.1:0"
 [metrics]
 listen = "127.0.0.1:$m"
 [auth]

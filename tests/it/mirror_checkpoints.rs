@@ -38,7 +38,7 @@ fn gateway_config(dir: &Path, pki: &Pki, cloud: std::net::SocketAddr, topics: &[
     let config = dir.join("gateway.toml");
     let text = format!(
         "[storage]\ndata_dir = {data:?}\ndisk_free_bytes_min = 0\n\
-         [kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
          [mirror]\nenabled = true\ncloud = \"{cloud}\"\nserver_name = \"localhost\"\nsite = \"{SITE}\"\n\
          ca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\ntopics = {topics:?}\n\
          keep_alive_ms = 1000\nidle_timeout_ms = 3000\nreconnect_backoff_min_ms = 50\nreconnect_backoff_max_ms = 300\n",
