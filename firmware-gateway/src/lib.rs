@@ -252,8 +252,28 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
             Ok(listener) => {
                 metrics_addr = listener.local_addr().context("metrics address")?.to_string();
                 // The status page shares the listener; TLS on either listener keeps its plain
-                // HTTP to loopback peers.
+                // HTTP to loopback peers and serves other hosts https on the same port, with that
+                // listener's certificate (MQTT's first; no client certificates asked for).
                 let tls_configured = cfg.mqtt.tls.enabled || cfg.kafka.tls.enabled;
+                let https = if cfg.mqtt.tls.enabled {
+                    Some(("mqtt.tls", &cfg.mqtt.tls.cert_file, &cfg.mqtt.tls.key_file))
+                } else if cfg.kafka.tls.enabled {
+                    Some(("kafka.tls", &cfg.kafka.tls.cert_file, &cfg.kafka.tls.key_file))
+                } else {
+                    None
+                };
+                let https = match https {
+                    Some((prefix, cert_file, key_file)) => Some(
+                        tributary_broker::security::tls::server_config(tributary_broker::security::tls::TlsFiles {
+                            prefix,
+                            cert_file,
+                            key_file,
+                            client_ca_file: "",
+                        })
+                        .context("the status page's https")?,
+                    ),
+                    None => None,
+                };
                 let status =
                     cfg.status.enabled.then(|| status::Status::new(cfg.status.clone(), auth.clone(), tls_configured));
                 let sources = metrics::Sources {
@@ -277,10 +297,16 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
                     }));
                 }
                 let mut stop = stop_rx.clone();
-                metrics_task =
-                    Some(tokio::spawn(metrics::serve(listener, cfg.metrics.clone(), sources, status, async move {
+                metrics_task = Some(tokio::spawn(metrics::serve(
+                    listener,
+                    cfg.metrics.clone(),
+                    sources,
+                    status,
+                    https,
+                    async move {
                         let _ = stop.wait_for(|s| *s).await;
-                    })));
+                    },
+                )));
             }
             Err(e) => tracing::error!(error = %e, listen = %cfg.metrics.listen,
                 "metrics.listen: cannot bind the metrics endpoint; running without it"),

@@ -2,7 +2,9 @@
 //! request from the store's, the listeners', the group coordinator's and the mirror's counters,
 //! and the status page's routes (`status/`) on the same listener. A bounded number of
 //! connections at a time (`metrics.connections_max`), one request each, its head read by the
-//! bounded parser of `http.rs` within `metrics.request_timeout_ms`.
+//! bounded parser of `http.rs` within `metrics.request_timeout_ms`. With a TLS certificate
+//! configured the same port also speaks https: a connection whose first byte is a TLS handshake
+//! record is served over TLS, any other as plain HTTP.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -567,12 +569,18 @@ pub fn render(src: &Sources) -> String {
     o.0
 }
 
-/// Serves GET /metrics (and the status page's routes with `status`) until `shutdown` resolves.
+/// The first byte of a TLS record carrying a handshake message (RFC 8446 5.1): what a client
+/// speaking https sends first. No HTTP request starts with it.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Serves GET /metrics (and the status page's routes with `status`) until `shutdown` resolves;
+/// with `tls`, connections that open with a TLS handshake are served over TLS.
 pub async fn serve(
     listener: TcpListener,
     cfg: MetricsConfig,
     src: Sources,
     status: Option<crate::status::Status>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(cfg.connections_max as usize));
@@ -597,19 +605,33 @@ pub async fn serve(
                 }
             },
         };
-        let (src, status, cfg) = (src.clone(), status.clone(), cfg.clone());
+        let (src, status, cfg, tls) = (src.clone(), status.clone(), cfg.clone(), tls.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let deadline = Duration::from_millis(cfg.request_timeout_ms);
-            let _ =
-                tokio::time::timeout(deadline, answer(&mut stream, peer, &cfg, &src, status.as_ref().as_ref())).await;
+            let status = status.as_ref().as_ref();
+            // The handshake counts against the same deadline as the request.
+            let _ = tokio::time::timeout(deadline, async {
+                let mut first = [0u8; 1];
+                match tls {
+                    Some(tls) if stream.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE_RECORD => {
+                        let mut stream = tokio_rustls::TlsAcceptor::from(tls).accept(stream).await?;
+                        answer(&mut stream, peer, true, &cfg, &src, status).await?;
+                        tokio::io::AsyncWriteExt::shutdown(&mut stream).await
+                    }
+                    _ => answer(&mut stream, peer, false, &cfg, &src, status).await,
+                }
+            })
+            .await;
         });
     }
 }
 
-async fn answer(
-    stream: &mut tokio::net::TcpStream,
+/// One request on `stream` (over TLS when `secure`) and its answer.
+async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
     peer: std::net::SocketAddr,
+    secure: bool,
     cfg: &MetricsConfig,
     src: &Sources,
     status: Option<&crate::status::Status>,
@@ -633,7 +655,7 @@ async fn answer(
             Response::new("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
         }
         ("GET", path) => match status {
-            Some(status) if crate::status::Status::route(path) => status.answer(&req, peer, src).await,
+            Some(status) if crate::status::Status::route(path) => status.answer(&req, peer, secure, src).await,
             _ => Response::text("404 Not Found", "try /metrics\n"),
         },
         _ => Response::text("405 Method Not Allowed", "GET only\n").with("Allow", "GET"),
@@ -703,6 +725,14 @@ mod tests {
 
     /// A metrics listener on a free port serving an empty store, with `cfg`'s limits.
     async fn listener(cfg: MetricsConfig) -> (std::net::SocketAddr, tempfile::TempDir) {
+        listener_with(cfg, None, None).await
+    }
+
+    async fn listener_with(
+        cfg: MetricsConfig,
+        status: Option<crate::status::Status>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> (std::net::SocketAddr, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = tributary_broker::StorageConfig {
             data_dir: dir.path().into(),
@@ -713,8 +743,58 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         let src = Sources { store, kafka: None, mqtt: None, mirror: None, status: None };
-        tokio::spawn(serve(l, cfg, src, None, std::future::pending()));
+        tokio::spawn(serve(l, cfg, src, status, tls, std::future::pending()));
         (addr, dir)
+    }
+
+    /// With a certificate, one port speaks both: a connection opening with a TLS handshake gets
+    /// the page and the metrics over TLS (verified against the CA), any other plain HTTP.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn https_and_plain_http_are_served_on_one_port() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let pki = tempfile::tempdir().expect("tempdir");
+        let ca = tributary_sync::certs::new_ca("test CA", 1).expect("ca");
+        let server = tributary_sync::certs::server_cert(&ca, &["localhost".to_string()], 1).expect("server cert");
+        server.write(pki.path(), "server").expect("write");
+        let (cert_file, key_file) = (pki.path().join("server.pem"), pki.path().join("server.key"));
+        let tls = tributary_broker::security::tls::server_config(tributary_broker::security::tls::TlsFiles {
+            prefix: "mqtt.tls",
+            cert_file: &cert_file.display().to_string(),
+            key_file: &key_file.display().to_string(),
+            client_ca_file: "",
+        })
+        .expect("tls");
+        let status = crate::status::Status::new(
+            crate::status::StatusConfig::default(),
+            tributary_broker::security::Auth::disabled(),
+            true,
+        );
+        let (addr, _dir) = listener_with(MetricsConfig::default(), Some(status), Some(tls)).await;
+
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject as _;
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.cert.as_bytes()).expect("ca pem"))
+            .expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        for path in ["/api/status", "/metrics"] {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let mut tls = connector.connect(name, tcp).await.expect("TLS handshake on the metrics port");
+            tls.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes()).await.expect("write");
+            let mut out = Vec::new();
+            let _ = tls.read_to_end(&mut out).await;
+            let answer = String::from_utf8_lossy(&out);
+            assert!(answer.starts_with("HTTP/1.1 200 "), "over TLS {path}: {answer}");
+        }
+        let (answer, _) =
+            tokio::task::spawn_blocking(move || raw(addr, b"GET /metrics HTTP/1.1\r\n\r\n")).await.expect("task");
+        assert!(answer.starts_with("HTTP/1.1 200 ") && answer.contains("tributary_build_info"), "{answer}");
     }
 
     /// Sends `bytes` on a raw socket, then reads until the server closes; the answer and how

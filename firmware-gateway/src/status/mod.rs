@@ -3,8 +3,9 @@
 //! `page.js`: no CDN, no build step), with `/api/status` (the JSON the page polls every
 //! `status.refresh_ms`, see `model.rs`), the history sampler behind its sparklines, and the
 //! gate in front of all of it: with `[auth]` on, HTTP Basic login by a user with the `status`
-//! right (nothing but the 401 before); with TLS configured on a listener, plain HTTP from peers
-//! other than loopback is refused (the page is reached through an SSH tunnel then).
+//! right (nothing but the 401 before); with TLS configured on a listener, the page is served to
+//! other hosts over TLS only (https on the same port, with that listener's certificate), plain
+//! HTTP only to loopback peers.
 
 pub mod model;
 
@@ -120,9 +121,9 @@ impl Status {
         matches!(path, "/" | "/index.html" | "/status.css" | "/status.js" | "/api/status")
     }
 
-    /// Answers a GET of one of the page's routes from `peer`.
-    pub async fn answer(&self, req: &Request, peer: SocketAddr, src: &Sources) -> Response {
-        if let Some(refused) = self.gate(req, peer, src).await {
+    /// Answers a GET of one of the page's routes from `peer`, which came over TLS when `secure`.
+    pub async fn answer(&self, req: &Request, peer: SocketAddr, secure: bool, src: &Sources) -> Response {
+        if let Some(refused) = self.gate(req, peer, secure, src).await {
             return refused;
         }
         let asset = |kind, body: &str| {
@@ -161,14 +162,14 @@ impl Status {
     /// `Some(answer)` when the request may not see the page: plain HTTP from afar with TLS
     /// configured, or no valid login with `[auth]` on (failures are counted, recorded as
     /// refusals and answered after `auth.failure_delay_ms`).
-    async fn gate(&self, req: &Request, peer: SocketAddr, src: &Sources) -> Option<Response> {
+    async fn gate(&self, req: &Request, peer: SocketAddr, secure: bool, src: &Sources) -> Option<Response> {
         // Canonical: on a dual-stack listener a local IPv4 client is ::ffff:127.0.0.1.
-        if self.tls_configured && !peer.ip().to_canonical().is_loopback() {
+        if self.tls_configured && !secure && !peer.ip().to_canonical().is_loopback() {
             self.stats.plain_http_refused.fetch_add(1, Ordering::Relaxed);
             return Some(Response::text(
                 "403 Forbidden",
-                "TLS is configured: the status page is served over plain HTTP to this host only \
-                 (e.g. ssh -L 9464:127.0.0.1:9464 to the gateway)\n",
+                "TLS is configured: from another host the status page is served over https:// on \
+                 this port only\n",
             ));
         }
         if !self.auth.enabled() {
@@ -247,7 +248,8 @@ mod tests {
     }
 
     /// With TLS configured on a listener, the page's plain HTTP is for this host only: every
-    /// route answers a peer elsewhere 403 (counted), loopback peers (v4 and v6) get the page.
+    /// route answers a peer elsewhere 403 (counted) unless the request came over TLS; loopback
+    /// peers (v4 and v6) get the page either way.
     #[tokio::test]
     async fn with_tls_configured_plain_http_is_served_to_loopback_peers_only() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -267,12 +269,14 @@ mod tests {
             let status = Status::new(StatusConfig::default(), Auth::disabled(), tls);
             for path in ["/", "/status.js", "/api/status"] {
                 for peer in ["192.0.2.7:40000", "[2001:db8::1]:40000"] {
-                    let r = status.answer(&get(path), peer.parse().expect("addr"), &src).await;
+                    let r = status.answer(&get(path), peer.parse().expect("addr"), false, &src).await;
                     let want = if tls { "403 Forbidden" } else { "200 OK" };
                     assert_eq!(r.status, want, "tls {tls}, {peer} {path}");
+                    let r = status.answer(&get(path), peer.parse().expect("addr"), true, &src).await;
+                    assert_eq!(r.status, "200 OK", "over TLS: tls {tls}, {peer} {path}");
                 }
                 for peer in ["127.0.0.1:40000", "[::1]:40000", "[::ffff:127.0.0.1]:40000"] {
-                    let r = status.answer(&get(path), peer.parse().expect("addr"), &src).await;
+                    let r = status.answer(&get(path), peer.parse().expect("addr"), false, &src).await;
                     assert_eq!(r.status, "200 OK", "tls {tls}, {peer} {path}");
                 }
             }
