@@ -230,7 +230,7 @@ pub fn render(src: &Sources) -> String {
     o.one(
         "tributary_store_kv_bytes",
         "gauge",
-        "Estimated database bytes of sessions, offsets, retained messages and other state (in the budget).",
+        "Estimated database bytes of sessions, offsets and other key-value state (in the budget; retained messages are the topic mqtt.retained).",
         s.kv_bytes,
     );
     o.one("tributary_store_budget_bytes", "gauge", "storage.max_bytes.", store.config().max_bytes);
