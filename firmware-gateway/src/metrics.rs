@@ -565,6 +565,35 @@ pub fn render(src: &Sources) -> String {
                 o.sample(name, &[("topic", &l.topic), ("partition", &p)], v);
             }
         }
+        // The drain estimate over mirror.drain_window_ms: a sample per topic, and one without
+        // labels for all topics together (a total ETA is not derivable from the topics' ETAs:
+        // they share one link). No ETA sample while a backlog does not shrink.
+        let drain = m.drain();
+        let fams = [
+            ("tributary_mirror_drain_records_per_second", "Records mirrored per second over mirror.drain_window_ms (per topic; unlabelled: all topics)."),
+            (
+                "tributary_mirror_drain_shrink_records_per_second",
+                "Records per second the backlog shrank by over mirror.drain_window_ms: sent minus arrived, negative when it grew (per topic; unlabelled: all topics).",
+            ),
+            (
+                "tributary_mirror_drain_eta_seconds",
+                "Seconds until the backlog is mirrored at its shrink rate, absent while it does not shrink (per topic; unlabelled: all topics).",
+            ),
+        ];
+        for (i, (name, help)) in fams.iter().enumerate() {
+            o.family(name, "gauge", help);
+            let pick = |e: &tributary_sync::drain::DrainEstimate| {
+                [Some(e.sent_records_per_s), Some(e.shrink_records_per_s), e.eta_s][i]
+            };
+            for (topic, e) in &drain.topics {
+                if let Some(v) = pick(e) {
+                    o.sample(name, &[("topic", topic)], v);
+                }
+            }
+            if let Some(v) = pick(&drain.total) {
+                o.sample(name, &[], v);
+            }
+        }
     }
     o.0
 }
@@ -685,6 +714,13 @@ pub fn sys_values(src: &Sources, uptime: Duration) -> Vec<(&'static str, String)
         let lag: i64 = m.lag(&src.store).iter().map(|l| l.lag_records).sum();
         v.push(("$SYS/broker/mirror/link", if m.link_up.load(Ordering::Relaxed) { "up" } else { "down" }.into()));
         v.push(("$SYS/broker/mirror/lag/records", lag.to_string()));
+        let drain = m.drain().total;
+        v.push(("$SYS/broker/mirror/backlog/bytes", drain.backlog_bytes.to_string()));
+        v.push(("$SYS/broker/mirror/drain/rate", format!("{:.1} records/s", drain.sent_records_per_s)));
+        v.push((
+            "$SYS/broker/mirror/drain/eta",
+            drain.eta_s.map_or_else(|| "not draining".to_string(), |s| format!("{} seconds", s.ceil() as u64)),
+        ));
     }
     v
 }

@@ -57,6 +57,9 @@ pub struct MirrorConfig {
     pub offsets_tracked_max: u32,
     /// How often changed committed offsets go to the cloud (commits in between are coalesced).
     pub offsets_interval_ms: u64,
+    /// The window the drain rate and ETA are measured over (`drain.rs`): longer is steadier,
+    /// shorter follows a changing link sooner.
+    pub drain_window_ms: u64,
 }
 
 impl Default for MirrorConfig {
@@ -82,6 +85,7 @@ impl Default for MirrorConfig {
             reconnect_backoff_max_ms: 60_000,
             offsets_tracked_max: 10_000,
             offsets_interval_ms: 100,
+            drain_window_ms: 60_000,
         }
     }
 }
@@ -145,6 +149,7 @@ impl MirrorConfig {
         )?;
         check_range(&key("offsets_tracked_max"), self.offsets_tracked_max.into(), 1, 1_000_000)?;
         check_range(&key("offsets_interval_ms"), self.offsets_interval_ms, 10, 60_000)?;
+        check_range(&key("drain_window_ms"), self.drain_window_ms, 1_000, 3_600_000)?;
         if self.bandwidth_bytes_per_s_max != 0 {
             check_range(&key("bandwidth_bytes_per_s_max"), self.bandwidth_bytes_per_s_max, 1024, u64::MAX)?;
         }

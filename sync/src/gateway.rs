@@ -20,6 +20,7 @@ use tributary_log::{Store, StoreError};
 
 use crate::config::MirrorConfig;
 use crate::core::{Backoff, TokenBucket};
+use crate::drain::{DrainEstimate, DrainWindow, Sample};
 use crate::protocol::{
     CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, ALPN_V2, GROUP_ID_BYTES_MAX,
     OFFSETS_PER_FRAME_MAX, TOPIC_BYTES_MAX,
@@ -75,6 +76,32 @@ pub struct MirrorStats {
     changes: tokio::sync::watch::Sender<u64>,
     /// Committed consumer-group offsets to send to the cloud.
     pub commits: CommitFeed,
+    /// The backlog's drain windows, per topic and in total (sampled by `run`).
+    drain: Mutex<DrainState>,
+}
+
+/// The drain windows: one per mirrored topic and one for all together, all over
+/// `mirror.drain_window_ms`, timed from `started` (monotonic).
+#[derive(Debug)]
+struct DrainState {
+    window_ms: u64,
+    started: Instant,
+    topics: BTreeMap<String, DrainWindow>,
+    total: DrainWindow,
+}
+
+impl Default for DrainState {
+    fn default() -> Self {
+        let window_ms = MirrorConfig::default().drain_window_ms;
+        Self { window_ms, started: Instant::now(), topics: BTreeMap::new(), total: DrainWindow::new(window_ms) }
+    }
+}
+
+/// The drain estimate of every mirrored topic and of all together.
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    pub topics: Vec<(String, DrainEstimate)>,
+    pub total: DrainEstimate,
 }
 
 /// Consumer groups' committed offsets of mirrored partitions, to send to the cloud: the latest
@@ -293,6 +320,12 @@ impl MirrorStats {
 
     /// Lag per mirrored partition, read from the store now.
     pub fn lag(&self, store: &Store) -> Vec<PartitionLag> {
+        self.lag_with(store, true)
+    }
+
+    /// [`Self::lag`], with the oldest unmirrored record's age read only when `age` (a record
+    /// read per lagging partition).
+    fn lag_with(&self, store: &Store, age: bool) -> Vec<PartitionLag> {
         let keys: Vec<(String, i32)> =
             self.partitions.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect();
         let now = now_ms();
@@ -304,7 +337,7 @@ impl MirrorStats {
                 let lag_records = (wm.high_watermark - mirrored).max(0);
                 let stored = (wm.high_watermark - wm.log_start_offset).max(1) as u64;
                 let lag_bytes = info.logical_bytes.saturating_mul(lag_records as u64) / stored;
-                let oldest_unmirrored_age_ms = if lag_records == 0 {
+                let oldest_unmirrored_age_ms = if lag_records == 0 || !age {
                     0
                 } else {
                     store
@@ -325,6 +358,53 @@ impl MirrorStats {
             })
             .collect()
     }
+
+    /// Sets the drain window (`mirror.drain_window_ms`), starting every window afresh.
+    pub fn set_drain_window(&self, window_ms: u64) {
+        let mut d = self.drain.lock().unwrap_or_else(PoisonError::into_inner);
+        *d = DrainState { window_ms, total: DrainWindow::new(window_ms), ..DrainState::default() };
+    }
+
+    /// Samples every mirrored topic's backlog (watermarks and mirrored marks: no record read)
+    /// into the drain windows; a topic no longer mirrored leaves them.
+    pub fn sample_drain(&self, store: &Store) {
+        const ZERO: Sample = Sample { at_ms: 0, backlog_records: 0, backlog_bytes: 0, mirrored_records: 0 };
+        let mut per_topic: BTreeMap<String, Sample> = BTreeMap::new();
+        let mut total = ZERO;
+        for l in self.lag_with(store, false) {
+            let t = per_topic.entry(l.topic).or_insert(ZERO);
+            for s in [t, &mut total] {
+                s.backlog_records += l.lag_records.max(0) as u64;
+                s.backlog_bytes += l.lag_bytes;
+                s.mirrored_records += l.mirrored.max(0) as u64;
+            }
+        }
+        let mut d = self.drain.lock().unwrap_or_else(PoisonError::into_inner);
+        let at_ms = d.started.elapsed().as_millis() as u64;
+        let window_ms = d.window_ms;
+        d.topics.retain(|topic, _| per_topic.contains_key(topic));
+        for (topic, s) in per_topic {
+            d.topics.entry(topic).or_insert_with(|| DrainWindow::new(window_ms)).observe(Sample { at_ms, ..s });
+        }
+        d.total.observe(Sample { at_ms, ..total });
+        drop(d);
+        self.changed();
+    }
+
+    /// The drain estimate per topic and in total, from the last samples.
+    pub fn drain(&self) -> Drain {
+        let d = self.drain.lock().unwrap_or_else(PoisonError::into_inner);
+        Drain { topics: d.topics.iter().map(|(t, w)| (t.clone(), w.estimate())).collect(), total: d.total.estimate() }
+    }
+}
+
+/// Aborts a task when dropped (the drain sampler ends with `run`).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Runs the mirror until `shutdown` resolves: connects, streams, reconnects.
@@ -342,6 +422,25 @@ pub async fn run(
     )?;
     let client = tls::client_config(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport)?;
     stats.commits.set_limit(cfg.offsets_tracked_max as usize);
+    stats.set_drain_window(cfg.drain_window_ms);
+    // The drain sampler runs while the mirror does, link up or down (a backlog grows while the
+    // link is down, and that is part of the estimate); its store reads go to the blocking pool.
+    let sampler = {
+        let (stats, store) = (stats.clone(), store.clone());
+        let every = crate::drain::sample_interval(cfg.drain_window_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (stats, store) = (stats.clone(), store.clone());
+                if tokio::task::spawn_blocking(move || stats.sample_drain(&store)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let _sampler = AbortOnDrop(sampler);
     let mut backoff = Backoff::new(
         Duration::from_millis(cfg.reconnect_backoff_min_ms),
         Duration::from_millis(cfg.reconnect_backoff_max_ms),

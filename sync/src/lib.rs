@@ -1,6 +1,7 @@
 //! Tributary's mirror of gateway topics to a central Kafka cluster over QUIC: the wire protocol,
-//! flow control and consumer-group offset translation (sans-I/O), TLS and certificates, the
-//! gateway side, and (feature `cloud`) the `tributary-cloud` receiver that writes into Kafka.
+//! flow control, consumer-group offset translation and the drain estimate (sans-I/O), TLS and
+//! certificates, the gateway side, and (feature `cloud`) the `tributary-cloud` receiver that
+//! writes into Kafka.
 
 pub mod certs;
 pub mod checkpoint;
@@ -8,6 +9,7 @@ pub mod config;
 pub mod config_file;
 pub mod congestion;
 pub mod core;
+pub mod drain;
 pub mod gateway;
 pub mod protocol;
 pub mod tls;

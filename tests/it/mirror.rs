@@ -651,6 +651,74 @@ async fn the_bandwidth_cap_holds_on_a_backlog() {
     cloud.stop().await;
 }
 
+/// The drain ETA is honest: on a backlog draining under a bandwidth cap, the ETA the mirror
+/// reports once its window has settled is within a quarter (plus a second of sampling) of the
+/// time the backlog then really took; a drained backlog says 0; with the link down and records
+/// arriving it gives no ETA at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_eta_matches_the_time_a_capped_backlog_really_takes() {
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let gateway = KafkaBroker::start().await;
+    let cfg = TopicConfig { compression: tributary_broker::Codec::None, ..TopicConfig::default() };
+    gateway.store.create_topic("meters", 1, cfg).await.expect("topic");
+    // 640 KiB of incompressible 1 KiB records: about 10 s at 64 KiB/s.
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut append = |n: usize| {
+        (0..n)
+            .map(|_| {
+                let v: Vec<u8> = (0..1024)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        seed as u8
+                    })
+                    .collect();
+                NewRecord::new(None::<Bytes>, Bytes::from(v))
+            })
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..80 {
+        gateway.store.append_records("meters", 0, append(8)).await.expect("append");
+    }
+    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+    let mut mcfg = mirror_config(&pki, cloud.addr, pki.site("site", SITE, None));
+    mcfg.topics = vec!["meters".into()];
+    mcfg.bandwidth_bytes_per_s_max = 64 * 1024;
+    mcfg.read_bytes_max = 16 * 1024;
+    mcfg.drain_window_ms = 2_000;
+    let started = std::time::Instant::now();
+    let mirror = Mirror::start(mcfg, &gateway.store);
+    // Past the bucket's first burst and one whole window of steady draining.
+    mirror
+        .until("an ETA from a settled window", 30, |s| {
+            started.elapsed() >= Duration::from_secs(3) && s.drain().total.eta_s.is_some()
+        })
+        .await;
+    let predicted_at = std::time::Instant::now();
+    let drain = mirror.stats.drain();
+    let predicted = drain.total.eta_s.expect("eta");
+    let (_, topic) = drain.topics.iter().find(|(t, _)| t == "meters").expect("the topic's estimate");
+    assert_eq!(topic.eta_s, drain.total.eta_s, "one topic: its ETA is the total's");
+    assert!(drain.total.sent_records_per_s > 0.0 && drain.total.backlog_bytes > 0, "{drain:?}");
+    mirror.until("the backlog mirrored", 60, |_| caught_up(&gateway.store, &["meters"])).await;
+    let took = predicted_at.elapsed().as_secs_f64();
+    assert!((took - predicted).abs() <= 0.25 * took + 1.0, "predicted {predicted:.1} s, took {took:.1} s ({drain:?})");
+    mirror.until("a drained backlog says 0", 30, |s| s.drain().total.eta_s == Some(0.0)).await;
+    // Link down, records arriving: no ETA once the window holds only the stalled samples.
+    cloud.stop().await;
+    mirror.until("the link seen down", 30, |s| !s.link_up.load(Ordering::Relaxed)).await;
+    gateway.store.append_records("meters", 0, append(8)).await.expect("append");
+    mirror
+        .until("a growing backlog has no ETA", 30, |s| {
+            let d = s.drain().total;
+            d.backlog_records > 0 && d.eta_s.is_none()
+        })
+        .await;
+    mirror.stop().await;
+}
+
 /// A site connection driven by hand (not by the gateway's mirror), for input the real gateway
 /// never sends.
 async fn raw_site(pki: &Pki, cloud: SocketAddr, cert: &(PathBuf, PathBuf)) -> (quinn::Endpoint, quinn::Connection) {

@@ -1,5 +1,6 @@
-//! `tributary mirror status`: the mirror's link and per-partition lag, read from the running
-//! gateway's metrics endpoint (the mirror's state lives in the daemon, not in the log).
+//! `tributary mirror status`: the mirror's link, the backlog's drain rate and ETA per topic and in
+//! total, and per-partition lag, read from the running gateway's metrics endpoint (the mirror's
+//! state lives in the daemon, not in the log).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,7 +14,8 @@ use super::table::{emit, Format, Table};
 
 #[derive(Debug, Subcommand)]
 pub enum MirrorCommand {
-    /// Link state, reconnects, bytes on the wire and lag per partition.
+    /// Link state, reconnects, bytes on the wire, the backlog's drain rate and ETA per topic and
+    /// in total, and lag per partition.
     Status(StatusArgs),
 }
 
@@ -36,7 +38,20 @@ struct MirrorStatus {
     batch_bytes_sent: u64,
     wire_bytes_sent: u64,
     gaps: u64,
+    /// All topics together, then per topic: the drain over `mirror.drain_window_ms`.
+    drain: DrainStatus,
+    topics: BTreeMap<String, DrainStatus>,
     partitions: Vec<PartitionStatus>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+struct DrainStatus {
+    backlog_records: i64,
+    backlog_bytes: u64,
+    records_per_s: f64,
+    shrink_records_per_s: f64,
+    /// `None` while the backlog does not shrink.
+    eta_s: Option<f64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -68,6 +83,7 @@ fn parse(text: &str) -> Option<MirrorStatus> {
     let mut s = MirrorStatus::default();
     let mut found = false;
     let mut parts: BTreeMap<(String, i32), PartitionStatus> = BTreeMap::new();
+    let mut drains: BTreeMap<String, DrainStatus> = BTreeMap::new();
     for (name, labels, v) in text.lines().filter_map(parse_line) {
         let Some(metric) = name.strip_prefix("tributary_mirror_") else { continue };
         found = true;
@@ -86,10 +102,28 @@ fn parse(text: &str) -> Option<MirrorStatus> {
             "lag_bytes" => parts.entry(key()).or_default().lag_bytes = v as u64,
             "oldest_unmirrored_age_seconds" => parts.entry(key()).or_default().oldest_unmirrored_age_s = v,
             "mirrored_offset" => parts.entry(key()).or_default().mirrored_offset = v as i64,
+            "drain_records_per_second" | "drain_shrink_records_per_second" | "drain_eta_seconds" => {
+                let d = match labels.get("topic") {
+                    Some(topic) => drains.entry((*topic).to_string()).or_default(),
+                    None => &mut s.drain,
+                };
+                match metric {
+                    "drain_records_per_second" => d.records_per_s = v,
+                    "drain_shrink_records_per_second" => d.shrink_records_per_s = v,
+                    _ => d.eta_s = Some(v),
+                }
+            }
             _ => {}
         }
     }
     s.partitions = parts.into_iter().map(|((topic, partition), p)| PartitionStatus { topic, partition, ..p }).collect();
+    for p in &s.partitions {
+        for d in [&mut s.drain, drains.entry(p.topic.clone()).or_default()] {
+            d.backlog_records += p.lag_records;
+            d.backlog_bytes += p.lag_bytes;
+        }
+    }
+    s.topics = drains;
     found.then_some(s)
 }
 
@@ -130,6 +164,23 @@ pub async fn run(command: MirrorCommand) -> anyhow::Result<()> {
             s.wire_bytes_sent,
             s.gaps
         );
+        let eta = |d: &DrainStatus| match (d.eta_s, d.backlog_records) {
+            (Some(s), _) => format!("{:.0} s", s.ceil()),
+            (None, 0) => "-".to_string(),
+            (None, _) => "not draining".to_string(),
+        };
+        let mut t = Table::new(&["TOPIC", "BACKLOG", "BACKLOG BYTES", "RECORDS/S", "ETA"]);
+        for (topic, d) in s.topics.iter().chain(std::iter::once((&"(all)".to_string(), &s.drain))) {
+            t.row(vec![
+                topic.clone(),
+                d.backlog_records.to_string(),
+                d.backlog_bytes.to_string(),
+                format!("{:.1}", d.records_per_s),
+                eta(d),
+            ]);
+        }
+        out.push_str(&t.render());
+        out.push('\n');
         let mut t = Table::new(&["TOPIC", "PARTITION", "MIRRORED", "LAG", "LAG BYTES", "OLDEST UNMIRRORED"]);
         for p in &s.partitions {
             t.row(vec![
@@ -162,5 +213,24 @@ mod tests {
         assert_eq!((s.partitions[0].topic.as_str(), s.partitions[0].partition), ("meters", 2));
         assert_eq!((s.partitions[0].lag_records, s.partitions[0].mirrored_offset), (17, 100));
         assert!(parse("tributary_store_commits_total 5\n").is_none(), "no mirror: none");
+        assert_eq!(s.drain.eta_s, None, "no ETA sample: not draining");
+    }
+
+    #[test]
+    fn reads_the_drain_per_topic_and_in_total() {
+        let text = "tributary_mirror_lag_records{topic=\"meters\",partition=\"0\"} 40\n\
+                    tributary_mirror_lag_records{topic=\"meters\",partition=\"1\"} 60\n\
+                    tributary_mirror_lag_bytes{topic=\"meters\",partition=\"1\"} 6000\n\
+                    tributary_mirror_lag_records{topic=\"alarms\",partition=\"0\"} 5\n\
+                    tributary_mirror_drain_records_per_second{topic=\"meters\"} 12.5\n\
+                    tributary_mirror_drain_eta_seconds{topic=\"meters\"} 8\n\
+                    tributary_mirror_drain_records_per_second 20\n\
+                    tributary_mirror_drain_eta_seconds 9.5\n";
+        let s = parse(text).expect("mirror metrics");
+        let meters = &s.topics["meters"];
+        assert_eq!((meters.backlog_records, meters.backlog_bytes, meters.eta_s), (100, 6000, Some(8.0)));
+        assert_eq!(meters.records_per_s, 12.5);
+        assert_eq!((s.topics["alarms"].backlog_records, s.topics["alarms"].eta_s), (5, None));
+        assert_eq!((s.drain.backlog_records, s.drain.records_per_s, s.drain.eta_s), (105, 20.0, Some(9.5)));
     }
 }

@@ -94,8 +94,11 @@ pub struct Mirror {
     pub lag_records: i64,
     pub lag_bytes: u64,
     pub oldest_unmirrored_age_s: f64,
-    /// Seconds until the backlog is drained (issue 19, metered uplink): not estimated yet.
+    /// Seconds until the backlog is mirrored at the rate it shrank at over
+    /// `mirror.drain_window_ms`; `None` while it does not shrink.
     pub drain_eta_s: Option<f64>,
+    /// Records mirrored per second over the same window.
+    pub drain_records_per_s: f64,
     /// Lag in records per history sample, oldest first.
     pub lag_history: Vec<i64>,
     pub last_error: String,
@@ -252,13 +255,15 @@ pub fn snapshot(src: &Sources, history: &History, limits: Limits, uptime_s: u64)
     }
     let mirror = src.mirror.as_ref().map(|m| {
         let lag = m.lag(store);
+        let drain = m.drain().total;
         Mirror {
             link_up: m.link_up.load(Ordering::Relaxed),
             reconnects: m.reconnects.load(Ordering::Relaxed),
             lag_records: lag.iter().map(|l| l.lag_records).sum(),
             lag_bytes: lag.iter().map(|l| l.lag_bytes).sum(),
             oldest_unmirrored_age_s: lag.iter().map(|l| l.oldest_unmirrored_age_ms).max().unwrap_or(0) as f64 / 1e3,
-            drain_eta_s: None,
+            drain_eta_s: drain.eta_s,
+            drain_records_per_s: drain.sent_records_per_s,
             lag_history: if limits.with_history { history.mirror_lag() } else { Vec::new() },
             last_error: m.last_error.lock().map(|e| e.clone()).unwrap_or_default(),
         }

@@ -94,7 +94,8 @@
     figures($('mirror'), m ? [
       ['Behind', count(m.lag_records) + ' records, ' + bytes(m.lag_bytes)],
       ['Oldest unmirrored', duration(m.oldest_unmirrored_age_s)],
-      ['Drain ETA', m.drain_eta_s === null ? 'not estimated' : duration(m.drain_eta_s)],
+      ['Drain ETA', m.drain_eta_s === null ? (m.lag_records > 0 ? 'not draining' : '—') : duration(m.drain_eta_s)],
+      ['Drain rate', count(Math.round(m.drain_records_per_s)) + ' records/s'],
       ['Reconnects', count(m.reconnects)],
       ['Last error', m.last_error || '—'],
     ] : [['Mirror', 'not configured']]);
