@@ -205,6 +205,13 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
             }
         }));
     }
+    // [[aggregate]]: one task per derived topic, stopped with the listeners.
+    let (aggregates, aggregate_tasks) = tributary_broker::aggregate::spawn_all(
+        &cfg.aggregate,
+        &store,
+        &cfg.topic_defaults.topic_config(),
+        stop_rx.clone(),
+    );
     let mut metrics_addr = String::from("off");
     let mut metrics_task = None;
     if cfg.metrics.enabled {
@@ -218,6 +225,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
                     kafka: kafka_sources,
                     mqtt: mqtt_stats,
                     mirror: mirror_stats,
+                    aggregates,
                 };
                 if let (Some(sys), true) = (sys_publisher.take(), cfg.metrics.sys_interval_ms > 0) {
                     let mut stop = stop_rx.clone();
@@ -264,7 +272,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     }
     service.stopping("shutting down: committing pending appends");
     let _ = stop_tx.send(true);
-    for t in [kafka_task, mqtt_task, mirror_task, metrics_task].into_iter().flatten() {
+    for t in [kafka_task, mqtt_task, mirror_task, metrics_task].into_iter().flatten().chain(aggregate_tasks) {
         let _ = t.await;
     }
     store.close().await.context("close the log store")?;
