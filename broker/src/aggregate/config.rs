@@ -152,7 +152,8 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         assert!(validate_all(&[entry()], "aggregate").is_ok());
-        let cases: Vec<(fn(&mut AggregateConfig), &str)> = vec![
+        type Change = fn(&mut AggregateConfig);
+        let cases: Vec<(Change, &str)> = vec![
             (|c| c.source = String::new(), "aggregate[0].source"),
             (|c| c.derived = "meters".into(), "aggregate[0].derived"),
             (|c| c.window_ms = 0, "aggregate[0].window_ms"),

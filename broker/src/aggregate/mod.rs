@@ -385,6 +385,14 @@ impl Aggregator {
                     self.unsaved += 1;
                     continue;
                 }
+                Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) => {
+                    // Past the end: the source was deleted and created again. Its records are
+                    // new to the aggregator: read from its start.
+                    tracing::warn!(source = %self.cfg.source, partition = p, "source position past its end; reading it from its start");
+                    self.position.next[p] = log_start_offset;
+                    self.unsaved += 1;
+                    continue;
+                }
                 Err(StoreError::UnknownTopic(_)) | Err(StoreError::UnknownPartition { .. }) => return Ok(read),
                 Err(e) => return Err(e),
             };
