@@ -45,6 +45,9 @@ pub struct AggregateStats {
     pub windows_open: AtomicU64,
     /// Results appended to the derived topic.
     pub results_out: AtomicU64,
+    /// The stored position: the sum over source partitions of the next offset to read, as of
+    /// the last commit of the state (an emission or a checkpoint).
+    pub position_stored: AtomicU64,
 }
 
 impl AggregateStats {
@@ -306,6 +309,14 @@ impl Aggregator {
         kv
     }
 
+    /// Notes that the state `changes` returned is durable.
+    fn stored(&mut self) {
+        self.unsaved = 0;
+        self.saved_at = Instant::now();
+        let sum: i64 = self.position.next.iter().sum();
+        self.stats.position_stored.store(sum.max(0) as u64, Ordering::Relaxed);
+    }
+
     /// Follows the source: steps of at most `records_per_step_max` records, each followed by
     /// the results it closed (appended with the state) and, when due, a checkpoint.
     async fn follow(&mut self) -> Result<(), StoreError> {
@@ -450,8 +461,7 @@ impl Aggregator {
             self.store.enqueue_records_with(&self.cfg.derived, 0, records, kv).await?.wait().await?;
             self.stats.results_out.fetch_add(n, Ordering::Relaxed);
             self.stats.windows_open.store(self.windows.open_count() as u64, Ordering::Relaxed);
-            self.unsaved = 0;
-            self.saved_at = Instant::now();
+            self.stored();
         }
     }
 
@@ -461,8 +471,7 @@ impl Aggregator {
         // One commit, all or none (a key-value write of one space).
         let entries = kv.into_iter().map(|(_, k, v)| (k, v)).collect();
         self.store.kv_write(SPACE, entries).await?;
-        self.unsaved = 0;
-        self.saved_at = Instant::now();
+        self.stored();
         Ok(())
     }
 }
