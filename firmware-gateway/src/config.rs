@@ -119,6 +119,7 @@ impl GatewayConfig {
         self.mirror.validate("mirror")?;
         self.metrics.validate("metrics")?;
         tributary_broker::aggregate::validate_all(&self.aggregate, "aggregate")?;
+        tributary_broker::aggregate::validate_with_storage(&self.aggregate, "aggregate", &self.storage)?;
         if self.topic_defaults.partitions == 0 || self.topic_defaults.partitions > self.storage.partitions_per_topic_max
         {
             return Err(ConfigError::new(

@@ -114,6 +114,39 @@ impl AggregateConfig {
     }
 }
 
+impl AggregateConfig {
+    /// An upper bound of one result record's encoded size: the record envelope and the JSON
+    /// numbers (at most 25 characters each), the key, and per field its name (escaped, at most
+    /// 6 bytes per byte) and four named numbers.
+    pub fn result_bytes_max(&self) -> u64 {
+        let fields: u64 = self.fields.iter().map(|f| 6 * f.len() as u64 + 4 * 40 + 16).sum();
+        160 + u64::from(self.key_bytes_max) + fields
+    }
+}
+
+/// Checks that a commit's results fit one append (`storage.append_size_bytes_max`).
+pub fn validate_with_storage(
+    entries: &[AggregateConfig],
+    prefix: &str,
+    storage: &crate::config::StorageConfig,
+) -> Result<(), ConfigError> {
+    for (i, e) in entries.iter().enumerate() {
+        let bytes = u64::from(e.results_per_commit_max) * e.result_bytes_max();
+        if bytes > u64::from(storage.append_size_bytes_max) {
+            return Err(ConfigError::new(
+                format!("{prefix}[{i}].results_per_commit_max"),
+                format!(
+                    "{} results of up to {} B each (key_bytes_max, fields) may exceed storage.append_size_bytes_max = {}",
+                    e.results_per_commit_max,
+                    e.result_bytes_max(),
+                    storage.append_size_bytes_max
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Validates all entries (`aggregate[i]`): each alone, their count, and that no two write the
 /// same derived topic and no derived topic is another's source.
 pub fn validate_all(entries: &[AggregateConfig], prefix: &str) -> Result<(), ConfigError> {
@@ -181,5 +214,10 @@ mod tests {
         assert_eq!(e.key, "aggregate[0].derived");
         let e = validate_all(&vec![entry(); AGGREGATES_MAX + 1], "aggregate").expect_err("too many");
         assert_eq!(e.key, "aggregate");
+        let storage = crate::config::StorageConfig::default();
+        assert!(validate_with_storage(&[entry()], "aggregate", &storage).is_ok(), "the defaults fit");
+        let wide = AggregateConfig { fields: (0..FIELDS_MAX).map(|i| format!("f{i:0>200}")).collect(), ..entry() };
+        let e = validate_with_storage(&[entry(), wide], "aggregate", &storage).expect_err("results too large");
+        assert_eq!(e.key, "aggregate[1].results_per_commit_max");
     }
 }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use crate::storage::batch::{NewRecord, StoredRecord};
 use crate::storage::{KvSpace, Store, StoreError, TopicConfig};
-pub use config::{validate_all, AggregateConfig};
+pub use config::{validate_all, validate_with_storage, AggregateConfig};
 use window::{Closed, Offer, WindowSpec, WindowState, Windows};
 
 const SPACE: KvSpace = crate::spaces::AGGREGATES;
@@ -182,6 +182,8 @@ struct Aggregator {
     /// Records read since the last checkpoint.
     unsaved: u64,
     saved_at: Instant,
+    /// Steps taken (the partition a step starts at).
+    turn: usize,
 }
 
 /// Runs the aggregate `cfg` until `stop` resolves: creates the derived topic (one partition,
@@ -292,7 +294,7 @@ impl Aggregator {
         stats.windows_open.store(windows.open_count() as u64, Ordering::Relaxed);
         tracing::info!(source = %cfg.source, derived = %cfg.derived, windows_open = windows.open_count(),
             stream_ms = ?position.stream_ms, "aggregator resumed");
-        Ok(Self { cfg, store, stats, windows, position, unsaved: 0, saved_at: Instant::now() })
+        Ok(Self { cfg, store, stats, windows, position, unsaved: 0, saved_at: Instant::now(), turn: 0 })
     }
 
     /// The stored-state writes for what changed since the last checkpoint, position included.
@@ -378,12 +380,18 @@ impl Aggregator {
     async fn step(&mut self) -> Result<u64, StoreError> {
         let Some(topic) = self.store.topic(&self.cfg.source) else { return Ok(0) };
         let partitions = topic.partitions as usize;
+        if partitions == 0 {
+            return Ok(0);
+        }
         if self.position.next.len() < partitions {
             self.position.next.resize(partitions, 0);
         }
         let mut budget = u64::from(self.cfg.records_per_step_max);
         let mut read = 0u64;
-        for p in 0..partitions {
+        // Each step starts at the next partition, so a busy one cannot starve the others.
+        self.turn = self.turn.wrapping_add(1);
+        let first = self.turn;
+        for p in (0..partitions).map(|i| (i + first) % partitions) {
             if budget == 0 {
                 break;
             }
