@@ -385,7 +385,9 @@ async fn smart_meter_hour_aggregates_to_one_result_per_meter_and_quarter() {
     assert_eq!(stats.skipped_late.load(Ordering::Relaxed) + stats2.skipped_late.load(Ordering::Relaxed), 0);
 
     // The same windows computed from the stored readings.
-    let mut expected: BTreeMap<(String, i64), (u64, Vec<[f64; 5]>)> = BTreeMap::new();
+    // Per (key, window start): the count and per field min, max, sum, last, last's time.
+    type Window = (u64, Vec<[f64; 5]>);
+    let mut expected: BTreeMap<(String, i64), Window> = BTreeMap::new();
     for r in crate::support::read_all(&store, TOPIC, 0) {
         let v: serde_json::Value = serde_json::from_slice(r.value.as_deref().expect("value")).expect("JSON");
         let window = r.timestamp - r.timestamp.rem_euclid(QUARTER_MS);
