@@ -3,12 +3,14 @@
 //! consumer-group coordinator), the MQTT 3.1.1/5 front end (`mqtt/`), the one listener both use
 //! (`listener`: accept, limits, TLS handshake, graceful shutdown) with MQTT over WebSocket
 //! (`websocket`: handshake and frames without I/O, and the byte-stream adapter), users, ACLs, SASL and TLS
-//! (`security/`), and the leaves both front ends share (`partitioner`, `spaces`, `topic`). The
+//! (`security/`), aggregation at the edge (`aggregate/`: derived topics of per-key tumbling
+//! windows), and the leaves both front ends share (`partitioner`, `spaces`, `topic`). The
 //! modules' order is declared in ARCHITECTURE.md and checked by `tests/module_dag.rs`.
 //!
 //! The library knows nothing of QUIC, systemd or command-line parsing: those belong to
 //! `tributary-sync` and `tributary-gateway`, which depend on this crate and never the reverse.
 
+pub mod aggregate;
 pub mod kafka;
 pub mod listener;
 pub mod mqtt;

@@ -13,3 +13,5 @@ pub const MQTT_SESSIONS: KvSpace = KvSpace::named("kv.mqtt_sessions");
 pub const MQTT_RETAINED: KvSpace = KvSpace::named("kv.mqtt_retained");
 /// Broker identity and counters (cluster id, producer id blocks).
 pub const BROKER: KvSpace = KvSpace::named("kv.broker");
+/// Aggregators' open windows and input positions, by derived topic (`aggregate/`).
+pub const AGGREGATES: KvSpace = KvSpace::named("kv.aggregates");

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use tributary_broker::aggregate::AggregateConfig;
 use tributary_broker::kafka::KafkaConfig;
 use tributary_broker::mqtt::MqttConfig;
 use tributary_broker::security::AuthConfig;
@@ -34,6 +35,8 @@ pub struct GatewayConfig {
     /// The status page (on the metrics listener).
     pub status: StatusConfig,
     pub log: LogConfig,
+    /// `[[aggregate]]`: derived topics of per-key tumbling windows (none by default).
+    pub aggregate: Vec<AggregateConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +122,8 @@ impl GatewayConfig {
         self.mirror.validate("mirror")?;
         self.metrics.validate("metrics")?;
         self.status.validate("status")?;
+        tributary_broker::aggregate::validate_all(&self.aggregate, "aggregate")?;
+        tributary_broker::aggregate::validate_with_storage(&self.aggregate, "aggregate", &self.storage)?;
         if self.topic_defaults.partitions == 0 || self.topic_defaults.partitions > self.storage.partitions_per_topic_max
         {
             return Err(ConfigError::new(
@@ -210,6 +215,27 @@ mod tests {
         for key in all {
             assert!(example.iter().any(|l| l.starts_with(&format!("{key} "))), "the user example does not show {key}");
         }
+    }
+
+    /// The commented `[[aggregate]]` example in the shipped file is valid and shows every key
+    /// an entry has.
+    #[test]
+    fn shipped_aggregate_example_is_valid_and_shows_every_key() {
+        let example = commented_example("# [[aggregate]]");
+        assert!(!example.is_empty(), "config/gateway.toml has a commented [[aggregate]] example");
+        let cfg = GatewayConfig::parse(&example.join("\n")).expect("the example parses and validates");
+        assert_eq!(cfg.aggregate.len(), 1);
+        assert_eq!(cfg.aggregate[0].window_ms, 15 * 60_000);
+        let mut all = Vec::new();
+        keys(&toml::Value::try_from(AggregateConfig::default()).expect("serializes"), "", &mut all);
+        for key in all {
+            assert!(example.iter().any(|l| l.starts_with(&format!("{key} "))), "the example does not show {key}");
+        }
+        let e = GatewayConfig::parse(
+            "[[aggregate]]\nsource = \"a\"\nderived = \"b\"\nfields = [\"x\"]\nwindows_open_max = 0\n",
+        )
+        .expect_err("zero windows");
+        assert_eq!(e.key, "aggregate[0].windows_open_max");
     }
 
     /// The commented `[auth.anonymous]` example in the shipped file is valid, with logins on

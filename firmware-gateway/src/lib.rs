@@ -243,6 +243,13 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
             }
         }));
     }
+    // [[aggregate]]: one task per derived topic, stopped with the listeners.
+    let (aggregates, aggregate_tasks) = tributary_broker::aggregate::spawn_all(
+        &cfg.aggregate,
+        &store,
+        &cfg.topic_defaults.topic_config(),
+        stop_rx.clone(),
+    );
     let mut metrics_addr = String::from("off");
     let mut metrics_task = None;
     if cfg.metrics.enabled {
@@ -282,6 +289,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
                     mqtt: mqtt_stats,
                     mirror: mirror_stats,
                     status: status.as_ref().map(|s| s.stats.clone()),
+                    aggregates,
                 };
                 if let Some(status) = &status {
                     let mut stop = stop_rx.clone();
@@ -341,7 +349,7 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     }
     service.stopping("shutting down: committing pending appends");
     let _ = stop_tx.send(true);
-    for t in [kafka_task, mqtt_task, mirror_task, metrics_task].into_iter().flatten() {
+    for t in [kafka_task, mqtt_task, mirror_task, metrics_task].into_iter().flatten().chain(aggregate_tasks) {
         let _ = t.await;
     }
     store.close().await.context("close the log store")?;

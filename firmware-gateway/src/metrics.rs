@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tributary_broker::aggregate::AggregateStats;
 use tributary_broker::histogram::HistogramSnapshot;
 use tributary_broker::kafka::groups::Coordinator;
 use tributary_broker::kafka::KafkaStats;
@@ -98,6 +99,8 @@ pub struct Sources {
     pub mirror: Option<Arc<MirrorStats>>,
     /// The status page's counters, when it is served.
     pub status: Option<Arc<crate::status::StatusStats>>,
+    /// One per `[[aggregate]]` entry.
+    pub aggregates: Vec<Arc<AggregateStats>>,
 }
 
 /// A metric family being written: `# HELP`/`# TYPE` once, then samples.
@@ -595,6 +598,7 @@ pub fn render(src: &Sources) -> String {
             }
         }
     }
+    aggregates(&mut o, &src.aggregates);
     o.0
 }
 
@@ -604,6 +608,52 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Serves GET /metrics (and the status page's routes with `status`) until `shutdown` resolves;
 /// with `tls`, connections that open with a TLS handshake are served over TLS.
+/// Per derived topic: records in, skipped by cause, windows open, results out.
+fn aggregates(o: &mut Out, aggs: &[Arc<AggregateStats>]) {
+    if aggs.is_empty() {
+        return;
+    }
+    type Read = fn(&AggregateStats) -> u64;
+    let fams: [(&str, &str, &str, Read); 4] = [
+        ("tributary_aggregate_records_in_total", "counter", "Source records an aggregator read.", |a| {
+            a.records_in.load(Ordering::Relaxed)
+        }),
+        ("tributary_aggregate_windows_open", "gauge", "Windows open (keys x windows).", |a| {
+            a.windows_open.load(Ordering::Relaxed)
+        }),
+        ("tributary_aggregate_results_out_total", "counter", "Window results appended to the derived topic.", |a| {
+            a.results_out.load(Ordering::Relaxed)
+        }),
+        ("tributary_aggregate_skipped_retention_total", "counter", "Source offsets retention removed unread.", |a| {
+            a.skipped_retention.load(Ordering::Relaxed)
+        }),
+    ];
+    for (name, kind, help, read) in fams {
+        o.family(name, kind, help);
+        for a in aggs {
+            o.sample(name, &[("derived", &a.derived), ("source", &a.source)], read(a));
+        }
+    }
+    let name = "tributary_aggregate_skipped_total";
+    o.family(
+        name,
+        "counter",
+        "Source records skipped: invalid (not a JSON object, fields missing), late, windows full.",
+    );
+    for a in aggs {
+        for (reason, v) in
+            [("invalid", &a.skipped_invalid), ("late", &a.skipped_late), ("windows_full", &a.skipped_windows_full)]
+        {
+            o.sample(
+                name,
+                &[("derived", &a.derived), ("source", &a.source), ("reason", reason)],
+                v.load(Ordering::Relaxed),
+            );
+        }
+    }
+}
+
+/// Serves GET /metrics until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     cfg: MetricsConfig,

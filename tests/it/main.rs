@@ -1,6 +1,7 @@
 //! Tributary's end-to-end suite: one test binary, one module per area. Every test uses its own
 //! temporary directory and (later) free ports, and synchronises on output, never on sleeps.
 
+mod aggregate;
 mod autocreate;
 mod cli;
 mod compaction;
