@@ -828,7 +828,7 @@ mod tests {
         let (store, _) = Store::open(storage).expect("open");
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
-        let src = Sources { store, kafka: None, mqtt: None, mirror: None, status: None };
+        let src = Sources { store, kafka: None, mqtt: None, mirror: None, status: None, aggregates: Vec::new() };
         tokio::spawn(serve(l, cfg, src, status, tls, std::future::pending()));
         (addr, dir)
     }
