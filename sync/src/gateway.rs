@@ -382,6 +382,15 @@ impl MirrorStats {
         let mut d = self.drain.lock().unwrap_or_else(PoisonError::into_inner);
         let at_ms = d.started.elapsed().as_millis() as u64;
         let window_ms = d.window_ms;
+        // A topic joining or leaving makes the total jump by its backlog, which is not a rate:
+        // the total's window starts again. Before any partition is known there is nothing to say.
+        let same_topics = d.topics.len() == per_topic.len() && d.topics.keys().all(|t| per_topic.contains_key(t));
+        if !same_topics {
+            d.total = DrainWindow::new(window_ms);
+        }
+        if per_topic.is_empty() {
+            return;
+        }
         d.topics.retain(|topic, _| per_topic.contains_key(topic));
         for (topic, s) in per_topic {
             d.topics.entry(topic).or_insert_with(|| DrainWindow::new(window_ms)).observe(Sample { at_ms, ..s });

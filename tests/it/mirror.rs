@@ -652,7 +652,7 @@ async fn the_bandwidth_cap_holds_on_a_backlog() {
 }
 
 /// The drain ETA is honest: on a backlog draining under a bandwidth cap, the ETA the mirror
-/// reports once its window has settled is within a quarter (plus a second of sampling) of the
+/// reports once its window has settled is within a tenth (plus half a second of sampling) of the
 /// time the backlog then really took; a drained backlog says 0; with the link down and records
 /// arriving it gives no ETA at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -704,7 +704,8 @@ async fn the_drain_eta_matches_the_time_a_capped_backlog_really_takes() {
     assert!(drain.total.sent_records_per_s > 0.0 && drain.total.backlog_bytes > 0, "{drain:?}");
     mirror.until("the backlog mirrored", 60, |_| caught_up(&gateway.store, &["meters"])).await;
     let took = predicted_at.elapsed().as_secs_f64();
-    assert!((took - predicted).abs() <= 0.25 * took + 1.0, "predicted {predicted:.1} s, took {took:.1} s ({drain:?})");
+    eprintln!("drain ETA: predicted {predicted:.2} s, took {took:.2} s");
+    assert!((took - predicted).abs() <= 0.1 * took + 0.5, "predicted {predicted:.1} s, took {took:.1} s ({drain:?})");
     mirror.until("a drained backlog says 0", 30, |s| s.drain().total.eta_s == Some(0.0)).await;
     // Link down, records arriving: no ETA once the window holds only the stalled samples.
     cloud.stop().await;
