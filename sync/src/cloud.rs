@@ -142,6 +142,19 @@ impl std::fmt::Debug for CloudServer {
     }
 }
 
+/// The settings of both writers (records and checkpoints): idempotent, `acks=all`, and never
+/// giving up on a record, since a record that failed after later ones were written would break
+/// order (a session that cannot write ends instead).
+fn ordered_producer_config(cfg: &CloudConfig) -> ClientConfig {
+    let mut c = kafka_config(cfg);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string())
+        .set("message.timeout.ms", "0");
+    c
+}
+
 fn kafka_config(cfg: &CloudConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.bootstrap_servers);
@@ -174,17 +187,7 @@ impl CloudServer {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(CloudError::Endpoint)?;
-        let producer = ThreadedProducer::from_config_and_context(
-            kafka_config(&cfg)
-                .set("enable.idempotence", "true")
-                .set("acks", "all")
-                .set("linger.ms", "5")
-                .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string())
-                // Never give up on a record: a record that failed after later ones were written
-                // would break order. A session that cannot write ends instead.
-                .set("message.timeout.ms", "0"),
-            Acknowledger,
-        )?;
+        let producer = ThreadedProducer::from_config_and_context(&ordered_producer_config(&cfg), Acknowledger)?;
         let admin: AdminClient<DefaultClientContext> = kafka_config(&cfg).create()?;
         let stats = Arc::new(CloudStats::default());
         let central = (cfg.checkpoints_enabled && cfg.central_commit_enabled).then(|| {
@@ -195,16 +198,11 @@ impl CloudServer {
             })
         });
         let checkpoints = if cfg.checkpoints_enabled {
+            // As for records, a checkpoint is never abandoned, so a newer one can never be
+            // overtaken by the retry of an older one (the topic is compacted: the last written
+            // wins).
             Some(ThreadedProducer::from_config_and_context(
-                kafka_config(&cfg)
-                    .set("enable.idempotence", "true")
-                    .set("acks", "all")
-                    .set("linger.ms", "5")
-                    .set("queue.buffering.max.messages", cfg.kafka.queue_messages_max.to_string())
-                    // As for records: never abandon a checkpoint, so a newer one can never be
-                    // overtaken by the retry of an older one (the topic is compacted: the last
-                    // written wins).
-                    .set("message.timeout.ms", "0"),
+                &ordered_producer_config(&cfg),
                 CheckpointAcks { stats: stats.clone(), central: central.clone() },
             )?)
         } else {

@@ -615,20 +615,7 @@ async fn the_bandwidth_cap_holds_on_a_backlog() {
     gateway.store.create_topic("meters", 1, cfg).await.expect("topic");
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     for _ in 0..48 {
-        let batch = (0..8)
-            .map(|_| {
-                let v: Vec<u8> = (0..1024)
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        seed as u8
-                    })
-                    .collect();
-                NewRecord::new(None::<Bytes>, Bytes::from(v))
-            })
-            .collect();
-        gateway.store.append_records("meters", 0, batch).await.expect("append");
+        gateway.store.append_records("meters", 0, incompressible(&mut seed, 8)).await.expect("append");
     }
     let backlog = gateway.store.partition_info("meters", 0).expect("info").logical_bytes;
     let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
@@ -651,6 +638,24 @@ async fn the_bandwidth_cap_holds_on_a_backlog() {
     cloud.stop().await;
 }
 
+/// `n` keyless records of 1 KiB of xorshift noise from `seed` (which moves on): incompressible, so
+/// stored bytes are what crosses the link.
+fn incompressible(seed: &mut u64, n: usize) -> Vec<NewRecord> {
+    (0..n)
+        .map(|_| {
+            let v: Vec<u8> = (0..1024)
+                .map(|_| {
+                    *seed ^= *seed << 13;
+                    *seed ^= *seed >> 7;
+                    *seed ^= *seed << 17;
+                    *seed as u8
+                })
+                .collect();
+            NewRecord::new(None::<Bytes>, Bytes::from(v))
+        })
+        .collect()
+}
+
 /// The drain ETA is honest: on a backlog draining under a bandwidth cap, the ETA the mirror
 /// reports once its window has settled is within a tenth (plus half a second of sampling) of the
 /// time the backlog then really took; a drained backlog says 0; with the link down and records
@@ -664,23 +669,8 @@ async fn the_drain_eta_matches_the_time_a_capped_backlog_really_takes() {
     gateway.store.create_topic("meters", 1, cfg).await.expect("topic");
     // 640 KiB of incompressible 1 KiB records: about 10 s at 64 KiB/s.
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
-    let mut append = |n: usize| {
-        (0..n)
-            .map(|_| {
-                let v: Vec<u8> = (0..1024)
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        seed as u8
-                    })
-                    .collect();
-                NewRecord::new(None::<Bytes>, Bytes::from(v))
-            })
-            .collect::<Vec<_>>()
-    };
     for _ in 0..80 {
-        gateway.store.append_records("meters", 0, append(8)).await.expect("append");
+        gateway.store.append_records("meters", 0, incompressible(&mut seed, 8)).await.expect("append");
     }
     let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
     let mut mcfg = mirror_config(&pki, cloud.addr, pki.site("site", SITE, None));
@@ -710,7 +700,7 @@ async fn the_drain_eta_matches_the_time_a_capped_backlog_really_takes() {
     // Link down, records arriving: no ETA once the window holds only the stalled samples.
     cloud.stop().await;
     mirror.until("the link seen down", 30, |s| !s.link_up.load(Ordering::Relaxed)).await;
-    gateway.store.append_records("meters", 0, append(8)).await.expect("append");
+    gateway.store.append_records("meters", 0, incompressible(&mut seed, 8)).await.expect("append");
     mirror
         .until("a growing backlog has no ETA", 30, |s| {
             let d = s.drain().total;

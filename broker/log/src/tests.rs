@@ -379,16 +379,7 @@ async fn global_retention_deletes_archived_batches_before_older_unarchived_ones(
     let store = Store::open(cfg).expect("open").0;
     let plain = TopicConfig { compression: Codec::None, ..TopicConfig::default() };
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    let mut noise = |n: usize| {
-        let mut v = Vec::with_capacity(n);
-        while v.len() < n {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            v.extend_from_slice(&seed.to_le_bytes());
-        }
-        Bytes::from(v)
-    };
+    let mut noise = |n: usize| noise(&mut seed, n);
     let mut fill = |topic: &'static str, mib: usize| {
         let batches: Vec<Vec<NewRecord>> =
             (0..mib * 16).map(|_| (0..16).map(|_| NewRecord::new(None::<Bytes>, noise(4096))).collect()).collect();
@@ -938,16 +929,7 @@ async fn the_disk_budget_counts_a_kept_topic_and_deletes_other_topics_for_it() {
     let store = Store::open(cfg).expect("open").0;
     let plain = TopicConfig { compression: Codec::None, ..TopicConfig::default() };
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
-    let mut noise = |n: usize| {
-        let mut v = Vec::with_capacity(n);
-        while v.len() < n {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            v.extend_from_slice(&seed.to_le_bytes());
-        }
-        Bytes::from(v)
-    };
+    let mut noise = |n: usize| noise(&mut seed, n);
     store.keep_from_disk_budget("kept");
     // Oldest first: 3 MiB kept (and archived), 3 MiB of another topic, then 6 MiB past the mark.
     for (topic, mib) in [("kept", 3usize), ("other", 3), ("fresh", 6)] {
@@ -1001,4 +983,18 @@ async fn appends_to_several_partitions_commit_together() {
     assert!(matches!(refused, Err(StoreError::KeylessRecord { .. })), "{refused:?}");
     assert_eq!(store.watermarks("a", 0).expect("wm").high_watermark, 2, "nothing of a refused call written");
     store.close().await.expect("close");
+}
+
+/// `n` bytes of xorshift64 noise from `seed` (which moves on): incompressible, so stored bytes
+/// are what was appended.
+fn noise(seed: &mut u64, n: usize) -> Bytes {
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        v.extend_from_slice(&seed.to_le_bytes());
+    }
+    v.truncate(n);
+    Bytes::from(v)
 }
