@@ -6,7 +6,8 @@
 //! only after the first's writes are all acknowledged, so resuming never duplicates. Gateways'
 //! committed consumer-group offsets are translated exactly (an index per partition from source to
 //! remote offsets, built from the delivery reports) and written as MirrorMaker 2 checkpoints into
-//! `{site}.checkpoints.internal` once the data below them is stored, never before.
+//! `{site}.checkpoints.internal` once the data below them is stored, never before. A compacted
+//! gateway topic's remote topic is created with its compaction settings.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;

@@ -2,8 +2,9 @@
 //! partitions, streams stored batches from where the cloud says (one stream per partition,
 //! within the credit the cloud grants and the bandwidth cap), marks gaps left by retention, and
 //! stores what the cloud confirms as mirrored; sends consumer groups' committed offsets of mirrored
-//! partitions (latest per group and partition, once the records below them are sent) when the
-//! cloud speaks protocol version 2. Reconnects with backoff and jitter.
+//! partitions (latest per group and partition, once the records below them are sent) and the
+//! compacted topics' settings when the cloud speaks protocol version 2. Reconnects with backoff
+//! and jitter.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
