@@ -1028,8 +1028,8 @@ async fn topic_configs_on_a_version_1_session_are_refused() {
 
 /// Issue 17: a compacted gateway topic whose remote topic already exists with another policy
 /// (the data team's topic) is mirrored into it as it is, not altered, and the receiver counts
-/// the mismatch; a compacted topic whose remote topic is new gets it compacted, also on a
-/// Tributary central cluster.
+/// the mismatch; a compacted topic whose remote topic is new gets it compacted (over
+/// `kafka.topic_config`'s `cleanup.policy=delete`), also on a Tributary central cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_remote_topic_with_another_policy_is_left_as_it_is_and_counted() {
     use tributary_broker::storage::CleanupPolicy;
@@ -1044,7 +1044,10 @@ async fn an_existing_remote_topic_with_another_policy_is_left_as_it_is_and_count
         produce(&gateway.store, topic, 0, 20).await;
     }
     central.store.create_topic("plant-7.state", 1, TopicConfig::default()).await.expect("the data team's topic");
-    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+    // cloud.toml asks for delete: the compacted topic's own policy wins.
+    let mut ccfg = cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr"));
+    ccfg.kafka.topic_config.insert("cleanup.policy".into(), "delete".into());
+    let cloud = Cloud::start(ccfg);
     let mut cfg = mirror_config(&pki, cloud.addr, pki.site("site", SITE, None));
     cfg.topics = vec!["state".into(), "fresh".into()];
     let mirror = Mirror::start(cfg, &gateway.store);
