@@ -6,7 +6,8 @@
 //! only after the first's writes are all acknowledged, so resuming never duplicates. Gateways'
 //! committed consumer-group offsets are translated exactly (an index per partition from source to
 //! remote offsets, built from the delivery reports) and written as MirrorMaker 2 checkpoints into
-//! `{site}.checkpoints.internal` once the data below them is stored, never before.
+//! `{site}.checkpoints.internal` once the data below them is stored, never before. A compacted
+//! gateway topic's remote topic is created with its compaction settings.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::FromClientConfigAndContext;
@@ -32,7 +33,8 @@ use crate::checkpoint::{checkpoint_key, checkpoint_value, checkpoints_topic, Off
 use crate::config::{valid_site, CloudConfig, CongestionController};
 use crate::core::{Flow, Progress};
 use crate::protocol::{
-    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, ALPN_V2, OPEN_FRAME_BYTES_MAX,
+    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, ALPN_V2,
+    OPEN_FRAME_BYTES_MAX,
 };
 use crate::tls::{self, TlsError};
 
@@ -109,6 +111,11 @@ pub struct CloudStats {
     pub central_commits: AtomicU64,
     pub central_commits_refused: AtomicU64,
     pub central_commits_dropped: AtomicU64,
+    /// Remote topics that already existed with another `cleanup.policy` than the gateway's
+    /// compacted topic (left as they are: a warning names each).
+    pub remote_policy_mismatches: AtomicU64,
+    /// Compacted topics' settings dropped over `partitions_per_site_max` topics per session.
+    pub topic_configs_dropped: AtomicU64,
 }
 
 struct SiteEntry {
@@ -631,16 +638,20 @@ struct Session {
     credit_due: Arc<Notify>,
     /// What the site's data streams hold here, within `site_buffer_bytes_max`.
     buffer: Arc<SiteBuffer>,
-    /// The gateway speaks protocol version 2 (committed offsets).
-    offsets_on: bool,
+    /// The protocol version of the session (2: committed offsets, topic settings).
+    version: u8,
+    /// Compacted topics' settings from the gateway (`TopicConfigs`, version 2), by source topic;
+    /// at most `partitions_per_site_max` topics.
+    topic_configs: HashMap<String, Vec<(String, String)>>,
 }
 
 impl Session {
     fn new(shared: Arc<Shared>, site: String, conn: quinn::Connection) -> Self {
         let buffer = Arc::new(SiteBuffer::new(shared.cfg.site_buffer_bytes_max, shared.stats.clone()));
-        let offsets_on = tls::negotiated_alpn(&conn).as_deref() == Some(ALPN_V2);
+        let version = if tls::negotiated_alpn(&conn).as_deref() == Some(ALPN_V2) { 2 } else { 1 };
         Self {
-            offsets_on,
+            version,
+            topic_configs: HashMap::new(),
             shared,
             site,
             conn,
@@ -673,7 +684,12 @@ impl Session {
                                 break Err(e);
                             }
                         }
-                        Ok(Some(Control::Offsets(list))) if self.offsets_on => {
+                        Ok(Some(f)) if f.version() > self.version => {
+                            tracing::debug!(?f, version = self.version, "frame of a later protocol version");
+                            break Err(ProtocolError::Unexpected("later-version").into());
+                        }
+                        Ok(Some(Control::TopicConfigs(list))) => self.on_topic_configs(list),
+                        Ok(Some(Control::Offsets(list))) => {
                             self.on_commits(list);
                             if let Err(e) = self.flush_checkpoints().await {
                                 break Err(e);
@@ -741,6 +757,20 @@ impl Session {
             self.shared.stats.checkpoints_pending.fetch_sub(left as u64, Ordering::Relaxed);
         }
         result
+    }
+
+    /// A gateway's compacted topics' settings: kept for the remote topics this session creates.
+    fn on_topic_configs(&mut self, list: Vec<TopicSettings>) {
+        let max = self.shared.cfg.partitions_per_site_max as usize;
+        for t in list {
+            if !self.topic_configs.contains_key(&t.topic) && self.topic_configs.len() >= max {
+                self.shared.stats.topic_configs_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(site = %self.site, topic = %t.topic,
+                    "partitions_per_site_max topics reached: topic settings not kept");
+                continue;
+            }
+            self.topic_configs.insert(t.topic, t.configs);
+        }
     }
 
     /// A gateway's committed offsets: each waits in its partition's link (the latest per group).
@@ -903,13 +933,16 @@ impl Session {
         // all) would give it the cluster's defaults, often one replica.
         let gaps = self.shared.cfg.gaps_topic.clone();
         self.ensure_topic(&gaps, 1, &[]).await?;
-        if self.offsets_on && self.shared.checkpoints.is_some() {
+        if self.version >= 2 && self.shared.checkpoints.is_some() {
             // As MirrorMaker 2 creates it: one partition (MirrorClient reads partition 0),
             // compacted (the latest checkpoint per group and partition).
             self.ensure_topic(&checkpoints_topic(&self.site), 1, &[("cleanup.policy", "compact")]).await?;
         }
         for (p, remote) in &new {
-            self.ensure_topic(remote, p.partitions, &[]).await?;
+            // A compacted gateway topic's remote copy is created compacted, with its settings.
+            let configs = self.topic_configs.get(&p.topic).cloned().unwrap_or_default();
+            let extra: Vec<(&str, &str)> = configs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            self.ensure_topic(remote, p.partitions, &extra).await?;
         }
         let wanted: Vec<(String, i32, String)> =
             new.iter().map(|(p, remote)| (remote.clone(), p.partition, p.topic.clone())).collect();
@@ -963,7 +996,9 @@ impl Session {
     }
 
     /// Creates the remote topic with at least `partitions` partitions (`extra`: topic configs
-    /// beside `kafka.topic_config`).
+    /// beside `kafka.topic_config`, winning over it for the keys both name). A topic that existed
+    /// is not altered: if `extra` names a `cleanup.policy` it does not have, a warning says so
+    /// and `remote_policy_mismatches` counts it.
     async fn ensure_topic(&mut self, remote: &str, partitions: i32, extra: &[(&str, &str)]) -> Result<(), CloudError> {
         if self.ready_topics.get(remote).is_some_and(|n| *n >= partitions) {
             return Ok(());
@@ -973,7 +1008,9 @@ impl Session {
         let rf = TopicReplication::Fixed(self.shared.cfg.kafka.replication_factor);
         let mut topic = NewTopic::new(remote, partitions, rf);
         for (k, v) in &self.shared.cfg.kafka.topic_config {
-            topic = topic.set(k, v);
+            if !extra.iter().any(|(e, _)| e == k) {
+                topic = topic.set(k, v);
+            }
         }
         for (k, v) in extra {
             topic = topic.set(k, v);
@@ -991,6 +1028,9 @@ impl Session {
         // even while metadata (which a multi-broker cluster propagates after creation) does not
         // show it yet: asking to grow it then fails with InvalidPartitions.
         let have = if existed { self.remote_partitions(remote).await? } else { partitions };
+        if let (true, Some((_, policy))) = (existed, extra.iter().find(|(k, _)| *k == "cleanup.policy")) {
+            self.check_policy(remote, policy, &opts).await?;
+        }
         if !existed {
             // Reading or writing it before its leaders are known fails (UnknownPartition,
             // NotLeaderForPartition), which would end this session.
@@ -1008,6 +1048,23 @@ impl Session {
             tracing::info!(topic = %remote, from = have, to = partitions, "remote topic grown");
         }
         self.ready_topics.insert(remote.to_string(), partitions);
+        Ok(())
+    }
+
+    /// Compares an existing remote topic's `cleanup.policy` with the gateway's (`want`): a
+    /// difference is the central cluster owners' to resolve, so it is only reported.
+    async fn check_policy(&self, remote: &str, want: &str, opts: &AdminOptions) -> Result<(), CloudError> {
+        let described = self.shared.admin.describe_configs([&ResourceSpecifier::Topic(remote)], opts).await?;
+        let have = match described.into_iter().next() {
+            Some(Ok(resource)) => resource.get("cleanup.policy").and_then(|e| e.value.clone()),
+            Some(Err(code)) => return Err(CloudError::KafkaCode(code)),
+            None => None,
+        };
+        if !have.as_deref().is_some_and(|h| same_policy(h, want)) {
+            self.shared.stats.remote_policy_mismatches.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(site = %self.site, topic = %remote, remote_policy = ?have, gateway_policy = %want,
+                "remote topic exists with another cleanup.policy than the gateway's: left as it is");
+        }
         Ok(())
     }
 
@@ -1052,6 +1109,19 @@ impl Session {
         .await
         .map_err(|e| CloudError::Refused(format!("metadata task: {e}")))?
     }
+}
+
+/// Whether two `cleanup.policy` values name the same policies (`compact,delete` is
+/// `delete,compact`).
+fn same_policy(a: &str, b: &str) -> bool {
+    let set = |s: &str| {
+        let mut v: Vec<String> =
+            s.split(',').map(|p| p.trim().to_ascii_lowercase()).filter(|p| !p.is_empty()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    set(a) == set(b)
 }
 
 /// A partition's watermarks, asked again while its leader is not known or moving (a leader

@@ -2,8 +2,9 @@
 //! partitions, streams stored batches from where the cloud says (one stream per partition,
 //! within the credit the cloud grants and the bandwidth cap), marks gaps left by retention, and
 //! stores what the cloud confirms as mirrored; sends consumer groups' committed offsets of mirrored
-//! partitions (latest per group and partition, once the records below them are sent) when the
-//! cloud speaks protocol version 2. Reconnects with backoff and jitter.
+//! partitions (latest per group and partition, once the records below them are sent) and the
+//! compacted topics' settings when the cloud speaks protocol version 2. Reconnects with backoff
+//! and jitter.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -22,8 +23,9 @@ use crate::config::MirrorConfig;
 use crate::core::{Backoff, TokenBucket};
 use crate::drain::{DrainEstimate, DrainWindow, Sample};
 use crate::protocol::{
-    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, ALPN_V2, GROUP_ID_BYTES_MAX,
-    OFFSETS_PER_FRAME_MAX, TOPIC_BYTES_MAX,
+    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, ALPN_V2,
+    GROUP_ID_BYTES_MAX, MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, TOPIC_BYTES_MAX, TOPIC_CONFIGS_PER_FRAME_MAX,
+    TOPIC_CONFIG_VALUE_BYTES_MAX,
 };
 use crate::tls::{self, TlsError};
 
@@ -564,6 +566,37 @@ fn report(cfg: &MirrorConfig, store: &Store) -> Vec<PartitionReport> {
     out
 }
 
+/// The settings of the compacted topics among `reported` (version 2's `TopicConfigs`), in
+/// frames of at most `TOPIC_CONFIGS_PER_FRAME_MAX` topics.
+fn topic_settings(store: &Store, reported: &[PartitionReport]) -> Vec<TopicSettings> {
+    let mut out: Vec<TopicSettings> = Vec::new();
+    for p in reported {
+        if out.last().is_some_and(|t| t.topic == p.topic) {
+            continue;
+        }
+        let Some(info) = store.topic(&p.topic) else { continue };
+        if !info.config.compacted() {
+            continue;
+        }
+        let configs = MIRRORED_TOPIC_CONFIGS
+            .iter()
+            .filter_map(|k| info.config.get(k).map(|v| (k.to_string(), v)))
+            .filter(|(_, v)| v.len() <= TOPIC_CONFIG_VALUE_BYTES_MAX)
+            .collect();
+        out.push(TopicSettings { topic: p.topic.clone(), configs });
+    }
+    out
+}
+
+/// The frames that announce `settings` (none when empty).
+fn topic_settings_frames(settings: &[TopicSettings]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in settings.chunks(TOPIC_CONFIGS_PER_FRAME_MAX) {
+        out.extend_from_slice(&Control::TopicConfigs(chunk.to_vec()).encode());
+    }
+    out
+}
+
 async fn stream_session(
     cfg: &MirrorConfig,
     conn: &quinn::Connection,
@@ -574,6 +607,10 @@ async fn stream_session(
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&Control::Hello { site: cfg.site.clone() }.encode()).await?;
     let mut reported = report(cfg, store);
+    // Compacted topics' settings (version 2 only), ahead of the partitions that need them.
+    let v2 = tls::negotiated_alpn(conn).as_deref() == Some(ALPN_V2);
+    let mut settings = if v2 { topic_settings(store, &reported) } else { Vec::new() };
+    send.write_all(&topic_settings_frames(&settings)).await?;
     send.write_all(&Control::Partitions(reported.clone()).encode()).await?;
     let mut credits: HashMap<(String, i32), Arc<Credit>> = HashMap::new();
     let mut senders = JoinSet::new();
@@ -581,7 +618,7 @@ async fn stream_session(
     let mut buf = vec![0u8; 16 * 1024];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // Committed offsets go only to a receiver that speaks version 2.
-    let offsets_on = tls::negotiated_alpn(conn).as_deref() == Some(ALPN_V2);
+    let offsets_on = v2;
     if offsets_on {
         stats.commits.resend_all();
     }
@@ -626,7 +663,10 @@ async fn stream_session(
                             stats.changed();
                         }
                         Control::Refused { reason } => return Err(MirrorError::Refused(reason)),
-                        Control::Hello { .. } | Control::Partitions(_) | Control::Offsets(_) => {
+                        Control::Hello { .. }
+                        | Control::Partitions(_)
+                        | Control::Offsets(_)
+                        | Control::TopicConfigs(_) => {
                             return Err(ProtocolError::Unexpected("gateway-side").into());
                         }
                     }
@@ -663,6 +703,13 @@ async fn stream_session(
                 // New topics or partitions (and moved extents, for the cloud's lag view).
                 let now = report(cfg, store);
                 if now != reported {
+                    if v2 {
+                        let fresh = topic_settings(store, &now);
+                        if fresh != settings {
+                            send.write_all(&topic_settings_frames(&fresh)).await?;
+                            settings = fresh;
+                        }
+                    }
                     send.write_all(&Control::Partitions(now.clone()).encode()).await?;
                     reported = now;
                 }

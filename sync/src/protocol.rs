@@ -10,7 +10,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub const ALPN: &[u8] = b"tributary-mirror/1";
 
 /// ALPN of version 2: version 1 plus the `Offsets` control frame (committed consumer-group
-/// offsets, gateway to cloud).
+/// offsets, gateway to cloud) and the `TopicConfigs` frame (compacted topics' settings).
 pub const ALPN_V2: &[u8] = b"tributary-mirror/2";
 
 /// The versions both ends offer, newest first. TLS picks one both speak, so a new gateway and an
@@ -24,6 +24,23 @@ pub const OFFSETS_PER_FRAME_MAX: usize = 512;
 /// The longest consumer-group id carried (bytes); a longer group's offsets are not mirrored.
 /// With `OFFSETS_PER_FRAME_MAX` this keeps an `Offsets` frame under the control stream's 1 MiB.
 pub const GROUP_ID_BYTES_MAX: usize = 1024;
+
+/// Topics in one `TopicConfigs` frame at most (the gateway sends more in several frames).
+pub const TOPIC_CONFIGS_PER_FRAME_MAX: usize = 256;
+
+/// The topic settings a `TopicConfigs` frame may carry: the cleanup policy and compaction's
+/// settings. Retention (`retention.ms`, `retention.bytes`) is not among them: how long the
+/// centre keeps data is the central cluster's owners' choice (`kafka.topic_config`).
+pub const MIRRORED_TOPIC_CONFIGS: [&str; 5] = [
+    "cleanup.policy",
+    "delete.retention.ms",
+    "min.compaction.lag.ms",
+    "max.compaction.lag.ms",
+    "min.cleanable.dirty.ratio",
+];
+
+/// The longest value of a mirrored topic setting (bytes; an i64 in decimal is 20).
+pub const TOPIC_CONFIG_VALUE_BYTES_MAX: usize = 32;
 
 /// The longest topic name (Kafka's limit).
 pub const TOPIC_BYTES_MAX: usize = 249;
@@ -71,6 +88,14 @@ pub struct CommittedOffset {
     pub commit_time_ms: i64,
 }
 
+/// A mirrored topic's settings as the gateway has them (names from `MIRRORED_TOPIC_CONFIGS`,
+/// each at most once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSettings {
+    pub topic: String,
+    pub configs: Vec<(String, String)>,
+}
+
 /// A frame of the control stream, either direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
@@ -90,6 +115,10 @@ pub enum Control {
     /// partitions, each sent once the records below it have been sent on its data stream; at most
     /// `OFFSETS_PER_FRAME_MAX`, group ids at most `GROUP_ID_BYTES_MAX`.
     Offsets(Vec<CommittedOffset>),
+    /// Gateway (version 2 only), before the `Partitions` frame that first names them: the
+    /// settings of its compacted mirrored topics, so the remote topics are created compacted
+    /// too. At most `TOPIC_CONFIGS_PER_FRAME_MAX` topics; names from `MIRRORED_TOPIC_CONFIGS`.
+    TopicConfigs(Vec<TopicSettings>),
 }
 
 /// A frame of a data stream (gateway to cloud, one stream per partition).
@@ -110,6 +139,7 @@ const CREDIT: u8 = 4;
 const MIRRORED: u8 = 5;
 const REFUSED: u8 = 6;
 const OFFSETS: u8 = 7;
+const TOPIC_CONFIGS: u8 = 8;
 const OPEN: u8 = 16;
 const BATCH: u8 = 17;
 const GAP: u8 = 18;
@@ -131,6 +161,15 @@ fn frame(kind: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
 }
 
 impl Control {
+    /// The protocol version that introduced this frame: a session of an older version neither
+    /// sends it nor accepts it.
+    pub fn version(&self) -> u8 {
+        match self {
+            Control::Offsets(_) | Control::TopicConfigs(_) => 2,
+            _ => 1,
+        }
+    }
+
     pub fn encode(&self) -> Bytes {
         match self {
             Control::Hello { site } => frame(HELLO, |b| put_str(b, site)),
@@ -168,6 +207,17 @@ impl Control {
                     b.put_i32(o.partition);
                     b.put_i64(o.offset);
                     b.put_i64(o.commit_time_ms);
+                }
+            }),
+            Control::TopicConfigs(list) => frame(TOPIC_CONFIGS, |b| {
+                b.put_u32(list.len() as u32);
+                for t in list {
+                    put_str(b, &t.topic);
+                    b.put_u8(t.configs.len().min(u8::MAX as usize) as u8);
+                    for (k, v) in t.configs.iter().take(u8::MAX as usize) {
+                        put_str(b, k);
+                        put_str(b, v);
+                    }
                 }
             }),
         }
@@ -235,6 +285,36 @@ impl Control {
                 }
                 Control::Offsets(list)
             }
+            TOPIC_CONFIGS => {
+                let n = get_u32(b, "topic configs")? as usize;
+                // Each entry takes at least 3 bytes; the count is checked against the limit and
+                // what arrived before anything is allocated from it.
+                if n > TOPIC_CONFIGS_PER_FRAME_MAX || n > b.remaining() / 3 {
+                    return Err(ProtocolError::Malformed("topic configs"));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let topic = get_str(b, "topic configs")?;
+                    let k = get_u8(b, "topic configs")? as usize;
+                    if topic.len() > TOPIC_BYTES_MAX || k > MIRRORED_TOPIC_CONFIGS.len() {
+                        return Err(ProtocolError::Malformed("topic configs"));
+                    }
+                    let mut configs: Vec<(String, String)> = Vec::with_capacity(k);
+                    for _ in 0..k {
+                        let name = get_str(b, "topic configs")?;
+                        let value = get_str(b, "topic configs")?;
+                        if !MIRRORED_TOPIC_CONFIGS.contains(&name.as_str())
+                            || value.len() > TOPIC_CONFIG_VALUE_BYTES_MAX
+                            || configs.iter().any(|(n, _)| *n == name)
+                        {
+                            return Err(ProtocolError::Malformed("topic configs"));
+                        }
+                        configs.push((name, value));
+                    }
+                    list.push(TopicSettings { topic, configs });
+                }
+                Control::TopicConfigs(list)
+            }
             OPEN | BATCH | GAP => return Err(ProtocolError::Unexpected("data")),
             other => return Err(ProtocolError::UnknownType(other)),
         };
@@ -273,7 +353,7 @@ impl Data {
             OPEN => Data::Open { topic: get_str(b, "open")?, partition: get_i32(b, "open")? },
             BATCH => return Ok(Data::Batch(body)),
             GAP => Data::Gap { from: get_i64(b, "gap")?, to: get_i64(b, "gap")? },
-            HELLO..=OFFSETS => return Err(ProtocolError::Unexpected("control")),
+            HELLO..=TOPIC_CONFIGS => return Err(ProtocolError::Unexpected("control")),
             other => return Err(ProtocolError::UnknownType(other)),
         };
         if b.has_remaining() {
@@ -302,6 +382,7 @@ macro_rules! getter {
         }
     };
 }
+getter!(get_u8, u8, get_u8);
 getter!(get_u16, u16, get_u16);
 getter!(get_u32, u32, get_u32);
 getter!(get_i32, i32, get_i32);
@@ -397,6 +478,22 @@ mod tests {
                 CommittedOffset { group: "a.b".into(), topic: "c".into(), partition: 0, offset: 0, commit_time_ms: 1 },
                 CommittedOffset { group: "a".into(), topic: "b.c".into(), partition: 0, offset: 1, commit_time_ms: 1 },
             ]),
+            Control::TopicConfigs(vec![
+                TopicSettings {
+                    topic: "mqtt.retained".into(),
+                    configs: vec![
+                        ("cleanup.policy".into(), "compact".into()),
+                        ("delete.retention.ms".into(), "86400000".into()),
+                        ("min.compaction.lag.ms".into(), "0".into()),
+                        ("max.compaction.lag.ms".into(), i64::MAX.to_string()),
+                        ("min.cleanable.dirty.ratio".into(), "0.5".into()),
+                    ],
+                },
+                TopicSettings {
+                    topic: "state".into(),
+                    configs: vec![("cleanup.policy".into(), "compact,delete".into())],
+                },
+            ]),
         ]
     }
 
@@ -482,6 +579,63 @@ mod tests {
         let mut d = Decoder::new(100);
         d.feed(&[0, 0, 0, 5, OFFSETS, 0, 0, 0, 100]);
         assert_eq!(d.next_control(), Err(ProtocolError::Malformed("offsets")));
+    }
+
+    #[test]
+    fn topic_configs_frames_are_bounded_and_carry_only_compaction_settings() {
+        let settings = |topic: String, configs: Vec<(&str, String)>| TopicSettings {
+            topic,
+            configs: configs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        };
+        let all = |topic: String| {
+            settings(
+                topic,
+                MIRRORED_TOPIC_CONFIGS.iter().map(|k| (*k, "9".repeat(TOPIC_CONFIG_VALUE_BYTES_MAX))).collect(),
+            )
+        };
+        // The largest frame the gateway makes fits the control stream's 1 MiB decoder.
+        let big =
+            Control::TopicConfigs((0..TOPIC_CONFIGS_PER_FRAME_MAX).map(|_| all("t".repeat(TOPIC_BYTES_MAX))).collect());
+        let mut d = Decoder::new(1 << 20);
+        d.feed(&big.encode());
+        assert_eq!(d.next_control(), Ok(Some(big)));
+        for bad in [
+            // One topic too many.
+            Control::TopicConfigs((0..=TOPIC_CONFIGS_PER_FRAME_MAX).map(|_| all("t".into())).collect()),
+            // A topic name over Kafka's limit.
+            Control::TopicConfigs(vec![all("t".repeat(TOPIC_BYTES_MAX + 1))]),
+            // Retention is the centre's to choose, and other settings are not carried.
+            Control::TopicConfigs(vec![settings("t".into(), vec![("retention.ms", "-1".into())])]),
+            Control::TopicConfigs(vec![settings("t".into(), vec![("min.insync.replicas", "1".into())])]),
+            // A value too long, a setting twice.
+            Control::TopicConfigs(vec![settings(
+                "t".into(),
+                vec![("cleanup.policy", "c".repeat(TOPIC_CONFIG_VALUE_BYTES_MAX + 1))],
+            )]),
+            Control::TopicConfigs(vec![settings(
+                "t".into(),
+                vec![("cleanup.policy", "compact".into()), ("cleanup.policy", "delete".into())],
+            )]),
+        ] {
+            let mut d = Decoder::new(1 << 20);
+            d.feed(&bad.encode());
+            assert_eq!(d.next_control(), Err(ProtocolError::Malformed("topic configs")), "{bad:?}");
+        }
+        // A count claiming more topics than the bytes that came, and more settings than exist.
+        let mut d = Decoder::new(100);
+        d.feed(&[0, 0, 0, 5, TOPIC_CONFIGS, 0, 0, 0, 100]);
+        assert_eq!(d.next_control(), Err(ProtocolError::Malformed("topic configs")));
+        let mut d = Decoder::new(100);
+        d.feed(&[0, 0, 0, 9, TOPIC_CONFIGS, 0, 0, 0, 1, 0, 1, b't', 6]);
+        assert_eq!(d.next_control(), Err(ProtocolError::Malformed("topic configs")));
+    }
+
+    #[test]
+    fn version_2_frames_are_marked_as_such() {
+        for c in controls() {
+            let want = if matches!(c, Control::Offsets(_) | Control::TopicConfigs(_)) { 2 } else { 1 };
+            assert_eq!(c.version(), want, "{c:?}");
+        }
     }
 
     #[test]

@@ -1006,3 +1006,60 @@ async fn a_site_s_streams_cannot_make_the_receiver_buffer_more_than_its_limit() 
     counter("buffers given back", || cloud.stats.buffered_bytes.load(Ordering::Relaxed) == 0).await;
     cloud.stop().await;
 }
+
+/// Issue 17: the `TopicConfigs` frame belongs to protocol version 2. A version-1 site that sends
+/// it is refused (a version-1 gateway never does: it does not know the frame).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_configs_on_a_version_1_session_are_refused() {
+    use tributary_sync::protocol::{Control, TopicSettings, ALPN};
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+    let cert = pki.site("site", SITE, None);
+    let (_endpoint, conn) = raw_site_with(&pki, cloud.addr, &cert, &[ALPN]).await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+    send.write_all(&Control::Hello { site: SITE.into() }.encode()).await.expect("hello");
+    let settings = TopicSettings { topic: "state".into(), configs: vec![("cleanup.policy".into(), "compact".into())] };
+    send.write_all(&Control::TopicConfigs(vec![settings]).encode()).await.expect("topic configs");
+    let reason = refusal(&conn, &mut recv).await.unwrap_or_else(|| closed_now(&conn));
+    assert!(reason.contains("unexpected"), "{reason}");
+    cloud.stop().await;
+}
+
+/// Issue 17: a compacted gateway topic whose remote topic already exists with another policy
+/// (the data team's topic) is mirrored into it as it is, not altered, and the receiver counts
+/// the mismatch; a compacted topic whose remote topic is new gets it compacted (over
+/// `kafka.topic_config`'s `cleanup.policy=delete`), also on a Tributary central cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_remote_topic_with_another_policy_is_left_as_it_is_and_counted() {
+    use tributary_broker::storage::CleanupPolicy;
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let gateway = KafkaBroker::start().await;
+    let mut compacted = TopicConfig::default();
+    compacted.set("cleanup.policy", Some("compact")).expect("policy");
+    compacted.set("min.compaction.lag.ms", Some("1000")).expect("lag");
+    for topic in ["state", "fresh"] {
+        gateway.store.create_topic(topic, 1, compacted.clone()).await.expect("topic");
+        produce(&gateway.store, topic, 0, 20).await;
+    }
+    central.store.create_topic("plant-7.state", 1, TopicConfig::default()).await.expect("the data team's topic");
+    // cloud.toml asks for delete: the compacted topic's own policy wins.
+    let mut ccfg = cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr"));
+    ccfg.kafka.topic_config.insert("cleanup.policy".into(), "delete".into());
+    let cloud = Cloud::start(ccfg);
+    let mut cfg = mirror_config(&pki, cloud.addr, pki.site("site", SITE, None));
+    cfg.topics = vec!["state".into(), "fresh".into()];
+    let mirror = Mirror::start(cfg, &gateway.store);
+    mirror.until("mirrored", 60, |_| caught_up(&gateway.store, &["state", "fresh"])).await;
+    assert_mirrored(&gateway.store, &central.store, "state");
+    assert_mirrored(&gateway.store, &central.store, "fresh");
+    assert_eq!(cloud.stats.remote_policy_mismatches.load(Ordering::Relaxed), 1);
+    let existing = central.store.topic("plant-7.state").expect("remote");
+    assert_eq!(existing.config.cleanup_policy, CleanupPolicy::Delete, "not altered");
+    let fresh = central.store.topic("plant-7.fresh").expect("remote");
+    assert_eq!(fresh.config.cleanup_policy, CleanupPolicy::Compact);
+    assert_eq!(fresh.config.min_compaction_lag_ms, 1000);
+    mirror.stop().await;
+    cloud.stop().await;
+}

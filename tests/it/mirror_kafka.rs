@@ -322,3 +322,126 @@ async fn a_fresh_remote_topic_on_a_single_broker_does_not_drop_the_session() {
     drop(receiver);
     tokio::task::block_in_place(|| cluster.stop()).expect("the cluster stops cleanly");
 }
+
+/// The remote topic's settings as the broker describes them (DescribeConfigs).
+async fn remote_config(cluster: &KafkaCluster, topic: &str, key: &str) -> Option<String> {
+    let admin: AdminClient<DefaultClientContext> = client_config(&cluster.bootstrap()).create().expect("admin");
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+        .await
+        .expect("describe configs");
+    let resource = described.into_iter().next().expect("one resource").expect("described");
+    resource.get(key).and_then(|e| e.value.clone())
+}
+
+/// Issue 17: a compacted gateway topic (a user's, and `mqtt.retained` with a retained MQTT
+/// publish) is mirrored into a remote topic created compacted, with the gateway topic's
+/// compaction settings winning over `kafka.topic_config` for those keys (which here says
+/// `cleanup.policy=delete`), the rest of `kafka.topic_config` (`retention.ms`) kept; a plain
+/// topic's remote copy is as `kafka.topic_config` says. The user's topic was compacted on the
+/// gateway before the mirror started (offset holes at its start and in the middle): every
+/// surviving record arrives once, in order, with its provenance (source offsets with the holes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_topics_are_mirrored_into_compacted_remote_topics_with_their_holes() {
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use tributary_broker::mqtt::routes::RETAINED_TOPIC;
+    use tributary_broker::storage::batch::NewRecord;
+    use tributary_sync::protocol::MIRRORED_TOPIC_CONFIGS;
+
+    let cluster = tokio::task::block_in_place(|| KafkaCluster::start(KafkaOptions::default()))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = KafkaBroker::start_with_mqtt(tributary_broker::mqtt::MqttConfig::default()).await;
+
+    // A retained MQTT publish lands in mqtt.retained.
+    let (publ, mut prx) = crate::mqtt5::client5(&gateway, "meter-7");
+    publ.publish("meters/7/state", Q5::AtLeastOnce, true, r#"{"kwh":12}"#).await.expect("publish");
+    crate::mqtt::next(&mut prx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+    let _ = publ.disconnect().await;
+
+    // A user's compacted topic, compacted eagerly, with its own compaction settings.
+    let mut compacted = TopicConfig::default();
+    for (k, v) in [
+        ("cleanup.policy", "compact"),
+        ("min.cleanable.dirty.ratio", "0.01"),
+        ("delete.retention.ms", "4000"),
+        ("max.compaction.lag.ms", "3600000"),
+    ] {
+        compacted.set(k, Some(v)).expect("topic setting");
+    }
+    gateway.store.create_topic("state", 1, compacted).await.expect("state");
+    gateway.store.create_topic("plain", 1, TopicConfig::default()).await.expect("plain");
+    produce(&gateway.store, "plain", 0, 20).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let rec = |key: &str, i: i64| {
+        let mut r = NewRecord::new(Some(Bytes::from(key.to_string())), Bytes::from(format!("{key}@{i}")));
+        r.headers = vec![("unit".into(), Some(Bytes::from_static(b"kWh")))];
+        r.timestamp_ms = Some(now - 1000 + i);
+        r
+    };
+    // Offsets 0..10: k0..k9; 10..14: k0, k1, k3, k9 again; 14: k5 again; 15: the active tail.
+    // Compaction removes 0, 1, 3, 5 and 9: holes at the start, inside the first batch and
+    // between batches.
+    let rounds: [Vec<&str>; 4] = [
+        vec!["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"],
+        vec!["k0", "k1", "k3", "k9"],
+        vec!["k5"],
+        vec!["end"],
+    ];
+    let mut i = 0;
+    for round in rounds {
+        let batch = round
+            .iter()
+            .map(|k| {
+                i += 1;
+                rec(k, i)
+            })
+            .collect();
+        gateway.store.append_records("state", 0, batch).await.expect("append");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while gateway.store.stats().compaction_removed_records < 5 {
+        assert!(std::time::Instant::now() < deadline, "compaction: {:?}", gateway.store.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gateway.store.stats().compaction_removed_records, 5);
+    let survivors: Vec<i64> = crate::support::read_all(&gateway.store, "state", 0).iter().map(|r| r.offset).collect();
+    assert_eq!(survivors, [2, 4, 6, 7, 8, 10, 11, 12, 13, 14, 15], "holes at 0, 1, 3, 5 and 9");
+
+    // cloud.toml asks for delete and a retention: the compacted topics' own policy wins.
+    let receiver = Receiver::start_configured(&pki, &cluster.bootstrap(), dir.path(), 1, |cfg| {
+        cfg.kafka.topic_config.insert("cleanup.policy".into(), "delete".into());
+        cfg.kafka.topic_config.insert("retention.ms".into(), "86400000".into());
+    });
+    let mut mcfg = mirror_config(&pki, receiver.addr, pki.site("site", SITE, None));
+    mcfg.topics = vec!["state".into(), "plain".into(), RETAINED_TOPIC.into()];
+    let mirror = Mirror::start(mcfg, &gateway.store);
+    mirror.until("mirrored", 90, |_| caught_up(&gateway.store, &["state", "plain", RETAINED_TOPIC])).await;
+
+    for topic in ["state", RETAINED_TOPIC] {
+        let remote = format!("{SITE}.{topic}");
+        let info = gateway.store.topic(topic).expect("topic");
+        for key in MIRRORED_TOPIC_CONFIGS {
+            let want = info.config.get(key);
+            assert_eq!(remote_config(&cluster, &remote, key).await, want, "{remote}: {key} as on the gateway");
+        }
+        assert_eq!(remote_config(&cluster, &remote, "retention.ms").await.as_deref(), Some("86400000"));
+        assert_in_kafka(&cluster, &gateway.store, topic);
+    }
+    assert_eq!(remote_config(&cluster, "plant-7.state", "cleanup.policy").await.as_deref(), Some("compact"));
+    assert_eq!(remote_config(&cluster, "plant-7.state", "min.cleanable.dirty.ratio").await.as_deref(), Some("0.01"));
+    assert_eq!(remote_config(&cluster, "plant-7.plain", "cleanup.policy").await.as_deref(), Some("delete"));
+    assert_eq!(remote_config(&cluster, "plant-7.plain", "retention.ms").await.as_deref(), Some("86400000"));
+    assert_in_kafka(&cluster, &gateway.store, "plain");
+    // The centre holds the site's retained message, keyed by its MQTT topic.
+    let retained = read_kafka(&cluster.bootstrap(), &format!("{SITE}.{RETAINED_TOPIC}"), 0);
+    assert_eq!(retained.len(), 1);
+    assert_eq!(retained[0].key.as_deref(), Some(&b"meters/7/state"[..]));
+    assert_eq!(retained[0].value.as_deref(), Some(&br#"{"kwh":12}"#[..]));
+
+    mirror.stop().await;
+    drop(receiver);
+    tokio::task::block_in_place(|| cluster.stop()).expect("the cluster stops cleanly");
+}
