@@ -103,6 +103,14 @@ pub struct Sources {
     pub aggregates: Vec<Arc<AggregateStats>>,
 }
 
+impl Sources {
+    /// The store alone: no listener, mirror, page or aggregator to read (tests).
+    #[cfg(test)]
+    pub fn store_only(store: Store) -> Self {
+        Self { store, kafka: None, mqtt: None, mirror: None, status: None, aggregates: Vec::new() }
+    }
+}
+
 /// A metric family being written: `# HELP`/`# TYPE` once, then samples.
 struct Out(String);
 
@@ -828,7 +836,7 @@ mod tests {
         let (store, _) = Store::open(storage).expect("open");
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
-        let src = Sources { store, kafka: None, mqtt: None, mirror: None, status: None, aggregates: Vec::new() };
+        let src = Sources::store_only(store);
         tokio::spawn(serve(l, cfg, src, status, tls, std::future::pending()));
         (addr, dir)
     }

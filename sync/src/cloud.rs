@@ -806,19 +806,18 @@ impl Session {
         }
     }
 
+    /// The session's partition links as they are now (the lock is not held across an await).
+    fn links_now(&self) -> Vec<((String, i32), Arc<Link>)> {
+        self.links.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     /// Writes a checkpoint for every waiting commit whose data is stored in the central cluster
     /// (never one ahead of it: see `checkpoint.rs`).
     async fn flush_checkpoints(&self) -> Result<(), CloudError> {
         let Some(producer) = &self.shared.checkpoints else { return Ok(()) };
         let stats = &self.shared.stats;
         let topic = checkpoints_topic(&self.site);
-        let links: Vec<((String, i32), Arc<Link>)> = self
-            .links
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let links = self.links_now();
         for ((source_topic, partition), link) in links {
             let ready: Vec<(String, i64, i64, i64)> = {
                 let mut commits = link.commits.lock().unwrap_or_else(PoisonError::into_inner);
@@ -874,13 +873,7 @@ impl Session {
 
     /// Credit due and progress to report.
     async fn send_updates(&self, send: &mut quinn::SendStream, tick: bool) -> Result<(), CloudError> {
-        let links: Vec<((String, i32), Arc<Link>)> = self
-            .links
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let links = self.links_now();
         let now = Instant::now();
         let mut out = Vec::new();
         for ((topic, partition), link) in links {

@@ -259,14 +259,7 @@ mod tests {
             ..Default::default()
         };
         let (store, _) = tributary_broker::Store::open(storage).expect("open");
-        let src = Sources {
-            store: store.clone(),
-            kafka: None,
-            mqtt: None,
-            mirror: None,
-            status: None,
-            aggregates: Vec::new(),
-        };
+        let src = Sources::store_only(store.clone());
         let get = |path: &str| {
             crate::http::parse_head(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes(), 1024)
                 .expect("valid")

@@ -341,14 +341,7 @@ mod tests {
             |v: &str| NewRecord { key: None, value: Some(v.to_string().into()), headers: vec![], timestamp_ms: None };
         store.append_records("meters", 1, vec![rec("a"), rec("b"), rec("c")]).await.expect("append");
         store.refusals().record(RefusalKind::Login, "mqtt", "10.0.0.9 user \"x\"", "wrong password");
-        let src = Sources {
-            store: store.clone(),
-            kafka: None,
-            mqtt: None,
-            mirror: None,
-            status: None,
-            aggregates: Vec::new(),
-        };
+        let src = Sources::store_only(store.clone());
         let mut history = History::new(10, 10);
         let (totals, lag) = sample_figures(&src);
         assert_eq!(totals["meters"], 3);
