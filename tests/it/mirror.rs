@@ -367,7 +367,7 @@ async fn a_sigkilled_and_restarted_receiver_is_noticed_at_the_next_packet_not_th
     topics(&gateway.store).await;
     produce(&gateway.store, "meters", 0, 300).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port();
+    let port = tributary_tests::free_udp_port().expect("free port");
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloud-under-test"));
     let mut receiver = tokio::task::block_in_place(|| {

@@ -65,7 +65,7 @@ impl Receiver {
         replicas: i32,
         tweak: impl FnOnce(&mut CloudConfig),
     ) -> Self {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port();
+        let port = tributary_tests::free_udp_port().expect("free port");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cfg = CloudConfig {
             listen: addr,

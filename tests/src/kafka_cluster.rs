@@ -185,7 +185,23 @@ impl KafkaCluster {
         Self::start_with(jars, opts)
     }
 
+    /// Starts on fresh ports and a fresh directory, again (up to three times in all) when a node
+    /// could not bind its port: another process on this machine may take a chosen port before
+    /// the JVM binds it, and that is the harness's race, not a test result.
     pub fn start_with(jars: KafkaJars, opts: KafkaOptions) -> anyhow::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(jars.clone(), opts.clone()) {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                    eprintln!("Kafka: a port was taken before a node bound it; starting again on others");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(jars: KafkaJars, opts: KafkaOptions) -> anyhow::Result<Self> {
         ensure!(opts.nodes >= 1, "a cluster needs a node");
         let begin = Instant::now();
         let mut builder = tempfile::Builder::new();

@@ -15,11 +15,52 @@ use std::time::{Duration, Instant};
 
 pub const MIB: f64 = 1024.0 * 1024.0;
 
-/// Free loopback ports, chosen once (so a child restarted later comes back on the same ones).
+/// Free loopback ports for a child process that binds them itself (Kafka, mosquitto), chosen
+/// once (so a child restarted later comes back on the same ones).
+///
+/// They come from below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`): a port
+/// taken from that range with `bind(0)` and released can be handed to any other test's outgoing
+/// connection as its local port before the child binds it ("Address already in use" in CI). Below
+/// the range only an explicit bind takes a port, so the remaining race is another test picking the
+/// same random port in the same instant, and each is checked bindable here.
 pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?)
+    below_ephemeral(n, |port| std::net::TcpListener::bind(("127.0.0.1", port)).map(|l| Box::new(l) as Box<dyn Send>))
+}
+
+/// A free loopback UDP port from below the ephemeral range, for a child (a QUIC receiver) that
+/// binds it itself: QUIC clients bind `0.0.0.0:0` and take theirs from the range.
+pub fn free_udp_port() -> anyhow::Result<u16> {
+    let ports = below_ephemeral(1, |port| {
+        std::net::UdpSocket::bind(("127.0.0.1", port)).map(|s| Box::new(s) as Box<dyn Send>)
+    })?;
+    Ok(ports[0])
+}
+
+fn below_ephemeral(n: usize, bind: impl Fn(u16) -> std::io::Result<Box<dyn Send>>) -> anyhow::Result<Vec<u16>> {
+    use rand::Rng;
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ephemeral_low = range.split_whitespace().next().and_then(|l| l.parse::<u16>().ok()).unwrap_or(32768);
+    // 20000.. keeps clear of the well-known and registered ports services here listen on.
+    let (low, high) = (20000u16, ephemeral_low.saturating_sub(1));
+    anyhow::ensure!(high > low + 1000, "ephemeral range starts at {ephemeral_low}: no room below it");
+    let mut rng = rand::rng();
+    let mut ports: Vec<u16> = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(n);
+    let mut tries = 0;
+    while ports.len() < n {
+        tries += 1;
+        anyhow::ensure!(tries < 10_000, "no {n} free ports in {low}..{high}");
+        let port = rng.random_range(low..=high);
+        if ports.contains(&port) {
+            continue;
+        }
+        // Held until all are chosen, so the same call cannot pick one twice.
+        if let Ok(socket) = bind(port) {
+            held.push(socket);
+            ports.push(port);
+        }
+    }
+    Ok(ports)
 }
 
 /// 4 KiB write + fdatasync per round, for `for_time`: the rate a durable commit cannot beat.

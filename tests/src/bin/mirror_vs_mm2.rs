@@ -269,7 +269,7 @@ async fn run_tributary(
     ca.write(&dir, "ca")?;
     certs::server_cert(&ca, &["localhost".to_string()], 2)?.write(&dir, "cloud")?;
     certs::site_cert(&ca, &site, 2)?.write(&dir, "site")?;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = tributary_tests::free_udp_port()?;
     let mut cfg = CloudConfig {
         listen: ([127, 0, 0, 1], port).into(),
         ca_file: dir.join("ca.pem"),
@@ -433,7 +433,7 @@ async fn run_mm2(
         "status.storage.replication.factor = 1".into(),
     ];
     if exactly_once {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = tributary_tests::free_ports(1)?[0];
         props.push("exactly.once.source.support = enabled".into());
         props.push("dedicated.mode.enable.internal.rest = true".into());
         props.push(format!("listeners = http://127.0.0.1:{port}"));

@@ -222,7 +222,7 @@ struct Broker {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(tributary_tests::free_ports(1)?[0])
 }
 
 /// Copies a child's log lines to our stderr (the first 20, then only a count).
