@@ -60,6 +60,14 @@ pub struct MirrorConfig {
     /// The window the drain rate and ETA are measured over (`drain.rs`): longer is steadier,
     /// shorter follows a changing link sooner.
     pub drain_window_ms: u64,
+    /// Mirrored topics whose fresh tail also goes to `{site}.{topic}.live` while a backlog
+    /// drains (`fresh.rs`); `*` = every mirrored topic. Empty: none.
+    pub fresh_topics: Vec<String>,
+    /// Records younger than this are fresh: during a backlog they go to the live topic at once.
+    pub fresh_age_ms: u64,
+    /// The live streams' share of `bandwidth_bytes_per_s_max` while a backlog drains (they go
+    /// first within it; the backlog gets the rest and whatever they leave unused).
+    pub fresh_share_percent: u8,
 }
 
 impl Default for MirrorConfig {
@@ -86,6 +94,9 @@ impl Default for MirrorConfig {
             offsets_tracked_max: 10_000,
             offsets_interval_ms: 100,
             drain_window_ms: 60_000,
+            fresh_topics: Vec::new(),
+            fresh_age_ms: 10_000,
+            fresh_share_percent: 50,
         }
     }
 }
@@ -153,12 +164,26 @@ impl MirrorConfig {
         if self.bandwidth_bytes_per_s_max != 0 {
             check_range(&key("bandwidth_bytes_per_s_max"), self.bandwidth_bytes_per_s_max, 1024, u64::MAX)?;
         }
+        check_range(&key("fresh_age_ms"), self.fresh_age_ms, 100, 86_400_000)?;
+        // Some share for the live streams, and at least a tenth of the cap for the backlog.
+        check_range(&key("fresh_share_percent"), self.fresh_share_percent.into(), 1, 90)?;
+        if let Some(t) = self.fresh_topics.iter().find(|t| t.as_str() != "*" && !self.mirrors(t)) {
+            return Err(ConfigError::new(
+                key("fresh_topics"),
+                format!("{t:?} is not a mirrored topic (mirror.topics)"),
+            ));
+        }
         Ok(())
     }
 
     /// Whether a log topic is mirrored.
     pub fn mirrors(&self, topic: &str) -> bool {
         !topic.starts_with("__") && self.topics.iter().any(|t| t == "*" || t == topic)
+    }
+
+    /// Whether a mirrored topic's fresh tail goes to its live topic during a backlog.
+    pub fn fresh(&self, topic: &str) -> bool {
+        self.mirrors(topic) && self.fresh_topics.iter().any(|t| t == "*" || t == topic)
     }
 
     /// The TLS name expected in the cloud's certificate.

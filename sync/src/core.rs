@@ -127,6 +127,11 @@ impl TokenBucket {
         Self { rate: rate as f64, burst: burst as f64, tokens: burst as f64, last: now }
     }
 
+    /// No cap (rate 0): every take is free.
+    pub fn unlimited(&self) -> bool {
+        self.rate <= 0.0
+    }
+
     /// Takes `n` bytes; returns how long to wait before sending them (zero: send now). The
     /// bucket may go into debt by one send, so a batch larger than the burst still passes.
     pub fn take(&mut self, n: u64, now: Instant) -> Duration {

@@ -3,8 +3,9 @@
 //! within the credit the cloud grants and the bandwidth cap), marks gaps left by retention, and
 //! stores what the cloud confirms as mirrored; sends consumer groups' committed offsets of mirrored
 //! partitions (latest per group and partition, once the records below them are sent) and the
-//! compacted topics' settings when the cloud speaks protocol version 2. Reconnects with backoff
-//! and jitter.
+//! compacted topics' settings when the cloud speaks protocol version 2; during a backlog, the
+//! fresh tail of `mirror.fresh_topics` on live streams ahead of it (`fresh.rs`). Reconnects with
+//! backoff and jitter.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -20,8 +21,9 @@ use tributary_log::clock::now_ms;
 use tributary_log::{Store, StoreError};
 
 use crate::config::MirrorConfig;
-use crate::core::{Backoff, TokenBucket};
+use crate::core::Backoff;
 use crate::drain::{DrainEstimate, DrainWindow, Sample};
+use crate::fresh::{self, Class, FreshTail, LinkShare, Step, Verdict};
 use crate::protocol::{
     CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, ALPN_V2,
     GROUP_ID_BYTES_MAX, MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, TOPIC_BYTES_MAX, TOPIC_CONFIGS_PER_FRAME_MAX,
@@ -80,6 +82,13 @@ pub struct MirrorStats {
     pub commits: CommitFeed,
     /// The backlog's drain windows, per topic and in total (sampled by `run`).
     drain: Mutex<DrainState>,
+    /// Fresh data first: stored batch bytes and batches sent on live streams, and the times a
+    /// live stream skipped to the fresh cutoff (it started behind it, or fell behind).
+    pub live_batch_bytes_sent: AtomicU64,
+    pub live_batches_sent: AtomicU64,
+    pub live_seeks: AtomicU64,
+    /// Live streams running now.
+    pub live_streams: AtomicU64,
 }
 
 /// The drain windows: one per mirrored topic and one for all together, all over
@@ -262,6 +271,20 @@ pub struct PartitionProgress {
     pub sent: AtomicI64,
     /// Everything below is in the central cluster.
     pub mirrored: AtomicI64,
+    /// The newest record timestamp of the batch the sender is on (`HEAD_NONE`: none, e.g. it is
+    /// caught up and waiting): how far behind the ordered stream is, for the live stream.
+    pub head_timestamp_ms: AtomicI64,
+}
+
+/// `PartitionProgress::head_timestamp_ms` when the sender is on no batch.
+const HEAD_NONE: i64 = i64::MAX;
+
+impl PartitionProgress {
+    /// The newest record timestamp of the batch the ordered stream is on, if any.
+    pub fn head_ms(&self) -> Option<i64> {
+        let h = self.head_timestamp_ms.load(Ordering::Relaxed);
+        (h != HEAD_NONE).then_some(h)
+    }
 }
 
 /// A partition's mirror lag at one moment.
@@ -456,9 +479,10 @@ pub async fn run(
         Duration::from_millis(cfg.reconnect_backoff_min_ms),
         Duration::from_millis(cfg.reconnect_backoff_max_ms),
     );
-    let bucket = Arc::new(Mutex::new(TokenBucket::new(
+    let bucket = Arc::new(Mutex::new(LinkShare::new(
         cfg.bandwidth_bytes_per_s_max,
         cfg.bandwidth_bytes_per_s_max.max(cfg.read_bytes_max),
+        cfg.fresh_share_percent,
         Instant::now(),
     )));
     tokio::pin!(shutdown);
@@ -508,7 +532,7 @@ async fn connect_and_stream(
     client: &quinn::ClientConfig,
     store: &Store,
     stats: &Arc<MirrorStats>,
-    bucket: &Arc<Mutex<TokenBucket>>,
+    bucket: &Arc<Mutex<LinkShare>>,
 ) -> Result<(), MirrorError> {
     let addr = resolve(&cfg.cloud).await?;
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
@@ -540,7 +564,9 @@ async fn connect_and_stream(
     result
 }
 
-/// The partitions this gateway mirrors, with their extents.
+/// The partitions this gateway mirrors, with their extents; then the live streams of the fresh
+/// topics among them (named `{topic}.live`, with the same extents), within the same
+/// `mirror.partitions_max`.
 fn report(cfg: &MirrorConfig, store: &Store) -> Vec<PartitionReport> {
     let mut out = Vec::new();
     for t in store.topics() {
@@ -563,7 +589,38 @@ fn report(cfg: &MirrorConfig, store: &Store) -> Vec<PartitionReport> {
             }
         }
     }
+    let live: Vec<PartitionReport> = out
+        .iter()
+        .filter(|p| cfg.fresh(&p.topic))
+        .filter_map(|p| {
+            let name = fresh::live_topic(&p.topic);
+            (live_source(cfg, store, &name).as_deref() == Some(p.topic.as_str()))
+                .then(|| PartitionReport { topic: name, ..p.clone() })
+        })
+        .collect();
+    for p in live {
+        if out.len() >= cfg.partitions_max as usize {
+            tracing::warn!(topic = %p.topic, partition = p.partition, "mirror.partitions_max reached: live stream not mirrored");
+            break;
+        }
+        out.push(p);
+    }
     out
+}
+
+/// The source topic of a live stream's name: `{topic}.live` of a fresh topic, unless a topic of
+/// that very name exists on the gateway (it is mirrored as itself; the fresh topic then has no
+/// live stream), or the name is longer than a topic name may be.
+fn live_source(cfg: &MirrorConfig, store: &Store, name: &str) -> Option<String> {
+    let source = name.strip_suffix(fresh::LIVE_SUFFIX)?;
+    if name.len() > TOPIC_BYTES_MAX || !cfg.fresh(source) || store.topic(source).is_none() {
+        return None;
+    }
+    if store.topic(name).is_some() {
+        tracing::warn!(topic = %source, "a topic named {name} exists: it is mirrored as itself, and {source} has no live stream");
+        return None;
+    }
+    Some(source.to_string())
 }
 
 /// The settings of the compacted topics among `reported` (version 2's `TopicConfigs`), in
@@ -602,7 +659,7 @@ async fn stream_session(
     conn: &quinn::Connection,
     store: &Store,
     stats: &Arc<MirrorStats>,
-    bucket: &Arc<Mutex<TokenBucket>>,
+    bucket: &Arc<Mutex<LinkShare>>,
 ) -> Result<(), MirrorError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&Control::Hello { site: cfg.site.clone() }.encode()).await?;
@@ -633,9 +690,26 @@ async fn stream_session(
                         Control::Start { topic, partition, offset } => {
                             let credit = Arc::new(Credit::default());
                             credits.insert((topic.clone(), partition), credit.clone());
+                            if let Some(source) = live_source(cfg, store, &topic) {
+                                let task = LiveSender {
+                                    conn: conn.clone(),
+                                    store: store.clone(),
+                                    name: topic,
+                                    topic: source,
+                                    partition,
+                                    credit,
+                                    read_bytes_max: cfg.read_bytes_max,
+                                    age_ms: cfg.fresh_age_ms,
+                                    stats: stats.clone(),
+                                    bucket: bucket.clone(),
+                                };
+                                senders.spawn(task.run(offset));
+                                continue;
+                            }
                             let progress = stats.progress(&topic, partition);
                             progress.started_at.store(offset, Ordering::Relaxed);
                             progress.sent.store(offset, Ordering::Relaxed);
+                            progress.head_timestamp_ms.store(HEAD_NONE, Ordering::Relaxed);
                             stats.changed();
                             let task = PartitionSender {
                                 conn: conn.clone(),
@@ -656,6 +730,11 @@ async fn stream_session(
                                 c.bytes.fetch_add(bytes.min(i64::MAX as u64) as i64, Ordering::Relaxed);
                                 c.more.notify_one();
                             }
+                        }
+                        Control::Mirrored { topic, partition, .. } if live_source(cfg, store, &topic).is_some() => {
+                            // A live stream's progress marks nothing on the gateway: the ordered
+                            // stream's marks alone let retention delete.
+                            tracing::trace!(%topic, partition, "live stream stored");
                         }
                         Control::Mirrored { topic, partition, offset } => {
                             store.set_archived(&topic, partition, offset).await?;
@@ -729,7 +808,7 @@ struct PartitionSender {
     read_bytes_max: u64,
     stats: Arc<MirrorStats>,
     progress: Arc<PartitionProgress>,
-    bucket: Arc<Mutex<TokenBucket>>,
+    bucket: Arc<Mutex<LinkShare>>,
 }
 
 impl PartitionSender {
@@ -758,6 +837,7 @@ impl PartitionSender {
                 continue;
             }
             if next >= wm.high_watermark {
+                self.progress.head_timestamp_ms.store(HEAD_NONE, Ordering::Relaxed);
                 if !watch.changed().await {
                     return Err(StoreError::UnknownTopic(self.topic.clone()).into());
                 }
@@ -783,10 +863,15 @@ impl PartitionSender {
             while !rest.is_empty() {
                 let h = BatchHeader::parse(&rest).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let batch = rest.split_to(h.total_len().min(rest.len()));
+                self.progress.head_timestamp_ms.store(h.max_timestamp.min(HEAD_NONE - 1), Ordering::Relaxed);
                 match outgoing(batch)? {
                     Data::Batch(batch) => {
                         let len = batch.len() as u64;
-                        let wait = self.bucket.lock().unwrap_or_else(PoisonError::into_inner).take(len, Instant::now());
+                        let wait = self.bucket.lock().unwrap_or_else(PoisonError::into_inner).take(
+                            Class::Ordered,
+                            len,
+                            Instant::now(),
+                        );
                         if !wait.is_zero() {
                             tokio::time::sleep(wait).await;
                         }
@@ -821,6 +906,139 @@ impl PartitionSender {
         self.stats.gap_records.fetch_add((to - from).max(0) as u64, Ordering::Relaxed);
         stream.write_all(&Data::Gap { from, to }.encode_header()).await?;
         Ok(())
+    }
+}
+
+/// Streams one partition's fresh tail on its live stream during a backlog (`fresh.rs` decides
+/// what; this reads and sends): stored batches as they are, within the live stream's own credit
+/// and the live share of the cap, at a QUIC priority above every ordered stream.
+struct LiveSender {
+    conn: quinn::Connection,
+    store: Store,
+    /// The stream's name (`{topic}.live`) and its source topic.
+    name: String,
+    topic: String,
+    partition: i32,
+    credit: Arc<Credit>,
+    read_bytes_max: u64,
+    age_ms: u64,
+    stats: Arc<MirrorStats>,
+    bucket: Arc<Mutex<LinkShare>>,
+}
+
+/// How often a live stream with nothing to send checks again whether a backlog began (new
+/// records wake it at once): a quarter of the fresh age, within 100 ms to 1 s.
+fn live_check_interval(age_ms: u64) -> Duration {
+    Duration::from_millis(age_ms / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+impl LiveSender {
+    async fn run(self, from: i64) -> Result<(), MirrorError> {
+        let mut stream = self.conn.open_uni().await?;
+        // Above urgent topics' ordered streams (1) and the rest (0): fresh data goes first.
+        let _ = stream.set_priority(2);
+        stream.write_all(&Data::Open { topic: self.name.clone(), partition: self.partition }.encode_header()).await?;
+        self.stats.live_streams.fetch_add(1, Ordering::Relaxed);
+        let result = self.pump(&mut stream, from).await;
+        self.stats.live_streams.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn pump(&self, stream: &mut quinn::SendStream, from: i64) -> Result<(), MirrorError> {
+        let ordered = self.stats.progress(&self.topic, self.partition);
+        let mut tail = FreshTail::new(self.age_ms, from);
+        let mut watch = self.store.watch(&self.topic, self.partition)?;
+        let check = live_check_interval(self.age_ms);
+        loop {
+            let credit = loop {
+                let notified = self.credit.more.notified();
+                let c = self.credit.bytes.load(Ordering::Relaxed);
+                if c > 0 {
+                    break c as u64;
+                }
+                notified.await;
+            };
+            let wm = self.store.watermarks(&self.topic, self.partition)?;
+            let sent = ordered.sent.load(Ordering::Relaxed);
+            let from = match tail.step(sent, wm.high_watermark, ordered.head_ms(), now_ms()) {
+                Step::Idle => {
+                    tokio::select! {
+                        alive = watch.changed() => if !alive {
+                            return Err(StoreError::UnknownTopic(self.topic.clone()).into());
+                        },
+                        () = tokio::time::sleep(check) => {}
+                    }
+                    continue;
+                }
+                Step::Read { from } => from,
+            };
+            let max = credit.min(self.read_bytes_max) as usize;
+            let (store, topic, partition) = (self.store.clone(), self.topic.clone(), self.partition);
+            let read = tokio::task::spawn_blocking(move || store.fetch(&topic, partition, from, max))
+                .await
+                .map_err(|e| MirrorError::Refused(format!("store read task: {e}")))?;
+            let fetched = match read {
+                Ok(f) => f,
+                Err(StoreError::OffsetOutOfRange { log_start_offset, high_watermark, .. }) => {
+                    tail.seek(Some(log_start_offset), high_watermark);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if fetched.data.is_empty() {
+                // Nothing stored from there to the high watermark read before (compaction holes).
+                tail.seek(Some(fetched.next_offset.max(wm.high_watermark)), wm.high_watermark);
+                continue;
+            }
+            let mut rest: Bytes = fetched.data;
+            while !rest.is_empty() {
+                let h = BatchHeader::parse(&rest).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let batch = rest.split_to(h.total_len().min(rest.len()));
+                if h.is_control() {
+                    // Offsets a crash lost: the ordered stream reports them; a preview skips them.
+                    tail.seek(Some(h.next_offset()), wm.high_watermark);
+                    continue;
+                }
+                let now = now_ms();
+                match tail.offer(
+                    h.base_offset,
+                    h.next_offset(),
+                    h.max_timestamp,
+                    ordered.sent.load(Ordering::Relaxed),
+                    now,
+                ) {
+                    Verdict::Send => {
+                        let len = batch.len() as u64;
+                        let wait = self.bucket.lock().unwrap_or_else(PoisonError::into_inner).take(
+                            Class::Live,
+                            len,
+                            Instant::now(),
+                        );
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                        stream.write_all(&Data::Batch(batch.clone()).encode_header()).await?;
+                        stream.write_chunk(batch).await?;
+                        self.credit.bytes.fetch_sub(len as i64, Ordering::Relaxed);
+                        self.stats.live_batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
+                        self.stats.live_batches_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Verdict::Seek { cutoff_ms } => {
+                        let (store, topic, partition) = (self.store.clone(), self.topic.clone(), self.partition);
+                        let found = tokio::task::spawn_blocking(move || {
+                            store.offset_for_timestamp(&topic, partition, cutoff_ms)
+                        })
+                        .await
+                        .map_err(|e| MirrorError::Refused(format!("store read task: {e}")))??;
+                        // Past this batch at least, whatever timestamps below it say.
+                        tail.seek(found.map(|(offset, _)| offset.max(h.next_offset())), wm.high_watermark);
+                        self.stats.live_seeks.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Verdict::Stop => break,
+                }
+            }
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Tributary's mirror of gateway topics to a central Kafka cluster over QUIC: the wire protocol,
-//! flow control, consumer-group offset translation and the drain estimate (sans-I/O), TLS and
+//! flow control, consumer-group offset translation, the drain estimate and fresh-data-first
+//! scheduling (sans-I/O), TLS and
 //! certificates, the gateway side, and (feature `cloud`) the `tributary-cloud` receiver that
 //! writes into Kafka.
 
@@ -10,6 +11,7 @@ pub mod config_file;
 pub mod congestion;
 pub mod core;
 pub mod drain;
+pub mod fresh;
 pub mod gateway;
 pub mod protocol;
 pub mod tls;
