@@ -17,6 +17,7 @@ mod kafka_hardening;
 mod kafka_protocol;
 mod mirror;
 mod mirror_checkpoints;
+mod mirror_fresh;
 mod mirror_kafka;
 mod mqtt;
 mod mqtt5;
