@@ -531,6 +531,31 @@ pub fn render(src: &Sources) -> String {
             "Gaps: unmirrored ranges deleted by retention.",
             m.gaps.load(Ordering::Relaxed),
         );
+        // Fresh data first (mirror.fresh_topics): the live streams' sends during a backlog.
+        o.one(
+            "tributary_mirror_live_batch_bytes_sent_total",
+            "counter",
+            "Stored batch bytes sent on live streams ({site}.{topic}.live: fresh records during a backlog).",
+            m.live_batch_bytes_sent.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_live_batches_sent_total",
+            "counter",
+            "Batches sent on live streams.",
+            m.live_batches_sent.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_live_seeks_total",
+            "counter",
+            "Times a live stream skipped to the records younger than mirror.fresh_age_ms.",
+            m.live_seeks.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_live_streams",
+            "gauge",
+            "Live streams running now.",
+            m.live_streams.load(Ordering::Relaxed),
+        );
         let (tracked, unsent) = m.commits.pending();
         o.one(
             "tributary_mirror_offsets_sent_total",

@@ -38,6 +38,9 @@ struct MirrorStatus {
     batch_bytes_sent: u64,
     wire_bytes_sent: u64,
     gaps: u64,
+    /// Fresh data first: live streams running, and the stored bytes they sent.
+    live_streams: u64,
+    live_batch_bytes_sent: u64,
     /// All topics together, then per topic: the drain over `mirror.drain_window_ms`.
     drain: DrainStatus,
     topics: BTreeMap<String, DrainStatus>,
@@ -98,6 +101,8 @@ fn parse(text: &str) -> Option<MirrorStatus> {
             "batch_bytes_sent_total" => s.batch_bytes_sent = v as u64,
             "wire_bytes_sent_total" => s.wire_bytes_sent = v as u64,
             "gaps_total" => s.gaps = v as u64,
+            "live_streams" => s.live_streams = v as u64,
+            "live_batch_bytes_sent_total" => s.live_batch_bytes_sent = v as u64,
             "lag_records" => parts.entry(key()).or_default().lag_records = v as i64,
             "lag_bytes" => parts.entry(key()).or_default().lag_bytes = v as u64,
             "oldest_unmirrored_age_seconds" => parts.entry(key()).or_default().oldest_unmirrored_age_s = v,
@@ -157,12 +162,14 @@ pub async fn run(command: MirrorCommand) -> anyhow::Result<()> {
     let format = if args.json { Format::Json } else { Format::Table };
     emit(format, &status, |s| {
         let mut out = format!(
-            "link {}   reconnects {}   sent {} bytes (wire {} bytes)   gaps {}\n\n",
+            "link {}   reconnects {}   sent {} bytes (wire {} bytes)   gaps {}   live streams {} (sent {} bytes)\n\n",
             if s.link_up { "up" } else { "DOWN" },
             s.reconnects,
             s.batch_bytes_sent,
             s.wire_bytes_sent,
-            s.gaps
+            s.gaps,
+            s.live_streams,
+            s.live_batch_bytes_sent,
         );
         let eta = |d: &DrainStatus| match (d.eta_s, d.backlog_records) {
             (Some(s), _) => format!("{:.0} s", s.ceil()),
@@ -206,9 +213,11 @@ mod tests {
         let text = "# HELP x\ntributary_mirror_link_up 1\ntributary_mirror_reconnects_total 3\n\
                     tributary_mirror_lag_records{topic=\"meters\",partition=\"2\"} 17\n\
                     tributary_mirror_mirrored_offset{topic=\"meters\",partition=\"2\"} 100\n\
+                    tributary_mirror_live_streams 2\ntributary_mirror_live_batch_bytes_sent_total 4096\n\
                     tributary_store_commits_total 5\n";
         let s = parse(text).expect("mirror metrics");
         assert!(s.link_up);
+        assert_eq!((s.live_streams, s.live_batch_bytes_sent), (2, 4096));
         assert_eq!(s.reconnects, 3);
         assert_eq!((s.partitions[0].topic.as_str(), s.partitions[0].partition), ("meters", 2));
         assert_eq!((s.partitions[0].lag_records, s.partitions[0].mirrored_offset), (17, 100));
