@@ -440,6 +440,35 @@ mod tests {
     }
 
     #[test]
+    fn fresh_keys_are_checked_by_name_and_fresh_topics_must_be_mirrored() {
+        let on = MirrorConfig {
+            enabled: true,
+            cloud: "cloud.example:7443".into(),
+            site: "plant-7".into(),
+            topics: vec!["meters".into(), "alarms".into()],
+            ..Default::default()
+        };
+        let key = |m: MirrorConfig| m.validate("mirror").err().map(|e| e.key);
+        assert_eq!(
+            key(MirrorConfig { fresh_share_percent: 0, ..on.clone() }).as_deref(),
+            Some("mirror.fresh_share_percent")
+        );
+        assert_eq!(
+            key(MirrorConfig { fresh_share_percent: 91, ..on.clone() }).as_deref(),
+            Some("mirror.fresh_share_percent")
+        );
+        assert_eq!(key(MirrorConfig { fresh_age_ms: 50, ..on.clone() }).as_deref(), Some("mirror.fresh_age_ms"));
+        let unmirrored = MirrorConfig { fresh_topics: vec!["local".into()], ..on.clone() };
+        assert_eq!(key(unmirrored).as_deref(), Some("mirror.fresh_topics"));
+        let m = MirrorConfig { fresh_topics: vec!["meters".into()], ..on.clone() };
+        assert!(m.validate("mirror").is_ok());
+        assert!(m.fresh("meters") && !m.fresh("alarms") && !m.fresh("local"));
+        let all = MirrorConfig { fresh_topics: vec!["*".into()], ..on };
+        assert!(all.fresh("alarms") && !all.fresh("local"), "\"*\": every mirrored topic, no other");
+        assert!(!MirrorConfig::default().fresh("meters"), "off by default");
+    }
+
+    #[test]
     fn topic_selection_and_naming() {
         let m = MirrorConfig { topics: vec!["meters".into()], ..Default::default() };
         assert!(m.mirrors("meters") && !m.mirrors("other"));
