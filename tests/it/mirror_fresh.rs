@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tributary_broker::storage::batch::StoredRecord;
-use tributary_broker::{Codec, Store, TopicConfig};
+use tributary_broker::{Codec, TopicConfig};
 use tributary_tests::link::{udp_proxy, Impairment};
+use tributary_tests::workload::{follow, percentile};
 use tributary_tests::SmartMeters;
 
 use crate::mirror::{assert_same_records, caught_up, cloud_config, mirror_config, Cloud, Mirror, Pki, SITE};
@@ -23,58 +24,6 @@ fn now_ms() -> i64 {
 
 fn header<'a>(r: &'a StoredRecord, name: &str) -> Option<&'a [u8]> {
     r.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref())
-}
-
-/// A live record seen at the centre: its source offset and its age when it was first seen.
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    offset: i64,
-    age_ms: i64,
-    at: Instant,
-}
-
-/// Follows a remote partition of `central` as records arrive (woken by its watermark watch),
-/// noting each record's age when first seen. Ends when `stop` is set.
-fn follow(
-    central: Store,
-    remote: String,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<Seen>> {
-    tokio::spawn(async move {
-        let mut topics = central.topics_changed();
-        while central.topic(&remote).is_none() {
-            if stop.load(Ordering::Relaxed) {
-                return Vec::new();
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(200), topics.changed()).await;
-        }
-        let mut watch = central.watch(&remote, 0).expect("watch");
-        let mut next = 0;
-        let mut seen = Vec::new();
-        loop {
-            let hw = central.watermarks(&remote, 0).expect("watermarks").high_watermark;
-            if next < hw {
-                let (records, after) = central.read_records_next(&remote, 0, next, 1 << 20).expect("read");
-                let (now, at) = (now_ms(), Instant::now());
-                for r in &records {
-                    let offset = header(r, "tributary.offset")
-                        .and_then(|o| std::str::from_utf8(o).ok()?.parse().ok())
-                        .expect("provenance offset");
-                    seen.push(Seen { offset, age_ms: now - r.timestamp, at });
-                }
-                next = after;
-                continue;
-            }
-            if stop.load(Ordering::Relaxed) {
-                return seen;
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(200), watch.changed()).await;
-        }
-    })
-}
-
-fn percentile(sorted: &[i64], p: f64) -> i64 {
-    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 /// With an hour-old backlog draining at 48 KiB/s through a 1 Mbit/s, 300 ms, 1%-loss link, fresh
@@ -154,7 +103,7 @@ async fn fresh_readings_overtake_a_draining_backlog_in_the_live_topic_and_both_t
     stop.store(true, Ordering::Relaxed);
     producer.await.expect("producer");
     mirror.until("the fresh readings mirrored", 30, |_| caught_up(&gateway.store, &["meters"])).await;
-    let seen = follower.await.expect("follower");
+    let seen = follower.await.expect("follower").expect("followed");
 
     // The ordered topic: every record once, in order, as before.
     let parts = central.store.topic(&format!("{SITE}.meters")).map(|t| t.partitions as i32);

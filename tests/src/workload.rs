@@ -1,6 +1,7 @@
 //! The smart-meter workload appended to a gateway store ([`crate::SmartMeters`] readings on the
 //! `meters` topic, lz4, concurrent appenders each waiting for durability), shared by the mirror
-//! benchmarks, and the mirror's progress as the store sees it.
+//! benchmarks, and the mirror's progress as the store sees it (the gateway's marks; a remote
+//! topic followed in the central store, each record's age when it arrived there).
 
 use std::path::Path;
 use std::time::Instant;
@@ -126,4 +127,70 @@ pub fn caught_up(store: &Store, partitions: u32) -> bool {
         let hw = store.watermarks(TOPIC, p).map_or(0, |w| w.high_watermark);
         store.archived(TOPIC, p).ok().flatten().unwrap_or(0) >= hw
     })
+}
+
+/// A mirrored record seen in a central store: its source offset (`tributary.offset`) and its age
+/// (now minus its timestamp) when it was first seen there.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen {
+    pub offset: i64,
+    pub age_ms: i64,
+    pub at: Instant,
+}
+
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Follows partition 0 of `remote` in `central` as records arrive (woken by its watermark watch;
+/// it waits for the topic to be created), noting each record's source offset and age. Returns
+/// what it saw once `stop` is set and it has read up to the high watermark.
+pub fn follow(
+    central: Store,
+    remote: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<anyhow::Result<Vec<Seen>>> {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    tokio::spawn(async move {
+        let mut topics = central.topics_changed();
+        while central.topic(&remote).is_none() {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(Vec::new());
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), topics.changed()).await;
+        }
+        let mut watch = central.watch(&remote, 0)?;
+        let (mut next, mut seen) = (0, Vec::new());
+        loop {
+            let hw = central.watermarks(&remote, 0)?.high_watermark;
+            if next < hw {
+                let (records, after) = central.read_records_next(&remote, 0, next, 1 << 20)?;
+                let (now, at) = (epoch_ms(), Instant::now());
+                for r in &records {
+                    let offset = r
+                        .headers
+                        .iter()
+                        .find(|(k, _)| k == "tributary.offset")
+                        .and_then(|(_, v)| std::str::from_utf8(v.as_deref()?).ok()?.parse().ok())
+                        .context("a record without its provenance offset")?;
+                    seen.push(Seen { offset, age_ms: now - r.timestamp, at });
+                }
+                next = after;
+                continue;
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Ok(seen);
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), watch.changed()).await;
+        }
+    })
+}
+
+/// The `p` quantile (0..=1) of sorted values, nearest rank (0 when empty).
+pub fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
