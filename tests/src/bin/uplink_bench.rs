@@ -81,6 +81,9 @@ async fn until(stats: &MirrorStats, what: &str, secs: u64, cond: impl Fn(&Mirror
 
 /// Every record of partition 0 of `topic`: (records, distinct `tributary.offset` values).
 fn read_back(store: &Store, topic: &str) -> anyhow::Result<(u64, u64)> {
+    if store.topic(topic).is_none() {
+        return Ok((0, 0));
+    }
     let hw = store.watermarks(topic, 0)?.high_watermark;
     let (mut offset, mut n, mut distinct) = (0, 0u64, HashSet::new());
     while offset < hw {
@@ -223,9 +226,9 @@ async fn main() -> anyhow::Result<()> {
     let (stats, mirror_stop, mirror_task) = start_mirror(cfg, &gateway).await;
     let age = args.fresh_age_ms as i64;
     until(&stats, "the backlog drained", 3_600, |s| {
-        s.lag(&gateway)
-            .iter()
-            .all(|l| l.mirrored >= backlog_end && (l.lag_records == 0 || l.oldest_unmirrored_age_ms < age))
+        let lag = s.lag(&gateway);
+        !lag.is_empty()
+            && lag.iter().all(|l| l.mirrored >= backlog_end && (l.lag_records == 0 || l.oldest_unmirrored_age_ms < age))
     })
     .await?;
     let drained_at = Instant::now();
