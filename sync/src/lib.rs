@@ -4,6 +4,7 @@
 //! certificates, the gateway side, and (feature `cloud`) the `tributary-cloud` receiver that
 //! writes into Kafka.
 
+pub mod backfill;
 pub mod certs;
 pub mod checkpoint;
 pub mod config;
