@@ -556,6 +556,40 @@ pub fn render(src: &Sources) -> String {
             "Live streams running now.",
             m.live_streams.load(Ordering::Relaxed),
         );
+        // Backfill requests (`tributary mirror backfill`): one sample per request kept.
+        o.one(
+            "tributary_mirror_backfill_batch_bytes_sent_total",
+            "counter",
+            "Stored batch bytes sent by backfills.",
+            m.backfills.batch_bytes_sent.load(Ordering::Relaxed),
+        );
+        let backfills = m.backfills.status();
+        let fams = [
+            (
+                "tributary_mirror_backfill_records",
+                "Records a backfill request sends (its range, less what the centre held already).",
+            ),
+            ("tributary_mirror_backfill_sent_records", "Records of a backfill request the central cluster holds."),
+            (
+                "tributary_mirror_backfill_below_records",
+                "Records of a backfill request below what the centre held already: not sent.",
+            ),
+        ];
+        for (i, (name, help)) in fams.iter().enumerate() {
+            o.family(name, "gauge", help);
+            for b in &backfills {
+                let (id, from, to) = (b.id.to_string(), b.from_ms.to_string(), b.to_ms.to_string());
+                let state = b.refused.as_deref().map_or_else(|| "accepted".to_string(), |r| format!("refused: {r}"));
+                let labels = [
+                    ("request", id.as_str()),
+                    ("topic", &b.topic),
+                    ("from_ms", &from),
+                    ("to_ms", &to),
+                    ("state", &state),
+                ];
+                o.sample(name, &labels, [b.total, b.sent, b.below][i]);
+            }
+        }
         let (tracked, unsent) = m.commits.pending();
         o.one(
             "tributary_mirror_offsets_sent_total",

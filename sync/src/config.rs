@@ -68,6 +68,11 @@ pub struct MirrorConfig {
     /// The live streams' share of `bandwidth_bytes_per_s_max` while a backlog drains (they go
     /// first within it; the backlog gets the rest and whatever they leave unused).
     pub fresh_share_percent: u8,
+    /// Backfill requests kept (`tributary mirror backfill`; refused beyond).
+    pub backfill_requests_max: u32,
+    /// Separate offset ranges planned per partition for backfill (overlapping ones merge;
+    /// a request that would need more is refused).
+    pub backfill_ranges_max: u32,
 }
 
 impl Default for MirrorConfig {
@@ -97,6 +102,8 @@ impl Default for MirrorConfig {
             fresh_topics: Vec::new(),
             fresh_age_ms: 10_000,
             fresh_share_percent: 50,
+            backfill_requests_max: 1_000,
+            backfill_ranges_max: 64,
         }
     }
 }
@@ -167,6 +174,8 @@ impl MirrorConfig {
         check_range(&key("fresh_age_ms"), self.fresh_age_ms, 100, 86_400_000)?;
         // Some share for the live streams, and at least a tenth of the cap for the backlog.
         check_range(&key("fresh_share_percent"), self.fresh_share_percent.into(), 1, 90)?;
+        check_range(&key("backfill_requests_max"), self.backfill_requests_max.into(), 1, 100_000)?;
+        check_range(&key("backfill_ranges_max"), self.backfill_ranges_max.into(), 1, 10_000)?;
         if let Some(t) = self.fresh_topics.iter().find(|t| t.as_str() != "*" && !self.mirrors(t)) {
             return Err(ConfigError::new(
                 key("fresh_topics"),

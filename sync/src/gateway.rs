@@ -20,6 +20,7 @@ use tributary_log::batch::BatchHeader;
 use tributary_log::clock::now_ms;
 use tributary_log::{Store, StoreError};
 
+use crate::backfill::driver::{BackfillSender, Backfills};
 use crate::config::MirrorConfig;
 use crate::core::Backoff;
 use crate::drain::{DrainEstimate, DrainWindow, Sample};
@@ -89,6 +90,8 @@ pub struct MirrorStats {
     pub live_seeks: AtomicU64,
     /// Live streams running now.
     pub live_streams: AtomicU64,
+    /// Backfill requests (`tributary mirror backfill`), their plans and progress.
+    pub backfills: Arc<Backfills>,
 }
 
 /// The drain windows: one per mirrored topic and one for all together, all over
@@ -475,6 +478,20 @@ pub async fn run(
         })
     };
     let _sampler = AbortOnDrop(sampler);
+    // Backfill requests: read as they are appended, whatever the link does.
+    let requests = {
+        let (backfills, store, mirrors) = (stats.backfills.clone(), store.clone(), cfg.clone());
+        let (requests_max, ranges_max) = (cfg.backfill_requests_max as usize, cfg.backfill_ranges_max as usize);
+        tokio::spawn(async move {
+            let mirrored: Arc<dyn Fn(&str) -> bool + Send + Sync> = Arc::new(move |t: &str| mirrors.mirrors(t));
+            if let Err(e) =
+                crate::backfill::driver::follow_requests(backfills, store, mirrored, requests_max, ranges_max).await
+            {
+                tracing::error!(error = %e, "backfill requests are not read any more");
+            }
+        })
+    };
+    let _requests = AbortOnDrop(requests);
     let mut backoff = Backoff::new(
         Duration::from_millis(cfg.reconnect_backoff_min_ms),
         Duration::from_millis(cfg.reconnect_backoff_max_ms),
@@ -522,9 +539,28 @@ async fn resolve(cloud: &str) -> Result<SocketAddr, MirrorError> {
 
 /// Credit the cloud granted for one partition, and the wake-up of its sender.
 #[derive(Debug, Default)]
-struct Credit {
+pub(crate) struct Credit {
     bytes: AtomicI64,
     more: Notify,
+}
+
+impl Credit {
+    /// Waits until some credit is left; how much.
+    pub(crate) async fn wait(&self) -> u64 {
+        loop {
+            let notified = self.more.notified();
+            let c = self.bytes.load(Ordering::Relaxed);
+            if c > 0 {
+                return c as u64;
+            }
+            notified.await;
+        }
+    }
+
+    /// `len` bytes were sent.
+    pub(crate) fn spend(&self, len: u64) {
+        self.bytes.fetch_sub(len.min(i64::MAX as u64) as i64, Ordering::Relaxed);
+    }
 }
 
 async fn connect_and_stream(
@@ -567,7 +603,7 @@ async fn connect_and_stream(
 /// The partitions this gateway mirrors, with their extents; then the live streams of the fresh
 /// topics among them (named `{topic}.live`, with the same extents), within the same
 /// `mirror.partitions_max`.
-fn report(cfg: &MirrorConfig, store: &Store) -> Vec<PartitionReport> {
+fn report(cfg: &MirrorConfig, store: &Store, stats: &MirrorStats) -> Vec<PartitionReport> {
     let mut out = Vec::new();
     for t in store.topics() {
         if !cfg.mirrors(&t.name) {
@@ -604,6 +640,24 @@ fn report(cfg: &MirrorConfig, store: &Store) -> Vec<PartitionReport> {
             break;
         }
         out.push(p);
+    }
+    // Backfills of topics not otherwise mirrored, under the topic's own name.
+    for (topic, partition) in stats.backfills.partitions() {
+        if cfg.mirrors(&topic) {
+            continue;
+        }
+        if out.len() >= cfg.partitions_max as usize {
+            tracing::warn!(%topic, partition, "mirror.partitions_max reached: backfill waits");
+            break;
+        }
+        let (Some(info), Ok(wm)) = (store.topic(&topic), store.watermarks(&topic, partition)) else { continue };
+        out.push(PartitionReport {
+            topic,
+            partition,
+            partitions: info.partitions as i32,
+            log_start: wm.log_start_offset,
+            high_watermark: wm.high_watermark,
+        });
     }
     out
 }
@@ -663,7 +717,7 @@ async fn stream_session(
 ) -> Result<(), MirrorError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&Control::Hello { site: cfg.site.clone() }.encode()).await?;
-    let mut reported = report(cfg, store);
+    let mut reported = report(cfg, store, stats);
     // Compacted topics' settings (version 2 only), ahead of the partitions that need them.
     let v2 = tls::negotiated_alpn(conn).as_deref() == Some(ALPN_V2);
     let mut settings = if v2 { topic_settings(store, &reported) } else { Vec::new() };
@@ -706,6 +760,20 @@ async fn stream_session(
                                 senders.spawn(task.run(offset));
                                 continue;
                             }
+                            if !cfg.mirrors(&topic) && stats.backfills.planned(&topic, partition) {
+                                let task = BackfillSender {
+                                    conn: conn.clone(),
+                                    store: store.clone(),
+                                    topic,
+                                    partition,
+                                    credit,
+                                    read_bytes_max: cfg.read_bytes_max,
+                                    backfills: stats.backfills.clone(),
+                                    bucket: bucket.clone(),
+                                };
+                                senders.spawn(task.run(offset));
+                                continue;
+                            }
                             let progress = stats.progress(&topic, partition);
                             progress.started_at.store(offset, Ordering::Relaxed);
                             progress.sent.store(offset, Ordering::Relaxed);
@@ -735,6 +803,12 @@ async fn stream_session(
                             // A live stream's progress marks nothing on the gateway: the ordered
                             // stream's marks alone let retention delete.
                             tracing::trace!(%topic, partition, "live stream stored");
+                        }
+                        Control::Mirrored { topic, partition, offset } if !cfg.mirrors(&topic) => {
+                            // A backfill: its position, not an archive mark (the records below
+                            // its ranges never went).
+                            stats.backfills.mirrored(store, &topic, partition, offset).await?;
+                            stats.changed();
                         }
                         Control::Mirrored { topic, partition, offset } => {
                             store.set_archived(&topic, partition, offset).await?;
@@ -780,7 +854,7 @@ async fn stream_session(
             }
             _ = tick.tick() => {
                 // New topics or partitions (and moved extents, for the cloud's lag view).
-                let now = report(cfg, store);
+                let now = report(cfg, store, stats);
                 if now != reported {
                     if v2 {
                         let fresh = topic_settings(store, &now);

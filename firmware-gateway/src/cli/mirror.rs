@@ -1,6 +1,8 @@
 //! `tributary mirror status`: the mirror's link, the backlog's drain rate and ETA per topic and in
-//! total, and per-partition lag, read from the running gateway's metrics endpoint (the mirror's
-//! state lives in the daemon, not in the log).
+//! total, per-partition lag and backfill progress, read from the running gateway's metrics
+//! endpoint (the mirror's state lives in the daemon, not in the log). `tributary mirror backfill`:
+//! a backfill request, appended over the Kafka listener to the gateway's `__mirror.backfill` log
+//! topic, where the mirror reads it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,6 +19,25 @@ pub enum MirrorCommand {
     /// Link state, reconnects, bytes on the wire, the backlog's drain rate and ETA per topic and
     /// in total, and lag per partition.
     Status(StatusArgs),
+    /// Send TOPIC's records from --from to --to (a topic the mirror keeps local, or sends only as
+    /// aggregates) to the central cluster, into {site}.TOPIC, each once: the request is stored
+    /// on the gateway; `tributary mirror status` shows its progress.
+    Backfill(BackfillArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    #[command(flatten)]
+    conn: super::Connection,
+    /// The topic.
+    topic: String,
+    /// From this time (record timestamps): ms since the epoch, or RFC 3339 in UTC
+    /// (2026-12-05T14:00:00Z).
+    #[arg(long)]
+    from: String,
+    /// Up to this time (exclusive), in the same forms.
+    #[arg(long)]
+    to: String,
 }
 
 #[derive(Debug, Args)]
@@ -45,6 +66,22 @@ struct MirrorStatus {
     drain: DrainStatus,
     topics: BTreeMap<String, DrainStatus>,
     partitions: Vec<PartitionStatus>,
+    /// Backfill requests and their progress.
+    backfills: Vec<BackfillStatus>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+struct BackfillStatus {
+    request: i64,
+    topic: String,
+    from_ms: i64,
+    to_ms: i64,
+    /// `accepted`, or `refused: why`.
+    state: String,
+    records: i64,
+    sent: i64,
+    /// Below what the centre held already: not sent.
+    below: i64,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -87,6 +124,7 @@ fn parse(text: &str) -> Option<MirrorStatus> {
     let mut found = false;
     let mut parts: BTreeMap<(String, i32), PartitionStatus> = BTreeMap::new();
     let mut drains: BTreeMap<String, DrainStatus> = BTreeMap::new();
+    let mut backfills: BTreeMap<i64, BackfillStatus> = BTreeMap::new();
     for (name, labels, v) in text.lines().filter_map(parse_line) {
         let Some(metric) = name.strip_prefix("tributary_mirror_") else { continue };
         found = true;
@@ -107,6 +145,23 @@ fn parse(text: &str) -> Option<MirrorStatus> {
             "lag_bytes" => parts.entry(key()).or_default().lag_bytes = v as u64,
             "oldest_unmirrored_age_seconds" => parts.entry(key()).or_default().oldest_unmirrored_age_s = v,
             "mirrored_offset" => parts.entry(key()).or_default().mirrored_offset = v as i64,
+            "backfill_records" | "backfill_sent_records" | "backfill_below_records" => {
+                let id = labels.get("request").and_then(|r| r.parse().ok()).unwrap_or(-1);
+                let label = |k: &str| labels.get(k).copied().unwrap_or_default().to_string();
+                let b = backfills.entry(id).or_insert_with(|| BackfillStatus {
+                    request: id,
+                    topic: label("topic"),
+                    from_ms: label("from_ms").parse().unwrap_or(0),
+                    to_ms: label("to_ms").parse().unwrap_or(0),
+                    state: label("state"),
+                    ..BackfillStatus::default()
+                });
+                match metric {
+                    "backfill_records" => b.records = v as i64,
+                    "backfill_sent_records" => b.sent = v as i64,
+                    _ => b.below = v as i64,
+                }
+            }
             "drain_records_per_second" | "drain_shrink_records_per_second" | "drain_eta_seconds" => {
                 let d = match labels.get("topic") {
                     Some(topic) => drains.entry((*topic).to_string()).or_default(),
@@ -129,6 +184,7 @@ fn parse(text: &str) -> Option<MirrorStatus> {
         }
     }
     s.topics = drains;
+    s.backfills = backfills.into_values().collect();
     found.then_some(s)
 }
 
@@ -156,7 +212,10 @@ async fn scrape(addr: &str, timeout: Duration) -> anyhow::Result<String> {
 }
 
 pub async fn run(command: MirrorCommand) -> anyhow::Result<()> {
-    let MirrorCommand::Status(args) = command;
+    let args = match command {
+        MirrorCommand::Status(args) => args,
+        MirrorCommand::Backfill(args) => return backfill(args).await,
+    };
     let body = scrape(&args.metrics, Duration::from_millis(args.timeout_ms)).await?;
     let status = parse(&body).context("mirroring is not enabled on this gateway ([mirror] enabled = false)")?;
     let format = if args.json { Format::Json } else { Format::Table };
@@ -200,7 +259,70 @@ pub async fn run(command: MirrorCommand) -> anyhow::Result<()> {
             ]);
         }
         out.push_str(&t.render());
+        if !s.backfills.is_empty() {
+            let mut t = Table::new(&[
+                "BACKFILL",
+                "TOPIC",
+                "FROM (MS)",
+                "TO (MS)",
+                "SENT",
+                "RECORDS",
+                "NOT SENT (BELOW)",
+                "STATE",
+            ]);
+            for b in &s.backfills {
+                t.row(vec![
+                    b.request.to_string(),
+                    b.topic.clone(),
+                    b.from_ms.to_string(),
+                    b.to_ms.to_string(),
+                    b.sent.to_string(),
+                    b.records.to_string(),
+                    b.below.to_string(),
+                    b.state.clone(),
+                ]);
+            }
+            out.push('\n');
+            out.push_str(&t.render());
+        }
         out
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct Requested {
+    request: i64,
+    topic: String,
+    from_ms: i64,
+    to_ms: i64,
+}
+
+async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
+    use tributary_sync::backfill::{parse_time, Request, REQUESTS_TOPIC};
+    let time = |flag: &str, s: &str| {
+        parse_time(s).with_context(|| {
+            format!("{flag} {s:?}: not a time (ms since the epoch, or RFC 3339 in UTC: 2026-12-05T14:00:00Z)")
+        })
+    };
+    let (from_ms, to_ms) = (time("--from", &args.from)?, time("--to", &args.to)?);
+    anyhow::ensure!(from_ms < to_ms, "--from must be before --to");
+    let request = Request { topic: args.topic.clone(), from_ms, to_ms };
+    let mut client = args.conn.connect().await?;
+    client.topic(&args.topic).await?;
+    let mut record = tributary_broker::storage::batch::NewRecord::new(
+        Some(bytes::Bytes::from(args.topic.clone())),
+        bytes::Bytes::from(request.value()),
+    );
+    record.timestamp_ms = None;
+    let id = super::records::produce_one(&mut client, &args.conn, REQUESTS_TOPIC, 0, record)
+        .await
+        .context("store the request (is the mirror enabled on the gateway?)")?;
+    let out = Requested { request: id, topic: args.topic, from_ms, to_ms };
+    emit(args.conn.format(), &out, |r| {
+        format!(
+            "backfill request {} stored: {} from {} to {} (ms since the epoch); progress: tributary mirror status\n",
+            r.request, r.topic, r.from_ms, r.to_ms
+        )
     })
 }
 
@@ -218,6 +340,13 @@ mod tests {
         let s = parse(text).expect("mirror metrics");
         assert!(s.link_up);
         assert_eq!((s.live_streams, s.live_batch_bytes_sent), (2, 4096));
+        assert!(s.backfills.is_empty());
+        let text = "tributary_mirror_backfill_records{request=\"3\",topic=\"raw\",from_ms=\"10\",to_ms=\"20\",state=\"accepted\"} 500\n\
+                    tributary_mirror_backfill_sent_records{request=\"3\",topic=\"raw\",from_ms=\"10\",to_ms=\"20\",state=\"accepted\"} 120\n\
+                    tributary_mirror_backfill_below_records{request=\"3\",topic=\"raw\",from_ms=\"10\",to_ms=\"20\",state=\"accepted\"} 7\n";
+        let b = &parse(text).expect("mirror metrics").backfills[0];
+        assert_eq!((b.request, b.topic.as_str(), b.from_ms, b.to_ms, b.state.as_str()), (3, "raw", 10, 20, "accepted"));
+        assert_eq!((b.records, b.sent, b.below), (500, 120, 7));
         assert_eq!(s.reconnects, 3);
         assert_eq!((s.partitions[0].topic.as_str(), s.partitions[0].partition), ("meters", 2));
         assert_eq!((s.partitions[0].lag_records, s.partitions[0].mirrored_offset), (17, 100));

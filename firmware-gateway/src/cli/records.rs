@@ -169,6 +169,19 @@ pub async fn produce(conn: &Connection, args: ProduceArgs) -> anyhow::Result<()>
     })
 }
 
+/// Produces one record to `partition` of `topic` (acks=all); its offset.
+pub(super) async fn produce_one(
+    client: &mut Client,
+    conn: &Connection,
+    topic: &str,
+    partition: i32,
+    record: NewRecord,
+) -> anyhow::Result<i64> {
+    let mut produced = Produced { topic: topic.to_string(), records: 0, partitions: Vec::new() };
+    send(client, conn, topic, BTreeMap::from([(partition, vec![record])]), &mut produced).await?;
+    produced.partitions.first().map(|r| r.first_offset).context("the gateway stored no record")
+}
+
 /// One Produce request with a batch per partition; adds the offsets written to `produced`.
 async fn send(
     client: &mut Client,

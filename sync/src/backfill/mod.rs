@@ -16,6 +16,8 @@
 
 use tributary_log::KvSpace;
 
+pub mod driver;
+
 /// The gateway log topic backfill requests are appended to (key: the topic; value:
 /// `"{from_ms} {to_ms}"`). `__`: never mirrored, internal in Kafka metadata.
 pub const REQUESTS_TOPIC: &str = "__mirror.backfill";

@@ -1,0 +1,369 @@
+//! The gateway's backfill driver: reads requests from [`REQUESTS_TOPIC`] (from the position kept
+//! in the store), resolves their times to offsets once and stores them with that position in one
+//! commit, keeps each partition's [`Plan`] and the centre's position (the receiver's `Mirrored`,
+//! stored too), and streams the planned ranges on a partition stream named after the topic.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tributary_log::batch::BatchHeader;
+use tributary_log::{Store, StoreError, TopicConfig};
+
+use super::{request_key, Accepted, PartRange, Plan, Request, Verdict, POSITION_KEY, REQUESTS_TOPIC, SPACE};
+use crate::fresh::{Class, LinkShare};
+use crate::gateway::MirrorError;
+use crate::protocol::Data;
+
+/// Backfill requests and plans of one gateway, at most `requests_max` requests kept and
+/// `ranges_max` ranges per partition (`mirror.backfill_requests_max`, `mirror.backfill_ranges_max`).
+#[derive(Debug, Default)]
+pub struct Backfills {
+    state: Mutex<State>,
+    /// Wakes the backfill senders when plans change.
+    changed: Notify,
+    /// Stored batch bytes and records' offsets sent on backfill streams.
+    pub batch_bytes_sent: AtomicU64,
+    /// Offsets planned but deleted by retention before they were sent.
+    pub deleted: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    requests_max: usize,
+    ranges_max: usize,
+    accepted: BTreeMap<i64, Accepted>,
+    plans: BTreeMap<(String, i32), Plan>,
+    /// The centre holds the backfilled records of a partition below this (its `Mirrored`).
+    sent: BTreeMap<(String, i32), i64>,
+}
+
+/// One request as `tributary mirror status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillStatus {
+    pub id: i64,
+    pub topic: String,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Why it was refused (nothing sent).
+    pub refused: Option<String>,
+    /// Offsets below what the centre held when it came (not sent).
+    pub below: i64,
+    pub sent: i64,
+    pub total: i64,
+}
+
+/// The key of a partition's centre position: the topic length-prefixed, so no two
+/// (topic, partition) pairs share a key.
+fn sent_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = b"sent/".to_vec();
+    k.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    k.extend_from_slice(topic.as_bytes());
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+fn parse_sent_key(k: &[u8]) -> Option<(String, i32)> {
+    let rest = k.strip_prefix(b"sent/")?;
+    let n = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let topic = std::str::from_utf8(rest.get(2..2 + n)?).ok()?.to_string();
+    let partition = i32::from_be_bytes(rest.get(2 + n..6 + n)?.try_into().ok()?);
+    Some((topic, partition))
+}
+
+impl Backfills {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Loads the stored requests and positions, and plans what is left of them.
+    pub fn load(&self, store: &Store, requests_max: usize, ranges_max: usize) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        *st = State { requests_max, ranges_max, ..State::default() };
+        for (k, v) in store.kv_scan(SPACE, b"sent/", usize::MAX)? {
+            if let (Some(key), Ok(b)) = (parse_sent_key(&k), <[u8; 8]>::try_from(v.as_slice())) {
+                st.sent.insert(key, i64::from_be_bytes(b));
+            }
+        }
+        for (_, v) in store.kv_scan(SPACE, b"request/", requests_max)? {
+            let Some(a) = Accepted::decode(&v) else { continue };
+            for p in &a.parts {
+                let key = (a.request.topic.clone(), p.partition);
+                let sent = st.sent.get(&key).copied().unwrap_or(0);
+                let limit = st.ranges_max;
+                // Within the limit when it was accepted; merged ranges only ever take fewer.
+                let _ = st.plans.entry(key).or_insert_with(|| Plan::new(limit)).add(p.from + p.below, p.to, sent);
+            }
+            st.accepted.insert(a.id, a);
+        }
+        Ok(())
+    }
+
+    /// Partitions with ranges left to send.
+    pub fn partitions(&self) -> Vec<(String, i32)> {
+        self.lock().plans.iter().filter(|(_, p)| !p.is_empty()).map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Whether a partition has a backfill plan (sent or not).
+    pub fn planned(&self, topic: &str, partition: i32) -> bool {
+        self.lock().plans.contains_key(&(topic.to_string(), partition))
+    }
+
+    fn next(&self, topic: &str, partition: i32, at: i64) -> Option<(i64, i64)> {
+        self.lock().plans.get_mut(&(topic.to_string(), partition)).and_then(|p| p.next(at))
+    }
+
+    /// The centre holds a backfilled partition below `offset`: stored, for status and restarts.
+    pub async fn mirrored(&self, store: &Store, topic: &str, partition: i32, offset: i64) -> Result<(), StoreError> {
+        {
+            let mut st = self.lock();
+            let e = st.sent.entry((topic.to_string(), partition)).or_insert(0);
+            if offset <= *e {
+                return Ok(());
+            }
+            *e = offset;
+        }
+        store.kv_put(SPACE, sent_key(topic, partition), Some(offset.to_be_bytes().to_vec())).await
+    }
+
+    /// Every request kept, with its progress.
+    pub fn status(&self) -> Vec<BackfillStatus> {
+        let st = self.lock();
+        st.accepted
+            .values()
+            .map(|a| {
+                let (sent, total) = a.progress(|p| st.sent.get(&(a.request.topic.clone(), p)).copied());
+                BackfillStatus {
+                    id: a.id,
+                    topic: a.request.topic.clone(),
+                    from_ms: a.request.from_ms,
+                    to_ms: a.request.to_ms,
+                    refused: match &a.verdict {
+                        Verdict::Refused(why) => Some(why.clone()),
+                        Verdict::Accepted => None,
+                    },
+                    below: a.parts.iter().map(|p| p.below).sum(),
+                    sent,
+                    total,
+                }
+            })
+            .collect()
+    }
+
+    /// Decides on the request at `id` (offset in [`REQUESTS_TOPIC`]) and stores the outcome with
+    /// the next read position in one commit.
+    async fn accept(
+        &self,
+        store: &Store,
+        mirrored: &(dyn Fn(&str) -> bool + Sync),
+        id: i64,
+        request: Option<Request>,
+    ) -> Result<(), StoreError> {
+        let refuse = |request: Request, why: &str| Accepted {
+            id,
+            request,
+            verdict: Verdict::Refused(why.to_string()),
+            parts: Vec::new(),
+        };
+        let full = {
+            let st = self.lock();
+            st.accepted.len() >= st.requests_max
+        };
+        let accepted = match request {
+            None => refuse(Request { topic: String::new(), from_ms: 0, to_ms: 0 }, "malformed request"),
+            Some(r) if full => refuse(r, "mirror.backfill_requests_max reached"),
+            Some(r) if mirrored(&r.topic) => refuse(r, "the topic is mirrored: all of it goes anyway"),
+            Some(r) => match store.topic(&r.topic) {
+                None => refuse(r, "no such topic"),
+                Some(info) => {
+                    let mut parts = Vec::new();
+                    for p in 0..info.partitions as i32 {
+                        let (s, t, pp) = (store.clone(), r.topic.clone(), p);
+                        let (from_ms, to_ms) = (r.from_ms, r.to_ms);
+                        let (from, to) = tokio::task::spawn_blocking(move || {
+                            let hw = s.watermarks(&t, pp)?.high_watermark;
+                            let at =
+                                |ms| Ok::<_, StoreError>(s.offset_for_timestamp(&t, pp, ms)?.map_or(hw, |(o, _)| o));
+                            Ok::<_, StoreError>((at(from_ms)?, at(to_ms)?))
+                        })
+                        .await
+                        .map_err(|e| StoreError::Corrupt(format!("backfill lookup task: {e}")))??;
+                        if from < to {
+                            parts.push(PartRange { partition: p, from, to, below: 0 });
+                        }
+                    }
+                    // Plan every partition, or none (over the ranges limit: refused).
+                    let mut st = self.lock();
+                    let st = &mut *st;
+                    let mut plans = st.plans.clone();
+                    let mut refused = None;
+                    for part in &mut parts {
+                        let key = (r.topic.clone(), part.partition);
+                        let sent = st.sent.get(&key).copied().unwrap_or(0);
+                        let limit = st.ranges_max;
+                        match plans.entry(key).or_insert_with(|| Plan::new(limit)).add(part.from, part.to, sent) {
+                            Ok(below) => part.below = below,
+                            Err(e) => refused = Some(format!("mirror.backfill_ranges_max: {e}")),
+                        }
+                    }
+                    match refused {
+                        Some(why) => refuse(r, &why),
+                        None => {
+                            st.plans = plans;
+                            Accepted { id, request: r, verdict: Verdict::Accepted, parts }
+                        }
+                    }
+                }
+            },
+        };
+        if let Verdict::Refused(why) = &accepted.verdict {
+            tracing::warn!(id, topic = %accepted.request.topic, reason = %why, "backfill request refused");
+        } else {
+            tracing::info!(id, topic = %accepted.request.topic, from_ms = accepted.request.from_ms,
+                to_ms = accepted.request.to_ms, "backfill request accepted");
+        }
+        store
+            .kv_write(
+                SPACE,
+                vec![
+                    (request_key(id), Some(accepted.encode())),
+                    (POSITION_KEY.to_vec(), Some((id + 1).to_be_bytes().to_vec())),
+                ],
+            )
+            .await?;
+        let mut st = self.lock();
+        if st.accepted.len() < st.requests_max {
+            st.accepted.insert(id, accepted);
+        }
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+/// Creates [`REQUESTS_TOPIC`] if absent, loads the stored requests, then reads new requests as
+/// they are appended, deciding each once (the read position is stored with each decision).
+pub async fn follow_requests(
+    backfills: Arc<Backfills>,
+    store: Store,
+    mirrored: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    requests_max: usize,
+    ranges_max: usize,
+) -> Result<(), StoreError> {
+    match store.create_topic(REQUESTS_TOPIC, 1, TopicConfig::default()).await {
+        Ok(()) | Err(StoreError::TopicExists(_)) => {}
+        Err(e) => return Err(e),
+    }
+    {
+        let (b, s) = (backfills.clone(), store.clone());
+        tokio::task::spawn_blocking(move || b.load(&s, requests_max, ranges_max))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("backfill load task: {e}")))??;
+    }
+    backfills.changed.notify_waiters();
+    let mut next = store
+        .kv_get(SPACE, POSITION_KEY)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, i64::from_be_bytes);
+    let mut watch = store.watch(REQUESTS_TOPIC, 0)?;
+    loop {
+        let wm = store.watermarks(REQUESTS_TOPIC, 0)?;
+        next = next.max(wm.log_start_offset);
+        if next >= wm.high_watermark {
+            if !watch.changed().await {
+                return Err(StoreError::UnknownTopic(REQUESTS_TOPIC.to_string()));
+            }
+            continue;
+        }
+        let (records, after) = store.read_records_next(REQUESTS_TOPIC, 0, next, 64 * 1024)?;
+        for r in records {
+            let request = Request::parse(r.key.as_deref(), r.value.as_deref());
+            backfills.accept(&store, &*mirrored, r.offset, request).await?;
+        }
+        next = next.max(after);
+    }
+}
+
+/// Streams one partition's planned backfill ranges from the offset the cloud asked for (whole
+/// stored batches; none between ranges), within its credit and the ordered share of the cap.
+pub(crate) struct BackfillSender {
+    pub conn: quinn::Connection,
+    pub store: Store,
+    pub topic: String,
+    pub partition: i32,
+    pub credit: Arc<crate::gateway::Credit>,
+    pub read_bytes_max: u64,
+    pub backfills: Arc<Backfills>,
+    pub bucket: Arc<Mutex<LinkShare>>,
+}
+
+impl BackfillSender {
+    pub async fn run(self, from: i64) -> Result<(), MirrorError> {
+        let mut stream = self.conn.open_uni().await?;
+        stream.write_all(&Data::Open { topic: self.topic.clone(), partition: self.partition }.encode_header()).await?;
+        let mut next = from;
+        loop {
+            let credit = self.credit.wait().await;
+            let changed = self.backfills.changed.notified();
+            let Some((at, end)) = self.backfills.next(&self.topic, self.partition, next) else {
+                // Nothing (more) planned: wait for a request, with a look now and then.
+                let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+                continue;
+            };
+            let max = credit.min(self.read_bytes_max) as usize;
+            let (store, topic, partition) = (self.store.clone(), self.topic.clone(), self.partition);
+            let read = tokio::task::spawn_blocking(move || store.fetch(&topic, partition, at, max))
+                .await
+                .map_err(|e| MirrorError::Refused(format!("store read task: {e}")))?;
+            let fetched = match read {
+                Ok(f) => f,
+                Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) if log_start_offset > at => {
+                    // Retention deleted planned records before they went: counted, passed over.
+                    let lost = (log_start_offset.min(end) - at).max(0) as u64;
+                    self.backfills.deleted.fetch_add(lost, Ordering::Relaxed);
+                    next = log_start_offset;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if fetched.data.is_empty() {
+                next = end.max(fetched.next_offset);
+                continue;
+            }
+            let mut rest: Bytes = fetched.data;
+            next = at;
+            while !rest.is_empty() {
+                let h = BatchHeader::parse(&rest).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let batch = rest.split_to(h.total_len().min(rest.len()));
+                if h.base_offset >= end {
+                    // Past the range (whatever holes lie before it): the next range, if any.
+                    next = next.max(end);
+                    break;
+                }
+                next = h.next_offset();
+                if h.is_control() {
+                    continue;
+                }
+                let len = batch.len() as u64;
+                let wait = self.bucket.lock().unwrap_or_else(PoisonError::into_inner).take(
+                    Class::Ordered,
+                    len,
+                    Instant::now(),
+                );
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                stream.write_all(&Data::Batch(batch.clone()).encode_header()).await?;
+                stream.write_chunk(batch).await?;
+                self.credit.spend(len);
+                self.backfills.batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
+            }
+            if next <= at {
+                next = end;
+            }
+        }
+    }
+}
