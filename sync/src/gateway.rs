@@ -324,7 +324,7 @@ impl MirrorStats {
         self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(quinn::Connection::stats)
     }
 
-    fn changed(&self) {
+    pub(crate) fn changed(&self) {
         self.changes.send_modify(|n| *n += 1);
     }
 
@@ -480,12 +480,12 @@ pub async fn run(
     let _sampler = AbortOnDrop(sampler);
     // Backfill requests: read as they are appended, whatever the link does.
     let requests = {
-        let (backfills, store, mirrors) = (stats.backfills.clone(), store.clone(), cfg.clone());
+        let (stats, store, mirrors) = (stats.clone(), store.clone(), cfg.clone());
         let (requests_max, ranges_max) = (cfg.backfill_requests_max as usize, cfg.backfill_ranges_max as usize);
         tokio::spawn(async move {
             let mirrored: Arc<dyn Fn(&str) -> bool + Send + Sync> = Arc::new(move |t: &str| mirrors.mirrors(t));
             if let Err(e) =
-                crate::backfill::driver::follow_requests(backfills, store, mirrored, requests_max, ranges_max).await
+                crate::backfill::driver::follow_requests(stats, store, mirrored, requests_max, ranges_max).await
             {
                 tracing::error!(error = %e, "backfill requests are not read any more");
             }

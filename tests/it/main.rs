@@ -16,6 +16,7 @@ mod kafka_groups;
 mod kafka_hardening;
 mod kafka_protocol;
 mod mirror;
+mod mirror_backfill;
 mod mirror_checkpoints;
 mod mirror_fresh;
 mod mirror_kafka;

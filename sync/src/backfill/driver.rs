@@ -37,6 +37,8 @@ struct State {
     ranges_max: usize,
     accepted: BTreeMap<i64, Accepted>,
     plans: BTreeMap<(String, i32), Plan>,
+    /// Every range planned so far per partition (what the centre has or will have of it).
+    history: BTreeMap<(String, i32), Plan>,
     /// The centre holds the backfilled records of a partition below this (its `Mirrored`).
     sent: BTreeMap<(String, i32), i64>,
 }
@@ -66,8 +68,15 @@ fn sent_key(topic: &str, partition: i32) -> Vec<u8> {
     k
 }
 
-fn parse_sent_key(k: &[u8]) -> Option<(String, i32)> {
-    let rest = k.strip_prefix(b"sent/")?;
+/// The key of a partition's planned ranges (`history`).
+fn ranges_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = sent_key(topic, partition);
+    k[..5].copy_from_slice(b"rang/");
+    k
+}
+
+fn parse_partition_key(k: &[u8], prefix: &[u8]) -> Option<(String, i32)> {
+    let rest = k.strip_prefix(prefix)?;
     let n = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
     let topic = std::str::from_utf8(rest.get(2..2 + n)?).ok()?.to_string();
     let partition = i32::from_be_bytes(rest.get(2 + n..6 + n)?.try_into().ok()?);
@@ -84,8 +93,13 @@ impl Backfills {
         let mut st = self.lock();
         *st = State { requests_max, ranges_max, ..State::default() };
         for (k, v) in store.kv_scan(SPACE, b"sent/", usize::MAX)? {
-            if let (Some(key), Ok(b)) = (parse_sent_key(&k), <[u8; 8]>::try_from(v.as_slice())) {
+            if let (Some(key), Ok(b)) = (parse_partition_key(&k, b"sent/"), <[u8; 8]>::try_from(v.as_slice())) {
                 st.sent.insert(key, i64::from_be_bytes(b));
+            }
+        }
+        for (k, v) in store.kv_scan(SPACE, b"rang/", usize::MAX)? {
+            if let Some(key) = parse_partition_key(&k, b"rang/") {
+                st.history.insert(key, Plan::decode(&v, ranges_max));
             }
         }
         for (_, v) in store.kv_scan(SPACE, b"request/", requests_max)? {
@@ -198,21 +212,28 @@ impl Backfills {
                     // Plan every partition, or none (over the ranges limit: refused).
                     let mut st = self.lock();
                     let st = &mut *st;
-                    let mut plans = st.plans.clone();
+                    let (mut plans, mut history) = (st.plans.clone(), st.history.clone());
                     let mut refused = None;
                     for part in &mut parts {
                         let key = (r.topic.clone(), part.partition);
                         let sent = st.sent.get(&key).copied().unwrap_or(0);
                         let limit = st.ranges_max;
-                        match plans.entry(key).or_insert_with(|| Plan::new(limit)).add(part.from, part.to, sent) {
-                            Ok(below) => part.below = below,
-                            Err(e) => refused = Some(format!("mirror.backfill_ranges_max: {e}")),
+                        let done = history.entry(key.clone()).or_insert_with(|| Plan::new(limit));
+                        // Below the centre's position: sent already if an earlier range covered
+                        // it, else never sendable into the ordered remote topic.
+                        let under = (part.to.min(sent) - part.from).max(0);
+                        part.below = under - done.covered(part.from, part.from + under);
+                        let planned =
+                            plans.entry(key).or_insert_with(|| Plan::new(limit)).add(part.from, part.to, sent);
+                        if let Err(e) = planned.and_then(|_| done.add(part.from.max(sent), part.to, 0)) {
+                            refused = Some(format!("mirror.backfill_ranges_max: {e}"));
                         }
                     }
                     match refused {
                         Some(why) => refuse(r, &why),
                         None => {
                             st.plans = plans;
+                            st.history = history;
                             Accepted { id, request: r, verdict: Verdict::Accepted, parts }
                         }
                     }
@@ -225,15 +246,19 @@ impl Backfills {
             tracing::info!(id, topic = %accepted.request.topic, from_ms = accepted.request.from_ms,
                 to_ms = accepted.request.to_ms, "backfill request accepted");
         }
-        store
-            .kv_write(
-                SPACE,
-                vec![
-                    (request_key(id), Some(accepted.encode())),
-                    (POSITION_KEY.to_vec(), Some((id + 1).to_be_bytes().to_vec())),
-                ],
-            )
-            .await?;
+        let mut writes = vec![
+            (request_key(id), Some(accepted.encode())),
+            (POSITION_KEY.to_vec(), Some((id + 1).to_be_bytes().to_vec())),
+        ];
+        {
+            let st = self.lock();
+            for p in &accepted.parts {
+                if let Some(h) = st.history.get(&(accepted.request.topic.clone(), p.partition)) {
+                    writes.push((ranges_key(&accepted.request.topic, p.partition), Some(h.encode())));
+                }
+            }
+        }
+        store.kv_write(SPACE, writes).await?;
         let mut st = self.lock();
         if st.accepted.len() < st.requests_max {
             st.accepted.insert(id, accepted);
@@ -247,12 +272,13 @@ impl Backfills {
 /// Creates [`REQUESTS_TOPIC`] if absent, loads the stored requests, then reads new requests as
 /// they are appended, deciding each once (the read position is stored with each decision).
 pub async fn follow_requests(
-    backfills: Arc<Backfills>,
+    stats: Arc<crate::gateway::MirrorStats>,
     store: Store,
     mirrored: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     requests_max: usize,
     ranges_max: usize,
 ) -> Result<(), StoreError> {
+    let backfills = stats.backfills.clone();
     match store.create_topic(REQUESTS_TOPIC, 1, TopicConfig::default()).await {
         Ok(()) | Err(StoreError::TopicExists(_)) => {}
         Err(e) => return Err(e),
@@ -282,6 +308,7 @@ pub async fn follow_requests(
         for r in records {
             let request = Request::parse(r.key.as_deref(), r.value.as_deref());
             backfills.accept(&store, &*mirrored, r.offset, request).await?;
+            stats.changed();
         }
         next = next.max(after);
     }

@@ -73,7 +73,8 @@ pub enum Verdict {
 }
 
 /// One partition of an accepted request: offsets `[from, to)`, and how many of them lay below
-/// what the centre held when it was accepted (never sent).
+/// what the centre held when it was accepted without an earlier request having sent them (never
+/// sent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartRange {
     pub partition: i32,
@@ -135,16 +136,17 @@ impl Accepted {
         Some(Self { id, request: Request { topic, from_ms, to_ms }, verdict, parts })
     }
 
-    /// Records of this request sent so far, given each partition's sent position (the next
-    /// offset the centre lacks; `None`: not started), and records it asks for in all.
+    /// Records of this request in the centre, given each partition's sent position (the next
+    /// offset the centre lacks; `None`: not started), and records it brings there in all (its
+    /// ranges less what could not be sent; what an earlier request sent counts as its own).
     pub fn progress(&self, sent: impl Fn(i32) -> Option<i64>) -> (i64, i64) {
         let mut done = 0;
         let mut total = 0;
         for p in &self.parts {
-            let start = p.from + p.below;
-            total += p.to - start;
+            total += p.to - p.from - p.below;
             if let Some(at) = sent(p.partition) {
-                done += (at.min(p.to) - start).max(0);
+                // What could not be sent all lies below the position at acceptance, so below `at`.
+                done += ((at.min(p.to) - p.from).max(0) - p.below).max(0);
             }
         }
         (done, total)
@@ -226,6 +228,26 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }
+
+    /// How many offsets of `[from, to)` the ranges cover.
+    pub fn covered(&self, from: i64, to: i64) -> i64 {
+        self.ranges.iter().map(|&(a, b)| (b.min(to) - a.max(from)).max(0)).sum()
+    }
+
+    /// The ranges, for storing (`decode` takes them back).
+    pub fn encode(&self) -> Vec<u8> {
+        self.ranges.iter().flat_map(|(a, b)| a.to_be_bytes().into_iter().chain(b.to_be_bytes())).collect()
+    }
+
+    pub fn decode(b: &[u8], limit: usize) -> Self {
+        let ranges = b
+            .chunks_exact(16)
+            .filter_map(|c| {
+                Some((i64::from_be_bytes(c[..8].try_into().ok()?), i64::from_be_bytes(c[8..].try_into().ok()?)))
+            })
+            .collect();
+        Self { ranges, limit }
+    }
 }
 
 /// A time on the command line: milliseconds since the epoch, or RFC 3339 in UTC
@@ -283,6 +305,19 @@ mod tests {
     }
 
     #[test]
+    fn covered_offsets_are_counted_and_ranges_round_trip() {
+        let mut p = Plan::new(8);
+        p.add(10, 20, 0).expect("add");
+        p.add(30, 40, 0).expect("add");
+        assert_eq!(p.covered(0, 100), 20);
+        assert_eq!(p.covered(15, 35), 10);
+        assert_eq!(p.covered(20, 30), 0);
+        let back = Plan::decode(&p.encode(), 8);
+        assert_eq!(back.covered(0, 100), 20);
+        assert_eq!(back.ranges, p.ranges);
+    }
+
+    #[test]
     fn a_partition_s_ranges_are_bounded() {
         let mut p = Plan::new(2);
         p.add(0, 10, 0).expect("first");
@@ -323,6 +358,8 @@ mod tests {
         assert_eq!(Accepted::decode(&bad), None);
         // Partition 0 sent up to 15, partition 1 not started: 5 of 10 + 0 of 30.
         assert_eq!(a.progress(|p| (p == 0).then_some(15)), (5, 40));
+        // Partition 1 at 30: its 15 unsendable offsets lie below, 10 sent.
+        assert_eq!(a.progress(|_| Some(30)), (20, 40));
     }
 
     #[test]
