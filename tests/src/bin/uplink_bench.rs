@@ -195,6 +195,8 @@ async fn main() -> anyhow::Result<()> {
     cfg.validate("mirror")?;
     let stop = Arc::new(AtomicBool::new(false));
     let follower = follow(central.clone(), format!("{SITE}.{TOPIC}.live"), stop.clone());
+    // The ordered topic too: when the same fresh readings got there behind the backlog.
+    let ordered_follower = follow(central.clone(), format!("{SITE}.{TOPIC}"), stop.clone());
     // The fleet keeps reading in real time: every 250 ms the readings due, stamped now.
     let produced: Arc<Mutex<Vec<(i64, i64, Instant)>>> = Arc::default();
     let producer = {
@@ -243,6 +245,7 @@ async fn main() -> anyhow::Result<()> {
     producer.await??;
     until(&stats, "the fresh readings mirrored", 600, |_| caught_up(&gateway, 1)).await?;
     let seen = follower.await??;
+    let seen_ordered = ordered_follower.await??;
     let _ = mirror_stop.send(());
     mirror_task.await?;
     let produced = produced.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
@@ -251,6 +254,9 @@ async fn main() -> anyhow::Result<()> {
         produced.iter().filter(|(_, _, at)| *at < drained_at).flat_map(|(first, last, _)| *first..=*last).collect();
     let mut ages: Vec<i64> = seen.iter().filter(|s| during.contains(&s.offset)).map(|s| s.age_ms).collect();
     ages.sort_unstable();
+    let mut ordered_ages: Vec<i64> =
+        seen_ordered.iter().filter(|s| during.contains(&s.offset)).map(|s| s.age_ms).collect();
+    ordered_ages.sort_unstable();
     let total = gateway.watermarks(TOPIC, 0)?.high_watermark;
     let (ordered_n, ordered_distinct) = read_back(&central, &format!("{SITE}.{TOPIC}"))?;
     let (live_n, live_distinct) = read_back(&central, &format!("{SITE}.{TOPIC}.live"))?;
@@ -335,13 +341,15 @@ async fn main() -> anyhow::Result<()> {
         agg.secs, agg.wire_up, agg.wire_down, agg.batch_bytes
     );
     println!(
-        "\nFresh readings while the backlog drained: {} appended ({} in all), {} reached `{SITE}.meters.live`; age at the centre p50 {} ms, p99 {} ms, max {} ms. Wire bytes raw / aggregated: {:.1}x.",
+        "\nFresh readings while the backlog drained: {} appended ({} in all), {} reached `{SITE}.meters.live`; age at the centre p50 {} ms, p99 {} ms, max {} ms (the same readings in `{SITE}.meters`, behind the backlog: p50 {} ms, p99 {} ms). Wire bytes raw / aggregated: {:.1}x.",
         during.len(),
         fresh_total,
         ages.len(),
         percentile(&ages, 0.5),
         percentile(&ages, 0.99),
         ages.last().copied().unwrap_or_default(),
+        percentile(&ordered_ages, 0.5),
+        percentile(&ordered_ages, 0.99),
         raw.wire_up as f64 / agg.wire_up.max(1) as f64
     );
     Ok(())
