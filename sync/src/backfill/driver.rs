@@ -127,14 +127,18 @@ impl Backfills {
     }
 
     fn next(&self, topic: &str, partition: i32, at: i64) -> Option<(i64, i64)> {
-        self.lock().plans.get_mut(&(topic.to_string(), partition)).and_then(|p| p.next(at))
+        self.lock().plans.get(&(topic.to_string(), partition)).and_then(|p| p.next(at))
     }
 
     /// The centre holds a backfilled partition below `offset`: stored, for status and restarts.
     pub async fn mirrored(&self, store: &Store, topic: &str, partition: i32, offset: i64) -> Result<(), StoreError> {
         {
             let mut st = self.lock();
-            let e = st.sent.entry((topic.to_string(), partition)).or_insert(0);
+            let key = (topic.to_string(), partition);
+            if let Some(plan) = st.plans.get_mut(&key) {
+                plan.prune(offset);
+            }
+            let e = st.sent.entry(key).or_insert(0);
             if offset <= *e {
                 return Ok(());
             }

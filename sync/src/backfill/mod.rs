@@ -219,10 +219,15 @@ impl Plan {
     }
 
     /// The part of the plan at or after `at`: the first offset to send and the end of its range
-    /// (`None`: nothing left). Ranges wholly below `at` are dropped.
-    pub fn next(&mut self, at: i64) -> Option<(i64, i64)> {
-        self.ranges.retain(|&(_, b)| b > at);
-        self.ranges.first().map(|&(a, b)| (a.max(at), b))
+    /// (`None`: nothing left). Nothing is dropped: a session that ends before the centre stores
+    /// what was sent starts again lower (see `prune`).
+    pub fn next(&self, at: i64) -> Option<(i64, i64)> {
+        self.ranges.iter().find(|&&(_, b)| b > at).map(|&(a, b)| (a.max(at), b))
+    }
+
+    /// The centre holds everything below `stored`: ranges wholly below it are done.
+    pub fn prune(&mut self, stored: i64) {
+        self.ranges.retain(|&(_, b)| b > stored);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -291,6 +296,11 @@ mod tests {
         assert_eq!(p.next(34), Some((34, 35)));
         assert_eq!(p.next(35), Some((50, 60)), "a hole between requests is not sent");
         assert_eq!(p.next(60), None);
+        // Sent is not stored: a new session resuming lower finds its ranges still planned.
+        assert_eq!(p.next(12), Some((12, 35)));
+        p.prune(40);
+        assert_eq!(p.next(12), Some((50, 60)), "the centre holds what lies below 40");
+        p.prune(60);
         assert!(p.is_empty());
     }
 
