@@ -459,6 +459,12 @@ pub async fn run(
     )?;
     let client = tls::client_config(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport)?;
     stats.commits.set_limit(cfg.offsets_tracked_max as usize);
+    for t in store.topics() {
+        let name = fresh::live_topic(&t.name);
+        if cfg.fresh(&t.name) && store.topic(&name).is_some() {
+            tracing::warn!(topic = %t.name, "a topic named {name} exists: it is mirrored as itself, and {} has no live stream", t.name);
+        }
+    }
     stats.set_drain_window(cfg.drain_window_ms);
     // The drain sampler runs while the mirror does, link up or down (a backlog grows while the
     // link is down, and that is part of the estimate); its store reads go to the blocking pool.
@@ -671,7 +677,7 @@ fn live_source(cfg: &MirrorConfig, store: &Store, name: &str) -> Option<String> 
         return None;
     }
     if store.topic(name).is_some() {
-        tracing::warn!(topic = %source, "a topic named {name} exists: it is mirrored as itself, and {source} has no live stream");
+        // Warned once at start (`run`); this runs every report.
         return None;
     }
     Some(source.to_string())
