@@ -946,17 +946,7 @@ impl PartitionSender {
                 self.progress.head_timestamp_ms.store(h.max_timestamp.min(HEAD_NONE - 1), Ordering::Relaxed);
                 match outgoing(batch)? {
                     Data::Batch(batch) => {
-                        let len = batch.len() as u64;
-                        let wait = self.bucket.lock().unwrap_or_else(PoisonError::into_inner).take(
-                            Class::Ordered,
-                            len,
-                            Instant::now(),
-                        );
-                        if !wait.is_zero() {
-                            tokio::time::sleep(wait).await;
-                        }
-                        stream.write_all(&Data::Batch(batch.clone()).encode_header()).await?;
-                        stream.write_chunk(batch).await?;
+                        let len = send_batch(&self.bucket, Class::Ordered, &mut stream, batch).await?;
                         self.credit.bytes.fetch_sub(len as i64, Ordering::Relaxed);
                         self.stats.batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
                     }
@@ -1088,17 +1078,7 @@ impl LiveSender {
                     now,
                 ) {
                     Verdict::Send => {
-                        let len = batch.len() as u64;
-                        let wait = self.bucket.lock().unwrap_or_else(PoisonError::into_inner).take(
-                            Class::Live,
-                            len,
-                            Instant::now(),
-                        );
-                        if !wait.is_zero() {
-                            tokio::time::sleep(wait).await;
-                        }
-                        stream.write_all(&Data::Batch(batch.clone()).encode_header()).await?;
-                        stream.write_chunk(batch).await?;
+                        let len = send_batch(&self.bucket, Class::Live, stream, batch).await?;
                         self.credit.bytes.fetch_sub(len as i64, Ordering::Relaxed);
                         self.stats.live_batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
                         self.stats.live_batches_sent.fetch_add(1, Ordering::Relaxed);
@@ -1139,6 +1119,23 @@ enum GapCause {
 fn outgoing(batch: Bytes) -> Result<Data, StoreError> {
     let h = BatchHeader::parse(&batch).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Ok(if h.is_control() { Data::Gap { from: h.base_offset, to: h.next_offset() } } else { Data::Batch(batch) })
+}
+
+/// Waits for `class`'s share of the bandwidth cap, then writes one batch frame; the batch's length.
+pub(crate) async fn send_batch(
+    bucket: &Mutex<LinkShare>,
+    class: Class,
+    stream: &mut quinn::SendStream,
+    batch: Bytes,
+) -> Result<u64, MirrorError> {
+    let len = batch.len() as u64;
+    let wait = bucket.lock().unwrap_or_else(PoisonError::into_inner).take(class, len, Instant::now());
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    stream.write_all(&Data::Batch(batch.clone()).encode_header()).await?;
+    stream.write_chunk(batch).await?;
+    Ok(len)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -15,7 +15,7 @@ use tributary_log::{Store, StoreError, TopicConfig};
 
 use super::{request_key, Accepted, PartRange, Plan, Request, Verdict, POSITION_KEY, REQUESTS_TOPIC, SPACE};
 use crate::fresh::{Class, LinkShare};
-use crate::gateway::MirrorError;
+use crate::gateway::{send_batch, MirrorError};
 use crate::protocol::Data;
 
 /// Backfill requests and plans of one gateway, at most `requests_max` requests kept and
@@ -378,17 +378,7 @@ impl BackfillSender {
                 if h.is_control() {
                     continue;
                 }
-                let len = batch.len() as u64;
-                let wait = self.bucket.lock().unwrap_or_else(PoisonError::into_inner).take(
-                    Class::Ordered,
-                    len,
-                    Instant::now(),
-                );
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
-                stream.write_all(&Data::Batch(batch.clone()).encode_header()).await?;
-                stream.write_chunk(batch).await?;
+                let len = send_batch(&self.bucket, Class::Ordered, &mut stream, batch).await?;
                 self.credit.spend(len);
                 self.backfills.batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
             }
