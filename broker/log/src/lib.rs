@@ -1290,4 +1290,6 @@ fn spawn_ticker(
 #[cfg(test)]
 mod compaction_tests;
 #[cfg(test)]
+mod layout_tests;
+#[cfg(test)]
 mod tests;
