@@ -45,18 +45,26 @@ struct Args {
     per_append: usize,
     #[arg(long, default_value_t = 4)]
     partitions: u32,
+    /// `storage.compaction_bytes_per_commit_max` in KiB (default: the store's, 4 MiB): what
+    /// one compaction step in a commit may read.
+    #[arg(long)]
+    compaction_step_kib: Option<u64>,
 }
 
 /// The simulated day: 2026-12-01 00:00 UTC.
 const DAY_START_MS: i64 = 1_796_083_200_000;
 
 /// A store of its own in `dir`, compaction looking for work every 200 ms.
-async fn open(dir: &Path) -> anyhow::Result<Store> {
+async fn open(dir: &Path, args: &Args) -> anyhow::Result<Store> {
+    let d = StorageConfig::default();
     let cfg = StorageConfig {
         data_dir: dir.to_path_buf(),
         max_bytes: 16 << 30,
         retention_check_interval_ms: 200,
-        ..StorageConfig::default()
+        compaction_bytes_per_commit_max: args
+            .compaction_step_kib
+            .map_or(d.compaction_bytes_per_commit_max, |k| k << 10),
+        ..d
     };
     let (store, _) = tokio::task::spawn_blocking(move || Store::open(cfg)).await?.context("open store")?;
     Ok(store)
@@ -112,11 +120,11 @@ async fn main() -> anyhow::Result<()> {
     };
 
     // Without compaction, then with it: the same readings at the same rate.
-    let off_store = open(&tmp.path().join("off")).await?;
+    let off_store = open(&tmp.path().join("off"), &args).await?;
     off_store.create_topic(TOPIC, args.partitions, base.clone()).await?;
     eprintln!("day without compaction...");
     let (off_hours, off) = day(&off_store, &args).await?;
-    let on_store = open(&tmp.path().join("on")).await?;
+    let on_store = open(&tmp.path().join("on"), &args).await?;
     on_store.create_topic(TOPIC, args.partitions, compacted.clone()).await?;
     eprintln!("day with compaction...");
     let before = on_store.stats();
@@ -171,12 +179,12 @@ async fn main() -> anyhow::Result<()> {
         (off.key_bytes + off.value_bytes) as f64 / MIB
     );
     println!(
-        "| compaction settings (simulated / real) | min.compaction.lag {} min / {} ms, max.compaction.lag {} min / {} ms, min.cleanable.dirty.ratio 0.5, {} MiB per commit |",
+        "| compaction settings (simulated / real) | min.compaction.lag {} min / {} ms, max.compaction.lag {} min / {} ms, min.cleanable.dirty.ratio 0.5, {} KiB per commit |",
         args.min_lag_min,
         compacted.min_compaction_lag_ms,
         args.max_lag_min,
         compacted.max_compaction_lag_ms,
-        StorageConfig::default().compaction_bytes_per_commit_max >> 20
+        args.compaction_step_kib.unwrap_or(StorageConfig::default().compaction_bytes_per_commit_max >> 10)
     );
     for (label, i) in [("produce without compaction", &off), ("produce with compaction running", &on)] {
         println!(
