@@ -172,6 +172,29 @@ async fn a_record_produced_into_the_retained_topic_reaches_new_subscribers_and_a
     suback(&mut trx, "SUBACK").await;
     let p = next_publish(&mut trx, "the MQTT client's newer message").await;
     assert_eq!((&p.topic[..], &p.payload[..]), (&b"meters/2/state"[..], &b"from mqtt"[..]));
+
+    // The topic deleted (a Kafka admin's DeleteTopics): every retained message goes with it, and
+    // the topic created next is followed from its offset 0.
+    broker.store.delete_topic(RETAINED_TOPIC).await.expect("delete the retained topic");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while broker.mqtt_stats.retained_messages.load(Ordering::Relaxed) > 0
+        || broker.mqtt_stats.retained_followed_offset.load(Ordering::Relaxed) > 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the index never forgot the deleted topic");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    publ.publish("meters/1/state", Q5::AtLeastOnce, true, "again").await.expect("publish");
+    next(&mut prx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+    let at = produce_retained(&producer, "meters/5/state", Some("five"), "0").await;
+    assert_eq!(at, 1, "in the topic created again");
+    wait_followed(&broker, at).await;
+    let (fourth, mut frx) = client5(&broker, "fourth");
+    fourth.subscribe("meters/+/state", Q5::AtLeastOnce).await.expect("subscribe");
+    suback(&mut frx, "SUBACK").await;
+    let first = next_publish(&mut frx, "meters/1 published again").await;
+    assert_eq!((&first.topic[..], &first.payload[..]), (&b"meters/1/state"[..], &b"again"[..]));
+    let p = next_publish(&mut frx, "the producer's record in the new topic").await;
+    assert_eq!((&p.topic[..], &p.payload[..], p.qos), (&b"meters/5/state"[..], &b"five"[..], Q5::AtMostOnce));
 }
 
 /// A `kv.mqtt_retained` value as the previous releases wrote it, format 2 (tag 0x12, QoS, expiry

@@ -246,6 +246,15 @@ impl RetainedIndex {
         self.follow(topic, Committed { offset, size, expires_ms })
     }
 
+    /// The retained topic was deleted: every retained message went with it, and following
+    /// starts again at offset 0 of the topic created next.
+    pub fn reset(&mut self) {
+        self.topics.clear();
+        self.clears.clear();
+        self.bytes = 0;
+        self.followed = 0;
+    }
+
     /// Where following the retained topic goes on: every record below is in the index.
     pub fn followed(&self) -> i64 {
         self.followed

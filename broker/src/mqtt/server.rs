@@ -440,6 +440,15 @@ fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreEr
     Ok(())
 }
 
+/// The retained topic was deleted: the index forgets every retained message.
+fn reset_retained(ctx: &Ctx) {
+    tracing::warn!(topic = RETAINED_TOPIC, "the retained topic was deleted: its retained messages are gone");
+    let mut ix = lock(&ctx.retained);
+    ix.reset();
+    retained_gauges(&ctx.stats, &ix);
+    ctx.stats.retained_followed_offset.store(0, Ordering::Relaxed);
+}
+
 /// How long the retained follower waits for new records before looking again (it is woken by
 /// every commit to the topic; this only bounds a wait on a topic that was deleted).
 const RETAINED_FOLLOW_WAIT: Duration = Duration::from_secs(5);
@@ -454,9 +463,18 @@ async fn retained_follower(ctx: Arc<Ctx>) {
     loop {
         let at = lock(&ctx.retained).followed();
         let wm = match ctx.store.wait_for_data(RETAINED_TOPIC, 0, at, RETAINED_FOLLOW_WAIT).await {
+            // Offsets never go back: a lower high watermark is a topic deleted and created again.
+            Ok(wm) if wm.high_watermark < at => {
+                reset_retained(&ctx);
+                continue;
+            }
             Ok(wm) => wm,
             Err(StoreError::UnknownTopic(_)) => {
-                // Not created yet (the first retained publish or a Kafka client creates it).
+                // Not created yet (the first retained publish or a Kafka client creates it), or
+                // deleted: its retained messages went with it.
+                if at > 0 {
+                    reset_retained(&ctx);
+                }
                 let _ = tokio::time::timeout(RETAINED_FOLLOW_WAIT, topics.changed()).await;
                 continue;
             }
