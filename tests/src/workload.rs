@@ -1,7 +1,6 @@
 //! The smart-meter workload appended to a gateway store ([`crate::SmartMeters`] readings on the
-//! `meters` topic, lz4, concurrent appenders each waiting for durability, at full speed or at a
-//! set rate with each append's latency), shared by the mirror and compaction benchmarks, and the
-//! mirror's progress as the store sees it.
+//! `meters` topic, lz4, concurrent appenders each waiting for durability), shared by the mirror
+//! benchmarks, and the mirror's progress as the store sees it.
 
 use std::path::Path;
 use std::time::Instant;
