@@ -96,6 +96,107 @@ async fn a_retained_message_survives_a_restart_with_its_properties_and_kafka_see
     assert_eq!(broker.store.watermarks(RETAINED_TOPIC, 0).expect("wm").high_watermark, 3);
 }
 
+/// Waits until the retained index has followed the retained topic past `offset` (a deadline on
+/// a counter the follower moves after each step, not a sleep to synchronise).
+async fn wait_followed(broker: &KafkaBroker, offset: i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while broker.mqtt_stats.retained_followed_offset.load(Ordering::Relaxed) <= offset as u64 {
+        assert!(std::time::Instant::now() < deadline, "the retained index never followed offset {offset}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Produces a record into the retained topic with rdkafka (`None`: a tombstone); its offset.
+async fn produce_retained(p: &rdkafka::producer::FutureProducer, key: &str, value: Option<&str>, qos: &str) -> i64 {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let headers = OwnedHeaders::new().insert(Header { key: "mqtt.qos", value: Some(qos) });
+    let mut r: rdkafka::producer::FutureRecord<'_, str, str> =
+        rdkafka::producer::FutureRecord::to(RETAINED_TOPIC).partition(0).key(key).headers(headers);
+    if let Some(v) = value {
+        r = r.payload(v);
+    }
+    match p.send(r, std::time::Duration::from_secs(30)).await {
+        Ok(d) => d.offset,
+        Err((e, _)) => panic!("produce into {RETAINED_TOPIC}: {e}"),
+    }
+}
+
+/// Issue 17: the retained index follows the log. A record an rdkafka producer writes into
+/// `mqtt.retained`, keyed by an MQTT topic, reaches a new subscriber as that topic's retained
+/// message without a restart ([MQTT-3.3.1-6]: a new subscription gets the last retained message
+/// of each matching topic), with the QoS of its `mqtt.qos` header; a tombstone (null value, the
+/// log's form of an empty retained payload, [MQTT-3.3.1-10]) the producer writes clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_produced_into_the_retained_topic_reaches_new_subscribers_and_a_tombstone_clears_it() {
+    let broker = KafkaBroker::start_with_mqtt(MqttConfig::default()).await;
+    // An MQTT retained message first (it creates the topic; the producer's records follow it).
+    let (publ, mut prx) = client5(&broker, "meter-1");
+    publ.publish("meters/1/state", Q5::AtLeastOnce, true, "m1").await.expect("publish");
+    next(&mut prx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+    let producer: rdkafka::producer::FutureProducer = crate::support::client_config(&broker.bootstrap())
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer");
+    let at = produce_retained(&producer, "meters/2/state", Some(r#"{"kwh":3}"#), "1").await;
+    assert_eq!(at, 1, "after the MQTT client's record");
+    wait_followed(&broker, at).await;
+    assert_eq!(broker.mqtt_stats.retained_messages.load(Ordering::Relaxed), 2);
+    let (sub, mut rx) = client5(&broker, "dashboard");
+    sub.subscribe("meters/+/state", Q5::AtLeastOnce).await.expect("subscribe");
+    suback(&mut rx, "SUBACK").await;
+    let first = next_publish(&mut rx, "the MQTT client's retained message").await;
+    assert_eq!((&first.topic[..], &first.payload[..], first.retain), (&b"meters/1/state"[..], &b"m1"[..], true));
+    let p = next_publish(&mut rx, "the retained message the Kafka producer wrote").await;
+    assert_eq!((&p.topic[..], &p.payload[..], p.retain), (&b"meters/2/state"[..], &br#"{"kwh":3}"#[..], true));
+    assert_eq!(p.qos, Q5::AtLeastOnce, "the QoS of its mqtt.qos header");
+    let _ = sub.disconnect().await;
+
+    // The producer's tombstone clears it: a new subscriber gets meters/1 only, then a marker.
+    let at = produce_retained(&producer, "meters/2/state", None, "1").await;
+    wait_followed(&broker, at).await;
+    assert_eq!(broker.mqtt_stats.retained_messages.load(Ordering::Relaxed), 1);
+    let (late, mut lrx) = client5(&broker, "late");
+    late.subscribe("meters/+/state", Q5::AtLeastOnce).await.expect("subscribe");
+    suback(&mut lrx, "SUBACK").await;
+    let first = next_publish(&mut lrx, "meters/1's retained message").await;
+    assert_eq!(&first.topic[..], b"meters/1/state");
+    publ.publish("meters/9/state", Q5::AtLeastOnce, false, "marker").await.expect("publish");
+    let p = next_publish(&mut lrx, "the marker").await;
+    assert_eq!((&p.topic[..], p.retain), (&b"meters/9/state"[..], false), "a cleared retained message was sent");
+    // An MQTT client's retained message after the producer's records still wins as the latest.
+    publ.publish("meters/2/state", Q5::AtLeastOnce, true, "from mqtt").await.expect("publish");
+    next(&mut prx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+    let (third, mut trx) = client5(&broker, "third");
+    third.subscribe("meters/2/state", Q5::AtLeastOnce).await.expect("subscribe");
+    suback(&mut trx, "SUBACK").await;
+    let p = next_publish(&mut trx, "the MQTT client's newer message").await;
+    assert_eq!((&p.topic[..], &p.payload[..]), (&b"meters/2/state"[..], &b"from mqtt"[..]));
+
+    // The topic deleted (a Kafka admin's DeleteTopics): every retained message goes with it, and
+    // the topic created next is followed from its offset 0.
+    broker.store.delete_topic(RETAINED_TOPIC).await.expect("delete the retained topic");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while broker.mqtt_stats.retained_messages.load(Ordering::Relaxed) > 0
+        || broker.mqtt_stats.retained_followed_offset.load(Ordering::Relaxed) > 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the index never forgot the deleted topic");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    publ.publish("meters/1/state", Q5::AtLeastOnce, true, "again").await.expect("publish");
+    next(&mut prx, "PUBACK", |p| matches!(p, P5::PubAck(_))).await;
+    let at = produce_retained(&producer, "meters/5/state", Some("five"), "0").await;
+    assert_eq!(at, 1, "in the topic created again");
+    wait_followed(&broker, at).await;
+    let (fourth, mut frx) = client5(&broker, "fourth");
+    fourth.subscribe("meters/+/state", Q5::AtLeastOnce).await.expect("subscribe");
+    suback(&mut frx, "SUBACK").await;
+    let first = next_publish(&mut frx, "meters/1 published again").await;
+    assert_eq!((&first.topic[..], &first.payload[..]), (&b"meters/1/state"[..], &b"again"[..]));
+    let p = next_publish(&mut frx, "the producer's record in the new topic").await;
+    assert_eq!((&p.topic[..], &p.payload[..], p.qos), (&b"meters/5/state"[..], &b"five"[..], Q5::AtMostOnce));
+}
+
 /// A `kv.mqtt_retained` value as the previous releases wrote it, format 2 (tag 0x12, QoS, expiry
 /// in ms since the epoch or 0, payload format or 0xFF, content type, correlation data, response
 /// topic as optional u16-prefixed strings, u16 count of user properties, then the payload).
@@ -210,7 +311,9 @@ fn a_power_cut_during_the_migration_neither_loses_nor_duplicates_a_retained_mess
     let dir = tempfile::tempdir().expect("tempdir");
     let config = |quick_repair| crate::powercut::config(dir.path(), quick_repair);
     let template = || TopicTemplate { partitions: 1, config: TopicConfig::default() };
-    let mqtt = || MqttConfig { listen: "127.0.0.1:0".into(), ..MqttConfig::default() };
+    // Free ports for both listeners: the default WebSocket port (8083) is one for every test.
+    let mqtt =
+        || MqttConfig { listen: "127.0.0.1:0".into(), websocket_listen: "127.0.0.1:0".into(), ..MqttConfig::default() };
     let want: std::collections::BTreeMap<String, Vec<u8>> = (0..MESSAGES)
         .map(|i| (format!("site/{i:02}"), format!("state {i} {}", "x".repeat(i * 300)).into_bytes()))
         .collect();
@@ -292,7 +395,9 @@ fn a_failed_migration_does_not_stop_the_start_and_a_later_start_finishes_it() {
     // The store's ticker runs (its default intervals): it retries the reopen after the fault.
     let (store, _) = Store::open_with_backend(crate::support::storage_config(dir.path()), disk.opener()).expect("open");
     let template = || TopicTemplate { partitions: 1, config: TopicConfig::default() };
-    let mqtt = || MqttConfig { listen: "127.0.0.1:0".into(), ..MqttConfig::default() };
+    // Free ports for both listeners: the default WebSocket port (8083) is one for every test.
+    let mqtt =
+        || MqttConfig { listen: "127.0.0.1:0".into(), websocket_listen: "127.0.0.1:0".into(), ..MqttConfig::default() };
     rt.block_on(async {
         let entries = (0..12).map(|i| (format!("site/{i}").into_bytes(), Some(b"\x01state".to_vec()))).collect();
         store.kv_write(spaces::MQTT_RETAINED, entries).await.expect("seed");

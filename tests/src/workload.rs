@@ -26,6 +26,8 @@ pub struct Ingest {
     /// The store's group commits during the phase, and their total time.
     pub commits: u64,
     pub commit_micros: u64,
+    /// Each append's time from the call to its durable acknowledgement (microseconds).
+    pub latencies_us: Vec<u32>,
 }
 
 impl Ingest {
@@ -36,6 +38,14 @@ impl Ingest {
     /// `N commits, R records/commit, T ms/commit`.
     pub fn commits(&self) -> String {
         commits(self.commits, self.commit_micros, self.records)
+    }
+
+    /// The `q` quantile (0..=1) of the append latencies, in milliseconds.
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        let mut l = self.latencies_us.clone();
+        l.sort_unstable();
+        let Some(last) = l.len().checked_sub(1) else { return 0.0 };
+        f64::from(l[((last as f64) * q).round() as usize]) / 1000.0
     }
 }
 
@@ -53,6 +63,20 @@ pub async fn ingest(
     per_append: usize,
     partitions: u32,
 ) -> anyhow::Result<Ingest> {
+    ingest_at(store, fleets, total, per_append, partitions, None).await
+}
+
+/// [`ingest`], at most `records_per_s` records per second over all appenders (each keeps its
+/// share of the schedule; one that falls behind appends at once until it catches up), so that
+/// append latencies measure the store rather than a queue the benchmark built.
+pub async fn ingest_at(
+    store: &Store,
+    fleets: &mut Vec<SmartMeters>,
+    total: u64,
+    per_append: usize,
+    partitions: u32,
+    records_per_s: Option<f64>,
+) -> anyhow::Result<Ingest> {
     let n = fleets.len() as u64;
     let cpu = cpu_seconds("self");
     let stats = store.stats();
@@ -64,6 +88,10 @@ pub async fn ingest(
         tasks.push(tokio::spawn(async move {
             let mut buckets: Vec<Vec<_>> = (0..partitions).map(|_| Vec::with_capacity(per_append)).collect();
             let (mut keys, mut values) = (0u64, 0u64);
+            let mut latencies = Vec::new();
+            // This appender's share of the rate: one record every `gap`.
+            let gap = records_per_s.map(|r| std::time::Duration::from_secs_f64(n as f64 / r));
+            let mut sent = 0u32;
             for _ in 0..quota {
                 let r = fleet.next_reading();
                 let key = r.key.as_deref().unwrap_or_default();
@@ -73,7 +101,13 @@ pub async fn ingest(
                 buckets[p].push(r);
                 if buckets[p].len() == per_append {
                     let batch = std::mem::replace(&mut buckets[p], Vec::with_capacity(per_append));
+                    if let Some(gap) = gap {
+                        tokio::time::sleep_until((start + gap * sent).into()).await;
+                    }
+                    sent += per_append as u32;
+                    let t = Instant::now();
                     store.append_records(TOPIC, p as i32, batch).await?;
+                    latencies.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 }
             }
             for (p, batch) in buckets.into_iter().enumerate() {
@@ -81,15 +115,16 @@ pub async fn ingest(
                     store.append_records(TOPIC, p as i32, batch).await?;
                 }
             }
-            anyhow::Ok((fleet, keys, values))
+            anyhow::Ok((fleet, keys, values, latencies))
         }));
     }
     let mut out = Ingest { records: total, ..Ingest::default() };
     for t in tasks {
-        let (fleet, keys, values) = t.await??;
+        let (fleet, keys, values, latencies) = t.await??;
         fleets.push(fleet);
         out.key_bytes += keys;
         out.value_bytes += values;
+        out.latencies_us.extend(latencies);
     }
     out.secs = start.elapsed().as_secs_f64();
     out.cpu = cpu_seconds("self") - cpu;

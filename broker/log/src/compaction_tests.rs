@@ -102,12 +102,23 @@ fn assert_accounting_exact(store: &Store, topic: &str) {
     let db = store.inner.shared.db.read().expect("db").clone().expect("open");
     let rtx = redb::ReadableDatabase::begin_read(&*db).expect("read");
     let log = rtx.open_table(tables::LOG).expect("log");
+    let pieces = rtx.open_table(tables::LOG_PIECES).expect("pieces");
     let key = store.topic_state(topic).expect("topic").partitions[0].key;
     let (mut logical, mut fp) = (0u64, 0u64);
     for e in log.range((key, 0u64)..=(key, u64::MAX)).expect("range") {
-        let (_, v) = e.expect("entry");
-        logical += (v.value().len() - tables::VALUE_PREFIX_LEN) as u64;
-        fp += tables::footprint(v.value().len());
+        let (k, v) = e.expect("entry");
+        let base = k.value().1;
+        let lens: Vec<usize> = pieces
+            .range((key, base, 0u8)..=(key, base, u8::MAX))
+            .expect("pieces")
+            .map(|p| p.expect("piece").1.value().len())
+            .collect();
+        logical += (v.value().len() - tables::VALUE_PREFIX_LEN + lens.iter().sum::<usize>()) as u64;
+        fp += if lens.is_empty() {
+            tables::footprint(v.value().len())
+        } else {
+            tables::split_footprint(v.value().len(), lens)
+        };
     }
     assert_eq!((info.logical_bytes, info.footprint_bytes), (logical, fp), "accounting matches the table");
 }

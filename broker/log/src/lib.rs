@@ -15,6 +15,7 @@ mod producers;
 pub mod refusals;
 #[cfg(any(test, feature = "sim-disk"))]
 pub mod simdisk;
+mod stored;
 pub mod tables;
 mod tail;
 mod writer;
@@ -36,7 +37,7 @@ pub use config::{
     CleanupPolicy, Codec, ConfigError, Durability, StorageConfig, TimestampKind, TopicConfig, TopicTemplate,
 };
 pub use error::StoreError;
-use tables::{split_value, LOG, TIME_INDEX};
+use tables::{split_value, LOG, LOG_PIECES, TIME_INDEX};
 pub use writer::validate_topic_name;
 use writer::{AdminCmd, AppendData, Op};
 
@@ -928,6 +929,7 @@ impl Store {
         let mut next_offset = offset;
         if offset < wm.high_watermark {
             let log = rtx.open_table(LOG)?;
+            let pieces = rtx.open_table(LOG_PIECES)?;
             let target = offset as u64;
             let start = match log.range((p.key, 0u64)..=(p.key, target))?.next_back() {
                 Some(entry) => entry?.0.value().1,
@@ -938,8 +940,8 @@ impl Store {
                 if k.value().0 != p.key || k.value().1 >= wm.high_watermark as u64 {
                     break;
                 }
-                let (_, batch) = split_value(v.value())?;
-                let h = BatchHeader::parse(batch).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let (_, head) = split_value(v.value())?;
+                let h = BatchHeader::parse(head).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 if h.next_offset() <= offset {
                     continue;
                 }
@@ -959,10 +961,10 @@ impl Store {
                 // `max_bytes` is soft for the first batch with records: gap batches (control
                 // batches the store wrote) before it do not count, so a reader always gets
                 // past a gap to the records after it.
-                if has_records && out.len() + batch.len() > max_bytes {
+                if has_records && out.len() + h.total_len().max(head.len()) > max_bytes {
                     break;
                 }
-                out.extend_from_slice(batch);
+                stored::read_batch_into(&pieces, p.key, k.value().1, head, &mut out)?;
                 batches += 1;
                 has_records |= !h.is_control();
                 next_offset = h.next_offset();
@@ -1118,6 +1120,7 @@ impl Store {
         };
         let start = (entry?.1.value() as i64).max(wm.log_start_offset);
         let log = rtx.open_table(LOG)?;
+        let pieces = rtx.open_table(LOG_PIECES)?;
         let limit = self.inner.shared.config.decompressed_size_bytes_max;
         let first = match log.range((p.key, 0u64)..=(p.key, start as u64))?.next_back() {
             Some(e) => e?.0.value().1,
@@ -1128,12 +1131,13 @@ impl Store {
             if k.value().1 >= wm.high_watermark as u64 {
                 break;
             }
-            let (_, b) = split_value(v.value())?;
-            let h = BatchHeader::parse(b).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let (_, head) = split_value(v.value())?;
+            let h = BatchHeader::parse(head).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             if h.max_timestamp < timestamp_ms {
                 continue;
             }
-            for r in batch::decode_records(b, limit).map_err(|e| StoreError::Corrupt(e.to_string()))? {
+            let b = stored::read_batch(&pieces, p.key, k.value().1, head)?;
+            for r in batch::decode_records(&b, limit).map_err(|e| StoreError::Corrupt(e.to_string()))? {
                 if r.offset >= start && r.timestamp >= timestamp_ms {
                     return Ok(Some((r.offset, r.timestamp)));
                 }
@@ -1285,5 +1289,7 @@ fn spawn_ticker(
 
 #[cfg(test)]
 mod compaction_tests;
+#[cfg(test)]
+mod layout_tests;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
-//! The redb tables of the store, their key layouts and value encodings, and the page-footprint
-//! model that retention uses (redb rounds large values up to power-of-two page runs and leaves
-//! sequentially filled leaves about half full).
+//! The redb tables of the store, their key layouts and value encodings, how a batch larger than a
+//! page is laid out as a head and pieces that fill redb's power-of-two page runs exactly
+//! (`layout`), and the page-footprint model that retention uses (redb rounds a large value up to
+//! a power-of-two page run and leaves leaves filled in the middle of a key range half full).
 
 use redb::TableDefinition;
 
@@ -10,8 +11,15 @@ use crate::error::StoreError;
 pub const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
 /// Partition key -> `PartitionMeta`; updated in the same transaction as every append and delete.
 pub const PARTITIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("partitions");
-/// (partition key, base offset) -> append time (i64 BE, 8 bytes) followed by the RecordBatch v2.
+/// (partition key, base offset) -> a batch's head: append time (i64 BE, 8 bytes) followed by the
+/// RecordBatch v2, whole, or its first bytes (at least its header) when the batch is laid out in
+/// pieces (see `layout`; the batch header's length says which).
 pub const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
+/// (partition key, base offset, piece number) -> the bytes of a batch after its head, in pieces
+/// numbered from 0 that each fill a power-of-two run of pages exactly (see `layout`). Written and
+/// removed in the same transaction as the head. Databases written before pieces existed have
+/// whole batches in `LOG` and nothing here: they read as they are, no migration.
+pub const LOG_PIECES: TableDefinition<(u64, u64, u8), &[u8]> = TableDefinition::new("log_pieces");
 /// (partition key, timestamp) -> base offset of the batch where the partition's running max
 /// timestamp first reached that timestamp. Only inserted when the running max grows.
 pub const TIME_INDEX: TableDefinition<(u64, i64), u64> = TableDefinition::new("time_index");
@@ -33,6 +41,89 @@ const PAGE_BYTES: u64 = 4096;
 const LOG_ENTRY_OVERHEAD: u64 = 16 + 4;
 /// Leaf page header (page type, pair count).
 const LEAF_HEADER: u64 = 4;
+/// A LOG_PIECES entry's overhead inside a redb leaf: 17-byte fixed-width key, 4-byte value length.
+const PIECE_ENTRY_OVERHEAD: u64 = 17 + 4;
+/// The largest LOG value that fits one page beside nothing else: a head is never larger, so
+/// heads share leaves instead of taking page runs.
+pub const HEAD_VALUE_MAX: usize = (PAGE_BYTES - LEAF_HEADER - LOG_ENTRY_OVERHEAD) as usize;
+/// The bytes a head holds at least: the append time and the batch header (what retention,
+/// compaction and the open-time checks read without the pieces).
+const HEAD_VALUE_MIN: usize = VALUE_PREFIX_LEN + crate::batch::HEADER_LEN;
+
+/// Bytes of a piece that fills a run of `pages` pages (a power of two) exactly.
+fn piece_capacity(pages: u64) -> usize {
+    (pages * PAGE_BYTES - LEAF_HEADER - PIECE_ENTRY_OVERHEAD) as usize
+}
+
+/// How a stored value (`VALUE_PREFIX_LEN` bytes of append time, then the batch) lies in the
+/// tables: `head` bytes in LOG, then `pieces` in LOG_PIECES, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub head: usize,
+    pub pieces: Vec<usize>,
+}
+
+impl Layout {
+    /// Disk bytes the layout costs (the model of `footprint`, per entry).
+    pub fn footprint(&self) -> u64 {
+        split_footprint(self.head, self.pieces.iter().copied())
+    }
+}
+
+/// The layout of a stored value of `value_len` bytes. A value that fits one page stays whole (it
+/// shares leaves). A larger one would take the next power-of-two run of pages whole (a 110 KB
+/// batch takes 128 KiB): instead its bytes after the head go into pieces that each fill a
+/// power-of-two run exactly (largest first), and what is left, less than a page, stays in the
+/// head beside the batch header, or becomes a last piece of under a page if the head would not
+/// fit one page then. The whole value is kept when that costs no more (a value that already
+/// fills its run, as the store's own batches do).
+pub fn layout(value_len: usize) -> Layout {
+    let whole = Layout { head: value_len, pieces: Vec::new() };
+    if value_len <= HEAD_VALUE_MAX {
+        return whole;
+    }
+    let mut rest = value_len - HEAD_VALUE_MIN;
+    let mut pieces = Vec::new();
+    while rest >= piece_capacity(1) {
+        let mut pages = 1u64;
+        while piece_capacity(pages * 2) <= rest {
+            pages *= 2;
+        }
+        pieces.push(piece_capacity(pages));
+        rest -= piece_capacity(pages);
+    }
+    let head = if HEAD_VALUE_MIN + rest <= HEAD_VALUE_MAX {
+        HEAD_VALUE_MIN + rest
+    } else {
+        pieces.push(rest);
+        HEAD_VALUE_MIN
+    };
+    let split = Layout { head, pieces };
+    debug_assert_eq!(split.head + split.pieces.iter().sum::<usize>(), value_len);
+    assert!(split.pieces.len() <= usize::from(u8::MAX), "pieces are numbered by a u8: {value_len}");
+    if footprint(value_len) <= split.footprint() {
+        whole
+    } else {
+        split
+    }
+}
+
+/// Disk bytes of a batch stored as a head of `head` bytes and pieces of the given lengths:
+/// each piece its page run, the head (and a last piece under a page) its share of a leaf, at
+/// most the one page it fits.
+pub fn split_footprint(head: usize, pieces: impl IntoIterator<Item = usize>) -> u64 {
+    leaf_footprint(head as u64 + LOG_ENTRY_OVERHEAD)
+        + pieces.into_iter().map(|p| leaf_footprint(p as u64 + PIECE_ENTRY_OVERHEAD)).sum::<u64>()
+}
+
+/// `entry_footprint`, at most one page for an entry that fits one.
+fn leaf_footprint(entry: u64) -> u64 {
+    if entry + LEAF_HEADER <= PAGE_BYTES {
+        entry_footprint(entry).min(PAGE_BYTES)
+    } else {
+        entry_footprint(entry)
+    }
+}
 
 /// Default cap of batches the store builds: a stored value (prefix + batch) plus its entry
 /// overhead fills a 16 KiB page exactly.
@@ -97,17 +188,18 @@ const META_VERSION: u8 = 2;
 const META_LEN: usize = 1 + 8 * 7;
 
 impl PartitionMeta {
-    /// Counts a batch just stored at `next_offset` (its base) as a value of `value_len` bytes
-    /// (prefix included); the partition continues at `batch_next_offset`.
-    pub fn account_batch(&mut self, batch_next_offset: u64, value_len: usize) {
+    /// Counts a batch of `batch_len` bytes just stored at `next_offset` (its base), costing
+    /// `footprint` bytes of disk (`Layout::footprint`); the partition continues at
+    /// `batch_next_offset`.
+    pub fn account_batch(&mut self, batch_next_offset: u64, batch_len: usize, footprint: u64) {
         debug_assert!(
             batch_next_offset > self.next_offset,
             "a batch ends after where it starts: {batch_next_offset} {self:?}"
         );
-        debug_assert!(value_len > VALUE_PREFIX_LEN, "a stored value holds its prefix and a batch: {value_len}");
+        debug_assert!(batch_len > 0, "a stored batch has bytes");
         self.next_offset = batch_next_offset;
-        self.logical_bytes += value_len.saturating_sub(VALUE_PREFIX_LEN) as u64;
-        self.footprint_bytes += footprint(value_len);
+        self.logical_bytes += batch_len as u64;
+        self.footprint_bytes += footprint;
         self.batches += 1;
     }
 
@@ -288,6 +380,42 @@ mod tests {
         assert_eq!(footprint(DEFAULT_BATCH_SIZE_BYTES_MAX as usize + VALUE_PREFIX_LEN), 16384);
         assert_eq!(footprint(DEFAULT_BATCH_SIZE_BYTES_MAX as usize + VALUE_PREFIX_LEN + 1), 32768);
         assert_eq!(footprint(5000), 8192);
+    }
+
+    /// Every piece fills its page run exactly; the head fits one page beside others; the whole
+    /// value is kept when the layout saves nothing.
+    #[test]
+    fn layout_fills_page_runs_exactly() {
+        // The storage benchmark's 109,997-byte client batch: 64 + 32 + 8 KiB runs and a head of
+        // 3,584 bytes, about 108 KiB instead of a 128 KiB run.
+        let l = layout(109_997 + VALUE_PREFIX_LEN);
+        assert_eq!(l.pieces, vec![65536 - 25, 32768 - 25, 8192 - 25]);
+        assert_eq!(l.head, 3584);
+        assert_eq!(l.footprint(), 4096 + 65536 + 32768 + 8192);
+        for len in (HEAD_VALUE_MAX + 1..3 << 20).step_by(997) {
+            let l = layout(len);
+            assert_eq!(l.head + l.pieces.iter().sum::<usize>(), len, "{len}");
+            if l.pieces.is_empty() {
+                // Kept whole: its run costs no more than pieces would.
+                assert_eq!(l.head, len);
+                continue;
+            }
+            assert!(l.head <= HEAD_VALUE_MAX, "{len}: head {} does not fit one page", l.head);
+            assert!(l.head >= HEAD_VALUE_MIN, "{len}: the head holds the batch header");
+            let entry = |p: usize| p as u64 + PIECE_ENTRY_OVERHEAD;
+            let fills = |p: usize| entry(p) + LEAF_HEADER == leaf_footprint(entry(p));
+            let (last, full) = l.pieces.split_last().expect("pieces");
+            assert!(full.iter().all(|p| fills(*p)), "{len}: every piece but the last fills its run: {l:?}");
+            assert!(fills(*last) || *last < piece_capacity(1), "{len}: a last piece under a page: {l:?}");
+            // At most a page (the head's, or a last piece's) and the entry overheads beyond the bytes.
+            let waste = l.footprint() - len as u64;
+            assert!(waste < PAGE_BYTES + 25 * l.pieces.len() as u64 + 24, "{len}: {waste} wasted, {l:?}");
+            assert!(l.footprint() < footprint(len), "{len}: split only when it saves");
+        }
+        // Values up to a page and values that fill their run already stay whole.
+        assert!(layout(HEAD_VALUE_MAX).pieces.is_empty());
+        let filled = DEFAULT_BATCH_SIZE_BYTES_MAX as usize + VALUE_PREFIX_LEN;
+        assert_eq!(layout(filled), Layout { head: filled, pieces: Vec::new() });
     }
 
     #[test]

@@ -386,7 +386,7 @@ async fn global_retention_deletes_archived_batches_before_older_unarchived_ones(
         (topic, batches)
     };
     // The oldest data is not archived; newer data is, fully.
-    // 3 + 3 MiB stay under the 90% high mark of 16 MiB (with page overhead); 6 more go past it.
+    // 3 + 3 MiB stay under the 90% high mark of 16 MiB (with page overhead); 9 more go past it.
     for (topic, mib) in [("unarchived", 3), ("archived", 3), ("fresh", 0)] {
         store.create_topic(topic, 1, plain.clone()).await.expect("create");
         let (_, batches) = fill(topic, mib);
@@ -400,7 +400,7 @@ async fn global_retention_deletes_archived_batches_before_older_unarchived_ones(
     assert_eq!(store.archived("unarchived", 0).expect("mark"), None);
     assert_eq!(store.stats().retention_deleted_batches, 0, "{:?}", store.stats());
     // Past the high mark: retention frees space.
-    let (_, batches) = fill("fresh", 6);
+    let (_, batches) = fill("fresh", 9);
     for b in batches {
         store.append_records("fresh", 0, b).await.expect("append");
     }
@@ -628,7 +628,8 @@ async fn key_value_bytes_count_against_the_disk_budget() {
     let store = Store::open(cfg.clone()).expect("open").0;
     let plain = TopicConfig { compression: Codec::None, ..TopicConfig::default() };
     store.create_topic("t", 1, plain).await.expect("create");
-    for i in 0..6 * 64 {
+    // 768 records of 16 KiB: 12.5 MiB of pages (each a 16 KiB piece and a head, `tables::layout`).
+    for i in 0..12 * 64 {
         store
             .append_records("t", 0, vec![NewRecord::new(None::<Bytes>, Bytes::from(vec![i as u8; 16 << 10]))])
             .await
@@ -636,7 +637,7 @@ async fn key_value_bytes_count_against_the_disk_budget() {
     }
     assert_eq!(store.watermarks("t", 0).expect("wm").log_start_offset, 0, "12 MiB of log pages fit the budget");
     assert_eq!(store.stats().kv_bytes, 0);
-    // 10 retained messages of 500 KiB (5 MiB of pages) and 12 MiB of log pages: past the 90%
+    // 10 retained messages of 500 KiB (5 MiB of pages) and 12.5 MiB of log pages: past the 90%
     // high mark of 16 MiB.
     let value = 500 << 10;
     for i in 0..10u8 {
@@ -931,8 +932,8 @@ async fn the_disk_budget_counts_a_kept_topic_and_deletes_other_topics_for_it() {
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     let mut noise = |n: usize| noise(&mut seed, n);
     store.keep_from_disk_budget("kept");
-    // Oldest first: 3 MiB kept (and archived), 3 MiB of another topic, then 6 MiB past the mark.
-    for (topic, mib) in [("kept", 3usize), ("other", 3), ("fresh", 6)] {
+    // Oldest first: 3 MiB kept (and archived), 3 MiB of another topic, then 9 MiB past the mark.
+    for (topic, mib) in [("kept", 3usize), ("other", 3), ("fresh", 9)] {
         store.create_topic(topic, 1, plain.clone()).await.expect("create");
         for i in 0..mib * 16 {
             let records = (0..16).map(|j| NewRecord::new(Some(format!("k{i}-{j}")), noise(4096))).collect();

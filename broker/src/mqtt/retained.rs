@@ -3,7 +3,8 @@
 //! (`mqtt.retained_messages_max`, `mqtt.retained_bytes_max`) are checked without reading the store,
 //! and a subscription's retained messages are found page by page by a cursor that reads only the
 //! topics its filter can match. The messages themselves are records of that compacted topic
-//! (`routes::RETAINED_TOPIC`); the index is rebuilt from it at start-up. The index costs about
+//! (`routes::RETAINED_TOPIC`); the index is rebuilt from it at start-up and then follows it in
+//! offset order (`RetainedIndex::follow`), whoever appends to it. The index costs about
 //! (topic length + 80) bytes per retained message, bounded by `mqtt.retained_messages_max`.
 //! Also the decoder of the previous releases' `kv.mqtt_retained` values, read once to migrate them.
 
@@ -153,8 +154,16 @@ pub(super) fn decode_value(v: &[u8]) -> Option<RetainedValue> {
     Some(RetainedValue { qos, expires_ms: (expires != 0).then_some(expires), props, payload })
 }
 
+/// Clears this server is writing or wrote, kept until the follower has read past their
+/// tombstones (see `RetainedIndex::follow`): at most this many after that; beyond it the oldest
+/// go (the follower's reading in order still ends at the right state, a new subscriber may get an
+/// older message meanwhile).
+const CLEARS_MAX: usize = 4096;
+
 /// The retained topics, their records' offsets, sizes and expiry deadlines (ms since the epoch),
-/// as of the latest publish (committed or not).
+/// as of the latest publish (committed or not). It follows the retained topic in offset order
+/// (`follow`): records any writer appends there (this server's publishes, a Kafka producer, a
+/// restore) reach it without a restart.
 #[derive(Debug)]
 pub(super) struct RetainedIndex {
     topics: BTreeMap<String, Entry>,
@@ -163,6 +172,11 @@ pub(super) struct RetainedIndex {
     bytes_max: u64,
     /// Tells updates apart (two publishes of the same size and expiry are two entries).
     next_seq: u64,
+    /// Clears (an empty retained payload, an expiry) of this server by topic: their topics are
+    /// gone from `topics`, and the follower must not bring back a record older than them.
+    clears: BTreeMap<String, Clear>,
+    /// Every record of the retained topic below this offset has been followed.
+    followed: i64,
 }
 
 /// A retained message in the index: its size, when it expires, and the offset of the record to
@@ -172,10 +186,33 @@ pub(super) struct Entry {
     size: u64,
     expires_ms: Option<i64>,
     /// The committed record holding the topic's message: while a publish is being committed it
-    /// is still the previous one's (what a scan sends meanwhile, as before the publish); `None`
-    /// for a topic whose first message is being committed.
+    /// is still the latest committed one's (what a scan sends meanwhile, as before the publish);
+    /// `None` for a topic with nothing committed to send yet.
     offset: Option<i64>,
     seq: u64,
+    /// A publish of this server is being committed (`settle` or `undo` ends it).
+    pending: bool,
+    /// The latest record the follower read while the publish was pending: what the topic holds
+    /// if the publish fails, or if that record came after it.
+    newer: Option<Committed>,
+}
+
+/// A record of the retained topic as the index takes it: a message of `size` bytes (`None`: a
+/// tombstone) at `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Committed {
+    pub offset: i64,
+    pub size: Option<u64>,
+    pub expires_ms: Option<i64>,
+}
+
+/// A clear of this server: its update's `seq`, the offset of its tombstone once committed, and
+/// the latest record the follower read while it was being committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Clear {
+    seq: u64,
+    at: Option<i64>,
+    newer: Option<Committed>,
 }
 
 /// A change made to the index, kept to undo it if its commit fails, or to settle it (learn its
@@ -185,11 +222,20 @@ pub(super) struct Update {
     pub topic: String,
     previous: Option<Entry>,
     now: Option<Entry>,
+    seq: u64,
 }
 
 impl RetainedIndex {
     pub fn new(count_max: usize, bytes_max: u64) -> Self {
-        Self { topics: BTreeMap::new(), bytes: 0, count_max, bytes_max, next_seq: 0 }
+        Self {
+            topics: BTreeMap::new(),
+            bytes: 0,
+            count_max,
+            bytes_max,
+            next_seq: 0,
+            clears: BTreeMap::new(),
+            followed: 0,
+        }
     }
 
     /// A record of the retained topic read at start-up, in offset order: a message (`Some(size)`)
@@ -197,7 +243,66 @@ impl RetainedIndex {
     /// `mqtt.retained_messages_max` is not taken (returns false): the index stays bounded even
     /// if other writers filled the topic.
     pub fn load(&mut self, topic: &str, offset: i64, size: Option<u64>, expires_ms: Option<i64>) -> bool {
-        let Some(size) = size else {
+        self.follow(topic, Committed { offset, size, expires_ms })
+    }
+
+    /// The retained topic was deleted: every retained message went with it, and following
+    /// starts again at offset 0 of the topic created next.
+    pub fn reset(&mut self) {
+        self.topics.clear();
+        self.clears.clear();
+        self.bytes = 0;
+        self.followed = 0;
+    }
+
+    /// Where following the retained topic goes on: every record below is in the index.
+    pub fn followed(&self) -> i64 {
+        self.followed
+    }
+
+    /// The follower read every record below `offset`: clears whose tombstones lie below it
+    /// protect nothing any more.
+    pub fn set_followed(&mut self, offset: i64) {
+        self.followed = self.followed.max(offset);
+        let followed = self.followed;
+        self.clears.retain(|_, c| c.at.is_none_or(|at| at >= followed));
+    }
+
+    /// A record of the retained topic, read in offset order by the follower (and at start-up):
+    /// the topic's latest committed record, unless the index already knows a later one (this
+    /// server's own publishes are in the index from their commit on, before the follower reads
+    /// them) or a clear of this server is being committed or came after it. A record read while
+    /// a publish of the topic is being committed is kept aside for `settle`/`undo`. Counted
+    /// whatever the limits say now, but a topic beyond `mqtt.retained_messages_max` is not
+    /// taken (returns false).
+    pub fn follow(&mut self, topic: &str, c: Committed) -> bool {
+        if let Some(clear) = self.clears.get_mut(topic) {
+            match clear.at {
+                None => {
+                    clear.newer = Some(c);
+                    if let Some(e) = self.topics.get_mut(topic).filter(|e| e.pending) {
+                        e.newer = Some(c);
+                    }
+                    return true;
+                }
+                Some(at) if c.offset <= at => return true,
+                Some(_) => {}
+            }
+        }
+        match self.topics.get_mut(topic) {
+            Some(e) if e.offset.is_some_and(|known| known >= c.offset) => true,
+            Some(e) if e.pending => {
+                e.newer = Some(c);
+                e.offset = c.size.map(|_| c.offset);
+                true
+            }
+            _ => self.take(topic, c),
+        }
+    }
+
+    /// The topic's latest committed record is `c`.
+    fn take(&mut self, topic: &str, c: Committed) -> bool {
+        let Some(size) = c.size else {
             self.set(topic, None);
             return true;
         };
@@ -205,7 +310,8 @@ impl RetainedIndex {
             return false;
         }
         let seq = self.seq();
-        self.set(topic, Some(Entry { size, expires_ms, offset: Some(offset), seq }));
+        let entry = Entry { size, expires_ms: c.expires_ms, offset: Some(c.offset), seq, pending: false, newer: None };
+        self.set(topic, Some(entry));
         true
     }
 
@@ -252,11 +358,25 @@ impl RetainedIndex {
                 return Err("mqtt.retained_bytes_max");
             }
         }
-        let offset = previous.and_then(|e| e.offset);
         let seq = self.seq();
-        let now = size.map(|size| Entry { size, expires_ms, offset, seq });
+        let offset = previous.and_then(|e| e.offset);
+        let now = size.map(|size| Entry { size, expires_ms, offset, seq, pending: true, newer: None });
         self.set(topic, now);
-        Ok(Update { topic: topic.to_string(), previous, now })
+        if now.is_none() {
+            self.clear_pending(topic, seq);
+        }
+        Ok(Update { topic: topic.to_string(), previous, now, seq })
+    }
+
+    /// A clear of `topic` is being committed.
+    fn clear_pending(&mut self, topic: &str, seq: u64) {
+        if self.clears.len() >= CLEARS_MAX {
+            let done = self.clears.iter().filter_map(|(t, c)| c.at.map(|at| (at, t.clone()))).min();
+            if let Some((_, t)) = done {
+                self.clears.remove(&t);
+            }
+        }
+        self.clears.insert(topic.to_string(), Clear { seq, at: None, newer: None });
     }
 
     /// Clears `topic` if its latest message (committed or still being committed) expired by
@@ -267,23 +387,68 @@ impl RetainedIndex {
             return None;
         }
         self.set(topic, None);
-        Some(Update { topic: topic.to_string(), previous: Some(previous), now: None })
+        let seq = self.seq();
+        self.clear_pending(topic, seq);
+        Some(Update { topic: topic.to_string(), previous: Some(previous), now: None, seq })
     }
 
     /// Undoes an update whose commit failed, unless the topic was changed again since (then that
-    /// later change stands).
+    /// later change stands). A record the follower read meanwhile is what the topic holds then.
     pub fn undo(&mut self, u: &Update) {
-        if self.topics.get(&u.topic).copied() == u.now {
-            self.set(&u.topic, u.previous);
+        match u.now {
+            Some(_) => {
+                let Some(e) = self.topics.get(&u.topic).copied().filter(|e| e.seq == u.seq) else { return };
+                match e.newer {
+                    Some(c) => {
+                        self.take(&u.topic, c);
+                    }
+                    None => self.set(&u.topic, u.previous),
+                }
+            }
+            None => {
+                let Some(clear) = self.clears.get(&u.topic).copied().filter(|c| c.seq == u.seq) else { return };
+                self.clears.remove(&u.topic);
+                if self.topics.contains_key(&u.topic) {
+                    return;
+                }
+                match clear.newer {
+                    Some(c) => {
+                        self.take(&u.topic, c);
+                    }
+                    None => self.set(&u.topic, u.previous),
+                }
+            }
         }
     }
 
     /// An update committed with its record at `offset`: a scan reads that record from now on,
-    /// unless the topic was changed again since (then the later change settles it).
+    /// unless the topic was changed again since (then the later change settles it) or the
+    /// follower read a later record of the topic meanwhile (then that one stands).
     pub fn settle(&mut self, u: &Update, offset: i64) {
-        if let (Some(now), Some(e)) = (u.now, self.topics.get_mut(&u.topic)) {
-            if e.seq == now.seq {
-                e.offset = Some(offset);
+        match u.now {
+            Some(_) => {
+                let Some(e) = self.topics.get_mut(&u.topic).filter(|e| e.seq == u.seq) else { return };
+                match e.newer.take() {
+                    Some(c) if c.offset > offset => {
+                        self.take(&u.topic, c);
+                    }
+                    _ => {
+                        e.offset = Some(offset);
+                        e.pending = false;
+                    }
+                }
+            }
+            None => {
+                let Some(clear) = self.clears.get_mut(&u.topic).filter(|c| c.seq == u.seq) else { return };
+                clear.at = Some(offset);
+                if let Some(c) = clear.newer.take().filter(|c| c.offset > offset) {
+                    if !self.topics.contains_key(&u.topic) {
+                        self.take(&u.topic, c);
+                    }
+                }
+                if offset < self.followed {
+                    self.clears.remove(&u.topic);
+                }
             }
         }
     }
@@ -543,5 +708,84 @@ mod tests {
         assert_eq!(offsets(&ix), [9]);
         ix.forget("t", 9);
         assert_eq!((ix.count(), ix.bytes()), (0, 0));
+    }
+    fn msg(offset: i64, size: u64) -> Committed {
+        Committed { offset, size: Some(size), expires_ms: None }
+    }
+
+    fn tomb(offset: i64) -> Committed {
+        Committed { offset, size: None, expires_ms: None }
+    }
+
+    fn offset_of(ix: &RetainedIndex, topic: &str) -> Option<i64> {
+        let mut scan = RetainedScan::new(topic, 1);
+        ix.page(&mut scan, 10, 10, u64::MAX).first().map(|(_, o)| *o)
+    }
+
+    /// Issue 17: records any writer appends to the retained topic reach the index in offset
+    /// order ([MQTT-3.3.1-6]: a new subscriber gets the latest; a tombstone clears, [MQTT-3.3.1-10]),
+    /// and this server's own writes, which are in the index from their commit on, are never
+    /// undone by the follower reading older records after them.
+    #[test]
+    fn the_index_follows_the_log_in_offset_order_around_this_servers_own_writes() {
+        // Another writer's records: the latest per topic wins, a tombstone clears.
+        let mut ix = RetainedIndex::new(2, 1000);
+        assert!(ix.follow("a", msg(0, 10)));
+        assert!(ix.follow("a", msg(1, 20)));
+        assert!(ix.follow("b", msg(2, 5)));
+        assert!(!ix.follow("c", msg(3, 5)), "beyond mqtt.retained_messages_max: not taken");
+        assert!(ix.follow("b", tomb(4)));
+        assert_eq!((ix.count(), ix.bytes(), offset_of(&ix, "a")), (1, 20, Some(1)));
+        assert!(ix.follow("a", msg(1, 20)), "a record read twice changes nothing");
+        assert_eq!((ix.count(), ix.bytes()), (1, 20));
+
+        // This server's publish committed at 7 and settled before the follower reads 5..7: the
+        // older record 5 of another writer does not replace it, its own record 7 changes nothing.
+        let u = ix.update("a", Some(30)).expect("room");
+        ix.settle(&u, 7);
+        assert!(ix.follow("a", msg(5, 99)));
+        assert!(ix.follow("a", msg(7, 30)));
+        assert_eq!((offset_of(&ix, "a"), ix.bytes()), (Some(7), 30));
+        // A later record of another writer (8) replaces it.
+        assert!(ix.follow("a", msg(8, 40)));
+        assert_eq!((offset_of(&ix, "a"), ix.bytes()), (Some(8), 40));
+
+        // While a publish is pending, a scan reads the latest committed record the follower saw;
+        // a record after the publish's (read before `settle` runs) stands after it.
+        let u = ix.update("a", Some(50)).expect("room");
+        assert!(ix.follow("a", msg(9, 60)), "committed before the publish");
+        assert_eq!(offset_of(&ix, "a"), Some(9));
+        assert!(ix.follow("a", msg(10, 50)), "the publish's own record");
+        assert!(ix.follow("a", msg(11, 70)), "another writer's, after it");
+        ix.settle(&u, 10);
+        assert_eq!((offset_of(&ix, "a"), ix.bytes()), (Some(11), 70), "the later record stands");
+        // A failed publish leaves what the follower read meanwhile.
+        let u = ix.update("a", Some(80)).expect("room");
+        assert!(ix.follow("a", tomb(12)));
+        assert_eq!(offset_of(&ix, "a"), None, "a tombstone is the latest committed record");
+        ix.undo(&u);
+        assert_eq!((ix.count(), ix.bytes()), (0, 0), "the tombstone stands");
+
+        // This server's clear: the follower, still behind, never brings back an older message.
+        let mut ix = RetainedIndex::new(10, 1000);
+        assert!(ix.follow("t", msg(0, 10)));
+        let clear = ix.update("t", None).expect("clear");
+        assert!(ix.follow("t", msg(1, 20)), "committed before the clear");
+        assert_eq!(ix.count(), 0, "not brought back while the clear is being committed");
+        ix.settle(&clear, 2);
+        assert_eq!(ix.count(), 0);
+        assert!(ix.follow("t", msg(1, 20)), "read again after the clear's commit");
+        assert!(ix.follow("t", tomb(2)), "the clear's own tombstone");
+        assert_eq!(ix.count(), 0, "older records do not bring it back");
+        assert!(ix.follow("t", msg(3, 30)), "a later message does");
+        assert_eq!((ix.count(), offset_of(&ix, "t")), (1, Some(3)));
+        ix.set_followed(4);
+        assert!(ix.clears.is_empty(), "a clear the follower passed is forgotten");
+        // A failed clear leaves the latest record the follower read meanwhile.
+        let clear = ix.update("t", None).expect("clear");
+        assert!(ix.follow("t", msg(4, 40)));
+        ix.undo(&clear);
+        assert_eq!((ix.count(), offset_of(&ix, "t"), ix.bytes()), (1, Some(4), 40));
+        assert!(ix.clears.is_empty());
     }
 }

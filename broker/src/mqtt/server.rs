@@ -105,6 +105,9 @@ pub struct MqttStats {
     /// Retained messages stored, and their bytes (topics and payloads).
     pub retained_messages: AtomicU64,
     pub retained_bytes: AtomicU64,
+    /// Every record of the retained topic below this offset is in the retained index (read at
+    /// start-up, then followed as any writer appends).
+    pub retained_followed_offset: AtomicU64,
     /// Packet bytes received and sent.
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -323,7 +326,7 @@ async fn migrate_retained(store: &Store, defaults: &TopicConfig) -> Result<u64, 
                     keys.insert(k.to_vec());
                 }
             })
-            .map(|()| keys)
+            .map(|_| keys)
         })
         .await
         .map_err(|e| StoreError::Corrupt(format!("retained migration task: {e}")))??
@@ -386,10 +389,10 @@ async fn migrate_retained(store: &Store, defaults: &TopicConfig) -> Result<u64, 
 }
 
 /// Every record of the retained topic from its log start, in offset order, read 256 KiB at a
-/// time (the topic is compacted, so about the retained messages' own size). Blocking: run it on
-/// the blocking pool.
-fn scan_retained(store: &Store, mut each: impl FnMut(&StoredRecord)) -> Result<(), StoreError> {
-    let Ok(wm) = store.watermarks(RETAINED_TOPIC, 0) else { return Ok(()) };
+/// time (the topic is compacted, so about the retained messages' own size); returns the offset
+/// after the last record read. Blocking: run it on the blocking pool.
+fn scan_retained(store: &Store, mut each: impl FnMut(&StoredRecord)) -> Result<i64, StoreError> {
+    let Ok(wm) = store.watermarks(RETAINED_TOPIC, 0) else { return Ok(0) };
     let mut at = wm.log_start_offset;
     while at < wm.high_watermark {
         let (records, next) = match store.read_records_next(RETAINED_TOPIC, 0, at, RETAINED_LOAD_STEP_BYTES) {
@@ -407,28 +410,135 @@ fn scan_retained(store: &Store, mut each: impl FnMut(&StoredRecord)) -> Result<(
         }
         at = next;
     }
-    Ok(())
+    Ok(at)
 }
 
-/// Rebuilds the index from the retained topic (`scan_retained`). Records whose key is not a
-/// valid MQTT topic name are skipped.
+/// A record of the retained topic as the index takes it: its MQTT topic (the key; a key that is
+/// not a valid MQTT topic name, say from a Kafka producer or a restore, is never taken for one:
+/// no wildcards, no empty topic), and its size and expiry (`None`: a tombstone).
+fn committed_of(r: &StoredRecord) -> Option<(&str, retained::Committed)> {
+    let t = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()).filter(|t| topic::valid_topic(t))?;
+    let size = r.value.as_ref().map(|v| retained::stored_size(t.as_bytes(), v.len(), &r.headers));
+    let expires_ms = header(r, HEADER_EXPIRES).and_then(|d| d.parse().ok());
+    Some((t, retained::Committed { offset: r.offset, size, expires_ms }))
+}
+
+/// Rebuilds the index from the retained topic (`scan_retained`); the follower goes on from
+/// where it ended.
 fn load_retained(store: &Store, index: &mut RetainedIndex) -> Result<(), StoreError> {
     let mut skipped = 0u64;
-    scan_retained(store, |r| {
-        // A record another writer (a Kafka producer, a restore) keyed with something that is
-        // not an MQTT topic name is never sent (no wildcards, no empty topic).
-        let key = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
-        let Some(t) = key.filter(|t| topic::valid_topic(t)) else { return };
-        let size = r.value.as_ref().map(|v| retained::stored_size(t.as_bytes(), v.len(), &r.headers));
-        let expires_ms = header(r, HEADER_EXPIRES).and_then(|d| d.parse().ok());
-        if !index.load(t, r.offset, size, expires_ms) {
+    let end = scan_retained(store, |r| {
+        let Some((t, c)) = committed_of(r) else { return };
+        if !index.load(t, c.offset, c.size, c.expires_ms) {
             skipped += 1;
         }
     })?;
+    index.set_followed(end);
     if skipped > 0 {
         tracing::warn!(skipped, "retained messages beyond mqtt.retained_messages_max were not loaded");
     }
     Ok(())
+}
+
+/// The retained topic was deleted: the index forgets every retained message.
+fn reset_retained(ctx: &Ctx) {
+    tracing::warn!(topic = RETAINED_TOPIC, "the retained topic was deleted: its retained messages are gone");
+    let mut ix = lock(&ctx.retained);
+    ix.reset();
+    retained_gauges(&ctx.stats, &ix);
+    ctx.stats.retained_followed_offset.store(0, Ordering::Relaxed);
+}
+
+/// How long the retained follower waits for new records before looking again (it is woken by
+/// every commit to the topic; this only bounds a wait on a topic that was deleted).
+const RETAINED_FOLLOW_WAIT: Duration = Duration::from_secs(5);
+
+/// Follows the retained topic: every record appended to it, by any path (this server's
+/// publishes, a Kafka producer, a restore), goes into the index in offset order
+/// (`RetainedIndex::follow`), so new subscribers get what the topic holds without a restart, and
+/// a tombstone clears the topic. Reads at most `RETAINED_LOAD_STEP_BYTES` a step (from the tail
+/// cache when it can), woken by the topic's commits; never re-reads the topic from its start.
+async fn retained_follower(ctx: Arc<Ctx>) {
+    let mut topics = ctx.store.topics_changed();
+    loop {
+        let at = lock(&ctx.retained).followed();
+        let wm = match ctx.store.wait_for_data(RETAINED_TOPIC, 0, at, RETAINED_FOLLOW_WAIT).await {
+            // Offsets never go back: a lower high watermark is a topic deleted and created again.
+            Ok(wm) if wm.high_watermark < at => {
+                reset_retained(&ctx);
+                continue;
+            }
+            Ok(wm) => wm,
+            Err(StoreError::UnknownTopic(_)) => {
+                // Not created yet (the first retained publish or a Kafka client creates it), or
+                // deleted: its retained messages went with it.
+                if at > 0 {
+                    reset_retained(&ctx);
+                }
+                let _ = tokio::time::timeout(RETAINED_FOLLOW_WAIT, topics.changed()).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "following the retained topic failed; trying again");
+                tokio::time::sleep(RETAINED_FOLLOW_WAIT).await;
+                continue;
+            }
+        };
+        if wm.high_watermark <= at {
+            continue;
+        }
+        let step = RETAINED_LOAD_STEP_BYTES;
+        let read = match ctx.store.read_records_cached(RETAINED_TOPIC, 0, at, step) {
+            Some(Ok(records)) => Ok((records, None)),
+            _ => {
+                let store = ctx.store.clone();
+                match off_worker(move || store.read_records_next(RETAINED_TOPIC, 0, at, step)).await {
+                    Ok(r) => r.map(|(records, next)| (records, Some(next))),
+                    Err(e) => Err(StoreError::Corrupt(e)),
+                }
+            }
+        };
+        let (records, next) = match read {
+            Ok(read) => read,
+            // Retention or DeleteRecords moved the log start past it: go on from there.
+            Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) if log_start_offset > at => {
+                lock(&ctx.retained).set_followed(log_start_offset);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, at, "reading the retained topic failed; trying again");
+                tokio::time::sleep(RETAINED_FOLLOW_WAIT).await;
+                continue;
+            }
+        };
+        // The cached read gives records, not where the batches end: past the last one at least.
+        let next = next.unwrap_or_else(|| records.last().map_or(at, |r| r.offset + 1)).max(at);
+        let mut skipped = 0u64;
+        {
+            let mut ix = lock(&ctx.retained);
+            for r in &records {
+                if let Some((t, c)) = committed_of(r) {
+                    if !ix.follow(t, c) {
+                        skipped += 1;
+                    }
+                }
+            }
+            ix.set_followed(next);
+            retained_gauges(&ctx.stats, &ix);
+        }
+        ctx.stats.retained_followed_offset.store(next.max(0) as u64, Ordering::Relaxed);
+        if skipped > 0 {
+            tracing::warn!(skipped, "retained messages beyond mqtt.retained_messages_max were not taken");
+        }
+        if next <= at {
+            // A stretch without records (offsets compaction emptied): the uncached read moves on.
+            let store = ctx.store.clone();
+            if let Ok(Ok((_, n))) = off_worker(move || store.read_records_next(RETAINED_TOPIC, 0, at, step)).await {
+                lock(&ctx.retained).set_followed(n);
+            }
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 impl MqttServer {
@@ -484,6 +594,7 @@ impl MqttServer {
         let stats = Arc::new(MqttStats::default());
         stats.retained_messages.store(index.count() as u64, Ordering::Relaxed);
         stats.retained_bytes.store(index.bytes(), Ordering::Relaxed);
+        stats.retained_followed_offset.store(index.followed().max(0) as u64, Ordering::Relaxed);
         let read_budget = ReadBudget::new(
             usize::try_from(cfg.buffer_memory_bytes_max).unwrap_or(usize::MAX),
             Duration::from_millis(cfg.connect_timeout_ms),
@@ -549,11 +660,13 @@ impl MqttServer {
         }
         let wills = tokio::spawn(will_scheduler(self.ctx.clone()));
         let sweep = tokio::spawn(session_sweeper(self.ctx.clone()));
+        let follower = tokio::spawn(retained_follower(self.ctx.clone()));
         let ctx = self.ctx;
         let stats = ctx.stats.listener.clone();
         self.listener.run(stats, shutdown, move |conn| handle(ctx.clone(), conn)).await;
         wills.abort();
         sweep.abort();
+        follower.abort();
     }
 }
 
@@ -2232,12 +2345,17 @@ async fn delete_expired_retained(ctx: &Ctx, topics: Vec<String>) {
         })
         .collect();
     let written = match ctx.store.enqueue_records(RETAINED_TOPIC, 0, tombstones).await {
-        Ok(pending) => pending.wait().await.map(|_| ()),
+        Ok(pending) => pending.wait().await,
         Err(e) => Err(e),
     };
     match written {
-        Ok(()) => {
+        Ok(outcome) => {
             ctx.stats.retained_expired_deleted.fetch_add(updates.len() as u64, Ordering::Relaxed);
+            // The tombstones' offsets, in order: the follower brings back nothing older.
+            let mut ix = lock(&ctx.retained);
+            for (i, u) in updates.iter().enumerate() {
+                ix.settle(u, outcome.base_offset + i as i64);
+            }
         }
         Err(e) => {
             tracing::warn!(error = %e, "expired retained messages not deleted");

@@ -63,6 +63,7 @@ impl Writer {
                 for p in 0..rec.partitions {
                     let key = partition_key(rec.id, p);
                     t.log.retain_in((key, 0u64)..=(key, u64::MAX), |_, _| false)?;
+                    t.pieces.retain_in((key, 0u64, 0u8)..=(key, u64::MAX, u8::MAX), |_, _| false)?;
                     t.time.retain_in((key, i64::MIN)..=(key, i64::MAX), |_, _| false)?;
                     t.parts.remove(key)?;
                     t.clean.remove(key)?;

@@ -104,8 +104,7 @@ impl Writer {
         now: i64,
     ) -> Result<(), StoreError> {
         value[..VALUE_PREFIX_LEN].copy_from_slice(&now.to_be_bytes());
-        let batch_len = value.len() - VALUE_PREFIX_LEN;
-        t.log.insert((pkey, m.next_offset), &*value)?;
+        let stored = stored::put_batch(&mut t.log, &mut t.pieces, pkey, m.next_offset, value)?;
         if self.tail.enabled() {
             let batch = bytes::Bytes::copy_from_slice(&value[VALUE_PREFIX_LEN..]);
             r.cached.push((pkey, m.next_offset as i64, h.next_offset(), batch));
@@ -120,11 +119,11 @@ impl Writer {
             t.time.insert((pkey, h.max_timestamp), m.next_offset)?;
             m.max_timestamp = h.max_timestamp;
         }
-        m.account_batch(h.next_offset() as u64, value.len());
+        m.account_batch(h.next_offset() as u64, stored.batch_len as usize, stored.footprint);
         r.wrote = true;
         r.appended_records += h.record_count as u64;
         r.appended_batches += 1;
-        r.appended_bytes += batch_len as u64;
+        r.appended_bytes += stored.batch_len;
         Ok(())
     }
 

@@ -255,7 +255,7 @@ impl Writer {
         for e in t.log.range((pkey, pass.cursor)..=(pkey, u64::MAX))? {
             let (k, v) = e?;
             let base = k.value().1;
-            let (appended, batch) = split_value(v.value())?;
+            let (appended, head) = split_value(v.value())?;
             // The active tail and batches within min.compaction.lag.ms are left alone.
             if base >= last_base || now.saturating_sub(appended) < policy.min_lag_ms {
                 pass.dirty_end = base;
@@ -265,7 +265,8 @@ impl Writer {
                 ended = false;
                 break;
             }
-            let records = batch::decode_records(batch, limit).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let batch = stored::read_batch(&t.pieces, pkey, base, head)?;
+            let records = batch::decode_records(&batch, limit).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let cost: u64 =
                 records.iter().filter_map(|r| r.key.as_ref()).map(|k| k.len() as u64 + MAP_ENTRY_OVERHEAD).sum();
             if !pass.map.is_empty() && pass.map_bytes + cost > memory {
@@ -281,7 +282,7 @@ impl Writer {
                     }
                 }
             }
-            let h = BatchHeader::parse(batch).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let h = BatchHeader::parse(&batch).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             pass.cursor = h.next_offset() as u64;
             pass.dirty_end = pass.cursor;
             *budget = budget.saturating_sub(batch.len() as u64);
@@ -313,15 +314,17 @@ impl Writer {
             let next = match t.log.range((pkey, pass.cursor)..(pkey, pass.dirty_end.max(pass.cursor)))?.next() {
                 Some(e) => {
                     let (k, v) = e?;
-                    Some((k.value().1, v.value().to_vec()))
+                    let (appended, head) = split_value(v.value())?;
+                    let base = k.value().1;
+                    Some((base, appended, stored::read_batch(&t.pieces, pkey, base, head)?.into_owned()))
                 }
                 None => None,
             };
-            let Some((base, value)) = next else {
+            let Some((base, appended, old)) = next else {
                 finished = true;
                 break;
             };
-            let (appended, old) = split_value(&value)?;
+            let old = &old[..];
             let h = BatchHeader::parse(old).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let clean = base < s.clean_offset;
             let horizon = if clean { s.cleaned_at(base).unwrap_or(now) } else { pass.started_ms };
@@ -347,9 +350,10 @@ impl Writer {
             let new_len = match retained {
                 Retained::All => old_len,
                 Retained::None => {
-                    t.log.remove((pkey, base))?;
-                    m.logical_bytes = debit(m.logical_bytes, old_len, "partition logical bytes");
-                    m.footprint_bytes = debit(m.footprint_bytes, footprint(value.len()), "partition footprint bytes");
+                    let gone = stored::remove_batch(&mut t.log, &mut t.pieces, pkey, base)?
+                        .ok_or_else(|| StoreError::Corrupt(format!("batch ({pkey:#x}, {base}) vanished")))?;
+                    m.logical_bytes = debit(m.logical_bytes, gone.batch_len, "partition logical bytes");
+                    m.footprint_bytes = debit(m.footprint_bytes, gone.footprint, "partition footprint bytes");
                     m.batches = debit(m.batches, 1, "partition batches");
                     r.compaction.removed_records += h.record_count.max(0) as u64;
                     r.compaction.rewritten.insert(pkey);
@@ -357,16 +361,15 @@ impl Writer {
                     0
                 }
                 Retained::Some { batch: new, removed } => {
-                    let mut stored = Vec::with_capacity(VALUE_PREFIX_LEN + new.len());
-                    stored.extend_from_slice(&appended.to_be_bytes());
-                    stored.extend_from_slice(&new);
-                    t.log.insert((pkey, base), stored.as_slice())?;
-                    m.logical_bytes = debit(m.logical_bytes + new.len() as u64, old_len, "partition logical bytes");
-                    m.footprint_bytes = debit(
-                        m.footprint_bytes + footprint(stored.len()),
-                        footprint(value.len()),
-                        "partition footprint bytes",
-                    );
+                    let mut value = Vec::with_capacity(VALUE_PREFIX_LEN + new.len());
+                    value.extend_from_slice(&appended.to_be_bytes());
+                    value.extend_from_slice(&new);
+                    let gone = stored::remove_batch(&mut t.log, &mut t.pieces, pkey, base)?
+                        .ok_or_else(|| StoreError::Corrupt(format!("batch ({pkey:#x}, {base}) vanished")))?;
+                    let put = stored::put_batch(&mut t.log, &mut t.pieces, pkey, base, &value)?;
+                    m.logical_bytes = debit(m.logical_bytes + put.batch_len, gone.batch_len, "partition logical bytes");
+                    m.footprint_bytes =
+                        debit(m.footprint_bytes + put.footprint, gone.footprint, "partition footprint bytes");
                     r.compaction.removed_records += removed;
                     r.compaction.rewritten.insert(pkey);
                     new.len() as u64

@@ -22,9 +22,10 @@ use crate::clock::now_ms;
 use crate::config::{Codec, Durability, StorageConfig, TimestampKind, TopicConfig};
 use crate::error::StoreError;
 use crate::producers::{self, ProducerEntry, ProducerStates, SeqCheck};
+use crate::stored::{self, LogTable, PiecesTable};
 use crate::tables::{
-    footprint, kv_footprint, partition_key, split_value, CleanState, PartitionMeta, TopicRecord, COMPACTION, LOG, META,
-    META_NEXT_TOPIC_ID, META_PROBE, PARTITIONS, TIME_INDEX, TOPICS, VALUE_PREFIX_LEN,
+    kv_footprint, partition_key, split_value, CleanState, PartitionMeta, TopicRecord, COMPACTION, LOG, LOG_PIECES,
+    META, META_NEXT_TOPIC_ID, META_PROBE, PARTITIONS, TIME_INDEX, TOPICS, VALUE_PREFIX_LEN,
 };
 use crate::{disk, AppendOutcome, KvSpace, PartitionState, Shared, TopicState};
 
@@ -311,7 +312,8 @@ struct Round {
 }
 
 struct Tables<'t> {
-    log: Table<'t, (u64, u64), &'static [u8]>,
+    log: LogTable<'t>,
+    pieces: PiecesTable<'t>,
     parts: Table<'t, u64, &'static [u8]>,
     time: Table<'t, (u64, i64), u64>,
     topics: Table<'t, &'static str, &'static [u8]>,
@@ -323,6 +325,7 @@ impl<'t> Tables<'t> {
     fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
         Ok(Tables {
             log: txn.open_table(LOG)?,
+            pieces: txn.open_table(LOG_PIECES)?,
             parts: txn.open_table(PARTITIONS)?,
             time: txn.open_table(TIME_INDEX)?,
             topics: txn.open_table(TOPICS)?,

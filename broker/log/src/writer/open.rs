@@ -25,6 +25,7 @@ pub(crate) fn load(db: &Database, config: &StorageConfig) -> Result<Loaded, Stor
         tx.open_table(TOPICS)?;
         tx.open_table(PARTITIONS)?;
         tx.open_table(LOG)?;
+        tx.open_table(LOG_PIECES)?;
         tx.open_table(TIME_INDEX)?;
         tx.open_table(META)?;
     }
@@ -110,6 +111,7 @@ pub(super) fn fill_gaps(
     let tx = db.begin_write()?;
     {
         let mut log = tx.open_table(LOG)?;
+        let mut pieces = tx.open_table(LOG_PIECES)?;
         let mut parts = tx.open_table(PARTITIONS)?;
         for (key, topic, partition) in held {
             let Some(m) = metas.get_mut(key) else { continue };
@@ -118,8 +120,8 @@ pub(super) fn fill_gaps(
                 let count = (m.reserved_offset - m.next_offset).min(batch::GAP_OFFSETS_MAX as u64);
                 let mut value = now.to_be_bytes().to_vec();
                 value.extend_from_slice(&batch::encode_gap_batch(m.next_offset as i64, count as i64, now));
-                log.insert((*key, m.next_offset), value.as_slice())?;
-                m.account_batch(m.next_offset + count, value.len());
+                let stored = stored::put_batch(&mut log, &mut pieces, *key, m.next_offset, &value)?;
+                m.account_batch(m.next_offset + count, stored.batch_len as usize, stored.footprint);
             }
             parts.insert(*key, m.encode().as_slice())?;
             tracing::warn!(%topic, partition, from, to = m.next_offset,

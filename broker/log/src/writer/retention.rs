@@ -20,20 +20,22 @@ impl Writer {
                 let (k, v) = e?;
                 let (_, b) = split_value(v.value())?;
                 let h = BatchHeader::parse(b).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                if !condition(&h, b.len() as u64, &m) {
+                // The head may hold only the batch's first bytes (`tables::layout`).
+                if !condition(&h, h.total_len().max(b.len()) as u64, &m) {
                     return Ok(None);
                 }
-                Some((k.value().1, v.value().len(), b.len() as u64, h.next_offset() as u64))
+                Some((k.value().1, h.next_offset() as u64))
             }
             None => None,
         };
-        let Some((base, value_len, batch_len, next)) = first else {
+        let Some((base, next)) = first else {
             r.fronts.insert(pkey, None);
             return Ok(None);
         };
-        t.log.remove((pkey, base))?;
+        let removed = stored::remove_batch(&mut t.log, &mut t.pieces, pkey, base)?
+            .ok_or_else(|| StoreError::Corrupt(format!("batch ({pkey:#x}, {base}) vanished")))?;
+        let (batch_len, fp) = (removed.batch_len, removed.footprint);
         self.clean_front_removed(t, r, pkey, base, batch_len)?;
-        let fp = footprint(value_len);
         debug_assert!(next <= m.next_offset, "front batch ends at {next}: {m:?}");
         // The log start never moves back: DeleteRecords may have put it above this batch's end.
         m.log_start_offset = m.log_start_offset.max(next);
