@@ -255,7 +255,6 @@ async fn a_key_map_smaller_than_the_keys_compacts_in_several_passes() {
 /// opens, and every key holds its latest acknowledged version or a later one, each record once.
 #[tokio::test]
 async fn power_cuts_during_compaction_lose_no_latest_value_and_duplicate_nothing() {
-    use rand::SeedableRng;
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = simdisk::SimDisk::recording();
     let cfg = StorageConfig {
@@ -275,25 +274,7 @@ async fn power_cuts_during_compaction_lose_no_latest_value_and_duplicate_nothing
     let s = store.stats();
     assert!(s.compaction_passes >= 2 && s.compaction_removed_records > 100, "compaction ran meanwhile: {s:?}");
     drop(store);
-    let trace = disk.trace();
-    let mut replay = simdisk::Replay::new(&trace);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
-    let mut acked: Option<u64> = None;
-    let cuts = 40;
-    let mut checked = 0;
-    for i in 1..=cuts {
-        if let Some(m) = replay.advance(trace.len() * i / cuts).into_iter().max() {
-            acked = Some(m);
-        }
-        let image = replay.power_cut(&mut rng);
-        if image.is_empty() {
-            continue;
-        }
-        let crashed = simdisk::SimDisk::from_image(image);
-        let Ok((after, _)) = Store::open_with_backend(cfg.clone(), crashed.opener()) else {
-            panic!("cut {i}: the store must open after a power cut");
-        };
-        let Some(acked) = acked else { continue };
+    let checked = at_power_cuts(&disk, &cfg, 40, |i, after, acked| {
         if after.topic("c").is_none() {
             panic!("cut {i}: the topic is gone after acknowledged appends");
         }
@@ -314,9 +295,42 @@ async fn power_cuts_during_compaction_lose_no_latest_value_and_duplicate_nothing
             let got = latest.get(&format!("k{k}")).copied();
             assert!(got.is_some_and(|g| g >= v), "cut {i}: k{k} acknowledged at version {v}, found {got:?}");
         }
+    });
+    assert!(checked >= 30, "only {checked} cuts after acknowledged appends");
+}
+
+/// Cuts power `cuts` times all along `disk`'s recorded trace (the synced bytes plus a random subset
+/// of the unsynced writes, the last one torn; seeded, so a failure replays), opens the store on
+/// each image and, once an append was acknowledged (`acked`: the highest mark reached by then),
+/// hands it to `check`. Returns how many images were checked.
+pub(crate) fn at_power_cuts(
+    disk: &simdisk::SimDisk,
+    cfg: &StorageConfig,
+    cuts: usize,
+    mut check: impl FnMut(usize, Store, u64),
+) -> usize {
+    use rand::SeedableRng;
+    let trace = disk.trace();
+    let mut replay = simdisk::Replay::new(&trace);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let (mut acked, mut checked) = (None::<u64>, 0);
+    for i in 1..=cuts {
+        if let Some(m) = replay.advance(trace.len() * i / cuts).into_iter().max() {
+            acked = Some(m);
+        }
+        let image = replay.power_cut(&mut rng);
+        if image.is_empty() {
+            continue;
+        }
+        let crashed = simdisk::SimDisk::from_image(image);
+        let Ok((after, _)) = Store::open_with_backend(cfg.clone(), crashed.opener()) else {
+            panic!("cut {i}: the store must open after a power cut");
+        };
+        let Some(acked) = acked else { continue };
+        check(i, after, acked);
         checked += 1;
     }
-    assert!(checked >= 30, "only {checked} cuts after acknowledged appends");
+    checked
 }
 
 /// redb files do not shrink, but the pages compaction frees are reused: 200 keys rewritten 60

@@ -10,6 +10,7 @@ use super::batch::{self, NewRecord};
 use super::*;
 use crate::config::{Codec, StorageConfig, TimestampKind, TopicConfig};
 use crate::tables::{footprint, PartitionMeta, LOG, LOG_PIECES, PARTITIONS};
+use crate::tests::noise;
 
 /// No tail cache: every read below comes from the tables.
 fn config(dir: &std::path::Path) -> StorageConfig {
@@ -19,18 +20,6 @@ fn config(dir: &std::path::Path) -> StorageConfig {
         tail_cache_bytes_max: 0,
         ..StorageConfig::default()
     }
-}
-
-fn noise(seed: &mut u64, n: usize) -> Bytes {
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        v.extend_from_slice(&seed.to_le_bytes());
-    }
-    v.truncate(n);
-    Bytes::from(v)
 }
 
 /// A client batch of one record with `value` at `timestamp`.
@@ -249,7 +238,6 @@ async fn databases_with_whole_batches_open_read_and_go_on() {
 /// the ones appended, and every key holds its latest acknowledged version or a later one.
 #[tokio::test]
 async fn power_cuts_leave_every_batch_whole_with_its_pieces() {
-    use rand::SeedableRng;
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = simdisk::SimDisk::recording();
     let cfg = StorageConfig {
@@ -281,24 +269,7 @@ async fn power_cuts_leave_every_batch_whole_with_its_pieces() {
     assert!(s.compaction_removed_records > 0, "compaction rewrote batches meanwhile: {s:?}");
     assert!(count_entries(&store).1 > 0, "batches in pieces");
     drop(store);
-    let trace = disk.trace();
-    let mut replay = simdisk::Replay::new(&trace);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
-    let (mut acked, mut checked) = (None::<u64>, 0);
-    let cuts = 40;
-    for i in 1..=cuts {
-        if let Some(m) = replay.advance(trace.len() * i / cuts).into_iter().max() {
-            acked = Some(m);
-        }
-        let image = replay.power_cut(&mut rng);
-        if image.is_empty() {
-            continue;
-        }
-        let crashed = simdisk::SimDisk::from_image(image);
-        let Ok((after, _)) = Store::open_with_backend(cfg.clone(), crashed.opener()) else {
-            panic!("cut {i}: the store must open after a power cut");
-        };
-        let Some(acked) = acked else { continue };
+    let checked = crate::compaction_tests::at_power_cuts(&disk, &cfg, 40, |i, after, acked| {
         assert_eq!(count_entries(&after).2, 0, "cut {i}: no piece without its head");
         let wm = after.watermarks("c", 0).expect("wm");
         let (mut at, mut latest) = (wm.log_start_offset, std::collections::HashMap::<u64, u64>::new());
@@ -320,7 +291,6 @@ async fn power_cuts_leave_every_batch_whole_with_its_pieces() {
             let got = latest.get(&k).copied();
             assert!(got.is_some_and(|g| g >= v), "cut {i}: k{k} acknowledged at version {v}, found {got:?}");
         }
-        checked += 1;
-    }
+    });
     assert!(checked >= 30, "only {checked} cuts after acknowledged appends");
 }

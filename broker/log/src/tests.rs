@@ -988,7 +988,7 @@ async fn appends_to_several_partitions_commit_together() {
 
 /// `n` bytes of xorshift64 noise from `seed` (which moves on): incompressible, so stored bytes
 /// are what was appended.
-fn noise(seed: &mut u64, n: usize) -> Bytes {
+pub(crate) fn noise(seed: &mut u64, n: usize) -> Bytes {
     let mut v = Vec::with_capacity(n + 8);
     while v.len() < n {
         *seed ^= *seed << 13;
