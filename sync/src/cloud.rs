@@ -33,8 +33,7 @@ use crate::checkpoint::{checkpoint_key, checkpoint_value, checkpoints_topic, Off
 use crate::config::{valid_site, CloudConfig, CongestionController};
 use crate::core::{Flow, Progress};
 use crate::protocol::{
-    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, ALPN_V2,
-    OPEN_FRAME_BYTES_MAX,
+    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, OPEN_FRAME_BYTES_MAX,
 };
 use crate::tls::{self, TlsError};
 
@@ -648,7 +647,8 @@ struct Session {
 impl Session {
     fn new(shared: Arc<Shared>, site: String, conn: quinn::Connection) -> Self {
         let buffer = Arc::new(SiteBuffer::new(shared.cfg.site_buffer_bytes_max, shared.stats.clone()));
-        let version = if tls::negotiated_alpn(&conn).as_deref() == Some(ALPN_V2) { 2 } else { 1 };
+        // Version 3 adds only restore frames: a mirror session of version 3 is one of version 2.
+        let version = crate::protocol::alpn_version(tls::negotiated_alpn(&conn).as_deref()).min(2);
         Self {
             version,
             topic_configs: HashMap::new(),
@@ -1569,6 +1569,9 @@ impl StreamTask {
                     expected = to;
                 }
                 Data::Open { .. } => return Err(ProtocolError::Unexpected("second open").into()),
+                Data::Restored { .. } | Data::RestoreEnd { .. } => {
+                    return Err(ProtocolError::Unexpected("restore frame on a mirror stream").into())
+                }
             }
         }
     }
