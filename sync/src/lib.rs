@@ -12,6 +12,7 @@ pub mod core;
 pub mod drain;
 pub mod gateway;
 pub mod protocol;
+pub mod restore;
 pub mod tls;
 
 #[cfg(feature = "cloud")]
