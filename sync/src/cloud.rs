@@ -37,6 +37,8 @@ use crate::protocol::{
 };
 use crate::tls::{self, TlsError};
 
+mod restore;
+
 /// Provenance headers added to every mirrored record.
 pub const HEADER_SITE: &str = "tributary.site";
 pub const HEADER_TOPIC: &str = "tributary.topic";
@@ -115,6 +117,8 @@ pub struct CloudStats {
     pub remote_policy_mismatches: AtomicU64,
     /// Compacted topics' settings dropped over `partitions_per_site_max` topics per session.
     pub topic_configs_dropped: AtomicU64,
+    /// Restores of gateways being served now (at most `restore_sessions_max`).
+    pub restores_active: AtomicU64,
 }
 
 struct SiteEntry {
@@ -313,7 +317,13 @@ async fn serve_site(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<()
     let hello = tokio::time::timeout(Duration::from_secs(10), read_control(&mut recv, &mut decoder, &mut buf))
         .await
         .map_err(|_| CloudError::Timeout("hello"))??;
-    let Some(Control::Hello { site }) = hello else { return Err(ProtocolError::Unexpected("first").into()) };
+    // A restore (version 3) says so in its first frame, and is checked like a mirror session.
+    let v3 = crate::protocol::alpn_version(tls::negotiated_alpn(conn).as_deref()) >= 3;
+    let (site, restoring) = match hello {
+        Some(Control::Hello { site }) => (site, false),
+        Some(Control::RestoreHello { site }) if v3 => (site, true),
+        _ => return Err(ProtocolError::Unexpected("first").into()),
+    };
     // The site id keys the session and names the remote topics: only its one canonical form
     // (the site-id rule), and only exactly as the certificate names it.
     let checked = if valid_site(&site) {
@@ -328,6 +338,10 @@ async fn serve_site(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<()
         let _ = send.write_all(&Control::Refused { reason: e.to_string() }.encode()).await;
         let _ = send.finish();
         return Err(e);
+    }
+    if restoring {
+        // A restore reads the central cluster only: it does not replace the site's session.
+        return restore::serve(shared, conn, site, send, recv, decoder).await;
     }
     // One session per site: a new connection replaces the old one once the old one's writes
     // are acknowledged (it resumes from what the central cluster then holds).

@@ -11,6 +11,7 @@ pub mod congestion;
 pub mod core;
 pub mod drain;
 pub mod gateway;
+pub mod gateway_restore;
 pub mod protocol;
 pub mod restore;
 pub mod tls;
