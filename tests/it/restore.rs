@@ -1,0 +1,351 @@
+//! `tributary restore` against Apache Kafka: a gateway (the real binary) mirrors its topics (one
+//! with a retention gap, a compacted one, the MQTT retained messages) and has a consumer group
+//! commit; it is stopped and its data directory deleted; `tributary restore` (the real binary, a
+//! child process) rebuilds it from the central cluster through `tributary-cloud`. Every restored
+//! partition must equal the central copy record for record (offset, key, value, headers,
+//! timestamp) and the original gateway's within the restored range, with the original log start
+//! (holes stay holes) and next offset; the group offsets and the retained message must be back;
+//! `serve` on it must mirror new records without a duplicate in the central topic. A restore
+//! SIGKILLed mid-way and run again must end with what an uninterrupted one gives.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use rumqttc::v5::mqttbytes::QoS as Q5;
+use tributary_broker::storage::batch::StoredRecord;
+use tributary_broker::Store;
+use tributary_tests::kafka_cluster::{KafkaCluster, KafkaOptions};
+
+use crate::mirror::{Pki, SITE};
+use crate::mirror_checkpoints::{
+    create_topic, gateway_config, header_offset, one_broker, producer, wait_mirrored, watch_checkpoints, watermarks,
+};
+use crate::mirror_kafka::{read_kafka, Receiver};
+use crate::mqtt::next;
+use crate::mqtt5::{client5_at, next_publish, suback};
+use crate::support::{client_config, read_all, storage_config, Daemon};
+
+const GROUP: &str = "billing";
+
+/// `tributary restore --config CONFIG ARGS` to its end: (success, stdout, stderr).
+fn run_restore(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
+        .arg("restore")
+        .arg("--config")
+        .arg(config)
+        .args(["--progress-interval-ms", "100"])
+        .args(args)
+        .output()
+        .expect("run tributary restore");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+/// Produces `n` keyed records with a header each (batches of 50) to a partition.
+fn produce_with_headers(p: &BaseProducer, topic: &str, partition: i32, from: usize, n: usize) {
+    for i in from..from + n {
+        let key = format!("meter-{}", i % 40);
+        let value = format!("{{\"meter\":{i},\"kwh\":{}.{:03}}}", i * 7, i % 1000);
+        let unit = if i % 2 == 0 { "kWh" } else { "Wh" };
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header { key: "unit", value: Some(unit) })
+            .insert(rdkafka::message::Header { key: "seq", value: Some(&i.to_string()) });
+        loop {
+            let record = BaseRecord::to(topic)
+                .partition(partition)
+                .key(&key)
+                .payload(&value)
+                .timestamp(1_700_000_000_000 + i as i64)
+                .headers(headers.clone());
+            match p.send(record) {
+                Ok(()) => break,
+                Err(_) => {
+                    p.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        if i % 50 == 49 {
+            p.flush(Duration::from_secs(30)).expect("flush");
+        }
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// A remote record as the gateway had it: its edge offset, its headers without the provenance.
+fn as_edge(mut r: StoredRecord) -> StoredRecord {
+    r.offset = header_offset(&r.headers);
+    let n = r.headers.len();
+    assert!(n >= 4 && r.headers[n - 4].0 == "tributary.site", "provenance last: {:?}", r.headers);
+    r.headers.truncate(n - 4);
+    r
+}
+
+/// The restored partition equals the central copy, record for record, and holds the original
+/// gateway's records (`edge`) at their offsets; its log starts at the first restored record and
+/// continues after the last.
+fn assert_restored(store: &Store, bootstrap: &str, topic: &str, partition: i32, edge: &[StoredRecord]) -> Vec<i64> {
+    let remote: Vec<StoredRecord> =
+        read_kafka(bootstrap, &format!("{SITE}.{topic}"), partition).into_iter().map(as_edge).collect();
+    let restored = read_all(store, topic, partition);
+    assert_eq!(restored.len(), remote.len(), "{topic}-{partition}: as many records as the central copy");
+    for (got, want) in restored.iter().zip(&remote) {
+        assert_eq!(got, want, "{topic}-{partition}: restored record = central record");
+    }
+    let wm = store.watermarks(topic, partition).expect("restored partition");
+    let first = remote.first().map(|r| r.offset).expect("records");
+    let last = remote.last().map(|r| r.offset).expect("records");
+    assert_eq!((wm.log_start_offset, wm.high_watermark), (first, last + 1), "{topic}-{partition}: extent");
+    let by_offset: BTreeMap<i64, &StoredRecord> = restored.iter().map(|r| (r.offset, r)).collect();
+    for r in edge.iter().filter(|r| r.offset >= first) {
+        assert_eq!(by_offset.get(&r.offset), Some(&r), "{topic}-{partition}: the original's record at {}", r.offset);
+    }
+    restored.iter().map(|r| r.offset).collect()
+}
+
+/// The three-broker cluster (RF 3, `min.insync.replicas=2`): a site mirrored, lost, restored.
+#[test]
+fn a_lost_gateway_is_restored_from_the_central_cluster_at_its_original_offsets_and_mirrors_on_without_duplicates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = KafkaCluster::start(KafkaOptions::cluster(3)).unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("three-broker Apache Kafka serving in {:.1} s", cluster.started_in.as_secs_f64());
+    let bootstrap = cluster.bootstrap();
+    let pki = Pki::new();
+    // The receiver is down while the gateway's retention deletes unmirrored records of `meters`:
+    // the central copy starts with a gap.
+    let mut receiver = Receiver::start_configured(&pki, &bootstrap, dir.path(), 3, |c| {
+        c.restore_batch_bytes_max = 16 * 1024;
+    });
+    receiver.kill();
+    let config = gateway_config(dir.path(), &pki, receiver.addr, &["meters", "state", "mqtt.retained"]);
+    let gateway = Daemon::start(&config);
+    let edge = gateway.addr("kafka");
+    create_topic(&edge, "meters", 2, &[("retention.bytes", "16000"), ("compression.type", "lz4")]);
+    create_topic(&edge, "state", 1, &[("cleanup.policy", "compact"), ("min.cleanable.dirty.ratio", "0.01")]);
+    let p = producer(&edge);
+    produce_with_headers(&p, "meters", 0, 0, 800);
+    produce_with_headers(&p, "meters", 1, 0, 300);
+    produce_with_headers(&p, "state", 0, 0, 400);
+    assert!(watermarks(&edge, "meters", 0).0 > 0, "retention deleted the oldest unmirrored records");
+    // A retained MQTT message, and its record in `mqtt.retained`.
+    let mqtt_port: u16 = gateway.addr("mqtt").rsplit(':').next().and_then(|p| p.parse().ok()).expect("mqtt port");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let (publ, mut rx) = client5_at(mqtt_port, "door-sensor");
+        publ.publish("site/door", Q5::AtLeastOnce, true, "open").await.expect("publish");
+        next(&mut rx, "PUBACK", |p| matches!(p, rumqttc::v5::mqttbytes::v5::Packet::PubAck(_))).await;
+        let _ = publ.disconnect().await;
+    });
+    receiver.spawn();
+    let partitions = [("meters", 0), ("meters", 1), ("state", 0), ("mqtt.retained", 0)];
+    let mut high = BTreeMap::new();
+    for (topic, partition) in partitions {
+        let hw = watermarks(&edge, topic, partition).1;
+        wait_mirrored(&bootstrap, &format!("{SITE}.{topic}"), partition, hw);
+        high.insert((topic, partition), hw);
+    }
+    // A consumer group commits on the gateway; its checkpoints reach the central cluster.
+    let commits = [high[&("meters", 0)] - 100, high[&("meters", 1)]];
+    let consumer: BaseConsumer = client_config(&edge).set("group.id", GROUP).create().expect("group consumer");
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in commits.iter().enumerate() {
+        tpl.add_partition_offset("meters", partition as i32, Offset::Offset(*offset)).expect("tpl");
+    }
+    consumer.commit(&tpl, CommitMode::Sync).expect("commit on the gateway");
+    drop(consumer);
+    let remote_meters = format!("{SITE}.meters");
+    let mut seen = BTreeMap::new();
+    let checkpointed = watch_checkpoints(&bootstrap, Duration::from_secs(30), |c| {
+        if let Some(((g, t, p), (up, _), _)) = c {
+            if g == GROUP && *t == remote_meters {
+                seen.insert(*p, up);
+            }
+        }
+        (0..2).all(|p| seen.get(&p) == Some(&commits[p as usize]))
+    });
+    assert!(checkpointed, "checkpoints of the group: {seen:?}");
+    // What the gateway held, read by a Kafka client, before it is lost.
+    let original: BTreeMap<(&str, i32), Vec<StoredRecord>> =
+        partitions.iter().map(|(t, p)| ((*t, *p), read_kafka(&edge, t, *p))).collect();
+    assert!(original[&("state", 0)].len() <= 400);
+    gateway.stop();
+    std::fs::remove_dir_all(dir.path().join("data")).expect("delete the data directory");
+
+    // One command restores it.
+    let (ok, stdout, stderr) = run_restore(&config, &[]);
+    assert!(ok, "restore failed:\n{stderr}");
+    eprintln!("{stdout}");
+    assert!(stdout.contains("4 partitions") && stdout.contains("2 group offsets"), "{stdout}");
+    assert!(stderr.contains("restore: partitions 4/4"), "plain progress lines when stderr is no terminal:\n{stderr}");
+    {
+        let store = Store::open(storage_config(dir.path())).expect("open the restored store").0;
+        for (topic, partition) in partitions {
+            let offsets = assert_restored(&store, &bootstrap, topic, partition, &original[&(topic, partition)]);
+            assert_eq!(offsets.last().map(|o| o + 1), Some(high[&(topic, partition)]), "{topic}-{partition}");
+        }
+        // Holes stay holes: the retention gap before the first mirrored record of `meters`.
+        assert!(store.watermarks("meters", 0).expect("wm").log_start_offset > 0);
+        let state = store.topic("state").expect("state restored");
+        assert!(state.config.compacted(), "a compacted topic comes back compacted");
+        assert_eq!(store.topic("meters").expect("meters").partitions, 2);
+        store.close_blocking().expect("close");
+    }
+
+    // `serve` on it: the retained message, the group's offsets, and mirroring without duplicates.
+    let gateway = Daemon::start(&config);
+    let edge = gateway.addr("kafka");
+    let mqtt_port: u16 = gateway.addr("mqtt").rsplit(':').next().and_then(|p| p.parse().ok()).expect("mqtt port");
+    rt.block_on(async {
+        let (sub, mut rx) = client5_at(mqtt_port, "dashboard");
+        sub.subscribe("site/+", Q5::AtLeastOnce).await.expect("subscribe");
+        suback(&mut rx, "SUBACK").await;
+        let p = next_publish(&mut rx, "the retained message of the restored gateway").await;
+        assert_eq!((&p.topic[..], &p.payload[..], p.retain), (&b"site/door"[..], &b"open"[..], true));
+    });
+    let consumer: BaseConsumer = client_config(&edge).set("group.id", GROUP).create().expect("group consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition("meters", 0);
+    tpl.add_partition("meters", 1);
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    let got: Vec<Offset> = committed.elements().iter().map(|e| e.offset()).collect();
+    assert_eq!(got, vec![Offset::Offset(commits[0]), Offset::Offset(commits[1])], "the group's edge offsets are back");
+    let p = producer(&edge);
+    produce_with_headers(&p, "meters", 0, 800, 150);
+    let new_high = watermarks(&edge, "meters", 0).1;
+    assert_eq!(new_high, high[&("meters", 0)] + 150, "new records continue after the restored ones");
+    wait_mirrored(&bootstrap, &remote_meters, 0, new_high);
+    let offsets: Vec<i64> = read_kafka(&bootstrap, &remote_meters, 0).iter().map(|r| header_offset(&r.headers)).collect();
+    let first = offsets[0];
+    assert_eq!(offsets, (first..new_high).collect::<Vec<_>>(), "every record in the central topic exactly once");
+    gateway.stop();
+}
+
+/// A gateway config for another data directory with the same site and receiver (a second
+/// replacement gateway), and restore settings that make a restore slow enough to interrupt.
+fn second_config(dir: &Path, config: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("dir");
+    let text = std::fs::read_to_string(config).expect("config");
+    let first_data = config.parent().expect("dir").join("data");
+    let text = text.replace(&format!("{:?}", first_data), &format!("{:?}", dir.join("data")));
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+/// What a restored store holds: every partition's records and extent, and the group offsets.
+type Contents = (BTreeMap<(String, i32), (i64, i64, Vec<StoredRecord>)>, Vec<(Vec<u8>, Vec<u8>)>);
+
+fn contents(dir: &Path) -> Contents {
+    let store = Store::open(storage_config(dir)).expect("open").0;
+    let mut parts = BTreeMap::new();
+    for t in store.topics() {
+        for p in 0..t.partitions as i32 {
+            let wm = store.watermarks(&t.name, p).expect("wm");
+            parts.insert((t.name.clone(), p), (wm.log_start_offset, wm.high_watermark, read_all(&store, &t.name, p)));
+        }
+    }
+    let groups = store.kv_scan(tributary_broker::spaces::GROUP_OFFSETS, b"", 1000).expect("offsets");
+    store.close_blocking().expect("close");
+    (parts, groups)
+}
+
+#[test]
+fn a_restore_killed_mid_way_and_run_again_ends_with_what_an_uninterrupted_one_gives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = one_broker();
+    let bootstrap = cluster.bootstrap();
+    let pki = Pki::new();
+    let receiver = Receiver::start_configured(&pki, &bootstrap, dir.path(), 1, |c| {
+        c.restore_batch_bytes_max = 16 * 1024;
+    });
+    let config = gateway_config(dir.path(), &pki, receiver.addr, &["meters", "alarms"]);
+    // One partition at a time, a small window: a restore of many small commits.
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str("restore_streams_max = 1\nrestore_credit_bytes = 65536\n");
+    std::fs::write(&config, text).expect("config");
+    let gateway = Daemon::start(&config);
+    let edge = gateway.addr("kafka");
+    create_topic(&edge, "meters", 2, &[]);
+    create_topic(&edge, "alarms", 1, &[]);
+    let p = producer(&edge);
+    produce_with_headers(&p, "meters", 0, 0, 20_000);
+    produce_with_headers(&p, "meters", 1, 0, 5_000);
+    produce_with_headers(&p, "alarms", 0, 0, 500);
+    let consumer: BaseConsumer = client_config(&edge).set("group.id", GROUP).create().expect("group consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("meters", 0, Offset::Offset(12_345)).expect("tpl");
+    consumer.commit(&tpl, CommitMode::Sync).expect("commit");
+    drop(consumer);
+    for (topic, partition) in [("meters", 0), ("meters", 1), ("alarms", 0)] {
+        let hw = watermarks(&edge, topic, partition).1;
+        wait_mirrored(&bootstrap, &format!("{SITE}.{topic}"), partition, hw);
+    }
+    let checkpointed = watch_checkpoints(&bootstrap, Duration::from_secs(30), |c| {
+        c.is_some_and(|((g, _, _), (up, _), _)| g == GROUP && up == 12_345)
+    });
+    assert!(checkpointed, "the group's checkpoint");
+    gateway.stop();
+    std::fs::remove_dir_all(dir.path().join("data")).expect("delete the data directory");
+
+    // Killed once records are coming in.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
+        .arg("restore")
+        .arg("--config")
+        .arg(&config)
+        .args(["--progress-interval-ms", "10"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn restore");
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "no progress");
+        let line = lines.next().expect("a line before the end").expect("read");
+        let records: u64 = line
+            .split("records ")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if records > 0 {
+            break;
+        }
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("SIGKILL");
+    child.wait().expect("wait");
+    let (parts, _) = contents(dir.path());
+    let restored: i64 = parts.values().map(|(_, _, r)| r.len() as i64).sum();
+    assert!(restored > 0 && restored < 25_500, "killed mid-way: {restored} of 25500 records restored");
+    eprintln!("killed after {restored} of 25500 records");
+
+    // Run again: it continues, and ends where an uninterrupted restore into another directory does.
+    let (ok, stdout, stderr) = run_restore(&config, &[]);
+    assert!(ok, "the resumed restore failed:\n{stderr}");
+    eprintln!("resumed: {stdout}");
+    let other = second_config(&dir.path().join("second"), &config);
+    let (ok, stdout, stderr) = run_restore(&other, &[]);
+    assert!(ok, "the uninterrupted restore failed:\n{stderr}");
+    eprintln!("uninterrupted: {stdout}");
+    let resumed = contents(dir.path());
+    let clean = contents(&dir.path().join("second"));
+    assert_eq!(resumed.0.keys().collect::<Vec<_>>(), clean.0.keys().collect::<Vec<_>>());
+    for (k, (start, high, records)) in &clean.0 {
+        let (s, h, r) = &resumed.0[k];
+        assert_eq!((s, h), (start, high), "{k:?}: extent");
+        assert_eq!(r.len(), records.len(), "{k:?}: records");
+        assert!(r == records, "{k:?}: the same records");
+    }
+    assert_eq!(resumed.0[&("meters".to_string(), 0)].2.len(), 20_000);
+    assert_eq!(resumed.1, clean.1, "the same group offsets");
+    assert_eq!(resumed.1.len(), 1);
+    // A third run has nothing left to do.
+    let (ok, stdout, _) = run_restore(&config, &[]);
+    assert!(ok && stdout.contains(": 0 records"), "{stdout}");
+}
