@@ -245,7 +245,9 @@ async fn session(
     while let Some(done) = streams.join_next().await {
         done.map_err(|e| RestoreError::Refused(format!("restore stream task failed: {e}")))??;
     }
+    // The receiver closes the connection once it read the end of the control stream.
     let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), conn.closed()).await;
     let last = lock(&state).snapshot(Instant::now());
     progress(&last, true);
     let topics: Vec<String> = chosen.iter().map(|t| t.topic.clone()).collect();

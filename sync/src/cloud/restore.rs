@@ -156,6 +156,7 @@ pub(super) async fn serve(
     }
     streams.abort_all();
     tracing::info!(%site, "restore of a gateway ended");
+    conn.close(0u32.into(), b"restore complete");
     Ok(())
 }
 
