@@ -86,7 +86,8 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         let outcome = restore(&mirror, &store, req, every, |s, last| show(s, last, tty)).await;
         let result = match outcome {
             Ok(o) => write_offsets(&store, &o.offsets).await.map(|n| (o, n)),
-            Err(e) => Err(anyhow::Error::new(e)),
+            // The error's own text names the cause (its sources are already in it).
+            Err(e) => Err(anyhow::anyhow!("{e}")),
         };
         store.close().await.context("close the log store")?;
         let (o, groups) = result.context("restore stopped (run the same command again to continue)")?;

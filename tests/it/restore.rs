@@ -349,3 +349,53 @@ fn a_restore_killed_mid_way_and_run_again_ends_with_what_an_uninterrupted_one_gi
     let (ok, stdout, _) = run_restore(&config, &[]);
     assert!(ok && stdout.contains(": 0 records"), "{stdout}");
 }
+
+/// A receiver of an older release (protocol versions 1 and 2 only): the restore stops at the
+/// handshake with an error naming the version it needs, and exit status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_without_protocol_version_3_is_named_as_the_cause() {
+    use tributary_sync::protocol::{ALPN, ALPN_V2};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new();
+    let transport = tributary_sync::tls::transport(
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+        8,
+        tributary_sync::config::CongestionController::Cubic,
+    )
+    .expect("transport");
+    let server = tributary_sync::tls::server_config_with_versions(
+        &pki.path("ca.pem"),
+        &pki.path("cloud.pem"),
+        &pki.path("cloud.key"),
+        transport,
+        &[ALPN_V2, ALPN],
+    )
+    .expect("server config");
+    let endpoint = quinn::Endpoint::server(server, ([127, 0, 0, 1], 0).into()).expect("endpoint");
+    let addr = endpoint.local_addr().expect("addr");
+    let accept = tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let _ = incoming.await;
+        }
+    });
+    let config = gateway_config(dir.path(), &pki, addr, &["meters"]);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
+            .args(["restore", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run restore")
+    })
+    .await
+    .expect("restore task");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the receiver at {addr} does not speak protocol version 3 (tributary-mirror/3), which restore needs"
+        )),
+        "{stderr}"
+    );
+    accept.abort();
+}
