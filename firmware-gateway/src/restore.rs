@@ -35,6 +35,11 @@ pub struct RestoreArgs {
     /// come back whole.
     #[arg(long, value_name = "SIZE")]
     bytes: Option<String>,
+    /// Fail back this consumer group (repeatable): it consumed in the central cluster while the
+    /// site was lost, so its central commits, translated to this gateway's offsets, replace its
+    /// last edge commits. Its central name follows the receiver's `central_group_format`.
+    #[arg(long = "failback-group", value_name = "GROUP")]
+    failback_groups: Vec<String>,
     /// How often the progress is shown (default: 250 ms on a terminal, 5 s otherwise).
     #[arg(long, value_name = "MS")]
     progress_interval_ms: Option<u64>,
@@ -81,6 +86,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         let req = RestoreRequest {
             selection: Selection { topics: args.topics.clone(), since_ms, bytes },
             topic_config: cfg.topic_defaults.topic_config(),
+            failback_groups: args.failback_groups.clone(),
         };
         eprintln!("tributary restore: site {} from {} into {}", mirror.site, mirror.cloud, cfg.storage.data_dir.display());
         let outcome = restore(&mirror, &store, req, every, |s, last| show(s, last, tty)).await;
@@ -93,7 +99,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         let (o, groups) = result.context("restore stopped (run the same command again to continue)")?;
         let secs = o.elapsed.as_secs_f64().max(0.001);
         println!(
-            "restored {} topics ({} partitions): {} records, {} bytes in {:.1} s ({:.0} records/s, {:.2} MB/s); {} group offsets",
+            "restored {} topics ({} partitions): {} records, {} bytes in {:.1} s ({:.0} records/s, {:.2} MB/s); {} group offsets ({} failed back from the central cluster)",
             o.topics.len(),
             o.last.partitions,
             o.last.records,
@@ -102,6 +108,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             o.last.records as f64 / secs,
             o.last.bytes as f64 / secs / 1e6,
             groups,
+            o.failed_back,
         );
         Ok(())
     })

@@ -673,7 +673,8 @@ async fn stream_session(
                         | Control::RestoreTopics(_)
                         | Control::RestoreOffsets(_)
                         | Control::RestoreListed
-                        | Control::RestoreStart { .. } => {
+                        | Control::RestoreStart { .. }
+                        | Control::RestoreGroups(_) => {
                             return Err(ProtocolError::Unexpected("restore frame in a mirror session").into());
                         }
                     }

@@ -19,6 +19,7 @@ use tributary_log::{Store, StoreError, TopicConfig};
 use crate::config::MirrorConfig;
 use crate::protocol::{
     CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreTopic, ALPN_V3, OPEN_FRAME_BYTES_MAX,
+    RESTORE_GROUPS_PER_FRAME_MAX,
 };
 use crate::restore::{
     decode_progress, encode_progress, parse_progress_key, plan, progress_key, Action, PlanError, Restore, Selection,
@@ -74,6 +75,9 @@ pub struct RestoreRequest {
     /// The settings a new topic gets before the remote copy's compaction settings (the gateway's
     /// `[topic_defaults]`, as a topic a client created would).
     pub topic_config: TopicConfig,
+    /// Consumer groups that consumed in the central cluster meanwhile (failover): their central
+    /// commits, translated back to edge offsets, replace their edge checkpoints (failback).
+    pub failback_groups: Vec<String>,
 }
 
 /// A finished restore.
@@ -82,8 +86,11 @@ pub struct RestoreOutcome {
     /// Topics restored (created or already there).
     pub topics: Vec<String>,
     /// The site's groups' committed offsets of those topics (edge offsets), for the caller to
-    /// store as the gateway's group offsets.
+    /// store as the gateway's group offsets: the edge commits the checkpoints carry, replaced by
+    /// the central commits of the failback groups.
     pub offsets: Vec<CommittedOffset>,
+    /// Of those, the offsets that came from the central cluster's groups (failback).
+    pub failed_back: usize,
     /// The progress line's last figures (this run's records and bytes).
     pub last: Snapshot,
     pub elapsed: Duration,
@@ -135,8 +142,8 @@ pub async fn restore(
     };
     conn.close(0u32.into(), b"restore ended");
     endpoint.wait_idle().await;
-    let (topics, offsets, last) = result?;
-    Ok(RestoreOutcome { topics, offsets, last, elapsed: started.elapsed() })
+    let (topics, offsets, failed_back, last) = result?;
+    Ok(RestoreOutcome { topics, offsets, failed_back, last, elapsed: started.elapsed() })
 }
 
 async fn read_control(
@@ -155,7 +162,7 @@ async fn read_control(
     }
 }
 
-type Listed = (Vec<String>, Vec<CommittedOffset>, Snapshot);
+type Listed = (Vec<String>, Vec<CommittedOffset>, usize, Snapshot);
 
 async fn session(
     cfg: &MirrorConfig,
@@ -245,6 +252,26 @@ async fn session(
     while let Some(done) = streams.join_next().await {
         done.map_err(|e| RestoreError::Refused(format!("restore stream task failed: {e}")))??;
     }
+    // Failback: the central commits of these groups, as edge offsets, win over their checkpoints.
+    let mut failed_back = 0;
+    for chunk in req.failback_groups.chunks(RESTORE_GROUPS_PER_FRAME_MAX) {
+        send.write_all(&Control::RestoreGroups(chunk.to_vec()).encode()).await?;
+        loop {
+            match read_control(&mut recv, &mut decoder, &mut buf).await? {
+                Some(Control::RestoreOffsets(list)) => {
+                    for o in list {
+                        offsets.retain(|e| (&e.group, &e.topic, e.partition) != (&o.group, &o.topic, o.partition));
+                        offsets.push(o);
+                        failed_back += 1;
+                    }
+                }
+                Some(Control::RestoreListed) => break,
+                Some(Control::Refused { reason }) => return Err(RestoreError::Refused(reason)),
+                Some(_) => return Err(ProtocolError::Unexpected("in a failback").into()),
+                None => return Err(RestoreError::Closed),
+            }
+        }
+    }
     // The receiver closes the connection once it read the end of the control stream.
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), conn.closed()).await;
@@ -252,7 +279,7 @@ async fn session(
     progress(&last, true);
     let topics: Vec<String> = chosen.iter().map(|t| t.topic.clone()).collect();
     offsets.retain(|o| topics.contains(&o.topic));
-    Ok((topics, offsets, last))
+    Ok((topics, offsets, failed_back, last))
 }
 
 fn lock(state: &Mutex<Restore>) -> std::sync::MutexGuard<'_, Restore> {

@@ -41,6 +41,9 @@ pub const RESTORE_TOPICS_PER_FRAME_MAX: usize = 64;
 /// bytes each, 512 KiB at most).
 pub const RESTORE_PARTITIONS_MAX: usize = 32_768;
 
+/// Groups one `RestoreGroups` frame names at most.
+pub const RESTORE_GROUPS_PER_FRAME_MAX: usize = 256;
+
 /// Partitions one `RestoreTopics` frame lists at most, over all its topics.
 pub const RESTORE_PARTITIONS_PER_FRAME_MAX: usize = 32_768;
 
@@ -183,6 +186,11 @@ pub enum Control {
     /// Gateway (version 3): stream this partition from `from` to the remote partition's high
     /// watermark now, on a stream the cloud opens, within the `Credit` the gateway grants.
     RestoreStart { topic: String, partition: i32, from: RestoreFrom },
+    /// Gateway (version 3), after its partitions are restored: fail these consumer groups back
+    /// (edge names; at most `RESTORE_GROUPS_PER_FRAME_MAX`). The cloud answers with
+    /// `RestoreOffsets` (each central group's committed offsets translated back to edge offsets
+    /// by the provenance of the record at them) and `RestoreListed`.
+    RestoreGroups(Vec<String>),
 }
 
 /// A frame of a data stream (gateway to cloud, one stream per partition; in a restore, cloud to
@@ -217,6 +225,7 @@ const RESTORE_TOPICS: u8 = 10;
 const RESTORE_OFFSETS: u8 = 11;
 const RESTORE_LISTED: u8 = 12;
 const RESTORE_START: u8 = 13;
+const RESTORE_GROUPS: u8 = 14;
 const OPEN: u8 = 16;
 const BATCH: u8 = 17;
 const GAP: u8 = 18;
@@ -249,7 +258,8 @@ impl Control {
             | Control::RestoreTopics(_)
             | Control::RestoreOffsets(_)
             | Control::RestoreListed
-            | Control::RestoreStart { .. } => 3,
+            | Control::RestoreStart { .. }
+            | Control::RestoreGroups(_) => 3,
             _ => 1,
         }
     }
@@ -301,6 +311,12 @@ impl Control {
                         b.put_i64(*low);
                         b.put_i64(*high);
                     }
+                }
+            }),
+            Control::RestoreGroups(groups) => frame(RESTORE_GROUPS, |b| {
+                b.put_u32(groups.len() as u32);
+                for g in groups {
+                    put_str(b, g);
                 }
             }),
             Control::RestoreStart { topic, partition, from } => frame(RESTORE_START, |b| {
@@ -420,6 +436,22 @@ impl Control {
                 }
                 Control::RestoreTopics(list)
             }
+            RESTORE_GROUPS => {
+                let what = "restore groups";
+                let n = get_u32(b, what)? as usize;
+                if n > RESTORE_GROUPS_PER_FRAME_MAX || n > b.remaining() / 2 {
+                    return Err(ProtocolError::Malformed(what));
+                }
+                let mut groups = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let g = get_str(b, what)?;
+                    if g.is_empty() || g.len() > GROUP_ID_BYTES_MAX {
+                        return Err(ProtocolError::Malformed(what));
+                    }
+                    groups.push(g);
+                }
+                Control::RestoreGroups(groups)
+            }
             RESTORE_START => {
                 let what = "restore start";
                 let topic = get_str(b, what)?;
@@ -518,7 +550,7 @@ impl Data {
                 return Ok(Data::Restored { remote_next, batch: body });
             }
             RESTORE_END => Data::RestoreEnd { remote_next: get_i64(b, "restore end")? },
-            HELLO..=RESTORE_START => return Err(ProtocolError::Unexpected("control")),
+            HELLO..=RESTORE_GROUPS => return Err(ProtocolError::Unexpected("control")),
             other => return Err(ProtocolError::UnknownType(other)),
         };
         if b.has_remaining() {
@@ -714,6 +746,7 @@ mod tests {
             Control::RestoreStart { topic: "meters".into(), partition: 1, from: RestoreFrom::Offset(77) },
             Control::RestoreStart { topic: "meters".into(), partition: 2, from: RestoreFrom::Time(1_700_000_000_000) },
             Control::RestoreStart { topic: "meters".into(), partition: 0, from: RestoreFrom::TailBytes(1 << 30) },
+            Control::RestoreGroups(vec!["billing".into(), "a.b".into()]),
         ]
     }
 
@@ -859,7 +892,8 @@ mod tests {
                 | Control::RestoreTopics(_)
                 | Control::RestoreOffsets(_)
                 | Control::RestoreListed
-                | Control::RestoreStart { .. } => 3,
+                | Control::RestoreStart { .. }
+                | Control::RestoreGroups(_) => 3,
                 _ => 1,
             };
             assert_eq!(c.version(), want, "{c:?}");

@@ -161,12 +161,12 @@ fn a_lost_gateway_is_restored_from_the_central_cluster_at_its_original_offsets_a
     let remote_meters = format!("{SITE}.meters");
     let mut seen = BTreeMap::new();
     let checkpointed = watch_checkpoints(&bootstrap, Duration::from_secs(30), |c| {
-        if let Some(((g, t, p), (up, _), _)) = c {
+        if let Some(((g, t, p), (up, down), _)) = c {
             if g == GROUP && *t == remote_meters {
-                seen.insert(*p, up);
+                seen.insert(*p, (up, down));
             }
         }
-        (0..2).all(|p| seen.get(&p) == Some(&commits[p as usize]))
+        (0..2).all(|p| seen.get(&p).map(|(up, _)| *up) == Some(commits[p as usize]))
     });
     assert!(checkpointed, "checkpoints of the group: {seen:?}");
     // What the gateway held, read by a Kafka client, before it is lost.
@@ -176,11 +176,42 @@ fn a_lost_gateway_is_restored_from_the_central_cluster_at_its_original_offsets_a
     gateway.stop();
     std::fs::remove_dir_all(dir.path().join("data")).expect("delete the data directory");
 
-    // One command restores it.
-    let (ok, stdout, stderr) = run_restore(&config, &[]);
+    // Failover: the group continues in the centre at the translated offsets, reads 50 records of
+    // partition 0 (exactly those after its edge commit) and commits there; partition 1 was read
+    // to its end.
+    let central: BaseConsumer = client_config(&bootstrap)
+        .set("group.id", GROUP)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("central consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&remote_meters, 0, Offset::Offset(seen[&0].1)).expect("tpl");
+    central.assign(&tpl).expect("assign");
+    let mut read = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read.len() < 50 {
+        assert!(Instant::now() < deadline, "the central consumer read {} records", read.len());
+        if let Some(m) = central.poll(Duration::from_millis(100)) {
+            let m = m.expect("central consume");
+            let h: Vec<(String, Option<bytes::Bytes>)> =
+                rdkafka::message::Headers::iter(rdkafka::Message::headers(&m).expect("headers"))
+                    .map(|h| (h.key.to_string(), h.value.map(bytes::Bytes::copy_from_slice)))
+                    .collect();
+            read.push(header_offset(&h));
+        }
+    }
+    assert_eq!(read, (commits[0]..commits[0] + 50).collect::<Vec<_>>(), "failover: none lost, none twice");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&remote_meters, 0, Offset::Offset(seen[&0].1 + 50)).expect("tpl");
+    tpl.add_partition_offset(&remote_meters, 1, Offset::Offset(seen[&1].1)).expect("tpl");
+    central.commit(&tpl, CommitMode::Sync).expect("commit in the centre");
+    drop(central);
+
+    // One command restores it, and fails the group back.
+    let (ok, stdout, stderr) = run_restore(&config, &["--failback-group", GROUP]);
     assert!(ok, "restore failed:\n{stderr}");
     eprintln!("{stdout}");
-    assert!(stdout.contains("4 partitions") && stdout.contains("2 group offsets"), "{stdout}");
+    assert!(stdout.contains("4 partitions") && stdout.contains("2 group offsets (2 failed back"), "{stdout}");
     assert!(stderr.contains("restore: partitions 4/4"), "plain progress lines when stderr is no terminal:\n{stderr}");
     {
         let store = Store::open(storage_config(dir.path())).expect("open the restored store").0;
@@ -207,13 +238,34 @@ fn a_lost_gateway_is_restored_from_the_central_cluster_at_its_original_offsets_a
         let p = next_publish(&mut rx, "the retained message of the restored gateway").await;
         assert_eq!((&p.topic[..], &p.payload[..], p.retain), (&b"site/door"[..], &b"open"[..], true));
     });
-    let consumer: BaseConsumer = client_config(&edge).set("group.id", GROUP).create().expect("group consumer");
+    let consumer: BaseConsumer = client_config(&edge)
+        .set("group.id", GROUP)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("group consumer");
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition("meters", 0);
     tpl.add_partition("meters", 1);
     let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
     let got: Vec<Offset> = committed.elements().iter().map(|e| e.offset()).collect();
-    assert_eq!(got, vec![Offset::Offset(commits[0]), Offset::Offset(commits[1])], "the group's edge offsets are back");
+    let failed_back = vec![Offset::Offset(commits[0] + 50), Offset::Offset(commits[1])];
+    assert_eq!(got, failed_back, "failback: the central commits as edge offsets");
+    // The group goes on at the gateway after what it read in the centre (at its stored offset:
+    // an assignment, not a join, so dropping the consumer leaves no member behind).
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("meters", 0, Offset::Stored).expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        assert!(Instant::now() < deadline, "the group reads nothing at the restored gateway");
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            // Only the figures leave the loop: librdkafka's destroy waits for every message.
+            let m = m.expect("consume");
+            break (rdkafka::Message::partition(&m), rdkafka::Message::offset(&m));
+        }
+    };
+    assert_eq!(first, (0, commits[0] + 50), "failback: the next record after those read in the centre");
+    drop(consumer);
     let p = producer(&edge);
     produce_with_headers(&p, "meters", 0, 800, 150);
     let new_high = watermarks(&edge, "meters", 0).1;
@@ -398,4 +450,102 @@ async fn a_receiver_without_protocol_version_3_is_named_as_the_cause() {
         "{stderr}"
     );
     accept.abort();
+}
+
+/// The restore rate, for BENCHMARKS.md: `TRIBUTARY_RESTORE_BENCH_BYTES` (default 64 MiB) of
+/// smart-meter readings (JSON values of about 100 bytes keyed by meter id, 4 partitions) put into
+/// the central topic as the mirror writes them (provenance headers, LZ4), then `tributary
+/// restore` with the default limits into an empty directory; prints its figures.
+/// `TRIBUTARY_RESTORE_BIN` and `TRIBUTARY_CLOUD_BIN` choose other builds (release binaries).
+/// `cargo test -p tributary-tests --test it restore_rate -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement: run it on its own"]
+fn restore_rate() {
+    let bytes: u64 =
+        std::env::var("TRIBUTARY_RESTORE_BENCH_BYTES").ok().and_then(|b| b.parse().ok()).unwrap_or(64 << 20);
+    let cloud_bin =
+        std::env::var("TRIBUTARY_CLOUD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cloud-under-test").into());
+    let bin =
+        std::env::var("TRIBUTARY_RESTORE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tributary-under-test").into());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = one_broker();
+    let bootstrap = cluster.bootstrap();
+    let pki = Pki::new();
+    let receiver = Receiver::start_binary(Path::new(&cloud_bin), &pki, &bootstrap, dir.path(), 1, |_| {});
+    let remote = format!("{SITE}.meters");
+    create_topic(&bootstrap, &remote, 4, &[]);
+    let p: BaseProducer = client_config(&bootstrap)
+        .set("acks", "1")
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    let started = Instant::now();
+    let (mut sent, mut records) = (0u64, 0u64);
+    let mut next = [0i64; 4];
+    while sent < bytes {
+        let partition = (records % 4) as usize;
+        let meter = records % 10_000;
+        let key = format!("meter-{meter:05}");
+        let value = format!(
+            "{{\"meter\":\"{key}\",\"ts\":{},\"kwh\":{}.{:03},\"v\":{}.{},\"a\":{}.{:02}}}",
+            1_700_000_000_000u64 + records * 250,
+            records / 7,
+            records % 1000,
+            228 + records % 5,
+            records % 10,
+            records % 32,
+            records % 100
+        );
+        let offset = next[partition].to_string();
+        let partition_text = partition.to_string();
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header { key: "tributary.site", value: Some(SITE) })
+            .insert(rdkafka::message::Header { key: "tributary.topic", value: Some("meters") })
+            .insert(rdkafka::message::Header { key: "tributary.partition", value: Some(&partition_text) })
+            .insert(rdkafka::message::Header { key: "tributary.offset", value: Some(&offset) });
+        let mut record = BaseRecord::to(&remote)
+            .partition(partition as i32)
+            .key(&key)
+            .payload(&value)
+            .timestamp(1_700_000_000_000 + records as i64 * 250)
+            .headers(headers);
+        loop {
+            match p.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    p.poll(Duration::from_millis(5));
+                }
+            }
+        }
+        next[partition] += 1;
+        records += 1;
+        sent += (key.len() + value.len()) as u64;
+    }
+    p.flush(Duration::from_secs(120)).expect("flush");
+    eprintln!(
+        "central topic: {records} records, {:.1} MB of keys and values, written in {:.1} s",
+        sent as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    let config = gateway_config(dir.path(), &pki, receiver.addr, &["meters"]);
+    let out = Command::new(&bin)
+        .args(["restore", "--config"])
+        .arg(&config)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run restore");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    eprintln!("restore ({bin}): {stdout}");
+    let db = dir.path().join("data").join("tributary.redb");
+    eprintln!("restored store: {:.1} MB", std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0) as f64 / 1e6);
+    let store = Store::open(storage_config(dir.path())).expect("open").0;
+    for (partition, n) in next.iter().enumerate() {
+        assert_eq!(store.watermarks("meters", partition as i32).expect("wm").high_watermark, *n);
+    }
+    store.close_blocking().expect("close");
 }

@@ -134,6 +134,19 @@ pub(super) async fn serve(
                     };
                     streams.spawn(stream.run(conn.clone()));
                 }
+                Some(Control::RestoreGroups(groups)) => {
+                    let (shared, who, extents) = (shared.clone(), site.clone(), extents.clone());
+                    let offsets = tokio::task::spawn_blocking(move || failback(&shared, &who, &groups, &extents))
+                        .await
+                        .map_err(|e| CloudError::Refused(format!("failback task: {e}")))??;
+                    let mut out = Vec::new();
+                    for c in offsets.chunks(OFFSETS_PER_FRAME_MAX) {
+                        out.extend_from_slice(&Control::RestoreOffsets(c.to_vec()).encode());
+                    }
+                    out.extend_from_slice(&Control::RestoreListed.encode());
+                    send.write_all(&out).await?;
+                    tracing::info!(%site, offsets = offsets.len(), "failback offsets sent");
+                }
                 Some(Control::Credit { topic, partition, bytes }) => {
                     if let Some(c) = credits.get(&(topic, partition)) {
                         c.bytes.fetch_add(bytes.min(i64::MAX as u64) as i64, Ordering::Relaxed);
@@ -294,6 +307,139 @@ fn read_checkpoints(
             commit_time_ms: at,
         })
         .collect())
+}
+
+/// Failback: each group's committed offsets in the central cluster (its central name,
+/// `central_group_format`) on the site's remote topics, translated back to edge offsets: a
+/// commit at remote offset C becomes the edge offset (provenance) of the first record of this
+/// site's partition at or after C, or, at the end of the partition, the edge offset after its
+/// last record. A partition the group never committed in the centre is left out.
+fn failback(
+    shared: &Shared,
+    site: &str,
+    groups: &[String],
+    extents: &BTreeMap<(String, i32), (i64, i64)>,
+) -> Result<Vec<CommittedOffset>, CloudError> {
+    let cfg = &shared.cfg;
+    let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
+    let reader: BaseConsumer = kafka_config(cfg)
+        .set("group.id", "tributary-cloud-restore")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    let mut out = Vec::new();
+    for group in groups {
+        let central = cfg.central_group(site, group);
+        let consumer: BaseConsumer =
+            kafka_config(cfg).set("group.id", &central).set("enable.auto.commit", "false").create()?;
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in extents.keys() {
+            tpl.add_partition(&cfg.remote_topic(site, topic), *partition);
+        }
+        let committed = consumer.committed_offsets(tpl, timeout)?;
+        for ((topic, partition), &(low, high)) in extents {
+            let remote = cfg.remote_topic(site, topic);
+            let Some(Offset::Offset(at)) = committed.find_partition(&remote, *partition).map(|e| e.offset()) else {
+                continue;
+            };
+            let partition_text = partition.to_string();
+            let edge_of = |m: &rdkafka::message::BorrowedMessage<'_>| {
+                let p = |name| super::header(m, name);
+                let ours = p(HEADER_SITE) == Some(site)
+                    && p(HEADER_TOPIC) == Some(topic.as_str())
+                    && p(HEADER_PARTITION) == Some(partition_text.as_str());
+                p(HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()).filter(|_| ours)
+            };
+            // The first of this site's records at or after the commit; at the end, after the
+            // last one (read from the partition's last record backwards, a tail at a time).
+            let edge = if at < high {
+                read_range(&reader, &remote, *partition, at.max(low), high, timeout, edge_of)?
+            } else {
+                let mut from = high;
+                let mut found = None;
+                while found.is_none() && from > low {
+                    let to = from;
+                    from = (from - 256).max(low);
+                    found = last_in(&reader, &remote, *partition, from, to, timeout, &edge_of)?.map(|e| e + 1);
+                }
+                found
+            };
+            match edge {
+                Some(offset) => out.push(CommittedOffset {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset,
+                    commit_time_ms: tributary_log::clock::now_ms(),
+                }),
+                None => tracing::warn!(%site, %group, %remote, partition, at,
+                    "no record of this site at or around the central commit: the group's edge offset is left as it is"),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `[from, to)` of a remote partition, handing each record to `each` until it returns
+/// `Some`.
+#[allow(clippy::too_many_arguments)]
+fn read_range<T>(
+    reader: &BaseConsumer,
+    remote: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+    timeout: Duration,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Option<T>,
+) -> Result<Option<T>, CloudError> {
+    if from >= to {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(remote, partition, Offset::Offset(from))?;
+    reader.assign(&tpl)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if Instant::now() > deadline {
+            return Err(CloudError::Timeout("reading a remote partition for a failback"));
+        }
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if m.offset() >= to {
+                    return Ok(None);
+                }
+                if let Some(t) = each(&m) {
+                    return Ok(Some(t));
+                }
+                if m.offset() >= to - 1 {
+                    return Ok(None);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn last_in(
+    reader: &BaseConsumer,
+    remote: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+    timeout: Duration,
+    edge_of: &dyn Fn(&rdkafka::message::BorrowedMessage<'_>) -> Option<i64>,
+) -> Result<Option<i64>, CloudError> {
+    let mut last = None;
+    read_range(reader, remote, partition, from, to, timeout, |m| {
+        if let Some(e) = edge_of(m) {
+            last = Some(e);
+        }
+        None::<()>
+    })?;
+    Ok(last)
 }
 
 /// What the reader thread hands the stream.
