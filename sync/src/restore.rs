@@ -353,7 +353,7 @@ impl Restore {
 impl Snapshot {
     /// One line: `partitions 3/8  records 120000/500000 (24%)  14.2 MB  31000 rec/s 3.6 MB/s  ETA 13 s`.
     pub fn line(&self) -> String {
-        let pct = if self.records_expected > 0 { self.records * 100 / self.records_expected } else { 100 };
+        let pct = (self.records * 100).checked_div(self.records_expected).unwrap_or(100);
         let eta = self.eta_s.map_or_else(|| "ETA -".to_string(), |s| format!("ETA {}", duration(s)));
         format!(
             "partitions {}/{}  records {}/{} ({pct}%)  {}  {:.0} rec/s {}/s  {eta}",

@@ -559,7 +559,7 @@ impl Reader {
                     seen.0 += 1;
                     seen.1 += record_bytes(m);
                 })?;
-                let mean = if seen.0 > 0 { (seen.1 / seen.0).max(1) } else { 1 };
+                let mean = seen.1.checked_div(seen.0).unwrap_or(1).max(1);
                 (self.high - (bytes.max(0) as u64 / mean) as i64).clamp(self.low, self.high)
             }
         })
