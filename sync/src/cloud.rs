@@ -7,7 +7,8 @@
 //! committed consumer-group offsets are translated exactly (an index per partition from source to
 //! remote offsets, built from the delivery reports) and written as MirrorMaker 2 checkpoints into
 //! `{site}.checkpoints.internal` once the data below them is stored, never before. A compacted
-//! gateway topic's remote topic is created with its compaction settings.
+//! gateway topic's remote topic is created with its compaction settings. A replacement gateway's
+//! restore (protocol version 3) is served by `cloud/restore.rs`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
 //! Tributary's mirror of gateway topics to a central Kafka cluster over QUIC: the wire protocol,
-//! flow control, consumer-group offset translation and the drain estimate (sans-I/O), TLS and
-//! certificates, the gateway side, and (feature `cloud`) the `tributary-cloud` receiver that
-//! writes into Kafka.
+//! flow control, consumer-group offset translation, the drain estimate and a restore's plan
+//! (sans-I/O), TLS and certificates, the gateway side (mirror and restore), and (feature `cloud`)
+//! the `tributary-cloud` receiver that writes into Kafka and serves restores.
 
 pub mod certs;
 pub mod checkpoint;
