@@ -7,6 +7,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 mod passwd;
+mod restore;
 pub mod status;
 pub mod systemd;
 
@@ -51,6 +52,9 @@ enum Command {
     },
     /// Print an [[auth.users]] entry for USER (the password is read from standard input).
     Passwd(passwd::PasswdArgs),
+    /// Rebuild this gateway's data from the central cluster ([mirror] settings): topics, records
+    /// at their original offsets, group offsets, retained messages. Resumable.
+    Restore(restore::RestoreArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Cert { command } => cert::run(command),
         Command::Passwd(args) => passwd::run(args),
+        Command::Restore(args) => restore::run(args),
         Command::Serve { config } => {
             let cfg = match &config {
                 Some(path) => GatewayConfig::load(path).context("invalid configuration")?,

@@ -49,6 +49,35 @@ pub fn checkpoint_value(upstream: i64, downstream: i64, metadata: &str) -> Bytes
     b.freeze()
 }
 
+/// Kafka's `Type.STRING` at the front of `b`, advancing it; `None` when malformed.
+fn get_kafka_string(b: &mut &[u8]) -> Option<String> {
+    let n = usize::try_from(i16::from_be_bytes([*b.first()?, *b.get(1)?])).ok()?;
+    let s = std::str::from_utf8(b.get(2..2 + n)?).ok()?.to_string();
+    *b = &b[2 + n..];
+    Some(s)
+}
+
+/// A checkpoint's key decoded: (group, remote topic, partition); `None` when it is not one.
+pub fn decode_checkpoint_key(mut b: &[u8]) -> Option<(String, String, i32)> {
+    let group = get_kafka_string(&mut b)?;
+    let topic = get_kafka_string(&mut b)?;
+    let p: [u8; 4] = b.try_into().ok()?;
+    Some((group, topic, i32::from_be_bytes(p)))
+}
+
+/// A checkpoint's value decoded: (upstream offset, downstream offset); `None` when it is not a
+/// version 0 value.
+pub fn decode_checkpoint_value(b: &[u8]) -> Option<(i64, i64)> {
+    if b.get(0..2)? != CHECKPOINT_VERSION.to_be_bytes() {
+        return None;
+    }
+    let upstream = i64::from_be_bytes(b.get(2..10)?.try_into().ok()?);
+    let downstream = i64::from_be_bytes(b.get(10..18)?.try_into().ok()?);
+    let mut rest = b.get(18..)?;
+    get_kafka_string(&mut rest)?;
+    Some((upstream, downstream))
+}
+
 /// Consecutive source offsets that landed at consecutive remote offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Run {
@@ -188,6 +217,20 @@ mod tests {
             ix.push(s, r);
         }
         ix
+    }
+
+    #[test]
+    fn checkpoints_decode_what_they_encode_and_refuse_what_they_are_not() {
+        let key = checkpoint_key("billing", "plant-7.meters", 3);
+        assert_eq!(decode_checkpoint_key(&key), Some(("billing".into(), "plant-7.meters".into(), 3)));
+        let value = checkpoint_value(57, 1057, "meta");
+        assert_eq!(decode_checkpoint_value(&value), Some((57, 1057)));
+        assert_eq!(decode_checkpoint_key(&key[..key.len() - 1]), None, "truncated");
+        assert_eq!(decode_checkpoint_key(&[key.to_vec(), vec![0]].concat()), None, "trailing byte");
+        let mut v1 = value.to_vec();
+        v1[1] = 1;
+        assert_eq!(decode_checkpoint_value(&v1), None, "another schema version");
+        assert_eq!(decode_checkpoint_value(&value[..17]), None, "truncated");
     }
 
     #[test]

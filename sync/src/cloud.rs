@@ -7,7 +7,8 @@
 //! committed consumer-group offsets are translated exactly (an index per partition from source to
 //! remote offsets, built from the delivery reports) and written as MirrorMaker 2 checkpoints into
 //! `{site}.checkpoints.internal` once the data below them is stored, never before. A compacted
-//! gateway topic's remote topic is created with its compaction settings.
+//! gateway topic's remote topic is created with its compaction settings. A replacement gateway's
+//! restore (protocol version 3) is served by `cloud/restore.rs`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -33,10 +34,11 @@ use crate::checkpoint::{checkpoint_key, checkpoint_value, checkpoints_topic, Off
 use crate::config::{valid_site, CloudConfig, CongestionController};
 use crate::core::{Flow, Progress};
 use crate::protocol::{
-    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, ALPN_V2,
-    OPEN_FRAME_BYTES_MAX,
+    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, OPEN_FRAME_BYTES_MAX,
 };
 use crate::tls::{self, TlsError};
+
+mod restore;
 
 /// Provenance headers added to every mirrored record.
 pub const HEADER_SITE: &str = "tributary.site";
@@ -116,6 +118,8 @@ pub struct CloudStats {
     pub remote_policy_mismatches: AtomicU64,
     /// Compacted topics' settings dropped over `partitions_per_site_max` topics per session.
     pub topic_configs_dropped: AtomicU64,
+    /// Restores of gateways being served now (at most `restore_sessions_max`).
+    pub restores_active: AtomicU64,
 }
 
 struct SiteEntry {
@@ -314,7 +318,13 @@ async fn serve_site(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<()
     let hello = tokio::time::timeout(Duration::from_secs(10), read_control(&mut recv, &mut decoder, &mut buf))
         .await
         .map_err(|_| CloudError::Timeout("hello"))??;
-    let Some(Control::Hello { site }) = hello else { return Err(ProtocolError::Unexpected("first").into()) };
+    // A restore (version 3) says so in its first frame, and is checked like a mirror session.
+    let v3 = crate::protocol::alpn_version(tls::negotiated_alpn(conn).as_deref()) >= 3;
+    let (site, restoring) = match hello {
+        Some(Control::Hello { site }) => (site, false),
+        Some(Control::RestoreHello { site }) if v3 => (site, true),
+        _ => return Err(ProtocolError::Unexpected("first").into()),
+    };
     // The site id keys the session and names the remote topics: only its one canonical form
     // (the site-id rule), and only exactly as the certificate names it.
     let checked = if valid_site(&site) {
@@ -329,6 +339,10 @@ async fn serve_site(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<()
         let _ = send.write_all(&Control::Refused { reason: e.to_string() }.encode()).await;
         let _ = send.finish();
         return Err(e);
+    }
+    if restoring {
+        // A restore reads the central cluster only: it does not replace the site's session.
+        return restore::serve(shared, conn, site, send, recv, decoder).await;
     }
     // One session per site: a new connection replaces the old one once the old one's writes
     // are acknowledged (it resumes from what the central cluster then holds).
@@ -648,7 +662,8 @@ struct Session {
 impl Session {
     fn new(shared: Arc<Shared>, site: String, conn: quinn::Connection) -> Self {
         let buffer = Arc::new(SiteBuffer::new(shared.cfg.site_buffer_bytes_max, shared.stats.clone()));
-        let version = if tls::negotiated_alpn(&conn).as_deref() == Some(ALPN_V2) { 2 } else { 1 };
+        // Version 3 adds only restore frames: a mirror session of version 3 is one of version 2.
+        let version = crate::protocol::alpn_version(tls::negotiated_alpn(&conn).as_deref()).min(2);
         Self {
             version,
             topic_configs: HashMap::new(),
@@ -1569,6 +1584,9 @@ impl StreamTask {
                     expected = to;
                 }
                 Data::Open { .. } => return Err(ProtocolError::Unexpected("second open").into()),
+                Data::Restored { .. } | Data::RestoreEnd { .. } => {
+                    return Err(ProtocolError::Unexpected("restore frame on a mirror stream").into())
+                }
             }
         }
     }

@@ -73,6 +73,13 @@ pub struct MirrorConfig {
     /// Separate offset ranges planned per partition for backfill (overlapping ones merge;
     /// a request that would need more is refused).
     pub backfill_ranges_max: u32,
+    /// `tributary restore`: partitions restored at once (each a stream from the receiver, at
+    /// most its `restore_streams_max`).
+    pub restore_streams_max: u32,
+    /// `tributary restore`: bytes of one partition in transit (sent by the receiver, not yet
+    /// durable in the store): the credit granted per partition; more than the receiver's
+    /// `restore_batch_bytes_max`.
+    pub restore_credit_bytes: u64,
 }
 
 impl Default for MirrorConfig {
@@ -104,6 +111,8 @@ impl Default for MirrorConfig {
             fresh_share_percent: 50,
             backfill_requests_max: 1_000,
             backfill_ranges_max: 64,
+            restore_streams_max: 4,
+            restore_credit_bytes: 4 * MIB,
         }
     }
 }
@@ -168,6 +177,8 @@ impl MirrorConfig {
         check_range(&key("offsets_tracked_max"), self.offsets_tracked_max.into(), 1, 1_000_000)?;
         check_range(&key("offsets_interval_ms"), self.offsets_interval_ms, 10, 60_000)?;
         check_range(&key("drain_window_ms"), self.drain_window_ms, 1_000, 3_600_000)?;
+        check_range(&key("restore_streams_max"), self.restore_streams_max.into(), 1, 1_024)?;
+        check_range(&key("restore_credit_bytes"), self.restore_credit_bytes, 64 * 1024, 1024 * MIB)?;
         if self.bandwidth_bytes_per_s_max != 0 {
             check_range(&key("bandwidth_bytes_per_s_max"), self.bandwidth_bytes_per_s_max, 1024, u64::MAX)?;
         }
@@ -259,6 +270,19 @@ pub struct CloudConfig {
     pub central_commit_interval_ms: u64,
     /// Central groups with offsets waiting to be committed at most (more are dropped, counted).
     pub central_commit_groups_max: u32,
+    /// Gateway restores (`tributary restore`) served at once; more are refused.
+    pub restore_sessions_max: u32,
+    /// Partitions one restore streams at once (each a librdkafka consumer and a QUIC stream);
+    /// a gateway asking for more is refused.
+    pub restore_streams_max: u32,
+    /// Bytes of records in one restored batch frame at most (uncompressed; a record larger than
+    /// this goes alone). The gateway's `mirror.restore_credit_bytes` must exceed it.
+    pub restore_batch_bytes_max: u64,
+    /// librdkafka's prefetch per restored partition (`queued.max.messages.kbytes`,
+    /// `fetch.max.bytes`): what one restore stream may hold here beside its two ready batches.
+    pub restore_fetch_bytes_max: u64,
+    /// Consumer groups' offsets (group x partition) one restore lists at most.
+    pub restore_offsets_max: u32,
     pub kafka: KafkaTarget,
     pub log: LogLevel,
 }
@@ -332,6 +356,11 @@ impl Default for CloudConfig {
             central_group_format: "{group}".into(),
             central_commit_interval_ms: 1_000,
             central_commit_groups_max: 10_000,
+            restore_sessions_max: 4,
+            restore_streams_max: 8,
+            restore_batch_bytes_max: 256 * 1024,
+            restore_fetch_bytes_max: 4 * MIB,
+            restore_offsets_max: 100_000,
             kafka: KafkaTarget::default(),
             log: LogLevel::default(),
         }
@@ -369,6 +398,11 @@ impl CloudConfig {
         }
         check_range("central_commit_interval_ms", self.central_commit_interval_ms, 10, 3_600_000)?;
         check_range("central_commit_groups_max", self.central_commit_groups_max.into(), 1, 1_000_000)?;
+        check_range("restore_sessions_max", self.restore_sessions_max.into(), 1, 1_000)?;
+        check_range("restore_streams_max", self.restore_streams_max.into(), 1, 1_024)?;
+        check_range("restore_batch_bytes_max", self.restore_batch_bytes_max, 16 * 1024, 16 * MIB)?;
+        check_range("restore_fetch_bytes_max", self.restore_fetch_bytes_max, 64 * 1024, 1024 * MIB)?;
+        check_range("restore_offsets_max", self.restore_offsets_max.into(), 1, 10_000_000)?;
         if self.kafka.bootstrap_servers.is_empty() {
             return Err(ConfigError::new("kafka.bootstrap_servers", "must not be empty"));
         }

@@ -71,7 +71,7 @@ fn scale(int: u64, frac: &str, mult: u64) -> Option<u64> {
 }
 
 /// `"8 GiB"`, `"512MiB"`, `"1.5 kB"`, `"1024"` in bytes.
-fn parse_size(text: &str) -> Option<u64> {
+pub fn parse_size(text: &str) -> Option<u64> {
     let t = text.trim();
     let (int, frac, unit) = number(t)?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
@@ -90,7 +90,7 @@ fn parse_size(text: &str) -> Option<u64> {
 }
 
 /// `"250ms"`, `"30s"`, `"7d"`, `"1h 30m"`, `"1.5s"`, `"250"` in milliseconds.
-fn parse_duration(text: &str) -> Option<u64> {
+pub fn parse_duration(text: &str) -> Option<u64> {
     let mut rest = text.trim();
     if rest.is_empty() {
         return None;

@@ -26,8 +26,8 @@ use crate::core::Backoff;
 use crate::drain::{DrainEstimate, DrainWindow, Sample};
 use crate::fresh::{self, Class, FreshTail, LinkShare, Step, Verdict};
 use crate::protocol::{
-    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, ALPN_V2,
-    GROUP_ID_BYTES_MAX, MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, TOPIC_BYTES_MAX, TOPIC_CONFIGS_PER_FRAME_MAX,
+    CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, GROUP_ID_BYTES_MAX,
+    MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, TOPIC_BYTES_MAX, TOPIC_CONFIGS_PER_FRAME_MAX,
     TOPIC_CONFIG_VALUE_BYTES_MAX,
 };
 use crate::tls::{self, TlsError};
@@ -725,7 +725,7 @@ async fn stream_session(
     send.write_all(&Control::Hello { site: cfg.site.clone() }.encode()).await?;
     let mut reported = report(cfg, store, stats);
     // Compacted topics' settings (version 2 only), ahead of the partitions that need them.
-    let v2 = tls::negotiated_alpn(conn).as_deref() == Some(ALPN_V2);
+    let v2 = crate::protocol::alpn_version(tls::negotiated_alpn(conn).as_deref()) >= 2;
     let mut settings = if v2 { topic_settings(store, &reported) } else { Vec::new() };
     send.write_all(&topic_settings_frames(&settings)).await?;
     send.write_all(&Control::Partitions(reported.clone()).encode()).await?;
@@ -827,6 +827,14 @@ async fn stream_session(
                         | Control::Offsets(_)
                         | Control::TopicConfigs(_) => {
                             return Err(ProtocolError::Unexpected("gateway-side").into());
+                        }
+                        Control::RestoreHello { .. }
+                        | Control::RestoreTopics(_)
+                        | Control::RestoreOffsets(_)
+                        | Control::RestoreListed
+                        | Control::RestoreStart { .. }
+                        | Control::RestoreGroups(_) => {
+                            return Err(ProtocolError::Unexpected("restore frame in a mirror session").into());
                         }
                     }
                 }
@@ -951,7 +959,9 @@ impl PartitionSender {
                         self.stats.batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
                     }
                     Data::Gap { from, to } => self.send_gap(&mut stream, from, to, GapCause::Lost).await?,
-                    Data::Open { .. } => return Err(ProtocolError::Unexpected("open from the store").into()),
+                    Data::Open { .. } | Data::Restored { .. } | Data::RestoreEnd { .. } => {
+                        return Err(ProtocolError::Unexpected("open from the store").into())
+                    }
                 }
                 next = h.next_offset();
                 self.progress.sent.store(next, Ordering::Relaxed);

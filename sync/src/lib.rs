@@ -1,8 +1,8 @@
 //! Tributary's mirror of gateway topics to a central Kafka cluster over QUIC: the wire protocol,
-//! flow control, consumer-group offset translation, the drain estimate and fresh-data-first
-//! scheduling (sans-I/O), TLS and
-//! certificates, the gateway side, and (feature `cloud`) the `tributary-cloud` receiver that
-//! writes into Kafka.
+//! flow control, consumer-group offset translation, the drain estimate, fresh-data-first
+//! scheduling and a restore's plan (sans-I/O), TLS and certificates, the gateway side (mirror and
+//! restore), and (feature `cloud`) the `tributary-cloud` receiver that writes into Kafka and
+//! serves restores.
 
 pub mod backfill;
 pub mod certs;
@@ -14,7 +14,9 @@ pub mod core;
 pub mod drain;
 pub mod fresh;
 pub mod gateway;
+pub mod gateway_restore;
 pub mod protocol;
+pub mod restore;
 pub mod tls;
 
 #[cfg(feature = "cloud")]

@@ -13,10 +13,39 @@ pub const ALPN: &[u8] = b"tributary-mirror/1";
 /// offsets, gateway to cloud) and the `TopicConfigs` frame (compacted topics' settings).
 pub const ALPN_V2: &[u8] = b"tributary-mirror/2";
 
+/// ALPN of version 3: version 2 plus the restore frames (a replacement gateway rebuilt from the
+/// central cluster: `RestoreHello`, `RestoreTopics`, `RestoreOffsets`, `RestoreListed`,
+/// `RestoreStart`, and the `Restored`/`RestoreEnd` data frames). A mirror session of version 3
+/// is a version 2 session.
+pub const ALPN_V3: &[u8] = b"tributary-mirror/3";
+
 /// The versions both ends offer, newest first. TLS picks one both speak, so a new gateway and an
-/// old receiver settle on version 1 (the gateway then never sends `Offsets`), and an old gateway
-/// and a new receiver too; ends with no version in common do not complete the handshake.
-pub const ALPNS: [&[u8]; 2] = [ALPN_V2, ALPN];
+/// old receiver settle on the old receiver's newest (the gateway then never sends what that
+/// version lacks), and an old gateway and a new receiver too; ends with no version in common do
+/// not complete the handshake. `tributary restore` offers only `ALPN_V3`.
+pub const ALPNS: [&[u8]; 3] = [ALPN_V3, ALPN_V2, ALPN];
+
+/// The protocol version a negotiated ALPN names (1 when none or unknown).
+pub fn alpn_version(alpn: Option<&[u8]>) -> u8 {
+    match alpn {
+        Some(a) if a == ALPN_V3 => 3,
+        Some(a) if a == ALPN_V2 => 2,
+        _ => 1,
+    }
+}
+
+/// Topics in one `RestoreTopics` frame at most.
+pub const RESTORE_TOPICS_PER_FRAME_MAX: usize = 64;
+
+/// Partitions of one topic a restore lists at most (its extents must fit a control frame: 16
+/// bytes each, 512 KiB at most).
+pub const RESTORE_PARTITIONS_MAX: usize = 32_768;
+
+/// Groups one `RestoreGroups` frame names at most.
+pub const RESTORE_GROUPS_PER_FRAME_MAX: usize = 256;
+
+/// Partitions one `RestoreTopics` frame lists at most, over all its topics.
+pub const RESTORE_PARTITIONS_PER_FRAME_MAX: usize = 32_768;
 
 /// Committed offsets in one `Offsets` frame at most (the gateway sends more in several frames).
 pub const OFFSETS_PER_FRAME_MAX: usize = 512;
@@ -96,6 +125,29 @@ pub struct TopicSettings {
     pub configs: Vec<(String, String)>,
 }
 
+/// A remote topic of the site, as a restore lists it: the gateway's topic name, its partitions
+/// with their remote extents (`[low, high)` remote offsets), and its settings
+/// (`MIRRORED_TOPIC_CONFIGS` it has in the central cluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreTopic {
+    pub topic: String,
+    pub configs: Vec<(String, String)>,
+    /// Per partition, in partition order: (low, high) remote offsets.
+    pub extents: Vec<(i64, i64)>,
+}
+
+/// Where a restored partition starts, in the remote partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreFrom {
+    /// At this remote offset (a resumed restore: the offset after the last record stored).
+    Offset(i64),
+    /// At the first record whose timestamp is at or after this (ms since the epoch): `--since`.
+    Time(i64),
+    /// The last this many bytes of records (keys, values, headers), estimated from the
+    /// partition's newest records: `--bytes`.
+    TailBytes(i64),
+}
+
 /// A frame of the control stream, either direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
@@ -119,9 +171,30 @@ pub enum Control {
     /// settings of its compacted mirrored topics, so the remote topics are created compacted
     /// too. At most `TOPIC_CONFIGS_PER_FRAME_MAX` topics; names from `MIRRORED_TOPIC_CONFIGS`.
     TopicConfigs(Vec<TopicSettings>),
+    /// Gateway (version 3), first frame instead of `Hello`: a restore of this site. The cloud
+    /// answers with `RestoreTopics`, `RestoreOffsets` and `RestoreListed`.
+    RestoreHello { site: String },
+    /// Cloud (version 3): remote topics of the site (at most `RESTORE_TOPICS_PER_FRAME_MAX`,
+    /// `RESTORE_PARTITIONS_PER_FRAME_MAX` partitions over all, `RESTORE_PARTITIONS_MAX` each).
+    RestoreTopics(Vec<RestoreTopic>),
+    /// Cloud (version 3): the site's consumer groups' committed offsets from its MirrorMaker 2
+    /// checkpoints (edge topic, partition, upstream = edge offset; `commit_time_ms`: the
+    /// checkpoint record's timestamp). At most `OFFSETS_PER_FRAME_MAX`.
+    RestoreOffsets(Vec<CommittedOffset>),
+    /// Cloud (version 3): the listing is complete.
+    RestoreListed,
+    /// Gateway (version 3): stream this partition from `from` to the remote partition's high
+    /// watermark now, on a stream the cloud opens, within the `Credit` the gateway grants.
+    RestoreStart { topic: String, partition: i32, from: RestoreFrom },
+    /// Gateway (version 3), after its partitions are restored: fail these consumer groups back
+    /// (edge names; at most `RESTORE_GROUPS_PER_FRAME_MAX`). The cloud answers with
+    /// `RestoreOffsets` (each central group's committed offsets translated back to edge offsets
+    /// by the provenance of the record at them) and `RestoreListed`.
+    RestoreGroups(Vec<String>),
 }
 
-/// A frame of a data stream (gateway to cloud, one stream per partition).
+/// A frame of a data stream (gateway to cloud, one stream per partition; in a restore, cloud to
+/// gateway).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Data {
     /// First frame: which partition the stream carries.
@@ -130,6 +203,13 @@ pub enum Data {
     Batch(Bytes),
     /// Offsets `[from, to)` were deleted by retention before they were mirrored.
     Gap { from: i64, to: i64 },
+    /// Restore (cloud to gateway): an uncompressed RecordBatch v2 of the partition's records at
+    /// their original (edge) offsets, provenance headers removed; `remote_next` is the remote
+    /// offset after its last record (where a resumed restore continues).
+    Restored { remote_next: i64, batch: Bytes },
+    /// Restore: the partition is complete up to `remote_next` (the remote high watermark when it
+    /// started); the stream ends.
+    RestoreEnd { remote_next: i64 },
 }
 
 const HELLO: u8 = 1;
@@ -140,9 +220,17 @@ const MIRRORED: u8 = 5;
 const REFUSED: u8 = 6;
 const OFFSETS: u8 = 7;
 const TOPIC_CONFIGS: u8 = 8;
+const RESTORE_HELLO: u8 = 9;
+const RESTORE_TOPICS: u8 = 10;
+const RESTORE_OFFSETS: u8 = 11;
+const RESTORE_LISTED: u8 = 12;
+const RESTORE_START: u8 = 13;
+const RESTORE_GROUPS: u8 = 14;
 const OPEN: u8 = 16;
 const BATCH: u8 = 17;
 const GAP: u8 = 18;
+const RESTORED: u8 = 19;
+const RESTORE_END: u8 = 20;
 
 fn put_str(b: &mut BytesMut, s: &str) {
     let n = s.len().min(u16::MAX as usize);
@@ -166,6 +254,12 @@ impl Control {
     pub fn version(&self) -> u8 {
         match self {
             Control::Offsets(_) | Control::TopicConfigs(_) => 2,
+            Control::RestoreHello { .. }
+            | Control::RestoreTopics(_)
+            | Control::RestoreOffsets(_)
+            | Control::RestoreListed
+            | Control::RestoreStart { .. }
+            | Control::RestoreGroups(_) => 3,
             _ => 1,
         }
     }
@@ -199,15 +293,42 @@ impl Control {
                 b.put_i64(*offset);
             }),
             Control::Refused { reason } => frame(REFUSED, |b| put_str(b, reason)),
-            Control::Offsets(list) => frame(OFFSETS, |b| {
+            Control::Offsets(list) => frame(OFFSETS, |b| put_offsets(b, list)),
+            Control::RestoreOffsets(list) => frame(RESTORE_OFFSETS, |b| put_offsets(b, list)),
+            Control::RestoreHello { site } => frame(RESTORE_HELLO, |b| put_str(b, site)),
+            Control::RestoreListed => frame(RESTORE_LISTED, |_| {}),
+            Control::RestoreTopics(list) => frame(RESTORE_TOPICS, |b| {
                 b.put_u32(list.len() as u32);
-                for o in list {
-                    put_str(b, &o.group);
-                    put_str(b, &o.topic);
-                    b.put_i32(o.partition);
-                    b.put_i64(o.offset);
-                    b.put_i64(o.commit_time_ms);
+                for t in list {
+                    put_str(b, &t.topic);
+                    b.put_u8(t.configs.len().min(u8::MAX as usize) as u8);
+                    for (k, v) in t.configs.iter().take(u8::MAX as usize) {
+                        put_str(b, k);
+                        put_str(b, v);
+                    }
+                    b.put_u32(t.extents.len() as u32);
+                    for (low, high) in &t.extents {
+                        b.put_i64(*low);
+                        b.put_i64(*high);
+                    }
                 }
+            }),
+            Control::RestoreGroups(groups) => frame(RESTORE_GROUPS, |b| {
+                b.put_u32(groups.len() as u32);
+                for g in groups {
+                    put_str(b, g);
+                }
+            }),
+            Control::RestoreStart { topic, partition, from } => frame(RESTORE_START, |b| {
+                put_str(b, topic);
+                b.put_i32(*partition);
+                let (kind, value) = match from {
+                    RestoreFrom::Offset(o) => (0, *o),
+                    RestoreFrom::Time(t) => (1, *t),
+                    RestoreFrom::TailBytes(n) => (2, *n),
+                };
+                b.put_u8(kind);
+                b.put_i64(value);
             }),
             Control::TopicConfigs(list) => frame(TOPIC_CONFIGS, |b| {
                 b.put_u32(list.len() as u32);
@@ -262,28 +383,91 @@ impl Control {
                 offset: get_i64(b, "mirrored")?,
             },
             REFUSED => Control::Refused { reason: get_str(b, "refused")? },
-            OFFSETS => {
-                let n = get_u32(b, "offsets")? as usize;
-                // Each entry takes at least 24 bytes; the count is checked against the limit and
-                // what arrived before anything is allocated from it.
-                if n > OFFSETS_PER_FRAME_MAX || n > b.remaining() / 24 {
-                    return Err(ProtocolError::Malformed("offsets"));
+            OFFSETS => Control::Offsets(get_offsets(b, "offsets")?),
+            RESTORE_OFFSETS => Control::RestoreOffsets(get_offsets(b, "restore offsets")?),
+            RESTORE_HELLO => Control::RestoreHello { site: get_str(b, "restore hello")? },
+            RESTORE_LISTED => Control::RestoreListed,
+            RESTORE_TOPICS => {
+                let what = "restore topics";
+                let n = get_u32(b, what)? as usize;
+                // Each entry takes at least 7 bytes; counts are checked against their limits
+                // and what arrived before anything is allocated from them.
+                if n > RESTORE_TOPICS_PER_FRAME_MAX || n > b.remaining() / 7 {
+                    return Err(ProtocolError::Malformed(what));
                 }
                 let mut list = Vec::with_capacity(n);
+                let mut partitions = 0usize;
                 for _ in 0..n {
-                    let o = CommittedOffset {
-                        group: get_str(b, "offsets")?,
-                        topic: get_str(b, "offsets")?,
-                        partition: get_i32(b, "offsets")?,
-                        offset: get_i64(b, "offsets")?,
-                        commit_time_ms: get_i64(b, "offsets")?,
-                    };
-                    if o.group.len() > GROUP_ID_BYTES_MAX || o.topic.len() > TOPIC_BYTES_MAX || o.offset < 0 {
-                        return Err(ProtocolError::Malformed("offsets"));
+                    let topic = get_str(b, what)?;
+                    let k = get_u8(b, what)? as usize;
+                    if topic.is_empty() || topic.len() > TOPIC_BYTES_MAX || k > MIRRORED_TOPIC_CONFIGS.len() {
+                        return Err(ProtocolError::Malformed(what));
                     }
-                    list.push(o);
+                    let mut configs: Vec<(String, String)> = Vec::with_capacity(k);
+                    for _ in 0..k {
+                        let name = get_str(b, what)?;
+                        let value = get_str(b, what)?;
+                        if !MIRRORED_TOPIC_CONFIGS.contains(&name.as_str())
+                            || value.len() > TOPIC_CONFIG_VALUE_BYTES_MAX
+                            || configs.iter().any(|(n, _)| *n == name)
+                        {
+                            return Err(ProtocolError::Malformed(what));
+                        }
+                        configs.push((name, value));
+                    }
+                    let p = get_u32(b, what)? as usize;
+                    partitions += p;
+                    if p == 0
+                        || p > RESTORE_PARTITIONS_MAX
+                        || partitions > RESTORE_PARTITIONS_PER_FRAME_MAX
+                        || p > b.remaining() / 16
+                    {
+                        return Err(ProtocolError::Malformed(what));
+                    }
+                    let mut extents = Vec::with_capacity(p);
+                    for _ in 0..p {
+                        let (low, high) = (get_i64(b, what)?, get_i64(b, what)?);
+                        if low < 0 || high < low {
+                            return Err(ProtocolError::Malformed(what));
+                        }
+                        extents.push((low, high));
+                    }
+                    list.push(RestoreTopic { topic, configs, extents });
                 }
-                Control::Offsets(list)
+                Control::RestoreTopics(list)
+            }
+            RESTORE_GROUPS => {
+                let what = "restore groups";
+                let n = get_u32(b, what)? as usize;
+                if n > RESTORE_GROUPS_PER_FRAME_MAX || n > b.remaining() / 2 {
+                    return Err(ProtocolError::Malformed(what));
+                }
+                let mut groups = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let g = get_str(b, what)?;
+                    if g.is_empty() || g.len() > GROUP_ID_BYTES_MAX {
+                        return Err(ProtocolError::Malformed(what));
+                    }
+                    groups.push(g);
+                }
+                Control::RestoreGroups(groups)
+            }
+            RESTORE_START => {
+                let what = "restore start";
+                let topic = get_str(b, what)?;
+                let partition = get_i32(b, what)?;
+                let kind = get_u8(b, what)?;
+                let value = get_i64(b, what)?;
+                let from = match kind {
+                    0 if value >= 0 => RestoreFrom::Offset(value),
+                    1 => RestoreFrom::Time(value),
+                    2 if value >= 0 => RestoreFrom::TailBytes(value),
+                    _ => return Err(ProtocolError::Malformed(what)),
+                };
+                if topic.len() > TOPIC_BYTES_MAX || partition < 0 {
+                    return Err(ProtocolError::Malformed(what));
+                }
+                Control::RestoreStart { topic, partition, from }
             }
             TOPIC_CONFIGS => {
                 let n = get_u32(b, "topic configs")? as usize;
@@ -315,7 +499,7 @@ impl Control {
                 }
                 Control::TopicConfigs(list)
             }
-            OPEN | BATCH | GAP => return Err(ProtocolError::Unexpected("data")),
+            OPEN | BATCH | GAP | RESTORED | RESTORE_END => return Err(ProtocolError::Unexpected("data")),
             other => return Err(ProtocolError::UnknownType(other)),
         };
         if b.has_remaining() {
@@ -344,6 +528,14 @@ impl Data {
                 b.put_i64(*from);
                 b.put_i64(*to);
             }),
+            Data::Restored { remote_next, batch } => {
+                let mut b = BytesMut::with_capacity(13);
+                b.put_u32(batch.len() as u32 + 9);
+                b.put_u8(RESTORED);
+                b.put_i64(*remote_next);
+                b.freeze()
+            }
+            Data::RestoreEnd { remote_next } => frame(RESTORE_END, |b| b.put_i64(*remote_next)),
         }
     }
 
@@ -353,7 +545,12 @@ impl Data {
             OPEN => Data::Open { topic: get_str(b, "open")?, partition: get_i32(b, "open")? },
             BATCH => return Ok(Data::Batch(body)),
             GAP => Data::Gap { from: get_i64(b, "gap")?, to: get_i64(b, "gap")? },
-            HELLO..=TOPIC_CONFIGS => return Err(ProtocolError::Unexpected("control")),
+            RESTORED => {
+                let remote_next = get_i64(b, "restored")?;
+                return Ok(Data::Restored { remote_next, batch: body });
+            }
+            RESTORE_END => Data::RestoreEnd { remote_next: get_i64(b, "restore end")? },
+            HELLO..=RESTORE_GROUPS => return Err(ProtocolError::Unexpected("control")),
             other => return Err(ProtocolError::UnknownType(other)),
         };
         if b.has_remaining() {
@@ -361,6 +558,41 @@ impl Data {
         }
         Ok(out)
     }
+}
+
+fn put_offsets(b: &mut BytesMut, list: &[CommittedOffset]) {
+    b.put_u32(list.len() as u32);
+    for o in list {
+        put_str(b, &o.group);
+        put_str(b, &o.topic);
+        b.put_i32(o.partition);
+        b.put_i64(o.offset);
+        b.put_i64(o.commit_time_ms);
+    }
+}
+
+fn get_offsets(b: &mut Bytes, what: &'static str) -> Result<Vec<CommittedOffset>, ProtocolError> {
+    let n = get_u32(b, what)? as usize;
+    // Each entry takes at least 24 bytes; the count is checked against the limit and what
+    // arrived before anything is allocated from it.
+    if n > OFFSETS_PER_FRAME_MAX || n > b.remaining() / 24 {
+        return Err(ProtocolError::Malformed(what));
+    }
+    let mut list = Vec::with_capacity(n);
+    for _ in 0..n {
+        let o = CommittedOffset {
+            group: get_str(b, what)?,
+            topic: get_str(b, what)?,
+            partition: get_i32(b, what)?,
+            offset: get_i64(b, what)?,
+            commit_time_ms: get_i64(b, what)?,
+        };
+        if o.group.len() > GROUP_ID_BYTES_MAX || o.topic.len() > TOPIC_BYTES_MAX || o.offset < 0 {
+            return Err(ProtocolError::Malformed(what));
+        }
+        list.push(o);
+    }
+    Ok(list)
 }
 
 fn get_str(b: &mut Bytes, what: &'static str) -> Result<String, ProtocolError> {
@@ -494,6 +726,27 @@ mod tests {
                     configs: vec![("cleanup.policy".into(), "compact,delete".into())],
                 },
             ]),
+            Control::RestoreHello { site: "plant-7".into() },
+            Control::RestoreTopics(vec![
+                RestoreTopic {
+                    topic: "mqtt.retained".into(),
+                    configs: vec![("cleanup.policy".into(), "compact".into())],
+                    extents: vec![(0, 12)],
+                },
+                RestoreTopic { topic: "meters".into(), configs: Vec::new(), extents: vec![(0, 0), (5, 900), (0, 3)] },
+            ]),
+            Control::RestoreOffsets(vec![CommittedOffset {
+                group: "billing".into(),
+                topic: "meters".into(),
+                partition: 1,
+                offset: 450,
+                commit_time_ms: 1_700_000_000_000,
+            }]),
+            Control::RestoreListed,
+            Control::RestoreStart { topic: "meters".into(), partition: 1, from: RestoreFrom::Offset(77) },
+            Control::RestoreStart { topic: "meters".into(), partition: 2, from: RestoreFrom::Time(1_700_000_000_000) },
+            Control::RestoreStart { topic: "meters".into(), partition: 0, from: RestoreFrom::TailBytes(1 << 30) },
+            Control::RestoreGroups(vec!["billing".into(), "a.b".into()]),
         ]
     }
 
@@ -631,11 +884,82 @@ mod tests {
     }
 
     #[test]
-    fn version_2_frames_are_marked_as_such() {
+    fn version_2_and_3_frames_are_marked_as_such() {
         for c in controls() {
-            let want = if matches!(c, Control::Offsets(_) | Control::TopicConfigs(_)) { 2 } else { 1 };
+            let want = match c {
+                Control::Offsets(_) | Control::TopicConfigs(_) => 2,
+                Control::RestoreHello { .. }
+                | Control::RestoreTopics(_)
+                | Control::RestoreOffsets(_)
+                | Control::RestoreListed
+                | Control::RestoreStart { .. }
+                | Control::RestoreGroups(_) => 3,
+                _ => 1,
+            };
             assert_eq!(c.version(), want, "{c:?}");
         }
+        assert_eq!(alpn_version(Some(ALPN_V3)), 3);
+        assert_eq!(alpn_version(Some(ALPN_V2)), 2);
+        assert_eq!(alpn_version(Some(ALPN)), 1);
+        assert_eq!(alpn_version(None), 1);
+    }
+
+    #[test]
+    fn restore_data_frames_round_trip_and_the_batch_is_not_copied_into_the_header() {
+        let batch = Bytes::from_static(b"an uncompressed record batch");
+        let header = Data::Restored { remote_next: 4242, batch: batch.clone() }.encode_header();
+        assert_eq!(header.len(), 13);
+        let mut d = Decoder::new(1 << 20);
+        d.feed(&header);
+        d.feed(&batch);
+        d.feed(&Data::RestoreEnd { remote_next: 5000 }.encode_header());
+        assert_eq!(d.next_data(), Ok(Some(Data::Restored { remote_next: 4242, batch })));
+        assert_eq!(d.next_data(), Ok(Some(Data::RestoreEnd { remote_next: 5000 })));
+        // A restore data frame on the control stream is refused, and the other way round.
+        let mut d = Decoder::new(1 << 20);
+        d.feed(&Data::RestoreEnd { remote_next: 1 }.encode_header());
+        assert_eq!(d.next_control(), Err(ProtocolError::Unexpected("data")));
+        let mut d = Decoder::new(1 << 20);
+        d.feed(&Control::RestoreListed.encode());
+        assert_eq!(d.next_data(), Err(ProtocolError::Unexpected("control")));
+    }
+
+    #[test]
+    fn restore_listings_are_bounded_and_checked() {
+        let topic = |extents: Vec<(i64, i64)>| RestoreTopic { topic: "t".into(), configs: Vec::new(), extents };
+        // The largest listing the cloud sends fits the control stream's 1 MiB decoder.
+        let big = Control::RestoreTopics(vec![topic(vec![(0, 1); RESTORE_PARTITIONS_PER_FRAME_MAX])]);
+        let mut d = Decoder::new(1 << 20);
+        d.feed(&big.encode());
+        assert_eq!(d.next_control(), Ok(Some(big)));
+        for bad in [
+            Control::RestoreTopics((0..=RESTORE_TOPICS_PER_FRAME_MAX).map(|_| topic(vec![(0, 1)])).collect()),
+            Control::RestoreTopics(vec![topic(Vec::new())]),
+            Control::RestoreTopics(vec![topic(vec![(5, 4)])]),
+            Control::RestoreTopics(vec![topic(vec![(-1, 4)])]),
+            Control::RestoreTopics(vec![RestoreTopic {
+                topic: "t".into(),
+                configs: vec![("retention.ms".into(), "1".into())],
+                extents: vec![(0, 1)],
+            }]),
+        ] {
+            let mut d = Decoder::new(1 << 20);
+            d.feed(&bad.encode());
+            assert_eq!(d.next_control(), Err(ProtocolError::Malformed("restore topics")), "{bad:?}");
+        }
+        for bad in [
+            Control::RestoreStart { topic: "t".into(), partition: -1, from: RestoreFrom::Offset(0) },
+            Control::RestoreStart { topic: "t".into(), partition: 0, from: RestoreFrom::Offset(-5) },
+            Control::RestoreStart { topic: "t".into(), partition: 0, from: RestoreFrom::TailBytes(-5) },
+        ] {
+            let mut d = Decoder::new(1 << 20);
+            d.feed(&bad.encode());
+            assert_eq!(d.next_control(), Err(ProtocolError::Malformed("restore start")), "{bad:?}");
+        }
+        // A partition count claiming more extents than the bytes that came.
+        let mut d = Decoder::new(100);
+        d.feed(&[0, 0, 0, 12, RESTORE_TOPICS, 0, 0, 0, 1, 0, 1, b't', 0, 0, 0, 100]);
+        assert_eq!(d.next_control(), Err(ProtocolError::Malformed("restore topics")));
     }
 
     #[test]

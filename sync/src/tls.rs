@@ -121,6 +121,18 @@ pub fn server_config(
     key: &Path,
     transport: quinn::TransportConfig,
 ) -> Result<quinn::ServerConfig, TlsError> {
+    server_config_with_versions(ca, cert, key, transport, &ALPNS)
+}
+
+/// [`server_config`] offering only `versions` (ALPNs): a receiver of an older release, as a
+/// new gateway meets it.
+pub fn server_config_with_versions(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    transport: quinn::TransportConfig,
+    versions: &[&[u8]],
+) -> Result<quinn::ServerConfig, TlsError> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -130,7 +142,7 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    cfg.alpn_protocols = ALPNS.iter().map(|a| a.to_vec()).collect();
+    cfg.alpn_protocols = versions.iter().map(|a| a.to_vec()).collect();
     cfg.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut s = quinn::ServerConfig::with_crypto(Arc::new(quic));

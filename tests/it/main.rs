@@ -28,6 +28,7 @@ mod mqtt_limits;
 mod mqtt_sessions;
 mod mqtt_websocket;
 mod powercut;
+mod restore;
 mod retained;
 mod retention;
 mod security;

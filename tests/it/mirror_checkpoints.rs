@@ -26,14 +26,14 @@ use crate::support::{client_config, http_get, Daemon};
 
 const GROUP: &str = "billing";
 
-fn one_broker() -> KafkaCluster {
+pub(crate) fn one_broker() -> KafkaCluster {
     let cluster = KafkaCluster::start(KafkaOptions::default()).unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!("one-broker Apache Kafka serving in {:.1} s", cluster.started_in.as_secs_f64());
     cluster
 }
 
 /// The gateway's config: Kafka listener, and the mirror of `topics` to `cloud`.
-fn gateway_config(dir: &Path, pki: &Pki, cloud: std::net::SocketAddr, topics: &[&str]) -> PathBuf {
+pub(crate) fn gateway_config(dir: &Path, pki: &Pki, cloud: std::net::SocketAddr, topics: &[&str]) -> PathBuf {
     let (cert, key) = pki.site("site", SITE, None);
     let config = dir.join("gateway.toml");
     let text = format!(
@@ -49,7 +49,7 @@ fn gateway_config(dir: &Path, pki: &Pki, cloud: std::net::SocketAddr, topics: &[
     config
 }
 
-fn create_topic(bootstrap: &str, topic: &str, partitions: i32, configs: &[(&str, &str)]) {
+pub(crate) fn create_topic(bootstrap: &str, topic: &str, partitions: i32, configs: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = client_config(bootstrap).create().expect("admin");
     let mut t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     for (k, v) in configs {
@@ -63,11 +63,11 @@ fn create_topic(bootstrap: &str, topic: &str, partitions: i32, configs: &[(&str,
     }
 }
 
-fn producer(bootstrap: &str) -> BaseProducer {
+pub(crate) fn producer(bootstrap: &str) -> BaseProducer {
     client_config(bootstrap).set("acks", "all").set("linger.ms", "5").create().expect("producer")
 }
 
-fn produce(p: &BaseProducer, topic: &str, partition: i32, n: usize) {
+pub(crate) fn produce(p: &BaseProducer, topic: &str, partition: i32, n: usize) {
     for i in 0..n {
         let key = format!("meter-{i}");
         let value = format!("{{\"meter\":{i},\"kwh\":{}.{:03}}}", i * 7, i % 1000);
@@ -87,18 +87,18 @@ fn produce(p: &BaseProducer, topic: &str, partition: i32, n: usize) {
     p.flush(Duration::from_secs(30)).expect("flush");
 }
 
-fn watermarks(bootstrap: &str, topic: &str, partition: i32) -> (i64, i64) {
+pub(crate) fn watermarks(bootstrap: &str, topic: &str, partition: i32) -> (i64, i64) {
     let c: BaseConsumer = client_config(bootstrap).create().expect("consumer");
     c.fetch_watermarks(topic, partition, Duration::from_secs(10)).expect("watermarks")
 }
 
-fn header_offset(h: &[(String, Option<bytes::Bytes>)]) -> i64 {
+pub(crate) fn header_offset(h: &[(String, Option<bytes::Bytes>)]) -> i64 {
     let v = h.iter().find(|(k, _)| k == "tributary.offset").and_then(|(_, v)| v.clone()).expect("provenance header");
     std::str::from_utf8(&v).expect("utf-8").parse().expect("offset")
 }
 
 /// Waits until the remote partition holds the source partition's last record.
-fn wait_mirrored(bootstrap: &str, remote: &str, partition: i32, source_high: i64) {
+pub(crate) fn wait_mirrored(bootstrap: &str, remote: &str, partition: i32, source_high: i64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let c: BaseConsumer = client_config(bootstrap).create().expect("consumer");
     loop {
@@ -141,7 +141,7 @@ fn decode_checkpoint(key: &[u8], value: &[u8]) -> ((String, String, i32), (i64, 
 
 /// Reads the checkpoints topic from its start, handing each checkpoint to `seen` (with the time it
 /// was read; `None` when nothing came for 50 ms) until `seen` returns true or the deadline passes.
-fn watch_checkpoints(
+pub(crate) fn watch_checkpoints(
     bootstrap: &str,
     deadline: Duration,
     mut seen: impl FnMut(Option<(&(String, String, i32), (i64, i64), Instant)>) -> bool,

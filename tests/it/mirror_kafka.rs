@@ -65,6 +65,19 @@ impl Receiver {
         replicas: i32,
         tweak: impl FnOnce(&mut CloudConfig),
     ) -> Self {
+        Self::start_binary(Path::new(env!("CARGO_BIN_EXE_cloud-under-test")), pki, bootstrap, dir, replicas, tweak)
+    }
+
+    /// [`Receiver::start_configured`] with another build of the receiver (a release binary, for
+    /// measurements).
+    pub(crate) fn start_binary(
+        binary: &Path,
+        pki: &Pki,
+        bootstrap: &str,
+        dir: &Path,
+        replicas: i32,
+        tweak: impl FnOnce(&mut CloudConfig),
+    ) -> Self {
         let port = tributary_tests::free_udp_port().expect("free port");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cfg = CloudConfig {
@@ -85,8 +98,7 @@ impl Receiver {
         cfg.kafka.properties.insert("broker.address.family".into(), "v4".into());
         cfg.log.level = "info".into();
         tweak(&mut cfg);
-        let child = CloudChild::start(Path::new(env!("CARGO_BIN_EXE_cloud-under-test")), &cfg, dir)
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        let child = CloudChild::start(binary, &cfg, dir).unwrap_or_else(|e| panic!("{e:#}"));
         Self { addr, child }
     }
 

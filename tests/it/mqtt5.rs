@@ -92,7 +92,12 @@ use crate::mqtt::{next, pump5};
 
 /// A connected rumqttc v5 client (clean start) and its incoming packets, CONNACK first.
 pub(crate) fn client5(broker: &KafkaBroker, id: &str) -> (Client5, UnboundedReceiver<P5>) {
-    let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", broker.mqtt.port());
+    client5_at(broker.mqtt.port(), id)
+}
+
+/// An MQTT 5 client of the listener on `port` of 127.0.0.1 (a gateway run as a child process).
+pub(crate) fn client5_at(port: u16, id: &str) -> (Client5, UnboundedReceiver<P5>) {
+    let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
     o.set_keep_alive(std::time::Duration::from_secs(10));
     let (c, ev) = Client5::new(o, 100);
     (c, pump5(ev))

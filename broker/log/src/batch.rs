@@ -445,6 +445,41 @@ pub fn encode_batch(
     append_time_ms: i64,
     out: &mut Vec<u8>,
 ) -> Result<BatchHeader, BatchError> {
+    encode_records(records, base_offset, |i| i as i32, codec, timestamp_kind, append_time_ms, out)
+}
+
+/// Encodes records at offsets of their own (`(record, timestamp, offset)`, offsets strictly
+/// increasing, within an i32 of the first) as one CreateTime RecordBatch v2 into `out`: its base
+/// offset is the first record's, its `lastOffsetDelta` the last record's, and offsets between
+/// them that no record holds stay holes, as in a batch Kafka's cleaner compacted. For records
+/// restored at their original offsets.
+pub fn encode_batch_at(
+    records: &[(&NewRecord, i64, i64)],
+    codec: Codec,
+    out: &mut Vec<u8>,
+) -> Result<BatchHeader, BatchError> {
+    let Some(&(_, _, base)) = records.first() else { return Err(BatchError::Empty(0)) };
+    let mut last = base - 1;
+    for &(_, _, offset) in records {
+        if offset <= last || offset - base > i64::from(i32::MAX) {
+            return Err(BatchError::Record { index: 0, reason: "offsets not increasing within an i32 of the first" });
+        }
+        last = offset;
+    }
+    let stamped: Vec<(&NewRecord, i64)> = records.iter().map(|(r, ts, _)| (*r, *ts)).collect();
+    encode_records(&stamped, base, |i| (records[i].2 - base) as i32, codec, TimestampKind::CreateTime, 0, out)
+}
+
+/// `encode_batch` with each record's offset delta from `delta(index)` (increasing).
+fn encode_records(
+    records: &[(&NewRecord, i64)],
+    base_offset: i64,
+    delta: impl Fn(usize) -> i32,
+    codec: Codec,
+    timestamp_kind: TimestampKind,
+    append_time_ms: i64,
+    out: &mut Vec<u8>,
+) -> Result<BatchHeader, BatchError> {
     let count = records.len();
     if count == 0 {
         return Err(BatchError::Empty(0));
@@ -458,7 +493,7 @@ pub fn encode_batch(
         body.clear();
         body.push(0); // record attributes
         write_varlong(&mut body, ts - base_ts);
-        write_varint(&mut body, i as i32);
+        write_varint(&mut body, delta(i));
         for b in [&r.key, &r.value] {
             match b {
                 Some(b) => {
@@ -492,7 +527,7 @@ pub fn encode_batch(
     out.resize(start + HEADER_LEN, 0);
     compression::compress(codec, &raw, out)?;
     let b = &mut out[start..];
-    write_header(b, base_offset, attributes, (count - 1) as i32, (base_ts, max_ts), count as i32);
+    write_header(b, base_offset, attributes, delta(count - 1), (base_ts, max_ts), count as i32);
     BatchHeader::parse(b)
 }
 

@@ -48,6 +48,10 @@ pub enum StoreError {
     OutOfOrderSequence { expected: i32, got: i32 },
     #[error("producer epoch {got} is older than the current epoch {current}")]
     InvalidProducerEpoch { current: i16, got: i16 },
+    /// A restored record (`Store::restore_records`) at an offset the partition already gave
+    /// out: an offset once given is never given to another record.
+    #[error("restore of {topic}-{partition} at offset {offset} refused: the partition's next offset is already {next_offset}")]
+    RestoreBelowNext { topic: String, partition: i32, offset: i64, next_offset: i64 },
     #[error("the store is closed")]
     Closed,
     /// The database failed a write (a disk error, a full file system, a file-size limit): writes

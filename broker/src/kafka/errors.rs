@@ -59,6 +59,7 @@ pub(crate) fn code(e: &StoreError) -> i16 {
         StoreError::InvalidBatch(_) | StoreError::KeylessRecord { .. } => INVALID_RECORD,
         StoreError::AppendTooLarge { .. } => MESSAGE_TOO_LARGE,
         StoreError::OffsetOutOfRange { .. } => OFFSET_OUT_OF_RANGE,
+        StoreError::RestoreBelowNext { .. } => INVALID_RECORD,
         StoreError::OutOfOrderSequence { .. } => OUT_OF_ORDER_SEQUENCE_NUMBER,
         StoreError::InvalidProducerEpoch { .. } => INVALID_PRODUCER_EPOCH,
         StoreError::DiskFull { .. }

@@ -33,6 +33,7 @@ mod admin;
 mod append;
 mod compaction;
 mod open;
+mod restore;
 mod retention;
 
 pub use admin::validate_topic_name;
@@ -105,6 +106,15 @@ pub(crate) enum Op {
         entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
         reply: Reply<()>,
     },
+    /// Records restored at their original offsets (`Store::restore_records`), with key-value
+    /// writes committed in the same transaction (the restore's progress).
+    Restore {
+        topic: Arc<TopicState>,
+        pkey: u64,
+        records: Vec<(i64, NewRecord)>,
+        kv: Vec<KvWrite>,
+        reply: Reply<AppendOutcome>,
+    },
     Tick,
     Shutdown,
     /// The service watchdog's probe: a real write (a counter in `meta`) committed durably in the
@@ -121,6 +131,7 @@ impl std::fmt::Debug for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Op::Append { .. } => "Append",
+            Op::Restore { .. } => "Restore",
             Op::Admin { .. } => "Admin",
             Op::Kv { .. } => "Kv",
             Op::Tick => "Tick",
@@ -144,6 +155,7 @@ impl Op {
             Op::Kv { entries, .. } => {
                 entries.iter().map(|(k, v)| (k.len() + v.as_ref().map_or(0, Vec::len)) as u64).sum()
             }
+            Op::Restore { records, .. } => records.iter().map(|(_, r)| r.encoded_len_max() as u64).sum(),
             _ => 64,
         }
     }
@@ -154,7 +166,9 @@ impl Op {
                 topic.config.durability == Durability::Fsync
                     || also.iter().any(|a| a.topic.config.durability == Durability::Fsync)
             }
-            Op::Admin { .. } | Op::Kv { .. } | Op::Probe { .. } => true,
+            // A restored record counts as restored only once durable, whatever the topic's
+            // durability.
+            Op::Admin { .. } | Op::Kv { .. } | Op::Probe { .. } | Op::Restore { .. } => true,
             Op::Tick | Op::Shutdown => false,
         }
     }
@@ -162,7 +176,7 @@ impl Op {
     /// Whether the op would add bytes to the database (refused while the disk is full).
     fn inserts(&self) -> bool {
         match self {
-            Op::Append { .. } | Op::Probe { .. } => true,
+            Op::Append { .. } | Op::Probe { .. } | Op::Restore { .. } => true,
             Op::Kv { entries, .. } => entries.iter().any(|(_, v)| v.is_some()),
             Op::Admin { .. } | Op::Tick | Op::Shutdown => false,
         }
@@ -833,6 +847,36 @@ impl Writer {
                     Self::kv_apply(txn, r, space, &key, value.as_deref())?;
                 }
             }
+            Op::Restore { topic, pkey, records, kv, reply } => {
+                if let Some(e) = disk_full {
+                    let _ = reply.send(Err(e.clone()));
+                    return Ok(());
+                }
+                // Keep order within the partition: records queued before are written first.
+                if let Some(i) = packs.iter().position(|(k, _)| *k == pkey) {
+                    let (k, p) = packs.remove(i);
+                    if let Err(e) = self.flush_pack(t, r, k, p, now) {
+                        r.done.push(Done::Doomed(reply));
+                        return Err(e);
+                    }
+                }
+                match self.apply_restore(t, r, &topic, pkey, &records, now) {
+                    Ok(Ok(outcome)) => {
+                        r.done.push(Done::Append(reply, outcome));
+                        for (space, key, value) in kv {
+                            Self::kv_apply(txn, r, space, &key, value.as_deref())?;
+                        }
+                    }
+                    // Refused before anything was written for it.
+                    Ok(Err(e)) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Err(e) => {
+                        r.done.push(Done::Doomed(reply));
+                        return Err(e);
+                    }
+                }
+            }
             Op::Tick => *tick = true,
             Op::Shutdown => {}
             Op::Probe { reply } => match disk_full {
@@ -956,6 +1000,9 @@ impl Writer {
 fn fail_ops(ops: Vec<Op>, e: &StoreError) {
     for op in ops {
         match op {
+            Op::Restore { reply, .. } => {
+                let _ = reply.send(Err(e.clone()));
+            }
             Op::Append { reply, also, .. } => {
                 let _ = reply.send(Err(e.clone()));
                 for a in also {

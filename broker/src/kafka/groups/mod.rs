@@ -17,8 +17,10 @@ mod offsets;
 mod protocol;
 mod state;
 
+pub use offsets::{
+    offset_entry, AllCommitted, CommitHook, CommittedOffset, CommittedPartition, OffsetToCommit, PartitionLag,
+};
 use offsets::{offset_key_prefix, parse_offset_key};
-pub use offsets::{AllCommitted, CommitHook, CommittedOffset, CommittedPartition, OffsetToCommit, PartitionLag};
 use protocol::subscribed_topics;
 use state::{check_member, expire, owned, protocols_bytes, Group, Member};
 

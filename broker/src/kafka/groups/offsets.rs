@@ -97,6 +97,13 @@ pub(super) fn decode_offset(v: &[u8]) -> Option<CommittedOffset> {
     Some(CommittedOffset { offset, leader_epoch, metadata, commit_time_ms })
 }
 
+/// The key and value of a committed offset in `spaces::GROUP_OFFSETS`, for a group offset written
+/// without the coordinator (a gateway restored from the central cluster, before it serves).
+pub fn offset_entry(group: &str, topic: &str, partition: i32, offset: i64, commit_time_ms: i64) -> (Vec<u8>, Vec<u8>) {
+    let value = encode_offset(&CommittedOffset { offset, leader_epoch: -1, metadata: String::new(), commit_time_ms });
+    (offset_key(group, topic, partition), value)
+}
+
 impl Coordinator {
     /// Commits offsets durably (one store commit for the whole request); one error code per
     /// `(topic, partition)` in request order.

@@ -1,0 +1,244 @@
+//! Restores: records written back at the offsets they had (a gateway rebuilt from the central
+//! cluster's copy), through the same writer and commit as appends. Invariant: a restored record
+//! never lands below its partition's next offset, so an offset once given is never given to
+//! another record; offsets no restored record holds stay holes, and an empty partition's log
+//! starts at its first restored record.
+
+use super::*;
+use crate::{PendingAppend, Store};
+
+impl Store {
+    /// Writes `records` (each at its own offset, increasing, with its timestamp) into a
+    /// partition, with `kv` in the same commit (the caller's progress), and returns once
+    /// durable. The records are packed into CreateTime batches of at most
+    /// `storage.batch_size_bytes_max` (compressed with the topic's codec), keeping the offsets
+    /// between them as holes. Refused with `RestoreBelowNext`, nothing written, when the first
+    /// offset is below the partition's next offset. An empty partition's log start moves up to
+    /// the first record. Its `AppendOutcome` spans the first to the last restored offset.
+    pub async fn restore_records(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: Vec<(i64, NewRecord)>,
+        kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<AppendOutcome, StoreError> {
+        self.enqueue_restore(topic, partition, records, kv).await?.wait().await
+    }
+
+    /// Queues a restore like [`Store::restore_records`]; the [`PendingAppend`] resolves once it
+    /// is durable (or refused).
+    pub async fn enqueue_restore(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: Vec<(i64, NewRecord)>,
+        kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<PendingAppend, StoreError> {
+        let cfg = &self.inner.shared.config;
+        let size: usize = records.iter().map(|(_, r)| r.encoded_len_max()).sum();
+        if size as u64 > u64::from(cfg.append_size_bytes_max) {
+            return Err(StoreError::AppendTooLarge { size: size as u64, max: cfg.append_size_bytes_max.into() });
+        }
+        let (t, p) = self.partition_state(topic, partition)?;
+        let rx = self.enqueue(|reply| Op::Restore { topic: t, pkey: p.key, records, kv, reply }).await?;
+        Ok(PendingAppend(rx))
+    }
+}
+
+/// Checks restored records before anything is written: some, offsets increasing from at least
+/// `next`, timestamps given, keys on a compacted topic.
+fn check(topic: &TopicState, partition: i32, records: &[(i64, NewRecord)], next: i64) -> Result<(), StoreError> {
+    let Some((first, _)) = records.first() else { return Err(StoreError::InvalidBatch(batch::BatchError::Empty(0))) };
+    if *first < next {
+        return Err(StoreError::RestoreBelowNext {
+            topic: topic.name.clone(),
+            partition,
+            offset: *first,
+            next_offset: next,
+        });
+    }
+    let mut last = first - 1;
+    for (i, (offset, r)) in records.iter().enumerate() {
+        if *offset <= last {
+            return Err(StoreError::InvalidBatch(batch::BatchError::Record {
+                index: i as u64,
+                reason: "restored offsets must increase",
+            }));
+        }
+        if r.timestamp_ms.is_none() {
+            return Err(StoreError::InvalidBatch(batch::BatchError::Record {
+                index: i as u64,
+                reason: "a restored record carries its timestamp",
+            }));
+        }
+        if topic.config.compacted() && r.key.is_none() {
+            return Err(StoreError::KeylessRecord { topic: topic.name.clone(), partition, index: i as u64 });
+        }
+        last = *offset;
+    }
+    Ok(())
+}
+
+impl Writer {
+    /// Writes one restore into the round. `Ok(Err(_))`: refused, nothing written; `Err(_)`: the
+    /// round fails.
+    pub(super) fn apply_restore(
+        &mut self,
+        t: &mut Tables<'_>,
+        r: &mut Round,
+        topic: &TopicState,
+        pkey: u64,
+        records: &[(i64, NewRecord)],
+        now: i64,
+    ) -> Result<Result<AppendOutcome, StoreError>, StoreError> {
+        let partition = (pkey & 0xffff_ffff) as i32;
+        let Some(mut m) = self.meta(r, pkey) else { return Ok(Err(StoreError::UnknownTopic(topic.name.clone()))) };
+        if let Err(e) = check(topic, partition, records, m.next_offset as i64) {
+            return Ok(Err(e));
+        }
+        if topic.config.durability == Durability::Relaxed {
+            r.relaxed.insert(pkey);
+        }
+        let first = records[0].0;
+        if m.batches == 0 {
+            // Nothing stored: the log starts at the first restored record.
+            m.log_start_offset = m.log_start_offset.max(first as u64);
+        }
+        let cap = self.cfg.batch_size_bytes_max as usize;
+        let mut out = Vec::with_capacity(VALUE_PREFIX_LEN + cap + HEADER_LEN);
+        let mut i = 0;
+        while i < records.len() {
+            // As many records as fit a batch uncompressed (at least one), and offsets within an
+            // i32 of the batch's first.
+            let mut raw = 0usize;
+            let mut j = i;
+            while j < records.len()
+                && (j == i
+                    || (raw + records[j].1.encoded_len_max() <= cap - HEADER_LEN
+                        && records[j].0 - records[i].0 <= i64::from(i32::MAX)))
+            {
+                raw += records[j].1.encoded_len_max();
+                j += 1;
+            }
+            let chunk: Vec<(&NewRecord, i64, i64)> =
+                records[i..j].iter().map(|(o, rec)| (rec, rec.timestamp_ms.unwrap_or(now), *o)).collect();
+            out.clear();
+            out.extend_from_slice(&[0u8; VALUE_PREFIX_LEN]);
+            let h = batch::encode_batch_at(&chunk, topic.config.compression, &mut out)?;
+            // The batch is stored at its first record's offset: offsets before it are a hole.
+            debug_assert!(h.base_offset >= m.next_offset as i64, "checked above");
+            m.next_offset = h.base_offset as u64;
+            self.store_batch(t, r, pkey, &mut m, &mut out, &h, topic.config.retention_bytes_limit(), now)?;
+            i = j;
+        }
+        self.put_meta(t, r, pkey, m)?;
+        Ok(Ok(AppendOutcome {
+            base_offset: first,
+            last_offset: m.next_offset as i64 - 1,
+            log_append_time_ms: None,
+            log_start_offset: m.log_start_offset as i64,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use crate::batch::NewRecord;
+    use crate::config::{Codec, StorageConfig, TopicConfig};
+    use crate::{KvSpace, Store, StoreError, Watermarks};
+
+    const PROGRESS: KvSpace = KvSpace::named("kv.test_restore");
+
+    fn open(dir: &std::path::Path) -> Store {
+        Store::open(StorageConfig { data_dir: dir.to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() })
+            .expect("open")
+            .0
+    }
+
+    fn rec(offset: i64) -> (i64, NewRecord) {
+        (
+            offset,
+            NewRecord {
+                key: Some(Bytes::from(format!("k{offset}"))),
+                value: (offset % 7 != 3).then(|| Bytes::from(format!("value-{offset}"))),
+                headers: vec![("h".into(), Some(Bytes::from("x"))), ("h".into(), None)],
+                timestamp_ms: Some(1_700_000_000_000 + offset * 10),
+            },
+        )
+    }
+
+    /// Restored records come back at their offsets with everything they had; offsets between
+    /// them stay holes; the log starts at the first; the next offset follows the last; and the
+    /// progress written with them is in the same commit.
+    #[tokio::test]
+    async fn records_are_restored_at_their_offsets_with_holes_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let config = TopicConfig { compression: Codec::Lz4, ..TopicConfig::default() };
+        store.create_topic("t", 1, config).await.expect("create");
+        let offsets: Vec<i64> = (100..150).chain(160..170).chain([500, 70_000]).collect();
+        let records: Vec<(i64, NewRecord)> = offsets.iter().map(|o| rec(*o)).collect();
+        let out = store
+            .restore_records("t", 0, records[..30].to_vec(), vec![(PROGRESS, b"t/0".to_vec(), Some(b"30".to_vec()))])
+            .await
+            .expect("restore");
+        assert_eq!((out.base_offset, out.last_offset, out.log_start_offset), (100, 129, 100));
+        store.restore_records("t", 0, records[30..].to_vec(), Vec::new()).await.expect("restore the rest");
+        assert_eq!(store.watermarks("t", 0).expect("wm"), Watermarks { log_start_offset: 100, high_watermark: 70_001 });
+        assert_eq!(store.kv_get(PROGRESS, b"t/0").expect("kv"), Some(b"30".to_vec()));
+        store.close().await.expect("close");
+        drop(store);
+        let store = open(dir.path());
+        let mut back = Vec::new();
+        let mut at = 100;
+        while at < 70_001 {
+            let got = store.read_records("t", 0, at, 1 << 20).expect("read");
+            let last = got.last().map(|r| r.offset).expect("records after a hole");
+            back.extend(got.into_iter().filter(|r| r.offset >= at));
+            at = last + 1;
+        }
+        assert_eq!(back.len(), records.len());
+        for (got, (offset, want)) in back.iter().zip(&records) {
+            assert_eq!(got.offset, *offset);
+            assert_eq!((&got.key, &got.value, &got.headers), (&want.key, &want.value, &want.headers));
+            assert_eq!(Some(got.timestamp), want.timestamp_ms);
+        }
+        // A hole's offset reads from the next record on.
+        let got = store.read_records("t", 0, 155, 1 << 20).expect("read in a hole");
+        assert_eq!(got.iter().find(|r| r.offset >= 155).map(|r| r.offset), Some(160));
+        // New appends continue after the last restored offset.
+        let o = store.append_records("t", 0, vec![NewRecord::new(Some("k"), "new")]).await.expect("append");
+        assert_eq!(o.base_offset, 70_001);
+    }
+
+    /// An offset the partition already gave out is never given to a restored record: refused,
+    /// nothing of it written (its progress neither).
+    #[tokio::test]
+    async fn a_restore_below_the_next_offset_is_refused_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
+        store.restore_records("t", 0, vec![rec(10), rec(11)], Vec::new()).await.expect("restore");
+        for records in [vec![rec(11), rec(12)], vec![rec(5)]] {
+            let e = store
+                .restore_records("t", 0, records, vec![(PROGRESS, b"p".to_vec(), Some(b"x".to_vec()))])
+                .await
+                .expect_err("below the next offset");
+            assert!(matches!(e, StoreError::RestoreBelowNext { next_offset: 12, .. }), "{e}");
+        }
+        assert_eq!(store.kv_get(PROGRESS, b"p").expect("kv"), None, "its progress was not written either");
+        assert_eq!(store.watermarks("t", 0).expect("wm").high_watermark, 12);
+        // Offsets out of order, and a record without its timestamp, are refused too.
+        let e = store.restore_records("t", 0, vec![rec(20), rec(20)], Vec::new()).await.expect_err("order");
+        assert!(matches!(e, StoreError::InvalidBatch(_)), "{e}");
+        let mut bare = rec(30);
+        bare.1.timestamp_ms = None;
+        assert!(store.restore_records("t", 0, vec![bare], Vec::new()).await.is_err());
+        // Appended records take offsets first: a restore can no longer go there.
+        store.append_records("t", 0, vec![NewRecord::new(Some("k"), "v")]).await.expect("append");
+        let e = store.restore_records("t", 0, vec![rec(12)], Vec::new()).await.expect_err("taken by an append");
+        assert!(matches!(e, StoreError::RestoreBelowNext { offset: 12, next_offset: 13, .. }), "{e}");
+    }
+}

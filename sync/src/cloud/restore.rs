@@ -1,0 +1,726 @@
+//! The receiver's side of a restore (protocol version 3): a replacement gateway, checked against
+//! its certificate like a mirroring one, is given its site's remote topics (`{site}.*` without the
+//! checkpoints topic) with their partitions, extents and compaction settings, its consumer
+//! groups' offsets from the MirrorMaker 2 checkpoints (upstream = edge offsets), then each
+//! partition it asks for: the remote records read with a librdkafka consumer (manual assignment,
+//! no group), put back at their edge offsets from the provenance headers (which are removed), as
+//! uncompressed RecordBatch v2 frames on a stream of their own, within the credit the gateway
+//! grants. Bounded: `restore_sessions_max` restores at once, `restore_streams_max` partitions per
+//! restore, `restore_batch_bytes_max` per frame, `restore_fetch_bytes_max` of librdkafka's
+//! prefetch per partition, `restore_offsets_max` group offsets listed.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rdkafka::admin::{AdminOptions, ResourceSpecifier};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+use tributary_log::batch::{encode_batch_at, NewRecord};
+use tributary_log::Codec;
+
+use super::{
+    kafka_config, read_control, watermarks, CloudError, Shared, HEADER_OFFSET, HEADER_PARTITION, HEADER_SITE,
+    HEADER_TOPIC,
+};
+use crate::checkpoint::{checkpoints_topic, decode_checkpoint_key, decode_checkpoint_value};
+use crate::protocol::{
+    CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreFrom, RestoreTopic, MIRRORED_TOPIC_CONFIGS,
+    OFFSETS_PER_FRAME_MAX, RESTORE_PARTITIONS_MAX, RESTORE_PARTITIONS_PER_FRAME_MAX, RESTORE_TOPICS_PER_FRAME_MAX,
+    TOPIC_BYTES_MAX, TOPIC_CONFIG_VALUE_BYTES_MAX,
+};
+
+/// Releases a restore session's place when it ends, however it ends.
+struct Place<'a>(&'a Shared);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.stats.restores_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Credit the gateway granted one partition's stream, and its wake-up.
+#[derive(Debug, Default)]
+struct Credit {
+    bytes: AtomicI64,
+    more: Notify,
+}
+
+/// A restore session, after the site was checked.
+pub(super) async fn serve(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    site: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut decoder: Decoder,
+) -> Result<(), CloudError> {
+    let cfg = &shared.cfg;
+    let active = shared.stats.restores_active.fetch_add(1, Ordering::Relaxed) + 1;
+    let _place = Place(shared);
+    if active > u64::from(cfg.restore_sessions_max) {
+        let reason = format!("restore_sessions_max = {} restores are running", cfg.restore_sessions_max);
+        let _ = send.write_all(&Control::Refused { reason: reason.clone() }.encode()).await;
+        return Err(CloudError::Refused(reason));
+    }
+    tracing::info!(%site, remote = %conn.remote_address(), "restore of a gateway begins");
+    let (listing, offsets) = {
+        let (shared, site) = (shared.clone(), site.clone());
+        tokio::task::spawn_blocking(move || list(&shared, &site))
+            .await
+            .map_err(|e| CloudError::Refused(format!("listing task: {e}")))??
+    };
+    let mut out = Vec::new();
+    // Frames within their limits: topics, and partitions over all of a frame's topics.
+    let mut chunk: Vec<RestoreTopic> = Vec::new();
+    let mut partitions = 0;
+    for t in &listing {
+        if !chunk.is_empty()
+            && (chunk.len() >= RESTORE_TOPICS_PER_FRAME_MAX
+                || partitions + t.extents.len() > RESTORE_PARTITIONS_PER_FRAME_MAX)
+        {
+            out.extend_from_slice(&Control::RestoreTopics(std::mem::take(&mut chunk)).encode());
+            partitions = 0;
+        }
+        partitions += t.extents.len();
+        chunk.push(t.clone());
+    }
+    if !chunk.is_empty() {
+        out.extend_from_slice(&Control::RestoreTopics(chunk).encode());
+    }
+    for c in offsets.chunks(OFFSETS_PER_FRAME_MAX) {
+        out.extend_from_slice(&Control::RestoreOffsets(c.to_vec()).encode());
+    }
+    out.extend_from_slice(&Control::RestoreListed.encode());
+    send.write_all(&out).await?;
+    tracing::info!(%site, topics = listing.len(), offsets = offsets.len(), "restore listing sent");
+    let extents: BTreeMap<(String, i32), (i64, i64)> = listing
+        .iter()
+        .flat_map(|t| t.extents.iter().enumerate().map(|(p, e)| ((t.topic.clone(), p as i32), *e)))
+        .collect();
+    let mut streams: JoinSet<Result<(), CloudError>> = JoinSet::new();
+    let mut credits: BTreeMap<(String, i32), Arc<Credit>> = BTreeMap::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            frame = read_control(&mut recv, &mut decoder, &mut buf) => match frame? {
+                Some(Control::RestoreStart { topic, partition, from }) => {
+                    let Some(&(low, high)) = extents.get(&(topic.clone(), partition)) else {
+                        return Err(ProtocolError::Unexpected("restore of a partition not listed").into());
+                    };
+                    credits.retain(|_, c| Arc::strong_count(c) > 1);
+                    if credits.len() >= cfg.restore_streams_max as usize {
+                        return Err(CloudError::Refused(format!(
+                            "more than restore_streams_max = {} partitions asked for at once", cfg.restore_streams_max
+                        )));
+                    }
+                    let credit = Arc::new(Credit::default());
+                    credits.insert((topic.clone(), partition), credit.clone());
+                    let stream = Stream {
+                        shared: shared.clone(),
+                        site: site.clone(),
+                        topic,
+                        partition,
+                        from,
+                        low,
+                        high,
+                        credit,
+                    };
+                    streams.spawn(stream.run(conn.clone()));
+                }
+                Some(Control::RestoreGroups(groups)) => {
+                    let (shared, who, extents) = (shared.clone(), site.clone(), extents.clone());
+                    let offsets = tokio::task::spawn_blocking(move || failback(&shared, &who, &groups, &extents))
+                        .await
+                        .map_err(|e| CloudError::Refused(format!("failback task: {e}")))??;
+                    let mut out = Vec::new();
+                    for c in offsets.chunks(OFFSETS_PER_FRAME_MAX) {
+                        out.extend_from_slice(&Control::RestoreOffsets(c.to_vec()).encode());
+                    }
+                    out.extend_from_slice(&Control::RestoreListed.encode());
+                    send.write_all(&out).await?;
+                    tracing::info!(%site, offsets = offsets.len(), "failback offsets sent");
+                }
+                Some(Control::Credit { topic, partition, bytes }) => {
+                    if let Some(c) = credits.get(&(topic, partition)) {
+                        c.bytes.fetch_add(bytes.min(i64::MAX as u64) as i64, Ordering::Relaxed);
+                        c.more.notify_one();
+                    }
+                }
+                Some(other) => {
+                    tracing::debug!(?other, "unexpected frame in a restore");
+                    return Err(ProtocolError::Unexpected("restore-side").into());
+                }
+                // The gateway has what it asked for.
+                None => break,
+            },
+            Some(done) = streams.join_next(), if !streams.is_empty() => match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(CloudError::Refused(format!("restore stream task failed: {e}"))),
+            },
+        }
+    }
+    streams.abort_all();
+    tracing::info!(%site, "restore of a gateway ended");
+    conn.close(0u32.into(), b"restore complete");
+    Ok(())
+}
+
+/// The edge topic of a remote topic of `site` (`None`: not one of its remote topics).
+fn source_topic(format: &str, site: &str, remote: &str) -> Option<String> {
+    let (before, after) = format.split_once("{topic}")?;
+    let (before, after) = (before.replace("{site}", site), after.replace("{site}", site));
+    let middle = remote.strip_prefix(before.as_str())?.strip_suffix(after.as_str())?;
+    (!middle.is_empty()).then(|| middle.to_string())
+}
+
+/// The site's remote topics with their extents and settings, and its groups' offsets from the
+/// checkpoints topic (the latest checkpoint per group and partition).
+fn list(shared: &Shared, site: &str) -> Result<(Vec<RestoreTopic>, Vec<CommittedOffset>), CloudError> {
+    let cfg = &shared.cfg;
+    let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
+    let md = shared.admin.inner().fetch_metadata(None, timeout)?;
+    let checkpoints = checkpoints_topic(site);
+    let consumer: BaseConsumer = kafka_config(cfg)
+        .set("group.id", "tributary-cloud-restore")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    let mut topics: Vec<(String, String, usize)> = Vec::new();
+    for t in md.topics() {
+        let remote = t.name();
+        if remote == checkpoints || remote == cfg.gaps_topic || remote.starts_with("__") {
+            continue;
+        }
+        let Some(source) = source_topic(&cfg.remote_topic_format, site, remote) else { continue };
+        let partitions = t.partitions().len();
+        if source.len() > TOPIC_BYTES_MAX || partitions == 0 || partitions > RESTORE_PARTITIONS_MAX {
+            tracing::warn!(%site, topic = %remote, partitions, "remote topic left out of the restore (name or partitions over the limits)");
+            continue;
+        }
+        topics.push((remote.to_string(), source, partitions));
+    }
+    topics.sort();
+    // `{site}.{topic}.live` is the fresh-data-first preview of `{site}.{topic}` (its records are
+    // also in the ordered topic, which is what comes back), not a gateway topic of its own.
+    let sources: std::collections::BTreeSet<String> = topics.iter().map(|(_, s, _)| s.clone()).collect();
+    topics
+        .retain(|(_, source, _)| !source.strip_suffix(crate::fresh::LIVE_SUFFIX).is_some_and(|t| sources.contains(t)));
+    let mut listing = Vec::new();
+    let rt = tokio::runtime::Handle::current();
+    for (remote, source, partitions) in &topics {
+        let mut extents = Vec::with_capacity(*partitions);
+        for p in 0..*partitions as i32 {
+            extents.push(watermarks(&consumer, remote, p, timeout)?);
+        }
+        let configs = rt.block_on(compaction_settings(shared, remote))?;
+        listing.push(RestoreTopic { topic: source.clone(), configs, extents });
+    }
+    let remotes: BTreeMap<&str, &str> = topics.iter().map(|(r, s, _)| (r.as_str(), s.as_str())).collect();
+    let offsets = read_checkpoints(cfg, &consumer, &checkpoints, &remotes, timeout)?;
+    Ok((listing, offsets))
+}
+
+/// A compacted remote topic's compaction settings (none for other topics).
+async fn compaction_settings(shared: &Shared, remote: &str) -> Result<Vec<(String, String)>, CloudError> {
+    let timeout = Duration::from_millis(shared.cfg.kafka.request_timeout_ms);
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    let described = shared.admin.describe_configs([&ResourceSpecifier::Topic(remote)], &opts).await?;
+    let resource = match described.into_iter().next() {
+        Some(Ok(r)) => r,
+        Some(Err(code)) => return Err(CloudError::KafkaCode(code)),
+        None => return Ok(Vec::new()),
+    };
+    let compacted =
+        resource.get("cleanup.policy").and_then(|e| e.value.as_deref()).is_some_and(|p| p.contains("compact"));
+    if !compacted {
+        return Ok(Vec::new());
+    }
+    Ok(MIRRORED_TOPIC_CONFIGS
+        .iter()
+        .filter_map(|k| resource.get(k).and_then(|e| e.value.clone()).map(|v| (k.to_string(), v)))
+        .filter(|(_, v)| v.len() <= TOPIC_CONFIG_VALUE_BYTES_MAX)
+        .collect())
+}
+
+/// The latest checkpoint of each (group, remote topic, partition) of the site's remote topics, as
+/// edge offsets, at most `restore_offsets_max`.
+fn read_checkpoints(
+    cfg: &crate::config::CloudConfig,
+    consumer: &BaseConsumer,
+    topic: &str,
+    remotes: &BTreeMap<&str, &str>,
+    timeout: Duration,
+) -> Result<Vec<CommittedOffset>, CloudError> {
+    let (low, high) = match consumer.fetch_watermarks(topic, 0, timeout) {
+        Ok(w) => w,
+        // No checkpoints topic: no group committed at the edge (or checkpoints are off).
+        Err(KafkaError::MetadataFetch(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut latest: BTreeMap<(String, String, i32), (i64, i64)> = BTreeMap::new();
+    if high > low {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Offset(low))?;
+        consumer.assign(&tpl)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if Instant::now() > deadline {
+                return Err(CloudError::Timeout("reading the checkpoints topic"));
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let key = m.key().and_then(decode_checkpoint_key);
+                    let value = m.payload().and_then(decode_checkpoint_value);
+                    if let (Some((group, remote, partition)), Some((upstream, _))) = (key, value) {
+                        if let Some(source) = remotes.get(remote.as_str()) {
+                            let k = (group, source.to_string(), partition);
+                            if latest.contains_key(&k) || latest.len() < cfg.restore_offsets_max as usize {
+                                latest.insert(k, (upstream, m.timestamp().to_millis().unwrap_or(0)));
+                            } else {
+                                tracing::warn!(
+                                    limit = cfg.restore_offsets_max,
+                                    "restore_offsets_max reached: a group's offset is not restored"
+                                );
+                            }
+                        }
+                    }
+                    if m.offset() >= high - 1 {
+                        break;
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(e.into()),
+                None => {}
+            }
+        }
+    }
+    Ok(latest
+        .into_iter()
+        .map(|((group, topic, partition), (offset, at))| CommittedOffset {
+            group,
+            topic,
+            partition,
+            offset,
+            commit_time_ms: at,
+        })
+        .collect())
+}
+
+/// Failback: each group's committed offsets in the central cluster (its central name,
+/// `central_group_format`) on the site's remote topics, translated back to edge offsets: a
+/// commit at remote offset C becomes the edge offset (provenance) of the first record of this
+/// site's partition at or after C, or, at the end of the partition, the edge offset after its
+/// last record. A partition the group never committed in the centre is left out.
+fn failback(
+    shared: &Shared,
+    site: &str,
+    groups: &[String],
+    extents: &BTreeMap<(String, i32), (i64, i64)>,
+) -> Result<Vec<CommittedOffset>, CloudError> {
+    let cfg = &shared.cfg;
+    let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
+    let reader: BaseConsumer = kafka_config(cfg)
+        .set("group.id", "tributary-cloud-restore")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    let mut out = Vec::new();
+    for group in groups {
+        let central = cfg.central_group(site, group);
+        let consumer: BaseConsumer =
+            kafka_config(cfg).set("group.id", &central).set("enable.auto.commit", "false").create()?;
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in extents.keys() {
+            tpl.add_partition(&cfg.remote_topic(site, topic), *partition);
+        }
+        let committed = consumer.committed_offsets(tpl, timeout)?;
+        for ((topic, partition), &(low, high)) in extents {
+            let remote = cfg.remote_topic(site, topic);
+            let Some(Offset::Offset(at)) = committed.find_partition(&remote, *partition).map(|e| e.offset()) else {
+                continue;
+            };
+            let partition_text = partition.to_string();
+            let edge_of = |m: &rdkafka::message::BorrowedMessage<'_>| {
+                let p = |name| super::header(m, name);
+                let ours = p(HEADER_SITE) == Some(site)
+                    && p(HEADER_TOPIC) == Some(topic.as_str())
+                    && p(HEADER_PARTITION) == Some(partition_text.as_str());
+                p(HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()).filter(|_| ours)
+            };
+            // The first of this site's records at or after the commit; at the end, after the
+            // last one (read from the partition's last record backwards, a tail at a time).
+            let edge = if at < high {
+                read_range(&reader, &remote, *partition, at.max(low), high, timeout, edge_of)?
+            } else {
+                let mut from = high;
+                let mut found = None;
+                while found.is_none() && from > low {
+                    let to = from;
+                    from = (from - 256).max(low);
+                    found = last_in(&reader, &remote, *partition, from, to, timeout, &edge_of)?.map(|e| e + 1);
+                }
+                found
+            };
+            match edge {
+                Some(offset) => out.push(CommittedOffset {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset,
+                    commit_time_ms: tributary_log::clock::now_ms(),
+                }),
+                None => tracing::warn!(%site, %group, %remote, partition, at,
+                    "no record of this site at or around the central commit: the group's edge offset is left as it is"),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `[from, to)` of a remote partition, handing each record to `each` until it returns
+/// `Some`.
+#[allow(clippy::too_many_arguments)]
+fn read_range<T>(
+    reader: &BaseConsumer,
+    remote: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+    timeout: Duration,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Option<T>,
+) -> Result<Option<T>, CloudError> {
+    if from >= to {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(remote, partition, Offset::Offset(from))?;
+    reader.assign(&tpl)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if Instant::now() > deadline {
+            return Err(CloudError::Timeout("reading a remote partition for a failback"));
+        }
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if m.offset() >= to {
+                    return Ok(None);
+                }
+                if let Some(t) = each(&m) {
+                    return Ok(Some(t));
+                }
+                if m.offset() >= to - 1 {
+                    return Ok(None);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn last_in(
+    reader: &BaseConsumer,
+    remote: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+    timeout: Duration,
+    edge_of: &dyn Fn(&rdkafka::message::BorrowedMessage<'_>) -> Option<i64>,
+) -> Result<Option<i64>, CloudError> {
+    let mut last = None;
+    read_range(reader, remote, partition, from, to, timeout, |m| {
+        if let Some(e) = edge_of(m) {
+            last = Some(e);
+        }
+        None::<()>
+    })?;
+    Ok(last)
+}
+
+/// What the reader thread hands the stream.
+enum Out {
+    Batch { remote_next: i64, batch: Bytes },
+    End { remote_next: i64 },
+}
+
+/// One partition streamed back to the gateway.
+struct Stream {
+    shared: Arc<Shared>,
+    site: String,
+    topic: String,
+    partition: i32,
+    from: RestoreFrom,
+    low: i64,
+    high: i64,
+    credit: Arc<Credit>,
+}
+
+impl Stream {
+    async fn run(self, conn: quinn::Connection) -> Result<(), CloudError> {
+        let mut stream = conn.open_uni().await?;
+        stream.write_all(&Data::Open { topic: self.topic.clone(), partition: self.partition }.encode_header()).await?;
+        // Two batches ready at most: the reader waits for the stream (and the stream for credit).
+        let (tx, mut rx) = mpsc::channel::<Result<Out, CloudError>>(2);
+        let reader = Reader {
+            shared: self.shared.clone(),
+            site: self.site.clone(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            from: self.from,
+            low: self.low,
+            high: self.high,
+        };
+        let thread = tokio::task::spawn_blocking(move || reader.run(&tx));
+        while let Some(out) = rx.recv().await {
+            match out? {
+                Out::Batch { remote_next, batch } => {
+                    let len = batch.len() as i64;
+                    loop {
+                        let more = self.credit.more.notified();
+                        if self.credit.bytes.load(Ordering::Relaxed) > 0 {
+                            break;
+                        }
+                        more.await;
+                    }
+                    stream.write_all(&Data::Restored { remote_next, batch: batch.clone() }.encode_header()).await?;
+                    stream.write_chunk(batch).await?;
+                    self.credit.bytes.fetch_sub(len, Ordering::Relaxed);
+                }
+                Out::End { remote_next } => {
+                    stream.write_all(&Data::RestoreEnd { remote_next }.encode_header()).await?;
+                    let _ = stream.finish();
+                    // The gateway reads it all before it closes the connection.
+                    let _ = stream.stopped().await;
+                    break;
+                }
+            }
+        }
+        drop(rx);
+        let _ = thread.await;
+        Ok(())
+    }
+}
+
+/// Reads a remote partition on a blocking thread.
+struct Reader {
+    shared: Arc<Shared>,
+    site: String,
+    topic: String,
+    partition: i32,
+    from: RestoreFrom,
+    low: i64,
+    high: i64,
+}
+
+impl Reader {
+    fn run(self, tx: &mpsc::Sender<Result<Out, CloudError>>) {
+        if let Err(e) = self.read(tx) {
+            let _ = tx.blocking_send(Err(e));
+        }
+    }
+
+    fn consumer(&self) -> Result<BaseConsumer, CloudError> {
+        let cfg = &self.shared.cfg;
+        let kbytes = (cfg.restore_fetch_bytes_max / 1024).max(1);
+        Ok(kafka_config(cfg)
+            .set("group.id", "tributary-cloud-restore")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("queued.max.messages.kbytes", kbytes.to_string())
+            .set("fetch.max.bytes", cfg.restore_fetch_bytes_max.max(1024 * 1024).to_string())
+            .create()?)
+    }
+
+    /// The remote offset to start at.
+    fn start(&self, consumer: &BaseConsumer, remote: &str) -> Result<i64, CloudError> {
+        let timeout = Duration::from_millis(self.shared.cfg.kafka.request_timeout_ms);
+        Ok(match self.from {
+            RestoreFrom::Offset(o) => o.clamp(self.low, self.high),
+            RestoreFrom::Time(t) => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(remote, self.partition, Offset::Offset(t))?;
+                let found = consumer.offsets_for_times(tpl, timeout)?;
+                match found.find_partition(remote, self.partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o.clamp(self.low, self.high),
+                    // No record at or after the time.
+                    _ => self.high,
+                }
+            }
+            RestoreFrom::TailBytes(bytes) => {
+                // The newest records' mean size says how many records the bytes hold.
+                let tail = (self.high - 256).max(self.low);
+                let mut seen = (0u64, 0u64);
+                self.scan(consumer, remote, tail, |m| {
+                    seen.0 += 1;
+                    seen.1 += record_bytes(m);
+                })?;
+                let mean = seen.1.checked_div(seen.0).unwrap_or(1).max(1);
+                (self.high - (bytes.max(0) as u64 / mean) as i64).clamp(self.low, self.high)
+            }
+        })
+    }
+
+    /// Reads `[from, high)` (records removed by compaction are passed over), handing each to
+    /// `each`; returns the remote offset after the last.
+    fn scan(
+        &self,
+        consumer: &BaseConsumer,
+        remote: &str,
+        from: i64,
+        mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+    ) -> Result<(), CloudError> {
+        if from >= self.high {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(remote, self.partition, Offset::Offset(from))?;
+        consumer.assign(&tpl)?;
+        let idle = Duration::from_millis(self.shared.cfg.kafka.request_timeout_ms);
+        let mut last_progress = Instant::now();
+        loop {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    last_progress = Instant::now();
+                    let offset = m.offset();
+                    if offset < self.high {
+                        each(&m);
+                    }
+                    if offset >= self.high - 1 {
+                        return Ok(());
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(()),
+                Some(Err(e)) => return Err(e.into()),
+                None if last_progress.elapsed() > idle => {
+                    return Err(CloudError::Timeout("reading a remote partition for a restore"))
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn read(&self, tx: &mpsc::Sender<Result<Out, CloudError>>) -> Result<(), CloudError> {
+        let remote = self.shared.cfg.remote_topic(&self.site, &self.topic);
+        let consumer = self.consumer()?;
+        let start = self.start(&consumer, &remote)?;
+        tracing::info!(site = %self.site, topic = %self.topic, partition = self.partition, %remote, start,
+            high = self.high, "restoring a partition");
+        let limit = self.shared.cfg.restore_batch_bytes_max as usize;
+        let partition_text = self.partition.to_string();
+        let mut pending: Vec<(i64, NewRecord)> = Vec::new();
+        let mut pending_bytes = 0usize;
+        let mut last_source = -1i64;
+        let mut remote_next = start;
+        let mut skipped = 0u64;
+        let mut closed = false;
+        let send = |records: &mut Vec<(i64, NewRecord)>, remote_next: i64| -> Result<bool, CloudError> {
+            let stamped: Vec<(&NewRecord, i64, i64)> =
+                records.iter().map(|(o, r)| (r, r.timestamp_ms.unwrap_or(0), *o)).collect();
+            let mut out = Vec::new();
+            encode_batch_at(&stamped, Codec::None, &mut out).map_err(|e| CloudError::Batch(e.to_string()))?;
+            records.clear();
+            Ok(tx.blocking_send(Ok(Out::Batch { remote_next, batch: Bytes::from(out) })).is_ok())
+        };
+        let mut failed = None;
+        self.scan(&consumer, &remote, start, |m| {
+            if closed || failed.is_some() {
+                return;
+            }
+            remote_next = m.offset() + 1;
+            let provenance = |name| super::header(m, name);
+            let ours = provenance(HEADER_SITE) == Some(self.site.as_str())
+                && provenance(HEADER_TOPIC) == Some(self.topic.as_str())
+                && provenance(HEADER_PARTITION) == Some(partition_text.as_str());
+            let source = provenance(HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok());
+            let Some(source) = source.filter(|s| ours && *s > last_source) else {
+                // Not this site's partition, or at an edge offset already restored: it cannot
+                // go back to the offset it had.
+                skipped += 1;
+                return;
+            };
+            last_source = source;
+            let record = restored_record(m);
+            let size = record.encoded_len_max();
+            if !pending.is_empty() && pending_bytes + size > limit {
+                match send(&mut pending, m.offset()) {
+                    Ok(true) => {}
+                    Ok(false) => closed = true,
+                    Err(e) => failed = Some(e),
+                }
+                pending_bytes = 0;
+            }
+            pending_bytes += size;
+            pending.push((source, record));
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if closed {
+            return Ok(());
+        }
+        // Whatever the scan passed over at the end (compaction) is done as well.
+        remote_next = remote_next.max(self.high).max(start);
+        if !pending.is_empty() && !send(&mut pending, remote_next)? {
+            return Ok(());
+        }
+        if skipped > 0 {
+            tracing::warn!(site = %self.site, topic = %self.topic, partition = self.partition, skipped,
+                "remote records without this partition's provenance, or out of edge order: not restored");
+        }
+        let _ = tx.blocking_send(Ok(Out::End { remote_next }));
+        Ok(())
+    }
+}
+
+/// A remote record as the edge had it: key, value, timestamp, and its headers without the
+/// provenance headers the receiver added after them.
+fn restored_record(m: &rdkafka::message::BorrowedMessage<'_>) -> NewRecord {
+    let mut headers: Vec<(String, Option<Bytes>)> = m.headers().map_or_else(Vec::new, |h| {
+        h.iter().map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice))).collect()
+    });
+    // The receiver appends exactly these four, in this order, after the record's own.
+    let provenance = [HEADER_SITE, HEADER_TOPIC, HEADER_PARTITION, HEADER_OFFSET];
+    let n = headers.len();
+    if n >= 4 && headers[n - 4..].iter().zip(provenance).all(|((k, _), p)| k == p) {
+        headers.truncate(n - 4);
+    }
+    NewRecord {
+        key: m.key().map(Bytes::copy_from_slice),
+        value: m.payload().map(Bytes::copy_from_slice),
+        headers,
+        timestamp_ms: Some(m.timestamp().to_millis().unwrap_or(0)),
+    }
+}
+
+/// Bytes of a record's key, value and headers.
+fn record_bytes(m: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
+    let headers: usize =
+        m.headers().map_or(0, |h| h.iter().map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len)).sum());
+    (m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len) + headers) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source_topic;
+
+    #[test]
+    fn remote_topics_map_back_to_the_site_s_topics_only() {
+        let f = "{site}.{topic}";
+        assert_eq!(source_topic(f, "plant-7", "plant-7.meters").as_deref(), Some("meters"));
+        assert_eq!(source_topic(f, "plant-7", "plant-7.mqtt.retained").as_deref(), Some("mqtt.retained"));
+        assert_eq!(source_topic(f, "plant", "plant-7.meters"), None, "another site");
+        assert_eq!(source_topic(f, "plant-7", "plant-7."), None, "no topic");
+        assert_eq!(source_topic("edge-{topic}-{site}", "p", "edge-meters-p").as_deref(), Some("meters"));
+        assert_eq!(source_topic("edge-{topic}-{site}", "p", "edge-meters-q"), None);
+    }
+}
