@@ -88,13 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => GatewayConfig::default(),
             };
             init_logging(&cfg.log.level);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .max_blocking_threads(cfg.storage.blocking_threads_max as usize)
-                .enable_all()
-                .build()
-                .context("start the async runtime")?;
-            rt.block_on(serve(cfg, config))
+            runtime(&cfg)?.block_on(serve(cfg, config))
         }
         Command::Config { command: ConfigCommand::Check { file } } => {
             GatewayConfig::load(&file).context("invalid configuration")?;
@@ -107,6 +101,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The gateway's runtime: two async workers (a Pi has four cores, shared with the store's
+/// writer) and at most `storage.blocking_threads_max` blocking threads for store reads.
+pub(crate) fn runtime(cfg: &GatewayConfig) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(cfg.storage.blocking_threads_max as usize)
+        .enable_all()
+        .build()
+        .context("start the async runtime")
 }
 
 fn init_logging(level: &str) {

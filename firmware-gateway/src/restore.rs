@@ -71,12 +71,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let tty = std::io::stderr().is_terminal();
     let every = Duration::from_millis(args.progress_interval_ms.unwrap_or(if tty { 250 } else { 5_000 }).max(10));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(cfg.storage.blocking_threads_max as usize)
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
+    let rt = crate::runtime(&cfg)?;
     rt.block_on(async move {
         let storage = cfg.storage.clone();
         let (store, _) = tokio::task::spawn_blocking(move || Store::open(storage))

@@ -10,6 +10,7 @@
 //! gateway topic's remote topic is created with its compaction settings. A replacement gateway's
 //! restore (protocol version 3) is served by `cloud/restore.rs`.
 
+use crate::stream::read_control;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -294,30 +295,15 @@ impl CloudServer {
     }
 }
 
-async fn read_control(
-    recv: &mut quinn::RecvStream,
-    decoder: &mut Decoder,
-    buf: &mut [u8],
-) -> Result<Option<Control>, CloudError> {
-    loop {
-        if let Some(c) = decoder.next_control()? {
-            return Ok(Some(c));
-        }
-        match recv.read(buf).await? {
-            Some(n) => decoder.feed(&buf[..n]),
-            None => return Ok(None),
-        }
-    }
-}
-
 /// One gateway connection: identify, take over the site, stream.
 async fn serve_site(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<(), CloudError> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     let mut decoder = Decoder::new(1 << 20);
     let mut buf = vec![0u8; 16 * 1024];
-    let hello = tokio::time::timeout(Duration::from_secs(10), read_control(&mut recv, &mut decoder, &mut buf))
-        .await
-        .map_err(|_| CloudError::Timeout("hello"))??;
+    let hello =
+        tokio::time::timeout(Duration::from_secs(10), read_control::<CloudError>(&mut recv, &mut decoder, &mut buf))
+            .await
+            .map_err(|_| CloudError::Timeout("hello"))??;
     // A restore (version 3) says so in its first frame, and is checked like a mirror session.
     let v3 = crate::protocol::alpn_version(tls::negotiated_alpn(conn).as_deref()) >= 3;
     let (site, restoring) = match hello {
@@ -692,7 +678,7 @@ impl Session {
         let result = loop {
             tokio::select! {
                 _ = stop.changed() => break Ok(()),
-                frame = read_control(&mut recv, &mut decoder, &mut buf) => {
+                frame = read_control::<CloudError>(&mut recv, &mut decoder, &mut buf) => {
                     match frame {
                         Ok(Some(Control::Partitions(list))) => {
                             if let Err(e) = self.start_partitions(&mut send, list).await {

@@ -6,6 +6,7 @@
 //! with the partition's progress in the same commit (`Store::restore_records`), credit given back
 //! once durable. A run stopped at any point (SIGKILL included) continues where it stopped.
 
+use crate::stream::read_control;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -146,22 +147,6 @@ pub async fn restore(
     Ok(RestoreOutcome { topics, offsets, failed_back, last, elapsed: started.elapsed() })
 }
 
-async fn read_control(
-    recv: &mut quinn::RecvStream,
-    decoder: &mut Decoder,
-    buf: &mut [u8],
-) -> Result<Option<Control>, RestoreError> {
-    loop {
-        if let Some(c) = decoder.next_control()? {
-            return Ok(Some(c));
-        }
-        match recv.read(buf).await? {
-            Some(n) => decoder.feed(&buf[..n]),
-            None => return Ok(None),
-        }
-    }
-}
-
 type Listed = (Vec<String>, Vec<CommittedOffset>, usize, Snapshot);
 
 async fn session(
@@ -179,7 +164,7 @@ async fn session(
     let mut listing: Vec<RestoreTopic> = Vec::new();
     let mut offsets: Vec<CommittedOffset> = Vec::new();
     loop {
-        match read_control(&mut recv, &mut decoder, &mut buf).await? {
+        match read_control::<RestoreError>(&mut recv, &mut decoder, &mut buf).await? {
             Some(Control::RestoreTopics(list)) => listing.extend(list),
             Some(Control::RestoreOffsets(list)) => offsets.extend(list),
             Some(Control::RestoreListed) => break,
@@ -232,7 +217,7 @@ async fn session(
                 };
                 send.write_all(&frames).await?;
             }
-            frame = read_control(&mut recv, &mut decoder, &mut buf) => match frame? {
+            frame = read_control::<RestoreError>(&mut recv, &mut decoder, &mut buf) => match frame? {
                 Some(Control::Refused { reason }) => return Err(RestoreError::Refused(reason)),
                 Some(_) => return Err(ProtocolError::Unexpected("in a restore").into()),
                 None => return Err(RestoreError::Closed),
@@ -257,7 +242,7 @@ async fn session(
     for chunk in req.failback_groups.chunks(RESTORE_GROUPS_PER_FRAME_MAX) {
         send.write_all(&Control::RestoreGroups(chunk.to_vec()).encode()).await?;
         loop {
-            match read_control(&mut recv, &mut decoder, &mut buf).await? {
+            match read_control::<RestoreError>(&mut recv, &mut decoder, &mut buf).await? {
                 Some(Control::RestoreOffsets(list)) => {
                     for o in list {
                         offsets.retain(|e| (&e.group, &e.topic, e.partition) != (&o.group, &o.topic, o.partition));

@@ -17,6 +17,7 @@ pub mod gateway;
 pub mod gateway_restore;
 pub mod protocol;
 pub mod restore;
+mod stream;
 pub mod tls;
 
 #[cfg(feature = "cloud")]

@@ -25,16 +25,14 @@ use tokio::task::JoinSet;
 use tributary_log::batch::{encode_batch_at, NewRecord};
 use tributary_log::Codec;
 
-use super::{
-    kafka_config, read_control, watermarks, CloudError, Shared, HEADER_OFFSET, HEADER_PARTITION, HEADER_SITE,
-    HEADER_TOPIC,
-};
+use super::{kafka_config, watermarks, CloudError, Shared, HEADER_OFFSET, HEADER_PARTITION, HEADER_SITE, HEADER_TOPIC};
 use crate::checkpoint::{checkpoints_topic, decode_checkpoint_key, decode_checkpoint_value};
 use crate::protocol::{
     CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreFrom, RestoreTopic, MIRRORED_TOPIC_CONFIGS,
     OFFSETS_PER_FRAME_MAX, RESTORE_PARTITIONS_MAX, RESTORE_PARTITIONS_PER_FRAME_MAX, RESTORE_TOPICS_PER_FRAME_MAX,
     TOPIC_BYTES_MAX, TOPIC_CONFIG_VALUE_BYTES_MAX,
 };
+use crate::stream::read_control;
 
 /// Releases a restore session's place when it ends, however it ends.
 struct Place<'a>(&'a Shared);
@@ -109,7 +107,7 @@ pub(super) async fn serve(
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         tokio::select! {
-            frame = read_control(&mut recv, &mut decoder, &mut buf) => match frame? {
+            frame = read_control::<CloudError>(&mut recv, &mut decoder, &mut buf) => match frame? {
                 Some(Control::RestoreStart { topic, partition, from }) => {
                     let Some(&(low, high)) = extents.get(&(topic.clone(), partition)) else {
                         return Err(ProtocolError::Unexpected("restore of a partition not listed").into());
