@@ -112,14 +112,7 @@ pub(super) async fn serve(
                     let Some(&(low, high)) = extents.get(&(topic.clone(), partition)) else {
                         return Err(ProtocolError::Unexpected("restore of a partition not listed").into());
                     };
-                    credits.retain(|_, c| Arc::strong_count(c) > 1);
-                    if credits.len() >= cfg.restore_streams_max as usize {
-                        return Err(CloudError::Refused(format!(
-                            "more than restore_streams_max = {} partitions asked for at once", cfg.restore_streams_max
-                        )));
-                    }
-                    let credit = Arc::new(Credit::default());
-                    credits.insert((topic.clone(), partition), credit.clone());
+                    let credit = admit(&mut credits, &topic, partition, cfg.restore_streams_max)?;
                     let stream = Stream {
                         shared: shared.clone(),
                         site: site.clone(),
@@ -169,6 +162,30 @@ pub(super) async fn serve(
     tracing::info!(%site, "restore of a gateway ended");
     conn.close(0u32.into(), b"restore complete");
     Ok(())
+}
+
+/// A `RestoreStart` admitted: the partition's credit, or refused when `streams_max` partitions
+/// are streaming (streams whose task ended are let go first) or this one is already streaming
+/// (a second stream of it would not count against the limit: each is a librdkafka consumer).
+fn admit(
+    credits: &mut BTreeMap<(String, i32), Arc<Credit>>,
+    topic: &str,
+    partition: i32,
+    streams_max: u32,
+) -> Result<Arc<Credit>, CloudError> {
+    credits.retain(|_, c| Arc::strong_count(c) > 1);
+    let key = (topic.to_string(), partition);
+    if credits.contains_key(&key) {
+        return Err(CloudError::Refused(format!("{topic}-{partition} asked for while it is being restored")));
+    }
+    if credits.len() >= streams_max as usize {
+        return Err(CloudError::Refused(format!(
+            "more than restore_streams_max = {streams_max} partitions asked for at once"
+        )));
+    }
+    let credit = Arc::new(Credit::default());
+    credits.insert(key, credit.clone());
+    Ok(credit)
 }
 
 /// The edge topic of a remote topic of `site` (`None`: not one of its remote topics).
@@ -709,7 +726,22 @@ fn record_bytes(m: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::source_topic;
+    use super::{admit, source_topic};
+    use std::collections::BTreeMap;
+
+    /// A hostile gateway asking for one partition again and again gets no more streams (each a
+    /// librdkafka consumer) than `restore_streams_max`.
+    #[test]
+    fn a_partition_asked_for_twice_does_not_get_past_restore_streams_max() {
+        let mut credits = BTreeMap::new();
+        let first = admit(&mut credits, "meters", 0, 2).expect("first");
+        assert!(admit(&mut credits, "meters", 0, 2).is_err(), "the same partition while it streams");
+        let second = admit(&mut credits, "meters", 1, 2).expect("second");
+        assert!(admit(&mut credits, "meters", 2, 2).is_err(), "over the limit");
+        drop(first);
+        let again = admit(&mut credits, "meters", 0, 2).expect("its stream ended: asked for again");
+        drop((second, again));
+    }
 
     #[test]
     fn remote_topics_map_back_to_the_site_s_topics_only() {
