@@ -67,6 +67,8 @@ pub enum RestoreError {
     Closed,
     #[error("topic {topic:?} exists here with {have} partitions; the central cluster has {want}")]
     Partitions { topic: String, have: u32, want: usize },
+    #[error("the receiver listed more than {key} = {limit} {what}")]
+    OverLimit { key: &'static str, limit: u32, what: &'static str },
 }
 
 /// What a restore restores, and the settings of the topics it creates.
@@ -147,7 +149,45 @@ pub async fn restore(
     Ok(RestoreOutcome { topics, offsets, failed_back, last, elapsed: started.elapsed() })
 }
 
-type Listed = (Vec<String>, Vec<CommittedOffset>, usize, Snapshot);
+type Outcome = (Vec<String>, Vec<CommittedOffset>, usize, Snapshot);
+
+/// What the receiver listed so far, within the gateway's own limits: the receiver is a peer,
+/// and a restored gateway mirrors at most `mirror.partitions_max` partitions and keeps at most
+/// `mirror.offsets_tracked_max` group offsets, so a listing beyond them is refused before it
+/// is kept. A topic listed twice is refused too (its partitions would be restored twice).
+#[derive(Debug, Default)]
+struct Listed {
+    topics: std::collections::BTreeSet<String>,
+    partitions: usize,
+}
+
+impl Listed {
+    fn topic(&mut self, t: &RestoreTopic, partitions_max: u32) -> Result<(), RestoreError> {
+        self.partitions = self.partitions.saturating_add(t.extents.len());
+        if self.partitions > partitions_max as usize {
+            return Err(RestoreError::OverLimit {
+                key: "mirror.partitions_max",
+                limit: partitions_max,
+                what: "partitions",
+            });
+        }
+        if !self.topics.insert(t.topic.clone()) {
+            return Err(ProtocolError::Malformed("restore topics: a topic listed twice").into());
+        }
+        Ok(())
+    }
+
+    fn offsets(&self, have: usize, more: usize, offsets_max: u32) -> Result<(), RestoreError> {
+        if have.saturating_add(more) > offsets_max as usize {
+            return Err(RestoreError::OverLimit {
+                key: "mirror.offsets_tracked_max",
+                limit: offsets_max,
+                what: "group offsets",
+            });
+        }
+        Ok(())
+    }
+}
 
 async fn session(
     cfg: &MirrorConfig,
@@ -156,17 +196,26 @@ async fn session(
     req: RestoreRequest,
     every: Duration,
     progress: &mut impl FnMut(&Snapshot, bool),
-) -> Result<Listed, RestoreError> {
+) -> Result<Outcome, RestoreError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&Control::RestoreHello { site: cfg.site.clone() }.encode()).await?;
     let mut decoder = Decoder::new(1 << 20);
     let mut buf = vec![0u8; 16 * 1024];
     let mut listing: Vec<RestoreTopic> = Vec::new();
     let mut offsets: Vec<CommittedOffset> = Vec::new();
+    let mut listed = Listed::default();
     loop {
         match read_control::<RestoreError>(&mut recv, &mut decoder, &mut buf).await? {
-            Some(Control::RestoreTopics(list)) => listing.extend(list),
-            Some(Control::RestoreOffsets(list)) => offsets.extend(list),
+            Some(Control::RestoreTopics(list)) => {
+                for t in list {
+                    listed.topic(&t, cfg.partitions_max)?;
+                    listing.push(t);
+                }
+            }
+            Some(Control::RestoreOffsets(list)) => {
+                listed.offsets(offsets.len(), list.len(), cfg.offsets_tracked_max)?;
+                offsets.extend(list);
+            }
             Some(Control::RestoreListed) => break,
             Some(Control::Refused { reason }) => return Err(RestoreError::Refused(reason)),
             Some(_) => return Err(ProtocolError::Unexpected("before the listing's end").into()),
@@ -249,6 +298,8 @@ async fn session(
                         offsets.push(o);
                         failed_back += 1;
                     }
+                    // A frame holds at most `OFFSETS_PER_FRAME_MAX`: checked once it replaced what it does.
+                    listed.offsets(offsets.len(), 0, cfg.offsets_tracked_max)?;
                 }
                 Some(Control::RestoreListed) => break,
                 Some(Control::Refused { reason }) => return Err(RestoreError::Refused(reason)),
@@ -383,5 +434,35 @@ impl PartitionStream {
                 None => return Err(RestoreError::Closed),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(name: &str, partitions: usize) -> RestoreTopic {
+        RestoreTopic { topic: name.into(), configs: Vec::new(), extents: vec![(0, 1); partitions] }
+    }
+
+    /// A receiver's listing is a peer's: frames within their own limits, but as many as it likes.
+    /// What is kept of it stops at the gateway's limits, and a topic listed twice is refused.
+    #[test]
+    fn a_listing_beyond_the_gateway_s_limits_is_refused_before_it_is_kept() {
+        let mut l = Listed::default();
+        l.topic(&topic("a", 600), 1024).expect("within");
+        l.topic(&topic("b", 424), 1024).expect("at the limit");
+        assert!(matches!(
+            l.topic(&topic("c", 1), 1024),
+            Err(RestoreError::OverLimit { key: "mirror.partitions_max", limit: 1024, .. })
+        ));
+        let mut l = Listed::default();
+        l.topic(&topic("a", 1), 1024).expect("first");
+        assert!(matches!(l.topic(&topic("a", 1), 1024), Err(RestoreError::Protocol(ProtocolError::Malformed(_)))));
+        assert!(l.offsets(9_488, 512, 10_000).is_ok());
+        assert!(matches!(
+            l.offsets(9_489, 512, 10_000),
+            Err(RestoreError::OverLimit { key: "mirror.offsets_tracked_max", .. })
+        ));
     }
 }
