@@ -412,6 +412,9 @@ impl PartitionStream {
                     }
                 }
                 Some(Data::RestoreEnd { remote_next }) => {
+                    // Checked before the partition is stored as done: a run after an end that
+                    // went back would otherwise skip the partition.
+                    lock(&self.state).check_end(&topic, partition, remote_next)?;
                     self.store
                         .kv_put(
                             RESTORE_PROGRESS,
