@@ -250,10 +250,12 @@ impl Backfills {
             tracing::info!(id, topic = %accepted.request.topic, from_ms = accepted.request.from_ms,
                 to_ms = accepted.request.to_ms, "backfill request accepted");
         }
-        let mut writes = vec![
-            (request_key(id), Some(accepted.encode())),
-            (POSITION_KEY.to_vec(), Some((id + 1).to_be_bytes().to_vec())),
-        ];
+        // Beyond the limit only the read position is stored: any client that may write to the
+        // requests topic could otherwise grow the store by one refused request per record.
+        let mut writes = vec![(POSITION_KEY.to_vec(), Some((id + 1).to_be_bytes().to_vec()))];
+        if !full {
+            writes.push((request_key(id), Some(accepted.encode())));
+        }
         {
             let st = self.lock();
             for p in &accepted.parts {
@@ -386,5 +388,31 @@ impl BackfillSender {
                 next = end;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tributary_log::StorageConfig;
+
+    /// A flood of requests past `mirror.backfill_requests_max` (any Kafka client with write
+    /// rights to the requests topic can produce one) leaves the store holding at most that
+    /// many requests; the read position still moves past each.
+    #[tokio::test]
+    async fn requests_past_the_limit_are_not_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config =
+            StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
+        let (store, _) = Store::open(config).expect("open");
+        let b = Backfills::default();
+        b.load(&store, 2, 4).expect("load");
+        for id in 0..10 {
+            b.accept(&store, &|_| false, id, None).await.expect("decided");
+        }
+        assert_eq!(store.kv_scan(SPACE, b"request/", usize::MAX).expect("scan").len(), 2);
+        let position = store.kv_get(SPACE, POSITION_KEY).expect("kv").expect("position");
+        assert_eq!(position, 10i64.to_be_bytes().to_vec());
+        assert_eq!(b.status().len(), 2);
     }
 }
