@@ -194,6 +194,8 @@ impl Backfills {
             None => refuse(Request { topic: String::new(), from_ms: 0, to_ms: 0 }, "malformed request"),
             Some(r) if full => refuse(r, "mirror.backfill_requests_max reached"),
             Some(r) if mirrored(&r.topic) => refuse(r, "the topic is mirrored: all of it goes anyway"),
+            // `__` topics (this requests topic, `__sys`) are the gateway's own: never mirrored.
+            Some(r) if r.topic.starts_with("__") => refuse(r, "an internal topic is never sent"),
             Some(r) => match store.topic(&r.topic) {
                 None => refuse(r, "no such topic"),
                 Some(info) => {
@@ -414,5 +416,26 @@ mod tests {
         let position = store.kv_get(SPACE, POSITION_KEY).expect("kv").expect("position");
         assert_eq!(position, 10i64.to_be_bytes().to_vec());
         assert_eq!(b.status().len(), 2);
+    }
+
+    /// The gateway's internal topics (`__`: this requests topic, `__sys`) never leave it, not
+    /// even on request.
+    #[tokio::test]
+    async fn a_request_for_an_internal_topic_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config =
+            StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
+        let (store, _) = Store::open(config).expect("open");
+        store.create_topic("__sys", 1, TopicConfig::default()).await.expect("create");
+        store
+            .append_records("__sys", 0, vec![tributary_log::batch::NewRecord::new(Some("k"), "v")])
+            .await
+            .expect("append");
+        let b = Backfills::default();
+        b.load(&store, 8, 4).expect("load");
+        let r = Request { topic: "__sys".into(), from_ms: 0, to_ms: i64::MAX };
+        b.accept(&store, &|_| false, 0, Some(r)).await.expect("decided");
+        assert!(b.status()[0].refused.is_some(), "{:?}", b.status());
+        assert!(b.partitions().is_empty());
     }
 }
