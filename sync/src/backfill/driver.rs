@@ -135,9 +135,10 @@ impl Backfills {
         {
             let mut st = self.lock();
             let key = (topic.to_string(), partition);
-            if let Some(plan) = st.plans.get_mut(&key) {
-                plan.prune(offset);
-            }
+            // The receiver names the partition: one no request planned is not kept (the
+            // positions stay one per planned partition, whatever names a peer sends).
+            let Some(plan) = st.plans.get_mut(&key) else { return Ok(()) };
+            plan.prune(offset);
             let e = st.sent.entry(key).or_insert(0);
             if offset <= *e {
                 return Ok(());
@@ -416,6 +417,22 @@ mod tests {
         let position = store.kv_get(SPACE, POSITION_KEY).expect("kv").expect("position");
         assert_eq!(position, 10i64.to_be_bytes().to_vec());
         assert_eq!(b.status().len(), 2);
+    }
+
+    /// `Mirrored` for a partition no request planned (the receiver is a peer) keeps nothing.
+    #[tokio::test]
+    async fn a_position_for_an_unplanned_partition_is_not_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config =
+            StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
+        let (store, _) = Store::open(config).expect("open");
+        let b = Backfills::default();
+        b.load(&store, 8, 4).expect("load");
+        for i in 0..100 {
+            b.mirrored(&store, &format!("t{i}"), 0, 5).await.expect("mirrored");
+        }
+        assert!(store.kv_scan(SPACE, b"sent/", usize::MAX).expect("scan").is_empty());
+        assert!(b.lock().sent.is_empty());
     }
 
     /// The gateway's internal topics (`__`: this requests topic, `__sys`) never leave it, not
