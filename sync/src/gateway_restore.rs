@@ -372,9 +372,7 @@ impl PartitionStream {
         let Some(Data::Open { topic, partition }) = Self::next(&mut stream, &mut decoder).await? else {
             return Err(ProtocolError::Unexpected("restore stream without open").into());
         };
-        if !lock(&self.state).is_active(&topic, partition) {
-            return Err(PlanError::NotStarted { topic, partition }.into());
-        }
+        lock(&self.state).on_stream(&topic, partition)?;
         decoder.set_max(RESTORE_FRAME_BYTES_MAX);
         let limit = self.store.config().decompressed_size_bytes_max;
         let key = progress_key(&topic, partition);

@@ -78,6 +78,8 @@ pub enum PlanError {
     BothLimits,
     #[error("{topic}-{partition}: data for a partition that was not started")]
     NotStarted { topic: String, partition: i32 },
+    #[error("{topic}-{partition}: a second stream from the receiver for the partition")]
+    SecondStream { topic: String, partition: i32 },
     #[error("{topic}-{partition}: remote offset went back from {from} to {to}")]
     WentBack { topic: String, partition: i32, from: i64, to: i64 },
     #[error("{0}")]
@@ -156,6 +158,8 @@ struct Active {
     high: i64,
     /// Records stored of it in this run.
     read: u64,
+    /// Its stream from the receiver was accepted (one at most).
+    streaming: bool,
 }
 
 /// What the driver does next.
@@ -243,16 +247,35 @@ impl Restore {
             };
             self.active.insert(
                 (p.topic.clone(), p.partition),
-                Active { flow: Flow::new(self.window, self.slack), remote_next: None, from, high: p.high, read: 0 },
+                Active {
+                    flow: Flow::new(self.window, self.slack),
+                    remote_next: None,
+                    from,
+                    high: p.high,
+                    read: 0,
+                    streaming: false,
+                },
             );
             out.push(Action::Start { topic: p.topic, partition: p.partition, from: p.from, credit: self.window });
         }
         out
     }
 
-    /// Whether a partition is streaming (its stream may be accepted).
+    /// Whether a partition is streaming.
     pub fn is_active(&self, topic: &str, partition: i32) -> bool {
         self.active.contains_key(&(topic.to_string(), partition))
+    }
+
+    /// A stream from the receiver opened for a partition: accepted once per started partition
+    /// (a second one, from a broken or hostile receiver, would hold a second frame buffer and
+    /// race the first for the partition's offsets).
+    pub fn on_stream(&mut self, topic: &str, partition: i32) -> Result<(), PlanError> {
+        let a = self.active(topic, partition)?;
+        if a.streaming {
+            return Err(PlanError::SecondStream { topic: topic.to_string(), partition });
+        }
+        a.streaming = true;
+        Ok(())
     }
 
     fn active(&mut self, topic: &str, partition: i32) -> Result<&mut Active, PlanError> {
@@ -544,6 +567,17 @@ mod tests {
         assert!(r.is_active("meters", 0), "checking changes nothing");
         r.check_end("meters", 0, 300).expect("forward");
         assert!(matches!(r.check_end("meters", 7, 300), Err(PlanError::NotStarted { .. })));
+    }
+
+    /// The receiver opens one stream per started partition; a second is refused.
+    #[test]
+    fn a_second_stream_for_a_partition_is_refused() {
+        let planned = plan(&listing()[1..], &Selection::default(), &BTreeMap::new(), 0).expect("plan");
+        let mut r = Restore::new(planned, 4, 1000, 100, Instant::now());
+        r.starts();
+        r.on_stream("meters", 1).expect("its stream");
+        assert!(matches!(r.on_stream("meters", 1), Err(PlanError::SecondStream { .. })));
+        assert!(matches!(r.on_stream("meters", 9), Err(PlanError::NotStarted { .. })));
     }
 
     #[test]
