@@ -28,10 +28,6 @@ use crate::restore::{
 };
 use crate::tls::{self, TlsError};
 
-/// The largest restored frame accepted (the receiver's `restore_batch_bytes_max` is at most 16
-/// MiB; a single larger record goes alone, up to Kafka's own message limits).
-pub const RESTORE_FRAME_BYTES_MAX: usize = 64 << 20;
-
 /// Why a restore stopped. Run it again to continue: what is stored stays.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -241,7 +237,7 @@ async fn session(
         planned,
         cfg.restore_streams_max as usize,
         cfg.restore_credit_bytes,
-        RESTORE_FRAME_BYTES_MAX as u64,
+        cfg.restore_frame_bytes_max,
         Instant::now(),
     )));
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Action>();
@@ -272,7 +268,12 @@ async fn session(
                 None => return Err(RestoreError::Closed),
             },
             uni = conn.accept_uni() => {
-                let task = PartitionStream { store: store.clone(), state: state.clone(), out: out_tx.clone() };
+                let task = PartitionStream {
+                    store: store.clone(),
+                    state: state.clone(),
+                    out: out_tx.clone(),
+                    frame_bytes_max: usize::try_from(cfg.restore_frame_bytes_max).unwrap_or(usize::MAX),
+                };
                 streams.spawn(task.run(uni?));
             }
             Some(done) = streams.join_next(), if !streams.is_empty() => match done {
@@ -352,6 +353,8 @@ struct PartitionStream {
     store: Store,
     state: Arc<Mutex<Restore>>,
     out: mpsc::UnboundedSender<Action>,
+    /// `mirror.restore_frame_bytes_max`.
+    frame_bytes_max: usize,
 }
 
 impl PartitionStream {
@@ -373,7 +376,7 @@ impl PartitionStream {
             return Err(ProtocolError::Unexpected("restore stream without open").into());
         };
         lock(&self.state).on_stream(&topic, partition)?;
-        decoder.set_max(RESTORE_FRAME_BYTES_MAX);
+        decoder.set_max(self.frame_bytes_max);
         let limit = self.store.config().decompressed_size_bytes_max;
         let key = progress_key(&topic, partition);
         loop {
