@@ -59,6 +59,8 @@ pub enum RestoreError {
     Plan(#[from] PlanError),
     #[error("bad batch from the receiver: {0}")]
     Batch(String),
+    #[error("a restore stream task failed here: {0}")]
+    Task(String),
     #[error("the receiver closed the restore before it was complete")]
     Closed,
     #[error("topic {topic:?} exists here with {have} partitions; the central cluster has {want}")]
@@ -279,13 +281,13 @@ async fn session(
             Some(done) = streams.join_next(), if !streams.is_empty() => match done {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(RestoreError::Refused(format!("restore stream task failed: {e}"))),
+                Err(e) => return Err(RestoreError::Task(e.to_string())),
             },
             _ = tick.tick() => progress(&lock(&state).snapshot(Instant::now()), false),
         }
     }
     while let Some(done) = streams.join_next().await {
-        done.map_err(|e| RestoreError::Refused(format!("restore stream task failed: {e}")))??;
+        done.map_err(|e| RestoreError::Task(e.to_string()))??;
     }
     // Failback: the central commits of these groups, as edge offsets, win over their checkpoints.
     let mut failed_back = 0;
