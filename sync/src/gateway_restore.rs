@@ -407,7 +407,19 @@ impl PartitionStream {
                     } else {
                         // Durable with its progress, or neither.
                         let kv = vec![(RESTORE_PROGRESS, key.clone(), Some(progress))];
-                        self.store.restore_records(&topic, partition, records, kv).await?;
+                        match self.store.restore_records(&topic, partition, records, kv).await {
+                            Ok(_) => {}
+                            // Nothing written: the same batch comes again on every run, so say
+                            // which settings disagree.
+                            Err(StoreError::AppendTooLarge { size, max }) => {
+                                return Err(RestoreError::Batch(format!(
+                                    "{topic}-{partition}: a restored batch of {size} bytes is over this gateway's \
+                                     storage.append_size_bytes_max = {max}: set the receiver's \
+                                     restore_batch_bytes_max below it"
+                                )))
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                     let credit = lock(&self.state).on_stored(&topic, partition, remote_next, len, n, Instant::now())?;
                     if let Some(a) = credit {
