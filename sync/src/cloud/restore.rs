@@ -28,9 +28,9 @@ use tributary_log::Codec;
 use super::{kafka_config, watermarks, CloudError, Shared, HEADER_OFFSET, HEADER_PARTITION, HEADER_SITE, HEADER_TOPIC};
 use crate::checkpoint::{checkpoints_topic, decode_checkpoint_key, decode_checkpoint_value};
 use crate::protocol::{
-    CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreFrom, RestoreTopic, MIRRORED_TOPIC_CONFIGS,
-    OFFSETS_PER_FRAME_MAX, RESTORE_PARTITIONS_MAX, RESTORE_PARTITIONS_PER_FRAME_MAX, RESTORE_TOPICS_PER_FRAME_MAX,
-    TOPIC_BYTES_MAX, TOPIC_CONFIG_VALUE_BYTES_MAX,
+    CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreFrom, RestoreTopic, GROUP_ID_BYTES_MAX,
+    MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, RESTORE_PARTITIONS_MAX, RESTORE_PARTITIONS_PER_FRAME_MAX,
+    RESTORE_TOPICS_PER_FRAME_MAX, TOPIC_BYTES_MAX, TOPIC_CONFIG_VALUE_BYTES_MAX,
 };
 use crate::stream::read_control;
 
@@ -188,6 +188,12 @@ fn admit(
     Ok(credit)
 }
 
+/// Whether a group's offset can go into a `RestoreOffsets` frame (the gateway refuses a frame
+/// with a group name over `GROUP_ID_BYTES_MAX`, a negative partition or offset).
+fn listable(group: &str, partition: i32, offset: i64) -> bool {
+    !group.is_empty() && group.len() <= GROUP_ID_BYTES_MAX && partition >= 0 && offset >= 0
+}
+
 /// The edge topic of a remote topic of `site` (`None`: not one of its remote topics).
 fn source_topic(format: &str, site: &str, remote: &str) -> Option<String> {
     let (before, after) = format.split_once("{topic}")?;
@@ -295,7 +301,11 @@ fn read_checkpoints(
                     let key = m.key().and_then(decode_checkpoint_key);
                     let value = m.payload().and_then(decode_checkpoint_value);
                     if let (Some((group, remote, partition)), Some((upstream, _))) = (key, value) {
-                        if let Some(source) = remotes.get(remote.as_str()) {
+                        if !listable(&group, partition, upstream) {
+                            // One such entry would make the whole listing frame malformed to the
+                            // gateway, and with it every restore of the site.
+                            tracing::warn!(%group, %remote, partition, upstream, "checkpoint left out of a restore (outside the protocol's limits)");
+                        } else if let Some(source) = remotes.get(remote.as_str()) {
                             let k = (group, source.to_string(), partition);
                             if latest.contains_key(&k) || latest.len() < cfg.restore_offsets_max as usize {
                                 latest.insert(k, (upstream, m.timestamp().to_millis().unwrap_or(0)));
@@ -368,7 +378,7 @@ fn failback(
                 let ours = p(HEADER_SITE) == Some(site)
                     && p(HEADER_TOPIC) == Some(topic.as_str())
                     && p(HEADER_PARTITION) == Some(partition_text.as_str());
-                p(HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()).filter(|_| ours)
+                p(HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()).filter(|o| ours && *o >= 0)
             };
             // The first of this site's records at or after the commit; at the end, after the
             // last one (read from the partition's last record backwards, a tail at a time).
@@ -726,7 +736,7 @@ fn record_bytes(m: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{admit, source_topic};
+    use super::{admit, listable, source_topic};
     use std::collections::BTreeMap;
 
     /// A hostile gateway asking for one partition again and again gets no more streams (each a
@@ -741,6 +751,16 @@ mod tests {
         drop(first);
         let again = admit(&mut credits, "meters", 0, 2).expect("its stream ended: asked for again");
         drop((second, again));
+    }
+
+    /// A checkpoint the gateway's decoder would refuse is left out, not listed.
+    #[test]
+    fn only_checkpoints_within_the_protocol_s_limits_are_listed() {
+        assert!(listable("billing", 0, 0));
+        assert!(!listable("", 0, 0));
+        assert!(!listable(&"g".repeat(crate::protocol::GROUP_ID_BYTES_MAX + 1), 0, 0));
+        assert!(!listable("billing", -1, 0));
+        assert!(!listable("billing", 0, -1));
     }
 
     #[test]
