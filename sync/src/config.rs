@@ -80,6 +80,10 @@ pub struct MirrorConfig {
     /// durable in the store): the credit granted per partition; more than the receiver's
     /// `restore_batch_bytes_max`.
     pub restore_credit_bytes: u64,
+    /// `tributary restore`: the largest restored batch frame accepted from the receiver (its
+    /// batches are at most its `restore_batch_bytes_max`, a single larger record alone): one
+    /// such frame per restored partition may be buffered here, beyond its credit.
+    pub restore_frame_bytes_max: u64,
 }
 
 impl Default for MirrorConfig {
@@ -113,6 +117,7 @@ impl Default for MirrorConfig {
             backfill_ranges_max: 64,
             restore_streams_max: 4,
             restore_credit_bytes: 4 * MIB,
+            restore_frame_bytes_max: 64 * MIB,
         }
     }
 }
@@ -179,6 +184,7 @@ impl MirrorConfig {
         check_range(&key("drain_window_ms"), self.drain_window_ms, 1_000, 3_600_000)?;
         check_range(&key("restore_streams_max"), self.restore_streams_max.into(), 1, 1_024)?;
         check_range(&key("restore_credit_bytes"), self.restore_credit_bytes, 64 * 1024, 1024 * MIB)?;
+        check_range(&key("restore_frame_bytes_max"), self.restore_frame_bytes_max, MIB, 1024 * MIB)?;
         if self.bandwidth_bytes_per_s_max != 0 {
             check_range(&key("bandwidth_bytes_per_s_max"), self.bandwidth_bytes_per_s_max, 1024, u64::MAX)?;
         }
@@ -501,6 +507,10 @@ mod tests {
             Some("mirror.fresh_share_percent")
         );
         assert_eq!(key(MirrorConfig { fresh_age_ms: 50, ..on.clone() }).as_deref(), Some("mirror.fresh_age_ms"));
+        assert_eq!(
+            key(MirrorConfig { restore_frame_bytes_max: 1024, ..on.clone() }).as_deref(),
+            Some("mirror.restore_frame_bytes_max")
+        );
         let unmirrored = MirrorConfig { fresh_topics: vec!["local".into()], ..on.clone() };
         assert_eq!(key(unmirrored).as_deref(), Some("mirror.fresh_topics"));
         let m = MirrorConfig { fresh_topics: vec!["meters".into()], ..on.clone() };

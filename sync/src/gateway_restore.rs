@@ -28,10 +28,6 @@ use crate::restore::{
 };
 use crate::tls::{self, TlsError};
 
-/// The largest restored frame accepted (the receiver's `restore_batch_bytes_max` is at most 16
-/// MiB; a single larger record goes alone, up to Kafka's own message limits).
-pub const RESTORE_FRAME_BYTES_MAX: usize = 64 << 20;
-
 /// Why a restore stopped. Run it again to continue: what is stored stays.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -63,10 +59,14 @@ pub enum RestoreError {
     Plan(#[from] PlanError),
     #[error("bad batch from the receiver: {0}")]
     Batch(String),
+    #[error("a restore stream task failed here: {0}")]
+    Task(String),
     #[error("the receiver closed the restore before it was complete")]
     Closed,
     #[error("topic {topic:?} exists here with {have} partitions; the central cluster has {want}")]
     Partitions { topic: String, have: u32, want: usize },
+    #[error("the receiver listed more than {key} = {limit} {what}")]
+    OverLimit { key: &'static str, limit: u32, what: &'static str },
 }
 
 /// What a restore restores, and the settings of the topics it creates.
@@ -147,7 +147,45 @@ pub async fn restore(
     Ok(RestoreOutcome { topics, offsets, failed_back, last, elapsed: started.elapsed() })
 }
 
-type Listed = (Vec<String>, Vec<CommittedOffset>, usize, Snapshot);
+type Outcome = (Vec<String>, Vec<CommittedOffset>, usize, Snapshot);
+
+/// What the receiver listed so far, within the gateway's own limits: the receiver is a peer,
+/// and a restored gateway mirrors at most `mirror.partitions_max` partitions and keeps at most
+/// `mirror.offsets_tracked_max` group offsets, so a listing beyond them is refused before it
+/// is kept. A topic listed twice is refused too (its partitions would be restored twice).
+#[derive(Debug, Default)]
+struct Listed {
+    topics: std::collections::BTreeSet<String>,
+    partitions: usize,
+}
+
+impl Listed {
+    fn topic(&mut self, t: &RestoreTopic, partitions_max: u32) -> Result<(), RestoreError> {
+        self.partitions = self.partitions.saturating_add(t.extents.len());
+        if self.partitions > partitions_max as usize {
+            return Err(RestoreError::OverLimit {
+                key: "mirror.partitions_max",
+                limit: partitions_max,
+                what: "partitions",
+            });
+        }
+        if !self.topics.insert(t.topic.clone()) {
+            return Err(ProtocolError::Malformed("restore topics: a topic listed twice").into());
+        }
+        Ok(())
+    }
+
+    fn offsets(&self, have: usize, more: usize, offsets_max: u32) -> Result<(), RestoreError> {
+        if have.saturating_add(more) > offsets_max as usize {
+            return Err(RestoreError::OverLimit {
+                key: "mirror.offsets_tracked_max",
+                limit: offsets_max,
+                what: "group offsets",
+            });
+        }
+        Ok(())
+    }
+}
 
 async fn session(
     cfg: &MirrorConfig,
@@ -156,17 +194,26 @@ async fn session(
     req: RestoreRequest,
     every: Duration,
     progress: &mut impl FnMut(&Snapshot, bool),
-) -> Result<Listed, RestoreError> {
+) -> Result<Outcome, RestoreError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&Control::RestoreHello { site: cfg.site.clone() }.encode()).await?;
     let mut decoder = Decoder::new(1 << 20);
     let mut buf = vec![0u8; 16 * 1024];
     let mut listing: Vec<RestoreTopic> = Vec::new();
     let mut offsets: Vec<CommittedOffset> = Vec::new();
+    let mut listed = Listed::default();
     loop {
         match read_control::<RestoreError>(&mut recv, &mut decoder, &mut buf).await? {
-            Some(Control::RestoreTopics(list)) => listing.extend(list),
-            Some(Control::RestoreOffsets(list)) => offsets.extend(list),
+            Some(Control::RestoreTopics(list)) => {
+                for t in list {
+                    listed.topic(&t, cfg.partitions_max)?;
+                    listing.push(t);
+                }
+            }
+            Some(Control::RestoreOffsets(list)) => {
+                listed.offsets(offsets.len(), list.len(), cfg.offsets_tracked_max)?;
+                offsets.extend(list);
+            }
             Some(Control::RestoreListed) => break,
             Some(Control::Refused { reason }) => return Err(RestoreError::Refused(reason)),
             Some(_) => return Err(ProtocolError::Unexpected("before the listing's end").into()),
@@ -192,7 +239,7 @@ async fn session(
         planned,
         cfg.restore_streams_max as usize,
         cfg.restore_credit_bytes,
-        RESTORE_FRAME_BYTES_MAX as u64,
+        cfg.restore_frame_bytes_max,
         Instant::now(),
     )));
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Action>();
@@ -223,19 +270,24 @@ async fn session(
                 None => return Err(RestoreError::Closed),
             },
             uni = conn.accept_uni() => {
-                let task = PartitionStream { store: store.clone(), state: state.clone(), out: out_tx.clone() };
+                let task = PartitionStream {
+                    store: store.clone(),
+                    state: state.clone(),
+                    out: out_tx.clone(),
+                    frame_bytes_max: usize::try_from(cfg.restore_frame_bytes_max).unwrap_or(usize::MAX),
+                };
                 streams.spawn(task.run(uni?));
             }
             Some(done) = streams.join_next(), if !streams.is_empty() => match done {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(RestoreError::Refused(format!("restore stream task failed: {e}"))),
+                Err(e) => return Err(RestoreError::Task(e.to_string())),
             },
             _ = tick.tick() => progress(&lock(&state).snapshot(Instant::now()), false),
         }
     }
     while let Some(done) = streams.join_next().await {
-        done.map_err(|e| RestoreError::Refused(format!("restore stream task failed: {e}")))??;
+        done.map_err(|e| RestoreError::Task(e.to_string()))??;
     }
     // Failback: the central commits of these groups, as edge offsets, win over their checkpoints.
     let mut failed_back = 0;
@@ -249,6 +301,8 @@ async fn session(
                         offsets.push(o);
                         failed_back += 1;
                     }
+                    // A frame holds at most `OFFSETS_PER_FRAME_MAX`: checked once it replaced what it does.
+                    listed.offsets(offsets.len(), 0, cfg.offsets_tracked_max)?;
                 }
                 Some(Control::RestoreListed) => break,
                 Some(Control::Refused { reason }) => return Err(RestoreError::Refused(reason)),
@@ -301,6 +355,8 @@ struct PartitionStream {
     store: Store,
     state: Arc<Mutex<Restore>>,
     out: mpsc::UnboundedSender<Action>,
+    /// `mirror.restore_frame_bytes_max`.
+    frame_bytes_max: usize,
 }
 
 impl PartitionStream {
@@ -321,10 +377,8 @@ impl PartitionStream {
         let Some(Data::Open { topic, partition }) = Self::next(&mut stream, &mut decoder).await? else {
             return Err(ProtocolError::Unexpected("restore stream without open").into());
         };
-        if !lock(&self.state).is_active(&topic, partition) {
-            return Err(PlanError::NotStarted { topic, partition }.into());
-        }
-        decoder.set_max(RESTORE_FRAME_BYTES_MAX);
+        lock(&self.state).on_stream(&topic, partition)?;
+        decoder.set_max(self.frame_bytes_max);
         let limit = self.store.config().decompressed_size_bytes_max;
         let key = progress_key(&topic, partition);
         loop {
@@ -353,7 +407,19 @@ impl PartitionStream {
                     } else {
                         // Durable with its progress, or neither.
                         let kv = vec![(RESTORE_PROGRESS, key.clone(), Some(progress))];
-                        self.store.restore_records(&topic, partition, records, kv).await?;
+                        match self.store.restore_records(&topic, partition, records, kv).await {
+                            Ok(_) => {}
+                            // Nothing written: the same batch comes again on every run, so say
+                            // which settings disagree.
+                            Err(StoreError::AppendTooLarge { size, max }) => {
+                                return Err(RestoreError::Batch(format!(
+                                    "{topic}-{partition}: a restored batch of {size} bytes is over this gateway's \
+                                     storage.append_size_bytes_max = {max}: set the receiver's \
+                                     restore_batch_bytes_max below it"
+                                )))
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                     let credit = lock(&self.state).on_stored(&topic, partition, remote_next, len, n, Instant::now())?;
                     if let Some(a) = credit {
@@ -361,6 +427,9 @@ impl PartitionStream {
                     }
                 }
                 Some(Data::RestoreEnd { remote_next }) => {
+                    // Checked before the partition is stored as done: a run after an end that
+                    // went back would otherwise skip the partition.
+                    lock(&self.state).check_end(&topic, partition, remote_next)?;
                     self.store
                         .kv_put(
                             RESTORE_PROGRESS,
@@ -383,5 +452,35 @@ impl PartitionStream {
                 None => return Err(RestoreError::Closed),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(name: &str, partitions: usize) -> RestoreTopic {
+        RestoreTopic { topic: name.into(), configs: Vec::new(), extents: vec![(0, 1); partitions] }
+    }
+
+    /// A receiver's listing is a peer's: frames within their own limits, but as many as it likes.
+    /// What is kept of it stops at the gateway's limits, and a topic listed twice is refused.
+    #[test]
+    fn a_listing_beyond_the_gateway_s_limits_is_refused_before_it_is_kept() {
+        let mut l = Listed::default();
+        l.topic(&topic("a", 600), 1024).expect("within");
+        l.topic(&topic("b", 424), 1024).expect("at the limit");
+        assert!(matches!(
+            l.topic(&topic("c", 1), 1024),
+            Err(RestoreError::OverLimit { key: "mirror.partitions_max", limit: 1024, .. })
+        ));
+        let mut l = Listed::default();
+        l.topic(&topic("a", 1), 1024).expect("first");
+        assert!(matches!(l.topic(&topic("a", 1), 1024), Err(RestoreError::Protocol(ProtocolError::Malformed(_)))));
+        assert!(l.offsets(9_488, 512, 10_000).is_ok());
+        assert!(matches!(
+            l.offsets(9_489, 512, 10_000),
+            Err(RestoreError::OverLimit { key: "mirror.offsets_tracked_max", .. })
+        ));
     }
 }

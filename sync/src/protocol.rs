@@ -545,11 +545,19 @@ impl Data {
             OPEN => Data::Open { topic: get_str(b, "open")?, partition: get_i32(b, "open")? },
             BATCH => return Ok(Data::Batch(body)),
             GAP => Data::Gap { from: get_i64(b, "gap")?, to: get_i64(b, "gap")? },
+            // A remote offset is never negative: one would be stored as the restore's progress
+            // and asked for again, which the receiver refuses.
             RESTORED => {
                 let remote_next = get_i64(b, "restored")?;
+                if remote_next < 0 {
+                    return Err(ProtocolError::Malformed("restored"));
+                }
                 return Ok(Data::Restored { remote_next, batch: body });
             }
-            RESTORE_END => Data::RestoreEnd { remote_next: get_i64(b, "restore end")? },
+            RESTORE_END => match get_i64(b, "restore end")? {
+                n if n < 0 => return Err(ProtocolError::Malformed("restore end")),
+                remote_next => Data::RestoreEnd { remote_next },
+            },
             HELLO..=RESTORE_GROUPS => return Err(ProtocolError::Unexpected("control")),
             other => return Err(ProtocolError::UnknownType(other)),
         };
@@ -915,6 +923,15 @@ mod tests {
         d.feed(&Data::RestoreEnd { remote_next: 5000 }.encode_header());
         assert_eq!(d.next_data(), Ok(Some(Data::Restored { remote_next: 4242, batch })));
         assert_eq!(d.next_data(), Ok(Some(Data::RestoreEnd { remote_next: 5000 })));
+        // A negative remote offset is refused.
+        for (frame, what) in [
+            (Data::Restored { remote_next: -1, batch: Bytes::new() }, "restored"),
+            (Data::RestoreEnd { remote_next: -1 }, "restore end"),
+        ] {
+            let mut d = Decoder::new(1 << 20);
+            d.feed(&frame.encode_header());
+            assert_eq!(d.next_data(), Err(ProtocolError::Malformed(what)));
+        }
         // A restore data frame on the control stream is refused, and the other way round.
         let mut d = Decoder::new(1 << 20);
         d.feed(&Data::RestoreEnd { remote_next: 1 }.encode_header());

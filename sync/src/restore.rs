@@ -78,6 +78,8 @@ pub enum PlanError {
     BothLimits,
     #[error("{topic}-{partition}: data for a partition that was not started")]
     NotStarted { topic: String, partition: i32 },
+    #[error("{topic}-{partition}: a second stream from the receiver for the partition")]
+    SecondStream { topic: String, partition: i32 },
     #[error("{topic}-{partition}: remote offset went back from {from} to {to}")]
     WentBack { topic: String, partition: i32, from: i64, to: i64 },
     #[error("{0}")]
@@ -116,7 +118,9 @@ pub fn plan(
             continue;
         }
         let compacted = t.configs.iter().any(|(k, v)| k == "cleanup.policy" && v.contains("compact"));
-        let records: i64 = t.extents.iter().map(|(l, h)| h - l).sum();
+        // Extents are the receiver's: summed wide (each is at most i64::MAX, a topic at most
+        // RESTORE_PARTITIONS_MAX of them).
+        let records: i128 = t.extents.iter().map(|(l, h)| i128::from(h.saturating_sub(*l).max(0))).sum();
         for (partition, &(low, high)) in t.extents.iter().enumerate() {
             let partition = partition as i32;
             let from = match stored.get(&(t.topic.clone(), partition)) {
@@ -128,7 +132,8 @@ pub fn plan(
                     // The topic's bytes shared by the partitions' record counts.
                     (_, Some(bytes)) => {
                         let share = if records > 0 {
-                            (u128::from(bytes) * (high - low) as u128 / records as u128) as i64
+                            let share = i128::from(bytes) * i128::from(high.saturating_sub(low).max(0)) / records;
+                            i64::try_from(share).unwrap_or(i64::MAX)
                         } else {
                             0
                         };
@@ -153,6 +158,8 @@ struct Active {
     high: i64,
     /// Records stored of it in this run.
     read: u64,
+    /// Its stream from the receiver was accepted (one at most).
+    streaming: bool,
 }
 
 /// What the driver does next.
@@ -209,9 +216,9 @@ impl Restore {
                     RestoreFrom::Offset(o) => o.clamp(p.low, p.high),
                     _ => p.low,
                 };
-                (p.high - from).max(0) as u64
+                p.high.saturating_sub(from).max(0) as u64
             })
-            .sum();
+            .fold(0u64, u64::saturating_add);
         let total = planned.len();
         Self {
             waiting: planned.into(),
@@ -240,16 +247,35 @@ impl Restore {
             };
             self.active.insert(
                 (p.topic.clone(), p.partition),
-                Active { flow: Flow::new(self.window, self.slack), remote_next: None, from, high: p.high, read: 0 },
+                Active {
+                    flow: Flow::new(self.window, self.slack),
+                    remote_next: None,
+                    from,
+                    high: p.high,
+                    read: 0,
+                    streaming: false,
+                },
             );
             out.push(Action::Start { topic: p.topic, partition: p.partition, from: p.from, credit: self.window });
         }
         out
     }
 
-    /// Whether a partition is streaming (its stream may be accepted).
+    /// Whether a partition is streaming.
     pub fn is_active(&self, topic: &str, partition: i32) -> bool {
         self.active.contains_key(&(topic.to_string(), partition))
+    }
+
+    /// A stream from the receiver opened for a partition: accepted once per started partition
+    /// (a second one, from a broken or hostile receiver, would hold a second frame buffer and
+    /// race the first for the partition's offsets).
+    pub fn on_stream(&mut self, topic: &str, partition: i32) -> Result<(), PlanError> {
+        let a = self.active(topic, partition)?;
+        if a.streaming {
+            return Err(PlanError::SecondStream { topic: topic.to_string(), partition });
+        }
+        a.streaming = true;
+        Ok(())
     }
 
     fn active(&mut self, topic: &str, partition: i32) -> Result<&mut Active, PlanError> {
@@ -291,20 +317,29 @@ impl Restore {
         Ok(credit.map(|bytes| Action::Credit { topic: topic.to_string(), partition, bytes }))
     }
 
+    /// Whether an end at `remote_next` may be recorded: the partition is streaming, and the end
+    /// is not below what was stored of it. Changes nothing; the driver checks before it stores
+    /// the partition as done.
+    pub fn check_end(&self, topic: &str, partition: i32, remote_next: i64) -> Result<(), PlanError> {
+        let a = self
+            .active
+            .get(&(topic.to_string(), partition))
+            .ok_or_else(|| PlanError::NotStarted { topic: topic.to_string(), partition })?;
+        match a.remote_next {
+            Some(n) if remote_next < n => {
+                Err(PlanError::WentBack { topic: topic.to_string(), partition, from: n, to: remote_next })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A partition is complete: the next waiting one may start.
     pub fn on_end(&mut self, topic: &str, partition: i32, remote_next: i64) -> Result<(), PlanError> {
+        self.check_end(topic, partition, remote_next)?;
         let a = self.active(topic, partition)?;
-        if a.remote_next.is_some_and(|n| remote_next < n) {
-            return Err(PlanError::WentBack {
-                topic: topic.to_string(),
-                partition,
-                from: a.remote_next.unwrap_or(0),
-                to: remote_next,
-            });
-        }
         // A partition restored from a time or a size, or whose remote copy has holes
         // (compaction), held fewer records than its extent: what it did not send was never due.
-        let unsent = ((a.high - a.from).max(0) as u64).saturating_sub(a.read);
+        let unsent = (a.high.saturating_sub(a.from).max(0) as u64).saturating_sub(a.read);
         self.records_expected = self.records_expected.saturating_sub(unsent);
         self.active.remove(&(topic.to_string(), partition));
         self.done += 1;
@@ -504,6 +539,45 @@ mod tests {
         r.on_end("meters", 1, 200).expect("end");
         assert!(r.finished());
         assert_eq!(r.snapshot(t0).partitions_done, 3);
+    }
+
+    /// Extents come from the receiver (a peer): the widest it may list are summed without
+    /// overflow, in the plan's shares and the progress line's expected records.
+    #[test]
+    fn the_widest_extents_a_receiver_may_list_do_not_overflow() {
+        let wide = vec![RestoreTopic { topic: "t".into(), configs: Vec::new(), extents: vec![(0, i64::MAX); 3] }];
+        let sel = Selection { bytes: Some(u64::MAX), ..Selection::default() };
+        let p = plan(&wide, &sel, &BTreeMap::new(), 0).expect("plan");
+        assert!(p.iter().all(|p| matches!(p.from, RestoreFrom::TailBytes(b) if b >= 0)), "{p:?}");
+        let p = plan(&wide, &Selection::default(), &BTreeMap::new(), 0).expect("plan");
+        let r = Restore::new(p, 4, 1000, 100, Instant::now());
+        assert_eq!(r.snapshot(Instant::now()).records_expected, u64::MAX);
+    }
+
+    /// An end that goes back is refused before anything records the partition as done.
+    #[test]
+    fn an_end_below_what_was_stored_is_refused_by_the_check() {
+        let t0 = Instant::now();
+        let planned = plan(&listing()[1..], &Selection::default(), &BTreeMap::new(), 0).expect("plan");
+        let mut r = Restore::new(planned, 4, 1000, 100, t0);
+        r.starts();
+        r.on_received("meters", 0, 100, 10).expect("received");
+        r.on_stored("meters", 0, 100, 10, 100, t0).expect("stored");
+        assert!(matches!(r.check_end("meters", 0, 50), Err(PlanError::WentBack { .. })));
+        assert!(r.is_active("meters", 0), "checking changes nothing");
+        r.check_end("meters", 0, 300).expect("forward");
+        assert!(matches!(r.check_end("meters", 7, 300), Err(PlanError::NotStarted { .. })));
+    }
+
+    /// The receiver opens one stream per started partition; a second is refused.
+    #[test]
+    fn a_second_stream_for_a_partition_is_refused() {
+        let planned = plan(&listing()[1..], &Selection::default(), &BTreeMap::new(), 0).expect("plan");
+        let mut r = Restore::new(planned, 4, 1000, 100, Instant::now());
+        r.starts();
+        r.on_stream("meters", 1).expect("its stream");
+        assert!(matches!(r.on_stream("meters", 1), Err(PlanError::SecondStream { .. })));
+        assert!(matches!(r.on_stream("meters", 9), Err(PlanError::NotStarted { .. })));
     }
 
     #[test]

@@ -492,7 +492,8 @@ fn encode_records(
         max_ts = max_ts.max(*ts);
         body.clear();
         body.push(0); // record attributes
-        write_varlong(&mut body, ts - base_ts);
+                      // Wrapping, as Kafka's own clients do: any two timestamps have a delta that decodes back.
+        write_varlong(&mut body, ts.wrapping_sub(base_ts));
         write_varint(&mut body, delta(i));
         for b in [&r.key, &r.value] {
             match b {
@@ -694,8 +695,11 @@ pub fn decode_records(batch: &[u8], decompressed_limit: u64) -> Result<Vec<Store
         let r = r?;
         let slice = |s: &[u8]| data.slice_ref(s);
         out.push(StoredRecord {
-            offset: h.base_offset + i64::from(r.offset_delta),
-            timestamp: if log_append { h.max_timestamp } else { h.base_timestamp + r.timestamp_delta },
+            offset: h
+                .base_offset
+                .checked_add(i64::from(r.offset_delta))
+                .ok_or(BatchError::Record { index: out.len() as u64, reason: "offset beyond i64" })?,
+            timestamp: if log_append { h.max_timestamp } else { h.base_timestamp.wrapping_add(r.timestamp_delta) },
             key: r.key.map(slice),
             value: r.value.map(slice),
             headers: r.headers().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.map(slice))).collect(),
@@ -724,6 +728,15 @@ mod tests {
         let mut out = Vec::new();
         encode_batch(&with_ts, 100, codec, TimestampKind::CreateTime, 0, &mut out).expect("encode");
         out
+    }
+
+    /// A peer's batch (a restore's) whose offsets run past i64 is refused, not a panic or
+    /// offsets wrapped below zero.
+    #[test]
+    fn decoding_offsets_beyond_i64_is_an_error() {
+        let mut bytes = encode(&sample(3), Codec::None);
+        bytes[..8].copy_from_slice(&(i64::MAX - 1).to_be_bytes());
+        assert!(matches!(decode_records(&bytes, 1 << 20), Err(BatchError::Record { index: 2, .. })));
     }
 
     #[test]

@@ -135,9 +135,10 @@ impl Backfills {
         {
             let mut st = self.lock();
             let key = (topic.to_string(), partition);
-            if let Some(plan) = st.plans.get_mut(&key) {
-                plan.prune(offset);
-            }
+            // The receiver names the partition: one no request planned is not kept (the
+            // positions stay one per planned partition, whatever names a peer sends).
+            let Some(plan) = st.plans.get_mut(&key) else { return Ok(()) };
+            plan.prune(offset);
             let e = st.sent.entry(key).or_insert(0);
             if offset <= *e {
                 return Ok(());
@@ -194,6 +195,8 @@ impl Backfills {
             None => refuse(Request { topic: String::new(), from_ms: 0, to_ms: 0 }, "malformed request"),
             Some(r) if full => refuse(r, "mirror.backfill_requests_max reached"),
             Some(r) if mirrored(&r.topic) => refuse(r, "the topic is mirrored: all of it goes anyway"),
+            // `__` topics (this requests topic, `__sys`) are the gateway's own: never mirrored.
+            Some(r) if r.topic.starts_with("__") => refuse(r, "an internal topic is never sent"),
             Some(r) => match store.topic(&r.topic) {
                 None => refuse(r, "no such topic"),
                 Some(info) => {
@@ -250,10 +253,12 @@ impl Backfills {
             tracing::info!(id, topic = %accepted.request.topic, from_ms = accepted.request.from_ms,
                 to_ms = accepted.request.to_ms, "backfill request accepted");
         }
-        let mut writes = vec![
-            (request_key(id), Some(accepted.encode())),
-            (POSITION_KEY.to_vec(), Some((id + 1).to_be_bytes().to_vec())),
-        ];
+        // Beyond the limit only the read position is stored: any client that may write to the
+        // requests topic could otherwise grow the store by one refused request per record.
+        let mut writes = vec![(POSITION_KEY.to_vec(), Some((id + 1).to_be_bytes().to_vec()))];
+        if !full {
+            writes.push((request_key(id), Some(accepted.encode())));
+        }
         {
             let st = self.lock();
             for p in &accepted.parts {
@@ -386,5 +391,68 @@ impl BackfillSender {
                 next = end;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tributary_log::StorageConfig;
+
+    /// A flood of requests past `mirror.backfill_requests_max` (any Kafka client with write
+    /// rights to the requests topic can produce one) leaves the store holding at most that
+    /// many requests; the read position still moves past each.
+    #[tokio::test]
+    async fn requests_past_the_limit_are_not_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config =
+            StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
+        let (store, _) = Store::open(config).expect("open");
+        let b = Backfills::default();
+        b.load(&store, 2, 4).expect("load");
+        for id in 0..10 {
+            b.accept(&store, &|_| false, id, None).await.expect("decided");
+        }
+        assert_eq!(store.kv_scan(SPACE, b"request/", usize::MAX).expect("scan").len(), 2);
+        let position = store.kv_get(SPACE, POSITION_KEY).expect("kv").expect("position");
+        assert_eq!(position, 10i64.to_be_bytes().to_vec());
+        assert_eq!(b.status().len(), 2);
+    }
+
+    /// `Mirrored` for a partition no request planned (the receiver is a peer) keeps nothing.
+    #[tokio::test]
+    async fn a_position_for_an_unplanned_partition_is_not_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config =
+            StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
+        let (store, _) = Store::open(config).expect("open");
+        let b = Backfills::default();
+        b.load(&store, 8, 4).expect("load");
+        for i in 0..100 {
+            b.mirrored(&store, &format!("t{i}"), 0, 5).await.expect("mirrored");
+        }
+        assert!(store.kv_scan(SPACE, b"sent/", usize::MAX).expect("scan").is_empty());
+        assert!(b.lock().sent.is_empty());
+    }
+
+    /// The gateway's internal topics (`__`: this requests topic, `__sys`) never leave it, not
+    /// even on request.
+    #[tokio::test]
+    async fn a_request_for_an_internal_topic_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config =
+            StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
+        let (store, _) = Store::open(config).expect("open");
+        store.create_topic("__sys", 1, TopicConfig::default()).await.expect("create");
+        store
+            .append_records("__sys", 0, vec![tributary_log::batch::NewRecord::new(Some("k"), "v")])
+            .await
+            .expect("append");
+        let b = Backfills::default();
+        b.load(&store, 8, 4).expect("load");
+        let r = Request { topic: "__sys".into(), from_ms: 0, to_ms: i64::MAX };
+        b.accept(&store, &|_| false, 0, Some(r)).await.expect("decided");
+        assert!(b.status()[0].refused.is_some(), "{:?}", b.status());
+        assert!(b.partitions().is_empty());
     }
 }

@@ -28,9 +28,9 @@ use tributary_log::Codec;
 use super::{kafka_config, watermarks, CloudError, Shared, HEADER_OFFSET, HEADER_PARTITION, HEADER_SITE, HEADER_TOPIC};
 use crate::checkpoint::{checkpoints_topic, decode_checkpoint_key, decode_checkpoint_value};
 use crate::protocol::{
-    CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreFrom, RestoreTopic, MIRRORED_TOPIC_CONFIGS,
-    OFFSETS_PER_FRAME_MAX, RESTORE_PARTITIONS_MAX, RESTORE_PARTITIONS_PER_FRAME_MAX, RESTORE_TOPICS_PER_FRAME_MAX,
-    TOPIC_BYTES_MAX, TOPIC_CONFIG_VALUE_BYTES_MAX,
+    CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreFrom, RestoreTopic, GROUP_ID_BYTES_MAX,
+    MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, RESTORE_PARTITIONS_MAX, RESTORE_PARTITIONS_PER_FRAME_MAX,
+    RESTORE_TOPICS_PER_FRAME_MAX, TOPIC_BYTES_MAX, TOPIC_CONFIG_VALUE_BYTES_MAX,
 };
 use crate::stream::read_control;
 
@@ -112,14 +112,7 @@ pub(super) async fn serve(
                     let Some(&(low, high)) = extents.get(&(topic.clone(), partition)) else {
                         return Err(ProtocolError::Unexpected("restore of a partition not listed").into());
                     };
-                    credits.retain(|_, c| Arc::strong_count(c) > 1);
-                    if credits.len() >= cfg.restore_streams_max as usize {
-                        return Err(CloudError::Refused(format!(
-                            "more than restore_streams_max = {} partitions asked for at once", cfg.restore_streams_max
-                        )));
-                    }
-                    let credit = Arc::new(Credit::default());
-                    credits.insert((topic.clone(), partition), credit.clone());
+                    let credit = admit(&mut credits, &topic, partition, cfg.restore_streams_max)?;
                     let stream = Stream {
                         shared: shared.clone(),
                         site: site.clone(),
@@ -169,6 +162,36 @@ pub(super) async fn serve(
     tracing::info!(%site, "restore of a gateway ended");
     conn.close(0u32.into(), b"restore complete");
     Ok(())
+}
+
+/// A `RestoreStart` admitted: the partition's credit, or refused when `streams_max` partitions
+/// are streaming (streams whose task ended are let go first) or this one is already streaming
+/// (a second stream of it would not count against the limit: each is a librdkafka consumer).
+fn admit(
+    credits: &mut BTreeMap<(String, i32), Arc<Credit>>,
+    topic: &str,
+    partition: i32,
+    streams_max: u32,
+) -> Result<Arc<Credit>, CloudError> {
+    credits.retain(|_, c| Arc::strong_count(c) > 1);
+    let key = (topic.to_string(), partition);
+    if credits.contains_key(&key) {
+        return Err(CloudError::Refused(format!("{topic}-{partition} asked for while it is being restored")));
+    }
+    if credits.len() >= streams_max as usize {
+        return Err(CloudError::Refused(format!(
+            "more than restore_streams_max = {streams_max} partitions asked for at once"
+        )));
+    }
+    let credit = Arc::new(Credit::default());
+    credits.insert(key, credit.clone());
+    Ok(credit)
+}
+
+/// Whether a group's offset can go into a `RestoreOffsets` frame (the gateway refuses a frame
+/// with a group name over `GROUP_ID_BYTES_MAX`, a negative partition or offset).
+fn listable(group: &str, partition: i32, offset: i64) -> bool {
+    !group.is_empty() && group.len() <= GROUP_ID_BYTES_MAX && partition >= 0 && offset >= 0
 }
 
 /// The edge topic of a remote topic of `site` (`None`: not one of its remote topics).
@@ -278,7 +301,11 @@ fn read_checkpoints(
                     let key = m.key().and_then(decode_checkpoint_key);
                     let value = m.payload().and_then(decode_checkpoint_value);
                     if let (Some((group, remote, partition)), Some((upstream, _))) = (key, value) {
-                        if let Some(source) = remotes.get(remote.as_str()) {
+                        if !listable(&group, partition, upstream) {
+                            // One such entry would make the whole listing frame malformed to the
+                            // gateway, and with it every restore of the site.
+                            tracing::warn!(%group, %remote, partition, upstream, "checkpoint left out of a restore (outside the protocol's limits)");
+                        } else if let Some(source) = remotes.get(remote.as_str()) {
                             let k = (group, source.to_string(), partition);
                             if latest.contains_key(&k) || latest.len() < cfg.restore_offsets_max as usize {
                                 latest.insert(k, (upstream, m.timestamp().to_millis().unwrap_or(0)));
@@ -351,7 +378,7 @@ fn failback(
                 let ours = p(HEADER_SITE) == Some(site)
                     && p(HEADER_TOPIC) == Some(topic.as_str())
                     && p(HEADER_PARTITION) == Some(partition_text.as_str());
-                p(HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()).filter(|_| ours)
+                p(HEADER_OFFSET).and_then(|o| o.parse::<i64>().ok()).filter(|o| ours && *o >= 0)
             };
             // The first of this site's records at or after the commit; at the end, after the
             // last one (read from the partition's last record backwards, a tail at a time).
@@ -709,7 +736,32 @@ fn record_bytes(m: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::source_topic;
+    use super::{admit, listable, source_topic};
+    use std::collections::BTreeMap;
+
+    /// A hostile gateway asking for one partition again and again gets no more streams (each a
+    /// librdkafka consumer) than `restore_streams_max`.
+    #[test]
+    fn a_partition_asked_for_twice_does_not_get_past_restore_streams_max() {
+        let mut credits = BTreeMap::new();
+        let first = admit(&mut credits, "meters", 0, 2).expect("first");
+        assert!(admit(&mut credits, "meters", 0, 2).is_err(), "the same partition while it streams");
+        let second = admit(&mut credits, "meters", 1, 2).expect("second");
+        assert!(admit(&mut credits, "meters", 2, 2).is_err(), "over the limit");
+        drop(first);
+        let again = admit(&mut credits, "meters", 0, 2).expect("its stream ended: asked for again");
+        drop((second, again));
+    }
+
+    /// A checkpoint the gateway's decoder would refuse is left out, not listed.
+    #[test]
+    fn only_checkpoints_within_the_protocol_s_limits_are_listed() {
+        assert!(listable("billing", 0, 0));
+        assert!(!listable("", 0, 0));
+        assert!(!listable(&"g".repeat(crate::protocol::GROUP_ID_BYTES_MAX + 1), 0, 0));
+        assert!(!listable("billing", -1, 0));
+        assert!(!listable("billing", 0, -1));
+    }
 
     #[test]
     fn remote_topics_map_back_to_the_site_s_topics_only() {

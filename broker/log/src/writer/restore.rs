@@ -7,6 +7,11 @@
 use super::*;
 use crate::{PendingAppend, Store};
 
+/// The highest offset a restored record may have. Restored offsets come from the central
+/// cluster, a peer: one near `i64::MAX` would overflow the partition's next offset (and with it
+/// every offset given after it), so the store keeps 2^62 offsets of room above any restore.
+pub const RESTORE_OFFSET_MAX: i64 = 1 << 62;
+
 impl Store {
     /// Writes `records` (each at its own offset, increasing, with its timestamp) into a
     /// partition, with `kv` in the same commit (the caller's progress), and returns once
@@ -46,7 +51,7 @@ impl Store {
 }
 
 /// Checks restored records before anything is written: some, offsets increasing from at least
-/// `next`, timestamps given, keys on a compacted topic.
+/// `next` up to `RESTORE_OFFSET_MAX`, timestamps given, keys on a compacted topic.
 fn check(topic: &TopicState, partition: i32, records: &[(i64, NewRecord)], next: i64) -> Result<(), StoreError> {
     let Some((first, _)) = records.first() else { return Err(StoreError::InvalidBatch(batch::BatchError::Empty(0))) };
     if *first < next {
@@ -59,6 +64,12 @@ fn check(topic: &TopicState, partition: i32, records: &[(i64, NewRecord)], next:
     }
     let mut last = first - 1;
     for (i, (offset, r)) in records.iter().enumerate() {
+        if *offset > RESTORE_OFFSET_MAX {
+            return Err(StoreError::InvalidBatch(batch::BatchError::Record {
+                index: i as u64,
+                reason: "a restored offset above the highest a restore may write (2^62)",
+            }));
+        }
         if *offset <= last {
             return Err(StoreError::InvalidBatch(batch::BatchError::Record {
                 index: i as u64,
@@ -164,7 +175,7 @@ mod tests {
                 key: Some(Bytes::from(format!("k{offset}"))),
                 value: (offset % 7 != 3).then(|| Bytes::from(format!("value-{offset}"))),
                 headers: vec![("h".into(), Some(Bytes::from("x"))), ("h".into(), None)],
-                timestamp_ms: Some(1_700_000_000_000 + offset * 10),
+                timestamp_ms: Some(1_700_000_000_000 + (offset % 1_000_000) * 10),
             },
         )
     }
@@ -240,5 +251,38 @@ mod tests {
         store.append_records("t", 0, vec![NewRecord::new(Some("k"), "v")]).await.expect("append");
         let e = store.restore_records("t", 0, vec![rec(12)], Vec::new()).await.expect_err("taken by an append");
         assert!(matches!(e, StoreError::RestoreBelowNext { offset: 12, next_offset: 13, .. }), "{e}");
+    }
+
+    /// Offsets and timestamps come from the central cluster (a peer): an offset so high that the
+    /// partition's next offset would overflow is refused, nothing written, and the partition keeps
+    /// giving offsets above the ones it gave; extreme timestamps are stored, not a panic.
+    #[tokio::test]
+    async fn a_restored_offset_near_the_end_of_the_offset_space_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
+        store.restore_records("t", 0, vec![rec(10)], Vec::new()).await.expect("restore");
+        for records in [vec![rec(i64::MAX)], vec![rec(11), rec(super::RESTORE_OFFSET_MAX + 1)]] {
+            let e = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                store.restore_records("t", 0, records, Vec::new()),
+            )
+            .await
+            .expect("an answer, not a writer that died")
+            .expect_err("out of range");
+            assert!(matches!(e, StoreError::InvalidBatch(_)), "{e}");
+        }
+        assert_eq!(store.watermarks("t", 0).expect("wm").high_watermark, 11);
+        store.restore_records("t", 0, vec![rec(super::RESTORE_OFFSET_MAX)], Vec::new()).await.expect("the highest");
+        let o = store.append_records("t", 0, vec![NewRecord::new(Some("k"), "v")]).await.expect("append after it");
+        assert_eq!(o.base_offset, super::RESTORE_OFFSET_MAX + 1);
+        // Timestamps as far apart as an i64 allows are kept as they came.
+        store.create_topic("u", 1, TopicConfig::default()).await.expect("create");
+        let mut far = vec![rec(1), rec(2)];
+        (far[0].1.timestamp_ms, far[1].1.timestamp_ms) = (Some(i64::MAX), Some(i64::MIN));
+        store.restore_records("u", 0, far, Vec::new()).await.expect("extreme timestamps");
+        let back: Vec<i64> =
+            store.read_records("u", 0, 1, 1 << 20).expect("read").iter().map(|r| r.timestamp).collect();
+        assert_eq!(back, vec![i64::MAX, i64::MIN]);
     }
 }
