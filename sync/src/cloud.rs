@@ -34,6 +34,7 @@ use tributary_log::clock::now_ms;
 use crate::checkpoint::{checkpoint_key, checkpoint_value, checkpoints_topic, OffsetIndex, Translation};
 use crate::config::{valid_site, CloudConfig, CongestionController};
 use crate::core::{Flow, Progress};
+use crate::extents::{extent_key, extent_value, extents_topic, Reported};
 use crate::protocol::{
     CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, OPEN_FRAME_BYTES_MAX,
 };
@@ -121,6 +122,10 @@ pub struct CloudStats {
     pub topic_configs_dropped: AtomicU64,
     /// Restores of gateways being served now (at most `restore_sessions_max`).
     pub restores_active: AtomicU64,
+    /// Reported high watermarks acknowledged in `{site}.extents.internal`, and writes of them
+    /// that failed for good (the next growth writes again).
+    pub extents_written: AtomicU64,
+    pub extent_write_errors: AtomicU64,
 }
 
 struct SiteEntry {
@@ -134,6 +139,8 @@ struct Shared {
     producer: ThreadedProducer<Acknowledger>,
     /// Writes checkpoints (its own delivery reports; `None` when checkpoints are off).
     checkpoints: Option<ThreadedProducer<CheckpointAcks>>,
+    /// Writes the gateways' reported high watermarks (`extents.rs`).
+    extents: ThreadedProducer<ExtentAcks>,
     /// Translated offsets waiting to go into central consumer groups (`None`: option off).
     central: Option<Arc<CentralCommits>>,
     admin: AdminClient<DefaultClientContext>,
@@ -220,10 +227,15 @@ impl CloudServer {
         } else {
             None
         };
+        let extents = ThreadedProducer::from_config_and_context(
+            &ordered_producer_config(&cfg),
+            ExtentAcks { stats: stats.clone() },
+        )?;
         let shared = Arc::new(Shared {
             cfg,
             producer,
             checkpoints,
+            extents,
             central,
             admin,
             sites: Mutex::new(HashMap::new()),
@@ -580,6 +592,30 @@ impl ProducerContext for Acknowledger {
     }
 }
 
+/// The extents writer's delivery reports: counted; a failure (fatal only: no message timeout)
+/// logged.
+struct ExtentAcks {
+    stats: Arc<CloudStats>,
+}
+
+impl ClientContext for ExtentAcks {}
+
+impl ProducerContext for ExtentAcks {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.stats.extents_written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, _)) => {
+                self.stats.extent_write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "reported high watermark write failed");
+            }
+        }
+    }
+}
+
 /// A checkpoint handed to librdkafka: what its delivery report needs.
 struct CheckpointSent {
     group: String,
@@ -643,6 +679,8 @@ struct Session {
     /// Compacted topics' settings from the gateway (`TopicConfigs`, version 2), by source topic;
     /// at most `partitions_per_site_max` topics.
     topic_configs: HashMap<String, Vec<(String, String)>>,
+    /// The high watermarks the gateway reported, to keep in `{site}.extents.internal`.
+    reported: Reported,
 }
 
 impl Session {
@@ -650,8 +688,13 @@ impl Session {
         let buffer = Arc::new(SiteBuffer::new(shared.cfg.site_buffer_bytes_max, shared.stats.clone()));
         // Version 3 adds only restore frames: a mirror session of version 3 is one of version 2.
         let version = crate::protocol::alpn_version(tls::negotiated_alpn(&conn).as_deref()).min(2);
+        let reported = Reported::new(
+            shared.cfg.partitions_per_site_max as usize,
+            Duration::from_millis(shared.cfg.mirrored_report_interval_ms),
+        );
         Self {
             version,
+            reported,
             topic_configs: HashMap::new(),
             shared,
             site,
@@ -681,7 +724,16 @@ impl Session {
                 frame = read_control::<CloudError>(&mut recv, &mut decoder, &mut buf) => {
                     match frame {
                         Ok(Some(Control::Partitions(list))) => {
+                            let reports = list.clone();
                             if let Err(e) = self.start_partitions(&mut send, list).await {
+                                break Err(e);
+                            }
+                            // Kept for the partitions mirrored (their links exist now).
+                            let links = self.links.clone();
+                            self.reported.on_report(&reports, |t, p| {
+                                links.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&(t.to_string(), p))
+                            });
+                            if let Err(e) = self.write_extents().await {
                                 break Err(e);
                             }
                         }
@@ -735,6 +787,9 @@ impl Session {
                         break Err(e);
                     }
                     if let Err(e) = self.flush_checkpoints().await {
+                        break Err(e);
+                    }
+                    if let Err(e) = self.write_extents().await {
                         break Err(e);
                     }
                 }
@@ -872,6 +927,30 @@ impl Session {
         Ok(())
     }
 
+    /// Writes the reported high watermarks that grew (at most once per report interval each) into
+    /// `{site}.extents.internal`; a restore lists the highest of each partition.
+    async fn write_extents(&mut self) -> Result<(), CloudError> {
+        let topic = extents_topic(&self.site);
+        for (source, partition, high) in self.reported.due(Instant::now()) {
+            let key = extent_key(&source, partition);
+            let value = extent_value(high);
+            let mut record: BaseRecord<'_, [u8], [u8], ()> =
+                BaseRecord::to(&topic).partition(0).key(&key[..]).payload(&value[..]);
+            loop {
+                match self.shared.extents.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+            tracing::debug!(site = %self.site, topic = %source, partition, high, "reported high watermark written");
+        }
+        Ok(())
+    }
+
     /// Credit due and progress to report.
     async fn send_updates(&self, send: &mut quinn::SendStream, tick: bool) -> Result<(), CloudError> {
         let links = self.links_now();
@@ -932,6 +1011,9 @@ impl Session {
             // compacted (the latest checkpoint per group and partition).
             self.ensure_topic(&checkpoints_topic(&self.site), 1, &[("cleanup.policy", "compact")]).await?;
         }
+        // The reported high watermarks: one partition, compacted (the latest per partition; a
+        // restore reads the highest of what is left).
+        self.ensure_topic(&extents_topic(&self.site), 1, &[("cleanup.policy", "compact")]).await?;
         for (p, remote) in &new {
             // A compacted gateway topic's remote copy is created compacted, with its settings.
             let configs = self.topic_configs.get(&p.topic).cloned().unwrap_or_default();

@@ -246,6 +246,13 @@ async fn session(
     for a in lock(&state).starts() {
         let _ = out_tx.send(a);
     }
+    // The highest high watermark the lost gateway reported per partition (one per listed one).
+    let reported: Arc<BTreeMap<(String, i32), i64>> = Arc::new(
+        listing
+            .iter()
+            .flat_map(|t| t.reported.iter().enumerate().map(|(p, h)| ((t.topic.clone(), p as i32), *h)))
+            .collect(),
+    );
     let mut streams: JoinSet<Result<(), RestoreError>> = JoinSet::new();
     let mut tick = tokio::time::interval(every);
     loop {
@@ -274,6 +281,7 @@ async fn session(
                     store: store.clone(),
                     state: state.clone(),
                     out: out_tx.clone(),
+                    reported: reported.clone(),
                     frame_bytes_max: usize::try_from(cfg.restore_frame_bytes_max).unwrap_or(usize::MAX),
                 };
                 streams.spawn(task.run(uni?));
@@ -355,6 +363,8 @@ struct PartitionStream {
     store: Store,
     state: Arc<Mutex<Restore>>,
     out: mpsc::UnboundedSender<Action>,
+    /// The listing's reported high watermarks, by (topic, partition).
+    reported: Arc<BTreeMap<(String, i32), i64>>,
     /// `mirror.restore_frame_bytes_max`.
     frame_bytes_max: usize,
 }
@@ -430,13 +440,22 @@ impl PartitionStream {
                     // Checked before the partition is stored as done: a run after an end that
                     // went back would otherwise skip the partition.
                     lock(&self.state).check_end(&topic, partition, remote_next)?;
-                    self.store
-                        .kv_put(
-                            RESTORE_PROGRESS,
-                            key.clone(),
-                            Some(encode_progress(Stored { remote_next, done: true })),
-                        )
-                        .await?;
+                    // Offsets below the high watermark the lost gateway last reported were given
+                    // out, in records the central cluster may not have (acknowledged, not yet
+                    // mirrored): the next offset moves up to it, a hole, in the same commit as
+                    // the partition's end, so no new record gets one of them.
+                    let done = vec![(
+                        RESTORE_PROGRESS,
+                        key.clone(),
+                        Some(encode_progress(Stored { remote_next, done: true })),
+                    )];
+                    let reported = self.reported.get(&(topic.clone(), partition)).copied().unwrap_or(0);
+                    let next = self.store.watermarks(&topic, partition)?.high_watermark;
+                    if reported > next {
+                        tracing::info!(%topic, partition, from = next, to = reported,
+                            "next offset moved up to the high watermark the lost gateway reported");
+                    }
+                    self.store.restore_end(&topic, partition, reported, done).await?;
                     // What was restored is in the central cluster: retention may delete it first,
                     // and the mirror's lag starts after it.
                     let high = self.store.watermarks(&topic, partition)?.high_watermark;
@@ -460,7 +479,12 @@ mod tests {
     use super::*;
 
     fn topic(name: &str, partitions: usize) -> RestoreTopic {
-        RestoreTopic { topic: name.into(), configs: Vec::new(), extents: vec![(0, 1); partitions] }
+        RestoreTopic {
+            topic: name.into(),
+            configs: Vec::new(),
+            extents: vec![(0, 1); partitions],
+            reported: vec![0; partitions],
+        }
     }
 
     /// A receiver's listing is a peer's: frames within their own limits, but as many as it likes.

@@ -12,6 +12,7 @@ pub mod config_file;
 pub mod congestion;
 pub mod core;
 pub mod drain;
+pub mod extents;
 pub mod fresh;
 pub mod gateway;
 pub mod gateway_restore;

@@ -37,8 +37,8 @@ pub fn alpn_version(alpn: Option<&[u8]>) -> u8 {
 /// Topics in one `RestoreTopics` frame at most.
 pub const RESTORE_TOPICS_PER_FRAME_MAX: usize = 64;
 
-/// Partitions of one topic a restore lists at most (its extents must fit a control frame: 16
-/// bytes each, 512 KiB at most).
+/// Partitions of one topic a restore lists at most (its extents must fit a control frame: 24
+/// bytes each with the reported high watermark, 768 KiB at most).
 pub const RESTORE_PARTITIONS_MAX: usize = 32_768;
 
 /// Groups one `RestoreGroups` frame names at most.
@@ -134,6 +134,10 @@ pub struct RestoreTopic {
     pub configs: Vec<(String, String)>,
     /// Per partition, in partition order: (low, high) remote offsets.
     pub extents: Vec<(i64, i64)>,
+    /// Per partition, in partition order (as many as `extents`): the highest high watermark the
+    /// lost gateway ever reported for it (an edge offset; 0 when none is known). Offsets below it
+    /// were given out at the edge, mirrored or not.
+    pub reported: Vec<i64>,
 }
 
 /// Where a restored partition starts, in the remote partition.
@@ -306,10 +310,12 @@ impl Control {
                         put_str(b, k);
                         put_str(b, v);
                     }
+                    debug_assert_eq!(t.extents.len(), t.reported.len(), "one reported offset per partition");
                     b.put_u32(t.extents.len() as u32);
-                    for (low, high) in &t.extents {
+                    for (i, (low, high)) in t.extents.iter().enumerate() {
                         b.put_i64(*low);
                         b.put_i64(*high);
+                        b.put_i64(t.reported.get(i).copied().unwrap_or(0));
                     }
                 }
             }),
@@ -420,19 +426,21 @@ impl Control {
                     if p == 0
                         || p > RESTORE_PARTITIONS_MAX
                         || partitions > RESTORE_PARTITIONS_PER_FRAME_MAX
-                        || p > b.remaining() / 16
+                        || p > b.remaining() / 24
                     {
                         return Err(ProtocolError::Malformed(what));
                     }
                     let mut extents = Vec::with_capacity(p);
+                    let mut reported = Vec::with_capacity(p);
                     for _ in 0..p {
-                        let (low, high) = (get_i64(b, what)?, get_i64(b, what)?);
-                        if low < 0 || high < low {
+                        let (low, high, hwm) = (get_i64(b, what)?, get_i64(b, what)?, get_i64(b, what)?);
+                        if low < 0 || high < low || hwm < 0 {
                             return Err(ProtocolError::Malformed(what));
                         }
                         extents.push((low, high));
+                        reported.push(hwm);
                     }
-                    list.push(RestoreTopic { topic, configs, extents });
+                    list.push(RestoreTopic { topic, configs, extents, reported });
                 }
                 Control::RestoreTopics(list)
             }
@@ -740,8 +748,14 @@ mod tests {
                     topic: "mqtt.retained".into(),
                     configs: vec![("cleanup.policy".into(), "compact".into())],
                     extents: vec![(0, 12)],
+                    reported: vec![12],
                 },
-                RestoreTopic { topic: "meters".into(), configs: Vec::new(), extents: vec![(0, 0), (5, 900), (0, 3)] },
+                RestoreTopic {
+                    topic: "meters".into(),
+                    configs: Vec::new(),
+                    extents: vec![(0, 0), (5, 900), (0, 3)],
+                    reported: vec![0, 1_000_000, 3],
+                },
             ]),
             Control::RestoreOffsets(vec![CommittedOffset {
                 group: "billing".into(),
@@ -943,7 +957,10 @@ mod tests {
 
     #[test]
     fn restore_listings_are_bounded_and_checked() {
-        let topic = |extents: Vec<(i64, i64)>| RestoreTopic { topic: "t".into(), configs: Vec::new(), extents };
+        let topic = |extents: Vec<(i64, i64)>| {
+            let reported = vec![7; extents.len()];
+            RestoreTopic { topic: "t".into(), configs: Vec::new(), extents, reported }
+        };
         // The largest listing the cloud sends fits the control stream's 1 MiB decoder.
         let big = Control::RestoreTopics(vec![topic(vec![(0, 1); RESTORE_PARTITIONS_PER_FRAME_MAX])]);
         let mut d = Decoder::new(1 << 20);
@@ -958,6 +975,14 @@ mod tests {
                 topic: "t".into(),
                 configs: vec![("retention.ms".into(), "1".into())],
                 extents: vec![(0, 1)],
+                reported: vec![0],
+            }]),
+            // A reported high watermark is an edge offset: never negative.
+            Control::RestoreTopics(vec![RestoreTopic {
+                topic: "t".into(),
+                configs: Vec::new(),
+                extents: vec![(0, 1)],
+                reported: vec![-1],
             }]),
         ] {
             let mut d = Decoder::new(1 << 20);
@@ -976,6 +1001,14 @@ mod tests {
         // A partition count claiming more extents than the bytes that came.
         let mut d = Decoder::new(100);
         d.feed(&[0, 0, 0, 12, RESTORE_TOPICS, 0, 0, 0, 1, 0, 1, b't', 0, 0, 0, 100]);
+        assert_eq!(d.next_control(), Err(ProtocolError::Malformed("restore topics")));
+        // One partition whose extent came without its reported high watermark (16 of 24 bytes).
+        let whole = Control::RestoreTopics(vec![topic(vec![(0, 1)])]).encode();
+        let mut cut = whole[..whole.len() - 8].to_vec();
+        let len = (cut.len() - 4) as u32;
+        cut[..4].copy_from_slice(&len.to_be_bytes());
+        let mut d = Decoder::new(100);
+        d.feed(&cut);
         assert_eq!(d.next_control(), Err(ProtocolError::Malformed("restore topics")));
     }
 

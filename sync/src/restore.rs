@@ -446,8 +446,14 @@ mod tests {
                 topic: "mqtt.retained".into(),
                 configs: vec![("cleanup.policy".into(), "compact".into())],
                 extents: vec![(0, 40)],
+                reported: vec![0],
             },
-            RestoreTopic { topic: "meters".into(), configs: Vec::new(), extents: vec![(0, 300), (100, 200)] },
+            RestoreTopic {
+                topic: "meters".into(),
+                configs: Vec::new(),
+                extents: vec![(0, 300), (100, 200)],
+                reported: vec![0, 0],
+            },
         ]
     }
 
@@ -545,7 +551,12 @@ mod tests {
     /// overflow, in the plan's shares and the progress line's expected records.
     #[test]
     fn the_widest_extents_a_receiver_may_list_do_not_overflow() {
-        let wide = vec![RestoreTopic { topic: "t".into(), configs: Vec::new(), extents: vec![(0, i64::MAX); 3] }];
+        let wide = vec![RestoreTopic {
+            topic: "t".into(),
+            configs: Vec::new(),
+            extents: vec![(0, i64::MAX); 3],
+            reported: vec![0; 3],
+        }];
         let sel = Selection { bytes: Some(u64::MAX), ..Selection::default() };
         let p = plan(&wide, &sel, &BTreeMap::new(), 0).expect("plan");
         assert!(p.iter().all(|p| matches!(p.from, RestoreFrom::TailBytes(b) if b >= 0)), "{p:?}");

@@ -27,6 +27,7 @@ use tributary_log::Codec;
 
 use super::{kafka_config, watermarks, CloudError, Shared, HEADER_OFFSET, HEADER_PARTITION, HEADER_SITE, HEADER_TOPIC};
 use crate::checkpoint::{checkpoints_topic, decode_checkpoint_key, decode_checkpoint_value};
+use crate::extents::{decode_extent_key, decode_extent_value, extents_topic};
 use crate::protocol::{
     CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreFrom, RestoreTopic, GROUP_ID_BYTES_MAX,
     MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, RESTORE_PARTITIONS_MAX, RESTORE_PARTITIONS_PER_FRAME_MAX,
@@ -209,6 +210,7 @@ fn list(shared: &Shared, site: &str) -> Result<(Vec<RestoreTopic>, Vec<Committed
     let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
     let md = shared.admin.inner().fetch_metadata(None, timeout)?;
     let checkpoints = checkpoints_topic(site);
+    let extents = extents_topic(site);
     let consumer: BaseConsumer = kafka_config(cfg)
         .set("group.id", "tributary-cloud-restore")
         .set("enable.auto.commit", "false")
@@ -217,7 +219,7 @@ fn list(shared: &Shared, site: &str) -> Result<(Vec<RestoreTopic>, Vec<Committed
     let mut topics: Vec<(String, String, usize)> = Vec::new();
     for t in md.topics() {
         let remote = t.name();
-        if remote == checkpoints || remote == cfg.gaps_topic || remote.starts_with("__") {
+        if remote == checkpoints || remote == extents || remote == cfg.gaps_topic || remote.starts_with("__") {
             continue;
         }
         let Some(source) = source_topic(&cfg.remote_topic_format, site, remote) else { continue };
@@ -234,6 +236,7 @@ fn list(shared: &Shared, site: &str) -> Result<(Vec<RestoreTopic>, Vec<Committed
     let sources: std::collections::BTreeSet<String> = topics.iter().map(|(_, s, _)| s.clone()).collect();
     topics
         .retain(|(_, source, _)| !source.strip_suffix(crate::fresh::LIVE_SUFFIX).is_some_and(|t| sources.contains(t)));
+    let highest = read_extents(&consumer, &extents, timeout)?;
     let mut listing = Vec::new();
     let rt = tokio::runtime::Handle::current();
     for (remote, source, partitions) in &topics {
@@ -242,7 +245,9 @@ fn list(shared: &Shared, site: &str) -> Result<(Vec<RestoreTopic>, Vec<Committed
             extents.push(watermarks(&consumer, remote, p, timeout)?);
         }
         let configs = rt.block_on(compaction_settings(shared, remote))?;
-        listing.push(RestoreTopic { topic: source.clone(), configs, extents });
+        let reported =
+            (0..*partitions as i32).map(|p| highest.get(&(source.clone(), p)).copied().unwrap_or(0)).collect();
+        listing.push(RestoreTopic { topic: source.clone(), configs, extents, reported });
     }
     let remotes: BTreeMap<&str, &str> = topics.iter().map(|(r, s, _)| (r.as_str(), s.as_str())).collect();
     let offsets = read_checkpoints(cfg, &consumer, &checkpoints, &remotes, timeout)?;
@@ -337,6 +342,55 @@ fn read_checkpoints(
             commit_time_ms: at,
         })
         .collect())
+}
+
+/// The highest high watermark each partition of the site was reported at, from every record left
+/// in `{site}.extents.internal` (not only the latest: a gateway rebuilt without a restore may
+/// have reported lower since). Bounded by what the topic holds: the receiver writes at most one
+/// record per partition and report interval, for at most `partitions_per_site_max` partitions a
+/// session; the map holds one entry per partition.
+fn read_extents(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<BTreeMap<(String, i32), i64>, CloudError> {
+    let (low, high) = match consumer.fetch_watermarks(topic, 0, timeout) {
+        Ok(w) => w,
+        // No extents topic: nothing was reported (a site mirrored by an older receiver).
+        Err(KafkaError::MetadataFetch(_)) => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut highest: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    if high <= low {
+        return Ok(highest);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(low))?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if Instant::now() > deadline {
+            return Err(CloudError::Timeout("reading the extents topic"));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let key = m.key().and_then(decode_extent_key);
+                let value = m.payload().and_then(decode_extent_value);
+                if let (Some(k), Some(v)) = (key, value) {
+                    let e = highest.entry(k).or_insert(v);
+                    *e = (*e).max(v);
+                }
+                if m.offset() >= high - 1 {
+                    break;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    consumer.unassign()?;
+    Ok(highest)
 }
 
 /// Failback: each group's committed offsets in the central cluster (its central name,

@@ -112,6 +112,8 @@ pub(crate) enum Op {
         topic: Arc<TopicState>,
         pkey: u64,
         records: Vec<(i64, NewRecord)>,
+        /// `Store::restore_end`: no records; the next offset moves up to this.
+        end: Option<i64>,
         kv: Vec<KvWrite>,
         reply: Reply<AppendOutcome>,
     },
@@ -847,7 +849,7 @@ impl Writer {
                     Self::kv_apply(txn, r, space, &key, value.as_deref())?;
                 }
             }
-            Op::Restore { topic, pkey, records, kv, reply } => {
+            Op::Restore { topic, pkey, records, end, kv, reply } => {
                 if let Some(e) = disk_full {
                     let _ = reply.send(Err(e.clone()));
                     return Ok(());
@@ -860,7 +862,7 @@ impl Writer {
                         return Err(e);
                     }
                 }
-                match self.apply_restore(t, r, &topic, pkey, &records, now) {
+                match self.apply_restore(t, r, &topic, pkey, &records, end, now) {
                     Ok(Ok(outcome)) => {
                         r.done.push(Done::Append(reply, outcome));
                         for (space, key, value) in kv {

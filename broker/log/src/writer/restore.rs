@@ -30,6 +30,33 @@ impl Store {
         self.enqueue_restore(topic, partition, records, kv).await?.wait().await
     }
 
+    /// Ends a partition's restore: its next offset moves up to `next_offset` if below (the
+    /// offsets between stay a hole: they were given out by the gateway that was lost, in records
+    /// the central cluster does not have), with `kv` in the same commit (the caller's progress),
+    /// and returns once durable. An empty partition's log starts there. Refused with
+    /// `InvalidBatch`, nothing written, when `next_offset` is negative or above
+    /// `RESTORE_OFFSET_MAX`. Its `AppendOutcome` is empty (`base_offset` = the next offset).
+    pub async fn restore_end(
+        &self,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+        kv: Vec<(KvSpace, Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let (t, p) = self.partition_state(topic, partition)?;
+        let rx = self
+            .enqueue(|reply| Op::Restore {
+                topic: t,
+                pkey: p.key,
+                records: Vec::new(),
+                end: Some(next_offset),
+                kv,
+                reply,
+            })
+            .await?;
+        PendingAppend(rx).wait().await
+    }
+
     /// Queues a restore like [`Store::restore_records`]; the [`PendingAppend`] resolves once it
     /// is durable (or refused).
     pub async fn enqueue_restore(
@@ -45,7 +72,7 @@ impl Store {
             return Err(StoreError::AppendTooLarge { size: size as u64, max: cfg.append_size_bytes_max.into() });
         }
         let (t, p) = self.partition_state(topic, partition)?;
-        let rx = self.enqueue(|reply| Op::Restore { topic: t, pkey: p.key, records, kv, reply }).await?;
+        let rx = self.enqueue(|reply| Op::Restore { topic: t, pkey: p.key, records, end: None, kv, reply }).await?;
         Ok(PendingAppend(rx))
     }
 }
@@ -100,10 +127,37 @@ impl Writer {
         topic: &TopicState,
         pkey: u64,
         records: &[(i64, NewRecord)],
+        end: Option<i64>,
         now: i64,
     ) -> Result<Result<AppendOutcome, StoreError>, StoreError> {
         let partition = (pkey & 0xffff_ffff) as i32;
         let Some(mut m) = self.meta(r, pkey) else { return Ok(Err(StoreError::UnknownTopic(topic.name.clone()))) };
+        if let Some(end) = end {
+            debug_assert!(records.is_empty(), "an end carries no records");
+            if !(0..=RESTORE_OFFSET_MAX).contains(&end) {
+                return Ok(Err(StoreError::InvalidBatch(batch::BatchError::Record {
+                    index: 0,
+                    reason: "a restore's end outside 0..=2^62",
+                })));
+            }
+            if end as u64 > m.next_offset {
+                // A hole at the end: nothing stored there, the next record goes after it.
+                m.next_offset = end as u64;
+                if m.batches == 0 {
+                    m.log_start_offset = m.log_start_offset.max(end as u64);
+                }
+                if topic.config.durability == Durability::Relaxed {
+                    r.relaxed.insert(pkey);
+                }
+                self.put_meta(t, r, pkey, m)?;
+            }
+            return Ok(Ok(AppendOutcome {
+                base_offset: m.next_offset as i64,
+                last_offset: m.next_offset as i64 - 1,
+                log_append_time_ms: None,
+                log_start_offset: m.log_start_offset as i64,
+            }));
+        }
         if let Err(e) = check(topic, partition, records, m.next_offset as i64) {
             return Ok(Err(e));
         }
