@@ -584,3 +584,89 @@ fn restore_rate() {
     }
     store.close_blocking().expect("close");
 }
+
+/// The highest high watermark the receiver stored for a partition in `{site}.extents.internal`.
+fn stored_extent(bootstrap: &str, topic: &str, partition: i32) -> Option<i64> {
+    let records = read_kafka(bootstrap, &tributary_sync::extents::extents_topic(SITE), 0);
+    records
+        .iter()
+        .filter(|r| {
+            r.key.as_deref().and_then(tributary_sync::extents::decode_extent_key)
+                == Some((topic.to_string(), partition))
+        })
+        .filter_map(|r| r.value.as_deref().and_then(tributary_sync::extents::decode_extent_value))
+        .max()
+}
+
+/// Issue 18: records the lost gateway acknowledged but had not mirrored are not in the centre,
+/// yet their offsets were given. The gateway mirrors through a 1 KiB/s cap (16 KiB reads), so a backlog of
+/// acknowledged records exists while it reports its high watermark; once the receiver stored it,
+/// the gateway is lost. The restored partition holds the central copy and its next offset is the
+/// reported high watermark (a hole over the unmirrored records), so the next record produced gets
+/// an offset the lost gateway never gave out.
+#[test]
+fn a_restored_partition_continues_after_the_high_watermark_the_lost_gateway_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = one_broker();
+    let bootstrap = cluster.bootstrap();
+    let pki = Pki::new();
+    let receiver = Receiver::start_configured(&pki, &bootstrap, dir.path(), 1, |_| {});
+    let config = gateway_config(dir.path(), &pki, receiver.addr, &["meters"]);
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    // A burst of one read (16 KiB), then 1 KiB/s: most of the records wait.
+    text.push_str("bandwidth_bytes_per_s_max = 1024\nread_bytes_max = 16384\n");
+    std::fs::write(&config, text).expect("config");
+    let gateway = Daemon::start(&config);
+    let edge = gateway.addr("kafka");
+    create_topic(&edge, "meters", 1, &[]);
+    let p = producer(&edge);
+    produce_with_headers(&p, "meters", 0, 0, 2_000);
+    let given = watermarks(&edge, "meters", 0).1;
+    assert_eq!(given, 2_000);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let remote = format!("{SITE}.meters");
+    // The extents topic is created before the remote topic, in the session's first report.
+    while !rdkafka::consumer::BaseConsumer::fetch_watermarks(
+        &client_config(&bootstrap).create::<BaseConsumer>().expect("consumer"),
+        &remote,
+        0,
+        Duration::from_secs(5),
+    )
+    .is_ok_and(|(l, h)| h > l)
+    {
+        assert!(Instant::now() < deadline, "the mirror never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    while stored_extent(&bootstrap, "meters", 0) != Some(given) {
+        assert!(Instant::now() < deadline, "the reported high watermark was not stored");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    gateway.stop();
+    let mirrored = read_kafka(&bootstrap, &remote, 0).len() as i64;
+    assert!(mirrored > 0 && mirrored < given, "a backlog not mirrored when the gateway is lost: {mirrored} of {given}");
+    eprintln!("{mirrored} of {given} records mirrored when the gateway was lost");
+    std::fs::remove_dir_all(dir.path().join("data")).expect("delete the data directory");
+
+    let (ok, stdout, stderr) = run_restore(&config, &[]);
+    assert!(ok, "restore failed:\n{stderr}");
+    eprintln!("{stdout}");
+    {
+        let store = Store::open(storage_config(dir.path())).expect("open").0;
+        let wm = store.watermarks("meters", 0).expect("restored partition");
+        assert_eq!(wm.high_watermark, given, "the next offset is the reported high watermark, not {mirrored}");
+        assert_eq!(read_all(&store, "meters", 0).len() as i64, mirrored, "the central copy, and a hole after it");
+        store.close_blocking().expect("close");
+    }
+    // A new record gets the next offset the lost gateway never gave.
+    let gateway = Daemon::start(&config);
+    let p = producer(&gateway.addr("kafka"));
+    produce_with_headers(&p, "meters", 0, 5_000, 1);
+    gateway.stop();
+    let store = Store::open(storage_config(dir.path())).expect("open").0;
+    let after = read_all(&store, "meters", 0);
+    let last = after.last().expect("the new record");
+    assert_eq!(last.offset, given, "the new record's offset");
+    assert!(last.value.as_deref().is_some_and(|v| v.starts_with(b"{\"meter\":5000,")), "{last:?}");
+    assert_eq!(after.len() as i64, mirrored + 1);
+    store.close_blocking().expect("close");
+}

@@ -54,9 +54,12 @@ pub(crate) fn load(db: &Database, config: &StorageConfig) -> Result<Loaded, Stor
                 let (k, v) = last?;
                 let (_, b) = split_value(v.value())?;
                 let h = BatchHeader::parse(b).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                if h.next_offset() as u64 != meta.next_offset || k.value().1 as i64 != h.base_offset {
+                // The next offset may be above the last batch's end: a hole at the end, where a
+                // restore moved it up over offsets the lost gateway gave (`Store::restore_end`),
+                // as a partition whose batches retention deleted has no batch at all.
+                if (h.next_offset() as u64) > meta.next_offset || k.value().1 as i64 != h.base_offset {
                     return Err(StoreError::Corrupt(format!(
-                        "{}-{p}: metadata says next offset {}, last batch ends at {}",
+                        "{}-{p}: metadata says next offset {}, last batch ends after it at {}",
                         name.value(),
                         meta.next_offset,
                         h.next_offset()
