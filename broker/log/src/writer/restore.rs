@@ -339,4 +339,42 @@ mod tests {
             store.read_records("u", 0, 1, 1 << 20).expect("read").iter().map(|r| r.timestamp).collect();
         assert_eq!(back, vec![i64::MAX, i64::MIN]);
     }
+
+    /// Issue 18: a restore's end moves the next offset up over offsets the lost gateway gave (a
+    /// hole at the end), durably with its progress; a reopen accepts it; the next record appended
+    /// gets the offset after the hole; an end below the next offset changes only the progress;
+    /// an empty partition's log starts at its end; an end outside 0..=2^62 is refused whole.
+    #[tokio::test]
+    async fn a_restore_end_leaves_a_hole_at_the_end_that_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        store.create_topic("t", 2, TopicConfig::default()).await.expect("create");
+        store.restore_records("t", 0, (10..20).map(rec).collect(), Vec::new()).await.expect("restore");
+        let progress = |v: &[u8]| vec![(PROGRESS, b"t/0".to_vec(), Some(v.to_vec()))];
+        store.restore_end("t", 0, 500, progress(b"done")).await.expect("end");
+        assert_eq!(store.watermarks("t", 0).expect("wm"), Watermarks { log_start_offset: 10, high_watermark: 500 });
+        // Below the next offset: only the progress.
+        store.restore_end("t", 0, 30, progress(b"again")).await.expect("end below");
+        assert_eq!(store.watermarks("t", 0).expect("wm").high_watermark, 500);
+        assert_eq!(store.kv_get(PROGRESS, b"t/0").expect("kv"), Some(b"again".to_vec()));
+        // Nothing restored: the log is empty and starts at the end.
+        store.restore_end("t", 1, 77, Vec::new()).await.expect("end of an empty partition");
+        assert_eq!(store.watermarks("t", 1).expect("wm"), Watermarks { log_start_offset: 77, high_watermark: 77 });
+        for bad in [-1, super::RESTORE_OFFSET_MAX + 1] {
+            let e = store.restore_end("t", 0, bad, progress(b"bad")).await.expect_err("refused");
+            assert!(matches!(e, StoreError::InvalidBatch(_)), "{e}");
+        }
+        assert_eq!(store.kv_get(PROGRESS, b"t/0").expect("kv"), Some(b"again".to_vec()), "refused whole");
+        store.close().await.expect("close");
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.watermarks("t", 0).expect("wm"), Watermarks { log_start_offset: 10, high_watermark: 500 });
+        assert_eq!(store.read_records("t", 0, 20, 1 << 20).expect("read in the hole"), Vec::new());
+        let o = store.append_records("t", 0, vec![NewRecord::new(Some("k"), "new")]).await.expect("append");
+        assert_eq!(o.base_offset, 500, "the next record goes after the hole");
+        let got = store.read_records("t", 0, 20, 1 << 20).expect("read from the hole");
+        assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![500]);
+        let o = store.append_records("t", 1, vec![NewRecord::new(Some("k"), "new")]).await.expect("append");
+        assert_eq!((o.base_offset, o.log_start_offset), (77, 77));
+    }
 }
