@@ -1,6 +1,7 @@
 //! The receiver's side of a restore (protocol version 3): a replacement gateway, checked against
 //! its certificate like a mirroring one, is given its site's remote topics (`{site}.*` without the
-//! checkpoints topic) with their partitions, extents and compaction settings, its consumer
+//! checkpoints and extents topics) with their partitions, extents, the highest high watermark the
+//! lost gateway reported of each (`{site}.extents.internal`) and compaction settings, its consumer
 //! groups' offsets from the MirrorMaker 2 checkpoints (upstream = edge offsets), then each
 //! partition it asks for: the remote records read with a librdkafka consumer (manual assignment,
 //! no group), put back at their edge offsets from the provenance headers (which are removed), as
