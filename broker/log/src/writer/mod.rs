@@ -862,7 +862,10 @@ impl Writer {
                         return Err(e);
                     }
                 }
-                match self.apply_restore(t, r, &topic, pkey, &records, end, now) {
+                match match end {
+                    Some(end) => self.apply_restore_end(t, r, &topic, pkey, end),
+                    None => self.apply_restore(t, r, &topic, pkey, &records, now),
+                } {
                     Ok(Ok(outcome)) => {
                         r.done.push(Done::Append(reply, outcome));
                         for (space, key, value) in kv {

@@ -118,6 +118,42 @@ fn check(topic: &TopicState, partition: i32, records: &[(i64, NewRecord)], next:
 }
 
 impl Writer {
+    /// Ends one restore into the round (`Store::restore_end`). `Ok(Err(_))`: refused, nothing
+    /// written; `Err(_)`: the round fails.
+    pub(super) fn apply_restore_end(
+        &mut self,
+        t: &mut Tables<'_>,
+        r: &mut Round,
+        topic: &TopicState,
+        pkey: u64,
+        end: i64,
+    ) -> Result<Result<AppendOutcome, StoreError>, StoreError> {
+        let Some(mut m) = self.meta(r, pkey) else { return Ok(Err(StoreError::UnknownTopic(topic.name.clone()))) };
+        if !(0..=RESTORE_OFFSET_MAX).contains(&end) {
+            return Ok(Err(StoreError::InvalidBatch(batch::BatchError::Record {
+                index: 0,
+                reason: "a restore's end outside 0..=2^62",
+            })));
+        }
+        if end as u64 > m.next_offset {
+            // A hole at the end: nothing stored there, the next record goes after it.
+            m.next_offset = end as u64;
+            if m.batches == 0 {
+                m.log_start_offset = m.log_start_offset.max(end as u64);
+            }
+            if topic.config.durability == Durability::Relaxed {
+                r.relaxed.insert(pkey);
+            }
+            self.put_meta(t, r, pkey, m)?;
+        }
+        Ok(Ok(AppendOutcome {
+            base_offset: m.next_offset as i64,
+            last_offset: m.next_offset as i64 - 1,
+            log_append_time_ms: None,
+            log_start_offset: m.log_start_offset as i64,
+        }))
+    }
+
     /// Writes one restore into the round. `Ok(Err(_))`: refused, nothing written; `Err(_)`: the
     /// round fails.
     pub(super) fn apply_restore(
@@ -127,37 +163,10 @@ impl Writer {
         topic: &TopicState,
         pkey: u64,
         records: &[(i64, NewRecord)],
-        end: Option<i64>,
         now: i64,
     ) -> Result<Result<AppendOutcome, StoreError>, StoreError> {
         let partition = (pkey & 0xffff_ffff) as i32;
         let Some(mut m) = self.meta(r, pkey) else { return Ok(Err(StoreError::UnknownTopic(topic.name.clone()))) };
-        if let Some(end) = end {
-            debug_assert!(records.is_empty(), "an end carries no records");
-            if !(0..=RESTORE_OFFSET_MAX).contains(&end) {
-                return Ok(Err(StoreError::InvalidBatch(batch::BatchError::Record {
-                    index: 0,
-                    reason: "a restore's end outside 0..=2^62",
-                })));
-            }
-            if end as u64 > m.next_offset {
-                // A hole at the end: nothing stored there, the next record goes after it.
-                m.next_offset = end as u64;
-                if m.batches == 0 {
-                    m.log_start_offset = m.log_start_offset.max(end as u64);
-                }
-                if topic.config.durability == Durability::Relaxed {
-                    r.relaxed.insert(pkey);
-                }
-                self.put_meta(t, r, pkey, m)?;
-            }
-            return Ok(Ok(AppendOutcome {
-                base_offset: m.next_offset as i64,
-                last_offset: m.next_offset as i64 - 1,
-                log_append_time_ms: None,
-                log_start_offset: m.log_start_offset as i64,
-            }));
-        }
         if let Err(e) = check(topic, partition, records, m.next_offset as i64) {
             return Ok(Err(e));
         }
