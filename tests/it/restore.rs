@@ -626,14 +626,8 @@ fn a_restored_partition_continues_after_the_high_watermark_the_lost_gateway_repo
     let deadline = Instant::now() + Duration::from_secs(60);
     let remote = format!("{SITE}.meters");
     // The extents topic is created before the remote topic, in the session's first report.
-    while !rdkafka::consumer::BaseConsumer::fetch_watermarks(
-        &client_config(&bootstrap).create::<BaseConsumer>().expect("consumer"),
-        &remote,
-        0,
-        Duration::from_secs(5),
-    )
-    .is_ok_and(|(l, h)| h > l)
-    {
+    let c: BaseConsumer = client_config(&bootstrap).create().expect("consumer");
+    while !c.fetch_watermarks(&remote, 0, Duration::from_secs(5)).is_ok_and(|(l, h)| h > l) {
         assert!(Instant::now() < deadline, "the mirror never started");
         std::thread::sleep(Duration::from_millis(100));
     }
