@@ -286,53 +286,29 @@ fn read_checkpoints(
     remotes: &BTreeMap<&str, &str>,
     timeout: Duration,
 ) -> Result<Vec<CommittedOffset>, CloudError> {
-    let (low, high) = match consumer.fetch_watermarks(topic, 0, timeout) {
-        Ok(w) => w,
-        // No checkpoints topic: no group committed at the edge (or checkpoints are off).
-        Err(KafkaError::MetadataFetch(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
-    };
     let mut latest: BTreeMap<(String, String, i32), (i64, i64)> = BTreeMap::new();
-    if high > low {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, 0, Offset::Offset(low))?;
-        consumer.assign(&tpl)?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if Instant::now() > deadline {
-                return Err(CloudError::Timeout("reading the checkpoints topic"));
-            }
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => {
-                    let key = m.key().and_then(decode_checkpoint_key);
-                    let value = m.payload().and_then(decode_checkpoint_value);
-                    if let (Some((group, remote, partition)), Some((upstream, _))) = (key, value) {
-                        if !listable(&group, partition, upstream) {
-                            // One such entry would make the whole listing frame malformed to the
-                            // gateway, and with it every restore of the site.
-                            tracing::warn!(%group, %remote, partition, upstream, "checkpoint left out of a restore (outside the protocol's limits)");
-                        } else if let Some(source) = remotes.get(remote.as_str()) {
-                            let k = (group, source.to_string(), partition);
-                            if latest.contains_key(&k) || latest.len() < cfg.restore_offsets_max as usize {
-                                latest.insert(k, (upstream, m.timestamp().to_millis().unwrap_or(0)));
-                            } else {
-                                tracing::warn!(
-                                    limit = cfg.restore_offsets_max,
-                                    "restore_offsets_max reached: a group's offset is not restored"
-                                );
-                            }
-                        }
-                    }
-                    if m.offset() >= high - 1 {
-                        break;
-                    }
+    // No checkpoints topic: no group committed at the edge (or checkpoints are off).
+    read_whole(consumer, topic, timeout, "reading the checkpoints topic", |m| {
+        let key = m.key().and_then(decode_checkpoint_key);
+        let value = m.payload().and_then(decode_checkpoint_value);
+        if let (Some((group, remote, partition)), Some((upstream, _))) = (key, value) {
+            if !listable(&group, partition, upstream) {
+                // One such entry would make the whole listing frame malformed to the
+                // gateway, and with it every restore of the site.
+                tracing::warn!(%group, %remote, partition, upstream, "checkpoint left out of a restore (outside the protocol's limits)");
+            } else if let Some(source) = remotes.get(remote.as_str()) {
+                let k = (group, source.to_string(), partition);
+                if latest.contains_key(&k) || latest.len() < cfg.restore_offsets_max as usize {
+                    latest.insert(k, (upstream, m.timestamp().to_millis().unwrap_or(0)));
+                } else {
+                    tracing::warn!(
+                        limit = cfg.restore_offsets_max,
+                        "restore_offsets_max reached: a group's offset is not restored"
+                    );
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(e)) => return Err(e.into()),
-                None => {}
             }
         }
-    }
+    })?;
     Ok(latest
         .into_iter()
         .map(|((group, topic, partition), (offset, at))| CommittedOffset {
@@ -355,15 +331,36 @@ fn read_extents(
     topic: &str,
     timeout: Duration,
 ) -> Result<BTreeMap<(String, i32), i64>, CloudError> {
+    let mut highest: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    // No extents topic: nothing was reported (a site mirrored by an older receiver).
+    read_whole(consumer, topic, timeout, "reading the extents topic", |m| {
+        let key = m.key().and_then(decode_extent_key);
+        let value = m.payload().and_then(decode_extent_value);
+        if let (Some(k), Some(v)) = (key, value) {
+            let e = highest.entry(k).or_insert(v);
+            *e = (*e).max(v);
+        }
+    })?;
+    Ok(highest)
+}
+
+/// Hands every record of partition 0 of `topic` (an internal topic of one partition), from its
+/// low to its high watermark at the start, to `each`; nothing when the topic does not exist.
+/// The whole read must end within `timeout` (`what` names it in the error).
+fn read_whole(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+    what: &'static str,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<(), CloudError> {
     let (low, high) = match consumer.fetch_watermarks(topic, 0, timeout) {
         Ok(w) => w,
-        // No extents topic: nothing was reported (a site mirrored by an older receiver).
-        Err(KafkaError::MetadataFetch(_)) => return Ok(BTreeMap::new()),
+        Err(KafkaError::MetadataFetch(_)) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    let mut highest: BTreeMap<(String, i32), i64> = BTreeMap::new();
     if high <= low {
-        return Ok(highest);
+        return Ok(());
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(low))?;
@@ -371,16 +368,11 @@ fn read_extents(
     let deadline = Instant::now() + timeout;
     loop {
         if Instant::now() > deadline {
-            return Err(CloudError::Timeout("reading the extents topic"));
+            return Err(CloudError::Timeout(what));
         }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                let key = m.key().and_then(decode_extent_key);
-                let value = m.payload().and_then(decode_extent_value);
-                if let (Some(k), Some(v)) = (key, value) {
-                    let e = highest.entry(k).or_insert(v);
-                    *e = (*e).max(v);
-                }
+                each(&m);
                 if m.offset() >= high - 1 {
                     break;
                 }
@@ -391,7 +383,7 @@ fn read_extents(
         }
     }
     consumer.unassign()?;
-    Ok(highest)
+    Ok(())
 }
 
 /// Failback: each group's committed offsets in the central cluster (its central name,
