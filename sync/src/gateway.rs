@@ -7,6 +7,7 @@
 //! fresh tail of `mirror.fresh_topics` on live streams ahead of it (`fresh.rs`). Reconnects with
 //! backoff and jitter.
 
+pub(crate) use crate::stream::Credit;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -14,7 +15,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tributary_log::batch::BatchHeader;
 use tributary_log::clock::now_ms;
@@ -543,32 +543,6 @@ async fn resolve(cloud: &str) -> Result<SocketAddr, MirrorError> {
         .ok_or_else(|| MirrorError::Resolve(cloud.to_string()))
 }
 
-/// Credit the cloud granted for one partition, and the wake-up of its sender.
-#[derive(Debug, Default)]
-pub(crate) struct Credit {
-    bytes: AtomicI64,
-    more: Notify,
-}
-
-impl Credit {
-    /// Waits until some credit is left; how much.
-    pub(crate) async fn wait(&self) -> u64 {
-        loop {
-            let notified = self.more.notified();
-            let c = self.bytes.load(Ordering::Relaxed);
-            if c > 0 {
-                return c as u64;
-            }
-            notified.await;
-        }
-    }
-
-    /// `len` bytes were sent.
-    pub(crate) fn spend(&self, len: u64) {
-        self.bytes.fetch_sub(len.min(i64::MAX as u64) as i64, Ordering::Relaxed);
-    }
-}
-
 async fn connect_and_stream(
     cfg: &MirrorConfig,
     client: &quinn::ClientConfig,
@@ -801,8 +775,7 @@ async fn stream_session(
                         }
                         Control::Credit { topic, partition, bytes } => {
                             if let Some(c) = credits.get(&(topic, partition)) {
-                                c.bytes.fetch_add(bytes.min(i64::MAX as u64) as i64, Ordering::Relaxed);
-                                c.more.notify_one();
+                                c.grant(bytes);
                             }
                         }
                         Control::Mirrored { topic, partition, .. } if live_source(cfg, store, &topic).is_some() => {
@@ -909,14 +882,7 @@ impl PartitionSender {
         let mut next = from;
         loop {
             // Within the credit the cloud granted.
-            let credit = loop {
-                let notified = self.credit.more.notified();
-                let c = self.credit.bytes.load(Ordering::Relaxed);
-                if c > 0 {
-                    break c as u64;
-                }
-                notified.await;
-            };
+            let credit = self.credit.wait().await;
             let wm = self.store.watermarks(&self.topic, self.partition)?;
             if next < wm.log_start_offset {
                 // Retention deleted records the cloud does not have: say so, then go on.
@@ -955,7 +921,7 @@ impl PartitionSender {
                 match outgoing(batch)? {
                     Data::Batch(batch) => {
                         let len = send_batch(&self.bucket, Class::Ordered, &mut stream, batch).await?;
-                        self.credit.bytes.fetch_sub(len as i64, Ordering::Relaxed);
+                        self.credit.spend(len);
                         self.stats.batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
                     }
                     Data::Gap { from, to } => self.send_gap(&mut stream, from, to, GapCause::Lost).await?,
@@ -1030,14 +996,7 @@ impl LiveSender {
         let mut watch = self.store.watch(&self.topic, self.partition)?;
         let check = live_check_interval(self.age_ms);
         loop {
-            let credit = loop {
-                let notified = self.credit.more.notified();
-                let c = self.credit.bytes.load(Ordering::Relaxed);
-                if c > 0 {
-                    break c as u64;
-                }
-                notified.await;
-            };
+            let credit = self.credit.wait().await;
             let wm = self.store.watermarks(&self.topic, self.partition)?;
             let sent = ordered.sent.load(Ordering::Relaxed);
             let from = match tail.step(sent, wm.high_watermark, ordered.head_ms(), now_ms()) {
@@ -1089,7 +1048,7 @@ impl LiveSender {
                 ) {
                     Verdict::Send => {
                         let len = send_batch(&self.bucket, Class::Live, stream, batch).await?;
-                        self.credit.bytes.fetch_sub(len as i64, Ordering::Relaxed);
+                        self.credit.spend(len);
                         self.stats.live_batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
                         self.stats.live_batches_sent.fetch_add(1, Ordering::Relaxed);
                     }

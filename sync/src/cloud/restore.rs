@@ -11,7 +11,7 @@
 //! prefetch per partition, `restore_offsets_max` group offsets listed.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tributary_log::batch::{encode_batch_at, NewRecord};
 use tributary_log::Codec;
@@ -34,7 +34,7 @@ use crate::protocol::{
     MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, RESTORE_PARTITIONS_MAX, RESTORE_PARTITIONS_PER_FRAME_MAX,
     RESTORE_TOPICS_PER_FRAME_MAX, TOPIC_BYTES_MAX, TOPIC_CONFIG_VALUE_BYTES_MAX,
 };
-use crate::stream::read_control;
+use crate::stream::{read_control, Credit};
 
 /// Releases a restore session's place when it ends, however it ends.
 struct Place<'a>(&'a Shared);
@@ -43,13 +43,6 @@ impl Drop for Place<'_> {
     fn drop(&mut self) {
         self.0.stats.restores_active.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// Credit the gateway granted one partition's stream, and its wake-up.
-#[derive(Debug, Default)]
-struct Credit {
-    bytes: AtomicI64,
-    more: Notify,
 }
 
 /// A restore session, after the site was checked.
@@ -115,16 +108,8 @@ pub(super) async fn serve(
                         return Err(ProtocolError::Unexpected("restore of a partition not listed").into());
                     };
                     let credit = admit(&mut credits, &topic, partition, cfg.restore_streams_max)?;
-                    let stream = Stream {
-                        shared: shared.clone(),
-                        site: site.clone(),
-                        topic,
-                        partition,
-                        from,
-                        low,
-                        high,
-                        credit,
-                    };
+                    let reader = Reader { shared: shared.clone(), site: site.clone(), topic, partition, from, low, high };
+                    let stream = Stream { reader, credit };
                     streams.spawn(stream.run(conn.clone()));
                 }
                 Some(Control::RestoreGroups(groups)) => {
@@ -142,8 +127,7 @@ pub(super) async fn serve(
                 }
                 Some(Control::Credit { topic, partition, bytes }) => {
                     if let Some(c) = credits.get(&(topic, partition)) {
-                        c.bytes.fetch_add(bytes.min(i64::MAX as u64) as i64, Ordering::Relaxed);
-                        c.more.notify_one();
+                        c.grant(bytes);
                     }
                 }
                 Some(other) => {
@@ -525,48 +509,30 @@ enum Out {
     End { remote_next: i64 },
 }
 
-/// One partition streamed back to the gateway.
+/// One partition streamed back to the gateway: what its reader reads, within the gateway's credit.
 struct Stream {
-    shared: Arc<Shared>,
-    site: String,
-    topic: String,
-    partition: i32,
-    from: RestoreFrom,
-    low: i64,
-    high: i64,
+    reader: Reader,
     credit: Arc<Credit>,
 }
 
 impl Stream {
     async fn run(self, conn: quinn::Connection) -> Result<(), CloudError> {
+        let Stream { reader, credit } = self;
         let mut stream = conn.open_uni().await?;
-        stream.write_all(&Data::Open { topic: self.topic.clone(), partition: self.partition }.encode_header()).await?;
+        stream
+            .write_all(&Data::Open { topic: reader.topic.clone(), partition: reader.partition }.encode_header())
+            .await?;
         // Two batches ready at most: the reader waits for the stream (and the stream for credit).
         let (tx, mut rx) = mpsc::channel::<Result<Out, CloudError>>(2);
-        let reader = Reader {
-            shared: self.shared.clone(),
-            site: self.site.clone(),
-            topic: self.topic.clone(),
-            partition: self.partition,
-            from: self.from,
-            low: self.low,
-            high: self.high,
-        };
         let thread = tokio::task::spawn_blocking(move || reader.run(&tx));
         while let Some(out) = rx.recv().await {
             match out? {
                 Out::Batch { remote_next, batch } => {
-                    let len = batch.len() as i64;
-                    loop {
-                        let more = self.credit.more.notified();
-                        if self.credit.bytes.load(Ordering::Relaxed) > 0 {
-                            break;
-                        }
-                        more.await;
-                    }
+                    let len = batch.len() as u64;
+                    credit.wait().await;
                     stream.write_all(&Data::Restored { remote_next, batch: batch.clone() }.encode_header()).await?;
                     stream.write_chunk(batch).await?;
-                    self.credit.bytes.fetch_sub(len, Ordering::Relaxed);
+                    credit.spend(len);
                 }
                 Out::End { remote_next } => {
                     stream.write_all(&Data::RestoreEnd { remote_next }.encode_header()).await?;
