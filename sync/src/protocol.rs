@@ -355,12 +355,7 @@ impl Control {
         let out = match kind {
             HELLO => Control::Hello { site: get_str(b, "hello")? },
             PARTITIONS => {
-                let n = get_u32(b, "partitions")? as usize;
-                // Each entry takes at least 26 bytes: a count beyond what arrived is malformed,
-                // and nothing is allocated from it.
-                if n > b.remaining() / 26 {
-                    return Err(ProtocolError::Malformed("partitions"));
-                }
+                let n = get_count(b, "partitions", usize::MAX, 26)?;
                 let mut list = Vec::with_capacity(n);
                 for _ in 0..n {
                     list.push(PartitionReport {
@@ -395,12 +390,7 @@ impl Control {
             RESTORE_LISTED => Control::RestoreListed,
             RESTORE_TOPICS => {
                 let what = "restore topics";
-                let n = get_u32(b, what)? as usize;
-                // Each entry takes at least 7 bytes; counts are checked against their limits
-                // and what arrived before anything is allocated from them.
-                if n > RESTORE_TOPICS_PER_FRAME_MAX || n > b.remaining() / 7 {
-                    return Err(ProtocolError::Malformed(what));
-                }
+                let n = get_count(b, what, RESTORE_TOPICS_PER_FRAME_MAX, 7)?;
                 let mut list = Vec::with_capacity(n);
                 let mut partitions = 0usize;
                 for _ in 0..n {
@@ -446,10 +436,7 @@ impl Control {
             }
             RESTORE_GROUPS => {
                 let what = "restore groups";
-                let n = get_u32(b, what)? as usize;
-                if n > RESTORE_GROUPS_PER_FRAME_MAX || n > b.remaining() / 2 {
-                    return Err(ProtocolError::Malformed(what));
-                }
+                let n = get_count(b, what, RESTORE_GROUPS_PER_FRAME_MAX, 2)?;
                 let mut groups = Vec::with_capacity(n);
                 for _ in 0..n {
                     let g = get_str(b, what)?;
@@ -478,12 +465,7 @@ impl Control {
                 Control::RestoreStart { topic, partition, from }
             }
             TOPIC_CONFIGS => {
-                let n = get_u32(b, "topic configs")? as usize;
-                // Each entry takes at least 3 bytes; the count is checked against the limit and
-                // what arrived before anything is allocated from it.
-                if n > TOPIC_CONFIGS_PER_FRAME_MAX || n > b.remaining() / 3 {
-                    return Err(ProtocolError::Malformed("topic configs"));
-                }
+                let n = get_count(b, "topic configs", TOPIC_CONFIGS_PER_FRAME_MAX, 3)?;
                 let mut list = Vec::with_capacity(n);
                 for _ in 0..n {
                     let topic = get_str(b, "topic configs")?;
@@ -587,13 +569,18 @@ fn put_offsets(b: &mut BytesMut, list: &[CommittedOffset]) {
     }
 }
 
-fn get_offsets(b: &mut Bytes, what: &'static str) -> Result<Vec<CommittedOffset>, ProtocolError> {
+/// A frame's entry count: malformed above `max` or above what the bytes that arrived can hold
+/// (each entry takes at least `entry_bytes_min`), so nothing is ever allocated from a count alone.
+fn get_count(b: &mut Bytes, what: &'static str, max: usize, entry_bytes_min: usize) -> Result<usize, ProtocolError> {
     let n = get_u32(b, what)? as usize;
-    // Each entry takes at least 24 bytes; the count is checked against the limit and what
-    // arrived before anything is allocated from it.
-    if n > OFFSETS_PER_FRAME_MAX || n > b.remaining() / 24 {
+    if n > max || n > b.remaining() / entry_bytes_min {
         return Err(ProtocolError::Malformed(what));
     }
+    Ok(n)
+}
+
+fn get_offsets(b: &mut Bytes, what: &'static str) -> Result<Vec<CommittedOffset>, ProtocolError> {
+    let n = get_count(b, what, OFFSETS_PER_FRAME_MAX, 24)?;
     let mut list = Vec::with_capacity(n);
     for _ in 0..n {
         let o = CommittedOffset {
