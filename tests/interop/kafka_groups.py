@@ -132,6 +132,10 @@ def cmd_group_consume(args):
         if errors:
             fail("member errors: %s" % errors)
         if settled and read.issuperset(expected):
+            # The assignments as the group settled: once the members stop, the first to close
+            # leaves the group, and a member still inside its last poll() may rejoin and take
+            # every partition before it sees the stop (a rebalance the test itself causes).
+            settled_assignments = [sorted(a) for _, a, _ in states]
             break
         if time.monotonic() > deadline:
             fail("group %s: read %d of %d records; assignments %s, caught up %s"
@@ -155,9 +159,6 @@ def cmd_group_consume(args):
         stray = sorted(set(all_lines) - set(expected))
         fail("group %s read %d records for %d expected; twice: %s; unexpected: %s"
              % (args.group, len(all_lines), len(expected), twice[:5], stray[:5]))
-    assigned = sorted(p for m in members for p in m.assignment)
-    if assigned != parts:
-        fail("assignments %s do not cover partitions %s once" % ([sorted(m.assignment) for m in members], parts))
     for m in members:
         for p, (committed, position) in sorted(m.commits.items()):
             if committed != position:
@@ -167,7 +168,7 @@ def cmd_group_consume(args):
     if committed != ends:
         fail("group %s's committed offsets %s, partition ends %s" % (args.group, committed, ends))
     print("ok: kafka-python %s, group %s of %d members (partitions %s) read %d records once; committed %s"
-          % (kafka.__version__, args.group, args.members, [sorted(m.assignment) for m in members],
+          % (kafka.__version__, args.group, args.members, settled_assignments,
              len(all_lines), committed))
 
 
