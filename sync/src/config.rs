@@ -243,11 +243,6 @@ impl MirrorConfig {
         self.mirrors(topic) && self.latest_first_topics.iter().any(|t| t == "*" || t == topic)
     }
 
-    /// Whether a mirrored topic has a live stream: fresh data first, or latest-first catch-up.
-    pub fn live(&self, topic: &str) -> bool {
-        self.fresh(topic) || self.latest_first(topic)
-    }
-
     /// Whether a log topic is mirrored.
     pub fn mirrors(&self, topic: &str) -> bool {
         !topic.starts_with("__") && self.topics.iter().any(|t| t == "*" || t == topic)
@@ -550,7 +545,7 @@ mod tests {
         assert_eq!(key(small).as_deref(), Some("mirror.latest_first_map_bytes_max"));
         let m = MirrorConfig { latest_first_topics: vec!["state".into()], ..on.clone() };
         assert_eq!(key(m.clone()), None);
-        assert!(m.latest_first("state") && !m.latest_first("meters") && m.live("state") && !m.live("meters"));
+        assert!(m.latest_first("state") && !m.latest_first("meters") && !m.fresh("state"));
         // At start-up, against the store: a named topic that exists must be compacted.
         let compacted = |t: &str| match t {
             "state" => Some(true),

@@ -477,7 +477,7 @@ pub async fn run(
     cfg.validate_topics("mirror", |t| store.topic(t).map(|i| i.config.compacted()))?;
     for t in store.topics() {
         let name = fresh::live_topic(&t.name);
-        if cfg.live(&t.name) && store.topic(&name).is_some() {
+        if has_live(&cfg, &store, &t.name) && store.topic(&name).is_some() {
             tracing::warn!(topic = %t.name, "a topic named {name} exists: it is mirrored as itself, and {} has no live stream", t.name);
         }
     }
@@ -623,7 +623,7 @@ fn report(cfg: &MirrorConfig, store: &Store, stats: &MirrorStats) -> Vec<Partiti
     }
     let live: Vec<PartitionReport> = out
         .iter()
-        .filter(|p| cfg.live(&p.topic))
+        .filter(|p| has_live(cfg, store, &p.topic))
         .filter_map(|p| {
             let name = fresh::live_topic(&p.topic);
             (live_source(cfg, store, &name).as_deref() == Some(p.topic.as_str()))
@@ -663,7 +663,7 @@ fn report(cfg: &MirrorConfig, store: &Store, stats: &MirrorStats) -> Vec<Partiti
 /// live stream), or the name is longer than a topic name may be.
 fn live_source(cfg: &MirrorConfig, store: &Store, name: &str) -> Option<String> {
     let source = name.strip_suffix(fresh::LIVE_SUFFIX)?;
-    if name.len() > TOPIC_BYTES_MAX || !cfg.live(source) || store.topic(source).is_none() {
+    if name.len() > TOPIC_BYTES_MAX || !has_live(cfg, store, source) {
         return None;
     }
     if store.topic(name).is_some() {
@@ -671,6 +671,13 @@ fn live_source(cfg: &MirrorConfig, store: &Store, name: &str) -> Option<String> 
         return None;
     }
     Some(source.to_string())
+}
+
+/// Whether a mirrored topic has a live stream: it is a fresh topic, or a latest-first one that
+/// is compacted (`*` in `mirror.latest_first_topics` covers the compacted topics only).
+fn has_live(cfg: &MirrorConfig, store: &Store, topic: &str) -> bool {
+    let Some(info) = store.topic(topic) else { return false };
+    cfg.fresh(topic) || (cfg.latest_first(topic) && info.config.compacted())
 }
 
 /// The settings of the compacted topics among `reported` (version 2's `TopicConfigs`), in
