@@ -236,6 +236,8 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
     let mut mirror_task = None;
     let mut mirror_stats = None;
     if cfg.mirror.enabled {
+        // Latest-first topics that exist must be compacted: refused at start, naming the key.
+        cfg.mirror.validate_topics("mirror", |t| store.topic(t).map(|i| i.config.compacted()))?;
         let stats = std::sync::Arc::new(tributary_sync::gateway::MirrorStats::default());
         mirror_stats = Some(stats.clone());
         if let Some((_, groups)) = &kafka_sources {

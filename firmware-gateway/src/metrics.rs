@@ -556,6 +556,49 @@ pub fn render(src: &Sources) -> String {
             "Live streams running now.",
             m.live_streams.load(Ordering::Relaxed),
         );
+        // Latest-first catch-up (mirror.latest_first_topics): the backlog's compacted view.
+        o.one(
+            "tributary_mirror_latest_views_started_total",
+            "counter",
+            "Latest-first views started (a compacted topic's backlog seen on a live stream).",
+            m.latest_views_started.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_latest_views_done_total",
+            "counter",
+            "Latest-first views finished (their last record sent).",
+            m.latest_views_done.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_latest_view_windows_total",
+            "counter",
+            "Windows of finished views (more than one each when the keys overflow mirror.latest_first_map_bytes_max).",
+            m.latest_view_windows.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_latest_view_keys_total",
+            "counter",
+            "Keys mapped by finished views, summed over their windows.",
+            m.latest_view_keys.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_latest_view_records_sent_total",
+            "counter",
+            "Records sent by latest-first views (the latest per key of a backlog) to {site}.{topic}.live.",
+            m.latest_view_records_sent.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_latest_view_bytes_sent_total",
+            "counter",
+            "Batch bytes sent by latest-first views (also in the live batch bytes).",
+            m.latest_view_bytes_sent.load(Ordering::Relaxed),
+        );
+        o.one(
+            "tributary_mirror_latest_view_time_to_current_ms",
+            "gauge",
+            "The last finished view: ms from the backlog seen to its last record sent (the preview then holds the current state).",
+            m.latest_view_last_ms.load(Ordering::Relaxed),
+        );
         // Backfill requests (`tributary mirror backfill`): one sample per request kept.
         o.one(
             "tributary_mirror_backfill_batch_bytes_sent_total",

@@ -68,6 +68,14 @@ pub struct MirrorConfig {
     /// The live streams' share of `bandwidth_bytes_per_s_max` while a backlog drains (they go
     /// first within it; the backlog gets the rest and whatever they leave unused).
     pub fresh_share_percent: u8,
+    /// Mirrored compacted topics that catch up latest-first (`latest.rs`): during a backlog,
+    /// their live stream (`{site}.{topic}.live`) first sends the backlog's compacted view (the
+    /// latest record of every key), then follows the fresh tail as for `fresh_topics`; `*` =
+    /// every mirrored compacted topic. Empty: none.
+    pub latest_first_topics: Vec<String>,
+    /// Memory of one partition's latest-first key map (key bytes plus 64 per key); a backlog
+    /// whose keys do not fit sends its view in windows, each the compacted view of its part.
+    pub latest_first_map_bytes_max: u64,
     /// Backfill requests kept (`tributary mirror backfill`; refused beyond).
     pub backfill_requests_max: u32,
     /// Separate offset ranges planned per partition for backfill (overlapping ones merge;
@@ -113,6 +121,8 @@ impl Default for MirrorConfig {
             fresh_topics: Vec::new(),
             fresh_age_ms: 10_000,
             fresh_share_percent: 50,
+            latest_first_topics: Vec::new(),
+            latest_first_map_bytes_max: 8 * MIB,
             backfill_requests_max: 1_000,
             backfill_ranges_max: 64,
             restore_streams_max: 4,
@@ -191,6 +201,7 @@ impl MirrorConfig {
         check_range(&key("fresh_age_ms"), self.fresh_age_ms, 100, 86_400_000)?;
         // Some share for the live streams, and at least a tenth of the cap for the backlog.
         check_range(&key("fresh_share_percent"), self.fresh_share_percent.into(), 1, 90)?;
+        check_range(&key("latest_first_map_bytes_max"), self.latest_first_map_bytes_max, 4 * 1024, 16 * 1024 * MIB)?;
         check_range(&key("backfill_requests_max"), self.backfill_requests_max.into(), 1, 100_000)?;
         check_range(&key("backfill_ranges_max"), self.backfill_ranges_max.into(), 1, 10_000)?;
         if let Some(t) = self.fresh_topics.iter().find(|t| t.as_str() != "*" && !self.mirrors(t)) {
@@ -199,7 +210,37 @@ impl MirrorConfig {
                 format!("{t:?} is not a mirrored topic (mirror.topics)"),
             ));
         }
+        if let Some(t) = self.latest_first_topics.iter().find(|t| t.as_str() != "*" && !self.mirrors(t)) {
+            return Err(ConfigError::new(
+                key("latest_first_topics"),
+                format!("{t:?} is not a mirrored topic (mirror.topics)"),
+            ));
+        }
         Ok(())
+    }
+
+    /// Checks `latest_first_topics` against the topics that exist (at start-up, once the store
+    /// is open): each one named must be compacted (`cleanup.policy` with `compact`). A topic
+    /// created later, or `*`, gets the view only if compacted.
+    pub fn validate_topics(&self, prefix: &str, compacted: impl Fn(&str) -> Option<bool>) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if let Some(t) = self.latest_first_topics.iter().find(|t| t.as_str() != "*" && compacted(t) == Some(false)) {
+            return Err(ConfigError::new(
+                format!("{prefix}.latest_first_topics"),
+                format!(
+                    "{t:?} is not a compacted topic (cleanup.policy without compact): it has no latest value per key"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a mirrored topic is named for latest-first catch-up (it also needs to be
+    /// compacted, which the store says).
+    pub fn latest_first(&self, topic: &str) -> bool {
+        self.mirrors(topic) && self.latest_first_topics.iter().any(|t| t == "*" || t == topic)
     }
 
     /// Whether a log topic is mirrored.
@@ -486,6 +527,40 @@ mod tests {
         assert_eq!(bad.validate("mirror").map_err(|e| e.key), Err("mirror.idle_timeout_ms".to_string()));
         let fine = MirrorConfig { keep_alive_ms: 10_000, idle_timeout_ms: 30_000, ..on };
         assert!(fine.validate("mirror").is_ok());
+    }
+
+    #[test]
+    fn latest_first_keys_are_checked_by_name_and_its_topics_must_be_mirrored_and_compacted() {
+        let on = MirrorConfig {
+            enabled: true,
+            cloud: "cloud.example:7443".into(),
+            site: "plant-7".into(),
+            topics: vec!["meters".into(), "state".into()],
+            ..Default::default()
+        };
+        let key = |c: MirrorConfig| c.validate("mirror").err().map(|e| e.key);
+        let unmirrored = MirrorConfig { latest_first_topics: vec!["local".into()], ..on.clone() };
+        assert_eq!(key(unmirrored).as_deref(), Some("mirror.latest_first_topics"));
+        let small = MirrorConfig { latest_first_map_bytes_max: 4_095, ..on.clone() };
+        assert_eq!(key(small).as_deref(), Some("mirror.latest_first_map_bytes_max"));
+        let m = MirrorConfig { latest_first_topics: vec!["state".into()], ..on.clone() };
+        assert_eq!(key(m.clone()), None);
+        assert!(m.latest_first("state") && !m.latest_first("meters") && !m.fresh("state"));
+        // At start-up, against the store: a named topic that exists must be compacted.
+        let compacted = |t: &str| match t {
+            "state" => Some(true),
+            "meters" => Some(false),
+            _ => None,
+        };
+        assert!(m.validate_topics("mirror", compacted).is_ok());
+        let e = MirrorConfig { latest_first_topics: vec!["meters".into()], ..on.clone() }
+            .validate_topics("mirror", compacted)
+            .expect_err("not compacted");
+        assert_eq!(e.key, "mirror.latest_first_topics");
+        assert!(e.to_string().contains("meters"), "{e}");
+        let all = MirrorConfig { latest_first_topics: vec!["*".into()], ..on.clone() };
+        assert!(all.validate_topics("mirror", compacted).is_ok(), "\"*\": the compacted ones");
+        assert!(!MirrorConfig::default().latest_first("state"), "off by default");
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! stores what the cloud confirms as mirrored; sends consumer groups' committed offsets of mirrored
 //! partitions (latest per group and partition, once the records below them are sent) and the
 //! compacted topics' settings when the cloud speaks protocol version 2; during a backlog, the
-//! fresh tail of `mirror.fresh_topics` on live streams ahead of it (`fresh.rs`). Reconnects with
-//! backoff and jitter.
+//! fresh tail of `mirror.fresh_topics` on live streams ahead of it (`fresh.rs`), and for the
+//! compacted topics of `mirror.latest_first_topics` the backlog's compacted view first on the
+//! same live streams (`latest.rs`). Reconnects with backoff and jitter.
 
 pub(crate) use crate::stream::Credit;
 use std::collections::{BTreeMap, HashMap};
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::task::JoinSet;
-use tributary_log::batch::BatchHeader;
+use tributary_log::batch::{retain_records, BatchHeader, Retained};
 use tributary_log::clock::now_ms;
 use tributary_log::{Store, StoreError};
 
@@ -25,6 +26,7 @@ use crate::config::MirrorConfig;
 use crate::core::Backoff;
 use crate::drain::{DrainEstimate, DrainWindow, Sample};
 use crate::fresh::{self, Class, FreshTail, LinkShare, Step, Verdict};
+use crate::latest::{self, LatestView, ViewStep};
 use crate::protocol::{
     CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, GROUP_ID_BYTES_MAX,
     MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, TOPIC_BYTES_MAX, TOPIC_CONFIGS_PER_FRAME_MAX,
@@ -59,6 +61,8 @@ pub enum MirrorError {
     Closed,
     #[error("no QUIC handshake within mirror.connect_timeout_ms = {0}")]
     HandshakeTimeout(u64),
+    #[error("config: {0}")]
+    Config(#[from] tributary_log::ConfigError),
 }
 
 /// What the mirror reports for metrics and `tributary mirror status`.
@@ -90,6 +94,17 @@ pub struct MirrorStats {
     pub live_seeks: AtomicU64,
     /// Live streams running now.
     pub live_streams: AtomicU64,
+    /// Latest-first catch-up (`latest.rs`): views started and finished, their windows and keys
+    /// mapped, the records and stored batch bytes they sent (also counted as live batches), and
+    /// the time the last finished one took from the backlog seen to its last record sent (the
+    /// time until the preview held the current state).
+    pub latest_views_started: AtomicU64,
+    pub latest_views_done: AtomicU64,
+    pub latest_view_windows: AtomicU64,
+    pub latest_view_keys: AtomicU64,
+    pub latest_view_records_sent: AtomicU64,
+    pub latest_view_bytes_sent: AtomicU64,
+    pub latest_view_last_ms: AtomicU64,
     /// Backfill requests (`tributary mirror backfill`), their plans and progress.
     pub backfills: Arc<Backfills>,
 }
@@ -459,9 +474,10 @@ pub async fn run(
     )?;
     let client = tls::client_config(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport)?;
     stats.commits.set_limit(cfg.offsets_tracked_max as usize);
+    cfg.validate_topics("mirror", |t| store.topic(t).map(|i| i.config.compacted()))?;
     for t in store.topics() {
         let name = fresh::live_topic(&t.name);
-        if cfg.fresh(&t.name) && store.topic(&name).is_some() {
+        if has_live(&cfg, &store, &t.name) && store.topic(&name).is_some() {
             tracing::warn!(topic = %t.name, "a topic named {name} exists: it is mirrored as itself, and {} has no live stream", t.name);
         }
     }
@@ -607,7 +623,7 @@ fn report(cfg: &MirrorConfig, store: &Store, stats: &MirrorStats) -> Vec<Partiti
     }
     let live: Vec<PartitionReport> = out
         .iter()
-        .filter(|p| cfg.fresh(&p.topic))
+        .filter(|p| has_live(cfg, store, &p.topic))
         .filter_map(|p| {
             let name = fresh::live_topic(&p.topic);
             (live_source(cfg, store, &name).as_deref() == Some(p.topic.as_str()))
@@ -642,12 +658,12 @@ fn report(cfg: &MirrorConfig, store: &Store, stats: &MirrorStats) -> Vec<Partiti
     out
 }
 
-/// The source topic of a live stream's name: `{topic}.live` of a fresh topic, unless a topic of
+/// The source topic of a live stream's name: `{topic}.live` of a fresh or latest-first topic, unless a topic of
 /// that very name exists on the gateway (it is mirrored as itself; the fresh topic then has no
 /// live stream), or the name is longer than a topic name may be.
 fn live_source(cfg: &MirrorConfig, store: &Store, name: &str) -> Option<String> {
     let source = name.strip_suffix(fresh::LIVE_SUFFIX)?;
-    if name.len() > TOPIC_BYTES_MAX || !cfg.fresh(source) || store.topic(source).is_none() {
+    if name.len() > TOPIC_BYTES_MAX || !has_live(cfg, store, source) {
         return None;
     }
     if store.topic(name).is_some() {
@@ -655,6 +671,13 @@ fn live_source(cfg: &MirrorConfig, store: &Store, name: &str) -> Option<String> 
         return None;
     }
     Some(source.to_string())
+}
+
+/// Whether a mirrored topic has a live stream: it is a fresh topic, or a latest-first one that
+/// is compacted (`*` in `mirror.latest_first_topics` covers the compacted topics only).
+fn has_live(cfg: &MirrorConfig, store: &Store, topic: &str) -> bool {
+    let Some(info) = store.topic(topic) else { return false };
+    cfg.fresh(topic) || (cfg.latest_first(topic) && info.config.compacted())
 }
 
 /// The settings of the compacted topics among `reported` (version 2's `TopicConfigs`), in
@@ -725,6 +748,10 @@ async fn stream_session(
                             let credit = Arc::new(Credit::default());
                             credits.insert((topic.clone(), partition), credit.clone());
                             if let Some(source) = live_source(cfg, store, &topic) {
+                                // Latest-first for a compacted topic named in the config.
+                                let compacted = store.topic(&source).is_some_and(|t| t.config.compacted());
+                                let latest_first = (cfg.latest_first(&source) && compacted)
+                                    .then_some(cfg.latest_first_map_bytes_max);
                                 let task = LiveSender {
                                     conn: conn.clone(),
                                     store: store.clone(),
@@ -734,6 +761,7 @@ async fn stream_session(
                                     credit,
                                     read_bytes_max: cfg.read_bytes_max,
                                     age_ms: cfg.fresh_age_ms,
+                                    latest_first,
                                     stats: stats.clone(),
                                     bucket: bucket.clone(),
                                 };
@@ -968,6 +996,8 @@ struct LiveSender {
     credit: Arc<Credit>,
     read_bytes_max: u64,
     age_ms: u64,
+    /// Latest-first catch-up, with its key map's memory (`mirror.latest_first_map_bytes_max`).
+    latest_first: Option<u64>,
     stats: Arc<MirrorStats>,
     bucket: Arc<Mutex<LinkShare>>,
 }
@@ -995,10 +1025,38 @@ impl LiveSender {
         let mut tail = FreshTail::new(self.age_ms, from);
         let mut watch = self.store.watch(&self.topic, self.partition)?;
         let check = live_check_interval(self.age_ms);
+        let mut view = self.latest_first.map(LatestView::new);
         loop {
             let credit = self.credit.wait().await;
             let wm = self.store.watermarks(&self.topic, self.partition)?;
             let sent = ordered.sent.load(Ordering::Relaxed);
+            if let Some(v) = view.take() {
+                // The backlog's compacted view first; the fresh tail once it is over.
+                let backlog = tail.backlog(sent, wm.high_watermark, ordered.head_ms(), now_ms());
+                let was_waiting = !v.running();
+                let mut v = v;
+                match v.step(backlog, tail.next(), sent, wm.high_watermark, now_ms()) {
+                    ViewStep::Wait => view = Some(v),
+                    ViewStep::Done { to } => {
+                        self.view_done(&v);
+                        tail.seek(Some(to), wm.high_watermark);
+                        continue;
+                    }
+                    ViewStep::Map { from } => {
+                        if was_waiting {
+                            self.stats.latest_views_started.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(topic = %self.topic, partition = self.partition, from,
+                                to = wm.high_watermark, "latest-first: sending the backlog's compacted view");
+                        }
+                        view = Some(self.view_map(v, from, credit).await?);
+                        continue;
+                    }
+                    ViewStep::Emit { from } => {
+                        view = Some(self.view_emit(v, from, credit, stream).await?);
+                        continue;
+                    }
+                }
+            }
             let from = match tail.step(sent, wm.high_watermark, ordered.head_ms(), now_ms()) {
                 Step::Idle => {
                     tokio::select! {
@@ -1068,6 +1126,119 @@ impl LiveSender {
                 }
             }
         }
+    }
+}
+
+/// The latest-first view's reads and sends (`latest.rs` decides): each a read of at most the
+/// credit and `mirror.read_bytes_max`, decoded on the blocking pool, so the view never holds the
+/// store's writer (reads are their own transactions) nor a runtime worker.
+impl LiveSender {
+    fn view_done(&self, v: &LatestView) {
+        let Some(ms) = v.time_to_current_ms() else { return };
+        let s = &self.stats;
+        s.latest_views_done.fetch_add(1, Ordering::Relaxed);
+        s.latest_view_windows.fetch_add(v.windows(), Ordering::Relaxed);
+        s.latest_view_keys.fetch_add(v.keys_mapped(), Ordering::Relaxed);
+        s.latest_view_last_ms.store(ms.max(0) as u64, Ordering::Relaxed);
+        tracing::info!(topic = %self.topic, partition = self.partition, ms, windows = v.windows(),
+            keys = v.keys_mapped(), "latest-first: the compacted view is sent");
+    }
+
+    /// Reads stored batches from `from` (or the log start, if retention moved it past) into
+    /// the blocking closure `each`, which returns whether to go on.
+    fn read_view<T: Send + 'static>(
+        &self,
+        v: LatestView,
+        from: i64,
+        credit: u64,
+        each: impl Fn(&mut LatestView, Bytes, u64, &mut T) -> Result<bool, MirrorError> + Send + 'static,
+        mut out: T,
+    ) -> impl std::future::Future<Output = Result<(LatestView, T), MirrorError>> {
+        let max = credit.min(self.read_bytes_max) as usize;
+        let (store, topic, partition) = (self.store.clone(), self.topic.clone(), self.partition);
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let mut v = v;
+                let limit = store.config().decompressed_size_bytes_max;
+                let fetched = match store.fetch(&topic, partition, from, max) {
+                    Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) if log_start_offset > from => {
+                        store.fetch(&topic, partition, log_start_offset, max)?
+                    }
+                    other => other?,
+                };
+                if fetched.data.is_empty() {
+                    v.nothing_stored();
+                    return Ok((v, out));
+                }
+                let mut rest: Bytes = fetched.data;
+                while !rest.is_empty() {
+                    let h = BatchHeader::parse(&rest).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    let batch = rest.split_to(h.total_len().min(rest.len()));
+                    if !each(&mut v, batch, limit, &mut out)? {
+                        break;
+                    }
+                }
+                Ok((v, out))
+            })
+            .await
+            .map_err(|e| MirrorError::Refused(format!("store read task: {e}")))?
+        }
+    }
+
+    /// One read of the map phase.
+    async fn view_map(&self, v: LatestView, from: i64, credit: u64) -> Result<LatestView, MirrorError> {
+        let each = |v: &mut LatestView, batch: Bytes, limit: u64, _: &mut ()| {
+            let verdict = v.map(&batch, limit).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok(verdict != latest::Verdict::Stop)
+        };
+        Ok(self.read_view(v, from, credit, each, ()).await?.0)
+    }
+
+    /// One read of the sending phase: each batch rewritten with the records that are their key's
+    /// latest in the window, then sent on the live stream within the live share of the cap.
+    async fn view_emit(
+        &self,
+        v: LatestView,
+        from: i64,
+        credit: u64,
+        stream: &mut quinn::SendStream,
+    ) -> Result<LatestView, MirrorError> {
+        let each = |v: &mut LatestView, batch: Bytes, limit: u64, out: &mut (Vec<Bytes>, u64)| {
+            let h = BatchHeader::parse(&batch).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            match v.emit(h.base_offset, h.next_offset()) {
+                latest::Verdict::Stop => return Ok(false),
+                latest::Verdict::Skip => return Ok(true),
+                latest::Verdict::Next => {}
+            }
+            if h.is_control() {
+                // Offsets a crash lost: the ordered stream reports them; a preview skips them.
+                return Ok(true);
+            }
+            let mut kept = 0u64;
+            let retained = retain_records(&batch, limit, |r, offset| {
+                let keep = v.keep(r.key, offset);
+                kept += u64::from(keep);
+                keep
+            })
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            match retained {
+                Retained::All => out.0.push(batch),
+                Retained::Some { batch, .. } => out.0.push(Bytes::from(batch)),
+                Retained::None => {}
+            }
+            out.1 += kept;
+            Ok(true)
+        };
+        let (v, (batches, records)) = self.read_view(v, from, credit, each, (Vec::new(), 0)).await?;
+        for batch in batches {
+            let len = send_batch(&self.bucket, Class::Live, stream, batch).await?;
+            self.credit.spend(len);
+            self.stats.live_batch_bytes_sent.fetch_add(len, Ordering::Relaxed);
+            self.stats.live_batches_sent.fetch_add(1, Ordering::Relaxed);
+            self.stats.latest_view_bytes_sent.fetch_add(len, Ordering::Relaxed);
+        }
+        self.stats.latest_view_records_sent.fetch_add(records, Ordering::Relaxed);
+        Ok(v)
     }
 }
 

@@ -16,6 +16,7 @@ pub mod extents;
 pub mod fresh;
 pub mod gateway;
 pub mod gateway_restore;
+pub mod latest;
 pub mod protocol;
 pub mod restore;
 mod stream;

@@ -20,6 +20,7 @@ mod mirror_backfill;
 mod mirror_checkpoints;
 mod mirror_fresh;
 mod mirror_kafka;
+mod mirror_latest;
 mod mqtt;
 mod mqtt5;
 mod mqtt_crash;

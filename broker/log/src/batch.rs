@@ -595,7 +595,7 @@ pub fn encode_gap_batch(base_offset: i64, count: i64, timestamp_ms: i64) -> Vec<
 
 /// The records' bytes of a batch whose header is `h`: the payload as stored, or decompressed
 /// within `decompressed_limit`.
-fn records_data<'b>(
+pub(crate) fn records_data<'b>(
     batch: &'b [u8],
     h: &BatchHeader,
     decompressed_limit: u64,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod histogram;
+pub mod keymap;
 mod producers;
 pub mod refusals;
 #[cfg(any(test, feature = "sim-disk"))]

@@ -14,7 +14,13 @@
 //!   (`[[aggregate]]`, `meters.15m`), only the derived topic mirrored: drain time, wire bytes,
 //!   records read back.
 //!
-//! `cargo build -p tributary-tests --bin uplink-bench && $CARGO_TARGET_DIR/debug/uplink-bench --dir /var/tmp`
+//! With `--latest-first` (issue 17), one run instead: the backlog in a compacted topic of
+//! `mirror.latest_first_topics` (compaction held off on the gateway, so the whole history
+//! drains): the time until every meter's latest reading is at the centre through the preview
+//! `{site}.meters.live` (the compacted view, sent first) and through `{site}.meters` (behind the
+//! history), and the time to the full drain.
+//!
+//! `cargo build -p tributary-tests --bin uplink-bench && $CARGO_TARGET_DIR/debug/uplink-bench --dir /var/tmp [--latest-first]`
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -25,6 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use tributary_broker::aggregate::{run as aggregate, AggregateConfig, AggregateStats};
+use tributary_broker::config::CleanupPolicy;
 use tributary_broker::{Codec, Store, TopicConfig};
 use tributary_sync::cloud::CloudServer;
 use tributary_sync::gateway::MirrorStats;
@@ -65,6 +72,9 @@ struct Args {
     fresh_age_ms: u64,
     #[arg(long, default_value_t = 25)]
     fresh_share_percent: u8,
+    /// Run the latest-first scenario (a compacted topic of `mirror.latest_first_topics`) only.
+    #[arg(long)]
+    latest_first: bool,
 }
 
 fn now_ms() -> i64 {
@@ -96,6 +106,20 @@ fn read_back(store: &Store, topic: &str) -> anyhow::Result<(u64, u64)> {
         offset = next;
     }
     Ok((n, distinct.len() as u64))
+}
+
+/// The offsets of the latest record of every key of partition 0 of `topic`.
+fn latest_offsets(store: &Store, topic: &str) -> anyhow::Result<HashSet<i64>> {
+    let hw = store.watermarks(topic, 0)?.high_watermark;
+    let (mut offset, mut latest) = (0, std::collections::HashMap::new());
+    while offset < hw {
+        let (records, next) = store.read_records_next(topic, 0, offset, 1 << 20)?;
+        for r in records {
+            latest.insert(r.key.context("keyed")?, r.offset);
+        }
+        offset = next;
+    }
+    Ok(latest.into_values().collect())
 }
 
 /// One drain: the mirror of `topics` over a fresh shaped path until `drained`, then stopped.
@@ -178,6 +202,78 @@ async fn main() -> anyhow::Result<()> {
         "backlog: {} meters, a reading every {} ms, {} min: {readings} readings",
         args.meters, args.interval_ms, args.outage_minutes
     );
+
+    if args.latest_first {
+        // A compacted topic whose history drains (compaction held off for the run).
+        let gateway = open_store(&tmp.path().join("gateway-latest"), 1, false).await?;
+        let compacted = TopicConfig {
+            compression: Codec::Lz4,
+            cleanup_policy: CleanupPolicy::Compact,
+            min_compaction_lag_ms: 86_400_000,
+            ..TopicConfig::default()
+        };
+        gateway.create_topic(TOPIC, 1, compacted).await?;
+        let mut fleet = fleets(args.meters, 1, start_ms, args.interval_ms);
+        ingest(&gateway, &mut fleet, readings, 500, 1).await?;
+        let stored = gateway.partition_info(TOPIC, 0)?.logical_bytes;
+        let latest = latest_offsets(&gateway, TOPIC)?;
+        let imp = shaped();
+        let via = udp_proxy(cloud_addr, imp.clone()).await?;
+        let mut cfg = mirror_cfg(via);
+        cfg.topics = vec![TOPIC.into()];
+        cfg.latest_first_topics = vec![TOPIC.into()];
+        cfg.fresh_age_ms = args.fresh_age_ms;
+        cfg.fresh_share_percent = args.fresh_share_percent;
+        cfg.validate("mirror")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let preview = follow(central.clone(), format!("{SITE}.{TOPIC}.live"), stop.clone());
+        let ordered = follow(central.clone(), format!("{SITE}.{TOPIC}"), stop.clone());
+        let began = Instant::now();
+        let (stats, mirror_stop, mirror_task) = start_mirror(cfg, &gateway).await;
+        until(&stats, "the backlog drained", 3_600, |_| caught_up(&gateway, 1)).await?;
+        let drain_s = began.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        let (preview, ordered) = (preview.await??, ordered.await??);
+        let _ = mirror_stop.send(());
+        mirror_task.await?;
+        // When the last of the latest readings was at the centre, through each topic.
+        let current = |seen: &[tributary_tests::workload::Seen]| {
+            let at: Vec<_> = seen.iter().filter(|s| latest.contains(&s.offset)).map(|s| s.at).collect();
+            (at.len(), at.iter().max().map_or(f64::NAN, |t| t.duration_since(began).as_secs_f64()))
+        };
+        let ((via_preview, preview_s), (via_ordered, ordered_s)) = (current(&preview), current(&ordered));
+        let (ordered_n, ordered_distinct) = read_back(&central, &format!("{SITE}.{TOPIC}"))?;
+        let (live_n, live_distinct) = read_back(&central, &format!("{SITE}.{TOPIC}.live"))?;
+        let total = gateway.watermarks(TOPIC, 0)?.high_watermark;
+        gateway.close().await?;
+        let _ = cloud_stop.send(());
+        cloud_task.await?;
+        listener.stop().await?;
+        let s = &stats;
+        println!(
+            "\n### uplink-bench --latest-first: {readings} readings ({} meters every {} s, {} min outage) in a compacted topic; {} Mbit/s, {} ms RTT, {}% loss, cap {} B/s, live share {}%\n",
+            args.meters,
+            args.interval_ms / 1000,
+            args.outage_minutes,
+            args.link_bits_per_s as f64 / 1e6,
+            args.rtt_ms,
+            args.loss_percent,
+            args.cap_bytes_per_s,
+            args.fresh_share_percent
+        );
+        println!("| stored backlog | every meter's latest reading at the centre: via `.live` (view) | via `{SITE}.meters` (in order) | full drain | view: records, keys, windows, bytes, time to current (gateway) | records in the centre (distinct / expected) |");
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| {stored} B | {preview_s:.2} s ({via_preview} of {}) | {ordered_s:.1} s ({via_ordered}) | {drain_s:.1} s | {}, {}, {}, {} B, {} ms | `{SITE}.meters` {ordered_n} ({ordered_distinct} / {total}); `.live` {live_n} ({live_distinct}) |",
+            latest.len(),
+            s.latest_view_records_sent.load(Ordering::Relaxed),
+            s.latest_view_keys.load(Ordering::Relaxed),
+            s.latest_view_windows.load(Ordering::Relaxed),
+            s.latest_view_bytes_sent.load(Ordering::Relaxed),
+            s.latest_view_last_ms.load(Ordering::Relaxed),
+        );
+        return Ok(());
+    }
 
     // (1) Raw, fresh data first.
     let gateway = open_store(&tmp.path().join("gateway-raw"), 1, true).await?;

@@ -28,11 +28,8 @@
 
 use super::*;
 use crate::batch::Retained;
+use crate::keymap::LatestKeys;
 use crate::tables::CleanState;
-
-/// Memory charged per key in the map beyond the key's bytes (vector header, offset, hash slot
-/// and load factor).
-const MAP_ENTRY_OVERHEAD: u64 = 64;
 
 #[derive(Debug)]
 enum Phase {
@@ -47,9 +44,9 @@ pub(super) struct Pass {
     phase: Phase,
     /// Next offset to read in the current phase.
     cursor: u64,
-    /// Key -> offset of its latest record in `[clean offset, dirty_end)`.
-    map: HashMap<Vec<u8>, i64>,
-    map_bytes: u64,
+    /// Key -> offset of its latest record in `[clean offset, dirty_end)`, within
+    /// `storage.compaction_memory_bytes_max`.
+    map: LatestKeys,
     /// Offsets from here on are not compacted by this pass (set when the map phase ends).
     dirty_end: u64,
     /// When the pass started: the time tombstones it finds in the dirty part are first seen.
@@ -226,8 +223,7 @@ impl Writer {
             // Only tombstones are due: nothing new to map, the clean part is rewritten.
             phase: if map_first { Phase::Map } else { Phase::Rewrite },
             cursor: if map_first { clean_offset } else { 0 },
-            map: HashMap::new(),
-            map_bytes: 0,
+            map: LatestKeys::new(self.cfg.compaction_memory_bytes_max),
             dirty_end: clean_offset,
             started_ms: now,
             tombstone_due_ms: i64::MAX,
@@ -250,7 +246,6 @@ impl Writer {
             None => return Ok(None),
         };
         let limit = self.cfg.decompressed_size_bytes_max;
-        let memory = self.cfg.compaction_memory_bytes_max;
         let mut ended = true;
         for e in t.log.range((pkey, pass.cursor)..=(pkey, u64::MAX))? {
             let (k, v) = e?;
@@ -266,21 +261,10 @@ impl Writer {
                 break;
             }
             let batch = stored::read_batch(&t.pieces, pkey, base, head)?;
-            let records = batch::decode_records(&batch, limit).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let cost: u64 =
-                records.iter().filter_map(|r| r.key.as_ref()).map(|k| k.len() as u64 + MAP_ENTRY_OVERHEAD).sum();
-            if !pass.map.is_empty() && pass.map_bytes + cost > memory {
+            if !pass.map.admit(&batch, 0, limit).map_err(|e| StoreError::Corrupt(e.to_string()))? {
                 // The map is full: this pass compacts up to here, the next one goes on.
                 pass.dirty_end = base;
                 break;
-            }
-            for rec in records {
-                if let Some(key) = rec.key {
-                    let len = key.len() as u64;
-                    if pass.map.insert(key.to_vec(), rec.offset).is_none() {
-                        pass.map_bytes += len + MAP_ENTRY_OVERHEAD;
-                    }
-                }
             }
             let h = BatchHeader::parse(&batch).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             pass.cursor = h.next_offset() as u64;
@@ -333,7 +317,7 @@ impl Writer {
             let retained = batch::retain_records(old, limit, |rec, offset| {
                 // Kafka's cleaner drops records without a key (they cannot be compacted).
                 let Some(key) = rec.key else { return false };
-                if pass.map.get(key).is_some_and(|latest| *latest > offset) {
+                if pass.map.latest(key).is_some_and(|latest| latest > offset) {
                     return false;
                 }
                 if rec.value.is_none() {
