@@ -68,7 +68,9 @@ pub struct MirrorConfig {
     /// The live streams' share of `bandwidth_bytes_per_s_max` while a backlog drains (they go
     /// first within it; the backlog gets the rest and whatever they leave unused).
     pub fresh_share_percent: u8,
-    /// Backfill requests kept (`tributary mirror backfill`; refused beyond).
+    /// Backfill requests waiting to be sent (`tributary mirror backfill`; refused beyond; a
+    /// request's slot is free once its ranges are in the centre); as many done ones are kept
+    /// for status, the oldest forgotten.
     pub backfill_requests_max: u32,
     /// Separate offset ranges planned per partition for backfill (overlapping ones merge;
     /// a request that would need more is refused).
@@ -289,6 +291,9 @@ pub struct CloudConfig {
     pub restore_fetch_bytes_max: u64,
     /// Consumer groups' offsets (group x partition) one restore lists at most.
     pub restore_offsets_max: u32,
+    /// Consumer groups one restore may ask to fail back (`--failback-group`) at most, over all
+    /// its requests: each is a consumer and a committed-offsets query of the central cluster.
+    pub restore_groups_max: u32,
     pub kafka: KafkaTarget,
     pub log: LogLevel,
 }
@@ -367,6 +372,7 @@ impl Default for CloudConfig {
             restore_batch_bytes_max: 256 * 1024,
             restore_fetch_bytes_max: 4 * MIB,
             restore_offsets_max: 100_000,
+            restore_groups_max: 1_000,
             kafka: KafkaTarget::default(),
             log: LogLevel::default(),
         }
@@ -409,6 +415,7 @@ impl CloudConfig {
         check_range("restore_batch_bytes_max", self.restore_batch_bytes_max, 16 * 1024, 16 * MIB)?;
         check_range("restore_fetch_bytes_max", self.restore_fetch_bytes_max, 64 * 1024, 1024 * MIB)?;
         check_range("restore_offsets_max", self.restore_offsets_max.into(), 1, 10_000_000)?;
+        check_range("restore_groups_max", self.restore_groups_max.into(), 1, 100_000)?;
         if self.kafka.bootstrap_servers.is_empty() {
             return Err(ConfigError::new("kafka.bootstrap_servers", "must not be empty"));
         }

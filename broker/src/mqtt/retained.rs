@@ -154,12 +154,6 @@ pub(super) fn decode_value(v: &[u8]) -> Option<RetainedValue> {
     Some(RetainedValue { qos, expires_ms: (expires != 0).then_some(expires), props, payload })
 }
 
-/// Clears this server is writing or wrote, kept until the follower has read past their
-/// tombstones (see `RetainedIndex::follow`): at most this many after that; beyond it the oldest
-/// go (the follower's reading in order still ends at the right state, a new subscriber may get an
-/// older message meanwhile).
-const CLEARS_MAX: usize = 4096;
-
 /// The retained topics, their records' offsets, sizes and expiry deadlines (ms since the epoch),
 /// as of the latest publish (committed or not). It follows the retained topic in offset order
 /// (`follow`): records any writer appends there (this server's publishes, a Kafka producer, a
@@ -177,6 +171,11 @@ pub(super) struct RetainedIndex {
     clears: BTreeMap<String, Clear>,
     /// Every record of the retained topic below this offset has been followed.
     followed: i64,
+    /// Clears this server is writing or wrote are kept until the follower has read past their
+    /// tombstones (see `RetainedIndex::follow`): at most this many written ones
+    /// (`mqtt.retained_clears_max`); beyond it the oldest go (the follower's reading in order
+    /// still ends at the right state, a new subscriber may get an older message meanwhile).
+    clears_max: usize,
 }
 
 /// A retained message in the index: its size, when it expires, and the offset of the record to
@@ -235,7 +234,14 @@ impl RetainedIndex {
             next_seq: 0,
             clears: BTreeMap::new(),
             followed: 0,
+            clears_max: super::config::RETAINED_CLEARS_MAX_DEFAULT as usize,
         }
+    }
+
+    /// At most `clears_max` written clears kept (`mqtt.retained_clears_max`).
+    pub fn with_clears_max(mut self, clears_max: usize) -> Self {
+        self.clears_max = clears_max;
+        self
     }
 
     /// A record of the retained topic read at start-up, in offset order: a message (`Some(size)`)
@@ -370,7 +376,7 @@ impl RetainedIndex {
 
     /// A clear of `topic` is being committed.
     fn clear_pending(&mut self, topic: &str, seq: u64) {
-        if self.clears.len() >= CLEARS_MAX {
+        if self.clears.len() >= self.clears_max {
             let done = self.clears.iter().filter_map(|(t, c)| c.at.map(|at| (at, t.clone()))).min();
             if let Some((_, t)) = done {
                 self.clears.remove(&t);
@@ -787,5 +793,23 @@ mod tests {
         ix.undo(&clear);
         assert_eq!((ix.count(), offset_of(&ix, "t"), ix.bytes()), (1, Some(4), 40));
         assert!(ix.clears.is_empty());
+    }
+
+    /// `mqtt.retained_clears_max` bounds the clears kept for the follower: a written clear goes
+    /// first, the oldest of them.
+    #[test]
+    fn written_clears_kept_stay_within_retained_clears_max() {
+        let mut ix = RetainedIndex::new(10, 1000).with_clears_max(2);
+        for (i, topic) in ["a", "b", "c"].into_iter().enumerate() {
+            let i = i as i64;
+            assert!(ix.follow(topic, msg(i, 10)));
+        }
+        for (i, topic) in ["a", "b", "c"].into_iter().enumerate() {
+            let clear = ix.update(topic, None).expect("clear");
+            ix.settle(&clear, 10 + i as i64);
+        }
+        assert_eq!(ix.clears.len(), 2, "{:?}", ix.clears);
+        assert!(!ix.clears.contains_key("a"), "the oldest written clear was forgotten");
+        assert!(ix.follow("b", msg(1, 10)) && ix.count() == 0, "a kept clear still holds back an older record");
     }
 }
