@@ -102,6 +102,9 @@ fn watch(bootstrap: String, topic: String, stop: Arc<AtomicBool>) -> std::thread
             .set("group.id", "dr-bench-checkpoint-reader")
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "10")
+            // A topic just created may not answer the query for its start yet: from the start
+            // anyway, never from its end.
+            .set("auto.offset.reset", "earliest")
             .set("broker.address.family", "v4")
             .create()?;
         // The topic appears with the mirror's first checkpoint: assign once it is there.
