@@ -6,9 +6,6 @@ use serde::{Deserialize, Serialize};
 use super::routes::{default_key, Route, Router};
 use crate::config::{check_range, ConfigError};
 
-/// `mqtt.retained_clears_max` by default.
-pub const RETAINED_CLEARS_MAX_DEFAULT: u32 = 4096;
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
@@ -136,7 +133,7 @@ impl Default for MqttConfig {
             connect_timeout_ms: 10_000,
             retained_messages_max: 10_000,
             retained_bytes_max: 64 * 1024 * 1024,
-            retained_clears_max: RETAINED_CLEARS_MAX_DEFAULT,
+            retained_clears_max: 4096,
             delayed_wills_max: 10_000,
             delayed_will_bytes_max: 16 * 1024 * 1024,
             session_sweep_interval_ms: 60_000,
