@@ -76,7 +76,9 @@ pub struct MirrorConfig {
     /// Memory of one partition's latest-first key map (key bytes plus 64 per key); a backlog
     /// whose keys do not fit sends its view in windows, each the compacted view of its part.
     pub latest_first_map_bytes_max: u64,
-    /// Backfill requests kept (`tributary mirror backfill`; refused beyond).
+    /// Backfill requests waiting to be sent (`tributary mirror backfill`; refused beyond; a
+    /// request's slot is free once its ranges are in the centre); as many done ones are kept
+    /// for status, the oldest forgotten.
     pub backfill_requests_max: u32,
     /// Separate offset ranges planned per partition for backfill (overlapping ones merge;
     /// a request that would need more is refused).
@@ -330,6 +332,9 @@ pub struct CloudConfig {
     pub restore_fetch_bytes_max: u64,
     /// Consumer groups' offsets (group x partition) one restore lists at most.
     pub restore_offsets_max: u32,
+    /// Consumer groups one restore may ask to fail back (`--failback-group`) at most, over all
+    /// its requests: each is a consumer and a committed-offsets query of the central cluster.
+    pub restore_groups_max: u32,
     pub kafka: KafkaTarget,
     pub log: LogLevel,
 }
@@ -408,6 +413,7 @@ impl Default for CloudConfig {
             restore_batch_bytes_max: 256 * 1024,
             restore_fetch_bytes_max: 4 * MIB,
             restore_offsets_max: 100_000,
+            restore_groups_max: 1_000,
             kafka: KafkaTarget::default(),
             log: LogLevel::default(),
         }
@@ -450,6 +456,7 @@ impl CloudConfig {
         check_range("restore_batch_bytes_max", self.restore_batch_bytes_max, 16 * 1024, 16 * MIB)?;
         check_range("restore_fetch_bytes_max", self.restore_fetch_bytes_max, 64 * 1024, 1024 * MIB)?;
         check_range("restore_offsets_max", self.restore_offsets_max.into(), 1, 10_000_000)?;
+        check_range("restore_groups_max", self.restore_groups_max.into(), 1, 100_000)?;
         if self.kafka.bootstrap_servers.is_empty() {
             return Err(ConfigError::new("kafka.bootstrap_servers", "must not be empty"));
         }

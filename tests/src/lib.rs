@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod kafka_cluster;
 pub mod link;
+pub mod mm2;
 pub mod soak;
 pub mod workload;
 

@@ -47,6 +47,11 @@ pub struct MqttConfig {
     /// publish that would pass it is refused. At most a quarter of `storage.max_bytes`, so retained
     /// messages (which the disk budget counts but never deletes) cannot crowd out the logs.
     pub retained_bytes_max: u64,
+    /// Retained messages this server cleared (an empty retained payload, an expiry) whose
+    /// tombstones are written, remembered until the retained topic's follower read past them so
+    /// that it does not bring back an older message; beyond it the oldest are forgotten (a new
+    /// subscriber may then get the older message until the follower passes the tombstone).
+    pub retained_clears_max: u32,
     /// MQTT 5 wills waiting for their Will Delay Interval, and their bytes (topic and payload),
     /// all clients together. A will beyond either is published at once instead of late.
     pub delayed_wills_max: u32,
@@ -128,6 +133,7 @@ impl Default for MqttConfig {
             connect_timeout_ms: 10_000,
             retained_messages_max: 10_000,
             retained_bytes_max: 64 * 1024 * 1024,
+            retained_clears_max: 4096,
             delayed_wills_max: 10_000,
             delayed_will_bytes_max: 16 * 1024 * 1024,
             session_sweep_interval_ms: 60_000,
@@ -169,6 +175,7 @@ impl MqttConfig {
         range("connect_timeout_ms", self.connect_timeout_ms, 100, 600_000)?;
         range("retained_messages_max", self.retained_messages_max.into(), 0, 1_000_000)?;
         range("retained_bytes_max", self.retained_bytes_max, 0, 1 << 50)?;
+        range("retained_clears_max", self.retained_clears_max.into(), 1, 1_000_000)?;
         range("delayed_wills_max", self.delayed_wills_max.into(), 0, 1_000_000)?;
         range("delayed_will_bytes_max", self.delayed_will_bytes_max, 0, 1 << 32)?;
         range("session_sweep_interval_ms", self.session_sweep_interval_ms, 100, 86_400_000)?;

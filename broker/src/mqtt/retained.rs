@@ -154,12 +154,6 @@ pub(super) fn decode_value(v: &[u8]) -> Option<RetainedValue> {
     Some(RetainedValue { qos, expires_ms: (expires != 0).then_some(expires), props, payload })
 }
 
-/// Clears this server is writing or wrote, kept until the follower has read past their
-/// tombstones (see `RetainedIndex::follow`): at most this many after that; beyond it the oldest
-/// go (the follower's reading in order still ends at the right state, a new subscriber may get an
-/// older message meanwhile).
-const CLEARS_MAX: usize = 4096;
-
 /// The retained topics, their records' offsets, sizes and expiry deadlines (ms since the epoch),
 /// as of the latest publish (committed or not). It follows the retained topic in offset order
 /// (`follow`): records any writer appends there (this server's publishes, a Kafka producer, a
@@ -177,6 +171,11 @@ pub(super) struct RetainedIndex {
     clears: BTreeMap<String, Clear>,
     /// Every record of the retained topic below this offset has been followed.
     followed: i64,
+    /// Clears this server is writing or wrote are kept until the follower has read past their
+    /// tombstones (see `RetainedIndex::follow`): at most this many written ones
+    /// (`mqtt.retained_clears_max`); beyond it the oldest go (the follower's reading in order
+    /// still ends at the right state, a new subscriber may get an older message meanwhile).
+    clears_max: usize,
 }
 
 /// A retained message in the index: its size, when it expires, and the offset of the record to
@@ -226,7 +225,7 @@ pub(super) struct Update {
 }
 
 impl RetainedIndex {
-    pub fn new(count_max: usize, bytes_max: u64) -> Self {
+    pub fn new(count_max: usize, bytes_max: u64, clears_max: usize) -> Self {
         Self {
             topics: BTreeMap::new(),
             bytes: 0,
@@ -235,6 +234,7 @@ impl RetainedIndex {
             next_seq: 0,
             clears: BTreeMap::new(),
             followed: 0,
+            clears_max,
         }
     }
 
@@ -370,7 +370,7 @@ impl RetainedIndex {
 
     /// A clear of `topic` is being committed.
     fn clear_pending(&mut self, topic: &str, seq: u64) {
-        if self.clears.len() >= CLEARS_MAX {
+        if self.clears.len() >= self.clears_max {
             let done = self.clears.iter().filter_map(|(t, c)| c.at.map(|at| (at, t.clone()))).min();
             if let Some((_, t)) = done {
                 self.clears.remove(&t);
@@ -564,7 +564,7 @@ mod tests {
     }
 
     fn index(topics: &[&str]) -> RetainedIndex {
-        let mut ix = RetainedIndex::new(1000, 1 << 20);
+        let mut ix = RetainedIndex::new(1000, 1 << 20, 4096);
         for (i, t) in topics.iter().enumerate() {
             assert!(ix.load(t, i as i64, Some(10), None));
         }
@@ -573,7 +573,7 @@ mod tests {
 
     #[test]
     fn limits_on_count_and_bytes_name_their_key() {
-        let mut ix = RetainedIndex::new(2, 100);
+        let mut ix = RetainedIndex::new(2, 100, 4096);
         ix.update("a", Some(40)).expect("room");
         ix.update("b", Some(40)).expect("room");
         assert_eq!(ix.update("c", Some(1)), Err("mqtt.retained_messages_max"));
@@ -584,7 +584,7 @@ mod tests {
         ix.update("c", Some(40)).expect("a freed slot");
         assert_eq!((ix.count(), ix.bytes()), (2, 100));
         // Over the limit after a config change: shrinking is still allowed.
-        let mut small = RetainedIndex::new(10, 10);
+        let mut small = RetainedIndex::new(10, 10, 4096);
         assert!(small.load("x", 0, Some(50), None));
         small.update("x", Some(20)).expect("smaller");
         assert_eq!(small.update("x", Some(21)), Err("mqtt.retained_bytes_max"));
@@ -592,7 +592,7 @@ mod tests {
 
     #[test]
     fn a_failed_commit_is_undone_unless_a_later_change_stands() {
-        let mut ix = RetainedIndex::new(10, 1000);
+        let mut ix = RetainedIndex::new(10, 1000, 4096);
         let first = ix.update("t", Some(10)).expect("room");
         let second = ix.update("t", Some(30)).expect("room");
         ix.undo(&first);
@@ -608,7 +608,7 @@ mod tests {
     /// topic's latest message (even one still being committed) is the expired one.
     #[test]
     fn only_a_topic_whose_latest_message_expired_is_cleared() {
-        let mut ix = RetainedIndex::new(10, 1000);
+        let mut ix = RetainedIndex::new(10, 1000, 4096);
         ix.update_expiring("old", Some(10), Some(1_000)).expect("room");
         ix.update_expiring("later", Some(10), Some(5_000)).expect("room");
         ix.update_expiring("never", Some(10), None).expect("room");
@@ -622,7 +622,7 @@ mod tests {
         assert_eq!(cleared, ["old"]);
         assert_eq!((ix.count(), ix.bytes()), (3, 40));
         // A failed deletion is undone, unless the topic was published again meanwhile.
-        let mut ix = RetainedIndex::new(10, 1000);
+        let mut ix = RetainedIndex::new(10, 1000, 4096);
         ix.update_expiring("t", Some(10), Some(1_000)).expect("room");
         let deletion = ix.take_expired("t", 2_000).expect("expired");
         ix.undo(&deletion);
@@ -668,7 +668,7 @@ mod tests {
     /// topics than `mqtt.retained_messages_max` are taken.
     #[test]
     fn rebuilt_from_the_topic_the_latest_record_per_topic_wins_and_tombstones_clear() {
-        let mut ix = RetainedIndex::new(3, 1000);
+        let mut ix = RetainedIndex::new(3, 1000, 4096);
         assert!(ix.load("a", 0, Some(10), None));
         assert!(ix.load("b", 1, Some(20), Some(5_000)));
         assert!(ix.load("a", 2, Some(30), None));
@@ -691,7 +691,7 @@ mod tests {
             let mut scan = RetainedScan::new("#", 1);
             ix.page(&mut scan, 100, 100, u64::MAX).into_iter().map(|(_, o)| o).collect::<Vec<_>>()
         };
-        let mut ix = RetainedIndex::new(10, 1000);
+        let mut ix = RetainedIndex::new(10, 1000, 4096);
         let first = ix.update("t", Some(10)).expect("room");
         assert!(offsets(&ix).is_empty(), "not committed yet");
         ix.settle(&first, 4);
@@ -729,7 +729,7 @@ mod tests {
     #[test]
     fn the_index_follows_the_log_in_offset_order_around_this_servers_own_writes() {
         // Another writer's records: the latest per topic wins, a tombstone clears.
-        let mut ix = RetainedIndex::new(2, 1000);
+        let mut ix = RetainedIndex::new(2, 1000, 4096);
         assert!(ix.follow("a", msg(0, 10)));
         assert!(ix.follow("a", msg(1, 20)));
         assert!(ix.follow("b", msg(2, 5)));
@@ -767,7 +767,7 @@ mod tests {
         assert_eq!((ix.count(), ix.bytes()), (0, 0), "the tombstone stands");
 
         // This server's clear: the follower, still behind, never brings back an older message.
-        let mut ix = RetainedIndex::new(10, 1000);
+        let mut ix = RetainedIndex::new(10, 1000, 4096);
         assert!(ix.follow("t", msg(0, 10)));
         let clear = ix.update("t", None).expect("clear");
         assert!(ix.follow("t", msg(1, 20)), "committed before the clear");
@@ -787,5 +787,23 @@ mod tests {
         ix.undo(&clear);
         assert_eq!((ix.count(), offset_of(&ix, "t"), ix.bytes()), (1, Some(4), 40));
         assert!(ix.clears.is_empty());
+    }
+
+    /// `mqtt.retained_clears_max` bounds the clears kept for the follower: a written clear goes
+    /// first, the oldest of them.
+    #[test]
+    fn written_clears_kept_stay_within_retained_clears_max() {
+        let mut ix = RetainedIndex::new(10, 1000, 2);
+        for (i, topic) in ["a", "b", "c"].into_iter().enumerate() {
+            let i = i as i64;
+            assert!(ix.follow(topic, msg(i, 10)));
+        }
+        for (i, topic) in ["a", "b", "c"].into_iter().enumerate() {
+            let clear = ix.update(topic, None).expect("clear");
+            ix.settle(&clear, 10 + i as i64);
+        }
+        assert_eq!(ix.clears.len(), 2, "{:?}", ix.clears);
+        assert!(!ix.clears.contains_key("a"), "the oldest written clear was forgotten");
+        assert!(ix.follow("b", msg(1, 10)) && ix.count() == 0, "a kept clear still holds back an older record");
     }
 }

@@ -584,7 +584,11 @@ impl MqttServer {
                  those not moved are served after a later start moves them"
             );
         }
-        let mut index = RetainedIndex::new(cfg.retained_messages_max as usize, cfg.retained_bytes_max);
+        let mut index = RetainedIndex::new(
+            cfg.retained_messages_max as usize,
+            cfg.retained_bytes_max,
+            cfg.retained_clears_max as usize,
+        );
         let index = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || load_retained(&store, &mut index).map(|()| index))

@@ -18,8 +18,10 @@ use crate::fresh::{Class, LinkShare};
 use crate::gateway::{send_batch, MirrorError};
 use crate::protocol::Data;
 
-/// Backfill requests and plans of one gateway, at most `requests_max` requests kept and
-/// `ranges_max` ranges per partition (`mirror.backfill_requests_max`, `mirror.backfill_ranges_max`).
+/// Backfill requests and plans of one gateway: at most `requests_max` requests waiting to be sent
+/// (a request's slot is free once its ranges are sent, or when it was refused), as many done ones
+/// kept for status (the oldest forgotten), and `ranges_max` ranges per partition
+/// (`mirror.backfill_requests_max`, `mirror.backfill_ranges_max`).
 #[derive(Debug, Default)]
 pub struct Backfills {
     state: Mutex<State>,
@@ -83,6 +85,33 @@ fn parse_partition_key(k: &[u8], prefix: &[u8]) -> Option<(String, i32)> {
     Some((topic, partition))
 }
 
+impl State {
+    /// A request with nothing left to send: refused, or its ranges sent (or below the centre's
+    /// position when it came).
+    fn done(&self, a: &Accepted) -> bool {
+        match a.verdict {
+            Verdict::Refused(_) => true,
+            Verdict::Accepted => {
+                let (sent, total) = a.progress(|p| self.sent.get(&(a.request.topic.clone(), p)).copied());
+                sent >= total
+            }
+        }
+    }
+
+    /// Requests holding a slot (not done).
+    fn pending(&self) -> usize {
+        self.accepted.values().filter(|a| !self.done(a)).count()
+    }
+
+    /// The oldest done requests past `requests_max` done ones, with `adding` kept too: to forget.
+    fn excess_done(&self, adding: Option<&Accepted>) -> Vec<i64> {
+        let mut done: Vec<i64> = self.accepted.values().chain(adding).filter(|a| self.done(a)).map(|a| a.id).collect();
+        done.sort_unstable();
+        done.truncate(done.len().saturating_sub(self.requests_max));
+        done
+    }
+}
+
 impl Backfills {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -102,7 +131,8 @@ impl Backfills {
                 st.history.insert(key, Plan::decode(&v, ranges_max));
             }
         }
-        for (_, v) in store.kv_scan(SPACE, b"request/", requests_max)? {
+        // At most `requests_max` pending and as many done ones are stored.
+        for (_, v) in store.kv_scan(SPACE, b"request/", requests_max.saturating_mul(2))? {
             let Some(a) = Accepted::decode(&v) else { continue };
             for p in &a.parts {
                 let key = (a.request.topic.clone(), p.partition);
@@ -131,8 +161,10 @@ impl Backfills {
     }
 
     /// The centre holds a backfilled partition below `offset`: stored, for status and restarts.
+    /// Requests this completes free their slots; done ones past the history's bound are
+    /// forgotten, in the same commit.
     pub async fn mirrored(&self, store: &Store, topic: &str, partition: i32, offset: i64) -> Result<(), StoreError> {
-        {
+        let gone = {
             let mut st = self.lock();
             let key = (topic.to_string(), partition);
             // The receiver names the partition: one no request planned is not kept (the
@@ -144,8 +176,16 @@ impl Backfills {
                 return Ok(());
             }
             *e = offset;
+            st.excess_done(None)
+        };
+        let mut writes = vec![(sent_key(topic, partition), Some(offset.to_be_bytes().to_vec()))];
+        writes.extend(gone.iter().map(|id| (request_key(*id), None)));
+        store.kv_write(SPACE, writes).await?;
+        let mut st = self.lock();
+        for id in gone {
+            st.accepted.remove(&id);
         }
-        store.kv_put(SPACE, sent_key(topic, partition), Some(offset.to_be_bytes().to_vec())).await
+        Ok(())
     }
 
     /// Every request kept, with its progress.
@@ -189,7 +229,7 @@ impl Backfills {
         };
         let full = {
             let st = self.lock();
-            st.accepted.len() >= st.requests_max
+            st.pending() >= st.requests_max
         };
         let accepted = match request {
             None => refuse(Request { topic: String::new(), from_ms: 0, to_ms: 0 }, "malformed request"),
@@ -259,18 +299,25 @@ impl Backfills {
         if !full {
             writes.push((request_key(id), Some(accepted.encode())));
         }
-        {
+        let gone = {
             let st = self.lock();
             for p in &accepted.parts {
                 if let Some(h) = st.history.get(&(accepted.request.topic.clone(), p.partition)) {
                     writes.push((ranges_key(&accepted.request.topic, p.partition), Some(h.encode())));
                 }
             }
-        }
+            // The oldest done requests past the history's bound go in the same commit.
+            let gone = st.excess_done((!full).then_some(&accepted));
+            writes.extend(gone.iter().map(|id| (request_key(*id), None)));
+            gone
+        };
         store.kv_write(SPACE, writes).await?;
         let mut st = self.lock();
-        if st.accepted.len() < st.requests_max {
+        if !full {
             st.accepted.insert(id, accepted);
+        }
+        for id in gone {
+            st.accepted.remove(&id);
         }
         drop(st);
         self.changed.notify_waiters();
@@ -417,6 +464,45 @@ mod tests {
         let position = store.kv_get(SPACE, POSITION_KEY).expect("kv").expect("position");
         assert_eq!(position, 10i64.to_be_bytes().to_vec());
         assert_eq!(b.status().len(), 2);
+    }
+
+    /// A request's slot is free once its ranges are sent (it was never freed: after
+    /// `mirror.backfill_requests_max` requests every later one was refused for good), and the
+    /// done ones kept for status are as many at most, the oldest forgotten in the store too.
+    #[tokio::test]
+    async fn a_request_s_slot_is_freed_once_its_ranges_are_sent_and_done_ones_kept_are_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config =
+            StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
+        let (store, _) = Store::open(config).expect("open");
+        store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
+        let append = |n: usize| {
+            let records = (0..n).map(|i| tributary_log::batch::NewRecord::new(Some("k"), format!("v{i}"))).collect();
+            store.append_records("t", 0, records)
+        };
+        append(10).await.expect("append");
+        let b = Backfills::default();
+        b.load(&store, 2, 4).expect("load");
+        let all = || Some(Request { topic: "t".into(), from_ms: 0, to_ms: i64::MAX });
+        let ids = |b: &Backfills| b.status().iter().map(|s| (s.id, s.refused.is_some())).collect::<Vec<_>>();
+        b.accept(&store, &|_| false, 0, all()).await.expect("decided");
+        b.accept(&store, &|_| false, 1, all()).await.expect("decided");
+        b.accept(&store, &|_| false, 2, all()).await.expect("decided");
+        assert_eq!(ids(&b), [(0, false), (1, false)], "the third is refused while two wait");
+        // The centre has the range: both requests are done, their slots free.
+        b.mirrored(&store, "t", 0, 10).await.expect("mirrored");
+        append(10).await.expect("append");
+        b.accept(&store, &|_| false, 3, all()).await.expect("decided");
+        assert_eq!(ids(&b), [(0, false), (1, false), (3, false)], "a freed slot takes a new request");
+        assert_eq!(b.partitions(), [("t".to_string(), 0)], "its new records are planned");
+        // Three done: the oldest is forgotten, in memory and in the store.
+        b.mirrored(&store, "t", 0, 20).await.expect("mirrored");
+        assert_eq!(ids(&b), [(1, false), (3, false)]);
+        let stored = store.kv_scan(SPACE, b"request/", usize::MAX).expect("scan");
+        assert_eq!(stored.len(), 2);
+        let reloaded = Backfills::default();
+        reloaded.load(&store, 2, 4).expect("reload");
+        assert_eq!(ids(&reloaded), [(1, false), (3, false)]);
     }
 
     /// `Mirrored` for a partition no request planned (the receiver is a peer) keeps nothing.

@@ -8,7 +8,8 @@
 //! uncompressed RecordBatch v2 frames on a stream of their own, within the credit the gateway
 //! grants. Bounded: `restore_sessions_max` restores at once, `restore_streams_max` partitions per
 //! restore, `restore_batch_bytes_max` per frame, `restore_fetch_bytes_max` of librdkafka's
-//! prefetch per partition, `restore_offsets_max` group offsets listed.
+//! prefetch per partition, `restore_offsets_max` group offsets listed, `restore_groups_max`
+//! groups failed back.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -100,6 +101,8 @@ pub(super) async fn serve(
     let mut streams: JoinSet<Result<(), CloudError>> = JoinSet::new();
     let mut credits: BTreeMap<(String, i32), Arc<Credit>> = BTreeMap::new();
     let mut buf = vec![0u8; 16 * 1024];
+    // Groups the gateway asked to fail back so far (each a consumer and a query of the centre).
+    let mut groups_named = 0usize;
     loop {
         tokio::select! {
             frame = read_control::<CloudError>(&mut recv, &mut decoder, &mut buf) => match frame? {
@@ -113,6 +116,10 @@ pub(super) async fn serve(
                     streams.spawn(stream.run(conn.clone()));
                 }
                 Some(Control::RestoreGroups(groups)) => {
+                    if let Err(e) = take_groups(&mut groups_named, groups.len(), cfg.restore_groups_max) {
+                        let _ = send.write_all(&Control::Refused { reason: e.to_string() }.encode()).await;
+                        return Err(e);
+                    }
                     let (shared, who, extents) = (shared.clone(), site.clone(), extents.clone());
                     let offsets = tokio::task::spawn_blocking(move || failback(&shared, &who, &groups, &extents))
                         .await
@@ -172,6 +179,19 @@ fn admit(
     let credit = Arc::new(Credit::default());
     credits.insert(key, credit.clone());
     Ok(credit)
+}
+
+/// `more` groups named in a `RestoreGroups` frame, on top of the `named` so far in the session:
+/// refused past `groups_max` (`restore_groups_max`; a frame holds at most
+/// `RESTORE_GROUPS_PER_FRAME_MAX`, but a gateway may send any number of frames).
+fn take_groups(named: &mut usize, more: usize, groups_max: u32) -> Result<(), CloudError> {
+    *named = named.saturating_add(more);
+    if *named > groups_max as usize {
+        return Err(CloudError::Refused(format!(
+            "more than restore_groups_max = {groups_max} groups asked to fail back in one restore"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether a group's offset can go into a `RestoreOffsets` frame (the gateway refuses a frame
@@ -272,27 +292,33 @@ fn read_checkpoints(
 ) -> Result<Vec<CommittedOffset>, CloudError> {
     let mut latest: BTreeMap<(String, String, i32), (i64, i64)> = BTreeMap::new();
     // No checkpoints topic: no group committed at the edge (or checkpoints are off).
-    read_whole(consumer, topic, timeout, "reading the checkpoints topic", |m| {
-        let key = m.key().and_then(decode_checkpoint_key);
-        let value = m.payload().and_then(decode_checkpoint_value);
-        if let (Some((group, remote, partition)), Some((upstream, _))) = (key, value) {
-            if !listable(&group, partition, upstream) {
-                // One such entry would make the whole listing frame malformed to the
-                // gateway, and with it every restore of the site.
-                tracing::warn!(%group, %remote, partition, upstream, "checkpoint left out of a restore (outside the protocol's limits)");
-            } else if let Some(source) = remotes.get(remote.as_str()) {
-                let k = (group, source.to_string(), partition);
-                if latest.contains_key(&k) || latest.len() < cfg.restore_offsets_max as usize {
-                    latest.insert(k, (upstream, m.timestamp().to_millis().unwrap_or(0)));
-                } else {
-                    tracing::warn!(
-                        limit = cfg.restore_offsets_max,
-                        "restore_offsets_max reached: a group's offset is not restored"
-                    );
+    read_whole(
+        consumer,
+        topic,
+        timeout,
+        "reading the checkpoints topic (no record for kafka.request_timeout_ms)",
+        |m| {
+            let key = m.key().and_then(decode_checkpoint_key);
+            let value = m.payload().and_then(decode_checkpoint_value);
+            if let (Some((group, remote, partition)), Some((upstream, _))) = (key, value) {
+                if !listable(&group, partition, upstream) {
+                    // One such entry would make the whole listing frame malformed to the
+                    // gateway, and with it every restore of the site.
+                    tracing::warn!(%group, %remote, partition, upstream, "checkpoint left out of a restore (outside the protocol's limits)");
+                } else if let Some(source) = remotes.get(remote.as_str()) {
+                    let k = (group, source.to_string(), partition);
+                    if latest.contains_key(&k) || latest.len() < cfg.restore_offsets_max as usize {
+                        latest.insert(k, (upstream, m.timestamp().to_millis().unwrap_or(0)));
+                    } else {
+                        tracing::warn!(
+                            limit = cfg.restore_offsets_max,
+                            "restore_offsets_max reached: a group's offset is not restored"
+                        );
+                    }
                 }
             }
-        }
-    })?;
+        },
+    )?;
     Ok(latest
         .into_iter()
         .map(|((group, topic, partition), (offset, at))| CommittedOffset {
@@ -317,7 +343,7 @@ fn read_extents(
 ) -> Result<BTreeMap<(String, i32), i64>, CloudError> {
     let mut highest: BTreeMap<(String, i32), i64> = BTreeMap::new();
     // No extents topic: nothing was reported (a site mirrored by an older receiver).
-    read_whole(consumer, topic, timeout, "reading the extents topic", |m| {
+    read_whole(consumer, topic, timeout, "reading the extents topic (no record for kafka.request_timeout_ms)", |m| {
         let key = m.key().and_then(decode_extent_key);
         let value = m.payload().and_then(decode_extent_value);
         if let (Some(k), Some(v)) = (key, value) {
@@ -330,7 +356,8 @@ fn read_extents(
 
 /// Hands every record of partition 0 of `topic` (an internal topic of one partition), from its
 /// low to its high watermark at the start, to `each`; nothing when the topic does not exist.
-/// The whole read must end within `timeout` (`what` names it in the error).
+/// The read fails when nothing arrived for `timeout` (`what` names it in the error), however long
+/// the whole of a large topic takes.
 fn read_whole(
     consumer: &BaseConsumer,
     topic: &str,
@@ -349,13 +376,14 @@ fn read_whole(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(low))?;
     consumer.assign(&tpl)?;
-    let deadline = Instant::now() + timeout;
+    let mut progress = Progress::new(timeout, Instant::now());
     loop {
-        if Instant::now() > deadline {
+        if progress.stalled(Instant::now()) {
             return Err(CloudError::Timeout(what));
         }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
+                progress.moved(Instant::now());
                 each(&m);
                 if m.offset() >= high - 1 {
                     break;
@@ -368,6 +396,29 @@ fn read_whole(
     }
     consumer.unassign()?;
     Ok(())
+}
+
+/// A read that must keep moving, fed with `now`: stalled once nothing arrived for `timeout`
+/// (a large topic may take far longer than that as a whole).
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    timeout: Duration,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(timeout: Duration, now: Instant) -> Self {
+        Self { timeout, last: now }
+    }
+
+    /// Something arrived at `now`.
+    fn moved(&mut self, now: Instant) {
+        self.last = self.last.max(now);
+    }
+
+    fn stalled(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last) > self.timeout
+    }
 }
 
 /// Failback: each group's committed offsets in the central cluster (its central name,
@@ -749,8 +800,42 @@ fn record_bytes(m: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{admit, listable, source_topic};
+    use super::{admit, listable, source_topic, take_groups, Progress};
     use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    /// Reading the checkpoints or extents topic fails when it stops moving for the timeout, not
+    /// when a large topic takes longer than the timeout as a whole.
+    #[test]
+    fn an_internal_topic_read_fails_on_no_progress_not_on_its_length() {
+        let start = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let mut p = Progress::new(timeout, start);
+        // A record every 4 s for 100 s: ten times the timeout, never 10 s without one.
+        for s in (4..=100).step_by(4) {
+            let now = start + Duration::from_secs(s);
+            assert!(!p.stalled(now), "moving at {s} s");
+            p.moved(now);
+        }
+        let last = start + Duration::from_secs(100);
+        assert!(!p.stalled(last + timeout), "exactly the timeout since the last record");
+        assert!(p.stalled(last + timeout + Duration::from_millis(1)), "stuck for longer than the timeout");
+    }
+
+    /// A gateway sending frame after frame of `RestoreGroups` (each within its per-frame limit)
+    /// gets no more groups failed back in one restore than `restore_groups_max`, and the refusal
+    /// names the key.
+    #[test]
+    fn groups_failed_back_in_one_restore_stay_within_restore_groups_max() {
+        let mut named = 0;
+        for _ in 0..3 {
+            take_groups(&mut named, 256, 1_000).expect("within the limit");
+        }
+        let refused = take_groups(&mut named, 256, 1_000).expect_err("the fourth frame passes 1000");
+        assert!(refused.to_string().contains("restore_groups_max = 1000"), "{refused}");
+        let mut named = 0;
+        take_groups(&mut named, 1_000, 1_000).expect("exactly the limit");
+    }
 
     /// A hostile gateway asking for one partition again and again gets no more streams (each a
     /// librdkafka consumer) than `restore_streams_max`.

@@ -20,7 +20,6 @@
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +34,7 @@ use tributary_sync::gateway::MirrorStats;
 use tributary_sync::{certs, CloudConfig, MirrorConfig};
 use tributary_tests::kafka_cluster::{KafkaCluster, KafkaJars, KafkaOptions};
 use tributary_tests::link::{tcp_proxy, udp_proxy, Impairment};
+use tributary_tests::mm2::{self, Mm2};
 use tributary_tests::workload::{fleets, ingest, open_store, TOPIC};
 use tributary_tests::{cpu_seconds, fsync_rate, sequential_write, status_kib, CloudChild, KafkaListener, MIB};
 
@@ -408,54 +408,27 @@ async fn run_mm2(
     let proxy = front.local_addr()?;
     let listener = KafkaListener::start_advertising(store.clone(), TopicConfig::default(), proxy.port()).await?;
     tcp_proxy(front, listener.addr, imp.clone());
-    let mut props = vec![
-        format!("clusters = {alias}, central"),
-        format!("{alias}.bootstrap.servers = {proxy}"),
-        format!("central.bootstrap.servers = {}", central.kafka.bootstrap()),
-        format!("{alias}->central.enabled = true"),
-        format!("{alias}->central.topics = {TOPIC}"),
-        format!("central->{alias}.enabled = false"),
-        // Tributary holds no compacted topics yet: nothing of MM2's may live on the source.
-        "offset-syncs.topic.location = target".into(),
-        "emit.heartbeats.enabled = false".into(),
-        "emit.checkpoints.enabled = false".into(),
-        "sync.group.offsets.enabled = false".into(),
-        "refresh.groups.enabled = false".into(),
-        "sync.topic.acls.enabled = false".into(),
-        "sync.topic.configs.enabled = false".into(),
-        format!("tasks.max = {}", args.partitions),
-        "replication.factor = 1".into(),
-        "offset-syncs.topic.replication.factor = 1".into(),
-        "checkpoints.topic.replication.factor = 1".into(),
-        "heartbeats.topic.replication.factor = 1".into(),
-        "config.storage.replication.factor = 1".into(),
-        "offset.storage.replication.factor = 1".into(),
-        "status.storage.replication.factor = 1".into(),
-    ];
+    let mut props =
+        mm2::base_properties(&alias, &proxy.to_string(), &central.kafka.bootstrap(), TOPIC, args.partitions, 1);
+    props.extend(
+        [
+            "emit.heartbeats.enabled = false",
+            "emit.checkpoints.enabled = false",
+            "sync.group.offsets.enabled = false",
+            "refresh.groups.enabled = false",
+            "sync.topic.acls.enabled = false",
+            "sync.topic.configs.enabled = false",
+        ]
+        .map(String::from),
+    );
     if exactly_once {
         let port = tributary_tests::free_ports(1)?[0];
         props.push("exactly.once.source.support = enabled".into());
         props.push("dedicated.mode.enable.internal.rest = true".into());
         props.push(format!("listeners = http://127.0.0.1:{port}"));
     }
-    let config = dir.join("mm2.properties");
-    std::fs::write(&config, props.join("\n") + "\n")?;
-    let log = dir.join("mm2.log");
-    let spawn = || -> anyhow::Result<Child> {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        central
-            .jars
-            .java(args.mm2_heap_mb)
-            .arg("org.apache.kafka.connect.mirror.MirrorMaker")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("start MirrorMaker 2")
-    };
-    let mut child = spawn()?;
-    let mut pid = child.id().to_string();
+    let mut child = Mm2::start(&central.jars, args.mm2_heap_mb, &dir, &props)?;
+    let mut pid = child.pid().context("mm2 pid")?.to_string();
     let (mut centre_cpu, mut killed) = (0.0, false);
     let mut busy = None;
     let (site_cpu0, kafka_cpu0) = (cpu_seconds("self"), cpu_seconds(&central.pid));
@@ -470,30 +443,20 @@ async fn run_mm2(
             if kill && !killed && count >= n as i64 / 2 {
                 centre_cpu += cpu_seconds(&pid);
                 child.kill()?;
-                child.wait()?;
-                child = spawn()?;
-                pid = child.id().to_string();
+                child.spawn()?;
+                pid = child.pid().context("mm2 pid")?.to_string();
                 killed = true;
             }
-            match child.try_wait()? {
-                Some(status) => bail!("MirrorMaker 2 exited: {status}"),
-                None => Ok(()),
-            }
+            child.check()
         })
     });
     let centre_cpu = centre_cpu + cpu_seconds(&pid);
     let centre_rss_mib = peak_mib(&pid);
     let _ = child.kill();
-    let _ = child.wait();
     listener.stop().await?;
     let (first, done) = match waited {
         Ok(times) => times,
-        Err(e) => {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("{e:#}\nMirrorMaker 2 log ({}):\n{}", log.display(), tail.join("\n"));
-        }
+        Err(e) => bail!("{e:#}\n{}", child.log_tail(40)),
     };
     Ok(Run {
         link: link.into(),
