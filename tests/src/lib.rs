@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod kafka_cluster;
 pub mod link;
+pub mod linkem;
 pub mod soak;
 pub mod workload;
 
