@@ -89,6 +89,10 @@ struct Args {
     /// config's default.
     #[arg(long)]
     congestion_controller: Option<String>,
+    /// Our gateway's `mirror.wire_compression` values, comma-separated: ours runs once per value
+    /// (`zstd`: stored batches recompressed for the link; `none`: as stored).
+    #[arg(long, default_value = "zstd,none")]
+    wire_compression: String,
     /// Also run MirrorMaker 2 with `exactly.once.source.support=enabled`.
     #[arg(long)]
     mm2_exactly_once: bool,
@@ -372,9 +376,10 @@ async fn run_tributary(
     link: &str,
     wan: Option<&mut Wan>,
     kill: bool,
+    wire_compression: &str,
     work: &Path,
 ) -> anyhow::Result<Run> {
-    let site = format!("trib-{link}{}", if kill { "-kill" } else { "" });
+    let site = format!("trib-{wire_compression}-{link}{}", if kill { "-kill" } else { "" });
     let dir = work.join(&site);
     std::fs::create_dir_all(&dir)?;
     let ca = certs::new_ca("bench CA", 2)?;
@@ -422,6 +427,9 @@ async fn run_tributary(
         mirror_cfg.congestion_controller =
             toml::Value::String(cc.clone()).try_into().with_context(|| format!("--congestion-controller {cc:?}"))?;
     }
+    mirror_cfg.wire_compression = toml::Value::String(wire_compression.into())
+        .try_into()
+        .with_context(|| format!("--wire-compression {wire_compression:?}"))?;
     let congestion = mirror_cfg.congestion_controller;
     mirror_cfg.validate("mirror")?;
     let stats = Arc::new(MirrorStats::default());
@@ -467,7 +475,11 @@ async fn run_tributary(
     })?;
     let mut run = Run {
         link: link.into(),
-        mirror: format!("Tributary QUIC mirror{}", if kill { ", receiver SIGKILLed at half, restarted" } else { "" }),
+        mirror: format!(
+            "Tributary QUIC mirror, {}{}",
+            if wire_compression == "none" { "batches as stored (lz4)" } else { "zstd on the wire" },
+            if kill { ", receiver SIGKILLed at half, restarted" } else { "" }
+        ),
         topic: remote.clone(),
         secs: done.duration_since(start).as_secs_f64(),
         drain_secs: done.duration_since(first).as_secs_f64(),
@@ -697,8 +709,8 @@ async fn main() -> anyhow::Result<()> {
         };
         let mirrors: Vec<&str> = args.mirrors.split(',').collect();
         for kill in if args.kill { vec![false, true] } else { vec![false] } {
-            if mirrors.contains(&"tributary") {
-                let r = run_tributary(&args, &central, &store, backlog, link, wan.as_mut(), kill, &work).await?;
+            for wire in args.wire_compression.split(',').filter(|_| mirrors.contains(&"tributary")) {
+                let r = run_tributary(&args, &central, &store, backlog, link, wan.as_mut(), kill, wire, &work).await?;
                 eprintln!("{link}: {} {:.1} s; QUIC: {}", r.mirror, r.secs, r.quic.as_deref().unwrap_or("-"));
                 runs.push(r);
             }
