@@ -312,7 +312,7 @@ impl Wire<'_> {
     }
 
     /// Bytes towards the centre so far.
-    fn to_centre(&mut self) -> anyhow::Result<u64> {
+    fn bytes_to_centre(&mut self) -> anyhow::Result<u64> {
         Ok(match self {
             Wire::Proxy { imp, target_is_centre: true } => imp.bytes().0,
             Wire::Proxy { imp, target_is_centre: false } => imp.bytes().1,
@@ -453,7 +453,7 @@ async fn run_tributary(
     let timeout = Duration::from_secs(args.timeout_secs);
     let (first, done) = tokio::task::block_in_place(|| {
         central.wait(&remote, args.partitions, n, timeout, |count| {
-            if busy.is_none() && wire.to_centre()? > BUSY_BYTES {
+            if busy.is_none() && wire.bytes_to_centre()? > BUSY_BYTES {
                 busy = Some(Instant::now());
             }
             if let Some(s) = stats.connection_stats() {
@@ -615,7 +615,7 @@ async fn run_mm2(
     let timeout = Duration::from_secs(args.timeout_secs);
     let waited = tokio::task::block_in_place(|| {
         central.wait(&remote, args.partitions, n, timeout, |count| {
-            if busy.is_none() && wire.to_centre()? > BUSY_BYTES {
+            if busy.is_none() && wire.bytes_to_centre()? > BUSY_BYTES {
                 busy = Some(Instant::now());
             }
             if kill && !killed && count >= n as i64 / 2 {
