@@ -266,7 +266,25 @@ fn peak_mib(pid: &str) -> f64 {
 /// namespace (sockets made by its tasks are the site's).
 struct Wan {
     link: LinkChild,
-    rt: tokio::runtime::Runtime,
+    rt: SiteRuntime,
+}
+
+/// The site's runtime, shut down in the background when dropped: also on an error path inside
+/// the main runtime, where dropping a runtime would panic.
+struct SiteRuntime(Option<tokio::runtime::Runtime>);
+
+impl SiteRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("present until dropped").handle()
+    }
+}
+
+impl Drop for SiteRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Wan {
@@ -287,11 +305,11 @@ impl Wan {
                 .enable_all()
                 .build()?)
         })?;
-        Ok(Self { link, rt })
+        Ok(Self { link, rt: SiteRuntime(Some(rt)) })
     }
 
     fn stop(self) -> anyhow::Result<()> {
-        self.rt.shutdown_background();
+        drop(self.rt);
         self.link.stop()
     }
 }
@@ -550,6 +568,7 @@ async fn run_mm2(
             // The site's listener, in the site's namespace, at its end of the link.
             let (site, store) = (link.layout.site(), store.clone());
             let listener = rt
+                .handle()
                 .spawn(async move {
                     KafkaListener::start_at(store, TopicConfig::default(), &format!("{site}:0"), &site.to_string(), 0)
                         .await
