@@ -41,6 +41,13 @@ pub struct MirrorConfig {
     pub partitions_max: u32,
     /// QUIC congestion controller of the gateway's sends (the direction that carries the data).
     pub congestion_controller: CongestionController,
+    /// The codec stored batches cross the link in (`gateway.rs`): `zstd` recompresses each
+    /// stored batch's records (lz4 at the site by default) into a zstd batch when that is
+    /// smaller, for uplinks where bytes are the limit; `none` sends batches as stored.
+    pub wire_compression: WireCompression,
+    /// A stored batch whose records decompress to more than this is sent as stored (the
+    /// recompression holds one batch's records in memory at a time, per partition sender).
+    pub wire_recompress_bytes_max: u64,
     /// QUIC keep-alive (keeps NAT bindings open) and idle timeout. The keep-alive also bounds how
     /// long a restarted receiver goes unnoticed: its first packet from the gateway is answered
     /// with a stateless reset, so the session ends at once instead of at the idle timeout.
@@ -112,6 +119,8 @@ impl Default for MirrorConfig {
             read_bytes_max: MIB,
             partitions_max: 1024,
             congestion_controller: CongestionController::default(),
+            wire_compression: WireCompression::default(),
+            wire_recompress_bytes_max: MIB,
             keep_alive_ms: 5_000,
             idle_timeout_ms: 30_000,
             connect_timeout_ms: 5_000,
@@ -132,6 +141,18 @@ impl Default for MirrorConfig {
             restore_frame_bytes_max: 64 * MIB,
         }
     }
+}
+
+/// How stored batches cross the link (`mirror.wire_compression`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireCompression {
+    /// As stored.
+    None,
+    /// Each stored batch's records recompressed with zstd when that is smaller: the receiver
+    /// decodes a zstd batch as any other (every receiver version does), so no protocol change.
+    #[default]
+    Zstd,
 }
 
 /// The congestion controllers quinn offers, by their config name.
@@ -179,6 +200,7 @@ impl MirrorConfig {
             return Err(ConfigError::new(key("topics"), "must name at least one topic (or \"*\")"));
         }
         check_range(&key("read_bytes_max"), self.read_bytes_max, 16 * 1024, 64 * MIB)?;
+        check_range(&key("wire_recompress_bytes_max"), self.wire_recompress_bytes_max, 64 * 1024, 64 * MIB)?;
         check_range(&key("partitions_max"), self.partitions_max.into(), 1, 65_536)?;
         check_range(&key("keep_alive_ms"), self.keep_alive_ms, 1_000, 600_000)?;
         // Keep-alives well inside the idle timeout: one or two lost ones must not end a live link.
@@ -529,6 +551,14 @@ mod tests {
             let e = crate::config_file::parse::<MirrorConfig>(bad).expect_err(bad);
             assert_eq!(e.key, "congestion_controller", "{bad}: {e}");
         }
+        for (text, want) in [("wire_compression = \"none\"", WireCompression::None), ("", WireCompression::Zstd)] {
+            let cfg: MirrorConfig = crate::config_file::parse(text).expect(text);
+            assert_eq!(cfg.wire_compression, want);
+        }
+        let e = crate::config_file::parse::<MirrorConfig>("wire_compression = \"lz4\"").expect_err("lz4");
+        assert_eq!(e.key, "wire_compression");
+        let bad = MirrorConfig { wire_recompress_bytes_max: 1024, ..on.clone() };
+        assert_eq!(bad.validate("mirror").map_err(|e| e.key), Err("mirror.wire_recompress_bytes_max".to_string()));
         // Keep-alives well inside the idle timeout: at least three per idle period.
         let bad = MirrorConfig { keep_alive_ms: 10_000, idle_timeout_ms: 29_999, ..on.clone() };
         assert_eq!(bad.validate("mirror").map_err(|e| e.key), Err("mirror.idle_timeout_ms".to_string()));

@@ -15,14 +15,14 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 use tributary_log::batch::{retain_records, BatchHeader, Retained};
 use tributary_log::clock::now_ms;
-use tributary_log::{Store, StoreError};
+use tributary_log::{Codec, Store, StoreError};
 
 use crate::backfill::driver::{BackfillSender, Backfills};
-use crate::config::MirrorConfig;
+use crate::config::{MirrorConfig, WireCompression};
 use crate::core::Backoff;
 use crate::drain::{DrainEstimate, DrainWindow, Sample};
 use crate::fresh::{self, Class, FreshTail, LinkShare, Step, Verdict};
@@ -795,6 +795,7 @@ async fn stream_session(
                                 partition,
                                 credit,
                                 read_bytes_max: cfg.read_bytes_max,
+                                wire: WireForm { compression: cfg.wire_compression, limit: cfg.wire_recompress_bytes_max },
                                 stats: stats.clone(),
                                 progress,
                                 bucket: bucket.clone(),
@@ -895,6 +896,7 @@ struct PartitionSender {
     urgent: bool,
     credit: Arc<Credit>,
     read_bytes_max: u64,
+    wire: WireForm,
     stats: Arc<MirrorStats>,
     progress: Arc<PartitionProgress>,
     bucket: Arc<Mutex<LinkShare>>,
@@ -928,10 +930,16 @@ impl PartitionSender {
             // The read runs on the blocking pool: a redb read can wait on the disk, and the
             // runtime has two async workers for every connection.
             let max = credit.min(self.read_bytes_max) as usize;
-            let (store, topic, partition) = (self.store.clone(), self.topic.clone(), self.partition);
-            let read = tokio::task::spawn_blocking(move || store.fetch(&topic, partition, next, max))
-                .await
-                .map_err(|e| MirrorError::Refused(format!("store read task: {e}")))?;
+            let (store, topic, partition, wire) = (self.store.clone(), self.topic.clone(), self.partition, self.wire);
+            // Recompressed for the wire on the blocking pool too (CPU, not I/O, but not short).
+            let read = tokio::task::spawn_blocking(move || {
+                store.fetch(&topic, partition, next, max).map(|mut f| {
+                    f.data = wire.apply(f.data);
+                    f
+                })
+            })
+            .await
+            .map_err(|e| MirrorError::Refused(format!("store read task: {e}")))?;
             let fetched = match read {
                 Ok(f) => f,
                 Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) if log_start_offset > next => {
@@ -1239,6 +1247,37 @@ impl LiveSender {
         }
         self.stats.latest_view_records_sent.fetch_add(records, Ordering::Relaxed);
         Ok(v)
+    }
+}
+
+/// The form stored batches take on the link (`mirror.wire_compression`).
+#[derive(Debug, Clone, Copy)]
+struct WireForm {
+    compression: WireCompression,
+    /// `mirror.wire_recompress_bytes_max`: larger batches go as stored.
+    limit: u64,
+}
+
+impl WireForm {
+    /// `data` (whole stored batches) with each batch recompressed where that is smaller; a batch
+    /// that cannot be (a control batch, one past the limit, a corrupt one: the sender's own
+    /// checks then see it as stored) goes as stored. Offsets, timestamps and records unchanged.
+    fn apply(self, data: Bytes) -> Bytes {
+        if self.compression == WireCompression::None {
+            return data;
+        }
+        let mut out = BytesMut::with_capacity(data.len());
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let len = BatchHeader::parse(rest).map_or(rest.len(), |h| h.total_len().min(rest.len()));
+            let (batch, tail) = rest.split_at(len);
+            match tributary_log::batch::recompress(batch, Codec::Zstd, self.limit) {
+                Ok(Some(smaller)) => out.extend_from_slice(&smaller),
+                Ok(None) | Err(_) => out.extend_from_slice(batch),
+            }
+            rest = tail;
+        }
+        out.freeze()
     }
 }
 

@@ -15,6 +15,7 @@ mod kafka_faults;
 mod kafka_groups;
 mod kafka_hardening;
 mod kafka_protocol;
+mod linkem;
 mod mirror;
 mod mirror_backfill;
 mod mirror_checkpoints;

@@ -6,6 +6,7 @@ pub mod browser;
 pub mod kafka_cluster;
 pub mod link;
 pub mod mm2;
+pub mod linkem;
 pub mod soak;
 pub mod workload;
 
@@ -297,9 +298,27 @@ impl KafkaListener {
         topic_defaults: tributary_broker::TopicConfig,
         advertised_port: u16,
     ) -> anyhow::Result<Self> {
+        Self::start_at(store, topic_defaults, "127.0.0.1:0", "", advertised_port).await
+    }
+
+    /// Binds `listen`, advertising `advertised_host` (empty: the bound address) and
+    /// `advertised_port` (0: the bound port). The task runs on the current runtime (one whose
+    /// threads are in another network namespace serves there: `linkem::in_netns`).
+    pub async fn start_at(
+        store: tributary_broker::Store,
+        topic_defaults: tributary_broker::TopicConfig,
+        listen: &str,
+        advertised_host: &str,
+        advertised_port: u16,
+    ) -> anyhow::Result<Self> {
         use tributary_broker::kafka::{KafkaConfig, KafkaServer};
         use tributary_broker::TopicTemplate;
-        let cfg = KafkaConfig { listen: "127.0.0.1:0".into(), advertised_port, ..KafkaConfig::default() };
+        let cfg = KafkaConfig {
+            listen: listen.into(),
+            advertised_host: advertised_host.into(),
+            advertised_port,
+            ..KafkaConfig::default()
+        };
         let template = TopicTemplate { partitions: 1, config: topic_defaults };
         let server = KafkaServer::bind(cfg, store, template).await?;
         let addr = server.local_addr()?;

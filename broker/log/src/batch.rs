@@ -680,6 +680,33 @@ pub fn retain_records(
     Ok(Retained::Some { batch: out, removed })
 }
 
+/// The same batch with its records compressed by `codec` instead (offsets, timestamps, producer
+/// fields and records unchanged; attributes' codec bits, length and CRC rewritten), or `None`
+/// when that would not make it smaller, it already uses `codec`, or it is a control batch. The
+/// records are decompressed within `decompressed_limit`. The mirror uses it to send stored
+/// batches in a denser codec than the site stores them in (`mirror.wire_compression`).
+pub fn recompress(batch: &[u8], codec: Codec, decompressed_limit: u64) -> Result<Option<Vec<u8>>, BatchError> {
+    let h = BatchHeader::parse(batch)?;
+    let from = h.codec()?;
+    if h.is_control() || from == codec || batch.len() < h.total_len() {
+        return Ok(None);
+    }
+    let raw = compression::decompress(from, &batch[HEADER_LEN..h.total_len()], decompressed_limit)?;
+    let mut out = Vec::with_capacity(batch.len());
+    out.extend_from_slice(&batch[..HEADER_LEN]);
+    compression::compress(codec, &raw, &mut out)?;
+    if out.len() >= h.total_len() {
+        return Ok(None);
+    }
+    let len = (out.len() - 12) as i32;
+    out[OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4].copy_from_slice(&len.to_be_bytes());
+    let attributes = (h.attributes & !0x07) | codec.attribute_bits();
+    out[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
+    let crc = crc32c::crc32c(&out[OFF_ATTRIBUTES..]);
+    out[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    Ok(Some(out))
+}
+
 /// Decodes every record of a stored batch (trusted: validated when it was appended, but still
 /// decoded defensively and within `decompressed_limit`). A control batch (a gap the store wrote)
 /// holds no records for readers: it yields none; readers continue at its `next_offset()`.
@@ -728,6 +755,32 @@ mod tests {
         let mut out = Vec::new();
         encode_batch(&with_ts, 100, codec, TimestampKind::CreateTime, 0, &mut out).expect("encode");
         out
+    }
+
+    #[test]
+    fn a_recompressed_batch_holds_the_same_records_in_the_new_codec_and_validates() {
+        let records: Vec<NewRecord> = (0..200)
+            .map(|i| NewRecord {
+                key: Some(Bytes::from(format!("SM-{:07}", i % 40))),
+                value: Some(Bytes::from(format!("{{\"voltage\":230.{},\"status\":\"ok\",\"seq\":{i}}}", i % 7))),
+                headers: vec![("h".to_string(), Some(Bytes::from_static(b"1")))],
+                timestamp_ms: Some(1_700_000_000_000 + i as i64),
+            })
+            .collect();
+        let lz4 = encode(&records, Codec::Lz4);
+        let zstd = recompress(&lz4, Codec::Zstd, 1 << 20).expect("recompress").expect("smaller in zstd");
+        assert!(zstd.len() < lz4.len(), "{} vs {}", zstd.len(), lz4.len());
+        let h = validate(&zstd, 1 << 20).expect("a valid batch");
+        assert_eq!(h.codec().expect("codec"), Codec::Zstd);
+        let (a, b) = (BatchHeader::parse(&lz4).expect("header"), h);
+        assert_eq!(
+            (a.base_offset, a.last_offset_delta, a.base_timestamp, a.max_timestamp, a.record_count),
+            (b.base_offset, b.last_offset_delta, b.base_timestamp, b.max_timestamp, b.record_count)
+        );
+        assert_eq!(decode_records(&zstd, 1 << 20).expect("decode"), decode_records(&lz4, 1 << 20).expect("decode"));
+        // Already in the codec, or past the limit: left alone / refused.
+        assert_eq!(recompress(&zstd, Codec::Zstd, 1 << 20).expect("same codec"), None);
+        assert!(recompress(&lz4, Codec::Zstd, 100).is_err());
     }
 
     /// A peer's batch (a restore's) whose offsets run past i64 is refused, not a panic or

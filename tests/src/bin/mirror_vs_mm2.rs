@@ -1,14 +1,19 @@
 //! `mirror-vs-mm2` (issue 16): Tributary's QUIC mirror beside Apache Kafka's MirrorMaker 2, in
 //! one run, moving the same smart-meter backlog (the readings of an outage of the fleet's link)
 //! from a gateway store into one real Apache Kafka broker (the central cluster, one node: a
-//! benchmark, not a replication test). Per link (loopback, then a constrained link made by the
-//! project's own shaping proxy, `tributary_tests::link`) and per mirror:
-//! - Tributary: the gateway's mirror (in this process) -> UDP shaping proxy -> `tributary-cloud`
-//!   (a child process) -> Kafka, remote topic `trib-{link}.meters`.
+//! benchmark, not a replication test). Per link and per mirror. The links: `loopback`; `wan` and
+//! `wan-no-loss`, made by the link emulator (`tributary_tests::linkem`, a child process: the site's
+//! sockets live in a network namespace that reaches the centre, the root namespace, only through
+//! it, so both mirrors' packets see the same rate, delay and loss); `constrained` and
+//! `constrained-no-loss`, made by the older shaping proxies (`tributary_tests::link`: a TCP proxy
+//! cannot drop segments, so MM2 saw no loss there).
+//! - Tributary: the gateway's mirror (in this process; over the emulated WAN on a runtime whose
+//!   threads are in the site's namespace) -> the link -> `tributary-cloud` (a child process) ->
+//!   Kafka, remote topic `trib-{link}.meters`.
 //! - MirrorMaker 2, dedicated mode (a child JVM), placed at the centre as usually deployed: it
-//!   pulls from the site's Kafka listener (in this process, advertising the proxy) through the TCP
-//!   shaping proxy, and writes to Kafka, remote topic `mm2-{link}.meters` (default replication
-//!   policy, source alias `mm2-{link}`).
+//!   pulls from the site's Kafka listener (in this process, at the site's end of the link) across
+//!   the link, and writes to Kafka, remote topic `mm2-{link}.meters` (default replication policy,
+//!   source alias `mm2-{link}`).
 //!
 //! Measures the catch-up time from the mirror's start to the whole backlog in Kafka, the payload
 //! bytes through the proxy (the WAN between site and centre) both ways, the records read back
@@ -35,6 +40,7 @@ use tributary_sync::{certs, CloudConfig, MirrorConfig};
 use tributary_tests::kafka_cluster::{KafkaCluster, KafkaJars, KafkaOptions};
 use tributary_tests::link::{tcp_proxy, udp_proxy, Impairment};
 use tributary_tests::mm2::{self, Mm2};
+use tributary_tests::linkem::{in_netns, Direction, Layout, LinkChild, LinkStats};
 use tributary_tests::workload::{fleets, ingest, open_store, TOPIC};
 use tributary_tests::{cpu_seconds, fsync_rate, sequential_write, status_kib, CloudChild, KafkaListener, MIB};
 
@@ -55,10 +61,14 @@ struct Args {
     outage_minutes: f64,
     #[arg(long, default_value_t = 4)]
     partitions: u32,
-    /// Links to run, comma-separated: `loopback`, `constrained` (rate, delay, and loss for UDP),
-    /// `constrained-no-loss` (rate and delay for both: the like-for-like case).
-    #[arg(long, default_value = "loopback,constrained")]
+    /// Links to run, comma-separated: `loopback`; `wan` (the link emulator: rate, delay and loss
+    /// for every packet, both mirrors), `wan-no-loss`; `constrained` (the shaping proxies: rate,
+    /// delay, and loss for UDP only), `constrained-no-loss`.
+    #[arg(long, default_value = "loopback,wan")]
     links: String,
+    /// The emulated WAN's bottleneck queue per direction, ms at its rate (tail drop).
+    #[arg(long, default_value_t = 100)]
+    queue_ms: u32,
     /// Constrained link: rate per direction, bits/s.
     #[arg(long, default_value_t = 10_000_000)]
     link_bits_per_s: u64,
@@ -79,6 +89,10 @@ struct Args {
     /// config's default.
     #[arg(long)]
     congestion_controller: Option<String>,
+    /// Our gateway's `mirror.wire_compression` values, comma-separated: ours runs once per value
+    /// (`zstd`: stored batches recompressed for the link; `none`: as stored).
+    #[arg(long, default_value = "zstd,none")]
+    wire_compression: String,
     /// Also run MirrorMaker 2 with `exactly.once.source.support=enabled`.
     #[arg(long)]
     mm2_exactly_once: bool,
@@ -107,10 +121,16 @@ struct Run {
     drain_secs: f64,
     /// From the link carrying the backlog (64 KiB towards the centre) to the whole backlog in Kafka.
     busy_secs: f64,
-    /// Estimated bytes on the wire with IPv4 and UDP or TCP headers (see [`on_wire`]).
+    /// Bytes on the wire with IPv4 and UDP or TCP headers: counted by the emulator, estimated
+    /// for the proxies (see [`tcp_on_wire`]).
     on_wire: f64,
-    up: u64,
-    down: u64,
+    /// Bytes each way: the emulator's IP packets (headers included), the proxies' payload.
+    to_centre: u64,
+    to_site: u64,
+    /// Payload bytes both ways, where a proxy counted them.
+    payload: Option<u64>,
+    /// The emulator's counters of this run: packets lost and dropped each way.
+    link_note: Option<String>,
     read: u64,
     distinct: u64,
     site_cpu: f64,
@@ -242,27 +262,142 @@ fn peak_mib(pid: &str) -> f64 {
     status_kib(pid, "VmHWM:") as f64 / MIB * 1024.0
 }
 
+/// An emulated WAN: the `linkem` child, and a runtime whose threads are in the site's network
+/// namespace (sockets made by its tasks are the site's).
+struct Wan {
+    link: LinkChild,
+    rt: SiteRuntime,
+}
+
+/// The site's runtime, shut down in the background when dropped: also on an error path inside
+/// the main runtime, where dropping a runtime would panic.
+struct SiteRuntime(Option<tokio::runtime::Runtime>);
+
+impl SiteRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("present until dropped").handle()
+    }
+}
+
+impl Drop for SiteRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Wan {
+    fn start(args: &Args, name: &str) -> anyhow::Result<Self> {
+        let (ns, net, loss) = match name {
+            "wan" => ("mvm-wan", [10, 77, 0], f64::from(args.loss_percent) / 100.0),
+            "wan-no-loss" => ("mvm-wan-nl", [10, 77, 1], 0.0),
+            other => bail!("not an emulated link: {other}"),
+        };
+        let layout = Layout::new(ns, net)?;
+        let rtt = Duration::from_millis(u64::from(args.rtt_ms));
+        let spec = Direction::wan(args.link_bits_per_s, rtt, loss, Duration::from_millis(u64::from(args.queue_ms)), 16);
+        let link = LinkChild::start(&std::env::current_exe()?.with_file_name("linkem"), &layout, spec)?;
+        let rt = in_netns(ns, || {
+            Ok(tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("site")
+                .enable_all()
+                .build()?)
+        })?;
+        Ok(Self { link, rt: SiteRuntime(Some(rt)) })
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        drop(self.rt);
+        self.link.stop()
+    }
+}
+
+/// Where a run's wire bytes are counted.
+enum Wire<'a> {
+    /// A shaping proxy (payload bytes); `target_is_centre`: the proxy dials the centre (ours),
+    /// not the site (MM2's).
+    Proxy { imp: Impairment, target_is_centre: bool },
+    /// The emulator's IP packets since `base`.
+    Emulated { link: &'a mut LinkChild, base: LinkStats },
+}
+
+impl Wire<'_> {
+    fn emulated(link: &mut LinkChild) -> anyhow::Result<Wire<'_>> {
+        let base = link.stats()?;
+        Ok(Wire::Emulated { link, base })
+    }
+
+    /// Bytes towards the centre so far.
+    fn bytes_to_centre(&mut self) -> anyhow::Result<u64> {
+        Ok(match self {
+            Wire::Proxy { imp, target_is_centre: true } => imp.bytes().0,
+            Wire::Proxy { imp, target_is_centre: false } => imp.bytes().1,
+            Wire::Emulated { link, base } => link.stats()?.since(base).to_centre.bytes,
+        })
+    }
+
+    /// Fills the run's wire figures.
+    fn fill(&mut self, run: &mut Run, udp: bool) -> anyhow::Result<()> {
+        match self {
+            Wire::Proxy { imp, target_is_centre } => {
+                let (up, down) = imp.bytes();
+                (run.to_centre, run.to_site) = if *target_is_centre { (up, down) } else { (down, up) };
+                run.payload = Some(up + down);
+                run.on_wire = if udp {
+                    (up + down) as f64
+                        + UDP_IP_HEADERS
+                            * (imp.datagrams_up.load(Ordering::Relaxed) + imp.datagrams_down.load(Ordering::Relaxed))
+                                as f64
+                } else {
+                    tcp_on_wire(up) + tcp_on_wire(down)
+                };
+            }
+            Wire::Emulated { link, base } => {
+                let d = link.stats()?.since(base);
+                (run.to_centre, run.to_site) = (d.to_centre.bytes, d.to_site.bytes);
+                run.on_wire = (d.to_centre.bytes + d.to_site.bytes) as f64;
+                run.link_note = Some(format!(
+                    "to the centre {} packets, {} lost, {} dropped at the full queue; to the site {} packets, {} lost, {} dropped",
+                    d.to_centre.packets,
+                    d.to_centre.lost,
+                    d.to_centre.queue_full,
+                    d.to_site.packets,
+                    d.to_site.lost,
+                    d.to_site.queue_full
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The impairment of `link`.
 fn impairment(args: &Args, link: &str, udp: bool) -> anyhow::Result<Impairment> {
     Ok(match link {
         "loopback" => Impairment::default(),
         "constrained" => Impairment::shaped(args.link_bits_per_s, args.rtt_ms, if udp { args.loss_percent } else { 0 }),
         "constrained-no-loss" => Impairment::shaped(args.link_bits_per_s, args.rtt_ms, 0),
-        other => bail!("--links: loopback, constrained or constrained-no-loss, not {other:?}"),
+        other => bail!("--links: loopback, wan, wan-no-loss, constrained or constrained-no-loss, not {other:?}"),
     })
 }
 
-/// Tributary's mirror: the gateway mirror here, the receiver in a child, through the UDP proxy.
+/// Tributary's mirror: the gateway mirror here, the receiver in a child, through the UDP proxy
+/// or the emulated `wan`.
+#[allow(clippy::too_many_arguments)]
 async fn run_tributary(
     args: &Args,
     central: &Central,
     store: &Store,
     n: u64,
     link: &str,
+    wan: Option<&mut Wan>,
     kill: bool,
+    wire_compression: &str,
     work: &Path,
 ) -> anyhow::Result<Run> {
-    let site = format!("trib-{link}{}", if kill { "-kill" } else { "" });
+    let site = format!("trib-{wire_compression}-{link}{}", if kill { "-kill" } else { "" });
     let dir = work.join(&site);
     std::fs::create_dir_all(&dir)?;
     let ca = certs::new_ca("bench CA", 2)?;
@@ -270,8 +405,9 @@ async fn run_tributary(
     certs::server_cert(&ca, &["localhost".to_string()], 2)?.write(&dir, "cloud")?;
     certs::site_cert(&ca, &site, 2)?.write(&dir, "site")?;
     let port = tributary_tests::free_udp_port()?;
+    let centre = wan.as_ref().map_or(std::net::Ipv4Addr::LOCALHOST, |w| w.link.layout.centre());
     let mut cfg = CloudConfig {
-        listen: ([127, 0, 0, 1], port).into(),
+        listen: (centre, port).into(),
         ca_file: dir.join("ca.pem"),
         cert_file: dir.join("cloud.pem"),
         key_file: dir.join("cloud.key"),
@@ -285,8 +421,14 @@ async fn run_tributary(
     };
     let mut receiver = CloudChild::start(&binary, &cfg, &dir)?;
     let rpid = receiver.pid().context("receiver pid")?.to_string();
-    let imp = impairment(args, link, true)?;
-    let via = udp_proxy(cfg.listen, imp.clone()).await?;
+    let (mut wire, via, rt) = match wan {
+        None => {
+            let imp = impairment(args, link, true)?;
+            let via = udp_proxy(cfg.listen, imp.clone()).await?;
+            (Wire::Proxy { imp, target_is_centre: true }, via, None)
+        }
+        Some(Wan { link, rt }) => (Wire::emulated(link)?, cfg.listen, Some(rt.handle().clone())),
+    };
     let mirror_cfg = MirrorConfig {
         enabled: true,
         cloud: via.to_string(),
@@ -303,6 +445,9 @@ async fn run_tributary(
         mirror_cfg.congestion_controller =
             toml::Value::String(cc.clone()).try_into().with_context(|| format!("--congestion-controller {cc:?}"))?;
     }
+    mirror_cfg.wire_compression = toml::Value::String(wire_compression.into())
+        .try_into()
+        .with_context(|| format!("--wire-compression {wire_compression:?}"))?;
     let congestion = mirror_cfg.congestion_controller;
     mirror_cfg.validate("mirror")?;
     let stats = Arc::new(MirrorStats::default());
@@ -315,14 +460,18 @@ async fn run_tributary(
     let mut quic = None;
     let start = Instant::now();
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mirror = tokio::spawn(tributary_sync::gateway::run(mirror_cfg, store.clone(), stats.clone(), async move {
+    let mirror = tributary_sync::gateway::run(mirror_cfg, store.clone(), stats.clone(), async move {
         let _ = stop_rx.await;
-    }));
+    });
+    let mirror = match &rt {
+        Some(rt) => rt.spawn(mirror),
+        None => tokio::spawn(mirror),
+    };
     let remote = cfg.remote_topic(&site, TOPIC);
     let timeout = Duration::from_secs(args.timeout_secs);
     let (first, done) = tokio::task::block_in_place(|| {
         central.wait(&remote, args.partitions, n, timeout, |count| {
-            if busy.is_none() && imp.bytes().0 > BUSY_BYTES {
+            if busy.is_none() && wire.bytes_to_centre()? > BUSY_BYTES {
                 busy = Some(Instant::now());
             }
             if let Some(s) = stats.connection_stats() {
@@ -342,18 +491,17 @@ async fn run_tributary(
             Ok(())
         })
     })?;
-    let run = Run {
+    let mut run = Run {
         link: link.into(),
-        mirror: format!("Tributary QUIC mirror{}", if kill { ", receiver SIGKILLed at half, restarted" } else { "" }),
+        mirror: format!(
+            "Tributary QUIC mirror, {}{}",
+            if wire_compression == "none" { "batches as stored (lz4)" } else { "zstd on the wire" },
+            if kill { ", receiver SIGKILLed at half, restarted" } else { "" }
+        ),
         topic: remote.clone(),
         secs: done.duration_since(start).as_secs_f64(),
         drain_secs: done.duration_since(first).as_secs_f64(),
         busy_secs: done.duration_since(busy.unwrap_or(start)).as_secs_f64(),
-        up: imp.bytes().0,
-        down: imp.bytes().1,
-        on_wire: (imp.bytes().0 + imp.bytes().1) as f64
-            + UDP_IP_HEADERS
-                * (imp.datagrams_up.load(Ordering::Relaxed) + imp.datagrams_down.load(Ordering::Relaxed)) as f64,
         site_cpu: cpu_seconds("self") - site_cpu0,
         centre_cpu: centre_cpu + cpu_seconds(&rpid) - base,
         kafka_cpu: cpu_seconds(&central.pid) - kafka_cpu0,
@@ -375,6 +523,7 @@ async fn run_tributary(
         }),
         ..Run::default()
     };
+    wire.fill(&mut run, true)?;
     let _ = stop.send(());
     mirror.await??;
     receiver.kill()?;
@@ -390,24 +539,45 @@ struct Mm2Mode {
 }
 
 /// MirrorMaker 2 in dedicated mode, at the centre, reading the site's Kafka listener through
-/// the TCP proxy.
+/// the TCP proxy or the emulated `wan`.
+#[allow(clippy::too_many_arguments)]
 async fn run_mm2(
     args: &Args,
     central: &Central,
     store: &Store,
     n: u64,
     link: &str,
+    wan: Option<&mut Wan>,
     Mm2Mode { exactly_once, kill }: Mm2Mode,
     work: &Path,
 ) -> anyhow::Result<Run> {
     let alias = format!("mm2{}-{link}{}", if exactly_once { "eos" } else { "" }, if kill { "-kill" } else { "" });
     let dir = work.join(&alias);
     std::fs::create_dir_all(&dir)?;
-    let imp = impairment(args, link, false)?;
-    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let proxy = front.local_addr()?;
-    let listener = KafkaListener::start_advertising(store.clone(), TopicConfig::default(), proxy.port()).await?;
-    tcp_proxy(front, listener.addr, imp.clone());
+    let (mut wire, proxy, listener) = match wan {
+        None => {
+            let imp = impairment(args, link, false)?;
+            let front = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let proxy = front.local_addr()?;
+            let listener =
+                KafkaListener::start_advertising(store.clone(), TopicConfig::default(), proxy.port()).await?;
+            tcp_proxy(front, listener.addr, imp.clone());
+            (Wire::Proxy { imp, target_is_centre: false }, proxy, listener)
+        }
+        Some(Wan { link, rt }) => {
+            // The site's listener, in the site's namespace, at its end of the link.
+            let (site, store) = (link.layout.site(), store.clone());
+            let listener = rt
+                .handle()
+                .spawn(async move {
+                    KafkaListener::start_at(store, TopicConfig::default(), &format!("{site}:0"), &site.to_string(), 0)
+                        .await
+                })
+                .await??;
+            let addr = listener.addr;
+            (Wire::emulated(link)?, addr, listener)
+        }
+    };
     let mut props =
         mm2::base_properties(&alias, &proxy.to_string(), &central.kafka.bootstrap(), TOPIC, args.partitions, 1);
     props.extend(
@@ -437,7 +607,7 @@ async fn run_mm2(
     let timeout = Duration::from_secs(args.timeout_secs);
     let waited = tokio::task::block_in_place(|| {
         central.wait(&remote, args.partitions, n, timeout, |count| {
-            if busy.is_none() && imp.bytes().1 > BUSY_BYTES {
+            if busy.is_none() && wire.bytes_to_centre()? > BUSY_BYTES {
                 busy = Some(Instant::now());
             }
             if kill && !killed && count >= n as i64 / 2 {
@@ -458,7 +628,7 @@ async fn run_mm2(
         Ok(times) => times,
         Err(e) => bail!("{e:#}\n{}", child.log_tail(40)),
     };
-    Ok(Run {
+    let mut run = Run {
         link: link.into(),
         mirror: format!(
             "MirrorMaker 2, {}{}",
@@ -469,15 +639,14 @@ async fn run_mm2(
         secs: done.duration_since(start).as_secs_f64(),
         drain_secs: done.duration_since(first).as_secs_f64(),
         busy_secs: done.duration_since(busy.unwrap_or(start)).as_secs_f64(),
-        up: imp.bytes().0,
-        down: imp.bytes().1,
-        on_wire: tcp_on_wire(imp.bytes().0) + tcp_on_wire(imp.bytes().1),
         site_cpu: cpu_seconds("self") - site_cpu0,
         centre_cpu,
         kafka_cpu: cpu_seconds(&central.pid) - kafka_cpu0,
         centre_rss_mib,
         ..Run::default()
-    })
+    };
+    wire.fill(&mut run, false)?;
+    Ok(run)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -516,23 +685,27 @@ async fn main() -> anyhow::Result<()> {
         raw = filled.key_bytes + filled.value_bytes;
         eprintln!("{link}: backlog of {backlog} records ({:.1} MB raw) in the site store", raw as f64 / 1e6);
         let work = tmp.path().join(link);
+        let mut wan = match link {
+            "wan" | "wan-no-loss" => Some(Wan::start(&args, link)?),
+            _ => None,
+        };
         let mirrors: Vec<&str> = args.mirrors.split(',').collect();
         for kill in if args.kill { vec![false, true] } else { vec![false] } {
-            if mirrors.contains(&"tributary") {
-                let r = run_tributary(&args, &central, &store, backlog, link, kill, &work).await?;
+            for wire in args.wire_compression.split(',').filter(|_| mirrors.contains(&"tributary")) {
+                let r = run_tributary(&args, &central, &store, backlog, link, wan.as_mut(), kill, wire, &work).await?;
                 eprintln!("{link}: {} {:.1} s; QUIC: {}", r.mirror, r.secs, r.quic.as_deref().unwrap_or("-"));
                 runs.push(r);
             }
             if !mirrors.contains(&"mm2") {
                 continue;
             }
-            let r =
-                run_mm2(&args, &central, &store, backlog, link, Mm2Mode { exactly_once: false, kill }, &work).await?;
+            let mode = Mm2Mode { exactly_once: false, kill };
+            let r = run_mm2(&args, &central, &store, backlog, link, wan.as_mut(), mode, &work).await?;
             eprintln!("{link}: {} {:.1} s", r.mirror, r.secs);
             runs.push(r);
             if args.mm2_exactly_once {
-                match run_mm2(&args, &central, &store, backlog, link, Mm2Mode { exactly_once: true, kill }, &work).await
-                {
+                let mode = Mm2Mode { exactly_once: true, kill };
+                match run_mm2(&args, &central, &store, backlog, link, wan.as_mut(), mode, &work).await {
                     Ok(r) => runs.push(r),
                     Err(e) => {
                         eprintln!("{link}: MirrorMaker 2 exactly-once failed: {e:#}");
@@ -543,6 +716,9 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
             }
+        }
+        if let Some(wan) = wan {
+            wan.stop()?;
         }
         store.close().await?;
     }
@@ -560,20 +736,21 @@ async fn main() -> anyhow::Result<()> {
         raw as f64 / 1e6
     );
     println!();
-    println!("| link | mirror | catch-up s (from start) | records/s (from start) | sustained records/s (link busy to last record in Kafka) | wire MB site->centre | wire MB centre->site | wire payload B/record | est. on wire incl. IP/UDP/TCP headers B/record | records/s first to last record in Kafka | read back | duplicates | lost | site CPU s | centre mirror CPU s | Kafka broker CPU s | centre mirror peak RSS MiB |");
+    println!("wire MB: IP packets counted by the emulator on `wan` links (headers included), payload counted by the proxies on `loopback` and `constrained` links; on wire B/record: counted on `wan`, estimated from the payload elsewhere");
+    println!();
+    println!("| link | mirror | catch-up s (from start) | records/s (from start) | sustained records/s (link busy to last record in Kafka) | wire MB site->centre | wire MB centre->site | wire payload B/record | on wire incl. IP/UDP/TCP headers B/record | records/s first to last record in Kafka | read back | duplicates | lost | site CPU s | centre mirror CPU s | Kafka broker CPU s | centre mirror peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &runs {
-        let (to_centre, to_site) = if r.mirror.starts_with("Tributary") { (r.up, r.down) } else { (r.down, r.up) };
         println!(
-            "| {} | {} | {:.1} | {:.0} | **{:.0}** | {:.1} | {:.2} | {:.1} | {:.1} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            "| {} | {} | {:.1} | {:.0} | **{:.0}** | {:.1} | {:.2} | {} | {:.1} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} |",
             r.link,
             r.mirror,
             r.secs,
             backlog as f64 / r.secs,
             backlog as f64 / r.busy_secs,
-            to_centre as f64 / 1e6,
-            to_site as f64 / 1e6,
-            (r.up + r.down) as f64 / backlog as f64,
+            r.to_centre as f64 / 1e6,
+            r.to_site as f64 / 1e6,
+            r.payload.map_or("-".to_string(), |p| format!("{:.1}", p as f64 / backlog as f64)),
             r.on_wire / backlog as f64,
             backlog as f64 / r.drain_secs,
             r.read,
@@ -588,6 +765,9 @@ async fn main() -> anyhow::Result<()> {
     println!();
     for r in runs.iter().filter(|r| r.quic.is_some()) {
         println!("QUIC at the end, {} / {}: {}", r.link, r.mirror, r.quic.as_deref().unwrap_or(""));
+    }
+    for r in runs.iter().filter(|r| r.link_note.is_some()) {
+        println!("emulated link, {} / {}: {}", r.link, r.mirror, r.link_note.as_deref().unwrap_or(""));
     }
     for n in &notes {
         println!("{n}");
