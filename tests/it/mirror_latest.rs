@@ -230,7 +230,7 @@ async fn a_backlog_whose_keys_overflow_the_map_goes_in_windows_and_still_ends_in
 /// preview ended, so the preview holds every key's newest value again, each record once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_take_turns_within_latest_first_views_max_and_a_later_backlog_in_the_same_session_gets_its_own_view() {
-    const KEYS: usize = 300;
+    const KEYS: usize = 1_000;
     const PARTITIONS: i32 = 2;
     let pki = Pki::new();
     let central = KafkaBroker::start().await;
@@ -242,7 +242,7 @@ async fn views_take_turns_within_latest_first_views_max_and_a_later_backlog_in_t
     };
     let mut latest = Vec::new();
     for p in 0..PARTITIONS {
-        latest.push(produce(&gateway.bootstrap(), p, rounds(p, 0..6), "none", 100).await.0);
+        latest.push(produce(&gateway.bootstrap(), p, rounds(p, 0..3), "none", 500).await.0);
     }
 
     let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
@@ -255,8 +255,8 @@ async fn views_take_turns_within_latest_first_views_max_and_a_later_backlog_in_t
     mcfg.latest_first_views_max = 1;
     mcfg.fresh_age_ms = 100;
     let mirror = Mirror::start(mcfg, &gateway.store);
-    // The most views seen running at once (sampled every millisecond: a view sends its 300
-    // records, about 9 KB, at the live share of the cap, for hundreds of them).
+    // The most views seen running at once (sampled every millisecond: a view sends its 1,000
+    // records, about 30 KB, beyond the cap's burst at the live share, for a second or more).
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sampler = {
         let (stats, peak) = (mirror.stats.clone(), peak.clone());
@@ -278,7 +278,7 @@ async fn views_take_turns_within_latest_first_views_max_and_a_later_backlog_in_t
     // The link kept up; now a second backlog in the same session (more than the cap's burst,
     // drained at the cap for seconds).
     for (p, want) in latest.iter_mut().enumerate() {
-        want.extend(produce(&gateway.bootstrap(), p as i32, rounds(p as i32, 6..10), "none", 1_000).await.0);
+        want.extend(produce(&gateway.bootstrap(), p as i32, rounds(p as i32, 3..5), "none", 500).await.0);
     }
     mirror.until("a view for the second backlog too", 120, |s| s.latest_views_done.load(Ordering::Relaxed) >= 4).await;
     mirror.until("the history drained again", 120, |_| caught_up(&gateway.store, &[TOPIC])).await;
