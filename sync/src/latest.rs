@@ -17,12 +17,16 @@
 //!
 //! `{site}.{topic}` is untouched: every record, in order, exactly once. On the preview each
 //! record goes at most once: the view sends in strictly increasing offsets, the fresh tail
-//! afterwards starts at `to`, and a new session starts where the receiver's copy ends. A central
+//! afterwards starts at `to`, the next backlog's view (once this backlog is over) starts where the
+//! tail is, and a new session starts where the receiver's copy ends. A central
 //! consumer gets the current state of the backlog's keys from the preview alone; the latest value
 //! of a key is its record with the highest source offset (header `tributary.offset`) among
 //! `{site}.{topic}` and the preview. The ordered stream goes on meanwhile at its share of the
 //! link: records it sends while the view runs may go on the preview too; once it has sent
-//! everything below `to`, the view has nothing to add and stops.
+//! everything below `to`, the view has nothing to add and stops. Compaction on the gateway may
+//! remove a record the view mapped as its key's latest, when a later record of the key exists:
+//! that one goes in a later window, or, if it came after the view began (at or past `to`), on the
+//! fresh tail while it is fresh, else only in `{site}.{topic}`.
 
 use tributary_log::batch::{BatchError, BatchHeader};
 use tributary_log::keymap::LatestKeys;

@@ -13,6 +13,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Offset;
+use tributary_sync::MirrorConfig;
 
 use crate::mirror::{assert_same_records, caught_up, cloud_config, mirror_config, Cloud, Mirror, Pki, SITE};
 use crate::support::{client_config, consume, read_all, KafkaBroker};
@@ -29,6 +30,30 @@ async fn compacted_topic(bootstrap: &str, partitions: i32) {
         .set("min.compaction.lag.ms", "3600000");
     let r = admin.create_topics([&topic], &opts).await.expect("create");
     assert!(r[0].is_ok(), "{r:?}");
+}
+
+/// The two brokers (the centre, the gateway with the compacted topic of `partitions`) and the
+/// certificates.
+async fn brokers(partitions: i32) -> (Pki, KafkaBroker, KafkaBroker) {
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let gateway = KafkaBroker::start().await;
+    compacted_topic(&gateway.bootstrap(), partitions).await;
+    (pki, central, gateway)
+}
+
+/// The receiver in front of `central`, and a mirror config sending TOPIC latest-first under a cap
+/// of `cap` B/s (fresh age 100 ms: a backlog is seen at once).
+fn centre(pki: &Pki, central: &KafkaBroker, cap: u64) -> (Cloud, MirrorConfig) {
+    let cloud = Cloud::start(cloud_config(pki, central, "127.0.0.1:0".parse().expect("addr")));
+    let mut mcfg = mirror_config(pki, cloud.addr, pki.site("site", SITE, None));
+    mcfg.topics = vec![TOPIC.into()];
+    mcfg.urgent_topics = Vec::new();
+    mcfg.bandwidth_bytes_per_s_max = cap;
+    mcfg.read_bytes_max = 16 * 1024;
+    mcfg.latest_first_topics = vec![TOPIC.into()];
+    mcfg.fresh_age_ms = 100;
+    (cloud, mcfg)
 }
 
 /// Produces `(key, value)` in order into `partition` with librdkafka (at most `per_batch` records
@@ -106,10 +131,7 @@ async fn consume_async(bootstrap: String, topic: String, partition: i32, count: 
 async fn the_centre_has_every_key_s_latest_value_from_the_preview_long_before_the_history_drains() {
     const KEYS: usize = 60;
     const VERSIONS: usize = 80;
-    let pki = Pki::new();
-    let central = KafkaBroker::start().await;
-    let gateway = KafkaBroker::start().await;
-    compacted_topic(&gateway.bootstrap(), 1).await;
+    let (pki, central, gateway) = brokers(1).await;
     let readings = (0..VERSIONS).flat_map(|v| {
         (0..KEYS).map(move |k| {
             let tombstone = v == VERSIONS - 1 && k == 7;
@@ -119,14 +141,7 @@ async fn the_centre_has_every_key_s_latest_value_from_the_preview_long_before_th
     let (latest, produced) = produce(&gateway.bootstrap(), 0, readings, "none", 100).await;
     assert_eq!(latest.len(), KEYS);
 
-    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
-    let mut mcfg = mirror_config(&pki, cloud.addr, pki.site("site", SITE, None));
-    mcfg.topics = vec![TOPIC.into()];
-    mcfg.urgent_topics = Vec::new();
-    mcfg.bandwidth_bytes_per_s_max = 16 * 1024;
-    mcfg.read_bytes_max = 16 * 1024;
-    mcfg.latest_first_topics = vec![TOPIC.into()];
-    mcfg.fresh_age_ms = 100;
+    let (cloud, mcfg) = centre(&pki, &central, 16 * 1024);
     let started = Instant::now();
     let mirror = Mirror::start(mcfg, &gateway.store);
 
@@ -175,24 +190,14 @@ async fn the_centre_has_every_key_s_latest_value_from_the_preview_long_before_th
 async fn a_backlog_whose_keys_overflow_the_map_goes_in_windows_and_still_ends_in_every_key_s_latest_value() {
     const KEYS: usize = 400;
     const VERSIONS: usize = 10;
-    let pki = Pki::new();
-    let central = KafkaBroker::start().await;
-    let gateway = KafkaBroker::start().await;
-    compacted_topic(&gateway.bootstrap(), 1).await;
+    let (pki, central, gateway) = brokers(1).await;
     let readings = (0..KEYS).flat_map(|k| {
         (0..VERSIONS).map(move |v| (format!("meter-{k:03}"), Some(format!("{{\"kwh\":{}}}", k * 100 + v))))
     });
     let (latest, produced) = produce(&gateway.bootstrap(), 0, readings, "lz4", 20).await;
 
-    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
-    let mut mcfg = mirror_config(&pki, cloud.addr, pki.site("site", SITE, None));
-    mcfg.topics = vec![TOPIC.into()];
-    mcfg.urgent_topics = Vec::new();
-    mcfg.bandwidth_bytes_per_s_max = 8 * 1024;
-    mcfg.read_bytes_max = 16 * 1024;
-    mcfg.latest_first_topics = vec![TOPIC.into()];
+    let (cloud, mut mcfg) = centre(&pki, &central, 8 * 1024);
     mcfg.latest_first_map_bytes_max = 4 * 1024;
-    mcfg.fresh_age_ms = 100;
     let mirror = Mirror::start(mcfg, &gateway.store);
     mirror.until("the view sent", 120, |s| s.latest_views_done.load(Ordering::Relaxed) >= 1).await;
     let s = &mirror.stats;
@@ -232,10 +237,7 @@ async fn a_backlog_whose_keys_overflow_the_map_goes_in_windows_and_still_ends_in
 async fn views_take_turns_within_latest_first_views_max_and_a_later_backlog_in_the_same_session_gets_its_own_view() {
     const KEYS: usize = 1_000;
     const PARTITIONS: i32 = 2;
-    let pki = Pki::new();
-    let central = KafkaBroker::start().await;
-    let gateway = KafkaBroker::start().await;
-    compacted_topic(&gateway.bootstrap(), PARTITIONS).await;
+    let (pki, central, gateway) = brokers(PARTITIONS).await;
     // Rounds of readings (every key once a round): each key's latest is in the last round.
     let rounds = |p: i32, rounds: std::ops::Range<usize>| {
         rounds.flat_map(move |v| (0..KEYS).map(move |k| (format!("p{p}-meter-{k:02}"), Some(format!("{{\"r\":{v}}}")))))
@@ -245,15 +247,8 @@ async fn views_take_turns_within_latest_first_views_max_and_a_later_backlog_in_t
         latest.push(produce(&gateway.bootstrap(), p, rounds(p, 0..3), "none", 500).await.0);
     }
 
-    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
-    let mut mcfg = mirror_config(&pki, cloud.addr, pki.site("site", SITE, None));
-    mcfg.topics = vec![TOPIC.into()];
-    mcfg.urgent_topics = Vec::new();
-    mcfg.bandwidth_bytes_per_s_max = 16 * 1024;
-    mcfg.read_bytes_max = 16 * 1024;
-    mcfg.latest_first_topics = vec![TOPIC.into()];
+    let (cloud, mut mcfg) = centre(&pki, &central, 16 * 1024);
     mcfg.latest_first_views_max = 1;
-    mcfg.fresh_age_ms = 100;
     let mirror = Mirror::start(mcfg, &gateway.store);
     // The most views seen running at once (sampled every millisecond: a view sends its 1,000
     // records, about 30 KB, beyond the cap's burst at the live share, for a second or more).
