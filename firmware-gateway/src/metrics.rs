@@ -570,6 +570,12 @@ pub fn render(src: &Sources) -> String {
             m.latest_views_done.load(Ordering::Relaxed),
         );
         o.one(
+            "tributary_mirror_latest_views_running",
+            "gauge",
+            "Latest-first views running now (at most mirror.latest_first_views_max; the others wait).",
+            m.latest_views_running.load(Ordering::Relaxed),
+        );
+        o.one(
             "tributary_mirror_latest_view_windows_total",
             "counter",
             "Windows of finished views (more than one each when the keys overflow mirror.latest_first_map_bytes_max).",

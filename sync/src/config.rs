@@ -83,6 +83,9 @@ pub struct MirrorConfig {
     /// Memory of one partition's latest-first key map (key bytes plus 64 per key); a backlog
     /// whose keys do not fit sends its view in windows, each the compacted view of its part.
     pub latest_first_map_bytes_max: u64,
+    /// Latest-first views running at once (the others wait for a place): their key maps
+    /// together hold at most this many times `latest_first_map_bytes_max`.
+    pub latest_first_views_max: u32,
     /// Backfill requests waiting to be sent (`tributary mirror backfill`; refused beyond; a
     /// request's slot is free once its ranges are in the centre); as many done ones are kept
     /// for status, the oldest forgotten.
@@ -134,6 +137,7 @@ impl Default for MirrorConfig {
             fresh_share_percent: 50,
             latest_first_topics: Vec::new(),
             latest_first_map_bytes_max: 8 * MIB,
+            latest_first_views_max: 4,
             backfill_requests_max: 1_000,
             backfill_ranges_max: 64,
             restore_streams_max: 4,
@@ -226,6 +230,7 @@ impl MirrorConfig {
         // Some share for the live streams, and at least a tenth of the cap for the backlog.
         check_range(&key("fresh_share_percent"), self.fresh_share_percent.into(), 1, 90)?;
         check_range(&key("latest_first_map_bytes_max"), self.latest_first_map_bytes_max, 4 * 1024, 16 * 1024 * MIB)?;
+        check_range(&key("latest_first_views_max"), self.latest_first_views_max.into(), 1, 1_024)?;
         check_range(&key("backfill_requests_max"), self.backfill_requests_max.into(), 1, 100_000)?;
         check_range(&key("backfill_ranges_max"), self.backfill_ranges_max.into(), 1, 10_000)?;
         if let Some(t) = self.fresh_topics.iter().find(|t| t.as_str() != "*" && !self.mirrors(t)) {
@@ -580,6 +585,8 @@ mod tests {
         assert_eq!(key(unmirrored).as_deref(), Some("mirror.latest_first_topics"));
         let small = MirrorConfig { latest_first_map_bytes_max: 4_095, ..on.clone() };
         assert_eq!(key(small).as_deref(), Some("mirror.latest_first_map_bytes_max"));
+        let none = MirrorConfig { latest_first_views_max: 0, ..on.clone() };
+        assert_eq!(key(none).as_deref(), Some("mirror.latest_first_views_max"));
         let m = MirrorConfig { latest_first_topics: vec!["state".into()], ..on.clone() };
         assert_eq!(key(m.clone()), None);
         assert!(m.latest_first("state") && !m.latest_first("meters") && !m.fresh("state"));

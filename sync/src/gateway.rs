@@ -105,6 +105,8 @@ pub struct MirrorStats {
     pub latest_view_records_sent: AtomicU64,
     pub latest_view_bytes_sent: AtomicU64,
     pub latest_view_last_ms: AtomicU64,
+    /// Views running now (each holding one of `mirror.latest_first_views_max` places).
+    pub latest_views_running: AtomicU64,
     /// Backfill requests (`tributary mirror backfill`), their plans and progress.
     pub backfills: Arc<Backfills>,
 }
@@ -727,6 +729,7 @@ async fn stream_session(
     send.write_all(&topic_settings_frames(&settings)).await?;
     send.write_all(&Control::Partitions(reported.clone()).encode()).await?;
     let mut credits: HashMap<(String, i32), Arc<Credit>> = HashMap::new();
+    let view_slots = Arc::new(tokio::sync::Semaphore::new(cfg.latest_first_views_max as usize));
     let mut senders = JoinSet::new();
     let mut decoder = Decoder::new(1 << 20);
     let mut buf = vec![0u8; 16 * 1024];
@@ -750,8 +753,10 @@ async fn stream_session(
                             if let Some(source) = live_source(cfg, store, &topic) {
                                 // Latest-first for a compacted topic named in the config.
                                 let compacted = store.topic(&source).is_some_and(|t| t.config.compacted());
-                                let latest_first = (cfg.latest_first(&source) && compacted)
-                                    .then_some(cfg.latest_first_map_bytes_max);
+                                let latest_first = (cfg.latest_first(&source) && compacted).then(|| LatestFirst {
+                                    map_bytes_max: cfg.latest_first_map_bytes_max,
+                                    slots: view_slots.clone(),
+                                });
                                 let task = LiveSender {
                                     conn: conn.clone(),
                                     store: store.clone(),
@@ -1004,10 +1009,38 @@ struct LiveSender {
     credit: Arc<Credit>,
     read_bytes_max: u64,
     age_ms: u64,
-    /// Latest-first catch-up, with its key map's memory (`mirror.latest_first_map_bytes_max`).
-    latest_first: Option<u64>,
+    /// Latest-first catch-up: its key map's memory and the session's places for views.
+    latest_first: Option<LatestFirst>,
     stats: Arc<MirrorStats>,
     bucket: Arc<Mutex<LinkShare>>,
+}
+
+/// A latest-first live stream's limits: one view's key map (`mirror.latest_first_map_bytes_max`)
+/// and the places for views running at once (`mirror.latest_first_views_max`, shared by the
+/// session's live streams), so the maps together stay within their product.
+struct LatestFirst {
+    map_bytes_max: u64,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// A running view's place: counted in `MirrorStats::latest_views_running` while held.
+struct ViewSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    stats: Arc<MirrorStats>,
+}
+
+impl ViewSlot {
+    async fn take(slots: &Arc<tokio::sync::Semaphore>, stats: &Arc<MirrorStats>) -> Result<Self, MirrorError> {
+        let permit = slots.clone().acquire_owned().await.map_err(|_| MirrorError::Closed)?;
+        stats.latest_views_running.fetch_add(1, Ordering::Relaxed);
+        Ok(Self { _permit: permit, stats: stats.clone() })
+    }
+}
+
+impl Drop for ViewSlot {
+    fn drop(&mut self) {
+        self.stats.latest_views_running.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How often a live stream with nothing to send checks again whether a backlog began (new
@@ -1033,20 +1066,40 @@ impl LiveSender {
         let mut tail = FreshTail::new(self.age_ms, from);
         let mut watch = self.store.watch(&self.topic, self.partition)?;
         let check = live_check_interval(self.age_ms);
-        let mut view = self.latest_first.map(LatestView::new);
+        let mut view = self.latest_first.as_ref().map(|l| LatestView::new(l.map_bytes_max));
+        // While a view runs: its place among `mirror.latest_first_views_max`.
+        let mut slot: Option<ViewSlot> = None;
         loop {
             let credit = self.credit.wait().await;
             let wm = self.store.watermarks(&self.topic, self.partition)?;
             let sent = ordered.sent.load(Ordering::Relaxed);
-            if let Some(v) = view.take() {
+            // One reading of the ordered stream's head and of the clock for the view and the
+            // fresh tail alike: the tail must not see a backlog the view has not seen (it would
+            // move the preview past the backlog before its view began).
+            let (head_ms, now) = (ordered.head_ms(), now_ms());
+            if let Some(mut v) = view.take() {
                 // The backlog's compacted view first; the fresh tail once it is over.
-                let backlog = tail.backlog(sent, wm.high_watermark, ordered.head_ms(), now_ms());
-                let was_waiting = !v.running();
-                let mut v = v;
-                match v.step(backlog, tail.next(), sent, wm.high_watermark, now_ms()) {
-                    ViewStep::Wait => view = Some(v),
+                let backlog = tail.backlog(sent, wm.high_watermark, head_ms, now);
+                if backlog && v.waiting() && slot.is_none() {
+                    // A view's key map only within the views' total memory: wait for a place.
+                    if let Some(l) = &self.latest_first {
+                        slot = Some(ViewSlot::take(&l.slots, &self.stats).await?);
+                    }
+                    view = Some(v);
+                    continue;
+                }
+                let was_waiting = v.waiting();
+                match v.step(backlog, tail.next(), sent, wm.high_watermark, now) {
+                    ViewStep::Wait => {
+                        if v.waiting() {
+                            slot = None;
+                        }
+                        view = Some(v);
+                    }
                     ViewStep::Done { to } => {
+                        slot = None;
                         self.view_done(&v);
+                        view = Some(v);
                         tail.seek(Some(to), wm.high_watermark);
                         continue;
                     }
@@ -1065,7 +1118,7 @@ impl LiveSender {
                     }
                 }
             }
-            let from = match tail.step(sent, wm.high_watermark, ordered.head_ms(), now_ms()) {
+            let from = match tail.step(sent, wm.high_watermark, head_ms, now) {
                 Step::Idle => {
                     tokio::select! {
                         alive = watch.changed() => if !alive {

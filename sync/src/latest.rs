@@ -17,12 +17,16 @@
 //!
 //! `{site}.{topic}` is untouched: every record, in order, exactly once. On the preview each
 //! record goes at most once: the view sends in strictly increasing offsets, the fresh tail
-//! afterwards starts at `to`, and a new session starts where the receiver's copy ends. A central
+//! afterwards starts at `to`, the next backlog's view (once this backlog is over) starts where the
+//! tail is, and a new session starts where the receiver's copy ends. A central
 //! consumer gets the current state of the backlog's keys from the preview alone; the latest value
 //! of a key is its record with the highest source offset (header `tributary.offset`) among
 //! `{site}.{topic}` and the preview. The ordered stream goes on meanwhile at its share of the
 //! link: records it sends while the view runs may go on the preview too; once it has sent
-//! everything below `to`, the view has nothing to add and stops.
+//! everything below `to`, the view has nothing to add and stops. Compaction on the gateway may
+//! remove a record the view mapped as its key's latest, when a later record of the key exists:
+//! that one goes in a later window, or, if it came after the view began (at or past `to`), on the
+//! fresh tail while it is fresh, else only in `{site}.{topic}`.
 
 use tributary_log::batch::{BatchError, BatchHeader};
 use tributary_log::keymap::LatestKeys;
@@ -53,13 +57,15 @@ enum State {
 /// What the view does now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ViewStep {
-    /// No backlog: nothing to do yet.
+    /// Nothing for the view now (no backlog yet, or this backlog's view is over): the fresh
+    /// tail decides.
     Wait,
     /// Read batches from `from` and offer each to [`LatestView::map`], until it says stop.
     Map { from: i64 },
     /// Read batches from `from` and offer each to [`LatestView::emit`], until it says stop.
     Emit { from: i64 },
-    /// The view is over: the live stream continues from `to` as a fresh tail.
+    /// The view is over (said once per view): the live stream continues from `to` as a fresh
+    /// tail, until the backlog is over; the next backlog starts a new view.
     Done { to: i64 },
 }
 
@@ -126,7 +132,18 @@ impl LatestView {
                 ViewStep::Map { from: end }
             }
             State::Emit { at, .. } => ViewStep::Emit { from: at },
-            State::Done { to } => ViewStep::Done { to },
+            State::Done { .. } if !backlog => {
+                // That backlog is over: the next one (a link that keeps up, then falls behind
+                // again) gets a view of its own, from where the preview is then.
+                self.state = State::Waiting;
+                self.started_ms = None;
+                self.finished_ms = None;
+                self.windows = 0;
+                self.keys_mapped = 0;
+                ViewStep::Wait
+            }
+            // The fresh tail follows this backlog.
+            State::Done { .. } => ViewStep::Wait,
         }
     }
 
@@ -202,6 +219,11 @@ impl LatestView {
     pub fn keep(&self, key: Option<&[u8]>, offset: i64) -> bool {
         let State::Emit { from, end, .. } = self.state else { return false };
         offset >= from && offset < end && key.is_some_and(|k| self.keys.is_latest(k, offset))
+    }
+
+    /// Whether no view has started since the last backlog ended (or ever).
+    pub fn waiting(&self) -> bool {
+        self.state == State::Waiting
     }
 
     /// Whether the view has started and not ended.
@@ -421,7 +443,25 @@ mod tests {
         // The ordered stream is at 1 when the view starts and everything is sent by round 2.
         let sent = run(&mut v, &log, 1, 0, |round| if round >= 2 { 4 } else { 1 });
         assert!(sent.is_empty(), "still mapping when the ordered stream finished: {sent:?}");
-        assert_eq!(v.step(true, 0, 4, 4, 9), ViewStep::Done { to: 4 });
+        assert_eq!(v.step(true, 0, 4, 4, 9), ViewStep::Wait, "over: the fresh tail follows");
+    }
+
+    #[test]
+    fn each_backlog_gets_its_own_view_from_where_the_preview_then_ends() {
+        let log = log(&[&["a"], &["b"], &["a"], &["c"], &["b"], &["a"]]);
+        let mut v = LatestView::new(LIMIT);
+        // The first backlog: [0, 6) while the ordered stream is at 0.
+        let sent = run(&mut v, &log[..3], 2, 0, |_| 0);
+        assert_eq!(sent.iter().map(|(o, k, _)| (*o, k.as_str())).collect::<Vec<_>>(), vec![(1, "b"), (2, "a")]);
+        assert_eq!(v.step(true, 3, 1, 6, 10), ViewStep::Wait, "that backlog still drains: the fresh tail runs");
+        assert!(!v.waiting() && !v.running());
+        // The link keeps up, then falls behind again with the preview at 5: a new view of [5, 6).
+        assert_eq!(v.step(false, 5, 6, 6, 11), ViewStep::Wait);
+        assert!(v.waiting());
+        assert_eq!(v.time_to_current_ms(), None, "a new view");
+        let sent = run(&mut v, &log, 2, 5, |_| 3);
+        assert_eq!(sent, vec![(5, "a".into(), false)], "never below the preview's end");
+        assert_eq!((v.windows(), v.keys_mapped()), (1, 1), "this view's own counts");
     }
 
     /// Random logs, map sizes and read sizes: the preview's offsets strictly increase (each
