@@ -676,7 +676,8 @@ async fn zstd_on_the_wire_moves_fewer_bytes_than_the_stored_lz4_batches_and_ever
         match compression {
             tributary_sync::config::WireCompression::None => assert_eq!(sent, stored, "batches as stored"),
             tributary_sync::config::WireCompression::Zstd => {
-                assert!(sent * 10 < stored * 9, "{sent} batch bytes sent for {stored} stored: not 10% fewer")
+                // C libzstd at level 3: 41% fewer here (ruzstd's fastest level, before: 21%).
+                assert!(sent * 10 < stored * 7, "{sent} batch bytes sent for {stored} stored: not 30% fewer")
             }
         }
         through.push(imp.bytes().0);
