@@ -5,8 +5,8 @@
 pub mod browser;
 pub mod kafka_cluster;
 pub mod link;
-pub mod mm2;
 pub mod linkem;
+pub mod mm2;
 pub mod soak;
 pub mod workload;
 

@@ -39,8 +39,8 @@ use tributary_sync::gateway::MirrorStats;
 use tributary_sync::{certs, CloudConfig, MirrorConfig};
 use tributary_tests::kafka_cluster::{KafkaCluster, KafkaJars, KafkaOptions};
 use tributary_tests::link::{tcp_proxy, udp_proxy, Impairment};
-use tributary_tests::mm2::{self, Mm2};
 use tributary_tests::linkem::{in_netns, Direction, Layout, LinkChild, LinkStats};
+use tributary_tests::mm2::{self, Mm2};
 use tributary_tests::workload::{fleets, ingest, open_store, TOPIC};
 use tributary_tests::{cpu_seconds, fsync_rate, sequential_write, status_kib, CloudChild, KafkaListener, MIB};
 
