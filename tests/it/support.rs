@@ -315,7 +315,9 @@ pub fn http_get(addr: &str, path: &str) -> String {
     body.to_string()
 }
 
-/// The gateway daemon (the real binary) serving a config file, started and ready.
+/// The gateway daemon (the real binary) serving a config file, started and ready. Dropping it
+/// (a test that ends without `stop` or `kill`, or panics first) SIGKILLs and reaps the process, so
+/// no gateway outlives its test.
 pub struct Daemon {
     child: std::process::Child,
     ready: String,
@@ -386,5 +388,16 @@ impl Daemon {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
         assert!(self.child.wait().expect("wait").success(), "clean shutdown");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // After `stop` or `kill` the child is reaped already: `try_wait` answers from the saved
+        // status and nothing is signalled (its pid may belong to another process by now).
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
