@@ -129,7 +129,7 @@ def cmd(args):
         if got != with_tombstone:
             fail("view neither with nor without the tombstone: %s" % got)
         if time.monotonic() - start > DEADLINE_S + DELETE_RETENTION_MS / 1000:
-            fail("the tombstone of meter-00 is still there %.1f s after compaction" % (time.monotonic() - start))
+            fail("the tombstone of meter-00 is still there %.1f s after the produce" % (time.monotonic() - start))
         time.sleep(0.1)
     gone_s = time.monotonic() - start
 
