@@ -11,6 +11,7 @@ check that depends on compaction must then fail (how the checks were seen to fai
 """
 
 import argparse
+import sys
 import time
 
 import kafka
@@ -18,7 +19,8 @@ import kafka.errors as Errors
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from kafka_client import fail, topic_configs
+sys.dont_write_bytecode = True  # importing kafka_client must leave no __pycache__ in the clone
+from kafka_client import fail, topic_configs  # noqa: E402
 
 KEYS = 10
 VERSIONS = 5
