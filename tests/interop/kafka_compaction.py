@@ -24,7 +24,7 @@ from kafka_client import fail, topic_configs  # noqa: E402
 
 KEYS = 10
 VERSIONS = 5
-DELETE_RETENTION_MS = 4000
+DELETE_RETENTION_MS = 8000
 DEADLINE_S = 60
 
 

@@ -180,12 +180,12 @@ run_check "Java client $kafka_version: static membership: restarted static membe
 run_check "Java client $kafka_version: admin: topics, cluster, partitions, configs, offsets, groups" java_client admin
 check_compacted() { # POLICY: compact (the check), delete (to see it fail)
     topics --create --topic "tools-compacted-$1" --partitions 1 --config cleanup.policy="$1" \
-        --config min.cleanable.dirty.ratio=0.01 --config min.compaction.lag.ms=0 --config delete.retention.ms=4000 \
+        --config min.cleanable.dirty.ratio=0.01 --config min.compaction.lag.ms=0 --config delete.retention.ms=8000 \
         --config segment.bytes=1048576 --config segment.ms=600000 >"$work/o"
     expect "^Created topic tools-compacted-$1" "$work/o"
     configs --describe --entity-type topics --entity-name "tools-compacted-$1" >"$work/o"
     expect 'cleanup.policy=compact( |$)' "$work/o"
-    expect 'delete.retention.ms=4000( |$)' "$work/o"
+    expect 'delete.retention.ms=8000( |$)' "$work/o"
     expect 'min.cleanable.dirty.ratio=0.01( |$)' "$work/o"
     java_client compacted "tools-compacted-$1"
 }

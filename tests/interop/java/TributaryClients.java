@@ -337,7 +337,7 @@ public class TributaryClients {
 
     /**
      * A compacted topic made by kafka-topics (cleanup.policy=compact, min.cleanable.dirty.ratio=0.01,
-     * delete.retention.ms=4000): a keyless record refused with InvalidRecordException, as the Java
+     * delete.retention.ms=8000): a keyless record refused with InvalidRecordException, as the Java
      * broker refuses it; 10 keys x 5 versions, a tombstone and a tail record produced; a consumer from
      * the beginning polls (deadline 60 s) until it reads Kafka's compacted view (the latest record per
      * key at its original offset, gaps, the tombstone kept), then until the tombstone is gone.
