@@ -246,6 +246,9 @@ for side in debian pypi; do
     # --- 6. admin ---
     run_check "kafka-python $v admin: create_topics, duplicate -> TopicAlreadyExistsError, describe_configs, delete_topics" \
         kafka_python_admin "$py" "$side"
+    # --- 6b. compacted topic ---
+    run_check "kafka-python $v: compacted topic: keyless record refused, versions compact to the latest per key at their offsets, tombstone gone after delete.retention.ms" \
+        "$py" "$here/kafka_compaction.py" --bootstrap "$broker" --topic "kp-$side-compacted"
 done
 
 # --- 7. consumer groups ---------------------------------------------------------------------

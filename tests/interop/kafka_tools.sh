@@ -178,6 +178,19 @@ run_check "Java client $kafka_version: consumer group, CooperativeStickyAssignor
 run_check "Java client $kafka_version: static membership: restarted static members (follower, then leader) keep partitions and generation; admin removes one" \
     java_client static
 run_check "Java client $kafka_version: admin: topics, cluster, partitions, configs, offsets, groups" java_client admin
+check_compacted() { # POLICY: compact (the check), delete (to see it fail)
+    topics --create --topic "tools-compacted-$1" --partitions 1 --config cleanup.policy="$1" \
+        --config min.cleanable.dirty.ratio=0.01 --config min.compaction.lag.ms=0 --config delete.retention.ms=8000 \
+        --config segment.bytes=1048576 --config segment.ms=600000 >"$work/o"
+    expect "^Created topic tools-compacted-$1" "$work/o"
+    configs --describe --entity-type topics --entity-name "tools-compacted-$1" >"$work/o"
+    expect 'cleanup.policy=compact( |$)' "$work/o"
+    expect 'delete.retention.ms=8000( |$)' "$work/o"
+    expect 'min.cleanable.dirty.ratio=0.01( |$)' "$work/o"
+    java_client compacted "tools-compacted-$1"
+}
+run_check "kafka-topics/kafka-configs $kafka_version + Java client: compacted topic: created with --config cleanup.policy=compact, described; keyless record -> InvalidRecordException; versions compact to the latest per key at their offsets; tombstone gone after delete.retention.ms" \
+    check_compacted compact
 check_new_group_protocol() {
     # KIP-848's consumer protocol (ConsumerGroupHeartbeat) is not served: the client says so and
     # reads nothing (the console consumer exits 0 all the same, so its output is what counts).

@@ -3,7 +3,7 @@
 // invocation). Each check throws (exit 1) on the first difference from what Kafka would answer.
 //
 //   java -cp 'JARS/*:CLASSES' TributaryClients BOOTSTRAP CHECK [ARG]
-//   CHECK: produce CODEC | groups range|cooperative-sticky | static | admin
+//   CHECK: produce CODEC | groups range|cooperative-sticky | static | admin | compacted TOPIC
 
 import java.nio.charset.StandardCharsets;
 import java.time.Duration;
@@ -29,6 +29,7 @@ public class TributaryClients {
             case "groups" -> groups(args[2]);
             case "static" -> staticMembership();
             case "admin" -> admin();
+            case "compacted" -> compacted(args[2]);
             default -> throw new IllegalArgumentException("unknown check " + args[1]);
         }
         System.out.println("ok " + String.join(" ", Arrays.copyOfRange(args, 1, args.length)));
@@ -311,6 +312,91 @@ public class TributaryClients {
                     "offsets after the group's deletion");
             a.deleteTopics(List.of(topic)).all().get(30, TimeUnit.SECONDS);
             check(!a.listTopics().names().get(30, TimeUnit.SECONDS).contains(topic), "deleted topic still listed");
+        }
+    }
+
+    /** (offset, key, value) lines of partition 0 of `topic` from the beginning to offset end-1. */
+    static List<String> view(String topic, long end) {
+        List<String> got = new ArrayList<>();
+        try (KafkaConsumer<String, String> c = consumer(Map.of())) {
+            TopicPartition tp = new TopicPartition(topic, 0);
+            c.assign(List.of(tp));
+            c.seekToBeginning(List.of(tp));
+            long last = -1;
+            long deadline = System.currentTimeMillis() + 20_000;
+            while (last < end - 1) {
+                check(System.currentTimeMillis() < deadline, "read of " + topic + " did not reach offset " + (end - 1) + ": " + got);
+                for (ConsumerRecord<String, String> r : c.poll(Duration.ofMillis(200))) {
+                    got.add(r.offset() + " " + r.key() + "=" + r.value());
+                    last = r.offset();
+                }
+            }
+        }
+        return got;
+    }
+
+    /**
+     * A compacted topic made by kafka-topics (cleanup.policy=compact, min.cleanable.dirty.ratio=0.01,
+     * delete.retention.ms=8000): a keyless record refused with InvalidRecordException, as the Java
+     * broker refuses it; 10 keys x 5 versions, a tombstone and a tail record produced; a consumer from
+     * the beginning polls (deadline 60 s) until it reads Kafka's compacted view (the latest record per
+     * key at its original offset, gaps, the tombstone kept), then until the tombstone is gone.
+     */
+    static void compacted(String topic) throws Exception {
+        try (KafkaProducer<String, String> p = producer(Map.of(ProducerConfig.RETRIES_CONFIG, 0,
+                ProducerConfig.ENABLE_IDEMPOTENCE_CONFIG, false))) {
+            try {
+                RecordMetadata md = p.send(new ProducerRecord<>(topic, 0, null, "no key")).get(30, TimeUnit.SECONDS);
+                check(false, "keyless record accepted at offset " + md.offset());
+            } catch (ExecutionException e) {
+                check(e.getCause() instanceof org.apache.kafka.common.InvalidRecordException,
+                        "keyless record: " + e.getCause());
+                System.out.println("keyless record refused: " + e.getCause());
+            }
+            TreeMap<String, String> latest = new TreeMap<>();
+            int keys = 10, versions = 5;
+            for (int v = 0; v < versions; v++) {
+                List<Future<RecordMetadata>> fs = new ArrayList<>();
+                for (int k = 0; k < keys; k++) fs.add(p.send(new ProducerRecord<>(topic, 0, String.format("meter-%02d", k), "reading-" + v)));
+                p.flush(); // one batch per round
+                for (int k = 0; k < keys; k++)
+                    latest.put(String.format("meter-%02d", k), fs.get(k).get(30, TimeUnit.SECONDS).offset() + " reading-" + v);
+            }
+            long tomb = p.send(new ProducerRecord<>(topic, 0, "meter-00", null)).get(30, TimeUnit.SECONDS).offset();
+            latest.put("meter-00", tomb + " null");
+            // A last record on its own: the newest batch, which compaction leaves alone.
+            long end = p.send(new ProducerRecord<>(topic, 0, "end", "tail")).get(30, TimeUnit.SECONDS).offset();
+            latest.put("end", end + " tail");
+            long produced = keys * versions + 2;
+            check(end == produced - 1, "the keyless record took an offset: the last record is at " + end);
+            TreeMap<Long, String> byOffset = new TreeMap<>();
+            latest.forEach((k, ov) -> {
+                String[] x = ov.split(" ", 2);
+                byOffset.put(Long.parseLong(x[0]), x[0] + " " + k + "=" + x[1]);
+            });
+            List<String> withTombstone = new ArrayList<>(byOffset.values());
+            List<String> without = new ArrayList<>(withTombstone);
+            without.removeIf(l -> l.contains(" meter-00="));
+            check(withTombstone.size() < produced, "gaps");
+            long start = System.currentTimeMillis();
+            List<String> got;
+            while (!(got = view(topic, produced)).equals(withTombstone)) {
+                check(!got.equals(without), "the tombstone went before it was seen");
+                check(System.currentTimeMillis() - start < 60_000,
+                        "no compacted view within 60 s: " + got.size() + " records read, " + withTombstone.size() + " expected: " + got);
+                Thread.sleep(100); // the poll's interval
+            }
+            long compacted = System.currentTimeMillis() - start;
+            while (!(got = view(topic, produced)).equals(without)) {
+                check(got.equals(withTombstone), "view neither with nor without the tombstone: " + got);
+                check(System.currentTimeMillis() - start < 64_000, "the tombstone is still there after " + (System.currentTimeMillis() - start) + " ms");
+                Thread.sleep(100);
+            }
+            long gone = System.currentTimeMillis() - start;
+            long again = p.send(new ProducerRecord<>(topic, 0, "meter-01", "again")).get(30, TimeUnit.SECONDS).offset();
+            check(again == produced, "a record after compaction got offset " + again + ", not " + produced);
+            System.out.println("compacted " + produced + " records to " + withTombstone + " in " + compacted
+                    + " ms; the tombstone gone after " + gone + " ms");
         }
     }
 }
