@@ -104,11 +104,11 @@ pub(super) fn incremental_alter_configs_request(
 }
 
 /// Where a topic config's value comes from, as Kafka answers it: the topic's own setting
-/// (DYNAMIC_TOPIC_CONFIG) when it differs from the gateway's `[topic_defaults]`, else the
-/// broker-level default: STATIC_BROKER_CONFIG when gateway.toml changes Kafka's default,
-/// DEFAULT_CONFIG when it does not.
+/// (DYNAMIC_TOPIC_CONFIG) when a client set it (even to the default's value) or it differs
+/// from the gateway's `[topic_defaults]`, else the broker-level default: STATIC_BROKER_CONFIG
+/// when gateway.toml changes Kafka's default, DEFAULT_CONFIG when it does not.
 pub(super) fn config_source(ctx: &Ctx, cfg: &TopicConfig, key: &str) -> i8 {
-    if cfg.get(key) != ctx.defaults.config.get(key) {
+    if cfg.is_own(key, &ctx.defaults.config) {
         SOURCE_DYNAMIC_TOPIC
     } else {
         broker_default_source(ctx, key)
