@@ -336,9 +336,7 @@ async fn alter_configs(
                     for requests::ConfigChange { name: k, op, value } in &changes {
                         let r = match (incremental, *op) {
                             (false, _) | (true, OP_SET) => cfg.set(k, value.as_deref()).map_err(|e| e.to_string()),
-                            (true, OP_DELETE) => {
-                                cfg.set(k, ctx.defaults.config.get(k).as_deref()).map_err(|e| e.to_string())
-                            }
+                            (true, OP_DELETE) => cfg.reset_to(k, &ctx.defaults.config).map_err(|e| e.to_string()),
                             (true, op @ (OP_APPEND | OP_SUBTRACT)) => {
                                 let current = cfg.get(k).or_else(|| ctx.defaults.config.get(k)).unwrap_or_default();
                                 list_op(k, op, &current, value.as_deref()).and_then(|list| {
