@@ -4,7 +4,9 @@
 //! `{site}.checkpoints.internal`. Kafka's own `RemoteClusterUtils.translateOffsets` (a small Java
 //! program on the jar cache, `tests/interop/java/TranslateOffsets.java`) must answer exactly the
 //! remote offset of the first mirrored record at or after each edge commit, and a central
-//! consumer started there must read exactly the records after the commit: none lost, none twice.
+//! consumer started there must read exactly the records after the commit: none lost, none twice;
+//! with Kafka's Java consumer as the group member and the gateway SIGKILLed, what is read twice is
+//! exactly the member's uncommitted tail.
 //! One broker where this is about the format and the translation; three for the lag under load
 //! (replicated writes, `acks=all`).
 
@@ -391,7 +393,93 @@ fn translate_offsets_answers_exactly_where_a_central_consumer_continues_without_
     later.insert((remote.clone(), 0), newer);
     wait_committed(&bootstrap, GROUP, &later);
     drop(records);
-    drop(gateway);
+
+    // Kafka's own Java client as the group's member on the gateway: it commits after 40 records
+    // and reads 30 more it never commits; then the gateway is SIGKILLed. Kafka's
+    // translateOffsets says where a central consumer continues: nothing lost, and what it reads
+    // again is exactly the uncommitted tail.
+    let (java_committed, java_read) = java_group(&cluster, &edge, "ledger", 40, 30);
+    assert!(!java_committed.is_empty(), "the Java member committed");
+    let tail: i64 = java_committed.iter().map(|(p, o)| java_read[p] - o).sum();
+    eprintln!(
+        "Java group on the gateway: committed {java_committed:?}, read up to {java_read:?}, uncommitted tail {tail}"
+    );
+    assert!(tail > 0, "the member read past its commit");
+    let mut ledger: Checkpoints = BTreeMap::new();
+    let checkpointed = watch_checkpoints(&bootstrap, Duration::from_secs(30), |c| {
+        if let Some((k, v, _)) = c.filter(|(k, _, _)| k.0 == "ledger") {
+            ledger.insert(k.clone(), v);
+        }
+        java_committed
+            .iter()
+            .all(|(p, o)| ledger.get(&("ledger".to_string(), remote.clone(), *p)).is_some_and(|v| v.0 == *o))
+    });
+    assert!(checkpointed, "checkpoints of the Java group's commits: {ledger:?}");
+    gateway.kill();
+    let translated = translate_offsets(&cluster, "ledger");
+    let central: BaseConsumer = client_config(&bootstrap)
+        .set("group.id", "tests-java-failover")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("central consumer");
+    let mut tpl = TopicPartitionList::new();
+    for (p, _) in &java_committed {
+        let at = translated.get(&(remote.clone(), *p)).unwrap_or_else(|| panic!("no translation for partition {p}"));
+        tpl.add_partition_offset(&remote, *p, Offset::Offset(*at)).expect("tpl");
+    }
+    central.assign(&tpl).expect("assign");
+    let mut again: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    let want = |p: i32| (java_committed[&p]..high[p as usize]).collect::<Vec<i64>>();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while java_committed.keys().any(|p| again.get(p).map_or(0, Vec::len) < want(*p).len()) {
+        assert!(Instant::now() < deadline, "central consumer of the Java group's translation stuck: {again:?}");
+        if let Some(m) = central.poll(Duration::from_millis(100)) {
+            let m = m.expect("central consume");
+            let h: Vec<(String, Option<bytes::Bytes>)> = m.headers().map_or_else(Vec::new, |h| {
+                h.iter().map(|h| (h.key.to_string(), h.value.map(bytes::Bytes::copy_from_slice))).collect()
+            });
+            again.entry(m.partition()).or_default().push(header_offset(&h));
+        }
+    }
+    for (p, committed) in &java_committed {
+        assert_eq!(again[p], want(*p), "partition {p}: every record from the Java group's commit on, once");
+        let twice = again[p].iter().filter(|o| **o < java_read[p]).count() as i64;
+        assert_eq!(twice, java_read[p] - committed, "partition {p}: read again = the uncommitted tail, no more");
+    }
+}
+
+/// Runs `tests/interop/java/GroupConsume.java` (Kafka's Java consumer in `group` on the
+/// gateway): it commits after `commit_after` records and reads `read_after` more. Returns the
+/// committed offsets and the next offsets read, per partition.
+fn java_group(
+    cluster: &KafkaCluster,
+    edge: &str,
+    group: &str,
+    commit_after: usize,
+    read_after: usize,
+) -> (BTreeMap<i32, i64>, BTreeMap<i32, i64>) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/java/GroupConsume.java");
+    let out = cluster
+        .jars()
+        .java(256)
+        .args(["-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"])
+        .arg(&source)
+        .args([edge, group, "meters"])
+        .args([commit_after.to_string(), read_after.to_string()])
+        .output()
+        .expect("run java");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "GroupConsume: {}\n{stdout}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let (mut committed, mut read) = (BTreeMap::new(), BTreeMap::new());
+    for l in stdout.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (p, o) = (f[1].parse().expect("partition"), f[2].parse().expect("offset"));
+        match f[0] {
+            "committed" => committed.insert(p, o),
+            _ => read.insert(p, o),
+        };
+    }
+    (committed, read)
 }
 
 /// Waits until the central cluster's group `group` has exactly `want` committed.
