@@ -15,7 +15,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bin=${TRIBUTARY_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/tributary-target}/debug/tributary}
 # shellcheck source=tests/interop/lib.sh
 . "$here/lib.sh"
-require "kafka tools interop" java javac go timeout python3 "$bin"
+require "kafka tools interop" java javac go timeout python3 mosquitto_pub "$bin"
 jars=${TRIBUTARY_KAFKA_JARS:-$(bash "$here/../kafka/fetch-jars.sh" | tail -n 1)}
 export GOMODCACHE=${GOMODCACHE:-$HOME/.cache/tributary-go/mod}
 export GOCACHE=${GOCACHE:-$HOME/.cache/tributary-go/build}
@@ -109,6 +109,25 @@ check_console() {
     cmp -s "$work/want" "$work/got" || { diff "$work/want" "$work/got" | head; return 1; }
 }
 run_check "kafka-console-producer (keys, zstd, acks=all) -> kafka-console-consumer (group): 300 records" check_console
+
+# Batches the gateway builds itself (MQTT publishes, in the log topic's codec: lz4 by default)
+# decoded by Kafka's Java client: 300 publishes of 100-3,000 bytes and every 50th of 70-100 KB,
+# whose batches span more than one 64 KiB LZ4 block.
+check_mqtt_lz4() {
+    local mqtt_addr
+    mqtt_addr=$(grep -o 'mqtt=[0-9.]*:[0-9]*' "$work/gateway.log" | head -n 1 | cut -d= -f2)
+    python3 -c 'import random
+random.seed(7)
+for i in range(300):
+    n = random.randint(70000, 100000) if i % 50 == 49 else random.randint(100, 3000)
+    print("reading %d " % i + "x" * n)' >"$work/mqtt.in"
+    timeout 60 mosquitto_pub -h "${mqtt_addr%:*}" -p "${mqtt_addr##*:}" -V mqttv5 -q 1 -i lz4-meter \
+        -t meters/lz4 -l <"$work/mqtt.in"
+    kjava org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$broker" --topic mqtt \
+        --from-beginning --max-messages 300 --timeout-ms 60000 >"$work/mqtt.out"
+    cmp -s "$work/mqtt.in" "$work/mqtt.out" || { diff "$work/mqtt.in" "$work/mqtt.out" | head -c 2000; return 1; }
+}
+run_check "mosquitto_pub (MQTT 5, QoS 1) -> kafka-console-consumer: 300 records in batches the gateway built (lz4, some over one 64 KiB block)" check_mqtt_lz4
 
 # --- 4. kafka-consumer-groups ------------------------------------------------------------------
 check_groups() {
