@@ -155,9 +155,15 @@ impl Mirror {
         cfg.validate("mirror").expect("valid mirror config");
         let stats = Arc::new(MirrorStats::default());
         let (stop, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(tributary_sync::gateway::run(cfg, store.clone(), stats.clone(), async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(tributary_sync::gateway::run(
+            cfg,
+            store.clone(),
+            stats.clone(),
+            Default::default(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Self { stats, stop, task }
     }
 
