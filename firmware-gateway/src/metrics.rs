@@ -623,6 +623,10 @@ pub fn render(src: &Sources) -> String {
                 "tributary_mirror_backfill_below_records",
                 "Records of a backfill request below what the centre held already: not sent.",
             ),
+            (
+                "tributary_mirror_backfill_deleted_records",
+                "Records of a backfill request that retention deleted before they were sent: never sent.",
+            ),
         ];
         for (i, (name, help)) in fams.iter().enumerate() {
             o.family(name, "gauge", help);
@@ -636,7 +640,7 @@ pub fn render(src: &Sources) -> String {
                     ("to_ms", &to),
                     ("state", &state),
                 ];
-                o.sample(name, &labels, [b.total, b.sent, b.below][i]);
+                o.sample(name, &labels, [b.total, b.sent, b.below, b.deleted][i]);
             }
         }
         let (tracked, unsent) = m.commits.pending();

@@ -83,10 +83,17 @@ check_configs() {
     configs --alter --entity-type topics --entity-name tools-t --delete-config retention.ms >/dev/null
     configs --describe --entity-type topics --entity-name tools-t >"$work/o"
     expect_not 'retention.ms=' "$work/o"
+    # A config set to its default value is the topic's own (listed) until deleted, as in Kafka.
+    configs --alter --entity-type topics --entity-name tools-t --add-config cleanup.policy=delete >/dev/null
+    configs --describe --entity-type topics --entity-name tools-t >"$work/o"
+    expect 'cleanup.policy=delete' "$work/o"
+    configs --alter --entity-type topics --entity-name tools-t --delete-config cleanup.policy >/dev/null
+    configs --describe --entity-type topics --entity-name tools-t >"$work/o"
+    expect_not 'cleanup.policy=' "$work/o"
     configs --describe --entity-type brokers --entity-name 1 >"$work/o"
     expect 'configs for broker 1' "$work/o"
 }
-run_check "kafka-configs $kafka_version: topic describe (--all: synonyms), --add-config, --delete-config; broker describe" check_configs
+run_check "kafka-configs $kafka_version: topic describe (--all: synonyms), --add-config (also of a default value), --delete-config; broker describe" check_configs
 
 # --- 3. console producer and consumer ---------------------------------------------------------
 check_console() {

@@ -712,7 +712,7 @@ fn list_configs_append_and_subtract_and_configs_show_their_synonyms() {
     let broker = rt.block_on(KafkaBroker::start_with(cfg));
     rt.block_on(broker.store.create_topic("lists", 1, Default::default())).expect("topic");
     let mut c = RawKafka::connect(broker.addr);
-    let mut alter = |name: &str, op: i8, value: Option<&str>| {
+    let alter_on = |c: &mut RawKafka, name: &str, op: i8, value: Option<&str>| {
         let req = IncrementalAlterConfigsRequest::default().with_resources(vec![
             incremental_alter_configs_request::AlterConfigsResource::default()
                 .with_resource_type(2)
@@ -725,6 +725,7 @@ fn list_configs_append_and_subtract_and_configs_show_their_synonyms() {
         let r = c.call(&req, 1);
         (r.responses[0].error_code, r.responses[0].error_message.as_ref().map(|m| m.to_string()).unwrap_or_default())
     };
+    let mut alter = |name: &str, op: i8, value: Option<&str>| alter_on(&mut c, name, op, value);
     use tributary_broker::config::CleanupPolicy;
     let policy = |b: &KafkaBroker| b.store.topic("lists").expect("topic").config.cleanup_policy;
     assert_eq!(alter("cleanup.policy", 2, Some("compact")).0, 0, "APPEND compact");
@@ -798,4 +799,16 @@ fn list_configs_append_and_subtract_and_configs_show_their_synonyms() {
     );
     let r = describe(&mut c, false);
     assert!(r.results.iter().flat_map(|x| &x.configs).all(|e| e.synonyms.is_empty()), "synonyms only when asked");
+
+    // Set to the default's own value, a setting is still the topic's (Kafka lists it as
+    // DYNAMIC_TOPIC_CONFIG, and `kafka-configs --describe` shows it) until it is deleted.
+    let source = |c: &mut RawKafka| {
+        let r = describe(c, true);
+        let e = r.results[0].configs.iter().find(|e| e.name.as_str() == "retention.ms").expect("retention.ms");
+        (e.config_source, e.synonyms.iter().map(|y| y.source).collect::<Vec<_>>())
+    };
+    assert_eq!(alter_on(&mut c, "retention.ms", 0, Some("604800000")).0, 0, "SET to the default value");
+    assert_eq!(source(&mut c), (1, vec![1, 5]), "the topic's own setting, then the default it hides");
+    assert_eq!(alter_on(&mut c, "retention.ms", 1, None).0, 0, "DELETE");
+    assert_eq!(source(&mut c), (5, vec![5]), "the default again");
 }

@@ -2,8 +2,9 @@
 //! command, over the gateway's Kafka listener) asks for a time range of a topic the mirror keeps
 //! local; the range reaches `{site}.{topic}` in the central cluster, read there by a Kafka
 //! consumer, each record once: through an overlapping request, a request below what the centre
-//! holds (refused for that part, counted), a request for a mirrored topic (refused) and a restart
-//! of the mirror (the stored requests are not sent again).
+//! holds (refused for that part, counted), a request for a mirrored topic (refused), a restart
+//! of the mirror (the stored requests are not sent again) and a range retention deleted before
+//! it went (done, counted, nothing sent).
 
 use std::sync::atomic::Ordering;
 
@@ -130,6 +131,25 @@ async fn a_backfilled_range_of_a_local_topic_reaches_the_centre_once_through_ove
         })
         .await;
     assert_eq!(mirror.stats.backfills.status().len(), 5, "every request kept across the restart");
+
+    // Retention takes a range after it was accepted, before it went (the receiver down): none of
+    // it reaches the centre, and the request is done, its slot free (it was held for good).
+    let cloud_cfg = cloud_config(&pki, &central, cloud.addr);
+    cloud.stop().await;
+    mirror.until("the link seen down", 30, |s| !s.link_up.load(Ordering::Relaxed)).await;
+    backfill(&gateway, "raw", t0 + 270_000, t0 + 290_000);
+    mirror.until("the request accepted", 60, |s| request(s, "raw", t0 + 270_000).is_some_and(|b| b.total == 40)).await;
+    for p in 0..PARTITIONS {
+        gateway.store.delete_records("raw", p, 295).await.expect("retention");
+    }
+    let cloud = Cloud::restart(cloud_cfg).await;
+    mirror
+        .until("the deleted range settled", 60, |s| {
+            request(s, "raw", t0 + 270_000).is_some_and(|b| b.deleted == b.total)
+        })
+        .await;
+    let gone = request(&mirror.stats, "raw", t0 + 270_000).expect("kept");
+    assert_eq!((gone.sent, gone.deleted, gone.total, gone.refused), (0, 40, 40, None));
     for (p, records) in central_raw(&central).iter().enumerate() {
         let want: Vec<(i64, i64)> = (100..200).chain(250..260).map(|i| (i, i)).collect();
         assert_eq!(records, &want, "partition {p}: the ranges asked for, each once, in order");

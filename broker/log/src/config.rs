@@ -215,6 +215,12 @@ pub struct TopicConfig {
     pub segment_ms: u64,
     pub segment_jitter_ms: u64,
     pub segment_index_bytes: u64,
+    /// The settings a client gave this topic itself (at creation or by an alter), one bit per
+    /// entry of [`TopicConfig::KEYS`], even where the value equals the default: Kafka lists
+    /// such a setting as the topic's own (DYNAMIC_TOPIC_CONFIG) until it is deleted. Not a
+    /// gateway.toml key.
+    #[serde(skip)]
+    pub explicit_keys: u16,
 }
 
 /// What a topic gets that a front end creates on its own (auto-creation on a produce, metadata
@@ -242,9 +248,16 @@ impl Default for TopicConfig {
             segment_ms: DEFAULT_SEGMENT_MS,
             segment_jitter_ms: 0,
             segment_index_bytes: DEFAULT_SEGMENT_INDEX_BYTES,
+            explicit_keys: 0,
         }
     }
 }
+
+const _: () = assert!(TopicConfig::KEYS.len() <= 16, "explicit_keys has a bit per key");
+
+/// The stored line that names a topic's explicitly set keys (`KEY=VALUE` lines name no key
+/// starting with `#`).
+const EXPLICIT_LINE: &str = "#explicit=";
 
 impl TopicConfig {
     /// The Kafka config names this store supports, in the order they are described.
@@ -275,8 +288,51 @@ impl TopicConfig {
         self.cleanup_policy.compacts()
     }
 
-    /// Sets one setting by its Kafka name; `None` restores the default.
+    /// Sets one setting by its Kafka name as a client's own setting of the topic; `None`
+    /// restores the built-in default and forgets that it was set.
     pub fn set(&mut self, key: &str, value: Option<&str>) -> Result<(), ConfigError> {
+        self.set_value(key, value)?;
+        self.mark_explicit(key, value.is_some());
+        Ok(())
+    }
+
+    /// Drops the topic's own setting of `key`: the value becomes `defaults`' (the gateway's
+    /// `[topic_defaults]`), as Kafka's DELETE of a topic config falls back to the broker's.
+    pub fn reset_to(&mut self, key: &str, defaults: &TopicConfig) -> Result<(), ConfigError> {
+        self.set_value(key, defaults.get(key).as_deref())?;
+        self.mark_explicit(key, false);
+        Ok(())
+    }
+
+    /// Whether `key` is this topic's own setting rather than the gateway's default: set by a
+    /// client (even to the default's value), or different from `defaults` (topics created
+    /// before explicit settings were recorded, and topics the gateway itself created with
+    /// other values, such as `mqtt.retained`).
+    pub fn is_own(&self, key: &str, defaults: &TopicConfig) -> bool {
+        Self::key_bit(key).is_some_and(|bit| self.explicit_keys & bit != 0) || self.get(key) != defaults.get(key)
+    }
+
+    /// The topic's own settings ([`TopicConfig::is_own`]) as Kafka names and spells them, in
+    /// [`TopicConfig::KEYS`] order: what a topic needs on top of `defaults` to be itself.
+    pub fn overrides(&self, defaults: &TopicConfig) -> Vec<(&'static str, String)> {
+        Self::KEYS.into_iter().filter(|k| self.is_own(k, defaults)).filter_map(|k| Some((k, self.get(k)?))).collect()
+    }
+
+    fn key_bit(key: &str) -> Option<u16> {
+        Self::KEYS.iter().position(|k| *k == key).map(|i| 1u16 << i)
+    }
+
+    fn mark_explicit(&mut self, key: &str, on: bool) {
+        if let Some(bit) = Self::key_bit(key) {
+            if on {
+                self.explicit_keys |= bit;
+            } else {
+                self.explicit_keys &= !bit;
+            }
+        }
+    }
+
+    fn set_value(&mut self, key: &str, value: Option<&str>) -> Result<(), ConfigError> {
         let default = TopicConfig::default();
         let bad = |reason: &str| ConfigError::new(key, format!("{reason} (got {value:?})"));
         match (key, value) {
@@ -420,7 +476,9 @@ impl TopicConfig {
         })
     }
 
-    /// `key=value` lines, the format topic settings are stored in.
+    /// `key=value` lines, the format topic settings are stored in, then `#explicit=` with the
+    /// keys a client set (absent in what older versions stored: then only values that differ
+    /// from the defaults count as the topic's own).
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         for key in Self::KEYS {
@@ -431,17 +489,33 @@ impl TopicConfig {
                 out.push('\n');
             }
         }
+        let explicit: Vec<&str> =
+            Self::KEYS.into_iter().filter(|k| Self::key_bit(k).is_some_and(|b| self.explicit_keys & b != 0)).collect();
+        if !explicit.is_empty() {
+            out.push_str(EXPLICIT_LINE);
+            out.push_str(&explicit.join(","));
+            out.push('\n');
+        }
         out
     }
 
     pub fn from_text(text: &str) -> Result<Self, ConfigError> {
         let mut cfg = TopicConfig::default();
+        let mut explicit = 0u16;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            if let Some(keys) = line.strip_prefix(EXPLICIT_LINE) {
+                for k in keys.split(',').filter(|k| !k.is_empty()) {
+                    explicit |= Self::key_bit(k)
+                        .ok_or_else(|| ConfigError::new("topic config", format!("unknown explicit key {k:?}")))?;
+                }
+                continue;
+            }
             let (k, v) = line
                 .split_once('=')
                 .ok_or_else(|| ConfigError::new("topic config", format!("malformed line {line:?}")))?;
-            cfg.set(k, Some(v))?;
+            cfg.set_value(k, Some(v))?;
         }
+        cfg.explicit_keys = explicit;
         Ok(cfg)
     }
 }
@@ -633,6 +707,37 @@ mod tests {
         assert_eq!(TopicConfig::from_text(&cfg.to_text()).expect("parses"), cfg);
         assert_eq!(cfg.set("retention.ms", Some("soon")).expect_err("bad").key, "retention.ms");
         assert_eq!(cfg.set("cleanup.policy", Some("archive")).expect_err("bad").key, "cleanup.policy");
+    }
+
+    /// Kafka lists a setting a client gave the topic as the topic's own even when its value is
+    /// the default, until it is deleted; topics stored before this was recorded keep the
+    /// old rule (own = differs from the defaults).
+    #[test]
+    fn a_setting_given_at_the_default_value_stays_the_topics_own_until_deleted() {
+        let defaults = TopicConfig { retention_ms: Some(3_600_000), ..TopicConfig::default() };
+        let mut cfg = defaults.clone();
+        assert!(cfg.overrides(&defaults).is_empty(), "a topic made from the defaults has no settings of its own");
+        cfg.set("retention.ms", Some("3600000")).expect("valid");
+        cfg.set("cleanup.policy", Some("compact")).expect("valid");
+        assert!(cfg.is_own("retention.ms", &defaults), "set to the default's value, still its own");
+        assert_eq!(
+            cfg.overrides(&defaults),
+            [("retention.ms", "3600000".to_string()), ("cleanup.policy", "compact".to_string())]
+        );
+        let stored = TopicConfig::from_text(&cfg.to_text()).expect("parses");
+        assert_eq!(stored, cfg, "the explicit keys are stored");
+        assert!(stored.is_own("retention.ms", &defaults));
+        cfg.reset_to("retention.ms", &defaults).expect("reset");
+        assert!(!cfg.is_own("retention.ms", &defaults), "deleted: the default again");
+        assert_eq!(cfg.retention_ms, Some(3_600_000), "deleting falls back to the gateway's default");
+        cfg.set("cleanup.policy", None).expect("reset");
+        assert!(cfg.overrides(&defaults).is_empty());
+        // What an older version stored: no explicit line; values unlike the defaults are own.
+        let legacy = "retention.ms=3600000\ncompression.type=zstd\n";
+        let old = TopicConfig::from_text(legacy).expect("parses");
+        assert_eq!(old.explicit_keys, 0);
+        assert_eq!(old.overrides(&defaults), [("compression.type", "zstd".to_string())]);
+        assert!(TopicConfig::from_text("#explicit=retention.hours\n").is_err(), "an unknown key is corrupt");
     }
 
     #[test]

@@ -82,6 +82,8 @@ struct BackfillStatus {
     sent: i64,
     /// Below what the centre held already: not sent.
     below: i64,
+    /// Deleted by retention before it was sent: never sent.
+    deleted: i64,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -145,7 +147,7 @@ fn parse(text: &str) -> Option<MirrorStatus> {
             "lag_bytes" => parts.entry(key()).or_default().lag_bytes = v as u64,
             "oldest_unmirrored_age_seconds" => parts.entry(key()).or_default().oldest_unmirrored_age_s = v,
             "mirrored_offset" => parts.entry(key()).or_default().mirrored_offset = v as i64,
-            "backfill_records" | "backfill_sent_records" | "backfill_below_records" => {
+            "backfill_records" | "backfill_sent_records" | "backfill_below_records" | "backfill_deleted_records" => {
                 let id = labels.get("request").and_then(|r| r.parse().ok()).unwrap_or(-1);
                 let label = |k: &str| labels.get(k).copied().unwrap_or_default().to_string();
                 let b = backfills.entry(id).or_insert_with(|| BackfillStatus {
@@ -159,6 +161,7 @@ fn parse(text: &str) -> Option<MirrorStatus> {
                 match metric {
                     "backfill_records" => b.records = v as i64,
                     "backfill_sent_records" => b.sent = v as i64,
+                    "backfill_deleted_records" => b.deleted = v as i64,
                     _ => b.below = v as i64,
                 }
             }
@@ -268,6 +271,7 @@ pub async fn run(command: MirrorCommand) -> anyhow::Result<()> {
                 "SENT",
                 "RECORDS",
                 "NOT SENT (BELOW)",
+                "DELETED BEFORE SENT",
                 "STATE",
             ]);
             for b in &s.backfills {
@@ -279,6 +283,7 @@ pub async fn run(command: MirrorCommand) -> anyhow::Result<()> {
                     b.sent.to_string(),
                     b.records.to_string(),
                     b.below.to_string(),
+                    b.deleted.to_string(),
                     b.state.clone(),
                 ]);
             }
@@ -343,10 +348,11 @@ mod tests {
         assert!(s.backfills.is_empty());
         let text = "tributary_mirror_backfill_records{request=\"3\",topic=\"raw\",from_ms=\"10\",to_ms=\"20\",state=\"accepted\"} 500\n\
                     tributary_mirror_backfill_sent_records{request=\"3\",topic=\"raw\",from_ms=\"10\",to_ms=\"20\",state=\"accepted\"} 120\n\
-                    tributary_mirror_backfill_below_records{request=\"3\",topic=\"raw\",from_ms=\"10\",to_ms=\"20\",state=\"accepted\"} 7\n";
+                    tributary_mirror_backfill_below_records{request=\"3\",topic=\"raw\",from_ms=\"10\",to_ms=\"20\",state=\"accepted\"} 7\n\
+                    tributary_mirror_backfill_deleted_records{request=\"3\",topic=\"raw\",from_ms=\"10\",to_ms=\"20\",state=\"accepted\"} 9\n";
         let b = &parse(text).expect("mirror metrics").backfills[0];
         assert_eq!((b.request, b.topic.as_str(), b.from_ms, b.to_ms, b.state.as_str()), (3, "raw", 10, 20, "accepted"));
-        assert_eq!((b.records, b.sent, b.below), (500, 120, 7));
+        assert_eq!((b.records, b.sent, b.below, b.deleted), (500, 120, 7, 9));
         assert_eq!(s.reconnects, 3);
         assert_eq!((s.partitions[0].topic.as_str(), s.partitions[0].partition), ("meters", 2));
         assert_eq!((s.partitions[0].lag_records, s.partitions[0].mirrored_offset), (17, 100));

@@ -43,6 +43,10 @@ struct State {
     history: BTreeMap<(String, i32), Plan>,
     /// The centre holds the backfilled records of a partition below this (its `Mirrored`).
     sent: BTreeMap<(String, i32), i64>,
+    /// Retention deleted a planned partition's records below this before they were sent: they
+    /// can never go (one entry per planned partition; found again by the sender after a start,
+    /// so not stored).
+    deleted: BTreeMap<(String, i32), i64>,
 }
 
 /// One request as `tributary mirror status` shows it.
@@ -57,6 +61,8 @@ pub struct BackfillStatus {
     /// Offsets below what the centre held when it came (not sent).
     pub below: i64,
     pub sent: i64,
+    /// Offsets retention deleted before they were sent (never sent).
+    pub deleted: i64,
     pub total: i64,
 }
 
@@ -86,14 +92,24 @@ fn parse_partition_key(k: &[u8], prefix: &[u8]) -> Option<(String, i32)> {
 }
 
 impl State {
+    /// How far a request's partition is settled: what the centre holds, or what retention
+    /// deleted before it went, whichever reaches further.
+    fn settled(&self, topic: &str, partition: i32) -> Option<i64> {
+        let key = (topic.to_string(), partition);
+        match (self.sent.get(&key), self.deleted.get(&key)) {
+            (None, None) => None,
+            (a, b) => Some((*a.unwrap_or(&i64::MIN)).max(*b.unwrap_or(&i64::MIN))),
+        }
+    }
+
     /// A request with nothing left to send: refused, or its ranges sent (or below the centre's
-    /// position when it came).
+    /// position when it came, or deleted by retention before they went).
     fn done(&self, a: &Accepted) -> bool {
         match a.verdict {
             Verdict::Refused(_) => true,
             Verdict::Accepted => {
-                let (sent, total) = a.progress(|p| self.sent.get(&(a.request.topic.clone(), p)).copied());
-                sent >= total
+                let (settled, total) = a.progress(|p| self.settled(&a.request.topic, p));
+                settled >= total
             }
         }
     }
@@ -160,6 +176,40 @@ impl Backfills {
         self.lock().plans.get(&(topic.to_string(), partition)).and_then(|p| p.next(at))
     }
 
+    /// Retention deleted a planned partition's records below `log_start` before they were sent:
+    /// they can never go. Ranges wholly below it leave the plan, and requests this settles are
+    /// done (their slots free: else a request whose range retention took held its slot for
+    /// good); done ones past the history's bound are forgotten in the store.
+    pub async fn deleted_before_sent(
+        &self,
+        store: &Store,
+        topic: &str,
+        partition: i32,
+        log_start: i64,
+    ) -> Result<(), StoreError> {
+        let gone = {
+            let mut st = self.lock();
+            let key = (topic.to_string(), partition);
+            let Some(plan) = st.plans.get_mut(&key) else { return Ok(()) };
+            plan.prune(log_start);
+            let mark = st.deleted.entry(key).or_insert(i64::MIN);
+            if log_start <= *mark {
+                return Ok(());
+            }
+            *mark = log_start;
+            st.excess_done(None)
+        };
+        if !gone.is_empty() {
+            store.kv_write(SPACE, gone.iter().map(|id| (request_key(*id), None)).collect()).await?;
+            let mut st = self.lock();
+            for id in gone {
+                st.accepted.remove(&id);
+            }
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
     /// The centre holds a backfilled partition below `offset`: stored, for status and restarts.
     /// Requests this completes free their slots; done ones past the history's bound are
     /// forgotten, in the same commit.
@@ -195,6 +245,7 @@ impl Backfills {
             .values()
             .map(|a| {
                 let (sent, total) = a.progress(|p| st.sent.get(&(a.request.topic.clone(), p)).copied());
+                let (settled, _) = a.progress(|p| st.settled(&a.request.topic, p));
                 BackfillStatus {
                     id: a.id,
                     topic: a.request.topic.clone(),
@@ -206,6 +257,7 @@ impl Backfills {
                     },
                     below: a.parts.iter().map(|p| p.below).sum(),
                     sent,
+                    deleted: settled - sent,
                     total,
                 }
             })
@@ -404,9 +456,13 @@ impl BackfillSender {
             let fetched = match read {
                 Ok(f) => f,
                 Err(StoreError::OffsetOutOfRange { log_start_offset, .. }) if log_start_offset > at => {
-                    // Retention deleted planned records before they went: counted, passed over.
+                    // Retention deleted planned records before they went: counted, passed over,
+                    // and the requests they settle are done.
                     let lost = (log_start_offset.min(end) - at).max(0) as u64;
                     self.backfills.deleted.fetch_add(lost, Ordering::Relaxed);
+                    self.backfills
+                        .deleted_before_sent(&self.store, &self.topic, self.partition, log_start_offset)
+                        .await?;
                     next = log_start_offset;
                     continue;
                 }
@@ -503,6 +559,42 @@ mod tests {
         let reloaded = Backfills::default();
         reloaded.load(&store, 2, 4).expect("reload");
         assert_eq!(ids(&reloaded), [(1, false), (3, false)]);
+    }
+
+    /// A request whose range retention deleted before it went is done, its slot free (it held
+    /// the slot for good before: nothing was sent, so the centre never confirmed the range).
+    #[tokio::test]
+    async fn a_request_whose_range_retention_deleted_before_it_went_frees_its_slot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config =
+            StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
+        let (store, _) = Store::open(config).expect("open");
+        store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
+        let records = (0..10).map(|i| tributary_log::batch::NewRecord::new(Some("k"), format!("v{i}"))).collect();
+        store.append_records("t", 0, records).await.expect("append");
+        let b = Backfills::default();
+        b.load(&store, 1, 4).expect("load");
+        let all = || Some(Request { topic: "t".into(), from_ms: 0, to_ms: i64::MAX });
+        b.accept(&store, &|_| false, 0, all()).await.expect("decided");
+        b.accept(&store, &|_| false, 1, all()).await.expect("decided");
+        assert_eq!(b.status().len(), 1, "one slot, taken: the second is refused (and not kept)");
+        // Retention takes 0..6 before anything went: the rest is still to send.
+        store.delete_records("t", 0, 6).await.expect("delete");
+        b.deleted_before_sent(&store, "t", 0, 6).await.expect("noted");
+        let s = &b.status()[0];
+        assert_eq!((s.sent, s.deleted, s.total), (0, 6, 10));
+        assert_eq!(b.next("t", 0, 6), Some((6, 10)));
+        b.accept(&store, &|_| false, 2, all()).await.expect("decided");
+        assert_eq!(b.status().len(), 1, "still pending: 6..10 can go");
+        // Then all of it.
+        store.delete_records("t", 0, 10).await.expect("delete");
+        b.deleted_before_sent(&store, "t", 0, 10).await.expect("noted");
+        let s = &b.status()[0];
+        assert_eq!((s.sent, s.deleted, s.total), (0, 10, 10));
+        assert_eq!(b.next("t", 0, 10), None, "nothing left to send");
+        b.accept(&store, &|_| false, 3, all()).await.expect("decided");
+        let last = b.status().into_iter().find(|s| s.id == 3).expect("kept");
+        assert_eq!(last.refused, None, "the slot is free again");
     }
 
     /// `Mirrored` for a partition no request planned (the receiver is a peer) keeps nothing.

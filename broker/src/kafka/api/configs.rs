@@ -104,11 +104,11 @@ pub(super) fn incremental_alter_configs_request(
 }
 
 /// Where a topic config's value comes from, as Kafka answers it: the topic's own setting
-/// (DYNAMIC_TOPIC_CONFIG) when it differs from the gateway's `[topic_defaults]`, else the
-/// broker-level default: STATIC_BROKER_CONFIG when gateway.toml changes Kafka's default,
-/// DEFAULT_CONFIG when it does not.
+/// (DYNAMIC_TOPIC_CONFIG) when a client set it (even to the default's value) or it differs
+/// from the gateway's `[topic_defaults]`, else the broker-level default: STATIC_BROKER_CONFIG
+/// when gateway.toml changes Kafka's default, DEFAULT_CONFIG when it does not.
 pub(super) fn config_source(ctx: &Ctx, cfg: &TopicConfig, key: &str) -> i8 {
-    if cfg.get(key) != ctx.defaults.config.get(key) {
+    if cfg.is_own(key, &ctx.defaults.config) {
         SOURCE_DYNAMIC_TOPIC
     } else {
         broker_default_source(ctx, key)
@@ -336,9 +336,7 @@ async fn alter_configs(
                     for requests::ConfigChange { name: k, op, value } in &changes {
                         let r = match (incremental, *op) {
                             (false, _) | (true, OP_SET) => cfg.set(k, value.as_deref()).map_err(|e| e.to_string()),
-                            (true, OP_DELETE) => {
-                                cfg.set(k, ctx.defaults.config.get(k).as_deref()).map_err(|e| e.to_string())
-                            }
+                            (true, OP_DELETE) => cfg.reset_to(k, &ctx.defaults.config).map_err(|e| e.to_string()),
                             (true, op @ (OP_APPEND | OP_SUBTRACT)) => {
                                 let current = cfg.get(k).or_else(|| ctx.defaults.config.get(k)).unwrap_or_default();
                                 list_op(k, op, &current, value.as_deref()).and_then(|list| {
