@@ -23,17 +23,11 @@ pub fn topics_topic(site: &str) -> String {
     format!("{site}.topics.internal")
 }
 
-/// A topic's own settings on a gateway: those of `config` that `TopicConfig::overrides` names
-/// against the gateway's `defaults`, in `TopicConfig::KEYS` order.
+/// A topic's own settings on a gateway (`TopicConfig::overrides` against the gateway's
+/// `defaults`: set by a client, even to a default's value, or different from the defaults), in
+/// `TopicConfig::KEYS` order.
 pub fn own_settings(config: &TopicConfig, defaults: &TopicConfig) -> Vec<(String, String)> {
-    // TODO(lead's TopicConfig::overrides): config.overrides(defaults)
-    TopicConfig::KEYS
-        .iter()
-        .filter_map(|k| {
-            let v = config.get(k)?;
-            (defaults.get(k).as_ref() != Some(&v)).then(|| (k.to_string(), v))
-        })
-        .collect()
+    config.overrides(defaults).into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// A record's key: `u16 length | topic name` (no two topics share one, whatever they contain).
@@ -207,8 +201,7 @@ mod tests {
 
     #[test]
     fn own_settings_are_those_that_differ_from_the_gateway_s_defaults() {
-        let mut defaults = TopicConfig::default();
-        defaults.set("retention.ms", Some("86400000")).expect("valid");
+        let defaults = TopicConfig { retention_ms: Some(86_400_000), ..TopicConfig::default() };
         let mut config = defaults.clone();
         assert!(own_settings(&config, &defaults).is_empty(), "a topic created with the defaults");
         config.set("retention.ms", Some("3600000")).expect("valid");
@@ -259,8 +252,7 @@ mod tests {
 
     #[test]
     fn a_restore_applies_what_the_gateway_accepts_and_skips_the_rest() {
-        let mut defaults = TopicConfig::default();
-        defaults.set("compression.type", Some("gzip")).expect("valid");
+        let defaults = TopicConfig { compression: tributary_log::Codec::Gzip, ..TopicConfig::default() };
         let own = vec![
             s("retention.ms", "3600000"),
             s("retention.bytes", "not a number"),
@@ -269,6 +261,11 @@ mod tests {
         ];
         let (config, skipped) = apply_own(&defaults, &own);
         assert_eq!(config.get("retention.ms").as_deref(), Some("3600000"));
+        assert_eq!(
+            own_settings(&config, &defaults),
+            vec![s("retention.ms", "3600000"), s("message.timestamp.type", "LogAppendTime")],
+            "the applied ones are the restored topic's own, the default's value is not"
+        );
         assert_eq!(config.get("message.timestamp.type").as_deref(), Some("LogAppendTime"));
         assert_eq!(config.get("compression.type").as_deref(), Some("gzip"), "the new gateway's default");
         assert_eq!(config.get("retention.bytes"), defaults.get("retention.bytes"), "the refused one left as it was");
