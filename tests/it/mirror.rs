@@ -1132,11 +1132,13 @@ async fn topics_own_settings_are_kept_by_a_version_4_session_and_refused_on_vers
     send.write_all(&Control::TopicOverrides(vec![own("7200000")]).encode()).await.expect("overrides");
     counter("two settings records", || cloud.stats.topic_settings_written.load(Ordering::Relaxed) == 2).await;
     let records = read_all(&central.store, &topics_topic(SITE), 0);
-    let got: Vec<(Option<&[u8]>, Option<&[u8]>)> =
-        records.iter().map(|r| (r.key.as_deref(), r.value.as_deref())).collect();
-    let (key, first, second) =
-        (settings_key("meters"), settings_value(&own("3600000").configs), settings_value(&own("7200000").configs));
-    assert_eq!(got, vec![(Some(&key[..]), Some(&first[..])), (Some(&key[..]), Some(&second[..]))]);
+    let got: Vec<(Option<Bytes>, Option<Bytes>)> = records.into_iter().map(|r| (r.key, r.value)).collect();
+    let (key, first, second) = (
+        Bytes::from(settings_key("meters")),
+        Bytes::from(settings_value(&own("3600000").configs)),
+        Bytes::from(settings_value(&own("7200000").configs)),
+    );
+    assert_eq!(got, vec![(Some(key.clone()), Some(first)), (Some(key), Some(second))]);
     let info = central.store.topic(&topics_topic(SITE)).expect("settings topic");
     assert_eq!((info.partitions, info.config.cleanup_policy), (1, CleanupPolicy::Compact));
     let remote = central.store.topic("plant-7.meters").expect("remote topic");

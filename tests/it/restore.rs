@@ -168,8 +168,7 @@ fn kept_settings(bootstrap: &str, topic: &str) -> Option<Vec<(String, String)>> 
     use tributary_sync::overrides::{decode_settings_key, decode_settings_value, topics_topic};
     read_kafka(bootstrap, &topics_topic(SITE), 0)
         .iter()
-        .filter(|r| r.key.as_deref().and_then(decode_settings_key).as_deref() == Some(topic))
-        .next_back()
+        .rfind(|r| r.key.as_deref().and_then(decode_settings_key).as_deref() == Some(topic))
         .and_then(|r| r.value.as_deref().and_then(decode_settings_value))
 }
 
@@ -267,7 +266,8 @@ fn a_lost_gateway_is_restored_from_the_central_cluster_at_its_original_offsets_a
     let before = describe(&edge, &all_topics);
     assert_eq!(before["events"]["retention.ms"], own("7200000"));
     // The partitions compared record for record, last: the broker's `$SYS` messages are retained
-    // (appended to `mqtt.retained`) every few seconds, so the window up to the stop stays short.
+    // (appended to `mqtt.retained`) every `mqtt.sys_interval_ms` (10 s), so the window up to the
+    // stop stays short.
     let partitions = [("meters", 0), ("meters", 1), ("state", 0), ("mqtt.retained", 0)];
     let mut high = BTreeMap::new();
     for (topic, partition) in partitions {
