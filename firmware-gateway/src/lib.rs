@@ -244,10 +244,10 @@ async fn serve(cfg: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<()> 
             feed_commits(groups, &cfg.mirror, &stats).await?;
         }
         let mut stop = stop_rx.clone();
-        let (mirror, store) = (cfg.mirror.clone(), store.clone());
+        let (mirror, store, defaults) = (cfg.mirror.clone(), store.clone(), cfg.topic_defaults.topic_config());
         tracing::info!(cloud = %mirror.cloud, site = %mirror.site, "mirror enabled");
         mirror_task = Some(tokio::spawn(async move {
-            let run = tributary_sync::gateway::run(mirror, store, stats, async move {
+            let run = tributary_sync::gateway::run(mirror, store, stats, defaults, async move {
                 let _ = stop.wait_for(|s| *s).await;
             });
             if let Err(e) = run.await {

@@ -105,6 +105,26 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             groups,
             o.failed_back,
         );
+        // The topics' settings: what was applied, what this gateway refused (skipped).
+        let created: Vec<_> = o.settings.iter().filter_map(|t| t.applied.as_ref().map(|a| (t, a))).collect();
+        let applied: usize = created.iter().map(|(_, a)| a.len()).sum();
+        let skipped: usize = o.settings.iter().map(|t| t.skipped.len()).sum();
+        println!(
+            "topic settings: {applied} applied on {} topics created, {skipped} skipped; {} topics already here kept theirs",
+            created.len(),
+            o.settings.len() - created.len(),
+        );
+        for (t, a) in &created {
+            if !a.is_empty() {
+                let list: Vec<String> = a.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!("  {}: {}", t.topic, list.join(", "));
+            }
+        }
+        for t in &o.settings {
+            for s in &t.skipped {
+                println!("  {}: {}={} skipped: {}", t.topic, s.key, s.value, s.reason);
+            }
+        }
         Ok(())
     })
 }

@@ -7,8 +7,10 @@
 //! committed consumer-group offsets are translated exactly (an index per partition from source to
 //! remote offsets, built from the delivery reports) and written as MirrorMaker 2 checkpoints into
 //! `{site}.checkpoints.internal` once the data below them is stored, never before. A compacted
-//! gateway topic's remote topic is created with its compaction settings. A replacement gateway's
-//! restore (protocol version 3) is served by `cloud/restore.rs`.
+//! gateway topic's remote topic is created with its compaction settings. Every mirrored topic's
+//! own settings (protocol version 4) are kept in `{site}.topics.internal` for a restore, never
+//! applied to the remote topic. A replacement gateway's restore (protocol version 3) is served by
+//! `cloud/restore.rs`.
 
 use crate::stream::read_control;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -35,6 +37,7 @@ use crate::checkpoint::{checkpoint_key, checkpoint_value, checkpoints_topic, Off
 use crate::config::{valid_site, CloudConfig, CongestionController};
 use crate::core::{Flow, Progress};
 use crate::extents::{extent_key, extent_value, extents_topic, Reported};
+use crate::overrides::{settings_key, settings_value, topics_topic, Keep, Kept};
 use crate::protocol::{
     CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, OPEN_FRAME_BYTES_MAX,
 };
@@ -126,6 +129,12 @@ pub struct CloudStats {
     /// that failed for good (the next growth writes again).
     pub extents_written: AtomicU64,
     pub extent_write_errors: AtomicU64,
+    /// Topics' own settings (protocol version 4) written into `{site}.topics.internal` (acknowledged),
+    /// writes of them that failed for good (the topic's next announcement writes again), and
+    /// announcements not kept over `partitions_per_site_max` topics of a site.
+    pub topic_settings_written: AtomicU64,
+    pub topic_settings_write_errors: AtomicU64,
+    pub topic_settings_dropped: AtomicU64,
 }
 
 struct SiteEntry {
@@ -139,8 +148,11 @@ struct Shared {
     producer: ThreadedProducer<Acknowledger>,
     /// Writes checkpoints (its own delivery reports; `None` when checkpoints are off).
     checkpoints: Option<ThreadedProducer<CheckpointAcks>>,
-    /// Writes the gateways' reported high watermarks (`extents.rs`).
-    extents: ThreadedProducer<ExtentAcks>,
+    /// Writes the internal topics: the gateways' reported high watermarks (`extents.rs`) and
+    /// their topics' own settings (`overrides.rs`).
+    internal: ThreadedProducer<InternalAcks>,
+    /// The topics' own settings written into `{site}.topics.internal` by this process.
+    kept: Arc<Mutex<Kept>>,
     /// Translated offsets waiting to go into central consumer groups (`None`: option off).
     central: Option<Arc<CentralCommits>>,
     admin: AdminClient<DefaultClientContext>,
@@ -227,15 +239,17 @@ impl CloudServer {
         } else {
             None
         };
-        let extents = ThreadedProducer::from_config_and_context(
+        let kept = Arc::new(Mutex::new(Kept::default()));
+        let internal = ThreadedProducer::from_config_and_context(
             &ordered_producer_config(&cfg),
-            ExtentAcks { stats: stats.clone() },
+            InternalAcks { stats: stats.clone(), kept: kept.clone() },
         )?;
         let shared = Arc::new(Shared {
             cfg,
             producer,
             checkpoints,
-            extents,
+            internal,
+            kept,
             central,
             admin,
             sites: Mutex::new(HashMap::new()),
@@ -592,25 +606,42 @@ impl ProducerContext for Acknowledger {
     }
 }
 
-/// The extents writer's delivery reports: counted; a failure (fatal only: no message timeout)
-/// logged.
-struct ExtentAcks {
-    stats: Arc<CloudStats>,
+/// A record of an internal topic handed to librdkafka.
+enum InternalWrite {
+    /// A reported high watermark (`{site}.extents.internal`).
+    Extent,
+    /// A topic's own settings (`{site}.topics.internal`).
+    Settings { site: String, topic: String },
 }
 
-impl ClientContext for ExtentAcks {}
+/// The internal topics writer's delivery reports: counted; a failure (fatal only: no message
+/// timeout) logged, and a topic's settings that failed are written again at its next announcement.
+struct InternalAcks {
+    stats: Arc<CloudStats>,
+    kept: Arc<Mutex<Kept>>,
+}
 
-impl ProducerContext for ExtentAcks {
-    type DeliveryOpaque = ();
+impl ClientContext for InternalAcks {}
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => {
+impl ProducerContext for InternalAcks {
+    type DeliveryOpaque = Box<InternalWrite>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, what: Box<InternalWrite>) {
+        match (result, *what) {
+            (Ok(_), InternalWrite::Extent) => {
                 self.stats.extents_written.fetch_add(1, Ordering::Relaxed);
             }
-            Err((e, _)) => {
+            (Ok(_), InternalWrite::Settings { .. }) => {
+                self.stats.topic_settings_written.fetch_add(1, Ordering::Relaxed);
+            }
+            (Err((e, _)), InternalWrite::Extent) => {
                 self.stats.extent_write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "reported high watermark write failed");
+            }
+            (Err((e, _)), InternalWrite::Settings { site, topic }) => {
+                self.stats.topic_settings_write_errors.fetch_add(1, Ordering::Relaxed);
+                self.kept.lock().unwrap_or_else(PoisonError::into_inner).forget(&site, &topic);
+                tracing::error!(%site, %topic, error = %e, "topic settings write failed");
             }
         }
     }
@@ -674,7 +705,8 @@ struct Session {
     credit_due: Arc<Notify>,
     /// What the site's data streams hold here, within `site_buffer_bytes_max`.
     buffer: Arc<SiteBuffer>,
-    /// The protocol version of the session (2: committed offsets, topic settings).
+    /// The protocol version of the session (2: committed offsets, compacted topics' settings;
+    /// 4: topics' own settings).
     version: u8,
     /// Compacted topics' settings from the gateway (`TopicConfigs`, version 2), by source topic;
     /// at most `partitions_per_site_max` topics.
@@ -686,8 +718,12 @@ struct Session {
 impl Session {
     fn new(shared: Arc<Shared>, site: String, conn: quinn::Connection) -> Self {
         let buffer = Arc::new(SiteBuffer::new(shared.cfg.site_buffer_bytes_max, shared.stats.clone()));
-        // Version 3 adds only restore frames: a mirror session of version 3 is one of version 2.
-        let version = crate::protocol::alpn_version(tls::negotiated_alpn(&conn).as_deref()).min(2);
+        // Version 3 adds only restore frames: a mirror session of version 3 is one of version 2
+        // (and one of version 4 takes no restore frame either: they end it as unexpected).
+        let version = match crate::protocol::alpn_version(tls::negotiated_alpn(&conn).as_deref()) {
+            4 => 4,
+            v => v.min(2),
+        };
         let reported = Reported::new(
             shared.cfg.partitions_per_site_max as usize,
             Duration::from_millis(shared.cfg.mirrored_report_interval_ms),
@@ -742,6 +778,11 @@ impl Session {
                             break Err(ProtocolError::Unexpected("later-version").into());
                         }
                         Ok(Some(Control::TopicConfigs(list))) => self.on_topic_configs(list),
+                        Ok(Some(Control::TopicOverrides(list))) => {
+                            if let Err(e) = self.on_topic_overrides(list).await {
+                                break Err(e);
+                            }
+                        }
                         Ok(Some(Control::Offsets(list))) => {
                             self.on_commits(list);
                             if let Err(e) = self.flush_checkpoints().await {
@@ -827,6 +868,54 @@ impl Session {
             }
             self.topic_configs.insert(t.topic, t.configs);
         }
+    }
+
+    /// A gateway's topics' own settings (version 4): kept in `{site}.topics.internal` for a
+    /// restore, each topic's record written only when its settings changed. Never applied to the
+    /// remote topic (how long the centre keeps data, and how, is the central cluster owners'
+    /// choice).
+    async fn on_topic_overrides(&mut self, list: Vec<TopicSettings>) -> Result<(), CloudError> {
+        let topic = topics_topic(&self.site);
+        let mut due = Vec::new();
+        {
+            let max = self.shared.cfg.partitions_per_site_max as usize;
+            let mut kept = self.shared.kept.lock().unwrap_or_else(PoisonError::into_inner);
+            for t in list {
+                match kept.offer(&self.site, &t.topic, &t.configs, max) {
+                    Keep::Write => due.push(t),
+                    Keep::Unchanged => {}
+                    Keep::Full => {
+                        self.shared.stats.topic_settings_dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(site = %self.site, topic = %t.topic,
+                            "partitions_per_site_max topics reached: topic's own settings not kept");
+                    }
+                }
+            }
+        }
+        if due.is_empty() {
+            return Ok(());
+        }
+        // As MirrorMaker 2's internal topics: one partition, compacted (the latest per topic).
+        self.ensure_topic(&topic, 1, &[("cleanup.policy", "compact")]).await?;
+        for t in due {
+            let key = settings_key(&t.topic);
+            let value = settings_value(&t.configs);
+            let what = Box::new(InternalWrite::Settings { site: self.site.clone(), topic: t.topic.clone() });
+            let mut record: BaseRecord<'_, [u8], [u8], Box<InternalWrite>> =
+                BaseRecord::with_opaque_to(&topic, what).partition(0).key(&key[..]).payload(&value[..]);
+            loop {
+                match self.shared.internal.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+            tracing::info!(site = %self.site, topic = %t.topic, settings = ?t.configs, "topic's own settings kept");
+        }
+        Ok(())
     }
 
     /// A gateway's committed offsets: each waits in its partition's link (the latest per group).
@@ -934,10 +1023,13 @@ impl Session {
         for (source, partition, high) in self.reported.due(Instant::now()) {
             let key = extent_key(&source, partition);
             let value = extent_value(high);
-            let mut record: BaseRecord<'_, [u8], [u8], ()> =
-                BaseRecord::to(&topic).partition(0).key(&key[..]).payload(&value[..]);
+            let mut record: BaseRecord<'_, [u8], [u8], Box<InternalWrite>> =
+                BaseRecord::with_opaque_to(&topic, Box::new(InternalWrite::Extent))
+                    .partition(0)
+                    .key(&key[..])
+                    .payload(&value[..]);
             loop {
-                match self.shared.extents.send(record) {
+                match self.shared.internal.send(record) {
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                         record = r;

@@ -3,7 +3,9 @@
 //! within the credit the cloud grants and the bandwidth cap), marks gaps left by retention, and
 //! stores what the cloud confirms as mirrored; sends consumer groups' committed offsets of mirrored
 //! partitions (latest per group and partition, once the records below them are sent) and the
-//! compacted topics' settings when the cloud speaks protocol version 2; during a backlog, the
+//! compacted topics' settings when the cloud speaks protocol version 2, and every mirrored topic's
+//! own settings (first named, then whenever an alter changes them) when it speaks version 4
+//! (`overrides.rs`); during a backlog, the
 //! fresh tail of `mirror.fresh_topics` on live streams ahead of it (`fresh.rs`), and for the
 //! compacted topics of `mirror.latest_first_topics` the backlog's compacted view first on the
 //! same live streams (`latest.rs`). Reconnects with backoff and jitter.
@@ -19,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 use tributary_log::batch::{retain_records, BatchHeader, Retained};
 use tributary_log::clock::now_ms;
-use tributary_log::{Codec, Store, StoreError};
+use tributary_log::{Codec, Store, StoreError, TopicConfig};
 
 use crate::backfill::driver::{BackfillSender, Backfills};
 use crate::config::{MirrorConfig, WireCompression};
@@ -27,10 +29,11 @@ use crate::core::Backoff;
 use crate::drain::{DrainEstimate, DrainWindow, Sample};
 use crate::fresh::{self, Class, FreshTail, LinkShare, Step, Verdict};
 use crate::latest::{self, LatestView, ViewStep};
+use crate::overrides::{own_settings, Announced};
 use crate::protocol::{
     CommittedOffset, Control, Data, Decoder, PartitionReport, ProtocolError, TopicSettings, GROUP_ID_BYTES_MAX,
     MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, TOPIC_BYTES_MAX, TOPIC_CONFIGS_PER_FRAME_MAX,
-    TOPIC_CONFIG_VALUE_BYTES_MAX,
+    TOPIC_CONFIG_VALUE_BYTES_MAX, TOPIC_OVERRIDES_PER_FRAME_MAX,
 };
 use crate::tls::{self, TlsError};
 
@@ -461,11 +464,13 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Runs the mirror until `shutdown` resolves: connects, streams, reconnects.
+/// Runs the mirror until `shutdown` resolves: connects, streams, reconnects. `defaults`: the
+/// gateway's `[topic_defaults]` settings (a topic's own settings are those that differ).
 pub async fn run(
     cfg: MirrorConfig,
     store: Store,
     stats: Arc<MirrorStats>,
+    defaults: TopicConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), MirrorError> {
     let transport = tls::transport(
@@ -529,7 +534,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         let started = Instant::now();
-        let session = connect_and_stream(&cfg, &client, &store, &stats, &bucket);
+        let session = connect_and_stream(&cfg, &client, &store, &stats, &bucket, &defaults);
         let outcome = tokio::select! {
             () = &mut shutdown => {
                 stats.set_link(false, None);
@@ -567,6 +572,7 @@ async fn connect_and_stream(
     store: &Store,
     stats: &Arc<MirrorStats>,
     bucket: &Arc<Mutex<LinkShare>>,
+    defaults: &TopicConfig,
 ) -> Result<(), MirrorError> {
     let addr = resolve(&cfg.cloud).await?;
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
@@ -585,7 +591,7 @@ async fn connect_and_stream(
     tracing::info!(cloud = %cfg.cloud, site = %cfg.site, "mirror link up");
     // A lost stream says little: the connection's close reason says why (a TLS alert when the
     // cloud refused the certificate, the cloud's own reason otherwise).
-    let result = match stream_session(cfg, &conn, store, stats, bucket).await {
+    let result = match stream_session(cfg, &conn, store, stats, bucket, defaults).await {
         Err(MirrorError::Read(_) | MirrorError::Write(_) | MirrorError::Closed) if conn.close_reason().is_some() => {
             Err(conn.close_reason().map_or(MirrorError::Closed, MirrorError::Connection))
         }
@@ -704,6 +710,45 @@ fn topic_settings(store: &Store, reported: &[PartitionReport]) -> Vec<TopicSetti
     out
 }
 
+/// The own settings (version 4's `TopicOverrides`) of the topics among `reported` that the
+/// gateway mirrors as themselves (not live streams, not backfills), one entry per topic.
+fn own_settings_now(
+    cfg: &MirrorConfig,
+    store: &Store,
+    defaults: &TopicConfig,
+    reported: &[PartitionReport],
+) -> Vec<TopicSettings> {
+    let mut out: Vec<TopicSettings> = Vec::new();
+    for p in reported {
+        if out.last().is_some_and(|t| t.topic == p.topic) || !cfg.mirrors(&p.topic) {
+            continue;
+        }
+        let Some(info) = store.topic(&p.topic) else { continue };
+        out.push(TopicSettings { topic: p.topic.clone(), configs: own_settings(&info.config, defaults) });
+    }
+    out
+}
+
+/// What a session announces of topics' own settings: nothing below protocol version 4 (an
+/// older receiver would end the session on the frame).
+fn announcer(version: u8) -> Option<Announced> {
+    (version >= 4).then(Announced::default)
+}
+
+/// The `TopicOverrides` frames of what is due now (none when nothing is, or below version 4).
+fn overrides_frames(announced: Option<&mut Announced>, now: impl FnOnce() -> Vec<TopicSettings>) -> Vec<u8> {
+    let Some(announced) = announced else { return Vec::new() };
+    let due = announced.due(now());
+    let mut out = Vec::new();
+    for chunk in due.chunks(TOPIC_OVERRIDES_PER_FRAME_MAX) {
+        for t in chunk {
+            tracing::info!(topic = %t.topic, settings = ?t.configs, "topic's own settings announced to the centre");
+        }
+        out.extend_from_slice(&Control::TopicOverrides(chunk.to_vec()).encode());
+    }
+    out
+}
+
 /// The frames that announce `settings` (none when empty).
 fn topic_settings_frames(settings: &[TopicSettings]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -719,14 +764,19 @@ async fn stream_session(
     store: &Store,
     stats: &Arc<MirrorStats>,
     bucket: &Arc<Mutex<LinkShare>>,
+    defaults: &TopicConfig,
 ) -> Result<(), MirrorError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&Control::Hello { site: cfg.site.clone() }.encode()).await?;
     let mut reported = report(cfg, store, stats);
     // Compacted topics' settings (version 2 only), ahead of the partitions that need them.
-    let v2 = crate::protocol::alpn_version(tls::negotiated_alpn(conn).as_deref()) >= 2;
+    let version = crate::protocol::alpn_version(tls::negotiated_alpn(conn).as_deref());
+    let v2 = version >= 2;
     let mut settings = if v2 { topic_settings(store, &reported) } else { Vec::new() };
     send.write_all(&topic_settings_frames(&settings)).await?;
+    // Every mirrored topic's own settings (version 4 only), then again whenever they change.
+    let mut announced = announcer(version);
+    send.write_all(&overrides_frames(announced.as_mut(), || own_settings_now(cfg, store, defaults, &reported))).await?;
     send.write_all(&Control::Partitions(reported.clone()).encode()).await?;
     let mut credits: HashMap<(String, i32), Arc<Credit>> = HashMap::new();
     let view_slots = Arc::new(tokio::sync::Semaphore::new(cfg.latest_first_views_max as usize));
@@ -832,7 +882,8 @@ async fn stream_session(
                         Control::Hello { .. }
                         | Control::Partitions(_)
                         | Control::Offsets(_)
-                        | Control::TopicConfigs(_) => {
+                        | Control::TopicConfigs(_)
+                        | Control::TopicOverrides(_) => {
                             return Err(ProtocolError::Unexpected("gateway-side").into());
                         }
                         Control::RestoreHello { .. }
@@ -876,6 +927,9 @@ async fn stream_session(
             _ = tick.tick() => {
                 // New topics or partitions (and moved extents, for the cloud's lag view).
                 let now = report(cfg, store, stats);
+                // Own settings first named or altered since (version 4), ahead of the partitions.
+                let frames = overrides_frames(announced.as_mut(), || own_settings_now(cfg, store, defaults, &now));
+                send.write_all(&frames).await?;
                 if now != reported {
                     if v2 {
                         let fresh = topic_settings(store, &now);
@@ -1415,6 +1469,23 @@ mod tests {
         assert_eq!(feed.take(2, |_, _| Some(100)).len(), 2);
         assert_eq!(feed.take(2, |_, _| Some(100)).len(), 1);
         assert_eq!(feed.pending(), (3, 0));
+    }
+
+    #[test]
+    fn own_settings_go_only_to_a_version_4_receiver_and_only_when_due() {
+        let now =
+            || vec![TopicSettings { topic: "meters".into(), configs: vec![("retention.ms".into(), "3600000".into())] }];
+        // Sessions that settled on versions 1 to 3 never carry the frame.
+        for version in 1..=3 {
+            let mut a = announcer(version);
+            assert!(overrides_frames(a.as_mut(), now).is_empty(), "version {version}");
+        }
+        let mut a = announcer(4);
+        let frames = overrides_frames(a.as_mut(), now);
+        let mut d = Decoder::new(1 << 20);
+        d.feed(&frames);
+        assert_eq!(d.next_control(), Ok(Some(Control::TopicOverrides(now()))));
+        assert!(overrides_frames(a.as_mut(), now).is_empty(), "unchanged: not sent again");
     }
 
     #[test]

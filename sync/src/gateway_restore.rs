@@ -1,7 +1,9 @@
 //! The gateway's restore from the central cluster (`tributary restore`), the I/O around
-//! `restore.rs`: dials the receiver with the `[mirror]` settings offering only protocol version 3,
+//! `restore.rs`: dials the receiver with the `[mirror]` settings offering protocol versions 4 and 3,
 //! gets the site's remote topics and its groups' offsets, creates the topics (the gateway's topic
-//! defaults, the remote copy's compaction settings, its partitions), and restores each partition
+//! defaults with the lost gateway's own settings of each on top, a setting this gateway refuses
+//! skipped and reported; from a version 3 receiver, or for a topic it kept no settings of, the
+//! remote copy's compaction settings instead; its partitions), and restores each partition
 //! on a stream of its own: every batch written at its original offsets through the store's writer
 //! with the partition's progress in the same commit (`Store::restore_records`), credit given back
 //! once durable. A run stopped at any point (SIGKILL included) continues where it stopped.
@@ -18,9 +20,10 @@ use tributary_log::batch::{decode_records, NewRecord};
 use tributary_log::{Store, StoreError, TopicConfig};
 
 use crate::config::MirrorConfig;
+use crate::overrides::{apply_own, Skipped};
 use crate::protocol::{
-    CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreTopic, ALPN_V3, OPEN_FRAME_BYTES_MAX,
-    RESTORE_GROUPS_PER_FRAME_MAX,
+    CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreTopic, TopicSettings, ALPN_V3, ALPN_V4,
+    OPEN_FRAME_BYTES_MAX, RESTORE_GROUPS_PER_FRAME_MAX,
 };
 use crate::restore::{
     decode_progress, encode_progress, parse_progress_key, plan, progress_key, Action, PlanError, Restore, Selection,
@@ -73,7 +76,7 @@ pub enum RestoreError {
 #[derive(Debug)]
 pub struct RestoreRequest {
     pub selection: Selection,
-    /// The settings a new topic gets before the remote copy's compaction settings (the gateway's
+    /// The settings a new topic gets before the lost gateway's own settings of it (the gateway's
     /// `[topic_defaults]`, as a topic a client created would).
     pub topic_config: TopicConfig,
     /// Consumer groups that consumed in the central cluster meanwhile (failover): their central
@@ -92,9 +95,24 @@ pub struct RestoreOutcome {
     pub offsets: Vec<CommittedOffset>,
     /// Of those, the offsets that came from the central cluster's groups (failback).
     pub failed_back: usize,
+    /// What became of each restored topic's settings.
+    pub settings: Vec<TopicOutcome>,
     /// The progress line's last figures (this run's records and bytes).
     pub last: Snapshot,
     pub elapsed: Duration,
+}
+
+/// A restored topic's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicOutcome {
+    pub topic: String,
+    /// Created by this run with these settings on top of the defaults (the lost gateway's own, or
+    /// from a receiver that kept none, the remote copy's compaction settings); `None`: the topic
+    /// was there already (an earlier run of this restore created it with the same settings, or a
+    /// client did) and keeps what it has.
+    pub applied: Option<Vec<(String, String)>>,
+    /// Settings this gateway refused (each named in a warning): not applied.
+    pub skipped: Vec<Skipped>,
 }
 
 /// Runs a restore into `store`; `progress` is called about every `every` and once at the end.
@@ -112,7 +130,8 @@ pub async fn restore(
         cfg.restore_streams_max + 4,
         cfg.congestion_controller,
     )?;
-    let client = tls::client_config_with_versions(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport, &[ALPN_V3])?;
+    let client =
+        tls::client_config_with_versions(&cfg.ca_file, &cfg.cert_file, &cfg.key_file, transport, &[ALPN_V4, ALPN_V3])?;
     let addr: SocketAddr = tokio::net::lookup_host(&cfg.cloud)
         .await
         .map_err(|_| RestoreError::Resolve(cfg.cloud.clone()))?
@@ -143,11 +162,11 @@ pub async fn restore(
     };
     conn.close(0u32.into(), b"restore ended");
     endpoint.wait_idle().await;
-    let (topics, offsets, failed_back, last) = result?;
-    Ok(RestoreOutcome { topics, offsets, failed_back, last, elapsed: started.elapsed() })
+    let (topics, offsets, failed_back, last, settings) = result?;
+    Ok(RestoreOutcome { topics, offsets, failed_back, settings, last, elapsed: started.elapsed() })
 }
 
-type Outcome = (Vec<String>, Vec<CommittedOffset>, usize, Snapshot);
+type Outcome = (Vec<String>, Vec<CommittedOffset>, usize, Snapshot, Vec<TopicOutcome>);
 
 /// What the receiver listed so far, within the gateway's own limits: the receiver is a peer,
 /// and a restored gateway mirrors at most `mirror.partitions_max` partitions and keeps at most
@@ -157,6 +176,8 @@ type Outcome = (Vec<String>, Vec<CommittedOffset>, usize, Snapshot);
 struct Listed {
     topics: std::collections::BTreeSet<String>,
     partitions: usize,
+    /// The listed topics' own settings on the lost gateway (version 4), one entry per topic.
+    own: BTreeMap<String, Vec<(String, String)>>,
 }
 
 impl Listed {
@@ -172,6 +193,16 @@ impl Listed {
         if !self.topics.insert(t.topic.clone()) {
             return Err(ProtocolError::Malformed("restore topics: a topic listed twice").into());
         }
+        Ok(())
+    }
+
+    /// A listed topic's own settings: only of a topic listed before, once each (so held at most
+    /// one entry per listed topic).
+    fn own(&mut self, t: TopicSettings) -> Result<(), RestoreError> {
+        if !self.topics.contains(&t.topic) || self.own.contains_key(&t.topic) {
+            return Err(ProtocolError::Malformed("topic overrides: a topic not listed, or twice").into());
+        }
+        self.own.insert(t.topic, t.configs);
         Ok(())
     }
 
@@ -202,12 +233,21 @@ async fn session(
     let mut listing: Vec<RestoreTopic> = Vec::new();
     let mut offsets: Vec<CommittedOffset> = Vec::new();
     let mut listed = Listed::default();
+    let version = crate::protocol::alpn_version(tls::negotiated_alpn(conn).as_deref());
     loop {
         match read_control::<RestoreError>(&mut recv, &mut decoder, &mut buf).await? {
             Some(Control::RestoreTopics(list)) => {
                 for t in list {
                     listed.topic(&t, cfg.partitions_max)?;
                     listing.push(t);
+                }
+            }
+            Some(f @ Control::TopicOverrides(_)) if f.version() > version => {
+                return Err(ProtocolError::Unexpected("a version 4 frame in a version 3 restore").into());
+            }
+            Some(Control::TopicOverrides(list)) => {
+                for t in list {
+                    listed.own(t)?;
                 }
             }
             Some(Control::RestoreOffsets(list)) => {
@@ -223,8 +263,9 @@ async fn session(
     tracing::info!(topics = listing.len(), offsets = offsets.len(), "the central cluster's listing");
     let chosen: Vec<&RestoreTopic> =
         listing.iter().filter(|t| req.selection.topics.is_empty() || req.selection.topics.contains(&t.topic)).collect();
+    let mut settings = Vec::with_capacity(chosen.len());
     for t in &chosen {
-        ensure_topic(store, t, &req.topic_config).await?;
+        settings.push(ensure_topic(store, t, listed.own.get(&t.topic), &req.topic_config).await?);
     }
     // What an earlier run stored (bounded: one entry per listed partition at most).
     let partitions: usize = listing.iter().map(|t| t.extents.len()).sum();
@@ -326,34 +367,52 @@ async fn session(
     progress(&last, true);
     let topics: Vec<String> = chosen.iter().map(|t| t.topic.clone()).collect();
     offsets.retain(|o| topics.contains(&o.topic));
-    Ok((topics, offsets, failed_back, last))
+    Ok((topics, offsets, failed_back, last, settings))
 }
 
 fn lock(state: &Mutex<Restore>) -> std::sync::MutexGuard<'_, Restore> {
     state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Creates a listed topic (the defaults, then the remote copy's settings), or checks the one
-/// there: as many partitions as the central cluster's, grown if it has fewer.
-async fn ensure_topic(store: &Store, t: &RestoreTopic, defaults: &TopicConfig) -> Result<(), RestoreError> {
+/// Creates a listed topic, or checks the one there: as many partitions as the central cluster's,
+/// grown if it has fewer. A new topic gets the gateway's `defaults` with the lost gateway's `own`
+/// settings on top (a setting refused here is skipped with a warning, never fatal), or, when the
+/// receiver kept none (version 3, or a site mirrored before version 4), the remote copy's
+/// compaction settings. A topic already there keeps its settings: created by an earlier run of
+/// this restore, it has these very settings (a topic is created with them in one commit, so a
+/// run killed at any point leaves it either absent or complete); created by a client, they are
+/// its own.
+async fn ensure_topic(
+    store: &Store,
+    t: &RestoreTopic,
+    own: Option<&Vec<(String, String)>>,
+    defaults: &TopicConfig,
+) -> Result<TopicOutcome, RestoreError> {
     let want = t.extents.len();
+    let kept = |topic: &str| TopicOutcome { topic: topic.to_string(), applied: None, skipped: Vec::new() };
     if let Some(have) = store.topic(&t.topic) {
         if (have.partitions as usize) < want {
             store.create_partitions(&t.topic, want as u32).await?;
         } else if have.partitions as usize > want {
             return Err(RestoreError::Partitions { topic: t.topic.clone(), have: have.partitions, want });
         }
-        return Ok(());
+        return Ok(kept(&t.topic));
     }
-    let mut config = defaults.clone();
-    for (k, v) in &t.configs {
-        config
-            .set(k, Some(v))
-            .map_err(|e| RestoreError::Refused(format!("topic {:?}: remote setting {e}", t.topic)))?;
+    let wanted = own.unwrap_or(&t.configs);
+    let (config, skipped) = apply_own(defaults, wanted);
+    for s in &skipped {
+        tracing::warn!(topic = %t.topic, key = %s.key, value = %s.value, reason = %s.reason,
+            "a setting of the lost gateway's topic is refused here: skipped");
     }
+    let applied: Vec<(String, String)> =
+        wanted.iter().filter(|(k, _)| !skipped.iter().any(|s| s.key == *k)).cloned().collect();
     match store.create_topic(&t.topic, want as u32, config).await {
-        // A topic created meanwhile (an earlier run, a client): checked as above next time.
-        Ok(()) | Err(StoreError::TopicExists(_)) => Ok(()),
+        Ok(()) => {
+            tracing::info!(topic = %t.topic, settings = ?applied, "restored topic created");
+            Ok(TopicOutcome { topic: t.topic.clone(), applied: Some(applied), skipped })
+        }
+        // A topic created meanwhile (a client): checked as above next time.
+        Err(StoreError::TopicExists(_)) => Ok(kept(&t.topic)),
         Err(e) => Err(e.into()),
     }
 }

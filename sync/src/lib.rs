@@ -1,6 +1,6 @@
 //! Tributary's mirror of gateway topics to a central Kafka cluster over QUIC: the wire protocol,
 //! flow control, consumer-group offset translation, the drain estimate, fresh-data-first
-//! scheduling and a restore's plan (sans-I/O), TLS and certificates, the gateway side (mirror and
+//! scheduling, topics' own settings and a restore's plan (sans-I/O), TLS and certificates, the gateway side (mirror and
 //! restore), and (feature `cloud`) the `tributary-cloud` receiver that writes into Kafka and
 //! serves restores.
 
@@ -17,6 +17,7 @@ pub mod fresh;
 pub mod gateway;
 pub mod gateway_restore;
 pub mod latest;
+pub mod overrides;
 pub mod protocol;
 pub mod restore;
 mod stream;

@@ -19,15 +19,21 @@ pub const ALPN_V2: &[u8] = b"tributary-mirror/2";
 /// is a version 2 session.
 pub const ALPN_V3: &[u8] = b"tributary-mirror/3";
 
+/// ALPN of version 4: version 3 plus the `TopicOverrides` frame (every mirrored topic's own
+/// settings, gateway to cloud in a mirror session, cloud to gateway in a restore's listing). A
+/// version 3 peer settles on version 3 and never sees it.
+pub const ALPN_V4: &[u8] = b"tributary-mirror/4";
+
 /// The versions both ends offer, newest first. TLS picks one both speak, so a new gateway and an
 /// old receiver settle on the old receiver's newest (the gateway then never sends what that
 /// version lacks), and an old gateway and a new receiver too; ends with no version in common do
-/// not complete the handshake. `tributary restore` offers only `ALPN_V3`.
-pub const ALPNS: [&[u8]; 3] = [ALPN_V3, ALPN_V2, ALPN];
+/// not complete the handshake. `tributary restore` offers only `ALPN_V4` and `ALPN_V3`.
+pub const ALPNS: [&[u8]; 4] = [ALPN_V4, ALPN_V3, ALPN_V2, ALPN];
 
 /// The protocol version a negotiated ALPN names (1 when none or unknown).
 pub fn alpn_version(alpn: Option<&[u8]>) -> u8 {
     match alpn {
+        Some(a) if a == ALPN_V4 => 4,
         Some(a) if a == ALPN_V3 => 3,
         Some(a) if a == ALPN_V2 => 2,
         _ => 1,
@@ -70,6 +76,19 @@ pub const MIRRORED_TOPIC_CONFIGS: [&str; 5] = [
 
 /// The longest value of a mirrored topic setting (bytes; an i64 in decimal is 20).
 pub const TOPIC_CONFIG_VALUE_BYTES_MAX: usize = 32;
+
+/// Topics in one `TopicOverrides` frame at most (the sender sends more in several frames). With
+/// the per-topic bounds below a frame stays under 600 KiB, within the control stream's 1 MiB.
+pub const TOPIC_OVERRIDES_PER_FRAME_MAX: usize = 128;
+
+/// Own settings of one topic a `TopicOverrides` frame carries at most (a gateway has 14 today;
+/// room for settings a later release adds).
+pub const TOPIC_OVERRIDE_KEYS_MAX: usize = 32;
+
+/// The longest setting name and value a `TopicOverrides` frame carries (bytes). A value longer
+/// than this is not sent (a warning names it); no setting a gateway has today comes close.
+pub const TOPIC_OVERRIDE_NAME_BYTES_MAX: usize = 64;
+pub const TOPIC_OVERRIDE_VALUE_BYTES_MAX: usize = 64;
 
 /// The longest topic name (Kafka's limit).
 pub const TOPIC_BYTES_MAX: usize = 249;
@@ -125,6 +144,19 @@ pub struct TopicSettings {
     pub configs: Vec<(String, String)>,
 }
 
+/// Whether a topic's own settings fit a `TopicOverrides` frame: at most
+/// `TOPIC_OVERRIDE_KEYS_MAX` settings, names non-empty, each at most once, names and values
+/// within their byte limits.
+pub fn overrides_fit(configs: &[(String, String)]) -> bool {
+    configs.len() <= TOPIC_OVERRIDE_KEYS_MAX
+        && configs.iter().enumerate().all(|(i, (k, v))| {
+            !k.is_empty()
+                && k.len() <= TOPIC_OVERRIDE_NAME_BYTES_MAX
+                && v.len() <= TOPIC_OVERRIDE_VALUE_BYTES_MAX
+                && !configs[..i].iter().any(|(other, _)| other == k)
+        })
+}
+
 /// A remote topic of the site, as a restore lists it: the gateway's topic name, its partitions
 /// with their remote extents (`[low, high)` remote offsets), and its settings
 /// (`MIRRORED_TOPIC_CONFIGS` it has in the central cluster).
@@ -175,6 +207,14 @@ pub enum Control {
     /// settings of its compacted mirrored topics, so the remote topics are created compacted
     /// too. At most `TOPIC_CONFIGS_PER_FRAME_MAX` topics; names from `MIRRORED_TOPIC_CONFIGS`.
     TopicConfigs(Vec<TopicSettings>),
+    /// Version 4. Gateway, in a mirror session: mirrored topics' own settings (those that are the
+    /// topic's own, not the gateway's `[topic_defaults]`), each topic's complete set (an empty one:
+    /// none of its own), sent when a topic is first named in the session and whenever its settings
+    /// change. Cloud, in a restore's listing (before `RestoreListed`): the settings it keeps of the
+    /// listed topics. At most `TOPIC_OVERRIDES_PER_FRAME_MAX` topics, `TOPIC_OVERRIDE_KEYS_MAX`
+    /// settings each (any names: the receiver keeps them as they are, the restored gateway checks
+    /// them).
+    TopicOverrides(Vec<TopicSettings>),
     /// Gateway (version 3), first frame instead of `Hello`: a restore of this site. The cloud
     /// answers with `RestoreTopics`, `RestoreOffsets` and `RestoreListed`.
     RestoreHello { site: String },
@@ -230,6 +270,7 @@ const RESTORE_OFFSETS: u8 = 11;
 const RESTORE_LISTED: u8 = 12;
 const RESTORE_START: u8 = 13;
 const RESTORE_GROUPS: u8 = 14;
+const TOPIC_OVERRIDES: u8 = 15;
 const OPEN: u8 = 16;
 const BATCH: u8 = 17;
 const GAP: u8 = 18;
@@ -264,6 +305,7 @@ impl Control {
             | Control::RestoreListed
             | Control::RestoreStart { .. }
             | Control::RestoreGroups(_) => 3,
+            Control::TopicOverrides(_) => 4,
             _ => 1,
         }
     }
@@ -305,11 +347,7 @@ impl Control {
                 b.put_u32(list.len() as u32);
                 for t in list {
                     put_str(b, &t.topic);
-                    b.put_u8(t.configs.len().min(u8::MAX as usize) as u8);
-                    for (k, v) in t.configs.iter().take(u8::MAX as usize) {
-                        put_str(b, k);
-                        put_str(b, v);
-                    }
+                    put_settings(b, &t.configs);
                     debug_assert_eq!(t.extents.len(), t.reported.len(), "one reported offset per partition");
                     b.put_u32(t.extents.len() as u32);
                     for (i, (low, high)) in t.extents.iter().enumerate() {
@@ -336,17 +374,8 @@ impl Control {
                 b.put_u8(kind);
                 b.put_i64(value);
             }),
-            Control::TopicConfigs(list) => frame(TOPIC_CONFIGS, |b| {
-                b.put_u32(list.len() as u32);
-                for t in list {
-                    put_str(b, &t.topic);
-                    b.put_u8(t.configs.len().min(u8::MAX as usize) as u8);
-                    for (k, v) in t.configs.iter().take(u8::MAX as usize) {
-                        put_str(b, k);
-                        put_str(b, v);
-                    }
-                }
-            }),
+            Control::TopicConfigs(list) => frame(TOPIC_CONFIGS, |b| put_topic_settings(b, list)),
+            Control::TopicOverrides(list) => frame(TOPIC_OVERRIDES, |b| put_topic_settings(b, list)),
         }
     }
 
@@ -395,22 +424,13 @@ impl Control {
                 let mut partitions = 0usize;
                 for _ in 0..n {
                     let topic = get_str(b, what)?;
-                    let k = get_u8(b, what)? as usize;
-                    if topic.is_empty() || topic.len() > TOPIC_BYTES_MAX || k > MIRRORED_TOPIC_CONFIGS.len() {
+                    if topic.is_empty() || topic.len() > TOPIC_BYTES_MAX {
                         return Err(ProtocolError::Malformed(what));
                     }
-                    let mut configs: Vec<(String, String)> = Vec::with_capacity(k);
-                    for _ in 0..k {
-                        let name = get_str(b, what)?;
-                        let value = get_str(b, what)?;
-                        if !MIRRORED_TOPIC_CONFIGS.contains(&name.as_str())
-                            || value.len() > TOPIC_CONFIG_VALUE_BYTES_MAX
-                            || configs.iter().any(|(n, _)| *n == name)
-                        {
-                            return Err(ProtocolError::Malformed(what));
-                        }
-                        configs.push((name, value));
-                    }
+                    let configs =
+                        get_settings(b, what, MIRRORED_TOPIC_CONFIGS.len(), TOPIC_CONFIG_VALUE_BYTES_MAX, |name| {
+                            MIRRORED_TOPIC_CONFIGS.contains(&name)
+                        })?;
                     let p = get_u32(b, what)? as usize;
                     partitions += p;
                     if p == 0
@@ -465,29 +485,38 @@ impl Control {
                 Control::RestoreStart { topic, partition, from }
             }
             TOPIC_CONFIGS => {
-                let n = get_count(b, "topic configs", TOPIC_CONFIGS_PER_FRAME_MAX, 3)?;
+                let what = "topic configs";
+                let n = get_count(b, what, TOPIC_CONFIGS_PER_FRAME_MAX, 3)?;
                 let mut list = Vec::with_capacity(n);
                 for _ in 0..n {
-                    let topic = get_str(b, "topic configs")?;
-                    let k = get_u8(b, "topic configs")? as usize;
-                    if topic.len() > TOPIC_BYTES_MAX || k > MIRRORED_TOPIC_CONFIGS.len() {
-                        return Err(ProtocolError::Malformed("topic configs"));
+                    let topic = get_str(b, what)?;
+                    if topic.len() > TOPIC_BYTES_MAX {
+                        return Err(ProtocolError::Malformed(what));
                     }
-                    let mut configs: Vec<(String, String)> = Vec::with_capacity(k);
-                    for _ in 0..k {
-                        let name = get_str(b, "topic configs")?;
-                        let value = get_str(b, "topic configs")?;
-                        if !MIRRORED_TOPIC_CONFIGS.contains(&name.as_str())
-                            || value.len() > TOPIC_CONFIG_VALUE_BYTES_MAX
-                            || configs.iter().any(|(n, _)| *n == name)
-                        {
-                            return Err(ProtocolError::Malformed("topic configs"));
-                        }
-                        configs.push((name, value));
-                    }
+                    let configs =
+                        get_settings(b, what, MIRRORED_TOPIC_CONFIGS.len(), TOPIC_CONFIG_VALUE_BYTES_MAX, |name| {
+                            MIRRORED_TOPIC_CONFIGS.contains(&name)
+                        })?;
                     list.push(TopicSettings { topic, configs });
                 }
                 Control::TopicConfigs(list)
+            }
+            TOPIC_OVERRIDES => {
+                let what = "topic overrides";
+                let n = get_count(b, what, TOPIC_OVERRIDES_PER_FRAME_MAX, 3)?;
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let topic = get_str(b, what)?;
+                    if topic.is_empty() || topic.len() > TOPIC_BYTES_MAX {
+                        return Err(ProtocolError::Malformed(what));
+                    }
+                    let configs =
+                        get_settings(b, what, TOPIC_OVERRIDE_KEYS_MAX, TOPIC_OVERRIDE_VALUE_BYTES_MAX, |name| {
+                            !name.is_empty() && name.len() <= TOPIC_OVERRIDE_NAME_BYTES_MAX
+                        })?;
+                    list.push(TopicSettings { topic, configs });
+                }
+                Control::TopicOverrides(list)
             }
             OPEN | BATCH | GAP | RESTORED | RESTORE_END => return Err(ProtocolError::Unexpected("data")),
             other => return Err(ProtocolError::UnknownType(other)),
@@ -548,7 +577,7 @@ impl Data {
                 n if n < 0 => return Err(ProtocolError::Malformed("restore end")),
                 remote_next => Data::RestoreEnd { remote_next },
             },
-            HELLO..=RESTORE_GROUPS => return Err(ProtocolError::Unexpected("control")),
+            HELLO..=TOPIC_OVERRIDES => return Err(ProtocolError::Unexpected("control")),
             other => return Err(ProtocolError::UnknownType(other)),
         };
         if b.has_remaining() {
@@ -556,6 +585,50 @@ impl Data {
         }
         Ok(out)
     }
+}
+
+/// A topic's settings: `u8 count | (name, value)*` (at most 255; the decoders allow far fewer).
+pub(crate) fn put_settings(b: &mut BytesMut, configs: &[(String, String)]) {
+    b.put_u8(configs.len().min(u8::MAX as usize) as u8);
+    for (k, v) in configs.iter().take(u8::MAX as usize) {
+        put_str(b, k);
+        put_str(b, v);
+    }
+}
+
+fn put_topic_settings(b: &mut BytesMut, list: &[TopicSettings]) {
+    b.put_u32(list.len() as u32);
+    for t in list {
+        put_str(b, &t.topic);
+        put_settings(b, &t.configs);
+    }
+}
+
+/// A topic's settings as `put_settings` wrote them: at most `keys_max`, each name `allowed`
+/// and at most once, values at most `value_bytes_max`. The count is checked before anything is
+/// allocated.
+pub(crate) fn get_settings(
+    b: &mut Bytes,
+    what: &'static str,
+    keys_max: usize,
+    value_bytes_max: usize,
+    allowed: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, String)>, ProtocolError> {
+    let k = get_u8(b, what)? as usize;
+    // Each setting takes at least two empty strings' lengths.
+    if k > keys_max || k > b.remaining() / 4 {
+        return Err(ProtocolError::Malformed(what));
+    }
+    let mut configs: Vec<(String, String)> = Vec::with_capacity(k);
+    for _ in 0..k {
+        let name = get_str(b, what)?;
+        let value = get_str(b, what)?;
+        if !allowed(&name) || value.len() > value_bytes_max || configs.iter().any(|(n, _)| *n == name) {
+            return Err(ProtocolError::Malformed(what));
+        }
+        configs.push((name, value));
+    }
+    Ok(configs)
 }
 
 fn put_offsets(b: &mut BytesMut, list: &[CommittedOffset]) {
@@ -756,6 +829,18 @@ mod tests {
             Control::RestoreStart { topic: "meters".into(), partition: 2, from: RestoreFrom::Time(1_700_000_000_000) },
             Control::RestoreStart { topic: "meters".into(), partition: 0, from: RestoreFrom::TailBytes(1 << 30) },
             Control::RestoreGroups(vec!["billing".into(), "a.b".into()]),
+            Control::TopicOverrides(vec![
+                TopicSettings {
+                    topic: "meters".into(),
+                    configs: vec![
+                        ("retention.ms".into(), "3600000".into()),
+                        ("compression.type".into(), "zstd".into()),
+                        ("message.timestamp.type".into(), "LogAppendTime".into()),
+                    ],
+                },
+                // No settings of its own (any it had went back to the defaults).
+                TopicSettings { topic: "alarms".into(), configs: Vec::new() },
+            ]),
         ]
     }
 
@@ -893,6 +978,74 @@ mod tests {
     }
 
     #[test]
+    fn topic_overrides_frames_are_bounded_and_checked_before_allocation() {
+        let settings = |topic: String, configs: Vec<(String, String)>| TopicSettings { topic, configs };
+        let widest = |topic: String| {
+            let configs = (0..TOPIC_OVERRIDE_KEYS_MAX)
+                .map(|i| {
+                    let mut k = format!("k{i}.");
+                    k.push_str(&"n".repeat(TOPIC_OVERRIDE_NAME_BYTES_MAX - k.len()));
+                    (k, "v".repeat(TOPIC_OVERRIDE_VALUE_BYTES_MAX))
+                })
+                .collect::<Vec<_>>();
+            assert!(overrides_fit(&configs));
+            settings(topic, configs)
+        };
+        // The largest frame a sender makes fits the control stream's 1 MiB decoder.
+        let big = Control::TopicOverrides(
+            (0..TOPIC_OVERRIDES_PER_FRAME_MAX).map(|_| widest("t".repeat(TOPIC_BYTES_MAX))).collect(),
+        );
+        let bytes = big.encode();
+        assert!(bytes.len() < 600 << 10, "{} bytes", bytes.len());
+        let mut d = Decoder::new(1 << 20);
+        d.feed(&bytes);
+        assert_eq!(d.next_control(), Ok(Some(big)));
+        let one = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        for bad in [
+            // One topic too many, a topic name empty or over Kafka's limit.
+            Control::TopicOverrides((0..=TOPIC_OVERRIDES_PER_FRAME_MAX).map(|_| widest("t".into())).collect()),
+            Control::TopicOverrides(vec![settings(String::new(), Vec::new())]),
+            Control::TopicOverrides(vec![settings("t".repeat(TOPIC_BYTES_MAX + 1), Vec::new())]),
+            // One setting too many, a name empty or too long, a value too long, a name twice.
+            Control::TopicOverrides(vec![{
+                let mut w = widest("t".into());
+                w.configs.push(("one.more".into(), "1".into()));
+                w
+            }]),
+            Control::TopicOverrides(vec![settings("t".into(), one("", "1"))]),
+            Control::TopicOverrides(vec![settings(
+                "t".into(),
+                one(&"k".repeat(TOPIC_OVERRIDE_NAME_BYTES_MAX + 1), "1"),
+            )]),
+            Control::TopicOverrides(vec![settings(
+                "t".into(),
+                one("retention.ms", &"9".repeat(TOPIC_OVERRIDE_VALUE_BYTES_MAX + 1)),
+            )]),
+            Control::TopicOverrides(vec![settings(
+                "t".into(),
+                vec![("retention.ms".into(), "1".into()), ("retention.ms".into(), "2".into())],
+            )]),
+        ] {
+            if let Control::TopicOverrides(list) = &bad {
+                if list.len() == 1 && !list[0].topic.is_empty() && list[0].topic.len() <= TOPIC_BYTES_MAX {
+                    assert!(!overrides_fit(&list[0].configs), "the sender's check agrees: {bad:?}");
+                }
+            }
+            let mut d = Decoder::new(1 << 20);
+            d.feed(&bad.encode());
+            assert_eq!(d.next_control(), Err(ProtocolError::Malformed("topic overrides")), "{bad:?}");
+        }
+        // Counts claiming more than the bytes that came: a million topics in 4 bytes, and 30
+        // settings of a topic in 2 bytes; nothing is allocated for them.
+        let mut d = Decoder::new(100);
+        d.feed(&[0, 0, 0, 5, TOPIC_OVERRIDES, 0, 0x0f, 0x42, 0x40]);
+        assert_eq!(d.next_control(), Err(ProtocolError::Malformed("topic overrides")));
+        let mut d = Decoder::new(100);
+        d.feed(&[0, 0, 0, 11, TOPIC_OVERRIDES, 0, 0, 0, 1, 0, 1, b't', 30, 0, 0]);
+        assert_eq!(d.next_control(), Err(ProtocolError::Malformed("topic overrides")));
+    }
+
+    #[test]
     fn version_2_and_3_frames_are_marked_as_such() {
         for c in controls() {
             let want = match c {
@@ -903,10 +1056,13 @@ mod tests {
                 | Control::RestoreListed
                 | Control::RestoreStart { .. }
                 | Control::RestoreGroups(_) => 3,
+                Control::TopicOverrides(_) => 4,
                 _ => 1,
             };
             assert_eq!(c.version(), want, "{c:?}");
         }
+        assert_eq!(alpn_version(Some(ALPN_V4)), 4);
+        assert_eq!(ALPNS[0], ALPN_V4, "the newest version offered first");
         assert_eq!(alpn_version(Some(ALPN_V3)), 3);
         assert_eq!(alpn_version(Some(ALPN_V2)), 2);
         assert_eq!(alpn_version(Some(ALPN)), 1);

@@ -155,9 +155,15 @@ impl Mirror {
         cfg.validate("mirror").expect("valid mirror config");
         let stats = Arc::new(MirrorStats::default());
         let (stop, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(tributary_sync::gateway::run(cfg, store.clone(), stats.clone(), async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(tributary_sync::gateway::run(
+            cfg,
+            store.clone(),
+            stats.clone(),
+            Default::default(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Self { stats, stop, task }
     }
 
@@ -1072,6 +1078,73 @@ async fn topic_configs_on_a_version_1_session_are_refused() {
     send.write_all(&Control::TopicConfigs(vec![settings]).encode()).await.expect("topic configs");
     let reason = refusal(&conn, &mut recv).await.unwrap_or_else(|| closed_now(&conn));
     assert!(reason.contains("unexpected"), "{reason}");
+    cloud.stop().await;
+}
+
+/// Issue 18: the `TopicOverrides` frame (a topic's own settings) belongs to protocol version 4. A
+/// site that settled on version 3 and sends it ends its session; a version 4 site's settings are
+/// kept in `{site}.topics.internal` (one partition, compacted, keyed by the length-prefixed topic
+/// name), a topic's record written again only when its settings change, and the remote topic is
+/// created without them (its retention is the central cluster's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_own_settings_are_kept_by_a_version_4_session_and_refused_on_version_3() {
+    use tributary_broker::storage::CleanupPolicy;
+    use tributary_sync::overrides::{settings_key, settings_value, topics_topic};
+    use tributary_sync::protocol::{Control, PartitionReport, TopicSettings, ALPN, ALPN_V2, ALPN_V3, ALPN_V4};
+    let pki = Pki::new();
+    let central = KafkaBroker::start().await;
+    let cloud = Cloud::start(cloud_config(&pki, &central, "127.0.0.1:0".parse().expect("addr")));
+    let cert = pki.site("site", SITE, None);
+    let own = |ms: &str| TopicSettings {
+        topic: "meters".into(),
+        configs: vec![("retention.ms".into(), ms.into()), ("compression.type".into(), "zstd".into())],
+    };
+    // Version 3 (a receiver of this release and a gateway of the last): the frame ends the session.
+    let (_endpoint, conn) = raw_site_with(&pki, cloud.addr, &cert, &[ALPN_V3, ALPN_V2, ALPN]).await;
+    assert_eq!(tributary_sync::tls::negotiated_alpn(&conn).as_deref(), Some(ALPN_V3));
+    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+    send.write_all(&Control::Hello { site: SITE.into() }.encode()).await.expect("hello");
+    send.write_all(&Control::TopicOverrides(vec![own("3600000")]).encode()).await.expect("overrides");
+    let reason = refusal(&conn, &mut recv).await.unwrap_or_else(|| closed_now(&conn));
+    assert!(reason.contains("unexpected"), "{reason}");
+    assert!(central.store.topic(&topics_topic(SITE)).is_none(), "nothing kept from a version 3 session");
+    // Version 4: kept, before the partitions that name the topic start.
+    let (_endpoint, conn) = raw_site(&pki, cloud.addr, &cert).await;
+    assert_eq!(tributary_sync::tls::negotiated_alpn(&conn).as_deref(), Some(ALPN_V4));
+    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+    let report =
+        PartitionReport { topic: "meters".into(), partition: 0, partitions: 1, log_start: 0, high_watermark: 0 };
+    send.write_all(&Control::Hello { site: SITE.into() }.encode()).await.expect("hello");
+    send.write_all(&Control::TopicOverrides(vec![own("3600000")]).encode()).await.expect("overrides");
+    send.write_all(&Control::Partitions(vec![report]).encode()).await.expect("partitions");
+    let mut decoder = tributary_sync::protocol::Decoder::new(1 << 20);
+    let mut buf = vec![0u8; 4096];
+    let start = loop {
+        if let Some(c) = decoder.next_control().expect("valid frame") {
+            break c;
+        }
+        let n = recv.read(&mut buf).await.expect("read").expect("open");
+        decoder.feed(&buf[..n]);
+    };
+    assert_eq!(start, Control::Start { topic: "meters".into(), partition: 0, offset: 0 });
+    // The same again (not written again), then altered (written).
+    send.write_all(&Control::TopicOverrides(vec![own("3600000")]).encode()).await.expect("overrides");
+    send.write_all(&Control::TopicOverrides(vec![own("7200000")]).encode()).await.expect("overrides");
+    counter("two settings records", || cloud.stats.topic_settings_written.load(Ordering::Relaxed) == 2).await;
+    let records = read_all(&central.store, &topics_topic(SITE), 0);
+    let got: Vec<(Option<Bytes>, Option<Bytes>)> = records.into_iter().map(|r| (r.key, r.value)).collect();
+    let (key, first, second) = (
+        Bytes::from(settings_key("meters")),
+        Bytes::from(settings_value(&own("3600000").configs)),
+        Bytes::from(settings_value(&own("7200000").configs)),
+    );
+    assert_eq!(got, vec![(Some(key.clone()), Some(first)), (Some(key), Some(second))]);
+    let info = central.store.topic(&topics_topic(SITE)).expect("settings topic");
+    assert_eq!((info.partitions, info.config.cleanup_policy), (1, CleanupPolicy::Compact));
+    let remote = central.store.topic("plant-7.meters").expect("remote topic");
+    assert_eq!(remote.config.retention_ms, TopicConfig::default().retention_ms, "not the gateway's retention");
+    assert_eq!(remote.config.compression, TopicConfig::default().compression, "nor its compression");
+    conn.close(0u32.into(), b"done");
     cloud.stop().await;
 }
 

@@ -5,8 +5,10 @@
 //! partition must equal the central copy record for record (offset, key, value, headers,
 //! timestamp) and the original gateway's within the restored range, with the original log start
 //! (holes stay holes) and next offset; the group offsets and the retained message must be back;
-//! `serve` on it must mirror new records without a duplicate in the central topic. A restore
-//! SIGKILLed mid-way and run again must end with what an uninterrupted one gives.
+//! `serve` on it must mirror new records without a duplicate in the central topic; every topic's
+//! own settings (created by a Kafka admin client, one altered while mirroring) must be back, as
+//! DescribeConfigs shows them, and never applied to the central topics. A restore SIGKILLed
+//! mid-way and run again must end with what an uninterrupted one gives.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -14,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -24,12 +28,13 @@ use tributary_tests::kafka_cluster::{KafkaCluster, KafkaOptions};
 
 use crate::mirror::{Pki, SITE};
 use crate::mirror_checkpoints::{
-    create_topic, gateway_config, header_offset, one_broker, producer, wait_mirrored, watch_checkpoints, watermarks,
+    create_topic, gateway_config, header_offset, one_broker, produce, producer, wait_mirrored, watch_checkpoints,
+    watermarks,
 };
 use crate::mirror_kafka::{read_kafka, Receiver};
 use crate::mqtt::next;
 use crate::mqtt5::{client5_at, next_publish, suback};
-use crate::support::{client_config, read_all, storage_config, Daemon};
+use crate::support::{client_config, read_all, storage_config, Daemon, RawKafka};
 
 const GROUP: &str = "billing";
 
@@ -132,6 +137,41 @@ fn assert_restored(store: &Store, bootstrap: &str, topic: &str, partition: i32, 
     restored.iter().map(|r| r.offset).collect()
 }
 
+/// A topic's settings as DescribeConfigs (rdkafka's admin client) shows them: name -> (value,
+/// source).
+type Described = BTreeMap<String, (Option<String>, String)>;
+
+fn describe(bootstrap: &str, topics: &[&str]) -> BTreeMap<String, Described> {
+    let admin: AdminClient<DefaultClientContext> = client_config(bootstrap).create().expect("admin");
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let specs: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let got = rt.block_on(admin.describe_configs(&specs, &opts)).expect("describe configs");
+    topics
+        .iter()
+        .zip(got)
+        .map(|(t, r)| {
+            let r = r.unwrap_or_else(|e| panic!("describe {t}: {e}"));
+            let entries = r.entries.iter().map(|e| (e.name.clone(), (e.value.clone(), format!("{:?}", e.source))));
+            (t.to_string(), entries.collect())
+        })
+        .collect()
+}
+
+/// A topic's own setting as DescribeConfigs shows it.
+fn own(value: &str) -> (Option<String>, String) {
+    (Some(value.to_string()), "DynamicTopic".to_string())
+}
+
+/// The own settings the receiver keeps of `topic` in `{SITE}.topics.internal` (the latest record).
+fn kept_settings(bootstrap: &str, topic: &str) -> Option<Vec<(String, String)>> {
+    use tributary_sync::overrides::{decode_settings_key, decode_settings_value, topics_topic};
+    read_kafka(bootstrap, &topics_topic(SITE), 0)
+        .iter()
+        .rfind(|r| r.key.as_deref().and_then(decode_settings_key).as_deref() == Some(topic))
+        .and_then(|r| r.value.as_deref().and_then(decode_settings_value))
+}
+
 /// The three-broker cluster (RF 3, `min.insync.replicas=2`): a site mirrored, lost, restored.
 #[test]
 fn a_lost_gateway_is_restored_from_the_central_cluster_at_its_original_offsets_and_mirrors_on_without_duplicates() {
@@ -146,7 +186,8 @@ fn a_lost_gateway_is_restored_from_the_central_cluster_at_its_original_offsets_a
         c.restore_batch_bytes_max = 16 * 1024;
     });
     receiver.kill();
-    let config = gateway_config(dir.path(), &pki, receiver.addr, &["meters", "state", "mqtt.retained"]);
+    let config =
+        gateway_config(dir.path(), &pki, receiver.addr, &["meters", "state", "mqtt.retained", "events", "alarms"]);
     // Fresh data first for `meters`: the centre also holds `{SITE}.meters.live`, a preview of
     // records the ordered topic holds too; it is not a gateway topic and must not come back as one.
     let mut text = std::fs::read_to_string(&config).expect("read gateway.toml");
@@ -156,7 +197,18 @@ fn a_lost_gateway_is_restored_from_the_central_cluster_at_its_original_offsets_a
     let edge = gateway.addr("kafka");
     create_topic(&edge, "meters", 2, &[("retention.bytes", "16000"), ("compression.type", "lz4")]);
     create_topic(&edge, "state", 1, &[("cleanup.policy", "compact"), ("min.cleanable.dirty.ratio", "0.01")]);
+    // Settings of their own, and none (the gateway's defaults).
+    let events_settings = [
+        ("retention.ms", "3600000"),
+        ("retention.bytes", "50000000"),
+        ("compression.type", "zstd"),
+        ("message.timestamp.type", "LogAppendTime"),
+    ];
+    create_topic(&edge, "events", 1, &events_settings);
+    create_topic(&edge, "alarms", 1, &[]);
     let p = producer(&edge);
+    produce(&p, "events", 0, 20);
+    produce(&p, "alarms", 0, 20);
     produce_with_headers(&p, "meters", 0, 0, 800);
     produce_with_headers(&p, "meters", 1, 0, 300);
     produce_with_headers(&p, "state", 0, 0, 400);
@@ -171,6 +223,51 @@ fn a_lost_gateway_is_restored_from_the_central_cluster_at_its_original_offsets_a
         let _ = publ.disconnect().await;
     });
     receiver.spawn();
+    for topic in ["events", "alarms"] {
+        wait_mirrored(&bootstrap, &format!("{SITE}.{topic}"), 0, watermarks(&edge, topic, 0).1);
+    }
+    // Mirroring runs: `events` is altered (IncrementalAlterConfigs SET), and the centre keeps the
+    // new value without the gateway restarting.
+    {
+        use kafka_protocol::messages::{incremental_alter_configs_request as iac, IncrementalAlterConfigsRequest};
+        use kafka_protocol::protocol::StrBytes;
+        let s = |v: &str| StrBytes::from_string(v.to_string());
+        let req = IncrementalAlterConfigsRequest::default().with_resources(vec![iac::AlterConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(s("events"))
+            .with_configs(vec![iac::AlterableConfig::default()
+                .with_name(s("retention.ms"))
+                .with_config_operation(0)
+                .with_value(Some(s("7200000")))])]);
+        let mut c = RawKafka::connect(edge.parse().expect("gateway address"));
+        assert_eq!(c.call(&req, 1).responses[0].error_code, 0, "IncrementalAlterConfigs");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let kept = loop {
+        let kept = kept_settings(&bootstrap, "events").unwrap_or_default();
+        if kept.iter().any(|(k, v)| k == "retention.ms" && v == "7200000") {
+            break kept;
+        }
+        assert!(Instant::now() < deadline, "the altered retention.ms never reached the centre: {kept:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("the centre keeps events' own settings: {kept:?}");
+    assert_eq!(kept_settings(&bootstrap, "alarms"), Some(Vec::new()), "alarms has none of its own");
+    // The central topics do not get them: the centre's retention is the data team's.
+    let central = describe(&bootstrap, &[&format!("{SITE}.events")]);
+    let central = &central[&format!("{SITE}.events")];
+    for (k, v) in events_settings {
+        assert_ne!(central[k], own(v), "{k} applied to the central topic");
+    }
+    assert_ne!(central["retention.ms"].0.as_deref(), Some("7200000"), "the altered retention.ms");
+    assert_eq!(central["message.timestamp.type"].0.as_deref(), Some("CreateTime"));
+    // Every topic's settings on the gateway that is about to be lost.
+    let all_topics = ["meters", "state", "mqtt.retained", "events", "alarms"];
+    let before = describe(&edge, &all_topics);
+    assert_eq!(before["events"]["retention.ms"], own("7200000"));
+    // The partitions compared record for record, last: the broker's `$SYS` messages are retained
+    // (appended to `mqtt.retained`) every `mqtt.sys_interval_ms` (10 s), so the window up to the
+    // stop stays short.
     let partitions = [("meters", 0), ("meters", 1), ("state", 0), ("mqtt.retained", 0)];
     let mut high = BTreeMap::new();
     for (topic, partition) in partitions {
@@ -240,8 +337,9 @@ fn a_lost_gateway_is_restored_from_the_central_cluster_at_its_original_offsets_a
     let (ok, stdout, stderr) = run_restore(&config, &["--failback-group", GROUP]);
     assert!(ok, "restore failed:\n{stderr}");
     eprintln!("{stdout}");
-    assert!(stdout.contains("4 partitions") && stdout.contains("2 group offsets (2 failed back"), "{stdout}");
-    assert!(stderr.contains("restore: partitions 4/4"), "plain progress lines when stderr is no terminal:\n{stderr}");
+    assert!(stdout.contains("6 partitions") && stdout.contains("2 group offsets (2 failed back"), "{stdout}");
+    assert!(stderr.contains("restore: partitions 6/6"), "plain progress lines when stderr is no terminal:\n{stderr}");
+    assert!(stdout.contains("topic settings:") && stdout.contains(", 0 skipped"), "{stdout}");
     {
         let store = Store::open(storage_config(dir.path())).expect("open the restored store").0;
         for (topic, partition) in partitions {
@@ -255,13 +353,29 @@ fn a_lost_gateway_is_restored_from_the_central_cluster_at_its_original_offsets_a
         assert_eq!(store.topic("meters").expect("meters").partitions, 2);
         let mut names: Vec<String> = store.topics().into_iter().map(|t| t.name).collect();
         names.sort();
-        assert_eq!(names, ["meters", "mqtt.retained", "state"], "the gateway's topics, no `.live` preview");
+        assert_eq!(
+            names,
+            ["alarms", "events", "meters", "mqtt.retained", "state"],
+            "the gateway's topics, no `.live` preview"
+        );
         store.close_blocking().expect("close");
     }
 
-    // `serve` on it: the retained message, the group's offsets, and mirroring without duplicates.
+    // `serve` on it: the topics' settings, the retained message, the group's offsets, and
+    // mirroring without duplicates.
     let gateway = Daemon::start(&config);
     let edge = gateway.addr("kafka");
+    let after = describe(&edge, &all_topics);
+    assert_eq!(after, before, "every topic's settings (value and source) as on the lost gateway");
+    for (k, v) in events_settings {
+        let v = if k == "retention.ms" { "7200000" } else { v };
+        assert_eq!(after["events"][k], own(v), "events: {k}, the topic's own setting");
+    }
+    assert_eq!(after["meters"]["retention.bytes"], own("16000"));
+    assert_eq!(after["state"]["cleanup.policy"], own("compact"));
+    for (k, (_, source)) in &after["alarms"] {
+        assert_ne!(source, "DynamicTopic", "alarms: {k} is the gateway's default");
+    }
     let mqtt_port: u16 = gateway.addr("mqtt").rsplit(':').next().and_then(|p| p.parse().ok()).expect("mqtt port");
     rt.block_on(async {
         let (sub, mut rx) = client5_at(mqtt_port, "dashboard");

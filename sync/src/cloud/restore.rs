@@ -1,7 +1,9 @@
 //! The receiver's side of a restore (protocol version 3): a replacement gateway, checked against
 //! its certificate like a mirroring one, is given its site's remote topics (`{site}.*` without the
-//! checkpoints and extents topics) with their partitions, extents, the highest high watermark the
-//! lost gateway reported of each (`{site}.extents.internal`) and compaction settings, its consumer
+//! checkpoints, extents and topic settings topics) with their partitions, extents, the highest high
+//! watermark the lost gateway reported of each (`{site}.extents.internal`) and compaction settings,
+//! in a version 4 session also each topic's own settings on the lost gateway
+//! (`{site}.topics.internal`, the latest record per topic, `TopicOverrides` frames), its consumer
 //! groups' offsets from the MirrorMaker 2 checkpoints (upstream = edge offsets), then each
 //! partition it asks for: the remote records read with a librdkafka consumer (manual assignment,
 //! no group), put back at their edge offsets from the provenance headers (which are removed), as
@@ -30,10 +32,12 @@ use tributary_log::Codec;
 use super::{kafka_config, watermarks, CloudError, Shared, HEADER_OFFSET, HEADER_PARTITION, HEADER_SITE, HEADER_TOPIC};
 use crate::checkpoint::{checkpoints_topic, decode_checkpoint_key, decode_checkpoint_value};
 use crate::extents::{decode_extent_key, decode_extent_value, extents_topic};
+use crate::overrides::{decode_settings_key, decode_settings_value, topics_topic};
 use crate::protocol::{
-    CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreFrom, RestoreTopic, GROUP_ID_BYTES_MAX,
-    MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, RESTORE_PARTITIONS_MAX, RESTORE_PARTITIONS_PER_FRAME_MAX,
-    RESTORE_TOPICS_PER_FRAME_MAX, TOPIC_BYTES_MAX, TOPIC_CONFIG_VALUE_BYTES_MAX,
+    CommittedOffset, Control, Data, Decoder, ProtocolError, RestoreFrom, RestoreTopic, TopicSettings,
+    GROUP_ID_BYTES_MAX, MIRRORED_TOPIC_CONFIGS, OFFSETS_PER_FRAME_MAX, RESTORE_PARTITIONS_MAX,
+    RESTORE_PARTITIONS_PER_FRAME_MAX, RESTORE_TOPICS_PER_FRAME_MAX, TOPIC_BYTES_MAX, TOPIC_CONFIG_VALUE_BYTES_MAX,
+    TOPIC_OVERRIDES_PER_FRAME_MAX,
 };
 use crate::stream::{read_control, Credit};
 
@@ -64,9 +68,12 @@ pub(super) async fn serve(
         return Err(CloudError::Refused(reason));
     }
     tracing::info!(%site, remote = %conn.remote_address(), "restore of a gateway begins");
-    let (listing, offsets) = {
+    // Version 4: the topics' own settings come with the listing (a version 3 gateway never gets
+    // them: it would end the restore on the frame).
+    let v4 = crate::protocol::alpn_version(crate::tls::negotiated_alpn(conn).as_deref()) >= 4;
+    let (listing, offsets, own) = {
         let (shared, site) = (shared.clone(), site.clone());
-        tokio::task::spawn_blocking(move || list(&shared, &site))
+        tokio::task::spawn_blocking(move || list(&shared, &site, v4))
             .await
             .map_err(|e| CloudError::Refused(format!("listing task: {e}")))??
     };
@@ -88,12 +95,15 @@ pub(super) async fn serve(
     if !chunk.is_empty() {
         out.extend_from_slice(&Control::RestoreTopics(chunk).encode());
     }
+    for c in own.chunks(TOPIC_OVERRIDES_PER_FRAME_MAX) {
+        out.extend_from_slice(&Control::TopicOverrides(c.to_vec()).encode());
+    }
     for c in offsets.chunks(OFFSETS_PER_FRAME_MAX) {
         out.extend_from_slice(&Control::RestoreOffsets(c.to_vec()).encode());
     }
     out.extend_from_slice(&Control::RestoreListed.encode());
     send.write_all(&out).await?;
-    tracing::info!(%site, topics = listing.len(), offsets = offsets.len(), "restore listing sent");
+    tracing::info!(%site, topics = listing.len(), offsets = offsets.len(), settings = own.len(), "restore listing sent");
     let extents: BTreeMap<(String, i32), (i64, i64)> = listing
         .iter()
         .flat_map(|t| t.extents.iter().enumerate().map(|(p, e)| ((t.topic.clone(), p as i32), *e)))
@@ -208,14 +218,18 @@ fn source_topic(format: &str, site: &str, remote: &str) -> Option<String> {
     (!middle.is_empty()).then(|| middle.to_string())
 }
 
-/// The site's remote topics with their extents and settings, and its groups' offsets from the
-/// checkpoints topic (the latest checkpoint per group and partition).
-fn list(shared: &Shared, site: &str) -> Result<(Vec<RestoreTopic>, Vec<CommittedOffset>), CloudError> {
+type Listing = (Vec<RestoreTopic>, Vec<CommittedOffset>, Vec<TopicSettings>);
+
+/// The site's remote topics with their extents and settings, its groups' offsets from the
+/// checkpoints topic (the latest checkpoint per group and partition), and (`own`: a version 4
+/// session) the listed topics' own settings on the lost gateway.
+fn list(shared: &Shared, site: &str, own: bool) -> Result<Listing, CloudError> {
     let cfg = &shared.cfg;
     let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
     let md = shared.admin.inner().fetch_metadata(None, timeout)?;
     let checkpoints = checkpoints_topic(site);
     let extents = extents_topic(site);
+    let settings = topics_topic(site);
     let consumer: BaseConsumer = kafka_config(cfg)
         .set("group.id", "tributary-cloud-restore")
         .set("enable.auto.commit", "false")
@@ -224,7 +238,12 @@ fn list(shared: &Shared, site: &str) -> Result<(Vec<RestoreTopic>, Vec<Committed
     let mut topics: Vec<(String, String, usize)> = Vec::new();
     for t in md.topics() {
         let remote = t.name();
-        if remote == checkpoints || remote == extents || remote == cfg.gaps_topic || remote.starts_with("__") {
+        if remote == checkpoints
+            || remote == extents
+            || remote == settings
+            || remote == cfg.gaps_topic
+            || remote.starts_with("__")
+        {
             continue;
         }
         let Some(source) = source_topic(&cfg.remote_topic_format, site, remote) else { continue };
@@ -256,7 +275,46 @@ fn list(shared: &Shared, site: &str) -> Result<(Vec<RestoreTopic>, Vec<Committed
     }
     let remotes: BTreeMap<&str, &str> = topics.iter().map(|(r, s, _)| (r.as_str(), s.as_str())).collect();
     let offsets = read_checkpoints(cfg, &consumer, &checkpoints, &remotes, timeout)?;
-    Ok((listing, offsets))
+    let own = if own {
+        let listed: std::collections::BTreeSet<&str> = listing.iter().map(|t| t.topic.as_str()).collect();
+        read_settings(&consumer, &settings, &listed, timeout)?
+    } else {
+        Vec::new()
+    };
+    Ok((listing, offsets, own))
+}
+
+/// The latest own settings of each `listed` topic from `{site}.topics.internal` (records of
+/// other topics, or not decodable, are passed over: at most one entry per listed topic is held).
+fn read_settings(
+    consumer: &BaseConsumer,
+    topic: &str,
+    listed: &std::collections::BTreeSet<&str>,
+    timeout: Duration,
+) -> Result<Vec<TopicSettings>, CloudError> {
+    let mut latest: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    // No such topic: the site was mirrored by older gateways or receivers (compaction settings
+    // from the remote topics only, as before).
+    read_whole(
+        consumer,
+        topic,
+        timeout,
+        "reading the topic settings topic (no record for kafka.request_timeout_ms)",
+        |m| {
+            let key = m.key().and_then(decode_settings_key).filter(|t| listed.contains(t.as_str()));
+            let value = m.payload().and_then(decode_settings_value);
+            match (key, value) {
+                (Some(t), Some(v)) => {
+                    latest.insert(t, v);
+                }
+                (Some(t), None) => {
+                    tracing::warn!(topic = %t, "a topic's settings record that cannot be read: left out of the restore")
+                }
+                _ => {}
+            }
+        },
+    )?;
+    Ok(latest.into_iter().map(|(topic, configs)| TopicSettings { topic, configs }).collect())
 }
 
 /// A compacted remote topic's compaction settings (none for other topics).

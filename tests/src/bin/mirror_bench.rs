@@ -563,10 +563,15 @@ async fn main() -> anyhow::Result<()> {
     let gateway = open_store(&tmp.path().join("gateway"), parts, true).await?;
     let stats = Arc::new(MirrorStats::default());
     let (mirror_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mirror =
-        tokio::spawn(tributary_sync::gateway::run(mirror_cfg.clone(), gateway.clone(), stats.clone(), async move {
+    let mirror = tokio::spawn(tributary_sync::gateway::run(
+        mirror_cfg.clone(),
+        gateway.clone(),
+        stats.clone(),
+        Default::default(),
+        async move {
             let _ = stop_rx.await;
-        }));
+        },
+    ));
 
     // Warm-up (one reading per meter): link up, remote topic created, streams open.
     let mut fl = fleets(args.meters, args.appenders, start_ms, interval_ms);

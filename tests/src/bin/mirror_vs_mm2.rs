@@ -460,9 +460,10 @@ async fn run_tributary(
     let mut quic = None;
     let start = Instant::now();
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mirror = tributary_sync::gateway::run(mirror_cfg, store.clone(), stats.clone(), async move {
-        let _ = stop_rx.await;
-    });
+    let mirror =
+        tributary_sync::gateway::run(mirror_cfg, store.clone(), stats.clone(), Default::default(), async move {
+            let _ = stop_rx.await;
+        });
     let mirror = match &rt {
         Some(rt) => rt.spawn(mirror),
         None => tokio::spawn(mirror),

@@ -140,7 +140,7 @@ async fn start_mirror(
     let task = tokio::spawn({
         let (store, stats) = (store.clone(), stats.clone());
         async move {
-            if let Err(e) = tributary_sync::gateway::run(cfg, store, stats, async move {
+            if let Err(e) = tributary_sync::gateway::run(cfg, store, stats, Default::default(), async move {
                 let _ = rx.await;
             })
             .await
