@@ -28,19 +28,51 @@ use tributary_broker::{StorageConfig, Store, TopicConfig, TopicTemplate};
 struct Counting;
 
 static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static BYTES: AtomicU64 = AtomicU64::new(0);
+/// Allocations and bytes of the front end (async workers, blocking pool) and of the store's
+/// writer thread (batch encoding, the redb commit).
+static FRONT_ALLOCS: AtomicU64 = AtomicU64::new(0);
+static FRONT_BYTES: AtomicU64 = AtomicU64::new(0);
+static WRITER_ALLOCS: AtomicU64 = AtomicU64::new(0);
+static WRITER_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// What a thread is, for the count.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Not looked at yet.
+    Unknown,
+    /// Being looked at (the name lookup may allocate: that allocation is not counted).
+    Looking,
+    /// The raw clients' thread: what the clients allocate is not the gateway's.
+    Client,
+    Writer,
+    Front,
+}
 
 thread_local! {
-    /// Set on the raw clients' thread: what the clients allocate is not the gateway's.
-    static CLIENT: Cell<bool> = const { Cell::new(false) };
+    static KIND: Cell<Kind> = const { Cell::new(Kind::Unknown) };
 }
 
 fn count(size: usize) {
-    if COUNTING.load(Ordering::Relaxed) && !CLIENT.with(Cell::get) {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        BYTES.fetch_add(size as u64, Ordering::Relaxed);
+    if !COUNTING.load(Ordering::Relaxed) {
+        return;
     }
+    let kind = match KIND.with(Cell::get) {
+        Kind::Unknown => {
+            KIND.with(|k| k.set(Kind::Looking));
+            let writer = std::thread::current().name() == Some("tributary-writer");
+            let kind = if writer { Kind::Writer } else { Kind::Front };
+            KIND.with(|k| k.set(kind));
+            kind
+        }
+        kind => kind,
+    };
+    let (allocs, bytes) = match kind {
+        Kind::Front => (&FRONT_ALLOCS, &FRONT_BYTES),
+        Kind::Writer => (&WRITER_ALLOCS, &WRITER_BYTES),
+        Kind::Unknown | Kind::Looking | Kind::Client => return,
+    };
+    allocs.fetch_add(1, Ordering::Relaxed);
+    bytes.fetch_add(size as u64, Ordering::Relaxed);
 }
 
 // SAFETY: every call goes to `System` with the caller's arguments; counting touches only atomics
@@ -123,8 +155,10 @@ const COUNTED: u32 = 2_000;
 /// PUBACK, delivery, the subscriber's PUBACK), and bytes allocated per message at most. Measured
 /// 2026-12-06 (debug and release the same to a few tenths): before the cuts of this round
 /// ~TODO allocations and ~TODO B per message; after: ~TODO and ~TODO B.
-const ALLOCS_PER_MESSAGE_MAX: f64 = 1000.0;
-const BYTES_PER_MESSAGE_MAX: f64 = 1_000_000.0;
+const FRONT_ALLOCS_MAX: f64 = 1000.0;
+const FRONT_BYTES_MAX: f64 = 1_000_000.0;
+const WRITER_ALLOCS_MAX: f64 = 1000.0;
+const WRITER_BYTES_MAX: f64 = 1_000_000.0;
 
 #[test]
 fn a_published_and_delivered_qos1_message_costs_few_allocations() {
@@ -144,7 +178,7 @@ fn a_published_and_delivered_qos1_message_costs_few_allocations() {
         }));
         (addr, stop)
     });
-    CLIENT.with(|c| c.set(true));
+    KIND.with(|k| k.set(Kind::Client));
     let mut sub = Client::connect(addr, "meter-reader");
     sub.send(Packet::Subscribe(Subscribe::new("meters/#", QoS::AtLeastOnce)));
     assert!(matches!(sub.recv(), Packet::SubAck(_)));
@@ -169,13 +203,25 @@ fn a_published_and_delivered_qos1_message_costs_few_allocations() {
     }
     COUNTING.store(false, Ordering::SeqCst);
     let per = |n: &AtomicU64| n.load(Ordering::SeqCst) as f64 / f64::from(COUNTED);
-    let (allocs, bytes) = (per(&ALLOCS), per(&BYTES));
-    eprintln!("per published and delivered QoS 1 message: {allocs:.1} allocations, {bytes:.0} bytes");
+    let (allocs, bytes) = (per(&FRONT_ALLOCS), per(&FRONT_BYTES));
+    let (writer_allocs, writer_bytes) = (per(&WRITER_ALLOCS), per(&WRITER_BYTES));
+    eprintln!(
+        "per published and delivered QoS 1 message: front end {allocs:.1} allocations, {bytes:.0} bytes; \
+         store writer (one commit per message here) {writer_allocs:.1} allocations, {writer_bytes:.0} bytes"
+    );
     let _ = stop.send(true);
     drop(rt);
     assert!(
-        allocs <= ALLOCS_PER_MESSAGE_MAX,
-        "{allocs:.1} allocations per message, more than {ALLOCS_PER_MESSAGE_MAX}: a per-message allocation came back"
+        allocs <= FRONT_ALLOCS_MAX,
+        "{allocs:.1} allocations per message, more than {FRONT_ALLOCS_MAX}: a per-message allocation came back"
     );
-    assert!(bytes <= BYTES_PER_MESSAGE_MAX, "{bytes:.0} bytes allocated per message, more than {BYTES_PER_MESSAGE_MAX}");
+    assert!(bytes <= FRONT_BYTES_MAX, "{bytes:.0} bytes allocated per message, more than {FRONT_BYTES_MAX}");
+    assert!(
+        writer_allocs <= WRITER_ALLOCS_MAX,
+        "{writer_allocs:.1} store writer allocations per message, more than {WRITER_ALLOCS_MAX}"
+    );
+    assert!(
+        writer_bytes <= WRITER_BYTES_MAX,
+        "{writer_bytes:.0} store writer bytes per message, more than {WRITER_BYTES_MAX}"
+    );
 }
