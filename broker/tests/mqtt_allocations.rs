@@ -164,11 +164,12 @@ const WRITER_BYTES_MAX: f64 = 1_000_000.0;
 fn a_published_and_delivered_qos1_message_costs_few_allocations() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage = StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
+    let storage =
+        StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
     let (addr, stop) = rt.block_on(async {
-        let (store, _) =
-            tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("task").expect("store");
-        let mqtt = MqttConfig { listen: "127.0.0.1:0".into(), websocket_listen: String::new(), ..MqttConfig::default() };
+        let (store, _) = tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("task").expect("store");
+        let mqtt =
+            MqttConfig { listen: "127.0.0.1:0".into(), websocket_listen: String::new(), ..MqttConfig::default() };
         let template = TopicTemplate { partitions: 1, config: TopicConfig::default() };
         let server = MqttServer::bind(mqtt, store, template).await.expect("bind");
         let addr = server.local_addr().expect("addr");
