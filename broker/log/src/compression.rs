@@ -38,16 +38,9 @@ pub fn compress(codec: Codec, input: &[u8], out: &mut Vec<u8>) -> Result<(), Com
             let n = snap::raw::Encoder::new().compress(input, &mut out[start..]).map_err(|e| enc(&e))?;
             out.truncate(start + n);
         }
-        Codec::Lz4 => {
-            // Independent 64 KiB blocks, no content size, no checksums: what Kafka's Java
-            // KafkaLZ4BlockInputStream and librdkafka both read.
-            let info = lz4_flex::frame::FrameInfo::new()
-                .block_size(lz4_flex::frame::BlockSize::Max64KB)
-                .block_mode(lz4_flex::frame::BlockMode::Independent);
-            let mut w = lz4_flex::frame::FrameEncoder::with_frame_info(info, out);
-            w.write_all(input).map_err(|e| enc(&e))?;
-            w.finish().map_err(|e| enc(&e))?;
-        }
+        // Independent 64 KiB blocks, no content size, no checksums: what Kafka's Java
+        // KafkaLZ4BlockInputStream and librdkafka both read.
+        Codec::Lz4 => lz4_plain_compress(input, out).map_err(|e| enc(&e))?,
         Codec::Zstd => {
             // Kafka's default `compression.zstd.level`. ruzstd's encoder has only its fastest
             // level: a third more bytes on the smart-meter readings (BENCHMARKS.md, mirror).
@@ -114,6 +107,35 @@ fn snappy_raw(input: &[u8], limit: u64, out: &mut Vec<u8>) -> Result<(), Compres
     out.resize(start + n, 0);
     let written = snap::raw::Decoder::new().decompress(input, &mut out[start..]).map_err(|e| corrupt(&e))?;
     out.truncate(start + written);
+    Ok(())
+}
+
+/// The header of the LZ4 frames written here: magic, FLG (version 01, independent blocks),
+/// BD (64 KiB blocks) and the header checksum (second byte of xxh32 of FLG and BD).
+const LZ4_PLAIN_HEADER: [u8; 7] = [0x04, 0x22, 0x4D, 0x18, 0x60, 0x40, 0x82];
+const LZ4_BLOCK_BYTES: usize = 64 * 1024;
+
+/// An LZ4 frame of independent 64 KiB blocks, each compressed straight into `out` (a block that
+/// does not shrink is stored as is): what the frame encoder writes with these settings, without
+/// its 64 KiB working buffers per call.
+fn lz4_plain_compress(input: &[u8], out: &mut Vec<u8>) -> Result<(), lz4_flex::block::CompressError> {
+    let blocks = input.len().div_ceil(LZ4_BLOCK_BYTES);
+    out.reserve(LZ4_PLAIN_HEADER.len() + 4 + blocks * 4 + lz4_flex::block::get_maximum_output_size(input.len()));
+    out.extend_from_slice(&LZ4_PLAIN_HEADER);
+    for block in input.chunks(LZ4_BLOCK_BYTES) {
+        let at = out.len();
+        out.resize(at + 4 + lz4_flex::block::get_maximum_output_size(block.len()), 0);
+        let n = lz4_flex::block::compress_into(block, &mut out[at + 4..])?;
+        if n < block.len() {
+            out[at..at + 4].copy_from_slice(&(n as u32).to_le_bytes());
+            out.truncate(at + 4 + n);
+        } else {
+            out.truncate(at);
+            out.extend_from_slice(&(block.len() as u32 | 0x8000_0000).to_le_bytes());
+            out.extend_from_slice(block);
+        }
+    }
+    out.extend_from_slice(&0u32.to_le_bytes());
     Ok(())
 }
 
@@ -256,6 +278,14 @@ mod tests {
                 ));
             }
         }
+        // The frames written here (decoded by the frame decoder above) have the frame
+        // encoder's header for these settings.
+        let info = lz4_flex::frame::FrameInfo::new()
+            .block_size(lz4_flex::frame::BlockSize::Max64KB)
+            .block_mode(lz4_flex::frame::BlockMode::Independent);
+        let mut w = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::new());
+        w.write_all(b"x").expect("write");
+        assert_eq!(w.finish().expect("finish")[..7], LZ4_PLAIN_HEADER);
         // With checksums (another writer's choice): left to the frame decoder, which checks them.
         let info = lz4_flex::frame::FrameInfo::new().block_checksums(true).content_checksum(true);
         let mut w = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::new());
