@@ -1737,7 +1737,10 @@ async fn session_loop(
         // session instead of waiting for the next one.
         let (watched, watches) = subscription_watches(ctx, s);
         // Deliveries queue behind answers waiting for commits: not while too many wait.
-        let more = if s.backlogged() { false } else { Box::pin(deliver(ctx, s, &mut ahead)).await? };
+        // A connection that only publishes (a meter) has nothing to deliver: no boxed delivery
+        // future per round.
+        let idle = s.resend.is_empty() && s.retained.is_empty() && s.shared.is_empty() && s.subs.is_empty();
+        let more = if s.backlogged() || idle { false } else { Box::pin(deliver(ctx, s, &mut ahead)).await? };
         perform(ctx, s, &client, out, &mut outcomes).await?;
         // What this round queued goes out now, as far as the socket takes it.
         out.write_now()?;
