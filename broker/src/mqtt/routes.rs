@@ -266,11 +266,11 @@ mod tests {
         let r = Router::new(&routes, "mqtt", "{topic}", "mqtt").expect("valid");
         assert_eq!(
             r.route("meters/42/reading", "c1", None),
-            Destination { topic: "readings".into(), key: Some("meter-42".into()) }
+            Destination { topic: "readings", key: Some("meter-42".into()) }
         );
-        assert_eq!(r.route("sensors/a/b", "c1", None), Destination { topic: "sensors".into(), key: Some("c1".into()) });
-        assert_eq!(r.route("raw/x/y", "c1", None), Destination { topic: "raw".into(), key: None });
-        assert_eq!(r.route("other", "c1", None), Destination { topic: "mqtt".into(), key: Some("other".into()) });
+        assert_eq!(r.route("sensors/a/b", "c1", None), Destination { topic: "sensors", key: Some("c1".into()) });
+        assert_eq!(r.route("raw/x/y", "c1", None), Destination { topic: "raw", key: None });
+        assert_eq!(r.route("other", "c1", None), Destination { topic: "mqtt", key: Some("other".into()) });
         assert_eq!(r.route("$SYS/broker/uptime", "c1", None).topic, SYS_TOPIC, "the broker's own topic");
         assert_eq!(r.topics(), vec!["__sys", "mqtt", "raw", "readings", "sensors"]);
     }

@@ -2146,7 +2146,6 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, ahead: &mut ReadAhead) -> Resu
         let log_topics: Vec<String> = ctx
             .router
             .filters()
-            .into_iter()
             .filter(|(route_filter, _)| filters_overlap(route_filter, &g.filter))
             .map(|(_, t)| t.to_string())
             .collect();
