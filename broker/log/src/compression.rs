@@ -38,16 +38,9 @@ pub fn compress(codec: Codec, input: &[u8], out: &mut Vec<u8>) -> Result<(), Com
             let n = snap::raw::Encoder::new().compress(input, &mut out[start..]).map_err(|e| enc(&e))?;
             out.truncate(start + n);
         }
-        Codec::Lz4 => {
-            // Independent 64 KiB blocks, no content size, no checksums: what Kafka's Java
-            // KafkaLZ4BlockInputStream and librdkafka both read.
-            let info = lz4_flex::frame::FrameInfo::new()
-                .block_size(lz4_flex::frame::BlockSize::Max64KB)
-                .block_mode(lz4_flex::frame::BlockMode::Independent);
-            let mut w = lz4_flex::frame::FrameEncoder::with_frame_info(info, out);
-            w.write_all(input).map_err(|e| enc(&e))?;
-            w.finish().map_err(|e| enc(&e))?;
-        }
+        // Independent 64 KiB blocks, no content size, no checksums: what Kafka's Java
+        // KafkaLZ4BlockInputStream and librdkafka both read.
+        Codec::Lz4 => lz4_plain_compress(input, out).map_err(|e| enc(&e))?,
         Codec::Zstd => {
             // Kafka's default `compression.zstd.level`. ruzstd's encoder has only its fastest
             // level: a third more bytes on the smart-meter readings (BENCHMARKS.md, mirror).
@@ -69,7 +62,10 @@ pub fn decompress(codec: Codec, input: &[u8], limit: u64) -> Result<Vec<u8>, Com
             Ok(input.to_vec())
         }
         Codec::Gzip => read_bounded(flate2::read::MultiGzDecoder::new(input), limit, codec),
-        Codec::Lz4 => read_bounded(lz4_flex::frame::FrameDecoder::new(input), limit, codec),
+        Codec::Lz4 => match lz4_plain_frame(input, limit) {
+            Some(decoded) => decoded,
+            None => read_bounded(lz4_flex::frame::FrameDecoder::new(input), limit, codec),
+        },
         Codec::Zstd => {
             let dec = ruzstd::decoding::StreamingDecoder::new(input).map_err(|e| corrupt(&e))?;
             read_bounded(dec, limit, codec)
@@ -114,6 +110,128 @@ fn snappy_raw(input: &[u8], limit: u64, out: &mut Vec<u8>) -> Result<(), Compres
     Ok(())
 }
 
+/// The header of the LZ4 frames written here: magic, FLG (version 01, independent blocks),
+/// BD (64 KiB blocks) and the header checksum (second byte of xxh32 of FLG and BD).
+const LZ4_PLAIN_HEADER: [u8; 7] = [0x04, 0x22, 0x4D, 0x18, 0x60, 0x40, 0x82];
+const LZ4_BLOCK_BYTES: usize = 64 * 1024;
+
+/// An LZ4 frame of independent 64 KiB blocks, each compressed straight into `out` (a block that
+/// does not shrink is stored as is): what the frame encoder writes with these settings, without
+/// its 64 KiB working buffers per call.
+fn lz4_plain_compress(input: &[u8], out: &mut Vec<u8>) -> Result<(), lz4_flex::block::CompressError> {
+    let blocks = input.len().div_ceil(LZ4_BLOCK_BYTES);
+    out.reserve(LZ4_PLAIN_HEADER.len() + 4 + blocks * 4 + lz4_flex::block::get_maximum_output_size(input.len()));
+    out.extend_from_slice(&LZ4_PLAIN_HEADER);
+    for block in input.chunks(LZ4_BLOCK_BYTES) {
+        let at = out.len();
+        out.resize(at + 4 + lz4_flex::block::get_maximum_output_size(block.len()), 0);
+        let n = lz4_flex::block::compress_into(block, &mut out[at + 4..])?;
+        if n < block.len() {
+            out[at..at + 4].copy_from_slice(&(n as u32).to_le_bytes());
+            out.truncate(at + 4 + n);
+        } else {
+            out.truncate(at);
+            out.extend_from_slice(&(block.len() as u32 | 0x8000_0000).to_le_bytes());
+            out.extend_from_slice(block);
+        }
+    }
+    out.extend_from_slice(&0u32.to_le_bytes());
+    Ok(())
+}
+
+/// The LZ4 frames written here and by Kafka's clients (independent blocks, no checksums, no
+/// content size, no dictionary), decoded block by block into one vector of the exact size: the
+/// frame decoder's 64 KiB working buffers and `read_to_end`'s doublings cost several allocations
+/// and a `malloc_consolidate` per batch, and the MQTT delivery path decodes a small batch per
+/// message. `None`: another kind of frame, for the frame decoder.
+fn lz4_plain_frame(input: &[u8], limit: u64) -> Option<Result<Vec<u8>, CompressionError>> {
+    const MAGIC: [u8; 4] = [0x04, 0x22, 0x4D, 0x18];
+    // FLG: version 01, independent blocks, nothing else; BD: a block size code, nothing else.
+    let (&[m0, m1, m2, m3, 0x60, bd, _hc], blocks) = input.split_first_chunk::<7>()? else { return None };
+    if [m0, m1, m2, m3] != MAGIC || bd & 0x8F != 0 || bd >> 4 < 4 {
+        return None;
+    }
+    let corrupt = |what: &str| CompressionError::Corrupt { codec: Codec::Lz4, message: format!("LZ4 frame: {what}") };
+    // Each block's place and decoded size first, so the output is allocated once.
+    let mut total = 0u64;
+    let mut rest = blocks;
+    loop {
+        let Some((len, after)) = rest.split_first_chunk::<4>() else { return Some(Err(corrupt("truncated"))) };
+        let len = u32::from_le_bytes(*len);
+        if len == 0 {
+            break;
+        }
+        let n = (len & 0x7FFF_FFFF) as usize;
+        let Some(block) = after.get(..n) else { return Some(Err(corrupt("block longer than the frame"))) };
+        let decoded = if len & 0x8000_0000 != 0 { n } else { lz4_block_len(block)? };
+        total += decoded as u64;
+        if total > limit {
+            return Some(Err(CompressionError::TooLarge { limit }));
+        }
+        rest = &after[n..];
+    }
+    let mut out = vec![0u8; total as usize];
+    let (mut at, mut rest) = (0usize, blocks);
+    while let Some((len, after)) = rest.split_first_chunk::<4>() {
+        let len = u32::from_le_bytes(*len);
+        if len == 0 {
+            break;
+        }
+        let n = (len & 0x7FFF_FFFF) as usize;
+        let block = &after[..n];
+        if len & 0x8000_0000 != 0 {
+            out[at..at + n].copy_from_slice(block);
+            at += n;
+        } else {
+            match lz4_flex::block::decompress_into(block, &mut out[at..]) {
+                Ok(written) => at += written,
+                Err(e) => return Some(Err(corrupt(&e.to_string()))),
+            }
+        }
+        rest = &after[n..];
+    }
+    if at != out.len() {
+        return Some(Err(corrupt("blocks decoded to another size than they announce")));
+    }
+    Some(Ok(out))
+}
+
+/// The decoded size of one LZ4 block, read from its sequences' lengths without decoding it;
+/// `None` if the block is cut short (the frame decoder then says what is wrong).
+fn lz4_block_len(b: &[u8]) -> Option<usize> {
+    let (mut i, mut n) = (0usize, 0usize);
+    let extra = |i: &mut usize, mut len: usize| -> Option<usize> {
+        loop {
+            let x = *b.get(*i)?;
+            *i += 1;
+            len = len.checked_add(usize::from(x))?;
+            if x != 255 {
+                return Some(len);
+            }
+        }
+    };
+    loop {
+        let token = *b.get(i)?;
+        i += 1;
+        let mut literals = usize::from(token >> 4);
+        if literals == 15 {
+            literals = extra(&mut i, literals)?;
+        }
+        i = i.checked_add(literals).filter(|&e| e <= b.len())?;
+        n = n.checked_add(literals)?;
+        // The last sequence has literals only.
+        if i == b.len() {
+            return Some(n);
+        }
+        i = i.checked_add(2).filter(|&e| e <= b.len())?;
+        let mut matched = usize::from(token & 15);
+        if matched == 15 {
+            matched = extra(&mut i, matched)?;
+        }
+        n = n.checked_add(matched + 4)?;
+    }
+}
+
 fn read_bounded<R: Read>(reader: R, limit: u64, codec: Codec) -> Result<Vec<u8>, CompressionError> {
     let mut out = Vec::new();
     reader
@@ -137,6 +255,49 @@ mod tests {
             let mut c = Vec::new();
             compress(codec, &input, &mut c).expect("compress");
             assert_eq!(decompress(codec, &c, 1 << 20).expect("decompress"), input, "{codec}");
+        }
+    }
+
+    #[test]
+    fn plain_lz4_frames_decode_as_the_frame_decoder_reads_them() {
+        let text: Vec<u8> =
+            (0..300_000u32).flat_map(|i| format!("meter {} {}\n", i % 977, i % 13).into_bytes()).collect();
+        let noise: Vec<u8> = (0..150_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for input in [&b""[..], b"x", &text[..200], &text[..], &noise[..]] {
+            let mut c = Vec::new();
+            compress(Codec::Lz4, input, &mut c).expect("compress");
+            let fast = lz4_plain_frame(&c, 1 << 30).expect("a frame of the plain kind").expect("decoded");
+            let mut reference = Vec::new();
+            lz4_flex::frame::FrameDecoder::new(&c[..]).read_to_end(&mut reference).expect("reference");
+            assert_eq!(fast, reference, "{} bytes", input.len());
+            assert_eq!(fast, input);
+            if !input.is_empty() {
+                assert!(matches!(
+                    lz4_plain_frame(&c, input.len() as u64 - 1),
+                    Some(Err(CompressionError::TooLarge { .. }))
+                ));
+            }
+        }
+        // The frames written here (decoded by the frame decoder above) have the frame
+        // encoder's header for these settings.
+        let info = lz4_flex::frame::FrameInfo::new()
+            .block_size(lz4_flex::frame::BlockSize::Max64KB)
+            .block_mode(lz4_flex::frame::BlockMode::Independent);
+        let mut w = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::new());
+        w.write_all(b"x").expect("write");
+        assert_eq!(w.finish().expect("finish")[..7], LZ4_PLAIN_HEADER);
+        // With checksums (another writer's choice): left to the frame decoder, which checks them.
+        let info = lz4_flex::frame::FrameInfo::new().block_checksums(true).content_checksum(true);
+        let mut w = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::new());
+        w.write_all(&text[..5000]).expect("write");
+        let c = w.finish().expect("finish");
+        assert!(lz4_plain_frame(&c, 1 << 30).is_none());
+        assert_eq!(decompress(Codec::Lz4, &c, 1 << 30).expect("decoded"), &text[..5000]);
+        // A truncated frame is an error, not a panic.
+        let mut c = Vec::new();
+        compress(Codec::Lz4, &text[..5000], &mut c).expect("compress");
+        for cut in [8, c.len() / 2, c.len() - 4] {
+            assert!(decompress(Codec::Lz4, &c[..cut], 1 << 30).is_err(), "cut at {cut}");
         }
     }
 

@@ -729,6 +729,13 @@ impl Store {
         self.topic_state(name).ok().map(|t| topic_info(&t))
     }
 
+    /// A topic's partition count, if it exists: [`Store::topic`] without copying its name and
+    /// settings (for per-message paths).
+    pub fn topic_partitions(&self, name: &str) -> Option<u32> {
+        let topics = self.inner.shared.topics.read().ok()?;
+        topics.get(name).map(|t| t.partitions.len() as u32)
+    }
+
     /// All topics, sorted by name.
     pub fn topics(&self) -> Vec<TopicInfo> {
         let mut v: Vec<TopicInfo> = match self.inner.shared.topics.read() {

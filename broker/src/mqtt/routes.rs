@@ -69,11 +69,29 @@ pub struct Router {
     codecs: Vec<(String, Codec)>,
 }
 
-/// Where one publish goes.
+/// Where one publish goes (the log topic borrowed from its route: nothing is copied per publish
+/// but the key).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Destination {
-    pub topic: String,
+pub struct Destination<'a> {
+    pub topic: &'a str,
     pub key: Option<String>,
+}
+
+/// One piece of a route's key for a publish on `topic`.
+fn key_piece<'a>(
+    p: &'a Piece,
+    plus_levels: &[usize],
+    topic: &'a str,
+    client_id: &'a str,
+    username: Option<&'a str>,
+) -> &'a str {
+    match p {
+        Piece::Text(t) => t,
+        Piece::ClientId => client_id,
+        Piece::Username => username.unwrap_or(""),
+        Piece::Topic => topic,
+        Piece::Level(i) => plus_levels.get(*i).and_then(|l| topic.split('/').nth(*l)).unwrap_or(""),
+    }
 }
 
 fn parse_template(key_name: &str, template: &str, plus_count: usize) -> Result<Vec<Piece>, ConfigError> {
@@ -191,26 +209,20 @@ impl Router {
     }
 
     /// The destination of a publish on `topic` (a valid topic name, no wildcards).
-    pub fn route(&self, topic: &str, client_id: &str, username: Option<&str>) -> Destination {
+    pub fn route(&self, topic: &str, client_id: &str, username: Option<&str>) -> Destination<'_> {
         let r = self
             .routes
             .iter()
             .find(|r| super::topic::matches(topic, &r.filter))
             .unwrap_or_else(|| &self.routes[self.routes.len() - 1]);
-        let levels: Vec<&str> = topic.split('/').collect();
-        let mut key = String::new();
-        for p in &r.key {
-            match p {
-                Piece::Text(t) => key.push_str(t),
-                Piece::ClientId => key.push_str(client_id),
-                Piece::Username => key.push_str(username.unwrap_or("")),
-                Piece::Topic => key.push_str(topic),
-                Piece::Level(i) => {
-                    key.push_str(r.plus_levels.get(*i).and_then(|l| levels.get(*l)).copied().unwrap_or(""))
-                }
-            }
-        }
-        Destination { topic: r.topic.clone(), key: if r.key.is_empty() { None } else { Some(key) } }
+        let piece = |p| -> &str { key_piece(p, &r.plus_levels, topic, client_id, username) };
+        // One allocation of the key's exact size (it becomes the record's key).
+        let key = (!r.key.is_empty()).then(|| {
+            let mut key = String::with_capacity(r.key.iter().map(|p| piece(p).len()).sum());
+            r.key.iter().for_each(|p| key.push_str(piece(p)));
+            key
+        });
+        Destination { topic: &r.topic, key }
     }
 
     /// The log topic a publish on `topic` is stored in (its route's, without building the key).
@@ -230,8 +242,8 @@ impl Router {
     }
 
     /// The route filters, in order (the last is the default route's `#`).
-    pub fn filters(&self) -> Vec<(&str, &str)> {
-        self.routes.iter().map(|r| (r.filter.as_str(), r.topic.as_str())).collect()
+    pub fn filters(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.routes.iter().map(|r| (r.filter.as_str(), r.topic.as_str()))
     }
 }
 
@@ -254,11 +266,11 @@ mod tests {
         let r = Router::new(&routes, "mqtt", "{topic}", "mqtt").expect("valid");
         assert_eq!(
             r.route("meters/42/reading", "c1", None),
-            Destination { topic: "readings".into(), key: Some("meter-42".into()) }
+            Destination { topic: "readings", key: Some("meter-42".into()) }
         );
-        assert_eq!(r.route("sensors/a/b", "c1", None), Destination { topic: "sensors".into(), key: Some("c1".into()) });
-        assert_eq!(r.route("raw/x/y", "c1", None), Destination { topic: "raw".into(), key: None });
-        assert_eq!(r.route("other", "c1", None), Destination { topic: "mqtt".into(), key: Some("other".into()) });
+        assert_eq!(r.route("sensors/a/b", "c1", None), Destination { topic: "sensors", key: Some("c1".into()) });
+        assert_eq!(r.route("raw/x/y", "c1", None), Destination { topic: "raw", key: None });
+        assert_eq!(r.route("other", "c1", None), Destination { topic: "mqtt", key: Some("other".into()) });
         assert_eq!(r.route("$SYS/broker/uptime", "c1", None).topic, SYS_TOPIC, "the broker's own topic");
         assert_eq!(r.topics(), vec!["__sys", "mqtt", "raw", "readings", "sensors"]);
     }

@@ -189,7 +189,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Header::Complete { header_len, remaining } => {
                     let total = header_len + remaining;
                     if self.buf.len() >= total {
-                        let bytes = self.buf.split_to(total);
+                        // A packet that is all the buffer holds (a device's one packet per
+                        // read) takes the buffer as it is: splitting would allocate a shared
+                        // header for the two halves.
+                        let bytes = if self.buf.len() == total {
+                            std::mem::take(&mut self.buf)
+                        } else {
+                            self.buf.split_to(total)
+                        };
                         // The packet takes the charge of the capacity it took from the buffer.
                         let charge = match self.charge.as_mut() {
                             Some(held) => held.split_off(bytes.capacity()),
@@ -827,16 +834,16 @@ pub(crate) const PUBREC: u8 = 5;
 pub(crate) const PUBREL: u8 = 6;
 pub(crate) const PUBCOMP: u8 = 7;
 
-/// PUBACK (4), PUBREC (5), PUBREL (6, flags 2) and PUBCOMP (7) with an optional v5 reason.
+/// PUBACK (4), PUBREC (5), PUBREL (6, flags 2) and PUBCOMP (7) with an optional v5 reason
+/// (one allocation of its size: one is sent per QoS 1 publish).
 pub(crate) fn ack(version: Version, kind: u8, pkid: u16, reason: u8) -> Bytes {
     let first = (kind << 4) | if kind == 6 { 0x02 } else { 0 };
-    let mut b = BytesMut::with_capacity(4);
-    b.put_u16(pkid);
+    let [hi, lo] = pkid.to_be_bytes();
     if version == Version::V5 && reason != 0 {
-        b.put_u8(reason);
-        b.put_u8(0);
+        Bytes::copy_from_slice(&[first, 4, hi, lo, reason, 0])
+    } else {
+        Bytes::copy_from_slice(&[first, 2, hi, lo])
     }
-    frame(first, &b)
 }
 
 pub(crate) fn suback(version: Version, pkid: u16, codes: &[u8]) -> Bytes {
@@ -885,13 +892,22 @@ pub(crate) fn publish(
     payload: &[u8],
     props: &PublishProps,
 ) -> Bytes {
-    let mut b = BytesMut::with_capacity(topic.len() + payload.len() + 16);
+    // One allocation of the packet's size: its properties' length is known before they are
+    // written (one PUBLISH per delivered message).
+    let props_len = (version == Version::V5).then(|| publish_props_len(props));
+    let body_len =
+        2 + topic.len() + if qos > 0 { 2 } else { 0 } + props_len.map_or(0, |n| var_int_len(n) + n) + payload.len();
+    let total = 1 + var_int_len(body_len) + body_len;
+    let mut b = BytesMut::with_capacity(total);
+    b.put_u8(0x30 | (u8::from(dup) << 3) | (qos << 1) | u8::from(retain));
+    put_len(&mut b, body_len);
     put_str(&mut b, topic.as_bytes());
     if qos > 0 {
         b.put_u16(pkid);
     }
-    if version == Version::V5 {
-        let mut p = BytesMut::new();
+    if let Some(n) = props_len {
+        put_len(&mut b, n);
+        let p = &mut b;
         if let Some(format) = props.payload_format {
             p.put_u8(0x01);
             p.put_u8(format);
@@ -902,20 +918,20 @@ pub(crate) fn publish(
         }
         if let Some(ct) = &props.content_type {
             p.put_u8(0x03);
-            put_str(&mut p, ct.as_bytes());
+            put_str(p, ct.as_bytes());
         }
         if let Some(rt) = &props.response_topic {
             p.put_u8(0x08);
-            put_str(&mut p, rt.as_bytes());
+            put_str(p, rt.as_bytes());
         }
         if let Some(cd) = &props.correlation_data {
             p.put_u8(0x09);
-            put_str(&mut p, cd);
+            put_str(p, cd);
         }
         for (k, v) in &props.user_properties {
             p.put_u8(0x26);
-            put_str(&mut p, k.as_bytes());
-            put_str(&mut p, v.as_bytes());
+            put_str(p, k.as_bytes());
+            put_str(p, v.as_bytes());
         }
         if let Some(alias) = props.topic_alias {
             p.put_u8(0x23);
@@ -923,14 +939,35 @@ pub(crate) fn publish(
         }
         for &id in &props.subscription_ids {
             p.put_u8(0x0B);
-            put_len(&mut p, id as usize);
+            put_len(p, id as usize);
         }
-        put_len(&mut b, p.len());
-        b.put_slice(&p);
     }
     b.put_slice(payload);
-    let first = 0x30 | (u8::from(dup) << 3) | (qos << 1) | u8::from(retain);
-    frame(first, &b)
+    debug_assert_eq!(b.len(), total, "a PUBLISH is written into its exact size");
+    b.freeze()
+}
+
+/// Bytes of a Variable Byte Integer.
+fn var_int_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+/// Bytes of a v5 PUBLISH's properties as [`publish`] writes them (without their length).
+fn publish_props_len(props: &PublishProps) -> usize {
+    let string = |s: usize| 1 + 2 + s;
+    props.payload_format.map_or(0, |_| 2)
+        + props.message_expiry_s.map_or(0, |_| 5)
+        + props.content_type.as_ref().map_or(0, |s| string(s.len()))
+        + props.response_topic.as_ref().map_or(0, |s| string(s.len()))
+        + props.correlation_data.as_ref().map_or(0, |d| string(d.len()))
+        + props.user_properties.iter().map(|(k, v)| 1 + 2 + k.len() + 2 + v.len()).sum::<usize>()
+        + props.topic_alias.map_or(0, |_| 3)
+        + props.subscription_ids.iter().map(|&id| 1 + var_int_len(id as usize)).sum::<usize>()
 }
 
 #[cfg(test)]
