@@ -423,7 +423,7 @@ fn translate_offsets_answers_exactly_where_a_central_consumer_continues_without_
         .create()
         .expect("central consumer");
     let mut tpl = TopicPartitionList::new();
-    for (p, _) in &java_committed {
+    for p in java_committed.keys() {
         let at = translated.get(&(remote.clone(), *p)).unwrap_or_else(|| panic!("no translation for partition {p}"));
         tpl.add_partition_offset(&remote, *p, Offset::Offset(*at)).expect("tpl");
     }
