@@ -34,7 +34,7 @@ struct Args {
     records: u64,
     /// Fixed offered rate of the latency runs with 100-byte records (records/s): below what every
     /// broker here sustains, Kafka with `flush.messages=1` included.
-    #[arg(long, default_value_t = 10_000.0)]
+    #[arg(long, default_value_t = 5_000.0)]
     rate_100: f64,
     /// Fixed offered rate of the latency runs with 1 KiB records (records/s).
     #[arg(long, default_value_t = 1_000.0)]
