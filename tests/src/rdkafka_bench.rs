@@ -215,3 +215,18 @@ pub fn consume(
     }
     Ok(Consumed { secs: start.elapsed().as_secs_f64(), records, bytes })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_quantiles_index_the_sorted_list() {
+        let p = Produced { secs: 1.0, records: 100, latencies_us: (1..=100).map(|i| i * 1000).collect() };
+        assert_eq!(p.latency_ms(0.5), 51.0); // index round(99 * 0.5) = 50
+        assert_eq!(p.latency_ms(0.99), 99.0);
+        assert_eq!(p.latency_ms(0.0), 1.0);
+        assert_eq!(p.latency_ms(1.0), 100.0);
+        assert!(Produced { secs: 1.0, records: 0, latencies_us: Vec::new() }.latency_ms(0.5).is_nan());
+    }
+}

@@ -82,19 +82,22 @@ struct Run {
     rss_mib: f64,
 }
 
-/// `N records sent, R records/sec (M MB/sec), A ms avg latency, X ms max latency, P ms 50th, Q ms 95th, S ms 99th, ...`
+/// `N records sent, R records/sec (M MB/sec), A ms avg latency, X ms max latency, P ms 50th, Q ms
+/// 95th, S ms 99th, T ms 99.9th.`: records/s, MB/s, p50 ms and p99 ms, each found by its label
+/// (the labels hold digits too: "50th", "99.9th").
 fn parse_producer(out: &str) -> anyhow::Result<(f64, f64, f64, f64)> {
     let line = out.lines().rev().find(|l| l.contains("records sent")).context("no summary line")?;
-    let nums: Vec<f64> = line
-        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .filter(|s| !s.is_empty() && *s != ".")
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    // 0 records, 1 records/s, 2 MB/s, 3 avg, 4 max, 5 p50, 6 p95, 7 p99, ...
-    if nums.len() < 8 {
-        bail!("unexpected summary: {line}");
-    }
-    Ok((nums[1], nums[2], nums[5], nums[7]))
+    let field = |label: &str| -> anyhow::Result<f64> {
+        line.split(',')
+            .map(|part| part.trim().trim_end_matches('.'))
+            .find_map(|part| {
+                let words: Vec<&str> = part.split_whitespace().collect();
+                let at = words.windows(label.split_whitespace().count()).position(|w| w.join(" ") == label)?;
+                words.get(at.checked_sub(1)?)?.trim_start_matches('(').parse().ok()
+            })
+            .with_context(|| format!("no \"{label}\" in: {line}"))
+    };
+    Ok((field("records/sec")?, field("MB/sec)")?, field("ms 50th")?, field("ms 99th")?))
 }
 
 /// The CSV line of kafka-consumer-perf-test: `start.time, end.time, data.consumed.in.MB, MB.sec,
@@ -384,4 +387,23 @@ fn main() -> anyhow::Result<()> {
 
 fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines as Kafka 4.1.1's tools print them (captured from a run against the gateway).
+    #[test]
+    fn parses_the_perf_tools_summaries() {
+        let produced = "50000 records sent, 13583.3 records/sec (13.26 MB/sec), 1237.43 ms avg latency, \
+                        1629.00 ms max latency, 1274 ms 50th, 1597 ms 95th, 1621 ms 99th, 1628 ms 99.9th.\n";
+        assert_eq!(parse_producer(produced).expect("parse"), (13583.3, 13.26, 1274.0, 1621.0));
+        let consumed = "start.time, end.time, data.consumed.in.MB, MB.sec, data.consumed.in.nMsg, nMsg.sec, \
+                        rebalance.time.ms, fetch.time.ms, fetch.MB.sec, fetch.nMsg.sec\n\
+                        2026-12-05 21:43:29:278, 2026-12-05 21:43:33:647, 48.8281, 11.1760, 50000, 11444.2664, \
+                        4002, 367, 133.0467, 136239.7820\n";
+        assert_eq!(parse_consumer(consumed).expect("parse"), (11444.2664, 136239.7820));
+        assert!(parse_consumer("a, b, c\n").is_err());
+    }
 }
