@@ -7,6 +7,7 @@ pub mod kafka_cluster;
 pub mod link;
 pub mod linkem;
 pub mod mm2;
+pub mod rdkafka_bench;
 pub mod soak;
 pub mod workload;
 
@@ -133,14 +134,16 @@ impl BenchGateway {
     /// with data in `dir`, `storage_extra` lines added to `[storage]` and `tables` (further TOML
     /// tables such as `[topic_defaults]`) appended.
     pub fn start(binary: Option<&Path>, dir: &Path, storage_extra: &str, tables: &str) -> anyhow::Result<Self> {
-        Self::start_with(binary, dir, storage_extra, "", tables)
+        Self::start_with(binary, dir, storage_extra, "", "", tables)
     }
 
-    /// [`BenchGateway::start`] with `mqtt_extra` lines added to `[mqtt]`.
+    /// [`BenchGateway::start`] with `kafka_extra` lines added to `[kafka]` and `mqtt_extra` lines
+    /// to `[mqtt]`.
     pub fn start_with(
         binary: Option<&Path>,
         dir: &Path,
         storage_extra: &str,
+        kafka_extra: &str,
         mqtt_extra: &str,
         tables: &str,
     ) -> anyhow::Result<Self> {
@@ -154,7 +157,7 @@ impl BenchGateway {
         std::fs::write(
             &config,
             format!(
-                "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{storage_extra}[kafka]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n{mqtt_extra}[metrics]\nlisten = \"127.0.0.1:0\"\n{tables}[log]\nlevel = \"warn,tributary_gateway=info\"\n",
+                "[storage]\ndata_dir = {:?}\nmax_bytes = {}\n{storage_extra}[kafka]\nlisten = \"127.0.0.1:0\"\n{kafka_extra}[mqtt]\nlisten = \"127.0.0.1:0\"\nwebsocket_listen = \"127.0.0.1:0\"\n{mqtt_extra}[metrics]\nlisten = \"127.0.0.1:0\"\n{tables}[log]\nlevel = \"warn,tributary_gateway=info\"\n",
                 dir.join("data").to_str().context("utf-8 path")?,
                 16u64 << 30,
             ),

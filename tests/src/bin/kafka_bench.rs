@@ -7,17 +7,11 @@
 //! `cargo build --release -p tributary-tests && target/release/kafka-bench [--dir DIR]`
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::ClientConfig;
-use tributary_tests::{cpu_seconds, fsync_rate, sequential_write, status_kib, BenchGateway, MIB};
+use tributary_tests::{cpu_seconds, fsync_rate, rdkafka_bench, sequential_write, status_kib, BenchGateway, MIB};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -39,24 +33,6 @@ struct Args {
     /// The gateway binary (default: `tributary-under-test` next to this program).
     #[arg(long)]
     gateway: Option<PathBuf>,
-}
-
-#[derive(Default)]
-struct Deliveries {
-    ok: AtomicU64,
-    failed: AtomicU64,
-}
-
-impl ClientContext for Deliveries {}
-
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => self.ok.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
-        };
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -113,96 +89,25 @@ struct Phases {
 
 fn run(args: &Args, addr: &str, pid: &str) -> anyhow::Result<Phases> {
     let topic = "bench";
-    let value = vec![b'v'; args.value_bytes];
-    let producer: ThreadedProducer<Deliveries> = ClientConfig::new()
-        .set("bootstrap.servers", addr)
-        .set("acks", "all")
-        .set("compression.type", &args.compression)
-        .set("linger.ms", "5")
-        .set("batch.size", "1000000")
-        .set("batch.num.messages", "100000")
-        .set("queue.buffering.max.messages", "1000000")
-        .set("queue.buffering.max.kbytes", "1048576")
-        .set("message.timeout.ms", "120000")
-        .create_with_context(Deliveries::default())
-        .context("producer")?;
-    // Warm up: the topic is auto-created, connections are up.
-    producer.send(BaseRecord::<(), _>::to(topic).payload(&value[..])).map_err(|(e, _)| e)?;
-    producer.flush(Duration::from_secs(30))?;
-    let deliveries = producer.context();
-    let base = deliveries.ok.load(Ordering::Relaxed);
     let mut rss_max_kib = 0u64;
     let cpu0 = cpu_seconds(pid);
-    let start = Instant::now();
-    for i in 0..args.records {
-        let mut record = BaseRecord::<(), _>::to(topic).payload(&value[..]);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => bail!("produce: {e}"),
-            }
-        }
-        if i % 100_000 == 0 {
+    let produced =
+        rdkafka_bench::produce(addr, topic, args.records, args.value_bytes, &args.compression, None, || {
             rss_max_kib = rss_max_kib.max(status_kib(pid, "VmRSS:"));
-        }
-    }
-    producer.flush(Duration::from_secs(120))?;
-    let produce_secs = start.elapsed().as_secs_f64();
+        })?;
     let produce_cpu = cpu_seconds(pid) - cpu0;
-    let produce_rss = rss_max_kib;
-    rss_max_kib = 0;
-    let ok = deliveries.ok.load(Ordering::Relaxed) - base;
-    let failed = deliveries.failed.load(Ordering::Relaxed);
-    if ok != args.records || failed != 0 {
-        bail!("{ok} of {} records acknowledged, {failed} failed", args.records);
-    }
-    drop(producer);
-
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", addr)
-        .set("group.id", "bench")
-        .set("enable.auto.commit", "false")
-        .set("max.partition.fetch.bytes", "4194304")
-        .set("fetch.max.bytes", "8388608")
-        // librdkafka stops fetching once this many messages wait in its queue and rechecks only
-        // about once a second; a deep queue keeps it fetching (client memory, not the broker's).
-        .set("queued.min.messages", "2000000")
-        .set("queued.max.messages.kbytes", "1048576")
-        .create()
-        .context("consumer")?;
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..args.partitions as i32 {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    let total = args.records + 1;
-    let mut bytes = 0u64;
+    let produce_rss = std::mem::take(&mut rss_max_kib);
     let cpu0 = cpu_seconds(pid);
-    let start = Instant::now();
-    let mut n = 0u64;
-    while n < total {
-        match consumer.poll(Duration::from_secs(10)) {
-            Some(Ok(m)) => {
-                n += 1;
-                bytes += m.payload_len() as u64;
-                if n % 100_000 == 0 {
-                    rss_max_kib = rss_max_kib.max(status_kib(pid, "VmRSS:"));
-                }
-            }
-            Some(Err(e)) => bail!("consume: {e}"),
-            None => bail!("consume stalled at {n} of {total}"),
-        }
-    }
-    let consume_secs = start.elapsed().as_secs_f64();
+    // The warm-up record is in the topic too.
+    let consumed = rdkafka_bench::consume(addr, topic, args.partitions, args.records + 1, || {
+        rss_max_kib = rss_max_kib.max(status_kib(pid, "VmRSS:"));
+    })?;
     let consume_cpu = cpu_seconds(pid) - cpu0;
+    let (produce_secs, consume_secs) = (produced.secs, consumed.secs);
     Ok(Phases {
         produce_secs,
         consume_secs,
-        consumed_bytes: bytes,
+        consumed_bytes: consumed.bytes,
         produce_note: format!(
             "gateway CPU {:.0}% of one core, RSS sampled up to {:.1} MiB",
             produce_cpu / produce_secs * 100.0,

@@ -259,7 +259,7 @@ impl Broker {
                 // for every idle connection (`mqtt.connections_max` is 1,024 by default).
                 let connections = args.idle_connections.max(args.fleet_publishers) + 16;
                 let mqtt = format!("connections_max = {}\n", connections.max(1024));
-                let gateway = BenchGateway::start_with(args.gateway.as_deref(), dir.path(), "", &mqtt, "")?;
+                let gateway = BenchGateway::start_with(args.gateway.as_deref(), dir.path(), "", "", &mqtt, "")?;
                 let port = gateway.mqtt.rsplit(':').next().and_then(|p| p.parse().ok()).context("mqtt port")?;
                 let pid = gateway.pid.clone();
                 return Ok(Self { _gateway: Some(gateway), child: None, pid, port, _dir: dir });
