@@ -900,19 +900,8 @@ impl Session {
         for t in due {
             let key = settings_key(&t.topic);
             let value = settings_value(&t.configs);
-            let what = Box::new(InternalWrite::Settings { site: self.site.clone(), topic: t.topic.clone() });
-            let mut record: BaseRecord<'_, [u8], [u8], Box<InternalWrite>> =
-                BaseRecord::with_opaque_to(&topic, what).partition(0).key(&key[..]).payload(&value[..]);
-            loop {
-                match self.shared.internal.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
+            let what = InternalWrite::Settings { site: self.site.clone(), topic: t.topic.clone() };
+            self.send_internal(&topic, &key, &value, what).await?;
             tracing::info!(site = %self.site, topic = %t.topic, settings = ?t.configs, "topic's own settings kept");
         }
         Ok(())
@@ -1023,24 +1012,34 @@ impl Session {
         for (source, partition, high) in self.reported.due(Instant::now()) {
             let key = extent_key(&source, partition);
             let value = extent_value(high);
-            let mut record: BaseRecord<'_, [u8], [u8], Box<InternalWrite>> =
-                BaseRecord::with_opaque_to(&topic, Box::new(InternalWrite::Extent))
-                    .partition(0)
-                    .key(&key[..])
-                    .payload(&value[..]);
-            loop {
-                match self.shared.internal.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
+            self.send_internal(&topic, &key, &value, InternalWrite::Extent).await?;
             tracing::debug!(site = %self.site, topic = %source, partition, high, "reported high watermark written");
         }
         Ok(())
+    }
+
+    /// Queues one record for partition 0 of an internal topic (`{site}.extents.internal`,
+    /// `{site}.topics.internal`) on the internal producer, waiting while its queue is full;
+    /// `what` comes back with the delivery report.
+    async fn send_internal(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        what: InternalWrite,
+    ) -> Result<(), CloudError> {
+        let mut record: BaseRecord<'_, [u8], [u8], Box<InternalWrite>> =
+            BaseRecord::with_opaque_to(topic, Box::new(what)).partition(0).key(key).payload(value);
+        loop {
+            match self.shared.internal.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
     }
 
     /// Credit due and progress to report.

@@ -789,6 +789,19 @@ async fn raw_site_with(
     (endpoint, conn)
 }
 
+/// The first control frame the receiver sends on the control stream.
+async fn first_control(recv: &mut quinn::RecvStream) -> tributary_sync::protocol::Control {
+    let mut decoder = tributary_sync::protocol::Decoder::new(1 << 20);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if let Some(c) = decoder.next_control().expect("valid frame") {
+            return c;
+        }
+        let n = recv.read(&mut buf).await.expect("read").expect("open");
+        decoder.feed(&buf[..n]);
+    }
+}
+
 /// Reads control frames until the receiver refuses: its `Refused` reason, or the reason it closed
 /// the connection with (the close may overtake the frame); `None` if the stream just ended.
 async fn refusal(conn: &quinn::Connection, recv: &mut quinn::RecvStream) -> Option<String> {
@@ -848,15 +861,7 @@ async fn protocol_version_2_is_negotiated_and_a_version_1_site_is_still_served()
         send.write_all(&Control::Hello { site: SITE.into() }.encode()).await.expect("hello");
         send.write_all(&Control::Partitions(vec![report]).encode()).await.expect("partitions");
         // The partition starts: the site is served.
-        let mut decoder = tributary_sync::protocol::Decoder::new(1 << 20);
-        let mut buf = vec![0u8; 4096];
-        let start = loop {
-            if let Some(c) = decoder.next_control().expect("valid frame") {
-                break c;
-            }
-            let n = recv.read(&mut buf).await.expect("read").expect("open");
-            decoder.feed(&buf[..n]);
-        };
+        let start = first_control(&mut recv).await;
         assert_eq!(start, Control::Start { topic: "meters".into(), partition: 0, offset: 0 });
         let commit = CommittedOffset {
             group: "billing".into(),
@@ -1117,15 +1122,7 @@ async fn topics_own_settings_are_kept_by_a_version_4_session_and_refused_on_vers
     send.write_all(&Control::Hello { site: SITE.into() }.encode()).await.expect("hello");
     send.write_all(&Control::TopicOverrides(vec![own("3600000")]).encode()).await.expect("overrides");
     send.write_all(&Control::Partitions(vec![report]).encode()).await.expect("partitions");
-    let mut decoder = tributary_sync::protocol::Decoder::new(1 << 20);
-    let mut buf = vec![0u8; 4096];
-    let start = loop {
-        if let Some(c) = decoder.next_control().expect("valid frame") {
-            break c;
-        }
-        let n = recv.read(&mut buf).await.expect("read").expect("open");
-        decoder.feed(&buf[..n]);
-    };
+    let start = first_control(&mut recv).await;
     assert_eq!(start, Control::Start { topic: "meters".into(), partition: 0, offset: 0 });
     // The same again (not written again), then altered (written).
     send.write_all(&Control::TopicOverrides(vec![own("3600000")]).encode()).await.expect("overrides");
