@@ -147,8 +147,17 @@ fn lz4_plain_compress(input: &[u8], out: &mut Vec<u8>) -> Result<(), lz4_flex::b
 fn lz4_plain_frame(input: &[u8], limit: u64) -> Option<Result<Vec<u8>, CompressionError>> {
     const MAGIC: [u8; 4] = [0x04, 0x22, 0x4D, 0x18];
     // FLG: version 01, independent blocks, nothing else; BD: a block size code, nothing else.
-    let (&[m0, m1, m2, m3, 0x60, bd, _hc], blocks) = input.split_first_chunk::<7>()? else { return None };
-    if [m0, m1, m2, m3] != MAGIC || bd & 0x8F != 0 || bd >> 4 < 4 {
+    let (&[m0, m1, m2, m3, 0x60, bd, hc], blocks) = input.split_first_chunk::<7>()? else { return None };
+    // The header checksum (second byte of xxh32 over FLG and BD) of FLG 0x60 with each block
+    // size code: a frame whose checksum is wrong goes to the frame decoder, which refuses it.
+    let want_hc = match bd {
+        0x40 => 0x82,
+        0x50 => 0xFB,
+        0x60 => 0x51,
+        0x70 => 0x73,
+        _ => return None,
+    };
+    if [m0, m1, m2, m3] != MAGIC || hc != want_hc {
         return None;
     }
     let corrupt = |what: &str| CompressionError::Corrupt { codec: Codec::Lz4, message: format!("LZ4 frame: {what}") };
@@ -277,6 +286,28 @@ mod tests {
                     Some(Err(CompressionError::TooLarge { .. }))
                 ));
             }
+        }
+        // A wrong header checksum is not decoded here: the frame decoder refuses it.
+        let mut bad = Vec::new();
+        compress(Codec::Lz4, &text[..200], &mut bad).expect("compress");
+        bad[6] ^= 1;
+        assert!(lz4_plain_frame(&bad, 1 << 30).is_none());
+        assert!(decompress(Codec::Lz4, &bad, 1 << 30).is_err(), "a wrong header checksum is refused");
+        // Every block size code's checksum as the frame encoder writes it.
+        for (size, bd) in [
+            (lz4_flex::frame::BlockSize::Max64KB, 0x40u8),
+            (lz4_flex::frame::BlockSize::Max256KB, 0x50),
+            (lz4_flex::frame::BlockSize::Max1MB, 0x60),
+            (lz4_flex::frame::BlockSize::Max4MB, 0x70),
+        ] {
+            let info =
+                lz4_flex::frame::FrameInfo::new().block_size(size).block_mode(lz4_flex::frame::BlockMode::Independent);
+            let mut w = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::new());
+            w.write_all(&text[..5000]).expect("write");
+            let frame = w.finish().expect("finish");
+            assert_eq!(frame[5], bd);
+            let fast = lz4_plain_frame(&frame, 1 << 30).expect("the plain kind").expect("decoded");
+            assert_eq!(fast, &text[..5000]);
         }
         // The frames written here (decoded by the frame decoder above) have the frame
         // encoder's header for these settings.
