@@ -133,18 +133,8 @@ pub fn produce(
                 std::thread::sleep(due - now);
             }
         }
-        let mut record = BaseRecord::<(), _, usize>::with_opaque_to(topic, ns(&producer)).payload(&value[..]);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                    // Waiting in the client's queue is part of this record's latency.
-                }
-                Err((e, _)) => bail!("produce: {e}"),
-            }
-        }
+        // Waiting in the client's queue is part of this record's latency.
+        send_waiting(&producer, BaseRecord::<(), _, usize>::with_opaque_to(topic, ns(&producer)).payload(&value[..]))?;
         if i % 100_000 == 0 {
             sample();
         }
@@ -214,6 +204,29 @@ pub fn consume(
         }
     }
     Ok(Consumed { secs: start.elapsed().as_secs_f64(), records, bytes })
+}
+
+/// Queues `record` on `producer`, waiting a millisecond at a time while the client's queue is
+/// full; any other error ends the run.
+pub fn send_waiting<K, P, C>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, K, P, C::DeliveryOpaque>,
+) -> anyhow::Result<()>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+    C: ProducerContext + 'static,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => bail!("produce: {e}"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,9 +24,9 @@ use clap::Parser;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, Message};
+use tributary_tests::rdkafka_bench::send_waiting;
 use tributary_tests::{cpu_seconds, status_kib, BenchGateway};
 
 #[derive(Debug, Parser)]
@@ -329,17 +329,7 @@ fn produce(args: &Args, addr: &str) -> anyhow::Result<f64> {
     let start = Instant::now();
     for i in 0..args.records {
         let partition = (i % args.partitions as u64) as i32;
-        let mut record = BaseRecord::<(), _>::to("groupbench").partition(partition).payload(&value[..]);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => bail!("produce: {e}"),
-            }
-        }
+        send_waiting(&producer, BaseRecord::<(), _>::to("groupbench").partition(partition).payload(&value[..]))?;
     }
     producer.flush(Duration::from_secs(300))?;
     let secs = start.elapsed().as_secs_f64();
