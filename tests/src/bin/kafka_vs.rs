@@ -45,10 +45,24 @@ struct Args {
     /// Heap of the Kafka broker.
     #[arg(long, default_value_t = 512)]
     kafka_heap_mb: u32,
+    /// The brokers to run (a subset to look into one side; the table's ratios need both).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tributary,kafka")]
+    brokers: Vec<Side>,
+    /// The clients to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "perf-test,librdkafka")]
+    clients: Vec<Client>,
+}
+
+/// A broker of the comparison: the gateway, or Apache Kafka (run with its defaults and with
+/// `flush.messages=1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Side {
+    Tributary,
+    Kafka,
 }
 
 /// The client that drove a row.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Client {
     PerfTest,
     Librdkafka,
@@ -270,9 +284,15 @@ fn librdkafka_case(jars: &KafkaJars, broker: &Broker<'_>, case: Case) -> anyhow:
 type Row = (&'static str, Client, Case, Run);
 
 /// Both clients over every case on one broker; the broker's peak RSS after them.
-fn run_broker(jars: &KafkaJars, broker: &Broker<'_>, cases: &[Case], rows: &mut Vec<Row>) -> anyhow::Result<f64> {
+fn run_broker(
+    jars: &KafkaJars,
+    broker: &Broker<'_>,
+    cases: &[Case],
+    clients: &[Client],
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<f64> {
     for case in cases {
-        for client in [Client::PerfTest, Client::Librdkafka] {
+        for &client in clients {
             eprintln!(
                 "kafka-vs: {} / {} / {} partition(s) / {} B",
                 broker.label,
@@ -316,7 +336,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let mut rows = Vec::new();
     let mut peaks = Vec::new();
-    {
+    if args.brokers.contains(&Side::Tributary) {
         let gw_dir = tempfile::tempdir_in(&args.dir)?;
         // The Kafka broker below runs with group.initial.rebalance.delay.ms=0 (the harness's
         // setting); the gateway's equivalent is set the same, so a perf-test consumer's group join
@@ -336,8 +356,23 @@ fn main() -> anyhow::Result<()> {
             pid: &gw.pid,
             configs: &[],
         };
-        peaks.push((broker.label, run_broker(&jars, &broker, &cases, &mut rows)?));
+        peaks.push((broker.label, run_broker(&jars, &broker, &cases, &args.clients, &mut rows)?));
     }
+    if args.brokers.contains(&Side::Kafka) {
+        run_kafka(&args, &jars, &cases, &mut rows, &mut peaks)?;
+    }
+    print_table(&rows, &peaks);
+    Ok(())
+}
+
+/// One Apache Kafka broker, run with its defaults and then with `flush.messages=1` on its topics.
+fn run_kafka(
+    args: &Args,
+    jars: &KafkaJars,
+    cases: &[Case],
+    rows: &mut Vec<Row>,
+    peaks: &mut Vec<(&'static str, f64)>,
+) -> anyhow::Result<()> {
     let opts = KafkaOptions {
         heap_mb: args.kafka_heap_mb,
         light_jvm: false,
@@ -352,13 +387,15 @@ fn main() -> anyhow::Result<()> {
         ("Kafka, flush.messages=1", "kafka-flush", &["flush.messages=1"][..]),
     ] {
         let broker = Broker { label, prefix, bootstrap: &bootstrap, pid: &pid, configs };
-        peaks.push((label, run_broker(&jars, &broker, &cases, &mut rows)?));
+        peaks.push((label, run_broker(jars, &broker, cases, &args.clients, rows)?));
     }
-    kafka.stop()?;
+    kafka.stop()
+}
 
+fn print_table(rows: &[Row], peaks: &[(&'static str, f64)]) {
     println!("| broker | client | partitions | record | produce records/s | MB/s | p50 ms | p99 ms | fixed rate: records/s | ack p50 ms | ack p99 ms | consume records/s | consume after group join | broker CPU s produce / consume | broker RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for (label, client, case, r) in &rows {
+    for (label, client, case, r) in rows {
         println!(
             "| {label} | {} | {} | {} B | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} of {:.0} | {:.1} | {:.1} | {:.0} | {} | {:.1} / {:.1} | {:.0} |",
             client.label(),
@@ -382,7 +419,6 @@ fn main() -> anyhow::Result<()> {
     for (label, peak) in peaks {
         println!("peak RSS (VmHWM) after all its runs: {label}: {peak:.0} MiB");
     }
-    Ok(())
 }
 
 fn num_cpus() -> usize {
