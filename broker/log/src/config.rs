@@ -587,6 +587,12 @@ pub struct StorageConfig {
     /// `log.cleaner.dedupe.buffer.size`); a partition with more keys is compacted in several
     /// passes.
     pub compaction_memory_bytes_max: u64,
+    /// When a small write (under a quarter of this) reaches past the part of the database file
+    /// already written, zeros are written this far past it, so the next commits overwrite
+    /// allocated blocks and their fsync need not also write the file's metadata (see
+    /// `zero_ahead.rs`; about 1.5x the commits per second on ext4). 0 turns it off. At most
+    /// 4 MiB, within the disk budget's slack.
+    pub zero_ahead_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -615,6 +621,7 @@ impl Default for StorageConfig {
             tail_cache_bytes_max: MIB,
             compaction_bytes_per_commit_max: 4 * MIB,
             compaction_memory_bytes_max: 8 * MIB,
+            zero_ahead_bytes: 256 * KIB,
         }
     }
 }
@@ -653,6 +660,9 @@ impl StorageConfig {
         range("tail_cache_bytes_max", self.tail_cache_bytes_max, 0, GIB)?;
         range("compaction_bytes_per_commit_max", self.compaction_bytes_per_commit_max, 4 * KIB, 4 * GIB)?;
         range("compaction_memory_bytes_max", self.compaction_memory_bytes_max, 4 * KIB, 16 * GIB)?;
+        if self.zero_ahead_bytes != 0 {
+            range("zero_ahead_bytes", self.zero_ahead_bytes, 64 * KIB, 4 * MIB)?;
+        }
         Ok(())
     }
 

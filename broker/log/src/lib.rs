@@ -20,6 +20,7 @@ mod stored;
 pub mod tables;
 mod tail;
 mod writer;
+mod zero_ahead;
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -379,6 +380,11 @@ pub(crate) fn open_database(config: &StorageConfig, location: &Location) -> Resu
         tracing::info!(progress = session.progress(), "repair progress");
     });
     let db = match location {
+        Location::File(path) if config.zero_ahead_bytes > 0 => {
+            let backend = zero_ahead::ZeroAhead::open(path, config.zero_ahead_bytes)
+                .map_err(|e| StoreError::io("open the database file", e))?;
+            builder.create_with_backend(backend)?
+        }
         Location::File(path) => builder.create(path)?,
         Location::Backend(open) => {
             let backend = open().map_err(|e| StoreError::io("open the storage backend", e))?;

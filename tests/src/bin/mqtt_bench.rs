@@ -142,6 +142,11 @@ struct Args {
     /// set it on their side).
     #[arg(long)]
     nagle: bool,
+    /// Extra TOML tables for Tributary's configuration, for experiments (e.g.
+    /// `[topic_defaults]` with `durability = "relaxed"` to see what the fsync costs); reported
+    /// with the results.
+    #[arg(long, default_value = "")]
+    gateway_tables: String,
 }
 
 /// Send timestamp (ns since the benchmark's clock base), publisher, sequence number.
@@ -259,7 +264,9 @@ impl Broker {
                 // for every idle connection (`mqtt.connections_max` is 1,024 by default).
                 let connections = args.idle_connections.max(args.fleet_publishers) + 16;
                 let mqtt = format!("connections_max = {}\n", connections.max(1024));
-                let gateway = BenchGateway::start_with(args.gateway.as_deref(), dir.path(), "", "", &mqtt, "")?;
+                let tables = args.gateway_tables.replace("\\n", "\n");
+                let tables = if tables.is_empty() { tables } else { format!("{tables}\n") };
+                let gateway = BenchGateway::start_with(args.gateway.as_deref(), dir.path(), "", "", &mqtt, &tables)?;
                 let port = gateway.mqtt.rsplit(':').next().and_then(|p| p.parse().ok()).context("mqtt port")?;
                 let pid = gateway.pid.clone();
                 return Ok(Self { _gateway: Some(gateway), child: None, pid, port, _dir: dir });
@@ -1016,6 +1023,9 @@ fn print_table(args: &Args, fsyncs: f64, results: &[(Peer, PeerResult)]) {
     );
     if let Some(q) = args.subscriber_qos {
         println!("(the subscriber at QoS {q} in every scenario)");
+    }
+    if !args.gateway_tables.is_empty() {
+        println!("(Tributary's configuration with: {})", args.gateway_tables);
     }
     println!();
     let mut header = String::from("| measurement |");
