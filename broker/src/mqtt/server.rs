@@ -1182,6 +1182,7 @@ async fn serve(ctx: Arc<Ctx>, logged_in: Box<LoggedIn>) -> Result<(), String> {
     // delay cancels it.
     let graceful = matches!(result, Ok(true));
     if let (false, Some(w)) = (graceful, s.will.take()) {
+        let w = *w;
         let msg = Message { topic: w.topic, qos: w.qos, retain: w.retain, payload: w.payload, props: w.props };
         let origin = Origin { client_id: client_id.clone(), username: s.username.clone() };
         let delay = Duration::from_secs(u64::from(w.delay_s.min(s.session_expiry_s)));
