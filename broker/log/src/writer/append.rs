@@ -106,8 +106,22 @@ impl Writer {
         value[..VALUE_PREFIX_LEN].copy_from_slice(&now.to_be_bytes());
         let stored = stored::put_batch(&mut t.log, &mut t.pieces, pkey, m.next_offset, value)?;
         if self.tail.enabled() {
-            let batch = bytes::Bytes::copy_from_slice(&value[VALUE_PREFIX_LEN..]);
-            r.cached.push((pkey, m.next_offset as i64, h.next_offset(), batch));
+            let batch = &value[VALUE_PREFIX_LEN..];
+            let limit = self.tail.limit_bytes();
+            if batch.len() > limit {
+                // Never cached (`TailBudget::add`): no copy.
+                r.cache_cleared.insert(pkey);
+            } else {
+                r.cached_bytes += batch.len();
+                r.cached.push_back((pkey, m.next_offset as i64, h.next_offset(), bytes::Bytes::copy_from_slice(batch)));
+                // The cache keeps the newest batches up to its limit: what this round wrote
+                // before the newest `limit` bytes would only be evicted at the commit.
+                while r.cached_bytes > limit {
+                    let Some((old, _, _, b)) = r.cached.pop_front() else { break };
+                    r.cached_bytes -= b.len();
+                    r.cache_cleared.insert(old);
+                }
+            }
         }
         if m.batches == 0 {
             r.fronts.insert(pkey, Some(now));
