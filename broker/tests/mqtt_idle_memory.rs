@@ -138,13 +138,13 @@ fn connect_idle(addr: std::net::SocketAddr, id: &str) -> TcpStream {
 /// Live heap bytes per connection at most: right after its last packet (`BUSY`: the session's
 /// answer and action queues still allocated) and once it has been quiet for the session's trim
 /// delay (`IDLE`). Measured 2026-12-06 (debug build, as `cargo test` runs it; see BENCHMARKS.md
-/// "Where the gateway's memory goes"): before this round 6,043 B busy (no trim existed);
-/// after it 5,183 B busy and 4,111 B idle (in 11 blocks: the session future 3,168 B, the
-/// task 384, tokio's I/O registration 256, the socket halves, the takeover channel, the client
-/// id). The bounds leave about 5% for allocator-size
-/// differences between Rust versions: a buffer of a few hundred bytes kept per connection fails.
-const PER_BUSY_CONNECTION_BYTES_MAX: i64 = 5_400;
-const PER_IDLE_CONNECTION_BYTES_MAX: i64 = 4_300;
+/// "Where the gateway's memory goes"): before this round 6,043 B (no trim existed); after it
+/// 4,791 B busy and about 3,700 B idle (in 11 blocks: the session future 2,768 B, the task 384,
+/// tokio's I/O registration 256, the socket halves, the takeover channel, the client id). The
+/// bounds leave about 5% for allocator-size differences between Rust versions: a buffer of a
+/// few hundred bytes kept per connection fails.
+const PER_BUSY_CONNECTION_BYTES_MAX: i64 = 5_000;
+const PER_IDLE_CONNECTION_BYTES_MAX: i64 = 3_900;
 /// Live heap bytes the store and the MQTT listener hold once started, before any client.
 /// Measured 2026-12-06: 173 KB.
 const START_BYTES_MAX: i64 = 190_000;
