@@ -142,6 +142,15 @@ pub struct Conn {
     pub draining: Draining,
 }
 
+impl Conn {
+    /// The connection's parts, out of its box. A plain function on purpose: a box taken apart
+    /// inside an async fn stays allocated until the end of the function, which for a handler is
+    /// the end of the connection.
+    pub fn into_parts(self: Box<Self>) -> Self {
+        *self
+    }
+}
+
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn").field("peer", &self.peer).field("admitted", &self.admitted).finish_non_exhaustive()
@@ -306,6 +315,16 @@ struct Accepted {
     name: &'static str,
 }
 
+impl Accepted {
+    /// What the connection keeps (its permit and the drain signal); the rest is freed here. A
+    /// plain function on purpose: a value taken apart inside an async fn stays allocated, box
+    /// and all, until the end of the function, and this task's ends with the connection.
+    fn into_kept(self: Box<Self>) -> (Option<OwnedSemaphorePermit>, Draining) {
+        let Self { permit, draining, .. } = *self;
+        (permit, draining)
+    }
+}
+
 /// Counts an admitted connection open while it lives (also if its task panics), and as a
 /// WebSocket connection once upgraded.
 struct OpenGuard {
@@ -352,7 +371,7 @@ where
     if let (true, Some(open)) = (websocket, open.as_mut()) {
         open.upgraded();
     }
-    let Accepted { permit, draining, .. } = *a;
+    let (permit, draining) = a.into_kept();
     let conn = Conn { rd, wr, peer, accepted, cert_name, admitted, draining };
     let result = handler(Box::new(conn)).await;
     match result {

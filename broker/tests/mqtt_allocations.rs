@@ -159,8 +159,11 @@ const COUNTED: u32 = 2_000;
 /// round's cuts, 40.0 and 6.9 KB after; writer 398 and 264 KB before, 388-393 and 116 KB after
 /// (redb's own allocations per commit are most of the count). The bounds leave about 2.5% (front
 /// end) and 8% (writer) for scheduling noise: two allocations more per message fail the test.
+/// 2026-12-06 (idle memory, h-mem21): front end 40.0 allocations as before, 7.8 KB: a publish's
+/// one boxed future now also holds its message (~200 B, and the append around the store call),
+/// which took room in every idle connection's session future before.
 const FRONT_ALLOCS_MAX: f64 = 41.0;
-const FRONT_BYTES_MAX: f64 = 7_600.0;
+const FRONT_BYTES_MAX: f64 = 8_200.0;
 const WRITER_ALLOCS_MAX: f64 = 425.0;
 const WRITER_BYTES_MAX: f64 = 125_000.0;
 

@@ -599,7 +599,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./tributary-data"),
-            cache_size_bytes: 16 * MIB,
+            cache_size_bytes: 8 * MIB,
             max_bytes: GIB,
             retention_high_watermark_percent: 90,
             retention_low_watermark_percent: 80,

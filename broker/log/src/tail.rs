@@ -179,6 +179,11 @@ impl TailBudget {
         self.limit_bytes > 0
     }
 
+    /// `storage.tail_cache_bytes_max`.
+    pub fn limit_bytes(&self) -> usize {
+        self.limit_bytes
+    }
+
     pub fn held_bytes(&self) -> usize {
         self.held.bytes.load(Ordering::Relaxed)
     }

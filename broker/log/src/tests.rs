@@ -798,6 +798,56 @@ async fn the_tail_cache_keeps_to_its_budget_and_older_reads_go_to_the_database()
     assert_eq!(off.stats().tail_cache_bytes, 0);
 }
 
+/// A round that writes more than the cache holds copies only the newest batches for it (issue
+/// 16: a round of 8 MiB copied it all for a 1 MiB cache), and what the cache then holds of each
+/// partition still leads up to its tail: a batch of an earlier round is not served beside a gap.
+#[tokio::test]
+async fn a_round_larger_than_the_tail_cache_leaves_no_gap_in_it() {
+    // Client batches are stored as sent (single records of one round would be packed into one
+    // batch per partition); the cache holds four and a half of them.
+    let batch = || Bytes::from(client_batch(7, Codec::None));
+    let limit = batch().len() * 9 / 2;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store =
+        Store::open(StorageConfig { tail_cache_bytes_max: limit as u64, ..config(dir.path()) }).expect("open").0;
+    store
+        .create_topic("t", 2, TopicConfig { compression: Codec::None, ..TopicConfig::default() })
+        .await
+        .expect("create");
+    // An earlier round: partition 0's first batch, a small one, is cached (small enough to fit
+    // beside the newest batches of the round below: only a clear takes it out).
+    let small = Bytes::from(client_batch(1, Codec::None));
+    assert!(small.len() < batch().len() / 2);
+    store.append_batch("t", 0, small).await.expect("append");
+    assert!(store.fetch_cached("t", 0, 0, 1 << 20).is_some());
+    // One round (queued together, one commit) of 20 batches, far more than the cache holds.
+    let mut pending = Vec::new();
+    for i in 1..=20 {
+        pending.push(store.enqueue_batch("t", i % 2, batch()).await.expect("enqueue"));
+    }
+    for p in pending {
+        p.wait().await.expect("append");
+    }
+    assert!(store.stats().tail_cache_bytes <= limit as u64, "{:?}", store.stats());
+    for partition in 0..2 {
+        let (_, p) = store.partition_state("t", partition).expect("partition");
+        let wm = store.watermarks("t", partition).expect("wm");
+        let mut served = 0;
+        for offset in 0..wm.high_watermark {
+            let Some(cached) = store.fetch_cached("t", partition, offset, 1 << 20) else { continue };
+            let cached = cached.expect("read");
+            let stored = store.fetch_stored(&p, wm, offset, 1 << 20).expect("stored");
+            assert_eq!(
+                (&cached.data, cached.next_offset),
+                (&stored.data, stored.next_offset),
+                "partition {partition}, offset {offset}: the cache serves what the database holds"
+            );
+            served += 1;
+        }
+        assert!(served > 0, "partition {partition}: its newest batches are cached");
+    }
+}
+
 /// Retention and topic deletion: the cache never serves a batch below the log start, nor an old
 /// topic's batches to a new topic of the same name.
 #[tokio::test]

@@ -114,7 +114,7 @@ impl Default for KafkaConfig {
             login_timeout_ms: 10_000,
             frame_read_timeout_ms: 30_000,
             request_elements_max: 10_000,
-            inflight_requests_max: 32,
+            inflight_requests_max: 8,
             buffer_memory_bytes_max: 64 * MIB,
             fetch_response_bytes_max: 8 * MIB as u32,
             fetch_wait_max_ms: 30_000,

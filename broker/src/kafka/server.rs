@@ -211,7 +211,7 @@ const FRAME_STEP_BYTES_MAX: usize = 1024 * 1024;
 /// Serves one connection. `Ok` = the client closed it (or was idle); `Err` names a protocol
 /// violation or an I/O failure.
 async fn connection(ctx: &Arc<Ctx>, conn: Box<Conn>) -> Result<(), String> {
-    let Conn { rd, wr, peer, accepted, mut draining, .. } = *conn;
+    let Conn { rd, wr, peer, accepted, mut draining, .. } = conn.into_parts();
     let mut rd = BufReader::with_capacity(SOCKET_BUFFER_BYTES, rd);
     let (tx, mut rx) = mpsc::channel::<PendingReply>(ctx.cfg.inflight_requests_max as usize);
     let idle = Duration::from_millis(ctx.cfg.idle_timeout_ms);

@@ -21,6 +21,13 @@ impl<T> Window<T> {
         Self { limit: limit.clamp(1, usize::from(u16::MAX)), next: 1, inflight: HashMap::new() }
     }
 
+    /// Gives back the map's capacity when nothing is in flight.
+    pub fn trim(&mut self) {
+        if self.inflight.is_empty() {
+            self.inflight = HashMap::new();
+        }
+    }
+
     pub fn limit(&self) -> usize {
         self.limit
     }

@@ -256,7 +256,8 @@ pub(super) struct Session {
     /// The logged-in user (authentication on): its rules decide what may be published and
     /// subscribed.
     pub user: Option<Arc<User>>,
-    pub will: Option<wire::Will>,
+    /// Boxed: ~200 bytes that a connection without a will would carry for nothing.
+    pub will: Option<Box<wire::Will>>,
     pub subs: Vec<wire::Subscription>,
     /// Inbound QoS 2 packet ids.
     qos2: HashMap<u16, Qos2>,
@@ -301,11 +302,21 @@ pub(super) struct Session {
     /// Set once the session decided to end: nothing more is read.
     closing: bool,
     end: Option<End>,
+    /// When the buffers the session keeps between packets are given back if empty
+    /// ([`Session::trim`]): set by a packet, so an idle connection holds none of them.
+    trim_due: Option<Instant>,
 }
 
 /// Answers that may wait for outcomes beyond the Receive Maximum (PUBRELs, SUBSCRIBEs, ...)
 /// before the session stops reading.
 const ANSWERS_SLACK: usize = 16;
+
+/// How long a session keeps its emptied queues and maps after the last packet before giving
+/// them back ([`Session::trim`]). A device publishing several times a second keeps them (no
+/// allocation per message); one quiet for longer than this holds none: on 1,000 idle
+/// connections they are about 1 MiB (the action queue alone, four slots of a ~230-byte action,
+/// is 928 bytes).
+pub(super) const TRIM_AFTER: Duration = Duration::from_millis(250);
 
 impl Session {
     pub fn new(start: Start, limits: Limits, now: Instant) -> Self {
@@ -332,7 +343,7 @@ impl Session {
         Self {
             version,
             username,
-            will,
+            will: will.map(Box::new),
             subs,
             qos2_stored: qos2.len(),
             qos2: qos2.into_iter().map(|p| (p, Qos2::Stored)).collect(),
@@ -359,10 +370,35 @@ impl Session {
             work: None,
             closing: false,
             end: None,
+            trim_due: Some(now + TRIM_AFTER),
             client_id,
             user,
             limits,
         }
+    }
+
+    /// Gives back the capacity of the queues and maps that are empty (what a connection that
+    /// went quiet holds). State is never dropped: only empty containers are replaced.
+    fn trim(&mut self) {
+        if self.answers.is_empty() {
+            self.answers = VecDeque::new();
+        }
+        if self.actions.is_empty() {
+            self.actions = VecDeque::new();
+        }
+        if self.tickets.is_empty() {
+            self.tickets = HashMap::new();
+        }
+        if self.qos2.is_empty() {
+            self.qos2 = HashMap::new();
+        }
+        if self.resend.is_empty() {
+            self.resend = VecDeque::new();
+        }
+        if self.retained.is_empty() {
+            self.retained = Vec::new();
+        }
+        self.out.trim();
     }
 
     /// The next action for the driver.
@@ -402,10 +438,7 @@ impl Session {
     /// When [`Session::handle_timeout`] is due next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let keep_alive = self.keep_alive.map(|k| self.last_read + k);
-        match (keep_alive, self.save_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [keep_alive, self.save_due, self.trim_due].into_iter().flatten().min()
     }
 
     /// Keep-alive expiry ends the session (3.1.2.10: 1.5 times the Keep Alive); a due save of a
@@ -413,6 +446,10 @@ impl Session {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.closing {
             return;
+        }
+        if self.trim_due.is_some_and(|at| now >= at) {
+            self.trim_due = None;
+            self.trim();
         }
         if self.keep_alive.is_some_and(|k| now >= self.last_read + k) {
             self.close(reason::KEEP_ALIVE_TIMEOUT, "keep-alive expired".into());
@@ -653,6 +690,7 @@ impl Session {
             return;
         }
         self.last_read = now;
+        self.trim_due.get_or_insert(now + TRIM_AFTER);
         match packet {
             In::Connect { .. } => self.close(reason::PROTOCOL_ERROR, "a second CONNECT".into()),
             In::PingReq => self.answer(wire::pingresp()),
@@ -1451,6 +1489,9 @@ mod tests {
     #[test]
     fn keep_alive_expires_at_one_and_a_half_times_mqtt_3_1_2_24() {
         let (mut s, now) = session(Version::V5);
+        // First the trim of a new session's buffers (`quiet_sessions_give_back_their_queues`).
+        assert_eq!(s.poll_timeout(), Some(now + TRIM_AFTER));
+        s.handle_timeout(now + TRIM_AFTER);
         assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(15)));
         s.handle_timeout(now + Duration::from_millis(14_999));
         assert!(!s.closing());
@@ -1460,6 +1501,30 @@ mod tests {
         assert!(!s.closing(), "a packet restarts the keep-alive");
         s.handle_timeout(now + Duration::from_secs(25));
         assert_eq!(disconnect(&actions(&mut s)), Some(Some(reason::KEEP_ALIVE_TIMEOUT)));
+    }
+
+    /// Issue 14's idle memory: a session quiet for `TRIM_AFTER` gives back its emptied queues
+    /// (the action queue alone is ~1 KiB once used), and keeps whatever is still in them.
+    #[test]
+    fn quiet_sessions_give_back_their_queues() {
+        let (mut s, now) = session(Version::V4);
+        s.handle_timeout(now + TRIM_AFTER);
+        let later = now + Duration::from_secs(1);
+        s.handle(later, In::PingReq);
+        assert_eq!(sent(&actions(&mut s)), vec![(0xD0, vec![])]);
+        assert!(s.actions.capacity() > 0 && s.answers.capacity() > 0, "used: allocated");
+        assert_eq!(s.poll_timeout(), Some(later + TRIM_AFTER), "the trim is the next timeout");
+        s.handle_timeout(later + TRIM_AFTER - Duration::from_millis(1));
+        assert!(s.actions.capacity() > 0, "not before the trim delay");
+        s.handle_timeout(later + TRIM_AFTER);
+        assert_eq!((s.actions.capacity(), s.answers.capacity()), (0, 0), "quiet: given back");
+        assert!(!s.closing());
+        // A publish waiting for its commit keeps its ticket and answer through a trim.
+        s.handle(later, publish("a/b", 1, 7));
+        let t = tickets(&actions(&mut s));
+        s.handle_timeout(later + TRIM_AFTER);
+        s.resolve(t[0], Ok(()));
+        assert_eq!(sent(&actions(&mut s)), vec![(0x40, vec![0, 7])], "the PUBACK still goes out");
     }
 
     #[test]

@@ -68,13 +68,20 @@ impl ReadBudget {
         Some(Charge { budget: self.bytes.clone(), n })
     }
 
+    /// A charge of `n` bytes, waiting up to the budget's wait for room (then `BudgetExhausted`).
+    /// Without a timer when the budget has room (the common case); the wait for room is boxed, so
+    /// its timer and semaphore wait take no room in every connection's read future (a reader's
+    /// future is part of each idle connection's).
     async fn charge(&self, n: usize) -> Result<Charge, WireError> {
-        let Ok(n32) = u32::try_from(n) else { return Err(WireError::BudgetExhausted) };
-        // Without a timer when the budget has room (the common case).
-        if let Ok(permit) = self.bytes.clone().try_acquire_many_owned(n32) {
-            permit.forget();
-            return Ok(Charge { budget: self.bytes.clone(), n });
+        match self.try_charge(n) {
+            Some(c) => Ok(c),
+            None => Box::pin(self.charge_waiting(n)).await,
         }
+    }
+
+    /// [`ReadBudget::charge`] when the budget has no room now.
+    async fn charge_waiting(&self, n: usize) -> Result<Charge, WireError> {
+        let Ok(n32) = u32::try_from(n) else { return Err(WireError::BudgetExhausted) };
         match tokio::time::timeout(self.wait, self.bytes.clone().acquire_many_owned(n32)).await {
             Ok(Ok(permit)) => {
                 permit.forget();

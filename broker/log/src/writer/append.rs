@@ -105,10 +105,6 @@ impl Writer {
     ) -> Result<(), StoreError> {
         value[..VALUE_PREFIX_LEN].copy_from_slice(&now.to_be_bytes());
         let stored = stored::put_batch(&mut t.log, &mut t.pieces, pkey, m.next_offset, value)?;
-        if self.tail.enabled() {
-            let batch = bytes::Bytes::copy_from_slice(&value[VALUE_PREFIX_LEN..]);
-            r.cached.push((pkey, m.next_offset as i64, h.next_offset(), batch));
-        }
         if m.batches == 0 {
             r.fronts.insert(pkey, Some(now));
         }
@@ -125,6 +121,36 @@ impl Writer {
         r.appended_batches += 1;
         r.appended_bytes += stored.batch_len;
         Ok(())
+    }
+
+    /// Keeps a batch this round stored for the tail cache (`batch` makes it: the stored value
+    /// itself for a client batch, a copy otherwise), unless it cannot stay there: the cache
+    /// keeps the newest batches up to its limit, so what this round wrote before the newest
+    /// `limit` bytes is dropped now instead of at the commit.
+    pub(super) fn cache_batch(
+        &self,
+        r: &mut Round,
+        pkey: u64,
+        h: &BatchHeader,
+        len: usize,
+        batch: impl FnOnce() -> bytes::Bytes,
+    ) {
+        if !self.tail.enabled() {
+            return;
+        }
+        let limit = self.tail.limit_bytes();
+        if len > limit {
+            // Never cached (`TailBudget::add`).
+            r.cache_cleared.insert(pkey);
+            return;
+        }
+        r.cached_bytes += len;
+        r.cached.push_back((pkey, h.base_offset, h.next_offset(), batch()));
+        while r.cached_bytes > limit {
+            let Some((old, _, _, b)) = r.cached.pop_front() else { break };
+            r.cached_bytes -= b.len();
+            r.cache_cleared.insert(old);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -165,6 +191,9 @@ impl Writer {
             ..header
         };
         self.store_batch(t, r, pkey, &mut m, &mut bytes, &h, topic.config.retention_bytes_limit(), now)?;
+        // The cache holds the stored value itself (no copy: the batch is the client's, as sent).
+        let len = bytes.len() - VALUE_PREFIX_LEN;
+        self.cache_batch(r, pkey, &h, len, || bytes.freeze().slice(VALUE_PREFIX_LEN..));
         self.put_meta(t, r, pkey, m)?;
         let outcome = AppendOutcome {
             base_offset: base,
@@ -271,6 +300,8 @@ impl Writer {
                     ratio = (ratio * 0.7 + observed * 0.3).clamp(0.02, 1.2);
                 }
                 self.store_batch(t, r, pkey, &mut m, &mut out, &h, cfg.retention_bytes_limit(), now)?;
+                let batch = &out[VALUE_PREFIX_LEN..];
+                self.cache_batch(r, pkey, &h, batch.len(), || bytes::Bytes::copy_from_slice(batch));
                 break;
             }
             i = j;

@@ -321,8 +321,16 @@ struct Round {
     /// Something was written for a client (a batch, a key, a topic change, the probe's
     /// counter): its commit shows the write path works again after a fault.
     wrote: bool,
-    /// Batches written this round for the tail cache: partition, base and next offset, the batch.
-    cached: Vec<(u64, i64, i64, bytes::Bytes)>,
+    /// Batches written this round for the tail cache: partition, base and next offset, the batch;
+    /// only the newest that fit the cache (older ones would be evicted at the commit anyway, and
+    /// a round may write 8 MiB for a 1 MiB cache: their copies are not kept, nor made).
+    cached: std::collections::VecDeque<(u64, i64, i64, bytes::Bytes)>,
+    /// Bytes in `cached`.
+    cached_bytes: usize,
+    /// Partitions with a batch of this round left out of `cached`: what the cache holds of them
+    /// no longer leads up to their tail, so it is cleared at the commit (as the cache does when
+    /// a batch it cannot hold arrives).
+    cache_cleared: HashSet<u64>,
     /// What compaction did this round.
     compaction: compaction::CompactionRound,
 }
@@ -936,6 +944,11 @@ impl Writer {
             };
         }
         // Into the cache before the watermarks move, so a woken reader finds the batches there.
+        for pkey in &r.cache_cleared {
+            if let Some(p) = self.pstates.get(pkey) {
+                p.tail.clear();
+            }
+        }
         for (pkey, base, next, bytes) in r.cached {
             if let Some(p) = self.pstates.get(&pkey) {
                 self.tail.add(&p.tail, base, next, bytes);

@@ -203,6 +203,8 @@ impl Writer {
             debug_assert!(h.base_offset >= m.next_offset as i64, "checked above");
             m.next_offset = h.base_offset as u64;
             self.store_batch(t, r, pkey, &mut m, &mut out, &h, topic.config.retention_bytes_limit(), now)?;
+            let batch = &out[VALUE_PREFIX_LEN..];
+            self.cache_batch(r, pkey, &h, batch.len(), || bytes::Bytes::copy_from_slice(batch));
             i = j;
         }
         self.put_meta(t, r, pkey, m)?;
