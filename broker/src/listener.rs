@@ -146,6 +146,7 @@ impl Conn {
     /// The connection's parts, out of its box. A plain function on purpose: a box taken apart
     /// inside an async fn stays allocated until the end of the function, which for a handler is
     /// the end of the connection.
+    #[allow(clippy::boxed_local)] // Taking the box is the point: it is freed here.
     pub fn into_parts(self: Box<Self>) -> Self {
         *self
     }
@@ -319,6 +320,7 @@ impl Accepted {
     /// What the connection keeps (its permit and the drain signal); the rest is freed here. A
     /// plain function on purpose: a value taken apart inside an async fn stays allocated, box
     /// and all, until the end of the function, and this task's ends with the connection.
+    #[allow(clippy::boxed_local)] // Taking the box is the point: it is freed here.
     fn into_kept(self: Box<Self>) -> (Option<OwnedSemaphorePermit>, Draining) {
         let Self { permit, draining, .. } = *self;
         (permit, draining)

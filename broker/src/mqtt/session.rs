@@ -303,7 +303,8 @@ pub(super) struct Session {
     closing: bool,
     end: Option<End>,
     /// When the buffers the session keeps between packets are given back if empty
-    /// ([`Session::trim`]): set by a packet, so an idle connection holds none of them.
+    /// ([`Session::trim`]): `TRIM_AFTER` after the last packet, so an idle connection holds
+    /// none of them.
     trim_due: Option<Instant>,
 }
 
@@ -690,7 +691,9 @@ impl Session {
             return;
         }
         self.last_read = now;
-        self.trim_due.get_or_insert(now + TRIM_AFTER);
+        // From the last packet: a connection busier than this never trims (no timer wake-up
+        // and no allocation per message), a quiet one trims once.
+        self.trim_due = Some(now + TRIM_AFTER);
         match packet {
             In::Connect { .. } => self.close(reason::PROTOCOL_ERROR, "a second CONNECT".into()),
             In::PingReq => self.answer(wire::pingresp()),
@@ -1516,6 +1519,14 @@ mod tests {
         assert_eq!(s.poll_timeout(), Some(later + TRIM_AFTER), "the trim is the next timeout");
         s.handle_timeout(later + TRIM_AFTER - Duration::from_millis(1));
         assert!(s.actions.capacity() > 0, "not before the trim delay");
+        // A packet pushes the trim back: a busy connection keeps its queues.
+        let busy = later + Duration::from_millis(100);
+        s.handle(busy, In::PingReq);
+        assert_eq!(sent(&actions(&mut s)), vec![(0xD0, vec![])]);
+        assert_eq!(s.poll_timeout(), Some(busy + TRIM_AFTER));
+        s.handle_timeout(later + TRIM_AFTER);
+        assert!(s.actions.capacity() > 0, "pushed back by the packet");
+        let later = busy;
         s.handle_timeout(later + TRIM_AFTER);
         assert_eq!((s.actions.capacity(), s.answers.capacity()), (0, 0), "quiet: given back");
         assert!(!s.closing());
