@@ -35,7 +35,7 @@ use redb::backends::FileBackend;
 use redb::StorageBackend;
 
 /// Zeros written at once.
-const ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
+static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
 
 /// Most separate written ranges remembered; past it the two closest merge (the hole between
 /// them is then never zeroed: less gain, never a wrong byte). 16 B each.

@@ -147,6 +147,10 @@ struct Args {
     /// with the results.
     #[arg(long, default_value = "")]
     gateway_tables: String,
+    /// The brokers' outbound window (unacknowledged QoS 1/2 messages to one client): Tributary's
+    /// `mqtt.inflight_messages_max`, mosquitto's `max_inflight_messages` (default: `--inflight`).
+    #[arg(long)]
+    broker_inflight: Option<u16>,
 }
 
 /// Send timestamp (ns since the benchmark's clock base), publisher, sequence number.
@@ -263,7 +267,10 @@ impl Broker {
                 // The gateway's defaults, except a disk budget no scenario comes near and room
                 // for every idle connection (`mqtt.connections_max` is 1,024 by default).
                 let connections = args.idle_connections.max(args.fleet_publishers) + 16;
-                let mqtt = format!("connections_max = {}\n", connections.max(1024));
+                let mut mqtt = format!("connections_max = {}\n", connections.max(1024));
+                if let Some(n) = args.broker_inflight {
+                    mqtt.push_str(&format!("inflight_messages_max = {n}\n"));
+                }
                 let tables = args.gateway_tables.replace("\\n", "\n");
                 let tables = if tables.is_empty() { tables } else { format!("{tables}\n") };
                 let gateway = BenchGateway::start_with(args.gateway.as_deref(), dir.path(), "", "", &mqtt, &tables)?;
@@ -274,7 +281,7 @@ impl Broker {
             Peer::Mosquitto => {
                 let port = free_port()?;
                 let config = dir.path().join("mosquitto.conf");
-                std::fs::write(&config, mosquitto_conf(port, args.inflight))?;
+                std::fs::write(&config, mosquitto_conf(port, args.broker_inflight.unwrap_or(args.inflight)))?;
                 let child = Command::new(&args.mosquitto)
                     .args(["-c", config.to_str().context("utf-8 path")?])
                     .stdout(Stdio::null())
@@ -1023,6 +1030,9 @@ fn print_table(args: &Args, fsyncs: f64, results: &[(Peer, PeerResult)]) {
     );
     if let Some(q) = args.subscriber_qos {
         println!("(the subscriber at QoS {q} in every scenario)");
+    }
+    if let Some(n) = args.broker_inflight {
+        println!("(the brokers' outbound window: {n} messages)");
     }
     if !args.gateway_tables.is_empty() {
         println!("(Tributary's configuration with: {})", args.gateway_tables);
