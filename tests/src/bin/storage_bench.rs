@@ -29,6 +29,9 @@ struct Args {
     /// connection, so 32 is a handful of producers).
     #[arg(long, default_value_t = 32)]
     batch_appenders: usize,
+    /// `storage.zero_ahead_bytes` (default: the store's; 0 turns the zeros ahead off).
+    #[arg(long)]
+    zero_ahead_bytes: Option<u64>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -41,7 +44,14 @@ async fn main() -> anyhow::Result<()> {
     let seq_bw = sequential_write(tmp.path(), 512 << 20)?;
     eprintln!("machine: {fsyncs:.0} fsync/s, sequential write {:.0} MiB/s", seq_bw / MIB);
 
-    let cfg = StorageConfig { data_dir: tmp.path().join("store"), max_bytes: 64 << 30, ..StorageConfig::default() };
+    let defaults = StorageConfig::default();
+    let cfg = StorageConfig {
+        data_dir: tmp.path().join("store"),
+        max_bytes: 64 << 30,
+        zero_ahead_bytes: args.zero_ahead_bytes.unwrap_or(defaults.zero_ahead_bytes),
+        ..defaults
+    };
+    println!("storage.zero_ahead_bytes = {}", cfg.zero_ahead_bytes);
     let (store, _) = Store::open(cfg).context("open store")?;
     let topic = TopicConfig { retention_ms: None, ..TopicConfig::default() };
     store.create_topic("single", 4, topic.clone()).await?;
