@@ -12,7 +12,11 @@
 // counts.
 #![allow(unsafe_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
+#[path = "support/hooked_alloc.rs"]
+mod hooked_alloc;
+#[path = "support/server.rs"]
+mod server;
+
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -22,10 +26,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, Publish, Subscribe};
 use rumqttc::mqttbytes::QoS;
-use tributary_broker::mqtt::{MqttConfig, MqttServer};
-use tributary_broker::{StorageConfig, Store, TopicConfig, TopicTemplate};
-
-struct Counting;
+use tributary_broker::mqtt::MqttConfig;
 
 static COUNTING: AtomicBool = AtomicBool::new(false);
 /// Allocations and bytes of the front end (async workers, blocking pool) and of the store's
@@ -75,35 +76,11 @@ fn count(size: usize) {
     bytes.fetch_add(size as u64, Ordering::Relaxed);
 }
 
-// SAFETY: every call goes to `System` with the caller's arguments; counting touches only atomics
-// and a const-initialised thread local (no allocation inside the allocator).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        // SAFETY: forwarded unchanged.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        // SAFETY: forwarded unchanged.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size);
-        // SAFETY: forwarded unchanged.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+/// Frees are not counted here.
+fn ignore_free(_: usize) {}
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: hooked_alloc::Hooked = hooked_alloc::Hooked { alloc: count, free: ignore_free };
 
 /// A raw MQTT 3.1.1 client over a blocking socket, packets encoded and read with rumqttc's
 /// reference codec.
@@ -169,23 +146,8 @@ const WRITER_BYTES_MAX: f64 = 125_000.0;
 
 #[test]
 fn a_published_and_delivered_qos1_message_costs_few_allocations() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let storage =
-        StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
-    let (addr, stop) = rt.block_on(async {
-        let (store, _) = tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("task").expect("store");
-        let mqtt =
-            MqttConfig { listen: "127.0.0.1:0".into(), websocket_listen: String::new(), ..MqttConfig::default() };
-        let template = TopicTemplate { partitions: 1, config: TopicConfig::default() };
-        let server = MqttServer::bind(mqtt, store, template).await.expect("bind");
-        let addr = server.local_addr().expect("addr");
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(server.run(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }));
-        (addr, stop)
-    });
+    let server = server::start(MqttConfig::default());
+    let addr = server.addr;
     KIND.with(|k| k.set(Kind::Client));
     let mut sub = Client::connect(addr, "meter-reader");
     sub.send(Packet::Subscribe(Subscribe::new("meters/#", QoS::AtLeastOnce)));
@@ -217,8 +179,8 @@ fn a_published_and_delivered_qos1_message_costs_few_allocations() {
         "per published and delivered QoS 1 message: front end {allocs:.1} allocations, {bytes:.0} bytes; \
          store writer (one commit per message here) {writer_allocs:.1} allocations, {writer_bytes:.0} bytes"
     );
-    let _ = stop.send(true);
-    drop(rt);
+    let _ = server.stop.send(true);
+    drop(server);
     assert!(
         allocs <= FRONT_ALLOCS_MAX,
         "{allocs:.1} allocations per message, more than {FRONT_ALLOCS_MAX}: a per-message allocation came back"

@@ -12,16 +12,17 @@
 // counts.
 #![allow(unsafe_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
+#[path = "support/hooked_alloc.rs"]
+mod hooked_alloc;
+#[path = "support/server.rs"]
+mod server;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use tributary_broker::mqtt::{MqttConfig, MqttServer};
-use tributary_broker::{StorageConfig, Store, TopicConfig, TopicTemplate};
-
-struct Counting;
+use tributary_broker::mqtt::MqttConfig;
 
 /// Bytes and blocks allocated and not freed, by every thread.
 static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
@@ -46,45 +47,8 @@ fn sub(size: usize) {
     BY_SIZE[class(size)].fetch_sub(1, Ordering::Relaxed);
 }
 
-// SAFETY: every call goes to `System` with the caller's arguments; counting touches only atomics.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded unchanged.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            add(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded unchanged.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            add(layout.size());
-        }
-        p
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded unchanged.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            sub(layout.size());
-            add(new_size);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        sub(layout.size());
-        // SAFETY: forwarded unchanged.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: hooked_alloc::Hooked = hooked_alloc::Hooked { alloc: add, free: sub };
 
 /// What is live now: bytes, blocks and blocks by size class.
 struct Snapshot {
@@ -154,27 +118,8 @@ const N: i64 = 500;
 #[test]
 fn an_idle_connection_and_the_start_up_hold_little_heap() {
     let before_start = snapshot();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let storage =
-        StorageConfig { data_dir: dir.path().to_path_buf(), disk_free_bytes_min: 0, ..StorageConfig::default() };
-    let (addr, stop) = rt.block_on(async {
-        let (store, _) = tokio::task::spawn_blocking(move || Store::open(storage)).await.expect("task").expect("store");
-        let mqtt = MqttConfig {
-            listen: "127.0.0.1:0".into(),
-            websocket_listen: String::new(),
-            connections_max: 2_000,
-            ..MqttConfig::default()
-        };
-        let template = TopicTemplate { partitions: 1, config: TopicConfig::default() };
-        let server = MqttServer::bind(mqtt, store, template).await.expect("bind");
-        let addr = server.local_addr().expect("addr");
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(server.run(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }));
-        (addr, stop)
-    });
+    let server = server::start(MqttConfig { connections_max: 2_000, ..MqttConfig::default() });
+    let addr = server.addr;
     // A first few connections: the first of each kind of thing (the runtime's I/O slabs, the
     // clients map) is start-up, not the per-connection cost.
     let warm: Vec<TcpStream> = (0..8).map(|i| connect_idle(addr, &format!("warm-{i}"))).collect();
@@ -206,8 +151,8 @@ fn an_idle_connection_and_the_start_up_hold_little_heap() {
     );
     drop(idle);
     drop(warm);
-    let _ = stop.send(true);
-    drop(rt);
+    let _ = server.stop.send(true);
+    drop(server);
     assert!(
         per_busy <= PER_BUSY_CONNECTION_BYTES_MAX,
         "a connection holds {per_busy} B after its last packet, more than {PER_BUSY_CONNECTION_BYTES_MAX}:{}",
