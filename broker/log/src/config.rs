@@ -590,7 +590,8 @@ pub struct StorageConfig {
     /// When a small write (under a quarter of this) reaches past the part of the database file
     /// already written, zeros are written this far past it, so the next commits overwrite
     /// allocated blocks and their fsync need not also write the file's metadata (see
-    /// `zero_ahead.rs`; about 1.5x the commits per second on ext4). 0 turns it off. At most
+    /// `zero_ahead.rs`; commits of 16 KiB Kafka batches 12-21% shorter on this project's
+    /// ext4 machine). 0 turns it off. At most
     /// 4 MiB, within the disk budget's slack.
     pub zero_ahead_bytes: u64,
 }
