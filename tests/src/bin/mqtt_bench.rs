@@ -38,6 +38,7 @@
 //! target/release/mqtt-bench --dir /var/tmp --peers tributary,mosquitto,rumqttd
 //! ```
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -434,6 +435,9 @@ struct FlowResult {
     lat_p50_ms: f64,
     lat_p99_ms: f64,
     lat_max_ms: f64,
+    /// QoS 1: publish to its PUBACK (the same send timestamp as the delivery latency).
+    ack_p50_ms: f64,
+    ack_p99_ms: f64,
     broker_hwm_kib: u64,
     broker_cpu: f64,
     bench_cpu: f64,
@@ -455,7 +459,30 @@ struct SubOutcome {
 
 struct PubOutcome {
     last_ns: u64,
+    /// QoS 1: each message's send timestamp to its PUBACK.
+    ack_latencies_ns: Vec<u64>,
     error: Option<String>,
+}
+
+/// A publisher's send timestamps, from its producer task to its event loop: pushed before each
+/// QoS 1 publish is handed to the client, taken in the order the client writes them
+/// (`Outgoing::Publish`, which names the packet id), so a PUBACK finds its own timestamp in any
+/// order it comes.
+#[derive(Default)]
+struct SendStamps {
+    queued: std::sync::Mutex<std::collections::VecDeque<u64>>,
+}
+
+impl SendStamps {
+    fn push(&self, ns: u64) {
+        if let Ok(mut q) = self.queued.lock() {
+            q.push_back(ns);
+        }
+    }
+
+    fn next(&self) -> Option<u64> {
+        self.queued.lock().ok().and_then(|mut q| q.pop_front())
+    }
 }
 
 /// A rumqttc client (clean session, keep-alive 60 s) and its event loop, `cap` requests queued.
@@ -581,11 +608,14 @@ async fn publisher_events(
     messages: u32,
     base: Instant,
     window: Arc<Semaphore>,
+    stamps: Arc<SendStamps>,
     done: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
     connected: oneshot::Sender<()>,
 ) -> PubOutcome {
-    let mut out = PubOutcome { last_ns: 0, error: None };
+    let mut out = PubOutcome { last_ns: 0, ack_latencies_ns: Vec::new(), error: None };
+    // Packet id -> send timestamp of the publish in flight under it.
+    let mut in_flight: HashMap<u16, u64> = HashMap::new();
     let mut connected = Some(connected);
     let mut n = 0u32;
     loop {
@@ -599,10 +629,18 @@ async fn publisher_events(
                     let _ = c.send(());
                 }
             }
-            Ok(Event::Incoming(Packet::PubAck(_))) if qos == QoS::AtLeastOnce => {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if qos == QoS::AtLeastOnce => {
+                if let Some(ns) = stamps.next() {
+                    in_flight.insert(pkid, ns);
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) if qos == QoS::AtLeastOnce => {
                 window.add_permits(1);
                 n += 1;
                 out.last_ns = base.elapsed().as_nanos() as u64;
+                if let Some(sent) = in_flight.remove(&ack.pkid) {
+                    out.ack_latencies_ns.push(out.last_ns.saturating_sub(sent));
+                }
                 done.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == QoS::AtMostOnce => {
@@ -760,6 +798,7 @@ async fn flow(args: &Args, broker: &Broker, spec: &Spec) -> anyhow::Result<FlowR
         // QoS 1: the window is ours, so the timestamp is taken when a slot is free and the message
         // goes straight out; rumqttc's own limit is the same and never the one that waits.
         let window = Arc::new(Semaphore::new(usize::from(args.inflight)));
+        let stamps = Arc::new(SendStamps::default());
         let (client, ev) = mqtt_client(args, broker.port, &format!("bench-pub-{i}"), args.inflight, 16);
         let (conn_tx, conn_rx) = oneshot::channel();
         events.push(tokio::spawn(publisher_events(
@@ -769,6 +808,7 @@ async fn flow(args: &Args, broker: &Broker, spec: &Spec) -> anyhow::Result<FlowR
             spec.messages,
             base,
             window.clone(),
+            stamps.clone(),
             done.clone(),
             stop_rx.clone(),
             conn_tx,
@@ -798,10 +838,14 @@ async fn flow(args: &Args, broker: &Broker, spec: &Spec) -> anyhow::Result<FlowR
                     window.acquire().await?.forget();
                 }
                 let stamp = if per_s.is_some() { stamp } else { Instant::now() };
+                let stamp_ns = stamp.duration_since(base).as_nanos() as u64;
                 let mut payload = vec![0u8; payload_bytes];
-                payload[0..8].copy_from_slice(&(stamp.duration_since(base).as_nanos() as u64).to_be_bytes());
+                payload[0..8].copy_from_slice(&stamp_ns.to_be_bytes());
                 payload[8..12].copy_from_slice(&i.to_be_bytes());
                 payload[12..16].copy_from_slice(&seq.to_be_bytes());
+                if qos == QoS::AtLeastOnce {
+                    stamps.push(stamp_ns);
+                }
                 client.publish_bytes(topic.clone(), qos, false, Bytes::from(payload)).await?;
             }
             anyhow::Ok(())
@@ -854,9 +898,11 @@ async fn flow(args: &Args, broker: &Broker, spec: &Spec) -> anyhow::Result<FlowR
         p.abort();
     }
     let mut acked_ns = 0;
+    let mut ack_latencies_ns = Vec::new();
     for e in events {
-        let o = e.await?;
+        let mut o = e.await?;
         acked_ns = acked_ns.max(o.last_ns);
+        ack_latencies_ns.append(&mut o.ack_latencies_ns);
         if let Some(err) = o.error {
             notes.push(err);
         }
@@ -875,6 +921,7 @@ async fn flow(args: &Args, broker: &Broker, spec: &Spec) -> anyhow::Result<FlowR
         ));
     }
     s.latencies_ns.sort_unstable();
+    ack_latencies_ns.sort_unstable();
     let acked = done.load(Ordering::Relaxed);
     Ok(FlowResult {
         total,
@@ -886,6 +933,8 @@ async fn flow(args: &Args, broker: &Broker, spec: &Spec) -> anyhow::Result<FlowR
         lat_p50_ms: percentile(&s.latencies_ns, 0.50),
         lat_p99_ms: percentile(&s.latencies_ns, 0.99),
         lat_max_ms: percentile(&s.latencies_ns, 1.0),
+        ack_p50_ms: percentile(&ack_latencies_ns, 0.50),
+        ack_p99_ms: percentile(&ack_latencies_ns, 0.99),
         broker_hwm_kib,
         broker_cpu,
         bench_cpu,
@@ -939,7 +988,7 @@ fn flow_rows(
             (format!("{r:.0}"), Some(r))
         })
     };
-    let cells: Vec<(&str, Cell)> = vec![
+    let mut cells: Vec<(&str, Cell)> = vec![
         acked,
         ("delivered rate, first publish to last delivery (msg/s)", |f| {
             let r = rate(f.delivered, f.delivered_secs);
@@ -959,6 +1008,16 @@ fn flow_rows(
             (format!("{:.0}% / {:.0}% / {:.0}%", f.broker_cpu * 100.0, f.bench_cpu * 100.0, f.other_cpu * 100.0), None)
         }),
     ];
+    if qos1 {
+        // After the delivery latencies: where the PUBACK comes relative to the delivery shows
+        // whether a tail is before the commit (both late) or after it (only the delivery).
+        let at = cells.iter().position(|(l, _)| l.starts_with("latency max")).map_or(cells.len(), |i| i + 1);
+        let ack: [(&str, Cell); 2] = [
+            ("publish to PUBACK latency p50 (ms)", |f| (format!("{:.1}", f.ack_p50_ms), Some(f.ack_p50_ms))),
+            ("publish to PUBACK latency p99 (ms)", |f| (format!("{:.1}", f.ack_p99_ms), Some(f.ack_p99_ms))),
+        ];
+        cells.splice(at..at, ack);
+    }
     cells
         .into_iter()
         .map(|(name, cell)| Row {

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""What a durable commit's shape costs on this machine's disk (issue 14, the fleet's p99).
+
+Times `fdatasync` after three kinds of writes into a file whose blocks are already allocated
+(as the store's file is after its zeros ahead): one 4 KiB page; `--pages` 4 KiB pages at random
+places (the shape of a redb commit: see `--gateway-pid`); and the same bytes as one contiguous
+write (the shape a commit would have if its pages went to a journal first). Each kind runs
+`--commits` times, twice, interleaved; prints p50/p90/p99/p99.9 in microseconds.
+
+With `--gateway-pid PID` it instead attaches strace to that gateway's store writer thread
+(`tributary-write`) for `--secs` seconds and prints how many writes, and how many separate
+extents (runs of adjacent bytes), each durable commit had.
+
+    python3 tests/bench/fsync_pages.py --dir /var/tmp
+    python3 tests/bench/fsync_pages.py --gateway-pid $(pgrep -x tributary) --secs 2
+"""
+import argparse
+import collections
+import os
+import random
+import re
+import subprocess
+import tempfile
+import time
+
+PAGE = 4096
+
+
+def percentiles(lat):
+    lat = sorted(lat)
+    at = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
+    return f"p50={at(.5):.0f} p90={at(.9):.0f} p99={at(.99):.0f} p99.9={at(.999):.0f} us"
+
+
+def machine(args):
+    file_bytes = 64 << 20
+    with tempfile.NamedTemporaryFile(dir=args.dir, prefix="fsync-pages-") as f:
+        fd = f.fileno()
+        for off in range(0, file_bytes, 1 << 20):
+            os.pwrite(fd, b"\0" * (1 << 20), off)
+        os.fsync(fd)
+        page = os.urandom(PAGE)
+        run = os.urandom(PAGE * args.pages)
+        slots = file_bytes // PAGE
+
+        def one(i):
+            os.pwrite(fd, page, 0)
+
+        def scattered(i):
+            os.pwrite(fd, page, 0)
+            for p in random.sample(range(1, slots), args.pages - 1):
+                os.pwrite(fd, page, p * PAGE)
+
+        def contiguous(i):
+            os.pwrite(fd, run, (i % (file_bytes // len(run))) * len(run))
+
+        kinds = [
+            ("1 page", one),
+            (f"{args.pages} pages at random places", scattered),
+            (f"{args.pages} pages in one write ({args.pages * 4} KiB)", contiguous),
+        ]
+        for round_ in (1, 2):
+            for name, write in kinds:
+                lat = []
+                for i in range(args.commits):
+                    t = time.perf_counter()
+                    write(i)
+                    os.fdatasync(fd)
+                    lat.append((time.perf_counter() - t) * 1e6)
+                print(f"round {round_}: {name:34s} + fdatasync: {percentiles(lat)}")
+
+
+def gateway(args):
+    pid = args.gateway_pid
+    tids = [t for t in os.listdir(f"/proc/{pid}/task")
+            if open(f"/proc/{pid}/task/{t}/comm").read().strip() == "tributary-write"]
+    if not tids:
+        raise SystemExit(f"no tributary-write thread in process {pid}")
+    with tempfile.NamedTemporaryFile(mode="r", prefix="strace-") as out:
+        subprocess.run(["timeout", str(args.secs), "strace", "-q", "-e", "trace=pwrite64,fdatasync,fsync",
+                        "-p", tids[0], "-o", out.name], check=False)
+        groups, cur = [], []
+        for line in open(out.name):
+            m = re.match(r"pwrite64\(\d+, .*, (\d+), (\d+)\)", line)
+            if m:
+                cur.append((int(m.group(2)), int(m.group(1))))
+            elif line.startswith(("fdatasync", "fsync")):
+                groups.append(cur)
+                cur = []
+    if not groups:
+        raise SystemExit("no durable commit seen: is the gateway under load?")
+    writes, extents = [], []
+    for g in groups:
+        g.sort()
+        n, end = 0, -1
+        for off, length in g:
+            if off != end:
+                n += 1
+            end = off + length
+        writes.append(len(g))
+        extents.append(n)
+    print(f"{len(groups)} durable commits in {args.secs} s: {sum(writes) / len(groups):.1f} writes and "
+          f"{sum(extents) / len(groups):.1f} separate extents each")
+    print("extents per commit:", dict(sorted(collections.Counter(extents).items())))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/var/tmp", help="where the 64 MiB test file goes (the data disk)")
+    ap.add_argument("--pages", type=int, default=9, help="pages per commit (the gateway's fleet: about 9 extents)")
+    ap.add_argument("--commits", type=int, default=3000)
+    ap.add_argument("--gateway-pid", type=int, help="count a running gateway's writes per commit instead")
+    ap.add_argument("--secs", type=int, default=2)
+    args = ap.parse_args()
+    if args.gateway_pid:
+        gateway(args)
+    else:
+        machine(args)
+
+
+if __name__ == "__main__":
+    main()
