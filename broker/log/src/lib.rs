@@ -1129,11 +1129,18 @@ impl Store {
         let db = self.db()?;
         let rtx = db.begin_read()?;
         let index = rtx.open_table(TIME_INDEX)?;
-        let Some(entry) = index.range((p.key, timestamp_ms)..=(p.key, i64::MAX))?.next() else {
-            return Ok(None);
-        };
-        let start = (entry?.1.value() as i64).max(wm.log_start_offset);
         let log = rtx.open_table(LOG)?;
+        // The first entry at or past the time: nothing below its offset is that late. None: only
+        // the batches past the newest entry can be, and they are in the log's last
+        // `TIME_INDEX_INTERVAL_BYTES` (see `tables::TIME_INDEX`).
+        let from = match index.range((p.key, timestamp_ms)..=(p.key, i64::MAX))?.next() {
+            Some(entry) => entry?.1.value(),
+            None => match stored::tail_region_start(&log, p.key, u64::MAX)? {
+                Some(from) => from,
+                None => return Ok(None),
+            },
+        };
+        let start = (from as i64).max(wm.log_start_offset);
         let pieces = rtx.open_table(LOG_PIECES)?;
         let limit = self.inner.shared.config.decompressed_size_bytes_max;
         let first = match log.range((p.key, 0u64)..=(p.key, start as u64))?.next_back() {

@@ -20,9 +20,21 @@ pub const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
 /// removed in the same transaction as the head. Databases written before pieces existed have
 /// whole batches in `LOG` and nothing here: they read as they are, no migration.
 pub const LOG_PIECES: TableDefinition<(u64, u64, u8), &[u8]> = TableDefinition::new("log_pieces");
-/// (partition key, timestamp) -> base offset of the batch where the partition's running max
-/// timestamp first reached that timestamp. Only inserted when the running max grows.
+/// (partition key, timestamp) -> offset: a sparse index of each partition's running max
+/// timestamp, one entry per `TIME_INDEX_INTERVAL_BYTES` of batches at most (as Kafka's
+/// `index.interval.bytes`), because an entry per commit costs the commit a page write or two.
+/// An entry `(ts, off)` is written once `TIME_INDEX_INTERVAL_BYTES` of batches have been stored
+/// since `off`, the first batch that raised the running max after the previous entry; `ts` is
+/// the running max then. So (1) every record below `off` has a timestamp at most the previous
+/// entry's, and entries' timestamps grow with their offsets; (2) the batches that raised the
+/// running max past the newest entry all lie in the partition's last `TIME_INDEX_INTERVAL_BYTES`
+/// (`stored::tail_region_start`). Databases written with an entry per raise (before this) hold
+/// both. Retention moves entries below the log start up to it.
 pub const TIME_INDEX: TableDefinition<(u64, i64), u64> = TableDefinition::new("time_index");
+
+/// Batch bytes between time index entries at most (see `TIME_INDEX`). A constant, not a
+/// setting: lookups rely on it for entries written before any restart.
+pub const TIME_INDEX_INTERVAL_BYTES: u64 = 64 * 1024;
 /// Partition key -> `CleanState`: how far compaction got in a compacted partition. Written in
 /// the same transaction as the batches each compaction step rewrites.
 pub const COMPACTION: TableDefinition<u64, &[u8]> = TableDefinition::new("compaction");

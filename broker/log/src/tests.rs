@@ -218,6 +218,93 @@ async fn offsets_by_timestamp() {
     assert_eq!(store.offset_for_timestamp("t", 0, 1030).expect("lookup"), None);
 }
 
+/// Every record of partition 0 of `t` from the log start, by reading on until the high watermark.
+fn all_records(store: &Store) -> Vec<(i64, i64)> {
+    let wm = store.watermarks("t", 0).expect("watermarks");
+    let mut out = Vec::new();
+    let mut at = wm.log_start_offset;
+    while at < wm.high_watermark {
+        let (records, next) = store.read_records_next("t", 0, at, 1 << 20).expect("read");
+        out.extend(records.iter().filter(|r| r.offset >= at).map(|r| (r.offset, r.timestamp)));
+        assert!(next > at, "reading from {at} made no progress");
+        at = next;
+    }
+    out
+}
+
+/// The sparse time index (`tables::TIME_INDEX`): every lookup answers what a scan of every
+/// record answers (the first record at or past the time), with timestamps that mostly grow but
+/// also go back and jump ahead, through restarts (which forget where the index stands) and
+/// retention (which moves the log start); and the index keeps about one entry per
+/// `TIME_INDEX_INTERVAL_BYTES` of batches, not one per batch.
+#[tokio::test]
+async fn time_lookups_agree_with_a_scan_of_every_record_through_restarts_and_retention() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut store = open(dir.path());
+    let cfg = TopicConfig { retention_bytes: Some(400_000), compression: Codec::None, ..TopicConfig::default() };
+    store.create_topic("t", 1, cfg).await.expect("create");
+    let mut ts = 1_000_000i64;
+    for phase in 0..6 {
+        for _ in 0..120 {
+            let n = rng.random_range(1..=6);
+            let records: Vec<NewRecord> = (0..n)
+                .map(|_| {
+                    ts += match rng.random_range(0..10) {
+                        0 => -rng.random_range(0..5_000),
+                        1 => rng.random_range(0..20_000),
+                        _ => rng.random_range(0..50),
+                    };
+                    let value = vec![b'v'; rng.random_range(10..1_500)];
+                    NewRecord {
+                        key: None,
+                        value: Some(Bytes::from(value)),
+                        headers: Vec::new(),
+                        timestamp_ms: Some(ts),
+                    }
+                })
+                .collect();
+            store.append_records("t", 0, records).await.expect("append");
+        }
+        let records = all_records(&store);
+        let (lo, hi) = records.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| (lo.min(r.1), hi.max(r.1)));
+        let mut times = vec![i64::MIN, 0, lo - 1, lo, hi, hi + 1, i64::MAX];
+        for _ in 0..250 {
+            let (_, t) = records[rng.random_range(0..records.len())];
+            times.push(t + rng.random_range(-1..=1));
+        }
+        for t in times {
+            let want = records.iter().find(|r| r.1 >= t).copied();
+            assert_eq!(store.offset_for_timestamp("t", 0, t).expect("lookup"), want, "phase {phase}, time {t}");
+        }
+        // Sparse: at most one entry per interval of the batches kept, and a few more (retention
+        // moves one entry to the log start, a restart may start a range early).
+        let (_, p) = store.partition_state("t", 0).expect("partition");
+        let db = store.db().expect("db");
+        let rtx = db.begin_read().expect("read");
+        let entries = rtx
+            .open_table(TIME_INDEX)
+            .expect("index")
+            .range((p.key, i64::MIN)..=(p.key, i64::MAX))
+            .expect("range")
+            .count() as u64;
+        let info = store.partition_info("t", 0).expect("info");
+        assert!(
+            entries <= info.logical_bytes / tables::TIME_INDEX_INTERVAL_BYTES + 3,
+            "phase {phase}: {entries} entries for {} bytes of batches",
+            info.logical_bytes
+        );
+        if phase % 2 == 1 {
+            drop(rtx);
+            drop(db);
+            store.close().await.expect("close");
+            drop(store);
+            store = open(dir.path());
+        }
+    }
+}
+
 #[tokio::test]
 async fn log_append_time_topics_stamp_the_broker_time() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -88,6 +88,68 @@ impl Writer {
         r.fronts.get(&pkey).copied().or_else(|| self.fronts.get(&pkey).copied())
     }
 
+    /// The sparse time index (`tables::TIME_INDEX`) after a batch stored at `m.next_offset`:
+    /// a batch that raises the running max starts the pending range if none is open; an entry
+    /// (running max, the range's first batch) is written once the range holds
+    /// `TIME_INDEX_INTERVAL_BYTES` of batches. A partition's mark not known since the open is read
+    /// from the tables first (`read_time_mark`).
+    fn index_time(
+        &self,
+        t: &mut Tables<'_>,
+        r: &mut Round,
+        pkey: u64,
+        m: &mut PartitionMeta,
+        h: &BatchHeader,
+    ) -> Result<(), StoreError> {
+        let raised = h.max_timestamp > m.max_timestamp;
+        let known = r.time_marks.get(&pkey).or_else(|| self.time_marks.get(&pkey)).copied();
+        let mut mark = match known {
+            Some(mark) => mark,
+            None => self.read_time_mark(t, pkey, m)?,
+        };
+        if raised {
+            m.max_timestamp = h.max_timestamp;
+            if mark.pending.is_none() {
+                mark.pending = Some((m.next_offset, 0));
+            }
+        }
+        if let Some((first, bytes)) = mark.pending {
+            let bytes = bytes + h.total_len() as u64;
+            mark.pending = Some((first, bytes));
+            if bytes >= TIME_INDEX_INTERVAL_BYTES {
+                t.time.insert((pkey, m.max_timestamp), first)?;
+                mark.pending = None;
+            }
+        }
+        r.time_marks.insert(pkey, mark);
+        Ok(())
+    }
+
+    /// A partition's time index mark from the tables, before the batch stored at
+    /// `m.next_offset` (not yet in `m`) is counted. If the running max is past the newest entry,
+    /// the batches that raised it lie in the log's last `TIME_INDEX_INTERVAL_BYTES` before that
+    /// batch: the pending range starts where those begin (at or before the first that raised
+    /// it, which is all an entry needs), with their bytes.
+    fn read_time_mark(&self, t: &mut Tables<'_>, pkey: u64, m: &PartitionMeta) -> Result<TimeMark, StoreError> {
+        let newest = match t.time.range((pkey, i64::MIN)..=(pkey, i64::MAX))?.next_back() {
+            Some(e) => Some(e?.0.value().1),
+            None => None,
+        };
+        if newest.is_some_and(|ts| ts >= m.max_timestamp) {
+            return Ok(TimeMark::default());
+        }
+        let Some(from) = stored::tail_region_start(&t.log, pkey, m.next_offset)? else {
+            return Ok(TimeMark::default());
+        };
+        let mut bytes = 0u64;
+        for e in t.log.range((pkey, from)..(pkey, m.next_offset))? {
+            let (_, v) = e?;
+            let (_, head) = split_value(v.value())?;
+            bytes += BatchHeader::parse(head).map_err(|e| StoreError::Corrupt(e.to_string()))?.total_len() as u64;
+        }
+        Ok(TimeMark { pending: Some((from, bytes)) })
+    }
+
     /// Stores one batch (already carrying its base offset) and updates metadata and time index.
     /// `value` is the stored value: `VALUE_PREFIX_LEN` bytes of room for the append time, then
     /// the batch, so the batch is not copied again on its way into the table.
@@ -111,10 +173,7 @@ impl Writer {
         if let Some(limit) = limit_bytes {
             r.retention_bytes.insert(pkey, limit);
         }
-        if h.max_timestamp > m.max_timestamp {
-            t.time.insert((pkey, h.max_timestamp), m.next_offset)?;
-            m.max_timestamp = h.max_timestamp;
-        }
+        self.index_time(t, r, pkey, m, h)?;
         m.account_batch(h.next_offset() as u64, stored.batch_len as usize, stored.footprint);
         r.wrote = true;
         r.appended_records += h.record_count as u64;

@@ -25,7 +25,7 @@ use crate::producers::{self, ProducerEntry, ProducerStates, SeqCheck};
 use crate::stored::{self, LogTable, PiecesTable};
 use crate::tables::{
     kv_footprint, partition_key, split_value, CleanState, PartitionMeta, TopicRecord, COMPACTION, LOG, LOG_PIECES,
-    META, META_NEXT_TOPIC_ID, META_PROBE, PARTITIONS, TIME_INDEX, TOPICS, VALUE_PREFIX_LEN,
+    META, META_NEXT_TOPIC_ID, META_PROBE, PARTITIONS, TIME_INDEX, TIME_INDEX_INTERVAL_BYTES, TOPICS, VALUE_PREFIX_LEN,
 };
 use crate::{disk, AppendOutcome, KvSpace, PartitionState, Shared, TopicState};
 
@@ -333,6 +333,8 @@ struct Round {
     cache_cleared: HashSet<u64>,
     /// What compaction did this round.
     compaction: compaction::CompactionRound,
+    /// Time index marks as of this round (`Writer::time_marks` once committed).
+    time_marks: HashMap<u64, TimeMark>,
 }
 
 struct Tables<'t> {
@@ -393,6 +395,17 @@ pub(crate) struct Writer {
     /// Partitions that may hold batches wholly below their log start (after DeleteRecords, and
     /// every partition after an open): deleted in bounded steps by `trim_below_log_start`.
     trim: std::collections::BTreeSet<u64>,
+    /// Each partition's place in its sparse time index (`tables::TIME_INDEX`), as committed;
+    /// a partition not here is read from the tables at its next append.
+    time_marks: HashMap<u64, TimeMark>,
+}
+
+/// Where a partition's sparse time index stands (`tables::TIME_INDEX`): the first batch that
+/// raised the running max timestamp since the newest entry, and the batch bytes stored from it
+/// on. `pending: None`: the newest entry covers the running max.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct TimeMark {
+    pub pending: Option<(u64, u64)>,
 }
 
 /// Whether a failed round means the database must be reopened: redb latches an I/O failure
@@ -426,6 +439,7 @@ impl Writer {
             pass: None,
             last_compaction_check: Instant::now(),
             trim: std::collections::BTreeSet::new(),
+            time_marks: HashMap::new(),
         };
         w.adopt(loaded);
         w
@@ -462,6 +476,8 @@ impl Writer {
         self.pass = None;
         // A DeleteRecords committed before a crash may have left batches below a log start.
         self.trim = self.metas.keys().copied().collect();
+        // Read from the tables again at each partition's next append.
+        self.time_marks.clear();
     }
 
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Op>) {
@@ -930,6 +946,7 @@ impl Writer {
         for (k, e) in r.producers {
             self.producers.insert(k, e);
         }
+        self.time_marks.extend(r.time_marks);
         // Compaction rewrote or removed these partitions' batches: the cache must never serve
         // the old ones (cleared before this round's new batches enter).
         for pkey in &r.compaction.rewritten {
@@ -983,6 +1000,7 @@ impl Writer {
                     }
                     self.fronts.remove(&pkey);
                     self.ratios.remove(&pkey);
+                    self.time_marks.remove(&pkey);
                     if let Some(p) = self.pstates.remove(&pkey) {
                         p.tail.clear();
                         p.signal.send_modify(|s| s.deleted = true);
