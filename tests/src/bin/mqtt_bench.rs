@@ -16,7 +16,10 @@
 //!   each offered total rate of `--fleet-rates` (20,000 and 60,000 msg/s) for `--fleet-secs`,
 //!   publishers' phases spread evenly. The timestamp is the message's scheduled send time, so a
 //!   broker that falls behind shows it in the latency (no coordinated omission); one wildcard
-//!   subscriber on `bench/#` at QoS 1.
+//!   subscriber on `bench/#` at QoS 1. The fleet runs after the other scenarios, the brokers
+//!   taking turns; `--fleet-repeat N` runs N such rounds and reports each round's p99 ratio to
+//!   mosquitto's and their median (on a shared machine one run's p99 moves by more than the
+//!   differences looked for). QoS 1 scenarios also report publish-to-PUBACK latency.
 //!
 //! Before the clock starts, one short QoS 1 message on `bench/warmup` is acknowledged and
 //! delivered (`--no-warmup` skips it), so the route's log topic exists and the subscriber reads
@@ -123,6 +126,11 @@ struct Args {
     /// Length of each fleet run.
     #[arg(long, default_value_t = 20)]
     fleet_secs: u32,
+    /// Fleet runs per rate and broker, the brokers taking turns within each round, so a machine
+    /// whose speed drifts meets them alike; with more than one, the median of each round's p99
+    /// ratio to mosquitto's is reported below the table (which shows the first round).
+    #[arg(long, default_value_t = 1)]
+    fleet_repeat: u32,
     #[arg(long, default_value_t = 200)]
     fleet_payload_bytes: usize,
     /// A scenario ends when nothing was acknowledged or delivered for this long.
@@ -172,21 +180,12 @@ fn main() -> anyhow::Result<()> {
     for &peer in &args.peers {
         let mut r = PeerResult::default();
         for &scenario in &args.scenarios {
-            eprintln!("{}: {scenario:?}", peer.name());
-            // A failed scenario is reported and the others still run; the broker is killed on drop.
+            // The fleet runs after every broker's other scenarios, the brokers taking turns.
             if scenario == Scenario::Fleet {
-                for &offered in &args.fleet_rates {
-                    let spec = Spec::fleet(&args, offered);
-                    let outcome = Broker::start(peer, &args, tmp.path())
-                        .and_then(|broker| rt.block_on(flow(&args, &broker, &spec)))
-                        .map(|f| r.fleet.push((offered, f)));
-                    if let Err(e) = outcome {
-                        eprintln!("{} fleet at {offered} msg/s failed: {e:#}", peer.name());
-                        r.errors.push(format!("fleet at {offered} msg/s failed: {e:#}"));
-                    }
-                }
                 continue;
             }
+            eprintln!("{}: {scenario:?}", peer.name());
+            // A failed scenario is reported and the others still run; the broker is killed on drop.
             let outcome = Broker::start(peer, &args, tmp.path()).and_then(|broker| match scenario {
                 Scenario::Idle => rt.block_on(idle(&args, &broker)).map(|i| r.idle = Some(i)),
                 Scenario::Qos1 => {
@@ -204,7 +203,27 @@ fn main() -> anyhow::Result<()> {
         }
         results.push((peer, r));
     }
+    if args.scenarios.contains(&Scenario::Fleet) {
+        for round in 1..=args.fleet_repeat.max(1) {
+            for &offered in &args.fleet_rates {
+                for (peer, r) in &mut results {
+                    eprintln!("{}: fleet at {offered} msg/s, round {round}", peer.name());
+                    let spec = Spec::fleet(&args, offered);
+                    let outcome = Broker::start(*peer, &args, tmp.path())
+                        .and_then(|broker| rt.block_on(flow(&args, &broker, &spec)))
+                        .map(|f| r.fleet.push((offered, f)));
+                    if let Err(e) = outcome {
+                        eprintln!("{} fleet at {offered} msg/s failed: {e:#}", peer.name());
+                        r.errors.push(format!("fleet at {offered} msg/s, round {round} failed: {e:#}"));
+                    }
+                }
+            }
+        }
+    }
     print_table(&args, fsyncs, &results);
+    if args.fleet_repeat > 1 {
+        print_fleet_rounds(&args, &results);
+    }
     Ok(())
 }
 
@@ -1025,6 +1044,73 @@ fn flow_rows(
             cells: results.iter().map(|(_, r)| get(r).map_or((String::from("-"), None), &cell)).collect(),
         })
         .collect()
+}
+
+/// With `--fleet-repeat`: each round's p50/p99 delivery latency and p99 PUBACK latency per broker and its p99 ratio to
+/// mosquitto's in the same round, then the median of those ratios (rounds where a broker failed
+/// are left out of its median).
+fn print_fleet_rounds(args: &Args, results: &[(Peer, PeerResult)]) {
+    let mosq = results.iter().find(|(p, _)| *p == Peer::Mosquitto).map(|(_, r)| r);
+    for &offered in &args.fleet_rates {
+        let runs = |r: &PeerResult| -> Vec<FlowResult> {
+            r.fleet.iter().filter(|(o, _)| *o == offered).map(|(_, f)| f.clone()).collect()
+        };
+        println!(
+            "\nfleet at {offered} msg/s, {} rounds (delivery latency p50 / p99, PUBACK latency p99, ms):\n",
+            args.fleet_repeat
+        );
+        let mut header = String::from("| round |");
+        let mut line = String::from("|---|");
+        for (p, _) in results {
+            header.push_str(&format!(" {} |", p.name()));
+            line.push_str("---|");
+            if mosq.is_some() && *p != Peer::Mosquitto {
+                header.push_str(&format!(" {} p99 / mosquitto |", p.name()));
+                line.push_str("---|");
+            }
+        }
+        println!("{header}\n{line}");
+        let mosq_runs = mosq.map(runs).unwrap_or_default();
+        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); results.len()];
+        for round in 0..args.fleet_repeat as usize {
+            let mut out = format!("| {} |", round + 1);
+            for (i, (p, r)) in results.iter().enumerate() {
+                let run = runs(r).get(round).cloned();
+                match &run {
+                    Some(f) => {
+                        out.push_str(&format!(" {:.1} / {:.1}, {:.1} |", f.lat_p50_ms, f.lat_p99_ms, f.ack_p99_ms))
+                    }
+                    None => out.push_str(" - |"),
+                }
+                if mosq.is_some() && *p != Peer::Mosquitto {
+                    match (run, mosq_runs.get(round)) {
+                        (Some(a), Some(b)) if b.lat_p99_ms > 0.0 => {
+                            let x = a.lat_p99_ms / b.lat_p99_ms;
+                            ratios[i].push(x);
+                            out.push_str(&format!(" {x:.2}x |"));
+                        }
+                        _ => out.push_str(" - |"),
+                    }
+                }
+            }
+            println!("{out}");
+        }
+        for (i, (p, _)) in results.iter().enumerate() {
+            let mut x = ratios[i].clone();
+            if x.is_empty() {
+                continue;
+            }
+            x.sort_by(f64::total_cmp);
+            let n = x.len();
+            let median = if n % 2 == 1 { x[n / 2] } else { (x[n / 2 - 1] + x[n / 2]) / 2.0 };
+            println!(
+                "\n{} p99 / mosquitto's over {n} rounds: median {median:.2}x (from {:.2}x to {:.2}x)",
+                p.name(),
+                x[0],
+                x[n - 1]
+            );
+        }
+    }
 }
 
 fn print_table(args: &Args, fsyncs: f64, results: &[(Peer, PeerResult)]) {
