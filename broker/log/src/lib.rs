@@ -1136,7 +1136,7 @@ impl Store {
         let from = match index.range((p.key, timestamp_ms)..=(p.key, i64::MAX))?.next() {
             Some(entry) => entry?.1.value(),
             None => match stored::tail_region_start(&log, p.key, u64::MAX)? {
-                Some(from) => from,
+                Some((from, _)) => from,
                 None => return Ok(None),
             },
         };

@@ -15,22 +15,23 @@ pub(crate) type PiecesTable<'t> = Table<'t, (u64, u64, u8), &'static [u8]>;
 
 /// The base offset of the batch where the last `TIME_INDEX_INTERVAL_BYTES` of a partition's
 /// batches below offset `before` begin (the newest batches whose lengths reach it, or all of
-/// them), at most `TIME_INDEX_INTERVAL_BYTES` / 61 + 1 batch heads read (a batch is at least 61
-/// bytes); `None` if there is no such batch. The batches that raised the running max timestamp
-/// past the time index's newest entry are all in that range (see `tables::TIME_INDEX`).
+/// them), with the bytes of the batches from there on; it reads one batch head more than
+/// `TIME_INDEX_INTERVAL_BYTES` / 61 at most (a batch is at least 61 bytes); `None` if there is no
+/// such batch. The batches that raised the running max timestamp past the time index's newest
+/// entry are all in that range (see `tables::TIME_INDEX`).
 pub(crate) fn tail_region_start(
     log: &impl ReadableTable<(u64, u64), &'static [u8]>,
     pkey: u64,
     before: u64,
-) -> Result<Option<u64>, StoreError> {
+) -> Result<Option<(u64, u64)>, StoreError> {
     let mut bytes = 0u64;
     let mut start = None;
     for e in log.range((pkey, 0u64)..(pkey, before))?.rev() {
         let (k, v) = e?;
         let (_, head) = split_value(v.value())?;
         let h = BatchHeader::parse(head).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        start = Some(k.value().1);
         bytes += h.total_len() as u64;
+        start = Some((k.value().1, bytes));
         if bytes >= TIME_INDEX_INTERVAL_BYTES {
             break;
         }

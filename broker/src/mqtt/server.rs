@@ -1901,76 +1901,68 @@ fn perform_one<'a>(
     outcomes: &'a mut Outcomes,
     action: Action,
 ) -> Option<Step<'a>> {
-    {
-        match action {
-            Action::Send(bytes) => out.push(bytes),
-            Action::Append { ticket, msg, qos2_pkid } => {
-                return Some(Box::pin(async move {
-                    append(ctx, s, client, outcomes, ticket, msg, qos2_pkid).await;
-                    Ok(())
-                }));
-            }
-            Action::DeleteQos2 { ticket, pkid } => {
-                let store = ctx.store.clone();
-                let keys = vec![(qos2_key(&s.client_id, pkid), None), (legacy_qos2_key(&s.client_id, pkid), None)];
-                outcomes.push(Box::pin(async move {
-                    (ticket, store.kv_write(spaces::MQTT_SESSIONS, keys).await.map_err(|_| reason::UNSPECIFIED_ERROR))
-                }));
-            }
-            Action::SaveSession { ticket } => {
-                let entries = s.stored_entries(session_deadline_ms(s.session_expiry_s));
-                match ticket {
-                    Some(t) => {
-                        let store = ctx.store.clone();
-                        outcomes.push(Box::pin(async move {
-                            let written = store.kv_write(spaces::MQTT_SESSIONS, entries).await;
-                            (t, written.map_err(|_| reason::UNSPECIFIED_ERROR))
-                        }));
-                    }
-                    None => {
-                        return Some(Box::pin(async move {
-                            ctx.store
-                                .kv_write(spaces::MQTT_SESSIONS, entries)
-                                .await
-                                .map_err(|e| format!("session not stored: {e}"))
-                        }))
-                    }
+    match action {
+        Action::Send(bytes) => out.push(bytes),
+        Action::Append { ticket, msg, qos2_pkid } => {
+            return Some(Box::pin(async move {
+                append(ctx, s, client, outcomes, ticket, msg, qos2_pkid).await;
+                Ok(())
+            }));
+        }
+        Action::DeleteQos2 { ticket, pkid } => {
+            let store = ctx.store.clone();
+            let keys = vec![(qos2_key(&s.client_id, pkid), None), (legacy_qos2_key(&s.client_id, pkid), None)];
+            outcomes.push(Box::pin(async move {
+                (ticket, store.kv_write(spaces::MQTT_SESSIONS, keys).await.map_err(|_| reason::UNSPECIFIED_ERROR))
+            }));
+        }
+        Action::SaveSession { ticket } => {
+            let entries = s.stored_entries(session_deadline_ms(s.session_expiry_s));
+            match ticket {
+                Some(t) => {
+                    let store = ctx.store.clone();
+                    outcomes.push(Box::pin(async move {
+                        let written = store.kv_write(spaces::MQTT_SESSIONS, entries).await;
+                        (t, written.map_err(|_| reason::UNSPECIFIED_ERROR))
+                    }));
+                }
+                None => {
+                    return Some(Box::pin(async move {
+                        ctx.store
+                            .kv_write(spaces::MQTT_SESSIONS, entries)
+                            .await
+                            .map_err(|e| format!("session not stored: {e}"))
+                    }))
                 }
             }
-            Action::JoinShared { name, inner } => return Some(Box::pin(join_shared(ctx, s, name, inner))),
-            Action::LeaveShared(group) => release_groups(ctx, vec![group]),
-            Action::StartCursors { filter } => {
-                for (route_filter, log_topic) in ctx.router.filters() {
-                    if filters_overlap(route_filter, &filter) {
-                        start_cursors(ctx, s, log_topic);
-                    }
+        }
+        Action::JoinShared { name, inner } => return Some(Box::pin(join_shared(ctx, s, name, inner))),
+        Action::LeaveShared(group) => release_groups(ctx, vec![group]),
+        Action::StartCursors { filter } => {
+            for (route_filter, log_topic) in ctx.router.filters() {
+                if filters_overlap(route_filter, &filter) {
+                    start_cursors(ctx, s, log_topic);
                 }
             }
-            Action::PublishDenied { topic } => {
-                ctx.stats.publishes_denied.fetch_add(1, Ordering::Relaxed);
-                let who =
-                    s.username.as_deref().map_or_else(|| s.client_id.clone(), |u| format!("{u} ({})", s.client_id));
-                ctx.store.refusals().record(
-                    RefusalKind::Publish,
-                    "mqtt",
-                    &who,
-                    &format!("publish to {topic:?} denied"),
-                );
-            }
-            Action::Count(Counter::PublishReserved) => {
-                ctx.stats.publishes_reserved.fetch_add(1, Ordering::Relaxed);
-            }
-            Action::Count(Counter::PayloadFormatInvalid) => {
-                ctx.stats.publishes_payload_invalid.fetch_add(1, Ordering::Relaxed);
-            }
-            Action::Count(Counter::SubscriptionDenied) => {
-                ctx.stats.subscriptions_denied.fetch_add(1, Ordering::Relaxed);
-            }
-            Action::Disconnect { reason: code, detail } => {
-                tracing::debug!(client = %s.client_id, reason = code.map(reason::meaning), %detail, "closing the connection");
-                if let Some(code) = code {
-                    out.push(wire::disconnect(code));
-                }
+        }
+        Action::PublishDenied { topic } => {
+            ctx.stats.publishes_denied.fetch_add(1, Ordering::Relaxed);
+            let who = s.username.as_deref().map_or_else(|| s.client_id.clone(), |u| format!("{u} ({})", s.client_id));
+            ctx.store.refusals().record(RefusalKind::Publish, "mqtt", &who, &format!("publish to {topic:?} denied"));
+        }
+        Action::Count(Counter::PublishReserved) => {
+            ctx.stats.publishes_reserved.fetch_add(1, Ordering::Relaxed);
+        }
+        Action::Count(Counter::PayloadFormatInvalid) => {
+            ctx.stats.publishes_payload_invalid.fetch_add(1, Ordering::Relaxed);
+        }
+        Action::Count(Counter::SubscriptionDenied) => {
+            ctx.stats.subscriptions_denied.fetch_add(1, Ordering::Relaxed);
+        }
+        Action::Disconnect { reason: code, detail } => {
+            tracing::debug!(client = %s.client_id, reason = code.map(reason::meaning), %detail, "closing the connection");
+            if let Some(code) = code {
+                out.push(wire::disconnect(code));
             }
         }
     }

@@ -381,24 +381,18 @@ impl Session {
     /// Gives back the capacity of the queues and maps that are empty (what a connection that
     /// went quiet holds). State is never dropped: only empty containers are replaced.
     fn trim(&mut self) {
-        if self.answers.is_empty() {
-            self.answers = VecDeque::new();
+        /// A new (unallocated) container in place of an empty one.
+        fn release<T: Default>(c: &mut T, is_empty: impl Fn(&T) -> bool) {
+            if is_empty(c) {
+                *c = T::default();
+            }
         }
-        if self.actions.is_empty() {
-            self.actions = VecDeque::new();
-        }
-        if self.tickets.is_empty() {
-            self.tickets = HashMap::new();
-        }
-        if self.qos2.is_empty() {
-            self.qos2 = HashMap::new();
-        }
-        if self.resend.is_empty() {
-            self.resend = VecDeque::new();
-        }
-        if self.retained.is_empty() {
-            self.retained = Vec::new();
-        }
+        release(&mut self.answers, VecDeque::is_empty);
+        release(&mut self.actions, VecDeque::is_empty);
+        release(&mut self.tickets, HashMap::is_empty);
+        release(&mut self.qos2, HashMap::is_empty);
+        release(&mut self.resend, VecDeque::is_empty);
+        release(&mut self.retained, Vec::is_empty);
         self.out.trim();
     }
 

@@ -1050,11 +1050,13 @@ fn flow_rows(
 /// mosquitto's in the same round, then the median of those ratios (rounds where a broker failed
 /// are left out of its median).
 fn print_fleet_rounds(args: &Args, results: &[(Peer, PeerResult)]) {
-    let mosq = results.iter().find(|(p, _)| *p == Peer::Mosquitto).map(|(_, r)| r);
+    let mosq = results.iter().position(|(p, _)| *p == Peer::Mosquitto);
     for &offered in &args.fleet_rates {
-        let runs = |r: &PeerResult| -> Vec<FlowResult> {
-            r.fleet.iter().filter(|(o, _)| *o == offered).map(|(_, f)| f.clone()).collect()
-        };
+        // Each broker's runs at this rate, in round order.
+        let runs: Vec<Vec<&FlowResult>> = results
+            .iter()
+            .map(|(_, r)| r.fleet.iter().filter(|(o, _)| *o == offered).map(|(_, f)| f).collect())
+            .collect();
         println!(
             "\nfleet at {offered} msg/s, {} rounds (delivery latency p50 / p99, PUBACK latency p99, ms):\n",
             args.fleet_repeat
@@ -1070,20 +1072,19 @@ fn print_fleet_rounds(args: &Args, results: &[(Peer, PeerResult)]) {
             }
         }
         println!("{header}\n{line}");
-        let mosq_runs = mosq.map(runs).unwrap_or_default();
         let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); results.len()];
         for round in 0..args.fleet_repeat as usize {
             let mut out = format!("| {} |", round + 1);
-            for (i, (p, r)) in results.iter().enumerate() {
-                let run = runs(r).get(round).cloned();
-                match &run {
+            for (i, (p, _)) in results.iter().enumerate() {
+                let run = runs[i].get(round);
+                match run {
                     Some(f) => {
                         out.push_str(&format!(" {:.1} / {:.1}, {:.1} |", f.lat_p50_ms, f.lat_p99_ms, f.ack_p99_ms))
                     }
                     None => out.push_str(" - |"),
                 }
                 if mosq.is_some() && *p != Peer::Mosquitto {
-                    match (run, mosq_runs.get(round)) {
+                    match (run, mosq.and_then(|m| runs[m].get(round))) {
                         (Some(a), Some(b)) if b.lat_p99_ms > 0.0 => {
                             let x = a.lat_p99_ms / b.lat_p99_ms;
                             ratios[i].push(x);
@@ -1095,8 +1096,7 @@ fn print_fleet_rounds(args: &Args, results: &[(Peer, PeerResult)]) {
             }
             println!("{out}");
         }
-        for (i, (p, _)) in results.iter().enumerate() {
-            let mut x = ratios[i].clone();
+        for ((p, _), x) in results.iter().zip(&mut ratios) {
             if x.is_empty() {
                 continue;
             }

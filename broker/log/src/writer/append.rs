@@ -138,16 +138,8 @@ impl Writer {
         if newest.is_some_and(|ts| ts >= m.max_timestamp) {
             return Ok(TimeMark::default());
         }
-        let Some(from) = stored::tail_region_start(&t.log, pkey, m.next_offset)? else {
-            return Ok(TimeMark::default());
-        };
-        let mut bytes = 0u64;
-        for e in t.log.range((pkey, from)..(pkey, m.next_offset))? {
-            let (_, v) = e?;
-            let (_, head) = split_value(v.value())?;
-            bytes += BatchHeader::parse(head).map_err(|e| StoreError::Corrupt(e.to_string()))?.total_len() as u64;
-        }
-        Ok(TimeMark { pending: Some((from, bytes)) })
+        let pending = stored::tail_region_start(&t.log, pkey, m.next_offset)?;
+        Ok(TimeMark { pending })
     }
 
     /// Stores one batch (already carrying its base offset) and updates metadata and time index.
