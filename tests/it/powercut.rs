@@ -12,16 +12,25 @@
 //!   suffix), a retained message written with a record is there exactly when the record is, and
 //!   the next append gets an offset above every acknowledged one.
 //!
+//! The same runs again with the commit journal under redb (`storage::journal`, the gateway's
+//! default on a real file): the database file and the journal are two simulated disks on one
+//! clock, and a cut takes each at the same instant (each its own synced bytes plus a random
+//! subset of its later writes).
+//!
 //! The seed is printed; `TRIBUTARY_TEST_SEED` replays a run. `TRIBUTARY_POWER_CUTS` sets how many
-//! cuts (default 2,000).
+//! cuts (default 2,000, 1,000 with the journal).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use tributary_broker::spaces;
 use tributary_broker::storage::batch::NewRecord;
-use tributary_broker::storage::simdisk::{Replay, SimDisk};
+use tributary_broker::storage::journal::{Journaled, RING_BYTES_MIN};
+use tributary_broker::storage::simdisk::{Event, Replay, SimDisk};
+use tributary_broker::storage::BackendOpener;
 use tributary_broker::storage::KvSpace;
 use tributary_broker::{Durability, StorageConfig, Store, TopicConfig};
 
@@ -102,16 +111,39 @@ fn next_op(rng: &mut impl Rng, w: u64, i: usize) -> Op {
     }
 }
 
-/// Runs one seeded workload on a recording disk; returns the trace, the operations with the
-/// trace position of each acknowledgement, and the workload's ops in order.
-async fn record(
-    seed: u64,
-    dir: &std::path::Path,
-    quick_repair: bool,
-) -> (Vec<tributary_broker::storage::simdisk::Event>, Vec<(usize, Effect)>) {
+/// The database's disk and, with the journal, the journal's: both stamped from one clock.
+struct Disks {
+    db: SimDisk,
+    journal: Option<SimDisk>,
+}
+
+impl Disks {
+    fn opener(&self) -> BackendOpener {
+        match &self.journal {
+            None => self.db.opener(),
+            // The smallest ring, so a workload wraps it and checkpoints several times.
+            Some(journal) => Journaled::opener(self.db.opener(), journal.opener(), RING_BYTES_MIN),
+        }
+    }
+}
+
+/// A recorded workload: the disks, and each operation with the clock's reading just after its
+/// acknowledgement (every disk event of the operation is stamped before it).
+struct Recorded {
+    disks: Disks,
+    end: u64,
+    done: Vec<(u64, Effect)>,
+}
+
+/// Runs one seeded workload on recording disks.
+async fn record(seed: u64, dir: &std::path::Path, quick_repair: bool, journaled: bool) -> Recorded {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let disk = SimDisk::recording();
-    let (store, _) = Store::open_with_backend(config(dir, quick_repair), disk.opener()).expect("open");
+    let clock = Arc::new(AtomicU64::new(0));
+    let disks = Disks {
+        db: SimDisk::recording_clocked(clock.clone()),
+        journal: journaled.then(|| SimDisk::recording_clocked(clock.clone())),
+    };
+    let (store, _) = Store::open_with_backend(config(dir, quick_repair), disks.opener()).expect("open");
     let relaxed = TopicConfig { durability: Durability::Relaxed, ..TopicConfig::default() };
     store.create_topic("f", PARTITIONS as u32, TopicConfig::default()).await.expect("create f");
     store.create_topic("r", PARTITIONS as u32, relaxed).await.expect("create r");
@@ -130,10 +162,10 @@ async fn record(
                 Effect::Kv { space, key, value }
             }
         };
-        done.push((disk.mark(i as u64), effect));
+        done.push((clock.fetch_add(1, Ordering::SeqCst), effect));
     }
     store.close().await.expect("close");
-    (disk.trace(), done)
+    Recorded { disks, end: clock.load(Ordering::SeqCst), done }
 }
 
 /// What must hold in `store`, reopened after a cut where `acked` were acknowledged and
@@ -234,35 +266,53 @@ fn check(store: &Store, acked: &[Effect], in_flight: Option<&Effect>, what: &str
 
 #[test]
 fn every_acknowledged_write_survives_a_power_cut_at_any_moment() {
-    let cuts_wanted: usize = std::env::var("TRIBUTARY_POWER_CUTS").ok().and_then(|s| s.parse().ok()).unwrap_or(2_000);
-    let mut rng = seeded_rng("every_acknowledged_write_survives_a_power_cut_at_any_moment");
+    power_cuts("every_acknowledged_write_survives_a_power_cut_at_any_moment", false, 2_000);
+}
+
+#[test]
+fn every_acknowledged_write_survives_a_power_cut_at_any_moment_with_the_commit_journal() {
+    power_cuts("every_acknowledged_write_survives_a_power_cut_at_any_moment_with_the_commit_journal", true, 1_000);
+}
+
+fn power_cuts(name: &str, journaled: bool, default_cuts: usize) {
+    let cuts_wanted: usize =
+        std::env::var("TRIBUTARY_POWER_CUTS").ok().and_then(|s| s.parse().ok()).unwrap_or(default_cuts);
+    let mut rng = seeded_rng(name);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     let started = std::time::Instant::now();
-    let (mut cuts, mut torn_opens, mut relaxed_lost) = (0usize, 0usize, 0usize);
+    let (mut cuts, mut torn_opens, mut relaxed_lost, mut checkpoints) = (0usize, 0usize, 0usize, 0usize);
     let mut workloads = 0u64;
     while cuts < cuts_wanted {
         let seed: u64 = rng.random();
         let quick_repair = workloads % 2 == 1;
         workloads += 1;
-        let (trace, done) = rt.block_on(record(seed, dir.path(), quick_repair));
-        let mut positions: Vec<usize> =
-            (0..CUTS_PER_WORKLOAD.min(cuts_wanted - cuts)).map(|_| rng.random_range(0..=trace.len())).collect();
-        positions.sort_unstable();
-        let mut replay = Replay::new(&trace);
-        for at in positions {
-            replay.advance(at);
-            let image = replay.power_cut(&mut rng);
+        let Recorded { disks, end, done } = rt.block_on(record(seed, dir.path(), quick_repair, journaled));
+        let db_trace = disks.db.trace();
+        let journal_trace = disks.journal.as_ref().map(SimDisk::trace).unwrap_or_default();
+        // With the journal, every sync of the database file is a checkpoint.
+        checkpoints += if journaled { db_trace.iter().filter(|e| **e == Event::Sync).count() } else { 0 };
+        let mut instants: Vec<u64> =
+            (0..CUTS_PER_WORKLOAD.min(cuts_wanted - cuts)).map(|_| rng.random_range(0..=end)).collect();
+        instants.sort_unstable();
+        let (mut db_replay, mut journal_replay) = (Replay::new(&db_trace), Replay::new(&journal_trace));
+        for at in instants {
+            db_replay.advance(disks.db.events_before(at));
+            if let Some(j) = &disks.journal {
+                journal_replay.advance(j.events_before(at));
+            }
+            let cut = Disks {
+                db: SimDisk::from_image(db_replay.power_cut(&mut rng)),
+                journal: disks.journal.as_ref().map(|_| SimDisk::from_image(journal_replay.power_cut(&mut rng))),
+            };
             let acked: Vec<Effect> = done.iter().filter(|(mark, _)| *mark < at).map(|(_, e)| e.clone()).collect();
             let in_flight = done.iter().find(|(mark, _)| *mark >= at).map(|(_, e)| e);
+            let unsynced = db_replay.unsynced() + journal_replay.unsynced();
             let what = format!(
-                "workload {seed} (quick_repair {quick_repair}) cut at {at}/{} ({} unsynced writes)",
-                trace.len(),
-                replay.unsynced()
+                "workload {seed} (quick_repair {quick_repair}, journal {journaled}) cut at {at}/{end} ({unsynced} unsynced writes)"
             );
-            torn_opens += usize::from(replay.unsynced() > 0);
-            let disk = SimDisk::from_image(image);
-            let opened = Store::open_with_backend(config(dir.path(), quick_repair), disk.opener());
+            torn_opens += usize::from(unsynced > 0);
+            let opened = Store::open_with_backend(config(dir.path(), quick_repair), cut.opener());
             let store = match opened {
                 Ok((store, _)) => store,
                 // Before the first commit there is no database yet: nothing was acknowledged.
@@ -300,8 +350,9 @@ fn every_acknowledged_write_survives_a_power_cut_at_any_moment() {
         }
     }
     eprintln!(
-        "power cuts: {cuts} cuts in {workloads} workloads ({torn_opens} with unsynced writes, {relaxed_lost} relaxed partitions lost acknowledged records) in {:?}",
+        "power cuts (journal {journaled}): {cuts} cuts in {workloads} workloads ({torn_opens} with unsynced writes, {relaxed_lost} relaxed partitions lost acknowledged records, {checkpoints} journal checkpoints) in {:?}",
         started.elapsed()
     );
+    assert!(!journaled || checkpoints >= workloads as usize, "the journal's ring was never checkpointed");
     assert!(relaxed_lost > 0, "no cut lost a relaxed record: the relaxed checks proved nothing");
 }

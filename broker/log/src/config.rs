@@ -594,6 +594,14 @@ pub struct StorageConfig {
     /// ext4 machine). 0 turns it off. At most
     /// 4 MiB, within the disk budget's slack.
     pub zero_ahead_bytes: u64,
+    /// Size of the commit journal (`tributary.journal` beside the database, written full of
+    /// zeros at the first start, so it takes this much disk besides `max_bytes`): each durable
+    /// commit's pages are appended there and synced with one contiguous write, the database
+    /// file gets them without a sync and is synced in the background once half the journal
+    /// is used (see `journal.rs`; the fleet's commit `fdatasync` p50 -30%, p99 -30 to -50%).
+    /// Commits larger than a quarter of it sync the database file instead. 0 turns it off
+    /// (each commit syncs the database file); 1 MiB to 4 GiB.
+    pub journal_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -623,6 +631,7 @@ impl Default for StorageConfig {
             compaction_bytes_per_commit_max: 4 * MIB,
             compaction_memory_bytes_max: 8 * MIB,
             zero_ahead_bytes: 256 * KIB,
+            journal_bytes: 32 * MIB,
         }
     }
 }
@@ -663,6 +672,9 @@ impl StorageConfig {
         range("compaction_memory_bytes_max", self.compaction_memory_bytes_max, 4 * KIB, 16 * GIB)?;
         if self.zero_ahead_bytes != 0 {
             range("zero_ahead_bytes", self.zero_ahead_bytes, 64 * KIB, 4 * MIB)?;
+        }
+        if self.journal_bytes != 0 {
+            range("journal_bytes", self.journal_bytes, crate::journal::RING_BYTES_MIN, 4 * GIB)?;
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod histogram;
+pub mod journal;
 pub mod keymap;
 mod producers;
 pub mod refusals;
@@ -45,6 +46,8 @@ use writer::{AdminCmd, AppendData, Op};
 
 /// File name of the database inside `storage.data_dir`.
 pub const DB_FILE_NAME: &str = "tributary.redb";
+/// The commit journal's file in `storage.data_dir` (`journal.rs`).
+pub const JOURNAL_FILE_NAME: &str = "tributary.journal";
 
 /// A partition's offset bounds: readable offsets are `[log_start_offset, high_watermark)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -380,6 +383,27 @@ pub(crate) fn open_database(config: &StorageConfig, location: &Location) -> Resu
         tracing::info!(progress = session.progress(), "repair progress");
     });
     let db = match location {
+        Location::File(path) if config.journal_bytes > 0 => {
+            let file: Box<dyn StorageBackend> = if config.zero_ahead_bytes > 0 {
+                Box::new(
+                    zero_ahead::ZeroAhead::open(path, config.zero_ahead_bytes)
+                        .map_err(|e| StoreError::io("open the database file", e))?,
+                )
+            } else {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)
+                    .map_err(|e| StoreError::io("open the database file", e))?;
+                Box::new(redb::backends::FileBackend::new(f)?)
+            };
+            let ring = config.journal_bytes.div_ceil(4096) * 4096;
+            let backend = journal::Journaled::open_file(file, &path.with_file_name(JOURNAL_FILE_NAME), ring)
+                .map_err(|e| StoreError::io("open the commit journal", e))?;
+            builder.create_with_backend(backend)?
+        }
         Location::File(path) if config.zero_ahead_bytes > 0 => {
             let backend = zero_ahead::ZeroAhead::open(path, config.zero_ahead_bytes)
                 .map_err(|e| StoreError::io("open the database file", e))?;

@@ -12,6 +12,7 @@
 //! the gateway as built for release and packages (`-p tributary-gateway`) does not contain it.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::Rng;
@@ -52,6 +53,23 @@ struct State {
     fault: Option<WriteFault>,
     trace: Option<Vec<Event>>,
     failed_writes: u64,
+    /// With [`SimDisk::recording_clocked`]: the clock shared with other disks, and each trace
+    /// event's reading of it, so one instant can be cut across several files.
+    clock: Option<Arc<AtomicU64>>,
+    stamps: Vec<u64>,
+    /// How long a `sync_data` takes (a slow disk), outside the lock.
+    sync_delay: std::time::Duration,
+}
+
+impl State {
+    fn record(&mut self, e: Event) {
+        if let Some(t) = self.trace.as_mut() {
+            t.push(e);
+            if let Some(c) = &self.clock {
+                self.stamps.push(c.fetch_add(1, Ordering::SeqCst));
+            }
+        }
+    }
 }
 
 /// The disk; clones share it (a store reopening the database sees the same bytes).
@@ -71,6 +89,21 @@ impl SimDisk {
         let disk = Self::default();
         disk.lock().trace = Some(Vec::new());
         disk
+    }
+
+    /// An empty disk that records its trace, each event stamped from `clock` (shared with the
+    /// other disks of one simulated machine: [`SimDisk::events_before`] then cuts every disk's
+    /// trace at one instant).
+    pub fn recording_clocked(clock: Arc<AtomicU64>) -> Self {
+        let disk = Self::recording();
+        disk.lock().clock = Some(clock);
+        disk
+    }
+
+    /// How many of the recorded trace's events were stamped before `instant` (a reading of the
+    /// shared clock): `trace()[..n]` is this disk's history up to that instant.
+    pub fn events_before(&self, instant: u64) -> usize {
+        self.lock().stamps.partition_point(|&t| t < instant)
     }
 
     /// A disk holding `image` (e.g. what a power cut left).
@@ -96,6 +129,12 @@ impl SimDisk {
         self.lock().fault = fault;
     }
 
+    /// Makes every later `sync_data` take `delay` (after it is recorded: writes that come in
+    /// meanwhile are not covered by it), as a slow disk's flush does.
+    pub fn set_sync_delay(&self, delay: std::time::Duration) {
+        self.lock().sync_delay = delay;
+    }
+
     /// Writes, length changes and syncs refused so far.
     pub fn failed_writes(&self) -> u64 {
         self.lock().failed_writes
@@ -113,9 +152,11 @@ impl SimDisk {
     /// Adds `mark` to the trace; returns its position.
     pub fn mark(&self, mark: u64) -> usize {
         let mut s = self.lock();
-        let trace = s.trace.get_or_insert_with(Vec::new);
-        trace.push(Event::Mark(mark));
-        trace.len() - 1
+        if s.trace.is_none() {
+            s.trace = Some(Vec::new());
+        }
+        s.record(Event::Mark(mark));
+        s.trace.as_ref().map_or(0, |t| t.len() - 1)
     }
 
     /// The recorded trace so far.
@@ -163,9 +204,7 @@ impl StorageBackend for SimDisk {
             Self::check(&mut s, len)?;
         }
         s.data.resize(usize::try_from(len).map_err(io::Error::other)?, 0);
-        if let Some(t) = s.trace.as_mut() {
-            t.push(Event::SetLen(len));
-        }
+        s.record(Event::SetLen(len));
         Ok(())
     }
 
@@ -174,8 +213,11 @@ impl StorageBackend for SimDisk {
         if s.fault == Some(WriteFault::All) {
             Self::check(&mut s, 0)?;
         }
-        if let Some(t) = s.trace.as_mut() {
-            t.push(Event::Sync);
+        s.record(Event::Sync);
+        let delay = s.sync_delay;
+        drop(s);
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
         }
         Ok(())
     }
@@ -185,9 +227,7 @@ impl StorageBackend for SimDisk {
         let end = offset + data.len() as u64;
         Self::check(&mut s, end)?;
         apply_write(&mut s.data, offset, data);
-        if let Some(t) = s.trace.as_mut() {
-            t.push(Event::Write { offset, data: data.to_vec() });
-        }
+        s.record(Event::Write { offset, data: data.to_vec() });
         Ok(())
     }
 }

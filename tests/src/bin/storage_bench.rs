@@ -32,6 +32,9 @@ struct Args {
     /// `storage.zero_ahead_bytes` (default: the store's; 0 turns the zeros ahead off).
     #[arg(long)]
     zero_ahead_bytes: Option<u64>,
+    /// `storage.journal_bytes` (default: the store's; 0 turns the commit journal off).
+    #[arg(long)]
+    journal_bytes: Option<u64>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -49,9 +52,10 @@ async fn main() -> anyhow::Result<()> {
         data_dir: tmp.path().join("store"),
         max_bytes: 64 << 30,
         zero_ahead_bytes: args.zero_ahead_bytes.unwrap_or(defaults.zero_ahead_bytes),
+        journal_bytes: args.journal_bytes.unwrap_or(defaults.journal_bytes),
         ..defaults
     };
-    println!("storage.zero_ahead_bytes = {}", cfg.zero_ahead_bytes);
+    println!("storage.zero_ahead_bytes = {}, storage.journal_bytes = {}", cfg.zero_ahead_bytes, cfg.journal_bytes);
     let (store, _) = Store::open(cfg).context("open store")?;
     let topic = TopicConfig { retention_ms: None, ..TopicConfig::default() };
     store.create_topic("single", 4, topic.clone()).await?;
