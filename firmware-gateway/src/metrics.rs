@@ -195,6 +195,30 @@ pub fn render(src: &Sources) -> String {
         s.tail_cache_misses,
     );
     o.one(
+        "tributary_store_journal_records_total",
+        "counter",
+        "Durable commits whose pages went to the commit journal (storage.journal_bytes) in one write and sync.",
+        s.journal_records,
+    );
+    o.one(
+        "tributary_store_journal_direct_syncs_total",
+        "counter",
+        "Durable commits too large for the journal (over a quarter of it), which synced the database file instead.",
+        s.journal_direct_syncs,
+    );
+    o.one(
+        "tributary_store_journal_checkpoints_total",
+        "counter",
+        "Journal checkpoints: the database file synced in the background and the journal freed up to there.",
+        s.journal_checkpoints,
+    );
+    o.one(
+        "tributary_store_journal_replayed_records_total",
+        "counter",
+        "Journal records written back into the database file when it was opened (after an unclean stop).",
+        s.journal_replayed_records,
+    );
+    o.one(
         "tributary_compaction_reclaimed_bytes_total",
         "counter",
         "Bytes of batches compaction removed (superseded records, expired tombstones).",

@@ -86,6 +86,7 @@ fn starts_on_defaults_and_stops_cleanly_on_sigterm_and_sigint() {
         Store::open(StorageConfig { data_dir: data, disk_free_bytes_min: 0, ..StorageConfig::default() })
             .expect("open after clean shutdown");
     assert!(!report.repaired, "a clean shutdown leaves nothing to repair");
+    assert_eq!(store.stats().journal_replayed_records, 0, "nor anything in the journal to replay");
     store.close_blocking().expect("close");
 }
 
@@ -167,6 +168,12 @@ fn kafka_requests_begun_before_sigterm_are_answered_and_kept() {
         if text.contains("\ntributary_kafka_frames_reading 1\n")
             && text.contains("\ntributary_kafka_fetches_waiting 1\n")
         {
+            // Topic creation and the first produce were durable commits, through the journal.
+            let journaled = text
+                .lines()
+                .find_map(|l| l.strip_prefix("tributary_store_journal_records_total "))
+                .and_then(|v| v.parse::<u64>().ok());
+            assert!(journaled.is_some_and(|n| n >= 2), "journal records {journaled:?}");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the half request and the parked fetch within 20 s:\n{text}");

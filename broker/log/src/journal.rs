@@ -42,6 +42,7 @@ use std::hash::BuildHasher;
 use std::io;
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -66,6 +67,19 @@ const OP_HEADER_BYTES: usize = 1 + 8 + 8;
 const BUFFER_KEPT_BYTES: usize = 1 << 20;
 /// Smallest ring: a few records of the largest journaled size.
 pub const RING_BYTES_MIN: u64 = 1 << 20;
+
+/// The journal's counters (the store's `/metrics`), shared across reopens.
+#[derive(Debug, Default)]
+pub struct JournalCounters {
+    /// Records appended (one per durable commit that went through the journal).
+    pub records: AtomicU64,
+    /// Commits too large for the ring, which synced the database file instead.
+    pub direct_syncs: AtomicU64,
+    /// Checkpoints finished (the database file synced, the ring freed up to there).
+    pub checkpoints: AtomicU64,
+    /// Records written back into the database file at opens.
+    pub replayed_records: AtomicU64,
+}
 
 /// What an open found and did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -94,6 +108,7 @@ struct Inner {
     salt: u64,
     state: Mutex<State>,
     changed: Condvar,
+    counters: Arc<JournalCounters>,
 }
 
 #[derive(Debug)]
@@ -114,7 +129,6 @@ struct State {
     /// A write or sync that failed: every later `sync_data` fails until the next open.
     failed: Option<String>,
     stop: bool,
-    checkpoints: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,7 +200,12 @@ impl Journaled {
     /// missing or of another size) over the database backend `db`: replays what the journal
     /// holds into `db`, syncs it, and starts a new journal. Fails if another process has the
     /// journal open.
-    pub fn open_file(db: Box<dyn StorageBackend>, journal_path: &Path, ring_bytes: u64) -> io::Result<Self> {
+    pub fn open_file(
+        db: Box<dyn StorageBackend>,
+        journal_path: &Path,
+        ring_bytes: u64,
+        counters: Arc<JournalCounters>,
+    ) -> io::Result<Self> {
         let file =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(journal_path)?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -202,11 +221,16 @@ impl Journaled {
         // redb's file backend: positioned reads and writes, `fdatasync`; its locks are not
         // used here (the lock above is the journal's).
         let journal = redb::backends::FileBackend::new(file).map_err(io::Error::other)?;
-        Self::open(db, Box::new(journal), ring_bytes)
+        Self::open(db, Box::new(journal), ring_bytes, counters)
     }
 
     /// [`Journaled::open_file`] on any two backends (tests: simulated disks).
-    pub fn open(db: Box<dyn StorageBackend>, journal: Box<dyn StorageBackend>, ring_bytes: u64) -> io::Result<Self> {
+    pub fn open(
+        db: Box<dyn StorageBackend>,
+        journal: Box<dyn StorageBackend>,
+        ring_bytes: u64,
+        counters: Arc<JournalCounters>,
+    ) -> io::Result<Self> {
         assert!(ring_bytes >= RING_BYTES_MIN && ring_bytes % ALIGN == 0, "journal ring of {ring_bytes} B");
         let old = read_header(journal.as_ref())?;
         let mut replayed = ReplayReport::default();
@@ -242,6 +266,7 @@ impl Journaled {
         let header = Header { salt, generation, ring_bytes, start_pos: FIRST, start_seq: next_seq };
         write_header(journal.as_ref(), &header)?;
         journal.sync_data()?;
+        counters.replayed_records.fetch_add(replayed.records, Ordering::Relaxed);
         if replayed.records > 0 {
             tracing::info!(
                 records = replayed.records,
@@ -265,9 +290,9 @@ impl Journaled {
                 checkpoint: Checkpoint::Idle,
                 failed: None,
                 stop: false,
-                checkpoints: 0,
             }),
             changed: Condvar::new(),
+            counters,
         });
         let worker = inner.clone();
         let handle = std::thread::Builder::new().name("tributary-ckpt".into()).spawn(move || worker.checkpointer())?;
@@ -277,17 +302,15 @@ impl Journaled {
     /// A [`BackendOpener`](crate::BackendOpener) that opens the journal from `journal` over
     /// what `db` opens (tests: a store on two simulated disks).
     pub fn opener(db: crate::BackendOpener, journal: crate::BackendOpener, ring_bytes: u64) -> crate::BackendOpener {
-        Arc::new(move || Ok(Box::new(Journaled::open(db()?, journal()?, ring_bytes)?) as Box<dyn StorageBackend>))
+        let counters = Arc::new(JournalCounters::default());
+        Arc::new(move || {
+            Ok(Box::new(Journaled::open(db()?, journal()?, ring_bytes, counters.clone())?) as Box<dyn StorageBackend>)
+        })
     }
 
     /// What the open replayed.
     pub fn replayed(&self) -> ReplayReport {
         self.replayed
-    }
-
-    /// Checkpoints finished since the open.
-    pub fn checkpoints(&self) -> u64 {
-        lock(&self.inner.state).checkpoints
     }
 
     fn stop_checkpointer(&self) {
@@ -459,6 +482,7 @@ impl Inner {
         let total = align_up(record.len() as u64);
         if oversized || total > self.record_bytes_max {
             drop(st);
+            self.counters.direct_syncs.fetch_add(1, Ordering::Relaxed);
             return self.sync_database_directly();
         }
         let pos = loop {
@@ -495,6 +519,7 @@ impl Inner {
         record.resize(total as usize, 0);
         self.journal.write(pos, &record).map_err(|e| self.fail("append a record", &e))?;
         self.journal.sync_data().map_err(|e| self.fail("sync the journal", &e))?;
+        self.counters.records.fetch_add(1, Ordering::Relaxed);
 
         let mut st = lock(&self.state);
         if st.pending.is_empty() && record.capacity() <= BUFFER_KEPT_BYTES {
@@ -537,7 +562,7 @@ impl Inner {
         if done.is_ok() {
             st.live_start = pos;
             st.generation += 1;
-            st.checkpoints += 1;
+            self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
         }
         st.checkpoint = Checkpoint::Idle;
         self.changed.notify_all();
@@ -647,7 +672,8 @@ mod tests {
     type Model = BTreeMap<u64, Vec<u8>>;
 
     fn open_db(db: SimDisk, journal: SimDisk) -> redb::Database {
-        let backend = Journaled::open(Box::new(db), Box::new(journal), RING).expect("open the journal");
+        let counters = Arc::new(JournalCounters::default());
+        let backend = Journaled::open(Box::new(db), Box::new(journal), RING, counters).expect("open the journal");
         redb::Database::builder().create_with_backend(backend).expect("open the database")
     }
 
@@ -783,10 +809,10 @@ mod tests {
     fn a_journal_in_use_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("j");
-        let first = Journaled::open_file(Box::new(SimDisk::new()), &path, RING).expect("first");
-        let second = Journaled::open_file(Box::new(SimDisk::new()), &path, RING).expect_err("second");
+        let first = Journaled::open_file(Box::new(SimDisk::new()), &path, RING, Arc::default()).expect("first");
+        let second = Journaled::open_file(Box::new(SimDisk::new()), &path, RING, Arc::default()).expect_err("second");
         assert_eq!(second.kind(), io::ErrorKind::WouldBlock, "{second}");
         drop(first);
-        Journaled::open_file(Box::new(SimDisk::new()), &path, RING).expect("free again");
+        Journaled::open_file(Box::new(SimDisk::new()), &path, RING, Arc::default()).expect("free again");
     }
 }

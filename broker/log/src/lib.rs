@@ -240,6 +240,8 @@ pub(crate) struct Counters {
     pub compaction_dirty_bytes: AtomicU64,
     pub compaction_dirty_ratio_max_ppm: AtomicU64,
     pub compaction_lag_ms: AtomicU64,
+    /// The commit journal's (`journal.rs`), kept across reopens.
+    pub journal: Arc<journal::JournalCounters>,
 }
 
 impl Default for Counters {
@@ -272,6 +274,7 @@ impl Default for Counters {
             compaction_dirty_bytes: AtomicU64::default(),
             compaction_dirty_ratio_max_ppm: AtomicU64::default(),
             compaction_lag_ms: AtomicU64::default(),
+            journal: Arc::default(),
         }
     }
 }
@@ -312,6 +315,12 @@ pub struct StoreStats {
     pub compaction_dirty_ratio_max_ppm: u64,
     /// ...and the age of the oldest dirty batch (the compaction lag), in ms.
     pub compaction_lag_ms: u64,
+    /// The commit journal: records appended, commits that synced the database file instead
+    /// (too large for the ring), checkpoints, and records written back at opens.
+    pub journal_records: u64,
+    pub journal_direct_syncs: u64,
+    pub journal_checkpoints: u64,
+    pub journal_replayed_records: u64,
 }
 
 /// Opens the redb storage a store runs on (see [`Store::open_with_backend`]); called at open and
@@ -372,7 +381,11 @@ impl StorageBackend for DynBackend {
 
 /// Opens the database with the configured cache; returns it and whether redb had to repair it
 /// (it was not closed cleanly).
-pub(crate) fn open_database(config: &StorageConfig, location: &Location) -> Result<(Database, bool), StoreError> {
+pub(crate) fn open_database(
+    config: &StorageConfig,
+    location: &Location,
+    counters: &Counters,
+) -> Result<(Database, bool), StoreError> {
     let repaired = Arc::new(AtomicBool::new(false));
     let repaired_flag = repaired.clone();
     let mut builder = Database::builder();
@@ -400,8 +413,13 @@ pub(crate) fn open_database(config: &StorageConfig, location: &Location) -> Resu
                 Box::new(redb::backends::FileBackend::new(f)?)
             };
             let ring = config.journal_bytes.div_ceil(4096) * 4096;
-            let backend = journal::Journaled::open_file(file, &path.with_file_name(JOURNAL_FILE_NAME), ring)
-                .map_err(|e| StoreError::io("open the commit journal", e))?;
+            let backend = journal::Journaled::open_file(
+                file,
+                &path.with_file_name(JOURNAL_FILE_NAME),
+                ring,
+                counters.journal.clone(),
+            )
+            .map_err(|e| StoreError::io("open the commit journal", e))?;
             builder.create_with_backend(backend)?
         }
         Location::File(path) if config.zero_ahead_bytes > 0 => {
@@ -540,7 +558,8 @@ impl Store {
         let started = Instant::now();
         std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::io("create data directory", e))?;
         let db_path = config.data_dir.join(DB_FILE_NAME);
-        let (db, repaired) = open_database(&config, &location)?;
+        let counters = Counters::default();
+        let (db, repaired) = open_database(&config, &location, &counters)?;
         let db = Arc::new(db);
         let loaded = writer::load(&db, &config)?;
         let shared = Arc::new(Shared {
@@ -550,7 +569,7 @@ impl Store {
             db: RwLock::new(Some(db.clone())),
             fault: Mutex::new(None),
             topics: RwLock::new(loaded.topics.clone()),
-            counters: Counters::default(),
+            counters,
             topics_changed: watch::channel(0).0,
             refusals: Arc::new(refusals::Refusals::default()),
             budget_kept: RwLock::new(std::collections::HashSet::new()),
@@ -1290,6 +1309,10 @@ impl Store {
             compaction_dirty_bytes: l(&c.compaction_dirty_bytes),
             compaction_dirty_ratio_max_ppm: l(&c.compaction_dirty_ratio_max_ppm),
             compaction_lag_ms: l(&c.compaction_lag_ms),
+            journal_records: l(&c.journal.records),
+            journal_direct_syncs: l(&c.journal.direct_syncs),
+            journal_checkpoints: l(&c.journal.checkpoints),
+            journal_replayed_records: l(&c.journal.replayed_records),
         }
     }
 

@@ -242,10 +242,12 @@ impl Writer {
         if let Some(old) = self.db.take() {
             drop(wait_unshared(old));
         }
-        let opened = crate::open_database(&self.shared.config, &self.shared.location).and_then(|(db, repaired)| {
-            let loaded = load(&db, &self.cfg)?;
-            Ok((Arc::new(db), loaded, repaired))
-        });
+        let opened = crate::open_database(&self.shared.config, &self.shared.location, &self.shared.counters).and_then(
+            |(db, repaired)| {
+                let loaded = load(&db, &self.cfg)?;
+                Ok((Arc::new(db), loaded, repaired))
+            },
+        );
         match opened {
             Ok((db, loaded, repaired)) => {
                 let gaps = loaded.gaps;
