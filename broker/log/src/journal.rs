@@ -366,10 +366,13 @@ fn read_record(journal: &dyn StorageBackend, h: &Header, pos: u64, seq: u64) -> 
     if magic != RECORD_MAGIC || salt != h.salt || rseq != seq {
         return Ok(None);
     }
-    if body_len > end - pos - RECORD_HEADER_BYTES as u64 {
+    // No record the writer makes is over a quarter of the ring: a longer one is not read (and
+    // nothing is allocated for it).
+    if body_len > end - pos - RECORD_HEADER_BYTES as u64 || body_len > (h.ring_bytes - FIRST) / 4 {
         return Ok(None);
     }
-    let mut body = vec![0u8; body_len as usize];
+    let Ok(body_len) = usize::try_from(body_len) else { return Ok(None) };
+    let mut body = vec![0u8; body_len];
     journal.read(pos + RECORD_HEADER_BYTES as u64, &mut body)?;
     let mut c = crc32c::crc32c(&head[..28]);
     c = crc32c::crc32c_append(c, &body);
