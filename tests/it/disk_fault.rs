@@ -99,17 +99,11 @@ fn metadata_answers(kafka: SocketAddr) {
     assert_eq!(resp.topics[0].error_code, 0, "metadata during the fault");
 }
 
-fn metric(metrics: &str, name: &str) -> u64 {
-    let text = http_get(metrics, "/metrics");
-    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name} in\n{text}"));
-    line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
-}
-
-#[test]
-fn a_disk_fault_refuses_writes_clearly_keeps_reads_and_clears_without_a_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let config = dir.path().join("gateway.toml");
+/// A gateway config on free ports with its data in `dir/data`; returns the file and the data
+/// directory.
+fn write_config(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let data = dir.join("data");
+    let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
         format!(
@@ -119,6 +113,19 @@ fn a_disk_fault_refuses_writes_clearly_keeps_reads_and_clears_without_a_restart(
         ),
     )
     .expect("write config");
+    (config, data)
+}
+
+fn metric(metrics: &str, name: &str) -> u64 {
+    let text = http_get(metrics, "/metrics");
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name} in\n{text}"));
+    line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
+}
+
+#[test]
+fn a_disk_fault_refuses_writes_clearly_keeps_reads_and_clears_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, data) = write_config(dir.path());
     let mut daemon = Daemon::start(&config);
     let kafka: SocketAddr = daemon.addr("kafka").parse().expect("kafka address");
     let mqtt: SocketAddr = daemon.addr("mqtt").parse().expect("mqtt address");
@@ -215,5 +222,44 @@ fn a_disk_fault_refuses_writes_clearly_keeps_reads_and_clears_without_a_restart(
     }
     assert_eq!(metric(&metrics, "tributary_store_write_fault"), 0);
     assert!(daemon.running(), "the same process throughout");
+    daemon.stop();
+}
+
+/// No room for the commit journal (`storage.journal_bytes`, 32 MiB) does not keep the gateway
+/// from starting: started under a file-size limit of 8 MiB, it runs without the journal (every
+/// commit syncs the database file) and keeps what it acknowledged; started again without the
+/// limit, it has its journal, and the records are all there.
+#[test]
+fn no_room_for_the_commit_journal_still_starts_and_keeps_every_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, data) = write_config(dir.path());
+    let journal = data.join(tributary_broker::storage::JOURNAL_FILE_NAME);
+    let create = CreateTopicsRequest::default().with_timeout_ms(10_000).with_topics(vec![
+        create_topics_request::CreatableTopic::default()
+            .with_name(tn(TOPIC))
+            .with_num_partitions(1)
+            .with_replication_factor(1),
+    ]);
+
+    let daemon = Daemon::try_start_limited(&config, Some(8 << 20))
+        .unwrap_or_else(|log| panic!("the gateway did not start without room for its journal:\n{log}"));
+    let mut k = RawKafka::connect(daemon.addr("kafka").parse().expect("kafka address"));
+    assert_eq!(k.call(&create, 4).topics[0].error_code, 0, "topic created");
+    assert_eq!(produce(&mut k, batch("tight", 20, 100)), (0, 0), "acknowledged without the journal");
+    let metrics = daemon.addr("metrics");
+    assert_eq!(metric(&metrics, "tributary_store_journal_records_total"), 0, "no commit went to a journal");
+    assert_eq!(std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0), 0, "the journal is cut to nothing");
+    daemon.stop();
+
+    let daemon = Daemon::start(&config);
+    let mut k = RawKafka::connect(daemon.addr("kafka").parse().expect("kafka address"));
+    assert_eq!(produce(&mut k, batch("roomy", 20, 100)), (0, 20));
+    let metrics = daemon.addr("metrics");
+    assert!(metric(&metrics, "tributary_store_journal_records_total") >= 1, "with room, commits are journaled");
+    assert_eq!(std::fs::metadata(&journal).expect("journal").len(), 32 << 20, "the journal has its size");
+    let values: Vec<String> =
+        fetch_all(&mut k).into_iter().map(|(_, v)| String::from_utf8_lossy(&v).into_owned()).collect();
+    assert_eq!(values.len(), 40, "both batches are there");
+    assert!(values[0].starts_with("tight-0-") && values[20].starts_with("roomy-0-"), "{:?}", &values[..2]);
     daemon.stop();
 }

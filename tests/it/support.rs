@@ -332,8 +332,23 @@ impl Daemon {
 
     /// As `start`; if the gateway exits before it is ready, its log.
     pub fn try_start(config: &std::path::Path) -> Result<Self, String> {
+        Self::try_start_limited(config, None)
+    }
+
+    /// As `try_start`, the gateway started under a file-size limit (`RLIMIT_FSIZE`, through
+    /// util-linux's `prlimit`) of `fsize_bytes` when given.
+    pub fn try_start_limited(config: &std::path::Path, fsize_bytes: Option<u64>) -> Result<Self, String> {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tributary-under-test"))
+        let exe = env!("CARGO_BIN_EXE_tributary-under-test");
+        let mut command = match fsize_bytes {
+            Some(n) => {
+                let mut c = std::process::Command::new("prlimit");
+                c.arg(format!("--fsize={n}")).arg("--").arg(exe);
+                c
+            }
+            None => std::process::Command::new(exe),
+        };
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(config)

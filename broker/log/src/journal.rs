@@ -225,7 +225,10 @@ impl Journaled {
         Self::open(db, Box::new(journal), ring_bytes, counters)
     }
 
-    /// [`Journaled::open_file`] on any two backends (tests: simulated disks).
+    /// [`Journaled::open_file`] on any two backends (tests: simulated disks). If the journal
+    /// cannot be made `ring_bytes` long for want of space, the error is [`NoRoom`] (see
+    /// [`is_no_room`]): what it held is replayed and synced into `db` and the journal is cut to
+    /// nothing, so the caller can run on `db` alone.
     pub fn open(
         db: Box<dyn StorageBackend>,
         journal: Box<dyn StorageBackend>,
@@ -244,30 +247,28 @@ impl Journaled {
             generation = h.generation;
             if report.records > 0 {
                 db.sync_data()?;
+                counters.replayed_records.fetch_add(report.records, Ordering::Relaxed);
             }
         }
         // A new ring: zeros written (not a hole: its blocks stay allocated, so appending
         // never grows the file and its `fdatasync` never writes metadata), then a header
         // with a new salt.
-        let len = journal.len()?;
-        if len != ring_bytes {
-            if len > ring_bytes {
-                journal.set_len(ring_bytes)?;
+        if let Err(e) = prepare_ring(journal.as_ref(), ring_bytes) {
+            if !no_room(&e) {
+                return Err(e);
             }
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = len.min(ring_bytes) / ALIGN * ALIGN;
-            while at < ring_bytes {
-                let n = (ring_bytes - at).min(zeros.len() as u64) as usize;
-                journal.write(at, &zeros[..n])?;
-                at += n as u64;
-            }
+            // Everything replayed is synced into the database file, so the journal holds
+            // nothing still needed: cut to nothing (no later open replays it), the caller may
+            // run without it. If even that fails, the error stands.
+            journal.set_len(0)?;
+            journal.sync_data()?;
+            return Err(io::Error::new(io::ErrorKind::StorageFull, NoRoom(e)));
         }
         let salt = new_salt();
         generation += 1;
         let header = Header { salt, generation, ring_bytes, start_pos: FIRST, start_seq: next_seq };
         write_header(journal.as_ref(), &header)?;
         journal.sync_data()?;
-        counters.replayed_records.fetch_add(replayed.records, Ordering::Relaxed);
         if replayed.records > 0 {
             tracing::info!(
                 records = replayed.records,
@@ -328,6 +329,38 @@ impl Drop for Journaled {
     fn drop(&mut self) {
         self.stop_checkpointer();
     }
+}
+
+/// The journal could not be made its full size for want of space (ENOSPC, EDQUOT, or EFBIG
+/// past a file-size limit); nothing it held is lost (see [`Journaled::open`]).
+#[derive(Debug, thiserror::Error)]
+#[error("no room for the commit journal: {0}")]
+pub struct NoRoom(pub io::Error);
+
+/// Whether `e` is [`Journaled::open`]'s [`NoRoom`].
+pub fn is_no_room(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<NoRoom>())
+}
+
+fn no_room(e: &io::Error) -> bool {
+    let errno = rustix::io::Errno::from_io_error(e);
+    [rustix::io::Errno::NOSPC, rustix::io::Errno::DQUOT, rustix::io::Errno::FBIG].iter().any(|n| errno == Some(*n))
+}
+
+/// Makes the journal `ring_bytes` long, every block written (zeros where it grows).
+fn prepare_ring(journal: &dyn StorageBackend, ring_bytes: u64) -> io::Result<()> {
+    let len = journal.len()?;
+    if len > ring_bytes {
+        journal.set_len(ring_bytes)?;
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = len.min(ring_bytes) / ALIGN * ALIGN;
+    while at < ring_bytes {
+        let n = (ring_bytes - at).min(zeros.len() as u64) as usize;
+        journal.write(at, &zeros[..n])?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// The valid header slot with the highest generation, if any.
@@ -804,6 +837,46 @@ mod tests {
         drop(db);
         let db = open_db(db_disk, journal_disk);
         assert!(contents(&db) == model, "every commit before the fault, nothing after");
+    }
+
+    /// No room to make the ring its size: what the journal held is replayed and synced into
+    /// the database file, the journal is cut to nothing (no later open replays it), and the
+    /// database file alone holds every commit.
+    #[test]
+    fn no_room_for_the_ring_keeps_every_commit_and_leaves_nothing_to_replay() {
+        let db_disk = SimDisk::recording();
+        let journal_disk = SimDisk::new();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut model = Model::new();
+        let db = open_db(db_disk.clone(), journal_disk.clone());
+        for i in 0..40 {
+            commit(&db, &mut model, &mut rng, i);
+        }
+        // A power cut: the database file as of its last sync (a checkpoint) and none of the
+        // writes since; the journal as written.
+        let trace = db_disk.trace();
+        let last_sync = trace.iter().rposition(|e| *e == Event::Sync).map_or(0, |i| i + 1);
+        let synced: Vec<Event> = trace[..last_sync].iter().filter(|e| !matches!(e, Event::Mark(_))).cloned().collect();
+        let mut replay = Replay::new(&synced);
+        replay.advance(synced.len());
+        let db_image = replay.power_cut(&mut rng);
+        let journal_image = journal_disk.image();
+        drop(db);
+        let (db_disk, journal_disk) = (SimDisk::from_image(db_image), SimDisk::from_image(journal_image));
+        // The next open wants a ring twice as large, and there is no room for it (EFBIG).
+        journal_disk.set_fault(Some(crate::simdisk::WriteFault::Beyond(RING + RING / 2)));
+        let counters = Arc::new(JournalCounters::default());
+        let e = Journaled::open(Box::new(db_disk.clone()), Box::new(journal_disk.clone()), 2 * RING, counters.clone())
+            .expect_err("no room for the ring");
+        assert!(is_no_room(&e), "{e}");
+        assert!(counters.replayed_records.load(Ordering::Relaxed) > 0, "the open had records to write back");
+        assert_eq!(journal_disk.len_bytes(), 0, "the journal is cut to nothing");
+        let alone = redb::Database::builder().create_with_backend(db_disk.clone()).expect("the database alone");
+        assert!(contents(&alone) == model, "every commit is in the database file");
+        drop(alone);
+        journal_disk.set_fault(None);
+        let db = open_db(db_disk, journal_disk);
+        assert!(contents(&db) == model, "and with a journal again");
     }
 
     /// Another process's journal is not touched.

@@ -379,6 +379,23 @@ impl StorageBackend for DynBackend {
     }
 }
 
+/// The database file's backend: with zeros ahead of small writes, or redb's own.
+fn db_file(config: &StorageConfig, path: &Path) -> Result<Box<dyn StorageBackend>, StoreError> {
+    if config.zero_ahead_bytes > 0 {
+        let b = zero_ahead::ZeroAhead::open(path, config.zero_ahead_bytes)
+            .map_err(|e| StoreError::io("open the database file", e))?;
+        return Ok(Box::new(b));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| StoreError::io("open the database file", e))?;
+    Ok(Box::new(redb::backends::FileBackend::new(f)?))
+}
+
 /// Opens the database with the configured cache; returns it and whether redb had to repair it
 /// (it was not closed cleanly).
 pub(crate) fn open_database(
@@ -397,30 +414,22 @@ pub(crate) fn open_database(
     });
     let db = match location {
         Location::File(path) if config.journal_bytes > 0 => {
-            let file: Box<dyn StorageBackend> = if config.zero_ahead_bytes > 0 {
-                Box::new(
-                    zero_ahead::ZeroAhead::open(path, config.zero_ahead_bytes)
-                        .map_err(|e| StoreError::io("open the database file", e))?,
-                )
-            } else {
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(path)
-                    .map_err(|e| StoreError::io("open the database file", e))?;
-                Box::new(redb::backends::FileBackend::new(f)?)
-            };
             let ring = config.journal_bytes.div_ceil(4096) * 4096;
-            let backend = journal::Journaled::open_file(
-                file,
-                &path.with_file_name(JOURNAL_FILE_NAME),
-                ring,
-                counters.journal.clone(),
-            )
-            .map_err(|e| StoreError::io("open the commit journal", e))?;
-            builder.create_with_backend(backend)?
+            let journal_path = path.with_file_name(JOURNAL_FILE_NAME);
+            match journal::Journaled::open_file(db_file(config, path)?, &journal_path, ring, counters.journal.clone()) {
+                Ok(backend) => builder.create_with_backend(backend)?,
+                // A full disk (or a file-size limit) must not keep the gateway from starting:
+                // without the journal every commit syncs the database file, as before it.
+                Err(e) if journal::is_no_room(&e) => {
+                    tracing::warn!(
+                        error = %e,
+                        path = %journal_path.display(),
+                        "storage.journal_bytes: no room for the commit journal; running without it (every commit syncs the database file)"
+                    );
+                    builder.create_with_backend(DynBackend(db_file(config, path)?))?
+                }
+                Err(e) => return Err(StoreError::io("open the commit journal", e)),
+            }
         }
         Location::File(path) if config.zero_ahead_bytes > 0 => {
             let backend = zero_ahead::ZeroAhead::open(path, config.zero_ahead_bytes)
