@@ -110,8 +110,9 @@ fn connect_idle(addr: std::net::SocketAddr, id: &str) -> TcpStream {
 const PER_BUSY_CONNECTION_BYTES_MAX: i64 = 5_000;
 const PER_IDLE_CONNECTION_BYTES_MAX: i64 = 3_900;
 /// Live heap bytes the store and the MQTT listener hold once started, before any client.
-/// Measured 2026-12-06: 173 KB.
-const START_BYTES_MAX: i64 = 190_000;
+/// Measured 2026-12-06: 173 KB; with the commit journal 171 KB plus its record buffer, kept for
+/// the next commit (at most 64 KiB; 16 KB after start-up's commits): 187 KB, 191 KB on aarch64.
+const START_BYTES_MAX: i64 = 200_000;
 /// Connections counted.
 const N: i64 = 500;
 

@@ -63,9 +63,9 @@ const OP_WRITE: u8 = 1;
 const OP_SET_LEN: u8 = 2;
 /// kind u8, offset or length u64, data length u64.
 const OP_HEADER_BYTES: usize = 1 + 8 + 8;
-/// A record's buffer starts with this much room (a commit of small records fills 36-40 KiB),
-/// so it grows once or not at all; it is freed after the record's write (nothing held idle).
-const RECORD_INITIAL_BYTES: usize = 64 * 1024;
+/// A record's buffer is kept for the next commit when it holds at most this much (a commit of
+/// small records fills 36-40 KiB: no allocation per commit); a larger one is freed.
+const BUFFER_KEPT_BYTES: usize = 64 * 1024;
 /// Smallest ring: a few records of the largest journaled size.
 pub const RING_BYTES_MIN: u64 = 1 << 20;
 
@@ -464,7 +464,6 @@ impl Inner {
             return;
         }
         if st.pending.is_empty() {
-            st.pending = Vec::with_capacity(RECORD_INITIAL_BYTES.min(self.record_bytes_max as usize));
             st.pending.resize(RECORD_HEADER_BYTES, 0);
         }
         if (st.pending.len() + OP_HEADER_BYTES + data.len()) as u64 > self.record_bytes_max {
@@ -559,8 +558,11 @@ impl Inner {
         self.journal.sync_data().map_err(|e| self.fail("sync the journal", &e))?;
         self.counters.records.fetch_add(1, Ordering::Relaxed);
 
-        drop(record);
         let mut st = lock(&self.state);
+        if st.pending.is_empty() && record.capacity() <= BUFFER_KEPT_BYTES {
+            record.clear();
+            st.pending = record;
+        }
         if st.checkpoint == Checkpoint::Idle && self.live_bytes(&st) >= (self.ring_bytes - FIRST) / 2 {
             st.checkpoint = Checkpoint::Requested { pos: st.write_pos, seq: st.next_seq };
             self.changed.notify_all();
