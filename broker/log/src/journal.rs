@@ -82,9 +82,9 @@ pub struct JournalCounters {
     pub replayed_records: AtomicU64,
 }
 
-/// What an open found and did.
+/// What an open's replay wrote back.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ReplayReport {
+struct ReplayReport {
     /// Records written back into the database file.
     pub records: u64,
     /// Their bytes (record headers included).
@@ -96,7 +96,6 @@ pub struct ReplayReport {
 pub struct Journaled {
     inner: Arc<Inner>,
     checkpointer: Mutex<Option<JoinHandle<()>>>,
-    replayed: ReplayReport,
 }
 
 #[derive(Debug)]
@@ -225,8 +224,8 @@ impl Journaled {
         Self::open(db, Box::new(journal), ring_bytes, counters)
     }
 
-    /// [`Journaled::open_file`] on any two backends (tests: simulated disks). If the journal
-    /// cannot be made `ring_bytes` long for want of space, the error is [`NoRoom`] (see
+    /// [`Journaled::open_file`] on any two backends (tests: simulated disks); `ring_bytes` is
+    /// rounded up to whole 4 KiB pages. If the journal cannot be made `ring_bytes` long for want of space, the error is [`NoRoom`] (see
     /// [`is_no_room`]): what it held is replayed and synced into `db` and the journal is cut to
     /// nothing, so the caller can run on `db` alone.
     pub fn open(
@@ -235,7 +234,8 @@ impl Journaled {
         ring_bytes: u64,
         counters: Arc<JournalCounters>,
     ) -> io::Result<Self> {
-        assert!(ring_bytes >= RING_BYTES_MIN && ring_bytes % ALIGN == 0, "journal ring of {ring_bytes} B");
+        assert!(ring_bytes >= RING_BYTES_MIN, "journal ring of {ring_bytes} B");
+        let ring_bytes = align_up(ring_bytes);
         let old = read_header(journal.as_ref())?;
         let mut replayed = ReplayReport::default();
         let mut next_seq = 1;
@@ -298,7 +298,7 @@ impl Journaled {
         });
         let worker = inner.clone();
         let handle = std::thread::Builder::new().name("tributary-ckpt".into()).spawn(move || worker.checkpointer())?;
-        Ok(Self { inner, checkpointer: Mutex::new(Some(handle)), replayed })
+        Ok(Self { inner, checkpointer: Mutex::new(Some(handle)) })
     }
 
     /// A [`BackendOpener`](crate::BackendOpener) that opens the journal from `journal` over
@@ -308,11 +308,6 @@ impl Journaled {
         Arc::new(move || {
             Ok(Box::new(Journaled::open(db()?, journal()?, ring_bytes, counters.clone())?) as Box<dyn StorageBackend>)
         })
-    }
-
-    /// What the open replayed.
-    pub fn replayed(&self) -> ReplayReport {
-        self.replayed
     }
 
     fn stop_checkpointer(&self) {
@@ -383,10 +378,8 @@ fn write_header(journal: &dyn StorageBackend, h: &Header) -> io::Result<()> {
     journal.write(at, &h.encode())
 }
 
-/// Reads the record with sequence number `seq` at `pos`, if one is there whole.
-fn read_record(journal: &dyn StorageBackend, h: &Header, pos: u64, seq: u64) -> io::Result<Option<Vec<u8>>> {
-    // The file may be shorter than the ring its header names (cut short while resized).
-    let end = h.ring_bytes.min(journal.len()?);
+/// Reads the record with sequence number `seq` at `pos`, if one is there whole before `end`.
+fn read_record(journal: &dyn StorageBackend, h: &Header, end: u64, pos: u64, seq: u64) -> io::Result<Option<Vec<u8>>> {
     if pos < FIRST || pos + RECORD_HEADER_BYTES as u64 > end {
         return Ok(None);
     }
@@ -417,10 +410,12 @@ fn read_record(journal: &dyn StorageBackend, h: &Header, pos: u64, seq: u64) -> 
 fn replay(db: &dyn StorageBackend, journal: &dyn StorageBackend, h: &Header) -> io::Result<(ReplayReport, u64)> {
     let mut report = ReplayReport::default();
     let (mut pos, mut seq) = (h.start_pos, h.start_seq);
+    // The file may be shorter than the ring its header names (cut short while resized).
+    let end = h.ring_bytes.min(journal.len()?);
     loop {
-        let found = match read_record(journal, h, pos, seq)? {
+        let found = match read_record(journal, h, end, pos, seq)? {
             Some(body) => Some((pos, body)),
-            None if pos != FIRST => read_record(journal, h, FIRST, seq)?.map(|b| (FIRST, b)),
+            None if pos != FIRST => read_record(journal, h, end, FIRST, seq)?.map(|b| (FIRST, b)),
             None => None,
         };
         let Some((at, body)) = found else { break };
@@ -818,18 +813,25 @@ mod tests {
         }
     }
 
+    /// A database on the journal over `db_disk` and `journal_disk`, after `n` random commits
+    /// (seeded), and the model of what it holds.
+    fn committed(db_disk: &SimDisk, journal_disk: &SimDisk, seed: u64, n: u64) -> (redb::Database, Model, StdRng) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut model = Model::new();
+        let db = open_db(db_disk.clone(), journal_disk.clone());
+        for i in 0..n {
+            commit(&db, &mut model, &mut rng, i);
+        }
+        (db, model, rng)
+    }
+
     /// A failed journal write latches: later commits fail until the database is opened again,
     /// and the reopen finds every commit that returned before the fault.
     #[test]
     fn a_failed_journal_write_fails_later_commits_until_a_reopen() {
         let db_disk = SimDisk::new();
         let journal_disk = SimDisk::new();
-        let mut rng = StdRng::seed_from_u64(3);
-        let mut model = Model::new();
-        let db = open_db(db_disk.clone(), journal_disk.clone());
-        for i in 0..20 {
-            commit(&db, &mut model, &mut rng, i);
-        }
+        let (db, model, _) = committed(&db_disk, &journal_disk, 3, 20);
         journal_disk.set_fault(Some(crate::simdisk::WriteFault::All));
         let txn = db.begin_write().expect("begin");
         txn.open_table(TABLE).expect("table").insert(9_999, &b"lost"[..]).expect("insert");
@@ -848,12 +850,7 @@ mod tests {
     fn no_room_for_the_ring_keeps_every_commit_and_leaves_nothing_to_replay() {
         let db_disk = SimDisk::recording();
         let journal_disk = SimDisk::new();
-        let mut rng = StdRng::seed_from_u64(5);
-        let mut model = Model::new();
-        let db = open_db(db_disk.clone(), journal_disk.clone());
-        for i in 0..40 {
-            commit(&db, &mut model, &mut rng, i);
-        }
+        let (db, model, mut rng) = committed(&db_disk, &journal_disk, 5, 40);
         // A power cut: the database file as of its last sync (a checkpoint) and none of the
         // writes since; the journal as written.
         let trace = db_disk.trace();

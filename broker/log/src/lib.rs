@@ -414,8 +414,8 @@ pub(crate) fn open_database(
     });
     let db = match location {
         Location::File(path) if config.journal_bytes > 0 => {
-            let ring = config.journal_bytes.div_ceil(4096) * 4096;
             let journal_path = path.with_file_name(JOURNAL_FILE_NAME);
+            let ring = config.journal_bytes;
             match journal::Journaled::open_file(db_file(config, path)?, &journal_path, ring, counters.journal.clone()) {
                 Ok(backend) => builder.create_with_backend(backend)?,
                 // A full disk (or a file-size limit) must not keep the gateway from starting:
@@ -431,12 +431,7 @@ pub(crate) fn open_database(
                 Err(e) => return Err(StoreError::io("open the commit journal", e)),
             }
         }
-        Location::File(path) if config.zero_ahead_bytes > 0 => {
-            let backend = zero_ahead::ZeroAhead::open(path, config.zero_ahead_bytes)
-                .map_err(|e| StoreError::io("open the database file", e))?;
-            builder.create_with_backend(backend)?
-        }
-        Location::File(path) => builder.create(path)?,
+        Location::File(path) => builder.create_with_backend(DynBackend(db_file(config, path)?))?,
         Location::Backend(open) => {
             let backend = open().map_err(|e| StoreError::io("open the storage backend", e))?;
             builder.create_with_backend(DynBackend(backend))?
