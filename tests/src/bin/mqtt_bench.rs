@@ -19,7 +19,10 @@
 //!   subscriber on `bench/#` at QoS 1. The fleet runs after the other scenarios, the brokers
 //!   taking turns; `--fleet-repeat N` runs N such rounds and reports each round's p99 ratio to
 //!   mosquitto's and their median (on a shared machine one run's p99 moves by more than the
-//!   differences looked for). QoS 1 scenarios also report publish-to-PUBACK latency.
+//!   differences looked for). QoS 1 scenarios also report publish-to-PUBACK latency. The fleet
+//!   also reports how late the benchmark's own publishers woke for their scheduled sends (its
+//!   timers and the CPU it gets): that delay is in every latency above, for each broker alike,
+//!   and a broker that takes more of the machine's CPU makes it larger.
 //!
 //! Before the clock starts, one short QoS 1 message on `bench/warmup` is acknowledged and
 //! delivered (`--no-warmup` skips it), so the route's log topic exists and the subscriber reads
@@ -457,6 +460,10 @@ struct FlowResult {
     /// QoS 1: publish to its PUBACK (the same send timestamp as the delivery latency).
     ack_p50_ms: f64,
     ack_p99_ms: f64,
+    /// Open loop: how late the publishers woke for their scheduled sends, p50 and p99 (NaN
+    /// for closed-loop runs).
+    late_p50_ms: f64,
+    late_p99_ms: f64,
     broker_hwm_kib: u64,
     broker_cpu: f64,
     bench_cpu: f64,
@@ -732,6 +739,43 @@ fn machine_busy_seconds() -> f64 {
     busy / 100.0
 }
 
+/// How late open-loop publishers woke for their scheduled sends: counts in `LATENESS_STEP_NS`
+/// steps up to `LATENESS_STEPS` (later ones in the last), shared by every publisher of a run
+/// without a lock.
+struct Lateness(Vec<AtomicU64>);
+
+const LATENESS_STEP_NS: u64 = 10_000;
+const LATENESS_STEPS: usize = 10_000;
+
+impl Lateness {
+    fn new() -> Self {
+        Self((0..LATENESS_STEPS).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn record(&self, late: Duration) {
+        let step = (late.as_nanos() / u128::from(LATENESS_STEP_NS)).min(LATENESS_STEPS as u128 - 1) as usize;
+        self.0[step].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `p` quantile in ms (the upper edge of its step); NaN if nothing was recorded.
+    fn quantile_ms(&self, p: f64) -> f64 {
+        let counts: Vec<u64> = self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return f64::NAN;
+        }
+        let want = ((total as f64) * p).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (step, n) in counts.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return ((step as u64 + 1) * LATENESS_STEP_NS) as f64 / 1e6;
+            }
+        }
+        f64::NAN
+    }
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -810,6 +854,7 @@ async fn flow(args: &Args, broker: &Broker, spec: &Spec) -> anyhow::Result<FlowR
 
     // Publishers: connected before the clock starts.
     let done = Arc::new(AtomicU64::new(0));
+    let lateness = Arc::new(Lateness::new());
     let (go_tx, go_rx) = watch::channel(false);
     let mut events = Vec::new();
     let mut producers = Vec::new();
@@ -840,6 +885,7 @@ async fn flow(args: &Args, broker: &Broker, spec: &Spec) -> anyhow::Result<FlowR
         let (messages, payload_bytes, per_s) = (spec.messages, spec.payload_bytes, spec.rate_per_publisher);
         // Open loop: publisher i starts i/n of a period late, so the fleet's sends are spread.
         let phase = f64::from(i) / f64::from(spec.publishers.max(1));
+        let lateness = lateness.clone();
         producers.push(tokio::spawn(async move {
             let _ = go.wait_for(|g| *g).await;
             let go_at = Instant::now();
@@ -849,6 +895,8 @@ async fn flow(args: &Args, broker: &Broker, spec: &Spec) -> anyhow::Result<FlowR
                     Some(r) => {
                         let at = go_at + Duration::from_secs_f64((f64::from(seq) + phase) / r);
                         tokio::time::sleep_until(at.into()).await;
+                        // Before the window: only the benchmark's own delay (timer, CPU).
+                        lateness.record(at.elapsed());
                         at
                     }
                     None => Instant::now(),
@@ -954,6 +1002,8 @@ async fn flow(args: &Args, broker: &Broker, spec: &Spec) -> anyhow::Result<FlowR
         lat_max_ms: percentile(&s.latencies_ns, 1.0),
         ack_p50_ms: percentile(&ack_latencies_ns, 0.50),
         ack_p99_ms: percentile(&ack_latencies_ns, 0.99),
+        late_p50_ms: lateness.quantile_ms(0.50),
+        late_p99_ms: lateness.quantile_ms(0.99),
         broker_hwm_kib,
         broker_cpu,
         bench_cpu,
@@ -992,6 +1042,7 @@ fn rate(n: u64, secs: f64) -> f64 {
 fn flow_rows(
     label: &str,
     qos1: bool,
+    open_loop: bool,
     results: &[(Peer, PeerResult)],
     get: impl Fn(&PeerResult) -> Option<&FlowResult>,
 ) -> Vec<Row> {
@@ -1037,6 +1088,14 @@ fn flow_rows(
         ];
         cells.splice(at..at, ack);
     }
+    if open_loop {
+        // After the latencies: the part of them that is the benchmark's own.
+        let at = cells.iter().position(|(l, _)| l.starts_with("broker peak RSS")).map_or(cells.len(), |i| i);
+        let late: (&str, Cell) = ("benchmark's publishers late for their scheduled sends, p50 / p99 (ms)", |f| {
+            (format!("{:.2} / {:.2}", f.late_p50_ms, f.late_p99_ms), None)
+        });
+        cells.insert(at, late);
+    }
     cells
         .into_iter()
         .map(|(name, cell)| Row {
@@ -1058,7 +1117,7 @@ fn print_fleet_rounds(args: &Args, results: &[(Peer, PeerResult)]) {
             .map(|(_, r)| r.fleet.iter().filter(|(o, _)| *o == offered).map(|(_, f)| f).collect())
             .collect();
         println!(
-            "\nfleet at {offered} msg/s, {} rounds (delivery latency p50 / p99, PUBACK latency p99, ms):\n",
+            "\nfleet at {offered} msg/s, {} rounds (delivery latency p50 / p99, PUBACK latency p99; in brackets the p99 of how late the benchmark's publishers woke for their sends; ms):\n",
             args.fleet_repeat
         );
         let mut header = String::from("| round |");
@@ -1078,9 +1137,10 @@ fn print_fleet_rounds(args: &Args, results: &[(Peer, PeerResult)]) {
             for (i, (p, _)) in results.iter().enumerate() {
                 let run = runs[i].get(round);
                 match run {
-                    Some(f) => {
-                        out.push_str(&format!(" {:.1} / {:.1}, {:.1} |", f.lat_p50_ms, f.lat_p99_ms, f.ack_p99_ms))
-                    }
+                    Some(f) => out.push_str(&format!(
+                        " {:.1} / {:.1}, {:.1} ({:.1}) |",
+                        f.lat_p50_ms, f.lat_p99_ms, f.ack_p99_ms, f.late_p99_ms
+                    )),
                     None => out.push_str(" - |"),
                 }
                 if mosq.is_some() && *p != Peer::Mosquitto {
@@ -1116,14 +1176,14 @@ fn print_fleet_rounds(args: &Args, results: &[(Peer, PeerResult)]) {
 fn print_table(args: &Args, fsyncs: f64, results: &[(Peer, PeerResult)]) {
     let mut rows = Vec::new();
     let n = args.publishers as u64 * args.messages as u64;
-    rows.extend(flow_rows(&format!("QoS 1, {n} msgs"), true, results, |r| r.qos1.as_ref()));
-    rows.extend(flow_rows(&format!("QoS 0, {n} msgs"), false, results, |r| r.qos0.as_ref()));
+    rows.extend(flow_rows(&format!("QoS 1, {n} msgs"), true, false, results, |r| r.qos1.as_ref()));
+    rows.extend(flow_rows(&format!("QoS 0, {n} msgs"), false, false, results, |r| r.qos0.as_ref()));
     for &offered in &args.fleet_rates {
         let label = format!(
             "fleet of {} QoS 1 publishers, {} B, {offered} msg/s offered for {} s",
             args.fleet_publishers, args.fleet_payload_bytes, args.fleet_secs
         );
-        rows.extend(flow_rows(&label, true, results, move |r| {
+        rows.extend(flow_rows(&label, true, true, results, move |r| {
             r.fleet.iter().find(|(o, _)| *o == offered).map(|(_, f)| f)
         }));
     }

@@ -392,6 +392,8 @@ pub(crate) struct Writer {
     /// The compaction pass under way (its key map is in memory only).
     pass: Option<compaction::Pass>,
     last_compaction_check: Instant,
+    /// The data directory's volume, asked for free space before every round that writes.
+    volume: disk::Volume,
     /// Partitions that may hold batches wholly below their log start (after DeleteRecords, and
     /// every partition after an open): deleted in bounded steps by `trim_below_log_start`.
     trim: std::collections::BTreeSet<u64>,
@@ -418,6 +420,7 @@ impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, db: Arc<Database>, loaded: Loaded) -> Self {
         let cfg = shared.config.clone();
         let tail = crate::tail::TailBudget::new(cfg.tail_cache_bytes_max);
+        let volume = disk::Volume::open(&cfg.data_dir);
         let mut w = Self {
             shared,
             db: Some(db),
@@ -438,6 +441,7 @@ impl Writer {
             clean: HashMap::new(),
             pass: None,
             last_compaction_check: Instant::now(),
+            volume,
             trim: std::collections::BTreeSet::new(),
             time_marks: HashMap::new(),
         };
@@ -676,7 +680,7 @@ impl Writer {
     }
 
     fn disk_full(&self) -> Option<StoreError> {
-        match disk::volume_free_bytes(&self.cfg.data_dir) {
+        match self.volume.free_bytes() {
             Ok(free) if free < self.cfg.disk_free_bytes_min => {
                 Some(StoreError::DiskFull { free_bytes: free, min_bytes: self.cfg.disk_free_bytes_min })
             }
