@@ -13,6 +13,7 @@ pub mod error;
 pub mod histogram;
 pub mod journal;
 pub mod keymap;
+mod overlay;
 mod producers;
 pub mod refusals;
 #[cfg(any(test, feature = "sim-disk"))]
