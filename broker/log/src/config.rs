@@ -596,9 +596,9 @@ pub struct StorageConfig {
     pub zero_ahead_bytes: u64,
     /// Size of the commit journal (`tributary.journal` beside the database, written full of
     /// zeros at the first start, so it takes this much disk besides `max_bytes`): each durable
-    /// commit's pages are appended there and synced with one contiguous write and held in
-    /// memory (at most an eighth of this); in the background, once half the journal is used,
-    /// each held page is written to the database file once and the file synced (see `journal.rs`; measured in the MQTT fleet: the commit's `fdatasync` p50
+    /// commit's pages are appended there and synced with one contiguous write, the database
+    /// file gets them without a sync and is synced in the background once half the journal
+    /// is used (see `journal.rs`; measured in the MQTT fleet: the commit's `fdatasync` p50
     /// 195-254 -> 164-177 us, the device's bytes per commit unchanged).
     /// Commits larger than a quarter of it sync the database file instead. 0 turns it off
     /// (each commit syncs the database file); 1 MiB to 4 GiB.

@@ -1,8 +1,7 @@
 //! The commit journal under redb: every `sync_data` redb asks for becomes one record appended to
-//! a preallocated ring file (`tributary.journal`) and synced there, while the pages are held in
-//! memory (`overlay`: reads see them) until a background checkpoint writes each held page to
-//! the database file once, syncs the file and frees the ring; an open replays what the database
-//! file may lack.
+//! a preallocated ring file (`tributary.journal`) and synced there, while the pages go to the
+//! database file in place without a sync; a background checkpoint syncs the database file and
+//! frees the ring; an open replays what the database file may lack.
 //!
 //! Why: a commit of a few small records rewrites redb's copy-on-write paths, its table tree,
 //! freed tree, allocator state and header: about 10 pages in 8-9 separate places of the file.
@@ -13,9 +12,7 @@
 //! 164-270 us and p99 0.9-2.1 ms with it (BENCHMARKS.md "The commit journal"). redb
 //! rewrites the same few hundred pages over and over (643 distinct pages in 18,318 page writes
 //! over 3 s of the fleet), so a checkpoint writes each of them once: the database file gets far
-//! fewer writes, the journal gets the commits' bytes in order, and a commit itself makes one
-//! write and one sync (before the pages were held, it also wrote its 8-10 pages to the database
-//! file one by one: 8-10 `pwrite` calls in the writer per commit).
+//! fewer writes, the journal gets the commits' bytes in order.
 //!
 //! Layout: the first 4 KiB hold two header slots (in separate sectors, written alternately, the
 //! valid one with the higher generation wins): a random salt, the ring's size, and where replay
@@ -33,13 +30,8 @@
 //!   taken) and the next sequence number (unique within a salt), so a stale or torn record ends
 //!   the chain and is never applied.
 //! - A record's space is reused only after a checkpoint that covers it is durable: the database
-//!   file synced after the record's pages were written in place (every page held when the
-//!   checkpoint began is written first), then the header moved past it and synced.
-//! - A read of the database file sees the last write of every byte: held pages over the ones
-//!   being written out over the file; a read that a write-out began under is read again.
-//! - Held pages are at most `held_bytes_max` (an eighth of the ring): past it the writer writes
-//!   them out itself. A length change writes everything held out first, so nothing written out
-//!   later lands past a cut. Replaying records the database file already holds rewrites each page with its
+//!   file synced after the record's pages were written in place, then the header moved past it
+//!   and synced. Replaying records the database file already holds rewrites each page with its
 //!   last content in those records, which is the state after the last of them (redb writes new
 //!   pages only where the committed state holds none).
 //! - A failed write or sync latches until the next open (redb then fails its commits; the store
@@ -55,8 +47,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use redb::StorageBackend;
-
-use crate::overlay::Overlay;
 
 /// Where records start: the header's page comes first.
 pub const FIRST: u64 = 4096;
@@ -115,15 +105,8 @@ struct Inner {
     ring_bytes: u64,
     /// Records larger than this are not journaled: their `sync_data` syncs the database file.
     record_bytes_max: u64,
-    /// Held pages past this are written out by the writer itself (an eighth of the ring).
-    held_bytes_max: usize,
     salt: u64,
     state: Mutex<State>,
-    /// Pages written but not yet in the database file.
-    held: Mutex<Held>,
-    /// One write-out at a time (the checkpoint's, the writer's past `held_bytes_max`, a length
-    /// change's), so a later one never lands before an earlier one.
-    writing_out: Mutex<()>,
     changed: Condvar,
     counters: Arc<JournalCounters>,
 }
@@ -146,17 +129,6 @@ struct State {
     /// A write or sync that failed: every later `sync_data` fails until the next open.
     failed: Option<String>,
     stop: bool,
-}
-
-/// The held pages and a write-out in progress.
-#[derive(Debug, Default)]
-struct Held {
-    overlay: Overlay,
-    /// What a write-out is writing to the database file: newer than the file, older than
-    /// `overlay`.
-    writing: Option<Arc<std::collections::BTreeMap<u64, Vec<u8>>>>,
-    /// Write-outs begun: a read that saw another number before its file read reads again.
-    write_outs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +186,7 @@ fn new_salt() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now()) | 1
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     // State changes are single assignments under the lock; a panic cannot leave them half done.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -309,7 +281,6 @@ impl Journaled {
             journal,
             ring_bytes,
             record_bytes_max: (ring_bytes - FIRST) / 4,
-            held_bytes_max: (ring_bytes / 8) as usize,
             salt,
             state: Mutex::new(State {
                 pending: Vec::new(),
@@ -323,8 +294,6 @@ impl Journaled {
                 stop: false,
             }),
             changed: Condvar::new(),
-            held: Mutex::new(Held::default()),
-            writing_out: Mutex::new(()),
             counters,
         });
         let worker = inner.clone();
@@ -611,69 +580,8 @@ impl Inner {
         done
     }
 
-    /// Writes every held page to the database file (without a sync).
-    fn write_out(&self) -> io::Result<()> {
-        let _one = lock(&self.writing_out);
-        if let Some(f) = &lock(&self.state).failed {
-            // A failed write-out's pages stay readable as `writing` until the reopen: none
-            // replaces them.
-            return Err(io::Error::other(format!("journal: an earlier write failed ({f}); reopen to recover")));
-        }
-        let pages = {
-            let mut held = lock(&self.held);
-            if held.overlay.is_empty() {
-                return Ok(());
-            }
-            let pages = Arc::new(held.overlay.take());
-            held.writing = Some(pages.clone());
-            held.write_outs += 1;
-            pages
-        };
-        let mut written = Ok(());
-        for (offset, data) in pages.iter() {
-            written = self.db.write(*offset, data);
-            if written.is_err() {
-                break;
-            }
-        }
-        if let Err(e) = written {
-            // Latched: the pages stay readable (still `writing`) until the reopen, which
-            // replays them from the journal.
-            return Err(self.fail("write the database file", &e));
-        }
-        lock(&self.held).writing = None;
-        Ok(())
-    }
-
-    /// Reads the database file as redb wrote it: held pages over the ones being written out
-    /// over the file.
-    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        loop {
-            let (write_outs, writing) = {
-                let held = lock(&self.held);
-                if held.overlay.read_over(offset, out) {
-                    return Ok(());
-                }
-                (held.write_outs, held.writing.clone())
-            };
-            self.db.read(offset, out)?;
-            let held = lock(&self.held);
-            if held.write_outs != write_outs {
-                // Pages moved from `overlay` to the file meanwhile: the file read may predate
-                // them.
-                continue;
-            }
-            if let Some(pages) = writing {
-                crate::overlay::read_over(&pages, offset, out);
-            }
-            held.overlay.read_over(offset, out);
-            return Ok(());
-        }
-    }
-
     /// Syncs the database file, then makes replay start at `pos` with `seq`.
     fn checkpoint(&self, pos: u64, seq: u64) -> io::Result<()> {
-        self.write_out()?;
         self.db.sync_data().map_err(|e| self.fail("sync the database file", &e))?;
         let generation = lock(&self.state).generation + 1;
         let h = Header { salt: self.salt, generation, ring_bytes: self.ring_bytes, start_pos: pos, start_seq: seq };
@@ -719,23 +627,17 @@ impl Inner {
 
 impl StorageBackend for Journaled {
     fn len(&self) -> io::Result<u64> {
-        let file = self.inner.db.len()?;
-        let held = lock(&self.inner.held);
-        let writing = held.writing.as_ref().and_then(|p| p.last_key_value()).map_or(0, |(s, d)| s + d.len() as u64);
-        Ok(file.max(held.overlay.end()).max(writing))
+        self.inner.db.len()
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        self.inner.read(offset, out)
+        self.inner.db.read(offset, out)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut st = lock(&self.inner.state);
         self.inner.push_op(&mut st, OP_SET_LEN, len, &[]);
         drop(st);
-        // Everything held goes out first: nothing written out later lands past a cut.
-        self.inner.write_out()?;
-        lock(&self.inner.held).overlay.truncate(len);
         self.inner.db.set_len(len).map_err(|e| self.inner.fail("set the database file's length", &e))
     }
 
@@ -747,14 +649,7 @@ impl StorageBackend for Journaled {
         let mut st = lock(&self.inner.state);
         self.inner.push_op(&mut st, OP_WRITE, offset, data);
         drop(st);
-        let mut held = lock(&self.inner.held);
-        held.overlay.write(offset, data);
-        let over = held.overlay.bytes() > self.inner.held_bytes_max;
-        drop(held);
-        if over {
-            self.inner.write_out()?;
-        }
-        Ok(())
+        self.inner.db.write(offset, data).map_err(|e| self.inner.fail("write the database file", &e))
     }
 
     fn close(&self) -> io::Result<()> {
@@ -928,50 +823,6 @@ mod tests {
             commit(&db, &mut model, &mut rng, i);
         }
         (db, model, rng)
-    }
-
-    /// Reads see held pages over the ones a write-out is writing over the file: a page held,
-    /// then taken by a write-out that has not reached the file yet, then held again newer.
-    #[test]
-    fn reads_see_held_pages_over_a_write_out_in_progress_over_the_file() {
-        let db_disk = SimDisk::new();
-        let j = Journaled::open(
-            Box::new(db_disk.clone()),
-            Box::new(SimDisk::new()),
-            RING,
-            Arc::new(JournalCounters::default()),
-        )
-        .expect("open");
-        j.set_len(5 * 4096).expect("length");
-        j.write(4096, &[1; 4096]).expect("write");
-        assert!(db_disk.image().get(4096..8192).is_none_or(|p| p.iter().all(|b| *b == 0)), "held, not in the file");
-        let mut page = vec![0u8; 4096];
-        j.read(4096, &mut page).expect("read");
-        assert_eq!(page, vec![1; 4096], "a held page");
-        // A write-out under way: the page taken from the overlay, not yet in the file.
-        {
-            let mut held = lock(&j.inner.held);
-            let pages = Arc::new(held.overlay.take());
-            held.writing = Some(pages);
-            held.write_outs += 1;
-        }
-        j.read(4096, &mut page).expect("read");
-        assert_eq!(page, vec![1; 4096], "a page being written out");
-        j.write(4096 + 1024, &[2; 1024]).expect("write");
-        j.read(4096, &mut page).expect("read");
-        assert_eq!(&page[..1024], &[1; 1024], "the write-out's bytes where nothing newer is held");
-        assert_eq!(&page[1024..2048], &[2; 1024], "held bytes over them");
-        assert_eq!(j.len().expect("len"), 5 * 4096);
-        lock(&j.inner.held).writing = None;
-        // With the write-out finished (the file written), the page comes from the file.
-        j.inner.db.write(4096, &[1; 4096]).expect("file write");
-        j.read(4096, &mut page).expect("read");
-        assert_eq!(&page[..1024], &[1; 1024]);
-        assert_eq!(&page[1024..2048], &[2; 1024]);
-        // A length change writes everything held out first.
-        j.set_len(3 * 4096).expect("cut");
-        assert!(lock(&j.inner.held).overlay.is_empty());
-        assert_eq!(db_disk.image()[4096 + 1024..4096 + 2048], [2; 1024]);
     }
 
     /// A failed journal write latches: later commits fail until the database is opened again,

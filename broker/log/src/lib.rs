@@ -13,7 +13,6 @@ pub mod error;
 pub mod histogram;
 pub mod journal;
 pub mod keymap;
-mod overlay;
 mod producers;
 pub mod refusals;
 #[cfg(any(test, feature = "sim-disk"))]
