@@ -60,7 +60,7 @@ fn open_compacting(dir: &std::path::Path, step_bytes: u64, memory_bytes: u64) ->
 }
 
 /// Polls the store's counters until `done` holds (a deadline, not a sleep to synchronise).
-async fn wait_stats(store: &Store, what: &str, done: impl Fn(&StoreStats) -> bool) -> StoreStats {
+pub(crate) async fn wait_stats(store: &Store, what: &str, done: impl Fn(&StoreStats) -> bool) -> StoreStats {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let s = store.stats();

@@ -259,11 +259,24 @@ async fn power_cuts_leave_every_batch_whole_with_its_pieces() {
         let mut seed = (k << 32 | v) | 1;
         noise(&mut seed, 9_000 + 1_000 * ((k * 7 + v) % 20) as usize)
     };
+    let mut removed_before = 0;
     for n in 0..APPENDS {
         let (k, v) = (n % KEYS, n / KEYS);
+        if k == 0 {
+            removed_before = store.stats().compaction_removed_records;
+        }
         let r = NewRecord::new(Some(Bytes::from(format!("k{k}"))), value_of(k, v));
         store.append_records("c", 0, vec![r]).await.expect("append");
         disk.mark(n);
+        // From the second round of keys on (each makes older versions of every key), compaction
+        // removes some before the next round: without the wait, a release build's appends
+        // could all finish before a pass began.
+        if v >= 1 && k == KEYS - 1 {
+            crate::compaction_tests::wait_stats(&store, "a compaction step between rounds of keys", |s| {
+                s.compaction_removed_records > removed_before
+            })
+            .await;
+        }
     }
     let s = store.stats();
     assert!(s.compaction_removed_records > 0, "compaction rewrote batches meanwhile: {s:?}");
