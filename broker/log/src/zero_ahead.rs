@@ -112,6 +112,9 @@ impl Written {
     /// The holes (unwritten ranges) within `[from, to)`, in order.
     fn holes(&self, from: u64, to: u64) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
+        if from >= to {
+            return out;
+        }
         let mut at = from;
         if let Some((_, &e)) = self.ranges.range(..=from).next_back() {
             at = at.max(e);
@@ -209,6 +212,11 @@ impl StorageBackend for ZeroAhead {
         // Marked even if the write fails: part of it may be on the file.
         let written = self.inner.write(offset, data);
         w.mark(offset, end);
+        if written.is_ok() {
+            // A write past the end makes the file longer (a journal's replay can write there
+            // before the record's length change reaches this backend).
+            w.len = w.len.max(end);
+        }
         written
     }
     fn close(&self) -> Result<(), io::Error> {
@@ -269,6 +277,27 @@ mod tests {
         let mut back = vec![0u8; 4096];
         b.read(0, &mut back).expect("read");
         assert_eq!(back, vec![7u8; 4096]);
+    }
+
+    /// A small write wholly past the end (as a journal replay may make) extends the file like a
+    /// plain file's write; it panicked before (an inverted range when looking for holes), which
+    /// stopped a gateway at its start after a SIGKILL.
+    #[test]
+    fn a_small_write_past_the_end_extends_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let b = ZeroAhead::open(&path, 64 * 1024).expect("open");
+        b.set_len(8192).expect("set_len");
+        b.write(0, &[1; 4096]).expect("write");
+        b.write(100_000, &[7; 4096]).expect("write past the end");
+        assert_eq!(b.len().expect("len"), 104_096);
+        let mut page = vec![0u8; 4096];
+        b.read(100_000, &mut page).expect("read");
+        assert_eq!(page, vec![7; 4096]);
+        // And a small write into the hole before it zero-fills ahead without touching it.
+        b.write(12_288, &[1; 512]).expect("write in the hole");
+        b.read(100_000, &mut page).expect("read");
+        assert_eq!(page, vec![7; 4096]);
     }
 
     /// Whatever redb writes, grows and shrinks, the file reads back exactly as a plain file
