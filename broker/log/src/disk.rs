@@ -15,7 +15,12 @@ pub fn file_disk_bytes(path: &Path) -> Result<u64, StoreError> {
 /// Bytes available to unprivileged writers on the volume holding `path`.
 pub fn volume_free_bytes(path: &Path) -> Result<u64, StoreError> {
     let s = rustix::fs::statvfs(path).map_err(|e| StoreError::io("statvfs data directory", e.into()))?;
-    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+    Ok(available(&s))
+}
+
+/// Bytes available to unprivileged writers, from a `statvfs` result.
+fn available(s: &rustix::fs::StatVfs) -> u64 {
+    s.f_bavail.saturating_mul(s.f_frsize)
 }
 
 /// The data directory, kept open so free space is read without a path lookup each time.
@@ -36,7 +41,7 @@ impl Volume {
         match &self.dir {
             Some(dir) => {
                 let s = rustix::fs::fstatvfs(dir).map_err(|e| StoreError::io("fstatvfs data directory", e.into()))?;
-                Ok(s.f_bavail.saturating_mul(s.f_frsize))
+                Ok(available(&s))
             }
             None => volume_free_bytes(&self.path),
         }

@@ -1090,7 +1090,7 @@ fn flow_rows(
     }
     if open_loop {
         // After the latencies: the part of them that is the benchmark's own.
-        let at = cells.iter().position(|(l, _)| l.starts_with("broker peak RSS")).map_or(cells.len(), |i| i);
+        let at = cells.iter().position(|(l, _)| l.starts_with("broker peak RSS")).unwrap_or(cells.len());
         let late: (&str, Cell) = ("benchmark's publishers late for their scheduled sends, p50 / p99 (ms)", |f| {
             (format!("{:.2} / {:.2}", f.late_p50_ms, f.late_p99_ms), None)
         });
