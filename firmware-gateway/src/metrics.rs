@@ -201,6 +201,12 @@ pub fn render(src: &Sources) -> String {
         s.journal_records,
     );
     o.one(
+        "tributary_store_journal_unbuffered_records_total",
+        "counter",
+        "Journal records written with O_DIRECT | O_DSYNC: one write to the disk, no page cache (the others: a buffered write and fdatasync).",
+        s.journal_unbuffered_records,
+    );
+    o.one(
         "tributary_store_journal_direct_syncs_total",
         "counter",
         "Durable commits too large for the journal (over a quarter of it), which synced the database file instead.",

@@ -4,8 +4,12 @@
 Times `fdatasync` after three kinds of writes into a file whose blocks are already allocated
 (as the store's file is after its zeros ahead): one 4 KiB page; `--pages` 4 KiB pages at random
 places (the shape of a redb commit: see `--gateway-pid`); and the same bytes as one contiguous
-write (the shape a commit would have if its pages went to a journal first). Each kind runs
-`--commits` times, twice, interleaved; prints p50/p90/p99/p99.9 in microseconds.
+write (the shape a commit would have if its pages went to a journal first); the pages in place
+unsynced plus a journal record (the store's journal, `broker/log/src/journal.rs`), the record
+written and synced with `fdatasync`, or unbuffered: one `pwrite` from an aligned buffer on a
+descriptor opened `O_DIRECT | O_DSYNC` (what the store does where the file system takes it).
+Each kind runs `--commits` times, twice, interleaved; prints p50/p90/p99/p99.9 in microseconds
+and the CPU time (user + system) each commit took.
 
 With `--gateway-pid PID` it instead attaches strace to that gateway's store writer thread
 (`tributary-write`) for `--secs` seconds and prints how many writes, and how many separate
@@ -16,6 +20,7 @@ extents (runs of adjacent bytes), each durable commit had.
 """
 import argparse
 import collections
+import mmap
 import os
 import random
 import re
@@ -83,10 +88,10 @@ def machine(args):
         threading.Thread(target=checkpointer, daemon=True).start()
         per_lap = journal_bytes // record
 
-        def journaled(i):
-            # The pages in place, unsynced; the same bytes (plus a record header page) appended
-            # to the journal, which the caller syncs; the database file synced in the
-            # background every half journal, and waited for before a half is reused.
+        def in_place(i):
+            # The pages in place, unsynced; returns the record's slot in the journal. The
+            # database file is synced in the background every half journal, and waited for
+            # before a half is reused.
             os.pwrite(fd, page, 0)
             for p in random.sample(range(1, slots), args.pages - 1):
                 os.pwrite(fd, page, p * PAGE)
@@ -97,8 +102,23 @@ def machine(args):
                         cv.wait()
                     checkpoint["want"] += 1
                     cv.notify_all()
-            os.pwrite(jfd, run + page, slot * record)
+            return slot
+
+        def journaled(i):
+            # The same bytes (plus a record header page) appended to the journal, which the
+            # caller syncs.
+            os.pwrite(jfd, run + page, in_place(i) * record)
             return jfd
+
+        # The journal's records unbuffered: O_DIRECT wants an aligned buffer (an anonymous map
+        # is page-aligned), and O_DSYNC makes the write durable when it returns.
+        dfd = os.open(jf.name, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
+        aligned = mmap.mmap(-1, record)
+        aligned.write(run + page)
+
+        def unbuffered(i):
+            os.pwrite(dfd, aligned, in_place(i) * record)
+            return -1
 
         kinds = [
             ("1 page", one),
@@ -106,15 +126,22 @@ def machine(args):
             (f"{args.pages} pages in one write ({args.pages * 4} KiB)", contiguous),
             (f"{args.pages} pages in place + journal", journaled),
         ]
+        unbuffered_kind = (f"{args.pages} pages in place + journal, O_DIRECT|O_DSYNC", unbuffered)
         for round_ in (1, 2):
-            for name, write in kinds:
+            for name, write in kinds + [unbuffered_kind]:
                 lat = []
+                cpu = os.times()
                 for i in range(args.commits):
                     t = time.perf_counter()
-                    os.fdatasync(write(i) or fd)
+                    sync = write(i) or fd
+                    if sync >= 0:
+                        os.fdatasync(sync)
                     lat.append((time.perf_counter() - t) * 1e6)
-                print(f"round {round_}: {name:34s} + fdatasync: {percentiles(lat)}")
-                if write is journaled and checkpoint["lat"]:
+                after = os.times()
+                cpu_us = (after.user + after.system - cpu.user - cpu.system) / args.commits * 1e6
+                how = "(no fdatasync)" if write is unbuffered else "+ fdatasync"
+                print(f"round {round_}: {name:34s} {how}: {percentiles(lat)}, CPU {cpu_us:.0f} us")
+                if write in (journaled, unbuffered) and checkpoint["lat"]:
                     print(f"         background database syncs: {len(checkpoint['lat'])}, {percentiles(checkpoint['lat'])}")
                     checkpoint["lat"].clear()
 

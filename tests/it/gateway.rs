@@ -174,6 +174,13 @@ fn kafka_requests_begun_before_sigterm_are_answered_and_kept() {
                 .find_map(|l| l.strip_prefix("tributary_store_journal_records_total "))
                 .and_then(|v| v.parse::<u64>().ok());
             assert!(journaled.is_some_and(|n| n >= 2), "journal records {journaled:?}");
+            // Written unbuffered (O_DIRECT | O_DSYNC): the test's temporary directory is on a
+            // file system that takes it, as a gateway's data directory is.
+            let unbuffered = text
+                .lines()
+                .find_map(|l| l.strip_prefix("tributary_store_journal_unbuffered_records_total "))
+                .and_then(|v| v.parse::<u64>().ok());
+            assert!(unbuffered.is_some_and(|n| n >= 2), "journal records written unbuffered: {unbuffered:?}");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the half request and the parked fetch within 20 s:\n{text}");

@@ -315,9 +315,11 @@ pub struct StoreStats {
     pub compaction_dirty_ratio_max_ppm: u64,
     /// ...and the age of the oldest dirty batch (the compaction lag), in ms.
     pub compaction_lag_ms: u64,
-    /// The commit journal: records appended, commits that synced the database file instead
-    /// (too large for the ring), checkpoints, and records written back at opens.
+    /// The commit journal: records appended (and of them, those written unbuffered with
+    /// `O_DIRECT | O_DSYNC`), commits that synced the database file instead (too large for the
+    /// ring), checkpoints, and records written back at opens.
     pub journal_records: u64,
+    pub journal_unbuffered_records: u64,
     pub journal_direct_syncs: u64,
     pub journal_checkpoints: u64,
     pub journal_replayed_records: u64,
@@ -1314,6 +1316,7 @@ impl Store {
             compaction_dirty_ratio_max_ppm: l(&c.compaction_dirty_ratio_max_ppm),
             compaction_lag_ms: l(&c.compaction_lag_ms),
             journal_records: l(&c.journal.records),
+            journal_unbuffered_records: l(&c.journal.unbuffered_records),
             journal_direct_syncs: l(&c.journal.direct_syncs),
             journal_checkpoints: l(&c.journal.checkpoints),
             journal_replayed_records: l(&c.journal.replayed_records),
