@@ -219,6 +219,18 @@ pub fn render(src: &Sources) -> String {
         s.journal_checkpoints,
     );
     o.one(
+        "tributary_store_journal_room_waits_total",
+        "counter",
+        "Journal records that waited for a checkpoint to free room in it (storage.journal_bytes small for the write rate, or the database file's sync slow).",
+        s.journal_room_waits,
+    );
+    o.one(
+        "tributary_store_journal_room_wait_seconds_total",
+        "counter",
+        "Time journal records waited for room in it, in all.",
+        s.journal_room_wait_micros as f64 / 1e6,
+    );
+    o.one(
         "tributary_store_journal_replayed_records_total",
         "counter",
         "Journal records written back into the database file when it was opened (after an unclean stop).",

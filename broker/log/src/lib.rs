@@ -322,6 +322,9 @@ pub struct StoreStats {
     pub journal_unbuffered_records: u64,
     pub journal_direct_syncs: u64,
     pub journal_checkpoints: u64,
+    /// Records that waited for a checkpoint to free room in the journal, and how long in all.
+    pub journal_room_waits: u64,
+    pub journal_room_wait_micros: u64,
     pub journal_replayed_records: u64,
 }
 
@@ -1319,6 +1322,8 @@ impl Store {
             journal_unbuffered_records: l(&c.journal.unbuffered_records),
             journal_direct_syncs: l(&c.journal.direct_syncs),
             journal_checkpoints: l(&c.journal.checkpoints),
+            journal_room_waits: l(&c.journal.room_waits),
+            journal_room_wait_micros: l(&c.journal.room_wait_micros),
             journal_replayed_records: l(&c.journal.replayed_records),
         }
     }
