@@ -561,13 +561,9 @@ impl Inner {
         io::Error::new(e.kind(), format!("journal: {what}: {e}"))
     }
 
-    fn writes_direct(&self) -> bool {
-        self.direct.is_some() && !self.direct_refused.load(Ordering::Relaxed)
-    }
-
     /// Puts `record` (its length a multiple of `ALIGN`) at `pos` in the ring, durably.
     fn write_record(&self, record: &[u8], pos: u64) -> io::Result<()> {
-        if let (Some(direct), true) = (&self.direct, self.writes_direct()) {
+        if let Some(direct) = self.direct.as_ref().filter(|_| !self.direct_refused.load(Ordering::Relaxed)) {
             match std::os::unix::fs::FileExt::write_all_at(direct, record, pos) {
                 Ok(()) => {
                     self.counters.unbuffered_records.fetch_add(1, Ordering::Relaxed);
@@ -604,13 +600,12 @@ impl Inner {
             self.counters.direct_syncs.fetch_add(1, Ordering::Relaxed);
             return self.sync_database_directly();
         }
-        let mut waited_since = None;
+        let mut waited_since: Option<std::time::Instant> = None;
         let pos = loop {
             if let Some(pos) = self.place(&st, total) {
                 if let Some(since) = waited_since {
-                    let waited: std::time::Duration = std::time::Instant::now() - since;
                     self.counters.room_waits.fetch_add(1, Ordering::Relaxed);
-                    self.counters.room_wait_micros.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+                    self.counters.room_wait_micros.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
                 }
                 break pos;
             }
@@ -635,14 +630,13 @@ impl Inner {
         st.write_pos = pos + total;
         drop(st);
 
-        let r = &mut record[..];
-        let body_len = (r.len() - RECORD_HEADER_BYTES) as u64;
-        r[..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-        r[4..12].copy_from_slice(&self.salt.to_le_bytes());
-        r[12..20].copy_from_slice(&seq.to_le_bytes());
-        r[20..28].copy_from_slice(&body_len.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&r[..28]), &r[RECORD_HEADER_BYTES..]);
-        r[28..32].copy_from_slice(&crc.to_le_bytes());
+        let body_len = (record.len() - RECORD_HEADER_BYTES) as u64;
+        record[..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        record[4..12].copy_from_slice(&self.salt.to_le_bytes());
+        record[12..20].copy_from_slice(&seq.to_le_bytes());
+        record[20..28].copy_from_slice(&body_len.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&record[..28]), &record[RECORD_HEADER_BYTES..]);
+        record[28..32].copy_from_slice(&crc.to_le_bytes());
         record.resize(total as usize, 0);
         self.write_record(&record, pos)?;
         self.counters.records.fetch_add(1, Ordering::Relaxed);
