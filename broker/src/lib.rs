@@ -29,6 +29,6 @@ pub use config::{Codec, ConfigError, Durability, StorageConfig, TimestampKind, T
 pub use error::StoreError;
 pub use storage::{
     batch::{BatchError, BatchHeader, NewRecord, RecordView},
-    AppendOutcome, FetchedBatches, KvSpace, PartitionInfo, PartitionWatch, PendingAppend, Store, StoreStats, TopicInfo,
-    Watermarks,
+    AppendOutcome, FetchedBatches, KvSpace, PartitionInfo, PartitionWatch, PendingAppend, ReadTo, Store, StoreStats,
+    TopicInfo, Watermarks,
 };

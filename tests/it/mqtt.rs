@@ -517,3 +517,100 @@ async fn retained_messages_are_bounded() {
         ]
     );
 }
+
+/// Delivery does not wait for the disk (`mqtt.deliver_before_commit`, on by default): while a
+/// QoS 2 publish's commit waits at the disk, a QoS 1 subscriber already has the message, and the
+/// publisher has no PUBREC yet: the server takes ownership (4.3.3) only once it is durable. A
+/// QoS 2 subscriber gets it only after the commit, so exactly once holds across a crash (4.3.3).
+/// With the setting off, nobody gets it before the commit.
+#[test]
+fn delivery_goes_on_while_the_commit_waits_for_the_disk_and_the_acknowledgement_after_it() {
+    for early in [true, false] {
+        delivery_while_the_commit_waits(early);
+    }
+}
+
+fn delivery_while_the_commit_waits(early: bool) {
+    use std::io::Write;
+    use tributary_broker::storage::simdisk::{Held, SimDisk};
+    use tributary_broker::{Store, TopicConfig, TopicTemplate};
+
+    use crate::mqtt_faults::{connected, packet, publish, read_packet};
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new();
+    let (store, _) = Store::open_with_backend(crate::support::storage_config(dir.path()), disk.opener()).expect("open");
+    let cfg = MqttConfig {
+        listen: "127.0.0.1:0".into(),
+        websocket_listen: String::new(),
+        deliver_before_commit: early,
+        ..MqttConfig::default()
+    };
+    let template = TopicTemplate { partitions: 1, config: TopicConfig::default() };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let addr = rt.block_on(async {
+        let server = tributary_broker::mqtt::MqttServer::bind(cfg, store.clone(), template).await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        addr
+    });
+    let subscribe = |id: &str, qos: u8| {
+        let mut s = connected(addr, 4, id);
+        let mut body = vec![0, 1, 0, 3];
+        body.extend_from_slice(b"m/#");
+        body.push(qos);
+        s.write_all(&packet(0x82, &body)).expect("SUBSCRIBE");
+        let (kind, body) = read_packet(&mut s).expect("SUBACK");
+        assert_eq!((kind, body[2]), (0x90, qos));
+        s
+    };
+    let (mut at1, mut at2) = (subscribe("at-1", 1), subscribe("at-2", 2));
+    let mut publisher = connected(addr, 4, "meter");
+    // The first publish creates the log topic (that round stages nothing: its partition is new).
+    publisher.write_all(&publish(1, b"m/a", 1, b"first", false)).expect("PUBLISH");
+    assert_eq!(read_packet(&mut publisher), Some((0x40, vec![0, 1])), "PUBACK");
+    for s in [&mut at1, &mut at2] {
+        let (kind, body) = read_packet(s).expect("PUBLISH");
+        assert_eq!(kind & 0xF6, 0x32, "QoS 1 as published");
+        s.write_all(&[0x40, 2, body[5], body[6]]).expect("PUBACK");
+    }
+
+    disk.hold(Held::Syncs);
+    publisher.write_all(&publish(2, b"m/a", 2, b"second", false)).expect("PUBLISH");
+    assert!(disk.wait_for_held(Duration::from_secs(30)), "the commit waits at the disk");
+    let quiet = |s: &mut std::net::TcpStream, what: &str| {
+        // Bounded look for a packet that must not come while the commit is held.
+        s.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        let mut b = [0u8; 1];
+        match std::io::Read::read(s, &mut b) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            other => panic!("{what} before the commit (early {early}): {other:?}"),
+        }
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    };
+    if early {
+        let (kind, body) = read_packet(&mut at1).expect("PUBLISH while the commit waits");
+        assert_eq!(kind & 0xF6, 0x32, "QoS 1 (the subscription's)");
+        assert!(body.ends_with(b"second"));
+        at1.write_all(&[0x40, 2, body[5], body[6]]).expect("PUBACK");
+    } else {
+        quiet(&mut at1, "a QoS 1 delivery");
+    }
+    quiet(&mut publisher, "PUBREC");
+    quiet(&mut at2, "a QoS 2 delivery");
+    disk.release();
+    assert_eq!(read_packet(&mut publisher), Some((0x50, vec![0, 2])), "PUBREC after the commit");
+    let (kind, body) = read_packet(&mut at2).expect("the QoS 2 delivery after the commit");
+    assert_eq!(kind & 0xF6, 0x34, "QoS 2");
+    assert!(body.ends_with(b"second"));
+    if !early {
+        let (kind, body) = read_packet(&mut at1).expect("the QoS 1 delivery after the commit");
+        assert_eq!(kind & 0xF6, 0x32);
+        assert!(body.ends_with(b"second"));
+    }
+    let _ = stop.send(());
+    rt.block_on(store.close()).expect("close");
+}

@@ -67,7 +67,12 @@ pub(crate) struct PartitionSignal {
 #[derive(Debug)]
 pub(crate) struct PartitionState {
     pub key: u64,
+    /// The committed watermarks (what every reader but a staged one sees).
     pub signal: watch::Sender<PartitionSignal>,
+    /// The staged end (see [`Store::staged_watermarks`]): at least the high watermark, above it
+    /// while a durable round's batches wait in the tail cache for their commit. Sent when a
+    /// round stages, and when a commit moves the high watermark past it.
+    pub staged: watch::Sender<i64>,
     pub logical_bytes: AtomicU64,
     pub footprint_bytes: AtomicU64,
     /// Offset below which another system holds a copy of the partition (-1: nothing known).
@@ -89,11 +94,35 @@ impl PartitionState {
         Arc::new(Self {
             key,
             signal,
+            staged: watch::channel(meta.next_offset as i64).0,
             logical_bytes: AtomicU64::new(meta.logical_bytes),
             footprint_bytes: AtomicU64::new(meta.footprint_bytes),
             archived: AtomicI64::new(-1),
             tail: Arc::default(),
         })
+    }
+}
+
+impl PartitionState {
+    /// Moves the committed watermarks (after a commit, or a reopen). The staged end follows the
+    /// high watermark up; staged readers are woken only if it moved (a round that was not
+    /// staged): one that waits for a commit watches `signal`.
+    pub(crate) fn set_watermarks(&self, log_start_offset: i64, high_watermark: i64) {
+        self.signal.send_modify(|s| {
+            s.watermarks.log_start_offset = log_start_offset;
+            s.watermarks.high_watermark = high_watermark;
+        });
+        self.staged.send_if_modified(|e| {
+            let raised = high_watermark > *e;
+            *e = (*e).max(high_watermark);
+            raised
+        });
+    }
+
+    /// The partition is gone (deleted, or absent after a reopen): every watcher wakes to see it.
+    pub(crate) fn set_deleted(&self) {
+        self.signal.send_modify(|s| s.deleted = true);
+        self.staged.send_modify(|_| ());
     }
 }
 
@@ -126,14 +155,34 @@ impl PendingAppend {
     }
 }
 
-/// Wakes on changes of one partition's watermarks; see [`Store::watch`].
+/// How far an in-memory read goes ([`Store::read_records_cached_to`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadTo {
+    /// Up to the high watermark: committed records only.
+    Committed,
+    /// Up to the staged end: the records of a round waiting for its commit too.
+    Staged,
+}
+
+/// Wakes on changes of one partition's watermarks; see [`Store::watch`] and
+/// [`Store::watch_staged`].
 #[derive(Debug)]
-pub struct PartitionWatch(watch::Receiver<PartitionSignal>);
+pub struct PartitionWatch(WatchOn);
+
+#[derive(Debug)]
+enum WatchOn {
+    Committed(watch::Receiver<PartitionSignal>),
+    /// The staged end, and the partition for its `deleted` flag.
+    Staged(watch::Receiver<i64>, Arc<PartitionState>),
+}
 
 impl PartitionWatch {
     /// Waits for the next change; returns false if the partition is gone (deleted or store closed).
     pub async fn changed(&mut self) -> bool {
-        self.0.changed().await.is_ok() && !self.0.borrow().deleted
+        match &mut self.0 {
+            WatchOn::Committed(rx) => rx.changed().await.is_ok() && !rx.borrow().deleted,
+            WatchOn::Staged(rx, p) => rx.changed().await.is_ok() && !p.signal.borrow().deleted,
+        }
     }
 }
 
@@ -945,7 +994,32 @@ impl Store {
     /// partition is deleted: for long polls over many partitions.
     pub fn watch(&self, topic: &str, partition: i32) -> Result<PartitionWatch, StoreError> {
         let (_, p) = self.partition_state(topic, partition)?;
-        Ok(PartitionWatch(p.signal.subscribe()))
+        Ok(PartitionWatch(WatchOn::Committed(p.signal.subscribe())))
+    }
+
+    /// A handle that wakes when the partition's staged end moves (a round staged records, or a
+    /// round that was not staged committed), or it is deleted: for readers of staged records
+    /// ([`Store::read_records_cached_to`]). A reader that waits for a staged record's commit
+    /// watches [`Store::watch`] instead.
+    pub fn watch_staged(&self, topic: &str, partition: i32) -> Result<PartitionWatch, StoreError> {
+        let (_, p) = self.partition_state(topic, partition)?;
+        let rx = p.staged.subscribe();
+        Ok(PartitionWatch(WatchOn::Staged(rx, p)))
+    }
+
+    /// The partition's watermarks and its *staged end*: offsets in `[high_watermark, staged_end)`
+    /// belong to a durable round that applied them and waits for its commit (its `fsync`). They
+    /// are in the tail cache only, and only [`Store::read_records_cached_to`] serves them: the
+    /// MQTT front end delivers them to subscribers while the disk writes, and acknowledges the
+    /// publishers after the commit. Such an offset is final unless the commit fails, and then it
+    /// is never handed out again (the next round covers it with a gap batch); a crash loses
+    /// them as it loses every unacknowledged write. The high watermark is read first: every
+    /// offset below it is committed.
+    pub fn staged_watermarks(&self, topic: &str, partition: i32) -> Result<(Watermarks, i64), StoreError> {
+        let (_, p) = self.partition_state(topic, partition)?;
+        let wm = p.signal.borrow().watermarks;
+        let staged = *p.staged.borrow();
+        Ok((wm, staged.max(wm.high_watermark)))
     }
 
     // ---- reads ----
@@ -966,7 +1040,7 @@ impl Store {
         let (_, p) = self.partition_state(topic, partition)?;
         // Watermarks are read before the snapshot: every batch below them was committed first.
         let wm = p.signal.borrow().watermarks;
-        if let Some(cached) = self.fetch_tail(&p, wm, offset, max_bytes) {
+        if let Some(cached) = self.fetch_tail(&p, wm, wm.high_watermark, offset, max_bytes) {
             return Ok(cached);
         }
         self.fetch_stored(&p, wm, offset, max_bytes)
@@ -1052,30 +1126,53 @@ impl Store {
         offset: i64,
         max_bytes: usize,
     ) -> Option<Result<FetchedBatches, StoreError>> {
+        self.fetch_in_memory(topic, partition, offset, max_bytes, false)
+    }
+
+    /// `fetch_cached`, up to the staged end if `staged` (see [`Store::staged_watermarks`]).
+    fn fetch_in_memory(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_bytes: usize,
+        staged: bool,
+    ) -> Option<Result<FetchedBatches, StoreError>> {
         let (_, p) = match self.partition_state(topic, partition) {
             Ok(found) => found,
             Err(e) => return Some(Err(e)),
         };
+        // The high watermark first: every offset below it is committed.
         let wm = p.signal.borrow().watermarks;
-        if offset < wm.log_start_offset || offset > wm.high_watermark {
+        let end = if staged { (*p.staged.borrow()).max(wm.high_watermark) } else { wm.high_watermark };
+        if offset < wm.log_start_offset || offset > end {
             return Some(Err(StoreError::OffsetOutOfRange {
                 offset,
                 log_start_offset: wm.log_start_offset,
                 high_watermark: wm.high_watermark,
             }));
         }
-        if offset == wm.high_watermark {
+        if offset == end {
             return Some(Ok(FetchedBatches { data: Bytes::new(), batches: 0, next_offset: offset, watermarks: wm }));
         }
-        self.fetch_tail(&p, wm, offset, max_bytes).map(Ok)
+        self.fetch_tail(&p, wm, end, offset, max_bytes).map(Ok)
     }
 
-    fn fetch_tail(&self, p: &PartitionState, wm: Watermarks, offset: i64, max_bytes: usize) -> Option<FetchedBatches> {
-        if offset < wm.log_start_offset || offset >= wm.high_watermark {
+    /// Batches in `[offset, end)` from the tail cache (`end`: the high watermark, or the staged
+    /// end for a staged read).
+    fn fetch_tail(
+        &self,
+        p: &PartitionState,
+        wm: Watermarks,
+        end: i64,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Option<FetchedBatches> {
+        if offset < wm.log_start_offset || offset >= end {
             return None;
         }
         let c = &self.inner.shared.counters;
-        match p.tail.read(offset, wm.high_watermark, max_bytes) {
+        match p.tail.read(offset, end, max_bytes) {
             Some(t) => {
                 c.tail_cache_hits.fetch_add(1, Ordering::Relaxed);
                 Some(FetchedBatches { data: t.data, batches: t.batches, next_offset: t.next_offset, watermarks: wm })
@@ -1121,7 +1218,26 @@ impl Store {
         offset: i64,
         max_bytes: usize,
     ) -> Option<Result<Vec<StoredRecord>, StoreError>> {
-        Some(self.fetch_cached(topic, partition, offset, max_bytes)?.and_then(|f| self.decode_fetched(&f, offset)))
+        self.read_records_cached_to(topic, partition, offset, max_bytes, ReadTo::Committed)
+    }
+
+    /// `read_records_cached` up to the high watermark or, with [`ReadTo::Staged`], up to the
+    /// staged end (see [`Store::staged_watermarks`]): records of a round waiting for its commit
+    /// too. `None` when the records at `offset` are not in memory (below the high watermark the
+    /// caller reads the database; above it, it waits for the commit).
+    pub fn read_records_cached_to(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_bytes: usize,
+        to: ReadTo,
+    ) -> Option<Result<Vec<StoredRecord>, StoreError>> {
+        let staged = to == ReadTo::Staged;
+        Some(
+            self.fetch_in_memory(topic, partition, offset, max_bytes, staged)?
+                .and_then(|f| self.decode_fetched(&f, offset)),
+        )
     }
 
     fn decode_fetched(&self, f: &FetchedBatches, offset: i64) -> Result<Vec<StoredRecord>, StoreError> {

@@ -76,6 +76,45 @@ impl State {
 #[derive(Debug, Clone, Default)]
 pub struct SimDisk {
     state: Arc<Mutex<State>>,
+    gate: Arc<Gate>,
+}
+
+/// What a closed [`Gate`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// `sync_data` calls (the writes before them are done).
+    Syncs,
+    /// Writes (and the syncs after them).
+    Writes,
+}
+
+/// Holds disk operations while closed (`SimDisk::hold`): a test sees what happens while a
+/// commit waits for the disk, without timing anything.
+#[derive(Debug, Default)]
+struct Gate {
+    /// (what is held, operations waiting at it)
+    state: Mutex<(Option<Held>, usize)>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, (Option<Held>, usize)> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn pass(&self, op: Held) {
+        let mut g = self.lock();
+        let holds = |h: Option<Held>| h == Some(op) || (op == Held::Syncs && h == Some(Held::Writes));
+        if !holds(g.0) {
+            return;
+        }
+        g.1 += 1;
+        self.changed.notify_all();
+        while holds(g.0) {
+            g = self.changed.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        g.1 -= 1;
+    }
 }
 
 impl SimDisk {
@@ -133,6 +172,29 @@ impl SimDisk {
     /// meanwhile are not covered by it), as a slow disk's flush does.
     pub fn set_sync_delay(&self, delay: std::time::Duration) {
         self.lock().sync_delay = delay;
+    }
+
+    /// Makes every later operation of the kind wait (before it checks for a fault) until
+    /// [`SimDisk::release`].
+    pub fn hold(&self, what: Held) {
+        self.gate.lock().0 = Some(what);
+    }
+
+    /// Lets held and later operations go on.
+    pub fn release(&self) {
+        self.gate.lock().0 = None;
+        self.gate.changed.notify_all();
+    }
+
+    /// Waits until an operation is held, at most `timeout`; returns whether one is.
+    pub fn wait_for_held(&self, timeout: std::time::Duration) -> bool {
+        let g = self.gate.lock();
+        let (g, _) = self
+            .gate
+            .changed
+            .wait_timeout_while(g, timeout, |g| g.1 == 0)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.1 > 0
     }
 
     /// Writes, length changes and syncs refused so far.
@@ -209,6 +271,7 @@ impl StorageBackend for SimDisk {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.gate.pass(Held::Syncs);
         let mut s = self.lock();
         if s.fault == Some(WriteFault::All) {
             Self::check(&mut s, 0)?;
@@ -223,6 +286,7 @@ impl StorageBackend for SimDisk {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.gate.pass(Held::Writes);
         let mut s = self.lock();
         let end = offset + data.len() as u64;
         Self::check(&mut s, end)?;

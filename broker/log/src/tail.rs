@@ -1,12 +1,15 @@
 //! The tail cache: the newest committed batches of each partition, kept in memory as stored, so
 //! that readers at the end of a log (MQTT subscribers, Kafka consumers, the mirror) are served
 //! without a database read and without a blocking-pool thread. One budget
-//! (`storage.tail_cache_bytes_max`) covers every partition; the writer alone adds batches, after
-//! their commit, and evicts the oldest batch of all partitions first.
+//! (`storage.tail_cache_bytes_max`) covers every partition; the writer alone adds batches (a
+//! durable round's before its commit, staged, any other's after it) and evicts the oldest batch
+//! of all partitions first.
 //!
 //! Invariants: a partition's cached batches are contiguous in offsets (each starts where the one
-//! before it ended) and were committed before they were added; the bytes held, summed over all
-//! partitions, never exceed the budget.
+//! before it ended); those at or above the partition's high watermark belong to the round being
+//! committed, and a read bounded by the high watermark never returns them (only a staged read,
+//! bounded by the staged end, does); if that commit fails, the writer clears the partition. The
+//! bytes held, summed over all partitions, never exceed the budget.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -545,6 +545,29 @@ fn open_on(disk: &simdisk::SimDisk, dir: &std::path::Path) -> (Store, OpenReport
     Store::open_with_backend(cfg, disk.opener()).expect("open on the simulated disk")
 }
 
+/// Topic `t` (one partition, fsync) on a simulated disk, holding `rec(0)` at offset 0.
+async fn one_record_on_a_sim_disk() -> (tempfile::TempDir, simdisk::SimDisk, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = simdisk::SimDisk::new();
+    let (store, _) = open_on(&disk, dir.path());
+    store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
+    store.append_records("t", 0, vec![rec(0)]).await.expect("append");
+    (dir, disk, store)
+}
+
+/// Appends `record` to `t` once writes work again after a fault (they are paused for a while
+/// after each failure), within 30 s.
+async fn append_once_writes_resume(store: &Store, record: NewRecord) -> AppendOutcome {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.append_records("t", 0, vec![record.clone()]).await {
+            Ok(o) => return o,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "writes never resumed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Item 5: acknowledged relaxed appends that a crash loses leave a gap; their offsets are never
 /// handed out again, readers and Kafka-style fetches move past the gap, and a clean close leaves
 /// no gap.
@@ -593,6 +616,84 @@ async fn relaxed_appends_lost_in_a_crash_leave_a_gap_and_no_offset_is_reused() {
     store.close().await.expect("close the crashed store's leftover handle");
 }
 
+/// A durable round's records are staged: while its commit waits for the disk, readers of staged
+/// records (MQTT delivery) get them and are woken for them; committed readers (Kafka fetch, the
+/// mirror) and the acknowledgement wait for the commit.
+#[tokio::test]
+async fn a_durable_rounds_records_are_staged_while_its_commit_waits_for_the_disk() {
+    let (_dir, disk, store) = one_record_on_a_sim_disk().await;
+    let mut staged = store.watch_staged("t", 0).expect("watch");
+    let mut committed = store.watch("t", 0).expect("watch");
+    disk.hold(simdisk::Held::Syncs);
+    let pending = store.enqueue_records("t", 0, vec![rec(1)]).await.expect("queued");
+    let waiting = tokio::spawn(pending.wait());
+    assert!(tokio::time::timeout(Duration::from_secs(30), staged.changed()).await.expect("staged in time"));
+    assert!(disk.wait_for_held(Duration::from_secs(30)), "the commit waits at the disk");
+    let (wm, end) = store.staged_watermarks("t", 0).expect("staged");
+    assert_eq!((wm.high_watermark, end), (1, 2));
+    let read = store.read_records_cached_to("t", 0, 1, 1 << 20, ReadTo::Staged).expect("in memory").expect("read");
+    assert_eq!(read.iter().map(|r| (r.offset, r.value.clone())).collect::<Vec<_>>(), vec![(1, rec(1).value)]);
+    // Nobody else sees it yet, and nobody is told it is stored.
+    assert!(store.read_records("t", 0, 1, 1 << 20).expect("read").is_empty());
+    assert!(store.read_records_cached("t", 0, 1, 1 << 20).expect("cached").expect("read").is_empty());
+    assert!(!waiting.is_finished());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), committed.changed()).await.is_err(),
+        "committed readers are not woken by a stage"
+    );
+    disk.release();
+    let outcome = waiting.await.expect("join").expect("durable");
+    assert_eq!(outcome.base_offset, 1);
+    assert!(committed.changed().await);
+    assert_eq!(store.read_records("t", 0, 1, 1 << 20).expect("read").len(), 1);
+    assert_eq!(store.staged_watermarks("t", 0).expect("staged").1, 2);
+    store.close().await.expect("close");
+}
+
+/// A staged round whose commit fails: its records leave memory, and the offsets it showed are
+/// never handed out again (the next committed round covers them with a gap batch), so a
+/// subscriber that was given them and stored its position after them misses no later record.
+#[tokio::test]
+async fn a_staged_round_whose_commit_fails_leaves_a_gap_over_what_it_showed() {
+    let (dir, disk, store) = one_record_on_a_sim_disk().await;
+    disk.hold(simdisk::Held::Writes);
+    let pending = store.enqueue_records("t", 0, vec![rec(1), rec(2)]).await.expect("queued");
+    assert!(disk.wait_for_held(Duration::from_secs(30)), "the commit's first write waits at the disk");
+    let shown = store.read_records_cached_to("t", 0, 1, 1 << 20, ReadTo::Staged).expect("in memory").expect("read");
+    assert_eq!(shown.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![1, 2]);
+    disk.set_fault(Some(simdisk::WriteFault::All));
+    disk.release();
+    assert!(pending.wait().await.is_err(), "the commit failed");
+    let (wm, end) = store.staged_watermarks("t", 0).expect("staged");
+    assert_eq!((wm.high_watermark, end), (1, 1), "the staged records are gone");
+    assert!(store
+        .read_records_cached_to("t", 0, 1, 1 << 20, ReadTo::Staged)
+        .expect("answered")
+        .expect("read")
+        .is_empty());
+    disk.set_fault(None);
+    let next = append_once_writes_resume(&store, rec(3)).await;
+    assert_eq!(next.base_offset, 3, "offsets 1 and 2 were shown: never given to another record");
+    let check = |store: &Store| {
+        let read = store.read_records("t", 0, 0, 1 << 20).expect("read");
+        assert_eq!(
+            read.into_iter().map(|r| (r.offset, r.value)).collect::<Vec<_>>(),
+            vec![(0, rec(0).value), (3, rec(3).value)]
+        );
+        let f = store.fetch("t", 0, 1, 1).expect("fetch in the gap");
+        let h = batch::BatchHeader::parse(&f.data).expect("header");
+        assert!(h.is_control() && h.base_offset == 1 && h.next_offset() == 3, "{h:?}");
+    };
+    check(&store);
+    // The gap is stored, not only remembered.
+    let crashed = simdisk::SimDisk::from_image(disk.image());
+    let (after, _) = open_on(&crashed, dir.path());
+    check(&after);
+    assert_eq!(after.watermarks("t", 0).expect("wm").high_watermark, 4);
+    after.close().await.expect("close");
+    store.close().await.expect("close");
+}
+
 /// Item 4: a disk that refuses to grow the file (a full file system, RLIMIT_FSIZE) makes
 /// writes fail with a clear error while reads go on; every failure is counted; once the disk
 /// works again writes succeed without anyone reopening anything, and nothing acknowledged
@@ -636,14 +737,7 @@ async fn a_failed_write_is_not_forever() {
     assert!(store.probe().await.expect("the writer answers").is_some());
     // The fault clears: writes work again, nobody reopened anything.
     disk.set_fault(None);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let o = loop {
-        match store.append_records("t", 0, vec![big(1000)]).await {
-            Ok(o) => break o,
-            Err(e) => assert!(std::time::Instant::now() < deadline, "writes never resumed: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let o = append_once_writes_resume(&store, big(1000)).await;
     acked.push(o.base_offset);
     assert!(store.write_fault().is_none());
     assert!(store.probe().await.expect("probe").is_none(), "the probe writes again");
@@ -657,11 +751,7 @@ async fn a_failed_write_is_not_forever() {
 /// comes back on its own.
 #[tokio::test]
 async fn a_disk_refusing_every_write_recovers_once_it_works_again() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = simdisk::SimDisk::new();
-    let (store, _) = open_on(&disk, dir.path());
-    store.create_topic("t", 1, TopicConfig::default()).await.expect("create");
-    store.append_records("t", 0, vec![rec(0)]).await.expect("append");
+    let (_dir, disk, store) = one_record_on_a_sim_disk().await;
     disk.set_fault(Some(simdisk::WriteFault::All));
     assert!(store.append_records("t", 0, vec![rec(1)]).await.is_err());
     // Reopening may or may not work without writing: reads work, or fail with a clear error.

@@ -65,6 +65,15 @@ pub struct MqttConfig {
     /// How often expired persistent sessions are deleted from the store (with their QoS 2
     /// packet ids), and shared-subscription positions no unexpired session stored.
     pub session_sweep_interval_ms: u64,
+    /// Deliver a message to subscribers while its commit is being written (it is applied and
+    /// has its offset; its publisher's PUBACK/PUBREC still waits for the commit, fsync
+    /// included): delivery then does not wait for the disk. If the commit fails, subscribers
+    /// got a message its publisher was refused (and the offset is skipped, never reused); a
+    /// power cut may likewise lose a delivered message its publisher will resend. Deliveries at
+    /// QoS 2 always wait for the commit (exactly once holds across a crash); shared
+    /// subscriptions and Kafka consumers always read committed records. `false`: every
+    /// delivery waits for the commit.
+    pub deliver_before_commit: bool,
     /// Log topic of publishes no route matches.
     pub default_topic: String,
     /// Key template of those publishes (see `routes`).
@@ -139,6 +148,7 @@ impl Default for MqttConfig {
             session_sweep_interval_ms: 60_000,
             server_keep_alive_s: 0,
             topic_aliases_out_max: 32,
+            deliver_before_commit: true,
             default_topic: "mqtt".into(),
             default_key: default_key(),
             routes: Vec::new(),

@@ -1734,6 +1734,8 @@ async fn session_loop(
     let mut topics_changed = ctx.store.topics_changed();
     let mut outcomes = Outcomes::default();
     let mut ahead = ReadAhead::default();
+    // Partitions whose delivery waits for a commit (see `deliver`): watched for commits.
+    let mut awaiting_commit: Vec<(String, i32)> = Vec::new();
     let max = ctx.cfg.packet_bytes_max as usize;
     let v = s.version;
     let client = Bytes::copy_from_slice(s.client_id.as_bytes());
@@ -1767,12 +1769,20 @@ async fn session_loop(
         }
         // Watches first, then the watermarks delivery reads: a commit in between wakes the
         // session instead of waiting for the next one.
-        let (watched, watches) = subscription_watches(ctx, s);
+        let (watched, watches) = subscription_watches(ctx, s, &awaiting_commit);
         // Deliveries queue behind answers waiting for commits: not while too many wait.
         // A connection that only publishes (a meter) has nothing to deliver: no boxed delivery
         // future per round.
         let idle = s.resend.is_empty() && s.retained.is_empty() && s.shared.is_empty() && s.subs.is_empty();
-        let more = if s.backlogged() || idle { false } else { Box::pin(deliver(ctx, s, &mut ahead)).await? };
+        // (No allocation unless some partition waits.)
+        let awaited = awaiting_commit.clone();
+        let more = if s.backlogged() || idle {
+            false
+        } else {
+            Box::pin(deliver(ctx, s, &mut ahead, &mut awaiting_commit)).await?
+        };
+        // A partition that began to wait for a commit is watched for it from the next round on.
+        let more = more || awaiting_commit.iter().any(|k| !awaited.contains(k));
         perform(ctx, s, &client, out, &mut outcomes).await?;
         // What this round queued goes out now, as far as the socket takes it.
         out.write_now()?;
@@ -2035,9 +2045,24 @@ fn start_cursors(ctx: &Ctx, s: &mut Session, log_topic: &str) {
         return;
     };
     for p in 0..info.partitions as i32 {
-        if let Ok(wm) = ctx.store.watermarks(log_topic, p) {
-            s.cursors.entry((log_topic.to_string(), p)).or_insert(wm.high_watermark);
+        if let Ok((_, end)) = readable(ctx, log_topic, p) {
+            s.cursors.entry((log_topic.to_string(), p)).or_insert(end);
         }
+    }
+}
+
+/// A partition's committed watermarks and where a subscriber's delivery may read up to: the
+/// staged end with `mqtt.deliver_before_commit` (records whose commit is being written, see
+/// `Store::staged_watermarks`), else the high watermark.
+fn readable(
+    ctx: &Ctx,
+    log_topic: &str,
+    p: i32,
+) -> Result<(crate::storage::Watermarks, i64), crate::storage::StoreError> {
+    if ctx.cfg.deliver_before_commit {
+        ctx.store.staged_watermarks(log_topic, p)
+    } else {
+        ctx.store.watermarks(log_topic, p).map(|wm| (wm, wm.high_watermark))
     }
 }
 
@@ -2079,9 +2104,20 @@ fn watched_partitions(s: &Session) -> (usize, u64) {
 }
 
 /// Watches of the partitions a session follows, and which they are.
-fn subscription_watches(ctx: &Ctx, s: &Session) -> ((usize, u64), Vec<crate::storage::PartitionWatch>) {
+/// With `mqtt.deliver_before_commit` a followed partition's staged end is watched (it wakes for
+/// records being committed and for commits that move the high watermark past it), except where
+/// delivery waits for a commit (`awaiting_commit`): there the commit is watched.
+fn subscription_watches(
+    ctx: &Ctx,
+    s: &Session,
+    awaiting_commit: &[(String, i32)],
+) -> ((usize, u64), Vec<crate::storage::PartitionWatch>) {
     let mut watches = Vec::new();
-    watches.extend(s.cursors.keys().filter_map(|(t, p)| ctx.store.watch(t, *p).ok()));
+    let early = ctx.cfg.deliver_before_commit;
+    watches.extend(s.cursors.keys().filter_map(|(t, p)| {
+        let staged = early && !awaiting_commit.iter().any(|(at, ap)| at == t && ap == p);
+        if staged { ctx.store.watch_staged(t, *p) } else { ctx.store.watch(t, *p) }.ok()
+    }));
     for g in s.shared.iter().filter_map(|x| x.group.as_ref()) {
         watches.extend(g.partitions().into_iter().filter_map(|(t, p)| ctx.store.watch(&t, p).ok()));
     }
@@ -2210,7 +2246,13 @@ impl ReadAhead {
     }
 }
 
-async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, ahead: &mut ReadAhead) -> Result<bool, String> {
+async fn deliver(
+    ctx: &Arc<Ctx>,
+    s: &mut Session,
+    ahead: &mut ReadAhead,
+    awaiting_commit: &mut Vec<(String, i32)>,
+) -> Result<bool, String> {
+    awaiting_commit.clear();
     if !resend_stored(ctx, s).await? {
         return Ok(false);
     }
@@ -2278,14 +2320,14 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, ahead: &mut ReadAhead) -> Resu
                 return Ok(more);
             }
             let Some(&offset) = s.cursors.get(&key) else { break };
-            let wm = match ctx.store.watermarks(log_topic, p) {
-                Ok(wm) => wm,
+            let (wm, end) = match readable(ctx, log_topic, p) {
+                Ok(found) => found,
                 Err(_) => {
                     s.cursors.remove(&key);
                     break;
                 }
             };
-            if offset >= wm.high_watermark {
+            if offset >= end {
                 break;
             }
             if reads >= DELIVERY_READS_MAX {
@@ -2307,9 +2349,17 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, ahead: &mut ReadAhead) -> Resu
                 None => {
                     // At the tail the store's cache has the batches: read them in place; else
                     // read the database on the blocking pool.
-                    let cached = ctx.store.read_records_cached(log_topic, p, from, read_bytes.min(IN_PLACE_READ_BYTES));
+                    let in_place = read_bytes.min(IN_PLACE_READ_BYTES);
+                    let to =
+                        if ctx.cfg.deliver_before_commit { crate::ReadTo::Staged } else { crate::ReadTo::Committed };
+                    let cached = ctx.store.read_records_cached_to(log_topic, p, from, in_place, to);
                     let read = match cached {
                         Some(read) => read,
+                        // Staged but no longer in memory: wait for the commit.
+                        None if from >= wm.high_watermark => {
+                            awaiting_commit.push(key.clone());
+                            break;
+                        }
                         None => {
                             let (store, t) = (ctx.store.clone(), log_topic.to_string());
                             off_worker(move || store.read_records(&t, p, from, read_bytes)).await?
@@ -2340,6 +2390,16 @@ async fn deliver(ctx: &Arc<Ctx>, s: &mut Session, ahead: &mut ReadAhead) -> Resu
                     keep_retain |= sub.retain_as_published;
                 }
                 let Some(qos) = qos else { continue };
+                if qos == 2 && r.offset >= wm.high_watermark {
+                    // Exactly once waits for the commit: a crash before it would have the
+                    // publisher send the message again, as a new one.
+                    next = r.offset;
+                    records.push_front(r);
+                    if !awaiting_commit.contains(&key) {
+                        awaiting_commit.push(key.clone());
+                    }
+                    break;
+                }
                 if expired(&r) {
                     ctx.stats.expired_messages.fetch_add(1, Ordering::Relaxed);
                     continue;

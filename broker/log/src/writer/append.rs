@@ -64,6 +64,28 @@ impl Writer {
         Ok(())
     }
 
+    /// Covers the offsets of failed staged rounds (`Writer::lost_stages`) with gap batches, so
+    /// no other record ever gets an offset a staged reader may have been given.
+    pub(super) fn cover_lost_stages(&mut self, t: &mut Tables<'_>, r: &mut Round, now: i64) -> Result<(), StoreError> {
+        let lost: Vec<(u64, u64)> = self.lost_stages.iter().map(|(k, end)| (*k, *end)).collect();
+        for (pkey, end) in lost {
+            let Some(mut m) = self.meta(r, pkey) else { continue };
+            if m.next_offset >= end {
+                continue;
+            }
+            let from = m.next_offset;
+            if m.batches == 0 {
+                r.fronts.insert(pkey, Some(now));
+            }
+            open::put_gap(&mut t.log, &mut t.pieces, pkey, &mut m, end, now)?;
+            self.put_meta(t, r, pkey, m)?;
+            r.wrote = true;
+            tracing::warn!(partition = pkey, from, to = end,
+                "offsets of a round whose commit failed are skipped (a gap batch): subscribers may have been given them");
+        }
+        Ok(())
+    }
+
     /// Partition metadata as of the current round; `None` if the partition does not exist.
     pub(super) fn meta(&self, r: &Round, pkey: u64) -> Option<PartitionMeta> {
         match r.metas.get(&pkey) {

@@ -400,6 +400,11 @@ pub(crate) struct Writer {
     /// Each partition's place in its sparse time index (`tables::TIME_INDEX`), as committed;
     /// a partition not here is read from the tables at its next append.
     time_marks: HashMap<u64, TimeMark>,
+    /// Partitions a durable round staged (`stage`) and then failed to commit, with the end of
+    /// what it staged: staged readers may have taken those offsets' records, so the next round
+    /// that commits covers `[next offset, end)` with a gap batch before anything else
+    /// (`cover_lost_stages`) and no other record ever gets them. Kept across reopens.
+    lost_stages: HashMap<u64, u64>,
 }
 
 /// Where a partition's sparse time index stands (`tables::TIME_INDEX`): the first batch that
@@ -444,6 +449,7 @@ impl Writer {
             volume,
             trim: std::collections::BTreeSet::new(),
             time_marks: HashMap::new(),
+            lost_stages: HashMap::new(),
         };
         w.adopt(loaded);
         w
@@ -632,6 +638,8 @@ impl Writer {
         };
         txn.set_quick_repair(self.cfg.quick_repair);
         let applied = self.apply(&txn, ops, now, disk_full, &mut durable, &mut r);
+        // Staged readers take the round's batches while the disk writes (see `stage`).
+        let staged = if applied.is_ok() && durable { self.stage(&mut r) } else { Vec::new() };
         let result = applied.and_then(|()| {
             if !durable {
                 txn.set_durability(RedbDurability::None)?;
@@ -639,6 +647,9 @@ impl Writer {
             txn.commit().map_err(StoreError::from)
         });
         drop(db);
+        if result.is_err() {
+            self.unstage(staged);
+        }
         let micros = started.elapsed().as_micros() as u64;
         let c = &self.shared.counters;
         match result {
@@ -711,6 +722,15 @@ impl Writer {
                 return Err(e);
             }
         };
+        if !self.lost_stages.is_empty() {
+            // Before anything of this round: a key-value write of it (a subscriber's stored
+            // position) may count on the gap.
+            if let Err(e) = self.cover_lost_stages(&mut t, r, now) {
+                r.unanswered = ops;
+                return Err(e);
+            }
+            *durable = true;
+        }
         let mut packs: Vec<(u64, Pack)> = Vec::new();
         let mut tick = false;
         let mut ops = ops.into_iter();
@@ -925,12 +945,72 @@ impl Writer {
         Ok(())
     }
 
+    /// Moves the round's batches into the tail cache: first the partitions compaction rewrote
+    /// (the cache must never serve their old batches) and those whose run of batches in the
+    /// cache broke are cleared. Returns the end of each partition's new batches. A durable
+    /// round does it before its commit (`stage`), any other at `publish`; the second call
+    /// finds nothing left to do.
+    fn fill_tail(&mut self, r: &mut Round) -> Vec<(u64, i64)> {
+        for pkey in r.compaction.rewritten.drain().chain(r.cache_cleared.drain()) {
+            if let Some(p) = self.pstates.get(&pkey) {
+                p.tail.clear();
+            }
+        }
+        let mut ends: Vec<(u64, i64)> = Vec::new();
+        for (pkey, base, next, bytes) in r.cached.drain(..) {
+            if let Some(p) = self.pstates.get(&pkey) {
+                self.tail.add(&p.tail, base, next, bytes);
+                match ends.iter_mut().find(|(k, _)| *k == pkey) {
+                    Some((_, end)) => *end = next,
+                    None => ends.push((pkey, next)),
+                }
+            }
+        }
+        r.cached_bytes = 0;
+        self.shared.counters.tail_cache_bytes.store(self.tail.held_bytes() as u64, Ordering::Relaxed);
+        ends
+    }
+
+    /// Before a durable round's commit: its batches go into the tail cache and each partition's
+    /// staged end moves past them, so staged readers (MQTT delivery,
+    /// [`Store::staged_watermarks`](crate::Store::staged_watermarks)) take them while the disk
+    /// writes. Returns what was staged, for `unstage` if the commit fails. A round that creates
+    /// topics stages nothing (its partitions are not in memory before `publish`).
+    fn stage(&mut self, r: &mut Round) -> Vec<(u64, i64)> {
+        if !r.topic_changes.is_empty() {
+            return Vec::new();
+        }
+        let ends = self.fill_tail(r);
+        for &(pkey, end) in &ends {
+            if let Some(p) = self.pstates.get(&pkey) {
+                p.staged.send_modify(|e| *e = (*e).max(end));
+            }
+        }
+        ends
+    }
+
+    /// A staged round's commit failed: its batches leave the cache, the staged ends go back to
+    /// the committed high watermarks, and the offsets it showed are kept in `lost_stages` for
+    /// the gap that the next committed round writes over them.
+    fn unstage(&mut self, staged: Vec<(u64, i64)>) {
+        for (pkey, end) in staged {
+            let lost = self.lost_stages.entry(pkey).or_insert(0);
+            *lost = (*lost).max(end as u64);
+            if let Some(p) = self.pstates.get(&pkey) {
+                p.tail.clear();
+                let hw = p.signal.borrow().watermarks.high_watermark;
+                p.staged.send_replace(hw);
+            }
+        }
+        self.shared.counters.tail_cache_bytes.store(self.tail.held_bytes() as u64, Ordering::Relaxed);
+    }
+
     /// After a successful commit: memory catches up with the database, readers are woken and
     /// waiters answered - in that order, so an acknowledged offset is already readable.
     fn publish(&mut self, mut r: Round) {
         let topics_changed = !r.topic_changes.is_empty();
         if let Ok(mut topics) = self.shared.topics.write() {
-            for change in r.topic_changes {
+            for change in r.topic_changes.drain(..) {
                 match change {
                     TopicChange::Upsert(t) => {
                         for p in &t.partitions {
@@ -944,6 +1024,9 @@ impl Writer {
                 }
             }
         }
+        // Into the cache before the watermarks move, so a woken reader finds the batches there
+        // (a staged round's batches are there already).
+        self.fill_tail(&mut r);
         for (k, f) in r.fronts {
             self.fronts.insert(k, f);
         }
@@ -951,31 +1034,12 @@ impl Writer {
             self.producers.insert(k, e);
         }
         self.time_marks.extend(r.time_marks);
-        // Compaction rewrote or removed these partitions' batches: the cache must never serve
-        // the old ones (cleared before this round's new batches enter).
-        for pkey in &r.compaction.rewritten {
-            if let Some(p) = self.pstates.get(pkey) {
-                p.tail.clear();
-            }
-        }
         for (pkey, s) in r.compaction.states.drain() {
             match s {
                 Some(s) => self.clean.insert(pkey, s),
                 None => self.clean.remove(&pkey),
             };
         }
-        // Into the cache before the watermarks move, so a woken reader finds the batches there.
-        for pkey in &r.cache_cleared {
-            if let Some(p) = self.pstates.get(pkey) {
-                p.tail.clear();
-            }
-        }
-        for (pkey, base, next, bytes) in r.cached {
-            if let Some(p) = self.pstates.get(&pkey) {
-                self.tail.add(&p.tail, base, next, bytes);
-            }
-        }
-        self.shared.counters.tail_cache_bytes.store(self.tail.held_bytes() as u64, Ordering::Relaxed);
         for (pkey, m) in r.metas {
             match m {
                 Some(m) => {
@@ -991,10 +1055,7 @@ impl Writer {
                     if let Some(p) = self.pstates.get(&pkey) {
                         p.logical_bytes.store(m.logical_bytes, Ordering::Relaxed);
                         p.footprint_bytes.store(m.footprint_bytes, Ordering::Relaxed);
-                        p.signal.send_modify(|s| {
-                            s.watermarks.log_start_offset = m.log_start_offset as i64;
-                            s.watermarks.high_watermark = m.next_offset as i64;
-                        });
+                        p.set_watermarks(m.log_start_offset as i64, m.next_offset as i64);
                     }
                 }
                 None => {
@@ -1007,7 +1068,7 @@ impl Writer {
                     self.time_marks.remove(&pkey);
                     if let Some(p) = self.pstates.remove(&pkey) {
                         p.tail.clear();
-                        p.signal.send_modify(|s| s.deleted = true);
+                        p.set_deleted();
                     }
                 }
             }
@@ -1015,6 +1076,11 @@ impl Writer {
         if topics_changed {
             // After the topic map and watermarks: a woken reader sees the new topics.
             self.shared.topics_changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        if !self.lost_stages.is_empty() {
+            // Covered by a gap in this round (`cover_lost_stages`), or the partition is gone.
+            let metas = &self.metas;
+            self.lost_stages.retain(|k, end| metas.get(k).is_some_and(|m| m.next_offset < *end));
         }
         let c = &self.shared.counters;
         c.appended_records.fetch_add(r.appended_records, Ordering::Relaxed);

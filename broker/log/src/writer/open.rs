@@ -119,13 +119,8 @@ pub(super) fn fill_gaps(
         for (key, topic, partition) in held {
             let Some(m) = metas.get_mut(key) else { continue };
             let from = m.next_offset;
-            while m.next_offset < m.reserved_offset {
-                let count = (m.reserved_offset - m.next_offset).min(batch::GAP_OFFSETS_MAX as u64);
-                let mut value = now.to_be_bytes().to_vec();
-                value.extend_from_slice(&batch::encode_gap_batch(m.next_offset as i64, count as i64, now));
-                let stored = stored::put_batch(&mut log, &mut pieces, *key, m.next_offset, &value)?;
-                m.account_batch(m.next_offset + count, stored.batch_len as usize, stored.footprint);
-            }
+            let to = m.reserved_offset;
+            put_gap(&mut log, &mut pieces, *key, m, to, now)?;
             parts.insert(*key, m.encode().as_slice())?;
             tracing::warn!(%topic, partition, from, to = m.next_offset,
                 "offsets handed out by relaxed commits a crash undid are skipped (a gap batch); they are never reused");
@@ -133,6 +128,26 @@ pub(super) fn fill_gaps(
     }
     tx.commit()?;
     Ok(held.len())
+}
+
+/// Gap batches over `[m.next_offset, to)` (as many as `batch::GAP_OFFSETS_MAX` allows each),
+/// accounted in `m`: offsets no record will ever have.
+pub(super) fn put_gap(
+    log: &mut crate::stored::LogTable<'_>,
+    pieces: &mut crate::stored::PiecesTable<'_>,
+    key: u64,
+    m: &mut PartitionMeta,
+    to: u64,
+    now: i64,
+) -> Result<(), StoreError> {
+    while m.next_offset < to {
+        let count = (to - m.next_offset).min(batch::GAP_OFFSETS_MAX as u64);
+        let mut value = now.to_be_bytes().to_vec();
+        value.extend_from_slice(&batch::encode_gap_batch(m.next_offset as i64, count as i64, now));
+        let stored = stored::put_batch(log, pieces, key, m.next_offset, &value)?;
+        m.account_batch(m.next_offset + count, stored.batch_len as usize, stored.footprint);
+    }
+    Ok(())
 }
 
 /// Reads the last batches of a partition (oldest first) into the idempotent-producer state.
@@ -299,17 +314,16 @@ impl Writer {
                 next.values().flat_map(|t| t.partitions.iter().map(Arc::as_ptr)).collect();
             for old in topics.values() {
                 for p in old.partitions.iter().filter(|p| !live.contains(&Arc::as_ptr(p))) {
-                    p.signal.send_modify(|s| s.deleted = true);
+                    p.set_deleted();
                 }
             }
             for p in next.values().flat_map(|t| t.partitions.iter()) {
                 if let Some(m) = loaded.metas.get(&p.key) {
                     p.logical_bytes.store(m.logical_bytes, Ordering::Relaxed);
                     p.footprint_bytes.store(m.footprint_bytes, Ordering::Relaxed);
-                    p.signal.send_modify(|s| {
-                        s.watermarks.log_start_offset = m.log_start_offset as i64;
-                        s.watermarks.high_watermark = m.next_offset as i64;
-                    });
+                    // Staged records a failed round had shown are gone (a gap covers them).
+                    p.staged.send_replace(m.next_offset as i64);
+                    p.set_watermarks(m.log_start_offset as i64, m.next_offset as i64);
                 }
             }
             *topics = next;
