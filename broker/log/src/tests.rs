@@ -650,6 +650,26 @@ async fn a_durable_rounds_records_are_staged_while_its_commit_waits_for_the_disk
     store.close().await.expect("close");
 }
 
+/// A round that restores records is not staged: a restore whose commit failed is written again
+/// at the same offsets, which a gap over staged offsets would have taken.
+#[tokio::test]
+async fn a_restore_is_not_staged() {
+    let (_dir, disk, store) = one_record_on_a_sim_disk().await;
+    disk.hold(simdisk::Held::Syncs);
+    let pending = store.enqueue_restore("t", 0, vec![(5, rec(5))], Vec::new()).await.expect("queued");
+    assert!(disk.wait_for_held(Duration::from_secs(30)), "the commit waits at the disk");
+    assert_eq!(store.staged_watermarks("t", 0).expect("staged").1, 1, "nothing staged");
+    assert!(store
+        .read_records_cached_to("t", 0, 1, 1 << 20, ReadTo::Staged)
+        .expect("answered")
+        .expect("read")
+        .is_empty());
+    disk.release();
+    assert_eq!(pending.wait().await.expect("restored").base_offset, 5);
+    assert_eq!(store.read_records("t", 0, 5, 1 << 20).expect("read").len(), 1);
+    store.close().await.expect("close");
+}
+
 /// A staged round whose commit fails: its records leave memory, and the offsets it showed are
 /// never handed out again (the next committed round covers them with a gap batch), so a
 /// subscriber that was given them and stored its position after them misses no later record.

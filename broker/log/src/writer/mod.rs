@@ -335,6 +335,9 @@ struct Round {
     compaction: compaction::CompactionRound,
     /// Time index marks as of this round (`Writer::time_marks` once committed).
     time_marks: HashMap<u64, TimeMark>,
+    /// The round holds a restore (`Op::Restore`): it is not staged, since a restore that
+    /// failed is written again at the same offsets, which a gap over staged offsets would take.
+    restores: bool,
 }
 
 struct Tables<'t> {
@@ -898,6 +901,7 @@ impl Writer {
                 }
             }
             Op::Restore { topic, pkey, records, end, kv, reply } => {
+                r.restores = true;
                 if let Some(e) = disk_full {
                     let _ = reply.send(Err(e.clone()));
                     return Ok(());
@@ -975,9 +979,10 @@ impl Writer {
     /// staged end moves past them, so staged readers (MQTT delivery,
     /// [`Store::staged_watermarks`](crate::Store::staged_watermarks)) take them while the disk
     /// writes. Returns what was staged, for `unstage` if the commit fails. A round that creates
-    /// topics stages nothing (its partitions are not in memory before `publish`).
+    /// topics stages nothing (its partitions are not in memory before `publish`), nor does one
+    /// that restores records (`Round::restores`).
     fn stage(&mut self, r: &mut Round) -> Vec<(u64, i64)> {
-        if !r.topic_changes.is_empty() {
+        if !r.topic_changes.is_empty() || r.restores {
             return Vec::new();
         }
         let ends = self.fill_tail(r);
