@@ -530,44 +530,84 @@ fn delivery_goes_on_while_the_commit_waits_for_the_disk_and_the_acknowledgement_
     }
 }
 
-fn delivery_while_the_commit_waits(early: bool) {
-    use std::io::Write;
-    use tributary_broker::storage::simdisk::{Held, SimDisk};
-    use tributary_broker::{Store, TopicConfig, TopicTemplate};
+/// An in-process MQTT listener on a store on a simulated disk (whose writes and syncs a test can
+/// hold, or make fail), served by a runtime of its own so the test's raw sockets may block.
+struct SimDiskGateway {
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+    disk: tributary_broker::storage::simdisk::SimDisk,
+    store: tributary_broker::Store,
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
 
-    use crate::mqtt_faults::{connected, packet, publish, read_packet};
+impl SimDiskGateway {
+    fn start(deliver_before_commit: bool) -> Self {
+        use tributary_broker::storage::simdisk::SimDisk;
+        use tributary_broker::{Store, TopicConfig, TopicTemplate};
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = SimDisk::new();
+        let (store, _) =
+            Store::open_with_backend(crate::support::storage_config(dir.path()), disk.opener()).expect("open");
+        let cfg = MqttConfig {
+            listen: "127.0.0.1:0".into(),
+            websocket_listen: String::new(),
+            deliver_before_commit,
+            ..MqttConfig::default()
+        };
+        let template = TopicTemplate { partitions: 1, config: TopicConfig::default() };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let addr = rt.block_on(async {
+            let server = tributary_broker::mqtt::MqttServer::bind(cfg, store.clone(), template).await.expect("bind");
+            let addr = server.local_addr().expect("addr");
+            tokio::spawn(server.run(async move {
+                let _ = stopped.await;
+            }));
+            addr
+        });
+        Self { rt, _dir: dir, disk, store, addr, stop: Some(stop) }
+    }
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = SimDisk::new();
-    let (store, _) = Store::open_with_backend(crate::support::storage_config(dir.path()), disk.opener()).expect("open");
-    let cfg = MqttConfig {
-        listen: "127.0.0.1:0".into(),
-        websocket_listen: String::new(),
-        deliver_before_commit: early,
-        ..MqttConfig::default()
-    };
-    let template = TopicTemplate { partitions: 1, config: TopicConfig::default() };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let addr = rt.block_on(async {
-        let server = tributary_broker::mqtt::MqttServer::bind(cfg, store.clone(), template).await.expect("bind");
-        let addr = server.local_addr().expect("addr");
-        tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        addr
-    });
-    let subscribe = |id: &str, qos: u8| {
-        let mut s = connected(addr, 4, id);
-        let mut body = vec![0, 1, 0, 3];
+    /// A raw connection (`level` 4 or 5, `flags` 0x02 clean, 0x00 kept) subscribed to `m/#`.
+    fn subscriber(&self, level: u8, id: &str, flags: u8, qos: u8) -> std::net::TcpStream {
+        use std::io::Write;
+
+        use crate::mqtt_faults::{connect_flags, open, packet, read_packet};
+        let mut s = open(self.addr);
+        s.write_all(&connect_flags(level, id, flags)).expect("CONNECT");
+        let (kind, body) = read_packet(&mut s).expect("CONNACK");
+        assert_eq!((kind, body[1]), (0x20, 0), "connection accepted");
+        let mut body = vec![0, 1];
+        if level == 5 {
+            body.push(0);
+        }
+        body.extend_from_slice(&[0, 3]);
         body.extend_from_slice(b"m/#");
         body.push(qos);
         s.write_all(&packet(0x82, &body)).expect("SUBSCRIBE");
         let (kind, body) = read_packet(&mut s).expect("SUBACK");
-        assert_eq!((kind, body[2]), (0x90, qos));
+        assert_eq!((kind, *body.last().expect("a code")), (0x90, qos));
         s
-    };
-    let (mut at1, mut at2) = (subscribe("at-1", 1), subscribe("at-2", 2));
+    }
+
+    fn close(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.rt.block_on(self.store.close()).expect("close");
+    }
+}
+
+fn delivery_while_the_commit_waits(early: bool) {
+    use std::io::Write;
+    use tributary_broker::storage::simdisk::Held;
+
+    use crate::mqtt_faults::{connected, publish, read_packet};
+
+    let g = SimDiskGateway::start(early);
+    let (disk, addr) = (&g.disk, g.addr);
+    let (mut at1, mut at2) = (g.subscriber(4, "at-1", 0x02, 1), g.subscriber(4, "at-2", 0x02, 2));
     let mut publisher = connected(addr, 4, "meter");
     // The first publish creates the log topic (that round stages nothing: its partition is new).
     publisher.write_all(&publish(1, b"m/a", 1, b"first", false)).expect("PUBLISH");
@@ -611,6 +651,54 @@ fn delivery_while_the_commit_waits(early: bool) {
         assert_eq!(kind & 0xF6, 0x32);
         assert!(body.ends_with(b"second"));
     }
-    let _ = stop.send(());
-    rt.block_on(store.close()).expect("close");
+    g.close();
+}
+
+/// With delivery before the commit, a commit that fails after its message went out costs the
+/// subscriber nothing later: the offset it was given is skipped (a gap), never given to the next
+/// message, which therefore reaches it (without the gap the next message would take that offset,
+/// behind the subscriber's position, and never arrive).
+#[test]
+fn a_subscriber_given_a_message_whose_commit_failed_misses_nothing_after_it() {
+    use std::io::Write;
+    use tributary_broker::storage::simdisk::{Held, WriteFault};
+
+    use crate::mqtt_faults::{connected, publish, read_packet};
+
+    let g = SimDiskGateway::start(true);
+    let mut sub = g.subscriber(4, "keeper", 0x00, 1);
+    let mut publisher = connected(g.addr, 5, "meter");
+    let delivered = |sub: &mut std::net::TcpStream| {
+        let (kind, body) = read_packet(sub).expect("PUBLISH");
+        assert_eq!(kind & 0xF0, 0x30, "a PUBLISH, got {kind:#x}");
+        sub.write_all(&[0x40, 2, body[5], body[6]]).expect("PUBACK");
+        String::from_utf8_lossy(&body[7..]).into_owned()
+    };
+    publisher.write_all(&publish(1, b"m/a", 1, b"first", true)).expect("PUBLISH");
+    assert_eq!(read_packet(&mut publisher), Some((0x40, vec![0, 1])), "PUBACK");
+    assert_eq!(delivered(&mut sub), "first");
+
+    g.disk.hold(Held::Writes);
+    publisher.write_all(&publish(1, b"m/a", 2, b"lost", true)).expect("PUBLISH");
+    assert!(g.disk.wait_for_held(Duration::from_secs(30)), "the commit's first write waits at the disk");
+    assert_eq!(delivered(&mut sub), "lost", "delivered while its commit waits");
+    g.disk.set_fault(Some(WriteFault::All));
+    g.disk.release();
+    let (kind, body) = read_packet(&mut publisher).expect("the refusal");
+    assert_eq!((kind, &body[..3]), (0x40, &[0, 2, 0x80][..]), "PUBACK 0x80: not stored");
+    g.disk.set_fault(None);
+    // Writes resume after the store's pause; the publisher tries until one is stored.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for pkid in 3u16.. {
+        publisher.write_all(&publish(1, b"m/a", pkid, b"after", true)).expect("PUBLISH");
+        let (kind, body) = read_packet(&mut publisher).expect("PUBACK");
+        assert_eq!((kind, &body[..2]), (0x40, &pkid.to_be_bytes()[..]));
+        if body.len() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "writes never resumed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(delivered(&mut sub), "after", "the next message reaches the subscriber");
+    g.close();
 }
