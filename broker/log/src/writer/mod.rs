@@ -642,7 +642,7 @@ impl Writer {
         txn.set_quick_repair(self.cfg.quick_repair);
         let applied = self.apply(&txn, ops, now, disk_full, &mut durable, &mut r);
         // Staged readers take the round's batches while the disk writes (see `stage`).
-        let staged = if applied.is_ok() && durable { self.stage(&mut r) } else { Vec::new() };
+        let staged = if applied.is_ok() && durable { self.stage(&mut r) } else { HashMap::new() };
         let result = applied.and_then(|()| {
             if !durable {
                 txn.set_durability(RedbDurability::None)?;
@@ -954,20 +954,18 @@ impl Writer {
     /// cache broke are cleared. Returns the end of each partition's new batches. A durable
     /// round does it before its commit (`stage`), any other at `publish`; the second call
     /// finds nothing left to do.
-    fn fill_tail(&mut self, r: &mut Round) -> Vec<(u64, i64)> {
+    fn fill_tail(&mut self, r: &mut Round) -> HashMap<u64, i64> {
         for pkey in r.compaction.rewritten.drain().chain(r.cache_cleared.drain()) {
             if let Some(p) = self.pstates.get(&pkey) {
                 p.tail.clear();
             }
         }
-        let mut ends: Vec<(u64, i64)> = Vec::new();
+        // One entry per partition (a round may write to thousands), the last batch's end.
+        let mut ends: HashMap<u64, i64> = HashMap::new();
         for (pkey, base, next, bytes) in r.cached.drain(..) {
             if let Some(p) = self.pstates.get(&pkey) {
                 self.tail.add(&p.tail, base, next, bytes);
-                match ends.iter_mut().find(|(k, _)| *k == pkey) {
-                    Some((_, end)) => *end = next,
-                    None => ends.push((pkey, next)),
-                }
+                ends.insert(pkey, next);
             }
         }
         r.cached_bytes = 0;
@@ -981,12 +979,12 @@ impl Writer {
     /// writes. Returns what was staged, for `unstage` if the commit fails. A round that creates
     /// topics stages nothing (its partitions are not in memory before `publish`), nor does one
     /// that restores records (`Round::restores`).
-    fn stage(&mut self, r: &mut Round) -> Vec<(u64, i64)> {
+    fn stage(&mut self, r: &mut Round) -> HashMap<u64, i64> {
         if !r.topic_changes.is_empty() || r.restores {
-            return Vec::new();
+            return HashMap::new();
         }
         let ends = self.fill_tail(r);
-        for &(pkey, end) in &ends {
+        for (&pkey, &end) in &ends {
             if let Some(p) = self.pstates.get(&pkey) {
                 p.staged.send_modify(|e| *e = (*e).max(end));
             }
@@ -997,7 +995,7 @@ impl Writer {
     /// A staged round's commit failed: its batches leave the cache, the staged ends go back to
     /// the committed high watermarks, and the offsets it showed are kept in `lost_stages` for
     /// the gap that the next committed round writes over them.
-    fn unstage(&mut self, staged: Vec<(u64, i64)>) {
+    fn unstage(&mut self, staged: HashMap<u64, i64>) {
         for (pkey, end) in staged {
             let lost = self.lost_stages.entry(pkey).or_insert(0);
             *lost = (*lost).max(end as u64);
